@@ -1,0 +1,554 @@
+"""Booking one instance against the club's API (CONTRACT sections 6 and 7).
+
+``book_slot(key, ctx)`` claims the instance (``pending`` -> ``booking``, committed before any
+request leaves), opens the connection to the club ahead of the trigger, waits out the last
+moment precisely, sends, and applies the answer table: next court on 409, retries with backoff
+on 425/429/5xx/timeouts, a final status with a reason a person can act on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from cryptography.fernet import MultiFernet
+from requests.adapters import HTTPAdapter
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+import utils
+from models import BOOKED, BOOKING, EXPIRED, FAILED, PENDING, Instance, Token, transaction
+from notify import Outcome
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS_PER_COURT = 3
+MAX_BODY_BYTES = 1024 * 1024
+#: Wake this long before the trigger and spin for the rest (sleep granularity is ~1 ms).
+SPIN_SECONDS = 0.003
+USER_AGENT = "courtbot/1.0"
+
+
+class BookingError(Exception):
+    """A request that got no usable answer. ``permanent`` errors are not retried."""
+
+    def __init__(self, message: str, *, permanent: bool = False, lost: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        #: The request may have reached the club (its answer was lost).
+        self.lost = lost
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the club said to one request."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    latency_ms: float
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """One request to send: already rendered, token included (never logged)."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes | None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How an answer reads: booked, taken, auth (token rejected), rejected, or retry."""
+
+    kind: str
+    booking_ref: str | None = None
+
+
+class ClubClient:
+    """One ``requests.Session`` for the club, with connections opened ahead of triggers."""
+
+    def __init__(self, *, timeout: float, pool_size: int = 128) -> None:
+        self.timeout = timeout
+        self.session = requests.Session()
+        # No proxies or .netrc from the environment: a .netrc could replace our Authorization
+        # header, and looking them up costs time at the moment that matters.
+        self.session.trust_env = False
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def warm(self, url: str) -> bool:
+        """Open (or keep) a connection to ``url``'s host without sending anything on it.
+
+        Returns True when a connection is ready. A club sees no request from this: only the
+        TCP (and TLS) handshake, which is what it would see at the trigger anyway.
+        """
+        try:
+            request = requests.Request("POST", url).prepare()
+            adapter = self.session.get_adapter(url)
+            assert isinstance(adapter, HTTPAdapter)
+            pool = adapter.get_connection_with_tls_context(request, verify=True)
+            conn = pool._get_conn(timeout=0.1)  # urllib3 has no public "pre-connect"
+            try:
+                if conn.sock is None:
+                    conn.timeout = self.timeout
+                    conn.connect()
+            except Exception:
+                conn.close()
+                raise
+            finally:
+                pool._put_conn(conn)
+        except Exception as exc:  # noqa: BLE001 (warming is an optimisation; the send reports)
+            logger.debug("could not open a connection ahead to %s: %s", _host(url), exc)
+            return False
+        return True
+
+    def send(self, spec: RequestSpec) -> Answer:
+        """Send one request, never following a redirect, reading at most 1 MiB of the answer.
+
+        Raises BookingError when no answer came (timeout, refused, reset).
+        """
+        started = time.perf_counter()
+        try:
+            response = self.session.request(
+                spec.method,
+                spec.url,
+                headers=dict(spec.headers),
+                data=spec.body,
+                timeout=self.timeout,
+                allow_redirects=False,
+                stream=True,
+            )
+        except requests.Timeout:
+            raise BookingError(f"no answer within {self.timeout:g} s", lost=True) from None
+        except requests.ConnectionError as exc:
+            raise BookingError(_connection_reason(exc), lost=_maybe_sent(exc)) from None
+        except requests.RequestException as exc:
+            raise BookingError(f"request failed ({exc.__class__.__name__})") from None
+        try:
+            body = response.raw.read(MAX_BODY_BYTES, decode_content=True) or b""
+        except Exception as exc:  # noqa: BLE001 (urllib3 raises several kinds mid-body)
+            response.close()
+            # The status line arrived: the club did answer, only its body broke off.
+            logger.debug("answer body broke off: %s", exc.__class__.__name__)
+            body = b""
+        finally:
+            response.close()
+        latency = (time.perf_counter() - started) * 1000
+        return Answer(response.status_code, dict(response.headers), body, latency)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def _host(url: str) -> str:
+    return urlsplit(url).netloc
+
+
+def _connection_reason(exc: Exception) -> str:
+    text = str(exc)
+    if "Connection refused" in text or "ECONNREFUSED" in text:
+        return "connection refused by the club's server"
+    if "reset" in text.lower() or "RemoteDisconnected" in text or "aborted" in text.lower():
+        return "the club's server closed the connection without a full answer"
+    if "Name or service not known" in text or "nodename nor servname" in text:
+        return "the club's host name could not be resolved (check BOOKING_API_URL)"
+    return f"connection error ({exc.__class__.__name__})"
+
+
+def _maybe_sent(exc: Exception) -> bool:
+    text = str(exc)
+    return not ("Connection refused" in text or "Name or service not known" in text)
+
+
+# --------------------------------------------------------------------------- answers
+
+
+def classify(answer: Answer, template: Any | None = None) -> Verdict:
+    """Read an answer: the template's matchers first (taken, rejected, booked), then the table
+    of CONTRACT section 6."""
+    if template is not None:
+        matched = template.match(answer.status, answer.body)
+        if matched is not None:
+            ref = template.booking_ref(answer.json()) if matched == "booked" else None
+            return Verdict(matched, ref)
+    status = answer.status
+    if 200 <= status < 300:
+        if template is not None:
+            return Verdict("booked", template.booking_ref(answer.json()))
+        return Verdict("booked", _default_ref(answer.json()))
+    if status == 409:
+        return Verdict("taken")
+    if status in (401, 403):
+        return Verdict("auth")
+    if status in (425, 429) or 500 <= status < 600:
+        return Verdict("retry")
+    return Verdict("rejected")
+
+
+def _default_ref(body: Any) -> str | None:
+    if isinstance(body, dict):
+        for name in ("id", "booking_id"):
+            value = body.get(name)
+            if isinstance(value, str | int) and not isinstance(value, bool):
+                return str(value)
+    return None
+
+
+def _club_says(answer: Answer, secret: str) -> str:
+    """A short, token-free reading of an error answer for a person."""
+    text = f"HTTP {answer.status}"
+    body = answer.json()
+    if isinstance(body, dict):
+        for name in ("error", "message", "detail", "reason"):
+            value = body.get(name)
+            if isinstance(value, str) and value.strip():
+                snippet = value.strip()[:200]
+                if secret:
+                    snippet = snippet.replace(secret, "***")
+                return f"{text}: {snippet}"
+    return text
+
+
+# --------------------------------------------------------------------------- the booking
+
+
+def default_request(row: Instance, token: str, court: str | None, *, url: str) -> RequestSpec:
+    """The request of CONTRACT section 6 for one instance and court."""
+    zone = utils.get_zone(row.timezone)
+    start = row.desired_time
+    end = start + timedelta(minutes=row.duration_minutes)
+    body = {
+        "court_id": court,
+        "start": utils.format_offset(start, zone),
+        "end": utils.format_offset(end, zone),
+        "duration_minutes": row.duration_minutes,
+    }
+    headers = {
+        "Authorization": f"Bearer {token}",
+        "Content-Type": "application/json",
+        "User-Agent": USER_AGENT,
+    }
+    return RequestSpec("POST", url, headers, json.dumps(body).encode())
+
+
+def idempotency_key(row: Instance, court: str | None, several: bool) -> str:
+    """The Idempotency-Key: the instance key, with ``#<court>`` when several are listed."""
+    return f"{row.key}#{court if court is not None else ''}" if several else row.key
+
+
+@dataclass
+class BookingContext:
+    """Everything a booking needs, built once by the daemon."""
+
+    factory: sessionmaker[Session]
+    fernet: MultiFernet
+    client: ClubClient
+    api_url: str | None
+    retry_base: float
+    stop: threading.Event
+    notify: Callable[[Outcome], None]
+    template: Any | None = None  # a loaded request template (CONTRACT section 11)
+    on_booked: Callable[[str], None] | None = None
+    clock: Callable[[], float] = time.time
+    in_flight: set[str] = field(default_factory=set)
+    in_flight_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def book_slot(key: str, ctx: BookingContext) -> str | None:
+    """Book the instance ``key``; returns its final status, or None when there was nothing to
+    do (not pending, already under way here) or a shutdown put it back to ``pending``."""
+    with ctx.in_flight_lock:
+        if key in ctx.in_flight:
+            return None
+        ctx.in_flight.add(key)
+    try:
+        return _book(key, ctx)
+    except Exception:
+        logger.exception("booking %s: unexpected error", key)
+        _finish(ctx, key, FAILED, "internal error while booking (see the log); not retried")
+        return FAILED
+    finally:
+        with ctx.in_flight_lock:
+            ctx.in_flight.discard(key)
+
+
+def _now(ctx: BookingContext) -> datetime:
+    return datetime.fromtimestamp(ctx.clock(), UTC)
+
+
+def _book(key: str, ctx: BookingContext) -> str | None:
+    now = _now(ctx)
+    missed: Outcome | None = None
+    with transaction(ctx.factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        if row is None or row.status != PENDING:
+            logger.debug("booking %s: nothing to do (%s)", key, row.status if row else "gone")
+            return None
+        if row.desired_time <= now:
+            row.status = EXPIRED
+            row.last_error = (
+                "the booking window opened while courtbot was not running and the start has passed"
+            )
+            row.finished_at = now
+            missed = outcome_of(row)
+    if missed is not None:
+        ctx.notify(missed)
+        return EXPIRED
+    # The claim: a conditional update, so two claimants can never both send.
+    with transaction(ctx.factory) as session:
+        claimed = session.execute(
+            update(Instance)
+            .where(Instance.key == key, Instance.status == PENDING)
+            .values(status=BOOKING, updated_at=now)
+        ).rowcount
+    if claimed != 1:
+        return None
+    with ctx.factory() as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None
+        token_row = session.get(Token, row.token_name)
+    token, token_problem = _token(ctx, row, token_row)
+    if token_problem is not None:
+        return _finish(ctx, key, FAILED, token_problem)
+    courts = json.loads(row.courts)
+    several = len(courts) > 1
+    first_url = _request(ctx, row, token, courts[0]).url
+    trigger = row.trigger_time.timestamp()
+    if ctx.clock() < trigger - 0.05:
+        ctx.client.warm(first_url)
+    if not _wait_until(ctx, trigger):
+        _release(ctx, key)
+        logger.info("booking %s: shutting down before its trigger; left pending", key)
+        return None
+    return _attempt_courts(ctx, row, token, courts, several)
+
+
+def _token(ctx: BookingContext, row: Instance, token_row: Token | None) -> tuple[str, str | None]:
+    name = row.token_name
+    if token_row is None or token_row.encrypted_token is None:
+        if token_row is not None and token_row.error:
+            return "", token_row.error
+        return "", f"token {name!r} is not in tokens.json: add it there and reload"
+    if token_row.error:
+        return "", token_row.error
+    plaintext = utils.decrypt_token(ctx.fernet, token_row.encrypted_token)
+    if plaintext is None:
+        return "", (
+            f"token {name!r} in the database does not decrypt with FERNET_KEY (was the key "
+            "changed?): put the token in tokens.json again and reload"
+        )
+    return plaintext, None
+
+
+def _request(ctx: BookingContext, row: Instance, token: str, court: str | None) -> RequestSpec:
+    if ctx.template is not None:
+        return ctx.template.render(row, token, court)
+    assert ctx.api_url is not None
+    return default_request(row, token, court, url=ctx.api_url)
+
+
+def _wait_until(ctx: BookingContext, target: float) -> bool:
+    """Sleep until ``target`` (epoch seconds), never returning early; False if asked to stop.
+
+    Sleeps until just before, then spins: the request must leave as close after the trigger as
+    the machine allows, and never before it.
+    """
+    while True:
+        remaining = target - ctx.clock()
+        if remaining <= 0:
+            return True
+        if remaining > SPIN_SECONDS:
+            if ctx.stop.wait(remaining - SPIN_SECONDS):
+                return False
+            continue
+        while ctx.clock() < target:
+            pass
+        return True
+
+
+def _release(ctx: BookingContext, key: str) -> None:
+    with transaction(ctx.factory) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.key == key, Instance.status == BOOKING)
+            .values(status=PENDING)
+        )
+
+
+@dataclass
+class _CourtTry:
+    court: str | None
+    attempts: int = 0
+    lost: bool = False
+    last: str = ""
+
+
+def _attempt_courts(
+    ctx: BookingContext, row: Instance, token: str, courts: list[str | None], several: bool
+) -> str | None:
+    reasons: list[str] = []
+    total = row.attempts
+    # A booking cut off by a crash may have reached the club before: its 409 may be our own.
+    resumed = bool(row.last_error and row.last_error.startswith("interrupted"))
+    for court in courts:
+        spec = _request(ctx, row, token, court)
+        headers = dict(spec.headers)
+        header_name = "Idempotency-Key"
+        if ctx.template is not None:
+            header_name = ctx.template.idempotency_header
+        if header_name:
+            headers[header_name] = idempotency_key(row, court, several)
+        spec = RequestSpec(spec.method, spec.url, headers, spec.body)
+        attempt = _CourtTry(court)
+        delays = utils.backoff_delays(ctx.retry_base, MAX_ATTEMPTS_PER_COURT)
+        while attempt.attempts < MAX_ATTEMPTS_PER_COURT:
+            attempt.attempts += 1
+            total += 1
+            _record_attempt(ctx, row.key, total)
+            verdict, wait, note = _one_request(ctx, row, spec, attempt, token)
+            court_name = court if court is not None else "any"
+            if verdict == "booked":
+                return _finish(ctx, row.key, BOOKED, None, booking_ref=note or None, court=court)
+            if verdict == "auth":
+                return _finish(ctx, row.key, FAILED, attempt.last)
+            if verdict == "rejected":
+                return _finish(ctx, row.key, FAILED, attempt.last)
+            if verdict == "taken":
+                reason = f"court {court_name}: taken ({attempt.last})"
+                if attempt.lost or resumed:
+                    reason += (
+                        "; an earlier attempt on this court got no answer, so it may be taken "
+                        "by our own earlier attempt: check your bookings at the club"
+                    )
+                reasons.append(reason)
+                break
+            # retry
+            if attempt.attempts >= MAX_ATTEMPTS_PER_COURT:
+                reasons.append(
+                    f"court {court_name}: no booking after {attempt.attempts} attempts "
+                    f"(last: {attempt.last})"
+                )
+                break
+            delay = wait if wait is not None else delays[attempt.attempts - 1]
+            if _now(ctx) + timedelta(seconds=delay) >= row.desired_time:
+                reasons.append(f"court {court_name}: {attempt.last}; the start came first")
+                return _finish(ctx, row.key, FAILED, "; ".join(reasons))
+            if ctx.stop.wait(delay):
+                _release(ctx, row.key)
+                logger.info("booking %s: shutting down between retries; back to pending", row.key)
+                return None
+    return _finish(ctx, row.key, FAILED, "; ".join(reasons) or "no court could be booked")
+
+
+def _record_attempt(ctx: BookingContext, key: str, attempts: int) -> None:
+    with transaction(ctx.factory) as session:
+        session.execute(update(Instance).where(Instance.key == key).values(attempts=attempts))
+
+
+def _one_request(
+    ctx: BookingContext, row: Instance, spec: RequestSpec, attempt: _CourtTry, token: str
+) -> tuple[str, float | None, str | None]:
+    """Send once. Returns (verdict kind, wait before the next try or None, booking ref)."""
+    court = attempt.court if attempt.court is not None else "any"
+    try:
+        answer = ctx.client.send(spec)
+    except BookingError as exc:
+        attempt.lost = attempt.lost or exc.lost
+        attempt.last = str(exc)
+        logger.info("attempt %s court=%s #%d: %s", row.key, court, attempt.attempts, attempt.last)
+        return ("rejected" if exc.permanent else "retry"), None, None
+    verdict = classify(answer, ctx.template)
+    logger.info(
+        "attempt %s court=%s #%d: HTTP %d in %.0f ms -> %s",
+        row.key,
+        court,
+        attempt.attempts,
+        answer.status,
+        answer.latency_ms,
+        verdict.kind,
+    )
+    says = _club_says(answer, token)
+    if verdict.kind == "auth":
+        attempt.last = (
+            f"the club rejected token {row.token_name!r} ({says}): put a valid token in "
+            "tokens.json, reload, then `python main.py retry` this booking"
+        )
+    elif verdict.kind == "rejected":
+        if 300 <= answer.status < 400:
+            location = answer.headers.get("Location", "")
+            attempt.last = (
+                f"the club answered with a redirect ({says}"
+                f"{' to ' + _host(location) if location else ''}); redirects are never "
+                "followed so the token stays with the configured host: check the booking URL"
+            )
+        else:
+            attempt.last = f"the club refused the request ({says}): check the entry and the URL"
+    else:
+        attempt.last = says
+    wait = None
+    if verdict.kind == "retry":
+        wait = utils.parse_retry_after(answer.headers.get("Retry-After"), _now(ctx))
+    return verdict.kind, wait, verdict.booking_ref
+
+
+def _finish(
+    ctx: BookingContext,
+    key: str,
+    status: str,
+    reason: str | None,
+    *,
+    booking_ref: str | None = None,
+    court: str | None = None,
+) -> str:
+    now = _now(ctx)
+    with transaction(ctx.factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None
+        row.status = status
+        row.last_error = reason
+        row.booking_ref = booking_ref
+        if status == BOOKED:
+            row.booked_court = court
+        row.finished_at = now
+        outcome = outcome_of(row)
+    ctx.notify(outcome)
+    if status == BOOKED and ctx.on_booked is not None:
+        ctx.on_booked(outcome.schedule_id)
+    return status
+
+
+def outcome_of(row: Instance) -> Outcome:
+    """The report of an instance's final status, for notify."""
+    zone = utils.get_zone(row.timezone)
+    court = row.booked_court if row.status == BOOKED else row.court_id
+    return Outcome(
+        status=row.status,
+        key=row.key,
+        schedule_id=row.schedule_id,
+        court=court,
+        desired_start=row.desired_time.astimezone(zone),
+        trigger_time=row.trigger_time,
+        duration_minutes=row.duration_minutes,
+        attempts=row.attempts,
+        reason=row.last_error,
+        booking_ref=row.booking_ref,
+        timezone=row.timezone,
+    )

@@ -1,0 +1,992 @@
+"""From files to validated entries, and from entries to the database.
+
+``read_config`` turns ``schedules.json`` and ``tokens.json`` into frozen, typed entries and a list
+of errors (file, entry, key, value, what was expected). It touches nothing. ``reconcile`` then
+applies them to the database as a diff: new instances added, vanished ones cancelled, kept ones
+updated in place. A file that is unreadable as a whole changes nothing; an invalid entry is
+rejected alone and its instances are kept as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from cryptography.fernet import MultiFernet
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session, sessionmaker
+
+import utils
+from models import BOOKING, CANCELLED, EXPIRED, FAILED, PENDING, Instance, Token, transaction
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES_FILE = "schedules.json"
+TOKENS_FILE = "tokens.json"
+MAX_CONFIG_BYTES = 10 * 1024 * 1024
+ENTRY_KEYS = (
+    "id",
+    "type",
+    "desired_time",
+    "rrule",
+    "court_id",
+    "token",
+    "timezone",
+    "duration_minutes",
+    "enabled",
+)
+ONE_OFF = "one-off"
+RECURRING = "recurring"
+
+
+class SettingsError(ValueError):
+    """An environment variable that makes the daemon unable to start; names the variable."""
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The daemon's environment, validated (CONTRACT section 2)."""
+
+    fernet_keys: str | None
+    api_url: str | None
+    data_dir: Path
+    database_url: str
+    timezone: str
+    window: utils.Window
+    retry_base: float
+    http_timeout: float
+    reload_interval: float
+    log_level: str
+    log_file: Path | None
+    template_path: Path | None
+    env: Mapping[str, str] = field(repr=False, default_factory=dict)
+
+    @property
+    def schedules_path(self) -> Path:
+        return self.data_dir / SCHEDULES_FILE
+
+    @property
+    def tokens_path(self) -> Path:
+        return self.data_dir / TOKENS_FILE
+
+    @property
+    def pid_path(self) -> Path:
+        return self.data_dir / "bot.pid"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.data_dir / "bot.lock"
+
+    @property
+    def heartbeat_path(self) -> Path:
+        return self.data_dir / "heartbeat"
+
+    def fernet(self) -> MultiFernet:
+        """The key ring; ``utils.KeyError_`` when FERNET_KEY is missing or malformed."""
+        return utils.load_fernet(self.fernet_keys)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Settings:
+        """Read and check the environment; SettingsError names the first bad variable."""
+        data_dir = Path(env.get("DATA_DIR") or "data")
+        database_url = env.get("DATABASE_URL") or f"sqlite:///{data_dir / 'db.sqlite'}"
+        zone = env.get("BOOKING_TIMEZONE") or "UTC"
+        try:
+            utils.get_zone(zone)
+        except ValueError as exc:
+            raise SettingsError(f"BOOKING_TIMEZONE: {exc}") from None
+        try:
+            window = utils.parse_window(env.get("BOOKING_WINDOW") or "168h")
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        log_file_value = env.get("LOG_FILE") or str(data_dir / "bot.log")
+        template = env.get("BOOKING_REQUEST_TEMPLATE") or None
+        template_path = None
+        if template:
+            template_path = Path(template)
+            if not template_path.is_absolute():
+                template_path = data_dir / template_path
+        level = (env.get("LOG_LEVEL") or "INFO").upper()
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+            raise SettingsError(
+                f"LOG_LEVEL: {level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+            )
+        return cls(
+            fernet_keys=env.get("FERNET_KEY") or None,
+            api_url=env.get("BOOKING_API_URL") or None,
+            data_dir=data_dir,
+            database_url=database_url,
+            timezone=zone,
+            window=window,
+            retry_base=_number(env, "RETRY_BASE_SECONDS", 1.0, minimum=0.0),
+            http_timeout=_number(env, "HTTP_TIMEOUT_SECONDS", 10.0, minimum=0.001),
+            reload_interval=_number(env, "RELOAD_INTERVAL_SECONDS", 60.0, minimum=0.01),
+            log_level=level,
+            log_file=None if log_file_value == "-" else Path(log_file_value),
+            template_path=template_path,
+            env=dict(env),
+        )
+
+
+def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: {raw!r} is not a number of seconds") from None
+    if not (minimum <= value < float("inf")):
+        raise SettingsError(f"{name}: {raw!r} must be a finite number >= {minimum:g}")
+    return value
+
+
+# --------------------------------------------------------------------------- entries
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One instance an entry asks for: its key, desired start and trigger (aware, UTC)."""
+
+    key: str
+    desired: datetime
+    trigger: datetime
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A valid ``schedules.json`` entry."""
+
+    id: str
+    position: int
+    type: str
+    timezone: str
+    courts: tuple[str | None, ...]
+    token: str
+    duration_minutes: int
+    enabled: bool
+    desired_wall: datetime | None  # one-off: naive wall clock in the zone
+    desired_moment: datetime | None  # one-off: aware
+    raw_rrule: str | None
+    rule: utils.ParsedRule | None
+    fingerprint: str  # changes whenever anything about the entry changes
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return utils.get_zone(self.timezone)
+
+    @property
+    def court_text(self) -> str | None:
+        """The wanted court(s) as stored in ``schedules.court_id`` (None for any court)."""
+        if self.courts == (None,):
+            return None
+        return utils.courts_text(list(self.courts))
+
+    @property
+    def label(self) -> str:
+        return f"{self.id!r} (#{self.position})"
+
+    def occurrences(
+        self, now: datetime, limit: int = utils.INSTANCES_PER_RULE
+    ) -> list[tuple[datetime, datetime]]:
+        """(wall clock asked for, aware start) pairs: a one-off's one start (also when past),
+        a recurring entry's next ``limit`` starts after ``now``."""
+        if self.rule is None:
+            assert self.desired_moment is not None and self.desired_wall is not None
+            return [(self.desired_wall, self.desired_moment)]
+        return utils.expand_rule_walls(self.rule.rule, self.zone, now, limit)
+
+    def starts(self, now: datetime, limit: int = utils.INSTANCES_PER_RULE) -> list[datetime]:
+        """The aware starts of ``occurrences``."""
+        return [moment for _, moment in self.occurrences(now, limit)]
+
+    def plan(self, now: datetime, window: utils.Window) -> list[Planned]:
+        """The instances this entry wants now: future starts only."""
+        zone = self.zone
+        return [
+            Planned(
+                key=utils.instance_key(self.id, start),
+                desired=utils.as_utc(start),
+                trigger=utils.trigger_time(start, zone, window),
+            )
+            for start in self.starts(now)
+            if start > now
+        ]
+
+
+@dataclass
+class SchedulesResult:
+    """What ``schedules.json`` said: valid entries, errors and warnings, rejected ids.
+
+    ``file_error`` means the whole file was rejected: nothing may change. ``unknown_rejects``
+    counts rejected entries whose id could not be told: removals are then put off, because
+    their instances might be among them.
+    """
+
+    entries: list[Entry] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    rejected_ids: set[str] = field(default_factory=set)
+    unknown_rejects: int = 0
+    file_error: str | None = None
+    missing: bool = False
+
+
+@dataclass(frozen=True)
+class TokenValue:
+    """A token of tokens.json: its value encrypted under the first key, or why it is unusable."""
+
+    name: str
+    encrypted: str | None
+    error: str | None
+    rewrite: bool  # the file must be rewritten for it (plaintext, or an old key)
+
+
+@dataclass
+class TokensResult:
+    """What ``tokens.json`` said. ``file_error``: rejected whole, the database keeps its tokens."""
+
+    tokens: dict[str, TokenValue] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    file_error: str | None = None
+    missing: bool = False
+    raw: bytes | None = None
+
+
+@dataclass
+class Config:
+    """Both files, read and validated together."""
+
+    schedules: SchedulesResult
+    tokens: TokensResult
+    digest: str
+
+    @property
+    def errors(self) -> list[str]:
+        found = list(self.tokens.errors)
+        if self.tokens.file_error:
+            found.insert(0, self.tokens.file_error)
+        if self.schedules.file_error:
+            found.append(self.schedules.file_error)
+        return found + self.schedules.errors
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.tokens.warnings + self.schedules.warnings
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_CONFIG_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    return data
+
+
+def _decode_json(data: bytes, name: str) -> tuple[Any, str | None]:
+    if len(data) > MAX_CONFIG_BYTES:
+        return None, (
+            f"{name}: the file is larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB; "
+            "nothing loaded from it, the last good state stays"
+        )
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        return None, (
+            f"{name}: not UTF-8 text (byte {exc.start}: {data[exc.start : exc.start + 1]!r}); "
+            "nothing loaded from it, the last good state stays"
+        )
+    try:
+        return json.loads(text), None
+    except json.JSONDecodeError as exc:
+        return None, (
+            f"{name}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); "
+            "nothing loaded from it, the last good state stays"
+        )
+    except RecursionError:
+        return None, f"{name}: nested too deeply; nothing loaded from it, the last good state stays"
+
+
+def config_digest(settings: Settings) -> str:
+    """A digest of the config files' contents (to notice changes without reloading)."""
+    digest = hashlib.sha256()
+    paths = [settings.schedules_path, settings.tokens_path]
+    if settings.template_path is not None:
+        paths.append(settings.template_path)
+    for path in paths:
+        data = _read_bytes(path)
+        digest.update(b"\0missing\0" if data is None else hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
+def read_config(
+    settings: Settings,
+    fernet: MultiFernet,
+    now: datetime,
+    *,
+    known_tokens: Iterable[str] = (),
+) -> Config:
+    """Read and validate both files. ``known_tokens`` are the token names the database holds,
+    used when tokens.json is rejected whole. Reads files only; writes nothing."""
+    digest = config_digest(settings)
+    tokens = read_tokens(settings.tokens_path, fernet)
+    names = set(known_tokens) if tokens.file_error is not None else set(tokens.tokens)
+    schedules = read_schedules(
+        settings.schedules_path,
+        default_zone=settings.timezone,
+        token_names=names,
+        now=now,
+    )
+    return Config(schedules=schedules, tokens=tokens, digest=digest)
+
+
+def read_tokens(path: Path, fernet: MultiFernet) -> TokensResult:
+    """Validate ``tokens.json`` (CONTRACT section 5) without writing anything."""
+    name = path.name
+    result = TokensResult()
+    data = _read_bytes(path)
+    if data is None:
+        result.missing = True
+        result.warnings.append(f"{name}: no such file ({path}); no tokens loaded")
+        return result
+    result.raw = data
+    parsed, error = _decode_json(data, name)
+    if error is not None:
+        result.file_error = error
+        return result
+    if not isinstance(parsed, dict):
+        result.file_error = (
+            f'{name}: expected a JSON object {{"name": "token"}}, got {_json_type(parsed)}; '
+            "nothing loaded from it, the last good state stays"
+        )
+        return result
+    for token_name, value in parsed.items():
+        where = f"{name} token {token_name!r}"
+        if not token_name or len(token_name) > 128:
+            result.errors.append(f"{where}: a token name must be 1 to 128 characters")
+            continue
+        if not isinstance(value, str) or not value.strip():
+            result.errors.append(
+                f"{where}: expected the token as a non-empty string, got {_json_type(value)}"
+            )
+            result.tokens[token_name] = TokenValue(
+                token_name, None, f"{where} is not a string", False
+            )
+            continue
+        value = value.strip()  # noqa: PLW2901 (surrounding blanks are no part of a token)
+        plaintext = utils.decrypt_token(fernet, value)
+        if plaintext is not None:
+            if utils.encrypted_under_first_key(fernet, value):
+                result.tokens[token_name] = TokenValue(token_name, value, None, False)
+            else:
+                # Key rotation: decrypts under an older key; re-encrypt under the first.
+                reencrypted = fernet.encrypt(plaintext.encode()).decode()
+                result.tokens[token_name] = TokenValue(token_name, reencrypted, None, True)
+        elif utils.looks_like_fernet(value):
+            reason = (
+                f"{where}: the value is encrypted but no key in FERNET_KEY decrypts it "
+                "(was it encrypted with another key?); re-encrypt it with "
+                "`python main.py encrypt-token` or put the plaintext token in the file"
+            )
+            result.errors.append(reason)
+            result.tokens[token_name] = TokenValue(token_name, None, reason, False)
+        else:
+            encrypted = fernet.encrypt(value.encode()).decode()
+            result.tokens[token_name] = TokenValue(token_name, encrypted, None, True)
+    return result
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({json.dumps(value)})"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def read_schedules(
+    path: Path, *, default_zone: str, token_names: set[str], now: datetime
+) -> SchedulesResult:
+    """Validate ``schedules.json`` (CONTRACT sections 3 and 4) without writing anything."""
+    name = path.name
+    result = SchedulesResult()
+    data = _read_bytes(path)
+    if data is None:
+        result.missing = True
+        result.warnings.append(f"{name}: no such file ({path}); no schedules")
+        return result
+    parsed, error = _decode_json(data, name)
+    if error is not None:
+        result.file_error = error
+        return result
+    if not isinstance(parsed, list):
+        result.file_error = (
+            f"{name}: expected a JSON array of entries, got {_json_type(parsed)}; "
+            "nothing loaded from it, the last good state stays"
+        )
+        return result
+
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(parsed, start=1):
+        entry, errors, warnings, entry_id = _validate_entry(
+            raw, index, name, default_zone=default_zone, token_names=token_names, now=now
+        )
+        if entry_id is not None and entry_id in seen and not errors:
+            explicit = isinstance(raw, dict) and "id" in raw
+            where = _where(name, entry_id if explicit else None, index)
+            if explicit:
+                errors.append(
+                    f"{where}: id: {entry_id!r} is already used by entry #{seen[entry_id]}; "
+                    "ids must be unique"
+                )
+            else:
+                errors.append(
+                    f"{where}: id: this entry derives the same id ({entry_id!r}) as entry "
+                    f"#{seen[entry_id]} (same type, desired_time, rrule and timezone); give both "
+                    'an explicit "id"'
+                )
+            entry = None
+        if entry_id is not None:
+            seen.setdefault(entry_id, index)
+        result.warnings.extend(warnings)
+        if errors:
+            result.errors.extend(errors)
+            if entry_id is None:
+                result.unknown_rejects += 1
+            else:
+                result.rejected_ids.add(entry_id)
+        elif entry is not None:
+            result.entries.append(entry)
+    # An id both rejected (a duplicate) and valid stays valid for the earlier entry.
+    result.rejected_ids -= {e.id for e in result.entries}
+    return result
+
+
+def _where(file_name: str, entry_id: str | None, position: int) -> str:
+    if entry_id is None:
+        return f"{file_name} entry #{position}"
+    return f"{file_name} entry {entry_id!r} (#{position})"
+
+
+def _validate_entry(
+    raw: Any,
+    position: int,
+    file_name: str,
+    *,
+    default_zone: str,
+    token_names: set[str],
+    now: datetime,
+) -> tuple[Entry | None, list[str], list[str], str | None]:
+    """Check one entry. Returns (entry or None, errors, warnings, its id if it can be told)."""
+    if not isinstance(raw, dict):
+        where = _where(file_name, None, position)
+        return None, [f"{where}: expected an object, got {_json_type(raw)}"], [], None
+
+    explicit_id = raw.get("id")
+    id_ok = isinstance(explicit_id, str) and utils.SCHEDULE_ID_RE.fullmatch(explicit_id)
+    shown_id = explicit_id if id_ok else None
+    where = _where(file_name, shown_id, position)
+    errors: list[str] = []
+    warnings: list[str] = []
+
+    def bad(key: str, message: str) -> None:
+        errors.append(f"{where}: {key}: {message}")
+
+    for key in raw:
+        if key not in ENTRY_KEYS:
+            bad(key, f"unknown key; expected one of {', '.join(ENTRY_KEYS)}")
+    if "id" in raw and not id_ok:
+        bad(
+            "id",
+            f"{explicit_id!r} is not a valid id; expected 1 to 64 of A-Z a-z 0-9 _ . - "
+            "(e.g. 'wed-evening')",
+        )
+
+    entry_type = raw.get("type")
+    if "type" not in raw:
+        bad("type", 'missing; expected "one-off" or "recurring"')
+    elif entry_type not in (ONE_OFF, RECURRING):
+        bad("type", f'{entry_type!r} is not a type; expected "one-off" or "recurring"')
+
+    zone_name = raw.get("timezone", default_zone)
+    zone: ZoneInfo | None = None
+    try:
+        zone = utils.get_zone(zone_name)
+    except ValueError as exc:
+        bad("timezone", str(exc))
+
+    desired: utils.DesiredTime | None = None
+    desired_ok = True
+    if "desired_time" in raw and zone is not None:
+        try:
+            desired = utils.parse_desired_time(raw["desired_time"], zone)
+        except ValueError as exc:
+            bad("desired_time", str(exc))
+            desired_ok = False
+    elif entry_type == ONE_OFF and "desired_time" not in raw:
+        bad("desired_time", "missing; a one-off entry needs 'YYYY-MM-DD HH:MM'")
+
+    rule: utils.ParsedRule | None = None
+    rule_text = raw.get("rrule")
+    if entry_type == ONE_OFF and "rrule" in raw:
+        bad("rrule", 'a one-off entry has no rule; use "type": "recurring" or remove "rrule"')
+    elif entry_type == RECURRING:
+        if "rrule" not in raw:
+            bad("rrule", f"missing; a recurring entry needs a rule, e.g. {utils.RULE_EXAMPLE}")
+        elif not isinstance(rule_text, str) or not rule_text.strip():
+            bad("rrule", f"{rule_text!r} is not a rule; e.g. {utils.RULE_EXAMPLE}")
+        elif zone is not None and desired_ok:
+            rule = _parse_rule(
+                rule_text,
+                desired=desired,
+                zone=zone,
+                zone_name=zone_name,
+                raw=raw,
+                now=now,
+                bad=bad,
+            )
+
+    if rule is not None and rule.zone_name is not None:
+        zone_name = rule.zone_name
+        zone = utils.get_zone(zone_name)
+
+    courts: tuple[str | None, ...] = (None,)
+    court_value = raw.get("court_id")
+    if "court_id" in raw:
+        if court_value is None:
+            courts = (None,)
+        elif isinstance(court_value, list):
+            if not court_value:
+                bad("court_id", "an empty list; give one or more courts, or null for any court")
+            elif not all(_is_court(c) for c in court_value):
+                bad(
+                    "court_id",
+                    f"{court_value!r}: every court in a list must be a string or integer",
+                )
+            elif len({str(c) for c in court_value}) != len(court_value):
+                bad("court_id", f"{court_value!r} lists a court twice")
+            else:
+                courts = tuple(str(c) for c in court_value)
+        elif _is_court(court_value):
+            courts = (str(court_value),)
+        else:
+            bad(
+                "court_id",
+                f"{court_value!r} is not a court; expected a string, an integer, null (any "
+                'court) or a list tried in order, e.g. ["3", "4"]',
+            )
+
+    token = raw.get("token", "default")
+    if not isinstance(token, str) or not token:
+        bad("token", f"{token!r} is not a token name; expected a name from tokens.json")
+    elif token not in token_names:
+        have = ", ".join(repr(n) for n in sorted(token_names)) or "none"
+        bad("token", f"{token!r} is not in tokens.json (it has: {have})")
+
+    duration = raw.get("duration_minutes", 60)
+    if isinstance(duration, bool) or not isinstance(duration, int) or duration <= 0:
+        bad("duration_minutes", f"{duration!r} is not a positive whole number of minutes")
+    elif duration > 24 * 60:
+        bad("duration_minutes", f"{duration!r} is longer than a day")
+
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        bad("enabled", f"{enabled!r} is not true or false")
+
+    # The derived id uses the raw values that say *when*, so court or token edits keep it.
+    entry_id: str | None = shown_id
+    if "id" not in raw:
+        entry_id = utils.derive_schedule_id(
+            entry_type, raw.get("desired_time"), rule_text, raw.get("timezone")
+        )
+    if errors:
+        return None, errors, warnings, entry_id
+    assert zone is not None and entry_id is not None and isinstance(zone_name, str)
+    where = _where(file_name, entry_id if "id" in raw else None, position)
+
+    desired_moment: datetime | None = None
+    if entry_type == ONE_OFF:
+        assert desired is not None
+        desired_moment = desired.moment
+        if not desired.explicit_offset:
+            note = utils.describe_wall_clock_issue(desired.wall, zone)
+            if note:
+                warnings.append(f"{where}: desired_time: {note}")
+        if desired.moment <= now:
+            warnings.append(
+                f"{where}: desired_time: {raw['desired_time']!r} is in the past; "
+                "skipped, never booked"
+            )
+    fingerprint = hashlib.sha256(
+        json.dumps([raw, zone_name], sort_keys=True, default=str).encode()
+    ).hexdigest()
+    entry = Entry(
+        id=entry_id,
+        position=position,
+        type=entry_type,
+        timezone=zone_name,
+        courts=courts,
+        token=token,
+        duration_minutes=duration,
+        enabled=enabled,
+        desired_wall=desired.wall if desired else None,
+        desired_moment=desired_moment,
+        raw_rrule=rule_text if entry_type == RECURRING else None,
+        rule=rule,
+        fingerprint=fingerprint,
+    )
+    return entry, errors, warnings, entry_id
+
+
+def _is_court(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    return isinstance(value, str) and 0 < len(value) <= 64 and value == value.strip()
+
+
+def _parse_rule(
+    text: str,
+    *,
+    desired: utils.DesiredTime | None,
+    zone: ZoneInfo,
+    zone_name: Any,
+    raw: Mapping[str, Any],
+    now: datetime,
+    bad: Any,
+) -> utils.ParsedRule | None:
+    try:
+        if utils.is_english_rule(text):
+            today: date = now.astimezone(zone).date()
+            return utils.parse_english_rule(
+                text, start=desired.wall.date() if desired else None, today=today
+            )
+        rule = utils.parse_rfc_rule(text, start=desired.wall if desired else None, zone=zone)
+    except utils.RuleError as exc:
+        bad("rrule", str(exc))
+        return None
+    if rule.zone_name is not None and "timezone" in raw and rule.zone_name != zone_name:
+        bad(
+            "timezone",
+            f"{zone_name!r} disagrees with the rule's DTSTART;TZID={rule.zone_name}; "
+            "give the zone once",
+        )
+        return None
+    return rule
+
+
+# --------------------------------------------------------------------------- tokens file
+
+
+def rewrite_tokens_file(path: Path, result: TokensResult) -> bool:
+    """Replace plaintext (and old-key) values in tokens.json with their encrypted form,
+    atomically and with mode 0600. Returns False (after a warning) when the file cannot be
+    written or changed under us; the tokens are then kept encrypted in the database only."""
+    if result.raw is None or not any(t.rewrite for t in result.tokens.values()):
+        return True
+    try:
+        current = json.loads(result.raw.decode("utf-8-sig"))
+        for name, token in result.tokens.items():
+            if token.rewrite and token.encrypted is not None:
+                current[name] = token.encrypted
+        payload = (json.dumps(current, indent=2) + "\n").encode()
+        fd, tmp = tempfile.mkstemp(prefix=".tokens.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp, 0o600)
+            if _read_bytes(path) != result.raw:
+                # Edited since we read it: leave it; the next load encrypts what it holds.
+                logger.info("%s changed while being encrypted; left for the next load", path.name)
+                return False
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    except OSError as exc:
+        logger.warning(
+            "%s: cannot rewrite it with encrypted tokens (%s); the tokens are kept encrypted "
+            "in the database only: make the file writable, or put encrypted values in it "
+            "(`python main.py encrypt-token`)",
+            path.name,
+            exc.strerror or exc.__class__.__name__,
+        )
+        return False
+    logger.info("%s: plaintext tokens encrypted in place", path.name)
+    return True
+
+
+def secure_file_mode(path: Path) -> None:
+    """Make a file holding secrets or state readable by its owner only (best effort)."""
+    with contextlib.suppress(OSError):
+        if path.exists() and path.stat().st_mode & 0o077:
+            path.chmod(0o600)
+
+
+# --------------------------------------------------------------------------- reconciliation
+
+
+@dataclass
+class Changes:
+    """What a reconciliation did to the instances (jobs follow by ``scheduler.sync``)."""
+
+    added: int = 0
+    updated: int = 0
+    cancelled: int = 0
+    revived: int = 0
+    entries_changed: list[str] = field(default_factory=list)
+
+    def merge(self, other: Changes) -> None:
+        self.added += other.added
+        self.updated += other.updated
+        self.cancelled += other.cancelled
+        self.revived += other.revived
+        self.entries_changed.extend(other.entries_changed)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.updated or self.cancelled or self.revived)
+
+    def summary(self) -> str:
+        return (
+            f"{self.added} added, {self.updated} changed, {self.cancelled} cancelled, "
+            f"{self.revived} revived"
+        )
+
+
+def store_tokens(session: Session, tokens: TokensResult) -> None:
+    """Make the tokens table match a valid tokens.json: upsert, mark unusable, drop removed."""
+    if tokens.file_error is not None:
+        return
+    existing = {t.id: t for t in session.scalars(select(Token))}
+    for name, value in tokens.tokens.items():
+        row = existing.get(name)
+        if row is None:
+            row = Token(id=name)
+            session.add(row)
+        if value.encrypted is not None:
+            row.encrypted_token = value.encrypted
+            row.error = None
+        else:
+            row.error = value.error
+    gone = set(existing) - set(tokens.tokens)
+    if gone:
+        session.execute(delete(Token).where(Token.id.in_(gone)))
+
+
+def reconcile(
+    factory: sessionmaker[Session],
+    config: Config,
+    *,
+    window: utils.Window,
+    now: datetime,
+    only: Sequence[str] | None = None,
+) -> Changes:
+    """Apply a validated config to the database as a diff (CONTRACT section 5).
+
+    ``only`` limits the work to these schedule ids (the recurring top-up). Booked instances are
+    never touched; instances of rejected entries are kept as they were.
+    """
+    changes = Changes()
+    entries = {e.id: e for e in config.schedules.entries}
+    with transaction(factory) as session:
+        if only is None:
+            store_tokens(session, config.tokens)
+        if config.schedules.file_error is not None:
+            return changes
+        ids = set(entries) if only is None else set(only) & set(entries)
+        query = select(Instance)
+        if only is not None:
+            query = query.where(Instance.schedule_id.in_(ids))
+        rows_by_schedule: dict[str, dict[str, Instance]] = {}
+        for row in session.scalars(query):
+            rows_by_schedule.setdefault(row.schedule_id, {})[row.key] = row
+        for schedule_id in sorted(ids):
+            changes.merge(
+                _reconcile_entry(
+                    session,
+                    entries[schedule_id],
+                    rows_by_schedule.get(schedule_id, {}),
+                    window,
+                    now,
+                )
+            )
+        if only is None:
+            removable = set(rows_by_schedule) - set(entries) - config.schedules.rejected_ids
+            if removable and config.schedules.unknown_rejects:
+                logger.warning(
+                    "%d schedule(s) are no longer in %s, but an entry was rejected whose id "
+                    "cannot be told: their pending instances are kept until it is fixed",
+                    len(removable),
+                    SCHEDULES_FILE,
+                )
+                removable = set()
+            for schedule_id in sorted(removable):
+                for row in rows_by_schedule[schedule_id].values():
+                    if row.status == PENDING:
+                        _cancel(row, changes, "entry removed from schedules.json")
+    return changes
+
+
+def _cancel(row: Instance, changes: Changes, why: str) -> None:
+    row.status = CANCELLED
+    row.last_error = why
+    changes.cancelled += 1
+
+
+def _reconcile_entry(
+    session: Session,
+    entry: Entry,
+    rows: dict[str, Instance],
+    window: utils.Window,
+    now: datetime,
+) -> Changes:
+    changes = Changes()
+    planned = entry.plan(now, window)
+    courts_json = json.dumps(list(entry.courts))
+    rrule_text = entry.rule.rfc if entry.rule else None
+    wanted = {p.key for p in planned}
+    new_rows: list[Instance] = []
+    for item in planned:
+        row = rows.get(item.key)
+        if row is None:
+            if not entry.enabled:
+                continue
+            new_rows.append(
+                Instance(
+                    key=item.key,
+                    schedule_id=entry.id,
+                    type=entry.type,
+                    desired_time=item.desired,
+                    trigger_time=item.trigger,
+                    timezone=entry.timezone,
+                    rrule=rrule_text,
+                    court_id=entry.court_text,
+                    courts=courts_json,
+                    token_name=entry.token,
+                    duration_minutes=entry.duration_minutes,
+                    status=PENDING,
+                    attempts=0,
+                )
+            )
+            continue
+        if row.status == CANCELLED and entry.enabled:
+            row.status = PENDING
+            row.last_error = None
+            row.attempts = 0
+            changes.revived += 1
+        if row.status != PENDING:
+            continue
+        if not entry.enabled:
+            _cancel(row, changes, "entry disabled in schedules.json")
+            continue
+        moved = row.trigger_time != item.trigger
+        edited = (
+            row.court_id != entry.court_text
+            or row.courts != courts_json
+            or row.token_name != entry.token
+            or row.duration_minutes != entry.duration_minutes
+            or row.rrule != rrule_text
+        )
+        if moved or edited:
+            row.court_id = entry.court_text
+            row.courts = courts_json
+            row.token_name = entry.token
+            row.duration_minutes = entry.duration_minutes
+            row.rrule = rrule_text
+            row.trigger_time = item.trigger
+            changes.updated += 1
+    for key, row in rows.items():
+        if key in wanted or row.status != PENDING:
+            continue
+        if row.desired_time > now:
+            _cancel(row, changes, "no longer produced by the entry's rule or time")
+    if new_rows:
+        session.add_all(new_rows)
+        changes.added += len(new_rows)
+    if not changes.empty:
+        changes.entries_changed.append(entry.id)
+    return changes
+
+
+def expire_missed(factory: sessionmaker[Session], now: datetime) -> list[Instance]:
+    """Instances still ``pending`` whose desired start has passed (the daemon was down at their
+    trigger) become ``expired``; returned for the one "Booking missed" report."""
+    with transaction(factory) as session:
+        rows = list(
+            session.scalars(
+                select(Instance).where(Instance.status == PENDING, Instance.desired_time <= now)
+            )
+        )
+        for row in rows:
+            row.status = EXPIRED
+            row.last_error = (
+                "courtbot was not running when the booking window opened "
+                f"({utils.format_utc(row.trigger_time)}) and the start has passed"
+            )
+            row.finished_at = now
+    return rows
+
+
+def recover_in_flight(
+    factory: sessionmaker[Session], now: datetime
+) -> tuple[list[str], list[Instance]]:
+    """Instances left in ``booking`` by a crash: those still ahead go back to ``pending`` and
+    are retried with the same Idempotency-Key; the others fail, their outcome unknown."""
+    retry: list[str] = []
+    failed: list[Instance] = []
+    with transaction(factory) as session:
+        for row in session.scalars(select(Instance).where(Instance.status == BOOKING)):
+            if row.desired_time > now:
+                row.status = PENDING
+                row.last_error = (
+                    "interrupted while booking (courtbot stopped); retried with the same "
+                    "Idempotency-Key"
+                )
+                retry.append(row.key)
+            else:
+                row.status = FAILED
+                row.last_error = (
+                    "courtbot stopped while this booking was being sent and the start has "
+                    "passed: its outcome is unknown, check with the club"
+                )
+                row.finished_at = now
+                failed.append(row)
+    return retry, failed
+
+
+def pending_triggers(factory: sessionmaker[Session]) -> dict[str, datetime]:
+    """Every pending instance's key and trigger (aware UTC)."""
+    with factory() as session:
+        return {
+            key: trigger
+            for key, trigger in session.execute(
+                select(Instance.key, Instance.trigger_time).where(Instance.status == PENDING)
+            )
+        }

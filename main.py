@@ -1,0 +1,811 @@
+"""courtbot: book tennis courts the instant the club's booking window opens.
+
+The CLI (CONTRACT section 1) and the daemon's main loop: load, schedule, reload on SIGHUP or on a
+changed file, stop cleanly on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import getpass
+import json
+import logging
+import logging.handlers
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+from cryptography.fernet import Fernet, MultiFernet
+from sqlalchemy import Engine, update
+from sqlalchemy import select as sql_select
+from sqlalchemy.orm import Session, sessionmaker
+
+import bot
+import config_loader
+import models
+import scheduler
+import utils
+from config_loader import Config, Settings, SettingsError
+from models import FAILED, PENDING, Instance, Token
+from notify import Notifier, NotifyConfigError, NotifySettings, validate_notify_urls
+
+logger = logging.getLogger("courtbot")
+
+EXIT_OK = 0
+EXIT_INVALID = 1
+EXIT_CANNOT_START = 2
+HEARTBEAT_SECONDS = 15.0
+HEARTBEAT_STALE_SECONDS = 4 * HEARTBEAT_SECONDS
+LOG_FILE_BYTES = 5 * 1024 * 1024
+LOG_FILE_BACKUPS = 3
+CHECK_INSTANCES = 5
+
+
+class StartError(Exception):
+    """The daemon cannot start; the message names the cause and the fix (exit 2)."""
+
+
+# --------------------------------------------------------------------------- logging
+
+
+class _UTCFormatter(logging.Formatter):
+    converter = time.gmtime
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
+        return f"{stamp}.{int(record.msecs):03d}Z"
+
+
+def setup_logging(settings: Settings | None, *, level: str = "INFO") -> None:
+    """Console always; the file too when LOG_FILE is not ``-``; UTC ISO timestamps."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    formatter = _UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(formatter)
+    root.addHandler(console)
+    if settings is not None and settings.log_file is not None:
+        path = settings.log_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        file_handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"
+        )
+        file_handler.setFormatter(formatter)
+        root.addHandler(file_handler)
+    root.setLevel(settings.log_level if settings is not None else level)
+    for noisy in ("urllib3", "apscheduler"):
+        logging.getLogger(noisy).setLevel(max(root.level, logging.WARNING))
+
+
+# --------------------------------------------------------------------------- locks and pid
+
+
+class DirLock:
+    """An exclusive, non-blocking ``flock`` held for the daemon's life: taken atomically, so
+    two daemons can never both believe they own DATA_DIR or the database; the kernel releases
+    it when the process dies, so a crash leaves no stale lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def lock_paths(settings: Settings) -> list[Path]:
+    """The lock files of a daemon: DATA_DIR's, and the SQLite database's when it lies elsewhere."""
+    paths = [settings.lock_path]
+    db = models.sqlite_path(settings.database_url)
+    if db is not None:
+        db_lock = db.with_name(db.name + ".lock")
+        if db_lock.resolve() != settings.lock_path.resolve():
+            paths.append(db_lock)
+    return paths
+
+
+def daemon_running(settings: Settings) -> int | None:
+    """The pid of the daemon that holds DATA_DIR, or None when none does."""
+    probe = DirLock(settings.lock_path)
+    if not settings.lock_path.exists():
+        return None
+    if probe.acquire():
+        probe.release()
+        return None
+    try:
+        return int(settings.pid_path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically with mode 0600."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+class Daemon:
+    """The running worker: owns the database, the scheduler, the club client and the loop."""
+
+    def __init__(self, settings: Settings, fernet: MultiFernet, template: Any | None) -> None:
+        self.settings = settings
+        self.fernet = fernet
+        self.template = template
+        self.engine: Engine | None = None
+        self.factory: sessionmaker[Session] | None = None
+        self.scheduler: scheduler.Scheduler | None = None
+        self.notifier: Notifier | None = None
+        self.ctx: bot.BookingContext | None = None
+        self.config: Config | None = None
+        self.stop = threading.Event()
+        self._load_lock = threading.Lock()
+        self._locks: list[DirLock] = []
+        self._signals_r: socket.socket | None = None
+        self._signals_w: socket.socket | None = None
+
+    # -- start-up -----------------------------------------------------------------------
+
+    def acquire_locks(self) -> None:
+        for path in lock_paths(self.settings):
+            lock = DirLock(path)
+            if not lock.acquire():
+                self.release_locks()
+                raise StartError(
+                    f"another courtbot daemon already holds {path.parent} ({path.name}); stop it "
+                    "first (or give this one its own DATA_DIR and DATABASE_URL)"
+                )
+            self._locks.append(lock)
+
+    def release_locks(self) -> None:
+        for lock in self._locks:
+            lock.release()
+        self._locks.clear()
+
+    def install_signals(self) -> None:
+        """Handlers only record the signal: Python writes its number to a socket that the main
+        loop waits on (no locks or logging inside a handler; works as PID 1 in a container)."""
+        self._signals_r, self._signals_w = socket.socketpair()
+        self._signals_r.setblocking(False)
+        self._signals_w.setblocking(False)
+        signal.set_wakeup_fd(self._signals_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _record_signal)
+
+    def start(self) -> None:
+        settings = self.settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.acquire_locks()
+        self.install_signals()
+        try:
+            self.engine = models.make_engine(settings.database_url)
+        except Exception as exc:  # noqa: BLE001 (any driver error: one line, exit 2)
+            raise StartError(
+                f"cannot open the database {settings.database_url!r}: {exc.__class__.__name__}: "
+                f"{exc}; check DATABASE_URL and that {settings.data_dir} is writable"
+            ) from None
+        self.factory = models.session_factory(self.engine)
+        try:
+            notify_settings = NotifySettings.from_env(settings.env)
+        except NotifyConfigError as exc:
+            logger.error("notifications: %s; email and channels are off until it is fixed", exc)
+            notify_settings = NotifySettings.from_env({})
+        for problem in validate_notify_urls(notify_settings.urls):
+            logger.error("NOTIFY_URLS: %s; that channel is skipped", problem)
+        self.notifier = Notifier(notify_settings)
+        self.notifier.start()
+        self.ctx = bot.BookingContext(
+            factory=self.factory,
+            fernet=self.fernet,
+            client=bot.ClubClient(timeout=settings.http_timeout),
+            api_url=settings.api_url,
+            retry_base=settings.retry_base,
+            stop=self.stop,
+            notify=self.notifier.notify,
+            template=self.template,
+            on_booked=self._booked,
+        )
+        self.scheduler = scheduler.Scheduler(self.engine)
+        scheduler.set_runtime(self)
+
+        now = datetime.now(UTC)
+        retried, unknown = config_loader.recover_in_flight(self.factory, now)
+        for row in unknown:
+            self.notifier.notify(bot.outcome_of(row))
+        if retried:
+            logger.warning(
+                "%d booking(s) were interrupted by a stop; retried now with the same "
+                "Idempotency-Key: %s",
+                len(retried),
+                ", ".join(retried),
+            )
+        missed = config_loader.expire_missed(self.factory, now)
+        if missed:
+            self.notifier.notify_missed([bot.outcome_of(row) for row in missed])
+        self.load(reason="start")
+        self.scheduler.start()
+        write_private(settings.pid_path, f"{os.getpid()}\n")
+        self.heartbeat()
+        self.log_summary()
+
+    def log_summary(self) -> None:
+        assert self.factory is not None and self.scheduler is not None
+        entries = self.config.schedules.entries if self.config else []
+        with self.factory() as session:
+            pending = list(
+                session.scalars(
+                    sql_select(Instance)
+                    .where(Instance.status == PENDING)
+                    .order_by(Instance.trigger_time)
+                    .limit(1)
+                )
+            )
+            count = session.query(Instance).filter(Instance.status == PENDING).count()
+        if pending:
+            row = pending[0]
+            zone = utils.get_zone(row.timezone)
+            logger.info(
+                "courtbot running (pid %d): %d schedule(s), %d pending instance(s); next "
+                "trigger %s (%s) for %s at %s",
+                os.getpid(),
+                len(entries),
+                count,
+                utils.format_utc(row.trigger_time),
+                utils.format_local(row.trigger_time, zone),
+                row.key,
+                utils.format_local(row.desired_time, zone),
+            )
+        else:
+            logger.info(
+                "courtbot running (pid %d): %d schedule(s), no pending instance",
+                os.getpid(),
+                len(entries),
+            )
+
+    # -- loading ------------------------------------------------------------------------
+
+    def load(self, *, reason: str) -> bool:
+        """Read, validate and reconcile the config files; jobs follow. Returns False when a
+        file was rejected whole (the last good state stays)."""
+        assert self.factory is not None and self.scheduler is not None
+        with self._load_lock:
+            started = time.perf_counter()
+            now = datetime.now(UTC)
+            with self.factory() as session:
+                known = set(session.scalars(sql_select(Token.id)))
+            config = config_loader.read_config(self.settings, self.fernet, now, known_tokens=known)
+            for error in config.errors:
+                logger.error("%s", error)
+            for warning in config.warnings:
+                logger.warning("%s", warning)
+            if config.tokens.file_error is None and config.tokens.raw is not None:
+                config_loader.rewrite_tokens_file(self.settings.tokens_path, config.tokens)
+                config_loader.secure_file_mode(self.settings.tokens_path)
+            changes = config_loader.reconcile(
+                self.factory, config, window=self.settings.window, now=now
+            )
+            whole_ok = config.schedules.file_error is None
+            if whole_ok or self.config is None:
+                self.config = config
+            elif config.tokens.file_error is None:
+                self.config = Config(self.config.schedules, config.tokens, config.digest)
+            else:
+                self.config = Config(self.config.schedules, self.config.tokens, config.digest)
+            report = self._sync()
+            elapsed = (time.perf_counter() - started) * 1000
+            kept = "" if whole_ok and not config.tokens.file_error else "; kept last good config"
+            logger.info(
+                "config loaded (%s) in %.0f ms: %d schedule(s), %d error(s); instances: %s; "
+                "jobs: %d added, %d moved, %d removed%s",
+                reason,
+                elapsed,
+                len(self.config.schedules.entries),
+                len(config.errors),
+                changes.summary(),
+                report.added,
+                report.moved,
+                report.removed,
+                kept,
+            )
+            return whole_ok and config.tokens.file_error is None
+
+    def _sync(self) -> scheduler.SyncReport:
+        assert self.factory is not None and self.scheduler is not None and self.ctx is not None
+        with self.ctx.in_flight_lock:
+            busy = frozenset(self.ctx.in_flight)
+        return self.scheduler.sync(config_loader.pending_triggers(self.factory), busy=busy)
+
+    def config_changed(self) -> bool:
+        return self.config is None or config_loader.config_digest(self.settings) != (
+            self.config.digest
+        )
+
+    # -- jobs (scheduler.Runtime) -------------------------------------------------------
+
+    def book(self, key: str) -> None:
+        assert self.ctx is not None
+        if self.stop.is_set():
+            return
+        bot.book_slot(key, self.ctx)
+
+    def topup(self, schedule_ids: Sequence[str] | None = None) -> None:
+        """Keep recurring entries at their full count of future instances."""
+        assert self.factory is not None
+        with self._load_lock:
+            if self.config is None or self.stop.is_set():
+                return
+            recurring = [e.id for e in self.config.schedules.entries if e.rule is not None]
+            ids = [i for i in (schedule_ids or recurring) if i in recurring]
+            if not ids:
+                return
+            changes = config_loader.reconcile(
+                self.factory,
+                self.config,
+                window=self.settings.window,
+                now=datetime.now(UTC),
+                only=ids,
+            )
+            if not changes.empty:
+                self._sync()
+                logger.info("top-up of %s: %s", ", ".join(ids), changes.summary())
+
+    def _booked(self, schedule_id: str) -> None:
+        self.topup([schedule_id])
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        with contextlib.suppress(OSError):
+            write_private(self.settings.heartbeat_path, f"{time.time():.0f}\n")
+
+    def run_forever(self) -> None:
+        """Wait for signals and timers; reload or stop here, never in a handler."""
+        assert self._signals_r is not None
+        next_check = time.monotonic() + self.settings.reload_interval
+        next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        while not self.stop.is_set():
+            timeout = max(0.0, min(next_check, next_beat) - time.monotonic())
+            ready, _, _ = select.select([self._signals_r], [], [], timeout)
+            signals: set[int] = set()
+            if ready:
+                with contextlib.suppress(BlockingIOError):
+                    signals.update(self._signals_r.recv(512))
+            if signal.SIGTERM in signals or signal.SIGINT in signals:
+                name = "SIGTERM" if signal.SIGTERM in signals else "SIGINT"
+                logger.info("%s received: stopping (a booking under way may finish)", name)
+                break
+            if signal.SIGHUP in signals:
+                logger.info("SIGHUP received: reloading")
+                self.safe_load("SIGHUP")
+            now = time.monotonic()
+            if now >= next_check:
+                next_check = now + self.settings.reload_interval
+                if self.config_changed():
+                    logger.info("config files changed: reloading")
+                    self.safe_load("file change")
+            if now >= next_beat:
+                next_beat = now + HEARTBEAT_SECONDS
+                self.heartbeat()
+
+    def safe_load(self, reason: str) -> None:
+        try:
+            self.load(reason=reason)
+        except Exception:
+            logger.exception("reload (%s) failed; the last good state stays", reason)
+
+    def shutdown(self) -> None:
+        """Stop taking triggers, let a booking in flight finish, release everything."""
+        self.stop.set()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=True)
+        scheduler.set_runtime(None)
+        if self.ctx is not None:
+            self.ctx.client.close()
+        if self.notifier is not None:
+            self.notifier.close(timeout=10.0)
+        if self.engine is not None:
+            self.engine.dispose()
+        with contextlib.suppress(FileNotFoundError):
+            self.settings.pid_path.unlink()
+        self.release_locks()
+        logger.info("courtbot stopped")
+
+
+def _record_signal(signum: int, frame: Any) -> None:
+    """Nothing to do: ``set_wakeup_fd`` already queued the signal number for the loop."""
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def load_settings(env: dict[str, str]) -> Settings:
+    try:
+        return Settings.from_env(env)
+    except SettingsError as exc:
+        raise StartError(str(exc)) from None
+
+
+def load_fernet(settings: Settings) -> MultiFernet:
+    try:
+        return settings.fernet()
+    except utils.KeyError_ as exc:
+        raise StartError(str(exc)) from None
+
+
+def load_template(settings: Settings) -> Any | None:
+    """The request template named by BOOKING_REQUEST_TEMPLATE, validated (None when unset)."""
+    if settings.template_path is None:
+        return None
+    import request_template  # noqa: PLC0415 (only users of a template need it)
+
+    try:
+        return request_template.load(settings.template_path)
+    except request_template.TemplateError as exc:
+        raise StartError(str(exc)) from None
+
+
+def cmd_run(env: dict[str, str]) -> int:
+    try:
+        settings = load_settings(env)
+        fernet = load_fernet(settings)
+        template = load_template(settings)
+        if settings.api_url is None and (template is None or not template.has_url):
+            raise StartError(
+                "BOOKING_API_URL is not set: set it to the club's booking endpoint "
+                "(e.g. https://club.example/api/bookings)"
+            )
+        setup_logging(settings)
+    except StartError as exc:
+        print(f"courtbot: cannot start: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    daemon = Daemon(settings, fernet, template)
+    try:
+        daemon.start()
+    except StartError as exc:
+        print(f"courtbot: cannot start: {exc}", file=sys.stderr)
+        daemon.shutdown()
+        return EXIT_CANNOT_START
+    try:
+        daemon.run_forever()
+    finally:
+        daemon.shutdown()
+    return EXIT_OK
+
+
+def _print_check(config: Config, settings: Settings, now: datetime, template: Any | None) -> None:
+    entries = config.schedules.entries
+    print(
+        f"{settings.schedules_path}: {len(entries)} valid entr{'y' if len(entries) == 1 else 'ies'}"
+        f", window {settings.window}, default zone {settings.timezone}"
+    )
+    for entry in entries:
+        zone = entry.zone
+        courts = utils.courts_text(list(entry.courts))
+        state = "" if entry.enabled else ", DISABLED"
+        print(
+            f"\n{entry.id} (#{entry.position}): {entry.type}, {entry.timezone}, court {courts}, "
+            f"token {entry.token!r}, {entry.duration_minutes} min{state}"
+        )
+        if entry.rule is not None:
+            rfc = entry.rule.rfc.replace("\n", " ")
+            print(f"  rule: {rfc}")
+        pairs = [p for p in entry.occurrences(now, CHECK_INSTANCES) if p[1] > now]
+        if not pairs:
+            print("  no instance ahead")
+        for wall, start in pairs[:CHECK_INSTANCES]:
+            trigger = utils.trigger_time(start, zone, settings.window)
+            line = (
+                f"  {utils.format_local(start, zone)}  = {utils.format_utc(start)}  "
+                f"trigger {utils.format_utc(trigger)}"
+            )
+            if trigger <= now:
+                line += " (window already open: books at once)"
+            print(line)
+            note = utils.describe_wall_clock_issue(wall, zone)
+            if note:
+                print(f"    warning: {note}")
+        if template is not None and pairs:
+            described = template.describe(entry, pairs[0][1], settings)
+            print("  request: " + described.replace("\n", "\n  "))
+
+
+def cmd_check(env: dict[str, str]) -> int:
+    try:
+        settings = load_settings(env)
+    except StartError as exc:
+        print(f"courtbot check: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        fernet = load_fernet(settings)
+    except StartError as exc:
+        print(f"courtbot check: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    invalid = False
+    template = None
+    try:
+        template = load_template(settings)
+    except StartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        invalid = True
+    now = datetime.now(UTC)
+    config = config_loader.read_config(settings, fernet, now)
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    for error in config.errors:
+        print(f"error: {error}", file=sys.stderr)
+    try:
+        notify_settings = NotifySettings.from_env(settings.env)
+        for problem in validate_notify_urls(notify_settings.urls):
+            print(f"error: NOTIFY_URLS: {problem}", file=sys.stderr)
+            invalid = True
+    except NotifyConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        invalid = True
+    _print_check(config, settings, now, template)
+    if config.errors or invalid:
+        count = len(config.errors) + int(invalid)
+        print(f"\ninvalid: {count} problem(s); see the errors above", file=sys.stderr)
+        return EXIT_INVALID
+    print("\nOK")
+    return EXIT_OK
+
+
+def _open_existing_db(settings: Settings) -> sessionmaker[Session] | None:
+    db = models.sqlite_path(settings.database_url)
+    if db is not None and not db.exists():
+        return None
+    engine = models.make_engine(settings.database_url, create=False)
+    if not models.has_tables(engine):
+        return None
+    return models.session_factory(engine)
+
+
+def _status_rows(factory: sessionmaker[Session] | None) -> list[dict[str, Any]]:
+    if factory is None:
+        return []
+    with factory() as session:
+        rows = session.scalars(sql_select(Instance).order_by(Instance.trigger_time, Instance.key))
+        out = []
+        for row in rows:
+            zone = utils.get_zone(row.timezone)
+            courts = json.loads(row.courts)
+            court_value: Any = courts if len(courts) > 1 else courts[0]
+            out.append(
+                {
+                    "schedule": row.schedule_id,
+                    "key": row.key,
+                    "type": row.type,
+                    "desired_time": utils.format_utc(row.desired_time),
+                    "desired_local": row.desired_time.astimezone(zone).isoformat(),
+                    "trigger_time": utils.format_utc(row.trigger_time),
+                    "timezone": row.timezone,
+                    "court_id": court_value,
+                    "booked_court": row.booked_court,
+                    "token": row.token_name,
+                    "duration_minutes": row.duration_minutes,
+                    "status": row.status,
+                    "attempts": row.attempts,
+                    "last_error": row.last_error,
+                    "booking_ref": row.booking_ref,
+                }
+            )
+    return out
+
+
+def cmd_status(env: dict[str, str], as_json: bool, out: IO[str]) -> int:
+    try:
+        settings = load_settings(env)
+    except StartError as exc:
+        print(f"courtbot status: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    rows = _status_rows(_open_existing_db(settings))
+    if as_json:
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    if not rows:
+        out.write("no instances yet\n")
+        return EXIT_OK
+    columns = [
+        ("SCHEDULE", "schedule"),
+        ("KEY", "key"),
+        ("DESIRED (LOCAL)", "desired_local"),
+        ("TRIGGER (UTC)", "trigger_time"),
+        ("COURT", "court"),
+        ("STATUS", "status"),
+        ("TRIES", "attempts"),
+        ("REF", "booking_ref"),
+        ("LAST ERROR", "last_error"),
+    ]
+    table = []
+    for row in rows:
+        court = row["booked_court"] or row["court_id"]
+        shown = dict(row)
+        shown["court"] = (
+            ", ".join(court) if isinstance(court, list) else ("any" if court is None else court)
+        )
+        shown["desired_local"] = row["desired_local"][:16].replace("T", " ") + " " + row["timezone"]
+        table.append([str(shown[name] if shown[name] is not None else "-") for _, name in columns])
+    widths = [max(len(h), *(len(r[i]) for r in table)) for i, (h, _) in enumerate(columns)]
+    widths[-1] = len(columns[-1][0])
+    out.write("  ".join(h.ljust(w) for (h, _), w in zip(columns, widths, strict=True)).rstrip())
+    out.write("\n")
+    for r in table:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    return EXIT_OK
+
+
+def cmd_retry(env: dict[str, str], target: str) -> int:
+    try:
+        settings = load_settings(env)
+    except StartError as exc:
+        print(f"courtbot retry: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    factory = _open_existing_db(settings)
+    if factory is None:
+        print(f"courtbot retry: no database at {settings.database_url}", file=sys.stderr)
+        return EXIT_INVALID
+    now = datetime.now(UTC)
+    with models.transaction(factory) as session:
+        keys = list(
+            session.scalars(
+                sql_select(Instance.key).where(
+                    (Instance.key == target) | (Instance.schedule_id == target),
+                    Instance.status == FAILED,
+                    Instance.desired_time > now,
+                )
+            )
+        )
+        if keys:
+            session.execute(
+                update(Instance)
+                .where(Instance.key.in_(keys))
+                .values(status=PENDING, attempts=0, last_error=None, finished_at=None)
+            )
+    if not keys:
+        print(
+            f"courtbot retry: no failed instance with a start still ahead matches {target!r}",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    for key in keys:
+        print(f"pending again: {key}")
+    pid = daemon_running(settings)
+    if pid is not None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGHUP)
+            print(f"daemon (pid {pid}) told to pick them up")
+    else:
+        print("no daemon runs: they are booked when it starts")
+    return EXIT_OK
+
+
+def cmd_reload(env: dict[str, str]) -> int:
+    try:
+        settings = load_settings(env)
+    except StartError as exc:
+        print(f"courtbot reload: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    pid = daemon_running(settings)
+    if pid is None:
+        print(f"courtbot reload: no daemon runs on {settings.data_dir}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except (ProcessLookupError, PermissionError) as exc:
+        print(f"courtbot reload: cannot signal pid {pid}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"sent SIGHUP to courtbot (pid {pid})")
+    return EXIT_OK
+
+
+def cmd_health(env: dict[str, str]) -> int:
+    """Exit 0 while the daemon's heartbeat is fresh (the container's HEALTHCHECK)."""
+    try:
+        settings = load_settings(env)
+        age = time.time() - float(settings.heartbeat_path.read_text().strip())
+    except (StartError, OSError, ValueError) as exc:
+        print(f"courtbot health: no heartbeat ({exc})", file=sys.stderr)
+        return EXIT_INVALID
+    if age > HEARTBEAT_STALE_SECONDS:
+        print(f"courtbot health: heartbeat is {age:.0f} s old", file=sys.stderr)
+        return EXIT_INVALID
+    print(f"ok: heartbeat {age:.0f} s ago")
+    return EXIT_OK
+
+
+def cmd_generate_key() -> int:
+    print(Fernet.generate_key().decode())
+    return EXIT_OK
+
+
+def cmd_encrypt_token(env: dict[str, str]) -> int:
+    try:
+        fernet = utils.load_fernet(env.get("FERNET_KEY"))
+    except utils.KeyError_ as exc:
+        print(f"courtbot encrypt-token: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    raw = getpass.getpass("Token (not echoed): ") if sys.stdin.isatty() else sys.stdin.read()
+    token = raw.strip()
+    if not token:
+        print("courtbot encrypt-token: no token given on stdin", file=sys.stderr)
+        return EXIT_INVALID
+    print(fernet.encrypt(token.encode()).decode())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python main.py",
+        description="courtbot: books tennis courts the instant the booking window opens.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", help="the daemon (default)")
+    sub.add_parser("check", help="validate schedules.json and tokens.json, show next instances")
+    status = sub.add_parser("status", help="the instances in the database")
+    status.add_argument("--json", action="store_true", help="one JSON array")
+    retry = sub.add_parser("retry", help="put failed instances still ahead back to pending")
+    retry.add_argument("target", metavar="KEY_OR_SCHEDULE_ID")
+    sub.add_parser("reload", help="send SIGHUP to the running daemon")
+    sub.add_parser("health", help="exit 0 while the running daemon's heartbeat is fresh")
+    sub.add_parser("generate-key", help="print a new Fernet key")
+    sub.add_parser("encrypt-token", help="encrypt a token read on stdin for tokens.json")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    env = dict(os.environ)
+    command = args.command or "run"
+    if command == "run":
+        return cmd_run(env)
+    setup_logging(None, level="WARNING")
+    if command == "check":
+        return cmd_check(env)
+    if command == "status":
+        return cmd_status(env, args.json, sys.stdout)
+    if command == "retry":
+        return cmd_retry(env, args.target)
+    if command == "reload":
+        return cmd_reload(env)
+    if command == "health":
+        return cmd_health(env)
+    if command == "generate-key":
+        return cmd_generate_key()
+    return cmd_encrypt_token(env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,572 @@
+"""Pure arithmetic for courtbot: times in zones, booking windows, rules, backoff, Fernet.
+
+Nothing here reads the clock, the disk, the database or the network: callers pass ``now``.
+That is why most unit tests live against this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import email.utils
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from dateutil import rrule as du_rrule
+
+SCHEDULE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+FERNET_SHAPE_RE = re.compile(r"gAAAAA[A-Za-z0-9_-]{20,}={0,2}")
+RETRY_AFTER_CAP_SECONDS = 30.0
+INSTANCES_PER_RULE = 52
+ALLOWED_FREQS = ("DAILY", "WEEKLY", "MONTHLY", "YEARLY")
+RULE_EXAMPLE = '"FREQ=WEEKLY;BYDAY=WE" or "every Wednesday at 17:00"'
+
+
+# --------------------------------------------------------------------------- times and zones
+
+
+def get_zone(name: str) -> ZoneInfo:
+    """Return the IANA zone ``name``; ValueError with a readable message if there is none."""
+    if not isinstance(name, str) or not name or name != name.strip():
+        raise ValueError(f"{name!r} is not an IANA time zone (e.g. 'Europe/London')")
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        raise ValueError(f"{name!r} is not an IANA time zone (e.g. 'Europe/London')") from None
+
+
+def localize(wall: datetime, zone: ZoneInfo) -> datetime:
+    """Attach ``zone`` to a naive wall-clock time as zoneinfo does by default (PEP 495, fold=0).
+
+    A time in a DST gap keeps the offset from before the gap, so it lands the gap's length later
+    on the wall clock; a repeated time means its first occurrence.
+    """
+    return wall.replace(tzinfo=zone, fold=0)
+
+
+def wall_clock_issue(wall: datetime, zone: ZoneInfo) -> str | None:
+    """Return "gap" when the naive ``wall`` time does not exist in ``zone``, "overlap" when it
+    exists twice, else None."""
+    first = wall.replace(tzinfo=zone, fold=0)
+    second = wall.replace(tzinfo=zone, fold=1)
+    if first.utcoffset() == second.utcoffset():
+        return None
+    # In a gap the round trip through UTC does not come back to the same wall clock.
+    back = first.astimezone(UTC).astimezone(zone).replace(tzinfo=None)
+    return "gap" if back != wall else "overlap"
+
+
+def describe_wall_clock_issue(wall: datetime, zone: ZoneInfo) -> str | None:
+    """A one-line explanation of a gap or overlap at ``wall`` in ``zone`` (None when neither)."""
+    issue = wall_clock_issue(wall, zone)
+    if issue is None:
+        return None
+    moment = localize(wall, zone)
+    shown = moment.astimezone(zone)
+    if issue == "gap":
+        return (
+            f"{wall:%Y-%m-%d %H:%M} does not exist in {zone.key} (DST gap): "
+            f"it is taken as {shown:%H:%M %Z} ({format_utc(moment)})"
+        )
+    return (
+        f"{wall:%Y-%m-%d %H:%M} happens twice in {zone.key} (DST overlap): "
+        f"the first one is taken ({shown:%H:%M %Z}, {format_utc(moment)})"
+    )
+
+
+_DESIRED_RE = re.compile(
+    r"(?P<date>\d{4}-\d{2}-\d{2})[T ](?P<h>\d{2}):(?P<m>\d{2})(?::(?P<s>\d{2}))?"
+    r"(?P<tz>Z|[+-]\d{2}:?\d{2})?"
+)
+
+
+@dataclass(frozen=True)
+class DesiredTime:
+    """A parsed ``desired_time``: the wall clock in the entry's zone, and whether an explicit
+    offset pinned it to an absolute instant."""
+
+    wall: datetime  # naive wall-clock time in the entry's zone
+    moment: datetime  # aware, in the entry's zone
+    explicit_offset: bool
+
+
+def parse_desired_time(text: Any, zone: ZoneInfo) -> DesiredTime:
+    """Parse ``"YYYY-MM-DD HH:MM"`` (seconds and an explicit offset or ``Z`` optional).
+
+    Without an offset the value is a wall-clock time in ``zone``; with one it is that instant,
+    whose wall clock in ``zone`` is then used. ValueError names what was expected.
+    """
+    expected = "expected 'YYYY-MM-DD HH:MM' (e.g. '2026-12-02 17:00')"
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a string; {expected}")
+    match = _DESIRED_RE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a date and time; {expected}")
+    try:
+        wall = datetime.fromisoformat(
+            f"{match['date']}T{match['h']}:{match['m']}:{match['s'] or '00'}"
+        )
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a real date and time ({exc}); {expected}") from None
+    tz = match["tz"]
+    if tz is None:
+        return DesiredTime(wall=wall, moment=localize(wall, zone), explicit_offset=False)
+    try:
+        aware = datetime.fromisoformat(wall.isoformat() + ("+00:00" if tz == "Z" else tz))
+    except ValueError:
+        raise ValueError(f"{text!r} has an invalid UTC offset {tz!r}; {expected}") from None
+    moment = aware.astimezone(zone)
+    return DesiredTime(wall=moment.replace(tzinfo=None), moment=moment, explicit_offset=True)
+
+
+def format_utc(moment: datetime) -> str:
+    """``YYYY-MM-DDTHH:MM:SSZ`` for an aware datetime."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def format_offset(moment: datetime, zone: ZoneInfo) -> str:
+    """``YYYY-MM-DDTHH:MM:SS+HH:MM``: ``moment`` written with ``zone``'s actual offset then."""
+    return moment.astimezone(zone).isoformat(timespec="seconds")
+
+
+def format_local(moment: datetime, zone: ZoneInfo) -> str:
+    """A person's reading of ``moment`` in ``zone``: ``Wed 2026-12-02 17:00 GMT``."""
+    return moment.astimezone(zone).strftime("%a %Y-%m-%d %H:%M %Z")
+
+
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` as an aware UTC datetime (naive values are taken to be UTC already)."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
+
+
+def instance_key(schedule_id: str, desired: datetime) -> str:
+    """The stable key of one booking: ``<schedule id>@<desired start UTC>``."""
+    return f"{schedule_id}@{format_utc(desired)}"
+
+
+def derive_schedule_id(entry_type: Any, desired_time: Any, rule: Any, timezone: Any) -> str:
+    """An id for an entry without one, from the fields that define *when* it books only, so
+    that editing its court or token keeps its identity."""
+    material = json.dumps([entry_type, desired_time, rule, timezone], sort_keys=True, default=str)
+    return "auto-" + hashlib.sha256(material.encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- booking window
+
+
+@dataclass(frozen=True)
+class Window:
+    """How long before the desired start the club opens bookings."""
+
+    amount: float
+    unit: str  # "h": absolute hours; "d": calendar days at the same wall-clock time
+
+    def __str__(self) -> str:
+        amount = int(self.amount) if float(self.amount).is_integer() else self.amount
+        return f"{amount}{self.unit}"
+
+
+def parse_window(text: str) -> Window:
+    """Parse ``BOOKING_WINDOW``: ``<N>h`` (N >= 0, decimals allowed) or ``<N>d`` (integer N)."""
+    value = text.strip().lower()
+    hours = re.fullmatch(r"(\d+(?:\.\d+)?)h", value)
+    if hours:
+        return Window(float(hours[1]), "h")
+    days = re.fullmatch(r"(\d+)d", value)
+    if days:
+        return Window(int(days[1]), "d")
+    raise ValueError(
+        f"BOOKING_WINDOW: {text!r} is not a window; expected '<N>h' (hours, e.g. '168h' or "
+        "'47.5h') or '<N>d' (whole calendar days, e.g. '7d')"
+    )
+
+
+def trigger_time(desired: datetime, zone: ZoneInfo, window: Window) -> datetime:
+    """The instant the booking window opens for a start at ``desired``, in UTC.
+
+    Hours: exactly that many hours earlier. Days: the same wall-clock time in ``zone`` that many
+    calendar days earlier (a time that falls in a DST gap resolves as ``localize`` does).
+    """
+    if window.unit == "h":
+        return as_utc(desired) - timedelta(hours=window.amount)
+    wall = desired.astimezone(zone).replace(tzinfo=None) - timedelta(days=int(window.amount))
+    return as_utc(localize(wall, zone))
+
+
+# --------------------------------------------------------------------------- rules
+
+
+class RuleError(ValueError):
+    """A rule that cannot be used; the message says what was wrong and shows a valid example."""
+
+
+@dataclass(frozen=True)
+class ParsedRule:
+    """A recurring rule ready to expand in wall-clock time.
+
+    ``rfc`` is the RFC 5545 text it amounts to (``DTSTART`` and ``RRULE`` lines), ``zone_name``
+    the zone a ``DTSTART;TZID=`` named (None when it named none), ``english`` whether it came from
+    an English sentence.
+    """
+
+    rfc: str
+    start: datetime  # naive wall clock in the entry's zone
+    rule: du_rrule.rrule
+    zone_name: str | None
+    english: bool
+
+
+_DAYS = {
+    "mon": "MO",
+    "tue": "TU",
+    "wed": "WE",
+    "thu": "TH",
+    "fri": "FR",
+    "sat": "SA",
+    "sun": "SU",
+}
+_FULL_DAYS = {
+    "monday": "mon",
+    "tuesday": "tue",
+    "wednesday": "wed",
+    "thursday": "thu",
+    "friday": "fri",
+    "saturday": "sat",
+    "sunday": "sun",
+}
+_DAY_INDEX = {code: i for i, code in enumerate(["MO", "TU", "WE", "TH", "FR", "SA", "SU"])}
+_WEEKDAY_WORD = r"(?:mon|tue|wed|thu|fri|sat|sun)[a-z]*"
+_ENGLISH_RE = re.compile(
+    r"every\s+(?P<other>other\s+)?"
+    rf"(?P<days>day|{_WEEKDAY_WORD}(?:\s*(?:,|and|,\s*and)\s*{_WEEKDAY_WORD})*)"
+    r"\s+at\s+(?P<h>\d{1,2}):(?P<m>\d{2})"
+    r"(?:\s+starting\s+(?P<start>\d{4}-\d{2}-\d{2}))?"
+    r"(?:\s+until\s+(?P<until>\d{4}-\d{2}-\d{2}))?",
+    re.IGNORECASE,
+)
+_ENGLISH_EXAMPLE = (
+    "e.g. 'every Wednesday at 17:00', 'every other Friday at 10:00 starting 2025-08-03', "
+    "'every Tuesday and Thursday at 07:30 until 2026-06-30'"
+)
+
+
+def _weekday_code(word: str) -> str:
+    lowered = word.lower()
+    singular = lowered[:-1] if lowered.endswith("s") and lowered[:-1] in _FULL_DAYS else lowered
+    if singular in _FULL_DAYS:
+        return _DAYS[_FULL_DAYS[singular]]
+    if singular in _DAYS:
+        return _DAYS[singular]
+    raise RuleError(f"{word!r} is not a weekday; {_ENGLISH_EXAMPLE}")
+
+
+def _iso_date(text: str, what: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise RuleError(f"{what} {text!r} is not a real date (YYYY-MM-DD)") from None
+
+
+def parse_english_rule(text: str, *, start: date | None, today: date) -> ParsedRule:
+    """Turn an English sentence (CONTRACT section 4) into a rule.
+
+    ``start`` is the date of the entry's ``desired_time`` if it has one; ``today`` is today's date
+    in the entry's zone (the start of rules with neither ``starting`` nor ``desired_time``).
+    """
+    match = _ENGLISH_RE.fullmatch(" ".join(text.split()))
+    if not match:
+        raise RuleError(f"{text!r} is not an English rule I understand; {_ENGLISH_EXAMPLE}")
+    hour, minute = int(match["h"]), int(match["m"])
+    if hour > 23 or minute > 59:
+        raise RuleError(f"{match['h']}:{match['m']} in {text!r} is not a time of day (00:00-23:59)")
+    other = bool(match["other"])
+    if match["start"]:
+        first_date = _iso_date(match["start"], "starting")
+    elif start is not None:
+        first_date = start
+    elif other:
+        raise RuleError(
+            f"{text!r}: 'every other' needs a start date to count weeks from; add "
+            "'starting YYYY-MM-DD' (e.g. 'every other Friday at 10:00 starting 2025-08-03')"
+        )
+    else:
+        first_date = today
+    until_date = _iso_date(match["until"], "until") if match["until"] else None
+
+    days_text = match["days"].lower()
+    parts = ["FREQ=DAILY"] if days_text == "day" else ["FREQ=WEEKLY"]
+    if other:
+        parts.append("INTERVAL=2")
+    if days_text != "day":
+        words = re.split(r"\s*(?:,\s*and|,|and)\s*", days_text)
+        codes = sorted({_weekday_code(w) for w in words if w}, key=_DAY_INDEX.__getitem__)
+        # The first instance is the first matching day on or after the start date; weeks are
+        # counted in blocks of seven days beginning that day (WKST = its weekday).
+        offset = min((_DAY_INDEX[c] - first_date.weekday()) % 7 for c in codes)
+        first_date += timedelta(days=offset)
+        parts.append("BYDAY=" + ",".join(codes))
+        if other:
+            parts.append("WKST=" + ["MO", "TU", "WE", "TH", "FR", "SA", "SU"][first_date.weekday()])
+    if until_date is not None:
+        if until_date < first_date:
+            raise RuleError(f"{text!r}: until {until_date} is before the first day {first_date}")
+        parts.append(f"UNTIL={until_date:%Y%m%d}T235959")
+    dtstart = datetime.combine(first_date, time(hour, minute))
+    return _build_rule(";".join(parts), dtstart, None, english=True)
+
+
+_DTSTART_RE = re.compile(
+    r"DTSTART(?:;TZID=(?P<tzid>[^:;]+))?(?:;VALUE=DATE-TIME)?:(?P<value>\d{8}T\d{6})(?P<z>Z?)",
+    re.IGNORECASE,
+)
+
+
+def _rfc_parts(line: str) -> dict[str, str]:
+    parts: dict[str, str] = {}
+    for chunk in line.split(";"):
+        if not chunk:
+            continue
+        name, sep, value = chunk.partition("=")
+        if not sep or not value:
+            raise RuleError(f"{line!r} is not a valid rule: {chunk!r} is not NAME=VALUE")
+        parts[name.strip().upper()] = value.strip()
+    return parts
+
+
+def parse_rfc_rule(text: str, *, start: datetime | None, zone: ZoneInfo) -> ParsedRule:
+    """Parse an RFC 5545 rule (``RRULE:`` optional, optional ``DTSTART`` line first).
+
+    ``start`` is the entry's ``desired_time`` as a naive wall clock in ``zone`` (None when the
+    entry has none). A ``DTSTART;TZID=`` line's zone is returned in ``zone_name``: the caller checks
+    it against the entry's ``timezone``. Times are expanded in wall-clock time, never with offsets.
+    """
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", text.strip()) if ln.strip()]
+    dtstart_wall: datetime | None = None
+    zone_name: str | None = None
+    rule_lines: list[str] = []
+    for line in lines:
+        if line.upper().startswith("DTSTART"):
+            match = _DTSTART_RE.fullmatch(line)
+            if not match:
+                raise RuleError(
+                    f"{line!r} is not a DTSTART line; expected e.g. 'DTSTART:20260107T170000' or "
+                    "'DTSTART;TZID=Europe/London:20260107T170000'"
+                )
+            try:
+                value = datetime.strptime(match["value"], "%Y%m%dT%H%M%S")
+            except ValueError:
+                raise RuleError(
+                    f"{line!r}: {match['value']!r} is not a real date and time"
+                ) from None
+            if match["tzid"]:
+                zone_name = match["tzid"]
+                try:
+                    zone = get_zone(zone_name)
+                except ValueError as exc:
+                    raise RuleError(f"{line!r}: TZID {exc}") from None
+            if match["z"]:
+                value = value.replace(tzinfo=UTC).astimezone(zone).replace(tzinfo=None)
+            dtstart_wall = value
+        else:
+            rule_lines.append(line[6:] if line.upper().startswith("RRULE:") else line)
+    if len(rule_lines) != 1:
+        raise RuleError(
+            f"{text!r} must hold exactly one rule line (and optionally a DTSTART line); "
+            f"e.g. {RULE_EXAMPLE}"
+        )
+    rule_line = rule_lines[0]
+    parts = _rfc_parts(rule_line)
+    freq = parts.get("FREQ", "").upper()
+    if freq not in ALLOWED_FREQS:
+        shown = f"'FREQ={parts['FREQ']}'" if "FREQ" in parts else "no FREQ"
+        raise RuleError(
+            f"{rule_line!r} is not a valid rule ({shown}: FREQ must be one of "
+            f"{', '.join(ALLOWED_FREQS)}); e.g. {RULE_EXAMPLE}"
+        )
+    if "UNTIL" in parts and parts["UNTIL"].upper().endswith("Z"):
+        # dateutil wants UNTIL in UTC only for aware starts; we expand in naive wall-clock
+        # time, so an absolute UNTIL becomes the wall clock of that instant in the zone.
+        try:
+            until = datetime.strptime(parts["UNTIL"].upper(), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        except ValueError:
+            raise RuleError(f"{rule_line!r}: UNTIL {parts['UNTIL']!r} is not a date-time") from None
+        parts["UNTIL"] = until.astimezone(zone).strftime("%Y%m%dT%H%M%S")
+    if "COUNT" in parts and "UNTIL" in parts:
+        raise RuleError(f"{rule_line!r}: COUNT and UNTIL cannot both be given (RFC 5545)")
+    if dtstart_wall is None:
+        if start is None:
+            raise RuleError(
+                f"{rule_line!r} has no start: add a 'desired_time' (the first possible date and "
+                "time of day) or a DTSTART line"
+            )
+        dtstart_wall = start
+    elif start is not None and start != dtstart_wall:
+        raise RuleError(
+            f"DTSTART {dtstart_wall:%Y-%m-%d %H:%M} and desired_time {start:%Y-%m-%d %H:%M} "
+            "disagree; give the start once"
+        )
+    normalized = ";".join(f"{k}={v}" for k, v in parts.items())
+    return _build_rule(normalized, dtstart_wall, zone_name, english=False)
+
+
+def _build_rule(
+    rule_line: str, dtstart: datetime, zone_name: str | None, *, english: bool
+) -> ParsedRule:
+    try:
+        rule = du_rrule.rrulestr(rule_line, dtstart=dtstart)
+    except (ValueError, TypeError) as exc:
+        raise RuleError(f"{rule_line!r} is not a valid rule ({exc}); e.g. {RULE_EXAMPLE}") from None
+    if not isinstance(rule, du_rrule.rrule):
+        raise RuleError(f"{rule_line!r} must be a single rule; e.g. {RULE_EXAMPLE}")
+    tzid = f";TZID={zone_name}" if zone_name else ""
+    rfc = f"DTSTART{tzid}:{dtstart:%Y%m%dT%H%M%S}\nRRULE:{rule_line}"
+    return ParsedRule(rfc=rfc, start=dtstart, rule=rule, zone_name=zone_name, english=english)
+
+
+def is_english_rule(text: str) -> bool:
+    """True when ``text`` reads as an English rule rather than RFC 5545."""
+    return text.strip().lower().startswith("every")
+
+
+def expand_rule_walls(
+    rule: du_rrule.rrule, zone: ZoneInfo, after: datetime, limit: int = INSTANCES_PER_RULE
+) -> list[tuple[datetime, datetime]]:
+    """The next ``limit`` starts strictly after ``after``: pairs of (the rule's naive wall
+    clock, the aware instant in ``zone``).
+
+    The rule runs in naive wall-clock time; each occurrence is then localized (fold=0), so 17:00
+    stays 17:00 across DST. Two wall-clock times that land on the same instant (a gap) give one.
+    """
+    results: list[tuple[datetime, datetime]] = []
+    # Start a day early in wall-clock terms: offsets never exceed a day, so nothing is skipped.
+    wall_after = after.astimezone(zone).replace(tzinfo=None) - timedelta(days=1)
+    for wall in rule.xafter(wall_after, inc=True):
+        moment = localize(wall, zone)
+        if moment <= after or (results and moment <= results[-1][1]):
+            continue
+        results.append((wall, moment))
+        if len(results) >= limit:
+            break
+    return results
+
+
+def expand_rule(
+    rule: du_rrule.rrule, zone: ZoneInfo, after: datetime, limit: int = INSTANCES_PER_RULE
+) -> list[datetime]:
+    """The next ``limit`` starts strictly after ``after``, aware in ``zone`` (see above)."""
+    return [moment for _, moment in expand_rule_walls(rule, zone, after, limit)]
+
+
+# --------------------------------------------------------------------------- backoff
+
+
+def backoff_delays(base: float, attempts: int = 3) -> list[float]:
+    """Waits between ``attempts`` requests: base, 2 x base, 4 x base, ..."""
+    return [base * (2**i) for i in range(max(attempts - 1, 0))]
+
+
+def parse_retry_after(value: str | None, now: datetime) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), capped at
+    30 s; None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"\d+(\.\d+)?", value):
+        seconds = float(value)
+    else:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = (as_utc(when) - as_utc(now)).total_seconds()
+    return min(max(seconds, 0.0), RETRY_AFTER_CAP_SECONDS)
+
+
+# --------------------------------------------------------------------------- Fernet
+
+
+class KeyError_(ValueError):
+    """``FERNET_KEY`` is missing or malformed; the message never holds the key."""
+
+
+def load_fernet(keys: str | None) -> MultiFernet:
+    """A MultiFernet from ``FERNET_KEY`` (comma-separated: the first encrypts, all decrypt)."""
+    fix = "generate one with `python main.py generate-key`"
+    if not keys or not keys.strip():
+        raise KeyError_(f"FERNET_KEY is not set; {fix}")
+    fernets: list[Fernet] = []
+    for index, key in enumerate(k.strip() for k in keys.split(",")):
+        try:
+            fernets.append(Fernet(key.encode()))
+        except (ValueError, binascii.Error):
+            raise KeyError_(
+                f"FERNET_KEY: key #{index + 1} is not a Fernet key (32 url-safe base64-encoded "
+                f"bytes); {fix}"
+            ) from None
+    return MultiFernet(fernets)
+
+
+def looks_like_fernet(value: str) -> bool:
+    """True when ``value`` has the shape of a Fernet token (``gAAAAA...``)."""
+    if not FERNET_SHAPE_RE.fullmatch(value):
+        return False
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        return False
+    return len(raw) >= 57 and raw[0] == 0x80
+
+
+def decrypt_token(fernet: MultiFernet, value: str) -> str | None:
+    """The plaintext of an encrypted token, or None when no key decrypts it."""
+    try:
+        return fernet.decrypt(value.encode()).decode()
+    except (InvalidToken, UnicodeDecodeError, ValueError):
+        return None
+
+
+def encrypted_under_first_key(fernet: MultiFernet, value: str) -> bool:
+    """True when ``value`` decrypts under the first (encrypting) key."""
+    first: Fernet = fernet._fernets[0]  # MultiFernet keeps its keys in order
+    try:
+        first.decrypt(value.encode())
+    except (InvalidToken, ValueError):
+        return False
+    return True
+
+
+def mask_secret(value: str) -> str:
+    """A stand-in for a secret in printed output."""
+    return "***" if value else ""
+
+
+def unique(items: Iterable[str]) -> list[str]:
+    """``items`` in order, without repeats."""
+    return list(dict.fromkeys(items))
+
+
+def court_list(value: Any) -> list[str | None]:
+    """The courts to try, in order, from a validated ``court_id`` (None means any court)."""
+    if value is None:
+        return [None]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def courts_text(courts: Sequence[str | None]) -> str:
+    """How a list of courts reads in status output and notifications."""
+    if courts == [None] or not courts:
+        return "any"
+    return ", ".join(c if c is not None else "any" for c in courts)
