@@ -220,10 +220,11 @@ def _club_says(answer: Answer, secret: str) -> str:
         for name in ("error", "message", "detail", "reason"):
             value = body.get(name)
             if isinstance(value, str) and value.strip():
-                snippet = value.strip()[:200]
+                snippet = value.strip()
+                # Scrub before cutting: a cut through the token would let its start through.
                 if secret:
                     snippet = snippet.replace(secret, "***")
-                return f"{text}: {snippet}"
+                return f"{text}: {snippet[:200]}"
     return text
 
 

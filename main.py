@@ -175,6 +175,7 @@ class Daemon:
         self._locks: list[DirLock] = []
         self._signals_r: socket.socket | None = None
         self._signals_w: socket.socket | None = None
+        self._running = False
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -222,8 +223,7 @@ class Daemon:
         except NotifyConfigError as exc:
             logger.error("notifications: %s; email and channels are off until it is fixed", exc)
             notify_settings = NotifySettings.from_env({})
-        for problem in validate_notify_urls(notify_settings.urls):
-            logger.error("NOTIFY_URLS: %s; that channel is skipped", problem)
+        # The notifier logs (masked) and skips each invalid NOTIFY_URLS channel itself.
         self.notifier = Notifier(notify_settings)
         self.notifier.start()
         self.ctx = bot.BookingContext(
@@ -257,6 +257,7 @@ class Daemon:
         self.load(reason="start")
         self.scheduler.start()
         write_private(settings.pid_path, f"{os.getpid()}\n")
+        self._running = True
         self.heartbeat()
         self.log_summary()
 
@@ -440,7 +441,8 @@ class Daemon:
         with contextlib.suppress(FileNotFoundError):
             self.settings.pid_path.unlink()
         self.release_locks()
-        logger.info("courtbot stopped")
+        if self._running:
+            logger.info("courtbot stopped")
 
 
 def _record_signal(signum: int, frame: Any) -> None:

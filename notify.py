@@ -254,36 +254,30 @@ def _looks_like_host(text: str) -> bool:
 def validate_notify_urls(urls: Sequence[str]) -> list[str]:
     """Check Apprise URLs without sending anything.
 
-    Returns one error message per invalid URL (the URL masked), or [] when all are valid.
-    Imports apprise only when there is a URL to check.
+    Returns one error message per invalid URL (the URL masked; the caller adds the
+    `NOTIFY_URLS: ` prefix), or [] when all are valid. Imports apprise only when there is a URL
+    to check.
     """
     if not urls:
         return []
     try:
         import apprise  # noqa: PLC0415 -- optional and slow: loaded only when URLs are in use
     except ImportError:
-        return [
-            f"NOTIFY_URLS: {_fallback_mask(url)!r} cannot be used: apprise is not installed"
-            for url in urls
-        ]
+        return [f"{_fallback_mask(url)!r} cannot be used: apprise is not installed" for url in urls]
     errors: list[str] = []
     services = apprise.NotificationManager()
     for url in urls:
         match = _SCHEME_RE.match(url)
         if match is None:
-            errors.append(
-                f"NOTIFY_URLS: {_fallback_mask(url)!r} is not a URL (expected scheme://...)"
-            )
+            errors.append(f"{_fallback_mask(url)!r} is not a URL (expected scheme://...)")
             continue
         scheme = match.group(1).lower()
         if scheme not in services:
-            errors.append(
-                f"NOTIFY_URLS: {_fallback_mask(url)!r}: {scheme}:// is not an Apprise service"
-            )
+            errors.append(f"{_fallback_mask(url)!r}: {scheme}:// is not an Apprise service")
             continue
         if apprise.Apprise.instantiate(url) is None:
             errors.append(
-                f"NOTIFY_URLS: {_fallback_mask(url)!r} is not a valid {scheme}:// URL "
+                f"{_fallback_mask(url)!r} is not a valid {scheme}:// URL "
                 "(see Apprise's documentation for this service)"
             )
     return errors
@@ -292,11 +286,17 @@ def validate_notify_urls(urls: Sequence[str]) -> list[str]:
 # --- What the reports say -----------------------------------------------------------------------
 
 
+def _aware(moment: datetime) -> datetime:
+    """`moment` as an aware datetime; a naive one is taken as UTC (how the database keeps times)."""
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
 def _local_start(outcome: Outcome) -> datetime:
+    start = _aware(outcome.desired_start)
     try:
-        return outcome.desired_start.astimezone(ZoneInfo(outcome.timezone))
+        return start.astimezone(ZoneInfo(outcome.timezone))
     except (ZoneInfoNotFoundError, ValueError):
-        return outcome.desired_start
+        return start
 
 
 def _when(outcome: Outcome) -> str:
@@ -306,7 +306,7 @@ def _when(outcome: Outcome) -> str:
 
 
 def _utc(moment: datetime) -> str:
-    return f"{moment.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
+    return f"{_aware(moment).astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC"
 
 
 def _court_phrase(court: str | None) -> str:
@@ -367,7 +367,7 @@ def _facts(outcome: Outcome) -> list[str]:
 def _advice(outcome: Outcome, now: datetime, count: int = 1) -> list[str]:
     if outcome.status == BOOKED:
         return ["A calendar entry is attached (booking.ics)."]
-    if outcome.status == FAILED and outcome.desired_start > now:
+    if outcome.status == FAILED and _aware(outcome.desired_start) > _aware(now):
         return [
             "What to do: the start is still ahead. Book by hand with the club, or let courtbot",
             "try again (at once if the booking window is open):",
@@ -423,7 +423,7 @@ def _channel_line(outcome: Outcome, now: datetime) -> str:
         return line + (f" Ref {outcome.booking_ref}." if outcome.booking_ref else "")
     if reason:
         line += f" Reason: {reason}"
-    if outcome.status == FAILED and outcome.desired_start > now:
+    if outcome.status == FAILED and _aware(outcome.desired_start) > _aware(now):
         line += f" Retry: python main.py retry {outcome.key}"
     return line
 
@@ -464,7 +464,7 @@ def _ics_text(value: str) -> str:
 
 
 def _ics_stamp(moment: datetime) -> str:
-    return f"{moment.astimezone(UTC):%Y%m%dT%H%M%SZ}"
+    return f"{_aware(moment).astimezone(UTC):%Y%m%dT%H%M%SZ}"
 
 
 def _ics_fold(line: str) -> str:
@@ -487,7 +487,7 @@ def calendar_entry(outcome: Outcome, now: datetime) -> bytes:
 
     Returns the file's bytes, UTF-8; its UID is the instance key, so a re-sent entry updates.
     """
-    start = outcome.desired_start.astimezone(UTC)
+    start = _aware(outcome.desired_start).astimezone(UTC)
     end = start + timedelta(minutes=outcome.duration_minutes)
     description = (
         f"Booking reference: {outcome.booking_ref or '-'}\n"

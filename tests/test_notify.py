@@ -688,6 +688,18 @@ def test_subject_for(status: str, court: str | None, expected: str) -> None:
     assert subject_for(make_outcome(status, court=court)) == expected + when
 
 
+def test_naive_times_are_taken_as_utc() -> None:
+    outcome = make_outcome(
+        "failed",
+        desired_start=datetime(2026, 12, 2, 17, 0),
+        trigger_time=datetime(2026, 11, 25, 17, 0),
+    )
+    assert subject_for(outcome).endswith("Wed 2026-12-02 17:00 (Europe/London)")
+    body = notify._email_body([outcome], BEFORE_START)
+    assert "2026-11-25 17:00:00 UTC" in body
+    assert f"python main.py retry {KEY}" in body
+
+
 def test_subject_uses_the_entry_zone_even_for_a_utc_start() -> None:
     outcome = make_outcome(desired_start=datetime(2026, 7, 1, 16, 0, tzinfo=UTC))
     assert subject_for(outcome).endswith("Wed 2026-07-01 17:00 (Europe/London)")
@@ -887,10 +899,9 @@ def test_validate_notify_urls_reports_each_bad_url() -> None:
         ["json://127.0.0.1/ok", "json://", "nosuch://user:s3cretpw@host.example.org/", "oops"]
     )
     assert errors == [
-        "NOTIFY_URLS: 'json://' is not a valid json:// URL "
-        "(see Apprise's documentation for this service)",
-        "NOTIFY_URLS: 'nosuch://host.example.org/****': nosuch:// is not an Apprise service",
-        "NOTIFY_URLS: '****' is not a URL (expected scheme://...)",
+        "'json://' is not a valid json:// URL (see Apprise's documentation for this service)",
+        "'nosuch://host.example.org/****': nosuch:// is not an Apprise service",
+        "'****' is not a URL (expected scheme://...)",
     ]
 
 

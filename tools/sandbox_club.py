@@ -184,7 +184,7 @@ class _Stored:
     answer: _Answer
 
 
-class _ClientError(Exception):
+class _ClientError(ValueError):
     """A request the club refuses before looking at slots: bad body, wrong content type."""
 
     def __init__(self, status: int, message: str) -> None:

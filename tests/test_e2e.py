@@ -1,0 +1,354 @@
+"""End to end: the real daemon in a subprocess, the sandbox club on 127.0.0.1, real signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+from daemon_harness import DaemonProcess, cli, desired_for_trigger_in, iso_z, status, wait_until
+from tools.sandbox_club import SandboxClub
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "tok-e2e-5f1c9a"
+
+
+@pytest.fixture
+def club() -> Iterator[SandboxClub]:
+    with SandboxClub(tokens=(TOKEN,)) as running:
+        yield running
+
+
+@pytest.fixture
+def e2e_env(tmp_path: Path, club: SandboxClub) -> dict[str, str]:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tokens.json").write_text(json.dumps({"default": TOKEN}))
+    return {
+        "PATH": "/usr/bin:/bin",
+        "FERNET_KEY": Fernet.generate_key().decode(),
+        "BOOKING_API_URL": club.url,
+        "DATA_DIR": str(data),
+        "LOG_FILE": str(data / "bot.log"),
+        "RETRY_BASE_SECONDS": "0.05",
+        "HTTP_TIMEOUT_SECONDS": "2",
+        "RELOAD_INTERVAL_SECONDS": "60",
+    }
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def make(env: dict[str, str], *args: str) -> DaemonProcess:
+        daemon = DaemonProcess(env, Path(env["DATA_DIR"]), tmp_path / f"daemon{len(started)}.out")
+        started.append(daemon.start(*args))
+        return daemon
+
+    yield make
+    for daemon in started:
+        daemon.cleanup()
+
+
+def schedules(env: dict[str, str], entries: list[dict[str, object]]) -> None:
+    (Path(env["DATA_DIR"]) / "schedules.json").write_text(json.dumps(entries))
+
+
+def db_rows(env: dict[str, str]) -> dict[str, tuple[str, int]]:
+    """key -> (status, attempts), read straight from the database file."""
+    path = Path(env["DATA_DIR"]) / "db.sqlite"
+    if not path.exists():
+        return {}
+    with sqlite3.connect(path, timeout=10) as conn:
+        try:
+            rows = conn.execute("SELECT key, status, attempts FROM schedules").fetchall()
+        except sqlite3.OperationalError:
+            return {}
+    return {key: (state, attempts) for key, state, attempts in rows}
+
+
+def status_of(env: dict[str, str], key: str) -> str | None:
+    row = db_rows(env).get(key)
+    return row[0] if row else None
+
+
+def one_off(entry_id: str, desired: datetime, court: object = 3) -> dict[str, object]:
+    return {"id": entry_id, "type": "one-off", "desired_time": iso_z(desired), "court_id": court}
+
+
+def test_books_at_the_trigger_exactly_once(
+    e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
+) -> None:
+    desired = desired_for_trigger_in(4)
+    trigger = desired - timedelta(hours=168)
+    schedules(e2e_env, [one_off("wed", desired)])
+    daemon = spawn(e2e_env)
+    daemon.wait_ready()
+    key = f"wed@{iso_z(desired)}"
+    assert status_of(e2e_env, key) == "pending"
+    assert wait_until(lambda: status_of(e2e_env, key) == "booked", 15), daemon.output()
+
+    assert len(club.received) == 1
+    request = club.received[0]
+    late_ms = (request.arrived - trigger.timestamp()) * 1000
+    assert 0 <= late_ms <= 250, f"arrived {late_ms:.1f} ms after the trigger"
+    assert request.idempotency_key == key
+    assert request.court_id == "3"
+    assert club.bookings_per_key() == {key: 1}
+    row = next(r for r in status(e2e_env) if r["key"] == key)
+    assert row["status"] == "booked"
+    assert row["booking_ref"] == club.bookings[0].id
+    assert row["attempts"] == 1
+    assert daemon.stop() == 0
+    assert not (Path(e2e_env["DATA_DIR"]) / "bot.pid").exists()
+    log = (Path(e2e_env["DATA_DIR"]) / "bot.log").read_text()
+    assert key in log
+    assert TOKEN not in log + daemon.output()
+
+
+def test_window_already_open_books_at_once_and_token_file_is_encrypted(
+    e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
+) -> None:
+    desired = (datetime.now(UTC) + timedelta(hours=30)).replace(microsecond=0)
+    schedules(e2e_env, [one_off("soon", desired, court=None)])
+    daemon = spawn(e2e_env)
+    daemon.wait_ready()
+    key = f"soon@{iso_z(desired)}"
+    assert wait_until(lambda: status_of(e2e_env, key) == "booked", 10), daemon.output()
+    assert club.received[0].court_id is None
+    tokens_path = Path(e2e_env["DATA_DIR"]) / "tokens.json"
+    stored = json.loads(tokens_path.read_text())
+    assert stored["default"].startswith("gAAAAA")
+    assert TOKEN not in tokens_path.read_text()
+    assert tokens_path.stat().st_mode & 0o777 == 0o600
+    assert (Path(e2e_env["DATA_DIR"]) / "db.sqlite").stat().st_mode & 0o777 == 0o600
+    assert daemon.stop() == 0
+
+
+def test_sighup_reloads_and_a_bad_file_keeps_the_last_good_state(
+    e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
+) -> None:
+    far = desired_for_trigger_in(3600)
+    schedules(e2e_env, [one_off("a", far)])
+    daemon = spawn(e2e_env)
+    daemon.wait_ready()
+    key_a = f"a@{iso_z(far)}"
+    assert status_of(e2e_env, key_a) == "pending"
+
+    later = desired_for_trigger_in(7200)
+    schedules(e2e_env, [one_off("a", far), one_off("b", later)])
+    daemon.signal(signal.SIGHUP)
+    key_b = f"b@{iso_z(later)}"
+    assert wait_until(lambda: status_of(e2e_env, key_b) == "pending", 5), daemon.output()
+
+    (Path(e2e_env["DATA_DIR"]) / "schedules.json").write_text("[{not json")
+    daemon.signal(signal.SIGHUP)
+    assert wait_until(lambda: "not valid JSON" in daemon.output(), 5), daemon.output()
+    assert status_of(e2e_env, key_a) == "pending"
+    assert status_of(e2e_env, key_b) == "pending"
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+    # Removing an entry cancels its pending instance.
+    schedules(e2e_env, [one_off("a", far)])
+    assert cli(e2e_env, "reload").returncode == 0
+    assert wait_until(lambda: status_of(e2e_env, key_b) == "cancelled", 5), daemon.output()
+    assert daemon.stop() == 0
+    assert club.received == []
+
+
+def test_changed_file_is_reloaded_without_a_signal(
+    e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
+) -> None:
+    env = dict(e2e_env, RELOAD_INTERVAL_SECONDS="0.2")
+    schedules(env, [])
+    daemon = spawn(env)
+    daemon.wait_ready()
+    desired = desired_for_trigger_in(3)
+    schedules(env, [one_off("late-add", desired)])
+    key = f"late-add@{iso_z(desired)}"
+    assert wait_until(lambda: status_of(env, key) is not None, 5), daemon.output()
+    assert wait_until(lambda: status_of(env, key) == "booked", 10), daemon.output()
+    trigger = desired - timedelta(hours=168)
+    assert club.received[0].arrived >= trigger.timestamp()
+    assert daemon.stop() == 0
+
+
+def test_second_daemon_on_the_same_data_dir_exits_2(
+    e2e_env: dict[str, str], spawn: Callable[..., DaemonProcess]
+) -> None:
+    schedules(e2e_env, [])
+    first = spawn(e2e_env)
+    first.wait_ready()
+    second = spawn(e2e_env)
+    assert second.wait(20) == 2
+    out = second.output().strip().splitlines()
+    assert len(out) == 1, out
+    assert "another courtbot daemon already holds" in out[0]
+    assert first.proc is not None and first.proc.poll() is None
+    assert first.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("drop", "extra", "needle"),
+    [
+        ("FERNET_KEY", {}, "FERNET_KEY is not set"),
+        ("", {"FERNET_KEY": "not-a-key"}, "FERNET_KEY: key #1 is not a Fernet key"),
+        ("BOOKING_API_URL", {}, "BOOKING_API_URL is not set"),
+        ("", {"BOOKING_WINDOW": "7 days"}, "BOOKING_WINDOW: '7 days' is not a window"),
+    ],
+)
+def test_cannot_start_exits_2_with_one_line(
+    e2e_env: dict[str, str],
+    spawn: Callable[..., DaemonProcess],
+    drop: str,
+    extra: dict[str, str],
+    needle: str,
+) -> None:
+    env = {k: v for k, v in e2e_env.items() if k != drop} | extra
+    daemon = spawn(env)
+    assert daemon.wait(20) == 2
+    lines = daemon.output().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert needle in lines[0]
+    assert not (Path(env["DATA_DIR"]) / "bot.pid").exists()
+
+
+def test_invalid_schedules_at_start_do_not_stop_the_daemon(
+    e2e_env: dict[str, str], spawn: Callable[..., DaemonProcess]
+) -> None:
+    good = desired_for_trigger_in(3600)
+    schedules(e2e_env, [one_off("good", good), {"id": "bad", "type": "one-off", "cour_id": 3}])
+    daemon = spawn(e2e_env)
+    daemon.wait_ready()
+    assert status_of(e2e_env, f"good@{iso_z(good)}") == "pending"
+    assert "schedules.json entry 'bad' (#2): cour_id: unknown key" in daemon.output()
+    assert daemon.stop() == 0
+
+
+def test_kill9_before_the_trigger_then_restart_books_once(
+    e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
+) -> None:
+    desired = desired_for_trigger_in(6)
+    schedules(e2e_env, [one_off("crash", desired)])
+    first = spawn(e2e_env)
+    first.wait_ready()
+    first.kill9()
+    restarted = spawn(e2e_env)
+    restarted.wait_ready()
+    key = f"crash@{iso_z(desired)}"
+    assert wait_until(lambda: status_of(e2e_env, key) == "booked", 15), restarted.output()
+    assert club.bookings_per_key() == {key: 1}
+    assert len(club.received) == 1
+    assert restarted.stop() == 0
+
+
+def test_down_across_the_trigger_books_at_restart(
+    e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
+) -> None:
+    desired = desired_for_trigger_in(3)
+    schedules(e2e_env, [one_off("downtime", desired)])
+    first = spawn(e2e_env)
+    first.wait_ready()
+    assert first.stop() == 0
+    trigger = desired - timedelta(hours=168)
+    assert wait_until(lambda: datetime.now(UTC) > trigger + timedelta(seconds=0.5), 10)
+    restarted = spawn(e2e_env)
+    restarted.wait_ready()
+    key = f"downtime@{iso_z(desired)}"
+    assert wait_until(lambda: status_of(e2e_env, key) == "booked", 10), restarted.output()
+    assert club.bookings_per_key() == {key: 1}
+    assert restarted.stop() == 0
+
+
+def test_down_past_the_start_is_expired(
+    e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
+) -> None:
+    # A window of 0.0015 h (5.4 s): the trigger is a few seconds ahead, the start just after.
+    env = dict(e2e_env, BOOKING_WINDOW="0.0015h")
+    desired = (datetime.now(UTC) + timedelta(seconds=8)).replace(microsecond=0)
+    schedules(env, [one_off("gone", desired)])
+    first = spawn(env)
+    first.wait_ready()
+    key = f"gone@{iso_z(desired)}"
+    assert first.stop() == 0
+    assert status_of(env, key) == "pending"
+    assert wait_until(lambda: datetime.now(UTC) > desired + timedelta(seconds=0.2), 15)
+    restarted = spawn(env)
+    restarted.wait_ready()
+    assert status_of(env, key) == "expired"
+    row = next(r for r in status(env) if r["key"] == key)
+    assert "not running" in row["last_error"]
+    assert f"expired {key}" in restarted.output()
+    assert club.received == []
+    assert restarted.stop() == 0
+
+
+def test_sigterm_between_retries_puts_it_back_to_pending(
+    e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
+) -> None:
+    env = dict(e2e_env, RETRY_BASE_SECONDS="30")
+    club.fault("status", count=10, status=503)
+    desired = (datetime.now(UTC) + timedelta(hours=100)).replace(microsecond=0)
+    schedules(env, [one_off("busy", desired)])
+    daemon = spawn(env)
+    daemon.wait_ready()
+    assert wait_until(lambda: len(club.received) == 1, 10), daemon.output()
+    assert daemon.stop(timeout=10) == 0
+    key = f"busy@{iso_z(desired)}"
+    assert status_of(env, key) == "pending"
+
+
+def test_kill9_with_a_request_in_flight_is_retried_with_the_same_key(
+    e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
+) -> None:
+    env = dict(e2e_env, HTTP_TIMEOUT_SECONDS="30")
+    club.fault("hang", seconds=30)
+    desired = (datetime.now(UTC) + timedelta(hours=100)).replace(microsecond=0)
+    schedules(env, [one_off("inflight", desired)])
+    first = spawn(env)
+    first.wait_ready()
+    key = f"inflight@{iso_z(desired)}"
+    assert wait_until(lambda: len(club.received) == 1, 10), first.output()
+    assert status_of(env, key) == "booking"
+    first.kill9()
+    restarted = spawn(env)
+    restarted.wait_ready()
+    assert wait_until(lambda: status_of(env, key) == "booked", 10), restarted.output()
+    keys = [r.idempotency_key for r in club.received]
+    assert keys == [key, key]
+    assert club.bookings_per_key()[key] == 1
+    assert restarted.stop() == 0
+
+
+def test_retry_command_and_a_running_daemon_book_it_again(
+    e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
+) -> None:
+    club.fault("status", count=1, status=400)
+    desired = (datetime.now(UTC) + timedelta(hours=100)).replace(microsecond=0)
+    schedules(e2e_env, [one_off("again", desired)])
+    daemon = spawn(e2e_env)
+    daemon.wait_ready()
+    key = f"again@{iso_z(desired)}"
+    assert wait_until(lambda: status_of(e2e_env, key) == "failed", 10), daemon.output()
+    done = cli(e2e_env, "retry", "again")
+    assert done.returncode == 0, done.stderr
+    assert key in done.stdout
+    assert wait_until(lambda: status_of(e2e_env, key) == "booked", 10), daemon.output()
+    row = next(r for r in status(e2e_env) if r["key"] == key)
+    assert row["attempts"] == 1
+    assert row["last_error"] is None
+    assert cli(e2e_env, "retry", "again").returncode == 1
+    assert daemon.stop() == 0
+
+
+def test_reload_without_a_daemon_exits_1(e2e_env: dict[str, str]) -> None:
+    done = cli(e2e_env, "reload")
+    assert done.returncode == 1
+    assert "no daemon runs" in done.stderr
