@@ -181,19 +181,17 @@ def _maybe_sent(exc: Exception) -> bool:
 # --------------------------------------------------------------------------- answers
 
 
-def classify(answer: Answer, template: Any | None = None) -> Verdict:
+def classify(answer: Answer, template: utils.RequestTemplate | None = None) -> Verdict:
     """Read an answer: the template's matchers first (taken, rejected, booked), then the table
     of CONTRACT section 6."""
-    if template is not None:
-        matched = template.match(answer.status, answer.body)
-        if matched is not None:
-            ref = template.booking_ref(answer.json()) if matched == "booked" else None
-            return Verdict(matched, ref)
+    matched = template.match(answer.status, answer.body) if template is not None else None
+    if matched == "booked" or (matched is None and 200 <= answer.status < 300):
+        body = answer.json()
+        ref = template.booking_ref(body) if template is not None else None
+        return Verdict("booked", ref if ref is not None else _default_ref(body))
+    if matched is not None:
+        return Verdict(matched)
     status = answer.status
-    if 200 <= status < 300:
-        if template is not None:
-            return Verdict("booked", template.booking_ref(answer.json()))
-        return Verdict("booked", _default_ref(answer.json()))
     if status == 409:
         return Verdict("taken")
     if status in (401, 403):
@@ -231,25 +229,6 @@ def _club_says(answer: Answer, secret: str) -> str:
 # --------------------------------------------------------------------------- the booking
 
 
-def default_request(row: Instance, token: str, court: str | None, *, url: str) -> RequestSpec:
-    """The request of CONTRACT section 6 for one instance and court."""
-    zone = utils.get_zone(row.timezone)
-    start = row.desired_time
-    end = start + timedelta(minutes=row.duration_minutes)
-    body = {
-        "court_id": court,
-        "start": utils.format_offset(start, zone),
-        "end": utils.format_offset(end, zone),
-        "duration_minutes": row.duration_minutes,
-    }
-    headers = {
-        "Authorization": f"Bearer {token}",
-        "Content-Type": "application/json",
-        "User-Agent": USER_AGENT,
-    }
-    return RequestSpec("POST", url, headers, json.dumps(body).encode())
-
-
 def idempotency_key(row: Instance, court: str | None, several: bool) -> str:
     """The Idempotency-Key: the instance key, with ``#<court>`` when several are listed."""
     return f"{row.key}#{court if court is not None else ''}" if several else row.key
@@ -266,11 +245,24 @@ class BookingContext:
     retry_base: float
     stop: threading.Event
     notify: Callable[[Outcome], None]
-    template: Any | None = None  # a loaded request template (CONTRACT section 11)
+    #: BOOKING_REQUEST_TEMPLATE (CONTRACT section 11); None: the request of section 6.
+    template: utils.RequestTemplate | None = None
     on_booked: Callable[[str], None] | None = None
     clock: Callable[[], float] = time.time
     in_flight: set[str] = field(default_factory=set)
     in_flight_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def request_template(self) -> utils.RequestTemplate:
+        """The template requests are rendered from (section 6's own when none is set)."""
+        if self.template is not None:
+            return self.template
+        assert self.api_url is not None, "BOOKING_API_URL or a template with a url is needed"
+        if self._default is None or self._default[0] != self.api_url:
+            self._default = (self.api_url, utils.default_template(self.api_url))
+        return self._default[1]
+
+    _default: tuple[str, utils.RequestTemplate] | None = field(default=None, init=False, repr=False)
 
 
 def book_slot(key: str, ctx: BookingContext) -> str | None:
@@ -329,17 +321,19 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     token, token_problem = _token(ctx, row, token_row)
     if token_problem is not None:
         return _finish(ctx, key, FAILED, token_problem)
-    courts = json.loads(row.courts)
-    several = len(courts) > 1
-    first_url = _request(ctx, row, token, courts[0]).url
+    courts: list[str | None] = json.loads(row.courts)
+    # Everything is rendered before the trigger: only the send is left for the moment itself.
+    requests_by_court = [
+        (court, _request(ctx, row, token, court, len(courts) > 1)) for court in courts
+    ]
     trigger = row.trigger_time.timestamp()
     if ctx.clock() < trigger - 0.05:
-        ctx.client.warm(first_url)
+        ctx.client.warm(requests_by_court[0][1].url)
     if not _wait_until(ctx, trigger):
         _release(ctx, key)
         logger.info("booking %s: shutting down before its trigger; left pending", key)
         return None
-    return _attempt_courts(ctx, row, token, courts, several)
+    return _attempt_courts(ctx, row, token, requests_by_court)
 
 
 def _token(ctx: BookingContext, row: Instance, token_row: Token | None) -> tuple[str, str | None]:
@@ -359,11 +353,25 @@ def _token(ctx: BookingContext, row: Instance, token_row: Token | None) -> tuple
     return plaintext, None
 
 
-def _request(ctx: BookingContext, row: Instance, token: str, court: str | None) -> RequestSpec:
-    if ctx.template is not None:
-        return ctx.template.render(row, token, court)
-    assert ctx.api_url is not None
-    return default_request(row, token, court, url=ctx.api_url)
+def _request(
+    ctx: BookingContext, row: Instance, token: str, court: str | None, several: bool
+) -> RequestSpec:
+    """The request for one instance and court, with its Idempotency-Key."""
+    template = ctx.request_template
+    rendered = template.render(
+        utils.placeholder_values(
+            token=token,
+            court_id=court,
+            start=row.desired_time,
+            duration_minutes=row.duration_minutes,
+            zone=utils.get_zone(row.timezone),
+            key=row.key,
+        )
+    )
+    headers = {"User-Agent": USER_AGENT, **rendered.headers}
+    if template.idempotency_header:
+        headers[template.idempotency_header] = idempotency_key(row, court, several)
+    return RequestSpec(rendered.method, rendered.url, headers, rendered.body)
 
 
 def _wait_until(ctx: BookingContext, target: float) -> bool:
@@ -403,21 +411,16 @@ class _CourtTry:
 
 
 def _attempt_courts(
-    ctx: BookingContext, row: Instance, token: str, courts: list[str | None], several: bool
+    ctx: BookingContext,
+    row: Instance,
+    token: str,
+    requests_by_court: list[tuple[str | None, RequestSpec]],
 ) -> str | None:
     reasons: list[str] = []
     total = row.attempts
     # A booking cut off by a crash may have reached the club before: its 409 may be our own.
     resumed = bool(row.last_error and row.last_error.startswith("interrupted"))
-    for court in courts:
-        spec = _request(ctx, row, token, court)
-        headers = dict(spec.headers)
-        header_name = "Idempotency-Key"
-        if ctx.template is not None:
-            header_name = ctx.template.idempotency_header
-        if header_name:
-            headers[header_name] = idempotency_key(row, court, several)
-        spec = RequestSpec(spec.method, spec.url, headers, spec.body)
+    for court, spec in requests_by_court:
         attempt = _CourtTry(court)
         delays = utils.backoff_delays(ctx.retry_base, MAX_ATTEMPTS_PER_COURT)
         while attempt.attempts < MAX_ATTEMPTS_PER_COURT:

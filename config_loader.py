@@ -699,6 +699,50 @@ def _parse_rule(
     return rule
 
 
+# --------------------------------------------------------------------------- request template
+
+
+def load_template(settings: Settings) -> utils.RequestTemplate | None:
+    """Read and validate BOOKING_REQUEST_TEMPLATE (None when unset).
+
+    Raises ``utils.TemplateError`` naming the file and the key.
+    """
+    path = settings.template_path
+    if path is None:
+        return None
+    name = f"BOOKING_REQUEST_TEMPLATE {path}"
+    data = _read_bytes(path)
+    if data is None:
+        raise utils.TemplateError(f"{name}: no such file")
+    parsed, error = _decode_json(data, name)
+    if error is not None:
+        raise utils.TemplateError(error.split(";")[0])
+    return utils.parse_template(parsed, api_url=settings.api_url, name=name)
+
+
+def describe_request(template: utils.RequestTemplate, entry: Entry, start: datetime) -> str:
+    """The request ``entry``'s instance at ``start`` would send (first court), token masked."""
+    court = entry.courts[0]
+    values = utils.placeholder_values(
+        token=utils.MASK,
+        court_id=court,
+        start=start,
+        duration_minutes=entry.duration_minutes,
+        zone=entry.zone,
+        key=utils.instance_key(entry.id, start),
+    )
+    rendered = template.render(values)
+    lines = [f"{rendered.method} {rendered.url.replace('%2A%2A%2A', utils.MASK)}"]
+    lines += [f"{name}: {value}" for name, value in rendered.headers.items()]
+    if template.idempotency_header:
+        several = len(entry.courts) > 1
+        suffix = f"#{court if court is not None else ''}" if several else ""
+        lines.append(f"{template.idempotency_header}: {values['key']}{suffix}")
+    if rendered.body is not None:
+        lines.append(rendered.body.decode())
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- tokens file
 
 

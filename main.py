@@ -160,7 +160,9 @@ def write_private(path: Path, text: str) -> None:
 class Daemon:
     """The running worker: owns the database, the scheduler, the club client and the loop."""
 
-    def __init__(self, settings: Settings, fernet: MultiFernet, template: Any | None) -> None:
+    def __init__(
+        self, settings: Settings, fernet: MultiFernet, template: utils.RequestTemplate | None
+    ) -> None:
         self.settings = settings
         self.fernet = fernet
         self.template = template
@@ -307,6 +309,7 @@ class Daemon:
             with self.factory() as session:
                 known = set(session.scalars(sql_select(Token.id)))
             config = config_loader.read_config(self.settings, self.fernet, now, known_tokens=known)
+            self._reload_template(reason)
             for error in config.errors:
                 logger.error("%s", error)
             for warning in config.warnings:
@@ -341,6 +344,21 @@ class Daemon:
                 kept,
             )
             return whole_ok and config.tokens.file_error is None
+
+    def _reload_template(self, reason: str) -> None:
+        """Re-read the request template; on an error the last good one stays."""
+        if self.settings.template_path is None or reason == "start":
+            return
+        try:
+            template = config_loader.load_template(self.settings)
+        except utils.TemplateError as exc:
+            logger.error("%s; the last good template stays", exc)
+            return
+        if template != self.template:
+            self.template = template
+            assert self.ctx is not None
+            self.ctx.template = template
+            logger.info("request template reloaded")
 
     def _sync(self) -> scheduler.SyncReport:
         assert self.factory is not None and self.scheduler is not None and self.ctx is not None
@@ -466,15 +484,11 @@ def load_fernet(settings: Settings) -> MultiFernet:
         raise StartError(str(exc)) from None
 
 
-def load_template(settings: Settings) -> Any | None:
+def load_template(settings: Settings) -> utils.RequestTemplate | None:
     """The request template named by BOOKING_REQUEST_TEMPLATE, validated (None when unset)."""
-    if settings.template_path is None:
-        return None
-    import request_template  # noqa: PLC0415 (only users of a template need it)
-
     try:
-        return request_template.load(settings.template_path)
-    except request_template.TemplateError as exc:
+        return config_loader.load_template(settings)
+    except utils.TemplateError as exc:
         raise StartError(str(exc)) from None
 
 
@@ -506,7 +520,9 @@ def cmd_run(env: dict[str, str]) -> int:
     return EXIT_OK
 
 
-def _print_check(config: Config, settings: Settings, now: datetime, template: Any | None) -> None:
+def _print_check(
+    config: Config, settings: Settings, now: datetime, template: utils.RequestTemplate | None
+) -> None:
     entries = config.schedules.entries
     print(
         f"{settings.schedules_path}: {len(entries)} valid entr{'y' if len(entries) == 1 else 'ies'}"
@@ -539,8 +555,9 @@ def _print_check(config: Config, settings: Settings, now: datetime, template: An
             if note:
                 print(f"    warning: {note}")
         if template is not None and pairs:
-            described = template.describe(entry, pairs[0][1], settings)
-            print("  request: " + described.replace("\n", "\n  "))
+            described = config_loader.describe_request(template, entry, pairs[0][1])
+            print("  request (next instance, token masked):")
+            print("    " + described.replace("\n", "\n    "))
 
 
 def cmd_check(env: dict[str, str]) -> int:
