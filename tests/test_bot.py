@@ -1,0 +1,1158 @@
+"""bot.py: the request of CONTRACT section 6, the answer table, the instance states of section 7.
+
+HTTP rules run against `responses` (call counts, headers, timeouts); the database is real SQLite
+in tmp_path; time never really passes: the context's clock is fake and its stop event records the
+waits it is asked for and returns at once. `ClubClient` itself is tested against real HTTP servers
+on 127.0.0.1. Every test that builds a harness also checks, at teardown, that the token's plaintext
+is nowhere: not in a last error, an outcome, a log line (DEBUG) or the database file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from email.utils import format_datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+import requests
+import responses
+from cryptography.fernet import MultiFernet
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+import bot
+import utils
+from bot import BookingContext, ClubClient, RequestSpec, book_slot
+from config_loader import recover_in_flight
+from models import (
+    BOOKED,
+    BOOKING,
+    CANCELLED,
+    EXPIRED,
+    FAILED,
+    PENDING,
+    Instance,
+    Token,
+    transaction,
+)
+from notify import Outcome
+
+URL = "http://club.test/bookings"
+TOKEN = "tok-S3cret-7c41d0b8e2f9a6"
+TIMEOUT = 4.0
+BASE = 0.5
+BERLIN = ZoneInfo("Europe/Berlin")
+#: A winter instance (CET, +01:00): Monday 2026-11-30 18:00 in Berlin.
+DESIRED = datetime(2026, 11, 30, 17, 0, tzinfo=UTC)
+TRIGGER = DESIRED - timedelta(hours=168)
+KEY = utils.instance_key("mon", DESIRED)
+MIB = 1024 * 1024
+
+RETRY_KINDS = ["425", "429", "500", "503", "timeout", "connection"]
+
+
+# --------------------------------------------------------------------------- fakes
+
+
+class FakeClock:
+    """Epoch seconds that move only when told (``advance``), plus ``tick`` on every read."""
+
+    def __init__(self, start: float, tick: float = 0.0) -> None:
+        self.now = start
+        self.tick = tick
+
+    def __call__(self) -> float:
+        value = self.now
+        self.now += self.tick
+        return value
+
+    def set(self, moment: datetime) -> None:
+        self.now = moment.timestamp()
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakeStop(threading.Event):
+    """A stop event whose ``wait`` records its timeout and returns at once.
+
+    It answers True (stop) from the ``stop_on``-th wait on; with ``clock`` it advances that clock
+    by the timeout plus ``oversleep``, as a real sleep would.
+    """
+
+    def __init__(
+        self, clock: FakeClock | None = None, *, stop_on: int | None = None, oversleep: float = 0
+    ) -> None:
+        super().__init__()
+        self.waits: list[float | None] = []
+        self.clock = clock
+        self.stop_on = stop_on
+        self.oversleep = oversleep
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout)
+        if self.clock is not None and timeout is not None:
+            self.clock.advance(timeout + self.oversleep)
+        return self.stop_on is not None and len(self.waits) >= self.stop_on
+
+
+@dataclass
+class Harness:
+    """A booking context over a real database, a fake clock and a recording stop and notify."""
+
+    factory: sessionmaker[Session]
+    fernet: MultiFernet
+    club: responses.RequestsMock
+    clock: FakeClock
+    stop: FakeStop
+    outcomes: list[Outcome] = field(default_factory=list)
+    warmed: list[str] = field(default_factory=list)
+    ctx: BookingContext = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ctx = self.context()
+
+    def context(self) -> BookingContext:
+        """A context of its own (its own in-flight set), like a second claimant."""
+        return BookingContext(
+            factory=self.factory,
+            fernet=self.fernet,
+            client=ClubClient(timeout=TIMEOUT),
+            api_url=URL,
+            retry_base=BASE,
+            stop=self.stop,
+            notify=self.outcomes.append,
+            clock=self.clock,
+        )
+
+    def add_token(self, name: str = "default", value: str | None = TOKEN, **extra: Any) -> None:
+        encrypted = None if value is None else self.fernet.encrypt(value.encode()).decode()
+        with transaction(self.factory) as session:
+            session.add(Token(id=name, encrypted_token=encrypted, **extra))
+
+    def add(
+        self,
+        *,
+        key: str | None = None,
+        desired: datetime = DESIRED,
+        courts: tuple[str | None, ...] = ("3",),
+        status: str = PENDING,
+        token_name: str | None = None,
+        timezone: str = "Europe/Berlin",
+        duration: int = 60,
+        attempts: int = 0,
+        last_error: str | None = None,
+        at_trigger: bool = True,
+    ) -> str:
+        """Insert one instance (trigger 168 h before ``desired``) and, by default, put the clock
+        at its trigger. Returns its key."""
+        key = key or utils.instance_key("mon", desired)
+        trigger = desired - timedelta(hours=168)
+        court_id = None if courts == (None,) else utils.courts_text(list(courts))
+        with transaction(self.factory) as session:
+            session.add(
+                Instance(
+                    key=key,
+                    schedule_id=key.split("@")[0],
+                    type="one-off",
+                    desired_time=desired,
+                    trigger_time=trigger,
+                    timezone=timezone,
+                    rrule=None,
+                    court_id=court_id,
+                    courts=json.dumps(list(courts)),
+                    token_name=token_name or "default",
+                    duration_minutes=duration,
+                    status=status,
+                    attempts=attempts,
+                    last_error=last_error,
+                )
+            )
+        if at_trigger:
+            self.clock.set(trigger)
+        return key
+
+    def row(self, key: str = KEY) -> Instance:
+        with self.factory() as session:
+            row = session.scalar(select(Instance).where(Instance.key == key))
+            assert row is not None
+            return row
+
+    def book(self, key: str = KEY) -> str | None:
+        return book_slot(key, self.ctx)
+
+    @property
+    def calls(self) -> list[Any]:
+        return list(self.club.calls)
+
+    def sent_keys(self) -> list[str]:
+        return [call.request.headers["Idempotency-Key"] for call in self.club.calls]
+
+    def sent_bodies(self) -> list[dict[str, Any]]:
+        return [json.loads(call.request.body) for call in self.club.calls]
+
+
+@pytest.fixture
+def club() -> Iterator[responses.RequestsMock]:
+    with responses.RequestsMock(assert_all_requests_are_fired=False) as mock:
+        yield mock
+
+
+@pytest.fixture
+def h(
+    factory: sessionmaker[Session],
+    fernet: MultiFernet,
+    club: responses.RequestsMock,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Harness]:
+    caplog.set_level(logging.DEBUG)
+    clock = FakeClock(TRIGGER.timestamp())
+    harness = Harness(factory, fernet, club, clock, FakeStop())
+    # warm() opens a real TCP connection: record it instead.
+    monkeypatch.setattr(ClubClient, "warm", lambda _self, url: harness.warmed.append(url) or True)
+    harness.add_token()
+    yield harness
+    # The token never leaks, whatever the scenario.
+    assert TOKEN not in caplog.text
+    for outcome in harness.outcomes:
+        assert TOKEN not in repr(outcome)
+    with factory() as session:
+        for row in session.scalars(select(Instance)):
+            assert TOKEN not in (row.last_error or "")
+    database = factory.kw["bind"].url.database
+    for suffix in ("", "-wal"):
+        path = Path(f"{database}{suffix}")
+        if path.exists():
+            assert TOKEN.encode() not in path.read_bytes()
+
+
+def answer(
+    status: int, body: Any = None, headers: dict[str, str] | None = None
+) -> responses.Response:
+    """A canned club answer (a dict body is sent as JSON)."""
+    if isinstance(body, dict):
+        return responses.Response(
+            responses.POST, URL, json=body, status=status, headers=headers or {}
+        )
+    return responses.Response(
+        responses.POST, URL, body=body or "", status=status, headers=headers or {}
+    )
+
+
+def failure(kind: str) -> responses.Response:
+    """A request that gets no answer: a timeout or a dropped connection."""
+    error: Exception
+    if kind == "timeout":
+        error = requests.ReadTimeout("read timed out")
+    elif kind == "refused":
+        error = requests.ConnectionError("[Errno 111] Connection refused")
+    else:
+        error = requests.ConnectionError("Connection aborted: RemoteDisconnected")
+    return responses.Response(responses.POST, URL, body=error)
+
+
+def retryable(kind: str) -> responses.Response:
+    return failure(kind) if kind in ("timeout", "connection") else answer(int(kind))
+
+
+def queue(club: responses.RequestsMock, *items: responses.Response) -> None:
+    """Answers served once each, in order."""
+    for item in items:
+        club.add(item)
+
+
+# --------------------------------------------------------------------------- the request
+
+
+def test_request_method_url_headers_body_timeout_and_booked_state(h: Harness) -> None:
+    h.add()
+    queue(h.club, answer(201, {"id": "bk-17", "court": "3"}))
+
+    assert h.book() == BOOKED
+
+    assert len(h.calls) == 1
+    request = h.calls[0].request
+    assert request.method == "POST"
+    assert request.url == URL
+    assert request.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["Idempotency-Key"] == KEY
+    assert json.loads(request.body) == {
+        "court_id": "3",
+        "start": "2026-11-30T18:00:00+01:00",
+        "end": "2026-11-30T19:00:00+01:00",
+        "duration_minutes": 60,
+    }
+    assert request.req_kwargs["timeout"] == TIMEOUT
+    row = h.row()
+    assert (row.status, row.attempts, row.last_error) == (BOOKED, 1, None)
+    assert (row.booking_ref, row.booked_court) == ("bk-17", "3")
+    assert row.finished_at == TRIGGER
+    assert h.stop.waits == []
+    (outcome,) = h.outcomes
+    assert outcome.status == BOOKED
+    assert outcome.key == KEY
+    assert outcome.schedule_id == "mon"
+    assert outcome.court == "3"
+    assert outcome.booking_ref == "bk-17"
+    assert outcome.attempts == 1
+    assert outcome.reason is None
+    assert outcome.desired_start == DESIRED
+    assert outcome.desired_start.tzinfo is not None
+    assert outcome.desired_start.utcoffset() == timedelta(hours=1)
+    assert outcome.trigger_time == TRIGGER
+    assert outcome.timezone == "Europe/Berlin"
+
+
+@pytest.mark.parametrize(
+    ("desired", "duration", "start", "end"),
+    [
+        # Summer: CEST, +02:00.
+        (
+            datetime(2027, 7, 14, 15, 0, tzinfo=UTC),
+            60,
+            "2027-07-14T17:00:00+02:00",
+            "2027-07-14T18:00:00+02:00",
+        ),
+        # Winter: CET, +01:00.
+        (
+            datetime(2027, 1, 13, 16, 0, tzinfo=UTC),
+            90,
+            "2027-01-13T17:00:00+01:00",
+            "2027-01-13T18:30:00+01:00",
+        ),
+        # Across the autumn change (2026-10-25 01:00 UTC): each end has its own offset.
+        (
+            datetime(2026, 10, 25, 0, 30, tzinfo=UTC),
+            60,
+            "2026-10-25T02:30:00+02:00",
+            "2026-10-25T02:30:00+01:00",
+        ),
+    ],
+    ids=["summer", "winter", "across-dst-end"],
+)
+def test_start_and_end_carry_the_zones_offset_at_that_instant(
+    h: Harness, desired: datetime, duration: int, start: str, end: str
+) -> None:
+    key = h.add(desired=desired, duration=duration)
+    queue(h.club, answer(200, {"booking_id": 5}))
+
+    assert h.book(key) == BOOKED
+
+    (body,) = h.sent_bodies()
+    assert body == {"court_id": "3", "start": start, "end": end, "duration_minutes": duration}
+    assert h.row(key).booking_ref == "5"
+
+
+def test_any_court_sends_null_court_and_the_plain_key(h: Harness) -> None:
+    h.add(courts=(None,))
+    queue(h.club, answer(201, {"id": "x1"}))
+
+    assert h.book() == BOOKED
+
+    (body,) = h.sent_bodies()
+    assert body["court_id"] is None
+    assert h.sent_keys() == [KEY]
+    row = h.row()
+    assert (row.status, row.booked_court, row.booking_ref) == (BOOKED, None, "x1")
+    assert h.outcomes[0].court is None
+
+
+def test_several_courts_suffix_the_idempotency_key_with_the_court(h: Harness) -> None:
+    h.add(courts=("3", "4"))
+    queue(h.club, answer(409, {"error": "court taken"}), answer(201, {"id": 99}))
+
+    assert h.book() == BOOKED
+
+    assert h.sent_keys() == [f"{KEY}#3", f"{KEY}#4"]
+    assert [b["court_id"] for b in h.sent_bodies()] == ["3", "4"]
+    row = h.row()
+    assert (row.status, row.attempts, row.booked_court, row.booking_ref) == (BOOKED, 2, "4", "99")
+    assert row.last_error is None
+    assert h.outcomes[0].court == "4"
+    # The 409 moves on at once.
+    assert h.stop.waits == []
+
+
+def test_every_request_has_the_explicit_timeout_and_no_redirects(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[dict[str, Any]] = []
+    real = h.ctx.client.session.request
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(h.ctx.client.session, "request", spy)
+    h.add(courts=("3", "4"))
+    queue(h.club, answer(503), failure("timeout"), answer(500), answer(201, {"id": 1}))
+
+    assert h.book() == BOOKED
+
+    assert len(h.calls) == 4
+    assert [c.request.req_kwargs["timeout"] for c in h.calls] == [TIMEOUT] * 4
+    assert [kwargs["timeout"] for kwargs in seen] == [TIMEOUT] * 4
+    assert [kwargs["allow_redirects"] for kwargs in seen] == [False] * 4
+
+
+# --------------------------------------------------------------------------- 2xx
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "ref"),
+    [
+        (200, {"id": 17}, "17"),
+        (201, {"id": "bk-1", "booking_id": "other"}, "bk-1"),
+        (201, {"booking_id": "bk-2"}, "bk-2"),
+        (202, {"ok": True}, None),
+        (200, "Booked! See you on court.", None),
+        (204, "", None),
+        (200, "[1, 2]", None),
+    ],
+    ids=["id-int", "id-first", "booking_id", "json-no-ref", "text", "empty", "json-list"],
+)
+def test_2xx_is_booked_with_the_ref_when_the_body_has_one(
+    h: Harness, status: int, body: Any, ref: str | None
+) -> None:
+    h.add()
+    queue(h.club, answer(status, body))
+
+    assert h.book() == BOOKED
+
+    row = h.row()
+    assert (row.status, row.booking_ref, row.booked_court, row.attempts) == (BOOKED, ref, "3", 1)
+    assert h.outcomes[0].status == BOOKED
+    assert h.outcomes[0].booking_ref == ref
+
+
+# --------------------------------------------------------------------------- 409
+
+
+def test_409_on_the_only_court_fails_without_retry(h: Harness) -> None:
+    h.add()
+    queue(h.club, answer(409, {"error": "Court 3 is already booked"}), answer(201, {"id": 1}))
+
+    assert h.book() == FAILED
+
+    assert len(h.calls) == 1
+    assert h.stop.waits == []
+    row = h.row()
+    assert (row.status, row.attempts, row.booking_ref, row.booked_court) == (FAILED, 1, None, None)
+    assert row.last_error == "court 3: taken (HTTP 409: Court 3 is already booked)"
+    assert "own earlier attempt" not in row.last_error
+    (outcome,) = h.outcomes
+    assert (outcome.status, outcome.reason, outcome.court) == (FAILED, row.last_error, "3")
+
+
+def test_409_on_every_court_of_the_list_names_each_court(h: Harness) -> None:
+    h.add(courts=("3", "4", "5"))
+    queue(h.club, answer(409), answer(409), answer(409))
+
+    assert h.book() == FAILED
+
+    assert h.sent_keys() == [f"{KEY}#3", f"{KEY}#4", f"{KEY}#5"]
+    assert h.stop.waits == []
+    row = h.row()
+    assert row.attempts == 3
+    assert row.last_error == (
+        "court 3: taken (HTTP 409); court 4: taken (HTTP 409); court 5: taken (HTTP 409)"
+    )
+    assert h.outcomes[0].court == "3, 4, 5"
+
+
+@pytest.mark.parametrize("lost", ["timeout", "connection"])
+def test_409_after_a_lost_answer_says_the_court_may_be_ours(h: Harness, lost: str) -> None:
+    h.add()
+    queue(h.club, failure(lost), answer(409))
+
+    assert h.book() == FAILED
+
+    assert len(h.calls) == 2
+    assert h.sent_keys() == [KEY, KEY]
+    assert h.stop.waits == [BASE]
+    reason = h.row().last_error
+    assert reason is not None
+    assert reason.startswith("court 3: taken (HTTP 409)")
+    assert "may be taken by our own earlier attempt" in reason
+    assert "check your bookings at the club" in reason
+    assert h.outcomes[0].reason == reason
+
+
+def test_409_after_a_refused_connection_does_not_blame_our_own_attempt(h: Harness) -> None:
+    # A refused connection never carried the request: the 409 cannot be ours.
+    h.add()
+    queue(h.club, failure("refused"), answer(409))
+
+    assert h.book() == FAILED
+
+    reason = h.row().last_error
+    assert reason == "court 3: taken (HTTP 409)"
+
+
+def test_lost_answer_on_one_court_does_not_colour_the_next_courts_409(h: Harness) -> None:
+    h.add(courts=("3", "4"))
+    queue(h.club, *(failure("timeout") for _ in range(3)), answer(409))
+
+    assert h.book() == FAILED
+
+    assert h.sent_keys() == [f"{KEY}#3"] * 3 + [f"{KEY}#4"]
+    assert h.stop.waits == [BASE, 2 * BASE]
+    reason = h.row().last_error
+    assert reason == (
+        "court 3: no booking after 3 attempts (last: no answer within 4 s); "
+        "court 4: taken (HTTP 409)"
+    )
+    assert h.row().attempts == 4
+
+
+# --------------------------------------------------------------------------- 401 / 403
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_rejected_token_fails_at_once_naming_the_token_not_its_value(
+    h: Harness, status: int
+) -> None:
+    h.add_token("club-main")
+    h.add(courts=("3", "4"), token_name="club-main")
+    queue(h.club, answer(status, {"error": f"invalid token {TOKEN}"}), answer(201, {"id": 1}))
+
+    assert h.book() == FAILED
+
+    assert len(h.calls) == 1
+    assert h.stop.waits == []
+    row = h.row()
+    assert (row.status, row.attempts) == (FAILED, 1)
+    reason = row.last_error
+    assert reason is not None
+    assert "'club-main'" in reason
+    assert f"HTTP {status}" in reason
+    assert "tokens.json" in reason
+    assert "retry" in reason
+    assert TOKEN not in reason
+    assert "invalid token ***" in reason
+    assert h.outcomes[0].reason == reason
+
+
+# --------------------------------------------------------------------------- retries
+
+
+@pytest.mark.parametrize("kind", RETRY_KINDS)
+def test_retryable_answers_get_three_requests_with_base_then_double_waits(
+    h: Harness, kind: str
+) -> None:
+    h.add()
+    queue(h.club, *(retryable(kind) for _ in range(3)), answer(201, {"id": "late"}))
+
+    assert h.book() == FAILED
+
+    assert len(h.calls) == 3
+    assert h.sent_keys() == [KEY] * 3
+    assert h.stop.waits == [BASE, 2 * BASE]
+    assert [c.request.req_kwargs["timeout"] for c in h.calls] == [TIMEOUT] * 3
+    row = h.row()
+    assert (row.status, row.attempts, row.booking_ref) == (FAILED, 3, None)
+    what = {
+        "425": "HTTP 425",
+        "429": "HTTP 429",
+        "500": "HTTP 500",
+        "503": "HTTP 503",
+        "timeout": "no answer within 4 s",
+        "connection": "the club's server closed the connection without a full answer",
+    }[kind]
+    assert row.last_error == f"court 3: no booking after 3 attempts (last: {what})"
+    (outcome,) = h.outcomes
+    assert (outcome.status, outcome.attempts, outcome.reason) == (FAILED, 3, row.last_error)
+
+
+@pytest.mark.parametrize("kind", RETRY_KINDS)
+def test_a_retry_that_succeeds_is_booked(h: Harness, kind: str) -> None:
+    h.add()
+    queue(h.club, retryable(kind), retryable(kind), answer(201, {"id": "third"}))
+
+    assert h.book() == BOOKED
+
+    assert len(h.calls) == 3
+    assert h.stop.waits == [BASE, 2 * BASE]
+    row = h.row()
+    assert (row.status, row.attempts, row.booking_ref, row.last_error) == (
+        BOOKED,
+        3,
+        "third",
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "wait"),
+    [("7", 7.0), ("2.5", 2.5), ("120", 30.0), ("0", 0.0), ("soon", None)],
+    ids=["seconds", "decimal", "capped", "zero", "unreadable"],
+)
+def test_retry_after_replaces_the_backoff_and_is_capped_at_30_s(
+    h: Harness, retry_after: str, wait: float | None
+) -> None:
+    h.add()
+    queue(
+        h.club,
+        answer(429, headers={"Retry-After": retry_after}),
+        answer(503, headers={"Retry-After": retry_after}),
+        answer(201, {"id": 1}),
+    )
+
+    assert h.book() == BOOKED
+
+    expected = [BASE, 2 * BASE] if wait is None else [wait, wait]
+    assert h.stop.waits == expected
+
+
+def test_retry_after_as_an_http_date_counts_from_the_clock(h: Harness) -> None:
+    h.add()
+    when = format_datetime(TRIGGER + timedelta(seconds=12), usegmt=True)
+    queue(h.club, answer(503, headers={"Retry-After": when}), answer(201, {"id": 1}))
+
+    assert h.book() == BOOKED
+
+    assert h.stop.waits == [12.0]
+
+
+def test_a_courts_three_spent_moves_to_the_next_court(h: Harness) -> None:
+    h.add(courts=("3", "4"))
+    queue(h.club, answer(503), answer(500), answer(425), answer(201, {"booking_id": "b4"}))
+
+    assert h.book() == BOOKED
+
+    assert h.sent_keys() == [f"{KEY}#3"] * 3 + [f"{KEY}#4"]
+    # base, 2 x base on court 3; court 4 at once.
+    assert h.stop.waits == [BASE, 2 * BASE]
+    row = h.row()
+    assert (row.status, row.attempts, row.booked_court, row.booking_ref) == (BOOKED, 4, "4", "b4")
+    assert h.outcomes[0].court == "4"
+
+
+def test_every_court_spent_fails_with_each_courts_story(h: Harness) -> None:
+    h.add(courts=("3", "4"))
+    queue(h.club, *(answer(503) for _ in range(3)), *(failure("timeout") for _ in range(3)))
+
+    assert h.book() == FAILED
+
+    assert len(h.calls) == 6
+    assert h.stop.waits == [BASE, 2 * BASE, BASE, 2 * BASE]
+    row = h.row()
+    assert row.attempts == 6
+    assert row.last_error == (
+        "court 3: no booking after 3 attempts (last: HTTP 503); "
+        "court 4: no booking after 3 attempts (last: no answer within 4 s)"
+    )
+
+
+def test_no_retry_wait_runs_past_the_desired_start(h: Harness) -> None:
+    # The window opened late (clock 10 s before the start): a 30 s Retry-After cannot be waited.
+    h.add()
+    h.clock.set(DESIRED - timedelta(seconds=10))
+    queue(h.club, answer(429, headers={"Retry-After": "30"}), answer(201, {"id": 1}))
+
+    assert h.book() == FAILED
+
+    assert len(h.calls) == 1
+    assert h.stop.waits == []
+    reason = h.row().last_error
+    assert reason == "court 3: HTTP 429; the start came first"
+
+
+# --------------------------------------------------------------------------- 3xx, other 4xx
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_fails_and_is_never_followed(h: Harness, status: int) -> None:
+    h.add()
+    elsewhere = "http://evil.test/steal"
+    queue(h.club, answer(status, headers={"Location": f"{elsewhere}?token={TOKEN}"}))
+    trap = h.club.add(responses.Response(responses.GET, elsewhere, status=200))
+    trap_post = h.club.add(responses.Response(responses.POST, elsewhere, status=201))
+
+    assert h.book() == FAILED
+
+    assert len(h.calls) == 1
+    assert trap.call_count == 0
+    assert trap_post.call_count == 0
+    assert h.stop.waits == []
+    row = h.row()
+    assert (row.status, row.attempts) == (FAILED, 1)
+    reason = row.last_error
+    assert reason is not None
+    assert "redirect" in reason
+    assert f"HTTP {status}" in reason
+    assert "never followed" in reason
+    assert "evil.test" in reason
+
+
+@pytest.mark.parametrize("status", [400, 404, 405, 410, 422])
+def test_other_4xx_fail_at_once(h: Harness, status: int) -> None:
+    h.add(courts=("3", "4"))
+    queue(h.club, answer(status, {"message": "bad court"}), answer(201, {"id": 1}))
+
+    assert h.book() == FAILED
+
+    assert len(h.calls) == 1
+    assert h.stop.waits == []
+    row = h.row()
+    assert (row.status, row.attempts, row.booking_ref) == (FAILED, 1, None)
+    assert row.last_error == (
+        f"the club refused the request (HTTP {status}: bad court): check the entry and the URL"
+    )
+    assert h.outcomes[0].reason == row.last_error
+
+
+@pytest.mark.parametrize("status", [400, 409, 422, 503])
+def test_an_error_body_echoing_the_token_is_scrubbed(h: Harness, status: int) -> None:
+    h.add()
+    body = {"error": f"Bearer {TOKEN} is not allowed to book court 3"}
+    queue(h.club, *(answer(status, body) for _ in range(3)))
+
+    assert h.book() == FAILED
+
+    reason = h.row().last_error
+    assert reason is not None
+    assert TOKEN not in reason
+    assert "Bearer *** is not allowed to book court 3" in reason
+
+
+def test_a_long_error_body_never_lets_part_of_the_token_through(h: Harness) -> None:
+    # The token straddles the 200-character cut of the club's message.
+    h.add()
+    message = "x" * 190 + " " + TOKEN + " rest of the message"
+    queue(h.club, answer(400, {"error": message}))
+
+    assert h.book() == FAILED
+
+    reason = h.row().last_error
+    assert reason is not None
+    assert TOKEN[:6] not in reason
+
+
+# --------------------------------------------------------------------------- states
+
+
+def test_the_instance_is_committed_booking_before_the_request_leaves(h: Harness) -> None:
+    h.add()
+    seen: list[tuple[str, int]] = []
+
+    def club_side(request: Any) -> tuple[int, dict[str, str], str]:
+        # A separate session: only committed state is visible.
+        row = h.row()
+        seen.append((row.status, row.attempts))
+        return 201, {}, json.dumps({"id": "c1"})
+
+    h.club.add_callback(responses.POST, URL, callback=club_side)
+
+    assert h.book() == BOOKED
+    assert seen == [(BOOKING, 1)]
+
+
+def test_a_stop_between_retries_puts_the_instance_back_to_pending(h: Harness) -> None:
+    h.ctx.stop = h.stop = FakeStop(stop_on=1)
+    h.add()
+    queue(h.club, answer(503), answer(201, {"id": 1}))
+
+    assert h.book() is None
+
+    assert len(h.calls) == 1
+    assert h.stop.waits == [BASE]
+    row = h.row()
+    assert (row.status, row.booking_ref, row.finished_at) == (PENDING, None, None)
+    assert h.outcomes == []
+
+
+def test_a_stop_before_the_trigger_sends_nothing_and_leaves_it_pending(h: Harness) -> None:
+    h.ctx.stop = h.stop = FakeStop(stop_on=1)
+    h.add()
+    h.clock.set(TRIGGER - timedelta(seconds=30))
+    queue(h.club, answer(201, {"id": 1}))
+
+    assert h.book() is None
+
+    assert h.calls == []
+    assert h.warmed == [URL]
+    assert h.row().status == PENDING
+    assert h.outcomes == []
+
+
+@pytest.mark.parametrize("status", [CANCELLED, BOOKED, FAILED, EXPIRED, BOOKING])
+def test_an_instance_that_is_not_pending_is_not_sent(h: Harness, status: str) -> None:
+    h.add(status=status, last_error="as it was")
+    queue(h.club, answer(201, {"id": 1}))
+
+    assert h.book() is None
+
+    assert h.calls == []
+    row = h.row()
+    assert (row.status, row.last_error, row.attempts) == (status, "as it was", 0)
+    assert h.outcomes == []
+
+
+def test_an_unknown_key_is_nothing_to_do(h: Harness) -> None:
+    assert h.book("nope@2026-11-30T17:00:00Z") is None
+    assert h.calls == []
+    assert h.outcomes == []
+
+
+@pytest.mark.parametrize("late", [timedelta(0), timedelta(minutes=1), timedelta(days=2)])
+def test_a_start_already_passed_is_expired_without_a_request(h: Harness, late: timedelta) -> None:
+    h.add()
+    h.clock.set(DESIRED + late)
+    queue(h.club, answer(201, {"id": 1}))
+
+    assert h.book() == EXPIRED
+
+    assert h.calls == []
+    row = h.row()
+    assert (row.status, row.attempts, row.booking_ref) == (EXPIRED, 0, None)
+    assert row.last_error is not None
+    assert "not running" in row.last_error
+    assert "start has passed" in row.last_error
+    assert row.finished_at == DESIRED + late
+    (outcome,) = h.outcomes
+    assert (outcome.status, outcome.key, outcome.reason) == (EXPIRED, KEY, row.last_error)
+
+
+@pytest.mark.parametrize(
+    ("token_row", "reason"),
+    [
+        (
+            {"value": None, "error": "tokens.json: 'broken' does not decrypt with FERNET_KEY"},
+            "tokens.json: 'broken' does not decrypt with FERNET_KEY",
+        ),
+        (
+            {"value": TOKEN, "error": "tokens.json: 'broken' does not decrypt with FERNET_KEY"},
+            "tokens.json: 'broken' does not decrypt with FERNET_KEY",
+        ),
+        (None, "token 'broken' is not in tokens.json: add it there and reload"),
+        ({"value": None}, "token 'broken' is not in tokens.json: add it there and reload"),
+    ],
+    ids=["error-no-value", "error-with-old-value", "missing", "no-value"],
+)
+def test_an_unusable_token_fails_without_a_request(
+    h: Harness, token_row: dict[str, Any] | None, reason: str
+) -> None:
+    if token_row is not None:
+        h.add_token("broken", token_row["value"], error=token_row.get("error"))
+    h.add(token_name="broken")
+    queue(h.club, answer(201, {"id": 1}))
+
+    assert h.book() == FAILED
+
+    assert h.calls == []
+    row = h.row()
+    assert (row.status, row.attempts, row.last_error) == (FAILED, 0, reason)
+    (outcome,) = h.outcomes
+    assert (outcome.status, outcome.reason) == (FAILED, reason)
+
+
+def test_a_token_under_a_lost_key_fails_with_what_to_do(h: Harness) -> None:
+    from cryptography.fernet import Fernet
+
+    other = Fernet(Fernet.generate_key()).encrypt(TOKEN.encode()).decode()
+    with transaction(h.factory) as session:
+        session.add(Token(id="old", encrypted_token=other))
+    h.add(token_name="old")
+
+    assert h.book() == FAILED
+
+    assert h.calls == []
+    reason = h.row().last_error
+    assert reason is not None
+    assert "'old'" in reason
+    assert "FERNET_KEY" in reason
+    assert "tokens.json" in reason
+
+
+def test_a_second_book_slot_while_one_is_in_flight_sends_nothing(h: Harness) -> None:
+    h.add()
+    inside = threading.Event()
+    release = threading.Event()
+
+    def club_side(request: Any) -> tuple[int, dict[str, str], str]:
+        inside.set()
+        assert release.wait(5)
+        return 201, {}, json.dumps({"id": "only"})
+
+    h.club.add_callback(responses.POST, URL, callback=club_side)
+    results: list[str | None] = []
+    first = threading.Thread(target=lambda: results.append(h.book()))
+    first.start()
+    try:
+        assert inside.wait(5)
+        # The same daemon: its in-flight guard answers without even reading the database.
+        real_factory = h.ctx.factory
+        opened: list[int] = []
+
+        def counting_factory() -> Session:
+            opened.append(1)
+            return real_factory()
+
+        h.ctx.factory = counting_factory  # type: ignore[assignment]
+        try:
+            assert h.book() is None
+        finally:
+            h.ctx.factory = real_factory
+        assert opened == []
+        # Another claimant (its own in-flight set): the database says it is under way.
+        assert book_slot(KEY, h.context()) is None
+    finally:
+        release.set()
+        first.join(5)
+
+    assert results == [BOOKED]
+    assert len(h.calls) == 1
+    assert h.row().status == BOOKED
+    assert len(h.outcomes) == 1
+
+
+def test_concurrent_claimants_send_one_request(h: Harness) -> None:
+    h.add()
+    queue(h.club, *(answer(201, {"id": n}) for n in range(8)))
+    contexts = [h.context() for _ in range(8)]
+    gate = threading.Barrier(len(contexts))
+    results: list[str | None] = []
+    lock = threading.Lock()
+
+    def claim(ctx: BookingContext) -> None:
+        gate.wait(5)
+        result = book_slot(KEY, ctx)
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=claim, args=(ctx,)) for ctx in contexts]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+
+    assert results.count(BOOKED) == 1
+    assert results.count(None) == 7
+    assert len(h.calls) == 1
+    assert h.row().attempts == 1
+
+
+@pytest.mark.parametrize("courts", [("3",), ("3", "4")])
+def test_recovery_after_a_crash_resends_with_the_same_idempotency_key(
+    h: Harness, courts: tuple[str, ...]
+) -> None:
+    h.add(courts=courts)
+    # A first run that died with the request in flight.
+    h.ctx.stop = FakeStop(stop_on=1)
+    queue(h.club, failure("timeout"))
+    assert h.book() is None
+    with transaction(h.factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == KEY))
+        assert row is not None
+        row.status = BOOKING  # as a kill -9 during the request would leave it
+    first_key = h.sent_keys()[0]
+
+    retry, failed = recover_in_flight(h.factory, TRIGGER + timedelta(minutes=1))
+    assert (retry, failed) == ([KEY], [])
+    assert h.row().status == PENDING
+    h.ctx = h.context()
+    h.clock.set(TRIGGER + timedelta(minutes=1))
+    queue(h.club, answer(201, {"id": "again"}))
+
+    assert h.book() == BOOKED
+
+    assert h.sent_keys() == [first_key, first_key]
+    assert first_key == (KEY if len(courts) == 1 else f"{KEY}#3")
+    row = h.row()
+    assert (row.status, row.booking_ref, row.last_error, row.attempts) == (BOOKED, "again", None, 2)
+
+
+def test_a_409_after_recovery_may_be_our_own_booking(h: Harness) -> None:
+    h.add(status=BOOKING)
+    recover_in_flight(h.factory, TRIGGER)
+    queue(h.club, answer(409))
+
+    assert h.book() == FAILED
+
+    assert h.sent_keys() == [KEY]
+    reason = h.row().last_error
+    assert reason is not None
+    assert "may be taken by our own earlier attempt" in reason
+
+
+@pytest.mark.parametrize(
+    ("tick", "oversleep"),
+    [(0.0001, 0.0), (0.0, 0.01)],
+    ids=["spins-to-the-trigger", "oversleeps-past-it"],
+)
+def test_the_request_never_leaves_before_the_trigger(
+    h: Harness, tick: float, oversleep: float
+) -> None:
+    # The clock moves only when the stop event is waited on (and, in the first case, by 0.1 ms
+    # per read, which the last few milliseconds' busy wait needs to end).
+    clock = FakeClock(0, tick=tick)
+    h.clock = h.ctx.clock = clock
+    h.ctx.stop = h.stop = FakeStop(clock, oversleep=oversleep)
+    h.add(at_trigger=False)
+    clock.set(TRIGGER - timedelta(seconds=45))
+    sent_at: list[float] = []
+
+    def club_side(request: Any) -> tuple[int, dict[str, str], str]:
+        sent_at.append(clock.now)
+        return 201, {}, json.dumps({"id": "on-time"})
+
+    h.club.add_callback(responses.POST, URL, callback=club_side)
+
+    assert h.book() == BOOKED
+
+    (moment,) = sent_at
+    assert moment >= TRIGGER.timestamp()
+    assert moment < TRIGGER.timestamp() + 0.05
+    # The connection is opened ahead, then the wait; nothing else goes to the club.
+    assert h.warmed == [URL]
+    assert len(h.stop.waits) == 1
+    assert h.stop.waits[0] == pytest.approx(45 - bot.SPIN_SECONDS, abs=0.01)
+    assert h.row().status == BOOKED
+
+
+# --------------------------------------------------------------------------- ClubClient
+
+
+class _ClubHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    timeout = 5
+    server: _LocalClub
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        self.server.requests.append((self.path, self.client_address[1]))
+        if self.path == "/huge":
+            size = 20 * MIB
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            chunk = b"x" * 65536
+            try:
+                for _ in range(size // len(chunk)):
+                    self.wfile.write(chunk)
+            except OSError:
+                self.close_connection = True
+            return
+        payload = json.dumps({"id": "local-1"}).encode()
+        self.send_response(201)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _LocalClub(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _ClubHandler)
+        self.accepted = 0
+        self.requests: list[tuple[str, int]] = []
+
+    def get_request(self) -> Any:
+        pair = super().get_request()
+        self.accepted += 1
+        return pair
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+
+
+@pytest.fixture
+def local_club() -> Iterator[_LocalClub]:
+    server = _LocalClub()
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+def _until(condition: Callable[[], bool], seconds: float = 2.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def _spec(url: str) -> RequestSpec:
+    return RequestSpec("POST", url, {"Content-Type": "application/json"}, b"{}")
+
+
+def test_send_reads_at_most_1_mib_of_a_huge_streamed_body(local_club: _LocalClub) -> None:
+    client = ClubClient(timeout=5)
+    try:
+        started = time.perf_counter()
+        got = client.send(_spec(local_club.url("/huge")))
+        elapsed = time.perf_counter() - started
+    finally:
+        client.close()
+    assert got.status == 200
+    assert len(got.body) <= bot.MAX_BODY_BYTES == MIB
+    assert len(got.body) == MIB
+    assert elapsed < 2
+
+
+def test_send_caps_a_large_mocked_body(club: responses.RequestsMock) -> None:
+    club.add(responses.POST, URL, body=b"{" + b" " * (3 * MIB) + b"}", status=200)
+    client = ClubClient(timeout=TIMEOUT)
+    got = client.send(_spec(URL))
+    assert len(got.body) == MIB
+    assert got.json() is None  # a cut JSON body is no JSON
+    assert club.calls[0].request.req_kwargs["timeout"] == TIMEOUT
+
+
+def test_warm_opens_a_connection_that_the_next_request_reuses(local_club: _LocalClub) -> None:
+    client = ClubClient(timeout=2)
+    url = local_club.url("/bookings")
+    try:
+        assert client.warm(url) is True
+        assert _until(lambda: local_club.accepted == 1)
+        time.sleep(0.02)
+        # Warming sends the club nothing.
+        assert local_club.requests == []
+
+        got = client.send(_spec(url))
+    finally:
+        client.close()
+    assert got.status == 201
+    assert json.loads(got.body) == {"id": "local-1"}
+    assert local_club.accepted == 1
+    assert [path for path, _port in local_club.requests] == ["/bookings"]
+
+
+def test_warm_against_a_closed_port_reports_false(local_club: _LocalClub) -> None:
+    url = local_club.url("/bookings")
+    local_club.shutdown()
+    local_club.server_close()
+    client = ClubClient(timeout=1)
+    try:
+        assert client.warm(url) is False
+        with pytest.raises(bot.BookingError) as raised:
+            client.send(_spec(url))
+    finally:
+        client.close()
+    assert str(raised.value) == "connection refused by the club's server"
+    assert raised.value.lost is False

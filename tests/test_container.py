@@ -1,0 +1,163 @@
+"""The container without a Docker engine: the Dockerfile's own commands, run for real.
+
+A fresh venv is built with the Dockerfile's exact pip command from requirements.txt alone, the
+files its COPY line names are copied into an app dir, and the image's CMD and HEALTHCHECK
+commands run there against the sandbox club.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+from daemon_harness import iso_z, wait_until
+from tools.sandbox_club import SandboxClub
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parent.parent
+DOCKERFILE = (REPO / "Dockerfile").read_text()
+
+
+def instruction(name: str) -> list[str]:
+    """Every instruction ``name`` of the Dockerfile, continuation lines joined."""
+    joined = re.sub(r"\\\n\s*", " ", DOCKERFILE)
+    return [m.group(1).strip() for m in re.finditer(rf"^{name}\s+(.+)$", joined, re.MULTILINE)]
+
+
+def exec_form(name: str) -> list[str]:
+    (value,) = instruction(name)
+    if name == "HEALTHCHECK":
+        value = value.split("CMD", 1)[1].strip()
+    parsed = json.loads(value)
+    assert isinstance(parsed, list), f"{name} must be in exec form"
+    return [str(part) for part in parsed]
+
+
+def test_dockerfile_shape() -> None:
+    (base,) = instruction("FROM")
+    minor = f"{sys.version_info.major}.{sys.version_info.minor}"
+    assert base.startswith(f"python:{minor}-"), f"image Python must match the suite's {minor}"
+    assert exec_form("CMD") == ["python", "main.py"]
+    assert exec_form("ENTRYPOINT") == ["/app/docker-entrypoint.sh"]
+    assert exec_form("HEALTHCHECK") == ["python", "main.py", "health"]
+    assert instruction("VOLUME") == ["/app/data"]
+    assert any("--no-cache-dir" in run and "requirements.txt" in run for run in instruction("RUN"))
+    copied = instruction("COPY")[-1].split()[:-1]
+    modules = {p.name for p in REPO.glob("*.py")}
+    assert modules <= set(copied), f"runtime modules missing from COPY: {modules - set(copied)}"
+    ignore = (REPO / ".dockerignore").read_text().split()
+    assert all(f"!{name}" in ignore for name in copied)
+
+
+@pytest.fixture(scope="module")
+def image_dir() -> Iterator[Path]:
+    """An "image": a fresh venv from requirements.txt and the files COPY names."""
+    root = Path(tempfile.mkdtemp(prefix="courtbot-image-"))
+    try:
+        venv = root / "venv"
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+        pip_run = next(r for r in instruction("RUN") if r.startswith("pip install"))
+        args = shlex.split(pip_run)
+        subprocess.run(
+            [str(venv / "bin" / "python"), "-m", *args],
+            cwd=REPO,
+            check=True,
+            timeout=600,
+            capture_output=True,
+        )
+        app = root / "app"
+        app.mkdir()
+        (copy_line,) = [c for c in instruction("COPY") if "main.py" in c]
+        for name in copy_line.split()[:-1]:
+            shutil.copy2(REPO / name, app / name)
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_container_command_runs_books_and_stops(image_dir: Path, tmp_path: Path) -> None:
+    token = "tok-container-9"
+    data = tmp_path / "data"
+    data.mkdir()
+    with SandboxClub(tokens=(token,)) as club:
+        desired = (datetime.now(UTC) + timedelta(hours=20)).replace(microsecond=0)
+        (data / "schedules.json").write_text(
+            json.dumps([{"id": "c", "type": "one-off", "desired_time": iso_z(desired)}])
+        )
+        (data / "tokens.json").write_text(json.dumps({"default": token}))
+        env = {
+            "PATH": f"{image_dir / 'venv' / 'bin'}:/usr/bin:/bin",
+            "FERNET_KEY": Fernet.generate_key().decode(),
+            "BOOKING_API_URL": club.url,
+            "DATA_DIR": str(data),
+            "PYTHONUNBUFFERED": "1",
+        }
+        app = image_dir / "app"
+        proc = subprocess.Popen(
+            exec_form("CMD"), cwd=app, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            assert wait_until((data / "bot.pid").exists, 30)
+            assert wait_until(lambda: len(club.bookings) == 1, 10)
+            health = subprocess.run(
+                exec_form("HEALTHCHECK"),
+                cwd=app,
+                env=env,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            assert health.returncode == 0, health.stderr
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        output = proc.stdout.read().decode() if proc.stdout else ""
+        assert "booked c@" in output
+        assert token not in output
+        assert (data / "bot.log").exists()
+        (data / "heartbeat").write_text("0\n")
+        stale = subprocess.run(
+            exec_form("HEALTHCHECK"), cwd=app, env=env, capture_output=True, timeout=60, check=False
+        )
+        assert stale.returncode == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+def test_entrypoint_hands_a_root_owned_disk_to_the_app_user() -> None:
+    disk = Path(tempfile.mkdtemp(prefix="courtbot-disk-"))
+    try:
+        os.chmod(disk, 0o755)  # noqa: S103 (uid 10001 must reach it, as on a real disk)
+        (disk / "schedules.json").write_text("[]")
+        done = subprocess.run(
+            [str(REPO / "docker-entrypoint.sh"), "sh", "-c", "id -u; touch $DATA_DIR/x"],
+            env={"PATH": "/usr/bin:/bin", "DATA_DIR": str(disk)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "10001"
+        assert disk.stat().st_uid == 10001
+        assert (disk / "schedules.json").stat().st_uid == 10001
+        assert (disk / "x").stat().st_uid == 10001
+        assert stat.S_IMODE(disk.stat().st_mode) == 0o700
+    finally:
+        shutil.rmtree(disk, ignore_errors=True)
