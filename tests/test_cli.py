@@ -1,0 +1,270 @@
+"""The CLI of CONTRACT section 1, except the daemon itself (see test_e2e.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet
+from sqlalchemy.orm import Session, sessionmaker
+
+import main
+import models
+from conftest import write_json
+from daemon_harness import cli
+from models import Instance
+
+
+def run(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *argv: str) -> int:
+    for name in list(main.os.environ):
+        if name.startswith(("BOOKING_", "FERNET_", "DATA_", "DATABASE_", "LOG_", "SMTP_")):
+            monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return main.main(list(argv))
+
+
+def future(days: float = 20) -> datetime:
+    return (datetime.now(UTC) + timedelta(days=days)).replace(second=0, microsecond=0)
+
+
+# ---------------------------------------------------------------- check
+
+
+def test_check_prints_each_schedule_with_its_next_five_instances(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    write_json(data_dir / "tokens.json", {"default": "plain-token-xyz"})
+    write_json(
+        data_dir / "schedules.json",
+        [
+            {
+                "id": "wed-evening",
+                "type": "recurring",
+                "rrule": "every Wednesday at 17:00",
+                "timezone": "Europe/London",
+                "court_id": 3,
+            },
+            {"id": "once", "type": "one-off", "desired_time": f"{future():%Y-%m-%d %H:%M}"},
+        ],
+    )
+    before = (data_dir / "tokens.json").read_bytes()
+    assert run(monkeypatch, env, "check") == 0
+    out = capsys.readouterr().out
+    assert "wed-evening (#1): recurring, Europe/London, court 3" in out
+    assert "rule: DTSTART:" in out and "RRULE:FREQ=WEEKLY;BYDAY=WE" in out
+    block = out.split("wed-evening (#1)")[1].split("once (#2)")[0]
+    lines = [ln for ln in block.splitlines() if re.match(r"\s+Wed \d{4}-\d\d-\d\d 17:00 ", ln)]
+    assert len(lines) == 5
+    for line in lines:
+        assert re.search(r"= \d{4}-\d\d-\d\dT1[67]:00:00Z\s+trigger \d{4}-\d\d-\d\dT", line)
+    assert "once (#2): one-off, UTC" in out
+    assert out.rstrip().endswith("OK")
+    # check never writes: the plaintext token stays, no database appears.
+    assert (data_dir / "tokens.json").read_bytes() == before
+    assert not (data_dir / "db.sqlite").exists()
+
+
+def test_check_exit_1_on_an_invalid_entry_with_the_message(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    write_json(data_dir / "tokens.json", {"default": "t"})
+    write_json(
+        data_dir / "schedules.json",
+        [
+            {"id": "ok", "type": "one-off", "desired_time": f"{future():%Y-%m-%d %H:%M}"},
+            {"id": "wed-evening", "type": "recurring", "rrule": "FREQ=WEEKY"},
+        ],
+    )
+    assert run(monkeypatch, env, "check") == 1
+    err = capsys.readouterr().err
+    assert (
+        "schedules.json entry 'wed-evening' (#2): rrule: 'FREQ=WEEKY' is not a valid rule "
+        "('FREQ=WEEKY': FREQ must be one of DAILY, WEEKLY, MONTHLY, YEARLY)"
+    ) in err
+
+
+def test_check_exit_2_without_a_usable_fernet_key(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+) -> None:
+    assert run(monkeypatch, {k: v for k, v in env.items() if k != "FERNET_KEY"}, "check") == 2
+    assert "FERNET_KEY is not set" in capsys.readouterr().err
+    assert run(monkeypatch, env | {"FERNET_KEY": "short"}, "check") == 2
+
+
+def test_check_warnings_do_not_change_the_exit_code(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    write_json(data_dir / "tokens.json", {"default": "t"})
+    write_json(
+        data_dir / "schedules.json",
+        [
+            {"id": "past", "type": "one-off", "desired_time": "2020-01-01 10:00"},
+            {
+                "id": "gap",
+                "type": "recurring",
+                "rrule": "FREQ=YEARLY;BYMONTH=3;BYDAY=-1SU",
+                "desired_time": "2026-01-01 01:30",
+                "timezone": "Europe/London",
+            },
+        ],
+    )
+    assert run(monkeypatch, env, "check") == 0
+    captured = capsys.readouterr()
+    assert "'2020-01-01 10:00' is in the past; skipped, never booked" in captured.err
+    assert "does not exist in Europe/London (DST gap)" in captured.out
+
+
+def test_check_missing_schedules_is_a_warning(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    write_json(data_dir / "tokens.json", {"default": "t"})
+    assert run(monkeypatch, env, "check") == 0
+    assert "schedules.json: no such file" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- status and retry
+
+
+def add(factory: sessionmaker[Session], key: str, **fields: Any) -> None:
+    desired = fields.pop("desired", future())
+    with models.transaction(factory) as session:
+        session.add(
+            Instance(
+                key=f"{key}@{desired:%Y-%m-%dT%H:%M:%SZ}",
+                schedule_id=key,
+                type="one-off",
+                desired_time=desired,
+                trigger_time=desired - timedelta(hours=168),
+                timezone="Europe/London",
+                court_id="3",
+                courts='["3"]',
+                **fields,
+            )
+        )
+
+
+def test_status_json_and_table(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    factory: sessionmaker[Session],
+) -> None:
+    add(factory, "late", desired=future(30), status="pending")
+    add(
+        factory,
+        "early",
+        desired=future(10),
+        status="booked",
+        attempts=1,
+        booking_ref="bk-9",
+        booked_court="3",
+    )
+    assert run(monkeypatch, env, "status", "--json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["schedule"] for r in rows] == ["early", "late"]  # soonest trigger first
+    first = rows[0]
+    for name in (
+        "schedule",
+        "key",
+        "type",
+        "desired_time",
+        "trigger_time",
+        "timezone",
+        "court_id",
+        "status",
+        "attempts",
+        "last_error",
+        "booking_ref",
+    ):
+        assert name in first
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", first["desired_time"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", first["trigger_time"])
+    assert (first["status"], first["booking_ref"], first["court_id"]) == ("booked", "bk-9", "3")
+    assert run(monkeypatch, env, "status") == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["SCHEDULE", "KEY", "DESIRED"]
+    assert "booked" in table[1] and "bk-9" in table[1]
+
+
+def test_status_without_a_database(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    assert run(monkeypatch, env, "status", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == []
+    assert not (data_dir / "db.sqlite").exists()
+
+
+def test_retry_puts_failed_instances_still_ahead_back_to_pending(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    factory: sessionmaker[Session],
+) -> None:
+    add(factory, "a", status="failed", attempts=3, last_error="club down")
+    add(factory, "a", desired=future(40), status="booked")
+    add(
+        factory,
+        "a",
+        desired=datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1),
+        status="failed",
+    )
+    assert run(monkeypatch, env, "retry", "a") == 0
+    out = capsys.readouterr().out
+    assert "pending again: a@" in out
+    with factory() as session:
+        states = sorted((r.status, r.attempts, r.last_error) for r in session.query(Instance))
+    assert states == [("booked", 0, None), ("failed", 0, None), ("pending", 0, None)]
+    assert run(monkeypatch, env, "retry", "a") == 1
+    assert "no failed instance" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- keys and tokens
+
+
+def test_generate_key_prints_a_fernet_key(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: dict[str, str]
+) -> None:
+    assert run(monkeypatch, env, "generate-key") == 0
+    key = capsys.readouterr().out.strip()
+    Fernet(key.encode())  # raises if it is not one
+
+
+def test_encrypt_token_reads_stdin(env: dict[str, str]) -> None:
+    done = cli(env, "encrypt-token", stdin="my-secret-token\n")
+    assert done.returncode == 0, done.stderr
+    encrypted = done.stdout.strip()
+    assert "my-secret-token" not in done.stdout
+    assert Fernet(env["FERNET_KEY"].encode()).decrypt(encrypted.encode()) == b"my-secret-token"
+    no_key = cli({k: v for k, v in env.items() if k != "FERNET_KEY"}, "encrypt-token", stdin="x")
+    assert no_key.returncode == 2
+    assert cli(env, "encrypt-token", stdin="").returncode == 1
+
+
+def test_health_reads_the_heartbeat(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], data_dir: Path
+) -> None:
+    assert run(monkeypatch, env, "health") == 1
+    (data_dir / "heartbeat").write_text(f"{datetime.now(UTC).timestamp():.0f}\n")
+    assert run(monkeypatch, env, "health") == 0
