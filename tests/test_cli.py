@@ -268,3 +268,18 @@ def test_health_reads_the_heartbeat(
     assert run(monkeypatch, env, "health") == 1
     (data_dir / "heartbeat").write_text(f"{datetime.now(UTC).timestamp():.0f}\n")
     assert run(monkeypatch, env, "health") == 0
+
+
+def test_the_bundled_examples_pass_check(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    examples = Path(__file__).resolve().parent.parent / "data"
+    (data_dir / "schedules.json").write_text((examples / "schedules.example.json").read_text())
+    (data_dir / "tokens.json").write_text((examples / "tokens.example.json").read_text())
+    assert run(monkeypatch, env, "check") == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    for entry_id in ("wed-evening", "weekend-mornings", "fortnightly-friday", "club-night"):
+        assert f"{entry_id} (#" in out
