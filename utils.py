@@ -26,6 +26,7 @@ SCHEDULE_ID_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 FERNET_SHAPE_RE = re.compile(r"gAAAAA[A-Za-z0-9_-]{20,}={0,2}")
 RETRY_AFTER_CAP_SECONDS = 30.0
 INSTANCES_PER_RULE = 52
+MAX_WINDOW_HOURS = 366 * 24
 ALLOWED_FREQS = ("DAILY", "WEEKLY", "MONTHLY", "YEARLY")
 RULE_EXAMPLE = '"FREQ=WEEKLY;BYDAY=WE" or "every Wednesday at 17:00"'
 
@@ -49,7 +50,10 @@ def localize(wall: datetime, zone: ZoneInfo) -> datetime:
     A time in a DST gap keeps the offset from before the gap, so it lands the gap's length later
     on the wall clock; a repeated time means its first occurrence.
     """
-    return wall.replace(tzinfo=zone, fold=0)
+    # The round trip through UTC turns a gap's nonexistent wall clock into the one shown on the
+    # clock at that instant (01:30 -> 02:30 BST): astimezone(zone) on a value already in ``zone``
+    # returns it unchanged, and same-zone comparisons look at the wall clock only.
+    return wall.replace(tzinfo=zone, fold=0).astimezone(UTC).astimezone(zone)
 
 
 def wall_clock_issue(wall: datetime, zone: ZoneInfo) -> str | None:
@@ -180,11 +184,15 @@ def parse_window(text: str) -> Window:
     """Parse ``BOOKING_WINDOW``: ``<N>h`` (N >= 0, decimals allowed) or ``<N>d`` (integer N)."""
     value = text.strip().lower()
     hours = re.fullmatch(r"(\d+(?:\.\d+)?)h", value)
-    if hours:
-        return Window(float(hours[1]), "h")
     days = re.fullmatch(r"(\d+)d", value)
-    if days:
-        return Window(int(days[1]), "d")
+    window = Window(float(hours[1]), "h") if hours else Window(int(days[1]), "d") if days else None
+    if window is not None:
+        if window.amount * (24 if window.unit == "d" else 1) > MAX_WINDOW_HOURS:
+            raise ValueError(
+                f"BOOKING_WINDOW: {text!r} is longer than a year; no club opens bookings that "
+                "far ahead (e.g. '168h' or '7d')"
+            )
+        return window
     raise ValueError(
         f"BOOKING_WINDOW: {text!r} is not a window; expected '<N>h' (hours, e.g. '168h' or "
         "'47.5h') or '<N>d' (whole calendar days, e.g. '7d')"
@@ -199,7 +207,9 @@ def trigger_time(desired: datetime, zone: ZoneInfo, window: Window) -> datetime:
     """
     if window.unit == "h":
         return as_utc(desired) - timedelta(hours=window.amount)
-    wall = desired.astimezone(zone).replace(tzinfo=None) - timedelta(days=int(window.amount))
+    # Through UTC, so that only the instant counts, not how ``desired`` happens to be written.
+    local = as_utc(desired).astimezone(zone)
+    wall = local.replace(tzinfo=None) - timedelta(days=int(window.amount))
     return as_utc(localize(wall, zone))
 
 
@@ -318,7 +328,9 @@ def parse_english_rule(text: str, *, start: date | None, today: date) -> ParsedR
         if other:
             parts.append("WKST=" + ["MO", "TU", "WE", "TH", "FR", "SA", "SU"][first_date.weekday()])
     if until_date is not None:
-        if until_date < first_date:
+        # Starting from today, a passed "until" means the rule has run out (no instance), which
+        # is no error in a file that was valid when written.
+        if until_date < first_date and (match["start"] or start is not None):
             raise RuleError(f"{text!r}: until {until_date} is before the first day {first_date}")
         parts.append(f"UNTIL={until_date:%Y%m%d}T235959")
     dtstart = datetime.combine(first_date, time(hour, minute))
@@ -338,7 +350,9 @@ def _rfc_parts(line: str) -> dict[str, str]:
             continue
         name, sep, value = chunk.partition("=")
         if not sep or not value:
-            raise RuleError(f"{line!r} is not a valid rule: {chunk!r} is not NAME=VALUE")
+            raise RuleError(
+                f"{line!r} is not a valid rule: {chunk!r} is not NAME=VALUE; e.g. {RULE_EXAMPLE}"
+            )
         parts[name.strip().upper()] = value.strip()
     return parts
 
@@ -403,6 +417,13 @@ def parse_rfc_rule(text: str, *, start: datetime | None, zone: ZoneInfo) -> Pars
         parts["UNTIL"] = until.astimezone(zone).strftime("%Y%m%dT%H%M%S")
     if "COUNT" in parts and "UNTIL" in parts:
         raise RuleError(f"{rule_line!r}: COUNT and UNTIL cannot both be given (RFC 5545)")
+    # dateutil accepts INTERVAL=0 or below, then loops forever or fails while expanding.
+    if "INTERVAL" in parts and not re.fullmatch(r"\+?0*[1-9]\d*", parts["INTERVAL"]):
+        raise RuleError(
+            f"{rule_line!r}: INTERVAL {parts['INTERVAL']!r} must be a whole number of at least 1; "
+            f"e.g. {RULE_EXAMPLE}"
+        )
+    _check_month_days(rule_line, parts)
     if dtstart_wall is None:
         if start is None:
             raise RuleError(
@@ -417,6 +438,40 @@ def parse_rfc_rule(text: str, *, start: datetime | None, zone: ZoneInfo) -> Pars
         )
     normalized = ";".join(f"{k}={v}" for k, v in parts.items())
     return _build_rule(normalized, dtstart_wall, zone_name, english=False)
+
+
+_MONTH_DAYS = {
+    1: 31,
+    2: 29,
+    3: 31,
+    4: 30,
+    5: 31,
+    6: 30,
+    7: 31,
+    8: 31,
+    9: 30,
+    10: 31,
+    11: 30,
+    12: 31,
+}
+
+
+def _check_month_days(rule_line: str, parts: dict[str, str]) -> None:
+    """Refuse BYMONTHDAY values no listed month has: dateutil would scan to the year 9999 for
+    an instance that never comes (seconds per reload), and 0 is no day at all."""
+    if "BYMONTHDAY" not in parts:
+        return
+    try:
+        days = [int(d) for d in parts["BYMONTHDAY"].split(",")]
+        months = [int(m) for m in parts.get("BYMONTH", "1,2,3,4,5,6,7,8,9,10,11,12").split(",")]
+    except ValueError:
+        return  # dateutil names the bad value
+    longest = max(_MONTH_DAYS.get(m, 31) for m in months)
+    if any(d == 0 or abs(d) > longest for d in days):
+        raise RuleError(
+            f"{rule_line!r}: BYMONTHDAY={parts['BYMONTHDAY']} has a day that no month of the rule "
+            f"has (days are 1 to {longest}, or -1 for the last); e.g. 'FREQ=MONTHLY;BYMONTHDAY=15'"
+        )
 
 
 def _build_rule(
