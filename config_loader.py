@@ -10,6 +10,7 @@ rejected alone and its instances are kept as they were.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -47,6 +48,7 @@ ENTRY_KEYS = (
 )
 ONE_OFF = "one-off"
 RECURRING = "recurring"
+OUT_OF_RANGE = "holds a date out of range (years 1 to 9999 in UTC and in the entry's zone)"
 
 
 class SettingsError(ValueError):
@@ -119,10 +121,11 @@ class Settings:
             template_path = Path(template)
             if not template_path.is_absolute():
                 template_path = data_dir / template_path
-        level = (env.get("LOG_LEVEL") or "INFO").upper()
+        level_value = env.get("LOG_LEVEL") or "INFO"
+        level = level_value.upper()
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise SettingsError(
-                f"LOG_LEVEL: {level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+                f"LOG_LEVEL: {level_value!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
             )
         return cls(
             fernet_keys=env.get("FERNET_KEY") or None,
@@ -183,6 +186,11 @@ class Entry:
     raw_rrule: str | None
     rule: utils.ParsedRule | None
     fingerprint: str  # changes whenever anything about the entry changes
+    #: The recurring expansion made while validating, and the ``now`` it was made for: a load
+    #: validates and plans with the same ``now``, so the rule is expanded once per load.
+    expansion: tuple[datetime, tuple[tuple[datetime, datetime], ...]] | None = field(
+        default=None, repr=False, compare=False
+    )
 
     @property
     def zone(self) -> ZoneInfo:
@@ -207,6 +215,8 @@ class Entry:
         if self.rule is None:
             assert self.desired_moment is not None and self.desired_wall is not None
             return [(self.desired_wall, self.desired_moment)]
+        if self.expansion is not None and self.expansion[0] == now:
+            return list(self.expansion[1][:limit])
         return utils.expand_rule_walls(self.rule.rule, self.zone, now, limit)
 
     def starts(self, now: datetime, limit: int = utils.INSTANCES_PER_RULE) -> list[datetime]:
@@ -318,6 +328,12 @@ def _decode_json(data: bytes, name: str) -> tuple[Any, str | None]:
             f"{name}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); "
             "nothing loaded from it, the last good state stays"
         )
+    except ValueError:
+        # Not a JSONDecodeError: Python refuses integers of more than 4300 digits.
+        return None, (
+            f"{name}: not valid JSON (a number in it has too many digits); "
+            "nothing loaded from it, the last good state stays"
+        )
     except RecursionError:
         return None, f"{name}: nested too deeply; nothing loaded from it, the last good state stays"
 
@@ -371,7 +387,9 @@ def read_tokens(path: Path, fernet: MultiFernet) -> TokensResult:
         return result
     if not isinstance(parsed, dict):
         result.file_error = (
-            f'{name}: expected a JSON object {{"name": "token"}}, got {_json_type(parsed)}; '
+            # The type only: the value may be a token.
+            f'{name}: expected a JSON object {{"name": "token"}}, '
+            f"got {_json_type(parsed).split(' (')[0]}; "
             "nothing loaded from it, the last good state stays"
         )
         return result
@@ -380,13 +398,24 @@ def read_tokens(path: Path, fernet: MultiFernet) -> TokensResult:
         if not token_name or len(token_name) > 128:
             result.errors.append(f"{where}: a token name must be 1 to 128 characters")
             continue
+        if not _is_text(token_name):
+            result.errors.append(f"{where}: a token name must be 1 to 128 characters of text")
+            continue
         if not isinstance(value, str) or not value.strip():
-            result.errors.append(
-                f"{where}: expected the token as a non-empty string, got {_json_type(value)}"
-            )
+            # The type only: a value in the token's place may be the token itself.
+            got = "an empty string" if isinstance(value, str) else _json_type(value).split(" (")[0]
+            result.errors.append(f"{where}: expected the token as a non-empty string, got {got}")
             result.tokens[token_name] = TokenValue(
                 token_name, None, f"{where} is not a string", False
             )
+            continue
+        if not _is_text(value):
+            reason = (
+                f"{where}: the value is not valid text (it holds an unpaired surrogate such as "
+                "\\ud800); put the token in as it is"
+            )
+            result.errors.append(reason)
+            result.tokens[token_name] = TokenValue(token_name, None, reason, False)
             continue
         value = value.strip()  # noqa: PLW2901 (surrounding blanks are no part of a token)
         plaintext = utils.decrypt_token(fernet, value)
@@ -409,6 +438,15 @@ def read_tokens(path: Path, fernet: MultiFernet) -> TokensResult:
             encrypted = fernet.encrypt(value.encode()).decode()
             result.tokens[token_name] = TokenValue(token_name, encrypted, None, True)
     return result
+
+
+def _is_text(value: str) -> bool:
+    """False for strings JSON can spell but UTF-8 cannot hold (unpaired surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _json_type(value: Any) -> str:
@@ -511,13 +549,17 @@ def _validate_entry(
     where = _where(file_name, shown_id, position)
     errors: list[str] = []
     warnings: list[str] = []
+    bad_keys: set[str] = set()
 
     def bad(key: str, message: str) -> None:
         errors.append(f"{where}: {key}: {message}")
+        bad_keys.add(key)
 
     for key in raw:
         if key not in ENTRY_KEYS:
-            bad(key, f"unknown key; expected one of {', '.join(ENTRY_KEYS)}")
+            # Quoted unless a plain name, so that "", " id" or a newline read as what they are.
+            shown = key if key.isidentifier() else repr(key)
+            bad(shown, f"unknown key; expected one of {', '.join(ENTRY_KEYS)}")
     if "id" in raw and not id_ok:
         bad(
             "id",
@@ -545,6 +587,13 @@ def _validate_entry(
             desired = utils.parse_desired_time(raw["desired_time"], zone)
         except ValueError as exc:
             bad("desired_time", str(exc))
+            desired_ok = False
+        except OverflowError:
+            bad(
+                "desired_time",
+                f"{raw['desired_time']!r} is out of range (years 1 to 9999 in UTC and in the "
+                "entry's zone)",
+            )
             desired_ok = False
     elif entry_type == ONE_OFF and "desired_time" not in raw:
         bad("desired_time", "missing; a one-off entry needs 'YYYY-MM-DD HH:MM'")
@@ -617,8 +666,10 @@ def _validate_entry(
         bad("enabled", f"{enabled!r} is not true or false")
 
     # The derived id uses the raw values that say *when*, so court or token edits keep it.
+    # When one of those values is itself wrong, the entry may be an edit of any entry without
+    # an id: its id cannot be told (None), and removals are put off.
     entry_id: str | None = shown_id
-    if "id" not in raw:
+    if "id" not in raw and not bad_keys & {"type", "desired_time", "rrule", "timezone"}:
         entry_id = utils.derive_schedule_id(
             entry_type, raw.get("desired_time"), rule_text, raw.get("timezone")
         )
@@ -658,6 +709,14 @@ def _validate_entry(
         rule=rule,
         fingerprint=fingerprint,
     )
+    if rule is not None:
+        # A rule that runs into year 9999 fails only while expanding: find out here, not in
+        # reconcile.
+        try:
+            entry = dataclasses.replace(entry, expansion=(now, tuple(entry.occurrences(now))))
+        except (ValueError, OverflowError):
+            errors.append(f"{where}: rrule: {rule_text!r} {OUT_OF_RANGE}")
+            return None, errors, warnings, entry_id
     return entry, errors, warnings, entry_id
 
 
@@ -688,6 +747,9 @@ def _parse_rule(
         rule = utils.parse_rfc_rule(text, start=desired.wall if desired else None, zone=zone)
     except utils.RuleError as exc:
         bad("rrule", str(exc))
+        return None
+    except OverflowError:
+        bad("rrule", f"{text!r} {OUT_OF_RANGE}")
         return None
     if rule.zone_name is not None and "timezone" in raw and rule.zone_name != zone_name:
         bad(
@@ -957,6 +1019,9 @@ def _reconcile_entry(
             or row.token_name != entry.token
             or row.duration_minutes != entry.duration_minutes
             or row.rrule != rrule_text
+            # Another zone or type can give the same instants (London -> Lisbon).
+            or row.timezone != entry.timezone
+            or row.type != entry.type
         )
         if moved or edited:
             row.court_id = entry.court_text
@@ -964,6 +1029,8 @@ def _reconcile_entry(
             row.token_name = entry.token
             row.duration_minutes = entry.duration_minutes
             row.rrule = rrule_text
+            row.timezone = entry.timezone
+            row.type = entry.type
             row.trigger_time = item.trigger
             changes.updated += 1
     for key, row in rows.items():
@@ -1001,28 +1068,42 @@ def expire_missed(factory: sessionmaker[Session], now: datetime) -> list[Instanc
 def recover_in_flight(
     factory: sessionmaker[Session], now: datetime
 ) -> tuple[list[str], list[Instance]]:
-    """Instances left in ``booking`` by a crash: those still ahead go back to ``pending`` and
-    are retried with the same Idempotency-Key; the others fail, their outcome unknown."""
-    retry: list[str] = []
-    failed: list[Instance] = []
+    """Instances left in ``booking`` by a crash.
+
+    Attempts are committed before each request leaves, so ``attempts == 0`` means nothing was
+    sent (the instance was claimed ahead of its trigger): it simply goes back to ``pending``, or
+    is ``expired`` if its start has passed. One that did send is retried with the same
+    Idempotency-Key while its start is ahead, else it fails, its outcome unknown. Returns the keys
+    retried after a send, and the instances that reached a final status (to report).
+    """
+    retried: list[str] = []
+    finished: list[Instance] = []
     with transaction(factory) as session:
         for row in session.scalars(select(Instance).where(Instance.status == BOOKING)):
+            sent = row.attempts > 0
             if row.desired_time > now:
                 row.status = PENDING
-                row.last_error = (
-                    "interrupted while booking (courtbot stopped); retried with the same "
-                    "Idempotency-Key"
-                )
-                retry.append(row.key)
-            else:
+                if sent:
+                    row.last_error = (
+                        "interrupted while booking (courtbot stopped); retried with the same "
+                        "Idempotency-Key"
+                    )
+                    retried.append(row.key)
+                continue
+            row.finished_at = now
+            if sent:
                 row.status = FAILED
                 row.last_error = (
                     "courtbot stopped while this booking was being sent and the start has "
                     "passed: its outcome is unknown, check with the club"
                 )
-                row.finished_at = now
-                failed.append(row)
-    return retry, failed
+            else:
+                row.status = EXPIRED
+                row.last_error = (
+                    "courtbot stopped just before sending this booking and the start has passed"
+                )
+            finished.append(row)
+    return retried, finished
 
 
 def pending_triggers(factory: sessionmaker[Session]) -> dict[str, datetime]:

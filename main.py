@@ -36,7 +36,7 @@ import models
 import scheduler
 import utils
 from config_loader import Config, Settings, SettingsError
-from models import FAILED, PENDING, Instance, Token
+from models import EXPIRED, FAILED, PENDING, Instance, Token
 from notify import Notifier, NotifyConfigError, NotifySettings, validate_notify_urls
 
 logger = logging.getLogger("courtbot")
@@ -243,9 +243,10 @@ class Daemon:
         scheduler.set_runtime(self)
 
         now = datetime.now(UTC)
-        retried, unknown = config_loader.recover_in_flight(self.factory, now)
-        for row in unknown:
-            self.notifier.notify(bot.outcome_of(row))
+        retried, finished = config_loader.recover_in_flight(self.factory, now)
+        for row in finished:
+            if row.status != EXPIRED:
+                self.notifier.notify(bot.outcome_of(row))
         if retried:
             logger.warning(
                 "%d booking(s) were interrupted by a stop; retried now with the same "
@@ -253,7 +254,8 @@ class Daemon:
                 len(retried),
                 ", ".join(retried),
             )
-        missed = config_loader.expire_missed(self.factory, now)
+        missed = [r for r in finished if r.status == EXPIRED]
+        missed += config_loader.expire_missed(self.factory, now)
         if missed:
             self.notifier.notify_missed([bot.outcome_of(row) for row in missed])
         self.load(reason="start")

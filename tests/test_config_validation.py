@@ -1,0 +1,1072 @@
+"""One test per validation rule of schedules.json, tokens.json and the environment.
+
+CONTRACT sections 2, 3 and 5; STYLE "Config errors a person can act on": every error line names
+the file, the entry (its id when it has one, always its 1-based position), the key, the value
+with ``!r`` and what was expected. The tests assert that text, not just that something failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet, MultiFernet
+
+import config_loader
+import utils
+from config_loader import (
+    ENTRY_KEYS,
+    SchedulesResult,
+    Settings,
+    SettingsError,
+    read_config,
+    read_schedules,
+    read_tokens,
+    rewrite_tokens_file,
+)
+from conftest import NOW, write_json
+
+KEYS_TEXT = ", ".join(ENTRY_KEYS)
+COURT_EXPECTED = (
+    'expected a string, an integer, null (any court) or a list tried in order, e.g. ["3", "4"]'
+)
+NOTHING_LOADED = "nothing loaded from it, the last good state stays"
+TOKENS = {"default", "alice"}
+
+WED = {
+    "id": "wed-evening",
+    "type": "recurring",
+    "rrule": "FREQ=WEEKLY;BYDAY=WE",
+    "desired_time": "2026-12-02 17:00",
+    "timezone": "Europe/London",
+}
+MATCH = {"id": "match", "type": "one-off", "desired_time": "2026-12-10 18:00"}
+NO_ID = {"type": "one-off", "desired_time": "2026-12-20 10:00", "court_id": "1"}
+
+
+def schedules(
+    data_dir: Path,
+    *entries: Any,
+    tokens: set[str] = TOKENS,
+    zone: str = "UTC",
+) -> SchedulesResult:
+    """Write ``entries`` as schedules.json and validate it."""
+    path = write_json(data_dir / "schedules.json", list(entries))
+    return read_schedules(path, default_zone=zone, token_names=set(tokens), now=NOW)
+
+
+def only_error(result: SchedulesResult) -> str:
+    assert len(result.errors) == 1, result.errors
+    return result.errors[0]
+
+
+def rejected_alone(result: SchedulesResult, *loaded: str) -> None:
+    """The other entries still load."""
+    assert [e.id for e in result.entries] == list(loaded)
+    assert result.file_error is None
+
+
+# --------------------------------------------------------------------------- the whole file
+
+
+def test_schedules_not_an_array_rejects_the_whole_file(data_dir: Path) -> None:
+    path = write_json(data_dir / "schedules.json", {"id": "wed-evening", "type": "recurring"})
+    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+    assert result.file_error == (
+        f"schedules.json: expected a JSON array of entries, got an object; {NOTHING_LOADED}"
+    )
+    assert result.entries == [] and result.errors == []
+
+
+def test_schedules_not_json_rejects_the_whole_file(data_dir: Path) -> None:
+    path = data_dir / "schedules.json"
+    path.write_text('[\n  {"id": "wed-evening",}\n]\n')
+    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+    assert result.file_error == (
+        "schedules.json: not valid JSON (line 2 column 24: Expecting property name enclosed in "
+        f"double quotes); {NOTHING_LOADED}"
+    )
+    assert result.entries == []
+
+
+def test_schedules_not_utf8_rejects_the_whole_file(data_dir: Path) -> None:
+    path = data_dir / "schedules.json"
+    path.write_bytes(b'[{"id": "caf\xe9"}]')
+    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+    assert result.file_error == (
+        f"schedules.json: not UTF-8 text (byte 12: b'\\xe9'); {NOTHING_LOADED}"
+    )
+
+
+def test_schedules_too_large_rejects_the_whole_file(data_dir: Path) -> None:
+    path = data_dir / "schedules.json"
+    # Valid JSON, only too big: the size alone is the reason.
+    path.write_bytes(b"[" + b" " * config_loader.MAX_CONFIG_BYTES + b"]")
+    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+    assert result.file_error == (
+        f"schedules.json: the file is larger than 10 MiB; {NOTHING_LOADED}"
+    )
+
+
+def test_schedules_huge_number_rejects_the_whole_file(data_dir: Path) -> None:
+    # Python refuses to turn more than 4300 digits into an int (a ValueError, not a
+    # JSONDecodeError): it must be a file error, not an exception.
+    path = data_dir / "schedules.json"
+    path.write_text('[{"id": "x", "duration_minutes": ' + "9" * 5000 + "}]")
+    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+    assert result.file_error == (
+        f"schedules.json: not valid JSON (a number in it has too many digits); {NOTHING_LOADED}"
+    )
+
+
+def test_schedules_missing_is_a_warning_and_no_schedules(data_dir: Path) -> None:
+    path = data_dir / "schedules.json"
+    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+    assert result.missing and result.file_error is None and result.errors == []
+    assert result.warnings == [f"schedules.json: no such file ({path}); no schedules"]
+
+
+def test_schedules_utf8_bom_is_accepted(data_dir: Path) -> None:
+    path = data_dir / "schedules.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([WED]).encode())
+    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+    assert result.errors == [] and result.file_error is None
+    assert [e.id for e in result.entries] == ["wed-evening"]
+
+
+# --------------------------------------------------------------------------- entries
+
+
+def test_entry_not_an_object(data_dir: Path) -> None:
+    result = schedules(data_dir, WED, "wed-evening", MATCH)
+    assert only_error(result) == "schedules.json entry #2: expected an object, got a string " + (
+        "('wed-evening')"
+    )
+    rejected_alone(result, "wed-evening", "match")
+    assert result.unknown_rejects == 1
+
+
+def test_unknown_key(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH, {**WED, "cour_id": "3"})
+    assert only_error(result) == (
+        "schedules.json entry 'wed-evening' (#2): cour_id: unknown key; "
+        f"expected one of {KEYS_TEXT}"
+    )
+    rejected_alone(result, "match")
+    assert result.rejected_ids == {"wed-evening"}
+
+
+@pytest.mark.parametrize(
+    ("key", "shown"),
+    [("", "''"), ("court id", "'court id'"), ("id\n", "'id\\n'"), ("Court_ID", "Court_ID")],
+)
+def test_unknown_key_is_quoted_unless_a_plain_name(data_dir: Path, key: str, shown: str) -> None:
+    result = schedules(data_dir, MATCH | {key: 1})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#1): {shown}: unknown key; expected one of {KEYS_TEXT}"
+    )
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    ["wed evening!", "x" * 65, "", "café", "wed/evening", 7, None],
+    ids=["chars", "too-long", "empty", "non-ascii", "slash", "number", "null"],
+)
+def test_bad_id(data_dir: Path, bad_id: Any) -> None:
+    result = schedules(data_dir, MATCH, MATCH | {"id": bad_id})
+    assert only_error(result) == (
+        f"schedules.json entry #2: id: {bad_id!r} is not a valid id; expected 1 to 64 of "
+        "A-Z a-z 0-9 _ . - (e.g. 'wed-evening')"
+    )
+    rejected_alone(result, "match")
+    # Its instances cannot be told apart: removals are put off (see test_reconcile).
+    assert result.unknown_rejects == 1
+
+
+def test_id_of_64_characters_is_fine(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH | {"id": "A-z_0.9" + "x" * 57})
+    assert result.errors == []
+    assert result.entries[0].id == "A-z_0.9" + "x" * 57
+
+
+def test_duplicate_explicit_ids(data_dir: Path) -> None:
+    result = schedules(data_dir, WED, MATCH, MATCH | {"id": "wed-evening"})
+    assert only_error(result) == (
+        "schedules.json entry 'wed-evening' (#3): id: 'wed-evening' is already used by entry #1; "
+        "ids must be unique"
+    )
+    rejected_alone(result, "wed-evening", "match")
+    # The first entry of that id is valid: its id is not among the rejected ones.
+    assert result.rejected_ids == set()
+
+
+def test_two_entries_deriving_the_same_id(data_dir: Path) -> None:
+    result = schedules(data_dir, WED, NO_ID, NO_ID | {"court_id": "2"})
+    derived = utils.derive_schedule_id("one-off", "2026-12-20 10:00", None, None)
+    assert only_error(result) == (
+        f"schedules.json entry #3: id: this entry derives the same id ({derived!r}) as entry #2 "
+        '(same type, desired_time, rrule and timezone); give both an explicit "id"'
+    )
+    rejected_alone(result, "wed-evening", derived)
+
+
+def test_derived_id_ignores_court_token_and_duration(data_dir: Path) -> None:
+    first = schedules(data_dir, NO_ID).entries[0].id
+    edited = NO_ID | {"court_id": [7, 8], "token": "alice", "duration_minutes": 90}
+    assert schedules(data_dir, edited).entries[0].id == first
+    assert first.startswith("auto-")
+    moved = NO_ID | {"desired_time": "2026-12-21 10:00"}
+    assert schedules(data_dir, moved).entries[0].id != first
+
+
+def test_missing_type(data_dir: Path) -> None:
+    entry = {k: v for k, v in WED.items() if k != "type"}
+    result = schedules(data_dir, entry)
+    # Without a type the rule cannot be told to belong: only the type is reported.
+    assert result.errors[0] == (
+        "schedules.json entry 'wed-evening' (#1): type: missing; expected \"one-off\" or "
+        '"recurring"'
+    )
+    assert len(result.errors) == 1
+
+
+@pytest.mark.parametrize("bad_type", ["weekly", "One-Off", 1, None, ["one-off"]])
+def test_bad_type(data_dir: Path, bad_type: Any) -> None:
+    result = schedules(data_dir, MATCH | {"type": bad_type})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#1): type: {bad_type!r} is not a type; expected "
+        '"one-off" or "recurring"'
+    )
+
+
+def test_one_off_missing_desired_time(data_dir: Path) -> None:
+    result = schedules(data_dir, {"id": "match", "type": "one-off"})
+    assert only_error(result) == (
+        "schedules.json entry 'match' (#1): desired_time: missing; a one-off entry needs "
+        "'YYYY-MM-DD HH:MM'"
+    )
+
+
+EXPECTED_TIME = "expected 'YYYY-MM-DD HH:MM' (e.g. '2026-12-02 17:00')"
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("2026-02-30 10:00", "is not a real date and time (day is out of range for month); "),
+        ("2026-12-10 25:00", "is not a real date and time (hour must be in 0..23); "),
+        ("2026-12-10 18:60", "is not a real date and time (minute must be in 0..59); "),
+        ("next tuesday", "is not a date and time; "),
+        ("10/12/2026 18:00", "is not a date and time; "),
+        ("2026-12-10", "is not a date and time; "),
+        ("2026-12-10 18:00+25:00", "has an invalid UTC offset '+25:00'; "),
+        (1765389600, "is not a string; "),
+        (None, "is not a string; "),
+    ],
+    ids=["feb-30", "25h", "60min", "words", "us-format", "no-time", "offset", "epoch", "null"],
+)
+def test_bad_desired_time(data_dir: Path, value: Any, problem: str) -> None:
+    result = schedules(data_dir, MATCH | {"desired_time": value})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#1): desired_time: {value!r} {problem}{EXPECTED_TIME}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "utc"),
+    [
+        ("2026-12-10 18:00", "2026-12-10T18:00:00Z"),
+        ("2026-12-10T18:00:30", "2026-12-10T18:00:30Z"),
+        ("2026-12-10 18:00+02:00", "2026-12-10T16:00:00Z"),
+        ("2026-12-10T18:00:00Z", "2026-12-10T18:00:00Z"),
+    ],
+)
+def test_desired_time_formats_accepted(data_dir: Path, value: str, utc: str) -> None:
+    result = schedules(data_dir, MATCH | {"desired_time": value, "timezone": "Europe/London"})
+    assert result.errors == []
+    assert utils.format_utc(result.entries[0].desired_moment) == utc
+
+
+@pytest.mark.parametrize("value", ["0001-01-01 00:00+01:00", "9999-12-31 23:00-05:00"])
+def test_desired_time_out_of_range(data_dir: Path, value: str) -> None:
+    # An instant that exists in no UTC year 1-9999 must be an error, not an OverflowError.
+    result = schedules(data_dir, MATCH | {"desired_time": value})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#1): desired_time: {value!r} is out of range "
+        "(years 1 to 9999 in UTC and in the entry's zone)"
+    )
+
+
+def test_rrule_on_a_one_off(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH | {"rrule": "FREQ=WEEKLY"})
+    assert only_error(result) == (
+        "schedules.json entry 'match' (#1): rrule: a one-off entry has no rule; use "
+        '"type": "recurring" or remove "rrule"'
+    )
+
+
+def test_recurring_without_rrule(data_dir: Path) -> None:
+    entry = {k: v for k, v in WED.items() if k != "rrule"}
+    result = schedules(data_dir, entry)
+    assert only_error(result) == (
+        "schedules.json entry 'wed-evening' (#1): rrule: missing; a recurring entry needs a rule, "
+        'e.g. "FREQ=WEEKLY;BYDAY=WE" or "every Wednesday at 17:00"'
+    )
+
+
+@pytest.mark.parametrize("value", ["", "   ", 5, ["FREQ=WEEKLY"], None])
+def test_rrule_not_a_rule(data_dir: Path, value: Any) -> None:
+    result = schedules(data_dir, WED | {"rrule": value})
+    assert only_error(result) == (
+        f"schedules.json entry 'wed-evening' (#1): rrule: {value!r} is not a rule; "
+        'e.g. "FREQ=WEEKLY;BYDAY=WE" or "every Wednesday at 17:00"'
+    )
+
+
+def test_rrule_invalid_freq(data_dir: Path) -> None:
+    # STYLE.md's own example.
+    result = schedules(data_dir, MATCH, WED | {"rrule": "FREQ=WEEKY"})
+    assert only_error(result) == (
+        "schedules.json entry 'wed-evening' (#2): rrule: 'FREQ=WEEKY' is not a valid rule "
+        "('FREQ=WEEKY': FREQ must be one of DAILY, WEEKLY, MONTHLY, YEARLY); "
+        'e.g. "FREQ=WEEKLY;BYDAY=WE" or "every Wednesday at 17:00"'
+    )
+    rejected_alone(result, "match")
+
+
+@pytest.mark.parametrize(
+    ("rule", "fragment"),
+    [
+        ("FREQ=HOURLY", "FREQ must be one of DAILY, WEEKLY, MONTHLY, YEARLY"),
+        ("FREQ=WEEKLY;BYDAY=XX", "is not a valid rule (invalid 'BYDAY': XX)"),
+        ("FREQ=WEEKLY;BYDAY", "'BYDAY' is not NAME=VALUE"),
+        ("FREQ=WEEKLY;INTERVAL=0", "INTERVAL '0' must be a whole number of at least 1"),
+        ("FREQ=WEEKLY;COUNT=3;UNTIL=20270101T000000", "COUNT and UNTIL cannot both be given"),
+        ("RRULE:FREQ=DAILY\nRRULE:FREQ=WEEKLY", "must hold exactly one rule line"),
+        ("DTSTART:20260230T170000\nRRULE:FREQ=WEEKLY", "is not a real date and time"),
+        ("DTSTART:20261203T170000\nRRULE:FREQ=WEEKLY", "disagree; give the start once"),
+        ("every funday at 17:00", "is not an English rule I understand"),
+        ("every wednesday at 25:00", "25:00 in 'every wednesday at 25:00' is not a time of day"),
+    ],
+)
+def test_rrule_invalid(data_dir: Path, rule: str, fragment: str) -> None:
+    result = schedules(data_dir, WED | {"rrule": rule})
+    error = only_error(result)
+    assert error.startswith("schedules.json entry 'wed-evening' (#1): rrule: ")
+    assert fragment in error
+
+
+@pytest.mark.parametrize(
+    ("rule", "zone"),
+    [
+        ("DTSTART:00010101T000000Z\nRRULE:FREQ=YEARLY", "America/New_York"),
+        ("DTSTART:99991225T200000\nRRULE:FREQ=DAILY", "America/New_York"),
+    ],
+    ids=["starts-before-year-1", "runs-past-9999"],
+)
+def test_rrule_out_of_range(data_dir: Path, rule: str, zone: str) -> None:
+    # Such a rule must be an error here, not an OverflowError here or while reconciling.
+    entry = {"id": "w", "type": "recurring", "rrule": rule, "timezone": zone}
+    result = schedules(data_dir, entry, MATCH)
+    assert only_error(result) == (
+        f"schedules.json entry 'w' (#1): rrule: {rule!r} holds a date out of range (years 1 to "
+        "9999 in UTC and in the entry's zone)"
+    )
+    rejected_alone(result, "match")
+    assert result.rejected_ids == {"w"}
+
+
+def test_rrule_needs_a_start(data_dir: Path) -> None:
+    entry = {k: v for k, v in WED.items() if k != "desired_time"}
+    result = schedules(data_dir, entry)
+    assert only_error(result) == (
+        "schedules.json entry 'wed-evening' (#1): rrule: 'FREQ=WEEKLY;BYDAY=WE' has no start: "
+        "add a 'desired_time' (the first possible date and time of day) or a DTSTART line"
+    )
+
+
+def test_rrule_every_other_needs_a_start(data_dir: Path) -> None:
+    entry = {"id": "fri", "type": "recurring", "rrule": "every other Friday at 10:00"}
+    result = schedules(data_dir, entry)
+    assert only_error(result) == (
+        "schedules.json entry 'fri' (#1): rrule: 'every other Friday at 10:00': 'every other' "
+        "needs a start date to count weeks from; add 'starting YYYY-MM-DD' "
+        "(e.g. 'every other Friday at 10:00 starting 2025-08-03')"
+    )
+
+
+@pytest.mark.parametrize("zone", ["Mars/Olympus", "europe/london", "", " UTC", 1, None])
+def test_timezone_unknown(data_dir: Path, zone: Any) -> None:
+    result = schedules(data_dir, MATCH | {"timezone": zone})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#1): timezone: {zone!r} is not an IANA time zone "
+        "(e.g. 'Europe/London')"
+    )
+
+
+def test_booking_timezone_applies_to_entries_without_one(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH, zone="America/New_York")
+    assert result.entries[0].timezone == "America/New_York"
+    assert utils.format_utc(result.entries[0].desired_moment) == "2026-12-10T23:00:00Z"
+
+
+def test_timezone_key_disagreeing_with_dtstart_tzid(data_dir: Path) -> None:
+    rule = "DTSTART;TZID=Europe/London:20261202T170000\nRRULE:FREQ=WEEKLY;BYDAY=WE"
+    entry = {"id": "wed-evening", "type": "recurring", "rrule": rule, "timezone": "Europe/Paris"}
+    result = schedules(data_dir, entry)
+    assert only_error(result) == (
+        "schedules.json entry 'wed-evening' (#1): timezone: 'Europe/Paris' disagrees with the "
+        "rule's DTSTART;TZID=Europe/London; give the zone once"
+    )
+
+
+def test_dtstart_tzid_sets_the_zone(data_dir: Path) -> None:
+    rule = "DTSTART;TZID=Europe/London:20270602T170000\nRRULE:FREQ=WEEKLY;BYDAY=WE"
+    agreeing = {"id": "a", "type": "recurring", "rrule": rule, "timezone": "Europe/London"}
+    silent = {"id": "b", "type": "recurring", "rrule": rule}
+    result = schedules(data_dir, agreeing, silent)
+    assert result.errors == []
+    for entry in result.entries:
+        assert entry.timezone == "Europe/London"
+        # 17:00 BST in June.
+        assert utils.format_utc(entry.starts(NOW, 1)[0]) == "2027-06-02T16:00:00Z"
+
+
+def test_dtstart_tzid_unknown(data_dir: Path) -> None:
+    rule = "DTSTART;TZID=Mars/Base:20261202T170000\nRRULE:FREQ=WEEKLY"
+    result = schedules(data_dir, {"id": "w", "type": "recurring", "rrule": rule})
+    assert only_error(result) == (
+        "schedules.json entry 'w' (#1): rrule: 'DTSTART;TZID=Mars/Base:20261202T170000': TZID "
+        "'Mars/Base' is not an IANA time zone (e.g. 'Europe/London')"
+    )
+
+
+@pytest.mark.parametrize(
+    ("court", "courts", "text"),
+    [
+        ("3", ("3",), "3"),
+        (3, ("3",), "3"),
+        (None, (None,), None),
+        (["3", 4], ("3", "4"), "3, 4"),
+        ("Centre Court", ("Centre Court",), "Centre Court"),
+    ],
+    ids=["string", "int", "null", "list", "name"],
+)
+def test_court_id_accepted(
+    data_dir: Path, court: Any, courts: tuple[str | None, ...], text: str | None
+) -> None:
+    result = schedules(data_dir, MATCH | {"court_id": court})
+    assert result.errors == []
+    assert result.entries[0].courts == courts
+    assert result.entries[0].court_text == text
+
+
+def test_court_id_absent_means_any_court(data_dir: Path) -> None:
+    entry = schedules(data_dir, MATCH).entries[0]
+    assert entry.courts == (None,) and entry.court_text is None
+
+
+@pytest.mark.parametrize(
+    ("court", "problem"),
+    [
+        ([], "an empty list; give one or more courts, or null for any court"),
+        ([["3"]], "[['3']]: every court in a list must be a string or integer"),
+        (["3", None], "['3', None]: every court in a list must be a string or integer"),
+        (["3", True], "['3', True]: every court in a list must be a string or integer"),
+        (["3", 3], "['3', 3] lists a court twice"),
+        (True, f"True is not a court; {COURT_EXPECTED}"),
+        (False, f"False is not a court; {COURT_EXPECTED}"),
+        ({"id": 3}, f"{{'id': 3}} is not a court; {COURT_EXPECTED}"),
+        (3.5, f"3.5 is not a court; {COURT_EXPECTED}"),
+        ("", f"'' is not a court; {COURT_EXPECTED}"),
+        (" 3", f"' 3' is not a court; {COURT_EXPECTED}"),
+        ("x" * 65, f"{'x' * 65!r} is not a court; {COURT_EXPECTED}"),
+    ],
+    ids=[
+        "empty-list",
+        "nested",
+        "null-in-list",
+        "bool-in-list",
+        "twice",
+        "true",
+        "false",
+        "object",
+        "float",
+        "empty",
+        "blank",
+        "too-long",
+    ],
+)
+def test_court_id_rejected(data_dir: Path, court: Any, problem: str) -> None:
+    result = schedules(data_dir, WED, MATCH | {"court_id": court})
+    assert only_error(result) == f"schedules.json entry 'match' (#2): court_id: {problem}"
+    rejected_alone(result, "wed-evening")
+
+
+def test_token_not_in_tokens_json_lists_the_names(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH | {"token": "bob"})
+    assert only_error(result) == (
+        "schedules.json entry 'match' (#1): token: 'bob' is not in tokens.json "
+        "(it has: 'alice', 'default')"
+    )
+
+
+def test_default_token_missing_when_tokens_json_is_empty(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH, tokens=set())
+    assert only_error(result) == (
+        "schedules.json entry 'match' (#1): token: 'default' is not in tokens.json (it has: none)"
+    )
+
+
+@pytest.mark.parametrize("token", [5, "", None, ["alice"]])
+def test_token_not_a_name(data_dir: Path, token: Any) -> None:
+    result = schedules(data_dir, MATCH | {"token": token})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#1): token: {token!r} is not a token name; expected a "
+        "name from tokens.json"
+    )
+
+
+@pytest.mark.parametrize("duration", [0, -5, 1.5, "60", True, 60.0, None])
+def test_duration_minutes_not_a_positive_integer(data_dir: Path, duration: Any) -> None:
+    result = schedules(data_dir, MATCH | {"duration_minutes": duration})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#1): duration_minutes: {duration!r} is not a positive "
+        "whole number of minutes"
+    )
+
+
+def test_duration_minutes_longer_than_a_day(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH | {"duration_minutes": 24 * 60 + 1})
+    assert only_error(result) == (
+        "schedules.json entry 'match' (#1): duration_minutes: 1441 is longer than a day"
+    )
+
+
+def test_duration_minutes_default_and_value(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH, MATCH | {"id": "long", "duration_minutes": 90})
+    assert [e.duration_minutes for e in result.entries] == [60, 90]
+
+
+@pytest.mark.parametrize("enabled", ["yes", "false", 0, 1, None])
+def test_enabled_not_a_boolean(data_dir: Path, enabled: Any) -> None:
+    result = schedules(data_dir, MATCH | {"enabled": enabled})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#1): enabled: {enabled!r} is not true or false"
+    )
+
+
+def test_one_off_in_the_past_is_a_warning_and_never_planned(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH | {"desired_time": "2026-11-01 10:00"})
+    assert result.errors == []
+    assert result.warnings == [
+        "schedules.json entry 'match' (#1): desired_time: '2026-11-01 10:00' is in the past; "
+        "skipped, never booked"
+    ]
+    assert result.entries[0].plan(NOW, utils.Window(168, "h")) == []
+
+
+def test_one_off_in_a_dst_gap_is_a_warning(data_dir: Path) -> None:
+    entry = MATCH | {"desired_time": "2027-03-28 01:30", "timezone": "Europe/London"}
+    result = schedules(data_dir, entry)
+    assert result.errors == []
+    assert result.warnings == [
+        "schedules.json entry 'match' (#1): desired_time: 2027-03-28 01:30 does not exist in "
+        "Europe/London (DST gap): it is taken as 02:30 BST (2027-03-28T01:30:00Z)"
+    ]
+    planned = result.entries[0].plan(NOW, utils.Window(168, "h"))
+    assert [p.key for p in planned] == ["match@2027-03-28T01:30:00Z"]
+
+
+def test_one_off_in_a_dst_overlap_is_a_warning_first_occurrence(data_dir: Path) -> None:
+    entry = MATCH | {"desired_time": "2027-10-31 01:30", "timezone": "Europe/London"}
+    result = schedules(data_dir, entry)
+    assert result.errors == []
+    assert result.warnings == [
+        "schedules.json entry 'match' (#1): desired_time: 2027-10-31 01:30 happens twice in "
+        "Europe/London (DST overlap): the first one is taken (01:30 BST, 2027-10-31T00:30:00Z)"
+    ]
+
+
+def test_several_errors_in_one_entry_are_all_reported(data_dir: Path) -> None:
+    entry = WED | {"cour_id": "3", "duration_minutes": 0, "enabled": "yes", "token": "bob"}
+    result = schedules(data_dir, MATCH, entry, NO_ID)
+    where = "schedules.json entry 'wed-evening' (#2)"
+    assert result.errors == [
+        f"{where}: cour_id: unknown key; expected one of {KEYS_TEXT}",
+        f"{where}: token: 'bob' is not in tokens.json (it has: 'alice', 'default')",
+        f"{where}: duration_minutes: 0 is not a positive whole number of minutes",
+        f"{where}: enabled: 'yes' is not true or false",
+    ]
+    assert all("\n" not in error for error in result.errors)
+    rejected_alone(
+        result, "match", utils.derive_schedule_id("one-off", "2026-12-20 10:00", None, None)
+    )
+
+
+def test_errors_of_several_entries_name_each_position(data_dir: Path) -> None:
+    result = schedules(
+        data_dir,
+        MATCH,
+        MATCH | {"id": "a", "court_id": []},
+        {"type": "one-off", "desired_time": "2026-12-21 10:00", "court_id": []},
+        MATCH | {"id": "b", "enabled": 1},
+    )
+    assert result.errors == [
+        "schedules.json entry 'a' (#2): court_id: an empty list; give one or more courts, or "
+        "null for any court",
+        "schedules.json entry #3: court_id: an empty list; give one or more courts, or null for "
+        "any court",
+        "schedules.json entry 'b' (#4): enabled: 1 is not true or false",
+    ]
+    rejected_alone(result, "match")
+
+
+def test_valid_entries_are_typed(data_dir: Path) -> None:
+    result = schedules(data_dir, WED | {"court_id": ["3", "4"], "token": "alice"}, MATCH)
+    assert result.errors == [] and result.warnings == []
+    wed, match = result.entries
+    assert (wed.id, wed.position, wed.type, wed.timezone) == (
+        "wed-evening",
+        1,
+        "recurring",
+        "Europe/London",
+    )
+    assert (wed.courts, wed.token, wed.duration_minutes, wed.enabled) == (
+        ("3", "4"),
+        "alice",
+        60,
+        True,
+    )
+    assert wed.rule is not None and "RRULE:FREQ=WEEKLY;BYDAY=WE" in wed.rule.rfc
+    assert (match.position, match.type, match.timezone, match.token) == (
+        2,
+        "one-off",
+        "UTC",
+        "default",
+    )
+    assert match.rule is None
+
+
+# --------------------------------------------------------------------------- tokens.json
+
+
+def tokens_file(data_dir: Path, value: Any) -> Path:
+    return write_json(data_dir / "tokens.json", value)
+
+
+def test_tokens_not_an_object_rejects_the_whole_file(data_dir: Path, fernet: MultiFernet) -> None:
+    result = read_tokens(tokens_file(data_dir, ["tok"]), fernet)
+    assert result.file_error == (
+        f'tokens.json: expected a JSON object {{"name": "token"}}, got an array; {NOTHING_LOADED}'
+    )
+    assert result.tokens == {}
+
+
+def test_tokens_not_an_object_never_echoes_the_value(data_dir: Path, fernet: MultiFernet) -> None:
+    result = read_tokens(tokens_file(data_dir, "tok-plain-secret"), fernet)
+    assert result.file_error == (
+        f'tokens.json: expected a JSON object {{"name": "token"}}, got a string; {NOTHING_LOADED}'
+    )
+
+
+def test_tokens_not_json_rejects_the_whole_file(data_dir: Path, fernet: MultiFernet) -> None:
+    path = data_dir / "tokens.json"
+    path.write_text("{'default': 'tok'}")
+    result = read_tokens(path, fernet)
+    assert result.file_error == (
+        "tokens.json: not valid JSON (line 1 column 2: Expecting property name enclosed in double "
+        f"quotes); {NOTHING_LOADED}"
+    )
+
+
+def test_tokens_missing_is_a_warning(data_dir: Path, fernet: MultiFernet) -> None:
+    path = data_dir / "tokens.json"
+    result = read_tokens(path, fernet)
+    assert result.missing and result.file_error is None and result.errors == []
+    assert result.warnings == [f"tokens.json: no such file ({path}); no tokens loaded"]
+
+
+@pytest.mark.parametrize(
+    ("value", "got"),
+    [
+        (123456789, "a number"),
+        (True, "a boolean"),
+        (None, "null"),
+        (["tok"], "an array"),
+        ({"v": "tok"}, "an object"),
+        ("", "an empty string"),
+        ("   ", "an empty string"),
+    ],
+)
+def test_token_not_a_string_is_an_error_for_that_token(
+    data_dir: Path, fernet: MultiFernet, value: Any, got: str
+) -> None:
+    result = read_tokens(tokens_file(data_dir, {"default": value, "alice": "tok-a"}), fernet)
+    assert result.errors == [
+        f"tokens.json token 'default': expected the token as a non-empty string, got {got}"
+    ]
+    assert result.tokens["default"].encrypted is None
+    assert result.tokens["default"].error
+    assert result.tokens["alice"].error is None and result.tokens["alice"].encrypted
+    # A value in the token's place is never echoed (it may be the token itself).
+    if value not in (None, True):
+        assert repr(value) not in result.errors[0]
+
+
+@pytest.mark.parametrize("name", ["", "n" * 129])
+def test_token_name_length(data_dir: Path, fernet: MultiFernet, name: str) -> None:
+    result = read_tokens(tokens_file(data_dir, {name: "tok", "alice": "tok-a"}), fernet)
+    assert result.errors == [
+        f"tokens.json token {name!r}: a token name must be 1 to 128 characters"
+    ]
+    assert set(result.tokens) == {"alice"}
+
+
+def test_token_that_is_not_text_is_an_error_for_that_token(
+    data_dir: Path, fernet: MultiFernet
+) -> None:
+    # JSON can spell an unpaired UTF-16 surrogate; such a string cannot be encrypted or stored.
+    path = data_dir / "tokens.json"
+    path.write_text('{"default": "tok\\ud800", "alice": "tok-a"}')
+    result = read_tokens(path, fernet)
+    assert result.errors == [
+        "tokens.json token 'default': the value is not valid text (it holds an unpaired "
+        "surrogate such as \\ud800); put the token in as it is"
+    ]
+    assert result.tokens["default"].encrypted is None
+    assert result.tokens["alice"].encrypted is not None
+
+
+def test_token_name_that_is_not_text_is_an_error(data_dir: Path, fernet: MultiFernet) -> None:
+    path = data_dir / "tokens.json"
+    path.write_text('{"de\\udc80fault": "tok", "alice": "tok-a"}')
+    result = read_tokens(path, fernet)
+    assert result.errors == [
+        "tokens.json token 'de\\udc80fault': a token name must be 1 to 128 characters of text"
+    ]
+    assert set(result.tokens) == {"alice"}
+
+
+def test_fernet_value_no_key_decrypts_is_an_error_for_that_token_only(
+    data_dir: Path, fernet: MultiFernet
+) -> None:
+    foreign = Fernet(Fernet.generate_key()).encrypt(b"tok-d").decode()
+    encrypted = fernet.encrypt(b"tok-a").decode()
+    path = tokens_file(data_dir, {"default": foreign, "alice": encrypted, "bob": "tok-b"})
+    result = read_tokens(path, fernet)
+    assert result.errors == [
+        "tokens.json token 'default': the value is encrypted but no key in FERNET_KEY decrypts it "
+        "(was it encrypted with another key?); re-encrypt it with `python main.py encrypt-token` "
+        "or put the plaintext token in the file"
+    ]
+    assert result.tokens["default"].encrypted is None
+    assert result.tokens["default"].error == result.errors[0]
+    assert result.tokens["default"].rewrite is False
+    assert result.tokens["alice"] == config_loader.TokenValue("alice", encrypted, None, False)
+    assert fernet.decrypt(result.tokens["bob"].encrypted.encode()) == b"tok-b"
+    assert foreign not in result.errors[0]
+
+
+def test_plaintext_token_is_encrypted_under_the_first_key(data_dir: Path) -> None:
+    first, second = Fernet.generate_key(), Fernet.generate_key()
+    ring = utils.load_fernet(f"{first.decode()},{second.decode()}")
+    result = read_tokens(tokens_file(data_dir, {"default": "  tok-plain  "}), ring)
+    token = result.tokens["default"]
+    assert token.rewrite is True and token.error is None and result.errors == []
+    assert token.encrypted is not None and "tok-plain" not in token.encrypted
+    # Under the first key alone (surrounding blanks are no part of the token).
+    assert Fernet(first).decrypt(token.encrypted.encode()) == b"tok-plain"
+
+
+def test_token_under_the_second_key_is_reencrypted_under_the_first(data_dir: Path) -> None:
+    first, second = Fernet.generate_key(), Fernet.generate_key()
+    ring = utils.load_fernet(f"{first.decode()}, {second.decode()}")
+    old = Fernet(second).encrypt(b"tok-old").decode()
+    new = Fernet(first).encrypt(b"tok-new").decode()
+    result = read_tokens(tokens_file(data_dir, {"old": old, "new": new}), ring)
+    assert result.errors == []
+    assert result.tokens["old"].rewrite is True
+    assert result.tokens["old"].encrypted != old
+    assert Fernet(first).decrypt(result.tokens["old"].encrypted.encode()) == b"tok-old"
+    assert result.tokens["new"] == config_loader.TokenValue("new", new, None, False)
+
+
+def test_rewrite_tokens_file_encrypts_in_place(data_dir: Path) -> None:
+    first, second = Fernet.generate_key(), Fernet.generate_key()
+    ring = utils.load_fernet(f"{first.decode()},{second.decode()}")
+    kept = Fernet(first).encrypt(b"tok-kept").decode()
+    old = Fernet(second).encrypt(b"tok-old").decode()
+    foreign = Fernet(Fernet.generate_key()).encrypt(b"tok-x").decode()
+    path = tokens_file(
+        data_dir,
+        {"plain": "tok-plain-secret", "kept": kept, "old": old, "bad": foreign, "num": 5},
+    )
+    path.chmod(0o644)
+    inode = path.stat().st_ino
+    result = read_tokens(path, ring)
+
+    assert rewrite_tokens_file(path, result) is True
+
+    data = path.read_bytes()
+    assert b"tok-plain-secret" not in data
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    # Atomic: a temporary file was written and renamed over it; none is left behind.
+    assert path.stat().st_ino != inode
+    assert sorted(p.name for p in data_dir.iterdir()) == ["tokens.json"]
+    written = json.loads(data)
+    assert list(written) == ["plain", "kept", "old", "bad", "num"]
+    assert written["kept"] == kept and written["bad"] == foreign and written["num"] == 5
+    assert Fernet(first).decrypt(written["plain"].encode()) == b"tok-plain-secret"
+    assert Fernet(first).decrypt(written["old"].encode()) == b"tok-old"
+    # Read again: nothing left to rewrite.
+    again = read_tokens(path, ring)
+    assert not any(t.rewrite for t in again.tokens.values())
+
+
+def test_rewrite_tokens_file_leaves_a_file_with_nothing_to_do(
+    data_dir: Path, fernet: MultiFernet
+) -> None:
+    path = tokens_file(data_dir, {"default": fernet.encrypt(b"tok").decode()})
+    before = path.read_bytes(), path.stat().st_mtime_ns
+    assert rewrite_tokens_file(path, read_tokens(path, fernet)) is True
+    assert (path.read_bytes(), path.stat().st_mtime_ns) == before
+
+
+def test_rewrite_tokens_file_leaves_a_file_changed_since_it_was_read(
+    data_dir: Path, fernet: MultiFernet
+) -> None:
+    path = tokens_file(data_dir, {"default": "tok-1"})
+    result = read_tokens(path, fernet)
+    tokens_file(data_dir, {"default": "tok-2"})
+    assert rewrite_tokens_file(path, result) is False
+    assert json.loads(path.read_text()) == {"default": "tok-2"}
+    assert sorted(p.name for p in data_dir.iterdir()) == ["tokens.json"]
+
+
+def _assert_unwritable_warning(caplog: pytest.LogCaptureFixture, path: Path) -> None:
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert message.startswith(
+        "tokens.json: cannot rewrite it with encrypted tokens (Permission denied); the tokens "
+        "are kept encrypted in the database only"
+    )
+    assert "tok-plain" not in message
+    assert json.loads(path.read_text()) == {"default": "tok-plain"}
+
+
+def test_rewrite_tokens_file_in_a_read_only_directory_warns(
+    data_dir: Path, fernet: MultiFernet, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tokens_file(data_dir, {"default": "tok-plain"})
+    result = read_tokens(path, fernet)
+    data_dir.chmod(0o500)
+    try:
+        if os.access(data_dir, os.W_OK):
+            pytest.skip("running as root: chmod does not stop writes")
+        with caplog.at_level(logging.WARNING, logger="config_loader"):
+            assert rewrite_tokens_file(path, result) is False
+        _assert_unwritable_warning(caplog, path)
+    finally:
+        data_dir.chmod(0o700)
+
+
+def test_rewrite_tokens_file_that_cannot_be_written_warns(
+    data_dir: Path,
+    fernet: MultiFernet,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The same refusal as a read-only directory, also when the tests run as root.
+    path = tokens_file(data_dir, {"default": "tok-plain"})
+    result = read_tokens(path, fernet)
+
+    def refuse(*_args: Any, **_kwargs: Any) -> Any:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(config_loader.tempfile, "mkstemp", refuse)
+    with caplog.at_level(logging.WARNING, logger="config_loader"):
+        assert rewrite_tokens_file(path, result) is False
+    _assert_unwritable_warning(caplog, path)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int, int]]:
+    return {
+        p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_mode)
+        for p in sorted(folder.iterdir())
+    }
+
+
+def test_read_config_and_read_tokens_never_write(
+    data_dir: Path, settings: Settings, fernet: MultiFernet
+) -> None:
+    tokens_file(data_dir, {"default": "tok-plain", "alice": "tok-a"})
+    write_json(data_dir / "schedules.json", [WED, MATCH])
+    (data_dir / "tokens.json").chmod(0o644)
+    before = _snapshot(data_dir)
+
+    config = read_config(settings, fernet, NOW)
+    tokens = read_tokens(settings.tokens_path, fernet)
+
+    assert config.errors == []
+    assert tokens.tokens["default"].rewrite is True
+    assert _snapshot(data_dir) == before  # no rewrite, no chmod, no database
+
+
+def test_read_config_uses_known_tokens_when_tokens_json_is_rejected(
+    data_dir: Path, settings: Settings, fernet: MultiFernet
+) -> None:
+    (data_dir / "tokens.json").write_text("{not json")
+    write_json(data_dir / "schedules.json", [MATCH, MATCH | {"id": "b", "token": "bob"}])
+    config = read_config(settings, fernet, NOW, known_tokens=["default"])
+    assert config.tokens.file_error is not None
+    assert config.errors == [
+        config.tokens.file_error,
+        "schedules.json entry 'b' (#2): token: 'bob' is not in tokens.json (it has: 'default')",
+    ]
+    assert [e.id for e in config.schedules.entries] == ["match"]
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def test_settings_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings.data_dir == Path("data")
+    assert settings.database_url == "sqlite:///data/db.sqlite"
+    assert settings.timezone == "UTC"
+    assert settings.window == utils.Window(168, "h")
+    assert str(settings.window) == "168h"
+    assert settings.retry_base == 1.0
+    assert settings.http_timeout == 10.0
+    assert settings.reload_interval == 60.0
+    assert settings.log_level == "INFO"
+    assert settings.log_file == Path("data/bot.log")
+    assert settings.fernet_keys is None and settings.api_url is None
+    assert settings.template_path is None
+    assert settings.schedules_path == Path("data/schedules.json")
+    assert settings.tokens_path == Path("data/tokens.json")
+
+
+def test_settings_follow_data_dir(tmp_path: Path) -> None:
+    settings = Settings.from_env({"DATA_DIR": str(tmp_path)})
+    assert settings.database_url == f"sqlite:///{tmp_path}/db.sqlite"
+    assert settings.log_file == tmp_path / "bot.log"
+    assert settings.pid_path == tmp_path / "bot.pid"
+
+
+def test_settings_values() -> None:
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": "sqlite:////tmp/other.sqlite",
+            "BOOKING_TIMEZONE": "Europe/London",
+            "BOOKING_WINDOW": "7d",
+            "RETRY_BASE_SECONDS": "0",
+            "HTTP_TIMEOUT_SECONDS": "2.5",
+            "RELOAD_INTERVAL_SECONDS": "5",
+            "LOG_LEVEL": "debug",
+            "LOG_FILE": "-",
+        }
+    )
+    assert settings.database_url == "sqlite:////tmp/other.sqlite"
+    assert settings.timezone == "Europe/London"
+    assert settings.window == utils.Window(7, "d")
+    assert (settings.retry_base, settings.http_timeout, settings.reload_interval) == (0, 2.5, 5)
+    assert settings.log_level == "DEBUG"
+    assert settings.log_file is None
+
+
+def test_settings_empty_values_mean_defaults() -> None:
+    blank = {
+        name: ""
+        for name in (
+            "DATA_DIR",
+            "BOOKING_TIMEZONE",
+            "BOOKING_WINDOW",
+            "RETRY_BASE_SECONDS",
+            "LOG_LEVEL",
+            "LOG_FILE",
+        )
+    }
+    settings = Settings.from_env(blank)
+    assert (settings.timezone, settings.window, settings.retry_base, settings.log_level) == (
+        "UTC",
+        utils.Window(168, "h"),
+        1.0,
+        "INFO",
+    )
+    assert settings.log_file == Path("data/bot.log")
+
+
+WINDOW_EXPECTED = (
+    "is not a window; expected '<N>h' (hours, e.g. '168h' or '47.5h') or '<N>d' (whole "
+    "calendar days, e.g. '7d')"
+)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"BOOKING_WINDOW": "a week"}, f"BOOKING_WINDOW: 'a week' {WINDOW_EXPECTED}"),
+        ({"BOOKING_WINDOW": "-5h"}, f"BOOKING_WINDOW: '-5h' {WINDOW_EXPECTED}"),
+        ({"BOOKING_WINDOW": "1.5d"}, f"BOOKING_WINDOW: '1.5d' {WINDOW_EXPECTED}"),
+        ({"BOOKING_WINDOW": "168"}, f"BOOKING_WINDOW: '168' {WINDOW_EXPECTED}"),
+        (
+            {"BOOKING_WINDOW": "99999999h"},
+            "BOOKING_WINDOW: '99999999h' is longer than a year; no club opens bookings that far "
+            "ahead (e.g. '168h' or '7d')",
+        ),
+        (
+            {"BOOKING_TIMEZONE": "Mars/Olympus"},
+            "BOOKING_TIMEZONE: 'Mars/Olympus' is not an IANA time zone (e.g. 'Europe/London')",
+        ),
+        (
+            {"RETRY_BASE_SECONDS": "-1"},
+            "RETRY_BASE_SECONDS: '-1' must be a finite number >= 0",
+        ),
+        (
+            {"RETRY_BASE_SECONDS": "nan"},
+            "RETRY_BASE_SECONDS: 'nan' must be a finite number >= 0",
+        ),
+        (
+            {"RETRY_BASE_SECONDS": "inf"},
+            "RETRY_BASE_SECONDS: 'inf' must be a finite number >= 0",
+        ),
+        (
+            {"RETRY_BASE_SECONDS": "soon"},
+            "RETRY_BASE_SECONDS: 'soon' is not a number of seconds",
+        ),
+        (
+            {"HTTP_TIMEOUT_SECONDS": "0"},
+            "HTTP_TIMEOUT_SECONDS: '0' must be a finite number >= 0.001",
+        ),
+        (
+            {"RELOAD_INTERVAL_SECONDS": "-inf"},
+            "RELOAD_INTERVAL_SECONDS: '-inf' must be a finite number >= 0.01",
+        ),
+        (
+            {"LOG_LEVEL": "verbose"},
+            "LOG_LEVEL: 'verbose' is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL",
+        ),
+    ],
+    ids=lambda v: "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else "",
+)
+def test_settings_errors(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env(env)
+    assert str(raised.value) == message
+
+
+def test_settings_window_resolves_triggers() -> None:
+    settings = Settings.from_env({"BOOKING_WINDOW": "47.5h"})
+    assert settings.window == utils.Window(47.5, "h")
+    start = NOW + timedelta(days=3)
+    zone = utils.get_zone("UTC")
+    assert utils.trigger_time(start, zone, settings.window) == start - timedelta(hours=47.5)

@@ -1,0 +1,785 @@
+"""Reconciliation (CONTRACT sections 5 and 7) against a real SQLite database.
+
+Loading is a diff, not a rebuild: the tests look at row ids, keys, triggers and ``updated_at`` to
+tell "left alone" from "rewritten with the same values".
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.fernet import Fernet, MultiFernet
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+import models
+import utils
+from config_loader import (
+    Changes,
+    Config,
+    Settings,
+    expire_missed,
+    pending_triggers,
+    read_config,
+    reconcile,
+    recover_in_flight,
+)
+from conftest import NOW, write_json
+from models import BOOKED, BOOKING, CANCELLED, EXPIRED, FAILED, PENDING, Instance, Token
+
+TOKENS = {"default": "tok-default-secret", "alice": "tok-alice-secret"}
+WED = {
+    "id": "wed-evening",
+    "type": "recurring",
+    "rrule": "FREQ=WEEKLY;BYDAY=WE",
+    "desired_time": "2026-12-02 17:00",
+    "timezone": "Europe/London",
+    "court_id": "3",
+}
+MATCH = {
+    "id": "match",
+    "type": "one-off",
+    "desired_time": "2026-12-10 18:00",
+    "timezone": "Europe/London",
+    "court_id": 5,
+    "token": "alice",
+}
+MATCH_KEY = "match@2026-12-10T18:00:00Z"
+FIRST_WED = "wed-evening@2026-12-02T17:00:00Z"
+COLUMNS = [c.key for c in Instance.__table__.columns]
+
+
+def write(data_dir: Path, entries: Any, tokens: Any = TOKENS) -> None:
+    write_json(data_dir / "schedules.json", entries)
+    if tokens is not None:
+        write_json(data_dir / "tokens.json", tokens)
+
+
+def load(
+    factory: sessionmaker[Session],
+    settings: Settings,
+    fernet: MultiFernet,
+    now: datetime = NOW,
+) -> Config:
+    with factory() as session:
+        known = set(session.scalars(select(Token.id)))
+    return read_config(settings, fernet, now, known_tokens=known)
+
+
+def apply(
+    factory: sessionmaker[Session],
+    settings: Settings,
+    fernet: MultiFernet,
+    now: datetime = NOW,
+) -> Changes:
+    config = load(factory, settings, fernet, now)
+    return reconcile(factory, config, window=settings.window, now=now)
+
+
+def rows(factory: sessionmaker[Session], schedule_id: str | None = None) -> dict[str, Instance]:
+    with factory() as session:
+        query = select(Instance).order_by(Instance.desired_time)
+        if schedule_id is not None:
+            query = query.where(Instance.schedule_id == schedule_id)
+        return {row.key: row for row in session.scalars(query)}
+
+
+def snapshot(factory: sessionmaker[Session], schedule_id: str | None = None) -> dict[str, tuple]:
+    """Every column of every row, ``updated_at`` included: equal means untouched."""
+    return {
+        key: tuple(getattr(row, c) for c in COLUMNS)
+        for key, row in rows(factory, schedule_id).items()
+    }
+
+
+def statuses(factory: sessionmaker[Session], schedule_id: str) -> dict[str, str]:
+    return {key: row.status for key, row in rows(factory, schedule_id).items()}
+
+
+def update(factory: sessionmaker[Session], key: str, **values: Any) -> None:
+    with models.transaction(factory) as session:
+        row = session.scalars(select(Instance).where(Instance.key == key)).one()
+        for name, value in values.items():
+            setattr(row, name, value)
+
+
+def add_row(factory: sessionmaker[Session], key: str, desired: datetime, status: str) -> None:
+    with models.transaction(factory) as session:
+        session.add(
+            Instance(
+                key=key,
+                schedule_id=key.split("@", maxsplit=1)[0],
+                type="one-off",
+                desired_time=desired,
+                trigger_time=desired - timedelta(hours=168),
+                timezone="UTC",
+                status=status,
+            )
+        )
+
+
+def tokens_table(factory: sessionmaker[Session]) -> dict[str, Token]:
+    with factory() as session:
+        return {t.id: t for t in session.scalars(select(Token))}
+
+
+@pytest.fixture
+def loaded(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> dict[str, tuple]:
+    """WED and MATCH loaded at NOW; returns the snapshot."""
+    write(data_dir, [WED, MATCH])
+    changes = apply(factory, settings, fernet)
+    assert changes.added == 53
+    return snapshot(factory)
+
+
+# --------------------------------------------------------------------------- new entries
+
+
+def test_new_entries_become_pending_each_with_its_own_trigger(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WED, MATCH])
+    changes = apply(factory, settings, fernet)
+
+    assert (changes.added, changes.updated, changes.cancelled, changes.revived) == (53, 0, 0, 0)
+    assert sorted(changes.entries_changed) == ["match", "wed-evening"]
+    found = rows(factory)
+    assert len(found) == 53
+    assert all(row.status == PENDING and row.attempts == 0 for row in found.values())
+    match = found[MATCH_KEY]
+    assert (match.schedule_id, match.type, match.timezone) == ("match", "one-off", "Europe/London")
+    assert (match.court_id, json.loads(match.courts), match.token_name) == ("5", ["5"], "alice")
+    assert match.duration_minutes == 60 and match.rrule is None
+    assert match.trigger_time == match.desired_time - timedelta(hours=168)
+
+    weds = rows(factory, "wed-evening")
+    assert len(weds) == 52
+    assert next(iter(weds)) == FIRST_WED
+    # 17:00 London is 17:00Z in winter and 16:00Z in summer: the wall clock is kept.
+    assert "wed-evening@2027-06-02T16:00:00Z" in weds
+    triggers = [row.trigger_time for row in weds.values()]
+    assert len(set(triggers)) == 52
+    for row in weds.values():
+        assert row.trigger_time == row.desired_time - timedelta(hours=168)
+        assert row.rrule is not None and "RRULE:FREQ=WEEKLY;BYDAY=WE" in row.rrule
+    assert pending_triggers(factory) == {k: r.trigger_time for k, r in found.items()}
+
+
+def test_one_off_in_the_past_gets_no_instance(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [MATCH | {"desired_time": "2026-11-01 10:00"}])
+    config = load(factory, settings, fernet)
+    assert config.errors == [] and len(config.warnings) == 1
+    assert reconcile(factory, config, window=settings.window, now=NOW).empty
+    assert rows(factory) == {}
+
+
+def test_reload_with_the_same_config_changes_nothing(
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    triggers = pending_triggers(factory)
+    changes = apply(factory, settings, fernet)
+    assert changes.empty and changes.entries_changed == []
+    assert snapshot(factory) == loaded
+    assert pending_triggers(factory) == triggers
+    # An hour later nothing churns either: no instance has passed.
+    assert apply(factory, settings, fernet, NOW + timedelta(hours=1)).empty
+    assert snapshot(factory) == loaded
+
+
+# --------------------------------------------------------------------------- removed, back
+
+
+def test_removed_entry_cancels_pending_and_keeps_history(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    keys = list(rows(factory, "wed-evening"))
+    update(factory, keys[0], status=BOOKED, booking_ref="R-1", booked_court="3")
+    update(factory, keys[1], status=FAILED, last_error="court taken")
+    update(factory, keys[2], status=BOOKING, attempts=1)  # a request under way
+    before = snapshot(factory)
+
+    write(data_dir, [MATCH])
+    changes = apply(factory, settings, fernet)
+
+    assert (changes.cancelled, changes.added, changes.updated) == (49, 0, 0)
+    after = rows(factory, "wed-evening")
+    assert len(after) == 52  # history stays: nothing is deleted
+    for key in keys[:3]:
+        assert snapshot(factory, "wed-evening")[key] == before[key]
+    for key in keys[3:]:
+        assert after[key].status == CANCELLED
+        assert after[key].last_error == "entry removed from schedules.json"
+        assert after[key].trigger_time == before[key][COLUMNS.index("trigger_time")]
+    assert snapshot(factory, "match") == {MATCH_KEY: before[MATCH_KEY]}
+    assert set(pending_triggers(factory)) == {MATCH_KEY}
+
+
+def test_entry_back_revives_its_cancelled_instances_still_ahead(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    ids = {key: row.id for key, row in rows(factory).items()}
+    write(data_dir, [MATCH])
+    apply(factory, settings, fernet)
+
+    later = NOW + timedelta(days=10)  # two Wednesdays (Dec 2 at 17:00 is the first) have passed
+    write(data_dir, [WED, MATCH])
+    changes = apply(factory, settings, fernet, later)
+
+    weds = rows(factory, "wed-evening")
+    passed = [k for k, r in weds.items() if r.desired_time <= later]
+    assert passed == [FIRST_WED]
+    assert weds[FIRST_WED].status == CANCELLED  # not revived: its start has passed
+    revived = [k for k in weds if k not in passed and k in ids]
+    assert changes.revived == len(revived) == 51
+    for key in revived:
+        row = weds[key]
+        assert row.status == PENDING and row.last_error is None and row.attempts == 0
+        assert row.id == ids[key]
+    # The 52 future instances are there again: one new at the far end.
+    assert changes.added == 1
+    assert sum(1 for r in weds.values() if r.status == PENDING and r.desired_time > later) == 52
+
+
+def test_disabled_entry_cancels_pending_and_enabling_revives(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    first = next(iter(rows(factory, "wed-evening")))
+    update(factory, first, status=BOOKED, booking_ref="R-1")
+
+    write(data_dir, [WED | {"enabled": False}, MATCH])
+    changes = apply(factory, settings, fernet)
+    assert (changes.cancelled, changes.added, changes.updated) == (51, 0, 0)
+    weds = rows(factory, "wed-evening")
+    assert weds[first].status == BOOKED
+    others = [r for k, r in weds.items() if k != first]
+    assert all(r.status == CANCELLED for r in others)
+    assert {r.last_error for r in others} == {"entry disabled in schedules.json"}
+    # Reloading the disabled entry changes nothing more.
+    assert apply(factory, settings, fernet).empty
+
+    write(data_dir, [WED, MATCH])
+    changes = apply(factory, settings, fernet)
+    assert (changes.revived, changes.added, changes.cancelled) == (51, 0, 0)
+    assert snapshot(factory, "match") == {MATCH_KEY: loaded[MATCH_KEY]}
+    assert all(r.status == PENDING for k, r in rows(factory, "wed-evening").items() if k != first)
+
+
+def test_disabled_new_entry_adds_nothing(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WED | {"enabled": False}])
+    assert apply(factory, settings, fernet).empty
+    assert rows(factory) == {}
+
+
+# --------------------------------------------------------------------------- changed entries
+
+
+def test_court_token_and_duration_edits_update_pending_rows_in_place(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    before = rows(factory)
+    edited = WED | {"court_id": ["7", 8], "token": "alice", "duration_minutes": 90}
+    write(data_dir, [edited, MATCH | {"court_id": None}])
+    changes = apply(factory, settings, fernet)
+
+    assert (changes.updated, changes.added, changes.cancelled, changes.revived) == (53, 0, 0, 0)
+    after = rows(factory)
+    assert list(after) == list(before)  # same keys
+    for key, row in after.items():
+        assert row.id == before[key].id
+        assert row.trigger_time == before[key].trigger_time
+        assert row.desired_time == before[key].desired_time
+        assert row.status == PENDING
+    for row in rows(factory, "wed-evening").values():
+        assert (row.court_id, json.loads(row.courts)) == ("7, 8", ["7", "8"])
+        assert (row.token_name, row.duration_minutes) == ("alice", 90)
+    match = after[MATCH_KEY]
+    assert (match.court_id, json.loads(match.courts)) == (None, [None])
+    assert apply(factory, settings, fernet).empty
+
+
+def test_zone_change_that_keeps_the_instants_updates_the_rows(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    # Lisbon keeps London's offsets all year: same instants, same keys, but the rows must not
+    # go on claiming London (status and notifications show the row's zone).
+    before = rows(factory, "wed-evening")
+    write(data_dir, [WED | {"timezone": "Europe/Lisbon"}, MATCH])
+    changes = apply(factory, settings, fernet)
+    assert (changes.updated, changes.added, changes.cancelled) == (52, 0, 0)
+    after = rows(factory, "wed-evening")
+    assert list(after) == list(before)
+    assert {row.timezone for row in after.values()} == {"Europe/Lisbon"}
+    assert all(after[k].id == before[k].id for k in before)
+
+
+def test_type_change_that_keeps_the_instant_updates_the_row(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    # The one-off becomes weekly from the same start: its instance is kept, as a recurring one.
+    weekly = MATCH | {"type": "recurring", "rrule": "FREQ=WEEKLY"}
+    write(data_dir, [WED, weekly])
+    changes = apply(factory, settings, fernet)
+    assert (changes.updated, changes.added, changes.cancelled) == (1, 51, 0)
+    row = rows(factory, "match")[MATCH_KEY]
+    assert row.id == loaded[MATCH_KEY][COLUMNS.index("id")]
+    assert (row.type, row.status) == ("recurring", PENDING)
+    assert row.rrule is not None and "FREQ=WEEKLY" in row.rrule
+
+
+def test_rule_change_cancels_vanished_adds_new_and_keeps_the_rest(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    before = rows(factory, "wed-evening")
+    write(data_dir, [WED | {"rrule": "FREQ=WEEKLY;BYDAY=WE,FR"}, MATCH])
+    changes = apply(factory, settings, fernet)
+
+    # The next 52 are now 26 Wednesdays and 26 Fridays.
+    assert (changes.added, changes.cancelled, changes.revived) == (26, 26, 0)
+    after = rows(factory, "wed-evening")
+    kept = [k for k, r in after.items() if k in before and r.status == PENDING]
+    cancelled = [k for k, r in after.items() if r.status == CANCELLED]
+    new = [k for k in after if k not in before]
+    assert kept == list(before)[:26]
+    assert cancelled == list(before)[26:]
+    assert len(new) == 26
+    london = utils.get_zone("Europe/London")
+    assert all(after[k].desired_time.astimezone(london).weekday() == 4 for k in new)
+    for key in kept:
+        assert after[key].id == before[key].id
+        assert after[key].trigger_time == before[key].trigger_time
+        assert "BYDAY=WE,FR" in (after[key].rrule or "")
+    for key in cancelled:
+        assert after[key].last_error == "no longer produced by the entry's rule or time"
+    assert snapshot(factory, "match") == {MATCH_KEY: loaded[MATCH_KEY]}
+
+
+def test_one_off_moved_cancels_the_old_instance_and_adds_the_new(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    write(data_dir, [WED, MATCH | {"desired_time": "2026-12-11 18:00"}])
+    changes = apply(factory, settings, fernet)
+    assert (changes.added, changes.cancelled) == (1, 1)
+    assert statuses(factory, "match") == {
+        MATCH_KEY: CANCELLED,
+        "match@2026-12-11T18:00:00Z": PENDING,
+    }
+
+
+def test_booked_instance_is_never_changed(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    update(factory, MATCH_KEY, status=BOOKED, booking_ref="R-9", booked_court="5", attempts=1)
+    update(factory, FIRST_WED, status=BOOKED, booking_ref="R-1", booked_court="3", attempts=1)
+    booked = {k: v for k, v in snapshot(factory).items() if k in (MATCH_KEY, FIRST_WED)}
+
+    edits = [
+        # another court, token, duration
+        [WED | {"court_id": "9", "token": "alice"}, MATCH | {"court_id": 1, "duration_minutes": 3}],
+        # the booked instances no longer produced at all
+        [WED | {"rrule": "FREQ=WEEKLY;BYDAY=TH"}, MATCH | {"desired_time": "2026-12-12 10:00"}],
+        # disabled
+        [WED | {"enabled": False}, MATCH | {"enabled": False}],
+        # removed
+        [],
+        # back as it was
+        [WED, MATCH],
+    ]  # fmt: skip
+    for entries in edits:
+        write(data_dir, entries)
+        apply(factory, settings, fernet)
+        now = snapshot(factory)
+        assert {k: now[k] for k in booked} == booked, entries
+
+
+def test_failed_and_expired_instances_are_left_alone(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    update(factory, MATCH_KEY, status=FAILED, last_error="token rejected (401)")
+    update(factory, FIRST_WED, status=EXPIRED, last_error="missed")
+    kept = {k: v for k, v in snapshot(factory).items() if k in (MATCH_KEY, FIRST_WED)}
+    write(data_dir, [WED | {"court_id": "9"}, MATCH | {"court_id": "1"}])
+    apply(factory, settings, fernet)
+    now = snapshot(factory)
+    assert {k: now[k] for k in kept} == kept
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_rejected_entry_keeps_its_instances_exactly(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    # The invalid entry also asks for a court change: none of it applies.
+    write(data_dir, [WED | {"court_id": "9", "duration_minutes": 0}, MATCH | {"court_id": "2"}])
+    config = load(factory, settings, fernet)
+    assert config.errors == [
+        "schedules.json entry 'wed-evening' (#1): duration_minutes: 0 is not a positive whole "
+        "number of minutes"
+    ]
+    changes = reconcile(factory, config, window=settings.window, now=NOW)
+    assert (changes.updated, changes.cancelled, changes.added) == (1, 0, 0)
+    assert snapshot(factory, "wed-evening") == {
+        k: v for k, v in loaded.items() if k.startswith("wed-evening@")
+    }
+    assert rows(factory, "match")[MATCH_KEY].court_id == "2"  # the valid entry still loads
+
+
+def test_rejected_entry_without_id_keeps_its_instances(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    no_id = {k: v for k, v in MATCH.items() if k != "id"}
+    write(data_dir, [no_id])
+    apply(factory, settings, fernet)
+    before = snapshot(factory)
+    assert len(before) == 1 and next(iter(before)).startswith("auto-")
+    # A bad court does not change what the derived id is made of: the entry is still told.
+    write(data_dir, [no_id | {"court_id": []}])
+    config = load(factory, settings, fernet)
+    assert config.errors == [
+        "schedules.json entry #1: court_id: an empty list; give one or more courts, or null for "
+        "any court"
+    ]
+    assert reconcile(factory, config, window=settings.window, now=NOW).empty
+    assert snapshot(factory) == before
+
+
+@pytest.mark.parametrize(
+    "unknown",
+    [
+        "wed-evening",
+        WED | {"id": "wed evening"},
+        {"type": "recurrent", "rrule": "FREQ=WEEKLY;BYDAY=WE", "desired_time": "2026-12-02 17:00"},
+        {"type": "one-off", "desired_time": "2026-12-32 17:00"},
+        {"type": "recurring", "rrule": "FREQ=WEEKY", "desired_time": "2026-12-02 17:00"},
+        {"type": "one-off", "desired_time": "2026-12-02 17:00", "timezone": "Europe/Lundon"},
+    ],
+    ids=[
+        "not-object",
+        "bad-id",
+        "no-id-bad-type",
+        "no-id-bad-time",
+        "no-id-bad-rule",
+        "no-id-zone",
+    ],
+)
+def test_entry_whose_id_cannot_be_told_puts_off_all_removals(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+    unknown: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # wed-evening is gone from the file, but the rejected entry may be it (edited): keep it.
+    write(data_dir, [MATCH, unknown])
+    config = load(factory, settings, fernet)
+    assert len(config.errors) == 1 and config.errors[0].startswith("schedules.json entry #2: ")
+    assert config.schedules.unknown_rejects == 1
+    changes = reconcile(factory, config, window=settings.window, now=NOW)
+    assert changes.empty
+    assert snapshot(factory) == loaded
+    assert "their pending instances are kept until it is fixed" in caplog.text
+
+
+def test_whole_file_error_changes_nothing(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    for text in ['[{"id": "wed-evening",', "{}", "null", ""]:
+        (data_dir / "schedules.json").write_text(text)
+        config = load(factory, settings, fernet)
+        assert config.schedules.file_error is not None
+        assert reconcile(factory, config, window=settings.window, now=NOW).empty
+        assert snapshot(factory) == loaded
+    # The same for tokens.json: its table keeps the last good tokens.
+    write(data_dir, [WED, MATCH], tokens=None)
+    tokens_before = {t.id: (t.encrypted_token, t.error) for t in tokens_table(factory).values()}
+    (data_dir / "tokens.json").write_text('{"default": ')
+    config = load(factory, settings, fernet)
+    assert config.tokens.file_error is not None and config.schedules.errors == []
+    assert reconcile(factory, config, window=settings.window, now=NOW).empty
+    assert snapshot(factory) == loaded
+    now = {t.id: (t.encrypted_token, t.error) for t in tokens_table(factory).values()}
+    assert now == tokens_before
+
+
+def test_missing_schedules_file_means_no_schedules(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    # A missing file means no schedules (CONTRACT 3): pending instances are cancelled, booked
+    # ones stay.
+    update(factory, MATCH_KEY, status=BOOKED, booking_ref="R-1")
+    (data_dir / "schedules.json").unlink()
+    config = load(factory, settings, fernet)
+    assert config.schedules.missing and config.errors == []
+    changes = reconcile(factory, config, window=settings.window, now=NOW)
+    assert changes.cancelled == 52
+    assert rows(factory)[MATCH_KEY].status == BOOKED
+
+
+# --------------------------------------------------------------------------- top-up
+
+
+def test_recurring_top_up_keeps_52_future_instances(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+) -> None:
+    write(data_dir, [WED, MATCH])
+    config = load(factory, settings, fernet)
+    reconcile(factory, config, window=settings.window, now=NOW)
+    ids = {key: row.id for key, row in rows(factory).items()}
+
+    later = NOW + timedelta(weeks=4)  # Dec 2, 9, 16 have passed
+    future = [r for r in rows(factory, "wed-evening").values() if r.desired_time > later]
+    assert len(future) == 49
+
+    changes = reconcile(factory, config, window=settings.window, now=later, only=["wed-evening"])
+
+    assert (changes.added, changes.cancelled, changes.updated) == (3, 0, 0)
+    weds = rows(factory, "wed-evening")
+    future = [r for r in weds.values() if r.desired_time > later]
+    assert len(future) == 52 and all(r.status == PENDING for r in future)
+    assert all(weds[k].id == i for k, i in ids.items() if k in weds)
+    # The passed ones are left for expire_missed / the booking that happened.
+    assert len(weds) == 55
+    # Again at the same time: nothing to do.
+    again = reconcile(factory, config, window=settings.window, now=later, only=["wed-evening"])
+    assert again.empty
+
+
+def test_top_up_touches_only_the_named_entries(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    write(data_dir, [WED, MATCH | {"court_id": "1"}], tokens={"default": "t"})
+    config = load(factory, settings, fernet)
+    reconcile(factory, config, window=settings.window, now=NOW, only=["wed-evening"])
+    assert snapshot(factory) == loaded
+    assert set(tokens_table(factory)) == {"default", "alice"}  # tokens left alone too
+
+
+# --------------------------------------------------------------------------- tokens table
+
+
+def _database_bytes(data_dir: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in data_dir.glob("db.sqlite*") if p.is_file())
+
+
+def test_tokens_are_stored_encrypted_only(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    engine: Any,
+) -> None:
+    write(data_dir, [WED, MATCH])
+    apply(factory, settings, fernet)
+    table = tokens_table(factory)
+    assert set(table) == {"default", "alice"}
+    for name, plaintext in TOKENS.items():
+        row = table[name]
+        assert row.error is None and row.encrypted_token is not None
+        assert plaintext not in row.encrypted_token
+        assert fernet.decrypt(row.encrypted_token.encode()).decode() == plaintext
+    engine.dispose()  # checkpoint nothing away: look at the files as they are
+    data = _database_bytes(data_dir)
+    assert data
+    for plaintext in TOKENS.values():
+        assert plaintext.encode() not in data
+
+
+def test_token_removed_from_tokens_json_is_deleted(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    write(data_dir, [WED], tokens={"default": "tok-default-secret"})
+    apply(factory, settings, fernet)
+    assert set(tokens_table(factory)) == {"default"}
+
+
+def test_bad_token_gets_its_error_set(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    foreign = Fernet(Fernet.generate_key()).encrypt(b"tok-x").decode()
+    write(data_dir, [WED, MATCH], tokens={"default": "tok-default-secret", "alice": foreign})
+    config = load(factory, settings, fernet)
+    assert config.errors == [
+        "tokens.json token 'alice': the value is encrypted but no key in FERNET_KEY decrypts it "
+        "(was it encrypted with another key?); re-encrypt it with `python main.py encrypt-token` "
+        "or put the plaintext token in the file"
+    ]
+    # Its schedules stay valid (they fail at booking with that reason); the rest goes on.
+    assert [e.id for e in config.schedules.entries] == ["wed-evening", "match"]
+    assert reconcile(factory, config, window=settings.window, now=NOW).empty
+    table = tokens_table(factory)
+    assert table["alice"].error == config.errors[0]
+    assert table["default"].error is None
+    assert snapshot(factory) == loaded
+
+    # Fixed: the error goes.
+    write(data_dir, [WED, MATCH], tokens={"default": "t1", "alice": fernet.encrypt(b"t2").decode()})
+    apply(factory, settings, fernet)
+    assert tokens_table(factory)["alice"].error is None
+    assert fernet.decrypt(tokens_table(factory)["alice"].encrypted_token.encode()) == b"t2"
+
+
+def test_new_token_that_is_not_a_string_is_stored_with_its_error(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [MATCH], tokens={"default": "t", "alice": 42})
+    apply(factory, settings, fernet)
+    row = tokens_table(factory)["alice"]
+    assert row.encrypted_token is None and row.error
+    assert "42" not in row.error
+
+
+# --------------------------------------------------------------------------- start-up (7)
+
+
+def test_expire_missed(factory: sessionmaker[Session]) -> None:
+    add_row(factory, "gone@1", NOW - timedelta(hours=1), PENDING)
+    add_row(factory, "just@1", NOW, PENDING)
+    add_row(factory, "ahead@1", NOW + timedelta(minutes=1), PENDING)
+    for status in (BOOKED, FAILED, CANCELLED, BOOKING, EXPIRED):
+        add_row(factory, f"{status}@1", NOW - timedelta(days=1), status)
+    before = snapshot(factory)
+
+    expired = expire_missed(factory, NOW)
+
+    assert sorted(r.key for r in expired) == ["gone@1", "just@1"]
+    after = rows(factory)
+    for key in ("gone@1", "just@1"):
+        row = after[key]
+        trigger = utils.format_utc(row.trigger_time)
+        assert row.status == EXPIRED and row.finished_at == NOW
+        assert row.last_error == (
+            f"courtbot was not running when the booking window opened ({trigger}) and the "
+            "start has passed"
+        )
+    now = snapshot(factory)
+    assert {k: v for k, v in now.items() if k not in ("gone@1", "just@1")} == {
+        k: v for k, v in before.items() if k not in ("gone@1", "just@1")
+    }
+    assert expire_missed(factory, NOW) == []
+
+
+def test_recover_in_flight(factory: sessionmaker[Session]) -> None:
+    add_row(factory, "ahead@1", NOW + timedelta(hours=2), BOOKING)
+    add_row(factory, "passed@1", NOW - timedelta(minutes=5), BOOKING)
+    add_row(factory, "other@1", NOW + timedelta(hours=2), PENDING)
+    add_row(factory, "done@1", NOW - timedelta(hours=2), BOOKED)
+    add_row(factory, "claimed@1", NOW + timedelta(hours=2), BOOKING)
+    add_row(factory, "unsent@1", NOW - timedelta(minutes=5), BOOKING)
+    update(factory, "ahead@1", attempts=1)
+    update(factory, "passed@1", attempts=2)
+    before = snapshot(factory)
+
+    retry, finished = recover_in_flight(factory, NOW)
+
+    assert retry == ["ahead@1"]
+    assert sorted((r.key, r.status) for r in finished) == [
+        ("passed@1", FAILED),
+        ("unsent@1", EXPIRED),
+    ]
+    after = rows(factory)
+    ahead = after["ahead@1"]
+    assert ahead.status == PENDING
+    assert ahead.last_error == (
+        "interrupted while booking (courtbot stopped); retried with the same Idempotency-Key"
+    )
+    assert ahead.key == "ahead@1"  # the Idempotency-Key is the key: unchanged
+    passed = after["passed@1"]
+    assert passed.status == FAILED and passed.finished_at == NOW
+    assert passed.last_error == (
+        "courtbot stopped while this booking was being sent and the start has passed: its "
+        "outcome is unknown, check with the club"
+    )
+    # Claimed ahead of its trigger but never sent: plainly pending (or missed) again.
+    claimed = after["claimed@1"]
+    assert (claimed.status, claimed.last_error) == (PENDING, None)
+    unsent = after["unsent@1"]
+    assert unsent.status == EXPIRED
+    assert unsent.last_error == (
+        "courtbot stopped just before sending this booking and the start has passed"
+    )
+    now = snapshot(factory)
+    for key in ("other@1", "done@1"):
+        assert now[key] == before[key]
+    assert recover_in_flight(factory, NOW) == ([], [])
