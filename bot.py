@@ -81,6 +81,44 @@ class Verdict:
     booking_ref: str | None = None
 
 
+@dataclass(frozen=True)
+class HeldConnection:
+    """An open connection kept aside for one booking until its trigger."""
+
+    pool: Any
+    conn: Any
+
+
+class TriggerGate:
+    """Bookings that share a trigger instant wait behind one gate: a single thread waits out
+    the last moment precisely and opens it for all, instead of each spinning for the GIL."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[float, threading.Event] = {}
+
+    def wait(self, ctx: BookingContext, target: float) -> bool:
+        """Return at ``target`` (epoch seconds) or later, never earlier; False on a stop."""
+        with self._lock:
+            event = self._events.get(target)
+            leader = event is None
+            if leader:
+                event = self._events[target] = threading.Event()
+        assert event is not None
+        if leader:
+            try:
+                return _wait_until(ctx, target)
+            finally:
+                event.set()
+                with self._lock:
+                    self._events.pop(target, None)
+        while not event.wait(0.5):
+            if ctx.stop.is_set():
+                return False
+        # Opened by the leader: at the target, unless it stopped, or the clock disagrees.
+        return _wait_until(ctx, target)
+
+
 class ClubClient:
     """One ``requests.Session`` for the club, with connections opened ahead of triggers."""
 
@@ -94,12 +132,12 @@ class ClubClient:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
-    def warm(self, url: str) -> bool:
-        """Open (or keep) a connection to ``url``'s host without sending anything on it.
-
-        Returns True when a connection is ready. A club sees no request from this: only the
-        TCP (and TLS) handshake, which is what it would see at the trigger anyway.
-        """
+    def warm(self, url: str) -> HeldConnection | None:
+        """Open a connection to ``url``'s host, sending nothing on it, and keep it aside for one
+        request (``release`` it just before sending): a burst of bookings then has one ready
+        connection each. A club sees no request from this, only the TCP (and TLS) handshake it
+        would see at the trigger anyway. None when no connection could be opened (the send will
+        open one and report any error)."""
         try:
             request = requests.Request("POST", url).prepare()
             adapter = self.session.get_adapter(url)
@@ -112,29 +150,35 @@ class ClubClient:
                     conn.connect()
             except Exception:
                 conn.close()
-                raise
-            finally:
                 pool._put_conn(conn)
+                raise
         except Exception as exc:  # noqa: BLE001 (warming is an optimisation; the send reports)
             logger.debug("could not open a connection ahead to %s: %s", _host(url), exc)
-            return False
-        return True
+            return None
+        return HeldConnection(pool, conn)
 
-    def send(self, spec: RequestSpec) -> Answer:
+    @staticmethod
+    def release(held: object) -> None:
+        """Give a connection from ``warm`` back to the pool, where the next send takes it."""
+        if isinstance(held, HeldConnection):
+            held.pool._put_conn(held.conn)
+
+    def prepare(self, spec: RequestSpec) -> requests.PreparedRequest:
+        """The request, fully built (headers merged, body encoded) ahead of its trigger."""
+        return self.session.prepare_request(
+            requests.Request(spec.method, spec.url, headers=dict(spec.headers), data=spec.body)
+        )
+
+    def send(self, spec: RequestSpec | requests.PreparedRequest) -> Answer:
         """Send one request, never following a redirect, reading at most 1 MiB of the answer.
 
         Raises BookingError when no answer came (timeout, refused, reset).
         """
+        prepared = self.prepare(spec) if isinstance(spec, RequestSpec) else spec
         started = time.perf_counter()
         try:
-            response = self.session.request(
-                spec.method,
-                spec.url,
-                headers=dict(spec.headers),
-                data=spec.body,
-                timeout=self.timeout,
-                allow_redirects=False,
-                stream=True,
+            response = self.session.send(
+                prepared, timeout=self.timeout, allow_redirects=False, stream=True
             )
         except requests.Timeout:
             raise BookingError(f"no answer within {self.timeout:g} s", lost=True) from None
@@ -143,16 +187,30 @@ class ClubClient:
         except requests.RequestException as exc:
             raise BookingError(f"request failed ({exc.__class__.__name__})") from None
         try:
-            body = response.raw.read(MAX_BODY_BYTES, decode_content=True) or b""
-        except Exception as exc:  # noqa: BLE001 (urllib3 raises several kinds mid-body)
-            response.close()
-            # The status line arrived: the club did answer, only its body broke off.
-            logger.debug("answer body broke off: %s", exc.__class__.__name__)
-            body = b""
+            body = self._read_body(response, deadline=started + self.timeout)
         finally:
             response.close()
         latency = (time.perf_counter() - started) * 1000
         return Answer(response.status_code, dict(response.headers), body, latency)
+
+    @staticmethod
+    def _read_body(response: requests.Response, *, deadline: float) -> bytes:
+        """At most 1 MiB of the answer's body, read until ``deadline`` (perf_counter): the
+        timeout bounds the whole answer, not each read, so a club dribbling bytes cannot hold a
+        booking (or a shutdown) for longer. A body cut short is kept as far as it came: the
+        status line arrived, so the club did answer."""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while size < MAX_BODY_BYTES and time.perf_counter() < deadline:
+                chunk = response.raw.read1(min(65536, MAX_BODY_BYTES - size), decode_content=True)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+        except Exception as exc:  # noqa: BLE001 (urllib3 raises several kinds mid-body)
+            logger.debug("answer body broke off: %s", exc.__class__.__name__)
+        return b"".join(chunks)
 
     def close(self) -> None:
         self.session.close()
@@ -249,6 +307,7 @@ class BookingContext:
     template: utils.RequestTemplate | None = None
     on_booked: Callable[[str], None] | None = None
     clock: Callable[[], float] = time.time
+    gate: TriggerGate = field(default_factory=TriggerGate)
     in_flight: set[str] = field(default_factory=set)
     in_flight_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -326,14 +385,19 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     requests_by_court = [
         (court, _request(ctx, row, token, court, len(courts) > 1)) for court in courts
     ]
+    prepared = [(court, ctx.client.prepare(spec)) for court, spec in requests_by_court]
     trigger = row.trigger_time.timestamp()
+    held = None
     if ctx.clock() < trigger - 0.05:
-        ctx.client.warm(requests_by_court[0][1].url)
-    if not _wait_until(ctx, trigger):
-        _release(ctx, key)
-        logger.info("booking %s: shutting down before its trigger; left pending", key)
-        return None
-    return _attempt_courts(ctx, row, token, requests_by_court)
+        held = ctx.client.warm(requests_by_court[0][1].url)
+    try:
+        if not ctx.gate.wait(ctx, trigger):
+            _release(ctx, key)
+            logger.info("booking %s: shutting down before its trigger; left pending", key)
+            return None
+    finally:
+        ctx.client.release(held)
+    return _attempt_courts(ctx, row, token, prepared)
 
 
 def _token(ctx: BookingContext, row: Instance, token_row: Token | None) -> tuple[str, str | None]:
@@ -414,7 +478,7 @@ def _attempt_courts(
     ctx: BookingContext,
     row: Instance,
     token: str,
-    requests_by_court: list[tuple[str | None, RequestSpec]],
+    requests_by_court: list[tuple[str | None, requests.PreparedRequest]],
 ) -> str | None:
     reasons: list[str] = []
     total = row.attempts
@@ -425,16 +489,23 @@ def _attempt_courts(
         delays = utils.backoff_delays(ctx.retry_base, MAX_ATTEMPTS_PER_COURT)
         while attempt.attempts < MAX_ATTEMPTS_PER_COURT:
             attempt.attempts += 1
+            # Counted in the database with the answer, not before the send: a commit here
+            # would sit between the trigger and the request.
             total += 1
-            _record_attempt(ctx, row.key, total)
             verdict, wait, note = _one_request(ctx, row, spec, attempt, token)
             court_name = court if court is not None else "any"
             if verdict == "booked":
-                return _finish(ctx, row.key, BOOKED, None, booking_ref=note or None, court=court)
-            if verdict == "auth":
-                return _finish(ctx, row.key, FAILED, attempt.last)
-            if verdict == "rejected":
-                return _finish(ctx, row.key, FAILED, attempt.last)
+                return _finish(
+                    ctx,
+                    row.key,
+                    BOOKED,
+                    None,
+                    booking_ref=note or None,
+                    court=court,
+                    attempts=total,
+                )
+            if verdict in ("auth", "rejected"):
+                return _finish(ctx, row.key, FAILED, attempt.last, attempts=total)
             if verdict == "taken":
                 reason = f"court {court_name}: taken ({attempt.last})"
                 if attempt.lost or resumed:
@@ -454,12 +525,15 @@ def _attempt_courts(
             delay = wait if wait is not None else delays[attempt.attempts - 1]
             if _now(ctx) + timedelta(seconds=delay) >= row.desired_time:
                 reasons.append(f"court {court_name}: {attempt.last}; the start came first")
-                return _finish(ctx, row.key, FAILED, "; ".join(reasons))
+                return _finish(ctx, row.key, FAILED, "; ".join(reasons), attempts=total)
+            _record_attempt(ctx, row.key, total)
             if ctx.stop.wait(delay):
                 _release(ctx, row.key)
                 logger.info("booking %s: shutting down between retries; back to pending", row.key)
                 return None
-    return _finish(ctx, row.key, FAILED, "; ".join(reasons) or "no court could be booked")
+    return _finish(
+        ctx, row.key, FAILED, "; ".join(reasons) or "no court could be booked", attempts=total
+    )
 
 
 def _record_attempt(ctx: BookingContext, key: str, attempts: int) -> None:
@@ -468,7 +542,11 @@ def _record_attempt(ctx: BookingContext, key: str, attempts: int) -> None:
 
 
 def _one_request(
-    ctx: BookingContext, row: Instance, spec: RequestSpec, attempt: _CourtTry, token: str
+    ctx: BookingContext,
+    row: Instance,
+    spec: requests.PreparedRequest,
+    attempt: _CourtTry,
+    token: str,
 ) -> tuple[str, float | None, str | None]:
     """Send once. Returns (verdict kind, wait before the next try or None, booking ref)."""
     court = attempt.court if attempt.court is not None else "any"
@@ -521,11 +599,14 @@ def _finish(
     *,
     booking_ref: str | None = None,
     court: str | None = None,
+    attempts: int | None = None,
 ) -> str:
     now = _now(ctx)
     with transaction(ctx.factory) as session:
         row = session.scalar(select(Instance).where(Instance.key == key))
         assert row is not None
+        if attempts is not None:
+            row.attempts = attempts
         row.status = status
         row.last_error = reason
         row.booking_ref = booking_ref

@@ -24,7 +24,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from cryptography.fernet import MultiFernet
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 import utils
@@ -913,11 +913,14 @@ def reconcile(
     window: utils.Window,
     now: datetime,
     only: Sequence[str] | None = None,
+    unchanged: frozenset[str] = frozenset(),
 ) -> Changes:
     """Apply a validated config to the database as a diff (CONTRACT section 5).
 
-    ``only`` limits the work to these schedule ids (the recurring top-up). Booked instances are
-    never touched; instances of rejected entries are kept as they were.
+    ``only`` limits the work to these schedule ids (the recurring top-up). ``unchanged`` names
+    entries identical to the last load's, whose rows need no look (the daily top-up keeps their
+    horizon). Booked instances are never touched; instances of rejected entries are kept as
+    they were.
     """
     changes = Changes()
     entries = {e.id: e for e in config.schedules.entries}
@@ -927,12 +930,17 @@ def reconcile(
         if config.schedules.file_error is not None:
             return changes
         ids = set(entries) if only is None else set(only) & set(entries)
-        query = select(Instance)
-        if only is not None:
-            query = query.where(Instance.schedule_id.in_(ids))
+        ids -= unchanged
+        stored_ids = set(session.scalars(select(Instance.schedule_id).distinct()))
+        removable = set()
+        if only is None:
+            removable = stored_ids - set(entries) - config.schedules.rejected_ids
         rows_by_schedule: dict[str, dict[str, Instance]] = {}
-        for row in session.scalars(query):
-            rows_by_schedule.setdefault(row.schedule_id, {})[row.key] = row
+        wanted_ids = sorted((ids & stored_ids) | removable)
+        for start in range(0, len(wanted_ids), 500):
+            chunk = wanted_ids[start : start + 500]
+            for row in session.scalars(select(Instance).where(Instance.schedule_id.in_(chunk))):
+                rows_by_schedule.setdefault(row.schedule_id, {})[row.key] = row
         for schedule_id in sorted(ids):
             changes.merge(
                 _reconcile_entry(
@@ -944,7 +952,6 @@ def reconcile(
                 )
             )
         if only is None:
-            removable = set(rows_by_schedule) - set(entries) - config.schedules.rejected_ids
             if removable and config.schedules.unknown_rejects:
                 logger.warning(
                     "%d schedule(s) are no longer in %s, but an entry was rejected whose id "
@@ -978,14 +985,14 @@ def _reconcile_entry(
     courts_json = json.dumps(list(entry.courts))
     rrule_text = entry.rule.rfc if entry.rule else None
     wanted = {p.key for p in planned}
-    new_rows: list[Instance] = []
+    new_rows: list[dict[str, Any]] = []
     for item in planned:
         row = rows.get(item.key)
         if row is None:
             if not entry.enabled:
                 continue
             new_rows.append(
-                Instance(
+                dict(
                     key=item.key,
                     schedule_id=entry.id,
                     type=entry.type,
@@ -1039,7 +1046,11 @@ def _reconcile_entry(
         if row.desired_time > now:
             _cancel(row, changes, "no longer produced by the entry's rule or time")
     if new_rows:
-        session.add_all(new_rows)
+        # One multi-row INSERT: thousands of instances on a cold load, without ORM objects.
+        stamp = utils.as_utc(now)
+        for row_values in new_rows:
+            row_values.update(created_at=stamp, updated_at=stamp)
+        session.execute(insert(Instance), new_rows)
         changes.added += len(new_rows)
     if not changes.empty:
         changes.entries_changed.append(entry.id)
@@ -1070,40 +1081,34 @@ def recover_in_flight(
 ) -> tuple[list[str], list[Instance]]:
     """Instances left in ``booking`` by a crash.
 
-    Attempts are committed before each request leaves, so ``attempts == 0`` means nothing was
-    sent (the instance was claimed ahead of its trigger): it simply goes back to ``pending``, or
-    is ``expired`` if its start has passed. One that did send is retried with the same
-    Idempotency-Key while its start is ahead, else it fails, its outcome unknown. Returns the keys
-    retried after a send, and the instances that reached a final status (to report).
+    An instance is claimed shortly before its trigger, no request leaves before the trigger, and
+    attempts are counted when answered: with ``attempts`` at 0 and the trigger still ahead,
+    nothing was sent and it simply goes back to ``pending``. Otherwise a request may have
+    reached the club: while the start is ahead it is retried with the same Idempotency-Key, else
+    it fails, its outcome unknown. Returns the keys retried and the instances that failed.
     """
     retried: list[str] = []
-    finished: list[Instance] = []
+    failed: list[Instance] = []
     with transaction(factory) as session:
         for row in session.scalars(select(Instance).where(Instance.status == BOOKING)):
-            sent = row.attempts > 0
-            if row.desired_time > now:
+            if row.attempts == 0 and row.trigger_time > now:
                 row.status = PENDING
-                if sent:
-                    row.last_error = (
-                        "interrupted while booking (courtbot stopped); retried with the same "
-                        "Idempotency-Key"
-                    )
-                    retried.append(row.key)
-                continue
-            row.finished_at = now
-            if sent:
+            elif row.desired_time > now:
+                row.status = PENDING
+                row.last_error = (
+                    "interrupted while booking (courtbot stopped); retried with the same "
+                    "Idempotency-Key"
+                )
+                retried.append(row.key)
+            else:
                 row.status = FAILED
                 row.last_error = (
                     "courtbot stopped while this booking was being sent and the start has "
                     "passed: its outcome is unknown, check with the club"
                 )
-            else:
-                row.status = EXPIRED
-                row.last_error = (
-                    "courtbot stopped just before sending this booking and the start has passed"
-                )
-            finished.append(row)
-    return retried, finished
+                row.finished_at = now
+                failed.append(row)
+    return retried, failed
 
 
 def pending_triggers(factory: sessionmaker[Session]) -> dict[str, datetime]:

@@ -36,7 +36,7 @@ import models
 import scheduler
 import utils
 from config_loader import Config, Settings, SettingsError
-from models import EXPIRED, FAILED, PENDING, Instance, Token
+from models import FAILED, PENDING, Instance, Token
 from notify import Notifier, NotifyConfigError, NotifySettings, validate_notify_urls
 
 logger = logging.getLogger("courtbot")
@@ -243,10 +243,9 @@ class Daemon:
         scheduler.set_runtime(self)
 
         now = datetime.now(UTC)
-        retried, finished = config_loader.recover_in_flight(self.factory, now)
-        for row in finished:
-            if row.status != EXPIRED:
-                self.notifier.notify(bot.outcome_of(row))
+        retried, unknown = config_loader.recover_in_flight(self.factory, now)
+        for row in unknown:
+            self.notifier.notify(bot.outcome_of(row))
         if retried:
             logger.warning(
                 "%d booking(s) were interrupted by a stop; retried now with the same "
@@ -254,8 +253,7 @@ class Daemon:
                 len(retried),
                 ", ".join(retried),
             )
-        missed = [r for r in finished if r.status == EXPIRED]
-        missed += config_loader.expire_missed(self.factory, now)
+        missed = config_loader.expire_missed(self.factory, now)
         if missed:
             self.notifier.notify_missed([bot.outcome_of(row) for row in missed])
         self.load(reason="start")
@@ -308,6 +306,18 @@ class Daemon:
         with self._load_lock:
             started = time.perf_counter()
             now = datetime.now(UTC)
+            if reason != "start" and not self.config_changed():
+                # Same files: nothing to validate or reconcile; jobs may still need a look (a
+                # `retry` from the CLI put instances back to pending).
+                report = self._sync()
+                logger.info(
+                    "config unchanged (%s), checked in %.0f ms; jobs: %d added, %d removed",
+                    reason,
+                    (time.perf_counter() - started) * 1000,
+                    report.added,
+                    report.removed,
+                )
+                return True
             with self.factory() as session:
                 known = set(session.scalars(sql_select(Token.id)))
             config = config_loader.read_config(self.settings, self.fernet, now, known_tokens=known)
@@ -319,8 +329,16 @@ class Daemon:
             if config.tokens.file_error is None and config.tokens.raw is not None:
                 config_loader.rewrite_tokens_file(self.settings.tokens_path, config.tokens)
                 config_loader.secure_file_mode(self.settings.tokens_path)
+            unchanged: frozenset[str] = frozenset()
+            if reason != "start" and self.config is not None:
+                # Entries exactly as last time need no reconciling (their horizon is the top-up's
+                # job); at start everything is, as the window setting may have changed.
+                before = {e.id: e.fingerprint for e in self.config.schedules.entries}
+                unchanged = frozenset(
+                    e.id for e in config.schedules.entries if before.get(e.id) == e.fingerprint
+                )
             changes = config_loader.reconcile(
-                self.factory, config, window=self.settings.window, now=now
+                self.factory, config, window=self.settings.window, now=now, unchanged=unchanged
             )
             whole_ok = config.schedules.file_error is None
             if whole_ok or self.config is None:
@@ -508,6 +526,12 @@ def cmd_run(env: dict[str, str]) -> int:
     except StartError as exc:
         print(f"courtbot: cannot start: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
+    # Everything the daemon creates in DATA_DIR holds secrets or state: owner-only, including
+    # what others create for it later (a rotated log, SQLite's -wal and -shm files).
+    os.umask(0o077)
+    # A booking thread that wakes at its trigger must get the GIL at once, not after another
+    # thread's 5 ms default slice (the daemon is idle otherwise, so switching costs nothing).
+    sys.setswitchinterval(0.0005)
     daemon = Daemon(settings, fernet, template)
     try:
         daemon.start()

@@ -121,9 +121,15 @@ def sqlite_path(url: str) -> Path | None:
     parsed = make_url(url)
     if parsed.get_backend_name() != "sqlite" or not parsed.database:
         return None
-    if parsed.database == ":memory:" or parsed.database.startswith("file:"):
+    database = parsed.database
+    if database.startswith("file:"):
+        # A SQLite URI (``sqlite:///file:db.sqlite?uri=true``): the same file, differently named.
+        if parsed.query.get("mode") == "memory":
+            return None
+        database = database[len("file:") :].split("?", 1)[0]
+    if database in ("", ":memory:"):
         return None
-    return Path(parsed.database)
+    return Path(database)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -9,16 +9,18 @@ match the pending instances, cheaply, at start and after every load.
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from apscheduler.executors.pool import ThreadPoolExecutor
-from apscheduler.jobstores.base import JobLookupError
+from apscheduler.job import Job
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.triggers.date import DateTrigger
 from sqlalchemy import Engine, select
 
 logger = logging.getLogger(__name__)
@@ -127,10 +129,13 @@ class Scheduler:
         self, pending: Mapping[str, datetime], *, busy: frozenset[str] = frozenset()
     ) -> SyncReport:
         """Make the job store hold exactly one job per pending instance, at its trigger minus
-        ``LEAD``. ``busy`` keys (a booking under way in this process) are left alone."""
+        ``LEAD``. ``busy`` keys (a booking under way in this process) are left alone. All
+        changes are written in one transaction: a cold load of thousands of instances is one
+        commit, not one per job."""
         with self._lock:
             stored = self._stored()
-            added = moved = removed = 0
+            upserts: list[tuple[str, datetime]] = []
+            moved = 0
             for key, trigger in pending.items():
                 if key in busy:
                     continue
@@ -138,28 +143,45 @@ class Scheduler:
                 have = stored.get(key)
                 if have is not None and abs(have - run_at.timestamp()) < 1e-3:
                     continue
-                self._scheduler.add_job(
-                    run_booking,
-                    "date",
-                    run_date=run_at,
-                    args=[key],
-                    id=key,
-                    name=f"book {key}",
-                    replace_existing=True,
-                )
-                if key in stored:
-                    moved += 1
-                else:
-                    added += 1
-            for key in set(stored) - set(pending) - busy:
-                try:
-                    self._scheduler.remove_job(key)
-                    removed += 1
-                except JobLookupError:
-                    pass
-        if added or moved or removed:
-            logger.debug("jobs: %d added, %d moved, %d removed", added, moved, removed)
-        return SyncReport(added=added, moved=moved, removed=removed)
+                upserts.append((key, run_at))
+                moved += key in stored
+            removals = sorted(set(stored) - set(pending) - busy)
+            self._write(upserts, removals)
+        report = SyncReport(added=len(upserts) - moved, moved=moved, removed=len(removals))
+        if upserts or removals:
+            logger.debug("jobs: %d added, %d moved, %d removed", *astuple(report))
+        return report
+
+    def _write(self, upserts: list[tuple[str, datetime]], removals: list[str]) -> None:
+        if not upserts and not removals:
+            return
+        table = self._store.jobs_t
+        rows = []
+        for key, run_at in upserts:
+            job = Job(
+                self._scheduler,
+                id=key,
+                func=run_booking,
+                trigger=DateTrigger(run_at, timezone=UTC),
+                executor="default",
+                args=(key,),
+                kwargs={},
+                name=f"book {key}",
+                misfire_grace_time=None,
+                coalesce=True,
+                max_instances=1,
+                next_run_time=run_at,
+            )
+            state = pickle.dumps(job.__getstate__(), self._store.pickle_protocol)
+            rows.append({"id": key, "next_run_time": run_at.timestamp(), "job_state": state})
+        gone = removals + [key for key, _ in upserts]
+        with self._store.engine.begin() as conn:
+            for start in range(0, len(gone), 500):
+                conn.execute(table.delete().where(table.c.id.in_(gone[start : start + 500])))
+            if rows:
+                conn.execute(table.insert(), rows)
+        if self._scheduler.running:
+            self._scheduler.wakeup()
 
     def next_run(self) -> datetime | None:
         """When the next booking job starts (aware UTC), if any."""

@@ -388,13 +388,13 @@ def test_every_request_has_the_explicit_timeout_and_no_redirects(
     h: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[dict[str, Any]] = []
-    real = h.ctx.client.session.request
+    real = h.ctx.client.session.send
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         seen.append(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(h.ctx.client.session, "request", spy)
+    monkeypatch.setattr(h.ctx.client.session, "send", spy)
     h.add(courts=("3", "4"))
     queue(h.club, answer(503), failure("timeout"), answer(500), answer(201, {"id": 1}))
 
@@ -756,7 +756,10 @@ def test_the_instance_is_committed_booking_before_the_request_leaves(h: Harness)
     h.club.add_callback(responses.POST, URL, callback=club_side)
 
     assert h.book() == BOOKED
-    assert seen == [(BOOKING, 1)]
+    # Committed "booking" before the request left; its attempt is counted with the answer (a
+    # commit between the trigger and the send would delay the request).
+    assert seen == [(BOOKING, 0)]
+    assert h.row().attempts == 1
 
 
 def test_a_stop_between_retries_puts_the_instance_back_to_pending(h: Harness) -> None:
@@ -1128,12 +1131,14 @@ def test_warm_opens_a_connection_that_the_next_request_reuses(local_club: _Local
     client = ClubClient(timeout=2)
     url = local_club.url("/bookings")
     try:
-        assert client.warm(url) is True
+        held = client.warm(url)
+        assert isinstance(held, bot.HeldConnection)
         assert _until(lambda: local_club.accepted == 1)
         time.sleep(0.02)
         # Warming sends the club nothing.
         assert local_club.requests == []
 
+        client.release(held)
         got = client.send(_spec(url))
     finally:
         client.close()
@@ -1143,13 +1148,28 @@ def test_warm_opens_a_connection_that_the_next_request_reuses(local_club: _Local
     assert [path for path, _port in local_club.requests] == ["/bookings"]
 
 
+def test_each_warm_holds_its_own_connection_for_a_burst(local_club: _LocalClub) -> None:
+    client = ClubClient(timeout=2)
+    url = local_club.url("/bookings")
+    try:
+        held = [client.warm(url) for _ in range(3)]
+        assert _until(lambda: local_club.accepted == 3)
+        for one in held:
+            client.release(one)
+        answers = [client.send(_spec(url)) for _ in range(3)]
+    finally:
+        client.close()
+    assert [a.status for a in answers] == [201, 201, 201]
+    assert local_club.accepted == 3  # no request opened a connection of its own
+
+
 def test_warm_against_a_closed_port_reports_false(local_club: _LocalClub) -> None:
     url = local_club.url("/bookings")
     local_club.shutdown()
     local_club.server_close()
     client = ClubClient(timeout=1)
     try:
-        assert client.warm(url) is False
+        assert client.warm(url) is None
         with pytest.raises(bot.BookingError) as raised:
             client.send(_spec(url))
     finally:

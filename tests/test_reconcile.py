@@ -745,19 +745,17 @@ def test_recover_in_flight(factory: sessionmaker[Session]) -> None:
     add_row(factory, "passed@1", NOW - timedelta(minutes=5), BOOKING)
     add_row(factory, "other@1", NOW + timedelta(hours=2), PENDING)
     add_row(factory, "done@1", NOW - timedelta(hours=2), BOOKED)
-    add_row(factory, "claimed@1", NOW + timedelta(hours=2), BOOKING)
-    add_row(factory, "unsent@1", NOW - timedelta(minutes=5), BOOKING)
+    # Claimed ahead of its trigger (in an hour), nothing sent yet.
+    add_row(factory, "claimed@1", NOW + timedelta(hours=169), BOOKING)
+    # Past its trigger with no answer counted: a request may have left.
+    add_row(factory, "unanswered@1", NOW + timedelta(hours=3), BOOKING)
     update(factory, "ahead@1", attempts=1)
-    update(factory, "passed@1", attempts=2)
     before = snapshot(factory)
 
-    retry, finished = recover_in_flight(factory, NOW)
+    retry, failed = recover_in_flight(factory, NOW)
 
-    assert retry == ["ahead@1"]
-    assert sorted((r.key, r.status) for r in finished) == [
-        ("passed@1", FAILED),
-        ("unsent@1", EXPIRED),
-    ]
+    assert sorted(retry) == ["ahead@1", "unanswered@1"]
+    assert [r.key for r in failed] == ["passed@1"]
     after = rows(factory)
     ahead = after["ahead@1"]
     assert ahead.status == PENDING
@@ -771,14 +769,9 @@ def test_recover_in_flight(factory: sessionmaker[Session]) -> None:
         "courtbot stopped while this booking was being sent and the start has passed: its "
         "outcome is unknown, check with the club"
     )
-    # Claimed ahead of its trigger but never sent: plainly pending (or missed) again.
     claimed = after["claimed@1"]
     assert (claimed.status, claimed.last_error) == (PENDING, None)
-    unsent = after["unsent@1"]
-    assert unsent.status == EXPIRED
-    assert unsent.last_error == (
-        "courtbot stopped just before sending this booking and the start has passed"
-    )
+    assert after["unanswered@1"].last_error == ahead.last_error
     now = snapshot(factory)
     for key in ("other@1", "done@1"):
         assert now[key] == before[key]
