@@ -275,6 +275,7 @@ class TokensResult:
     file_error: str | None = None
     missing: bool = False
     raw: bytes | None = None
+    written: bytes | None = None  # what the daemon wrote back (tokens encrypted in place)
 
 
 @dataclass
@@ -283,7 +284,7 @@ class Config:
 
     schedules: SchedulesResult
     tokens: TokensResult
-    digest: str
+    digest: dict[str, str]  # by path, as read: see config_digest
 
     @property
     def errors(self) -> list[str]:
@@ -338,16 +339,17 @@ def _decode_json(data: bytes, name: str) -> tuple[Any, str | None]:
         return None, f"{name}: nested too deeply; nothing loaded from it, the last good state stays"
 
 
-def config_digest(settings: Settings) -> str:
-    """A digest of the config files' contents (to notice changes without reloading)."""
-    digest = hashlib.sha256()
+def content_digest(data: bytes | None) -> str:
+    """What a config file's content is known by ("missing" for no file)."""
+    return "missing" if data is None else hashlib.sha256(data).hexdigest()
+
+
+def config_digest(settings: Settings) -> dict[str, str]:
+    """Each config file's content digest, by path (to notice changes without reloading)."""
     paths = [settings.schedules_path, settings.tokens_path]
     if settings.template_path is not None:
         paths.append(settings.template_path)
-    for path in paths:
-        data = _read_bytes(path)
-        digest.update(b"\0missing\0" if data is None else hashlib.sha256(data).digest())
-    return digest.hexdigest()
+    return {str(path): content_digest(_read_bytes(path)) for path in paths}
 
 
 def read_config(
@@ -832,6 +834,7 @@ def rewrite_tokens_file(path: Path, result: TokensResult) -> bool:
                 logger.info("%s changed while being encrypted; left for the next load", path.name)
                 return False
             os.replace(tmp, path)
+            result.written = payload
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)

@@ -329,6 +329,10 @@ class Daemon:
             if config.tokens.file_error is None and config.tokens.raw is not None:
                 config_loader.rewrite_tokens_file(self.settings.tokens_path, config.tokens)
                 config_loader.secure_file_mode(self.settings.tokens_path)
+                if config.tokens.written is not None:
+                    # Our own rewrite is no change for the file check to reload on.
+                    written = config_loader.content_digest(config.tokens.written)
+                    config.digest[str(self.settings.tokens_path)] = written
             unchanged: frozenset[str] = frozenset()
             if reason != "start" and self.config is not None:
                 # Entries exactly as last time need no reconciling (their horizon is the top-up's

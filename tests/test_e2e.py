@@ -352,3 +352,16 @@ def test_reload_without_a_daemon_exits_1(e2e_env: dict[str, str]) -> None:
     done = cli(e2e_env, "reload")
     assert done.returncode == 1
     assert "no daemon runs" in done.stderr
+
+
+def test_sighup_with_nothing_changed_only_checks(
+    e2e_env: dict[str, str], spawn: Callable[..., DaemonProcess]
+) -> None:
+    # tokens.json holds a plaintext token: the daemon's own rewrite of it is no change.
+    schedules(e2e_env, [one_off("x", desired_for_trigger_in(3600))])
+    daemon = spawn(e2e_env)
+    daemon.wait_ready()
+    daemon.signal(signal.SIGHUP)
+    assert wait_until(lambda: "config unchanged (SIGHUP)" in daemon.output(), 5), daemon.output()
+    assert "config loaded (SIGHUP)" not in daemon.output()
+    assert daemon.stop() == 0
