@@ -91,7 +91,11 @@ CLI_TIMEOUT = 60.0
 
 _STARTED = time.monotonic()
 _CHILDREN: list[subprocess.Popen[bytes]] = []
-_LOADED_RE = re.compile(r"config loaded \((?P<reason>[^)]*)\) in (?P<ms>\d+(?:\.\d+)?) ms")
+# "config loaded (REASON) in N ms", or for a reload that found no file changed
+# "config unchanged (REASON), checked in N ms".
+_LOADED_RE = re.compile(
+    r"config (?:loaded|unchanged) \((?P<reason>[^)]*)\),? (?:checked )?in (?P<ms>\d+(?:\.\d+)?) ms"
+)
 
 
 class BenchError(Exception):
