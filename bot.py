@@ -63,14 +63,8 @@ class Answer:
             return None
 
 
-@dataclass(frozen=True)
-class RequestSpec:
-    """One request to send: already rendered, token included (never logged)."""
-
-    method: str
-    url: str
-    headers: Mapping[str, str]
-    body: bytes | None
+#: One request to send: already rendered, token included (never logged).
+RequestSpec = utils.RenderedRequest
 
 
 @dataclass(frozen=True)
