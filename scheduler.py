@@ -182,17 +182,3 @@ class Scheduler:
                 conn.execute(table.insert(), rows)
         if self._scheduler.running:
             self._scheduler.wakeup()
-
-    def next_run(self) -> datetime | None:
-        """When the next booking job starts (aware UTC), if any."""
-        table = self._store.jobs_t
-        with self._store.engine.connect() as conn:
-            row = conn.execute(
-                select(table.c.next_run_time)
-                .where(table.c.id != TOPUP_JOB_ID)
-                .order_by(table.c.next_run_time)
-                .limit(1)
-            ).first()
-        if row is None or row[0] is None:
-            return None
-        return datetime.fromtimestamp(row[0], UTC)

@@ -12,7 +12,7 @@ import email.utils
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -604,20 +604,6 @@ def encrypted_under_first_key(fernet: MultiFernet, value: str) -> bool:
 
 #: What stands in for a secret in printed output.
 MASK = "***"
-
-
-def unique(items: Iterable[str]) -> list[str]:
-    """``items`` in order, without repeats."""
-    return list(dict.fromkeys(items))
-
-
-def court_list(value: Any) -> list[str | None]:
-    """The courts to try, in order, from a validated ``court_id`` (None means any court)."""
-    if value is None:
-        return [None]
-    if isinstance(value, list):
-        return [str(v) for v in value]
-    return [str(value)]
 
 
 def courts_text(courts: Sequence[str | None]) -> str:

@@ -614,10 +614,6 @@ def test_encrypted_under_first_key(fernet: MultiFernet) -> None:
 
 
 def test_small_helpers() -> None:
-    assert utils.unique(["b", "a", "b", "c", "a"]) == ["b", "a", "c"]
-    assert utils.court_list(None) == [None]
-    assert utils.court_list(3) == ["3"]
-    assert utils.court_list(["3", 4]) == ["3", "4"]
     assert utils.courts_text([None]) == "any"
     assert utils.courts_text([]) == "any"
     assert utils.courts_text(["3", "4"]) == "3, 4"
