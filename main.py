@@ -37,7 +37,13 @@ import scheduler
 import utils
 from config_loader import Config, Settings, SettingsError
 from models import FAILED, PENDING, Instance, Token
-from notify import Notifier, NotifyConfigError, NotifySettings, validate_notify_urls
+from notify import (
+    Notifier,
+    NotifyConfigError,
+    NotifySettings,
+    mask_url,
+    validate_notify_urls,
+)
 
 logger = logging.getLogger("courtbot")
 
@@ -590,6 +596,19 @@ def _print_check(
             print("    " + described.replace("\n", "\n    "))
 
 
+def _print_notifications(settings: NotifySettings) -> None:
+    """Where outcomes will be reported: email and each channel, secrets masked."""
+    if settings.email_enabled:
+        print(
+            f"notifications: email to {', '.join(settings.recipients)} via {settings.smtp_host}:"
+            f"{settings.smtp_port} ({settings.smtp_security})"
+        )
+    else:
+        print("notifications: email off (set SMTP_HOST and NOTIFY_EMAIL)")
+    for url in settings.urls:
+        print(f"notifications: channel {mask_url(url)}")
+
+
 def cmd_check(env: dict[str, str]) -> int:
     try:
         settings = load_settings(env)
@@ -616,9 +635,11 @@ def cmd_check(env: dict[str, str]) -> int:
         print(f"error: {error}", file=sys.stderr)
     try:
         notify_settings = NotifySettings.from_env(settings.env)
-        for problem in validate_notify_urls(notify_settings.urls):
+        problems = validate_notify_urls(notify_settings.urls)
+        for problem in problems:
             print(f"error: NOTIFY_URLS: {problem}", file=sys.stderr)
-            invalid = True
+        invalid = invalid or bool(problems)
+        _print_notifications(notify_settings)
     except NotifyConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         invalid = True

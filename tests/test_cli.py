@@ -300,3 +300,28 @@ def test_the_bundled_examples_pass_check(
     out = capsys.readouterr().out
     for entry_id in ("wed-evening", "weekend-mornings", "fortnightly-friday", "club-night"):
         assert f"{entry_id} (#" in out
+
+
+def test_check_lists_notification_channels_with_secrets_masked(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    write_json(data_dir / "tokens.json", {"default": "t"})
+    write_json(data_dir / "schedules.json", [])
+    secret = "123456789:AAsecretBotTokenValue"
+    channels = env | {
+        "SMTP_HOST": "smtp.example.com",
+        "NOTIFY_EMAIL": "me@example.com",
+        "NOTIFY_URLS": f"tgram://{secret}/987654 ntfys://courtbot-topic",
+    }
+    assert run(monkeypatch, channels, "check") == 0
+    out = capsys.readouterr().out
+    assert "notifications: email to me@example.com via smtp.example.com:587 (starttls)" in out
+    assert out.count("notifications: channel ") == 2
+    assert "tgram://" in out and "ntfys://" in out
+    assert secret not in out
+    bad = env | {"NOTIFY_URLS": "notascheme://whatever"}
+    assert run(monkeypatch, bad, "check") == 1
+    assert "NOTIFY_URLS:" in capsys.readouterr().err
