@@ -20,6 +20,7 @@ import itertools
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import time
@@ -857,12 +858,18 @@ def test_100_bookings_on_one_trigger_with_a_reload_at_that_moment(
     received = club.received
     late_ms = sorted((r.arrived - trigger) * 1000 for r in received)
     out = all_output([daemon], env)
-    # Reload times from bot.log only (the console gets the same lines).
-    reloads = [
-        int(line.split(" in ", 1)[1].split(" ms", 1)[0])
+    # Reload times from bot.log only (the console gets the same lines). Each SIGHUP logs either
+    # "config loaded (SIGHUP) in N ms" or, when the 0.2 s file check got to the change first,
+    # "config unchanged (SIGHUP), checked in N ms" after a "config loaded (file change)".
+    reload_re = re.compile(
+        r"config (?:loaded|unchanged) \((SIGHUP|file change)\),? (?:checked )?in (\d+) ms"
+    )
+    events = [
+        (m[1], int(m[2]))
         for line in Path(env["LOG_FILE"]).read_text().splitlines()
-        if "config loaded (SIGHUP)" in line
+        if (m := reload_re.search(line))
     ]
+    reloads = [ms for _, ms in events]
     record(
         "burst_100_with_reload",
         instances=count,
@@ -885,9 +892,9 @@ def test_100_bookings_on_one_trigger_with_a_reload_at_that_moment(
     assert "Traceback" not in out
     # Section 9: a reload of 100 schedules within a second. The one at the trigger competes with
     # 100 bookings for the database and the CPU: reported, with a margin for a busy machine.
-    assert len(reloads) == 2
+    assert [reason for reason, _ in events].count("SIGHUP") == 2
     assert reloads[0] < 1000
-    assert reloads[1] < 2000
+    assert max(reloads[1:]) < 2000
 
 
 def test_second_daemon_on_the_same_database_named_by_a_sqlite_uri_exits_2(
