@@ -146,7 +146,8 @@ def show_received(club: Any) -> None:
             timing += f"{record.late_ms:.1f} ms late"
         else:
             timing = f"arrived {arrived} UTC"
-        connection = "new connection" if record.new_connection else "reused connection"
+        ahead = record.arrived - record.connection_opened
+        connection = f"on a connection opened {ahead:.1f} s before it arrived"
         say(
             f"  {record.method} {record.path} -> {record.status}  court={record.court_id} "
             f"key={record.idempotency_key}  {timing} ({connection})"

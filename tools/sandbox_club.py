@@ -109,6 +109,8 @@ class ReceivedRequest:
     status: int | None = None
     new_connection: bool = False
     connection_id: int = 0
+    #: When the club accepted the connection this request came on (``time.time()``).
+    connection_opened: float = 0.0
     fault: str | None = None
     booking_id: str | None = None
     done: bool = False
@@ -790,6 +792,7 @@ class SandboxClub:
             idempotency_key=h.headers.get(shape.idempotency_header),
             new_connection=new_connection,
             connection_id=conn.id,
+            connection_opened=conn.accepted,
         )
         slot: _Slot | None = None
         parse_error: _ClientError | None = body_error
