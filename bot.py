@@ -376,14 +376,14 @@ def _book(key: str, ctx: BookingContext) -> str | None:
         return _finish(ctx, key, FAILED, token_problem)
     courts: list[str | None] = json.loads(row.courts)
     # Everything is rendered before the trigger: only the send is left for the moment itself.
-    requests_by_court = [
-        (court, _request(ctx, row, token, court, len(courts) > 1)) for court in courts
+    prepared = [
+        (court, ctx.client.prepare(_request(ctx, row, token, court, len(courts) > 1)))
+        for court in courts
     ]
-    prepared = [(court, ctx.client.prepare(spec)) for court, spec in requests_by_court]
     trigger = row.trigger_time.timestamp()
     held = None
-    if ctx.clock() < trigger - 0.05:
-        held = ctx.client.warm(requests_by_court[0][1].url)
+    if ctx.clock() < trigger - 0.05 and prepared[0][1].url:
+        held = ctx.client.warm(prepared[0][1].url)
     try:
         if not ctx.gate.wait(ctx, trigger):
             _release(ctx, key)
