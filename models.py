@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -26,6 +27,7 @@ from sqlalchemy import (
     inspect,
 )
 from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 PENDING = "pending"
@@ -136,13 +138,33 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor = dbapi_conn.cursor()
     try:
         cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA journal_mode=WAL")
-        # WAL with synchronous=NORMAL is durable against process crashes (kill -9), which is
-        # what this daemon must survive; only an OS crash may lose the last commits.
+        # WAL (set once by the daemon, see _enable_wal; it stays in the file) with
+        # synchronous=NORMAL is durable against process crashes (kill -9), which is what this
+        # daemon must survive; only an OS crash may lose the last commits.
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:
         cursor.close()
+
+
+def _enable_wal(engine: Engine, *, timeout: float = SQLITE_BUSY_TIMEOUT_MS / 1000) -> None:
+    """Put the database in WAL mode (it stays so in the file). Switching needs the database to
+    itself, and SQLite answers "locked" at once rather than waiting while a reader (a `status`
+    from the CLI) holds it: retry until it is free."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with engine.connect() as conn:
+                mode = conn.exec_driver_sql("PRAGMA journal_mode=WAL").scalar()
+            if str(mode).lower() == "wal":
+                return
+        except OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            mode = "locked"
+        if time.monotonic() > deadline:
+            raise OperationalError("PRAGMA journal_mode=WAL", {}, Exception(f"mode {mode!r}"))
+        time.sleep(0.05)
 
 
 def make_engine(url: str, *, create: bool = True) -> Engine:
@@ -153,11 +175,12 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
     path = sqlite_path(url)
     kwargs: dict[str, Any] = {}
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            # Create it ourselves so that it never exists with a wider mode.
-            fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
-            os.close(fd)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                # Create it ourselves so that it never exists with a wider mode.
+                fd = os.open(path, os.O_CREAT | os.O_WRONLY, 0o600)
+                os.close(fd)
         kwargs["connect_args"] = {
             "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
             "check_same_thread": False,
@@ -166,6 +189,8 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
     if path is not None:
         event.listen(engine, "connect", _sqlite_pragmas)
     if create:
+        if path is not None:
+            _enable_wal(engine)
         Base.metadata.create_all(engine)
         if path is not None:
             for suffix in ("", "-wal", "-shm"):

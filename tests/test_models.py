@@ -1,0 +1,81 @@
+"""The database layer: WAL set once by the daemon, readers that change nothing, UTC columns."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+import models
+
+
+def journal_mode(path: Path) -> str:
+    with sqlite3.connect(path) as conn:
+        return str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+
+
+def test_the_daemon_gets_wal_even_while_a_reader_holds_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    sqlite3.connect(path).close()  # a fresh file, in SQLite's default rollback mode
+    reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM sqlite_master").fetchall()  # holds a shared lock
+    timer = threading.Timer(0.3, lambda: reader.execute("COMMIT"))
+    timer.start()
+    try:
+        engine = models.make_engine(f"sqlite:///{path}")
+    finally:
+        timer.join()
+        reader.close()
+    engine.dispose()
+    assert journal_mode(path) == "wal"
+    assert models.has_tables(models.make_engine(f"sqlite:///{path}", create=False))
+
+
+def test_a_reader_neither_creates_the_file_nor_changes_its_mode(tmp_path: Path) -> None:
+    missing = tmp_path / "none.sqlite"
+    engine = models.make_engine(f"sqlite:///{missing}", create=False)
+    engine.dispose()
+    assert not missing.exists()
+    path = tmp_path / "db.sqlite"
+    sqlite3.connect(path).close()
+    reader = models.make_engine(f"sqlite:///{path}", create=False)
+    with reader.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
+    reader.dispose()
+    assert journal_mode(path) == "delete"
+
+
+def test_files_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    models.make_engine(f"sqlite:///{path}").dispose()
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:///data/db.sqlite", "data/db.sqlite"),
+        ("sqlite:///file:data/db.sqlite?uri=true", "data/db.sqlite"),
+        ("sqlite:///file:mem?mode=memory&uri=true", None),
+        ("sqlite://", None),
+        ("sqlite:///:memory:", None),
+        ("postgresql://u@h/db", None),
+    ],
+)
+def test_sqlite_path(url: str, expected: str | None) -> None:
+    path = models.sqlite_path(url)
+    assert (str(path) if path else None) == expected
+
+
+def test_utc_columns_store_instants(tmp_path: Path) -> None:
+    column = models.UTCDateTime()
+    plus_two = datetime(2026, 8, 10, 14, 0, tzinfo=timezone(timedelta(hours=2)))
+    stored = column.process_bind_param(plus_two, None)  # type: ignore[arg-type]
+    assert stored == datetime(2026, 8, 10, 12, 0)
+    assert column.process_result_value(stored, None) == datetime(2026, 8, 10, 12, 0, tzinfo=UTC)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="naive datetime"):
+        column.process_bind_param(datetime(2026, 8, 10, 12, 0), None)  # type: ignore[arg-type]
