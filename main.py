@@ -171,7 +171,7 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.fernet = fernet
-        self.template = template
+        self._start_template = template  # after start, the one in use lives in self.ctx
         self.engine: Engine | None = None
         self.factory: sessionmaker[Session] | None = None
         self.scheduler: scheduler.Scheduler | None = None
@@ -242,7 +242,7 @@ class Daemon:
             retry_base=settings.retry_base,
             stop=self.stop,
             notify=self.notifier.notify,
-            template=self.template,
+            template=self._start_template,
             on_booked=self._booked,
         )
         self.scheduler = scheduler.Scheduler(self.engine)
@@ -360,6 +360,8 @@ class Daemon:
             report = self._sync()
             elapsed = (time.perf_counter() - started) * 1000
             kept = "" if whole_ok and not config.tokens.file_error else "; kept last good config"
+            if changes.entries_changed:
+                kept = f"; entries changed: {', '.join(sorted(changes.entries_changed))}" + kept
             logger.info(
                 "config loaded (%s) in %.0f ms: %d schedule(s), %d error(s); instances: %s; "
                 "jobs: %d added, %d moved, %d removed%s",
@@ -384,9 +386,8 @@ class Daemon:
         except utils.TemplateError as exc:
             logger.error("%s; the last good template stays", exc)
             return
-        if template != self.template:
-            self.template = template
-            assert self.ctx is not None
+        assert self.ctx is not None
+        if template != self.ctx.template:
             self.ctx.template = template
             logger.info("request template reloaded")
 

@@ -147,6 +147,7 @@ def test_sighup_reloads_and_a_bad_file_keeps_the_last_good_state(
     daemon.signal(signal.SIGHUP)
     key_b = f"b@{iso_z(later)}"
     assert wait_until(lambda: status_of(e2e_env, key_b) == "pending", 5), daemon.output()
+    assert "entries changed: b" in daemon.output()  # only the new entry was reconciled
 
     (Path(e2e_env["DATA_DIR"]) / "schedules.json").write_text("[{not json")
     daemon.signal(signal.SIGHUP)
