@@ -281,11 +281,6 @@ def _club_says(answer: Answer, secret: str) -> str:
 # --------------------------------------------------------------------------- the booking
 
 
-def idempotency_key(row: Instance, court: str | None, several: bool) -> str:
-    """The Idempotency-Key: the instance key, with ``#<court>`` when several are listed."""
-    return f"{row.key}#{court if court is not None else ''}" if several else row.key
-
-
 @dataclass
 class BookingContext:
     """Everything a booking needs, built once by the daemon."""
@@ -428,7 +423,7 @@ def _request(
     )
     headers = {"User-Agent": USER_AGENT, **rendered.headers}
     if template.idempotency_header:
-        headers[template.idempotency_header] = idempotency_key(row, court, several)
+        headers[template.idempotency_header] = utils.idempotency_key(row.key, court, several)
     return RequestSpec(rendered.method, rendered.url, headers, rendered.body)
 
 

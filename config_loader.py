@@ -799,9 +799,8 @@ def describe_request(template: utils.RequestTemplate, entry: Entry, start: datet
     lines = [f"{rendered.method} {rendered.url.replace('%2A%2A%2A', utils.MASK)}"]
     lines += [f"{name}: {value}" for name, value in rendered.headers.items()]
     if template.idempotency_header:
-        several = len(entry.courts) > 1
-        suffix = f"#{court if court is not None else ''}" if several else ""
-        lines.append(f"{template.idempotency_header}: {values['key']}{suffix}")
+        key = utils.idempotency_key(values["key"], court, len(entry.courts) > 1)
+        lines.append(f"{template.idempotency_header}: {key}")
     if rendered.body is not None:
         lines.append(rendered.body.decode())
     return "\n".join(lines)

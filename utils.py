@@ -158,6 +158,12 @@ def instance_key(schedule_id: str, desired: datetime) -> str:
     return f"{schedule_id}@{format_utc(desired)}"
 
 
+def idempotency_key(key: str, court: str | None, several: bool) -> str:
+    """The Idempotency-Key of an instance ``key``: with ``#<court>`` when several courts are
+    listed (each court is its own booking attempt)."""
+    return f"{key}#{court if court is not None else ''}" if several else key
+
+
 def derive_schedule_id(entry_type: Any, desired_time: Any, rule: Any, timezone: Any) -> str:
     """An id for an entry without one, from the fields that define *when* it books only, so
     that editing its court or token keeps its identity."""

@@ -235,3 +235,35 @@ def test_default_request_is_section_6() -> None:
         "end": "2025-08-10T15:30:00+02:00",
         "duration_minutes": 90,
     }
+
+
+def test_check_describes_the_request_with_the_token_masked_and_the_court_key(
+    data_dir: Path,
+) -> None:
+    (data_dir / "schedules.json").write_text(
+        json.dumps(
+            [
+                {
+                    "id": "wed",
+                    "type": "one-off",
+                    "desired_time": "2030-08-10 14:00",
+                    "timezone": "Europe/Berlin",
+                    "court_id": ["3", "4"],
+                }
+            ]
+        )
+    )
+    now = datetime(2030, 1, 1, tzinfo=UTC)
+    result = config_loader.read_schedules(
+        data_dir / "schedules.json", default_zone="UTC", token_names={"default"}, now=now
+    )
+    (entry,) = result.entries
+    template = parse({"url": "https://club.example/c/{court_id}", "headers": {"X": "{token}"}})
+    text = config_loader.describe_request(template, entry, START.replace(year=2030))
+    assert text.splitlines() == [
+        "POST https://club.example/c/3",
+        "X: ***",
+        "Idempotency-Key: wed@2030-08-10T12:00:00Z#3",
+    ]
+    assert utils.idempotency_key("k", "3", several=False) == "k"
+    assert utils.idempotency_key("k", None, several=True) == "k#"
