@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import utils
 from models import BOOKED, BOOKING, EXPIRED, FAILED, PENDING, Instance, Token, transaction
 from notify import Outcome
+from template import RenderedRequest, RequestTemplate, Slot, default_template, render_request
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class Answer:
 
 
 #: One request to send: already rendered, token included (never logged).
-RequestSpec = utils.RenderedRequest
+RequestSpec = RenderedRequest
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ def _maybe_sent(exc: Exception) -> bool:
 # --------------------------------------------------------------------------- answers
 
 
-def classify(answer: Answer, template: utils.RequestTemplate | None = None) -> Verdict:
+def classify(answer: Answer, template: RequestTemplate | None = None) -> Verdict:
     """Read an answer: the template's matchers first (taken, rejected, booked), then the table
     of CONTRACT section 6."""
     matched = template.match(answer.status, answer.body) if template is not None else None
@@ -293,7 +294,7 @@ class BookingContext:
     stop: threading.Event
     notify: Callable[[Outcome], None]
     #: BOOKING_REQUEST_TEMPLATE (CONTRACT section 11); None: the request of section 6.
-    template: utils.RequestTemplate | None = None
+    template: RequestTemplate | None = None
     on_booked: Callable[[str], None] | None = None
     clock: Callable[[], float] = time.time
     gate: TriggerGate = field(default_factory=TriggerGate)
@@ -301,16 +302,16 @@ class BookingContext:
     in_flight_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
-    def request_template(self) -> utils.RequestTemplate:
+    def request_template(self) -> RequestTemplate:
         """The template requests are rendered from (section 6's own when none is set)."""
         if self.template is not None:
             return self.template
         assert self.api_url is not None, "BOOKING_API_URL or a template with a url is needed"
         if self._default is None or self._default[0] != self.api_url:
-            self._default = (self.api_url, utils.default_template(self.api_url))
+            self._default = (self.api_url, default_template(self.api_url))
         return self._default[1]
 
-    _default: tuple[str, utils.RequestTemplate] | None = field(default=None, init=False, repr=False)
+    _default: tuple[str, RequestTemplate] | None = field(default=None, init=False, repr=False)
 
 
 def book_slot(key: str, ctx: BookingContext) -> str | None:
@@ -369,11 +370,10 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     token, token_problem = _token(ctx, row, token_row)
     if token_problem is not None:
         return _finish(ctx, key, FAILED, token_problem)
-    courts: list[str | None] = json.loads(row.courts)
+    slot = _slot(row)
     # Everything is rendered before the trigger: only the send is left for the moment itself.
     prepared = [
-        (court, ctx.client.prepare(_request(ctx, row, token, court, len(courts) > 1)))
-        for court in courts
+        (court, ctx.client.prepare(_request(ctx, slot, token, court))) for court in slot.courts
     ]
     trigger = row.trigger_time.timestamp()
     held = None
@@ -406,24 +406,21 @@ def _token(ctx: BookingContext, row: Instance, token_row: Token | None) -> tuple
     return plaintext, None
 
 
-def _request(
-    ctx: BookingContext, row: Instance, token: str, court: str | None, several: bool
-) -> RequestSpec:
-    """The request for one instance and court, with its Idempotency-Key."""
-    template = ctx.request_template
-    rendered = template.render(
-        utils.placeholder_values(
-            token=token,
-            court_id=court,
-            start=row.desired_time,
-            duration_minutes=row.duration_minutes,
-            zone=utils.get_zone(row.timezone),
-            key=row.key,
-        )
+def _slot(row: Instance) -> Slot:
+    """What the instance's requests are rendered from."""
+    return Slot(
+        key=row.key,
+        start=row.desired_time,
+        duration_minutes=row.duration_minutes,
+        zone=utils.get_zone(row.timezone),
+        courts=tuple(json.loads(row.courts)),
     )
+
+
+def _request(ctx: BookingContext, slot: Slot, token: str, court: str | None) -> RequestSpec:
+    """The request for one instance and court, with its Idempotency-Key."""
+    rendered = render_request(ctx.request_template, slot, token=token, court=court)
     headers = {"User-Agent": USER_AGENT, **rendered.headers}
-    if template.idempotency_header:
-        headers[template.idempotency_header] = utils.idempotency_key(row.key, court, several)
     return RequestSpec(rendered.method, rendered.url, headers, rendered.body)
 
 

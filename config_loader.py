@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import utils
 from models import BOOKING, CANCELLED, EXPIRED, FAILED, PENDING, Instance, Token, transaction
+from template import RequestTemplate, Slot, TemplateError, parse_template
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +223,16 @@ class Entry:
     def starts(self, now: datetime, limit: int = utils.INSTANCES_PER_RULE) -> list[datetime]:
         """The aware starts of ``occurrences``."""
         return [moment for _, moment in self.occurrences(now, limit)]
+
+    def slot(self, start: datetime) -> Slot:
+        """What a request for this entry's instance at ``start`` is rendered from."""
+        return Slot(
+            key=utils.instance_key(self.id, start),
+            start=start,
+            duration_minutes=self.duration_minutes,
+            zone=self.zone,
+            courts=self.courts,
+        )
 
     def plan(self, now: datetime, window: utils.Window) -> list[Planned]:
         """The instances this entry wants now: future starts only."""
@@ -766,10 +777,10 @@ def _parse_rule(
 # --------------------------------------------------------------------------- request template
 
 
-def load_template(settings: Settings) -> utils.RequestTemplate | None:
+def load_template(settings: Settings) -> RequestTemplate | None:
     """Read and validate BOOKING_REQUEST_TEMPLATE (None when unset).
 
-    Raises ``utils.TemplateError`` naming the file and the key.
+    Raises ``TemplateError`` naming the file and the key.
     """
     path = settings.template_path
     if path is None:
@@ -777,33 +788,11 @@ def load_template(settings: Settings) -> utils.RequestTemplate | None:
     name = f"BOOKING_REQUEST_TEMPLATE {path}"
     data = _read_bytes(path)
     if data is None:
-        raise utils.TemplateError(f"{name}: no such file")
+        raise TemplateError(f"{name}: no such file")
     parsed, error = _decode_json(data, name)
     if error is not None:
-        raise utils.TemplateError(error.split(";")[0])
-    return utils.parse_template(parsed, api_url=settings.api_url, name=name)
-
-
-def describe_request(template: utils.RequestTemplate, entry: Entry, start: datetime) -> str:
-    """The request ``entry``'s instance at ``start`` would send (first court), token masked."""
-    court = entry.courts[0]
-    values = utils.placeholder_values(
-        token=utils.MASK,
-        court_id=court,
-        start=start,
-        duration_minutes=entry.duration_minutes,
-        zone=entry.zone,
-        key=utils.instance_key(entry.id, start),
-    )
-    rendered = template.render(values)
-    lines = [f"{rendered.method} {rendered.url.replace('%2A%2A%2A', utils.MASK)}"]
-    lines += [f"{name}: {value}" for name, value in rendered.headers.items()]
-    if template.idempotency_header:
-        key = utils.idempotency_key(values["key"], court, len(entry.courts) > 1)
-        lines.append(f"{template.idempotency_header}: {key}")
-    if rendered.body is not None:
-        lines.append(rendered.body.decode())
-    return "\n".join(lines)
+        raise TemplateError(error.split(";")[0])
+    return parse_template(parsed, api_url=settings.api_url, name=name)
 
 
 # --------------------------------------------------------------------------- tokens file

@@ -44,6 +44,7 @@ from notify import (
     mask_url,
     validate_notify_urls,
 )
+from template import RequestTemplate, TemplateError, describe_request
 
 logger = logging.getLogger("courtbot")
 
@@ -167,7 +168,7 @@ class Daemon:
     """The running worker: owns the database, the scheduler, the club client and the loop."""
 
     def __init__(
-        self, settings: Settings, fernet: MultiFernet, template: utils.RequestTemplate | None
+        self, settings: Settings, fernet: MultiFernet, template: RequestTemplate | None
     ) -> None:
         self.settings = settings
         self.fernet = fernet
@@ -383,7 +384,7 @@ class Daemon:
             return
         try:
             template = config_loader.load_template(self.settings)
-        except utils.TemplateError as exc:
+        except TemplateError as exc:
             logger.error("%s; the last good template stays", exc)
             return
         assert self.ctx is not None
@@ -515,11 +516,11 @@ def load_fernet(settings: Settings) -> MultiFernet:
         raise StartError(str(exc)) from None
 
 
-def load_template(settings: Settings) -> utils.RequestTemplate | None:
+def load_template(settings: Settings) -> RequestTemplate | None:
     """The request template named by BOOKING_REQUEST_TEMPLATE, validated (None when unset)."""
     try:
         return config_loader.load_template(settings)
-    except utils.TemplateError as exc:
+    except TemplateError as exc:
         raise StartError(str(exc)) from None
 
 
@@ -558,7 +559,7 @@ def cmd_run(env: dict[str, str]) -> int:
 
 
 def _print_check(
-    config: Config, settings: Settings, now: datetime, template: utils.RequestTemplate | None
+    config: Config, settings: Settings, now: datetime, template: RequestTemplate | None
 ) -> None:
     entries = config.schedules.entries
     print(
@@ -592,7 +593,7 @@ def _print_check(
             if note:
                 print(f"    warning: {note}")
         if template is not None and pairs:
-            described = config_loader.describe_request(template, entry, pairs[0][1])
+            described = describe_request(template, entry.slot(pairs[0][1]))
             print("  request (next instance, token masked):")
             print("    " + described.replace("\n", "\n    "))
 

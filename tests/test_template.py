@@ -14,6 +14,14 @@ import bot
 import config_loader
 import utils
 from config_loader import Settings
+from template import (
+    TemplateError,
+    default_template,
+    describe_request,
+    idempotency_key,
+    parse_template,
+    placeholder_values,
+)
 
 START = datetime(2025, 8, 10, 12, 0, tzinfo=UTC)  # 14:00 in Berlin (CEST, +02:00)
 BERLIN = utils.get_zone("Europe/Berlin")
@@ -21,7 +29,7 @@ TEMPLATES = Path(__file__).resolve().parent.parent / "data" / "templates"
 
 
 def values(court: str | None = "3", token: str = "tok-1") -> dict[str, Any]:
-    return utils.placeholder_values(
+    return placeholder_values(
         token=token,
         court_id=court,
         start=START,
@@ -32,7 +40,7 @@ def values(court: str | None = "3", token: str = "tok-1") -> dict[str, Any]:
 
 
 def parse(data: dict[str, Any], api_url: str | None = "https://club.example/api") -> Any:
-    return utils.parse_template(data, api_url=api_url, name="t.json")
+    return parse_template(data, api_url=api_url, name="t.json")
 
 
 def test_every_placeholder_has_its_value() -> None:
@@ -157,13 +165,13 @@ def test_form_body_and_headers() -> None:
     ],
 )
 def test_invalid_templates_name_the_key(data: Any, message: str) -> None:
-    with pytest.raises(utils.TemplateError) as raised:
+    with pytest.raises(TemplateError) as raised:
         parse(data)
     assert message in str(raised.value)
 
 
 def test_url_required_when_booking_api_url_is_unset() -> None:
-    with pytest.raises(utils.TemplateError, match="url: missing, and BOOKING_API_URL is not set"):
+    with pytest.raises(TemplateError, match="url: missing, and BOOKING_API_URL is not set"):
         parse({}, api_url=None)
     assert parse({"url": "https://club.example/x"}, api_url=None).has_url
 
@@ -216,15 +224,15 @@ def test_load_template_relative_to_data_dir_and_errors_name_the_file(
     template = config_loader.load_template(settings)
     assert template is not None and template.method == "PUT"
     (data_dir / "club.json").write_text("{broken")
-    with pytest.raises(utils.TemplateError, match=r"BOOKING_REQUEST_TEMPLATE .*club\.json"):
+    with pytest.raises(TemplateError, match=r"BOOKING_REQUEST_TEMPLATE .*club\.json"):
         config_loader.load_template(settings)
     (data_dir / "club.json").unlink()
-    with pytest.raises(utils.TemplateError, match="no such file"):
+    with pytest.raises(TemplateError, match="no such file"):
         config_loader.load_template(settings)
 
 
 def test_default_request_is_section_6() -> None:
-    template = utils.default_template("http://club.test/bookings")
+    template = default_template("http://club.test/bookings")
     rendered = template.render(values())
     assert rendered.method == "POST"
     assert rendered.url == "http://club.test/bookings"
@@ -259,11 +267,11 @@ def test_check_describes_the_request_with_the_token_masked_and_the_court_key(
     )
     (entry,) = result.entries
     template = parse({"url": "https://club.example/c/{court_id}", "headers": {"X": "{token}"}})
-    text = config_loader.describe_request(template, entry, START.replace(year=2030))
+    text = describe_request(template, entry.slot(START.replace(year=2030)))
     assert text.splitlines() == [
         "POST https://club.example/c/3",
         "X: ***",
         "Idempotency-Key: wed@2030-08-10T12:00:00Z#3",
     ]
-    assert utils.idempotency_key("k", "3", several=False) == "k"
-    assert utils.idempotency_key("k", None, several=True) == "k#"
+    assert idempotency_key("k", "3", several=False) == "k"
+    assert idempotency_key("k", None, several=True) == "k#"
