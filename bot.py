@@ -21,11 +21,10 @@ from urllib.parse import urlsplit
 import requests
 from cryptography.fernet import MultiFernet
 from requests.adapters import HTTPAdapter
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session, sessionmaker
 
+import instances
 import utils
-from models import BOOKED, BOOKING, EXPIRED, FAILED, PENDING, Instance, Token, transaction
+from models import BOOKED, EXPIRED, FAILED, PENDING, Instance, SessionFactory, Token
 from notify import Outcome
 from template import RenderedRequest, RequestTemplate, Slot, default_template, render_request
 
@@ -286,7 +285,7 @@ def _club_says(answer: Answer, secret: str) -> str:
 class BookingContext:
     """Everything a booking needs, built once by the daemon."""
 
-    factory: sessionmaker[Session]
+    factory: SessionFactory
     fernet: MultiFernet
     client: ClubClient
     api_url: str | None
@@ -338,35 +337,16 @@ def _now(ctx: BookingContext) -> datetime:
 
 def _book(key: str, ctx: BookingContext) -> str | None:
     now = _now(ctx)
-    missed: Outcome | None = None
-    with transaction(ctx.factory) as session:
-        row = session.scalar(select(Instance).where(Instance.key == key))
-        if row is None or row.status != PENDING:
-            logger.debug("booking %s: nothing to do (%s)", key, row.status if row else "gone")
-            return None
-        if row.desired_time <= now:
-            row.status = EXPIRED
-            row.last_error = (
-                "the booking window opened while courtbot was not running and the start has passed"
-            )
-            row.finished_at = now
-            missed = outcome_of(row)
+    row, missed = instances.expire_if_passed(ctx.factory, key, now)
     if missed is not None:
         ctx.notify(missed)
         return EXPIRED
-    # The claim: a conditional update, so two claimants can never both send.
-    with transaction(ctx.factory) as session:
-        claimed = session.execute(
-            update(Instance)
-            .where(Instance.key == key, Instance.status == PENDING)
-            .values(status=BOOKING, updated_at=now)
-        ).rowcount
-    if claimed != 1:
+    if row is None or row.status != PENDING:
+        logger.debug("booking %s: nothing to do (%s)", key, row.status if row else "gone")
         return None
-    with ctx.factory() as session:
-        row = session.scalar(select(Instance).where(Instance.key == key))
-        assert row is not None
-        token_row = session.get(Token, row.token_name)
+    if not instances.claim(ctx.factory, key, now):
+        return None
+    row, token_row = instances.claimed(ctx.factory, key)
     token, token_problem = _token(ctx, row, token_row)
     if token_problem is not None:
         return _finish(ctx, key, FAILED, token_problem)
@@ -381,7 +361,7 @@ def _book(key: str, ctx: BookingContext) -> str | None:
         held = ctx.client.warm(prepared[0][1].url)
     try:
         if not ctx.gate.wait(ctx, trigger):
-            _release(ctx, key)
+            instances.release(ctx.factory, key)
             logger.info("booking %s: shutting down before its trigger; left pending", key)
             return None
     finally:
@@ -443,15 +423,6 @@ def _wait_until(ctx: BookingContext, target: float) -> bool:
         return True
 
 
-def _release(ctx: BookingContext, key: str) -> None:
-    with transaction(ctx.factory) as session:
-        session.execute(
-            update(Instance)
-            .where(Instance.key == key, Instance.status == BOOKING)
-            .values(status=PENDING)
-        )
-
-
 @dataclass
 class _CourtTry:
     court: str | None
@@ -469,7 +440,7 @@ def _attempt_courts(
     reasons: list[str] = []
     total = row.attempts
     # A booking cut off by a crash may have reached the club before: its 409 may be our own.
-    resumed = bool(row.last_error and row.last_error.startswith("interrupted"))
+    resumed = row.interrupted
     for court, spec in requests_by_court:
         attempt = _CourtTry(court)
         delays = utils.backoff_delays(ctx.retry_base, MAX_ATTEMPTS_PER_COURT)
@@ -512,19 +483,14 @@ def _attempt_courts(
             if _now(ctx) + timedelta(seconds=delay) >= row.desired_time:
                 reasons.append(f"court {court_name}: {attempt.last}; the start came first")
                 return _finish(ctx, row.key, FAILED, "; ".join(reasons), attempts=total)
-            _record_attempt(ctx, row.key, total)
+            instances.record_attempt(ctx.factory, row.key, total)
             if ctx.stop.wait(delay):
-                _release(ctx, row.key)
+                instances.release(ctx.factory, row.key)
                 logger.info("booking %s: shutting down between retries; back to pending", row.key)
                 return None
     return _finish(
         ctx, row.key, FAILED, "; ".join(reasons) or "no court could be booked", attempts=total
     )
-
-
-def _record_attempt(ctx: BookingContext, key: str, attempts: int) -> None:
-    with transaction(ctx.factory) as session:
-        session.execute(update(Instance).where(Instance.key == key).values(attempts=attempts))
 
 
 def _one_request(
@@ -587,39 +553,17 @@ def _finish(
     court: str | None = None,
     attempts: int | None = None,
 ) -> str:
-    now = _now(ctx)
-    with transaction(ctx.factory) as session:
-        row = session.scalar(select(Instance).where(Instance.key == key))
-        assert row is not None
-        if attempts is not None:
-            row.attempts = attempts
-        row.status = status
-        row.last_error = reason
-        row.booking_ref = booking_ref
-        if status == BOOKED:
-            row.booked_court = court
-        row.finished_at = now
-        outcome = outcome_of(row)
+    outcome = instances.finish(
+        ctx.factory,
+        key,
+        status,
+        reason,
+        now=_now(ctx),
+        booking_ref=booking_ref,
+        court=court,
+        attempts=attempts,
+    )
     ctx.notify(outcome)
     if status == BOOKED and ctx.on_booked is not None:
         ctx.on_booked(outcome.schedule_id)
     return status
-
-
-def outcome_of(row: Instance) -> Outcome:
-    """The report of an instance's final status, for notify."""
-    zone = utils.get_zone(row.timezone)
-    court = row.booked_court if row.status == BOOKED else row.court_id
-    return Outcome(
-        status=row.status,
-        key=row.key,
-        schedule_id=row.schedule_id,
-        court=court,
-        desired_start=row.desired_time.astimezone(zone),
-        trigger_time=row.trigger_time,
-        duration_minutes=row.duration_minutes,
-        attempts=row.attempts,
-        reason=row.last_error,
-        booking_ref=row.booking_ref,
-        timezone=row.timezone,
-    )

@@ -1,10 +1,10 @@
-"""From files to validated entries, and from entries to the database.
+"""Settings and files: the environment, and ``schedules.json``/``tokens.json`` as validated entries.
 
 ``read_config`` turns ``schedules.json`` and ``tokens.json`` into frozen, typed entries and a list
-of errors (file, entry, key, value, what was expected). It touches nothing. ``reconcile`` then
-applies them to the database as a diff: new instances added, vanished ones cancelled, kept ones
-updated in place. A file that is unreadable as a whole changes nothing; an invalid entry is
-rejected alone and its instances are kept as they were.
+of errors (file, entry, key, value, what was expected). It touches nothing and knows no tables:
+``instances.reconcile`` applies the result to the database. A file that is unreadable as a whole
+is rejected whole; an invalid entry is rejected alone. Each key of an entry has its own checker
+(``_ENTRY_CHECKERS``); the request template is parsed by ``template``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -24,11 +24,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from cryptography.fernet import MultiFernet
-from sqlalchemy import delete, insert, select
-from sqlalchemy.orm import Session, sessionmaker
 
 import utils
-from models import BOOKING, CANCELLED, EXPIRED, FAILED, PENDING, Instance, Token, transaction
 from template import RequestTemplate, Slot, TemplateError, parse_template
 
 logger = logging.getLogger(__name__)
@@ -542,6 +539,183 @@ def _where(file_name: str, entry_id: str | None, position: int) -> str:
     return f"{file_name} entry {entry_id!r} (#{position})"
 
 
+@dataclass
+class _EntryCheck:
+    """One entry under validation: the raw object, what its keys parsed to so far, and every
+    error found. The checkers fill it in ``_ENTRY_CHECKERS``' order, each reading what earlier
+    ones parsed (the zone before desired_time, desired_time before rrule)."""
+
+    raw: dict[str, Any]
+    where: str
+    default_zone: str
+    token_names: set[str]
+    now: datetime
+    errors: list[str] = field(default_factory=list)
+    bad_keys: set[str] = field(default_factory=set)
+    entry_type: Any = None
+    zone_name: Any = None
+    zone: ZoneInfo | None = None
+    desired: utils.DesiredTime | None = None
+    desired_ok: bool = True
+    rule_text: Any = None
+    rule: utils.ParsedRule | None = None
+    courts: tuple[str | None, ...] = (None,)
+    token: Any = None
+    duration: Any = None
+    enabled: Any = None
+
+    def bad(self, key: str, message: str) -> None:
+        self.errors.append(f"{self.where}: {key}: {message}")
+        self.bad_keys.add(key)
+
+
+def _id_ok(value: Any) -> bool:
+    return isinstance(value, str) and utils.SCHEDULE_ID_RE.fullmatch(value) is not None
+
+
+def _check_unknown_keys(c: _EntryCheck) -> None:
+    for key in c.raw:
+        if key not in ENTRY_KEYS:
+            # Quoted unless a plain name, so that "", " id" or a newline read as what they are.
+            shown = key if key.isidentifier() else repr(key)
+            c.bad(shown, f"unknown key; expected one of {', '.join(ENTRY_KEYS)}")
+
+
+def _check_id(c: _EntryCheck) -> None:
+    if "id" in c.raw and not _id_ok(c.raw["id"]):
+        c.bad(
+            "id",
+            f"{c.raw['id']!r} is not a valid id; expected 1 to 64 of A-Z a-z 0-9 _ . - "
+            "(e.g. 'wed-evening')",
+        )
+
+
+def _check_type(c: _EntryCheck) -> None:
+    c.entry_type = c.raw.get("type")
+    if "type" not in c.raw:
+        c.bad("type", 'missing; expected "one-off" or "recurring"')
+    elif c.entry_type not in (ONE_OFF, RECURRING):
+        c.bad("type", f'{c.entry_type!r} is not a type; expected "one-off" or "recurring"')
+
+
+def _check_timezone(c: _EntryCheck) -> None:
+    c.zone_name = c.raw.get("timezone", c.default_zone)
+    try:
+        c.zone = utils.get_zone(c.zone_name)
+    except ValueError as exc:
+        c.bad("timezone", str(exc))
+
+
+def _check_desired_time(c: _EntryCheck) -> None:
+    raw = c.raw
+    if "desired_time" in raw and c.zone is not None:
+        try:
+            c.desired = utils.parse_desired_time(raw["desired_time"], c.zone)
+        except ValueError as exc:
+            c.bad("desired_time", str(exc))
+            c.desired_ok = False
+        except OverflowError:
+            c.bad(
+                "desired_time",
+                f"{raw['desired_time']!r} is out of range (years 1 to 9999 in UTC and in the "
+                "entry's zone)",
+            )
+            c.desired_ok = False
+    elif c.entry_type == ONE_OFF and "desired_time" not in raw:
+        c.bad("desired_time", "missing; a one-off entry needs 'YYYY-MM-DD HH:MM'")
+
+
+def _check_rrule(c: _EntryCheck) -> None:
+    raw = c.raw
+    c.rule_text = raw.get("rrule")
+    if c.entry_type == ONE_OFF and "rrule" in raw:
+        c.bad("rrule", 'a one-off entry has no rule; use "type": "recurring" or remove "rrule"')
+    elif c.entry_type == RECURRING:
+        if "rrule" not in raw:
+            c.bad("rrule", f"missing; a recurring entry needs a rule, e.g. {utils.RULE_EXAMPLE}")
+        elif not isinstance(c.rule_text, str) or not c.rule_text.strip():
+            c.bad("rrule", f"{c.rule_text!r} is not a rule; e.g. {utils.RULE_EXAMPLE}")
+        elif c.zone is not None and c.desired_ok:
+            c.rule = _parse_rule(
+                c.rule_text,
+                desired=c.desired,
+                zone=c.zone,
+                zone_name=c.zone_name,
+                raw=raw,
+                now=c.now,
+                bad=c.bad,
+            )
+    if c.rule is not None and c.rule.zone_name is not None:
+        c.zone_name = c.rule.zone_name
+        c.zone = utils.get_zone(c.zone_name)
+
+
+def _check_court_id(c: _EntryCheck) -> None:
+    if "court_id" not in c.raw:
+        return
+    court_value = c.raw["court_id"]
+    if court_value is None:
+        c.courts = (None,)
+    elif isinstance(court_value, list):
+        if not court_value:
+            c.bad("court_id", "an empty list; give one or more courts, or null for any court")
+        elif not all(_is_court(court) for court in court_value):
+            c.bad(
+                "court_id",
+                f"{court_value!r}: every court in a list must be a string or integer",
+            )
+        elif len({str(court) for court in court_value}) != len(court_value):
+            c.bad("court_id", f"{court_value!r} lists a court twice")
+        else:
+            c.courts = tuple(str(court) for court in court_value)
+    elif _is_court(court_value):
+        c.courts = (str(court_value),)
+    else:
+        c.bad(
+            "court_id",
+            f"{court_value!r} is not a court; expected a string, an integer, null (any "
+            'court) or a list tried in order, e.g. ["3", "4"]',
+        )
+
+
+def _check_token(c: _EntryCheck) -> None:
+    c.token = token = c.raw.get("token", "default")
+    if not isinstance(token, str) or not token:
+        c.bad("token", f"{token!r} is not a token name; expected a name from tokens.json")
+    elif token not in c.token_names:
+        have = ", ".join(repr(n) for n in sorted(c.token_names)) or "none"
+        c.bad("token", f"{token!r} is not in tokens.json (it has: {have})")
+
+
+def _check_duration(c: _EntryCheck) -> None:
+    c.duration = duration = c.raw.get("duration_minutes", 60)
+    if isinstance(duration, bool) or not isinstance(duration, int) or duration <= 0:
+        c.bad("duration_minutes", f"{duration!r} is not a positive whole number of minutes")
+    elif duration > 24 * 60:
+        c.bad("duration_minutes", f"{duration!r} is longer than a day")
+
+
+def _check_enabled(c: _EntryCheck) -> None:
+    c.enabled = c.raw.get("enabled", True)
+    if not isinstance(c.enabled, bool):
+        c.bad("enabled", f"{c.enabled!r} is not true or false")
+
+
+#: One checker per key, in the order their errors are reported (unknown keys come first).
+#: Not ENTRY_KEYS' order: a checker may read what an earlier one parsed.
+_ENTRY_CHECKERS: tuple[tuple[str, Callable[[_EntryCheck], None]], ...] = (
+    ("id", _check_id),
+    ("type", _check_type),
+    ("timezone", _check_timezone),
+    ("desired_time", _check_desired_time),
+    ("rrule", _check_rrule),
+    ("court_id", _check_court_id),
+    ("token", _check_token),
+    ("duration_minutes", _check_duration),
+    ("enabled", _check_enabled),
+)
+
+
 def _validate_entry(
     raw: Any,
     position: int,
@@ -555,182 +729,73 @@ def _validate_entry(
     if not isinstance(raw, dict):
         where = _where(file_name, None, position)
         return None, [f"{where}: expected an object, got {_json_type(raw)}"], [], None
-
-    explicit_id = raw.get("id")
-    id_ok = isinstance(explicit_id, str) and utils.SCHEDULE_ID_RE.fullmatch(explicit_id)
-    shown_id = explicit_id if id_ok else None
-    where = _where(file_name, shown_id, position)
-    errors: list[str] = []
-    warnings: list[str] = []
-    bad_keys: set[str] = set()
-
-    def bad(key: str, message: str) -> None:
-        errors.append(f"{where}: {key}: {message}")
-        bad_keys.add(key)
-
-    for key in raw:
-        if key not in ENTRY_KEYS:
-            # Quoted unless a plain name, so that "", " id" or a newline read as what they are.
-            shown = key if key.isidentifier() else repr(key)
-            bad(shown, f"unknown key; expected one of {', '.join(ENTRY_KEYS)}")
-    if "id" in raw and not id_ok:
-        bad(
-            "id",
-            f"{explicit_id!r} is not a valid id; expected 1 to 64 of A-Z a-z 0-9 _ . - "
-            "(e.g. 'wed-evening')",
-        )
-
-    entry_type = raw.get("type")
-    if "type" not in raw:
-        bad("type", 'missing; expected "one-off" or "recurring"')
-    elif entry_type not in (ONE_OFF, RECURRING):
-        bad("type", f'{entry_type!r} is not a type; expected "one-off" or "recurring"')
-
-    zone_name = raw.get("timezone", default_zone)
-    zone: ZoneInfo | None = None
-    try:
-        zone = utils.get_zone(zone_name)
-    except ValueError as exc:
-        bad("timezone", str(exc))
-
-    desired: utils.DesiredTime | None = None
-    desired_ok = True
-    if "desired_time" in raw and zone is not None:
-        try:
-            desired = utils.parse_desired_time(raw["desired_time"], zone)
-        except ValueError as exc:
-            bad("desired_time", str(exc))
-            desired_ok = False
-        except OverflowError:
-            bad(
-                "desired_time",
-                f"{raw['desired_time']!r} is out of range (years 1 to 9999 in UTC and in the "
-                "entry's zone)",
-            )
-            desired_ok = False
-    elif entry_type == ONE_OFF and "desired_time" not in raw:
-        bad("desired_time", "missing; a one-off entry needs 'YYYY-MM-DD HH:MM'")
-
-    rule: utils.ParsedRule | None = None
-    rule_text = raw.get("rrule")
-    if entry_type == ONE_OFF and "rrule" in raw:
-        bad("rrule", 'a one-off entry has no rule; use "type": "recurring" or remove "rrule"')
-    elif entry_type == RECURRING:
-        if "rrule" not in raw:
-            bad("rrule", f"missing; a recurring entry needs a rule, e.g. {utils.RULE_EXAMPLE}")
-        elif not isinstance(rule_text, str) or not rule_text.strip():
-            bad("rrule", f"{rule_text!r} is not a rule; e.g. {utils.RULE_EXAMPLE}")
-        elif zone is not None and desired_ok:
-            rule = _parse_rule(
-                rule_text,
-                desired=desired,
-                zone=zone,
-                zone_name=zone_name,
-                raw=raw,
-                now=now,
-                bad=bad,
-            )
-
-    if rule is not None and rule.zone_name is not None:
-        zone_name = rule.zone_name
-        zone = utils.get_zone(zone_name)
-
-    courts: tuple[str | None, ...] = (None,)
-    court_value = raw.get("court_id")
-    if "court_id" in raw:
-        if court_value is None:
-            courts = (None,)
-        elif isinstance(court_value, list):
-            if not court_value:
-                bad("court_id", "an empty list; give one or more courts, or null for any court")
-            elif not all(_is_court(c) for c in court_value):
-                bad(
-                    "court_id",
-                    f"{court_value!r}: every court in a list must be a string or integer",
-                )
-            elif len({str(c) for c in court_value}) != len(court_value):
-                bad("court_id", f"{court_value!r} lists a court twice")
-            else:
-                courts = tuple(str(c) for c in court_value)
-        elif _is_court(court_value):
-            courts = (str(court_value),)
-        else:
-            bad(
-                "court_id",
-                f"{court_value!r} is not a court; expected a string, an integer, null (any "
-                'court) or a list tried in order, e.g. ["3", "4"]',
-            )
-
-    token = raw.get("token", "default")
-    if not isinstance(token, str) or not token:
-        bad("token", f"{token!r} is not a token name; expected a name from tokens.json")
-    elif token not in token_names:
-        have = ", ".join(repr(n) for n in sorted(token_names)) or "none"
-        bad("token", f"{token!r} is not in tokens.json (it has: {have})")
-
-    duration = raw.get("duration_minutes", 60)
-    if isinstance(duration, bool) or not isinstance(duration, int) or duration <= 0:
-        bad("duration_minutes", f"{duration!r} is not a positive whole number of minutes")
-    elif duration > 24 * 60:
-        bad("duration_minutes", f"{duration!r} is longer than a day")
-
-    enabled = raw.get("enabled", True)
-    if not isinstance(enabled, bool):
-        bad("enabled", f"{enabled!r} is not true or false")
-
+    shown_id = raw.get("id") if _id_ok(raw.get("id")) else None
+    check = _EntryCheck(raw, _where(file_name, shown_id, position), default_zone, token_names, now)
+    _check_unknown_keys(check)
+    for _key, checker in _ENTRY_CHECKERS:
+        checker(check)
     # The derived id uses the raw values that say *when*, so court or token edits keep it.
     # When one of those values is itself wrong, the entry may be an edit of any entry without
     # an id: its id cannot be told (None), and removals are put off.
     entry_id: str | None = shown_id
-    if "id" not in raw and not bad_keys & {"type", "desired_time", "rrule", "timezone"}:
+    if "id" not in raw and not check.bad_keys & {"type", "desired_time", "rrule", "timezone"}:
         entry_id = utils.derive_schedule_id(
-            entry_type, raw.get("desired_time"), rule_text, raw.get("timezone")
+            check.entry_type, raw.get("desired_time"), check.rule_text, raw.get("timezone")
         )
-    if errors:
-        return None, errors, warnings, entry_id
-    assert zone is not None and entry_id is not None and isinstance(zone_name, str)
+    if check.errors:
+        return None, check.errors, [], entry_id
+    assert entry_id is not None
     where = _where(file_name, entry_id if "id" in raw else None, position)
+    entry, error, warnings = _build_entry(check, entry_id, position, where)
+    return entry, [error] if error else [], warnings, entry_id
 
+
+def _build_entry(
+    c: _EntryCheck, entry_id: str, position: int, where: str
+) -> tuple[Entry | None, str | None, list[str]]:
+    """The entry of a check that found no error: (entry or None, the error of a rule that runs
+    out of range while expanding, warnings)."""
+    assert c.zone is not None and isinstance(c.zone_name, str)
+    warnings: list[str] = []
     desired_moment: datetime | None = None
-    if entry_type == ONE_OFF:
-        assert desired is not None
-        desired_moment = desired.moment
-        if not desired.explicit_offset:
-            note = utils.describe_wall_clock_issue(desired.wall, zone)
+    if c.entry_type == ONE_OFF:
+        assert c.desired is not None
+        desired_moment = c.desired.moment
+        if not c.desired.explicit_offset:
+            note = utils.describe_wall_clock_issue(c.desired.wall, c.zone)
             if note:
                 warnings.append(f"{where}: desired_time: {note}")
-        if desired.moment <= now:
+        if c.desired.moment <= c.now:
             warnings.append(
-                f"{where}: desired_time: {raw['desired_time']!r} is in the past; "
+                f"{where}: desired_time: {c.raw['desired_time']!r} is in the past; "
                 "skipped, never booked"
             )
     fingerprint = hashlib.sha256(
-        json.dumps([raw, zone_name], sort_keys=True, default=str).encode()
+        json.dumps([c.raw, c.zone_name], sort_keys=True, default=str).encode()
     ).hexdigest()
     entry = Entry(
         id=entry_id,
         position=position,
-        type=entry_type,
-        timezone=zone_name,
-        courts=courts,
-        token=token,
-        duration_minutes=duration,
-        enabled=enabled,
-        desired_wall=desired.wall if desired else None,
+        type=c.entry_type,
+        timezone=c.zone_name,
+        courts=c.courts,
+        token=c.token,
+        duration_minutes=c.duration,
+        enabled=c.enabled,
+        desired_wall=c.desired.wall if c.desired else None,
         desired_moment=desired_moment,
-        raw_rrule=rule_text if entry_type == RECURRING else None,
-        rule=rule,
+        raw_rrule=c.rule_text if c.entry_type == RECURRING else None,
+        rule=c.rule,
         fingerprint=fingerprint,
     )
-    if rule is not None:
+    if c.rule is not None:
         # A rule that runs into year 9999 fails only while expanding: find out here, not in
         # reconcile.
         try:
-            entry = dataclasses.replace(entry, expansion=(now, tuple(entry.occurrences(now))))
+            entry = dataclasses.replace(entry, expansion=(c.now, tuple(entry.occurrences(c.now))))
         except (ValueError, OverflowError):
-            errors.append(f"{where}: rrule: {rule_text!r} {OUT_OF_RANGE}")
-            return None, errors, warnings, entry_id
-    return entry, errors, warnings, entry_id
+            return None, f"{where}: rrule: {c.rule_text!r} {OUT_OF_RANGE}", warnings
+    return entry, None, warnings
 
 
 def _is_court(value: Any) -> bool:
@@ -844,270 +909,3 @@ def secure_file_mode(path: Path) -> None:
     with contextlib.suppress(OSError):
         if path.exists() and path.stat().st_mode & 0o077:
             path.chmod(0o600)
-
-
-# --------------------------------------------------------------------------- reconciliation
-
-
-@dataclass
-class Changes:
-    """What a reconciliation did to the instances (jobs follow by ``scheduler.sync``)."""
-
-    added: int = 0
-    updated: int = 0
-    cancelled: int = 0
-    revived: int = 0
-    entries_changed: list[str] = field(default_factory=list)
-
-    def merge(self, other: Changes) -> None:
-        self.added += other.added
-        self.updated += other.updated
-        self.cancelled += other.cancelled
-        self.revived += other.revived
-        self.entries_changed.extend(other.entries_changed)
-
-    @property
-    def empty(self) -> bool:
-        return not (self.added or self.updated or self.cancelled or self.revived)
-
-    def summary(self) -> str:
-        return (
-            f"{self.added} added, {self.updated} changed, {self.cancelled} cancelled, "
-            f"{self.revived} revived"
-        )
-
-
-def store_tokens(session: Session, tokens: TokensResult) -> None:
-    """Make the tokens table match a valid tokens.json: upsert, mark unusable, drop removed."""
-    if tokens.file_error is not None:
-        return
-    existing = {t.id: t for t in session.scalars(select(Token))}
-    for name, value in tokens.tokens.items():
-        row = existing.get(name)
-        if row is None:
-            row = Token(id=name)
-            session.add(row)
-        if value.encrypted is not None:
-            row.encrypted_token = value.encrypted
-            row.error = None
-        else:
-            row.error = value.error
-    gone = set(existing) - set(tokens.tokens)
-    if gone:
-        session.execute(delete(Token).where(Token.id.in_(gone)))
-
-
-def reconcile(
-    factory: sessionmaker[Session],
-    config: Config,
-    *,
-    window: utils.Window,
-    now: datetime,
-    only: Sequence[str] | None = None,
-    unchanged: frozenset[str] = frozenset(),
-) -> Changes:
-    """Apply a validated config to the database as a diff (CONTRACT section 5).
-
-    ``only`` limits the work to these schedule ids (the recurring top-up). ``unchanged`` names
-    entries identical to the last load's, whose rows need no look (the daily top-up keeps their
-    horizon). Booked instances are never touched; instances of rejected entries are kept as
-    they were.
-    """
-    changes = Changes()
-    entries = {e.id: e for e in config.schedules.entries}
-    with transaction(factory) as session:
-        if only is None:
-            store_tokens(session, config.tokens)
-        if config.schedules.file_error is not None:
-            return changes
-        ids = set(entries) if only is None else set(only) & set(entries)
-        ids -= unchanged
-        stored_ids = set(session.scalars(select(Instance.schedule_id).distinct()))
-        removable = set()
-        if only is None:
-            removable = stored_ids - set(entries) - config.schedules.rejected_ids
-        rows_by_schedule: dict[str, dict[str, Instance]] = {}
-        wanted_ids = sorted((ids & stored_ids) | removable)
-        for start in range(0, len(wanted_ids), 500):
-            chunk = wanted_ids[start : start + 500]
-            for row in session.scalars(select(Instance).where(Instance.schedule_id.in_(chunk))):
-                rows_by_schedule.setdefault(row.schedule_id, {})[row.key] = row
-        for schedule_id in sorted(ids):
-            changes.merge(
-                _reconcile_entry(
-                    session,
-                    entries[schedule_id],
-                    rows_by_schedule.get(schedule_id, {}),
-                    window,
-                    now,
-                )
-            )
-        if only is None:
-            if removable and config.schedules.unknown_rejects:
-                logger.warning(
-                    "%d schedule(s) are no longer in %s, but an entry was rejected whose id "
-                    "cannot be told: their pending instances are kept until it is fixed",
-                    len(removable),
-                    SCHEDULES_FILE,
-                )
-                removable = set()
-            for schedule_id in sorted(removable):
-                for row in rows_by_schedule[schedule_id].values():
-                    if row.status == PENDING:
-                        _cancel(row, changes, "entry removed from schedules.json")
-    return changes
-
-
-def _cancel(row: Instance, changes: Changes, why: str) -> None:
-    row.status = CANCELLED
-    row.last_error = why
-    changes.cancelled += 1
-
-
-def _reconcile_entry(
-    session: Session,
-    entry: Entry,
-    rows: dict[str, Instance],
-    window: utils.Window,
-    now: datetime,
-) -> Changes:
-    changes = Changes()
-    planned = entry.plan(now, window)
-    courts_json = json.dumps(list(entry.courts))
-    rrule_text = entry.rule.rfc if entry.rule else None
-    wanted = {p.key for p in planned}
-    new_rows: list[dict[str, Any]] = []
-    for item in planned:
-        row = rows.get(item.key)
-        if row is None:
-            if not entry.enabled:
-                continue
-            new_rows.append(
-                dict(
-                    key=item.key,
-                    schedule_id=entry.id,
-                    type=entry.type,
-                    desired_time=item.desired,
-                    trigger_time=item.trigger,
-                    timezone=entry.timezone,
-                    rrule=rrule_text,
-                    court_id=entry.court_text,
-                    courts=courts_json,
-                    token_name=entry.token,
-                    duration_minutes=entry.duration_minutes,
-                    status=PENDING,
-                    attempts=0,
-                )
-            )
-            continue
-        if row.status == CANCELLED and entry.enabled:
-            row.status = PENDING
-            row.last_error = None
-            row.attempts = 0
-            changes.revived += 1
-        if row.status != PENDING:
-            continue
-        if not entry.enabled:
-            _cancel(row, changes, "entry disabled in schedules.json")
-            continue
-        moved = row.trigger_time != item.trigger
-        edited = (
-            row.court_id != entry.court_text
-            or row.courts != courts_json
-            or row.token_name != entry.token
-            or row.duration_minutes != entry.duration_minutes
-            or row.rrule != rrule_text
-            # Another zone or type can give the same instants (London -> Lisbon).
-            or row.timezone != entry.timezone
-            or row.type != entry.type
-        )
-        if moved or edited:
-            row.court_id = entry.court_text
-            row.courts = courts_json
-            row.token_name = entry.token
-            row.duration_minutes = entry.duration_minutes
-            row.rrule = rrule_text
-            row.timezone = entry.timezone
-            row.type = entry.type
-            row.trigger_time = item.trigger
-            changes.updated += 1
-    for key, row in rows.items():
-        if key in wanted or row.status != PENDING:
-            continue
-        if row.desired_time > now:
-            _cancel(row, changes, "no longer produced by the entry's rule or time")
-    if new_rows:
-        # One multi-row INSERT: thousands of instances on a cold load, without ORM objects.
-        stamp = utils.as_utc(now)
-        for row_values in new_rows:
-            row_values.update(created_at=stamp, updated_at=stamp)
-        session.execute(insert(Instance), new_rows)
-        changes.added += len(new_rows)
-    if not changes.empty:
-        changes.entries_changed.append(entry.id)
-    return changes
-
-
-def expire_missed(factory: sessionmaker[Session], now: datetime) -> list[Instance]:
-    """Instances still ``pending`` whose desired start has passed (the daemon was down at their
-    trigger) become ``expired``; returned for the one "Booking missed" report."""
-    with transaction(factory) as session:
-        rows = list(
-            session.scalars(
-                select(Instance).where(Instance.status == PENDING, Instance.desired_time <= now)
-            )
-        )
-        for row in rows:
-            row.status = EXPIRED
-            row.last_error = (
-                "courtbot was not running when the booking window opened "
-                f"({utils.format_utc(row.trigger_time)}) and the start has passed"
-            )
-            row.finished_at = now
-    return rows
-
-
-def recover_in_flight(
-    factory: sessionmaker[Session], now: datetime
-) -> tuple[list[str], list[Instance]]:
-    """Instances left in ``booking`` by a crash.
-
-    An instance is claimed shortly before its trigger, no request leaves before the trigger, and
-    attempts are counted when answered: with ``attempts`` at 0 and the trigger still ahead,
-    nothing was sent and it simply goes back to ``pending``. Otherwise a request may have
-    reached the club: while the start is ahead it is retried with the same Idempotency-Key, else
-    it fails, its outcome unknown. Returns the keys retried and the instances that failed.
-    """
-    retried: list[str] = []
-    failed: list[Instance] = []
-    with transaction(factory) as session:
-        for row in session.scalars(select(Instance).where(Instance.status == BOOKING)):
-            if row.attempts == 0 and row.trigger_time > now:
-                row.status = PENDING
-            elif row.desired_time > now:
-                row.status = PENDING
-                row.last_error = (
-                    "interrupted while booking (courtbot stopped); retried with the same "
-                    "Idempotency-Key"
-                )
-                retried.append(row.key)
-            else:
-                row.status = FAILED
-                row.last_error = (
-                    "courtbot stopped while this booking was being sent and the start has "
-                    "passed: its outcome is unknown, check with the club"
-                )
-                row.finished_at = now
-                failed.append(row)
-    return retried, failed
-
-
-def pending_triggers(factory: sessionmaker[Session]) -> dict[str, datetime]:
-    """Every pending instance's key and trigger (aware UTC)."""
-    with factory() as session:
-        return {
-            key: trigger
-            for key, trigger in session.execute(
-                select(Instance.key, Instance.trigger_time).where(Instance.status == PENDING)
-            )
-        }

@@ -26,17 +26,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from cryptography.fernet import Fernet, MultiFernet
-from sqlalchemy import Engine, update
-from sqlalchemy import select as sql_select
-from sqlalchemy.orm import Session, sessionmaker
 
 import bot
 import config_loader
+import instances
 import models
 import scheduler
 import utils
 from config_loader import Config, Settings, SettingsError
-from models import FAILED, PENDING, Instance, Token
 from notify import (
     Notifier,
     NotifyConfigError,
@@ -173,8 +170,8 @@ class Daemon:
         self.settings = settings
         self.fernet = fernet
         self._start_template = template  # after start, the one in use lives in self.ctx
-        self.engine: Engine | None = None
-        self.factory: sessionmaker[Session] | None = None
+        self.engine: models.Engine | None = None
+        self.factory: models.SessionFactory | None = None
         self.scheduler: scheduler.Scheduler | None = None
         self.notifier: Notifier | None = None
         self.ctx: bot.BookingContext | None = None
@@ -250,9 +247,9 @@ class Daemon:
         scheduler.set_runtime(self)
 
         now = datetime.now(UTC)
-        retried, unknown = config_loader.recover_in_flight(self.factory, now)
+        retried, unknown = instances.recover_in_flight(self.factory, now)
         for row in unknown:
-            self.notifier.notify(bot.outcome_of(row))
+            self.notifier.notify(instances.outcome_of(row))
         if retried:
             logger.warning(
                 "%d booking(s) were interrupted by a stop; retried now with the same "
@@ -260,9 +257,9 @@ class Daemon:
                 len(retried),
                 ", ".join(retried),
             )
-        missed = config_loader.expire_missed(self.factory, now)
+        missed = instances.expire_missed(self.factory, now)
         if missed:
-            self.notifier.notify_missed([bot.outcome_of(row) for row in missed])
+            self.notifier.notify_missed([instances.outcome_of(row) for row in missed])
         self.load(reason="start")
         self.scheduler.start()
         write_private(settings.pid_path, f"{os.getpid()}\n")
@@ -273,18 +270,8 @@ class Daemon:
     def log_summary(self) -> None:
         assert self.factory is not None and self.scheduler is not None
         entries = self.config.schedules.entries if self.config else []
-        with self.factory() as session:
-            pending = list(
-                session.scalars(
-                    sql_select(Instance)
-                    .where(Instance.status == PENDING)
-                    .order_by(Instance.trigger_time)
-                    .limit(1)
-                )
-            )
-            count = session.query(Instance).filter(Instance.status == PENDING).count()
-        if pending:
-            row = pending[0]
+        count, row = instances.pending_summary(self.factory)
+        if row is not None:
             zone = utils.get_zone(row.timezone)
             logger.info(
                 "courtbot running (pid %d): %d schedule(s), %d pending instance(s); next "
@@ -325,8 +312,7 @@ class Daemon:
                     report.removed,
                 )
                 return True
-            with self.factory() as session:
-                known = set(session.scalars(sql_select(Token.id)))
+            known = instances.token_names(self.factory)
             config = config_loader.read_config(self.settings, self.fernet, now, known_tokens=known)
             self._reload_template(reason)
             for error in config.errors:
@@ -348,7 +334,7 @@ class Daemon:
                 unchanged = frozenset(
                     e.id for e in config.schedules.entries if before.get(e.id) == e.fingerprint
                 )
-            changes = config_loader.reconcile(
+            changes = instances.reconcile(
                 self.factory, config, window=self.settings.window, now=now, unchanged=unchanged
             )
             whole_ok = config.schedules.file_error is None
@@ -396,7 +382,7 @@ class Daemon:
         assert self.factory is not None and self.scheduler is not None and self.ctx is not None
         with self.ctx.in_flight_lock:
             busy = frozenset(self.ctx.in_flight)
-        return self.scheduler.sync(config_loader.pending_triggers(self.factory), busy=busy)
+        return self.scheduler.sync(instances.pending_triggers(self.factory), busy=busy)
 
     def config_changed(self) -> bool:
         return self.config is None or config_loader.config_digest(self.settings) != (
@@ -421,7 +407,7 @@ class Daemon:
             ids = [i for i in (schedule_ids or recurring) if i in recurring]
             if not ids:
                 return
-            changes = config_loader.reconcile(
+            changes = instances.reconcile(
                 self.factory,
                 self.config,
                 window=self.settings.window,
@@ -654,46 +640,18 @@ def cmd_check(env: dict[str, str]) -> int:
     return EXIT_OK
 
 
-def _open_existing_db(settings: Settings) -> sessionmaker[Session] | None:
+def _open_existing_db(settings: Settings, *, upgrade: bool = False) -> models.SessionFactory | None:
+    """Sessions on the database when it exists with its tables (None otherwise); never creates
+    it. With ``upgrade`` (a writer), the columns an earlier release lacked are added."""
     db = models.sqlite_path(settings.database_url)
     if db is not None and not db.exists():
         return None
     engine = models.make_engine(settings.database_url, create=False)
     if not models.has_tables(engine):
         return None
+    if upgrade:
+        models.add_missing_columns(engine)
     return models.session_factory(engine)
-
-
-def _status_rows(factory: sessionmaker[Session] | None) -> list[dict[str, Any]]:
-    if factory is None:
-        return []
-    with factory() as session:
-        rows = session.scalars(sql_select(Instance).order_by(Instance.trigger_time, Instance.key))
-        out = []
-        for row in rows:
-            zone = utils.get_zone(row.timezone)
-            courts = json.loads(row.courts)
-            court_value: Any = courts if len(courts) > 1 else courts[0]
-            out.append(
-                {
-                    "schedule": row.schedule_id,
-                    "key": row.key,
-                    "type": row.type,
-                    "desired_time": utils.format_utc(row.desired_time),
-                    "desired_local": row.desired_time.astimezone(zone).isoformat(),
-                    "trigger_time": utils.format_utc(row.trigger_time),
-                    "timezone": row.timezone,
-                    "court_id": court_value,
-                    "booked_court": row.booked_court,
-                    "token": row.token_name,
-                    "duration_minutes": row.duration_minutes,
-                    "status": row.status,
-                    "attempts": row.attempts,
-                    "last_error": row.last_error,
-                    "booking_ref": row.booking_ref,
-                }
-            )
-    return out
 
 
 def cmd_status(env: dict[str, str], as_json: bool, out: IO[str]) -> int:
@@ -702,7 +660,7 @@ def cmd_status(env: dict[str, str], as_json: bool, out: IO[str]) -> int:
     except StartError as exc:
         print(f"courtbot status: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    rows = _status_rows(_open_existing_db(settings))
+    rows = instances.status_rows(_open_existing_db(settings))
     if as_json:
         json.dump(rows, out, indent=2)
         out.write("\n")
@@ -745,27 +703,11 @@ def cmd_retry(env: dict[str, str], target: str) -> int:
     except StartError as exc:
         print(f"courtbot retry: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    factory = _open_existing_db(settings)
+    factory = _open_existing_db(settings, upgrade=True)
     if factory is None:
         print(f"courtbot retry: no database at {settings.database_url}", file=sys.stderr)
         return EXIT_INVALID
-    now = datetime.now(UTC)
-    with models.transaction(factory) as session:
-        keys = list(
-            session.scalars(
-                sql_select(Instance.key).where(
-                    (Instance.key == target) | (Instance.schedule_id == target),
-                    Instance.status == FAILED,
-                    Instance.desired_time > now,
-                )
-            )
-        )
-        if keys:
-            session.execute(
-                update(Instance)
-                .where(Instance.key.in_(keys))
-                .values(status=PENDING, attempts=0, last_error=None, finished_at=None)
-            )
+    keys = instances.retry(factory, target, datetime.now(UTC))
     if not keys:
         print(
             f"courtbot retry: no failed instance with a start still ahead matches {target!r}",

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     Engine,
     Index,
@@ -24,11 +25,13 @@ from sqlalchemy import (
     TypeDecorator,
     create_engine,
     event,
+    false,
     inspect,
 )
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.schema import CreateColumn
 
 PENDING = "pending"
 BOOKING = "booking"
@@ -99,6 +102,9 @@ class Instance(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: A booking cut off by a crash (it may have reached the club): set when it is retried at
+    #: start, cleared by its final status or a ``retry``. Its 409 may be our own earlier request.
+    interrupted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     __table_args__ = (Index("ix_schedules_status_trigger", "status", "trigger_time"),)
 
@@ -192,6 +198,7 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
         if path is not None:
             _enable_wal(engine)
         Base.metadata.create_all(engine)
+        add_missing_columns(engine)
         if path is not None:
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
@@ -199,9 +206,28 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
     return engine
 
 
+def add_missing_columns(engine: Engine) -> list[str]:
+    """Add the columns a database made by an earlier release lacks (each has a default, so
+    existing rows read as before). Returns the names added."""
+    present = {column["name"] for column in inspect(engine).get_columns(Instance.__tablename__)}
+    added = []
+    for column in Instance.__table__.columns:
+        if column.name in present:
+            continue
+        ddl = CreateColumn(column).compile(dialect=engine.dialect)
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"ALTER TABLE {Instance.__tablename__} ADD COLUMN {ddl}")
+        added.append(column.name)
+    return added
+
+
 def has_tables(engine: Engine) -> bool:
     """True when the database already holds courtbot's tables."""
     return inspect(engine).has_table(Instance.__tablename__)
+
+
+#: What the other modules hold to open sessions (so that they need not import SQLAlchemy).
+SessionFactory = sessionmaker[Session]
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

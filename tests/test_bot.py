@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 import bot
 import utils
 from bot import BookingContext, ClubClient, RequestSpec, book_slot
-from config_loader import recover_in_flight
+from instances import recover_in_flight
 from models import (
     BOOKED,
     BOOKING,

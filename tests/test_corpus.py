@@ -26,7 +26,6 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-import config_loader
 import models
 from config_loader import (
     ENTRY_KEYS,
@@ -35,9 +34,9 @@ from config_loader import (
     read_config,
     read_schedules,
     read_tokens,
-    reconcile,
 )
 from conftest import NOW
+from instances import Changes, reconcile
 from models import Instance, Token
 
 CORPUS = Path(__file__).parent / "corpus"
@@ -106,7 +105,7 @@ def token_plaintexts(
 
 def load(
     factory: sessionmaker[Session], settings: Settings, fernet: MultiFernet
-) -> tuple[Config, config_loader.Changes]:
+) -> tuple[Config, Changes]:
     with factory() as session:
         known = set(session.scalars(select(Token.id)))
     config = read_config(settings, fernet, NOW, known_tokens=known)

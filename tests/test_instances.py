@@ -18,17 +18,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import models
 import utils
-from config_loader import (
-    Changes,
-    Config,
-    Settings,
-    expire_missed,
-    pending_triggers,
-    read_config,
-    reconcile,
-    recover_in_flight,
-)
+from config_loader import Config, Settings, read_config
 from conftest import NOW, write_json
+from instances import Changes, expire_missed, pending_triggers, reconcile, recover_in_flight
 from models import BOOKED, BOOKING, CANCELLED, EXPIRED, FAILED, PENDING, Instance, Token
 
 TOKENS = {"default": "tok-default-secret", "alice": "tok-alice-secret"}

@@ -1,0 +1,503 @@
+"""The lifecycle of an instance, and every question asked about instances and tokens.
+
+One function per transition (CONTRACT section 7), one wording per reason:
+
+    pending -> booking (claim) -> booked | failed (finish); booking -> pending (release)
+    pending -> expired (expire_missed at start, expire_if_passed at the trigger)
+    pending -> cancelled -> pending (reconcile); failed -> pending (retry)
+    booking left by a crash -> pending (interrupted) or failed (recover_in_flight)
+
+``reconcile`` applies a validated config (``config_loader``) as a diff. A state is a column,
+never a prefix of a message: a booking cut off by a crash is ``Instance.interrupted``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session, defer, sessionmaker
+
+import utils
+from config_loader import SCHEDULES_FILE, Config, Entry, TokensResult
+from models import (
+    BOOKED,
+    BOOKING,
+    CANCELLED,
+    EXPIRED,
+    FAILED,
+    PENDING,
+    Instance,
+    Token,
+    transaction,
+)
+from notify import Outcome
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- reconciliation
+
+
+@dataclass
+class Changes:
+    """What a reconciliation did to the instances (jobs follow by ``scheduler.sync``)."""
+
+    added: int = 0
+    updated: int = 0
+    cancelled: int = 0
+    revived: int = 0
+    entries_changed: list[str] = field(default_factory=list)
+
+    def merge(self, other: Changes) -> None:
+        self.added += other.added
+        self.updated += other.updated
+        self.cancelled += other.cancelled
+        self.revived += other.revived
+        self.entries_changed.extend(other.entries_changed)
+
+    @property
+    def empty(self) -> bool:
+        return not (self.added or self.updated or self.cancelled or self.revived)
+
+    def summary(self) -> str:
+        return (
+            f"{self.added} added, {self.updated} changed, {self.cancelled} cancelled, "
+            f"{self.revived} revived"
+        )
+
+
+def store_tokens(session: Session, tokens: TokensResult) -> None:
+    """Make the tokens table match a valid tokens.json: upsert, mark unusable, drop removed."""
+    if tokens.file_error is not None:
+        return
+    existing = {t.id: t for t in session.scalars(select(Token))}
+    for name, value in tokens.tokens.items():
+        row = existing.get(name)
+        if row is None:
+            row = Token(id=name)
+            session.add(row)
+        if value.encrypted is not None:
+            row.encrypted_token = value.encrypted
+            row.error = None
+        else:
+            row.error = value.error
+    gone = set(existing) - set(tokens.tokens)
+    if gone:
+        session.execute(delete(Token).where(Token.id.in_(gone)))
+
+
+def reconcile(
+    factory: sessionmaker[Session],
+    config: Config,
+    *,
+    window: utils.Window,
+    now: datetime,
+    only: Sequence[str] | None = None,
+    unchanged: frozenset[str] = frozenset(),
+) -> Changes:
+    """Apply a validated config to the database as a diff (CONTRACT section 5).
+
+    ``only`` limits the work to these schedule ids (the recurring top-up). ``unchanged`` names
+    entries identical to the last load's, whose rows need no look (the daily top-up keeps their
+    horizon). Booked instances are never touched; instances of rejected entries are kept as
+    they were.
+    """
+    changes = Changes()
+    entries = {e.id: e for e in config.schedules.entries}
+    with transaction(factory) as session:
+        if only is None:
+            store_tokens(session, config.tokens)
+        if config.schedules.file_error is not None:
+            return changes
+        ids = set(entries) if only is None else set(only) & set(entries)
+        ids -= unchanged
+        stored_ids = set(session.scalars(select(Instance.schedule_id).distinct()))
+        removable = set()
+        if only is None:
+            removable = stored_ids - set(entries) - config.schedules.rejected_ids
+        rows_by_schedule: dict[str, dict[str, Instance]] = {}
+        wanted_ids = sorted((ids & stored_ids) | removable)
+        for start in range(0, len(wanted_ids), 500):
+            chunk = wanted_ids[start : start + 500]
+            for row in session.scalars(select(Instance).where(Instance.schedule_id.in_(chunk))):
+                rows_by_schedule.setdefault(row.schedule_id, {})[row.key] = row
+        for schedule_id in sorted(ids):
+            changes.merge(
+                _reconcile_entry(
+                    session,
+                    entries[schedule_id],
+                    rows_by_schedule.get(schedule_id, {}),
+                    window,
+                    now,
+                )
+            )
+        if only is None:
+            if removable and config.schedules.unknown_rejects:
+                logger.warning(
+                    "%d schedule(s) are no longer in %s, but an entry was rejected whose id "
+                    "cannot be told: their pending instances are kept until it is fixed",
+                    len(removable),
+                    SCHEDULES_FILE,
+                )
+                removable = set()
+            for schedule_id in sorted(removable):
+                for row in rows_by_schedule[schedule_id].values():
+                    if row.status == PENDING:
+                        _cancel(row, changes, "entry removed from schedules.json")
+    return changes
+
+
+def _cancel(row: Instance, changes: Changes, why: str) -> None:
+    row.status = CANCELLED
+    row.last_error = why
+    changes.cancelled += 1
+
+
+def _reconcile_entry(
+    session: Session,
+    entry: Entry,
+    rows: dict[str, Instance],
+    window: utils.Window,
+    now: datetime,
+) -> Changes:
+    changes = Changes()
+    planned = entry.plan(now, window)
+    courts_json = json.dumps(list(entry.courts))
+    rrule_text = entry.rule.rfc if entry.rule else None
+    wanted = {p.key for p in planned}
+    new_rows: list[dict[str, Any]] = []
+    for item in planned:
+        row = rows.get(item.key)
+        if row is None:
+            if not entry.enabled:
+                continue
+            new_rows.append(
+                dict(
+                    key=item.key,
+                    schedule_id=entry.id,
+                    type=entry.type,
+                    desired_time=item.desired,
+                    trigger_time=item.trigger,
+                    timezone=entry.timezone,
+                    rrule=rrule_text,
+                    court_id=entry.court_text,
+                    courts=courts_json,
+                    token_name=entry.token,
+                    duration_minutes=entry.duration_minutes,
+                    status=PENDING,
+                    attempts=0,
+                )
+            )
+            continue
+        if row.status == CANCELLED and entry.enabled:
+            row.status = PENDING
+            row.last_error = None
+            row.attempts = 0
+            changes.revived += 1
+        if row.status != PENDING:
+            continue
+        if not entry.enabled:
+            _cancel(row, changes, "entry disabled in schedules.json")
+            continue
+        moved = row.trigger_time != item.trigger
+        edited = (
+            row.court_id != entry.court_text
+            or row.courts != courts_json
+            or row.token_name != entry.token
+            or row.duration_minutes != entry.duration_minutes
+            or row.rrule != rrule_text
+            # Another zone or type can give the same instants (London -> Lisbon).
+            or row.timezone != entry.timezone
+            or row.type != entry.type
+        )
+        if moved or edited:
+            row.court_id = entry.court_text
+            row.courts = courts_json
+            row.token_name = entry.token
+            row.duration_minutes = entry.duration_minutes
+            row.rrule = rrule_text
+            row.timezone = entry.timezone
+            row.type = entry.type
+            row.trigger_time = item.trigger
+            changes.updated += 1
+    for key, row in rows.items():
+        if key in wanted or row.status != PENDING:
+            continue
+        if row.desired_time > now:
+            _cancel(row, changes, "no longer produced by the entry's rule or time")
+    if new_rows:
+        # One multi-row INSERT: thousands of instances on a cold load, without ORM objects.
+        stamp = utils.as_utc(now)
+        for row_values in new_rows:
+            row_values.update(created_at=stamp, updated_at=stamp)
+        session.execute(insert(Instance), new_rows)
+        changes.added += len(new_rows)
+    if not changes.empty:
+        changes.entries_changed.append(entry.id)
+    return changes
+
+
+def expire_missed(factory: sessionmaker[Session], now: datetime) -> list[Instance]:
+    """Instances still ``pending`` whose desired start has passed (the daemon was down at their
+    trigger) become ``expired``; returned for the one "Booking missed" report."""
+    with transaction(factory) as session:
+        rows = list(
+            session.scalars(
+                select(Instance).where(Instance.status == PENDING, Instance.desired_time <= now)
+            )
+        )
+        for row in rows:
+            _expire(row, now)
+    return rows
+
+
+def _expire(row: Instance, now: datetime) -> None:
+    """pending -> expired: the daemon was not running at the trigger and the start has passed."""
+    row.status = EXPIRED
+    row.last_error = (
+        "courtbot was not running when the booking window opened "
+        f"({utils.format_utc(row.trigger_time)}) and the start has passed"
+    )
+    row.finished_at = now
+    row.interrupted = False
+
+
+def expire_if_passed(
+    factory: sessionmaker[Session], key: str, now: datetime
+) -> tuple[Instance | None, Outcome | None]:
+    """At its trigger: a ``pending`` instance whose start has already passed becomes
+    ``expired``. Returns the instance as read (None when gone) and, when it expired now, the
+    outcome to report."""
+    with transaction(factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        if row is None or row.status != PENDING or row.desired_time > now:
+            return row, None
+        _expire(row, now)
+        return row, outcome_of(row)
+
+
+def recover_in_flight(
+    factory: sessionmaker[Session], now: datetime
+) -> tuple[list[str], list[Instance]]:
+    """Instances left in ``booking`` by a crash.
+
+    An instance is claimed shortly before its trigger, no request leaves before the trigger, and
+    attempts are counted when answered: with ``attempts`` at 0 and the trigger still ahead,
+    nothing was sent and it simply goes back to ``pending``. Otherwise a request may have
+    reached the club: while the start is ahead it is retried with the same Idempotency-Key, else
+    it fails, its outcome unknown. Returns the keys retried and the instances that failed.
+    """
+    retried: list[str] = []
+    failed: list[Instance] = []
+    with transaction(factory) as session:
+        for row in session.scalars(select(Instance).where(Instance.status == BOOKING)):
+            if row.attempts == 0 and row.trigger_time > now:
+                row.status = PENDING
+            elif row.desired_time > now:
+                row.status = PENDING
+                row.interrupted = True
+                row.last_error = (
+                    "interrupted while booking (courtbot stopped); retried with the same "
+                    "Idempotency-Key"
+                )
+                retried.append(row.key)
+            else:
+                row.status = FAILED
+                row.last_error = (
+                    "courtbot stopped while this booking was being sent and the start has "
+                    "passed: its outcome is unknown, check with the club"
+                )
+                row.finished_at = now
+                row.interrupted = False
+                failed.append(row)
+    return retried, failed
+
+
+def pending_triggers(factory: sessionmaker[Session]) -> dict[str, datetime]:
+    """Every pending instance's key and trigger (aware UTC)."""
+    with factory() as session:
+        return {
+            key: trigger
+            for key, trigger in session.execute(
+                select(Instance.key, Instance.trigger_time).where(Instance.status == PENDING)
+            )
+        }
+
+
+def pending_summary(factory: sessionmaker[Session]) -> tuple[int, Instance | None]:
+    """How many instances are pending, and the one whose trigger comes first (None if none)."""
+    with factory() as session:
+        first = session.scalar(
+            select(Instance)
+            .where(Instance.status == PENDING)
+            .order_by(Instance.trigger_time)
+            .limit(1)
+        )
+        count = session.scalar(
+            select(func.count()).select_from(Instance).where(Instance.status == PENDING)
+        )
+    return int(count or 0), first
+
+
+def token_names(factory: sessionmaker[Session]) -> set[str]:
+    """The names of the tokens the database holds."""
+    with factory() as session:
+        return set(session.scalars(select(Token.id)))
+
+
+# --------------------------------------------------------------------------- a booking
+
+
+def claim(factory: sessionmaker[Session], key: str, now: datetime) -> bool:
+    """pending -> booking, committed before any request leaves. A conditional update, so two
+    claimants can never both send: True for the one that got it."""
+    with transaction(factory) as session:
+        claimed = session.execute(
+            update(Instance)
+            .where(Instance.key == key, Instance.status == PENDING)
+            .values(status=BOOKING, updated_at=now)
+        ).rowcount
+    return claimed == 1
+
+
+def claimed(factory: sessionmaker[Session], key: str) -> tuple[Instance, Token | None]:
+    """A claimed instance and the row of its token (None when tokens.json lacks it)."""
+    with factory() as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None
+        return row, session.get(Token, row.token_name)
+
+
+def release(factory: sessionmaker[Session], key: str) -> None:
+    """booking -> pending: a shutdown before the trigger or between retries."""
+    with transaction(factory) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.key == key, Instance.status == BOOKING)
+            .values(status=PENDING)
+        )
+
+
+def record_attempt(factory: sessionmaker[Session], key: str, attempts: int) -> None:
+    """The number of requests answered (or lost) so far, before a wait between retries."""
+    with transaction(factory) as session:
+        session.execute(update(Instance).where(Instance.key == key).values(attempts=attempts))
+
+
+def finish(
+    factory: sessionmaker[Session],
+    key: str,
+    status: str,
+    reason: str | None,
+    *,
+    now: datetime,
+    booking_ref: str | None = None,
+    court: str | None = None,
+    attempts: int | None = None,
+) -> Outcome:
+    """booking -> booked or failed, with the reason a person reads; returns the outcome to
+    report."""
+    with transaction(factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None
+        if attempts is not None:
+            row.attempts = attempts
+        row.status = status
+        row.last_error = reason
+        row.booking_ref = booking_ref
+        if status == BOOKED:
+            row.booked_court = court
+        row.finished_at = now
+        row.interrupted = False
+        return outcome_of(row)
+
+
+def outcome_of(row: Instance) -> Outcome:
+    """The report of an instance's final status, for notify."""
+    zone = utils.get_zone(row.timezone)
+    court = row.booked_court if row.status == BOOKED else row.court_id
+    return Outcome(
+        status=row.status,
+        key=row.key,
+        schedule_id=row.schedule_id,
+        court=court,
+        desired_start=row.desired_time.astimezone(zone),
+        trigger_time=row.trigger_time,
+        duration_minutes=row.duration_minutes,
+        attempts=row.attempts,
+        reason=row.last_error,
+        booking_ref=row.booking_ref,
+        timezone=row.timezone,
+    )
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def retry(factory: sessionmaker[Session], target: str, now: datetime) -> list[str]:
+    """failed -> pending for the instances of ``target`` (a key or a schedule id) whose start is
+    still ahead, attempts and last error cleared. Returns their keys."""
+    with transaction(factory) as session:
+        keys = list(
+            session.scalars(
+                select(Instance.key).where(
+                    (Instance.key == target) | (Instance.schedule_id == target),
+                    Instance.status == FAILED,
+                    Instance.desired_time > now,
+                )
+            )
+        )
+        if keys:
+            session.execute(
+                update(Instance)
+                .where(Instance.key.in_(keys))
+                .values(
+                    status=PENDING,
+                    attempts=0,
+                    last_error=None,
+                    finished_at=None,
+                    interrupted=False,
+                )
+            )
+    return keys
+
+
+def status_rows(factory: sessionmaker[Session] | None) -> list[dict[str, Any]]:
+    """Every instance as ``status --json`` prints it, soonest trigger first."""
+    if factory is None:
+        return []
+    with factory() as session:
+        # Deferred: a database of the previous release may not have the column yet, and a
+        # reader never changes the schema.
+        query = select(Instance).options(defer(Instance.interrupted))
+        rows = session.scalars(query.order_by(Instance.trigger_time, Instance.key))
+        return [_status_row(row) for row in rows]
+
+
+def _status_row(row: Instance) -> dict[str, Any]:
+    zone = utils.get_zone(row.timezone)
+    courts = json.loads(row.courts)
+    court_value: Any = courts if len(courts) > 1 else courts[0]
+    return {
+        "schedule": row.schedule_id,
+        "key": row.key,
+        "type": row.type,
+        "desired_time": utils.format_utc(row.desired_time),
+        "desired_local": row.desired_time.astimezone(zone).isoformat(),
+        "trigger_time": utils.format_utc(row.trigger_time),
+        "timezone": row.timezone,
+        "court_id": court_value,
+        "booked_court": row.booked_court,
+        "token": row.token_name,
+        "duration_minutes": row.duration_minutes,
+        "status": row.status,
+        "attempts": row.attempts,
+        "last_error": row.last_error,
+        "booking_ref": row.booking_ref,
+    }
