@@ -159,6 +159,21 @@ def _cancel(row: Instance, changes: Changes, why: str) -> None:
     changes.cancelled += 1
 
 
+def _entry_fields(entry: Entry) -> dict[str, Any]:
+    """What an entry's pending instances copy from it (and take again when it is edited).
+    The zone and type count too: another zone or type can give the same instants (London ->
+    Lisbon)."""
+    return {
+        "court_id": entry.court_text,
+        "courts": json.dumps(list(entry.courts)),
+        "token_name": entry.token,
+        "duration_minutes": entry.duration_minutes,
+        "rrule": entry.rule.rfc if entry.rule else None,
+        "timezone": entry.timezone,
+        "type": entry.type,
+    }
+
+
 def _reconcile_entry(
     session: Session,
     entry: Entry,
@@ -168,32 +183,24 @@ def _reconcile_entry(
 ) -> Changes:
     changes = Changes()
     planned = entry.plan(now, window)
-    courts_json = json.dumps(list(entry.courts))
-    rrule_text = entry.rule.rfc if entry.rule else None
+    fields = _entry_fields(entry)
     wanted = {p.key for p in planned}
     new_rows: list[dict[str, Any]] = []
     for item in planned:
         row = rows.get(item.key)
         if row is None:
-            if not entry.enabled:
-                continue
-            new_rows.append(
-                dict(
-                    key=item.key,
-                    schedule_id=entry.id,
-                    type=entry.type,
-                    desired_time=item.desired,
-                    trigger_time=item.trigger,
-                    timezone=entry.timezone,
-                    rrule=rrule_text,
-                    court_id=entry.court_text,
-                    courts=courts_json,
-                    token_name=entry.token,
-                    duration_minutes=entry.duration_minutes,
-                    status=PENDING,
-                    attempts=0,
+            if entry.enabled:
+                new_rows.append(
+                    dict(
+                        key=item.key,
+                        schedule_id=entry.id,
+                        desired_time=item.desired,
+                        trigger_time=item.trigger,
+                        status=PENDING,
+                        attempts=0,
+                        **fields,
+                    )
                 )
-            )
             continue
         if row.status == CANCELLED and entry.enabled:
             row.status = PENDING
@@ -206,24 +213,9 @@ def _reconcile_entry(
             _cancel(row, changes, "entry disabled in schedules.json")
             continue
         moved = row.trigger_time != item.trigger
-        edited = (
-            row.court_id != entry.court_text
-            or row.courts != courts_json
-            or row.token_name != entry.token
-            or row.duration_minutes != entry.duration_minutes
-            or row.rrule != rrule_text
-            # Another zone or type can give the same instants (London -> Lisbon).
-            or row.timezone != entry.timezone
-            or row.type != entry.type
-        )
-        if moved or edited:
-            row.court_id = entry.court_text
-            row.courts = courts_json
-            row.token_name = entry.token
-            row.duration_minutes = entry.duration_minutes
-            row.rrule = rrule_text
-            row.timezone = entry.timezone
-            row.type = entry.type
+        if moved or any(getattr(row, name) != value for name, value in fields.items()):
+            for name, value in fields.items():
+                setattr(row, name, value)
             row.trigger_time = item.trigger
             changes.updated += 1
     for key, row in rows.items():

@@ -356,6 +356,29 @@ def _rfc_parts(line: str) -> dict[str, str]:
     return parts
 
 
+def _parse_dtstart(line: str, zone: ZoneInfo) -> tuple[datetime, str | None, ZoneInfo]:
+    """A ``DTSTART`` line: (its naive wall clock, the TZID it names or None, the zone to read
+    the rule in: the TZID's, else ``zone``)."""
+    match = _DTSTART_RE.fullmatch(line)
+    if not match:
+        raise RuleError(
+            f"{line!r} is not a DTSTART line; expected e.g. 'DTSTART:20260107T170000' or "
+            "'DTSTART;TZID=Europe/London:20260107T170000'"
+        )
+    try:
+        value = datetime.strptime(match["value"], "%Y%m%dT%H%M%S")
+    except ValueError:
+        raise RuleError(f"{line!r}: {match['value']!r} is not a real date and time") from None
+    if match["tzid"]:
+        try:
+            zone = get_zone(match["tzid"])
+        except ValueError as exc:
+            raise RuleError(f"{line!r}: TZID {exc}") from None
+    if match["z"]:
+        value = value.replace(tzinfo=UTC).astimezone(zone).replace(tzinfo=None)
+    return value, match["tzid"] or None, zone
+
+
 def parse_rfc_rule(text: str, *, start: datetime | None, zone: ZoneInfo) -> ParsedRule:
     """Parse an RFC 5545 rule (``RRULE:`` optional, optional ``DTSTART`` line first).
 
@@ -369,27 +392,8 @@ def parse_rfc_rule(text: str, *, start: datetime | None, zone: ZoneInfo) -> Pars
     rule_lines: list[str] = []
     for line in lines:
         if line.upper().startswith("DTSTART"):
-            match = _DTSTART_RE.fullmatch(line)
-            if not match:
-                raise RuleError(
-                    f"{line!r} is not a DTSTART line; expected e.g. 'DTSTART:20260107T170000' or "
-                    "'DTSTART;TZID=Europe/London:20260107T170000'"
-                )
-            try:
-                value = datetime.strptime(match["value"], "%Y%m%dT%H%M%S")
-            except ValueError:
-                raise RuleError(
-                    f"{line!r}: {match['value']!r} is not a real date and time"
-                ) from None
-            if match["tzid"]:
-                zone_name = match["tzid"]
-                try:
-                    zone = get_zone(zone_name)
-                except ValueError as exc:
-                    raise RuleError(f"{line!r}: TZID {exc}") from None
-            if match["z"]:
-                value = value.replace(tzinfo=UTC).astimezone(zone).replace(tzinfo=None)
-            dtstart_wall = value
+            dtstart_wall, tzid, zone = _parse_dtstart(line, zone)
+            zone_name = tzid or zone_name
         else:
             rule_lines.append(line[6:] if line.upper().startswith("RRULE:") else line)
     if len(rule_lines) != 1:

@@ -1,0 +1,92 @@
+"""Who may import whom (README "How the code is laid out"), read from the sources with ``ast``.
+
+Data flows one way: files -> config_loader -> instances -> models, and at a trigger bot; utils and
+template are pure. An import that is not an arrow of ALLOWED fails here, naming the file and line.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: module -> the project modules it may import. main, the CLI and the daemon, may import all.
+ALLOWED: dict[str, set[str]] = {
+    "utils": set(),
+    "template": {"utils"},
+    "models": set(),
+    "notify": set(),
+    "scheduler": set(),
+    "config_loader": {"utils", "template"},
+    "instances": {"models", "utils", "config_loader", "template", "notify"},
+    "bot": {"instances", "template", "utils", "notify", "models"},
+}
+MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
+#: Longest production function, in lines (ruff's PLR0915 and C901 hold statements and branches).
+MAX_FUNCTION_LINES = 80
+
+
+def project_imports(path: Path) -> list[tuple[str, int]]:
+    """(project module, line) for every import of a project module in ``path``, anywhere in it
+    (inside functions too)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module.split(".")[0]]
+        else:
+            continue
+        found += [(name, node.lineno) for name in names if name in MODULES]
+    return found
+
+
+def test_every_module_has_a_row_in_the_table() -> None:
+    assert set(MODULES) == set(ALLOWED) | {"main"}
+
+
+@pytest.mark.parametrize("module", sorted(ALLOWED))
+def test_imports_follow_the_arrows(module: str) -> None:
+    wrong = [
+        f"{module}.py:{line}: imports {name}, not an arrow of the table"
+        for name, line in project_imports(ROOT / f"{module}.py")
+        if name not in ALLOWED[module]
+    ]
+    assert wrong == []
+
+
+def test_the_table_reads_imports_inside_functions_too(tmp_path: Path) -> None:
+    source = tmp_path / "sample.py"
+    source.write_text("import os\nimport utils\n\ndef f():\n    from bot import book_slot\n")
+    assert project_imports(source) == [("utils", 2), ("bot", 5)]
+
+
+@pytest.mark.parametrize("module", ["main", "config_loader"])
+def test_main_and_config_loader_do_not_import_sqlalchemy(module: str) -> None:
+    tree = ast.parse((ROOT / f"{module}.py").read_text())
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "sqlalchemy" not in imported
+
+
+def test_no_production_function_is_longer_than_80_lines() -> None:
+    long = []
+    for module in MODULES:
+        tree = ast.parse((ROOT / f"{module}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    long.append(f"{module}.py:{node.lineno} {node.name}: {length} lines")
+    assert long == []
