@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,3 +71,33 @@ def engine(data_dir: Path) -> Iterator[Engine]:
 @pytest.fixture
 def factory(engine: Engine) -> sessionmaker[Session]:
     return models.session_factory(engine)
+
+
+#: The tables as the release before Instance.interrupted created them (SQLite).
+PREVIOUS_SCHEMA = """
+CREATE TABLE schedules (
+    id INTEGER NOT NULL, "key" VARCHAR(128) NOT NULL, schedule_id VARCHAR(64) NOT NULL,
+    type VARCHAR(16) NOT NULL, desired_time DATETIME NOT NULL, trigger_time DATETIME NOT NULL,
+    timezone VARCHAR(64) NOT NULL, rrule TEXT, court_id TEXT, courts TEXT NOT NULL,
+    booked_court TEXT, token_name VARCHAR(128) NOT NULL, duration_minutes INTEGER NOT NULL,
+    status VARCHAR(16) NOT NULL, attempts INTEGER NOT NULL, last_error TEXT,
+    booking_ref VARCHAR(256), created_at DATETIME NOT NULL, updated_at DATETIME NOT NULL,
+    finished_at DATETIME, PRIMARY KEY (id), UNIQUE ("key")
+);
+CREATE INDEX ix_schedules_status_trigger ON schedules (status, trigger_time);
+CREATE INDEX ix_schedules_schedule_id ON schedules (schedule_id);
+CREATE TABLE tokens (
+    id VARCHAR(128) NOT NULL, encrypted_token TEXT, error TEXT, updated_at DATETIME NOT NULL,
+    PRIMARY KEY (id)
+);
+INSERT INTO schedules VALUES (1, 'old@2030-01-01T10:00:00Z', 'old', 'one-off',
+    '2030-01-01 10:00:00.000000', '2029-12-25 10:00:00.000000', 'UTC', NULL, '3', '["3"]', NULL,
+    'default', 60, 'failed', 3, 'court 3: taken (HTTP 409)', NULL,
+    '2029-01-01 00:00:00.000000', '2029-01-01 00:00:00.000000', '2029-12-25 10:00:01.000000');
+"""
+
+
+def previous_release_database(path: Path) -> str:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.executescript(PREVIOUS_SCHEMA)
+    return f"sqlite:///{path}"

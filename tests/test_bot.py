@@ -990,6 +990,27 @@ def test_a_409_after_recovery_may_be_our_own_booking(h: Harness) -> None:
     assert "may be taken by our own earlier attempt" in reason
 
 
+def test_an_interrupted_booking_is_read_from_its_column_not_its_last_error(h: Harness) -> None:
+    h.add(status=BOOKING, attempts=1)
+    recover_in_flight(h.factory, TRIGGER)
+    # Reworded, or replaced by another note: the state stays what the column says.
+    with transaction(h.factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == KEY))
+        assert row is not None and row.interrupted
+        row.last_error = "something else entirely"
+    h.add(key="b@1", last_error="interrupted, says a person's note")  # but never was
+    queue(h.club, answer(409), answer(409))
+
+    assert h.book() == FAILED
+    assert h.book("b@1") == FAILED
+
+    mine, other = h.row(), h.row("b@1")
+    assert mine.last_error is not None and other.last_error is not None
+    assert "may be taken by our own earlier attempt" in mine.last_error
+    assert "own earlier attempt" not in other.last_error
+    assert (mine.interrupted, other.interrupted) == (False, False)
+
+
 @pytest.mark.parametrize(
     ("tick", "oversleep"),
     [(0.0001, 0.0), (0.0, 0.01)],

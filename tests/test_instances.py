@@ -6,7 +6,9 @@ tell "left alone" from "rewritten with the same values".
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,11 @@ from cryptography.fernet import Fernet, MultiFernet
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+import instances
 import models
 import utils
 from config_loader import Config, Settings, read_config
-from conftest import NOW, write_json
+from conftest import NOW, previous_release_database, write_json
 from instances import Changes, expire_missed, pending_triggers, reconcile, recover_in_flight
 from models import BOOKED, BOOKING, CANCELLED, EXPIRED, FAILED, PENDING, Instance, Token
 
@@ -768,3 +771,127 @@ def test_recover_in_flight(factory: sessionmaker[Session]) -> None:
     for key in ("other@1", "done@1"):
         assert now[key] == before[key]
     assert recover_in_flight(factory, NOW) == ([], [])
+
+
+def test_recover_in_flight_marks_the_retried_booking_interrupted(
+    factory: sessionmaker[Session],
+) -> None:
+    add_row(factory, "ahead@1", NOW + timedelta(hours=2), BOOKING)
+    add_row(factory, "passed@1", NOW - timedelta(minutes=5), BOOKING)
+    add_row(factory, "claimed@1", NOW + timedelta(hours=169), BOOKING)
+    update(factory, "ahead@1", attempts=1)
+    update(factory, "passed@1", interrupted=True)  # retried at an earlier start, then a crash
+
+    recover_in_flight(factory, NOW)
+
+    after = rows(factory)
+    assert {key: row.interrupted for key, row in after.items()} == {
+        "ahead@1": True,  # a request may have reached the club
+        "passed@1": False,  # final: failed, its outcome unknown
+        "claimed@1": False,  # nothing was sent
+    }
+
+
+# --------------------------------------------------------------------------- a booking (7)
+
+
+def test_claim_is_conditional_and_release_puts_it_back(factory: sessionmaker[Session]) -> None:
+    add_row(factory, "a@1", NOW + timedelta(hours=1), PENDING)
+
+    assert instances.claim(factory, "a@1", NOW) is True
+    assert instances.claim(factory, "a@1", NOW) is False  # a second claimant never sends
+    assert statuses(factory, "a") == {"a@1": BOOKING}
+    instances.release(factory, "a@1")
+    assert statuses(factory, "a") == {"a@1": PENDING}
+    instances.release(factory, "a@1")  # only a booking goes back
+    assert statuses(factory, "a") == {"a@1": PENDING}
+
+
+def test_expire_if_passed_uses_the_one_wording_of_expire_missed(
+    factory: sessionmaker[Session],
+) -> None:
+    add_row(factory, "late@1", NOW - timedelta(minutes=1), PENDING)
+    add_row(factory, "ahead@1", NOW + timedelta(minutes=1), PENDING)
+    add_row(factory, "other@1", NOW - timedelta(minutes=1), PENDING)
+
+    row, missed = instances.expire_if_passed(factory, "late@1", NOW)
+    (at_start,) = expire_missed(factory, NOW)
+
+    assert row is not None and missed is not None
+    assert (row.status, missed.status, missed.key) == (EXPIRED, EXPIRED, "late@1")
+    assert at_start.key == "other@1"
+    assert missed.reason == (
+        "courtbot was not running when the booking window opened "
+        f"({utils.format_utc(row.trigger_time)}) and the start has passed"
+    )
+    assert at_start.last_error == (
+        "courtbot was not running when the booking window opened "
+        f"({utils.format_utc(at_start.trigger_time)}) and the start has passed"
+    )
+    assert instances.expire_if_passed(factory, "ahead@1", NOW)[1] is None
+    assert instances.expire_if_passed(factory, "late@1", NOW)[1] is None  # already expired
+    assert instances.expire_if_passed(factory, "gone@1", NOW) == (None, None)
+
+
+def test_finish_and_retry_clear_interrupted(factory: sessionmaker[Session]) -> None:
+    add_row(factory, "a@1", NOW + timedelta(hours=1), BOOKING)
+    add_row(factory, "b@1", NOW + timedelta(hours=1), BOOKING)
+    update(factory, "a@1", interrupted=True)
+    update(factory, "b@1", interrupted=True)
+
+    outcome = instances.finish(factory, "a@1", BOOKED, None, now=NOW, booking_ref="r", court="3")
+    instances.finish(factory, "b@1", FAILED, "court 3: taken", now=NOW, attempts=2)
+
+    assert (outcome.status, outcome.court, outcome.booking_ref) == (BOOKED, "3", "r")
+    after = rows(factory)
+    assert (after["a@1"].interrupted, after["a@1"].booked_court) == (False, "3")
+    assert (after["b@1"].status, after["b@1"].attempts) == (FAILED, 2)
+    assert after["b@1"].interrupted is False
+    update(factory, "b@1", interrupted=True)
+    assert instances.retry(factory, "b", NOW) == ["b@1"]
+    b = rows(factory)["b@1"]
+    assert (b.status, b.attempts, b.last_error, b.interrupted) == (PENDING, 0, None, False)
+
+
+# --------------------------------------------------------------------------- an older database
+
+
+def columns(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return [name for _, name, *_ in conn.execute("PRAGMA table_info(schedules)")]
+
+
+def test_status_reads_a_database_of_the_previous_release_without_changing_it(
+    tmp_path: Path,
+) -> None:
+    url = previous_release_database(tmp_path / "db.sqlite")
+    reader = models.make_engine(url, create=False)
+    try:
+        (shown,) = instances.status_rows(models.session_factory(reader))
+    finally:
+        reader.dispose()
+    assert (shown["key"], shown["status"], shown["attempts"]) == (
+        "old@2030-01-01T10:00:00Z",
+        FAILED,
+        3,
+    )
+    assert "interrupted" not in columns(tmp_path / "db.sqlite")
+
+
+def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
+    tmp_path: Path,
+) -> None:
+    url = previous_release_database(tmp_path / "db.sqlite")
+
+    engine = models.make_engine(url)  # as the daemon opens it at start
+
+    try:
+        assert columns(tmp_path / "db.sqlite")[-1] == "interrupted"
+        factory = models.session_factory(engine)
+        (row,) = rows(factory).values()
+        assert (row.key, row.status, row.interrupted) == ("old@2030-01-01T10:00:00Z", FAILED, False)
+        assert row.last_error == "court 3: taken (HTTP 409)"
+        assert models.add_missing_columns(engine) == []  # once only
+        assert instances.retry(factory, "old", NOW) == ["old@2030-01-01T10:00:00Z"]
+    finally:
+        engine.dispose()

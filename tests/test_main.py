@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import main
 import models
-from conftest import write_json
+from conftest import previous_release_database, write_json
 from daemon_harness import cli
 from models import Instance
 
@@ -255,6 +255,25 @@ def test_retry_puts_failed_instances_still_ahead_back_to_pending(
     assert states == [("booked", 0, None), ("failed", 0, None), ("pending", 0, None)]
     assert run(monkeypatch, env, "retry", "a") == 1
     assert "no failed instance" in capsys.readouterr().err
+
+
+def test_status_and_retry_work_on_a_database_of_the_previous_release(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    previous_release_database(data_dir / "db.sqlite")
+    assert run(monkeypatch, env, "status", "--json") == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["key"], row["status"]) == ("old@2030-01-01T10:00:00Z", "failed")
+
+    assert run(monkeypatch, env, "retry", "old") == 0
+
+    assert "pending again: old@2030-01-01T10:00:00Z" in capsys.readouterr().out
+    assert run(monkeypatch, env, "status", "--json") == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)
 
 
 # ---------------------------------------------------------------- keys and tokens
