@@ -53,6 +53,8 @@ HEARTBEAT_STALE_SECONDS = 4 * HEARTBEAT_SECONDS
 LOG_FILE_BYTES = 5 * 1024 * 1024
 LOG_FILE_BACKUPS = 3
 CHECK_INSTANCES = 5
+#: What the daemon's loop handles: reload, stop, stop.
+DAEMON_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
 
 class StartError(Exception):
@@ -208,7 +210,7 @@ class Daemon:
         self._signals_r.setblocking(False)
         self._signals_w.setblocking(False)
         signal.set_wakeup_fd(self._signals_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        for signum in DAEMON_SIGNALS:
             signal.signal(signum, _record_signal)
 
     def start(self) -> None:

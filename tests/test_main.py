@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-from collections.abc import Iterator
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,7 @@ import pytest
 from cryptography.fernet import Fernet
 from sqlalchemy.orm import Session, sessionmaker
 
+import instances
 import main
 import models
 from conftest import previous_release_database, write_json
@@ -344,3 +349,95 @@ def test_check_lists_notification_channels_with_secrets_masked(
     bad = env | {"NOTIFY_URLS": "notascheme://whatever"}
     assert run(monkeypatch, bad, "check") == 1
     assert "NOTIFY_URLS:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the daemon's loop, in process
+
+
+@pytest.fixture
+def daemon(env: dict[str, str], data_dir: Path) -> Iterator[main.Daemon]:
+    """A started daemon in this process (its handlers and wakeup fd restored afterwards)."""
+    handlers = {signum: signal.getsignal(signum) for signum in main.DAEMON_SIGNALS}
+    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
+    write_json(data_dir / "schedules.json", [one_off("a")])
+    settings = main.load_settings(env | {"RELOAD_INTERVAL_SECONDS": "3600"})
+    made = main.Daemon(settings, main.load_fernet(settings), None)
+    try:
+        made.start()
+        yield made
+    finally:
+        made.shutdown()
+        signal.set_wakeup_fd(-1)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def one_off(schedule_id: str) -> dict[str, Any]:
+    return {"id": schedule_id, "type": "one-off", "desired_time": f"{future():%Y-%m-%d %H:%M}"}
+
+
+def pending(daemon: main.Daemon) -> list[str]:
+    rows = instances.status_rows(daemon.factory)
+    return sorted(row["schedule"] for row in rows if row["status"] == "pending")
+
+
+def test_sighup_reloads_in_the_loop_and_a_broken_file_keeps_the_last_good_state(
+    daemon: main.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    seen: list[list[str]] = []
+
+    def operator() -> None:
+        try:
+            write_json(data_dir / "schedules.json", [one_off("a"), one_off("b")])
+            os.kill(os.getpid(), signal.SIGHUP)
+            wait_for(lambda: pending(daemon) == ["a", "b"])
+            seen.append(pending(daemon))
+            (data_dir / "schedules.json").write_text("[{broken")
+            os.kill(os.getpid(), signal.SIGHUP)
+            wait_for(lambda: any("not valid JSON" in m for m in caplog.messages))
+            seen.append(pending(daemon))
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=operator)
+    thread.start()
+    daemon.run_forever()  # returns on the SIGTERM
+    thread.join(10)
+
+    assert seen == [["a", "b"], ["a", "b"]]
+    assert caplog.messages.count("SIGHUP received: reloading") == 2
+    assert "SIGTERM received: stopping (a booking under way may finish)" in caplog.messages
+    (broken,) = [m for m in caplog.messages if "not valid JSON" in m]
+    assert broken == (
+        "schedules.json: not valid JSON (line 1 column 3: Expecting property name enclosed in "
+        "double quotes); nothing loaded from it, the last good state stays"
+    )
+    assert any(m.startswith("config loaded (SIGHUP) in ") for m in caplog.messages)
+
+
+def test_a_changed_file_is_reloaded_and_an_unchanged_one_is_not(
+    daemon: main.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    assert daemon.config_changed() is False
+    daemon.safe_load("file change")
+    assert any(m.startswith("config unchanged (file change)") for m in caplog.messages)
+
+    write_json(data_dir / "schedules.json", [one_off("c")])
+    assert daemon.config_changed() is True
+    daemon.safe_load("file change")
+
+    assert pending(daemon) == ["c"]
+    (loaded,) = [m for m in caplog.messages if m.startswith("config loaded (file change)")]
+    assert "1 added, 0 changed, 1 cancelled, 0 revived" in loaded
+    assert loaded.endswith("; entries changed: c")  # the new entry; a removal is counted above
+    assert daemon.config_changed() is False
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)

@@ -1,0 +1,126 @@
+"""scheduler.py in process: the job store follows the pending instances, and jobs hand their key
+to the registered runtime. Real SQLite in tmp_path; the scheduler really runs where a job must
+fire (its trigger is already due, so nothing waits for a clock)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine
+
+import scheduler
+from scheduler import LEAD, TOPUP_JOB_ID, Scheduler, SyncReport
+
+T0 = datetime(2030, 3, 1, 17, 0, tzinfo=UTC)
+
+
+class Recorder:
+    """A runtime (scheduler.Runtime) that records what the jobs asked for."""
+
+    def __init__(self) -> None:
+        self.booked: list[str] = []
+        self.topups = 0
+        self.event = threading.Event()
+
+    def book(self, key: str) -> None:
+        self.booked.append(key)
+        self.event.set()
+
+    def topup(self) -> None:
+        self.topups += 1
+
+
+@pytest.fixture
+def sched(engine: Engine) -> Iterator[Scheduler]:
+    made = Scheduler(engine, workers=4)
+    yield made
+    made.shutdown(wait=True)
+    scheduler.set_runtime(None)
+
+
+def stored(engine: Engine) -> dict[str, datetime]:
+    """The job store's jobs: id -> when it runs (aware UTC)."""
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT id, next_run_time FROM apscheduler_jobs")
+        return {job_id: datetime.fromtimestamp(run_at, UTC) for job_id, run_at in rows}
+
+
+def test_sync_keeps_one_job_per_pending_instance_at_its_trigger_minus_the_lead(
+    engine: Engine, sched: Scheduler
+) -> None:
+    pending = {"a@1": T0, "b@1": T0 + timedelta(days=7)}
+
+    assert sched.sync(pending) == SyncReport(added=2, moved=0, removed=0)
+
+    assert stored(engine) == {"a@1": T0 - LEAD, "b@1": T0 + timedelta(days=7) - LEAD}
+    assert sched.sync(pending) == SyncReport(added=0, moved=0, removed=0)
+
+
+def test_sync_moves_changed_triggers_and_removes_what_is_no_longer_pending(
+    engine: Engine, sched: Scheduler
+) -> None:
+    sched.sync({"a@1": T0, "b@1": T0, "c@1": T0})
+
+    report = sched.sync({"a@1": T0 + timedelta(hours=1), "c@1": T0, "d@1": T0})
+
+    assert report == SyncReport(added=1, moved=1, removed=1)
+    assert stored(engine) == {
+        "a@1": T0 + timedelta(hours=1) - LEAD,
+        "c@1": T0 - LEAD,
+        "d@1": T0 - LEAD,
+    }
+
+
+def test_sync_leaves_a_booking_under_way_alone(engine: Engine, sched: Scheduler) -> None:
+    sched.sync({"a@1": T0, "b@1": T0})
+
+    # a@1 is being booked here (no longer pending): its job is neither removed nor re-added.
+    report = sched.sync({"b@1": T0 + timedelta(minutes=5)}, busy=frozenset({"a@1"}))
+
+    assert report == SyncReport(added=0, moved=1, removed=0)
+    assert set(stored(engine)) == {"a@1", "b@1"}
+
+
+def test_a_due_job_hands_its_key_to_the_runtime_and_the_topup_job_is_kept_apart(
+    engine: Engine, sched: Scheduler
+) -> None:
+    runtime = Recorder()
+    scheduler.set_runtime(runtime)
+    due = datetime.now(UTC) - timedelta(seconds=1)
+    sched.sync({"due@1": due + LEAD})
+
+    sched.start()
+
+    assert runtime.event.wait(10), "the due job never ran"
+    assert runtime.booked == ["due@1"]
+    # The top-up job lives in the same store but is no instance: sync never touches it.
+    assert TOPUP_JOB_ID in stored(engine)
+    assert sched.sync({}) == SyncReport(added=0, moved=0, removed=0)
+    assert TOPUP_JOB_ID in stored(engine)
+
+
+def test_jobs_without_a_runtime_log_and_do_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    scheduler.set_runtime(None)
+    caplog.set_level(logging.INFO, logger="scheduler")
+
+    scheduler.run_booking("lost@1")
+    scheduler.run_topup()
+
+    assert caplog.messages == [
+        "booking job lost@1 ran with no daemon registered; it will run at restart"
+    ]
+
+
+def test_jobs_call_the_registered_runtime() -> None:
+    runtime = Recorder()
+    scheduler.set_runtime(runtime)
+    try:
+        scheduler.run_booking("k@1")
+        scheduler.run_topup()
+    finally:
+        scheduler.set_runtime(None)
+    assert (runtime.booked, runtime.topups) == (["k@1"], 1)
