@@ -45,6 +45,7 @@ from models import (
     transaction,
 )
 from notify import Outcome
+from template import parse_template
 
 URL = "http://club.test/bookings"
 TOKEN = "tok-S3cret-7c41d0b8e2f9a6"
@@ -1197,3 +1198,31 @@ def test_warm_against_a_closed_port_reports_false(local_club: _LocalClub) -> Non
         client.close()
     assert str(raised.value) == "connection refused by the club's server"
     assert raised.value.lost is False
+
+
+def test_matchers_are_tried_taken_rejected_booked_then_the_table() -> None:
+    template = parse_template(
+        {
+            "booked": {"status": [200], "body_contains": '"ok": true'},
+            "taken": {"status": [200, 422], "body_contains": "not available"},
+            "rejected": {"status": [200], "body_contains": '"ok": false'},
+            "booking_ref": "data.items.0.id",
+        },
+        api_url="https://club.example/api",
+        name="t.json",
+    )
+
+    def verdict(status: int, body: Any) -> bot.Verdict:
+        raw = json.dumps(body).encode()
+        return bot.classify(bot.Answer(status, {}, raw, 1.0), template)
+
+    assert verdict(200, {"ok": False, "error": "court not available"}).kind == "taken"
+    assert verdict(200, {"ok": False, "error": "bad date"}).kind == "rejected"
+    booked = verdict(200, {"ok": True, "data": {"items": [{"id": 77}]}})
+    assert (booked.kind, booked.booking_ref) == ("booked", "77")
+    # Unmatched answers follow the table of section 6.
+    assert verdict(422, {"error": "invalid"}).kind == "rejected"
+    assert verdict(503, {}).kind == "retry"
+    assert verdict(409, {}).kind == "taken"
+    assert verdict(401, {}).kind == "auth"
+    assert verdict(201, {"id": "x"}).booking_ref == "x"

@@ -1,4 +1,5 @@
-"""One test per validation rule of schedules.json, tokens.json and the environment.
+"""config_loader.py: one test per validation rule of schedules.json, tokens.json, the environment
+and the request template file.
 
 CONTRACT sections 2, 3 and 5; STYLE "Config errors a person can act on": every error line names
 the file, the entry (its id when it has one, always its 1-based position), the key, the value
@@ -31,6 +32,7 @@ from config_loader import (
     rewrite_tokens_file,
 )
 from conftest import NOW, write_json
+from template import TemplateError
 
 KEYS_TEXT = ", ".join(ENTRY_KEYS)
 COURT_EXPECTED = (
@@ -1073,3 +1075,75 @@ def test_settings_window_resolves_triggers() -> None:
     start = NOW + timedelta(days=3)
     zone = utils.get_zone("UTC")
     assert utils.trigger_time(start, zone, settings.window) == start - timedelta(hours=47.5)
+
+
+def test_load_template_relative_to_data_dir_and_errors_name_the_file(
+    env: dict[str, str], data_dir: Path
+) -> None:
+    (data_dir / "club.json").write_text(json.dumps({"method": "PUT"}))
+    settings = Settings.from_env(env | {"BOOKING_REQUEST_TEMPLATE": "club.json"})
+    template = config_loader.load_template(settings)
+    assert template is not None and template.method == "PUT"
+    (data_dir / "club.json").write_text("{broken")
+    with pytest.raises(TemplateError, match=r"BOOKING_REQUEST_TEMPLATE .*club\.json"):
+        config_loader.load_template(settings)
+    (data_dir / "club.json").unlink()
+    with pytest.raises(TemplateError, match="no such file"):
+        config_loader.load_template(settings)
+
+
+def _read_one(tmp_path: Path, entry: dict[str, object]) -> config_loader.Entry:
+    path = write_json(tmp_path / "schedules.json", [entry])
+    result = config_loader.read_schedules(
+        path, default_zone="UTC", token_names={"default", "other"}, now=NOW
+    )
+    assert result.errors == []
+    assert result.file_error is None
+    assert len(result.entries) == 1
+    return result.entries[0]
+
+
+def test_derived_id_ignores_court_token_duration_and_enabled(tmp_path: Path) -> None:
+    base = {
+        "type": "recurring",
+        "rrule": "every Wednesday at 17:00",
+        "timezone": "Europe/London",
+    }
+    ids = {
+        _read_one(tmp_path, {**base, **extra}).id
+        for extra in (
+            {},
+            {"court_id": "3"},
+            {"court_id": ["4", 5]},
+            {"court_id": None},
+            {"token": "other"},
+            {"duration_minutes": 90},
+            {"enabled": False},
+        )
+    }
+    assert len(ids) == 1
+    (only,) = ids
+    assert only == utils.derive_schedule_id(
+        "recurring", None, "every Wednesday at 17:00", "Europe/London"
+    )
+
+
+def test_derived_id_follows_time_rule_and_zone(tmp_path: Path) -> None:
+    base = {"type": "recurring", "rrule": "every Wednesday at 17:00", "timezone": "Europe/London"}
+    ids = [
+        _read_one(tmp_path, entry).id
+        for entry in (
+            base,
+            {**base, "rrule": "every Wednesday at 18:00"},
+            {**base, "timezone": "Europe/Paris"},
+            {**base, "desired_time": "2026-12-02 17:00"},
+        )
+    ]
+    assert len(set(ids)) == len(ids)
+
+
+def test_explicit_id_is_kept(tmp_path: Path) -> None:
+    entry = _read_one(
+        tmp_path, {"id": "wed-evening", "type": "one-off", "desired_time": "2027-01-06 17:00"}
+    )
+    assert entry.id == "wed-evening"

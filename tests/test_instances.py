@@ -1,4 +1,5 @@
-"""Reconciliation (CONTRACT sections 5 and 7) against a real SQLite database.
+"""instances.py: reconciliation (CONTRACT section 5) and every status transition (section 7),
+against a real SQLite database.
 
 Loading is a diff, not a rebuild: the tests look at row ids, keys, triggers and ``updated_at`` to
 tell "left alone" from "rewritten with the same values".

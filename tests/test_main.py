@@ -1,4 +1,5 @@
-"""The CLI of CONTRACT section 1, except the daemon itself (see test_e2e.py)."""
+"""main.py: the CLI of CONTRACT section 1, and the daemon's loop in process (reload on SIGHUP or a
+changed file); the daemon as a subprocess is in test_e2e.py."""
 
 from __future__ import annotations
 

@@ -10,10 +10,8 @@ from urllib.parse import parse_qs
 
 import pytest
 
-import bot
 import config_loader
 import utils
-from config_loader import Settings
 from template import (
     TemplateError,
     default_template,
@@ -176,32 +174,6 @@ def test_url_required_when_booking_api_url_is_unset() -> None:
     assert parse({"url": "https://club.example/x"}, api_url=None).has_url
 
 
-def test_matchers_are_tried_taken_rejected_booked_then_the_table() -> None:
-    template = parse(
-        {
-            "booked": {"status": [200], "body_contains": '"ok": true'},
-            "taken": {"status": [200, 422], "body_contains": "not available"},
-            "rejected": {"status": [200], "body_contains": '"ok": false'},
-            "booking_ref": "data.items.0.id",
-        }
-    )
-
-    def verdict(status: int, body: Any) -> bot.Verdict:
-        raw = json.dumps(body).encode()
-        return bot.classify(bot.Answer(status, {}, raw, 1.0), template)
-
-    assert verdict(200, {"ok": False, "error": "court not available"}).kind == "taken"
-    assert verdict(200, {"ok": False, "error": "bad date"}).kind == "rejected"
-    booked = verdict(200, {"ok": True, "data": {"items": [{"id": 77}]}})
-    assert (booked.kind, booked.booking_ref) == ("booked", "77")
-    # Unmatched answers follow the table of section 6.
-    assert verdict(422, {"error": "invalid"}).kind == "rejected"
-    assert verdict(503, {}).kind == "retry"
-    assert verdict(409, {}).kind == "taken"
-    assert verdict(401, {}).kind == "auth"
-    assert verdict(201, {"id": "x"}).booking_ref == "x"
-
-
 def test_idempotency_header_renamed_or_off() -> None:
     assert parse({"idempotency_header": "X-Request-Id"}).idempotency_header == "X-Request-Id"
     assert parse({"idempotency_header": None}).idempotency_header is None
@@ -214,21 +186,6 @@ def test_bundled_examples_are_valid(name: str) -> None:
     assert template.host == "club.example"
     rendered = template.render(values())
     assert "tok-1" in json.dumps(rendered.headers)
-
-
-def test_load_template_relative_to_data_dir_and_errors_name_the_file(
-    env: dict[str, str], data_dir: Path
-) -> None:
-    (data_dir / "club.json").write_text(json.dumps({"method": "PUT"}))
-    settings = Settings.from_env(env | {"BOOKING_REQUEST_TEMPLATE": "club.json"})
-    template = config_loader.load_template(settings)
-    assert template is not None and template.method == "PUT"
-    (data_dir / "club.json").write_text("{broken")
-    with pytest.raises(TemplateError, match=r"BOOKING_REQUEST_TEMPLATE .*club\.json"):
-        config_loader.load_template(settings)
-    (data_dir / "club.json").unlink()
-    with pytest.raises(TemplateError, match="no such file"):
-        config_loader.load_template(settings)
 
 
 def test_default_request_is_section_6() -> None:

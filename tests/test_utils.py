@@ -1,15 +1,25 @@
 """utils.py: zones, desired times, windows and triggers, ids and keys, backoff, Retry-After,
-Fernet. Pure functions, so every test passes its own ``now``; nothing sleeps."""
+Fernet, and rules (CONTRACT sections 3 and 4: English sentences, RFC 5545, expansion in
+wall-clock time across DST, the same through ``config_loader.read_schedules`` and ``Entry.plan``).
+Pure functions, so every test passes its own ``now``; nothing sleeps. The rules' property tests
+have an oracle that walks the calendar day by day and never asks dateutil."""
 
 from __future__ import annotations
 
 import email.utils
-from datetime import UTC, datetime, timedelta
+import functools
+import itertools
+import re
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
 from cryptography.fernet import Fernet, MultiFernet
+from dateutil import rrule as du_rrule
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import config_loader
 import utils
@@ -286,63 +296,6 @@ def test_derived_id_changes_with_when(changed: tuple[object, ...]) -> None:
         "recurring", "2026-12-02 17:00", "FREQ=WEEKLY;BYDAY=WE", "Europe/London"
     )
     assert utils.derive_schedule_id(*changed) != base
-
-
-def _read_one(tmp_path: Path, entry: dict[str, object]) -> config_loader.Entry:
-    path = write_json(tmp_path / "schedules.json", [entry])
-    result = config_loader.read_schedules(
-        path, default_zone="UTC", token_names={"default", "other"}, now=NOW
-    )
-    assert result.errors == []
-    assert result.file_error is None
-    assert len(result.entries) == 1
-    return result.entries[0]
-
-
-def test_derived_id_ignores_court_token_duration_and_enabled(tmp_path: Path) -> None:
-    base = {
-        "type": "recurring",
-        "rrule": "every Wednesday at 17:00",
-        "timezone": "Europe/London",
-    }
-    ids = {
-        _read_one(tmp_path, {**base, **extra}).id
-        for extra in (
-            {},
-            {"court_id": "3"},
-            {"court_id": ["4", 5]},
-            {"court_id": None},
-            {"token": "other"},
-            {"duration_minutes": 90},
-            {"enabled": False},
-        )
-    }
-    assert len(ids) == 1
-    (only,) = ids
-    assert only == utils.derive_schedule_id(
-        "recurring", None, "every Wednesday at 17:00", "Europe/London"
-    )
-
-
-def test_derived_id_follows_time_rule_and_zone(tmp_path: Path) -> None:
-    base = {"type": "recurring", "rrule": "every Wednesday at 17:00", "timezone": "Europe/London"}
-    ids = [
-        _read_one(tmp_path, entry).id
-        for entry in (
-            base,
-            {**base, "rrule": "every Wednesday at 18:00"},
-            {**base, "timezone": "Europe/Paris"},
-            {**base, "desired_time": "2026-12-02 17:00"},
-        )
-    ]
-    assert len(set(ids)) == len(ids)
-
-
-def test_explicit_id_is_kept(tmp_path: Path) -> None:
-    entry = _read_one(
-        tmp_path, {"id": "wed-evening", "type": "one-off", "desired_time": "2027-01-06 17:00"}
-    )
-    assert entry.id == "wed-evening"
 
 
 # --------------------------------------------------------------------------- window and trigger
@@ -627,3 +580,1133 @@ def test_window_longer_than_a_year_is_refused(text: str) -> None:
     with pytest.raises(ValueError, match=rf"BOOKING_WINDOW: '{text}' is longer than a year"):
         utils.parse_window(text)
     assert utils.parse_window("8784h").amount == 8784
+
+
+# --------------------------------------------------------------------------- rules
+
+
+ZONES = (LONDON, NEW_YORK, SYDNEY, KOLKATA, UTC_ZONE)
+
+ENGLISH_EXAMPLE = (
+    "e.g. 'every Wednesday at 17:00', 'every other Friday at 10:00 starting 2025-08-03', "
+    "'every Tuesday and Thursday at 07:30 until 2026-06-30'"
+)
+RULE_EXAMPLE = '"FREQ=WEEKLY;BYDAY=WE" or "every Wednesday at 17:00"'
+FREQS = "FREQ must be one of DAILY, WEEKLY, MONTHLY, YEARLY"
+DAY_CODES = ("MO", "TU", "WE", "TH", "FR", "SA", "SU")
+DAY_NAMES = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+GapCase = tuple[datetime, str, str]  # the wall clock asked for, its instant, shown
+
+
+def english(
+    text: str, *, start: date | None = None, today: date = date(2025, 7, 1)
+) -> utils.ParsedRule:
+    return utils.parse_english_rule(text, start=start, today=today)
+
+
+def rfc(text: str, *, start: datetime | None = None, zone: ZoneInfo = LONDON) -> utils.ParsedRule:
+    return utils.parse_rfc_rule(text, start=start, zone=zone)
+
+
+def instants(rule: utils.ParsedRule, zone: ZoneInfo, after: datetime, limit: int = 52) -> list[str]:
+    """The rule's next starts as UTC text (comparing aware datetimes in one zone compares
+    their wall clocks, so tests compare the UTC text instead)."""
+    return [utils.format_utc(m) for m in utils.expand_rule(rule.rule, zone, after, limit)]
+
+
+def local_days(
+    rule: utils.ParsedRule, zone: ZoneInfo, after: datetime, limit: int = 52
+) -> list[str]:
+    return [
+        utils.as_utc(m).astimezone(zone).strftime("%a %Y-%m-%d %H:%M")
+        for m in utils.expand_rule(rule.rule, zone, after, limit)
+    ]
+
+
+def rule_error(call: Any, *args: Any, **kwargs: Any) -> str:
+    with pytest.raises(utils.RuleError) as info:
+        call(*args, **kwargs)
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- English: named cases
+
+
+def test_every_other_friday_counts_from_the_first_friday() -> None:
+    rule = english("Every other Friday at 10:00 starting 2025-08-03")
+    assert local_days(rule, LONDON, utc(2025, 7, 1), 4) == [
+        "Fri 2025-08-08 10:00",
+        "Fri 2025-08-22 10:00",
+        "Fri 2025-09-05 10:00",
+        "Fri 2025-09-19 10:00",
+    ]
+    assert rule.english is True
+    assert rule.start == datetime(2025, 8, 8, 10, 0)
+    assert rule.rfc == "DTSTART:20250808T100000\nRRULE:FREQ=WEEKLY;INTERVAL=2;BYDAY=FR;WKST=FR"
+
+
+def test_plain_rfc_every_other_friday_from_a_sunday_differs() -> None:
+    # What dateutil does with the same start: weeks counted from the Sunday's Monday-based week.
+    plain = rfc("FREQ=WEEKLY;INTERVAL=2;BYDAY=FR", start=datetime(2025, 8, 3, 10, 0))
+    assert local_days(plain, LONDON, utc(2025, 7, 1), 2) == [
+        "Fri 2025-08-15 10:00",
+        "Fri 2025-08-29 10:00",
+    ]
+    sentence = english("Every other Friday at 10:00 starting 2025-08-03")
+    assert "Fri 2025-08-15 10:00" not in local_days(sentence, LONDON, utc(2025, 7, 1), 10)
+
+
+def test_every_other_with_two_days_counts_blocks_from_the_first_instance() -> None:
+    # Starting on a Wednesday: the first instance is Thursday, blocks run Thursday-Wednesday.
+    rule = english("every other Tuesday and Thursday at 07:30 starting 2026-06-03")
+    assert local_days(rule, LONDON, utc(2026, 6, 1), 6) == [
+        "Thu 2026-06-04 07:30",
+        "Tue 2026-06-09 07:30",
+        "Thu 2026-06-18 07:30",
+        "Tue 2026-06-23 07:30",
+        "Thu 2026-07-02 07:30",
+        "Tue 2026-07-07 07:30",
+    ]
+
+
+def test_every_tuesday_and_thursday_until_is_inclusive() -> None:
+    rule = english("every Tuesday and Thursday at 07:30 until 2026-06-30", today=date(2026, 6, 10))
+    assert local_days(rule, LONDON, utc(2026, 6, 10)) == [
+        "Thu 2026-06-11 07:30",
+        "Tue 2026-06-16 07:30",
+        "Thu 2026-06-18 07:30",
+        "Tue 2026-06-23 07:30",
+        "Thu 2026-06-25 07:30",
+        "Tue 2026-06-30 07:30",
+    ]
+    assert (
+        rule.rfc == "DTSTART:20260611T073000\nRRULE:FREQ=WEEKLY;BYDAY=TU,TH;UNTIL=20260630T235959"
+    )
+
+
+def test_until_covers_the_whole_day_in_the_entry_zone() -> None:
+    rule = english("every day at 23:59 until 2026-06-30", today=date(2026, 6, 28))
+    # In Sydney 2026-06-30 23:59 is 13:59 UTC the same day; in New York it is 03:59 UTC the next
+    # day: both are in, since the day is the entry's own.
+    assert instants(rule, SYDNEY, utc(2026, 6, 27)) == [
+        "2026-06-28T13:59:00Z",
+        "2026-06-29T13:59:00Z",
+        "2026-06-30T13:59:00Z",
+    ]
+    assert instants(rule, NEW_YORK, utc(2026, 6, 28, 12)) == [
+        "2026-06-29T03:59:00Z",
+        "2026-06-30T03:59:00Z",
+        "2026-07-01T03:59:00Z",
+    ]
+
+
+def test_until_the_first_day_gives_that_day_only() -> None:
+    rule = english("every Tuesday at 07:30 starting 2026-06-30 until 2026-06-30")
+    assert local_days(rule, LONDON, utc(2026, 1, 1)) == ["Tue 2026-06-30 07:30"]
+
+
+def test_until_already_past_gives_no_instance_but_stays_valid() -> None:
+    # The rule was fine when written; once its last day has passed it has simply run out. Today
+    # (the start of a rule without "starting") being after "until" is no error in the file.
+    rule = english("every Tuesday and Thursday at 07:30 until 2026-06-30", today=date(2026, 7, 1))
+    assert instants(rule, LONDON, utc(2026, 7, 1)) == []
+
+
+def test_until_before_an_explicit_start_is_an_error() -> None:
+    message = rule_error(english, "every Tuesday at 07:30 starting 2026-07-01 until 2026-06-30")
+    assert message == (
+        "'every Tuesday at 07:30 starting 2026-07-01 until 2026-06-30': until 2026-06-30 is "
+        "before the first day 2026-07-07"
+    )
+    message = rule_error(english, "every Tuesday at 07:30 until 2026-06-30", start=date(2026, 7, 1))
+    assert message.endswith("until 2026-06-30 is before the first day 2026-07-07")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "every Monday and Wednesday at 18:00",
+        "every mon and wed at 18:00",
+        "Every MON and WED at 18:00",
+        "every Mondays and Wednesdays at 18:00",
+        "EVERY MONDAYS AND WEDNESDAYS AT 18:00",
+        "every Wednesday and Monday at 18:00",
+        "every monday, wednesday at 18:00",
+        "every Monday, Wednesday and Monday at 18:00",
+        "every Monday , and Wednesday at 18:00",
+        "  every   Monday   and   Wed   at   18:00  ",
+        "every Mon and Wednesdays at 18:00",
+    ],
+)
+def test_weekday_spellings(text: str) -> None:
+    rule = english(text, today=date(2026, 6, 1))
+    assert rule.rfc == "DTSTART:20260601T180000\nRRULE:FREQ=WEEKLY;BYDAY=MO,WE"
+
+
+@pytest.mark.parametrize(
+    ("word", "code"),
+    [
+        *((name, name[:2].upper()) for name in DAY_NAMES),
+        *((name[:3].lower(), name[:2].upper()) for name in DAY_NAMES),
+        *((name + "s", name[:2].upper()) for name in DAY_NAMES),
+    ],
+)
+def test_every_weekday_spelled_three_ways(word: str, code: str) -> None:
+    rule = english(f"every {word} at 9:05", today=date(2026, 6, 1))
+    assert rule.rfc.endswith(f"\nRRULE:FREQ=WEEKLY;BYDAY={code}")
+    assert rule.start.time() == time(9, 5)
+    assert DAY_CODES[rule.start.weekday()] == code
+
+
+def test_three_weekdays_with_commas() -> None:
+    rule = english("every Monday, Wednesday and Friday at 18:00", today=date(2026, 6, 2))
+    assert rule.rfc == "DTSTART:20260603T180000\nRRULE:FREQ=WEEKLY;BYDAY=MO,WE,FR"
+
+
+def test_every_day() -> None:
+    rule = english("every day at 06:00", today=date(2026, 6, 1))
+    assert rule.rfc == "DTSTART:20260601T060000\nRRULE:FREQ=DAILY"
+    assert local_days(rule, LONDON, utc(2026, 6, 1, 12), 3) == [
+        "Tue 2026-06-02 06:00",
+        "Wed 2026-06-03 06:00",
+        "Thu 2026-06-04 06:00",
+    ]
+    assert english("Every Day at 06:00", today=date(2026, 6, 1)).rfc == rule.rfc
+
+
+def test_every_other_day() -> None:
+    rule = english("every other day at 06:00 starting 2026-06-01")
+    assert rule.rfc == "DTSTART:20260601T060000\nRRULE:FREQ=DAILY;INTERVAL=2"
+    assert local_days(rule, LONDON, utc(2026, 6, 1), 3) == [
+        "Mon 2026-06-01 06:00",
+        "Wed 2026-06-03 06:00",
+        "Fri 2026-06-05 06:00",
+    ]
+
+
+def test_the_start_date_comes_from_starting_then_desired_time_then_today() -> None:
+    text = "every Wednesday at 17:00"
+    assert english(text, today=date(2026, 6, 1)).start == datetime(2026, 6, 3, 17, 0)
+    assert english(text, start=date(2026, 9, 1), today=date(2026, 6, 1)).start == datetime(
+        2026, 9, 2, 17, 0
+    )
+    assert english(
+        text + " starting 2026-12-01", start=date(2026, 9, 1), today=date(2026, 6, 1)
+    ).start == datetime(2026, 12, 2, 17, 0)
+    # The start date itself counts when it matches.
+    assert english(text, today=date(2026, 6, 3)).start == datetime(2026, 6, 3, 17, 0)
+    # "every other" may take its start from desired_time.
+    other = english("every other Wednesday at 17:00", start=date(2026, 6, 1))
+    assert other.start == datetime(2026, 6, 3, 17, 0)
+
+
+def test_every_other_without_a_start_is_an_error() -> None:
+    for text in ("every other Friday at 10:00", "every other day at 06:00"):
+        assert rule_error(english, text) == (
+            f"{text!r}: 'every other' needs a start date to count weeks from; add "
+            "'starting YYYY-MM-DD' (e.g. 'every other Friday at 10:00 starting 2025-08-03')"
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "every monkey at 10:00",
+            f"'monkey' is not a weekday; {ENGLISH_EXAMPLE}",
+        ),
+        (
+            "every Tuesday and Thursdy at 10:00",
+            f"'thursdy' is not a weekday; {ENGLISH_EXAMPLE}",
+        ),
+        (
+            "every Friday at 24:00",
+            "24:00 in 'every Friday at 24:00' is not a time of day (00:00-23:59)",
+        ),
+        (
+            "every Friday at 10:75",
+            "10:75 in 'every Friday at 10:75' is not a time of day (00:00-23:59)",
+        ),
+        (
+            "every Friday at 10:00 starting 2025-02-30",
+            "starting '2025-02-30' is not a real date (YYYY-MM-DD)",
+        ),
+        (
+            "every Friday at 10:00 until 2025-13-01",
+            "until '2025-13-01' is not a real date (YYYY-MM-DD)",
+        ),
+        (
+            "every Friday",
+            f"'every Friday' is not an English rule I understand; {ENGLISH_EXAMPLE}",
+        ),
+        (
+            "every Friday at 10",
+            f"'every Friday at 10' is not an English rule I understand; {ENGLISH_EXAMPLE}",
+        ),
+        (
+            "every Wednesday at 17:00.",
+            f"'every Wednesday at 17:00.' is not an English rule I understand; {ENGLISH_EXAMPLE}",
+        ),
+        (
+            "every second Tuesday at 10:00",
+            f"'every second Tuesday at 10:00' is not an English rule I understand; "
+            f"{ENGLISH_EXAMPLE}",
+        ),
+        (
+            "every Friday at 10:00 until 2025-09-01 starting 2025-08-01",
+            "'every Friday at 10:00 until 2025-09-01 starting 2025-08-01' is not an English rule "
+            f"I understand; {ENGLISH_EXAMPLE}",
+        ),
+    ],
+)
+def test_english_errors(text: str, message: str) -> None:
+    assert rule_error(english, text) == message
+
+
+@pytest.mark.parametrize(
+    ("sentence", "rule_line", "start"),
+    [
+        ("every Wednesday at 17:00", "FREQ=WEEKLY;BYDAY=WE", datetime(2026, 6, 3, 17, 0)),
+        (
+            "every Monday and Friday at 07:15",
+            "FREQ=WEEKLY;BYDAY=MO,FR",
+            datetime(2026, 6, 1, 7, 15),
+        ),
+        ("every day at 06:00", "FREQ=DAILY", datetime(2026, 6, 1, 6, 0)),
+        (
+            "every Sunday at 01:30 until 2027-06-30",
+            "RRULE:FREQ=WEEKLY;BYDAY=SU;UNTIL=20270630T235959",
+            datetime(2026, 6, 7, 1, 30),
+        ),
+    ],
+)
+def test_english_equals_its_rfc_form(sentence: str, rule_line: str, start: datetime) -> None:
+    parsed = english(sentence, today=date(2026, 6, 1))
+    plain = rfc(rule_line, start=start)
+    for zone in ZONES:
+        assert instants(parsed, zone, utc(2026, 5, 1)) == instants(plain, zone, utc(2026, 5, 1))
+    # And the RFC text it reports (shown by `check`) reads back to the same instances.
+    again = rfc(parsed.rfc)
+    assert again.english is False
+    assert instants(again, LONDON, utc(2026, 5, 1)) == instants(parsed, LONDON, utc(2026, 5, 1))
+
+
+# --------------------------------------------------------------------------- RFC 5545: named cases
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "FREQ=WEEKLY;BYDAY=WE",
+        "RRULE:FREQ=WEEKLY;BYDAY=WE",
+        "rrule:freq=weekly;byday=we",
+        "  FREQ=WEEKLY ; BYDAY=WE ;",
+        "DTSTART:20260603T170000\nRRULE:FREQ=WEEKLY;BYDAY=WE",
+        "DTSTART:20260603T170000\r\nFREQ=WEEKLY;BYDAY=WE\r\n",
+        "RRULE:FREQ=WEEKLY;BYDAY=WE\nDTSTART:20260603T170000",
+        "DTSTART;VALUE=DATE-TIME:20260603T170000\nRRULE:FREQ=WEEKLY;BYDAY=WE",
+    ],
+)
+def test_rfc_forms(text: str) -> None:
+    start = None if "DTSTART" in text else datetime(2026, 6, 3, 17, 0)
+    rule = rfc(text, start=start)
+    assert rule.english is False
+    assert rule.zone_name is None
+    assert rule.start == datetime(2026, 6, 3, 17, 0)
+    assert local_days(rule, LONDON, utc(2026, 6, 1), 3) == [
+        "Wed 2026-06-03 17:00",
+        "Wed 2026-06-10 17:00",
+        "Wed 2026-06-17 17:00",
+    ]
+
+
+def test_rfc_dtstart_with_tzid_names_the_zone() -> None:
+    rule = rfc("DTSTART;TZID=Australia/Sydney:20260603T170000\nRRULE:FREQ=WEEKLY;BYDAY=WE")
+    assert rule.zone_name == "Australia/Sydney"
+    assert rule.start == datetime(2026, 6, 3, 17, 0)
+    assert rule.rfc == ("DTSTART;TZID=Australia/Sydney:20260603T170000\nRRULE:FREQ=WEEKLY;BYDAY=WE")
+
+
+def test_rfc_dtstart_in_utc_is_that_instant_in_the_zone() -> None:
+    rule = rfc("DTSTART:20260603T160000Z\nRRULE:FREQ=WEEKLY;BYDAY=WE", zone=LONDON)
+    assert rule.start == datetime(2026, 6, 3, 17, 0)  # 16:00 UTC = 17:00 BST
+
+
+def test_rfc_dtstart_off_the_rule_is_not_an_instance() -> None:
+    # DTSTART is a Sunday; the rule wants Wednesdays.
+    rule = rfc("DTSTART:20260607T170000\nRRULE:FREQ=WEEKLY;BYDAY=WE")
+    assert local_days(rule, LONDON, utc(2026, 6, 1), 2) == [
+        "Wed 2026-06-10 17:00",
+        "Wed 2026-06-17 17:00",
+    ]
+    counted = rfc("DTSTART:20260607T170000\nRRULE:FREQ=WEEKLY;BYDAY=WE;COUNT=2")
+    assert local_days(counted, LONDON, utc(2026, 6, 1)) == [
+        "Wed 2026-06-10 17:00",
+        "Wed 2026-06-17 17:00",
+    ]
+
+
+def test_rfc_count() -> None:
+    rule = rfc("FREQ=DAILY;COUNT=3", start=datetime(2026, 6, 1, 7, 0))
+    assert local_days(rule, LONDON, utc(2026, 1, 1)) == [
+        "Mon 2026-06-01 07:00",
+        "Tue 2026-06-02 07:00",
+        "Wed 2026-06-03 07:00",
+    ]
+    # COUNT counts from the start, not from now.
+    assert local_days(rule, LONDON, utc(2026, 6, 1, 12)) == [
+        "Tue 2026-06-02 07:00",
+        "Wed 2026-06-03 07:00",
+    ]
+
+
+def test_rfc_until_in_utc_with_a_naive_start() -> None:
+    line = "FREQ=DAILY;UNTIL=20260609T220000Z"
+    start = datetime(2026, 6, 7, 7, 30)
+    # dateutil alone refuses an absolute UNTIL with a wall-clock start.
+    with pytest.raises(ValueError, match="UNTIL values must be specified in UTC"):
+        du_rrule.rrulestr(line, dtstart=start)
+    # Ours takes it as the instant: 22:00 UTC on the 9th is 08:00 on the 10th in Sydney.
+    rule = rfc(line, start=start, zone=SYDNEY)
+    assert local_days(rule, SYDNEY, utc(2026, 6, 1)) == [
+        "Sun 2026-06-07 07:30",
+        "Mon 2026-06-08 07:30",
+        "Tue 2026-06-09 07:30",
+        "Wed 2026-06-10 07:30",
+    ]
+    assert "UNTIL=20260610T080000" in rule.rfc
+    # A DTSTART;TZID names the zone the UNTIL instant is read in, whatever the entry's default.
+    tzid = rfc("DTSTART;TZID=Australia/Sydney:20260607T073000\nRRULE:" + line, zone=UTC_ZONE)
+    assert instants(tzid, SYDNEY, utc(2026, 6, 1)) == instants(rule, SYDNEY, utc(2026, 6, 1))
+
+
+def test_rfc_until_without_z_is_a_wall_clock() -> None:
+    rule = rfc("FREQ=DAILY;UNTIL=20260609T073000", start=datetime(2026, 6, 7, 7, 30), zone=SYDNEY)
+    assert len(instants(rule, SYDNEY, utc(2026, 6, 1))) == 3
+
+
+def test_rfc_monthly_and_yearly_are_allowed() -> None:
+    monthly = rfc("FREQ=MONTHLY;BYDAY=1SA", start=datetime(2026, 6, 1, 9, 0))
+    assert local_days(monthly, LONDON, utc(2026, 6, 1), 2) == [
+        "Sat 2026-06-06 09:00",
+        "Sat 2026-07-04 09:00",
+    ]
+    yearly = rfc("FREQ=YEARLY", start=datetime(2026, 6, 1, 9, 0))
+    assert len(utils.expand_rule(yearly.rule, LONDON, utc(2026, 1, 1))) == 52
+
+
+@pytest.mark.parametrize("freq", ["HOURLY", "MINUTELY", "SECONDLY", "WEEKY", "weeky"])
+def test_rfc_freq_must_be_daily_or_longer(freq: str) -> None:
+    line = f"FREQ={freq};BYDAY=WE"
+    assert rule_error(rfc, line, start=datetime(2026, 6, 3, 17, 0)) == (
+        f"{line!r} is not a valid rule ('FREQ={freq}': {FREQS}); e.g. {RULE_EXAMPLE}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("BYDAY=WE", f"'BYDAY=WE' is not a valid rule (no FREQ: {FREQS}); e.g. {RULE_EXAMPLE}"),
+        (
+            "RRULE:INTERVAL=2",
+            f"'INTERVAL=2' is not a valid rule (no FREQ: {FREQS}); e.g. {RULE_EXAMPLE}",
+        ),
+        (
+            "hello",
+            f"'hello' is not a valid rule: 'hello' is not NAME=VALUE; e.g. {RULE_EXAMPLE}",
+        ),
+        (
+            "Wednesdays at 17:00",
+            "'Wednesdays at 17:00' is not a valid rule: 'Wednesdays at 17:00' is not NAME=VALUE; "
+            f"e.g. {RULE_EXAMPLE}",
+        ),
+        (
+            "FREQ=WEEKLY;BYDAY=",
+            f"'FREQ=WEEKLY;BYDAY=' is not a valid rule: 'BYDAY=' is not NAME=VALUE; "
+            f"e.g. {RULE_EXAMPLE}",
+        ),
+        (
+            "FREQ=WEEKLY;BYDAY=XX",
+            "'FREQ=WEEKLY;BYDAY=XX' is not a valid rule (invalid 'BYDAY': XX); "
+            f"e.g. {RULE_EXAMPLE}",
+        ),
+        (
+            "FREQ=WEEKLY;FOO=1",
+            "'FREQ=WEEKLY;FOO=1' is not a valid rule (unknown parameter 'FOO'); "
+            f"e.g. {RULE_EXAMPLE}",
+        ),
+        (
+            "FREQ=DAILY;BYHOUR=25",
+            "'FREQ=DAILY;BYHOUR=25' is not a valid rule (hour must be in 0..23); "
+            f"e.g. {RULE_EXAMPLE}",
+        ),
+        (
+            "RRULE:FREQ=WEEKLY;BYDAY=WE\nRRULE:FREQ=WEEKLY;BYDAY=FR",
+            "'RRULE:FREQ=WEEKLY;BYDAY=WE\\nRRULE:FREQ=WEEKLY;BYDAY=FR' must hold exactly one rule "
+            f"line (and optionally a DTSTART line); e.g. {RULE_EXAMPLE}",
+        ),
+        (
+            "DTSTART:20260603T170000",
+            "'DTSTART:20260603T170000' must hold exactly one rule line (and optionally a DTSTART "
+            f"line); e.g. {RULE_EXAMPLE}",
+        ),
+        (
+            "FREQ=WEEKLY;COUNT=3;UNTIL=20261231T000000",
+            "'FREQ=WEEKLY;COUNT=3;UNTIL=20261231T000000': COUNT and UNTIL cannot both be given "
+            "(RFC 5545)",
+        ),
+        (
+            "FREQ=WEEKLY;UNTIL=20260230T000000Z",
+            "'FREQ=WEEKLY;UNTIL=20260230T000000Z': UNTIL '20260230T000000Z' is not a date-time",
+        ),
+    ],
+)
+def test_rfc_errors(text: str, message: str) -> None:
+    assert rule_error(rfc, text, start=datetime(2026, 6, 3, 17, 0)) == message
+
+
+@pytest.mark.parametrize("interval", ["0", "-1", "-2", "00", "abc", "1.5"])
+@pytest.mark.parametrize("freq", ["DAILY", "WEEKLY", "MONTHLY", "YEARLY"])
+def test_rfc_interval_must_be_at_least_one(freq: str, interval: str) -> None:
+    # dateutil takes these and then loops forever (DAILY) or raises while expanding (WEEKLY),
+    # which would take the loader down: they are refused up front instead.
+    line = f"FREQ={freq};INTERVAL={interval}"
+    assert rule_error(rfc, line, start=datetime(2026, 6, 3, 17, 0)) == (
+        f"{line!r}: INTERVAL {interval!r} must be a whole number of at least 1; e.g. {RULE_EXAMPLE}"
+    )
+
+
+def test_rfc_interval_of_one_or_more_is_taken() -> None:
+    for interval in ("1", "+2", "02", "10"):
+        rule = rfc(f"FREQ=DAILY;INTERVAL={interval}", start=datetime(2026, 6, 1, 7, 0))
+        assert len(utils.expand_rule(rule.rule, LONDON, utc(2026, 1, 1), 3)) == 3
+
+
+def test_rfc_without_a_start_is_an_error() -> None:
+    assert rule_error(rfc, "FREQ=WEEKLY;BYDAY=WE") == (
+        "'FREQ=WEEKLY;BYDAY=WE' has no start: add a 'desired_time' (the first possible date and "
+        "time of day) or a DTSTART line"
+    )
+
+
+def test_rfc_dtstart_errors() -> None:
+    assert rule_error(rfc, "DTSTART:2026-06-03 17:00\nRRULE:FREQ=WEEKLY") == (
+        "'DTSTART:2026-06-03 17:00' is not a DTSTART line; expected e.g. "
+        "'DTSTART:20260107T170000' or 'DTSTART;TZID=Europe/London:20260107T170000'"
+    )
+    assert rule_error(rfc, "DTSTART:20260230T170000\nRRULE:FREQ=WEEKLY") == (
+        "'DTSTART:20260230T170000': '20260230T170000' is not a real date and time"
+    )
+    assert rule_error(rfc, "DTSTART;TZID=Mars/Base:20260603T170000\nRRULE:FREQ=WEEKLY") == (
+        "'DTSTART;TZID=Mars/Base:20260603T170000': TZID 'Mars/Base' is not an IANA time zone "
+        "(e.g. 'Europe/London')"
+    )
+    assert rule_error(
+        rfc, "DTSTART:20260603T170000\nRRULE:FREQ=WEEKLY", start=datetime(2026, 6, 3, 18, 0)
+    ) == (
+        "DTSTART 2026-06-03 17:00 and desired_time 2026-06-03 18:00 disagree; give the start once"
+    )
+    # Given twice but the same: fine.
+    same = rfc("DTSTART:20260603T170000\nRRULE:FREQ=WEEKLY", start=datetime(2026, 6, 3, 17, 0))
+    assert same.start == datetime(2026, 6, 3, 17, 0)
+
+
+# --------------------------------------------------------------------------- DST, named cases
+
+
+@pytest.mark.parametrize(
+    ("zone", "rule_line", "start", "after", "expected"),
+    [
+        # London spring 2025-03-30: 01:00 GMT -> 02:00 BST.
+        (
+            LONDON,
+            "FREQ=WEEKLY;BYDAY=SU",
+            datetime(2025, 3, 23, 1, 30),
+            utc(2025, 3, 24),
+            (
+                datetime(2025, 3, 30, 1, 30),
+                "2025-03-30T01:30:00Z",
+                "2025-03-30T02:30:00+01:00",
+            ),
+        ),
+        # Sydney spring 2025-10-05: 02:00 AEST -> 03:00 AEDT.
+        (
+            SYDNEY,
+            "FREQ=WEEKLY;BYDAY=SU",
+            datetime(2025, 9, 28, 2, 30),
+            utc(2025, 9, 29),
+            (
+                datetime(2025, 10, 5, 2, 30),
+                "2025-10-04T16:30:00Z",
+                "2025-10-05T03:30:00+11:00",
+            ),
+        ),
+        # New York spring 2025-03-09: 02:00 EST -> 03:00 EDT.
+        (
+            NEW_YORK,
+            "FREQ=DAILY",
+            datetime(2025, 3, 1, 2, 30),
+            utc(2025, 3, 8, 12),
+            (
+                datetime(2025, 3, 9, 2, 30),
+                "2025-03-09T07:30:00Z",
+                "2025-03-09T03:30:00-04:00",
+            ),
+        ),
+    ],
+)
+def test_a_time_in_the_gap_is_the_pre_gap_offset_instant(
+    zone: ZoneInfo, rule_line: str, start: datetime, after: datetime, *, expected: GapCase
+) -> None:
+    wall, instant, shown = expected
+    rule = rfc(rule_line, start=start, zone=zone)
+    (first_wall, first), *_ = utils.expand_rule_walls(rule.rule, zone, after, 3)
+    assert first_wall == wall
+    assert utils.wall_clock_issue(wall, zone) == "gap"
+    assert utils.format_utc(first) == instant
+    # Written with the zone's actual offset at that instant (CONTRACT section 6).
+    assert utils.format_offset(first, zone) == shown
+    assert utils.format_local(first, zone)[15:20] == shown[11:16]
+    assert utils.instance_key("x", first) == f"x@{instant}"
+
+
+def test_days_window_of_a_start_in_the_gap_uses_the_time_on_the_clock() -> None:
+    # 01:30 on 2025-03-30 is the instant 01:30 GMT, on the clock 02:30 BST. Seven days earlier
+    # is then 02:30 GMT: the trigger depends on the instant only (the database keeps that).
+    rule = rfc("FREQ=WEEKLY;BYDAY=SU", start=datetime(2025, 3, 23, 1, 30))
+    (start,) = utils.expand_rule(rule.rule, LONDON, utc(2025, 3, 24), 1)
+    trigger = utils.trigger_time(start, LONDON, DAYS)
+    assert trigger == utc(2025, 3, 23, 2, 30)
+    assert trigger == utils.trigger_time(utils.as_utc(start), LONDON, DAYS)
+    assert utils.as_utc(start) - trigger == timedelta(hours=167)
+
+
+def test_gap_warning_shows_the_time_on_the_clock() -> None:
+    note = utils.describe_wall_clock_issue(datetime(2025, 10, 5, 2, 30), SYDNEY)
+    assert note == (
+        "2025-10-05 02:30 does not exist in Australia/Sydney (DST gap): "
+        "it is taken as 03:30 AEDT (2025-10-04T16:30:00Z)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("zone", "start", "after", "wall", "instant"),
+    [
+        # London autumn 2025-10-26: 01:00-02:00 twice; the first is BST.
+        (LONDON, datetime(2025, 10, 19, 1, 30), utc(2025, 10, 20), datetime(2025, 10, 26, 1, 30),
+         "2025-10-26T00:30:00Z"),
+        # Sydney autumn 2025-04-06: 02:00-03:00 twice; the first is AEDT.
+        (SYDNEY, datetime(2025, 3, 30, 2, 30), utc(2025, 3, 31), datetime(2025, 4, 6, 2, 30),
+         "2025-04-05T15:30:00Z"),
+    ],
+)  # fmt: skip
+def test_a_repeated_time_is_its_first_occurrence(
+    zone: ZoneInfo, start: datetime, after: datetime, wall: datetime, instant: str
+) -> None:
+    rule = rfc("FREQ=WEEKLY;BYDAY=SU", start=start, zone=zone)
+    (first_wall, first), (_, second) = utils.expand_rule_walls(rule.rule, zone, after, 2)
+    assert first_wall == wall
+    assert utils.wall_clock_issue(wall, zone) == "overlap"
+    assert utils.format_utc(first) == instant
+    # One week later the offset is the new one and the wall clock is the same.
+    assert utils.as_utc(second) - utils.as_utc(first) == timedelta(days=7, hours=1)
+    assert utils.as_utc(second).astimezone(zone).strftime("%H:%M") == wall.strftime("%H:%M")
+
+
+@pytest.mark.parametrize(
+    ("zone", "start", "after", "expected"),
+    [
+        (
+            LONDON,
+            datetime(2025, 10, 15, 17, 0),
+            utc(2025, 10, 16),
+            ["2025-10-22T16:00:00Z", "2025-10-29T17:00:00Z"],
+        ),
+        (
+            LONDON,
+            datetime(2026, 3, 18, 17, 0),
+            utc(2026, 3, 19),
+            ["2026-03-25T17:00:00Z", "2026-04-01T16:00:00Z"],
+        ),
+        (
+            SYDNEY,
+            datetime(2025, 3, 26, 17, 0),
+            utc(2025, 3, 27),
+            ["2025-04-02T06:00:00Z", "2025-04-09T07:00:00Z"],
+        ),
+        (
+            NEW_YORK,
+            datetime(2025, 10, 22, 17, 0),
+            utc(2025, 10, 23),
+            ["2025-10-29T21:00:00Z", "2025-11-05T22:00:00Z"],
+        ),
+    ],
+)
+def test_17_00_stays_17_00_local_across_the_change(
+    zone: ZoneInfo, start: datetime, after: datetime, expected: list[str]
+) -> None:
+    rule = rfc("FREQ=WEEKLY;BYDAY=WE", start=start, zone=zone)
+    moments = utils.expand_rule(rule.rule, zone, after, 2)
+    assert [utils.format_utc(m) for m in moments] == expected
+    assert [utils.as_utc(m).astimezone(zone).strftime("%a %H:%M") for m in moments] == [
+        "Wed 17:00",
+        "Wed 17:00",
+    ]
+
+
+def test_two_wall_clocks_on_one_instant_give_one_instance() -> None:
+    # 01:30 (in the gap) and 02:30 are the same instant on 2025-03-30 in London.
+    rule = rfc("FREQ=DAILY;BYHOUR=1,2;BYMINUTE=30", start=datetime(2025, 3, 29, 1, 30))
+    got = instants(rule, LONDON, utc(2025, 3, 29, 2), 4)
+    assert got == [
+        "2025-03-29T02:30:00Z",  # 02:30 GMT on the 29th
+        "2025-03-30T01:30:00Z",  # 01:30 (gap) = 02:30 BST
+        "2025-03-31T00:30:00Z",
+        "2025-03-31T01:30:00Z",
+    ]
+    assert len(set(got)) == len(got)
+
+
+def test_expand_rule_limit_and_strictly_after() -> None:
+    rule = rfc("FREQ=DAILY", start=datetime(2026, 1, 1, 12, 0))
+    got = utils.expand_rule(rule.rule, UTC_ZONE, utc(2026, 3, 1, 12, 0))
+    assert len(got) == utils.INSTANCES_PER_RULE == 52
+    assert utils.format_utc(got[0]) == "2026-03-02T12:00:00Z"  # 12:00 on the 1st is not after
+    assert len(utils.expand_rule(rule.rule, UTC_ZONE, utc(2026, 3, 1), limit=5)) == 5
+    ended = rfc("FREQ=DAILY;COUNT=2", start=datetime(2026, 1, 1, 12, 0))
+    assert utils.expand_rule(ended.rule, UTC_ZONE, utc(2026, 3, 1)) == []
+
+
+def test_expand_sees_instances_within_a_day_of_now_in_far_zones() -> None:
+    # now is already the next day in Kolkata/Sydney; the rule's instance later today still counts.
+    rule = rfc("FREQ=DAILY", start=datetime(2026, 1, 1, 23, 0))
+    after = utc(2026, 6, 1, 17, 0)  # 22:30 in Kolkata
+    assert instants(rule, KOLKATA, after, 1) == ["2026-06-01T17:30:00Z"]
+    rule = rfc("FREQ=DAILY", start=datetime(2026, 1, 1, 0, 30))
+    assert instants(rule, SYDNEY, utc(2026, 6, 1, 14, 0), 1) == ["2026-06-01T14:30:00Z"]
+
+
+# --------------------------------------------------------------------------- through read_schedules
+
+
+def read(
+    tmp_path: Path, entries: list[Any], now: datetime = NOW, zone: str = "UTC"
+) -> config_loader.SchedulesResult:
+    path = write_json(tmp_path / "schedules.json", entries)
+    return config_loader.read_schedules(path, default_zone=zone, token_names={"default"}, now=now)
+
+
+def test_recurring_entry_plan(tmp_path: Path) -> None:
+    result = read(
+        tmp_path,
+        [
+            {
+                "id": "wed-evening",
+                "type": "recurring",
+                "rrule": "Every Wednesday at 17:00",
+                "timezone": "Europe/London",
+            }
+        ],
+    )
+    assert result.errors == []
+    (entry,) = result.entries
+    assert entry.rule is not None and entry.rule.english
+    plan = entry.plan(NOW, HOURS)
+    assert len(plan) == 52
+    assert plan[0].key == "wed-evening@2026-11-25T17:00:00Z"
+    assert plan[0].trigger == utc(2026, 11, 18, 17, 0)
+    summer = next(p for p in plan if p.key.startswith("wed-evening@2027-07"))
+    assert summer.key == "wed-evening@2027-07-07T16:00:00Z"  # 17:00 BST
+    for item in plan:
+        assert item.key == f"wed-evening@{utils.format_utc(item.desired)}"
+        assert item.desired > NOW
+        assert item.desired - item.trigger == timedelta(hours=168)
+
+
+def test_recurring_entry_plan_with_days_window(tmp_path: Path) -> None:
+    result = read(
+        tmp_path,
+        [{"id": "w", "type": "recurring", "rrule": "FREQ=WEEKLY;BYDAY=WE", "desired_time":
+          "2027-03-03 17:00", "timezone": "Europe/London"}],
+    )  # fmt: skip
+    (entry,) = result.entries
+    plan = entry.plan(NOW, DAYS)
+    after_change = next(p for p in plan if p.key == "w@2027-04-07T16:00:00Z")
+    # Wed 2027-03-31 17:00 BST (after the change of 2027-03-28).
+    assert after_change.trigger == utc(2027, 3, 31, 16, 0)
+    across = next(p for p in plan if p.key == "w@2027-03-31T16:00:00Z")
+    assert across.trigger == utc(2027, 3, 24, 17, 0)  # 17:00 GMT, one hour more than 168h
+    assert across.desired - across.trigger == timedelta(hours=167)
+
+
+def test_tzid_sets_the_entry_zone(tmp_path: Path) -> None:
+    rule = "DTSTART;TZID=Australia/Sydney:20261202T170000\nRRULE:FREQ=WEEKLY;BYDAY=WE"
+    result = read(tmp_path, [{"id": "syd", "type": "recurring", "rrule": rule}])
+    assert result.errors == []
+    (entry,) = result.entries
+    assert entry.timezone == "Australia/Sydney"
+    assert entry.plan(NOW, HOURS)[0].key == "syd@2026-12-02T06:00:00Z"
+    agreeing = read(
+        tmp_path,
+        [{"id": "syd", "type": "recurring", "rrule": rule, "timezone": "Australia/Sydney"}],
+    )
+    assert agreeing.errors == []
+
+
+def test_tzid_disagreeing_with_timezone_is_an_error(tmp_path: Path) -> None:
+    rule = "DTSTART;TZID=Australia/Sydney:20261202T170000\nRRULE:FREQ=WEEKLY;BYDAY=WE"
+    result = read(
+        tmp_path, [{"id": "syd", "type": "recurring", "rrule": rule, "timezone": "Europe/London"}]
+    )
+    assert result.entries == []
+    assert result.errors == [
+        "schedules.json entry 'syd' (#1): timezone: 'Europe/London' disagrees with the rule's "
+        "DTSTART;TZID=Australia/Sydney; give the zone once"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("rule", "message"),
+    [
+        (
+            "FREQ=WEEKY",
+            f"'FREQ=WEEKY' is not a valid rule ('FREQ=WEEKY': {FREQS}); e.g. {RULE_EXAMPLE}",
+        ),
+        (
+            "BYDAY=WE",
+            f"'BYDAY=WE' is not a valid rule (no FREQ: {FREQS}); e.g. {RULE_EXAMPLE}",
+        ),
+        (
+            "every other Friday at 10:00",
+            "'every other Friday at 10:00': 'every other' needs a start date to count weeks "
+            "from; add 'starting YYYY-MM-DD' (e.g. 'every other Friday at 10:00 starting "
+            "2025-08-03')",
+        ),
+        (
+            "FREQ=WEEKLY;BYDAY=WE",
+            "'FREQ=WEEKLY;BYDAY=WE' has no start: add a 'desired_time' (the first possible date "
+            "and time of day) or a DTSTART line",
+        ),
+        ("", f"'' is not a rule; e.g. {RULE_EXAMPLE}"),
+        (17, f"17 is not a rule; e.g. {RULE_EXAMPLE}"),
+    ],
+)
+def test_bad_rules_name_the_file_entry_and_key(tmp_path: Path, rule: Any, message: str) -> None:
+    result = read(tmp_path, [{"id": "wed-evening", "type": "recurring", "rrule": rule}])
+    assert result.entries == []
+    assert result.errors == [f"schedules.json entry 'wed-evening' (#1): rrule: {message}"]
+    assert result.rejected_ids == {"wed-evening"}
+
+
+def test_an_english_rule_that_has_run_out_is_not_an_error(tmp_path: Path) -> None:
+    entry = {
+        "id": "summer",
+        "type": "recurring",
+        "rrule": "every Tuesday and Thursday at 07:30 until 2026-06-30",
+    }
+    during = read(tmp_path, [entry], now=utc(2026, 6, 1))
+    assert during.errors == []
+    assert len(during.entries[0].plan(utc(2026, 6, 1), HOURS)) == 9
+    after = read(tmp_path, [entry], now=utc(2026, 7, 1))
+    assert after.errors == []
+    (ended,) = after.entries
+    assert ended.plan(utc(2026, 7, 1), HOURS) == []
+
+
+def test_desired_time_gives_an_english_rule_its_start(tmp_path: Path) -> None:
+    result = read(
+        tmp_path,
+        [
+            {
+                "id": "fri",
+                "type": "recurring",
+                "rrule": "every other Friday at 10:00",
+                "desired_time": "2027-01-03 10:00",
+                "timezone": "Europe/London",
+            }
+        ],
+    )
+    assert result.errors == []
+    keys = [p.key for p in result.entries[0].plan(NOW, HOURS)[:3]]
+    assert keys == [
+        "fri@2027-01-08T10:00:00Z",
+        "fri@2027-01-22T10:00:00Z",
+        "fri@2027-02-05T10:00:00Z",
+    ]
+
+
+# --------------------------------------------------------------------------- property tests
+
+
+@functools.cache
+def transitions(zone: ZoneInfo) -> tuple[datetime, ...]:
+    """The instants (UTC) at which ``zone``'s offset changes, 2024-2030, to the hour."""
+    found: list[datetime] = []
+    day = utc(2024, 1, 1)
+    while day.year < 2031:
+        following = day + timedelta(days=1)
+        if day.astimezone(zone).utcoffset() != following.astimezone(zone).utcoffset():
+            hour = day
+            while hour.astimezone(zone).utcoffset() == day.astimezone(zone).utcoffset():
+                hour += timedelta(hours=1)
+            found.append(hour)
+        day = following
+    return tuple(found)
+
+
+def test_the_zones_change_where_expected() -> None:
+    assert len(transitions(LONDON)) == 14
+    assert len(transitions(NEW_YORK)) == 14
+    assert len(transitions(SYDNEY)) == 14
+    assert transitions(KOLKATA) == ()
+    assert transitions(UTC_ZONE) == ()
+    assert utc(2025, 3, 30, 1) in transitions(LONDON)
+
+
+@st.composite
+def nows(draw: st.DrawFn, zone: ZoneInfo) -> datetime:
+    """A ``now`` near one of the zone's DST changes (or anywhere, for zones without any)."""
+    changes = transitions(zone)
+    if changes and draw(st.booleans()):
+        base = draw(st.sampled_from(changes))
+        return base + timedelta(minutes=draw(st.integers(-10 * 24 * 60, 10 * 24 * 60)))
+    day = draw(st.dates(date(2024, 1, 1), date(2030, 12, 31)))
+    minute = draw(st.integers(0, 24 * 60 - 1))
+    return datetime.combine(day, time(0), tzinfo=UTC) + timedelta(minutes=minute)
+
+
+@st.composite
+def rule_cases(draw: st.DrawFn) -> dict[str, Any]:
+    zone = draw(st.sampled_from(ZONES))
+    daily = draw(st.booleans())
+    weekdays = (
+        frozenset(range(7))
+        if daily
+        else draw(st.frozensets(st.integers(0, 6), min_size=1, max_size=7))
+    )
+    other = draw(st.booleans())
+    hour = draw(st.one_of(st.integers(0, 23), st.integers(1, 3)))
+    minute = draw(st.sampled_from([0, 1, 15, 30, 45, 59]))
+    now = draw(nows(zone))
+    start = draw(
+        st.one_of(
+            st.dates(date(2024, 1, 1), date(2030, 12, 31)),
+            # Starting close to now, so that the first instance is often the one ahead.
+            st.integers(-14, 14).map(lambda d: now.astimezone(zone).date() + timedelta(days=d)),
+        )
+    )
+    until = draw(st.none() | st.integers(0, 800).map(lambda d: start + timedelta(days=d)))
+    return {
+        "zone": zone,
+        "daily": daily,
+        "weekdays": weekdays,
+        "other": other,
+        "time": time(hour, minute),
+        "now": now,
+        "start": start,
+        "until": until,
+        "shape": draw(st.sampled_from(["full", "short", "plural"])),
+    }
+
+
+def sentence(case: dict[str, Any]) -> str:
+    if case["daily"]:
+        days = "day"
+    else:
+        names = [DAY_NAMES[i] for i in sorted(case["weekdays"])]
+        if case["shape"] == "short":
+            names = [n[:3].lower() for n in names]
+        elif case["shape"] == "plural":
+            names = [n.upper() + "S" for n in names]
+        days = " and ".join(names)
+    other = "other " if case["other"] else ""
+    text = f"Every {other}{days} at {case['time']:%H:%M} starting {case['start']}"
+    if case["until"] is not None:
+        text += f" until {case['until']}"
+    return text
+
+
+def first_day(case: dict[str, Any]) -> date:
+    """The first matching day on or after the start date."""
+    first = case["start"]
+    while first.weekday() not in case["weekdays"]:
+        first += timedelta(days=1)
+    return first
+
+
+def oracle(case: dict[str, Any], limit: int = 52) -> list[datetime]:
+    """The expected starts, by walking the calendar day by day (UTC, aware)."""
+    zone, now = case["zone"], case["now"]
+    first = first_day(case)
+    day = max(first, now.astimezone(zone).date() - timedelta(days=2))
+    found: list[datetime] = []
+    while len(found) < limit and (case["until"] is None or day <= case["until"]):
+        offset = (day - first).days
+        if case["daily"]:
+            wanted = not case["other"] or offset % 2 == 0
+        else:
+            wanted = day.weekday() in case["weekdays"] and (
+                not case["other"] or (offset // 7) % 2 == 0
+            )
+        if wanted:
+            # PEP 495 default: fold=0, by construction of a plain datetime.
+            moment = datetime.combine(day, case["time"], tzinfo=zone).astimezone(UTC)
+            if moment > now:
+                found.append(moment)
+        day += timedelta(days=1)
+    return found
+
+
+def check_instances(case: dict[str, Any], moments: list[datetime]) -> None:
+    zone, now = case["zone"], case["now"]
+    as_utc = [utils.as_utc(m) for m in moments]
+    assert as_utc == oracle(case)
+    assert len(moments) <= 52
+    assert all(m > now for m in as_utc)
+    assert all(a < b for a, b in itertools.pairwise(as_utc))
+    for moment in as_utc:
+        local = moment.astimezone(zone)
+        wall = datetime.combine(local.date(), case["time"])
+        if utils.wall_clock_issue(wall, zone) == "gap":
+            # Not on the clock: the instant of that wall clock at the pre-gap offset.
+            assert moment == wall.replace(tzinfo=zone).astimezone(UTC)
+            assert local.time() > case["time"]
+        else:
+            assert local.time() == case["time"]
+        assert local.weekday() in case["weekdays"]
+        assert local.date() >= case["start"]
+        if case["until"] is not None:
+            assert local.date() <= case["until"]
+
+
+def check_triggers(case: dict[str, Any], moments: list[datetime]) -> None:
+    zone = case["zone"]
+    for moment in moments:
+        instant = utils.as_utc(moment)
+        for hours in (0.0, 47.5, 168.0):
+            window = utils.Window(hours, "h")
+            trigger = utils.trigger_time(moment, zone, window)
+            assert trigger == instant - timedelta(hours=hours)
+            assert trigger.tzinfo is UTC
+        for days in (0, 1, 7, 14):
+            window = utils.Window(days, "d")
+            trigger = utils.trigger_time(moment, zone, window)
+            # Only the instant matters, not how it is written.
+            assert trigger == utils.trigger_time(instant, zone, window)
+            assert trigger == utils.trigger_time(instant.astimezone(KOLKATA), zone, window)
+            local = instant.astimezone(zone).replace(tzinfo=None)
+            earlier = local - timedelta(days=days)
+            expected = datetime.combine(earlier.date(), earlier.time(), tzinfo=zone)
+            assert trigger == expected.astimezone(UTC)
+            seen = trigger.astimezone(zone)
+            assert seen.date() == local.date() - timedelta(days=days)
+            if utils.wall_clock_issue(earlier, zone) != "gap":
+                assert seen.time() == local.time()
+
+
+@settings(max_examples=150, deadline=None)
+@given(rule_cases())
+def test_english_rules_expand_in_wall_clock_time(case: dict[str, Any]) -> None:
+    text = sentence(case)
+    first = first_day(case)
+    if case["until"] is not None and case["until"] < first:
+        message = rule_error(utils.parse_english_rule, text, start=None, today=date(2020, 1, 1))
+        assert message == f"{text!r}: until {case['until']} is before the first day {first}"
+        return
+    rule = utils.parse_english_rule(text, start=None, today=date(2020, 1, 1))
+    moments = utils.expand_rule(rule.rule, case["zone"], case["now"])
+    check_instances(case, moments)
+    check_triggers(case, moments)
+    # The RFC text the sentence became reads back to the same instances.
+    again = utils.parse_rfc_rule(rule.rfc, start=None, zone=case["zone"])
+    assert [utils.as_utc(m) for m in utils.expand_rule(again.rule, case["zone"], case["now"])] == [
+        utils.as_utc(m) for m in moments
+    ]
+
+
+@settings(max_examples=150, deadline=None)
+@given(rule_cases())
+def test_rfc_rules_expand_in_wall_clock_time(case: dict[str, Any]) -> None:
+    case = {**case, "other": False}
+    parts = ["FREQ=DAILY"] if case["daily"] else ["FREQ=WEEKLY"]
+    if not case["daily"]:
+        parts.append("BYDAY=" + ",".join(DAY_CODES[i] for i in sorted(case["weekdays"])))
+    if case["until"] is not None:
+        parts.append(f"UNTIL={case['until']:%Y%m%d}T235959")
+    start = datetime.combine(case["start"], case["time"])
+    rule = utils.parse_rfc_rule("RRULE:" + ";".join(parts), start=start, zone=case["zone"])
+    moments = utils.expand_rule(rule.rule, case["zone"], case["now"])
+    check_instances(case, moments)
+    check_triggers(case, moments)
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(case=rule_cases(), english_form=st.booleans(), explicit_id=st.booleans())
+def test_read_schedules_plans_keys_and_triggers(
+    tmp_path: Path, case: dict[str, Any], english_form: bool, explicit_id: bool
+) -> None:
+    if not english_form:
+        case = {**case, "other": False, "until": None}
+    zone = case["zone"]
+    entry: dict[str, Any] = {"type": "recurring", "timezone": zone.key}
+    if explicit_id:
+        entry["id"] = "prop"
+    if english_form:
+        entry["rrule"] = sentence(case)
+    else:
+        days = ",".join(DAY_CODES[i] for i in sorted(case["weekdays"]))
+        entry["rrule"] = "FREQ=DAILY" if case["daily"] else f"FREQ=WEEKLY;BYDAY={days}"
+        entry["desired_time"] = f"{case['start']} {case['time']:%H:%M}"
+    result = read(tmp_path, [entry], now=case["now"])
+    first = first_day(case)
+    if case["until"] is not None and case["until"] < first:
+        where = "'prop' (#1)" if explicit_id else "#1"
+        assert result.errors == [
+            f"schedules.json entry {where}: rrule: {entry['rrule']!r}: until {case['until']} is "
+            f"before the first day {first}"
+        ]
+        return
+    assert result.errors == []
+    (loaded,) = result.entries
+    schedule_id = "prop" if explicit_id else loaded.id
+    assert re.fullmatch(r"prop|auto-[0-9a-f]{12}", schedule_id)
+    plan = loaded.plan(case["now"], HOURS)
+    assert [p.desired for p in plan] == oracle(case)
+    assert len(plan) <= 52
+    for item in plan:
+        assert item.key == f"{schedule_id}@{utils.format_utc(item.desired)}"
+        assert re.fullmatch(r"[A-Za-z0-9_.-]+@\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", item.key)
+        assert item.desired > case["now"]
+        assert item.desired.tzinfo is UTC
+        assert item.trigger == item.desired - timedelta(hours=168)
+    days_plan = loaded.plan(case["now"], DAYS)
+    assert [p.key for p in days_plan] == [p.key for p in plan]
+    for item in days_plan:
+        assert item.trigger == utils.trigger_time(item.desired, zone, DAYS)
+
+
+@pytest.mark.parametrize(
+    ("rule", "days"),
+    [
+        ("FREQ=DAILY;BYMONTH=2;BYMONTHDAY=30", "1 to 29"),
+        ("FREQ=MONTHLY;BYMONTH=4,6;BYMONTHDAY=31", "1 to 30"),
+        ("FREQ=MONTHLY;BYMONTHDAY=0", "1 to 31"),
+        ("FREQ=MONTHLY;BYMONTHDAY=-32", "1 to 31"),
+    ],
+)
+def test_a_month_day_no_month_has_is_refused_not_scanned_to_9999(rule: str, days: str) -> None:
+    with pytest.raises(utils.RuleError) as raised:
+        utils.parse_rfc_rule(rule, start=datetime(2026, 1, 1, 10), zone=LONDON)
+    assert f"has a day that no month of the rule has (days are {days}" in str(raised.value)
+
+
+def test_rare_but_real_month_days_are_kept() -> None:
+    leap = utils.parse_rfc_rule(
+        "FREQ=YEARLY;BYMONTH=2;BYMONTHDAY=29", start=datetime(2026, 1, 1, 10), zone=LONDON
+    )
+    starts = utils.expand_rule(leap.rule, LONDON, datetime(2026, 1, 1, tzinfo=UTC), 2)
+    assert [s.date() for s in starts] == [date(2028, 2, 29), date(2032, 2, 29)]
