@@ -190,7 +190,7 @@ def test_bad_id(data_dir: Path, bad_id: Any) -> None:
         "A-Z a-z 0-9 _ . - (e.g. 'wed-evening')"
     )
     rejected_alone(result, "match")
-    # Its instances cannot be told apart: removals are put off (see test_reconcile).
+    # Its instances cannot be told apart: removals are put off (see test_instances).
     assert result.unknown_rejects == 1
 
 
