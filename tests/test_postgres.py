@@ -3,10 +3,15 @@ password masked, tables created once among daemons starting together, the claim 
 
 from __future__ import annotations
 
+import os
+import re
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -313,3 +318,54 @@ def test_an_older_database_gets_the_owner_column(db_url: str) -> None:
 def test_psycopg_is_what_requirements_install() -> None:
     assert psycopg.__version__ == "3.3.9"
     assert psycopg.pq.__impl__ == "binary"  # the wheel's libpq: no system library needed
+
+
+# --------------------------------------------------------------------------- no server
+
+
+def run_without_server(ci: str | None) -> subprocess.CompletedProcess[str]:
+    """Run one PostgreSQL test in a pytest of its own whose server cannot start."""
+    env = {key: value for key, value in os.environ.items() if key != "CI"}
+    env["PG_BIN"] = "/nonexistent/bin"
+    if ci is not None:
+        env["CI"] = ci
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"{Path(__file__)}::test_a_postgresql_url_works_as_given",
+        ],
+        cwd=Path(__file__).parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+REASON = (
+    "PostgreSQL could not be started: no PostgreSQL server binaries (initdb, postgres) under "
+    "/usr/lib/postgresql/*/bin or PG_BIN; `make test` installs Debian's postgresql package "
+    "when run as root, or run `apt-get install postgresql`"
+)
+
+
+def test_without_a_server_ci_fails_with_the_reason() -> None:
+    result = run_without_server("true")
+    assert result.returncode == 1, result.stdout
+    assert REASON in result.stdout
+    assert "1 error" in result.stdout
+
+
+def test_without_a_server_a_developer_is_told_why_it_skipped() -> None:
+    result = run_without_server(None)
+    assert result.returncode == 0, result.stdout
+    assert re.search(
+        rf"SKIPPED \[1\] tests/test_postgres.py:\d+: {re.escape(REASON)}\n", result.stdout
+    )
+    assert "1 skipped" in result.stdout
