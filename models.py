@@ -35,6 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, Dialect, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.schema import CreateColumn
 
 PENDING = "pending"
 BOOKING = "booking"
@@ -109,10 +110,9 @@ class Instance(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    # The daemon (``daemons.id``) whose claim this is while ``booking``; NULL for none. Deferred
-    # (loaded on access only) so that a reader of a database from before this column still works
-    # until the daemon adds it (see _add_missing_columns).
-    owner: Mapped[str | None] = mapped_column(String(64), default=None, deferred=True)
+    #: The daemon (``daemons.id``) whose claim this is while ``booking``; NULL for none (and in
+    #: rows from before this column, which a starting daemon adds: add_missing_columns).
+    owner: Mapped[str | None] = mapped_column(String(64), default=None)
 
     __table_args__ = (Index("ix_schedules_status_trigger", "status", "trigger_time"),)
 
@@ -397,7 +397,7 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
         if create:
             _enable_wal(engine)
             Base.metadata.create_all(engine)
-            _add_missing_columns(engine)
+            add_missing_columns(engine)
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     Path(f"{path}{suffix}").chmod(0o600)
@@ -414,7 +414,7 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
                 conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
             if create:
                 Base.metadata.create_all(conn)
-                _add_missing_columns(conn)
+                add_missing_columns(conn)
     except DBAPIError as exc:
         engine.dispose()
         raise connect_error(url, exc) from None
@@ -427,24 +427,28 @@ _SCHEMA_LOCK_KEY = int.from_bytes(
 )
 
 
-def _add_missing_columns(bind: Engine | Connection) -> None:
-    """Add the nullable columns the models have and an older database lacks (``create_all``
-    only creates whole tables)."""
+def add_missing_columns(bind: Engine | Connection) -> list[str]:
+    """Add the columns that a database made by an earlier release lacks (``create_all`` only
+    creates whole tables; each added column is nullable or has a default, so existing rows
+    read as before). Returns the names added."""
     inspector = inspect(bind)
+    added = []
     for table in Base.metadata.sorted_tables:
         if not inspector.has_table(table.name):
             continue
         present = {column["name"] for column in inspector.get_columns(table.name)}
         for column in table.columns:
-            if column.name in present or not column.nullable:
+            if column.name in present:
                 continue
-            kind = column.type.compile(dialect=inspector.dialect)
-            statement = f"ALTER TABLE {table.name} ADD COLUMN {column.name} {kind}"
+            ddl = CreateColumn(column).compile(dialect=inspector.dialect)
+            statement = f"ALTER TABLE {table.name} ADD COLUMN {ddl}"
             if isinstance(bind, Engine):
                 with bind.begin() as conn:
                     conn.exec_driver_sql(statement)
             else:
                 bind.exec_driver_sql(statement)
+            added.append(column.name)
+    return added
 
 
 def has_tables(engine: Engine) -> bool:
