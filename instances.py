@@ -467,7 +467,7 @@ def status_rows(factory: sessionmaker[Session] | None) -> list[dict[str, Any]]:
     with factory() as session:
         # Deferred: a database of the previous release may not have the column yet, and a
         # reader never changes the schema.
-        query = select(Instance).options(defer(Instance.interrupted))
+        query = select(Instance).options(defer(Instance.interrupted), defer(Instance.owner))
         rows = session.scalars(query.order_by(Instance.trigger_time, Instance.key))
         return [_status_row(row) for row in rows]
 

@@ -887,7 +887,7 @@ def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
     engine = models.make_engine(url)  # as the daemon opens it at start
 
     try:
-        assert columns(tmp_path / "db.sqlite")[-1] == "interrupted"
+        assert columns(tmp_path / "db.sqlite")[-2:] == ["interrupted", "owner"]
         factory = models.session_factory(engine)
         (row,) = rows(factory).values()
         assert (row.key, row.status, row.interrupted) == ("old@2030-01-01T10:00:00Z", FAILED, False)
