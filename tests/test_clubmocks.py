@@ -1041,3 +1041,24 @@ def test_ready_flow_meets_a_refused_login(system: str, club: ClubMock) -> None:
     )
     assert run.outcome == case.refused_login
     assert club.bookings == []
+
+
+# -- the user documentation -------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "real-clubs.md"
+
+
+def test_the_docs_table_names_each_ready_flow_and_its_tokens_fields() -> None:
+    rows = re.findall(r"^\| [^|]+ \| `(\w+)\.json` \| ([^|]+) \|", DOC.read_text(), re.MULTILINE)
+    assert {file for file, _ in rows} == set(MOCKS)
+    for file, fields in rows:
+        used = {f for name, f, _ in placeholders(load_flow(file)["steps"]) if name == "secret"}
+        assert set(re.findall(r"`(\w+)`", fields)) == used, file
+
+
+def test_the_docs_examples_are_valid() -> None:
+    blocks = re.findall(r"```json\n(.*?)```", DOC.read_text(), re.DOTALL)
+    tokens, entry, flow = (json.loads(block) for block in blocks)
+    assert set(tokens["padel"]) == set(PlaytomicMock().tokens_entry())
+    assert entry["club"] == "playtomic" and entry["token"] == "padel"
+    assert flow_problems(flow, "example") == []
