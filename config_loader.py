@@ -215,7 +215,7 @@ class Entry:
             return [(self.desired_wall, self.desired_moment)]
         if self.expansion is not None and self.expansion[0] == now:
             return list(self.expansion[1][:limit])
-        return utils.expand_rule_walls(self.rule.rule, self.zone, now, limit)
+        return utils.expand_rule_walls(self.rule, self.zone, now, limit)
 
     def starts(self, now: datetime, limit: int = utils.INSTANCES_PER_RULE) -> list[datetime]:
         """The aware starts of ``occurrences``."""
