@@ -2,7 +2,9 @@
 Fernet, and rules (CONTRACT sections 3 and 4: English sentences, RFC 5545, expansion in
 wall-clock time across DST, the same through ``config_loader.read_schedules`` and ``Entry.plan``).
 Pure functions, so every test passes its own ``now``; nothing sleeps. The rules' property tests
-have an oracle that walks the calendar day by day and never asks dateutil."""
+have an oracle that walks the calendar day by day and never asks dateutil; those for UNTIL,
+DST gaps and the bounded search cross-check against python-dateutil's own answers where it
+and RFC 5545 agree (a zoned start, its plain expansion)."""
 
 from __future__ import annotations
 
