@@ -404,6 +404,11 @@ class _Exdate:
     dates: tuple[date, ...]
     times: tuple[datetime, ...]
 
+    def instants(self, zone: ZoneInfo) -> list[datetime]:
+        """The date-times as aware UTC instants (local ones read in ``tzid``, else ``zone``)."""
+        here = get_zone(self.tzid) if self.tzid else zone
+        return [t if t.tzinfo else as_utc(localize(t, here)) for t in self.times]
+
     def lines(self, rule_tzid: str | None) -> list[str]:
         """The line again, in RFC 5545's form: times with Z apart from local ones (a TZID must
         not be given with UTC times), and local ones naming the rule's shown zone if any."""
@@ -531,44 +536,9 @@ def parse_rfc_rule(text: str, *, start: datetime | None, zone: ZoneInfo) -> Pars
         )
     rule_line = rule_lines[0]
     parts = _rfc_parts(rule_line)
-    freq = parts.get("FREQ", "").upper()
-    if freq not in ALLOWED_FREQS:
-        shown = f"'FREQ={parts['FREQ']}'" if "FREQ" in parts else "no FREQ"
-        raise RuleError(
-            f"{rule_line!r} is not a valid rule ({shown}: FREQ must be one of "
-            f"{', '.join(ALLOWED_FREQS)}); e.g. {RULE_EXAMPLE}"
-        )
-    if "BYEASTER" in parts:
-        # A python-dateutil extension, not RFC 5545 (and the one part that does not repeat
-        # with the calendar, which the bounded search relies on).
-        raise RuleError(
-            f"{rule_line!r} is not a valid rule (unknown parameter 'BYEASTER'); e.g. {RULE_EXAMPLE}"
-        )
-    until: datetime | None = None
-    if "UNTIL" in parts:
-        written = _UNTIL_RE.fullmatch(parts["UNTIL"].upper())
-        try:
-            if not written:
-                raise ValueError
-            wall = written["date"] + (written["time"] or "000000")
-            until = datetime.strptime(wall, "%Y%m%d%H%M%S")
-        except ValueError:
-            raise RuleError(f"{rule_line!r}: UNTIL {parts['UNTIL']!r} is not a date-time") from None
-        if written["z"]:
-            until = until.replace(tzinfo=UTC)
-        elif zone_name is not None:
-            # RFC 5545 wants UTC here; a local time is read as the wall clock in the TZID zone.
-            until = as_utc(localize(until, zone))
-    if "COUNT" in parts and "UNTIL" in parts:
-        raise RuleError(f"{rule_line!r}: COUNT and UNTIL cannot both be given (RFC 5545)")
-    # dateutil accepts INTERVAL=0 or below, then loops forever or fails while expanding.
-    if "INTERVAL" in parts and not re.fullmatch(r"\+?0*[1-9]\d*", parts["INTERVAL"]):
-        raise RuleError(
-            f"{rule_line!r}: INTERVAL {parts['INTERVAL']!r} must be a whole number of at least 1; "
-            f"e.g. {RULE_EXAMPLE}"
-        )
-    _check_numbered_days(rule_line, parts, freq)
-    _check_month_days(rule_line, parts)
+    freq = _check_freq(rule_line, parts)
+    until = _parse_until(rule_line, parts, zone, zoned=zone_name is not None)
+    _check_parts(rule_line, parts, freq)
     if dtstart_wall is None:
         if start is None:
             raise RuleError(
@@ -586,12 +556,6 @@ def parse_rfc_rule(text: str, *, start: datetime | None, zone: ZoneInfo) -> Pars
     shown_zone = zone_name or (zone.key if until is not None and until.tzinfo else None)
     if until is not None:
         parts["UNTIL"] = f"{until:%Y%m%dT%H%M%S}" + ("Z" if until.tzinfo else "")
-    skip_dates = frozenset(d for ex in exdates for d in ex.dates)
-    skip_instants = frozenset(
-        t if t.tzinfo else as_utc(localize(t, get_zone(ex.tzid) if ex.tzid else zone))
-        for ex in exdates
-        for t in ex.times
-    )
     return _build_rule(
         parts,
         dtstart_wall,
@@ -599,10 +563,64 @@ def parse_rfc_rule(text: str, *, start: datetime | None, zone: ZoneInfo) -> Pars
         english=False,
         until=until,
         shown_zone=shown_zone,
-        skip_dates=skip_dates,
-        skip_instants=skip_instants,
+        skip_dates=frozenset(d for ex in exdates for d in ex.dates),
+        skip_instants=frozenset(t for ex in exdates for t in ex.instants(zone)),
         exdate_lines=[line for ex in exdates for line in ex.lines(shown_zone)],
     )
+
+
+def _check_freq(rule_line: str, parts: dict[str, str]) -> str:
+    """The rule's FREQ, one of ALLOWED_FREQS; RuleError otherwise."""
+    freq = parts.get("FREQ", "").upper()
+    if freq not in ALLOWED_FREQS:
+        shown = f"'FREQ={parts['FREQ']}'" if "FREQ" in parts else "no FREQ"
+        raise RuleError(
+            f"{rule_line!r} is not a valid rule ({shown}: FREQ must be one of "
+            f"{', '.join(ALLOWED_FREQS)}); e.g. {RULE_EXAMPLE}"
+        )
+    if "BYEASTER" in parts:
+        # A python-dateutil extension, not RFC 5545 (and the one part that does not repeat
+        # with the calendar, which the bounded search relies on).
+        raise RuleError(
+            f"{rule_line!r} is not a valid rule (unknown parameter 'BYEASTER'); e.g. {RULE_EXAMPLE}"
+        )
+    return freq
+
+
+def _parse_until(
+    rule_line: str, parts: dict[str, str], zone: ZoneInfo, *, zoned: bool
+) -> datetime | None:
+    """The rule's UNTIL (see ``ParsedRule.until``): aware UTC when written with Z or after a
+    DTSTART with a TZID (``zoned``), else a naive wall clock; None without one."""
+    if "UNTIL" not in parts:
+        return None
+    written = _UNTIL_RE.fullmatch(parts["UNTIL"].upper())
+    try:
+        if not written:
+            raise ValueError
+        until = datetime.strptime(written["date"] + (written["time"] or "000000"), "%Y%m%d%H%M%S")
+    except ValueError:
+        raise RuleError(f"{rule_line!r}: UNTIL {parts['UNTIL']!r} is not a date-time") from None
+    if written["z"]:
+        return until.replace(tzinfo=UTC)
+    if zoned:
+        # RFC 5545 wants UTC here; a local time is read as the wall clock in the TZID zone.
+        return as_utc(localize(until, zone))
+    return until
+
+
+def _check_parts(rule_line: str, parts: dict[str, str], freq: str) -> None:
+    """Refuse what RFC 5545 forbids or dateutil would misread (after FREQ and UNTIL)."""
+    if "COUNT" in parts and "UNTIL" in parts:
+        raise RuleError(f"{rule_line!r}: COUNT and UNTIL cannot both be given (RFC 5545)")
+    # dateutil accepts INTERVAL=0 or below, then loops forever or fails while expanding.
+    if "INTERVAL" in parts and not re.fullmatch(r"\+?0*[1-9]\d*", parts["INTERVAL"]):
+        raise RuleError(
+            f"{rule_line!r}: INTERVAL {parts['INTERVAL']!r} must be a whole number of at least 1; "
+            f"e.g. {RULE_EXAMPLE}"
+        )
+    _check_numbered_days(rule_line, parts, freq)
+    _check_month_days(rule_line, parts)
 
 
 _MONTH_DAYS = {
