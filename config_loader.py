@@ -795,6 +795,10 @@ def _build_entry(
             entry = dataclasses.replace(entry, expansion=(c.now, tuple(entry.occurrences(c.now))))
         except (ValueError, OverflowError):
             return None, f"{where}: rrule: {c.rule_text!r} {OUT_OF_RANGE}", warnings
+        if not any(start > c.now for start in entry.starts(c.now)):
+            # Valid, but it books nothing: say so rather than leave the entry silently empty.
+            why = utils.describe_no_instance(c.rule, c.zone, c.now)
+            warnings.append(f"{where}: rrule: {c.rule_text!r} books nothing: {why}")
     return entry, None, warnings
 
 
