@@ -31,6 +31,7 @@ import os
 import re
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -881,5 +882,209 @@ def main() -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- memory and reload
+#
+# ``python tools/bench.py memory`` and ``python tools/bench.py reload`` (issue 16, items 3 and 4):
+# the daemon's RSS at rest with 5,200 and 52,000 pending instances, and what a reload costs at
+# that size when nothing changed and when one entry did. Each figure is min / median / max over
+# repeats, each run a fresh daemon on a fresh DATA_DIR (no club is contacted: every trigger is
+# more than a day ahead).
+
+#: Weekly entries per size: each makes 52 pending instances (5,200 and 52,000).
+SCALE_ENTRIES = (100, 1000)
+SCALE_TARGET_RSS_MB = {100: 68.0, 1000: 90.0}
+MEMORY_REPEATS = 3
+#: After the pid file, the daemon is left alone this long, then sampled for MEMORY_REST_SECONDS.
+MEMORY_SETTLE_SECONDS = 3.0
+MEMORY_REST_SECONDS = 10.0
+RELOAD_REPEATS = 15
+TARGET_SCALE_NOOP_MS = 5.0
+TARGET_SCALE_EDIT_MS = 50.0
+#: The reload targets hold at this size.
+RELOAD_TARGET_ENTRIES = 1000
+SCALE_READY_TIMEOUT = 300.0
+#: "config loaded (SIGHUP) in 12.3 ms" / "config unchanged (SIGHUP), checked in 0.4 ms".
+_RELOAD_LINE_RE = re.compile(
+    r"config (?P<kind>loaded|unchanged) \(SIGHUP\),? (?:checked )?in (?P<ms>\d+(?:\.\d+)?) ms"
+)
+_UNREACHABLE_CLUB = "http://127.0.0.1:9/bookings"  # never called: no trigger comes near
+
+
+def weekly_entries(count: int, start_day: datetime, edited: int = 0) -> list[dict[str, Any]]:
+    """``count`` weekly entries starting on ``start_day``; entry 0 moved ``edited`` minutes."""
+    entries = []
+    for i in range(count):
+        minutes = 6 * 60 + (i % 150) * 5 + (edited if i == 0 else 0)
+        entries.append(
+            {
+                "id": f"w{i:04d}",
+                "type": "recurring",
+                "desired_time": f"{start_day:%Y-%m-%d} {minutes // 60:02d}:{minutes % 60:02d}",
+                "rrule": f"FREQ=WEEKLY;BYDAY={_DAYS[i % 7]}",
+                "court_id": str(i % 8 + 1),
+            }
+        )
+    return entries
+
+
+def spread(values: list[float], unit: str, digits: int = 1) -> str:
+    """``min / median / max unit`` of ``values``."""
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{low:.{digits}f} / {mid:.{digits}f} / {high:.{digits}f} {unit}"
+
+
+def vm_field(pid: int, name: str) -> float:
+    """A ``/proc/PID/status`` field in kB (VmRSS, VmHWM), as MB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{name}:"):
+            return int(line.split()[1]) / 1024.0
+    raise BenchError(f"no {name} in /proc/{pid}/status")
+
+
+def scale_daemon(root: Path, name: str, entries: int) -> tuple[Daemon, datetime]:
+    """A daemon whose DATA_DIR holds ``entries`` weekly entries (started, not yet ready), and
+    the day the entries start on."""
+    daemon = Daemon(root, name, _UNREACHABLE_CLUB, LOG_LEVEL="INFO")
+    start_day = datetime.now(UTC) + timedelta(days=LOAD_DAYS_AHEAD)
+    daemon.write_schedules(weekly_entries(entries, start_day))
+    daemon.start()
+    return daemon, start_day
+
+
+def rest_rss(daemon: Daemon) -> float:
+    """The daemon's largest VmRSS over MEMORY_REST_SECONDS, after MEMORY_SETTLE_SECONDS idle."""
+    time.sleep(MEMORY_SETTLE_SECONDS)
+    highest = 0.0
+    began = time.monotonic()
+    while True:
+        daemon._check_alive()
+        highest = max(highest, vm_field(daemon.pid, "VmRSS"))
+        if time.monotonic() - began >= MEMORY_REST_SECONDS:
+            return highest
+        time.sleep(1.0)
+
+
+def case_memory(root: Path, table: Table) -> None:
+    case = "memory"
+    for count in (0, *SCALE_ENTRIES):
+        rest: list[float] = []
+        peak: list[float] = []
+        after_edit: list[float] = []
+        for run in range(MEMORY_REPEATS):
+            daemon, start_day = scale_daemon(root, f"mem{count}-{run}", count)
+            with daemons([daemon]):
+                daemon.wait_ready(SCALE_READY_TIMEOUT)
+                rest.append(rest_rss(daemon))
+                peak.append(vm_field(daemon.pid, "VmHWM"))
+                if count:
+                    daemon.write_schedules(weekly_entries(count, start_day, edited=2))
+                    before = daemon.output().count("config loaded (SIGHUP)")
+                    daemon.signal(signal.SIGHUP)
+                    deadline = time.monotonic() + LOG_LINE_TIMEOUT
+                    while daemon.output().count("config loaded (SIGHUP)") == before:
+                        daemon._check_alive()
+                        if time.monotonic() > deadline:
+                            raise BenchError("no 'config loaded (SIGHUP)' line")
+                        time.sleep(0.01)
+                    after_edit.append(rest_rss(daemon))
+            progress(f"{case}: {count * 52} pending, run {run + 1}: rest {rest[-1]:.1f} MB")
+        pending = count * 52
+        label = f"{pending:,} pending ({count} weekly entries)" if count else "no schedules"
+        if count:
+            target = SCALE_TARGET_RSS_MB[count]
+            table.add(
+                case,
+                f"RSS at rest after start, {label}",
+                spread(rest, "MB"),
+                f"<= {target:g} MB",
+                max(rest) <= target,
+            )
+            table.add(
+                case,
+                f"RSS at rest after an edited reload, {label}",
+                spread(after_edit, "MB"),
+                f"<= {target:g} MB",
+                max(after_edit) <= target,
+            )
+        else:
+            table.add(case, f"RSS at rest after start, {label} (the floor)", spread(rest, "MB"))
+        table.add(case, f"peak RSS (VmHWM), {label}", spread(peak, "MB"))
+
+
+def sighup_figure(daemon: Daemon, kind: str) -> float:
+    """SIGHUP; the daemon's own figure from its next reload line, which must be of ``kind``."""
+    before = len(_RELOAD_LINE_RE.findall(daemon.output()))
+    daemon.signal(signal.SIGHUP)
+    deadline = time.monotonic() + LOG_LINE_TIMEOUT
+    while True:
+        daemon._check_alive()
+        found = list(_RELOAD_LINE_RE.finditer(daemon.output()))
+        if len(found) > before:
+            line = found[before]
+            if line["kind"] != kind:
+                raise BenchError(f"expected a reload line 'config {kind}', got {line[0]!r}")
+            return float(line["ms"])
+        if time.monotonic() > deadline:
+            raise BenchError(f"no 'config {kind} (SIGHUP)' line in {LOG_LINE_TIMEOUT:g} s")
+        time.sleep(0.005)
+
+
+def case_reload(root: Path, table: Table) -> None:
+    case = "reload"
+    for count in SCALE_ENTRIES:
+        daemon, start_day = scale_daemon(root, f"reload{count}", count)
+        pending = count * 52
+        with daemons([daemon]):
+            daemon.wait_ready(SCALE_READY_TIMEOUT)
+            time.sleep(MEMORY_SETTLE_SECONDS)
+            noop = [sighup_figure(daemon, "unchanged") for _ in range(RELOAD_REPEATS)]
+            edit = []
+            for run in range(RELOAD_REPEATS):
+                daemon.write_schedules(weekly_entries(count, start_day, edited=2 * (run % 2 + 1)))
+                edit.append(sighup_figure(daemon, "loaded"))
+        at_target = count == RELOAD_TARGET_ENTRIES
+        table.add(
+            case,
+            f"no-op SIGHUP reload, {pending:,} pending (daemon's own figure)",
+            spread(noop, "ms"),
+            f"<= {TARGET_SCALE_NOOP_MS:g} ms" if at_target else "",
+            max(noop) <= TARGET_SCALE_NOOP_MS if at_target else None,
+        )
+        table.add(
+            case,
+            f"SIGHUP after one entry's time edited, {pending:,} pending",
+            spread(edit, "ms"),
+            f"<= {TARGET_SCALE_EDIT_MS:g} ms" if at_target else "",
+            max(edit) <= TARGET_SCALE_EDIT_MS if at_target else None,
+        )
+
+
+SUBCOMMANDS: dict[str, Callable[[Path, Table], None]] = {
+    "memory": case_memory,
+    "reload": case_reload,
+}
+
+
+def cli(argv: list[str]) -> int:
+    """``bench.py`` runs every case of ``main``; ``bench.py memory|reload`` runs that one."""
+    if not argv:
+        return main()
+    if argv[0] not in SUBCOMMANDS or len(argv) > 1:
+        print(f"usage: bench.py [{'|'.join(SUBCOMMANDS)}]", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(REPO))
+    table = Table()
+    name = argv[0]
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"courtbot-bench-{name}-") as scratch:
+            progress(f"scratch directory {Path(scratch)}; python {sys.executable}")
+            run_case(name, table, lambda: SUBCOMMANDS[name](Path(scratch), table))
+    finally:
+        kill_children()
+    progress(f"finished in {time.monotonic() - _STARTED:.0f} s")
+    print(table.render(), flush=True)
+    return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli(sys.argv[1:]))
