@@ -366,9 +366,11 @@ def read_config(
     now: datetime,
     *,
     known_tokens: Iterable[str] = (),
+    cache: EntryCache | None = None,
 ) -> Config:
     """Read and validate both files. ``known_tokens`` are the token names the database holds,
-    used when tokens.json is rejected whole. Reads files only; writes nothing."""
+    used when tokens.json is rejected whole; ``cache`` (the daemon's, kept between loads) spares
+    validating entries again that did not change. Reads files only; writes nothing."""
     digest = config_digest(settings)
     tokens = read_tokens(settings.tokens_path, fernet)
     names = set(known_tokens) if tokens.file_error is not None else set(tokens.tokens)
@@ -377,6 +379,7 @@ def read_config(
         default_zone=settings.timezone,
         token_names=names,
         now=now,
+        cache=cache,
     )
     return Config(schedules=schedules, tokens=tokens, digest=digest)
 
@@ -476,11 +479,19 @@ def _json_type(value: Any) -> str:
 
 
 def read_schedules(
-    path: Path, *, default_zone: str, token_names: set[str], now: datetime
+    path: Path,
+    *,
+    default_zone: str,
+    token_names: set[str],
+    now: datetime,
+    cache: EntryCache | None = None,
 ) -> SchedulesResult:
-    """Validate ``schedules.json`` (CONTRACT sections 3 and 4) without writing anything."""
+    """Validate ``schedules.json`` (CONTRACT sections 3 and 4) without writing anything; with a
+    ``cache``, an entry validated before is taken from it (see EntryCache)."""
     name = path.name
     result = SchedulesResult()
+    if cache is not None:
+        cache.begin()
     data = _read_bytes(path)
     if data is None:
         result.missing = True
@@ -498,8 +509,9 @@ def read_schedules(
         return result
 
     seen: dict[str, int] = {}
+    validate = _validate_entry if cache is None else cache.validate
     for index, raw in enumerate(parsed, start=1):
-        entry, errors, warnings, entry_id = _validate_entry(
+        entry, errors, warnings, entry_id = validate(
             raw, index, name, default_zone=default_zone, token_names=token_names, now=now
         )
         if entry_id is not None and entry_id in seen and not errors:
@@ -530,7 +542,109 @@ def read_schedules(
             result.entries.append(entry)
     # An id both rejected (a duplicate) and valid stays valid for the earlier entry.
     result.rejected_ids -= {e.id for e in result.entries}
+    if cache is not None:
+        cache.keep_seen()
     return result
+
+
+@dataclass(frozen=True)
+class _Validated:
+    """A valid entry as the cache keeps it: without its expansion, its warnings without the
+    leading ``where`` (which names the position), and until when it may be reused."""
+
+    entry: Entry
+    notes: tuple[str, ...]
+    explicit_id: bool
+    #: What validation said can change only when time passes the first start that was ahead
+    #: (a one-off in the past, a rule that books nothing any more): validate again from then.
+    fresh_until: datetime | None
+
+
+@dataclass
+class EntryCache:
+    """Valid entries by their raw JSON and the default zone, kept by the daemon between loads,
+    so that a reload validates only the entries that changed (a reload after editing one entry
+    of a thousand validates one). A cached entry is reused while its token is still in
+    tokens.json and no start it had ahead has passed; at another position it takes the new
+    one. ``validated`` and ``reused`` count the entries of the last read.
+
+    Entries come out of it without their expansion: kept until the load plans them, 52 instants
+    an entry would lie scattered among what the daemon keeps, and the heap could not give that
+    memory back (7 MB more at rest with 52,000 instances). Planning expands again (about half a
+    millisecond an entry)."""
+
+    _entries: dict[bytes, _Validated] = field(default_factory=dict)
+    _seen: dict[bytes, _Validated] = field(default_factory=dict)
+    validated: int = 0
+    reused: int = 0
+
+    def begin(self) -> None:
+        """Start of a read; unless it ends in ``keep_seen``, the cache stays as it was."""
+        self._seen = {}
+        self.validated = self.reused = 0
+
+    def keep_seen(self) -> None:
+        """End of a read: keep the entries of this file only (removed ones are forgotten)."""
+        self._entries, self._seen = self._seen, {}
+
+    def validate(
+        self,
+        raw: Any,
+        position: int,
+        file_name: str,
+        *,
+        default_zone: str,
+        token_names: set[str],
+        now: datetime,
+    ) -> tuple[Entry | None, list[str], list[str], str | None]:
+        """``_validate_entry``, from the cache when this entry was validated before."""
+        key = None
+        if isinstance(raw, dict):
+            text = json.dumps([raw, default_zone], sort_keys=True)
+            key = hashlib.sha256(text.encode()).digest()
+        known = self._entries.get(key) if key is not None else None
+        if (
+            key is not None
+            and known is not None
+            and known.entry.token in token_names
+            and (known.fresh_until is None or now < known.fresh_until)
+        ):
+            self.reused += 1
+            self._seen[key] = known
+            entry = known.entry
+            if entry.position != position:
+                entry = dataclasses.replace(entry, position=position)
+            where = _where(file_name, entry.id if known.explicit_id else None, position)
+            return entry, [], [where + note for note in known.notes], entry.id
+        self.validated += 1
+        entry, errors, warnings, entry_id = _validate_entry(
+            raw,
+            position,
+            file_name,
+            default_zone=default_zone,
+            token_names=token_names,
+            now=now,
+        )
+        if entry is None:
+            return entry, errors, warnings, entry_id
+        fresh_until = _fresh_until(entry, now)
+        entry = dataclasses.replace(entry, expansion=None)
+        explicit = "id" in raw
+        where = _where(file_name, entry.id if explicit else None, position)
+        if key is not None and not errors and all(w.startswith(where) for w in warnings):
+            self._seen[key] = _Validated(
+                entry=entry,
+                notes=tuple(w[len(where) :] for w in warnings),
+                explicit_id=explicit,
+                fresh_until=fresh_until,
+            )
+        return entry, errors, warnings, entry_id
+
+
+def _fresh_until(entry: Entry, now: datetime) -> datetime | None:
+    """The first start of ``entry`` ahead of ``now`` (None when there is none: nothing that
+    validation says about the entry can change with time any more)."""
+    return next((start for start in entry.starts(now) if start > now), None)
 
 
 def _where(file_name: str, entry_id: str | None, position: int) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -34,11 +34,18 @@ from models import (
     PENDING,
     Instance,
     Token,
+    Wakeup,
     transaction,
 )
 from notify import Outcome
 
 logger = logging.getLogger(__name__)
+
+#: Rows read (and ORM objects held) at a time by reconcile and the pending-trigger pages: a load
+#: of 52,000 instances never holds them all at once (what a load leaves behind stays in the heap).
+PAGE = 200
+#: Schedule entries reconciled together: their rows are read in one query, then let go.
+ENTRIES_PER_PASS = 4
 
 
 # --------------------------------------------------------------------------- reconciliation
@@ -46,13 +53,15 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Changes:
-    """What a reconciliation did to the instances (jobs follow by ``scheduler.sync``)."""
+    """What a reconciliation did to the instances. ``keys`` are the instances it added or
+    touched: their jobs follow (``scheduler.sync_keys``), and no other job needs a look."""
 
     added: int = 0
     updated: int = 0
     cancelled: int = 0
     revived: int = 0
     entries_changed: list[str] = field(default_factory=list)
+    keys: set[str] = field(default_factory=set)
 
     def merge(self, other: Changes) -> None:
         self.added += other.added
@@ -60,6 +69,7 @@ class Changes:
         self.cancelled += other.cancelled
         self.revived += other.revived
         self.entries_changed.extend(other.entries_changed)
+        self.keys |= other.keys
 
     @property
     def empty(self) -> bool:
@@ -118,26 +128,9 @@ def reconcile(
         ids = set(entries) if only is None else set(only) & set(entries)
         ids -= unchanged
         stored_ids = set(session.scalars(select(Instance.schedule_id).distinct()))
-        removable = set()
+        removable: set[str] = set()
         if only is None:
             removable = stored_ids - set(entries) - config.schedules.rejected_ids
-        rows_by_schedule: dict[str, dict[str, Instance]] = {}
-        wanted_ids = sorted((ids & stored_ids) | removable)
-        for start in range(0, len(wanted_ids), 500):
-            chunk = wanted_ids[start : start + 500]
-            for row in session.scalars(select(Instance).where(Instance.schedule_id.in_(chunk))):
-                rows_by_schedule.setdefault(row.schedule_id, {})[row.key] = row
-        for schedule_id in sorted(ids):
-            changes.merge(
-                _reconcile_entry(
-                    session,
-                    entries[schedule_id],
-                    rows_by_schedule.get(schedule_id, {}),
-                    window,
-                    now,
-                )
-            )
-        if only is None:
             if removable and config.schedules.unknown_rejects:
                 logger.warning(
                     "%d schedule(s) are no longer in %s, but an entry was rejected whose id "
@@ -146,10 +139,29 @@ def reconcile(
                     SCHEDULES_FILE,
                 )
                 removable = set()
-            for schedule_id in sorted(removable):
-                for row in rows_by_schedule[schedule_id].values():
-                    if row.status == PENDING:
-                        _cancel(row, changes, "entry removed from schedules.json")
+        # A few entries at a time: their rows are read in one query, reconciled, flushed and
+        # let go, so that a load of thousands of instances never holds them all as objects.
+        work = sorted(ids | removable)
+        for start in range(0, len(work), ENTRIES_PER_PASS):
+            chunk = work[start : start + ENTRIES_PER_PASS]
+            rows_by_schedule: dict[str, dict[str, Instance]] = {}
+            stored_chunk = [i for i in chunk if i in stored_ids]
+            if stored_chunk:
+                query = select(Instance).where(Instance.schedule_id.in_(stored_chunk))
+                for row in session.scalars(query):
+                    rows_by_schedule.setdefault(row.schedule_id, {})[row.key] = row
+            for schedule_id in chunk:
+                rows = rows_by_schedule.get(schedule_id, {})
+                if schedule_id in removable:
+                    for row in rows.values():
+                        if row.status == PENDING:
+                            _cancel(row, changes, "entry removed from schedules.json")
+                else:
+                    changes.merge(
+                        _reconcile_entry(session, entries[schedule_id], rows, window, now)
+                    )
+            session.flush()
+            session.expunge_all()
     return changes
 
 
@@ -157,6 +169,7 @@ def _cancel(row: Instance, changes: Changes, why: str) -> None:
     row.status = CANCELLED
     row.last_error = why
     changes.cancelled += 1
+    changes.keys.add(row.key)
 
 
 def _entry_fields(entry: Entry) -> dict[str, Any]:
@@ -207,6 +220,7 @@ def _reconcile_entry(
             row.last_error = None
             row.attempts = 0
             changes.revived += 1
+            changes.keys.add(row.key)
         if row.status != PENDING:
             continue
         if not entry.enabled:
@@ -218,6 +232,7 @@ def _reconcile_entry(
                 setattr(row, name, value)
             row.trigger_time = item.trigger
             changes.updated += 1
+            changes.keys.add(row.key)
     for key, row in rows.items():
         if key in wanted or row.status != PENDING:
             continue
@@ -230,6 +245,7 @@ def _reconcile_entry(
             row_values.update(created_at=stamp, updated_at=stamp)
         session.execute(insert(Instance), new_rows)
         changes.added += len(new_rows)
+        changes.keys.update(row_values["key"] for row_values in new_rows)
     if not changes.empty:
         changes.entries_changed.append(entry.id)
     return changes
@@ -311,15 +327,47 @@ def recover_in_flight(
     return retried, failed
 
 
-def pending_triggers(factory: sessionmaker[Session]) -> dict[str, datetime]:
-    """Every pending instance's key and trigger (aware UTC)."""
+def pending_triggers(
+    factory: sessionmaker[Session], keys: Collection[str] | None = None
+) -> dict[str, datetime]:
+    """Every pending instance's key and trigger (aware UTC); with ``keys``, those among them."""
+    if keys is None:
+        query = select(Instance.key, Instance.trigger_time).where(Instance.status == PENDING)
+        with factory() as session:
+            return {key: trigger for key, trigger in session.execute(query)}
+    # Looked up by key alone, the status read along: a planner without statistics (SQLite)
+    # would rather scan every pending row through the status index for each page of keys.
+    query = select(Instance.key, Instance.trigger_time, Instance.status)
+    wanted = sorted(keys)
+    found: dict[str, datetime] = {}
     with factory() as session:
-        return {
-            key: trigger
-            for key, trigger in session.execute(
-                select(Instance.key, Instance.trigger_time).where(Instance.status == PENDING)
-            )
-        }
+        for start in range(0, len(wanted), PAGE):
+            rows = session.execute(query.where(Instance.key.in_(wanted[start : start + PAGE])))
+            found.update((key, trigger) for key, trigger, status in rows if status == PENDING)
+    return found
+
+
+def pending_trigger_pages(
+    factory: sessionmaker[Session], size: int = PAGE
+) -> Iterator[dict[str, datetime]]:
+    """``pending_triggers`` a page at a time, in key order (a full job sync in little memory).
+    Pages walk the key index over every instance and keep the pending ones (see above)."""
+    after = ""
+    while True:
+        query = (
+            select(Instance.key, Instance.trigger_time, Instance.status)
+            .where(Instance.key > after)
+            .order_by(Instance.key)
+            .limit(size)
+        )
+        with factory() as session:
+            rows = list(session.execute(query))
+        if not rows:
+            return
+        page = {key: trigger for key, trigger, status in rows if status == PENDING}
+        if page:
+            yield page
+        after = rows[-1][0]
 
 
 def pending_summary(factory: sessionmaker[Session]) -> tuple[int, Instance | None]:
@@ -457,7 +505,24 @@ def retry(factory: sessionmaker[Session], target: str, now: datetime) -> list[st
                     interrupted=False,
                 )
             )
+            # In the same transaction: the daemon (here or on another host) sees the keys
+            # exactly when it can see them pending, and schedules just these.
+            session.execute(insert(Wakeup), [{"key": key, "created_at": now} for key in keys])
     return keys
+
+
+def wakeups(factory: sessionmaker[Session]) -> list[tuple[int, str]]:
+    """The (id, instance key) rows ``retry`` left for the daemon, oldest first (usually none:
+    one read of an empty table)."""
+    query = select(Wakeup.id, Wakeup.key).order_by(Wakeup.id)
+    with factory() as session:
+        return [(wakeup_id, key) for wakeup_id, key in session.execute(query)]
+
+
+def clear_wakeups(factory: sessionmaker[Session], up_to: int) -> None:
+    """Forget the wakeups handled: those with an id up to ``up_to``."""
+    with transaction(factory) as session:
+        session.execute(delete(Wakeup).where(Wakeup.id <= up_to))
 
 
 def status_rows(factory: sessionmaker[Session] | None) -> list[dict[str, Any]]:

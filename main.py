@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
+import functools
+import gc
 import getpass
 import json
 import logging
@@ -20,7 +23,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -53,6 +56,9 @@ HEARTBEAT_STALE_SECONDS = 4 * HEARTBEAT_SECONDS
 LOG_FILE_BYTES = 5 * 1024 * 1024
 LOG_FILE_BACKUPS = 3
 CHECK_INSTANCES = 5
+#: How often the daemon looks for instances a `retry` put back to pending (the CLI may run on
+#: another host, with PostgreSQL, where no signal reaches this daemon).
+RETRY_CHECK_SECONDS = 1.0
 #: What the daemon's loop handles: reload, stop, stop.
 DAEMON_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
@@ -184,6 +190,8 @@ class Daemon:
         self._signals_r: socket.socket | None = None
         self._signals_w: socket.socket | None = None
         self._running = False
+        self._entry_cache = config_loader.EntryCache()
+        self._retries_failing = False
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -303,19 +311,20 @@ class Daemon:
             started = time.perf_counter()
             now = datetime.now(UTC)
             if reason != "start" and not self.config_changed():
-                # Same files: nothing to validate or reconcile; jobs may still need a look (a
-                # `retry` from the CLI put instances back to pending).
-                report = self._sync()
+                # Same files: nothing to validate, reconcile or schedule, and no table is read
+                # (what a `retry` changes reaches the jobs through pick_up_retries).
                 logger.info(
-                    "config unchanged (%s), checked in %.0f ms; jobs: %d added, %d removed",
+                    "config unchanged (%s), checked in %.1f ms",
                     reason,
                     (time.perf_counter() - started) * 1000,
-                    report.added,
-                    report.removed,
                 )
                 return True
+            full_sync = reason == "start" or self.config is None
             known = instances.token_names(self.factory)
-            config = config_loader.read_config(self.settings, self.fernet, now, known_tokens=known)
+            cache = self._entry_cache
+            config = config_loader.read_config(
+                self.settings, self.fernet, now, known_tokens=known, cache=cache
+            )
             self._reload_template(reason)
             for error in config.errors:
                 logger.error("%s", error)
@@ -346,17 +355,19 @@ class Daemon:
                 self.config = Config(self.config.schedules, config.tokens, config.digest)
             else:
                 self.config = Config(self.config.schedules, self.config.tokens, config.digest)
-            report = self._sync()
+            # At start every job gets a look; after that only those of the instances changed.
+            report = self._sync(None if full_sync else changes.keys)
             elapsed = (time.perf_counter() - started) * 1000
             kept = "" if whole_ok and not config.tokens.file_error else "; kept last good config"
             if changes.entries_changed:
                 kept = f"; entries changed: {', '.join(sorted(changes.entries_changed))}" + kept
             logger.info(
-                "config loaded (%s) in %.0f ms: %d schedule(s), %d error(s); instances: %s; "
-                "jobs: %d added, %d moved, %d removed%s",
+                "config loaded (%s) in %.1f ms: %d schedule(s) (%d validated), %d error(s); "
+                "instances: %s; jobs: %d added, %d moved, %d removed%s",
                 reason,
                 elapsed,
                 len(self.config.schedules.entries),
+                cache.validated,
                 len(config.errors),
                 changes.summary(),
                 report.added,
@@ -364,7 +375,10 @@ class Daemon:
                 report.removed,
                 kept,
             )
-            return whole_ok and config.tokens.file_error is None
+            ok = whole_ok and config.tokens.file_error is None
+            del config, changes  # what the load made is garbage now: give it back
+            self._give_back_memory()
+            return ok
 
     def _reload_template(self, reason: str) -> None:
         """Re-read the request template; on an error the last good one stays."""
@@ -380,11 +394,78 @@ class Daemon:
             self.ctx.template = template
             logger.info("request template reloaded")
 
-    def _sync(self) -> scheduler.SyncReport:
+    def _sync(self, keys: Collection[str] | None = None) -> scheduler.SyncReport:
+        """Make the jobs follow the pending instances: those of ``keys`` (what a load or a
+        `retry` changed), or with None every one, a page at a time (at start)."""
         assert self.factory is not None and self.scheduler is not None and self.ctx is not None
         with self.ctx.in_flight_lock:
             busy = frozenset(self.ctx.in_flight)
-        return self.scheduler.sync(instances.pending_triggers(self.factory), busy=busy)
+        if keys is not None:
+            pending = instances.pending_triggers(self.factory, keys)
+            return self.scheduler.sync_keys(pending, keys, busy=busy)
+        # Everything: every wakeup recorded so far is covered (read before, cleared after).
+        handled = instances.wakeups(self.factory)
+        report = scheduler.SyncReport(0, 0, 0)
+        for page in instances.pending_trigger_pages(self.factory):
+            report += self.scheduler.sync_keys(page, page.keys(), busy=busy)
+        after = ""
+        while ids := self.scheduler.job_ids(after=after):
+            still = instances.pending_triggers(self.factory, ids)
+            report += self.scheduler.sync_keys({}, [i for i in ids if i not in still], busy=busy)
+            after = ids[-1]
+        if handled:
+            instances.clear_wakeups(self.factory, handled[-1][0])
+        return report
+
+    def pick_up_retries(self) -> int:
+        """Schedule the instances that a `retry` (from this host or another) put back to
+        pending, and only those. Called about every second: when there are none it is one read
+        of an empty table. Returns how many were picked up."""
+        assert self.factory is not None
+        with self._load_lock:
+            found = instances.wakeups(self.factory)
+            if not found:
+                return 0
+            keys = {key for _, key in found}
+            report = self._sync(keys)
+            instances.clear_wakeups(self.factory, found[-1][0])
+        logger.info(
+            "retry: %d instance(s) back to pending picked up (%s); jobs: %d added, %d moved",
+            len(keys),
+            ", ".join(sorted(keys)),
+            report.added,
+            report.moved,
+        )
+        return len(keys)
+
+    def safe_pick_up_retries(self) -> None:
+        try:
+            self.pick_up_retries()
+        except Exception:
+            if not self._retries_failing:
+                logger.exception("looking for retried instances failed; trying again each second")
+            self._retries_failing = True
+        else:
+            if self._retries_failing:
+                logger.info("looking for retried instances works again")
+            self._retries_failing = False
+
+    def _give_back_memory(self) -> None:
+        """After a load: collect its garbage, close idle database connections (and their
+        caches), and hand the heap's free memory back to the system, so that the daemon rests
+        small whatever its loads have been."""
+        assert self.engine is not None
+        started = time.perf_counter()
+        collected = gc.collect()
+        models.close_idle_connections(self.engine)
+        trimmed = trim_heap()
+        logger.debug(
+            "memory given back in %.1f ms: %d object(s) collected, idle database connections "
+            "closed, heap %s",
+            (time.perf_counter() - started) * 1000,
+            collected,
+            "trimmed" if trimmed else "not trimmable here (no glibc)",
+        )
 
     def config_changed(self) -> bool:
         return self.config is None or config_loader.config_digest(self.settings) != (
@@ -417,7 +498,7 @@ class Daemon:
                 only=ids,
             )
             if not changes.empty:
-                self._sync()
+                self._sync(changes.keys)
                 logger.info("top-up of %s: %s", ", ".join(ids), changes.summary())
 
     def _booked(self, schedule_id: str) -> None:
@@ -434,8 +515,9 @@ class Daemon:
         assert self._signals_r is not None
         next_check = time.monotonic() + self.settings.reload_interval
         next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        next_retries = time.monotonic() + RETRY_CHECK_SECONDS
         while not self.stop.is_set():
-            timeout = max(0.0, min(next_check, next_beat) - time.monotonic())
+            timeout = max(0.0, min(next_check, next_beat, next_retries) - time.monotonic())
             ready, _, _ = select.select([self._signals_r], [], [], timeout)
             signals: set[int] = set()
             if ready:
@@ -457,6 +539,9 @@ class Daemon:
             if now >= next_beat:
                 next_beat = now + HEARTBEAT_SECONDS
                 self.heartbeat()
+            if now >= next_retries:
+                next_retries = now + RETRY_CHECK_SECONDS
+                self.safe_pick_up_retries()
 
     def safe_load(self, reason: str) -> None:
         try:
@@ -481,6 +566,30 @@ class Daemon:
         self.release_locks()
         if self._running:
             logger.info("courtbot stopped")
+
+
+def trim_heap() -> bool:
+    """Return the C heap's free memory to the system (glibc's ``malloc_trim(0)``): without it,
+    what a load freed stays in the process. False (and nothing done) where there is no glibc."""
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None elsewhere (musl, macOS)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        function = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_size_t]
+    function.restype = ctypes.c_int
+    return function
 
 
 def _record_signal(signum: int, frame: Any) -> None:
@@ -653,6 +762,7 @@ def _open_existing_db(settings: Settings, *, upgrade: bool = False) -> models.Se
         return None
     if upgrade:
         models.add_missing_columns(engine)
+        models.add_missing_tables(engine)
     return models.session_factory(engine)
 
 
@@ -720,11 +830,12 @@ def cmd_retry(env: dict[str, str], target: str) -> int:
         print(f"pending again: {key}")
     pid = daemon_running(settings)
     if pid is not None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGHUP)
-            print(f"daemon (pid {pid}) told to pick them up")
+        print(f"the daemon (pid {pid}) picks them up within a second")
     else:
-        print("no daemon runs: they are booked when it starts")
+        print(
+            "no daemon runs on this DATA_DIR: they are booked when one starts (an active daemon "
+            "on another host sharing the database picks them up within a second)"
+        )
     return EXIT_OK
 
 

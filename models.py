@@ -49,6 +49,8 @@ STATUSES = (PENDING, BOOKING, BOOKED, FAILED, EXPIRED, CANCELLED)
 FINAL = (BOOKED, FAILED, EXPIRED)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: SQLite's page cache per connection, in KiB.
+SQLITE_CACHE_KIB = 256
 #: How long connecting to a database server may take before it counts as unreachable.
 CONNECT_TIMEOUT_SECONDS = 10
 #: What ``postgresql://`` means here (SQLAlchemy's default driver, psycopg2, is not installed).
@@ -149,6 +151,19 @@ class Daemon(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     since: Mapped[datetime] = mapped_column(UTCDateTime())  # when it took its current role
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Wakeup(Base):
+    """An instance that a command changed behind the daemon's back: ``retry`` put it back to
+    ``pending``. The active daemon, wherever it runs, reads this table about every second (a
+    read of an empty table when nothing happened), schedules just these keys and deletes the
+    rows it handled; a daemon that starts schedules everything and clears it."""
+
+    __tablename__ = "wakeups"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class DatabaseConnectError(Exception):
@@ -341,6 +356,9 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         # daemon must survive; only an OS crash may lose the last commits.
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # Each connection would keep up to 2 MB of pages (SQLite's default) for the daemon's
+        # life after a scan; its queries are small lookups, and the kernel caches the file.
+        cursor.execute(f"PRAGMA cache_size=-{SQLITE_CACHE_KIB}")
     finally:
         cursor.close()
 
@@ -454,6 +472,25 @@ def add_missing_columns(bind: Engine | Connection) -> list[str]:
                 bind.exec_driver_sql(statement)
             added.append(column.name)
     return added
+
+
+def add_missing_tables(engine: Engine) -> None:
+    """Create the tables that a database made by an earlier release lacks (``wakeups``), for a
+    command that writes to a database no daemon of this release has opened yet."""
+    with engine.begin() as conn:
+        if engine.url.get_backend_name() == "postgresql":
+            conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+        Base.metadata.create_all(conn, checkfirst=True)
+
+
+def close_idle_connections(engine: Engine) -> None:
+    """Close the pool's idle connections, and with them what they cache (SQLite keeps up to
+    2 MB of pages per connection). A connection checked out by a session under way stays with
+    that session and is closed when it is given back; the next checkout opens a fresh one. An
+    in-memory SQLite database lives only in its connections: left alone."""
+    if engine.url.get_backend_name() == "sqlite" and sqlite_path(str(engine.url)) is None:
+        return
+    engine.dispose(close=True)
 
 
 def has_tables(engine: Engine) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import pickle
 import threading
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import astuple, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -33,6 +33,9 @@ TOPUP_JOB_ID = "courtbot:topup"
 TOPUP_INTERVAL = timedelta(hours=24)
 #: Enough workers that a burst of bookings with one trigger never queues.
 DEFAULT_WORKERS = 128
+#: Jobs read, built and written this many at a time: a cold load of 52,000 instances never
+#: holds more than a page of Job objects and pickles (what it leaves behind stays in the heap).
+PAGE = 200
 
 
 class Runtime(Protocol):
@@ -78,6 +81,11 @@ class SyncReport:
     moved: int
     removed: int
 
+    def __add__(self, other: SyncReport) -> SyncReport:
+        return SyncReport(
+            self.added + other.added, self.moved + other.moved, self.removed + other.removed
+        )
+
 
 class Scheduler:
     """A BackgroundScheduler whose job store lives in the courtbot database."""
@@ -119,11 +127,33 @@ class Scheduler:
         if self._scheduler.running:
             self._scheduler.shutdown(wait=wait)
 
-    def _stored(self) -> dict[str, float | None]:
+    def _stored(self, keys: Collection[str] | None = None) -> dict[str, float | None]:
+        """The stored booking jobs' run times by id: all of them, or those among ``keys``."""
         table = self._store.jobs_t
+        query = select(table.c.id, table.c.next_run_time)
         with self._store.engine.connect() as conn:
-            rows = conn.execute(select(table.c.id, table.c.next_run_time))
-            return {job_id: run_at for job_id, run_at in rows if job_id != TOPUP_JOB_ID}
+            if keys is None:
+                rows = list(conn.execute(query))
+            else:
+                wanted = sorted(keys)
+                rows = []
+                for start in range(0, len(wanted), PAGE):
+                    page = wanted[start : start + PAGE]
+                    rows.extend(conn.execute(query.where(table.c.id.in_(page))))
+        return {job_id: run_at for job_id, run_at in rows if job_id != TOPUP_JOB_ID}
+
+    def job_ids(self, *, after: str = "", limit: int = PAGE) -> list[str]:
+        """The next ``limit`` booking job ids after ``after``, in the database's order (to walk
+        the whole store a page at a time)."""
+        table = self._store.jobs_t
+        query = (
+            select(table.c.id)
+            .where(table.c.id > after, table.c.id != TOPUP_JOB_ID)
+            .order_by(table.c.id)
+            .limit(limit)
+        )
+        with self._store.engine.connect() as conn:
+            return list(conn.scalars(query))
 
     def sync(
         self, pending: Mapping[str, datetime], *, busy: frozenset[str] = frozenset()
@@ -134,19 +164,46 @@ class Scheduler:
         commit, not one per job."""
         with self._lock:
             stored = self._stored()
-            upserts: list[tuple[str, datetime]] = []
-            moved = 0
-            for key, trigger in pending.items():
-                if key in busy:
-                    continue
-                run_at = trigger - LEAD
-                have = stored.get(key)
-                if have is not None and abs(have - run_at.timestamp()) < 1e-3:
-                    continue
-                upserts.append((key, run_at))
-                moved += key in stored
-            removals = sorted(set(stored) - set(pending) - busy)
-            self._write(upserts, removals)
+            return self._apply(pending, stored.keys() | pending.keys(), stored, busy)
+
+    def sync_keys(
+        self,
+        pending: Mapping[str, datetime],
+        keys: Collection[str],
+        *,
+        busy: frozenset[str] = frozenset(),
+    ) -> SyncReport:
+        """``sync`` for ``keys`` only (the instances a reload or a ``retry`` changed): those in
+        ``pending`` get their job at their trigger minus ``LEAD``, the others lose theirs. The
+        rest of the store is neither read nor touched, so the cost follows the change."""
+        with self._lock:
+            return self._apply(pending, keys, self._stored(keys), busy)
+
+    def _apply(
+        self,
+        pending: Mapping[str, datetime],
+        keys: Collection[str],
+        stored: Mapping[str, float | None],
+        busy: frozenset[str],
+    ) -> SyncReport:
+        upserts: list[tuple[str, datetime]] = []
+        removals: list[str] = []
+        moved = 0
+        for key in sorted(keys):
+            if key in busy:
+                continue
+            have = stored.get(key)
+            trigger = pending.get(key)
+            if trigger is None:
+                if key in stored:
+                    removals.append(key)
+                continue
+            run_at = trigger - LEAD
+            if have is not None and abs(have - run_at.timestamp()) < 1e-3:
+                continue
+            upserts.append((key, run_at))
+            moved += key in stored
+        self._write(upserts, removals)
         report = SyncReport(added=len(upserts) - moved, moved=moved, removed=len(removals))
         if upserts or removals:
             logger.debug("jobs: %d added, %d moved, %d removed", *astuple(report))
@@ -156,7 +213,18 @@ class Scheduler:
         if not upserts and not removals:
             return
         table = self._store.jobs_t
-        rows = []
+        gone = removals + [key for key, _ in upserts]
+        with self._store.engine.begin() as conn:
+            for start in range(0, len(gone), PAGE):
+                conn.execute(table.delete().where(table.c.id.in_(gone[start : start + PAGE])))
+            for start in range(0, len(upserts), PAGE):
+                conn.execute(table.insert(), self._rows(upserts[start : start + PAGE]))
+        if self._scheduler.running:
+            self._scheduler.wakeup()
+
+    def _rows(self, upserts: list[tuple[str, datetime]]) -> list[dict[str, object]]:
+        """The job store's rows for booking jobs, as APScheduler itself would store them."""
+        rows: list[dict[str, object]] = []
         for key, run_at in upserts:
             job = Job(
                 self._scheduler,
@@ -174,11 +242,4 @@ class Scheduler:
             )
             state = pickle.dumps(job.__getstate__(), self._store.pickle_protocol)
             rows.append({"id": key, "next_run_time": run_at.timestamp(), "job_state": state})
-        gone = removals + [key for key, _ in upserts]
-        with self._store.engine.begin() as conn:
-            for start in range(0, len(gone), 500):
-                conn.execute(table.delete().where(table.c.id.in_(gone[start : start + 500])))
-            if rows:
-                conn.execute(table.insert(), rows)
-        if self._scheduler.running:
-            self._scheduler.wakeup()
+        return rows

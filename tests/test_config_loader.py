@@ -8,11 +8,12 @@ with ``!r`` and what was expected. The tests assert that text, not just that som
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import stat
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1172,3 +1173,110 @@ def test_a_rule_with_no_instance_ahead_is_a_warning_naming_why(
         f"schedules.json entry 'never' (#1): rrule: {rrule!r} books nothing: {why}"
     ]
     assert result.entries[0].plan(NOW, utils.Window(168, "h")) == []
+
+
+# --------------------------------------------------------------------------- the daemon's cache
+
+PAST = {"id": "old", "type": "one-off", "desired_time": "2026-01-01 10:00"}
+PAST_NO_ID = {"type": "one-off", "desired_time": "2026-01-02 10:00"}
+
+
+def cached(
+    data_dir: Path,
+    cache: config_loader.EntryCache,
+    *entries: Any,
+    tokens: set[str] = TOKENS,
+    now: datetime = NOW,
+) -> SchedulesResult:
+    """Write ``entries`` as schedules.json and read it through the daemon's ``cache``."""
+    path = write_json(data_dir / "schedules.json", list(entries))
+    return read_schedules(path, default_zone="UTC", token_names=set(tokens), now=now, cache=cache)
+
+
+def shape(entry: config_loader.Entry) -> tuple[Any, ...]:
+    """Every field of an entry but its expansion, the rule as its RFC text."""
+    names = [f.name for f in dataclasses.fields(entry) if f.name != "expansion"]
+    rule = entry.rule.rfc if entry.rule else None
+    return tuple(rule if name == "rule" else getattr(entry, name) for name in names)
+
+
+def past_warning(where: str, value: str) -> str:
+    return f"schedules.json {where}: desired_time: {value!r} is in the past; skipped, never booked"
+
+
+def test_the_cache_validates_only_the_entries_that_changed_with_the_same_result(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    validated: list[Any] = []
+    real = config_loader._validate_entry
+
+    def counting(raw: Any, *args: Any, **kwargs: Any) -> Any:
+        validated.append(raw.get("id", raw.get("desired_time")))
+        return real(raw, *args, **kwargs)
+
+    monkeypatch.setattr(config_loader, "_validate_entry", counting)
+    cache = config_loader.EntryCache()
+    cached(data_dir, cache, WED, MATCH, PAST, NO_ID)
+    assert validated == ["wed-evening", "match", "old", "2026-12-20 10:00"]
+    assert (cache.validated, cache.reused) == (4, 0)
+
+    validated.clear()
+    edited = MATCH | {"court_id": 4}
+    again = cached(data_dir, cache, WED, edited, PAST, NO_ID)
+
+    assert validated == ["match"]
+    assert (cache.validated, cache.reused) == (1, 3)
+    plain = schedules(data_dir, WED, edited, PAST, NO_ID)  # the same file, validated afresh
+    assert [shape(e) for e in again.entries] == [shape(e) for e in plain.entries]
+    assert again.warnings == plain.warnings
+    assert again.warnings == [past_warning("entry 'old' (#3)", "2026-01-01 10:00")]
+    assert all(entry.expansion is None for entry in again.entries)
+
+
+def test_a_cached_entry_at_another_position_takes_it_in_the_entry_and_its_warnings(
+    data_dir: Path,
+) -> None:
+    cache = config_loader.EntryCache()
+    cached(data_dir, cache, WED, PAST, PAST_NO_ID)
+
+    moved = cached(data_dir, cache, MATCH, WED, PAST, PAST_NO_ID)
+
+    assert (cache.validated, cache.reused) == (1, 3)
+    assert [(e.id, e.position) for e in moved.entries] == [
+        ("match", 1),
+        ("wed-evening", 2),
+        ("old", 3),
+        (moved.entries[3].id, 4),
+    ]
+    assert moved.warnings == [
+        past_warning("entry 'old' (#3)", "2026-01-01 10:00"),
+        past_warning("entry #4", "2026-01-02 10:00"),
+    ]
+
+
+def test_a_cached_entry_is_validated_again_when_its_token_goes_or_a_start_passes(
+    data_dir: Path,
+) -> None:
+    cache = config_loader.EntryCache()
+    soon = {"id": "soon", "type": "one-off", "desired_time": "2026-11-24 10:00", "token": "alice"}
+    cached(data_dir, cache, soon, WED)
+
+    gone = cached(data_dir, cache, soon, WED, tokens={"default"})
+    assert (cache.validated, cache.reused) == (1, 1)
+    assert gone.errors == [
+        "schedules.json entry 'soon' (#1): token: 'alice' is not in tokens.json (it has: 'default')"
+    ]
+
+    cached(data_dir, cache, soon, WED)
+    # A day later soon's start has passed (validated again: now a warning); WED's first start
+    # (2026-12-02) is still ahead.
+    passed = cached(data_dir, cache, soon, WED, now=NOW + timedelta(days=1))
+    assert (cache.validated, cache.reused) == (1, 1)
+    assert passed.warnings == [past_warning("entry 'soon' (#1)", "2026-11-24 10:00")]
+    # Past WED's first start, it is validated again too.
+    cached(data_dir, cache, soon, WED, now=NOW + timedelta(days=10))
+    assert (cache.validated, cache.reused) == (1, 1)
+    assert cached(data_dir, cache, soon, WED, now=NOW + timedelta(days=10)).entries[1].id == (
+        "wed-evening"
+    )
+    assert (cache.validated, cache.reused) == (0, 2)

@@ -193,6 +193,66 @@ def test_reload_with_the_same_config_changes_nothing(
     assert snapshot(factory) == loaded
 
 
+def test_changes_name_the_instances_touched_and_no_other(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    # Only these instances' jobs get a look after a load (main.Daemon._sync with keys).
+    assert apply(factory, settings, fernet).keys == set()
+
+    write(data_dir, [WED, MATCH | {"court_id": 6}])
+    assert apply(factory, settings, fernet).keys == {MATCH_KEY}
+
+    write(data_dir, [WED | {"enabled": False}, MATCH | {"court_id": 6}])
+    cancelled = apply(factory, settings, fernet)
+    assert cancelled.keys == set(statuses(factory, "wed-evening"))
+    assert len(cancelled.keys) == cancelled.cancelled == 52
+
+    write(data_dir, [MATCH | {"court_id": 6, "desired_time": "2026-12-10 19:00"}])
+    moved = apply(factory, settings, fernet)
+    assert moved.keys == {MATCH_KEY, "match@2026-12-10T19:00:00Z"}
+
+
+def test_reconcile_works_a_few_entries_at_a_time_with_the_same_result(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One entry per pass: the removed entry and the edited one are reconciled in different
+    # passes of one transaction, each pass's rows let go before the next.
+    monkeypatch.setattr(instances, "ENTRIES_PER_PASS", 1)
+    other = WED | {"id": "thu", "rrule": "FREQ=WEEKLY;BYDAY=TH"}
+    write(data_dir, [other, MATCH | {"court_id": 6}])
+
+    changes = apply(factory, settings, fernet)
+
+    assert (changes.added, changes.updated, changes.cancelled) == (52, 1, 52)
+    assert set(statuses(factory, "wed-evening").values()) == {CANCELLED}
+    assert set(statuses(factory, "thu").values()) == {PENDING}
+    assert rows(factory, "match")[MATCH_KEY].court_id == "6"
+
+
+def test_pending_triggers_a_page_at_a_time_or_for_some_keys(
+    factory: sessionmaker[Session], loaded: dict[str, tuple]
+) -> None:
+    every = pending_triggers(factory)
+
+    pages = list(instances.pending_trigger_pages(factory, size=10))
+
+    assert [len(page) for page in pages] == [10, 10, 10, 10, 10, 3]
+    walked = {key: trigger for page in pages for key, trigger in page.items()}
+    assert walked == every
+    assert list(walked) == sorted(every)
+    some = pending_triggers(factory, [MATCH_KEY, FIRST_WED, "gone@2026-12-01T00:00:00Z"])
+    assert some == {MATCH_KEY: every[MATCH_KEY], FIRST_WED: every[FIRST_WED]}
+
+
 # --------------------------------------------------------------------------- removed, back
 
 
@@ -832,6 +892,25 @@ def test_expire_if_passed_uses_the_one_wording_of_expire_missed(
     assert instances.expire_if_passed(factory, "ahead@1", NOW)[1] is None
     assert instances.expire_if_passed(factory, "late@1", NOW)[1] is None  # already expired
     assert instances.expire_if_passed(factory, "gone@1", NOW) == (None, None)
+
+
+def test_retry_leaves_the_daemon_a_wakeup_per_key_in_the_same_transaction(
+    factory: sessionmaker[Session],
+) -> None:
+    add_row(factory, "a@1", NOW + timedelta(days=3), FAILED)
+    add_row(factory, "a@2", NOW + timedelta(days=4), FAILED)
+    add_row(factory, "b@1", NOW + timedelta(days=3), FAILED)
+    assert instances.wakeups(factory) == []
+
+    assert instances.retry(factory, "a", NOW) == ["a@1", "a@2"]
+    assert instances.retry(factory, "b@1", NOW) == ["b@1"]
+
+    found = instances.wakeups(factory)
+    assert [key for _, key in found] == ["a@1", "a@2", "b@1"]
+    instances.clear_wakeups(factory, found[1][0])
+    assert instances.wakeups(factory) == found[2:]
+    assert instances.retry(factory, "a", NOW) == []
+    assert instances.wakeups(factory) == found[2:]
 
 
 def test_finish_and_retry_clear_interrupted(factory: sessionmaker[Session]) -> None:

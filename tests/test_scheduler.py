@@ -85,6 +85,46 @@ def test_sync_leaves_a_booking_under_way_alone(engine: Engine, sched: Scheduler)
     assert set(stored(engine)) == {"a@1", "b@1"}
 
 
+def test_sync_keys_looks_at_the_keys_given_and_nothing_else(
+    engine: Engine, sched: Scheduler
+) -> None:
+    sched.sync({"a@1": T0, "b@1": T0, "c@1": T0, "d@1": T0})
+
+    # a@1 moved, b@1 no longer pending, e@1 new; c@1 is not pending either, but not asked about;
+    # d@1 is being booked here.
+    report = sched.sync_keys(
+        {"a@1": T0 + timedelta(hours=1), "e@1": T0},
+        ["a@1", "b@1", "d@1", "e@1"],
+        busy=frozenset({"d@1"}),
+    )
+
+    assert report == SyncReport(added=1, moved=1, removed=1)
+    assert stored(engine) == {
+        "a@1": T0 + timedelta(hours=1) - LEAD,
+        "c@1": T0 - LEAD,
+        "d@1": T0 - LEAD,
+        "e@1": T0 - LEAD,
+    }
+    assert sched.sync_keys({"a@1": T0 + timedelta(hours=1)}, ["a@1"]) == SyncReport(0, 0, 0)
+
+
+def test_job_ids_walk_the_store_a_page_at_a_time_without_the_topup_job(
+    engine: Engine, sched: Scheduler
+) -> None:
+    keys = [f"k{i:02d}@1" for i in range(7)]
+    sched.sync(dict.fromkeys(keys, T0))
+    sched.start()  # adds the top-up job to the same table
+
+    pages = []
+    after = ""
+    while page := sched.job_ids(after=after, limit=3):
+        pages.append(page)
+        after = page[-1]
+
+    assert pages == [keys[0:3], keys[3:6], keys[6:]]
+    assert TOPUP_JOB_ID in stored(engine)
+
+
 def test_a_due_job_hands_its_key_to_the_runtime_and_the_topup_job_is_kept_apart(
     engine: Engine, sched: Scheduler
 ) -> None:
