@@ -3,11 +3,15 @@ changed file); the daemon as a subprocess is in test_e2e.py."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import os
+import platform
 import re
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,11 +21,14 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet
+from sqlalchemy import Engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
+import config_loader
 import instances
 import main
 import models
+import scheduler
 from conftest import previous_release_database, write_json
 from daemon_harness import cli
 from models import Instance
@@ -355,12 +362,10 @@ def test_check_lists_notification_channels_with_secrets_masked(
 # ---------------------------------------------------------------- the daemon's loop, in process
 
 
-@pytest.fixture
-def daemon(env: dict[str, str], data_dir: Path) -> Iterator[main.Daemon]:
-    """A started daemon in this process (its handlers and wakeup fd restored afterwards)."""
+@contextlib.contextmanager
+def started(env: dict[str, str]) -> Iterator[main.Daemon]:
+    """A daemon started in this process (its handlers and wakeup fd restored afterwards)."""
     handlers = {signum: signal.getsignal(signum) for signum in main.DAEMON_SIGNALS}
-    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
-    write_json(data_dir / "schedules.json", [one_off("a")])
     settings = main.load_settings(env | {"RELOAD_INTERVAL_SECONDS": "3600"})
     made = main.Daemon(settings, main.load_fernet(settings), None)
     try:
@@ -371,6 +376,15 @@ def daemon(env: dict[str, str], data_dir: Path) -> Iterator[main.Daemon]:
         signal.set_wakeup_fd(-1)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+@pytest.fixture
+def daemon(env: dict[str, str], data_dir: Path) -> Iterator[main.Daemon]:
+    """A started daemon in this process with one entry, ``a``."""
+    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
+    write_json(data_dir / "schedules.json", [one_off("a")])
+    with started(env) as made:
+        yield made
 
 
 def one_off(schedule_id: str) -> dict[str, Any]:
@@ -442,3 +456,190 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)
+
+
+# ---------------------------------------------------------------- reload cost, retries, memory
+
+
+def jobs(engine: Engine) -> dict[str, datetime]:
+    """The booking jobs in the job store: key -> when the job runs."""
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT id, next_run_time FROM apscheduler_jobs"))
+        return {
+            key: datetime.fromtimestamp(run_at, UTC)
+            for key, run_at in rows
+            if key != scheduler.TOPUP_JOB_ID
+        }
+
+
+@contextlib.contextmanager
+def statements_of_this_thread(engine: Engine) -> Iterator[list[str]]:
+    """Every SQL statement this thread sends through ``engine`` meanwhile."""
+    seen: list[str] = []
+    me = threading.get_ident()
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if threading.get_ident() == me:
+            seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def test_a_reload_with_no_file_changed_sends_no_sql(
+    daemon: main.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    assert daemon.engine is not None
+    with statements_of_this_thread(daemon.engine) as seen:
+        assert daemon.load(reason="SIGHUP") is True
+    assert seen == []
+    (line,) = [m for m in caplog.messages if m.startswith("config unchanged")]
+    assert re.fullmatch(r"config unchanged \(SIGHUP\), checked in \d+\.\d ms", line)
+
+    # The same listener does see the statements of a load that has something to do.
+    write_json(data_dir / "schedules.json", [one_off("a"), one_off("b")])
+    with statements_of_this_thread(daemon.engine) as seen:
+        assert daemon.load(reason="SIGHUP") is True
+    assert any(statement.startswith("INSERT INTO schedules") for statement in seen)
+
+
+def test_a_retry_reaches_the_scheduler_by_its_keys_without_a_full_sync(
+    daemon: main.Daemon,
+    data_dir: Path,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    assert daemon.engine is not None and daemon.factory is not None
+    write_json(data_dir / "schedules.json", [one_off("a"), one_off("b")])
+    daemon.load(reason="file change")
+    (b_key,) = [k for k in jobs(daemon.engine) if k.startswith("b@")]
+    (a_key,) = [k for k in jobs(daemon.engine) if k.startswith("a@")]
+    trigger_b = jobs(daemon.engine)[b_key]
+    # b was booked and failed (its job ran and is gone); a's job went missing too: only a full
+    # sync would put a's back.
+    with models.transaction(daemon.factory) as session:
+        session.execute(text("UPDATE schedules SET status = 'failed' WHERE key = :k"), {"k": b_key})
+    with daemon.engine.begin() as conn:
+        conn.execute(
+            text("DELETE FROM apscheduler_jobs WHERE id IN (:a, :b)"), {"a": a_key, "b": b_key}
+        )
+
+    assert run(monkeypatch, env, "retry", "b") == 0
+    assert capsys.readouterr().out == (
+        f"pending again: {b_key}\nthe daemon (pid {os.getpid()}) picks them up within a second\n"
+    )
+    logging.getLogger().addHandler(caplog.handler)  # the CLI set up its own logging
+    caplog.set_level(logging.INFO)
+    with statements_of_this_thread(daemon.engine) as seen:
+        assert daemon.pick_up_retries() == 1
+
+    assert jobs(daemon.engine) == {b_key: trigger_b}
+    assert instances.wakeups(daemon.factory) == []
+    assert not any("FROM schedules" in s and "WHERE" not in s for s in seen)
+    assert (
+        f"retry: 1 instance(s) back to pending picked up ({b_key}); jobs: 1 added, 0 moved"
+        in caplog.messages
+    )
+    with statements_of_this_thread(daemon.engine) as seen:
+        assert daemon.pick_up_retries() == 0
+    assert len(seen) == 1 and "FROM wakeups" in seen[0]
+
+
+def test_retries_recorded_while_no_daemon_ran_are_scheduled_at_start(
+    env: dict[str, str],
+    data_dir: Path,
+    factory: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    desired = future()
+    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
+    entry = {"id": "r", "type": "one-off", "desired_time": f"{desired:%Y-%m-%d %H:%M}"}
+    write_json(data_dir / "schedules.json", [entry])
+    add(factory, "r", desired=desired, status="failed")
+    assert run(monkeypatch, env, "retry", "r") == 0
+    assert capsys.readouterr().out.endswith(
+        "no daemon runs on this DATA_DIR: they are booked when one starts (an active daemon on "
+        "another host sharing the database picks them up within a second)\n"
+    )
+    assert len(instances.wakeups(factory)) == 1
+
+    with started(env) as made:
+        assert made.engine is not None
+        assert list(jobs(made.engine)) == [f"r@{desired:%Y-%m-%dT%H:%M:%SZ}"]
+        assert instances.wakeups(factory) == []
+
+
+def test_an_edited_reload_validates_and_reconciles_only_the_entry_that_changed(
+    daemon: main.Daemon,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    write_json(data_dir / "schedules.json", [one_off("a"), one_off("b"), one_off("c")])
+    daemon.load(reason="file change")
+    validated: list[str] = []
+    real = config_loader._validate_entry
+
+    def counting(raw: Any, *args: Any, **kwargs: Any) -> Any:
+        validated.append(raw["id"])
+        return real(raw, *args, **kwargs)
+
+    monkeypatch.setattr(config_loader, "_validate_entry", counting)
+    caplog.set_level(logging.INFO)
+    write_json(
+        data_dir / "schedules.json", [one_off("a"), one_off("b") | {"court_id": 4}, one_off("c")]
+    )
+
+    daemon.load(reason="file change")
+
+    assert validated == ["b"]
+    (line,) = [m for m in caplog.messages if m.startswith("config loaded (file change)")]
+    assert ": 3 schedule(s) (1 validated), 0 error(s); instances: 0 added, 1 changed," in line
+    assert line.endswith("; entries changed: b")
+
+
+def test_a_load_that_changed_something_gives_its_memory_back(
+    daemon: main.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert daemon.engine is not None
+    caplog.set_level(logging.DEBUG, logger="courtbot")
+    instances.status_rows(daemon.factory)  # an idle connection waits in the pool
+    pool = daemon.engine.pool
+    assert pool.checkedin() >= 1
+    full_collections: list[str] = []
+
+    def watch(phase: str, info: dict[str, int]) -> None:
+        if info["generation"] == 2:
+            full_collections.append(phase)
+
+    gc.callbacks.append(watch)
+    try:
+        daemon.load(reason="SIGHUP")  # nothing changed: nothing to give back
+        assert (full_collections, daemon.engine.pool) == ([], pool)
+        write_json(data_dir / "schedules.json", [one_off("a"), one_off("b")])
+        daemon.load(reason="SIGHUP")
+    finally:
+        gc.callbacks.remove(watch)
+
+    assert full_collections == ["start", "stop"]
+    assert daemon.engine.pool is not pool and pool.checkedin() == 0
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    heap = "trimmed" if glibc else "not trimmable here (no glibc)"
+    (line,) = [m for m in caplog.messages if m.startswith("memory given back")]
+    assert re.fullmatch(
+        r"memory given back in \d+\.\d ms: \d+ object\(s\) collected, idle database "
+        rf"connections closed, heap {re.escape(heap)}",
+        line,
+    )
+
+
+def test_trim_heap_trims_with_glibc_and_does_nothing_elsewhere() -> None:
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert main.trim_heap() is glibc

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from sqlalchemy import select
 
 import models
 
@@ -79,3 +80,45 @@ def test_utc_columns_store_instants(tmp_path: Path) -> None:
     assert column.process_result_value(stored, None) == datetime(2026, 8, 10, 12, 0, tzinfo=UTC)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="naive datetime"):
         column.process_bind_param(datetime(2026, 8, 10, 12, 0), None)  # type: ignore[arg-type]
+
+
+def test_closing_idle_connections_leaves_a_session_under_way_alone(tmp_path: Path) -> None:
+    engine = models.make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    factory = models.session_factory(engine)
+    with factory() as idle:
+        idle.execute(select(models.Instance.key)).all()
+    pool = engine.pool
+    assert pool.checkedin() == 1
+
+    with models.transaction(factory) as busy:
+        busy.add(models.Token(id="t", encrypted_token="x"))
+        busy.flush()
+        models.close_idle_connections(engine)
+        # The idle connection is closed; the one this session holds is still its own.
+        assert pool.checkedin() == 0 and engine.pool is not pool
+        busy.add(models.Token(id="u", encrypted_token="y"))
+
+    with factory() as later:
+        assert sorted(later.scalars(select(models.Token.id))) == ["t", "u"]
+    engine.dispose()
+
+
+def test_an_in_memory_database_keeps_its_connection() -> None:
+    engine = models.make_engine("sqlite://")
+    factory = models.session_factory(engine)
+    with models.transaction(factory) as session:
+        session.add(models.Token(id="t", encrypted_token="x"))
+    pool = engine.pool
+
+    models.close_idle_connections(engine)
+
+    assert engine.pool is pool
+    with factory() as session:
+        assert list(session.scalars(select(models.Token.id))) == ["t"]
+
+
+def test_a_sqlite_connection_keeps_a_small_page_cache(tmp_path: Path) -> None:
+    engine = models.make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA cache_size").scalar() == -256
+    engine.dispose()
