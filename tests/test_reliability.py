@@ -862,10 +862,10 @@ def test_100_bookings_on_one_trigger_with_a_reload_at_that_moment(
     # "config loaded (SIGHUP) in N ms" or, when the 0.2 s file check got to the change first,
     # "config unchanged (SIGHUP), checked in N ms" after a "config loaded (file change)".
     reload_re = re.compile(
-        r"config (?:loaded|unchanged) \((SIGHUP|file change)\),? (?:checked )?in (\d+) ms"
+        r"config (?:loaded|unchanged) \((SIGHUP|file change)\),? (?:checked )?in (\d+(?:\.\d+)?) ms"
     )
     events = [
-        (m[1], int(m[2]))
+        (m[1], float(m[2]))
         for line in Path(env["LOG_FILE"]).read_text().splitlines()
         if (m := reload_re.search(line))
     ]

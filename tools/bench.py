@@ -903,9 +903,11 @@ TARGET_SCALE_EDIT_MS = 50.0
 #: The reload targets hold at this size.
 RELOAD_TARGET_ENTRIES = 1000
 SCALE_READY_TIMEOUT = 300.0
-#: "config loaded (SIGHUP) in 12.3 ms" / "config unchanged (SIGHUP), checked in 0.4 ms".
+#: "config loaded (SIGHUP) in 12.3 ms (then 4.5 ms giving memory back)" / "config unchanged
+#: (SIGHUP), checked in 0.4 ms".
 _RELOAD_LINE_RE = re.compile(
     r"config (?P<kind>loaded|unchanged) \(SIGHUP\),? (?:checked )?in (?P<ms>\d+(?:\.\d+)?) ms"
+    r"(?: \(then (?P<back>\d+(?:\.\d+)?) ms giving memory back\))?"
 )
 _UNREACHABLE_CLUB = "http://127.0.0.1:9/bookings"  # never called: no trigger comes near
 
@@ -1019,8 +1021,9 @@ def case_memory(root: Path, table: Table) -> None:
         table.add(case, f"peak RSS during the cold start (VmHWM), {label}", spread(peak, "MB"))
 
 
-def sighup_figure(daemon: Daemon, kind: str) -> float:
-    """SIGHUP; the daemon's own figure from its next reload line, which must be of ``kind``."""
+def sighup_figure(daemon: Daemon, kind: str) -> tuple[float, float]:
+    """SIGHUP; the daemon's own figures from its next reload line, which must be of ``kind``:
+    the reload's milliseconds, and those it then spent giving memory back (0 when none)."""
     before = len(_RELOAD_LINE_RE.findall(daemon.output()))
     daemon.signal(signal.SIGHUP)
     deadline = time.monotonic() + LOG_LINE_TIMEOUT
@@ -1031,7 +1034,7 @@ def sighup_figure(daemon: Daemon, kind: str) -> float:
             line = found[before]
             if line["kind"] != kind:
                 raise BenchError(f"expected a reload line 'config {kind}', got {line[0]!r}")
-            return float(line["ms"])
+            return float(line["ms"]), float(line["back"] or 0.0)
         if time.monotonic() > deadline:
             raise BenchError(f"no 'config {kind} (SIGHUP)' line in {LOG_LINE_TIMEOUT:g} s")
         time.sleep(0.005)
@@ -1045,11 +1048,14 @@ def case_reload(root: Path, table: Table) -> None:
         with daemons([daemon]):
             daemon.wait_ready(SCALE_READY_TIMEOUT)
             time.sleep(MEMORY_SETTLE_SECONDS)
-            noop = [sighup_figure(daemon, "unchanged") for _ in range(RELOAD_REPEATS)]
-            edit = []
+            noop = [sum(sighup_figure(daemon, "unchanged")) for _ in range(RELOAD_REPEATS)]
+            edit: list[float] = []
+            back: list[float] = []
             for run in range(RELOAD_REPEATS):
                 daemon.write_schedules(weekly_entries(count, start_day, edited=2 * (run % 2 + 1)))
-                edit.append(sighup_figure(daemon, "loaded"))
+                reload_ms, back_ms = sighup_figure(daemon, "loaded")
+                edit.append(reload_ms + back_ms)
+                back.append(back_ms)
         at_target = count == RELOAD_TARGET_ENTRIES
         table.add(
             case,
@@ -1060,10 +1066,13 @@ def case_reload(root: Path, table: Table) -> None:
         )
         table.add(
             case,
-            f"SIGHUP after one entry's time edited, {pending:,} pending",
+            f"SIGHUP after one entry edited, {pending:,} pending (memory given back included)",
             spread(edit, "ms"),
             f"<= {TARGET_SCALE_EDIT_MS:g} ms" if at_target else "",
             max(edit) <= TARGET_SCALE_EDIT_MS if at_target else None,
+        )
+        table.add(
+            case, "  of which giving memory back (gc, idle connections, trim)", spread(back, "ms")
         )
 
 
