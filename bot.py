@@ -1,32 +1,50 @@
-"""Booking one instance against the club's API (CONTRACT sections 6 and 7).
+"""Booking one instance: running its club's flow against the club (CONTRACT sections 6, 7, 12).
 
 ``book_slot(key, ctx)`` claims the instance (``pending`` -> ``booking``, committed before any
-request leaves), opens the connection to the club ahead of the trigger, waits out the last
-moment precisely, sends, and applies the answer table: next court on 409, retries with backoff
-on 425/429/5xx/timeouts, a final status with a reason a person can act on.
+request leaves) and runs its flow, the one engine for every club: section 6's request and a
+section-11 template are flows of their one booking step. Preparation steps run
+``prepare_seconds`` before the trigger, retried with backoff while the trigger is ahead; then the
+first request of the trigger is built and its connection opened ahead, the last moment waited
+out precisely, and the ``at_trigger`` steps and the booking step are sent and read with the
+answer table (next court when taken, early answers every ``EARLY_RETRY_MS``, retries with
+backoff); finishing steps run after the booking. Each booking has its own cookie jar, sent only
+to the flow's hosts, and its own secrets, scrubbed from every reason and log line.
 """
 
 from __future__ import annotations
 
+import http.client
+import http.cookiejar
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import requests
 from cryptography.fernet import MultiFernet
 from requests.adapters import HTTPAdapter
+from requests.cookies import MockRequest, MockResponse, RequestsCookieJar, get_cookie_header
 
 import instances
 import utils
 from models import BOOKED, EXPIRED, FAILED, PENDING, Instance, SessionFactory, Token
 from notify import Outcome
-from template import RenderedRequest, RequestTemplate, Slot, default_template, render_request
+from template import (
+    Flow,
+    MissingValue,
+    RenderedRequest,
+    Reply,
+    Slot,
+    Step,
+    as_text,
+    default_flow,
+    extract_values,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +53,10 @@ MAX_BODY_BYTES = 1024 * 1024
 #: Wake this long before the trigger and spin for the rest (sleep granularity is ~1 ms).
 SPIN_SECONDS = 0.003
 USER_AGENT = "courtbot/1.0"
+#: A step that follows redirects follows at most this many (a redirect loop fails the step).
+MAX_REDIRECTS = 10
+#: Preparation retries wait base, 2 x base, 4 x base, ... but never longer than this.
+MAX_PREPARE_WAIT_SECONDS = 30.0
 
 
 class BookingError(Exception):
@@ -55,6 +77,17 @@ class Answer:
     headers: Mapping[str, str]
     body: bytes
     latency_ms: float
+    #: The URL the request went to.
+    url: str = ""
+    #: Each ``Set-Cookie`` header of the answer, as sent (one cookie each).
+    set_cookies: tuple[str, ...] = ()
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower()
+        for key, value in self.headers.items():
+            if key.lower() == wanted:
+                return value
+        return None
 
     def json(self) -> Any:
         try:
@@ -69,10 +102,17 @@ RequestSpec = RenderedRequest
 
 @dataclass(frozen=True)
 class Verdict:
-    """How an answer reads: booked, taken, auth (token rejected), rejected, or retry."""
+    """How an answer reads: ``booked``, ``ok`` (a step other than the booking step succeeded),
+    ``taken``, ``early``, ``retry``, ``auth`` (credentials rejected), ``rejected``, ``unmatched``
+    (a 2xx that none of the booking step's matchers knows), or ``failed`` (a preparation or
+    finishing step's answer that is not ``ok``)."""
 
     kind: str
-    booking_ref: str | None = None
+
+
+class StepFailure(Exception):
+    """A step that cannot go on whatever its answer said: a redirect off the flow's hosts, a
+    redirect loop. The message is for a person and holds no secret."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +162,9 @@ class ClubClient:
         # No proxies or .netrc from the environment: a .netrc could replace our Authorization
         # header, and looking them up costs time at the moment that matters.
         self.session.trust_env = False
+        # The shared session keeps no cookies: each booking has its own jar (FlowRun.jar), so a
+        # club's cookie never reaches another booking's requests.
+        self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -185,7 +228,14 @@ class ClubClient:
         finally:
             response.close()
         latency = (time.perf_counter() - started) * 1000
-        return Answer(response.status_code, dict(response.headers), body, latency)
+        return Answer(
+            response.status_code,
+            dict(response.headers),
+            body,
+            latency,
+            url=prepared.url or "",
+            set_cookies=tuple(response.raw.headers.getlist("Set-Cookie")),
+        )
 
     @staticmethod
     def _read_body(response: requests.Response, *, deadline: float) -> bytes:
@@ -233,49 +283,424 @@ def _maybe_sent(exc: Exception) -> bool:
 # --------------------------------------------------------------------------- answers
 
 
-def classify(answer: Answer, template: RequestTemplate | None = None) -> Verdict:
-    """Read an answer: the template's matchers first (taken, rejected, booked), then the table
-    of CONTRACT section 6."""
-    matched = template.match(answer.status, answer.body) if template is not None else None
-    if matched == "booked" or (matched is None and 200 <= answer.status < 300):
-        body = answer.json()
-        ref = template.booking_ref(body) if template is not None else None
-        return Verdict("booked", ref if ref is not None else _default_ref(body))
+def classify(answer: Answer, step: Step) -> Verdict:
+    """How an answer to ``step`` reads.
+
+    The booking step: its matchers (taken, rejected, booked, early), then CONTRACT section 6's
+    table; with ``booked`` given, a 2xx that none of them matches is ``unmatched``. An
+    ``at_trigger`` step: its matchers, then ``ok`` (default any 2xx), then the table. Any other
+    step: ``ok``, else ``auth`` for a 401 or 403, else ``failed``.
+    """
+    status = answer.status
+    matched = step.match(status, answer.body)
     if matched is not None:
         return Verdict(matched)
-    status = answer.status
+    if step.booking:
+        if 200 <= status < 300:
+            return Verdict("unmatched" if step.has_matcher("booked") else "booked")
+    elif step.is_ok(status, answer.body):
+        return Verdict("ok")
+    elif not step.at_trigger:
+        return Verdict("auth" if status in (401, 403) else "failed")
+    elif 200 <= status < 300:
+        return Verdict("unmatched")
     if status == 409:
         return Verdict("taken")
     if status in (401, 403):
         return Verdict("auth")
-    if status in (425, 429) or 500 <= status < 600:
+    if status == 425:
+        return Verdict("early")
+    if status == 429 or 500 <= status < 600:
         return Verdict("retry")
     return Verdict("rejected")
 
 
-def _default_ref(body: Any) -> str | None:
-    if isinstance(body, dict):
-        for name in ("id", "booking_id"):
-            value = body.get(name)
-            if isinstance(value, str | int) and not isinstance(value, bool):
-                return str(value)
-    return None
+class Scrubber:
+    """The secrets of one booking: its token and secret fields, every extracted value, every
+    cookie. Any text built from a club's answer or an exception goes through it before it is
+    logged or stored. Values shorter than ``MIN_LENGTH`` are left alone: they cannot carry a
+    secret, and masking them would garble every status code and number in a message."""
+
+    MIN_LENGTH = 3
+
+    def __init__(self, values: Iterable[Any] = ()) -> None:
+        self._values: set[str] = set()
+        for value in values:
+            self.add(value)
+
+    def add(self, value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                self.add(item)
+        elif isinstance(value, list):
+            for item in value:
+                self.add(item)
+        if value is None or isinstance(value, bool):
+            return
+        text = as_text(value)
+        if len(text) >= self.MIN_LENGTH:
+            self._values.add(text)
+            self._values.add(quote(text, safe=""))
+
+    def __call__(self, text: str, *, keep: str | None = None) -> str:
+        """``text`` with every secret (but ``keep``) replaced by ``***``, longest first."""
+        for secret in sorted(self._values, key=len, reverse=True):
+            if secret != keep and secret in text:
+                text = text.replace(secret, utils.MASK)
+        return text
 
 
-def _club_says(answer: Answer, secret: str) -> str:
-    """A short, token-free reading of an error answer for a person."""
+def _club_says(answer: Answer, scrub: Scrubber) -> str:
+    """A short, secret-free reading of an answer for a person: its status, and the club's own
+    message when a JSON body has one (scrubbed before it is cut: a cut through a secret would let
+    its start through)."""
     text = f"HTTP {answer.status}"
     body = answer.json()
     if isinstance(body, dict):
         for name in ("error", "message", "detail", "reason"):
             value = body.get(name)
             if isinstance(value, str) and value.strip():
-                snippet = value.strip()
-                # Scrub before cutting: a cut through the token would let its start through.
-                if secret:
-                    snippet = snippet.replace(secret, "***")
-                return f"{text}: {snippet[:200]}"
+                return f"{text}: {scrub(value.strip())[:200]}"
     return text
+
+
+# --------------------------------------------------------------------------- one booking's run
+
+
+@dataclass
+class FlowRun:
+    """One booking's run of its flow: its secrets, cookie jar and the values extracted so far
+    (by the steps that run once, and per court by those that run once per court)."""
+
+    flow: Flow
+    slot: Slot
+    secrets: Mapping[str, str]
+    token_name: str
+    label: str
+    scrub: Scrubber = field(default_factory=Scrubber)
+    jar: RequestsCookieJar = field(default_factory=RequestsCookieJar)
+    shared: dict[str, Any] = field(default_factory=dict)
+    by_court: dict[str | None, dict[str, Any]] = field(default_factory=dict)
+    done: set[tuple[str, str | None]] = field(default_factory=set)
+    #: Courts left out because their preparation failed, with why.
+    dropped: dict[str | None, str] = field(default_factory=dict)
+    #: Why a value is missing (a booking step's value it could not extract), by ``step.value``.
+    missing: dict[str, str] = field(default_factory=dict)
+    #: Requests of the booking step sent so far (the instance's ``attempts``).
+    total: int = 0
+    #: When the trigger phase began (the trigger, or later for a late booking): early answers
+    #: are retried until EARLY_RETRY_SECONDS after it.
+    opened: float = 0.0
+    reports: list[StepReport] | None = None
+
+    def __post_init__(self) -> None:
+        for value in self.secrets.values():
+            self.scrub.add(value)
+
+    @property
+    def courts(self) -> list[str | None]:
+        """The entry's courts in order, without those whose preparation failed."""
+        return [court for court in self.slot.courts if court not in self.dropped]
+
+    def values(self, court: str | None) -> dict[str, Any]:
+        """Every placeholder's value for a step sent for ``court``."""
+        values = self.slot.values(self.secrets, court)
+        values.update(self.shared)
+        values.update(self.by_court.get(court, {}))
+        return values
+
+    def is_done(self, step: Step, court: str | None) -> bool:
+        return (step.name, court if step.per_court else None) in self.done
+
+    def keep(self, step: Step, court: str | None, found: Mapping[str, Any]) -> None:
+        """Values ``step`` extracted (secrets from now on) and that it is done for ``court``."""
+        target = self.by_court.setdefault(court, {}) if step.per_court else self.shared
+        target.update(found)
+        for value in found.values():
+            self.scrub.add(value)
+        self.done.add((step.name, court if step.per_court else None))
+
+
+def _court_name(court: str | None) -> str:
+    return court if court is not None else "any"
+
+
+def _where(step: Step, court: str | None) -> str:
+    """How a step (and its court, when it runs per court) is named in a reason."""
+    return f"step {step.name!r}" + (f" (court {_court_name(court)})" if step.per_court else "")
+
+
+def _prepared(
+    client: ClubClient, run: FlowRun, step: Step, court: str | None
+) -> requests.PreparedRequest:
+    """``step``'s request for ``court``, built to the last byte, with the booking's cookies for
+    its host. Raises ``MissingValue`` for a placeholder with no value."""
+    rendered = step.render(run.values(court), run.slot.idempotency(court))
+    headers = {"User-Agent": USER_AGENT, **rendered.headers}
+    prepared = client.prepare(RequestSpec(rendered.method, rendered.url, headers, rendered.body))
+    _add_cookies(run.jar, prepared)
+    return prepared
+
+
+def _add_cookies(jar: RequestsCookieJar, prepared: requests.PreparedRequest) -> None:
+    """The jar's cookies for the request's URL (the flow's hosts are the only URLs sent to)."""
+    cookies = get_cookie_header(jar, prepared)
+    if cookies:
+        own = prepared.headers.get("Cookie")
+        prepared.headers["Cookie"] = f"{own}; {cookies}" if own else cookies
+
+
+def _store_cookies(
+    run: FlowRun, prepared: requests.PreparedRequest, answer: Answer
+) -> dict[str, str]:
+    """Put the cookies an answer set in the booking's jar; returns them by name (what a
+    ``cookie`` extraction reads). A cookie's value is a secret from now on."""
+    if not answer.set_cookies:
+        return {}
+    message = http.client.HTTPMessage()
+    for line in answer.set_cookies:
+        message["Set-Cookie"] = line
+    fresh = RequestsCookieJar()
+    fresh.extract_cookies(MockResponse(message), MockRequest(prepared))  # type: ignore[arg-type]
+    run.jar.extract_cookies(MockResponse(message), MockRequest(prepared))  # type: ignore[arg-type]
+    found = {cookie.name: cookie.value or "" for cookie in fresh}
+    for value in found.values():
+        run.scrub.add(value)
+    return found
+
+
+def _exchange(
+    client: ClubClient, run: FlowRun, step: Step, prepared: requests.PreparedRequest
+) -> tuple[Answer, Reply]:
+    """Send ``prepared`` and read its answer; a ``follow_redirects`` step follows redirects
+    within the flow's hosts (cookies stored at each hop). Raises ``BookingError`` when no
+    answer came, ``StepFailure`` for a redirect off the hosts or a redirect loop."""
+    cookies: dict[str, str] = {}
+    for _hop in range(MAX_REDIRECTS + 1):
+        answer = client.send(prepared)
+        cookies.update(_store_cookies(run, prepared, answer))
+        location = answer.header("Location")
+        if not (step.follow_redirects and answer.status in (301, 302, 303, 307, 308) and location):
+            reply = Reply(answer.status, answer.headers, answer.body, prepared.url or "", cookies)
+            return answer, reply
+        target = urljoin(prepared.url or "", location)
+        if not run.flow.allows(target):
+            raise StepFailure(
+                f"{step.name!r} was redirected to {urlsplit(target).netloc or target!r}, which "
+                f"is not on the flow's hosts ({', '.join(run.flow.hosts)}): not followed, so the "
+                "token and cookies stay on hosts; add that host to hosts if it is the club's"
+            )
+        prepared = _redirected(client, run, prepared, answer.status, target)
+    raise StepFailure(
+        f"{step.name!r} was redirected more than {MAX_REDIRECTS} times (a redirect loop?): "
+        "check the step's URL"
+    )
+
+
+def _redirected(
+    client: ClubClient,
+    run: FlowRun,
+    prepared: requests.PreparedRequest,
+    status: int,
+    target: str,
+) -> requests.PreparedRequest:
+    """The request a redirect asks for: GET without a body after a 303 (and after a 301 or 302
+    to a POST, as browsers do), the same method and body after a 307 or 308."""
+    method = prepared.method or "GET"
+    body = prepared.body
+    if (status == 303 and method != "HEAD") or (status in (301, 302) and method == "POST"):
+        method, body = "GET", None
+    dropped = {"cookie", "content-length", "host"} | ({"content-type"} if body is None else set())
+    headers = {k: v for k, v in prepared.headers.items() if k.lower() not in dropped}
+    raw = body.encode() if isinstance(body, str) else body
+    following = client.prepare(RequestSpec(method, target, headers, raw))
+    _add_cookies(run.jar, following)
+    return following
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One send of a preparation step, as ``dry-run`` prints it: the HTTP status (None when no
+    answer came), the names of the values it extracted, or the problem (secret-free)."""
+
+    step: str
+    court: str | None
+    per_court: bool
+    status: int | None
+    values: tuple[str, ...]
+    problem: str | None = None
+    auth: bool = False
+    wait: float | None = None
+
+
+def _plain_try(client: ClubClient, run: FlowRun, step: Step, court: str | None) -> StepReport:
+    """Send a preparation or finishing step once and read it: ``ok`` and every value taken, or
+    a problem naming what the club said and what was missing."""
+
+    def report(status: int | None, problem: str | None = None, **extra: Any) -> StepReport:
+        found = tuple(sorted(run.by_court.get(court, {}) if step.per_court else run.shared))
+        names = tuple(n.split(".", 1)[1] for n in found if n.startswith(f"{step.name}."))
+        result = StepReport(step.name, court, step.per_court, status, names, problem, **extra)
+        if run.reports is not None:
+            run.reports.append(result)
+        return result
+
+    try:
+        prepared = _prepared(client, run, step, court)
+    except MissingValue as exc:
+        why = run.missing.get(exc.ref, "no step gave it a value")
+        return report(None, f"{{{exc.ref}}} has no value ({why})")
+    try:
+        answer, reply = _exchange(client, run, step, prepared)
+    except (BookingError, StepFailure) as exc:
+        logger.info("step %s %s court=%s: %s", run.label, step.name, _court_name(court), exc)
+        return report(None, run.scrub(str(exc)))
+    verdict = classify(answer, step).kind
+    logger.info(
+        "step %s %s court=%s: HTTP %d in %.0f ms -> %s",
+        run.label,
+        step.name,
+        _court_name(court),
+        answer.status,
+        answer.latency_ms,
+        verdict,
+    )
+    says = _club_says(answer, run.scrub)
+    if verdict == "auth":
+        return report(answer.status, says, auth=True)
+    if verdict != "ok":
+        wait = utils.parse_retry_after(answer.header("Retry-After"), datetime.now(UTC))
+        expected = "its ok answer" if step.ok is not None else "a 2xx answer"
+        return report(answer.status, f"{says}, not {expected}", wait=wait)
+    found, problems = extract_values(step, reply, run.values(court))
+    if problems:
+        return report(answer.status, f"{says}, but " + "; ".join(problems))
+    run.keep(step, court, found)
+    return report(answer.status)
+
+
+def prepare_round(client: ClubClient, run: FlowRun) -> dict[tuple[str, str | None], StepReport]:
+    """Send, once each, the preparation steps not yet done (per court for those that run once
+    per court), in order. Returns the problems by (step, court); a step that runs once and
+    fails stops the round (the steps after it need it), and so does rejected credentials; a
+    court whose step failed skips that court's later steps."""
+    problems: dict[tuple[str, str | None], StepReport] = {}
+    failed_courts: set[str | None] = set()
+    for step in run.flow.phase("prepare"):
+        courts = run.courts if step.per_court else run.slot.courts[:1]
+        for court in courts:
+            if run.is_done(step, court) or (step.per_court and court in failed_courts):
+                continue
+            result = _plain_try(client, run, step, court)
+            if result.problem is None:
+                continue
+            problems[(step.name, court if step.per_court else None)] = result
+            if result.auth or not step.per_court:
+                return problems
+            failed_courts.add(court)
+    return problems
+
+
+def _credentials_reason(run: FlowRun, step: Step, court: str | None, problem: str) -> str:
+    return (
+        f"the club rejected the credentials at {_where(step, court)} ({problem}): "
+        f"check token {run.token_name!r} in tokens.json, reload, then `python main.py retry` "
+        "this booking"
+    )
+
+
+def _prepare(ctx: BookingContext, run: FlowRun, row: Instance) -> str | bool | None:
+    """Run the preparation steps from ``prepare_seconds`` before the trigger, retried with
+    backoff while the trigger is ahead. True when the booking can go on (courts whose
+    preparation failed are dropped); else the final status, or None after a stop."""
+    trigger = row.trigger_time.timestamp()
+    begin = trigger - run.flow.prepare_seconds
+    if ctx.clock() < begin and ctx.stop.wait(begin - ctx.clock()):
+        instances.release(ctx.factory, row.key)
+        logger.info("booking %s: shutting down before its preparation; left pending", row.key)
+        return None
+    tries = 0
+    last: dict[tuple[str, str | None], StepReport] = {}
+    while True:
+        tries += 1
+        problems = prepare_round(ctx.client, run)
+        last = {k: v for k, v in last.items() if k in problems} | problems
+        auth = next((p for p in problems.values() if p.auth), None)
+        if auth is not None:
+            step = next(s for s in run.flow.steps if s.name == auth.step)
+            reason = _credentials_reason(run, step, auth.court, auth.problem or "")
+            return _finish(ctx, row.key, FAILED, reason)
+        if not problems:
+            return True
+        waits = [p.wait for p in problems.values() if p.wait is not None]
+        delay = max(waits) if waits else ctx.retry_base * 2 ** (tries - 1)
+        delay = min(delay, MAX_PREPARE_WAIT_SECONDS)
+        if ctx.clock() + delay >= trigger:
+            break
+        if ctx.stop.wait(delay):
+            instances.release(ctx.factory, row.key)
+            logger.info("booking %s: shutting down while preparing; left pending", row.key)
+            return None
+    return _unprepared(ctx, run, row, last, tries)
+
+
+def _unprepared(
+    ctx: BookingContext,
+    run: FlowRun,
+    row: Instance,
+    problems: dict[tuple[str, str | None], StepReport],
+    tries: int,
+) -> str | bool:
+    """The window opens with some preparation still failing: a step that runs once fails the
+    instance; courts whose own steps failed are dropped, and the instance fails when none is
+    left."""
+    lines = [
+        f"{_where(next(s for s in run.flow.steps if s.name == p.step), p.court)}: {p.problem}"
+        for p in problems.values()
+    ]
+    why = (
+        f"preparation did not succeed before the window opened ({tries} "
+        f"tr{'y' if tries == 1 else 'ies'}): "
+    )
+    if any(not p.per_court for p in problems.values()):
+        return _finish(ctx, row.key, FAILED, why + "; ".join(lines))
+    for (_, court), report in problems.items():
+        run.dropped[court] = (
+            f"court {_court_name(court)}: {why}step {report.step!r}: {report.problem}"
+        )
+    if not run.courts:
+        return _finish(ctx, row.key, FAILED, why + "; ".join(lines))
+    for line in lines:
+        logger.warning("booking %s: %s; that court is left out", row.key, line)
+    return True
+
+
+def dry_run(
+    client: ClubClient, flow: Flow, slot: Slot, secrets: Mapping[str, str], token_name: str
+) -> tuple[list[StepReport], str | None]:
+    """Run ``flow``'s preparation steps once each, now (``python main.py dry-run``): the reports
+    of every send, and the first problem as a sentence with its fix (None when all succeeded).
+    Nothing else is sent: no at_trigger step, no booking step, no finishing step."""
+    problem = _secrets_problem(flow, secrets, token_name)
+    if problem is not None:
+        return [], problem
+    run = FlowRun(flow, slot, secrets, token_name, label="dry-run", reports=[])
+    problems = prepare_round(client, run)
+    assert run.reports is not None
+    if not problems:
+        return run.reports, None
+    first = next(iter(problems.values()))
+    step = next(s for s in flow.steps if s.name == first.step)
+    if first.auth:
+        return run.reports, _credentials_reason(run, step, first.court, first.problem or "")
+    fix = (
+        "check the step's URL, the token's fields and the ids in tokens.json and schedules.json; "
+        "for a missing value, compare the extract path with the club's answer"
+    )
+    return run.reports, f"{_where(step, first.court)} failed: {first.problem}: {fix}"
 
 
 # --------------------------------------------------------------------------- the booking
@@ -292,25 +717,30 @@ class BookingContext:
     retry_base: float
     stop: threading.Event
     notify: Callable[[Outcome], None]
-    #: BOOKING_REQUEST_TEMPLATE (CONTRACT section 11); None: the request of section 6.
-    template: RequestTemplate | None = None
+    #: BOOKING_REQUEST_TEMPLATE (CONTRACT section 11 or 12); None: the request of section 6.
+    template: Flow | None = None
     on_booked: Callable[[str], None] | None = None
     clock: Callable[[], float] = time.time
     gate: TriggerGate = field(default_factory=TriggerGate)
     in_flight: set[str] = field(default_factory=set)
     in_flight_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: How often an early answer is retried, and for how long after the trigger (section 6).
+    early_retry_ms: float = 100.0
+    early_retry_seconds: float = 20.0
 
-    @property
-    def request_template(self) -> RequestTemplate:
-        """The template requests are rendered from (section 6's own when none is set)."""
+    def flow_for(self, club: str | None) -> Flow:
+        """The flow an instance's bookings run: its club's (None: BOOKING_REQUEST_TEMPLATE, else
+        the request of section 6)."""
+        if club is not None:
+            raise LookupError(f"club {club!r} is not loaded: check DATA_DIR/clubs/{club}.json")
         if self.template is not None:
             return self.template
         assert self.api_url is not None, "BOOKING_API_URL or a template with a url is needed"
         if self._default is None or self._default[0] != self.api_url:
-            self._default = (self.api_url, default_template(self.api_url))
+            self._default = (self.api_url, default_flow(self.api_url))
         return self._default[1]
 
-    _default: tuple[str, RequestTemplate] | None = field(default=None, init=False, repr=False)
+    _default: tuple[str, Flow] | None = field(default=None, init=False, repr=False)
 
 
 def book_slot(key: str, ctx: BookingContext) -> str | None:
@@ -347,18 +777,29 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     if not instances.claim(ctx.factory, key, now):
         return None
     row, token_row = instances.claimed(ctx.factory, key)
-    token, token_problem = _token(ctx, row, token_row)
-    if token_problem is not None:
-        return _finish(ctx, key, FAILED, token_problem)
-    slot = _slot(row)
-    # Everything is rendered before the trigger: only the send is left for the moment itself.
-    prepared = [
-        (court, ctx.client.prepare(_request(ctx, slot, token, court))) for court in slot.courts
-    ]
+    secrets, problem = _secrets(ctx, row, token_row)
+    if problem is None:
+        try:
+            # Instance.club (the entry's club file) arrives with the per-entry clubs.
+            flow = ctx.flow_for(getattr(row, "club", None))
+        except LookupError as exc:
+            problem = str(exc)
+        else:
+            problem = _secrets_problem(flow, secrets, row.token_name)
+    if problem is not None:
+        return _finish(ctx, key, FAILED, problem)
+    run = FlowRun(flow, _slot(row), secrets, row.token_name, label=key, total=row.attempts)
+    if flow.phase("prepare"):
+        ready = _prepare(ctx, run, row)
+        if ready is not True:
+            return ready or None
+    # Everything is built before the trigger: only the send is left for the moment itself.
+    ahead = _first_requests(ctx.client, run)
     trigger = row.trigger_time.timestamp()
     held = None
-    if ctx.clock() < trigger - 0.05 and prepared[0][1].url:
-        held = ctx.client.warm(prepared[0][1].url)
+    first_url = next(iter(ahead.values())).url
+    if ctx.clock() < trigger - 0.05 and first_url:
+        held = ctx.client.warm(first_url)
     try:
         if not ctx.gate.wait(ctx, trigger):
             instances.release(ctx.factory, key)
@@ -366,24 +807,46 @@ def _book(key: str, ctx: BookingContext) -> str | None:
             return None
     finally:
         ctx.client.release(held)
-    return _attempt_courts(ctx, row, token, prepared)
+    run.opened = max(trigger, ctx.clock())
+    return _run_courts(ctx, run, row, ahead)
 
 
-def _token(ctx: BookingContext, row: Instance, token_row: Token | None) -> tuple[str, str | None]:
+def _secrets(
+    ctx: BookingContext, row: Instance, token_row: Token | None
+) -> tuple[dict[str, str], str | None]:
+    """The instance's secrets (a string token is ``{"token": value}``), or why there are none."""
     name = row.token_name
     if token_row is None or token_row.encrypted_token is None:
         if token_row is not None and token_row.error:
-            return "", token_row.error
-        return "", f"token {name!r} is not in tokens.json: add it there and reload"
+            return {}, token_row.error
+        return {}, f"token {name!r} is not in tokens.json: add it there and reload"
     if token_row.error:
-        return "", token_row.error
+        return {}, token_row.error
     plaintext = utils.decrypt_token(ctx.fernet, token_row.encrypted_token)
     if plaintext is None:
-        return "", (
+        return {}, (
             f"token {name!r} in the database does not decrypt with FERNET_KEY (was the key "
             "changed?): put the token in tokens.json again and reload"
         )
-    return plaintext, None
+    return {"token": plaintext}, None
+
+
+def _secrets_problem(flow: Flow, secrets: Mapping[str, str], name: str) -> str | None:
+    """Why ``secrets`` cannot run ``flow`` (a field it names that the token lacks), or None."""
+    missing = sorted(flow.secret_fields - set(secrets))
+    if missing:
+        wanted = ", ".join(sorted(flow.secret_fields))
+        return (
+            f"token {name!r} has no field {missing[0]!r}, which the club's flow uses as "
+            f"{{secret.{missing[0]}}}: write token {name!r} in tokens.json as an object with "
+            f"the fields {wanted}, reload, then `python main.py retry` this booking"
+        )
+    if flow.uses_token and "token" not in secrets:
+        return (
+            f"token {name!r} has no 'token' field, which the club's flow uses as {{token}}: add "
+            "it in tokens.json, reload, then `python main.py retry` this booking"
+        )
+    return None
 
 
 def _slot(row: Instance) -> Slot:
@@ -397,11 +860,17 @@ def _slot(row: Instance) -> Slot:
     )
 
 
-def _request(ctx: BookingContext, slot: Slot, token: str, court: str | None) -> RequestSpec:
-    """The request for one instance and court, with its Idempotency-Key."""
-    rendered = render_request(ctx.request_template, slot, token=token, court=court)
-    headers = {"User-Agent": USER_AGENT, **rendered.headers}
-    return RequestSpec(rendered.method, rendered.url, headers, rendered.body)
+def _first_requests(
+    client: ClubClient, run: FlowRun
+) -> dict[tuple[str, str | None], requests.PreparedRequest]:
+    """The requests that leave at the trigger, built ahead: the first ``at_trigger`` step's
+    (first court), else the booking step's for every court."""
+    at_trigger = run.flow.phase("at_trigger")
+    if at_trigger:
+        court = run.courts[0]
+        return {(at_trigger[0].name, court): _prepared(client, run, at_trigger[0], court)}
+    step = run.flow.booking_step
+    return {(step.name, court): _prepared(client, run, step, court) for court in run.courts}
 
 
 def _wait_until(ctx: BookingContext, target: float) -> bool:
@@ -423,124 +892,302 @@ def _wait_until(ctx: BookingContext, target: float) -> bool:
         return True
 
 
+# --------------------------------------------------------------------------- at the trigger
+
+
 @dataclass
-class _CourtTry:
+class _Result:
+    """How a step's sends for one court ended: ``ok`` (an at_trigger step), ``booked``,
+    ``taken`` or ``spent`` (go on with the next court), ``failed`` or ``stopped``."""
+
+    kind: str
+    reason: str = ""
+    ref: str | None = None
+
+
+@dataclass
+class _Send:
+    """The sends of one step for one court at the trigger."""
+
+    step: Step
     court: str | None
-    attempts: int = 0
+    sent: int = 0
+    tries: int = 0  # the answers that count against MAX_ATTEMPTS_PER_COURT (not early ones)
+    early: int = 0
     lost: bool = False
     last: str = ""
 
+    @property
+    def prefix(self) -> str:
+        """How reasons about it start: its court, and its step unless it is the booking step."""
+        court = f"court {_court_name(self.court)}"
+        return court if self.step.booking else f"{court}: step {self.step.name!r}"
 
-def _attempt_courts(
+
+def _run_courts(
     ctx: BookingContext,
+    run: FlowRun,
     row: Instance,
-    token: str,
-    requests_by_court: list[tuple[str | None, requests.PreparedRequest]],
+    ahead: dict[tuple[str, str | None], requests.PreparedRequest],
 ) -> str | None:
-    reasons: list[str] = []
-    total = row.attempts
-    # A booking cut off by a crash may have reached the club before: its 409 may be our own.
-    resumed = row.interrupted
-    for court, spec in requests_by_court:
-        attempt = _CourtTry(court)
-        delays = utils.backoff_delays(ctx.retry_base, MAX_ATTEMPTS_PER_COURT)
-        while attempt.attempts < MAX_ATTEMPTS_PER_COURT:
-            attempt.attempts += 1
-            # Counted in the database with the answer, not before the send: a commit here
-            # would sit between the trigger and the request.
-            total += 1
-            verdict, wait, note = _one_request(ctx, row, spec, attempt, token)
-            court_name = court if court is not None else "any"
-            if verdict == "booked":
-                return _finish(
-                    ctx,
-                    row.key,
-                    BOOKED,
-                    None,
-                    booking_ref=note or None,
-                    court=court,
-                    attempts=total,
-                )
-            if verdict in ("auth", "rejected"):
-                return _finish(ctx, row.key, FAILED, attempt.last, attempts=total)
-            if verdict == "taken":
-                reason = f"court {court_name}: taken ({attempt.last})"
-                if attempt.lost or resumed:
-                    reason += (
-                        "; an earlier attempt on this court got no answer, so it may be taken "
-                        "by our own earlier attempt: check your bookings at the club"
-                    )
-                reasons.append(reason)
-                break
-            # retry
-            if attempt.attempts >= MAX_ATTEMPTS_PER_COURT:
-                reasons.append(
-                    f"court {court_name}: no booking after {attempt.attempts} attempts "
-                    f"(last: {attempt.last})"
-                )
-                break
-            delay = wait if wait is not None else delays[attempt.attempts - 1]
-            if _now(ctx) + timedelta(seconds=delay) >= row.desired_time:
-                reasons.append(f"court {court_name}: {attempt.last}; the start came first")
-                return _finish(ctx, row.key, FAILED, "; ".join(reasons), attempts=total)
-            instances.record_attempt(ctx.factory, row.key, total)
-            if ctx.stop.wait(delay):
-                instances.release(ctx.factory, row.key)
-                logger.info("booking %s: shutting down between retries; back to pending", row.key)
-                return None
-    return _finish(
-        ctx, row.key, FAILED, "; ".join(reasons) or "no court could be booked", attempts=total
-    )
+    """The at_trigger steps and the booking step, court after court until one is booked."""
+    reasons = list(run.dropped.values())
+    for court in run.courts:
+        result = _one_court(ctx, run, row, court, ahead)
+        if result.kind == "booked":
+            return _after_booking(ctx, run, row, court, result.ref)
+        if result.kind in ("taken", "spent"):
+            reasons.append(result.reason)
+            continue
+        if result.kind == "stopped":
+            instances.release(ctx.factory, row.key)
+            logger.info("booking %s: shutting down between retries; back to pending", row.key)
+            return None
+        return _finish(ctx, row.key, FAILED, result.reason, attempts=run.total)
+    reason = "; ".join(reasons) or "no court could be booked"
+    return _finish(ctx, row.key, FAILED, reason, attempts=run.total)
 
 
-def _one_request(
+def _one_court(
     ctx: BookingContext,
+    run: FlowRun,
     row: Instance,
-    spec: requests.PreparedRequest,
-    attempt: _CourtTry,
-    token: str,
-) -> tuple[str, float | None, str | None]:
-    """Send once. Returns (verdict kind, wait before the next try or None, booking ref)."""
-    court = attempt.court if attempt.court is not None else "any"
-    try:
-        answer = ctx.client.send(spec)
-    except BookingError as exc:
-        attempt.lost = attempt.lost or exc.lost
-        attempt.last = str(exc)
-        logger.info("attempt %s court=%s #%d: %s", row.key, court, attempt.attempts, attempt.last)
-        return ("rejected" if exc.permanent else "retry"), None, None
-    verdict = classify(answer, ctx.template)
-    logger.info(
-        "attempt %s court=%s #%d: HTTP %d in %.0f ms -> %s",
-        row.key,
-        court,
-        attempt.attempts,
-        answer.status,
-        answer.latency_ms,
-        verdict.kind,
-    )
-    says = _club_says(answer, token)
-    if verdict.kind == "auth":
-        attempt.last = (
-            f"the club rejected token {row.token_name!r} ({says}): put a valid token in "
-            "tokens.json, reload, then `python main.py retry` this booking"
-        )
-    elif verdict.kind == "rejected":
-        if 300 <= answer.status < 400:
-            location = answer.headers.get("Location", "")
-            attempt.last = (
-                f"the club answered with a redirect ({says}"
-                f"{' to ' + _host(location) if location else ''}); redirects are never "
-                "followed so the token stays with the configured host: check the booking URL"
-            )
+    court: str | None,
+    ahead: dict[tuple[str, str | None], requests.PreparedRequest],
+) -> _Result:
+    for step in (*run.flow.phase("at_trigger"), run.flow.booking_step):
+        if not step.booking and run.is_done(step, court):
+            continue
+        request = ahead.pop((step.name, court), None)
+        result = _send_step(ctx, run, row, step, court, request=request)
+        if result.kind != "ok":
+            return result
+    raise AssertionError("the booking step always ends the court")  # pragma: no cover
+
+
+def _send_step(
+    ctx: BookingContext,
+    run: FlowRun,
+    row: Instance,
+    step: Step,
+    court: str | None,
+    *,
+    request: requests.PreparedRequest | None,
+) -> _Result:
+    """Send ``step`` for ``court`` until its answer settles it: early answers again at once,
+    then every EARLY_RETRY_MS until EARLY_RETRY_SECONDS after the trigger; busy answers and
+    no answer at most MAX_ATTEMPTS_PER_COURT times, with backoff or Retry-After."""
+    send = _Send(step, court)
+    delays = utils.backoff_delays(ctx.retry_base, MAX_ATTEMPTS_PER_COURT)
+    while True:
+        if request is None:
+            try:
+                request = _prepared(ctx.client, run, step, court)
+            except MissingValue as exc:
+                why = run.missing.get(exc.ref, "no step gave it a value")
+                return _Result("failed", f"{send.prefix}: {{{exc.ref}}} has no value ({why})")
+        kind, wait, result = _send_once(ctx, run, row, send, request)
+        if result is not None:
+            return result
+        if kind == "early":
+            wait = _early_wait(ctx, run, send)
+            if wait is None:
+                return _Result("failed", _never_opened(ctx, send))
         else:
-            attempt.last = f"the club refused the request ({says}): check the entry and the URL"
+            if send.tries >= MAX_ATTEMPTS_PER_COURT:
+                return _Result("spent", _spent(send))
+            wait = wait if wait is not None else delays[send.tries - 1]
+        if _now(ctx) + timedelta(seconds=wait) >= row.desired_time:
+            return _Result("failed", f"{send.prefix}: {send.last}; the start came first")
+        if kind == "retry" and step.booking:
+            instances.record_attempt(ctx.factory, row.key, run.total)
+        # An early answer is sent again at once, without even a look at the stop event.
+        if (kind == "retry" or wait > 0) and ctx.stop.wait(wait):
+            return _Result("stopped")
+
+
+def _early_wait(ctx: BookingContext, run: FlowRun, send: _Send) -> float | None:
+    """How long to wait before sending again after an early answer (None: the time is spent)."""
+    if ctx.clock() >= run.opened + ctx.early_retry_seconds:
+        return None
+    send.early += 1
+    return 0.0 if send.early == 1 else ctx.early_retry_ms / 1000
+
+
+def _never_opened(ctx: BookingContext, send: _Send) -> str:
+    return (
+        f"{send.prefix}: the club never opened: still {send.last} "
+        f"{ctx.early_retry_seconds:g} s after the window opened (EARLY_RETRY_SECONDS), "
+        f"after {send.sent} request(s); check the window and the court with the club"
+    )
+
+
+def _spent(send: _Send) -> str:
+    what = "no booking" if send.step.booking else "no answer to use"
+    return f"{send.prefix}: {what} after {send.tries} attempts (last: {send.last})"
+
+
+def _send_once(
+    ctx: BookingContext,
+    run: FlowRun,
+    row: Instance,
+    send: _Send,
+    request: requests.PreparedRequest,
+) -> tuple[str, float | None, _Result | None]:
+    """Send once. Returns the verdict, the wait a busy club asked for (Retry-After), and the
+    result when this answer settles the step."""
+    step = send.step
+    send.sent += 1
+    if step.booking:
+        # Counted in the database with the answer, not before the send: a commit here would
+        # sit between the trigger and the request.
+        run.total += 1
+    try:
+        answer, reply = _exchange(ctx.client, run, step, request)
+    except BookingError as exc:
+        send.lost = send.lost or exc.lost
+        send.last = run.scrub(str(exc))
+        send.tries += 1
+        _log_send(run, send, send.last)
+        return "retry", None, None
+    except StepFailure as exc:
+        _log_send(run, send, str(exc))
+        return "failed", None, _Result("failed", f"{send.prefix}: {exc}")
+    verdict = classify(answer, step).kind
+    _log_send(run, send, f"HTTP {answer.status} in {answer.latency_ms:.0f} ms -> {verdict}")
+    says = _club_says(answer, run.scrub)
+    send.last = says
+    if verdict in ("booked", "ok"):
+        return _settled(run, send, answer, reply)
+    if verdict == "early":
+        return "early", None, None
+    if verdict == "retry":
+        send.tries += 1
+        return "retry", utils.parse_retry_after(answer.header("Retry-After"), _now(ctx)), None
+    return verdict, None, _Result(*_refusal(run, row, send, verdict, answer))
+
+
+def _log_send(run: FlowRun, send: _Send, what: str) -> None:
+    court = _court_name(send.court)
+    if send.step.booking:
+        logger.info("attempt %s court=%s #%d: %s", run.label, court, send.sent, what)
     else:
-        attempt.last = says
-    wait = None
-    if verdict.kind == "retry":
-        wait = utils.parse_retry_after(answer.headers.get("Retry-After"), _now(ctx))
-    return verdict.kind, wait, verdict.booking_ref
+        logger.info(
+            "step %s %s court=%s #%d: %s", run.label, send.step.name, court, send.sent, what
+        )
+
+
+def _settled(
+    run: FlowRun, send: _Send, answer: Answer, reply: Reply
+) -> tuple[str, float | None, _Result | None]:
+    """A booked answer (its values and ref kept), or an at_trigger step's ok answer: with every
+    value, the step is done; with one missing, the club may not show it yet: read as early."""
+    step, court = send.step, send.court
+    values = run.values(court)
+    found, problems = extract_values(step, reply, values)
+    if step.booking:
+        run.keep(step, court, found)
+        for extraction in step.extract:
+            name = f"{step.name}.{extraction.name}"
+            if name not in found:
+                run.missing[name] = f"step {step.name!r} could not extract it: " + "; ".join(
+                    p for p in problems if f"value {extraction.name!r}" in p
+                )
+        ref = step.ref_of(answer.json(), values)
+        return "booked", None, _Result("booked", ref=_clean_ref(run, ref))
+    if problems:
+        send.last = f"{send.last}, but " + "; ".join(problems)
+        return "early", None, None
+    run.keep(step, court, found)
+    return "ok", None, _Result("ok")
+
+
+def _clean_ref(run: FlowRun, ref: str | None) -> str | None:
+    """The booking reference as stored: scrubbed of the booking's other secrets, at most 256
+    characters (the column's size), one line."""
+    if ref is None:
+        return None
+    # The ref may be a value the booking step extracts itself (stored, as the contract allows),
+    # never the token or a secret field.
+    keep = None if ref in run.secrets.values() else ref
+    cleaned = run.scrub(ref, keep=keep).replace("\n", " ").replace("\r", " ")
+    return cleaned[:256] or None
+
+
+def _refusal(
+    run: FlowRun, row: Instance, send: _Send, verdict: str, answer: Answer
+) -> tuple[str, str]:
+    """(result kind, reason) for an answer that ends the step's sends without success."""
+    says, prefix = send.last, send.prefix
+    if verdict == "taken":
+        reason = f"{prefix}: taken ({says})"
+        if send.step.booking and (send.lost or row.interrupted):
+            reason += (
+                "; an earlier attempt on this court got no answer, so it may be taken by our "
+                "own earlier attempt: check your bookings at the club"
+            )
+        return "taken", reason
+    if verdict == "auth":
+        if run.flow.single:
+            return "failed", (
+                f"the club rejected token {run.token_name!r} ({says}): put a valid token in "
+                "tokens.json, reload, then `python main.py retry` this booking"
+            )
+        return "failed", _credentials_reason(run, send.step, send.court, says)
+    if verdict == "unmatched":
+        matchers = ", ".join(kind for kind, _ in send.step.matchers) or "ok"
+        return "failed", (
+            f"{prefix}: the club answered {says}, which none of the step's answers ({matchers}) "
+            "matches: the booking may or may not have been made; check with the club"
+        )
+    if 300 <= answer.status < 400:
+        location = answer.header("Location") or ""
+        return "failed", (
+            f"the club answered with a redirect ({says}"
+            f"{' to ' + urlsplit(location).netloc if urlsplit(location).netloc else ''}); "
+            "redirects are never followed so the token stays with the configured host: check "
+            "the booking URL"
+        )
+    return "failed", f"the club refused the request ({says}): check the entry and the URL"
+
+
+# --------------------------------------------------------------------------- after the booking
+
+
+def _after_booking(
+    ctx: BookingContext, run: FlowRun, row: Instance, court: str | None, ref: str | None
+) -> str:
+    """Run the finishing steps for the booked court; the booking step is never sent again."""
+    for step in run.flow.phase("finish"):
+        problem = _finish_step(ctx, run, step, court)
+        if problem is not None:
+            took = f"court {_court_name(court)}" + (f", ref {ref}" if ref else "")
+            reason = (
+                f"the club took the booking ({took}) but step {step.name!r} did not complete "
+                f"({problem}): check it with the club"
+            )
+            return _finish(
+                ctx, row.key, FAILED, reason, booking_ref=ref, court=court, attempts=run.total
+            )
+    return _finish(ctx, row.key, BOOKED, None, booking_ref=ref, court=court, attempts=run.total)
+
+
+def _finish_step(ctx: BookingContext, run: FlowRun, step: Step, court: str | None) -> str | None:
+    """Send a finishing step up to MAX_ATTEMPTS_PER_COURT times with backoff (credentials
+    rejected: at once). None when it succeeded, else what went wrong."""
+    delays = utils.backoff_delays(ctx.retry_base, MAX_ATTEMPTS_PER_COURT)
+    for attempt in range(1, MAX_ATTEMPTS_PER_COURT + 1):
+        report = _plain_try(ctx.client, run, step, court)
+        if report.problem is None:
+            return None
+        if report.auth:
+            return f"{report.problem}: the credentials were rejected"
+        if attempt == MAX_ATTEMPTS_PER_COURT:
+            return f"{report.problem}, after {attempt} tries"
+        wait = report.wait if report.wait is not None else delays[attempt - 1]
+        if ctx.stop.wait(wait):
+            return f"{report.problem}; courtbot was stopping"
+    return None  # pragma: no cover (the loop always returns)
 
 
 def _finish(

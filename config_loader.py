@@ -26,7 +26,7 @@ from zoneinfo import ZoneInfo
 from cryptography.fernet import MultiFernet
 
 import utils
-from template import RequestTemplate, Slot, TemplateError, parse_template
+from template import Flow, Slot, TemplateError, parse_flow
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,8 @@ class Settings:
     timezone: str
     window: utils.Window
     retry_base: float
+    early_retry_ms: float
+    early_retry_seconds: float
     http_timeout: float
     reload_interval: float
     log_level: str
@@ -133,6 +135,8 @@ class Settings:
             timezone=zone,
             window=window,
             retry_base=_number(env, "RETRY_BASE_SECONDS", 1.0, minimum=0.0),
+            early_retry_ms=_number(env, "EARLY_RETRY_MS", 100.0, minimum=1.0, unit="milliseconds"),
+            early_retry_seconds=_number(env, "EARLY_RETRY_SECONDS", 20.0, minimum=0.0),
             http_timeout=_number(env, "HTTP_TIMEOUT_SECONDS", 10.0, minimum=0.001),
             reload_interval=_number(env, "RELOAD_INTERVAL_SECONDS", 60.0, minimum=0.01),
             log_level=level,
@@ -142,14 +146,16 @@ class Settings:
         )
 
 
-def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+def _number(
+    env: Mapping[str, str], name: str, default: float, *, minimum: float, unit: str = "seconds"
+) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise SettingsError(f"{name}: {raw!r} is not a number of seconds") from None
+        raise SettingsError(f"{name}: {raw!r} is not a number of {unit}") from None
     if not (minimum <= value < float("inf")):
         raise SettingsError(f"{name}: {raw!r} must be a finite number >= {minimum:g}")
     return value
@@ -842,10 +848,11 @@ def _parse_rule(
 # --------------------------------------------------------------------------- request template
 
 
-def load_template(settings: Settings) -> RequestTemplate | None:
-    """Read and validate BOOKING_REQUEST_TEMPLATE (None when unset).
+def load_template(settings: Settings) -> Flow | None:
+    """Read and validate BOOKING_REQUEST_TEMPLATE, a request template or a flow (None when
+    unset).
 
-    Raises ``TemplateError`` naming the file and the key.
+    Raises ``TemplateError`` naming the file, the step and the key.
     """
     path = settings.template_path
     if path is None:
@@ -857,7 +864,7 @@ def load_template(settings: Settings) -> RequestTemplate | None:
     parsed, error = _decode_json(data, name)
     if error is not None:
         raise TemplateError(error.split(";")[0])
-    return parse_template(parsed, api_url=settings.api_url, name=name)
+    return parse_flow(parsed, api_url=settings.api_url, name=name)
 
 
 # --------------------------------------------------------------------------- tokens file

@@ -33,7 +33,7 @@ import instances
 import models
 import scheduler
 import utils
-from config_loader import Config, Settings, SettingsError
+from config_loader import Config, Entry, Settings, SettingsError
 from notify import (
     Notifier,
     NotifyConfigError,
@@ -41,7 +41,7 @@ from notify import (
     mask_url,
     validate_notify_urls,
 )
-from template import RequestTemplate, TemplateError, describe_request
+from template import Flow, TemplateError, default_flow, describe_booking, describe_flow
 
 logger = logging.getLogger("courtbot")
 
@@ -166,9 +166,7 @@ def write_private(path: Path, text: str) -> None:
 class Daemon:
     """The running worker: owns the database, the scheduler, the club client and the loop."""
 
-    def __init__(
-        self, settings: Settings, fernet: MultiFernet, template: RequestTemplate | None
-    ) -> None:
+    def __init__(self, settings: Settings, fernet: MultiFernet, template: Flow | None) -> None:
         self.settings = settings
         self.fernet = fernet
         self._start_template = template  # after start, the one in use lives in self.ctx
@@ -240,6 +238,8 @@ class Daemon:
             client=bot.ClubClient(timeout=settings.http_timeout),
             api_url=settings.api_url,
             retry_base=settings.retry_base,
+            early_retry_ms=settings.early_retry_ms,
+            early_retry_seconds=settings.early_retry_seconds,
             stop=self.stop,
             notify=self.notifier.notify,
             template=self._start_template,
@@ -384,7 +384,11 @@ class Daemon:
         assert self.factory is not None and self.scheduler is not None and self.ctx is not None
         with self.ctx.in_flight_lock:
             busy = frozenset(self.ctx.in_flight)
-        return self.scheduler.sync(instances.pending_triggers(self.factory), busy=busy)
+        pending = instances.pending_triggers(self.factory)
+        # Instances whose flow prepares (a login) start that much before their trigger.
+        seconds = self.ctx.flow_for(None).prepare_seconds
+        prepare = dict.fromkeys(pending, seconds) if seconds else None
+        return self.scheduler.sync(pending, busy=busy, prepare=prepare)
 
     def config_changed(self) -> bool:
         return self.config is None or config_loader.config_digest(self.settings) != (
@@ -504,7 +508,7 @@ def load_fernet(settings: Settings) -> MultiFernet:
         raise StartError(str(exc)) from None
 
 
-def load_template(settings: Settings) -> RequestTemplate | None:
+def load_template(settings: Settings) -> Flow | None:
     """The request template named by BOOKING_REQUEST_TEMPLATE, validated (None when unset)."""
     try:
         return config_loader.load_template(settings)
@@ -546,9 +550,7 @@ def cmd_run(env: dict[str, str]) -> int:
     return EXIT_OK
 
 
-def _print_check(
-    config: Config, settings: Settings, now: datetime, template: RequestTemplate | None
-) -> None:
+def _print_check(config: Config, settings: Settings, now: datetime, template: Flow | None) -> None:
     entries = config.schedules.entries
     print(
         f"{settings.schedules_path}: {len(entries)} valid entr{'y' if len(entries) == 1 else 'ies'}"
@@ -581,8 +583,11 @@ def _print_check(
             if note:
                 print(f"    warning: {note}")
         if template is not None and pairs:
-            described = describe_request(template, entry.slot(pairs[0][1]))
-            print("  request (next instance, token masked):")
+            described = describe_flow(template, entry.slot(pairs[0][1]))
+            if template.single:
+                print("  request (next instance, token masked):")
+            else:
+                print("  flow (next instance, secrets masked, extracted values as <step.value>):")
             print("    " + described.replace("\n", "\n    "))
 
 
@@ -640,6 +645,93 @@ def cmd_check(env: dict[str, str]) -> int:
         return EXIT_INVALID
     print("\nOK")
     return EXIT_OK
+
+
+def _dry_run_setup(
+    settings: Settings, fernet: MultiFernet, schedule_id: str
+) -> tuple[Flow, Entry, datetime, dict[str, str]]:
+    """What ``dry-run`` needs: the flow, the entry, its next start and the token's secrets.
+    Raises StartError naming what is missing."""
+    template = load_template(settings)
+    now = datetime.now(UTC)
+    config = config_loader.read_config(settings, fernet, now)
+    entry = next((e for e in config.schedules.entries if e.id == schedule_id), None)
+    if entry is None:
+        errors = [e for e in config.errors if repr(schedule_id) in e]
+        raise StartError(
+            f"no valid entry {schedule_id!r} in {settings.schedules_path}"
+            + (f": {errors[0]}" if errors else "; `python main.py check` lists the entries")
+        )
+    starts = [start for start in entry.starts(now, 5) if start > now]
+    if not starts:
+        raise StartError(f"entry {schedule_id!r} has no instance ahead")
+    if template is None and settings.api_url is None:
+        raise StartError("BOOKING_API_URL is not set, and no BOOKING_REQUEST_TEMPLATE names a url")
+    flow = template if template is not None else default_flow(settings.api_url or "")
+    token = config.tokens.tokens.get(entry.token)
+    plaintext = None
+    if token is not None and token.encrypted is not None:
+        plaintext = utils.decrypt_token(fernet, token.encrypted)
+    if plaintext is None:
+        why = token.error if token is not None and token.error else "is not in tokens.json"
+        raise StartError(f"token {entry.token!r}: {why}")
+    return flow, entry, starts[0], {"token": plaintext}
+
+
+def cmd_dry_run(env: dict[str, str], schedule_id: str, out: IO[str]) -> int:
+    """Run the preparation steps of the schedule's next instance against the club now."""
+    try:
+        settings = load_settings(env)
+    except StartError as exc:
+        print(f"courtbot dry-run: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        fernet = load_fernet(settings)
+    except StartError as exc:
+        print(f"courtbot dry-run: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    try:
+        flow, entry, start, secrets = _dry_run_setup(settings, fernet, schedule_id)
+    except StartError as exc:
+        print(f"courtbot dry-run: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    zone = entry.zone
+    slot = entry.slot(start)
+    out.write(f"{entry.id}: next instance {utils.format_local(start, zone)} ({slot.key})\n")
+    prepare = flow.phase("prepare")
+    problem = None
+    if not prepare:
+        out.write("no preparation step: nothing is sent before the trigger\n")
+    else:
+        client = bot.ClubClient(timeout=settings.http_timeout)
+        try:
+            reports, problem = bot.dry_run(client, flow, slot, secrets, entry.token)
+        finally:
+            client.close()
+        for report in reports:
+            out.write(_report_line(report) + "\n")
+    court = slot.courts[0]
+    out.write("booking request it would send at the trigger (secrets masked):\n")
+    out.write("  " + describe_booking(flow, slot, court).replace("\n", "\n  ") + "\n")
+    if problem is not None:
+        print(f"courtbot dry-run: {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    out.write("OK: every preparation step succeeded\n" if prepare else "OK\n")
+    return EXIT_OK
+
+
+def _report_line(report: bot.StepReport) -> str:
+    """One preparation step's send as ``dry-run`` prints it: status and value names, masked."""
+    court = (
+        f" (court {report.court if report.court is not None else 'any'})"
+        if report.per_court
+        else ""
+    )
+    status = f"HTTP {report.status}" if report.status is not None else "no answer"
+    if report.problem is not None:
+        return f"  step {report.step}{court}: {status}: FAILED: {report.problem}"
+    values = ", ".join(f"{name}={utils.MASK}" for name in report.values)
+    return f"  step {report.step}{court}: {status} ok" + (f"; extracted {values}" if values else "")
 
 
 def _open_existing_db(settings: Settings, *, upgrade: bool = False) -> models.SessionFactory | None:
@@ -798,6 +890,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("health", help="exit 0 while the running daemon's heartbeat is fresh")
     sub.add_parser("generate-key", help="print a new Fernet key")
     sub.add_parser("encrypt-token", help="encrypt a token read on stdin for tokens.json")
+    dry = sub.add_parser(
+        "dry-run", help="run the next instance's preparation steps (a login) against the club now"
+    )
+    dry.add_argument("schedule_id", metavar="SCHEDULE_ID")
     return parser
 
 
@@ -820,6 +916,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_health(env)
     if command == "generate-key":
         return cmd_generate_key()
+    if command == "dry-run":
+        return cmd_dry_run(env, args.schedule_id, sys.stdout)
     return cmd_encrypt_token(env)
 
 

@@ -45,7 +45,7 @@ from models import (
     transaction,
 )
 from notify import Outcome
-from template import parse_template
+from template import parse_flow
 
 URL = "http://club.test/bookings"
 TOKEN = "tok-S3cret-7c41d0b8e2f9a6"
@@ -58,7 +58,7 @@ TRIGGER = DESIRED - timedelta(hours=168)
 KEY = utils.instance_key("mon", DESIRED)
 MIB = 1024 * 1024
 
-RETRY_KINDS = ["425", "429", "500", "503", "timeout", "connection"]
+RETRY_KINDS = ["429", "500", "503", "timeout", "connection"]
 
 
 # --------------------------------------------------------------------------- fakes
@@ -628,7 +628,7 @@ def test_retry_after_as_an_http_date_counts_from_the_clock(h: Harness) -> None:
 
 def test_a_courts_three_spent_moves_to_the_next_court(h: Harness) -> None:
     h.add(courts=("3", "4"))
-    queue(h.club, answer(503), answer(500), answer(425), answer(201, {"booking_id": "b4"}))
+    queue(h.club, answer(503), answer(500), answer(429), answer(201, {"booking_id": "b4"}))
 
     assert h.book() == BOOKED
 
@@ -1201,7 +1201,7 @@ def test_warm_against_a_closed_port_reports_false(local_club: _LocalClub) -> Non
 
 
 def test_matchers_are_tried_taken_rejected_booked_then_the_table() -> None:
-    template = parse_template(
+    flow = parse_flow(
         {
             "booked": {"status": [200], "body_contains": '"ok": true'},
             "taken": {"status": [200, 422], "body_contains": "not available"},
@@ -1212,17 +1212,21 @@ def test_matchers_are_tried_taken_rejected_booked_then_the_table() -> None:
         name="t.json",
     )
 
-    def verdict(status: int, body: Any) -> bot.Verdict:
-        raw = json.dumps(body).encode()
-        return bot.classify(bot.Answer(status, {}, raw, 1.0), template)
+    step = flow.booking_step
 
-    assert verdict(200, {"ok": False, "error": "court not available"}).kind == "taken"
-    assert verdict(200, {"ok": False, "error": "bad date"}).kind == "rejected"
-    booked = verdict(200, {"ok": True, "data": {"items": [{"id": 77}]}})
-    assert (booked.kind, booked.booking_ref) == ("booked", "77")
+    def verdict(status: int, body: Any) -> str:
+        raw = json.dumps(body).encode()
+        return bot.classify(bot.Answer(status, {}, raw, 1.0), step).kind
+
+    assert verdict(200, {"ok": False, "error": "court not available"}) == "taken"
+    assert verdict(200, {"ok": False, "error": "bad date"}) == "rejected"
+    assert verdict(200, {"ok": True, "data": {"items": [{"id": 77}]}}) == "booked"
+    assert step.ref_of({"ok": True, "data": {"items": [{"id": 77}]}}, {}) == "77"
     # Unmatched answers follow the table of section 6.
-    assert verdict(422, {"error": "invalid"}).kind == "rejected"
-    assert verdict(503, {}).kind == "retry"
-    assert verdict(409, {}).kind == "taken"
-    assert verdict(401, {}).kind == "auth"
-    assert verdict(201, {"id": "x"}).booking_ref == "x"
+    assert verdict(422, {"error": "invalid"}) == "rejected"
+    assert verdict(503, {}) == "retry"
+    assert verdict(409, {}) == "taken"
+    assert verdict(401, {}) == "auth"
+    assert verdict(425, {}) == "early"
+    # With booked given, a 2xx none of the matchers knows is no booking.
+    assert verdict(201, {"id": "x"}) == "unmatched"

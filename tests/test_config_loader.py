@@ -974,6 +974,8 @@ def test_settings_values() -> None:
             "BOOKING_TIMEZONE": "Europe/London",
             "BOOKING_WINDOW": "7d",
             "RETRY_BASE_SECONDS": "0",
+            "EARLY_RETRY_MS": "50",
+            "EARLY_RETRY_SECONDS": "0",
             "HTTP_TIMEOUT_SECONDS": "2.5",
             "RELOAD_INTERVAL_SECONDS": "5",
             "LOG_LEVEL": "debug",
@@ -984,6 +986,7 @@ def test_settings_values() -> None:
     assert settings.timezone == "Europe/London"
     assert settings.window == utils.Window(7, "d")
     assert (settings.retry_base, settings.http_timeout, settings.reload_interval) == (0, 2.5, 5)
+    assert (settings.early_retry_ms, settings.early_retry_seconds) == (50, 0)
     assert settings.log_level == "DEBUG"
     assert settings.log_file is None
 
@@ -996,11 +999,14 @@ def test_settings_empty_values_mean_defaults() -> None:
             "BOOKING_TIMEZONE",
             "BOOKING_WINDOW",
             "RETRY_BASE_SECONDS",
+            "EARLY_RETRY_MS",
+            "EARLY_RETRY_SECONDS",
             "LOG_LEVEL",
             "LOG_FILE",
         )
     }
     settings = Settings.from_env(blank)
+    assert (settings.early_retry_ms, settings.early_retry_seconds) == (100, 20)
     assert (settings.timezone, settings.window, settings.retry_base, settings.log_level) == (
         "UTC",
         utils.Window(168, "h"),
@@ -1049,6 +1055,18 @@ WINDOW_EXPECTED = (
             "RETRY_BASE_SECONDS: 'soon' is not a number of seconds",
         ),
         (
+            {"EARLY_RETRY_MS": "0"},
+            "EARLY_RETRY_MS: '0' must be a finite number >= 1",
+        ),
+        (
+            {"EARLY_RETRY_MS": "fast"},
+            "EARLY_RETRY_MS: 'fast' is not a number of milliseconds",
+        ),
+        (
+            {"EARLY_RETRY_SECONDS": "-1"},
+            "EARLY_RETRY_SECONDS: '-1' must be a finite number >= 0",
+        ),
+        (
             {"HTTP_TIMEOUT_SECONDS": "0"},
             "HTTP_TIMEOUT_SECONDS: '0' must be a finite number >= 0.001",
         ),
@@ -1083,7 +1101,7 @@ def test_load_template_relative_to_data_dir_and_errors_name_the_file(
     (data_dir / "club.json").write_text(json.dumps({"method": "PUT"}))
     settings = Settings.from_env(env | {"BOOKING_REQUEST_TEMPLATE": "club.json"})
     template = config_loader.load_template(settings)
-    assert template is not None and template.method == "PUT"
+    assert template is not None and template.booking_step.method == "PUT"
     (data_dir / "club.json").write_text("{broken")
     with pytest.raises(TemplateError, match=r"BOOKING_REQUEST_TEMPLATE .*club\.json"):
         config_loader.load_template(settings)
