@@ -898,7 +898,8 @@ def _wait_until(ctx: BookingContext, target: float) -> bool:
 @dataclass
 class _Result:
     """How a step's sends for one court ended: ``ok`` (an at_trigger step), ``booked``,
-    ``taken`` or ``spent`` (go on with the next court), ``failed`` or ``stopped``."""
+    ``taken`` or ``spent`` (go on with the next court), ``missing`` (an at_trigger step's value
+    not shown: the court waits for the next round), ``failed`` or ``stopped``."""
 
     kind: str
     reason: str = ""
@@ -930,22 +931,61 @@ def _run_courts(
     row: Instance,
     ahead: dict[tuple[str, str | None], requests.PreparedRequest],
 ) -> str | None:
-    """The at_trigger steps and the booking step, court after court until one is booked."""
+    """The at_trigger steps and the booking step, court after court until one is booked.
+
+    A court whose at_trigger step answers without the value it extracts (a slot the club does
+    not show) waits for the next round: when no court of a round got further, the window may
+    not be open yet at the club, so the round is tried again as early answers are (at once,
+    then every EARLY_RETRY_MS until EARLY_RETRY_SECONDS after the trigger)."""
     reasons = list(run.dropped.values())
-    for court in run.courts:
-        result = _one_court(ctx, run, row, court, ahead)
-        if result.kind == "booked":
-            return _after_booking(ctx, run, row, court, result.ref)
-        if result.kind in ("taken", "spent"):
-            reasons.append(result.reason)
-            continue
-        if result.kind == "stopped":
-            instances.release(ctx.factory, row.key)
-            logger.info("booking %s: shutting down between retries; back to pending", row.key)
-            return None
-        return _finish(ctx, row.key, FAILED, result.reason, attempts=run.total)
+    courts = run.courts
+    rounds = 0
+    while True:
+        missing: dict[str | None, str] = {}
+        for court in courts:
+            result = _one_court(ctx, run, row, court, ahead)
+            if result.kind == "booked":
+                return _after_booking(ctx, run, row, court, result.ref)
+            if result.kind == "missing":
+                missing[court] = result.reason
+            elif result.kind in ("taken", "spent"):
+                reasons.append(result.reason)
+            elif result.kind == "stopped":
+                return _stopped(ctx, row)
+            else:
+                return _finish(ctx, row.key, FAILED, result.reason, attempts=run.total)
+        if not missing:
+            break
+        wait = _round_wait(ctx, run, rounds)
+        rounds += 1
+        if wait is None:
+            reasons += [
+                f"{why} still {ctx.early_retry_seconds:g} s after the window opened "
+                "(EARLY_RETRY_SECONDS): it never showed up; check the court and the time with "
+                "the club"
+                for why in missing.values()
+            ]
+            break
+        if _now(ctx) + timedelta(seconds=wait) >= row.desired_time:
+            reasons += [f"{why}; the start came first" for why in missing.values()]
+            break
+        if wait > 0 and ctx.stop.wait(wait):
+            return _stopped(ctx, row)
+        courts = list(missing)
     reason = "; ".join(reasons) or "no court could be booked"
     return _finish(ctx, row.key, FAILED, reason, attempts=run.total)
+
+
+def _round_wait(ctx: BookingContext, run: FlowRun, rounds: int) -> float | None:
+    """The wait before another round of courts whose slot was not shown (None: time spent)."""
+    if ctx.clock() >= run.opened + ctx.early_retry_seconds:
+        return None
+    return 0.0 if rounds == 0 else ctx.early_retry_ms / 1000
+
+
+def _stopped(ctx: BookingContext, row: Instance) -> None:
+    instances.release(ctx.factory, row.key)
+    logger.info("booking %s: shutting down between retries; back to pending", row.key)
 
 
 def _one_court(
@@ -1081,7 +1121,7 @@ def _settled(
     run: FlowRun, send: _Send, answer: Answer, reply: Reply
 ) -> tuple[str, float | None, _Result | None]:
     """A booked answer (its values and ref kept), or an at_trigger step's ok answer: with every
-    value, the step is done; with one missing, the club may not show it yet: read as early."""
+    value, the step is done; with one missing, the club does not show it (yet): ``missing``."""
     step, court = send.step, send.court
     values = run.values(court)
     found, problems = extract_values(step, reply, values)
@@ -1096,8 +1136,8 @@ def _settled(
         ref = step.ref_of(answer.json(), values)
         return "booked", None, _Result("booked", ref=_clean_ref(run, ref))
     if problems:
-        send.last = f"{send.last}, but " + "; ".join(problems)
-        return "early", None, None
+        reason = f"{send.prefix}: {send.last}, but " + "; ".join(problems)
+        return "missing", None, _Result("missing", reason)
     run.keep(step, court, found)
     return "ok", None, _Result("ok")
 
