@@ -350,17 +350,19 @@ class Scrubber:
         return text
 
 
-def _club_says(answer: Answer, scrub: Scrubber) -> str:
+def _club_says(answer: Answer, scrub: Scrubber, words: str | None = None) -> str:
     """A short, secret-free reading of an answer for a person: its status, and the club's own
     message when a JSON body has one (scrubbed before it is cut: a cut through a secret would let
-    its start through)."""
+    its start through), else the flow's words that the body matched."""
     text = f"HTTP {answer.status}"
+    if words is not None:
+        text += f" saying {words!r}"
     body = answer.json()
     if isinstance(body, dict):
         for name in ("error", "message", "detail", "reason"):
             value = body.get(name)
             if isinstance(value, str) and value.strip():
-                return f"{text}: {scrub(value.strip())[:200]}"
+                return f"HTTP {answer.status}: {scrub(value.strip())[:200]}"
     return text
 
 
@@ -534,6 +536,8 @@ class StepReport:
     problem: str | None = None
     auth: bool = False
     wait: float | None = None
+    #: Sending it again cannot help (a value it needs is missing).
+    final: bool = False
 
 
 def _plain_try(client: ClubClient, run: FlowRun, step: Step, court: str | None) -> StepReport:
@@ -552,7 +556,7 @@ def _plain_try(client: ClubClient, run: FlowRun, step: Step, court: str | None) 
         prepared = _prepared(client, run, step, court)
     except MissingValue as exc:
         why = run.missing.get(exc.ref, "no step gave it a value")
-        return report(None, f"{{{exc.ref}}} has no value ({why})")
+        return report(None, f"{{{exc.ref}}} has no value ({why})", final=True)
     try:
         answer, reply = _exchange(client, run, step, prepared)
     except (BookingError, StepFailure) as exc:
@@ -574,7 +578,7 @@ def _plain_try(client: ClubClient, run: FlowRun, step: Step, court: str | None) 
     if verdict != "ok":
         wait = utils.parse_retry_after(answer.header("Retry-After"), datetime.now(UTC))
         expected = "its ok answer" if step.ok is not None else "a 2xx answer"
-        return report(answer.status, f"{says}, not {expected}", wait=wait)
+        return report(answer.status, f"{says} (not {expected})", wait=wait)
     found, problems = extract_values(step, reply, run.values(court))
     if problems:
         return report(answer.status, f"{says}, but " + "; ".join(problems))
@@ -1095,7 +1099,7 @@ def _send_once(
         return "failed", None, _Result("failed", f"{send.prefix}: {exc}")
     verdict = classify(answer, step).kind
     _log_send(run, send, f"HTTP {answer.status} in {answer.latency_ms:.0f} ms -> {verdict}")
-    says = _club_says(answer, run.scrub)
+    says = _club_says(answer, run.scrub, step.matched_words(verdict, answer.body))
     send.last = says
     if verdict in ("booked", "ok"):
         return _settled(run, send, answer, reply)
@@ -1203,8 +1207,8 @@ def _after_booking(
         if problem is not None:
             took = f"court {_court_name(court)}" + (f", ref {ref}" if ref else "")
             reason = (
-                f"the club took the booking ({took}) but step {step.name!r} did not complete "
-                f"({problem}): check it with the club"
+                f"the club took the booking ({took}) but step {step.name!r} did not complete: "
+                f"{problem}; check it with the club"
             )
             return _finish(
                 ctx, row.key, FAILED, reason, booking_ref=ref, court=court, attempts=run.total
@@ -1222,6 +1226,8 @@ def _finish_step(ctx: BookingContext, run: FlowRun, step: Step, court: str | Non
             return None
         if report.auth:
             return f"{report.problem}: the credentials were rejected"
+        if report.final:
+            return report.problem
         if attempt == MAX_ATTEMPTS_PER_COURT:
             return f"{report.problem}, after {attempt} tries"
         wait = report.wait if report.wait is not None else delays[attempt - 1]

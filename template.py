@@ -505,10 +505,12 @@ class Matcher:
     def matches(self, status: int, body: bytes) -> bool:
         if status not in self.statuses:
             return False
-        if not self.body_contains:
-            return True
+        return not self.body_contains or self.found(body) is not None
+
+    def found(self, body: bytes) -> str | None:
+        """The first of ``body_contains`` (the flow's own words) that the body holds."""
         text = body.decode("utf-8", errors="replace")
-        return any(part in text for part in self.body_contains)
+        return next((part for part in self.body_contains if part in text), None)
 
 
 @dataclass(frozen=True)
@@ -676,6 +678,11 @@ class Step:
 
     def has_matcher(self, name: str) -> bool:
         return any(kind == name for kind, _ in self.matchers)
+
+    def matched_words(self, name: str, body: bytes) -> str | None:
+        """The ``body_contains`` words by which matcher ``name`` (or ``ok``) read the body."""
+        matcher = self.ok if name == "ok" else dict(self.matchers).get(name)
+        return matcher.found(body) if matcher is not None and matcher.body_contains else None
 
     def render(self, values: Mapping[str, Any], idempotency: str | None = None) -> RenderedRequest:
         """The request with ``values`` (from ``placeholder_values`` plus extracted values, keyed

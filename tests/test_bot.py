@@ -1346,6 +1346,19 @@ def test_with_booked_given_an_unmatched_2xx_fails_without_retry_quoting_the_stat
     )
 
 
+def test_a_reason_quotes_the_flows_words_that_an_answer_matched(h: Harness) -> None:
+    h.ctx.template = parse_flow(
+        {"taken": {"status": [200], "body_contains": ["no longer available", "full"]}},
+        api_url=URL,
+        name="t.json",
+    )
+    h.add()
+    queue(h.club, answer(200, "<p>Sorry, that court is no longer available.</p>"))
+
+    assert h.book() == FAILED
+    assert h.row().last_error == "court 3: taken (HTTP 200 saying 'no longer available')"
+
+
 # --------------------------------------------------------------------------- flows
 
 CLUB = "http://club.test"
@@ -1812,8 +1825,8 @@ def test_a_finishing_step_that_fails_keeps_the_ref_and_never_resends_the_booking
     row = fh.row()
     assert (row.status, row.booking_ref) == (FAILED, "B-9")
     assert row.last_error == (
-        "the club took the booking (court 3, ref B-9) but step 'confirm' did not complete "
-        "(HTTP 503, not a 2xx answer, after 3 tries): check it with the club"
+        "the club took the booking (court 3, ref B-9) but step 'confirm' did not complete: "
+        "HTTP 503 (not a 2xx answer), after 3 tries; check it with the club"
     )
     assert fh.outcomes[-1].booking_ref == "B-9"
 
@@ -1838,8 +1851,8 @@ def test_a_finishing_step_with_rejected_credentials_fails_at_once(fh: Harness, s
 
     assert paths(fh) == ["/login", "/book", "/book/B-9"]
     assert fh.row().last_error == (
-        f"the club took the booking (court 3, ref B-9) but step 'confirm' did not complete "
-        f"(HTTP {status}: the credentials were rejected): check it with the club"
+        f"the club took the booking (court 3, ref B-9) but step 'confirm' did not complete: "
+        f"HTTP {status}: the credentials were rejected; check it with the club"
     )
 
 
@@ -1863,9 +1876,9 @@ def test_a_finishing_step_needing_a_value_the_booking_answer_lacked_fails_with_w
 
     assert paths(fh) == ["/login", "/book"]
     assert fh.row().last_error == (
-        "the club took the booking (court 3) but step 'confirm' did not complete ({book.bid} "
+        "the club took the booking (court 3) but step 'confirm' did not complete: {book.bid} "
         "has no value (step 'book' could not extract it: value 'bid' (json 'booking.id'): the "
-        "answer is not JSON), after 3 tries): check it with the club"
+        "answer is not JSON); check it with the club"
     )
 
 
