@@ -771,11 +771,6 @@ class Flow:
         """Whether ``url``'s host is on ``hosts`` (a host without a port matches any port)."""
         return host_allowed(self.hosts, url)
 
-    @property
-    def host(self) -> str:
-        """The booking step's host (what the one-step flows of sections 6 and 11 talk to)."""
-        return urlsplit(render_text(self.booking_step.url, _MaskAll())).netloc
-
 
 class _MaskAll(dict[str, Any]):
     """Values for a rendering that only needs the literal parts (a URL's host)."""

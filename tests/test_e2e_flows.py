@@ -347,3 +347,27 @@ def test_dry_run_runs_the_preparation_steps_now_and_sends_nothing_else(
     missing = cli(env, "dry-run", "nope")
     assert missing.returncode == 1
     assert "courtbot dry-run: no valid entry 'nope'" in missing.stderr
+
+
+def test_an_invalid_flow_names_the_step_and_the_key_in_check_and_stops_run(
+    env: dict[str, str], club: FlowClub, daemon: list[DaemonProcess], tmp_path: Path
+) -> None:
+    flow = club.flow()
+    flow["steps"][2]["json"]["slot"] = "{slott.id}"
+    data = Path(env["DATA_DIR"])
+    (data / "club.json").write_text(json.dumps(flow))
+    (data / "schedules.json").write_text("[]")
+    expected = (
+        f"BOOKING_REQUEST_TEMPLATE {data / 'club.json'}: step 'book': json.slot: unknown "
+        "placeholder {slott.id} in '{slott.id}'; {<step>.<value>} must name an earlier step and "
+        "a value it extracts"
+    )
+
+    checked = cli(env, "check")
+
+    assert checked.returncode == 1
+    assert f"error: {expected}" in checked.stderr.splitlines()
+    process = DaemonProcess(env, data, tmp_path / "out.txt").start()
+    daemon.append(process)
+    assert process.wait(20) == 2
+    assert process.output().strip() == f"courtbot: cannot start: {expected}"
