@@ -111,7 +111,7 @@ class Settings:
         try:
             window = utils.parse_window(env.get("BOOKING_WINDOW") or "168h")
         except ValueError as exc:
-            raise SettingsError(str(exc)) from None
+            raise SettingsError(f"BOOKING_WINDOW: {exc}") from None
         log_file_value = env.get("LOG_FILE") or str(data_dir / "bot.log")
         template = env.get("BOOKING_REQUEST_TEMPLATE") or None
         template_path = None

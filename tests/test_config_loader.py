@@ -1011,8 +1011,9 @@ def test_settings_empty_values_mean_defaults() -> None:
 
 
 WINDOW_EXPECTED = (
-    "is not a window; expected '<N>h' (hours, e.g. '168h' or '47.5h') or '<N>d' (whole "
-    "calendar days, e.g. '7d')"
+    "is not a window; expected '<N>h' (hours, e.g. '168h' or '47.5h'), '<N>d' (whole "
+    "calendar days, e.g. '7d') or '<N>d@HH:MM' (at that local time N calendar days before, "
+    "e.g. '6d@08:00')"
 )
 
 
@@ -1026,7 +1027,7 @@ WINDOW_EXPECTED = (
         (
             {"BOOKING_WINDOW": "99999999h"},
             "BOOKING_WINDOW: '99999999h' is longer than a year; no club opens bookings that far "
-            "ahead (e.g. '168h' or '7d')",
+            "ahead (e.g. '168h', '7d' or '6d@08:00')",
         ),
         (
             {"BOOKING_TIMEZONE": "Mars/Olympus"},
