@@ -41,6 +41,9 @@ EXPIRED = "expired"
 CANCELLED = "cancelled"
 STATUSES = (PENDING, BOOKING, BOOKED, FAILED, EXPIRED, CANCELLED)
 FINAL = (BOOKED, FAILED, EXPIRED)
+#: Token.kind
+KIND_STRING = "string"
+KIND_OBJECT = "object"
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -105,6 +108,9 @@ class Instance(Base):
     #: A booking cut off by a crash (it may have reached the club): set when it is retried at
     #: start, cleared by its final status or a ``retry``. Its 409 may be our own earlier request.
     interrupted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: The club file its entry names (``DATA_DIR/clubs/<club>.json``) when it was last loaded;
+    #: NULL: BOOKING_REQUEST_TEMPLATE or the request of CONTRACT section 6.
+    club: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_schedules_status_trigger", "status", "trigger_time"),)
 
@@ -114,13 +120,19 @@ class Instance(Base):
 
 class Token(Base):
     """A club API token, only ever stored encrypted. ``error`` is set while tokens.json holds a
-    value for it that no key decrypts: its bookings then fail with that reason."""
+    value for it that no key decrypts: its bookings then fail with that reason.
+
+    ``kind`` "string": ``encrypted_token`` is one Fernet token. "object" (a token of several
+    secrets, e.g. an email and a password): ``encrypted_token`` is a JSON object of its field
+    names, each mapped to that field's own Fernet token, as tokens.json holds it.
+    """
 
     __tablename__ = "tokens"
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     encrypted_token: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(16), default=KIND_STRING, server_default=KIND_STRING)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
@@ -207,17 +219,18 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
 
 
 def add_missing_columns(engine: Engine) -> list[str]:
-    """Add the columns a database made by an earlier release lacks (each has a default, so
-    existing rows read as before). Returns the names added."""
-    present = {column["name"] for column in inspect(engine).get_columns(Instance.__tablename__)}
+    """Add the columns a database made by an earlier release lacks (each has a default or is
+    nullable, so existing rows read as before). Returns them as ``table.column``."""
     added = []
-    for column in Instance.__table__.columns:
-        if column.name in present:
-            continue
-        ddl = CreateColumn(column).compile(dialect=engine.dialect)
-        with engine.begin() as conn:
-            conn.exec_driver_sql(f"ALTER TABLE {Instance.__tablename__} ADD COLUMN {ddl}")
-        added.append(column.name)
+    for table in (Instance.__table__, Token.__table__):
+        present = {column["name"] for column in inspect(engine).get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            ddl = CreateColumn(column).compile(dialect=engine.dialect)
+            with engine.begin() as conn:
+                conn.exec_driver_sql(f"ALTER TABLE {table.name} ADD COLUMN {ddl}")
+            added.append(f"{table.name}.{column.name}")
     return added
 
 
