@@ -41,7 +41,7 @@ from notify import (
     mask_url,
     validate_notify_urls,
 )
-from template import TemplateError, default_template, describe_request
+from template import RequestTemplate, TemplateError, default_template, describe_request
 
 logger = logging.getLogger("courtbot")
 
@@ -571,7 +571,9 @@ def _request_of(entry: config_loader.Entry, config: Config, settings: Settings) 
     return f"request: BOOKING_API_URL ({settings.api_url})"
 
 
-def _flow_of(entry: config_loader.Entry, config: Config, settings: Settings) -> Any:
+def _flow_of(
+    entry: config_loader.Entry, config: Config, settings: Settings
+) -> RequestTemplate | None:
     """What the entry's bookings are rendered from (None when nothing gives it a request)."""
     if entry.club is not None:
         return config.clubs[entry.club].flow
