@@ -384,20 +384,16 @@ def token_secrets(
         f"token {name!r} in the database does not decrypt with FERNET_KEY (was the key "
         "changed?): put the token in tokens.json again and reload"
     )
-    if token_row.kind != KIND_OBJECT:
-        plaintext = utils.decrypt_token(fernet, token_row.encrypted_token)
-        return ({}, undecryptable) if plaintext is None else ({"token": plaintext}, None)
-    try:
-        fields = json.loads(token_row.encrypted_token)
-    except ValueError:
-        return {}, undecryptable
-    secrets: dict[str, str] = {}
-    for field_name, encrypted in fields.items() if isinstance(fields, dict) else ():
-        plaintext = utils.decrypt_token(fernet, encrypted) if isinstance(encrypted, str) else None
-        if plaintext is None:
+    encrypted: Any = token_row.encrypted_token
+    if token_row.kind == KIND_OBJECT:
+        try:
+            encrypted = json.loads(encrypted)
+        except ValueError:
             return {}, undecryptable
-        secrets[field_name] = plaintext
-    return (secrets, None) if secrets else ({}, undecryptable)
+        if not isinstance(encrypted, dict):
+            return {}, undecryptable
+    secrets = utils.decrypt_secrets(fernet, encrypted)
+    return ({}, undecryptable) if secrets is None else (secrets, None)
 
 
 def release(factory: sessionmaker[Session], key: str) -> None:

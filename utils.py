@@ -636,6 +636,24 @@ def decrypt_token(fernet: MultiFernet, value: str) -> str | None:
         return None
 
 
+def decrypt_secrets(fernet: MultiFernet, encrypted: Any) -> dict[str, str] | None:
+    """The secrets of a token as a booking uses them: ``{"token": plaintext}`` for an encrypted
+    string, the decrypted fields for an object of encrypted fields (CONTRACT section 12). None
+    when anything does not decrypt (or is of another shape)."""
+    if isinstance(encrypted, str):
+        plaintext = decrypt_token(fernet, encrypted)
+        return None if plaintext is None else {"token": plaintext}
+    if not isinstance(encrypted, dict) or not encrypted:
+        return None
+    secrets: dict[str, str] = {}
+    for name, value in encrypted.items():
+        plaintext = decrypt_token(fernet, value) if isinstance(value, str) else None
+        if plaintext is None:
+            return None
+        secrets[name] = plaintext
+    return secrets
+
+
 def encrypted_under_first_key(fernet: MultiFernet, value: str) -> bool:
     """True when ``value`` decrypts under the first (encrypting) key."""
     first: Fernet = fernet._fernets[0]  # MultiFernet keeps its keys in order

@@ -721,6 +721,21 @@ def test_decrypt_token(fernet: MultiFernet) -> None:
     assert utils.decrypt_token(fernet, not_utf8) is None
 
 
+def test_decrypt_secrets_of_a_string_and_of_an_object(fernet: MultiFernet) -> None:
+    def enc(text: str) -> str:
+        return fernet.encrypt(text.encode()).decode()
+
+    assert utils.decrypt_secrets(fernet, enc("tok")) == {"token": "tok"}
+    fields = {"email": enc("me@club.example"), "password": enc("pw")}
+    assert utils.decrypt_secrets(fernet, fields) == {"email": "me@club.example", "password": "pw"}
+    foreign = Fernet(Fernet.generate_key()).encrypt(b"pw").decode()
+    assert utils.decrypt_secrets(fernet, fields | {"password": foreign}) is None
+    assert utils.decrypt_secrets(fernet, {"email": 5}) is None
+    assert utils.decrypt_secrets(fernet, {}) is None
+    assert utils.decrypt_secrets(fernet, foreign) is None
+    assert utils.decrypt_secrets(fernet, None) is None
+
+
 def test_encrypted_under_first_key(fernet: MultiFernet) -> None:
     assert utils.encrypted_under_first_key(fernet, "plain") is False
     assert utils.encrypted_under_first_key(fernet, "gAAAAAé") is False
