@@ -4,7 +4,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test lint demo bench clean postgres-server
+
+# The suite also runs on a throwaway PostgreSQL server (tests/pg_server.py) made from Debian's
+# server binaries. Where they are missing and we are root (CI, a fresh machine), install
+# Debian's postgresql package, without the default cluster it would otherwise create and start.
+PG_SERVER_GLOB ?= /usr/lib/postgresql/*/bin/postgres
 
 venv: $(STAMP)
 
@@ -20,8 +25,20 @@ lint: $(STAMP)
 	$(BIN)/hadolint --failure-threshold warning Dockerfile
 
 # pytest exits 5 when it collected no test: that fails here like any other error.
-test: lint
+test: lint postgres-server
 	$(BIN)/python -m pytest
+
+postgres-server:
+	@if ls $(PG_SERVER_GLOB) >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's postgresql package (server binaries for the test suite)"; \
+	  mkdir -p /etc/postgresql-common/createcluster.d && \
+	  echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.d/courtbot-tests.conf && \
+	  DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null; \
+	else \
+	  echo "note: no PostgreSQL server binaries ($(PG_SERVER_GLOB)): the PostgreSQL tests will be skipped; install them with: sudo apt-get install postgresql"; \
+	fi
 
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py

@@ -32,7 +32,7 @@ from requests.cookies import MockRequest, MockResponse, RequestsCookieJar, get_c
 
 import instances
 import utils
-from models import BOOKED, EXPIRED, FAILED, PENDING, Instance, SessionFactory, Token
+from models import BOOKED, EXPIRED, FAILED, PENDING, Instance, SessionFactory
 from notify import Outcome
 from template import (
     Flow,
@@ -723,6 +723,9 @@ class BookingContext:
     notify: Callable[[Outcome], None]
     #: BOOKING_REQUEST_TEMPLATE (CONTRACT section 11 or 12); None: the request of section 6.
     template: Flow | None = None
+    #: The club files by club name (CONTRACT section 3), as the last load left them: a club
+    #: file that became invalid keeps its last good flow here.
+    clubs: dict[str, Flow] = field(default_factory=dict)
     on_booked: Callable[[str], None] | None = None
     clock: Callable[[], float] = time.time
     gate: TriggerGate = field(default_factory=TriggerGate)
@@ -733,13 +736,15 @@ class BookingContext:
     early_retry_seconds: float = 20.0
 
     def flow_for(self, club: str | None) -> Flow:
-        """The flow an instance's bookings run: its club's (None: BOOKING_REQUEST_TEMPLATE, else
-        the request of section 6)."""
+        """The flow an instance of ``club`` books with: its club file, or for None the template
+        (section 6's request when none is set). KeyError for a club no valid file was ever
+        loaded for (or, for None, when nothing gives a request)."""
         if club is not None:
-            raise LookupError(f"club {club!r} is not loaded: check DATA_DIR/clubs/{club}.json")
+            return self.clubs[club]
         if self.template is not None:
             return self.template
-        assert self.api_url is not None, "BOOKING_API_URL or a template with a url is needed"
+        if self.api_url is None:
+            raise KeyError(club)
         if self._default is None or self._default[0] != self.api_url:
             self._default = (self.api_url, default_flow(self.api_url))
         return self._default[1]
@@ -781,15 +786,13 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     if not instances.claim(ctx.factory, key, now):
         return None
     row, token_row = instances.claimed(ctx.factory, key)
-    secrets, problem = _secrets(ctx, row, token_row)
+    try:
+        flow = ctx.flow_for(row.club)
+    except KeyError:
+        return _finish(ctx, key, FAILED, _club_missing(row.club))
+    secrets, problem = instances.token_secrets(token_row, ctx.fernet, name=row.token_name)
     if problem is None:
-        try:
-            # Instance.club (the entry's club file) arrives with the per-entry clubs.
-            flow = ctx.flow_for(getattr(row, "club", None))
-        except LookupError as exc:
-            problem = str(exc)
-        else:
-            problem = _secrets_problem(flow, secrets, row.token_name)
+        problem = _secrets_problem(flow, secrets, row.token_name)
     if problem is not None:
         return _finish(ctx, key, FAILED, problem)
     run = FlowRun(flow, _slot(row), secrets, row.token_name, label=key, total=row.attempts)
@@ -815,24 +818,17 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     return _run_courts(ctx, run, row, ahead)
 
 
-def _secrets(
-    ctx: BookingContext, row: Instance, token_row: Token | None
-) -> tuple[dict[str, str], str | None]:
-    """The instance's secrets (a string token is ``{"token": value}``), or why there are none."""
-    name = row.token_name
-    if token_row is None or token_row.encrypted_token is None:
-        if token_row is not None and token_row.error:
-            return {}, token_row.error
-        return {}, f"token {name!r} is not in tokens.json: add it there and reload"
-    if token_row.error:
-        return {}, token_row.error
-    plaintext = utils.decrypt_token(ctx.fernet, token_row.encrypted_token)
-    if plaintext is None:
-        return {}, (
-            f"token {name!r} in the database does not decrypt with FERNET_KEY (was the key "
-            "changed?): put the token in tokens.json again and reload"
+def _club_missing(club: str | None) -> str:
+    if club is None:
+        return (
+            "no request for this entry: set BOOKING_API_URL or BOOKING_REQUEST_TEMPLATE, or name "
+            "a club in the entry, reload, then `python main.py retry` this booking"
         )
-    return {"token": plaintext}, None
+    return (
+        f"club {club!r}: its file (DATA_DIR/clubs/{club}.json) is missing or invalid and no "
+        "good version of it was loaded: fix it (`python main.py check` names the error), "
+        "reload, then `python main.py retry` this booking"
+    )
 
 
 def _secrets_problem(flow: Flow, secrets: Mapping[str, str], name: str) -> str | None:

@@ -1,13 +1,16 @@
-"""The database: one row per booking instance (table ``schedules``) and encrypted tokens.
+"""The database: one row per booking instance (table ``schedules``), encrypted tokens, daemons.
 
 Times are stored as UTC. SQLite runs in WAL mode with a busy timeout so the scheduler's worker
 threads, the job store and a ``status`` reader in another process never see "database is locked".
+PostgreSQL (``postgresql://`` URLs) is opened with psycopg 3, the driver requirements.txt installs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -16,6 +19,7 @@ from typing import Any
 
 from sqlalchemy import (
     Boolean,
+    Connection,
     DateTime,
     Engine,
     Index,
@@ -26,10 +30,12 @@ from sqlalchemy import (
     create_engine,
     event,
     false,
+    func,
     inspect,
+    select,
 )
-from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import URL, Dialect, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.schema import CreateColumn
 
@@ -41,8 +47,15 @@ EXPIRED = "expired"
 CANCELLED = "cancelled"
 STATUSES = (PENDING, BOOKING, BOOKED, FAILED, EXPIRED, CANCELLED)
 FINAL = (BOOKED, FAILED, EXPIRED)
+#: Token.kind
+KIND_STRING = "string"
+KIND_OBJECT = "object"
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+#: How long connecting to a database server may take before it counts as unreachable.
+CONNECT_TIMEOUT_SECONDS = 10
+#: What ``postgresql://`` means here (SQLAlchemy's default driver, psycopg2, is not installed).
+POSTGRESQL_DRIVER = "postgresql+psycopg"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -105,6 +118,12 @@ class Instance(Base):
     #: A booking cut off by a crash (it may have reached the club): set when it is retried at
     #: start, cleared by its final status or a ``retry``. Its 409 may be our own earlier request.
     interrupted: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: The daemon (``daemons.id``) whose claim this is while ``booking``; NULL for none (and in
+    #: rows from before this column, which a starting daemon adds: add_missing_columns).
+    owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: The club file its entry names (``DATA_DIR/clubs/<club>.json``) when it was last loaded;
+    #: NULL: BOOKING_REQUEST_TEMPLATE or the request of CONTRACT section 6.
+    club: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_schedules_status_trigger", "status", "trigger_time"),)
 
@@ -114,14 +133,199 @@ class Instance(Base):
 
 class Token(Base):
     """A club API token, only ever stored encrypted. ``error`` is set while tokens.json holds a
-    value for it that no key decrypts: its bookings then fail with that reason."""
+    value for it that no key decrypts: its bookings then fail with that reason.
+
+    ``kind`` "string": ``encrypted_token`` is one Fernet token. "object" (a token of several
+    secrets, e.g. an email and a password): ``encrypted_token`` is a JSON object of its field
+    names, each mapped to that field's own Fernet token, as tokens.json holds it.
+    """
 
     __tablename__ = "tokens"
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     encrypted_token: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(16), default=KIND_STRING, server_default=KIND_STRING)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class Daemon(Base):
+    """One running daemon on this database: the active one or a standby, with its heartbeat."""
+
+    __tablename__ = "daemons"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    role: Mapped[str] = mapped_column(String(16))  # "active" or "standby"
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    since: Mapped[datetime] = mapped_column(UTCDateTime())  # when it took its current role
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DatabaseConnectError(Exception):
+    """The database server cannot be reached, refuses us, or does not let us make our tables.
+
+    ``str()`` is one line naming the URL (password masked), host, port and database, the reason
+    and the fix."""
+
+    def __init__(self, url: str, reason: str, fix: str) -> None:
+        self.url = mask_url(url)
+        self.reason = reason
+        self.fix = fix
+        self.host, self.port, self.database = _server_of(url)
+        super().__init__(
+            f"cannot open the database {self.url} (host {self.host}, port {self.port}, "
+            f"database {self.database}): {reason}; {fix}"
+        )
+
+
+def engine_url(url: str) -> URL:
+    """``url`` as SQLAlchemy should open it: ``postgresql://`` (and ``postgres://``, as some
+    hosts write it) with psycopg 3; any other URL as given."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername=POSTGRESQL_DRIVER)
+    return parsed
+
+
+def is_postgresql(url: str) -> bool:
+    """True for a PostgreSQL URL, whatever its driver."""
+    return engine_url(url).get_backend_name() == "postgresql"
+
+
+_PASSWORD_QUERY_KEYS = ("password", "sslpassword")
+
+
+def mask_url(url: str) -> str:
+    """``url`` fit for a log line or an error: its password (in the user part or the query)
+    written ``***``, e.g. ``postgresql://user:***@host/db``."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+    query = {
+        key: ("***" if key.lower() in _PASSWORD_QUERY_KEYS else value)
+        for key, value in parsed.query.items()
+    }
+    rendered = parsed.set(query=query).render_as_string(hide_password=True)
+    return rendered.replace("=%2A%2A%2A", "=***")  # the query's mask, unescaped for reading
+
+
+def _server_of(url: str) -> tuple[str, str, str]:
+    """Host, port and database of a server URL as libpq would resolve them, for messages."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return "?", "?", "?"
+    query_host = parsed.query.get("host")
+    query_port = parsed.query.get("port")
+    host = parsed.host or (query_host if isinstance(query_host, str) else None)
+    port = parsed.port or (query_port if isinstance(query_port, str) else None)
+    if host is None:
+        host = "localhost (Unix socket)"
+    if port is None:
+        port = "5432" if parsed.get_backend_name() in ("postgresql", "postgres") else "default"
+    return host, str(port), parsed.database or "(default)"
+
+
+def connect_error(url: str, exc: BaseException) -> DatabaseConnectError:
+    """The one-line error for a failed connection, with a fix a person can act on."""
+    orig = getattr(exc, "orig", None) or exc
+    sqlstate = getattr(orig, "sqlstate", None)
+    text = " ".join(str(orig).split())
+    first_line = " ".join((str(orig).strip().splitlines() or [""])[0].split())
+    password = make_url(url).password if "://" in url else None
+    if password:
+        text = text.replace(str(password), "***")
+        first_line = first_line.replace(str(password), "***")
+    lowered = text.lower()
+    host, port, database = _server_of(url)
+    user = make_url(url).username or "(default)"
+    if "password authentication failed" in lowered or sqlstate == "28P01":
+        return DatabaseConnectError(
+            url,
+            f"password authentication failed for user {user!r}",
+            "check the user name and password in DATABASE_URL",
+        )
+    if "no password supplied" in lowered:
+        return DatabaseConnectError(
+            url, f"the server wants a password for user {user!r}", "add it to DATABASE_URL"
+        )
+    if re.search(r'database "[^"]*" does not exist', lowered) or sqlstate == "3D000":
+        return DatabaseConnectError(
+            url,
+            f"database {database!r} does not exist",
+            f"create it (createdb -h {host} -p {port} -U {user} {database}) or fix the "
+            "database name in DATABASE_URL",
+        )
+    if re.search(r'role "[^"]*" does not exist', lowered):
+        return DatabaseConnectError(
+            url, f"user {user!r} does not exist", "create it or fix the user name in DATABASE_URL"
+        )
+    if "pg_hba.conf" in lowered or sqlstate == "28000":
+        return DatabaseConnectError(
+            url,
+            "the server does not accept this user from this machine (pg_hba.conf)",
+            "allow it in the server's pg_hba.conf, or check the user, database and sslmode in "
+            "DATABASE_URL",
+        )
+    if "permission denied" in lowered or sqlstate == "42501":
+        return DatabaseConnectError(
+            url,
+            f"user {user!r} may not create courtbot's tables ({first_line})",
+            f"make {user!r} the database's owner (ALTER DATABASE {database} OWNER TO {user}) "
+            f"or grant it CREATE on the schema (GRANT CREATE ON SCHEMA public TO {user})",
+        )
+    if "connection refused" in lowered:
+        return DatabaseConnectError(
+            url,
+            "connection refused",
+            f"check that PostgreSQL runs at {host} port {port} and accepts TCP connections, "
+            "or fix the host and port in DATABASE_URL",
+        )
+    if "could not translate host name" in lowered or "name or service not known" in lowered:
+        return DatabaseConnectError(
+            url, f"unknown host {host!r}", "fix the host name in DATABASE_URL"
+        )
+    if "timeout expired" in lowered or "timed out" in lowered:
+        return DatabaseConnectError(
+            url,
+            f"no answer within {_connect_timeout(url)} s",
+            "check the host and port in DATABASE_URL and that the network lets this machine "
+            "reach the server",
+        )
+    if isinstance(orig, ModuleNotFoundError | NoSuchModuleError):
+        return DatabaseConnectError(
+            url,
+            f"no driver for {make_url(url).drivername!r} ({text})",
+            "write the URL as postgresql://user:password@host/db (psycopg 3, which "
+            "requirements.txt installs)",
+        )
+    return DatabaseConnectError(url, text or orig.__class__.__name__, "check DATABASE_URL")
+
+
+def _connect_timeout(url: str) -> int:
+    """The connect timeout in force for ``url``: its own ``connect_timeout``, else ours."""
+    try:
+        value = make_url(url).query.get("connect_timeout")
+        return int(value) if isinstance(value, str) else CONNECT_TIMEOUT_SECONDS
+    except (ArgumentError, ValueError):
+        return CONNECT_TIMEOUT_SECONDS
+
+
+def postgresql_connect_args(url: str) -> dict[str, Any]:
+    """libpq options for every PostgreSQL connection: a bounded connect (the URL's own
+    ``connect_timeout`` wins), TCP keepalives so a dead server or network is noticed in
+    seconds, and a name in pg_stat_activity."""
+    return {
+        "connect_timeout": _connect_timeout(url),
+        "keepalives": 1,
+        "keepalives_idle": 5,
+        "keepalives_interval": 2,
+        "keepalives_count": 3,
+        "application_name": "courtbot",
+    }
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -174,9 +378,12 @@ def _enable_wal(engine: Engine, *, timeout: float = SQLITE_BUSY_TIMEOUT_MS / 100
 
 
 def make_engine(url: str, *, create: bool = True) -> Engine:
-    """An engine for ``url``. For SQLite: WAL, busy timeout, the file created 0600.
+    """An engine for ``url``. For SQLite: WAL, busy timeout, the file created 0600. For a
+    database server: a first connection is made here, so that an unreachable or misconfigured
+    one raises DatabaseConnectError (one line, password masked) rather than failing later.
 
-    With ``create`` the tables are created when missing.
+    With ``create`` the tables (and columns added since a database was made) are created when
+    missing.
     """
     path = sqlite_path(url)
     kwargs: dict[str, Any] = {}
@@ -191,33 +398,73 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
             "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
             "check_same_thread": False,
         }
-    engine = create_engine(url, **kwargs)
+    target = engine_url(url)
+    postgresql = target.get_backend_name() == "postgresql"
+    if postgresql:
+        # A connection the server dropped (restart, failover, idle timeout) is replaced, not
+        # handed to a booking.
+        kwargs["pool_pre_ping"] = True
+        kwargs["connect_args"] = postgresql_connect_args(url)
+    try:
+        engine = create_engine(target, **kwargs)
+    except (ModuleNotFoundError, NoSuchModuleError) as exc:
+        raise connect_error(url, exc) from None
     if path is not None:
         event.listen(engine, "connect", _sqlite_pragmas)
-    if create:
-        if path is not None:
+        if create:
             _enable_wal(engine)
-        Base.metadata.create_all(engine)
-        add_missing_columns(engine)
-        if path is not None:
+            Base.metadata.create_all(engine)
+            add_missing_columns(engine)
             for suffix in ("", "-wal", "-shm"):
                 with contextlib.suppress(FileNotFoundError):
                     Path(f"{path}{suffix}").chmod(0o600)
+        return engine
+    if target.get_backend_name() == "sqlite":  # in-memory SQLite
+        if create:
+            Base.metadata.create_all(engine)
+        return engine
+    try:
+        with engine.begin() as conn:
+            if create and postgresql:
+                # Daemons starting together (an active one and its standbys) would race to
+                # create the same tables: one at a time, for this transaction.
+                conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK_KEY)))
+            if create:
+                Base.metadata.create_all(conn)
+                add_missing_columns(conn)
+    except DBAPIError as exc:
+        engine.dispose()
+        raise connect_error(url, exc) from None
     return engine
 
 
-def add_missing_columns(engine: Engine) -> list[str]:
-    """Add the columns a database made by an earlier release lacks (each has a default, so
-    existing rows read as before). Returns the names added."""
-    present = {column["name"] for column in inspect(engine).get_columns(Instance.__tablename__)}
+#: The advisory lock that serializes creating the tables on PostgreSQL.
+_SCHEMA_LOCK_KEY = int.from_bytes(
+    hashlib.sha256(b"courtbot:schema").digest()[:8], "big", signed=True
+)
+
+
+def add_missing_columns(bind: Engine | Connection) -> list[str]:
+    """Add the columns that a database made by an earlier release lacks (``create_all`` only
+    creates whole tables; each added column is nullable or has a default, so existing rows
+    read as before). Returns the names added."""
+    inspector = inspect(bind)
     added = []
-    for column in Instance.__table__.columns:
-        if column.name in present:
+    for table in Base.metadata.sorted_tables:
+        if not inspector.has_table(table.name):
             continue
-        ddl = CreateColumn(column).compile(dialect=engine.dialect)
-        with engine.begin() as conn:
-            conn.exec_driver_sql(f"ALTER TABLE {Instance.__tablename__} ADD COLUMN {ddl}")
-        added.append(column.name)
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            ddl = CreateColumn(column).compile(dialect=inspector.dialect)
+            statement = f"ALTER TABLE {table.name} ADD COLUMN {ddl}"
+            if isinstance(bind, Engine):
+                with bind.begin() as conn:
+                    conn.exec_driver_sql(statement)
+            else:
+                bind.exec_driver_sql(statement)
+            added.append(f"{table.name}.{column.name}")
     return added
 
 

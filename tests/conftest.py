@@ -1,9 +1,11 @@
-"""Shared fixtures: a data dir, a key, settings, a real SQLite database in tmp_path."""
+"""Shared fixtures: a data dir, a key, settings, a real SQLite database in tmp_path, and a real
+PostgreSQL server (``pg_server``, ``pg_url``; ``db_url`` runs a test on each database)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -12,6 +14,8 @@ from typing import Any
 
 import pytest
 from cryptography.fernet import Fernet, MultiFernet
+from pg_server import PgServer, PgUnavailable
+from pg_server import start as pg_start
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -101,3 +105,40 @@ def previous_release_database(path: Path) -> str:
     with contextlib.closing(sqlite3.connect(path)) as conn:
         conn.executescript(PREVIOUS_SCHEMA)
     return f"sqlite:///{path}"
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A throwaway PostgreSQL server on 127.0.0.1 for the whole run (tests/pg_server.py).
+
+    When it cannot start, the tests that need it fail with the reason under CI (CI=true), so
+    that a green CI always means they ran, and are skipped with the reason elsewhere.
+    """
+    try:
+        server = pg_start()
+    except PgUnavailable as exc:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL could not be started: {exc}", pytrace=False)
+        pytest.skip(f"PostgreSQL could not be started: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> Iterator[str]:
+    """The URL of a fresh, empty database on the test server, dropped after the test."""
+    name = pg_server.create_database()
+    yield pg_server.url(name)
+    pg_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> str:
+    """A ``DATABASE_URL`` for each database courtbot supports: the default SQLite file in
+    ``data_dir``, and a fresh PostgreSQL database. A test that takes it runs once on each."""
+    if request.param == "sqlite":
+        return f"sqlite:///{request.getfixturevalue('data_dir') / 'db.sqlite'}"
+    return str(request.getfixturevalue("pg_url"))

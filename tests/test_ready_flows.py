@@ -5,9 +5,8 @@ before the booking, a refused login.
 Each test parses the real flow file (its hosts pointed at the mock by ``flow_for_mock``) with
 ``template.parse_flow`` and books one instance with ``bot.book_slot``: a real SQLite database,
 the real club client, the real clock (the window opens about a second after the test starts).
-The one seam: the token's fields are handed to the booking by ``bot._secrets`` (until
-``tokens.json`` holds objects, the daemon's token is a single string); the daemon itself runs the
-ready flows in ``test_the_daemon_books_with_a_ready_flow`` once it can read them.
+The token is an object of fields in the database, as the daemon stores what ``tokens.json``
+holds; ``test_the_daemon_books_with_a_ready_flow`` runs the daemon itself on each ready flow.
 """
 
 from __future__ import annotations
@@ -28,11 +27,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import bot
-import config_loader
 import utils
 from clubmocks import MOCKS, ClubMock, flow_for_mock, write_flow_for_mock
-from daemon_harness import DaemonProcess, by_key, iso_z, wait_until
-from models import BOOKED, FAILED, PENDING, Instance, transaction
+from daemon_harness import DaemonProcess, by_key, cli, iso_z, wait_until
+from models import BOOKED, FAILED, KIND_OBJECT, PENDING, Instance, Token, transaction
 from notify import Outcome
 from template import Flow, parse_flow
 
@@ -120,6 +118,7 @@ class Booking:
     club: ClubMock
     factory: sessionmaker[Session]
     flow: Flow
+    fernet: MultiFernet
     start: datetime = field(default_factory=slot_start)
     outcomes: list[Outcome] = field(default_factory=list)
     key: str = ""
@@ -131,6 +130,12 @@ class Booking:
     def add(self, courts: list[Any] | None = None) -> None:
         courts = courts if courts is not None else self.case.courts(self.club)
         self.case.setup(self.club, self.start)
+        fields = {
+            name: self.fernet.encrypt(value.encode()).decode()
+            for name, value in self.club.tokens_entry().items()
+        }
+        with transaction(self.factory) as session:
+            session.add(Token(id="default", encrypted_token=json.dumps(fields), kind=KIND_OBJECT))
         text = [None if c is None else str(c) for c in courts]
         self.key = utils.instance_key(self.system, self.start)
         with transaction(self.factory) as session:
@@ -155,7 +160,7 @@ class Booking:
     def context(self) -> bot.BookingContext:
         return bot.BookingContext(
             factory=self.factory,
-            fernet=MultiFernet([Fernet(Fernet.generate_key())]),
+            fernet=self.fernet,
             client=bot.ClubClient(timeout=5),
             api_url=None,
             retry_base=0.05,
@@ -184,15 +189,13 @@ class Booking:
 def booking(
     request: pytest.FixtureRequest,
     factory: sessionmaker[Session],
-    monkeypatch: pytest.MonkeyPatch,
+    fernet: MultiFernet,
     caplog: pytest.LogCaptureFixture,
 ) -> Iterator[Booking]:
     system = request.param
     with MOCKS[system](zone="Europe/Paris") as club:
-        secrets = club.tokens_entry()
-        monkeypatch.setattr(bot, "_secrets", lambda ctx, row, token_row: (dict(secrets), None))
         flow = parse_flow(flow_for_mock(system, club.url), api_url=None, name=f"{system}.json")
-        made = Booking(system, club, factory, flow)
+        made = Booking(system, club, factory, flow, fernet)
         yield made
         # The password never leaves the booking's requests.
         for outcome in made.outcomes:
@@ -305,38 +308,38 @@ def test_a_ready_flow_meets_a_refused_login(booking: Booking) -> None:
     assert not any(booking_url.endswith(path) for path in sent)
 
 
-def _tokens_may_be_objects(tmp_path: Path) -> bool:
-    """Whether tokens.json takes an object of fields (the config side of section 12)."""
-    path = tmp_path / "probe.json"
-    path.write_text(json.dumps({"t": {"email": "a@b.c"}}))
-    fernet = MultiFernet([Fernet(Fernet.generate_key())])
-    return not config_loader.read_tokens(path, fernet).errors
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("system", sorted(CASES))
-def test_the_daemon_books_with_a_ready_flow(system: str, tmp_path: Path) -> None:
-    if not _tokens_may_be_objects(tmp_path):
-        pytest.skip("tokens.json objects (secret fields) are read by the config loader of issue 12")
+def test_the_daemon_runs_a_ready_flow_from_tokens_json_and_its_club_file(
+    system: str, tmp_path: Path
+) -> None:
+    """The real daemon, the real flow file in DATA_DIR/clubs/, tokens.json objects: one entry
+    books (through early answers where the system has them: the club opens 300 ms late), one
+    whose password the club refuses fails at its login, before the window opens."""
     data = tmp_path / "data"
     with MOCKS[system](zone="Europe/Paris") as club:
         case = CASES[system]
         start = slot_start()
         case.setup(club, start)
         write_flow_for_mock(system, club.url, data / "clubs", prepare_seconds=2)
-        (data / "tokens.json").write_text(json.dumps({"default": club.tokens_entry()}))
+        stale = club.tokens_entry() | {"password": "an-old-password"}
+        tokens = {"default": club.tokens_entry(), "stale": stale}
+        (data / "tokens.json").write_text(json.dumps(tokens))
         trigger = datetime.now(UTC) + timedelta(seconds=6)
+        if case.never_open is not None:
+            club.opens_at = trigger.timestamp() + 0.3
         window_hours = (start.astimezone(UTC) - trigger).total_seconds() / 3600
         entry = {
-            "id": system,
             "type": "one-off",
             "desired_time": iso_z(start),
+            "timezone": "Europe/Paris",
             "court_id": case.courts(club)[0],
             "duration_minutes": case.minutes,
             "club": system,
-            "window": f"{window_hours:.6f}h",
+            "window": f"{window_hours:.9f}h",
         }
-        (data / "schedules.json").write_text(json.dumps([entry]))
+        entries = [entry | {"id": "mine"}, entry | {"id": "stale", "token": "stale"}]
+        (data / "schedules.json").write_text(json.dumps(entries))
         env = {
             "PATH": "/usr/bin:/bin",
             "FERNET_KEY": Fernet.generate_key().decode(),
@@ -347,13 +350,63 @@ def test_the_daemon_books_with_a_ready_flow(system: str, tmp_path: Path) -> None
         process = DaemonProcess(env, data, tmp_path / "out.txt").start()
         try:
             process.wait_ready()
-            key = f"{system}@{iso_z(start)}"
-            assert wait_until(lambda: by_key(env)[key]["status"] in ("booked", "failed"), 20), (
-                process.output()
-            )
-            assert by_key(env)[key]["status"] == "booked", by_key(env)[key]["last_error"]
+            mine, refused = (f"{name}@{iso_z(start)}" for name in ("mine", "stale"))
+
+            def settled() -> bool:
+                rows = by_key(env)
+                return all(rows[k]["status"] in ("booked", "failed") for k in (mine, refused))
+
+            assert wait_until(settled, 25), process.output()
+            rows = by_key(env)
+            assert rows[mine]["status"] == "booked", rows[mine]["last_error"]
+            assert rows[mine]["booking_ref"] == case.ref(club)
             assert len(club.bookings) == 1
+            assert rows[refused]["status"] == "failed"
+            assert rows[refused]["last_error"].startswith(case.refused)
+            # The logins went ahead of the window; the booking step at it or after.
+            assert min(r.arrived for r in club.requests) < trigger.timestamp()
+            keyed = [r for r in club.requests if r.header("Idempotency-Key")]
+            # (1 ms: the window is written in hours, to 9 decimals)
+            assert keyed and min(r.arrived for r in keyed) >= trigger.timestamp() - 0.001
             assert process.stop() == 0
-            assert club.password not in process.output()
+            for secret in (club.password, stale["password"]):
+                assert secret not in process.output()
+                assert secret.encode() not in (data / "db.sqlite").read_bytes()
         finally:
             process.cleanup()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("system", sorted(CASES))
+def test_dry_run_logs_in_to_a_ready_flow_now_and_books_nothing(system: str, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with MOCKS[system](zone="Europe/Paris") as club:
+        case = CASES[system]
+        start = slot_start()
+        case.setup(club, start)
+        write_flow_for_mock(system, club.url, data / "clubs")
+        (data / "tokens.json").write_text(json.dumps({"default": club.tokens_entry()}))
+        entry = {
+            "id": "mine",
+            "type": "one-off",
+            "desired_time": iso_z(start),
+            "timezone": "Europe/Paris",
+            "court_id": case.courts(club)[0],
+            "duration_minutes": case.minutes,
+            "club": system,
+        }
+        (data / "schedules.json").write_text(json.dumps([entry]))
+        env = {"PATH": "/usr/bin:/bin", "FERNET_KEY": Fernet.generate_key().decode()}
+        env |= {"DATA_DIR": str(data), "LOG_FILE": "-"}
+
+        done = cli(env, "dry-run", "mine")
+
+        assert done.returncode == 0, done.stdout + done.stderr
+        flow = parse_flow(flow_for_mock(system, club.url), api_url=None, name="x")
+        for step in flow.phase("prepare"):
+            assert f"  step {step.name}" in done.stdout
+        assert done.stdout.splitlines()[-1] == "OK: every preparation step succeeded"
+        assert [r for r in club.requests if r.header("Idempotency-Key")] == []
+        assert club.bookings == []
+        assert club.password not in done.stdout + done.stderr
+        assert not (data / "db.sqlite").exists()
