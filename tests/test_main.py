@@ -603,3 +603,28 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)
+
+
+def test_jobs_of_a_club_whose_flow_prepares_start_that_much_before_the_trigger(
+    daemon: main.Daemon, data_dir: Path
+) -> None:
+    clubs = data_dir / "clubs"
+    clubs.mkdir()
+    login = {"name": "login", "url": "https://padel.example/login", "ok": {"status": [200]}}
+    book = {"name": "book", "booking": True, "url": "https://padel.example/book"}
+    write_json(clubs / "padel.json", {"prepare_seconds": 90, "steps": [login, book]})
+    write_json(data_dir / "schedules.json", [one_off("a"), one_off("p") | {"club": "padel"}])
+    daemon.safe_load("file change")
+    assert daemon.engine is not None
+
+    rows = [r for r in instances.status_rows(daemon.factory) if r["status"] == "pending"]
+    with daemon.engine.connect() as conn:
+        jobs = dict(list(conn.exec_driver_sql("SELECT id, next_run_time FROM apscheduler_jobs")))
+    leads = {
+        row["schedule"]: datetime.fromisoformat(
+            row["trigger_time"].replace("Z", "+00:00")
+        ).timestamp()
+        - jobs[row["key"]]
+        for row in rows
+    }
+    assert leads == {"a": pytest.approx(2), "p": pytest.approx(92)}
