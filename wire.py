@@ -973,7 +973,8 @@ class BurstGate:
         stop: threading.Event | None = None,
     ) -> Sent | None:
         """Send ``data`` on ``conn`` at ``trigger`` with every other booking of that instant;
-        returns its Sent, or None when ``stop`` was set before the trigger."""
+        returns its Sent, or None when the instant's sender saw ``stop`` set before the trigger
+        (the first booking's ``stop`` governs the instant: the daemon's is one event)."""
         with self._lock:
             batch = self._batches.get(trigger)
             leader = batch is None
