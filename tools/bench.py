@@ -24,8 +24,10 @@ d. load: 100 weekly schedules (5,200 instances) from an empty DATA_DIR to the pi
    no-op SIGHUP and a SIGHUP after editing one entry's time (the daemon's own log figures).
 e. rest: the loaded daemon's RSS and CPU over an idle window.
 
-Progress goes to stderr; the tables go to stdout, each target marked MET or MISSED, a miss with
-its cause. The exit status is 0 even when a target is missed: this is a benchmark, not a test.
+Progress goes to stderr; the tables go to stdout. A target is judged on the median repeat and
+marked MET or MISSED, a miss with its cause; the worst repeat is shown beside it, with what made
+it worse when it is over the target (the machine may be shared: section a measures its noise).
+The exit status is 0 even when a target is missed: this is a benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -771,8 +773,16 @@ def measure_way(
     return run_client(way.method, club, verify, shots, scratch)
 
 
-def cause_of(run: Run, *, burst: bool, limit_ms: float) -> str:
-    """Why a run missed its target, from what the club saw (and the client, where it says)."""
+def _figure(group: Group, burst: bool) -> float:
+    """The figure a target judges: the last arrival of a burst, or a repeat's p99."""
+    if burst:
+        return max(group.late_ms, default=math.nan)
+    return percentile(group.late_ms, 99)
+
+
+def cause_of(run: Run, *, burst: bool, limit_ms: float, median: bool = False) -> str:
+    """Why a run's worst repeat (or its median one) missed its target, from what the club saw
+    and, for ``wire``, from when the client says it wrote each request."""
     total = len(run.shots)
     if run.missing:
         errors = run.errors()
@@ -786,19 +796,28 @@ def cause_of(run: Run, *, burst: bool, limit_ms: float) -> str:
             "ahead was not used"
         )
     groups = run.groups()
-    index = max(range(len(groups)), key=lambda i: max(groups[i].late_ms, default=0.0))
-    worst = groups[index]
-    first = min(worst.late_ms, default=math.nan)
-    last = max(worst.late_ms, default=math.nan)
+    order = sorted(range(len(groups)), key=lambda i: _figure(groups[i], burst))
+    index = order[len(order) // 2] if median else order[-1]
+    group = groups[index]
+    first = min(group.late_ms, default=math.nan)
+    last = max(group.late_ms, default=math.nan)
     wrote = run.wrote_ms(index)
     load = f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     if burst:
         parts = []
         if last - first > limit_ms / 2:
-            parts.append(
-                f"{fine(last - first)} ms from the first to the last arrival of the worst burst: "
-                "the writes themselves (Python per request, hand-offs between threads)"
-            )
+            spans = [max(w) - min(w) for w in (run.wrote_ms(i) for i in range(len(groups))) if w]
+            if wrote and spans and max(wrote) - min(wrote) > 3 * min(spans):
+                parts.append(
+                    f"the writer's own writes spanned {fine(max(wrote) - min(wrote))} ms here "
+                    f"and {fine(min(spans))} ms in the best repeat: it lost the CPU mid-loop "
+                    f"({load})"
+                )
+            else:
+                parts.append(
+                    f"{fine(last - first)} ms from the first to the last arrival: the writes "
+                    "themselves (Python per request, hand-offs between threads)"
+                )
         if first > limit_ms / 2:
             if wrote:
                 parts.append(
@@ -808,7 +827,7 @@ def cause_of(run: Run, *, burst: bool, limit_ms: float) -> str:
             else:
                 parts.append(f"the first request already came {fine(first)} ms late ({load})")
         return "; ".join(parts) or f"last {fine(last)} ms"
-    p50 = percentile(worst.late_ms, 50)
+    p50 = percentile(group.late_ms, 50)
     if p50 >= limit_ms:
         return f"even the median is {fine(p50)} ms: the send itself is slower than the target"
     if wrote:
@@ -820,6 +839,30 @@ def cause_of(run: Run, *, burst: bool, limit_ms: float) -> str:
         f"median {fine(p50)} ms, slowest {fine(last)} ms: the tail is wake-up jitter or "
         f"another process holding a core ({load})"
     )
+
+
+def judge(table: Table, case: str, name: str, run: Run, *, burst: bool) -> None:
+    """Two rows for a target: the verdict on the median repeat (the machine is shared; its
+    noise is measured in section a), then the worst repeat with what made it worse."""
+    spread = run.last() if burst else run.p99()
+    limit = TARGET_BURST_LAST_MS if burst else TARGET_SINGLE_P99_MS
+    what = f"last of {BURST_SIZE}" if burst else "one booking, p99"
+    target = f"<= {limit:g} ms" + (f" (aim {AIM_BURST_LAST_MS:g})" if burst else "")
+    ok = spread.median <= limit and run.early == 0 and run.missing == 0
+    if not ok:
+        note = cause_of(run, burst=burst, limit_ms=limit, median=True)
+    elif burst:
+        reached = "reached" if spread.median <= AIM_BURST_LAST_MS else "not reached"
+        note = f"the aim of {AIM_BURST_LAST_MS:g} ms is {reached}"
+    else:
+        note = ""
+    table.add(case, f"{name}: {what}, median repeat", ms(spread.median), target, ok, note=note)
+    worse = (
+        ""
+        if spread.max <= limit
+        else f"over the target: {cause_of(run, burst=burst, limit_ms=limit)}"
+    )
+    table.add(case, f"{name}: {what}, worst repeat", ms(spread.max), note=worse)
 
 
 def stalls(seconds: float, threshold: float = 0.0005) -> tuple[int, float]:
@@ -916,31 +959,8 @@ def case_instant(root: Path, table: Table) -> str:
             continue
         one, many = results[(way, False)], results[(way, True)]
         name = f"{way.label} ({way.transport})"
-        p99 = one.p99().max
-        ok = p99 <= TARGET_SINGLE_P99_MS and one.early == 0 and one.missing == 0
-        table.add(
-            case,
-            f"{name}: one booking, p99 (worst repeat)",
-            ms(p99) if p99 < 10 else f"{p99:.0f} ms",
-            f"<= {TARGET_SINGLE_P99_MS:g} ms",
-            ok,
-            note="" if ok else cause_of(one, burst=False, limit_ms=TARGET_SINGLE_P99_MS),
-        )
-        last = many.last().max
-        ok = last <= TARGET_BURST_LAST_MS and many.early == 0 and many.missing == 0
-        if ok:
-            reached = "reached" if last <= AIM_BURST_LAST_MS else "not reached"
-            note = f"the aim of {AIM_BURST_LAST_MS:g} ms is {reached}"
-        else:
-            note = cause_of(many, burst=True, limit_ms=TARGET_BURST_LAST_MS)
-        table.add(
-            case,
-            f"{name}: last of {BURST_SIZE} (worst repeat)",
-            ms(last),
-            f"<= {TARGET_BURST_LAST_MS:g} ms (aim {AIM_BURST_LAST_MS:g})",
-            ok,
-            note=note,
-        )
+        judge(table, case, name, one, burst=False)
+        judge(table, case, name, many, burst=True)
         table.add(
             case,
             f"{name}: arrivals before their trigger",
@@ -1040,18 +1060,9 @@ def case_daemon_precision(root: Path, table: Table) -> None:
     finally:
         club.stop()
     n = len(shots)
-    p50, p99 = run.p50(), run.p99()
-    table.add(case, f"lateness p50 (TCP; {len(items)} daemons = repeats)", p50.text())
-    ok = p99.max <= TARGET_SINGLE_P99_MS
-    table.add(
-        case,
-        "lateness p99 (worst daemon)",
-        ms(p99.max),
-        f"<= {TARGET_SINGLE_P99_MS:g} ms",
-        ok,
-        note="" if ok else cause_of(run, burst=False, limit_ms=TARGET_SINGLE_P99_MS),
-    )
-    table.add(case, "lateness p99, min / median / max", p99.text())
+    table.add(case, f"lateness p50 (TCP; {len(items)} daemons = repeats)", run.p50().text())
+    table.add(case, "lateness p99, min / median / max", run.p99().text())
+    judge(table, case, "daemon (TCP)", run, burst=False)
     table.add(case, "arrivals before their trigger", str(run.early), "0", run.early == 0)
     table.add(
         case,
@@ -1117,17 +1128,8 @@ def case_daemon_burst(root: Path, table: Table) -> None:
     table.add(
         case, f"first arrival (TCP; {DAEMON_BURSTS} bursts of {BURST_SIZE})", run.first().text()
     )
-    last = run.last()
-    ok = last.max <= TARGET_BURST_LAST_MS
-    table.add(
-        case,
-        "last of 100 (worst burst)",
-        ms(last.max),
-        f"<= {TARGET_BURST_LAST_MS:g} ms",
-        ok,
-        note="" if ok else cause_of(run, burst=True, limit_ms=TARGET_BURST_LAST_MS),
-    )
-    table.add(case, "last of 100, min / median / max", last.text())
+    table.add(case, "last of 100, min / median / max", run.last().text())
+    judge(table, case, "daemon (TCP)", run, burst=True)
     table.add(case, "arrivals before their trigger", str(run.early), "0", run.early == 0)
     table.add(
         case,
