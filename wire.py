@@ -782,6 +782,10 @@ class Sent:
     #: The thread that wrote it (one for the whole burst).
     writer: int
     error: WireError | None = None
+    #: The whole write loop of its burst: wall seconds, and CPU seconds the writer used in it
+    #: (the difference is time the writer spent off the CPU).
+    burst_wall: float = 0.0
+    burst_cpu: float = 0.0
 
     @property
     def deadline(self) -> float:
@@ -883,6 +887,7 @@ def _write_all(
     writer = threading.get_ident()
     monotonic = time.monotonic
     sent: list[Sent] = []
+    cpu = time.thread_time()
     for conn, data in items:
         now = clock()
         while now < trigger:
@@ -911,6 +916,10 @@ def _write_all(
             if error is not None:
                 conn.close()
         sent.append(Sent(conn, started, now, timeout, _method_of(data), writer, error))
+    if sent:
+        wall, cpu = monotonic() - sent[0].sent_at, time.thread_time() - cpu
+        for one in sent:
+            one.burst_wall, one.burst_cpu = wall, cpu
     return sent
 
 

@@ -300,6 +300,9 @@ def test_send_burst_writes_100_requests_from_one_thread_never_before_the_trigger
         got = [s.answer() for s in sent]
         arrivals = list(server.received)
     assert {s.writer for s in sent} == {threading.get_ident()}
+    assert len({(s.burst_wall, s.burst_cpu) for s in sent}) == 1  # one loop for all
+    assert sent[0].burst_wall >= sent[-1].sent_at - sent[0].sent_at > 0
+    assert sent[0].burst_cpu > 0
     assert all(s.sent_clock >= trigger for s in sent)
     assert sorted(r.key for r in arrivals) == [f"b{i:03d}" for i in range(100)]
     early = [r.arrived - trigger for r in arrivals if r.arrived < trigger]

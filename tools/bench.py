@@ -639,6 +639,15 @@ class Run:
                 out.append((answer["wrote"] - shot.trigger) * 1000.0)
         return out
 
+    def loop_ms(self, group: int) -> tuple[float, float] | None:
+        """The write loop of ``group`` (a burst): its wall and CPU milliseconds (``wire``)."""
+        for shot in self.shots:
+            answer = self.answers.get(shot.key) or {}
+            if shot.group == group and answer.get("loop"):
+                wall, cpu = answer["loop"]
+                return wall * 1000.0, cpu * 1000.0
+        return None
+
     def errors(self) -> list[str]:
         """Answers that were not 201, as the client saw them."""
         bad = []
@@ -806,12 +815,16 @@ def cause_of(run: Run, *, burst: bool, limit_ms: float, median: bool = False) ->
     if burst:
         parts = []
         if last - first > limit_ms / 2:
-            spans = [max(w) - min(w) for w in (run.wrote_ms(i) for i in range(len(groups))) if w]
-            if wrote and spans and max(wrote) - min(wrote) > 3 * min(spans):
+            loop = run.loop_ms(index)
+            if loop is not None and loop[0] - loop[1] > limit_ms / 2:
                 parts.append(
-                    f"the writer's own writes spanned {fine(max(wrote) - min(wrote))} ms here "
-                    f"and {fine(min(spans))} ms in the best repeat: it lost the CPU mid-loop "
-                    f"({load})"
+                    f"the write loop took {fine(loop[0])} ms of which the writer was on a CPU "
+                    f"for {fine(loop[1])} ms: another process had the CPU mid-loop ({load})"
+                )
+            elif loop is not None:
+                parts.append(
+                    f"the write loop itself used {fine(loop[1])} ms of CPU in its "
+                    f"{fine(loop[0])} ms"
                 )
             else:
                 parts.append(

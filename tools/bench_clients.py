@@ -105,10 +105,14 @@ class Results:
         status: int | None = None,
         error: str | None = None,
         wrote: float | None = None,
+        loop: tuple[float, float] | None = None,
     ) -> None:
-        """One shot's outcome; ``wrote``: the clock when its request was written (if known)."""
+        """One shot's outcome; ``wrote``: the clock when its request was written, ``loop``: the
+        wall and CPU seconds of the write loop it was in (when the method knows them)."""
         with self.lock:
-            self.lines.append({"key": key, "status": status, "error": error, "wrote": wrote})
+            self.lines.append(
+                {"key": key, "status": status, "error": error, "wrote": wrote, "loop": loop}
+            )
 
     def emit(self) -> None:
         for line in self.lines:
@@ -296,10 +300,11 @@ def run_wire(plan: dict[str, Any], results: Results) -> None:
         if sent is None:
             results.add(shot["key"], error="stopped")
             return
+        loop = (sent.burst_wall, sent.burst_cpu)
         try:
-            results.add(shot["key"], sent.answer().status, wrote=sent.sent_clock)
+            results.add(shot["key"], sent.answer().status, wrote=sent.sent_clock, loop=loop)
         except wire.WireError as exc:
-            results.add(shot["key"], error=str(exc), wrote=sent.sent_clock)
+            results.add(shot["key"], error=str(exc), wrote=sent.sent_clock, loop=loop)
         finally:
             sent.connection.close()
 
