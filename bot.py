@@ -13,7 +13,6 @@ import heapq
 import itertools
 import json
 import logging
-import re
 import socket
 import ssl
 import threading
@@ -46,8 +45,6 @@ SPIN_SECONDS = 0.003
 USER_AGENT = "courtbot/1.0"
 #: A club's booking id is kept to this many characters (after secrets and controls are gone).
 MAX_REF_CHARS = 200
-#: C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class BookingError(Exception):
@@ -313,7 +310,7 @@ def safe_ref(ref: str | None) -> str | None:
     most ``MAX_REF_CHARS`` characters. None when nothing is left."""
     if ref is None:
         return None
-    cleaned = scrub(_CONTROL_RE.sub("", scrub(ref))).strip()
+    cleaned = scrub(utils.CONTROL_RE.sub("", scrub(ref))).strip()
     return cleaned[:MAX_REF_CHARS] or None
 
 
@@ -647,7 +644,7 @@ def _token(ctx: BookingContext, row: Instance, token_row: Token | None) -> tuple
             "changed?): put the token in tokens.json again and reload"
         )
     remember_secret(plaintext)
-    if _CONTROL_RE.search(plaintext):
+    if utils.CONTROL_RE.search(plaintext):
         # A header cannot carry it (and requests' error would quote it): never sent.
         return "", (
             f"token {name!r} holds a control character (a line break, tab, ...): put the "
