@@ -38,6 +38,7 @@ from notify import (
     Notifier,
     NotifyConfigError,
     NotifySettings,
+    escape_controls,
     mask_url,
     validate_notify_urls,
 )
@@ -65,11 +66,17 @@ class StartError(Exception):
 
 
 class _UTCFormatter(logging.Formatter):
+    """UTC ISO timestamps; one event, one line: control characters in the final text (values
+    from files or the club, a traceback) are escaped, so no value can forge a line."""
+
     converter = time.gmtime
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
         return f"{stamp}.{int(record.msecs):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().format(record))
 
 
 def setup_logging(settings: Settings | None, *, level: str = "INFO") -> None:

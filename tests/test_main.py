@@ -312,6 +312,33 @@ def test_health_reads_the_heartbeat(
     assert run(monkeypatch, env, "health") == 0
 
 
+def test_every_log_event_is_one_line_whatever_its_values_hold(
+    env: dict[str, str], data_dir: Path
+) -> None:
+    log_file = data_dir / "bot.log"
+    main.setup_logging(main.Settings.from_env(env | {"LOG_FILE": str(log_file)}))
+    log = logging.getLogger("bot")
+    forged = "bk-1\r\n2026-11-23T12:00:00.000Z ERROR bot: forged\x1b[2J\x85\u2028"
+    log.warning("booked %s ref=%s", "k@2026-12-02T17:00:00Z", forged)
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        log.exception("unexpected")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    lines = log_file.read_text().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith(
+        " WARNING bot: booked k@2026-12-02T17:00:00Z ref=bk-1\\r\\n2026-11-23T12:00:00.000Z "
+        "ERROR bot: forged\\x1b[2J\\x85\\u2028"
+    )
+    assert re.fullmatch(
+        r"\S+Z ERROR bot: unexpected\\nTraceback \(most recent call last\):\\n.*"
+        r"\\nValueError: boom\\nsecond line",
+        lines[1],
+    )
+
+
 def test_the_bundled_examples_pass_check(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
