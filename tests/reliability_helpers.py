@@ -151,18 +151,17 @@ def trickle_server(length: int = 400, interval: float = 0.25) -> Iterator[tuple[
                 client.shutdown(socket.SHUT_RDWR)
 
 
-#: What an evil club does once a request's head has arrived: write to the client socket as it
-#: likes until the stop event is set (the server is closing).
-Misbehaviour = Callable[[socket.socket, threading.Event], None]
+#: What an evil club does once a request's head (given, as far as it was read) has arrived: write
+#: to the client socket as it likes until the stop event is set (the server is closing).
+Misbehaviour = Callable[[socket.socket, bytes, threading.Event], None]
 
 
 @contextmanager
 def evil_server(
-    misbehave: Misbehaviour, *, tls: ssl.SSLContext | None = None, read_head: bool = True
+    misbehave: Misbehaviour, *, tls: ssl.SSLContext | None = None
 ) -> Iterator[tuple[int, list[float]]]:
     """A club on 127.0.0.1 (port 0, TLS with ``tls``) that reads each request's head and then
-    lets ``misbehave`` answer (without ``read_head``: as soon as the connection is accepted).
-    Yields (port, the ``time.time()`` of every request's arrival)."""
+    lets ``misbehave`` answer. Yields (port, the ``time.time()`` of every request's arrival)."""
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.05)
     stop = threading.Event()
@@ -177,14 +176,14 @@ def evil_server(
             return
         with conn:
             try:
-                data = b"" if read_head else b"\r\n\r\n"
+                data = b""
                 while b"\r\n\r\n" not in data and not stop.is_set():
                     chunk = conn.recv(65536)
                     if not chunk:
                         return
                     data += chunk
                 arrivals.append(time.time())
-                misbehave(conn, stop)
+                misbehave(conn, data, stop)
             except OSError:  # the client gave up
                 return
 

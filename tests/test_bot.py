@@ -1210,7 +1210,7 @@ def test_warm_against_a_closed_port_reports_false(local_club: _LocalClub) -> Non
 EVIL_FOR = 4.0
 
 
-def _slow_headers(client: socket.socket, stop: threading.Event) -> None:
+def _slow_headers(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
     """A status line, then one header line every 0.1 s; the rest after EVIL_FOR."""
     client.sendall(b"HTTP/1.1 201 Created\r\n")
     ends = time.monotonic() + EVIL_FOR
@@ -1223,7 +1223,7 @@ def _slow_headers(client: socket.socket, stop: threading.Event) -> None:
     client.sendall(b'Content-Type: application/json\r\nContent-Length: 13\r\n\r\n{"id": "bk1"}')
 
 
-def _endless_continue(client: socket.socket, stop: threading.Event) -> None:
+def _endless_continue(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
     """``100 Continue`` every 0.05 s; a 201 after EVIL_FOR."""
     ends = time.monotonic() + EVIL_FOR
     while time.monotonic() < ends:
@@ -1235,7 +1235,7 @@ def _endless_continue(client: socket.socket, stop: threading.Event) -> None:
 
 @pytest.mark.parametrize("misbehave", [_slow_headers, _endless_continue])
 def test_send_bounds_the_whole_request_not_each_read(
-    misbehave: Callable[[socket.socket, threading.Event], None],
+    misbehave: Callable[[socket.socket, bytes, threading.Event], None],
 ) -> None:
     with evil_server(misbehave) as (port, arrivals):
         client = ClubClient(timeout=0.5)
@@ -1253,7 +1253,7 @@ def test_send_bounds_the_whole_request_not_each_read(
 def test_send_cuts_a_body_still_coming_at_the_deadline() -> None:
     # Timeout 1 s. The status and headers at once, byte "a" at 0.5 s, "b" at 1.3 s: a client
     # bounded per read (1 s) is still waiting when "b" comes; bounded whole, it stopped at 1 s.
-    def dribble(client: socket.socket, stop: threading.Event) -> None:
+    def dribble(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
         client.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n")
         if not stop.wait(0.5):
             client.sendall(b"a")
@@ -1272,7 +1272,7 @@ def test_send_cuts_a_body_still_coming_at_the_deadline() -> None:
 
 
 def test_an_untrusted_certificate_is_permanent_and_named(tmp_path: Path) -> None:
-    def booked(client: socket.socket, stop: threading.Event) -> None:
+    def booked(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
         client.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
 
     with evil_server(booked, tls=self_signed_context(tmp_path)) as (port, arrivals):

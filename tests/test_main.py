@@ -304,12 +304,33 @@ def test_encrypt_token_reads_stdin(env: dict[str, str]) -> None:
     assert cli(env, "encrypt-token", stdin="").returncode == 1
 
 
-def test_health_reads_the_heartbeat(
-    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], data_dir: Path
+def test_health_needs_a_daemon_holding_data_dir_and_a_fresh_heartbeat(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
 ) -> None:
     assert run(monkeypatch, env, "health") == 1
+    capsys.readouterr()
     (data_dir / "heartbeat").write_text(f"{datetime.now(UTC).timestamp():.0f}\n")
-    assert run(monkeypatch, env, "health") == 0
+    # A fresh heartbeat alone is a daemon that stopped (or was killed) a moment ago.
+    assert run(monkeypatch, env, "health") == 1
+    assert capsys.readouterr().err == f"courtbot health: no daemon runs on {data_dir}\n"
+    lock = main.DirLock(data_dir / "bot.lock")
+    assert lock.acquire()
+    try:
+        (data_dir / "bot.pid").write_text(f"{os.getpid()}\n")
+        assert run(monkeypatch, env, "health") == 0
+        gone = 2**22 + 1  # above Linux's pid_max: no such process
+        (data_dir / "bot.pid").write_text(f"{gone}\n")
+        capsys.readouterr()
+        assert run(monkeypatch, env, "health") == 1
+        assert capsys.readouterr().err == (
+            f"courtbot health: the daemon of bot.pid (pid {gone}) is gone\n"
+        )
+    finally:
+        lock.release()
+    assert run(monkeypatch, env, "health") == 1
 
 
 def test_every_log_event_is_one_line_whatever_its_values_hold(
