@@ -137,7 +137,9 @@ class _Deadline:
     passes, the watchdog shuts the request's TCP connection down, which ends the blocked read
     (an EOF or an error) in the booking's thread; ``expired`` tells that thread why. Each socket
     is watched through a duplicate of its descriptor, closed when the request ends, so the
-    watchdog never touches a socket that urllib3 may close or hand to another request.
+    watchdog never touches a socket that urllib3 may close or hand to another request. The
+    watchdog hears of a deadline only once a socket is watched: for a reused connection, just
+    after the request's bytes left, so that none of this work sits before them.
     """
 
     def __init__(self, at: float) -> None:
@@ -153,12 +155,15 @@ class _Deadline:
         except OSError:
             return
         with self._lock:
-            if not self._done:
+            done, first = self._done, not self._twins
+            if not done:
                 self._twins.append(twin)
                 if self.expired:
                     _shut(twin)
-                return
-        twin.close()
+        if done:
+            twin.close()
+        elif first:
+            _WATCHDOG.add(self)
 
     def expire(self) -> None:
         with self._lock:
@@ -222,7 +227,6 @@ _WATCHDOG = _Watchdog()
 def _deadline(seconds: float) -> Iterator[_Deadline]:
     """Bound what runs inside to ``seconds``: sockets opened or used for it are shut down then."""
     deadline = _Deadline(time.monotonic() + seconds)
-    _WATCHDOG.add(deadline)
     _request.deadline = deadline
     try:
         yield deadline
@@ -239,16 +243,17 @@ def _watch(sock: socket.socket | None) -> None:
 
 class _WatchedConnection(HTTPConnection):
     """A connection whose socket the request's deadline watches: from its creation (the TCP
-    and TLS handshakes) when it is new, from the request on when it is reused."""
+    and TLS handshakes) when it is new, from the wait for the answer on when it is reused (a
+    request's few bytes leave at once; what can be held is the answer)."""
 
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
         _watch(sock)
         return sock
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
+    def getresponse(self) -> Any:
         _watch(self.sock)
-        super().request(*args, **kwargs)
+        return super().getresponse()
 
 
 class _WatchedHTTPSConnection(_WatchedConnection, HTTPSConnection):
