@@ -13,22 +13,30 @@ to the flow's hosts, and its own secrets, scrubbed from every reason and log lin
 
 from __future__ import annotations
 
+import contextlib
+import heapq
 import http.client
 import http.cookiejar
+import itertools
 import json
 import logging
+import socket
+import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, quote_plus, urljoin, urlsplit
 
 import requests
 from cryptography.fernet import MultiFernet
 from requests.adapters import HTTPAdapter
 from requests.cookies import MockRequest, MockResponse, RequestsCookieJar, get_cookie_header
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 import instances
 import utils
@@ -57,6 +65,10 @@ USER_AGENT = "courtbot/1.0"
 MAX_REDIRECTS = 10
 #: Preparation retries wait base, 2 x base, 4 x base, ... but never longer than this.
 MAX_PREPARE_WAIT_SECONDS = 30.0
+#: A club's booking id is kept to this many characters (after secrets and controls are gone).
+MAX_REF_CHARS = 200
+#: Secrets shorter than this are not masked (see ``remember_secret``).
+MIN_SECRET_CHARS = 3
 
 
 class BookingError(Exception):
@@ -153,6 +165,213 @@ class TriggerGate:
         return _wait_until(ctx, target)
 
 
+# --------------------------------------------------------------------------- deadlines
+
+#: The deadline of the request under way in this thread (set by ``ClubClient``).
+_request = threading.local()
+
+
+class _Deadline:
+    """The end of one request (CONTRACT section 6: ``HTTP_TIMEOUT_SECONDS`` bounds it whole).
+
+    requests and urllib3 bound each socket read, not the request: a club that sends one header
+    line a second, or ``100 Continue`` for ever, never trips a read timeout. When the deadline
+    passes, the watchdog shuts the request's TCP connection down, which ends the blocked read
+    (an EOF or an error) in the booking's thread; ``expired`` tells that thread why. Each socket
+    is watched through a duplicate of its descriptor, closed when the request ends, so the
+    watchdog never touches a socket that urllib3 may close or hand to another request. The
+    watchdog hears of a deadline only once a socket is watched: for a reused connection, just
+    after the request's bytes left, so that none of this work sits before them.
+    """
+
+    def __init__(self, at: float) -> None:
+        self.at = at  # time.monotonic()
+        self.expired = False
+        self._done = False
+        self._lock = threading.Lock()
+        self._twins: list[socket.socket] = []
+
+    def watch(self, sock: socket.socket) -> None:
+        try:
+            twin = socket.fromfd(sock.fileno(), sock.family, sock.type)
+        except OSError:
+            return
+        with self._lock:
+            done, first = self._done, not self._twins
+            if not done:
+                self._twins.append(twin)
+                if self.expired:
+                    _shut(twin)
+        if done:
+            twin.close()
+        elif first:
+            _WATCHDOG.add(self)
+
+    def expire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            for twin in self._twins:
+                _shut(twin)
+
+    def close(self) -> None:
+        with self._lock:
+            self._done = True
+            twins, self._twins = self._twins, []
+        for twin in twins:
+            twin.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """One thread for the process that expires deadlines as they pass; it sleeps while none is
+    pending, and is told only when a new deadline comes before every other."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Deadline]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: _Deadline) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
+                self._thread.start()
+            first = not self._heap or deadline.at < self._heap[0][0]
+            heapq.heappush(self._heap, (deadline.at, next(self._order), deadline))
+            if first:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                due: list[_Deadline] = []
+                while not due:
+                    now = time.monotonic()
+                    while self._heap and self._heap[0][0] <= now:
+                        due.append(heapq.heappop(self._heap)[2])
+                    if not due:
+                        self._cond.wait(self._heap[0][0] - now if self._heap else None)
+            for deadline in due:
+                deadline.expire()
+
+
+_WATCHDOG = _Watchdog()
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[_Deadline]:
+    """Bound what runs inside to ``seconds``: sockets opened or used for it are shut down then."""
+    deadline = _Deadline(time.monotonic() + seconds)
+    _request.deadline = deadline
+    try:
+        yield deadline
+    finally:
+        _request.deadline = None
+        deadline.close()
+
+
+def _watch(sock: socket.socket | None) -> None:
+    deadline: _Deadline | None = getattr(_request, "deadline", None)
+    if deadline is not None and sock is not None:
+        deadline.watch(sock)
+
+
+class _WatchedConnection(HTTPConnection):
+    """A connection whose socket the request's deadline watches: from its creation (the TCP
+    and TLS handshakes) when it is new, from the wait for the answer on when it is reused (a
+    request's few bytes leave at once; what can be held is the answer)."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _watch(sock)
+        return sock
+
+    def getresponse(self) -> Any:
+        _watch(self.sock)
+        return super().getresponse()
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, HTTPSConnection):
+    pass
+
+
+class _WatchedPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _WatchedAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedPool, "https": _WatchedHTTPSPool}
+
+
+# --------------------------------------------------------------------------- secrets
+
+#: The secrets of the booking under way in this thread (``book_slot`` sets it).
+_booking = threading.local()
+
+
+def remember_secret(value: str) -> None:
+    """Count ``value`` among the secrets of the booking under way in this thread: it is scrubbed
+    from every exception text, reason and booking reference of that booking. A value shorter
+    than ``MIN_SECRET_CHARS`` is left out: it carries no secret, and masking it would garble
+    every status and number in a message."""
+    secrets: set[str] | None = getattr(_booking, "secrets", None)
+    if secrets is not None and len(value) >= MIN_SECRET_CHARS:
+        secrets.add(value)
+
+
+def _secret_forms(secret: str) -> set[str]:
+    """How a secret shows in text: as is, escaped as Python and JSON write it (an exception
+    quoting a header value uses repr), percent-encoded."""
+    return {
+        secret,
+        repr(secret)[1:-1],
+        json.dumps(secret)[1:-1],
+        quote(secret, safe=""),
+        quote_plus(secret),
+    } - {""}
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every form of ``secrets`` and of the current booking's secrets as ``***``."""
+    known: set[str] = set(getattr(_booking, "secrets", None) or ())
+    forms = {form for secret in (*known, *secrets) if secret for form in _secret_forms(secret)}
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, "***")
+    return text
+
+
+def safe_ref(ref: str | None) -> str | None:
+    """A club's booking id fit for the database, a log line and an email: every secret of the
+    booking scrubbed (also one split by control characters), control characters removed, at
+    most ``MAX_REF_CHARS`` characters. None when nothing is left."""
+    if ref is None:
+        return None
+    cleaned = scrub(utils.CONTROL_RE.sub("", scrub(ref))).strip()
+    return cleaned[:MAX_REF_CHARS] or None
+
+
+def _scrubbed_traceback(exc: BaseException) -> str:
+    """An unexpected error's traceback with the booking's secrets scrubbed: exception texts can
+    quote header values (requests' InvalidHeader quotes the whole Authorization header)."""
+    return scrub("".join(traceback.format_exception(exc)).rstrip())
+
+
+# --------------------------------------------------------------------------- the club
+
+
 class ClubClient:
     """One ``requests.Session`` for the club, with connections opened ahead of triggers."""
 
@@ -165,7 +384,7 @@ class ClubClient:
         # The shared session keeps no cookies: each booking has its own jar (FlowRun.jar), so a
         # club's cookie never reaches another booking's requests.
         self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        adapter = _WatchedAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
@@ -183,6 +402,8 @@ class ClubClient:
             conn = pool._get_conn(timeout=0.1)  # urllib3 has no public "pre-connect"
             try:
                 if conn.sock is None:
+                    # Bounded whole: the TCP connect by the timeout, and CPython bounds a TLS
+                    # handshake whole by the socket's timeout too.
                     conn.timeout = self.timeout
                     conn.connect()
             except Exception:
@@ -190,7 +411,8 @@ class ClubClient:
                 pool._put_conn(conn)
                 raise
         except Exception as exc:  # noqa: BLE001 (warming is an optimisation; the send reports)
-            logger.debug("could not open a connection ahead to %s: %s", _host(url), exc)
+            # The class only: an error's text may quote the URL, which may hold a secret.
+            logger.debug("could not open a connection ahead to %s: %s", _host(url), _kind(exc))
             return None
         return HeldConnection(pool, conn)
 
@@ -209,24 +431,33 @@ class ClubClient:
     def send(self, spec: RequestSpec | requests.PreparedRequest) -> Answer:
         """Send one request, never following a redirect, reading at most 1 MiB of the answer.
 
-        Raises BookingError when no answer came (timeout, refused, reset).
+        ``timeout`` bounds the whole request, from the send to the answer's last byte: an
+        answer whose status line and headers are not in by then is a timeout; a body still
+        coming then is cut there (the status says what the club did). Raises BookingError when
+        no answer came (timeout, refused, reset, an untrusted certificate: ``permanent``).
         """
         prepared = self.prepare(spec) if isinstance(spec, RequestSpec) else spec
         started = time.perf_counter()
-        try:
-            response = self.session.send(
-                prepared, timeout=self.timeout, allow_redirects=False, stream=True
-            )
-        except requests.Timeout:
-            raise BookingError(f"no answer within {self.timeout:g} s", lost=True) from None
-        except requests.ConnectionError as exc:
-            raise BookingError(_connection_reason(exc), lost=_maybe_sent(exc)) from None
-        except requests.RequestException as exc:
-            raise BookingError(f"request failed ({exc.__class__.__name__})") from None
-        try:
-            body = self._read_body(response, deadline=started + self.timeout)
-        finally:
-            response.close()
+        with _deadline(self.timeout) as deadline:
+            try:
+                response = self.session.send(
+                    prepared, timeout=self.timeout, allow_redirects=False, stream=True
+                )
+            except requests.Timeout:
+                raise self._timed_out() from None
+            except requests.ConnectionError as exc:
+                if deadline.expired:
+                    raise self._timed_out() from None
+                raise _connection_error(exc) from None
+            except requests.RequestException as exc:
+                raise BookingError(f"request failed ({exc.__class__.__name__})") from None
+            try:
+                if deadline.expired:
+                    # Cut while its headers came: http.client reads the EOF as their end.
+                    raise self._timed_out()
+                body = self._read_body(response, deadline=started + self.timeout)
+            finally:
+                response.close()
         latency = (time.perf_counter() - started) * 1000
         return Answer(
             response.status_code,
@@ -237,12 +468,16 @@ class ClubClient:
             set_cookies=tuple(response.raw.headers.getlist("Set-Cookie")),
         )
 
+    def _timed_out(self) -> BookingError:
+        return BookingError(f"no answer within {self.timeout:g} s", lost=True)
+
     @staticmethod
     def _read_body(response: requests.Response, *, deadline: float) -> bytes:
-        """At most 1 MiB of the answer's body, read until ``deadline`` (perf_counter): the
-        timeout bounds the whole answer, not each read, so a club dribbling bytes cannot hold a
-        booking (or a shutdown) for longer. A body cut short is kept as far as it came: the
-        status line arrived, so the club did answer."""
+        """At most 1 MiB of the answer's body, read until ``deadline`` (perf_counter; the
+        request's deadline also shuts a read blocked past it down): the timeout bounds the
+        whole answer, not each read, so a club dribbling bytes cannot hold a booking (or a
+        shutdown) for longer. A body cut short is kept as far as it came: the status line
+        arrived, so the club did answer."""
         chunks: list[bytes] = []
         size = 0
         try:
@@ -262,6 +497,39 @@ class ClubClient:
 
 def _host(url: str) -> str:
     return urlsplit(url).netloc
+
+
+def _kind(exc: BaseException) -> str:
+    return exc.__class__.__name__
+
+
+def _connection_error(exc: requests.ConnectionError) -> BookingError:
+    """What a connection error means for the booking; an untrusted certificate cannot get
+    better by retrying, so it is permanent."""
+    problem = _certificate_problem(exc)
+    if problem is not None:
+        return BookingError(
+            f"the club's certificate is not trusted ({problem}); not retried: check the host in "
+            "the booking URL, or ask the club to fix its certificate",
+            permanent=True,
+        )
+    return BookingError(_connection_reason(exc), lost=_maybe_sent(exc))
+
+
+def _certificate_problem(exc: BaseException) -> str | None:
+    """OpenSSL's reason when ``exc`` comes from a certificate that failed verification."""
+    stack: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return str(current.verify_message or current.reason or "verification failed")
+        linked = [*current.args, getattr(current, "reason", None), current.__cause__]
+        stack.extend(item for item in linked if isinstance(item, BaseException))
+    return None
 
 
 def _connection_reason(exc: Exception) -> str:
@@ -318,10 +586,9 @@ def classify(answer: Answer, step: Step) -> Verdict:
 class Scrubber:
     """The secrets of one booking: its token and secret fields, every extracted value, every
     cookie. Any text built from a club's answer or an exception goes through it before it is
-    logged or stored. Values shorter than ``MIN_LENGTH`` are left alone: they cannot carry a
-    secret, and masking them would garble every status code and number in a message."""
-
-    MIN_LENGTH = 3
+    logged or stored; each secret also joins the booking's thread secrets
+    (``remember_secret``), so an unexpected error's traceback and the stored ``booking_ref``
+    are scrubbed of it too."""
 
     def __init__(self, values: Iterable[Any] = ()) -> None:
         self._values: set[str] = set()
@@ -338,19 +605,16 @@ class Scrubber:
         if value is None or isinstance(value, bool):
             return
         text = as_text(value)
-        if len(text) >= self.MIN_LENGTH:
+        if len(text) >= MIN_SECRET_CHARS:
             self._values.add(text)
-            self._values.add(quote(text, safe=""))
+            remember_secret(text)
 
-    def __call__(self, text: str, *, keep: str | None = None) -> str:
-        """``text`` with every secret (but ``keep``) replaced by ``***``, longest first."""
-        for secret in sorted(self._values, key=len, reverse=True):
-            if secret != keep and secret in text:
-                text = text.replace(secret, utils.MASK)
-        return text
+    def __call__(self, text: str) -> str:
+        """``text`` with every form of every secret replaced by ``***``, longest first."""
+        return scrub(text, self._values)
 
 
-def _club_says(answer: Answer, scrub: Scrubber, words: str | None = None) -> str:
+def _club_says(answer: Answer, scrubber: Scrubber, words: str | None = None) -> str:
     """A short, secret-free reading of an answer for a person: its status, and the club's own
     message when a JSON body has one (scrubbed before it is cut: a cut through a secret would let
     its start through), else the flow's words that the body matched."""
@@ -362,7 +626,7 @@ def _club_says(answer: Answer, scrub: Scrubber, words: str | None = None) -> str
         for name in ("error", "message", "detail", "reason"):
             value = body.get(name)
             if isinstance(value, str) and value.strip():
-                return f"HTTP {answer.status}: {scrub(value.strip())[:200]}"
+                return f"HTTP {answer.status}: {scrubber(value.strip())[:200]}"
     return text
 
 
@@ -414,12 +678,17 @@ class FlowRun:
     def is_done(self, step: Step, court: str | None) -> bool:
         return (step.name, court if step.per_court else None) in self.done
 
-    def keep(self, step: Step, court: str | None, found: Mapping[str, Any]) -> None:
-        """Values ``step`` extracted (secrets from now on) and that it is done for ``court``."""
+    def keep(
+        self, step: Step, court: str | None, found: Mapping[str, Any], *, ref: str | None = None
+    ) -> None:
+        """Values ``step`` extracted (secrets from now on, but the booking reference ``ref``,
+        which the booking step may extract too: it is stored) and that it is done for
+        ``court``."""
         target = self.by_court.setdefault(court, {}) if step.per_court else self.shared
         target.update(found)
         for value in found.values():
-            self.scrub.add(value)
+            if ref is None or as_text(value) != ref:
+                self.scrub.add(value)
         self.done.add((step.name, court if step.per_court else None))
 
 
@@ -536,7 +805,7 @@ class StepReport:
     problem: str | None = None
     auth: bool = False
     wait: float | None = None
-    #: Sending it again cannot help (a value it needs is missing).
+    #: Sending it again cannot help (a value it needs is missing, an untrusted certificate).
     final: bool = False
 
 
@@ -560,8 +829,9 @@ def _plain_try(client: ClubClient, run: FlowRun, step: Step, court: str | None) 
     try:
         answer, reply = _exchange(client, run, step, prepared)
     except (BookingError, StepFailure) as exc:
-        logger.info("step %s %s court=%s: %s", run.label, step.name, _court_name(court), exc)
-        return report(None, run.scrub(str(exc)))
+        text = run.scrub(str(exc))
+        logger.info("step %s %s court=%s: %s", run.label, step.name, _court_name(court), text)
+        return report(None, text, final=isinstance(exc, BookingError) and exc.permanent)
     verdict = classify(answer, step).kind
     logger.info(
         "step %s %s court=%s: HTTP %d in %.0f ms -> %s",
@@ -602,7 +872,7 @@ def prepare_round(client: ClubClient, run: FlowRun) -> dict[tuple[str, str | Non
             if result.problem is None:
                 continue
             problems[(step.name, court if step.per_court else None)] = result
-            if result.auth or not step.per_court:
+            if result.auth or result.final or not step.per_court:
                 return problems
             failed_courts.add(court)
     return problems
@@ -632,10 +902,14 @@ def _prepare(ctx: BookingContext, run: FlowRun, row: Instance) -> str | bool | N
         tries += 1
         problems = prepare_round(ctx.client, run)
         last = {k: v for k, v in last.items() if k in problems} | problems
-        auth = next((p for p in problems.values() if p.auth), None)
-        if auth is not None:
-            step = next(s for s in run.flow.steps if s.name == auth.step)
-            reason = _credentials_reason(run, step, auth.court, auth.problem or "")
+        fatal = next((p for p in problems.values() if p.auth or p.final), None)
+        if fatal is not None:
+            step = next(s for s in run.flow.steps if s.name == fatal.step)
+            reason = (
+                _credentials_reason(run, step, fatal.court, fatal.problem or "")
+                if fatal.auth
+                else f"{_where(step, fatal.court)}: {fatal.problem}"
+            )
             return _finish(ctx, row.key, FAILED, reason)
         if not problems:
             return True
@@ -759,13 +1033,16 @@ def book_slot(key: str, ctx: BookingContext) -> str | None:
         if key in ctx.in_flight:
             return None
         ctx.in_flight.add(key)
+    _booking.secrets = set()
     try:
         return _book(key, ctx)
-    except Exception:
-        logger.exception("booking %s: unexpected error", key)
+    except Exception as exc:  # noqa: BLE001 (logged, scrubbed, and the instance marked)
+        # Not logger.exception: the traceback's exception texts may quote a secret.
+        logger.error("booking %s: unexpected error: %s", key, _scrubbed_traceback(exc))
         _finish(ctx, key, FAILED, "internal error while booking (see the log); not retried")
         return FAILED
     finally:
+        _booking.secrets = None
         with ctx.in_flight_lock:
             ctx.in_flight.discard(key)
 
@@ -791,8 +1068,16 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     except KeyError:
         return _finish(ctx, key, FAILED, _club_missing(row.club))
     secrets, problem = instances.token_secrets(token_row, ctx.fernet, name=row.token_name)
+    for value in secrets.values():
+        remember_secret(value)
     if problem is None:
         problem = _secrets_problem(flow, secrets, row.token_name)
+    if problem is None and any(utils.CONTROL_RE.search(v) for v in secrets.values()):
+        # A header cannot carry it (and requests' error would quote it): never sent.
+        problem = (
+            f"token {row.token_name!r} holds a control character (a line break, tab, ...): put "
+            "the token in tokens.json as one line and reload"
+        )
     if problem is not None:
         return _finish(ctx, key, FAILED, problem)
     run = FlowRun(flow, _slot(row), secrets, row.token_name, label=key, total=row.attempts)
@@ -1087,8 +1372,11 @@ def _send_once(
     except BookingError as exc:
         send.lost = send.lost or exc.lost
         send.last = run.scrub(str(exc))
-        send.tries += 1
         _log_send(run, send, send.last)
+        if exc.permanent:
+            reason = send.last if step.booking else f"{send.prefix}: {send.last}"
+            return "failed", None, _Result("failed", reason)
+        send.tries += 1
         return "retry", None, None
     except StepFailure as exc:
         _log_send(run, send, str(exc))
@@ -1126,32 +1414,21 @@ def _settled(
     values = run.values(court)
     found, problems = extract_values(step, reply, values)
     if step.booking:
-        run.keep(step, court, found)
+        ref = step.ref_of(answer.json(), values)
+        run.keep(step, court, found, ref=ref)
         for extraction in step.extract:
             name = f"{step.name}.{extraction.name}"
             if name not in found:
                 run.missing[name] = f"step {step.name!r} could not extract it: " + "; ".join(
                     p for p in problems if f"value {extraction.name!r}" in p
                 )
-        ref = step.ref_of(answer.json(), values)
-        return "booked", None, _Result("booked", ref=_clean_ref(run, ref))
+        # Stored scrubbed of the booking's secrets (safe_ref, in _finish).
+        return "booked", None, _Result("booked", ref=ref)
     if problems:
         reason = f"{send.prefix}: {send.last}, but " + "; ".join(problems)
         return "missing", None, _Result("missing", reason)
     run.keep(step, court, found)
     return "ok", None, _Result("ok")
-
-
-def _clean_ref(run: FlowRun, ref: str | None) -> str | None:
-    """The booking reference as stored: scrubbed of the booking's other secrets, at most 256
-    characters (the column's size), one line."""
-    if ref is None:
-        return None
-    # The ref may be a value the booking step extracts itself (stored, as the contract allows),
-    # never the token or a secret field.
-    keep = None if ref in run.secrets.values() else ref
-    cleaned = run.scrub(ref, keep=keep).replace("\n", " ").replace("\r", " ")
-    return cleaned[:256] or None
 
 
 def _refusal(
@@ -1201,7 +1478,8 @@ def _after_booking(
     for step in run.flow.phase("finish"):
         problem = _finish_step(ctx, run, step, court)
         if problem is not None:
-            took = f"court {_court_name(court)}" + (f", ref {ref}" if ref else "")
+            shown = safe_ref(ref)
+            took = f"court {_court_name(court)}" + (f", ref {shown}" if shown else "")
             reason = (
                 f"the club took the booking ({took}) but step {step.name!r} did not complete: "
                 f"{problem}; check it with the club"
@@ -1248,7 +1526,7 @@ def _finish(
         status,
         reason,
         now=_now(ctx),
-        booking_ref=booking_ref,
+        booking_ref=safe_ref(booking_ref),
         court=court,
         attempts=attempts,
     )

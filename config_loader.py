@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -487,6 +488,11 @@ def read_tokens(path: Path, fernet: MultiFernet) -> TokensResult:
         if not _is_text(token_name):
             result.errors.append(f"{where}: a token name must be 1 to 128 characters of text")
             continue
+        if utils.CONTROL_RE.search(token_name):
+            result.errors.append(
+                f"{where}: a token name must not hold control characters (line breaks, tabs, ...)"
+            )
+            continue
         token = (
             _object_token(token_name, value, where, fernet)
             if isinstance(value, dict)
@@ -568,6 +574,10 @@ def _encrypt_value(
         )
     value = value.strip()  # surrounding blanks are no part of a token
     plaintext = utils.decrypt_token(fernet, value)
+    control = _control_problem(where, plaintext if plaintext is not None else value)
+    if control is not None:
+        # The token is named, never shown: the value is the secret.
+        return None, control, "error"
     if plaintext is not None:
         if utils.encrypted_under_first_key(fernet, value):
             return value, None, "encrypted"
@@ -582,6 +592,16 @@ def _encrypt_value(
             "error",
         )
     return fernet.encrypt(value.encode()).decode(), None, "plaintext"
+
+
+def _control_problem(where: str, token: str) -> str | None:
+    """The error for a token holding a control character (no header can carry one), or None."""
+    if not utils.CONTROL_RE.search(token):
+        return None
+    return (
+        f"{where}: the token holds a control character (a line break, tab, ...), which cannot "
+        "be sent in a header; put the token in as one line"
+    )
 
 
 def _is_text(value: str) -> bool:
@@ -811,6 +831,12 @@ def _check_court_id(c: _EntryCheck) -> None:
     court_value = c.raw["court_id"]
     if court_value is None:
         c.courts = (None,)
+    elif _has_control(court_value):
+        c.bad(
+            "court_id",
+            f"{court_value!r} holds a control character (a line break, tab, ...); a court is "
+            "one line of text",
+        )
     elif isinstance(court_value, list):
         if not court_value:
             c.bad("court_id", "an empty list; give one or more courts, or null for any court")
@@ -837,6 +863,12 @@ def _check_token(c: _EntryCheck) -> None:
     c.token = token = c.raw.get("token", "default")
     if not isinstance(token, str) or not token:
         c.bad("token", f"{token!r} is not a token name; expected a name from tokens.json")
+    elif utils.CONTROL_RE.search(token):
+        c.bad(
+            "token",
+            f"{token!r} holds a control character (a line break, tab, ...); expected a name "
+            "from tokens.json",
+        )
     elif token not in c.token_names:
         have = ", ".join(repr(n) for n in sorted(c.token_names)) or "none"
         c.bad("token", f"{token!r} is not in tokens.json (it has: {have})")
@@ -1042,6 +1074,12 @@ def _window_opens_late(entry: Entry, now: datetime) -> str | None:
     return None
 
 
+def _has_control(value: Any) -> bool:
+    """True when a court (or a court of a list) is text holding a control character."""
+    values = value if isinstance(value, list) else [value]
+    return any(isinstance(v, str) and utils.CONTROL_RE.search(v) for v in values)
+
+
 def _is_court(value: Any) -> bool:
     if isinstance(value, bool):
         return False
@@ -1188,32 +1226,31 @@ class RequestSources:
 
 def rewrite_tokens_file(path: Path, result: TokensResult) -> bool:
     """Replace plaintext (and old-key) values in tokens.json with their encrypted form,
-    atomically and with mode 0600. Returns False (after a warning) when the file cannot be
-    written or changed under us; the tokens are then kept encrypted in the database only."""
+    atomically and with mode 0600. Returns False (after a warning, or an error when plaintext
+    stays on disk) when the file cannot be written, changed under us, or is a symbolic or hard
+    link; the tokens are then kept encrypted in the database only."""
     if result.raw is None or not any(t.rewrite for t in result.tokens.values()):
         return True
     try:
         current = json.loads(result.raw.decode("utf-8-sig"))
+        plain = [
+            name
+            for name, token in result.tokens.items()
+            if token.rewrite and not utils.looks_like_fernet(str(current.get(name, "")).strip())
+        ]
+        refusal = _linked(path, plain)
+        if refusal is not None:
+            (logger.error if plain else logger.warning)("%s", refusal)
+            return False
         for name, token in result.tokens.items():
             if token.rewrite and token.encrypted is not None:
                 current[name] = token.encrypted
         payload = (json.dumps(current, indent=2) + "\n").encode()
-        fd, tmp = tempfile.mkstemp(prefix=".tokens.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o600)
-            if _read_bytes(path) != result.raw:
-                # Edited since we read it: leave it; the next load encrypts what it holds.
-                logger.info("%s changed while being encrypted; left for the next load", path.name)
-                return False
-            os.replace(tmp, path)
-            result.written = payload
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        if not _replace_private(path, payload, result.raw):
+            # Edited since we read it: leave it; the next load encrypts what it holds.
+            logger.info("%s changed while being encrypted; left for the next load", path.name)
+            return False
+        result.written = payload
     except OSError as exc:
         logger.warning(
             "%s: cannot rewrite it with encrypted tokens (%s); the tokens are kept encrypted "
@@ -1223,12 +1260,69 @@ def rewrite_tokens_file(path: Path, result: TokensResult) -> bool:
             exc.strerror or exc.__class__.__name__,
         )
         return False
-    logger.info("%s: plaintext tokens encrypted in place", path.name)
+    rotated = [n for n, t in result.tokens.items() if t.rewrite and n not in plain]
+    done = [f"plaintext token(s) {_names(plain)} encrypted"] if plain else []
+    done += [f"token(s) {_names(rotated)} re-encrypted under the first key"] if rotated else []
+    logger.info("%s: %s in place", path.name, "; ".join(done))
+    return True
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(repr(name) for name in names)
+
+
+def _linked(path: Path, plain: list[str]) -> str | None:
+    """Why tokens.json is not rewritten when it is a symbolic link or has hard links (None when
+    it is a plain file). A rename would replace the link and leave the old content, plaintext
+    included, in the file it pointed to (or under its other names); writing through a link
+    would write outside DATA_DIR, into a file some other tool owns. So neither is done."""
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        target = path.resolve()
+        what = (
+            f"is a symbolic link to {target}: not rewritten (courtbot never writes through a link)"
+        )
+    elif info.st_nlink > 1:
+        target = path
+        what = (
+            f"has {info.st_nlink} hard links: not rewritten (the other names would keep the old "
+            "content)"
+        )
+    else:
+        return None
+    if not plain:
+        return f"{path.name} {what}; its tokens under an older FERNET_KEY stay as they are there"
+    mode = stat.S_IMODE(target.stat().st_mode)
+    exposed = f", readable by others (mode {mode:04o})" if mode & 0o077 else ""
+    return (
+        f"{path.name} {what}, so plaintext token(s) {_names(plain)} stay in {target}{exposed}; "
+        "they are kept encrypted in the database only: put encrypted values in that file "
+        f"(`python main.py encrypt-token`), or make {path.name} a regular file"
+    )
+
+
+def _replace_private(path: Path, payload: bytes, expected: bytes) -> bool:
+    """Write ``payload`` over ``path`` atomically with mode 0600, unless ``path`` no longer
+    holds ``expected`` (then False, nothing written)."""
+    fd, tmp = tempfile.mkstemp(prefix=".tokens.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o600)
+        if _read_bytes(path) != expected:
+            return False
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     return True
 
 
 def secure_file_mode(path: Path) -> None:
-    """Make a file holding secrets or state readable by its owner only (best effort)."""
+    """Make a file holding secrets or state readable by its owner only (best effort). A
+    symbolic link is left alone: its target is not ours to change."""
     with contextlib.suppress(OSError):
-        if path.exists() and path.stat().st_mode & 0o077:
+        if path.exists() and not path.is_symlink() and path.stat().st_mode & 0o077:
             path.chmod(0o600)

@@ -38,6 +38,7 @@ from notify import (
     Notifier,
     NotifyConfigError,
     NotifySettings,
+    escape_controls,
     mask_url,
     validate_notify_urls,
 )
@@ -48,6 +49,9 @@ logger = logging.getLogger("courtbot")
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_CANNOT_START = 2
+#: The daemon stopped itself because its SQLite file was deleted or replaced under it: non-zero,
+#: so that a supervisor restarts it (on the database written back at exit).
+EXIT_DATABASE_LOST = 1
 HEARTBEAT_SECONDS = 15.0
 HEARTBEAT_STALE_SECONDS = 4 * HEARTBEAT_SECONDS
 LOG_FILE_BYTES = 5 * 1024 * 1024
@@ -65,11 +69,17 @@ class StartError(Exception):
 
 
 class _UTCFormatter(logging.Formatter):
+    """UTC ISO timestamps; one event, one line: control characters in the final text (values
+    from files or the club, a traceback) are escaped, so no value can forge a line."""
+
     converter = time.gmtime
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
         return f"{stamp}.{int(record.msecs):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().format(record))
 
 
 def setup_logging(settings: Settings | None, *, level: str = "INFO") -> None:
@@ -185,6 +195,11 @@ class Daemon:
         self._signals_r: socket.socket | None = None
         self._signals_w: socket.socket | None = None
         self._running = False
+        self._pid_written = False
+        #: Watches a SQLite file for its deletion under us; saves what it held at exit.
+        self.guard: models.SqliteGuard | None = None
+        self.database_lost: str | None = None
+        self.exit_code = EXIT_OK
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -227,6 +242,9 @@ class Daemon:
                 f"{exc}; check DATABASE_URL and that {settings.data_dir} is writable"
             ) from None
         self.factory = models.session_factory(self.engine)
+        db_path = models.sqlite_path(settings.database_url)
+        if db_path is not None:
+            self.guard = models.SqliteGuard(db_path)
         try:
             notify_settings = NotifySettings.from_env(settings.env)
         except NotifyConfigError as exc:
@@ -268,6 +286,7 @@ class Daemon:
         self.load(reason="start")
         self.scheduler.start()
         write_private(settings.pid_path, f"{os.getpid()}\n")
+        self._pid_written = True
         self._running = True
         self.heartbeat()
         self.log_summary()
@@ -452,6 +471,24 @@ class Daemon:
         with contextlib.suppress(OSError):
             write_private(self.settings.heartbeat_path, f"{time.time():.0f}\n")
 
+    def database_present(self) -> bool:
+        """False (after one error line) once the SQLite file was deleted or replaced under the
+        daemon: it then stops rather than book into a database nobody will read again."""
+        if self.guard is None or self.database_lost is not None:
+            return self.database_lost is None
+        self.database_lost = self.guard.check()
+        if self.database_lost is None:
+            return True
+        self.exit_code = EXIT_DATABASE_LOST
+        logger.error(
+            "the database file %s was %s while courtbot ran: stopping (exit %d) so that nothing "
+            "is booked into a database that is gone; what it held is saved at exit",
+            self.guard.path,
+            self.database_lost,
+            EXIT_DATABASE_LOST,
+        )
+        return False
+
     def run_forever(self) -> None:
         """Wait for signals and timers; reload or stop here, never in a handler."""
         assert self._signals_r is not None
@@ -460,6 +497,8 @@ class Daemon:
         while not self.stop.is_set():
             timeout = max(0.0, min(next_check, next_beat) - time.monotonic())
             ready, _, _ = select.select([self._signals_r], [], [], timeout)
+            if not self.database_present():
+                break
             signals: set[int] = set()
             if ready:
                 with contextlib.suppress(BlockingIOError):
@@ -490,6 +529,10 @@ class Daemon:
     def shutdown(self) -> None:
         """Stop taking triggers, let a booking in flight finish, release everything."""
         self.stop.set()
+        if self._running:
+            # From now on `health` says 1, whatever the last heartbeat said.
+            with contextlib.suppress(FileNotFoundError):
+                self.settings.heartbeat_path.unlink()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
         scheduler.set_runtime(None)
@@ -499,11 +542,42 @@ class Daemon:
             self.notifier.close(timeout=10.0)
         if self.engine is not None:
             self.engine.dispose()
-        with contextlib.suppress(FileNotFoundError):
-            self.settings.pid_path.unlink()
+        self._close_guard()
+        self._remove_pid_file()
         self.release_locks()
         if self._running:
             logger.info("courtbot stopped")
+
+    def _close_guard(self) -> None:
+        """Close the database guard; when the file was lost, save what the daemon held first."""
+        if self.guard is None:
+            return
+        if self.database_lost is None:
+            self.guard.close()
+            return
+        try:
+            saved = self.guard.save()
+        except OSError as exc:
+            logger.error("the database could not be saved (%s): its last state is lost", exc)
+            return
+        if saved == self.guard.path:
+            logger.error("the database as courtbot last saw it is written back to %s", saved)
+        else:
+            logger.error(
+                "the database as courtbot last saw it is saved to %s; %s (the file put there "
+                "while courtbot ran) is used at the next start",
+                saved,
+                self.guard.path,
+            )
+
+    def _remove_pid_file(self) -> None:
+        """Remove bot.pid if this daemon wrote it and it still holds its pid: a daemon refused
+        at start never removes the running one's."""
+        if not self._pid_written:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if int(self.settings.pid_path.read_text().strip()) == os.getpid():
+                self.settings.pid_path.unlink()
 
 
 def _record_signal(signum: int, frame: Any) -> None:
@@ -579,7 +653,7 @@ def cmd_run(env: dict[str, str]) -> int:
         daemon.run_forever()
     finally:
         daemon.shutdown()
-    return EXIT_OK
+    return daemon.exit_code
 
 
 def _request_of(entry: config_loader.Entry, config: Config, settings: Settings) -> str:
@@ -908,11 +982,27 @@ def cmd_reload(env: dict[str, str]) -> int:
 
 
 def cmd_health(env: dict[str, str]) -> int:
-    """Exit 0 while the daemon's heartbeat is fresh (the container's HEALTHCHECK)."""
+    """Exit 0 while a daemon holds DATA_DIR, its process lives and its heartbeat is fresh (the
+    container's HEALTHCHECK); 1 once it has stopped, whatever its last heartbeat."""
     try:
         settings = load_settings(env)
+    except StartError as exc:
+        print(f"courtbot health: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    pid = daemon_running(settings)
+    if pid is None:
+        print(f"courtbot health: no daemon runs on {settings.data_dir}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        print(f"courtbot health: the daemon of bot.pid (pid {pid}) is gone", file=sys.stderr)
+        return EXIT_INVALID
+    except PermissionError:
+        pass  # alive, as another user
+    try:
         age = time.time() - float(settings.heartbeat_path.read_text().strip())
-    except (StartError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         print(f"courtbot health: no heartbeat ({exc})", file=sys.stderr)
         return EXIT_INVALID
     if age > HEARTBEAT_STALE_SECONDS:

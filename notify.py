@@ -48,6 +48,10 @@ _HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _BEARER_RE = re.compile(r"(?i)\b(bearer\s+)\S+")
 _MAX_REASON = 300
 _MISSED_SUBJECT_IDS = 4
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators (str.splitlines breaks
+# on several of them): escaped in log lines, dropped from calendar text.
+_CONTROLS_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 class NotifyConfigError(ValueError):
@@ -175,6 +179,21 @@ def _is_address(value: str) -> bool:
     _name, address = parseaddr(value)
     local, at, domain = address.rpartition("@")
     return bool(at and local and domain) and not any(ch.isspace() for ch in address)
+
+
+def escape_controls(text: str) -> str:
+    """``text`` on one line: each control character written as an escape (``\\n``, ``\\r``,
+    ``\\t``, ``\\x1b``, ``\\u2028``), so that no value a file or a club supplies can start a
+    line of its own in a log (CONTRACT section 8: one event, one line)."""
+    return _CONTROLS_RE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 # --- Apprise URLs -------------------------------------------------------------------------------
@@ -332,7 +351,8 @@ def subject_for(outcome: Outcome) -> str:
     prefix = {BOOKED: "Booked", FAILED: "Booking failed", EXPIRED: "Booking missed"}.get(
         outcome.status, f"Booking {outcome.status}"
     )
-    return (
+    # A header line: a line break in a value would make the email library refuse the message.
+    return escape_controls(
         f"{prefix}: {outcome.schedule_id} {_court_phrase(outcome.court)} "
         f"{_when(outcome)} ({outcome.timezone})"
     )
@@ -453,14 +473,17 @@ def _log_outcome(outcome: Outcome) -> None:
 
 
 def _ics_text(value: str) -> str:
-    """RFC 5545 TEXT escaping."""
-    return (
+    """RFC 5545 TEXT escaping: a line break (CRLF, LF or a bare CR) becomes ``\\n``; other
+    control characters, which TEXT may not hold, are dropped."""
+    escaped = (
         value.replace("\\", "\\\\")
         .replace(";", "\\;")
         .replace(",", "\\,")
         .replace("\r\n", "\\n")
         .replace("\n", "\\n")
+        .replace("\r", "\\n")
     )
+    return _CONTROLS_RE.sub("", escaped)
 
 
 def _ics_stamp(moment: datetime) -> str:

@@ -29,6 +29,9 @@ INSTANCES_PER_RULE = 52
 MAX_WINDOW_HOURS = 366 * 24
 ALLOWED_FREQS = ("DAILY", "WEEKLY", "MONTHLY", "YEARLY")
 RULE_EXAMPLE = '"FREQ=WEEKLY;BYDAY=WE" or "every Wednesday at 17:00"'
+#: Control characters: C0, DEL, C1, and the Unicode line and paragraph separators. None belongs
+#: in a token, a court or a name (a header cannot carry them; a log line would break on them).
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 # --------------------------------------------------------------------------- times and zones

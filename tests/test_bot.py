@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import re
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +49,7 @@ from models import (
     transaction,
 )
 from notify import Outcome
+from reliability_helpers import evil_server, self_signed_context
 from template import Flow, parse_flow
 
 URL = "http://club.test/bookings"
@@ -1295,6 +1298,154 @@ def test_warm_against_a_closed_port_reports_false(local_club: _LocalClub) -> Non
     assert raised.value.lost is False
 
 
+# --------------------------------------------------------------------- the whole-request bound
+
+#: How long an evil club below keeps misbehaving before it gives a proper answer: far past the
+#: client's 0.5 s timeout, so a client bounded only per read ends with that answer instead.
+EVIL_FOR = 4.0
+
+
+def _slow_headers(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
+    """A status line, then one header line every 0.1 s; the rest after EVIL_FOR."""
+    client.sendall(b"HTTP/1.1 201 Created\r\n")
+    ends = time.monotonic() + EVIL_FOR
+    line = 0
+    while time.monotonic() < ends:
+        if stop.wait(0.1):
+            return
+        line += 1
+        client.sendall(f"X-Slow-{line}: {line}\r\n".encode())
+    client.sendall(b'Content-Type: application/json\r\nContent-Length: 13\r\n\r\n{"id": "bk1"}')
+
+
+def _endless_continue(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
+    """``100 Continue`` every 0.05 s; a 201 after EVIL_FOR."""
+    ends = time.monotonic() + EVIL_FOR
+    while time.monotonic() < ends:
+        client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if stop.wait(0.05):
+            return
+    client.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize("misbehave", [_slow_headers, _endless_continue])
+def test_send_bounds_the_whole_request_not_each_read(
+    misbehave: Callable[[socket.socket, bytes, threading.Event], None],
+) -> None:
+    with evil_server(misbehave) as (port, arrivals):
+        client = ClubClient(timeout=0.5)
+        try:
+            with pytest.raises(bot.BookingError) as raised:
+                client.send(_spec(f"http://127.0.0.1:{port}/bookings"))
+        finally:
+            client.close()
+    assert len(arrivals) == 1
+    assert str(raised.value) == "no answer within 0.5 s"
+    assert raised.value.lost is True
+    assert raised.value.permanent is False
+
+
+def test_send_cuts_a_body_still_coming_at_the_deadline() -> None:
+    # Timeout 1 s. The status and headers at once, byte "a" at 0.5 s, "b" at 1.3 s: a client
+    # bounded per read (1 s) is still waiting when "b" comes; bounded whole, it stopped at 1 s.
+    def dribble(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
+        client.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n")
+        if not stop.wait(0.5):
+            client.sendall(b"a")
+        if not stop.wait(0.8):
+            client.sendall(b"b")
+        stop.wait(2)
+
+    with evil_server(dribble) as (port, _arrivals):
+        client = ClubClient(timeout=1.0)
+        try:
+            got = client.send(_spec(f"http://127.0.0.1:{port}/bookings"))
+        finally:
+            client.close()
+    assert got.status == 201
+    assert got.body == b"a"
+
+
+def test_an_untrusted_certificate_is_permanent_and_named(tmp_path: Path) -> None:
+    def booked(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
+        client.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+
+    with evil_server(booked, tls=self_signed_context(tmp_path)) as (port, arrivals):
+        client = ClubClient(timeout=2)
+        try:
+            with pytest.raises(bot.BookingError) as raised:
+                client.send(_spec(f"https://127.0.0.1:{port}/bookings"))
+        finally:
+            client.close()
+    assert arrivals == []  # the request never left
+    assert str(raised.value) == (
+        "the club's certificate is not trusted (self-signed certificate); not retried: check "
+        "the host in the booking URL, or ask the club to fix its certificate"
+    )
+    assert raised.value.permanent is True
+    assert raised.value.lost is False
+
+
+# --------------------------------------------------------------------------- secrets in errors
+
+
+def test_a_club_echoing_the_token_as_its_id_gets_a_scrubbed_bounded_one_line_ref(
+    h: Harness,
+) -> None:
+    h.add()
+    echoed = f"Bearer {TOKEN}\r\n2026-11-23T12:00:00.000Z INFO bot: forged\x1b[2J\x85" + "x" * 400
+    queue(h.club, answer(201, {"id": echoed}))
+    assert h.book() == BOOKED
+    kept = "Bearer ***2026-11-23T12:00:00.000Z INFO bot: forged[2J"
+    expected = kept + "x" * (bot.MAX_REF_CHARS - len(kept))
+    assert h.row().booking_ref == expected
+    assert h.outcomes[0].booking_ref == expected
+
+
+def test_a_token_split_by_control_characters_is_still_scrubbed_from_the_ref(h: Harness) -> None:
+    h.add()
+    queue(h.club, answer(201, {"id": f"ref-{TOKEN[:6]}\x00{TOKEN[6:]}"}))
+    assert h.book() == BOOKED
+    assert h.row().booking_ref == "ref-***"
+
+
+def test_a_token_with_a_line_break_is_never_sent_and_never_logged(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = "tok-Line\nBreak-5e0c7a"
+    h.add(token_name="broken")
+    h.add_token("broken", broken)
+    assert h.book() == FAILED
+    assert h.calls == []
+    assert h.row().last_error == (
+        "token 'broken' holds a control character (a line break, tab, ...): put the token in "
+        "tokens.json as one line and reload"
+    )
+    for form in (broken, repr(broken)[1:-1], "tok-Line", "Break-5e0c7a"):
+        assert form not in caplog.text
+
+
+def test_an_unexpected_error_quoting_the_token_is_logged_scrubbed_without_a_raw_traceback(
+    h: Harness, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The issue's leak: a token holding a line break reaches requests, whose InvalidHeader
+    # quotes the whole header. With the token check off, only the scrubbing stands in the way.
+    monkeypatch.setattr(utils, "CONTROL_RE", re.compile(r"(?!)"))
+    broken = "tok-Line\nBreak-5e0c7a"
+    h.add(token_name="broken")
+    h.add_token("broken", broken)
+    assert h.book() == FAILED
+    assert h.row().last_error == "internal error while booking (see the log); not retried"
+    (record,) = [r for r in caplog.records if "unexpected error" in r.getMessage()]
+    assert record.exc_info is None
+    message = record.getMessage()
+    assert message.startswith(f"booking {KEY}: unexpected error: Traceback (most recent call last)")
+    assert "InvalidHeader: Invalid leading whitespace, reserved character(s), or return " in message
+    assert "header value: 'Bearer ***'" in message
+    for form in (broken, repr(broken)[1:-1], "tok-Line", "Break-5e0c7a"):
+        assert form not in caplog.text
+
+
 def test_matchers_are_tried_taken_rejected_booked_then_the_table() -> None:
     flow = parse_flow(
         {
@@ -2293,3 +2444,23 @@ def test_dry_run_names_the_failing_step_and_the_fix(club: responses.RequestsMock
         "answer: check the step's URL, the token's fields and the ids in tokens.json and "
         "schedules.json; for a missing value, compare the extract path with the club's answer"
     )
+
+
+def test_a_permanent_error_at_a_preparation_step_fails_at_once_naming_the_step(
+    fh: Harness,
+) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()]})
+    fh.add()
+    fh.clock.set(TRIGGER - timedelta(seconds=60))
+    untrusted = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    untrusted.verify_message = "self-signed certificate"
+    fh.club.add(at("/login", body=requests.exceptions.SSLError(untrusted)))
+
+    assert fh.book() == FAILED
+
+    assert paths(fh) == ["/login"]
+    assert fh.row().last_error == (
+        "step 'login': the club's certificate is not trusted (self-signed certificate); not "
+        "retried: check the host in the booking URL, or ask the club to fix its certificate"
+    )
+    assert fh.stop.waits == []

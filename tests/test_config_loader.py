@@ -514,6 +514,29 @@ def test_court_id_rejected(data_dir: Path, court: Any, problem: str) -> None:
     rejected_alone(result, "wed-evening")
 
 
+@pytest.mark.parametrize(
+    "court",
+    ["3\r\n2026-11-23T12:00:00.000Z ERROR forged", "3\x1b[2J", "3\x85", ["1", "2\n3"]],
+    ids=["crlf", "escape", "c1", "in-list"],
+)
+def test_court_id_with_a_control_character_is_rejected(data_dir: Path, court: Any) -> None:
+    result = schedules(data_dir, WED, MATCH | {"court_id": court})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#2): court_id: {court!r} holds a control character (a "
+        "line break, tab, ...); a court is one line of text"
+    )
+    rejected_alone(result, "wed-evening")
+
+
+@pytest.mark.parametrize("zone", ["Europe/London\r\nforged", "UTC\x00"])
+def test_timezone_with_a_control_character_is_rejected(data_dir: Path, zone: str) -> None:
+    result = schedules(data_dir, MATCH | {"timezone": zone})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#1): timezone: {zone!r} is not an IANA time zone "
+        "(e.g. 'Europe/London')"
+    )
+
+
 def test_token_not_in_tokens_json_lists_the_names(data_dir: Path) -> None:
     result = schedules(data_dir, MATCH | {"token": "bob"})
     assert only_error(result) == (
@@ -535,6 +558,14 @@ def test_token_not_a_name(data_dir: Path, token: Any) -> None:
     assert only_error(result) == (
         f"schedules.json entry 'match' (#1): token: {token!r} is not a token name; expected a "
         "name from tokens.json"
+    )
+
+
+def test_token_name_with_a_control_character_is_rejected(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH | {"token": "alice\nforged"}, tokens={"alice\nforged"})
+    assert only_error(result) == (
+        "schedules.json entry 'match' (#1): token: 'alice\\nforged' holds a control character "
+        "(a line break, tab, ...); expected a name from tokens.json"
     )
 
 
@@ -759,6 +790,41 @@ def test_token_name_that_is_not_text_is_an_error(data_dir: Path, fernet: MultiFe
     assert set(result.tokens) == {"alice"}
 
 
+def test_a_token_with_a_control_character_is_an_error_that_never_shows_it(
+    data_dir: Path, fernet: MultiFernet
+) -> None:
+    encrypted = fernet.encrypt(b"tok-Enc\tSecret-d4").decode()
+    path = tokens_file(
+        data_dir,
+        {"default": "tok-Line\nBreak-9f", "enc": encrypted, "c1": "tok\x85x", "alice": "tok-a"},
+    )
+    result = read_tokens(path, fernet)
+    assert result.errors == [
+        f"tokens.json token {name!r}: the token holds a control character (a line break, tab, "
+        "...), which cannot be sent in a header; put the token in as one line"
+        for name in ("default", "enc", "c1")
+    ]
+    for name in ("default", "enc", "c1"):
+        assert result.tokens[name].encrypted is None
+        assert result.tokens[name].rewrite is False
+    assert result.tokens["default"].error == result.errors[0]
+    assert result.tokens["alice"].encrypted is not None
+    text = "\n".join(result.errors)
+    for part in ("tok-Line", "Break-9f", "tok-Enc", "Secret-d4", "tok\x85x"):
+        assert part not in text
+
+
+def test_a_token_name_with_a_control_character_is_an_error(
+    data_dir: Path, fernet: MultiFernet
+) -> None:
+    result = read_tokens(tokens_file(data_dir, {"de\nfault": "tok", "alice": "tok-a"}), fernet)
+    assert result.errors == [
+        "tokens.json token 'de\\nfault': a token name must not hold control characters (line "
+        "breaks, tabs, ...)"
+    ]
+    assert set(result.tokens) == {"alice"}
+
+
 def test_fernet_value_no_key_decrypts_is_an_error_for_that_token_only(
     data_dir: Path, fernet: MultiFernet
 ) -> None:
@@ -961,6 +1027,81 @@ def test_rewrite_tokens_file_leaves_a_file_changed_since_it_was_read(
     assert rewrite_tokens_file(path, result) is False
     assert json.loads(path.read_text()) == {"default": "tok-2"}
     assert sorted(p.name for p in data_dir.iterdir()) == ["tokens.json"]
+
+
+def test_rewrite_tokens_file_says_which_tokens_it_encrypted(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = Fernet.generate_key(), Fernet.generate_key()
+    ring = utils.load_fernet(f"{first.decode()},{second.decode()}")
+    old = Fernet(second).encrypt(b"tok-old").decode()
+    path = tokens_file(data_dir, {"plain": "tok-plain", "old": old})
+    with caplog.at_level(logging.INFO, logger="config_loader"):
+        assert rewrite_tokens_file(path, read_tokens(path, ring)) is True
+    assert [r.getMessage() for r in caplog.records] == [
+        "tokens.json: plaintext token(s) 'plain' encrypted; token(s) 'old' re-encrypted under "
+        "the first key in place"
+    ]
+
+
+def _file_state(path: Path) -> tuple[bytes, int, int, int]:
+    info = path.stat()
+    return path.read_bytes(), info.st_ino, stat.S_IMODE(info.st_mode), info.st_mtime_ns
+
+
+def test_tokens_json_as_a_symlink_is_left_alone_and_the_log_says_the_plaintext_stays(
+    tmp_path: Path, data_dir: Path, fernet: MultiFernet, caplog: pytest.LogCaptureFixture
+) -> None:
+    elsewhere = tmp_path / "secrets"
+    elsewhere.mkdir()
+    target = tokens_file(elsewhere, {"default": "tok-plain", "alice": "tok-a"})
+    target.chmod(0o644)
+    link = data_dir / "tokens.json"
+    link.symlink_to(target)
+    before = _file_state(target)
+    result = read_tokens(link, fernet)
+
+    with caplog.at_level(logging.INFO, logger="config_loader"):
+        assert rewrite_tokens_file(link, result) is False
+    config_loader.secure_file_mode(link)
+
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "ERROR",
+            f"tokens.json is a symbolic link to {target}: not rewritten (courtbot never writes "
+            f"through a link), so plaintext token(s) 'default', 'alice' stay in {target}, "
+            "readable by others (mode 0644); they are kept encrypted in the database only: put "
+            "encrypted values in that file (`python main.py encrypt-token`), or make tokens.json "
+            "a regular file",
+        )
+    ]
+    assert "tok-plain" not in caplog.text
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert _file_state(target) == before  # not rewritten, not chmod-ed
+    assert sorted(p.name for p in data_dir.iterdir()) == ["tokens.json"]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["tokens.json"]
+    assert result.written is None
+
+
+def test_tokens_json_with_a_hard_link_is_left_alone(
+    tmp_path: Path, data_dir: Path, fernet: MultiFernet, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tokens_file(data_dir, {"default": "tok-plain"})
+    path.chmod(0o600)
+    (tmp_path / "copy.json").hardlink_to(path)
+    before = _file_state(path)
+    with caplog.at_level(logging.INFO, logger="config_loader"):
+        assert rewrite_tokens_file(path, read_tokens(path, fernet)) is False
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "ERROR",
+            "tokens.json has 2 hard links: not rewritten (the other names would keep the old "
+            f"content), so plaintext token(s) 'default' stay in {path}; they are kept encrypted "
+            "in the database only: put encrypted values in that file (`python main.py "
+            "encrypt-token`), or make tokens.json a regular file",
+        )
+    ]
+    assert _file_state(path) == before
 
 
 def _assert_unwritable_warning(caplog: pytest.LogCaptureFixture, path: Path) -> None:

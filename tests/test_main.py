@@ -424,12 +424,60 @@ def test_encrypt_token_reads_stdin(env: dict[str, str]) -> None:
     assert cli(env, "encrypt-token", stdin="").returncode == 1
 
 
-def test_health_reads_the_heartbeat(
-    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], data_dir: Path
+def test_health_needs_a_daemon_holding_data_dir_and_a_fresh_heartbeat(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
 ) -> None:
     assert run(monkeypatch, env, "health") == 1
+    capsys.readouterr()
     (data_dir / "heartbeat").write_text(f"{datetime.now(UTC).timestamp():.0f}\n")
-    assert run(monkeypatch, env, "health") == 0
+    # A fresh heartbeat alone is a daemon that stopped (or was killed) a moment ago.
+    assert run(monkeypatch, env, "health") == 1
+    assert capsys.readouterr().err == f"courtbot health: no daemon runs on {data_dir}\n"
+    lock = main.DirLock(data_dir / "bot.lock")
+    assert lock.acquire()
+    try:
+        (data_dir / "bot.pid").write_text(f"{os.getpid()}\n")
+        assert run(monkeypatch, env, "health") == 0
+        gone = 2**22 + 1  # above Linux's pid_max: no such process
+        (data_dir / "bot.pid").write_text(f"{gone}\n")
+        capsys.readouterr()
+        assert run(monkeypatch, env, "health") == 1
+        assert capsys.readouterr().err == (
+            f"courtbot health: the daemon of bot.pid (pid {gone}) is gone\n"
+        )
+    finally:
+        lock.release()
+    assert run(monkeypatch, env, "health") == 1
+
+
+def test_every_log_event_is_one_line_whatever_its_values_hold(
+    env: dict[str, str], data_dir: Path
+) -> None:
+    log_file = data_dir / "bot.log"
+    main.setup_logging(main.Settings.from_env(env | {"LOG_FILE": str(log_file)}))
+    log = logging.getLogger("bot")
+    forged = "bk-1\r\n2026-11-23T12:00:00.000Z ERROR bot: forged\x1b[2J\x85\u2028"
+    log.warning("booked %s ref=%s", "k@2026-12-02T17:00:00Z", forged)
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        log.exception("unexpected")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    lines = log_file.read_text().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith(
+        " WARNING bot: booked k@2026-12-02T17:00:00Z ref=bk-1\\r\\n2026-11-23T12:00:00.000Z "
+        "ERROR bot: forged\\x1b[2J\\x85\\u2028"
+    )
+    assert re.fullmatch(
+        r"\S+Z ERROR bot: unexpected\\nTraceback \(most recent call last\):\\n.*"
+        r"\\nValueError: boom\\nsecond line",
+        lines[1],
+    )
 
 
 def test_the_bundled_examples_pass_check(

@@ -300,6 +300,39 @@ def test_calendar_times_are_utc_in_summer() -> None:
     assert "DTEND:20260701T100000Z\r\n" in ics
 
 
+def test_escape_controls_keeps_one_event_on_one_line() -> None:
+    text = "ref=bk-1\r\n2026-11-23T12:00:00.000Z INFO bot: forged\x1b[2J\t\x00\x85\u2028end"
+    assert notify.escape_controls(text) == (
+        "ref=bk-1\\r\\n2026-11-23T12:00:00.000Z INFO bot: forged\\x1b[2J\\t\\x00\\x85\\u2028end"
+    )
+
+
+def test_calendar_text_never_holds_a_bare_cr_or_another_control() -> None:
+    outcome = make_outcome(booking_ref="bk-1\rX-INJECTED:evil\x00\x1b", court="3\r4")
+    ics = notify.calendar_entry(outcome, BEFORE_START)
+    assert b"\r" not in ics.replace(b"\r\n", b"")
+    assert b"\n" not in ics.replace(b"\r\n", b"")
+    unfolded = ics.decode().replace("\r\n ", "").split("\r\n")
+    assert not any(line.startswith("X-INJECTED") for line in unfolded)
+    assert "SUMMARY:Tennis: court 3\\n4" in unfolded
+    description = next(line for line in unfolded if line.startswith("DESCRIPTION:"))
+    assert description.startswith("DESCRIPTION:Booking reference: bk-1\\nX-INJECTED:evil\\n")
+
+
+def test_a_court_with_a_line_break_still_gets_its_email() -> None:
+    # Validation rejects such a court; one stored before it must not lose the email (the email
+    # library refuses a header holding a line break).
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port, notifier_for(email_settings(port)) as notifier:
+        notifier.notify(make_outcome(court="3\r\nBcc: someone@else.example"))
+    message = only_message(mailbox)
+    assert subject(message) == (
+        "Booked: wed-evening court 3\\r\\nBcc: someone@else.example Wed 2026-12-02 17:00 "
+        "(Europe/London)"
+    )
+    assert message["Bcc"] is None
+
+
 def test_failed_email_says_why_and_how_to_retry() -> None:
     mailbox = Mailbox()
     with smtp_server(mailbox) as port, notifier_for(email_settings(port)) as notifier:
