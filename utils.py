@@ -145,6 +145,54 @@ def format_local(moment: datetime, zone: ZoneInfo) -> str:
     return moment.astimezone(zone).strftime("%a %Y-%m-%d %H:%M %Z")
 
 
+def format_local_short(moment: datetime, zone: ZoneInfo, now: datetime) -> str:
+    """A person's short reading of ``moment`` in ``zone``: ``Wed 3 Dec 17:00 GMT``, with the
+    year after the month when it is not ``now``'s year there (``Fri 7 Jan 2028 09:00 GMT``)."""
+    local = moment.astimezone(zone)
+    year = "" if local.year == now.astimezone(zone).year else f" {local.year}"
+    return f"{local:%a} {local.day} {local:%b}{year} {local:%H:%M %Z}"
+
+
+def format_span(seconds: float) -> str:
+    """A duration as a person reads it, its two largest units, rounded down: ``45 s``,
+    ``4 min 20 s``, ``3 h 5 min``, ``5 d 4 h`` (a zero second unit is left out: ``2 d``)."""
+    total = int(max(seconds, 0.0))
+    for size, unit, smaller, small_unit in (
+        (86400, "d", 3600, "h"),
+        (3600, "h", 60, "min"),
+        (60, "min", 1, "s"),
+    ):
+        if total >= size:
+            rest = (total % size) // smaller
+            return f"{total // size} {unit}" + (f" {rest} {small_unit}" if rest else "")
+    return f"{total} s"
+
+
+def format_ahead(moment: datetime, now: datetime) -> str:
+    """``in 5 d 4 h`` for a moment ahead of ``now``, ``2 h 10 min ago`` for one behind."""
+    seconds = (as_utc(moment) - as_utc(now)).total_seconds()
+    return f"in {format_span(seconds)}" if seconds >= 0 else f"{format_span(-seconds)} ago"
+
+
+#: A first request that left this long after its trigger is reported as late, with why.
+LATE_AFTER_SECONDS = 1.0
+
+
+def send_timing(trigger: datetime, first_sent: datetime, late_because: str | None) -> str:
+    """When a booking's first request left, relative to its trigger, for a person: ``sent 0.8
+    ms after the window opened``; past ``LATE_AFTER_SECONDS``, how late and why: ``sent 10.9 s
+    late: courtbot was not running at the trigger`` (``late_because`` is that why; without one
+    the trigger itself fired late)."""
+    seconds = (as_utc(first_sent) - as_utc(trigger)).total_seconds()
+    if seconds < 0:
+        return f"sent {-seconds * 1000:.1f} ms before the window opened"
+    if seconds < LATE_AFTER_SECONDS:
+        return f"sent {seconds * 1000:.1f} ms after the window opened"
+    late = f"{seconds:.1f} s" if seconds < 60 else format_span(seconds)
+    why = late_because or "courtbot's trigger fired late (a busy machine or a clock jump)"
+    return f"sent {late} late: {why}"
+
+
 def as_utc(moment: datetime) -> datetime:
     """``moment`` as an aware UTC datetime (naive values are taken to be UTC already)."""
     if moment.tzinfo is None:
@@ -603,6 +651,25 @@ def encrypted_under_first_key(fernet: MultiFernet, value: str) -> bool:
     except (InvalidToken, ValueError):
         return False
     return True
+
+
+def jwt_expiry(token: str) -> datetime | None:
+    """When a JWT expires: its payload's ``exp`` (read, never verified), aware UTC. None for a
+    token that is not a JWT or has no usable ``exp``. The token itself is never kept or shown."""
+    parts = token.strip().split(".")
+    if len(parts) != 3 or not parts[1]:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    try:
+        return datetime.fromtimestamp(exp, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
 
 
 #: What stands in for a secret in printed output.

@@ -3,6 +3,7 @@ PostgreSQL server (``pg_server``, ``pg_url``; ``db_url`` runs a test on each dat
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -24,6 +25,16 @@ from config_loader import Settings
 
 #: A fixed "now" for tests that do not need the real clock (a Monday).
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+def make_jwt(payload: dict[str, Any]) -> str:
+    """An unsigned-looking JWT (header.payload.signature, base64url) carrying ``payload``."""
+
+    def part(value: Any) -> str:
+        raw = json.dumps(value, separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(payload)}.c2lnbmF0dXJlLW5vdC1jaGVja2Vk"
 
 
 def write_json(path: Path, value: Any) -> Path:
