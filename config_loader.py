@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -43,6 +44,7 @@ ENTRY_KEYS = (
     "timezone",
     "duration_minutes",
     "enabled",
+    "skip",
 )
 ONE_OFF = "one-off"
 RECURRING = "recurring"
@@ -184,6 +186,8 @@ class Entry:
     raw_rrule: str | None
     rule: utils.ParsedRule | None
     fingerprint: str  # changes whenever anything about the entry changes
+    #: Local dates on which a recurring entry makes no instance (the ``skip`` key).
+    skip: frozenset[date] = frozenset()
     #: The recurring expansion made while validating, and the ``now`` it was made for: a load
     #: validates and plans with the same ``now``, so the rule is expanded once per load.
     expansion: tuple[datetime, tuple[tuple[datetime, datetime], ...]] | None = field(
@@ -215,7 +219,7 @@ class Entry:
             return [(self.desired_wall, self.desired_moment)]
         if self.expansion is not None and self.expansion[0] == now:
             return list(self.expansion[1][:limit])
-        return utils.expand_rule_walls(self.rule.rule, self.zone, now, limit)
+        return _expand_skipping(self.rule, self.zone, now, limit, self.skip)
 
     def starts(self, now: datetime, limit: int = utils.INSTANCES_PER_RULE) -> list[datetime]:
         """The aware starts of ``occurrences``."""
@@ -243,6 +247,17 @@ class Entry:
             for start in self.starts(now)
             if start > now
         ]
+
+
+def _expand_skipping(
+    rule: utils.ParsedRule, zone: ZoneInfo, now: datetime, limit: int, skip: frozenset[date]
+) -> list[tuple[datetime, datetime]]:
+    """The rule's next ``limit`` (wall clock, start) pairs after ``now``, leaving out those on a
+    ``skip`` date (the rule's local wall-clock date). The one place skip dates are applied."""
+    if not skip:
+        return utils.expand_rule_walls(rule.rule, zone, now, limit)
+    pairs = utils.expand_rule_walls(rule.rule, zone, now, limit + len(skip))
+    return [(wall, start) for wall, start in pairs if wall.date() not in skip][:limit]
 
 
 @dataclass
@@ -378,7 +393,49 @@ def read_config(
         token_names=names,
         now=now,
     )
+    tokens.warnings.extend(
+        token_expiry_warnings(schedules.entries, tokens, fernet, window=settings.window, now=now)
+    )
     return Config(schedules=schedules, tokens=tokens, digest=digest)
+
+
+def token_expiry_warnings(
+    entries: Iterable[Entry],
+    tokens: TokensResult,
+    fernet: MultiFernet,
+    *,
+    window: utils.Window,
+    now: datetime,
+) -> list[str]:
+    """One warning per token that is a JWT expiring before the trigger of an instance of an
+    entry that uses it (at its trigger the club would reject it). The token is decrypted only
+    to read its expiry, and never appears in a warning."""
+    by_token: dict[str, list[tuple[datetime, str]]] = {}
+    for entry in entries:
+        if entry.enabled:
+            for planned in entry.plan(now, window):
+                by_token.setdefault(entry.token, []).append((planned.trigger, planned.key))
+    warnings = []
+    for name in sorted(by_token):
+        value = tokens.tokens.get(name)
+        if value is None or value.encrypted is None:
+            continue
+        plaintext = utils.decrypt_token(fernet, value.encrypted)
+        expires = utils.jwt_expiry(plaintext) if plaintext is not None else None
+        if expires is None:
+            continue
+        affected = sorted(pair for pair in by_token[name] if pair[0] >= expires)
+        if not affected:
+            continue
+        trigger, key = affected[0]
+        state = "expired" if expires <= now else "expires"
+        warnings.append(
+            f"{TOKENS_FILE} token {name!r}: a JWT that {state} {utils.format_utc(expires)}, "
+            f"before the trigger of {len(affected)} booking(s), the first {key} (window opens "
+            f"{utils.format_utc(trigger)}): the club would reject it then; put a fresh token "
+            "in tokens.json before that"
+        )
+    return warnings
 
 
 def read_tokens(path: Path, fernet: MultiFernet) -> TokensResult:
@@ -530,7 +587,59 @@ def read_schedules(
             result.entries.append(entry)
     # An id both rejected (a duplicate) and valid stays valid for the earlier entry.
     result.rejected_ids -= {e.id for e in result.entries}
+    result.warnings.extend(overlap_warnings(result.entries, now, name))
     return result
+
+
+def _club_of(entry: Entry) -> str | None:
+    """Which club an entry books at, for overlaps: one club for all of them while entries
+    cannot name their own."""
+    return None
+
+
+def overlap_warnings(entries: Iterable[Entry], now: datetime, file_name: str) -> list[str]:
+    """One warning per pair of enabled entries that would book overlapping times (``[start,
+    end)``) at the same club among their next instances: two courts paid for one game, unless
+    that is meant. Names the first overlap and how many more there are."""
+    slots: list[tuple[datetime, datetime, int, Entry]] = []
+    for entry in entries:
+        if entry.enabled:
+            length = timedelta(minutes=entry.duration_minutes)
+            for start in entry.starts(now):
+                if start > now:
+                    slots.append((start, start + length, entry.position, entry))
+    slots.sort(key=lambda slot: (slot[0], slot[2]))
+    found: dict[tuple[int, int], list[tuple[datetime, datetime, datetime, datetime]]] = {}
+    active: list[tuple[datetime, datetime, int, Entry]] = []
+    for slot in slots:
+        start, end, position, entry = slot
+        active = [other for other in active if other[1] > start]
+        for other_start, other_end, other_position, other in active:
+            if other_position != position and _club_of(other) == _club_of(entry):
+                pair = (min(position, other_position), max(position, other_position))
+                first = (other_start, other_end) if other_position < position else (start, end)
+                second = (start, end) if other_position < position else (other_start, other_end)
+                found.setdefault(pair, []).append((*first, *second))
+        active.append(slot)
+    by_position = {entry.position: entry for entry in entries}
+    warnings = []
+    for (a, b), overlaps in sorted(found.items()):
+        one, two = by_position[a], by_position[b]
+        a_start, a_end, b_start, b_end = overlaps[0]
+        more = f" (and {len(overlaps) - 1} more time(s))" if len(overlaps) > 1 else ""
+        warnings.append(
+            f"{file_name}: entries {one.label} and {two.label} would book overlapping times: "
+            f"{_span(a_start, a_end, one.zone)} and {_span(b_start, b_end, two.zone)}{more}; "
+            "that is two courts booked and paid for: if one is enough, keep one entry (a list "
+            "in court_id tries several courts in order)"
+        )
+    return warnings
+
+
+def _span(start: datetime, end: datetime, zone: ZoneInfo) -> str:
+    """``Fri 2026-12-04 12:00-13:00 GMT``: a booking's time, local."""
+    local_start, local_end = start.astimezone(zone), end.astimezone(zone)
+    return f"{local_start:%a %Y-%m-%d %H:%M}-{local_end:%H:%M %Z}"
 
 
 def _where(file_name: str, entry_id: str | None, position: int) -> str:
@@ -563,6 +672,7 @@ class _EntryCheck:
     token: Any = None
     duration: Any = None
     enabled: Any = None
+    skip: frozenset[date] = frozenset()
 
     def bad(self, key: str, message: str) -> None:
         self.errors.append(f"{self.where}: {key}: {message}")
@@ -578,7 +688,11 @@ def _check_unknown_keys(c: _EntryCheck) -> None:
         if key not in ENTRY_KEYS:
             # Quoted unless a plain name, so that "", " id" or a newline read as what they are.
             shown = key if key.isidentifier() else repr(key)
-            c.bad(shown, f"unknown key; expected one of {', '.join(ENTRY_KEYS)}")
+            close = difflib.get_close_matches(key.strip().lower(), ENTRY_KEYS, n=1, cutoff=0.6)
+            if close:
+                c.bad(shown, f"unknown key; did you mean {close[0]!r}?")
+            else:
+                c.bad(shown, f"unknown key; expected one of {', '.join(ENTRY_KEYS)}")
 
 
 def _check_id(c: _EntryCheck) -> None:
@@ -701,6 +815,30 @@ def _check_enabled(c: _EntryCheck) -> None:
         c.bad("enabled", f"{c.enabled!r} is not true or false")
 
 
+_SKIP_EXAMPLE = '["2026-12-24", "2026-12-31"]'
+
+
+def _check_skip(c: _EntryCheck) -> None:
+    if "skip" not in c.raw:
+        return
+    value = c.raw["skip"]
+    if c.entry_type == ONE_OFF:
+        c.bad("skip", 'a one-off has no dates to skip; remove "skip" (or set "enabled": false)')
+    elif not isinstance(value, list):
+        c.bad("skip", f"{value!r} is not a list of dates; expected e.g. {_SKIP_EXAMPLE}")
+    else:
+        dates: set[date] = set()
+        for item in value:
+            try:
+                if not isinstance(item, str) or len(item) != 10:
+                    raise ValueError
+                dates.add(date.fromisoformat(item))
+            except ValueError:
+                c.bad("skip", f"{item!r} is not a date 'YYYY-MM-DD'; expected e.g. {_SKIP_EXAMPLE}")
+                return
+        c.skip = frozenset(dates)
+
+
 #: One checker per key, in the order their errors are reported (unknown keys come first).
 #: Not ENTRY_KEYS' order: a checker may read what an earlier one parsed.
 _ENTRY_CHECKERS: tuple[tuple[str, Callable[[_EntryCheck], None]], ...] = (
@@ -713,6 +851,7 @@ _ENTRY_CHECKERS: tuple[tuple[str, Callable[[_EntryCheck], None]], ...] = (
     ("token", _check_token),
     ("duration_minutes", _check_duration),
     ("enabled", _check_enabled),
+    ("skip", _check_skip),
 )
 
 
@@ -787,6 +926,7 @@ def _build_entry(
         raw_rrule=c.rule_text if c.entry_type == RECURRING else None,
         rule=c.rule,
         fingerprint=fingerprint,
+        skip=c.skip,
     )
     if c.rule is not None:
         # A rule that runs into year 9999 fails only while expanding: find out here, not in
