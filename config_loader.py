@@ -75,6 +75,8 @@ class Settings:
     log_file: Path | None
     template_path: Path | None
     env: Mapping[str, str] = field(repr=False, default_factory=dict)
+    #: HEARTBEAT_URL: the dead-man's switch the active daemon pings (None: off).
+    heartbeat_url: str | None = field(repr=False, default=None)
 
     @property
     def schedules_path(self) -> Path:
@@ -127,6 +129,12 @@ class Settings:
             raise SettingsError(
                 f"LOG_LEVEL: {level_value!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
             )
+        heartbeat_url = (env.get("HEARTBEAT_URL") or "").strip() or None
+        if heartbeat_url is not None and not utils.is_http_url(heartbeat_url):
+            raise SettingsError(
+                f"HEARTBEAT_URL: {utils.mask_url_secrets(heartbeat_url)!r} is not an http(s) "
+                "URL (e.g. https://hc-ping.com/<uuid>)"
+            )
         return cls(
             fernet_keys=env.get("FERNET_KEY") or None,
             api_url=env.get("BOOKING_API_URL") or None,
@@ -141,6 +149,7 @@ class Settings:
             log_file=None if log_file_value == "-" else Path(log_file_value),
             template_path=template_path,
             env=dict(env),
+            heartbeat_url=heartbeat_url,
         )
 
 

@@ -34,6 +34,7 @@ from models import (
     FINAL,
     PENDING,
     Instance,
+    Notice,
     Token,
     transaction,
 )
@@ -379,6 +380,42 @@ def token_names(factory: sessionmaker[Session]) -> set[str]:
     """The names of the tokens the database holds."""
     with factory() as session:
         return set(session.scalars(select(Token.id)))
+
+
+def stored_tokens(factory: sessionmaker[Session]) -> dict[str, str | None]:
+    """Every token's name and its encrypted value (None for one unusable)."""
+    with factory() as session:
+        return {
+            t.id: (None if t.error else t.encrypted_token) for t in session.scalars(select(Token))
+        }
+
+
+def pending_from(
+    factory: sessionmaker[Session], token_name: str, moment: datetime
+) -> tuple[int, Instance | None]:
+    """How many pending instances of token ``token_name`` have their trigger at or after
+    ``moment``, and the first of them (None when none)."""
+    mine = (
+        Instance.status == PENDING,
+        Instance.token_name == token_name,
+        Instance.trigger_time >= moment,
+    )
+    with factory() as session:
+        first = session.scalar(
+            select(Instance).where(*mine).order_by(Instance.trigger_time).limit(1)
+        )
+        count = session.scalar(select(func.count()).select_from(Instance).where(*mine))
+    return int(count or 0), first
+
+
+def remember_notice(factory: sessionmaker[Session], notice_id: str, now: datetime) -> bool:
+    """Record that the warning ``notice_id`` has been sent: True the first time, False when it
+    was already (so it goes out once, whatever the reloads and restarts)."""
+    with transaction(factory) as session:
+        if session.get(Notice, notice_id) is not None:
+            return False
+        session.add(Notice(id=notice_id, sent_at=now))
+    return True
 
 
 # --------------------------------------------------------------------------- a booking

@@ -478,6 +478,11 @@ def has_tables(engine: Engine) -> bool:
     return inspect(engine).has_table(Instance.__tablename__)
 
 
+def has_table(engine: Engine, name: str) -> bool:
+    """True when the database holds the table ``name`` (an older one may lack a newer table)."""
+    return inspect(engine).has_table(name)
+
+
 #: What the other modules hold to open sessions (so that they need not import SQLAlchemy).
 SessionFactory = sessionmaker[Session]
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -670,6 +671,31 @@ def jwt_expiry(token: str) -> datetime | None:
         return datetime.fromtimestamp(exp, UTC)
     except (OverflowError, OSError, ValueError):
         return None
+
+
+def mask_url_secrets(url: str) -> str:
+    """``url`` fit for a log line: its scheme, host and port only, the rest ``/****`` (a ping
+    URL's path or query is its secret), e.g. ``https://hc-ping.com/****``."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "****"
+    if not parts.scheme or not host:
+        return "****"
+    shown_host = f"[{host}]" if ":" in host else host
+    rest = parts.path.strip("/") or parts.query or parts.fragment or parts.username
+    return f"{parts.scheme}://{shown_host}{port}" + ("/****" if rest else "")
+
+
+def is_http_url(url: str) -> bool:
+    """True for an ``http://`` or ``https://`` URL with a host."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:
+        return False
 
 
 #: What stands in for a secret in printed output.
