@@ -228,7 +228,7 @@ class Entry:
             return [(self.desired_wall, self.desired_moment)]
         if self.expansion is not None and self.expansion[0] == now:
             return list(self.expansion[1][:limit])
-        return _expand_skipping(self.rule, self.zone, now, limit, self.skip)
+        return utils.expand_rule_walls(self.rule, self.zone, now, limit, skip=self.skip)
 
     def starts(self, now: datetime, limit: int = utils.INSTANCES_PER_RULE) -> list[datetime]:
         """The aware starts of ``occurrences``."""
@@ -256,17 +256,6 @@ class Entry:
             for start in self.starts(now)
             if start > now
         ]
-
-
-def _expand_skipping(
-    rule: utils.ParsedRule, zone: ZoneInfo, now: datetime, limit: int, skip: frozenset[date]
-) -> list[tuple[datetime, datetime]]:
-    """The rule's next ``limit`` (wall clock, start) pairs after ``now``, leaving out those on a
-    ``skip`` date (the rule's local wall-clock date). The one place skip dates are applied."""
-    if not skip:
-        return utils.expand_rule_walls(rule.rule, zone, now, limit)
-    pairs = utils.expand_rule_walls(rule.rule, zone, now, limit + len(skip))
-    return [(wall, start) for wall, start in pairs if wall.date() not in skip][:limit]
 
 
 @dataclass
@@ -944,6 +933,10 @@ def _build_entry(
             entry = dataclasses.replace(entry, expansion=(c.now, tuple(entry.occurrences(c.now))))
         except (ValueError, OverflowError):
             return None, f"{where}: rrule: {c.rule_text!r} {OUT_OF_RANGE}", warnings
+        if not any(start > c.now for start in entry.starts(c.now)):
+            # Valid, but it books nothing: say so rather than leave the entry silently empty.
+            why = utils.describe_no_instance(c.rule, c.zone, c.now)
+            warnings.append(f"{where}: rrule: {c.rule_text!r} books nothing: {why}")
     return entry, None, warnings
 
 

@@ -242,8 +242,11 @@ def _reconcile_entry(
         if key in wanted or row.status != PENDING:
             continue
         if row.desired_time > now:
-            if row.desired_time.astimezone(entry.zone).date() in entry.skip:
+            local_date = row.desired_time.astimezone(entry.zone).date()
+            if local_date in entry.skip:
                 _cancel(row, changes, "its date is in the entry's skip list")
+            elif entry.rule is not None and local_date in entry.rule.skip_dates:
+                _cancel(row, changes, "its date is excluded by the entry's rule (except, EXDATE)")
             else:
                 _cancel(row, changes, "no longer produced by the entry's rule or time")
     if new_rows:

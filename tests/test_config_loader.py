@@ -1295,3 +1295,28 @@ def test_explicit_id_is_kept(tmp_path: Path) -> None:
         tmp_path, {"id": "wed-evening", "type": "one-off", "desired_time": "2027-01-06 17:00"}
     )
     assert entry.id == "wed-evening"
+
+
+@pytest.mark.parametrize(
+    ("rrule", "why"),
+    [
+        (
+            "FREQ=DAILY;BYSETPOS=2",
+            "it has no instance from 2026-11-23 to 2035-01-19 (courtbot looks no further ahead)",
+        ),
+        (
+            "FREQ=WEEKLY;BYDAY=WE;UNTIL=20261101T000000Z",
+            "its UNTIL 2026-11-01T00:00:00Z has passed",
+        ),
+    ],
+)
+def test_a_rule_with_no_instance_ahead_is_a_warning_naming_why(
+    data_dir: Path, rrule: str, why: str
+) -> None:
+    entry = {"id": "never", "type": "recurring", "desired_time": "2026-01-07 17:00", "rrule": rrule}
+    result = schedules(data_dir, entry)
+    assert result.errors == []
+    assert result.warnings == [
+        f"schedules.json entry 'never' (#1): rrule: {rrule!r} books nothing: {why}"
+    ]
+    assert result.entries[0].plan(NOW, utils.Window(168, "h")) == []

@@ -1048,6 +1048,13 @@ def test_a_pending_instance_on_a_date_added_to_skip_is_cancelled(
     )
     write(data_dir, [WED])
     assert apply(factory, settings, fernet).revived == 1
+    english = {k: v for k, v in WED.items() if k != "desired_time"}
+    english["rrule"] = "every Wednesday at 17:00 except 2026-12-16"
+    write(data_dir, [english])
+    apply(factory, settings, fernet)
+    assert rows(factory)["wed-evening@2026-12-16T17:00:00Z"].last_error == (
+        "its date is excluded by the entry's rule (except, EXDATE)"
+    )
 
 
 # --------------------------------------------------------------------------- status queries
