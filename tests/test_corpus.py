@@ -357,6 +357,7 @@ plausible = {
     | json_values,
     "duration_minutes": st.sampled_from([60, 0, 1440, 1441]) | json_values,
     "enabled": st.booleans() | json_values,
+    "skip": st.sampled_from([["2026-12-09"], ["2026-12-32"], [], "2026-12-09"]) | json_values,
     "cour_id": json_values,
 }
 entries = st.lists(
