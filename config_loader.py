@@ -408,20 +408,22 @@ def token_expiry_warnings(
     """One warning per token that is a JWT expiring before the trigger of an instance of an
     entry that uses it (at its trigger the club would reject it). The token is decrypted only
     to read its expiry, and never appears in a warning."""
+    expiries: dict[str, datetime] = {}
+    for name, value in tokens.tokens.items():
+        plaintext = utils.decrypt_token(fernet, value.encrypted) if value.encrypted else None
+        expires = utils.jwt_expiry(plaintext) if plaintext is not None else None
+        if expires is not None:
+            expiries[name] = expires
+    if not expiries:
+        return []  # no JWT: nothing to plan
     by_token: dict[str, list[tuple[datetime, str]]] = {}
     for entry in entries:
-        if entry.enabled:
+        if entry.enabled and entry.token in expiries:
             for planned in entry.plan(now, window):
                 by_token.setdefault(entry.token, []).append((planned.trigger, planned.key))
     warnings = []
     for name in sorted(by_token):
-        value = tokens.tokens.get(name)
-        if value is None or value.encrypted is None:
-            continue
-        plaintext = utils.decrypt_token(fernet, value.encrypted)
-        expires = utils.jwt_expiry(plaintext) if plaintext is not None else None
-        if expires is None:
-            continue
+        expires = expiries[name]
         affected = sorted(pair for pair in by_token[name] if pair[0] >= expires)
         if not affected:
             continue

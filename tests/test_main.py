@@ -163,6 +163,44 @@ def test_check_warnings_do_not_change_the_exit_code(
     assert "does not exist in Europe/London (DST gap)" in captured.out
 
 
+def test_check_warns_before_money_is_spent_and_still_exits_0(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    expires = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
+    write_json(data_dir / "tokens.json", {"default": make_jwt({"exp": int(expires.timestamp())})})
+    start = future(20)
+    write_json(
+        data_dir / "schedules.json",
+        [
+            {"id": "fri-a", "type": "one-off", "desired_time": f"{start:%Y-%m-%d %H:%M}"},
+            {
+                "id": "fri-b",
+                "type": "one-off",
+                "desired_time": f"{start + timedelta(minutes=30):%Y-%m-%d %H:%M}",
+            },
+        ],
+    )
+    assert run(monkeypatch, env, "check") == 0
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        "warning: schedules.json: entries 'fri-a' (#1) and 'fri-b' (#2) would book overlapping "
+        f"times: {start:%a %Y-%m-%d %H:%M}-{start + timedelta(hours=1):%H:%M} UTC and "
+        f"{start + timedelta(minutes=30):%a %Y-%m-%d %H:%M}-"
+        f"{start + timedelta(minutes=90):%H:%M} UTC; that is two courts booked and paid for: if "
+        "one is enough, keep one entry (a list in court_id tries several courts in order)"
+    ) in err
+    key = f"fri-a@{start:%Y-%m-%dT%H:%M:%SZ}"
+    assert (
+        f"warning: tokens.json token 'default': a JWT that expires {utils.format_utc(expires)}, "
+        f"before the trigger of 2 booking(s), the first {key} (window opens "
+        f"{utils.format_utc(start - timedelta(hours=168))}): the club would reject it then; put "
+        "a fresh token in tokens.json before that"
+    ) in err
+
+
 def test_check_missing_schedules_is_a_warning(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
