@@ -663,6 +663,8 @@ def _print_check(
         if entry.rule is not None:
             rfc = entry.rule.rfc.replace("\n", " ")
             print(f"  rule: {rfc}")
+        if entry.skip:
+            print(f"  skip: {', '.join(f'{day:%Y-%m-%d}' for day in sorted(entry.skip))}")
         pairs = [p for p in entry.occurrences(now, CHECK_INSTANCES) if p[1] > now]
         if not pairs:
             print("  no instance ahead")

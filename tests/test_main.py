@@ -688,6 +688,7 @@ def test_the_bundled_examples_pass_check(
     out = capsys.readouterr().out
     for entry_id in ("wed-evening", "weekend-mornings", "fortnightly-friday", "club-night"):
         assert f"{entry_id} (#" in out
+    assert "\n  skip: 2026-12-23, 2026-12-30\n" in out
 
 
 def test_check_lists_notification_channels_with_secrets_masked(
