@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -24,7 +24,7 @@ from requests.adapters import HTTPAdapter
 
 import instances
 import utils
-from models import BOOKED, EXPIRED, FAILED, PENDING, Instance, SessionFactory, Token
+from models import BOOKED, EXPIRED, FAILED, PENDING, Instance, SessionFactory
 from notify import Outcome
 from template import RenderedRequest, RequestTemplate, Slot, default_template, render_request
 
@@ -267,8 +267,8 @@ def _default_ref(body: Any) -> str | None:
     return None
 
 
-def _club_says(answer: Answer, secret: str) -> str:
-    """A short, token-free reading of an error answer for a person."""
+def _club_says(answer: Answer, secrets: Iterable[str]) -> str:
+    """A short, secret-free reading of an error answer for a person."""
     text = f"HTTP {answer.status}"
     body = answer.json()
     if isinstance(body, dict):
@@ -276,9 +276,11 @@ def _club_says(answer: Answer, secret: str) -> str:
             value = body.get(name)
             if isinstance(value, str) and value.strip():
                 snippet = value.strip()
-                # Scrub before cutting: a cut through the token would let its start through.
-                if secret:
-                    snippet = snippet.replace(secret, "***")
+                # Scrub before cutting: a cut through a secret would let its start through.
+                # Longest first, so that a secret inside another is not left half shown.
+                for secret in sorted(secrets, key=len, reverse=True):
+                    if secret:
+                        snippet = snippet.replace(secret, "***")
                 return f"{text}: {snippet[:200]}"
     return text
 
@@ -299,6 +301,9 @@ class BookingContext:
     notify: Callable[[Outcome], None]
     #: BOOKING_REQUEST_TEMPLATE (CONTRACT section 11); None: the request of section 6.
     template: RequestTemplate | None = None
+    #: The club files by club name (CONTRACT section 3), as the last load left them: a club
+    #: file that became invalid keeps its last good flow here.
+    clubs: dict[str, RequestTemplate] = field(default_factory=dict)
     on_booked: Callable[[str], None] | None = None
     clock: Callable[[], float] = time.time
     gate: TriggerGate = field(default_factory=TriggerGate)
@@ -318,6 +323,14 @@ class BookingContext:
         return self._default[1]
 
     _default: tuple[str, RequestTemplate] | None = field(default=None, init=False, repr=False)
+
+    def flow_for(self, club: str | None) -> RequestTemplate:
+        """What an instance of ``club`` books with: its club file, or for None the template
+        (section 6's request when none is set). KeyError for a club no valid file was ever
+        loaded for."""
+        if club is None:
+            return self.request_template
+        return self.clubs[club]
 
 
 def book_slot(key: str, ctx: BookingContext) -> str | None:
@@ -355,13 +368,23 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     if not instances.claim(ctx.factory, key, now):
         return None
     row, token_row = instances.claimed(ctx.factory, key)
-    token, token_problem = _token(ctx, row, token_row)
+    try:
+        template = ctx.flow_for(row.club)
+    except KeyError:
+        return _finish(ctx, key, FAILED, _club_missing(row.club))
+    secrets, token_problem = instances.token_secrets(token_row, ctx.fernet, name=row.token_name)
+    if token_problem is None and "token" not in secrets:
+        token_problem = (
+            f"token {row.token_name!r} in tokens.json has no 'token' field, which the request "
+            "sends as {token}: add it there and reload"
+        )
     if token_problem is not None:
         return _finish(ctx, key, FAILED, token_problem)
     slot = _slot(row)
     # Everything is rendered before the trigger: only the send is left for the moment itself.
     prepared = [
-        (court, ctx.client.prepare(_request(ctx, slot, token, court))) for court in slot.courts
+        (court, ctx.client.prepare(_request(template, slot, secrets["token"], court)))
+        for court in slot.courts
     ]
     trigger = row.trigger_time.timestamp()
     held = None
@@ -374,24 +397,15 @@ def _book(key: str, ctx: BookingContext) -> str | None:
             return None
     finally:
         ctx.client.release(held)
-    return _attempt_courts(ctx, row, token, prepared)
+    return _attempt_courts(ctx, row, template, secrets, prepared)
 
 
-def _token(ctx: BookingContext, row: Instance, token_row: Token | None) -> tuple[str, str | None]:
-    name = row.token_name
-    if token_row is None or token_row.encrypted_token is None:
-        if token_row is not None and token_row.error:
-            return "", token_row.error
-        return "", f"token {name!r} is not in tokens.json: add it there and reload"
-    if token_row.error:
-        return "", token_row.error
-    plaintext = utils.decrypt_token(ctx.fernet, token_row.encrypted_token)
-    if plaintext is None:
-        return "", (
-            f"token {name!r} in the database does not decrypt with FERNET_KEY (was the key "
-            "changed?): put the token in tokens.json again and reload"
-        )
-    return plaintext, None
+def _club_missing(club: str | None) -> str:
+    return (
+        f"club {club!r}: its file (DATA_DIR/clubs/{club}.json) is missing or invalid and no "
+        "good version of it was loaded: fix it (`python main.py check` names the error), "
+        "reload, then `python main.py retry` this booking"
+    )
 
 
 def _slot(row: Instance) -> Slot:
@@ -405,9 +419,9 @@ def _slot(row: Instance) -> Slot:
     )
 
 
-def _request(ctx: BookingContext, slot: Slot, token: str, court: str | None) -> RequestSpec:
+def _request(template: RequestTemplate, slot: Slot, token: str, court: str | None) -> RequestSpec:
     """The request for one instance and court, with its Idempotency-Key."""
-    rendered = render_request(ctx.request_template, slot, token=token, court=court)
+    rendered = render_request(template, slot, token=token, court=court)
     headers = {"User-Agent": USER_AGENT, **rendered.headers}
     return RequestSpec(rendered.method, rendered.url, headers, rendered.body)
 
@@ -442,7 +456,8 @@ class _CourtTry:
 def _attempt_courts(
     ctx: BookingContext,
     row: Instance,
-    token: str,
+    template: RequestTemplate,
+    secrets: Mapping[str, str],
     requests_by_court: list[tuple[str | None, requests.PreparedRequest]],
 ) -> str | None:
     reasons: list[str] = []
@@ -458,7 +473,9 @@ def _attempt_courts(
             # Counted in the database with the answer, not before the send: a commit here
             # would sit between the trigger and the request.
             total += 1
-            verdict, wait, note = _one_request(ctx, row, spec, attempt, token)
+            verdict, wait, note = _one_request(
+                ctx, row, spec, attempt, template=template, secrets=secrets
+            )
             court_name = court if court is not None else "any"
             if verdict == "booked":
                 return _finish(
@@ -512,7 +529,9 @@ def _one_request(
     row: Instance,
     spec: requests.PreparedRequest,
     attempt: _CourtTry,
-    token: str,
+    *,
+    template: RequestTemplate,
+    secrets: Mapping[str, str],
 ) -> tuple[str, float | None, str | None]:
     """Send once. Returns (verdict kind, wait before the next try or None, booking ref)."""
     court = attempt.court if attempt.court is not None else "any"
@@ -524,7 +543,7 @@ def _one_request(
         attempt.last = str(exc)
         logger.info("attempt %s court=%s #%d: %s", row.key, court, attempt.attempts, attempt.last)
         return ("rejected" if exc.permanent else "retry"), None, None
-    verdict = classify(answer, ctx.template)
+    verdict = classify(answer, template)
     logger.info(
         "attempt %s court=%s #%d: HTTP %d in %.0f ms -> %s",
         row.key,
@@ -534,7 +553,7 @@ def _one_request(
         answer.latency_ms,
         verdict.kind,
     )
-    says = _club_says(answer, token)
+    says = _club_says(answer, secrets.values())
     if verdict.kind == "auth":
         attempt.last = (
             f"the club rejected token {row.token_name!r} ({says}): put a valid token in "

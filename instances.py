@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from cryptography.fernet import MultiFernet
 from sqlalchemy import delete, func, insert, inspect, select, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
@@ -32,6 +33,8 @@ from models import (
     EXPIRED,
     FAILED,
     FINAL,
+    KIND_OBJECT,
+    KIND_STRING,
     PENDING,
     Instance,
     Notice,
@@ -97,8 +100,14 @@ def store_tokens(session: Session, tokens: TokensResult) -> None:
         if row is None:
             row = Token(id=name)
             session.add(row)
-        if value.encrypted is not None:
+        if isinstance(value.encrypted, dict):
+            # Each field as its own Fernet token, as tokens.json holds them (models.Token).
+            row.encrypted_token = json.dumps(value.encrypted, sort_keys=True)
+            row.kind = KIND_OBJECT
+            row.error = None
+        elif value.encrypted is not None:
             row.encrypted_token = value.encrypted
+            row.kind = KIND_STRING
             row.error = None
         else:
             row.error = value.error
@@ -111,12 +120,12 @@ def reconcile(
     factory: sessionmaker[Session],
     config: Config,
     *,
-    window: utils.Window,
     now: datetime,
     only: Sequence[str] | None = None,
     unchanged: frozenset[str] = frozenset(),
 ) -> Changes:
-    """Apply a validated config to the database as a diff (CONTRACT section 5).
+    """Apply a validated config to the database as a diff (CONTRACT section 5). Each entry's
+    triggers follow the window that applies to it (``Entry.window``).
 
     ``only`` limits the work to these schedule ids (the recurring top-up). ``unchanged`` names
     entries identical to the last load's, whose rows need no look (the daily top-up keeps their
@@ -145,11 +154,7 @@ def reconcile(
         for schedule_id in sorted(ids):
             changes.merge(
                 _reconcile_entry(
-                    session,
-                    entries[schedule_id],
-                    rows_by_schedule.get(schedule_id, {}),
-                    window,
-                    now,
+                    session, entries[schedule_id], rows_by_schedule.get(schedule_id, {}), now
                 )
             )
         if only is None:
@@ -177,7 +182,7 @@ def _cancel(row: Instance, changes: Changes, why: str) -> None:
 def _entry_fields(entry: Entry) -> dict[str, Any]:
     """What an entry's pending instances copy from it (and take again when it is edited).
     The zone and type count too: another zone or type can give the same instants (London ->
-    Lisbon)."""
+    Lisbon). The club too: the booking finds its request by it."""
     return {
         "court_id": entry.court_text,
         "courts": json.dumps(list(entry.courts)),
@@ -186,18 +191,15 @@ def _entry_fields(entry: Entry) -> dict[str, Any]:
         "rrule": entry.rule.rfc if entry.rule else None,
         "timezone": entry.timezone,
         "type": entry.type,
+        "club": entry.club,
     }
 
 
 def _reconcile_entry(
-    session: Session,
-    entry: Entry,
-    rows: dict[str, Instance],
-    window: utils.Window,
-    now: datetime,
+    session: Session, entry: Entry, rows: dict[str, Instance], now: datetime
 ) -> Changes:
     changes = Changes()
-    planned = entry.plan(now, window)
+    planned = entry.plan(now)
     fields = _entry_fields(entry)
     wanted = {p.key for p in planned}
     new_rows: list[dict[str, Any]] = []
@@ -385,12 +387,18 @@ def token_names(factory: sessionmaker[Session]) -> set[str]:
         return set(session.scalars(select(Token.id)))
 
 
-def stored_tokens(factory: sessionmaker[Session]) -> dict[str, str | None]:
-    """Every token's name and its encrypted value (None for one unusable)."""
+def token_expiries(factory: sessionmaker[Session], fernet: MultiFernet) -> dict[str, datetime]:
+    """When each stored token that is (or holds) a JWT expires, by name (``utils.jwt_expiry``:
+    read, never verified). The secrets themselves are not returned."""
     with factory() as session:
-        return {
-            t.id: (None if t.error else t.encrypted_token) for t in session.scalars(select(Token))
-        }
+        rows = list(session.scalars(select(Token)))
+    expiries = {}
+    for row in rows:
+        secrets, problem = token_secrets(row, fernet, name=row.id)
+        expires = utils.secrets_expiry(secrets) if problem is None else None
+        if expires is not None:
+            expiries[row.id] = expires
+    return expiries
 
 
 def pending_from(
@@ -442,6 +450,34 @@ def claimed(factory: sessionmaker[Session], key: str) -> tuple[Instance, Token |
         row = session.scalar(select(Instance).where(Instance.key == key))
         assert row is not None
         return row, session.get(Token, row.token_name)
+
+
+def token_secrets(
+    token_row: Token | None, fernet: MultiFernet, *, name: str
+) -> tuple[dict[str, str], str | None]:
+    """The decrypted secrets of the token ``name`` (its row, None when the database has none):
+    ``{"token": value}`` for a string token, the fields of an object token. Returns them and
+    None, or an empty dict and the problem for a person (what to fix)."""
+    if token_row is None or token_row.encrypted_token is None:
+        if token_row is not None and token_row.error:
+            return {}, token_row.error
+        return {}, f"token {name!r} is not in tokens.json: add it there and reload"
+    if token_row.error:
+        return {}, token_row.error
+    undecryptable = (
+        f"token {name!r} in the database does not decrypt with FERNET_KEY (was the key "
+        "changed?): put the token in tokens.json again and reload"
+    )
+    encrypted: Any = token_row.encrypted_token
+    if token_row.kind == KIND_OBJECT:
+        try:
+            encrypted = json.loads(encrypted)
+        except ValueError:
+            return {}, undecryptable
+        if not isinstance(encrypted, dict):
+            return {}, undecryptable
+    secrets = utils.decrypt_secrets(fernet, encrypted)
+    return ({}, undecryptable) if secrets is None else (secrets, None)
 
 
 def release(factory: sessionmaker[Session], key: str) -> None:
@@ -537,6 +573,7 @@ def outcome_of(row: Instance, *, retry_helps: bool = True) -> Outcome:
         timezone=row.timezone,
         timing=timing_of(row),
         retry_helps=retry_helps,
+        location=row.club,
     )
 
 
@@ -580,7 +617,7 @@ def retry(factory: sessionmaker[Session], target: str, now: datetime) -> list[st
 
 #: Columns added since the first release: a reader (``status``) never changes the schema, so on
 #: an older database they are left out of its queries and read as NULL.
-_ADDED_COLUMNS = ("interrupted", "owner", "first_sent_at", "late_cause")
+_ADDED_COLUMNS = ("interrupted", "owner", "club", "first_sent_at", "late_cause")
 
 
 def _reader_query(session: Session) -> Any:

@@ -45,7 +45,7 @@ from notify import (
     mask_url,
     validate_notify_urls,
 )
-from template import RequestTemplate, TemplateError, describe_request
+from template import RequestTemplate, TemplateError, default_template, describe_request
 
 logger = logging.getLogger("courtbot")
 
@@ -174,11 +174,12 @@ class Daemon:
     """The running worker: owns the database, the scheduler, the club client and the loop."""
 
     def __init__(
-        self, settings: Settings, fernet: MultiFernet, template: RequestTemplate | None
+        self, settings: Settings, fernet: MultiFernet, template: config_loader.FlowFile | None
     ) -> None:
         self.settings = settings
         self.fernet = fernet
-        self._start_template = template  # after start, the one in use lives in self.ctx
+        #: BOOKING_REQUEST_TEMPLATE in use (the last good one); its flow is also in self.ctx.
+        self.template = template
         self.engine: models.Engine | None = None
         self.factory: models.SessionFactory | None = None
         self.scheduler: scheduler.Scheduler | None = None
@@ -242,7 +243,8 @@ class Daemon:
             notify_settings = NotifySettings.from_env({})
         # The notifier logs (masked) and skips each invalid NOTIFY_URLS channel itself.
         self.notifier = Notifier(
-            notify_settings, location=club_location(settings, self._start_template)
+            notify_settings,
+            location=club_location(settings, self.template.flow if self.template else None),
         )
         self.notifier.start()
         self.ctx = bot.BookingContext(
@@ -253,7 +255,7 @@ class Daemon:
             retry_base=settings.retry_base,
             stop=self.stop,
             notify=self.notifier.notify,
-            template=self._start_template,
+            template=self.template.flow if self.template is not None else None,
             on_booked=self._booked,
         )
         self.scheduler = scheduler.Scheduler(self.engine)
@@ -332,8 +334,10 @@ class Daemon:
                 )
                 return True
             known = instances.token_names(self.factory)
-            config = config_loader.read_config(self.settings, self.fernet, now, known_tokens=known)
-            self._reload_template(reason)
+            config = config_loader.read_config(
+                self.settings, self.fernet, now, known_tokens=known, last_template=self.template
+            )
+            self._use_flows(config)
             for error in config.errors:
                 logger.error("%s", error)
             for warning in config.warnings:
@@ -353,9 +357,7 @@ class Daemon:
                 unchanged = frozenset(
                     e.id for e in config.schedules.entries if before.get(e.id) == e.fingerprint
                 )
-            changes = instances.reconcile(
-                self.factory, config, window=self.settings.window, now=now, unchanged=unchanged
-            )
+            changes = instances.reconcile(self.factory, config, now=now, unchanged=unchanged)
             whole_ok = config.schedules.file_error is None
             if whole_ok or self.config is None:
                 self.config = config
@@ -383,19 +385,25 @@ class Daemon:
             )
             return whole_ok and config.tokens.file_error is None
 
-    def _reload_template(self, reason: str) -> None:
-        """Re-read the request template; on an error the last good one stays."""
-        if self.settings.template_path is None or reason == "start":
-            return
-        try:
-            template = config_loader.load_template(self.settings)
-        except TemplateError as exc:
-            logger.error("%s; the last good template stays", exc)
-            return
+    def _use_flows(self, config: Config) -> None:
+        """Put the loaded template and club files in the booking context. An invalid template
+        or club file keeps its last good version (its errors are logged with the rest)."""
         assert self.ctx is not None
-        if template != self.ctx.template:
-            self.ctx.template = template
+        if config.template_error is not None:
+            config.template_error += "; the last good template stays"
+        elif self.template is not None and config.template != self.template:
             logger.info("request template reloaded")
+        self.template = config.template
+        self.ctx.template = config.template.flow if config.template is not None else None
+        loaded = {name: club.flow for name, club in config.clubs.items()}
+        for name in sorted(config.schedules.club_errors):
+            if name in self.ctx.clubs:
+                logger.warning("club %r: its last good file stays in use", name)
+        changed = sorted(n for n, flow in loaded.items() if self.ctx.clubs.get(n) != flow)
+        if changed:
+            logger.info("club file(s) loaded: %s", ", ".join(changed))
+        # Never dropped: instances kept as they were (a rejected entry's) still book with them.
+        self.ctx.clubs = {**self.ctx.clubs, **loaded}
 
     def _sync(self) -> scheduler.SyncReport:
         assert self.factory is not None and self.scheduler is not None and self.ctx is not None
@@ -427,11 +435,7 @@ class Daemon:
             if not ids:
                 return
             changes = instances.reconcile(
-                self.factory,
-                self.config,
-                window=self.settings.window,
-                now=datetime.now(UTC),
-                only=ids,
+                self.factory, self.config, now=datetime.now(UTC), only=ids
             )
             if not changes.empty:
                 self._sync()
@@ -466,11 +470,7 @@ class Daemon:
         message, days before it would fail with a 401). Returns the tokens reported now."""
         assert self.factory is not None and self.notifier is not None
         reported = []
-        for name, encrypted in sorted(instances.stored_tokens(self.factory).items()):
-            plaintext = utils.decrypt_token(self.fernet, encrypted) if encrypted else None
-            expires = utils.jwt_expiry(plaintext) if plaintext is not None else None
-            if expires is None:
-                continue
+        for name, expires in sorted(instances.token_expiries(self.factory, self.fernet).items()):
             count, first = instances.pending_from(self.factory, name, expires)
             if first is None or first.trigger_time - now > TOKEN_NOTICE_AHEAD:
                 continue
@@ -602,7 +602,7 @@ def load_fernet(settings: Settings) -> MultiFernet:
         raise StartError(str(exc)) from None
 
 
-def load_template(settings: Settings) -> RequestTemplate | None:
+def load_template(settings: Settings) -> config_loader.FlowFile | None:
     """The request template named by BOOKING_REQUEST_TEMPLATE, validated (None when unset)."""
     try:
         return config_loader.load_template(settings)
@@ -610,16 +610,29 @@ def load_template(settings: Settings) -> RequestTemplate | None:
         raise StartError(str(exc)) from None
 
 
+def require_api_url(settings: Settings, fernet: MultiFernet) -> None:
+    """Without BOOKING_API_URL (and no template with a url), ``run`` starts only when club
+    files give every entry its request: DATA_DIR/clubs/ holds some, and every entry of
+    schedules.json names one. StartError otherwise."""
+    message = (
+        "BOOKING_API_URL is not set: set it to the club's booking endpoint "
+        "(e.g. https://club.example/api/bookings)"
+    )
+    if not config_loader.has_club_files(settings):
+        raise StartError(message)
+    config = config_loader.read_config(settings, fernet, datetime.now(UTC))
+    needing = config.schedules.without_request
+    if needing:
+        raise StartError(f"{message}, or name a club file in {', '.join(needing)}")
+
+
 def cmd_run(env: dict[str, str]) -> int:
     try:
         settings = load_settings(env)
         fernet = load_fernet(settings)
         template = load_template(settings)
-        if settings.api_url is None and (template is None or not template.has_url):
-            raise StartError(
-                "BOOKING_API_URL is not set: set it to the club's booking endpoint "
-                "(e.g. https://club.example/api/bookings)"
-            )
+        if settings.api_url is None and (template is None or not template.flow.has_url):
+            require_api_url(settings, fernet)
         setup_logging(settings)
     except StartError as exc:
         print(f"courtbot: cannot start: {exc}", file=sys.stderr)
@@ -644,9 +657,27 @@ def cmd_run(env: dict[str, str]) -> int:
     return EXIT_OK
 
 
-def _print_check(
-    config: Config, settings: Settings, now: datetime, template: RequestTemplate | None
-) -> None:
+def _request_of(entry: config_loader.Entry, config: Config, settings: Settings) -> str:
+    """Where an entry's request comes from, for a person."""
+    if entry.club is not None:
+        return f"club: {entry.club} ({config.clubs[entry.club].label})"
+    if config.template is not None:
+        return f"request: {config.template.label}"
+    return f"request: BOOKING_API_URL ({settings.api_url})"
+
+
+def _flow_of(
+    entry: config_loader.Entry, config: Config, settings: Settings
+) -> RequestTemplate | None:
+    """What the entry's bookings are rendered from (None when nothing gives it a request)."""
+    if entry.club is not None:
+        return config.clubs[entry.club].flow
+    if config.template is not None:
+        return config.template.flow
+    return default_template(settings.api_url) if settings.api_url else None
+
+
+def _print_check(config: Config, settings: Settings, now: datetime) -> None:
     entries = config.schedules.entries
     print(
         f"{settings.schedules_path}: {len(entries)} valid entr{'y' if len(entries) == 1 else 'ies'}"
@@ -660,6 +691,9 @@ def _print_check(
             f"\n{entry.id} (#{entry.position}): {entry.type}, {entry.timezone}, court {courts}, "
             f"token {entry.token!r}, {entry.duration_minutes} min{state}"
         )
+        print(f"  {_request_of(entry, config, settings)}")
+        source = "entry" if entry.window_from == "entry" else f"from {entry.window_from}"
+        print(f"  window: {entry.window} ({source})")
         if entry.rule is not None:
             rfc = entry.rule.rfc.replace("\n", " ")
             print(f"  rule: {rfc}")
@@ -669,7 +703,7 @@ def _print_check(
         if not pairs:
             print("  no instance ahead")
         for wall, start in pairs[:CHECK_INSTANCES]:
-            trigger = utils.trigger_time(start, zone, settings.window)
+            trigger = utils.trigger_time(start, zone, entry.window)
             line = (
                 f"  {utils.format_local(start, zone)}  = {utils.format_utc(start)}  "
                 f"trigger {utils.format_utc(trigger)}"
@@ -680,10 +714,30 @@ def _print_check(
             note = utils.describe_wall_clock_issue(wall, zone)
             if note:
                 print(f"    warning: {note}")
-        if template is not None and pairs:
-            described = describe_request(template, entry.slot(pairs[0][1]))
+        flow = _flow_of(entry, config, settings)
+        if flow is not None and pairs:
+            # template.describe_flow (each step of a flow) replaces this once flows land.
+            described = describe_request(flow, entry.slot(pairs[0][1]))
             print("  request (next instance, token masked):")
             print("    " + described.replace("\n", "\n    "))
+
+
+def _print_tokens(tokens: config_loader.TokensResult) -> None:
+    """Each token of tokens.json by name, and how the file holds it (never a value)."""
+    if tokens.file_error is not None or tokens.missing:
+        return
+    print(f"{config_loader.TOKENS_FILE}: {len(tokens.tokens)} token(s)")
+    for name, token in tokens.tokens.items():
+        kind = f"object of {', '.join(token.fields)}, " if token.fields is not None else ""
+        if token.error is not None:
+            held = "unusable (see the error above)"
+        elif token.plaintext:
+            held = "plaintext (the daemon encrypts it in the file when it loads it)"
+        elif token.rewrite:
+            held = "encrypted under an older key (the daemon re-encrypts it under the first)"
+        else:
+            held = "encrypted"
+        print(f"  {name!r}: {kind}{held}")
 
 
 def _print_notifications(settings: NotifySettings) -> None:
@@ -711,12 +765,6 @@ def cmd_check(env: dict[str, str]) -> int:
         print(f"courtbot check: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
     invalid = False
-    template = None
-    try:
-        template = load_template(settings)
-    except StartError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        invalid = True
     now = datetime.now(UTC)
     config = config_loader.read_config(settings, fernet, now)
     for warning in config.warnings:
@@ -733,7 +781,8 @@ def cmd_check(env: dict[str, str]) -> int:
     except NotifyConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         invalid = True
-    _print_check(config, settings, now, template)
+    _print_tokens(config.tokens)
+    _print_check(config, settings, now)
     if config.errors or invalid:
         count = len(config.errors) + int(invalid)
         print(f"\ninvalid: {count} problem(s); see the errors above", file=sys.stderr)

@@ -47,6 +47,9 @@ EXPIRED = "expired"
 CANCELLED = "cancelled"
 STATUSES = (PENDING, BOOKING, BOOKED, FAILED, EXPIRED, CANCELLED)
 FINAL = (BOOKED, FAILED, EXPIRED)
+#: Token.kind
+KIND_STRING = "string"
+KIND_OBJECT = "object"
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: How long connecting to a database server may take before it counts as unreachable.
@@ -118,6 +121,9 @@ class Instance(Base):
     #: The daemon (``daemons.id``) whose claim this is while ``booking``; NULL for none (and in
     #: rows from before this column, which a starting daemon adds: add_missing_columns).
     owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: The club file its entry names (``DATA_DIR/clubs/<club>.json``) when it was last loaded;
+    #: NULL: BOOKING_REQUEST_TEMPLATE or the request of CONTRACT section 6.
+    club: Mapped[str | None] = mapped_column(String(64))
 
     #: When the booking step's first request left (NULL until one has): how late it was
     #: against ``trigger_time`` is what every outcome reports.
@@ -134,13 +140,19 @@ class Instance(Base):
 
 class Token(Base):
     """A club API token, only ever stored encrypted. ``error`` is set while tokens.json holds a
-    value for it that no key decrypts: its bookings then fail with that reason."""
+    value for it that no key decrypts: its bookings then fail with that reason.
+
+    ``kind`` "string": ``encrypted_token`` is one Fernet token. "object" (a token of several
+    secrets, e.g. an email and a password): ``encrypted_token`` is a JSON object of its field
+    names, each mapped to that field's own Fernet token, as tokens.json holds it.
+    """
 
     __tablename__ = "tokens"
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     encrypted_token: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(16), default=KIND_STRING, server_default=KIND_STRING)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
@@ -469,7 +481,7 @@ def add_missing_columns(bind: Engine | Connection) -> list[str]:
                     conn.exec_driver_sql(statement)
             else:
                 bind.exec_driver_sql(statement)
-            added.append(column.name)
+            added.append(f"{table.name}.{column.name}")
     return added
 
 

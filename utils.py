@@ -13,7 +13,7 @@ import email.utils
 import hashlib
 import json
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import MAXYEAR, UTC, date, datetime, time, timedelta
 from typing import Any
@@ -217,49 +217,90 @@ def derive_schedule_id(entry_type: Any, desired_time: Any, rule: Any, timezone: 
 # --------------------------------------------------------------------------- booking window
 
 
+WINDOW_FORMS = (
+    "expected '<N>h' (hours, e.g. '168h' or '47.5h'), '<N>d' (whole calendar days, e.g. '7d') "
+    "or '<N>d@HH:MM' (at that local time N calendar days before, e.g. '6d@08:00')"
+)
+
+
 @dataclass(frozen=True)
 class Window:
-    """How long before the desired start the club opens bookings."""
+    """When the club opens bookings, relative to the desired start.
+
+    ``unit`` "h": ``amount`` hours before (absolute time); "d": ``amount`` calendar days before,
+    at the start's own wall-clock time, or at ``at`` (local time of day) when it is set.
+    """
 
     amount: float
-    unit: str  # "h": absolute hours; "d": calendar days at the same wall-clock time
+    unit: str
+    at: time | None = None
 
     def __str__(self) -> str:
         amount = int(self.amount) if float(self.amount).is_integer() else self.amount
+        if self.at is not None:
+            return f"{amount}{self.unit}@{self.at:%H:%M}"
         return f"{amount}{self.unit}"
 
 
 def parse_window(text: str) -> Window:
-    """Parse ``BOOKING_WINDOW``: ``<N>h`` (N >= 0, decimals allowed) or ``<N>d`` (integer N)."""
+    """Parse a booking window: ``<N>h`` (N >= 0, decimals allowed), ``<N>d`` (integer N) or
+    ``<N>d@HH:MM``. ValueError says what was expected; the caller names where the text came
+    from (``BOOKING_WINDOW``, an entry's or a club file's ``window``)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a window; {WINDOW_FORMS}")
     value = text.strip().lower()
     hours = re.fullmatch(r"(\d+(?:\.\d+)?)h", value)
-    days = re.fullmatch(r"(\d+)d", value)
-    window = Window(float(hours[1]), "h") if hours else Window(int(days[1]), "d") if days else None
-    if window is not None:
-        if window.amount * (24 if window.unit == "d" else 1) > MAX_WINDOW_HOURS:
-            raise ValueError(
-                f"BOOKING_WINDOW: {text!r} is longer than a year; no club opens bookings that "
-                "far ahead (e.g. '168h' or '7d')"
-            )
-        return window
-    raise ValueError(
-        f"BOOKING_WINDOW: {text!r} is not a window; expected '<N>h' (hours, e.g. '168h' or "
-        "'47.5h') or '<N>d' (whole calendar days, e.g. '7d')"
-    )
+    days = re.fullmatch(r"(\d+)d(?:@(\d\d):(\d\d))?", value)
+    if hours:
+        window = Window(float(hours[1]), "h")
+    elif days:
+        at = None
+        if days[2] is not None:
+            if int(days[2]) > 23 or int(days[3]) > 59:
+                raise ValueError(
+                    f"{text!r}: {days[2]}:{days[3]} is not a time of day; expected HH:MM from "
+                    "00:00 to 23:59 (e.g. '6d@08:00')"
+                )
+            at = time(int(days[2]), int(days[3]))
+        window = Window(int(days[1]), "d", at)
+    else:
+        raise ValueError(f"{text!r} is not a window; {WINDOW_FORMS}")
+    if window.amount * (24 if window.unit == "d" else 1) > MAX_WINDOW_HOURS:
+        raise ValueError(
+            f"{text!r} is longer than a year; no club opens bookings that far ahead "
+            "(e.g. '168h', '7d' or '6d@08:00')"
+        )
+    return window
 
 
 def trigger_time(desired: datetime, zone: ZoneInfo, window: Window) -> datetime:
     """The instant the booking window opens for a start at ``desired``, in UTC.
 
     Hours: exactly that many hours earlier. Days: the same wall-clock time in ``zone`` that many
-    calendar days earlier (a time that falls in a DST gap resolves as ``localize`` does).
+    calendar days earlier; with ``at``, that time of day on the day that many calendar days
+    before the start's local date. A wall-clock time that falls in a DST gap resolves as
+    ``localize`` does (forward by the gap's length), a repeated one means its first occurrence.
+    With ``at``, the result may lie after ``desired`` (``0d@20:00`` for a 17:00 start): callers
+    that plan bookings refuse such a window (see ``window_opens_after``).
     """
     if window.unit == "h":
         return as_utc(desired) - timedelta(hours=window.amount)
     # Through UTC, so that only the instant counts, not how ``desired`` happens to be written.
-    local = as_utc(desired).astimezone(zone)
-    wall = local.replace(tzinfo=None) - timedelta(days=int(window.amount))
+    local = as_utc(desired).astimezone(zone).replace(tzinfo=None)
+    if window.at is not None:
+        wall = datetime.combine(local.date() - timedelta(days=int(window.amount)), window.at)
+    else:
+        wall = local - timedelta(days=int(window.amount))
     return as_utc(localize(wall, zone))
+
+
+def window_opens_after(desired: datetime, zone: ZoneInfo, window: Window) -> datetime | None:
+    """The trigger of a start at ``desired`` when ``window`` would open only after the start
+    (nothing could then be booked), else None. Only a window at a clock time can do that."""
+    if window.at is None:
+        return None
+    trigger = trigger_time(desired, zone, window)
+    return trigger if trigger > as_utc(desired) else None
 
 
 # --------------------------------------------------------------------------- rules
@@ -988,6 +1029,24 @@ def decrypt_token(fernet: MultiFernet, value: str) -> str | None:
         return None
 
 
+def decrypt_secrets(fernet: MultiFernet, encrypted: Any) -> dict[str, str] | None:
+    """The secrets of a token as a booking uses them: ``{"token": plaintext}`` for an encrypted
+    string, the decrypted fields for an object of encrypted fields (CONTRACT section 12). None
+    when anything does not decrypt (or is of another shape)."""
+    if isinstance(encrypted, str):
+        plaintext = decrypt_token(fernet, encrypted)
+        return None if plaintext is None else {"token": plaintext}
+    if not isinstance(encrypted, dict) or not encrypted:
+        return None
+    secrets: dict[str, str] = {}
+    for name, value in encrypted.items():
+        plaintext = decrypt_token(fernet, value) if isinstance(value, str) else None
+        if plaintext is None:
+            return None
+        secrets[name] = plaintext
+    return secrets
+
+
 def encrypted_under_first_key(fernet: MultiFernet, value: str) -> bool:
     """True when ``value`` decrypts under the first (encrypting) key."""
     first: Fernet = fernet._fernets[0]  # MultiFernet keeps its keys in order
@@ -1015,6 +1074,13 @@ def jwt_expiry(token: str) -> datetime | None:
         return datetime.fromtimestamp(exp, UTC)
     except (OverflowError, OSError, ValueError):
         return None
+
+
+def secrets_expiry(secrets: Mapping[str, str]) -> datetime | None:
+    """When a token's secrets stop working: the earliest ``exp`` of those that are JWTs (a
+    string token is ``{"token": value}``); None when none is."""
+    expiries = [moment for value in secrets.values() if (moment := jwt_expiry(value)) is not None]
+    return min(expiries, default=None)
 
 
 def mask_url_secrets(url: str) -> str:

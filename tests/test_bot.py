@@ -593,6 +593,99 @@ def test_rejected_token_fails_at_once_naming_the_token_not_its_value(
     assert h.outcomes[0].reason == reason
 
 
+# ---------------------------------------------------------------- clubs and token objects
+
+PADEL = "http://padel.test/courts"
+
+
+def padel_template() -> Any:
+    return parse_template(
+        {
+            "url": PADEL + "/{court_id}",
+            "headers": {"X-Key": "{token}"},
+            "taken": {"status": [200], "body_contains": "full"},
+        },
+        api_url=URL,
+        name="clubs/padel.json",
+    )
+
+
+def set_club(h: Harness, club: str, key: str = KEY) -> None:
+    with transaction(h.factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None
+        row.club = club
+
+
+def add_object_token(h: Harness, name: str, fields: dict[str, str]) -> None:
+    encrypted = {k: h.fernet.encrypt(v.encode()).decode() for k, v in fields.items()}
+    with transaction(h.factory) as session:
+        session.add(Token(id=name, encrypted_token=json.dumps(encrypted), kind="object"))
+
+
+def test_an_instance_of_a_club_books_with_its_club_file(h: Harness) -> None:
+    h.add(courts=("3", "4"))
+    set_club(h, "padel")
+    h.ctx.clubs = {"padel": padel_template()}
+    # The club's own matchers read its answers: 200 "full" is taken there (booked by section 6).
+    h.club.add(responses.Response(responses.POST, PADEL + "/3", body="court full", status=200))
+    h.club.add(responses.Response(responses.POST, PADEL + "/4", json={"id": "p-4"}, status=201))
+
+    assert h.book() == BOOKED
+
+    assert [call.request.url for call in h.calls] == [PADEL + "/3", PADEL + "/4"]
+    assert h.calls[0].request.headers["X-Key"] == TOKEN
+    row = h.row()
+    assert (row.booked_court, row.booking_ref) == ("4", "p-4")
+    assert h.ctx.flow_for(None).url == URL  # no club: section 6's request
+
+
+def test_an_instance_of_a_club_with_no_good_file_fails_without_a_request(h: Harness) -> None:
+    h.add()
+    set_club(h, "padel")
+    queue(h.club, answer(201, {"id": 1}))
+
+    assert h.book() == FAILED
+
+    assert h.calls == []
+    assert h.row().last_error == (
+        "club 'padel': its file (DATA_DIR/clubs/padel.json) is missing or invalid and no good "
+        "version of it was loaded: fix it (`python main.py check` names the error), reload, "
+        "then `python main.py retry` this booking"
+    )
+
+
+def test_an_object_token_gives_its_token_field_and_every_field_is_scrubbed(h: Harness) -> None:
+    fields = {"token": "tok-obj-91f2", "email": "me@padel.example", "password": "pw-5d1e"}
+    add_object_token(h, "padel", fields)
+    h.add(token_name="padel")
+    echo = "bad login me@padel.example / pw-5d1e for tok-obj-91f2"
+    queue(h.club, answer(401, {"error": echo}))
+
+    assert h.book() == FAILED
+
+    assert h.calls[0].request.headers["Authorization"] == "Bearer tok-obj-91f2"
+    reason = h.row().last_error
+    assert reason is not None
+    assert "HTTP 401: bad login *** / *** for ***" in reason
+    for secret in fields.values():
+        assert secret not in reason
+
+
+def test_an_object_token_without_a_token_field_fails_without_a_request(h: Harness) -> None:
+    add_object_token(h, "padel", {"email": "me@padel.example", "password": "pw-5d1e"})
+    h.add(token_name="padel")
+    queue(h.club, answer(201, {"id": 1}))
+
+    assert h.book() == FAILED
+
+    assert h.calls == []
+    assert h.row().last_error == (
+        "token 'padel' in tokens.json has no 'token' field, which the request sends as {token}: "
+        "add it there and reload"
+    )
+
+
 # --------------------------------------------------------------------------- retries
 
 

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import stat
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -649,6 +649,21 @@ def test_a_jwt_that_expires_before_a_trigger_is_warned_about(
     assert all(token not in warning for warning in config.warnings)
 
 
+def test_an_object_token_holding_a_jwt_is_checked_too(
+    data_dir: Path, fernet: MultiFernet, fernet_key: str
+) -> None:
+    expires = NOW + timedelta(days=10)
+    value = {"email": "me@example.org", "token": make_jwt({"exp": expires.timestamp()})}
+    write_json(data_dir / "tokens.json", {"default": value})
+    write_json(data_dir / "schedules.json", [WED])
+    settings = Settings.from_env({"DATA_DIR": str(data_dir), "FERNET_KEY": fernet_key})
+    (warning,) = read_config(settings, fernet, NOW).warnings
+    assert warning.startswith(
+        "tokens.json token 'default': a JWT that expires 2026-12-03T12:00:00Z, before the "
+        "trigger of 50 booking(s)"
+    )
+
+
 def test_a_jwt_that_outlives_every_trigger_or_no_jwt_is_not_warned_about(
     data_dir: Path, fernet: MultiFernet, fernet_key: str
 ) -> None:
@@ -853,7 +868,6 @@ def test_tokens_missing_is_a_warning(data_dir: Path, fernet: MultiFernet) -> Non
         (True, "a boolean"),
         (None, "null"),
         (["tok"], "an array"),
-        ({"v": "tok"}, "an object"),
         ("", "an empty string"),
         ("   ", "an empty string"),
     ],
@@ -863,7 +877,8 @@ def test_token_not_a_string_is_an_error_for_that_token(
 ) -> None:
     result = read_tokens(tokens_file(data_dir, {"default": value, "alice": "tok-a"}), fernet)
     assert result.errors == [
-        f"tokens.json token 'default': expected the token as a non-empty string, got {got}"
+        "tokens.json token 'default': expected the token as a non-empty string or an object "
+        f"of strings, got {got}"
     ]
     assert result.tokens["default"].encrypted is None
     assert result.tokens["default"].error
@@ -981,6 +996,114 @@ def test_rewrite_tokens_file_encrypts_in_place(data_dir: Path) -> None:
     # Read again: nothing left to rewrite.
     again = read_tokens(path, ring)
     assert not any(t.rewrite for t in again.tokens.values())
+
+
+# Object tokens (CONTRACT section 12 "Secrets"): each string encrypted on its own.
+
+
+def test_object_token_encrypts_each_field_on_its_own(data_dir: Path) -> None:
+    first, second = Fernet.generate_key(), Fernet.generate_key()
+    ring = utils.load_fernet(f"{first.decode()},{second.decode()}")
+    kept = Fernet(first).encrypt(b"tok-kept").decode()
+    old = Fernet(second).encrypt(b"me@club.example").decode()
+    value = {"email": old, "password": " pw-secret-1 ", "token": kept}
+    result = read_tokens(tokens_file(data_dir, {"club": value}), ring)
+    assert result.errors == []
+    token = result.tokens["club"]
+    assert token.fields == ("email", "password", "token")
+    assert (token.rewrite, token.plaintext, token.error) == (True, True, None)
+    assert isinstance(token.encrypted, dict)
+    assert token.encrypted["token"] == kept  # already under the first key: kept as it is
+    assert token.encrypted["email"] != old  # re-encrypted under the first key
+    decrypted = {k: Fernet(first).decrypt(v.encode()) for k, v in token.encrypted.items()}
+    assert decrypted == {
+        "email": b"me@club.example",
+        "password": b"pw-secret-1",
+        "token": b"tok-kept",
+    }
+    assert "pw-secret-1" not in json.dumps(token.encrypted)
+    # An object whose fields are all encrypted under the first key needs no rewrite.
+    settled = {"email": Fernet(first).encrypt(b"me").decode(), "password": kept}
+    again = read_tokens(tokens_file(data_dir, {"club": settled}), ring).tokens["club"]
+    assert (again.rewrite, again.plaintext, again.encrypted) == (False, False, settled)
+    assert read_tokens(tokens_file(data_dir, {"s": kept}), ring).tokens["s"].fields is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            {"email": "me@club.example", "password": 1234},
+            "field 'password': expected a non-empty string, got a number",
+        ),
+        ({"email": ""}, "field 'email': expected a non-empty string, got an empty string"),
+        ({"email": None}, "field 'email': expected a non-empty string, got null"),
+        ({"login": {"email": "x"}}, "field 'login': expected a non-empty string, got an object"),
+        (
+            {},
+            'an object token needs at least one field, e.g. {"email": "...", "password": "..."}',
+        ),
+        (
+            {"e-mail": "x"},
+            "field 'e-mail': a field name must be 1 to 64 of A-Z a-z 0-9 _ and not start with "
+            "a digit (it is used as {secret.<field>})",
+        ),
+        (
+            {"email": "\ud800"},
+            "field 'email': the value is not valid text (it holds an unpaired surrogate such "
+            "as \\ud800); put the token in as it is",
+        ),
+    ],
+)
+def test_object_token_with_a_bad_field_is_an_error_for_that_token(
+    data_dir: Path, fernet: MultiFernet, value: dict[str, Any], message: str
+) -> None:
+    result = read_tokens(tokens_file(data_dir, {"club": value, "alice": "tok-a"}), fernet)
+    assert result.errors == [f"tokens.json token 'club': {message}"]
+    assert result.tokens["club"] == config_loader.TokenValue("club", None, result.errors[0], False)
+    assert result.tokens["alice"].error is None
+    assert "me@club.example" not in result.errors[0]
+
+
+def test_object_token_field_no_key_decrypts_is_an_error(
+    data_dir: Path, fernet: MultiFernet
+) -> None:
+    foreign = Fernet(Fernet.generate_key()).encrypt(b"pw").decode()
+    result = read_tokens(
+        tokens_file(data_dir, {"club": {"email": "me", "password": foreign}}), fernet
+    )
+    assert result.errors == [
+        "tokens.json token 'club': field 'password': the value is encrypted but no key in "
+        "FERNET_KEY decrypts it (was it encrypted with another key?); re-encrypt it with "
+        "`python main.py encrypt-token` or put the plaintext token in the file"
+    ]
+
+
+def test_rewrite_tokens_file_encrypts_each_field_of_an_object(
+    data_dir: Path, fernet: MultiFernet
+) -> None:
+    path = tokens_file(
+        data_dir,
+        {"club": {"email": "me@club.example", "password": "pw-secret-2"}, "plain": "tok-p"},
+    )
+    path.chmod(0o644)
+    result = read_tokens(path, fernet)
+
+    assert rewrite_tokens_file(path, result) is True
+
+    data = path.read_bytes()
+    for secret in (b"me@club.example", b"pw-secret-2", b"tok-p"):
+        assert secret not in data
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    written = json.loads(data)
+    assert list(written["club"]) == ["email", "password"]
+    assert {k: fernet.decrypt(v.encode()) for k, v in written["club"].items()} == {
+        "email": b"me@club.example",
+        "password": b"pw-secret-2",
+    }
+    again = read_tokens(path, fernet)
+    assert again.errors == [] and not any(t.rewrite for t in again.tokens.values())
+    assert again.tokens["club"].encrypted == written["club"]
 
 
 def test_rewrite_tokens_file_leaves_a_file_with_nothing_to_do(
@@ -1159,8 +1282,9 @@ def test_settings_empty_values_mean_defaults() -> None:
 
 
 WINDOW_EXPECTED = (
-    "is not a window; expected '<N>h' (hours, e.g. '168h' or '47.5h') or '<N>d' (whole "
-    "calendar days, e.g. '7d')"
+    "is not a window; expected '<N>h' (hours, e.g. '168h' or '47.5h'), '<N>d' (whole "
+    "calendar days, e.g. '7d') or '<N>d@HH:MM' (at that local time N calendar days before, "
+    "e.g. '6d@08:00')"
 )
 
 
@@ -1174,7 +1298,7 @@ WINDOW_EXPECTED = (
         (
             {"BOOKING_WINDOW": "99999999h"},
             "BOOKING_WINDOW: '99999999h' is longer than a year; no club opens bookings that far "
-            "ahead (e.g. '168h' or '7d')",
+            "ahead (e.g. '168h', '7d' or '6d@08:00')",
         ),
         (
             {"BOOKING_TIMEZONE": "Mars/Olympus"},
@@ -1231,7 +1355,7 @@ def test_load_template_relative_to_data_dir_and_errors_name_the_file(
     (data_dir / "club.json").write_text(json.dumps({"method": "PUT"}))
     settings = Settings.from_env(env | {"BOOKING_REQUEST_TEMPLATE": "club.json"})
     template = config_loader.load_template(settings)
-    assert template is not None and template.method == "PUT"
+    assert template is not None and template.flow.method == "PUT"
     (data_dir / "club.json").write_text("{broken")
     with pytest.raises(TemplateError, match=r"BOOKING_REQUEST_TEMPLATE .*club\.json"):
         config_loader.load_template(settings)
@@ -1320,3 +1444,269 @@ def test_a_rule_with_no_instance_ahead_is_a_warning_naming_why(
         f"schedules.json entry 'never' (#1): rrule: {rrule!r} books nothing: {why}"
     ]
     assert result.entries[0].plan(NOW, utils.Window(168, "h")) == []
+
+
+# --------------------------------------------------------------------------- clubs and windows
+
+PADEL_URL = "https://padel.example/api/book"
+
+
+def club_file(data_dir: Path, name: str, value: Any) -> Path:
+    (data_dir / "clubs").mkdir(exist_ok=True)
+    return write_json(data_dir / "clubs" / f"{name}.json", value)
+
+
+def load_all(
+    data_dir: Path, env: dict[str, str], *entries: Any, **extra: str
+) -> config_loader.Config:
+    """Write ``entries`` and a token, then read everything as the daemon does."""
+    write_json(data_dir / "schedules.json", list(entries))
+    write_json(data_dir / "tokens.json", {"default": "tok-d"})
+    settings = Settings.from_env(env | extra)
+    return read_config(settings, settings.fernet(), NOW)
+
+
+def by_id(config: config_loader.Config) -> dict[str, config_loader.Entry]:
+    return {entry.id: entry for entry in config.schedules.entries}
+
+
+def test_club_names_a_file_in_data_dir_clubs(data_dir: Path, env: dict[str, str]) -> None:
+    path = club_file(data_dir, "padel", {"url": PADEL_URL, "about": "for people only"})
+    config = load_all(data_dir, env, MATCH | {"club": "padel"}, WED)
+    assert config.errors == []
+    entries = by_id(config)
+    assert (entries["match"].club, entries["wed-evening"].club) == ("padel", None)
+    assert list(config.clubs) == ["padel"]
+    assert config.clubs["padel"].label == str(path)
+    assert config.clubs["padel"].flow.url == PADEL_URL
+    assert config.clubs["padel"].window is None
+
+
+def test_unknown_club_is_an_error_for_that_entry_only(data_dir: Path, env: dict[str, str]) -> None:
+    config = load_all(data_dir, env, WED, MATCH | {"club": "padel"})
+    assert config.errors == [
+        f"schedules.json entry 'match' (#2): club: 'padel': {data_dir}/clubs/padel.json: "
+        "no such file"
+    ]
+    assert [e.id for e in config.schedules.entries] == ["wed-evening"]
+    assert config.schedules.rejected_ids == {"match"}
+
+
+@pytest.mark.parametrize("name", ["../padel", "", "a" * 65, 7, None, "pa/del"])
+def test_club_must_be_a_name(data_dir: Path, env: dict[str, str], name: Any) -> None:
+    config = load_all(data_dir, env, MATCH | {"club": name})
+    assert config.errors == [
+        f"schedules.json entry 'match' (#1): club: {name!r} is not a club name; expected 1 to 64 "
+        "of A-Z a-z 0-9 _ . - naming DATA_DIR/clubs/<club>.json (e.g. 'playtomic')"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            {"url": PADEL_URL, "method": "BREW"},
+            "method: 'BREW' is not one of POST, PUT, PATCH, GET, DELETE",
+        ),
+        ({"url": PADEL_URL, "window": "6 days"}, f"window: '6 days' {WINDOW_EXPECTED}"),
+        (
+            {"url": PADEL_URL, "window": "6d@24:00"},
+            "window: '6d@24:00': 24:00 is not a time of day; expected HH:MM from 00:00 to "
+            "23:59 (e.g. '6d@08:00')",
+        ),
+        ({"url": PADEL_URL, "headers": {"X": "{tokn}"}}, "headers.X: unknown placeholder {tokn}"),
+        ([], "expected a JSON object"),
+    ],
+)
+def test_invalid_club_file_names_the_file_and_the_key(
+    data_dir: Path, env: dict[str, str], value: Any, message: str
+) -> None:
+    path = club_file(data_dir, "bad", value)
+    club_file(data_dir, "good", {"url": PADEL_URL})
+    config = load_all(
+        data_dir, env, WED | {"club": "bad"}, MATCH | {"club": "good"}, NO_ID | {"club": "bad"}
+    )
+    first, third = config.errors
+    assert first.startswith(
+        f"schedules.json entry 'wed-evening' (#1): club: 'bad': {path}: {message}"
+    )
+    assert third.startswith(f"schedules.json entry #3: club: 'bad': {path}: {message}")
+    assert [e.id for e in config.schedules.entries] == ["match"]
+    assert list(config.clubs) == ["good"]
+    assert list(config.schedules.club_errors) == ["bad"]
+
+
+def test_a_club_file_that_is_not_json_names_the_file(data_dir: Path, env: dict[str, str]) -> None:
+    (data_dir / "clubs").mkdir()
+    (data_dir / "clubs" / "bad.json").write_text("{nope")
+    config = load_all(data_dir, env, MATCH | {"club": "bad"})
+    assert config.errors == [
+        f"schedules.json entry 'match' (#1): club: 'bad': {data_dir}/clubs/bad.json: not valid "
+        "JSON (line 1 column 2: Expecting property name enclosed in double quotes)"
+    ]
+
+
+def test_a_club_file_no_entry_names_is_not_read(data_dir: Path, env: dict[str, str]) -> None:
+    club_file(data_dir, "unused", {"method": "BREW"})
+    config = load_all(data_dir, env, MATCH)
+    assert config.errors == [] and config.clubs == {}
+
+
+def test_a_club_file_without_url_uses_booking_api_url(data_dir: Path, env: dict[str, str]) -> None:
+    club_file(data_dir, "plain", {"headers": {"X-Key": "{token}"}})
+    config = load_all(data_dir, env, MATCH | {"club": "plain"})
+    assert config.clubs["plain"].flow.url == env["BOOKING_API_URL"]
+    without = {k: v for k, v in env.items() if k != "BOOKING_API_URL"}
+    config = load_all(data_dir, without, MATCH | {"club": "plain"})
+    assert config.errors == [
+        f"schedules.json entry 'match' (#1): club: 'plain': {data_dir}/clubs/plain.json: url: "
+        "missing, and BOOKING_API_URL is not set either"
+    ]
+
+
+def test_the_window_that_applies_follows_the_precedence(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    padel = club_file(data_dir, "padel", {"url": PADEL_URL, "window": "6d@08:00"})
+    club_file(data_dir, "plain", {"url": PADEL_URL})
+    write_json(data_dir / "template.json", {"window": "1d@07:00"})
+    entries = [
+        MATCH | {"id": "own", "club": "padel", "window": "7d"},
+        MATCH | {"id": "club", "club": "padel"},
+        MATCH | {"id": "plain", "club": "plain"},
+        MATCH | {"id": "none"},
+        MATCH | {"id": "none-own", "window": "47.5h"},
+    ]
+    config = load_all(
+        data_dir,
+        env,
+        *entries,
+        BOOKING_WINDOW="48h",
+        BOOKING_REQUEST_TEMPLATE="template.json",
+    )
+    assert config.errors == []
+    template = f"BOOKING_REQUEST_TEMPLATE {data_dir}/template.json"
+    assert {e.id: (str(e.window), e.window_from) for e in config.schedules.entries} == {
+        "own": ("7d", "entry"),
+        "club": ("6d@08:00", str(padel)),
+        "plain": ("48h", "BOOKING_WINDOW"),  # a club file without a window: not the template's
+        "none": ("1d@07:00", template),
+        "none-own": ("47.5h", "entry"),
+    }
+    # Thu 2026-12-10 18:00 UTC: six days before at 08:00 is Fri 2026-12-04 08:00.
+    (planned,) = by_id(config)["club"].plan(NOW)
+    assert planned.trigger == datetime(2026, 12, 4, 8, 0, tzinfo=UTC)
+    (planned,) = by_id(config)["none"].plan(NOW)
+    assert planned.trigger == datetime(2026, 12, 9, 7, 0, tzinfo=UTC)
+
+
+def test_an_invalid_window_is_an_error_for_that_entry(data_dir: Path, env: dict[str, str]) -> None:
+    config = load_all(data_dir, env, MATCH | {"window": "7 days"}, WED | {"window": 168})
+    assert config.errors == [
+        f"schedules.json entry 'match' (#1): window: '7 days' {WINDOW_EXPECTED}",
+        f"schedules.json entry 'wed-evening' (#2): window: 168 {WINDOW_EXPECTED}",
+    ]
+
+
+def test_a_window_that_would_open_after_the_start_is_an_error(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    club_file(data_dir, "late", {"url": PADEL_URL, "window": "0d@20:00"})
+    wed = WED | {"club": "late"}  # Wednesdays 17:00 London
+    early = MATCH | {"id": "early", "window": "0d@17:00"}  # 18:00 UTC
+    config = load_all(data_dir, env, wed, MATCH | {"window": "0d@20:00"}, early)
+    assert config.errors == [
+        f"schedules.json entry 'wed-evening' (#1): window: '0d@20:00' (from {data_dir}/clubs/"
+        "late.json) would open at Wed 2026-12-02 20:00 GMT, after the start Wed 2026-12-02 17:00 "
+        "GMT: nothing could be booked; use a window that opens before the start (e.g. "
+        "'1d@20:00')",
+        "schedules.json entry 'match' (#2): window: '0d@20:00' would open at Thu 2026-12-10 "
+        "20:00 UTC, after the start Thu 2026-12-10 18:00 UTC: nothing could be booked; use a "
+        "window that opens before the start (e.g. '1d@20:00')",
+    ]
+    assert [e.id for e in config.schedules.entries] == ["early"]
+    from_env = load_all(data_dir, env, MATCH, BOOKING_WINDOW="0d@23:00")
+    assert from_env.errors[0].startswith(
+        "schedules.json entry 'match' (#1): window: '0d@23:00' (from BOOKING_WINDOW) would open"
+    )
+
+
+def test_without_booking_api_url_entries_must_name_a_club_once_there_are_club_files(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    without = {k: v for k, v in env.items() if k != "BOOKING_API_URL"}
+    # No club files: the classic setup, where `run` itself asks for BOOKING_API_URL.
+    assert load_all(data_dir, without, MATCH).errors == []
+    club_file(data_dir, "padel", {"url": PADEL_URL})
+    config = load_all(data_dir, without, MATCH, WED | {"club": "padel"}, NO_ID)
+    assert config.errors[0] == (
+        "schedules.json entry 'match' (#1): club: none given, and neither BOOKING_API_URL nor "
+        "BOOKING_REQUEST_TEMPLATE gives a URL to book at: set BOOKING_API_URL or name a club "
+        "file (DATA_DIR/clubs/<club>.json)"
+    )
+    assert config.errors[1].startswith("schedules.json entry #3: club: none given")
+    assert [e.id for e in config.schedules.entries] == ["wed-evening"]
+    assert config.schedules.without_request == [
+        "schedules.json entry 'match' (#1)",
+        "schedules.json entry #3",
+    ]
+    # A template with a url gives them their request.
+    write_json(data_dir / "template.json", {"url": PADEL_URL})
+    with_template = load_all(
+        data_dir, without, MATCH, WED | {"club": "padel"}, BOOKING_REQUEST_TEMPLATE="template.json"
+    )
+    assert with_template.errors == [] and with_template.schedules.without_request == []
+
+
+def test_the_config_digest_covers_the_club_files(data_dir: Path, settings: Settings) -> None:
+    before = config_loader.config_digest(settings)
+    club_file(data_dir, "padel", {"url": PADEL_URL})
+    added = config_loader.config_digest(settings)
+    assert set(added) - set(before) == {str(data_dir / "clubs" / "padel.json")}
+    club_file(data_dir, "padel", {"url": PADEL_URL, "window": "6d@08:00"})
+    assert config_loader.config_digest(settings) != added
+    (data_dir / "clubs" / "padel.json").unlink()
+    assert config_loader.config_digest(settings) == before
+
+
+def test_a_new_club_window_changes_the_entry_fingerprint(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    club_file(data_dir, "padel", {"url": PADEL_URL})
+    first = by_id(load_all(data_dir, env, MATCH | {"club": "padel"}))["match"]
+    same = by_id(load_all(data_dir, env, MATCH | {"club": "padel"}))["match"]
+    club_file(data_dir, "padel", {"url": PADEL_URL, "window": "6d@08:00"})
+    moved = by_id(load_all(data_dir, env, MATCH | {"club": "padel"}))["match"]
+    assert first.fingerprint == same.fingerprint != moved.fingerprint
+
+
+def test_a_template_file_may_carry_a_window_and_about(data_dir: Path, env: dict[str, str]) -> None:
+    write_json(data_dir / "club.json", {"window": "6d@08:00", "about": "Padel Club"})
+    settings = Settings.from_env(env | {"BOOKING_REQUEST_TEMPLATE": "club.json"})
+    template = config_loader.load_template(settings)
+    assert template is not None and template.window == utils.parse_window("6d@08:00")
+    write_json(data_dir / "club.json", {"window": "6d@8"})
+    with pytest.raises(TemplateError) as info:
+        config_loader.load_template(settings)
+    assert str(info.value) == (
+        f"BOOKING_REQUEST_TEMPLATE {data_dir}/club.json: window: '6d@8' {WINDOW_EXPECTED}"
+    )
+
+
+def test_read_config_keeps_the_last_good_template_when_the_file_breaks(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    write_json(data_dir / "club.json", {"window": "6d@08:00"})
+    settings = Settings.from_env(env | {"BOOKING_REQUEST_TEMPLATE": "club.json"})
+    good = config_loader.load_template(settings)
+    write_json(data_dir / "club.json", {"method": "BREW"})
+    write_json(data_dir / "schedules.json", [MATCH])
+    write_json(data_dir / "tokens.json", {"default": "tok-d"})
+    config = read_config(settings, settings.fernet(), NOW, last_template=good)
+    assert config.template is good
+    assert config.template_error == (
+        f"BOOKING_REQUEST_TEMPLATE {data_dir}/club.json: method: 'BREW' is not one of POST, PUT, "
+        "PATCH, GET, DELETE"
+    )
+    assert config.errors == [config.template_error]
+    assert str(config.schedules.entries[0].window) == "6d@08:00"  # the last good one's

@@ -212,6 +212,125 @@ def test_check_missing_schedules_is_a_warning(
     assert "schedules.json: no such file" in capsys.readouterr().err
 
 
+def test_check_prints_each_entrys_request_source_window_and_request(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    fernet_value = Fernet(env["FERNET_KEY"].encode()).encrypt(b"tok-enc-5521").decode()
+    write_json(
+        data_dir / "tokens.json",
+        {
+            "default": fernet_value,
+            "partner": "tok-plain-8812",
+            "padel": {"token": "tok-obj-4410", "password": "pw-obj-3301"},
+        },
+    )
+    (data_dir / "clubs").mkdir()
+    write_json(
+        data_dir / "clubs" / "padel.json",
+        {
+            "url": "https://padel.example/book/{court_id}",
+            "headers": {"X-Key": "{token}"},
+            "window": "6d@08:00",
+        },
+    )
+    start = future(20).replace(hour=17, minute=0)
+    entries = [
+        {"id": "p", "type": "one-off", "desired_time": f"{start:%Y-%m-%d %H:%M}", "club": "padel",
+         "token": "padel", "court_id": 3},
+        {"id": "plain", "type": "one-off", "desired_time": f"{start:%Y-%m-%d %H:%M}",
+         "token": "partner", "window": "2d@07:30"},
+    ]  # fmt: skip
+    write_json(data_dir / "schedules.json", entries)
+    before = (data_dir / "tokens.json").read_bytes()
+
+    assert run(monkeypatch, env, "check") == 0
+
+    out = capsys.readouterr().out
+    assert "tokens.json: 3 token(s)\n" in out
+    assert "  'default': encrypted\n" in out
+    assert "  'partner': plaintext (the daemon encrypts it in the file when it loads it)\n" in out
+    assert "  'padel': object of token, password, plaintext (the daemon encrypts it" in out
+    block = out.split("\np (#1)")[1].split("\nplain (#2)")[0]
+    assert f"  club: padel ({data_dir}/clubs/padel.json)\n" in block
+    assert f"  window: 6d@08:00 (from {data_dir}/clubs/padel.json)\n" in block
+    opens = utils.format_utc(start - timedelta(days=6) + timedelta(hours=-9))
+    assert f"= {utils.format_utc(start)}  trigger {opens}" in block
+    assert (
+        "  request (next instance, token masked):\n    POST https://padel.example/book/3\n" in block
+    )
+    assert "    X-Key: ***\n" in block
+    plain = out.split("\nplain (#2)")[1]
+    assert "  request: BOOKING_API_URL (http://club.test/bookings)\n" in plain
+    assert "  window: 2d@07:30 (entry)\n" in plain
+    assert f"trigger {utils.format_utc(start - timedelta(days=2) + timedelta(hours=-9.5))}" in plain
+    assert "    POST http://club.test/bookings\n    Authorization: Bearer ***\n" in plain
+    for secret in ("tok-enc-5521", "tok-plain-8812", "tok-obj-4410", "pw-obj-3301"):
+        assert secret not in out
+    assert (data_dir / "tokens.json").read_bytes() == before
+
+
+def test_check_exit_1_on_an_invalid_club_file_naming_the_file_and_key(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    write_json(data_dir / "tokens.json", {"default": "t"})
+    (data_dir / "clubs").mkdir()
+    write_json(data_dir / "clubs" / "padel.json", {"url": "https://padel.example/b", "json": 1,
+                                                   "form": {}})  # fmt: skip
+    desired = f"{future():%Y-%m-%d %H:%M}"
+    write_json(
+        data_dir / "schedules.json",
+        [
+            {"id": "p", "type": "one-off", "desired_time": desired, "club": "padel"},
+            {"id": "ok", "type": "one-off", "desired_time": desired},
+        ],
+    )
+    assert run(monkeypatch, env, "check") == 1
+    captured = capsys.readouterr()
+    assert (
+        f"error: schedules.json entry 'p' (#1): club: 'padel': {data_dir}/clubs/padel.json: "
+        "json, form: give one body, not both\n"
+    ) in captured.err
+    assert "\nok (#1)" not in captured.out and "\nok (#2)" in captured.out
+
+
+def test_run_without_booking_api_url_needs_every_entry_to_name_a_club(
+    env: dict[str, str], data_dir: Path
+) -> None:
+    without = {k: v for k, v in env.items() if k != "BOOKING_API_URL"}
+    settings = main.load_settings(without)
+    fernet = main.load_fernet(settings)
+    write_json(data_dir / "tokens.json", {"default": "t"})
+    desired = f"{future():%Y-%m-%d %H:%M}"
+    write_json(
+        data_dir / "schedules.json", [{"id": "a", "type": "one-off", "desired_time": desired}]
+    )
+    message = (
+        "BOOKING_API_URL is not set: set it to the club's booking endpoint "
+        "(e.g. https://club.example/api/bookings)"
+    )
+    with pytest.raises(main.StartError) as raised:
+        main.require_api_url(settings, fernet)
+    assert str(raised.value) == message  # no club files: the URL is what is missing
+    (data_dir / "clubs").mkdir()
+    write_json(data_dir / "clubs" / "padel.json", {"url": "https://padel.example/b"})
+    with pytest.raises(main.StartError) as raised:
+        main.require_api_url(settings, fernet)
+    assert str(raised.value) == f"{message}, or name a club file in schedules.json entry 'a' (#1)"
+    write_json(
+        data_dir / "schedules.json",
+        [{"id": "a", "type": "one-off", "desired_time": desired, "club": "padel"}],
+    )
+    main.require_api_url(settings, fernet)  # every entry names a club: it may start
+    write_json(data_dir / "schedules.json", [])
+    main.require_api_url(settings, fernet)  # club files, no entries yet: a first deploy
+
+
 # ---------------------------------------------------------------- status and retry
 
 
@@ -805,6 +924,45 @@ def test_a_changed_file_is_reloaded_and_an_unchanged_one_is_not(
     assert "1 added, 0 changed, 1 cancelled, 0 revived" in loaded
     assert loaded.endswith("; entries changed: c")  # the new entry; a removal is counted above
     assert daemon.config_changed() is False
+
+
+def test_club_files_are_loaded_reloaded_on_change_and_kept_when_broken(
+    daemon: main.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    assert daemon.ctx is not None
+    clubs = data_dir / "clubs"
+    clubs.mkdir()
+    write_json(clubs / "padel.json", {"url": "https://padel.example/book"})
+    entry = one_off("p") | {"club": "padel"}
+    write_json(data_dir / "schedules.json", [one_off("a"), entry])
+    assert daemon.config_changed() is True
+    daemon.safe_load("file change")
+    good = daemon.ctx.clubs["padel"]
+    assert good.url == "https://padel.example/book"
+    assert daemon.ctx.flow_for("padel") is good
+    assert "club file(s) loaded: padel" in caplog.messages
+    (row,) = [r for r in instances.status_rows(daemon.factory) if r["schedule"] == "p"]
+    first_trigger = row["trigger_time"]
+
+    # A club file's change alone is a change: the new window moves the trigger.
+    write_json(clubs / "padel.json", {"url": "https://padel.example/book", "window": "1d@06:00"})
+    assert daemon.config_changed() is True
+    daemon.safe_load("file change")
+    (row,) = [r for r in instances.status_rows(daemon.factory) if r["schedule"] == "p"]
+    assert row["trigger_time"] != first_trigger
+    assert row["trigger_time"].endswith("T06:00:00Z")
+
+    # Broken: the entry is rejected (its instance kept), the last good flow stays in use.
+    write_json(clubs / "padel.json", {"url": "https://padel.example/book", "method": "BREW"})
+    daemon.safe_load("file change")
+    assert any(
+        m.startswith("schedules.json entry 'p' (#2): club: 'padel': ") and "method: 'BREW'" in m
+        for m in caplog.messages
+    )
+    assert "club 'padel': its last good file stays in use" in caplog.messages
+    assert daemon.ctx.flow_for("padel") == good
+    assert pending(daemon) == ["a", "p"]
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
