@@ -45,6 +45,11 @@ SPIN_SECONDS = 0.003
 USER_AGENT = "courtbot/1.0"
 #: A club's booking id is kept to this many characters (after secrets and controls are gone).
 MAX_REF_CHARS = 200
+#: Ends the reason of a booking that failed because every court tried was taken.
+TAKEN_ADVICE = (
+    "every court tried was taken, so a retry would be too: book another court with the club, "
+    'and give the entry a list of courts to try in order (e.g. "court_id": ["3", "4"])'
+)
 
 
 class BookingError(Exception):
@@ -564,6 +569,8 @@ class BookingContext:
     gate: TriggerGate = field(default_factory=TriggerGate)
     in_flight: set[str] = field(default_factory=set)
     in_flight_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: When each booking under way sent its first booking request (``clock()``), for its outcome.
+    first_sent: dict[str, float] = field(default_factory=dict)
 
     @property
     def request_template(self) -> RequestTemplate:
@@ -605,6 +612,7 @@ def book_slot(key: str, ctx: BookingContext) -> str | None:
         _booking.secrets = None
         with ctx.in_flight_lock:
             ctx.in_flight.discard(key)
+            ctx.first_sent.pop(key, None)
 
 
 def _now(ctx: BookingContext) -> datetime:
@@ -725,6 +733,7 @@ def _attempt_courts(
 ) -> str | None:
     reasons: list[str] = []
     total = row.attempts
+    all_taken, maybe_ours = True, False
     # A booking cut off by a crash may have reached the club before: its 409 may be our own.
     resumed = row.interrupted
     for court, spec in requests_by_court:
@@ -754,6 +763,7 @@ def _attempt_courts(
             if verdict == "taken":
                 reason = f"court {court_name}: taken ({attempt.last})"
                 if attempt.lost or resumed:
+                    maybe_ours = True
                     reason += (
                         "; an earlier attempt on this court got no answer, so it may be taken "
                         "by our own earlier attempt: check your bookings at the club"
@@ -762,6 +772,7 @@ def _attempt_courts(
                 break
             # retry
             if attempt.attempts >= MAX_ATTEMPTS_PER_COURT:
+                all_taken = False
                 reasons.append(
                     f"court {court_name}: no booking after {attempt.attempts} attempts "
                     f"(last: {attempt.last})"
@@ -771,14 +782,17 @@ def _attempt_courts(
             if _now(ctx) + timedelta(seconds=delay) >= row.desired_time:
                 reasons.append(f"court {court_name}: {attempt.last}; the start came first")
                 return _finish(ctx, row.key, FAILED, "; ".join(reasons), attempts=total)
-            instances.record_attempt(ctx.factory, row.key, total)
+            instances.record_attempt(ctx.factory, row.key, total, _first_sent(ctx, row.key))
             if ctx.stop.wait(delay):
                 instances.release(ctx.factory, row.key)
                 logger.info("booking %s: shutting down between retries; back to pending", row.key)
                 return None
-    return _finish(
-        ctx, row.key, FAILED, "; ".join(reasons) or "no court could be booked", attempts=total
-    )
+    if reasons and all_taken and not maybe_ours:
+        # A retry would be taken too: the advice is another court, not another try.
+        reasons.append(TAKEN_ADVICE)
+    reason = "; ".join(reasons) or "no court could be booked"
+    taken = bool(reasons) and all_taken
+    return _finish(ctx, row.key, FAILED, reason, attempts=total, retry_helps=not taken)
 
 
 def _one_request(
@@ -792,6 +806,7 @@ def _one_request(
 ) -> tuple[str, float | None, str | None]:
     """Send once. Returns (verdict kind, wait before the next try or None, booking ref)."""
     court = attempt.court if attempt.court is not None else "any"
+    ctx.first_sent.setdefault(row.key, ctx.clock())
     try:
         answer = ctx.client.send(spec)
     except BookingError as exc:
@@ -833,6 +848,12 @@ def _one_request(
     return verdict.kind, wait, verdict.booking_ref
 
 
+def _first_sent(ctx: BookingContext, key: str) -> datetime | None:
+    """When the booking ``key``'s first request left (None: none has)."""
+    sent = ctx.first_sent.get(key)
+    return None if sent is None else datetime.fromtimestamp(sent, UTC)
+
+
 def _finish(
     ctx: BookingContext,
     key: str,
@@ -842,6 +863,7 @@ def _finish(
     booking_ref: str | None = None,
     court: str | None = None,
     attempts: int | None = None,
+    retry_helps: bool = True,
 ) -> str:
     outcome = instances.finish(
         ctx.factory,
@@ -852,6 +874,8 @@ def _finish(
         booking_ref=safe_ref(booking_ref),
         court=court,
         attempts=attempts,
+        first_sent_at=_first_sent(ctx, key),
+        retry_helps=retry_helps,
     )
     ctx.notify(outcome)
     if status == BOOKED and ctx.on_booked is not None:

@@ -21,16 +21,20 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet, MultiFernet
 
 import bot
 import config_loader
+import heartbeat
 import instances
+import leader
 import models
+import report
 import scheduler
 import utils
 from config_loader import Config, Settings, SettingsError
@@ -57,6 +61,9 @@ HEARTBEAT_STALE_SECONDS = 4 * HEARTBEAT_SECONDS
 LOG_FILE_BYTES = 5 * 1024 * 1024
 LOG_FILE_BACKUPS = 3
 CHECK_INSTANCES = 5
+#: A token that expires before a pending booking's trigger is reported (once, by email and
+#: channels) when that trigger is this close.
+TOKEN_NOTICE_AHEAD = timedelta(days=3)
 #: What the daemon's loop handles: reload, stop, stop.
 DAEMON_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
@@ -200,6 +207,8 @@ class Daemon:
         self.guard: models.SqliteGuard | None = None
         self.database_lost: str | None = None
         self.exit_code = EXIT_OK
+        self.pinger: heartbeat.Pinger | None = None
+        self._last_beat: float | None = None  # time.monotonic() of the last heartbeat written
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -251,7 +260,10 @@ class Daemon:
             logger.error("notifications: %s; email and channels are off until it is fixed", exc)
             notify_settings = NotifySettings.from_env({})
         # The notifier logs (masked) and skips each invalid NOTIFY_URLS channel itself.
-        self.notifier = Notifier(notify_settings)
+        self.notifier = Notifier(
+            notify_settings,
+            location=club_location(settings, self.template.flow if self.template else None),
+        )
         self.notifier.start()
         self.ctx = bot.BookingContext(
             factory=self.factory,
@@ -281,6 +293,8 @@ class Daemon:
         missed = instances.expire_missed(self.factory, now)
         if missed:
             self.notifier.notify_missed([instances.outcome_of(row) for row in missed])
+        # What is still pending with its trigger passed is booked at once, late: say why.
+        instances.note_late_triggers(self.factory, now)
         self.load(reason="start")
         self.scheduler.start()
         write_private(settings.pid_path, f"{os.getpid()}\n")
@@ -288,6 +302,10 @@ class Daemon:
         self._running = True
         self.heartbeat()
         self.log_summary()
+        self.safe_warn_expiring_tokens()
+        if settings.heartbeat_url is not None:
+            self.pinger = heartbeat.Pinger(settings.heartbeat_url, healthy=self.is_healthy)
+            self.pinger.start()
 
     def log_summary(self) -> None:
         assert self.factory is not None and self.scheduler is not None
@@ -450,6 +468,46 @@ class Daemon:
     def heartbeat(self) -> None:
         with contextlib.suppress(OSError):
             write_private(self.settings.heartbeat_path, f"{time.time():.0f}\n")
+            self._last_beat = time.monotonic()
+
+    def is_healthy(self) -> bool:
+        """True while this daemon runs, is not stopping, and its loop wrote a heartbeat lately:
+        what the dead-man's switch (HEARTBEAT_URL) vouches for with each ping."""
+        beat = self._last_beat
+        return (
+            self._running
+            and not self.stop.is_set()
+            and beat is not None
+            and time.monotonic() - beat < HEARTBEAT_STALE_SECONDS
+        )
+
+    # -- tokens that expire before a booking ----------------------------------------------
+
+    def warn_expiring_tokens(self, now: datetime) -> list[str]:
+        """Report, once per token and expiry, a JWT that expires before the trigger of a pending
+        booking, when that trigger is within TOKEN_NOTICE_AHEAD (an email and a channel
+        message, days before it would fail with a 401). Returns the tokens reported now."""
+        assert self.factory is not None and self.notifier is not None
+        reported = []
+        for name, expires in sorted(instances.token_expiries(self.factory, self.fernet).items()):
+            count, first = instances.pending_from(self.factory, name, expires)
+            if first is None or first.trigger_time - now > TOKEN_NOTICE_AHEAD:
+                continue
+            if not instances.remember_notice(
+                self.factory, f"token-expiry:{name}:{expires.timestamp():.0f}", now
+            ):
+                continue
+            self.notifier.notify_warning(
+                f"token {name!r}", *_token_expiry_message(name, expires, count, first, now)
+            )
+            reported.append(name)
+        return reported
+
+    def safe_warn_expiring_tokens(self) -> None:
+        try:
+            self.warn_expiring_tokens(datetime.now(UTC))
+        except Exception:
+            logger.exception("could not check the tokens' expiry")
 
     def database_present(self) -> bool:
         """False (after one error line) once the SQLite file was deleted or replaced under the
@@ -496,6 +554,7 @@ class Daemon:
                 if self.config_changed():
                     logger.info("config files changed: reloading")
                     self.safe_load("file change")
+                self.safe_warn_expiring_tokens()
             if now >= next_beat:
                 next_beat = now + HEARTBEAT_SECONDS
                 self.heartbeat()
@@ -513,6 +572,8 @@ class Daemon:
             # From now on `health` says 1, whatever the last heartbeat said.
             with contextlib.suppress(FileNotFoundError):
                 self.settings.heartbeat_path.unlink()
+        if self.pinger is not None:
+            self.pinger.close()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
         scheduler.set_runtime(None)
@@ -558,6 +619,40 @@ class Daemon:
         with contextlib.suppress(OSError, ValueError):
             if int(self.settings.pid_path.read_text().strip()) == os.getpid():
                 self.settings.pid_path.unlink()
+
+
+def club_location(settings: Settings, template: RequestTemplate | None) -> str | None:
+    """Where the courts are, for calendar entries: the booking URL's host (the template's, else
+    BOOKING_API_URL's), without user, password or port."""
+    url = template.url if template is not None and template.has_url else settings.api_url
+    try:
+        return urlsplit(url).hostname if url else None
+    except ValueError:
+        return None
+
+
+def _token_expiry_message(
+    name: str, expires: datetime, count: int, first: models.Instance, now: datetime
+) -> tuple[str, str]:
+    """The subject and body of the one report about a token that expires before a booking."""
+    zone = utils.get_zone(first.timezone)
+    state = "expired" if expires <= now else "expires"
+    subject = f"Token {name!r} {state} {utils.format_utc(expires)}, before {count} booking(s)"
+    body = "\n".join(
+        [
+            f"Token {name!r} in tokens.json is a JWT that {state} {utils.format_utc(expires)} "
+            f"({utils.format_ahead(expires, now)}).",
+            f"{count} pending booking(s) have their window open after that: at its trigger the "
+            "club would reject the token (401). The first:",
+            "",
+            f"    {first.key}: window opens {utils.format_local(first.trigger_time, zone)} "
+            f"({utils.format_ahead(first.trigger_time, now)})",
+            "",
+            "What to do: put a fresh token in tokens.json (python main.py encrypt-token encrypts "
+            "it), then python main.py reload.",
+        ]
+    )
+    return subject, body
 
 
 def _record_signal(signum: int, frame: Any) -> None:
@@ -676,6 +771,8 @@ def _print_check(config: Config, settings: Settings, now: datetime) -> None:
         if entry.rule is not None:
             rfc = entry.rule.rfc.replace("\n", " ")
             print(f"  rule: {rfc}")
+        if entry.skip:
+            print(f"  skip: {', '.join(f'{day:%Y-%m-%d}' for day in sorted(entry.skip))}")
         pairs = [p for p in entry.occurrences(now, CHECK_INSTANCES) if p[1] > now]
         if not pairs:
             print("  no instance ahead")
@@ -768,61 +865,93 @@ def cmd_check(env: dict[str, str]) -> int:
     return EXIT_OK
 
 
-def _open_existing_db(settings: Settings, *, upgrade: bool = False) -> models.SessionFactory | None:
-    """Sessions on the database when it exists with its tables (None otherwise); never creates
+def _open_existing_engine(settings: Settings, *, upgrade: bool = False) -> models.Engine | None:
+    """An engine on the database when it exists with its tables (None otherwise); never creates
     it. With ``upgrade`` (a writer), the columns an earlier release lacked are added."""
     db = models.sqlite_path(settings.database_url)
     if db is not None and not db.exists():
         return None
     engine = models.make_engine(settings.database_url, create=False)
     if not models.has_tables(engine):
+        engine.dispose()
         return None
     if upgrade:
         models.add_missing_columns(engine)
-    return models.session_factory(engine)
+    return engine
 
 
-def cmd_status(env: dict[str, str], as_json: bool, out: IO[str]) -> int:
+def _open_existing_db(settings: Settings, *, upgrade: bool = False) -> models.SessionFactory | None:
+    """Sessions on the database when it exists with its tables (None otherwise)."""
+    engine = _open_existing_engine(settings, upgrade=upgrade)
+    return None if engine is None else models.session_factory(engine)
+
+
+def daemon_facts(
+    settings: Settings, engine: models.Engine | None, now: datetime
+) -> report.DaemonFacts:
+    """What ``status`` says about the daemons: the one holding DATA_DIR (pid and heartbeat file)
+    and the rows of the ``daemons`` table (active and standbys, where daemons write it)."""
+    try:
+        age: float | None = time.time() - float(settings.heartbeat_path.read_text().strip())
+    except (OSError, ValueError):
+        age = None
+    daemons: tuple[report.DaemonInfo, ...] = ()
+    if engine is not None and models.has_table(engine, models.Daemon.__tablename__):
+        daemons = tuple(
+            report.DaemonInfo(
+                host=state.host,
+                pid=state.pid,
+                role=state.role,
+                heartbeat_age=(now - state.heartbeat_at).total_seconds(),
+                alive=state.alive,
+            )
+            for state in leader.list_daemons(engine, now=now)
+        )
+    return report.DaemonFacts(
+        daemon_running(settings), age, daemons, stale_after=HEARTBEAT_STALE_SECONDS
+    )
+
+
+#: ``status --upcoming``: what is still to be booked.
+UPCOMING = (models.PENDING, models.BOOKING)
+
+
+def cmd_status(env: dict[str, str], args: argparse.Namespace, out: IO[str]) -> int:
     try:
         settings = load_settings(env)
     except StartError as exc:
         print(f"courtbot status: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    rows = instances.status_rows(_open_existing_db(settings))
-    if as_json:
-        json.dump(rows, out, indent=2)
-        out.write("\n")
-        return EXIT_OK
-    if not rows:
-        out.write("no instances yet\n")
-        return EXIT_OK
-    columns = [
-        ("SCHEDULE", "schedule"),
-        ("KEY", "key"),
-        ("DESIRED (LOCAL)", "desired_local"),
-        ("TRIGGER (UTC)", "trigger_time"),
-        ("COURT", "court"),
-        ("STATUS", "status"),
-        ("TRIES", "attempts"),
-        ("REF", "booking_ref"),
-        ("LAST ERROR", "last_error"),
-    ]
-    table = []
-    for row in rows:
-        court = row["booked_court"] or row["court_id"]
-        shown = dict(row)
-        shown["court"] = (
-            ", ".join(court) if isinstance(court, list) else ("any" if court is None else court)
+    engine = _open_existing_engine(settings)
+    factory = None if engine is None else models.session_factory(engine)
+    try:
+        statuses = UPCOMING if args.upcoming else ([args.status] if args.status else None)
+        rows = instances.status_rows(
+            factory, schedule=args.schedule, statuses=statuses, limit=args.limit
         )
-        shown["desired_local"] = row["desired_local"][:16].replace("T", " ") + " " + row["timezone"]
-        table.append([str(shown[name] if shown[name] is not None else "-") for _, name in columns])
-    widths = [max(len(h), *(len(r[i]) for r in table)) for i, (h, _) in enumerate(columns)]
-    widths[-1] = len(columns[-1][0])
-    out.write("  ".join(h.ljust(w) for (h, _), w in zip(columns, widths, strict=True)).rstrip())
-    out.write("\n")
-    for r in table:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
-    return EXIT_OK
+        if args.json:
+            json.dump(rows, out, indent=2)
+            out.write("\n")
+            return EXIT_OK
+        now = datetime.now(UTC)
+        filtered = args.schedule or statuses or args.limit
+        out.write(
+            report.render(
+                daemon_facts(settings, engine, now),
+                instances.upcoming(factory, now, schedule=args.schedule, limit=report.NEXT_SHOWN),
+                instances.recent_outcomes(
+                    factory, report.outcomes_since(now), schedule=args.schedule
+                ),
+                rows,
+                now=now,
+                palette=report.Palette(report.colour_wanted(out.isatty(), env)),
+                empty="no instance matches" if filtered else "no instances yet",
+            )
+        )
+        return EXIT_OK
+    finally:
+        if engine is not None:
+            engine.dispose()
 
 
 def cmd_retry(env: dict[str, str], target: str) -> int:
@@ -924,6 +1053,16 @@ def cmd_encrypt_token(env: dict[str, str]) -> int:
     return EXIT_OK
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python main.py",
@@ -932,8 +1071,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="the daemon (default)")
     sub.add_parser("check", help="validate schedules.json and tokens.json, show next instances")
-    status = sub.add_parser("status", help="the instances in the database")
-    status.add_argument("--json", action="store_true", help="one JSON array")
+    status = sub.add_parser(
+        "status", help="a summary (daemon, next bookings, last 7 days) and the instances"
+    )
+    status.add_argument("--json", action="store_true", help="one JSON array (no summary)")
+    status.add_argument("--schedule", metavar="ID", help="only this schedule's instances")
+    which = status.add_mutually_exclusive_group()
+    which.add_argument("--status", choices=models.STATUSES, help="only instances in this status")
+    which.add_argument(
+        "--upcoming", action="store_true", help="only instances still to book (pending, booking)"
+    )
+    status.add_argument(
+        "--limit", metavar="N", type=_positive_int, help="the first N instances (soonest trigger)"
+    )
     retry = sub.add_parser("retry", help="put failed instances still ahead back to pending")
     retry.add_argument("target", metavar="KEY_OR_SCHEDULE_ID")
     sub.add_parser("reload", help="send SIGHUP to the running daemon")
@@ -944,6 +1094,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError as exc:
+        # `status | head`: the reader has gone. End quietly, as Python's own CLIs do (json.tool
+        # exits with the errno), and keep the interpreter's final flush from complaining.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return exc.errno or 1
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     env = dict(os.environ)
     command = args.command or "run"
@@ -953,7 +1116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "check":
         return cmd_check(env)
     if command == "status":
-        return cmd_status(env, args.json, sys.stdout)
+        return cmd_status(env, args, sys.stdout)
     if command == "retry":
         return cmd_retry(env, args.target)
     if command == "reload":

@@ -33,7 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import bot
 import utils
-from bot import BookingContext, ClubClient, RequestSpec, book_slot
+from bot import TAKEN_ADVICE, BookingContext, ClubClient, RequestSpec, book_slot
 from instances import recover_in_flight
 from models import (
     BOOKED,
@@ -453,10 +453,17 @@ def test_409_on_the_only_court_fails_without_retry(h: Harness) -> None:
     assert h.stop.waits == []
     row = h.row()
     assert (row.status, row.attempts, row.booking_ref, row.booked_court) == (FAILED, 1, None, None)
-    assert row.last_error == "court 3: taken (HTTP 409: Court 3 is already booked)"
+    assert row.last_error == (
+        f"court 3: taken (HTTP 409: Court 3 is already booked); {TAKEN_ADVICE}"
+    )
+    assert TAKEN_ADVICE == (
+        "every court tried was taken, so a retry would be too: book another court with the "
+        'club, and give the entry a list of courts to try in order (e.g. "court_id": ["3", "4"])'
+    )
     assert "own earlier attempt" not in row.last_error
     (outcome,) = h.outcomes
     assert (outcome.status, outcome.reason, outcome.court) == (FAILED, row.last_error, "3")
+    assert outcome.retry_helps is False
 
 
 def test_409_on_every_court_of_the_list_names_each_court(h: Harness) -> None:
@@ -470,7 +477,8 @@ def test_409_on_every_court_of_the_list_names_each_court(h: Harness) -> None:
     row = h.row()
     assert row.attempts == 3
     assert row.last_error == (
-        "court 3: taken (HTTP 409); court 4: taken (HTTP 409); court 5: taken (HTTP 409)"
+        "court 3: taken (HTTP 409); court 4: taken (HTTP 409); court 5: taken (HTTP 409); "
+        + TAKEN_ADVICE
     )
     assert h.outcomes[0].court == "3, 4, 5"
 
@@ -490,7 +498,9 @@ def test_409_after_a_lost_answer_says_the_court_may_be_ours(h: Harness, lost: st
     assert reason.startswith("court 3: taken (HTTP 409)")
     assert "may be taken by our own earlier attempt" in reason
     assert "check your bookings at the club" in reason
+    assert TAKEN_ADVICE not in reason  # another court could be a second booking
     assert h.outcomes[0].reason == reason
+    assert h.outcomes[0].retry_helps is False
 
 
 def test_409_after_a_refused_connection_does_not_blame_our_own_attempt(h: Harness) -> None:
@@ -501,7 +511,7 @@ def test_409_after_a_refused_connection_does_not_blame_our_own_attempt(h: Harnes
     assert h.book() == FAILED
 
     reason = h.row().last_error
-    assert reason == "court 3: taken (HTTP 409)"
+    assert reason == f"court 3: taken (HTTP 409); {TAKEN_ADVICE}"
 
 
 def test_lost_answer_on_one_court_does_not_colour_the_next_courts_409(h: Harness) -> None:
@@ -518,6 +528,44 @@ def test_lost_answer_on_one_court_does_not_colour_the_next_courts_409(h: Harness
         "court 4: taken (HTTP 409)"
     )
     assert h.row().attempts == 4
+    assert h.outcomes[0].retry_helps is True  # court 3 may answer later
+
+
+# --------------------------------------------------------------------------- lateness
+
+
+def test_the_first_requests_send_time_is_recorded_and_reported(h: Harness) -> None:
+    h.add()
+    h.clock.set(TRIGGER + timedelta(microseconds=800))
+    queue(h.club, retryable("503"), answer(201, {"id": 5}))
+
+    assert h.book() == BOOKED
+
+    row = h.row()
+    # The first of the two requests counts; the second left after a wait of BASE.
+    assert row.first_sent_at == TRIGGER + timedelta(microseconds=800)
+    assert h.outcomes[0].timing == "sent 0.8 ms after the window opened"
+    assert h.ctx.first_sent == {}
+
+
+def test_the_first_send_is_kept_when_a_stop_comes_between_retries(h: Harness) -> None:
+    h.add()
+    h.stop.stop_on = 1
+    queue(h.club, retryable("503"))
+
+    assert h.book() is None
+
+    row = h.row()
+    assert (row.status, row.attempts, row.first_sent_at) == (PENDING, 1, TRIGGER)
+
+
+def test_a_failure_before_any_request_says_none_was_sent(h: Harness) -> None:
+    h.add(token_name="missing")
+
+    assert h.book() == FAILED
+
+    assert h.row().first_sent_at is None
+    assert h.outcomes[0].timing == "no booking request was sent"
 
 
 # --------------------------------------------------------------------------- 401 / 403
