@@ -322,6 +322,20 @@ def pending_triggers(factory: sessionmaker[Session]) -> dict[str, datetime]:
         }
 
 
+def overdue(factory: sessionmaker[Session], before: datetime, *, limit: int = 20) -> list[str]:
+    """Keys of the pending instances whose trigger is earlier than ``before``, soonest first (at
+    most ``limit``). With the scheduler working, each has its job running or about to run."""
+    with factory() as session:
+        return list(
+            session.scalars(
+                select(Instance.key)
+                .where(Instance.status == PENDING, Instance.trigger_time < before)
+                .order_by(Instance.trigger_time, Instance.key)
+                .limit(limit)
+            )
+        )
+
+
 def pending_summary(factory: sessionmaker[Session]) -> tuple[int, Instance | None]:
     """How many instances are pending, and the one whose trigger comes first (None if none)."""
     with factory() as session:

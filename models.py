@@ -29,7 +29,7 @@ from sqlalchemy import (
     inspect,
 )
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.schema import CreateColumn
 
@@ -43,6 +43,26 @@ STATUSES = (PENDING, BOOKING, BOOKED, FAILED, EXPIRED, CANCELLED)
 FINAL = (BOOKED, FAILED, EXPIRED)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+#: What the database layer raises (for modules that do not import SQLAlchemy).
+DatabaseError = SQLAlchemyError
+
+
+def error_text(exc: BaseException) -> str:
+    """A database error in one line: the driver's own words ("OperationalError: database or
+    disk is full"), without SQLAlchemy's echo of the statement, its parameters and help link."""
+    cause = getattr(exc, "orig", None)
+    shown = cause if isinstance(cause, BaseException) else exc
+    lines = str(shown).strip().splitlines()
+    return f"{shown.__class__.__name__}: {lines[0]}" if lines else shown.__class__.__name__
+
+
+def display_url(url: str) -> str:
+    """A database URL fit for a message: its password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 (an unparsable URL: say so without echoing it)
+        return "(an invalid DATABASE_URL)"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
