@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test lint demo bench clean faketime
 
 venv: $(STAMP)
 
@@ -31,3 +31,14 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo-data
+
+# libfaketime, for the wall-clock jump test (tests/test_e2e_watchdog.py): Debian's `faketime`,
+# installed when missing if we are root with apt-get; otherwise that one test is skipped and
+# says why. `make test` asks for it.
+faketime:
+	@command -v faketime >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y --no-install-recommends faketime >/dev/null 2>&1 || \
+		  { apt-get update >/dev/null && apt-get install -y --no-install-recommends faketime >/dev/null; }; }; } || \
+		echo "faketime is not installed (needs root and apt-get): the clock-jump test will be skipped"
+
+test: faketime
