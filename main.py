@@ -299,6 +299,12 @@ class Daemon:
         self.watchdog = watchdog.Watchdog()
         self.overdue = watchdog.Overdue()
         self.exit_code = EXIT_OK
+        # The earliest pending trigger as last read (see _late), and when (monotonic; None: to
+        # be read again, as after every change to the jobs): the instances are asked about only
+        # when a trigger is near or passed, not every second of a quiet week.
+        self._next_due: datetime | None = None
+        self._next_due_read: float | None = None
+        self._jobs_changed = 0
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -502,6 +508,9 @@ class Daemon:
 
     def _sync(self) -> scheduler.SyncReport:
         assert self.factory is not None and self.scheduler is not None and self.ctx is not None
+        # The watchdog reads the earliest trigger again.
+        self._jobs_changed += 1
+        self._next_due_read = None
         with self.ctx.in_flight_lock:
             busy = frozenset(self.ctx.in_flight)
         return self.scheduler.sync(instances.pending_triggers(self.factory), busy=busy)
@@ -615,16 +624,37 @@ class Daemon:
         problem = self.scheduler.problem()
         if problem is not None:
             return problem
-        # A job starts LEAD before its trigger: late is when that start is LATE_AFTER behind.
-        before = datetime.now(UTC) + scheduler.LEAD - timedelta(seconds=watchdog.LATE_AFTER)
         try:
-            late = instances.overdue(self.factory, before)
+            late = self._late()
         except models.DatabaseError as exc:
             return f"the database cannot be read ({models.error_text(exc)})"
         with self.ctx.in_flight_lock:
             busy = set(self.ctx.in_flight)
         overdue = self.overdue.check(key for key in late if key not in busy)
         return watchdog.describe_overdue(overdue) if overdue else None
+
+    def _late(self) -> list[str]:
+        """The pending instances whose job should have started LATE_AFTER ago (a job starts LEAD
+        before its trigger). The instances are asked only once the earliest pending trigger, as
+        last read, is that close; it is read again after each change to the jobs, and at least
+        every NEXT_DUE_REFRESH seconds whatever happens."""
+        assert self.factory is not None
+        before = datetime.now(UTC) + scheduler.LEAD - timedelta(seconds=watchdog.LATE_AFTER)
+        read = self._next_due_read
+        if (
+            read is not None
+            and time.monotonic() - read < watchdog.NEXT_DUE_REFRESH
+            and (self._next_due is None or self._next_due >= before)
+        ):
+            return []
+        changes = self._jobs_changed
+        late = instances.overdue(self.factory, before)
+        self._next_due_read = None
+        if not late:
+            next_due = instances.next_trigger(self.factory)
+            if changes == self._jobs_changed:  # no sync meanwhile (a top-up's, in its thread)
+                self._next_due, self._next_due_read = next_due, time.monotonic()
+        return late
 
     def _recover(self) -> str | None:
         """Restart the scheduler and re-sync its jobs from the instances, once the database takes

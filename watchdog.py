@@ -25,6 +25,9 @@ INTERVAL = 1.0
 JUMP_TOLERANCE = 0.5
 #: A pending instance whose job should have started this long ago is late.
 LATE_AFTER = 1.0
+#: The earliest pending trigger is read again at least this often (seconds), even when nothing
+#: says it changed.
+NEXT_DUE_REFRESH = 60.0
 #: Not able to book for this long: the daemon exits non-zero, for its supervisor to restart it.
 GIVE_UP_AFTER = 60.0
 #: While it lasts, the error is logged again this often.

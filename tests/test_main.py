@@ -510,6 +510,29 @@ def test_a_trigger_the_scheduler_missed_is_overdue_at_the_second_look_then_run(
     wait_for(lambda: instances.status_rows(daemon.factory)[0]["status"] == "expired")
 
 
+def test_the_instances_are_asked_about_only_when_a_trigger_is_near_or_the_jobs_changed(
+    daemon: main.Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[datetime] = []
+    real_overdue = instances.overdue
+
+    def counting(factory: Any, before: datetime, **kw: Any) -> list[str]:
+        asked.append(before)
+        return real_overdue(factory, before, **kw)
+
+    monkeypatch.setattr(instances, "overdue", counting)
+    for _ in range(4):  # the only trigger is days ahead: read once, then nothing to ask
+        daemon.watch()
+    assert len(asked) == 1
+    daemon.safe_load("SIGHUP")  # jobs synced: the earliest trigger may have changed
+    daemon.watch()
+    daemon.watch()
+    assert len(asked) == 2
+    monkeypatch.setattr(watchdog, "NEXT_DUE_REFRESH", 0.0)  # and read again now and then anyway
+    daemon.watch()
+    assert len(asked) == 3
+
+
 def test_a_clock_jump_is_logged_and_wakes_the_scheduler(
     daemon: main.Daemon, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
