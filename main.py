@@ -305,6 +305,8 @@ class Daemon:
         self._next_due: datetime | None = None
         self._next_due_read: float | None = None
         self._jobs_changed = 0
+        #: What the last look did to recover, until the next look finds all working again.
+        self._restarted: str | None = None
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -603,20 +605,24 @@ class Daemon:
         """Once a second: notice a wall-clock jump (the scheduler is woken), and whether the
         scheduler can fire and its triggers are not overdue. When not, it is logged at once,
         `health` says so, and it is recovered (restarted and re-synced from the instances, so
-        overdue bookings go at once) as soon as the database takes writes again; after a minute
-        of failing, the daemon stops with EXIT_NOT_WORKING for its supervisor to restart it."""
+        overdue bookings go at once) as soon as the database takes writes again, which the next
+        look confirms; after a minute of failing, the daemon stops with EXIT_NOT_WORKING for its
+        supervisor to restart it."""
         jump = self.clock.check()
         if jump is not None:
             self._clock_jumped(jump)
-        if self.watchdog.problem is None:
+        if self.watchdog.problem is None or self._restarted is not None:
             problem = self._find_problem()
-            if problem is None or not self._report(problem):
+            if problem is None:
+                if self._restarted is not None:
+                    # Restarted at the last look, and working since: recovered.
+                    self.watchdog.recovered(self._restarted)
+                    self._restarted = None
+                    self.heartbeat()
                 return
-        how = self._recover()
-        if how is not None:
-            self.watchdog.recovered(how)
-            self.overdue.forget()
-            self.heartbeat()
+            if not self._report(problem):
+                return
+        self._restarted = self._recover()
 
     def _find_problem(self) -> str | None:
         """What keeps the daemon from booking now (None: nothing)."""
@@ -658,7 +664,9 @@ class Daemon:
 
     def _recover(self) -> str | None:
         """Restart the scheduler and re-sync its jobs from the instances, once the database takes
-        writes. Returns what was done, or None (the watchdog told why) while it cannot be."""
+        writes. Returns what was done, or None (the watchdog told why) while it cannot be.
+        Recovered is what the next look says: an overdue booking still not started is still a
+        problem (and the time toward giving up runs on)."""
         assert self.scheduler is not None
         with self._load_lock:
             try:

@@ -235,6 +235,7 @@ def test_a_disk_that_fills_before_a_burst_is_noticed_at_once_and_every_booking_m
             filler.unlink()
             freed = time.time()
             assert club.wait_for(lambda: len(club.received) >= 10, 15), daemon.output()
+            assert wait_until(lambda: "scheduler working again" in daemon.output(), 10)
             back = time.time()
             assert wait_until(lambda: health.between(back, time.time()), 15)
         assert wait_until(

@@ -463,7 +463,10 @@ def test_a_stopped_scheduler_is_an_error_at_the_next_look_and_is_restarted(
     assert daemon.scheduler is not None
     daemon.scheduler.shutdown(wait=True)
 
-    daemon.watch()
+    daemon.watch()  # noticed, restarted
+    assert daemon.scheduler.problem() is None
+    assert daemon.watchdog.health() is not None
+    daemon.watch()  # and working since: recovered
 
     (error, (level, text)) = watchdog_lines(caplog)
     assert error == (
@@ -499,6 +502,8 @@ def test_a_trigger_the_scheduler_missed_is_overdue_at_the_second_look_then_run(
     daemon.watch()
     assert watchdog_lines(caplog) == []
     daemon.watch()
+    wait_for(lambda: instances.status_rows(daemon.factory)[0]["status"] == "expired")
+    daemon.watch()
 
     (error, recovered) = watchdog_lines(caplog)
     assert error == (
@@ -507,7 +512,31 @@ def test_a_trigger_the_scheduler_missed_is_overdue_at_the_second_look_then_run(
         f"({key}); recovering (`health` reports it until then)",
     )
     assert "(jobs: 0 added, 1 moved, 0 removed); overdue bookings go now" in recovered[1]
-    wait_for(lambda: instances.status_rows(daemon.factory)[0]["status"] == "expired")
+
+
+def test_a_restart_that_does_not_get_the_overdue_booking_going_is_no_recovery(
+    daemon: main.Daemon, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovered is what the look after the restart sees: a booking still not started keeps the
+    daemon failing (and the time toward giving up running), however often it restarts."""
+    caplog.set_level(logging.INFO)
+    assert daemon.factory is not None
+    ran: list[str] = []
+    monkeypatch.setattr(daemon, "book", ran.append)  # its job runs; nothing books it
+    (key,) = [row["key"] for row in instances.status_rows(daemon.factory)]
+    with models.transaction(daemon.factory) as session:
+        row = session.scalars(select(Instance).where(Instance.key == key)).one()
+        row.trigger_time = datetime.now(UTC) - timedelta(minutes=1)
+
+    for _ in range(2):  # late, then overdue: restarted
+        daemon.watch()
+    wait_for(lambda: ran == [key])
+    daemon.watch()  # still pending: not recovered, restarted again
+
+    assert [level for level, _ in watchdog_lines(caplog)] == [logging.ERROR]
+    assert daemon.watchdog.problem is not None
+    assert daemon.watchdog.problem.startswith("1 booking(s) overdue")
+    wait_for(lambda: ran == [key, key])
 
 
 def test_the_instances_are_asked_about_only_when_a_trigger_is_near_or_the_jobs_changed(
