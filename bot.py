@@ -40,7 +40,16 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 import instances
 import utils
-from models import BOOKED, EXPIRED, FAILED, PENDING, Instance, SessionFactory
+from models import (
+    BOOKED,
+    EXPIRED,
+    FAILED,
+    PENDING,
+    DatabaseError,
+    Instance,
+    SessionFactory,
+    error_text,
+)
 from notify import Outcome
 from template import (
     Flow,
@@ -60,6 +69,9 @@ MAX_ATTEMPTS_PER_COURT = 3
 MAX_BODY_BYTES = 1024 * 1024
 #: Wake this long before the trigger and spin for the rest (sleep granularity is ~1 ms).
 SPIN_SECONDS = 0.003
+#: A wait for the trigger looks at the wall clock at least this often: a clock that jumps
+#: forward during the wait is noticed within this time, not at the end of the old wait.
+MAX_NAP_SECONDS = 0.5
 USER_AGENT = "courtbot/1.0"
 #: A step that follows redirects follows at most this many (a redirect loop fails the step).
 MAX_REDIRECTS = 10
@@ -69,6 +81,11 @@ MAX_PREPARE_WAIT_SECONDS = 30.0
 MAX_REF_CHARS = 200
 #: Secrets shorter than this are not masked (see ``remember_secret``).
 MIN_SECRET_CHARS = 3
+#: Ends the reason of a booking that failed because every court tried was taken.
+TAKEN_ADVICE = (
+    "every court tried was taken, so a retry would be too: book another court with the club, "
+    'and give the entry a list of courts to try in order (e.g. "court_id": ["3", "4"])'
+)
 
 
 class BookingError(Exception):
@@ -1008,6 +1025,8 @@ class BookingContext:
     #: How often an early answer is retried, and for how long after the trigger (section 6).
     early_retry_ms: float = 100.0
     early_retry_seconds: float = 20.0
+    #: When each booking under way sent its first booking request (``clock()``), for its outcome.
+    first_sent: dict[str, float] = field(default_factory=dict)
 
     def flow_for(self, club: str | None) -> Flow:
         """The flow an instance of ``club`` books with: its club file, or for None the template
@@ -1045,6 +1064,7 @@ def book_slot(key: str, ctx: BookingContext) -> str | None:
         _booking.secrets = None
         with ctx.in_flight_lock:
             ctx.in_flight.discard(key)
+            ctx.first_sent.pop(key, None)
 
 
 def _now(ctx: BookingContext) -> datetime:
@@ -1060,7 +1080,7 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     if row is None or row.status != PENDING:
         logger.debug("booking %s: nothing to do (%s)", key, row.status if row else "gone")
         return None
-    if not instances.claim(ctx.factory, key, now):
+    if not _claim(ctx, key, now):
         return None
     row, token_row = instances.claimed(ctx.factory, key)
     try:
@@ -1134,6 +1154,21 @@ def _secrets_problem(flow: Flow, secrets: Mapping[str, str], name: str) -> str |
     return None
 
 
+def _claim(ctx: BookingContext, key: str, now: datetime) -> bool:
+    """pending -> booking; False when another claimant has it, or when the database cannot be
+    written (a full disk): nothing was sent, it stays pending, and the daemon's watchdog has it
+    booked once writes work again."""
+    try:
+        return instances.claim(ctx.factory, key, now)
+    except DatabaseError as exc:
+        logger.error(
+            "booking %s: not started, the database cannot be written (%s); it stays pending",
+            key,
+            error_text(exc),
+        )
+        return False
+
+
 def _slot(row: Instance) -> Slot:
     """What the instance's requests are rendered from."""
     return Slot(
@@ -1169,7 +1204,7 @@ def _wait_until(ctx: BookingContext, target: float) -> bool:
         if remaining <= 0:
             return True
         if remaining > SPIN_SECONDS:
-            if ctx.stop.wait(remaining - SPIN_SECONDS):
+            if ctx.stop.wait(min(remaining - SPIN_SECONDS, MAX_NAP_SECONDS)):
                 return False
             continue
         while ctx.clock() < target:
@@ -1189,6 +1224,8 @@ class _Result:
     kind: str
     reason: str = ""
     ref: str | None = None
+    #: A taken court that may be taken by our own earlier attempt (its answer was lost).
+    ours: bool = False
 
 
 @dataclass
@@ -1223,6 +1260,8 @@ def _run_courts(
     not be open yet at the club, so the round is tried again as early answers are (at once,
     then every EARLY_RETRY_MS until EARLY_RETRY_SECONDS after the trigger)."""
     reasons = list(run.dropped.values())
+    # Every court taken (and none maybe by our own lost attempt): a retry would be taken too.
+    all_taken, maybe_ours = not reasons, False
     courts = run.courts
     rounds = 0
     while True:
@@ -1235,12 +1274,15 @@ def _run_courts(
                 missing[court] = result.reason
             elif result.kind in ("taken", "spent"):
                 reasons.append(result.reason)
+                all_taken = all_taken and result.kind == "taken"
+                maybe_ours = maybe_ours or result.ours
             elif result.kind == "stopped":
                 return _stopped(ctx, row)
             else:
                 return _finish(ctx, row.key, FAILED, result.reason, attempts=run.total)
         if not missing:
             break
+        all_taken = False
         wait = _round_wait(ctx, run, rounds)
         rounds += 1
         if wait is None:
@@ -1257,8 +1299,12 @@ def _run_courts(
         if wait > 0 and ctx.stop.wait(wait):
             return _stopped(ctx, row)
         courts = list(missing)
+    taken = bool(reasons) and all_taken
+    if taken and not maybe_ours:
+        # A retry would be taken too: the advice is another court, not another try.
+        reasons.append(TAKEN_ADVICE)
     reason = "; ".join(reasons) or "no court could be booked"
-    return _finish(ctx, row.key, FAILED, reason, attempts=run.total)
+    return _finish(ctx, row.key, FAILED, reason, attempts=run.total, retry_helps=not taken)
 
 
 def _round_wait(ctx: BookingContext, run: FlowRun, rounds: int) -> float | None:
@@ -1325,7 +1371,7 @@ def _send_step(
         if _now(ctx) + timedelta(seconds=wait) >= row.desired_time:
             return _Result("failed", f"{send.prefix}: {send.last}; the start came first")
         if kind == "retry" and step.booking:
-            instances.record_attempt(ctx.factory, row.key, run.total)
+            instances.record_attempt(ctx.factory, row.key, run.total, _first_sent(ctx, row.key))
         # An early answer is sent again at once, without even a look at the stop event.
         if (kind == "retry" or wait > 0) and ctx.stop.wait(wait):
             return _Result("stopped")
@@ -1363,6 +1409,8 @@ def _send_once(
     result when this answer settles the step."""
     step = send.step
     send.sent += 1
+    # When the booking's first request of the trigger left, for its outcome (lateness).
+    ctx.first_sent.setdefault(row.key, ctx.clock())
     if step.booking:
         # Counted in the database with the answer, not before the send: a commit here would
         # sit between the trigger and the request.
@@ -1392,7 +1440,7 @@ def _send_once(
     if verdict == "retry":
         send.tries += 1
         return "retry", utils.parse_retry_after(answer.header("Retry-After"), _now(ctx)), None
-    return verdict, None, _Result(*_refusal(run, row, send, verdict, answer))
+    return verdict, None, _refusal(run, row, send, verdict, answer)
 
 
 def _log_send(run: FlowRun, send: _Send, what: str) -> None:
@@ -1431,41 +1479,41 @@ def _settled(
     return "ok", None, _Result("ok")
 
 
-def _refusal(
-    run: FlowRun, row: Instance, send: _Send, verdict: str, answer: Answer
-) -> tuple[str, str]:
-    """(result kind, reason) for an answer that ends the step's sends without success."""
+def _refusal(run: FlowRun, row: Instance, send: _Send, verdict: str, answer: Answer) -> _Result:
+    """The result of an answer that ends the step's sends without success."""
     says, prefix = send.last, send.prefix
     if verdict == "taken":
         reason = f"{prefix}: taken ({says})"
-        if send.step.booking and (send.lost or row.interrupted):
+        ours = send.step.booking and (send.lost or row.interrupted)
+        if ours:
             reason += (
                 "; an earlier attempt on this court got no answer, so it may be taken by our "
                 "own earlier attempt: check your bookings at the club"
             )
-        return "taken", reason
-    if verdict == "auth":
-        if run.flow.single:
-            return "failed", (
-                f"the club rejected token {run.token_name!r} ({says}): put a valid token in "
-                "tokens.json, reload, then `python main.py retry` this booking"
-            )
-        return "failed", _credentials_reason(run, send.step, send.court, says)
-    if verdict == "unmatched":
+        return _Result("taken", reason, ours=ours)
+    if verdict == "auth" and run.flow.single:
+        reason = (
+            f"the club rejected token {run.token_name!r} ({says}): put a valid token in "
+            "tokens.json, reload, then `python main.py retry` this booking"
+        )
+    elif verdict == "auth":
+        reason = _credentials_reason(run, send.step, send.court, says)
+    elif verdict == "unmatched":
         matchers = ", ".join(kind for kind, _ in send.step.matchers) or "ok"
-        return "failed", (
+        reason = (
             f"{prefix}: the club answered {says}, which none of the step's answers ({matchers}) "
             "matches: the booking may or may not have been made; check with the club"
         )
-    if 300 <= answer.status < 400:
-        location = answer.header("Location") or ""
-        return "failed", (
-            f"the club answered with a redirect ({says}"
-            f"{' to ' + urlsplit(location).netloc if urlsplit(location).netloc else ''}); "
+    elif 300 <= answer.status < 400:
+        host = urlsplit(answer.header("Location") or "").netloc
+        reason = (
+            f"the club answered with a redirect ({says}{' to ' + host if host else ''}); "
             "redirects are never followed so the token stays with the configured host: check "
             "the booking URL"
         )
-    return "failed", f"the club refused the request ({says}): check the entry and the URL"
+    else:
+        reason = f"the club refused the request ({says}): check the entry and the URL"
+    return _Result("failed", reason)
 
 
 # --------------------------------------------------------------------------- after the booking
@@ -1510,6 +1558,12 @@ def _finish_step(ctx: BookingContext, run: FlowRun, step: Step, court: str | Non
     return None  # pragma: no cover (the loop always returns)
 
 
+def _first_sent(ctx: BookingContext, key: str) -> datetime | None:
+    """When the booking ``key``'s first request left (None: none has)."""
+    sent = ctx.first_sent.get(key)
+    return None if sent is None else datetime.fromtimestamp(sent, UTC)
+
+
 def _finish(
     ctx: BookingContext,
     key: str,
@@ -1519,6 +1573,7 @@ def _finish(
     booking_ref: str | None = None,
     court: str | None = None,
     attempts: int | None = None,
+    retry_helps: bool = True,
 ) -> str:
     outcome = instances.finish(
         ctx.factory,
@@ -1529,6 +1584,8 @@ def _finish(
         booking_ref=safe_ref(booking_ref),
         court=court,
         attempts=attempts,
+        first_sent_at=_first_sent(ctx, key),
+        retry_helps=retry_helps,
     )
     ctx.notify(outcome)
     if status == BOOKED and ctx.on_booked is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -48,6 +49,7 @@ ENTRY_KEYS = (
     "timezone",
     "duration_minutes",
     "enabled",
+    "skip",
     "club",
     "window",
 )
@@ -82,6 +84,8 @@ class Settings:
     log_file: Path | None
     template_path: Path | None
     env: Mapping[str, str] = field(repr=False, default_factory=dict)
+    #: HEARTBEAT_URL: the dead-man's switch the active daemon pings (None: off).
+    heartbeat_url: str | None = field(repr=False, default=None)
 
     @property
     def schedules_path(self) -> Path:
@@ -138,6 +142,12 @@ class Settings:
             raise SettingsError(
                 f"LOG_LEVEL: {level_value!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
             )
+        heartbeat_url = (env.get("HEARTBEAT_URL") or "").strip() or None
+        if heartbeat_url is not None and not utils.is_http_url(heartbeat_url):
+            raise SettingsError(
+                f"HEARTBEAT_URL: {utils.mask_url_secrets(heartbeat_url)!r} is not an http(s) "
+                "URL (e.g. https://hc-ping.com/<uuid>)"
+            )
         return cls(
             fernet_keys=env.get("FERNET_KEY") or None,
             api_url=env.get("BOOKING_API_URL") or None,
@@ -154,6 +164,7 @@ class Settings:
             log_file=None if log_file_value == "-" else Path(log_file_value),
             template_path=template_path,
             env=dict(env),
+            heartbeat_url=heartbeat_url,
         )
 
 
@@ -207,6 +218,8 @@ class Entry:
     #: The window that applies (CONTRACT section 3's precedence), and where it came from.
     window: utils.Window
     window_from: str
+    #: Local dates on which a recurring entry makes no instance (the ``skip`` key).
+    skip: frozenset[date] = frozenset()
     #: The recurring expansion made while validating, and the ``now`` it was made for: a load
     #: validates and plans with the same ``now``, so the rule is expanded once per load.
     expansion: tuple[datetime, tuple[tuple[datetime, datetime], ...]] | None = field(
@@ -238,7 +251,7 @@ class Entry:
             return [(self.desired_wall, self.desired_moment)]
         if self.expansion is not None and self.expansion[0] == now:
             return list(self.expansion[1][:limit])
-        return utils.expand_rule_walls(self.rule, self.zone, now, limit)
+        return utils.expand_rule_walls(self.rule, self.zone, now, limit, skip=self.skip)
 
     def starts(self, now: datetime, limit: int = utils.INSTANCES_PER_RULE) -> list[datetime]:
         """The aware starts of ``occurrences``."""
@@ -326,6 +339,8 @@ class TokensResult:
     missing: bool = False
     raw: bytes | None = None
     written: bytes | None = None  # what the daemon wrote back (tokens encrypted in place)
+    #: A name given twice: the file is not rewritten (that would keep one value silently).
+    repeated: bool = False
 
 
 @dataclass
@@ -370,6 +385,29 @@ def _read_bytes(path: Path) -> bytes | None:
     return data
 
 
+class _JSONObject(dict[str, Any]):
+    """A JSON object as parsed, remembering the keys it gave more than once: JSON itself keeps
+    the last value silently, and a key written twice is usually an edit gone wrong."""
+
+    repeated: dict[str, int]
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> _JSONObject:
+    obj = _JSONObject(pairs)
+    obj.repeated = {}
+    if len(obj) != len(pairs):
+        counts: dict[str, int] = {}
+        for key, _value in pairs:
+            counts[key] = counts.get(key, 0) + 1
+        obj.repeated = {key: n for key, n in counts.items() if n > 1}
+    return obj
+
+
+def repeated_keys(value: Any) -> dict[str, int]:
+    """The keys a parsed JSON object gave more than once, with how many times ({} if none)."""
+    return dict(getattr(value, "repeated", {}))
+
+
 def _decode_json(data: bytes, name: str) -> tuple[Any, str | None]:
     if len(data) > MAX_CONFIG_BYTES:
         return None, (
@@ -384,7 +422,7 @@ def _decode_json(data: bytes, name: str) -> tuple[Any, str | None]:
             "nothing loaded from it, the last good state stays"
         )
     try:
-        return json.loads(text), None
+        return json.loads(text, object_pairs_hook=_object_pairs), None
     except json.JSONDecodeError as exc:
         return None, (
             f"{name}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); "
@@ -449,6 +487,7 @@ def read_config(
         now=now,
         sources=RequestSources.from_settings(settings, template),
     )
+    tokens.warnings.extend(token_expiry_warnings(schedules.entries, tokens, fernet, now=now))
     return Config(
         schedules=schedules,
         tokens=tokens,
@@ -456,6 +495,46 @@ def read_config(
         template=template,
         template_error=template_error,
     )
+
+
+def token_expiry_warnings(
+    entries: Iterable[Entry],
+    tokens: TokensResult,
+    fernet: MultiFernet,
+    *,
+    now: datetime,
+) -> list[str]:
+    """One warning per token that is (or, for an object token, holds) a JWT expiring before the
+    trigger of an instance of an entry that uses it (at its trigger the club would reject it).
+    The token is decrypted only to read its expiry, and never appears in a warning."""
+    expiries: dict[str, datetime] = {}
+    for name, value in tokens.tokens.items():
+        secrets = utils.decrypt_secrets(fernet, value.encrypted) if value.encrypted else None
+        expires = utils.secrets_expiry(secrets) if secrets is not None else None
+        if expires is not None:
+            expiries[name] = expires
+    if not expiries:
+        return []  # no JWT: nothing to plan
+    by_token: dict[str, list[tuple[datetime, str]]] = {}
+    for entry in entries:
+        if entry.enabled and entry.token in expiries:
+            for planned in entry.plan(now):
+                by_token.setdefault(entry.token, []).append((planned.trigger, planned.key))
+    warnings = []
+    for name in sorted(by_token):
+        expires = expiries[name]
+        affected = sorted(pair for pair in by_token[name] if pair[0] >= expires)
+        if not affected:
+            continue
+        trigger, key = affected[0]
+        state = "expired" if expires <= now else "expires"
+        warnings.append(
+            f"{TOKENS_FILE} token {name!r}: a JWT that {state} {utils.format_utc(expires)}, "
+            f"before the trigger of {len(affected)} booking(s), the first {key} (window opens "
+            f"{utils.format_utc(trigger)}): the club would reject it then; put a fresh token "
+            "in tokens.json before that"
+        )
+    return warnings
 
 
 def read_tokens(path: Path, fernet: MultiFernet) -> TokensResult:
@@ -480,8 +559,20 @@ def read_tokens(path: Path, fernet: MultiFernet) -> TokensResult:
             "nothing loaded from it, the last good state stays"
         )
         return result
+    repeated = repeated_keys(parsed)
     for token_name, value in parsed.items():
         where = f"{name} token {token_name!r}"
+        if token_name in repeated:
+            # Which of the values is meant cannot be told: none is used (the value stays out of
+            # the message: it may be the token itself).
+            reason = (
+                f"{where}: {_times(repeated[token_name])} in the file; keep one (JSON would "
+                "silently use the last); the file is not rewritten until then"
+            )
+            result.errors.append(reason)
+            result.tokens[token_name] = TokenValue(token_name, None, reason, False)
+            result.repeated = True
+            continue
         if not token_name or len(token_name) > 128:
             result.errors.append(f"{where}: a token name must be 1 to 128 characters")
             continue
@@ -701,7 +792,59 @@ def read_schedules(
     result.clubs, result.club_errors = dict(sources.clubs), dict(sources.club_errors)
     # An id both rejected (a duplicate) and valid stays valid for the earlier entry.
     result.rejected_ids -= {e.id for e in result.entries}
+    result.warnings.extend(overlap_warnings(result.entries, now, name))
     return result
+
+
+def _club_of(entry: Entry) -> str | None:
+    """Which club an entry books at, for overlaps: its club file (None: BOOKING_REQUEST_TEMPLATE
+    or BOOKING_API_URL, the same for every entry that names no club)."""
+    return entry.club
+
+
+def overlap_warnings(entries: Iterable[Entry], now: datetime, file_name: str) -> list[str]:
+    """One warning per pair of enabled entries that would book overlapping times (``[start,
+    end)``) at the same club among their next instances: two courts paid for one game, unless
+    that is meant. Names the first overlap and how many more there are."""
+    slots: list[tuple[datetime, datetime, int, Entry]] = []
+    for entry in entries:
+        if entry.enabled:
+            length = timedelta(minutes=entry.duration_minutes)
+            for start in entry.starts(now):
+                if start > now:
+                    slots.append((start, start + length, entry.position, entry))
+    slots.sort(key=lambda slot: (slot[0], slot[2]))
+    found: dict[tuple[int, int], list[tuple[datetime, datetime, datetime, datetime]]] = {}
+    active: list[tuple[datetime, datetime, int, Entry]] = []
+    for slot in slots:
+        start, end, position, entry = slot
+        active = [other for other in active if other[1] > start]
+        for other_start, other_end, other_position, other in active:
+            if other_position != position and _club_of(other) == _club_of(entry):
+                pair = (min(position, other_position), max(position, other_position))
+                first = (other_start, other_end) if other_position < position else (start, end)
+                second = (start, end) if other_position < position else (other_start, other_end)
+                found.setdefault(pair, []).append((*first, *second))
+        active.append(slot)
+    by_position = {entry.position: entry for entry in entries}
+    warnings = []
+    for (a, b), overlaps in sorted(found.items()):
+        one, two = by_position[a], by_position[b]
+        a_start, a_end, b_start, b_end = overlaps[0]
+        more = f" (and {len(overlaps) - 1} more time(s))" if len(overlaps) > 1 else ""
+        warnings.append(
+            f"{file_name}: entries {one.label} and {two.label} would book overlapping times: "
+            f"{_span(a_start, a_end, one.zone)} and {_span(b_start, b_end, two.zone)}{more}; "
+            "that is two courts booked and paid for: if one is enough, keep one entry (a list "
+            "in court_id tries several courts in order)"
+        )
+    return warnings
+
+
+def _span(start: datetime, end: datetime, zone: ZoneInfo) -> str:
+    """``Fri 2026-12-04 12:00-13:00 GMT``: a booking's time, local."""
+    local_start, local_end = start.astimezone(zone), end.astimezone(zone)
+    return f"{local_start:%a %Y-%m-%d %H:%M}-{local_end:%H:%M %Z}"
 
 
 def _where(file_name: str, entry_id: str | None, position: int) -> str:
@@ -735,6 +878,7 @@ class _EntryCheck:
     token: Any = None
     duration: Any = None
     enabled: Any = None
+    skip: frozenset[date] = frozenset()
     club: str | None = None
     window: utils.Window | None = None
     window_from: str = "BOOKING_WINDOW"
@@ -748,12 +892,31 @@ def _id_ok(value: Any) -> bool:
     return isinstance(value, str) and utils.SCHEDULE_ID_RE.fullmatch(value) is not None
 
 
+def _times(count: int) -> str:
+    return "given twice" if count == 2 else f"given {count} times"
+
+
+def _check_repeated_keys(c: _EntryCheck) -> None:
+    for key, count in repeated_keys(c.raw).items():
+        shown = key if key.isidentifier() else repr(key)
+        c.bad(
+            shown,
+            f"{_times(count)} in this entry; keep one (JSON would silently use the last, "
+            f"{c.raw[key]!r})",
+        )
+        c.bad_keys.add(key)
+
+
 def _check_unknown_keys(c: _EntryCheck) -> None:
     for key in c.raw:
         if key not in ENTRY_KEYS:
             # Quoted unless a plain name, so that "", " id" or a newline read as what they are.
             shown = key if key.isidentifier() else repr(key)
-            c.bad(shown, f"unknown key; expected one of {', '.join(ENTRY_KEYS)}")
+            close = difflib.get_close_matches(key.strip().lower(), ENTRY_KEYS, n=1, cutoff=0.7)
+            if close:
+                c.bad(shown, f"unknown key; did you mean {close[0]!r}?")
+            else:
+                c.bad(shown, f"unknown key; expected one of {', '.join(ENTRY_KEYS)}")
 
 
 def _check_id(c: _EntryCheck) -> None:
@@ -888,6 +1051,30 @@ def _check_enabled(c: _EntryCheck) -> None:
         c.bad("enabled", f"{c.enabled!r} is not true or false")
 
 
+_SKIP_EXAMPLE = '["2026-12-24", "2026-12-31"]'
+
+
+def _check_skip(c: _EntryCheck) -> None:
+    if "skip" not in c.raw:
+        return
+    value = c.raw["skip"]
+    if c.entry_type == ONE_OFF:
+        c.bad("skip", 'a one-off has no dates to skip; remove "skip" (or set "enabled": false)')
+    elif not isinstance(value, list):
+        c.bad("skip", f"{value!r} is not a list of dates; expected e.g. {_SKIP_EXAMPLE}")
+    else:
+        dates: set[date] = set()
+        for item in value:
+            try:
+                if not isinstance(item, str) or len(item) != 10:
+                    raise ValueError
+                dates.add(date.fromisoformat(item))
+            except ValueError:
+                c.bad("skip", f"{item!r} is not a date 'YYYY-MM-DD'; expected e.g. {_SKIP_EXAMPLE}")
+                return
+        c.skip = frozenset(dates)
+
+
 def _check_club(c: _EntryCheck) -> None:
     if "club" not in c.raw:
         if c.sources.clubs_only:
@@ -945,6 +1132,7 @@ _ENTRY_CHECKERS: tuple[tuple[str, Callable[[_EntryCheck], None]], ...] = (
     ("token", _check_token),
     ("duration_minutes", _check_duration),
     ("enabled", _check_enabled),
+    ("skip", _check_skip),
     ("club", _check_club),
     ("window", _check_window),
 )
@@ -964,10 +1152,13 @@ def _validate_entry(
     if not isinstance(raw, dict):
         where = _where(file_name, None, position)
         return None, [f"{where}: expected an object, got {_json_type(raw)}"], [], None
-    shown_id = raw.get("id") if _id_ok(raw.get("id")) else None
+    # An id given twice is no id: which entry this is cannot be told.
+    id_ok = _id_ok(raw.get("id")) and "id" not in repeated_keys(raw)
+    shown_id = raw.get("id") if id_ok else None
     check = _EntryCheck(
         raw, _where(file_name, shown_id, position), default_zone, token_names, now, sources
     )
+    _check_repeated_keys(check)
     _check_unknown_keys(check)
     for _key, checker in _ENTRY_CHECKERS:
         checker(check)
@@ -1027,6 +1218,7 @@ def _build_entry(
         raw_rrule=c.rule_text if c.entry_type == RECURRING else None,
         rule=c.rule,
         fingerprint=fingerprint,
+        skip=c.skip,
         club=c.club,
         window=c.window,
         window_from=c.window_from,
@@ -1228,9 +1420,12 @@ def rewrite_tokens_file(path: Path, result: TokensResult) -> bool:
     """Replace plaintext (and old-key) values in tokens.json with their encrypted form,
     atomically and with mode 0600. Returns False (after a warning, or an error when plaintext
     stays on disk) when the file cannot be written, changed under us, or is a symbolic or hard
-    link; the tokens are then kept encrypted in the database only."""
+    link; the tokens are then kept encrypted in the database only. A file that gives a name
+    twice is left as it is (rewriting it would keep one value silently)."""
     if result.raw is None or not any(t.rewrite for t in result.tokens.values()):
         return True
+    if result.repeated:
+        return False
     try:
         current = json.loads(result.raw.decode("utf-8-sig"))
         plain = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import getpass
 import json
@@ -21,18 +22,23 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet, MultiFernet
 
 import bot
 import config_loader
+import heartbeat
 import instances
+import leader
 import models
+import report
 import scheduler
 import utils
+import watchdog
 from config_loader import Config, Entry, Settings, SettingsError
 from notify import (
     Notifier,
@@ -52,17 +58,83 @@ EXIT_CANNOT_START = 2
 #: The daemon stopped itself because its SQLite file was deleted or replaced under it: non-zero,
 #: so that a supervisor restarts it (on the database written back at exit).
 EXIT_DATABASE_LOST = 1
+#: The daemon could not book for a minute and did not recover: its supervisor restarts it.
+EXIT_NOT_WORKING = 3
 HEARTBEAT_SECONDS = 15.0
 HEARTBEAT_STALE_SECONDS = 4 * HEARTBEAT_SECONDS
 LOG_FILE_BYTES = 5 * 1024 * 1024
 LOG_FILE_BACKUPS = 3
 CHECK_INSTANCES = 5
+#: A token that expires before a pending booking's trigger is reported (once, by email and
+#: channels) when that trigger is this close.
+TOKEN_NOTICE_AHEAD = timedelta(days=3)
 #: What the daemon's loop handles: reload, stop, stop.
 DAEMON_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
 
 class StartError(Exception):
     """The daemon cannot start; the message names the cause and the fix (exit 2)."""
+
+
+# --------------------------------------------------------------------------- start-up checks
+
+
+def cannot_write(setting: str, path: Path, exc: OSError, *, instead: str) -> StartError:
+    """The one line for a place the daemon must write and cannot: which, why, and the fix."""
+    reason = exc.strerror or exc.__class__.__name__
+    if exc.errno == errno.EROFS:
+        fix = "mount it read-write"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on its disk"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = f"let user {os.getuid()} write to it (chown or chmod)"
+    else:
+        fix = "check it"
+    return StartError(
+        f"{setting} {path} cannot be written ({reason}): {fix}, or set {setting} to {instead}"
+    )
+
+
+def check_data_dir(settings: Settings) -> None:
+    """DATA_DIR must take a write: a read-only, full or foreign directory is found here, first,
+    and named in one line (a block is written and synced, so a full disk says so now)."""
+    directory = settings.data_dir
+    probe = directory / f".courtbot-write-test.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"courtbot start-up check\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise cannot_write("DATA_DIR", directory, exc, instead="a writable directory") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def database_problem(settings: Settings, exc: BaseException, *, doing: str) -> str:
+    """The one line for a database that cannot be opened or written at start: the driver's
+    words, the database (password masked) and the fix."""
+    if isinstance(exc, OSError):
+        text = exc.strerror or exc.__class__.__name__
+    else:
+        text = models.error_text(exc)
+    db = models.sqlite_path(settings.database_url)
+    low = text.lower()
+    if db is None:
+        fix = "check DATABASE_URL and that the database server accepts connections"
+    elif "full" in low or "no space" in low:
+        fix = f"free space on the disk that holds {db.parent}"
+    elif "not a database" in low:
+        fix = f"{db} is not a SQLite database: check DATABASE_URL"
+    elif "read-only" in low or "readonly" in low or "permission" in low:
+        fix = f"make {db.parent} writable (or set DATABASE_URL elsewhere)"
+    else:
+        fix = f"check DATABASE_URL and that {db.parent} exists and is writable"
+    return f"cannot {doing} the database {models.display_url(settings.database_url)}: {text}; {fix}"
 
 
 # --------------------------------------------------------------------------- logging
@@ -82,6 +154,35 @@ class _UTCFormatter(logging.Formatter):
         return escape_controls(super().format(record))
 
 
+class LogFileHandler(logging.handlers.RotatingFileHandler):
+    """The log file. A write that fails (a full or read-only disk) is said once, on the console,
+    which keeps every line meanwhile; not a traceback on stderr for each line."""
+
+    failing = False
+    _failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed = False
+        super().emit(record)
+        if self.failing and not self._failed:
+            self.failing = False
+            logger.warning("the log file %s is written again", self.baseFilename)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed = True
+        if self.failing:
+            return
+        self.failing = True
+        exc = sys.exc_info()[1]
+        reason = getattr(exc, "strerror", None) or exc.__class__.__name__
+        # Logged from inside the handler: the console takes it; this handler, failing, skips it.
+        logger.error(
+            "cannot write the log file %s (%s); the console still gets every line",
+            self.baseFilename,
+            reason,
+        )
+
+
 def setup_logging(settings: Settings | None, *, level: str = "INFO") -> None:
     """Console always; the file too when LOG_FILE is not ``-``; UTC ISO timestamps."""
     root = logging.getLogger()
@@ -97,7 +198,7 @@ def setup_logging(settings: Settings | None, *, level: str = "INFO") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        file_handler = logging.handlers.RotatingFileHandler(
+        file_handler = LogFileHandler(
             path, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"
         )
         file_handler.setFormatter(formatter)
@@ -162,12 +263,28 @@ def daemon_running(settings: Settings) -> int | None:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically with mode 0600."""
+    """Write ``text`` to ``path`` atomically with mode 0600 (no temporary file is left behind
+    when that fails, e.g. on a full disk)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def overwrite_in_place(path: Path, text: str) -> None:
+    """Overwrite an existing file from its start, in place: needs no new block on a full disk
+    while ``text`` is no longer than the file."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, text.encode(), 0)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the daemon
@@ -200,13 +317,35 @@ class Daemon:
         self.guard: models.SqliteGuard | None = None
         self.database_lost: str | None = None
         self.exit_code = EXIT_OK
+        self.pinger: heartbeat.Pinger | None = None
+        self._last_beat: float | None = None  # time.monotonic() of the last heartbeat written
+        # CONTRACT section 9, never silently: looked at every second by the loop (``watch``).
+        self.clock = watchdog.ClockWatch()
+        self.watchdog = watchdog.Watchdog()
+        self.overdue = watchdog.Overdue()
+        # The earliest pending trigger as last read (see _late), and when (monotonic; None: to
+        # be read again, as after every change to the jobs): the instances are asked about only
+        # when a trigger is near or passed, not every second of a quiet week.
+        self._next_due: datetime | None = None
+        self._next_due_read: float | None = None
+        self._jobs_changed = 0
+        #: What the last look did to recover, until the next look finds all working again.
+        self._restarted: str | None = None
 
     # -- start-up -----------------------------------------------------------------------
 
     def acquire_locks(self) -> None:
         for path in lock_paths(self.settings):
             lock = DirLock(path)
-            if not lock.acquire():
+            try:
+                acquired = lock.acquire()
+            except OSError as exc:
+                self.release_locks()
+                setting = "DATA_DIR" if path == self.settings.lock_path else "DATABASE_URL"
+                raise cannot_write(
+                    setting, path, exc, instead="a writable place (the lock file goes beside it)"
+                ) from None
+            if not acquired:
                 self.release_locks()
                 raise StartError(
                     f"another courtbot daemon already holds {path.parent} ({path.name}); stop it "
@@ -237,10 +376,7 @@ class Daemon:
         try:
             self.engine = models.make_engine(settings.database_url)
         except Exception as exc:  # noqa: BLE001 (any driver error: one line, exit 2)
-            raise StartError(
-                f"cannot open the database {settings.database_url!r}: {exc.__class__.__name__}: "
-                f"{exc}; check DATABASE_URL and that {settings.data_dir} is writable"
-            ) from None
+            raise StartError(database_problem(settings, exc, doing="open")) from None
         self.factory = models.session_factory(self.engine)
         db_path = models.sqlite_path(settings.database_url)
         if db_path is not None:
@@ -251,7 +387,10 @@ class Daemon:
             logger.error("notifications: %s; email and channels are off until it is fixed", exc)
             notify_settings = NotifySettings.from_env({})
         # The notifier logs (masked) and skips each invalid NOTIFY_URLS channel itself.
-        self.notifier = Notifier(notify_settings)
+        self.notifier = Notifier(
+            notify_settings,
+            location=club_location(settings, self.template.flow if self.template else None),
+        )
         self.notifier.start()
         self.ctx = bot.BookingContext(
             factory=self.factory,
@@ -283,6 +422,8 @@ class Daemon:
         missed = instances.expire_missed(self.factory, now)
         if missed:
             self.notifier.notify_missed([instances.outcome_of(row) for row in missed])
+        # What is still pending with its trigger passed is booked at once, late: say why.
+        instances.note_late_triggers(self.factory, now)
         self.load(reason="start")
         self.scheduler.start()
         write_private(settings.pid_path, f"{os.getpid()}\n")
@@ -290,6 +431,10 @@ class Daemon:
         self._running = True
         self.heartbeat()
         self.log_summary()
+        self.safe_warn_expiring_tokens()
+        if settings.heartbeat_url is not None:
+            self.pinger = heartbeat.Pinger(settings.heartbeat_url, healthy=self.is_healthy)
+            self.pinger.start()
 
     def log_summary(self) -> None:
         assert self.factory is not None and self.scheduler is not None
@@ -410,6 +555,9 @@ class Daemon:
 
     def _sync(self) -> scheduler.SyncReport:
         assert self.factory is not None and self.scheduler is not None and self.ctx is not None
+        # The watchdog reads the earliest trigger again.
+        self._jobs_changed += 1
+        self._next_due_read = None
         with self.ctx.in_flight_lock:
             busy = frozenset(self.ctx.in_flight)
         pending = instances.pending_triggers(self.factory)
@@ -468,8 +616,55 @@ class Daemon:
     # -- the loop -----------------------------------------------------------------------
 
     def heartbeat(self) -> None:
-        with contextlib.suppress(OSError):
-            write_private(self.settings.heartbeat_path, f"{time.time():.0f}\n")
+        """The beat `health` reads, with the watchdog's state. On a full disk the file is
+        rewritten in place (always the same length: no new block needed)."""
+        text = watchdog.heartbeat_text(time.time(), self.watchdog.health())
+        try:
+            write_private(self.settings.heartbeat_path, text)
+        except OSError:
+            with contextlib.suppress(OSError):
+                overwrite_in_place(self.settings.heartbeat_path, text)
+        self._last_beat = time.monotonic()
+
+    def is_healthy(self) -> bool:
+        """True while this daemon runs, is not stopping, and its loop wrote a heartbeat lately:
+        what the dead-man's switch (HEARTBEAT_URL) vouches for with each ping."""
+        beat = self._last_beat
+        return (
+            self._running
+            and not self.stop.is_set()
+            and beat is not None
+            and time.monotonic() - beat < HEARTBEAT_STALE_SECONDS
+            and self.watchdog.health() is None
+        )
+
+    # -- tokens that expire before a booking ----------------------------------------------
+
+    def warn_expiring_tokens(self, now: datetime) -> list[str]:
+        """Report, once per token and expiry, a JWT that expires before the trigger of a pending
+        booking, when that trigger is within TOKEN_NOTICE_AHEAD (an email and a channel
+        message, days before it would fail with a 401). Returns the tokens reported now."""
+        assert self.factory is not None and self.notifier is not None
+        reported = []
+        for name, expires in sorted(instances.token_expiries(self.factory, self.fernet).items()):
+            count, first = instances.pending_from(self.factory, name, expires)
+            if first is None or first.trigger_time - now > TOKEN_NOTICE_AHEAD:
+                continue
+            if not instances.remember_notice(
+                self.factory, f"token-expiry:{name}:{expires.timestamp():.0f}", now
+            ):
+                continue
+            self.notifier.notify_warning(
+                f"token {name!r}", *_token_expiry_message(name, expires, count, first, now)
+            )
+            reported.append(name)
+        return reported
+
+    def safe_warn_expiring_tokens(self) -> None:
+        try:
+            self.warn_expiring_tokens(datetime.now(UTC))
+        except Exception:
+            logger.exception("could not check the tokens' expiry")
 
     def database_present(self) -> bool:
         """False (after one error line) once the SQLite file was deleted or replaced under the
@@ -494,8 +689,9 @@ class Daemon:
         assert self._signals_r is not None
         next_check = time.monotonic() + self.settings.reload_interval
         next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        next_watch = time.monotonic() + watchdog.INTERVAL
         while not self.stop.is_set():
-            timeout = max(0.0, min(next_check, next_beat) - time.monotonic())
+            timeout = max(0.0, min(next_check, next_beat, next_watch) - time.monotonic())
             ready, _, _ = select.select([self._signals_r], [], [], timeout)
             if not self.database_present():
                 break
@@ -511,14 +707,133 @@ class Daemon:
                 logger.info("SIGHUP received: reloading")
                 self.safe_load("SIGHUP")
             now = time.monotonic()
+            if now >= next_watch:
+                next_watch = now + watchdog.INTERVAL
+                self.watch()
             if now >= next_check:
                 next_check = now + self.settings.reload_interval
                 if self.config_changed():
                     logger.info("config files changed: reloading")
                     self.safe_load("file change")
+                self.safe_warn_expiring_tokens()
             if now >= next_beat:
                 next_beat = now + HEARTBEAT_SECONDS
                 self.heartbeat()
+
+    # -- the watchdog (CONTRACT section 9: never silently) -------------------------------
+
+    def watch(self) -> None:
+        """Once a second: notice a wall-clock jump (the scheduler is woken), and whether the
+        scheduler can fire and its triggers are not overdue. When not, it is logged at once,
+        `health` says so, and it is recovered (restarted and re-synced from the instances, so
+        overdue bookings go at once) as soon as the database takes writes again, which the next
+        look confirms; after a minute of failing, the daemon stops with EXIT_NOT_WORKING for its
+        supervisor to restart it."""
+        jump = self.clock.check()
+        if jump is not None:
+            self._clock_jumped(jump)
+        if self.watchdog.problem is None or self._restarted is not None:
+            problem = self._find_problem()
+            if problem is None:
+                if self._restarted is not None:
+                    # Restarted at the last look, and working since: recovered.
+                    self.watchdog.recovered(self._restarted)
+                    self._restarted = None
+                    self.heartbeat()
+                return
+            if not self._report(problem):
+                return
+        self._restarted = self._recover()
+
+    def _find_problem(self) -> str | None:
+        """What keeps the daemon from booking now (None: nothing)."""
+        assert self.scheduler is not None and self.factory is not None and self.ctx is not None
+        problem = self.scheduler.problem()
+        if problem is not None:
+            return problem
+        try:
+            late = self._late()
+        except models.DatabaseError as exc:
+            return f"the database cannot be read ({models.error_text(exc)})"
+        with self.ctx.in_flight_lock:
+            busy = set(self.ctx.in_flight)
+        overdue = self.overdue.check(key for key in late if key not in busy)
+        return watchdog.describe_overdue(overdue) if overdue else None
+
+    def _late(self) -> list[str]:
+        """The pending instances whose job should have started LATE_AFTER ago (a job starts LEAD
+        before its trigger). The instances are asked only once the earliest pending trigger, as
+        last read, is that close; it is read again after each change to the jobs, and at least
+        every NEXT_DUE_REFRESH seconds whatever happens."""
+        assert self.factory is not None
+        before = datetime.now(UTC) + scheduler.LEAD - timedelta(seconds=watchdog.LATE_AFTER)
+        read = self._next_due_read
+        if (
+            read is not None
+            and time.monotonic() - read < watchdog.NEXT_DUE_REFRESH
+            and (self._next_due is None or self._next_due >= before)
+        ):
+            return []
+        changes = self._jobs_changed
+        late = instances.overdue(self.factory, before)
+        self._next_due_read = None
+        if not late:
+            next_due = instances.next_trigger(self.factory)
+            if changes == self._jobs_changed:  # no sync meanwhile (a top-up's, in its thread)
+                self._next_due, self._next_due_read = next_due, time.monotonic()
+        return late
+
+    def _recover(self) -> str | None:
+        """Restart the scheduler and re-sync its jobs from the instances, once the database takes
+        writes. Returns what was done, or None (the watchdog told why) while it cannot be.
+        Recovered is what the next look says: an overdue booking still not started is still a
+        problem (and the time toward giving up runs on)."""
+        assert self.scheduler is not None
+        with self._load_lock:
+            try:
+                self.scheduler.probe_write()
+            except Exception as exc:  # noqa: BLE001 (whatever the driver says, try again)
+                self._report(f"the database cannot be written ({models.error_text(exc)})")
+                return None
+            try:
+                self.scheduler.restart()
+                report = self._sync()
+                self.scheduler.start()
+            except Exception as exc:  # noqa: BLE001 (as above)
+                self._report(f"the scheduler cannot restart ({models.error_text(exc)})")
+                return None
+        return (
+            f"restarted and re-synced from the instances (jobs: {report.added} added, "
+            f"{report.moved} moved, {report.removed} removed); overdue bookings go now"
+        )
+
+    def _report(self, problem: str) -> bool:
+        """Tell the watchdog what is wrong (it logs) and `health` (the heartbeat, at once).
+        False when it is time to give up: the loop then stops, with EXIT_NOT_WORKING."""
+        going_on = self.watchdog.report(problem)
+        if not going_on:
+            self.exit_code = EXIT_NOT_WORKING
+            self.stop.set()
+        self.heartbeat()
+        return going_on
+
+    def _clock_jumped(self, jump: float) -> None:
+        """APScheduler sleeps on a wait computed from the wall clock: wake it to look again."""
+        if jump > 0:
+            logger.warning(
+                "the wall clock jumped forward by %.1f s (an NTP step, a resumed VM?): scheduler "
+                "woken; triggers it passed are booked now",
+                jump,
+            )
+        else:
+            logger.warning(
+                "the wall clock jumped backward by %.1f s: scheduler woken; no request leaves "
+                "before its trigger by the clock",
+                -jump,
+            )
+        assert self.scheduler is not None
+        self.scheduler.wakeup()
+        self.overdue.forget()
 
     def safe_load(self, reason: str) -> None:
         try:
@@ -533,8 +848,13 @@ class Daemon:
             # From now on `health` says 1, whatever the last heartbeat said.
             with contextlib.suppress(FileNotFoundError):
                 self.settings.heartbeat_path.unlink()
+        if self.pinger is not None:
+            self.pinger.close()
         if self.scheduler is not None:
-            self.scheduler.shutdown(wait=True)
+            # Giving up: a scheduler thread stuck in the database must not keep the process up.
+            bound = None if self.exit_code == EXIT_OK else self.settings.http_timeout + 5.0
+            if not self.scheduler.shutdown(wait=True, timeout=bound):
+                logger.error("the scheduler did not stop in %.0f s; exiting anyway", bound)
         scheduler.set_runtime(None)
         if self.ctx is not None:
             self.ctx.client.close()
@@ -578,6 +898,44 @@ class Daemon:
         with contextlib.suppress(OSError, ValueError):
             if int(self.settings.pid_path.read_text().strip()) == os.getpid():
                 self.settings.pid_path.unlink()
+
+
+def club_location(settings: Settings, template: Flow | None) -> str | None:
+    """Where the courts are, for calendar entries: the booking URL's host (the template's
+    booking step's, else BOOKING_API_URL's), without user, password or port."""
+    url = (
+        template.booking_step.url.source()
+        if template is not None and template.has_url
+        else settings.api_url
+    )
+    try:
+        return urlsplit(url).hostname if url else None
+    except ValueError:
+        return None
+
+
+def _token_expiry_message(
+    name: str, expires: datetime, count: int, first: models.Instance, now: datetime
+) -> tuple[str, str]:
+    """The subject and body of the one report about a token that expires before a booking."""
+    zone = utils.get_zone(first.timezone)
+    state = "expired" if expires <= now else "expires"
+    subject = f"Token {name!r} {state} {utils.format_utc(expires)}, before {count} booking(s)"
+    body = "\n".join(
+        [
+            f"Token {name!r} in tokens.json is a JWT that {state} {utils.format_utc(expires)} "
+            f"({utils.format_ahead(expires, now)}).",
+            f"{count} pending booking(s) have their window open after that: at its trigger the "
+            "club would reject the token (401). The first:",
+            "",
+            f"    {first.key}: window opens {utils.format_local(first.trigger_time, zone)} "
+            f"({utils.format_ahead(first.trigger_time, now)})",
+            "",
+            "What to do: put a fresh token in tokens.json (python main.py encrypt-token encrypts "
+            "it), then python main.py reload.",
+        ]
+    )
+    return subject, body
 
 
 def _record_signal(signum: int, frame: Any) -> None:
@@ -625,6 +983,18 @@ def require_api_url(settings: Settings, fernet: MultiFernet) -> None:
         raise StartError(f"{message}, or name a club file in {', '.join(needing)}")
 
 
+def start_failure(settings: Settings, exc: Exception) -> str:
+    """Why the daemon could not start, in one line: a StartError says it already; a file or the
+    database that could not be written at start (a disk that filled up, went read-only) too."""
+    if isinstance(exc, StartError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return str(
+            cannot_write("DATA_DIR", Path(exc.filename), exc, instead="a writable directory")
+        )
+    return database_problem(settings, exc, doing="write")
+
+
 def cmd_run(env: dict[str, str]) -> int:
     try:
         settings = load_settings(env)
@@ -632,7 +1002,17 @@ def cmd_run(env: dict[str, str]) -> int:
         template = load_template(settings)
         if settings.api_url is None and (template is None or not template.flow.has_url):
             require_api_url(settings, fernet)
-        setup_logging(settings)
+        check_data_dir(settings)
+        try:
+            setup_logging(settings)
+        except OSError as exc:
+            assert settings.log_file is not None
+            raise cannot_write(
+                "LOG_FILE",
+                settings.log_file,
+                exc,
+                instead="a writable file, or to - (console only)",
+            ) from None
     except StartError as exc:
         print(f"courtbot: cannot start: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
@@ -645,8 +1025,8 @@ def cmd_run(env: dict[str, str]) -> int:
     daemon = Daemon(settings, fernet, template)
     try:
         daemon.start()
-    except StartError as exc:
-        print(f"courtbot: cannot start: {exc}", file=sys.stderr)
+    except (StartError, OSError, models.DatabaseError) as exc:
+        print(f"courtbot: cannot start: {start_failure(settings, exc)}", file=sys.stderr)
         daemon.shutdown()
         return EXIT_CANNOT_START
     try:
@@ -694,6 +1074,8 @@ def _print_check(config: Config, settings: Settings, now: datetime) -> None:
         if entry.rule is not None:
             rfc = entry.rule.rfc.replace("\n", " ")
             print(f"  rule: {rfc}")
+        if entry.skip:
+            print(f"  skip: {', '.join(f'{day:%Y-%m-%d}' for day in sorted(entry.skip))}")
         pairs = [p for p in entry.occurrences(now, CHECK_INSTANCES) if p[1] > now]
         if not pairs:
             print("  no instance ahead")
@@ -876,61 +1258,93 @@ def _report_line(report: bot.StepReport) -> str:
     return f"  step {report.step}{court}: {status} ok" + (f"; extracted {values}" if values else "")
 
 
-def _open_existing_db(settings: Settings, *, upgrade: bool = False) -> models.SessionFactory | None:
-    """Sessions on the database when it exists with its tables (None otherwise); never creates
+def _open_existing_engine(settings: Settings, *, upgrade: bool = False) -> models.Engine | None:
+    """An engine on the database when it exists with its tables (None otherwise); never creates
     it. With ``upgrade`` (a writer), the columns an earlier release lacked are added."""
     db = models.sqlite_path(settings.database_url)
     if db is not None and not db.exists():
         return None
     engine = models.make_engine(settings.database_url, create=False)
     if not models.has_tables(engine):
+        engine.dispose()
         return None
     if upgrade:
         models.add_missing_columns(engine)
-    return models.session_factory(engine)
+    return engine
 
 
-def cmd_status(env: dict[str, str], as_json: bool, out: IO[str]) -> int:
+def _open_existing_db(settings: Settings, *, upgrade: bool = False) -> models.SessionFactory | None:
+    """Sessions on the database when it exists with its tables (None otherwise)."""
+    engine = _open_existing_engine(settings, upgrade=upgrade)
+    return None if engine is None else models.session_factory(engine)
+
+
+def daemon_facts(
+    settings: Settings, engine: models.Engine | None, now: datetime
+) -> report.DaemonFacts:
+    """What ``status`` says about the daemons: the one holding DATA_DIR (pid and heartbeat file)
+    and the rows of the ``daemons`` table (active and standbys, where daemons write it)."""
+    try:
+        age: float | None = time.time() - float(settings.heartbeat_path.read_text().strip())
+    except (OSError, ValueError):
+        age = None
+    daemons: tuple[report.DaemonInfo, ...] = ()
+    if engine is not None and models.has_table(engine, models.Daemon.__tablename__):
+        daemons = tuple(
+            report.DaemonInfo(
+                host=state.host,
+                pid=state.pid,
+                role=state.role,
+                heartbeat_age=(now - state.heartbeat_at).total_seconds(),
+                alive=state.alive,
+            )
+            for state in leader.list_daemons(engine, now=now)
+        )
+    return report.DaemonFacts(
+        daemon_running(settings), age, daemons, stale_after=HEARTBEAT_STALE_SECONDS
+    )
+
+
+#: ``status --upcoming``: what is still to be booked.
+UPCOMING = (models.PENDING, models.BOOKING)
+
+
+def cmd_status(env: dict[str, str], args: argparse.Namespace, out: IO[str]) -> int:
     try:
         settings = load_settings(env)
     except StartError as exc:
         print(f"courtbot status: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    rows = instances.status_rows(_open_existing_db(settings))
-    if as_json:
-        json.dump(rows, out, indent=2)
-        out.write("\n")
-        return EXIT_OK
-    if not rows:
-        out.write("no instances yet\n")
-        return EXIT_OK
-    columns = [
-        ("SCHEDULE", "schedule"),
-        ("KEY", "key"),
-        ("DESIRED (LOCAL)", "desired_local"),
-        ("TRIGGER (UTC)", "trigger_time"),
-        ("COURT", "court"),
-        ("STATUS", "status"),
-        ("TRIES", "attempts"),
-        ("REF", "booking_ref"),
-        ("LAST ERROR", "last_error"),
-    ]
-    table = []
-    for row in rows:
-        court = row["booked_court"] or row["court_id"]
-        shown = dict(row)
-        shown["court"] = (
-            ", ".join(court) if isinstance(court, list) else ("any" if court is None else court)
+    engine = _open_existing_engine(settings)
+    factory = None if engine is None else models.session_factory(engine)
+    try:
+        statuses = UPCOMING if args.upcoming else ([args.status] if args.status else None)
+        rows = instances.status_rows(
+            factory, schedule=args.schedule, statuses=statuses, limit=args.limit
         )
-        shown["desired_local"] = row["desired_local"][:16].replace("T", " ") + " " + row["timezone"]
-        table.append([str(shown[name] if shown[name] is not None else "-") for _, name in columns])
-    widths = [max(len(h), *(len(r[i]) for r in table)) for i, (h, _) in enumerate(columns)]
-    widths[-1] = len(columns[-1][0])
-    out.write("  ".join(h.ljust(w) for (h, _), w in zip(columns, widths, strict=True)).rstrip())
-    out.write("\n")
-    for r in table:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
-    return EXIT_OK
+        if args.json:
+            json.dump(rows, out, indent=2)
+            out.write("\n")
+            return EXIT_OK
+        now = datetime.now(UTC)
+        filtered = args.schedule or statuses or args.limit
+        out.write(
+            report.render(
+                daemon_facts(settings, engine, now),
+                instances.upcoming(factory, now, schedule=args.schedule, limit=report.NEXT_SHOWN),
+                instances.recent_outcomes(
+                    factory, report.outcomes_since(now), schedule=args.schedule
+                ),
+                rows,
+                now=now,
+                palette=report.Palette(report.colour_wanted(out.isatty(), env)),
+                empty="no instance matches" if filtered else "no instances yet",
+            )
+        )
+        return EXIT_OK
+    finally:
+        if engine is not None:
+            engine.dispose()
 
 
 def cmd_retry(env: dict[str, str], target: str) -> int:
@@ -982,8 +1396,9 @@ def cmd_reload(env: dict[str, str]) -> int:
 
 
 def cmd_health(env: dict[str, str]) -> int:
-    """Exit 0 while a daemon holds DATA_DIR, its process lives and its heartbeat is fresh (the
-    container's HEALTHCHECK); 1 once it has stopped, whatever its last heartbeat."""
+    """Exit 0 while a daemon holds DATA_DIR, its process lives and its heartbeat is fresh and
+    says its scheduler works (the container's HEALTHCHECK); 1 once it has stopped, whatever its
+    last heartbeat."""
     try:
         settings = load_settings(env)
     except StartError as exc:
@@ -1001,9 +1416,13 @@ def cmd_health(env: dict[str, str]) -> int:
     except PermissionError:
         pass  # alive, as another user
     try:
-        age = time.time() - float(settings.heartbeat_path.read_text().strip())
+        stamp, state = watchdog.read_heartbeat(settings.heartbeat_path.read_text())
+        age = time.time() - stamp
     except (OSError, ValueError) as exc:
         print(f"courtbot health: no heartbeat ({exc})", file=sys.stderr)
+        return EXIT_INVALID
+    if state is not None:
+        print(f"courtbot health: {state}", file=sys.stderr)
         return EXIT_INVALID
     if age > HEARTBEAT_STALE_SECONDS:
         print(f"courtbot health: heartbeat is {age:.0f} s old", file=sys.stderr)
@@ -1032,6 +1451,16 @@ def cmd_encrypt_token(env: dict[str, str]) -> int:
     return EXIT_OK
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python main.py",
@@ -1040,8 +1469,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="the daemon (default)")
     sub.add_parser("check", help="validate schedules.json and tokens.json, show next instances")
-    status = sub.add_parser("status", help="the instances in the database")
-    status.add_argument("--json", action="store_true", help="one JSON array")
+    status = sub.add_parser(
+        "status", help="a summary (daemon, next bookings, last 7 days) and the instances"
+    )
+    status.add_argument("--json", action="store_true", help="one JSON array (no summary)")
+    status.add_argument("--schedule", metavar="ID", help="only this schedule's instances")
+    which = status.add_mutually_exclusive_group()
+    which.add_argument("--status", choices=models.STATUSES, help="only instances in this status")
+    which.add_argument(
+        "--upcoming", action="store_true", help="only instances still to book (pending, booking)"
+    )
+    status.add_argument(
+        "--limit", metavar="N", type=_positive_int, help="the first N instances (soonest trigger)"
+    )
     retry = sub.add_parser("retry", help="put failed instances still ahead back to pending")
     retry.add_argument("target", metavar="KEY_OR_SCHEDULE_ID")
     sub.add_parser("reload", help="send SIGHUP to the running daemon")
@@ -1056,6 +1496,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError as exc:
+        # `status | head`: the reader has gone. End quietly, as Python's own CLIs do (json.tool
+        # exits with the errno), and keep the interpreter's final flush from complaining.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return exc.errno or 1
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     env = dict(os.environ)
     command = args.command or "run"
@@ -1065,7 +1518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "check":
         return cmd_check(env)
     if command == "status":
-        return cmd_status(env, args.json, sys.stdout)
+        return cmd_status(env, args, sys.stdout)
     if command == "retry":
         return cmd_retry(env, args.target)
     if command == "reload":

@@ -36,7 +36,13 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import URL, Dialect, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.schema import CreateColumn
 
@@ -57,6 +63,26 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 CONNECT_TIMEOUT_SECONDS = 10
 #: What ``postgresql://`` means here (SQLAlchemy's default driver, psycopg2, is not installed).
 POSTGRESQL_DRIVER = "postgresql+psycopg"
+
+#: What the database layer raises (for modules that do not import SQLAlchemy).
+DatabaseError = SQLAlchemyError
+
+
+def error_text(exc: BaseException) -> str:
+    """A database error in one line: the driver's own words ("OperationalError: database or
+    disk is full"), without SQLAlchemy's echo of the statement, its parameters and help link."""
+    cause = getattr(exc, "orig", None)
+    shown = cause if isinstance(cause, BaseException) else exc
+    lines = str(shown).strip().splitlines()
+    return f"{shown.__class__.__name__}: {lines[0]}" if lines else shown.__class__.__name__
+
+
+def display_url(url: str) -> str:
+    """A database URL fit for a message: its password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 (an unparsable URL: say so without echoing it)
+        return "(an invalid DATABASE_URL)"
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -126,6 +152,13 @@ class Instance(Base):
     #: NULL: BOOKING_REQUEST_TEMPLATE or the request of CONTRACT section 6.
     club: Mapped[str | None] = mapped_column(String(64))
 
+    #: When the booking step's first request left (NULL until one has): how late it was
+    #: against ``trigger_time`` is what every outcome reports.
+    first_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    #: Why a first request may leave after the trigger, noted when it became due late (a code of
+    #: ``instances.LATE_CAUSES``; NULL: nothing known, on time).
+    late_cause: Mapped[str | None] = mapped_column(String(16), default=None)
+
     __table_args__ = (Index("ix_schedules_status_trigger", "status", "trigger_time"),)
 
     def __repr__(self) -> str:
@@ -162,6 +195,16 @@ class Daemon(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     since: Mapped[datetime] = mapped_column(UTCDateTime())  # when it took its current role
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Notice(Base):
+    """A warning already sent by email and channels (e.g. a token that expires before a
+    booking's trigger), so that it goes out once, not at every reload or start."""
+
+    __tablename__ = "notices"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    sent_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class DatabaseConnectError(Exception):
@@ -472,6 +515,11 @@ def add_missing_columns(bind: Engine | Connection) -> list[str]:
 def has_tables(engine: Engine) -> bool:
     """True when the database already holds courtbot's tables."""
     return inspect(engine).has_table(Instance.__tablename__)
+
+
+def has_table(engine: Engine, name: str) -> bool:
+    """True when the database holds the table ``name`` (an older one may lack a newer table)."""
+    return inspect(engine).has_table(name)
 
 
 #: What the other modules hold to open sessions (so that they need not import SQLAlchemy).

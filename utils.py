@@ -13,10 +13,11 @@ import email.utils
 import hashlib
 import json
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import MAXYEAR, UTC, date, datetime, time, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -147,6 +148,54 @@ def format_offset(moment: datetime, zone: ZoneInfo) -> str:
 def format_local(moment: datetime, zone: ZoneInfo) -> str:
     """A person's reading of ``moment`` in ``zone``: ``Wed 2026-12-02 17:00 GMT``."""
     return moment.astimezone(zone).strftime("%a %Y-%m-%d %H:%M %Z")
+
+
+def format_local_short(moment: datetime, zone: ZoneInfo, now: datetime) -> str:
+    """A person's short reading of ``moment`` in ``zone``: ``Wed 3 Dec 17:00 GMT``, with the
+    year after the month when it is not ``now``'s year there (``Fri 7 Jan 2028 09:00 GMT``)."""
+    local = moment.astimezone(zone)
+    year = "" if local.year == now.astimezone(zone).year else f" {local.year}"
+    return f"{local:%a} {local.day} {local:%b}{year} {local:%H:%M %Z}"
+
+
+def format_span(seconds: float) -> str:
+    """A duration as a person reads it, its two largest units, rounded down: ``45 s``,
+    ``4 min 20 s``, ``3 h 5 min``, ``5 d 4 h`` (a zero second unit is left out: ``2 d``)."""
+    total = int(max(seconds, 0.0))
+    for size, unit, smaller, small_unit in (
+        (86400, "d", 3600, "h"),
+        (3600, "h", 60, "min"),
+        (60, "min", 1, "s"),
+    ):
+        if total >= size:
+            rest = (total % size) // smaller
+            return f"{total // size} {unit}" + (f" {rest} {small_unit}" if rest else "")
+    return f"{total} s"
+
+
+def format_ahead(moment: datetime, now: datetime) -> str:
+    """``in 5 d 4 h`` for a moment ahead of ``now``, ``2 h 10 min ago`` for one behind."""
+    seconds = (as_utc(moment) - as_utc(now)).total_seconds()
+    return f"in {format_span(seconds)}" if seconds >= 0 else f"{format_span(-seconds)} ago"
+
+
+#: A first request that left this long after its trigger is reported as late, with why.
+LATE_AFTER_SECONDS = 1.0
+
+
+def send_timing(trigger: datetime, first_sent: datetime, late_because: str | None) -> str:
+    """When a booking's first request left, relative to its trigger, for a person: ``sent 0.8
+    ms after the window opened``; past ``LATE_AFTER_SECONDS``, how late and why: ``sent 10.9 s
+    late: courtbot was not running at the trigger`` (``late_because`` is that why; without one
+    the trigger itself fired late)."""
+    seconds = (as_utc(first_sent) - as_utc(trigger)).total_seconds()
+    if seconds < 0:
+        return f"sent {-seconds * 1000:.1f} ms before the window opened"
+    if seconds < LATE_AFTER_SECONDS:
+        return f"sent {seconds * 1000:.1f} ms after the window opened"
+    late = f"{seconds:.1f} s" if seconds < 60 else format_span(seconds)
+    why = late_because or "courtbot's trigger fired late (a busy machine or a clock jump)"
+    return f"sent {late} late: {why}"
 
 
 def as_utc(moment: datetime) -> datetime:
@@ -1009,6 +1058,57 @@ def encrypted_under_first_key(fernet: MultiFernet, value: str) -> bool:
     except (InvalidToken, ValueError):
         return False
     return True
+
+
+def jwt_expiry(token: str) -> datetime | None:
+    """When a JWT expires: its payload's ``exp`` (read, never verified), aware UTC. None for a
+    token that is not a JWT or has no usable ``exp``. The token itself is never kept or shown."""
+    parts = token.strip().split(".")
+    if len(parts) != 3 or not parts[1]:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    try:
+        return datetime.fromtimestamp(exp, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def secrets_expiry(secrets: Mapping[str, str]) -> datetime | None:
+    """When a token's secrets stop working: the earliest ``exp`` of those that are JWTs (a
+    string token is ``{"token": value}``); None when none is."""
+    expiries = [moment for value in secrets.values() if (moment := jwt_expiry(value)) is not None]
+    return min(expiries, default=None)
+
+
+def mask_url_secrets(url: str) -> str:
+    """``url`` fit for a log line: its scheme, host and port only, the rest ``/****`` (a ping
+    URL's path or query is its secret), e.g. ``https://hc-ping.com/****``."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "****"
+    if not parts.scheme or not host:
+        return "****"
+    shown_host = f"[{host}]" if ":" in host else host
+    rest = parts.path.strip("/") or parts.query or parts.fragment or parts.username
+    return f"{parts.scheme}://{shown_host}{port}" + ("/****" if rest else "")
+
+
+def is_http_url(url: str) -> bool:
+    """True for an ``http://`` or ``https://`` URL with a host."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:
+        return False
 
 
 #: What stands in for a secret in printed output.

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import bot
 import utils
-from bot import BookingContext, ClubClient, RequestSpec, book_slot
+from bot import TAKEN_ADVICE, BookingContext, ClubClient, RequestSpec, book_slot
 from instances import recover_in_flight
 from models import (
     BOOKED,
@@ -455,10 +455,17 @@ def test_409_on_the_only_court_fails_without_retry(h: Harness) -> None:
     assert h.stop.waits == []
     row = h.row()
     assert (row.status, row.attempts, row.booking_ref, row.booked_court) == (FAILED, 1, None, None)
-    assert row.last_error == "court 3: taken (HTTP 409: Court 3 is already booked)"
+    assert row.last_error == (
+        f"court 3: taken (HTTP 409: Court 3 is already booked); {TAKEN_ADVICE}"
+    )
+    assert TAKEN_ADVICE == (
+        "every court tried was taken, so a retry would be too: book another court with the "
+        'club, and give the entry a list of courts to try in order (e.g. "court_id": ["3", "4"])'
+    )
     assert "own earlier attempt" not in row.last_error
     (outcome,) = h.outcomes
     assert (outcome.status, outcome.reason, outcome.court) == (FAILED, row.last_error, "3")
+    assert outcome.retry_helps is False
 
 
 def test_409_on_every_court_of_the_list_names_each_court(h: Harness) -> None:
@@ -472,7 +479,8 @@ def test_409_on_every_court_of_the_list_names_each_court(h: Harness) -> None:
     row = h.row()
     assert row.attempts == 3
     assert row.last_error == (
-        "court 3: taken (HTTP 409); court 4: taken (HTTP 409); court 5: taken (HTTP 409)"
+        "court 3: taken (HTTP 409); court 4: taken (HTTP 409); court 5: taken (HTTP 409); "
+        + TAKEN_ADVICE
     )
     assert h.outcomes[0].court == "3, 4, 5"
 
@@ -492,7 +500,9 @@ def test_409_after_a_lost_answer_says_the_court_may_be_ours(h: Harness, lost: st
     assert reason.startswith("court 3: taken (HTTP 409)")
     assert "may be taken by our own earlier attempt" in reason
     assert "check your bookings at the club" in reason
+    assert TAKEN_ADVICE not in reason  # another court could be a second booking
     assert h.outcomes[0].reason == reason
+    assert h.outcomes[0].retry_helps is False
 
 
 def test_409_after_a_refused_connection_does_not_blame_our_own_attempt(h: Harness) -> None:
@@ -503,7 +513,7 @@ def test_409_after_a_refused_connection_does_not_blame_our_own_attempt(h: Harnes
     assert h.book() == FAILED
 
     reason = h.row().last_error
-    assert reason == "court 3: taken (HTTP 409)"
+    assert reason == f"court 3: taken (HTTP 409); {TAKEN_ADVICE}"
 
 
 def test_lost_answer_on_one_court_does_not_colour_the_next_courts_409(h: Harness) -> None:
@@ -520,6 +530,44 @@ def test_lost_answer_on_one_court_does_not_colour_the_next_courts_409(h: Harness
         "court 4: taken (HTTP 409)"
     )
     assert h.row().attempts == 4
+    assert h.outcomes[0].retry_helps is True  # court 3 may answer later
+
+
+# --------------------------------------------------------------------------- lateness
+
+
+def test_the_first_requests_send_time_is_recorded_and_reported(h: Harness) -> None:
+    h.add()
+    h.clock.set(TRIGGER + timedelta(microseconds=800))
+    queue(h.club, retryable("503"), answer(201, {"id": 5}))
+
+    assert h.book() == BOOKED
+
+    row = h.row()
+    # The first of the two requests counts; the second left after a wait of BASE.
+    assert row.first_sent_at == TRIGGER + timedelta(microseconds=800)
+    assert h.outcomes[0].timing == "sent 0.8 ms after the window opened"
+    assert h.ctx.first_sent == {}
+
+
+def test_the_first_send_is_kept_when_a_stop_comes_between_retries(h: Harness) -> None:
+    h.add()
+    h.stop.stop_on = 1
+    queue(h.club, retryable("503"))
+
+    assert h.book() is None
+
+    row = h.row()
+    assert (row.status, row.attempts, row.first_sent_at) == (PENDING, 1, TRIGGER)
+
+
+def test_a_failure_before_any_request_says_none_was_sent(h: Harness) -> None:
+    h.add(token_name="missing")
+
+    assert h.book() == FAILED
+
+    assert h.row().first_sent_at is None
+    assert h.outcomes[0].timing == "no booking request was sent"
 
 
 # --------------------------------------------------------------------------- 401 / 403
@@ -1140,9 +1188,66 @@ def test_the_request_never_leaves_before_the_trigger(
     assert moment < TRIGGER.timestamp() + 0.05
     # The connection is opened ahead, then the wait; nothing else goes to the club.
     assert h.warmed == [URL]
-    assert len(h.stop.waits) == 1
-    assert h.stop.waits[0] == pytest.approx(45 - bot.SPIN_SECONDS, abs=0.01)
+    # The wait looks at the wall clock at least every MAX_NAP_SECONDS, and adds up to the 45 s.
+    waits = [w for w in h.stop.waits if w is not None]
+    assert len(waits) == len(h.stop.waits) > 1
+    assert max(waits) <= bot.MAX_NAP_SECONDS
+    slept = sum(waits) + oversleep * len(waits)
+    assert slept == pytest.approx(45 - bot.SPIN_SECONDS + oversleep, abs=0.02)
     assert h.row().status == BOOKED
+
+
+class JumpingStop(FakeStop):
+    """A stop event whose ``jump_at``-th wait also moves the clock by ``jump`` (an NTP step)."""
+
+    def __init__(self, clock: FakeClock, *, jump_at: int, jump: float) -> None:
+        super().__init__(clock)
+        self.jump_at = jump_at
+        self.jump = jump
+        self.jumped_at: int | None = None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        stopped = super().wait(timeout)
+        if len(self.waits) == self.jump_at:
+            assert self.clock is not None
+            self.clock.advance(self.jump)
+            self.jumped_at = len(self.waits)
+        return stopped
+
+
+@pytest.mark.parametrize("jump", [-3600.0, -30.0, 30.0, 3600.0])
+def test_a_clock_jump_during_the_wait_sends_at_the_trigger_by_the_clock_at_send_time(
+    h: Harness, jump: float
+) -> None:
+    """CONTRACT section 9: backward, the request still leaves only at its trigger by the clock
+    as it reads when sending; forward past the trigger, it leaves at the next look at the clock
+    (at most MAX_NAP_SECONDS later), not at the end of the wait computed before the jump."""
+    clock = FakeClock(0, tick=0.0001)
+    h.clock = h.ctx.clock = clock
+    stop = JumpingStop(clock, jump_at=4, jump=jump)
+    h.ctx.stop = h.stop = stop
+    h.add(at_trigger=False)
+    clock.set(TRIGGER - timedelta(seconds=10))
+    sent_at: list[float] = []
+
+    def club_side(request: Any) -> tuple[int, dict[str, str], str]:
+        sent_at.append(clock.now)
+        return 201, {}, json.dumps({"id": "on-time"})
+
+    h.club.add_callback(responses.POST, URL, callback=club_side)
+
+    assert h.book() == BOOKED
+
+    (moment,) = sent_at
+    assert moment >= TRIGGER.timestamp()
+    assert stop.jumped_at == 4
+    if jump > 10:
+        # Carried past the trigger by the 4th nap: sent at once, no more napping.
+        assert len(stop.waits) == 4
+        assert moment < TRIGGER.timestamp() + jump
+    else:
+        assert moment < TRIGGER.timestamp() + 0.05
+        assert sum(w for w in stop.waits if w is not None) > 10 - jump - 1
 
 
 # --------------------------------------------------------------------------- ClubClient
@@ -1600,7 +1705,9 @@ def test_a_reason_quotes_the_flows_words_that_an_answer_matched(h: Harness) -> N
     queue(h.club, answer(200, "<p>Sorry, that court is no longer available.</p>"))
 
     assert h.book() == FAILED
-    assert h.row().last_error == "court 3: taken (HTTP 200 saying 'no longer available')"
+    assert h.row().last_error == (
+        f"court 3: taken (HTTP 200 saying 'no longer available'); {bot.TAKEN_ADVICE}"
+    )
 
 
 # --------------------------------------------------------------------------- flows
@@ -1761,12 +1868,20 @@ def test_an_instance_loaded_late_prepares_at_once(fh: Harness) -> None:
     use_flow(fh, {"steps": [login_step(), book_step()], "prepare_seconds": 60})
     fh.add()
     fh.clock.set(TRIGGER - timedelta(seconds=10))
-    queue(fh.club, ok_login(), at("/book", 201, {"booking": {"id": "late"}}))
+    waits_at_login: list[int] = []
+
+    def login(request: Any) -> tuple[int, dict[str, str], str]:
+        waits_at_login.append(len(fh.stop.waits))
+        return 200, {}, json.dumps({"jwt": JWT, "user": {"id": 42}})
+
+    fh.club.add_callback(responses.POST, f"{CLUB}/login", callback=login)
+    fh.club.add(at("/book", 201, {"booking": {"id": "late"}}))
 
     assert fh.book() == BOOKED
-    # No wait before the login; one wait for the trigger.
-    assert len(fh.stop.waits) == 1
-    assert fh.stop.waits[0] == pytest.approx(10 - bot.SPIN_SECONDS)
+    # No wait before the login; then only the wait for the trigger (in naps of at most 0.5 s).
+    assert waits_at_login == [0]
+    assert fh.stop.waits and all((w or 0) <= bot.MAX_NAP_SECONDS for w in fh.stop.waits)
+    assert fh.clock.now >= TRIGGER.timestamp()
 
 
 def slot_step(**extra: Any) -> dict[str, Any]:
@@ -1930,7 +2045,7 @@ def test_every_court_taken_at_an_at_trigger_step_names_each(fh: Harness) -> None
     assert fh.book() == FAILED
     assert fh.row().last_error == (
         "court 3: step 'slot': taken (HTTP 409: booked out); court 4: step 'slot': taken "
-        "(HTTP 409: booked out)"
+        f"(HTTP 409: booked out); {bot.TAKEN_ADVICE}"
     )
 
 

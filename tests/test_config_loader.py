@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import stat
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from config_loader import (
     read_tokens,
     rewrite_tokens_file,
 )
-from conftest import NOW, write_json
+from conftest import NOW, make_jwt, write_json
 from template import TemplateError
 
 KEYS_TEXT = ", ".join(ENTRY_KEYS)
@@ -157,25 +157,80 @@ def test_entry_not_an_object(data_dir: Path) -> None:
     assert result.unknown_rejects == 1
 
 
-def test_unknown_key(data_dir: Path) -> None:
+def test_unknown_key_suggests_the_closest_valid_one(data_dir: Path) -> None:
     result = schedules(data_dir, MATCH, {**WED, "cour_id": "3"})
     assert only_error(result) == (
-        "schedules.json entry 'wed-evening' (#2): cour_id: unknown key; "
-        f"expected one of {KEYS_TEXT}"
+        "schedules.json entry 'wed-evening' (#2): cour_id: unknown key; did you mean 'court_id'?"
     )
     rejected_alone(result, "match")
     assert result.rejected_ids == {"wed-evening"}
 
 
 @pytest.mark.parametrize(
-    ("key", "shown"),
-    [("", "''"), ("court id", "'court id'"), ("id\n", "'id\\n'"), ("Court_ID", "Court_ID")],
+    ("key", "suggested"),
+    [("durations_minutes", "duration_minutes"), ("timzone", "timezone"), ("skips", "skip")],
 )
-def test_unknown_key_is_quoted_unless_a_plain_name(data_dir: Path, key: str, shown: str) -> None:
+def test_unknown_key_suggestions(data_dir: Path, key: str, suggested: str) -> None:
     result = schedules(data_dir, MATCH | {key: 1})
     assert only_error(result) == (
-        f"schedules.json entry 'match' (#1): {shown}: unknown key; expected one of {KEYS_TEXT}"
+        f"schedules.json entry 'match' (#1): {key}: unknown key; did you mean {suggested!r}?"
     )
+
+
+def test_unknown_key_like_no_valid_one_lists_them_all(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH | {"colour": "red"})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#1): colour: unknown key; expected one of {KEYS_TEXT}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "shown", "hint"),
+    [
+        ("", "''", f"expected one of {KEYS_TEXT}"),
+        ("court id", "'court id'", "did you mean 'court_id'?"),
+        ("id\n", "'id\\n'", "did you mean 'id'?"),
+        ("Court_ID", "Court_ID", "did you mean 'court_id'?"),
+    ],
+)
+def test_unknown_key_is_quoted_unless_a_plain_name(
+    data_dir: Path, key: str, shown: str, hint: str
+) -> None:
+    result = schedules(data_dir, MATCH | {key: 1})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#1): {shown}: unknown key; {hint}"
+    )
+
+
+def test_a_key_given_twice_in_an_entry_rejects_that_entry_alone(data_dir: Path) -> None:
+    path = data_dir / "schedules.json"
+    match = json.dumps(MATCH)
+    path.write_text(f'[{match}, {json.dumps(WED)[:-1]}, "court_id": 1, "court_id": 2}}]')
+
+    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+
+    assert only_error(result) == (
+        "schedules.json entry 'wed-evening' (#2): court_id: given twice in this entry; keep one "
+        "(JSON would silently use the last, 2)"
+    )
+    rejected_alone(result, "match")
+    assert result.rejected_ids == {"wed-evening"}
+
+
+def test_an_id_given_twice_is_no_id(data_dir: Path) -> None:
+    path = data_dir / "schedules.json"
+    rest = json.dumps({k: v for k, v in MATCH.items() if k != "id"})[1:]
+    path.write_text(f'[{json.dumps(WED)}, {{"id": "match", "id": "b", "id": "c", {rest}]')
+
+    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+
+    assert only_error(result) == (
+        "schedules.json entry #2: id: given 3 times in this entry; keep one (JSON would silently "
+        "use the last, 'c')"
+    )
+    rejected_alone(result, "wed-evening")
+    # Which entry it is cannot be told: removals are put off, as for an invalid id.
+    assert result.unknown_rejects == 1
 
 
 @pytest.mark.parametrize(
@@ -537,6 +592,145 @@ def test_timezone_with_a_control_character_is_rejected(data_dir: Path, zone: str
     )
 
 
+# --------------------------------------------------------------------------- skip
+
+
+def test_skip_dates_make_no_instance_and_the_rule_keeps_its_count(data_dir: Path) -> None:
+    result = schedules(data_dir, WED | {"skip": ["2026-12-09", "2026-12-23", "2020-01-01"]})
+    (entry,) = result.entries
+    assert entry.skip == {date(2026, 12, 9), date(2026, 12, 23), date(2020, 1, 1)}
+    starts = entry.starts(NOW)
+    assert [f"{s:%m-%d}" for s in starts[:4]] == ["12-02", "12-16", "12-30", "01-06"]
+    assert len(starts) == utils.INSTANCES_PER_RULE
+    # A new "now" expands afresh, skipping too.
+    later = entry.starts(NOW + timedelta(days=1), limit=2)
+    assert [f"{s:%m-%d}" for s in later] == ["12-02", "12-16"]
+
+
+def test_skip_changes_the_entry_fingerprint(data_dir: Path) -> None:
+    plain = schedules(data_dir, WED).entries[0]
+    skipping = schedules(data_dir, WED | {"skip": ["2026-12-09"]}).entries[0]
+    assert plain.fingerprint != skipping.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("2026-12-09", "'2026-12-09' is not a list of dates"),
+        (["2026-12-32"], "'2026-12-32' is not a date 'YYYY-MM-DD'"),
+        (["9 Dec 2026"], "'9 Dec 2026' is not a date 'YYYY-MM-DD'"),
+        ([20261209], "20261209 is not a date 'YYYY-MM-DD'"),
+        (["2026-12-09T17:00"], "'2026-12-09T17:00' is not a date 'YYYY-MM-DD'"),
+    ],
+)
+def test_skip_must_be_a_list_of_dates(data_dir: Path, value: Any, message: str) -> None:
+    result = schedules(data_dir, MATCH, WED | {"skip": value})
+    assert only_error(result) == (
+        f"schedules.json entry 'wed-evening' (#2): skip: {message}; expected e.g. "
+        '["2026-12-24", "2026-12-31"]'
+    )
+    rejected_alone(result, "match")
+
+
+def test_skip_on_a_one_off_is_an_error(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH | {"skip": ["2026-12-10"]})
+    assert only_error(result) == (
+        "schedules.json entry 'match' (#1): skip: a one-off has no dates to skip; remove "
+        '"skip" (or set "enabled": false)'
+    )
+
+
+# --------------------------------------------------------------------------- overlaps
+
+
+def test_entries_booking_overlapping_times_are_warned_about(data_dir: Path) -> None:
+    overlapping = {
+        "id": "wed-doubles",
+        "type": "one-off",
+        "desired_time": "2026-12-09 17:30",
+        "timezone": "Europe/London",
+        "duration_minutes": 90,
+    }
+    after = {"id": "after", "type": "one-off", "desired_time": "2026-12-16 18:00"}
+    result = schedules(data_dir, WED, after, overlapping)
+    assert result.errors == []
+    assert result.warnings == [
+        "schedules.json: entries 'wed-evening' (#1) and 'wed-doubles' (#3) would book "
+        "overlapping times: Wed 2026-12-09 17:00-18:00 GMT and Wed 2026-12-09 17:30-19:00 GMT; "
+        "that is two courts booked and paid for: if one is enough, keep one entry (a list in "
+        "court_id tries several courts in order)"
+    ]
+
+
+def test_two_rules_booking_the_same_slot_count_every_overlap(data_dir: Path) -> None:
+    twin = WED | {"id": "wed-twin", "court_id": "4"}
+    result = schedules(data_dir, WED, twin)
+    (warning,) = result.warnings
+    assert warning.startswith(
+        "schedules.json: entries 'wed-evening' (#1) and 'wed-twin' (#2) would book overlapping "
+        "times: Wed 2026-12-02 17:00-18:00 GMT and Wed 2026-12-02 17:00-18:00 GMT "
+        "(and 51 more time(s));"
+    )
+
+
+def test_disabled_or_past_entries_do_not_overlap(data_dir: Path) -> None:
+    twin = WED | {"id": "wed-twin", "enabled": False}
+    past = {"id": "past", "type": "one-off", "desired_time": "2026-11-18 17:00"}
+    past_twin = past | {"id": "past-twin"}
+    result = schedules(data_dir, WED, twin, past, past_twin)
+    assert [w for w in result.warnings if "overlapping" in w] == []
+
+
+# --------------------------------------------------------------------------- token expiry
+
+
+def test_a_jwt_that_expires_before_a_trigger_is_warned_about(
+    data_dir: Path, fernet: MultiFernet, fernet_key: str
+) -> None:
+    expires = NOW + timedelta(days=10)  # 2026-12-03 12:00 UTC
+    write_json(data_dir / "tokens.json", {"default": make_jwt({"exp": expires.timestamp()})})
+    write_json(data_dir / "schedules.json", [WED])
+    settings = Settings.from_env({"DATA_DIR": str(data_dir), "FERNET_KEY": fernet_key})
+    config = read_config(settings, fernet, NOW)
+    assert config.errors == []
+    assert config.warnings == [
+        "tokens.json token 'default': a JWT that expires 2026-12-03T12:00:00Z, before the "
+        "trigger of 50 booking(s), the first wed-evening@2026-12-16T17:00:00Z (window opens "
+        "2026-12-09T17:00:00Z): the club would reject it then; put a fresh token in "
+        "tokens.json before that"
+    ]
+    token = (data_dir / "tokens.json").read_text().split('"')[3]
+    assert all(token not in warning for warning in config.warnings)
+
+
+def test_an_object_token_holding_a_jwt_is_checked_too(
+    data_dir: Path, fernet: MultiFernet, fernet_key: str
+) -> None:
+    expires = NOW + timedelta(days=10)
+    value = {"email": "me@example.org", "token": make_jwt({"exp": expires.timestamp()})}
+    write_json(data_dir / "tokens.json", {"default": value})
+    write_json(data_dir / "schedules.json", [WED])
+    settings = Settings.from_env({"DATA_DIR": str(data_dir), "FERNET_KEY": fernet_key})
+    (warning,) = read_config(settings, fernet, NOW).warnings
+    assert warning.startswith(
+        "tokens.json token 'default': a JWT that expires 2026-12-03T12:00:00Z, before the "
+        "trigger of 50 booking(s)"
+    )
+
+
+def test_a_jwt_that_outlives_every_trigger_or_no_jwt_is_not_warned_about(
+    data_dir: Path, fernet: MultiFernet, fernet_key: str
+) -> None:
+    far = NOW + timedelta(days=3 * 366)
+    write_json(
+        data_dir / "tokens.json",
+        {"default": make_jwt({"exp": int(far.timestamp())}), "alice": "opaque-token"},
+    )
+    write_json(data_dir / "schedules.json", [WED, WED | {"id": "a", "token": "alice"}])
+    settings = Settings.from_env({"DATA_DIR": str(data_dir), "FERNET_KEY": fernet_key})
+    assert [w for w in read_config(settings, fernet, NOW).warnings if "JWT" in w] == []
+
+
 def test_token_not_in_tokens_json_lists_the_names(data_dir: Path) -> None:
     result = schedules(data_dir, MATCH | {"token": "bob"})
     assert only_error(result) == (
@@ -635,7 +829,7 @@ def test_several_errors_in_one_entry_are_all_reported(data_dir: Path) -> None:
     result = schedules(data_dir, MATCH, entry, NO_ID)
     where = "schedules.json entry 'wed-evening' (#2)"
     assert result.errors == [
-        f"{where}: cour_id: unknown key; expected one of {KEYS_TEXT}",
+        f"{where}: cour_id: unknown key; did you mean 'court_id'?",
         f"{where}: token: 'bob' is not in tokens.json (it has: 'alice', 'default')",
         f"{where}: duration_minutes: 0 is not a positive whole number of minutes",
         f"{where}: enabled: 'yes' is not true or false",
@@ -823,6 +1017,27 @@ def test_a_token_name_with_a_control_character_is_an_error(
         "breaks, tabs, ...)"
     ]
     assert set(result.tokens) == {"alice"}
+
+
+def test_a_token_name_given_twice_is_an_error_for_that_token_and_the_file_is_kept(
+    data_dir: Path, fernet: MultiFernet
+) -> None:
+    path = data_dir / "tokens.json"
+    path.write_text('{"default": "tok-one", "alice": "tok-a", "default": "tok-two"}')
+
+    result = read_tokens(path, fernet)
+
+    assert result.errors == [
+        "tokens.json token 'default': given twice in the file; keep one (JSON would silently "
+        "use the last); the file is not rewritten until then"
+    ]
+    assert result.tokens["default"].encrypted is None
+    assert result.tokens["default"].error == result.errors[0]
+    assert fernet.decrypt(result.tokens["alice"].encrypted.encode()) == b"tok-a"
+    # Rewriting would keep one of the two values silently: the file stays as the user wrote it.
+    before = path.read_bytes()
+    assert rewrite_tokens_file(path, result) is False
+    assert path.read_bytes() == before
 
 
 def test_fernet_value_no_key_decrypts_is_an_error_for_that_token_only(

@@ -357,6 +357,7 @@ plausible = {
     | json_values,
     "duration_minutes": st.sampled_from([60, 0, 1440, 1441]) | json_values,
     "enabled": st.booleans() | json_values,
+    "skip": st.sampled_from([["2026-12-09"], ["2026-12-32"], [], "2026-12-09"]) | json_values,
     "club": st.sampled_from(["padel", "../etc/passwd", "", "a" * 65]) | json_values,
     "window": st.sampled_from(["6d@08:00", "0d@20:00", "0d@00:00", "7 days", "6d@24:00", "0h"])
     | json_values,

@@ -969,6 +969,21 @@ def test_finish_and_retry_clear_interrupted(factory: sessionmaker[Session]) -> N
     assert (b.status, b.attempts, b.last_error, b.interrupted) == (PENDING, 0, None, False)
 
 
+def test_overdue_lists_pending_instances_triggered_before_the_moment_soonest_first(
+    factory: sessionmaker[Session],
+) -> None:
+    week = timedelta(hours=168)
+    add_row(factory, "late@2", NOW + week - timedelta(seconds=5), PENDING)
+    add_row(factory, "later@1", NOW + week + timedelta(seconds=5), PENDING)
+    add_row(factory, "late@1", NOW + week - timedelta(seconds=30), PENDING)
+    add_row(factory, "going@1", NOW + week - timedelta(seconds=40), BOOKING)
+    add_row(factory, "done@1", NOW + week - timedelta(seconds=50), BOOKED)
+
+    assert instances.overdue(factory, NOW) == ["late@1", "late@2"]
+    assert instances.overdue(factory, NOW, limit=1) == ["late@1"]
+    assert instances.overdue(factory, NOW - timedelta(minutes=1)) == []
+
+
 # --------------------------------------------------------------------------- an older database
 
 
@@ -1013,6 +1028,9 @@ def test_status_reads_a_database_of_the_previous_release_without_changing_it(
         FAILED,
         3,
     )
+    # What that release did not record reads as unknown, not as "nothing was sent".
+    assert (shown["first_sent_at"], shown["sent"]) == (None, None)
+    assert shown["finished_at"] == "2029-12-25T10:00:01Z"
     assert not {"interrupted", "club"} & set(columns(tmp_path / "db.sqlite"))
 
 
@@ -1024,7 +1042,13 @@ def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
     engine = models.make_engine(url)  # as the daemon opens it at start
 
     try:
-        assert columns(tmp_path / "db.sqlite")[-3:] == ["interrupted", "owner", "club"]
+        assert columns(tmp_path / "db.sqlite")[-5:] == [
+            "interrupted",
+            "owner",
+            "club",
+            "first_sent_at",
+            "late_cause",
+        ]
         factory = models.session_factory(engine)
         (row,) = rows(factory).values()
         assert (row.key, row.status, row.interrupted) == ("old@2030-01-01T10:00:00Z", FAILED, False)
@@ -1034,3 +1058,208 @@ def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
         assert instances.retry(factory, "old", NOW) == ["old@2030-01-01T10:00:00Z"]
     finally:
         engine.dispose()
+
+
+# --------------------------------------------------------------------------- lateness (8)
+
+TRIGGER_OF_AHEAD = NOW + timedelta(hours=2) - timedelta(hours=168)
+
+
+def test_instances_loaded_with_their_window_open_note_why_they_will_be_late(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    soon = {"id": "soon", "type": "one-off", "desired_time": "2026-11-25 18:00"}
+    write(data_dir, [WED, soon])
+    apply(factory, settings, fernet)
+    found = rows(factory)
+    assert found["soon@2026-11-25T18:00:00Z"].late_cause == instances.LATE_LOADED
+    assert found[FIRST_WED].late_cause is None  # its trigger, 2026-11-25 17:00, is ahead
+
+
+def test_at_start_passed_triggers_are_noted_as_missed_while_down(
+    factory: sessionmaker[Session],
+) -> None:
+    add_row(factory, "missed@1", NOW + timedelta(hours=2), PENDING)
+    add_row(factory, "ahead@1", NOW + timedelta(hours=200), PENDING)
+    add_row(factory, "retried@1", NOW + timedelta(hours=3), PENDING)
+    add_row(factory, "done@1", NOW + timedelta(hours=4), BOOKED)
+    update(factory, "retried@1", late_cause=instances.LATE_RETRY)
+
+    assert instances.note_late_triggers(factory, NOW) == 1
+
+    causes = {key: row.late_cause for key, row in rows(factory).items()}
+    assert causes == {
+        "missed@1": instances.LATE_DOWN,
+        "ahead@1": None,
+        "retried@1": instances.LATE_RETRY,
+        "done@1": None,
+    }
+
+
+def test_an_interrupted_booking_notes_why_it_is_sent_again_late(
+    factory: sessionmaker[Session],
+) -> None:
+    add_row(factory, "ahead@1", NOW + timedelta(hours=2), BOOKING)
+    update(factory, "ahead@1", attempts=1)
+    recover_in_flight(factory, NOW)
+    assert rows(factory)["ahead@1"].late_cause == instances.LATE_INTERRUPTED
+
+
+def test_finish_records_the_first_send_and_reports_its_timing(
+    factory: sessionmaker[Session],
+) -> None:
+    add_row(factory, "a@1", NOW + timedelta(hours=2), BOOKING)
+    add_row(factory, "b@1", NOW + timedelta(hours=2), BOOKING)
+    sent = TRIGGER_OF_AHEAD + timedelta(microseconds=812)
+
+    instances.record_attempt(factory, "b@1", 1, sent)
+    instances.record_attempt(factory, "b@1", 2, sent + timedelta(seconds=1))  # the first stays
+    booked = instances.finish(
+        factory, "a@1", BOOKED, None, now=NOW, booking_ref="r", first_sent_at=sent
+    )
+    update(factory, "b@1", late_cause=instances.LATE_DOWN)
+    failed = instances.finish(
+        factory, "b@1", FAILED, "taken", now=NOW, first_sent_at=sent + timedelta(seconds=9)
+    )
+
+    assert booked.timing == "sent 0.8 ms after the window opened"
+    assert rows(factory)["a@1"].first_sent_at == sent
+    # b's first request left at ``sent``, on time, whatever its cause column says.
+    assert failed.timing == "sent 0.8 ms after the window opened"
+    assert rows(factory)["b@1"].first_sent_at == sent
+
+
+def test_a_late_first_request_says_how_late_and_why(factory: sessionmaker[Session]) -> None:
+    for key, cause in (("a@1", instances.LATE_DOWN), ("b@1", None), ("c@1", "loaded")):
+        add_row(factory, key, NOW + timedelta(hours=2), BOOKING)
+        update(factory, key, late_cause=cause)
+    late = TRIGGER_OF_AHEAD + timedelta(seconds=10.9)
+    days = TRIGGER_OF_AHEAD + timedelta(days=3, hours=1)
+
+    a = instances.finish(factory, "a@1", BOOKED, None, now=NOW, first_sent_at=late)
+    b = instances.finish(factory, "b@1", BOOKED, None, now=NOW, first_sent_at=late)
+    c = instances.finish(factory, "c@1", BOOKED, None, now=NOW, first_sent_at=days)
+
+    assert a.timing == "sent 10.9 s late: courtbot was not running at the trigger"
+    assert b.timing == (
+        "sent 10.9 s late: courtbot's trigger fired late (a busy machine or a clock jump)"
+    )
+    assert c.timing == ("sent 3 d 1 h late: the window was already open when the entry was loaded")
+
+
+def test_outcomes_without_a_request_say_so(factory: sessionmaker[Session]) -> None:
+    add_row(factory, "token@1", NOW + timedelta(hours=2), BOOKING)
+    add_row(factory, "down@1", NOW - timedelta(hours=2), PENDING)
+    failed = instances.finish(
+        factory, "token@1", FAILED, "token 'x' is not in tokens.json", now=NOW
+    )
+    (expired,) = expire_missed(factory, NOW)
+    assert failed.timing == "no booking request was sent"
+    assert instances.outcome_of(expired).timing == (
+        "not sent: courtbot was not running at the trigger"
+    )
+    assert failed.retry_helps is True
+    taken = instances.finish(factory, "token@1", FAILED, "taken", now=NOW, retry_helps=False)
+    assert taken.retry_helps is False
+
+
+def test_retry_clears_the_first_send_and_notes_a_window_already_open(
+    factory: sessionmaker[Session],
+) -> None:
+    add_row(factory, "open@1", NOW + timedelta(hours=2), FAILED)
+    add_row(factory, "ahead@1", NOW + timedelta(hours=200), FAILED)
+    for key in ("open@1", "ahead@1"):
+        update(factory, key, first_sent_at=NOW - timedelta(days=1), late_cause=instances.LATE_DOWN)
+
+    assert sorted(
+        instances.retry(factory, "open@1", NOW) + instances.retry(factory, "ahead", NOW)
+    ) == [
+        "ahead@1",
+        "open@1",
+    ]
+
+    after = rows(factory)
+    assert (after["open@1"].first_sent_at, after["open@1"].late_cause) == (
+        None,
+        instances.LATE_RETRY,
+    )
+    assert (after["ahead@1"].first_sent_at, after["ahead@1"].late_cause) == (None, None)
+
+
+def test_a_pending_instance_on_a_date_added_to_skip_is_cancelled(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WED])
+    apply(factory, settings, fernet)
+    write(data_dir, [WED | {"skip": ["2026-12-09"]}])
+    changes = apply(factory, settings, fernet)
+
+    assert (changes.added, changes.cancelled) == (1, 1)  # the rule keeps its 52 ahead
+    skipped = rows(factory)["wed-evening@2026-12-09T17:00:00Z"]
+    assert (skipped.status, skipped.last_error) == (
+        CANCELLED,
+        "its date is in the entry's skip list",
+    )
+    write(data_dir, [WED])
+    assert apply(factory, settings, fernet).revived == 1
+    english = {k: v for k, v in WED.items() if k != "desired_time"}
+    english["rrule"] = "every Wednesday at 17:00 except 2026-12-16"
+    write(data_dir, [english])
+    apply(factory, settings, fernet)
+    assert rows(factory)["wed-evening@2026-12-16T17:00:00Z"].last_error == (
+        "its date is excluded by the entry's rule (except, EXDATE)"
+    )
+
+
+# --------------------------------------------------------------------------- status queries
+
+
+def test_status_rows_filter_by_schedule_status_and_limit(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WED, MATCH])
+    apply(factory, settings, fernet)
+    update(factory, FIRST_WED, status=BOOKED, finished_at=NOW)
+
+    everything = instances.status_rows(factory)
+    assert len(everything) == 53
+    assert [r["key"] for r in instances.status_rows(factory, schedule="match")] == [MATCH_KEY]
+    booked = instances.status_rows(factory, statuses=[BOOKED])
+    assert [r["key"] for r in booked] == [FIRST_WED]
+    first_three = instances.status_rows(factory, schedule="wed-evening", limit=3)
+    assert [r["key"] for r in first_three] == [
+        r["key"] for r in everything if r["schedule"] == "wed-evening"
+    ][:3]
+    assert instances.status_rows(factory, schedule="nope") == []
+
+
+def test_upcoming_and_recent_outcomes(factory: sessionmaker[Session]) -> None:
+    add_row(factory, "booked@1", NOW + timedelta(days=2), BOOKED)
+    add_row(factory, "pending@1", NOW + timedelta(days=1), PENDING)
+    add_row(factory, "later@1", NOW + timedelta(days=9), PENDING)
+    add_row(factory, "cancelled@1", NOW + timedelta(days=1), CANCELLED)
+    add_row(factory, "failed@1", NOW - timedelta(days=1), FAILED)
+    add_row(factory, "old@1", NOW - timedelta(days=20), BOOKED)
+    add_row(factory, "expired@1", NOW - timedelta(hours=1), EXPIRED)
+    update(factory, "booked@1", finished_at=NOW - timedelta(days=5))
+    update(factory, "failed@1", finished_at=NOW - timedelta(days=8))
+    update(factory, "old@1", finished_at=NOW - timedelta(days=27))
+    update(factory, "expired@1", finished_at=NOW - timedelta(hours=1))
+
+    ahead = instances.upcoming(factory, NOW, limit=2)
+    assert [r["key"] for r in ahead] == ["pending@1", "booked@1"]
+    assert [r["key"] for r in instances.upcoming(factory, NOW, schedule="later")] == ["later@1"]
+    recent = instances.recent_outcomes(factory, NOW - timedelta(days=7))
+    assert [r["key"] for r in recent] == ["expired@1", "booked@1"]
+    assert recent[0]["sent"] == "not sent: courtbot was not running at the trigger"
+    assert instances.recent_outcomes(factory, NOW - timedelta(days=7), schedule="booked") == [
+        recent[1]
+    ]
+
+
+def test_an_outcome_is_located_at_its_club(factory: sessionmaker[Session]) -> None:
+    add_row(factory, "a@1", NOW + timedelta(hours=2), BOOKING)
+    add_row(factory, "b@1", NOW + timedelta(hours=2), BOOKING)
+    update(factory, "a@1", club="riverside")
+    assert instances.finish(factory, "a@1", BOOKED, None, now=NOW).location == "riverside"
+    assert instances.finish(factory, "b@1", BOOKED, None, now=NOW).location is None

@@ -19,11 +19,14 @@ ALLOWED: dict[str, set[str]] = {
     "template": {"utils"},
     "models": set(),
     "notify": set(),
-    "scheduler": set(),
+    "scheduler": {"models"},
+    "watchdog": set(),
     "config_loader": {"utils", "template"},
     "instances": {"models", "utils", "config_loader", "template", "notify"},
     "bot": {"instances", "template", "utils", "notify", "models"},
     "leader": {"models"},
+    "report": {"utils"},
+    "heartbeat": {"utils"},
     "wire": set(),
 }
 MODULES = sorted(p.stem for p in ROOT.glob("*.py"))

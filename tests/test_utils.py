@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import config_loader
 import utils
-from conftest import NOW, write_json
+from conftest import NOW, make_jwt, write_json
 
 LONDON = ZoneInfo("Europe/London")
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -264,6 +264,111 @@ def test_format_local_and_as_utc() -> None:
     converted = utils.as_utc(datetime(2026, 7, 1, 17, 0, tzinfo=LONDON))
     assert converted == utc(2026, 7, 1, 16, 0)
     assert converted.tzinfo is UTC
+
+
+def test_format_local_short_adds_the_year_only_when_it_is_not_this_one() -> None:
+    now = utc(2026, 11, 23, 12, 0)
+    assert utils.format_local_short(utc(2026, 12, 3, 17, 0), LONDON, now) == "Thu 3 Dec 17:00 GMT"
+    assert utils.format_local_short(utc(2026, 7, 1, 16, 0), LONDON, now) == "Wed 1 Jul 17:00 BST"
+    assert utils.format_local_short(utc(2027, 1, 7, 9, 0), LONDON, now) == (
+        "Thu 7 Jan 2027 09:00 GMT"
+    )
+    # The year is the zone's: 23:30 UTC on 31 December is already next year in Berlin.
+    new_year = utc(2026, 12, 31, 23, 30)
+    assert utils.format_local_short(new_year, BERLIN, now) == "Fri 1 Jan 2027 00:30 CET"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0 s"),
+        (0.9, "0 s"),
+        (45, "45 s"),
+        (60, "1 min"),
+        (260, "4 min 20 s"),
+        (3600, "1 h"),
+        (3 * 3600 + 5 * 60 + 59, "3 h 5 min"),
+        (86400 * 2, "2 d"),
+        (86400 * 5 + 4 * 3600 + 3599, "5 d 4 h"),
+        (-5, "0 s"),
+    ],
+)
+def test_format_span(seconds: float, text: str) -> None:
+    assert utils.format_span(seconds) == text
+
+
+def test_format_ahead() -> None:
+    now = utc(2026, 11, 23, 12, 0)
+    assert utils.format_ahead(utc(2026, 11, 28, 16, 30), now) == "in 5 d 4 h"
+    assert utils.format_ahead(utc(2026, 11, 23, 9, 50), now) == "2 h 10 min ago"
+    assert utils.format_ahead(now, now) == "in 0 s"
+
+
+@pytest.mark.parametrize(
+    ("after", "cause", "text"),
+    [
+        (timedelta(microseconds=800), None, "sent 0.8 ms after the window opened"),
+        (timedelta(0), "ignored", "sent 0.0 ms after the window opened"),
+        (timedelta(milliseconds=999), None, "sent 999.0 ms after the window opened"),
+        (
+            timedelta(seconds=10.94),
+            "courtbot was not running at the trigger",
+            "sent 10.9 s late: courtbot was not running at the trigger",
+        ),
+        (
+            timedelta(days=2, hours=3, minutes=4),
+            "the window was already open when the entry was loaded",
+            "sent 2 d 3 h late: the window was already open when the entry was loaded",
+        ),
+        (
+            timedelta(seconds=1.5),
+            None,
+            "sent 1.5 s late: courtbot's trigger fired late (a busy machine or a clock jump)",
+        ),
+        (-timedelta(microseconds=300), None, "sent 0.3 ms before the window opened"),
+    ],
+)
+def test_send_timing(after: timedelta, cause: str | None, text: str) -> None:
+    trigger = utc(2026, 11, 25, 17, 0)
+    assert utils.send_timing(trigger, trigger + after, cause) == text
+
+
+def test_jwt_expiry_reads_exp_without_verifying() -> None:
+    assert utils.jwt_expiry(make_jwt({"sub": "me", "exp": 1796220000})) == utc(2026, 12, 2, 14, 0)
+    assert utils.jwt_expiry(make_jwt({"exp": 1796220000.5})) == utc(2026, 12, 2, 14, 0) + timedelta(
+        milliseconds=500
+    )
+    assert utils.jwt_expiry(" " + make_jwt({"exp": 1796220000}) + "\n") is not None
+
+
+def test_secrets_expiry_is_the_earliest_jwt_among_them() -> None:
+    soon, later = 1796220000, 1796306400
+    secrets = {
+        "email": "me@example.org",
+        "token": make_jwt({"exp": later}),
+        "refresh": make_jwt({"exp": soon}),
+    }
+    assert utils.secrets_expiry(secrets) == utc(2026, 12, 2, 14, 0)
+    assert utils.secrets_expiry({"email": "me@example.org", "password": "pw"}) is None
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "opaque-club-token",
+        "a.b",
+        "a..c",
+        "a.!!!.c",
+        "a.bm90IGpzb24.c",  # "not json"
+        make_jwt({"sub": "me"}),
+        make_jwt({"exp": "1796220000"}),
+        make_jwt({"exp": True}),
+        make_jwt({"exp": 10**20}),
+        "eyJhbGciOiJIUzI1NiJ9.WzFd.c2ln",  # a list, not an object
+    ],
+)
+def test_jwt_expiry_is_none_for_anything_else(token: str) -> None:
+    assert utils.jwt_expiry(token) is None
 
 
 def test_instance_key_is_the_id_and_the_utc_start() -> None:
