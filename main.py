@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import errno
 import fcntl
 import functools
 import gc
@@ -24,33 +25,44 @@ import sys
 import threading
 import time
 from collections.abc import Collection, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet, MultiFernet
 
 import bot
 import config_loader
+import heartbeat
 import instances
+import leader
 import models
+import report
 import scheduler
 import utils
-from config_loader import Config, Settings, SettingsError
+import watchdog
+from config_loader import Config, Entry, Settings, SettingsError
 from notify import (
     Notifier,
     NotifyConfigError,
     NotifySettings,
+    escape_controls,
     mask_url,
     validate_notify_urls,
 )
-from template import RequestTemplate, TemplateError, describe_request
+from template import Flow, TemplateError, default_flow, describe_booking, describe_flow
 
 logger = logging.getLogger("courtbot")
 
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_CANNOT_START = 2
+#: The daemon stopped itself because its SQLite file was deleted or replaced under it: non-zero,
+#: so that a supervisor restarts it (on the database written back at exit).
+EXIT_DATABASE_LOST = 1
+#: The daemon could not book for a minute and did not recover: its supervisor restarts it.
+EXIT_NOT_WORKING = 3
 HEARTBEAT_SECONDS = 15.0
 HEARTBEAT_STALE_SECONDS = 4 * HEARTBEAT_SECONDS
 LOG_FILE_BYTES = 5 * 1024 * 1024
@@ -62,6 +74,9 @@ CLOSE_CONNECTIONS_AFTER = 1000
 #: How often the daemon looks for instances a `retry` put back to pending (the CLI may run on
 #: another host, with PostgreSQL, where no signal reaches this daemon).
 RETRY_CHECK_SECONDS = 1.0
+#: A token that expires before a pending booking's trigger is reported (once, by email and
+#: channels) when that trigger is this close.
+TOKEN_NOTICE_AHEAD = timedelta(days=3)
 #: What the daemon's loop handles: reload, stop, stop.
 DAEMON_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
@@ -70,15 +85,111 @@ class StartError(Exception):
     """The daemon cannot start; the message names the cause and the fix (exit 2)."""
 
 
+# --------------------------------------------------------------------------- start-up checks
+
+
+def cannot_write(setting: str, path: Path, exc: OSError, *, instead: str) -> StartError:
+    """The one line for a place the daemon must write and cannot: which, why, and the fix."""
+    reason = exc.strerror or exc.__class__.__name__
+    if exc.errno == errno.EROFS:
+        fix = "mount it read-write"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on its disk"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = f"let user {os.getuid()} write to it (chown or chmod)"
+    else:
+        fix = "check it"
+    return StartError(
+        f"{setting} {path} cannot be written ({reason}): {fix}, or set {setting} to {instead}"
+    )
+
+
+def check_data_dir(settings: Settings) -> None:
+    """DATA_DIR must take a write: a read-only, full or foreign directory is found here, first,
+    and named in one line (a block is written and synced, so a full disk says so now)."""
+    directory = settings.data_dir
+    probe = directory / f".courtbot-write-test.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"courtbot start-up check\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise cannot_write("DATA_DIR", directory, exc, instead="a writable directory") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def database_problem(settings: Settings, exc: BaseException, *, doing: str) -> str:
+    """The one line for a database that cannot be opened or written at start: the driver's
+    words, the database (password masked) and the fix."""
+    if isinstance(exc, OSError):
+        text = exc.strerror or exc.__class__.__name__
+    else:
+        text = models.error_text(exc)
+    db = models.sqlite_path(settings.database_url)
+    low = text.lower()
+    if db is None:
+        fix = "check DATABASE_URL and that the database server accepts connections"
+    elif "full" in low or "no space" in low:
+        fix = f"free space on the disk that holds {db.parent}"
+    elif "not a database" in low:
+        fix = f"{db} is not a SQLite database: check DATABASE_URL"
+    elif "read-only" in low or "readonly" in low or "permission" in low:
+        fix = f"make {db.parent} writable (or set DATABASE_URL elsewhere)"
+    else:
+        fix = f"check DATABASE_URL and that {db.parent} exists and is writable"
+    return f"cannot {doing} the database {models.display_url(settings.database_url)}: {text}; {fix}"
+
+
 # --------------------------------------------------------------------------- logging
 
 
 class _UTCFormatter(logging.Formatter):
+    """UTC ISO timestamps; one event, one line: control characters in the final text (values
+    from files or the club, a traceback) are escaped, so no value can forge a line."""
+
     converter = time.gmtime
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
         return f"{stamp}.{int(record.msecs):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().format(record))
+
+
+class LogFileHandler(logging.handlers.RotatingFileHandler):
+    """The log file. A write that fails (a full or read-only disk) is said once, on the console,
+    which keeps every line meanwhile; not a traceback on stderr for each line."""
+
+    failing = False
+    _failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed = False
+        super().emit(record)
+        if self.failing and not self._failed:
+            self.failing = False
+            logger.warning("the log file %s is written again", self.baseFilename)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed = True
+        if self.failing:
+            return
+        self.failing = True
+        exc = sys.exc_info()[1]
+        reason = getattr(exc, "strerror", None) or exc.__class__.__name__
+        # Logged from inside the handler: the console takes it; this handler, failing, skips it.
+        logger.error(
+            "cannot write the log file %s (%s); the console still gets every line",
+            self.baseFilename,
+            reason,
+        )
 
 
 def setup_logging(settings: Settings | None, *, level: str = "INFO") -> None:
@@ -96,7 +207,7 @@ def setup_logging(settings: Settings | None, *, level: str = "INFO") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        file_handler = logging.handlers.RotatingFileHandler(
+        file_handler = LogFileHandler(
             path, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"
         )
         file_handler.setFormatter(formatter)
@@ -161,12 +272,28 @@ def daemon_running(settings: Settings) -> int | None:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically with mode 0600."""
+    """Write ``text`` to ``path`` atomically with mode 0600 (no temporary file is left behind
+    when that fails, e.g. on a full disk)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def overwrite_in_place(path: Path, text: str) -> None:
+    """Overwrite an existing file from its start, in place: needs no new block on a full disk
+    while ``text`` is no longer than the file."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, text.encode(), 0)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the daemon
@@ -176,11 +303,12 @@ class Daemon:
     """The running worker: owns the database, the scheduler, the club client and the loop."""
 
     def __init__(
-        self, settings: Settings, fernet: MultiFernet, template: RequestTemplate | None
+        self, settings: Settings, fernet: MultiFernet, template: config_loader.FlowFile | None
     ) -> None:
         self.settings = settings
         self.fernet = fernet
-        self._start_template = template  # after start, the one in use lives in self.ctx
+        #: BOOKING_REQUEST_TEMPLATE in use (the last good one); its flow is also in self.ctx.
+        self.template = template
         self.engine: models.Engine | None = None
         self.factory: models.SessionFactory | None = None
         self.scheduler: scheduler.Scheduler | None = None
@@ -193,6 +321,25 @@ class Daemon:
         self._signals_r: socket.socket | None = None
         self._signals_w: socket.socket | None = None
         self._running = False
+        self._pid_written = False
+        #: Watches a SQLite file for its deletion under us; saves what it held at exit.
+        self.guard: models.SqliteGuard | None = None
+        self.database_lost: str | None = None
+        self.exit_code = EXIT_OK
+        self.pinger: heartbeat.Pinger | None = None
+        self._last_beat: float | None = None  # time.monotonic() of the last heartbeat written
+        # CONTRACT section 9, never silently: looked at every second by the loop (``watch``).
+        self.clock = watchdog.ClockWatch()
+        self.watchdog = watchdog.Watchdog()
+        self.overdue = watchdog.Overdue()
+        # The earliest pending trigger as last read (see _late), and when (monotonic; None: to
+        # be read again, as after every change to the jobs): the instances are asked about only
+        # when a trigger is near or passed, not every second of a quiet week.
+        self._next_due: datetime | None = None
+        self._next_due_read: float | None = None
+        self._jobs_changed = 0
+        #: What the last look did to recover, until the next look finds all working again.
+        self._restarted: str | None = None
         self._entry_cache = config_loader.EntryCache()
         self._retries_failing = False
 
@@ -201,7 +348,15 @@ class Daemon:
     def acquire_locks(self) -> None:
         for path in lock_paths(self.settings):
             lock = DirLock(path)
-            if not lock.acquire():
+            try:
+                acquired = lock.acquire()
+            except OSError as exc:
+                self.release_locks()
+                setting = "DATA_DIR" if path == self.settings.lock_path else "DATABASE_URL"
+                raise cannot_write(
+                    setting, path, exc, instead="a writable place (the lock file goes beside it)"
+                ) from None
+            if not acquired:
                 self.release_locks()
                 raise StartError(
                     f"another courtbot daemon already holds {path.parent} ({path.name}); stop it "
@@ -232,18 +387,21 @@ class Daemon:
         try:
             self.engine = models.make_engine(settings.database_url)
         except Exception as exc:  # noqa: BLE001 (any driver error: one line, exit 2)
-            raise StartError(
-                f"cannot open the database {settings.database_url!r}: {exc.__class__.__name__}: "
-                f"{exc}; check DATABASE_URL and that {settings.data_dir} is writable"
-            ) from None
+            raise StartError(database_problem(settings, exc, doing="open")) from None
         self.factory = models.session_factory(self.engine)
+        db_path = models.sqlite_path(settings.database_url)
+        if db_path is not None:
+            self.guard = models.SqliteGuard(db_path)
         try:
             notify_settings = NotifySettings.from_env(settings.env)
         except NotifyConfigError as exc:
             logger.error("notifications: %s; email and channels are off until it is fixed", exc)
             notify_settings = NotifySettings.from_env({})
         # The notifier logs (masked) and skips each invalid NOTIFY_URLS channel itself.
-        self.notifier = Notifier(notify_settings)
+        self.notifier = Notifier(
+            notify_settings,
+            location=club_location(settings, self.template.flow if self.template else None),
+        )
         self.notifier.start()
         self.ctx = bot.BookingContext(
             factory=self.factory,
@@ -251,9 +409,11 @@ class Daemon:
             client=bot.ClubClient(timeout=settings.http_timeout),
             api_url=settings.api_url,
             retry_base=settings.retry_base,
+            early_retry_ms=settings.early_retry_ms,
+            early_retry_seconds=settings.early_retry_seconds,
             stop=self.stop,
             notify=self.notifier.notify,
-            template=self._start_template,
+            template=self.template.flow if self.template is not None else None,
             on_booked=self._booked,
         )
         self.scheduler = scheduler.Scheduler(self.engine)
@@ -273,12 +433,19 @@ class Daemon:
         missed = instances.expire_missed(self.factory, now)
         if missed:
             self.notifier.notify_missed([instances.outcome_of(row) for row in missed])
+        # What is still pending with its trigger passed is booked at once, late: say why.
+        instances.note_late_triggers(self.factory, now)
         self.load(reason="start")
         self.scheduler.start()
         write_private(settings.pid_path, f"{os.getpid()}\n")
+        self._pid_written = True
         self._running = True
         self.heartbeat()
         self.log_summary()
+        self.safe_warn_expiring_tokens()
+        if settings.heartbeat_url is not None:
+            self.pinger = heartbeat.Pinger(settings.heartbeat_url, healthy=self.is_healthy)
+            self.pinger.start()
 
     def log_summary(self) -> None:
         assert self.factory is not None and self.scheduler is not None
@@ -309,7 +476,7 @@ class Daemon:
     def load(self, *, reason: str) -> bool:
         """Read, validate and reconcile the config files; jobs follow. Returns False when a
         file was rejected whole (the last good state stays)."""
-        assert self.factory is not None and self.scheduler is not None
+        assert self.factory is not None and self.scheduler is not None and self.ctx is not None
         with self._load_lock:
             started = time.perf_counter()
             now = datetime.now(UTC)
@@ -322,13 +489,19 @@ class Daemon:
                     (time.perf_counter() - started) * 1000,
                 )
                 return True
-            full_sync = reason == "start" or self.config is None
+            first = reason == "start" or self.config is None
             known = instances.token_names(self.factory)
-            cache = self._entry_cache
             config = config_loader.read_config(
-                self.settings, self.fernet, now, known_tokens=known, cache=cache
+                self.settings,
+                self.fernet,
+                now,
+                known_tokens=known,
+                last_template=self.template,
+                cache=self._entry_cache,
             )
-            self._reload_template(reason)
+            # At start every job gets a look, and when a flow's preparation time changed (its
+            # club's jobs move); otherwise only those of the instances the load changed.
+            full_sync = self._use_flows_and_leads(config) or first
             for error in config.errors:
                 logger.error("%s", error)
             for warning in config.warnings:
@@ -340,17 +513,8 @@ class Daemon:
                     # Our own rewrite is no change for the file check to reload on.
                     written = config_loader.content_digest(config.tokens.written)
                     config.digest[str(self.settings.tokens_path)] = written
-            unchanged: frozenset[str] = frozenset()
-            if reason != "start" and self.config is not None:
-                # Entries exactly as last time need no reconciling (their horizon is the top-up's
-                # job); at start everything is, as the window setting may have changed.
-                before = {e.id: e.fingerprint for e in self.config.schedules.entries}
-                unchanged = frozenset(
-                    e.id for e in config.schedules.entries if before.get(e.id) == e.fingerprint
-                )
-            changes = instances.reconcile(
-                self.factory, config, window=self.settings.window, now=now, unchanged=unchanged
-            )
+            unchanged = self._unchanged_entries(config) if not first else frozenset()
+            changes = instances.reconcile(self.factory, config, now=now, unchanged=unchanged)
             whole_ok = config.schedules.file_error is None
             if whole_ok or self.config is None:
                 self.config = config
@@ -358,65 +522,97 @@ class Daemon:
                 self.config = Config(self.config.schedules, config.tokens, config.digest)
             else:
                 self.config = Config(self.config.schedules, self.config.tokens, config.digest)
-            # At start every job gets a look; after that only those of the instances changed.
             report = self._sync(None if full_sync else changes.keys)
             elapsed = (time.perf_counter() - started) * 1000
-            kept = "" if whole_ok and not config.tokens.file_error else "; kept last good config"
-            if changes.entries_changed:
-                kept = f"; entries changed: {', '.join(sorted(changes.entries_changed))}" + kept
-            figures = (
-                len(self.config.schedules.entries),
-                cache.validated,
-                len(config.errors),
-                changes.summary(),
-                report.added,
-                report.moved,
-                report.removed,
-                kept,
-            )
+            summary = self._load_summary(config, changes, report)
             ok = whole_ok and config.tokens.file_error is None
             touched = len(changes.keys)
             del config, changes  # what the load made is garbage now: give it back
-            given_back = self._give_back_memory(start=full_sync, touched=touched)
+            given_back = self._give_back_memory(start=first, touched=touched, full=full_sync)
             logger.info(
-                "config loaded (%s) in %.1f ms (then %.1f ms giving memory back): %d schedule(s) "
-                "(%d validated), %d error(s); instances: %s; jobs: %d added, %d moved, %d "
-                "removed%s",
+                "config loaded (%s) in %.1f ms (then %.1f ms giving memory back): %s",
                 reason,
                 elapsed,
                 given_back,
-                *figures,
+                summary,
             )
             return ok
 
-    def _reload_template(self, reason: str) -> None:
-        """Re-read the request template; on an error the last good one stays."""
-        if self.settings.template_path is None or reason == "start":
-            return
-        try:
-            template = config_loader.load_template(self.settings)
-        except TemplateError as exc:
-            logger.error("%s; the last good template stays", exc)
-            return
+    def _unchanged_entries(self, config: Config) -> frozenset[str]:
+        """Entries exactly as last time: they need no reconciling (their horizon is the
+        top-up's job). At start there are none, as the window setting may have changed."""
+        assert self.config is not None
+        before = {e.id: e.fingerprint for e in self.config.schedules.entries}
+        return frozenset(
+            e.id for e in config.schedules.entries if before.get(e.id) == e.fingerprint
+        )
+
+    def _load_summary(
+        self, config: Config, changes: instances.Changes, report: scheduler.SyncReport
+    ) -> str:
+        """What a load did, for its log line."""
+        assert self.config is not None
+        kept = ""
+        if config.schedules.file_error is not None or config.tokens.file_error:
+            kept = "; kept last good config"
+        if changes.entries_changed:
+            kept = f"; entries changed: {', '.join(sorted(changes.entries_changed))}" + kept
+        return (
+            f"{len(self.config.schedules.entries)} schedule(s) "
+            f"({self._entry_cache.validated} validated), {len(config.errors)} error(s); "
+            f"instances: {changes.summary()}; jobs: {report.added} added, {report.moved} "
+            f"moved, {report.removed} removed{kept}"
+        )
+
+    def _use_flows_and_leads(self, config: Config) -> bool:
+        """``_use_flows``; True when a flow's preparation time changed with it (the jobs of
+        its club start that much earlier or later now)."""
         assert self.ctx is not None
-        if template != self.ctx.template:
-            self.ctx.template = template
+        clubs: set[str | None] = {None, *self.ctx.clubs}
+        leads = self._club_prepare_seconds(clubs)
+        self._use_flows(config)
+        clubs |= set(self.ctx.clubs)
+        return self._club_prepare_seconds(clubs) != {c: leads.get(c, 0.0) for c in clubs}
+
+    def _use_flows(self, config: Config) -> None:
+        """Put the loaded template and club files in the booking context. An invalid template
+        or club file keeps its last good version (its errors are logged with the rest)."""
+        assert self.ctx is not None
+        if config.template_error is not None:
+            config.template_error += "; the last good template stays"
+        elif self.template is not None and config.template != self.template:
             logger.info("request template reloaded")
+        self.template = config.template
+        self.ctx.template = config.template.flow if config.template is not None else None
+        loaded = {name: club.flow for name, club in config.clubs.items()}
+        for name in sorted(config.schedules.club_errors):
+            if name in self.ctx.clubs:
+                logger.warning("club %r: its last good file stays in use", name)
+        changed = sorted(n for n, flow in loaded.items() if self.ctx.clubs.get(n) != flow)
+        if changed:
+            logger.info("club file(s) loaded: %s", ", ".join(changed))
+        # Never dropped: instances kept as they were (a rejected entry's) still book with them.
+        self.ctx.clubs = {**self.ctx.clubs, **loaded}
 
     def _sync(self, keys: Collection[str] | None = None) -> scheduler.SyncReport:
         """Make the jobs follow the pending instances: those of ``keys`` (what a load or a
         `retry` changed), or with None every one, a page at a time (at start)."""
         assert self.factory is not None and self.scheduler is not None and self.ctx is not None
+        # The watchdog reads the earliest trigger again.
+        self._jobs_changed += 1
+        self._next_due_read = None
         with self.ctx.in_flight_lock:
             busy = frozenset(self.ctx.in_flight)
         if keys is not None:
             pending = instances.pending_triggers(self.factory, keys)
-            return self.scheduler.sync_keys(pending, keys, busy=busy)
+            prepare = self._prepare_seconds(pending)
+            return self.scheduler.sync_keys(pending, keys, busy=busy, prepare=prepare)
         # Everything: every wakeup recorded so far is covered (read before, cleared after).
         handled = instances.wakeups(self.factory)
         report = scheduler.SyncReport(0, 0, 0)
         for page in instances.pending_trigger_pages(self.factory):
-            report += self.scheduler.sync_keys(page, page.keys(), busy=busy)
+            prepare = self._prepare_seconds(page)
+            report += self.scheduler.sync_keys(page, page.keys(), busy=busy, prepare=prepare)
         after = ""
         while ids := self.scheduler.job_ids(after=after):
             still = instances.pending_triggers(self.factory, ids)
@@ -459,11 +655,13 @@ class Daemon:
                 logger.info("looking for retried instances works again")
             self._retries_failing = False
 
-    def _give_back_memory(self, *, start: bool = False, touched: int = 0) -> float:
+    def _give_back_memory(
+        self, *, start: bool = False, touched: int = 0, full: bool = False
+    ) -> float:
         """After a load: collect its garbage and hand the heap's free memory back to the
-        system, so that the daemon rests small whatever its loads have been; after the start or
-        a load that touched many instances, close the idle database connections too (with what
-        they cached). Returns the milliseconds it took.
+        system, so that the daemon rests small whatever its loads have been; after the start, a
+        full job sync or a load that touched many instances, close the idle database
+        connections too (with what they cached). Returns the milliseconds it took.
 
         At start (before any booking) everything then alive is moved out of the collector's
         sight (``gc.freeze``): the libraries' tens of thousands of objects live as long as the
@@ -475,7 +673,7 @@ class Daemon:
         collected = gc.collect()
         if start:
             gc.freeze()
-        closed = start or touched >= CLOSE_CONNECTIONS_AFTER
+        closed = start or full or touched >= CLOSE_CONNECTIONS_AFTER
         if closed:
             models.close_idle_connections(self.engine)
         trimmed = trim_heap()
@@ -489,6 +687,28 @@ class Daemon:
             "trimmed" if trimmed else "not trimmable here (no glibc)",
         )
         return took
+
+    def _prepare_seconds(self, pending: dict[str, datetime]) -> dict[str, float]:
+        """How long before its trigger each of these pending instances' flow prepares (a
+        login): its job starts that much earlier. Instances without preparation are left out."""
+        assert self.factory is not None
+        clubs = instances.pending_clubs(self.factory, pending.keys())
+        by_club = self._club_prepare_seconds({None, *clubs.values()})
+        prepare = {key: by_club[clubs.get(key)] for key in pending}
+        return {key: value for key, value in prepare.items() if value}
+
+    def _club_prepare_seconds(self, clubs: Collection[str | None]) -> dict[str | None, float]:
+        """Each club's preparation time (None: the template's or section 6's request)."""
+        assert self.ctx is not None
+        ctx = self.ctx
+
+        def seconds(club: str | None) -> float:
+            try:
+                return ctx.flow_for(club).prepare_seconds
+            except KeyError:
+                return 0.0  # nothing to book with: the booking says so at its trigger
+
+        return {club: seconds(club) for club in clubs}
 
     def config_changed(self) -> bool:
         return self.config is None or config_loader.config_digest(self.settings) != (
@@ -514,11 +734,7 @@ class Daemon:
             if not ids:
                 return
             changes = instances.reconcile(
-                self.factory,
-                self.config,
-                window=self.settings.window,
-                now=datetime.now(UTC),
-                only=ids,
+                self.factory, self.config, now=datetime.now(UTC), only=ids
             )
             if not changes.empty:
                 self._sync(changes.keys)
@@ -530,18 +746,87 @@ class Daemon:
     # -- the loop -----------------------------------------------------------------------
 
     def heartbeat(self) -> None:
-        with contextlib.suppress(OSError):
-            write_private(self.settings.heartbeat_path, f"{time.time():.0f}\n")
+        """The beat `health` reads, with the watchdog's state. On a full disk the file is
+        rewritten in place (always the same length: no new block needed)."""
+        text = watchdog.heartbeat_text(time.time(), self.watchdog.health())
+        try:
+            write_private(self.settings.heartbeat_path, text)
+        except OSError:
+            with contextlib.suppress(OSError):
+                overwrite_in_place(self.settings.heartbeat_path, text)
+        self._last_beat = time.monotonic()
+
+    def is_healthy(self) -> bool:
+        """True while this daemon runs, is not stopping, and its loop wrote a heartbeat lately:
+        what the dead-man's switch (HEARTBEAT_URL) vouches for with each ping."""
+        beat = self._last_beat
+        return (
+            self._running
+            and not self.stop.is_set()
+            and beat is not None
+            and time.monotonic() - beat < HEARTBEAT_STALE_SECONDS
+            and self.watchdog.health() is None
+        )
+
+    # -- tokens that expire before a booking ----------------------------------------------
+
+    def warn_expiring_tokens(self, now: datetime) -> list[str]:
+        """Report, once per token and expiry, a JWT that expires before the trigger of a pending
+        booking, when that trigger is within TOKEN_NOTICE_AHEAD (an email and a channel
+        message, days before it would fail with a 401). Returns the tokens reported now."""
+        assert self.factory is not None and self.notifier is not None
+        reported = []
+        for name, expires in sorted(instances.token_expiries(self.factory, self.fernet).items()):
+            count, first = instances.pending_from(self.factory, name, expires)
+            if first is None or first.trigger_time - now > TOKEN_NOTICE_AHEAD:
+                continue
+            if not instances.remember_notice(
+                self.factory, f"token-expiry:{name}:{expires.timestamp():.0f}", now
+            ):
+                continue
+            self.notifier.notify_warning(
+                f"token {name!r}", *_token_expiry_message(name, expires, count, first, now)
+            )
+            reported.append(name)
+        return reported
+
+    def safe_warn_expiring_tokens(self) -> None:
+        try:
+            self.warn_expiring_tokens(datetime.now(UTC))
+        except Exception:
+            logger.exception("could not check the tokens' expiry")
+
+    def database_present(self) -> bool:
+        """False (after one error line) once the SQLite file was deleted or replaced under the
+        daemon: it then stops rather than book into a database nobody will read again."""
+        if self.guard is None or self.database_lost is not None:
+            return self.database_lost is None
+        self.database_lost = self.guard.check()
+        if self.database_lost is None:
+            return True
+        self.exit_code = EXIT_DATABASE_LOST
+        logger.error(
+            "the database file %s was %s while courtbot ran: stopping (exit %d) so that nothing "
+            "is booked into a database that is gone; what it held is saved at exit",
+            self.guard.path,
+            self.database_lost,
+            EXIT_DATABASE_LOST,
+        )
+        return False
 
     def run_forever(self) -> None:
         """Wait for signals and timers; reload or stop here, never in a handler."""
         assert self._signals_r is not None
         next_check = time.monotonic() + self.settings.reload_interval
         next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        next_watch = time.monotonic() + watchdog.INTERVAL
         next_retries = time.monotonic() + RETRY_CHECK_SECONDS
         while not self.stop.is_set():
-            timeout = max(0.0, min(next_check, next_beat, next_retries) - time.monotonic())
+            wake = min(next_check, next_beat, next_watch, next_retries)
+            timeout = max(0.0, wake - time.monotonic())
             ready, _, _ = select.select([self._signals_r], [], [], timeout)
+            if not self.database_present():
+                break
             signals: set[int] = set()
             if ready:
                 with contextlib.suppress(BlockingIOError):
@@ -554,17 +839,136 @@ class Daemon:
                 logger.info("SIGHUP received: reloading")
                 self.safe_load("SIGHUP")
             now = time.monotonic()
+            if now >= next_watch:
+                next_watch = now + watchdog.INTERVAL
+                self.watch()
             if now >= next_check:
                 next_check = now + self.settings.reload_interval
                 if self.config_changed():
                     logger.info("config files changed: reloading")
                     self.safe_load("file change")
+                self.safe_warn_expiring_tokens()
             if now >= next_beat:
                 next_beat = now + HEARTBEAT_SECONDS
                 self.heartbeat()
             if now >= next_retries:
                 next_retries = now + RETRY_CHECK_SECONDS
                 self.safe_pick_up_retries()
+
+    # -- the watchdog (CONTRACT section 9: never silently) -------------------------------
+
+    def watch(self) -> None:
+        """Once a second: notice a wall-clock jump (the scheduler is woken), and whether the
+        scheduler can fire and its triggers are not overdue. When not, it is logged at once,
+        `health` says so, and it is recovered (restarted and re-synced from the instances, so
+        overdue bookings go at once) as soon as the database takes writes again, which the next
+        look confirms; after a minute of failing, the daemon stops with EXIT_NOT_WORKING for its
+        supervisor to restart it."""
+        jump = self.clock.check()
+        if jump is not None:
+            self._clock_jumped(jump)
+        if self.watchdog.problem is None or self._restarted is not None:
+            problem = self._find_problem()
+            if problem is None:
+                if self._restarted is not None:
+                    # Restarted at the last look, and working since: recovered.
+                    self.watchdog.recovered(self._restarted)
+                    self._restarted = None
+                    self.heartbeat()
+                return
+            if not self._report(problem):
+                return
+        self._restarted = self._recover()
+
+    def _find_problem(self) -> str | None:
+        """What keeps the daemon from booking now (None: nothing)."""
+        assert self.scheduler is not None and self.factory is not None and self.ctx is not None
+        problem = self.scheduler.problem()
+        if problem is not None:
+            return problem
+        try:
+            late = self._late()
+        except models.DatabaseError as exc:
+            return f"the database cannot be read ({models.error_text(exc)})"
+        with self.ctx.in_flight_lock:
+            busy = set(self.ctx.in_flight)
+        overdue = self.overdue.check(key for key in late if key not in busy)
+        return watchdog.describe_overdue(overdue) if overdue else None
+
+    def _late(self) -> list[str]:
+        """The pending instances whose job should have started LATE_AFTER ago (a job starts LEAD
+        before its trigger). The instances are asked only once the earliest pending trigger, as
+        last read, is that close; it is read again after each change to the jobs, and at least
+        every NEXT_DUE_REFRESH seconds whatever happens."""
+        assert self.factory is not None
+        before = datetime.now(UTC) + scheduler.LEAD - timedelta(seconds=watchdog.LATE_AFTER)
+        read = self._next_due_read
+        if (
+            read is not None
+            and time.monotonic() - read < watchdog.NEXT_DUE_REFRESH
+            and (self._next_due is None or self._next_due >= before)
+        ):
+            return []
+        changes = self._jobs_changed
+        late = instances.overdue(self.factory, before)
+        self._next_due_read = None
+        if not late:
+            next_due = instances.next_trigger(self.factory)
+            if changes == self._jobs_changed:  # no sync meanwhile (a top-up's, in its thread)
+                self._next_due, self._next_due_read = next_due, time.monotonic()
+        return late
+
+    def _recover(self) -> str | None:
+        """Restart the scheduler and re-sync its jobs from the instances, once the database takes
+        writes. Returns what was done, or None (the watchdog told why) while it cannot be.
+        Recovered is what the next look says: an overdue booking still not started is still a
+        problem (and the time toward giving up runs on)."""
+        assert self.scheduler is not None
+        with self._load_lock:
+            try:
+                self.scheduler.probe_write()
+            except Exception as exc:  # noqa: BLE001 (whatever the driver says, try again)
+                self._report(f"the database cannot be written ({models.error_text(exc)})")
+                return None
+            try:
+                self.scheduler.restart()
+                report = self._sync()
+                self.scheduler.start()
+            except Exception as exc:  # noqa: BLE001 (as above)
+                self._report(f"the scheduler cannot restart ({models.error_text(exc)})")
+                return None
+        return (
+            f"restarted and re-synced from the instances (jobs: {report.added} added, "
+            f"{report.moved} moved, {report.removed} removed); overdue bookings go now"
+        )
+
+    def _report(self, problem: str) -> bool:
+        """Tell the watchdog what is wrong (it logs) and `health` (the heartbeat, at once).
+        False when it is time to give up: the loop then stops, with EXIT_NOT_WORKING."""
+        going_on = self.watchdog.report(problem)
+        if not going_on:
+            self.exit_code = EXIT_NOT_WORKING
+            self.stop.set()
+        self.heartbeat()
+        return going_on
+
+    def _clock_jumped(self, jump: float) -> None:
+        """APScheduler sleeps on a wait computed from the wall clock: wake it to look again."""
+        if jump > 0:
+            logger.warning(
+                "the wall clock jumped forward by %.1f s (an NTP step, a resumed VM?): scheduler "
+                "woken; triggers it passed are booked now",
+                jump,
+            )
+        else:
+            logger.warning(
+                "the wall clock jumped backward by %.1f s: scheduler woken; no request leaves "
+                "before its trigger by the clock",
+                -jump,
+            )
+        assert self.scheduler is not None
+        self.scheduler.wakeup()
+        self.overdue.forget()
 
     def safe_load(self, reason: str) -> None:
         try:
@@ -575,8 +979,17 @@ class Daemon:
     def shutdown(self) -> None:
         """Stop taking triggers, let a booking in flight finish, release everything."""
         self.stop.set()
+        if self._running:
+            # From now on `health` says 1, whatever the last heartbeat said.
+            with contextlib.suppress(FileNotFoundError):
+                self.settings.heartbeat_path.unlink()
+        if self.pinger is not None:
+            self.pinger.close()
         if self.scheduler is not None:
-            self.scheduler.shutdown(wait=True)
+            # Giving up: a scheduler thread stuck in the database must not keep the process up.
+            bound = None if self.exit_code == EXIT_OK else self.settings.http_timeout + 5.0
+            if not self.scheduler.shutdown(wait=True, timeout=bound):
+                logger.error("the scheduler did not stop in %.0f s; exiting anyway", bound)
         scheduler.set_runtime(None)
         if self.ctx is not None:
             self.ctx.client.close()
@@ -585,11 +998,80 @@ class Daemon:
         if self.engine is not None:
             self.engine.dispose()
         gc.unfreeze()  # what the start froze is the collector's again (see _give_back_memory)
-        with contextlib.suppress(FileNotFoundError):
-            self.settings.pid_path.unlink()
+        self._close_guard()
+        self._remove_pid_file()
         self.release_locks()
         if self._running:
             logger.info("courtbot stopped")
+
+    def _close_guard(self) -> None:
+        """Close the database guard; when the file was lost, save what the daemon held first."""
+        if self.guard is None:
+            return
+        if self.database_lost is None:
+            self.guard.close()
+            return
+        try:
+            saved = self.guard.save()
+        except OSError as exc:
+            logger.error("the database could not be saved (%s): its last state is lost", exc)
+            return
+        if saved == self.guard.path:
+            logger.error("the database as courtbot last saw it is written back to %s", saved)
+        else:
+            logger.error(
+                "the database as courtbot last saw it is saved to %s; %s (the file put there "
+                "while courtbot ran) is used at the next start",
+                saved,
+                self.guard.path,
+            )
+
+    def _remove_pid_file(self) -> None:
+        """Remove bot.pid if this daemon wrote it and it still holds its pid: a daemon refused
+        at start never removes the running one's."""
+        if not self._pid_written:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if int(self.settings.pid_path.read_text().strip()) == os.getpid():
+                self.settings.pid_path.unlink()
+
+
+def club_location(settings: Settings, template: Flow | None) -> str | None:
+    """Where the courts are, for calendar entries: the booking URL's host (the template's
+    booking step's, else BOOKING_API_URL's), without user, password or port."""
+    url = (
+        template.booking_step.url.source()
+        if template is not None and template.has_url
+        else settings.api_url
+    )
+    try:
+        return urlsplit(url).hostname if url else None
+    except ValueError:
+        return None
+
+
+def _token_expiry_message(
+    name: str, expires: datetime, count: int, first: models.Instance, now: datetime
+) -> tuple[str, str]:
+    """The subject and body of the one report about a token that expires before a booking."""
+    zone = utils.get_zone(first.timezone)
+    state = "expired" if expires <= now else "expires"
+    subject = f"Token {name!r} {state} {utils.format_utc(expires)}, before {count} booking(s)"
+    body = "\n".join(
+        [
+            f"Token {name!r} in tokens.json is a JWT that {state} {utils.format_utc(expires)} "
+            f"({utils.format_ahead(expires, now)}).",
+            f"{count} pending booking(s) have their window open after that: at its trigger the "
+            "club would reject the token (401). The first:",
+            "",
+            f"    {first.key}: window opens {utils.format_local(first.trigger_time, zone)} "
+            f"({utils.format_ahead(first.trigger_time, now)})",
+            "",
+            "What to do: put a fresh token in tokens.json (python main.py encrypt-token encrypts "
+            "it), then python main.py reload.",
+        ]
+    )
+    return subject, body
 
 
 def trim_heap() -> bool:
@@ -637,7 +1119,7 @@ def load_fernet(settings: Settings) -> MultiFernet:
         raise StartError(str(exc)) from None
 
 
-def load_template(settings: Settings) -> RequestTemplate | None:
+def load_template(settings: Settings) -> config_loader.FlowFile | None:
     """The request template named by BOOKING_REQUEST_TEMPLATE, validated (None when unset)."""
     try:
         return config_loader.load_template(settings)
@@ -645,17 +1127,52 @@ def load_template(settings: Settings) -> RequestTemplate | None:
         raise StartError(str(exc)) from None
 
 
+def require_api_url(settings: Settings, fernet: MultiFernet) -> None:
+    """Without BOOKING_API_URL (and no template with a url), ``run`` starts only when club
+    files give every entry its request: DATA_DIR/clubs/ holds some, and every entry of
+    schedules.json names one. StartError otherwise."""
+    message = (
+        "BOOKING_API_URL is not set: set it to the club's booking endpoint "
+        "(e.g. https://club.example/api/bookings)"
+    )
+    if not config_loader.has_club_files(settings):
+        raise StartError(message)
+    config = config_loader.read_config(settings, fernet, datetime.now(UTC))
+    needing = config.schedules.without_request
+    if needing:
+        raise StartError(f"{message}, or name a club file in {', '.join(needing)}")
+
+
+def start_failure(settings: Settings, exc: Exception) -> str:
+    """Why the daemon could not start, in one line: a StartError says it already; a file or the
+    database that could not be written at start (a disk that filled up, went read-only) too."""
+    if isinstance(exc, StartError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return str(
+            cannot_write("DATA_DIR", Path(exc.filename), exc, instead="a writable directory")
+        )
+    return database_problem(settings, exc, doing="write")
+
+
 def cmd_run(env: dict[str, str]) -> int:
     try:
         settings = load_settings(env)
         fernet = load_fernet(settings)
         template = load_template(settings)
-        if settings.api_url is None and (template is None or not template.has_url):
-            raise StartError(
-                "BOOKING_API_URL is not set: set it to the club's booking endpoint "
-                "(e.g. https://club.example/api/bookings)"
-            )
-        setup_logging(settings)
+        if settings.api_url is None and (template is None or not template.flow.has_url):
+            require_api_url(settings, fernet)
+        check_data_dir(settings)
+        try:
+            setup_logging(settings)
+        except OSError as exc:
+            assert settings.log_file is not None
+            raise cannot_write(
+                "LOG_FILE",
+                settings.log_file,
+                exc,
+                instead="a writable file, or to - (console only)",
+            ) from None
     except StartError as exc:
         print(f"courtbot: cannot start: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
@@ -668,20 +1185,36 @@ def cmd_run(env: dict[str, str]) -> int:
     daemon = Daemon(settings, fernet, template)
     try:
         daemon.start()
-    except StartError as exc:
-        print(f"courtbot: cannot start: {exc}", file=sys.stderr)
+    except (StartError, OSError, models.DatabaseError) as exc:
+        print(f"courtbot: cannot start: {start_failure(settings, exc)}", file=sys.stderr)
         daemon.shutdown()
         return EXIT_CANNOT_START
     try:
         daemon.run_forever()
     finally:
         daemon.shutdown()
-    return EXIT_OK
+    return daemon.exit_code
 
 
-def _print_check(
-    config: Config, settings: Settings, now: datetime, template: RequestTemplate | None
-) -> None:
+def _request_of(entry: config_loader.Entry, config: Config, settings: Settings) -> str:
+    """Where an entry's request comes from, for a person."""
+    if entry.club is not None:
+        return f"club: {entry.club} ({config.clubs[entry.club].label})"
+    if config.template is not None:
+        return f"request: {config.template.label}"
+    return f"request: BOOKING_API_URL ({settings.api_url})"
+
+
+def _flow_of(entry: config_loader.Entry, config: Config, settings: Settings) -> Flow | None:
+    """What the entry's bookings are rendered from (None when nothing gives it a request)."""
+    if entry.club is not None:
+        return config.clubs[entry.club].flow
+    if config.template is not None:
+        return config.template.flow
+    return default_flow(settings.api_url) if settings.api_url else None
+
+
+def _print_check(config: Config, settings: Settings, now: datetime) -> None:
     entries = config.schedules.entries
     print(
         f"{settings.schedules_path}: {len(entries)} valid entr{'y' if len(entries) == 1 else 'ies'}"
@@ -695,14 +1228,19 @@ def _print_check(
             f"\n{entry.id} (#{entry.position}): {entry.type}, {entry.timezone}, court {courts}, "
             f"token {entry.token!r}, {entry.duration_minutes} min{state}"
         )
+        print(f"  {_request_of(entry, config, settings)}")
+        source = "entry" if entry.window_from == "entry" else f"from {entry.window_from}"
+        print(f"  window: {entry.window} ({source})")
         if entry.rule is not None:
             rfc = entry.rule.rfc.replace("\n", " ")
             print(f"  rule: {rfc}")
+        if entry.skip:
+            print(f"  skip: {', '.join(f'{day:%Y-%m-%d}' for day in sorted(entry.skip))}")
         pairs = [p for p in entry.occurrences(now, CHECK_INSTANCES) if p[1] > now]
         if not pairs:
             print("  no instance ahead")
         for wall, start in pairs[:CHECK_INSTANCES]:
-            trigger = utils.trigger_time(start, zone, settings.window)
+            trigger = utils.trigger_time(start, zone, entry.window)
             line = (
                 f"  {utils.format_local(start, zone)}  = {utils.format_utc(start)}  "
                 f"trigger {utils.format_utc(trigger)}"
@@ -713,10 +1251,32 @@ def _print_check(
             note = utils.describe_wall_clock_issue(wall, zone)
             if note:
                 print(f"    warning: {note}")
-        if template is not None and pairs:
-            described = describe_request(template, entry.slot(pairs[0][1]))
-            print("  request (next instance, token masked):")
+        flow = _flow_of(entry, config, settings)
+        if flow is not None and pairs:
+            described = describe_flow(flow, entry.slot(pairs[0][1]))
+            if flow.single:
+                print("  request (next instance, token masked):")
+            else:
+                print("  flow (next instance, secrets masked, extracted values as <step.value>):")
             print("    " + described.replace("\n", "\n    "))
+
+
+def _print_tokens(tokens: config_loader.TokensResult) -> None:
+    """Each token of tokens.json by name, and how the file holds it (never a value)."""
+    if tokens.file_error is not None or tokens.missing:
+        return
+    print(f"{config_loader.TOKENS_FILE}: {len(tokens.tokens)} token(s)")
+    for name, token in tokens.tokens.items():
+        kind = f"object of {', '.join(token.fields)}, " if token.fields is not None else ""
+        if token.error is not None:
+            held = "unusable (see the error above)"
+        elif token.plaintext:
+            held = "plaintext (the daemon encrypts it in the file when it loads it)"
+        elif token.rewrite:
+            held = "encrypted under an older key (the daemon re-encrypts it under the first)"
+        else:
+            held = "encrypted"
+        print(f"  {name!r}: {kind}{held}")
 
 
 def _print_notifications(settings: NotifySettings) -> None:
@@ -744,12 +1304,6 @@ def cmd_check(env: dict[str, str]) -> int:
         print(f"courtbot check: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
     invalid = False
-    template = None
-    try:
-        template = load_template(settings)
-    except StartError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        invalid = True
     now = datetime.now(UTC)
     config = config_loader.read_config(settings, fernet, now)
     for warning in config.warnings:
@@ -766,7 +1320,8 @@ def cmd_check(env: dict[str, str]) -> int:
     except NotifyConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         invalid = True
-    _print_check(config, settings, now, template)
+    _print_tokens(config.tokens)
+    _print_check(config, settings, now)
     if config.errors or invalid:
         count = len(config.errors) + int(invalid)
         print(f"\ninvalid: {count} problem(s); see the errors above", file=sys.stderr)
@@ -775,62 +1330,182 @@ def cmd_check(env: dict[str, str]) -> int:
     return EXIT_OK
 
 
-def _open_existing_db(settings: Settings, *, upgrade: bool = False) -> models.SessionFactory | None:
-    """Sessions on the database when it exists with its tables (None otherwise); never creates
+def _dry_run_setup(
+    settings: Settings, fernet: MultiFernet, schedule_id: str
+) -> tuple[Flow, Entry, datetime, dict[str, str]]:
+    """What ``dry-run`` needs: the flow, the entry, its next start and the token's secrets.
+    Raises StartError naming what is missing."""
+    now = datetime.now(UTC)
+    config = config_loader.read_config(settings, fernet, now)
+    if config.template_error is not None:
+        raise StartError(config.template_error)
+    entry = next((e for e in config.schedules.entries if e.id == schedule_id), None)
+    if entry is None:
+        errors = [e for e in config.errors if repr(schedule_id) in e]
+        raise StartError(
+            f"no valid entry {schedule_id!r} in {settings.schedules_path}"
+            + (f": {errors[0]}" if errors else "; `python main.py check` lists the entries")
+        )
+    starts = [start for start in entry.starts(now, 5) if start > now]
+    if not starts:
+        raise StartError(f"entry {schedule_id!r} has no instance ahead")
+    flow = _flow_of(entry, config, settings)
+    if flow is None:
+        raise StartError("BOOKING_API_URL is not set, and no BOOKING_REQUEST_TEMPLATE names a url")
+    token = config.tokens.tokens.get(entry.token)
+    secrets = None
+    if token is not None and token.encrypted is not None:
+        secrets = utils.decrypt_secrets(fernet, token.encrypted)
+    if secrets is None:
+        why = token.error if token is not None and token.error else "is not in tokens.json"
+        raise StartError(f"token {entry.token!r}: {why}")
+    return flow, entry, starts[0], secrets
+
+
+def cmd_dry_run(env: dict[str, str], schedule_id: str, out: IO[str]) -> int:
+    """Run the preparation steps of the schedule's next instance against the club now."""
+    try:
+        settings = load_settings(env)
+    except StartError as exc:
+        print(f"courtbot dry-run: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        fernet = load_fernet(settings)
+    except StartError as exc:
+        print(f"courtbot dry-run: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    try:
+        flow, entry, start, secrets = _dry_run_setup(settings, fernet, schedule_id)
+    except StartError as exc:
+        print(f"courtbot dry-run: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    zone = entry.zone
+    slot = entry.slot(start)
+    out.write(f"{entry.id}: next instance {utils.format_local(start, zone)} ({slot.key})\n")
+    prepare = flow.phase("prepare")
+    problem = None
+    if not prepare:
+        out.write("no preparation step: nothing is sent before the trigger\n")
+    else:
+        client = bot.ClubClient(timeout=settings.http_timeout)
+        try:
+            reports, problem = bot.dry_run(client, flow, slot, secrets, entry.token)
+        finally:
+            client.close()
+        for report in reports:
+            out.write(_report_line(report) + "\n")
+    court = slot.courts[0]
+    out.write("booking request it would send at the trigger (secrets masked):\n")
+    out.write("  " + describe_booking(flow, slot, court).replace("\n", "\n  ") + "\n")
+    if problem is not None:
+        print(f"courtbot dry-run: {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    out.write("OK: every preparation step succeeded\n" if prepare else "OK\n")
+    return EXIT_OK
+
+
+def _report_line(report: bot.StepReport) -> str:
+    """One preparation step's send as ``dry-run`` prints it: status and value names, masked."""
+    court = (
+        f" (court {report.court if report.court is not None else 'any'})"
+        if report.per_court
+        else ""
+    )
+    status = f"HTTP {report.status}" if report.status is not None else "no answer"
+    if report.problem is not None:
+        return f"  step {report.step}{court}: {status}: FAILED: {report.problem}"
+    values = ", ".join(f"{name}={utils.MASK}" for name in report.values)
+    return f"  step {report.step}{court}: {status} ok" + (f"; extracted {values}" if values else "")
+
+
+def _open_existing_engine(settings: Settings, *, upgrade: bool = False) -> models.Engine | None:
+    """An engine on the database when it exists with its tables (None otherwise); never creates
     it. With ``upgrade`` (a writer), the columns an earlier release lacked are added."""
     db = models.sqlite_path(settings.database_url)
     if db is not None and not db.exists():
         return None
     engine = models.make_engine(settings.database_url, create=False)
     if not models.has_tables(engine):
+        engine.dispose()
         return None
     if upgrade:
         models.add_missing_columns(engine)
         models.add_missing_tables(engine)
-    return models.session_factory(engine)
+    return engine
 
 
-def cmd_status(env: dict[str, str], as_json: bool, out: IO[str]) -> int:
+def _open_existing_db(settings: Settings, *, upgrade: bool = False) -> models.SessionFactory | None:
+    """Sessions on the database when it exists with its tables (None otherwise)."""
+    engine = _open_existing_engine(settings, upgrade=upgrade)
+    return None if engine is None else models.session_factory(engine)
+
+
+def daemon_facts(
+    settings: Settings, engine: models.Engine | None, now: datetime
+) -> report.DaemonFacts:
+    """What ``status`` says about the daemons: the one holding DATA_DIR (pid and heartbeat file)
+    and the rows of the ``daemons`` table (active and standbys, where daemons write it)."""
+    try:
+        age: float | None = time.time() - float(settings.heartbeat_path.read_text().strip())
+    except (OSError, ValueError):
+        age = None
+    daemons: tuple[report.DaemonInfo, ...] = ()
+    if engine is not None and models.has_table(engine, models.Daemon.__tablename__):
+        daemons = tuple(
+            report.DaemonInfo(
+                host=state.host,
+                pid=state.pid,
+                role=state.role,
+                heartbeat_age=(now - state.heartbeat_at).total_seconds(),
+                alive=state.alive,
+            )
+            for state in leader.list_daemons(engine, now=now)
+        )
+    return report.DaemonFacts(
+        daemon_running(settings), age, daemons, stale_after=HEARTBEAT_STALE_SECONDS
+    )
+
+
+#: ``status --upcoming``: what is still to be booked.
+UPCOMING = (models.PENDING, models.BOOKING)
+
+
+def cmd_status(env: dict[str, str], args: argparse.Namespace, out: IO[str]) -> int:
     try:
         settings = load_settings(env)
     except StartError as exc:
         print(f"courtbot status: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    rows = instances.status_rows(_open_existing_db(settings))
-    if as_json:
-        json.dump(rows, out, indent=2)
-        out.write("\n")
-        return EXIT_OK
-    if not rows:
-        out.write("no instances yet\n")
-        return EXIT_OK
-    columns = [
-        ("SCHEDULE", "schedule"),
-        ("KEY", "key"),
-        ("DESIRED (LOCAL)", "desired_local"),
-        ("TRIGGER (UTC)", "trigger_time"),
-        ("COURT", "court"),
-        ("STATUS", "status"),
-        ("TRIES", "attempts"),
-        ("REF", "booking_ref"),
-        ("LAST ERROR", "last_error"),
-    ]
-    table = []
-    for row in rows:
-        court = row["booked_court"] or row["court_id"]
-        shown = dict(row)
-        shown["court"] = (
-            ", ".join(court) if isinstance(court, list) else ("any" if court is None else court)
+    engine = _open_existing_engine(settings)
+    factory = None if engine is None else models.session_factory(engine)
+    try:
+        statuses = UPCOMING if args.upcoming else ([args.status] if args.status else None)
+        rows = instances.status_rows(
+            factory, schedule=args.schedule, statuses=statuses, limit=args.limit
         )
-        shown["desired_local"] = row["desired_local"][:16].replace("T", " ") + " " + row["timezone"]
-        table.append([str(shown[name] if shown[name] is not None else "-") for _, name in columns])
-    widths = [max(len(h), *(len(r[i]) for r in table)) for i, (h, _) in enumerate(columns)]
-    widths[-1] = len(columns[-1][0])
-    out.write("  ".join(h.ljust(w) for (h, _), w in zip(columns, widths, strict=True)).rstrip())
-    out.write("\n")
-    for r in table:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
-    return EXIT_OK
+        if args.json:
+            json.dump(rows, out, indent=2)
+            out.write("\n")
+            return EXIT_OK
+        now = datetime.now(UTC)
+        filtered = args.schedule or statuses or args.limit
+        out.write(
+            report.render(
+                daemon_facts(settings, engine, now),
+                instances.upcoming(factory, now, schedule=args.schedule, limit=report.NEXT_SHOWN),
+                instances.recent_outcomes(
+                    factory, report.outcomes_since(now), schedule=args.schedule
+                ),
+                rows,
+                now=now,
+                palette=report.Palette(report.colour_wanted(out.isatty(), env)),
+                empty="no instance matches" if filtered else "no instances yet",
+            )
+        )
+        return EXIT_OK
+    finally:
+        if engine is not None:
+            engine.dispose()
 
 
 def cmd_retry(env: dict[str, str], target: str) -> int:
@@ -883,12 +1558,33 @@ def cmd_reload(env: dict[str, str]) -> int:
 
 
 def cmd_health(env: dict[str, str]) -> int:
-    """Exit 0 while the daemon's heartbeat is fresh (the container's HEALTHCHECK)."""
+    """Exit 0 while a daemon holds DATA_DIR, its process lives and its heartbeat is fresh and
+    says its scheduler works (the container's HEALTHCHECK); 1 once it has stopped, whatever its
+    last heartbeat."""
     try:
         settings = load_settings(env)
-        age = time.time() - float(settings.heartbeat_path.read_text().strip())
-    except (StartError, OSError, ValueError) as exc:
+    except StartError as exc:
+        print(f"courtbot health: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    pid = daemon_running(settings)
+    if pid is None:
+        print(f"courtbot health: no daemon runs on {settings.data_dir}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        print(f"courtbot health: the daemon of bot.pid (pid {pid}) is gone", file=sys.stderr)
+        return EXIT_INVALID
+    except PermissionError:
+        pass  # alive, as another user
+    try:
+        stamp, state = watchdog.read_heartbeat(settings.heartbeat_path.read_text())
+        age = time.time() - stamp
+    except (OSError, ValueError) as exc:
         print(f"courtbot health: no heartbeat ({exc})", file=sys.stderr)
+        return EXIT_INVALID
+    if state is not None:
+        print(f"courtbot health: {state}", file=sys.stderr)
         return EXIT_INVALID
     if age > HEARTBEAT_STALE_SECONDS:
         print(f"courtbot health: heartbeat is {age:.0f} s old", file=sys.stderr)
@@ -917,6 +1613,16 @@ def cmd_encrypt_token(env: dict[str, str]) -> int:
     return EXIT_OK
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python main.py",
@@ -925,18 +1631,46 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="the daemon (default)")
     sub.add_parser("check", help="validate schedules.json and tokens.json, show next instances")
-    status = sub.add_parser("status", help="the instances in the database")
-    status.add_argument("--json", action="store_true", help="one JSON array")
+    status = sub.add_parser(
+        "status", help="a summary (daemon, next bookings, last 7 days) and the instances"
+    )
+    status.add_argument("--json", action="store_true", help="one JSON array (no summary)")
+    status.add_argument("--schedule", metavar="ID", help="only this schedule's instances")
+    which = status.add_mutually_exclusive_group()
+    which.add_argument("--status", choices=models.STATUSES, help="only instances in this status")
+    which.add_argument(
+        "--upcoming", action="store_true", help="only instances still to book (pending, booking)"
+    )
+    status.add_argument(
+        "--limit", metavar="N", type=_positive_int, help="the first N instances (soonest trigger)"
+    )
     retry = sub.add_parser("retry", help="put failed instances still ahead back to pending")
     retry.add_argument("target", metavar="KEY_OR_SCHEDULE_ID")
     sub.add_parser("reload", help="send SIGHUP to the running daemon")
     sub.add_parser("health", help="exit 0 while the running daemon's heartbeat is fresh")
     sub.add_parser("generate-key", help="print a new Fernet key")
     sub.add_parser("encrypt-token", help="encrypt a token read on stdin for tokens.json")
+    dry = sub.add_parser(
+        "dry-run", help="run the next instance's preparation steps (a login) against the club now"
+    )
+    dry.add_argument("schedule_id", metavar="SCHEDULE_ID")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError as exc:
+        # `status | head`: the reader has gone. End quietly, as Python's own CLIs do (json.tool
+        # exits with the errno), and keep the interpreter's final flush from complaining.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return exc.errno or 1
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     env = dict(os.environ)
     command = args.command or "run"
@@ -946,7 +1680,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "check":
         return cmd_check(env)
     if command == "status":
-        return cmd_status(env, args.json, sys.stdout)
+        return cmd_status(env, args, sys.stdout)
     if command == "retry":
         return cmd_retry(env, args.target)
     if command == "reload":
@@ -955,6 +1689,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_health(env)
     if command == "generate-key":
         return cmd_generate_key()
+    if command == "dry-run":
+        return cmd_dry_run(env, args.schedule_id, sys.stdout)
     return cmd_encrypt_token(env)
 
 

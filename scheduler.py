@@ -4,6 +4,13 @@ Nobody else imports APScheduler. Jobs are module-level functions taking only the
 (persistent stores pickle the callable's reference and its arguments); they hand the key to the
 runtime that ``main`` registers. The instance table is the truth: ``sync`` makes the job store
 match the pending instances, cheaply, at start and after every load.
+
+APScheduler 3 retries a failed *read* of due jobs, but a failed *write* in its loop (``remove_job``
+after a date job ran, ``update_job``) escapes ``_main_loop``: its thread dies while ``state`` still
+says running, and nothing fires again (agronholm/apscheduler#109, #1083). It also sleeps on a wait
+computed from the wall clock, which a clock jump makes wrong ("the scheduler relies on the system
+clock being correct", #339; #794, open). So ``problem`` says when it cannot fire, ``wakeup`` makes
+it look at the clock again, and ``restart`` gives a fresh one: the daemon's watchdog uses them.
 """
 
 from __future__ import annotations
@@ -20,13 +27,17 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import STATE_RUNNING
 from apscheduler.triggers.date import DateTrigger
 from sqlalchemy import Engine, select
+
+from models import error_text
 
 logger = logging.getLogger(__name__)
 
 #: A booking job starts this long before its trigger: it claims the instance, opens the
-#: connection to the club, then waits out the last moment precisely (see bot.book_slot).
+#: connection to the club, then waits out the last moment precisely (see bot.book_slot). An
+#: instance whose flow has preparation steps starts that much earlier again (``job_lead``).
 LEAD = timedelta(seconds=2)
 JOBS_TABLE = "apscheduler_jobs"
 TOPUP_JOB_ID = "courtbot:topup"
@@ -36,6 +47,8 @@ DEFAULT_WORKERS = 128
 #: Jobs read, built and written this many at a time: a cold load of 52,000 instances never
 #: holds more than a page of Job objects and pickles (what it leaves behind stays in the heap).
 PAGE = 200
+#: The job store's row written and deleted to learn whether the database takes writes again.
+PROBE_JOB_ID = "courtbot:write-probe"
 
 
 class Runtime(Protocol):
@@ -73,6 +86,12 @@ def run_topup() -> None:
         runtime.topup()
 
 
+def job_lead(prepare_seconds: float) -> timedelta:
+    """How long before its trigger an instance's job starts: LEAD, plus the preparation time
+    of its flow (its steps run ``prepare_seconds`` before the trigger)."""
+    return LEAD + timedelta(seconds=max(prepare_seconds, 0.0))
+
+
 @dataclass(frozen=True)
 class SyncReport:
     """What ``sync`` changed in the job store."""
@@ -87,14 +106,59 @@ class SyncReport:
         )
 
 
+class _Store(SQLAlchemyJobStore):
+    """The job store in the daemon's database. The engine is the daemon's: shutting the
+    scheduler down (or retiring one, ``Scheduler.restart``) must not dispose of it."""
+
+    def shutdown(self) -> None:
+        """Nothing: the daemon disposes of its engine itself."""
+
+
+class _Background(BackgroundScheduler):
+    """APScheduler's background scheduler, keeping why its thread stopped (``failure``)."""
+
+    failure: str | None = None
+
+    def _main_loop(self) -> None:
+        try:
+            super()._main_loop()
+        except Exception as exc:  # noqa: BLE001 (kept for the watchdog, which logs it)
+            self.failure = error_text(exc)
+
+    @property
+    def thread_alive(self) -> bool:
+        thread = getattr(self, "_thread", None)
+        return thread is not None and thread.is_alive()
+
+
+def _retire(old: _Background) -> None:
+    """Shut a replaced scheduler down without waiting: a booking it started goes on."""
+    try:
+        if old.running:
+            old.shutdown(wait=False)
+    except Exception as exc:  # noqa: BLE001 (a broken scheduler is being dropped anyway)
+        logger.debug("retiring the old scheduler: %s", error_text(exc))
+
+
 class Scheduler:
     """A BackgroundScheduler whose job store lives in the courtbot database."""
 
     def __init__(self, engine: Engine, *, workers: int = DEFAULT_WORKERS) -> None:
-        self._store = SQLAlchemyJobStore(engine=engine, tablename=JOBS_TABLE)
-        self._scheduler = BackgroundScheduler(
-            jobstores={"default": self._store},
-            executors={"default": ThreadPoolExecutor(max_workers=workers)},
+        self._engine = engine
+        self._workers = workers
+        self._store, self._scheduler = self._build()
+        # The store creates its table when the scheduler starts; sync runs before that.
+        self._store.jobs_t.create(engine, checkfirst=True)
+        self._lock = threading.Lock()
+        self._write_failure: str | None = None
+        for name in ("apscheduler.scheduler", "apscheduler.executors.default"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+    def _build(self) -> tuple[_Store, _Background]:
+        store = _Store(engine=self._engine, tablename=JOBS_TABLE)
+        background = _Background(
+            jobstores={"default": store},
+            executors={"default": ThreadPoolExecutor(max_workers=self._workers)},
             job_defaults={
                 # Run a job however late it is: the booking itself decides between "book at
                 # once" (desired start still ahead) and "expired" (APScheduler's default grace
@@ -105,11 +169,7 @@ class Scheduler:
             },
             timezone=UTC,
         )
-        # The store creates its table when the scheduler starts; sync runs before that.
-        self._store.jobs_t.create(engine, checkfirst=True)
-        self._lock = threading.Lock()
-        for name in ("apscheduler.scheduler", "apscheduler.executors.default"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        return store, background
 
     def start(self) -> None:
         """Start firing jobs (their store is synced first by the caller)."""
@@ -122,10 +182,64 @@ class Scheduler:
             replace_existing=True,
         )
 
-    def shutdown(self, wait: bool = True) -> None:
-        """Stop taking triggers; with ``wait``, let running jobs finish first."""
-        if self._scheduler.running:
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """Stop taking triggers; with ``wait``, let running jobs finish first, for at most
+        ``timeout`` seconds when given (a thread stuck in the database must not hold the
+        process). False when that time ran out."""
+        if not self._scheduler.running:
+            return True
+        if timeout is None:
             self._scheduler.shutdown(wait=wait)
+            return True
+        stopping = threading.Thread(
+            target=self._scheduler.shutdown,
+            kwargs={"wait": wait},
+            name="scheduler-shutdown",
+            daemon=True,
+        )
+        stopping.start()
+        stopping.join(timeout)
+        return not stopping.is_alive()
+
+    # -- the watchdog's handles ---------------------------------------------------------
+
+    def problem(self) -> str | None:
+        """Why no job can fire now, or None while they can: APScheduler's thread stopped (and
+        why), it is not running, or the last write to the job store failed."""
+        background = self._scheduler
+        if background.failure is not None:
+            return f"the scheduler's thread stopped: {background.failure}"
+        if background.state != STATE_RUNNING:
+            return "the scheduler is not running"
+        if not background.thread_alive:
+            return "the scheduler's thread is gone"
+        if self._write_failure is not None:
+            return f"a write to the job store failed: {self._write_failure}"
+        return None
+
+    def wakeup(self) -> None:
+        """Make the scheduler look at the clock and its jobs now (after a clock jump)."""
+        if self._scheduler.running:
+            self._scheduler.wakeup()
+
+    def probe_write(self) -> None:
+        """Write to the job store and take it back, committed: raises (``models.DatabaseError``)
+        while the database cannot be written (a full or read-only disk)."""
+        table = self._store.jobs_t
+        with self._store.engine.begin() as conn:
+            conn.execute(table.delete().where(table.c.id == PROBE_JOB_ID))
+            conn.execute(table.insert().values(id=PROBE_JOB_ID, next_run_time=None, job_state=b""))
+        with self._store.engine.begin() as conn:
+            conn.execute(table.delete().where(table.c.id == PROBE_JOB_ID))
+
+    def restart(self) -> None:
+        """Replace APScheduler with a fresh one, not started: the caller syncs the jobs, then
+        ``start``. The old one is shut down in the background, without waiting: a booking it
+        started goes on, and a thread stuck in the database cannot hold the caller."""
+        old = self._scheduler
+        self._store, self._scheduler = self._build()
+        self._write_failure = None
+        threading.Thread(target=_retire, args=(old,), name="scheduler-retire", daemon=True).start()
 
     def _stored(self, keys: Collection[str] | None = None) -> dict[str, float | None]:
         """The stored booking jobs' run times by id: all of them, or those among ``keys``."""
@@ -140,7 +254,9 @@ class Scheduler:
                 for start in range(0, len(wanted), PAGE):
                     page = wanted[start : start + PAGE]
                     rows.extend(conn.execute(query.where(table.c.id.in_(page))))
-        return {job_id: run_at for job_id, run_at in rows if job_id != TOPUP_JOB_ID}
+        return {
+            job_id: run_at for job_id, run_at in rows if job_id not in (TOPUP_JOB_ID, PROBE_JOB_ID)
+        }
 
     def job_ids(self, *, after: str = "", limit: int = PAGE) -> list[str]:
         """The next ``limit`` booking job ids after ``after``, in the database's order (to walk
@@ -148,7 +264,7 @@ class Scheduler:
         table = self._store.jobs_t
         query = (
             select(table.c.id)
-            .where(table.c.id > after, table.c.id != TOPUP_JOB_ID)
+            .where(table.c.id > after, table.c.id.not_in((TOPUP_JOB_ID, PROBE_JOB_ID)))
             .order_by(table.c.id)
             .limit(limit)
         )
@@ -156,15 +272,19 @@ class Scheduler:
             return list(conn.scalars(query))
 
     def sync(
-        self, pending: Mapping[str, datetime], *, busy: frozenset[str] = frozenset()
+        self,
+        pending: Mapping[str, datetime],
+        *,
+        busy: frozenset[str] = frozenset(),
+        prepare: Mapping[str, float] | None = None,
     ) -> SyncReport:
         """Make the job store hold exactly one job per pending instance, at its trigger minus
-        ``LEAD``. ``busy`` keys (a booking under way in this process) are left alone. All
-        changes are written in one transaction: a cold load of thousands of instances is one
-        commit, not one per job."""
+        ``job_lead`` of its preparation time (``prepare`` by key; none: 0). ``busy`` keys (a
+        booking under way in this process) are left alone. All changes are written in one
+        transaction: a cold load of thousands of instances is one commit, not one per job."""
         with self._lock:
             stored = self._stored()
-            return self._apply(pending, stored.keys() | pending.keys(), stored, busy)
+            return self._apply(pending, stored.keys() | pending.keys(), stored, busy, prepare)
 
     def sync_keys(
         self,
@@ -172,12 +292,13 @@ class Scheduler:
         keys: Collection[str],
         *,
         busy: frozenset[str] = frozenset(),
+        prepare: Mapping[str, float] | None = None,
     ) -> SyncReport:
         """``sync`` for ``keys`` only (the instances a reload or a ``retry`` changed): those in
-        ``pending`` get their job at their trigger minus ``LEAD``, the others lose theirs. The
-        rest of the store is neither read nor touched, so the cost follows the change."""
+        ``pending`` get their job, the others lose theirs. The rest of the store is neither read
+        nor touched, so the cost follows the change."""
         with self._lock:
-            return self._apply(pending, keys, self._stored(keys), busy)
+            return self._apply(pending, keys, self._stored(keys), busy, prepare)
 
     def _apply(
         self,
@@ -185,6 +306,7 @@ class Scheduler:
         keys: Collection[str],
         stored: Mapping[str, float | None],
         busy: frozenset[str],
+        prepare: Mapping[str, float] | None,
     ) -> SyncReport:
         upserts: list[tuple[str, datetime]] = []
         removals: list[str] = []
@@ -198,7 +320,7 @@ class Scheduler:
                 if key in stored:
                     removals.append(key)
                 continue
-            run_at = trigger - LEAD
+            run_at = trigger - job_lead(prepare.get(key, 0.0) if prepare else 0.0)
             if have is not None and abs(have - run_at.timestamp()) < 1e-3:
                 continue
             upserts.append((key, run_at))
@@ -214,11 +336,17 @@ class Scheduler:
             return
         table = self._store.jobs_t
         gone = removals + [key for key, _ in upserts]
-        with self._store.engine.begin() as conn:
-            for start in range(0, len(gone), PAGE):
-                conn.execute(table.delete().where(table.c.id.in_(gone[start : start + PAGE])))
-            for start in range(0, len(upserts), PAGE):
-                conn.execute(table.insert(), self._rows(upserts[start : start + PAGE]))
+        try:
+            with self._store.engine.begin() as conn:
+                for start in range(0, len(gone), PAGE):
+                    conn.execute(table.delete().where(table.c.id.in_(gone[start : start + PAGE])))
+                for start in range(0, len(upserts), PAGE):
+                    conn.execute(table.insert(), self._rows(upserts[start : start + PAGE]))
+        except Exception as exc:
+            # The jobs no longer match the instances: the watchdog re-syncs once writes work.
+            self._write_failure = error_text(exc)
+            raise
+        self._write_failure = None
         if self._scheduler.running:
             self._scheduler.wakeup()
 

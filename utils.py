@@ -13,10 +13,11 @@ import email.utils
 import hashlib
 import json
 import re
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import MAXYEAR, UTC, date, datetime, time, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
@@ -29,6 +30,9 @@ INSTANCES_PER_RULE = 52
 MAX_WINDOW_HOURS = 366 * 24
 ALLOWED_FREQS = ("DAILY", "WEEKLY", "MONTHLY", "YEARLY")
 RULE_EXAMPLE = '"FREQ=WEEKLY;BYDAY=WE" or "every Wednesday at 17:00"'
+#: Control characters: C0, DEL, C1, and the Unicode line and paragraph separators. None belongs
+#: in a token, a court or a name (a header cannot carry them; a log line would break on them).
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 # --------------------------------------------------------------------------- times and zones
@@ -146,6 +150,54 @@ def format_local(moment: datetime, zone: ZoneInfo) -> str:
     return moment.astimezone(zone).strftime("%a %Y-%m-%d %H:%M %Z")
 
 
+def format_local_short(moment: datetime, zone: ZoneInfo, now: datetime) -> str:
+    """A person's short reading of ``moment`` in ``zone``: ``Wed 3 Dec 17:00 GMT``, with the
+    year after the month when it is not ``now``'s year there (``Fri 7 Jan 2028 09:00 GMT``)."""
+    local = moment.astimezone(zone)
+    year = "" if local.year == now.astimezone(zone).year else f" {local.year}"
+    return f"{local:%a} {local.day} {local:%b}{year} {local:%H:%M %Z}"
+
+
+def format_span(seconds: float) -> str:
+    """A duration as a person reads it, its two largest units, rounded down: ``45 s``,
+    ``4 min 20 s``, ``3 h 5 min``, ``5 d 4 h`` (a zero second unit is left out: ``2 d``)."""
+    total = int(max(seconds, 0.0))
+    for size, unit, smaller, small_unit in (
+        (86400, "d", 3600, "h"),
+        (3600, "h", 60, "min"),
+        (60, "min", 1, "s"),
+    ):
+        if total >= size:
+            rest = (total % size) // smaller
+            return f"{total // size} {unit}" + (f" {rest} {small_unit}" if rest else "")
+    return f"{total} s"
+
+
+def format_ahead(moment: datetime, now: datetime) -> str:
+    """``in 5 d 4 h`` for a moment ahead of ``now``, ``2 h 10 min ago`` for one behind."""
+    seconds = (as_utc(moment) - as_utc(now)).total_seconds()
+    return f"in {format_span(seconds)}" if seconds >= 0 else f"{format_span(-seconds)} ago"
+
+
+#: A first request that left this long after its trigger is reported as late, with why.
+LATE_AFTER_SECONDS = 1.0
+
+
+def send_timing(trigger: datetime, first_sent: datetime, late_because: str | None) -> str:
+    """When a booking's first request left, relative to its trigger, for a person: ``sent 0.8
+    ms after the window opened``; past ``LATE_AFTER_SECONDS``, how late and why: ``sent 10.9 s
+    late: courtbot was not running at the trigger`` (``late_because`` is that why; without one
+    the trigger itself fired late)."""
+    seconds = (as_utc(first_sent) - as_utc(trigger)).total_seconds()
+    if seconds < 0:
+        return f"sent {-seconds * 1000:.1f} ms before the window opened"
+    if seconds < LATE_AFTER_SECONDS:
+        return f"sent {seconds * 1000:.1f} ms after the window opened"
+    late = f"{seconds:.1f} s" if seconds < 60 else format_span(seconds)
+    why = late_because or "courtbot's trigger fired late (a busy machine or a clock jump)"
+    return f"sent {late} late: {why}"
+
+
 def as_utc(moment: datetime) -> datetime:
     """``moment`` as an aware UTC datetime (naive values are taken to be UTC already)."""
     if moment.tzinfo is None:
@@ -168,49 +220,90 @@ def derive_schedule_id(entry_type: Any, desired_time: Any, rule: Any, timezone: 
 # --------------------------------------------------------------------------- booking window
 
 
+WINDOW_FORMS = (
+    "expected '<N>h' (hours, e.g. '168h' or '47.5h'), '<N>d' (whole calendar days, e.g. '7d') "
+    "or '<N>d@HH:MM' (at that local time N calendar days before, e.g. '6d@08:00')"
+)
+
+
 @dataclass(frozen=True)
 class Window:
-    """How long before the desired start the club opens bookings."""
+    """When the club opens bookings, relative to the desired start.
+
+    ``unit`` "h": ``amount`` hours before (absolute time); "d": ``amount`` calendar days before,
+    at the start's own wall-clock time, or at ``at`` (local time of day) when it is set.
+    """
 
     amount: float
-    unit: str  # "h": absolute hours; "d": calendar days at the same wall-clock time
+    unit: str
+    at: time | None = None
 
     def __str__(self) -> str:
         amount = int(self.amount) if float(self.amount).is_integer() else self.amount
+        if self.at is not None:
+            return f"{amount}{self.unit}@{self.at:%H:%M}"
         return f"{amount}{self.unit}"
 
 
 def parse_window(text: str) -> Window:
-    """Parse ``BOOKING_WINDOW``: ``<N>h`` (N >= 0, decimals allowed) or ``<N>d`` (integer N)."""
+    """Parse a booking window: ``<N>h`` (N >= 0, decimals allowed), ``<N>d`` (integer N) or
+    ``<N>d@HH:MM``. ValueError says what was expected; the caller names where the text came
+    from (``BOOKING_WINDOW``, an entry's or a club file's ``window``)."""
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a window; {WINDOW_FORMS}")
     value = text.strip().lower()
     hours = re.fullmatch(r"(\d+(?:\.\d+)?)h", value)
-    days = re.fullmatch(r"(\d+)d", value)
-    window = Window(float(hours[1]), "h") if hours else Window(int(days[1]), "d") if days else None
-    if window is not None:
-        if window.amount * (24 if window.unit == "d" else 1) > MAX_WINDOW_HOURS:
-            raise ValueError(
-                f"BOOKING_WINDOW: {text!r} is longer than a year; no club opens bookings that "
-                "far ahead (e.g. '168h' or '7d')"
-            )
-        return window
-    raise ValueError(
-        f"BOOKING_WINDOW: {text!r} is not a window; expected '<N>h' (hours, e.g. '168h' or "
-        "'47.5h') or '<N>d' (whole calendar days, e.g. '7d')"
-    )
+    days = re.fullmatch(r"(\d+)d(?:@(\d\d):(\d\d))?", value)
+    if hours:
+        window = Window(float(hours[1]), "h")
+    elif days:
+        at = None
+        if days[2] is not None:
+            if int(days[2]) > 23 or int(days[3]) > 59:
+                raise ValueError(
+                    f"{text!r}: {days[2]}:{days[3]} is not a time of day; expected HH:MM from "
+                    "00:00 to 23:59 (e.g. '6d@08:00')"
+                )
+            at = time(int(days[2]), int(days[3]))
+        window = Window(int(days[1]), "d", at)
+    else:
+        raise ValueError(f"{text!r} is not a window; {WINDOW_FORMS}")
+    if window.amount * (24 if window.unit == "d" else 1) > MAX_WINDOW_HOURS:
+        raise ValueError(
+            f"{text!r} is longer than a year; no club opens bookings that far ahead "
+            "(e.g. '168h', '7d' or '6d@08:00')"
+        )
+    return window
 
 
 def trigger_time(desired: datetime, zone: ZoneInfo, window: Window) -> datetime:
     """The instant the booking window opens for a start at ``desired``, in UTC.
 
     Hours: exactly that many hours earlier. Days: the same wall-clock time in ``zone`` that many
-    calendar days earlier (a time that falls in a DST gap resolves as ``localize`` does).
+    calendar days earlier; with ``at``, that time of day on the day that many calendar days
+    before the start's local date. A wall-clock time that falls in a DST gap resolves as
+    ``localize`` does (forward by the gap's length), a repeated one means its first occurrence.
+    With ``at``, the result may lie after ``desired`` (``0d@20:00`` for a 17:00 start): callers
+    that plan bookings refuse such a window (see ``window_opens_after``).
     """
     if window.unit == "h":
         return as_utc(desired) - timedelta(hours=window.amount)
     # Through UTC, so that only the instant counts, not how ``desired`` happens to be written.
-    local = as_utc(desired).astimezone(zone)
-    wall = local.replace(tzinfo=None) - timedelta(days=int(window.amount))
+    local = as_utc(desired).astimezone(zone).replace(tzinfo=None)
+    if window.at is not None:
+        wall = datetime.combine(local.date() - timedelta(days=int(window.amount)), window.at)
+    else:
+        wall = local - timedelta(days=int(window.amount))
     return as_utc(localize(wall, zone))
+
+
+def window_opens_after(desired: datetime, zone: ZoneInfo, window: Window) -> datetime | None:
+    """The trigger of a start at ``desired`` when ``window`` would open only after the start
+    (nothing could then be booked), else None. Only a window at a clock time can do that."""
+    if window.at is None:
+        return None
+    trigger = trigger_time(desired, zone, window)
+    return trigger if trigger > as_utc(desired) else None
 
 
 # --------------------------------------------------------------------------- rules
@@ -939,6 +1032,24 @@ def decrypt_token(fernet: MultiFernet, value: str) -> str | None:
         return None
 
 
+def decrypt_secrets(fernet: MultiFernet, encrypted: Any) -> dict[str, str] | None:
+    """The secrets of a token as a booking uses them: ``{"token": plaintext}`` for an encrypted
+    string, the decrypted fields for an object of encrypted fields (CONTRACT section 12). None
+    when anything does not decrypt (or is of another shape)."""
+    if isinstance(encrypted, str):
+        plaintext = decrypt_token(fernet, encrypted)
+        return None if plaintext is None else {"token": plaintext}
+    if not isinstance(encrypted, dict) or not encrypted:
+        return None
+    secrets: dict[str, str] = {}
+    for name, value in encrypted.items():
+        plaintext = decrypt_token(fernet, value) if isinstance(value, str) else None
+        if plaintext is None:
+            return None
+        secrets[name] = plaintext
+    return secrets
+
+
 def encrypted_under_first_key(fernet: MultiFernet, value: str) -> bool:
     """True when ``value`` decrypts under the first (encrypting) key."""
     first: Fernet = fernet._fernets[0]  # MultiFernet keeps its keys in order
@@ -947,6 +1058,57 @@ def encrypted_under_first_key(fernet: MultiFernet, value: str) -> bool:
     except (InvalidToken, ValueError):
         return False
     return True
+
+
+def jwt_expiry(token: str) -> datetime | None:
+    """When a JWT expires: its payload's ``exp`` (read, never verified), aware UTC. None for a
+    token that is not a JWT or has no usable ``exp``. The token itself is never kept or shown."""
+    parts = token.strip().split(".")
+    if len(parts) != 3 or not parts[1]:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    try:
+        return datetime.fromtimestamp(exp, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def secrets_expiry(secrets: Mapping[str, str]) -> datetime | None:
+    """When a token's secrets stop working: the earliest ``exp`` of those that are JWTs (a
+    string token is ``{"token": value}``); None when none is."""
+    expiries = [moment for value in secrets.values() if (moment := jwt_expiry(value)) is not None]
+    return min(expiries, default=None)
+
+
+def mask_url_secrets(url: str) -> str:
+    """``url`` fit for a log line: its scheme, host and port only, the rest ``/****`` (a ping
+    URL's path or query is its secret), e.g. ``https://hc-ping.com/****``."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "****"
+    if not parts.scheme or not host:
+        return "****"
+    shown_host = f"[{host}]" if ":" in host else host
+    rest = parts.path.strip("/") or parts.query or parts.fragment or parts.username
+    return f"{parts.scheme}://{shown_host}{port}" + ("/****" if rest else "")
+
+
+def is_http_url(url: str) -> bool:
+    """True for an ``http://`` or ``https://`` URL with a host."""
+    try:
+        parts = urlsplit(url)
+        return parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+    except ValueError:
+        return False
 
 
 #: What stands in for a secret in printed output.

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 import config_loader
 import utils
-from conftest import NOW, write_json
+from conftest import NOW, make_jwt, write_json
 
 LONDON = ZoneInfo("Europe/London")
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -37,8 +37,9 @@ UTC_ZONE = ZoneInfo("UTC")
 
 EXPECTED_DESIRED = "expected 'YYYY-MM-DD HH:MM' (e.g. '2026-12-02 17:00')"
 EXPECTED_WINDOW = (
-    "is not a window; expected '<N>h' (hours, e.g. '168h' or '47.5h') or '<N>d' "
-    "(whole calendar days, e.g. '7d')"
+    "is not a window; expected '<N>h' (hours, e.g. '168h' or '47.5h'), '<N>d' "
+    "(whole calendar days, e.g. '7d') or '<N>d@HH:MM' (at that local time N calendar days "
+    "before, e.g. '6d@08:00')"
 )
 KEY_FIX = "generate one with `python main.py generate-key`"
 
@@ -265,6 +266,111 @@ def test_format_local_and_as_utc() -> None:
     assert converted.tzinfo is UTC
 
 
+def test_format_local_short_adds_the_year_only_when_it_is_not_this_one() -> None:
+    now = utc(2026, 11, 23, 12, 0)
+    assert utils.format_local_short(utc(2026, 12, 3, 17, 0), LONDON, now) == "Thu 3 Dec 17:00 GMT"
+    assert utils.format_local_short(utc(2026, 7, 1, 16, 0), LONDON, now) == "Wed 1 Jul 17:00 BST"
+    assert utils.format_local_short(utc(2027, 1, 7, 9, 0), LONDON, now) == (
+        "Thu 7 Jan 2027 09:00 GMT"
+    )
+    # The year is the zone's: 23:30 UTC on 31 December is already next year in Berlin.
+    new_year = utc(2026, 12, 31, 23, 30)
+    assert utils.format_local_short(new_year, BERLIN, now) == "Fri 1 Jan 2027 00:30 CET"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0 s"),
+        (0.9, "0 s"),
+        (45, "45 s"),
+        (60, "1 min"),
+        (260, "4 min 20 s"),
+        (3600, "1 h"),
+        (3 * 3600 + 5 * 60 + 59, "3 h 5 min"),
+        (86400 * 2, "2 d"),
+        (86400 * 5 + 4 * 3600 + 3599, "5 d 4 h"),
+        (-5, "0 s"),
+    ],
+)
+def test_format_span(seconds: float, text: str) -> None:
+    assert utils.format_span(seconds) == text
+
+
+def test_format_ahead() -> None:
+    now = utc(2026, 11, 23, 12, 0)
+    assert utils.format_ahead(utc(2026, 11, 28, 16, 30), now) == "in 5 d 4 h"
+    assert utils.format_ahead(utc(2026, 11, 23, 9, 50), now) == "2 h 10 min ago"
+    assert utils.format_ahead(now, now) == "in 0 s"
+
+
+@pytest.mark.parametrize(
+    ("after", "cause", "text"),
+    [
+        (timedelta(microseconds=800), None, "sent 0.8 ms after the window opened"),
+        (timedelta(0), "ignored", "sent 0.0 ms after the window opened"),
+        (timedelta(milliseconds=999), None, "sent 999.0 ms after the window opened"),
+        (
+            timedelta(seconds=10.94),
+            "courtbot was not running at the trigger",
+            "sent 10.9 s late: courtbot was not running at the trigger",
+        ),
+        (
+            timedelta(days=2, hours=3, minutes=4),
+            "the window was already open when the entry was loaded",
+            "sent 2 d 3 h late: the window was already open when the entry was loaded",
+        ),
+        (
+            timedelta(seconds=1.5),
+            None,
+            "sent 1.5 s late: courtbot's trigger fired late (a busy machine or a clock jump)",
+        ),
+        (-timedelta(microseconds=300), None, "sent 0.3 ms before the window opened"),
+    ],
+)
+def test_send_timing(after: timedelta, cause: str | None, text: str) -> None:
+    trigger = utc(2026, 11, 25, 17, 0)
+    assert utils.send_timing(trigger, trigger + after, cause) == text
+
+
+def test_jwt_expiry_reads_exp_without_verifying() -> None:
+    assert utils.jwt_expiry(make_jwt({"sub": "me", "exp": 1796220000})) == utc(2026, 12, 2, 14, 0)
+    assert utils.jwt_expiry(make_jwt({"exp": 1796220000.5})) == utc(2026, 12, 2, 14, 0) + timedelta(
+        milliseconds=500
+    )
+    assert utils.jwt_expiry(" " + make_jwt({"exp": 1796220000}) + "\n") is not None
+
+
+def test_secrets_expiry_is_the_earliest_jwt_among_them() -> None:
+    soon, later = 1796220000, 1796306400
+    secrets = {
+        "email": "me@example.org",
+        "token": make_jwt({"exp": later}),
+        "refresh": make_jwt({"exp": soon}),
+    }
+    assert utils.secrets_expiry(secrets) == utc(2026, 12, 2, 14, 0)
+    assert utils.secrets_expiry({"email": "me@example.org", "password": "pw"}) is None
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "opaque-club-token",
+        "a.b",
+        "a..c",
+        "a.!!!.c",
+        "a.bm90IGpzb24.c",  # "not json"
+        make_jwt({"sub": "me"}),
+        make_jwt({"exp": "1796220000"}),
+        make_jwt({"exp": True}),
+        make_jwt({"exp": 10**20}),
+        "eyJhbGciOiJIUzI1NiJ9.WzFd.c2ln",  # a list, not an object
+    ],
+)
+def test_jwt_expiry_is_none_for_anything_else(token: str) -> None:
+    assert utils.jwt_expiry(token) is None
+
+
 def test_instance_key_is_the_id_and_the_utc_start() -> None:
     start = datetime(2026, 12, 2, 17, 0, tzinfo=LONDON)
     assert utils.instance_key("wed-evening", start) == "wed-evening@2026-12-02T17:00:00Z"
@@ -327,7 +433,7 @@ def test_parse_window(text: str, amount: float, unit: str, shown: str) -> None:
 def test_parse_window_rejects_with_the_expected_forms(text: str) -> None:
     with pytest.raises(ValueError) as info:
         utils.parse_window(text)
-    assert str(info.value) == f"BOOKING_WINDOW: {text!r} {EXPECTED_WINDOW}"
+    assert str(info.value) == f"{text!r} {EXPECTED_WINDOW}"
 
 
 def test_settings_report_a_bad_window() -> None:
@@ -413,6 +519,170 @@ def test_trigger_in_days_from_an_explicit_second_occurrence() -> None:
 def test_trigger_in_days_zero_is_the_start() -> None:
     desired = datetime(2026, 12, 2, 17, 0, tzinfo=LONDON)
     assert utils.trigger_time(desired, LONDON, utils.parse_window("0d")) == desired
+
+
+# ---------------------------------------------------------------- windows at a clock time
+
+
+@pytest.mark.parametrize(
+    ("text", "amount", "at", "shown"),
+    [
+        ("6d@08:00", 6, time(8, 0), "6d@08:00"),
+        ("0d@20:30", 0, time(20, 30), "0d@20:30"),
+        (" 1D@00:00 ", 1, time(0, 0), "1d@00:00"),
+        ("366d@23:59", 366, time(23, 59), "366d@23:59"),
+    ],
+)
+def test_parse_window_at_a_clock_time(text: str, amount: int, at: time, shown: str) -> None:
+    window = utils.parse_window(text)
+    assert window == utils.Window(amount, "d", at)
+    assert str(window) == shown
+    assert utils.parse_window("7d").at is None
+
+
+@pytest.mark.parametrize(
+    "text", ["6d@8:00", "6d@08", "6h@08:00", "@08:00", "6d@08:00:00", "6d 08:00", "1.5d@08:00"]
+)
+def test_parse_window_at_rejects_other_shapes(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        utils.parse_window(text)
+    assert str(info.value) == f"{text!r} {EXPECTED_WINDOW}"
+
+
+@pytest.mark.parametrize("text", ["6d@24:00", "6d@07:60", "0d@99:99"])
+def test_parse_window_at_rejects_a_time_that_is_no_time_of_day(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        utils.parse_window(text)
+    clock = text.split("@")[1]
+    assert str(info.value) == (
+        f"{text!r}: {clock} is not a time of day; expected HH:MM from 00:00 to 23:59 "
+        "(e.g. '6d@08:00')"
+    )
+
+
+def test_parse_window_at_longer_than_a_year_is_refused() -> None:
+    with pytest.raises(ValueError) as info:
+        utils.parse_window("367d@08:00")
+    assert str(info.value) == (
+        "'367d@08:00' is longer than a year; no club opens bookings that far ahead "
+        "(e.g. '168h', '7d' or '6d@08:00')"
+    )
+
+
+def test_parse_window_rejects_what_is_not_text() -> None:
+    with pytest.raises(ValueError) as info:
+        utils.parse_window(7)  # type: ignore[arg-type]
+    assert str(info.value) == f"7 {EXPECTED_WINDOW}"
+
+
+def test_trigger_at_a_clock_time_n_days_before_the_local_date() -> None:
+    # "6 days ahead at 08:00": a Wednesday 17:00 start opens on the Thursday before at 08:00.
+    desired = datetime(2026, 12, 2, 17, 0, tzinfo=LONDON)
+    trigger = utils.trigger_time(desired, LONDON, utils.parse_window("6d@08:00"))
+    assert trigger == utc(2026, 11, 26, 8, 0)
+    assert utils.window_opens_after(desired, LONDON, utils.parse_window("6d@08:00")) is None
+    # The local date counts, not the UTC one: 00:30 in Sydney is the day before in UTC.
+    sydney = datetime(2026, 12, 2, 0, 30, tzinfo=SYDNEY)
+    opens = utils.trigger_time(sydney, SYDNEY, utils.parse_window("1d@07:00"))
+    assert opens.astimezone(SYDNEY).strftime("%a %Y-%m-%d %H:%M %Z") == "Tue 2026-12-01 07:00 AEDT"
+
+
+def test_trigger_at_a_clock_time_keeps_the_clock_across_dst() -> None:
+    # Start Wed 2026-04-01 17:00 BST; seven days earlier (Wed 2026-03-25) is GMT: 08:00 GMT.
+    desired = datetime(2026, 4, 1, 17, 0, tzinfo=LONDON)
+    trigger = utils.trigger_time(desired, LONDON, utils.parse_window("7d@08:00"))
+    assert trigger.astimezone(LONDON).strftime("%a %Y-%m-%d %H:%M %Z") == "Wed 2026-03-25 08:00 GMT"
+    assert trigger == utc(2026, 3, 25, 8, 0)
+
+
+def test_trigger_at_a_clock_time_in_a_gap_moves_forward_by_the_gap() -> None:
+    # 01:30 on Sun 2026-03-29 does not exist in London: it is the instant 01:30 GMT (02:30 BST).
+    desired = datetime(2026, 3, 30, 9, 0, tzinfo=LONDON)
+    trigger = utils.trigger_time(desired, LONDON, utils.parse_window("1d@01:30"))
+    assert utils.wall_clock_issue(datetime(2026, 3, 29, 1, 30), LONDON) == "gap"
+    assert trigger == utc(2026, 3, 29, 1, 30)
+    assert trigger.astimezone(LONDON).strftime("%H:%M %Z") == "02:30 BST"
+
+
+def test_trigger_at_a_clock_time_in_an_overlap_is_the_first_occurrence() -> None:
+    desired = datetime(2025, 10, 27, 9, 0, tzinfo=LONDON)
+    trigger = utils.trigger_time(desired, LONDON, utils.parse_window("1d@01:30"))
+    assert trigger == utc(2025, 10, 26, 0, 30)  # 01:30 BST, the first of the two
+
+
+def test_zero_days_at_a_clock_time_is_the_same_day() -> None:
+    desired = datetime(2026, 12, 2, 21, 0, tzinfo=LONDON)
+    window = utils.parse_window("0d@20:00")
+    assert utils.trigger_time(desired, LONDON, window) == utc(2026, 12, 2, 20, 0)
+    assert utils.window_opens_after(desired, LONDON, window) is None
+    at_the_start = utils.parse_window("0d@21:00")
+    assert utils.trigger_time(desired, LONDON, at_the_start) == utils.as_utc(desired)
+    assert utils.window_opens_after(desired, LONDON, at_the_start) is None
+
+
+def test_a_window_opening_after_the_start_is_told() -> None:
+    # 0d@20:00 for a 17:00 start would open three hours after the start.
+    desired = datetime(2026, 12, 2, 17, 0, tzinfo=LONDON)
+    window = utils.parse_window("0d@20:00")
+    assert utils.window_opens_after(desired, LONDON, window) == utc(2026, 12, 2, 20, 0)
+    # A day that does not exist: Samoa skipped Fri 2011-12-30. "1d@10:00" for Sat 09:00 would
+    # be 10:00 on the missing day, which resolves (forward by the 24 h gap) after the start.
+    apia = ZoneInfo("Pacific/Apia")
+    saturday = datetime(2011, 12, 31, 9, 0, tzinfo=apia)
+    late = utils.window_opens_after(saturday, apia, utils.parse_window("1d@10:00"))
+    assert late is not None and late.astimezone(apia).strftime("%a %d %H:%M") == "Sat 31 10:00"
+    # Windows without a clock time never open after the start.
+    for text in ("0h", "0d", "168h", "7d"):
+        assert utils.window_opens_after(saturday, apia, utils.parse_window(text)) is None
+
+
+#: Zones with DST at night, at midnight (Santiago, Havana), by 30 minutes (Lord Howe), or none.
+CLOCK_WINDOW_ZONES = (
+    LONDON,
+    NEW_YORK,
+    SYDNEY,
+    KOLKATA,
+    UTC_ZONE,
+    ZoneInfo("America/Santiago"),
+    ZoneInfo("America/Havana"),
+    ZoneInfo("Australia/Lord_Howe"),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    zone=st.sampled_from(CLOCK_WINDOW_ZONES),
+    instant=st.datetimes(datetime(2024, 1, 1), datetime(2030, 12, 31)).map(
+        lambda d: d.replace(second=0, microsecond=0, tzinfo=UTC)
+    ),
+    days=st.integers(0, 14),
+    at=st.times().map(lambda t: t.replace(second=0, microsecond=0)),
+)
+def test_trigger_at_a_clock_time_properties(
+    zone: ZoneInfo, instant: datetime, days: int, at: time
+) -> None:
+    window = utils.Window(days, "d", at)
+    trigger = utils.trigger_time(instant, zone, window)
+    assert trigger.tzinfo is UTC
+    # Only the instant matters, not how it is written.
+    assert trigger == utils.trigger_time(instant.astimezone(zone), zone, window)
+    assert trigger == utils.trigger_time(instant.astimezone(KOLKATA), zone, window)
+    local = instant.astimezone(zone)
+    wall = datetime.combine(local.date() - timedelta(days=days), at)
+    assert trigger == utils.localize(wall, zone).astimezone(UTC)
+    seen = trigger.astimezone(zone)
+    if utils.wall_clock_issue(wall, zone) != "gap":
+        assert (seen.date(), seen.time()) == (wall.date(), at)
+    else:
+        assert seen.replace(tzinfo=None) > wall
+    # Whether it opens after the start is told exactly; a day or more ahead never does here.
+    late = utils.window_opens_after(instant, zone, window)
+    assert (late is None) == (trigger <= instant)
+    assert late is None or late == trigger
+    if days >= 1:
+        assert trigger < instant
+    elif utils.wall_clock_issue(wall, zone) is None:
+        assert (late is not None) == (at > local.time())
 
 
 # --------------------------------------------------------------------------- backoff
@@ -559,6 +829,21 @@ def test_decrypt_token(fernet: MultiFernet) -> None:
     assert utils.decrypt_token(fernet, not_utf8) is None
 
 
+def test_decrypt_secrets_of_a_string_and_of_an_object(fernet: MultiFernet) -> None:
+    def enc(text: str) -> str:
+        return fernet.encrypt(text.encode()).decode()
+
+    assert utils.decrypt_secrets(fernet, enc("tok")) == {"token": "tok"}
+    fields = {"email": enc("me@club.example"), "password": enc("pw")}
+    assert utils.decrypt_secrets(fernet, fields) == {"email": "me@club.example", "password": "pw"}
+    foreign = Fernet(Fernet.generate_key()).encrypt(b"pw").decode()
+    assert utils.decrypt_secrets(fernet, fields | {"password": foreign}) is None
+    assert utils.decrypt_secrets(fernet, {"email": 5}) is None
+    assert utils.decrypt_secrets(fernet, {}) is None
+    assert utils.decrypt_secrets(fernet, foreign) is None
+    assert utils.decrypt_secrets(fernet, None) is None
+
+
 def test_encrypted_under_first_key(fernet: MultiFernet) -> None:
     assert utils.encrypted_under_first_key(fernet, "plain") is False
     assert utils.encrypted_under_first_key(fernet, "gAAAAAé") is False
@@ -580,7 +865,7 @@ def test_small_helpers() -> None:
 
 @pytest.mark.parametrize("text", ["8785h", "367d", "100000000h"])
 def test_window_longer_than_a_year_is_refused(text: str) -> None:
-    with pytest.raises(ValueError, match=rf"BOOKING_WINDOW: '{text}' is longer than a year"):
+    with pytest.raises(ValueError, match=rf"^'{text}' is longer than a year"):
         utils.parse_window(text)
     assert utils.parse_window("8784h").amount == 8784
 
