@@ -9,6 +9,7 @@ is rejected whole; an invalid entry is rejected alone. Each key of an entry has 
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import difflib
@@ -19,9 +20,10 @@ import os
 import re
 import stat
 import tempfile
+from array import array
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -800,7 +802,10 @@ def read_schedules(
     result.clubs, result.club_errors = dict(sources.clubs), dict(sources.club_errors)
     # An id both rejected (a duplicate) and valid stays valid for the earlier entry.
     result.rejected_ids -= {e.id for e in result.entries}
-    result.warnings.extend(overlap_warnings(result.entries, now, name))
+    if cache is not None:
+        result.warnings.extend(cache.overlap_warnings(result.entries, now, name))
+    else:
+        result.warnings.extend(overlap_warnings(result.entries, now, name))
     if cache is not None:
         cache.keep_seen()
     return result
@@ -837,24 +842,170 @@ def overlap_warnings(entries: Iterable[Entry], now: datetime, file_name: str) ->
                 found.setdefault(pair, []).append((*first, *second))
         active.append(slot)
     by_position = {entry.position: entry for entry in entries}
-    warnings = []
-    for (a, b), overlaps in sorted(found.items()):
-        one, two = by_position[a], by_position[b]
-        a_start, a_end, b_start, b_end = overlaps[0]
-        more = f" (and {len(overlaps) - 1} more time(s))" if len(overlaps) > 1 else ""
-        warnings.append(
-            f"{file_name}: entries {one.label} and {two.label} would book overlapping times: "
-            f"{_span(a_start, a_end, one.zone)} and {_span(b_start, b_end, two.zone)}{more}; "
-            "that is two courts booked and paid for: if one is enough, keep one entry (a list "
-            "in court_id tries several courts in order)"
-        )
-    return warnings
+    return [
+        _overlap_text(file_name, by_position[a], by_position[b], overlaps[0], len(overlaps))
+        for (a, b), overlaps in sorted(found.items())
+    ]
+
+
+def _overlap_text(
+    file_name: str,
+    one: Entry,
+    two: Entry,
+    first: tuple[datetime, datetime, datetime, datetime],
+    count: int,
+) -> str:
+    """The warning for entries ``one`` and ``two`` (by position) that overlap ``count`` times,
+    ``first`` the first: ``one``'s start and end, then ``two``'s."""
+    a_start, a_end, b_start, b_end = first
+    more = f" (and {count - 1} more time(s))" if count > 1 else ""
+    return (
+        f"{file_name}: entries {one.label} and {two.label} would book overlapping times: "
+        f"{_span(a_start, a_end, one.zone)} and {_span(b_start, b_end, two.zone)}{more}; "
+        "that is two courts booked and paid for: if one is enough, keep one entry (a list "
+        "in court_id tries several courts in order)"
+    )
 
 
 def _span(start: datetime, end: datetime, zone: ZoneInfo) -> str:
     """``Fri 2026-12-04 12:00-13:00 GMT``: a booking's time, local."""
     local_start, local_end = start.astimezone(zone), end.astimezone(zone)
     return f"{local_start:%a %Y-%m-%d %H:%M}-{local_end:%H:%M %Z}"
+
+
+def _sweep_order(overlap: _Overlap, one: int, two: int) -> tuple[Any, ...]:
+    """Where ``overlap_warnings``' sweep finds an overlap of entries at positions ``one`` and
+    ``two``: when the later of its two slots (by start, then position) comes, among the slots
+    still running the earlier one."""
+    mine, theirs = (overlap[0], one), (overlap[2], two)
+    return (max(mine, theirs), min(mine, theirs))
+
+
+#: An overlap as the index keeps it: the two slots as Unix seconds, (start, end) of the entry
+#: whose key sorts first, then of the other.
+_Overlap = tuple[float, float, float, float]
+
+
+class _OverlapIndex:
+    """What ``overlap_warnings`` finds, kept from read to read: every enabled cached entry's
+    slots per club, sorted by start in flat arrays (a few large blocks, however many instances),
+    and the overlaps found between each pair of entries, by their cache keys. An entry that
+    comes or goes (an edited one does both) adds or drops its own slots and pairs only: its 52
+    slots are looked up among those starting at most the longest duration before them."""
+
+    def __init__(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
+        #: Per club: starts, ends (Unix seconds) and owners' keys, sorted by start.
+        self._clubs: dict[str | None, tuple[array[float], array[float], list[bytes]]] = {}
+        #: What each indexed entry put in: its club, its slots' starts and its duration.
+        self._slots: dict[bytes, tuple[str | None, array[float], float]] = {}
+        self._pairs: dict[tuple[bytes, bytes], list[_Overlap]] = {}
+        self._partners: dict[bytes, set[bytes]] = {}
+
+    def warnings(
+        self, current: dict[bytes, tuple[Entry, array[float]]], file_name: str
+    ) -> list[str]:
+        """The overlap warnings of the enabled entries ``current`` (key -> entry, its starts),
+        after bringing the index up to date with them."""
+        for key in [k for k in self._slots if k not in current]:
+            self._remove(key)
+        for key, (_entry, starts) in current.items():
+            if key in self._slots and self._slots[key][1] is not starts:
+                self._remove(key)  # validated again: its starts moved on
+        added = [key for key in current if key not in self._slots]
+        if len(added) > max(16, len(current) // 8):
+            self._rebuild(current)
+        else:
+            longest = max((60.0 * e.duration_minutes for e, _s in current.values()), default=0.0)
+            for key in added:
+                entry, starts = current[key]
+                self._add(key, entry.club, starts, 60.0 * entry.duration_minutes, longest)
+        return self._render(current, file_name)
+
+    def _record(
+        self, one: bytes, two: bytes, one_slot: tuple[float, float], two_slot: tuple[float, float]
+    ) -> None:
+        if two < one:
+            one, two, one_slot, two_slot = two, one, two_slot, one_slot
+        self._pairs.setdefault((one, two), []).append((*one_slot, *two_slot))
+        self._partners.setdefault(one, set()).add(two)
+        self._partners.setdefault(two, set()).add(one)
+
+    def _add(
+        self, key: bytes, club: str | None, starts: array[float], length: float, longest: float
+    ) -> None:
+        club_starts, club_ends, owners = self._clubs.setdefault(club, (array("d"), array("d"), []))
+        for start in starts:
+            end = start + length
+            low = bisect.bisect_left(club_starts, start - longest)
+            high = bisect.bisect_left(club_starts, end)
+            for i in range(low, high):
+                if club_ends[i] > start and owners[i] != key:
+                    self._record(owners[i], key, (club_starts[i], club_ends[i]), (start, end))
+        for start in starts:
+            i = bisect.bisect_right(club_starts, start)
+            club_starts.insert(i, start)
+            club_ends.insert(i, start + length)
+            owners.insert(i, key)
+        self._slots[key] = (club, starts, length)
+
+    def _remove(self, key: bytes) -> None:
+        club, starts, _length = self._slots.pop(key)
+        club_starts, club_ends, owners = self._clubs[club]
+        for start in starts:
+            i = bisect.bisect_left(club_starts, start)
+            while owners[i] != key:
+                i += 1
+            del club_starts[i], club_ends[i], owners[i]
+        for partner in self._partners.pop(key, set()):
+            self._partners[partner].discard(key)
+            self._pairs.pop((key, partner) if key < partner else (partner, key), None)
+
+    def _rebuild(self, current: dict[bytes, tuple[Entry, array[float]]]) -> None:
+        """Everything afresh, with one sweep per club (as ``overlap_warnings`` does)."""
+        self._clear()
+        by_club: dict[str | None, list[tuple[float, float, bytes]]] = {}
+        for key, (entry, starts) in current.items():
+            length = 60.0 * entry.duration_minutes
+            self._slots[key] = (entry.club, starts, length)
+            by_club.setdefault(entry.club, []).extend((s, s + length, key) for s in starts)
+        for club, slots in by_club.items():
+            slots.sort()
+            active: list[tuple[float, float, bytes]] = []
+            for slot in slots:
+                start, end, key = slot
+                active = [other for other in active if other[1] > start]
+                for other_start, other_end, other_key in active:
+                    if other_key != key:
+                        self._record(other_key, key, (other_start, other_end), (start, end))
+                active.append(slot)
+            self._clubs[club] = (
+                array("d", (slot[0] for slot in slots)),
+                array("d", (slot[1] for slot in slots)),
+                [slot[2] for slot in slots],
+            )
+
+    def _render(
+        self, current: dict[bytes, tuple[Entry, array[float]]], file_name: str
+    ) -> list[str]:
+        """The warnings, worded and ordered as ``overlap_warnings`` does: by the entries'
+        positions, each naming the pair's first overlap in the order of a sweep by start, then
+        position."""
+        found = []
+        for (one_key, two_key), overlaps in self._pairs.items():
+            one, two = current[one_key][0], current[two_key][0]
+            first = min((_sweep_order(o, one.position, two.position), o) for o in overlaps)[1]
+            if two.position < one.position:
+                one, two, first = two, one, (first[2], first[3], first[0], first[1])
+            spans = tuple(datetime.fromtimestamp(t, UTC) for t in first)
+            found.append((one.position, two.position, one, two, spans, len(overlaps)))
+        found.sort(key=lambda item: (item[0], item[1]))
+        return [
+            _overlap_text(file_name, one, two, spans, count)  # type: ignore[arg-type]
+            for _a, _b, one, two, spans, count in found
+        ]
 
 
 @dataclass(frozen=True)
@@ -868,6 +1019,9 @@ class _Validated:
     #: What validation said can change only when time passes the first start that was ahead
     #: (a one-off in the past, a rule that books nothing any more): validate again from then.
     fresh_until: datetime | None
+    #: The starts that were ahead (Unix seconds): until ``fresh_until`` they are the entry's
+    #: ``starts`` whatever the time, which the overlap check reads without expanding again.
+    starts: array[float]
 
 
 @dataclass
@@ -885,13 +1039,31 @@ class EntryCache:
 
     _entries: dict[bytes, _Validated] = field(default_factory=dict)
     _seen: dict[bytes, _Validated] = field(default_factory=dict)
+    #: This read's cached entries by position, and the overlap check kept up to date with them.
+    _keys: dict[int, bytes] = field(default_factory=dict)
+    _overlaps: _OverlapIndex = field(default_factory=_OverlapIndex)
     validated: int = 0
     reused: int = 0
 
     def begin(self) -> None:
         """Start of a read; unless it ends in ``keep_seen``, the cache stays as it was."""
         self._seen = {}
+        self._keys = {}
         self.validated = self.reused = 0
+
+    def overlap_warnings(self, entries: list[Entry], now: datetime, file_name: str) -> list[str]:
+        """``overlap_warnings`` of this read's entries, the same words in the same order, from
+        an index that a reload updates with the entries that changed only (0.1 s at 52,000
+        instances done afresh)."""
+        current: dict[bytes, tuple[Entry, array[float]]] = {}
+        for entry in entries:
+            key = self._keys.get(entry.position)
+            known = self._seen.get(key) if key is not None else None
+            if known is None or known.entry.id != entry.id:
+                return overlap_warnings(entries, now, file_name)  # not all cached: afresh
+            if entry.enabled:
+                current[key] = (entry, known.starts)
+        return self._overlaps.warnings(current, file_name)
 
     def keep_seen(self) -> None:
         """End of a read: keep the entries of this file only (removed ones are forgotten)."""
@@ -925,6 +1097,7 @@ class EntryCache:
         ):
             self.reused += 1
             self._seen[key] = known
+            self._keys[position] = key
             entry = known.entry
             if entry.position != position:
                 entry = dataclasses.replace(entry, position=position)
@@ -943,6 +1116,7 @@ class EntryCache:
         if entry is None:
             return entry, errors, warnings, entry_id
         fresh_until = _fresh_until(entry, now)
+        starts = array("d", (start.timestamp() for start in entry.starts(now) if start > now))
         entry = dataclasses.replace(entry, expansion=None)
         explicit = "id" in raw
         where = _where(file_name, entry.id if explicit else None, position)
@@ -952,7 +1126,9 @@ class EntryCache:
                 notes=tuple(w[len(where) :] for w in warnings),
                 explicit_id=explicit,
                 fresh_until=fresh_until,
+                starts=starts,
             )
+            self._keys[position] = key
         return entry, errors, warnings, entry_id
 
 

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import random
 import stat
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -58,10 +59,11 @@ def schedules(
     *entries: Any,
     tokens: set[str] = TOKENS,
     zone: str = "UTC",
+    now: datetime = NOW,
 ) -> SchedulesResult:
     """Write ``entries`` as schedules.json and validate it."""
     path = write_json(data_dir / "schedules.json", list(entries))
-    return read_schedules(path, default_zone=zone, token_names=set(tokens), now=NOW)
+    return read_schedules(path, default_zone=zone, token_names=set(tokens), now=now)
 
 
 def only_error(result: SchedulesResult) -> str:
@@ -2029,3 +2031,63 @@ def test_read_config_keeps_the_last_good_template_when_the_file_breaks(
     )
     assert config.errors == [config.template_error]
     assert str(config.schedules.entries[0].window) == "6d@08:00"  # the last good one's
+
+
+def random_entry(rng: random.Random, i: int) -> dict[str, Any]:
+    """An entry on a coarse grid of times and lengths, so that many overlap, some several
+    times a day (a rule with two hours)."""
+    day = 2 + rng.randrange(14)
+    time = f"{7 + rng.randrange(5):02d}:{rng.choice(['00', '15', '30', '45'])}"
+    entry: dict[str, Any] = {
+        "id": f"e{i}",
+        "type": rng.choice(["one-off", "recurring"]),
+        "desired_time": f"2026-12-{day:02d} {time}",
+        "duration_minutes": rng.choice([15, 30, 60, 90, 180, 300]),
+    }
+    if entry["type"] == "recurring":
+        rules = [
+            "FREQ=WEEKLY",
+            "FREQ=DAILY;INTERVAL=3",
+            "FREQ=DAILY;INTERVAL=2;BYHOUR=8,10;BYMINUTE=15",
+            "every Tuesday at 09:00",
+        ]
+        entry["rrule"] = rng.choice(rules)
+    if rng.random() < 0.15:
+        entry["enabled"] = False
+    return entry
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_the_caches_overlap_warnings_are_those_of_a_fresh_read_through_edits(
+    data_dir: Path, seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = random.Random(seed)
+    entries = [random_entry(rng, i) for i in range(24)]
+    cache = config_loader.EntryCache()
+    now = NOW
+    afresh: list[int] = []
+    sweep = config_loader.overlap_warnings
+
+    def counted(*args: Any) -> list[str]:
+        afresh.append(1)
+        return sweep(*args)
+
+    for step in range(30):
+        monkeypatch.setattr(config_loader, "overlap_warnings", counted)
+        result = cached(data_dir, cache, *entries, now=now)
+        monkeypatch.setattr(config_loader, "overlap_warnings", sweep)
+        assert afresh == []  # the cache's index, not a fresh sweep
+        assert result.warnings == schedules(data_dir, *entries, now=now).warnings, step
+        assert any("overlapping" in w for w in result.warnings)
+        move = rng.random()
+        if move < 0.5:  # edit one entry
+            entries[rng.randrange(len(entries))] = random_entry(rng, rng.randrange(100, 10**6))
+        elif move < 0.7:  # swap two (positions change, contents do not)
+            a, b = rng.randrange(len(entries)), rng.randrange(len(entries))
+            entries[a], entries[b] = entries[b], entries[a]
+        elif move < 0.8:  # remove one
+            entries.pop(rng.randrange(len(entries)))
+        elif move < 0.9:  # add many at once (rebuilt)
+            entries += [random_entry(rng, rng.randrange(10**6, 10**7)) for _ in range(20)]
+        else:  # time passes: some starts go by
+            now += timedelta(days=rng.randrange(1, 4))
