@@ -772,19 +772,7 @@ def read_schedules(
             sources=sources,
         )
         if entry_id is not None and entry_id in seen and not errors:
-            explicit = isinstance(raw, dict) and "id" in raw
-            where = _where(name, entry_id if explicit else None, index)
-            if explicit:
-                errors.append(
-                    f"{where}: id: {entry_id!r} is already used by entry #{seen[entry_id]}; "
-                    "ids must be unique"
-                )
-            else:
-                errors.append(
-                    f"{where}: id: this entry derives the same id ({entry_id!r}) as entry "
-                    f"#{seen[entry_id]} (same type, desired_time, rrule and timezone); give both "
-                    'an explicit "id"'
-                )
+            errors.append(_duplicate_id(name, raw, entry_id, index, seen[entry_id]))
             entry = None
         if entry_id is not None:
             seen.setdefault(entry_id, index)
@@ -802,11 +790,10 @@ def read_schedules(
     result.clubs, result.club_errors = dict(sources.clubs), dict(sources.club_errors)
     # An id both rejected (a duplicate) and valid stays valid for the earlier entry.
     result.rejected_ids -= {e.id for e in result.entries}
-    if cache is not None:
-        result.warnings.extend(cache.overlap_warnings(result.entries, now, name))
-    else:
+    if cache is None:
         result.warnings.extend(overlap_warnings(result.entries, now, name))
-    if cache is not None:
+    else:
+        result.warnings.extend(cache.overlap_warnings(result.entries, now, name))
         cache.keep_seen()
     return result
 
@@ -871,6 +858,18 @@ def _span(start: datetime, end: datetime, zone: ZoneInfo) -> str:
     """``Fri 2026-12-04 12:00-13:00 GMT``: a booking's time, local."""
     local_start, local_end = start.astimezone(zone), end.astimezone(zone)
     return f"{local_start:%a %Y-%m-%d %H:%M}-{local_end:%H:%M %Z}"
+
+
+def _duplicate_id(name: str, raw: Any, entry_id: str, index: int, first: int) -> str:
+    """The error of entry #``index`` whose id entry #``first`` has already."""
+    explicit = isinstance(raw, dict) and "id" in raw
+    where = _where(name, entry_id if explicit else None, index)
+    if explicit:
+        return f"{where}: id: {entry_id!r} is already used by entry #{first}; ids must be unique"
+    return (
+        f"{where}: id: this entry derives the same id ({entry_id!r}) as entry #{first} (same "
+        'type, desired_time, rrule and timezone); give both an explicit "id"'
+    )
 
 
 def _sweep_order(overlap: _Overlap, one: int, two: int) -> tuple[Any, ...]:

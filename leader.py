@@ -29,15 +29,30 @@ import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import psycopg
 from sqlalchemy import Connection, Engine, delete, select, text, update
 
 import models
 from models import Daemon
 
 logger = logging.getLogger(__name__)
+
+
+class _OnFirstUse:
+    """psycopg, imported when first used: only a daemon on PostgreSQL needs it, and importing
+    it takes 7 MB that a daemon on SQLite would keep for its whole life."""
+
+    def __getattr__(self, name: str) -> Any:
+        import psycopg  # noqa: PLC0415 (on purpose: see above)
+
+        return getattr(psycopg, name)
+
+
+if TYPE_CHECKING:
+    import psycopg
+else:
+    psycopg = _OnFirstUse()
 
 ACTIVE = "active"
 STANDBY = "standby"
