@@ -281,9 +281,21 @@ def _club_says(answer: Answer, secret: str) -> str:
 # --------------------------------------------------------------------------- the booking
 
 
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
 @dataclass
 class BookingContext:
-    """Everything a booking needs, built once by the daemon."""
+    """Everything a booking needs, built by the daemon each time it becomes the active one.
+
+    ``owner`` names the daemon in the claims it makes. ``may_send`` is cleared the moment the
+    daemon is no longer the active one (another may book now): no request leaves after that;
+    a booking in flight finishes, one before its trigger or between retries goes back to
+    ``pending`` for the active daemon. ``stop`` is set then too, to end the waits at once.
+    """
 
     factory: SessionFactory
     fernet: MultiFernet
@@ -299,6 +311,8 @@ class BookingContext:
     gate: TriggerGate = field(default_factory=TriggerGate)
     in_flight: set[str] = field(default_factory=set)
     in_flight_lock: threading.Lock = field(default_factory=threading.Lock)
+    owner: str | None = None
+    may_send: threading.Event = field(default_factory=_set_event)
 
     @property
     def request_template(self) -> RequestTemplate:
@@ -323,6 +337,11 @@ def book_slot(key: str, ctx: BookingContext) -> str | None:
     try:
         return _book(key, ctx)
     except Exception:
+        if not ctx.may_send.is_set():
+            # Most likely the database connection that cost the active role: the claim stays
+            # ours until this daemon is gone, then the active one recovers it (section 7).
+            logger.exception("booking %s: error after this daemon lost the active role", key)
+            return None
         logger.exception("booking %s: unexpected error", key)
         _finish(ctx, key, FAILED, "internal error while booking (see the log); not retried")
         return FAILED
@@ -344,7 +363,7 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     if row is None or row.status != PENDING:
         logger.debug("booking %s: nothing to do (%s)", key, row.status if row else "gone")
         return None
-    if not instances.claim(ctx.factory, key, now):
+    if not ctx.may_send.is_set() or not instances.claim(ctx.factory, key, now, owner=ctx.owner):
         return None
     row, token_row = instances.claimed(ctx.factory, key)
     token, token_problem = _token(ctx, row, token_row)
@@ -362,7 +381,10 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     try:
         if not ctx.gate.wait(ctx, trigger):
             instances.release(ctx.factory, key)
-            logger.info("booking %s: shutting down before its trigger; left pending", key)
+            if ctx.may_send.is_set():
+                logger.info("booking %s: shutting down before its trigger; left pending", key)
+            else:
+                logger.warning("booking %s: %s; nothing was sent", key, NOT_ACTIVE)
             return None
     finally:
         ctx.client.release(held)
@@ -441,15 +463,20 @@ def _attempt_courts(
     total = row.attempts
     # A booking cut off by a crash may have reached the club before: its 409 may be our own.
     resumed = row.interrupted
+    # Whether a request of this booking may have reached the club unanswered (any court).
+    maybe_sent = resumed
     for court, spec in requests_by_court:
-        attempt = _CourtTry(court)
+        attempt = _CourtTry(court, lost=resumed)
         delays = utils.backoff_delays(ctx.retry_base, MAX_ATTEMPTS_PER_COURT)
         while attempt.attempts < MAX_ATTEMPTS_PER_COURT:
+            if not ctx.may_send.is_set():
+                return _hand_over(ctx, row.key, total, sent=maybe_sent or attempt.lost)
             attempt.attempts += 1
             # Counted in the database with the answer, not before the send: a commit here
             # would sit between the trigger and the request.
             total += 1
             verdict, wait, note = _one_request(ctx, row, spec, attempt, token)
+            maybe_sent = maybe_sent or attempt.lost
             court_name = court if court is not None else "any"
             if verdict == "booked":
                 return _finish(
@@ -465,7 +492,7 @@ def _attempt_courts(
                 return _finish(ctx, row.key, FAILED, attempt.last, attempts=total)
             if verdict == "taken":
                 reason = f"court {court_name}: taken ({attempt.last})"
-                if attempt.lost or resumed:
+                if attempt.lost:
                     reason += (
                         "; an earlier attempt on this court got no answer, so it may be taken "
                         "by our own earlier attempt: check your bookings at the club"
@@ -485,12 +512,29 @@ def _attempt_courts(
                 return _finish(ctx, row.key, FAILED, "; ".join(reasons), attempts=total)
             instances.record_attempt(ctx.factory, row.key, total)
             if ctx.stop.wait(delay):
+                if not ctx.may_send.is_set():
+                    return _hand_over(ctx, row.key, total, sent=maybe_sent or attempt.lost)
                 instances.release(ctx.factory, row.key)
                 logger.info("booking %s: shutting down between retries; back to pending", row.key)
                 return None
     return _finish(
         ctx, row.key, FAILED, "; ".join(reasons) or "no court could be booked", attempts=total
     )
+
+
+#: Why a booking stops short when its daemon lost the active role (CONTRACT section 10).
+NOT_ACTIVE = (
+    "this daemon is no longer the active one; back to pending for the active daemon, with the "
+    "same Idempotency-Key"
+)
+
+
+def _hand_over(ctx: BookingContext, key: str, attempts: int, *, sent: bool) -> None:
+    """A booking whose daemon lost the active role before its next request: back to pending,
+    its requests so far counted, marked ``interrupted`` when one may have reached the club."""
+    instances.record_attempt(ctx.factory, key, attempts)
+    instances.release(ctx.factory, key, sent=sent)
+    logger.warning("booking %s: %s", key, NOT_ACTIVE)
 
 
 def _one_request(

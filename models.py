@@ -456,9 +456,9 @@ def add_missing_columns(bind: Engine | Connection) -> list[str]:
     return added
 
 
-def has_tables(engine: Engine) -> bool:
-    """True when the database already holds courtbot's tables."""
-    return inspect(engine).has_table(Instance.__tablename__)
+def has_tables(engine: Engine, table: str = "schedules") -> bool:
+    """True when the database already holds courtbot's tables (or the one named)."""
+    return inspect(engine).has_table(table)
 
 
 #: What the other modules hold to open sessions (so that they need not import SQLAlchemy).

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import pickle
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import astuple, dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
@@ -79,11 +79,55 @@ class SyncReport:
     removed: int
 
 
-class Scheduler:
-    """A BackgroundScheduler whose job store lives in the courtbot database."""
+class _FencedJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
+    """The job store, shared through the database by every daemon on it: only the active one
+    may fire or change jobs. Once ``allowed()`` is false (leadership lost), this scheduler's
+    thread finds no due job and its writes are dropped, so that however late it notices it
+    was stopped it never fires or removes a job that the new active daemon's scheduler owns."""
 
-    def __init__(self, engine: Engine, *, workers: int = DEFAULT_WORKERS) -> None:
-        self._store = SQLAlchemyJobStore(engine=engine, tablename=JOBS_TABLE)
+    def __init__(self, *, allowed: Callable[[], bool], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._allowed = allowed
+
+    def get_due_jobs(self, now: datetime) -> list[Job]:
+        return super().get_due_jobs(now) if self._allowed() else []  # type: ignore[no-any-return]
+
+    def add_job(self, job: Job) -> None:
+        if self._allowed():
+            super().add_job(job)
+
+    def update_job(self, job: Job) -> None:
+        if self._allowed():
+            super().update_job(job)
+
+    def remove_job(self, job_id: str) -> None:
+        if self._allowed():
+            super().remove_job(job_id)
+
+    def remove_all_jobs(self) -> None:
+        if self._allowed():
+            super().remove_all_jobs()
+
+
+def _always() -> bool:
+    return True
+
+
+class Scheduler:
+    """A BackgroundScheduler whose job store lives in the courtbot database.
+
+    ``allowed`` (default: always) says whether this daemon may still fire and change jobs: on a
+    database shared by several daemons, only while it is the active one."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        workers: int = DEFAULT_WORKERS,
+        allowed: Callable[[], bool] = _always,
+    ) -> None:
+        self._allowed = allowed
+        self._store = _FencedJobStore(allowed=allowed, engine=engine, tablename=JOBS_TABLE)
         self._scheduler = BackgroundScheduler(
             jobstores={"default": self._store},
             executors={"default": ThreadPoolExecutor(max_workers=workers)},
@@ -154,6 +198,9 @@ class Scheduler:
 
     def _write(self, upserts: list[tuple[str, datetime]], removals: list[str]) -> None:
         if not upserts and not removals:
+            return
+        if not self._allowed():
+            logger.warning("jobs not written: this daemon is no longer the active one")
             return
         table = self._store.jobs_t
         rows = []
