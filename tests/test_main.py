@@ -223,7 +223,9 @@ def test_status_json_and_table(
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", first["trigger_time"])
     assert (first["status"], first["booking_ref"], first["court_id"]) == ("booked", "bk-9", "3")
     assert run(monkeypatch, env, "status") == 0
-    table = capsys.readouterr().out.splitlines()
+    daemons, rest = capsys.readouterr().out.split("\n\n", 1)
+    assert daemons == "daemons: none running"
+    table = rest.splitlines()
     assert table[0].split()[:3] == ["SCHEDULE", "KEY", "DESIRED"]
     assert "booked" in table[1] and "bk-9" in table[1]
 
