@@ -1,5 +1,7 @@
 """main.py: the CLI of CONTRACT section 1, and the daemon's loop in process (reload on SIGHUP or a
-changed file); the daemon as a subprocess is in test_e2e.py."""
+changed file; a standby that takes over and steps down, section 10); the daemon as a subprocess
+is in test_e2e.py and test_failover.py. The tests that touch the database run on SQLite and on
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from cryptography.fernet import Fernet
 from sqlalchemy.orm import Session, sessionmaker
 
 import instances
+import leader
 import main
 import models
-from conftest import previous_release_database, write_json
+from conftest import NOW, previous_release_database, write_json
 from daemon_harness import cli
 from models import Instance
 
@@ -185,6 +188,7 @@ def add(factory: sessionmaker[Session], key: str, **fields: Any) -> None:
         )
 
 
+@pytest.mark.both_databases
 def test_status_json_and_table(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -230,6 +234,7 @@ def test_status_json_and_table(
     assert "booked" in table[1] and "bk-9" in table[1]
 
 
+@pytest.mark.both_databases
 def test_status_without_a_database(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -241,6 +246,7 @@ def test_status_without_a_database(
     assert not (data_dir / "db.sqlite").exists()
 
 
+@pytest.mark.both_databases
 def test_retry_puts_failed_instances_still_ahead_back_to_pending(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -384,6 +390,7 @@ def pending(daemon: main.Daemon) -> list[str]:
     return sorted(row["schedule"] for row in rows if row["status"] == "pending")
 
 
+@pytest.mark.both_databases
 def test_sighup_reloads_in_the_loop_and_a_broken_file_keeps_the_last_good_state(
     daemon: main.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -419,6 +426,7 @@ def test_sighup_reloads_in_the_loop_and_a_broken_file_keeps_the_last_good_state(
     assert any(m.startswith("config loaded (SIGHUP) in ") for m in caplog.messages)
 
 
+@pytest.mark.both_databases
 def test_a_changed_file_is_reloaded_and_an_unchanged_one_is_not(
     daemon: main.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -444,3 +452,208 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)
+
+
+# ---------------------------------------------------------------- daemons (section 10)
+
+
+def state(ident: str, role: str, *, alive: bool = True, **times: datetime) -> leader.DaemonState:
+    return leader.DaemonState(
+        id=ident,
+        host=f"host-{ident}",
+        pid=100 + len(ident),
+        role=role,
+        started_at=times.get("started_at", NOW - timedelta(hours=3)),
+        since=times.get("since", NOW - timedelta(hours=2)),
+        heartbeat_at=times.get("heartbeat_at", NOW - timedelta(seconds=3)),
+        alive=alive,
+    )
+
+
+def test_the_daemons_as_a_person_reads_them() -> None:
+    states = [
+        state("a", "active", since=NOW - timedelta(minutes=12)),
+        state("bb", "standby", heartbeat_at=NOW - timedelta(seconds=4)),
+        state("ccc", "active", alive=False, heartbeat_at=NOW - timedelta(minutes=7)),
+    ]
+    assert main.daemon_lines(states, NOW) == [
+        "daemons:",
+        "  active   host-a pid 101, active since 2026-11-23T11:48:00Z, last heartbeat 3 s ago",
+        "  standby  host-bb pid 102, standby since 2026-11-23T10:00:00Z, last heartbeat 4 s ago",
+        "  stopped  host-ccc pid 103, last heartbeat 7 min ago",
+    ]
+    assert main.daemon_lines([states[2]], NOW) == ["daemons: none running"]
+    assert main.daemon_lines([], NOW) == ["daemons: none running"]
+    assert [main._ago(s) for s in (0, 119, 120, 7199, 7200, 3 * 86400)] == [
+        "0 s",
+        "119 s",
+        "2 min",
+        "119 min",
+        "2 h",
+        "3 d",
+    ]
+
+
+@pytest.mark.both_databases
+def test_status_names_the_running_daemon(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    daemon: main.Daemon,
+    env: dict[str, str],
+) -> None:
+    assert run(monkeypatch, env, "status") == 0
+    out = capsys.readouterr().out
+    host = os.uname().nodename
+    since = utils_format(daemon.roles.since)
+    assert re.match(
+        rf"daemons:\n  active   {re.escape(host)} pid {os.getpid()}, active since {since}, "
+        r"last heartbeat \d+ s ago\n\nSCHEDULE ",
+        out,
+    ), out
+    assert run(monkeypatch, env, "status", "--daemons", "--json") == 0
+    (shown,) = json.loads(capsys.readouterr().out)
+    assert shown == {
+        "id": daemon.roles.ident,
+        "host": host,
+        "pid": os.getpid(),
+        "role": "active",
+        "alive": True,
+        "since": since,
+        "started_at": utils_format(daemon.roles.started_at),
+        "heartbeat_at": shown["heartbeat_at"],
+    }
+    assert run(monkeypatch, env, "status", "--json") == 0
+    assert isinstance(json.loads(capsys.readouterr().out), list)  # one array of instances, still
+
+
+def utils_format(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.mark.parametrize("command", [("status",), ("status", "--json"), ("retry", "x")])
+def test_status_and_retry_on_an_unreachable_database_say_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    command: tuple[str, ...],
+) -> None:
+    from pg_server import free_port
+
+    port = free_port()
+    url = f"postgresql://courtbot:pw-S3cret@127.0.0.1:{port}/courtbot"
+    assert run(monkeypatch, env | {"DATABASE_URL": url}, *command) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"courtbot {command[0]}: cannot open the database "
+        f"postgresql://courtbot:***@127.0.0.1:{port}/courtbot (host 127.0.0.1, port {port}, "
+        "database courtbot): connection refused; check that PostgreSQL runs at 127.0.0.1 port "
+        f"{port} and accepts TCP connections, or fix the host and port in DATABASE_URL\n"
+    )
+
+
+def test_run_on_an_unreachable_database_exits_2_with_one_line(
+    env: dict[str, str], data_dir: Path
+) -> None:
+    from pg_server import free_port
+
+    port = free_port()
+    url = f"postgresql://courtbot:pw-S3cret@127.0.0.1:{port}/courtbot"
+    done = cli(env | {"DATABASE_URL": url}, "run")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr == (
+        "courtbot: cannot start: cannot open the database "
+        f"postgresql://courtbot:***@127.0.0.1:{port}/courtbot (host 127.0.0.1, port {port}, "
+        "database courtbot): connection refused; check that PostgreSQL runs at 127.0.0.1 port "
+        f"{port} and accepts TCP connections, or fix the host and port in DATABASE_URL\n"
+    )
+    assert not (data_dir / "bot.pid").exists()
+
+
+@pytest.fixture
+def unstarted(env: dict[str, str], data_dir: Path) -> Iterator[Callable[..., main.Daemon]]:
+    """Make a daemon in this process (not started); its handlers are restored afterwards."""
+    handlers = {signum: signal.getsignal(signum) for signum in main.DAEMON_SIGNALS}
+    made: list[main.Daemon] = []
+
+    def make(**extra: str) -> main.Daemon:
+        settings = main.load_settings(env | {"RELOAD_INTERVAL_SECONDS": "3600", **extra})
+        made.append(main.Daemon(settings, main.load_fernet(settings), None))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for daemon in made:
+            daemon.shutdown()
+        signal.set_wakeup_fd(-1)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def test_a_standby_waits_then_takes_over_and_steps_down_when_its_lock_goes(
+    unstarted: Callable[..., main.Daemon],
+    data_dir: Path,
+    pg_server: Any,
+    pg_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    other = leader.Leadership(pg_url, "other-daemon")
+    assert other.try_acquire()
+    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
+    write_json(data_dir / "schedules.json", [one_off("a")])
+    tokens_before = (data_dir / "tokens.json").read_text()
+    daemon = unstarted(DATABASE_URL=pg_url)
+    seen: dict[str, Any] = {}
+
+    daemon.start()  # the role is taken: it returns as a standby
+
+    assert daemon.roles.role == "standby"
+    assert (data_dir / "bot.pid").read_text() == f"{os.getpid()}\n"
+    assert (data_dir / "heartbeat").exists()
+    assert instances.status_rows(daemon.factory) == []  # it loaded nothing
+    assert (data_dir / "tokens.json").read_text() == tokens_before  # nor rewrote the tokens
+    assert daemon.engine is not None
+    (row,) = leader.list_daemons(daemon.engine, now=datetime.now(UTC))
+    assert (row.role, row.pid, row.alive) == ("standby", os.getpid(), True)
+
+    def operator() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            wait_for(lambda: any("this daemon is a standby" in m for m in caplog.messages))
+            seen["after SIGHUP"] = pending(daemon)
+            other.release()  # the active one ends: the standby takes over
+            wait_for(lambda: pending(daemon) == ["a"])
+            seen["role"] = daemon.roles.role
+            backend = daemon.roles.lead.backend_pid
+            with pg_server.admin() as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            wait_for(other.try_acquire)  # another daemon may take it now
+            wait_for(lambda: daemon.roles.role == "standby")
+            assert daemon.scheduler is not None
+            seen["scheduler running"] = daemon.scheduler._scheduler.running
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=operator)
+    thread.start()
+    daemon.run_forever()
+    thread.join(10)
+    other.close()
+
+    assert seen == {"after SIGHUP": [], "role": "active", "scheduler running": False}
+    messages = caplog.messages
+    assert (
+        "SIGHUP received: this daemon is a standby; it loads the files when it becomes the "
+        "active one"
+    ) in messages
+    lost = next(i for i, m in enumerate(messages) if m.startswith("lost the active role on "))
+    assert messages[lost] == (
+        f"lost the active role on {models.mask_url(pg_url)} (its database connection failed): "
+        "stopped booking at once; a booking in flight may finish; a standby takes over"
+    )
+    assert any(m.startswith("standby: this daemon (") for m in messages[lost:])
+    assert any(m.startswith("config loaded (became active) in ") for m in messages)
+    assert pg_server.password not in caplog.text
