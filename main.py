@@ -303,10 +303,10 @@ class Daemon:
         if not self.ctx.may_send.is_set():
             return  # lost the role meanwhile: the loop steps down
         self.scheduler.start()
+        self.roles.beat(self)
         write_private(settings.pid_path, f"{os.getpid()}\n")
         self._running = True
         self.heartbeat()
-        self.roles.beat(self)
         self.log_summary()
 
     def log_summary(self) -> None:
@@ -543,6 +543,9 @@ def _record_signal(signum: int, frame: Any) -> None:
 BEAT_SECONDS = 5.0
 #: A stopped daemon's row in ``daemons`` is removed this long after its last heartbeat.
 FORGET_AFTER = timedelta(minutes=1)
+#: How long a claim's owner that seems gone is given to show it lives (a standby takes its
+#: presence lock again at its next try, every leader.POLL_SECONDS).
+PRESENCE_GRACE_SECONDS = 1.5 * leader.POLL_SECONDS
 
 
 class LeaderWatch:
@@ -669,7 +672,19 @@ class Roles:
         """The owners of ``booking`` claims whose daemon lives (this one included): their
         claims are theirs, never taken over."""
         owners = {owner for owner in instances.booking_owners(factory) if owner}
-        return frozenset(self.lead.alive_ids(owners) | {self.ident})
+        return frozenset(self._alive(owners - {self.ident}) | {self.ident})
+
+    def _alive(self, owners: set[str]) -> set[str]:
+        """Those of ``owners`` whose daemon lives. One that seems gone is looked at again
+        after PRESENCE_GRACE_SECONDS: a daemon whose connections were cut (not killed) takes
+        its presence again within a second, and its claims stay its own."""
+        if not owners:
+            return set()
+        alive = self.lead.alive_ids(owners)
+        if self.shared and owners - alive:
+            time.sleep(PRESENCE_GRACE_SECONDS)
+            alive |= self.lead.alive_ids(owners)
+        return alive
 
     def hand_over(self, daemon: Daemon) -> None:
         """At a clean stop, before waiting for bookings in flight: no request leaves any more
@@ -768,7 +783,7 @@ class Roles:
         owners = instances.booking_owners(daemon.factory) - {self.ident}
         if not owners:
             return
-        live = self.lead.alive_ids({owner for owner in owners if owner}) | {self.ident}
+        live = self._alive({owner for owner in owners if owner}) | {self.ident}
         if owners <= live:
             return
         retried, unknown = instances.recover_in_flight(
@@ -810,8 +825,6 @@ class Roles:
         self.since = datetime.now(UTC)
         pause = leader.REJOIN_SECONDS if rejoin else leader.POLL_SECONDS
         self._next_try = time.monotonic() + pause
-        write_private(daemon.settings.pid_path, f"{os.getpid()}\n")
-        daemon._running = True
         self._beat_standby(daemon)
         logger.info(
             "standby: this daemon (%s pid %d) waits on %s%s; it sends nothing and takes over "
@@ -821,6 +834,8 @@ class Roles:
             models.mask_url(self.url),
             self._active_one(daemon),
         )
+        write_private(daemon.settings.pid_path, f"{os.getpid()}\n")
+        daemon._running = True
 
     def _active_one(self, daemon: Daemon) -> str:
         """`` while <host> pid <pid> is active`` when the database says so, else ``""``."""
