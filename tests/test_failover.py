@@ -184,7 +184,8 @@ def test_kill_9_of_the_active_daemon_before_a_trigger(cluster: Cluster, club: Sa
         heir = cluster.active()
         assert heir is not None
         assert wait_until(
-            lambda h=heir: logged_at(h, "courtbot running (pid", after=killed) is not None, 10
+            lambda h=heir, k=killed: logged_at(h, "courtbot running (pid", after=k) is not None,
+            10,
         ), heir.output()
         took = logged_at(heir, "active: this daemon (", after=killed)
         ready = logged_at(heir, "courtbot running (pid", after=killed)
