@@ -250,7 +250,6 @@ def test_invalid_schedules_at_start_do_not_stop_the_daemon(
     assert daemon.stop() == 0
 
 
-@pytest.mark.both_databases
 def test_kill9_before_the_trigger_then_restart_books_once(
     e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
 ) -> None:
@@ -324,7 +323,6 @@ def test_sigterm_between_retries_puts_it_back_to_pending(
     assert status_of(env, key) == "pending"
 
 
-@pytest.mark.both_databases
 def test_kill9_with_a_request_in_flight_is_retried_with_the_same_key(
     e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
 ) -> None:

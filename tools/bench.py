@@ -1,6 +1,7 @@
 """``make bench``: how precisely, how fast and how cheaply the real daemon does its job.
 
-Runs from the repository root as ``.venv/bin/python tools/bench.py``. Everything stays on
+Runs from the repository root as ``.venv/bin/python tools/bench.py`` (``tools/bench.py scale``:
+many schedules on SQLite and PostgreSQL, see tools/bench_scale.py). Everything stays on
 127.0.0.1: sandbox clubs run in this process, the daemon runs as real subprocesses
 (``python main.py run``), each with its own scratch DATA_DIR under a temporary directory and a
 freshly generated FERNET_KEY. Four cases:
@@ -865,6 +866,11 @@ def run_case(name: str, table: Table, body: Callable[[], None]) -> None:
 
 
 def main() -> int:
+    if sys.argv[1:] == ["scale"]:
+        # Many schedules on SQLite and PostgreSQL: tools/bench_scale.py.
+        from bench_scale import main as scale
+
+        return scale()
     sys.path.insert(0, str(REPO))
     table = Table()
     try:
