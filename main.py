@@ -513,9 +513,9 @@ class Daemon:
         """Stop taking triggers, hand the active role over, let a booking in flight finish,
         release everything."""
         self.stop.set()
+        self.roles.hand_over(self)
         if self.ctx is not None:
             self.ctx.stop.set()
-        self.roles.hand_over(self)
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
         scheduler.set_runtime(None)
@@ -699,7 +699,13 @@ class Roles:
         self.lead.release()
 
     def leave(self, daemon: Daemon) -> None:
-        """At exit, after the bookings in flight: this daemon's row goes, then its locks."""
+        """At exit, after the bookings in flight (those of an earlier period as the active
+        daemon too): this daemon's row goes, then its locks."""
+        leftover = self._leftover
+        if leftover is not None:
+            deadline = time.monotonic() + daemon.settings.http_timeout + 1.0
+            while leftover.in_flight and time.monotonic() < deadline:
+                time.sleep(0.05)
         if daemon.engine is not None:
             try:
                 leader.remove_daemon(daemon.engine, self.ident)
@@ -715,6 +721,9 @@ class Roles:
         self._lost.clear()
         self._next_beat = time.monotonic() + self.beat_seconds
         if not self.shared:
+            # The lock beside the database lets no other daemon run: rows of others are stale.
+            assert daemon.engine is not None
+            leader.forget_dead(daemon.engine, now=self.since, older_than=timedelta(0))
             daemon.become_active(reason)
             return
         logger.info(

@@ -593,10 +593,10 @@ def unstarted(env: dict[str, str], data_dir: Path) -> Iterator[Callable[..., mai
 
 
 def test_a_standby_waits_then_takes_over_and_steps_down_when_its_lock_goes(
+    pg_server: Any,
+    pg_url: str,  # first: the database outlives the daemon
     unstarted: Callable[..., main.Daemon],
     data_dir: Path,
-    pg_server: Any,
-    pg_url: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
@@ -657,3 +657,77 @@ def test_a_standby_waits_then_takes_over_and_steps_down_when_its_lock_goes(
     assert any(m.startswith("standby: this daemon (") for m in messages[lost:])
     assert any(m.startswith("config loaded (became active) in ") for m in messages)
     assert pg_server.password not in caplog.text
+
+
+def test_on_sqlite_a_restarted_daemon_lists_only_itself(
+    unstarted: Callable[..., main.Daemon], data_dir: Path
+) -> None:
+    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
+    write_json(data_dir / "schedules.json", [])
+    engine = models.make_engine(f"sqlite:///{data_dir / 'db.sqlite'}")
+    try:
+        # the row of a daemon killed seconds ago: its heartbeat still looks fresh
+        leader.write_heartbeat(
+            engine,
+            ident="killed",
+            role="active",
+            started_at=datetime.now(UTC),
+            since=datetime.now(UTC),
+            now=datetime.now(UTC),
+            pid=1,
+        )
+        daemon = unstarted()
+        daemon.start()
+        states = leader.list_daemons(engine, now=datetime.now(UTC))
+    finally:
+        engine.dispose()
+    assert [(s.pid, s.role, s.alive) for s in states] == [(os.getpid(), "active", True)]
+
+
+def test_the_active_daemon_takes_over_dead_daemons_claims_and_changes_made_elsewhere(
+    pg_url: str,  # first: the database outlives the daemon
+    unstarted: Callable[..., main.Daemon],
+    data_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
+    write_json(data_dir / "schedules.json", [])
+    daemon = unstarted(DATABASE_URL=pg_url)
+    daemon.start()
+    assert daemon.roles.is_active and daemon.factory is not None and daemon.engine is not None
+    live = leader.Leadership(pg_url, "live-daemon")
+    try:
+        live.ensure_present()
+        # Claims made after this daemon took over: one of a daemon that lives (an old active
+        # one finishing its request), one of a daemon that died since; and a failed instance
+        # that a `retry` on another host puts back.
+        add(daemon.factory, "live", status="pending")
+        add(daemon.factory, "dead", status="pending")
+        add(daemon.factory, "again", status="failed")
+        for schedule, owner in (("live", "live-daemon"), ("dead", "dead-daemon")):
+            (key,) = [
+                r["key"] for r in instances.status_rows(daemon.factory) if r["schedule"] == schedule
+            ]
+            assert instances.claim(daemon.factory, key, datetime.now(UTC), owner=owner)
+            instances.record_attempt(daemon.factory, key, 1)
+        assert instances.retry(daemon.factory, "again", datetime.now(UTC))
+
+        daemon.roles.beat(daemon)
+
+        rows = {r["schedule"]: r for r in instances.status_rows(daemon.factory)}
+        assert (rows["live"]["status"], rows["dead"]["status"], rows["again"]["status"]) == (
+            "booking",
+            "pending",
+            "pending",
+        )
+        assert daemon.scheduler is not None
+        jobs = set(daemon.scheduler._stored())
+        assert {rows["dead"]["key"], rows["again"]["key"]} <= jobs
+        assert rows["live"]["key"] not in jobs
+        assert (
+            "1 booking(s) of a daemon that stopped are retried now with the same "
+            f"Idempotency-Key: {rows['dead']['key']}"
+        ) in caplog.messages
+    finally:
+        live.close()
