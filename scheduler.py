@@ -92,6 +92,11 @@ class _FencedJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
     def get_due_jobs(self, now: datetime) -> list[Job]:
         return super().get_due_jobs(now) if self._allowed() else []  # type: ignore[no-any-return]
 
+    def get_next_run_time(self) -> datetime | None:
+        # Fenced, nothing is due here: the scheduler sleeps until woken rather than spinning on
+        # a job it may not fire.
+        return super().get_next_run_time() if self._allowed() else None  # type: ignore[no-any-return]
+
     def add_job(self, job: Job) -> None:
         if self._allowed():
             super().add_job(job)
