@@ -8,23 +8,31 @@ on 425/429/5xx/timeouts, a final status with a reason a person can act on.
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import json
 import logging
+import socket
+import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+import traceback
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 
 import requests
 from cryptography.fernet import MultiFernet
 from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 import instances
 import utils
-from models import BOOKED, EXPIRED, FAILED, PENDING, Instance, SessionFactory, Token
+from models import BOOKED, EXPIRED, FAILED, PENDING, Instance, SessionFactory
 from notify import Outcome
 from template import RenderedRequest, RequestTemplate, Slot, default_template, render_request
 
@@ -35,6 +43,13 @@ MAX_BODY_BYTES = 1024 * 1024
 #: Wake this long before the trigger and spin for the rest (sleep granularity is ~1 ms).
 SPIN_SECONDS = 0.003
 USER_AGENT = "courtbot/1.0"
+#: A club's booking id is kept to this many characters (after secrets and controls are gone).
+MAX_REF_CHARS = 200
+#: Ends the reason of a booking that failed because every court tried was taken.
+TAKEN_ADVICE = (
+    "every court tried was taken, so a retry would be too: book another court with the club, "
+    'and give the entry a list of courts to try in order (e.g. "court_id": ["3", "4"])'
+)
 
 
 class BookingError(Exception):
@@ -113,6 +128,211 @@ class TriggerGate:
         return _wait_until(ctx, target)
 
 
+# --------------------------------------------------------------------------- deadlines
+
+#: The deadline of the request under way in this thread (set by ``ClubClient``).
+_request = threading.local()
+
+
+class _Deadline:
+    """The end of one request (CONTRACT section 6: ``HTTP_TIMEOUT_SECONDS`` bounds it whole).
+
+    requests and urllib3 bound each socket read, not the request: a club that sends one header
+    line a second, or ``100 Continue`` for ever, never trips a read timeout. When the deadline
+    passes, the watchdog shuts the request's TCP connection down, which ends the blocked read
+    (an EOF or an error) in the booking's thread; ``expired`` tells that thread why. Each socket
+    is watched through a duplicate of its descriptor, closed when the request ends, so the
+    watchdog never touches a socket that urllib3 may close or hand to another request. The
+    watchdog hears of a deadline only once a socket is watched: for a reused connection, just
+    after the request's bytes left, so that none of this work sits before them.
+    """
+
+    def __init__(self, at: float) -> None:
+        self.at = at  # time.monotonic()
+        self.expired = False
+        self._done = False
+        self._lock = threading.Lock()
+        self._twins: list[socket.socket] = []
+
+    def watch(self, sock: socket.socket) -> None:
+        try:
+            twin = socket.fromfd(sock.fileno(), sock.family, sock.type)
+        except OSError:
+            return
+        with self._lock:
+            done, first = self._done, not self._twins
+            if not done:
+                self._twins.append(twin)
+                if self.expired:
+                    _shut(twin)
+        if done:
+            twin.close()
+        elif first:
+            _WATCHDOG.add(self)
+
+    def expire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.expired = True
+            for twin in self._twins:
+                _shut(twin)
+
+    def close(self) -> None:
+        with self._lock:
+            self._done = True
+            twins, self._twins = self._twins, []
+        for twin in twins:
+            twin.close()
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Watchdog:
+    """One thread for the process that expires deadlines as they pass; it sleeps while none is
+    pending, and is told only when a new deadline comes before every other."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int, _Deadline]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, deadline: _Deadline) -> None:
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="deadlines", daemon=True)
+                self._thread.start()
+            first = not self._heap or deadline.at < self._heap[0][0]
+            heapq.heappush(self._heap, (deadline.at, next(self._order), deadline))
+            if first:
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                due: list[_Deadline] = []
+                while not due:
+                    now = time.monotonic()
+                    while self._heap and self._heap[0][0] <= now:
+                        due.append(heapq.heappop(self._heap)[2])
+                    if not due:
+                        self._cond.wait(self._heap[0][0] - now if self._heap else None)
+            for deadline in due:
+                deadline.expire()
+
+
+_WATCHDOG = _Watchdog()
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[_Deadline]:
+    """Bound what runs inside to ``seconds``: sockets opened or used for it are shut down then."""
+    deadline = _Deadline(time.monotonic() + seconds)
+    _request.deadline = deadline
+    try:
+        yield deadline
+    finally:
+        _request.deadline = None
+        deadline.close()
+
+
+def _watch(sock: socket.socket | None) -> None:
+    deadline: _Deadline | None = getattr(_request, "deadline", None)
+    if deadline is not None and sock is not None:
+        deadline.watch(sock)
+
+
+class _WatchedConnection(HTTPConnection):
+    """A connection whose socket the request's deadline watches: from its creation (the TCP
+    and TLS handshakes) when it is new, from the wait for the answer on when it is reused (a
+    request's few bytes leave at once; what can be held is the answer)."""
+
+    def _new_conn(self) -> socket.socket:
+        sock = super()._new_conn()
+        _watch(sock)
+        return sock
+
+    def getresponse(self) -> Any:
+        _watch(self.sock)
+        return super().getresponse()
+
+
+class _WatchedHTTPSConnection(_WatchedConnection, HTTPSConnection):
+    pass
+
+
+class _WatchedPool(HTTPConnectionPool):
+    ConnectionCls = _WatchedConnection
+
+
+class _WatchedHTTPSPool(HTTPSConnectionPool):
+    ConnectionCls = _WatchedHTTPSConnection
+
+
+class _WatchedAdapter(HTTPAdapter):
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.poolmanager.pool_classes_by_scheme = {"http": _WatchedPool, "https": _WatchedHTTPSPool}
+
+
+# --------------------------------------------------------------------------- secrets
+
+#: The secrets of the booking under way in this thread (``book_slot`` sets it).
+_booking = threading.local()
+
+
+def remember_secret(value: str) -> None:
+    """Count ``value`` among the secrets of the booking under way in this thread: it is scrubbed
+    from every exception text, reason and booking reference of that booking."""
+    secrets: set[str] | None = getattr(_booking, "secrets", None)
+    if secrets is not None and value:
+        secrets.add(value)
+
+
+def _secret_forms(secret: str) -> set[str]:
+    """How a secret shows in text: as is, escaped as Python and JSON write it (an exception
+    quoting a header value uses repr), percent-encoded."""
+    return {
+        secret,
+        repr(secret)[1:-1],
+        json.dumps(secret)[1:-1],
+        quote(secret, safe=""),
+        quote_plus(secret),
+    } - {""}
+
+
+def scrub(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every form of ``secrets`` and of the current booking's secrets as ``***``."""
+    known: set[str] = set(getattr(_booking, "secrets", None) or ())
+    forms = {form for secret in (*known, *secrets) if secret for form in _secret_forms(secret)}
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, "***")
+    return text
+
+
+def safe_ref(ref: str | None) -> str | None:
+    """A club's booking id fit for the database, a log line and an email: every secret of the
+    booking scrubbed (also one split by control characters), control characters removed, at
+    most ``MAX_REF_CHARS`` characters. None when nothing is left."""
+    if ref is None:
+        return None
+    cleaned = scrub(utils.CONTROL_RE.sub("", scrub(ref))).strip()
+    return cleaned[:MAX_REF_CHARS] or None
+
+
+def _scrubbed_traceback(exc: BaseException) -> str:
+    """An unexpected error's traceback with the booking's secrets scrubbed: exception texts can
+    quote header values (requests' InvalidHeader quotes the whole Authorization header)."""
+    return scrub("".join(traceback.format_exception(exc)).rstrip())
+
+
+# --------------------------------------------------------------------------- the club
+
+
 class ClubClient:
     """One ``requests.Session`` for the club, with connections opened ahead of triggers."""
 
@@ -122,7 +342,7 @@ class ClubClient:
         # No proxies or .netrc from the environment: a .netrc could replace our Authorization
         # header, and looking them up costs time at the moment that matters.
         self.session.trust_env = False
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
+        adapter = _WatchedAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
@@ -140,6 +360,8 @@ class ClubClient:
             conn = pool._get_conn(timeout=0.1)  # urllib3 has no public "pre-connect"
             try:
                 if conn.sock is None:
+                    # Bounded whole: the TCP connect by the timeout, and CPython bounds a TLS
+                    # handshake whole by the socket's timeout too.
                     conn.timeout = self.timeout
                     conn.connect()
             except Exception:
@@ -147,7 +369,8 @@ class ClubClient:
                 pool._put_conn(conn)
                 raise
         except Exception as exc:  # noqa: BLE001 (warming is an optimisation; the send reports)
-            logger.debug("could not open a connection ahead to %s: %s", _host(url), exc)
+            # The class only: an error's text may quote the URL, which may hold a secret.
+            logger.debug("could not open a connection ahead to %s: %s", _host(url), _kind(exc))
             return None
         return HeldConnection(pool, conn)
 
@@ -166,33 +389,46 @@ class ClubClient:
     def send(self, spec: RequestSpec | requests.PreparedRequest) -> Answer:
         """Send one request, never following a redirect, reading at most 1 MiB of the answer.
 
-        Raises BookingError when no answer came (timeout, refused, reset).
+        ``timeout`` bounds the whole request, from the send to the answer's last byte: an
+        answer whose status line and headers are not in by then is a timeout; a body still
+        coming then is cut there (the status says what the club did). Raises BookingError when
+        no answer came (timeout, refused, reset, an untrusted certificate: ``permanent``).
         """
         prepared = self.prepare(spec) if isinstance(spec, RequestSpec) else spec
         started = time.perf_counter()
-        try:
-            response = self.session.send(
-                prepared, timeout=self.timeout, allow_redirects=False, stream=True
-            )
-        except requests.Timeout:
-            raise BookingError(f"no answer within {self.timeout:g} s", lost=True) from None
-        except requests.ConnectionError as exc:
-            raise BookingError(_connection_reason(exc), lost=_maybe_sent(exc)) from None
-        except requests.RequestException as exc:
-            raise BookingError(f"request failed ({exc.__class__.__name__})") from None
-        try:
-            body = self._read_body(response, deadline=started + self.timeout)
-        finally:
-            response.close()
+        with _deadline(self.timeout) as deadline:
+            try:
+                response = self.session.send(
+                    prepared, timeout=self.timeout, allow_redirects=False, stream=True
+                )
+            except requests.Timeout:
+                raise self._timed_out() from None
+            except requests.ConnectionError as exc:
+                if deadline.expired:
+                    raise self._timed_out() from None
+                raise _connection_error(exc) from None
+            except requests.RequestException as exc:
+                raise BookingError(f"request failed ({exc.__class__.__name__})") from None
+            try:
+                if deadline.expired:
+                    # Cut while its headers came: http.client reads the EOF as their end.
+                    raise self._timed_out()
+                body = self._read_body(response, deadline=started + self.timeout)
+            finally:
+                response.close()
         latency = (time.perf_counter() - started) * 1000
         return Answer(response.status_code, dict(response.headers), body, latency)
 
+    def _timed_out(self) -> BookingError:
+        return BookingError(f"no answer within {self.timeout:g} s", lost=True)
+
     @staticmethod
     def _read_body(response: requests.Response, *, deadline: float) -> bytes:
-        """At most 1 MiB of the answer's body, read until ``deadline`` (perf_counter): the
-        timeout bounds the whole answer, not each read, so a club dribbling bytes cannot hold a
-        booking (or a shutdown) for longer. A body cut short is kept as far as it came: the
-        status line arrived, so the club did answer."""
+        """At most 1 MiB of the answer's body, read until ``deadline`` (perf_counter; the
+        request's deadline also shuts a read blocked past it down): the timeout bounds the
+        whole answer, not each read, so a club dribbling bytes cannot hold a booking (or a
+        shutdown) for longer. A body cut short is kept as far as it came: the status line
+        arrived, so the club did answer."""
         chunks: list[bytes] = []
         size = 0
         try:
@@ -212,6 +448,39 @@ class ClubClient:
 
 def _host(url: str) -> str:
     return urlsplit(url).netloc
+
+
+def _kind(exc: BaseException) -> str:
+    return exc.__class__.__name__
+
+
+def _connection_error(exc: requests.ConnectionError) -> BookingError:
+    """What a connection error means for the booking; an untrusted certificate cannot get
+    better by retrying, so it is permanent."""
+    problem = _certificate_problem(exc)
+    if problem is not None:
+        return BookingError(
+            f"the club's certificate is not trusted ({problem}); not retried: check the host in "
+            "the booking URL, or ask the club to fix its certificate",
+            permanent=True,
+        )
+    return BookingError(_connection_reason(exc), lost=_maybe_sent(exc))
+
+
+def _certificate_problem(exc: BaseException) -> str | None:
+    """OpenSSL's reason when ``exc`` comes from a certificate that failed verification."""
+    stack: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return str(current.verify_message or current.reason or "verification failed")
+        linked = [*current.args, getattr(current, "reason", None), current.__cause__]
+        stack.extend(item for item in linked if isinstance(item, BaseException))
+    return None
 
 
 def _connection_reason(exc: Exception) -> str:
@@ -262,18 +531,16 @@ def _default_ref(body: Any) -> str | None:
     return None
 
 
-def _club_says(answer: Answer, secret: str) -> str:
-    """A short, token-free reading of an error answer for a person."""
+def _club_says(answer: Answer, secrets: Iterable[str]) -> str:
+    """A short, secret-free reading of an error answer for a person."""
     text = f"HTTP {answer.status}"
     body = answer.json()
     if isinstance(body, dict):
         for name in ("error", "message", "detail", "reason"):
             value = body.get(name)
             if isinstance(value, str) and value.strip():
-                snippet = value.strip()
-                # Scrub before cutting: a cut through the token would let its start through.
-                if secret:
-                    snippet = snippet.replace(secret, "***")
+                # Scrub before cutting: a cut through a secret would let its start through.
+                snippet = scrub(value.strip(), secrets)
                 return f"{text}: {snippet[:200]}"
     return text
 
@@ -306,11 +573,16 @@ class BookingContext:
     notify: Callable[[Outcome], None]
     #: BOOKING_REQUEST_TEMPLATE (CONTRACT section 11); None: the request of section 6.
     template: RequestTemplate | None = None
+    #: The club files by club name (CONTRACT section 3), as the last load left them: a club
+    #: file that became invalid keeps its last good flow here.
+    clubs: dict[str, RequestTemplate] = field(default_factory=dict)
     on_booked: Callable[[str], None] | None = None
     clock: Callable[[], float] = time.time
     gate: TriggerGate = field(default_factory=TriggerGate)
     in_flight: set[str] = field(default_factory=set)
     in_flight_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: When each booking under way sent its first booking request (``clock()``), for its outcome.
+    first_sent: dict[str, float] = field(default_factory=dict)
     owner: str | None = None
     may_send: threading.Event = field(default_factory=_set_event)
 
@@ -326,6 +598,14 @@ class BookingContext:
 
     _default: tuple[str, RequestTemplate] | None = field(default=None, init=False, repr=False)
 
+    def flow_for(self, club: str | None) -> RequestTemplate:
+        """What an instance of ``club`` books with: its club file, or for None the template
+        (section 6's request when none is set). KeyError for a club no valid file was ever
+        loaded for."""
+        if club is None:
+            return self.request_template
+        return self.clubs[club]
+
 
 def book_slot(key: str, ctx: BookingContext) -> str | None:
     """Book the instance ``key``; returns its final status, or None when there was nothing to
@@ -334,20 +614,28 @@ def book_slot(key: str, ctx: BookingContext) -> str | None:
         if key in ctx.in_flight:
             return None
         ctx.in_flight.add(key)
+    _booking.secrets = set()
     try:
         return _book(key, ctx)
-    except Exception:
+    except Exception as exc:  # noqa: BLE001 (logged, scrubbed, and the instance marked)
+        # Not logger.exception: the traceback's exception texts may quote a secret.
         if not ctx.may_send.is_set():
             # Most likely the database connection that cost the active role: the claim stays
-            # ours until this daemon is gone, then the active one recovers it (section 7).
-            logger.exception("booking %s: error after this daemon lost the active role", key)
+            # this daemon's, which puts it back once it reaches the database again.
+            logger.error(
+                "booking %s: error after this daemon lost the active role: %s",
+                key,
+                _scrubbed_traceback(exc),
+            )
             return None
-        logger.exception("booking %s: unexpected error", key)
+        logger.error("booking %s: unexpected error: %s", key, _scrubbed_traceback(exc))
         _finish(ctx, key, FAILED, "internal error while booking (see the log); not retried")
         return FAILED
     finally:
+        _booking.secrets = None
         with ctx.in_flight_lock:
             ctx.in_flight.discard(key)
+            ctx.first_sent.pop(key, None)
 
 
 def _now(ctx: BookingContext) -> datetime:
@@ -366,13 +654,31 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     if not ctx.may_send.is_set() or not instances.claim(ctx.factory, key, now, owner=ctx.owner):
         return None
     row, token_row = instances.claimed(ctx.factory, key)
-    token, token_problem = _token(ctx, row, token_row)
+    try:
+        template = ctx.flow_for(row.club)
+    except KeyError:
+        return _finish(ctx, key, FAILED, _club_missing(row.club))
+    secrets, token_problem = instances.token_secrets(token_row, ctx.fernet, name=row.token_name)
+    if token_problem is None and "token" not in secrets:
+        token_problem = (
+            f"token {row.token_name!r} in tokens.json has no 'token' field, which the request "
+            "sends as {token}: add it there and reload"
+        )
+    for value in secrets.values():
+        remember_secret(value)
+    if token_problem is None and any(utils.CONTROL_RE.search(v) for v in secrets.values()):
+        # A header cannot carry it (and requests' error would quote it): never sent.
+        token_problem = (
+            f"token {row.token_name!r} holds a control character (a line break, tab, ...): put "
+            "the token in tokens.json as one line and reload"
+        )
     if token_problem is not None:
         return _finish(ctx, key, FAILED, token_problem)
     slot = _slot(row)
     # Everything is rendered before the trigger: only the send is left for the moment itself.
     prepared = [
-        (court, ctx.client.prepare(_request(ctx, slot, token, court))) for court in slot.courts
+        (court, ctx.client.prepare(_request(template, slot, secrets["token"], court)))
+        for court in slot.courts
     ]
     trigger = row.trigger_time.timestamp()
     held = None
@@ -388,24 +694,15 @@ def _book(key: str, ctx: BookingContext) -> str | None:
             return None
     finally:
         ctx.client.release(held)
-    return _attempt_courts(ctx, row, token, prepared)
+    return _attempt_courts(ctx, row, template, secrets, prepared)
 
 
-def _token(ctx: BookingContext, row: Instance, token_row: Token | None) -> tuple[str, str | None]:
-    name = row.token_name
-    if token_row is None or token_row.encrypted_token is None:
-        if token_row is not None and token_row.error:
-            return "", token_row.error
-        return "", f"token {name!r} is not in tokens.json: add it there and reload"
-    if token_row.error:
-        return "", token_row.error
-    plaintext = utils.decrypt_token(ctx.fernet, token_row.encrypted_token)
-    if plaintext is None:
-        return "", (
-            f"token {name!r} in the database does not decrypt with FERNET_KEY (was the key "
-            "changed?): put the token in tokens.json again and reload"
-        )
-    return plaintext, None
+def _club_missing(club: str | None) -> str:
+    return (
+        f"club {club!r}: its file (DATA_DIR/clubs/{club}.json) is missing or invalid and no "
+        "good version of it was loaded: fix it (`python main.py check` names the error), "
+        "reload, then `python main.py retry` this booking"
+    )
 
 
 def _slot(row: Instance) -> Slot:
@@ -419,9 +716,9 @@ def _slot(row: Instance) -> Slot:
     )
 
 
-def _request(ctx: BookingContext, slot: Slot, token: str, court: str | None) -> RequestSpec:
+def _request(template: RequestTemplate, slot: Slot, token: str, court: str | None) -> RequestSpec:
     """The request for one instance and court, with its Idempotency-Key."""
-    rendered = render_request(ctx.request_template, slot, token=token, court=court)
+    rendered = render_request(template, slot, token=token, court=court)
     headers = {"User-Agent": USER_AGENT, **rendered.headers}
     return RequestSpec(rendered.method, rendered.url, headers, rendered.body)
 
@@ -456,11 +753,13 @@ class _CourtTry:
 def _attempt_courts(
     ctx: BookingContext,
     row: Instance,
-    token: str,
+    template: RequestTemplate,
+    secrets: Mapping[str, str],
     requests_by_court: list[tuple[str | None, requests.PreparedRequest]],
 ) -> str | None:
     reasons: list[str] = []
     total = row.attempts
+    all_taken, maybe_ours = True, False
     # A booking cut off by a crash may have reached the club before: its 409 may be our own.
     resumed = row.interrupted
     # Whether a request of this booking may have reached the club unanswered (any court).
@@ -475,7 +774,9 @@ def _attempt_courts(
             # Counted in the database with the answer, not before the send: a commit here
             # would sit between the trigger and the request.
             total += 1
-            verdict, wait, note = _one_request(ctx, row, spec, attempt, token)
+            verdict, wait, note = _one_request(
+                ctx, row, spec, attempt, template=template, secrets=secrets
+            )
             maybe_sent = maybe_sent or attempt.lost
             court_name = court if court is not None else "any"
             if verdict == "booked":
@@ -493,6 +794,7 @@ def _attempt_courts(
             if verdict == "taken":
                 reason = f"court {court_name}: taken ({attempt.last})"
                 if attempt.lost:
+                    maybe_ours = True
                     reason += (
                         "; an earlier attempt on this court got no answer, so it may be taken "
                         "by our own earlier attempt: check your bookings at the club"
@@ -501,6 +803,7 @@ def _attempt_courts(
                 break
             # retry
             if attempt.attempts >= MAX_ATTEMPTS_PER_COURT:
+                all_taken = False
                 reasons.append(
                     f"court {court_name}: no booking after {attempt.attempts} attempts "
                     f"(last: {attempt.last})"
@@ -510,16 +813,19 @@ def _attempt_courts(
             if _now(ctx) + timedelta(seconds=delay) >= row.desired_time:
                 reasons.append(f"court {court_name}: {attempt.last}; the start came first")
                 return _finish(ctx, row.key, FAILED, "; ".join(reasons), attempts=total)
-            instances.record_attempt(ctx.factory, row.key, total)
+            instances.record_attempt(ctx.factory, row.key, total, _first_sent(ctx, row.key))
             if ctx.stop.wait(delay):
                 if not ctx.may_send.is_set():
                     return _hand_over(ctx, row.key, total, sent=maybe_sent or attempt.lost)
                 instances.release(ctx.factory, row.key)
                 logger.info("booking %s: shutting down between retries; back to pending", row.key)
                 return None
-    return _finish(
-        ctx, row.key, FAILED, "; ".join(reasons) or "no court could be booked", attempts=total
-    )
+    if reasons and all_taken and not maybe_ours:
+        # A retry would be taken too: the advice is another court, not another try.
+        reasons.append(TAKEN_ADVICE)
+    reason = "; ".join(reasons) or "no court could be booked"
+    taken = bool(reasons) and all_taken
+    return _finish(ctx, row.key, FAILED, reason, attempts=total, retry_helps=not taken)
 
 
 #: Why a booking stops short when its daemon lost the active role (CONTRACT section 10).
@@ -542,10 +848,13 @@ def _one_request(
     row: Instance,
     spec: requests.PreparedRequest,
     attempt: _CourtTry,
-    token: str,
+    *,
+    template: RequestTemplate,
+    secrets: Mapping[str, str],
 ) -> tuple[str, float | None, str | None]:
     """Send once. Returns (verdict kind, wait before the next try or None, booking ref)."""
     court = attempt.court if attempt.court is not None else "any"
+    ctx.first_sent.setdefault(row.key, ctx.clock())
     try:
         answer = ctx.client.send(spec)
     except BookingError as exc:
@@ -553,7 +862,7 @@ def _one_request(
         attempt.last = str(exc)
         logger.info("attempt %s court=%s #%d: %s", row.key, court, attempt.attempts, attempt.last)
         return ("rejected" if exc.permanent else "retry"), None, None
-    verdict = classify(answer, ctx.template)
+    verdict = classify(answer, template)
     logger.info(
         "attempt %s court=%s #%d: HTTP %d in %.0f ms -> %s",
         row.key,
@@ -563,7 +872,7 @@ def _one_request(
         answer.latency_ms,
         verdict.kind,
     )
-    says = _club_says(answer, token)
+    says = _club_says(answer, secrets.values())
     if verdict.kind == "auth":
         attempt.last = (
             f"the club rejected token {row.token_name!r} ({says}): put a valid token in "
@@ -587,6 +896,12 @@ def _one_request(
     return verdict.kind, wait, verdict.booking_ref
 
 
+def _first_sent(ctx: BookingContext, key: str) -> datetime | None:
+    """When the booking ``key``'s first request left (None: none has)."""
+    sent = ctx.first_sent.get(key)
+    return None if sent is None else datetime.fromtimestamp(sent, UTC)
+
+
 def _finish(
     ctx: BookingContext,
     key: str,
@@ -596,6 +911,7 @@ def _finish(
     booking_ref: str | None = None,
     court: str | None = None,
     attempts: int | None = None,
+    retry_helps: bool = True,
 ) -> str:
     outcome = instances.finish(
         ctx.factory,
@@ -603,9 +919,11 @@ def _finish(
         status,
         reason,
         now=_now(ctx),
-        booking_ref=booking_ref,
+        booking_ref=safe_ref(booking_ref),
         court=court,
         attempts=attempts,
+        first_sent_at=_first_sent(ctx, key),
+        retry_helps=retry_helps,
     )
     ctx.notify(outcome)
     if status == BOOKED and ctx.on_booked is not None:

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
 import os
+import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -32,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 SCHEDULES_FILE = "schedules.json"
 TOKENS_FILE = "tokens.json"
+CLUBS_DIR = "clubs"
+TOKEN_FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+DEFAULT_WINDOW = "168h"
 MAX_CONFIG_BYTES = 10 * 1024 * 1024
 ENTRY_KEYS = (
     "id",
@@ -43,6 +49,9 @@ ENTRY_KEYS = (
     "timezone",
     "duration_minutes",
     "enabled",
+    "skip",
+    "club",
+    "window",
 )
 ONE_OFF = "one-off"
 RECURRING = "recurring"
@@ -73,6 +82,8 @@ class Settings:
     log_file: Path | None
     template_path: Path | None
     env: Mapping[str, str] = field(repr=False, default_factory=dict)
+    #: HEARTBEAT_URL: the dead-man's switch the active daemon pings (None: off).
+    heartbeat_url: str | None = field(repr=False, default=None)
 
     @property
     def schedules_path(self) -> Path:
@@ -81,6 +92,10 @@ class Settings:
     @property
     def tokens_path(self) -> Path:
         return self.data_dir / TOKENS_FILE
+
+    @property
+    def clubs_dir(self) -> Path:
+        return self.data_dir / CLUBS_DIR
 
     @property
     def pid_path(self) -> Path:
@@ -109,9 +124,9 @@ class Settings:
         except ValueError as exc:
             raise SettingsError(f"BOOKING_TIMEZONE: {exc}") from None
         try:
-            window = utils.parse_window(env.get("BOOKING_WINDOW") or "168h")
+            window = utils.parse_window(env.get("BOOKING_WINDOW") or DEFAULT_WINDOW)
         except ValueError as exc:
-            raise SettingsError(str(exc)) from None
+            raise SettingsError(f"BOOKING_WINDOW: {exc}") from None
         log_file_value = env.get("LOG_FILE") or str(data_dir / "bot.log")
         template = env.get("BOOKING_REQUEST_TEMPLATE") or None
         template_path = None
@@ -124,6 +139,12 @@ class Settings:
         if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
             raise SettingsError(
                 f"LOG_LEVEL: {level_value!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+            )
+        heartbeat_url = (env.get("HEARTBEAT_URL") or "").strip() or None
+        if heartbeat_url is not None and not utils.is_http_url(heartbeat_url):
+            raise SettingsError(
+                f"HEARTBEAT_URL: {utils.mask_url_secrets(heartbeat_url)!r} is not an http(s) "
+                "URL (e.g. https://hc-ping.com/<uuid>)"
             )
         return cls(
             fernet_keys=env.get("FERNET_KEY") or None,
@@ -139,6 +160,7 @@ class Settings:
             log_file=None if log_file_value == "-" else Path(log_file_value),
             template_path=template_path,
             env=dict(env),
+            heartbeat_url=heartbeat_url,
         )
 
 
@@ -184,6 +206,14 @@ class Entry:
     raw_rrule: str | None
     rule: utils.ParsedRule | None
     fingerprint: str  # changes whenever anything about the entry changes
+    #: The club file its bookings use (``DATA_DIR/clubs/<club>.json``); None: the request of
+    #: BOOKING_REQUEST_TEMPLATE, else of CONTRACT section 6.
+    club: str | None
+    #: The window that applies (CONTRACT section 3's precedence), and where it came from.
+    window: utils.Window
+    window_from: str
+    #: Local dates on which a recurring entry makes no instance (the ``skip`` key).
+    skip: frozenset[date] = frozenset()
     #: The recurring expansion made while validating, and the ``now`` it was made for: a load
     #: validates and plans with the same ``now``, so the rule is expanded once per load.
     expansion: tuple[datetime, tuple[tuple[datetime, datetime], ...]] | None = field(
@@ -215,7 +245,7 @@ class Entry:
             return [(self.desired_wall, self.desired_moment)]
         if self.expansion is not None and self.expansion[0] == now:
             return list(self.expansion[1][:limit])
-        return utils.expand_rule_walls(self.rule.rule, self.zone, now, limit)
+        return utils.expand_rule_walls(self.rule, self.zone, now, limit, skip=self.skip)
 
     def starts(self, now: datetime, limit: int = utils.INSTANCES_PER_RULE) -> list[datetime]:
         """The aware starts of ``occurrences``."""
@@ -231,9 +261,11 @@ class Entry:
             courts=self.courts,
         )
 
-    def plan(self, now: datetime, window: utils.Window) -> list[Planned]:
-        """The instances this entry wants now: future starts only."""
+    def plan(self, now: datetime, window: utils.Window | None = None) -> list[Planned]:
+        """The instances this entry wants now: future starts only, with their triggers under
+        ``window`` (default: the entry's own, after precedence)."""
         zone = self.zone
+        window = window if window is not None else self.window
         return [
             Planned(
                 key=utils.instance_key(self.id, start),
@@ -261,16 +293,33 @@ class SchedulesResult:
     unknown_rejects: int = 0
     file_error: str | None = None
     missing: bool = False
+    #: The club files the entries name, by club name: those valid, and why the others are not.
+    clubs: dict[str, FlowFile] = field(default_factory=dict)
+    club_errors: dict[str, str] = field(default_factory=dict)
+    #: Entries rejected (among other reasons) because nothing gives them a request: they name
+    #: no club, and there is no BOOKING_API_URL nor a template with a url. ``run`` does not
+    #: start with them.
+    without_request: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class TokenValue:
-    """A token of tokens.json: its value encrypted under the first key, or why it is unusable."""
+    """A token of tokens.json: its value encrypted under the first key, or why it is unusable.
+
+    ``encrypted`` is a string for a string token, and for an object token (CONTRACT section
+    12) an object of its fields, each encrypted on its own.
+    """
 
     name: str
-    encrypted: str | None
+    encrypted: str | dict[str, str] | None
     error: str | None
     rewrite: bool  # the file must be rewritten for it (plaintext, or an old key)
+    plaintext: bool = False  # the file holds (part of) it in clear
+
+    @property
+    def fields(self) -> tuple[str, ...] | None:
+        """The field names of an object token (None for a string token)."""
+        return tuple(self.encrypted) if isinstance(self.encrypted, dict) else None
 
 
 @dataclass
@@ -288,17 +337,28 @@ class TokensResult:
 
 @dataclass
 class Config:
-    """Both files, read and validated together."""
+    """The files, read and validated together: schedules, tokens, the request template and
+    the club files the entries name."""
 
     schedules: SchedulesResult
     tokens: TokensResult
     digest: dict[str, str]  # by path, as read: see config_digest
+    #: BOOKING_REQUEST_TEMPLATE in effect: as read, or the last good one when it is invalid.
+    template: FlowFile | None = None
+    template_error: str | None = None
+
+    @property
+    def clubs(self) -> dict[str, FlowFile]:
+        """The valid club files the entries name, by club name."""
+        return self.schedules.clubs
 
     @property
     def errors(self) -> list[str]:
         found = list(self.tokens.errors)
         if self.tokens.file_error:
             found.insert(0, self.tokens.file_error)
+        if self.template_error:
+            found.append(self.template_error)
         if self.schedules.file_error:
             found.append(self.schedules.file_error)
         return found + self.schedules.errors
@@ -353,11 +413,21 @@ def content_digest(data: bytes | None) -> str:
 
 
 def config_digest(settings: Settings) -> dict[str, str]:
-    """Each config file's content digest, by path (to notice changes without reloading)."""
+    """Each config file's content digest, by path (to notice changes without reloading): the
+    schedules, the tokens, the template and every club file (a club file that appears or
+    goes away counts as a change too)."""
     paths = [settings.schedules_path, settings.tokens_path]
     if settings.template_path is not None:
         paths.append(settings.template_path)
-    return {str(path): content_digest(_read_bytes(path)) for path in paths}
+    with contextlib.suppress(OSError):
+        paths.extend(sorted(settings.clubs_dir.glob("*.json")))
+    digest = {}
+    for path in paths:
+        try:
+            digest[str(path)] = content_digest(_read_bytes(path))
+        except OSError as exc:
+            digest[str(path)] = f"unreadable: {exc.__class__.__name__}"
+    return digest
 
 
 def read_config(
@@ -366,19 +436,74 @@ def read_config(
     now: datetime,
     *,
     known_tokens: Iterable[str] = (),
+    last_template: FlowFile | None = None,
 ) -> Config:
-    """Read and validate both files. ``known_tokens`` are the token names the database holds,
-    used when tokens.json is rejected whole. Reads files only; writes nothing."""
+    """Read and validate the files. ``known_tokens`` are the token names the database holds,
+    used when tokens.json is rejected whole; ``last_template`` the request template in effect
+    so far, which stays when the file has become invalid. Reads files only; writes nothing."""
     digest = config_digest(settings)
     tokens = read_tokens(settings.tokens_path, fernet)
     names = set(known_tokens) if tokens.file_error is not None else set(tokens.tokens)
+    template, template_error = last_template, None
+    try:
+        template = load_template(settings)
+    except TemplateError as exc:
+        template_error = str(exc)
     schedules = read_schedules(
         settings.schedules_path,
         default_zone=settings.timezone,
         token_names=names,
         now=now,
+        sources=RequestSources.from_settings(settings, template),
     )
-    return Config(schedules=schedules, tokens=tokens, digest=digest)
+    tokens.warnings.extend(token_expiry_warnings(schedules.entries, tokens, fernet, now=now))
+    return Config(
+        schedules=schedules,
+        tokens=tokens,
+        digest=digest,
+        template=template,
+        template_error=template_error,
+    )
+
+
+def token_expiry_warnings(
+    entries: Iterable[Entry],
+    tokens: TokensResult,
+    fernet: MultiFernet,
+    *,
+    now: datetime,
+) -> list[str]:
+    """One warning per token that is (or, for an object token, holds) a JWT expiring before the
+    trigger of an instance of an entry that uses it (at its trigger the club would reject it).
+    The token is decrypted only to read its expiry, and never appears in a warning."""
+    expiries: dict[str, datetime] = {}
+    for name, value in tokens.tokens.items():
+        secrets = utils.decrypt_secrets(fernet, value.encrypted) if value.encrypted else None
+        expires = utils.secrets_expiry(secrets) if secrets is not None else None
+        if expires is not None:
+            expiries[name] = expires
+    if not expiries:
+        return []  # no JWT: nothing to plan
+    by_token: dict[str, list[tuple[datetime, str]]] = {}
+    for entry in entries:
+        if entry.enabled and entry.token in expiries:
+            for planned in entry.plan(now):
+                by_token.setdefault(entry.token, []).append((planned.trigger, planned.key))
+    warnings = []
+    for name in sorted(by_token):
+        expires = expiries[name]
+        affected = sorted(pair for pair in by_token[name] if pair[0] >= expires)
+        if not affected:
+            continue
+        trigger, key = affected[0]
+        state = "expired" if expires <= now else "expires"
+        warnings.append(
+            f"{TOKENS_FILE} token {name!r}: a JWT that {state} {utils.format_utc(expires)}, "
+            f"before the trigger of {len(affected)} booking(s), the first {key} (window opens "
+            f"{utils.format_utc(trigger)}): the club would reject it then; put a fresh token "
+            "in tokens.json before that"
+        )
+    return warnings
 
 
 def read_tokens(path: Path, fernet: MultiFernet) -> TokensResult:
@@ -411,43 +536,120 @@ def read_tokens(path: Path, fernet: MultiFernet) -> TokensResult:
         if not _is_text(token_name):
             result.errors.append(f"{where}: a token name must be 1 to 128 characters of text")
             continue
-        if not isinstance(value, str) or not value.strip():
-            # The type only: a value in the token's place may be the token itself.
-            got = "an empty string" if isinstance(value, str) else _json_type(value).split(" (")[0]
-            result.errors.append(f"{where}: expected the token as a non-empty string, got {got}")
-            result.tokens[token_name] = TokenValue(
-                token_name, None, f"{where} is not a string", False
+        if utils.CONTROL_RE.search(token_name):
+            result.errors.append(
+                f"{where}: a token name must not hold control characters (line breaks, tabs, ...)"
             )
             continue
-        if not _is_text(value):
-            reason = (
-                f"{where}: the value is not valid text (it holds an unpaired surrogate such as "
-                "\\ud800); put the token in as it is"
-            )
-            result.errors.append(reason)
-            result.tokens[token_name] = TokenValue(token_name, None, reason, False)
-            continue
-        value = value.strip()  # noqa: PLW2901 (surrounding blanks are no part of a token)
-        plaintext = utils.decrypt_token(fernet, value)
-        if plaintext is not None:
-            if utils.encrypted_under_first_key(fernet, value):
-                result.tokens[token_name] = TokenValue(token_name, value, None, False)
-            else:
-                # Key rotation: decrypts under an older key; re-encrypt under the first.
-                reencrypted = fernet.encrypt(plaintext.encode()).decode()
-                result.tokens[token_name] = TokenValue(token_name, reencrypted, None, True)
-        elif utils.looks_like_fernet(value):
-            reason = (
-                f"{where}: the value is encrypted but no key in FERNET_KEY decrypts it "
-                "(was it encrypted with another key?); re-encrypt it with "
-                "`python main.py encrypt-token` or put the plaintext token in the file"
-            )
-            result.errors.append(reason)
-            result.tokens[token_name] = TokenValue(token_name, None, reason, False)
-        else:
-            encrypted = fernet.encrypt(value.encode()).decode()
-            result.tokens[token_name] = TokenValue(token_name, encrypted, None, True)
+        token = (
+            _object_token(token_name, value, where, fernet)
+            if isinstance(value, dict)
+            else _string_token(token_name, value, where, fernet)
+        )
+        if token.error is not None:
+            result.errors.append(token.error)
+        result.tokens[token_name] = token
     return result
+
+
+def _got(value: Any) -> str:
+    """The type of a value in a token's place, never the value (it may be the token)."""
+    if isinstance(value, str):
+        return "an empty string"
+    return _json_type(value).split(" (")[0]
+
+
+def _string_token(name: str, value: Any, where: str, fernet: MultiFernet) -> TokenValue:
+    if not isinstance(value, str) or not value.strip():
+        return TokenValue(
+            name,
+            None,
+            f"{where}: expected the token as a non-empty string or an object of strings, got "
+            f"{_got(value)}",
+            False,
+        )
+    encrypted, error, state = _encrypt_value(value, where, fernet)
+    rewrite = state in ("plaintext", "old key")
+    return TokenValue(name, encrypted, error, rewrite, plaintext=state == "plaintext")
+
+
+def _object_token(name: str, value: dict[str, Any], where: str, fernet: MultiFernet) -> TokenValue:
+    """A token of several secrets (CONTRACT section 12): each string encrypted on its own."""
+    if not value:
+        return TokenValue(
+            name,
+            None,
+            f'{where}: an object token needs at least one field, e.g. {{"email": "...", '
+            '"password": "..."}',
+            False,
+        )
+    fields: dict[str, str] = {}
+    states: set[str] = set()
+    for field_name, field_value in value.items():
+        at = f"{where}: field {field_name!r}"
+        if not TOKEN_FIELD_RE.fullmatch(field_name):
+            return TokenValue(
+                name,
+                None,
+                f"{at}: a field name must be 1 to 64 of A-Z a-z 0-9 _ and not start with a digit "
+                "(it is used as {secret.<field>})",
+                False,
+            )
+        if not isinstance(field_value, str) or not field_value.strip():
+            return TokenValue(
+                name, None, f"{at}: expected a non-empty string, got {_got(field_value)}", False
+            )
+        encrypted, error, state = _encrypt_value(field_value, at, fernet)
+        if encrypted is None:
+            return TokenValue(name, None, error, False)
+        fields[field_name] = encrypted
+        states.add(state)
+    return TokenValue(name, fields, None, states != {"encrypted"}, plaintext="plaintext" in states)
+
+
+def _encrypt_value(
+    value: str, where: str, fernet: MultiFernet
+) -> tuple[str | None, str | None, str]:
+    """One secret string of tokens.json: (its value encrypted under the first key, or None;
+    the error; "encrypted" when the file already holds it so, "old key" when it needs
+    re-encrypting under the first key, "plaintext" when the file holds it in clear)."""
+    if not _is_text(value):
+        return (
+            None,
+            f"{where}: the value is not valid text (it holds an unpaired surrogate such as "
+            "\\ud800); put the token in as it is",
+            "error",
+        )
+    value = value.strip()  # surrounding blanks are no part of a token
+    plaintext = utils.decrypt_token(fernet, value)
+    control = _control_problem(where, plaintext if plaintext is not None else value)
+    if control is not None:
+        # The token is named, never shown: the value is the secret.
+        return None, control, "error"
+    if plaintext is not None:
+        if utils.encrypted_under_first_key(fernet, value):
+            return value, None, "encrypted"
+        # Key rotation: decrypts under an older key; re-encrypt under the first.
+        return fernet.encrypt(plaintext.encode()).decode(), None, "old key"
+    if utils.looks_like_fernet(value):
+        return (
+            None,
+            f"{where}: the value is encrypted but no key in FERNET_KEY decrypts it "
+            "(was it encrypted with another key?); re-encrypt it with "
+            "`python main.py encrypt-token` or put the plaintext token in the file",
+            "error",
+        )
+    return fernet.encrypt(value.encode()).decode(), None, "plaintext"
+
+
+def _control_problem(where: str, token: str) -> str | None:
+    """The error for a token holding a control character (no header can carry one), or None."""
+    if not utils.CONTROL_RE.search(token):
+        return None
+    return (
+        f"{where}: the token holds a control character (a line break, tab, ...), which cannot "
+        "be sent in a header; put the token in as one line"
+    )
 
 
 def _is_text(value: str) -> bool:
@@ -476,11 +678,19 @@ def _json_type(value: Any) -> str:
 
 
 def read_schedules(
-    path: Path, *, default_zone: str, token_names: set[str], now: datetime
+    path: Path,
+    *,
+    default_zone: str,
+    token_names: set[str],
+    now: datetime,
+    sources: RequestSources | None = None,
 ) -> SchedulesResult:
-    """Validate ``schedules.json`` (CONTRACT sections 3 and 4) without writing anything."""
+    """Validate ``schedules.json`` (CONTRACT sections 3 and 4) without writing anything.
+    ``sources`` say where requests and windows come from (default: BOOKING_WINDOW's default,
+    no template, club files beside ``path`` in clubs/)."""
     name = path.name
     result = SchedulesResult()
+    sources = sources if sources is not None else RequestSources(clubs_dir=path.parent / CLUBS_DIR)
     data = _read_bytes(path)
     if data is None:
         result.missing = True
@@ -500,7 +710,13 @@ def read_schedules(
     seen: dict[str, int] = {}
     for index, raw in enumerate(parsed, start=1):
         entry, errors, warnings, entry_id = _validate_entry(
-            raw, index, name, default_zone=default_zone, token_names=token_names, now=now
+            raw,
+            index,
+            name,
+            default_zone=default_zone,
+            token_names=token_names,
+            now=now,
+            sources=sources,
         )
         if entry_id is not None and entry_id in seen and not errors:
             explicit = isinstance(raw, dict) and "id" in raw
@@ -528,9 +744,64 @@ def read_schedules(
                 result.rejected_ids.add(entry_id)
         elif entry is not None:
             result.entries.append(entry)
+        if errors and sources.clubs_only and isinstance(raw, dict) and "club" not in raw:
+            result.without_request.append(_where(name, entry_id if "id" in raw else None, index))
+    result.clubs, result.club_errors = dict(sources.clubs), dict(sources.club_errors)
     # An id both rejected (a duplicate) and valid stays valid for the earlier entry.
     result.rejected_ids -= {e.id for e in result.entries}
+    result.warnings.extend(overlap_warnings(result.entries, now, name))
     return result
+
+
+def _club_of(entry: Entry) -> str | None:
+    """Which club an entry books at, for overlaps: its club file (None: BOOKING_REQUEST_TEMPLATE
+    or BOOKING_API_URL, the same for every entry that names no club)."""
+    return entry.club
+
+
+def overlap_warnings(entries: Iterable[Entry], now: datetime, file_name: str) -> list[str]:
+    """One warning per pair of enabled entries that would book overlapping times (``[start,
+    end)``) at the same club among their next instances: two courts paid for one game, unless
+    that is meant. Names the first overlap and how many more there are."""
+    slots: list[tuple[datetime, datetime, int, Entry]] = []
+    for entry in entries:
+        if entry.enabled:
+            length = timedelta(minutes=entry.duration_minutes)
+            for start in entry.starts(now):
+                if start > now:
+                    slots.append((start, start + length, entry.position, entry))
+    slots.sort(key=lambda slot: (slot[0], slot[2]))
+    found: dict[tuple[int, int], list[tuple[datetime, datetime, datetime, datetime]]] = {}
+    active: list[tuple[datetime, datetime, int, Entry]] = []
+    for slot in slots:
+        start, end, position, entry = slot
+        active = [other for other in active if other[1] > start]
+        for other_start, other_end, other_position, other in active:
+            if other_position != position and _club_of(other) == _club_of(entry):
+                pair = (min(position, other_position), max(position, other_position))
+                first = (other_start, other_end) if other_position < position else (start, end)
+                second = (start, end) if other_position < position else (other_start, other_end)
+                found.setdefault(pair, []).append((*first, *second))
+        active.append(slot)
+    by_position = {entry.position: entry for entry in entries}
+    warnings = []
+    for (a, b), overlaps in sorted(found.items()):
+        one, two = by_position[a], by_position[b]
+        a_start, a_end, b_start, b_end = overlaps[0]
+        more = f" (and {len(overlaps) - 1} more time(s))" if len(overlaps) > 1 else ""
+        warnings.append(
+            f"{file_name}: entries {one.label} and {two.label} would book overlapping times: "
+            f"{_span(a_start, a_end, one.zone)} and {_span(b_start, b_end, two.zone)}{more}; "
+            "that is two courts booked and paid for: if one is enough, keep one entry (a list "
+            "in court_id tries several courts in order)"
+        )
+    return warnings
+
+
+def _span(start: datetime, end: datetime, zone: ZoneInfo) -> str:
+    """``Fri 2026-12-04 12:00-13:00 GMT``: a booking's time, local."""
+    local_start, local_end = start.astimezone(zone), end.astimezone(zone)
+    return f"{local_start:%a %Y-%m-%d %H:%M}-{local_end:%H:%M %Z}"
 
 
 def _where(file_name: str, entry_id: str | None, position: int) -> str:
@@ -550,6 +821,7 @@ class _EntryCheck:
     default_zone: str
     token_names: set[str]
     now: datetime
+    sources: RequestSources
     errors: list[str] = field(default_factory=list)
     bad_keys: set[str] = field(default_factory=set)
     entry_type: Any = None
@@ -563,6 +835,10 @@ class _EntryCheck:
     token: Any = None
     duration: Any = None
     enabled: Any = None
+    skip: frozenset[date] = frozenset()
+    club: str | None = None
+    window: utils.Window | None = None
+    window_from: str = "BOOKING_WINDOW"
 
     def bad(self, key: str, message: str) -> None:
         self.errors.append(f"{self.where}: {key}: {message}")
@@ -578,7 +854,11 @@ def _check_unknown_keys(c: _EntryCheck) -> None:
         if key not in ENTRY_KEYS:
             # Quoted unless a plain name, so that "", " id" or a newline read as what they are.
             shown = key if key.isidentifier() else repr(key)
-            c.bad(shown, f"unknown key; expected one of {', '.join(ENTRY_KEYS)}")
+            close = difflib.get_close_matches(key.strip().lower(), ENTRY_KEYS, n=1, cutoff=0.7)
+            if close:
+                c.bad(shown, f"unknown key; did you mean {close[0]!r}?")
+            else:
+                c.bad(shown, f"unknown key; expected one of {', '.join(ENTRY_KEYS)}")
 
 
 def _check_id(c: _EntryCheck) -> None:
@@ -656,6 +936,12 @@ def _check_court_id(c: _EntryCheck) -> None:
     court_value = c.raw["court_id"]
     if court_value is None:
         c.courts = (None,)
+    elif _has_control(court_value):
+        c.bad(
+            "court_id",
+            f"{court_value!r} holds a control character (a line break, tab, ...); a court is "
+            "one line of text",
+        )
     elif isinstance(court_value, list):
         if not court_value:
             c.bad("court_id", "an empty list; give one or more courts, or null for any court")
@@ -682,6 +968,12 @@ def _check_token(c: _EntryCheck) -> None:
     c.token = token = c.raw.get("token", "default")
     if not isinstance(token, str) or not token:
         c.bad("token", f"{token!r} is not a token name; expected a name from tokens.json")
+    elif utils.CONTROL_RE.search(token):
+        c.bad(
+            "token",
+            f"{token!r} holds a control character (a line break, tab, ...); expected a name "
+            "from tokens.json",
+        )
     elif token not in c.token_names:
         have = ", ".join(repr(n) for n in sorted(c.token_names)) or "none"
         c.bad("token", f"{token!r} is not in tokens.json (it has: {have})")
@@ -701,6 +993,75 @@ def _check_enabled(c: _EntryCheck) -> None:
         c.bad("enabled", f"{c.enabled!r} is not true or false")
 
 
+_SKIP_EXAMPLE = '["2026-12-24", "2026-12-31"]'
+
+
+def _check_skip(c: _EntryCheck) -> None:
+    if "skip" not in c.raw:
+        return
+    value = c.raw["skip"]
+    if c.entry_type == ONE_OFF:
+        c.bad("skip", 'a one-off has no dates to skip; remove "skip" (or set "enabled": false)')
+    elif not isinstance(value, list):
+        c.bad("skip", f"{value!r} is not a list of dates; expected e.g. {_SKIP_EXAMPLE}")
+    else:
+        dates: set[date] = set()
+        for item in value:
+            try:
+                if not isinstance(item, str) or len(item) != 10:
+                    raise ValueError
+                dates.add(date.fromisoformat(item))
+            except ValueError:
+                c.bad("skip", f"{item!r} is not a date 'YYYY-MM-DD'; expected e.g. {_SKIP_EXAMPLE}")
+                return
+        c.skip = frozenset(dates)
+
+
+def _check_club(c: _EntryCheck) -> None:
+    if "club" not in c.raw:
+        if c.sources.clubs_only:
+            c.bad(
+                "club",
+                "none given, and neither BOOKING_API_URL nor BOOKING_REQUEST_TEMPLATE gives a "
+                "URL to book at: set BOOKING_API_URL or name a club file (DATA_DIR/clubs/"
+                "<club>.json)",
+            )
+        return
+    name = c.raw["club"]
+    if not _id_ok(name):
+        c.bad(
+            "club",
+            f"{name!r} is not a club name; expected 1 to 64 of A-Z a-z 0-9 _ . - naming "
+            "DATA_DIR/clubs/<club>.json (e.g. 'playtomic')",
+        )
+        return
+    if c.sources.club(name) is None:
+        c.bad("club", f"{name!r}: {c.sources.club_errors[name]}")
+        return
+    c.club = name
+
+
+def _check_window(c: _EntryCheck) -> None:
+    """The window that applies: the entry's, else its club file's, else (no club) the
+    template's, else BOOKING_WINDOW."""
+    sources = c.sources
+    if "window" in c.raw:
+        try:
+            c.window, c.window_from = utils.parse_window(c.raw["window"]), "entry"
+        except ValueError as exc:
+            c.bad("window", str(exc))
+        return
+    if "club" in c.raw:
+        club = sources.clubs.get(c.club) if c.club is not None else None
+        if club is not None and club.window is not None:
+            c.window, c.window_from = club.window, club.label
+            return
+    elif sources.template is not None and sources.template.window is not None:
+        c.window, c.window_from = sources.template.window, sources.template.label
+        return
+    c.window, c.window_from = sources.window, "BOOKING_WINDOW"
+
+
 #: One checker per key, in the order their errors are reported (unknown keys come first).
 #: Not ENTRY_KEYS' order: a checker may read what an earlier one parsed.
 _ENTRY_CHECKERS: tuple[tuple[str, Callable[[_EntryCheck], None]], ...] = (
@@ -713,6 +1074,9 @@ _ENTRY_CHECKERS: tuple[tuple[str, Callable[[_EntryCheck], None]], ...] = (
     ("token", _check_token),
     ("duration_minutes", _check_duration),
     ("enabled", _check_enabled),
+    ("skip", _check_skip),
+    ("club", _check_club),
+    ("window", _check_window),
 )
 
 
@@ -724,13 +1088,16 @@ def _validate_entry(
     default_zone: str,
     token_names: set[str],
     now: datetime,
+    sources: RequestSources,
 ) -> tuple[Entry | None, list[str], list[str], str | None]:
     """Check one entry. Returns (entry or None, errors, warnings, its id if it can be told)."""
     if not isinstance(raw, dict):
         where = _where(file_name, None, position)
         return None, [f"{where}: expected an object, got {_json_type(raw)}"], [], None
     shown_id = raw.get("id") if _id_ok(raw.get("id")) else None
-    check = _EntryCheck(raw, _where(file_name, shown_id, position), default_zone, token_names, now)
+    check = _EntryCheck(
+        raw, _where(file_name, shown_id, position), default_zone, token_names, now, sources
+    )
     _check_unknown_keys(check)
     for _key, checker in _ENTRY_CHECKERS:
         checker(check)
@@ -770,8 +1137,11 @@ def _build_entry(
                 f"{where}: desired_time: {c.raw['desired_time']!r} is in the past; "
                 "skipped, never booked"
             )
+    assert c.window is not None
+    # The window that applies is part of the entry: a club file's or template's new window
+    # moves its pending instances' triggers.
     fingerprint = hashlib.sha256(
-        json.dumps([c.raw, c.zone_name], sort_keys=True, default=str).encode()
+        json.dumps([c.raw, c.zone_name, str(c.window)], sort_keys=True, default=str).encode()
     ).hexdigest()
     entry = Entry(
         id=entry_id,
@@ -787,6 +1157,10 @@ def _build_entry(
         raw_rrule=c.rule_text if c.entry_type == RECURRING else None,
         rule=c.rule,
         fingerprint=fingerprint,
+        skip=c.skip,
+        club=c.club,
+        window=c.window,
+        window_from=c.window_from,
     )
     if c.rule is not None:
         # A rule that runs into year 9999 fails only while expanding: find out here, not in
@@ -795,7 +1169,46 @@ def _build_entry(
             entry = dataclasses.replace(entry, expansion=(c.now, tuple(entry.occurrences(c.now))))
         except (ValueError, OverflowError):
             return None, f"{where}: rrule: {c.rule_text!r} {OUT_OF_RANGE}", warnings
+        if not any(start > c.now for start in entry.starts(c.now)):
+            # Valid, but it books nothing: say so rather than leave the entry silently empty.
+            why = utils.describe_no_instance(c.rule, c.zone, c.now)
+            warnings.append(f"{where}: rrule: {c.rule_text!r} books nothing: {why}")
+    late = _window_opens_late(entry, c.now)
+    if late is not None:
+        return None, f"{where}: window: {late}", warnings
     return entry, None, warnings
+
+
+def _window_opens_late(entry: Entry, now: datetime) -> str | None:
+    """Why the entry's window cannot be used: it would open only after a start ahead
+    (``0d@20:00`` for a 17:00 start); None when every trigger is at or before its start."""
+    window, zone = entry.window, entry.zone
+    if window.at is None:
+        return None
+    for _wall, start in entry.occurrences(now):
+        if start <= now:
+            continue
+        try:
+            trigger = utils.window_opens_after(start, zone, window)
+        except (ValueError, OverflowError):
+            return f"{str(window)!r} {OUT_OF_RANGE}"
+        if trigger is None:
+            continue
+        shown = repr(str(window)) + (
+            "" if entry.window_from == "entry" else f" (from {entry.window_from})"
+        )
+        return (
+            f"{shown} would open at {utils.format_local(trigger, zone)}, after the start "
+            f"{utils.format_local(start, zone)}: nothing could be booked; use a window that opens "
+            f"before the start (e.g. '{int(window.amount) + 1}d@{window.at:%H:%M}')"
+        )
+    return None
+
+
+def _has_control(value: Any) -> bool:
+    """True when a court (or a court of a list) is text holding a control character."""
+    values = value if isinstance(value, list) else [value]
+    return any(isinstance(v, str) and utils.CONTROL_RE.search(v) for v in values)
 
 
 def _is_court(value: Any) -> bool:
@@ -842,7 +1255,51 @@ def _parse_rule(
 # --------------------------------------------------------------------------- request template
 
 
-def load_template(settings: Settings) -> RequestTemplate | None:
+@dataclass(frozen=True)
+class FlowFile:
+    """A request template or flow file, parsed: BOOKING_REQUEST_TEMPLATE or a club file
+    ``DATA_DIR/clubs/<club>.json`` (CONTRACT sections 11 and 12).
+
+    ``flow`` is what bookings are rendered from; ``window`` the club's own opening rule, when
+    the file gives one; ``label`` how errors and ``check`` name the file.
+    """
+
+    label: str
+    flow: RequestTemplate
+    window: utils.Window | None
+    digest: str
+
+
+def load_flow_file(path: Path, *, api_url: str | None, label: str) -> FlowFile:
+    """Read and validate a request template or flow file. Raises ``TemplateError`` naming the
+    file (``label``), the step and the key."""
+    try:
+        data = _read_bytes(path)
+    except OSError as exc:
+        raise TemplateError(f"{label}: cannot read it ({exc.strerror or exc})") from None
+    if data is None:
+        raise TemplateError(f"{label}: no such file")
+    parsed, error = _decode_json(data, label)
+    if error is not None:
+        raise TemplateError(error.split(";")[0])
+    # Until template.parse_flow (flows of several steps) lands, the keys a single-request
+    # template may now carry beside its request are taken off here; parse_flow validates
+    # them itself, and ``window`` is then read from the flow.
+    window: utils.Window | None = None
+    if isinstance(parsed, dict):
+        parsed = dict(parsed)
+        parsed.pop("about", None)
+        if "window" in parsed:
+            text = parsed.pop("window")
+            try:
+                window = utils.parse_window(text)
+            except ValueError as exc:
+                raise TemplateError(f"{label}: window: {exc}") from None
+    flow = parse_template(parsed, api_url=api_url, name=label)
+    return FlowFile(label=label, flow=flow, window=window, digest=content_digest(data))
+
+
+def load_template(settings: Settings) -> FlowFile | None:
     """Read and validate BOOKING_REQUEST_TEMPLATE (None when unset).
 
     Raises ``TemplateError`` naming the file and the key.
@@ -850,14 +1307,60 @@ def load_template(settings: Settings) -> RequestTemplate | None:
     path = settings.template_path
     if path is None:
         return None
-    name = f"BOOKING_REQUEST_TEMPLATE {path}"
-    data = _read_bytes(path)
-    if data is None:
-        raise TemplateError(f"{name}: no such file")
-    parsed, error = _decode_json(data, name)
-    if error is not None:
-        raise TemplateError(error.split(";")[0])
-    return parse_template(parsed, api_url=settings.api_url, name=name)
+    return load_flow_file(path, api_url=settings.api_url, label=f"BOOKING_REQUEST_TEMPLATE {path}")
+
+
+def has_club_files(settings: Settings) -> bool:
+    """Whether DATA_DIR/clubs/ holds any club file."""
+    try:
+        return any(settings.clubs_dir.glob("*.json"))
+    except OSError:
+        return False
+
+
+@dataclass
+class RequestSources:
+    """Where entries' requests and windows come from (CONTRACT section 3): BOOKING_WINDOW,
+    BOOKING_REQUEST_TEMPLATE, BOOKING_API_URL and the club files, each club file read and
+    validated once per load, only when an entry names it."""
+
+    window: utils.Window = field(default_factory=lambda: utils.parse_window(DEFAULT_WINDOW))
+    template: FlowFile | None = None
+    #: No BOOKING_API_URL and no template with a url, but club files: an entry that names no
+    #: club has nothing to book at. (Without club files either, ``run`` refuses to start.)
+    clubs_only: bool = False
+    api_url: str | None = None
+    clubs_dir: Path | None = None
+    clubs: dict[str, FlowFile] = field(default_factory=dict)
+    club_errors: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, template: FlowFile | None) -> RequestSources:
+        return cls(
+            window=settings.window,
+            template=template,
+            clubs_only=settings.api_url is None
+            and (template is None or not template.flow.has_url)
+            and has_club_files(settings),
+            api_url=settings.api_url,
+            clubs_dir=settings.clubs_dir,
+        )
+
+    def club(self, name: str) -> FlowFile | None:
+        """The club file ``name``, parsed (None when it is missing or invalid: the reason is
+        in ``club_errors``)."""
+        if name in self.clubs:
+            return self.clubs[name]
+        if name in self.club_errors:
+            return None
+        clubs_dir = self.clubs_dir if self.clubs_dir is not None else Path(CLUBS_DIR)
+        path = clubs_dir / f"{name}.json"
+        try:
+            self.clubs[name] = load_flow_file(path, api_url=self.api_url, label=str(path))
+        except TemplateError as exc:
+            self.club_errors[name] = str(exc)
+            return None
+        return self.clubs[name]
 
 
 # --------------------------------------------------------------------------- tokens file
@@ -865,32 +1368,31 @@ def load_template(settings: Settings) -> RequestTemplate | None:
 
 def rewrite_tokens_file(path: Path, result: TokensResult) -> bool:
     """Replace plaintext (and old-key) values in tokens.json with their encrypted form,
-    atomically and with mode 0600. Returns False (after a warning) when the file cannot be
-    written or changed under us; the tokens are then kept encrypted in the database only."""
+    atomically and with mode 0600. Returns False (after a warning, or an error when plaintext
+    stays on disk) when the file cannot be written, changed under us, or is a symbolic or hard
+    link; the tokens are then kept encrypted in the database only."""
     if result.raw is None or not any(t.rewrite for t in result.tokens.values()):
         return True
     try:
         current = json.loads(result.raw.decode("utf-8-sig"))
+        plain = [
+            name
+            for name, token in result.tokens.items()
+            if token.rewrite and not utils.looks_like_fernet(str(current.get(name, "")).strip())
+        ]
+        refusal = _linked(path, plain)
+        if refusal is not None:
+            (logger.error if plain else logger.warning)("%s", refusal)
+            return False
         for name, token in result.tokens.items():
             if token.rewrite and token.encrypted is not None:
                 current[name] = token.encrypted
         payload = (json.dumps(current, indent=2) + "\n").encode()
-        fd, tmp = tempfile.mkstemp(prefix=".tokens.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(payload)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.chmod(tmp, 0o600)
-            if _read_bytes(path) != result.raw:
-                # Edited since we read it: leave it; the next load encrypts what it holds.
-                logger.info("%s changed while being encrypted; left for the next load", path.name)
-                return False
-            os.replace(tmp, path)
-            result.written = payload
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        if not _replace_private(path, payload, result.raw):
+            # Edited since we read it: leave it; the next load encrypts what it holds.
+            logger.info("%s changed while being encrypted; left for the next load", path.name)
+            return False
+        result.written = payload
     except OSError as exc:
         logger.warning(
             "%s: cannot rewrite it with encrypted tokens (%s); the tokens are kept encrypted "
@@ -900,12 +1402,69 @@ def rewrite_tokens_file(path: Path, result: TokensResult) -> bool:
             exc.strerror or exc.__class__.__name__,
         )
         return False
-    logger.info("%s: plaintext tokens encrypted in place", path.name)
+    rotated = [n for n, t in result.tokens.items() if t.rewrite and n not in plain]
+    done = [f"plaintext token(s) {_names(plain)} encrypted"] if plain else []
+    done += [f"token(s) {_names(rotated)} re-encrypted under the first key"] if rotated else []
+    logger.info("%s: %s in place", path.name, "; ".join(done))
+    return True
+
+
+def _names(names: Iterable[str]) -> str:
+    return ", ".join(repr(name) for name in names)
+
+
+def _linked(path: Path, plain: list[str]) -> str | None:
+    """Why tokens.json is not rewritten when it is a symbolic link or has hard links (None when
+    it is a plain file). A rename would replace the link and leave the old content, plaintext
+    included, in the file it pointed to (or under its other names); writing through a link
+    would write outside DATA_DIR, into a file some other tool owns. So neither is done."""
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        target = path.resolve()
+        what = (
+            f"is a symbolic link to {target}: not rewritten (courtbot never writes through a link)"
+        )
+    elif info.st_nlink > 1:
+        target = path
+        what = (
+            f"has {info.st_nlink} hard links: not rewritten (the other names would keep the old "
+            "content)"
+        )
+    else:
+        return None
+    if not plain:
+        return f"{path.name} {what}; its tokens under an older FERNET_KEY stay as they are there"
+    mode = stat.S_IMODE(target.stat().st_mode)
+    exposed = f", readable by others (mode {mode:04o})" if mode & 0o077 else ""
+    return (
+        f"{path.name} {what}, so plaintext token(s) {_names(plain)} stay in {target}{exposed}; "
+        "they are kept encrypted in the database only: put encrypted values in that file "
+        f"(`python main.py encrypt-token`), or make {path.name} a regular file"
+    )
+
+
+def _replace_private(path: Path, payload: bytes, expected: bytes) -> bool:
+    """Write ``payload`` over ``path`` atomically with mode 0600, unless ``path`` no longer
+    holds ``expected`` (then False, nothing written)."""
+    fd, tmp = tempfile.mkstemp(prefix=".tokens.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o600)
+        if _read_bytes(path) != expected:
+            return False
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
     return True
 
 
 def secure_file_mode(path: Path) -> None:
-    """Make a file holding secrets or state readable by its owner only (best effort)."""
+    """Make a file holding secrets or state readable by its owner only (best effort). A
+    symbolic link is left alone: its target is not ours to change."""
     with contextlib.suppress(OSError):
-        if path.exists() and path.stat().st_mode & 0o077:
+        if path.exists() and not path.is_symlink() and path.stat().st_mode & 0o077:
             path.chmod(0o600)

@@ -17,10 +17,11 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from cryptography.fernet import MultiFernet
+from sqlalchemy import delete, func, insert, inspect, select, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
 import utils
@@ -31,14 +32,31 @@ from models import (
     CANCELLED,
     EXPIRED,
     FAILED,
+    FINAL,
+    KIND_OBJECT,
+    KIND_STRING,
     PENDING,
     Instance,
+    Notice,
     Token,
     transaction,
 )
 from notify import Outcome
 
 logger = logging.getLogger(__name__)
+
+#: Why an instance's first request may leave after its trigger (``Instance.late_cause``), noted
+#: when it became due late; the wording a person reads.
+LATE_DOWN = "down"
+LATE_LOADED = "loaded"
+LATE_RETRY = "retry"
+LATE_INTERRUPTED = "interrupted"
+LATE_CAUSES = {
+    LATE_DOWN: "courtbot was not running at the trigger",
+    LATE_LOADED: "the window was already open when the entry was loaded",
+    LATE_RETRY: "put back to pending with `retry` after the window opened",
+    LATE_INTERRUPTED: "courtbot stopped while booking it and sent it again at its next start",
+}
 
 
 # --------------------------------------------------------------------------- reconciliation
@@ -82,8 +100,14 @@ def store_tokens(session: Session, tokens: TokensResult) -> None:
         if row is None:
             row = Token(id=name)
             session.add(row)
-        if value.encrypted is not None:
+        if isinstance(value.encrypted, dict):
+            # Each field as its own Fernet token, as tokens.json holds them (models.Token).
+            row.encrypted_token = json.dumps(value.encrypted, sort_keys=True)
+            row.kind = KIND_OBJECT
+            row.error = None
+        elif value.encrypted is not None:
             row.encrypted_token = value.encrypted
+            row.kind = KIND_STRING
             row.error = None
         else:
             row.error = value.error
@@ -96,12 +120,12 @@ def reconcile(
     factory: sessionmaker[Session],
     config: Config,
     *,
-    window: utils.Window,
     now: datetime,
     only: Sequence[str] | None = None,
     unchanged: frozenset[str] = frozenset(),
 ) -> Changes:
-    """Apply a validated config to the database as a diff (CONTRACT section 5).
+    """Apply a validated config to the database as a diff (CONTRACT section 5). Each entry's
+    triggers follow the window that applies to it (``Entry.window``).
 
     ``only`` limits the work to these schedule ids (the recurring top-up). ``unchanged`` names
     entries identical to the last load's, whose rows need no look (the daily top-up keeps their
@@ -130,11 +154,7 @@ def reconcile(
         for schedule_id in sorted(ids):
             changes.merge(
                 _reconcile_entry(
-                    session,
-                    entries[schedule_id],
-                    rows_by_schedule.get(schedule_id, {}),
-                    window,
-                    now,
+                    session, entries[schedule_id], rows_by_schedule.get(schedule_id, {}), now
                 )
             )
         if only is None:
@@ -162,7 +182,7 @@ def _cancel(row: Instance, changes: Changes, why: str) -> None:
 def _entry_fields(entry: Entry) -> dict[str, Any]:
     """What an entry's pending instances copy from it (and take again when it is edited).
     The zone and type count too: another zone or type can give the same instants (London ->
-    Lisbon)."""
+    Lisbon). The club too: the booking finds its request by it."""
     return {
         "court_id": entry.court_text,
         "courts": json.dumps(list(entry.courts)),
@@ -171,18 +191,15 @@ def _entry_fields(entry: Entry) -> dict[str, Any]:
         "rrule": entry.rule.rfc if entry.rule else None,
         "timezone": entry.timezone,
         "type": entry.type,
+        "club": entry.club,
     }
 
 
 def _reconcile_entry(
-    session: Session,
-    entry: Entry,
-    rows: dict[str, Instance],
-    window: utils.Window,
-    now: datetime,
+    session: Session, entry: Entry, rows: dict[str, Instance], now: datetime
 ) -> Changes:
     changes = Changes()
-    planned = entry.plan(now, window)
+    planned = entry.plan(now)
     fields = _entry_fields(entry)
     wanted = {p.key for p in planned}
     new_rows: list[dict[str, Any]] = []
@@ -198,6 +215,7 @@ def _reconcile_entry(
                         trigger_time=item.trigger,
                         status=PENDING,
                         attempts=0,
+                        late_cause=LATE_LOADED if item.trigger <= now else None,
                         **fields,
                     )
                 )
@@ -206,6 +224,7 @@ def _reconcile_entry(
             row.status = PENDING
             row.last_error = None
             row.attempts = 0
+            row.late_cause = LATE_LOADED if item.trigger <= now else None
             changes.revived += 1
         if row.status != PENDING:
             continue
@@ -216,13 +235,22 @@ def _reconcile_entry(
         if moved or any(getattr(row, name) != value for name, value in fields.items()):
             for name, value in fields.items():
                 setattr(row, name, value)
+            if moved:
+                # A window that changed under a pending instance may have opened it already.
+                row.late_cause = LATE_LOADED if item.trigger <= now else None
             row.trigger_time = item.trigger
             changes.updated += 1
     for key, row in rows.items():
         if key in wanted or row.status != PENDING:
             continue
         if row.desired_time > now:
-            _cancel(row, changes, "no longer produced by the entry's rule or time")
+            local_date = row.desired_time.astimezone(entry.zone).date()
+            if local_date in entry.skip:
+                _cancel(row, changes, "its date is in the entry's skip list")
+            elif entry.rule is not None and local_date in entry.rule.skip_dates:
+                _cancel(row, changes, "its date is excluded by the entry's rule (except, EXDATE)")
+            else:
+                _cancel(row, changes, "no longer produced by the entry's rule or time")
     if new_rows:
         # One multi-row INSERT: thousands of instances on a cold load, without ORM objects.
         stamp = utils.as_utc(now)
@@ -318,6 +346,7 @@ def recover_in_flight(
             elif row.desired_time > now:
                 row.status = PENDING
                 row.interrupted = True
+                row.late_cause = LATE_INTERRUPTED
                 row.last_error = (
                     "interrupted while booking (courtbot stopped); retried with the same "
                     "Idempotency-Key"
@@ -333,6 +362,21 @@ def recover_in_flight(
                 row.interrupted = False
                 failed.append(row)
     return retried, failed
+
+
+def note_late_triggers(factory: sessionmaker[Session], now: datetime) -> int:
+    """At start: ``pending`` instances whose trigger has passed (the daemon was not running
+    then) are booked at once; note why their request leaves late. Returns how many."""
+    with transaction(factory) as session:
+        return session.execute(
+            update(Instance)
+            .where(
+                Instance.status == PENDING,
+                Instance.trigger_time <= now,
+                Instance.late_cause.is_(None),
+            )
+            .values(late_cause=LATE_DOWN)
+        ).rowcount
 
 
 def pending_triggers(factory: sessionmaker[Session]) -> dict[str, datetime]:
@@ -378,6 +422,48 @@ def token_names(factory: sessionmaker[Session]) -> set[str]:
         return set(session.scalars(select(Token.id)))
 
 
+def token_expiries(factory: sessionmaker[Session], fernet: MultiFernet) -> dict[str, datetime]:
+    """When each stored token that is (or holds) a JWT expires, by name (``utils.jwt_expiry``:
+    read, never verified). The secrets themselves are not returned."""
+    with factory() as session:
+        rows = list(session.scalars(select(Token)))
+    expiries = {}
+    for row in rows:
+        secrets, problem = token_secrets(row, fernet, name=row.id)
+        expires = utils.secrets_expiry(secrets) if problem is None else None
+        if expires is not None:
+            expiries[row.id] = expires
+    return expiries
+
+
+def pending_from(
+    factory: sessionmaker[Session], token_name: str, moment: datetime
+) -> tuple[int, Instance | None]:
+    """How many pending instances of token ``token_name`` have their trigger at or after
+    ``moment``, and the first of them (None when none)."""
+    mine = (
+        Instance.status == PENDING,
+        Instance.token_name == token_name,
+        Instance.trigger_time >= moment,
+    )
+    with factory() as session:
+        first = session.scalar(
+            select(Instance).where(*mine).order_by(Instance.trigger_time).limit(1)
+        )
+        count = session.scalar(select(func.count()).select_from(Instance).where(*mine))
+    return int(count or 0), first
+
+
+def remember_notice(factory: sessionmaker[Session], notice_id: str, now: datetime) -> bool:
+    """Record that the warning ``notice_id`` has been sent: True the first time, False when it
+    was already (so it goes out once, whatever the reloads and restarts)."""
+    with transaction(factory) as session:
+        if session.get(Notice, notice_id) is not None:
+            return False
+        session.add(Notice(id=notice_id, sent_at=now))
+    return True
+
+
 # --------------------------------------------------------------------------- a booking
 
 
@@ -405,6 +491,34 @@ def claimed(factory: sessionmaker[Session], key: str) -> tuple[Instance, Token |
         return row, session.get(Token, row.token_name)
 
 
+def token_secrets(
+    token_row: Token | None, fernet: MultiFernet, *, name: str
+) -> tuple[dict[str, str], str | None]:
+    """The decrypted secrets of the token ``name`` (its row, None when the database has none):
+    ``{"token": value}`` for a string token, the fields of an object token. Returns them and
+    None, or an empty dict and the problem for a person (what to fix)."""
+    if token_row is None or token_row.encrypted_token is None:
+        if token_row is not None and token_row.error:
+            return {}, token_row.error
+        return {}, f"token {name!r} is not in tokens.json: add it there and reload"
+    if token_row.error:
+        return {}, token_row.error
+    undecryptable = (
+        f"token {name!r} in the database does not decrypt with FERNET_KEY (was the key "
+        "changed?): put the token in tokens.json again and reload"
+    )
+    encrypted: Any = token_row.encrypted_token
+    if token_row.kind == KIND_OBJECT:
+        try:
+            encrypted = json.loads(encrypted)
+        except ValueError:
+            return {}, undecryptable
+        if not isinstance(encrypted, dict):
+            return {}, undecryptable
+    secrets = utils.decrypt_secrets(fernet, encrypted)
+    return ({}, undecryptable) if secrets is None else (secrets, None)
+
+
 def release(factory: sessionmaker[Session], key: str, *, sent: bool = False) -> None:
     """booking -> pending: a shutdown before the trigger or between retries, or a daemon that
     is no longer the active one. ``sent``: a request may have reached the club, so the active
@@ -418,10 +532,19 @@ def release(factory: sessionmaker[Session], key: str, *, sent: bool = False) -> 
         )
 
 
-def record_attempt(factory: sessionmaker[Session], key: str, attempts: int) -> None:
-    """The number of requests answered (or lost) so far, before a wait between retries."""
+def record_attempt(
+    factory: sessionmaker[Session], key: str, attempts: int, first_sent_at: datetime | None = None
+) -> None:
+    """The number of requests answered (or lost) so far, before a wait between retries, and
+    when the first of them left (kept if one is already recorded)."""
     with transaction(factory) as session:
         session.execute(update(Instance).where(Instance.key == key).values(attempts=attempts))
+        if first_sent_at is not None:
+            session.execute(
+                update(Instance)
+                .where(Instance.key == key, Instance.first_sent_at.is_(None))
+                .values(first_sent_at=first_sent_at)
+            )
 
 
 def finish(
@@ -434,14 +557,19 @@ def finish(
     booking_ref: str | None = None,
     court: str | None = None,
     attempts: int | None = None,
+    first_sent_at: datetime | None = None,
+    retry_helps: bool = True,
 ) -> Outcome:
     """booking -> booked or failed, with the reason a person reads; returns the outcome to
-    report."""
+    report. ``first_sent_at``: when the first request left (an earlier one recorded stays);
+    ``retry_helps`` False when a ``retry`` would meet the same answer (every court taken)."""
     with transaction(factory) as session:
         row = session.scalar(select(Instance).where(Instance.key == key))
         assert row is not None
         if attempts is not None:
             row.attempts = attempts
+        if row.first_sent_at is None:
+            row.first_sent_at = first_sent_at
         row.status = status
         row.last_error = reason
         row.booking_ref = booking_ref
@@ -450,10 +578,27 @@ def finish(
         row.finished_at = now
         row.interrupted = False
         row.owner = None
-        return outcome_of(row)
+        return outcome_of(row, retry_helps=retry_helps)
 
 
-def outcome_of(row: Instance) -> Outcome:
+def timing_of(row: Instance) -> str | None:
+    """When the instance's first request left, for a person (None while nothing is final)."""
+    return _timing(row.status, row.trigger_time, row.first_sent_at, row.late_cause)
+
+
+def _timing(
+    status: str, trigger: datetime, first_sent: datetime | None, cause: str | None
+) -> str | None:
+    if first_sent is not None:
+        return utils.send_timing(trigger, first_sent, LATE_CAUSES.get(cause or ""))
+    if status == EXPIRED:
+        return "not sent: courtbot was not running at the trigger"
+    if status == FAILED:
+        return "no booking request was sent"
+    return None
+
+
+def outcome_of(row: Instance, *, retry_helps: bool = True) -> Outcome:
     """The report of an instance's final status, for notify."""
     zone = utils.get_zone(row.timezone)
     court = row.booked_court if row.status == BOOKED else row.court_id
@@ -469,6 +614,9 @@ def outcome_of(row: Instance) -> Outcome:
         reason=row.last_error,
         booking_ref=row.booking_ref,
         timezone=row.timezone,
+        timing=timing_of(row),
+        retry_helps=retry_helps,
+        location=row.club,
     )
 
 
@@ -489,30 +637,101 @@ def retry(factory: sessionmaker[Session], target: str, now: datetime) -> list[st
             )
         )
         if keys:
-            session.execute(
-                update(Instance)
-                .where(Instance.key.in_(keys))
-                .values(
-                    status=PENDING,
-                    attempts=0,
-                    last_error=None,
-                    finished_at=None,
-                    interrupted=False,
-                )
+            cleared = dict(
+                status=PENDING,
+                attempts=0,
+                last_error=None,
+                finished_at=None,
+                interrupted=False,
+                first_sent_at=None,
             )
+            # Each is booked again at once if its window is open: its request then leaves late.
+            for window_open, cause in (
+                (Instance.trigger_time <= now, LATE_RETRY),
+                (Instance.trigger_time > now, None),
+            ):
+                session.execute(
+                    update(Instance)
+                    .where(Instance.key.in_(keys), window_open)
+                    .values(late_cause=cause, **cleared)
+                )
     return keys
 
 
-def status_rows(factory: sessionmaker[Session] | None) -> list[dict[str, Any]]:
-    """Every instance as ``status --json`` prints it, soonest trigger first."""
+#: Columns added since the first release: a reader (``status``) never changes the schema, so on
+#: an older database they are left out of its queries and read as NULL.
+_ADDED_COLUMNS = ("interrupted", "owner", "club", "first_sent_at", "late_cause")
+
+
+def _reader_query(session: Session) -> Any:
+    """``select(Instance)`` with the columns this database lacks deferred (never loaded)."""
+    bind = session.get_bind()
+    present = {column["name"] for column in inspect(bind).get_columns(Instance.__tablename__)}
+    missing = [getattr(Instance, name) for name in _ADDED_COLUMNS if name not in present]
+    return select(Instance).options(*(defer(column) for column in missing))
+
+
+def _optional(row: Instance, name: str) -> Any:
+    """An added column's value, None when the database lacks it (deferred, unloaded)."""
+    return None if name in inspect(row).unloaded else getattr(row, name)
+
+
+def status_rows(
+    factory: sessionmaker[Session] | None,
+    *,
+    schedule: str | None = None,
+    statuses: Sequence[str] | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """The instances as ``status --json`` prints them, soonest trigger first: all of them, or
+    those of ``schedule``, in one of ``statuses``, the first ``limit``."""
     if factory is None:
         return []
     with factory() as session:
-        # Deferred: a database of the previous release may not have the column yet, and a
-        # reader never changes the schema.
-        query = select(Instance).options(defer(Instance.interrupted), defer(Instance.owner))
-        rows = session.scalars(query.order_by(Instance.trigger_time, Instance.key))
-        return [_status_row(row) for row in rows]
+        query = _reader_query(session)
+        if schedule is not None:
+            query = query.where(Instance.schedule_id == schedule)
+        if statuses is not None:
+            query = query.where(Instance.status.in_(list(statuses)))
+        query = query.order_by(Instance.trigger_time, Instance.key).limit(limit)
+        return [_status_row(row) for row in session.scalars(query)]
+
+
+def upcoming(
+    factory: sessionmaker[Session] | None,
+    now: datetime,
+    *,
+    schedule: str | None = None,
+    limit: int = 5,
+) -> list[dict[str, Any]]:
+    """The next ``limit`` bookings ahead of ``now`` (pending, under way or booked), soonest
+    start first, as ``status_rows`` gives them."""
+    if factory is None:
+        return []
+    with factory() as session:
+        query = _reader_query(session).where(
+            Instance.desired_time > now, Instance.status.in_([PENDING, BOOKING, BOOKED])
+        )
+        if schedule is not None:
+            query = query.where(Instance.schedule_id == schedule)
+        query = query.order_by(Instance.desired_time, Instance.key).limit(limit)
+        return [_status_row(row) for row in session.scalars(query)]
+
+
+def recent_outcomes(
+    factory: sessionmaker[Session] | None, since: datetime, *, schedule: str | None = None
+) -> list[dict[str, Any]]:
+    """The final outcomes (booked, failed, expired) reached since ``since``, latest first."""
+    if factory is None:
+        return []
+    with factory() as session:
+        query = _reader_query(session).where(
+            Instance.status.in_(list(FINAL)), Instance.finished_at >= since
+        )
+        if schedule is not None:
+            query = query.where(Instance.schedule_id == schedule)
+        query = query.order_by(Instance.finished_at.desc(), Instance.key)
+        return [_status_row(row) for row in session.scalars(query)]
 
 
 def _status_row(row: Instance) -> dict[str, Any]:
@@ -535,4 +754,21 @@ def _status_row(row: Instance) -> dict[str, Any]:
         "attempts": row.attempts,
         "last_error": row.last_error,
         "booking_ref": row.booking_ref,
+        "finished_at": utils.format_utc(row.finished_at) if row.finished_at else None,
+        "first_sent_at": _utc_us(_optional(row, "first_sent_at")),
+        "sent": _timing_text(row),
     }
+
+
+def _utc_us(moment: datetime | None) -> str | None:
+    """``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (None stays None): a send time, to the microsecond."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _timing_text(row: Instance) -> str | None:
+    """``timing_of`` for a row read by ``status``; None on a database too old to know."""
+    if row.status not in FINAL or "first_sent_at" in inspect(row).unloaded:
+        return None
+    return _timing(row.status, row.trigger_time, row.first_sent_at, _optional(row, "late_cause"))

@@ -13,6 +13,7 @@ import getpass
 import json
 import logging
 import logging.handlers
+import math
 import os
 import select
 import signal
@@ -24,14 +25,17 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from cryptography.fernet import Fernet, MultiFernet
 
 import bot
 import config_loader
+import heartbeat
 import instances
 import leader
 import models
+import report
 import scheduler
 import utils
 from config_loader import Config, Settings, SettingsError
@@ -39,21 +43,28 @@ from notify import (
     Notifier,
     NotifyConfigError,
     NotifySettings,
+    escape_controls,
     mask_url,
     validate_notify_urls,
 )
-from template import RequestTemplate, TemplateError, describe_request
+from template import RequestTemplate, TemplateError, default_template, describe_request
 
 logger = logging.getLogger("courtbot")
 
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_CANNOT_START = 2
+#: The daemon stopped itself because its SQLite file was deleted or replaced under it: non-zero,
+#: so that a supervisor restarts it (on the database written back at exit).
+EXIT_DATABASE_LOST = 1
 HEARTBEAT_SECONDS = 15.0
 HEARTBEAT_STALE_SECONDS = 4 * HEARTBEAT_SECONDS
 LOG_FILE_BYTES = 5 * 1024 * 1024
 LOG_FILE_BACKUPS = 3
 CHECK_INSTANCES = 5
+#: A token that expires before a pending booking's trigger is reported (once, by email and
+#: channels) when that trigger is this close.
+TOKEN_NOTICE_AHEAD = timedelta(days=3)
 #: What the daemon's loop handles: reload, stop, stop.
 DAEMON_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
@@ -66,11 +77,17 @@ class StartError(Exception):
 
 
 class _UTCFormatter(logging.Formatter):
+    """UTC ISO timestamps; one event, one line: control characters in the final text (values
+    from files or the club, a traceback) are escaped, so no value can forge a line."""
+
     converter = time.gmtime
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
         return f"{stamp}.{int(record.msecs):03d}Z"
+
+    def format(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().format(record))
 
 
 def setup_logging(settings: Settings | None, *, level: str = "INFO") -> None:
@@ -168,11 +185,12 @@ class Daemon:
     """The running worker: owns the database, the scheduler, the club client and the loop."""
 
     def __init__(
-        self, settings: Settings, fernet: MultiFernet, template: RequestTemplate | None
+        self, settings: Settings, fernet: MultiFernet, template: config_loader.FlowFile | None
     ) -> None:
         self.settings = settings
         self.fernet = fernet
-        self._start_template = template  # after start, the one in use lives in self.ctx
+        #: BOOKING_REQUEST_TEMPLATE in use (the last good one); its flow is also in self.ctx.
+        self.template = template
         self.engine: models.Engine | None = None
         self.factory: models.SessionFactory | None = None
         self.scheduler: scheduler.Scheduler | None = None
@@ -187,6 +205,13 @@ class Daemon:
         self._signals_r: socket.socket | None = None
         self._signals_w: socket.socket | None = None
         self._running = False
+        self._pid_written = False
+        #: Watches a SQLite file for its deletion under us; saves what it held at exit.
+        self.guard: models.SqliteGuard | None = None
+        self.database_lost: str | None = None
+        self.exit_code = EXIT_OK
+        self.pinger: heartbeat.Pinger | None = None
+        self._last_beat: float | None = None  # time.monotonic() of the last heartbeat written
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -229,13 +254,19 @@ class Daemon:
         self.acquire_locks()
         self.install_signals()
         self.open_database()
+        db_path = models.sqlite_path(settings.database_url)
+        if db_path is not None:
+            self.guard = models.SqliteGuard(db_path)
         try:
             notify_settings = NotifySettings.from_env(settings.env)
         except NotifyConfigError as exc:
             logger.error("notifications: %s; email and channels are off until it is fixed", exc)
             notify_settings = NotifySettings.from_env({})
         # The notifier logs (masked) and skips each invalid NOTIFY_URLS channel itself.
-        self.notifier = Notifier(notify_settings)
+        self.notifier = Notifier(
+            notify_settings,
+            location=club_location(settings, self.template.flow if self.template else None),
+        )
         self.notifier.start()
         self.roles.join(self)
 
@@ -257,7 +288,6 @@ class Daemon:
     def booking_context(self) -> bot.BookingContext:
         """A fresh context for one period as the active daemon (its own stop and may-send)."""
         assert self.factory is not None and self.notifier is not None
-        template = self.ctx.template if self.ctx is not None else self._start_template
         return bot.BookingContext(
             factory=self.factory,
             fernet=self.fernet,
@@ -266,7 +296,9 @@ class Daemon:
             retry_base=self.settings.retry_base,
             stop=threading.Event(),
             notify=self.notifier.notify,
-            template=template,
+            template=self.template.flow if self.template is not None else None,
+            # The last good club files, kept from one period as the active daemon to the next.
+            clubs=dict(self.ctx.clubs) if self.ctx is not None else {},
             on_booked=self._booked,
             owner=self.roles.ident,
         )
@@ -298,16 +330,27 @@ class Daemon:
         missed = instances.expire_missed(self.factory, now)
         if missed:
             self.notifier.notify_missed([instances.outcome_of(row) for row in missed])
+        # What is still pending with its trigger passed is booked at once, late: say why.
+        instances.note_late_triggers(self.factory, now)
         self.config = None  # a full load: the files may have changed while it waited
         self.load(reason=reason)
         if not self.ctx.may_send.is_set():
             return  # lost the role meanwhile: the loop steps down
         self.scheduler.start()
         self.roles.beat(self)
-        write_private(settings.pid_path, f"{os.getpid()}\n")
-        self._running = True
+        self.write_pid()
         self.heartbeat()
         self.log_summary()
+        self.safe_warn_expiring_tokens()
+        if settings.heartbeat_url is not None and self.pinger is None:
+            self.pinger = heartbeat.Pinger(settings.heartbeat_url, healthy=self.is_healthy)
+            self.pinger.start()
+
+    def write_pid(self) -> None:
+        """``bot.pid``: this daemon is loaded (active) or waits (standby); it removes it."""
+        write_private(self.settings.pid_path, f"{os.getpid()}\n")
+        self._pid_written = True
+        self._running = True
 
     def log_summary(self) -> None:
         assert self.factory is not None and self.scheduler is not None
@@ -355,8 +398,10 @@ class Daemon:
                 )
                 return True
             known = instances.token_names(self.factory)
-            config = config_loader.read_config(self.settings, self.fernet, now, known_tokens=known)
-            self._reload_template(reason)
+            config = config_loader.read_config(
+                self.settings, self.fernet, now, known_tokens=known, last_template=self.template
+            )
+            self._use_flows(config)
             for error in config.errors:
                 logger.error("%s", error)
             for warning in config.warnings:
@@ -376,9 +421,7 @@ class Daemon:
                 unchanged = frozenset(
                     e.id for e in config.schedules.entries if before.get(e.id) == e.fingerprint
                 )
-            changes = instances.reconcile(
-                self.factory, config, window=self.settings.window, now=now, unchanged=unchanged
-            )
+            changes = instances.reconcile(self.factory, config, now=now, unchanged=unchanged)
             whole_ok = config.schedules.file_error is None
             if whole_ok or self.config is None:
                 self.config = config
@@ -406,19 +449,25 @@ class Daemon:
             )
             return whole_ok and config.tokens.file_error is None
 
-    def _reload_template(self, reason: str) -> None:
-        """Re-read the request template; on an error the last good one stays."""
-        if self.settings.template_path is None or reason == "start":
-            return
-        try:
-            template = config_loader.load_template(self.settings)
-        except TemplateError as exc:
-            logger.error("%s; the last good template stays", exc)
-            return
+    def _use_flows(self, config: Config) -> None:
+        """Put the loaded template and club files in the booking context. An invalid template
+        or club file keeps its last good version (its errors are logged with the rest)."""
         assert self.ctx is not None
-        if template != self.ctx.template:
-            self.ctx.template = template
+        if config.template_error is not None:
+            config.template_error += "; the last good template stays"
+        elif self.template is not None and config.template != self.template:
             logger.info("request template reloaded")
+        self.template = config.template
+        self.ctx.template = config.template.flow if config.template is not None else None
+        loaded = {name: club.flow for name, club in config.clubs.items()}
+        for name in sorted(config.schedules.club_errors):
+            if name in self.ctx.clubs:
+                logger.warning("club %r: its last good file stays in use", name)
+        changed = sorted(n for n, flow in loaded.items() if self.ctx.clubs.get(n) != flow)
+        if changed:
+            logger.info("club file(s) loaded: %s", ", ".join(changed))
+        # Never dropped: instances kept as they were (a rejected entry's) still book with them.
+        self.ctx.clubs = {**self.ctx.clubs, **loaded}
 
     def _sync(self) -> scheduler.SyncReport:
         assert self.factory is not None and self.scheduler is not None and self.ctx is not None
@@ -452,11 +501,7 @@ class Daemon:
             if not ids:
                 return
             changes = instances.reconcile(
-                self.factory,
-                self.config,
-                window=self.settings.window,
-                now=datetime.now(UTC),
-                only=ids,
+                self.factory, self.config, now=datetime.now(UTC), only=ids
             )
             if not changes.empty:
                 self._sync()
@@ -470,6 +515,65 @@ class Daemon:
     def heartbeat(self) -> None:
         with contextlib.suppress(OSError):
             write_private(self.settings.heartbeat_path, f"{time.time():.0f}\n")
+            self._last_beat = time.monotonic()
+
+    def is_healthy(self) -> bool:
+        """True while this daemon runs, is not stopping, and its loop wrote a heartbeat lately:
+        what the dead-man's switch (HEARTBEAT_URL) vouches for with each ping."""
+        beat = self._last_beat
+        return (
+            self._running
+            and not self.stop.is_set()
+            and self.roles.is_active  # a standby vouches for nothing
+            and beat is not None
+            and time.monotonic() - beat < HEARTBEAT_STALE_SECONDS
+        )
+
+    # -- tokens that expire before a booking ----------------------------------------------
+
+    def warn_expiring_tokens(self, now: datetime) -> list[str]:
+        """Report, once per token and expiry, a JWT that expires before the trigger of a pending
+        booking, when that trigger is within TOKEN_NOTICE_AHEAD (an email and a channel
+        message, days before it would fail with a 401). Returns the tokens reported now."""
+        assert self.factory is not None and self.notifier is not None
+        reported = []
+        for name, expires in sorted(instances.token_expiries(self.factory, self.fernet).items()):
+            count, first = instances.pending_from(self.factory, name, expires)
+            if first is None or first.trigger_time - now > TOKEN_NOTICE_AHEAD:
+                continue
+            if not instances.remember_notice(
+                self.factory, f"token-expiry:{name}:{expires.timestamp():.0f}", now
+            ):
+                continue
+            self.notifier.notify_warning(
+                f"token {name!r}", *_token_expiry_message(name, expires, count, first, now)
+            )
+            reported.append(name)
+        return reported
+
+    def safe_warn_expiring_tokens(self) -> None:
+        try:
+            self.warn_expiring_tokens(datetime.now(UTC))
+        except Exception:
+            logger.exception("could not check the tokens' expiry")
+
+    def database_present(self) -> bool:
+        """False (after one error line) once the SQLite file was deleted or replaced under the
+        daemon: it then stops rather than book into a database nobody will read again."""
+        if self.guard is None or self.database_lost is not None:
+            return self.database_lost is None
+        self.database_lost = self.guard.check()
+        if self.database_lost is None:
+            return True
+        self.exit_code = EXIT_DATABASE_LOST
+        logger.error(
+            "the database file %s was %s while courtbot ran: stopping (exit %d) so that nothing "
+            "is booked into a database that is gone; what it held is saved at exit",
+            self.guard.path,
+            self.database_lost,
+            EXIT_DATABASE_LOST,
+        )
+        return False
 
     def run_forever(self) -> None:
         """Wait for signals and timers; reload or stop here, never in a handler."""
@@ -480,6 +584,8 @@ class Daemon:
             due = min(next_check, next_beat, self.roles.next_due())
             timeout = max(0.0, due - time.monotonic())
             ready, _, _ = select.select([self._signals_r], [], [], timeout)
+            if not self.database_present():
+                break
             signals: set[int] = set()
             if ready:
                 with contextlib.suppress(BlockingIOError):
@@ -499,6 +605,7 @@ class Daemon:
                 if self.config_changed():
                     logger.info("config files changed: reloading")
                     self.safe_load("file change")
+                self.safe_warn_expiring_tokens()
             if now >= next_beat:
                 next_beat = now + HEARTBEAT_SECONDS
                 self.heartbeat()
@@ -516,6 +623,12 @@ class Daemon:
         self.roles.hand_over(self)
         if self.ctx is not None:
             self.ctx.stop.set()
+        if self._running:
+            # From now on `health` says 1, whatever the last heartbeat said.
+            with contextlib.suppress(FileNotFoundError):
+                self.settings.heartbeat_path.unlink()
+        if self.pinger is not None:
+            self.pinger.close()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
         scheduler.set_runtime(None)
@@ -525,11 +638,76 @@ class Daemon:
             self.notifier.close(timeout=10.0)
         if self.engine is not None:
             self.engine.dispose()
-        with contextlib.suppress(FileNotFoundError):
-            self.settings.pid_path.unlink()
+        self._close_guard()
+        self._remove_pid_file()
         self.release_locks()
         if self._running:
             logger.info("courtbot stopped")
+
+    def _close_guard(self) -> None:
+        """Close the database guard; when the file was lost, save what the daemon held first."""
+        if self.guard is None:
+            return
+        if self.database_lost is None:
+            self.guard.close()
+            return
+        try:
+            saved = self.guard.save()
+        except OSError as exc:
+            logger.error("the database could not be saved (%s): its last state is lost", exc)
+            return
+        if saved == self.guard.path:
+            logger.error("the database as courtbot last saw it is written back to %s", saved)
+        else:
+            logger.error(
+                "the database as courtbot last saw it is saved to %s; %s (the file put there "
+                "while courtbot ran) is used at the next start",
+                saved,
+                self.guard.path,
+            )
+
+    def _remove_pid_file(self) -> None:
+        """Remove bot.pid if this daemon wrote it and it still holds its pid: a daemon refused
+        at start never removes the running one's."""
+        if not self._pid_written:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            if int(self.settings.pid_path.read_text().strip()) == os.getpid():
+                self.settings.pid_path.unlink()
+
+
+def club_location(settings: Settings, template: RequestTemplate | None) -> str | None:
+    """Where the courts are, for calendar entries: the booking URL's host (the template's, else
+    BOOKING_API_URL's), without user, password or port."""
+    url = template.url if template is not None and template.has_url else settings.api_url
+    try:
+        return urlsplit(url).hostname if url else None
+    except ValueError:
+        return None
+
+
+def _token_expiry_message(
+    name: str, expires: datetime, count: int, first: models.Instance, now: datetime
+) -> tuple[str, str]:
+    """The subject and body of the one report about a token that expires before a booking."""
+    zone = utils.get_zone(first.timezone)
+    state = "expired" if expires <= now else "expires"
+    subject = f"Token {name!r} {state} {utils.format_utc(expires)}, before {count} booking(s)"
+    body = "\n".join(
+        [
+            f"Token {name!r} in tokens.json is a JWT that {state} {utils.format_utc(expires)} "
+            f"({utils.format_ahead(expires, now)}).",
+            f"{count} pending booking(s) have their window open after that: at its trigger the "
+            "club would reject the token (401). The first:",
+            "",
+            f"    {first.key}: window opens {utils.format_local(first.trigger_time, zone)} "
+            f"({utils.format_ahead(first.trigger_time, now)})",
+            "",
+            "What to do: put a fresh token in tokens.json (python main.py encrypt-token encrypts "
+            "it), then python main.py reload.",
+        ]
+    )
+    return subject, body
 
 
 def _record_signal(signum: int, frame: Any) -> None:
@@ -600,7 +778,7 @@ class Roles:
         self.ident = leader.new_daemon_id()
         self.lead = leader.leadership_for(url, self.ident)
         self.shared = isinstance(self.lead, leader.Leadership)
-        self.beat_seconds = BEAT_SECONDS if self.shared else HEARTBEAT_SECONDS
+        self.beat_seconds = BEAT_SECONDS
         self.role = leader.STANDBY
         self.started_at = datetime.now(UTC)
         self.since = self.started_at
@@ -633,6 +811,8 @@ class Roles:
 
     def next_due(self) -> float:
         """When (``time.monotonic``) the loop must call ``tick`` at the latest."""
+        if not self.shared:
+            return math.inf  # alone on its database: nothing to beat or try
         if self.is_active:
             return self._next_beat
         return min(self._next_try, self._next_beat)
@@ -644,7 +824,7 @@ class Roles:
             if self._lost.is_set():
                 self._step_down(daemon)
                 return True
-            if time.monotonic() >= self._next_beat:
+            if self.shared and time.monotonic() >= self._next_beat:
                 self.beat(daemon)
             return False
         if signal.SIGHUP in signals:
@@ -721,9 +901,6 @@ class Roles:
         self._lost.clear()
         self._next_beat = time.monotonic() + self.beat_seconds
         if not self.shared:
-            # The lock beside the database lets no other daemon run: rows of others are stale.
-            assert daemon.engine is not None
-            leader.forget_dead(daemon.engine, now=self.since, older_than=timedelta(0))
             daemon.become_active(reason)
             return
         logger.info(
@@ -762,25 +939,27 @@ class Roles:
         daemon.wake()
 
     def beat(self, daemon: Daemon) -> None:
-        """The active daemon's beat: its row; on a shared database also the claims of
-        daemons that died, and pending instances changed elsewhere."""
+        """The active daemon's beat on a shared database: its row in ``daemons``, the claims
+        of daemons that died, and pending instances changed elsewhere. (Alone on SQLite it
+        has nothing to say: ``status`` reads its pid file and heartbeat.)"""
+        if not self.shared:
+            return
         assert daemon.engine is not None and daemon.factory is not None
         self._next_beat = time.monotonic() + self.beat_seconds
         now = datetime.now(UTC)
         try:
             self._write_row(daemon, now)
-            if self.shared:
-                self._recover_dead_claims(daemon, now)
-                if instances.pending_mark(daemon.factory) != self._pending_mark:
-                    report = daemon._sync()
-                    if report.added or report.moved or report.removed:
-                        logger.info(
-                            "instances changed elsewhere: jobs %d added, %d moved, %d removed",
-                            report.added,
-                            report.moved,
-                            report.removed,
-                        )
-                leader.forget_dead(daemon.engine, now=now, older_than=FORGET_AFTER)
+            self._recover_dead_claims(daemon, now)
+            if instances.pending_mark(daemon.factory) != self._pending_mark:
+                changed = daemon._sync()
+                if changed.added or changed.moved or changed.removed:
+                    logger.info(
+                        "instances changed elsewhere: jobs %d added, %d moved, %d removed",
+                        changed.added,
+                        changed.moved,
+                        changed.removed,
+                    )
+            leader.forget_dead(daemon.engine, now=now, older_than=FORGET_AFTER)
         except Exception as exc:  # noqa: BLE001 (the database is away: the watch acts on it)
             self._report_outage(exc)
             return
@@ -843,8 +1022,7 @@ class Roles:
             models.mask_url(self.url),
             self._active_one(daemon),
         )
-        write_private(daemon.settings.pid_path, f"{os.getpid()}\n")
-        daemon._running = True
+        daemon.write_pid()
 
     def _active_one(self, daemon: Daemon) -> str:
         """`` while <host> pid <pid> is active`` when the database says so, else ``""``."""
@@ -958,7 +1136,7 @@ def load_fernet(settings: Settings) -> MultiFernet:
         raise StartError(str(exc)) from None
 
 
-def load_template(settings: Settings) -> RequestTemplate | None:
+def load_template(settings: Settings) -> config_loader.FlowFile | None:
     """The request template named by BOOKING_REQUEST_TEMPLATE, validated (None when unset)."""
     try:
         return config_loader.load_template(settings)
@@ -966,16 +1144,29 @@ def load_template(settings: Settings) -> RequestTemplate | None:
         raise StartError(str(exc)) from None
 
 
+def require_api_url(settings: Settings, fernet: MultiFernet) -> None:
+    """Without BOOKING_API_URL (and no template with a url), ``run`` starts only when club
+    files give every entry its request: DATA_DIR/clubs/ holds some, and every entry of
+    schedules.json names one. StartError otherwise."""
+    message = (
+        "BOOKING_API_URL is not set: set it to the club's booking endpoint "
+        "(e.g. https://club.example/api/bookings)"
+    )
+    if not config_loader.has_club_files(settings):
+        raise StartError(message)
+    config = config_loader.read_config(settings, fernet, datetime.now(UTC))
+    needing = config.schedules.without_request
+    if needing:
+        raise StartError(f"{message}, or name a club file in {', '.join(needing)}")
+
+
 def cmd_run(env: dict[str, str]) -> int:
     try:
         settings = load_settings(env)
         fernet = load_fernet(settings)
         template = load_template(settings)
-        if settings.api_url is None and (template is None or not template.has_url):
-            raise StartError(
-                "BOOKING_API_URL is not set: set it to the club's booking endpoint "
-                "(e.g. https://club.example/api/bookings)"
-            )
+        if settings.api_url is None and (template is None or not template.flow.has_url):
+            require_api_url(settings, fernet)
         setup_logging(settings)
     except StartError as exc:
         print(f"courtbot: cannot start: {exc}", file=sys.stderr)
@@ -997,12 +1188,30 @@ def cmd_run(env: dict[str, str]) -> int:
         daemon.run_forever()
     finally:
         daemon.shutdown()
-    return EXIT_OK
+    return daemon.exit_code
 
 
-def _print_check(
-    config: Config, settings: Settings, now: datetime, template: RequestTemplate | None
-) -> None:
+def _request_of(entry: config_loader.Entry, config: Config, settings: Settings) -> str:
+    """Where an entry's request comes from, for a person."""
+    if entry.club is not None:
+        return f"club: {entry.club} ({config.clubs[entry.club].label})"
+    if config.template is not None:
+        return f"request: {config.template.label}"
+    return f"request: BOOKING_API_URL ({settings.api_url})"
+
+
+def _flow_of(
+    entry: config_loader.Entry, config: Config, settings: Settings
+) -> RequestTemplate | None:
+    """What the entry's bookings are rendered from (None when nothing gives it a request)."""
+    if entry.club is not None:
+        return config.clubs[entry.club].flow
+    if config.template is not None:
+        return config.template.flow
+    return default_template(settings.api_url) if settings.api_url else None
+
+
+def _print_check(config: Config, settings: Settings, now: datetime) -> None:
     entries = config.schedules.entries
     print(
         f"{settings.schedules_path}: {len(entries)} valid entr{'y' if len(entries) == 1 else 'ies'}"
@@ -1016,14 +1225,19 @@ def _print_check(
             f"\n{entry.id} (#{entry.position}): {entry.type}, {entry.timezone}, court {courts}, "
             f"token {entry.token!r}, {entry.duration_minutes} min{state}"
         )
+        print(f"  {_request_of(entry, config, settings)}")
+        source = "entry" if entry.window_from == "entry" else f"from {entry.window_from}"
+        print(f"  window: {entry.window} ({source})")
         if entry.rule is not None:
             rfc = entry.rule.rfc.replace("\n", " ")
             print(f"  rule: {rfc}")
+        if entry.skip:
+            print(f"  skip: {', '.join(f'{day:%Y-%m-%d}' for day in sorted(entry.skip))}")
         pairs = [p for p in entry.occurrences(now, CHECK_INSTANCES) if p[1] > now]
         if not pairs:
             print("  no instance ahead")
         for wall, start in pairs[:CHECK_INSTANCES]:
-            trigger = utils.trigger_time(start, zone, settings.window)
+            trigger = utils.trigger_time(start, zone, entry.window)
             line = (
                 f"  {utils.format_local(start, zone)}  = {utils.format_utc(start)}  "
                 f"trigger {utils.format_utc(trigger)}"
@@ -1034,10 +1248,30 @@ def _print_check(
             note = utils.describe_wall_clock_issue(wall, zone)
             if note:
                 print(f"    warning: {note}")
-        if template is not None and pairs:
-            described = describe_request(template, entry.slot(pairs[0][1]))
+        flow = _flow_of(entry, config, settings)
+        if flow is not None and pairs:
+            # template.describe_flow (each step of a flow) replaces this once flows land.
+            described = describe_request(flow, entry.slot(pairs[0][1]))
             print("  request (next instance, token masked):")
             print("    " + described.replace("\n", "\n    "))
+
+
+def _print_tokens(tokens: config_loader.TokensResult) -> None:
+    """Each token of tokens.json by name, and how the file holds it (never a value)."""
+    if tokens.file_error is not None or tokens.missing:
+        return
+    print(f"{config_loader.TOKENS_FILE}: {len(tokens.tokens)} token(s)")
+    for name, token in tokens.tokens.items():
+        kind = f"object of {', '.join(token.fields)}, " if token.fields is not None else ""
+        if token.error is not None:
+            held = "unusable (see the error above)"
+        elif token.plaintext:
+            held = "plaintext (the daemon encrypts it in the file when it loads it)"
+        elif token.rewrite:
+            held = "encrypted under an older key (the daemon re-encrypts it under the first)"
+        else:
+            held = "encrypted"
+        print(f"  {name!r}: {kind}{held}")
 
 
 def _print_notifications(settings: NotifySettings) -> None:
@@ -1065,12 +1299,6 @@ def cmd_check(env: dict[str, str]) -> int:
         print(f"courtbot check: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
     invalid = False
-    template = None
-    try:
-        template = load_template(settings)
-    except StartError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        invalid = True
     now = datetime.now(UTC)
     config = config_loader.read_config(settings, fernet, now)
     for warning in config.warnings:
@@ -1087,7 +1315,8 @@ def cmd_check(env: dict[str, str]) -> int:
     except NotifyConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         invalid = True
-    _print_check(config, settings, now, template)
+    _print_tokens(config.tokens)
+    _print_check(config, settings, now)
     if config.errors or invalid:
         count = len(config.errors) + int(invalid)
         print(f"\ninvalid: {count} problem(s); see the errors above", file=sys.stderr)
@@ -1123,28 +1352,35 @@ def _open_existing_db(settings: Settings, *, upgrade: bool = False) -> models.Se
     return None if engine is None else models.session_factory(engine)
 
 
-def _ago(seconds: float) -> str:
-    """``4 s``, ``3 min``, ``2 h``, ``5 d``: how long ago, for a person."""
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= 2 * size:
-            return f"{seconds // size:.0f} {unit}"
-    return f"{seconds:.0f} s"
+def daemon_facts(
+    settings: Settings, engine: models.Engine | None, now: datetime
+) -> report.DaemonFacts:
+    """What ``status`` says about the daemons: the one holding DATA_DIR (pid and heartbeat file)
+    and the rows of the ``daemons`` table (active and standbys, where daemons write it)."""
+    try:
+        age: float | None = time.time() - float(settings.heartbeat_path.read_text().strip())
+    except (OSError, ValueError):
+        age = None
+    daemons: tuple[report.DaemonInfo, ...] = ()
+    if engine is not None and models.has_table(engine, models.Daemon.__tablename__):
+        daemons = tuple(
+            report.DaemonInfo(
+                host=state.host,
+                pid=state.pid,
+                role=state.role,
+                heartbeat_age=(now - state.heartbeat_at).total_seconds(),
+                alive=state.alive,
+                since=state.since,
+            )
+            for state in leader.list_daemons(engine, now=now)
+        )
+    return report.DaemonFacts(
+        daemon_running(settings), age, daemons, stale_after=HEARTBEAT_STALE_SECONDS
+    )
 
 
-def daemon_lines(states: Sequence[leader.DaemonState], now: datetime) -> list[str]:
-    """The daemons on the database as ``status`` shows them to a person: the active one
-    (host, pid, since when), the standbys with their last heartbeat, then those that stopped
-    without a clean exit."""
-    if not any(state.alive for state in states):
-        return ["daemons: none running"]
-    lines = ["daemons:"]
-    for state in states:
-        role = state.role if state.alive else "stopped"
-        since = "" if not state.alive else f", {state.role} since {utils.format_utc(state.since)}"
-        beat = _ago((now - state.heartbeat_at).total_seconds())
-        lines.append(f"  {role:<8} {state.host} pid {state.pid}{since}, last heartbeat {beat} ago")
-    return lines
+#: ``status --upcoming``: what is still to be booked.
+UPCOMING = (models.PENDING, models.BOOKING)
 
 
 def daemon_json(state: leader.DaemonState) -> dict[str, Any]:
@@ -1161,75 +1397,78 @@ def daemon_json(state: leader.DaemonState) -> dict[str, Any]:
     }
 
 
-def _daemons(engine: models.Engine | None, now: datetime) -> list[leader.DaemonState]:
-    if engine is None or not models.has_tables(engine, models.Daemon.__tablename__):
-        return []
-    return leader.list_daemons(
-        engine, now=now, stale_after=timedelta(seconds=HEARTBEAT_STALE_SECONDS)
-    )
-
-
-def cmd_status(env: dict[str, str], as_json: bool, out: IO[str], *, daemons: bool = False) -> int:
+def cmd_status(env: dict[str, str], args: argparse.Namespace, out: IO[str]) -> int:
     try:
         settings = load_settings(env)
     except StartError as exc:
         print(f"courtbot status: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    now = datetime.now(UTC)
     try:
         engine = _open_existing_engine(settings)
-        states = _daemons(engine, now) if daemons or not as_json else []
-        factory = None if engine is None else models.session_factory(engine)
-        rows = [] if daemons else instances.status_rows(factory)
     except models.DatabaseConnectError as exc:
         print(f"courtbot status: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    except Exception as exc:  # noqa: BLE001 (a driver error mid-read: one line, masked)
+    try:
+        if args.daemons:
+            return _status_daemons(settings, engine, args.json, out)
+        return _status(settings, engine, args, out, env)
+    except models.DBAPIError as exc:  # the database went away mid-read: one line, masked
         print(
             f"courtbot status: {models.connect_error(settings.database_url, exc)}", file=sys.stderr
         )
         return EXIT_INVALID
-    if daemons:
-        if as_json:
-            json.dump([daemon_json(state) for state in states], out, indent=2)
-            out.write("\n")
-        else:
-            out.write("\n".join(daemon_lines(states, now)) + "\n")
-        return EXIT_OK
-    if as_json:
+    finally:
+        if engine is not None:
+            engine.dispose()
+
+
+def _status(
+    settings: Settings,
+    engine: models.Engine | None,
+    args: argparse.Namespace,
+    out: IO[str],
+    env: dict[str, str],
+) -> int:
+    factory = None if engine is None else models.session_factory(engine)
+    statuses = UPCOMING if args.upcoming else ([args.status] if args.status else None)
+    rows = instances.status_rows(
+        factory, schedule=args.schedule, statuses=statuses, limit=args.limit
+    )
+    if args.json:
         json.dump(rows, out, indent=2)
         out.write("\n")
         return EXIT_OK
-    out.write("\n".join(daemon_lines(states, now)) + "\n\n")
-    if not rows:
-        out.write("no instances yet\n")
-        return EXIT_OK
-    columns = [
-        ("SCHEDULE", "schedule"),
-        ("KEY", "key"),
-        ("DESIRED (LOCAL)", "desired_local"),
-        ("TRIGGER (UTC)", "trigger_time"),
-        ("COURT", "court"),
-        ("STATUS", "status"),
-        ("TRIES", "attempts"),
-        ("REF", "booking_ref"),
-        ("LAST ERROR", "last_error"),
-    ]
-    table = []
-    for row in rows:
-        court = row["booked_court"] or row["court_id"]
-        shown = dict(row)
-        shown["court"] = (
-            ", ".join(court) if isinstance(court, list) else ("any" if court is None else court)
+    now = datetime.now(UTC)
+    filtered = args.schedule or statuses or args.limit
+    out.write(
+        report.render(
+            daemon_facts(settings, engine, now),
+            instances.upcoming(factory, now, schedule=args.schedule, limit=report.NEXT_SHOWN),
+            instances.recent_outcomes(factory, report.outcomes_since(now), schedule=args.schedule),
+            rows,
+            now=now,
+            palette=report.Palette(report.colour_wanted(out.isatty(), env)),
+            empty="no instance matches" if filtered else "no instances yet",
         )
-        shown["desired_local"] = row["desired_local"][:16].replace("T", " ") + " " + row["timezone"]
-        table.append([str(shown[name] if shown[name] is not None else "-") for _, name in columns])
-    widths = [max(len(h), *(len(r[i]) for r in table)) for i, (h, _) in enumerate(columns)]
-    widths[-1] = len(columns[-1][0])
-    out.write("  ".join(h.ljust(w) for (h, _), w in zip(columns, widths, strict=True)).rstrip())
-    out.write("\n")
-    for r in table:
-        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+    )
+    return EXIT_OK
+
+
+def _status_daemons(
+    settings: Settings, engine: models.Engine | None, as_json: bool, out: IO[str]
+) -> int:
+    """``status --daemons``: the daemons on the database (the active one and the standbys)."""
+    now = datetime.now(UTC)
+    if as_json:
+        states = []
+        if engine is not None and models.has_table(engine, models.Daemon.__tablename__):
+            states = leader.list_daemons(
+                engine, now=now, stale_after=timedelta(seconds=HEARTBEAT_STALE_SECONDS)
+            )
+        json.dump([daemon_json(state) for state in states], out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    out.write("\n".join(report.daemon_lines(daemon_facts(settings, engine, now))) + "\n")
     return EXIT_OK
 
 
@@ -1298,11 +1537,27 @@ def cmd_reload(env: dict[str, str]) -> int:
 
 
 def cmd_health(env: dict[str, str]) -> int:
-    """Exit 0 while the daemon's heartbeat is fresh (the container's HEALTHCHECK)."""
+    """Exit 0 while a daemon holds DATA_DIR, its process lives and its heartbeat is fresh (the
+    container's HEALTHCHECK); 1 once it has stopped, whatever its last heartbeat."""
     try:
         settings = load_settings(env)
+    except StartError as exc:
+        print(f"courtbot health: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    pid = daemon_running(settings)
+    if pid is None:
+        print(f"courtbot health: no daemon runs on {settings.data_dir}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        print(f"courtbot health: the daemon of bot.pid (pid {pid}) is gone", file=sys.stderr)
+        return EXIT_INVALID
+    except PermissionError:
+        pass  # alive, as another user
+    try:
         age = time.time() - float(settings.heartbeat_path.read_text().strip())
-    except (StartError, OSError, ValueError) as exc:
+    except (OSError, ValueError) as exc:
         print(f"courtbot health: no heartbeat ({exc})", file=sys.stderr)
         return EXIT_INVALID
     if age > HEARTBEAT_STALE_SECONDS:
@@ -1332,6 +1587,16 @@ def cmd_encrypt_token(env: dict[str, str]) -> int:
     return EXIT_OK
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python main.py",
@@ -1340,10 +1605,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", help="the daemon (default)")
     sub.add_parser("check", help="validate schedules.json and tokens.json, show next instances")
-    status = sub.add_parser("status", help="the instances in the database")
-    status.add_argument("--json", action="store_true", help="one JSON array")
+    status = sub.add_parser(
+        "status", help="a summary (daemon, next bookings, last 7 days) and the instances"
+    )
+    status.add_argument("--json", action="store_true", help="one JSON array (no summary)")
+    status.add_argument("--schedule", metavar="ID", help="only this schedule's instances")
+    which = status.add_mutually_exclusive_group()
+    which.add_argument("--status", choices=models.STATUSES, help="only instances in this status")
+    which.add_argument(
+        "--upcoming", action="store_true", help="only instances still to book (pending, booking)"
+    )
     status.add_argument(
-        "--daemons", action="store_true", help="the daemons on the database instead"
+        "--limit", metavar="N", type=_positive_int, help="the first N instances (soonest trigger)"
+    )
+    status.add_argument(
+        "--daemons",
+        action="store_true",
+        help="the daemons on the database instead (active and standbys; with --json, an array)",
     )
     retry = sub.add_parser("retry", help="put failed instances still ahead back to pending")
     retry.add_argument("target", metavar="KEY_OR_SCHEDULE_ID")
@@ -1355,6 +1633,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()
+    except BrokenPipeError as exc:
+        # `status | head`: the reader has gone. End quietly, as Python's own CLIs do (json.tool
+        # exits with the errno), and keep the interpreter's final flush from complaining.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return exc.errno or 1
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     env = dict(os.environ)
     command = args.command or "run"
@@ -1364,7 +1655,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "check":
         return cmd_check(env)
     if command == "status":
-        return cmd_status(env, args.json, sys.stdout, daemons=args.daemons)
+        return cmd_status(env, args, sys.stdout)
     if command == "retry":
         return cmd_retry(env, args.target)
     if command == "reload":

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import re
+import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -47,6 +48,9 @@ EXPIRED = "expired"
 CANCELLED = "cancelled"
 STATUSES = (PENDING, BOOKING, BOOKED, FAILED, EXPIRED, CANCELLED)
 FINAL = (BOOKED, FAILED, EXPIRED)
+#: Token.kind
+KIND_STRING = "string"
+KIND_OBJECT = "object"
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 #: How long connecting to a database server may take before it counts as unreachable.
@@ -118,6 +122,16 @@ class Instance(Base):
     #: The daemon (``daemons.id``) whose claim this is while ``booking``; NULL for none (and in
     #: rows from before this column, which a starting daemon adds: add_missing_columns).
     owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    #: The club file its entry names (``DATA_DIR/clubs/<club>.json``) when it was last loaded;
+    #: NULL: BOOKING_REQUEST_TEMPLATE or the request of CONTRACT section 6.
+    club: Mapped[str | None] = mapped_column(String(64))
+
+    #: When the booking step's first request left (NULL until one has): how late it was
+    #: against ``trigger_time`` is what every outcome reports.
+    first_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    #: Why a first request may leave after the trigger, noted when it became due late (a code of
+    #: ``instances.LATE_CAUSES``; NULL: nothing known, on time).
+    late_cause: Mapped[str | None] = mapped_column(String(16), default=None)
 
     __table_args__ = (Index("ix_schedules_status_trigger", "status", "trigger_time"),)
 
@@ -127,13 +141,19 @@ class Instance(Base):
 
 class Token(Base):
     """A club API token, only ever stored encrypted. ``error`` is set while tokens.json holds a
-    value for it that no key decrypts: its bookings then fail with that reason."""
+    value for it that no key decrypts: its bookings then fail with that reason.
+
+    ``kind`` "string": ``encrypted_token`` is one Fernet token. "object" (a token of several
+    secrets, e.g. an email and a password): ``encrypted_token`` is a JSON object of its field
+    names, each mapped to that field's own Fernet token, as tokens.json holds it.
+    """
 
     __tablename__ = "tokens"
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     encrypted_token: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
+    kind: Mapped[str] = mapped_column(String(16), default=KIND_STRING, server_default=KIND_STRING)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
 
 
@@ -149,6 +169,16 @@ class Daemon(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     since: Mapped[datetime] = mapped_column(UTCDateTime())  # when it took its current role
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Notice(Base):
+    """A warning already sent by email and channels (e.g. a token that expires before a
+    booking's trigger), so that it goes out once, not at every reload or start."""
+
+    __tablename__ = "notices"
+
+    id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    sent_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
 class DatabaseConnectError(Exception):
@@ -452,13 +482,18 @@ def add_missing_columns(bind: Engine | Connection) -> list[str]:
                     conn.exec_driver_sql(statement)
             else:
                 bind.exec_driver_sql(statement)
-            added.append(column.name)
+            added.append(f"{table.name}.{column.name}")
     return added
 
 
-def has_tables(engine: Engine, table: str = "schedules") -> bool:
-    """True when the database already holds courtbot's tables (or the one named)."""
-    return inspect(engine).has_table(table)
+def has_tables(engine: Engine) -> bool:
+    """True when the database already holds courtbot's tables."""
+    return inspect(engine).has_table(Instance.__tablename__)
+
+
+def has_table(engine: Engine, name: str) -> bool:
+    """True when the database holds the table ``name`` (an older one may lack a newer table)."""
+    return inspect(engine).has_table(name)
 
 
 #: What the other modules hold to open sessions (so that they need not import SQLAlchemy).
@@ -475,3 +510,100 @@ def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session in one transaction: committed on success, rolled back on error."""
     with factory() as session, session.begin():
         yield session
+
+
+class SqliteGuard:
+    """Notices the SQLite database file deleted or replaced under a running daemon, and saves
+    what the daemon's database held.
+
+    A deleted file lives on for its open connections (a ghost): the daemon would go on booking
+    into it, and a restart would start from an empty database and book again what was booked.
+    The guard remembers the file's identity (device and inode) and keeps a connection of its own
+    to it, through which the ghost can still be read and written back.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._anchor = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT_MS / 1000)
+        # A first read opens the WAL too: the guard sees the commits not yet checkpointed.
+        # (Read to the end and closed: no read transaction stays open to hold checkpoints.)
+        cursor = self._anchor.execute("SELECT count(*) FROM sqlite_master")
+        cursor.fetchall()
+        cursor.close()
+        self._identity = _identity(path)
+        #: The WAL and shared-memory files the connections use (they live as long as one does).
+        self._companions = {
+            suffix: _identity(Path(f"{path}{suffix}")) for suffix in ("-wal", "-shm")
+        }
+
+    def check(self) -> str | None:
+        """None while ``path`` is still the file the daemon opened; "deleted" or "replaced"."""
+        try:
+            identity = _identity(self.path)
+        except OSError:
+            return None  # cannot tell (a transient error): say nothing rather than stop
+        if identity is None:
+            return "deleted"
+        return None if identity == self._identity else "replaced"
+
+    def save(self) -> Path:
+        """Write the database as the daemon's connections see it to a file of its own (0600)
+        and close the guard: back to ``path`` when nothing holding courtbot's tables is there
+        (deleted, or recreated empty by a late connection), else beside it with a ``.lost-``
+        suffix. Call it once every other connection is closed. Returns the file written;
+        OSError when it cannot be written."""
+        saved = self.path.with_name(f".{self.path.name}.saving")
+        fd = os.open(saved, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        os.close(fd)
+        try:
+            with contextlib.closing(sqlite3.connect(saved)) as copy:
+                self._anchor.backup(copy)
+        except sqlite3.Error as exc:
+            saved.unlink()
+            raise OSError(f"SQLite: {exc}") from None
+        finally:
+            self._anchor.close()
+        # SQLite leaves the ghost's -wal and -shm under the path's names when the database file
+        # is gone: read with whatever is at the path next, the ghost's pages would overlay it.
+        for suffix, identity in self._companions.items():
+            companion = Path(f"{self.path}{suffix}")
+            with contextlib.suppress(OSError):
+                if identity is not None and _identity(companion) == identity:
+                    companion.unlink()
+        target = self.path
+        if _holds_something(self.path):
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+            target = self.path.with_name(f"{self.path.name}.lost-{stamp}")
+        os.replace(saved, target)
+        return target
+
+    def close(self) -> None:
+        self._anchor.close()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """A file's device and inode (None when there is no such file)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _holds_something(path: Path) -> bool:
+    """False when ``path`` is missing, empty, or a SQLite database without courtbot's tables
+    (what a connection opened after the deletion leaves); True for anything else, which is
+    someone's and is kept."""
+    try:
+        if path.stat().st_size == 0:
+            return False
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            found = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?",
+                (Instance.__tablename__,),
+            ).fetchall()
+    except FileNotFoundError:
+        return False
+    except (OSError, sqlite3.Error):
+        return True
+    return bool(found)

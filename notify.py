@@ -9,6 +9,7 @@ thread, so a slow or dead mail server or channel never delays or changes a booki
 
 from __future__ import annotations
 
+import email.policy
 import ipaddress
 import logging
 import queue
@@ -48,6 +49,14 @@ _HOST_LABEL_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
 _BEARER_RE = re.compile(r"(?i)\b(bearer\s+)\S+")
 _MAX_REASON = 300
 _MISSED_SUBJECT_IDS = 4
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators (str.splitlines breaks
+# on several of them): escaped in log lines, dropped from calendar text.
+_CONTROLS_RE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+#: Headers are not folded at 78 characters: Python's folder moves a subject that fits a line of
+#: its own onto the next one ("Subject:" CRLF " Booked: ..."), which readers then show with a
+#: leading space. SMTP allows 998; bodies here stay far below it.
+_EMAIL_POLICY = email.policy.default.clone(max_line_length=998)
 
 
 class NotifyConfigError(ValueError):
@@ -69,6 +78,13 @@ class Outcome:
     reason: str | None  # why it failed / was missed, or the club's answer
     booking_ref: str | None
     timezone: str  # IANA name of the entry's zone
+    #: When the first booking request left, e.g. "sent 0.8 ms after the window opened".
+    timing: str | None = None
+    #: False when a ``retry`` would meet the same answer (every court tried was taken).
+    retry_helps: bool = True
+    #: Where the court is (the club's name or host), for the calendar entry; None: the
+    #: notifier's own ``location``.
+    location: str | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +191,21 @@ def _is_address(value: str) -> bool:
     _name, address = parseaddr(value)
     local, at, domain = address.rpartition("@")
     return bool(at and local and domain) and not any(ch.isspace() for ch in address)
+
+
+def escape_controls(text: str) -> str:
+    """``text`` on one line: each control character written as an escape (``\\n``, ``\\r``,
+    ``\\t``, ``\\x1b``, ``\\u2028``), so that no value a file or a club supplies can start a
+    line of its own in a log (CONTRACT section 8: one event, one line)."""
+    return _CONTROLS_RE.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _SHORT_ESCAPES:
+        return _SHORT_ESCAPES[char]
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 # --- Apprise URLs -------------------------------------------------------------------------------
@@ -332,7 +363,8 @@ def subject_for(outcome: Outcome) -> str:
     prefix = {BOOKED: "Booked", FAILED: "Booking failed", EXPIRED: "Booking missed"}.get(
         outcome.status, f"Booking {outcome.status}"
     )
-    return (
+    # A header line: a line break in a value would make the email library refuse the message.
+    return escape_controls(
         f"{prefix}: {outcome.schedule_id} {_court_phrase(outcome.court)} "
         f"{_when(outcome)} ({outcome.timezone})"
     )
@@ -356,7 +388,8 @@ def _facts(outcome: Outcome) -> list[str]:
         ("Instance", outcome.key),
         ("Court", outcome.court or "any"),
         ("Start", f"{_when(outcome)} ({outcome.timezone}), {outcome.duration_minutes} minutes"),
-        ("Trigger", f"{_utc(outcome.trigger_time)} (when the booking window opened)"),
+        ("Window opened", _utc(outcome.trigger_time)),
+        ("Timing", _sentence(outcome.timing) if outcome.timing else "-"),
         ("Attempts", str(outcome.attempts)),
         (answer_label, reason or "-"),
         ("Booking ref", outcome.booking_ref or "-"),
@@ -364,9 +397,20 @@ def _facts(outcome: Outcome) -> list[str]:
     return [f"{label + ':':<15}{value}" for label, value in rows]
 
 
+def _sentence(text: str) -> str:
+    """``text`` as a sentence of its own: capitalised, with a full stop."""
+    return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
+
+
 def _advice(outcome: Outcome, now: datetime, count: int = 1) -> list[str]:
     if outcome.status == BOOKED:
         return ["A calendar entry is attached (booking.ics)."]
+    if outcome.status == FAILED and not outcome.retry_helps:
+        return [
+            "What to do: every court tried was taken, so a retry would be taken too. Book",
+            "another court with the club, and give the entry a list of courts to try in order",
+            '("court_id": ["3", "4"]) so that courtbot goes on to the next one.',
+        ]
     if outcome.status == FAILED and _aware(outcome.desired_start) > _aware(now):
         return [
             "What to do: the start is still ahead. Book by hand with the club, or let courtbot",
@@ -413,7 +457,8 @@ def _email_body(outcomes: Sequence[Outcome], now: datetime) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _channel_line(outcome: Outcome, now: datetime) -> str:
+def _channel_line(outcome: Outcome) -> str:
+    """One outcome in one line (a batch of missed bookings has a line each)."""
     line = (
         f"{outcome.schedule_id}: {_court_phrase(outcome.court)}, {_when(outcome)} "
         f"({outcome.timezone})."
@@ -421,16 +466,32 @@ def _channel_line(outcome: Outcome, now: datetime) -> str:
     reason = _clean(outcome.reason)
     if outcome.status == BOOKED:
         return line + (f" Ref {outcome.booking_ref}." if outcome.booking_ref else "")
+    return line + (f" Reason: {reason}" if reason else "")
+
+
+def _channel_body(outcome: Outcome, now: datetime) -> str:
+    """A channel's message for one outcome: the email's headline, its timing and reason, and
+    what to do, each on a line of its own as in the email."""
+    lines = [_headline(outcome)]
+    if outcome.timing:
+        lines.append(_sentence(outcome.timing))
+    reason = _clean(outcome.reason)
+    if outcome.status == BOOKED:
+        if outcome.booking_ref:
+            lines.append(f"Ref {outcome.booking_ref}.")
+        return "\n".join(lines)
     if reason:
-        line += f" Reason: {reason}"
-    if outcome.status == FAILED and _aware(outcome.desired_start) > _aware(now):
-        line += f" Retry: python main.py retry {outcome.key}"
-    return line
+        lines.append(f"Reason: {reason}")
+    if outcome.status == FAILED and not outcome.retry_helps:
+        lines.append("Every court tried was taken: book another, or list more courts.")
+    elif outcome.status == FAILED and _aware(outcome.desired_start) > _aware(now):
+        lines.append(f"Retry: python main.py retry {outcome.key}")
+    return "\n".join(lines)
 
 
 def _log_outcome(outcome: Outcome) -> None:
     level = logging.INFO if outcome.status == BOOKED else logging.WARNING
-    tail = ""
+    tail = f" ({outcome.timing})" if outcome.timing else ""
     if outcome.booking_ref:
         tail += f" ref={outcome.booking_ref}"
     reason = _clean(outcome.reason)
@@ -453,14 +514,17 @@ def _log_outcome(outcome: Outcome) -> None:
 
 
 def _ics_text(value: str) -> str:
-    """RFC 5545 TEXT escaping."""
-    return (
+    """RFC 5545 TEXT escaping: a line break (CRLF, LF or a bare CR) becomes ``\\n``; other
+    control characters, which TEXT may not hold, are dropped."""
+    escaped = (
         value.replace("\\", "\\\\")
         .replace(";", "\\;")
         .replace(",", "\\,")
         .replace("\r\n", "\\n")
         .replace("\n", "\\n")
+        .replace("\r", "\\n")
     )
+    return _CONTROLS_RE.sub("", escaped)
 
 
 def _ics_stamp(moment: datetime) -> str:
@@ -482,8 +546,14 @@ def _ics_fold(line: str) -> str:
     return "\r\n".join(pieces)
 
 
-def calendar_entry(outcome: Outcome, now: datetime) -> bytes:
-    """An iCalendar file (METHOD:PUBLISH, one VEVENT, UTC times, CRLF lines) for a booking.
+#: The calendar entry's reminder, this long before the start.
+REMINDER = timedelta(hours=1)
+
+
+def calendar_entry(outcome: Outcome, now: datetime, location: str | None = None) -> bytes:
+    """An iCalendar file (METHOD:PUBLISH, one VEVENT, UTC times, CRLF lines) for a booking, with
+    a reminder (a display VALARM ``REMINDER`` before the start) and the club as its LOCATION
+    (``outcome.location``, else ``location``; none when neither is known).
 
     Returns the file's bytes, UTF-8; its UID is the instance key, so a re-sent entry updates.
     """
@@ -494,6 +564,8 @@ def calendar_entry(outcome: Outcome, now: datetime) -> bytes:
         f"Schedule: {outcome.schedule_id}\nInstance: {outcome.key}\n"
         f"Booked by courtbot after {outcome.attempts} attempt(s)."
     )
+    summary = "Tennis: " + _court_phrase(outcome.court)
+    place = outcome.location or location
     lines = [
         "BEGIN:VCALENDAR",
         "VERSION:2.0",
@@ -505,9 +577,15 @@ def calendar_entry(outcome: Outcome, now: datetime) -> bytes:
         f"DTSTAMP:{_ics_stamp(now)}",
         f"DTSTART:{_ics_stamp(start)}",
         f"DTEND:{_ics_stamp(end)}",
-        f"SUMMARY:{_ics_text('Tennis: ' + _court_phrase(outcome.court))}",
+        f"SUMMARY:{_ics_text(summary)}",
+        *([f"LOCATION:{_ics_text(place)}"] if place else []),
         f"DESCRIPTION:{_ics_text(description)}",
         "STATUS:CONFIRMED",
+        "BEGIN:VALARM",
+        "ACTION:DISPLAY",
+        f"DESCRIPTION:{_ics_text(summary)}",
+        f"TRIGGER:-PT{int(REMINDER.total_seconds() // 60)}M",
+        "END:VALARM",
         "END:VEVENT",
         "END:VCALENDAR",
     ]
@@ -573,10 +651,13 @@ class Notifier:
         retry_wait: float = _DEFAULT_RETRY_WAIT,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], datetime] = _utcnow,
+        location: str | None = None,
     ) -> None:
         """`retry_wait`: seconds before the 2nd email try (the 3rd waits twice as long);
-        `sleep` and `clock` are for tests."""
+        `sleep` and `clock` are for tests; `location`: the club's name or host, for calendar
+        entries of outcomes that name none."""
         self._settings = settings
+        self._location = location
         self._retry_wait = retry_wait
         self._sleep = sleep
         self._clock = clock
@@ -618,8 +699,12 @@ class Notifier:
                         label=outcome.key,
                         subject=subject_for(outcome),
                         body=_email_body([outcome], now),
-                        ics=calendar_entry(outcome, now) if outcome.status == BOOKED else None,
-                        channel_body=_channel_line(outcome, now),
+                        ics=(
+                            calendar_entry(outcome, now, self._location)
+                            if outcome.status == BOOKED
+                            else None
+                        ),
+                        channel_body=_channel_body(outcome, now),
                         notify_type=_notify_type(outcome.status),
                     )
                 )
@@ -641,12 +726,31 @@ class Notifier:
                         subject=_missed_subject(batch),
                         body=_email_body(batch, now),
                         ics=None,
-                        channel_body="\n".join(_channel_line(o, now) for o in batch),
+                        channel_body="\n".join(_channel_line(o) for o in batch),
                         notify_type=_notify_type(EXPIRED),
                     )
                 )
         except Exception:
             logger.exception("could not report %d missed booking(s)", len(outcomes))
+
+    def notify_warning(self, label: str, subject: str, body: str) -> None:
+        """A warning worth an email and a channel message (not an outcome): logged now, sent
+        from the worker. ``label`` names it in log lines. Returns at once; never raises."""
+        try:
+            logger.warning("%s: %s", label, subject)
+            if self._has_targets:
+                self._enqueue(
+                    _Report(
+                        label=label,
+                        subject=subject,
+                        body=body.rstrip("\n") + "\n",
+                        ics=None,
+                        channel_body=body.strip(),
+                        notify_type="warning",
+                    )
+                )
+        except Exception:
+            logger.exception("could not report the warning %s", label)
 
     def close(self, timeout: float = 10.0) -> None:
         """Deliver what is queued within `timeout` seconds, then stop the worker.
@@ -708,6 +812,9 @@ class Notifier:
         except ImportError:
             logger.warning("NOTIFY_URLS is set but apprise is not installed: channels are off")
             return
+        # One log line per delivery is ours (masked); Apprise's own INFO lines would repeat it,
+        # some with the URL in full.
+        logging.getLogger("apprise").setLevel(logging.WARNING)
         for url in self._settings.urls:
             plugin = apprise.Apprise.instantiate(url)
             if plugin is None:
@@ -816,7 +923,7 @@ class Notifier:
 
     def _build_email(self, report: _Report) -> EmailMessage:
         settings = self._settings
-        message = EmailMessage()
+        message = EmailMessage(policy=_EMAIL_POLICY)
         message["Subject"] = report.subject
         message["From"] = settings.smtp_from
         message["To"] = ", ".join(settings.recipients)

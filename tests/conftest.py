@@ -3,12 +3,15 @@ PostgreSQL server (``pg_server``, ``pg_url``; ``db_url`` runs a test on each dat
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,16 @@ from config_loader import Settings
 
 #: A fixed "now" for tests that do not need the real clock (a Monday).
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+
+
+def make_jwt(payload: dict[str, Any]) -> str:
+    """An unsigned-looking JWT (header.payload.signature, base64url) carrying ``payload``."""
+
+    def part(value: Any) -> str:
+        raw = json.dumps(value, separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    return f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(payload)}.c2lnbmF0dXJlLW5vdC1jaGVja2Vk"
 
 
 def write_json(path: Path, value: Any) -> Path:
@@ -171,3 +184,61 @@ def db_url(request: pytest.FixtureRequest) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{request.getfixturevalue('data_dir') / 'db.sqlite'}"
     return str(request.getfixturevalue("pg_url"))
+
+
+# --------------------------------------------------------------------------- a monitoring service
+
+
+class PingServer:
+    """A dead-man's-switch service on 127.0.0.1 (as healthchecks.io): records each GET's path,
+    answers ``status``; with ``hold`` set, holds every answer until it is cleared."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.status = 200
+        self.hold = threading.Event()
+        self.released = threading.Event()
+        self._cond = threading.Condition()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                with server._cond:
+                    server.paths.append(self.path)
+                    server._cond.notify_all()
+                if server.hold.is_set():
+                    server.released.wait(10)
+                with contextlib.suppress(OSError):  # the client may have given up meanwhile
+                    self.send_response(server.status)
+                    self.send_header("Content-Length", "2")
+                    self.end_headers()
+                    self.wfile.write(b"OK")
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> bool:
+        """Wait until ``count`` pings have arrived; whether they did within ``timeout``."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.paths) >= count, timeout)
+
+    def close(self) -> None:
+        self.released.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def ping_server() -> Iterator[PingServer]:
+    server = PingServer()
+    yield server
+    server.close()

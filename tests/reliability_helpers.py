@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
+import ipaddress
 import socket
 import sqlite3
+import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +24,10 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 from aiosmtpd.controller import Controller
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -142,6 +149,100 @@ def trickle_server(length: int = 400, interval: float = 0.25) -> Iterator[tuple[
         for client in clients:
             with contextlib.suppress(OSError):
                 client.shutdown(socket.SHUT_RDWR)
+
+
+#: What an evil club does once a request's head (given, as far as it was read) has arrived: write
+#: to the client socket as it likes until the stop event is set (the server is closing).
+Misbehaviour = Callable[[socket.socket, bytes, threading.Event], None]
+
+
+@contextmanager
+def evil_server(
+    misbehave: Misbehaviour, *, tls: ssl.SSLContext | None = None
+) -> Iterator[tuple[int, list[float]]]:
+    """A club on 127.0.0.1 (port 0, TLS with ``tls``) that reads each request's head and then
+    lets ``misbehave`` answer. Yields (port, the ``time.time()`` of every request's arrival)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.05)
+    stop = threading.Event()
+    arrivals: list[float] = []
+    clients: list[socket.socket] = []
+
+    def serve(client: socket.socket) -> None:
+        try:
+            conn = client if tls is None else tls.wrap_socket(client, server_side=True)
+        except OSError:  # the client refused our certificate
+            client.close()
+            return
+        with conn:
+            try:
+                data = b""
+                while b"\r\n\r\n" not in data and not stop.is_set():
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                arrivals.append(time.time())
+                misbehave(conn, data, stop)
+            except OSError:  # the client gave up
+                return
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            clients.append(client)
+            threading.Thread(target=serve, args=(client,), daemon=True).start()
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1], arrivals
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+        for client in clients:
+            with contextlib.suppress(OSError):
+                client.shutdown(socket.SHUT_RDWR)
+
+
+def self_signed_context(tmp_path: Path, host: str = "127.0.0.1") -> ssl.SSLContext:
+    """A server-side TLS context with a fresh self-signed certificate for ``host`` (an IP
+    address), made with ``cryptography``: valid in every field, trusted by nobody."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "club-cert.pem", tmp_path / "club-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    return context
 
 
 # --------------------------------------------------------------------------- SMTP

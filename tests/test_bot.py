@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import bot
 import utils
-from bot import BookingContext, ClubClient, RequestSpec, book_slot
+from bot import TAKEN_ADVICE, BookingContext, ClubClient, RequestSpec, book_slot
 from instances import recover_in_flight
 from models import (
     BOOKED,
@@ -46,6 +48,7 @@ from models import (
     transaction,
 )
 from notify import Outcome
+from reliability_helpers import evil_server, self_signed_context
 from template import parse_template
 
 URL = "http://club.test/bookings"
@@ -452,10 +455,17 @@ def test_409_on_the_only_court_fails_without_retry(h: Harness) -> None:
     assert h.stop.waits == []
     row = h.row()
     assert (row.status, row.attempts, row.booking_ref, row.booked_court) == (FAILED, 1, None, None)
-    assert row.last_error == "court 3: taken (HTTP 409: Court 3 is already booked)"
+    assert row.last_error == (
+        f"court 3: taken (HTTP 409: Court 3 is already booked); {TAKEN_ADVICE}"
+    )
+    assert TAKEN_ADVICE == (
+        "every court tried was taken, so a retry would be too: book another court with the "
+        'club, and give the entry a list of courts to try in order (e.g. "court_id": ["3", "4"])'
+    )
     assert "own earlier attempt" not in row.last_error
     (outcome,) = h.outcomes
     assert (outcome.status, outcome.reason, outcome.court) == (FAILED, row.last_error, "3")
+    assert outcome.retry_helps is False
 
 
 def test_409_on_every_court_of_the_list_names_each_court(h: Harness) -> None:
@@ -469,7 +479,8 @@ def test_409_on_every_court_of_the_list_names_each_court(h: Harness) -> None:
     row = h.row()
     assert row.attempts == 3
     assert row.last_error == (
-        "court 3: taken (HTTP 409); court 4: taken (HTTP 409); court 5: taken (HTTP 409)"
+        "court 3: taken (HTTP 409); court 4: taken (HTTP 409); court 5: taken (HTTP 409); "
+        + TAKEN_ADVICE
     )
     assert h.outcomes[0].court == "3, 4, 5"
 
@@ -489,7 +500,9 @@ def test_409_after_a_lost_answer_says_the_court_may_be_ours(h: Harness, lost: st
     assert reason.startswith("court 3: taken (HTTP 409)")
     assert "may be taken by our own earlier attempt" in reason
     assert "check your bookings at the club" in reason
+    assert TAKEN_ADVICE not in reason  # another court could be a second booking
     assert h.outcomes[0].reason == reason
+    assert h.outcomes[0].retry_helps is False
 
 
 def test_409_after_a_refused_connection_does_not_blame_our_own_attempt(h: Harness) -> None:
@@ -500,7 +513,7 @@ def test_409_after_a_refused_connection_does_not_blame_our_own_attempt(h: Harnes
     assert h.book() == FAILED
 
     reason = h.row().last_error
-    assert reason == "court 3: taken (HTTP 409)"
+    assert reason == f"court 3: taken (HTTP 409); {TAKEN_ADVICE}"
 
 
 def test_lost_answer_on_one_court_does_not_colour_the_next_courts_409(h: Harness) -> None:
@@ -517,6 +530,44 @@ def test_lost_answer_on_one_court_does_not_colour_the_next_courts_409(h: Harness
         "court 4: taken (HTTP 409)"
     )
     assert h.row().attempts == 4
+    assert h.outcomes[0].retry_helps is True  # court 3 may answer later
+
+
+# --------------------------------------------------------------------------- lateness
+
+
+def test_the_first_requests_send_time_is_recorded_and_reported(h: Harness) -> None:
+    h.add()
+    h.clock.set(TRIGGER + timedelta(microseconds=800))
+    queue(h.club, retryable("503"), answer(201, {"id": 5}))
+
+    assert h.book() == BOOKED
+
+    row = h.row()
+    # The first of the two requests counts; the second left after a wait of BASE.
+    assert row.first_sent_at == TRIGGER + timedelta(microseconds=800)
+    assert h.outcomes[0].timing == "sent 0.8 ms after the window opened"
+    assert h.ctx.first_sent == {}
+
+
+def test_the_first_send_is_kept_when_a_stop_comes_between_retries(h: Harness) -> None:
+    h.add()
+    h.stop.stop_on = 1
+    queue(h.club, retryable("503"))
+
+    assert h.book() is None
+
+    row = h.row()
+    assert (row.status, row.attempts, row.first_sent_at) == (PENDING, 1, TRIGGER)
+
+
+def test_a_failure_before_any_request_says_none_was_sent(h: Harness) -> None:
+    h.add(token_name="missing")
+
+    assert h.book() == FAILED
+
+    assert h.row().first_sent_at is None
+    assert h.outcomes[0].timing == "no booking request was sent"
 
 
 # --------------------------------------------------------------------------- 401 / 403
@@ -545,6 +596,99 @@ def test_rejected_token_fails_at_once_naming_the_token_not_its_value(
     assert TOKEN not in reason
     assert "invalid token ***" in reason
     assert h.outcomes[0].reason == reason
+
+
+# ---------------------------------------------------------------- clubs and token objects
+
+PADEL = "http://padel.test/courts"
+
+
+def padel_template() -> Any:
+    return parse_template(
+        {
+            "url": PADEL + "/{court_id}",
+            "headers": {"X-Key": "{token}"},
+            "taken": {"status": [200], "body_contains": "full"},
+        },
+        api_url=URL,
+        name="clubs/padel.json",
+    )
+
+
+def set_club(h: Harness, club: str, key: str = KEY) -> None:
+    with transaction(h.factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None
+        row.club = club
+
+
+def add_object_token(h: Harness, name: str, fields: dict[str, str]) -> None:
+    encrypted = {k: h.fernet.encrypt(v.encode()).decode() for k, v in fields.items()}
+    with transaction(h.factory) as session:
+        session.add(Token(id=name, encrypted_token=json.dumps(encrypted), kind="object"))
+
+
+def test_an_instance_of_a_club_books_with_its_club_file(h: Harness) -> None:
+    h.add(courts=("3", "4"))
+    set_club(h, "padel")
+    h.ctx.clubs = {"padel": padel_template()}
+    # The club's own matchers read its answers: 200 "full" is taken there (booked by section 6).
+    h.club.add(responses.Response(responses.POST, PADEL + "/3", body="court full", status=200))
+    h.club.add(responses.Response(responses.POST, PADEL + "/4", json={"id": "p-4"}, status=201))
+
+    assert h.book() == BOOKED
+
+    assert [call.request.url for call in h.calls] == [PADEL + "/3", PADEL + "/4"]
+    assert h.calls[0].request.headers["X-Key"] == TOKEN
+    row = h.row()
+    assert (row.booked_court, row.booking_ref) == ("4", "p-4")
+    assert h.ctx.flow_for(None).url == URL  # no club: section 6's request
+
+
+def test_an_instance_of_a_club_with_no_good_file_fails_without_a_request(h: Harness) -> None:
+    h.add()
+    set_club(h, "padel")
+    queue(h.club, answer(201, {"id": 1}))
+
+    assert h.book() == FAILED
+
+    assert h.calls == []
+    assert h.row().last_error == (
+        "club 'padel': its file (DATA_DIR/clubs/padel.json) is missing or invalid and no good "
+        "version of it was loaded: fix it (`python main.py check` names the error), reload, "
+        "then `python main.py retry` this booking"
+    )
+
+
+def test_an_object_token_gives_its_token_field_and_every_field_is_scrubbed(h: Harness) -> None:
+    fields = {"token": "tok-obj-91f2", "email": "me@padel.example", "password": "pw-5d1e"}
+    add_object_token(h, "padel", fields)
+    h.add(token_name="padel")
+    echo = "bad login me@padel.example / pw-5d1e for tok-obj-91f2"
+    queue(h.club, answer(401, {"error": echo}))
+
+    assert h.book() == FAILED
+
+    assert h.calls[0].request.headers["Authorization"] == "Bearer tok-obj-91f2"
+    reason = h.row().last_error
+    assert reason is not None
+    assert "HTTP 401: bad login *** / *** for ***" in reason
+    for secret in fields.values():
+        assert secret not in reason
+
+
+def test_an_object_token_without_a_token_field_fails_without_a_request(h: Harness) -> None:
+    add_object_token(h, "padel", {"email": "me@padel.example", "password": "pw-5d1e"})
+    h.add(token_name="padel")
+    queue(h.club, answer(201, {"id": 1}))
+
+    assert h.book() == FAILED
+
+    assert h.calls == []
+    assert h.row().last_error == (
+        "token 'padel' in tokens.json has no 'token' field, which the request sends as {token}: "
+        "add it there and reload"
+    )
 
 
 # --------------------------------------------------------------------------- retries
@@ -1325,6 +1469,154 @@ def test_warm_against_a_closed_port_reports_false(local_club: _LocalClub) -> Non
         client.close()
     assert str(raised.value) == "connection refused by the club's server"
     assert raised.value.lost is False
+
+
+# --------------------------------------------------------------------- the whole-request bound
+
+#: How long an evil club below keeps misbehaving before it gives a proper answer: far past the
+#: client's 0.5 s timeout, so a client bounded only per read ends with that answer instead.
+EVIL_FOR = 4.0
+
+
+def _slow_headers(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
+    """A status line, then one header line every 0.1 s; the rest after EVIL_FOR."""
+    client.sendall(b"HTTP/1.1 201 Created\r\n")
+    ends = time.monotonic() + EVIL_FOR
+    line = 0
+    while time.monotonic() < ends:
+        if stop.wait(0.1):
+            return
+        line += 1
+        client.sendall(f"X-Slow-{line}: {line}\r\n".encode())
+    client.sendall(b'Content-Type: application/json\r\nContent-Length: 13\r\n\r\n{"id": "bk1"}')
+
+
+def _endless_continue(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
+    """``100 Continue`` every 0.05 s; a 201 after EVIL_FOR."""
+    ends = time.monotonic() + EVIL_FOR
+    while time.monotonic() < ends:
+        client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if stop.wait(0.05):
+            return
+    client.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+
+
+@pytest.mark.parametrize("misbehave", [_slow_headers, _endless_continue])
+def test_send_bounds_the_whole_request_not_each_read(
+    misbehave: Callable[[socket.socket, bytes, threading.Event], None],
+) -> None:
+    with evil_server(misbehave) as (port, arrivals):
+        client = ClubClient(timeout=0.5)
+        try:
+            with pytest.raises(bot.BookingError) as raised:
+                client.send(_spec(f"http://127.0.0.1:{port}/bookings"))
+        finally:
+            client.close()
+    assert len(arrivals) == 1
+    assert str(raised.value) == "no answer within 0.5 s"
+    assert raised.value.lost is True
+    assert raised.value.permanent is False
+
+
+def test_send_cuts_a_body_still_coming_at_the_deadline() -> None:
+    # Timeout 1 s. The status and headers at once, byte "a" at 0.5 s, "b" at 1.3 s: a client
+    # bounded per read (1 s) is still waiting when "b" comes; bounded whole, it stopped at 1 s.
+    def dribble(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
+        client.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n")
+        if not stop.wait(0.5):
+            client.sendall(b"a")
+        if not stop.wait(0.8):
+            client.sendall(b"b")
+        stop.wait(2)
+
+    with evil_server(dribble) as (port, _arrivals):
+        client = ClubClient(timeout=1.0)
+        try:
+            got = client.send(_spec(f"http://127.0.0.1:{port}/bookings"))
+        finally:
+            client.close()
+    assert got.status == 201
+    assert got.body == b"a"
+
+
+def test_an_untrusted_certificate_is_permanent_and_named(tmp_path: Path) -> None:
+    def booked(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
+        client.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+
+    with evil_server(booked, tls=self_signed_context(tmp_path)) as (port, arrivals):
+        client = ClubClient(timeout=2)
+        try:
+            with pytest.raises(bot.BookingError) as raised:
+                client.send(_spec(f"https://127.0.0.1:{port}/bookings"))
+        finally:
+            client.close()
+    assert arrivals == []  # the request never left
+    assert str(raised.value) == (
+        "the club's certificate is not trusted (self-signed certificate); not retried: check "
+        "the host in the booking URL, or ask the club to fix its certificate"
+    )
+    assert raised.value.permanent is True
+    assert raised.value.lost is False
+
+
+# --------------------------------------------------------------------------- secrets in errors
+
+
+def test_a_club_echoing_the_token_as_its_id_gets_a_scrubbed_bounded_one_line_ref(
+    h: Harness,
+) -> None:
+    h.add()
+    echoed = f"Bearer {TOKEN}\r\n2026-11-23T12:00:00.000Z INFO bot: forged\x1b[2J\x85" + "x" * 400
+    queue(h.club, answer(201, {"id": echoed}))
+    assert h.book() == BOOKED
+    kept = "Bearer ***2026-11-23T12:00:00.000Z INFO bot: forged[2J"
+    expected = kept + "x" * (bot.MAX_REF_CHARS - len(kept))
+    assert h.row().booking_ref == expected
+    assert h.outcomes[0].booking_ref == expected
+
+
+def test_a_token_split_by_control_characters_is_still_scrubbed_from_the_ref(h: Harness) -> None:
+    h.add()
+    queue(h.club, answer(201, {"id": f"ref-{TOKEN[:6]}\x00{TOKEN[6:]}"}))
+    assert h.book() == BOOKED
+    assert h.row().booking_ref == "ref-***"
+
+
+def test_a_token_with_a_line_break_is_never_sent_and_never_logged(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    broken = "tok-Line\nBreak-5e0c7a"
+    h.add(token_name="broken")
+    h.add_token("broken", broken)
+    assert h.book() == FAILED
+    assert h.calls == []
+    assert h.row().last_error == (
+        "token 'broken' holds a control character (a line break, tab, ...): put the token in "
+        "tokens.json as one line and reload"
+    )
+    for form in (broken, repr(broken)[1:-1], "tok-Line", "Break-5e0c7a"):
+        assert form not in caplog.text
+
+
+def test_an_unexpected_error_quoting_the_token_is_logged_scrubbed_without_a_raw_traceback(
+    h: Harness, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The issue's leak: a token holding a line break reaches requests, whose InvalidHeader
+    # quotes the whole header. With the token check off, only the scrubbing stands in the way.
+    monkeypatch.setattr(utils, "CONTROL_RE", re.compile(r"(?!)"))
+    broken = "tok-Line\nBreak-5e0c7a"
+    h.add(token_name="broken")
+    h.add_token("broken", broken)
+    assert h.book() == FAILED
+    assert h.row().last_error == "internal error while booking (see the log); not retried"
+    (record,) = [r for r in caplog.records if "unexpected error" in r.getMessage()]
+    assert record.exc_info is None
+    message = record.getMessage()
+    assert message.startswith(f"booking {KEY}: unexpected error: Traceback (most recent call last)")
+    assert "InvalidHeader: Invalid leading whitespace, reserved character(s), or return " in message
+    assert "header value: 'Bearer ***'" in message
+    for form in (broken, repr(broken)[1:-1], "tok-Line", "Break-5e0c7a"):
+        assert form not in caplog.text
 
 
 def test_matchers_are_tried_taken_rejected_booked_then_the_table() -> None:

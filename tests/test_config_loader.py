@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import stat
-from datetime import timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from config_loader import (
     read_tokens,
     rewrite_tokens_file,
 )
-from conftest import NOW, write_json
+from conftest import NOW, make_jwt, write_json
 from template import TemplateError
 
 KEYS_TEXT = ", ".join(ENTRY_KEYS)
@@ -157,24 +157,48 @@ def test_entry_not_an_object(data_dir: Path) -> None:
     assert result.unknown_rejects == 1
 
 
-def test_unknown_key(data_dir: Path) -> None:
+def test_unknown_key_suggests_the_closest_valid_one(data_dir: Path) -> None:
     result = schedules(data_dir, MATCH, {**WED, "cour_id": "3"})
     assert only_error(result) == (
-        "schedules.json entry 'wed-evening' (#2): cour_id: unknown key; "
-        f"expected one of {KEYS_TEXT}"
+        "schedules.json entry 'wed-evening' (#2): cour_id: unknown key; did you mean 'court_id'?"
     )
     rejected_alone(result, "match")
     assert result.rejected_ids == {"wed-evening"}
 
 
 @pytest.mark.parametrize(
-    ("key", "shown"),
-    [("", "''"), ("court id", "'court id'"), ("id\n", "'id\\n'"), ("Court_ID", "Court_ID")],
+    ("key", "suggested"),
+    [("durations_minutes", "duration_minutes"), ("timzone", "timezone"), ("skips", "skip")],
 )
-def test_unknown_key_is_quoted_unless_a_plain_name(data_dir: Path, key: str, shown: str) -> None:
+def test_unknown_key_suggestions(data_dir: Path, key: str, suggested: str) -> None:
     result = schedules(data_dir, MATCH | {key: 1})
     assert only_error(result) == (
-        f"schedules.json entry 'match' (#1): {shown}: unknown key; expected one of {KEYS_TEXT}"
+        f"schedules.json entry 'match' (#1): {key}: unknown key; did you mean {suggested!r}?"
+    )
+
+
+def test_unknown_key_like_no_valid_one_lists_them_all(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH | {"colour": "red"})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#1): colour: unknown key; expected one of {KEYS_TEXT}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "shown", "hint"),
+    [
+        ("", "''", f"expected one of {KEYS_TEXT}"),
+        ("court id", "'court id'", "did you mean 'court_id'?"),
+        ("id\n", "'id\\n'", "did you mean 'id'?"),
+        ("Court_ID", "Court_ID", "did you mean 'court_id'?"),
+    ],
+)
+def test_unknown_key_is_quoted_unless_a_plain_name(
+    data_dir: Path, key: str, shown: str, hint: str
+) -> None:
+    result = schedules(data_dir, MATCH | {key: 1})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#1): {shown}: unknown key; {hint}"
     )
 
 
@@ -514,6 +538,168 @@ def test_court_id_rejected(data_dir: Path, court: Any, problem: str) -> None:
     rejected_alone(result, "wed-evening")
 
 
+@pytest.mark.parametrize(
+    "court",
+    ["3\r\n2026-11-23T12:00:00.000Z ERROR forged", "3\x1b[2J", "3\x85", ["1", "2\n3"]],
+    ids=["crlf", "escape", "c1", "in-list"],
+)
+def test_court_id_with_a_control_character_is_rejected(data_dir: Path, court: Any) -> None:
+    result = schedules(data_dir, WED, MATCH | {"court_id": court})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#2): court_id: {court!r} holds a control character (a "
+        "line break, tab, ...); a court is one line of text"
+    )
+    rejected_alone(result, "wed-evening")
+
+
+@pytest.mark.parametrize("zone", ["Europe/London\r\nforged", "UTC\x00"])
+def test_timezone_with_a_control_character_is_rejected(data_dir: Path, zone: str) -> None:
+    result = schedules(data_dir, MATCH | {"timezone": zone})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#1): timezone: {zone!r} is not an IANA time zone "
+        "(e.g. 'Europe/London')"
+    )
+
+
+# --------------------------------------------------------------------------- skip
+
+
+def test_skip_dates_make_no_instance_and_the_rule_keeps_its_count(data_dir: Path) -> None:
+    result = schedules(data_dir, WED | {"skip": ["2026-12-09", "2026-12-23", "2020-01-01"]})
+    (entry,) = result.entries
+    assert entry.skip == {date(2026, 12, 9), date(2026, 12, 23), date(2020, 1, 1)}
+    starts = entry.starts(NOW)
+    assert [f"{s:%m-%d}" for s in starts[:4]] == ["12-02", "12-16", "12-30", "01-06"]
+    assert len(starts) == utils.INSTANCES_PER_RULE
+    # A new "now" expands afresh, skipping too.
+    later = entry.starts(NOW + timedelta(days=1), limit=2)
+    assert [f"{s:%m-%d}" for s in later] == ["12-02", "12-16"]
+
+
+def test_skip_changes_the_entry_fingerprint(data_dir: Path) -> None:
+    plain = schedules(data_dir, WED).entries[0]
+    skipping = schedules(data_dir, WED | {"skip": ["2026-12-09"]}).entries[0]
+    assert plain.fingerprint != skipping.fingerprint
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("2026-12-09", "'2026-12-09' is not a list of dates"),
+        (["2026-12-32"], "'2026-12-32' is not a date 'YYYY-MM-DD'"),
+        (["9 Dec 2026"], "'9 Dec 2026' is not a date 'YYYY-MM-DD'"),
+        ([20261209], "20261209 is not a date 'YYYY-MM-DD'"),
+        (["2026-12-09T17:00"], "'2026-12-09T17:00' is not a date 'YYYY-MM-DD'"),
+    ],
+)
+def test_skip_must_be_a_list_of_dates(data_dir: Path, value: Any, message: str) -> None:
+    result = schedules(data_dir, MATCH, WED | {"skip": value})
+    assert only_error(result) == (
+        f"schedules.json entry 'wed-evening' (#2): skip: {message}; expected e.g. "
+        '["2026-12-24", "2026-12-31"]'
+    )
+    rejected_alone(result, "match")
+
+
+def test_skip_on_a_one_off_is_an_error(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH | {"skip": ["2026-12-10"]})
+    assert only_error(result) == (
+        "schedules.json entry 'match' (#1): skip: a one-off has no dates to skip; remove "
+        '"skip" (or set "enabled": false)'
+    )
+
+
+# --------------------------------------------------------------------------- overlaps
+
+
+def test_entries_booking_overlapping_times_are_warned_about(data_dir: Path) -> None:
+    overlapping = {
+        "id": "wed-doubles",
+        "type": "one-off",
+        "desired_time": "2026-12-09 17:30",
+        "timezone": "Europe/London",
+        "duration_minutes": 90,
+    }
+    after = {"id": "after", "type": "one-off", "desired_time": "2026-12-16 18:00"}
+    result = schedules(data_dir, WED, after, overlapping)
+    assert result.errors == []
+    assert result.warnings == [
+        "schedules.json: entries 'wed-evening' (#1) and 'wed-doubles' (#3) would book "
+        "overlapping times: Wed 2026-12-09 17:00-18:00 GMT and Wed 2026-12-09 17:30-19:00 GMT; "
+        "that is two courts booked and paid for: if one is enough, keep one entry (a list in "
+        "court_id tries several courts in order)"
+    ]
+
+
+def test_two_rules_booking_the_same_slot_count_every_overlap(data_dir: Path) -> None:
+    twin = WED | {"id": "wed-twin", "court_id": "4"}
+    result = schedules(data_dir, WED, twin)
+    (warning,) = result.warnings
+    assert warning.startswith(
+        "schedules.json: entries 'wed-evening' (#1) and 'wed-twin' (#2) would book overlapping "
+        "times: Wed 2026-12-02 17:00-18:00 GMT and Wed 2026-12-02 17:00-18:00 GMT "
+        "(and 51 more time(s));"
+    )
+
+
+def test_disabled_or_past_entries_do_not_overlap(data_dir: Path) -> None:
+    twin = WED | {"id": "wed-twin", "enabled": False}
+    past = {"id": "past", "type": "one-off", "desired_time": "2026-11-18 17:00"}
+    past_twin = past | {"id": "past-twin"}
+    result = schedules(data_dir, WED, twin, past, past_twin)
+    assert [w for w in result.warnings if "overlapping" in w] == []
+
+
+# --------------------------------------------------------------------------- token expiry
+
+
+def test_a_jwt_that_expires_before_a_trigger_is_warned_about(
+    data_dir: Path, fernet: MultiFernet, fernet_key: str
+) -> None:
+    expires = NOW + timedelta(days=10)  # 2026-12-03 12:00 UTC
+    write_json(data_dir / "tokens.json", {"default": make_jwt({"exp": expires.timestamp()})})
+    write_json(data_dir / "schedules.json", [WED])
+    settings = Settings.from_env({"DATA_DIR": str(data_dir), "FERNET_KEY": fernet_key})
+    config = read_config(settings, fernet, NOW)
+    assert config.errors == []
+    assert config.warnings == [
+        "tokens.json token 'default': a JWT that expires 2026-12-03T12:00:00Z, before the "
+        "trigger of 50 booking(s), the first wed-evening@2026-12-16T17:00:00Z (window opens "
+        "2026-12-09T17:00:00Z): the club would reject it then; put a fresh token in "
+        "tokens.json before that"
+    ]
+    token = (data_dir / "tokens.json").read_text().split('"')[3]
+    assert all(token not in warning for warning in config.warnings)
+
+
+def test_an_object_token_holding_a_jwt_is_checked_too(
+    data_dir: Path, fernet: MultiFernet, fernet_key: str
+) -> None:
+    expires = NOW + timedelta(days=10)
+    value = {"email": "me@example.org", "token": make_jwt({"exp": expires.timestamp()})}
+    write_json(data_dir / "tokens.json", {"default": value})
+    write_json(data_dir / "schedules.json", [WED])
+    settings = Settings.from_env({"DATA_DIR": str(data_dir), "FERNET_KEY": fernet_key})
+    (warning,) = read_config(settings, fernet, NOW).warnings
+    assert warning.startswith(
+        "tokens.json token 'default': a JWT that expires 2026-12-03T12:00:00Z, before the "
+        "trigger of 50 booking(s)"
+    )
+
+
+def test_a_jwt_that_outlives_every_trigger_or_no_jwt_is_not_warned_about(
+    data_dir: Path, fernet: MultiFernet, fernet_key: str
+) -> None:
+    far = NOW + timedelta(days=3 * 366)
+    write_json(
+        data_dir / "tokens.json",
+        {"default": make_jwt({"exp": int(far.timestamp())}), "alice": "opaque-token"},
+    )
+    write_json(data_dir / "schedules.json", [WED, WED | {"id": "a", "token": "alice"}])
+    settings = Settings.from_env({"DATA_DIR": str(data_dir), "FERNET_KEY": fernet_key})
+    assert [w for w in read_config(settings, fernet, NOW).warnings if "JWT" in w] == []
+
+
 def test_token_not_in_tokens_json_lists_the_names(data_dir: Path) -> None:
     result = schedules(data_dir, MATCH | {"token": "bob"})
     assert only_error(result) == (
@@ -535,6 +721,14 @@ def test_token_not_a_name(data_dir: Path, token: Any) -> None:
     assert only_error(result) == (
         f"schedules.json entry 'match' (#1): token: {token!r} is not a token name; expected a "
         "name from tokens.json"
+    )
+
+
+def test_token_name_with_a_control_character_is_rejected(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH | {"token": "alice\nforged"}, tokens={"alice\nforged"})
+    assert only_error(result) == (
+        "schedules.json entry 'match' (#1): token: 'alice\\nforged' holds a control character "
+        "(a line break, tab, ...); expected a name from tokens.json"
     )
 
 
@@ -604,7 +798,7 @@ def test_several_errors_in_one_entry_are_all_reported(data_dir: Path) -> None:
     result = schedules(data_dir, MATCH, entry, NO_ID)
     where = "schedules.json entry 'wed-evening' (#2)"
     assert result.errors == [
-        f"{where}: cour_id: unknown key; expected one of {KEYS_TEXT}",
+        f"{where}: cour_id: unknown key; did you mean 'court_id'?",
         f"{where}: token: 'bob' is not in tokens.json (it has: 'alice', 'default')",
         f"{where}: duration_minutes: 0 is not a positive whole number of minutes",
         f"{where}: enabled: 'yes' is not true or false",
@@ -705,7 +899,6 @@ def test_tokens_missing_is_a_warning(data_dir: Path, fernet: MultiFernet) -> Non
         (True, "a boolean"),
         (None, "null"),
         (["tok"], "an array"),
-        ({"v": "tok"}, "an object"),
         ("", "an empty string"),
         ("   ", "an empty string"),
     ],
@@ -715,7 +908,8 @@ def test_token_not_a_string_is_an_error_for_that_token(
 ) -> None:
     result = read_tokens(tokens_file(data_dir, {"default": value, "alice": "tok-a"}), fernet)
     assert result.errors == [
-        f"tokens.json token 'default': expected the token as a non-empty string, got {got}"
+        "tokens.json token 'default': expected the token as a non-empty string or an object "
+        f"of strings, got {got}"
     ]
     assert result.tokens["default"].encrypted is None
     assert result.tokens["default"].error
@@ -755,6 +949,41 @@ def test_token_name_that_is_not_text_is_an_error(data_dir: Path, fernet: MultiFe
     result = read_tokens(path, fernet)
     assert result.errors == [
         "tokens.json token 'de\\udc80fault': a token name must be 1 to 128 characters of text"
+    ]
+    assert set(result.tokens) == {"alice"}
+
+
+def test_a_token_with_a_control_character_is_an_error_that_never_shows_it(
+    data_dir: Path, fernet: MultiFernet
+) -> None:
+    encrypted = fernet.encrypt(b"tok-Enc\tSecret-d4").decode()
+    path = tokens_file(
+        data_dir,
+        {"default": "tok-Line\nBreak-9f", "enc": encrypted, "c1": "tok\x85x", "alice": "tok-a"},
+    )
+    result = read_tokens(path, fernet)
+    assert result.errors == [
+        f"tokens.json token {name!r}: the token holds a control character (a line break, tab, "
+        "...), which cannot be sent in a header; put the token in as one line"
+        for name in ("default", "enc", "c1")
+    ]
+    for name in ("default", "enc", "c1"):
+        assert result.tokens[name].encrypted is None
+        assert result.tokens[name].rewrite is False
+    assert result.tokens["default"].error == result.errors[0]
+    assert result.tokens["alice"].encrypted is not None
+    text = "\n".join(result.errors)
+    for part in ("tok-Line", "Break-9f", "tok-Enc", "Secret-d4", "tok\x85x"):
+        assert part not in text
+
+
+def test_a_token_name_with_a_control_character_is_an_error(
+    data_dir: Path, fernet: MultiFernet
+) -> None:
+    result = read_tokens(tokens_file(data_dir, {"de\nfault": "tok", "alice": "tok-a"}), fernet)
+    assert result.errors == [
+        "tokens.json token 'de\\nfault': a token name must not hold control characters (line "
+        "breaks, tabs, ...)"
     ]
     assert set(result.tokens) == {"alice"}
 
@@ -835,6 +1064,114 @@ def test_rewrite_tokens_file_encrypts_in_place(data_dir: Path) -> None:
     assert not any(t.rewrite for t in again.tokens.values())
 
 
+# Object tokens (CONTRACT section 12 "Secrets"): each string encrypted on its own.
+
+
+def test_object_token_encrypts_each_field_on_its_own(data_dir: Path) -> None:
+    first, second = Fernet.generate_key(), Fernet.generate_key()
+    ring = utils.load_fernet(f"{first.decode()},{second.decode()}")
+    kept = Fernet(first).encrypt(b"tok-kept").decode()
+    old = Fernet(second).encrypt(b"me@club.example").decode()
+    value = {"email": old, "password": " pw-secret-1 ", "token": kept}
+    result = read_tokens(tokens_file(data_dir, {"club": value}), ring)
+    assert result.errors == []
+    token = result.tokens["club"]
+    assert token.fields == ("email", "password", "token")
+    assert (token.rewrite, token.plaintext, token.error) == (True, True, None)
+    assert isinstance(token.encrypted, dict)
+    assert token.encrypted["token"] == kept  # already under the first key: kept as it is
+    assert token.encrypted["email"] != old  # re-encrypted under the first key
+    decrypted = {k: Fernet(first).decrypt(v.encode()) for k, v in token.encrypted.items()}
+    assert decrypted == {
+        "email": b"me@club.example",
+        "password": b"pw-secret-1",
+        "token": b"tok-kept",
+    }
+    assert "pw-secret-1" not in json.dumps(token.encrypted)
+    # An object whose fields are all encrypted under the first key needs no rewrite.
+    settled = {"email": Fernet(first).encrypt(b"me").decode(), "password": kept}
+    again = read_tokens(tokens_file(data_dir, {"club": settled}), ring).tokens["club"]
+    assert (again.rewrite, again.plaintext, again.encrypted) == (False, False, settled)
+    assert read_tokens(tokens_file(data_dir, {"s": kept}), ring).tokens["s"].fields is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            {"email": "me@club.example", "password": 1234},
+            "field 'password': expected a non-empty string, got a number",
+        ),
+        ({"email": ""}, "field 'email': expected a non-empty string, got an empty string"),
+        ({"email": None}, "field 'email': expected a non-empty string, got null"),
+        ({"login": {"email": "x"}}, "field 'login': expected a non-empty string, got an object"),
+        (
+            {},
+            'an object token needs at least one field, e.g. {"email": "...", "password": "..."}',
+        ),
+        (
+            {"e-mail": "x"},
+            "field 'e-mail': a field name must be 1 to 64 of A-Z a-z 0-9 _ and not start with "
+            "a digit (it is used as {secret.<field>})",
+        ),
+        (
+            {"email": "\ud800"},
+            "field 'email': the value is not valid text (it holds an unpaired surrogate such "
+            "as \\ud800); put the token in as it is",
+        ),
+    ],
+)
+def test_object_token_with_a_bad_field_is_an_error_for_that_token(
+    data_dir: Path, fernet: MultiFernet, value: dict[str, Any], message: str
+) -> None:
+    result = read_tokens(tokens_file(data_dir, {"club": value, "alice": "tok-a"}), fernet)
+    assert result.errors == [f"tokens.json token 'club': {message}"]
+    assert result.tokens["club"] == config_loader.TokenValue("club", None, result.errors[0], False)
+    assert result.tokens["alice"].error is None
+    assert "me@club.example" not in result.errors[0]
+
+
+def test_object_token_field_no_key_decrypts_is_an_error(
+    data_dir: Path, fernet: MultiFernet
+) -> None:
+    foreign = Fernet(Fernet.generate_key()).encrypt(b"pw").decode()
+    result = read_tokens(
+        tokens_file(data_dir, {"club": {"email": "me", "password": foreign}}), fernet
+    )
+    assert result.errors == [
+        "tokens.json token 'club': field 'password': the value is encrypted but no key in "
+        "FERNET_KEY decrypts it (was it encrypted with another key?); re-encrypt it with "
+        "`python main.py encrypt-token` or put the plaintext token in the file"
+    ]
+
+
+def test_rewrite_tokens_file_encrypts_each_field_of_an_object(
+    data_dir: Path, fernet: MultiFernet
+) -> None:
+    path = tokens_file(
+        data_dir,
+        {"club": {"email": "me@club.example", "password": "pw-secret-2"}, "plain": "tok-p"},
+    )
+    path.chmod(0o644)
+    result = read_tokens(path, fernet)
+
+    assert rewrite_tokens_file(path, result) is True
+
+    data = path.read_bytes()
+    for secret in (b"me@club.example", b"pw-secret-2", b"tok-p"):
+        assert secret not in data
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    written = json.loads(data)
+    assert list(written["club"]) == ["email", "password"]
+    assert {k: fernet.decrypt(v.encode()) for k, v in written["club"].items()} == {
+        "email": b"me@club.example",
+        "password": b"pw-secret-2",
+    }
+    again = read_tokens(path, fernet)
+    assert again.errors == [] and not any(t.rewrite for t in again.tokens.values())
+    assert again.tokens["club"].encrypted == written["club"]
+
+
 def test_rewrite_tokens_file_leaves_a_file_with_nothing_to_do(
     data_dir: Path, fernet: MultiFernet
 ) -> None:
@@ -853,6 +1190,81 @@ def test_rewrite_tokens_file_leaves_a_file_changed_since_it_was_read(
     assert rewrite_tokens_file(path, result) is False
     assert json.loads(path.read_text()) == {"default": "tok-2"}
     assert sorted(p.name for p in data_dir.iterdir()) == ["tokens.json"]
+
+
+def test_rewrite_tokens_file_says_which_tokens_it_encrypted(
+    data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = Fernet.generate_key(), Fernet.generate_key()
+    ring = utils.load_fernet(f"{first.decode()},{second.decode()}")
+    old = Fernet(second).encrypt(b"tok-old").decode()
+    path = tokens_file(data_dir, {"plain": "tok-plain", "old": old})
+    with caplog.at_level(logging.INFO, logger="config_loader"):
+        assert rewrite_tokens_file(path, read_tokens(path, ring)) is True
+    assert [r.getMessage() for r in caplog.records] == [
+        "tokens.json: plaintext token(s) 'plain' encrypted; token(s) 'old' re-encrypted under "
+        "the first key in place"
+    ]
+
+
+def _file_state(path: Path) -> tuple[bytes, int, int, int]:
+    info = path.stat()
+    return path.read_bytes(), info.st_ino, stat.S_IMODE(info.st_mode), info.st_mtime_ns
+
+
+def test_tokens_json_as_a_symlink_is_left_alone_and_the_log_says_the_plaintext_stays(
+    tmp_path: Path, data_dir: Path, fernet: MultiFernet, caplog: pytest.LogCaptureFixture
+) -> None:
+    elsewhere = tmp_path / "secrets"
+    elsewhere.mkdir()
+    target = tokens_file(elsewhere, {"default": "tok-plain", "alice": "tok-a"})
+    target.chmod(0o644)
+    link = data_dir / "tokens.json"
+    link.symlink_to(target)
+    before = _file_state(target)
+    result = read_tokens(link, fernet)
+
+    with caplog.at_level(logging.INFO, logger="config_loader"):
+        assert rewrite_tokens_file(link, result) is False
+    config_loader.secure_file_mode(link)
+
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "ERROR",
+            f"tokens.json is a symbolic link to {target}: not rewritten (courtbot never writes "
+            f"through a link), so plaintext token(s) 'default', 'alice' stay in {target}, "
+            "readable by others (mode 0644); they are kept encrypted in the database only: put "
+            "encrypted values in that file (`python main.py encrypt-token`), or make tokens.json "
+            "a regular file",
+        )
+    ]
+    assert "tok-plain" not in caplog.text
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert _file_state(target) == before  # not rewritten, not chmod-ed
+    assert sorted(p.name for p in data_dir.iterdir()) == ["tokens.json"]
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["tokens.json"]
+    assert result.written is None
+
+
+def test_tokens_json_with_a_hard_link_is_left_alone(
+    tmp_path: Path, data_dir: Path, fernet: MultiFernet, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tokens_file(data_dir, {"default": "tok-plain"})
+    path.chmod(0o600)
+    (tmp_path / "copy.json").hardlink_to(path)
+    before = _file_state(path)
+    with caplog.at_level(logging.INFO, logger="config_loader"):
+        assert rewrite_tokens_file(path, read_tokens(path, fernet)) is False
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "ERROR",
+            "tokens.json has 2 hard links: not rewritten (the other names would keep the old "
+            f"content), so plaintext token(s) 'default' stay in {path}; they are kept encrypted "
+            "in the database only: put encrypted values in that file (`python main.py "
+            "encrypt-token`), or make tokens.json a regular file",
+        )
+    ]
+    assert _file_state(path) == before
 
 
 def _assert_unwritable_warning(caplog: pytest.LogCaptureFixture, path: Path) -> None:
@@ -1011,8 +1423,9 @@ def test_settings_empty_values_mean_defaults() -> None:
 
 
 WINDOW_EXPECTED = (
-    "is not a window; expected '<N>h' (hours, e.g. '168h' or '47.5h') or '<N>d' (whole "
-    "calendar days, e.g. '7d')"
+    "is not a window; expected '<N>h' (hours, e.g. '168h' or '47.5h'), '<N>d' (whole "
+    "calendar days, e.g. '7d') or '<N>d@HH:MM' (at that local time N calendar days before, "
+    "e.g. '6d@08:00')"
 )
 
 
@@ -1026,7 +1439,7 @@ WINDOW_EXPECTED = (
         (
             {"BOOKING_WINDOW": "99999999h"},
             "BOOKING_WINDOW: '99999999h' is longer than a year; no club opens bookings that far "
-            "ahead (e.g. '168h' or '7d')",
+            "ahead (e.g. '168h', '7d' or '6d@08:00')",
         ),
         (
             {"BOOKING_TIMEZONE": "Mars/Olympus"},
@@ -1083,7 +1496,7 @@ def test_load_template_relative_to_data_dir_and_errors_name_the_file(
     (data_dir / "club.json").write_text(json.dumps({"method": "PUT"}))
     settings = Settings.from_env(env | {"BOOKING_REQUEST_TEMPLATE": "club.json"})
     template = config_loader.load_template(settings)
-    assert template is not None and template.method == "PUT"
+    assert template is not None and template.flow.method == "PUT"
     (data_dir / "club.json").write_text("{broken")
     with pytest.raises(TemplateError, match=r"BOOKING_REQUEST_TEMPLATE .*club\.json"):
         config_loader.load_template(settings)
@@ -1147,3 +1560,294 @@ def test_explicit_id_is_kept(tmp_path: Path) -> None:
         tmp_path, {"id": "wed-evening", "type": "one-off", "desired_time": "2027-01-06 17:00"}
     )
     assert entry.id == "wed-evening"
+
+
+@pytest.mark.parametrize(
+    ("rrule", "why"),
+    [
+        (
+            "FREQ=DAILY;BYSETPOS=2",
+            "it has no instance from 2026-11-23 to 2035-01-19 (courtbot looks no further ahead)",
+        ),
+        (
+            "FREQ=WEEKLY;BYDAY=WE;UNTIL=20261101T000000Z",
+            "its UNTIL 2026-11-01T00:00:00Z has passed",
+        ),
+    ],
+)
+def test_a_rule_with_no_instance_ahead_is_a_warning_naming_why(
+    data_dir: Path, rrule: str, why: str
+) -> None:
+    entry = {"id": "never", "type": "recurring", "desired_time": "2026-01-07 17:00", "rrule": rrule}
+    result = schedules(data_dir, entry)
+    assert result.errors == []
+    assert result.warnings == [
+        f"schedules.json entry 'never' (#1): rrule: {rrule!r} books nothing: {why}"
+    ]
+    assert result.entries[0].plan(NOW, utils.Window(168, "h")) == []
+
+
+# --------------------------------------------------------------------------- clubs and windows
+
+PADEL_URL = "https://padel.example/api/book"
+
+
+def club_file(data_dir: Path, name: str, value: Any) -> Path:
+    (data_dir / "clubs").mkdir(exist_ok=True)
+    return write_json(data_dir / "clubs" / f"{name}.json", value)
+
+
+def load_all(
+    data_dir: Path, env: dict[str, str], *entries: Any, **extra: str
+) -> config_loader.Config:
+    """Write ``entries`` and a token, then read everything as the daemon does."""
+    write_json(data_dir / "schedules.json", list(entries))
+    write_json(data_dir / "tokens.json", {"default": "tok-d"})
+    settings = Settings.from_env(env | extra)
+    return read_config(settings, settings.fernet(), NOW)
+
+
+def by_id(config: config_loader.Config) -> dict[str, config_loader.Entry]:
+    return {entry.id: entry for entry in config.schedules.entries}
+
+
+def test_club_names_a_file_in_data_dir_clubs(data_dir: Path, env: dict[str, str]) -> None:
+    path = club_file(data_dir, "padel", {"url": PADEL_URL, "about": "for people only"})
+    config = load_all(data_dir, env, MATCH | {"club": "padel"}, WED)
+    assert config.errors == []
+    entries = by_id(config)
+    assert (entries["match"].club, entries["wed-evening"].club) == ("padel", None)
+    assert list(config.clubs) == ["padel"]
+    assert config.clubs["padel"].label == str(path)
+    assert config.clubs["padel"].flow.url == PADEL_URL
+    assert config.clubs["padel"].window is None
+
+
+def test_unknown_club_is_an_error_for_that_entry_only(data_dir: Path, env: dict[str, str]) -> None:
+    config = load_all(data_dir, env, WED, MATCH | {"club": "padel"})
+    assert config.errors == [
+        f"schedules.json entry 'match' (#2): club: 'padel': {data_dir}/clubs/padel.json: "
+        "no such file"
+    ]
+    assert [e.id for e in config.schedules.entries] == ["wed-evening"]
+    assert config.schedules.rejected_ids == {"match"}
+
+
+@pytest.mark.parametrize("name", ["../padel", "", "a" * 65, 7, None, "pa/del"])
+def test_club_must_be_a_name(data_dir: Path, env: dict[str, str], name: Any) -> None:
+    config = load_all(data_dir, env, MATCH | {"club": name})
+    assert config.errors == [
+        f"schedules.json entry 'match' (#1): club: {name!r} is not a club name; expected 1 to 64 "
+        "of A-Z a-z 0-9 _ . - naming DATA_DIR/clubs/<club>.json (e.g. 'playtomic')"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            {"url": PADEL_URL, "method": "BREW"},
+            "method: 'BREW' is not one of POST, PUT, PATCH, GET, DELETE",
+        ),
+        ({"url": PADEL_URL, "window": "6 days"}, f"window: '6 days' {WINDOW_EXPECTED}"),
+        (
+            {"url": PADEL_URL, "window": "6d@24:00"},
+            "window: '6d@24:00': 24:00 is not a time of day; expected HH:MM from 00:00 to "
+            "23:59 (e.g. '6d@08:00')",
+        ),
+        ({"url": PADEL_URL, "headers": {"X": "{tokn}"}}, "headers.X: unknown placeholder {tokn}"),
+        ([], "expected a JSON object"),
+    ],
+)
+def test_invalid_club_file_names_the_file_and_the_key(
+    data_dir: Path, env: dict[str, str], value: Any, message: str
+) -> None:
+    path = club_file(data_dir, "bad", value)
+    club_file(data_dir, "good", {"url": PADEL_URL})
+    config = load_all(
+        data_dir, env, WED | {"club": "bad"}, MATCH | {"club": "good"}, NO_ID | {"club": "bad"}
+    )
+    first, third = config.errors
+    assert first.startswith(
+        f"schedules.json entry 'wed-evening' (#1): club: 'bad': {path}: {message}"
+    )
+    assert third.startswith(f"schedules.json entry #3: club: 'bad': {path}: {message}")
+    assert [e.id for e in config.schedules.entries] == ["match"]
+    assert list(config.clubs) == ["good"]
+    assert list(config.schedules.club_errors) == ["bad"]
+
+
+def test_a_club_file_that_is_not_json_names_the_file(data_dir: Path, env: dict[str, str]) -> None:
+    (data_dir / "clubs").mkdir()
+    (data_dir / "clubs" / "bad.json").write_text("{nope")
+    config = load_all(data_dir, env, MATCH | {"club": "bad"})
+    assert config.errors == [
+        f"schedules.json entry 'match' (#1): club: 'bad': {data_dir}/clubs/bad.json: not valid "
+        "JSON (line 1 column 2: Expecting property name enclosed in double quotes)"
+    ]
+
+
+def test_a_club_file_no_entry_names_is_not_read(data_dir: Path, env: dict[str, str]) -> None:
+    club_file(data_dir, "unused", {"method": "BREW"})
+    config = load_all(data_dir, env, MATCH)
+    assert config.errors == [] and config.clubs == {}
+
+
+def test_a_club_file_without_url_uses_booking_api_url(data_dir: Path, env: dict[str, str]) -> None:
+    club_file(data_dir, "plain", {"headers": {"X-Key": "{token}"}})
+    config = load_all(data_dir, env, MATCH | {"club": "plain"})
+    assert config.clubs["plain"].flow.url == env["BOOKING_API_URL"]
+    without = {k: v for k, v in env.items() if k != "BOOKING_API_URL"}
+    config = load_all(data_dir, without, MATCH | {"club": "plain"})
+    assert config.errors == [
+        f"schedules.json entry 'match' (#1): club: 'plain': {data_dir}/clubs/plain.json: url: "
+        "missing, and BOOKING_API_URL is not set either"
+    ]
+
+
+def test_the_window_that_applies_follows_the_precedence(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    padel = club_file(data_dir, "padel", {"url": PADEL_URL, "window": "6d@08:00"})
+    club_file(data_dir, "plain", {"url": PADEL_URL})
+    write_json(data_dir / "template.json", {"window": "1d@07:00"})
+    entries = [
+        MATCH | {"id": "own", "club": "padel", "window": "7d"},
+        MATCH | {"id": "club", "club": "padel"},
+        MATCH | {"id": "plain", "club": "plain"},
+        MATCH | {"id": "none"},
+        MATCH | {"id": "none-own", "window": "47.5h"},
+    ]
+    config = load_all(
+        data_dir,
+        env,
+        *entries,
+        BOOKING_WINDOW="48h",
+        BOOKING_REQUEST_TEMPLATE="template.json",
+    )
+    assert config.errors == []
+    template = f"BOOKING_REQUEST_TEMPLATE {data_dir}/template.json"
+    assert {e.id: (str(e.window), e.window_from) for e in config.schedules.entries} == {
+        "own": ("7d", "entry"),
+        "club": ("6d@08:00", str(padel)),
+        "plain": ("48h", "BOOKING_WINDOW"),  # a club file without a window: not the template's
+        "none": ("1d@07:00", template),
+        "none-own": ("47.5h", "entry"),
+    }
+    # Thu 2026-12-10 18:00 UTC: six days before at 08:00 is Fri 2026-12-04 08:00.
+    (planned,) = by_id(config)["club"].plan(NOW)
+    assert planned.trigger == datetime(2026, 12, 4, 8, 0, tzinfo=UTC)
+    (planned,) = by_id(config)["none"].plan(NOW)
+    assert planned.trigger == datetime(2026, 12, 9, 7, 0, tzinfo=UTC)
+
+
+def test_an_invalid_window_is_an_error_for_that_entry(data_dir: Path, env: dict[str, str]) -> None:
+    config = load_all(data_dir, env, MATCH | {"window": "7 days"}, WED | {"window": 168})
+    assert config.errors == [
+        f"schedules.json entry 'match' (#1): window: '7 days' {WINDOW_EXPECTED}",
+        f"schedules.json entry 'wed-evening' (#2): window: 168 {WINDOW_EXPECTED}",
+    ]
+
+
+def test_a_window_that_would_open_after_the_start_is_an_error(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    club_file(data_dir, "late", {"url": PADEL_URL, "window": "0d@20:00"})
+    wed = WED | {"club": "late"}  # Wednesdays 17:00 London
+    early = MATCH | {"id": "early", "window": "0d@17:00"}  # 18:00 UTC
+    config = load_all(data_dir, env, wed, MATCH | {"window": "0d@20:00"}, early)
+    assert config.errors == [
+        f"schedules.json entry 'wed-evening' (#1): window: '0d@20:00' (from {data_dir}/clubs/"
+        "late.json) would open at Wed 2026-12-02 20:00 GMT, after the start Wed 2026-12-02 17:00 "
+        "GMT: nothing could be booked; use a window that opens before the start (e.g. "
+        "'1d@20:00')",
+        "schedules.json entry 'match' (#2): window: '0d@20:00' would open at Thu 2026-12-10 "
+        "20:00 UTC, after the start Thu 2026-12-10 18:00 UTC: nothing could be booked; use a "
+        "window that opens before the start (e.g. '1d@20:00')",
+    ]
+    assert [e.id for e in config.schedules.entries] == ["early"]
+    from_env = load_all(data_dir, env, MATCH, BOOKING_WINDOW="0d@23:00")
+    assert from_env.errors[0].startswith(
+        "schedules.json entry 'match' (#1): window: '0d@23:00' (from BOOKING_WINDOW) would open"
+    )
+
+
+def test_without_booking_api_url_entries_must_name_a_club_once_there_are_club_files(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    without = {k: v for k, v in env.items() if k != "BOOKING_API_URL"}
+    # No club files: the classic setup, where `run` itself asks for BOOKING_API_URL.
+    assert load_all(data_dir, without, MATCH).errors == []
+    club_file(data_dir, "padel", {"url": PADEL_URL})
+    config = load_all(data_dir, without, MATCH, WED | {"club": "padel"}, NO_ID)
+    assert config.errors[0] == (
+        "schedules.json entry 'match' (#1): club: none given, and neither BOOKING_API_URL nor "
+        "BOOKING_REQUEST_TEMPLATE gives a URL to book at: set BOOKING_API_URL or name a club "
+        "file (DATA_DIR/clubs/<club>.json)"
+    )
+    assert config.errors[1].startswith("schedules.json entry #3: club: none given")
+    assert [e.id for e in config.schedules.entries] == ["wed-evening"]
+    assert config.schedules.without_request == [
+        "schedules.json entry 'match' (#1)",
+        "schedules.json entry #3",
+    ]
+    # A template with a url gives them their request.
+    write_json(data_dir / "template.json", {"url": PADEL_URL})
+    with_template = load_all(
+        data_dir, without, MATCH, WED | {"club": "padel"}, BOOKING_REQUEST_TEMPLATE="template.json"
+    )
+    assert with_template.errors == [] and with_template.schedules.without_request == []
+
+
+def test_the_config_digest_covers_the_club_files(data_dir: Path, settings: Settings) -> None:
+    before = config_loader.config_digest(settings)
+    club_file(data_dir, "padel", {"url": PADEL_URL})
+    added = config_loader.config_digest(settings)
+    assert set(added) - set(before) == {str(data_dir / "clubs" / "padel.json")}
+    club_file(data_dir, "padel", {"url": PADEL_URL, "window": "6d@08:00"})
+    assert config_loader.config_digest(settings) != added
+    (data_dir / "clubs" / "padel.json").unlink()
+    assert config_loader.config_digest(settings) == before
+
+
+def test_a_new_club_window_changes_the_entry_fingerprint(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    club_file(data_dir, "padel", {"url": PADEL_URL})
+    first = by_id(load_all(data_dir, env, MATCH | {"club": "padel"}))["match"]
+    same = by_id(load_all(data_dir, env, MATCH | {"club": "padel"}))["match"]
+    club_file(data_dir, "padel", {"url": PADEL_URL, "window": "6d@08:00"})
+    moved = by_id(load_all(data_dir, env, MATCH | {"club": "padel"}))["match"]
+    assert first.fingerprint == same.fingerprint != moved.fingerprint
+
+
+def test_a_template_file_may_carry_a_window_and_about(data_dir: Path, env: dict[str, str]) -> None:
+    write_json(data_dir / "club.json", {"window": "6d@08:00", "about": "Padel Club"})
+    settings = Settings.from_env(env | {"BOOKING_REQUEST_TEMPLATE": "club.json"})
+    template = config_loader.load_template(settings)
+    assert template is not None and template.window == utils.parse_window("6d@08:00")
+    write_json(data_dir / "club.json", {"window": "6d@8"})
+    with pytest.raises(TemplateError) as info:
+        config_loader.load_template(settings)
+    assert str(info.value) == (
+        f"BOOKING_REQUEST_TEMPLATE {data_dir}/club.json: window: '6d@8' {WINDOW_EXPECTED}"
+    )
+
+
+def test_read_config_keeps_the_last_good_template_when_the_file_breaks(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    write_json(data_dir / "club.json", {"window": "6d@08:00"})
+    settings = Settings.from_env(env | {"BOOKING_REQUEST_TEMPLATE": "club.json"})
+    good = config_loader.load_template(settings)
+    write_json(data_dir / "club.json", {"method": "BREW"})
+    write_json(data_dir / "schedules.json", [MATCH])
+    write_json(data_dir / "tokens.json", {"default": "tok-d"})
+    config = read_config(settings, settings.fernet(), NOW, last_template=good)
+    assert config.template is good
+    assert config.template_error == (
+        f"BOOKING_REQUEST_TEMPLATE {data_dir}/club.json: method: 'BREW' is not one of POST, PUT, "
+        "PATCH, GET, DELETE"
+    )
+    assert config.errors == [config.template_error]
+    assert str(config.schedules.entries[0].window) == "6d@08:00"  # the last good one's

@@ -109,7 +109,7 @@ def load(
     with factory() as session:
         known = set(session.scalars(select(Token.id)))
     config = read_config(settings, fernet, NOW, known_tokens=known)
-    return config, reconcile(factory, config, window=settings.window, now=NOW)
+    return config, reconcile(factory, config, now=NOW)
 
 
 # The good state is built once and copied into each test's data dir (a fresh load per test
@@ -357,6 +357,10 @@ plausible = {
     | json_values,
     "duration_minutes": st.sampled_from([60, 0, 1440, 1441]) | json_values,
     "enabled": st.booleans() | json_values,
+    "skip": st.sampled_from([["2026-12-09"], ["2026-12-32"], [], "2026-12-09"]) | json_values,
+    "club": st.sampled_from(["padel", "../etc/passwd", "", "a" * 65]) | json_values,
+    "window": st.sampled_from(["6d@08:00", "0d@20:00", "0d@00:00", "7 days", "6d@24:00", "0h"])
+    | json_values,
     "cour_id": json_values,
 }
 entries = st.lists(
@@ -400,9 +404,10 @@ def test_fuzz_schedules_entries_then_reconcile(
         check_line(line)
 
 
+secret_values = st.builds(lambda s: "SECRET-" + s, texts) | json_values
 token_values = st.dictionaries(
     texts,
-    st.builds(lambda s: "SECRET-" + s, texts) | json_values,
+    secret_values | st.dictionaries(texts, secret_values, max_size=3),
     max_size=4,
 )
 

@@ -4,6 +4,7 @@ tests marked ``both_databases`` run on SQLite and on PostgreSQL."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -126,6 +127,42 @@ def test_books_at_the_trigger_exactly_once(
     log = (Path(e2e_env["DATA_DIR"]) / "bot.log").read_text()
     assert key in log
     assert TOKEN not in log + daemon.output()
+
+
+def sent_figure(log: str, key: str) -> tuple[float, str]:
+    """From the outcome's log line of ``key``: how long after the trigger its first request left
+    (seconds) and the phrase that says so."""
+    line = next(ln for ln in log.splitlines() if f"booked {key} " in ln)
+    match = re.search(r"\((sent ([\d.]+) (ms|s) (?:after the window opened|late: [^)]*))\)", line)
+    assert match is not None, line
+    figure = float(match[2]) / (1000 if match[3] == "ms" else 1)
+    return figure, match[1]
+
+
+def test_the_outcome_says_when_the_request_left_as_the_club_saw_it_arrive(
+    e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
+) -> None:
+    desired = desired_for_trigger_in(3)
+    trigger = desired - timedelta(hours=168)
+    schedules(e2e_env, [one_off("timed", desired)])
+    daemon = spawn(e2e_env)
+    daemon.wait_ready()
+    key = f"timed@{iso_z(desired)}"
+    assert wait_until(lambda: status_of(e2e_env, key) == "booked", 15), daemon.output()
+    assert daemon.stop() == 0
+
+    sent, phrase = sent_figure(daemon.output(), key)
+    arrived = club.received[0].arrived - trigger.timestamp()
+    assert phrase.endswith(" ms after the window opened")
+    # Left before the club saw it arrive (the figure is rounded to 0.1 ms), and on loopback
+    # arrived soon after leaving (the bound of the test above, for a loaded machine).
+    assert sent <= arrived + 0.00005, (sent, arrived)
+    assert arrived - sent < 0.25, (sent, arrived)
+    row = next(r for r in status(e2e_env) if r["key"] == key)
+    assert row["sent"] == phrase
+    first_sent = datetime.fromisoformat(row["first_sent_at"].replace("Z", "+00:00"))
+    assert trigger <= first_sent
+    assert first_sent.timestamp() <= club.received[0].arrived
 
 
 def test_window_already_open_books_at_once_and_token_file_is_encrypted(
@@ -276,13 +313,19 @@ def test_down_across_the_trigger_books_at_restart(
     first.wait_ready()
     assert first.stop() == 0
     trigger = desired - timedelta(hours=168)
-    assert wait_until(lambda: datetime.now(UTC) > trigger + timedelta(seconds=0.5), 10)
+    # Down for longer than a send may trail its trigger and still count as on time (1 s).
+    assert wait_until(lambda: datetime.now(UTC) > trigger + timedelta(seconds=1.5), 10)
     restarted = spawn(e2e_env)
     restarted.wait_ready()
     key = f"downtime@{iso_z(desired)}"
     assert wait_until(lambda: status_of(e2e_env, key) == "booked", 10), restarted.output()
     assert club.bookings_per_key() == {key: 1}
     assert restarted.stop() == 0
+    # How late, and why, against when the club saw it arrive.
+    sent, phrase = sent_figure(restarted.output(), key)
+    arrived = club.received[0].arrived - trigger.timestamp()
+    assert phrase == f"sent {sent:.1f} s late: courtbot was not running at the trigger"
+    assert sent <= arrived + 0.05 and arrived - sent < 0.2, (sent, arrived)
 
 
 def test_down_past_the_start_is_expired(
@@ -303,7 +346,9 @@ def test_down_past_the_start_is_expired(
     assert status_of(env, key) == "expired"
     row = next(r for r in status(env) if r["key"] == key)
     assert "not running" in row["last_error"]
+    assert row["sent"] == "not sent: courtbot was not running at the trigger"
     assert f"expired {key}" in restarted.output()
+    assert "(not sent: courtbot was not running at the trigger)" in restarted.output()
     assert club.received == []
     assert restarted.stop() == 0
 
@@ -363,6 +408,10 @@ def test_retry_command_and_a_running_daemon_book_it_again(
     row = next(r for r in status(e2e_env) if r["key"] == key)
     assert row["attempts"] == 1
     assert row["last_error"] is None
+    # Its window opened 68 hours before the retry put it back.
+    assert row["sent"] == (
+        "sent 2 d 20 h late: put back to pending with `retry` after the window opened"
+    )
     assert cli(e2e_env, "retry", "again").returncode == 1
     assert daemon.stop() == 0
 

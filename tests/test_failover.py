@@ -324,9 +324,9 @@ def test_cut_from_the_database_the_active_daemon_stops_and_another_takes_over(
     # the old one waits as a standby; status says who is who
     assert logged_at(a, "standby: this daemon (", after=cut) is not None
     lines = cli(b.env, "status", "--daemons").stdout.splitlines()
-    assert lines[0] == "daemons:"
-    assert lines[1].startswith(f"  active   {b_host()} pid {b.pid}, active since ")
-    assert lines[2].startswith(f"  standby  {b_host()} pid {a.pid}, standby since ")
+    assert lines[0] == "courtbot: running"
+    assert lines[1].startswith(f"  active on {b_host()} (pid {b.pid}) since ")
+    assert lines[2].startswith(f"  standby on {b_host()} (pid {a.pid}) since ")
     assert pg_server.password not in a.output() + b.output()
     report(
         "database connections of the active daemon terminated",

@@ -11,9 +11,10 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from cryptography.fernet import Fernet, MultiFernet
@@ -77,7 +78,7 @@ def apply(
     now: datetime = NOW,
 ) -> Changes:
     config = load(factory, settings, fernet, now)
-    return reconcile(factory, config, window=settings.window, now=now)
+    return reconcile(factory, config, now=now)
 
 
 def rows(factory: sessionmaker[Session], schedule_id: str | None = None) -> dict[str, Instance]:
@@ -177,7 +178,7 @@ def test_one_off_in_the_past_gets_no_instance(
     write(data_dir, [MATCH | {"desired_time": "2026-11-01 10:00"}])
     config = load(factory, settings, fernet)
     assert config.errors == [] and len(config.warnings) == 1
-    assert reconcile(factory, config, window=settings.window, now=NOW).empty
+    assert reconcile(factory, config, now=NOW).empty
     assert rows(factory) == {}
 
 
@@ -456,6 +457,65 @@ def test_failed_and_expired_instances_are_left_alone(
     assert {k: now[k] for k in kept} == kept
 
 
+# --------------------------------------------------------------------------- clubs and windows
+
+
+def club(data_dir: Path, name: str, value: dict[str, Any]) -> None:
+    (data_dir / "clubs").mkdir(exist_ok=True)
+    write_json(data_dir / "clubs" / f"{name}.json", value)
+
+
+def test_the_club_is_stored_on_each_instance_and_follows_edits(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    loaded: dict[str, tuple],
+) -> None:
+    assert {row.club for row in rows(factory).values()} == {None}
+    club(data_dir, "padel", {"url": "https://padel.example/book"})
+    write(data_dir, [WED | {"club": "padel"}, MATCH])
+    changes = apply(factory, settings, fernet)
+    assert (changes.updated, changes.added, changes.cancelled) == (52, 0, 0)
+    assert {row.club for row in rows(factory, "wed-evening").values()} == {"padel"}
+    assert rows(factory)[MATCH_KEY].club is None
+    assert apply(factory, settings, fernet).empty
+
+
+def test_a_new_club_window_moves_pending_triggers_and_keeps_keys(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+) -> None:
+    club(data_dir, "padel", {"url": "https://padel.example/book"})
+    write(data_dir, [WED | {"club": "padel"}, MATCH | {"club": "padel"}])
+    apply(factory, settings, fernet)
+    before = rows(factory)
+    assert before[FIRST_WED].trigger_time == before[FIRST_WED].desired_time - timedelta(hours=168)
+    update(factory, MATCH_KEY, status=BOOKED)
+
+    club(data_dir, "padel", {"url": "https://padel.example/book", "window": "6d@08:00"})
+    changes = apply(factory, settings, fernet)
+
+    after = rows(factory)
+    assert list(after) == list(before)  # same keys, same rows
+    assert all(after[k].id == before[k].id for k in before)
+    assert changes.updated == 52 and changes.added == changes.cancelled == 0
+    # Wed 2026-12-02 17:00 GMT: six days before at 08:00 is Thu 2026-11-26 08:00 GMT.
+    assert after[FIRST_WED].trigger_time == datetime(2026, 11, 26, 8, 0, tzinfo=UTC)
+    for row in rows(factory, "wed-evening").values():
+        local = row.trigger_time.astimezone(ZoneInfo("Europe/London"))
+        assert local.strftime("%H:%M %a") == "08:00 Thu"
+    assert after[MATCH_KEY].trigger_time == before[MATCH_KEY].trigger_time  # booked: untouched
+
+    # The entry's own window wins over the club's.
+    write(data_dir, [WED | {"club": "padel", "window": "7d"}, MATCH | {"club": "padel"}])
+    apply(factory, settings, fernet)
+    first = rows(factory)[FIRST_WED]
+    assert first.trigger_time == datetime(2026, 11, 25, 17, 0, tzinfo=UTC)
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -473,7 +533,7 @@ def test_rejected_entry_keeps_its_instances_exactly(
         "schedules.json entry 'wed-evening' (#1): duration_minutes: 0 is not a positive whole "
         "number of minutes"
     ]
-    changes = reconcile(factory, config, window=settings.window, now=NOW)
+    changes = reconcile(factory, config, now=NOW)
     assert (changes.updated, changes.cancelled, changes.added) == (1, 0, 0)
     assert snapshot(factory, "wed-evening") == {
         k: v for k, v in loaded.items() if k.startswith("wed-evening@")
@@ -496,7 +556,7 @@ def test_rejected_entry_without_id_keeps_its_instances(
         "schedules.json entry #1: court_id: an empty list; give one or more courts, or null for "
         "any court"
     ]
-    assert reconcile(factory, config, window=settings.window, now=NOW).empty
+    assert reconcile(factory, config, now=NOW).empty
     assert snapshot(factory) == before
 
 
@@ -533,7 +593,7 @@ def test_entry_whose_id_cannot_be_told_puts_off_all_removals(
     config = load(factory, settings, fernet)
     assert len(config.errors) == 1 and config.errors[0].startswith("schedules.json entry #2: ")
     assert config.schedules.unknown_rejects == 1
-    changes = reconcile(factory, config, window=settings.window, now=NOW)
+    changes = reconcile(factory, config, now=NOW)
     assert changes.empty
     assert snapshot(factory) == loaded
     assert "their pending instances are kept until it is fixed" in caplog.text
@@ -550,7 +610,7 @@ def test_whole_file_error_changes_nothing(
         (data_dir / "schedules.json").write_text(text)
         config = load(factory, settings, fernet)
         assert config.schedules.file_error is not None
-        assert reconcile(factory, config, window=settings.window, now=NOW).empty
+        assert reconcile(factory, config, now=NOW).empty
         assert snapshot(factory) == loaded
     # The same for tokens.json: its table keeps the last good tokens.
     write(data_dir, [WED, MATCH], tokens=None)
@@ -558,7 +618,7 @@ def test_whole_file_error_changes_nothing(
     (data_dir / "tokens.json").write_text('{"default": ')
     config = load(factory, settings, fernet)
     assert config.tokens.file_error is not None and config.schedules.errors == []
-    assert reconcile(factory, config, window=settings.window, now=NOW).empty
+    assert reconcile(factory, config, now=NOW).empty
     assert snapshot(factory) == loaded
     now = {t.id: (t.encrypted_token, t.error) for t in tokens_table(factory).values()}
     assert now == tokens_before
@@ -577,7 +637,7 @@ def test_missing_schedules_file_means_no_schedules(
     (data_dir / "schedules.json").unlink()
     config = load(factory, settings, fernet)
     assert config.schedules.missing and config.errors == []
-    changes = reconcile(factory, config, window=settings.window, now=NOW)
+    changes = reconcile(factory, config, now=NOW)
     assert changes.cancelled == 52
     assert rows(factory)[MATCH_KEY].status == BOOKED
 
@@ -593,14 +653,14 @@ def test_recurring_top_up_keeps_52_future_instances(
 ) -> None:
     write(data_dir, [WED, MATCH])
     config = load(factory, settings, fernet)
-    reconcile(factory, config, window=settings.window, now=NOW)
+    reconcile(factory, config, now=NOW)
     ids = {key: row.id for key, row in rows(factory).items()}
 
     later = NOW + timedelta(weeks=4)  # Dec 2, 9, 16 have passed
     future = [r for r in rows(factory, "wed-evening").values() if r.desired_time > later]
     assert len(future) == 49
 
-    changes = reconcile(factory, config, window=settings.window, now=later, only=["wed-evening"])
+    changes = reconcile(factory, config, now=later, only=["wed-evening"])
 
     assert (changes.added, changes.cancelled, changes.updated) == (3, 0, 0)
     weds = rows(factory, "wed-evening")
@@ -610,7 +670,7 @@ def test_recurring_top_up_keeps_52_future_instances(
     # The passed ones are left for expire_missed / the booking that happened.
     assert len(weds) == 55
     # Again at the same time: nothing to do.
-    again = reconcile(factory, config, window=settings.window, now=later, only=["wed-evening"])
+    again = reconcile(factory, config, now=later, only=["wed-evening"])
     assert again.empty
 
 
@@ -623,7 +683,7 @@ def test_top_up_touches_only_the_named_entries(
 ) -> None:
     write(data_dir, [WED, MATCH | {"court_id": "1"}], tokens={"default": "t"})
     config = load(factory, settings, fernet)
-    reconcile(factory, config, window=settings.window, now=NOW, only=["wed-evening"])
+    reconcile(factory, config, now=NOW, only=["wed-evening"])
     assert snapshot(factory) == loaded
     assert set(tokens_table(factory)) == {"default", "alice"}  # tokens left alone too
 
@@ -694,7 +754,7 @@ def test_bad_token_gets_its_error_set(
     ]
     # Its schedules stay valid (they fail at booking with that reason); the rest goes on.
     assert [e.id for e in config.schedules.entries] == ["wed-evening", "match"]
-    assert reconcile(factory, config, window=settings.window, now=NOW).empty
+    assert reconcile(factory, config, now=NOW).empty
     table = tokens_table(factory)
     assert table["alice"].error == config.errors[0]
     assert table["default"].error is None
@@ -715,6 +775,61 @@ def test_new_token_that_is_not_a_string_is_stored_with_its_error(
     row = tokens_table(factory)["alice"]
     assert row.encrypted_token is None and row.error
     assert "42" not in row.error
+
+
+def test_object_tokens_are_stored_field_by_field_encrypted_only(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    engine: Any,
+) -> None:
+    secrets = {"email": "me@padel.example", "password": "pw-object-secret"}
+    write(data_dir, [MATCH], tokens={"default": "t", "alice": secrets})
+    apply(factory, settings, fernet)
+    row = tokens_table(factory)["alice"]
+    assert (row.kind, row.error) == (models.KIND_OBJECT, None)
+    stored = json.loads(row.encrypted_token)
+    assert sorted(stored) == ["email", "password"]
+    assert {k: fernet.decrypt(v.encode()).decode() for k, v in stored.items()} == secrets
+    assert tokens_table(factory)["default"].kind == models.KIND_STRING
+    assert instances.token_secrets(row, fernet, name="alice") == (secrets, None)
+    engine.dispose()
+    data = _database_bytes(data_dir, engine)
+    for plaintext in secrets.values():
+        assert plaintext.encode() not in data
+
+    # Back to a string token: the row follows.
+    write(data_dir, [MATCH], tokens={"default": "t", "alice": "tok-again"})
+    apply(factory, settings, fernet)
+    row = tokens_table(factory)["alice"]
+    assert row.kind == models.KIND_STRING
+    assert instances.token_secrets(row, fernet, name="alice") == ({"token": "tok-again"}, None)
+
+
+def test_token_secrets_say_what_is_wrong(fernet: MultiFernet) -> None:
+    other = MultiFernet([Fernet(Fernet.generate_key())])
+    undecryptable = (
+        "token 'alice' in the database does not decrypt with FERNET_KEY (was the key changed?): "
+        "put the token in tokens.json again and reload"
+    )
+    string = Token(id="alice", encrypted_token=fernet.encrypt(b"tok").decode(), kind="string")
+    assert instances.token_secrets(string, fernet, name="alice") == ({"token": "tok"}, None)
+    assert instances.token_secrets(string, other, name="alice") == ({}, undecryptable)
+    fields = json.dumps({"email": fernet.encrypt(b"me").decode(), "pw": "not-fernet"})
+    broken = Token(id="alice", encrypted_token=fields, kind="object")
+    assert instances.token_secrets(broken, fernet, name="alice") == ({}, undecryptable)
+    not_json = Token(id="alice", encrypted_token="{nope", kind="object")
+    assert instances.token_secrets(not_json, fernet, name="alice") == ({}, undecryptable)
+    assert instances.token_secrets(None, fernet, name="alice") == (
+        {},
+        "token 'alice' is not in tokens.json: add it there and reload",
+    )
+    failing = Token(id="alice", encrypted_token=None, error="tokens.json token 'alice': bad")
+    assert instances.token_secrets(failing, fernet, name="alice") == (
+        {},
+        "tokens.json token 'alice': bad",
+    )
 
 
 # --------------------------------------------------------------------------- start-up (7)
@@ -947,6 +1062,28 @@ def columns(path: Path) -> list[str]:
         return [name for _, name, *_ in conn.execute("PRAGMA table_info(schedules)")]
 
 
+def test_a_token_row_of_the_previous_release_reads_as_a_string_token(
+    tmp_path: Path, fernet: MultiFernet
+) -> None:
+    url = previous_release_database(tmp_path / "db.sqlite")
+    with contextlib.closing(sqlite3.connect(tmp_path / "db.sqlite")) as conn, conn:
+        conn.execute(
+            "INSERT INTO tokens VALUES ('default', ?, NULL, '2029-01-01 00:00:00.000000')",
+            (fernet.encrypt(b"tok-old-release").decode(),),
+        )
+    engine = models.make_engine(url)
+    try:
+        with models.session_factory(engine)() as session:
+            row = session.get(Token, "default")
+        assert row is not None and row.kind == models.KIND_STRING
+        assert instances.token_secrets(row, fernet, name="default") == (
+            {"token": "tok-old-release"},
+            None,
+        )
+    finally:
+        engine.dispose()
+
+
 def test_status_reads_a_database_of_the_previous_release_without_changing_it(
     tmp_path: Path,
 ) -> None:
@@ -961,7 +1098,10 @@ def test_status_reads_a_database_of_the_previous_release_without_changing_it(
         FAILED,
         3,
     )
-    assert "interrupted" not in columns(tmp_path / "db.sqlite")
+    # What that release did not record reads as unknown, not as "nothing was sent".
+    assert (shown["first_sent_at"], shown["sent"]) == (None, None)
+    assert shown["finished_at"] == "2029-12-25T10:00:01Z"
+    assert not {"interrupted", "club"} & set(columns(tmp_path / "db.sqlite"))
 
 
 def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
@@ -972,12 +1112,224 @@ def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
     engine = models.make_engine(url)  # as the daemon opens it at start
 
     try:
-        assert columns(tmp_path / "db.sqlite")[-2:] == ["interrupted", "owner"]
+        assert columns(tmp_path / "db.sqlite")[-5:] == [
+            "interrupted",
+            "owner",
+            "club",
+            "first_sent_at",
+            "late_cause",
+        ]
         factory = models.session_factory(engine)
         (row,) = rows(factory).values()
         assert (row.key, row.status, row.interrupted) == ("old@2030-01-01T10:00:00Z", FAILED, False)
+        assert row.club is None
         assert row.last_error == "court 3: taken (HTTP 409)"
         assert models.add_missing_columns(engine) == []  # once only
         assert instances.retry(factory, "old", NOW) == ["old@2030-01-01T10:00:00Z"]
     finally:
         engine.dispose()
+
+
+# --------------------------------------------------------------------------- lateness (8)
+
+TRIGGER_OF_AHEAD = NOW + timedelta(hours=2) - timedelta(hours=168)
+
+
+def test_instances_loaded_with_their_window_open_note_why_they_will_be_late(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    soon = {"id": "soon", "type": "one-off", "desired_time": "2026-11-25 18:00"}
+    write(data_dir, [WED, soon])
+    apply(factory, settings, fernet)
+    found = rows(factory)
+    assert found["soon@2026-11-25T18:00:00Z"].late_cause == instances.LATE_LOADED
+    assert found[FIRST_WED].late_cause is None  # its trigger, 2026-11-25 17:00, is ahead
+
+
+def test_at_start_passed_triggers_are_noted_as_missed_while_down(
+    factory: sessionmaker[Session],
+) -> None:
+    add_row(factory, "missed@1", NOW + timedelta(hours=2), PENDING)
+    add_row(factory, "ahead@1", NOW + timedelta(hours=200), PENDING)
+    add_row(factory, "retried@1", NOW + timedelta(hours=3), PENDING)
+    add_row(factory, "done@1", NOW + timedelta(hours=4), BOOKED)
+    update(factory, "retried@1", late_cause=instances.LATE_RETRY)
+
+    assert instances.note_late_triggers(factory, NOW) == 1
+
+    causes = {key: row.late_cause for key, row in rows(factory).items()}
+    assert causes == {
+        "missed@1": instances.LATE_DOWN,
+        "ahead@1": None,
+        "retried@1": instances.LATE_RETRY,
+        "done@1": None,
+    }
+
+
+def test_an_interrupted_booking_notes_why_it_is_sent_again_late(
+    factory: sessionmaker[Session],
+) -> None:
+    add_row(factory, "ahead@1", NOW + timedelta(hours=2), BOOKING)
+    update(factory, "ahead@1", attempts=1)
+    recover_in_flight(factory, NOW)
+    assert rows(factory)["ahead@1"].late_cause == instances.LATE_INTERRUPTED
+
+
+def test_finish_records_the_first_send_and_reports_its_timing(
+    factory: sessionmaker[Session],
+) -> None:
+    add_row(factory, "a@1", NOW + timedelta(hours=2), BOOKING)
+    add_row(factory, "b@1", NOW + timedelta(hours=2), BOOKING)
+    sent = TRIGGER_OF_AHEAD + timedelta(microseconds=812)
+
+    instances.record_attempt(factory, "b@1", 1, sent)
+    instances.record_attempt(factory, "b@1", 2, sent + timedelta(seconds=1))  # the first stays
+    booked = instances.finish(
+        factory, "a@1", BOOKED, None, now=NOW, booking_ref="r", first_sent_at=sent
+    )
+    update(factory, "b@1", late_cause=instances.LATE_DOWN)
+    failed = instances.finish(
+        factory, "b@1", FAILED, "taken", now=NOW, first_sent_at=sent + timedelta(seconds=9)
+    )
+
+    assert booked.timing == "sent 0.8 ms after the window opened"
+    assert rows(factory)["a@1"].first_sent_at == sent
+    # b's first request left at ``sent``, on time, whatever its cause column says.
+    assert failed.timing == "sent 0.8 ms after the window opened"
+    assert rows(factory)["b@1"].first_sent_at == sent
+
+
+def test_a_late_first_request_says_how_late_and_why(factory: sessionmaker[Session]) -> None:
+    for key, cause in (("a@1", instances.LATE_DOWN), ("b@1", None), ("c@1", "loaded")):
+        add_row(factory, key, NOW + timedelta(hours=2), BOOKING)
+        update(factory, key, late_cause=cause)
+    late = TRIGGER_OF_AHEAD + timedelta(seconds=10.9)
+    days = TRIGGER_OF_AHEAD + timedelta(days=3, hours=1)
+
+    a = instances.finish(factory, "a@1", BOOKED, None, now=NOW, first_sent_at=late)
+    b = instances.finish(factory, "b@1", BOOKED, None, now=NOW, first_sent_at=late)
+    c = instances.finish(factory, "c@1", BOOKED, None, now=NOW, first_sent_at=days)
+
+    assert a.timing == "sent 10.9 s late: courtbot was not running at the trigger"
+    assert b.timing == (
+        "sent 10.9 s late: courtbot's trigger fired late (a busy machine or a clock jump)"
+    )
+    assert c.timing == ("sent 3 d 1 h late: the window was already open when the entry was loaded")
+
+
+def test_outcomes_without_a_request_say_so(factory: sessionmaker[Session]) -> None:
+    add_row(factory, "token@1", NOW + timedelta(hours=2), BOOKING)
+    add_row(factory, "down@1", NOW - timedelta(hours=2), PENDING)
+    failed = instances.finish(
+        factory, "token@1", FAILED, "token 'x' is not in tokens.json", now=NOW
+    )
+    (expired,) = expire_missed(factory, NOW)
+    assert failed.timing == "no booking request was sent"
+    assert instances.outcome_of(expired).timing == (
+        "not sent: courtbot was not running at the trigger"
+    )
+    assert failed.retry_helps is True
+    taken = instances.finish(factory, "token@1", FAILED, "taken", now=NOW, retry_helps=False)
+    assert taken.retry_helps is False
+
+
+def test_retry_clears_the_first_send_and_notes_a_window_already_open(
+    factory: sessionmaker[Session],
+) -> None:
+    add_row(factory, "open@1", NOW + timedelta(hours=2), FAILED)
+    add_row(factory, "ahead@1", NOW + timedelta(hours=200), FAILED)
+    for key in ("open@1", "ahead@1"):
+        update(factory, key, first_sent_at=NOW - timedelta(days=1), late_cause=instances.LATE_DOWN)
+
+    assert sorted(
+        instances.retry(factory, "open@1", NOW) + instances.retry(factory, "ahead", NOW)
+    ) == [
+        "ahead@1",
+        "open@1",
+    ]
+
+    after = rows(factory)
+    assert (after["open@1"].first_sent_at, after["open@1"].late_cause) == (
+        None,
+        instances.LATE_RETRY,
+    )
+    assert (after["ahead@1"].first_sent_at, after["ahead@1"].late_cause) == (None, None)
+
+
+def test_a_pending_instance_on_a_date_added_to_skip_is_cancelled(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WED])
+    apply(factory, settings, fernet)
+    write(data_dir, [WED | {"skip": ["2026-12-09"]}])
+    changes = apply(factory, settings, fernet)
+
+    assert (changes.added, changes.cancelled) == (1, 1)  # the rule keeps its 52 ahead
+    skipped = rows(factory)["wed-evening@2026-12-09T17:00:00Z"]
+    assert (skipped.status, skipped.last_error) == (
+        CANCELLED,
+        "its date is in the entry's skip list",
+    )
+    write(data_dir, [WED])
+    assert apply(factory, settings, fernet).revived == 1
+    english = {k: v for k, v in WED.items() if k != "desired_time"}
+    english["rrule"] = "every Wednesday at 17:00 except 2026-12-16"
+    write(data_dir, [english])
+    apply(factory, settings, fernet)
+    assert rows(factory)["wed-evening@2026-12-16T17:00:00Z"].last_error == (
+        "its date is excluded by the entry's rule (except, EXDATE)"
+    )
+
+
+# --------------------------------------------------------------------------- status queries
+
+
+def test_status_rows_filter_by_schedule_status_and_limit(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WED, MATCH])
+    apply(factory, settings, fernet)
+    update(factory, FIRST_WED, status=BOOKED, finished_at=NOW)
+
+    everything = instances.status_rows(factory)
+    assert len(everything) == 53
+    assert [r["key"] for r in instances.status_rows(factory, schedule="match")] == [MATCH_KEY]
+    booked = instances.status_rows(factory, statuses=[BOOKED])
+    assert [r["key"] for r in booked] == [FIRST_WED]
+    first_three = instances.status_rows(factory, schedule="wed-evening", limit=3)
+    assert [r["key"] for r in first_three] == [
+        r["key"] for r in everything if r["schedule"] == "wed-evening"
+    ][:3]
+    assert instances.status_rows(factory, schedule="nope") == []
+
+
+def test_upcoming_and_recent_outcomes(factory: sessionmaker[Session]) -> None:
+    add_row(factory, "booked@1", NOW + timedelta(days=2), BOOKED)
+    add_row(factory, "pending@1", NOW + timedelta(days=1), PENDING)
+    add_row(factory, "later@1", NOW + timedelta(days=9), PENDING)
+    add_row(factory, "cancelled@1", NOW + timedelta(days=1), CANCELLED)
+    add_row(factory, "failed@1", NOW - timedelta(days=1), FAILED)
+    add_row(factory, "old@1", NOW - timedelta(days=20), BOOKED)
+    add_row(factory, "expired@1", NOW - timedelta(hours=1), EXPIRED)
+    update(factory, "booked@1", finished_at=NOW - timedelta(days=5))
+    update(factory, "failed@1", finished_at=NOW - timedelta(days=8))
+    update(factory, "old@1", finished_at=NOW - timedelta(days=27))
+    update(factory, "expired@1", finished_at=NOW - timedelta(hours=1))
+
+    ahead = instances.upcoming(factory, NOW, limit=2)
+    assert [r["key"] for r in ahead] == ["pending@1", "booked@1"]
+    assert [r["key"] for r in instances.upcoming(factory, NOW, schedule="later")] == ["later@1"]
+    recent = instances.recent_outcomes(factory, NOW - timedelta(days=7))
+    assert [r["key"] for r in recent] == ["expired@1", "booked@1"]
+    assert recent[0]["sent"] == "not sent: courtbot was not running at the trigger"
+    assert instances.recent_outcomes(factory, NOW - timedelta(days=7), schedule="booked") == [
+        recent[1]
+    ]
+
+
+def test_an_outcome_is_located_at_its_club(factory: sessionmaker[Session]) -> None:
+    add_row(factory, "a@1", NOW + timedelta(hours=2), BOOKING)
+    add_row(factory, "b@1", NOW + timedelta(hours=2), BOOKING)
+    update(factory, "a@1", club="riverside")
+    assert instances.finish(factory, "a@1", BOOKED, None, now=NOW).location == "riverside"
+    assert instances.finish(factory, "b@1", BOOKED, None, now=NOW).location is None

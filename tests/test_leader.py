@@ -100,11 +100,10 @@ def holders(url: str, key: int) -> list[int]:
     return [int(row[0]) for row in rows]
 
 
-def eventually(condition: Callable[[], bool], timeout: float = WAIT_SECONDS) -> bool:
-    """Whether ``condition`` holds within ``timeout`` (a server ends a backend a moment after
-    its client closed it or it was terminated)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
+def poll_until(check: Callable[[], bool], seconds: float) -> bool:
+    """Poll ``check`` until it holds or ``seconds`` pass; its last answer."""
+    deadline = time.monotonic() + seconds
+    while not check():
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
@@ -211,9 +210,10 @@ def test_presence_survives_the_loss_of_the_lock_connection_only(
         # a is still alive (its claims are its own) and b may take over (once the server has
         # ended the terminated backend, which frees its lock)
         assert b.alive_ids(["a", "b"]) == {"a", "b"}
-        assert eventually(b.try_acquire)
+        assert poll_until(b.try_acquire, 5.0)
         a.close()
-        assert eventually(lambda: b.alive_ids(["a", "b"]) == {"b"})
+        # The server drops a's presence lock when its backend has gone, a moment after close.
+        assert poll_until(lambda: b.alive_ids(["a", "b"]) == {"b"}, 5.0)
     finally:
         a.close()
         b.close()

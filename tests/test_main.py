@@ -5,17 +5,23 @@ PostgreSQL."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
+import pty
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from cryptography.fernet import Fernet
@@ -25,9 +31,12 @@ import instances
 import leader
 import main
 import models
-from conftest import NOW, previous_release_database, write_json
-from daemon_harness import cli
+import utils
+from conftest import PingServer, make_jwt, previous_release_database, write_json
+from daemon_harness import MAIN, cli
 from models import Instance
+
+LONDON = ZoneInfo("Europe/London")
 
 
 @pytest.fixture(autouse=True)
@@ -156,6 +165,44 @@ def test_check_warnings_do_not_change_the_exit_code(
     assert "does not exist in Europe/London (DST gap)" in captured.out
 
 
+def test_check_warns_before_money_is_spent_and_still_exits_0(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    expires = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
+    write_json(data_dir / "tokens.json", {"default": make_jwt({"exp": int(expires.timestamp())})})
+    start = future(20)
+    write_json(
+        data_dir / "schedules.json",
+        [
+            {"id": "fri-a", "type": "one-off", "desired_time": f"{start:%Y-%m-%d %H:%M}"},
+            {
+                "id": "fri-b",
+                "type": "one-off",
+                "desired_time": f"{start + timedelta(minutes=30):%Y-%m-%d %H:%M}",
+            },
+        ],
+    )
+    assert run(monkeypatch, env, "check") == 0
+    err = capsys.readouterr().err.splitlines()
+    assert (
+        "warning: schedules.json: entries 'fri-a' (#1) and 'fri-b' (#2) would book overlapping "
+        f"times: {start:%a %Y-%m-%d %H:%M}-{start + timedelta(hours=1):%H:%M} UTC and "
+        f"{start + timedelta(minutes=30):%a %Y-%m-%d %H:%M}-"
+        f"{start + timedelta(minutes=90):%H:%M} UTC; that is two courts booked and paid for: if "
+        "one is enough, keep one entry (a list in court_id tries several courts in order)"
+    ) in err
+    key = f"fri-a@{start:%Y-%m-%dT%H:%M:%SZ}"
+    assert (
+        f"warning: tokens.json token 'default': a JWT that expires {utils.format_utc(expires)}, "
+        f"before the trigger of 2 booking(s), the first {key} (window opens "
+        f"{utils.format_utc(start - timedelta(hours=168))}): the club would reject it then; put "
+        "a fresh token in tokens.json before that"
+    ) in err
+
+
 def test_check_missing_schedules_is_a_warning(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -165,6 +212,125 @@ def test_check_missing_schedules_is_a_warning(
     write_json(data_dir / "tokens.json", {"default": "t"})
     assert run(monkeypatch, env, "check") == 0
     assert "schedules.json: no such file" in capsys.readouterr().err
+
+
+def test_check_prints_each_entrys_request_source_window_and_request(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    fernet_value = Fernet(env["FERNET_KEY"].encode()).encrypt(b"tok-enc-5521").decode()
+    write_json(
+        data_dir / "tokens.json",
+        {
+            "default": fernet_value,
+            "partner": "tok-plain-8812",
+            "padel": {"token": "tok-obj-4410", "password": "pw-obj-3301"},
+        },
+    )
+    (data_dir / "clubs").mkdir()
+    write_json(
+        data_dir / "clubs" / "padel.json",
+        {
+            "url": "https://padel.example/book/{court_id}",
+            "headers": {"X-Key": "{token}"},
+            "window": "6d@08:00",
+        },
+    )
+    start = future(20).replace(hour=17, minute=0)
+    entries = [
+        {"id": "p", "type": "one-off", "desired_time": f"{start:%Y-%m-%d %H:%M}", "club": "padel",
+         "token": "padel", "court_id": 3},
+        {"id": "plain", "type": "one-off", "desired_time": f"{start:%Y-%m-%d %H:%M}",
+         "token": "partner", "window": "2d@07:30"},
+    ]  # fmt: skip
+    write_json(data_dir / "schedules.json", entries)
+    before = (data_dir / "tokens.json").read_bytes()
+
+    assert run(monkeypatch, env, "check") == 0
+
+    out = capsys.readouterr().out
+    assert "tokens.json: 3 token(s)\n" in out
+    assert "  'default': encrypted\n" in out
+    assert "  'partner': plaintext (the daemon encrypts it in the file when it loads it)\n" in out
+    assert "  'padel': object of token, password, plaintext (the daemon encrypts it" in out
+    block = out.split("\np (#1)")[1].split("\nplain (#2)")[0]
+    assert f"  club: padel ({data_dir}/clubs/padel.json)\n" in block
+    assert f"  window: 6d@08:00 (from {data_dir}/clubs/padel.json)\n" in block
+    opens = utils.format_utc(start - timedelta(days=6) + timedelta(hours=-9))
+    assert f"= {utils.format_utc(start)}  trigger {opens}" in block
+    assert (
+        "  request (next instance, token masked):\n    POST https://padel.example/book/3\n" in block
+    )
+    assert "    X-Key: ***\n" in block
+    plain = out.split("\nplain (#2)")[1]
+    assert "  request: BOOKING_API_URL (http://club.test/bookings)\n" in plain
+    assert "  window: 2d@07:30 (entry)\n" in plain
+    assert f"trigger {utils.format_utc(start - timedelta(days=2) + timedelta(hours=-9.5))}" in plain
+    assert "    POST http://club.test/bookings\n    Authorization: Bearer ***\n" in plain
+    for secret in ("tok-enc-5521", "tok-plain-8812", "tok-obj-4410", "pw-obj-3301"):
+        assert secret not in out
+    assert (data_dir / "tokens.json").read_bytes() == before
+
+
+def test_check_exit_1_on_an_invalid_club_file_naming_the_file_and_key(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    write_json(data_dir / "tokens.json", {"default": "t"})
+    (data_dir / "clubs").mkdir()
+    write_json(data_dir / "clubs" / "padel.json", {"url": "https://padel.example/b", "json": 1,
+                                                   "form": {}})  # fmt: skip
+    desired = f"{future():%Y-%m-%d %H:%M}"
+    write_json(
+        data_dir / "schedules.json",
+        [
+            {"id": "p", "type": "one-off", "desired_time": desired, "club": "padel"},
+            {"id": "ok", "type": "one-off", "desired_time": desired},
+        ],
+    )
+    assert run(monkeypatch, env, "check") == 1
+    captured = capsys.readouterr()
+    assert (
+        f"error: schedules.json entry 'p' (#1): club: 'padel': {data_dir}/clubs/padel.json: "
+        "json, form: give one body, not both\n"
+    ) in captured.err
+    assert "\nok (#1)" not in captured.out and "\nok (#2)" in captured.out
+
+
+def test_run_without_booking_api_url_needs_every_entry_to_name_a_club(
+    env: dict[str, str], data_dir: Path
+) -> None:
+    without = {k: v for k, v in env.items() if k != "BOOKING_API_URL"}
+    settings = main.load_settings(without)
+    fernet = main.load_fernet(settings)
+    write_json(data_dir / "tokens.json", {"default": "t"})
+    desired = f"{future():%Y-%m-%d %H:%M}"
+    write_json(
+        data_dir / "schedules.json", [{"id": "a", "type": "one-off", "desired_time": desired}]
+    )
+    message = (
+        "BOOKING_API_URL is not set: set it to the club's booking endpoint "
+        "(e.g. https://club.example/api/bookings)"
+    )
+    with pytest.raises(main.StartError) as raised:
+        main.require_api_url(settings, fernet)
+    assert str(raised.value) == message  # no club files: the URL is what is missing
+    (data_dir / "clubs").mkdir()
+    write_json(data_dir / "clubs" / "padel.json", {"url": "https://padel.example/b"})
+    with pytest.raises(main.StartError) as raised:
+        main.require_api_url(settings, fernet)
+    assert str(raised.value) == f"{message}, or name a club file in schedules.json entry 'a' (#1)"
+    write_json(
+        data_dir / "schedules.json",
+        [{"id": "a", "type": "one-off", "desired_time": desired, "club": "padel"}],
+    )
+    main.require_api_url(settings, fernet)  # every entry names a club: it may start
+    write_json(data_dir / "schedules.json", [])
+    main.require_api_url(settings, fernet)  # club files, no entries yet: a first deploy
 
 
 # ---------------------------------------------------------------- status and retry
@@ -227,9 +393,8 @@ def test_status_json_and_table(
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", first["trigger_time"])
     assert (first["status"], first["booking_ref"], first["court_id"]) == ("booked", "bk-9", "3")
     assert run(monkeypatch, env, "status") == 0
-    daemons, rest = capsys.readouterr().out.split("\n\n", 1)
-    assert daemons == "daemons: none running"
-    table = rest.splitlines()
+    out = capsys.readouterr().out.splitlines()
+    table = out[out.index("") + 1 :]
     assert table[0].split()[:3] == ["SCHEDULE", "KEY", "DESIRED"]
     assert "booked" in table[1] and "bk-9" in table[1]
 
@@ -244,6 +409,325 @@ def test_status_without_a_database(
     assert run(monkeypatch, env, "status", "--json") == 0
     assert json.loads(capsys.readouterr().out) == []
     assert not (data_dir / "db.sqlite").exists()
+
+
+def lines_of(capsys: pytest.CaptureFixture[str]) -> list[str]:
+    return capsys.readouterr().out.splitlines()
+
+
+def test_status_for_a_person_starts_with_a_summary(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    factory: sessionmaker[Session],
+) -> None:
+    now = datetime.now(UTC)
+    soon = (now + timedelta(days=5, hours=4, minutes=30)).replace(second=0, microsecond=0)
+    later = (now + timedelta(days=9, hours=2, minutes=30)).replace(second=0, microsecond=0)
+    add(
+        factory,
+        "wed-evening",
+        desired=soon,
+        status="booked",
+        booked_court="3",
+        booking_ref="bk-7",
+        attempts=1,
+        finished_at=now - timedelta(days=2),
+        first_sent_at=soon - timedelta(hours=168, microseconds=-800),
+    )
+    add(factory, "fri", desired=later, status="pending")
+    add(
+        factory,
+        "old",
+        desired=now - timedelta(days=9),
+        status="booked",
+        finished_at=now - timedelta(days=9),
+    )
+    add(
+        factory,
+        "sat",
+        desired=now - timedelta(days=1),
+        status="expired",
+        finished_at=now - timedelta(days=1),
+    )
+
+    assert run(monkeypatch, env, "status") == 0
+
+    def when(moment: datetime) -> str:
+        return utils.format_local_short(moment, LONDON, now)
+
+    lines = lines_of(capsys)
+    assert lines[: lines.index("")] == [
+        "courtbot: not running",
+        "Next bookings:",
+        f"  wed-evening  {when(soon)}, court 3, in 5 d 4 h: booked, ref bk-7",
+        f"  fri          {when(later)}, court 3, in 9 d 2 h: pending, window opens in 2 d 2 h",
+        "Last 7 days: 1 booked, 0 failed, 1 expired",
+        f"  sat          {when(now - timedelta(days=1))}, court 3: expired; not sent: courtbot was "
+        "not running at the trigger",
+        f"  wed-evening  {when(soon)}, court 3: booked, ref bk-7; sent 0.8 ms after the window "
+        "opened",
+    ]
+    table = lines[lines.index("") + 1 :]
+    assert re.split(r"\s{2,}", table[0])[:5] == [
+        "SCHEDULE",
+        "KEY",
+        "DESIRED (LOCAL)",
+        "TRIGGER (LOCAL)",
+        "TRIGGER (UTC)",
+    ]
+    assert len(table) == 5
+    # The trigger in local time too.
+    trigger = soon - timedelta(hours=168)
+    assert utils.format_local(trigger, LONDON) in table[3] and utils.format_utc(trigger) in table[3]
+
+
+def test_status_says_a_daemon_runs_with_its_pid_and_heartbeat(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    daemon: main.Daemon,
+) -> None:
+    assert run(monkeypatch, env, "status") == 0
+    first = lines_of(capsys)[0]
+    assert re.fullmatch(
+        rf"courtbot: running \(pid {os.getpid()}\), active, heartbeat [01] s ago", first
+    ), first
+
+
+def test_status_shows_the_active_daemon_and_the_standbys_of_the_daemons_table(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    engine: models.Engine,
+) -> None:
+    now = datetime.now(UTC)
+    for ident, role, host, pid in (("a", "active", "host-a", 101), ("b", "standby", "host-b", 102)):
+        leader.write_heartbeat(
+            engine, ident=ident, role=role, started_at=now, since=now, now=now, host=host, pid=pid
+        )
+    leader.write_heartbeat(
+        engine,
+        ident="gone",
+        role="standby",
+        started_at=now,
+        since=now,
+        now=now - timedelta(hours=1),
+        host="host-c",
+        pid=103,
+    )
+    assert run(monkeypatch, env, "status") == 0
+    lines = lines_of(capsys)
+    assert lines[0] == "courtbot: running"
+    since = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert re.fullmatch(
+        rf"  active on host-a \(pid 101\) since {since}, heartbeat [01] s ago", lines[1]
+    )
+    assert re.fullmatch(
+        rf"  standby on host-b \(pid 102\) since {since}, heartbeat [01] s ago", lines[2]
+    )
+    assert lines[3] == "Next bookings: none ahead"
+
+
+@pytest.fixture
+def various(factory: sessionmaker[Session]) -> None:
+    add(factory, "a", desired=future(10), status="pending")
+    add(factory, "a", desired=future(11), status="booking")
+    add(factory, "a", desired=future(12), status="failed", last_error="club down")
+    add(factory, "b", desired=future(13), status="pending")
+    add(factory, "b", desired=future(14), status="cancelled")
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        ((), ["a", "a", "a", "b", "b"]),
+        (("--schedule", "b"), ["b", "b"]),
+        (("--status", "failed"), ["a"]),
+        (("--upcoming",), ["a", "a", "b"]),
+        (("--upcoming", "--schedule", "a"), ["a", "a"]),
+        (("--limit", "2"), ["a", "a"]),
+        (("--schedule", "nope"), []),
+    ],
+)
+def test_status_filters_apply_to_both_forms(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    various: None,
+    args: tuple[str, ...],
+    expected: list[str],
+) -> None:
+    assert run(monkeypatch, env, "status", "--json", *args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["schedule"] for r in rows] == expected
+    statuses = [r["status"] for r in rows]
+
+    assert run(monkeypatch, env, "status", *args) == 0
+    lines = lines_of(capsys)
+    table = lines[lines.index("") + 1 :]
+    if expected:
+        assert [line.split()[0] for line in table[1:]] == expected
+        assert [line.split("  ")[0] for line in table[1:]] == [r["schedule"] for r in rows]
+        assert all(status in line for status, line in zip(statuses, table[1:], strict=True))
+    else:
+        assert table == ["no instance matches"]
+
+
+def test_status_summary_follows_the_schedule_filter(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    various: None,
+) -> None:
+    assert run(monkeypatch, env, "status", "--schedule", "b", "--status", "cancelled") == 0
+    lines = lines_of(capsys)
+    summary = lines[: lines.index("")]
+    assert [line.split()[0] for line in summary[2:-1]] == ["b"]  # the next booking is b's
+    assert [line.split()[0] for line in lines[lines.index("") + 2 :]] == ["b"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--status", "failed", "--upcoming"), "not allowed with argument"),
+        (("--status", "done"), "invalid choice: 'done'"),
+        (("--limit", "0"), "'0' is not a whole number of at least 1"),
+        (("--limit", "x"), "'x' is not a whole number of at least 1"),
+    ],
+)
+def test_status_refuses_bad_filters(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    args: tuple[str, ...],
+    message: str,
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        run(monkeypatch, env, "status", *args)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_status_on_an_empty_database_says_no_instances_yet(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+) -> None:
+    assert run(monkeypatch, env, "status") == 0
+    assert lines_of(capsys) == [
+        "courtbot: not running",
+        "Next bookings: none ahead",
+        "Last 7 days: no outcome",
+        "",
+        "no instances yet",
+    ]
+
+
+def on_a_terminal(env: dict[str, str], *args: str) -> str:
+    """``python main.py ARGS`` with its stdout on a pseudo-terminal; what it printed there."""
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, str(MAIN), *args],
+        env=env,
+        cwd=MAIN.parent,
+        stdin=subprocess.DEVNULL,
+        stdout=secondary,
+        stderr=subprocess.PIPE,
+    )
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(primary)
+    assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+    return b"".join(chunks).decode()
+
+
+def test_status_colours_only_on_a_terminal_and_never_with_no_color(
+    env: dict[str, str], factory: sessionmaker[Session]
+) -> None:
+    add(factory, "a", desired=future(3), status="booked", booking_ref="bk-1", booked_court="3")
+    add(factory, "b", desired=future(4), status="failed", last_error="club down")
+    terminal = env | {"TERM": "xterm"}
+
+    coloured = on_a_terminal(terminal, "status")
+    assert "\x1b[32mbooked" in coloured and "\x1b[31mfailed" in coloured
+    assert "\x1b[" not in on_a_terminal(terminal | {"NO_COLOR": "1"}, "status")
+    assert "\x1b[" not in cli(terminal, "status").stdout  # a pipe, not a terminal
+    assert "\x1b[" not in on_a_terminal(terminal, "status", "--json")
+
+
+def into_a_closed_pipe(env: dict[str, str], *args: str) -> tuple[bytes, bytes, int]:
+    """Run ``python main.py ARGS``, read its first line, close the pipe as ``| head -1``
+    does; returns that line, its stderr and its exit code."""
+    proc = subprocess.Popen(
+        [sys.executable, str(MAIN), *args],
+        env=env,
+        cwd=MAIN.parent,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read()
+    return first, err, proc.wait(60)
+
+
+def test_status_into_a_closed_pipe_ends_quietly(
+    env: dict[str, str], factory: sessionmaker[Session]
+) -> None:
+    # More than a pipe holds (64 KiB), so that writing goes on after the reader has gone.
+    start = future(3)
+    with models.transaction(factory) as session:
+        session.execute(
+            models.Instance.__table__.insert(),
+            [
+                {
+                    "key": f"s{i}@{start + timedelta(hours=i):%Y-%m-%dT%H:%M:%SZ}",
+                    "schedule_id": f"s{i}",
+                    "type": "one-off",
+                    "desired_time": start + timedelta(hours=i),
+                    "trigger_time": start + timedelta(hours=i - 168),
+                    "timezone": "UTC",
+                    "courts": '["3"]',
+                    "court_id": "3",
+                    "token_name": "default",
+                    "duration_minutes": 60,
+                    "status": "pending",
+                    "attempts": 0,
+                    "created_at": start,
+                    "updated_at": start,
+                }
+                for i in range(800)
+            ],
+        )
+    first, err, code = into_a_closed_pipe(env, "status")
+    assert first == b"courtbot: not running\n"
+    assert err == b""
+    assert code == errno.EPIPE  # as Python's own CLIs end (python -m json.tool)
+
+
+def test_check_into_a_closed_pipe_ends_quietly(env: dict[str, str], data_dir: Path) -> None:
+    write_json(data_dir / "tokens.json", {"default": "t"})
+    days = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+    entries = [
+        {"id": f"e{i}", "type": "recurring", "rrule": f"every {days[i % 7]} at {i // 7:02d}:00"}
+        for i in range(160)
+    ]
+    write_json(data_dir / "schedules.json", entries)
+    first, err, code = into_a_closed_pipe(env, "check")
+    assert first.startswith(b"notifications: email off")
+    assert err == b""
+    assert code == errno.EPIPE
 
 
 @pytest.mark.both_databases
@@ -312,12 +796,60 @@ def test_encrypt_token_reads_stdin(env: dict[str, str]) -> None:
     assert cli(env, "encrypt-token", stdin="").returncode == 1
 
 
-def test_health_reads_the_heartbeat(
-    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], data_dir: Path
+def test_health_needs_a_daemon_holding_data_dir_and_a_fresh_heartbeat(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
 ) -> None:
     assert run(monkeypatch, env, "health") == 1
+    capsys.readouterr()
     (data_dir / "heartbeat").write_text(f"{datetime.now(UTC).timestamp():.0f}\n")
-    assert run(monkeypatch, env, "health") == 0
+    # A fresh heartbeat alone is a daemon that stopped (or was killed) a moment ago.
+    assert run(monkeypatch, env, "health") == 1
+    assert capsys.readouterr().err == f"courtbot health: no daemon runs on {data_dir}\n"
+    lock = main.DirLock(data_dir / "bot.lock")
+    assert lock.acquire()
+    try:
+        (data_dir / "bot.pid").write_text(f"{os.getpid()}\n")
+        assert run(monkeypatch, env, "health") == 0
+        gone = 2**22 + 1  # above Linux's pid_max: no such process
+        (data_dir / "bot.pid").write_text(f"{gone}\n")
+        capsys.readouterr()
+        assert run(monkeypatch, env, "health") == 1
+        assert capsys.readouterr().err == (
+            f"courtbot health: the daemon of bot.pid (pid {gone}) is gone\n"
+        )
+    finally:
+        lock.release()
+    assert run(monkeypatch, env, "health") == 1
+
+
+def test_every_log_event_is_one_line_whatever_its_values_hold(
+    env: dict[str, str], data_dir: Path
+) -> None:
+    log_file = data_dir / "bot.log"
+    main.setup_logging(main.Settings.from_env(env | {"LOG_FILE": str(log_file)}))
+    log = logging.getLogger("bot")
+    forged = "bk-1\r\n2026-11-23T12:00:00.000Z ERROR bot: forged\x1b[2J\x85\u2028"
+    log.warning("booked %s ref=%s", "k@2026-12-02T17:00:00Z", forged)
+    try:
+        raise ValueError("boom\nsecond line")
+    except ValueError:
+        log.exception("unexpected")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    lines = log_file.read_text().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith(
+        " WARNING bot: booked k@2026-12-02T17:00:00Z ref=bk-1\\r\\n2026-11-23T12:00:00.000Z "
+        "ERROR bot: forged\\x1b[2J\\x85\\u2028"
+    )
+    assert re.fullmatch(
+        r"\S+Z ERROR bot: unexpected\\nTraceback \(most recent call last\):\\n.*"
+        r"\\nValueError: boom\\nsecond line",
+        lines[1],
+    )
 
 
 def test_the_bundled_examples_pass_check(
@@ -333,6 +865,7 @@ def test_the_bundled_examples_pass_check(
     out = capsys.readouterr().out
     for entry_id in ("wed-evening", "weekend-mornings", "fortnightly-friday", "club-night"):
         assert f"{entry_id} (#" in out
+    assert "\n  skip: 2026-12-23, 2026-12-30\n" in out
 
 
 def test_check_lists_notification_channels_with_secrets_masked(
@@ -363,12 +896,10 @@ def test_check_lists_notification_channels_with_secrets_masked(
 # ---------------------------------------------------------------- the daemon's loop, in process
 
 
-@pytest.fixture
-def daemon(env: dict[str, str], data_dir: Path) -> Iterator[main.Daemon]:
-    """A started daemon in this process (its handlers and wakeup fd restored afterwards)."""
+@contextlib.contextmanager
+def started_daemon(env: dict[str, str]) -> Iterator[main.Daemon]:
+    """A daemon started in this process on ``env`` (its handlers and wakeup fd restored after)."""
     handlers = {signum: signal.getsignal(signum) for signum in main.DAEMON_SIGNALS}
-    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
-    write_json(data_dir / "schedules.json", [one_off("a")])
     settings = main.load_settings(env | {"RELOAD_INTERVAL_SECONDS": "3600"})
     made = main.Daemon(settings, main.load_fernet(settings), None)
     try:
@@ -379,6 +910,15 @@ def daemon(env: dict[str, str], data_dir: Path) -> Iterator[main.Daemon]:
         signal.set_wakeup_fd(-1)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+
+
+@pytest.fixture
+def daemon(env: dict[str, str], data_dir: Path) -> Iterator[main.Daemon]:
+    """A started daemon in this process, with one entry."""
+    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
+    write_json(data_dir / "schedules.json", [one_off("a")])
+    with started_daemon(env) as made:
+        yield made
 
 
 def one_off(schedule_id: str) -> dict[str, Any]:
@@ -446,6 +986,45 @@ def test_a_changed_file_is_reloaded_and_an_unchanged_one_is_not(
     assert daemon.config_changed() is False
 
 
+def test_club_files_are_loaded_reloaded_on_change_and_kept_when_broken(
+    daemon: main.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    assert daemon.ctx is not None
+    clubs = data_dir / "clubs"
+    clubs.mkdir()
+    write_json(clubs / "padel.json", {"url": "https://padel.example/book"})
+    entry = one_off("p") | {"club": "padel"}
+    write_json(data_dir / "schedules.json", [one_off("a"), entry])
+    assert daemon.config_changed() is True
+    daemon.safe_load("file change")
+    good = daemon.ctx.clubs["padel"]
+    assert good.url == "https://padel.example/book"
+    assert daemon.ctx.flow_for("padel") is good
+    assert "club file(s) loaded: padel" in caplog.messages
+    (row,) = [r for r in instances.status_rows(daemon.factory) if r["schedule"] == "p"]
+    first_trigger = row["trigger_time"]
+
+    # A club file's change alone is a change: the new window moves the trigger.
+    write_json(clubs / "padel.json", {"url": "https://padel.example/book", "window": "1d@06:00"})
+    assert daemon.config_changed() is True
+    daemon.safe_load("file change")
+    (row,) = [r for r in instances.status_rows(daemon.factory) if r["schedule"] == "p"]
+    assert row["trigger_time"] != first_trigger
+    assert row["trigger_time"].endswith("T06:00:00Z")
+
+    # Broken: the entry is rejected (its instance kept), the last good flow stays in use.
+    write_json(clubs / "padel.json", {"url": "https://padel.example/book", "method": "BREW"})
+    daemon.safe_load("file change")
+    assert any(
+        m.startswith("schedules.json entry 'p' (#2): club: 'padel': ") and "method: 'BREW'" in m
+        for m in caplog.messages
+    )
+    assert "club 'padel': its last good file stays in use" in caplog.messages
+    assert daemon.ctx.flow_for("padel") == good
+    assert pending(daemon) == ["a", "p"]
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -457,60 +1036,32 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 # ---------------------------------------------------------------- daemons (section 10)
 
 
-def state(ident: str, role: str, *, alive: bool = True, **times: datetime) -> leader.DaemonState:
-    return leader.DaemonState(
-        id=ident,
-        host=f"host-{ident}",
-        pid=100 + len(ident),
-        role=role,
-        started_at=times.get("started_at", NOW - timedelta(hours=3)),
-        since=times.get("since", NOW - timedelta(hours=2)),
-        heartbeat_at=times.get("heartbeat_at", NOW - timedelta(seconds=3)),
-        alive=alive,
-    )
-
-
-def test_the_daemons_as_a_person_reads_them() -> None:
-    states = [
-        state("a", "active", since=NOW - timedelta(minutes=12)),
-        state("bb", "standby", heartbeat_at=NOW - timedelta(seconds=4)),
-        state("ccc", "active", alive=False, heartbeat_at=NOW - timedelta(minutes=7)),
-    ]
-    assert main.daemon_lines(states, NOW) == [
-        "daemons:",
-        "  active   host-a pid 101, active since 2026-11-23T11:48:00Z, last heartbeat 3 s ago",
-        "  standby  host-bb pid 102, standby since 2026-11-23T10:00:00Z, last heartbeat 4 s ago",
-        "  stopped  host-ccc pid 103, last heartbeat 7 min ago",
-    ]
-    assert main.daemon_lines([states[2]], NOW) == ["daemons: none running"]
-    assert main.daemon_lines([], NOW) == ["daemons: none running"]
-    assert [main._ago(s) for s in (0, 119, 120, 7199, 7200, 3 * 86400)] == [
-        "0 s",
-        "119 s",
-        "2 min",
-        "119 min",
-        "2 h",
-        "3 d",
-    ]
-
-
-@pytest.mark.both_databases
-def test_status_names_the_running_daemon(
+def test_status_names_the_active_daemon_on_a_shared_database(
+    pg_url: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    daemon: main.Daemon,
+    unstarted: Callable[..., main.Daemon],
     env: dict[str, str],
+    data_dir: Path,
 ) -> None:
-    assert run(monkeypatch, env, "status") == 0
-    out = capsys.readouterr().out
+    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
+    write_json(data_dir / "schedules.json", [])
+    daemon = unstarted(DATABASE_URL=pg_url)
+    daemon.start()
+    shared = env | {"DATABASE_URL": pg_url}
     host = os.uname().nodename
     since = utils_format(daemon.roles.since)
-    assert re.match(
-        rf"daemons:\n  active   {re.escape(host)} pid {os.getpid()}, active since {since}, "
-        r"last heartbeat \d+ s ago\n\nSCHEDULE ",
-        out,
-    ), out
-    assert run(monkeypatch, env, "status", "--daemons", "--json") == 0
+
+    assert run(monkeypatch, shared, "status") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "courtbot: running"
+    assert re.fullmatch(
+        rf"  active on {re.escape(host)} \(pid {os.getpid()}\) since {since}, heartbeat [01] s ago",
+        lines[1],
+    ), lines
+    assert run(monkeypatch, shared, "status", "--daemons") == 0
+    assert capsys.readouterr().out.splitlines() == lines[:2]
+    assert run(monkeypatch, shared, "status", "--daemons", "--json") == 0
     (shown,) = json.loads(capsys.readouterr().out)
     assert shown == {
         "id": daemon.roles.ident,
@@ -522,8 +1073,8 @@ def test_status_names_the_running_daemon(
         "started_at": utils_format(daemon.roles.started_at),
         "heartbeat_at": shown["heartbeat_at"],
     }
-    assert run(monkeypatch, env, "status", "--json") == 0
-    assert isinstance(json.loads(capsys.readouterr().out), list)  # one array of instances, still
+    assert run(monkeypatch, shared, "status", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == []  # still one array of instances
 
 
 def utils_format(moment: datetime) -> str:
@@ -659,31 +1210,6 @@ def test_a_standby_waits_then_takes_over_and_steps_down_when_its_lock_goes(
     assert pg_server.password not in caplog.text
 
 
-def test_on_sqlite_a_restarted_daemon_lists_only_itself(
-    unstarted: Callable[..., main.Daemon], data_dir: Path
-) -> None:
-    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
-    write_json(data_dir / "schedules.json", [])
-    engine = models.make_engine(f"sqlite:///{data_dir / 'db.sqlite'}")
-    try:
-        # the row of a daemon killed seconds ago: its heartbeat still looks fresh
-        leader.write_heartbeat(
-            engine,
-            ident="killed",
-            role="active",
-            started_at=datetime.now(UTC),
-            since=datetime.now(UTC),
-            now=datetime.now(UTC),
-            pid=1,
-        )
-        daemon = unstarted()
-        daemon.start()
-        states = leader.list_daemons(engine, now=datetime.now(UTC))
-    finally:
-        engine.dispose()
-    assert [(s.pid, s.role, s.alive) for s in states] == [(os.getpid(), "active", True)]
-
-
 def test_the_active_daemon_takes_over_dead_daemons_claims_and_changes_made_elsewhere(
     pg_url: str,  # first: the database outlives the daemon
     unstarted: Callable[..., main.Daemon],
@@ -731,3 +1257,107 @@ def test_the_active_daemon_takes_over_dead_daemons_claims_and_changes_made_elsew
         ) in caplog.messages
     finally:
         live.close()
+
+
+# ---------------------------------------------------------------- a token that expires
+
+
+def test_a_token_expiring_before_a_near_trigger_is_reported_once(
+    env: dict[str, str], data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    now = datetime.now(UTC)
+    expires = (now + timedelta(hours=12)).replace(microsecond=0)
+    token = make_jwt({"sub": "me", "exp": int(expires.timestamp())})
+    write_json(data_dir / "tokens.json", {"default": token, "other": "opaque"})
+    near = now + timedelta(days=8)  # its window opens in a day: within TOKEN_NOTICE_AHEAD
+    far = now + timedelta(days=20)
+    entries = [
+        {"id": "near", "type": "one-off", "desired_time": f"{near:%Y-%m-%d %H:%M}"},
+        {"id": "far", "type": "one-off", "desired_time": f"{far:%Y-%m-%d %H:%M}"},
+        {
+            "id": "opaque",
+            "type": "one-off",
+            "desired_time": f"{near:%Y-%m-%d %H:%M}",
+            "token": "other",
+        },
+    ]
+    write_json(data_dir / "schedules.json", entries)
+
+    with started_daemon(env) as daemon:
+        assert daemon.warn_expiring_tokens(datetime.now(UTC)) == []  # sent at start already
+        daemon.safe_load("SIGHUP")
+        assert daemon.warn_expiring_tokens(datetime.now(UTC)) == []
+    with started_daemon(env) as again:  # remembered across restarts too
+        assert again.warn_expiring_tokens(datetime.now(UTC)) == []
+
+    sent = [m for m in caplog.messages if m.startswith("token 'default': ")]
+    assert sent == [
+        f"token 'default': Token 'default' expires {utils.format_utc(expires)}, before 2 booking(s)"
+    ]
+    assert token not in caplog.text
+
+
+def test_the_token_expiry_report_says_what_to_do() -> None:
+    now = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+    first = Instance(
+        key="wed@2026-12-02T17:00:00Z",
+        timezone="Europe/London",
+        trigger_time=datetime(2026, 11, 25, 17, 0, tzinfo=UTC),
+    )
+    subject, body = main._token_expiry_message(
+        "default", datetime(2026, 11, 24, 10, 0, tzinfo=UTC), 3, first, now
+    )
+    assert subject == "Token 'default' expires 2026-11-24T10:00:00Z, before 3 booking(s)"
+    assert body.splitlines() == [
+        "Token 'default' in tokens.json is a JWT that expires 2026-11-24T10:00:00Z (in 22 h).",
+        "3 pending booking(s) have their window open after that: at its trigger the club would "
+        "reject the token (401). The first:",
+        "",
+        "    wed@2026-12-02T17:00:00Z: window opens Wed 2026-11-25 17:00 GMT (in 2 d 5 h)",
+        "",
+        "What to do: put a fresh token in tokens.json (python main.py encrypt-token encrypts it), "
+        "then python main.py reload.",
+    ]
+
+
+# ---------------------------------------------------------------- HEARTBEAT_URL
+
+
+def test_an_invalid_heartbeat_url_stops_run_and_fails_check_without_its_secret(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    write_json(data_dir / "tokens.json", {"default": "t"})
+    bad = env | {"HEARTBEAT_URL": "ftp://hc-ping.example/5e3c-secret-uuid"}
+    message = (
+        "HEARTBEAT_URL: 'ftp://hc-ping.example/****' is not an http(s) URL (e.g. "
+        "https://hc-ping.com/<uuid>)"
+    )
+    assert run(monkeypatch, bad, "check") == 1
+    assert capsys.readouterr().err == f"courtbot check: {message}\n"
+    assert run(monkeypatch, bad, "run") == 2
+    err = capsys.readouterr().err
+    assert err == f"courtbot: cannot start: {message}\n"
+    assert "secret" not in err
+
+
+def test_the_daemon_pings_its_heartbeat_url_at_start_and_stops_at_shutdown(
+    env: dict[str, str], data_dir: Path, ping_server: PingServer
+) -> None:
+    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
+    with started_daemon(env | {"HEARTBEAT_URL": ping_server.url("/ping/abc")}) as daemon:
+        assert ping_server.wait_for(1)
+        assert daemon.pinger is not None and daemon.is_healthy()
+    assert ping_server.paths == ["/ping/abc"]
+    assert daemon.is_healthy() is False
+
+
+def test_calendar_entries_are_located_at_the_booking_hosts_name(env: dict[str, str]) -> None:
+    settings = main.load_settings(
+        env | {"BOOKING_API_URL": "https://u:pw@book.club.example:8443/b"}
+    )
+    assert main.club_location(settings, None) == "book.club.example"
+    assert main.club_location(main.load_settings(env | {"BOOKING_API_URL": ""}), None) is None

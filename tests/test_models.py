@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta, timezone
@@ -79,3 +80,52 @@ def test_utc_columns_store_instants(tmp_path: Path) -> None:
     assert column.process_result_value(stored, None) == datetime(2026, 8, 10, 12, 0, tzinfo=UTC)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="naive datetime"):
         column.process_bind_param(datetime(2026, 8, 10, 12, 0), None)  # type: ignore[arg-type]
+
+
+def _tokens(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return [row[0] for row in conn.execute("SELECT id FROM tokens ORDER BY id")]
+
+
+def _add_token(engine: models.Engine, name: str) -> None:
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO tokens (id, updated_at) VALUES (?, '2026-01-01')", (name,)
+        )
+
+
+def test_the_guard_writes_a_deleted_database_back_with_what_was_written_since(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "db.sqlite"
+    engine = models.make_engine(f"sqlite:///{path}")
+    guard = models.SqliteGuard(path)
+    _add_token(engine, "before")
+    assert guard.check() is None
+    path.unlink()
+    assert guard.check() == "deleted"
+    _add_token(engine, "after")  # into the ghost
+    engine.dispose()
+    assert guard.save() == path
+    assert _tokens(path) == ["after", "before"]
+    assert path.stat().st_mode & 0o777 == 0o600
+    # The ghost's -wal and -shm are gone with it; only the saved database is left.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["db.sqlite"]
+
+
+def test_the_guard_keeps_a_database_put_in_place_and_saves_beside_it(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    engine = models.make_engine(f"sqlite:///{path}")
+    guard = models.SqliteGuard(path)
+    _add_token(engine, "ours")
+    backup = tmp_path / "backup" / "db.sqlite"
+    made = models.make_engine(f"sqlite:///{backup}")
+    _add_token(made, "theirs")
+    made.dispose()
+    backup.replace(path)  # someone's backup, moved into its place while the daemon runs
+    assert guard.check() == "replaced"
+    engine.dispose()
+    saved = guard.save()
+    assert saved is not None and saved.name.startswith("db.sqlite.lost-")
+    assert _tokens(saved) == ["ours"]
+    assert _tokens(path) == ["theirs"]  # not overlaid with the old file's WAL

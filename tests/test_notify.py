@@ -67,6 +67,11 @@ def make_outcome(status: str = "booked", **changes: Any) -> Outcome:
         "reason": None if status == "booked" else "court 3 taken (409)",
         "booking_ref": "bk-7" if status == "booked" else None,
         "timezone": "Europe/London",
+        "timing": {
+            "booked": "sent 0.8 ms after the window opened",
+            "failed": "sent 1.2 ms after the window opened",
+            "expired": "not sent: courtbot was not running at the trigger",
+        }.get(status),
     }
     values.update(changes)
     return Outcome(**values)
@@ -129,6 +134,7 @@ class Mailbox:
     logins: list[str] = field(default_factory=list)
     refuse: set[str] = field(default_factory=set)
     data_calls: int = 0
+    raw: list[bytes] = field(default_factory=list)
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
@@ -146,6 +152,7 @@ class Mailbox:
         parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
         assert isinstance(parsed, EmailMessage)
         self.messages.append(parsed)
+        self.raw.append(envelope.content)
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         return "250 OK"
 
@@ -226,9 +233,7 @@ def email_settings(port: int, **changes: Any) -> NotifySettings:
 
 
 def subject(message: EmailMessage) -> str:
-    # A subject longer than one line is folded onto the next (RFC 5322 folding, valid on the
-    # wire); Python's parser keeps that fold's leading space, mail clients do not show it.
-    return str(message["Subject"]).strip()
+    return str(message["Subject"])
 
 
 def only_message(mailbox: Mailbox) -> EmailMessage:
@@ -260,12 +265,14 @@ def test_booked_email_has_subject_facts_and_calendar_entry() -> None:
         KEY,
         "Court:",
         "Wed 2026-12-02 17:00 (Europe/London), 60 minutes",
-        "2026-11-25 17:00:00 UTC",
         "Attempts:      1",
         "bk-7",
         "booking.ics",
     ):
         assert fact in body, fact
+    lines = body.splitlines()
+    assert "Window opened: 2026-11-25 17:00:00 UTC" in lines
+    assert "Timing:        Sent 0.8 ms after the window opened." in lines
 
     attachments = list(message.iter_attachments())
     assert len(attachments) == 1
@@ -298,6 +305,39 @@ def test_calendar_times_are_utc_in_summer() -> None:
     ics = notify.calendar_entry(outcome, BEFORE_START).decode()
     assert "DTSTART:20260701T083000Z\r\n" in ics
     assert "DTEND:20260701T100000Z\r\n" in ics
+
+
+def test_escape_controls_keeps_one_event_on_one_line() -> None:
+    text = "ref=bk-1\r\n2026-11-23T12:00:00.000Z INFO bot: forged\x1b[2J\t\x00\x85\u2028end"
+    assert notify.escape_controls(text) == (
+        "ref=bk-1\\r\\n2026-11-23T12:00:00.000Z INFO bot: forged\\x1b[2J\\t\\x00\\x85\\u2028end"
+    )
+
+
+def test_calendar_text_never_holds_a_bare_cr_or_another_control() -> None:
+    outcome = make_outcome(booking_ref="bk-1\rX-INJECTED:evil\x00\x1b", court="3\r4")
+    ics = notify.calendar_entry(outcome, BEFORE_START)
+    assert b"\r" not in ics.replace(b"\r\n", b"")
+    assert b"\n" not in ics.replace(b"\r\n", b"")
+    unfolded = ics.decode().replace("\r\n ", "").split("\r\n")
+    assert not any(line.startswith("X-INJECTED") for line in unfolded)
+    assert "SUMMARY:Tennis: court 3\\n4" in unfolded
+    description = next(line for line in unfolded if line.startswith("DESCRIPTION:"))
+    assert description.startswith("DESCRIPTION:Booking reference: bk-1\\nX-INJECTED:evil\\n")
+
+
+def test_a_court_with_a_line_break_still_gets_its_email() -> None:
+    # Validation rejects such a court; one stored before it must not lose the email (the email
+    # library refuses a header holding a line break).
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port, notifier_for(email_settings(port)) as notifier:
+        notifier.notify(make_outcome(court="3\r\nBcc: someone@else.example"))
+    message = only_message(mailbox)
+    assert subject(message) == (
+        "Booked: wed-evening court 3\\r\\nBcc: someone@else.example Wed 2026-12-02 17:00 "
+        "(Europe/London)"
+    )
+    assert message["Bcc"] is None
 
 
 def test_failed_email_says_why_and_how_to_retry() -> None:
@@ -395,6 +435,122 @@ def test_missed_with_one_outcome_uses_its_own_subject() -> None:
         notifier.notify_missed([make_outcome("expired", reason="down")])
         notifier.notify_missed([])
     assert subject(only_message(mailbox)).startswith("Booking missed: wed-evening court 3 ")
+
+
+def test_a_subject_that_fits_a_line_of_its_own_is_not_moved_onto_the_next() -> None:
+    # 72 characters: Python's default folding would send "Subject:" CRLF " Booked: ...", which
+    # readers show with a leading space.
+    outcome = make_outcome(schedule_id="a", timezone="America/Argentina/Buenos_Aires")
+    expected = "Booked: a court 3 Wed 2026-12-02 14:00 (America/Argentina/Buenos_Aires)"
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port, notifier_for(email_settings(port)) as notifier:
+        notifier.notify(outcome)
+    assert str(only_message(mailbox)["Subject"]) == expected
+    assert f"Subject: {expected}\r\n".encode() in mailbox.raw[0].splitlines(keepends=True)
+
+
+def test_an_email_for_a_booking_made_late_says_how_late_and_why() -> None:
+    late = "sent 2 d 3 h late: courtbot was not running at the trigger"
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as port, notifier_for(email_settings(port)) as notifier:
+        notifier.notify(make_outcome("booked", timing=late))
+    body = body_text(only_message(mailbox))
+    lines = body.splitlines()
+    assert "Window opened: 2026-11-25 17:00:00 UTC" in lines
+    assert "Timing:        Sent 2 d 3 h late: courtbot was not running at the trigger." in lines
+    assert "when the booking window opened" not in body
+
+
+def test_a_taken_failure_advises_a_court_list_not_a_retry(
+    http_recorder: tuple[int, list[dict[str, Any]]],
+) -> None:
+    outcome = make_outcome("failed", reason="court 3: taken (HTTP 409)", retry_helps=False)
+    port, requests = http_recorder
+    mailbox = Mailbox()
+    urls = (f"json://127.0.0.1:{port}/hook",)
+    with (
+        smtp_server(mailbox) as smtp_port,
+        notifier_for(email_settings(smtp_port, urls=urls)) as notifier,
+    ):
+        notifier.notify(outcome)
+    body = body_text(only_message(mailbox))
+    assert "python main.py retry" not in body
+    assert (
+        "What to do: every court tried was taken, so a retry would be taken too. Book\n"
+        "another court with the club, and give the entry a list of courts to try in order\n"
+        '("court_id": ["3", "4"]) so that courtbot goes on to the next one.'
+    ) in body.replace("\r\n", "\n")
+    posted = json.loads(requests[0]["body"])
+    assert posted["message"].split("\n")[-1] == (
+        "Every court tried was taken: book another, or list more courts."
+    )
+    assert "retry" not in posted["message"]
+
+
+def test_calendar_entry_has_a_reminder_and_the_club_as_location() -> None:
+    def unfolded(ics: bytes) -> list[str]:
+        return ics.decode().replace("\r\n ", "").split("\r\n")
+
+    lines = unfolded(notify.calendar_entry(make_outcome(), BEFORE_START, "club.example"))
+    assert "LOCATION:club.example" in lines
+    alarm = lines[lines.index("BEGIN:VALARM") : lines.index("END:VALARM") + 1]
+    assert alarm == [
+        "BEGIN:VALARM",
+        "ACTION:DISPLAY",
+        "DESCRIPTION:Tennis: court 3",
+        "TRIGGER:-PT60M",
+        "END:VALARM",
+    ]
+    assert lines.index("END:VALARM") < lines.index("END:VEVENT")
+    named = make_outcome(location="Riverside LTC, Court Lane")
+    assert "LOCATION:Riverside LTC\\, Court Lane" in unfolded(
+        notify.calendar_entry(named, BEFORE_START, "club.example")
+    )
+    assert not any(
+        line.startswith("LOCATION:")
+        for line in unfolded(notify.calendar_entry(make_outcome(), BEFORE_START))
+    )
+
+
+def test_the_notifier_puts_its_location_in_the_attached_entry() -> None:
+    mailbox = Mailbox()
+    settings = email_settings(0)
+    with smtp_server(mailbox) as port:
+        notifier = Notifier(
+            replace(settings, smtp_port=port), clock=lambda: BEFORE_START, location="club.example"
+        )
+        notifier.start()
+        notifier.notify(make_outcome())
+        notifier.close(timeout=10)
+    (attachment,) = only_message(mailbox).iter_attachments()
+    ics = attachment.get_payload(decode=True)
+    assert isinstance(ics, bytes)
+    assert b"\r\nLOCATION:club.example\r\n" in ics
+
+
+def test_a_warning_goes_by_email_and_channel_with_its_lines(
+    http_recorder: tuple[int, list[dict[str, Any]]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="notify")
+    port, requests = http_recorder
+    mailbox = Mailbox()
+    urls = (f"json://127.0.0.1:{port}/hook",)
+    body = "Token 'default' expires soon.\n\nPut a fresh one in tokens.json.\n"
+    with (
+        smtp_server(mailbox) as smtp_port,
+        notifier_for(email_settings(smtp_port, urls=urls)) as notifier,
+    ):
+        notifier.notify_warning("token 'default'", "Token expiring: default", body)
+    message = only_message(mailbox)
+    assert subject(message) == "Token expiring: default"
+    assert body_text(message).replace("\r\n", "\n") == body
+    posted = json.loads(requests[0]["body"])
+    assert (posted["title"], posted["message"], posted["type"]) == (
+        "Token expiring: default",
+        body.strip(),
+        "warning",
+    )
+    assert "token 'default': Token expiring: default" in caplog.messages
 
 
 def test_several_recipients_get_one_message() -> None:
@@ -648,9 +804,20 @@ def test_log_line_for_each_outcome(caplog: pytest.LogCaptureFixture) -> None:
     records = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "notify"]
     at = "at=Wed 2026-12-02 17:00 Europe/London"
     assert records == [
-        (logging.INFO, f"booked {KEY} court=3 {at} attempts=1 ref=bk-7"),
-        (logging.WARNING, f"failed {KEY} court=3 {at} attempts=3 reason=court 3 taken (409)"),
-        (logging.WARNING, f"expired {KEY} court=any {at} attempts=0 reason=daemon was down"),
+        (
+            logging.INFO,
+            f"booked {KEY} court=3 {at} attempts=1 (sent 0.8 ms after the window opened) ref=bk-7",
+        ),
+        (
+            logging.WARNING,
+            f"failed {KEY} court=3 {at} attempts=3 (sent 1.2 ms after the window opened) "
+            "reason=court 3 taken (409)",
+        ),
+        (
+            logging.WARNING,
+            f"expired {KEY} court=any {at} attempts=0 (not sent: courtbot was not running at "
+            "the trigger) reason=daemon was down",
+        ),
     ]
     assert all(r.args for r in caplog.records if r.name == "notify")
 
@@ -962,7 +1129,9 @@ def test_channels_get_title_and_body(
     posted = json.loads(by_path["/hook"]["body"])
     assert posted["title"] == title
     assert posted["message"] == (
-        "wed-evening: court 3, Wed 2026-12-02 17:00 (Europe/London). Ref bk-7."
+        "Booked for wed-evening: court 3 on Wed 2026-12-02 17:00 (Europe/London).\n"
+        "Sent 0.8 ms after the window opened.\n"
+        "Ref bk-7."
     )
     assert posted["type"] == "success"
     # ntfy in private mode posts to the server's root with the topic in the JSON body.
@@ -974,6 +1143,24 @@ def test_channels_get_title_and_body(
     assert "channel JSON json://user:****@127.0.0.1" in caplog.text
 
 
+def test_one_log_line_per_channel_delivery(
+    http_recorder: tuple[int, list[dict[str, Any]]], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    port, requests = http_recorder
+    urls = (f"json://127.0.0.1:{port}/hook", f"ntfy://127.0.0.1:{port}/courts")
+    with notifier_for(make_settings(urls=urls)) as notifier:
+        notifier.notify(make_outcome("booked"))
+    assert len(requests) == 2
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert lines == [
+        f"booked {KEY} court=3 at=Wed 2026-12-02 17:00 Europe/London attempts=1 "
+        "(sent 0.8 ms after the window opened) ref=bk-7",
+        f"channel JSON json://127.0.0.1:{port}/hook: sent for {KEY}",
+        f"channel ntfy ntfy://127.0.0.1:{port}/courts: sent for {KEY}",
+    ]
+
+
 def test_channel_message_for_a_failure_names_the_reason(
     http_recorder: tuple[int, list[dict[str, Any]]],
 ) -> None:
@@ -982,8 +1169,12 @@ def test_channel_message_for_a_failure_names_the_reason(
         notifier.notify(make_outcome("failed"))
     posted = json.loads(requests[0]["body"])
     assert posted["title"].startswith("Booking failed: wed-evening court 3 ")
-    assert "Reason: court 3 taken (409)" in posted["message"]
-    assert f"python main.py retry {KEY}" in posted["message"]
+    assert posted["message"].split("\n") == [
+        "Booking failed for wed-evening: court 3 on Wed 2026-12-02 17:00 (Europe/London).",
+        "Sent 1.2 ms after the window opened.",
+        "Reason: court 3 taken (409)",
+        f"Retry: python main.py retry {KEY}",
+    ]
     assert posted["type"] == "failure"
 
 

@@ -2,7 +2,9 @@
 Fernet, and rules (CONTRACT sections 3 and 4: English sentences, RFC 5545, expansion in
 wall-clock time across DST, the same through ``config_loader.read_schedules`` and ``Entry.plan``).
 Pure functions, so every test passes its own ``now``; nothing sleeps. The rules' property tests
-have an oracle that walks the calendar day by day and never asks dateutil."""
+have an oracle that walks the calendar day by day and never asks dateutil; those for UNTIL,
+DST gaps and the bounded search cross-check against python-dateutil's own answers where it
+and RFC 5545 agree (a zoned start, its plain expansion)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import email.utils
 import functools
 import itertools
 import re
+import sys
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ from hypothesis import strategies as st
 
 import config_loader
 import utils
-from conftest import NOW, write_json
+from conftest import NOW, make_jwt, write_json
 
 LONDON = ZoneInfo("Europe/London")
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -34,8 +37,9 @@ UTC_ZONE = ZoneInfo("UTC")
 
 EXPECTED_DESIRED = "expected 'YYYY-MM-DD HH:MM' (e.g. '2026-12-02 17:00')"
 EXPECTED_WINDOW = (
-    "is not a window; expected '<N>h' (hours, e.g. '168h' or '47.5h') or '<N>d' "
-    "(whole calendar days, e.g. '7d')"
+    "is not a window; expected '<N>h' (hours, e.g. '168h' or '47.5h'), '<N>d' "
+    "(whole calendar days, e.g. '7d') or '<N>d@HH:MM' (at that local time N calendar days "
+    "before, e.g. '6d@08:00')"
 )
 KEY_FIX = "generate one with `python main.py generate-key`"
 
@@ -262,6 +266,111 @@ def test_format_local_and_as_utc() -> None:
     assert converted.tzinfo is UTC
 
 
+def test_format_local_short_adds_the_year_only_when_it_is_not_this_one() -> None:
+    now = utc(2026, 11, 23, 12, 0)
+    assert utils.format_local_short(utc(2026, 12, 3, 17, 0), LONDON, now) == "Thu 3 Dec 17:00 GMT"
+    assert utils.format_local_short(utc(2026, 7, 1, 16, 0), LONDON, now) == "Wed 1 Jul 17:00 BST"
+    assert utils.format_local_short(utc(2027, 1, 7, 9, 0), LONDON, now) == (
+        "Thu 7 Jan 2027 09:00 GMT"
+    )
+    # The year is the zone's: 23:30 UTC on 31 December is already next year in Berlin.
+    new_year = utc(2026, 12, 31, 23, 30)
+    assert utils.format_local_short(new_year, BERLIN, now) == "Fri 1 Jan 2027 00:30 CET"
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0 s"),
+        (0.9, "0 s"),
+        (45, "45 s"),
+        (60, "1 min"),
+        (260, "4 min 20 s"),
+        (3600, "1 h"),
+        (3 * 3600 + 5 * 60 + 59, "3 h 5 min"),
+        (86400 * 2, "2 d"),
+        (86400 * 5 + 4 * 3600 + 3599, "5 d 4 h"),
+        (-5, "0 s"),
+    ],
+)
+def test_format_span(seconds: float, text: str) -> None:
+    assert utils.format_span(seconds) == text
+
+
+def test_format_ahead() -> None:
+    now = utc(2026, 11, 23, 12, 0)
+    assert utils.format_ahead(utc(2026, 11, 28, 16, 30), now) == "in 5 d 4 h"
+    assert utils.format_ahead(utc(2026, 11, 23, 9, 50), now) == "2 h 10 min ago"
+    assert utils.format_ahead(now, now) == "in 0 s"
+
+
+@pytest.mark.parametrize(
+    ("after", "cause", "text"),
+    [
+        (timedelta(microseconds=800), None, "sent 0.8 ms after the window opened"),
+        (timedelta(0), "ignored", "sent 0.0 ms after the window opened"),
+        (timedelta(milliseconds=999), None, "sent 999.0 ms after the window opened"),
+        (
+            timedelta(seconds=10.94),
+            "courtbot was not running at the trigger",
+            "sent 10.9 s late: courtbot was not running at the trigger",
+        ),
+        (
+            timedelta(days=2, hours=3, minutes=4),
+            "the window was already open when the entry was loaded",
+            "sent 2 d 3 h late: the window was already open when the entry was loaded",
+        ),
+        (
+            timedelta(seconds=1.5),
+            None,
+            "sent 1.5 s late: courtbot's trigger fired late (a busy machine or a clock jump)",
+        ),
+        (-timedelta(microseconds=300), None, "sent 0.3 ms before the window opened"),
+    ],
+)
+def test_send_timing(after: timedelta, cause: str | None, text: str) -> None:
+    trigger = utc(2026, 11, 25, 17, 0)
+    assert utils.send_timing(trigger, trigger + after, cause) == text
+
+
+def test_jwt_expiry_reads_exp_without_verifying() -> None:
+    assert utils.jwt_expiry(make_jwt({"sub": "me", "exp": 1796220000})) == utc(2026, 12, 2, 14, 0)
+    assert utils.jwt_expiry(make_jwt({"exp": 1796220000.5})) == utc(2026, 12, 2, 14, 0) + timedelta(
+        milliseconds=500
+    )
+    assert utils.jwt_expiry(" " + make_jwt({"exp": 1796220000}) + "\n") is not None
+
+
+def test_secrets_expiry_is_the_earliest_jwt_among_them() -> None:
+    soon, later = 1796220000, 1796306400
+    secrets = {
+        "email": "me@example.org",
+        "token": make_jwt({"exp": later}),
+        "refresh": make_jwt({"exp": soon}),
+    }
+    assert utils.secrets_expiry(secrets) == utc(2026, 12, 2, 14, 0)
+    assert utils.secrets_expiry({"email": "me@example.org", "password": "pw"}) is None
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        "opaque-club-token",
+        "a.b",
+        "a..c",
+        "a.!!!.c",
+        "a.bm90IGpzb24.c",  # "not json"
+        make_jwt({"sub": "me"}),
+        make_jwt({"exp": "1796220000"}),
+        make_jwt({"exp": True}),
+        make_jwt({"exp": 10**20}),
+        "eyJhbGciOiJIUzI1NiJ9.WzFd.c2ln",  # a list, not an object
+    ],
+)
+def test_jwt_expiry_is_none_for_anything_else(token: str) -> None:
+    assert utils.jwt_expiry(token) is None
+
+
 def test_instance_key_is_the_id_and_the_utc_start() -> None:
     start = datetime(2026, 12, 2, 17, 0, tzinfo=LONDON)
     assert utils.instance_key("wed-evening", start) == "wed-evening@2026-12-02T17:00:00Z"
@@ -324,7 +433,7 @@ def test_parse_window(text: str, amount: float, unit: str, shown: str) -> None:
 def test_parse_window_rejects_with_the_expected_forms(text: str) -> None:
     with pytest.raises(ValueError) as info:
         utils.parse_window(text)
-    assert str(info.value) == f"BOOKING_WINDOW: {text!r} {EXPECTED_WINDOW}"
+    assert str(info.value) == f"{text!r} {EXPECTED_WINDOW}"
 
 
 def test_settings_report_a_bad_window() -> None:
@@ -410,6 +519,170 @@ def test_trigger_in_days_from_an_explicit_second_occurrence() -> None:
 def test_trigger_in_days_zero_is_the_start() -> None:
     desired = datetime(2026, 12, 2, 17, 0, tzinfo=LONDON)
     assert utils.trigger_time(desired, LONDON, utils.parse_window("0d")) == desired
+
+
+# ---------------------------------------------------------------- windows at a clock time
+
+
+@pytest.mark.parametrize(
+    ("text", "amount", "at", "shown"),
+    [
+        ("6d@08:00", 6, time(8, 0), "6d@08:00"),
+        ("0d@20:30", 0, time(20, 30), "0d@20:30"),
+        (" 1D@00:00 ", 1, time(0, 0), "1d@00:00"),
+        ("366d@23:59", 366, time(23, 59), "366d@23:59"),
+    ],
+)
+def test_parse_window_at_a_clock_time(text: str, amount: int, at: time, shown: str) -> None:
+    window = utils.parse_window(text)
+    assert window == utils.Window(amount, "d", at)
+    assert str(window) == shown
+    assert utils.parse_window("7d").at is None
+
+
+@pytest.mark.parametrize(
+    "text", ["6d@8:00", "6d@08", "6h@08:00", "@08:00", "6d@08:00:00", "6d 08:00", "1.5d@08:00"]
+)
+def test_parse_window_at_rejects_other_shapes(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        utils.parse_window(text)
+    assert str(info.value) == f"{text!r} {EXPECTED_WINDOW}"
+
+
+@pytest.mark.parametrize("text", ["6d@24:00", "6d@07:60", "0d@99:99"])
+def test_parse_window_at_rejects_a_time_that_is_no_time_of_day(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        utils.parse_window(text)
+    clock = text.split("@")[1]
+    assert str(info.value) == (
+        f"{text!r}: {clock} is not a time of day; expected HH:MM from 00:00 to 23:59 "
+        "(e.g. '6d@08:00')"
+    )
+
+
+def test_parse_window_at_longer_than_a_year_is_refused() -> None:
+    with pytest.raises(ValueError) as info:
+        utils.parse_window("367d@08:00")
+    assert str(info.value) == (
+        "'367d@08:00' is longer than a year; no club opens bookings that far ahead "
+        "(e.g. '168h', '7d' or '6d@08:00')"
+    )
+
+
+def test_parse_window_rejects_what_is_not_text() -> None:
+    with pytest.raises(ValueError) as info:
+        utils.parse_window(7)  # type: ignore[arg-type]
+    assert str(info.value) == f"7 {EXPECTED_WINDOW}"
+
+
+def test_trigger_at_a_clock_time_n_days_before_the_local_date() -> None:
+    # "6 days ahead at 08:00": a Wednesday 17:00 start opens on the Thursday before at 08:00.
+    desired = datetime(2026, 12, 2, 17, 0, tzinfo=LONDON)
+    trigger = utils.trigger_time(desired, LONDON, utils.parse_window("6d@08:00"))
+    assert trigger == utc(2026, 11, 26, 8, 0)
+    assert utils.window_opens_after(desired, LONDON, utils.parse_window("6d@08:00")) is None
+    # The local date counts, not the UTC one: 00:30 in Sydney is the day before in UTC.
+    sydney = datetime(2026, 12, 2, 0, 30, tzinfo=SYDNEY)
+    opens = utils.trigger_time(sydney, SYDNEY, utils.parse_window("1d@07:00"))
+    assert opens.astimezone(SYDNEY).strftime("%a %Y-%m-%d %H:%M %Z") == "Tue 2026-12-01 07:00 AEDT"
+
+
+def test_trigger_at_a_clock_time_keeps_the_clock_across_dst() -> None:
+    # Start Wed 2026-04-01 17:00 BST; seven days earlier (Wed 2026-03-25) is GMT: 08:00 GMT.
+    desired = datetime(2026, 4, 1, 17, 0, tzinfo=LONDON)
+    trigger = utils.trigger_time(desired, LONDON, utils.parse_window("7d@08:00"))
+    assert trigger.astimezone(LONDON).strftime("%a %Y-%m-%d %H:%M %Z") == "Wed 2026-03-25 08:00 GMT"
+    assert trigger == utc(2026, 3, 25, 8, 0)
+
+
+def test_trigger_at_a_clock_time_in_a_gap_moves_forward_by_the_gap() -> None:
+    # 01:30 on Sun 2026-03-29 does not exist in London: it is the instant 01:30 GMT (02:30 BST).
+    desired = datetime(2026, 3, 30, 9, 0, tzinfo=LONDON)
+    trigger = utils.trigger_time(desired, LONDON, utils.parse_window("1d@01:30"))
+    assert utils.wall_clock_issue(datetime(2026, 3, 29, 1, 30), LONDON) == "gap"
+    assert trigger == utc(2026, 3, 29, 1, 30)
+    assert trigger.astimezone(LONDON).strftime("%H:%M %Z") == "02:30 BST"
+
+
+def test_trigger_at_a_clock_time_in_an_overlap_is_the_first_occurrence() -> None:
+    desired = datetime(2025, 10, 27, 9, 0, tzinfo=LONDON)
+    trigger = utils.trigger_time(desired, LONDON, utils.parse_window("1d@01:30"))
+    assert trigger == utc(2025, 10, 26, 0, 30)  # 01:30 BST, the first of the two
+
+
+def test_zero_days_at_a_clock_time_is_the_same_day() -> None:
+    desired = datetime(2026, 12, 2, 21, 0, tzinfo=LONDON)
+    window = utils.parse_window("0d@20:00")
+    assert utils.trigger_time(desired, LONDON, window) == utc(2026, 12, 2, 20, 0)
+    assert utils.window_opens_after(desired, LONDON, window) is None
+    at_the_start = utils.parse_window("0d@21:00")
+    assert utils.trigger_time(desired, LONDON, at_the_start) == utils.as_utc(desired)
+    assert utils.window_opens_after(desired, LONDON, at_the_start) is None
+
+
+def test_a_window_opening_after_the_start_is_told() -> None:
+    # 0d@20:00 for a 17:00 start would open three hours after the start.
+    desired = datetime(2026, 12, 2, 17, 0, tzinfo=LONDON)
+    window = utils.parse_window("0d@20:00")
+    assert utils.window_opens_after(desired, LONDON, window) == utc(2026, 12, 2, 20, 0)
+    # A day that does not exist: Samoa skipped Fri 2011-12-30. "1d@10:00" for Sat 09:00 would
+    # be 10:00 on the missing day, which resolves (forward by the 24 h gap) after the start.
+    apia = ZoneInfo("Pacific/Apia")
+    saturday = datetime(2011, 12, 31, 9, 0, tzinfo=apia)
+    late = utils.window_opens_after(saturday, apia, utils.parse_window("1d@10:00"))
+    assert late is not None and late.astimezone(apia).strftime("%a %d %H:%M") == "Sat 31 10:00"
+    # Windows without a clock time never open after the start.
+    for text in ("0h", "0d", "168h", "7d"):
+        assert utils.window_opens_after(saturday, apia, utils.parse_window(text)) is None
+
+
+#: Zones with DST at night, at midnight (Santiago, Havana), by 30 minutes (Lord Howe), or none.
+CLOCK_WINDOW_ZONES = (
+    LONDON,
+    NEW_YORK,
+    SYDNEY,
+    KOLKATA,
+    UTC_ZONE,
+    ZoneInfo("America/Santiago"),
+    ZoneInfo("America/Havana"),
+    ZoneInfo("Australia/Lord_Howe"),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    zone=st.sampled_from(CLOCK_WINDOW_ZONES),
+    instant=st.datetimes(datetime(2024, 1, 1), datetime(2030, 12, 31)).map(
+        lambda d: d.replace(second=0, microsecond=0, tzinfo=UTC)
+    ),
+    days=st.integers(0, 14),
+    at=st.times().map(lambda t: t.replace(second=0, microsecond=0)),
+)
+def test_trigger_at_a_clock_time_properties(
+    zone: ZoneInfo, instant: datetime, days: int, at: time
+) -> None:
+    window = utils.Window(days, "d", at)
+    trigger = utils.trigger_time(instant, zone, window)
+    assert trigger.tzinfo is UTC
+    # Only the instant matters, not how it is written.
+    assert trigger == utils.trigger_time(instant.astimezone(zone), zone, window)
+    assert trigger == utils.trigger_time(instant.astimezone(KOLKATA), zone, window)
+    local = instant.astimezone(zone)
+    wall = datetime.combine(local.date() - timedelta(days=days), at)
+    assert trigger == utils.localize(wall, zone).astimezone(UTC)
+    seen = trigger.astimezone(zone)
+    if utils.wall_clock_issue(wall, zone) != "gap":
+        assert (seen.date(), seen.time()) == (wall.date(), at)
+    else:
+        assert seen.replace(tzinfo=None) > wall
+    # Whether it opens after the start is told exactly; a day or more ahead never does here.
+    late = utils.window_opens_after(instant, zone, window)
+    assert (late is None) == (trigger <= instant)
+    assert late is None or late == trigger
+    if days >= 1:
+        assert trigger < instant
+    elif utils.wall_clock_issue(wall, zone) is None:
+        assert (late is not None) == (at > local.time())
 
 
 # --------------------------------------------------------------------------- backoff
@@ -556,6 +829,21 @@ def test_decrypt_token(fernet: MultiFernet) -> None:
     assert utils.decrypt_token(fernet, not_utf8) is None
 
 
+def test_decrypt_secrets_of_a_string_and_of_an_object(fernet: MultiFernet) -> None:
+    def enc(text: str) -> str:
+        return fernet.encrypt(text.encode()).decode()
+
+    assert utils.decrypt_secrets(fernet, enc("tok")) == {"token": "tok"}
+    fields = {"email": enc("me@club.example"), "password": enc("pw")}
+    assert utils.decrypt_secrets(fernet, fields) == {"email": "me@club.example", "password": "pw"}
+    foreign = Fernet(Fernet.generate_key()).encrypt(b"pw").decode()
+    assert utils.decrypt_secrets(fernet, fields | {"password": foreign}) is None
+    assert utils.decrypt_secrets(fernet, {"email": 5}) is None
+    assert utils.decrypt_secrets(fernet, {}) is None
+    assert utils.decrypt_secrets(fernet, foreign) is None
+    assert utils.decrypt_secrets(fernet, None) is None
+
+
 def test_encrypted_under_first_key(fernet: MultiFernet) -> None:
     assert utils.encrypted_under_first_key(fernet, "plain") is False
     assert utils.encrypted_under_first_key(fernet, "gAAAAAé") is False
@@ -577,7 +865,7 @@ def test_small_helpers() -> None:
 
 @pytest.mark.parametrize("text", ["8785h", "367d", "100000000h"])
 def test_window_longer_than_a_year_is_refused(text: str) -> None:
-    with pytest.raises(ValueError, match=rf"BOOKING_WINDOW: '{text}' is longer than a year"):
+    with pytest.raises(ValueError, match=rf"^'{text}' is longer than a year"):
         utils.parse_window(text)
     assert utils.parse_window("8784h").amount == 8784
 
@@ -611,7 +899,7 @@ def rfc(text: str, *, start: datetime | None = None, zone: ZoneInfo = LONDON) ->
 def instants(rule: utils.ParsedRule, zone: ZoneInfo, after: datetime, limit: int = 52) -> list[str]:
     """The rule's next starts as UTC text (comparing aware datetimes in one zone compares
     their wall clocks, so tests compare the UTC text instead)."""
-    return [utils.format_utc(m) for m in utils.expand_rule(rule.rule, zone, after, limit)]
+    return [utils.format_utc(m) for m in utils.expand_rule(rule, zone, after, limit)]
 
 
 def local_days(
@@ -619,7 +907,7 @@ def local_days(
 ) -> list[str]:
     return [
         utils.as_utc(m).astimezone(zone).strftime("%a %Y-%m-%d %H:%M")
-        for m in utils.expand_rule(rule.rule, zone, after, limit)
+        for m in utils.expand_rule(rule, zone, after, limit)
     ]
 
 
@@ -974,7 +1262,12 @@ def test_rfc_until_in_utc_with_a_naive_start() -> None:
         "Tue 2026-06-09 07:30",
         "Wed 2026-06-10 07:30",
     ]
-    assert "UNTIL=20260610T080000" in rule.rfc
+    # Shown as the instant it is, after a DTSTART that names the zone (RFC 5545: a UTC UNTIL
+    # goes with a zoned start, never with a floating one).
+    assert rule.rfc == (
+        "DTSTART;TZID=Australia/Sydney:20260607T073000\nRRULE:FREQ=DAILY;UNTIL=20260609T220000Z"
+    )
+    assert rule.zone_name is None  # shown, not named by the entry
     # A DTSTART;TZID names the zone the UNTIL instant is read in, whatever the entry's default.
     tzid = rfc("DTSTART;TZID=Australia/Sydney:20260607T073000\nRRULE:" + line, zone=UTC_ZONE)
     assert instants(tzid, SYDNEY, utc(2026, 6, 1)) == instants(rule, SYDNEY, utc(2026, 6, 1))
@@ -992,7 +1285,7 @@ def test_rfc_monthly_and_yearly_are_allowed() -> None:
         "Sat 2026-07-04 09:00",
     ]
     yearly = rfc("FREQ=YEARLY", start=datetime(2026, 6, 1, 9, 0))
-    assert len(utils.expand_rule(yearly.rule, LONDON, utc(2026, 1, 1))) == 52
+    assert len(utils.expand_rule(yearly, LONDON, utc(2026, 1, 1))) == 52
 
 
 @pytest.mark.parametrize("freq", ["HOURLY", "MINUTELY", "SECONDLY", "WEEKY", "weeky"])
@@ -1079,7 +1372,7 @@ def test_rfc_interval_must_be_at_least_one(freq: str, interval: str) -> None:
 def test_rfc_interval_of_one_or_more_is_taken() -> None:
     for interval in ("1", "+2", "02", "10"):
         rule = rfc(f"FREQ=DAILY;INTERVAL={interval}", start=datetime(2026, 6, 1, 7, 0))
-        assert len(utils.expand_rule(rule.rule, LONDON, utc(2026, 1, 1), 3)) == 3
+        assert len(utils.expand_rule(rule, LONDON, utc(2026, 1, 1), 3)) == 3
 
 
 def test_rfc_without_a_start_is_an_error() -> None:
@@ -1160,7 +1453,7 @@ def test_a_time_in_the_gap_is_the_pre_gap_offset_instant(
 ) -> None:
     wall, instant, shown = expected
     rule = rfc(rule_line, start=start, zone=zone)
-    (first_wall, first), *_ = utils.expand_rule_walls(rule.rule, zone, after, 3)
+    (first_wall, first), *_ = utils.expand_rule_walls(rule, zone, after, 3)
     assert first_wall == wall
     assert utils.wall_clock_issue(wall, zone) == "gap"
     assert utils.format_utc(first) == instant
@@ -1174,7 +1467,7 @@ def test_days_window_of_a_start_in_the_gap_uses_the_time_on_the_clock() -> None:
     # 01:30 on 2025-03-30 is the instant 01:30 GMT, on the clock 02:30 BST. Seven days earlier
     # is then 02:30 GMT: the trigger depends on the instant only (the database keeps that).
     rule = rfc("FREQ=WEEKLY;BYDAY=SU", start=datetime(2025, 3, 23, 1, 30))
-    (start,) = utils.expand_rule(rule.rule, LONDON, utc(2025, 3, 24), 1)
+    (start,) = utils.expand_rule(rule, LONDON, utc(2025, 3, 24), 1)
     trigger = utils.trigger_time(start, LONDON, DAYS)
     assert trigger == utc(2025, 3, 23, 2, 30)
     assert trigger == utils.trigger_time(utils.as_utc(start), LONDON, DAYS)
@@ -1204,7 +1497,7 @@ def test_a_repeated_time_is_its_first_occurrence(
     zone: ZoneInfo, start: datetime, after: datetime, wall: datetime, instant: str
 ) -> None:
     rule = rfc("FREQ=WEEKLY;BYDAY=SU", start=start, zone=zone)
-    (first_wall, first), (_, second) = utils.expand_rule_walls(rule.rule, zone, after, 2)
+    (first_wall, first), (_, second) = utils.expand_rule_walls(rule, zone, after, 2)
     assert first_wall == wall
     assert utils.wall_clock_issue(wall, zone) == "overlap"
     assert utils.format_utc(first) == instant
@@ -1246,7 +1539,7 @@ def test_17_00_stays_17_00_local_across_the_change(
     zone: ZoneInfo, start: datetime, after: datetime, expected: list[str]
 ) -> None:
     rule = rfc("FREQ=WEEKLY;BYDAY=WE", start=start, zone=zone)
-    moments = utils.expand_rule(rule.rule, zone, after, 2)
+    moments = utils.expand_rule(rule, zone, after, 2)
     assert [utils.format_utc(m) for m in moments] == expected
     assert [utils.as_utc(m).astimezone(zone).strftime("%a %H:%M") for m in moments] == [
         "Wed 17:00",
@@ -1269,12 +1562,12 @@ def test_two_wall_clocks_on_one_instant_give_one_instance() -> None:
 
 def test_expand_rule_limit_and_strictly_after() -> None:
     rule = rfc("FREQ=DAILY", start=datetime(2026, 1, 1, 12, 0))
-    got = utils.expand_rule(rule.rule, UTC_ZONE, utc(2026, 3, 1, 12, 0))
+    got = utils.expand_rule(rule, UTC_ZONE, utc(2026, 3, 1, 12, 0))
     assert len(got) == utils.INSTANCES_PER_RULE == 52
     assert utils.format_utc(got[0]) == "2026-03-02T12:00:00Z"  # 12:00 on the 1st is not after
-    assert len(utils.expand_rule(rule.rule, UTC_ZONE, utc(2026, 3, 1), limit=5)) == 5
+    assert len(utils.expand_rule(rule, UTC_ZONE, utc(2026, 3, 1), limit=5)) == 5
     ended = rfc("FREQ=DAILY;COUNT=2", start=datetime(2026, 1, 1, 12, 0))
-    assert utils.expand_rule(ended.rule, UTC_ZONE, utc(2026, 3, 1)) == []
+    assert utils.expand_rule(ended, UTC_ZONE, utc(2026, 3, 1)) == []
 
 
 def test_expand_sees_instances_within_a_day_of_now_in_far_zones() -> None:
@@ -1614,12 +1907,12 @@ def test_english_rules_expand_in_wall_clock_time(case: dict[str, Any]) -> None:
         assert message == f"{text!r}: until {case['until']} is before the first day {first}"
         return
     rule = utils.parse_english_rule(text, start=None, today=date(2020, 1, 1))
-    moments = utils.expand_rule(rule.rule, case["zone"], case["now"])
+    moments = utils.expand_rule(rule, case["zone"], case["now"])
     check_instances(case, moments)
     check_triggers(case, moments)
     # The RFC text the sentence became reads back to the same instances.
     again = utils.parse_rfc_rule(rule.rfc, start=None, zone=case["zone"])
-    assert [utils.as_utc(m) for m in utils.expand_rule(again.rule, case["zone"], case["now"])] == [
+    assert [utils.as_utc(m) for m in utils.expand_rule(again, case["zone"], case["now"])] == [
         utils.as_utc(m) for m in moments
     ]
 
@@ -1635,7 +1928,7 @@ def test_rfc_rules_expand_in_wall_clock_time(case: dict[str, Any]) -> None:
         parts.append(f"UNTIL={case['until']:%Y%m%d}T235959")
     start = datetime.combine(case["start"], case["time"])
     rule = utils.parse_rfc_rule("RRULE:" + ";".join(parts), start=start, zone=case["zone"])
-    moments = utils.expand_rule(rule.rule, case["zone"], case["now"])
+    moments = utils.expand_rule(rule, case["zone"], case["now"])
     check_instances(case, moments)
     check_triggers(case, moments)
 
@@ -1708,5 +2001,789 @@ def test_rare_but_real_month_days_are_kept() -> None:
     leap = utils.parse_rfc_rule(
         "FREQ=YEARLY;BYMONTH=2;BYMONTHDAY=29", start=datetime(2026, 1, 1, 10), zone=LONDON
     )
-    starts = utils.expand_rule(leap.rule, LONDON, datetime(2026, 1, 1, tzinfo=UTC), 2)
+    starts = utils.expand_rule(leap, LONDON, datetime(2026, 1, 1, tzinfo=UTC), 2)
     assert [s.date() for s in starts] == [date(2028, 2, 29), date(2032, 2, 29)]
+
+
+# --------------------------------------------------------------------------- UNTIL as an instant
+
+LORD_HOWE = ZoneInfo("Australia/Lord_Howe")
+
+
+def dateutil_instants(text: str, zone: ZoneInfo, after: datetime, limit: int = 52) -> list[str]:
+    """python-dateutil's own answer for a rule with a zoned start (it compares aware values, so
+    as instants), sorted and without duplicates: the RFC 5545 reading to cross-check against."""
+    rule = du_rrule.rrulestr(text)
+    found = sorted({m.astimezone(UTC) for m in itertools.islice(rule, 2000)})
+    return [utils.format_utc(m) for m in found if m > after][:limit]
+
+
+def test_until_in_utc_drops_the_gap_instance_after_it() -> None:
+    # London, 2025-03-30 01:00 GMT -> 02:00 BST. 01:30 that day does not exist and is the instant
+    # 01:30 GMT, after UNTIL 01:00 UTC: RFC 5545 drops it (comparing wall clocks, 01:30 is
+    # before 02:00 BST, the wall clock of UNTIL, and it was kept).
+    text = "DTSTART;TZID=Europe/London:20250329T013000\nRRULE:FREQ=DAILY;UNTIL=20250330T010000Z"
+    rule = rfc(text)
+    assert instants(rule, LONDON, utc(2025, 3, 1)) == ["2025-03-29T01:30:00Z"]
+    assert dateutil_instants(text, LONDON, utc(2025, 3, 1)) == ["2025-03-29T01:30:00Z"]
+    assert rule.until == utc(2025, 3, 30, 1, 0)
+
+
+def test_until_in_utc_keeps_the_first_of_two_times_before_it() -> None:
+    # New York, 2025-11-02: 01:00-02:00 twice. 01:30 is its first occurrence, 01:30 EDT =
+    # 05:30 UTC, before UNTIL 06:00 UTC (01:00 EST, whose wall clock 01:00 is before 01:30).
+    text = "DTSTART;TZID=America/New_York:20251101T013000\nRRULE:FREQ=DAILY;UNTIL=20251102T060000Z"
+    rule = rfc(text)
+    expected = ["2025-11-01T05:30:00Z", "2025-11-02T05:30:00Z"]
+    assert instants(rule, NEW_YORK, utc(2025, 10, 1)) == expected
+    assert dateutil_instants(text, NEW_YORK, utc(2025, 10, 1)) == expected
+
+
+def test_until_in_utc_with_a_desired_time_start_is_an_instant_too() -> None:
+    rule = rfc("FREQ=DAILY;UNTIL=20250330T010000Z", start=datetime(2025, 3, 29, 1, 30))
+    assert instants(rule, LONDON, utc(2025, 3, 1)) == ["2025-03-29T01:30:00Z"]
+    assert rule.rfc == (
+        "DTSTART;TZID=Europe/London:20250329T013000\nRRULE:FREQ=DAILY;UNTIL=20250330T010000Z"
+    )
+
+
+def test_a_local_until_with_a_tzid_start_is_shown_in_utc() -> None:
+    # RFC 5545 forbids a local UNTIL after DTSTART;TZID=; it is read as a wall clock in that
+    # zone (17:00 BST) and shown as the instant it is.
+    rule = rfc(
+        "DTSTART;TZID=Europe/London:20260603T170000\nRRULE:FREQ=WEEKLY;UNTIL=20260617T170000"
+    )
+    assert rule.rfc == (
+        "DTSTART;TZID=Europe/London:20260603T170000\nRRULE:FREQ=WEEKLY;UNTIL=20260617T160000Z"
+    )
+    assert local_days(rule, LONDON, utc(2026, 6, 1)) == [
+        "Wed 2026-06-03 17:00",
+        "Wed 2026-06-10 17:00",
+        "Wed 2026-06-17 17:00",
+    ]
+    assert instants(rfc(rule.rfc), LONDON, utc(2026, 6, 1)) == instants(
+        rule, LONDON, utc(2026, 6, 1)
+    )
+
+
+def test_a_local_until_with_a_floating_start_stays_a_wall_clock() -> None:
+    rule = rfc("FREQ=DAILY;UNTIL=20250330T013000", start=datetime(2025, 3, 28, 1, 30))
+    assert rule.until == datetime(2025, 3, 30, 1, 30)
+    assert rule.rfc == "DTSTART:20250328T013000\nRRULE:FREQ=DAILY;UNTIL=20250330T013000"
+    # 01:30 on the 30th is in the gap (the instant 01:30 GMT) and its wall clock is UNTIL's.
+    assert instants(rule, LONDON, utc(2025, 3, 1))[-1] == "2025-03-30T01:30:00Z"
+
+
+def test_check_prints_the_until_instant_after_a_tzid(tmp_path: Path) -> None:
+    rule = "DTSTART;TZID=Europe/London:20270326T013000\nRRULE:FREQ=DAILY;UNTIL=20270328T020000"
+    result = read(tmp_path, [{"id": "gap", "type": "recurring", "rrule": rule}], now=NOW)
+    (entry,) = result.entries
+    assert entry.rule is not None
+    assert entry.rule.rfc.endswith("RRULE:FREQ=DAILY;UNTIL=20270328T010000Z")
+    # 02:00 on 2027-03-28 does not exist; fold=0 makes it 01:00 UTC, and 01:30 that day is the
+    # instant 01:30 GMT, after it.
+    assert [p.key for p in entry.plan(NOW, HOURS)] == [
+        "gap@2027-03-26T01:30:00Z",
+        "gap@2027-03-27T01:30:00Z",
+    ]
+
+
+@st.composite
+def until_cases(draw: st.DrawFn) -> dict[str, Any]:
+    zone = draw(st.sampled_from((LONDON, NEW_YORK, SYDNEY, LORD_HOWE)))
+    change = draw(st.sampled_from(transitions(zone) or transitions(LONDON)))
+    hours = sorted(draw(st.sets(st.integers(0, 23), min_size=1, max_size=3)))
+    minutes = sorted(draw(st.sets(st.sampled_from([0, 15, 30, 45]), min_size=1, max_size=2)))
+    start_day = change.astimezone(zone).date() - timedelta(days=draw(st.integers(0, 20)))
+    until = change + timedelta(minutes=draw(st.integers(-36 * 60, 36 * 60)))
+    return {
+        "zone": zone,
+        "freq": draw(st.sampled_from(["DAILY", "WEEKLY"])),
+        "hours": hours,
+        "minutes": minutes,
+        "start": datetime.combine(start_day, time(hours[0], minutes[0])),
+        "until": until,
+        "local_until": draw(st.booleans()),
+    }
+
+
+@settings(max_examples=150, deadline=None)
+@given(until_cases())
+def test_until_is_compared_as_an_instant_like_dateutil_with_a_zone(case: dict[str, Any]) -> None:
+    zone: ZoneInfo = case["zone"]
+    line = (
+        f"FREQ={case['freq']};BYHOUR={','.join(map(str, case['hours']))};"
+        f"BYMINUTE={','.join(map(str, case['minutes']))};UNTIL={case['until']:%Y%m%dT%H%M%SZ}"
+    )
+    text = f"DTSTART;TZID={zone.key}:{case['start']:%Y%m%dT%H%M%S}\nRRULE:{line}"
+    rule = rfc(text, zone=UTC_ZONE)
+    after = utc(2020, 1, 1)
+    ours = instants(rule, zone, after)
+    assert ours == dateutil_instants(text, zone, after)
+    assert all(m <= utils.format_utc(case["until"]) for m in ours)
+    # What check prints: UNTIL in UTC after the TZID, and it reads back to the same instances.
+    assert re.search(r"\nRRULE:.*;UNTIL=\d{8}T\d{6}Z$", rule.rfc)
+    assert instants(rfc(rule.rfc, zone=UTC_ZONE), zone, after) == ours
+    if case["local_until"]:
+        # A local UNTIL after a TZID is that wall clock's instant (fold=0), shown in UTC.
+        wall = case["until"].astimezone(zone).replace(tzinfo=None)
+        local = rfc(text.replace(f"{case['until']:%Y%m%dT%H%M%SZ}", f"{wall:%Y%m%dT%H%M%S}"))
+        assert local.until == utils.as_utc(utils.localize(wall, zone))
+        assert "Z" in local.rfc.rsplit("UNTIL=", 1)[1]
+
+
+# --------------------------------------------------------------------------- gaps keep instances
+
+
+def test_lord_howe_half_hour_gap_keeps_all_six_instances() -> None:
+    # 2026-10-04 02:00 -> 02:30 (+10:30 -> +11:00). 02:15 that day is in the gap: the instant
+    # 02:15 +10:30 (02:45 on the clock), after 02:30's instant. Both are instances.
+    text = (
+        "DTSTART;TZID=Australia/Lord_Howe:20261002T021500\n"
+        "RRULE:FREQ=DAILY;BYHOUR=2;BYMINUTE=15,30;COUNT=6"
+    )
+    rule = rfc(text)
+    pairs = utils.expand_rule_walls(rule, LORD_HOWE, utc(2026, 9, 1))
+    assert [(f"{w:%m-%d %H:%M}", utils.format_offset(m, LORD_HOWE)) for w, m in pairs] == [
+        ("10-02 02:15", "2026-10-02T02:15:00+10:30"),
+        ("10-02 02:30", "2026-10-02T02:30:00+10:30"),
+        ("10-03 02:15", "2026-10-03T02:15:00+10:30"),
+        ("10-03 02:30", "2026-10-03T02:30:00+10:30"),
+        ("10-04 02:30", "2026-10-04T02:30:00+11:00"),
+        ("10-04 02:15", "2026-10-04T02:45:00+11:00"),
+    ]
+    assert instants(rule, LORD_HOWE, utc(2026, 9, 1)) == dateutil_instants(
+        text, LORD_HOWE, utc(2026, 9, 1)
+    )
+    # The limit counts instances soonest first, across the reordering.
+    assert [
+        utils.format_utc(m) for m in utils.expand_rule(rule, LORD_HOWE, utc(2026, 10, 3), 1)
+    ] == ["2026-10-03T15:30:00Z"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    zone=st.sampled_from((LONDON, NEW_YORK, SYDNEY, LORD_HOWE)),
+    hours=st.sets(st.integers(0, 4), min_size=1, max_size=3),
+    minutes=st.sets(st.sampled_from([0, 10, 15, 30, 45, 50]), min_size=1, max_size=3),
+    days_before=st.integers(0, 3),
+    count=st.integers(1, 30),
+    data=st.data(),
+)
+def test_only_exact_duplicate_instants_are_dropped(
+    zone: ZoneInfo,
+    hours: set[int],
+    minutes: set[int],
+    days_before: int,
+    count: int,
+    data: st.DataObject,
+) -> None:
+    change = data.draw(st.sampled_from(transitions(zone)))
+    day = change.astimezone(zone).date() - timedelta(days=days_before)
+    start = datetime.combine(day, time(min(hours), min(minutes)))
+    line = (
+        f"FREQ=DAILY;BYHOUR={','.join(map(str, sorted(hours)))};"
+        f"BYMINUTE={','.join(map(str, sorted(minutes)))};COUNT={count}"
+    )
+    rule = rfc(line, start=start, zone=zone)
+    after = utc(2020, 1, 1)
+    ours = [utils.as_utc(m) for m in utils.expand_rule(rule, zone, after, 100)]
+    # Oracle: dateutil's own wall clocks, each localized (fold=0), duplicates once, sorted.
+    walls = list(du_rrule.rrulestr(line, dtstart=start))
+    assert len(walls) == count
+    assert ours == sorted({utils.as_utc(utils.localize(w, zone)) for w in walls})
+    assert all(a < b for a, b in itertools.pairwise(ours))
+
+
+# --------------------------------------------------------------------------- bounded search
+
+
+def years_walked(call: Any) -> int:
+    """How many distinct calendar years python-dateutil walked while ``call`` ran: a measure
+    of the work done (dateutil rebuilds its year tables once per year it walks), not a time."""
+    years: set[int] = set()
+
+    def profile(frame: Any, event: str, _arg: Any) -> None:
+        code = frame.f_code
+        if event == "call" and code.co_name == "rebuild" and "dateutil" in code.co_filename:
+            years.add(frame.f_locals["year"])
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(previous)
+    return len(years)
+
+
+NEVER = (
+    ("FREQ=DAILY;BYSETPOS=2", "it has no instance from 2026-06-01 to 2034-07-28"),
+    ("FREQ=DAILY;BYYEARDAY=366;BYMONTH=1", "it has no instance from 2026-06-01 to 2034-07-28"),
+    ("FREQ=YEARLY;BYWEEKNO=53;BYMONTH=6", "it has no instance from 2026-06-01 to 2086-07-15"),
+    # Days 1 and 2 are never both Mondays: never a third candidate in a month.
+    ("FREQ=MONTHLY;BYMONTHDAY=1,2;BYDAY=MO;BYSETPOS=3", None),
+    (
+        "FREQ=DAILY;BYSETPOS=2;UNTIL=20251231T000000",
+        "its UNTIL 2025-12-31 00:00 is before its start 2026-01-01 10:00",
+    ),
+    (
+        "FREQ=WEEKLY;BYSETPOS=3;UNTIL=20251231T000000Z",
+        "its UNTIL 2025-12-31T00:00:00Z is before its start 2026-01-01 10:00",
+    ),
+)
+
+
+@pytest.mark.parametrize(("line", "why"), [(line, why) for line, why in NEVER if why])
+def test_a_rule_that_never_matches_has_no_instance_and_says_why(line: str, why: str) -> None:
+    rule = rfc(line, start=datetime(2026, 1, 1, 10, 0))
+    after = utc(2026, 6, 1)
+    assert utils.expand_rule_walls(rule, LONDON, after) == []
+    expected = why if why.startswith("its UNTIL") else why + " (courtbot looks no further ahead)"
+    assert utils.describe_no_instance(rule, LONDON, after) == expected
+
+
+@pytest.mark.parametrize("line", [line for line, _ in NEVER])
+def test_a_rule_that_never_matches_is_not_searched_to_the_year_9999(line: str) -> None:
+    rule = rfc(line, start=datetime(2026, 1, 1, 10, 0))
+    walked = years_walked(lambda: utils.expand_rule(rule, LONDON, utc(2026, 6, 1)))
+    # The horizon (8 years after 52 periods; 60 for a yearly rule) and at most 28 more years
+    # beyond it, where the shifted calendar runs out at 9999. dateutil alone walks to 9999.
+    assert walked <= 60 + 28 + 2
+
+
+def test_a_rule_whose_instances_have_all_passed() -> None:
+    rule = rfc("FREQ=DAILY;COUNT=3", start=datetime(2026, 1, 1, 10, 0))
+    assert utils.expand_rule(rule, LONDON, utc(2026, 6, 1)) == []
+    assert utils.describe_no_instance(rule, LONDON, utc(2026, 6, 1)) == (
+        "its COUNT=3 instances have all passed"
+    )
+    ended = english("every Tuesday at 07:30 until 2026-06-30", today=date(2026, 6, 1))
+    assert utils.expand_rule(ended, LONDON, utc(2026, 7, 1)) == []
+    assert utils.describe_no_instance(ended, LONDON, utc(2026, 7, 1)) == (
+        "its UNTIL 2026-06-30 23:59 has passed"
+    )
+    instant = rfc("FREQ=DAILY;UNTIL=20260105T000000Z", start=datetime(2026, 1, 1, 10, 0))
+    assert utils.describe_no_instance(instant, LONDON, utc(2026, 6, 1)) == (
+        "its UNTIL 2026-01-05T00:00:00Z has passed"
+    )
+    # A passed "until" of a sentence started today, later than it: no error, no instance.
+    late = english("every Tuesday at 07:30 until 2026-06-30", today=date(2026, 7, 1))
+    assert utils.describe_no_instance(late, LONDON, utc(2026, 7, 1)) == (
+        "its UNTIL 2026-06-30 23:59 is before its start 2026-07-07 07:30"
+    )
+
+
+def test_rare_instances_are_found_within_the_horizon_only() -> None:
+    # 29 February on a Monday: 2016, 2044, 2072. Searched 8 years past the periods asked for.
+    rule = rfc("FREQ=YEARLY;BYMONTH=2;BYMONTHDAY=29;BYDAY=MO", start=datetime(2016, 1, 1, 10))
+    assert utils.expand_rule(rule, UTC_ZONE, utc(2030, 1, 1), 1) == []
+    assert utils.describe_no_instance(rule, UTC_ZONE, utc(2030, 1, 1), 1) == (
+        "it has no instance from 2030-01-01 to 2039-01-07 (courtbot looks no further ahead)"
+    )
+    assert instants(rule, UTC_ZONE, utc(2036, 1, 1), 1) == ["2044-02-29T10:00:00Z"]
+    # Every four years, eight across 2100 (no leap year): always found.
+    leap = rfc("FREQ=DAILY;BYMONTH=2;BYMONTHDAY=29", start=datetime(2026, 1, 1, 10))
+    assert instants(leap, UTC_ZONE, utc(2096, 3, 1), 1) == ["2104-02-29T10:00:00Z"]
+
+
+def test_a_start_far_ahead_is_searched_from_the_start() -> None:
+    rule = rfc("FREQ=YEARLY;BYWEEKNO=53;BYDAY=TH", start=datetime(2040, 1, 1, 10))
+    # ISO week 53 of 2043 and 2048, their Thursday.
+    assert instants(rule, UTC_ZONE, utc(2026, 6, 1), 2) == [
+        "2043-12-31T10:00:00Z",
+        "2048-12-31T10:00:00Z",
+    ]
+
+
+BY_PARTS = {
+    "DAILY": ["BYMONTH=2", "BYMONTHDAY=29", "BYDAY=MO,FR", "BYMONTH=1,7;BYMONTHDAY=-1"],
+    "WEEKLY": ["BYMONTH=2", "BYDAY=SU", "BYDAY=MO,TH;BYSETPOS=-1", "WKST=SU;INTERVAL=2"],
+    "MONTHLY": ["BYDAY=5FR", "BYMONTHDAY=-1;BYDAY=SA,SU", "BYDAY=MO,TU;BYSETPOS=3", "BYMONTH=2"],
+    "YEARLY": [
+        "BYWEEKNO=53",
+        "BYWEEKNO=1;BYDAY=MO",
+        "BYYEARDAY=60,366",
+        "BYMONTH=2;BYMONTHDAY=29",
+        "BYMONTH=3;BYDAY=-1SU",
+        "BYDAY=20MO",
+    ],
+}
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    freq=st.sampled_from(sorted(BY_PARTS)),
+    data=st.data(),
+    start=st.datetimes(datetime(1990, 1, 1), datetime(2060, 12, 31)).map(
+        lambda d: d.replace(second=0, microsecond=0)
+    ),
+    years_later=st.integers(0, 40),
+    count=st.none() | st.integers(1, 20),
+)
+def test_the_bounded_search_finds_what_dateutil_finds(
+    freq: str, data: st.DataObject, start: datetime, years_later: int, count: int | None
+) -> None:
+    # The bounded search runs dateutil on the rule moved to years near 9999 with the same
+    # calendars; what it finds must be dateutil's own expansion of the rule where it is.
+    parts = data.draw(st.sets(st.sampled_from(BY_PARTS[freq]), max_size=2))
+    line = ";".join([f"FREQ={freq}", *sorted(parts)] + ([f"COUNT={count}"] if count else []))
+    try:
+        rule = rfc(line, start=start, zone=UTC_ZONE)
+    except utils.RuleError:
+        return  # e.g. a BYMONTHDAY no month of the rule has
+    after = datetime(start.year + years_later, 1, 1, tzinfo=UTC)
+    ours = [m.replace(tzinfo=None) for m in utils.expand_rule(rule, UTC_ZONE, after, 8)]
+    plain = (w for w in rule.rule if w > after.replace(tzinfo=None))
+    assert ours == list(itertools.islice(plain, len(ours)))
+
+
+def test_reload_stays_quick_for_rules_that_never_match(tmp_path: Path) -> None:
+    # Through read_schedules, as a reload does: the entry loads, with no instance ahead.
+    entries = [
+        {"id": f"never-{i}", "type": "recurring", "rrule": line, "desired_time": "2026-01-01 10:00"}
+        for i, (line, _) in enumerate(NEVER)
+    ]
+    result = read(tmp_path, entries, now=NOW)
+    assert result.errors == []
+    assert [e.plan(NOW, HOURS) for e in result.entries] == [[]] * len(NEVER)
+
+
+# --------------------------------------------------------------------------- numbered BYDAY
+
+
+@pytest.mark.parametrize(
+    ("line", "day"),
+    [
+        ("FREQ=WEEKLY;BYDAY=1MO", "1MO"),
+        ("FREQ=WEEKLY;BYDAY=MO,-1FR", "-1FR"),
+        ("FREQ=DAILY;BYDAY=+2TU", "+2TU"),
+        ("freq=daily;byday=1mo", "1mo"),
+    ],
+)
+def test_a_numbered_day_needs_monthly_or_yearly(line: str, day: str) -> None:
+    freq = "WEEKLY" if "weekly" in line.lower() else "DAILY"
+    days = line.rsplit("=", maxsplit=1)[-1]
+    assert rule_error(rfc, line, start=datetime(2026, 6, 1, 9, 0)) == (
+        f"{line!r}: BYDAY={days} has a numbered day ({day}), which RFC 5545 allows only with "
+        f"FREQ=MONTHLY or YEARLY; e.g. 'FREQ={freq};BYDAY=MO' or 'FREQ=MONTHLY;BYDAY=1MO'"
+    )
+
+
+def test_a_numbered_day_with_byweekno_is_refused() -> None:
+    line = "FREQ=YEARLY;BYWEEKNO=20;BYDAY=1MO"
+    assert rule_error(rfc, line, start=datetime(2026, 6, 1, 9, 0)) == (
+        f"{line!r}: BYDAY=1MO has a numbered day (1MO), which RFC 5545 forbids with BYWEEKNO; "
+        "e.g. 'FREQ=YEARLY;BYWEEKNO=20;BYDAY=MO'"
+    )
+
+
+def test_numbered_days_with_monthly_and_yearly_are_kept() -> None:
+    monthly = rfc("FREQ=MONTHLY;BYDAY=-1FR", start=datetime(2026, 6, 1, 9, 0))
+    assert local_days(monthly, LONDON, utc(2026, 6, 1), 2) == [
+        "Fri 2026-06-26 09:00",
+        "Fri 2026-07-31 09:00",
+    ]
+    yearly = rfc("FREQ=YEARLY;BYMONTH=11;BYDAY=4TH", start=datetime(2026, 1, 1, 9, 0))
+    assert local_days(yearly, LONDON, utc(2026, 1, 1), 1) == ["Thu 2026-11-26 09:00"]
+
+
+def test_byeaster_is_not_rfc_5545() -> None:
+    line = "FREQ=YEARLY;BYEASTER=0"
+    assert rule_error(rfc, line, start=datetime(2026, 1, 1, 9, 0)) == (
+        f"{line!r} is not a valid rule (unknown parameter 'BYEASTER'); e.g. {RULE_EXAMPLE}"
+    )
+
+
+# --------------------------------------------------------------------------- weekday, weekend
+
+
+@pytest.mark.parametrize(
+    ("text", "days", "first"),
+    [
+        ("every weekday at 07:00", "MO,TU,WE,TH,FR", datetime(2026, 6, 1, 7, 0)),
+        ("Every Weekdays at 07:00", "MO,TU,WE,TH,FR", datetime(2026, 6, 1, 7, 0)),
+        ("every weekend at 09:30", "SA,SU", datetime(2026, 6, 6, 9, 30)),
+        ("EVERY WEEKENDS AT 09:30", "SA,SU", datetime(2026, 6, 6, 9, 30)),
+    ],
+)
+def test_every_weekday_and_every_weekend(text: str, days: str, first: datetime) -> None:
+    rule = english(text, today=date(2026, 6, 1))  # a Monday
+    assert rule.rfc == f"DTSTART:{first:%Y%m%dT%H%M%S}\nRRULE:FREQ=WEEKLY;BYDAY={days}"
+    assert rule.start == first
+
+
+def test_every_weekday_is_monday_to_friday_and_every_weekend_saturday_and_sunday() -> None:
+    weekday = english("every weekday at 07:00 until 2026-06-14", today=date(2026, 6, 3))
+    assert [d[:3] for d in local_days(weekday, LONDON, utc(2026, 6, 1))] == [
+        "Wed", "Thu", "Fri", "Mon", "Tue", "Wed", "Thu", "Fri",
+    ]  # fmt: skip
+    weekend = english("every weekend at 09:30 starting 2026-06-07", today=date(2026, 6, 1))
+    assert local_days(weekend, LONDON, utc(2026, 6, 1), 3) == [
+        "Sun 2026-06-07 09:30",
+        "Sat 2026-06-13 09:30",
+        "Sun 2026-06-14 09:30",
+    ]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "every other weekday at 07:00 starting 2026-06-01",
+        "every other weekend at 07:00 starting 2026-06-01",
+        "every weekday and Saturday at 07:00",
+        "every weekends and weekdays at 07:00",
+    ],
+)
+def test_weekday_and_weekend_take_no_other_and_no_list(text: str) -> None:
+    assert rule_error(english, text) == (
+        f"{text!r} is not an English rule I understand; {ENGLISH_EXAMPLE}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("word", "code"),
+    [
+        ("Tues", "TU"),
+        ("tues", "TU"),
+        ("Weds", "WE"),
+        ("WEDS", "WE"),
+        ("Thur", "TH"),
+        ("Thurs", "TH"),
+        ("thurs", "TH"),
+    ],
+)
+def test_the_common_longer_weekday_forms(word: str, code: str) -> None:
+    rule = english(f"every {word} at 18:00", today=date(2026, 6, 1))
+    assert rule.rfc.endswith(f"\nRRULE:FREQ=WEEKLY;BYDAY={code}")
+    assert DAY_CODES[rule.start.weekday()] == code
+
+
+def test_longer_forms_mix_with_the_others() -> None:
+    rule = english("every Tues, Thurs and Sat at 18:00", today=date(2026, 6, 1))
+    assert rule.rfc == "DTSTART:20260602T180000\nRRULE:FREQ=WEEKLY;BYDAY=TU,TH,SA"
+    assert rule_error(english, "every Thursd at 18:00") == (
+        f"'thursd' is not a weekday; {ENGLISH_EXAMPLE}"
+    )
+
+
+def test_except_skips_those_dates_and_shows_them_as_exdate() -> None:
+    text = "every Wednesday at 17:00 until 2027-01-20 except 2026-12-23, 2026-12-30"
+    rule = english(text, today=date(2026, 12, 1))
+    assert rule.skip_dates == {date(2026, 12, 23), date(2026, 12, 30)}
+    assert rule.rfc == (
+        "DTSTART:20261202T170000\n"
+        "RRULE:FREQ=WEEKLY;BYDAY=WE;UNTIL=20270120T235959\n"
+        "EXDATE:20261223T170000,20261230T170000"
+    )
+    assert local_days(rule, LONDON, utc(2026, 12, 1)) == [
+        "Wed 2026-12-02 17:00",
+        "Wed 2026-12-09 17:00",
+        "Wed 2026-12-16 17:00",
+        "Wed 2027-01-06 17:00",
+        "Wed 2027-01-13 17:00",
+        "Wed 2027-01-20 17:00",
+    ]
+    # What check prints reads back (and reads in python-dateutil) to the same instances.
+    assert instants(rfc(rule.rfc), LONDON, utc(2026, 12, 1)) == instants(
+        rule, LONDON, utc(2026, 12, 1)
+    )
+    theirs = du_rrule.rrulestr(rule.rfc, forceset=True)
+    assert [f"{w:%a %Y-%m-%d %H:%M}" for w in theirs] == local_days(rule, LONDON, utc(2026, 12, 1))
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        "except 2026-12-23 and 2026-12-30",
+        "except 2026-12-30, and 2026-12-23",
+        "EXCEPT 2026-12-23,2026-12-30",
+        "except 2026-12-23 , 2026-12-30 , 2026-12-23",
+    ],
+)
+def test_except_lists(tail: str) -> None:
+    rule = english(f"every Wednesday at 17:00 {tail}", today=date(2026, 12, 1))
+    assert rule.skip_dates == {date(2026, 12, 23), date(2026, 12, 30)}
+    assert rule.rfc.endswith("\nEXDATE:20261223T170000,20261230T170000")
+
+
+def test_except_comes_after_the_rest_and_needs_real_dates() -> None:
+    assert rule_error(english, "every Friday at 10:00 except 2026-02-30") == (
+        "except '2026-02-30' is not a real date (YYYY-MM-DD)"
+    )
+    for text in (
+        "every Friday at 10:00 except 2026-12-25 until 2027-06-30",
+        "every Friday at 10:00 except",
+        "every Friday at 10:00 except 25 December",
+    ):
+        assert rule_error(english, text) == (
+            f"{text!r} is not an English rule I understand; {ENGLISH_EXAMPLE}"
+        )
+
+
+def test_skipped_instances_do_not_count_towards_the_limit() -> None:
+    rule = english("every day at 08:00 except 2026-06-02, 2026-06-04", today=date(2026, 6, 1))
+    assert local_days(rule, LONDON, utc(2026, 5, 31), 4) == [
+        "Mon 2026-06-01 08:00",
+        "Wed 2026-06-03 08:00",
+        "Fri 2026-06-05 08:00",
+        "Sat 2026-06-06 08:00",
+    ]
+    assert len(utils.expand_rule(rule, LONDON, utc(2026, 5, 31))) == 52
+
+
+def test_skip_dates_from_the_caller() -> None:
+    rule = english("every Wednesday at 17:00", today=date(2026, 12, 1))
+    skip = frozenset({date(2026, 12, 23), date(2026, 12, 24), date(2026, 12, 30)})
+    pairs = utils.expand_rule_walls(rule, LONDON, utc(2026, 12, 1), skip=skip)
+    assert len(pairs) == 52
+    assert [f"{w:%m-%d}" for w, _ in pairs[:4]] == ["12-02", "12-09", "12-16", "01-06"]
+    moments = utils.expand_rule(rule, LONDON, utc(2026, 12, 1), 4, skip=skip)
+    assert [f"{m:%m-%d}" for m in moments] == ["12-02", "12-09", "12-16", "01-06"]
+    # The rule's own dates and the caller's add up.
+    both = english("every Wednesday at 17:00 except 2026-12-02", today=date(2026, 12, 1))
+    pairs = utils.expand_rule_walls(both, LONDON, utc(2026, 12, 1), 2, skip=skip)
+    assert [f"{w:%m-%d}" for w, _ in pairs] == ["12-09", "12-16"]
+
+
+def test_read_schedules_takes_the_new_sentences(tmp_path: Path) -> None:
+    entries = [
+        {"id": "early", "type": "recurring", "rrule": "every weekday at 07:00",
+         "timezone": "Europe/London"},
+        {"id": "xmas", "type": "recurring", "timezone": "Europe/London",
+         "rrule": "every Weds and Thurs at 18:00 except 2026-12-24, 2026-12-30"},
+    ]  # fmt: skip
+    result = read(tmp_path, entries, now=NOW)
+    assert result.errors == []
+    early, xmas = result.entries
+    assert [p.key for p in early.plan(NOW, HOURS)[:6]] == [
+        "early@2026-11-24T07:00:00Z",
+        "early@2026-11-25T07:00:00Z",
+        "early@2026-11-26T07:00:00Z",
+        "early@2026-11-27T07:00:00Z",
+        "early@2026-11-30T07:00:00Z",
+        "early@2026-12-01T07:00:00Z",
+    ]
+    december = [p.key[5:15] for p in xmas.plan(NOW, HOURS) if p.key[5:12] == "2026-12"]
+    assert december == [
+        "2026-12-02", "2026-12-03", "2026-12-09", "2026-12-10", "2026-12-16", "2026-12-17",
+        "2026-12-23", "2026-12-31",
+    ]  # fmt: skip
+    assert len(xmas.plan(NOW, HOURS)) == 52
+
+
+# --------------------------------------------------------------------------- EXDATE
+
+
+@pytest.mark.parametrize(
+    ("lines", "shown", "skipped"),
+    [
+        (
+            "EXDATE:20261224T170000",
+            "EXDATE:20261224T170000",
+            ["Thu 2026-12-24"],
+        ),
+        (
+            "EXDATE:20261224T170000,20261226T170000",
+            "EXDATE:20261224T170000,20261226T170000",
+            ["Thu 2026-12-24", "Sat 2026-12-26"],
+        ),
+        (
+            "exdate;tzid=America/New_York:20261224T120000",
+            "EXDATE;TZID=America/New_York:20261224T120000",
+            ["Thu 2026-12-24"],
+        ),
+        (
+            "EXDATE:20261224T170000Z\nEXDATE:20261226T170000",
+            "EXDATE:20261224T170000Z\nEXDATE:20261226T170000",
+            ["Thu 2026-12-24", "Sat 2026-12-26"],
+        ),
+        (
+            "EXDATE;VALUE=DATE:20261224,20261225",
+            "EXDATE;VALUE=DATE:20261224,20261225",
+            ["Thu 2026-12-24", "Fri 2026-12-25"],
+        ),
+        (
+            "EXDATE;VALUE=DATE-TIME:20261224T170000",
+            "EXDATE:20261224T170000",
+            ["Thu 2026-12-24"],
+        ),
+        # Matches no instance (16:00 is not the rule's time): nothing skipped.
+        ("EXDATE:20261224T160000", "EXDATE:20261224T160000", []),
+    ],
+)
+def test_exdate_forms(lines: str, shown: str, skipped: list[str]) -> None:
+    text = f"DTSTART:20261222T170000\nRRULE:FREQ=DAILY;COUNT=6\n{lines}"
+    rule = rfc(text)
+    assert rule.rfc == f"DTSTART:20261222T170000\nRRULE:FREQ=DAILY;COUNT=6\n{shown}"
+    every = ["Tue 2026-12-22", "Wed 2026-12-23", "Thu 2026-12-24", "Fri 2026-12-25",
+             "Sat 2026-12-26", "Sun 2026-12-27"]  # fmt: skip
+    # RFC 5545: excluded instances still count towards COUNT.
+    assert [d[:14] for d in local_days(rule, LONDON, utc(2026, 12, 1))] == [
+        d for d in every if d not in skipped
+    ]
+    assert instants(rfc(rule.rfc), LONDON, utc(2026, 12, 1)) == instants(
+        rule, LONDON, utc(2026, 12, 1)
+    )
+
+
+def test_exdate_date_times_agree_with_dateutil() -> None:
+    text = (
+        "DTSTART:20261214T170000\nRRULE:FREQ=WEEKLY;BYDAY=MO,WE,FR;COUNT=8\n"
+        "EXDATE:20261223T170000,20261225T170000"
+    )
+    theirs = [f"{w:%a %Y-%m-%d %H:%M}" for w in du_rrule.rrulestr(text, forceset=True)]
+    assert local_days(rfc(text), UTC_ZONE, utc(2026, 12, 1)) == theirs
+    assert len(theirs) == 6
+
+
+def test_exdate_as_a_date_skips_the_whole_day_unlike_dateutil() -> None:
+    # python-dateutil reads EXDATE;VALUE=DATE as midnight, which excludes nothing here; the
+    # date is meant (CONTRACT: EXDATE lines skip dates as 'skip' does).
+    text = "DTSTART:20261222T170000\nRRULE:FREQ=DAILY;COUNT=3\nEXDATE;VALUE=DATE:20261223"
+    assert len(list(du_rrule.rrulestr(text, forceset=True))) == 3
+    assert local_days(rfc(text), LONDON, utc(2026, 12, 1)) == [
+        "Tue 2026-12-22 17:00",
+        "Thu 2026-12-24 17:00",
+    ]
+
+
+def test_exdate_with_a_tzid_start_names_the_zone() -> None:
+    text = (
+        "EXDATE:20270328T013000\n"
+        "DTSTART;TZID=Europe/London:20270327T013000\nRRULE:FREQ=DAILY;COUNT=3"
+    )
+    rule = rfc(text, zone=UTC_ZONE)
+    assert rule.rfc == (
+        "DTSTART;TZID=Europe/London:20270327T013000\nRRULE:FREQ=DAILY;COUNT=3\n"
+        "EXDATE;TZID=Europe/London:20270328T013000"
+    )
+    # 01:30 on 2027-03-28 is in the gap; the EXDATE is that same instant, 01:30 GMT.
+    assert instants(rule, LONDON, utc(2027, 3, 1)) == [
+        "2027-03-27T01:30:00Z",
+        "2027-03-29T00:30:00Z",
+    ]
+    assert rule.skip_instants == {utc(2027, 3, 28, 1, 30)}
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (
+            "EXDATE:20261224",
+            "'EXDATE:20261224': '20261224' is not a date-time (YYYYMMDDTHHMMSS, Z after it for "
+            "UTC; a date alone needs EXDATE;VALUE=DATE:)",
+        ),
+        (
+            "EXDATE:2026-12-24 17:00",
+            "'EXDATE:2026-12-24 17:00': '2026-12-24 17:00' is not a date-time (YYYYMMDDTHHMMSS, "
+            "Z after it for UTC; a date alone needs EXDATE;VALUE=DATE:)",
+        ),
+        (
+            "EXDATE:20261232T170000",
+            "'EXDATE:20261232T170000': '20261232T170000' is not a date-time (YYYYMMDDTHHMMSS, "
+            "Z after it for UTC; a date alone needs EXDATE;VALUE=DATE:)",
+        ),
+        (
+            "EXDATE;VALUE=DATE:20261224T170000",
+            "'EXDATE;VALUE=DATE:20261224T170000': '20261224T170000' is not a date (YYYYMMDD)",
+        ),
+        (
+            "EXDATE;TZID=Mars/Base:20261224T170000",
+            "'EXDATE;TZID=Mars/Base:20261224T170000': TZID 'Mars/Base' is not an IANA time zone "
+            "(e.g. 'Europe/London')",
+        ),
+        (
+            "EXDATE;VALUE=DATE;TZID=Europe/London:20261224",
+            "'EXDATE;VALUE=DATE;TZID=Europe/London:20261224': a TZID does not apply to dates "
+            "(VALUE=DATE); e.g. 'EXDATE:20261224T170000', "
+            "'EXDATE;TZID=Europe/London:20261224T170000,20261231T170000' or "
+            "'EXDATE;VALUE=DATE:20261224'",
+        ),
+        (
+            "EXDATE;RANGE=THISANDFUTURE:20261224T170000",
+            "'EXDATE;RANGE=THISANDFUTURE:20261224T170000' is not an EXDATE line; e.g. "
+            "'EXDATE:20261224T170000', 'EXDATE;TZID=Europe/London:20261224T170000,20261231T170000'"
+            " or 'EXDATE;VALUE=DATE:20261224'",
+        ),
+        (
+            "EXDATE 20261224T170000",
+            "'EXDATE 20261224T170000' is not an EXDATE line; e.g. 'EXDATE:20261224T170000', "
+            "'EXDATE;TZID=Europe/London:20261224T170000,20261231T170000' or "
+            "'EXDATE;VALUE=DATE:20261224'",
+        ),
+    ],
+)
+def test_exdate_errors(line: str, message: str) -> None:
+    text = f"FREQ=DAILY\n{line}"
+    assert rule_error(rfc, text, start=datetime(2026, 12, 1, 17, 0)) == message
+
+
+def test_exdate_errors_name_the_entry(tmp_path: Path) -> None:
+    rule = "FREQ=DAILY\nEXDATE:20261224"
+    result = read(tmp_path, [{"id": "x", "type": "recurring", "rrule": rule,
+                              "desired_time": "2026-12-01 17:00"}])  # fmt: skip
+    assert result.errors == [
+        "schedules.json entry 'x' (#1): rrule: 'EXDATE:20261224': '20261224' is not a date-time "
+        "(YYYYMMDDTHHMMSS, Z after it for UTC; a date alone needs EXDATE;VALUE=DATE:)"
+    ]
+
+
+# --------------------------------------------------------------------------- except: property
+
+
+@st.composite
+def except_cases(draw: st.DrawFn) -> dict[str, Any]:
+    case = draw(rule_cases())
+    group = draw(st.sampled_from([None, "weekday", "weekend"]))
+    if group is not None:
+        days = frozenset(range(5)) if group == "weekday" else frozenset({5, 6})
+        case = {**case, "daily": False, "other": False, "weekdays": days}
+    base = case["now"].astimezone(case["zone"]).date()
+    skipped = draw(
+        st.frozensets(st.integers(-3, 60).map(lambda d: base + timedelta(days=d)), max_size=12)
+    )
+    return {**case, "group": group, "skipped": skipped, "longer": draw(st.booleans())}
+
+
+LONGER = {1: "Tues", 2: "Weds", 3: "Thurs"}
+
+
+def except_sentence(case: dict[str, Any]) -> str:
+    text = sentence(case)
+    if case["group"] is not None:
+        text = re.sub(r"^Every \S+(?: and \S+)* at", f"Every {case['group']} at", text, flags=re.I)
+    elif case["longer"] and not case["daily"]:
+        names = [LONGER.get(i, DAY_NAMES[i]) for i in sorted(case["weekdays"])]
+        text = re.sub(
+            r"^Every (other )?\S+(?: and \S+)* at", rf"Every \g<1>{' and '.join(names)} at", text
+        )
+    if case["skipped"]:
+        text += " except " + ", ".join(str(d) for d in sorted(case["skipped"]))
+    return text
+
+
+@settings(max_examples=150, deadline=None)
+@given(except_cases())
+def test_sentences_with_except_skip_those_days(case: dict[str, Any]) -> None:
+    text = except_sentence(case)
+    first = first_day(case)
+    if case["until"] is not None and case["until"] < first:
+        return  # an error, tested above
+    rule = utils.parse_english_rule(text, start=None, today=date(2020, 1, 1))
+    zone, now = case["zone"], case["now"]
+    expected = [
+        m for m in oracle(case, 52 + len(case["skipped"]))
+        if m.astimezone(zone).date() not in case["skipped"]
+    ][:52]  # fmt: skip
+    # The day of a time in a gap is still the day the rule asked for.
+    got = [utils.as_utc(m) for m in utils.expand_rule(rule, zone, now)]
+    assert got == expected
+    # The same through the caller's skip, and through the RFC text check prints.
+    plain = utils.parse_english_rule(text.split(" except ")[0], start=None, today=date(2020, 1, 1))
+    assert [
+        utils.as_utc(m) for m in utils.expand_rule(plain, zone, now, skip=case["skipped"])
+    ] == got
+    again = utils.parse_rfc_rule(rule.rfc, start=None, zone=zone)
+    assert [utils.as_utc(m) for m in utils.expand_rule(again, zone, now)] == got
+    assert ("\nEXDATE:" in rule.rfc) == bool(case["skipped"])
