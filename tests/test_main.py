@@ -1162,6 +1162,7 @@ def test_a_standby_waits_then_takes_over_and_steps_down_when_its_lock_goes(
     daemon.start()  # the role is taken: it returns as a standby
 
     assert daemon.roles.role == "standby"
+    assert daemon.is_healthy() is False  # only the active daemon pings HEARTBEAT_URL
     assert (data_dir / "bot.pid").read_text() == f"{os.getpid()}\n"
     assert (data_dir / "heartbeat").exists()
     assert instances.status_rows(daemon.factory) == []  # it loaded nothing
@@ -1176,8 +1177,9 @@ def test_a_standby_waits_then_takes_over_and_steps_down_when_its_lock_goes(
             wait_for(lambda: any("this daemon is a standby" in m for m in caplog.messages))
             seen["after SIGHUP"] = pending(daemon)
             other.release()  # the active one ends: the standby takes over
-            wait_for(lambda: pending(daemon) == ["a"])
+            wait_for(lambda: pending(daemon) == ["a"] and daemon.is_healthy())
             seen["role"] = daemon.roles.role
+            seen["healthy"] = daemon.is_healthy()
             backend = daemon.roles.lead.backend_pid
             with pg_server.admin() as admin:
                 admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
@@ -1194,7 +1196,12 @@ def test_a_standby_waits_then_takes_over_and_steps_down_when_its_lock_goes(
     thread.join(10)
     other.close()
 
-    assert seen == {"after SIGHUP": [], "role": "active", "scheduler running": False}
+    assert seen == {
+        "after SIGHUP": [],
+        "role": "active",
+        "healthy": True,
+        "scheduler running": False,
+    }
     messages = caplog.messages
     assert (
         "SIGHUP received: this daemon is a standby; it loads the files when it becomes the "
