@@ -21,7 +21,7 @@ RUN groupadd --system --gid 10001 courtbot \
     && chown 10001:10001 /app/data \
     && chmod 0700 /app/data
 
-COPY docker-entrypoint.sh main.py models.py scheduler.py bot.py config_loader.py instances.py template.py utils.py notify.py leader.py wire.py report.py heartbeat.py ./
+COPY docker-entrypoint.sh main.py models.py scheduler.py bot.py config_loader.py instances.py template.py utils.py notify.py leader.py wire.py report.py heartbeat.py watchdog.py ./
 
 VOLUME /app/data
 

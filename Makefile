@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench bench-scale clean postgres-server
+.PHONY: venv test lint demo bench bench-scale clean postgres-server faketime
 
 # The suite also runs on a throwaway PostgreSQL server (tests/pg_server.py) made from Debian's
 # server binaries. Where they are missing and we are root (CI, a fresh machine), install
@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/hadolint --failure-threshold warning Dockerfile
 
 # pytest exits 5 when it collected no test: that fails here like any other error.
-test: lint postgres-server
+test: lint postgres-server faketime
 	$(BIN)/python -m pytest
 
 postgres-server:
@@ -52,3 +52,12 @@ bench-scale: $(STAMP) postgres-server
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo-data
+
+# libfaketime, for the wall-clock jump test (tests/test_e2e_watchdog.py): Debian's `faketime`,
+# installed when missing if we are root with apt-get; otherwise that one test is skipped and
+# says why. `make test` asks for it.
+faketime:
+	@command -v faketime >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y --no-install-recommends faketime >/dev/null 2>&1 || \
+		  { apt-get update >/dev/null && apt-get install -y --no-install-recommends faketime >/dev/null; }; }; } || \
+		echo "faketime is not installed (needs root and apt-get): the clock-jump test will be skipped"

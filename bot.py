@@ -32,7 +32,16 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 import instances
 import utils
-from models import BOOKED, EXPIRED, FAILED, PENDING, Instance, SessionFactory
+from models import (
+    BOOKED,
+    EXPIRED,
+    FAILED,
+    PENDING,
+    DatabaseError,
+    Instance,
+    SessionFactory,
+    error_text,
+)
 from notify import Outcome
 from template import RenderedRequest, RequestTemplate, Slot, default_template, render_request
 
@@ -42,6 +51,9 @@ MAX_ATTEMPTS_PER_COURT = 3
 MAX_BODY_BYTES = 1024 * 1024
 #: Wake this long before the trigger and spin for the rest (sleep granularity is ~1 ms).
 SPIN_SECONDS = 0.003
+#: A wait for the trigger looks at the wall clock at least this often: a clock that jumps
+#: forward during the wait is noticed within this time, not at the end of the old wait.
+MAX_NAP_SECONDS = 0.5
 USER_AGENT = "courtbot/1.0"
 #: A club's booking id is kept to this many characters (after secrets and controls are gone).
 MAX_REF_CHARS = 200
@@ -651,7 +663,7 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     if row is None or row.status != PENDING:
         logger.debug("booking %s: nothing to do (%s)", key, row.status if row else "gone")
         return None
-    if not ctx.may_send.is_set() or not instances.claim(ctx.factory, key, now, owner=ctx.owner):
+    if not ctx.may_send.is_set() or not _claim(ctx, key, now):
         return None
     row, token_row = instances.claimed(ctx.factory, key)
     try:
@@ -705,6 +717,21 @@ def _club_missing(club: str | None) -> str:
     )
 
 
+def _claim(ctx: BookingContext, key: str, now: datetime) -> bool:
+    """pending -> booking; False when another claimant has it, or when the database cannot be
+    written (a full disk): nothing was sent, it stays pending, and the daemon's watchdog has it
+    booked once writes work again."""
+    try:
+        return instances.claim(ctx.factory, key, now, owner=ctx.owner)
+    except DatabaseError as exc:
+        logger.error(
+            "booking %s: not started, the database cannot be written (%s); it stays pending",
+            key,
+            error_text(exc),
+        )
+        return False
+
+
 def _slot(row: Instance) -> Slot:
     """What the instance's requests are rendered from."""
     return Slot(
@@ -734,7 +761,7 @@ def _wait_until(ctx: BookingContext, target: float) -> bool:
         if remaining <= 0:
             return True
         if remaining > SPIN_SECONDS:
-            if ctx.stop.wait(remaining - SPIN_SECONDS):
+            if ctx.stop.wait(min(remaining - SPIN_SECONDS, MAX_NAP_SECONDS)):
                 return False
             continue
         while ctx.clock() < target:

@@ -333,6 +333,8 @@ class TokensResult:
     missing: bool = False
     raw: bytes | None = None
     written: bytes | None = None  # what the daemon wrote back (tokens encrypted in place)
+    #: A name given twice: the file is not rewritten (that would keep one value silently).
+    repeated: bool = False
 
 
 @dataclass
@@ -377,6 +379,29 @@ def _read_bytes(path: Path) -> bytes | None:
     return data
 
 
+class _JSONObject(dict[str, Any]):
+    """A JSON object as parsed, remembering the keys it gave more than once: JSON itself keeps
+    the last value silently, and a key written twice is usually an edit gone wrong."""
+
+    repeated: dict[str, int]
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> _JSONObject:
+    obj = _JSONObject(pairs)
+    obj.repeated = {}
+    if len(obj) != len(pairs):
+        counts: dict[str, int] = {}
+        for key, _value in pairs:
+            counts[key] = counts.get(key, 0) + 1
+        obj.repeated = {key: n for key, n in counts.items() if n > 1}
+    return obj
+
+
+def repeated_keys(value: Any) -> dict[str, int]:
+    """The keys a parsed JSON object gave more than once, with how many times ({} if none)."""
+    return dict(getattr(value, "repeated", {}))
+
+
 def _decode_json(data: bytes, name: str) -> tuple[Any, str | None]:
     if len(data) > MAX_CONFIG_BYTES:
         return None, (
@@ -391,7 +416,7 @@ def _decode_json(data: bytes, name: str) -> tuple[Any, str | None]:
             "nothing loaded from it, the last good state stays"
         )
     try:
-        return json.loads(text), None
+        return json.loads(text, object_pairs_hook=_object_pairs), None
     except json.JSONDecodeError as exc:
         return None, (
             f"{name}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg}); "
@@ -528,8 +553,20 @@ def read_tokens(path: Path, fernet: MultiFernet) -> TokensResult:
             "nothing loaded from it, the last good state stays"
         )
         return result
+    repeated = repeated_keys(parsed)
     for token_name, value in parsed.items():
         where = f"{name} token {token_name!r}"
+        if token_name in repeated:
+            # Which of the values is meant cannot be told: none is used (the value stays out of
+            # the message: it may be the token itself).
+            reason = (
+                f"{where}: {_times(repeated[token_name])} in the file; keep one (JSON would "
+                "silently use the last); the file is not rewritten until then"
+            )
+            result.errors.append(reason)
+            result.tokens[token_name] = TokenValue(token_name, None, reason, False)
+            result.repeated = True
+            continue
         if not token_name or len(token_name) > 128:
             result.errors.append(f"{where}: a token name must be 1 to 128 characters")
             continue
@@ -849,6 +886,21 @@ def _id_ok(value: Any) -> bool:
     return isinstance(value, str) and utils.SCHEDULE_ID_RE.fullmatch(value) is not None
 
 
+def _times(count: int) -> str:
+    return "given twice" if count == 2 else f"given {count} times"
+
+
+def _check_repeated_keys(c: _EntryCheck) -> None:
+    for key, count in repeated_keys(c.raw).items():
+        shown = key if key.isidentifier() else repr(key)
+        c.bad(
+            shown,
+            f"{_times(count)} in this entry; keep one (JSON would silently use the last, "
+            f"{c.raw[key]!r})",
+        )
+        c.bad_keys.add(key)
+
+
 def _check_unknown_keys(c: _EntryCheck) -> None:
     for key in c.raw:
         if key not in ENTRY_KEYS:
@@ -1094,10 +1146,13 @@ def _validate_entry(
     if not isinstance(raw, dict):
         where = _where(file_name, None, position)
         return None, [f"{where}: expected an object, got {_json_type(raw)}"], [], None
-    shown_id = raw.get("id") if _id_ok(raw.get("id")) else None
+    # An id given twice is no id: which entry this is cannot be told.
+    id_ok = _id_ok(raw.get("id")) and "id" not in repeated_keys(raw)
+    shown_id = raw.get("id") if id_ok else None
     check = _EntryCheck(
         raw, _where(file_name, shown_id, position), default_zone, token_names, now, sources
     )
+    _check_repeated_keys(check)
     _check_unknown_keys(check)
     for _key, checker in _ENTRY_CHECKERS:
         checker(check)
@@ -1370,9 +1425,12 @@ def rewrite_tokens_file(path: Path, result: TokensResult) -> bool:
     """Replace plaintext (and old-key) values in tokens.json with their encrypted form,
     atomically and with mode 0600. Returns False (after a warning, or an error when plaintext
     stays on disk) when the file cannot be written, changed under us, or is a symbolic or hard
-    link; the tokens are then kept encrypted in the database only."""
+    link; the tokens are then kept encrypted in the database only. A file that gives a name
+    twice is left as it is (rewriting it would keep one value silently)."""
     if result.raw is None or not any(t.rewrite for t in result.tokens.values()):
         return True
+    if result.repeated:
+        return False
     try:
         current = json.loads(result.raw.decode("utf-8-sig"))
         plain = [

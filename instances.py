@@ -401,6 +401,28 @@ def pending_mark(factory: sessionmaker[Session]) -> tuple[int, datetime | None]:
     return int(count or 0), latest
 
 
+def overdue(factory: sessionmaker[Session], before: datetime, *, limit: int = 20) -> list[str]:
+    """Keys of the pending instances whose trigger is earlier than ``before``, soonest first (at
+    most ``limit``). With the scheduler working, each has its job running or about to run."""
+    query = (
+        select(Instance.key)
+        .where(Instance.status == PENDING, Instance.trigger_time < before)
+        .order_by(Instance.trigger_time, Instance.key)
+        .limit(limit)
+    )
+    # Asked every second: on the session's connection, without the ORM's work (a quarter of it).
+    with factory() as session:
+        return list(session.connection().execute(query).scalars())
+
+
+def next_trigger(factory: sessionmaker[Session]) -> datetime | None:
+    """The earliest trigger of a pending instance (None when none is pending)."""
+    query = select(func.min(Instance.trigger_time)).where(Instance.status == PENDING)
+    with factory() as session:
+        found: datetime | None = session.connection().execute(query).scalar()
+    return found
+
+
 def pending_summary(factory: sessionmaker[Session]) -> tuple[int, Instance | None]:
     """How many instances are pending, and the one whose trigger comes first (None if none)."""
     with factory() as session:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import getpass
 import json
@@ -38,6 +39,7 @@ import models
 import report
 import scheduler
 import utils
+import watchdog
 from config_loader import Config, Settings, SettingsError
 from notify import (
     Notifier,
@@ -57,6 +59,8 @@ EXIT_CANNOT_START = 2
 #: The daemon stopped itself because its SQLite file was deleted or replaced under it: non-zero,
 #: so that a supervisor restarts it (on the database written back at exit).
 EXIT_DATABASE_LOST = 1
+#: The daemon could not book for a minute and did not recover: its supervisor restarts it.
+EXIT_NOT_WORKING = 3
 HEARTBEAT_SECONDS = 15.0
 HEARTBEAT_STALE_SECONDS = 4 * HEARTBEAT_SECONDS
 LOG_FILE_BYTES = 5 * 1024 * 1024
@@ -71,6 +75,67 @@ DAEMON_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
 
 class StartError(Exception):
     """The daemon cannot start; the message names the cause and the fix (exit 2)."""
+
+
+# --------------------------------------------------------------------------- start-up checks
+
+
+def cannot_write(setting: str, path: Path, exc: OSError, *, instead: str) -> StartError:
+    """The one line for a place the daemon must write and cannot: which, why, and the fix."""
+    reason = exc.strerror or exc.__class__.__name__
+    if exc.errno == errno.EROFS:
+        fix = "mount it read-write"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free space on its disk"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = f"let user {os.getuid()} write to it (chown or chmod)"
+    else:
+        fix = "check it"
+    return StartError(
+        f"{setting} {path} cannot be written ({reason}): {fix}, or set {setting} to {instead}"
+    )
+
+
+def check_data_dir(settings: Settings) -> None:
+    """DATA_DIR must take a write: a read-only, full or foreign directory is found here, first,
+    and named in one line (a block is written and synced, so a full disk says so now)."""
+    directory = settings.data_dir
+    probe = directory / f".courtbot-write-test.{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"courtbot start-up check\n")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise cannot_write("DATA_DIR", directory, exc, instead="a writable directory") from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+def database_problem(settings: Settings, exc: BaseException, *, doing: str) -> str:
+    """The one line for a database that cannot be opened or written at start: the driver's
+    words, the database (password masked) and the fix."""
+    if isinstance(exc, OSError):
+        text = exc.strerror or exc.__class__.__name__
+    else:
+        text = models.error_text(exc)
+    db = models.sqlite_path(settings.database_url)
+    low = text.lower()
+    if db is None:
+        fix = "check DATABASE_URL and that the database server accepts connections"
+    elif "full" in low or "no space" in low:
+        fix = f"free space on the disk that holds {db.parent}"
+    elif "not a database" in low:
+        fix = f"{db} is not a SQLite database: check DATABASE_URL"
+    elif "read-only" in low or "readonly" in low or "permission" in low:
+        fix = f"make {db.parent} writable (or set DATABASE_URL elsewhere)"
+    else:
+        fix = f"check DATABASE_URL and that {db.parent} exists and is writable"
+    return f"cannot {doing} the database {models.display_url(settings.database_url)}: {text}; {fix}"
 
 
 # --------------------------------------------------------------------------- logging
@@ -90,6 +155,35 @@ class _UTCFormatter(logging.Formatter):
         return escape_controls(super().format(record))
 
 
+class LogFileHandler(logging.handlers.RotatingFileHandler):
+    """The log file. A write that fails (a full or read-only disk) is said once, on the console,
+    which keeps every line meanwhile; not a traceback on stderr for each line."""
+
+    failing = False
+    _failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._failed = False
+        super().emit(record)
+        if self.failing and not self._failed:
+            self.failing = False
+            logger.warning("the log file %s is written again", self.baseFilename)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self._failed = True
+        if self.failing:
+            return
+        self.failing = True
+        exc = sys.exc_info()[1]
+        reason = getattr(exc, "strerror", None) or exc.__class__.__name__
+        # Logged from inside the handler: the console takes it; this handler, failing, skips it.
+        logger.error(
+            "cannot write the log file %s (%s); the console still gets every line",
+            self.baseFilename,
+            reason,
+        )
+
+
 def setup_logging(settings: Settings | None, *, level: str = "INFO") -> None:
     """Console always; the file too when LOG_FILE is not ``-``; UTC ISO timestamps."""
     root = logging.getLogger()
@@ -105,7 +199,7 @@ def setup_logging(settings: Settings | None, *, level: str = "INFO") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not path.exists():
             os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        file_handler = logging.handlers.RotatingFileHandler(
+        file_handler = LogFileHandler(
             path, maxBytes=LOG_FILE_BYTES, backupCount=LOG_FILE_BACKUPS, encoding="utf-8"
         )
         file_handler.setFormatter(formatter)
@@ -170,12 +264,28 @@ def daemon_running(settings: Settings) -> int | None:
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically with mode 0600."""
+    """Write ``text`` to ``path`` atomically with mode 0600 (no temporary file is left behind
+    when that fails, e.g. on a full disk)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def overwrite_in_place(path: Path, text: str) -> None:
+    """Overwrite an existing file from its start, in place: needs no new block on a full disk
+    while ``text`` is no longer than the file."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, text.encode(), 0)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- the daemon
@@ -212,13 +322,33 @@ class Daemon:
         self.exit_code = EXIT_OK
         self.pinger: heartbeat.Pinger | None = None
         self._last_beat: float | None = None  # time.monotonic() of the last heartbeat written
+        # CONTRACT section 9, never silently: looked at every second by the loop (``watch``).
+        self.clock = watchdog.ClockWatch()
+        self.watchdog = watchdog.Watchdog()
+        self.overdue = watchdog.Overdue()
+        # The earliest pending trigger as last read (see _late), and when (monotonic; None: to
+        # be read again, as after every change to the jobs): the instances are asked about only
+        # when a trigger is near or passed, not every second of a quiet week.
+        self._next_due: datetime | None = None
+        self._next_due_read: float | None = None
+        self._jobs_changed = 0
+        #: What the last look did to recover, until the next look finds all working again.
+        self._restarted: str | None = None
 
     # -- start-up -----------------------------------------------------------------------
 
     def acquire_locks(self) -> None:
         for path in lock_paths(self.settings):
             lock = DirLock(path)
-            if not lock.acquire():
+            try:
+                acquired = lock.acquire()
+            except OSError as exc:
+                self.release_locks()
+                setting = "DATA_DIR" if path == self.settings.lock_path else "DATABASE_URL"
+                raise cannot_write(
+                    setting, path, exc, instead="a writable place (the lock file goes beside it)"
+                ) from None
+            if not acquired:
                 self.release_locks()
                 raise StartError(
                     f"another courtbot daemon already holds {path.parent} ({path.name}); stop it "
@@ -273,16 +403,12 @@ class Daemon:
     def open_database(self) -> None:
         """The engine and sessions; a database that cannot be opened is a StartError whose
         one line names it with the password masked."""
-        url = self.settings.database_url
         try:
-            self.engine = models.make_engine(url)
-        except models.DatabaseConnectError as exc:
+            self.engine = models.make_engine(self.settings.database_url)
+        except models.DatabaseConnectError as exc:  # a server's: host, port, database, the fix
             raise StartError(str(exc)) from None
         except Exception as exc:  # noqa: BLE001 (any driver error: one line, exit 2)
-            raise StartError(
-                f"cannot open the database {models.mask_url(url)}: {exc.__class__.__name__}: "
-                f"{exc}; check DATABASE_URL and that {self.settings.data_dir} is writable"
-            ) from None
+            raise StartError(database_problem(self.settings, exc, doing="open")) from None
         self.factory = models.session_factory(self.engine)
 
     def booking_context(self) -> bot.BookingContext:
@@ -313,6 +439,7 @@ class Daemon:
         self.ctx = self.booking_context()
         self.scheduler = scheduler.Scheduler(self.engine, allowed=self.ctx.may_send.is_set)
         scheduler.set_runtime(self)
+        self.reset_watch()
 
         now = datetime.now(UTC)
         retried, unknown = instances.recover_in_flight(
@@ -472,6 +599,9 @@ class Daemon:
     def _sync(self) -> scheduler.SyncReport:
         assert self.factory is not None and self.scheduler is not None and self.ctx is not None
         self.roles.before_sync(self.factory)
+        # The watchdog reads the earliest trigger again.
+        self._jobs_changed += 1
+        self._next_due_read = None
         with self.ctx.in_flight_lock:
             busy = frozenset(self.ctx.in_flight)
         return self.scheduler.sync(instances.pending_triggers(self.factory), busy=busy)
@@ -512,10 +642,24 @@ class Daemon:
 
     # -- the loop -----------------------------------------------------------------------
 
+    def reset_watch(self) -> None:
+        """Forget what the watchdog saw of a scheduler that is gone (a period as the active
+        daemon ended or begins): a standby has none, a new one gets its own looks."""
+        self.watchdog = watchdog.Watchdog(give_up_after=self.watchdog.give_up_after)
+        self.overdue = watchdog.Overdue()
+        self._restarted = None
+        self._next_due_read = None
+
     def heartbeat(self) -> None:
-        with contextlib.suppress(OSError):
-            write_private(self.settings.heartbeat_path, f"{time.time():.0f}\n")
-            self._last_beat = time.monotonic()
+        """The beat `health` reads, with the watchdog's state. On a full disk the file is
+        rewritten in place (always the same length: no new block needed)."""
+        text = watchdog.heartbeat_text(time.time(), self.watchdog.health())
+        try:
+            write_private(self.settings.heartbeat_path, text)
+        except OSError:
+            with contextlib.suppress(OSError):
+                overwrite_in_place(self.settings.heartbeat_path, text)
+        self._last_beat = time.monotonic()
 
     def is_healthy(self) -> bool:
         """True while this daemon runs, is not stopping, and its loop wrote a heartbeat lately:
@@ -527,6 +671,7 @@ class Daemon:
             and self.roles.is_active  # a standby vouches for nothing
             and beat is not None
             and time.monotonic() - beat < HEARTBEAT_STALE_SECONDS
+            and self.watchdog.health() is None
         )
 
     # -- tokens that expire before a booking ----------------------------------------------
@@ -580,8 +725,9 @@ class Daemon:
         assert self._signals_r is not None
         next_check = time.monotonic() + self.settings.reload_interval
         next_beat = time.monotonic() + HEARTBEAT_SECONDS
+        next_watch = time.monotonic() + watchdog.INTERVAL
         while not self.stop.is_set():
-            due = min(next_check, next_beat, self.roles.next_due())
+            due = min(next_check, next_beat, next_watch, self.roles.next_due())
             timeout = max(0.0, due - time.monotonic())
             ready, _, _ = select.select([self._signals_r], [], [], timeout)
             if not self.database_present():
@@ -600,6 +746,9 @@ class Daemon:
                 logger.info("SIGHUP received: reloading")
                 self.safe_load("SIGHUP")
             now = time.monotonic()
+            if now >= next_watch:
+                next_watch = now + watchdog.INTERVAL
+                self.watch()
             if now >= next_check:
                 next_check = now + self.settings.reload_interval
                 if self.config_changed():
@@ -609,6 +758,121 @@ class Daemon:
             if now >= next_beat:
                 next_beat = now + HEARTBEAT_SECONDS
                 self.heartbeat()
+
+    # -- the watchdog (CONTRACT section 9: never silently) -------------------------------
+
+    def watch(self) -> None:
+        """Once a second: notice a wall-clock jump (the scheduler is woken), and whether the
+        scheduler can fire and its triggers are not overdue. When not, it is logged at once,
+        `health` says so, and it is recovered (restarted and re-synced from the instances, so
+        overdue bookings go at once) as soon as the database takes writes again, which the next
+        look confirms; after a minute of failing, the daemon stops with EXIT_NOT_WORKING for its
+        supervisor to restart it."""
+        jump = self.clock.check()
+        if jump is not None:
+            self._clock_jumped(jump)
+        if self.watchdog.problem is None or self._restarted is not None:
+            problem = self._find_problem()
+            if problem is None:
+                if self._restarted is not None:
+                    # Restarted at the last look, and working since: recovered.
+                    self.watchdog.recovered(self._restarted)
+                    self._restarted = None
+                    self.heartbeat()
+                return
+            if not self._report(problem):
+                return
+        self._restarted = self._recover()
+
+    def _find_problem(self) -> str | None:
+        """What keeps the daemon from booking now (None: nothing)."""
+        assert self.scheduler is not None and self.factory is not None and self.ctx is not None
+        problem = self.scheduler.problem()
+        if problem is not None:
+            return problem
+        try:
+            late = self._late()
+        except models.DatabaseError as exc:
+            return f"the database cannot be read ({models.error_text(exc)})"
+        with self.ctx.in_flight_lock:
+            busy = set(self.ctx.in_flight)
+        overdue = self.overdue.check(key for key in late if key not in busy)
+        return watchdog.describe_overdue(overdue) if overdue else None
+
+    def _late(self) -> list[str]:
+        """The pending instances whose job should have started LATE_AFTER ago (a job starts LEAD
+        before its trigger). The instances are asked only once the earliest pending trigger, as
+        last read, is that close; it is read again after each change to the jobs, and at least
+        every NEXT_DUE_REFRESH seconds whatever happens."""
+        assert self.factory is not None
+        before = datetime.now(UTC) + scheduler.LEAD - timedelta(seconds=watchdog.LATE_AFTER)
+        read = self._next_due_read
+        if (
+            read is not None
+            and time.monotonic() - read < watchdog.NEXT_DUE_REFRESH
+            and (self._next_due is None or self._next_due >= before)
+        ):
+            return []
+        changes = self._jobs_changed
+        late = instances.overdue(self.factory, before)
+        self._next_due_read = None
+        if not late:
+            next_due = instances.next_trigger(self.factory)
+            if changes == self._jobs_changed:  # no sync meanwhile (a top-up's, in its thread)
+                self._next_due, self._next_due_read = next_due, time.monotonic()
+        return late
+
+    def _recover(self) -> str | None:
+        """Restart the scheduler and re-sync its jobs from the instances, once the database takes
+        writes. Returns what was done, or None (the watchdog told why) while it cannot be.
+        Recovered is what the next look says: an overdue booking still not started is still a
+        problem (and the time toward giving up runs on)."""
+        assert self.scheduler is not None
+        with self._load_lock:
+            try:
+                self.scheduler.probe_write()
+            except Exception as exc:  # noqa: BLE001 (whatever the driver says, try again)
+                self._report(f"the database cannot be written ({models.error_text(exc)})")
+                return None
+            try:
+                self.scheduler.restart()
+                report = self._sync()
+                self.scheduler.start()
+            except Exception as exc:  # noqa: BLE001 (as above)
+                self._report(f"the scheduler cannot restart ({models.error_text(exc)})")
+                return None
+        return (
+            f"restarted and re-synced from the instances (jobs: {report.added} added, "
+            f"{report.moved} moved, {report.removed} removed); overdue bookings go now"
+        )
+
+    def _report(self, problem: str) -> bool:
+        """Tell the watchdog what is wrong (it logs) and `health` (the heartbeat, at once).
+        False when it is time to give up: the loop then stops, with EXIT_NOT_WORKING."""
+        going_on = self.watchdog.report(problem)
+        if not going_on:
+            self.exit_code = EXIT_NOT_WORKING
+            self.stop.set()
+        self.heartbeat()
+        return going_on
+
+    def _clock_jumped(self, jump: float) -> None:
+        """APScheduler sleeps on a wait computed from the wall clock: wake it to look again."""
+        if jump > 0:
+            logger.warning(
+                "the wall clock jumped forward by %.1f s (an NTP step, a resumed VM?): scheduler "
+                "woken; triggers it passed are booked now",
+                jump,
+            )
+        else:
+            logger.warning(
+                "the wall clock jumped backward by %.1f s: scheduler woken; no request leaves "
+                "before its trigger by the clock",
+                -jump,
+            )
+        assert self.scheduler is not None
+        self.scheduler.wakeup()
+        self.overdue.forget()
 
     def safe_load(self, reason: str) -> None:
         try:
@@ -630,7 +894,10 @@ class Daemon:
         if self.pinger is not None:
             self.pinger.close()
         if self.scheduler is not None:
-            self.scheduler.shutdown(wait=True)
+            # Giving up: a scheduler thread stuck in the database must not keep the process up.
+            bound = None if self.exit_code == EXIT_OK else self.settings.http_timeout + 5.0
+            if not self.scheduler.shutdown(wait=True, timeout=bound):
+                logger.error("the scheduler did not stop in %.0f s; exiting anyway", bound)
         scheduler.set_runtime(None)
         self.roles.leave(self)
         self.client.close()
@@ -717,8 +984,12 @@ def _record_signal(signum: int, frame: Any) -> None:
 # --------------------------------------------------------------------------- active and standbys
 
 #: How often a daemon on a shared database writes its row in ``daemons`` (a standby: its
-#: heartbeat file too), and the active one looks for what changed elsewhere.
+#: heartbeat file too), and the active one looks for claims of daemons that died.
 BEAT_SECONDS = 5.0
+#: How often the active daemon on a shared database looks for pending instances changed
+#: elsewhere (a booking handed back, a `retry` on another host): as often as the watchdog
+#: looks, so that their jobs exist before it would call them overdue.
+LOOK_SECONDS = watchdog.INTERVAL
 #: A stopped daemon's row in ``daemons`` is removed this long after its last heartbeat.
 FORGET_AFTER = timedelta(minutes=1)
 #: How long a claim's owner that seems gone is given to show it lives (a standby takes its
@@ -786,6 +1057,7 @@ class Roles:
         self._lost = threading.Event()
         self._next_try = 0.0
         self._next_beat = 0.0
+        self._next_look = 0.0
         self._outage: str | None = None
         #: The context of the last period as the active daemon, while its bookings end.
         self._leftover: bot.BookingContext | None = None
@@ -814,7 +1086,7 @@ class Roles:
         if not self.shared:
             return math.inf  # alone on its database: nothing to beat or try
         if self.is_active:
-            return self._next_beat
+            return min(self._next_beat, self._next_look)
         return min(self._next_try, self._next_beat)
 
     def tick(self, daemon: Daemon, signals: set[int]) -> bool:
@@ -824,7 +1096,11 @@ class Roles:
             if self._lost.is_set():
                 self._step_down(daemon)
                 return True
-            if self.shared and time.monotonic() >= self._next_beat:
+            now = time.monotonic()
+            if self.shared and now >= self._next_look:
+                self._next_look = now + LOOK_SECONDS
+                self._pick_up(daemon)
+            if self.shared and now >= self._next_beat:
                 self.beat(daemon)
             return False
         if signal.SIGHUP in signals:
@@ -900,6 +1176,7 @@ class Roles:
         self.since = datetime.now(UTC)
         self._lost.clear()
         self._next_beat = time.monotonic() + self.beat_seconds
+        self._next_look = time.monotonic() + LOOK_SECONDS
         if not self.shared:
             daemon.become_active(reason)
             return
@@ -950,20 +1227,31 @@ class Roles:
         try:
             self._write_row(daemon, now)
             self._recover_dead_claims(daemon, now)
-            if instances.pending_mark(daemon.factory) != self._pending_mark:
-                changed = daemon._sync()
-                if changed.added or changed.moved or changed.removed:
-                    logger.info(
-                        "instances changed elsewhere: jobs %d added, %d moved, %d removed",
-                        changed.added,
-                        changed.moved,
-                        changed.removed,
-                    )
             leader.forget_dead(daemon.engine, now=now, older_than=FORGET_AFTER)
         except Exception as exc:  # noqa: BLE001 (the database is away: the watch acts on it)
             self._report_outage(exc)
             return
         self._recovered()
+
+    def _pick_up(self, daemon: Daemon) -> None:
+        """Pending instances changed elsewhere (a booking handed back by a daemon that lost the
+        role, a `retry` run on another host): their jobs follow. A cheap look (a count and a
+        time on the status index) unless something changed."""
+        assert daemon.factory is not None
+        try:
+            if instances.pending_mark(daemon.factory) == self._pending_mark:
+                return
+            changed = daemon._sync()
+        except Exception as exc:  # noqa: BLE001 (the database is away: the watch acts on it)
+            self._report_outage(exc)
+            return
+        if changed.added or changed.moved or changed.removed:
+            logger.info(
+                "instances changed elsewhere: jobs %d added, %d moved, %d removed",
+                changed.added,
+                changed.moved,
+                changed.removed,
+            )
 
     def _recover_dead_claims(self, daemon: Daemon, now: datetime) -> None:
         """Claims of daemons that died since this one became active: as after a crash."""
@@ -997,6 +1285,7 @@ class Roles:
         self._lost.clear()
         if daemon.scheduler is not None:
             daemon.scheduler.shutdown(wait=False)
+        daemon.reset_watch()
         self.lead.release()
         try:
             self.lead.ensure_present()
@@ -1160,6 +1449,18 @@ def require_api_url(settings: Settings, fernet: MultiFernet) -> None:
         raise StartError(f"{message}, or name a club file in {', '.join(needing)}")
 
 
+def start_failure(settings: Settings, exc: Exception) -> str:
+    """Why the daemon could not start, in one line: a StartError says it already; a file or the
+    database that could not be written at start (a disk that filled up, went read-only) too."""
+    if isinstance(exc, StartError):
+        return str(exc)
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return str(
+            cannot_write("DATA_DIR", Path(exc.filename), exc, instead="a writable directory")
+        )
+    return database_problem(settings, exc, doing="write")
+
+
 def cmd_run(env: dict[str, str]) -> int:
     try:
         settings = load_settings(env)
@@ -1167,7 +1468,17 @@ def cmd_run(env: dict[str, str]) -> int:
         template = load_template(settings)
         if settings.api_url is None and (template is None or not template.flow.has_url):
             require_api_url(settings, fernet)
-        setup_logging(settings)
+        check_data_dir(settings)
+        try:
+            setup_logging(settings)
+        except OSError as exc:
+            assert settings.log_file is not None
+            raise cannot_write(
+                "LOG_FILE",
+                settings.log_file,
+                exc,
+                instead="a writable file, or to - (console only)",
+            ) from None
     except StartError as exc:
         print(f"courtbot: cannot start: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
@@ -1180,8 +1491,8 @@ def cmd_run(env: dict[str, str]) -> int:
     daemon = Daemon(settings, fernet, template)
     try:
         daemon.start()
-    except StartError as exc:
-        print(f"courtbot: cannot start: {exc}", file=sys.stderr)
+    except (StartError, OSError, models.DatabaseError) as exc:
+        print(f"courtbot: cannot start: {start_failure(settings, exc)}", file=sys.stderr)
         daemon.shutdown()
         return EXIT_CANNOT_START
     try:
@@ -1505,7 +1816,7 @@ def cmd_retry(env: dict[str, str], target: str) -> int:
         print(f"pending again: {key}")
     if models.is_postgresql(settings.database_url):
         # The active daemon may run elsewhere: it notices the change itself.
-        print(f"the active daemon picks them up within {BEAT_SECONDS:g} s")
+        print(f"the active daemon picks them up within {LOOK_SECONDS:g} s")
         return EXIT_OK
     pid = daemon_running(settings)
     if pid is not None:
@@ -1537,8 +1848,9 @@ def cmd_reload(env: dict[str, str]) -> int:
 
 
 def cmd_health(env: dict[str, str]) -> int:
-    """Exit 0 while a daemon holds DATA_DIR, its process lives and its heartbeat is fresh (the
-    container's HEALTHCHECK); 1 once it has stopped, whatever its last heartbeat."""
+    """Exit 0 while a daemon holds DATA_DIR, its process lives and its heartbeat is fresh and
+    says its scheduler works (the container's HEALTHCHECK); 1 once it has stopped, whatever its
+    last heartbeat."""
     try:
         settings = load_settings(env)
     except StartError as exc:
@@ -1556,9 +1868,13 @@ def cmd_health(env: dict[str, str]) -> int:
     except PermissionError:
         pass  # alive, as another user
     try:
-        age = time.time() - float(settings.heartbeat_path.read_text().strip())
+        stamp, state = watchdog.read_heartbeat(settings.heartbeat_path.read_text())
+        age = time.time() - stamp
     except (OSError, ValueError) as exc:
         print(f"courtbot health: no heartbeat ({exc})", file=sys.stderr)
+        return EXIT_INVALID
+    if state is not None:
+        print(f"courtbot health: {state}", file=sys.stderr)
         return EXIT_INVALID
     if age > HEARTBEAT_STALE_SECONDS:
         print(f"courtbot health: heartbeat is {age:.0f} s old", file=sys.stderr)

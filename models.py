@@ -36,7 +36,13 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import URL, Dialect, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.schema import CreateColumn
 
@@ -57,6 +63,26 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 CONNECT_TIMEOUT_SECONDS = 10
 #: What ``postgresql://`` means here (SQLAlchemy's default driver, psycopg2, is not installed).
 POSTGRESQL_DRIVER = "postgresql+psycopg"
+
+#: What the database layer raises (for modules that do not import SQLAlchemy).
+DatabaseError = SQLAlchemyError
+
+
+def error_text(exc: BaseException) -> str:
+    """A database error in one line: the driver's own words ("OperationalError: database or
+    disk is full"), without SQLAlchemy's echo of the statement, its parameters and help link."""
+    cause = getattr(exc, "orig", None)
+    shown = cause if isinstance(cause, BaseException) else exc
+    lines = str(shown).strip().splitlines()
+    return f"{shown.__class__.__name__}: {lines[0]}" if lines else shown.__class__.__name__
+
+
+def display_url(url: str) -> str:
+    """A database URL fit for a message: its password masked."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 (an unparsable URL: say so without echoing it)
+        return "(an invalid DATABASE_URL)"
 
 
 class UTCDateTime(TypeDecorator[datetime]):

@@ -4,6 +4,13 @@ Nobody else imports APScheduler. Jobs are module-level functions taking only the
 (persistent stores pickle the callable's reference and its arguments); they hand the key to the
 runtime that ``main`` registers. The instance table is the truth: ``sync`` makes the job store
 match the pending instances, cheaply, at start and after every load.
+
+APScheduler 3 retries a failed *read* of due jobs, but a failed *write* in its loop (``remove_job``
+after a date job ran, ``update_job``) escapes ``_main_loop``: its thread dies while ``state`` still
+says running, and nothing fires again (agronholm/apscheduler#109, #1083). It also sleeps on a wait
+computed from the wall clock, which a clock jump makes wrong ("the scheduler relies on the system
+clock being correct", #339; #794, open). So ``problem`` says when it cannot fire, ``wakeup`` makes
+it look at the clock again, and ``restart`` gives a fresh one: the daemon's watchdog uses them.
 """
 
 from __future__ import annotations
@@ -20,8 +27,11 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import STATE_RUNNING
 from apscheduler.triggers.date import DateTrigger
 from sqlalchemy import Engine, select
+
+from models import error_text
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +43,8 @@ TOPUP_JOB_ID = "courtbot:topup"
 TOPUP_INTERVAL = timedelta(hours=24)
 #: Enough workers that a burst of bookings with one trigger never queues.
 DEFAULT_WORKERS = 128
+#: The job store's row written and deleted to learn whether the database takes writes again.
+PROBE_JOB_ID = "courtbot:write-probe"
 
 
 class Runtime(Protocol):
@@ -79,22 +91,27 @@ class SyncReport:
     removed: int
 
 
-class _FencedJobStore(SQLAlchemyJobStore):  # type: ignore[misc]
-    """The job store, shared through the database by every daemon on it: only the active one
-    may fire or change jobs. Once ``allowed()`` is false (leadership lost), this scheduler's
-    thread finds no due job and its writes are dropped, so that however late it notices it
-    was stopped it never fires or removes a job that the new active daemon's scheduler owns."""
+class _Store(SQLAlchemyJobStore):
+    """The job store in the daemon's database. The engine is the daemon's: shutting the
+    scheduler down (or retiring one, ``Scheduler.restart``) must not dispose of it.
+
+    The store is shared through the database by every daemon on it, and only the active one
+    may fire or change jobs. Once ``allowed()`` is false (the role lost), this scheduler's
+    thread finds no due job and no next run time (it sleeps rather than spins) and its writes
+    are dropped, so that however late it notices it was stopped it never fires or removes a
+    job that the new active daemon's scheduler owns."""
 
     def __init__(self, *, allowed: Callable[[], bool], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._allowed = allowed
 
+    def shutdown(self) -> None:
+        """Nothing: the daemon disposes of its engine itself."""
+
     def get_due_jobs(self, now: datetime) -> list[Job]:
         return super().get_due_jobs(now) if self._allowed() else []  # type: ignore[no-any-return]
 
     def get_next_run_time(self) -> datetime | None:
-        # Fenced, nothing is due here: the scheduler sleeps until woken rather than spinning on
-        # a job it may not fire.
         return super().get_next_run_time() if self._allowed() else None  # type: ignore[no-any-return]
 
     def add_job(self, job: Job) -> None:
@@ -118,6 +135,32 @@ def _always() -> bool:
     return True
 
 
+class _Background(BackgroundScheduler):
+    """APScheduler's background scheduler, keeping why its thread stopped (``failure``)."""
+
+    failure: str | None = None
+
+    def _main_loop(self) -> None:
+        try:
+            super()._main_loop()
+        except Exception as exc:  # noqa: BLE001 (kept for the watchdog, which logs it)
+            self.failure = error_text(exc)
+
+    @property
+    def thread_alive(self) -> bool:
+        thread = getattr(self, "_thread", None)
+        return thread is not None and thread.is_alive()
+
+
+def _retire(old: _Background) -> None:
+    """Shut a replaced scheduler down without waiting: a booking it started goes on."""
+    try:
+        if old.running:
+            old.shutdown(wait=False)
+    except Exception as exc:  # noqa: BLE001 (a broken scheduler is being dropped anyway)
+        logger.debug("retiring the old scheduler: %s", error_text(exc))
+
+
 class Scheduler:
     """A BackgroundScheduler whose job store lives in the courtbot database.
 
@@ -131,11 +174,22 @@ class Scheduler:
         workers: int = DEFAULT_WORKERS,
         allowed: Callable[[], bool] = _always,
     ) -> None:
+        self._engine = engine
+        self._workers = workers
         self._allowed = allowed
-        self._store = _FencedJobStore(allowed=allowed, engine=engine, tablename=JOBS_TABLE)
-        self._scheduler = BackgroundScheduler(
-            jobstores={"default": self._store},
-            executors={"default": ThreadPoolExecutor(max_workers=workers)},
+        self._store, self._scheduler = self._build()
+        # The store creates its table when the scheduler starts; sync runs before that.
+        self._store.jobs_t.create(engine, checkfirst=True)
+        self._lock = threading.Lock()
+        self._write_failure: str | None = None
+        for name in ("apscheduler.scheduler", "apscheduler.executors.default"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+    def _build(self) -> tuple[_Store, _Background]:
+        store = _Store(allowed=self._allowed, engine=self._engine, tablename=JOBS_TABLE)
+        background = _Background(
+            jobstores={"default": store},
+            executors={"default": ThreadPoolExecutor(max_workers=self._workers)},
             job_defaults={
                 # Run a job however late it is: the booking itself decides between "book at
                 # once" (desired start still ahead) and "expired" (APScheduler's default grace
@@ -146,11 +200,7 @@ class Scheduler:
             },
             timezone=UTC,
         )
-        # The store creates its table when the scheduler starts; sync runs before that.
-        self._store.jobs_t.create(engine, checkfirst=True)
-        self._lock = threading.Lock()
-        for name in ("apscheduler.scheduler", "apscheduler.executors.default"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        return store, background
 
     def start(self) -> None:
         """Start firing jobs (their store is synced first by the caller)."""
@@ -163,16 +213,76 @@ class Scheduler:
             replace_existing=True,
         )
 
-    def shutdown(self, wait: bool = True) -> None:
-        """Stop taking triggers; with ``wait``, let running jobs finish first."""
-        if self._scheduler.running:
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """Stop taking triggers; with ``wait``, let running jobs finish first, for at most
+        ``timeout`` seconds when given (a thread stuck in the database must not hold the
+        process). False when that time ran out."""
+        if not self._scheduler.running:
+            return True
+        if timeout is None:
             self._scheduler.shutdown(wait=wait)
+            return True
+        stopping = threading.Thread(
+            target=self._scheduler.shutdown,
+            kwargs={"wait": wait},
+            name="scheduler-shutdown",
+            daemon=True,
+        )
+        stopping.start()
+        stopping.join(timeout)
+        return not stopping.is_alive()
+
+    # -- the watchdog's handles ---------------------------------------------------------
+
+    def problem(self) -> str | None:
+        """Why no job can fire now, or None while they can: APScheduler's thread stopped (and
+        why), it is not running, or the last write to the job store failed."""
+        background = self._scheduler
+        if background.failure is not None:
+            return f"the scheduler's thread stopped: {background.failure}"
+        if background.state != STATE_RUNNING:
+            return "the scheduler is not running"
+        if not background.thread_alive:
+            return "the scheduler's thread is gone"
+        if self._write_failure is not None:
+            return f"a write to the job store failed: {self._write_failure}"
+        return None
+
+    def wakeup(self) -> None:
+        """Make the scheduler look at the clock and its jobs now (after a clock jump)."""
+        if self._scheduler.running:
+            self._scheduler.wakeup()
+
+    def probe_write(self) -> None:
+        """Write to the job store and take it back, committed: raises (``models.DatabaseError``)
+        while the database cannot be written (a full or read-only disk)."""
+        if not self._allowed():
+            return  # not the active daemon: the store is another's to write
+        table = self._store.jobs_t
+        with self._store.engine.begin() as conn:
+            conn.execute(table.delete().where(table.c.id == PROBE_JOB_ID))
+            conn.execute(table.insert().values(id=PROBE_JOB_ID, next_run_time=None, job_state=b""))
+        with self._store.engine.begin() as conn:
+            conn.execute(table.delete().where(table.c.id == PROBE_JOB_ID))
+
+    def restart(self) -> None:
+        """Replace APScheduler with a fresh one, not started: the caller syncs the jobs, then
+        ``start``. The old one is shut down in the background, without waiting: a booking it
+        started goes on, and a thread stuck in the database cannot hold the caller."""
+        old = self._scheduler
+        self._store, self._scheduler = self._build()
+        self._write_failure = None
+        threading.Thread(target=_retire, args=(old,), name="scheduler-retire", daemon=True).start()
 
     def _stored(self) -> dict[str, float | None]:
         table = self._store.jobs_t
         with self._store.engine.connect() as conn:
             rows = conn.execute(select(table.c.id, table.c.next_run_time))
-            return {job_id: run_at for job_id, run_at in rows if job_id != TOPUP_JOB_ID}
+            return {
+                job_id: run_at
+                for job_id, run_at in rows
+                if job_id not in (TOPUP_JOB_ID, PROBE_JOB_ID)
+            }
 
     def sync(
         self, pending: Mapping[str, datetime], *, busy: frozenset[str] = frozenset()
@@ -227,10 +337,16 @@ class Scheduler:
             state = pickle.dumps(job.__getstate__(), self._store.pickle_protocol)
             rows.append({"id": key, "next_run_time": run_at.timestamp(), "job_state": state})
         gone = removals + [key for key, _ in upserts]
-        with self._store.engine.begin() as conn:
-            for start in range(0, len(gone), 500):
-                conn.execute(table.delete().where(table.c.id.in_(gone[start : start + 500])))
-            if rows:
-                conn.execute(table.insert(), rows)
+        try:
+            with self._store.engine.begin() as conn:
+                for start in range(0, len(gone), 500):
+                    conn.execute(table.delete().where(table.c.id.in_(gone[start : start + 500])))
+                if rows:
+                    conn.execute(table.insert(), rows)
+        except Exception as exc:
+            # The jobs no longer match the instances: the watchdog re-syncs once writes work.
+            self._write_failure = error_text(exc)
+            raise
+        self._write_failure = None
         if self._scheduler.running:
             self._scheduler.wakeup()

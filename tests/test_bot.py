@@ -1313,9 +1313,66 @@ def test_the_request_never_leaves_before_the_trigger(
     assert moment < TRIGGER.timestamp() + 0.05
     # The connection is opened ahead, then the wait; nothing else goes to the club.
     assert h.warmed == [URL]
-    assert len(h.stop.waits) == 1
-    assert h.stop.waits[0] == pytest.approx(45 - bot.SPIN_SECONDS, abs=0.01)
+    # The wait looks at the wall clock at least every MAX_NAP_SECONDS, and adds up to the 45 s.
+    waits = [w for w in h.stop.waits if w is not None]
+    assert len(waits) == len(h.stop.waits) > 1
+    assert max(waits) <= bot.MAX_NAP_SECONDS
+    slept = sum(waits) + oversleep * len(waits)
+    assert slept == pytest.approx(45 - bot.SPIN_SECONDS + oversleep, abs=0.02)
     assert h.row().status == BOOKED
+
+
+class JumpingStop(FakeStop):
+    """A stop event whose ``jump_at``-th wait also moves the clock by ``jump`` (an NTP step)."""
+
+    def __init__(self, clock: FakeClock, *, jump_at: int, jump: float) -> None:
+        super().__init__(clock)
+        self.jump_at = jump_at
+        self.jump = jump
+        self.jumped_at: int | None = None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        stopped = super().wait(timeout)
+        if len(self.waits) == self.jump_at:
+            assert self.clock is not None
+            self.clock.advance(self.jump)
+            self.jumped_at = len(self.waits)
+        return stopped
+
+
+@pytest.mark.parametrize("jump", [-3600.0, -30.0, 30.0, 3600.0])
+def test_a_clock_jump_during_the_wait_sends_at_the_trigger_by_the_clock_at_send_time(
+    h: Harness, jump: float
+) -> None:
+    """CONTRACT section 9: backward, the request still leaves only at its trigger by the clock
+    as it reads when sending; forward past the trigger, it leaves at the next look at the clock
+    (at most MAX_NAP_SECONDS later), not at the end of the wait computed before the jump."""
+    clock = FakeClock(0, tick=0.0001)
+    h.clock = h.ctx.clock = clock
+    stop = JumpingStop(clock, jump_at=4, jump=jump)
+    h.ctx.stop = h.stop = stop
+    h.add(at_trigger=False)
+    clock.set(TRIGGER - timedelta(seconds=10))
+    sent_at: list[float] = []
+
+    def club_side(request: Any) -> tuple[int, dict[str, str], str]:
+        sent_at.append(clock.now)
+        return 201, {}, json.dumps({"id": "on-time"})
+
+    h.club.add_callback(responses.POST, URL, callback=club_side)
+
+    assert h.book() == BOOKED
+
+    (moment,) = sent_at
+    assert moment >= TRIGGER.timestamp()
+    assert stop.jumped_at == 4
+    if jump > 10:
+        # Carried past the trigger by the 4th nap: sent at once, no more napping.
+        assert len(stop.waits) == 4
+        assert moment < TRIGGER.timestamp() + jump
+    else:
+        assert moment < TRIGGER.timestamp() + 0.05
+        assert sum(w for w in stop.waits if w is not None) > 10 - jump - 1
 
 
 # --------------------------------------------------------------------------- ClubClient

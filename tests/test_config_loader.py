@@ -202,6 +202,37 @@ def test_unknown_key_is_quoted_unless_a_plain_name(
     )
 
 
+def test_a_key_given_twice_in_an_entry_rejects_that_entry_alone(data_dir: Path) -> None:
+    path = data_dir / "schedules.json"
+    match = json.dumps(MATCH)
+    path.write_text(f'[{match}, {json.dumps(WED)[:-1]}, "court_id": 1, "court_id": 2}}]')
+
+    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+
+    assert only_error(result) == (
+        "schedules.json entry 'wed-evening' (#2): court_id: given twice in this entry; keep one "
+        "(JSON would silently use the last, 2)"
+    )
+    rejected_alone(result, "match")
+    assert result.rejected_ids == {"wed-evening"}
+
+
+def test_an_id_given_twice_is_no_id(data_dir: Path) -> None:
+    path = data_dir / "schedules.json"
+    rest = json.dumps({k: v for k, v in MATCH.items() if k != "id"})[1:]
+    path.write_text(f'[{json.dumps(WED)}, {{"id": "match", "id": "b", "id": "c", {rest}]')
+
+    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+
+    assert only_error(result) == (
+        "schedules.json entry #2: id: given 3 times in this entry; keep one (JSON would silently "
+        "use the last, 'c')"
+    )
+    rejected_alone(result, "wed-evening")
+    # Which entry it is cannot be told: removals are put off, as for an invalid id.
+    assert result.unknown_rejects == 1
+
+
 @pytest.mark.parametrize(
     "bad_id",
     ["wed evening!", "x" * 65, "", "café", "wed/evening", 7, None],
@@ -986,6 +1017,27 @@ def test_a_token_name_with_a_control_character_is_an_error(
         "breaks, tabs, ...)"
     ]
     assert set(result.tokens) == {"alice"}
+
+
+def test_a_token_name_given_twice_is_an_error_for_that_token_and_the_file_is_kept(
+    data_dir: Path, fernet: MultiFernet
+) -> None:
+    path = data_dir / "tokens.json"
+    path.write_text('{"default": "tok-one", "alice": "tok-a", "default": "tok-two"}')
+
+    result = read_tokens(path, fernet)
+
+    assert result.errors == [
+        "tokens.json token 'default': given twice in the file; keep one (JSON would silently "
+        "use the last); the file is not rewritten until then"
+    ]
+    assert result.tokens["default"].encrypted is None
+    assert result.tokens["default"].error == result.errors[0]
+    assert fernet.decrypt(result.tokens["alice"].encrypted.encode()) == b"tok-a"
+    # Rewriting would keep one of the two values silently: the file stays as the user wrote it.
+    before = path.read_bytes()
+    assert rewrite_tokens_file(path, result) is False
+    assert path.read_bytes() == before
 
 
 def test_fernet_value_no_key_decrypts_is_an_error_for_that_token_only(

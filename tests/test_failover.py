@@ -173,6 +173,8 @@ def test_kill_9_of_the_active_daemon_before_a_trigger(cluster: Cluster, club: Sa
     for standby in standbys:
         standby.wait_ready()  # bot.pid is written once a standby waits
         assert "standby: this daemon (" in standby.output()
+    health = cli(standbys[0].env, "health")  # a live standby is healthy: it can take over
+    assert health.returncode == 0, health.stderr
     figures = []
     for key, desired in zip(keys, (first, second), strict=True):
         trigger = (desired - WINDOW).timestamp()

@@ -1054,6 +1054,21 @@ def test_finish_and_retry_clear_interrupted(factory: sessionmaker[Session]) -> N
     assert (b.status, b.attempts, b.last_error, b.interrupted) == (PENDING, 0, None, False)
 
 
+def test_overdue_lists_pending_instances_triggered_before_the_moment_soonest_first(
+    factory: sessionmaker[Session],
+) -> None:
+    week = timedelta(hours=168)
+    add_row(factory, "late@2", NOW + week - timedelta(seconds=5), PENDING)
+    add_row(factory, "later@1", NOW + week + timedelta(seconds=5), PENDING)
+    add_row(factory, "late@1", NOW + week - timedelta(seconds=30), PENDING)
+    add_row(factory, "going@1", NOW + week - timedelta(seconds=40), BOOKING)
+    add_row(factory, "done@1", NOW + week - timedelta(seconds=50), BOOKED)
+
+    assert instances.overdue(factory, NOW) == ["late@1", "late@2"]
+    assert instances.overdue(factory, NOW, limit=1) == ["late@1"]
+    assert instances.overdue(factory, NOW - timedelta(minutes=1)) == []
+
+
 # --------------------------------------------------------------------------- an older database
 
 

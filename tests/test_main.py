@@ -25,6 +25,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from cryptography.fernet import Fernet
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import instances
@@ -32,9 +33,11 @@ import leader
 import main
 import models
 import utils
+import watchdog
 from conftest import PingServer, make_jwt, previous_release_database, write_json
 from daemon_harness import MAIN, cli
 from models import Instance
+from mounts import fill, small_disk
 
 LONDON = ZoneInfo("Europe/London")
 
@@ -1246,7 +1249,9 @@ def test_the_active_daemon_takes_over_dead_daemons_claims_and_changes_made_elsew
             instances.record_attempt(daemon.factory, key, 1)
         assert instances.retry(daemon.factory, "again", datetime.now(UTC))
 
-        daemon.roles.beat(daemon)
+        # the loop's hook, with its beat (every 5 s) and its look (every second) both due
+        daemon.roles._next_beat = daemon.roles._next_look = 0.0
+        assert daemon.roles.tick(daemon, set()) is False  # active: the loop goes on
 
         rows = {r["schedule"]: r for r in instances.status_rows(daemon.factory)}
         assert (rows["live"]["status"], rows["dead"]["status"], rows["again"]["status"]) == (
@@ -1368,3 +1373,241 @@ def test_calendar_entries_are_located_at_the_booking_hosts_name(env: dict[str, s
     )
     assert main.club_location(settings, None) == "book.club.example"
     assert main.club_location(main.load_settings(env | {"BOOKING_API_URL": ""}), None) is None
+
+
+# ---------------------------------------------------------------- the watchdog, in process
+
+
+def watchdog_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "watchdog"]
+
+
+def test_a_stopped_scheduler_is_an_error_at_the_next_look_and_is_restarted(
+    daemon: main.Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    daemon.watch()
+    assert watchdog_lines(caplog) == []
+    assert daemon.scheduler is not None
+    daemon.scheduler.shutdown(wait=True)
+
+    daemon.watch()  # noticed, restarted
+    assert daemon.scheduler.problem() is None
+    assert daemon.watchdog.health() is not None
+    daemon.watch()  # and working since: recovered
+
+    (error, (level, text)) = watchdog_lines(caplog)
+    assert error == (
+        logging.ERROR,
+        "scheduler not working: the scheduler is not running; recovering (`health` reports it "
+        "until then)",
+    )
+    assert level == logging.WARNING
+    assert re.fullmatch(
+        r"scheduler working again after \d+\.\d s \(was: the scheduler is not running\): "
+        r"restarted and re-synced from the instances \(jobs: 0 added, 0 moved, 0 removed\); "
+        r"overdue bookings go now",
+        text,
+    ), text
+    assert daemon.scheduler.problem() is None
+    assert daemon.watchdog.health() is None
+
+
+def test_a_trigger_the_scheduler_missed_is_overdue_at_the_second_look_then_run(
+    daemon: main.Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An instance whose job never came (here: its trigger moved in the table behind the
+    scheduler's back) is late at one look and overdue at the next; the recovery re-syncs the
+    jobs from the instances, and it runs at once: its start has passed too, so it expires."""
+    caplog.set_level(logging.INFO)
+    assert daemon.factory is not None
+    (key,) = [row["key"] for row in instances.status_rows(daemon.factory)]
+    past = datetime.now(UTC) - timedelta(minutes=1)
+    with models.transaction(daemon.factory) as session:
+        row = session.scalars(select(Instance).where(Instance.key == key)).one()
+        row.desired_time, row.trigger_time = past, past - timedelta(hours=168)
+
+    daemon.watch()
+    assert watchdog_lines(caplog) == []
+    daemon.watch()
+    wait_for(lambda: instances.status_rows(daemon.factory)[0]["status"] == "expired")
+    daemon.watch()
+
+    (error, recovered) = watchdog_lines(caplog)
+    assert error == (
+        logging.ERROR,
+        f"scheduler not working: 1 booking(s) overdue: their trigger came and no booking started "
+        f"({key}); recovering (`health` reports it until then)",
+    )
+    assert "(jobs: 0 added, 1 moved, 0 removed); overdue bookings go now" in recovered[1]
+
+
+def test_a_restart_that_does_not_get_the_overdue_booking_going_is_no_recovery(
+    daemon: main.Daemon, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovered is what the look after the restart sees: a booking still not started keeps the
+    daemon failing (and the time toward giving up running), however often it restarts."""
+    caplog.set_level(logging.INFO)
+    assert daemon.factory is not None
+    ran: list[str] = []
+    monkeypatch.setattr(daemon, "book", ran.append)  # its job runs; nothing books it
+    (key,) = [row["key"] for row in instances.status_rows(daemon.factory)]
+    with models.transaction(daemon.factory) as session:
+        row = session.scalars(select(Instance).where(Instance.key == key)).one()
+        row.trigger_time = datetime.now(UTC) - timedelta(minutes=1)
+
+    for _ in range(2):  # late, then overdue: restarted
+        daemon.watch()
+    wait_for(lambda: ran == [key])
+    daemon.watch()  # still pending: not recovered, restarted again
+
+    assert [level for level, _ in watchdog_lines(caplog)] == [logging.ERROR]
+    assert daemon.watchdog.problem is not None
+    assert daemon.watchdog.problem.startswith("1 booking(s) overdue")
+    wait_for(lambda: ran == [key, key])
+
+
+def test_the_instances_are_asked_about_only_when_a_trigger_is_near_or_the_jobs_changed(
+    daemon: main.Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[datetime] = []
+    real_overdue = instances.overdue
+
+    def counting(factory: Any, before: datetime, **kw: Any) -> list[str]:
+        asked.append(before)
+        return real_overdue(factory, before, **kw)
+
+    monkeypatch.setattr(instances, "overdue", counting)
+    for _ in range(4):  # the only trigger is days ahead: read once, then nothing to ask
+        daemon.watch()
+    assert len(asked) == 1
+    daemon.safe_load("SIGHUP")  # jobs synced: the earliest trigger may have changed
+    daemon.watch()
+    daemon.watch()
+    assert len(asked) == 2
+    monkeypatch.setattr(watchdog, "NEXT_DUE_REFRESH", 0.0)  # and read again now and then anyway
+    daemon.watch()
+    assert len(asked) == 3
+
+
+def test_a_clock_jump_is_logged_and_wakes_the_scheduler(
+    daemon: main.Daemon, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO)
+    wall = [1_800_000_000.0]
+    mono = [100.0]
+    daemon.clock = watchdog.ClockWatch(wall=lambda: wall[0], monotonic=lambda: mono[0])
+    woken: list[bool] = []
+    monkeypatch.setattr(daemon.scheduler, "wakeup", lambda: woken.append(True))
+
+    wall[0] += 3601.0
+    mono[0] += 1.0
+    daemon.watch()
+    wall[0] += 1.0 - 42.5
+    mono[0] += 1.0
+    daemon.watch()
+
+    assert [m for m in caplog.messages if "wall clock" in m] == [
+        "the wall clock jumped forward by 3600.0 s (an NTP step, a resumed VM?): scheduler "
+        "woken; triggers it passed are booked now",
+        "the wall clock jumped backward by 42.5 s: scheduler woken; no request leaves before "
+        "its trigger by the clock",
+    ]
+    assert woken == [True, True]
+
+
+@pytest.fixture
+def disk_daemon(
+    env: dict[str, str], tmp_path: Path
+) -> Iterator[tuple[main.Daemon, dict[str, str], Path]]:
+    """A started daemon in this process whose DATA_DIR is a 4 MB disk (tmpfs) the test fills."""
+    handlers = {signum: signal.getsignal(signum) for signum in main.DAEMON_SIGNALS}
+    with small_disk(tmp_path / "disk") as disk:
+        write_json(disk / "tokens.json", {"default": "tok-secret"})
+        write_json(disk / "schedules.json", [one_off("a")])
+        disk_env = env | {"DATA_DIR": str(disk), "RELOAD_INTERVAL_SECONDS": "3600"}
+        settings = main.load_settings(disk_env)
+        made = main.Daemon(settings, main.load_fernet(settings), None)
+        try:
+            made.start()
+            yield made, disk_env, disk
+        finally:
+            made.shutdown()
+            signal.set_wakeup_fd(-1)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+
+
+def test_not_recovering_for_the_give_up_time_stops_the_loop_with_exit_3_health_1_meanwhile(
+    disk_daemon: tuple[main.Daemon, dict[str, str], Path],
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The disk is full and stays so: no recovery can write. `health` says why at once (the
+    heartbeat is rewritten in place: a full disk takes no new file); after the give-up time
+    (60 s; 2 s here) the loop ends and the process would exit 3 for its supervisor."""
+    daemon, env, disk = disk_daemon
+    caplog.set_level(logging.INFO)
+    daemon.watchdog.give_up_after = 2.0
+    fill(disk)
+    assert daemon.scheduler is not None
+    daemon.scheduler.shutdown(wait=True)
+    seen: list[tuple[int, str]] = []
+
+    def health_meanwhile() -> None:
+        wait_for(lambda: daemon.watchdog.problem is not None)
+        assert main.cmd_health(env) == 1
+        seen.append((1, capsys.readouterr().err))
+
+    looker = threading.Thread(target=health_meanwhile)
+    looker.start()
+    started = time.monotonic()
+    daemon.run_forever()
+    looker.join(10)
+
+    assert daemon.exit_code == main.EXIT_NOT_WORKING == 3
+    assert 2.0 <= time.monotonic() - started < 10
+    ((_, health_said),) = seen
+    assert re.fullmatch(
+        r"courtbot health: not working since \S+Z: (the scheduler is not running|the database "
+        r"cannot be written \(OperationalError: database or disk is full\))\n",
+        health_said,
+    ), health_said
+    lines = [text for _, text in watchdog_lines(caplog)]
+    assert lines[0] == (
+        "scheduler not working: the scheduler is not running; recovering (`health` reports it "
+        "until then)"
+    )
+    assert lines[-1] == (
+        "scheduler not working for 2 s: the database cannot be written (OperationalError: "
+        "database or disk is full); exiting with status 3 for the supervisor to restart courtbot"
+    )
+    assert not list(disk.glob(".heartbeat.*"))  # a failed atomic write leaves no file behind
+
+
+def test_a_log_file_that_cannot_be_written_is_said_once_and_the_console_keeps_every_line(
+    env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with small_disk(tmp_path / "disk") as disk:
+        log_file = disk / "bot.log"
+        main.setup_logging(main.load_settings(env | {"LOG_FILE": str(log_file)}))
+        log = logging.getLogger("courtbot")
+        log.warning("before")
+        filler = fill(disk)
+        for n in range(3):
+            log.warning("line %d %s", n, "x" * 5000)  # more than the page the file has left
+        filler.unlink()
+        log.warning("after")
+
+        err = capsys.readouterr().err
+        text = log_file.read_text()
+
+    assert "Logging error" not in err and "Traceback" not in err
+    said = [line for line in err.splitlines() if "the log file" in line]
+    assert [line.split(" ", 1)[1] for line in said] == [
+        f"ERROR courtbot: cannot write the log file {log_file} (No space left on device); the "
+        "console still gets every line",
+        f"WARNING courtbot: the log file {log_file} is written again",
+    ]
+    assert all(f"line {n} " in err for n in range(3))
+    assert "before" in text and "after" in text

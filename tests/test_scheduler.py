@@ -9,12 +9,16 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
+import models
 import scheduler
-from scheduler import LEAD, TOPUP_JOB_ID, Scheduler, SyncReport
+from daemon_harness import wait_until
+from mounts import fill, small_disk
+from scheduler import LEAD, PROBE_JOB_ID, TOPUP_JOB_ID, Scheduler, SyncReport
 
 T0 = datetime(2030, 3, 1, 17, 0, tzinfo=UTC)
 
@@ -162,3 +166,85 @@ def test_a_daemon_no_longer_active_neither_fires_nor_changes_the_shared_jobs(
     finally:
         sched.shutdown(wait=True)
         scheduler.set_runtime(None)
+
+
+# --------------------------------------------------------------------------- the watchdog's handles
+
+
+def test_problem_is_none_while_running_and_says_when_not(engine: Engine, sched: Scheduler) -> None:
+    assert sched.problem() == "the scheduler is not running"
+    sched.start()
+    assert sched.problem() is None
+    sched.shutdown(wait=True)
+    assert sched.problem() == "the scheduler is not running"
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MB disk (tmpfs) that the test fills up."""
+    with small_disk(tmp_path / "disk") as mounted:
+        yield mounted
+
+
+def test_a_job_store_write_that_fails_stops_the_thread_then_a_restart_fires_the_job(
+    disk: Path,
+) -> None:
+    """APScheduler 3 lets a failed write in its loop (``remove_job`` once a date job ran) end its
+    thread, ``state`` still saying running: ``problem`` says so and why; once the disk has room,
+    a restart (the jobs synced again, none lost) fires what is due."""
+    engine = models.make_engine(f"sqlite:///{disk / 'db.sqlite'}")
+    made = Scheduler(engine, workers=2)
+    runtime = Recorder()
+    scheduler.set_runtime(runtime)
+    try:
+        made.start()
+        run_at = datetime.now(UTC) + timedelta(seconds=1.5)
+        made.sync({"soon@1": run_at + LEAD})
+        filler = fill(disk)
+        with pytest.raises(models.DatabaseError):
+            made.probe_write()
+
+        assert runtime.event.wait(10), "the job never ran"
+        assert wait_until(lambda: made.problem() is not None, 10)
+        assert made.problem() == (
+            "the scheduler's thread stopped: OperationalError: database or disk is full"
+        )
+        assert made._scheduler.running  # APScheduler itself still says so
+
+        filler.unlink()
+        made.probe_write()
+        runtime.event.clear()
+        made.restart()
+        assert made.sync({"soon@1": run_at + LEAD}) == SyncReport(added=0, moved=0, removed=0)
+        made.start()
+
+        assert made.problem() is None
+        assert runtime.event.wait(10), "the restarted scheduler did not fire the due job"
+        assert runtime.booked == ["soon@1", "soon@1"]
+        assert wait_until(lambda: "soon@1" not in stored(engine), 10)
+        assert PROBE_JOB_ID not in stored(engine)
+    finally:
+        made.shutdown(wait=True)
+        scheduler.set_runtime(None)
+        engine.dispose()
+
+
+def test_a_sync_whose_write_fails_is_a_problem_until_a_restart(disk: Path) -> None:
+    engine = models.make_engine(f"sqlite:///{disk / 'db.sqlite'}")
+    made = Scheduler(engine, workers=2)
+    try:
+        made.start()
+        filler = fill(disk)
+        with pytest.raises(models.DatabaseError):
+            made.sync({"later@1": datetime.now(UTC) + timedelta(days=1)})
+        assert made.problem() == (
+            "a write to the job store failed: OperationalError: database or disk is full"
+        )
+        filler.unlink()
+        made.restart()
+        assert made.sync({"later@1": datetime.now(UTC) + timedelta(days=1)}).added == 1
+        made.start()
+        assert made.problem() is None
+    finally:
+        made.shutdown(wait=True)
+        engine.dispose()
