@@ -98,7 +98,6 @@ def one_off(entry_id: str, desired: datetime, court: object = 3) -> dict[str, ob
     return {"id": entry_id, "type": "one-off", "desired_time": iso_z(desired), "court_id": court}
 
 
-@pytest.mark.both_databases
 def test_books_at_the_trigger_exactly_once(
     e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
 ) -> None:
