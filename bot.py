@@ -1,15 +1,22 @@
-"""Booking one instance against the club's API (CONTRACT sections 6 and 7).
+"""Booking one instance: running its club's flow against the club (CONTRACT sections 6, 7, 12).
 
 ``book_slot(key, ctx)`` claims the instance (``pending`` -> ``booking``, committed before any
-request leaves), opens the connection to the club ahead of the trigger, waits out the last
-moment precisely, sends, and applies the answer table: next court on 409, retries with backoff
-on 425/429/5xx/timeouts, a final status with a reason a person can act on.
+request leaves) and runs its flow, the one engine for every club: section 6's request and a
+section-11 template are flows of their one booking step. Preparation steps run
+``prepare_seconds`` before the trigger, retried with backoff while the trigger is ahead; then the
+first request of the trigger is built and its connection opened ahead, the last moment waited
+out precisely, and the ``at_trigger`` steps and the booking step are sent and read with the
+answer table (next court when taken, early answers every ``EARLY_RETRY_MS``, retries with
+backoff); finishing steps run after the booking. Each booking has its own cookie jar, sent only
+to the flow's hosts, and its own secrets, scrubbed from every reason and log line.
 """
 
 from __future__ import annotations
 
 import contextlib
 import heapq
+import http.client
+import http.cookiejar
 import itertools
 import json
 import logging
@@ -22,11 +29,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote, quote_plus, urlsplit
+from urllib.parse import quote, quote_plus, urljoin, urlsplit
 
 import requests
 from cryptography.fernet import MultiFernet
 from requests.adapters import HTTPAdapter
+from requests.cookies import MockRequest, MockResponse, RequestsCookieJar, get_cookie_header
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -43,7 +51,17 @@ from models import (
     error_text,
 )
 from notify import Outcome
-from template import RenderedRequest, RequestTemplate, Slot, default_template, render_request
+from template import (
+    Flow,
+    MissingValue,
+    RenderedRequest,
+    Reply,
+    Slot,
+    Step,
+    as_text,
+    default_flow,
+    extract_values,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +73,14 @@ SPIN_SECONDS = 0.003
 #: forward during the wait is noticed within this time, not at the end of the old wait.
 MAX_NAP_SECONDS = 0.5
 USER_AGENT = "courtbot/1.0"
+#: A step that follows redirects follows at most this many (a redirect loop fails the step).
+MAX_REDIRECTS = 10
+#: Preparation retries wait base, 2 x base, 4 x base, ... but never longer than this.
+MAX_PREPARE_WAIT_SECONDS = 30.0
 #: A club's booking id is kept to this many characters (after secrets and controls are gone).
 MAX_REF_CHARS = 200
+#: Secrets shorter than this are not masked (see ``remember_secret``).
+MIN_SECRET_CHARS = 3
 #: Ends the reason of a booking that failed because every court tried was taken.
 TAKEN_ADVICE = (
     "every court tried was taken, so a retry would be too: book another court with the club, "
@@ -82,6 +106,17 @@ class Answer:
     headers: Mapping[str, str]
     body: bytes
     latency_ms: float
+    #: The URL the request went to.
+    url: str = ""
+    #: Each ``Set-Cookie`` header of the answer, as sent (one cookie each).
+    set_cookies: tuple[str, ...] = ()
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower()
+        for key, value in self.headers.items():
+            if key.lower() == wanted:
+                return value
+        return None
 
     def json(self) -> Any:
         try:
@@ -96,10 +131,17 @@ RequestSpec = RenderedRequest
 
 @dataclass(frozen=True)
 class Verdict:
-    """How an answer reads: booked, taken, auth (token rejected), rejected, or retry."""
+    """How an answer reads: ``booked``, ``ok`` (a step other than the booking step succeeded),
+    ``taken``, ``early``, ``retry``, ``auth`` (credentials rejected), ``rejected``, ``unmatched``
+    (a 2xx that none of the booking step's matchers knows), or ``failed`` (a preparation or
+    finishing step's answer that is not ``ok``)."""
 
     kind: str
-    booking_ref: str | None = None
+
+
+class StepFailure(Exception):
+    """A step that cannot go on whatever its answer said: a redirect off the flow's hosts, a
+    redirect loop. The message is for a person and holds no secret."""
 
 
 @dataclass(frozen=True)
@@ -299,9 +341,11 @@ _booking = threading.local()
 
 def remember_secret(value: str) -> None:
     """Count ``value`` among the secrets of the booking under way in this thread: it is scrubbed
-    from every exception text, reason and booking reference of that booking."""
+    from every exception text, reason and booking reference of that booking. A value shorter
+    than ``MIN_SECRET_CHARS`` is left out: it carries no secret, and masking it would garble
+    every status and number in a message."""
     secrets: set[str] | None = getattr(_booking, "secrets", None)
-    if secrets is not None and value:
+    if secrets is not None and len(value) >= MIN_SECRET_CHARS:
         secrets.add(value)
 
 
@@ -354,6 +398,9 @@ class ClubClient:
         # No proxies or .netrc from the environment: a .netrc could replace our Authorization
         # header, and looking them up costs time at the moment that matters.
         self.session.trust_env = False
+        # The shared session keeps no cookies: each booking has its own jar (FlowRun.jar), so a
+        # club's cookie never reaches another booking's requests.
+        self.session.cookies.set_policy(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
         adapter = _WatchedAdapter(pool_connections=4, pool_maxsize=pool_size, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
@@ -429,7 +476,14 @@ class ClubClient:
             finally:
                 response.close()
         latency = (time.perf_counter() - started) * 1000
-        return Answer(response.status_code, dict(response.headers), body, latency)
+        return Answer(
+            response.status_code,
+            dict(response.headers),
+            body,
+            latency,
+            url=prepared.url or "",
+            set_cookies=tuple(response.raw.headers.getlist("Set-Cookie")),
+        )
 
     def _timed_out(self) -> BookingError:
         return BookingError(f"no answer within {self.timeout:g} s", lost=True)
@@ -514,47 +568,438 @@ def _maybe_sent(exc: Exception) -> bool:
 # --------------------------------------------------------------------------- answers
 
 
-def classify(answer: Answer, template: RequestTemplate | None = None) -> Verdict:
-    """Read an answer: the template's matchers first (taken, rejected, booked), then the table
-    of CONTRACT section 6."""
-    matched = template.match(answer.status, answer.body) if template is not None else None
-    if matched == "booked" or (matched is None and 200 <= answer.status < 300):
-        body = answer.json()
-        ref = template.booking_ref(body) if template is not None else None
-        return Verdict("booked", ref if ref is not None else _default_ref(body))
+def classify(answer: Answer, step: Step) -> Verdict:
+    """How an answer to ``step`` reads.
+
+    The booking step: its matchers (taken, rejected, booked, early), then CONTRACT section 6's
+    table; with ``booked`` given, a 2xx that none of them matches is ``unmatched``. An
+    ``at_trigger`` step: its matchers, then ``ok`` (default any 2xx), then the table. Any other
+    step: ``ok``, else ``auth`` for a 401 or 403, else ``failed``.
+    """
+    status = answer.status
+    matched = step.match(status, answer.body)
     if matched is not None:
         return Verdict(matched)
-    status = answer.status
+    if step.booking:
+        if 200 <= status < 300:
+            return Verdict("unmatched" if step.has_matcher("booked") else "booked")
+    elif step.is_ok(status, answer.body):
+        return Verdict("ok")
+    elif not step.at_trigger:
+        return Verdict("auth" if status in (401, 403) else "failed")
+    elif 200 <= status < 300:
+        return Verdict("unmatched")
     if status == 409:
         return Verdict("taken")
     if status in (401, 403):
         return Verdict("auth")
-    if status in (425, 429) or 500 <= status < 600:
+    if status == 425:
+        return Verdict("early")
+    if status == 429 or 500 <= status < 600:
         return Verdict("retry")
     return Verdict("rejected")
 
 
-def _default_ref(body: Any) -> str | None:
-    if isinstance(body, dict):
-        for name in ("id", "booking_id"):
-            value = body.get(name)
-            if isinstance(value, str | int) and not isinstance(value, bool):
-                return str(value)
-    return None
+class Scrubber:
+    """The secrets of one booking: its token and secret fields, every extracted value, every
+    cookie. Any text built from a club's answer or an exception goes through it before it is
+    logged or stored; each secret also joins the booking's thread secrets
+    (``remember_secret``), so an unexpected error's traceback and the stored ``booking_ref``
+    are scrubbed of it too."""
+
+    def __init__(self, values: Iterable[Any] = ()) -> None:
+        self._values: set[str] = set()
+        for value in values:
+            self.add(value)
+
+    def add(self, value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                self.add(item)
+        elif isinstance(value, list):
+            for item in value:
+                self.add(item)
+        if value is None or isinstance(value, bool):
+            return
+        text = as_text(value)
+        if len(text) >= MIN_SECRET_CHARS:
+            self._values.add(text)
+            remember_secret(text)
+
+    def __call__(self, text: str) -> str:
+        """``text`` with every form of every secret replaced by ``***``, longest first."""
+        return scrub(text, self._values)
 
 
-def _club_says(answer: Answer, secrets: Iterable[str]) -> str:
-    """A short, secret-free reading of an error answer for a person."""
+def _club_says(answer: Answer, scrubber: Scrubber, words: str | None = None) -> str:
+    """A short, secret-free reading of an answer for a person: its status, and the club's own
+    message when a JSON body has one (scrubbed before it is cut: a cut through a secret would let
+    its start through), else the flow's words that the body matched."""
     text = f"HTTP {answer.status}"
+    if words is not None:
+        text += f" saying {words!r}"
     body = answer.json()
     if isinstance(body, dict):
         for name in ("error", "message", "detail", "reason"):
             value = body.get(name)
             if isinstance(value, str) and value.strip():
-                # Scrub before cutting: a cut through a secret would let its start through.
-                snippet = scrub(value.strip(), secrets)
-                return f"{text}: {snippet[:200]}"
+                return f"HTTP {answer.status}: {scrubber(value.strip())[:200]}"
     return text
+
+
+# --------------------------------------------------------------------------- one booking's run
+
+
+@dataclass
+class FlowRun:
+    """One booking's run of its flow: its secrets, cookie jar and the values extracted so far
+    (by the steps that run once, and per court by those that run once per court)."""
+
+    flow: Flow
+    slot: Slot
+    secrets: Mapping[str, str]
+    token_name: str
+    label: str
+    scrub: Scrubber = field(default_factory=Scrubber)
+    jar: RequestsCookieJar = field(default_factory=RequestsCookieJar)
+    shared: dict[str, Any] = field(default_factory=dict)
+    by_court: dict[str | None, dict[str, Any]] = field(default_factory=dict)
+    done: set[tuple[str, str | None]] = field(default_factory=set)
+    #: Courts left out because their preparation failed, with why.
+    dropped: dict[str | None, str] = field(default_factory=dict)
+    #: Why a value is missing (a booking step's value it could not extract), by ``step.value``.
+    missing: dict[str, str] = field(default_factory=dict)
+    #: Requests of the booking step sent so far (the instance's ``attempts``).
+    total: int = 0
+    #: When the trigger phase began (the trigger, or later for a late booking): early answers
+    #: are retried until EARLY_RETRY_SECONDS after it.
+    opened: float = 0.0
+    reports: list[StepReport] | None = None
+
+    def __post_init__(self) -> None:
+        for value in self.secrets.values():
+            self.scrub.add(value)
+
+    @property
+    def courts(self) -> list[str | None]:
+        """The entry's courts in order, without those whose preparation failed."""
+        return [court for court in self.slot.courts if court not in self.dropped]
+
+    def values(self, court: str | None) -> dict[str, Any]:
+        """Every placeholder's value for a step sent for ``court``."""
+        values = self.slot.values(self.secrets, court)
+        values.update(self.shared)
+        values.update(self.by_court.get(court, {}))
+        return values
+
+    def is_done(self, step: Step, court: str | None) -> bool:
+        return (step.name, court if step.per_court else None) in self.done
+
+    def keep(
+        self, step: Step, court: str | None, found: Mapping[str, Any], *, ref: str | None = None
+    ) -> None:
+        """Values ``step`` extracted (secrets from now on, but the booking reference ``ref``,
+        which the booking step may extract too: it is stored) and that it is done for
+        ``court``."""
+        target = self.by_court.setdefault(court, {}) if step.per_court else self.shared
+        target.update(found)
+        for value in found.values():
+            if ref is None or as_text(value) != ref:
+                self.scrub.add(value)
+        self.done.add((step.name, court if step.per_court else None))
+
+
+def _court_name(court: str | None) -> str:
+    return court if court is not None else "any"
+
+
+def _where(step: Step, court: str | None) -> str:
+    """How a step (and its court, when it runs per court) is named in a reason."""
+    return f"step {step.name!r}" + (f" (court {_court_name(court)})" if step.per_court else "")
+
+
+def _prepared(
+    client: ClubClient, run: FlowRun, step: Step, court: str | None
+) -> requests.PreparedRequest:
+    """``step``'s request for ``court``, built to the last byte, with the booking's cookies for
+    its host. Raises ``MissingValue`` for a placeholder with no value."""
+    rendered = step.render(run.values(court), run.slot.idempotency(court))
+    headers = {"User-Agent": USER_AGENT, **rendered.headers}
+    prepared = client.prepare(RequestSpec(rendered.method, rendered.url, headers, rendered.body))
+    _add_cookies(run.jar, prepared)
+    return prepared
+
+
+def _add_cookies(jar: RequestsCookieJar, prepared: requests.PreparedRequest) -> None:
+    """The jar's cookies for the request's URL (the flow's hosts are the only URLs sent to)."""
+    cookies = get_cookie_header(jar, prepared)
+    if cookies:
+        own = prepared.headers.get("Cookie")
+        prepared.headers["Cookie"] = f"{own}; {cookies}" if own else cookies
+
+
+def _store_cookies(
+    run: FlowRun, prepared: requests.PreparedRequest, answer: Answer
+) -> dict[str, str]:
+    """Put the cookies an answer set in the booking's jar; returns them by name (what a
+    ``cookie`` extraction reads). A cookie's value is a secret from now on."""
+    if not answer.set_cookies:
+        return {}
+    message = http.client.HTTPMessage()
+    for line in answer.set_cookies:
+        message["Set-Cookie"] = line
+    fresh = RequestsCookieJar()
+    fresh.extract_cookies(MockResponse(message), MockRequest(prepared))  # type: ignore[arg-type]
+    run.jar.extract_cookies(MockResponse(message), MockRequest(prepared))  # type: ignore[arg-type]
+    found = {cookie.name: cookie.value or "" for cookie in fresh}
+    for value in found.values():
+        run.scrub.add(value)
+    return found
+
+
+def _exchange(
+    client: ClubClient, run: FlowRun, step: Step, prepared: requests.PreparedRequest
+) -> tuple[Answer, Reply]:
+    """Send ``prepared`` and read its answer; a ``follow_redirects`` step follows redirects
+    within the flow's hosts (cookies stored at each hop). Raises ``BookingError`` when no
+    answer came, ``StepFailure`` for a redirect off the hosts or a redirect loop."""
+    cookies: dict[str, str] = {}
+    for _hop in range(MAX_REDIRECTS + 1):
+        answer = client.send(prepared)
+        cookies.update(_store_cookies(run, prepared, answer))
+        location = answer.header("Location")
+        if not (step.follow_redirects and answer.status in (301, 302, 303, 307, 308) and location):
+            reply = Reply(answer.status, answer.headers, answer.body, prepared.url or "", cookies)
+            return answer, reply
+        target = urljoin(prepared.url or "", location)
+        if not run.flow.allows(target):
+            raise StepFailure(
+                f"{step.name!r} was redirected to {urlsplit(target).netloc or target!r}, which "
+                f"is not on the flow's hosts ({', '.join(run.flow.hosts)}): not followed, so the "
+                "token and cookies stay on hosts; add that host to hosts if it is the club's"
+            )
+        prepared = _redirected(client, run, prepared, answer.status, target)
+    raise StepFailure(
+        f"{step.name!r} was redirected more than {MAX_REDIRECTS} times (a redirect loop?): "
+        "check the step's URL"
+    )
+
+
+def _redirected(
+    client: ClubClient,
+    run: FlowRun,
+    prepared: requests.PreparedRequest,
+    status: int,
+    target: str,
+) -> requests.PreparedRequest:
+    """The request a redirect asks for: GET without a body after a 303 (and after a 301 or 302
+    to a POST, as browsers do), the same method and body after a 307 or 308."""
+    method = prepared.method or "GET"
+    body = prepared.body
+    if (status == 303 and method != "HEAD") or (status in (301, 302) and method == "POST"):
+        method, body = "GET", None
+    dropped = {"cookie", "content-length", "host"} | ({"content-type"} if body is None else set())
+    headers = {k: v for k, v in prepared.headers.items() if k.lower() not in dropped}
+    raw = body.encode() if isinstance(body, str) else body
+    following = client.prepare(RequestSpec(method, target, headers, raw))
+    _add_cookies(run.jar, following)
+    return following
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One send of a preparation step, as ``dry-run`` prints it: the HTTP status (None when no
+    answer came), the names of the values it extracted, or the problem (secret-free)."""
+
+    step: str
+    court: str | None
+    per_court: bool
+    status: int | None
+    values: tuple[str, ...]
+    problem: str | None = None
+    auth: bool = False
+    wait: float | None = None
+    #: Sending it again cannot help (a value it needs is missing, an untrusted certificate).
+    final: bool = False
+
+
+def _plain_try(client: ClubClient, run: FlowRun, step: Step, court: str | None) -> StepReport:
+    """Send a preparation or finishing step once and read it: ``ok`` and every value taken, or
+    a problem naming what the club said and what was missing."""
+
+    def report(status: int | None, problem: str | None = None, **extra: Any) -> StepReport:
+        found = tuple(sorted(run.by_court.get(court, {}) if step.per_court else run.shared))
+        names = tuple(n.split(".", 1)[1] for n in found if n.startswith(f"{step.name}."))
+        result = StepReport(step.name, court, step.per_court, status, names, problem, **extra)
+        if run.reports is not None:
+            run.reports.append(result)
+        return result
+
+    try:
+        prepared = _prepared(client, run, step, court)
+    except MissingValue as exc:
+        why = run.missing.get(exc.ref, "no step gave it a value")
+        return report(None, f"{{{exc.ref}}} has no value ({why})", final=True)
+    try:
+        answer, reply = _exchange(client, run, step, prepared)
+    except (BookingError, StepFailure) as exc:
+        text = run.scrub(str(exc))
+        logger.info("step %s %s court=%s: %s", run.label, step.name, _court_name(court), text)
+        return report(None, text, final=isinstance(exc, BookingError) and exc.permanent)
+    verdict = classify(answer, step).kind
+    logger.info(
+        "step %s %s court=%s: HTTP %d in %.0f ms -> %s",
+        run.label,
+        step.name,
+        _court_name(court),
+        answer.status,
+        answer.latency_ms,
+        verdict,
+    )
+    says = _club_says(answer, run.scrub)
+    if verdict == "auth":
+        return report(answer.status, says, auth=True)
+    if verdict != "ok":
+        wait = utils.parse_retry_after(answer.header("Retry-After"), datetime.now(UTC))
+        expected = "its ok answer" if step.ok is not None else "a 2xx answer"
+        return report(answer.status, f"{says} (not {expected})", wait=wait)
+    found, problems = extract_values(step, reply, run.values(court))
+    if problems:
+        return report(answer.status, f"{says}, but " + "; ".join(problems))
+    run.keep(step, court, found)
+    return report(answer.status)
+
+
+def prepare_round(client: ClubClient, run: FlowRun) -> dict[tuple[str, str | None], StepReport]:
+    """Send, once each, the preparation steps not yet done (per court for those that run once
+    per court), in order. Returns the problems by (step, court); a step that runs once and
+    fails stops the round (the steps after it need it), and so does rejected credentials; a
+    court whose step failed skips that court's later steps."""
+    problems: dict[tuple[str, str | None], StepReport] = {}
+    failed_courts: set[str | None] = set()
+    for step in run.flow.phase("prepare"):
+        courts = run.courts if step.per_court else run.slot.courts[:1]
+        for court in courts:
+            if run.is_done(step, court) or (step.per_court and court in failed_courts):
+                continue
+            result = _plain_try(client, run, step, court)
+            if result.problem is None:
+                continue
+            problems[(step.name, court if step.per_court else None)] = result
+            if result.auth or result.final or not step.per_court:
+                return problems
+            failed_courts.add(court)
+    return problems
+
+
+def _credentials_reason(run: FlowRun, step: Step, court: str | None, problem: str) -> str:
+    return (
+        f"the club rejected the credentials at {_where(step, court)} ({problem}): "
+        f"check token {run.token_name!r} in tokens.json, reload, then `python main.py retry` "
+        "this booking"
+    )
+
+
+def _prepare(ctx: BookingContext, run: FlowRun, row: Instance) -> str | bool | None:
+    """Run the preparation steps from ``prepare_seconds`` before the trigger, retried with
+    backoff while the trigger is ahead. True when the booking can go on (courts whose
+    preparation failed are dropped); else the final status, or None after a stop."""
+    trigger = row.trigger_time.timestamp()
+    begin = trigger - run.flow.prepare_seconds
+    if ctx.clock() < begin and ctx.stop.wait(begin - ctx.clock()):
+        instances.release(ctx.factory, row.key)
+        logger.info("booking %s: shutting down before its preparation; left pending", row.key)
+        return None
+    tries = 0
+    last: dict[tuple[str, str | None], StepReport] = {}
+    while True:
+        if not ctx.may_send.is_set():
+            instances.release(ctx.factory, row.key)
+            logger.warning("booking %s: %s; its booking request was not sent", row.key, NOT_ACTIVE)
+            return None
+        tries += 1
+        problems = prepare_round(ctx.client, run)
+        last = {k: v for k, v in last.items() if k in problems} | problems
+        fatal = next((p for p in problems.values() if p.auth or p.final), None)
+        if fatal is not None:
+            step = next(s for s in run.flow.steps if s.name == fatal.step)
+            reason = (
+                _credentials_reason(run, step, fatal.court, fatal.problem or "")
+                if fatal.auth
+                else f"{_where(step, fatal.court)}: {fatal.problem}"
+            )
+            return _finish(ctx, row.key, FAILED, reason)
+        if not problems:
+            return True
+        waits = [p.wait for p in problems.values() if p.wait is not None]
+        delay = max(waits) if waits else ctx.retry_base * 2 ** (tries - 1)
+        delay = min(delay, MAX_PREPARE_WAIT_SECONDS)
+        if ctx.clock() + delay >= trigger:
+            break
+        if ctx.stop.wait(delay):
+            instances.release(ctx.factory, row.key)
+            logger.info("booking %s: shutting down while preparing; left pending", row.key)
+            return None
+    return _unprepared(ctx, run, row, last, tries)
+
+
+def _unprepared(
+    ctx: BookingContext,
+    run: FlowRun,
+    row: Instance,
+    problems: dict[tuple[str, str | None], StepReport],
+    tries: int,
+) -> str | bool:
+    """The window opens with some preparation still failing: a step that runs once fails the
+    instance; courts whose own steps failed are dropped, and the instance fails when none is
+    left."""
+    lines = [
+        f"{_where(next(s for s in run.flow.steps if s.name == p.step), p.court)}: {p.problem}"
+        for p in problems.values()
+    ]
+    why = (
+        f"preparation did not succeed before the window opened ({tries} "
+        f"tr{'y' if tries == 1 else 'ies'}): "
+    )
+    if any(not p.per_court for p in problems.values()):
+        return _finish(ctx, row.key, FAILED, why + "; ".join(lines))
+    for (_, court), report in problems.items():
+        run.dropped[court] = (
+            f"court {_court_name(court)}: {why}step {report.step!r}: {report.problem}"
+        )
+    if not run.courts:
+        return _finish(ctx, row.key, FAILED, why + "; ".join(lines))
+    for line in lines:
+        logger.warning("booking %s: %s; that court is left out", row.key, line)
+    return True
+
+
+def dry_run(
+    client: ClubClient, flow: Flow, slot: Slot, secrets: Mapping[str, str], token_name: str
+) -> tuple[list[StepReport], str | None]:
+    """Run ``flow``'s preparation steps once each, now (``python main.py dry-run``): the reports
+    of every send, and the first problem as a sentence with its fix (None when all succeeded).
+    Nothing else is sent: no at_trigger step, no booking step, no finishing step."""
+    problem = _secrets_problem(flow, secrets, token_name)
+    if problem is not None:
+        return [], problem
+    run = FlowRun(flow, slot, secrets, token_name, label="dry-run", reports=[])
+    problems = prepare_round(client, run)
+    assert run.reports is not None
+    if not problems:
+        return run.reports, None
+    first = next(iter(problems.values()))
+    step = next(s for s in flow.steps if s.name == first.step)
+    if first.auth:
+        return run.reports, _credentials_reason(run, step, first.court, first.problem or "")
+    fix = (
+        "check the step's URL, the token's fields and the ids in tokens.json and schedules.json; "
+        "for a missing value, compare the extract path with the club's answer"
+    )
+    return run.reports, f"{_where(step, first.court)} failed: {first.problem}: {fix}"
 
 
 # --------------------------------------------------------------------------- the booking
@@ -583,40 +1028,39 @@ class BookingContext:
     retry_base: float
     stop: threading.Event
     notify: Callable[[Outcome], None]
-    #: BOOKING_REQUEST_TEMPLATE (CONTRACT section 11); None: the request of section 6.
-    template: RequestTemplate | None = None
+    #: BOOKING_REQUEST_TEMPLATE (CONTRACT section 11 or 12); None: the request of section 6.
+    template: Flow | None = None
     #: The club files by club name (CONTRACT section 3), as the last load left them: a club
     #: file that became invalid keeps its last good flow here.
-    clubs: dict[str, RequestTemplate] = field(default_factory=dict)
+    clubs: dict[str, Flow] = field(default_factory=dict)
     on_booked: Callable[[str], None] | None = None
     clock: Callable[[], float] = time.time
     gate: TriggerGate = field(default_factory=TriggerGate)
     in_flight: set[str] = field(default_factory=set)
     in_flight_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: How often an early answer is retried, and for how long after the trigger (section 6).
+    early_retry_ms: float = 100.0
+    early_retry_seconds: float = 20.0
     #: When each booking under way sent its first booking request (``clock()``), for its outcome.
     first_sent: dict[str, float] = field(default_factory=dict)
     owner: str | None = None
     may_send: threading.Event = field(default_factory=_set_event)
 
-    @property
-    def request_template(self) -> RequestTemplate:
-        """The template requests are rendered from (section 6's own when none is set)."""
+    def flow_for(self, club: str | None) -> Flow:
+        """The flow an instance of ``club`` books with: its club file, or for None the template
+        (section 6's request when none is set). KeyError for a club no valid file was ever
+        loaded for (or, for None, when nothing gives a request)."""
+        if club is not None:
+            return self.clubs[club]
         if self.template is not None:
             return self.template
-        assert self.api_url is not None, "BOOKING_API_URL or a template with a url is needed"
+        if self.api_url is None:
+            raise KeyError(club)
         if self._default is None or self._default[0] != self.api_url:
-            self._default = (self.api_url, default_template(self.api_url))
+            self._default = (self.api_url, default_flow(self.api_url))
         return self._default[1]
 
-    _default: tuple[str, RequestTemplate] | None = field(default=None, init=False, repr=False)
-
-    def flow_for(self, club: str | None) -> RequestTemplate:
-        """What an instance of ``club`` books with: its club file, or for None the template
-        (section 6's request when none is set). KeyError for a club no valid file was ever
-        loaded for."""
-        if club is None:
-            return self.request_template
-        return self.clubs[club]
+    _default: tuple[str, Flow] | None = field(default=None, init=False, repr=False)
 
 
 def book_slot(key: str, ctx: BookingContext) -> str | None:
@@ -667,35 +1111,34 @@ def _book(key: str, ctx: BookingContext) -> str | None:
         return None
     row, token_row = instances.claimed(ctx.factory, key)
     try:
-        template = ctx.flow_for(row.club)
+        flow = ctx.flow_for(row.club)
     except KeyError:
         return _finish(ctx, key, FAILED, _club_missing(row.club))
-    secrets, token_problem = instances.token_secrets(token_row, ctx.fernet, name=row.token_name)
-    if token_problem is None and "token" not in secrets:
-        token_problem = (
-            f"token {row.token_name!r} in tokens.json has no 'token' field, which the request "
-            "sends as {token}: add it there and reload"
-        )
+    secrets, problem = instances.token_secrets(token_row, ctx.fernet, name=row.token_name)
     for value in secrets.values():
         remember_secret(value)
-    if token_problem is None and any(utils.CONTROL_RE.search(v) for v in secrets.values()):
+    if problem is None:
+        problem = _secrets_problem(flow, secrets, row.token_name)
+    if problem is None and any(utils.CONTROL_RE.search(v) for v in secrets.values()):
         # A header cannot carry it (and requests' error would quote it): never sent.
-        token_problem = (
+        problem = (
             f"token {row.token_name!r} holds a control character (a line break, tab, ...): put "
             "the token in tokens.json as one line and reload"
         )
-    if token_problem is not None:
-        return _finish(ctx, key, FAILED, token_problem)
-    slot = _slot(row)
-    # Everything is rendered before the trigger: only the send is left for the moment itself.
-    prepared = [
-        (court, ctx.client.prepare(_request(template, slot, secrets["token"], court)))
-        for court in slot.courts
-    ]
+    if problem is not None:
+        return _finish(ctx, key, FAILED, problem)
+    run = FlowRun(flow, _slot(row), secrets, row.token_name, label=key, total=row.attempts)
+    if flow.phase("prepare"):
+        ready = _prepare(ctx, run, row)
+        if ready is not True:
+            return ready or None
+    # Everything is built before the trigger: only the send is left for the moment itself.
+    ahead = _first_requests(ctx.client, run)
     trigger = row.trigger_time.timestamp()
     held = None
-    if ctx.clock() < trigger - 0.05 and prepared[0][1].url:
-        held = ctx.client.warm(prepared[0][1].url)
+    first_url = next(iter(ahead.values())).url
+    if ctx.clock() < trigger - 0.05 and first_url:
+        held = ctx.client.warm(first_url)
     try:
         if not ctx.gate.wait(ctx, trigger):
             instances.release(ctx.factory, key)
@@ -706,15 +1149,39 @@ def _book(key: str, ctx: BookingContext) -> str | None:
             return None
     finally:
         ctx.client.release(held)
-    return _attempt_courts(ctx, row, template, secrets, prepared)
+    run.opened = max(trigger, ctx.clock())
+    return _run_courts(ctx, run, row, ahead)
 
 
 def _club_missing(club: str | None) -> str:
+    if club is None:
+        return (
+            "no request for this entry: set BOOKING_API_URL or BOOKING_REQUEST_TEMPLATE, or name "
+            "a club in the entry, reload, then `python main.py retry` this booking"
+        )
     return (
         f"club {club!r}: its file (DATA_DIR/clubs/{club}.json) is missing or invalid and no "
         "good version of it was loaded: fix it (`python main.py check` names the error), "
         "reload, then `python main.py retry` this booking"
     )
+
+
+def _secrets_problem(flow: Flow, secrets: Mapping[str, str], name: str) -> str | None:
+    """Why ``secrets`` cannot run ``flow`` (a field it names that the token lacks), or None."""
+    missing = sorted(flow.secret_fields - set(secrets))
+    if missing:
+        wanted = ", ".join(sorted(flow.secret_fields))
+        return (
+            f"token {name!r} has no field {missing[0]!r}, which the club's flow uses as "
+            f"{{secret.{missing[0]}}}: write token {name!r} in tokens.json as an object with "
+            f"the fields {wanted}, reload, then `python main.py retry` this booking"
+        )
+    if flow.uses_token and "token" not in secrets:
+        return (
+            f"token {name!r} has no 'token' field, which the club's flow uses as {{token}}: add "
+            "it in tokens.json, reload, then `python main.py retry` this booking"
+        )
+    return None
 
 
 def _claim(ctx: BookingContext, key: str, now: datetime) -> bool:
@@ -743,11 +1210,17 @@ def _slot(row: Instance) -> Slot:
     )
 
 
-def _request(template: RequestTemplate, slot: Slot, token: str, court: str | None) -> RequestSpec:
-    """The request for one instance and court, with its Idempotency-Key."""
-    rendered = render_request(template, slot, token=token, court=court)
-    headers = {"User-Agent": USER_AGENT, **rendered.headers}
-    return RequestSpec(rendered.method, rendered.url, headers, rendered.body)
+def _first_requests(
+    client: ClubClient, run: FlowRun
+) -> dict[tuple[str, str | None], requests.PreparedRequest]:
+    """The requests that leave at the trigger, built ahead: the first ``at_trigger`` step's
+    (first court), else the booking step's for every court."""
+    at_trigger = run.flow.phase("at_trigger")
+    if at_trigger:
+        court = run.courts[0]
+        return {(at_trigger[0].name, court): _prepared(client, run, at_trigger[0], court)}
+    step = run.flow.booking_step
+    return {(step.name, court): _prepared(client, run, step, court) for court in run.courts}
 
 
 def _wait_until(ctx: BookingContext, target: float) -> bool:
@@ -769,90 +1242,99 @@ def _wait_until(ctx: BookingContext, target: float) -> bool:
         return True
 
 
+# --------------------------------------------------------------------------- at the trigger
+
+
 @dataclass
-class _CourtTry:
+class _Result:
+    """How a step's sends for one court ended: ``ok`` (an at_trigger step), ``booked``,
+    ``taken`` or ``spent`` (go on with the next court), ``missing`` (an at_trigger step's value
+    not shown: the court waits for the next round), ``failed`` or ``stopped``."""
+
+    kind: str
+    reason: str = ""
+    ref: str | None = None
+    #: A taken court that may be taken by our own earlier attempt (its answer was lost).
+    ours: bool = False
+
+
+@dataclass
+class _Send:
+    """The sends of one step for one court at the trigger."""
+
+    step: Step
     court: str | None
-    attempts: int = 0
+    sent: int = 0
+    tries: int = 0  # the answers that count against MAX_ATTEMPTS_PER_COURT (not early ones)
+    early: int = 0
     lost: bool = False
     last: str = ""
 
+    @property
+    def prefix(self) -> str:
+        """How reasons about it start: its court, and its step unless it is the booking step."""
+        court = f"court {_court_name(self.court)}"
+        return court if self.step.booking else f"{court}: step {self.step.name!r}"
 
-def _attempt_courts(
+
+def _run_courts(
     ctx: BookingContext,
+    run: FlowRun,
     row: Instance,
-    template: RequestTemplate,
-    secrets: Mapping[str, str],
-    requests_by_court: list[tuple[str | None, requests.PreparedRequest]],
+    ahead: dict[tuple[str, str | None], requests.PreparedRequest],
 ) -> str | None:
-    reasons: list[str] = []
-    total = row.attempts
-    all_taken, maybe_ours = True, False
-    # A booking cut off by a crash may have reached the club before: its 409 may be our own.
-    resumed = row.interrupted
-    # Whether a request of this booking may have reached the club unanswered (any court).
-    maybe_sent = resumed
-    for court, spec in requests_by_court:
-        attempt = _CourtTry(court, lost=resumed)
-        delays = utils.backoff_delays(ctx.retry_base, MAX_ATTEMPTS_PER_COURT)
-        while attempt.attempts < MAX_ATTEMPTS_PER_COURT:
-            if not ctx.may_send.is_set():
-                return _hand_over(ctx, row.key, total, sent=maybe_sent or attempt.lost)
-            attempt.attempts += 1
-            # Counted in the database with the answer, not before the send: a commit here
-            # would sit between the trigger and the request.
-            total += 1
-            verdict, wait, note = _one_request(
-                ctx, row, spec, attempt, template=template, secrets=secrets
-            )
-            maybe_sent = maybe_sent or attempt.lost
-            court_name = court if court is not None else "any"
-            if verdict == "booked":
-                return _finish(
-                    ctx,
-                    row.key,
-                    BOOKED,
-                    None,
-                    booking_ref=note or None,
-                    court=court,
-                    attempts=total,
-                )
-            if verdict in ("auth", "rejected"):
-                return _finish(ctx, row.key, FAILED, attempt.last, attempts=total)
-            if verdict == "taken":
-                reason = f"court {court_name}: taken ({attempt.last})"
-                if attempt.lost:
-                    maybe_ours = True
-                    reason += (
-                        "; an earlier attempt on this court got no answer, so it may be taken "
-                        "by our own earlier attempt: check your bookings at the club"
-                    )
-                reasons.append(reason)
-                break
-            # retry
-            if attempt.attempts >= MAX_ATTEMPTS_PER_COURT:
-                all_taken = False
-                reasons.append(
-                    f"court {court_name}: no booking after {attempt.attempts} attempts "
-                    f"(last: {attempt.last})"
-                )
-                break
-            delay = wait if wait is not None else delays[attempt.attempts - 1]
-            if _now(ctx) + timedelta(seconds=delay) >= row.desired_time:
-                reasons.append(f"court {court_name}: {attempt.last}; the start came first")
-                return _finish(ctx, row.key, FAILED, "; ".join(reasons), attempts=total)
-            instances.record_attempt(ctx.factory, row.key, total, _first_sent(ctx, row.key))
-            if ctx.stop.wait(delay):
-                if not ctx.may_send.is_set():
-                    return _hand_over(ctx, row.key, total, sent=maybe_sent or attempt.lost)
-                instances.release(ctx.factory, row.key)
-                logger.info("booking %s: shutting down between retries; back to pending", row.key)
-                return None
-    if reasons and all_taken and not maybe_ours:
+    """The at_trigger steps and the booking step, court after court until one is booked.
+
+    A court whose at_trigger step answers without the value it extracts (a slot the club does
+    not show) waits for the next round: when no court of a round got further, the window may
+    not be open yet at the club, so the round is tried again as early answers are (at once,
+    then every EARLY_RETRY_MS until EARLY_RETRY_SECONDS after the trigger)."""
+    reasons = list(run.dropped.values())
+    # Every court taken (and none maybe by our own lost attempt): a retry would be taken too.
+    all_taken, maybe_ours = not reasons, False
+    courts = run.courts
+    rounds = 0
+    while True:
+        missing: dict[str | None, str] = {}
+        for court in courts:
+            result = _one_court(ctx, run, row, court, ahead)
+            if result.kind == "booked":
+                return _after_booking(ctx, run, row, court, result.ref)
+            if result.kind == "missing":
+                missing[court] = result.reason
+            elif result.kind in ("taken", "spent"):
+                reasons.append(result.reason)
+                all_taken = all_taken and result.kind == "taken"
+                maybe_ours = maybe_ours or result.ours
+            elif result.kind == "stopped":
+                return _stopped(ctx, run, row, lost=maybe_ours or result.ours)
+            else:
+                return _finish(ctx, row.key, FAILED, result.reason, attempts=run.total)
+        if not missing:
+            break
+        all_taken = False
+        wait = _round_wait(ctx, run, rounds)
+        rounds += 1
+        if wait is None:
+            reasons += [
+                f"{why} still {ctx.early_retry_seconds:g} s after the window opened "
+                "(EARLY_RETRY_SECONDS): it never showed up; check the court and the time with "
+                "the club"
+                for why in missing.values()
+            ]
+            break
+        if _now(ctx) + timedelta(seconds=wait) >= row.desired_time:
+            reasons += [f"{why}; the start came first" for why in missing.values()]
+            break
+        if wait > 0 and ctx.stop.wait(wait):
+            return _stopped(ctx, run, row, lost=maybe_ours)
+        courts = list(missing)
+    taken = bool(reasons) and all_taken
+    if taken and not maybe_ours:
         # A retry would be taken too: the advice is another court, not another try.
         reasons.append(TAKEN_ADVICE)
     reason = "; ".join(reasons) or "no court could be booked"
-    taken = bool(reasons) and all_taken
-    return _finish(ctx, row.key, FAILED, reason, attempts=total, retry_helps=not taken)
+    return _finish(ctx, row.key, FAILED, reason, attempts=run.total, retry_helps=not taken)
 
 
 #: Why a booking stops short when its daemon lost the active role (CONTRACT section 10).
@@ -870,57 +1352,263 @@ def _hand_over(ctx: BookingContext, key: str, attempts: int, *, sent: bool) -> N
     logger.warning("booking %s: %s", key, NOT_ACTIVE)
 
 
-def _one_request(
+def _round_wait(ctx: BookingContext, run: FlowRun, rounds: int) -> float | None:
+    """The wait before another round of courts whose slot was not shown (None: time spent)."""
+    if ctx.clock() >= run.opened + ctx.early_retry_seconds:
+        return None
+    return 0.0 if rounds == 0 else ctx.early_retry_ms / 1000
+
+
+def _stopped(ctx: BookingContext, run: FlowRun, row: Instance, *, lost: bool) -> None:
+    """A booking that stops before its next request: a shutdown, or this daemon no longer the
+    active one (then ``lost``: a request may have reached the club unanswered)."""
+    if not ctx.may_send.is_set():
+        return _hand_over(ctx, row.key, run.total, sent=lost or row.interrupted)
+    instances.release(ctx.factory, row.key)
+    logger.info("booking %s: shutting down between retries; back to pending", row.key)
+    return None
+
+
+def _one_court(
     ctx: BookingContext,
+    run: FlowRun,
     row: Instance,
-    spec: requests.PreparedRequest,
-    attempt: _CourtTry,
+    court: str | None,
+    ahead: dict[tuple[str, str | None], requests.PreparedRequest],
+) -> _Result:
+    for step in (*run.flow.phase("at_trigger"), run.flow.booking_step):
+        if not step.booking and run.is_done(step, court):
+            continue
+        request = ahead.pop((step.name, court), None)
+        result = _send_step(ctx, run, row, step, court, request=request)
+        if result.kind != "ok":
+            return result
+    raise AssertionError("the booking step always ends the court")  # pragma: no cover
+
+
+def _send_step(
+    ctx: BookingContext,
+    run: FlowRun,
+    row: Instance,
+    step: Step,
+    court: str | None,
     *,
-    template: RequestTemplate,
-    secrets: Mapping[str, str],
-) -> tuple[str, float | None, str | None]:
-    """Send once. Returns (verdict kind, wait before the next try or None, booking ref)."""
-    court = attempt.court if attempt.court is not None else "any"
-    ctx.first_sent.setdefault(row.key, ctx.clock())
-    try:
-        answer = ctx.client.send(spec)
-    except BookingError as exc:
-        attempt.lost = attempt.lost or exc.lost
-        attempt.last = str(exc)
-        logger.info("attempt %s court=%s #%d: %s", row.key, court, attempt.attempts, attempt.last)
-        return ("rejected" if exc.permanent else "retry"), None, None
-    verdict = classify(answer, template)
-    logger.info(
-        "attempt %s court=%s #%d: HTTP %d in %.0f ms -> %s",
-        row.key,
-        court,
-        attempt.attempts,
-        answer.status,
-        answer.latency_ms,
-        verdict.kind,
+    request: requests.PreparedRequest | None,
+) -> _Result:
+    """Send ``step`` for ``court`` until its answer settles it: early answers again at once,
+    then every EARLY_RETRY_MS until EARLY_RETRY_SECONDS after the trigger; busy answers and
+    no answer at most MAX_ATTEMPTS_PER_COURT times, with backoff or Retry-After."""
+    send = _Send(step, court)
+    delays = utils.backoff_delays(ctx.retry_base, MAX_ATTEMPTS_PER_COURT)
+    while True:
+        if not ctx.may_send.is_set():
+            # No longer the active daemon: nothing more leaves; the active one goes on.
+            return _Result("stopped", ours=send.lost)
+        if request is None:
+            try:
+                request = _prepared(ctx.client, run, step, court)
+            except MissingValue as exc:
+                why = run.missing.get(exc.ref, "no step gave it a value")
+                return _Result("failed", f"{send.prefix}: {{{exc.ref}}} has no value ({why})")
+        kind, wait, result = _send_once(ctx, run, row, send, request)
+        if result is not None:
+            return result
+        if kind == "early":
+            wait = _early_wait(ctx, run, send)
+            if wait is None:
+                return _Result("failed", _never_opened(ctx, send))
+        else:
+            if send.tries >= MAX_ATTEMPTS_PER_COURT:
+                return _Result("spent", _spent(send))
+            wait = wait if wait is not None else delays[send.tries - 1]
+        if _now(ctx) + timedelta(seconds=wait) >= row.desired_time:
+            return _Result("failed", f"{send.prefix}: {send.last}; the start came first")
+        if kind == "retry" and step.booking:
+            instances.record_attempt(ctx.factory, row.key, run.total, _first_sent(ctx, row.key))
+        # An early answer is sent again at once, without even a look at the stop event.
+        if (kind == "retry" or wait > 0) and ctx.stop.wait(wait):
+            return _Result("stopped", ours=send.lost)
+
+
+def _early_wait(ctx: BookingContext, run: FlowRun, send: _Send) -> float | None:
+    """How long to wait before sending again after an early answer (None: the time is spent)."""
+    if ctx.clock() >= run.opened + ctx.early_retry_seconds:
+        return None
+    send.early += 1
+    return 0.0 if send.early == 1 else ctx.early_retry_ms / 1000
+
+
+def _never_opened(ctx: BookingContext, send: _Send) -> str:
+    return (
+        f"{send.prefix}: the club never opened: still {send.last} "
+        f"{ctx.early_retry_seconds:g} s after the window opened (EARLY_RETRY_SECONDS), "
+        f"after {send.sent} request(s); check the window and the court with the club"
     )
-    says = _club_says(answer, secrets.values())
-    if verdict.kind == "auth":
-        attempt.last = (
-            f"the club rejected token {row.token_name!r} ({says}): put a valid token in "
+
+
+def _spent(send: _Send) -> str:
+    what = "no booking" if send.step.booking else "no answer to use"
+    return f"{send.prefix}: {what} after {send.tries} attempts (last: {send.last})"
+
+
+def _send_once(
+    ctx: BookingContext,
+    run: FlowRun,
+    row: Instance,
+    send: _Send,
+    request: requests.PreparedRequest,
+) -> tuple[str, float | None, _Result | None]:
+    """Send once. Returns the verdict, the wait a busy club asked for (Retry-After), and the
+    result when this answer settles the step."""
+    step = send.step
+    send.sent += 1
+    # When the booking's first request of the trigger left, for its outcome (lateness).
+    ctx.first_sent.setdefault(row.key, ctx.clock())
+    if step.booking:
+        # Counted in the database with the answer, not before the send: a commit here would
+        # sit between the trigger and the request.
+        run.total += 1
+    try:
+        answer, reply = _exchange(ctx.client, run, step, request)
+    except BookingError as exc:
+        send.lost = send.lost or exc.lost
+        send.last = run.scrub(str(exc))
+        _log_send(run, send, send.last)
+        if exc.permanent:
+            reason = send.last if step.booking else f"{send.prefix}: {send.last}"
+            return "failed", None, _Result("failed", reason)
+        send.tries += 1
+        return "retry", None, None
+    except StepFailure as exc:
+        _log_send(run, send, str(exc))
+        return "failed", None, _Result("failed", f"{send.prefix}: {exc}")
+    verdict = classify(answer, step).kind
+    _log_send(run, send, f"HTTP {answer.status} in {answer.latency_ms:.0f} ms -> {verdict}")
+    says = _club_says(answer, run.scrub, step.matched_words(verdict, answer.body))
+    send.last = says
+    if verdict in ("booked", "ok"):
+        return _settled(run, send, answer, reply)
+    if verdict == "early":
+        return "early", None, None
+    if verdict == "retry":
+        send.tries += 1
+        return "retry", utils.parse_retry_after(answer.header("Retry-After"), _now(ctx)), None
+    return verdict, None, _refusal(run, row, send, verdict, answer)
+
+
+def _log_send(run: FlowRun, send: _Send, what: str) -> None:
+    court = _court_name(send.court)
+    if send.step.booking:
+        logger.info("attempt %s court=%s #%d: %s", run.label, court, send.sent, what)
+    else:
+        logger.info(
+            "step %s %s court=%s #%d: %s", run.label, send.step.name, court, send.sent, what
+        )
+
+
+def _settled(
+    run: FlowRun, send: _Send, answer: Answer, reply: Reply
+) -> tuple[str, float | None, _Result | None]:
+    """A booked answer (its values and ref kept), or an at_trigger step's ok answer: with every
+    value, the step is done; with one missing, the club does not show it (yet): ``missing``."""
+    step, court = send.step, send.court
+    values = run.values(court)
+    found, problems = extract_values(step, reply, values)
+    if step.booking:
+        ref = step.ref_of(answer.json(), values)
+        run.keep(step, court, found, ref=ref)
+        for extraction in step.extract:
+            name = f"{step.name}.{extraction.name}"
+            if name not in found:
+                run.missing[name] = f"step {step.name!r} could not extract it: " + "; ".join(
+                    p for p in problems if f"value {extraction.name!r}" in p
+                )
+        # Stored scrubbed of the booking's secrets (safe_ref, in _finish).
+        return "booked", None, _Result("booked", ref=ref)
+    if problems:
+        reason = f"{send.prefix}: {send.last}, but " + "; ".join(problems)
+        return "missing", None, _Result("missing", reason)
+    run.keep(step, court, found)
+    return "ok", None, _Result("ok")
+
+
+def _refusal(run: FlowRun, row: Instance, send: _Send, verdict: str, answer: Answer) -> _Result:
+    """The result of an answer that ends the step's sends without success."""
+    says, prefix = send.last, send.prefix
+    if verdict == "taken":
+        reason = f"{prefix}: taken ({says})"
+        ours = send.step.booking and (send.lost or row.interrupted)
+        if ours:
+            reason += (
+                "; an earlier attempt on this court got no answer, so it may be taken by our "
+                "own earlier attempt: check your bookings at the club"
+            )
+        return _Result("taken", reason, ours=ours)
+    if verdict == "auth" and run.flow.single:
+        reason = (
+            f"the club rejected token {run.token_name!r} ({says}): put a valid token in "
             "tokens.json, reload, then `python main.py retry` this booking"
         )
-    elif verdict.kind == "rejected":
-        if 300 <= answer.status < 400:
-            location = answer.headers.get("Location", "")
-            attempt.last = (
-                f"the club answered with a redirect ({says}"
-                f"{' to ' + _host(location) if location else ''}); redirects are never "
-                "followed so the token stays with the configured host: check the booking URL"
-            )
-        else:
-            attempt.last = f"the club refused the request ({says}): check the entry and the URL"
+    elif verdict == "auth":
+        reason = _credentials_reason(run, send.step, send.court, says)
+    elif verdict == "unmatched":
+        matchers = ", ".join(kind for kind, _ in send.step.matchers) or "ok"
+        reason = (
+            f"{prefix}: the club answered {says}, which none of the step's answers ({matchers}) "
+            "matches: the booking may or may not have been made; check with the club"
+        )
+    elif 300 <= answer.status < 400:
+        host = urlsplit(answer.header("Location") or "").netloc
+        reason = (
+            f"the club answered with a redirect ({says}{' to ' + host if host else ''}); "
+            "redirects are never followed so the token stays with the configured host: check "
+            "the booking URL"
+        )
     else:
-        attempt.last = says
-    wait = None
-    if verdict.kind == "retry":
-        wait = utils.parse_retry_after(answer.headers.get("Retry-After"), _now(ctx))
-    return verdict.kind, wait, verdict.booking_ref
+        reason = f"the club refused the request ({says}): check the entry and the URL"
+    return _Result("failed", reason)
+
+
+# --------------------------------------------------------------------------- after the booking
+
+
+def _after_booking(
+    ctx: BookingContext, run: FlowRun, row: Instance, court: str | None, ref: str | None
+) -> str:
+    """Run the finishing steps for the booked court; the booking step is never sent again."""
+    for step in run.flow.phase("finish"):
+        problem = _finish_step(ctx, run, step, court)
+        if problem is not None:
+            shown = safe_ref(ref)
+            took = f"court {_court_name(court)}" + (f", ref {shown}" if shown else "")
+            reason = (
+                f"the club took the booking ({took}) but step {step.name!r} did not complete: "
+                f"{problem}; check it with the club"
+            )
+            return _finish(
+                ctx, row.key, FAILED, reason, booking_ref=ref, court=court, attempts=run.total
+            )
+    return _finish(ctx, row.key, BOOKED, None, booking_ref=ref, court=court, attempts=run.total)
+
+
+def _finish_step(ctx: BookingContext, run: FlowRun, step: Step, court: str | None) -> str | None:
+    """Send a finishing step up to MAX_ATTEMPTS_PER_COURT times with backoff (credentials
+    rejected: at once). None when it succeeded, else what went wrong."""
+    delays = utils.backoff_delays(ctx.retry_base, MAX_ATTEMPTS_PER_COURT)
+    for attempt in range(1, MAX_ATTEMPTS_PER_COURT + 1):
+        report = _plain_try(ctx.client, run, step, court)
+        if report.problem is None:
+            return None
+        if report.auth:
+            return f"{report.problem}: the credentials were rejected"
+        if report.final:
+            return report.problem
+        if attempt == MAX_ATTEMPTS_PER_COURT:
+            return f"{report.problem}, after {attempt} tries"
+        wait = report.wait if report.wait is not None else delays[attempt - 1]
+        if ctx.stop.wait(wait):
+            return f"{report.problem}; courtbot was stopping"
+    return None  # pragma: no cover (the loop always returns)
 
 
 def _first_sent(ctx: BookingContext, key: str) -> datetime | None:

@@ -29,7 +29,7 @@ from zoneinfo import ZoneInfo
 from cryptography.fernet import MultiFernet
 
 import utils
-from template import RequestTemplate, Slot, TemplateError, parse_template
+from template import Flow, Slot, TemplateError, parse_flow
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ class Settings:
     timezone: str
     window: utils.Window
     retry_base: float
+    early_retry_ms: float
+    early_retry_seconds: float
     http_timeout: float
     reload_interval: float
     log_level: str
@@ -154,6 +156,8 @@ class Settings:
             timezone=zone,
             window=window,
             retry_base=_number(env, "RETRY_BASE_SECONDS", 1.0, minimum=0.0),
+            early_retry_ms=_number(env, "EARLY_RETRY_MS", 100.0, minimum=1.0, unit="milliseconds"),
+            early_retry_seconds=_number(env, "EARLY_RETRY_SECONDS", 20.0, minimum=0.0),
             http_timeout=_number(env, "HTTP_TIMEOUT_SECONDS", 10.0, minimum=0.001),
             reload_interval=_number(env, "RELOAD_INTERVAL_SECONDS", 60.0, minimum=0.01),
             log_level=level,
@@ -164,14 +168,16 @@ class Settings:
         )
 
 
-def _number(env: Mapping[str, str], name: str, default: float, *, minimum: float) -> float:
+def _number(
+    env: Mapping[str, str], name: str, default: float, *, minimum: float, unit: str = "seconds"
+) -> float:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise SettingsError(f"{name}: {raw!r} is not a number of seconds") from None
+        raise SettingsError(f"{name}: {raw!r} is not a number of {unit}") from None
     if not (minimum <= value < float("inf")):
         raise SettingsError(f"{name}: {raw!r} must be a finite number >= {minimum:g}")
     return value
@@ -1320,7 +1326,7 @@ class FlowFile:
     """
 
     label: str
-    flow: RequestTemplate
+    flow: Flow
     window: utils.Window | None
     digest: str
 
@@ -1337,27 +1343,16 @@ def load_flow_file(path: Path, *, api_url: str | None, label: str) -> FlowFile:
     parsed, error = _decode_json(data, label)
     if error is not None:
         raise TemplateError(error.split(";")[0])
-    # Until template.parse_flow (flows of several steps) lands, the keys a single-request
-    # template may now carry beside its request are taken off here; parse_flow validates
-    # them itself, and ``window`` is then read from the flow.
-    window: utils.Window | None = None
-    if isinstance(parsed, dict):
-        parsed = dict(parsed)
-        parsed.pop("about", None)
-        if "window" in parsed:
-            text = parsed.pop("window")
-            try:
-                window = utils.parse_window(text)
-            except ValueError as exc:
-                raise TemplateError(f"{label}: window: {exc}") from None
-    flow = parse_template(parsed, api_url=api_url, name=label)
+    flow = parse_flow(parsed, api_url=api_url, name=label)
+    # parse_flow validated the window; here it becomes the one the club's entries follow.
+    window = utils.parse_window(flow.window) if flow.window is not None else None
     return FlowFile(label=label, flow=flow, window=window, digest=content_digest(data))
 
 
 def load_template(settings: Settings) -> FlowFile | None:
     """Read and validate BOOKING_REQUEST_TEMPLATE (None when unset).
 
-    Raises ``TemplateError`` naming the file and the key.
+    Raises ``TemplateError`` naming the file, the step and the key.
     """
     path = settings.template_path
     if path is None:

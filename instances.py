@@ -401,6 +401,16 @@ def pending_mark(factory: sessionmaker[Session]) -> tuple[int, datetime | None]:
     return int(count or 0), latest
 
 
+def pending_clubs(factory: sessionmaker[Session]) -> dict[str, str]:
+    """The club of every pending instance that names one (the others book with the template or
+    section 6's request)."""
+    query = select(Instance.key, Instance.club).where(
+        Instance.status == PENDING, Instance.club.is_not(None)
+    )
+    with factory() as session:
+        return {key: club for key, club in session.execute(query) if club is not None}
+
+
 def overdue(factory: sessionmaker[Session], before: datetime, *, limit: int = 20) -> list[str]:
     """Keys of the pending instances whose trigger is earlier than ``before``, soonest first (at
     most ``limit``). With the scheduler working, each has its job running or about to run."""

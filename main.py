@@ -40,7 +40,7 @@ import report
 import scheduler
 import utils
 import watchdog
-from config_loader import Config, Settings, SettingsError
+from config_loader import Config, Entry, Settings, SettingsError
 from notify import (
     Notifier,
     NotifyConfigError,
@@ -49,7 +49,7 @@ from notify import (
     mask_url,
     validate_notify_urls,
 )
-from template import RequestTemplate, TemplateError, default_template, describe_request
+from template import Flow, TemplateError, default_flow, describe_booking, describe_flow
 
 logger = logging.getLogger("courtbot")
 
@@ -421,6 +421,8 @@ class Daemon:
             api_url=self.settings.api_url,
             retry_base=self.settings.retry_base,
             stop=threading.Event(),
+            early_retry_ms=self.settings.early_retry_ms,
+            early_retry_seconds=self.settings.early_retry_seconds,
             notify=self.notifier.notify,
             template=self.template.flow if self.template is not None else None,
             # The last good club files, kept from one period as the active daemon to the next.
@@ -604,7 +606,25 @@ class Daemon:
         self._next_due_read = None
         with self.ctx.in_flight_lock:
             busy = frozenset(self.ctx.in_flight)
-        return self.scheduler.sync(instances.pending_triggers(self.factory), busy=busy)
+        pending = instances.pending_triggers(self.factory)
+        return self.scheduler.sync(pending, busy=busy, prepare=self._prepare_seconds(pending))
+
+    def _prepare_seconds(self, pending: dict[str, datetime]) -> dict[str, float]:
+        """How long before its trigger each pending instance's flow prepares (a login): its job
+        starts that much earlier. Instances without preparation are left out."""
+        assert self.factory is not None and self.ctx is not None
+        ctx = self.ctx
+
+        def seconds(club: str | None) -> float:
+            try:
+                return ctx.flow_for(club).prepare_seconds
+            except KeyError:
+                return 0.0  # nothing to book with: the booking says so at its trigger
+
+        clubs = instances.pending_clubs(self.factory)
+        by_club = {club: seconds(club) for club in {None, *clubs.values()}}
+        prepare = {key: by_club[clubs.get(key)] for key in pending}
+        return {key: value for key, value in prepare.items() if value}
 
     def config_changed(self) -> bool:
         return self.config is None or config_loader.config_digest(self.settings) != (
@@ -943,10 +963,14 @@ class Daemon:
                 self.settings.pid_path.unlink()
 
 
-def club_location(settings: Settings, template: RequestTemplate | None) -> str | None:
-    """Where the courts are, for calendar entries: the booking URL's host (the template's, else
-    BOOKING_API_URL's), without user, password or port."""
-    url = template.url if template is not None and template.has_url else settings.api_url
+def club_location(settings: Settings, template: Flow | None) -> str | None:
+    """Where the courts are, for calendar entries: the booking URL's host (the template's
+    booking step's, else BOOKING_API_URL's), without user, password or port."""
+    url = (
+        template.booking_step.url.source()
+        if template is not None and template.has_url
+        else settings.api_url
+    )
     try:
         return urlsplit(url).hostname if url else None
     except ValueError:
@@ -1511,15 +1535,13 @@ def _request_of(entry: config_loader.Entry, config: Config, settings: Settings) 
     return f"request: BOOKING_API_URL ({settings.api_url})"
 
 
-def _flow_of(
-    entry: config_loader.Entry, config: Config, settings: Settings
-) -> RequestTemplate | None:
+def _flow_of(entry: config_loader.Entry, config: Config, settings: Settings) -> Flow | None:
     """What the entry's bookings are rendered from (None when nothing gives it a request)."""
     if entry.club is not None:
         return config.clubs[entry.club].flow
     if config.template is not None:
         return config.template.flow
-    return default_template(settings.api_url) if settings.api_url else None
+    return default_flow(settings.api_url) if settings.api_url else None
 
 
 def _print_check(config: Config, settings: Settings, now: datetime) -> None:
@@ -1561,9 +1583,11 @@ def _print_check(config: Config, settings: Settings, now: datetime) -> None:
                 print(f"    warning: {note}")
         flow = _flow_of(entry, config, settings)
         if flow is not None and pairs:
-            # template.describe_flow (each step of a flow) replaces this once flows land.
-            described = describe_request(flow, entry.slot(pairs[0][1]))
-            print("  request (next instance, token masked):")
+            described = describe_flow(flow, entry.slot(pairs[0][1]))
+            if flow.single:
+                print("  request (next instance, token masked):")
+            else:
+                print("  flow (next instance, secrets masked, extracted values as <step.value>):")
             print("    " + described.replace("\n", "\n    "))
 
 
@@ -1634,6 +1658,94 @@ def cmd_check(env: dict[str, str]) -> int:
         return EXIT_INVALID
     print("\nOK")
     return EXIT_OK
+
+
+def _dry_run_setup(
+    settings: Settings, fernet: MultiFernet, schedule_id: str
+) -> tuple[Flow, Entry, datetime, dict[str, str]]:
+    """What ``dry-run`` needs: the flow, the entry, its next start and the token's secrets.
+    Raises StartError naming what is missing."""
+    now = datetime.now(UTC)
+    config = config_loader.read_config(settings, fernet, now)
+    if config.template_error is not None:
+        raise StartError(config.template_error)
+    entry = next((e for e in config.schedules.entries if e.id == schedule_id), None)
+    if entry is None:
+        errors = [e for e in config.errors if repr(schedule_id) in e]
+        raise StartError(
+            f"no valid entry {schedule_id!r} in {settings.schedules_path}"
+            + (f": {errors[0]}" if errors else "; `python main.py check` lists the entries")
+        )
+    starts = [start for start in entry.starts(now, 5) if start > now]
+    if not starts:
+        raise StartError(f"entry {schedule_id!r} has no instance ahead")
+    flow = _flow_of(entry, config, settings)
+    if flow is None:
+        raise StartError("BOOKING_API_URL is not set, and no BOOKING_REQUEST_TEMPLATE names a url")
+    token = config.tokens.tokens.get(entry.token)
+    secrets = None
+    if token is not None and token.encrypted is not None:
+        secrets = utils.decrypt_secrets(fernet, token.encrypted)
+    if secrets is None:
+        why = token.error if token is not None and token.error else "is not in tokens.json"
+        raise StartError(f"token {entry.token!r}: {why}")
+    return flow, entry, starts[0], secrets
+
+
+def cmd_dry_run(env: dict[str, str], schedule_id: str, out: IO[str]) -> int:
+    """Run the preparation steps of the schedule's next instance against the club now."""
+    try:
+        settings = load_settings(env)
+    except StartError as exc:
+        print(f"courtbot dry-run: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        fernet = load_fernet(settings)
+    except StartError as exc:
+        print(f"courtbot dry-run: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    try:
+        flow, entry, start, secrets = _dry_run_setup(settings, fernet, schedule_id)
+    except StartError as exc:
+        print(f"courtbot dry-run: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    zone = entry.zone
+    slot = entry.slot(start)
+    out.write(f"{entry.id}: next instance {utils.format_local(start, zone)} ({slot.key})\n")
+    prepare = flow.phase("prepare")
+    problem = None
+    if not prepare:
+        out.write("no preparation step: nothing is sent before the trigger\n")
+    else:
+        client = bot.ClubClient(timeout=settings.http_timeout)
+        try:
+            reports, problem = bot.dry_run(client, flow, slot, secrets, entry.token)
+        finally:
+            client.close()
+        for report in reports:
+            out.write(_report_line(report) + "\n")
+    court = slot.courts[0]
+    out.write("booking request it would send at the trigger (secrets masked):\n")
+    out.write("  " + describe_booking(flow, slot, court).replace("\n", "\n  ") + "\n")
+    if problem is not None:
+        print(f"courtbot dry-run: {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    out.write("OK: every preparation step succeeded\n" if prepare else "OK\n")
+    return EXIT_OK
+
+
+def _report_line(report: bot.StepReport) -> str:
+    """One preparation step's send as ``dry-run`` prints it: status and value names, masked."""
+    court = (
+        f" (court {report.court if report.court is not None else 'any'})"
+        if report.per_court
+        else ""
+    )
+    status = f"HTTP {report.status}" if report.status is not None else "no answer"
+    if report.problem is not None:
+        return f"  step {report.step}{court}: {status}: FAILED: {report.problem}"
+    values = ", ".join(f"{name}={utils.MASK}" for name in report.values)
+    return f"  step {report.step}{court}: {status} ok" + (f"; extracted {values}" if values else "")
 
 
 def _open_existing_engine(settings: Settings, *, upgrade: bool = False) -> models.Engine | None:
@@ -1945,6 +2057,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("health", help="exit 0 while the running daemon's heartbeat is fresh")
     sub.add_parser("generate-key", help="print a new Fernet key")
     sub.add_parser("encrypt-token", help="encrypt a token read on stdin for tokens.json")
+    dry = sub.add_parser(
+        "dry-run", help="run the next instance's preparation steps (a login) against the club now"
+    )
+    dry.add_argument("schedule_id", metavar="SCHEDULE_ID")
     return parser
 
 
@@ -1980,6 +2096,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return cmd_health(env)
     if command == "generate-key":
         return cmd_generate_key()
+    if command == "dry-run":
+        return cmd_dry_run(env, args.schedule_id, sys.stdout)
     return cmd_encrypt_token(env)
 
 

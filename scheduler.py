@@ -36,7 +36,8 @@ from models import error_text
 logger = logging.getLogger(__name__)
 
 #: A booking job starts this long before its trigger: it claims the instance, opens the
-#: connection to the club, then waits out the last moment precisely (see bot.book_slot).
+#: connection to the club, then waits out the last moment precisely (see bot.book_slot). An
+#: instance whose flow has preparation steps starts that much earlier again (``job_lead``).
 LEAD = timedelta(seconds=2)
 JOBS_TABLE = "apscheduler_jobs"
 TOPUP_JOB_ID = "courtbot:topup"
@@ -80,6 +81,12 @@ def run_topup() -> None:
     runtime = _runtime
     if runtime is not None:
         runtime.topup()
+
+
+def job_lead(prepare_seconds: float) -> timedelta:
+    """How long before its trigger an instance's job starts: LEAD, plus the preparation time
+    of its flow (its steps run ``prepare_seconds`` before the trigger)."""
+    return LEAD + timedelta(seconds=max(prepare_seconds, 0.0))
 
 
 @dataclass(frozen=True)
@@ -285,12 +292,16 @@ class Scheduler:
             }
 
     def sync(
-        self, pending: Mapping[str, datetime], *, busy: frozenset[str] = frozenset()
+        self,
+        pending: Mapping[str, datetime],
+        *,
+        busy: frozenset[str] = frozenset(),
+        prepare: Mapping[str, float] | None = None,
     ) -> SyncReport:
         """Make the job store hold exactly one job per pending instance, at its trigger minus
-        ``LEAD``. ``busy`` keys (a booking under way in this process) are left alone. All
-        changes are written in one transaction: a cold load of thousands of instances is one
-        commit, not one per job."""
+        ``job_lead`` of its preparation time (``prepare`` by key; none: 0). ``busy`` keys (a
+        booking under way in this process) are left alone. All changes are written in one
+        transaction: a cold load of thousands of instances is one commit, not one per job."""
         with self._lock:
             stored = self._stored()
             upserts: list[tuple[str, datetime]] = []
@@ -298,7 +309,7 @@ class Scheduler:
             for key, trigger in pending.items():
                 if key in busy:
                     continue
-                run_at = trigger - LEAD
+                run_at = trigger - job_lead(prepare.get(key, 0.0) if prepare else 0.0)
                 have = stored.get(key)
                 if have is not None and abs(have - run_at.timestamp()) < 1e-3:
                     continue

@@ -1,21 +1,24 @@
-"""The request template (CONTRACT section 11): placeholders, parsing and validation, rendering,
-answer matching, and the masked description ``check`` prints.
+"""Club flows (CONTRACT sections 11 and 12): parsing and validation, placeholders, rendering,
+answer matching, value extraction, and the masked description ``check`` and ``dry-run`` print.
 
-Pure like ``utils``: no clock, no disk, no database, no network; the file is read by
-``config_loader`` and the request sent by ``bot``. One ``RequestTemplate`` is one request (one
-step): the booking and ``check`` both render it through ``render_request``, so what ``check``
-shows is what is sent, Idempotency-Key included. Multi-step club flows (CONTRACT section 12)
-are meant to grow here as a sequence of such steps.
+Pure like ``utils``: no clock, no disk, no database, no network; the files are read by
+``config_loader`` and the requests sent by ``bot``. A ``Flow`` is a sequence of ``Step``s with
+exactly one booking step; the single-request template of section 11 (and section 6's own
+request) is a flow of that one step, so one engine runs them all. Every string of a step is
+compiled once, at parse time, into literal text and placeholder references (``Ref``), so a
+placeholder that no earlier step extracts is an error of the file, never of a booking.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 from zoneinfo import ZoneInfo
 
 import utils
@@ -33,7 +36,11 @@ PLACEHOLDERS = (
     "duration_minutes",
     "key",
     "epoch_ms",
+    "epoch_s",
 )
+#: Time placeholders that take a ``strftime`` format (``{start:%m/%d/%Y}``): local time for
+#: start and end, UTC for the ``_utc`` ones.
+TIME_PLACEHOLDERS = ("start", "end", "start_utc", "end_utc")
 TEMPLATE_KEYS = (
     "method",
     "url",
@@ -43,31 +50,563 @@ TEMPLATE_KEYS = (
     "booked",
     "taken",
     "rejected",
+    "early",
     "booking_ref",
     "idempotency_header",
+    "window",
+    "about",
 )
+FLOW_KEYS = ("hosts", "window", "prepare_seconds", "steps", "about")
+STEP_KEYS = (
+    "name",
+    "method",
+    "url",
+    "headers",
+    "json",
+    "form",
+    "ok",
+    "extract",
+    "at_trigger",
+    "follow_redirects",
+    "booking",
+)
+BOOKING_KEYS = ("booked", "taken", "rejected", "early", "booking_ref", "idempotency_header")
+#: An ``at_trigger`` step's answers are read as the booking step's: it may say which are taken,
+#: rejected or early, as the booking step does.
+AT_TRIGGER_MATCHERS = ("taken", "rejected", "early")
+EXTRACT_FORMS = ("json", "header", "cookie", "regex", "url")
 TEMPLATE_METHODS = ("POST", "PUT", "PATCH", "GET", "DELETE")
-MATCHER_ORDER = ("taken", "rejected", "booked")
+#: Matchers in the order they are tried (CONTRACT section 11: taken, rejected, booked; then early).
+MATCHER_ORDER = ("taken", "rejected", "booked", "early")
+DEFAULT_PREPARE_SECONDS = 60.0
+MAX_PREPARE_SECONDS = 3600.0
+#: The booking step of a single-request template (how it is named in messages about steps).
+SINGLE_STEP_NAME = "book"
+
 _PIECE_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_REF_RE = re.compile(
+    r"(?P<name>[a-z_][a-z0-9_]*)(?:\.(?P<field>[A-Za-z_][A-Za-z0-9_]*))?(?::(?P<fmt>.+))?",
+    re.DOTALL,
+)
+_STEP_NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
+_VALUE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_HEADER_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HOST_ENTRY_RE = re.compile(r"(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?")
+_FORMAT_PROBE = datetime(2001, 2, 3, 4, 5, 6, tzinfo=UTC)
 
 
 class TemplateError(ValueError):
-    """An invalid request template; the message names the file and the key."""
+    """An invalid request template or flow; the message names the file, the step and the key."""
+
+
+class MissingValue(LookupError):
+    """A placeholder with no value when a step is rendered (a secret field the token lacks, a
+    value its step did not extract). ``ref`` is the placeholder as written, e.g. ``secret.pin``."""
+
+    def __init__(self, ref: str) -> None:
+        super().__init__(ref)
+        self.ref = ref
+
+
+class ExtractError(ValueError):
+    """A value that could not be taken from an answer; the message names the value and says
+    what was missing, never a value."""
+
+
+# --------------------------------------------------------------------------- placeholders
+
+
+@dataclass(frozen=True)
+class Ref:
+    """One placeholder: ``{name}``, ``{name:format}``, ``{secret.field}`` or ``{step.value}``."""
+
+    name: str
+    field: str | None = None
+    fmt: str | None = None
+
+    @property
+    def key(self) -> str:
+        """Its key among the values of a rendering (``start``, ``secret.pin``, ``login.jwt``)."""
+        return self.name if self.field is None else f"{self.name}.{self.field}"
+
+    def __str__(self) -> str:
+        return "{" + self.key + (f":{self.fmt}" if self.fmt is not None else "") + "}"
+
+
+@dataclass(frozen=True)
+class Text:
+    """A compiled string: literal pieces and placeholder references, in order."""
+
+    pieces: tuple[str | Ref, ...]
+
+    @property
+    def refs(self) -> tuple[Ref, ...]:
+        return tuple(p for p in self.pieces if isinstance(p, Ref))
+
+    @property
+    def single(self) -> Ref | None:
+        """The reference when the string is exactly one placeholder (it keeps its JSON type)."""
+        if len(self.pieces) == 1 and isinstance(self.pieces[0], Ref):
+            return self.pieces[0]
+        return None
+
+    def source(self) -> str:
+        """The string as written (braces doubled again)."""
+        return "".join(
+            str(p) if isinstance(p, Ref) else p.replace("{", "{{").replace("}", "}}")
+            for p in self.pieces
+        )
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What the strings of one step may name: the built-ins, secrets, and the values the steps
+    before it extract (``earlier``); ``later`` holds the names of this step and the ones after
+    it, for the message when one of them is named too soon."""
+
+    earlier: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    later: frozenset[str] = frozenset()
+
+    def check(self, ref: Ref, text: str, where: str) -> None:
+        if ref.field is None:
+            self._check_builtin(ref, text, where)
+            return
+        if ref.fmt is not None:
+            raise TemplateError(
+                f"{where}: {ref} in {text!r}: only {', '.join(TIME_PLACEHOLDERS)} take a format"
+            )
+        if ref.name == "secret":
+            return
+        if ref.name in self.earlier:
+            values = self.earlier[ref.name]
+            if ref.field not in values:
+                have = ", ".join(sorted(values)) or "none"
+                raise TemplateError(
+                    f"{where}: {ref} in {text!r}: step {ref.name!r} extracts no value "
+                    f"{ref.field!r} (it extracts: {have})"
+                )
+            return
+        if ref.name in self.later:
+            raise TemplateError(
+                f"{where}: {ref} in {text!r}: step {ref.name!r} is used before it runs; a step "
+                "can only use values that the steps before it extract"
+            )
+        raise TemplateError(
+            f"{where}: unknown placeholder {ref} in {text!r}; {{<step>.<value>}} must name an "
+            "earlier step and a value it extracts"
+        )
+
+    def _check_builtin(self, ref: Ref, text: str, where: str) -> None:
+        if ref.name == "secret":
+            raise TemplateError(
+                f"{where}: {ref} in {text!r}: name a field of the token, e.g. {{secret.password}}"
+            )
+        if ref.name in self.earlier or ref.name in self.later:
+            raise TemplateError(
+                f"{where}: {ref} in {text!r}: name a value of step {ref.name!r}, e.g. "
+                f"{{{ref.name}.id}}"
+            )
+        if ref.name not in PLACEHOLDERS:
+            raise TemplateError(
+                f"{where}: unknown placeholder {ref} in {text!r}; known: "
+                + ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+                + ", {secret.<field>}, {<step>.<value>}"
+            )
+        if ref.fmt is not None:
+            if ref.name not in TIME_PLACEHOLDERS:
+                raise TemplateError(
+                    f"{where}: {ref} in {text!r}: only {', '.join(TIME_PLACEHOLDERS)} take a format"
+                )
+            try:
+                _FORMAT_PROBE.strftime(ref.fmt)
+            except ValueError as exc:
+                raise TemplateError(
+                    f"{where}: {ref} in {text!r}: not a strftime format ({exc})"
+                ) from None
+
+
+def compile_text(text: str, where: str, scope: Scope) -> Text:
+    """Split a template string into literal text and checked placeholder references."""
+    pieces: list[str | Ref] = []
+    position = 0
+    for match in _PIECE_RE.finditer(text):
+        if match.start() > position:
+            pieces.append(text[position : match.start()])
+        token = match.group(0)
+        if token in ("{{", "}}"):
+            pieces.append(token[0])
+        elif match.group(1) is None:
+            raise TemplateError(
+                f"{where}: unbalanced {token!r} in {text!r}; write {{{{ or }}}} for a literal brace"
+            )
+        else:
+            parsed = _REF_RE.fullmatch(match.group(1))
+            if parsed is None:
+                raise TemplateError(
+                    f"{where}: unknown placeholder {token} in {text!r}; known: "
+                    + ", ".join("{" + p + "}" for p in PLACEHOLDERS)
+                    + ", {secret.<field>}, {<step>.<value>}"
+                )
+            ref = Ref(parsed["name"], parsed["field"], parsed["fmt"])
+            scope.check(ref, text, where)
+            pieces.append(ref)
+        position = match.end()
+    if position < len(text):
+        pieces.append(text[position:])
+    # Adjacent literals (a brace pair next to text) read as one piece.
+    merged: list[str | Ref] = []
+    for piece in pieces:
+        if isinstance(piece, str) and merged and isinstance(merged[-1], str):
+            merged[-1] += piece
+        else:
+            merged.append(piece)
+    return Text(tuple(merged))
+
+
+def _compile_value(value: Any, where: str, scope: Scope) -> Any:
+    """A JSON body with every string compiled (lists stay lists, objects stay dicts)."""
+    if isinstance(value, str):
+        return compile_text(value, where, scope)
+    if isinstance(value, list):
+        return [
+            _compile_value(item, f"{where}[{index}]", scope) for index, item in enumerate(value)
+        ]
+    if isinstance(value, dict):
+        return {key: _compile_value(item, f"{where}.{key}", scope) for key, item in value.items()}
+    return value
+
+
+def _walk_refs(value: Any) -> Iterator[Ref]:
+    if isinstance(value, Text):
+        yield from value.refs
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _walk_refs(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _walk_refs(item)
+    elif isinstance(value, JsonPath):
+        for part in value.parts:
+            for _, condition in part.conditions:
+                yield from condition.refs
+
+
+class Masked(str):
+    """A stand-in for a secret in printed output (``***``, ``<login.jwt>``): inserted as is,
+    never percent-encoded, so a URL shows the mask and not ``%2A%2A%2A``."""
+
+    __slots__ = ()
+
+
+def as_text(value: Any) -> str:
+    """How a value reads inside a string: text as is, null as nothing, true/false and numbers
+    (and objects) as JSON writes them."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _ref_value(ref: Ref, values: Mapping[str, Any]) -> Any:
+    if ref.fmt is not None:
+        moment = values.get(f"{ref.name}:")
+        if isinstance(moment, Masked) or moment is None:
+            return values.get(ref.key)
+        return moment.strftime(ref.fmt)
+    if ref.key not in values:
+        raise MissingValue(ref.key)
+    return values[ref.key]
+
+
+def render_text(text: Text, values: Mapping[str, Any], *, encode: bool = False) -> str:
+    """The string with its placeholders' values (percent-encoded with ``encode``, for a URL).
+    Raises ``MissingValue`` for a placeholder with no value."""
+    out: list[str] = []
+    for piece in text.pieces:
+        if isinstance(piece, str):
+            out.append(piece)
+            continue
+        value = _ref_value(piece, values)
+        shown = as_text(value)
+        out.append(quote(shown, safe="") if encode and not isinstance(value, Masked) else shown)
+    return "".join(out)
+
+
+def render_value(value: Any, values: Mapping[str, Any]) -> Any:
+    """A compiled JSON body rendered; a string that is exactly one placeholder takes the value's
+    own JSON type (an extracted JSON value included)."""
+    if isinstance(value, Text):
+        single = value.single
+        if single is not None and single.fmt is None:
+            return _ref_value(single, values)
+        return render_text(value, values)
+    if isinstance(value, list):
+        return [render_value(item, values) for item in value]
+    if isinstance(value, dict):
+        return {key: render_value(item, values) for key, item in value.items()}
+    return value
+
+
+# --------------------------------------------------------------------------- json paths
+
+
+@dataclass(frozen=True)
+class PathPart:
+    """One step of a JSON path: a key, a list index, or filters that keep a list's first
+    element whose fields equal the values (``[court=3][start={time}]``, compared as text)."""
+
+    kind: str  # "key", "index" or "filter"
+    name: str = ""
+    index: int = 0
+    conditions: tuple[tuple[str, Text], ...] = ()
+
+    def source(self) -> str:
+        if self.kind == "key":
+            return self.name
+        if self.kind == "index":
+            return f"[{self.index}]"
+        return "".join(f"[{name}={value.source()}]" for name, value in self.conditions)
+
+
+@dataclass(frozen=True)
+class JsonPath:
+    """A dotted path into a JSON document: ``a.b[0].c``, ``slots[court={court_id}].id``."""
+
+    text: str
+    parts: tuple[PathPart, ...]
+
+    def find(self, document: Any, values: Mapping[str, Any]) -> Any:
+        """The value at the path. Raises ``ExtractError`` saying where the path broke off (the
+        path as written, never the document's or a filter's value)."""
+        node = document
+        walked = ""
+        for part in self.parts:
+            node = _step_into(node, part, values, walked or "the answer")
+            walked += part.source() if part.kind != "key" or not walked else "." + part.source()
+        return node
+
+
+def _step_into(node: Any, part: PathPart, values: Mapping[str, Any], walked: str) -> Any:
+    if part.kind == "key":
+        if isinstance(node, dict) and part.name in node:
+            return node[part.name]
+        if isinstance(node, list) and part.name.isdigit() and int(part.name) < len(node):
+            return node[int(part.name)]
+        raise ExtractError(f"no {part.name!r} in {walked}")
+    if not isinstance(node, list):
+        raise ExtractError(f"{walked} is not a list")
+    if part.kind == "index":
+        if part.index < len(node):
+            return node[part.index]
+        raise ExtractError(f"{walked} has no element [{part.index}] (it has {len(node)})")
+    wanted = [(name, render_text(value, values)) for name, value in part.conditions]
+    for item in node:
+        if isinstance(item, dict) and all(
+            name in item and as_text(item[name]) == text for name, text in wanted
+        ):
+            return item
+    raise ExtractError(f"no element of {walked} matches {part.source()}")
+
+
+def _split_path(text: str, where: str) -> list[str]:
+    """The path's segments, split at dots outside brackets and placeholders."""
+    segments: list[str] = []
+    current: list[str] = []
+    depth = braces = 0
+    for char in text:
+        if char == "{":
+            braces += 1
+        elif char == "}":
+            braces = max(braces - 1, 0)
+        elif char == "[" and not braces:
+            depth += 1
+        elif char == "]" and not braces:
+            depth -= 1
+            if depth < 0:
+                raise TemplateError(f"{where}: unbalanced ']' in {text!r}")
+        if char == "." and not depth and not braces:
+            segments.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    if depth:
+        raise TemplateError(f"{where}: unbalanced '[' in {text!r}")
+    segments.append("".join(current))
+    return segments
+
+
+_SEGMENT_RE = re.compile(r"(?P<name>[^\[\]]*)(?P<rest>(?:\[.*\])?)", re.DOTALL)
+
+
+def _brackets(rest: str, text: str, where: str) -> list[str]:
+    """The contents of ``[...][...]`` (a ``]`` inside a placeholder does not close one)."""
+    found: list[str] = []
+    position = 0
+    while position < len(rest):
+        if rest[position] != "[":
+            raise TemplateError(f"{where}: {text!r}: expected '[' at {rest[position:]!r}")
+        braces = 0
+        end = position + 1
+        while end < len(rest) and (rest[end] != "]" or braces):
+            braces += {"{": 1, "}": -1}.get(rest[end], 0)
+            end += 1
+        found.append(rest[position + 1 : end])
+        position = end + 1
+    return found
+
+
+def parse_path(text: Any, where: str, scope: Scope) -> JsonPath:
+    """Parse a JSON path (``a.b[0].c``, ``list[field=value]``, ``data.items.0.id``)."""
+    example = "e.g. 'data.id', 'items[0].id' or 'slots[court={court_id}].id'"
+    if not isinstance(text, str) or not text.strip():
+        raise TemplateError(f"{where}: expected a JSON path, {example}")
+    parts: list[PathPart] = []
+    for number, segment in enumerate(_split_path(text, where)):
+        match = _SEGMENT_RE.fullmatch(segment)
+        if match is None or (not match["name"] and (number or not match["rest"])):
+            raise TemplateError(f"{where}: {text!r} is not a JSON path ({example})")
+        if match["name"]:
+            if match["name"].strip() != match["name"] or "{" in match["name"]:
+                raise TemplateError(f"{where}: {text!r}: bad key {match['name']!r} ({example})")
+            parts.append(PathPart("key", name=match["name"]))
+        for inner in _brackets(match["rest"], text, where):
+            part = _bracket_part(inner, text, where, scope)
+            if part.kind == "filter" and parts and parts[-1].kind == "filter":
+                # Filters that follow each other keep the first element matching them all.
+                part = PathPart("filter", conditions=parts.pop().conditions + part.conditions)
+            parts.append(part)
+    return JsonPath(text, tuple(parts))
+
+
+def _bracket_part(inner: str, text: str, where: str, scope: Scope) -> PathPart:
+    if re.fullmatch(r"\d+", inner):
+        return PathPart("index", index=int(inner))
+    name, equals, value = inner.partition("=")
+    if not equals or not name or not re.fullmatch(r"[^\s{}=]+", name):
+        raise TemplateError(
+            f"{where}: {text!r}: [{inner}] is neither an index [N] nor a filter [field=value]"
+        )
+    return PathPart("filter", conditions=((name, compile_text(value, where, scope)),))
+
+
+# --------------------------------------------------------------------------- answers
 
 
 @dataclass(frozen=True)
 class Matcher:
-    """Answers with one of ``statuses`` (and ``body_contains`` in the raw body, if given)."""
+    """Answers with one of ``statuses`` and, if given, one of ``body_contains`` in the raw body."""
 
     statuses: tuple[int, ...]
-    body_contains: str | None
+    body_contains: tuple[str, ...] = ()
 
     def matches(self, status: int, body: bytes) -> bool:
         if status not in self.statuses:
             return False
-        if self.body_contains is None:
-            return True
-        return self.body_contains in body.decode("utf-8", errors="replace")
+        return not self.body_contains or self.found(body) is not None
+
+    def found(self, body: bytes) -> str | None:
+        """The first of ``body_contains`` (the flow's own words) that the body holds."""
+        text = body.decode("utf-8", errors="replace")
+        return next((part for part in self.body_contains if part in text), None)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What extraction reads from one step's answer: status, headers (any case), the body as
+    read, the final URL (after redirects) and the cookies the answer set."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    url: str
+    cookies: Mapping[str, str] = field(default_factory=dict)
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower()
+        for key, value in self.headers.items():
+            if key.lower() == wanted:
+                return value
+        return None
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ExtractError("the answer is not JSON") from None
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """One named value a step takes from its answer."""
+
+    name: str
+    kind: str  # one of EXTRACT_FORMS
+    source: str
+    path: JsonPath | None = None
+    pattern: re.Pattern[str] | None = None
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.kind} {self.source})"
+
+    def take(self, reply: Reply, values: Mapping[str, Any]) -> Any:
+        """The value, or ``ExtractError`` saying what was missing."""
+        try:
+            return self._take(reply, values)
+        except ExtractError as exc:
+            raise ExtractError(
+                f"value {self.name!r} ({self.kind} {self.source!r}): {exc}"
+            ) from None
+
+    def _take(self, reply: Reply, values: Mapping[str, Any]) -> Any:
+        if self.kind == "json":
+            assert self.path is not None
+            found = self.path.find(reply.json(), values)
+            if found is None:
+                raise ExtractError("it is null")
+            return found
+        if self.kind == "header":
+            header = reply.header(self.source)
+            if header is None:
+                raise ExtractError("the answer has no such header")
+            return header
+        if self.kind == "cookie":
+            if self.source not in reply.cookies:
+                raise ExtractError("the answer set no such cookie")
+            return reply.cookies[self.source]
+        assert self.pattern is not None
+        haystack = (
+            reply.body.decode("utf-8", errors="replace") if self.kind == "regex" else reply.url
+        )
+        match = self.pattern.search(haystack)
+        if match is None or match.group(1) is None:
+            where = "the answer's body" if self.kind == "regex" else "the final URL"
+            raise ExtractError(f"no match in {where}")
+        return match.group(1)
+
+
+def extract_values(
+    step: Step, reply: Reply, values: Mapping[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """Every value ``step`` extracts from ``reply``, keyed ``<step>.<value>``, and the problems
+    (one line per value that could not be taken)."""
+    found: dict[str, Any] = {}
+    problems: list[str] = []
+    for extraction in step.extract:
+        try:
+            found[f"{step.name}.{extraction.name}"] = extraction.take(reply, values)
+        except (ExtractError, MissingValue) as exc:
+            problems.append(
+                f"a filter's placeholder {{{exc.ref}}} has no value"
+                if isinstance(exc, MissingValue)
+                else str(exc)
+            )
+    return found, problems
+
+
+# --------------------------------------------------------------------------- steps and flows
 
 
 @dataclass(frozen=True)
@@ -80,147 +619,218 @@ class RenderedRequest:
     body: bytes | None
 
 
-def _pieces(text: str, where: str) -> list[tuple[str, bool]]:
-    """Split a template string into (literal, False) and (placeholder name, True) pieces."""
-    pieces: list[tuple[str, bool]] = []
-    position = 0
-    for match in _PIECE_RE.finditer(text):
-        if match.start() > position:
-            pieces.append((text[position : match.start()], False))
-        token = match.group(0)
-        if token in ("{{", "}}"):
-            pieces.append((token[0], False))
-        elif match.group(1) is None:
-            raise TemplateError(
-                f"{where}: unbalanced {token!r} in {text!r}; write {{{{ or }}}} for a literal brace"
-            )
-        else:
-            name = match.group(1)
-            if name not in PLACEHOLDERS:
-                raise TemplateError(
-                    f"{where}: unknown placeholder {{{name}}} in {text!r}; known: "
-                    + ", ".join("{" + p + "}" for p in PLACEHOLDERS)
-                )
-            pieces.append((name, True))
-        position = match.end()
-    if position < len(text):
-        pieces.append((text[position:], False))
-    return pieces
-
-
-def _check_strings(value: Any, where: str) -> None:
-    if isinstance(value, str):
-        _pieces(value, where)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            _check_strings(item, f"{where}[{index}]")
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_strings(item, f"{where}.{key}")
-
-
-def _render_text(text: str, values: dict[str, Any], encode: bool = False) -> str:
-
-    out: list[str] = []
-    for piece, is_name in _pieces(text, "template"):
-        if not is_name:
-            out.append(piece)
-            continue
-        value = values[piece]
-        text_value = "" if value is None else str(value)
-        out.append(quote(text_value, safe="") if encode else text_value)
-    return "".join(out)
-
-
-def _render_value(value: Any, values: dict[str, Any]) -> Any:
-    if isinstance(value, str):
-        pieces = _pieces(value, "template")
-        if len(pieces) == 1 and pieces[0][1]:
-            # A string that is exactly one placeholder takes the value's own JSON type.
-            return values[pieces[0][0]]
-        return _render_text(value, values)
-    if isinstance(value, list):
-        return [_render_value(item, values) for item in value]
-    if isinstance(value, dict):
-        return {key: _render_value(item, values) for key, item in value.items()}
-    return value
-
-
 @dataclass(frozen=True)
-class RequestTemplate:
-    """A validated request template (CONTRACT section 11)."""
+class Step:
+    """One request of a flow, compiled."""
 
+    name: str
     method: str
-    url: str
-    headers: tuple[tuple[str, str], ...]
+    url: Text
+    headers: tuple[tuple[str, Text], ...]
     body_kind: str | None  # "json", "form" or None
     body: Any
-    matchers: tuple[tuple[str, Matcher], ...]
-    booking_ref_path: tuple[str, ...] | None
-    idempotency_header: str | None
-    has_url: bool
+    #: The ``ok`` matcher of a step that is not the booking step (None: any 2xx).
+    ok: Matcher | None = None
+    #: Named matchers in MATCHER_ORDER: the booking step's, and an at_trigger step's.
+    matchers: tuple[tuple[str, Matcher], ...] = ()
+    extract: tuple[Extraction, ...] = ()
+    booking: bool = False
+    at_trigger: bool = False
+    follow_redirects: bool = False
+    booking_ref: JsonPath | None = None
+    idempotency_header: str | None = None
+    #: It uses {court_id}, or a value of a step that does: it runs once per court.
+    per_court: bool = False
+    #: The names of the steps whose values it uses.
+    uses: frozenset[str] = frozenset()
 
-    @property
-    def host(self) -> str:
+    #: When it runs: ``prepare``, ``at_trigger``, ``booking`` or ``finish``.
+    phase: str = "prepare"
 
-        return urlsplit(self.url).netloc
+    def sent_refs(self) -> Iterator[Ref]:
+        """Every placeholder in what it sends: URL, headers, body."""
+        yield from self.url.refs
+        for _, value in self.headers:
+            yield from value.refs
+        yield from _walk_refs(self.body)
 
-    def render(self, values: dict[str, Any]) -> RenderedRequest:
-        """The request for one instance; ``values`` from ``placeholder_values``."""
-        url = _render_text(self.url, values, encode=True)
-        headers = {name: _render_text(value, values) for name, value in self.headers}
-        body: bytes | None = None
-        if self.body_kind == "json":
-            body = json.dumps(_render_value(self.body, values)).encode()
-            headers.setdefault("Content-Type", "application/json")
-        elif self.body_kind == "form":
-            fields = {
-                key: _render_text(value, values) if isinstance(value, str) else value
-                for key, value in self.body.items()
-            }
-            body = urlencode(fields).encode()
-            headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
-        return RenderedRequest(self.method, url, headers, body)
+    def all_refs(self) -> Iterator[Ref]:
+        """Every placeholder it names: what it sends, its extraction filters, its booking_ref."""
+        yield from self.sent_refs()
+        for extraction in self.extract:
+            if extraction.path is not None:
+                yield from _walk_refs(extraction.path)
+        if self.booking_ref is not None:
+            yield from _walk_refs(self.booking_ref)
 
     def match(self, status: int, body: bytes) -> str | None:
-        """The first of taken, rejected, booked whose matcher fits the answer, else None."""
+        """The first named matcher that fits the answer (taken, rejected, booked, early)."""
         for name, matcher in self.matchers:
             if matcher.matches(status, body):
                 return name
         return None
 
-    def booking_ref(self, answer: Any) -> str | None:
-        """The value at ``booking_ref``'s dotted path in a JSON answer, as text (None if absent)."""
-        if self.booking_ref_path is None:
+    def is_ok(self, status: int, body: bytes) -> bool:
+        """Whether a step other than the booking step succeeded: ``ok``, else any 2xx."""
+        if self.ok is not None:
+            return self.ok.matches(status, body)
+        return 200 <= status < 300
+
+    def has_matcher(self, name: str) -> bool:
+        return any(kind == name for kind, _ in self.matchers)
+
+    def matched_words(self, name: str, body: bytes) -> str | None:
+        """The ``body_contains`` words by which matcher ``name`` (or ``ok``) read the body."""
+        matcher = self.ok if name == "ok" else dict(self.matchers).get(name)
+        return matcher.found(body) if matcher is not None and matcher.body_contains else None
+
+    def render(self, values: Mapping[str, Any], idempotency: str | None = None) -> RenderedRequest:
+        """The request with ``values`` (from ``placeholder_values`` plus extracted values, keyed
+        ``<step>.<value>``); the booking step also carries ``idempotency`` in its idempotency
+        header. Raises ``MissingValue`` for a placeholder with no value."""
+        url = render_text(self.url, values, encode=True)
+        headers = {name: render_text(value, values) for name, value in self.headers}
+        body: bytes | None = None
+        if self.body_kind == "json":
+            body = json.dumps(render_value(self.body, values)).encode()
+            headers.setdefault("Content-Type", "application/json")
+        elif self.body_kind == "form":
+            fields = {
+                key: render_text(value, values) if isinstance(value, Text) else value
+                for key, value in self.body.items()
+            }
+            body = urlencode(fields).encode()
+            headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        if self.booking and self.idempotency_header and idempotency is not None:
+            headers[self.idempotency_header] = idempotency
+        return RenderedRequest(self.method, url, headers, body)
+
+    def ref_of(self, document: Any, values: Mapping[str, Any]) -> str | None:
+        """The booking reference in a JSON answer: ``booking_ref``'s path, else its ``id`` or
+        ``booking_id``; as text, None when absent."""
+        if self.booking_ref is None:
+            if isinstance(document, dict):
+                for name in ("id", "booking_id"):
+                    found = document.get(name)
+                    if isinstance(found, str | int) and not isinstance(found, bool):
+                        return str(found)
             return None
-        node = answer
-        for part in self.booking_ref_path:
-            if isinstance(node, dict) and part in node:
-                node = node[part]
-            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-            else:
-                return None
+        try:
+            node = self.booking_ref.find(document, values)
+        except (ExtractError, MissingValue):
+            return None
         if node is None or isinstance(node, dict | list | bool):
             return None
         return str(node)
 
 
+@dataclass(frozen=True)
+class Flow:
+    """A validated club flow (CONTRACT section 12), or a single-request template (section 11)
+    as a flow of its one booking step."""
+
+    name: str
+    hosts: tuple[str, ...]
+    steps: tuple[Step, ...]
+    #: The club's own opening rule as written (``BOOKING_WINDOW``'s forms), None when not given.
+    window: str | None = None
+    #: How long before the trigger the preparation steps run (0 when there are none).
+    prepare_seconds: float = 0.0
+    about: str | None = None
+    #: Every step names its URL (BOOKING_API_URL is not needed for it).
+    has_url: bool = True
+
+    @property
+    def booking_step(self) -> Step:
+        return next(step for step in self.steps if step.booking)
+
+    def phase(self, name: str) -> tuple[Step, ...]:
+        """The steps of one phase, in order: prepare, at_trigger, booking or finish."""
+        return tuple(step for step in self.steps if step.phase == name)
+
+    @property
+    def single(self) -> bool:
+        """A flow of the booking step alone (section 6's request or a section-11 template)."""
+        return len(self.steps) == 1
+
+    @property
+    def secret_fields(self) -> frozenset[str]:
+        """The fields of the token that the flow names as ``{secret.<field>}``."""
+        return frozenset(
+            ref.field
+            for step in self.steps
+            for ref in step.all_refs()
+            if ref.name == "secret" and ref.field
+        )
+
+    @property
+    def uses_token(self) -> bool:
+        return any(ref.key == "token" for step in self.steps for ref in step.all_refs())
+
+    def allows(self, url: str) -> bool:
+        """Whether ``url``'s host is on ``hosts`` (a host without a port matches any port)."""
+        return host_allowed(self.hosts, url)
+
+
+class _MaskAll(dict[str, Any]):
+    """Values for a rendering that only needs the literal parts (a URL's host)."""
+
+    def __missing__(self, key: str) -> Masked:
+        return Masked("x")
+
+    def __contains__(self, key: object) -> bool:
+        return True
+
+
+def split_host(entry: str) -> tuple[str, int | None] | None:
+    """A ``hosts`` entry as (host, port or None); None when it is not one."""
+    match = _HOST_ENTRY_RE.fullmatch(entry.strip())
+    if match is None:
+        return None
+    port = int(match["port"]) if match["port"] else None
+    if port is not None and not 0 < port < 65536:
+        return None
+    return match["host"].strip("[]").lower(), port
+
+
+def host_allowed(hosts: Iterable[str], url: str) -> bool:
+    """Whether ``url`` is http(s) on one of ``hosts``: ``host`` matches any port, ``host:port``
+    only that one (an absent port is the scheme's default)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return False
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return False
+    host = parts.hostname.lower()
+    for entry in hosts:
+        split = split_host(entry)
+        if split is not None and split[0] == host and split[1] in (None, port):
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------- values
+
+
 def placeholder_values(
     *,
-    token: str,
+    secrets: Mapping[str, str],
     court_id: str | None,
     start: datetime,
     duration_minutes: int,
     zone: ZoneInfo,
     key: str,
 ) -> dict[str, Any]:
-    """The values of every placeholder for one instance and court."""
+    """The values of every built-in placeholder for one instance and court, and of its secrets:
+    ``{token}`` and ``{secret.<field>}`` from ``secrets`` (a string token is ``{"token": value}``;
+    an object token is its fields, ``{token}`` its ``token`` field). The keys ending in ``:``
+    hold the instants that formatted time placeholders are written from."""
     end = start + timedelta(minutes=duration_minutes)
     local_start = start.astimezone(zone)
     local_end = end.astimezone(zone)
-    return {
-        "token": token,
+    values: dict[str, Any] = {
         "court_id": court_id,
         "start": utils.format_offset(start, zone),
         "end": utils.format_offset(end, zone),
@@ -232,7 +842,17 @@ def placeholder_values(
         "duration_minutes": duration_minutes,
         "key": key,
         "epoch_ms": int(utils.as_utc(start).timestamp() * 1000),
+        "epoch_s": int(utils.as_utc(start).timestamp()),
+        "start:": local_start,
+        "end:": local_end,
+        "start_utc:": utils.as_utc(start),
+        "end_utc:": utils.as_utc(end),
     }
+    if "token" in secrets:
+        values["token"] = secrets["token"]
+    for name, value in secrets.items():
+        values[f"secret.{name}"] = value
+    return values
 
 
 def idempotency_key(key: str, court: str | None, several: bool) -> str:
@@ -252,38 +872,97 @@ class Slot:
     zone: ZoneInfo
     courts: tuple[str | None, ...]
 
-
-def render_request(
-    template: RequestTemplate, slot: Slot, *, token: str, court: str | None
-) -> RenderedRequest:
-    """The request ``slot`` sends for ``court``: the template rendered with the instance's
-    placeholder values, plus its Idempotency-Key header (the one render the booking and
-    ``check`` share)."""
-    rendered = template.render(
-        placeholder_values(
-            token=token,
+    def values(self, secrets: Mapping[str, str], court: str | None) -> dict[str, Any]:
+        """``placeholder_values`` for this instance and ``court``."""
+        return placeholder_values(
+            secrets=secrets,
             court_id=court,
-            start=slot.start,
-            duration_minutes=slot.duration_minutes,
-            zone=slot.zone,
-            key=slot.key,
+            start=self.start,
+            duration_minutes=self.duration_minutes,
+            zone=self.zone,
+            key=self.key,
         )
-    )
-    if template.idempotency_header:
-        rendered.headers[template.idempotency_header] = idempotency_key(
-            slot.key, court, len(slot.courts) > 1
-        )
-    return rendered
+
+    def idempotency(self, court: str | None) -> str:
+        return idempotency_key(self.key, court, len(self.courts) > 1)
 
 
-def describe_request(template: RequestTemplate, slot: Slot) -> str:
-    """The request ``slot`` would send (first court), token masked, as lines for a person."""
-    rendered = render_request(template, slot, token=utils.MASK, court=slot.courts[0])
-    lines = [f"{rendered.method} {rendered.url.replace('%2A%2A%2A', utils.MASK)}"]
-    lines += [f"{name}: {value}" for name, value in rendered.headers.items()]
-    if rendered.body is not None:
-        lines.append(rendered.body.decode())
+# --------------------------------------------------------------------------- describing
+
+
+def masked_values(flow: Flow, slot: Slot, court: str | None) -> dict[str, Any]:
+    """Values for a rendering a person may read: the instance's own values, ``***`` for the
+    token and every secret field, ``<step.value>`` for every extracted value."""
+    secrets = {name: Masked(utils.MASK) for name in flow.secret_fields}
+    values = slot.values(secrets, court)
+    values["token"] = Masked(utils.MASK)
+    for step in flow.steps:
+        for extraction in step.extract:
+            ref = f"{step.name}.{extraction.name}"
+            values[ref] = Masked(f"<{ref}>")
+    return values
+
+
+def describe_request(request: RenderedRequest) -> list[str]:
+    """A rendered request as lines for a person (render it with masked values)."""
+    lines = [f"{request.method} {request.url}"]
+    lines += [f"{name}: {value}" for name, value in request.headers.items()]
+    if request.body is not None:
+        text = request.body.decode()
+        if request.headers.get("Content-Type") == "application/x-www-form-urlencoded":
+            # Decoded, so that a mask reads as *** and not %2A%2A%2A.
+            text = "&".join(f"{k}={v}" for k, v in parse_qsl(text, keep_blank_values=True))
+        lines.append(text)
+    return lines
+
+
+def describe_booking(flow: Flow, slot: Slot, court: str | None) -> str:
+    """The booking step's request for ``court``, secrets masked (what ``dry-run`` prints)."""
+    values = masked_values(flow, slot, court)
+    step = flow.booking_step
+    return "\n".join(describe_request(step.render(values, slot.idempotency(court))))
+
+
+_PHASE_WORDS = {
+    "prepare": "preparation, {seconds:g} s before the trigger",
+    "at_trigger": "at the trigger",
+    "booking": "the booking, at the trigger",
+    "finish": "after the booking",
+}
+
+
+def describe_flow(flow: Flow, slot: Slot) -> str:
+    """What ``check`` prints for an entry's next instance (first court of a list), secrets
+    masked: the token and secret fields as ``***``, extracted values as ``<step.value>``. A
+    one-step flow is its one request; a flow lists every step with its phase and values."""
+    court = slot.courts[0]
+    values = masked_values(flow, slot, court)
+    if flow.single:
+        step = flow.booking_step
+        return "\n".join(describe_request(step.render(values, slot.idempotency(court))))
+    lines = [
+        f"hosts: {', '.join(flow.hosts)}"
+        + (f"; window {flow.window}" if flow.window else "")
+        + (
+            f"; prepares {flow.prepare_seconds:g} s before the trigger"
+            if flow.phase("prepare")
+            else ""
+        )
+    ]
+    for step in flow.steps:
+        phase = _PHASE_WORDS[step.phase].format(seconds=flow.prepare_seconds)
+        per_court = (
+            ", once per court" if step.per_court and step.phase in ("prepare", "at_trigger") else ""
+        )
+        lines.append(f"step {step.name} ({phase}{per_court}):")
+        request = step.render(values, slot.idempotency(court))
+        lines += ["  " + line for line in describe_request(request)]
+        if step.extract:
+            lines.append("  extracts: " + ", ".join(e.describe() for e in step.extract))
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- parsing
 
 
 def _matcher(value: Any, where: str) -> Matcher:
@@ -306,94 +985,406 @@ def _matcher(value: Any, where: str) -> Matcher:
             f"{where}.status: expected a non-empty list of HTTP statuses, e.g. [200, 201]"
         )
     contains = value.get("body_contains")
-    if contains is not None and (not isinstance(contains, str) or not contains):
-        raise TemplateError(f"{where}.body_contains: expected a non-empty string")
-    return Matcher(tuple(statuses), contains)
+    if contains is None:
+        return Matcher(tuple(statuses))
+    parts = [contains] if isinstance(contains, str) else contains
+    if not isinstance(parts, list) or not parts or not all(isinstance(p, str) and p for p in parts):
+        raise TemplateError(
+            f"{where}.body_contains: expected a non-empty string or a list of them (any may "
+            'appear), e.g. "not available" or ["taken", "not available"]'
+        )
+    return Matcher(tuple(statuses), tuple(parts))
 
 
-def parse_template(data: Any, *, api_url: str | None, name: str) -> RequestTemplate:
-    """Validate a template's JSON (``name`` labels messages). ``api_url`` is the default URL."""
+def _url(data: dict[str, Any], where: str, api_url: str | None, scope: Scope) -> Text:
+    url = data.get("url", api_url)
+    if url is None:
+        raise TemplateError(f"{where}url: missing, and BOOKING_API_URL is not set either")
+    if not isinstance(url, str):
+        raise TemplateError(f"{where}url: expected a string, got {url!r}")
+    text = compile_text(url, f"{where}url", scope)
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise TemplateError(f"{where}url: {url!r} is not an http(s) URL")
+    if "{" in parts.scheme + parts.netloc or "}" in parts.netloc:
+        raise TemplateError(
+            f"{where}url: a placeholder may not stand in the scheme or host ({url!r}): the "
+            "token must only ever go to fixed hosts"
+        )
+    if "@" in parts.netloc or not re.fullmatch(r"[A-Za-z0-9.:-]+", parts.hostname or "-"):
+        raise TemplateError(f"{where}url: {url!r} does not name a plain host")
+    try:
+        parts.port  # noqa: B018 (validates the port)
+    except ValueError:
+        raise TemplateError(f"{where}url: {url!r} has an invalid port") from None
+    return text
 
-    if not isinstance(data, dict):
-        raise TemplateError(f"{name}: expected a JSON object")
-    for key in data:
-        if key not in TEMPLATE_KEYS:
-            raise TemplateError(
-                f"{name}: {key}: unknown key; expected one of {', '.join(TEMPLATE_KEYS)}"
-            )
+
+def _request_parts(data: dict[str, Any], where: str, scope: Scope) -> dict[str, Any]:
+    """Method, headers and body of a step or template."""
     method = data.get("method", "POST")
     if not isinstance(method, str) or method.upper() not in TEMPLATE_METHODS:
         raise TemplateError(
-            f"{name}: method: {method!r} is not one of {', '.join(TEMPLATE_METHODS)}"
-        )
-    has_url = "url" in data
-    url = data.get("url", api_url)
-    if not has_url and not url:
-        raise TemplateError(f"{name}: url: missing, and BOOKING_API_URL is not set either")
-    if not isinstance(url, str):
-        raise TemplateError(f"{name}: url: expected a string, got {url!r}")
-    _pieces(url, f"{name}: url")
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise TemplateError(f"{name}: url: {url!r} is not an http(s) URL")
-    if "{" in parts.scheme + parts.netloc or "}" in parts.netloc:
-        raise TemplateError(
-            f"{name}: url: a placeholder may not stand in the scheme or host ({url!r}): the "
-            "token must only ever go to one fixed host"
+            f"{where}method: {method!r} is not one of {', '.join(TEMPLATE_METHODS)}"
         )
     headers = data.get("headers", {})
     if not isinstance(headers, dict) or not all(
         isinstance(k, str) and k and isinstance(v, str) for k, v in headers.items()
     ):
         raise TemplateError(
-            f'{name}: headers: expected an object of strings, e.g. {{"Accept": "application/json"}}'
+            f'{where}headers: expected an object of strings, e.g. {{"Accept": "application/json"}}'
         )
-    for header, value in headers.items():
-        _pieces(value, f"{name}: headers.{header}")
+    compiled_headers = tuple(
+        (header, compile_text(value, f"{where}headers.{header}", scope))
+        for header, value in headers.items()
+    )
     if "json" in data and "form" in data:
-        raise TemplateError(f"{name}: json, form: give one body, not both")
+        raise TemplateError(f"{where}json, form: give one body, not both")
     body_kind: str | None = None
     body: Any = None
     if "json" in data:
-        body_kind, body = "json", data["json"]
-        _check_strings(body, f"{name}: json")
+        body_kind, body = "json", _compile_value(data["json"], f"{where}json", scope)
     elif "form" in data:
-        body_kind, body = "form", data["form"]
-        if not isinstance(body, dict) or not all(
-            isinstance(v, str | int | float) and not isinstance(v, bool) for v in body.values()
+        form = data["form"]
+        if not isinstance(form, dict) or not all(
+            isinstance(v, str | int | float) and not isinstance(v, bool) for v in form.values()
         ):
-            raise TemplateError(f"{name}: form: expected an object of strings or numbers")
-        _check_strings(body, f"{name}: form")
-    matchers = tuple(
-        (kind, _matcher(data[kind], f"{name}: {kind}")) for kind in MATCHER_ORDER if kind in data
-    )
+            raise TemplateError(f"{where}form: expected an object of strings or numbers")
+        body_kind, body = "form", _compile_value(form, f"{where}form", scope)
+    return {
+        "method": method.upper(),
+        "headers": compiled_headers,
+        "body_kind": body_kind,
+        "body": body,
+    }
+
+
+def _booking_parts(data: dict[str, Any], where: str, scope: Scope) -> dict[str, Any]:
+    """The booking step's own keys: matchers, booking_ref, idempotency_header."""
     ref = data.get("booking_ref")
-    ref_path: tuple[str, ...] | None = None
-    if ref is not None:
-        if not isinstance(ref, str) or not re.fullmatch(r"[^.\s]+(\.[^.\s]+)*", ref):
-            raise TemplateError(f"{name}: booking_ref: {ref!r} is not a dotted path like 'data.id'")
-        ref_path = tuple(ref.split("."))
     idem = data.get("idempotency_header", "Idempotency-Key")
-    if idem is not None and (
-        not isinstance(idem, str) or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", idem)
-    ):
-        raise TemplateError(f"{name}: idempotency_header: {idem!r} is not a header name (or null)")
-    return RequestTemplate(
-        method=method.upper(),
-        url=url,
-        headers=tuple(headers.items()),
-        body_kind=body_kind,
-        body=body,
-        matchers=matchers,
-        booking_ref_path=ref_path,
-        idempotency_header=idem,
-        has_url=has_url,
+    if idem is not None and (not isinstance(idem, str) or not _HEADER_RE.fullmatch(idem)):
+        raise TemplateError(f"{where}idempotency_header: {idem!r} is not a header name (or null)")
+    return {
+        "matchers": _named_matchers(data, where, MATCHER_ORDER),
+        "booking_ref": None if ref is None else parse_path(ref, f"{where}booking_ref", scope),
+        "idempotency_header": idem,
+    }
+
+
+def _named_matchers(
+    data: dict[str, Any], where: str, kinds: tuple[str, ...]
+) -> tuple[tuple[str, Matcher], ...]:
+    return tuple(
+        (kind, _matcher(data[kind], f"{where}{kind}"))
+        for kind in MATCHER_ORDER
+        if kind in kinds and kind in data
     )
 
 
-def default_template(api_url: str) -> RequestTemplate:
-    """The request of CONTRACT section 6, as a template (one rendering path for both)."""
-    return parse_template(
+def _extractions(value: Any, where: str, scope: Scope) -> tuple[Extraction, ...]:
+    if not isinstance(value, dict):
+        raise TemplateError(
+            f'{where}extract: expected an object like {{"id": {{"json": "data.id"}}}}'
+        )
+    found: list[Extraction] = []
+    for name, spec in value.items():
+        at = f"{where}extract.{name}"
+        if not _VALUE_NAME_RE.fullmatch(name):
+            raise TemplateError(f"{at}: {name!r} is not a value name ([A-Za-z_][A-Za-z0-9_]*)")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in EXTRACT_FORMS:
+            raise TemplateError(
+                f"{at}: expected one of "
+                + ", ".join(f'{{"{form}": ...}}' for form in EXTRACT_FORMS)
+            )
+        kind, source = next(iter(spec.items()))
+        found.append(_extraction(name, kind, source, f"{at}.{kind}", scope))
+    return tuple(found)
+
+
+def _extraction(name: str, kind: str, source: Any, where: str, scope: Scope) -> Extraction:
+    if kind == "json":
+        return Extraction(name, kind, str(source), path=parse_path(source, where, scope))
+    if not isinstance(source, str) or not source:
+        raise TemplateError(f"{where}: expected a non-empty string")
+    if kind == "header" and not _HEADER_RE.fullmatch(source):
+        raise TemplateError(f"{where}: {source!r} is not a header name")
+    if kind in ("regex", "url"):
+        try:
+            pattern = re.compile(source)
+        except re.error as exc:
+            raise TemplateError(
+                f"{where}: {source!r} is not a regular expression ({exc})"
+            ) from None
+        if pattern.groups < 1:
+            raise TemplateError(
+                f"{where}: {source!r} has no group; the value is its first group, e.g. "
+                '\'id="([^"]+)"\''
+            )
+        return Extraction(name, kind, source, pattern=pattern)
+    return Extraction(name, kind, source)
+
+
+def _bool(data: dict[str, Any], key: str, where: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise TemplateError(f"{where}{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _window(value: Any, where: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TemplateError(f"{where}window: expected a string like '168h', '7d' or '6d@08:00'")
+    try:
+        utils.parse_window(value)
+    except ValueError as exc:
+        message = str(exc).removeprefix("BOOKING_WINDOW: ")
+        raise TemplateError(f"{where}window: {message}") from None
+    return value
+
+
+def _about(value: Any, where: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TemplateError(f"{where}about: expected a string (free text for people)")
+    return value
+
+
+def _single(data: dict[str, Any], api_url: str | None, name: str) -> Flow:
+    """A single-request template (section 11): a flow of its one booking step."""
+    where = f"{name}: "
+    for key in data:
+        if key not in TEMPLATE_KEYS:
+            raise TemplateError(
+                f"{where}{key}: unknown key; expected one of {', '.join(TEMPLATE_KEYS)}"
+            )
+    scope = Scope()
+    step = Step(
+        name=SINGLE_STEP_NAME,
+        url=_url(data, where, api_url, scope),
+        booking=True,
+        phase="booking",
+        **_request_parts(data, where, scope),
+        **_booking_parts(data, where, scope),
+    )
+    step = _with_court(step, set())
+    url = render_text(step.url, _MaskAll())
+    return Flow(
+        name=name,
+        hosts=(urlsplit(url).netloc.lower(),),
+        steps=(step,),
+        window=_window(data.get("window"), where),
+        about=_about(data.get("about"), where),
+        has_url="url" in data,
+    )
+
+
+def _with_court(step: Step, court_steps: set[str]) -> Step:
+    """The step with the steps it uses, and whether it runs once per court: it names
+    {court_id}, or a value of a step that runs once per court (``court_steps``)."""
+    refs = list(step.all_refs())
+    uses = frozenset(r.name for r in refs if r.field is not None and r.name != "secret")
+    per_court = any(r.key == "court_id" for r in refs) or bool(uses & court_steps)
+    return dataclasses.replace(step, per_court=per_court, uses=uses)
+
+
+def _step(
+    data: Any, position: int, names: list[str], earlier: dict[str, frozenset[str]], ctx: _FlowParse
+) -> Step:
+    """One step of a flow, compiled against what the steps before it extract."""
+    label = (
+        f"step {data.get('name')!r}"
+        if isinstance(data, dict) and isinstance(data.get("name"), str)
+        else f"step #{position + 1}"
+    )
+    where = f"{ctx.name}: {label}: "
+    if not isinstance(data, dict):
+        raise TemplateError(f"{where}expected an object with name, method, url, ...")
+    booking = _bool(data, "booking", where)
+    at_trigger = _bool(data, "at_trigger", where)
+    allowed = STEP_KEYS + (BOOKING_KEYS if booking else AT_TRIGGER_MATCHERS if at_trigger else ())
+    for key in data:
+        if key not in allowed:
+            raise TemplateError(f"{where}{key}: {_unknown_step_key(key, booking, at_trigger)}")
+    scope = Scope(dict(earlier), frozenset(names[position:]))
+    phase = "finish" if ctx.booked else "prepare"
+    if booking or at_trigger:
+        phase = "booking" if booking else "at_trigger"
+    if at_trigger and ctx.booked:
+        raise TemplateError(
+            f"{where}at_trigger: only steps before the booking step run at the trigger"
+        )
+    if booking and at_trigger:
+        raise TemplateError(
+            f"{where}at_trigger: the booking step always runs at the trigger; drop it"
+        )
+    if booking and "ok" in data:
+        raise TemplateError(
+            f"{where}ok: the booking step reads its answers with booked, taken, rejected and "
+            "early instead"
+        )
+    parts = (
+        _booking_parts(data, where, scope)
+        if booking
+        else {"matchers": _named_matchers(data, where, AT_TRIGGER_MATCHERS)}
+    )
+    return Step(
+        name=names[position],
+        url=_url(data, where, ctx.api_url, scope),
+        ok=_matcher(data["ok"], f"{where}ok") if "ok" in data else None,
+        extract=_extractions(data.get("extract", {}), where, scope),
+        booking=booking,
+        at_trigger=at_trigger,
+        follow_redirects=_bool(data, "follow_redirects", where),
+        phase=phase,
+        **_request_parts(data, where, scope),
+        **parts,
+    )
+
+
+def _unknown_step_key(key: str, booking: bool, at_trigger: bool) -> str:
+    if key in BOOKING_KEYS:
+        return 'only the booking step (the one with "booking": true) takes it' + (
+            ", and an at_trigger step taken, rejected and early"
+            if key in AT_TRIGGER_MATCHERS
+            else ""
+        )
+    return "unknown key; expected one of " + ", ".join(
+        STEP_KEYS + (BOOKING_KEYS if booking else AT_TRIGGER_MATCHERS if at_trigger else ())
+    )
+
+
+@dataclass
+class _FlowParse:
+    name: str
+    api_url: str | None
+    booked: bool = False
+
+
+def _step_names(steps: list[Any], name: str) -> list[str]:
+    names: list[str] = []
+    for position, data in enumerate(steps):
+        step_name = data.get("name") if isinstance(data, dict) else None
+        where = f"{name}: step #{position + 1}: name"
+        if not isinstance(step_name, str):
+            raise TemplateError(f"{where}: missing; every step needs a name like 'login'")
+        if (
+            not _STEP_NAME_RE.fullmatch(step_name)
+            or step_name == "secret"
+            or step_name in PLACEHOLDERS
+        ):
+            raise TemplateError(
+                f"{where}: {step_name!r} is not a step name: [a-z][a-z0-9_]*, not 'secret' or a "
+                "built-in placeholder"
+            )
+        if step_name in names:
+            raise TemplateError(
+                f"{where}: {step_name!r} is used by an earlier step; names are unique"
+            )
+        assert isinstance(data, dict)
+        if not isinstance(data.get("booking", False), bool):
+            raise TemplateError(f"{name}: step {step_name!r}: booking: expected true or false")
+        names.append(step_name)
+    bookings = [n for n, d in zip(names, steps, strict=True) if d.get("booking") is True]
+    if len(bookings) != 1:
+        found = f"found {len(bookings)}" + (f" ({', '.join(bookings)})" if bookings else "")
+        raise TemplateError(
+            f'{name}: steps: expected exactly one step with "booking": true, {found}'
+        )
+    return names
+
+
+def _hosts(value: Any, steps: tuple[Step, ...], name: str) -> tuple[str, ...]:
+    urls = {step.name: render_text(step.url, _MaskAll()) for step in steps}
+    if value is None:
+        hosts = tuple(dict.fromkeys(urlsplit(url).netloc.lower() for url in urls.values()))
+    else:
+        if not isinstance(value, list) or not value:
+            raise TemplateError(
+                f"{name}: hosts: expected a non-empty list of host names, e.g. "
+                '["api.club.example", "auth.club.example:8443"]'
+            )
+        for index, entry in enumerate(value):
+            if not isinstance(entry, str) or split_host(entry) is None:
+                raise TemplateError(
+                    f"{name}: hosts[{index}]: {entry!r} is not a host name or host:port"
+                )
+        hosts = tuple(h.strip().lower() for h in value)
+    for step_name, url in urls.items():
+        if not host_allowed(hosts, url):
+            raise TemplateError(
+                f"{name}: step {step_name!r}: url: host {urlsplit(url).netloc!r} is not on hosts "
+                f"({', '.join(hosts)}); the token and cookies only ever go to hosts"
+            )
+    return hosts
+
+
+def _prepare_seconds(value: Any, name: str) -> float:
+    if value is None:
+        return DEFAULT_PREPARE_SECONDS
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value <= MAX_PREPARE_SECONDS
+    ):
+        raise TemplateError(
+            f"{name}: prepare_seconds: expected a number of seconds above 0 and at most "
+            f"{MAX_PREPARE_SECONDS:g}, got {value!r}"
+        )
+    return float(value)
+
+
+def _multi(data: dict[str, Any], api_url: str | None, name: str) -> Flow:
+    """A flow of several steps (section 12)."""
+    for key in data:
+        if key not in FLOW_KEYS:
+            raise TemplateError(
+                f"{name}: {key}: unknown key; expected one of {', '.join(FLOW_KEYS)}"
+            )
+    raw_steps = data["steps"]
+    if not isinstance(raw_steps, list) or not raw_steps:
+        raise TemplateError(f"{name}: steps: expected a non-empty list of steps")
+    names = _step_names(raw_steps, name)
+    ctx = _FlowParse(name, api_url)
+    earlier: dict[str, frozenset[str]] = {}
+    court_steps: set[str] = set()
+    steps: list[Step] = []
+    for position, raw in enumerate(raw_steps):
+        step = _with_court(_step(raw, position, names, earlier, ctx), court_steps)
+        if step.per_court:
+            court_steps.add(step.name)
+        earlier[step.name] = frozenset(e.name for e in step.extract)
+        ctx.booked = ctx.booked or step.booking
+        steps.append(step)
+    compiled = tuple(steps)
+    prepare = _prepare_seconds(data.get("prepare_seconds"), name)
+    return Flow(
+        name=name,
+        hosts=_hosts(data.get("hosts"), compiled, name),
+        steps=compiled,
+        window=_window(data.get("window"), f"{name}: "),
+        prepare_seconds=prepare if any(s.phase == "prepare" for s in compiled) else 0.0,
+        about=_about(data.get("about"), f"{name}: "),
+        has_url=all("url" in raw for raw in raw_steps),
+    )
+
+
+def parse_flow(data: Any, *, api_url: str | None, name: str) -> Flow:
+    """Validate a club file or request template (``name`` labels messages: the file). A single
+    request (section 11) becomes a flow of one booking step; ``steps`` make a flow (section 12).
+    ``api_url`` (BOOKING_API_URL) is the URL of a step that names none. Raises ``TemplateError``
+    naming the file, the step and the key."""
+    if not isinstance(data, dict):
+        raise TemplateError(f"{name}: expected a JSON object")
+    if "steps" in data:
+        return _multi(data, api_url, name)
+    return _single(data, api_url, name)
+
+
+def default_flow(api_url: str) -> Flow:
+    """The request of CONTRACT section 6, as a one-step flow (one engine for every club)."""
+    return parse_flow(
         {
             "method": "POST",
             "url": api_url.replace("{", "{{").replace("}", "}}"),

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -49,7 +51,7 @@ from models import (
 )
 from notify import Outcome
 from reliability_helpers import evil_server, self_signed_context
-from template import parse_template
+from template import Flow, parse_flow
 
 URL = "http://club.test/bookings"
 TOKEN = "tok-S3cret-7c41d0b8e2f9a6"
@@ -63,7 +65,7 @@ KEY = utils.instance_key("mon", DESIRED)
 MIB = 1024 * 1024
 
 
-RETRY_KINDS = ["425", "429", "500", "503", "timeout", "connection"]
+RETRY_KINDS = ["429", "500", "503", "timeout", "connection"]
 
 
 # --------------------------------------------------------------------------- fakes
@@ -604,7 +606,7 @@ PADEL = "http://padel.test/courts"
 
 
 def padel_template() -> Any:
-    return parse_template(
+    return parse_flow(
         {
             "url": PADEL + "/{court_id}",
             "headers": {"X-Key": "{token}"},
@@ -642,7 +644,7 @@ def test_an_instance_of_a_club_books_with_its_club_file(h: Harness) -> None:
     assert h.calls[0].request.headers["X-Key"] == TOKEN
     row = h.row()
     assert (row.booked_court, row.booking_ref) == ("4", "p-4")
-    assert h.ctx.flow_for(None).url == URL  # no club: section 6's request
+    assert h.ctx.flow_for(None).hosts == ("club.test",)  # no club: section 6's request
 
 
 def test_an_instance_of_a_club_with_no_good_file_fails_without_a_request(h: Harness) -> None:
@@ -686,8 +688,8 @@ def test_an_object_token_without_a_token_field_fails_without_a_request(h: Harnes
 
     assert h.calls == []
     assert h.row().last_error == (
-        "token 'padel' in tokens.json has no 'token' field, which the request sends as {token}: "
-        "add it there and reload"
+        "token 'padel' has no 'token' field, which the club's flow uses as {token}: add it in "
+        "tokens.json, reload, then `python main.py retry` this booking"
     )
 
 
@@ -774,7 +776,7 @@ def test_retry_after_as_an_http_date_counts_from_the_clock(h: Harness) -> None:
 
 def test_a_courts_three_spent_moves_to_the_next_court(h: Harness) -> None:
     h.add(courts=("3", "4"))
-    queue(h.club, answer(503), answer(500), answer(425), answer(201, {"booking_id": "b4"}))
+    queue(h.club, answer(503), answer(500), answer(429), answer(201, {"booking_id": "b4"}))
 
     assert h.book() == BOOKED
 
@@ -1677,7 +1679,7 @@ def test_an_unexpected_error_quoting_the_token_is_logged_scrubbed_without_a_raw_
 
 
 def test_matchers_are_tried_taken_rejected_booked_then_the_table() -> None:
-    template = parse_template(
+    flow = parse_flow(
         {
             "booked": {"status": [200], "body_contains": '"ok": true'},
             "taken": {"status": [200, 422], "body_contains": "not available"},
@@ -1688,17 +1690,1043 @@ def test_matchers_are_tried_taken_rejected_booked_then_the_table() -> None:
         name="t.json",
     )
 
-    def verdict(status: int, body: Any) -> bot.Verdict:
-        raw = json.dumps(body).encode()
-        return bot.classify(bot.Answer(status, {}, raw, 1.0), template)
+    step = flow.booking_step
 
-    assert verdict(200, {"ok": False, "error": "court not available"}).kind == "taken"
-    assert verdict(200, {"ok": False, "error": "bad date"}).kind == "rejected"
-    booked = verdict(200, {"ok": True, "data": {"items": [{"id": 77}]}})
-    assert (booked.kind, booked.booking_ref) == ("booked", "77")
+    def verdict(status: int, body: Any) -> str:
+        raw = json.dumps(body).encode()
+        return bot.classify(bot.Answer(status, {}, raw, 1.0), step).kind
+
+    assert verdict(200, {"ok": False, "error": "court not available"}) == "taken"
+    assert verdict(200, {"ok": False, "error": "bad date"}) == "rejected"
+    assert verdict(200, {"ok": True, "data": {"items": [{"id": 77}]}}) == "booked"
+    assert step.ref_of({"ok": True, "data": {"items": [{"id": 77}]}}, {}) == "77"
     # Unmatched answers follow the table of section 6.
-    assert verdict(422, {"error": "invalid"}).kind == "rejected"
-    assert verdict(503, {}).kind == "retry"
-    assert verdict(409, {}).kind == "taken"
-    assert verdict(401, {}).kind == "auth"
-    assert verdict(201, {"id": "x"}).booking_ref == "x"
+    assert verdict(422, {"error": "invalid"}) == "rejected"
+    assert verdict(503, {}) == "retry"
+    assert verdict(409, {}) == "taken"
+    assert verdict(401, {}) == "auth"
+    assert verdict(425, {}) == "early"
+    # With booked given, a 2xx none of the matchers knows is no booking.
+    assert verdict(201, {"id": "x"}) == "unmatched"
+
+
+# --------------------------------------------------------------------------- early answers
+
+
+def early_clock(h: Harness) -> FakeClock:
+    """The clock moves by each wait asked of the stop event (the early retries' cadence)."""
+    h.ctx.stop = h.stop = FakeStop(h.clock)
+    return h.clock
+
+
+def test_an_early_answer_is_sent_again_at_once_then_every_early_retry_ms(h: Harness) -> None:
+    early_clock(h)
+    h.ctx.early_retry_ms = 250
+    h.add()
+    queue(h.club, answer(425), answer(425), answer(425), answer(201, {"id": "opened"}))
+
+    assert h.book() == BOOKED
+
+    assert len(h.calls) == 4
+    # At once after the first, then every EARLY_RETRY_MS; no backoff.
+    assert h.stop.waits == [0.25, 0.25]
+    assert h.sent_keys() == [KEY] * 4
+    row = h.row()
+    assert (row.status, row.booking_ref, row.attempts) == (BOOKED, "opened", 4)
+
+
+def test_early_answers_do_not_count_against_the_three_attempts(h: Harness) -> None:
+    early_clock(h)
+    h.add()
+    queue(
+        h.club,
+        answer(503),
+        answer(425),
+        answer(425),
+        answer(503),
+        answer(425),
+        answer(201, {"id": "fifth"}),
+    )
+
+    assert h.book() == BOOKED
+
+    assert len(h.calls) == 6
+    assert h.stop.waits == [BASE, 0.1, 2 * BASE, 0.1]
+
+
+def test_early_answers_until_early_retry_seconds_fail_saying_the_club_never_opened(
+    h: Harness,
+) -> None:
+    early_clock(h)
+    h.ctx.early_retry_ms = 250
+    h.ctx.early_retry_seconds = 1.0
+    h.add()
+    h.club.add(answer(425, {"error": "not open yet"}))
+
+    assert h.book() == FAILED
+
+    # Sent at the trigger, again at once, then every 250 ms until 1 s after the trigger.
+    assert len(h.calls) == 6
+    assert h.stop.waits == [0.25] * 4
+    assert h.row().last_error == (
+        "court 3: the club never opened: still HTTP 425: not open yet 1 s after the window "
+        "opened (EARLY_RETRY_SECONDS), after 6 request(s); check the window and the court with "
+        "the club"
+    )
+
+
+def test_the_early_matcher_reads_a_club_own_not_open_answer_as_early(h: Harness) -> None:
+    early_clock(h)
+    h.ctx.template = parse_flow(
+        {"early": {"status": [422], "body_contains": ["not open", "too soon"]}},
+        api_url=URL,
+        name="t.json",
+    )
+    h.add()
+    queue(h.club, answer(422, {"error": "too soon"}), answer(201, {"id": "x"}))
+
+    assert h.book() == BOOKED
+    assert h.stop.waits == []
+    assert len(h.calls) == 2
+
+
+def test_an_early_retry_that_would_reach_the_start_is_not_made(h: Harness) -> None:
+    early_clock(h)
+    h.add()
+    h.clock.set(DESIRED - timedelta(seconds=0.15))
+    queue(h.club, answer(425), answer(425), answer(425))
+
+    assert h.book() == FAILED
+
+    assert len(h.calls) == 3
+    assert h.row().last_error == "court 3: HTTP 425; the start came first"
+
+
+def test_with_booked_given_an_unmatched_2xx_fails_without_retry_quoting_the_status(
+    h: Harness,
+) -> None:
+    h.ctx.template = parse_flow(
+        {"booked": {"status": [200], "body_contains": "Reservation Completed"}},
+        api_url=URL,
+        name="t.json",
+    )
+    h.add(courts=("3", "4"))
+    queue(h.club, answer(200, "<p>Something else</p>"), answer(200, "Reservation Completed"))
+
+    assert h.book() == FAILED
+
+    assert len(h.calls) == 1
+    assert h.row().last_error == (
+        "court 3: the club answered HTTP 200, which none of the step's answers (booked) "
+        "matches: the booking may or may not have been made; check with the club"
+    )
+
+
+def test_a_reason_quotes_the_flows_words_that_an_answer_matched(h: Harness) -> None:
+    h.ctx.template = parse_flow(
+        {"taken": {"status": [200], "body_contains": ["no longer available", "full"]}},
+        api_url=URL,
+        name="t.json",
+    )
+    h.add()
+    queue(h.club, answer(200, "<p>Sorry, that court is no longer available.</p>"))
+
+    assert h.book() == FAILED
+    assert h.row().last_error == (
+        f"court 3: taken (HTTP 200 saying 'no longer available'); {bot.TAKEN_ADVICE}"
+    )
+
+
+# --------------------------------------------------------------------------- flows
+
+CLUB = "http://club.test"
+JWT = "eyJhbGciOi.jwt-5ecret-2b9d"
+
+
+def use_flow(h: Harness, data: dict[str, Any]) -> Flow:
+    """Make ``data`` (a flow, hosts club.test) the flow every booking runs."""
+    flow = parse_flow(data, api_url=None, name="club.json")
+    h.ctx.template = flow
+    return flow
+
+
+def login_step(**extra: Any) -> dict[str, Any]:
+    return {
+        "name": "login",
+        "url": f"{CLUB}/login",
+        "json": {"token": "{token}"},
+        "extract": {"jwt": {"json": "jwt"}, "user": {"json": "user.id"}},
+        **extra,
+    }
+
+
+def book_step(**extra: Any) -> dict[str, Any]:
+    return {
+        "name": "book",
+        "booking": True,
+        "url": f"{CLUB}/book",
+        "headers": {"Authorization": "Bearer {login.jwt}"},
+        "json": {"user": "{login.user}", "court": "{court_id}"},
+        "booking_ref": "booking.id",
+        **extra,
+    }
+
+
+def ok_login() -> responses.Response:
+    return responses.Response(
+        responses.POST, f"{CLUB}/login", json={"jwt": JWT, "user": {"id": 42}}, status=200
+    )
+
+
+def at(url: str, status: int = 200, body: Any = None, method: str = "POST", **kw: Any) -> Any:
+    if isinstance(body, dict | list):
+        return responses.Response(method, f"{CLUB}{url}", json=body, status=status, **kw)
+    return responses.Response(method, f"{CLUB}{url}", body=body or "", status=status, **kw)
+
+
+def paths(h: Harness) -> list[str]:
+    return [urlsplit(call.request.url).path for call in h.calls]
+
+
+@pytest.fixture
+def fh(h: Harness) -> Harness:
+    """A harness whose clock moves with every wait (preparation runs ahead of the trigger)."""
+    h.ctx.stop = h.stop = FakeStop(h.clock, oversleep=0.01)
+    return h
+
+
+def test_a_flow_logs_in_ahead_then_books_with_the_extracted_values(fh: Harness) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()], "prepare_seconds": 60})
+    fh.add(at_trigger=False)
+    job_fired = TRIGGER.timestamp() - 62
+    fh.clock.now = job_fired
+    sent_at: list[float] = []
+
+    def club_side(request: Any) -> tuple[int, dict[str, str], str]:
+        sent_at.append(fh.clock.now)
+        return 201, {}, json.dumps({"booking": {"id": "bk-1"}})
+
+    queue(fh.club, ok_login())
+    fh.club.add_callback(responses.POST, f"{CLUB}/book", callback=club_side)
+
+    assert fh.book() == BOOKED
+
+    assert paths(fh) == ["/login", "/book"]
+    login, book = (call.request for call in fh.calls)
+    assert json.loads(login.body) == {"token": TOKEN}
+    # Only the booking step carries the Idempotency-Key.
+    assert "Idempotency-Key" not in login.headers
+    assert book.headers["Idempotency-Key"] == KEY
+    assert book.headers["Authorization"] == f"Bearer {JWT}"
+    assert json.loads(book.body) == {"user": 42, "court": "3"}
+    # Preparation waited for prepare_seconds before the trigger; the booking left at it.
+    assert fh.stop.waits[0] == pytest.approx(2)
+    assert sent_at[0] >= TRIGGER.timestamp()
+    row = fh.row()
+    assert (row.status, row.booking_ref, row.attempts) == (BOOKED, "bk-1", 1)
+
+
+def test_a_preparation_step_is_retried_with_backoff_while_the_trigger_is_ahead(
+    fh: Harness,
+) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()], "prepare_seconds": 60})
+    fh.add(at_trigger=False)
+    fh.clock.set(TRIGGER - timedelta(seconds=60))
+    queue(fh.club, at("/login", 503), at("/login", 500), ok_login())
+    fh.club.add(at("/book", 201, {"booking": {"id": "b"}}))
+
+    assert fh.book() == BOOKED
+
+    assert paths(fh) == ["/login"] * 3 + ["/book"]
+    assert fh.stop.waits[:2] == [BASE, 2 * BASE]
+
+
+@pytest.mark.both_databases
+def test_losing_the_role_while_preparing_sends_no_more_steps(
+    fh: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()], "prepare_seconds": 60})
+    fh.ctx.owner = "daemon-1"
+    fh.add(at_trigger=False)
+    fh.clock.set(TRIGGER - timedelta(seconds=60))
+
+    def club_side(request: Any) -> tuple[int, dict[str, str], str]:
+        lose_the_role(fh.ctx)  # during the first login, which the club answers 503
+        return 503, {}, ""
+
+    fh.club.add_callback(responses.POST, f"{CLUB}/login", callback=club_side)
+    fh.club.add(at("/book", 201, {"booking": {"id": "b"}}))
+
+    assert fh.book() is None
+
+    assert paths(fh) == ["/login"]  # no second try, no booking request: the active one books
+    row = fh.row()
+    assert (row.status, row.owner, row.attempts) == (PENDING, None, 0)
+    assert f"{NOT_ACTIVE_LINE}; its booking request was not sent" in caplog.messages
+
+
+def test_preparation_that_never_succeeds_fails_naming_the_step_status_and_what_was_missing(
+    fh: Harness,
+) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()], "prepare_seconds": 5})
+    fh.add(at_trigger=False)
+    fh.clock.set(TRIGGER - timedelta(seconds=5))
+    fh.club.add(at("/login", 200, {"user": {"id": 1}}))
+
+    assert fh.book() == FAILED
+
+    # Tries at 0, 0.5, 1.5 and 3.5 s; the next (at 7.5 s) would pass the trigger.
+    assert paths(fh) == ["/login"] * 4
+    assert fh.row().last_error == (
+        "preparation did not succeed before the window opened (4 tries): step 'login': "
+        "HTTP 200, but value 'jwt' (json 'jwt'): no 'jwt' in the answer"
+    )
+    assert fh.row().attempts == 0
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_rejected_credentials_at_a_preparation_step_fail_at_once(fh: Harness, status: int) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()]})
+    fh.add()
+    fh.clock.set(TRIGGER - timedelta(seconds=60))
+    fh.club.add(at("/login", status, {"error": f"bad password for {TOKEN}"}))
+
+    assert fh.book() == FAILED
+
+    assert paths(fh) == ["/login"]
+    assert fh.row().last_error == (
+        f"the club rejected the credentials at step 'login' (HTTP {status}: bad password for "
+        "***): check token 'default' in tokens.json, reload, then `python main.py retry` this "
+        "booking"
+    )
+
+
+def test_a_stop_while_preparing_leaves_the_instance_pending(fh: Harness) -> None:
+    fh.ctx.stop = fh.stop = FakeStop(fh.clock, stop_on=1)
+    use_flow(fh, {"steps": [login_step(), book_step()]})
+    fh.add()
+    fh.clock.set(TRIGGER - timedelta(seconds=60))
+    fh.club.add(at("/login", 503))
+
+    assert fh.book() is None
+
+    assert paths(fh) == ["/login"]
+    assert fh.row().status == PENDING
+    assert fh.outcomes == []
+
+
+def test_an_instance_loaded_late_prepares_at_once(fh: Harness) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()], "prepare_seconds": 60})
+    fh.add()
+    fh.clock.set(TRIGGER - timedelta(seconds=10))
+    waits_at_login: list[int] = []
+
+    def login(request: Any) -> tuple[int, dict[str, str], str]:
+        waits_at_login.append(len(fh.stop.waits))
+        return 200, {}, json.dumps({"jwt": JWT, "user": {"id": 42}})
+
+    fh.club.add_callback(responses.POST, f"{CLUB}/login", callback=login)
+    fh.club.add(at("/book", 201, {"booking": {"id": "late"}}))
+
+    assert fh.book() == BOOKED
+    # No wait before the login; then only the wait for the trigger (in naps of at most 0.5 s).
+    assert waits_at_login == [0]
+    assert fh.stop.waits and all((w or 0) <= bot.MAX_NAP_SECONDS for w in fh.stop.waits)
+    assert fh.clock.now >= TRIGGER.timestamp()
+
+
+def slot_step(**extra: Any) -> dict[str, Any]:
+    return {
+        "name": "slot",
+        "at_trigger": True,
+        "method": "GET",
+        "url": f"{CLUB}/plan/{{start:%d-%m-%Y}}",
+        "headers": {"Authorization": "Bearer {login.jwt}"},
+        "extract": {"id": {"json": "slots[court={court_id}][start={time}].id"}},
+        **extra,
+    }
+
+
+def plan(*courts: str) -> dict[str, Any]:
+    return {"slots": [{"court": int(c), "start": "18:00", "id": f"s{c}"} for c in courts]}
+
+
+def test_an_at_trigger_step_runs_at_the_trigger_never_before(fh: Harness) -> None:
+    use_flow(fh, {"steps": [login_step(), slot_step(), book_step(json={"slot": "{slot.id}"})]})
+    fh.add()
+    fh.clock.set(TRIGGER - timedelta(seconds=61))
+    sent: list[tuple[str, float]] = []
+
+    def club_side(request: Any) -> tuple[int, dict[str, str], str]:
+        sent.append((urlsplit(request.url).path, fh.clock.now))
+        if request.url.endswith("/login"):
+            return 200, {}, json.dumps({"jwt": JWT, "user": {"id": 1}})
+        if "/plan/" in request.url:
+            return 200, {}, json.dumps(plan("3"))
+        return 201, {}, json.dumps({"booking": {"id": "b"}})
+
+    for method in (responses.GET, responses.POST):
+        fh.club.add_callback(method, re.compile(f"{CLUB}/.*"), callback=club_side)
+
+    assert fh.book() == BOOKED
+
+    assert [p for p, _ in sent] == ["/login", "/plan/30-11-2026", "/book"]
+    assert sent[0][1] < TRIGGER.timestamp() - 59
+    assert all(moment >= TRIGGER.timestamp() for _, moment in sent[1:])
+    assert json.loads(fh.calls[2].request.body) == {"slot": "s3"}
+    # The first request of the trigger (the slot lookup) had its connection opened ahead.
+    assert fh.warmed == [f"{CLUB}/plan/30-11-2026"]
+
+
+def test_a_slot_not_shown_yet_on_any_court_is_looked_up_again_like_an_early_answer(
+    fh: Harness,
+) -> None:
+    use_flow(fh, {"steps": [login_step(), slot_step(), book_step(json={"slot": "{slot.id}"})]})
+    fh.add()
+    queue(
+        fh.club,
+        ok_login(),
+        at("/plan/30-11-2026", 200, {"slots": []}, method="GET"),
+        at("/plan/30-11-2026", 425, method="GET"),
+        at("/plan/30-11-2026", 200, {"slots": []}, method="GET"),
+        at("/plan/30-11-2026", 200, plan("3"), method="GET"),
+        at("/book", 201, {"booking": {"id": "b"}}),
+    )
+
+    assert fh.book() == BOOKED
+
+    assert paths(fh) == ["/login"] + ["/plan/30-11-2026"] * 4 + ["/book"]
+    # Again at once after the first empty planning (and the 425), then after EARLY_RETRY_MS.
+    assert fh.stop.waits == [0.1]
+
+
+def test_a_court_whose_slot_is_not_shown_gives_way_to_the_next_court_at_once(
+    fh: Harness,
+) -> None:
+    use_flow(fh, {"steps": [login_step(), slot_step(), book_step(json={"slot": "{slot.id}"})]})
+    fh.add(courts=("3", "4"))
+    queue(
+        fh.club,
+        ok_login(),
+        at("/plan/30-11-2026", 200, plan("4"), method="GET"),
+        at("/plan/30-11-2026", 200, plan("4"), method="GET"),
+        at("/book", 201, {"booking": {"id": "b4"}}),
+    )
+
+    assert fh.book() == BOOKED
+
+    assert fh.row().booked_court == "4"
+    assert fh.stop.waits == []
+
+
+def test_a_slot_that_never_shows_up_fails_after_early_retry_seconds(fh: Harness) -> None:
+    fh.ctx.early_retry_ms = 500
+    fh.ctx.early_retry_seconds = 1
+    fh.ctx.stop = fh.stop = FakeStop(fh.clock)
+    use_flow(fh, {"steps": [login_step(), slot_step(), book_step(json={"slot": "{slot.id}"})]})
+    fh.add(courts=("3", "4"))
+    queue(fh.club, ok_login(), at("/plan/30-11-2026", 409, method="GET"))
+    fh.club.add(at("/plan/30-11-2026", 200, plan("5"), method="GET"))
+
+    assert fh.book() == FAILED
+
+    # Court 3 is taken; court 4 is looked up at once, again at once, then every 500 ms.
+    assert paths(fh) == ["/login"] + ["/plan/30-11-2026"] * 5
+    assert fh.row().last_error == (
+        "court 3: step 'slot': taken (HTTP 409); court 4: step 'slot': HTTP 200, but value 'id' "
+        "(json 'slots[court={court_id}][start={time}].id'): no element of slots matches "
+        "[court={court_id}][start={time}] still 1 s after the window opened "
+        "(EARLY_RETRY_SECONDS): it never showed up; check the court and the time with the club"
+    )
+
+
+def test_a_taken_court_goes_on_with_the_next_court_and_its_own_at_trigger_steps(
+    fh: Harness,
+) -> None:
+    flow = use_flow(
+        fh,
+        {
+            "steps": [
+                login_step(),
+                {"name": "me", "at_trigger": True, "method": "GET", "url": f"{CLUB}/me"},
+                slot_step(),
+                book_step(json={"slot": "{slot.id}"}),
+            ]
+        },
+    )
+    assert [s.per_court for s in flow.steps] == [False, False, True, True]
+    fh.add(courts=("3", "4", "5"))
+    queue(
+        fh.club,
+        ok_login(),
+        at("/me", 200, {}, method="GET"),
+        at("/plan/30-11-2026", 200, plan("3", "4", "5"), method="GET"),
+        at("/book", 409, {"error": "slot gone"}),
+        at("/plan/30-11-2026", 409, method="GET"),
+        at("/plan/30-11-2026", 200, plan("5"), method="GET"),
+        at("/book", 201, {"booking": {"id": "b5"}}),
+    )
+
+    assert fh.book() == BOOKED
+
+    assert paths(fh) == [
+        "/login",
+        "/me",
+        "/plan/30-11-2026",
+        "/book",
+        "/plan/30-11-2026",
+        "/plan/30-11-2026",
+        "/book",
+    ]
+    booked = [
+        json.loads(c.request.body)["slot"] for c in fh.calls if c.request.url.endswith("/book")
+    ]
+    assert booked == ["s3", "s5"]
+    assert fh.calls[-1].request.headers["Idempotency-Key"] == f"{KEY}#5"
+    row = fh.row()
+    assert (row.status, row.booked_court, row.attempts) == (BOOKED, "5", 2)
+
+
+def test_every_court_taken_at_an_at_trigger_step_names_each(fh: Harness) -> None:
+    use_flow(fh, {"steps": [login_step(), slot_step(), book_step(json={"slot": "{slot.id}"})]})
+    fh.add(courts=("3", "4"))
+    queue(fh.club, ok_login())
+    fh.club.add(at("/plan/30-11-2026", 409, {"message": "booked out"}, method="GET"))
+
+    assert fh.book() == FAILED
+    assert fh.row().last_error == (
+        "court 3: step 'slot': taken (HTTP 409: booked out); court 4: step 'slot': taken "
+        f"(HTTP 409: booked out); {bot.TAKEN_ADVICE}"
+    )
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_rejected_credentials_at_an_at_trigger_step_fail_at_once(fh: Harness, status: int) -> None:
+    use_flow(fh, {"steps": [login_step(), slot_step(), book_step()]})
+    fh.add(courts=("3", "4"))
+    queue(fh.club, ok_login(), at("/plan/30-11-2026", status, method="GET"))
+
+    assert fh.book() == FAILED
+
+    assert paths(fh) == ["/login", "/plan/30-11-2026"]
+    assert fh.row().last_error == (
+        f"the club rejected the credentials at step 'slot' (court 3) (HTTP {status}): check token "
+        "'default' in tokens.json, reload, then `python main.py retry` this booking"
+    )
+
+
+def test_preparation_steps_using_the_court_run_once_per_court(fh: Harness) -> None:
+    lookup = {
+        "name": "form",
+        "method": "GET",
+        "url": f"{CLUB}/form/{{court_id}}",
+        "extract": {"csrf": {"regex": 'csrf="([^"]+)"'}},
+    }
+    use_flow(fh, {"steps": [login_step(), lookup, book_step(json={"csrf": "{form.csrf}"})]})
+    fh.add(courts=("3", "4"))
+    queue(
+        fh.club,
+        ok_login(),
+        at("/form/3", 200, 'csrf="c3"', method="GET"),
+        at("/form/4", 200, 'csrf="c4"', method="GET"),
+        at("/book", 409),
+        at("/book", 201, {"booking": {"id": "b4"}}),
+    )
+
+    assert fh.book() == BOOKED
+
+    assert paths(fh) == ["/login", "/form/3", "/form/4", "/book", "/book"]
+    assert [json.loads(c.request.body) for c in fh.calls[3:]] == [{"csrf": "c3"}, {"csrf": "c4"}]
+
+
+def test_a_court_whose_preparation_failed_is_left_out_and_the_others_go_on(
+    fh: Harness,
+) -> None:
+    lookup = {
+        "name": "form",
+        "method": "GET",
+        "url": f"{CLUB}/form/{{court_id}}",
+        "extract": {"csrf": {"regex": 'csrf="([^"]+)"'}},
+    }
+    use_flow(
+        fh,
+        {
+            "steps": [login_step(), lookup, book_step(json={"csrf": "{form.csrf}"})],
+            "prepare_seconds": 1,
+        },
+    )
+    fh.add(courts=("3", "4"))
+    fh.clock.set(TRIGGER - timedelta(seconds=1))
+    queue(fh.club, ok_login())
+    fh.club.add(at("/form/3", 200, "no form here", method="GET"))
+    fh.club.add(at("/form/4", 200, 'csrf="c4"', method="GET"))
+    fh.club.add(at("/book", 409, {"error": "gone"}))
+
+    assert fh.book() == FAILED
+
+    assert paths(fh).count("/book") == 1
+    assert fh.row().last_error == (
+        "court 3: preparation did not succeed before the window opened (2 tries): step 'form': "
+        "HTTP 200, but value 'csrf' (regex 'csrf=\"([^\"]+)\"'): no match in the answer's body; "
+        "court 4: taken (HTTP 409: gone)"
+    )
+
+
+def confirm_step(**extra: Any) -> dict[str, Any]:
+    return {
+        "name": "confirm",
+        "method": "PUT",
+        "url": f"{CLUB}/book/{{book.bid}}",
+        "headers": {"Authorization": "Bearer {login.jwt}"},
+        "json": {"confirmed": True},
+        **extra,
+    }
+
+
+def test_finishing_steps_run_after_the_booking_with_its_values(fh: Harness) -> None:
+    use_flow(
+        fh,
+        {
+            "steps": [
+                login_step(),
+                book_step(extract={"bid": {"json": "booking.id"}}),
+                confirm_step(),
+            ]
+        },
+    )
+    fh.add()
+    queue(
+        fh.club,
+        ok_login(),
+        at("/book", 200, {"booking": {"id": "B-9"}}),
+        at("/book/B-9", 500, method="PUT"),
+        at("/book/B-9", 200, {"ok": True}, method="PUT"),
+    )
+
+    assert fh.book() == BOOKED
+
+    assert paths(fh) == ["/login", "/book", "/book/B-9", "/book/B-9"]
+    assert fh.stop.waits[-1] == BASE
+    row = fh.row()
+    assert (row.status, row.booking_ref, row.last_error) == (BOOKED, "B-9", None)
+
+
+def test_a_finishing_step_that_fails_keeps_the_ref_and_never_resends_the_booking(
+    fh: Harness,
+) -> None:
+    use_flow(
+        fh,
+        {
+            "steps": [
+                login_step(),
+                book_step(extract={"bid": {"json": "booking.id"}}),
+                confirm_step(),
+            ]
+        },
+    )
+    fh.add(courts=("3", "4"))
+    queue(fh.club, ok_login(), at("/book", 200, {"booking": {"id": "B-9"}}))
+    fh.club.add(at("/book/B-9", 503, method="PUT"))
+
+    assert fh.book() == FAILED
+
+    assert paths(fh) == ["/login", "/book"] + ["/book/B-9"] * 3
+    assert fh.stop.waits[-2:] == [BASE, 2 * BASE]
+    row = fh.row()
+    assert (row.status, row.booking_ref) == (FAILED, "B-9")
+    assert row.last_error == (
+        "the club took the booking (court 3, ref B-9) but step 'confirm' did not complete: "
+        "HTTP 503 (not a 2xx answer), after 3 tries; check it with the club"
+    )
+    assert fh.outcomes[-1].booking_ref == "B-9"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_finishing_step_with_rejected_credentials_fails_at_once(fh: Harness, status: int) -> None:
+    use_flow(
+        fh,
+        {
+            "steps": [
+                login_step(),
+                book_step(extract={"bid": {"json": "booking.id"}}),
+                confirm_step(),
+            ]
+        },
+    )
+    fh.add()
+    queue(fh.club, ok_login(), at("/book", 200, {"booking": {"id": "B-9"}}))
+    fh.club.add(at("/book/B-9", status, method="PUT"))
+
+    assert fh.book() == FAILED
+
+    assert paths(fh) == ["/login", "/book", "/book/B-9"]
+    assert fh.row().last_error == (
+        f"the club took the booking (court 3, ref B-9) but step 'confirm' did not complete: "
+        f"HTTP {status}: the credentials were rejected; check it with the club"
+    )
+
+
+def test_a_finishing_step_needing_a_value_the_booking_answer_lacked_fails_with_why(
+    fh: Harness,
+) -> None:
+    use_flow(
+        fh,
+        {
+            "steps": [
+                login_step(),
+                book_step(extract={"bid": {"json": "booking.id"}}),
+                confirm_step(),
+            ]
+        },
+    )
+    fh.add()
+    queue(fh.club, ok_login(), at("/book", 201, "<html>booked!</html>"))
+
+    assert fh.book() == FAILED
+
+    assert paths(fh) == ["/login", "/book"]
+    assert fh.row().last_error == (
+        "the club took the booking (court 3) but step 'confirm' did not complete: {book.bid} "
+        "has no value (step 'book' could not extract it: value 'bid' (json 'booking.id'): the "
+        "answer is not JSON); check it with the club"
+    )
+
+
+# --------------------------------------------------------------------------- cookies and hosts
+
+
+def test_each_booking_has_its_own_cookie_jar_sent_only_with_its_own_steps(fh: Harness) -> None:
+    use_flow(
+        fh,
+        {
+            "steps": [
+                {"name": "home", "method": "GET", "url": f"{CLUB}/"},
+                {"name": "book", "booking": True, "url": f"{CLUB}/book"},
+            ]
+        },
+    )
+    second = utils.instance_key("tue", DESIRED + timedelta(days=1))
+    fh.add()
+    fh.add(key=second, desired=DESIRED + timedelta(days=1))
+    queue(
+        fh.club,
+        at(
+            "/",
+            200,
+            method="GET",
+            headers=[("Set-Cookie", "SID=one; Path=/"), ("Set-Cookie", "lang=en; Path=/")],
+        ),
+        at("/book", 201, {"id": 1}),
+        at("/", 200, method="GET", headers=[("Set-Cookie", "SID=two; Path=/")]),
+        at("/book", 201, {"id": 2}),
+    )
+
+    fh.clock.set(TRIGGER)
+    assert fh.book() == BOOKED
+    fh.clock.set(TRIGGER + timedelta(days=1))
+    assert fh.book(second) == BOOKED
+
+    cookies = [call.request.headers.get("Cookie") for call in fh.calls]
+    assert cookies == [None, "SID=one; lang=en", None, "SID=two"]
+    # The shared connection pool's session keeps none of them.
+    assert len(fh.ctx.client.session.cookies) == 0
+
+
+def test_a_cookie_extraction_reads_the_answers_cookie(fh: Harness) -> None:
+    use_flow(
+        fh,
+        {
+            "steps": [
+                {
+                    "name": "login",
+                    "url": f"{CLUB}/login",
+                    "extract": {"session": {"cookie": "SID"}},
+                },
+                {
+                    "name": "book",
+                    "booking": True,
+                    "url": f"{CLUB}/book",
+                    "headers": {"X-Session": "{login.session}"},
+                },
+            ]
+        },
+    )
+    fh.add()
+    queue(
+        fh.club,
+        at("/login", 200, headers=[("Set-Cookie", f"SID={JWT}; Path=/; HttpOnly")]),
+        at("/book", 418, {"error": f"who is {JWT}?"}),
+    )
+
+    assert fh.book() == FAILED
+
+    assert fh.calls[1].request.headers["X-Session"] == JWT
+    assert fh.calls[1].request.headers["Cookie"] == f"SID={JWT}"
+    # A cookie's value is a secret like the token.
+    assert fh.row().last_error == (
+        "the club refused the request (HTTP 418: who is ***?): check the entry and the URL"
+    )
+
+
+def redirecting_flow(h: Harness, target: str, **login: Any) -> None:
+    use_flow(
+        h,
+        {
+            "hosts": ["club.test", "auth.club.test:8443"],
+            "steps": [
+                {
+                    "name": "login",
+                    "url": f"{CLUB}/login",
+                    "follow_redirects": True,
+                    "extract": {"code": {"url": "code=(\\w+)"}},
+                    **login,
+                },
+                {
+                    "name": "book",
+                    "booking": True,
+                    "url": f"{CLUB}/book",
+                    "json": {"code": "{login.code}"},
+                },
+            ],
+            "prepare_seconds": 1,
+        },
+    )
+    h.add()
+    h.clock.set(TRIGGER - timedelta(seconds=1))
+
+
+def test_a_follow_redirects_step_follows_within_hosts_keeping_cookies(fh: Harness) -> None:
+    redirecting_flow(fh, "")
+    auth = "http://auth.club.test:8443/sso"
+    queue(
+        fh.club,
+        at("/login", 302, headers=[("Location", auth), ("Set-Cookie", "a=1; Path=/")]),
+        responses.Response(
+            responses.GET,
+            auth,
+            status=303,
+            headers=[("Location", f"{CLUB}/done?code=XYZ"), ("Set-Cookie", "sso=2; Path=/")],
+        ),
+        at("/done?code=XYZ", 200, method="GET"),
+        at("/book", 201, {"id": "r"}),
+    )
+
+    assert fh.book() == BOOKED
+
+    methods = [(c.request.method, c.request.url) for c in fh.calls]
+    assert methods == [
+        ("POST", f"{CLUB}/login"),
+        ("GET", auth),
+        ("GET", f"{CLUB}/done?code=XYZ"),
+        ("POST", f"{CLUB}/book"),
+    ]
+    assert fh.calls[2].request.headers["Cookie"] == "a=1"
+    assert json.loads(fh.calls[3].request.body) == {"code": "XYZ"}
+
+
+def test_a_redirect_off_the_hosts_is_not_followed(fh: Harness) -> None:
+    redirecting_flow(fh, "")
+    fh.club.add(at("/login", 302, headers=[("Location", "https://evil.test/steal")]))
+    fh.club.add(responses.Response(responses.GET, "https://evil.test/steal", status=200))
+
+    assert fh.book() == FAILED
+
+    assert all(urlsplit(c.request.url).hostname == "club.test" for c in fh.calls)
+    assert fh.row().last_error == (
+        "preparation did not succeed before the window opened (2 tries): step 'login': 'login' "
+        "was redirected to 'evil.test', which is not on the flow's hosts (club.test, "
+        "auth.club.test:8443): not followed, so the token and cookies stay on hosts; add that "
+        "host to hosts if it is the club's"
+    )
+
+
+def test_a_redirect_loop_fails_the_step(fh: Harness) -> None:
+    redirecting_flow(fh, "")
+    fh.club.add(at("/login", 302, headers=[("Location", f"{CLUB}/login")]))
+    fh.club.add(at("/login", 302, method="GET", headers=[("Location", f"{CLUB}/login")]))
+
+    assert fh.book() == FAILED
+
+    # Each try: the request and 10 redirects.
+    assert len(fh.calls) == 2 * 11
+    assert "'login' was redirected more than 10 times (a redirect loop?)" in (
+        fh.row().last_error or ""
+    )
+
+
+def test_a_step_without_follow_redirects_reads_the_redirect_as_its_answer(fh: Harness) -> None:
+    use_flow(
+        fh,
+        {
+            "steps": [
+                {"name": "login", "url": f"{CLUB}/login", "ok": {"status": [302]}},
+                {"name": "book", "booking": True, "url": f"{CLUB}/book"},
+            ]
+        },
+    )
+    fh.add()
+    queue(
+        fh.club,
+        at("/login", 302, headers=[("Location", f"{CLUB}/home"), ("Set-Cookie", "s=1; Path=/")]),
+        at("/book", 201, {"id": 3}),
+    )
+
+    assert fh.book() == BOOKED
+    assert paths(fh) == ["/login", "/book"]
+    assert fh.calls[1].request.headers["Cookie"] == "s=1"
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_extracted_values_are_scrubbed_from_reasons_and_the_ref(fh: Harness) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step(booking_ref="ref")]})
+    fh.add()
+    queue(fh.club, ok_login(), at("/book", 201, {"ref": f"R-1 for {JWT}"}))
+
+    assert fh.book() == BOOKED
+    assert fh.row().booking_ref == "R-1 for ***"
+
+
+def test_a_ref_that_is_a_value_the_booking_step_extracts_is_stored(fh: Harness) -> None:
+    use_flow(
+        fh, {"steps": [login_step(), book_step(booking_ref="id", extract={"id": {"json": "id"}})]}
+    )
+    fh.add()
+    queue(fh.club, ok_login(), at("/book", 201, {"id": "BK-123"}))
+
+    assert fh.book() == BOOKED
+    assert fh.row().booking_ref == "BK-123"
+
+
+def test_secret_fields_the_token_lacks_fail_before_any_request(fh: Harness) -> None:
+    use_flow(
+        fh,
+        {
+            "steps": [
+                {"name": "login", "url": f"{CLUB}/login", "json": {"pw": "{secret.password}"}},
+                {"name": "book", "booking": True, "url": f"{CLUB}/book"},
+            ]
+        },
+    )
+    fh.add()
+
+    assert fh.book() == FAILED
+
+    assert fh.calls == []
+    assert fh.row().last_error == (
+        "token 'default' has no field 'password', which the club's flow uses as "
+        "{secret.password}: write token 'default' in tokens.json as an object with the fields "
+        "password, reload, then `python main.py retry` this booking"
+    )
+
+
+def test_secret_fields_are_sent_and_scrubbed_from_every_reason(
+    fh: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    password = "pw-Tr0ub4dor-77"
+    add_object_token(fh, "member", {"email": "me@x.test", "password": password})
+    use_flow(
+        fh,
+        {
+            "steps": [
+                {
+                    "name": "login",
+                    "url": f"{CLUB}/login",
+                    "json": {"email": "{secret.email}", "pw": "{secret.password}"},
+                },
+                {"name": "book", "booking": True, "url": f"{CLUB}/book"},
+            ]
+        },
+    )
+    fh.add(token_name="member")
+    fh.clock.set(TRIGGER - timedelta(seconds=1))
+    fh.club.add(at("/login", 500, {"error": f"cannot log in with {password}"}))
+
+    assert fh.book() == FAILED
+
+    assert json.loads(fh.calls[0].request.body) == {"email": "me@x.test", "pw": password}
+    reason = fh.row().last_error or ""
+    assert "cannot log in with ***" in reason
+    assert password not in reason + caplog.text
+
+
+def test_a_huge_or_non_json_answer_fails_the_step_with_a_reason(fh: Harness) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()], "prepare_seconds": 1})
+    fh.add()
+    fh.clock.set(TRIGGER - timedelta(seconds=1))
+    fh.club.add(at("/login", 200, "{" + "x" * (2 * MIB)))
+
+    assert fh.book() == FAILED
+    assert fh.row().last_error == (
+        "preparation did not succeed before the window opened (2 tries): step 'login': HTTP "
+        "200, but value 'jwt' (json 'jwt'): the answer is not JSON; value 'user' (json "
+        "'user.id'): the answer is not JSON"
+    )
+
+
+# --------------------------------------------------------------------------- dry-run
+
+
+def test_dry_run_sends_only_the_preparation_steps_and_reports_value_names(
+    club: responses.RequestsMock,
+) -> None:
+    flow = parse_flow(
+        {
+            "steps": [
+                login_step(),
+                slot_step(),
+                book_step(extract={"bid": {"json": "booking.id"}}),
+                confirm_step(),
+            ]
+        },
+        api_url=None,
+        name="club.json",
+    )
+    slot = bot.Slot(KEY, DESIRED, 60, BERLIN, ("3",))
+    club.add(ok_login())
+    client = ClubClient(timeout=TIMEOUT)
+    try:
+        reports, problem = bot.dry_run(client, flow, slot, {"token": TOKEN}, "default")
+    finally:
+        client.close()
+    assert problem is None
+    assert [(r.step, r.status, r.values) for r in reports] == [("login", 200, ("jwt", "user"))]
+    assert [urlsplit(c.request.url).path for c in club.calls] == ["/login"]
+
+
+def test_dry_run_names_the_failing_step_and_the_fix(club: responses.RequestsMock) -> None:
+    flow = parse_flow({"steps": [login_step(), book_step()]}, api_url=None, name="club.json")
+    slot = bot.Slot(KEY, DESIRED, 60, BERLIN, ("3",))
+    club.add(at("/login", 200, {"jwt": "x"}))
+    client = ClubClient(timeout=TIMEOUT)
+    try:
+        reports, problem = bot.dry_run(client, flow, slot, {"token": TOKEN}, "default")
+    finally:
+        client.close()
+    assert [(r.step, r.status) for r in reports] == [("login", 200)]
+    assert problem == (
+        "step 'login' failed: HTTP 200, but value 'user' (json 'user.id'): no 'user' in the "
+        "answer: check the step's URL, the token's fields and the ids in tokens.json and "
+        "schedules.json; for a missing value, compare the extract path with the club's answer"
+    )
+
+
+def test_a_permanent_error_at_a_preparation_step_fails_at_once_naming_the_step(
+    fh: Harness,
+) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()]})
+    fh.add()
+    fh.clock.set(TRIGGER - timedelta(seconds=60))
+    untrusted = ssl.SSLCertVerificationError(1, "certificate verify failed")
+    untrusted.verify_message = "self-signed certificate"
+    fh.club.add(at("/login", body=requests.exceptions.SSLError(untrusted)))
+
+    assert fh.book() == FAILED
+
+    assert paths(fh) == ["/login"]
+    assert fh.row().last_error == (
+        "step 'login': the club's certificate is not trusted (self-signed certificate); not "
+        "retried: check the host in the booking URL, or ask the club to fix its certificate"
+    )
+    assert fh.stop.waits == []

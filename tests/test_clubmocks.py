@@ -1045,7 +1045,20 @@ def test_ready_flow_meets_a_refused_login(system: str, club: ClubMock) -> None:
 
 # -- the user documentation -------------------------------------------------------------------
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "real-clubs.md"
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+class _Section:
+    """README's "Real clubs" section, up to the next section of its level."""
+
+    def read_text(self) -> str:
+        text = README.read_text()
+        start = text.index("\n## Real clubs\n")
+        end = text.index("\n## ", start + 1)
+        return text[start:end]
+
+
+DOC = _Section()
 
 
 def test_the_docs_table_names_each_ready_flow_and_its_tokens_fields() -> None:

@@ -1438,6 +1438,8 @@ def test_settings_values() -> None:
             "BOOKING_TIMEZONE": "Europe/London",
             "BOOKING_WINDOW": "7d",
             "RETRY_BASE_SECONDS": "0",
+            "EARLY_RETRY_MS": "50",
+            "EARLY_RETRY_SECONDS": "0",
             "HTTP_TIMEOUT_SECONDS": "2.5",
             "RELOAD_INTERVAL_SECONDS": "5",
             "LOG_LEVEL": "debug",
@@ -1448,6 +1450,7 @@ def test_settings_values() -> None:
     assert settings.timezone == "Europe/London"
     assert settings.window == utils.Window(7, "d")
     assert (settings.retry_base, settings.http_timeout, settings.reload_interval) == (0, 2.5, 5)
+    assert (settings.early_retry_ms, settings.early_retry_seconds) == (50, 0)
     assert settings.log_level == "DEBUG"
     assert settings.log_file is None
 
@@ -1460,11 +1463,14 @@ def test_settings_empty_values_mean_defaults() -> None:
             "BOOKING_TIMEZONE",
             "BOOKING_WINDOW",
             "RETRY_BASE_SECONDS",
+            "EARLY_RETRY_MS",
+            "EARLY_RETRY_SECONDS",
             "LOG_LEVEL",
             "LOG_FILE",
         )
     }
     settings = Settings.from_env(blank)
+    assert (settings.early_retry_ms, settings.early_retry_seconds) == (100, 20)
     assert (settings.timezone, settings.window, settings.retry_base, settings.log_level) == (
         "UTC",
         utils.Window(168, "h"),
@@ -1514,6 +1520,18 @@ WINDOW_EXPECTED = (
             "RETRY_BASE_SECONDS: 'soon' is not a number of seconds",
         ),
         (
+            {"EARLY_RETRY_MS": "0"},
+            "EARLY_RETRY_MS: '0' must be a finite number >= 1",
+        ),
+        (
+            {"EARLY_RETRY_MS": "fast"},
+            "EARLY_RETRY_MS: 'fast' is not a number of milliseconds",
+        ),
+        (
+            {"EARLY_RETRY_SECONDS": "-1"},
+            "EARLY_RETRY_SECONDS: '-1' must be a finite number >= 0",
+        ),
+        (
             {"HTTP_TIMEOUT_SECONDS": "0"},
             "HTTP_TIMEOUT_SECONDS: '0' must be a finite number >= 0.001",
         ),
@@ -1548,7 +1566,7 @@ def test_load_template_relative_to_data_dir_and_errors_name_the_file(
     (data_dir / "club.json").write_text(json.dumps({"method": "PUT"}))
     settings = Settings.from_env(env | {"BOOKING_REQUEST_TEMPLATE": "club.json"})
     template = config_loader.load_template(settings)
-    assert template is not None and template.flow.method == "PUT"
+    assert template is not None and template.flow.booking_step.method == "PUT"
     (data_dir / "club.json").write_text("{broken")
     with pytest.raises(TemplateError, match=r"BOOKING_REQUEST_TEMPLATE .*club\.json"):
         config_loader.load_template(settings)
@@ -1671,7 +1689,7 @@ def test_club_names_a_file_in_data_dir_clubs(data_dir: Path, env: dict[str, str]
     assert (entries["match"].club, entries["wed-evening"].club) == ("padel", None)
     assert list(config.clubs) == ["padel"]
     assert config.clubs["padel"].label == str(path)
-    assert config.clubs["padel"].flow.url == PADEL_URL
+    assert config.clubs["padel"].flow.booking_step.url.source() == PADEL_URL
     assert config.clubs["padel"].window is None
 
 
@@ -1748,7 +1766,7 @@ def test_a_club_file_no_entry_names_is_not_read(data_dir: Path, env: dict[str, s
 def test_a_club_file_without_url_uses_booking_api_url(data_dir: Path, env: dict[str, str]) -> None:
     club_file(data_dir, "plain", {"headers": {"X-Key": "{token}"}})
     config = load_all(data_dir, env, MATCH | {"club": "plain"})
-    assert config.clubs["plain"].flow.url == env["BOOKING_API_URL"]
+    assert config.clubs["plain"].flow.booking_step.url.source() == env["BOOKING_API_URL"]
     without = {k: v for k, v in env.items() if k != "BOOKING_API_URL"}
     config = load_all(data_dir, without, MATCH | {"club": "plain"})
     assert config.errors == [

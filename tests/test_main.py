@@ -1002,7 +1002,7 @@ def test_club_files_are_loaded_reloaded_on_change_and_kept_when_broken(
     assert daemon.config_changed() is True
     daemon.safe_load("file change")
     good = daemon.ctx.clubs["padel"]
-    assert good.url == "https://padel.example/book"
+    assert good.booking_step.url.source() == "https://padel.example/book"
     assert daemon.ctx.flow_for("padel") is good
     assert "club file(s) loaded: padel" in caplog.messages
     (row,) = [r for r in instances.status_rows(daemon.factory) if r["schedule"] == "p"]
@@ -1015,6 +1015,8 @@ def test_club_files_are_loaded_reloaded_on_change_and_kept_when_broken(
     (row,) = [r for r in instances.status_rows(daemon.factory) if r["schedule"] == "p"]
     assert row["trigger_time"] != first_trigger
     assert row["trigger_time"].endswith("T06:00:00Z")
+    good = daemon.ctx.clubs["padel"]
+    assert good.window == "1d@06:00"
 
     # Broken: the entry is rejected (its instance kept), the last good flow stays in use.
     write_json(clubs / "padel.json", {"url": "https://padel.example/book", "method": "BREW"})
@@ -1269,6 +1271,31 @@ def test_the_active_daemon_takes_over_dead_daemons_claims_and_changes_made_elsew
         ) in caplog.messages
     finally:
         live.close()
+
+
+def test_jobs_of_a_club_whose_flow_prepares_start_that_much_before_the_trigger(
+    daemon: main.Daemon, data_dir: Path
+) -> None:
+    clubs = data_dir / "clubs"
+    clubs.mkdir()
+    login = {"name": "login", "url": "https://padel.example/login", "ok": {"status": [200]}}
+    book = {"name": "book", "booking": True, "url": "https://padel.example/book"}
+    write_json(clubs / "padel.json", {"prepare_seconds": 90, "steps": [login, book]})
+    write_json(data_dir / "schedules.json", [one_off("a"), one_off("p") | {"club": "padel"}])
+    daemon.safe_load("file change")
+    assert daemon.engine is not None
+
+    rows = [r for r in instances.status_rows(daemon.factory) if r["status"] == "pending"]
+    with daemon.engine.connect() as conn:
+        jobs = dict(list(conn.exec_driver_sql("SELECT id, next_run_time FROM apscheduler_jobs")))
+    leads = {
+        row["schedule"]: datetime.fromisoformat(
+            row["trigger_time"].replace("Z", "+00:00")
+        ).timestamp()
+        - jobs[row["key"]]
+        for row in rows
+    }
+    assert leads == {"a": pytest.approx(2), "p": pytest.approx(92)}
 
 
 # ---------------------------------------------------------------- a token that expires

@@ -82,6 +82,20 @@ def test_sync_moves_changed_triggers_and_removes_what_is_no_longer_pending(
     }
 
 
+def test_an_instance_whose_flow_prepares_fires_that_much_earlier(
+    engine: Engine, sched: Scheduler
+) -> None:
+    sched.sync({"login@1": T0, "plain@1": T0}, prepare={"login@1": 60})
+
+    assert stored(engine) == {"login@1": T0 - timedelta(seconds=60) - LEAD, "plain@1": T0 - LEAD}
+    # A flow whose preparation time changes moves its jobs.
+    assert sched.sync({"login@1": T0, "plain@1": T0}, prepare={"login@1": 120}) == SyncReport(
+        added=0, moved=1, removed=0
+    )
+    assert stored(engine)["login@1"] == T0 - timedelta(seconds=120) - LEAD
+    assert scheduler.job_lead(0) == LEAD
+
+
 def test_sync_leaves_a_booking_under_way_alone(engine: Engine, sched: Scheduler) -> None:
     sched.sync({"a@1": T0, "b@1": T0})
 
