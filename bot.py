@@ -4,8 +4,9 @@
 request leaves) and runs its flow, the one engine for every club: section 6's request and a
 section-11 template are flows of their one booking step. Preparation steps run
 ``prepare_seconds`` before the trigger, retried with backoff while the trigger is ahead; then the
-first request of the trigger is built and its connection opened ahead, the last moment waited
-out precisely, and the ``at_trigger`` steps and the booking step are sent and read with the
+first request of the trigger is built (to its bytes) and its connection opened ahead, the last
+moment waited out precisely (one thread writes every first request of an instant, ``wire``), and
+the ``at_trigger`` steps and the booking step are sent and read with the
 answer table (next court when taken, early answers every ``EARLY_RETRY_MS``, retries with
 backoff); finishing steps run after the booking. Each booking has its own cookie jar, sent only
 to the flow's hosts, and its own secrets, scrubbed from every reason and log line.
@@ -40,6 +41,7 @@ from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 import instances
 import utils
+import wire
 from models import (
     BOOKED,
     EXPIRED,
@@ -142,14 +144,6 @@ class Verdict:
 class StepFailure(Exception):
     """A step that cannot go on whatever its answer said: a redirect off the flow's hosts, a
     redirect loop. The message is for a person and holds no secret."""
-
-
-@dataclass(frozen=True)
-class HeldConnection:
-    """An open connection kept aside for one booking until its trigger."""
-
-    pool: Any
-    conn: Any
 
 
 class TriggerGate:
@@ -405,39 +399,18 @@ class ClubClient:
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
 
-    def warm(self, url: str) -> HeldConnection | None:
-        """Open a connection to ``url``'s host, sending nothing on it, and keep it aside for one
-        request (``release`` it just before sending): a burst of bookings then has one ready
-        connection each. A club sees no request from this, only the TCP (and TLS) handshake it
-        would see at the trigger anyway. None when no connection could be opened (the send will
-        open one and report any error)."""
+    def warm(self, url: str) -> wire.Connection | None:
+        """Open a connection to ``url``'s origin for the first request of a trigger, sending
+        nothing on it (TCP, and for https a TLS handshake verified as this client's requests
+        are), bounded by the timeout. A club sees no request from this, only the handshake it
+        would see at the trigger anyway. None when no connection could be opened: the request
+        then goes through ``send``, which opens one and reports any error."""
         try:
-            request = requests.Request("POST", url).prepare()
-            adapter = self.session.get_adapter(url)
-            assert isinstance(adapter, HTTPAdapter)
-            pool = adapter.get_connection_with_tls_context(request, verify=True)
-            conn = pool._get_conn(timeout=0.1)  # urllib3 has no public "pre-connect"
-            try:
-                if conn.sock is None:
-                    # Bounded whole: the TCP connect by the timeout, and CPython bounds a TLS
-                    # handshake whole by the socket's timeout too.
-                    conn.timeout = self.timeout
-                    conn.connect()
-            except Exception:
-                conn.close()
-                pool._put_conn(conn)
-                raise
-        except Exception as exc:  # noqa: BLE001 (warming is an optimisation; the send reports)
+            return wire.connect(url, timeout=self.timeout, verify=self.session.verify)
+        except (wire.WireError, ValueError) as exc:
             # The class only: an error's text may quote the URL, which may hold a secret.
             logger.debug("could not open a connection ahead to %s: %s", _host(url), _kind(exc))
             return None
-        return HeldConnection(pool, conn)
-
-    @staticmethod
-    def release(held: object) -> None:
-        """Give a connection from ``warm`` back to the pool, where the next send takes it."""
-        if isinstance(held, HeldConnection):
-            held.pool._put_conn(held.conn)
 
     def prepare(self, spec: RequestSpec) -> requests.PreparedRequest:
         """The request, fully built (headers merged, body encoded) ahead of its trigger."""
@@ -758,14 +731,22 @@ def _store_cookies(
 
 
 def _exchange(
-    client: ClubClient, run: FlowRun, step: Step, prepared: requests.PreparedRequest
+    client: ClubClient,
+    run: FlowRun,
+    step: Step,
+    prepared: requests.PreparedRequest,
+    *,
+    sent: wire.Sent | None = None,
 ) -> tuple[Answer, Reply]:
     """Send ``prepared`` and read its answer; a ``follow_redirects`` step follows redirects
-    within the flow's hosts (cookies stored at each hop). Raises ``BookingError`` when no
-    answer came, ``StepFailure`` for a redirect off the hosts or a redirect loop."""
+    within the flow's hosts (cookies stored at each hop). With ``sent``, ``prepared`` was
+    already written at the trigger (``wire``): only its answer is read. Raises
+    ``BookingError`` when no answer came, ``StepFailure`` for a redirect off the hosts or a
+    redirect loop."""
     cookies: dict[str, str] = {}
     for _hop in range(MAX_REDIRECTS + 1):
-        answer = client.send(prepared)
+        answer = client.send(prepared) if sent is None else _wire_answer(client, prepared, sent)
+        sent = None
         cookies.update(_store_cookies(run, prepared, answer))
         location = answer.header("Location")
         if not (step.follow_redirects and answer.status in (301, 302, 303, 307, 308) and location):
@@ -782,6 +763,38 @@ def _exchange(
     raise StepFailure(
         f"{step.name!r} was redirected more than {MAX_REDIRECTS} times (a redirect loop?): "
         "check the step's URL"
+    )
+
+
+def _wire_answer(client: ClubClient, prepared: requests.PreparedRequest, sent: wire.Sent) -> Answer:
+    """The answer to ``prepared``, written at the trigger as ``sent``, read as ``send`` reads
+    one: within the same whole-request deadline, at most 1 MiB of its body; once its status
+    line and headers came, a body cut short (the deadline, a close) is kept as far as it came.
+    A request that was never written (its connection broke ahead) is sent now through
+    ``send``, as the same attempt. Raises BookingError as ``send`` does when no answer came."""
+    try:
+        got = sent.answer(max_body=MAX_BODY_BYTES)
+    except wire.WireError as exc:
+        if exc.partial is not None:
+            got = exc.partial
+        elif not exc.lost:
+            logger.debug("the request written at the trigger did not leave: %s", exc)
+            return client.send(prepared)
+        elif isinstance(exc, wire.WireTimeout):
+            raise client._timed_out() from None
+        else:
+            raise BookingError(
+                "the club's server closed the connection without a full answer", lost=True
+            ) from None
+    finally:
+        sent.connection.close()
+    return Answer(
+        got.status,
+        {name: got.headers[name] for name in got.headers},
+        got.body,
+        got.elapsed_ms,
+        url=prepared.url or "",
+        set_cookies=tuple(got.headers.get_all("Set-Cookie")),
     )
 
 
@@ -1036,6 +1049,9 @@ class BookingContext:
     on_booked: Callable[[str], None] | None = None
     clock: Callable[[], float] = time.time
     gate: TriggerGate = field(default_factory=TriggerGate)
+    #: The first requests of each trigger instant, written by one thread (built in
+    #: ``__post_init__`` with the client's timeout and this clock).
+    burst: wire.BurstGate = field(init=False, repr=False)
     in_flight: set[str] = field(default_factory=set)
     in_flight_lock: threading.Lock = field(default_factory=threading.Lock)
     #: How often an early answer is retried, and for how long after the trigger (section 6).
@@ -1045,6 +1061,9 @@ class BookingContext:
     first_sent: dict[str, float] = field(default_factory=dict)
     owner: str | None = None
     may_send: threading.Event = field(default_factory=_set_event)
+
+    def __post_init__(self) -> None:
+        self.burst = wire.BurstGate(timeout=self.client.timeout, clock=self.clock)
 
     def flow_for(self, club: str | None) -> Flow:
         """The flow an instance of ``club`` books with: its club file, or for None the template
@@ -1135,22 +1154,66 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     # Everything is built before the trigger: only the send is left for the moment itself.
     ahead = _first_requests(ctx.client, run)
     trigger = row.trigger_time.timestamp()
-    held = None
-    first_url = next(iter(ahead.values())).url
-    if ctx.clock() < trigger - 0.05 and first_url:
-        held = ctx.client.warm(first_url)
+    first_key, first = next(iter(ahead.items()))
+    ready = _on_wire(ctx, first, trigger)
+    wired: dict[tuple[str, str | None], wire.Sent] = {}
     try:
-        if not ctx.gate.wait(ctx, trigger):
+        if ready is not None:
+            sent = _at_instant(ctx, trigger, *ready)
+            started = sent is not None
+            if sent is not None:
+                wired[first_key] = sent
+                if sent.error is None:
+                    ctx.first_sent[key] = sent.sent_clock
+        else:
+            started = ctx.gate.wait(ctx, trigger)
+        if not started:
             instances.release(ctx.factory, key)
             if ctx.may_send.is_set():
                 logger.info("booking %s: shutting down before its trigger; left pending", key)
             else:
                 logger.warning("booking %s: %s; nothing was sent", key, NOT_ACTIVE)
             return None
+        run.opened = max(trigger, ctx.clock())
+        return _run_courts(ctx, run, row, ahead, wired)
     finally:
-        ctx.client.release(held)
-    run.opened = max(trigger, ctx.clock())
-    return _run_courts(ctx, run, row, ahead)
+        for unread in wired.values():
+            unread.connection.close()
+
+
+def _on_wire(
+    ctx: BookingContext, prepared: requests.PreparedRequest, trigger: float
+) -> tuple[wire.Connection, bytes] | None:
+    """The first request of the trigger as its bytes, and a connection opened ahead for it;
+    None (it goes through requests at the trigger) when the trigger is too close, wire cannot
+    write the request, or no connection could be opened."""
+    if ctx.clock() >= trigger - 0.05 or not prepared.url:
+        return None
+    try:
+        data = wire.request_bytes(prepared)
+    except (ValueError, TypeError) as exc:
+        # The class only: the text may quote a header's name.
+        logger.debug("the first request goes through requests: %s", _kind(exc))
+        return None
+    conn = ctx.client.warm(prepared.url)
+    if not isinstance(conn, wire.Connection):
+        return None
+    return conn, data
+
+
+def _at_instant(
+    ctx: BookingContext, trigger: float, conn: wire.Connection, data: bytes
+) -> wire.Sent | None:
+    """Write ``data`` on ``conn`` at ``trigger``, with every first request of that instant, from
+    one thread (``ctx.burst``); None on a stop before the trigger (nothing sent)."""
+    # Short naps up to the gate's last stretch (it naps in one go): a wall clock stepped
+    # meanwhile is noticed as ``_wait_until`` notices it.
+    sent = None
+    if _wait_until(ctx, trigger - 2 * wire.REFRESH_SECONDS):
+        sent = ctx.burst.send(trigger, conn, data, stop=ctx.stop)
+    if sent is None:
+        conn.close()
+    return sent
 
 
 def _club_missing(club: str | None) -> str:
@@ -1282,8 +1345,10 @@ def _run_courts(
     run: FlowRun,
     row: Instance,
     ahead: dict[tuple[str, str | None], requests.PreparedRequest],
+    wired: dict[tuple[str, str | None], wire.Sent],
 ) -> str | None:
-    """The at_trigger steps and the booking step, court after court until one is booked.
+    """The at_trigger steps and the booking step, court after court until one is booked
+    (``wired``: the request of ``ahead`` already written at the trigger, by its key).
 
     A court whose at_trigger step answers without the value it extracts (a slot the club does
     not show) waits for the next round: when no court of a round got further, the window may
@@ -1297,7 +1362,7 @@ def _run_courts(
     while True:
         missing: dict[str | None, str] = {}
         for court in courts:
-            result = _one_court(ctx, run, row, court, ahead)
+            result = _one_court(ctx, run, row, court, ahead, wired=wired)
             if result.kind == "booked":
                 return _after_booking(ctx, run, row, court, result.ref)
             if result.kind == "missing":
@@ -1375,12 +1440,15 @@ def _one_court(
     row: Instance,
     court: str | None,
     ahead: dict[tuple[str, str | None], requests.PreparedRequest],
+    *,
+    wired: dict[tuple[str, str | None], wire.Sent],
 ) -> _Result:
     for step in (*run.flow.phase("at_trigger"), run.flow.booking_step):
         if not step.booking and run.is_done(step, court):
             continue
         request = ahead.pop((step.name, court), None)
-        result = _send_step(ctx, run, row, step, court, request=request)
+        sent = wired.pop((step.name, court), None)
+        result = _send_step(ctx, run, row, step, court, request=request, sent=sent)
         if result.kind != "ok":
             return result
     raise AssertionError("the booking step always ends the court")  # pragma: no cover
@@ -1394,15 +1462,18 @@ def _send_step(
     court: str | None,
     *,
     request: requests.PreparedRequest | None,
+    sent: wire.Sent | None = None,
 ) -> _Result:
     """Send ``step`` for ``court`` until its answer settles it: early answers again at once,
     then every EARLY_RETRY_MS until EARLY_RETRY_SECONDS after the trigger; busy answers and
-    no answer at most MAX_ATTEMPTS_PER_COURT times, with backoff or Retry-After."""
+    no answer at most MAX_ATTEMPTS_PER_COURT times, with backoff or Retry-After. ``sent``:
+    ``request`` was already written at the trigger, its answer is read first."""
     send = _Send(step, court)
     delays = utils.backoff_delays(ctx.retry_base, MAX_ATTEMPTS_PER_COURT)
     while True:
-        if not ctx.may_send.is_set():
-            # No longer the active daemon: nothing more leaves; the active one goes on.
+        if sent is None and not ctx.may_send.is_set():
+            # No longer the active daemon: nothing more leaves (a request already written at
+            # the trigger is in flight: its answer is read); the active one goes on.
             return _Result("stopped", ours=send.lost)
         if request is None:
             try:
@@ -1410,7 +1481,8 @@ def _send_step(
             except MissingValue as exc:
                 why = run.missing.get(exc.ref, "no step gave it a value")
                 return _Result("failed", f"{send.prefix}: {{{exc.ref}}} has no value ({why})")
-        kind, wait, result = _send_once(ctx, run, row, send, request)
+        kind, wait, result = _send_once(ctx, run, row, send, request, sent=sent)
+        sent = None
         if result is not None:
             return result
         if kind == "early":
@@ -1457,9 +1529,12 @@ def _send_once(
     row: Instance,
     send: _Send,
     request: requests.PreparedRequest,
+    *,
+    sent: wire.Sent | None = None,
 ) -> tuple[str, float | None, _Result | None]:
-    """Send once. Returns the verdict, the wait a busy club asked for (Retry-After), and the
-    result when this answer settles the step."""
+    """Send once (with ``sent``: read the answer to the request written at the trigger).
+    Returns the verdict, the wait a busy club asked for (Retry-After), and the result when
+    this answer settles the step."""
     step = send.step
     send.sent += 1
     # When the booking's first request of the trigger left, for its outcome (lateness).
@@ -1469,7 +1544,7 @@ def _send_once(
         # sit between the trigger and the request.
         run.total += 1
     try:
-        answer, reply = _exchange(ctx.client, run, step, request)
+        answer, reply = _exchange(ctx.client, run, step, request, sent=sent)
     except BookingError as exc:
         send.lost = send.lost or exc.lost
         send.last = run.scrub(str(exc))

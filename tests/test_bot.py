@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import bot
 import utils
+import wire
 from bot import TAKEN_ADVICE, BookingContext, ClubClient, RequestSpec, book_slot
 from instances import recover_in_flight
 from models import (
@@ -1479,19 +1480,19 @@ def test_send_caps_a_large_mocked_body(club: responses.RequestsMock) -> None:
     assert club.calls[0].request.req_kwargs["timeout"] == TIMEOUT
 
 
-def test_warm_opens_a_connection_that_the_next_request_reuses(local_club: _LocalClub) -> None:
+def test_warm_opens_a_connection_that_the_first_request_goes_on(local_club: _LocalClub) -> None:
     client = ClubClient(timeout=2)
     url = local_club.url("/bookings")
     try:
         held = client.warm(url)
-        assert isinstance(held, bot.HeldConnection)
+        assert isinstance(held, wire.Connection)
         assert _until(lambda: local_club.accepted == 1)
         time.sleep(0.02)
         # Warming sends the club nothing.
         assert local_club.requests == []
 
-        client.release(held)
-        got = client.send(_spec(url))
+        data = wire.request_bytes(client.prepare(_spec(url)))
+        got = wire.exchange(held, data, timeout=2)
     finally:
         client.close()
     assert got.status == 201
@@ -1506,9 +1507,8 @@ def test_each_warm_holds_its_own_connection_for_a_burst(local_club: _LocalClub) 
     try:
         held = [client.warm(url) for _ in range(3)]
         assert _until(lambda: local_club.accepted == 3)
-        for one in held:
-            client.release(one)
-        answers = [client.send(_spec(url)) for _ in range(3)]
+        data = wire.request_bytes(client.prepare(_spec(url)))
+        answers = [wire.exchange(one, data, timeout=2) for one in held if one is not None]
     finally:
         client.close()
     assert [a.status for a in answers] == [201, 201, 201]

@@ -23,7 +23,7 @@ ALLOWED: dict[str, set[str]] = {
     "watchdog": set(),
     "config_loader": {"utils", "template"},
     "instances": {"models", "utils", "config_loader", "template", "notify"},
-    "bot": {"instances", "template", "utils", "notify", "models"},
+    "bot": {"instances", "template", "utils", "notify", "models", "wire"},
     "leader": {"models"},
     "report": {"utils"},
     "heartbeat": {"utils"},

@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import gzip
 import itertools
+import json
+import logging
 import re
 import socket
 import ssl
@@ -17,13 +19,22 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+from cryptography.fernet import Fernet, MultiFernet
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 import bot
+import models
+import utils
 import wire
+from models import BOOKED, FAILED, PENDING, Instance, Token, transaction
+from template import parse_flow
 from tools.local_ca import CaFiles, make_ca
 
 TIMEOUT = 1.0
@@ -748,3 +759,267 @@ def test_a_missing_ca_path_is_named() -> None:
         ValueError, match=r"cannot find the TLS CA certificate bundle '/nowhere/ca.pem'"
     ):
         wire.connect("https://localhost:1/", timeout=TIMEOUT, verify="/nowhere/ca.pem")
+
+
+# --------------------------------------------------------------------------- bot's trigger path
+
+DESIRED = datetime(2030, 6, 3, 17, 0, tzinfo=UTC)
+BOOK_TOKEN = "tok-W1re-5e3f9a7c"
+
+
+class RecordingGate(wire.BurstGate):
+    """The booking context's burst gate, keeping every Sent it hands back."""
+
+    def __init__(self, *, timeout: float, clock: Callable[[], float] = time.time) -> None:
+        super().__init__(timeout=timeout, clock=clock)
+        self.record: list[wire.Sent] = []
+
+    def send(self, *args: Any, **kwargs: Any) -> wire.Sent | None:
+        sent = super().send(*args, **kwargs)
+        if sent is not None:
+            self.record.append(sent)
+        return sent
+
+
+@dataclass
+class Bookings:
+    """Instances in a real SQLite database, booked with a real context (shared by every
+    booking thread, as in the daemon) against a club on loopback."""
+
+    factory: sessionmaker[Session]
+    ctx: bot.BookingContext
+    gate: RecordingGate
+
+    def add(self, schedule: str, trigger: float, *, court: str = "3") -> str:
+        key = utils.instance_key(schedule, DESIRED)
+        with transaction(self.factory) as session:
+            session.add(
+                Instance(
+                    key=key,
+                    schedule_id=schedule,
+                    type="one-off",
+                    desired_time=DESIRED,
+                    trigger_time=datetime.fromtimestamp(trigger, UTC),
+                    timezone="Europe/Berlin",
+                    rrule=None,
+                    court_id=court,
+                    courts=json.dumps([court]),
+                    token_name="default",
+                    duration_minutes=60,
+                    status=PENDING,
+                    attempts=0,
+                )
+            )
+        return key
+
+    def row(self, key: str) -> Instance:
+        with self.factory() as session:
+            row = session.scalar(select(Instance).where(Instance.key == key))
+            assert row is not None
+            return row
+
+
+def bookings(
+    path: Path,
+    url: str,
+    *,
+    timeout: float = TIMEOUT,
+    clock: Callable[[], float] = time.time,
+    flow: dict[str, Any] | None = None,
+) -> Bookings:
+    engine = models.make_engine(f"sqlite:///{path}")
+    factory = models.session_factory(engine)
+    fernet = MultiFernet([Fernet(Fernet.generate_key())])
+    with transaction(factory) as session:
+        session.add(
+            Token(id="default", encrypted_token=fernet.encrypt(BOOK_TOKEN.encode()).decode())
+        )
+    ctx = bot.BookingContext(
+        factory=factory,
+        fernet=fernet,
+        client=bot.ClubClient(timeout=timeout),
+        api_url=url,
+        retry_base=0.01,
+        stop=threading.Event(),
+        notify=lambda outcome: None,
+        template=None if flow is None else parse_flow(flow, api_url=None, name="club.json"),
+        clock=clock,
+    )
+    gate = RecordingGate(timeout=timeout, clock=clock)
+    ctx.burst = gate
+    return Bookings(factory, ctx, gate)
+
+
+def routes(answers_by_path: dict[str, bytes]) -> Behaviour:
+    def behave(sock: socket.socket, request: Received, stop: threading.Event) -> bool:
+        path = request.raw.split(b" ", 2)[1].split(b"?")[0].decode()
+        sock.sendall(answers_by_path[path])
+        return True
+
+    return behave
+
+
+SLOT_FLOW_ANSWERS = {
+    "/plan": (
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 14\r\n"
+        b"Set-Cookie: SID=c00kie-42; Path=/\r\nSet-Cookie: lang=de; Path=/\r\n\r\n"
+        b'{"slot": "s3"}'
+    ),
+    "/bookings": CREATED,
+}
+
+
+def slot_flow(url: str) -> dict[str, Any]:
+    """A flow whose first request at the trigger is an at_trigger step that sets cookies."""
+    return {
+        "hosts": ["127.0.0.1"],
+        "steps": [
+            {
+                "name": "plan",
+                "at_trigger": True,
+                "method": "GET",
+                "url": url.replace("/bookings", "/plan") + "?day={start:%d-%m-%Y}",
+                "headers": {"Authorization": "Bearer {token}"},
+                "extract": {"id": {"json": "slot"}},
+            },
+            {
+                "name": "book",
+                "booking": True,
+                "url": url,
+                "headers": {"Authorization": "Bearer {token}"},
+                "json": {"slot": "{plan.id}", "court": "{court_id}"},
+                "booking_ref": "id",
+            },
+        ],
+    }
+
+
+@pytest.mark.parametrize("with_flow", [False, True], ids=["section-6", "at-trigger-step"])
+def test_the_burst_path_puts_on_the_wire_the_bytes_of_the_requests_path(
+    tmp_path: Path, with_flow: bool
+) -> None:
+    received: dict[str, list[bytes]] = {}
+    for way in ("requests", "burst"):
+        with club(routes(SLOT_FLOW_ANSWERS)) as server:
+            url = server.url()
+            made = bookings(
+                tmp_path / f"{way}.sqlite", url, flow=slot_flow(url) if with_flow else None
+            )
+            # The requests path: a trigger just passed; the burst path: one ahead.
+            trigger = time.time() + (0.6 if way == "burst" else -1.0)
+            key = made.add("mon", trigger)
+            assert bot.book_slot(key, made.ctx) == BOOKED
+            received[way] = [r.raw for r in server.received]
+            port = server.port
+            # Written through the gate on the burst path only, and at most once.
+            assert len(made.gate.record) == (1 if way == "burst" else 0)
+            assert made.row(key).booking_ref == "b1"
+        # Requests carry the club's port: the same for both runs' comparison.
+        received[way] = [raw.replace(str(port).encode(), b"PORT") for raw in received[way]]
+    assert received["burst"] == received["requests"]
+    assert len(received["burst"]) == (2 if with_flow else 1)
+    if with_flow:
+        # The cookies the at_trigger step's answer set (read by wire) reached the booking's jar.
+        assert b"\r\nCookie: SID=c00kie-42; lang=de\r\n" in received["burst"][1]
+
+
+def test_100_bookings_sharing_a_trigger_are_written_by_one_thread(tmp_path: Path) -> None:
+    shift = [0.0]  # the bookings' clock, moved forward once every booking waits
+
+    def clock() -> float:
+        return time.time() + shift[0]
+
+    with club(answers(CREATED)) as server:
+        made = bookings(tmp_path / "db.sqlite", server.url(), timeout=5, clock=clock)
+        trigger = time.time() + 600
+        keys = [made.add(f"b{i:03d}", trigger) for i in range(100)]
+        results: dict[str, tuple[int, str | None]] = {}
+
+        def booking(key: str) -> None:
+            results[key] = (threading.get_ident(), bot.book_slot(key, made.ctx))
+
+        threads = [threading.Thread(target=booking, args=(key,)) for key in keys]
+        for thread in threads:
+            thread.start()
+        # Every booking claimed and holding its connection: then the trigger comes near.
+        deadline = time.monotonic() + 60
+        while server.accepted < 100 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.accepted == 100
+        shift[0] = (trigger - 2.0) - time.time()
+        for thread in threads:
+            thread.join(30)
+        arrivals = list(server.received)
+        real_trigger = trigger - shift[0]
+    assert sorted(status for _, status in results.values()) == [BOOKED] * 100
+    record = made.gate.record
+    assert len(record) == 100
+    writers = {sent.writer for sent in record}
+    assert len(writers) == 1
+    assert writers <= {ident for ident, _ in results.values()}  # one of the bookings wrote
+    assert all(sent.error is None and sent.sent_clock >= trigger for sent in record)
+    # One request per booking, each on the connection opened ahead for it, none early.
+    assert sorted(r.key for r in arrivals) == sorted(keys)
+    assert server.accepted == 100
+    assert [r.arrived for r in arrivals if r.arrived < real_trigger] == []
+
+
+def test_a_booking_whose_connection_cannot_be_opened_ahead_goes_through_requests(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refused(url: str, *, timeout: float, verify: bool | str = True) -> wire.Connection:
+        raise wire.WireError("connection refused by the club's server", lost=False)
+
+    monkeypatch.setattr(wire, "connect", refused)
+    with club(answers(CREATED)) as server:
+        made = bookings(tmp_path / "db.sqlite", server.url())
+        key = made.add("mon", time.time() + 0.5)
+        assert bot.book_slot(key, made.ctx) == BOOKED
+        arrivals = list(server.received)
+    assert made.gate.record == []
+    assert [r.key for r in arrivals] == [f"{key}"]
+    assert made.row(key).booking_ref == "b1"
+    assert made.row(key).first_sent_at is not None
+
+
+def test_a_slow_header_club_times_out_at_the_http_timeout_on_the_burst_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="bot")
+    with club(dribble(b"HTTP/1.1 200 OK\r\n", b"X-Wait: 1\r\n", 0.2)) as server:
+        made = bookings(tmp_path / "db.sqlite", server.url(), timeout=1.0)
+        key = made.add("mon", time.time() + 0.5)
+        assert bot.book_slot(key, made.ctx) == FAILED
+        arrivals = list(server.received)
+    (sent,) = made.gate.record
+    assert sent.timeout == 1.0
+    attempts = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attempt")]
+    assert attempts == [f"attempt {key} court=3 #{n}: no answer within 1 s" for n in (1, 2, 3)]
+    row = made.row(key)
+    assert row.last_error == "court 3: no booking after 3 attempts (last: no answer within 1 s)"
+    assert row.attempts == 3
+    assert [r.key for r in arrivals] == [key] * 3  # the first through wire, then requests
+
+
+def test_a_request_written_at_the_trigger_is_read_when_the_active_role_goes_right_after(
+    tmp_path: Path,
+) -> None:
+    """CONTRACT section 10: a daemon that loses the active role sends nothing more, but a
+    request already on the wire is in flight: its answer is read and the booking finishes."""
+    with club(answers(CREATED)) as server:
+        made = bookings(tmp_path / "db.sqlite", server.url())
+        real_send = made.gate.send
+
+        def send_then_lose(*args: Any, **kwargs: Any) -> wire.Sent | None:
+            sent = real_send(*args, **kwargs)
+            made.ctx.may_send.clear()  # what main.Roles does when the lock is lost
+            made.ctx.stop.set()
+            return sent
+
+        made.gate.send = send_then_lose  # type: ignore[method-assign]
+        key = made.add("mon", time.time() + 0.5)
+        assert bot.book_slot(key, made.ctx) == BOOKED
+        arrivals = list(server.received)
+    assert len(made.gate.record) == 1
+    assert [r.key for r in arrivals] == [key]
+    assert (made.row(key).status, made.row(key).booking_ref) == (BOOKED, "b1")

@@ -245,6 +245,32 @@ def _trust_ca_in_bot(ca: str) -> None:
     HTTPAdapter.get_connection_with_tls_context = with_ca  # type: ignore[method-assign]
 
 
+def _warm_requests(client: Any, url: str) -> Any:
+    """A connection opened ahead in the client's urllib3 pool and kept aside until
+    ``_release``: how courtbot's requests path held one before the first request of a trigger
+    went through ``wire`` (the daemon now falls back to requests only without such a
+    connection). None when none could be opened."""
+    import requests
+
+    try:
+        request = requests.Request("POST", url).prepare()
+        adapter = client.session.get_adapter(url)
+        pool = adapter.get_connection_with_tls_context(request, verify=client.session.verify)
+        conn = pool._get_conn(timeout=0.1)
+        if conn.sock is None:
+            conn.timeout = client.timeout
+            conn.connect()
+    except Exception:  # noqa: BLE001 (the send then opens its own and reports)
+        return None
+    return pool, conn
+
+
+def _release(held: Any) -> None:
+    if held is not None:
+        pool, conn = held
+        pool._put_conn(conn)
+
+
 def run_bot(plan: dict[str, Any], results: Results) -> None:
     import bot
 
@@ -262,11 +288,11 @@ def run_bot(plan: dict[str, Any], results: Results) -> None:
         )
         prepared = client.prepare(spec)
         trigger = shot["trigger"]
-        held = client.warm(plan["url"]) if time.time() < trigger - 0.05 else None
+        held = _warm_requests(client, plan["url"]) if time.time() < trigger - 0.05 else None
         try:
             gate.wait(ctx, trigger)
         finally:
-            client.release(held)
+            _release(held)
         try:
             results.add(shot["key"], client.send(prepared).status)
         except bot.BookingError as exc:
