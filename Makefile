@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench clean postgres-server faketime
+.PHONY: venv test lint demo bench bench-scale clean postgres-server faketime
 
 # The suite also runs on a throwaway PostgreSQL server (tests/pg_server.py) made from Debian's
 # server binaries. Where they are missing and we are root (CI, a fresh machine), install
@@ -45,6 +45,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python tools/bench.py
+
+# 100 and 1,000 schedules on SQLite and on PostgreSQL (README, Performance).
+bench-scale: $(STAMP) postgres-server
+	$(BIN)/python tools/bench.py scale
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo-data

@@ -929,6 +929,10 @@ def _prepare(ctx: BookingContext, run: FlowRun, row: Instance) -> str | bool | N
     tries = 0
     last: dict[tuple[str, str | None], StepReport] = {}
     while True:
+        if not ctx.may_send.is_set():
+            instances.release(ctx.factory, row.key)
+            logger.warning("booking %s: %s; its booking request was not sent", row.key, NOT_ACTIVE)
+            return None
         tries += 1
         problems = prepare_round(ctx.client, run)
         last = {k: v for k, v in last.items() if k in problems} | problems
@@ -1014,9 +1018,21 @@ def dry_run(
 # --------------------------------------------------------------------------- the booking
 
 
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
 @dataclass
 class BookingContext:
-    """Everything a booking needs, built once by the daemon."""
+    """Everything a booking needs, built by the daemon each time it becomes the active one.
+
+    ``owner`` names the daemon in the claims it makes. ``may_send`` is cleared the moment the
+    daemon is no longer the active one (another may book now): no request leaves after that;
+    a booking in flight finishes, one before its trigger or between retries goes back to
+    ``pending`` for the active daemon. ``stop`` is set then too, to end the waits at once.
+    """
 
     factory: SessionFactory
     fernet: MultiFernet
@@ -1043,6 +1059,8 @@ class BookingContext:
     early_retry_seconds: float = 20.0
     #: When each booking under way sent its first booking request (``clock()``), for its outcome.
     first_sent: dict[str, float] = field(default_factory=dict)
+    owner: str | None = None
+    may_send: threading.Event = field(default_factory=_set_event)
 
     def __post_init__(self) -> None:
         self.burst = wire.BurstGate(timeout=self.client.timeout, clock=self.clock)
@@ -1076,6 +1094,15 @@ def book_slot(key: str, ctx: BookingContext) -> str | None:
         return _book(key, ctx)
     except Exception as exc:  # noqa: BLE001 (logged, scrubbed, and the instance marked)
         # Not logger.exception: the traceback's exception texts may quote a secret.
+        if not ctx.may_send.is_set():
+            # Most likely the database connection that cost the active role: the claim stays
+            # this daemon's, which puts it back once it reaches the database again.
+            logger.error(
+                "booking %s: error after this daemon lost the active role: %s",
+                key,
+                _scrubbed_traceback(exc),
+            )
+            return None
         logger.error("booking %s: unexpected error: %s", key, _scrubbed_traceback(exc))
         _finish(ctx, key, FAILED, "internal error while booking (see the log); not retried")
         return FAILED
@@ -1099,7 +1126,7 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     if row is None or row.status != PENDING:
         logger.debug("booking %s: nothing to do (%s)", key, row.status if row else "gone")
         return None
-    if not _claim(ctx, key, now):
+    if not ctx.may_send.is_set() or not _claim(ctx, key, now):
         return None
     row, token_row = instances.claimed(ctx.factory, key)
     try:
@@ -1142,7 +1169,10 @@ def _book(key: str, ctx: BookingContext) -> str | None:
             started = ctx.gate.wait(ctx, trigger)
         if not started:
             instances.release(ctx.factory, key)
-            logger.info("booking %s: shutting down before its trigger; left pending", key)
+            if ctx.may_send.is_set():
+                logger.info("booking %s: shutting down before its trigger; left pending", key)
+            else:
+                logger.warning("booking %s: %s; nothing was sent", key, NOT_ACTIVE)
             return None
         run.opened = max(trigger, ctx.clock())
         return _run_courts(ctx, run, row, ahead, wired)
@@ -1222,7 +1252,7 @@ def _claim(ctx: BookingContext, key: str, now: datetime) -> bool:
     written (a full disk): nothing was sent, it stays pending, and the daemon's watchdog has it
     booked once writes work again."""
     try:
-        return instances.claim(ctx.factory, key, now)
+        return instances.claim(ctx.factory, key, now, owner=ctx.owner)
     except DatabaseError as exc:
         logger.error(
             "booking %s: not started, the database cannot be written (%s); it stays pending",
@@ -1342,7 +1372,7 @@ def _run_courts(
                 all_taken = all_taken and result.kind == "taken"
                 maybe_ours = maybe_ours or result.ours
             elif result.kind == "stopped":
-                return _stopped(ctx, row)
+                return _stopped(ctx, run, row, lost=maybe_ours or result.ours)
             else:
                 return _finish(ctx, row.key, FAILED, result.reason, attempts=run.total)
         if not missing:
@@ -1362,7 +1392,7 @@ def _run_courts(
             reasons += [f"{why}; the start came first" for why in missing.values()]
             break
         if wait > 0 and ctx.stop.wait(wait):
-            return _stopped(ctx, row)
+            return _stopped(ctx, run, row, lost=maybe_ours)
         courts = list(missing)
     taken = bool(reasons) and all_taken
     if taken and not maybe_ours:
@@ -1372,6 +1402,21 @@ def _run_courts(
     return _finish(ctx, row.key, FAILED, reason, attempts=run.total, retry_helps=not taken)
 
 
+#: Why a booking stops short when its daemon lost the active role (CONTRACT section 10).
+NOT_ACTIVE = (
+    "this daemon is no longer the active one; back to pending for the active daemon, with the "
+    "same Idempotency-Key"
+)
+
+
+def _hand_over(ctx: BookingContext, key: str, attempts: int, *, sent: bool) -> None:
+    """A booking whose daemon lost the active role before its next request: back to pending,
+    its requests so far counted, marked ``interrupted`` when one may have reached the club."""
+    instances.record_attempt(ctx.factory, key, attempts)
+    instances.release(ctx.factory, key, sent=sent)
+    logger.warning("booking %s: %s", key, NOT_ACTIVE)
+
+
 def _round_wait(ctx: BookingContext, run: FlowRun, rounds: int) -> float | None:
     """The wait before another round of courts whose slot was not shown (None: time spent)."""
     if ctx.clock() >= run.opened + ctx.early_retry_seconds:
@@ -1379,9 +1424,14 @@ def _round_wait(ctx: BookingContext, run: FlowRun, rounds: int) -> float | None:
     return 0.0 if rounds == 0 else ctx.early_retry_ms / 1000
 
 
-def _stopped(ctx: BookingContext, row: Instance) -> None:
+def _stopped(ctx: BookingContext, run: FlowRun, row: Instance, *, lost: bool) -> None:
+    """A booking that stops before its next request: a shutdown, or this daemon no longer the
+    active one (then ``lost``: a request may have reached the club unanswered)."""
+    if not ctx.may_send.is_set():
+        return _hand_over(ctx, row.key, run.total, sent=lost or row.interrupted)
     instances.release(ctx.factory, row.key)
     logger.info("booking %s: shutting down between retries; back to pending", row.key)
+    return None
 
 
 def _one_court(
@@ -1421,6 +1471,10 @@ def _send_step(
     send = _Send(step, court)
     delays = utils.backoff_delays(ctx.retry_base, MAX_ATTEMPTS_PER_COURT)
     while True:
+        if sent is None and not ctx.may_send.is_set():
+            # No longer the active daemon: nothing more leaves (a request already written at
+            # the trigger is in flight: its answer is read); the active one goes on.
+            return _Result("stopped", ours=send.lost)
         if request is None:
             try:
                 request = _prepared(ctx.client, run, step, court)
@@ -1445,7 +1499,7 @@ def _send_step(
             instances.record_attempt(ctx.factory, row.key, run.total, _first_sent(ctx, row.key))
         # An early answer is sent again at once, without even a look at the stop event.
         if (kind == "retry" or wait > 0) and ctx.stop.wait(wait):
-            return _Result("stopped")
+            return _Result("stopped", ours=send.lost)
 
 
 def _early_wait(ctx: BookingContext, run: FlowRun, send: _Send) -> float | None:

@@ -321,10 +321,26 @@ def expire_if_passed(
         return row, outcome_of(row)
 
 
+def booking_owners(factory: sessionmaker[Session]) -> set[str | None]:
+    """The owners of the instances now ``booking`` (None for a claim without one)."""
+    with factory() as session:
+        return set(
+            session.scalars(select(Instance.owner).where(Instance.status == BOOKING).distinct())
+        )
+
+
 def recover_in_flight(
-    factory: sessionmaker[Session], now: datetime
+    factory: sessionmaker[Session],
+    now: datetime,
+    *,
+    live_owners: frozenset[str] = frozenset(),
+    owner: str | None = None,
+    keep: frozenset[str] = frozenset(),
 ) -> tuple[list[str], list[Instance]]:
-    """Instances left in ``booking`` by a crash.
+    """Instances left in ``booking`` by a crash: those whose owner is not among
+    ``live_owners`` (a live daemon's claim is its own, whatever its role now); with ``owner``,
+    only that daemon's but the ``keep`` keys (its bookings still under way): those whose end
+    could not be written.
 
     An instance is claimed shortly before its trigger, no request leaves before the trigger, and
     attempts are counted when answered: with ``attempts`` at 0 and the trigger still ahead,
@@ -334,8 +350,16 @@ def recover_in_flight(
     """
     retried: list[str] = []
     failed: list[Instance] = []
+    query = select(Instance).where(Instance.status == BOOKING)
+    if live_owners:
+        query = query.where(Instance.owner.is_(None) | Instance.owner.not_in(live_owners))
+    if owner is not None:
+        query = query.where(Instance.owner == owner)
+    if keep:
+        query = query.where(Instance.key.not_in(keep))
     with transaction(factory) as session:
-        for row in session.scalars(select(Instance).where(Instance.status == BOOKING)):
+        for row in session.scalars(query):
+            row.owner = None
             if row.attempts == 0 and row.trigger_time > now:
                 row.status = PENDING
             elif row.desired_time > now:
@@ -415,6 +439,17 @@ def pending_trigger_pages(
         if page:
             yield page
         after = rows[-1][0]
+
+
+def pending_mark(factory: sessionmaker[Session]) -> tuple[int, datetime | None]:
+    """How many instances are pending and the latest change among them: cheap (the status
+    index), for noticing a change made elsewhere (another daemon put a booking back, or a
+    ``retry`` ran on another host)."""
+    with factory() as session:
+        count, latest = session.execute(
+            select(func.count(), func.max(Instance.updated_at)).where(Instance.status == PENDING)
+        ).one()
+    return int(count or 0), latest
 
 
 def pending_clubs(
@@ -528,14 +563,18 @@ def remember_notice(factory: sessionmaker[Session], notice_id: str, now: datetim
 # --------------------------------------------------------------------------- a booking
 
 
-def claim(factory: sessionmaker[Session], key: str, now: datetime) -> bool:
-    """pending -> booking, committed before any request leaves. A conditional update, so two
-    claimants can never both send: True for the one that got it."""
+def claim(
+    factory: sessionmaker[Session], key: str, now: datetime, *, owner: str | None = None
+) -> bool:
+    """pending -> booking by the daemon ``owner``, committed before any request leaves. One
+    conditional update sets both, so two claimants can never both send, and a claim always
+    names its owner (whose live claims no other daemon takes over): True for the one that got
+    it."""
     with transaction(factory) as session:
         claimed = session.execute(
             update(Instance)
             .where(Instance.key == key, Instance.status == PENDING)
-            .values(status=BOOKING, updated_at=now)
+            .values(status=BOOKING, owner=owner, updated_at=now)
         ).rowcount
     return claimed == 1
 
@@ -576,13 +615,16 @@ def token_secrets(
     return ({}, undecryptable) if secrets is None else (secrets, None)
 
 
-def release(factory: sessionmaker[Session], key: str) -> None:
-    """booking -> pending: a shutdown before the trigger or between retries."""
+def release(factory: sessionmaker[Session], key: str, *, sent: bool = False) -> None:
+    """booking -> pending: a shutdown before the trigger or between retries, or a daemon that
+    is no longer the active one. ``sent``: a request may have reached the club, so the active
+    daemon's retry is marked ``interrupted`` (its 409 may be our own)."""
+    values: dict[str, Any] = {"status": PENDING, "owner": None}
+    if sent:
+        values["interrupted"] = True
     with transaction(factory) as session:
         session.execute(
-            update(Instance)
-            .where(Instance.key == key, Instance.status == BOOKING)
-            .values(status=PENDING)
+            update(Instance).where(Instance.key == key, Instance.status == BOOKING).values(**values)
         )
 
 
@@ -631,6 +673,7 @@ def finish(
             row.booked_court = court
         row.finished_at = now
         row.interrupted = False
+        row.owner = None
         return outcome_of(row, retry_helps=retry_helps)
 
 

@@ -17,6 +17,7 @@ import getpass
 import json
 import logging
 import logging.handlers
+import math
 import os
 import select
 import signal
@@ -24,7 +25,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -314,6 +315,8 @@ class Daemon:
         self.scheduler: scheduler.Scheduler | None = None
         self.notifier: Notifier | None = None
         self.ctx: bot.BookingContext | None = None
+        self.client = bot.ClubClient(timeout=settings.http_timeout)
+        self.roles = Roles(settings.database_url)
         self.config: Config | None = None
         self.stop = threading.Event()
         self._load_lock = threading.Lock()
@@ -342,6 +345,7 @@ class Daemon:
         self._restarted: str | None = None
         self._entry_cache = config_loader.EntryCache()
         self._retries_failing = False
+        self._frozen = False  # see _give_back_memory
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -379,16 +383,19 @@ class Daemon:
         for signum in DAEMON_SIGNALS:
             signal.signal(signum, _record_signal)
 
+    def wake(self) -> None:
+        """Wake the loop from another thread (a byte that is no signal number)."""
+        if self._signals_w is not None:
+            with contextlib.suppress(OSError):
+                self._signals_w.send(b"\0")
+
     def start(self) -> None:
+        """Open everything, then take the active role, or wait as a standby (section 10)."""
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.acquire_locks()
         self.install_signals()
-        try:
-            self.engine = models.make_engine(settings.database_url)
-        except Exception as exc:  # noqa: BLE001 (any driver error: one line, exit 2)
-            raise StartError(database_problem(settings, exc, doing="open")) from None
-        self.factory = models.session_factory(self.engine)
+        self.open_database()
         db_path = models.sqlite_path(settings.database_url)
         if db_path is not None:
             self.guard = models.SqliteGuard(db_path)
@@ -403,24 +410,55 @@ class Daemon:
             location=club_location(settings, self.template.flow if self.template else None),
         )
         self.notifier.start()
-        self.ctx = bot.BookingContext(
+        self.roles.join(self)
+
+    def open_database(self) -> None:
+        """The engine and sessions; a database that cannot be opened is a StartError whose
+        one line names it with the password masked."""
+        try:
+            self.engine = models.make_engine(self.settings.database_url)
+        except models.DatabaseConnectError as exc:  # a server's: host, port, database, the fix
+            raise StartError(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 (any driver error: one line, exit 2)
+            raise StartError(database_problem(self.settings, exc, doing="open")) from None
+        self.factory = models.session_factory(self.engine)
+
+    def booking_context(self) -> bot.BookingContext:
+        """A fresh context for one period as the active daemon (its own stop and may-send)."""
+        assert self.factory is not None and self.notifier is not None
+        return bot.BookingContext(
             factory=self.factory,
             fernet=self.fernet,
-            client=bot.ClubClient(timeout=settings.http_timeout),
-            api_url=settings.api_url,
-            retry_base=settings.retry_base,
-            early_retry_ms=settings.early_retry_ms,
-            early_retry_seconds=settings.early_retry_seconds,
-            stop=self.stop,
+            client=self.client,
+            api_url=self.settings.api_url,
+            retry_base=self.settings.retry_base,
+            stop=threading.Event(),
+            early_retry_ms=self.settings.early_retry_ms,
+            early_retry_seconds=self.settings.early_retry_seconds,
             notify=self.notifier.notify,
             template=self.template.flow if self.template is not None else None,
+            # The last good club files, kept from one period as the active daemon to the next.
+            clubs=dict(self.ctx.clubs) if self.ctx is not None else {},
             on_booked=self._booked,
+            owner=self.roles.ident,
         )
-        self.scheduler = scheduler.Scheduler(self.engine)
+
+    def become_active(self, reason: str) -> None:
+        """Today's start-up, as the active daemon: recover what a stopped daemon left in
+        ``booking`` (not a live daemon's claims), expire what was missed, load the files,
+        start the scheduler."""
+        assert self.engine is not None and self.factory is not None
+        assert self.notifier is not None
+        settings = self.settings
+        self.ctx = self.booking_context()
+        self.scheduler = scheduler.Scheduler(self.engine, allowed=self.ctx.may_send.is_set)
         scheduler.set_runtime(self)
+        self.reset_watch()
 
         now = datetime.now(UTC)
-        retried, unknown = instances.recover_in_flight(self.factory, now)
+        retried, unknown = instances.recover_in_flight(
+            self.factory, now, live_owners=self.roles.live_owners(self.factory)
+        )
         for row in unknown:
             self.notifier.notify(instances.outcome_of(row))
         if retried:
@@ -435,17 +473,25 @@ class Daemon:
             self.notifier.notify_missed([instances.outcome_of(row) for row in missed])
         # What is still pending with its trigger passed is booked at once, late: say why.
         instances.note_late_triggers(self.factory, now)
-        self.load(reason="start")
+        self.config = None  # a full load: the files may have changed while it waited
+        self.load(reason=reason)
+        if not self.ctx.may_send.is_set():
+            return  # lost the role meanwhile: the loop steps down
         self.scheduler.start()
-        write_private(settings.pid_path, f"{os.getpid()}\n")
-        self._pid_written = True
-        self._running = True
+        self.roles.beat(self)
+        self.write_pid()
         self.heartbeat()
         self.log_summary()
         self.safe_warn_expiring_tokens()
-        if settings.heartbeat_url is not None:
+        if settings.heartbeat_url is not None and self.pinger is None:
             self.pinger = heartbeat.Pinger(settings.heartbeat_url, healthy=self.is_healthy)
             self.pinger.start()
+
+    def write_pid(self) -> None:
+        """``bot.pid``: this daemon is loaded (active) or waits (standby); it removes it."""
+        write_private(self.settings.pid_path, f"{os.getpid()}\n")
+        self._pid_written = True
+        self._running = True
 
     def log_summary(self) -> None:
         assert self.factory is not None and self.scheduler is not None
@@ -598,6 +644,7 @@ class Daemon:
         """Make the jobs follow the pending instances: those of ``keys`` (what a load or a
         `retry` changed), or with None every one, a page at a time (at start)."""
         assert self.factory is not None and self.scheduler is not None and self.ctx is not None
+        self.roles.before_sync(self.factory)
         # The watchdog reads the earliest trigger again.
         self._jobs_changed += 1
         self._next_due_read = None
@@ -663,16 +710,18 @@ class Daemon:
         full job sync or a load that touched many instances, close the idle database
         connections too (with what they cached). Returns the milliseconds it took.
 
-        At start (before any booking) everything then alive is moved out of the collector's
-        sight (``gc.freeze``): the libraries' tens of thousands of objects live as long as the
-        process, and the full collection after a reload then looks only at what came after
-        (well under a millisecond instead of about 15). A small reload keeps the connections:
+        After the process's first load (before any booking) everything then alive is moved out
+        of the collector's sight (``gc.freeze``): the libraries' tens of thousands of objects
+        live as long as the process, and the full collection after a reload then looks only at
+        what came after (well under a millisecond instead of about 15). Not again later: what a
+        booking under way holds would be frozen with it. A small reload keeps the connections:
         closing SQLite's last one checkpoints its WAL (an fsync, about 10 ms) for a few KB."""
         assert self.engine is not None
         started = time.perf_counter()
         collected = gc.collect()
-        if start:
+        if start and not self._frozen:
             gc.freeze()
+            self._frozen = True
         closed = start or full or touched >= CLOSE_CONNECTIONS_AFTER
         if closed:
             models.close_idle_connections(self.engine)
@@ -718,16 +767,17 @@ class Daemon:
     # -- jobs (scheduler.Runtime) -------------------------------------------------------
 
     def book(self, key: str) -> None:
-        assert self.ctx is not None
-        if self.stop.is_set():
+        ctx = self.ctx
+        assert ctx is not None
+        if self.stop.is_set() or not ctx.may_send.is_set():
             return
-        bot.book_slot(key, self.ctx)
+        bot.book_slot(key, ctx)
 
     def topup(self, schedule_ids: Sequence[str] | None = None) -> None:
         """Keep recurring entries at their full count of future instances."""
         assert self.factory is not None
         with self._load_lock:
-            if self.config is None or self.stop.is_set():
+            if self.config is None or self.stop.is_set() or not self.roles.is_active:
                 return
             recurring = [e.id for e in self.config.schedules.entries if e.rule is not None]
             ids = [i for i in (schedule_ids or recurring) if i in recurring]
@@ -744,6 +794,14 @@ class Daemon:
         self.topup([schedule_id])
 
     # -- the loop -----------------------------------------------------------------------
+
+    def reset_watch(self) -> None:
+        """Forget what the watchdog saw of a scheduler that is gone (a period as the active
+        daemon ended or begins): a standby has none, a new one gets its own looks."""
+        self.watchdog = watchdog.Watchdog(give_up_after=self.watchdog.give_up_after)
+        self.overdue = watchdog.Overdue()
+        self._restarted = None
+        self._next_due_read = None
 
     def heartbeat(self) -> None:
         """The beat `health` reads, with the watchdog's state. On a full disk the file is
@@ -763,6 +821,7 @@ class Daemon:
         return (
             self._running
             and not self.stop.is_set()
+            and self.roles.is_active  # a standby vouches for nothing
             and beat is not None
             and time.monotonic() - beat < HEARTBEAT_STALE_SECONDS
             and self.watchdog.health() is None
@@ -822,8 +881,8 @@ class Daemon:
         next_watch = time.monotonic() + watchdog.INTERVAL
         next_retries = time.monotonic() + RETRY_CHECK_SECONDS
         while not self.stop.is_set():
-            wake = min(next_check, next_beat, next_watch, next_retries)
-            timeout = max(0.0, wake - time.monotonic())
+            due = min(next_check, next_beat, next_watch, next_retries, self.roles.next_due())
+            timeout = max(0.0, due - time.monotonic())
             ready, _, _ = select.select([self._signals_r], [], [], timeout)
             if not self.database_present():
                 break
@@ -835,6 +894,8 @@ class Daemon:
                 name = "SIGTERM" if signal.SIGTERM in signals else "SIGINT"
                 logger.info("%s received: stopping (a booking under way may finish)", name)
                 break
+            if self.roles.tick(self, signals):
+                continue  # a standby: no reload, no heartbeat of an active daemon
             if signal.SIGHUP in signals:
                 logger.info("SIGHUP received: reloading")
                 self.safe_load("SIGHUP")
@@ -977,8 +1038,12 @@ class Daemon:
             logger.exception("reload (%s) failed; the last good state stays", reason)
 
     def shutdown(self) -> None:
-        """Stop taking triggers, let a booking in flight finish, release everything."""
+        """Stop taking triggers, hand the active role over, let a booking in flight finish,
+        release everything."""
         self.stop.set()
+        self.roles.hand_over(self)
+        if self.ctx is not None:
+            self.ctx.stop.set()
         if self._running:
             # From now on `health` says 1, whatever the last heartbeat said.
             with contextlib.suppress(FileNotFoundError):
@@ -991,8 +1056,8 @@ class Daemon:
             if not self.scheduler.shutdown(wait=True, timeout=bound):
                 logger.error("the scheduler did not stop in %.0f s; exiting anyway", bound)
         scheduler.set_runtime(None)
-        if self.ctx is not None:
-            self.ctx.client.close()
+        self.roles.leave(self)
+        self.client.close()
         if self.notifier is not None:
             self.notifier.close(timeout=10.0)
         if self.engine is not None:
@@ -1100,6 +1165,433 @@ def _malloc_trim() -> Any:
 
 def _record_signal(signum: int, frame: Any) -> None:
     """Nothing to do: ``set_wakeup_fd`` already queued the signal number for the loop."""
+
+
+# --------------------------------------------------------------------------- active and standbys
+
+#: How often a daemon on a shared database writes its row in ``daemons`` (a standby: its
+#: heartbeat file too), and the active one looks for claims of daemons that died.
+BEAT_SECONDS = 5.0
+#: How often the active daemon on a shared database looks for pending instances changed
+#: elsewhere (a booking handed back, a `retry` on another host): as often as the watchdog
+#: looks, so that their jobs exist before it would call them overdue.
+LOOK_SECONDS = watchdog.INTERVAL
+#: A stopped daemon's row in ``daemons`` is removed this long after its last heartbeat.
+FORGET_AFTER = timedelta(minutes=1)
+#: How long a claim's owner that seems gone is given to show it lives (a standby takes its
+#: presence lock again at its next try, every leader.POLL_SECONDS).
+PRESENCE_GRACE_SECONDS = 1.5 * leader.POLL_SECONDS
+
+
+class LeaderWatch:
+    """A thread that checks every ``leader.CHECK_SECONDS`` that the daemon still holds the
+    active role, and calls ``on_lost`` once, at once, when it does not."""
+
+    def __init__(
+        self, lead: leader.Leadership | leader.LocalLeadership, on_lost: Callable[[], None]
+    ) -> None:
+        self.lead = lead
+        self.on_lost = on_lost
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="courtbot-leader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(leader.CHECK_SECONDS):
+            try:
+                held = self.lead.still_held()
+            except Exception:
+                logger.exception("leadership check failed")
+                held = False
+            if not held:
+                if not self._stop.is_set():
+                    self.on_lost()
+                return
+
+    def stop(self) -> None:
+        """Stop checking (and wait for a check under way, so nobody else uses the lock's
+        connection at the same time)."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(10)
+
+
+class Roles:
+    """This daemon's role on its database (CONTRACT section 10) and the loop's hooks for it.
+
+    On SQLite the file lock let only this daemon start: it is active at once and stays so. On
+    PostgreSQL it is active while it holds ``leader.Leadership``; otherwise a standby, which
+    tries for it every ``leader.POLL_SECONDS``, writes its heartbeat, ignores SIGHUP, and
+    sends and loads nothing. The active daemon checks the lock every ``leader.CHECK_SECONDS``
+    from a thread of its own and, once it is lost, stops booking at once (``may_send``
+    cleared: no request leaves, the job store is fenced) and goes back to standby with a
+    fresh scheduler when it wins the role again.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ident = leader.new_daemon_id()
+        self.lead = leader.leadership_for(url, self.ident)
+        self.shared = isinstance(self.lead, leader.Leadership)
+        self.beat_seconds = BEAT_SECONDS
+        self.role = leader.STANDBY
+        self.started_at = datetime.now(UTC)
+        self.since = self.started_at
+        self._watch: LeaderWatch | None = None
+        self._lost = threading.Event()
+        self._next_try = 0.0
+        self._next_beat = 0.0
+        self._next_look = 0.0
+        self._outage: str | None = None
+        #: The context of the last period as the active daemon, while its bookings end.
+        self._leftover: bot.BookingContext | None = None
+        self._pending_mark: tuple[int, datetime | None] | None = None
+
+    @property
+    def is_active(self) -> bool:
+        return self.role == leader.ACTIVE
+
+    # -- hooks of the daemon and its loop ------------------------------------------------
+
+    def join(self, daemon: Daemon) -> None:
+        """At start: the active role if it is free (always on SQLite), else standby."""
+        try:
+            acquired = self.lead.try_acquire()
+        except models.DatabaseConnectError as exc:
+            self._report_outage(exc)
+            acquired = False
+        if acquired:
+            self._activate(daemon, "start")
+        else:
+            self._wait(daemon, rejoin=False)
+
+    def next_due(self) -> float:
+        """When (``time.monotonic``) the loop must call ``tick`` at the latest."""
+        if not self.shared:
+            return math.inf  # alone on its database: nothing to beat or try
+        if self.is_active:
+            return min(self._next_beat, self._next_look)
+        return min(self._next_try, self._next_beat)
+
+    def tick(self, daemon: Daemon, signals: set[int]) -> bool:
+        """One turn of the loop. True when the rest of the turn (reloads, the active
+        daemon's heartbeat) is not for this daemon now: it is a standby, or just became one."""
+        if self.is_active:
+            if self._lost.is_set():
+                self._step_down(daemon)
+                return True
+            now = time.monotonic()
+            if self.shared and now >= self._next_look:
+                self._next_look = now + LOOK_SECONDS
+                self._pick_up(daemon)
+            if self.shared and now >= self._next_beat:
+                self.beat(daemon)
+            return False
+        if signal.SIGHUP in signals:
+            logger.info(
+                "SIGHUP received: this daemon is a standby; it loads the files when it becomes "
+                "the active one"
+            )
+        now = time.monotonic()
+        if now >= self._next_try:
+            self._next_try = now + leader.POLL_SECONDS
+            if self._try_acquire():
+                self._activate(daemon, "became active")
+                return True
+        if now >= self._next_beat:
+            self._beat_standby(daemon)
+        return True
+
+    def before_sync(self, factory: models.SessionFactory) -> None:
+        """Note the pending instances as they are before the jobs follow them, so that a
+        change made elsewhere afterwards is seen (shared databases only)."""
+        if self.shared:
+            self._pending_mark = instances.pending_mark(factory)
+
+    def live_owners(self, factory: models.SessionFactory) -> frozenset[str]:
+        """The owners of ``booking`` claims whose daemon lives (this one included): their
+        claims are theirs, never taken over."""
+        owners = {owner for owner in instances.booking_owners(factory) if owner}
+        return frozenset(self._alive(owners - {self.ident}) | {self.ident})
+
+    def _alive(self, owners: set[str]) -> set[str]:
+        """Those of ``owners`` whose daemon lives. One that seems gone is looked at again
+        after PRESENCE_GRACE_SECONDS: a daemon whose connections were cut (not killed) takes
+        its presence again within a second, and its claims stay its own."""
+        if not owners:
+            return set()
+        alive = self.lead.alive_ids(owners)
+        if self.shared and owners - alive:
+            time.sleep(PRESENCE_GRACE_SECONDS)
+            alive |= self.lead.alive_ids(owners)
+        return alive
+
+    def hand_over(self, daemon: Daemon) -> None:
+        """At a clean stop, before waiting for bookings in flight: no request leaves any more
+        (a booking waiting for its trigger or a retry goes back to pending) and a standby may
+        take the role at once."""
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        if self.shared and daemon.ctx is not None:
+            daemon.ctx.may_send.clear()
+            daemon.ctx.stop.set()
+        self.lead.release()
+
+    def leave(self, daemon: Daemon) -> None:
+        """At exit, after the bookings in flight (those of an earlier period as the active
+        daemon too): this daemon's row goes, then its locks."""
+        leftover = self._leftover
+        if leftover is not None:
+            deadline = time.monotonic() + daemon.settings.http_timeout + 1.0
+            while leftover.in_flight and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if daemon.engine is not None:
+            try:
+                leader.remove_daemon(daemon.engine, self.ident)
+            except Exception as exc:  # noqa: BLE001 (the row is forgotten later anyway)
+                logger.warning("could not remove this daemon's row: %s", self._one_line(exc))
+        self.lead.close()
+
+    # -- the active role -----------------------------------------------------------------
+
+    def _activate(self, daemon: Daemon, reason: str) -> None:
+        self.role = leader.ACTIVE
+        self.since = datetime.now(UTC)
+        self._lost.clear()
+        self._next_beat = time.monotonic() + self.beat_seconds
+        self._next_look = time.monotonic() + LOOK_SECONDS
+        if not self.shared:
+            daemon.become_active(reason)
+            return
+        logger.info(
+            "active: this daemon (%s pid %d) is the active one on %s",
+            socket.gethostname(),
+            os.getpid(),
+            models.mask_url(self.url),
+        )
+        # An active daemon whose connection was cut notices within CHECK_SECONDS and stops
+        # sending: give it that time before anything is sent from here.
+        time.sleep(leader.SETTLE_SECONDS)
+        self._watch = LeaderWatch(self.lead, lambda: self._on_lost(daemon))
+        self._watch.start()
+        try:
+            self._release_leftovers(daemon, self.since)
+            daemon.become_active(reason)
+        except Exception:
+            logger.exception("could not take up the active role; back to standby")
+            self._on_lost(daemon, quiet=True)
+            self._step_down(daemon)
+
+    def _on_lost(self, daemon: Daemon, *, quiet: bool = False) -> None:
+        """The role is gone (the lock's connection failed, or it was taken): stop booking now,
+        from whatever thread noticed; the loop steps down next."""
+        ctx = daemon.ctx
+        if ctx is not None:
+            ctx.may_send.clear()
+            ctx.stop.set()
+        self._lost.set()
+        if not quiet:
+            logger.error(
+                "lost the active role on %s (its database connection failed): stopped booking "
+                "at once; a booking in flight may finish; a standby takes over",
+                models.mask_url(self.url),
+            )
+        daemon.wake()
+
+    def beat(self, daemon: Daemon) -> None:
+        """The active daemon's beat on a shared database: its row in ``daemons``, the claims
+        of daemons that died, and pending instances changed elsewhere. (Alone on SQLite it
+        has nothing to say: ``status`` reads its pid file and heartbeat.)"""
+        if not self.shared:
+            return
+        assert daemon.engine is not None and daemon.factory is not None
+        self._next_beat = time.monotonic() + self.beat_seconds
+        now = datetime.now(UTC)
+        try:
+            self._write_row(daemon, now)
+            self._recover_dead_claims(daemon, now)
+            leader.forget_dead(daemon.engine, now=now, older_than=FORGET_AFTER)
+        except Exception as exc:  # noqa: BLE001 (the database is away: the watch acts on it)
+            self._report_outage(exc)
+            return
+        self._recovered()
+
+    def _pick_up(self, daemon: Daemon) -> None:
+        """Pending instances changed elsewhere (a booking handed back by a daemon that lost the
+        role, a `retry` run on another host): their jobs follow. A cheap look (a count and a
+        time on the status index) unless something changed."""
+        assert daemon.factory is not None
+        try:
+            if instances.pending_mark(daemon.factory) == self._pending_mark:
+                return
+            changed = daemon._sync()
+        except Exception as exc:  # noqa: BLE001 (the database is away: the watch acts on it)
+            self._report_outage(exc)
+            return
+        if changed.added or changed.moved or changed.removed:
+            logger.info(
+                "instances changed elsewhere: jobs %d added, %d moved, %d removed",
+                changed.added,
+                changed.moved,
+                changed.removed,
+            )
+
+    def _recover_dead_claims(self, daemon: Daemon, now: datetime) -> None:
+        """Claims of daemons that died since this one became active: as after a crash."""
+        assert daemon.factory is not None and daemon.notifier is not None
+        owners = instances.booking_owners(daemon.factory) - {self.ident}
+        if not owners:
+            return
+        live = self._alive({owner for owner in owners if owner}) | {self.ident}
+        if owners <= live:
+            return
+        retried, unknown = instances.recover_in_flight(
+            daemon.factory, now, live_owners=frozenset(live)
+        )
+        for row in unknown:
+            daemon.notifier.notify(instances.outcome_of(row))
+        if retried:
+            logger.warning(
+                "%d booking(s) of a daemon that stopped are retried now with the same "
+                "Idempotency-Key: %s",
+                len(retried),
+                ", ".join(retried),
+            )
+        daemon._sync()
+
+    def _step_down(self, daemon: Daemon) -> None:
+        """Back to standby after losing the role: the scheduler stops (its store is fenced
+        already), presence is taken again (this daemon's claims in flight stay its own)."""
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        self._lost.clear()
+        if daemon.scheduler is not None:
+            daemon.scheduler.shutdown(wait=False)
+        daemon.reset_watch()
+        self.lead.release()
+        try:
+            self.lead.ensure_present()
+        except Exception as exc:  # noqa: BLE001 (the database is away: logged, retried)
+            self._report_outage(exc)
+        self._leftover = daemon.ctx
+        self._wait(daemon, rejoin=True)
+
+    # -- the standby role ----------------------------------------------------------------
+
+    def _wait(self, daemon: Daemon, *, rejoin: bool) -> None:
+        """Become (or start as) a standby: ``bot.pid`` written, heartbeat, one log line."""
+        self.role = leader.STANDBY
+        self.since = datetime.now(UTC)
+        pause = leader.REJOIN_SECONDS if rejoin else leader.POLL_SECONDS
+        self._next_try = time.monotonic() + pause
+        self._beat_standby(daemon)
+        logger.info(
+            "standby: this daemon (%s pid %d) waits on %s%s; it sends nothing and takes over "
+            "within seconds when the active one ends",
+            socket.gethostname(),
+            os.getpid(),
+            models.mask_url(self.url),
+            self._active_one(daemon),
+        )
+        daemon.write_pid()
+
+    def _active_one(self, daemon: Daemon) -> str:
+        """`` while <host> pid <pid> is active`` when the database says so, else ``""``."""
+        if daemon.engine is None:
+            return ""
+        try:
+            states = leader.list_daemons(daemon.engine, now=datetime.now(UTC))
+        except Exception:  # noqa: BLE001 (a detail of a log line)
+            return ""
+        for state in states:
+            if state.alive and state.role == leader.ACTIVE and state.id != self.ident:
+                return f" while {state.host} pid {state.pid} is active"
+        return ""
+
+    def _try_acquire(self) -> bool:
+        try:
+            acquired = self.lead.try_acquire()
+        except Exception as exc:  # noqa: BLE001 (unreachable: logged once, tried again)
+            self._report_outage(exc)
+            return False
+        self._recovered()
+        return acquired
+
+    def _beat_standby(self, daemon: Daemon) -> None:
+        """A standby's row and heartbeat file (only while it reaches the database: one that
+        cannot would not take over, so ``health`` says 1), and the end of its own claims."""
+        self._next_beat = time.monotonic() + self.beat_seconds
+        now = datetime.now(UTC)
+        try:
+            self._write_row(daemon, now)
+            self._release_leftovers(daemon, now)
+        except Exception as exc:  # noqa: BLE001 (logged once, tried again)
+            self._report_outage(exc)
+            return
+        self._recovered()
+        daemon.heartbeat()
+
+    def _release_leftovers(self, daemon: Daemon, now: datetime) -> None:
+        """Claims of this daemon's last active period still in ``booking`` whose booking is
+        no longer under way (its end could not be written: the database was away) are put
+        back as after a crash, for whichever daemon is active. A booking still under way is
+        left to finish, and looked at again at the next beat."""
+        ctx = self._leftover
+        if ctx is None or daemon.factory is None:
+            return
+        with ctx.in_flight_lock:
+            busy = frozenset(ctx.in_flight)
+        retried, unknown = instances.recover_in_flight(
+            daemon.factory, now, owner=self.ident, keep=busy
+        )
+        if retried or unknown:
+            logger.warning(
+                "claims of this daemon whose end could not be written are put back: %s",
+                ", ".join(retried + [row.key for row in unknown]),
+            )
+        if daemon.notifier is not None:
+            for row in unknown:
+                daemon.notifier.notify(instances.outcome_of(row))
+        if not busy:
+            self._leftover = None
+
+    # -- both ------------------------------------------------------------------------------
+
+    def _write_row(self, daemon: Daemon, now: datetime) -> None:
+        assert daemon.engine is not None
+        leader.write_heartbeat(
+            daemon.engine,
+            ident=self.ident,
+            role=self.role,
+            started_at=self.started_at,
+            since=self.since,
+            now=now,
+        )
+
+    def _one_line(self, exc: BaseException) -> str:
+        if isinstance(exc, models.DatabaseConnectError):
+            return str(exc)
+        return str(models.connect_error(self.url, exc))
+
+    def _report_outage(self, exc: BaseException) -> None:
+        """Log a database error once per outage (the password masked)."""
+        if self._outage is None:
+            logger.error(
+                "%s: %s; trying again every %g s",
+                self.role,
+                self._one_line(exc),
+                leader.POLL_SECONDS if not self.is_active else self.beat_seconds,
+            )
+        self._outage = self._one_line(exc)
+
+    def _recovered(self) -> None:
+        if self._outage is not None:
+            logger.info("%s: the database answers again", self.role)
+            self._outage = None
 
 
 # --------------------------------------------------------------------------- commands
@@ -1419,18 +1911,24 @@ def _report_line(report: bot.StepReport) -> str:
 
 
 def _open_existing_engine(settings: Settings, *, upgrade: bool = False) -> models.Engine | None:
-    """An engine on the database when it exists with its tables (None otherwise); never creates
-    it. With ``upgrade`` (a writer), the columns an earlier release lacked are added."""
-    db = models.sqlite_path(settings.database_url)
+    """The database when it exists with its tables (None otherwise); never creates it. With
+    ``upgrade`` (a writer), the columns an earlier release lacked are added. Raises
+    DatabaseConnectError (one line, password masked) when it cannot be read."""
+    url = settings.database_url
+    db = models.sqlite_path(url)
     if db is not None and not db.exists():
         return None
-    engine = models.make_engine(settings.database_url, create=False)
-    if not models.has_tables(engine):
+    engine = models.make_engine(url, create=False)
+    try:
+        if not models.has_tables(engine):
+            engine.dispose()
+            return None
+        if upgrade:
+            models.add_missing_columns(engine)
+            models.add_missing_tables(engine)
+    except Exception as exc:  # noqa: BLE001 (a driver error: one line)
         engine.dispose()
-        return None
-    if upgrade:
-        models.add_missing_columns(engine)
-        models.add_missing_tables(engine)
+        raise models.connect_error(url, exc) from None
     return engine
 
 
@@ -1458,6 +1956,7 @@ def daemon_facts(
                 role=state.role,
                 heartbeat_age=(now - state.heartbeat_at).total_seconds(),
                 alive=state.alive,
+                since=state.since,
             )
             for state in leader.list_daemons(engine, now=now)
         )
@@ -1470,42 +1969,93 @@ def daemon_facts(
 UPCOMING = (models.PENDING, models.BOOKING)
 
 
+def daemon_json(state: leader.DaemonState) -> dict[str, Any]:
+    """A daemon as ``status --daemons --json`` prints it."""
+    return {
+        "id": state.id,
+        "host": state.host,
+        "pid": state.pid,
+        "role": state.role,
+        "alive": state.alive,
+        "since": utils.format_utc(state.since),
+        "started_at": utils.format_utc(state.started_at),
+        "heartbeat_at": utils.format_utc(state.heartbeat_at),
+    }
+
+
 def cmd_status(env: dict[str, str], args: argparse.Namespace, out: IO[str]) -> int:
     try:
         settings = load_settings(env)
     except StartError as exc:
         print(f"courtbot status: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    engine = _open_existing_engine(settings)
-    factory = None if engine is None else models.session_factory(engine)
     try:
-        statuses = UPCOMING if args.upcoming else ([args.status] if args.status else None)
-        rows = instances.status_rows(
-            factory, schedule=args.schedule, statuses=statuses, limit=args.limit
+        engine = _open_existing_engine(settings)
+    except models.DatabaseConnectError as exc:
+        print(f"courtbot status: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    try:
+        if args.daemons:
+            return _status_daemons(settings, engine, args.json, out)
+        return _status(settings, engine, args, out, env)
+    except models.DBAPIError as exc:  # the database went away mid-read: one line, masked
+        print(
+            f"courtbot status: {models.connect_error(settings.database_url, exc)}", file=sys.stderr
         )
-        if args.json:
-            json.dump(rows, out, indent=2)
-            out.write("\n")
-            return EXIT_OK
-        now = datetime.now(UTC)
-        filtered = args.schedule or statuses or args.limit
-        out.write(
-            report.render(
-                daemon_facts(settings, engine, now),
-                instances.upcoming(factory, now, schedule=args.schedule, limit=report.NEXT_SHOWN),
-                instances.recent_outcomes(
-                    factory, report.outcomes_since(now), schedule=args.schedule
-                ),
-                rows,
-                now=now,
-                palette=report.Palette(report.colour_wanted(out.isatty(), env)),
-                empty="no instance matches" if filtered else "no instances yet",
-            )
-        )
-        return EXIT_OK
+        return EXIT_INVALID
     finally:
         if engine is not None:
             engine.dispose()
+
+
+def _status(
+    settings: Settings,
+    engine: models.Engine | None,
+    args: argparse.Namespace,
+    out: IO[str],
+    env: dict[str, str],
+) -> int:
+    factory = None if engine is None else models.session_factory(engine)
+    statuses = UPCOMING if args.upcoming else ([args.status] if args.status else None)
+    rows = instances.status_rows(
+        factory, schedule=args.schedule, statuses=statuses, limit=args.limit
+    )
+    if args.json:
+        json.dump(rows, out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    now = datetime.now(UTC)
+    filtered = args.schedule or statuses or args.limit
+    out.write(
+        report.render(
+            daemon_facts(settings, engine, now),
+            instances.upcoming(factory, now, schedule=args.schedule, limit=report.NEXT_SHOWN),
+            instances.recent_outcomes(factory, report.outcomes_since(now), schedule=args.schedule),
+            rows,
+            now=now,
+            palette=report.Palette(report.colour_wanted(out.isatty(), env)),
+            empty="no instance matches" if filtered else "no instances yet",
+        )
+    )
+    return EXIT_OK
+
+
+def _status_daemons(
+    settings: Settings, engine: models.Engine | None, as_json: bool, out: IO[str]
+) -> int:
+    """``status --daemons``: the daemons on the database (the active one and the standbys)."""
+    now = datetime.now(UTC)
+    if as_json:
+        states = []
+        if engine is not None and models.has_table(engine, models.Daemon.__tablename__):
+            states = leader.list_daemons(
+                engine, now=now, stale_after=timedelta(seconds=HEARTBEAT_STALE_SECONDS)
+            )
+        json.dump([daemon_json(state) for state in states], out, indent=2)
+        out.write("\n")
+        return EXIT_OK
+    out.write("\n".join(report.daemon_lines(daemon_facts(settings, engine, now))) + "\n")
+    return EXIT_OK
 
 
 def cmd_retry(env: dict[str, str], target: str) -> int:
@@ -1514,11 +2064,23 @@ def cmd_retry(env: dict[str, str], target: str) -> int:
     except StartError as exc:
         print(f"courtbot retry: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    factory = _open_existing_db(settings, upgrade=True)
-    if factory is None:
-        print(f"courtbot retry: no database at {settings.database_url}", file=sys.stderr)
+    try:
+        factory = _open_existing_db(settings, upgrade=True)
+        if factory is None:
+            print(
+                f"courtbot retry: no database at {models.mask_url(settings.database_url)}",
+                file=sys.stderr,
+            )
+            return EXIT_INVALID
+        keys = instances.retry(factory, target, datetime.now(UTC))
+    except models.DatabaseConnectError as exc:
+        print(f"courtbot retry: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    keys = instances.retry(factory, target, datetime.now(UTC))
+    except Exception as exc:  # noqa: BLE001 (a driver error mid-write: one line, masked)
+        print(
+            f"courtbot retry: {models.connect_error(settings.database_url, exc)}", file=sys.stderr
+        )
+        return EXIT_INVALID
     if not keys:
         print(
             f"courtbot retry: no failed instance with a start still ahead matches {target!r}",
@@ -1527,6 +2089,10 @@ def cmd_retry(env: dict[str, str], target: str) -> int:
         return EXIT_INVALID
     for key in keys:
         print(f"pending again: {key}")
+    if models.is_postgresql(settings.database_url):
+        # The active daemon may run elsewhere: it notices the change itself.
+        print(f"the active daemon picks them up within {LOOK_SECONDS:g} s")
+        return EXIT_OK
     pid = daemon_running(settings)
     if pid is not None:
         print(f"the daemon (pid {pid}) picks them up within a second")
@@ -1643,6 +2209,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument(
         "--limit", metavar="N", type=_positive_int, help="the first N instances (soonest trigger)"
+    )
+    status.add_argument(
+        "--daemons",
+        action="store_true",
+        help="the daemons on the database instead (active and standbys; with --json, an array)",
     )
     retry = sub.add_parser("retry", help="put failed instances still ahead back to pending")
     retry.add_argument("target", metavar="KEY_OR_SCHEDULE_ID")

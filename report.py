@@ -61,6 +61,7 @@ class DaemonInfo:
     role: str  # "active" or "standby"
     heartbeat_age: float  # seconds
     alive: bool = True
+    since: datetime | None = None  # when it took its role
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,8 @@ def daemon_lines(facts: DaemonFacts, palette: Palette = Palette()) -> list[str]:
         lines = []
         for daemon in sorted(alive, key=lambda d: d.role != "active"):
             where = f"{daemon.role} on {daemon.host} (pid {daemon.pid})"
+            if daemon.since is not None:
+                where += f" since {utils.format_utc(daemon.since)}"
             beat = _heartbeat(daemon.heartbeat_age, facts.stale_after, palette)
             lines.append(f"  {where}, {beat}")
         running = "running" if any(d.role == "active" for d in alive) else "running, no active"

@@ -18,10 +18,10 @@ from __future__ import annotations
 import logging
 import pickle
 import threading
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import astuple, dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
@@ -108,10 +108,46 @@ class SyncReport:
 
 class _Store(SQLAlchemyJobStore):
     """The job store in the daemon's database. The engine is the daemon's: shutting the
-    scheduler down (or retiring one, ``Scheduler.restart``) must not dispose of it."""
+    scheduler down (or retiring one, ``Scheduler.restart``) must not dispose of it.
+
+    The store is shared through the database by every daemon on it, and only the active one
+    may fire or change jobs. Once ``allowed()`` is false (the role lost), this scheduler's
+    thread finds no due job and no next run time (it sleeps rather than spins) and its writes
+    are dropped, so that however late it notices it was stopped it never fires or removes a
+    job that the new active daemon's scheduler owns."""
+
+    def __init__(self, *, allowed: Callable[[], bool], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._allowed = allowed
 
     def shutdown(self) -> None:
         """Nothing: the daemon disposes of its engine itself."""
+
+    def get_due_jobs(self, now: datetime) -> list[Job]:
+        return super().get_due_jobs(now) if self._allowed() else []  # type: ignore[no-any-return]
+
+    def get_next_run_time(self) -> datetime | None:
+        return super().get_next_run_time() if self._allowed() else None  # type: ignore[no-any-return]
+
+    def add_job(self, job: Job) -> None:
+        if self._allowed():
+            super().add_job(job)
+
+    def update_job(self, job: Job) -> None:
+        if self._allowed():
+            super().update_job(job)
+
+    def remove_job(self, job_id: str) -> None:
+        if self._allowed():
+            super().remove_job(job_id)
+
+    def remove_all_jobs(self) -> None:
+        if self._allowed():
+            super().remove_all_jobs()
+
+
+def _always() -> bool:
+    return True
 
 
 class _Background(BackgroundScheduler):
@@ -141,11 +177,21 @@ def _retire(old: _Background) -> None:
 
 
 class Scheduler:
-    """A BackgroundScheduler whose job store lives in the courtbot database."""
+    """A BackgroundScheduler whose job store lives in the courtbot database.
 
-    def __init__(self, engine: Engine, *, workers: int = DEFAULT_WORKERS) -> None:
+    ``allowed`` (default: always) says whether this daemon may still fire and change jobs: on a
+    database shared by several daemons, only while it is the active one."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        workers: int = DEFAULT_WORKERS,
+        allowed: Callable[[], bool] = _always,
+    ) -> None:
         self._engine = engine
         self._workers = workers
+        self._allowed = allowed
         self._store, self._scheduler = self._build()
         # The store creates its table when the scheduler starts; sync runs before that.
         self._store.jobs_t.create(engine, checkfirst=True)
@@ -155,7 +201,7 @@ class Scheduler:
             logging.getLogger(name).setLevel(logging.WARNING)
 
     def _build(self) -> tuple[_Store, _Background]:
-        store = _Store(engine=self._engine, tablename=JOBS_TABLE)
+        store = _Store(allowed=self._allowed, engine=self._engine, tablename=JOBS_TABLE)
         background = _Background(
             jobstores={"default": store},
             executors={"default": ThreadPoolExecutor(max_workers=self._workers)},
@@ -225,6 +271,8 @@ class Scheduler:
     def probe_write(self) -> None:
         """Write to the job store and take it back, committed: raises (``models.DatabaseError``)
         while the database cannot be written (a full or read-only disk)."""
+        if not self._allowed():
+            return  # not the active daemon: the store is another's to write
         table = self._store.jobs_t
         with self._store.engine.begin() as conn:
             conn.execute(table.delete().where(table.c.id == PROBE_JOB_ID))
@@ -333,6 +381,9 @@ class Scheduler:
 
     def _write(self, upserts: list[tuple[str, datetime]], removals: list[str]) -> None:
         if not upserts and not removals:
+            return
+        if not self._allowed():
+            logger.warning("jobs not written: this daemon is no longer the active one")
             return
         table = self._store.jobs_t
         gone = removals + [key for key, _ in upserts]

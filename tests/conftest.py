@@ -63,14 +63,43 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def env(data_dir: Path, fernet_key: str) -> dict[str, str]:
-    """A minimal environment for the daemon, its files in ``data_dir``."""
-    return {
+def database(request: pytest.FixtureRequest) -> str:
+    """The database a test runs on: ``sqlite``, or each of ``sqlite`` and ``postgresql`` for
+    a test marked ``both_databases`` (see pytest_generate_tests)."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked ``both_databases`` (or in a module so marked) that touches the database
+    (through ``engine``, ``factory``, ``env`` or ``database_url``) runs on each of them."""
+    if "database" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_databases"
+    ):
+        metafunc.parametrize("database", ["sqlite", "postgresql"], indirect=True)
+
+
+@pytest.fixture
+def database_url(database: str, data_dir: Path, request: pytest.FixtureRequest) -> str:
+    """The test's ``DATABASE_URL``: the default SQLite file in ``data_dir``, or a fresh
+    database on the suite's PostgreSQL server."""
+    if database == "sqlite":
+        return f"sqlite:///{data_dir / 'db.sqlite'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def env(data_dir: Path, fernet_key: str, database: str, database_url: str) -> dict[str, str]:
+    """A minimal environment for the daemon, its files in ``data_dir`` (and its database on
+    PostgreSQL when the test runs there)."""
+    values = {
         "FERNET_KEY": fernet_key,
         "BOOKING_API_URL": "http://club.test/bookings",
         "DATA_DIR": str(data_dir),
         "LOG_FILE": "-",
     }
+    if database != "sqlite":
+        values["DATABASE_URL"] = database_url
+    return values
 
 
 @pytest.fixture
@@ -79,8 +108,8 @@ def settings(env: dict[str, str]) -> Settings:
 
 
 @pytest.fixture
-def engine(data_dir: Path) -> Iterator[Engine]:
-    engine = models.make_engine(f"sqlite:///{data_dir / 'db.sqlite'}")
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = models.make_engine(database_url)
     yield engine
     engine.dispose()
 

@@ -1,7 +1,8 @@
 """bot.py: the request of CONTRACT section 6, the answer table, the instance states of section 7.
 
 HTTP rules run against `responses` (call counts, headers, timeouts); the database is real SQLite
-in tmp_path; time never really passes: the context's clock is fake and its stop event records the
+in tmp_path (the tests of states, claims and the active role also run on PostgreSQL); time never
+really passes: the context's clock is fake and its stop event records the
 waits it is asked for and returns at once. `ClubClient` itself is tested against real HTTP servers
 on 127.0.0.1. Every test that builds a harness also checks, at teardown, that the token's plaintext
 is nowhere: not in a last error, an outcome, a log line (DEBUG) or the database file.
@@ -63,6 +64,7 @@ DESIRED = datetime(2026, 11, 30, 17, 0, tzinfo=UTC)
 TRIGGER = DESIRED - timedelta(hours=168)
 KEY = utils.instance_key("mon", DESIRED)
 MIB = 1024 * 1024
+
 
 RETRY_KINDS = ["429", "500", "503", "timeout", "connection"]
 
@@ -891,6 +893,7 @@ def test_a_long_error_body_never_lets_part_of_the_token_through(h: Harness) -> N
 # --------------------------------------------------------------------------- states
 
 
+@pytest.mark.both_databases
 def test_the_instance_is_committed_booking_before_the_request_leaves(h: Harness) -> None:
     h.add()
     seen: list[tuple[str, int]] = []
@@ -910,6 +913,7 @@ def test_the_instance_is_committed_booking_before_the_request_leaves(h: Harness)
     assert h.row().attempts == 1
 
 
+@pytest.mark.both_databases
 def test_a_stop_between_retries_puts_the_instance_back_to_pending(h: Harness) -> None:
     h.ctx.stop = h.stop = FakeStop(stop_on=1)
     h.add()
@@ -924,6 +928,7 @@ def test_a_stop_between_retries_puts_the_instance_back_to_pending(h: Harness) ->
     assert h.outcomes == []
 
 
+@pytest.mark.both_databases
 def test_a_stop_before_the_trigger_sends_nothing_and_leaves_it_pending(h: Harness) -> None:
     h.ctx.stop = h.stop = FakeStop(stop_on=1)
     h.add()
@@ -938,6 +943,117 @@ def test_a_stop_before_the_trigger_sends_nothing_and_leaves_it_pending(h: Harnes
     assert h.outcomes == []
 
 
+# --------------------------------------------------------------------------- the active role (10)
+
+NOT_ACTIVE_LINE = (
+    f"booking {KEY}: this daemon is no longer the active one; back to pending for the active "
+    "daemon, with the same Idempotency-Key"
+)
+
+
+def lose_the_role(ctx: BookingContext) -> None:
+    """What main.Roles does, from its watch thread, when the daemon's lock is lost."""
+    ctx.may_send.clear()
+    ctx.stop.set()
+
+
+@pytest.mark.both_databases
+def test_a_claim_names_the_daemon(h: Harness) -> None:
+    h.ctx.owner = "daemon-1"
+    h.add()
+    owners: list[str | None] = []
+
+    def club_side(request: Any) -> tuple[int, dict[str, str], str]:
+        owners.append(h.row().owner)
+        return 201, {}, json.dumps({"id": "c1"})
+
+    h.club.add_callback(responses.POST, URL, callback=club_side)
+
+    assert h.book() == BOOKED
+    assert owners == ["daemon-1"]
+    assert h.row().owner is None  # a claim lives as long as its booking
+
+
+@pytest.mark.both_databases
+def test_a_daemon_no_longer_active_claims_nothing(h: Harness) -> None:
+    h.add()
+    queue(h.club, answer(201, {"id": 1}))
+    h.ctx.may_send.clear()
+
+    assert h.book() is None
+
+    assert h.calls == []
+    assert (h.row().status, h.row().owner) == (PENDING, None)
+
+
+@pytest.mark.both_databases
+def test_losing_the_role_before_the_trigger_sends_nothing(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    h.ctx.owner = "daemon-1"
+    h.ctx.stop = h.stop = FakeStop(stop_on=1)
+    h.add()
+    h.clock.set(TRIGGER - timedelta(seconds=30))
+    queue(h.club, answer(201, {"id": 1}))
+    # The role goes while the connection to the club is being opened ahead of the trigger.
+    h.ctx.client.warm = lambda url: lose_the_role(h.ctx)  # type: ignore[method-assign]
+
+    assert h.book() is None
+
+    assert h.calls == []
+    row = h.row()
+    assert (row.status, row.owner, row.attempts, row.interrupted) == (PENDING, None, 0, False)
+    assert f"{NOT_ACTIVE_LINE}; nothing was sent" in caplog.messages
+    assert h.outcomes == []
+
+
+@pytest.mark.both_databases
+@pytest.mark.parametrize(("first", "interrupted"), [("503", False), ("timeout", True)])
+def test_losing_the_role_during_a_request_stops_the_retries(
+    h: Harness, caplog: pytest.LogCaptureFixture, first: str, interrupted: bool
+) -> None:
+    h.ctx.owner = "daemon-1"
+    h.add()
+    real_send = h.ctx.client.send
+
+    def send_and_lose(spec: Any) -> Any:
+        lose_the_role(h.ctx)  # while the request is under way
+        return real_send(spec)
+
+    h.ctx.client.send = send_and_lose  # type: ignore[method-assign]
+    queue(h.club, retryable(first), answer(201, {"id": 1}))
+
+    assert h.book() is None
+
+    assert len(h.calls) == 1  # the retry is the active daemon's, with the same key
+    row = h.row()
+    # A timeout may have reached the club: the active daemon's 409 then says so.
+    assert (row.status, row.owner, row.attempts, row.interrupted) == (
+        PENDING,
+        None,
+        1,
+        interrupted,
+    )
+    assert NOT_ACTIVE_LINE in caplog.messages
+    assert h.outcomes == []
+
+
+@pytest.mark.both_databases
+def test_a_request_in_flight_when_the_role_goes_finishes(h: Harness) -> None:
+    h.add()
+
+    def club_side(request: Any) -> tuple[int, dict[str, str], str]:
+        lose_the_role(h.ctx)
+        return 201, {}, json.dumps({"id": "c1"})
+
+    h.club.add_callback(responses.POST, URL, callback=club_side)
+
+    assert h.book() == BOOKED
+    assert (h.row().status, h.row().booking_ref) == (BOOKED, "c1")
+    assert len(h.outcomes) == 1
+
+
+@pytest.mark.both_databases
 @pytest.mark.parametrize("status", [CANCELLED, BOOKED, FAILED, EXPIRED, BOOKING])
 def test_an_instance_that_is_not_pending_is_not_sent(h: Harness, status: str) -> None:
     h.add(status=status, last_error="as it was")
@@ -951,12 +1067,14 @@ def test_an_instance_that_is_not_pending_is_not_sent(h: Harness, status: str) ->
     assert h.outcomes == []
 
 
+@pytest.mark.both_databases
 def test_an_unknown_key_is_nothing_to_do(h: Harness) -> None:
     assert h.book("nope@2026-11-30T17:00:00Z") is None
     assert h.calls == []
     assert h.outcomes == []
 
 
+@pytest.mark.both_databases
 @pytest.mark.parametrize("late", [timedelta(0), timedelta(minutes=1), timedelta(days=2)])
 def test_a_start_already_passed_is_expired_without_a_request(h: Harness, late: timedelta) -> None:
     h.add()
@@ -976,6 +1094,7 @@ def test_a_start_already_passed_is_expired_without_a_request(h: Harness, late: t
     assert (outcome.status, outcome.key, outcome.reason) == (EXPIRED, KEY, row.last_error)
 
 
+@pytest.mark.both_databases
 @pytest.mark.parametrize(
     ("token_row", "reason"),
     [
@@ -992,6 +1111,7 @@ def test_a_start_already_passed_is_expired_without_a_request(h: Harness, late: t
     ],
     ids=["error-no-value", "error-with-old-value", "missing", "no-value"],
 )
+@pytest.mark.both_databases
 def test_an_unusable_token_fails_without_a_request(
     h: Harness, token_row: dict[str, Any] | None, reason: str
 ) -> None:
@@ -1009,6 +1129,7 @@ def test_an_unusable_token_fails_without_a_request(
     assert (outcome.status, outcome.reason) == (FAILED, reason)
 
 
+@pytest.mark.both_databases
 def test_a_token_under_a_lost_key_fails_with_what_to_do(h: Harness) -> None:
     from cryptography.fernet import Fernet
 
@@ -1027,6 +1148,7 @@ def test_a_token_under_a_lost_key_fails_with_what_to_do(h: Harness) -> None:
     assert "tokens.json" in reason
 
 
+@pytest.mark.both_databases
 def test_a_second_book_slot_while_one_is_in_flight_sends_nothing(h: Harness) -> None:
     h.add()
     inside = threading.Event()
@@ -1069,6 +1191,7 @@ def test_a_second_book_slot_while_one_is_in_flight_sends_nothing(h: Harness) -> 
     assert len(h.outcomes) == 1
 
 
+@pytest.mark.both_databases
 def test_concurrent_claimants_send_one_request(h: Harness) -> None:
     h.add()
     queue(h.club, *(answer(201, {"id": n}) for n in range(8)))
@@ -1095,6 +1218,7 @@ def test_concurrent_claimants_send_one_request(h: Harness) -> None:
     assert h.row().attempts == 1
 
 
+@pytest.mark.both_databases
 @pytest.mark.parametrize("courts", [("3",), ("3", "4")])
 def test_recovery_after_a_crash_resends_with_the_same_idempotency_key(
     h: Harness, courts: tuple[str, ...]
@@ -1125,6 +1249,7 @@ def test_recovery_after_a_crash_resends_with_the_same_idempotency_key(
     assert (row.status, row.booking_ref, row.last_error, row.attempts) == (BOOKED, "again", None, 2)
 
 
+@pytest.mark.both_databases
 def test_a_409_after_recovery_may_be_our_own_booking(h: Harness) -> None:
     h.add(status=BOOKING, attempts=1)  # a request had left before the crash
     recover_in_flight(h.factory, TRIGGER)
@@ -1138,6 +1263,7 @@ def test_a_409_after_recovery_may_be_our_own_booking(h: Harness) -> None:
     assert "may be taken by our own earlier attempt" in reason
 
 
+@pytest.mark.both_databases
 def test_an_interrupted_booking_is_read_from_its_column_not_its_last_error(h: Harness) -> None:
     h.add(status=BOOKING, attempts=1)
     recover_in_flight(h.factory, TRIGGER)
@@ -1159,6 +1285,7 @@ def test_an_interrupted_booking_is_read_from_its_column_not_its_last_error(h: Ha
     assert (mine.interrupted, other.interrupted) == (False, False)
 
 
+@pytest.mark.both_databases
 @pytest.mark.parametrize(
     ("tick", "oversleep"),
     [(0.0001, 0.0), (0.0, 0.01)],
@@ -1812,6 +1939,30 @@ def test_a_preparation_step_is_retried_with_backoff_while_the_trigger_is_ahead(
 
     assert paths(fh) == ["/login"] * 3 + ["/book"]
     assert fh.stop.waits[:2] == [BASE, 2 * BASE]
+
+
+@pytest.mark.both_databases
+def test_losing_the_role_while_preparing_sends_no_more_steps(
+    fh: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()], "prepare_seconds": 60})
+    fh.ctx.owner = "daemon-1"
+    fh.add(at_trigger=False)
+    fh.clock.set(TRIGGER - timedelta(seconds=60))
+
+    def club_side(request: Any) -> tuple[int, dict[str, str], str]:
+        lose_the_role(fh.ctx)  # during the first login, which the club answers 503
+        return 503, {}, ""
+
+    fh.club.add_callback(responses.POST, f"{CLUB}/login", callback=club_side)
+    fh.club.add(at("/book", 201, {"booking": {"id": "b"}}))
+
+    assert fh.book() is None
+
+    assert paths(fh) == ["/login"]  # no second try, no booking request: the active one books
+    row = fh.row()
+    assert (row.status, row.owner, row.attempts) == (PENDING, None, 0)
+    assert f"{NOT_ACTIVE_LINE}; its booking request was not sent" in caplog.messages
 
 
 def test_preparation_that_never_succeeds_fails_naming_the_step_status_and_what_was_missing(

@@ -168,3 +168,82 @@ def test_entrypoint_hands_a_root_owned_disk_to_the_app_user() -> None:
         assert stat.S_IMODE(disk.stat().st_mode) == 0o700
     finally:
         shutil.rmtree(disk, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
+def test_entrypoint_copies_the_config_files_from_config_dir_at_each_start() -> None:
+    root = Path(tempfile.mkdtemp(prefix="courtbot-secrets-"))
+    os.chmod(root, 0o755)  # noqa: S103 (uid 10001 must reach DATA_DIR, as /app in the image)
+    try:
+        secrets_dir = root / "secrets"  # read-only files, as Render's secret files are
+        secrets_dir.mkdir()
+        (secrets_dir / "schedules.json").write_text('[{"id": "a"}]')
+        (secrets_dir / "tokens.json").write_text('{"default": "gAAAAA-encrypted"}')
+        (secrets_dir / "other.json").write_text("{}")
+        for path in secrets_dir.iterdir():
+            path.chmod(0o444)
+        data = root / "data"  # a fresh, root-owned container directory
+        env = {"PATH": "/usr/bin:/bin", "DATA_DIR": str(data), "CONFIG_DIR": str(secrets_dir)}
+        for expected in ('[{"id": "a"}]', '[{"id": "b"}]'):
+            (secrets_dir / "schedules.json").chmod(0o644)
+            (secrets_dir / "schedules.json").write_text(expected)
+            done = subprocess.run(
+                [str(REPO / "docker-entrypoint.sh"), "sh", "-c", "cat $DATA_DIR/schedules.json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert (done.returncode, done.stdout) == (0, expected), done.stderr
+        assert sorted(p.name for p in data.iterdir()) == ["schedules.json", "tokens.json"]
+        for name in ("schedules.json", "tokens.json"):
+            copied = (data / name).stat()
+            assert (copied.st_uid, stat.S_IMODE(copied.st_mode)) == (10001, 0o600)
+        assert (data / "tokens.json").read_text() == '{"default": "gAAAAA-encrypted"}'
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _env_keys(service: dict[str, object]) -> dict[str, dict[str, object]]:
+    entries = service["envVars"]
+    assert isinstance(entries, list)
+    return {entry["key"]: entry for entry in entries}
+
+
+def test_the_render_blueprint_for_postgresql_runs_two_workers_on_a_managed_database() -> None:
+    import yaml
+
+    single = yaml.safe_load((REPO / "render.yaml").read_text())
+    ha = yaml.safe_load((REPO / "render.postgres.yaml").read_text())
+    (database,) = ha["databases"]
+    (worker,) = ha["services"]
+    assert (worker["type"], worker["numInstances"]) == ("worker", 2)
+    assert "disk" not in worker  # a service with a disk runs one instance only
+    env = _env_keys(worker)
+    assert env["DATABASE_URL"]["fromDatabase"] == {
+        "name": database["name"],
+        "property": "connectionString",
+    }
+    assert env["CONFIG_DIR"]["value"] == "/etc/secrets"  # Render's secret files
+    assert env["LOG_FILE"]["value"] == "-"
+    # Every setting of the single-worker Blueprint is offered here too, secrets still secret.
+    (plain,) = single["services"]
+    for key, entry in _env_keys(plain).items():
+        assert key in env, key
+        if entry.get("sync") is False:
+            assert env[key].get("sync") is False, key
+
+
+def test_the_compose_file_for_postgresql_runs_two_replicas_each_with_its_own_data_dir() -> None:
+    import yaml
+
+    compose = yaml.safe_load((REPO / "docker-compose.postgres.yml").read_text())
+    postgres, courtbot = compose["services"]["postgres"], compose["services"]["courtbot"]
+    assert courtbot["deploy"]["replicas"] == 2
+    assert courtbot["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    assert courtbot["environment"]["DATABASE_URL"].startswith("postgresql://courtbot:")
+    assert courtbot["environment"]["CONFIG_DIR"] == "/config"
+    # DATA_DIR is no shared volume: two replicas on one would hold each other's lock.
+    assert all(not mount.endswith(":/app/data") for mount in courtbot["volumes"])
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])

@@ -1,5 +1,6 @@
 """instances.py: reconciliation (CONTRACT section 5) and every status transition (section 7),
-against a real SQLite database.
+against a real database: each test runs on SQLite and on PostgreSQL (but those that read an older
+release's SQLite file).
 
 Loading is a diff, not a rebuild: the tests look at row ids, keys, triggers and ``updated_at`` to
 tell "left alone" from "rewritten with the same values".
@@ -17,7 +18,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from cryptography.fernet import Fernet, MultiFernet
-from sqlalchemy import select
+from sqlalchemy import Engine, select
+from sqlalchemy import text as sql_text
 from sqlalchemy.orm import Session, sessionmaker
 
 import instances
@@ -48,6 +50,8 @@ MATCH = {
 MATCH_KEY = "match@2026-12-10T18:00:00Z"
 FIRST_WED = "wed-evening@2026-12-02T17:00:00Z"
 COLUMNS = [c.key for c in Instance.__table__.columns]
+
+pytestmark = pytest.mark.both_databases
 
 
 def write(data_dir: Path, entries: Any, tokens: Any = TOKENS) -> None:
@@ -747,7 +751,14 @@ def test_top_up_touches_only_the_named_entries(
 # --------------------------------------------------------------------------- tokens table
 
 
-def _database_bytes(data_dir: Path) -> bytes:
+def _database_bytes(data_dir: Path, engine: Engine) -> bytes:
+    """What the database holds: SQLite's files as they are, or PostgreSQL's rows as text."""
+    if engine.dialect.name == "postgresql":
+        with engine.connect() as conn:
+            found = conn.execute(
+                sql_text("SELECT string_agg(t::text, ' ') FROM (SELECT * FROM tokens) t")
+            ).scalar()
+        return str(found or "").encode()
     return b"".join(p.read_bytes() for p in data_dir.glob("db.sqlite*") if p.is_file())
 
 
@@ -756,7 +767,7 @@ def test_tokens_are_stored_encrypted_only(
     settings: Settings,
     fernet: MultiFernet,
     factory: sessionmaker[Session],
-    engine: Any,
+    engine: Engine,
 ) -> None:
     write(data_dir, [WED, MATCH])
     apply(factory, settings, fernet)
@@ -768,8 +779,8 @@ def test_tokens_are_stored_encrypted_only(
         assert plaintext not in row.encrypted_token
         assert fernet.decrypt(row.encrypted_token.encode()).decode() == plaintext
     engine.dispose()  # checkpoint nothing away: look at the files as they are
-    data = _database_bytes(data_dir)
-    assert data
+    data = _database_bytes(data_dir, engine)
+    assert b"gAAAAA" in data
     for plaintext in TOKENS.values():
         assert plaintext.encode() not in data
 
@@ -844,7 +855,7 @@ def test_object_tokens_are_stored_field_by_field_encrypted_only(
     assert tokens_table(factory)["default"].kind == models.KIND_STRING
     assert instances.token_secrets(row, fernet, name="alice") == (secrets, None)
     engine.dispose()
-    data = _database_bytes(data_dir)
+    data = _database_bytes(data_dir, engine)
     for plaintext in secrets.values():
         assert plaintext.encode() not in data
 
@@ -981,6 +992,80 @@ def test_claim_is_conditional_and_release_puts_it_back(factory: sessionmaker[Ses
     assert statuses(factory, "a") == {"a@1": PENDING}
     instances.release(factory, "a@1")  # only a booking goes back
     assert statuses(factory, "a") == {"a@1": PENDING}
+
+
+def test_a_claim_names_its_owner_until_the_booking_ends(factory: sessionmaker[Session]) -> None:
+    for key in ("a@1", "b@1", "c@1"):
+        add_row(factory, key, NOW + timedelta(hours=1), PENDING)
+
+    assert instances.claim(factory, "a@1", NOW, owner="d1") is True
+    assert instances.claim(factory, "a@1", NOW, owner="d2") is False  # never taken over
+    assert instances.claim(factory, "b@1", NOW, owner="d2") is True
+    assert instances.claim(factory, "c@1", NOW, owner="d1") is True
+    assert instances.booking_owners(factory) == {"d1", "d2"}
+    owners = {key: row.owner for key, row in rows(factory).items()}
+    assert owners == {"a@1": "d1", "b@1": "d2", "c@1": "d1"}
+
+    instances.release(factory, "a@1")
+    instances.release(factory, "b@1", sent=True)
+    instances.finish(factory, "c@1", BOOKED, None, now=NOW, booking_ref="r", court="3")
+
+    after = rows(factory)
+    assert {k: (r.status, r.owner, r.interrupted) for k, r in after.items()} == {
+        "a@1": (PENDING, None, False),  # nothing had left
+        "b@1": (PENDING, None, True),  # a request may have reached the club: its 409 may be ours
+        "c@1": (BOOKED, None, False),
+    }
+    assert instances.booking_owners(factory) == set()
+
+
+def test_recover_in_flight_leaves_the_claims_of_live_daemons(
+    factory: sessionmaker[Session],
+) -> None:
+    for key in ("live@1", "dead@1", "nobody@1", "mine@1", "busy@1"):
+        add_row(factory, key, NOW + timedelta(hours=2), PENDING)
+    instances.claim(factory, "live@1", NOW, owner="live")
+    instances.claim(factory, "dead@1", NOW, owner="dead")
+    instances.claim(factory, "nobody@1", NOW)  # a claim from before owners (NULL)
+    instances.claim(factory, "mine@1", NOW, owner="me")
+    instances.claim(factory, "busy@1", NOW, owner="me")
+    for key in ("live@1", "dead@1", "nobody@1", "mine@1", "busy@1"):
+        update(factory, key, attempts=1)
+    assert instances.booking_owners(factory) == {"live", "dead", None, "me"}
+
+    retried, failed = recover_in_flight(factory, NOW, live_owners=frozenset({"live", "me"}))
+
+    assert (sorted(retried), failed) == (["dead@1", "nobody@1"], [])
+    assert statuses(factory, "live") == {"live@1": BOOKING}
+    assert rows(factory)["dead@1"].owner is None
+    # A daemon puts back its own claims whose booking is no longer under way, and only those.
+    retried, _ = recover_in_flight(factory, NOW, owner="me", keep=frozenset({"busy@1"}))
+    assert retried == ["mine@1"]
+    assert {k: r.status for k, r in rows(factory).items() if r.status == BOOKING} == {
+        "live@1": BOOKING,
+        "busy@1": BOOKING,
+    }
+
+
+def test_the_pending_mark_moves_when_a_booking_comes_back_or_a_retry_runs(
+    factory: sessionmaker[Session],
+) -> None:
+    assert instances.pending_mark(factory) == (0, None)
+    add_row(factory, "a@1", NOW + timedelta(days=9), PENDING)
+    add_row(factory, "b@1", NOW + timedelta(days=9), FAILED)
+    first = instances.pending_mark(factory)
+    assert first[0] == 1
+    assert instances.pending_mark(factory) == first  # nothing changed: the same mark
+
+    instances.claim(factory, "a@1", NOW, owner="other")
+    claimed = instances.pending_mark(factory)
+    instances.release(factory, "a@1", sent=True)  # another daemon handed it back
+    released = instances.pending_mark(factory)
+    instances.retry(factory, "b", NOW)
+    retried = instances.pending_mark(factory)
+
+    assert [claimed[0], released[0], retried[0]] == [0, 1, 2]
+    assert len({first, claimed, released, retried}) == 4
 
 
 def test_expire_if_passed_uses_the_one_wording_of_expire_missed(

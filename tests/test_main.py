@@ -1,5 +1,7 @@
 """main.py: the CLI of CONTRACT section 1, and the daemon's loop in process (reload on SIGHUP or a
-changed file); the daemon as a subprocess is in test_e2e.py."""
+changed file; a standby that takes over and steps down, section 10); the daemon as a subprocess
+is in test_e2e.py and test_failover.py. The tests that touch the database run on SQLite and on
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -359,6 +361,7 @@ def add(factory: sessionmaker[Session], key: str, **fields: Any) -> None:
         )
 
 
+@pytest.mark.both_databases
 def test_status_json_and_table(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -403,6 +406,7 @@ def test_status_json_and_table(
     assert "booked" in table[1] and "bk-9" in table[1]
 
 
+@pytest.mark.both_databases
 def test_status_without_a_database(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -522,8 +526,13 @@ def test_status_shows_the_active_daemon_and_the_standbys_of_the_daemons_table(
     assert run(monkeypatch, env, "status") == 0
     lines = lines_of(capsys)
     assert lines[0] == "courtbot: running"
-    assert re.fullmatch(r"  active on host-a \(pid 101\), heartbeat [01] s ago", lines[1])
-    assert re.fullmatch(r"  standby on host-b \(pid 102\), heartbeat [01] s ago", lines[2])
+    since = now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert re.fullmatch(
+        rf"  active on host-a \(pid 101\) since {since}, heartbeat [01] s ago", lines[1]
+    )
+    assert re.fullmatch(
+        rf"  standby on host-b \(pid 102\) since {since}, heartbeat [01] s ago", lines[2]
+    )
     assert lines[3] == "Next bookings: none ahead"
 
 
@@ -728,6 +737,7 @@ def test_check_into_a_closed_pipe_ends_quietly(env: dict[str, str], data_dir: Pa
     assert code == errno.EPIPE
 
 
+@pytest.mark.both_databases
 def test_retry_puts_failed_instances_still_ahead_back_to_pending(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
@@ -927,6 +937,7 @@ def pending(daemon: main.Daemon) -> list[str]:
     return sorted(row["schedule"] for row in rows if row["status"] == "pending")
 
 
+@pytest.mark.both_databases
 def test_sighup_reloads_in_the_loop_and_a_broken_file_keeps_the_last_good_state(
     daemon: main.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -962,6 +973,7 @@ def test_sighup_reloads_in_the_loop_and_a_broken_file_keeps_the_last_good_state(
     assert any(m.startswith("config loaded (SIGHUP) in ") for m in caplog.messages)
 
 
+@pytest.mark.both_databases
 def test_a_changed_file_is_reloaded_and_an_unchanged_one_is_not(
     daemon: main.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1248,6 +1260,241 @@ def test_the_start_freezes_what_lives_on_and_the_stop_unfreezes_it(
         # short (main.Daemon._give_back_memory).
         assert gc.get_freeze_count() > 10_000
     assert gc.get_freeze_count() == 0
+
+
+# ---------------------------------------------------------------- daemons (section 10)
+
+
+def test_status_names_the_active_daemon_on_a_shared_database(
+    pg_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    unstarted: Callable[..., main.Daemon],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
+    write_json(data_dir / "schedules.json", [])
+    daemon = unstarted(DATABASE_URL=pg_url)
+    daemon.start()
+    shared = env | {"DATABASE_URL": pg_url}
+    host = os.uname().nodename
+    since = utils_format(daemon.roles.since)
+
+    assert run(monkeypatch, shared, "status") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "courtbot: running"
+    assert re.fullmatch(
+        rf"  active on {re.escape(host)} \(pid {os.getpid()}\) since {since}, heartbeat [01] s ago",
+        lines[1],
+    ), lines
+    assert run(monkeypatch, shared, "status", "--daemons") == 0
+    assert capsys.readouterr().out.splitlines() == lines[:2]
+    assert run(monkeypatch, shared, "status", "--daemons", "--json") == 0
+    (shown,) = json.loads(capsys.readouterr().out)
+    assert shown == {
+        "id": daemon.roles.ident,
+        "host": host,
+        "pid": os.getpid(),
+        "role": "active",
+        "alive": True,
+        "since": since,
+        "started_at": utils_format(daemon.roles.started_at),
+        "heartbeat_at": shown["heartbeat_at"],
+    }
+    assert run(monkeypatch, shared, "status", "--json") == 0
+    assert json.loads(capsys.readouterr().out) == []  # still one array of instances
+
+
+def utils_format(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@pytest.mark.parametrize("command", [("status",), ("status", "--json"), ("retry", "x")])
+def test_status_and_retry_on_an_unreachable_database_say_so_in_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    command: tuple[str, ...],
+) -> None:
+    from pg_server import free_port
+
+    port = free_port()
+    url = f"postgresql://courtbot:pw-S3cret@127.0.0.1:{port}/courtbot"
+    assert run(monkeypatch, env | {"DATABASE_URL": url}, *command) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"courtbot {command[0]}: cannot open the database "
+        f"postgresql://courtbot:***@127.0.0.1:{port}/courtbot (host 127.0.0.1, port {port}, "
+        "database courtbot): connection refused; check that PostgreSQL runs at 127.0.0.1 port "
+        f"{port} and accepts TCP connections, or fix the host and port in DATABASE_URL\n"
+    )
+
+
+def test_run_on_an_unreachable_database_exits_2_with_one_line(
+    env: dict[str, str], data_dir: Path
+) -> None:
+    from pg_server import free_port
+
+    port = free_port()
+    url = f"postgresql://courtbot:pw-S3cret@127.0.0.1:{port}/courtbot"
+    done = cli(env | {"DATABASE_URL": url}, "run")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr == (
+        "courtbot: cannot start: cannot open the database "
+        f"postgresql://courtbot:***@127.0.0.1:{port}/courtbot (host 127.0.0.1, port {port}, "
+        "database courtbot): connection refused; check that PostgreSQL runs at 127.0.0.1 port "
+        f"{port} and accepts TCP connections, or fix the host and port in DATABASE_URL\n"
+    )
+    assert not (data_dir / "bot.pid").exists()
+
+
+@pytest.fixture
+def unstarted(env: dict[str, str], data_dir: Path) -> Iterator[Callable[..., main.Daemon]]:
+    """Make a daemon in this process (not started); its handlers are restored afterwards."""
+    handlers = {signum: signal.getsignal(signum) for signum in main.DAEMON_SIGNALS}
+    made: list[main.Daemon] = []
+
+    def make(**extra: str) -> main.Daemon:
+        settings = main.load_settings(env | {"RELOAD_INTERVAL_SECONDS": "3600", **extra})
+        made.append(main.Daemon(settings, main.load_fernet(settings), None))
+        return made[-1]
+
+    try:
+        yield make
+    finally:
+        for daemon in made:
+            daemon.shutdown()
+        signal.set_wakeup_fd(-1)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def test_a_standby_waits_then_takes_over_and_steps_down_when_its_lock_goes(
+    pg_server: Any,
+    pg_url: str,  # first: the database outlives the daemon
+    unstarted: Callable[..., main.Daemon],
+    data_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    other = leader.Leadership(pg_url, "other-daemon")
+    assert other.try_acquire()
+    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
+    write_json(data_dir / "schedules.json", [one_off("a")])
+    tokens_before = (data_dir / "tokens.json").read_text()
+    daemon = unstarted(DATABASE_URL=pg_url)
+    seen: dict[str, Any] = {}
+
+    daemon.start()  # the role is taken: it returns as a standby
+
+    assert daemon.roles.role == "standby"
+    assert daemon.is_healthy() is False  # only the active daemon pings HEARTBEAT_URL
+    assert (data_dir / "bot.pid").read_text() == f"{os.getpid()}\n"
+    assert (data_dir / "heartbeat").exists()
+    assert instances.status_rows(daemon.factory) == []  # it loaded nothing
+    assert (data_dir / "tokens.json").read_text() == tokens_before  # nor rewrote the tokens
+    assert daemon.engine is not None
+    (row,) = leader.list_daemons(daemon.engine, now=datetime.now(UTC))
+    assert (row.role, row.pid, row.alive) == ("standby", os.getpid(), True)
+
+    def operator() -> None:
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            wait_for(lambda: any("this daemon is a standby" in m for m in caplog.messages))
+            seen["after SIGHUP"] = pending(daemon)
+            other.release()  # the active one ends: the standby takes over
+            wait_for(lambda: pending(daemon) == ["a"] and daemon.is_healthy())
+            seen["role"] = daemon.roles.role
+            seen["healthy"] = daemon.is_healthy()
+            backend = daemon.roles.lead.backend_pid
+            with pg_server.admin() as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (backend,))
+            wait_for(other.try_acquire)  # another daemon may take it now
+            wait_for(lambda: daemon.roles.role == "standby")
+            assert daemon.scheduler is not None
+            seen["scheduler running"] = daemon.scheduler._scheduler.running
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=operator)
+    thread.start()
+    daemon.run_forever()
+    thread.join(10)
+    other.close()
+
+    assert seen == {
+        "after SIGHUP": [],
+        "role": "active",
+        "healthy": True,
+        "scheduler running": False,
+    }
+    messages = caplog.messages
+    assert (
+        "SIGHUP received: this daemon is a standby; it loads the files when it becomes the "
+        "active one"
+    ) in messages
+    lost = next(i for i, m in enumerate(messages) if m.startswith("lost the active role on "))
+    assert messages[lost] == (
+        f"lost the active role on {models.mask_url(pg_url)} (its database connection failed): "
+        "stopped booking at once; a booking in flight may finish; a standby takes over"
+    )
+    assert any(m.startswith("standby: this daemon (") for m in messages[lost:])
+    assert any(m.startswith("config loaded (became active) in ") for m in messages)
+    assert pg_server.password not in caplog.text
+
+
+def test_the_active_daemon_takes_over_dead_daemons_claims_and_changes_made_elsewhere(
+    pg_url: str,  # first: the database outlives the daemon
+    unstarted: Callable[..., main.Daemon],
+    data_dir: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
+    write_json(data_dir / "schedules.json", [])
+    daemon = unstarted(DATABASE_URL=pg_url)
+    daemon.start()
+    assert daemon.roles.is_active and daemon.factory is not None and daemon.engine is not None
+    live = leader.Leadership(pg_url, "live-daemon")
+    try:
+        live.ensure_present()
+        # Claims made after this daemon took over: one of a daemon that lives (an old active
+        # one finishing its request), one of a daemon that died since; and a failed instance
+        # that a `retry` on another host puts back.
+        add(daemon.factory, "live", status="pending")
+        add(daemon.factory, "dead", status="pending")
+        add(daemon.factory, "again", status="failed")
+        for schedule, owner in (("live", "live-daemon"), ("dead", "dead-daemon")):
+            (key,) = [
+                r["key"] for r in instances.status_rows(daemon.factory) if r["schedule"] == schedule
+            ]
+            assert instances.claim(daemon.factory, key, datetime.now(UTC), owner=owner)
+            instances.record_attempt(daemon.factory, key, 1)
+        assert instances.retry(daemon.factory, "again", datetime.now(UTC))
+
+        # the loop's hook, with its beat (every 5 s) and its look (every second) both due
+        daemon.roles._next_beat = daemon.roles._next_look = 0.0
+        assert daemon.roles.tick(daemon, set()) is False  # active: the loop goes on
+
+        rows = {r["schedule"]: r for r in instances.status_rows(daemon.factory)}
+        assert (rows["live"]["status"], rows["dead"]["status"], rows["again"]["status"]) == (
+            "booking",
+            "pending",
+            "pending",
+        )
+        assert daemon.scheduler is not None
+        jobs = set(daemon.scheduler._stored())
+        assert {rows["dead"]["key"], rows["again"]["key"]} <= jobs
+        assert rows["live"]["key"] not in jobs
+        assert (
+            "1 booking(s) of a daemon that stopped are retried now with the same "
+            f"Idempotency-Key: {rows['dead']['key']}"
+        ) in caplog.messages
+    finally:
+        live.close()
 
 
 def test_jobs_of_a_club_whose_flow_prepares_start_that_much_before_the_trigger(

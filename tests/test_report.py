@@ -73,13 +73,13 @@ def row(
                 None,
                 (
                     DaemonInfo("host-b", 77, "standby", 1.0),
-                    DaemonInfo("host-a", 4242, "active", 2.0),
+                    DaemonInfo("host-a", 4242, "active", 2.0, since=NOW - timedelta(minutes=5)),
                     DaemonInfo("host-c", 9, "standby", 600.0, alive=False),
                 ),
             ),
             [
                 "courtbot: running",
-                "  active on host-a (pid 4242), heartbeat 2 s ago",
+                "  active on host-a (pid 4242) since 2026-11-27T11:55:00Z, heartbeat 2 s ago",
                 "  standby on host-b (pid 77), heartbeat 1 s ago",
             ],
         ),

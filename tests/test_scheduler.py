@@ -1,11 +1,12 @@
 """scheduler.py in process: the job store follows the pending instances, and jobs hand their key
-to the registered runtime. Real SQLite in tmp_path; the scheduler really runs where a job must
-fire (its trigger is already due, so nothing waits for a clock)."""
+to the registered runtime. A real database (SQLite in tmp_path, and PostgreSQL); the scheduler
+really runs where a job must fire (its trigger is already due, so nothing waits for a clock)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,6 +21,8 @@ from mounts import fill, small_disk
 from scheduler import LEAD, PROBE_JOB_ID, TOPUP_JOB_ID, Scheduler, SyncReport
 
 T0 = datetime(2030, 3, 1, 17, 0, tzinfo=UTC)
+
+pytestmark = pytest.mark.both_databases
 
 
 class Recorder:
@@ -182,6 +185,41 @@ def test_jobs_call_the_registered_runtime() -> None:
     finally:
         scheduler.set_runtime(None)
     assert (runtime.booked, runtime.topups) == (["k@1"], 1)
+
+
+def test_a_daemon_no_longer_active_neither_fires_nor_changes_the_shared_jobs(
+    engine: Engine,
+) -> None:
+    active = threading.Event()
+    active.set()
+    sched = Scheduler(engine, workers=4, allowed=active.is_set)
+    runtime = Recorder()
+    scheduler.set_runtime(runtime)
+    try:
+        due = datetime.now(UTC) - timedelta(seconds=1)
+        sched.sync({"due@1": due + LEAD, "later@1": T0})
+        active.clear()  # another daemon is the active one now: the store is its
+        rounds = []
+        process = sched._scheduler._process_jobs
+        sched._scheduler._process_jobs = lambda: rounds.append(1) or process()  # type: ignore[method-assign]
+        sched.start()
+        assert not runtime.event.wait(0.5), "a job fired after the role was lost"
+        assert len(rounds) <= 3  # it sleeps: no spinning on the due job it may not fire
+        sched.sync({})  # would remove both
+        assert set(stored(engine)) == {"due@1", "later@1"}  # the top-up job was not added either
+
+        active.set()  # the role is back: the same job fires (nothing else kept it)
+        sched._scheduler.wakeup()
+        assert runtime.event.wait(10), "the due job never ran"
+        assert runtime.booked == ["due@1"]
+        # and, allowed again, removes its fired job (before the shutdown, which would race it)
+        deadline = time.monotonic() + 10
+        while "due@1" in stored(engine) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert set(stored(engine)) == {"later@1"}  # no top-up job: it started fenced
+    finally:
+        sched.shutdown(wait=True)
+        scheduler.set_runtime(None)
 
 
 # --------------------------------------------------------------------------- the watchdog's handles

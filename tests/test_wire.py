@@ -999,3 +999,27 @@ def test_a_slow_header_club_times_out_at_the_http_timeout_on_the_burst_path(
     assert row.last_error == "court 3: no booking after 3 attempts (last: no answer within 1 s)"
     assert row.attempts == 3
     assert [r.key for r in arrivals] == [key] * 3  # the first through wire, then requests
+
+
+def test_a_request_written_at_the_trigger_is_read_when_the_active_role_goes_right_after(
+    tmp_path: Path,
+) -> None:
+    """CONTRACT section 10: a daemon that loses the active role sends nothing more, but a
+    request already on the wire is in flight: its answer is read and the booking finishes."""
+    with club(answers(CREATED)) as server:
+        made = bookings(tmp_path / "db.sqlite", server.url())
+        real_send = made.gate.send
+
+        def send_then_lose(*args: Any, **kwargs: Any) -> wire.Sent | None:
+            sent = real_send(*args, **kwargs)
+            made.ctx.may_send.clear()  # what main.Roles does when the lock is lost
+            made.ctx.stop.set()
+            return sent
+
+        made.gate.send = send_then_lose  # type: ignore[method-assign]
+        key = made.add("mon", time.time() + 0.5)
+        assert bot.book_slot(key, made.ctx) == BOOKED
+        arrivals = list(server.received)
+    assert len(made.gate.record) == 1
+    assert [r.key for r in arrivals] == [key]
+    assert (made.row(key).status, made.row(key).booking_ref) == (BOOKED, "b1")

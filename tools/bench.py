@@ -1,7 +1,8 @@
 """``make bench``: how precisely, how fast and how cheaply courtbot does its job, measured at the
 club's socket, beside the ways a user could do it instead.
 
-Runs from the repository root as ``.venv/bin/python tools/bench.py``. Everything stays on
+Runs from the repository root as ``.venv/bin/python tools/bench.py`` (``tools/bench.py scale``:
+many schedules on SQLite and PostgreSQL, see tools/bench_scale.py). Everything stays on
 127.0.0.1. The club is a process of its own (``tools/stamp_club.py``): each request's arrival is
 the kernel's receive stamp at the club's socket (``SO_TIMESTAMPNS``), so neither the club's own
 Python nor this process can make a request look late or early. Each figure is given as
@@ -1307,6 +1308,12 @@ CASES = ("a", "b", "c", "d")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["scale"]:
+        # Many schedules on SQLite and PostgreSQL: tools/bench_scale.py (make bench-scale).
+        from bench_scale import main as scale
+
+        return scale()
     parser = argparse.ArgumentParser(description="courtbot's benchmark (make bench)")
     parser.add_argument(
         "--only", action="append", choices=CASES, help="run only these cases (repeatable)"

@@ -1,0 +1,194 @@
+"""``python tools/bench.py scale`` (``make bench-scale``): the daemon with many recurring schedules,
+on SQLite and on PostgreSQL.
+
+For 100 and 1,000 weekly schedules (5,200 and 52,000 instances) on each database, the real daemon
+(``python main.py run``, its own scratch DATA_DIR) starts from an empty database: seconds from
+launch to its pid file (ready: every instance in the database, every job in the store), the cold
+load as the daemon logs it, a no-op SIGHUP reload, a SIGHUP after one entry's time is edited (both
+as the daemon logs them), and its RSS after those. PostgreSQL is the suite's throwaway server
+(tests/pg_server.py: Debian's server binaries), a fresh database for each run, on 127.0.0.1.
+
+Progress goes to stderr; the figures go to stdout as a table (Markdown, for README's Performance
+section). Exit status 0 unless PostgreSQL cannot start (then its rows say why).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from bench import (
+    LOAD_DAYS_AHEAD,
+    REPO,
+    BenchError,
+    Daemon,
+    daemons,
+    kill_children,
+    progress,
+    timed_reload,
+)
+
+SCHEDULE_COUNTS = (100, 1000)
+INSTANCES_PER_SCHEDULE = 52
+#: A cold load of 52,000 instances takes tens of seconds on a loaded 2-core machine.
+SCALE_TIMEOUT = 300.0
+#: No trigger comes within a run (the first is days ahead): nothing is ever sent to this URL.
+CLUB_URL = "http://127.0.0.1:9/bookings"
+_DAYS = ("MO", "TU", "WE", "TH", "FR", "SA", "SU")
+
+
+@dataclass
+class Run:
+    """The figures of one database and schedule count (None: not measured)."""
+
+    database: str
+    schedules: int
+    instances: int | None = None
+    ready_s: float | None = None
+    cold_ms: float | None = None
+    noop_ms: float | None = None
+    edit_ms: float | None = None
+    rss_mb: float | None = None
+    error: str | None = None
+
+
+def scale_entries(count: int, start_day: datetime, *, edit: bool = False) -> list[dict[str, Any]]:
+    """``count`` weekly entries (ids distinct, times every 5 minutes from 05:00, weekdays in
+    turn); with ``edit``, the first one 2 minutes later."""
+    entries = []
+    for i in range(count):
+        minutes = 5 * 60 + (i % 200) * 5 + (2 if edit and i == 0 else 0)
+        entries.append(
+            {
+                "id": f"s{i:04d}",
+                "type": "recurring",
+                "desired_time": f"{start_day:%Y-%m-%d} {minutes // 60:02d}:{minutes % 60:02d}",
+                "rrule": f"FREQ=WEEKLY;BYDAY={_DAYS[i % 7]}",
+                "timezone": "Europe/London",
+                "court_id": str(i % 8 + 1),
+            }
+        )
+    return entries
+
+
+def pending_count(url: str) -> int:
+    from sqlalchemy import func, select
+
+    import models
+    from models import PENDING, Instance
+
+    engine = models.make_engine(url, create=False)
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(
+                select(func.count()).select_from(Instance).where(Instance.status == PENDING)
+            ).scalar()
+        return int(found or 0)
+    finally:
+        engine.dispose()
+
+
+def measure(root: Path, run: Run, url: str | None) -> None:
+    """Start a daemon with ``run.schedules`` schedules on ``url`` (None: SQLite in its
+    DATA_DIR), reload it twice, fill in ``run``."""
+    name = f"{run.database}-{run.schedules}"
+    extra = {"LOG_LEVEL": "INFO"} | ({"DATABASE_URL": url} if url else {})
+    daemon = Daemon(root, name, CLUB_URL, **extra)
+    db_url = url or f"sqlite:///{daemon.data_dir / 'db.sqlite'}"
+    start_day = datetime.now(UTC) + timedelta(days=LOAD_DAYS_AHEAD)
+    daemon.write_schedules(scale_entries(run.schedules, start_day))
+    with daemons([daemon]):
+        daemon.start()
+        run.ready_s = daemon.wait_ready(timeout=SCALE_TIMEOUT)
+        run.cold_ms = daemon.wait_loaded("start", 0, timeout=SCALE_TIMEOUT)
+        run.instances = pending_count(db_url)
+        expected = run.schedules * INSTANCES_PER_SCHEDULE
+        if run.instances != expected:
+            raise BenchError(f"{run.instances} pending instances, expected {expected}")
+        time.sleep(1.0)
+        run.noop_ms, _ = timed_reload(daemon)
+        daemon.write_schedules(scale_entries(run.schedules, start_day, edit=True))
+        run.edit_ms, _ = timed_reload(daemon)
+        _, run.rss_mb = daemon.proc_stat()
+        daemon.signal(signal.SIGTERM)
+    progress(
+        f"{name}: ready {run.ready_s:.1f} s, cold load {run.cold_ms:.0f} ms, no-op reload "
+        f"{run.noop_ms:.0f} ms, edited reload {run.edit_ms:.0f} ms, RSS {run.rss_mb:.1f} MB"
+    )
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
+
+
+def render(runs: list[Run]) -> str:
+    header = (
+        "| schedules (instances) | database | start to ready | cold load | no-op SIGHUP | "
+        "SIGHUP after one edit | RSS |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for run in runs:
+        if run.error is not None:
+            lines.append(
+                f"| {run.schedules:,} | {run.database} | could not be measured: {run.error} "
+                "| | | | |"
+            )
+            continue
+        instances = (
+            f"{run.schedules:,} ({run.instances:,})" if run.instances else f"{run.schedules:,}"
+        )
+        lines.append(
+            f"| {instances} | {run.database} | {_cell(run.ready_s, '{:.1f} s')} | "
+            f"{_cell(run.cold_ms, '{:,.0f} ms')} | {_cell(run.noop_ms, '{:,.0f} ms')} | "
+            f"{_cell(run.edit_ms, '{:,.0f} ms')} | {_cell(run.rss_mb, '{:.0f} MB')} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "tests"))
+    import pg_server
+
+    runs: list[Run] = []
+    server = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="courtbot-scale-") as scratch:
+            root = Path(scratch)
+            try:
+                server = pg_server.start()
+                progress(f"PostgreSQL on 127.0.0.1:{server.port} ({server.bin_dir})")
+            except pg_server.PgUnavailable as exc:
+                progress(f"PostgreSQL: {exc}")
+                unavailable = str(exc)
+            for count in SCHEDULE_COUNTS:
+                for database in ("SQLite", "PostgreSQL"):
+                    run = Run(database, count)
+                    runs.append(run)
+                    if database == "PostgreSQL" and server is None:
+                        run.error = f"PostgreSQL could not start ({unavailable})"
+                        continue
+                    url = None if server is None else server.url(server.create_database())
+                    try:
+                        measure(root, run, url if database == "PostgreSQL" else None)
+                    except Exception as exc:  # noqa: BLE001 (one run's failure is its row)
+                        run.error = f"{exc.__class__.__name__}: {exc}"[:120]
+                        progress(f"{database} {count}: {run.error}")
+                    finally:
+                        kill_children()
+    finally:
+        kill_children()
+        if server is not None:
+            server.stop()
+    print(render(runs), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
