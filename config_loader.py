@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -885,6 +886,28 @@ def _sweep_order(overlap: _Overlap, one: int, two: int) -> tuple[Any, ...]:
 _Overlap = tuple[float, float, float, float]
 
 
+class _Pair:
+    """The overlaps of two entries as their warning needs them: how many, and the earliest by
+    (later start, earlier start). The sweep's first is among these whatever the entries'
+    positions, which only break ties (a slot that overlaps a later one overlaps any slot of
+    the other entry starting between them, an overlap that starts earlier)."""
+
+    __slots__ = ("count", "firsts", "rank")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.rank = (math.inf, math.inf)
+        self.firsts: list[_Overlap] = []
+
+    def add(self, overlap: _Overlap) -> None:
+        self.count += 1
+        rank = (max(overlap[0], overlap[2]), min(overlap[0], overlap[2]))
+        if rank < self.rank:
+            self.rank, self.firsts = rank, [overlap]
+        elif rank == self.rank:
+            self.firsts.append(overlap)
+
+
 class _OverlapIndex:
     """What ``overlap_warnings`` finds, kept from read to read: every enabled cached entry's
     slots per club, sorted by start in flat arrays (a few large blocks, however many instances),
@@ -900,7 +923,7 @@ class _OverlapIndex:
         self._clubs: dict[str | None, tuple[array[float], array[float], list[bytes]]] = {}
         #: What each indexed entry put in: its club, its slots' starts and its duration.
         self._slots: dict[bytes, tuple[str | None, array[float], float]] = {}
-        self._pairs: dict[tuple[bytes, bytes], list[_Overlap]] = {}
+        self._pairs: dict[tuple[bytes, bytes], _Pair] = {}
         self._partners: dict[bytes, set[bytes]] = {}
 
     def warnings(
@@ -928,7 +951,10 @@ class _OverlapIndex:
     ) -> None:
         if two < one:
             one, two, one_slot, two_slot = two, one, two_slot, one_slot
-        self._pairs.setdefault((one, two), []).append((*one_slot, *two_slot))
+        pair = self._pairs.get((one, two))
+        if pair is None:
+            pair = self._pairs[one, two] = _Pair()
+        pair.add((*one_slot, *two_slot))
         self._partners.setdefault(one, set()).add(two)
         self._partners.setdefault(two, set()).add(one)
 
@@ -993,13 +1019,13 @@ class _OverlapIndex:
         positions, each naming the pair's first overlap in the order of a sweep by start, then
         position."""
         found = []
-        for (one_key, two_key), overlaps in self._pairs.items():
+        for (one_key, two_key), pair in self._pairs.items():
             one, two = current[one_key][0], current[two_key][0]
-            first = min((_sweep_order(o, one.position, two.position), o) for o in overlaps)[1]
+            first = min((_sweep_order(o, one.position, two.position), o) for o in pair.firsts)[1]
             if two.position < one.position:
                 one, two, first = two, one, (first[2], first[3], first[0], first[1])
             spans = tuple(datetime.fromtimestamp(t, UTC) for t in first)
-            found.append((one.position, two.position, one, two, spans, len(overlaps)))
+            found.append((one.position, two.position, one, two, spans, pair.count))
         found.sort(key=lambda item: (item[0], item[1]))
         return [
             _overlap_text(file_name, one, two, spans, count)  # type: ignore[arg-type]

@@ -75,6 +75,8 @@ CLOSE_CONNECTIONS_AFTER = 1000
 #: How often the daemon looks for instances a `retry` put back to pending (the CLI may run on
 #: another host, with PostgreSQL, where no signal reaches this daemon).
 RETRY_CHECK_SECONDS = 1.0
+#: On SQLite the wakeups are read only when the file changed, and at least this often anyway.
+RETRY_LOOK_AT_LEAST_SECONDS = 60.0
 #: A token that expires before a pending booking's trigger is reported (once, by email and
 #: channels) when that trigger is this close.
 TOKEN_NOTICE_AHEAD = timedelta(days=3)
@@ -346,6 +348,9 @@ class Daemon:
         self._entry_cache = config_loader.EntryCache()
         self._retries_failing = False
         self._frozen = False  # see _give_back_memory
+        #: The database as pick_up_retries last read the wakeups (see _database_stamp).
+        self._retry_stamp: tuple[tuple[int, int] | None, ...] | None = None
+        self._retry_looked = -math.inf
 
     # -- start-up -----------------------------------------------------------------------
 
@@ -675,7 +680,15 @@ class Daemon:
         of an empty table. Returns how many were picked up."""
         assert self.factory is not None
         with self._load_lock:
+            stamp, now = self._database_stamp(), time.monotonic()
+            if (
+                stamp is not None
+                and stamp == self._retry_stamp
+                and now - self._retry_looked < RETRY_LOOK_AT_LEAST_SECONDS
+            ):
+                return 0  # the SQLite file is as it was at the last look: no new wakeup
             found = instances.wakeups(self.factory)
+            self._retry_stamp, self._retry_looked = stamp, now
             if not found:
                 return 0
             keys = {key for _, key in found}
@@ -689,6 +702,22 @@ class Daemon:
             report.moved,
         )
         return len(keys)
+
+    def _database_stamp(self) -> tuple[tuple[int, int] | None, ...] | None:
+        """The SQLite file's and its WAL's modification time and size (None for a database
+        server): every commit, another process's too, changes one of them."""
+        path = models.sqlite_path(self.settings.database_url)
+        if path is None:
+            return None
+        stamps: list[tuple[int, int] | None] = []
+        for name in (str(path), f"{path}-wal"):
+            try:
+                info = os.stat(name)
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((info.st_mtime_ns, info.st_size))
+        return tuple(stamps)
 
     def safe_pick_up_retries(self) -> None:
         try:

@@ -1130,9 +1130,14 @@ def test_a_retry_reaches_the_scheduler_by_its_keys_without_a_full_sync(
         f"retry: 1 instance(s) back to pending picked up ({b_key}); jobs: 1 added, 0 moved"
         in caplog.messages
     )
+    # Its own writes changed the file: one more look, which finds nothing.
     with statements_of_this_thread(daemon.engine) as seen:
         assert daemon.pick_up_retries() == 0
     assert len(seen) == 1 and "FROM wakeups" in seen[0]
+    # The file as it was at that look: no query at all (two stats instead, each second).
+    with statements_of_this_thread(daemon.engine) as seen:
+        assert daemon.pick_up_retries() == 0
+    assert seen == []
 
 
 def test_retries_recorded_while_no_daemon_ran_are_scheduled_at_start(
