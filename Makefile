@@ -43,8 +43,11 @@ postgres-server:
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py
 
+# The precision, burst and rivals' cases, then reload cost and memory at 5,200 and 52,000 pending.
 bench: $(STAMP)
 	$(BIN)/python tools/bench.py
+	$(BIN)/python tools/bench.py reload
+	$(BIN)/python tools/bench.py memory
 
 # 100 and 1,000 schedules on SQLite and on PostgreSQL (README, Performance).
 bench-scale: $(STAMP) postgres-server

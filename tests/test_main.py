@@ -1234,7 +1234,9 @@ def test_a_load_that_changed_something_gives_its_memory_back(
         write_json(data_dir / "schedules.json", [one_off("a"), one_off("b")])
         daemon.load(reason="SIGHUP")
         assert full_collections == ["start", "stop"]
-        assert daemon.engine.pool is pool and pool.checkedin() >= 1
+        # The same pool, its connection still open (idle, or lent to the daemon's own threads
+        # at this instant: the watchdog's look or the scheduler may hold it for a moment).
+        assert daemon.engine.pool is pool and pool.checkedin() + pool.checkedout() >= 1
         (small,) = given_back()
         assert re.fullmatch(line + rf"kept \(a small change\), heap {re.escape(heap)}", small)
 
