@@ -1813,17 +1813,26 @@ def _print_notifications(settings: NotifySettings) -> None:
         print(f"notifications: channel {mask_url(url)}")
 
 
-def cmd_check(env: dict[str, str]) -> int:
+def _settings_and_key(env: dict[str, str], command: str) -> tuple[Settings, MultiFernet] | int:
+    """The settings and FERNET_KEY a command needs, or its exit code after one line on stderr
+    (1 for bad settings, 2 without a usable key)."""
     try:
         settings = load_settings(env)
     except StartError as exc:
-        print(f"courtbot check: {exc}", file=sys.stderr)
+        print(f"courtbot {command}: {exc}", file=sys.stderr)
         return EXIT_INVALID
     try:
-        fernet = load_fernet(settings)
+        return settings, load_fernet(settings)
     except StartError as exc:
-        print(f"courtbot check: {exc}", file=sys.stderr)
+        print(f"courtbot {command}: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
+
+
+def cmd_check(env: dict[str, str]) -> int:
+    loaded = _settings_and_key(env, "check")
+    if isinstance(loaded, int):
+        return loaded
+    settings, fernet = loaded
     invalid = False
     now = datetime.now(UTC)
     config = config_loader.read_config(settings, fernet, now)
@@ -1885,16 +1894,10 @@ def _dry_run_setup(
 
 def cmd_dry_run(env: dict[str, str], schedule_id: str, out: IO[str]) -> int:
     """Run the preparation steps of the schedule's next instance against the club now."""
-    try:
-        settings = load_settings(env)
-    except StartError as exc:
-        print(f"courtbot dry-run: {exc}", file=sys.stderr)
-        return EXIT_INVALID
-    try:
-        fernet = load_fernet(settings)
-    except StartError as exc:
-        print(f"courtbot dry-run: {exc}", file=sys.stderr)
-        return EXIT_CANNOT_START
+    loaded = _settings_and_key(env, "dry-run")
+    if isinstance(loaded, int):
+        return loaded
+    settings, fernet = loaded
     try:
         flow, entry, start, secrets = _dry_run_setup(settings, fernet, schedule_id)
     except StartError as exc:
