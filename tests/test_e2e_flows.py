@@ -277,9 +277,10 @@ def test_a_flow_logs_in_ahead_looks_the_slot_up_at_the_trigger_books_and_confirm
     assert wait_until(settled, 30), process.output()
     rows = by_key(env)
     mine, other, expired = (rows[keys[name]] for name in ("mine", "next-court", "expired-login"))
-    assert (mine["status"], mine["booking_ref"], mine["booked_court"]) == ("booked", "bk-1", "3")
+    assert (mine["status"], mine["booked_court"]) == ("booked", "3"), mine["last_error"]
     assert (other["status"], other["booked_court"]) == ("booked", "6"), other["last_error"]
-    assert other["booking_ref"] in ("bk-1", "bk-2")
+    # Both book at the same trigger, so either may reach the club first.
+    assert {mine["booking_ref"], other["booking_ref"]} == {"bk-1", "bk-2"}
     assert expired["status"] == "failed"
     assert expired["last_error"] == (
         "the club rejected the credentials at step 'login' (HTTP 401: session expired, log in "
@@ -298,7 +299,7 @@ def test_a_flow_logs_in_ahead_looks_the_slot_up_at_the_trigger_books_and_confirm
     books = [s for s in club.seen if s.path == "/bookings"]
     assert len(books) == 2  # courts 3 and 6: taken court 5 shows no slot, so is never booked
     assert all(s.cookies.get("SID") for s in books)
-    assert "Idempotency-Key" in books[0].headers
+    assert all("Idempotency-Key" in s.headers for s in books)
     assert not any("Idempotency-Key" in s.headers for s in club.seen if s.path != "/bookings")
     assert process.stop() == 0
     output = process.output() + (data / "bot.log").read_text()
