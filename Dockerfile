@@ -21,7 +21,10 @@ RUN groupadd --system --gid 10001 courtbot \
     && chown 10001:10001 /app/data \
     && chmod 0700 /app/data
 
-COPY docker-entrypoint.sh main.py models.py scheduler.py bot.py config_loader.py instances.py template.py utils.py notify.py leader.py wire.py report.py heartbeat.py watchdog.py ./
+COPY docker-entrypoint.sh main.py cli.py models.py scheduler.py bot.py config_loader.py instances.py template.py utils.py notify.py leader.py wire.py report.py heartbeat.py watchdog.py ./
+# Bytecode made once here (PYTHONDONTWRITEBYTECODE stops only writing it): the daemon's start and
+# every `health` check would otherwise compile the modules afresh.
+RUN python -m compileall -q /app
 
 VOLUME /app/data
 

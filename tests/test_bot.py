@@ -952,7 +952,7 @@ NOT_ACTIVE_LINE = (
 
 
 def lose_the_role(ctx: BookingContext) -> None:
-    """What main.Roles does, from its watch thread, when the daemon's lock is lost."""
+    """What cli.Roles does, from its watch thread, when the daemon's lock is lost."""
     ctx.may_send.clear()
     ctx.stop.set()
 

@@ -92,6 +92,11 @@ def image_dir() -> Iterator[Path]:
         (copy_line,) = [c for c in instruction("COPY") if "main.py" in c]
         for name in copy_line.split()[:-1]:
             shutil.copy2(REPO / name, app / name)
+        # The RUN after the COPY, as written, with /app meaning this app directory.
+        (compile_run,) = [r for r in instruction("RUN") if "compileall" in r]
+        args = [str(app) if a == "/app" else a for a in shlex.split(compile_run)]
+        subprocess.run([str(venv / "bin" / "python"), *args[1:]], check=True, timeout=120)
+        assert (app / "__pycache__").is_dir()
         yield root
     finally:
         shutil.rmtree(root, ignore_errors=True)

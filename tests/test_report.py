@@ -1,5 +1,5 @@
 """report.py: what ``status`` shows a person (CONTRACT section 1), as exact text. Pure: rows are
-given as ``instances.status_rows`` makes them (test_main.py runs the command on a real database)."""
+given as ``instances.status_rows`` makes them (test_cli.py runs the command on a real database)."""
 
 from __future__ import annotations
 

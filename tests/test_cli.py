@@ -1,4 +1,4 @@
-"""main.py: the CLI of CONTRACT section 1, and the daemon's loop in process (reload on SIGHUP or a
+"""cli.py: the CLI of CONTRACT section 1, and the daemon's loop in process (reload on SIGHUP or a
 changed file; a standby that takes over and steps down, section 10); the daemon as a subprocess
 is in test_e2e.py and test_failover.py. The tests that touch the database run on SQLite and on
 PostgreSQL."""
@@ -30,16 +30,17 @@ from cryptography.fernet import Fernet
 from sqlalchemy import Engine, event, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
+import cli
 import config_loader
 import instances
 import leader
-import main
 import models
 import scheduler
 import utils
 import watchdog
 from conftest import PingServer, make_jwt, previous_release_database, write_json
-from daemon_harness import MAIN, cli
+from daemon_harness import MAIN
+from daemon_harness import cli as run_cli
 from models import Instance
 from mounts import fill, small_disk
 
@@ -48,7 +49,7 @@ LONDON = ZoneInfo("Europe/London")
 
 @pytest.fixture(autouse=True)
 def _keep_root_logging() -> Iterator[None]:
-    """main.main() sets up logging for its process; in this one, give pytest's handlers back."""
+    """cli.main() sets up logging for its process; in this one, give pytest's handlers back."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     yield
@@ -62,12 +63,12 @@ def _keep_root_logging() -> Iterator[None]:
 
 
 def run(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *argv: str) -> int:
-    for name in list(main.os.environ):
+    for name in list(cli.os.environ):
         if name.startswith(("BOOKING_", "FERNET_", "DATA_", "DATABASE_", "LOG_", "SMTP_")):
             monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    return main.main(list(argv))
+    return cli.main(list(argv))
 
 
 def future(days: float = 20) -> datetime:
@@ -312,8 +313,8 @@ def test_run_without_booking_api_url_needs_every_entry_to_name_a_club(
     env: dict[str, str], data_dir: Path
 ) -> None:
     without = {k: v for k, v in env.items() if k != "BOOKING_API_URL"}
-    settings = main.load_settings(without)
-    fernet = main.load_fernet(settings)
+    settings = cli.load_settings(without)
+    fernet = cli.load_fernet(settings)
     write_json(data_dir / "tokens.json", {"default": "t"})
     desired = f"{future():%Y-%m-%d %H:%M}"
     write_json(
@@ -323,21 +324,21 @@ def test_run_without_booking_api_url_needs_every_entry_to_name_a_club(
         "BOOKING_API_URL is not set: set it to the club's booking endpoint "
         "(e.g. https://club.example/api/bookings)"
     )
-    with pytest.raises(main.StartError) as raised:
-        main.require_api_url(settings, fernet)
+    with pytest.raises(cli.StartError) as raised:
+        cli.require_api_url(settings, fernet)
     assert str(raised.value) == message  # no club files: the URL is what is missing
     (data_dir / "clubs").mkdir()
     write_json(data_dir / "clubs" / "padel.json", {"url": "https://padel.example/b"})
-    with pytest.raises(main.StartError) as raised:
-        main.require_api_url(settings, fernet)
+    with pytest.raises(cli.StartError) as raised:
+        cli.require_api_url(settings, fernet)
     assert str(raised.value) == f"{message}, or name a club file in schedules.json entry 'a' (#1)"
     write_json(
         data_dir / "schedules.json",
         [{"id": "a", "type": "one-off", "desired_time": desired, "club": "padel"}],
     )
-    main.require_api_url(settings, fernet)  # every entry names a club: it may start
+    cli.require_api_url(settings, fernet)  # every entry names a club: it may start
     write_json(data_dir / "schedules.json", [])
-    main.require_api_url(settings, fernet)  # club files, no entries yet: a first deploy
+    cli.require_api_url(settings, fernet)  # club files, no entries yet: a first deploy
 
 
 # ---------------------------------------------------------------- status and retry
@@ -493,7 +494,7 @@ def test_status_says_a_daemon_runs_with_its_pid_and_heartbeat(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     env: dict[str, str],
-    daemon: main.Daemon,
+    daemon: cli.Daemon,
 ) -> None:
     assert run(monkeypatch, env, "status") == 0
     first = lines_of(capsys)[0]
@@ -667,7 +668,7 @@ def test_status_colours_only_on_a_terminal_and_never_with_no_color(
     coloured = on_a_terminal(terminal, "status")
     assert "\x1b[32mbooked" in coloured and "\x1b[31mfailed" in coloured
     assert "\x1b[" not in on_a_terminal(terminal | {"NO_COLOR": "1"}, "status")
-    assert "\x1b[" not in cli(terminal, "status").stdout  # a pipe, not a terminal
+    assert "\x1b[" not in run_cli(terminal, "status").stdout  # a pipe, not a terminal
     assert "\x1b[" not in on_a_terminal(terminal, "status", "--json")
 
 
@@ -793,14 +794,16 @@ def test_generate_key_prints_a_fernet_key(
 
 
 def test_encrypt_token_reads_stdin(env: dict[str, str]) -> None:
-    done = cli(env, "encrypt-token", stdin="my-secret-token\n")
+    done = run_cli(env, "encrypt-token", stdin="my-secret-token\n")
     assert done.returncode == 0, done.stderr
     encrypted = done.stdout.strip()
     assert "my-secret-token" not in done.stdout
     assert Fernet(env["FERNET_KEY"].encode()).decrypt(encrypted.encode()) == b"my-secret-token"
-    no_key = cli({k: v for k, v in env.items() if k != "FERNET_KEY"}, "encrypt-token", stdin="x")
+    no_key = run_cli(
+        {k: v for k, v in env.items() if k != "FERNET_KEY"}, "encrypt-token", stdin="x"
+    )
     assert no_key.returncode == 2
-    assert cli(env, "encrypt-token", stdin="").returncode == 1
+    assert run_cli(env, "encrypt-token", stdin="").returncode == 1
 
 
 def test_health_needs_a_daemon_holding_data_dir_and_a_fresh_heartbeat(
@@ -815,7 +818,7 @@ def test_health_needs_a_daemon_holding_data_dir_and_a_fresh_heartbeat(
     # A fresh heartbeat alone is a daemon that stopped (or was killed) a moment ago.
     assert run(monkeypatch, env, "health") == 1
     assert capsys.readouterr().err == f"courtbot health: no daemon runs on {data_dir}\n"
-    lock = main.DirLock(data_dir / "bot.lock")
+    lock = cli.DirLock(data_dir / "bot.lock")
     assert lock.acquire()
     try:
         (data_dir / "bot.pid").write_text(f"{os.getpid()}\n")
@@ -836,7 +839,7 @@ def test_every_log_event_is_one_line_whatever_its_values_hold(
     env: dict[str, str], data_dir: Path
 ) -> None:
     log_file = data_dir / "bot.log"
-    main.setup_logging(main.Settings.from_env(env | {"LOG_FILE": str(log_file)}))
+    cli.setup_logging(cli.Settings.from_env(env | {"LOG_FILE": str(log_file)}))
     log = logging.getLogger("bot")
     forged = "bk-1\r\n2026-11-23T12:00:00.000Z ERROR bot: forged\x1b[2J\x85\u2028"
     log.warning("booked %s ref=%s", "k@2026-12-02T17:00:00Z", forged)
@@ -904,11 +907,11 @@ def test_check_lists_notification_channels_with_secrets_masked(
 
 
 @contextlib.contextmanager
-def started_daemon(env: dict[str, str]) -> Iterator[main.Daemon]:
+def started_daemon(env: dict[str, str]) -> Iterator[cli.Daemon]:
     """A daemon started in this process on ``env`` (its handlers and wakeup fd restored after)."""
-    handlers = {signum: signal.getsignal(signum) for signum in main.DAEMON_SIGNALS}
-    settings = main.load_settings(env | {"RELOAD_INTERVAL_SECONDS": "3600"})
-    made = main.Daemon(settings, main.load_fernet(settings), None)
+    handlers = {signum: signal.getsignal(signum) for signum in cli.DAEMON_SIGNALS}
+    settings = cli.load_settings(env | {"RELOAD_INTERVAL_SECONDS": "3600"})
+    made = cli.Daemon(settings, cli.load_fernet(settings), None)
     try:
         made.start()
         yield made
@@ -920,7 +923,7 @@ def started_daemon(env: dict[str, str]) -> Iterator[main.Daemon]:
 
 
 @pytest.fixture
-def daemon(env: dict[str, str], data_dir: Path) -> Iterator[main.Daemon]:
+def daemon(env: dict[str, str], data_dir: Path) -> Iterator[cli.Daemon]:
     """A started daemon in this process, with one entry."""
     write_json(data_dir / "tokens.json", {"default": "tok-secret"})
     write_json(data_dir / "schedules.json", [one_off("a")])
@@ -932,14 +935,14 @@ def one_off(schedule_id: str) -> dict[str, Any]:
     return {"id": schedule_id, "type": "one-off", "desired_time": f"{future():%Y-%m-%d %H:%M}"}
 
 
-def pending(daemon: main.Daemon) -> list[str]:
+def pending(daemon: cli.Daemon) -> list[str]:
     rows = instances.status_rows(daemon.factory)
     return sorted(row["schedule"] for row in rows if row["status"] == "pending")
 
 
 @pytest.mark.both_databases
 def test_sighup_reloads_in_the_loop_and_a_broken_file_keeps_the_last_good_state(
-    daemon: main.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
+    daemon: cli.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     seen: list[list[str]] = []
@@ -975,7 +978,7 @@ def test_sighup_reloads_in_the_loop_and_a_broken_file_keeps_the_last_good_state(
 
 @pytest.mark.both_databases
 def test_a_changed_file_is_reloaded_and_an_unchanged_one_is_not(
-    daemon: main.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
+    daemon: cli.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     assert daemon.config_changed() is False
@@ -994,7 +997,7 @@ def test_a_changed_file_is_reloaded_and_an_unchanged_one_is_not(
 
 
 def test_club_files_are_loaded_reloaded_on_change_and_kept_when_broken(
-    daemon: main.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
+    daemon: cli.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     assert daemon.ctx is not None
@@ -1074,7 +1077,7 @@ def statements_of_this_thread(engine: Engine) -> Iterator[list[str]]:
 
 
 def test_a_reload_with_no_file_changed_sends_no_sql(
-    daemon: main.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
+    daemon: cli.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     assert daemon.engine is not None
@@ -1092,7 +1095,7 @@ def test_a_reload_with_no_file_changed_sends_no_sql(
 
 
 def test_a_retry_reaches_the_scheduler_by_its_keys_without_a_full_sync(
-    daemon: main.Daemon,
+    daemon: cli.Daemon,
     data_dir: Path,
     env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
@@ -1166,7 +1169,7 @@ def test_retries_recorded_while_no_daemon_ran_are_scheduled_at_start(
 
 
 def test_an_edited_reload_validates_and_reconciles_only_the_entry_that_changed(
-    daemon: main.Daemon,
+    daemon: cli.Daemon,
     data_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -1206,7 +1209,7 @@ def weekly(schedule_id: str) -> dict[str, Any]:
 
 
 def test_a_load_that_changed_something_gives_its_memory_back(
-    daemon: main.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
+    daemon: cli.Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert daemon.engine is not None
     caplog.set_level(logging.DEBUG, logger="courtbot")
@@ -1253,7 +1256,7 @@ def test_a_load_that_changed_something_gives_its_memory_back(
 
 def test_trim_heap_trims_with_glibc_and_does_nothing_elsewhere() -> None:
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert main.trim_heap() is glibc
+    assert cli.trim_heap() is glibc
 
 
 def test_the_start_freezes_what_lives_on_and_the_stop_unfreezes_it(
@@ -1264,7 +1267,7 @@ def test_the_start_freezes_what_lives_on_and_the_stop_unfreezes_it(
     assert gc.get_freeze_count() == 0
     with started_daemon(env):
         # The libraries' objects are out of the collector's sight: a reload's collection is
-        # short (main.Daemon._give_back_memory).
+        # short (cli.Daemon._give_back_memory).
         assert gc.get_freeze_count() > 10_000
     assert gc.get_freeze_count() == 0
 
@@ -1276,7 +1279,7 @@ def test_status_names_the_active_daemon_on_a_shared_database(
     pg_url: str,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    unstarted: Callable[..., main.Daemon],
+    unstarted: Callable[..., cli.Daemon],
     env: dict[str, str],
     data_dir: Path,
 ) -> None:
@@ -1346,7 +1349,7 @@ def test_run_on_an_unreachable_database_exits_2_with_one_line(
 
     port = free_port()
     url = f"postgresql://courtbot:pw-S3cret@127.0.0.1:{port}/courtbot"
-    done = cli(env | {"DATABASE_URL": url}, "run")
+    done = run_cli(env | {"DATABASE_URL": url}, "run")
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr == (
@@ -1359,14 +1362,14 @@ def test_run_on_an_unreachable_database_exits_2_with_one_line(
 
 
 @pytest.fixture
-def unstarted(env: dict[str, str], data_dir: Path) -> Iterator[Callable[..., main.Daemon]]:
+def unstarted(env: dict[str, str], data_dir: Path) -> Iterator[Callable[..., cli.Daemon]]:
     """Make a daemon in this process (not started); its handlers are restored afterwards."""
-    handlers = {signum: signal.getsignal(signum) for signum in main.DAEMON_SIGNALS}
-    made: list[main.Daemon] = []
+    handlers = {signum: signal.getsignal(signum) for signum in cli.DAEMON_SIGNALS}
+    made: list[cli.Daemon] = []
 
-    def make(**extra: str) -> main.Daemon:
-        settings = main.load_settings(env | {"RELOAD_INTERVAL_SECONDS": "3600", **extra})
-        made.append(main.Daemon(settings, main.load_fernet(settings), None))
+    def make(**extra: str) -> cli.Daemon:
+        settings = cli.load_settings(env | {"RELOAD_INTERVAL_SECONDS": "3600", **extra})
+        made.append(cli.Daemon(settings, cli.load_fernet(settings), None))
         return made[-1]
 
     try:
@@ -1382,7 +1385,7 @@ def unstarted(env: dict[str, str], data_dir: Path) -> Iterator[Callable[..., mai
 def test_a_standby_waits_then_takes_over_and_steps_down_when_its_lock_goes(
     pg_server: Any,
     pg_url: str,  # first: the database outlives the daemon
-    unstarted: Callable[..., main.Daemon],
+    unstarted: Callable[..., cli.Daemon],
     data_dir: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1455,7 +1458,7 @@ def test_a_standby_waits_then_takes_over_and_steps_down_when_its_lock_goes(
 
 def test_the_active_daemon_takes_over_dead_daemons_claims_and_changes_made_elsewhere(
     pg_url: str,  # first: the database outlives the daemon
-    unstarted: Callable[..., main.Daemon],
+    unstarted: Callable[..., cli.Daemon],
     data_dir: Path,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1505,7 +1508,7 @@ def test_the_active_daemon_takes_over_dead_daemons_claims_and_changes_made_elsew
 
 
 def test_jobs_of_a_club_whose_flow_prepares_start_that_much_before_the_trigger(
-    daemon: main.Daemon, data_dir: Path
+    daemon: cli.Daemon, data_dir: Path
 ) -> None:
     clubs = data_dir / "clubs"
     clubs.mkdir()
@@ -1540,7 +1543,7 @@ def test_jobs_of_a_club_whose_flow_prepares_start_that_much_before_the_trigger(
     assert lead == pytest.approx(32)
 
 
-def jobs_of(daemon: main.Daemon) -> dict[str, float]:
+def jobs_of(daemon: cli.Daemon) -> dict[str, float]:
     """The job store's run times by job id (epoch seconds)."""
     assert daemon.engine is not None
     with daemon.engine.connect() as conn:
@@ -1593,7 +1596,7 @@ def test_the_token_expiry_report_says_what_to_do() -> None:
         timezone="Europe/London",
         trigger_time=datetime(2026, 11, 25, 17, 0, tzinfo=UTC),
     )
-    subject, body = main._token_expiry_message(
+    subject, body = cli._token_expiry_message(
         "default", datetime(2026, 11, 24, 10, 0, tzinfo=UTC), 3, first, now
     )
     assert subject == "Token 'default' expires 2026-11-24T10:00:00Z, before 3 booking(s)"
@@ -1644,11 +1647,9 @@ def test_the_daemon_pings_its_heartbeat_url_at_start_and_stops_at_shutdown(
 
 
 def test_calendar_entries_are_located_at_the_booking_hosts_name(env: dict[str, str]) -> None:
-    settings = main.load_settings(
-        env | {"BOOKING_API_URL": "https://u:pw@book.club.example:8443/b"}
-    )
-    assert main.club_location(settings, None) == "book.club.example"
-    assert main.club_location(main.load_settings(env | {"BOOKING_API_URL": ""}), None) is None
+    settings = cli.load_settings(env | {"BOOKING_API_URL": "https://u:pw@book.club.example:8443/b"})
+    assert cli.club_location(settings, None) == "book.club.example"
+    assert cli.club_location(cli.load_settings(env | {"BOOKING_API_URL": ""}), None) is None
 
 
 # ---------------------------------------------------------------- the watchdog, in process
@@ -1659,7 +1660,7 @@ def watchdog_lines(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
 
 
 def test_a_stopped_scheduler_is_an_error_at_the_next_look_and_is_restarted(
-    daemon: main.Daemon, caplog: pytest.LogCaptureFixture
+    daemon: cli.Daemon, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     daemon.watch()
@@ -1690,7 +1691,7 @@ def test_a_stopped_scheduler_is_an_error_at_the_next_look_and_is_restarted(
 
 
 def test_a_trigger_the_scheduler_missed_is_overdue_at_the_second_look_then_run(
-    daemon: main.Daemon, caplog: pytest.LogCaptureFixture
+    daemon: cli.Daemon, caplog: pytest.LogCaptureFixture
 ) -> None:
     """An instance whose job never came (here: its trigger moved in the table behind the
     scheduler's back) is late at one look and overdue at the next; the recovery re-syncs the
@@ -1719,7 +1720,7 @@ def test_a_trigger_the_scheduler_missed_is_overdue_at_the_second_look_then_run(
 
 
 def test_a_restart_that_does_not_get_the_overdue_booking_going_is_no_recovery(
-    daemon: main.Daemon, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    daemon: cli.Daemon, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Recovered is what the look after the restart sees: a booking still not started keeps the
     daemon failing (and the time toward giving up running), however often it restarts."""
@@ -1744,7 +1745,7 @@ def test_a_restart_that_does_not_get_the_overdue_booking_going_is_no_recovery(
 
 
 def test_the_instances_are_asked_about_only_when_a_trigger_is_near_or_the_jobs_changed(
-    daemon: main.Daemon, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+    daemon: cli.Daemon, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     asked: list[datetime] = []
     real_overdue = instances.overdue
@@ -1771,7 +1772,7 @@ def test_the_instances_are_asked_about_only_when_a_trigger_is_near_or_the_jobs_c
 
 
 def test_a_clock_jump_is_logged_and_wakes_the_scheduler(
-    daemon: main.Daemon, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    daemon: cli.Daemon, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     caplog.set_level(logging.INFO)
     wall = [1_800_000_000.0]
@@ -1799,15 +1800,15 @@ def test_a_clock_jump_is_logged_and_wakes_the_scheduler(
 @pytest.fixture
 def disk_daemon(
     env: dict[str, str], tmp_path: Path
-) -> Iterator[tuple[main.Daemon, dict[str, str], Path]]:
+) -> Iterator[tuple[cli.Daemon, dict[str, str], Path]]:
     """A started daemon in this process whose DATA_DIR is a 4 MB disk (tmpfs) the test fills."""
-    handlers = {signum: signal.getsignal(signum) for signum in main.DAEMON_SIGNALS}
+    handlers = {signum: signal.getsignal(signum) for signum in cli.DAEMON_SIGNALS}
     with small_disk(tmp_path / "disk") as disk:
         write_json(disk / "tokens.json", {"default": "tok-secret"})
         write_json(disk / "schedules.json", [one_off("a")])
         disk_env = env | {"DATA_DIR": str(disk), "RELOAD_INTERVAL_SECONDS": "3600"}
-        settings = main.load_settings(disk_env)
-        made = main.Daemon(settings, main.load_fernet(settings), None)
+        settings = cli.load_settings(disk_env)
+        made = cli.Daemon(settings, cli.load_fernet(settings), None)
         try:
             made.start()
             yield made, disk_env, disk
@@ -1819,7 +1820,7 @@ def disk_daemon(
 
 
 def test_not_recovering_for_the_give_up_time_stops_the_loop_with_exit_3_health_1_meanwhile(
-    disk_daemon: tuple[main.Daemon, dict[str, str], Path],
+    disk_daemon: tuple[cli.Daemon, dict[str, str], Path],
     caplog: pytest.LogCaptureFixture,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -1836,7 +1837,7 @@ def test_not_recovering_for_the_give_up_time_stops_the_loop_with_exit_3_health_1
 
     def health_meanwhile() -> None:
         wait_for(lambda: daemon.watchdog.problem is not None)
-        assert main.cmd_health(env) == 1
+        assert cli.cmd_health(env) == 1
         seen.append((1, capsys.readouterr().err))
 
     looker = threading.Thread(target=health_meanwhile)
@@ -1845,7 +1846,7 @@ def test_not_recovering_for_the_give_up_time_stops_the_loop_with_exit_3_health_1
     daemon.run_forever()
     looker.join(10)
 
-    assert daemon.exit_code == main.EXIT_NOT_WORKING == 3
+    assert daemon.exit_code == cli.EXIT_NOT_WORKING == 3
     assert 2.0 <= time.monotonic() - started < 10
     ((_, health_said),) = seen
     assert re.fullmatch(
@@ -1870,7 +1871,7 @@ def test_a_log_file_that_cannot_be_written_is_said_once_and_the_console_keeps_ev
 ) -> None:
     with small_disk(tmp_path / "disk") as disk:
         log_file = disk / "bot.log"
-        main.setup_logging(main.load_settings(env | {"LOG_FILE": str(log_file)}))
+        cli.setup_logging(cli.load_settings(env | {"LOG_FILE": str(log_file)}))
         log = logging.getLogger("courtbot")
         log.warning("before")
         filler = fill(disk)
