@@ -6,7 +6,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONFAULTHANDLER=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    DATA_DIR=/app/data
+    DATA_DIR=/app/data \
+    READY_CLUBS_DIR=/app/clubs
 
 WORKDIR /app
 
@@ -21,6 +22,9 @@ RUN groupadd --system --gid 10001 courtbot \
     && chown 10001:10001 /app/data \
     && chmod 0700 /app/data
 
+# The ready flows (data/clubs/ in the repository), outside the DATA_DIR volume: the entrypoint
+# copies them into DATA_DIR/clubs/ at each start, never over a file of yours.
+COPY data/clubs/ /app/clubs/
 COPY docker-entrypoint.sh main.py cli.py models.py scheduler.py bot.py config_loader.py instances.py template.py utils.py notify.py leader.py wire.py report.py heartbeat.py watchdog.py ./
 # Bytecode made once here (PYTHONDONTWRITEBYTECODE stops only writing it): the daemon's start and
 # every `health` check would otherwise compile the modules afresh.

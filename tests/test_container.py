@@ -151,63 +151,142 @@ def test_container_command_runs_books_and_stops(image_dir: Path, tmp_path: Path)
         assert stale.returncode == 1
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
-def test_entrypoint_hands_a_root_owned_disk_to_the_app_user() -> None:
-    disk = Path(tempfile.mkdtemp(prefix="courtbot-disk-"))
-    try:
-        os.chmod(disk, 0o755)  # noqa: S103 (uid 10001 must reach it, as on a real disk)
-        (disk / "schedules.json").write_text("[]")
-        done = subprocess.run(
-            [str(REPO / "docker-entrypoint.sh"), "sh", "-c", "id -u; touch $DATA_DIR/x"],
-            env={"PATH": "/usr/bin:/bin", "DATA_DIR": str(disk)},
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.strip() == "10001"
-        assert disk.stat().st_uid == 10001
-        assert (disk / "schedules.json").stat().st_uid == 10001
-        assert (disk / "x").stat().st_uid == 10001
-        assert stat.S_IMODE(disk.stat().st_mode) == 0o700
-    finally:
-        shutil.rmtree(disk, ignore_errors=True)
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root"
+)
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root")
-def test_entrypoint_copies_the_config_files_from_config_dir_at_each_start() -> None:
-    root = Path(tempfile.mkdtemp(prefix="courtbot-secrets-"))
-    os.chmod(root, 0o755)  # noqa: S103 (uid 10001 must reach DATA_DIR, as /app in the image)
-    try:
-        secrets_dir = root / "secrets"  # read-only files, as Render's secret files are
-        secrets_dir.mkdir()
-        (secrets_dir / "schedules.json").write_text('[{"id": "a"}]')
-        (secrets_dir / "tokens.json").write_text('{"default": "gAAAAA-encrypted"}')
-        (secrets_dir / "other.json").write_text("{}")
-        for path in secrets_dir.iterdir():
-            path.chmod(0o444)
-        data = root / "data"  # a fresh, root-owned container directory
-        env = {"PATH": "/usr/bin:/bin", "DATA_DIR": str(data), "CONFIG_DIR": str(secrets_dir)}
-        for expected in ('[{"id": "a"}]', '[{"id": "b"}]'):
-            (secrets_dir / "schedules.json").chmod(0o644)
-            (secrets_dir / "schedules.json").write_text(expected)
-            done = subprocess.run(
-                [str(REPO / "docker-entrypoint.sh"), "sh", "-c", "cat $DATA_DIR/schedules.json"],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=False,
-            )
-            assert (done.returncode, done.stdout) == (0, expected), done.stderr
-        assert sorted(p.name for p in data.iterdir()) == ["schedules.json", "tokens.json"]
-        for name in ("schedules.json", "tokens.json"):
-            copied = (data / name).stat()
+@pytest.fixture
+def root() -> Iterator[Path]:
+    """A scratch directory that uid 10001 can reach, as /app is in the image (pytest's tmp_path
+    sits in a directory only root may enter)."""
+    path = Path(tempfile.mkdtemp(prefix="courtbot-entrypoint-"))
+    os.chmod(path, 0o755)  # noqa: S103
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _entrypoint(env: dict[str, str], command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(REPO / "docker-entrypoint.sh"), "sh", "-c", command],
+        env={"PATH": "/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+
+@needs_root
+def test_entrypoint_hands_a_root_owned_disk_to_the_app_user(root: Path) -> None:
+    disk = root  # root-owned, 0755, as a freshly mounted disk
+    (disk / "schedules.json").write_text("[]")
+    done = _entrypoint({"DATA_DIR": str(disk)}, "id -u; touch $DATA_DIR/x")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "10001"
+    assert disk.stat().st_uid == 10001
+    assert (disk / "schedules.json").stat().st_uid == 10001
+    assert (disk / "x").stat().st_uid == 10001
+    assert stat.S_IMODE(disk.stat().st_mode) == 0o700
+
+
+@needs_root
+def test_entrypoint_copies_the_config_files_from_config_dir_at_each_start(root: Path) -> None:
+    secrets_dir = root / "secrets"  # read-only files, as Render's secret files are
+    secrets_dir.mkdir()
+    (secrets_dir / "schedules.json").write_text('[{"id": "a"}]')
+    (secrets_dir / "tokens.json").write_text('{"default": "gAAAAA-encrypted"}')
+    (secrets_dir / "other.json").write_text("{}")
+    for path in secrets_dir.iterdir():
+        path.chmod(0o444)
+    data = root / "data"  # a fresh, root-owned container directory
+    env = {"DATA_DIR": str(data), "CONFIG_DIR": str(secrets_dir)}
+    for expected in ('[{"id": "a"}]', '[{"id": "b"}]'):
+        (secrets_dir / "schedules.json").chmod(0o644)
+        (secrets_dir / "schedules.json").write_text(expected)
+        done = _entrypoint(env, "cat $DATA_DIR/schedules.json")
+        assert (done.returncode, done.stdout) == (0, expected), done.stderr
+    assert sorted(p.name for p in data.iterdir()) == ["schedules.json", "tokens.json"]
+    for name in ("schedules.json", "tokens.json"):
+        copied = (data / name).stat()
+        assert (copied.st_uid, stat.S_IMODE(copied.st_mode)) == (10001, 0o600)
+    assert (data / "tokens.json").read_text() == '{"default": "gAAAAA-encrypted"}'
+
+
+def test_the_image_carries_the_ready_flows_outside_the_data_volume() -> None:
+    (ready,) = [c for c in instruction("COPY") if "clubs" in c]
+    assert ready.split() == ["data/clubs/", "/app/clubs/"]
+    (env,) = instruction("ENV")
+    assert "READY_CLUBS_DIR=/app/clubs" in env.split()
+    (volume,) = instruction("VOLUME")
+    assert not "/app/clubs/".startswith(volume.rstrip("/") + "/")
+    ignore = (REPO / ".dockerignore").read_text().split()
+    assert "!data/clubs/*.json" in ignore
+    assert sorted(p.name for p in (REPO / "data" / "clubs").iterdir()) == sorted(
+        p.name for p in (REPO / "data" / "clubs").glob("*.json")
+    )
+
+
+@needs_root
+def test_entrypoint_puts_the_ready_flows_in_data_dir_and_never_over_a_file_of_yours(
+    root: Path,
+) -> None:
+    ready = root / "ready"  # the image's /app/clubs, root-owned and read-only
+    shutil.copytree(REPO / "data" / "clubs", ready)
+    data = root / "data"
+    env = {"DATA_DIR": str(data), "READY_CLUBS_DIR": str(ready)}
+    done = _entrypoint(env, "ls $DATA_DIR/clubs")
+    assert (done.returncode, done.stdout.split()) == (
+        0,
+        sorted(p.name for p in ready.glob("*.json")),
+    ), done.stderr
+    clubs = data / "clubs"
+    for path in ready.glob("*.json"):
+        copied = clubs / path.name
+        assert copied.read_bytes() == path.read_bytes()
+        assert (copied.stat().st_uid, stat.S_IMODE(copied.stat().st_mode)) == (10001, 0o600)
+    assert clubs.stat().st_uid == 10001
+
+    # A new image: an unedited copy follows it; an edited one, and one deleted then
+    # written by you, stay as they are.
+    (ready / "playtomic.json").write_text('{"about": "new version"}')
+    (ready / "doinsport.json").write_text('{"about": "new version"}')
+    (clubs / "doinsport.json").write_text('{"about": "edited by you"}')
+    (ready / "newclub.json").write_text('{"about": "a flow added to the image"}')
+    assert _entrypoint(env, "true").returncode == 0
+    assert (clubs / "playtomic.json").read_text() == '{"about": "new version"}'
+    assert (clubs / "doinsport.json").read_text() == '{"about": "edited by you"}'
+    assert (clubs / "newclub.json").read_text() == '{"about": "a flow added to the image"}'
+    (ready / "doinsport.json").write_text('{"about": "newer still"}')
+    assert _entrypoint(env, "true").returncode == 0
+    assert (clubs / "doinsport.json").read_text() == '{"about": "edited by you"}'
+
+
+@needs_root
+def test_entrypoint_copies_club_files_from_config_dir_over_the_ready_flows(root: Path) -> None:
+    ready = root / "ready"
+    ready.mkdir()
+    (ready / "clubautomation.json").write_text('{"about": "ready: yourclub"}')
+    secrets_dir = root / "secrets"
+    (secrets_dir / "clubs").mkdir(parents=True)
+    # Flat, as Render's secret files are; and a directory, as a mount may be.
+    (secrets_dir / "clubs.clubautomation.json").write_text('{"about": "myclub"}')
+    (secrets_dir / "clubs" / "padel.json").write_text('{"about": "padel"}')
+    (secrets_dir / "clubs.json").write_text("{}")  # no club name: not a club file
+    data = root / "data"
+    env = {"DATA_DIR": str(data), "CONFIG_DIR": str(secrets_dir), "READY_CLUBS_DIR": str(ready)}
+    for _ in range(2):  # the ready flow never comes back over the file from CONFIG_DIR
+        done = _entrypoint(env, "ls $DATA_DIR/clubs")
+        assert (done.returncode, done.stdout.split()) == (
+            0,
+            ["clubautomation.json", "padel.json"],
+        ), done.stderr
+        clubs = data / "clubs"
+        assert (clubs / "clubautomation.json").read_text() == '{"about": "myclub"}'
+        assert (clubs / "padel.json").read_text() == '{"about": "padel"}'
+        for name in ("clubautomation.json", "padel.json"):
+            copied = (clubs / name).stat()
             assert (copied.st_uid, stat.S_IMODE(copied.st_mode)) == (10001, 0o600)
-        assert (data / "tokens.json").read_text() == '{"default": "gAAAAA-encrypted"}'
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def _env_keys(service: dict[str, object]) -> dict[str, dict[str, object]]:
