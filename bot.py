@@ -1590,7 +1590,7 @@ def _settled(
     values = run.values(court)
     found, problems = extract_values(step, reply, values)
     if step.booking:
-        ref = step.ref_of(answer.json(), values)
+        ref = step.ref_of(reply, values)
         run.keep(step, court, found, ref=ref)
         for extraction in step.extract:
             name = f"{step.name}.{extraction.name}"

@@ -34,6 +34,7 @@ PLACEHOLDERS = (
     "time",
     "end_time",
     "duration_minutes",
+    "duration_seconds",
     "key",
     "epoch_ms",
     "epoch_s",
@@ -637,7 +638,8 @@ class Step:
     booking: bool = False
     at_trigger: bool = False
     follow_redirects: bool = False
-    booking_ref: JsonPath | None = None
+    #: Where the booking reference is: a JSON path (section 11), or any extraction form.
+    booking_ref: Extraction | None = None
     idempotency_header: str | None = None
     #: It uses {court_id}, or a value of a step that does: it runs once per court.
     per_court: bool = False
@@ -660,8 +662,8 @@ class Step:
         for extraction in self.extract:
             if extraction.path is not None:
                 yield from _walk_refs(extraction.path)
-        if self.booking_ref is not None:
-            yield from _walk_refs(self.booking_ref)
+        if self.booking_ref is not None and self.booking_ref.path is not None:
+            yield from _walk_refs(self.booking_ref.path)
 
     def match(self, status: int, body: bytes) -> str | None:
         """The first named matcher that fits the answer (taken, rejected, booked, early)."""
@@ -705,18 +707,19 @@ class Step:
             headers[self.idempotency_header] = idempotency
         return RenderedRequest(self.method, url, headers, body)
 
-    def ref_of(self, document: Any, values: Mapping[str, Any]) -> str | None:
-        """The booking reference in a JSON answer: ``booking_ref``'s path, else its ``id`` or
-        ``booking_id``; as text, None when absent."""
-        if self.booking_ref is None:
-            if isinstance(document, dict):
+    def ref_of(self, reply: Reply, values: Mapping[str, Any]) -> str | None:
+        """The booking reference in the booking's answer: what ``booking_ref`` extracts (a JSON
+        path, or a header, cookie, regex or url extraction for answers that are not JSON), else
+        ``id`` or ``booking_id`` of a JSON answer; as text, None when absent."""
+        try:
+            if self.booking_ref is None:
+                document = reply.json()
                 for name in ("id", "booking_id"):
-                    found = document.get(name)
+                    found = document.get(name) if isinstance(document, dict) else None
                     if isinstance(found, str | int) and not isinstance(found, bool):
                         return str(found)
-            return None
-        try:
-            node = self.booking_ref.find(document, values)
+                return None
+            node = self.booking_ref.take(reply, values)
         except (ExtractError, MissingValue):
             return None
         if node is None or isinstance(node, dict | list | bool):
@@ -840,6 +843,7 @@ def placeholder_values(
         "time": local_start.strftime("%H:%M"),
         "end_time": local_end.strftime("%H:%M"),
         "duration_minutes": duration_minutes,
+        "duration_seconds": duration_minutes * 60,
         "key": key,
         "epoch_ms": int(utils.as_utc(start).timestamp() * 1000),
         "epoch_s": int(utils.as_utc(start).timestamp()),
@@ -1067,7 +1071,7 @@ def _booking_parts(data: dict[str, Any], where: str, scope: Scope) -> dict[str, 
         raise TemplateError(f"{where}idempotency_header: {idem!r} is not a header name (or null)")
     return {
         "matchers": _named_matchers(data, where, MATCHER_ORDER),
-        "booking_ref": None if ref is None else parse_path(ref, f"{where}booking_ref", scope),
+        "booking_ref": None if ref is None else _booking_ref(ref, f"{where}booking_ref", scope),
         "idempotency_header": idem,
     }
 
@@ -1100,6 +1104,20 @@ def _extractions(value: Any, where: str, scope: Scope) -> tuple[Extraction, ...]
         kind, source = next(iter(spec.items()))
         found.append(_extraction(name, kind, source, f"{at}.{kind}", scope))
     return tuple(found)
+
+
+def _booking_ref(value: Any, where: str, scope: Scope) -> Extraction:
+    """``booking_ref``: a JSON path as section 11 has it, or one extraction of section 12
+    (``{"regex": "Reservation #(\\d+)"}``, ``{"header": "Location"}``, ...)."""
+    if isinstance(value, dict):
+        if len(value) != 1 or next(iter(value)) not in EXTRACT_FORMS:
+            raise TemplateError(
+                f"{where}: expected a JSON path, or one of "
+                + ", ".join(f'{{"{form}": ...}}' for form in EXTRACT_FORMS)
+            )
+        kind, source = next(iter(value.items()))
+        return _extraction("booking_ref", kind, source, f"{where}.{kind}", scope)
+    return _extraction("booking_ref", "json", value, where, scope)
 
 
 def _extraction(name: str, kind: str, source: Any, where: str, scope: Scope) -> Extraction:

@@ -52,7 +52,7 @@ from models import (
 )
 from notify import Outcome
 from reliability_helpers import evil_server, self_signed_context
-from template import Flow, parse_flow
+from template import Flow, Reply, parse_flow
 
 URL = "http://club.test/bookings"
 TOKEN = "tok-S3cret-7c41d0b8e2f9a6"
@@ -1699,7 +1699,8 @@ def test_matchers_are_tried_taken_rejected_booked_then_the_table() -> None:
     assert verdict(200, {"ok": False, "error": "court not available"}) == "taken"
     assert verdict(200, {"ok": False, "error": "bad date"}) == "rejected"
     assert verdict(200, {"ok": True, "data": {"items": [{"id": 77}]}}) == "booked"
-    assert step.ref_of({"ok": True, "data": {"items": [{"id": 77}]}}, {}) == "77"
+    found = json.dumps({"ok": True, "data": {"items": [{"id": 77}]}}).encode()
+    assert step.ref_of(Reply(200, {}, found, URL), {}) == "77"
     # Unmatched answers follow the table of section 6.
     assert verdict(422, {"error": "invalid"}) == "rejected"
     assert verdict(503, {}) == "retry"
@@ -1788,6 +1789,23 @@ def test_the_early_matcher_reads_a_club_own_not_open_answer_as_early(h: Harness)
     assert h.book() == BOOKED
     assert h.stop.waits == []
     assert len(h.calls) == 2
+
+
+def test_a_text_answer_gives_its_booking_ref_through_a_regex(h: Harness) -> None:
+    h.ctx.template = parse_flow(
+        {
+            "booked": {"status": [200], "body_contains": "confirmed"},
+            "booking_ref": {"regex": r"Reservation #(\d+)"},
+        },
+        api_url=URL,
+        name="t.json",
+    )
+    h.add()
+    queue(h.club, answer(200, "<p>Reservation #4521 confirmed for court 3</p>"))
+
+    assert h.book() == BOOKED
+
+    assert (h.row().booking_ref, h.outcomes[0].booking_ref) == ("4521", "4521")
 
 
 def test_an_early_retry_that_would_reach_the_start_is_not_made(h: Harness) -> None:

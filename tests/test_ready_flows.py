@@ -80,7 +80,7 @@ CASES: dict[str, Case] = {
     "doinsport": Case(
         courts=lambda c: [c.courts[1]],
         booked_court=lambda c: c.courts[1],
-        minutes=90,
+        minutes=60,  # the price of the entry's length: prices[duration={duration_seconds}]
         status="CONFIRMED",
         ref=lambda c: c.bookings[0].id if c.bookings else None,
     ),

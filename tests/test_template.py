@@ -100,6 +100,7 @@ def test_every_placeholder_has_its_value() -> None:
         "time": "14:00",
         "end_time": "15:30",
         "duration_minutes": 90,
+        "duration_seconds": 5400,
         "key": KEY,
         "epoch_ms": 1754827200000,
         "epoch_s": 1754827200,
@@ -139,6 +140,7 @@ def test_a_whole_string_placeholder_takes_the_value_json_type() -> None:
         {
             "json": {
                 "minutes": "{duration_minutes}",
+                "seconds": "{duration_seconds}",
                 "court": "{court_id}",
                 "label": "court {court_id} for {duration_minutes} min",
                 "nested": [{"at": "{epoch_ms}", "s": "{epoch_s}"}],
@@ -149,6 +151,7 @@ def test_a_whole_string_placeholder_takes_the_value_json_type() -> None:
     body = json.loads(book.render(values()).body or b"")
     assert body == {
         "minutes": 90,
+        "seconds": 5400,
         "court": "3",
         "label": "court 3 for 90 min",
         "nested": [{"at": 1754827200000, "s": 1754827200}],
@@ -803,14 +806,46 @@ def test_invalid_extractions_name_the_step_and_the_value(extract: Any, message: 
 
 def test_booking_ref_is_a_json_path_with_filters_too() -> None:
     book = parse({"booking_ref": "items[court={court_id}].ref"}).booking_step
-    assert (
-        book.ref_of({"items": [{"court": 4, "ref": "x"}, {"court": 3, "ref": "y"}]}, values())
-        == "y"
-    )
-    assert book.ref_of({"items": []}, values()) is None
+    found = reply({"items": [{"court": 4, "ref": "x"}, {"court": 3, "ref": "y"}]})
+    assert book.ref_of(found, values()) == "y"
+    assert book.ref_of(reply({"items": []}), values()) is None
+    assert book.ref_of(reply(b"<html>Booked!</html>"), values()) is None
     default = parse({}).booking_step
-    assert default.ref_of({"booking_id": 12}, values()) == "12"
-    assert default.ref_of({"id": True}, values()) is None
+    assert default.ref_of(reply({"booking_id": 12}), values()) == "12"
+    assert default.ref_of(reply({"id": True}), values()) is None
+    assert default.ref_of(reply(b"Reservation #881 confirmed"), values()) is None
+
+
+def test_booking_ref_may_be_any_extraction_for_answers_that_are_not_json() -> None:
+    text = parse({"booking_ref": {"regex": r"Reservation #(\d+)"}}).booking_step
+    assert text.ref_of(reply(b"<p>Reservation #881 confirmed</p>"), values()) == "881"
+    assert text.ref_of(reply(b"<p>Thank you</p>"), values()) is None
+    header = parse({"booking_ref": {"header": "Location"}}).booking_step
+    made = reply(b"", headers={"location": "/reservations/77"})
+    assert header.ref_of(made, values()) == "/reservations/77"
+    url = parse({"booking_ref": {"url": r"/done/(\w+)$"}}).booking_step
+    assert url.ref_of(reply(b"", url="https://club.example/done/ab12"), values()) == "ab12"
+    as_json = parse({"booking_ref": {"json": "items[court={court_id}].ref"}}).booking_step
+    assert as_json.ref_of(reply({"items": [{"court": "3", "ref": 5}]}), values()) == "5"
+
+
+@pytest.mark.parametrize(
+    ("ref", "message"),
+    [
+        (
+            {"regex": "no group"},
+            "t.json: booking_ref.regex: 'no group' has no group; the value is its first group",
+        ),
+        (
+            {"xpath": "//id"},
+            't.json: booking_ref: expected a JSON path, or one of {"json": ...}, {"header": ...}',
+        ),
+        ({"json": "a[x={nope}]"}, "t.json: booking_ref.json: unknown placeholder {nope}"),
+        ({"header": "a b"}, "t.json: booking_ref.header: 'a b' is not a header name"),
+    ],
+)
+def test_an_invalid_booking_ref_names_the_key(ref: Any, message: str) -> None:
+    assert error_of({"booking_ref": ref}, "https://club.example/api", "t.json").startswith(message)
 
 
 # --------------------------------------------------------------------------- answers

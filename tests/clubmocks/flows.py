@@ -36,6 +36,7 @@ BUILTINS = frozenset(
         "time",
         "end_time",
         "duration_minutes",
+        "duration_seconds",
         "key",
         "epoch_ms",
         "epoch_s",

@@ -51,6 +51,7 @@ class Instance:
             "time": f"{self.start:%H:%M}",
             "end_time": f"{end:%H:%M}",
             "duration_minutes": self.minutes,
+            "duration_seconds": self.minutes * 60,
             "key": self.key,
             "epoch_ms": int(epoch * 1000),
             "epoch_s": int(epoch),
