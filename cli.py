@@ -1629,9 +1629,13 @@ class Roles:
 
 def load_settings(env: dict[str, str]) -> Settings:
     try:
-        return Settings.from_env(env)
+        settings = Settings.from_env(env)
     except SettingsError as exc:
         raise StartError(str(exc)) from None
+    problem = models.url_problem(settings.database_url)
+    if problem is not None:
+        raise StartError(f"DATABASE_URL: {problem}")
+    return settings
 
 
 def load_fernet(settings: Settings) -> MultiFernet:

@@ -32,7 +32,7 @@ from zoneinfo import ZoneInfo
 from cryptography.fernet import MultiFernet
 
 import utils
-from template import Flow, Slot, TemplateError, parse_flow
+from template import Flow, Slot, TemplateError, default_flow, parse_flow
 
 logger = logging.getLogger(__name__)
 
@@ -151,9 +151,12 @@ class Settings:
                 f"HEARTBEAT_URL: {utils.mask_url_secrets(heartbeat_url)!r} is not an http(s) "
                 "URL (e.g. https://hc-ping.com/<uuid>)"
             )
+        api_url = env.get("BOOKING_API_URL") or None
+        if api_url is not None:
+            _check_api_url(api_url)
         return cls(
             fernet_keys=env.get("FERNET_KEY") or None,
-            api_url=env.get("BOOKING_API_URL") or None,
+            api_url=api_url,
             data_dir=data_dir,
             database_url=database_url,
             timezone=zone,
@@ -169,6 +172,20 @@ class Settings:
             env=dict(env),
             heartbeat_url=heartbeat_url,
         )
+
+
+def _check_api_url(url: str) -> None:
+    """SettingsError unless BOOKING_API_URL is a URL the request of CONTRACT section 6 can be
+    sent to: the same test a booking makes, made at start rather than at the trigger."""
+    try:
+        default_flow(url)
+    except TemplateError as exc:
+        # default_flow names the setting and its key ("BOOKING_API_URL: url: ..."): one name.
+        reason = str(exc).removeprefix("BOOKING_API_URL: url: ")
+        raise SettingsError(
+            f"BOOKING_API_URL: {reason}; set it to the club's booking endpoint "
+            "(e.g. https://club.example/api/bookings)"
+        ) from None
 
 
 def _number(

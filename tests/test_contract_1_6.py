@@ -1,0 +1,88 @@
+"""CONTRACT sections 1 to 6 tried from outside, as a user runs courtbot: real subprocesses of
+``main.py`` on a scratch DATA_DIR, their exit codes and their exact stderr. Each test here pins a
+promise an outside-in audit found broken or untested."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+
+from daemon_harness import cli
+
+
+@pytest.fixture
+def user_env(tmp_path: Path) -> dict[str, str]:
+    """What a user exports: a key, the club's URL and a DATA_DIR holding one token."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "tokens.json").write_text(json.dumps({"default": "tok-contract-16"}))
+    return {
+        "PATH": "/usr/bin:/bin",
+        "FERNET_KEY": Fernet.generate_key().decode(),
+        "BOOKING_API_URL": "http://127.0.0.1:9/bookings",
+        "DATA_DIR": str(data),
+        "LOG_FILE": "-",
+    }
+
+
+def write_schedules(env: dict[str, str], entries: object) -> None:
+    (Path(env["DATA_DIR"]) / "schedules.json").write_text(json.dumps(entries))
+
+
+# ---------------------------------------------------------------- section 2: settings
+
+
+@pytest.mark.parametrize("url", ["not a url", "ftp://club.example/book", "club.example/book"])
+def test_run_refuses_a_booking_api_url_that_is_no_http_url_with_exit_2(
+    user_env: dict[str, str], url: str
+) -> None:
+    write_schedules(user_env, [])
+    done = cli({**user_env, "BOOKING_API_URL": url}, "run")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"courtbot: cannot start: BOOKING_API_URL: {url!r} is not an http(s) URL; set it to the "
+        "club's booking endpoint (e.g. https://club.example/api/bookings)\n"
+    )
+
+
+@pytest.mark.parametrize("command", [("check",), ("dry-run", "a")])
+def test_check_and_dry_run_name_a_bad_booking_api_url_in_one_line(
+    user_env: dict[str, str], command: tuple[str, ...]
+) -> None:
+    write_schedules(user_env, [{"id": "a", "type": "one-off", "desired_time": "2099-01-01 10:00"}])
+    done = cli({**user_env, "BOOKING_API_URL": "not a url"}, *command)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        f"courtbot {command[0]}: BOOKING_API_URL: 'not a url' is not an http(s) URL; set it to "
+        "the club's booking endpoint (e.g. https://club.example/api/bookings)\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("garbage", "'garbage'"),
+        (" sqlite:///db.sqlite", "' sqlite:///db.sqlite'"),
+        (
+            "postgresql://me:s3cret@db.example:port/courts",
+            "'postgresql://me:***@db.example:port/courts'",
+        ),
+    ],
+)
+@pytest.mark.parametrize(
+    ("command", "code"), [(("run",), 2), (("status",), 1), (("retry", "x"), 1)]
+)
+def test_a_database_url_that_is_no_url_is_one_line_not_a_traceback(
+    user_env: dict[str, str], url: str, shown: str, command: tuple[str, ...], code: int
+) -> None:
+    write_schedules(user_env, [])
+    done = cli({**user_env, "DATABASE_URL": url}, *command)
+    assert done.returncode == code, done.stderr
+    prefix = "courtbot: cannot start" if command == ("run",) else f"courtbot {command[0]}"
+    assert done.stderr == (
+        f"{prefix}: DATABASE_URL: {shown} is not a database URL; expected "
+        "sqlite:////path/to/db.sqlite or postgresql://user:password@host:5432/db\n"
+    )
