@@ -61,6 +61,10 @@ RECURRING = "recurring"
 OUT_OF_RANGE = "holds a date out of range (years 1 to 9999 in UTC and in the entry's zone)"
 
 
+#: The largest value of a setting in seconds (EARLY_RETRY_MS: a thousand times that): a day.
+SETTING_MAX_SECONDS = 86400.0
+
+
 class SettingsError(ValueError):
     """An environment variable that makes the daemon unable to start; names the variable."""
 
@@ -200,6 +204,13 @@ def _number(
         raise SettingsError(f"{name}: {raw!r} is not a number of {unit}") from None
     if not (minimum <= value < float("inf")):
         raise SettingsError(f"{name}: {raw!r} must be a finite number >= {minimum:g}")
+    # Beyond a day no wait or timeout makes sense, and past about 10^9 s the clocks, sockets
+    # and timedeltas they feed overflow: at the trigger, where it is too late to say so.
+    maximum = SETTING_MAX_SECONDS * (1000 if unit == "milliseconds" else 1)
+    if value > maximum:
+        raise SettingsError(
+            f"{name}: {raw!r} is more than a day ({maximum:g} {unit}); expected at most that"
+        )
     return value
 
 

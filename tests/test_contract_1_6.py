@@ -86,3 +86,33 @@ def test_a_database_url_that_is_no_url_is_one_line_not_a_traceback(
         f"{prefix}: DATABASE_URL: {shown} is not a database URL; expected "
         "sqlite:////path/to/db.sqlite or postgresql://user:password@host:5432/db\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "unit"),
+    [
+        ("HTTP_TIMEOUT_SECONDS", "1e300", "86400 seconds"),
+        ("RETRY_BASE_SECONDS", "1e12", "86400 seconds"),
+        ("EARLY_RETRY_MS", "1e300", "8.64e+07 milliseconds"),
+        ("EARLY_RETRY_SECONDS", "86401", "86400 seconds"),
+        ("RELOAD_INTERVAL_SECONDS", "1e300", "86400 seconds"),
+    ],
+)
+def test_a_setting_too_large_to_wait_on_stops_run_at_start_not_a_booking(
+    user_env: dict[str, str], name: str, value: str, unit: str
+) -> None:
+    # Before: HTTP_TIMEOUT_SECONDS=1e300, RETRY_BASE_SECONDS=1e300 and EARLY_RETRY_MS=1e300
+    # started, then failed the booking at its trigger ("internal error while booking").
+    write_schedules(user_env, [])
+    done = cli({**user_env, name: value}, "run")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"courtbot: cannot start: {name}: {value!r} is more than a day ({unit}); expected at "
+        "most that\n"
+    )
+
+
+def test_a_day_is_still_a_valid_setting(user_env: dict[str, str]) -> None:
+    write_schedules(user_env, [])
+    done = cli({**user_env, "HTTP_TIMEOUT_SECONDS": "86400", "EARLY_RETRY_MS": "86400000"}, "check")
+    assert done.returncode == 0, done.stderr
