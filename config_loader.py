@@ -1581,12 +1581,25 @@ def _build_entry(
         window=c.window,
         window_from=c.window_from,
     )
-    if c.rule is not None:
-        # A rule that runs into year 9999 fails only while expanding: find out here, not in
-        # reconcile.
+    if c.rule is None:
+        assert desired_moment is not None
+        if not _ends_in_range([desired_moment], c.duration, c.zone):
+            return (
+                None,
+                f"{where}: desired_time: {c.raw['desired_time']!r} with duration_minutes "
+                f"{c.duration} ends {OUT_OF_RANGE.removeprefix('holds a date ')}",
+                warnings,
+            )
+    else:
+        # A rule that runs into year 9999 fails only while expanding (or at an instance's
+        # end): find out here, not in reconcile or in the request.
         try:
             entry = dataclasses.replace(entry, expansion=(c.now, tuple(entry.occurrences(c.now))))
+            assert entry.expansion is not None
+            ends_ok = _ends_in_range([s for _, s in entry.expansion[1]], c.duration, c.zone)
         except (ValueError, OverflowError):
+            ends_ok = False
+        if not ends_ok:
             return None, f"{where}: rrule: {c.rule_text!r} {OUT_OF_RANGE}", warnings
         if not any(start > c.now for start in entry.starts(c.now)):
             # Valid, but it books nothing: say so rather than leave the entry silently empty.
@@ -1596,6 +1609,20 @@ def _build_entry(
     if late is not None:
         return None, f"{where}: window: {late}", warnings
     return entry, None, warnings
+
+
+def _ends_in_range(starts: Iterable[datetime], minutes: int, zone: ZoneInfo) -> bool:
+    """True when every instance starting at ``starts`` ends within years 1 to 9999, in UTC and
+    in ``zone`` (the request writes its end with the zone's offset)."""
+    length = timedelta(minutes=minutes)
+    try:
+        for start in starts:
+            end = start + length
+            end.astimezone(UTC)
+            end.astimezone(zone)
+    except (OverflowError, ValueError):
+        return False
+    return True
 
 
 def _window_opens_late(entry: Entry, now: datetime) -> str | None:

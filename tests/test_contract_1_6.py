@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from daemon_harness import cli
+from daemon_harness import DaemonProcess, cli, status
 
 
 @pytest.fixture
@@ -116,3 +116,51 @@ def test_a_day_is_still_a_valid_setting(user_env: dict[str, str]) -> None:
     write_schedules(user_env, [])
     done = cli({**user_env, "HTTP_TIMEOUT_SECONDS": "86400", "EARLY_RETRY_MS": "86400000"}, "check")
     assert done.returncode == 0, done.stderr
+
+
+# ---------------------------------------------------------------- section 3: schedules.json
+
+
+FAR_ENTRIES = [
+    {"id": "last", "type": "one-off", "desired_time": "9999-12-31 23:30"},
+    {"id": "daily", "type": "recurring", "rrule": "FREQ=DAILY", "desired_time": "9999-12-20 23:30"},
+    {"id": "fine", "type": "one-off", "desired_time": "9999-12-31 22:30"},
+]
+FAR_ERRORS = [
+    "schedules.json entry 'last' (#1): desired_time: '9999-12-31 23:30' with duration_minutes 60 "
+    "ends out of range (years 1 to 9999 in UTC and in the entry's zone)",
+    "schedules.json entry 'daily' (#2): rrule: 'FREQ=DAILY' holds a date out of range (years 1 "
+    "to 9999 in UTC and in the entry's zone)",
+]
+
+
+def test_check_an_instance_ending_after_year_9999_is_an_error_for_its_entry_alone(
+    user_env: dict[str, str],
+) -> None:
+    # Before: `check` ended in an OverflowError traceback.
+    write_schedules(user_env, FAR_ENTRIES)
+    done = cli(user_env, "check")
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        "".join(f"error: {line}\n" for line in FAR_ERRORS)
+        + "\ninvalid: 2 problem(s); see the errors above\n"
+    )
+    assert "  Fri 9999-12-31 22:30 UTC  = 9999-12-31T22:30:00Z  trigger 9999-12-24T22:30:00Z\n" in (
+        done.stdout
+    )
+
+
+def test_run_an_instance_ending_after_year_9999_does_not_take_the_daemon_down(
+    user_env: dict[str, str], tmp_path: Path
+) -> None:
+    # Before: the first load raised (year 10000 is out of range) and `run` exited 1.
+    write_schedules(user_env, FAR_ENTRIES)
+    daemon = DaemonProcess(user_env, Path(user_env["DATA_DIR"]), tmp_path / "daemon.out").start()
+    try:
+        daemon.wait_ready()
+        assert [row["key"] for row in status(user_env)] == ["fine@9999-12-31T22:30:00Z"]
+        assert daemon.stop() == 0
+    finally:
+        daemon.cleanup()
+    for line in FAR_ERRORS:
+        assert f" ERROR courtbot: {line}\n" in daemon.output()
