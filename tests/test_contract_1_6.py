@@ -164,3 +164,40 @@ def test_run_an_instance_ending_after_year_9999_does_not_take_the_daemon_down(
         daemon.cleanup()
     for line in FAR_ERRORS:
         assert f" ERROR courtbot: {line}\n" in daemon.output()
+
+
+# ---------------------------------------------------------------- section 5: tokens.json
+
+
+@pytest.mark.parametrize("cut", [10, 40, 80])
+def test_a_fernet_shaped_value_cut_short_is_an_error_for_its_token_not_a_plaintext(
+    user_env: dict[str, str], cut: int
+) -> None:
+    # Before: a value starting gAAAAA but too short to be a whole Fernet token (a paste cut
+    # short) was taken for a plaintext token: encrypted as such and sent to the club.
+    whole = Fernet(user_env["FERNET_KEY"].encode()).encrypt(b"tok-contract-16").decode()
+    tokens = Path(user_env["DATA_DIR"]) / "tokens.json"
+    written = json.dumps({"default": "tok-contract-16", "partner": whole[:cut]})
+    tokens.write_text(written)
+    write_schedules(
+        user_env,
+        [
+            {"id": "mine", "type": "one-off", "desired_time": "2099-01-01 10:00"},
+            {
+                "id": "ours",
+                "type": "one-off",
+                "desired_time": "2099-01-02 10:00",
+                "token": "partner",
+            },
+        ],
+    )
+    done = cli(user_env, "check")
+    assert done.returncode == 1, done.stdout
+    assert done.stderr == (
+        "error: tokens.json token 'partner': the value is encrypted but no key in FERNET_KEY "
+        "decrypts it (was it encrypted with another key?); re-encrypt it with `python main.py "
+        "encrypt-token` or put the plaintext token in the file\n"
+        "\ninvalid: 1 problem(s); see the errors above\n"
+    )
+    assert "  'partner': unusable (see the error above)\n" in done.stdout
+    assert tokens.read_text() == written  # check never rewrites
