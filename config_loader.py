@@ -13,6 +13,7 @@ import bisect
 import contextlib
 import dataclasses
 import difflib
+import errno
 import hashlib
 import json
 import logging
@@ -1822,6 +1823,13 @@ def rewrite_tokens_file(path: Path, result: TokensResult) -> bool:
         if refusal is not None:
             (logger.error if plain else logger.warning)("%s", refusal)
             return False
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if not mode & 0o222:
+            # Made read-only on purpose (chmod 444): a rename could replace it all the same,
+            # since that needs only the directory writable (and root passes every check).
+            raise PermissionError(
+                errno.EACCES, f"the file is read-only, mode {mode:04o}", str(path)
+            )
         for name, token in result.tokens.items():
             if token.rewrite and token.encrypted is not None:
                 current[name] = token.encrypted
@@ -1901,8 +1909,9 @@ def _replace_private(path: Path, payload: bytes, expected: bytes) -> bool:
 
 
 def secure_file_mode(path: Path) -> None:
-    """Make a file holding secrets or state readable by its owner only (best effort). A
-    symbolic link is left alone: its target is not ours to change."""
+    """Make a file holding secrets or state readable by its owner only (best effort), keeping
+    the owner's bits: a file made read-only stays read-only. A symbolic link is left alone:
+    its target is not ours to change."""
     with contextlib.suppress(OSError):
         if path.exists() and not path.is_symlink() and path.stat().st_mode & 0o077:
-            path.chmod(0o600)
+            path.chmod(stat.S_IMODE(path.stat().st_mode) & 0o700)

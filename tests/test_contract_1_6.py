@@ -5,12 +5,15 @@ promise an outside-in audit found broken or untested."""
 from __future__ import annotations
 
 import json
+import stat
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
 
-from daemon_harness import DaemonProcess, cli, status
+from daemon_harness import DaemonProcess, by_key, cli, iso_z, status, wait_until
+from tools.sandbox_club import SandboxClub
 
 
 @pytest.fixture
@@ -35,16 +38,25 @@ def write_schedules(env: dict[str, str], entries: object) -> None:
 # ---------------------------------------------------------------- section 2: settings
 
 
-@pytest.mark.parametrize("url", ["not a url", "ftp://club.example/book", "club.example/book"])
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("not a url", "is not an http(s) URL"),
+        ("ftp://club.example/book", "is not an http(s) URL"),
+        ("club.example/book", "is not an http(s) URL"),
+        # Before: started, then every booking failed at its trigger on this URL.
+        ("https://me:pw@club.example/book", "does not name a plain host"),
+    ],
+)
 def test_run_refuses_a_booking_api_url_that_is_no_http_url_with_exit_2(
-    user_env: dict[str, str], url: str
+    user_env: dict[str, str], url: str, reason: str
 ) -> None:
     write_schedules(user_env, [])
     done = cli({**user_env, "BOOKING_API_URL": url}, "run")
     assert done.returncode == 2, done.stderr
     assert done.stderr == (
-        f"courtbot: cannot start: BOOKING_API_URL: {url!r} is not an http(s) URL; set it to the "
-        "club's booking endpoint (e.g. https://club.example/api/bookings)\n"
+        f"courtbot: cannot start: BOOKING_API_URL: {url!r} {reason}; set it to the club's "
+        "booking endpoint (e.g. https://club.example/api/bookings)\n"
     )
 
 
@@ -201,3 +213,34 @@ def test_a_fernet_shaped_value_cut_short_is_an_error_for_its_token_not_a_plainte
     )
     assert "  'partner': unusable (see the error above)\n" in done.stdout
     assert tokens.read_text() == written  # check never rewrites
+
+
+def test_a_read_only_tokens_file_is_left_as_it_is_with_a_warning_and_the_token_still_books(
+    user_env: dict[str, str], tmp_path: Path
+) -> None:
+    # Before: a tokens.json made read-only (chmod 444) in a writable DATA_DIR was replaced by a
+    # rename all the same, its mode turned to 0600.
+    tokens = Path(user_env["DATA_DIR"]) / "tokens.json"
+    written = tokens.read_text()
+    tokens.chmod(0o444)
+    desired = (datetime.now(UTC) + timedelta(hours=2)).replace(microsecond=0)
+    write_schedules(
+        user_env, [{"id": "soon", "type": "one-off", "desired_time": iso_z(desired), "court_id": 1}]
+    )
+    with SandboxClub(tokens=("tok-contract-16",)) as club:
+        env = {**user_env, "BOOKING_API_URL": club.url}
+        daemon = DaemonProcess(env, Path(env["DATA_DIR"]), tmp_path / "daemon.out").start()
+        try:
+            daemon.wait_ready()
+            key = f"soon@{iso_z(desired)}"
+            assert wait_until(lambda: by_key(env)[key]["status"] == "booked", 15), daemon.output()
+            assert daemon.stop() == 0
+        finally:
+            daemon.cleanup()
+    assert tokens.read_text() == written
+    assert stat.S_IMODE(tokens.stat().st_mode) == 0o400  # others' bits dropped, still read-only
+    assert (
+        " WARNING config_loader: tokens.json: cannot rewrite it with encrypted tokens (the file "
+        "is read-only, mode 0444); the tokens are kept encrypted in the database only: make the "
+        "file writable, or put encrypted values in it (`python main.py encrypt-token`)\n"
+    ) in daemon.output()
