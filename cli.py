@@ -2212,6 +2212,14 @@ def cmd_encrypt_token(env: dict[str, str]) -> int:
     if not token:
         print("courtbot encrypt-token: no token given on stdin", file=sys.stderr)
         return EXIT_INVALID
+    if utils.CONTROL_RE.search(token):
+        # tokens.json refuses what this would print (no header can carry it): say so now.
+        print(
+            "courtbot encrypt-token: the token holds a control character (a line break, tab, "
+            "...), which cannot be sent in a header; give it as one line",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
     print(fernet.encrypt(token.encode()).decode())
     return EXIT_OK
 

@@ -244,3 +244,27 @@ def test_a_read_only_tokens_file_is_left_as_it_is_with_a_warning_and_the_token_s
         "is read-only, mode 0444); the tokens are kept encrypted in the database only: make the "
         "file writable, or put encrypted values in it (`python main.py encrypt-token`)\n"
     ) in daemon.output()
+
+
+# ---------------------------------------------------------------- section 1: the commands
+
+
+@pytest.mark.parametrize("given", ["first\nsecond\n", "tab\there\n"])
+def test_encrypt_token_refuses_a_token_tokens_json_would_refuse(
+    user_env: dict[str, str], given: str
+) -> None:
+    # Before: printed its encrypted form (exit 0), which tokens.json then rejected on load.
+    done = cli(user_env, "encrypt-token", stdin=given)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == (
+        "courtbot encrypt-token: the token holds a control character (a line break, tab, ...), "
+        "which cannot be sent in a header; give it as one line\n"
+    )
+
+
+def test_encrypt_token_output_is_what_tokens_json_keeps_as_is(user_env: dict[str, str]) -> None:
+    done = cli(user_env, "encrypt-token", stdin="tok-contract-16\n")
+    assert done.returncode == 0, done.stderr
+    assert Fernet(user_env["FERNET_KEY"].encode()).decrypt(done.stdout.strip().encode()) == (
+        b"tok-contract-16"
+    )
