@@ -417,6 +417,18 @@ def _read_bytes(path: Path) -> bytes | None:
     return data
 
 
+def _read_config_file(path: Path, name: str) -> tuple[bytes | None, str | None]:
+    """(content, None), (None, None) for no file, or (None, the error for the whole file) when
+    it exists but cannot be read (a directory, no permission, an I/O error)."""
+    try:
+        return _read_bytes(path), None
+    except OSError as exc:
+        return None, (
+            f"{name}: cannot be read ({exc.strerror or exc.__class__.__name__}); nothing loaded "
+            "from it, the last good state stays"
+        )
+
+
 class _JSONObject(dict[str, Any]):
     """A JSON object as parsed, remembering the keys it gave more than once: JSON itself keeps
     the last value silently, and a key written twice is usually an edit gone wrong."""
@@ -577,7 +589,10 @@ def read_tokens(path: Path, fernet: MultiFernet) -> TokensResult:
     """Validate ``tokens.json`` (CONTRACT section 5) without writing anything."""
     name = path.name
     result = TokensResult()
-    data = _read_bytes(path)
+    data, unreadable = _read_config_file(path, name)
+    if unreadable is not None:
+        result.file_error = unreadable
+        return result
     if data is None:
         result.missing = True
         result.warnings.append(f"{name}: no such file ({path}); no tokens loaded")
@@ -773,7 +788,10 @@ def read_schedules(
     sources = sources if sources is not None else RequestSources(clubs_dir=path.parent / CLUBS_DIR)
     if cache is not None:
         cache.begin()
-    data = _read_bytes(path)
+    data, unreadable = _read_config_file(path, name)
+    if unreadable is not None:
+        result.file_error = unreadable
+        return result
     if data is None:
         result.missing = True
         result.warnings.append(f"{name}: no such file ({path}); no schedules")

@@ -268,3 +268,32 @@ def test_encrypt_token_output_is_what_tokens_json_keeps_as_is(user_env: dict[str
     assert Fernet(user_env["FERNET_KEY"].encode()).decrypt(done.stdout.strip().encode()) == (
         b"tok-contract-16"
     )
+
+
+@pytest.mark.parametrize("name", ["schedules.json", "tokens.json"])
+def test_a_config_file_that_cannot_be_read_is_an_error_for_that_file_not_a_traceback(
+    user_env: dict[str, str], tmp_path: Path, name: str
+) -> None:
+    # Before: `check` ended in an IsADirectoryError traceback, and `run` exited 2 ("cannot be
+    # written") where an invalid schedules.json is no reason to exit (section 1).
+    data = Path(user_env["DATA_DIR"])
+    write_schedules(user_env, [])
+    (data / name).unlink()
+    (data / name).mkdir()
+    done = cli(user_env, "check")
+    assert done.returncode == 1, done.stderr
+    assert (
+        f"error: {name}: cannot be read (Is a directory); nothing loaded from it, the last good "
+        "state stays\n"
+    ) in done.stderr
+    assert "Traceback" not in done.stderr
+    daemon = DaemonProcess(user_env, data, tmp_path / "daemon.out").start()
+    try:
+        daemon.wait_ready()
+        assert daemon.stop() == 0
+    finally:
+        daemon.cleanup()
+    assert (
+        f" ERROR courtbot: {name}: cannot be read (Is a directory); nothing loaded from it, the "
+        "last good state stays\n"
+    ) in daemon.output()
