@@ -1728,6 +1728,8 @@ def _request_of(entry: config_loader.Entry, config: Config, settings: Settings) 
         return f"club: {entry.club} ({config.clubs[entry.club].label})"
     if config.template is not None:
         return f"request: {config.template.label}"
+    if settings.api_url is None:
+        return "request: none: BOOKING_API_URL is not set (`run` will not start without it)"
     return f"request: BOOKING_API_URL ({settings.api_url})"
 
 

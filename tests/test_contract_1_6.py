@@ -297,3 +297,16 @@ def test_a_config_file_that_cannot_be_read_is_an_error_for_that_file_not_a_trace
         f" ERROR courtbot: {name}: cannot be read (Is a directory); nothing loaded from it, the "
         "last good state stays\n"
     ) in daemon.output()
+
+
+def test_check_without_booking_api_url_says_run_needs_it_rather_than_none(
+    user_env: dict[str, str],
+) -> None:
+    # Before: "request: BOOKING_API_URL (None)".
+    write_schedules(user_env, [{"id": "a", "type": "one-off", "desired_time": "2099-01-01 10:00"}])
+    env = {k: v for k, v in user_env.items() if k != "BOOKING_API_URL"}
+    done = cli(env, "check")
+    assert done.returncode == 0, done.stderr
+    assert (
+        "  request: none: BOOKING_API_URL is not set (`run` will not start without it)\n"
+    ) in done.stdout
