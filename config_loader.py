@@ -862,7 +862,8 @@ def overlap_warnings(entries: Iterable[Entry], now: datetime, file_name: str) ->
             length = timedelta(minutes=entry.duration_minutes)
             for start in entry.starts(now):
                 if start > now:
-                    slots.append((start, start + length, entry.position, entry))
+                    moment = utils.as_utc(start)  # real minutes, not wall-clock ones (DST)
+                    slots.append((moment, moment + length, entry.position, entry))
     slots.sort(key=lambda slot: (slot[0], slot[2]))
     found: dict[tuple[int, int], list[tuple[datetime, datetime, datetime, datetime]]] = {}
     active: list[tuple[datetime, datetime, int, Entry]] = []
@@ -903,9 +904,11 @@ def _overlap_text(
 
 
 def _span(start: datetime, end: datetime, zone: ZoneInfo) -> str:
-    """``Fri 2026-12-04 12:00-13:00 GMT``: a booking's time, local."""
+    """``Fri 2026-12-04 12:00-13:00 GMT``: a booking's time, local (the start's zone name too
+    when a DST change falls inside: ``02:00 CEST-02:00 CET``)."""
     local_start, local_end = start.astimezone(zone), end.astimezone(zone)
-    return f"{local_start:%a %Y-%m-%d %H:%M}-{local_end:%H:%M %Z}"
+    shown = "%H:%M" if local_start.tzname() == local_end.tzname() else "%H:%M %Z"
+    return f"{local_start:%a %Y-%m-%d} {local_start.strftime(shown)}-{local_end:%H:%M %Z}"
 
 
 def _duplicate_id(name: str, raw: Any, entry_id: str, index: int, first: int) -> str:
@@ -1636,7 +1639,7 @@ def _ends_in_range(starts: Iterable[datetime], minutes: int, zone: ZoneInfo) -> 
     length = timedelta(minutes=minutes)
     try:
         for start in starts:
-            end = start + length
+            end = utils.as_utc(start) + length
             end.astimezone(UTC)
             end.astimezone(zone)
     except (OverflowError, ValueError):

@@ -827,6 +827,9 @@ def placeholder_values(
     ``{token}`` and ``{secret.<field>}`` from ``secrets`` (a string token is ``{"token": value}``;
     an object token is its fields, ``{token}`` its ``token`` field). The keys ending in ``:``
     hold the instants that formatted time placeholders are written from."""
+    # In UTC: a booking lasts its minutes of real time (arithmetic on a zone's aware datetime
+    # is wall-clock arithmetic, an hour off when a DST change falls inside the booking).
+    start = utils.as_utc(start)
     end = start + timedelta(minutes=duration_minutes)
     local_start = start.astimezone(zone)
     local_end = end.astimezone(zone)

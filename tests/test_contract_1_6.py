@@ -8,6 +8,7 @@ import json
 import stat
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from cryptography.fernet import Fernet
@@ -310,3 +311,63 @@ def test_check_without_booking_api_url_says_run_needs_it_rather_than_none(
     assert (
         "  request: none: BOOKING_API_URL is not set (`run` will not start without it)\n"
     ) in done.stdout
+
+
+# ---------------------------------------------------------------- section 6: the request
+
+
+PARIS = ZoneInfo("Europe/Paris")
+
+
+def next_dst_change(after: datetime, *, forward: bool) -> datetime:
+    """The next instant after ``after`` at which Paris moves its clocks forward (or back)."""
+    moment = after.replace(minute=0, second=0, microsecond=0)
+    for _ in range(2 * 366 * 24):
+        later = moment + timedelta(hours=1)
+        step = later.astimezone(PARIS).utcoffset() - moment.astimezone(PARIS).utcoffset()  # type: ignore[operator]
+        if step and (step > timedelta(0)) == forward:
+            return later
+        moment = later
+    raise AssertionError("no DST change in two years")
+
+
+@pytest.mark.parametrize("forward", [True, False], ids=["spring", "autumn"])
+def test_the_end_is_the_start_plus_real_minutes_written_with_the_offset_then(
+    user_env: dict[str, str], tmp_path: Path, forward: bool
+) -> None:
+    # Before: the end was the start's wall clock plus the minutes, written with the start's
+    # offset: "end": "...T02:30:00+01:00" in spring (a time that does not exist), and a booking
+    # an hour too long in autumn.
+    change = next_dst_change(datetime.now(UTC) + timedelta(hours=1), forward=forward)
+    start = change - timedelta(minutes=30)
+    end = change + timedelta(minutes=30)
+    entry = {
+        "id": "dst",
+        "type": "one-off",
+        "desired_time": iso_z(start),
+        "timezone": "Europe/Paris",
+        "court_id": 1,
+        "window": "8784h",  # open already: booked at once
+    }
+    write_schedules(user_env, [entry])
+    expected = {
+        "court_id": "1",
+        "start": start.astimezone(PARIS).isoformat(),
+        "end": end.astimezone(PARIS).isoformat(),
+        "duration_minutes": 60,
+    }
+    assert expected["start"][-6:] != expected["end"][-6:]
+    done = cli(user_env, "check")
+    assert done.returncode == 0, done.stderr
+    assert f"    {json.dumps(expected)}\n" in done.stdout
+    with SandboxClub(tokens=("tok-contract-16",), window_seconds=8784 * 3600) as club:
+        env = {**user_env, "BOOKING_API_URL": club.url}
+        daemon = DaemonProcess(env, Path(env["DATA_DIR"]), tmp_path / "daemon.out").start()
+        try:
+            daemon.wait_ready()
+            key = f"dst@{iso_z(start)}"
+            assert wait_until(lambda: by_key(env)[key]["status"] == "booked", 15), daemon.output()
+            assert daemon.stop() == 0
+        finally:
+            daemon.cleanup()
+        assert [json.loads(r.body) for r in club.received] == [expected]
