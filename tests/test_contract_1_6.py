@@ -371,3 +371,33 @@ def test_the_end_is_the_start_plus_real_minutes_written_with_the_offset_then(
         finally:
             daemon.cleanup()
         assert [json.loads(r.body) for r in club.received] == [expected]
+
+
+def test_several_courts_named_in_any_script_book_with_an_ascii_idempotency_key(
+    user_env: dict[str, str], tmp_path: Path
+) -> None:
+    # Before: "#球场1" could not go into the Idempotency-Key header (HTTP headers are Latin-1
+    # at most): the booking failed at its trigger with "internal error while booking".
+    desired = (datetime.now(UTC) + timedelta(hours=2)).replace(microsecond=0)
+    entry = {
+        "id": "cn",
+        "type": "one-off",
+        "desired_time": iso_z(desired),
+        "court_id": ["球场1", "2"],
+    }
+    write_schedules(user_env, [entry])
+    key = f"cn@{iso_z(desired)}"
+    with SandboxClub(tokens=("tok-contract-16",)) as club:
+        club.set_taken("球场1", desired)
+        env = {**user_env, "BOOKING_API_URL": club.url}
+        daemon = DaemonProcess(env, Path(env["DATA_DIR"]), tmp_path / "daemon.out").start()
+        try:
+            daemon.wait_ready()
+            assert wait_until(lambda: by_key(env)[key]["status"] == "booked", 15), daemon.output()
+            assert daemon.stop() == 0
+        finally:
+            daemon.cleanup()
+        sent = [
+            (r.idempotency_key, json.loads(r.body)["court_id"], r.status) for r in club.received
+        ]
+    assert sent == [(f"{key}#%E7%90%83%E5%9C%BA1", "球场1", 409), (f"{key}#2", "2", 201)]
