@@ -662,7 +662,7 @@ def _string_token(name: str, value: Any, where: str, fernet: MultiFernet) -> Tok
             f"{_got(value)}",
             False,
         )
-    encrypted, error, state = _encrypt_value(value, where, fernet)
+    encrypted, error, state = _encrypt_value(value, where, fernet, header=True)
     rewrite = state in ("plaintext", "old key")
     return TokenValue(name, encrypted, error, rewrite, plaintext=state == "plaintext")
 
@@ -702,7 +702,7 @@ def _object_token(name: str, value: dict[str, Any], where: str, fernet: MultiFer
 
 
 def _encrypt_value(
-    value: str, where: str, fernet: MultiFernet
+    value: str, where: str, fernet: MultiFernet, *, header: bool = False
 ) -> tuple[str | None, str | None, str]:
     """One secret string of tokens.json: (its value encrypted under the first key, or None;
     the error; "encrypted" when the file already holds it so, "old key" when it needs
@@ -717,6 +717,8 @@ def _encrypt_value(
     value = value.strip()  # surrounding blanks are no part of a token
     plaintext = utils.decrypt_token(fernet, value)
     control = _control_problem(where, plaintext if plaintext is not None else value)
+    if control is None and header:
+        control = _header_problem(where, plaintext if plaintext is not None else value)
     if control is not None:
         # The token is named, never shown: the value is the secret.
         return None, control, "error"
@@ -744,6 +746,21 @@ def _control_problem(where: str, token: str) -> str | None:
         f"{where}: the token holds a control character (a line break, tab, ...), which cannot "
         "be sent in a header; put the token in as one line"
     )
+
+
+def _header_problem(where: str, token: str) -> str | None:
+    """The error for a token that no header can carry (a character beyond Latin-1, such as a
+    zero-width space or a typographic quote a paste brought along), or None. Its place is
+    ``Authorization: Bearer <token>`` (CONTRACT section 6): found here, not at the trigger."""
+    try:
+        token.encode("latin-1")
+    except UnicodeEncodeError:
+        return (
+            f"{where}: the token holds a character no HTTP header can carry (beyond Latin-1, "
+            "e.g. a zero-width space or a typographic quote a paste brought along); put the "
+            "token in as the club gave it"
+        )
+    return None
 
 
 def _is_text(value: str) -> bool:

@@ -401,3 +401,24 @@ def test_several_courts_named_in_any_script_book_with_an_ascii_idempotency_key(
             (r.idempotency_key, json.loads(r.body)["court_id"], r.status) for r in club.received
         ]
     assert sent == [(f"{key}#%E7%90%83%E5%9C%BA1", "球场1", 409), (f"{key}#2", "2", 201)]
+
+
+def test_a_token_no_header_can_carry_is_an_error_at_check_not_at_the_trigger(
+    user_env: dict[str, str],
+) -> None:
+    # Before: `check` said OK, and the booking failed at its trigger with "internal error while
+    # booking" (a zero-width space pasted along cannot go into "Authorization: Bearer ...").
+    (Path(user_env["DATA_DIR"]) / "tokens.json").write_text(
+        json.dumps({"default": "tok\u200b-1", "login": {"password": "p\u20acss"}})
+    )
+    write_schedules(user_env, [{"id": "a", "type": "one-off", "desired_time": "2099-01-01 10:00"}])
+    done = cli(user_env, "check")
+    assert done.returncode == 1, done.stdout
+    assert done.stderr == (
+        "error: tokens.json token 'default': the token holds a character no HTTP header can "
+        "carry (beyond Latin-1, e.g. a zero-width space or a typographic quote a paste brought "
+        "along); put the token in as the club gave it\n"
+        "\ninvalid: 1 problem(s); see the errors above\n"
+    )
+    # A login's fields go in a body: a password may hold any character.
+    assert "  'login': object of password, plaintext" in done.stdout
