@@ -81,6 +81,9 @@ MAX_REDIRECTS = 10
 MAX_PREPARE_WAIT_SECONDS = 30.0
 #: A club's booking id is kept to this many characters (after secrets and controls are gone).
 MAX_REF_CHARS = 200
+#: A booking whose first request left this long after its trigger began late (loaded with its
+#: window open, back after downtime): its early answers are counted from that request.
+LATE_START_SECONDS = 1.0
 #: Secrets shorter than this are not masked (see ``remember_secret``).
 MIN_SECRET_CHARS = 3
 #: Ends the reason of a booking that failed because every court tried was taken.
@@ -1382,9 +1385,8 @@ def _run_courts(
         rounds += 1
         if wait is None:
             reasons += [
-                f"{why} still {ctx.early_retry_seconds:g} s after the window opened "
-                "(EARLY_RETRY_SECONDS): it never showed up; check the court and the time with "
-                "the club"
+                f"{why} still {_early_span(ctx, run, row)} (EARLY_RETRY_SECONDS): it never "
+                "showed up; check the court and the time with the club"
                 for why in missing.values()
             ]
             break
@@ -1488,7 +1490,7 @@ def _send_step(
         if kind == "early":
             wait = _early_wait(ctx, run, send)
             if wait is None:
-                return _Result("failed", _never_opened(ctx, send))
+                return _Result("failed", _never_opened(ctx, send, _early_span(ctx, run, row)))
         else:
             if send.tries >= MAX_ATTEMPTS_PER_COURT:
                 return _Result("spent", _spent(send))
@@ -1510,12 +1512,20 @@ def _early_wait(ctx: BookingContext, run: FlowRun, send: _Send) -> float | None:
     return 0.0 if send.early == 1 else ctx.early_retry_ms / 1000
 
 
-def _never_opened(ctx: BookingContext, send: _Send) -> str:
+def _never_opened(ctx: BookingContext, send: _Send, span: str) -> str:
     return (
-        f"{send.prefix}: the club never opened: still {send.last} "
-        f"{ctx.early_retry_seconds:g} s after the window opened (EARLY_RETRY_SECONDS), "
-        f"after {send.sent} request(s); check the window and the court with the club"
+        f"{send.prefix}: the club never opened: still {send.last} {span} "
+        f"(EARLY_RETRY_SECONDS), after {send.sent} request(s); check the window and the court "
+        "with the club"
     )
+
+
+def _early_span(ctx: BookingContext, run: FlowRun, row: Instance) -> str:
+    """How long early answers were sent again, counted from when: the trigger, or for a
+    booking that began after it (loaded late, back after downtime) its first request."""
+    if run.opened - row.trigger_time.timestamp() > LATE_START_SECONDS:
+        return f"{ctx.early_retry_seconds:g} s after its first request (sent late)"
+    return f"{ctx.early_retry_seconds:g} s after the window opened"
 
 
 def _spent(send: _Send) -> str:

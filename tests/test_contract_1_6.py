@@ -422,3 +422,34 @@ def test_a_token_no_header_can_carry_is_an_error_at_check_not_at_the_trigger(
     )
     # A login's fields go in a body: a password may hold any character.
     assert "  'login': object of password, plaintext" in done.stdout
+
+
+def test_early_answers_to_a_late_booking_count_from_its_first_request_and_say_so(
+    user_env: dict[str, str], tmp_path: Path
+) -> None:
+    # Loaded with its window open since a week, a booking still gets EARLY_RETRY_SECONDS of
+    # early answers (the club's clock may be behind), and the reason says from when. Before:
+    # "... 0.5 s after the window opened", for a window open for days.
+    desired = (datetime.now(UTC) + timedelta(hours=2)).replace(microsecond=0)
+    write_schedules(
+        user_env, [{"id": "late", "type": "one-off", "desired_time": iso_z(desired), "court_id": 1}]
+    )
+    key = f"late@{iso_z(desired)}"
+    env = {**user_env, "EARLY_RETRY_SECONDS": "0.5", "EARLY_RETRY_MS": "100"}
+    with SandboxClub(tokens=("tok-contract-16",)) as club:
+        club.fault("status", count=1000, status=425)
+        env["BOOKING_API_URL"] = club.url
+        daemon = DaemonProcess(env, Path(env["DATA_DIR"]), tmp_path / "daemon.out").start()
+        try:
+            daemon.wait_ready()
+            assert wait_until(lambda: by_key(env)[key]["status"] == "failed", 15), daemon.output()
+            assert daemon.stop() == 0
+        finally:
+            daemon.cleanup()
+        sent = len(club.received)
+    assert sent >= 3  # at once, then every 100 ms for half a second
+    assert by_key(env)[key]["last_error"] == (
+        "court 1: the club never opened: still HTTP 425: Too Early 0.5 s after its first request "
+        f"(sent late) (EARLY_RETRY_SECONDS), after {sent} request(s); check the window and the "
+        "court with the club"
+    )
