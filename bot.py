@@ -297,10 +297,26 @@ def _watch(sock: socket.socket | None) -> None:
         deadline.watch(sock)
 
 
+class _FinalAnswer(http.client.HTTPResponse):
+    """An answer read past every interim 1xx (``102 Processing``, ``103 Early Hints``), as wire
+    reads it: http.client skips ``100 Continue`` only, and would take a 103 for the club's
+    answer (RFC 9110 section 15.2: a client reads on to the final one)."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        version, status, reason = super()._read_status()
+        if 100 < status < 200 and status != 101:
+            # Read as a 100: begin() skips its headers and reads the next status line.
+            return version, http.client.CONTINUE, reason
+        return version, status, reason
+
+
 class _WatchedConnection(HTTPConnection):
     """A connection whose socket the request's deadline watches: from its creation (the TCP
     and TLS handshakes) when it is new, from the wait for the answer on when it is reused (a
-    request's few bytes leave at once; what can be held is the answer)."""
+    request's few bytes leave at once; what can be held is the answer). Its answers are read
+    past interim 1xx ones."""
+
+    response_class = _FinalAnswer
 
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()

@@ -4,8 +4,11 @@ promise an outside-in audit found broken or untested."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import stat
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -453,3 +456,71 @@ def test_early_answers_to_a_late_booking_count_from_its_first_request_and_say_so
         f"(sent late) (EARLY_RETRY_SECONDS), after {sent} request(s); check the window and the "
         "court with the club"
     )
+
+
+class InterimClub:
+    """A club on 127.0.0.1 that answers every request with an interim ``103 Early Hints`` (or
+    ``102 Processing``) and then its final ``201`` with a booking id, on one connection."""
+
+    def __init__(self, interim: bytes) -> None:
+        self.interim = interim
+        self.requests = 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}/bookings"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.server.accept()
+                threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn, conn.makefile("rb") as reader:
+            while reader.readline():
+                length = 0
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    name, _, value = line.decode().partition(":")
+                    length = int(value) if name.lower() == "content-length" else length
+                reader.read(length)
+                self.requests += 1
+                body = json.dumps({"id": f"hint-{self.requests}"}).encode()
+                conn.sendall(
+                    self.interim + b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+                )
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@pytest.mark.parametrize(
+    "interim",
+    [
+        b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n",
+        b"HTTP/1.1 102 Processing\r\n\r\n",
+    ],
+    ids=["103", "102"],
+)
+def test_an_interim_1xx_answer_is_skipped_and_the_final_2xx_books(
+    user_env: dict[str, str], tmp_path: Path, interim: bytes
+) -> None:
+    # Before: a booking sent at once (its window open at load) read the 103 as the club's
+    # answer: failed, "the club refused the request (HTTP 103)", though the club had booked.
+    desired = (datetime.now(UTC) + timedelta(hours=2)).replace(microsecond=0)
+    write_schedules(
+        user_env, [{"id": "hint", "type": "one-off", "desired_time": iso_z(desired), "court_id": 1}]
+    )
+    key = f"hint@{iso_z(desired)}"
+    club = InterimClub(interim)
+    env = {**user_env, "BOOKING_API_URL": club.url}
+    daemon = DaemonProcess(env, Path(env["DATA_DIR"]), tmp_path / "daemon.out").start()
+    try:
+        daemon.wait_ready()
+        assert wait_until(lambda: by_key(env)[key]["status"] != "pending", 15), daemon.output()
+        assert daemon.stop() == 0
+    finally:
+        daemon.cleanup()
+        club.close()
+    row = by_key(env)[key]
+    assert (row["status"], row["booking_ref"], row["attempts"]) == ("booked", "hint-1", 1)
