@@ -81,6 +81,9 @@ MAX_REDIRECTS = 10
 MAX_PREPARE_WAIT_SECONDS = 30.0
 #: A club's booking id is kept to this many characters (after secrets and controls are gone).
 MAX_REF_CHARS = 200
+#: A booking whose first request left this long after its trigger began late (loaded with its
+#: window open, back after downtime): its early answers are counted from that request.
+LATE_START_SECONDS = 1.0
 #: Secrets shorter than this are not masked (see ``remember_secret``).
 MIN_SECRET_CHARS = 3
 #: Ends the reason of a booking that failed because every court tried was taken.
@@ -294,10 +297,26 @@ def _watch(sock: socket.socket | None) -> None:
         deadline.watch(sock)
 
 
+class _FinalAnswer(http.client.HTTPResponse):
+    """An answer read past every interim 1xx (``102 Processing``, ``103 Early Hints``), as wire
+    reads it: http.client skips ``100 Continue`` only, and would take a 103 for the club's
+    answer (RFC 9110 section 15.2: a client reads on to the final one)."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        version, status, reason = super()._read_status()
+        if 100 < status < 200 and status != 101:
+            # Read as a 100: begin() skips its headers and reads the next status line.
+            return version, http.client.CONTINUE, reason
+        return version, status, reason
+
+
 class _WatchedConnection(HTTPConnection):
     """A connection whose socket the request's deadline watches: from its creation (the TCP
     and TLS handshakes) when it is new, from the wait for the answer on when it is reused (a
-    request's few bytes leave at once; what can be held is the answer)."""
+    request's few bytes leave at once; what can be held is the answer). Its answers are read
+    past interim 1xx ones."""
+
+    response_class = _FinalAnswer
 
     def _new_conn(self) -> socket.socket:
         sock = super()._new_conn()
@@ -1382,9 +1401,8 @@ def _run_courts(
         rounds += 1
         if wait is None:
             reasons += [
-                f"{why} still {ctx.early_retry_seconds:g} s after the window opened "
-                "(EARLY_RETRY_SECONDS): it never showed up; check the court and the time with "
-                "the club"
+                f"{why} still {_early_span(ctx, run, row)} (EARLY_RETRY_SECONDS): it never "
+                "showed up; check the court and the time with the club"
                 for why in missing.values()
             ]
             break
@@ -1488,7 +1506,7 @@ def _send_step(
         if kind == "early":
             wait = _early_wait(ctx, run, send)
             if wait is None:
-                return _Result("failed", _never_opened(ctx, send))
+                return _Result("failed", _never_opened(ctx, send, _early_span(ctx, run, row)))
         else:
             if send.tries >= MAX_ATTEMPTS_PER_COURT:
                 return _Result("spent", _spent(send))
@@ -1510,12 +1528,20 @@ def _early_wait(ctx: BookingContext, run: FlowRun, send: _Send) -> float | None:
     return 0.0 if send.early == 1 else ctx.early_retry_ms / 1000
 
 
-def _never_opened(ctx: BookingContext, send: _Send) -> str:
+def _never_opened(ctx: BookingContext, send: _Send, span: str) -> str:
     return (
-        f"{send.prefix}: the club never opened: still {send.last} "
-        f"{ctx.early_retry_seconds:g} s after the window opened (EARLY_RETRY_SECONDS), "
-        f"after {send.sent} request(s); check the window and the court with the club"
+        f"{send.prefix}: the club never opened: still {send.last} {span} "
+        f"(EARLY_RETRY_SECONDS), after {send.sent} request(s); check the window and the court "
+        "with the club"
     )
+
+
+def _early_span(ctx: BookingContext, run: FlowRun, row: Instance) -> str:
+    """How long early answers were sent again, counted from when: the trigger, or for a
+    booking that began after it (loaded late, back after downtime) its first request."""
+    if run.opened - row.trigger_time.timestamp() > LATE_START_SECONDS:
+        return f"{ctx.early_retry_seconds:g} s after its first request (sent late)"
+    return f"{ctx.early_retry_seconds:g} s after the window opened"
 
 
 def _spent(send: _Send) -> str:

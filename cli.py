@@ -1629,9 +1629,13 @@ class Roles:
 
 def load_settings(env: dict[str, str]) -> Settings:
     try:
-        return Settings.from_env(env)
+        settings = Settings.from_env(env)
     except SettingsError as exc:
         raise StartError(str(exc)) from None
+    problem = models.url_problem(settings.database_url)
+    if problem is not None:
+        raise StartError(f"DATABASE_URL: {problem}")
+    return settings
 
 
 def load_fernet(settings: Settings) -> MultiFernet:
@@ -1724,6 +1728,8 @@ def _request_of(entry: config_loader.Entry, config: Config, settings: Settings) 
         return f"club: {entry.club} ({config.clubs[entry.club].label})"
     if config.template is not None:
         return f"request: {config.template.label}"
+    if settings.api_url is None:
+        return "request: none: BOOKING_API_URL is not set (`run` will not start without it)"
     return f"request: BOOKING_API_URL ({settings.api_url})"
 
 
@@ -2207,6 +2213,14 @@ def cmd_encrypt_token(env: dict[str, str]) -> int:
     token = raw.strip()
     if not token:
         print("courtbot encrypt-token: no token given on stdin", file=sys.stderr)
+        return EXIT_INVALID
+    if utils.CONTROL_RE.search(token):
+        # tokens.json refuses what this would print (no header can carry it): say so now.
+        print(
+            "courtbot encrypt-token: the token holds a control character (a line break, tab, "
+            "...), which cannot be sent in a header; give it as one line",
+            file=sys.stderr,
+        )
         return EXIT_INVALID
     print(fernet.encrypt(token.encode()).decode())
     return EXIT_OK

@@ -13,6 +13,7 @@ import bisect
 import contextlib
 import dataclasses
 import difflib
+import errno
 import hashlib
 import json
 import logging
@@ -32,7 +33,7 @@ from zoneinfo import ZoneInfo
 from cryptography.fernet import MultiFernet
 
 import utils
-from template import Flow, Slot, TemplateError, parse_flow
+from template import Flow, Slot, TemplateError, default_flow, parse_flow
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,10 @@ ENTRY_KEYS = (
 ONE_OFF = "one-off"
 RECURRING = "recurring"
 OUT_OF_RANGE = "holds a date out of range (years 1 to 9999 in UTC and in the entry's zone)"
+
+
+#: The largest value of a setting in seconds (EARLY_RETRY_MS: a thousand times that): a day.
+SETTING_MAX_SECONDS = 86400.0
 
 
 class SettingsError(ValueError):
@@ -151,9 +156,12 @@ class Settings:
                 f"HEARTBEAT_URL: {utils.mask_url_secrets(heartbeat_url)!r} is not an http(s) "
                 "URL (e.g. https://hc-ping.com/<uuid>)"
             )
+        api_url = env.get("BOOKING_API_URL") or None
+        if api_url is not None:
+            _check_api_url(api_url)
         return cls(
             fernet_keys=env.get("FERNET_KEY") or None,
-            api_url=env.get("BOOKING_API_URL") or None,
+            api_url=api_url,
             data_dir=data_dir,
             database_url=database_url,
             timezone=zone,
@@ -171,6 +179,20 @@ class Settings:
         )
 
 
+def _check_api_url(url: str) -> None:
+    """SettingsError unless BOOKING_API_URL is a URL the request of CONTRACT section 6 can be
+    sent to: the same test a booking makes, made at start rather than at the trigger."""
+    try:
+        default_flow(url)
+    except TemplateError as exc:
+        # default_flow names the setting and its key ("BOOKING_API_URL: url: ..."): one name.
+        reason = str(exc).removeprefix("BOOKING_API_URL: url: ")
+        raise SettingsError(
+            f"BOOKING_API_URL: {reason}; set it to the club's booking endpoint "
+            "(e.g. https://club.example/api/bookings)"
+        ) from None
+
+
 def _number(
     env: Mapping[str, str], name: str, default: float, *, minimum: float, unit: str = "seconds"
 ) -> float:
@@ -183,6 +205,13 @@ def _number(
         raise SettingsError(f"{name}: {raw!r} is not a number of {unit}") from None
     if not (minimum <= value < float("inf")):
         raise SettingsError(f"{name}: {raw!r} must be a finite number >= {minimum:g}")
+    # Beyond a day no wait or timeout makes sense, and past about 10^9 s the clocks, sockets
+    # and timedeltas they feed overflow: at the trigger, where it is too late to say so.
+    maximum = SETTING_MAX_SECONDS * (1000 if unit == "milliseconds" else 1)
+    if value > maximum:
+        raise SettingsError(
+            f"{name}: {raw!r} is more than a day ({maximum:g} {unit}); expected at most that"
+        )
     return value
 
 
@@ -388,6 +417,18 @@ def _read_bytes(path: Path) -> bytes | None:
     return data
 
 
+def _read_config_file(path: Path, name: str) -> tuple[bytes | None, str | None]:
+    """(content, None), (None, None) for no file, or (None, the error for the whole file) when
+    it exists but cannot be read (a directory, no permission, an I/O error)."""
+    try:
+        return _read_bytes(path), None
+    except OSError as exc:
+        return None, (
+            f"{name}: cannot be read ({exc.strerror or exc.__class__.__name__}); nothing loaded "
+            "from it, the last good state stays"
+        )
+
+
 class _JSONObject(dict[str, Any]):
     """A JSON object as parsed, remembering the keys it gave more than once: JSON itself keeps
     the last value silently, and a key written twice is usually an edit gone wrong."""
@@ -548,7 +589,10 @@ def read_tokens(path: Path, fernet: MultiFernet) -> TokensResult:
     """Validate ``tokens.json`` (CONTRACT section 5) without writing anything."""
     name = path.name
     result = TokensResult()
-    data = _read_bytes(path)
+    data, unreadable = _read_config_file(path, name)
+    if unreadable is not None:
+        result.file_error = unreadable
+        return result
     if data is None:
         result.missing = True
         result.warnings.append(f"{name}: no such file ({path}); no tokens loaded")
@@ -618,7 +662,7 @@ def _string_token(name: str, value: Any, where: str, fernet: MultiFernet) -> Tok
             f"{_got(value)}",
             False,
         )
-    encrypted, error, state = _encrypt_value(value, where, fernet)
+    encrypted, error, state = _encrypt_value(value, where, fernet, header=True)
     rewrite = state in ("plaintext", "old key")
     return TokenValue(name, encrypted, error, rewrite, plaintext=state == "plaintext")
 
@@ -658,7 +702,7 @@ def _object_token(name: str, value: dict[str, Any], where: str, fernet: MultiFer
 
 
 def _encrypt_value(
-    value: str, where: str, fernet: MultiFernet
+    value: str, where: str, fernet: MultiFernet, *, header: bool = False
 ) -> tuple[str | None, str | None, str]:
     """One secret string of tokens.json: (its value encrypted under the first key, or None;
     the error; "encrypted" when the file already holds it so, "old key" when it needs
@@ -673,6 +717,8 @@ def _encrypt_value(
     value = value.strip()  # surrounding blanks are no part of a token
     plaintext = utils.decrypt_token(fernet, value)
     control = _control_problem(where, plaintext if plaintext is not None else value)
+    if control is None and header:
+        control = _header_problem(where, plaintext if plaintext is not None else value)
     if control is not None:
         # The token is named, never shown: the value is the secret.
         return None, control, "error"
@@ -700,6 +746,21 @@ def _control_problem(where: str, token: str) -> str | None:
         f"{where}: the token holds a control character (a line break, tab, ...), which cannot "
         "be sent in a header; put the token in as one line"
     )
+
+
+def _header_problem(where: str, token: str) -> str | None:
+    """The error for a token that no header can carry (a character beyond Latin-1, such as a
+    zero-width space or a typographic quote a paste brought along), or None. Its place is
+    ``Authorization: Bearer <token>`` (CONTRACT section 6): found here, not at the trigger."""
+    try:
+        token.encode("latin-1")
+    except UnicodeEncodeError:
+        return (
+            f"{where}: the token holds a character no HTTP header can carry (beyond Latin-1, "
+            "e.g. a zero-width space or a typographic quote a paste brought along); put the "
+            "token in as the club gave it"
+        )
+    return None
 
 
 def _is_text(value: str) -> bool:
@@ -744,7 +805,10 @@ def read_schedules(
     sources = sources if sources is not None else RequestSources(clubs_dir=path.parent / CLUBS_DIR)
     if cache is not None:
         cache.begin()
-    data = _read_bytes(path)
+    data, unreadable = _read_config_file(path, name)
+    if unreadable is not None:
+        result.file_error = unreadable
+        return result
     if data is None:
         result.missing = True
         result.warnings.append(f"{name}: no such file ({path}); no schedules")
@@ -815,7 +879,8 @@ def overlap_warnings(entries: Iterable[Entry], now: datetime, file_name: str) ->
             length = timedelta(minutes=entry.duration_minutes)
             for start in entry.starts(now):
                 if start > now:
-                    slots.append((start, start + length, entry.position, entry))
+                    moment = utils.as_utc(start)  # real minutes, not wall-clock ones (DST)
+                    slots.append((moment, moment + length, entry.position, entry))
     slots.sort(key=lambda slot: (slot[0], slot[2]))
     found: dict[tuple[int, int], list[tuple[datetime, datetime, datetime, datetime]]] = {}
     active: list[tuple[datetime, datetime, int, Entry]] = []
@@ -856,9 +921,11 @@ def _overlap_text(
 
 
 def _span(start: datetime, end: datetime, zone: ZoneInfo) -> str:
-    """``Fri 2026-12-04 12:00-13:00 GMT``: a booking's time, local."""
+    """``Fri 2026-12-04 12:00-13:00 GMT``: a booking's time, local (the start's zone name too
+    when a DST change falls inside: ``02:00 CEST-02:00 CET``)."""
     local_start, local_end = start.astimezone(zone), end.astimezone(zone)
-    return f"{local_start:%a %Y-%m-%d %H:%M}-{local_end:%H:%M %Z}"
+    shown = "%H:%M" if local_start.tzname() == local_end.tzname() else "%H:%M %Z"
+    return f"{local_start:%a %Y-%m-%d} {local_start.strftime(shown)}-{local_end:%H:%M %Z}"
 
 
 def _duplicate_id(name: str, raw: Any, entry_id: str, index: int, first: int) -> str:
@@ -1553,12 +1620,25 @@ def _build_entry(
         window=c.window,
         window_from=c.window_from,
     )
-    if c.rule is not None:
-        # A rule that runs into year 9999 fails only while expanding: find out here, not in
-        # reconcile.
+    if c.rule is None:
+        assert desired_moment is not None
+        if not _ends_in_range([desired_moment], c.duration, c.zone):
+            return (
+                None,
+                f"{where}: desired_time: {c.raw['desired_time']!r} with duration_minutes "
+                f"{c.duration} ends {OUT_OF_RANGE.removeprefix('holds a date ')}",
+                warnings,
+            )
+    else:
+        # A rule that runs into year 9999 fails only while expanding (or at an instance's
+        # end): find out here, not in reconcile or in the request.
         try:
             entry = dataclasses.replace(entry, expansion=(c.now, tuple(entry.occurrences(c.now))))
+            assert entry.expansion is not None
+            ends_ok = _ends_in_range([s for _, s in entry.expansion[1]], c.duration, c.zone)
         except (ValueError, OverflowError):
+            ends_ok = False
+        if not ends_ok:
             return None, f"{where}: rrule: {c.rule_text!r} {OUT_OF_RANGE}", warnings
         if not any(start > c.now for start in entry.starts(c.now)):
             # Valid, but it books nothing: say so rather than leave the entry silently empty.
@@ -1568,6 +1648,20 @@ def _build_entry(
     if late is not None:
         return None, f"{where}: window: {late}", warnings
     return entry, None, warnings
+
+
+def _ends_in_range(starts: Iterable[datetime], minutes: int, zone: ZoneInfo) -> bool:
+    """True when every instance starting at ``starts`` ends within years 1 to 9999, in UTC and
+    in ``zone`` (the request writes its end with the zone's offset)."""
+    length = timedelta(minutes=minutes)
+    try:
+        for start in starts:
+            end = utils.as_utc(start) + length
+            end.astimezone(UTC)
+            end.astimezone(zone)
+    except (OverflowError, ValueError):
+        return False
+    return True
 
 
 def _window_opens_late(entry: Entry, now: datetime) -> str | None:
@@ -1767,6 +1861,13 @@ def rewrite_tokens_file(path: Path, result: TokensResult) -> bool:
         if refusal is not None:
             (logger.error if plain else logger.warning)("%s", refusal)
             return False
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if not mode & 0o222:
+            # Made read-only on purpose (chmod 444): a rename could replace it all the same,
+            # since that needs only the directory writable (and root passes every check).
+            raise PermissionError(
+                errno.EACCES, f"the file is read-only, mode {mode:04o}", str(path)
+            )
         for name, token in result.tokens.items():
             if token.rewrite and token.encrypted is not None:
                 current[name] = token.encrypted
@@ -1846,8 +1947,9 @@ def _replace_private(path: Path, payload: bytes, expected: bytes) -> bool:
 
 
 def secure_file_mode(path: Path) -> None:
-    """Make a file holding secrets or state readable by its owner only (best effort). A
-    symbolic link is left alone: its target is not ours to change."""
+    """Make a file holding secrets or state readable by its owner only (best effort), keeping
+    the owner's bits: a file made read-only stays read-only. A symbolic link is left alone:
+    its target is not ours to change."""
     with contextlib.suppress(OSError):
         if path.exists() and not path.is_symlink() and path.stat().st_mode & 0o077:
-            path.chmod(0o600)
+            path.chmod(stat.S_IMODE(path.stat().st_mode) & 0o700)

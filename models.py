@@ -248,6 +248,19 @@ def engine_url(url: str) -> URL:
     return parsed
 
 
+def url_problem(url: str) -> str | None:
+    """Why DATABASE_URL cannot be read as a database URL, in one line with the password masked
+    (None when it can): asked before anything opens it, so a typo is a line, not a traceback."""
+    try:
+        engine_url(url)
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        return (
+            f"{mask_url(url)!r} is not a database URL; expected sqlite:////path/to/db.sqlite or "
+            "postgresql://user:password@host:5432/db"
+        )
+    return None
+
+
 def is_postgresql(url: str) -> bool:
     """True for a PostgreSQL URL, whatever its driver."""
     return engine_url(url).get_backend_name() == "postgresql"
@@ -261,7 +274,7 @@ def mask_url(url: str) -> str:
     written ``***``, e.g. ``postgresql://user:***@host/db``."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
     query = {
         key: ("***" if key.lower() in _PASSWORD_QUERY_KEYS else value)

@@ -830,6 +830,9 @@ def placeholder_values(
     ``{token}`` and ``{secret.<field>}`` from ``secrets`` (a string token is ``{"token": value}``;
     an object token is its fields, ``{token}`` its ``token`` field). The keys ending in ``:``
     hold the instants that formatted time placeholders are written from."""
+    # In UTC: a booking lasts its minutes of real time (arithmetic on a zone's aware datetime
+    # is wall-clock arithmetic, an hour off when a DST change falls inside the booking).
+    start = utils.as_utc(start)
     end = start + timedelta(minutes=duration_minutes)
     local_start = start.astimezone(zone)
     local_end = end.astimezone(zone)
@@ -861,8 +864,15 @@ def placeholder_values(
 
 def idempotency_key(key: str, court: str | None, several: bool) -> str:
     """The Idempotency-Key of an instance ``key``: with ``#<court>`` when several courts are
-    listed (each court is its own booking attempt)."""
-    return f"{key}#{court if court is not None else ''}" if several else key
+    listed (each court is its own booking attempt). A court's characters beyond ASCII are
+    percent-encoded (UTF-8): a header carries ASCII only (Latin-1 at most)."""
+    if not several:
+        return key
+    return f"{key}#{quote(court, safe=_PRINTABLE_ASCII) if court is not None else ''}"
+
+
+#: What a court keeps as it is in an Idempotency-Key: printable ASCII, ``%`` included.
+_PRINTABLE_ASCII = "".join(chr(c) for c in range(0x20, 0x7F))
 
 
 @dataclass(frozen=True)
