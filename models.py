@@ -258,6 +258,11 @@ def url_problem(url: str) -> str | None:
             f"{mask_url(url)!r} is not a database URL; expected sqlite:////path/to/db.sqlite or "
             "postgresql://user:password@host:5432/db"
         )
+    if engine_url(url).get_backend_name() == "sqlite" and sqlite_path(url) is None:
+        return (
+            f"{url!r} is a SQLite database in memory: every booking and its state "
+            "would be lost at a restart; give a file, e.g. sqlite:////app/data/db.sqlite"
+        )
     return None
 
 

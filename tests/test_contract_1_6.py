@@ -104,6 +104,21 @@ def test_a_database_url_that_is_no_url_is_one_line_not_a_traceback(
     )
 
 
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
+@pytest.mark.parametrize(("command", "code"), [(("run",), 2), (("status",), 1)])
+def test_a_sqlite_database_in_memory_is_refused_it_would_lose_every_booking(
+    user_env: dict[str, str], url: str, command: tuple[str, ...], code: int
+) -> None:
+    write_schedules(user_env, [])
+    done = cli({**user_env, "DATABASE_URL": url}, *command)
+    assert done.returncode == code, done.stderr
+    prefix = "courtbot: cannot start" if command == ("run",) else f"courtbot {command[0]}"
+    assert done.stderr == (
+        f"{prefix}: DATABASE_URL: {url!r} is a SQLite database in memory: every booking and its "
+        "state would be lost at a restart; give a file, e.g. sqlite:////app/data/db.sqlite\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("name", "value", "unit"),
     [
