@@ -1651,7 +1651,12 @@ def _after_booking(
     ctx: BookingContext, run: FlowRun, row: Instance, court: str | None, ref: str | None
 ) -> str:
     """Run the finishing steps for the booked court; the booking step is never sent again."""
-    for step in run.flow.phase("finish"):
+    finishing = run.flow.phase("finish")
+    if finishing:
+        # Written before they run: whatever becomes of them (a failure, a crash), the instance
+        # is never booked again.
+        instances.club_took(ctx.factory, row.key, booking_ref=safe_ref(ref), court=court)
+    for step in finishing:
         problem = _finish_step(ctx, run, step, court)
         if problem is not None:
             shown = safe_ref(ref)

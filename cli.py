@@ -2105,7 +2105,9 @@ def cmd_retry(env: dict[str, str], target: str) -> int:
                 file=sys.stderr,
             )
             return EXIT_INVALID
-        keys = instances.retry(factory, target, datetime.now(UTC))
+        now = datetime.now(UTC)
+        keys = instances.retry(factory, target, now)
+        left = instances.taken_by_club(factory, target, now)
     except models.DatabaseConnectError as exc:
         print(f"courtbot retry: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -2114,11 +2116,20 @@ def cmd_retry(env: dict[str, str], target: str) -> int:
             f"courtbot retry: {models.connect_error(settings.database_url, exc)}", file=sys.stderr
         )
         return EXIT_INVALID
-    if not keys:
+    for row in left:
+        ref = f" (ref {row.booking_ref})" if row.booking_ref else ""
         print(
-            f"courtbot retry: no failed instance with a start still ahead matches {target!r}",
+            f"courtbot retry: {row.key}: left failed: the club took this booking{ref} but a "
+            "step after it did not complete; check it with the club (booking it again would "
+            "book twice)",
             file=sys.stderr,
         )
+    if not keys:
+        if not left:
+            print(
+                f"courtbot retry: no failed instance with a start still ahead matches {target!r}",
+                file=sys.stderr,
+            )
         return EXIT_INVALID
     for key in keys:
         print(f"pending again: {key}")

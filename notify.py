@@ -85,6 +85,9 @@ class Outcome:
     #: Where the court is (the club's name or host), for the calendar entry; None: the
     #: notifier's own ``location``.
     location: str | None = None
+    #: Failed after the club took the booking (a finishing step did not complete): it is never
+    #: booked again, so the advice is to check it with the club, not to retry.
+    club_took: bool = False
 
 
 @dataclass(frozen=True)
@@ -405,6 +408,12 @@ def _sentence(text: str) -> str:
 def _advice(outcome: Outcome, now: datetime, count: int = 1) -> list[str]:
     if outcome.status == BOOKED:
         return ["A calendar entry is attached (booking.ics)."]
+    if outcome.status == FAILED and outcome.club_took:
+        return [
+            "What to do: the club took this booking, but a step after it did not complete.",
+            "Check the booking with the club (confirm or pay there if it asks). courtbot does",
+            "not book it again, and `retry` leaves it alone: it would book a second time.",
+        ]
     if outcome.status == FAILED and not outcome.retry_helps:
         return [
             "What to do: every court tried was taken, so a retry would be taken too. Book",
@@ -482,7 +491,9 @@ def _channel_body(outcome: Outcome, now: datetime) -> str:
         return "\n".join(lines)
     if reason:
         lines.append(f"Reason: {reason}")
-    if outcome.status == FAILED and not outcome.retry_helps:
+    if outcome.status == FAILED and outcome.club_took:
+        lines.append("The club took the booking: check it with the club (not booked again).")
+    elif outcome.status == FAILED and not outcome.retry_helps:
         lines.append("Every court tried was taken: book another, or list more courts.")
     elif outcome.status == FAILED and _aware(outcome.desired_start) > _aware(now):
         lines.append(f"Retry: python main.py retry {outcome.key}")

@@ -1,0 +1,282 @@
+"""CONTRACT sections 7 to 12, tried from outside as a user runs courtbot: the real daemon and
+CLI as subprocesses on a scratch DATA_DIR, a scriptable club on 127.0.0.1, a real SMTP server.
+Each test holds a promise that an audit found broken (or untested) and that was then fixed."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from email import message_from_bytes
+from email.message import Message
+from http.cookies import SimpleCookie
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from cryptography.fernet import Fernet
+
+from daemon_harness import DaemonProcess, by_key, cli, desired_for_trigger_in, iso_z, wait_until
+from reliability_helpers import smtp_server
+
+pytestmark = pytest.mark.slow
+
+TOKEN = "tok-contract-7-12-5d0e9a"
+PASSWORD = "pw-contract-7-12-b81c44"
+JWT = "jwt-contract-7-12-0f3a6e1d"
+
+
+@dataclass
+class Seen:
+    """One request as the club received it."""
+
+    method: str
+    path: str
+    host: str
+    headers: dict[str, str]
+    cookies: dict[str, str]
+    body: bytes
+
+
+Answer = tuple[int, list[tuple[str, str]], Any]
+
+
+class Club:
+    """A club on 127.0.0.1 whose answers a test scripts by path (``routes``); records every
+    request. A route may block (a club holding its answer)."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Callable[[Seen], Answer]] = {}
+        self.seen: list[Seen] = []
+        self.lock = threading.Lock()
+        club = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _serve(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                jar = SimpleCookie(self.headers.get("Cookie", ""))
+                seen = Seen(
+                    self.command,
+                    urlsplit(self.path).path,
+                    self.headers.get("Host", ""),
+                    dict(self.headers),
+                    {name: morsel.value for name, morsel in jar.items()},
+                    body,
+                )
+                with club.lock:
+                    club.seen.append(seen)
+                route = club.routes.get(seen.path)
+                status, headers, payload = route(seen) if route else (404, [], {"error": "?"})
+                raw = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    for name, value in headers:
+                        self.send_header(name, value)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(raw)))
+                    self.end_headers()
+                    self.wfile.write(raw)
+                except OSError:
+                    pass  # the daemon went away meanwhile
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _serve
+
+            def log_message(self, format: str, *args: Any) -> None:
+                """Quiet."""
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.server.server_address[1]}{path}"
+
+    def paths(self) -> list[str]:
+        with self.lock:
+            return [seen.path for seen in self.seen]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def club() -> Iterator[Club]:
+    running = Club()
+    yield running
+    running.close()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    started: list[DaemonProcess] = []
+    yield started
+    for process in started:
+        process.cleanup()
+
+
+def scratch(tmp_path: Path, **extra: str) -> tuple[Path, dict[str, str]]:
+    data = tmp_path / "data"
+    data.mkdir()
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "FERNET_KEY": Fernet.generate_key().decode(),
+        "DATA_DIR": str(data),
+        "LOG_FILE": str(data / "bot.log"),
+        "RETRY_BASE_SECONDS": "0.05",
+        "HTTP_TIMEOUT_SECONDS": "2",
+        **extra,
+    }
+    return data, env
+
+
+def write(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value))
+
+
+def start(data: Path, env: dict[str, str], tmp_path: Path, started: list[DaemonProcess]) -> Any:
+    process = DaemonProcess(env, data, tmp_path / f"out-{len(started)}.txt").start()
+    started.append(process)
+    process.wait_ready()
+    return process
+
+
+def settled(env: dict[str, str], key: str, timeout: float = 20) -> dict[str, Any]:
+    final = ("booked", "failed", "expired")
+    assert wait_until(lambda: by_key(env).get(key, {}).get("status") in final, timeout)
+    return by_key(env)[key]
+
+
+def text_of(raw: bytes) -> tuple[Message, str]:
+    message = message_from_bytes(raw)
+    part = next(p for p in message.walk() if p.get_content_type() == "text/plain")
+    payload = part.get_payload(decode=True)
+    assert isinstance(payload, bytes)
+    return message, payload.decode()
+
+
+# --------------------------------------------------------------------------- section 12: finishing
+
+
+def finishing_flow(club: Club) -> dict[str, Any]:
+    """Log in ahead, book at the trigger, confirm after: the confirmation is what fails."""
+    return {
+        "prepare_seconds": 2,
+        "steps": [
+            {
+                "name": "login",
+                "url": club.url("/login"),
+                "json": {"password": "{secret.password}"},
+                "extract": {"jwt": {"json": "jwt"}},
+            },
+            {
+                "name": "book",
+                "booking": True,
+                "url": club.url("/book"),
+                "headers": {"Authorization": "Bearer {login.jwt}"},
+                "json": {"court": "{court_id}"},
+                "booking_ref": "booking.id",
+            },
+            {
+                "name": "confirm",
+                "method": "PUT",
+                "url": club.url("/confirm"),
+                "headers": {"Authorization": "Bearer {login.jwt}"},
+            },
+        ],
+    }
+
+
+def finishing_setup(club: Club, tmp_path: Path, **extra: str) -> tuple[Path, dict[str, str], str]:
+    club.routes["/login"] = lambda seen: (200, [], {"jwt": JWT})
+    club.routes["/book"] = lambda seen: (201, [], {"booking": {"id": "BK-7"}})
+    data, env = scratch(tmp_path, **extra)
+    write(data / "clubs" / "fc.json", finishing_flow(club))
+    write(data / "tokens.json", {"default": {"password": PASSWORD}})
+    when = desired_for_trigger_in(4)
+    entry = {"id": "fin", "type": "one-off", "desired_time": iso_z(when), "court_id": 3}
+    write(data / "schedules.json", [{**entry, "club": "fc"}])
+    return data, env, f"fin@{iso_z(when)}"
+
+
+def test_a_failed_finishing_step_keeps_the_booking_and_retry_never_books_it_again(
+    club: Club, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    club.routes["/confirm"] = lambda seen: (500, [], {"error": "down"})
+    with smtp_server() as (port, mailbox):
+        data, env, key = finishing_setup(
+            club,
+            tmp_path,
+            SMTP_HOST="127.0.0.1",
+            SMTP_PORT=str(port),
+            SMTP_SECURITY="none",
+            NOTIFY_EMAIL="me@example.org",
+        )
+        process = start(data, env, tmp_path, daemons)
+
+        row = settled(env, key)
+
+        assert (row["status"], row["booking_ref"], row["booked_court"]) == ("failed", "BK-7", "3")
+        assert row["last_error"] == (
+            "the club took the booking (court 3, ref BK-7) but step 'confirm' did not complete: "
+            "HTTP 500: down (not a 2xx answer), after 3 tries; check it with the club"
+        )
+        assert wait_until(lambda: len(mailbox.raw) == 1, 10)
+        message, body = text_of(mailbox.raw[0])
+        assert str(message["Subject"]).startswith("Booking failed: fin court 3 ")
+        # The advice is to check with the club, never to retry: that would book twice.
+        assert "python main.py retry" not in body
+        assert "What to do: the club took this booking, but a step after it did not complete." in (
+            body
+        )
+
+        again = cli(env, "retry", key)
+
+        assert again.returncode == 1
+        assert again.stderr.strip() == (
+            f"courtbot retry: {key}: left failed: the club took this booking (ref BK-7) but a "
+            "step after it did not complete; check it with the club (booking it again would "
+            "book twice)"
+        )
+        assert cli(env, "retry", "fin").returncode == 1
+        time.sleep(1.5)  # a daemon that took the retry would book within a second
+        assert club.paths().count("/book") == 1
+        assert by_key(env)[key]["status"] == "failed"
+        assert process.stop() == 0
+
+
+def test_a_crash_during_a_finishing_step_fails_it_at_restart_without_booking_again(
+    club: Club, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    held, release = threading.Event(), threading.Event()
+
+    def confirm(seen: Seen) -> Answer:
+        held.set()
+        release.wait(20)
+        return 200, [], {}
+
+    club.routes["/confirm"] = confirm
+    data, env, key = finishing_setup(club, tmp_path)
+    first = start(data, env, tmp_path, daemons)
+    assert held.wait(20), first.output()
+    first.kill9()
+    release.set()
+
+    second = start(data, env, tmp_path, daemons)
+    row = settled(env, key)
+
+    assert (row["status"], row["booking_ref"], row["booked_court"]) == ("failed", "BK-7", "3")
+    assert row["last_error"] == (
+        "the club took the booking (court 3, ref BK-7) but courtbot stopped before the steps "
+        "after it completed; check it with the club (it is not booked again)"
+    )
+    time.sleep(1)
+    assert club.paths().count("/book") == 1
+    assert second.stop() == 0
