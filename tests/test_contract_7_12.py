@@ -21,6 +21,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from daemon_harness import DaemonProcess, by_key, cli, desired_for_trigger_in, iso_z, wait_until
+from notify import url_secrets
 from reliability_helpers import smtp_server
 
 pytestmark = pytest.mark.slow
@@ -280,3 +281,80 @@ def test_a_crash_during_a_finishing_step_fails_it_at_restart_without_booking_aga
     time.sleep(1)
     assert club.paths().count("/book") == 1
     assert second.stop() == 0
+
+
+# --------------------------------------------------------------------------- section 8: channels
+
+#: Not shaped like a bot token (digits:letters), so Apprise refuses the URL and logs it.
+BOT_TOKEN = "SECRETB0T7"  # Apprise quotes this one whole in its own log line
+
+
+def test_channels_get_the_emails_subject_and_the_log_lines_facts_and_no_url_secret_is_logged(
+    club: Club, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    posted: list[dict[str, Any]] = []
+
+    def hook(seen: Seen) -> Answer:
+        posted.append(json.loads(seen.body))
+        return 200, [], {}
+
+    sink = Club()
+    sink.routes["/hook"] = hook
+    club.routes["/book"] = lambda seen: (201, [], {"id": "BK-9"})
+    urls = " ".join(
+        (
+            sink.url("/hook").replace("http://", "json://"),
+            f"tgram://{BOT_TOKEN}/",  # no chat: invalid, skipped
+            f"json://user:{PASSWORD}@127.0.0.1:9/dead",  # nobody listens: fails
+        )
+    )
+    try:
+        with smtp_server() as (port, mailbox):
+            data, env = scratch(
+                tmp_path,
+                BOOKING_API_URL=club.url("/book"),
+                NOTIFY_URLS=urls,
+                SMTP_HOST="127.0.0.1",
+                SMTP_PORT=str(port),
+                SMTP_SECURITY="none",
+                NOTIFY_EMAIL="me@example.org",
+            )
+            write(data / "tokens.json", {"default": TOKEN})
+            when = desired_for_trigger_in(3)
+            entry = {"id": "chan", "type": "one-off", "desired_time": iso_z(when), "court_id": 4}
+            write(data / "schedules.json", [entry])
+            key = f"chan@{iso_z(when)}"
+
+            checked = cli(env, "check")
+
+            assert checked.returncode == 1
+            assert "error: NOTIFY_URLS: 'tgram://****' is not a valid tgram:// URL" in (
+                checked.stderr
+            )
+            process = start(data, env, tmp_path, daemons)
+            assert settled(env, key)["status"] == "booked"
+            assert wait_until(lambda: len(posted) == 1 and len(mailbox.raw) == 1, 10)
+            assert wait_until(lambda: "json://user:****@127.0.0.1:9/dead" in process.output(), 10)
+            assert process.stop() == 0
+    finally:
+        sink.close()
+
+    output = process.output() + (data / "bot.log").read_text()
+    assert "NOTIFY_URLS: tgram://**** is not a valid Apprise URL; skipped" in output
+    for secret in (BOT_TOKEN, PASSWORD, TOKEN):
+        assert secret not in output
+        assert secret not in checked.stdout + checked.stderr
+    message, _ = text_of(mailbox.raw[0])
+    assert posted[0]["title"] == message["Subject"]
+    assert posted[0]["message"].split("\n")[0] == (
+        f"Booked for chan: court 4 on {when:%a %Y-%m-%d %H:%M} (UTC)."
+    )
+    assert f"Instance {key}, attempts 1." in posted[0]["message"].split("\n")
+
+
+def test_the_secrets_of_a_channel_url_are_what_its_masked_form_hides() -> None:
+    # Apprise's words about a delivery are scrubbed of these before they reach a log line.
+    assert url_secrets("json://user:pw-s3cret@127.0.0.1:8/hook") == {"pw-s3cret"}
+    assert url_secrets("tgram://123456789:AAHs3cret/-100123") == {"123456789", "AAHs3cret"}
+    assert url_secrets("json://u:p%40ss-w0rd@127.0.0.1/x") == {"p%40ss-w0rd", "p@ss-w0rd"}
+    assert url_secrets("ntfys://courts") == set()
