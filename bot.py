@@ -60,6 +60,7 @@ from template import (
     Reply,
     Slot,
     Step,
+    UnsendableHeader,
     as_text,
     default_flow,
     extract_values,
@@ -856,6 +857,8 @@ def _plain_try(client: ClubClient, run: FlowRun, step: Step, court: str | None) 
     except MissingValue as exc:
         why = run.missing.get(exc.ref, "no step gave it a value")
         return report(None, f"{{{exc.ref}}} has no value ({why})", final=True)
+    except UnsendableHeader as exc:
+        return report(None, str(exc), final=True)
     try:
         answer, reply = _exchange(client, run, step, prepared)
     except (BookingError, StepFailure) as exc:
@@ -1154,14 +1157,14 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     # Everything is built before the trigger: only the send is left for the moment itself.
     ahead = _first_requests(ctx.client, run)
     trigger = row.trigger_time.timestamp()
-    first_key, first = next(iter(ahead.items()))
-    ready = _on_wire(ctx, first, trigger)
+    first_key, first = next(iter(ahead.items()), (None, None))
+    ready = _on_wire(ctx, first, trigger) if first is not None else None
     wired: dict[tuple[str, str | None], wire.Sent] = {}
     try:
         if ready is not None:
             sent = _at_instant(ctx, trigger, *ready)
             started = sent is not None
-            if sent is not None:
+            if sent is not None and first_key is not None:
                 wired[first_key] = sent
                 if sent.error is None:
                     ctx.first_sent[key] = sent.sent_clock
@@ -1279,11 +1282,18 @@ def _first_requests(
     """The requests that leave at the trigger, built ahead: the first ``at_trigger`` step's
     (first court), else the booking step's for every court."""
     at_trigger = run.flow.phase("at_trigger")
-    if at_trigger:
-        court = run.courts[0]
-        return {(at_trigger[0].name, court): _prepared(client, run, at_trigger[0], court)}
-    step = run.flow.booking_step
-    return {(step.name, court): _prepared(client, run, step, court) for court in run.courts}
+    wanted = (
+        [(at_trigger[0], run.courts[0])]
+        if at_trigger
+        else [(run.flow.booking_step, court) for court in run.courts]
+    )
+    ahead: dict[tuple[str, str | None], requests.PreparedRequest] = {}
+    for step, court in wanted:
+        try:
+            ahead[(step.name, court)] = _prepared(client, run, step, court)
+        except UnsendableHeader:
+            continue  # built again at the trigger, where it fails the step with the reason
+    return ahead
 
 
 def _wait_until(ctx: BookingContext, target: float) -> bool:
@@ -1481,6 +1491,9 @@ def _send_step(
             except MissingValue as exc:
                 why = run.missing.get(exc.ref, "no step gave it a value")
                 return _Result("failed", f"{send.prefix}: {{{exc.ref}}} has no value ({why})")
+            except UnsendableHeader as exc:
+                where = send.prefix if not step.booking else f"{send.prefix}: step {step.name!r}"
+                return _Result("failed", f"{where}: {exc}; nothing was sent for it")
         kind, wait, result = _send_once(ctx, run, row, send, request, sent=sent)
         sent = None
         if result is not None:

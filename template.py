@@ -108,6 +108,34 @@ class MissingValue(LookupError):
         self.ref = ref
 
 
+class UnsendableHeader(ValueError):
+    """A header whose rendered value no HTTP request can carry: a value put in it holds a line
+    break or another control character, starts with a space, or goes beyond Latin-1. The
+    message names the header and the placeholders in it, never a value."""
+
+    def __init__(self, header: str, refs: Iterable[Ref]) -> None:
+        names = ", ".join(dict.fromkeys(str(ref) for ref in refs)) or "its text"
+        super().__init__(
+            f"header {header!r} cannot carry the value of {names}: it holds a line break or "
+            "another control character, starts with a space or goes beyond Latin-1"
+        )
+        self.header = header
+
+
+def header_value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be sent as a header value (None when it can): what requests and
+    http.client refuse, or what would let a value start a header line of its own."""
+    if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):
+        return "holds a line break or another control character"
+    if value[:1].isspace():
+        return "starts with a space"
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return "holds a character beyond Latin-1 (write it percent-encoded, or in the body)"
+    return None
+
+
 class ExtractError(ValueError):
     """A value that could not be taken from an answer; the message names the value and says
     what was missing, never a value."""
@@ -687,9 +715,13 @@ class Step:
     def render(self, values: Mapping[str, Any], idempotency: str | None = None) -> RenderedRequest:
         """The request with ``values`` (from ``placeholder_values`` plus extracted values, keyed
         ``<step>.<value>``); the booking step also carries ``idempotency`` in its idempotency
-        header. Raises ``MissingValue`` for a placeholder with no value."""
+        header. Raises ``MissingValue`` for a placeholder with no value, ``UnsendableHeader``
+        for a header that a value made unsendable (a line break in an extracted value)."""
         url = render_text(self.url, values, encode=True)
         headers = {name: render_text(value, values) for name, value in self.headers}
+        for name, value in self.headers:
+            if header_value_problem(headers[name]) is not None:
+                raise UnsendableHeader(name, value.refs)
         body: bytes | None = None
         if self.body_kind == "json":
             body = json.dumps(render_value(self.body, values)).encode()
@@ -1034,6 +1066,15 @@ def _request_parts(data: dict[str, Any], where: str, scope: Scope) -> dict[str, 
         raise TemplateError(
             f'{where}headers: expected an object of strings, e.g. {{"Accept": "application/json"}}'
         )
+    for header, value in headers.items():
+        if not _HEADER_RE.fullmatch(header):
+            raise TemplateError(
+                f"{where}headers: {header!r} is not a header name (letters, digits and "
+                "!#$%&'*+-.^_`|~; no spaces, no placeholders)"
+            )
+        problem = header_value_problem(value)
+        if problem is not None:
+            raise TemplateError(f"{where}headers.{header}: {value!r} {problem}")
     compiled_headers = tuple(
         (header, compile_text(value, f"{where}headers.{header}", scope))
         for header, value in headers.items()

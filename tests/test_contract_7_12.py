@@ -358,3 +358,91 @@ def test_the_secrets_of_a_channel_url_are_what_its_masked_form_hides() -> None:
     assert url_secrets("tgram://123456789:AAHs3cret/-100123") == {"123456789", "AAHs3cret"}
     assert url_secrets("json://u:p%40ss-w0rd@127.0.0.1/x") == {"p%40ss-w0rd", "p@ss-w0rd"}
     assert url_secrets("ntfys://courts") == set()
+
+
+# --------------------------------------------------------------------------- section 11/12: headers
+
+
+@pytest.mark.parametrize(
+    ("headers", "error"),
+    [
+        (
+            {"X Club": "1"},
+            "headers: 'X Club' is not a header name (letters, digits and !#$%&'*+-.^_`|~; no "
+            "spaces, no placeholders)",
+        ),
+        (
+            {"{token}": "1"},
+            "headers: '{token}' is not a header name (letters, digits and !#$%&'*+-.^_`|~; no "
+            "spaces, no placeholders)",
+        ),
+        (
+            {"X-Club": "a\r\nX-Evil: 1"},
+            "headers.X-Club: 'a\\r\\nX-Evil: 1' holds a line break or another control character",
+        ),
+        ({"X-Club": " {token}"}, "headers.X-Club: ' {token}' starts with a space"),
+        (
+            {"X-Club": "€ {token}"},
+            "headers.X-Club: '€ {token}' holds a character beyond Latin-1 (write it "
+            "percent-encoded, or in the body)",
+        ),
+    ],
+)
+def test_a_header_no_request_can_carry_is_an_error_of_the_template_naming_the_key(
+    tmp_path: Path, headers: dict[str, str], error: str
+) -> None:
+    data, env = scratch(tmp_path, BOOKING_REQUEST_TEMPLATE="club.json")
+    write(data / "club.json", {"url": "https://api.club.example/book", "headers": headers})
+    write(data / "schedules.json", [])
+    expected = f"BOOKING_REQUEST_TEMPLATE {data / 'club.json'}: {error}"
+
+    checked = cli(env, "check")
+    ran = cli(env, "run")
+
+    assert checked.returncode == 1
+    assert f"error: {expected}" in checked.stderr.splitlines()
+    assert ran.returncode == 2
+    assert ran.stderr.strip() == f"courtbot: cannot start: {expected}"
+
+
+def test_an_extracted_value_with_a_line_break_fails_its_header_step_naming_it(
+    club: Club, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    club.routes["/login"] = lambda seen: (200, [], {"jwt": f"{JWT}\r\nX-Evil: 1"})
+    club.routes["/book"] = lambda seen: (201, [], {"id": "BK-1"})
+    data, env = scratch(tmp_path)
+    flow = {
+        "prepare_seconds": 2,
+        "steps": [
+            {
+                "name": "login",
+                "url": club.url("/login"),
+                "json": {"key": "{token}"},
+                "extract": {"jwt": {"json": "jwt"}},
+            },
+            {
+                "name": "book",
+                "booking": True,
+                "url": club.url("/book"),
+                "headers": {"Authorization": "Bearer {login.jwt}"},
+            },
+        ],
+    }
+    write(data / "clubs" / "fc.json", flow)
+    write(data / "tokens.json", {"default": TOKEN})
+    when = desired_for_trigger_in(4)
+    entry = {"id": "crlf", "type": "one-off", "desired_time": iso_z(when), "club": "fc"}
+    write(data / "schedules.json", [entry])
+    process = start(data, env, tmp_path, daemons)
+
+    row = settled(env, f"crlf@{iso_z(when)}")
+
+    assert (row["status"], row["attempts"]) == ("failed", 0)
+    assert row["last_error"] == (
+        "court any: step 'book': header 'Authorization' cannot carry the value of {login.jwt}: "
+        "it holds a line break or another control character, starts with a space or goes "
+        "beyond Latin-1; nothing was sent for it"
+    )
+    assert club.paths() == ["/login"]
+    assert process.stop() == 0
+    assert JWT not in process.output() + (data / "bot.log").read_text()
