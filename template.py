@@ -1192,9 +1192,27 @@ def _about(value: Any, where: str) -> str | None:
     return value
 
 
+def _no_repeats(value: Any, where: str, path: str = "", *, skip: str | None = None) -> None:
+    """Refuse a key given more than once in an object of the file (the JSON reader keeps the
+    last silently, and a key written twice is an edit gone wrong), naming it with its path."""
+    if isinstance(value, dict):
+        for key, count in getattr(value, "repeated", {}).items():
+            times = "twice" if count == 2 else f"{count} times"
+            raise TemplateError(
+                f"{where}{path}{key}: given {times}; JSON would keep only the last, write it once"
+            )
+        for key, item in value.items():
+            if key != skip:
+                _no_repeats(item, where, f"{path}{key}.")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _no_repeats(item, where, f"{path.removesuffix('.')}[{index}].")
+
+
 def _single(data: dict[str, Any], api_url: str | None, name: str) -> Flow:
     """A single-request template (section 11): a flow of its one booking step."""
     where = f"{name}: "
+    _no_repeats(data, where)
     for key in data:
         if key not in TEMPLATE_KEYS:
             raise TemplateError(
@@ -1242,6 +1260,7 @@ def _step(
     where = f"{ctx.name}: {label}: "
     if not isinstance(data, dict):
         raise TemplateError(f"{where}expected an object with name, method, url, ...")
+    _no_repeats(data, where)
     booking = _bool(data, "booking", where)
     at_trigger = _bool(data, "at_trigger", where)
     allowed = STEP_KEYS + (BOOKING_KEYS if booking else AT_TRIGGER_MATCHERS if at_trigger else ())
@@ -1378,6 +1397,7 @@ def _prepare_seconds(value: Any, name: str) -> float:
 
 def _multi(data: dict[str, Any], api_url: str | None, name: str) -> Flow:
     """A flow of several steps (section 12)."""
+    _no_repeats(data, f"{name}: ", skip="steps")
     for key in data:
         if key not in FLOW_KEYS:
             raise TemplateError(

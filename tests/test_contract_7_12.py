@@ -446,3 +446,40 @@ def test_an_extracted_value_with_a_line_break_fails_its_header_step_naming_it(
     assert club.paths() == ["/login"]
     assert process.stop() == 0
     assert JWT not in process.output() + (data / "bot.log").read_text()
+
+
+# --------------------------------------------------------------------------- keys given twice
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            '{"url": "https://api.club.example/book", "method": "PUT", "method": "POST"}',
+            "method: given twice; JSON would keep only the last, write it once",
+        ),
+        (
+            '{"url": "https://api.club.example/book", "json": {"court": "{court_id}", "court": 3}}',
+            "json.court: given twice; JSON would keep only the last, write it once",
+        ),
+        (
+            '{"steps": [{"name": "login", "url": "https://a.example/l", "extract": {"jwt": '
+            '{"json": "a"}, "jwt": {"json": "b"}}}, {"name": "book", "booking": true, '
+            '"url": "https://a.example/b", "json": {"jwt": "{login.jwt}"}}]}',
+            "step 'login': extract.jwt: given twice; JSON would keep only the last, write it once",
+        ),
+    ],
+)
+def test_a_key_given_twice_in_a_template_or_flow_is_an_error_naming_it(
+    tmp_path: Path, text: str, error: str
+) -> None:
+    data, env = scratch(tmp_path, BOOKING_REQUEST_TEMPLATE="club.json")
+    (data / "club.json").write_text(text)
+    write(data / "schedules.json", [])
+
+    checked = cli(env, "check")
+
+    assert checked.returncode == 1
+    assert f"error: BOOKING_REQUEST_TEMPLATE {data / 'club.json'}: {error}" in (
+        checked.stderr.splitlines()
+    )
