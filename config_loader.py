@@ -495,6 +495,10 @@ def read_config(
         cache=cache,
     )
     tokens.warnings.extend(token_expiry_warnings(schedules.entries, tokens, fernet, now=now))
+    if tokens.file_error is None:
+        schedules.errors.extend(
+            token_field_problems(schedules.entries, tokens, schedules.clubs, template)
+        )
     return Config(
         schedules=schedules,
         tokens=tokens,
@@ -502,6 +506,47 @@ def read_config(
         template=template,
         template_error=template_error,
     )
+
+
+def token_field_problems(
+    entries: Iterable[Entry],
+    tokens: TokensResult,
+    clubs: Mapping[str, FlowFile],
+    template: FlowFile | None,
+) -> list[str]:
+    """One error per entry whose token lacks a field its flow sends (``{secret.<field>}``, or
+    ``{token}`` from an object token without a ``token`` field): its bookings would fail at
+    their trigger, so ``check`` says it now. The entry still loads (it books once the token
+    is completed, without a restart)."""
+    problems: list[str] = []
+    for entry in entries:
+        token = tokens.tokens.get(entry.token)
+        if token is None or token.error is not None:
+            continue
+        source = clubs.get(entry.club) if entry.club is not None else template
+        if source is None:
+            continue  # section 6's request: {token} alone, which every token gives
+        flow = source.flow
+        fields = set(token.fields) if token.fields is not None else {"token"}
+        where = f"{_where(SCHEDULES_FILE, entry.id, entry.position)}: token"
+        missing = sorted(flow.secret_fields - fields)
+        if missing:
+            wanted = ", ".join(sorted(flow.secret_fields))
+            fix = (
+                f"add it to the token's object in tokens.json (the flow uses {wanted})"
+                if token.fields is not None
+                else f"write the token in tokens.json as an object with the fields {wanted}"
+            )
+            problems.append(
+                f"{where}: {entry.token!r} has no field {missing[0]!r}, which {source.label} "
+                f"sends as {{secret.{missing[0]}}}: {fix}"
+            )
+        elif flow.uses_token and "token" not in fields:
+            problems.append(
+                f"{where}: {entry.token!r} has no 'token' field, which {source.label} sends as "
+                "{token}: add it to the token's object in tokens.json"
+            )
+    return problems
 
 
 def token_expiry_warnings(

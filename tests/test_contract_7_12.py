@@ -483,3 +483,42 @@ def test_a_key_given_twice_in_a_template_or_flow_is_an_error_naming_it(
     assert f"error: BOOKING_REQUEST_TEMPLATE {data / 'club.json'}: {error}" in (
         checked.stderr.splitlines()
     )
+
+
+# --------------------------------------------------------------------------- section 12: secrets
+
+
+def test_check_names_an_entry_whose_token_lacks_a_field_its_flow_sends(
+    club: Club, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    data, env = scratch(tmp_path)
+    write(data / "clubs" / "fc.json", finishing_flow(club))  # sends {secret.password}
+    write(data / "tokens.json", {"default": TOKEN, "obj": {"email": "me@example.org"}})
+    when = desired_for_trigger_in(3600)
+    entries = [
+        {"id": "plain", "type": "one-off", "desired_time": iso_z(when), "club": "fc"},
+        {"id": "obj", "type": "one-off", "desired_time": iso_z(when), "club": "fc", "token": "obj"},
+    ]
+    write(data / "schedules.json", entries)
+    label = data / "clubs" / "fc.json"
+    errors = [
+        f"schedules.json entry 'plain' (#1): token: 'default' has no field 'password', which "
+        f"{label} sends as {{secret.password}}: write the token in tokens.json as an object with "
+        "the fields password",
+        f"schedules.json entry 'obj' (#2): token: 'obj' has no field 'password', which {label} "
+        "sends as {secret.password}: add it to the token's object in tokens.json (the flow uses "
+        "password)",
+    ]
+
+    checked = cli(env, "check")
+
+    assert checked.returncode == 1
+    assert [line for line in checked.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: {error}" for error in errors
+    ]
+    # The daemon says so at load, and keeps the entries: completing the token is enough.
+    process = start(data, env, tmp_path, daemons)
+    assert {row["status"] for row in by_key(env).values()} == {"pending"}
+    assert process.stop() == 0
+    for error in errors:
+        assert error in process.output()
