@@ -44,6 +44,7 @@ import utils
 import wire
 from models import (
     BOOKED,
+    BOOKING,
     EXPIRED,
     FAILED,
     PENDING,
@@ -932,6 +933,8 @@ def _prepare(ctx: BookingContext, run: FlowRun, row: Instance) -> str | bool | N
     tries = 0
     last: dict[tuple[str, str | None], StepReport] = {}
     while True:
+        if _withdrawn(ctx, row.key):
+            return None
         if not ctx.may_send.is_set():
             instances.release(ctx.factory, row.key)
             logger.warning("booking %s: %s; its booking request was not sent", row.key, NOT_ACTIVE)
@@ -1057,6 +1060,9 @@ class BookingContext:
     burst: wire.BurstGate = field(init=False, repr=False)
     in_flight: set[str] = field(default_factory=set)
     in_flight_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Bookings under way that a reload touched (``withdraw``): each looks at its instance
+    #: before its trigger, and stops when the reload cancelled it.
+    withdrawn: set[str] = field(default_factory=set)
     #: How often an early answer is retried, and for how long after the trigger (section 6).
     early_retry_ms: float = 100.0
     early_retry_seconds: float = 20.0
@@ -1083,6 +1089,12 @@ class BookingContext:
         return self._default[1]
 
     _default: tuple[str, Flow] | None = field(default=None, init=False, repr=False)
+
+    def withdraw(self, keys: Iterable[str]) -> None:
+        """A reload changed these instances: those whose booking is under way here look at
+        their instance before their trigger (a cancelled one stops, sending nothing more)."""
+        with self.in_flight_lock:
+            self.withdrawn.update(key for key in keys if key in self.in_flight)
 
 
 def book_slot(key: str, ctx: BookingContext) -> str | None:
@@ -1113,7 +1125,29 @@ def book_slot(key: str, ctx: BookingContext) -> str | None:
         _booking.secrets = None
         with ctx.in_flight_lock:
             ctx.in_flight.discard(key)
+            ctx.withdrawn.discard(key)
             ctx.first_sent.pop(key, None)
+
+
+def _withdrawn(ctx: BookingContext, key: str) -> bool:
+    """Whether a reload cancelled the instance ``key`` while its booking prepared or waited for
+    its trigger (its entry removed or disabled): then nothing more is sent for it. An instance
+    the reload only touched goes on (one revived meanwhile is claimed again)."""
+    with ctx.in_flight_lock:
+        if key not in ctx.withdrawn:
+            return False
+        ctx.withdrawn.discard(key)
+    status = instances.status_of(ctx.factory, key)
+    if status == BOOKING or (status == PENDING and _claim(ctx, key, _now(ctx))):
+        return False
+    logger.info(
+        "booking %s: cancelled by a reload before its trigger (%s); nothing more is sent for it",
+        key,
+        status,
+    )
+    with ctx.in_flight_lock:
+        ctx.withdrawn.add(key)  # stays withdrawn for every later look
+    return True
 
 
 def _now(ctx: BookingContext) -> datetime:
@@ -1162,15 +1196,19 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     wired: dict[tuple[str, str | None], wire.Sent] = {}
     try:
         if ready is not None:
-            sent = _at_instant(ctx, trigger, *ready)
+            sent = _at_instant(ctx, trigger, *ready, key=key)
             started = sent is not None
             if sent is not None and first_key is not None:
                 wired[first_key] = sent
                 if sent.error is None:
                     ctx.first_sent[key] = sent.sent_clock
         else:
-            started = ctx.gate.wait(ctx, trigger)
+            started = _wait_until(
+                ctx, trigger - 2 * wire.REFRESH_SECONDS, key=key
+            ) and ctx.gate.wait(ctx, trigger)
         if not started:
+            if _withdrawn(ctx, key):
+                return None
             instances.release(ctx.factory, key)
             if ctx.may_send.is_set():
                 logger.info("booking %s: shutting down before its trigger; left pending", key)
@@ -1205,14 +1243,15 @@ def _on_wire(
 
 
 def _at_instant(
-    ctx: BookingContext, trigger: float, conn: wire.Connection, data: bytes
+    ctx: BookingContext, trigger: float, conn: wire.Connection, data: bytes, *, key: str
 ) -> wire.Sent | None:
     """Write ``data`` on ``conn`` at ``trigger``, with every first request of that instant, from
-    one thread (``ctx.burst``); None on a stop before the trigger (nothing sent)."""
+    one thread (``ctx.burst``); None on a stop before the trigger, or when a reload cancelled
+    the instance ``key`` meanwhile (nothing sent)."""
     # Short naps up to the gate's last stretch (it naps in one go): a wall clock stepped
     # meanwhile is noticed as ``_wait_until`` notices it.
     sent = None
-    if _wait_until(ctx, trigger - 2 * wire.REFRESH_SECONDS):
+    if _wait_until(ctx, trigger - 2 * wire.REFRESH_SECONDS, key=key):
         sent = ctx.burst.send(trigger, conn, data, stop=ctx.stop)
     if sent is None:
         conn.close()
@@ -1296,13 +1335,16 @@ def _first_requests(
     return ahead
 
 
-def _wait_until(ctx: BookingContext, target: float) -> bool:
-    """Sleep until ``target`` (epoch seconds), never returning early; False if asked to stop.
+def _wait_until(ctx: BookingContext, target: float, *, key: str | None = None) -> bool:
+    """Sleep until ``target`` (epoch seconds), never returning early; False if asked to stop,
+    or (with ``key``) when a reload cancelled that instance meanwhile.
 
     Sleeps until just before, then spins: the request must leave as close after the trigger as
     the machine allows, and never before it.
     """
     while True:
+        if key is not None and _withdrawn(ctx, key):
+            return False
         remaining = target - ctx.clock()
         if remaining <= 0:
             return True

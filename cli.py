@@ -567,6 +567,7 @@ class Daemon:
                     config.digest[str(self.settings.tokens_path)] = written
             unchanged = self._unchanged_entries(config) if not first else frozenset()
             changes = instances.reconcile(self.factory, config, now=now, unchanged=unchanged)
+            self.ctx.withdraw(changes.keys)  # a booking preparing for one it cancelled stops
             whole_ok = config.schedules.file_error is None
             if whole_ok or self.config is None:
                 self.config = config
@@ -816,6 +817,8 @@ class Daemon:
             changes = instances.reconcile(
                 self.factory, self.config, now=datetime.now(UTC), only=ids
             )
+            if self.ctx is not None:
+                self.ctx.withdraw(changes.keys)
             if not changes.empty:
                 self._sync(changes.keys)
                 logger.info("top-up of %s: %s", ", ".join(ids), changes.summary())

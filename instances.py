@@ -179,7 +179,7 @@ def reconcile(
                 rows = rows_by_schedule.get(schedule_id, {})
                 if schedule_id in removable:
                     for row in rows.values():
-                        if row.status == PENDING:
+                        if row.status == PENDING or preparing(row, now):
                             _cancel(row, changes, "entry removed from schedules.json")
                 else:
                     changes.merge(_reconcile_entry(session, entries[schedule_id], rows, now))
@@ -188,8 +188,21 @@ def reconcile(
     return changes
 
 
+def preparing(row: Instance, now: datetime) -> bool:
+    """A claimed instance whose booking has sent nothing but its flow's preparation steps (its
+    trigger is ahead: no booking request leaves before it). A reload cancels it as it cancels a
+    pending one, and the booking under way stops before its trigger (``bot._withdrawn``)."""
+    return (
+        row.status == BOOKING
+        and row.attempts == 0
+        and row.first_sent_at is None
+        and utils.as_utc(row.trigger_time) > utils.as_utc(now)
+    )
+
+
 def _cancel(row: Instance, changes: Changes, why: str) -> None:
     row.status = CANCELLED
+    row.owner = None
     row.last_error = why
     changes.cancelled += 1
     changes.keys.add(row.key)
@@ -243,11 +256,14 @@ def _reconcile_entry(
             row.late_cause = LATE_LOADED if item.trigger <= now else None
             changes.revived += 1
             changes.keys.add(row.key)
-        if row.status != PENDING:
+        under_way = preparing(row, now)
+        if row.status != PENDING and not under_way:
             continue
         if not entry.enabled:
             _cancel(row, changes, "entry disabled in schedules.json")
             continue
+        if under_way:
+            continue  # its booking goes on with the court, token and trigger it was claimed with
         moved = row.trigger_time != item.trigger
         if moved or any(getattr(row, name) != value for name, value in fields.items()):
             for name, value in fields.items():
@@ -259,7 +275,7 @@ def _reconcile_entry(
             changes.updated += 1
             changes.keys.add(row.key)
     for key, row in rows.items():
-        if key in wanted or row.status != PENDING:
+        if key in wanted or (row.status != PENDING and not preparing(row, now)):
             continue
         if row.desired_time > now:
             local_date = row.desired_time.astimezone(entry.zone).date()
@@ -588,6 +604,12 @@ def claim(
             .values(status=BOOKING, owner=owner, updated_at=now)
         ).rowcount
     return claimed == 1
+
+
+def status_of(factory: sessionmaker[Session], key: str) -> str | None:
+    """The instance's status as committed (None when it is gone)."""
+    with factory() as session:
+        return session.scalar(select(Instance.status).where(Instance.key == key))
 
 
 def claimed(factory: sessionmaker[Session], key: str) -> tuple[Instance, Token | None]:

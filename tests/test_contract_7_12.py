@@ -522,3 +522,66 @@ def test_check_names_an_entry_whose_token_lacks_a_field_its_flow_sends(
     assert process.stop() == 0
     for error in errors:
         assert error in process.output()
+
+
+# --------------------------------------------------------------------------- section 5/7: reloads
+
+
+def preparing_setup(
+    club: Club, tmp_path: Path, daemons: list[DaemonProcess]
+) -> tuple[Path, dict[str, str], dict[str, Any], str, DaemonProcess]:
+    """An entry whose flow logs in 6 s before a trigger 9 s away: once the login came, its
+    instance is claimed (``booking``) and waits for the trigger."""
+    club.routes["/login"] = lambda seen: (200, [], {"jwt": JWT})
+    club.routes["/book"] = lambda seen: (201, [], {"booking": {"id": "BK-1"}})
+    data, env = scratch(tmp_path)
+    flow = finishing_flow(club)
+    flow["prepare_seconds"] = 6
+    flow["steps"] = flow["steps"][:2]
+    write(data / "clubs" / "fc.json", flow)
+    write(data / "tokens.json", {"default": {"password": PASSWORD}})
+    when = desired_for_trigger_in(9)
+    entry = {"id": "prep", "type": "one-off", "desired_time": iso_z(when), "club": "fc"}
+    write(data / "schedules.json", [entry])
+    process = start(data, env, tmp_path, daemons)
+    key = f"prep@{iso_z(when)}"
+    assert wait_until(lambda: "/login" in club.paths(), 15), process.output()
+    assert by_key(env)[key]["status"] == "booking"
+    return data, env, entry, key, process
+
+
+@pytest.mark.parametrize("edit", ["disabled", "removed"])
+def test_an_entry_disabled_or_removed_while_its_flow_prepares_is_never_booked(
+    club: Club, tmp_path: Path, daemons: list[DaemonProcess], edit: str
+) -> None:
+    data, env, entry, key, process = preparing_setup(club, tmp_path, daemons)
+
+    write(data / "schedules.json", [{**entry, "enabled": False}] if edit == "disabled" else [])
+    assert cli(env, "reload").returncode == 0
+
+    assert wait_until(lambda: by_key(env)[key]["status"] == "cancelled", 5)
+    time.sleep(5)  # past the trigger
+    row = by_key(env)[key]
+    assert (row["status"], row["last_error"]) == (
+        "cancelled",
+        f"entry {edit} {'in' if edit == 'disabled' else 'from'} schedules.json",
+    )
+    assert club.paths() == ["/login"]
+    assert process.stop() == 0
+
+
+def test_an_entry_disabled_and_enabled_again_while_its_flow_prepares_is_booked_once(
+    club: Club, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    data, env, entry, key, process = preparing_setup(club, tmp_path, daemons)
+
+    write(data / "schedules.json", [{**entry, "enabled": False}])
+    assert cli(env, "reload").returncode == 0
+    assert wait_until(lambda: by_key(env)[key]["status"] == "cancelled", 5)
+    write(data / "schedules.json", [entry])
+    assert cli(env, "reload").returncode == 0
+
+    row = settled(env, key)
+    assert (row["status"], row["booking_ref"]) == ("booked", "BK-1")
+    assert club.paths().count("/book") == 1
+    assert process.stop() == 0
