@@ -1652,6 +1652,34 @@ def load_template(settings: Settings) -> config_loader.FlowFile | None:
         raise StartError(str(exc)) from None
 
 
+def shown_api_url(url: str) -> str:
+    """BOOKING_API_URL fit for output: a user and password in it masked, the rest as given."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return utils.mask_url_secrets(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
+def check_api_url(settings: Settings) -> None:
+    """BOOKING_API_URL, when set, must be a URL the daemon can book at (it becomes section 6's
+    request). StartError otherwise, with the URL's secrets masked: not the parser's words,
+    which quote it whole."""
+    if settings.api_url is None:
+        return
+    try:
+        default_flow(settings.api_url)
+    except TemplateError:
+        raise StartError(
+            f"BOOKING_API_URL: {shown_api_url(settings.api_url)!r} is not an http(s) "
+            "URL with a plain host and port: set it to the club's booking endpoint (e.g. "
+            "https://api.club.example/bookings; no user:password@ in it, the token goes in "
+            "tokens.json)"
+        ) from None
+
+
 def require_api_url(settings: Settings, fernet: MultiFernet) -> None:
     """Without BOOKING_API_URL (and no template with a url), ``run`` starts only when club
     files give every entry its request: DATA_DIR/clubs/ holds some, and every entry of
@@ -1684,6 +1712,7 @@ def cmd_run(env: dict[str, str]) -> int:
     try:
         settings = load_settings(env)
         fernet = load_fernet(settings)
+        check_api_url(settings)
         template = load_template(settings)
         if settings.api_url is None and (template is None or not template.flow.has_url):
             require_api_url(settings, fernet)
@@ -1727,7 +1756,7 @@ def _request_of(entry: config_loader.Entry, config: Config, settings: Settings) 
         return f"club: {entry.club} ({config.clubs[entry.club].label})"
     if config.template is not None:
         return f"request: {config.template.label}"
-    return f"request: BOOKING_API_URL ({settings.api_url})"
+    return f"request: BOOKING_API_URL ({shown_api_url(settings.api_url or '')})"
 
 
 def _flow_of(entry: config_loader.Entry, config: Config, settings: Settings) -> Flow | None:
@@ -1822,6 +1851,7 @@ def _settings_and_key(env: dict[str, str], command: str) -> tuple[Settings, Mult
     (1 for bad settings, 2 without a usable key)."""
     try:
         settings = load_settings(env)
+        check_api_url(settings)
     except StartError as exc:
         print(f"courtbot {command}: {exc}", file=sys.stderr)
         return EXIT_INVALID

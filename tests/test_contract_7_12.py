@@ -585,3 +585,35 @@ def test_an_entry_disabled_and_enabled_again_while_its_flow_prepares_is_booked_o
     assert (row["status"], row["booking_ref"]) == ("booked", "BK-1")
     assert club.paths().count("/book") == 1
     assert process.stop() == 0
+
+
+# --------------------------------------------------------------------------- section 11: the URL
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("https://user:pw-S3cret@api.club.example/book", "https://***@api.club.example/book"),
+        ("ftp://api.club.example/book", "ftp://api.club.example/book"),
+        ("https://api.club.example:99999/book", "https://api.club.example:99999/book"),
+    ],
+)
+def test_a_booking_api_url_no_request_can_use_is_one_line_not_a_traceback(
+    tmp_path: Path, url: str, shown: str
+) -> None:
+    # It becomes the request of section 6 (or the url of a template that names none).
+    data, env = scratch(tmp_path, BOOKING_API_URL=url, LOG_FILE="-")
+    write(data / "schedules.json", [])
+    expected = (
+        f"BOOKING_API_URL: {shown!r} is not an http(s) URL with a plain host and port: set it to "
+        "the club's booking endpoint (e.g. https://api.club.example/bookings; no user:password@ "
+        "in it, the token goes in tokens.json)"
+    )
+
+    ran = cli(env, "run")
+    checked = cli(env, "check")
+
+    assert (ran.returncode, ran.stderr.strip()) == (2, f"courtbot: cannot start: {expected}")
+    assert (checked.returncode, checked.stderr.strip()) == (1, f"courtbot check: {expected}")
+    assert "pw-S3cret" not in ran.stdout + ran.stderr + checked.stdout + checked.stderr
+    assert cli(env, "status").returncode == 0  # status needs no booking URL
