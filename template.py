@@ -91,7 +91,7 @@ _REF_RE = re.compile(
 _STEP_NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
 _VALUE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HEADER_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_HOST_ENTRY_RE = re.compile(r"(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?")
+_HOST_ENTRY_RE = re.compile(r"(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?")
 _FORMAT_PROBE = datetime(2001, 2, 3, 4, 5, 6, tzinfo=UTC)
 
 
@@ -1043,7 +1043,7 @@ def _url(data: dict[str, Any], where: str, api_url: str | None, scope: Scope) ->
             f"{where}url: a placeholder may not stand in the scheme or host ({url!r}): the "
             "token must only ever go to fixed hosts"
         )
-    if "@" in parts.netloc or not re.fullmatch(r"[A-Za-z0-9.:-]+", parts.hostname or "-"):
+    if "@" in parts.netloc or not re.fullmatch(r"[A-Za-z0-9._:-]+", parts.hostname or "-"):
         raise TemplateError(f"{where}url: {url!r} does not name a plain host")
     try:
         parts.port  # noqa: B018 (validates the port)

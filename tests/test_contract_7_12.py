@@ -617,3 +617,17 @@ def test_a_booking_api_url_no_request_can_use_is_one_line_not_a_traceback(
     assert (checked.returncode, checked.stderr.strip()) == (1, f"courtbot check: {expected}")
     assert "pw-S3cret" not in ran.stdout + ran.stderr + checked.stdout + checked.stderr
     assert cli(env, "status").returncode == 0  # status needs no booking URL
+
+
+def test_a_booking_api_url_on_a_host_with_an_underscore_is_valid(tmp_path: Path) -> None:
+    # A container's service name (``club_api``) is a host like any other.
+    data, env = scratch(tmp_path, BOOKING_API_URL="http://club_api:8080/book")
+    write(data / "tokens.json", {"default": TOKEN})
+    when = desired_for_trigger_in(3600)
+    write(data / "schedules.json", [{"id": "u", "type": "one-off", "desired_time": iso_z(when)}])
+
+    checked = cli(env, "check")
+
+    assert checked.returncode == 0, checked.stderr
+    assert "  request: BOOKING_API_URL (http://club_api:8080/book)" in checked.stdout
+    assert "    POST http://club_api:8080/book" in checked.stdout
