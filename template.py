@@ -1043,7 +1043,13 @@ def _url(data: dict[str, Any], where: str, api_url: str | None, scope: Scope) ->
             f"{where}url: a placeholder may not stand in the scheme or host ({url!r}): the "
             "token must only ever go to fixed hosts"
         )
-    if "@" in parts.netloc or not re.fullmatch(r"[A-Za-z0-9._:-]+", parts.hostname or "-"):
+    if "@" in parts.netloc:
+        shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+        raise TemplateError(
+            f"{where}url: {shown!r} holds a user or password (user:password@host): credentials "
+            "go in tokens.json, and a step sends them as {token} or {secret.<field>}"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9._:-]+", parts.hostname or "-"):
         raise TemplateError(f"{where}url: {url!r} does not name a plain host")
     try:
         parts.port  # noqa: B018 (validates the port)

@@ -631,3 +631,19 @@ def test_a_booking_api_url_on_a_host_with_an_underscore_is_valid(tmp_path: Path)
     assert checked.returncode == 0, checked.stderr
     assert "  request: BOOKING_API_URL (http://club_api:8080/book)" in checked.stdout
     assert "    POST http://club_api:8080/book" in checked.stdout
+
+
+def test_a_template_url_with_a_password_is_an_error_that_does_not_quote_it(tmp_path: Path) -> None:
+    data, env = scratch(tmp_path, BOOKING_REQUEST_TEMPLATE="club.json")
+    write(data / "club.json", {"url": "https://bob:pw-S3cret@api.club.example/book"})
+    write(data / "schedules.json", [])
+
+    checked = cli(env, "check")
+
+    assert checked.returncode == 1
+    assert (
+        f"error: BOOKING_REQUEST_TEMPLATE {data / 'club.json'}: url: "
+        "'https://***@api.club.example/book' holds a user or password (user:password@host): "
+        "credentials go in tokens.json, and a step sends them as {token} or {secret.<field>}"
+    ) in checked.stderr.splitlines()
+    assert "pw-S3cret" not in checked.stdout + checked.stderr
