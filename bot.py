@@ -1063,6 +1063,8 @@ class BookingContext:
     #: Bookings under way that a reload touched (``withdraw``): each looks at its instance
     #: before its trigger, and stops when the reload cancelled it.
     withdrawn: set[str] = field(default_factory=set)
+    #: Those of them that the reload did cancel: they stop where they are.
+    cancelled: set[str] = field(default_factory=set)
     #: How often an early answer is retried, and for how long after the trigger (section 6).
     early_retry_ms: float = 100.0
     early_retry_seconds: float = 20.0
@@ -1126,6 +1128,7 @@ def book_slot(key: str, ctx: BookingContext) -> str | None:
         with ctx.in_flight_lock:
             ctx.in_flight.discard(key)
             ctx.withdrawn.discard(key)
+            ctx.cancelled.discard(key)
             ctx.first_sent.pop(key, None)
 
 
@@ -1134,6 +1137,8 @@ def _withdrawn(ctx: BookingContext, key: str) -> bool:
     its trigger (its entry removed or disabled): then nothing more is sent for it. An instance
     the reload only touched goes on (one revived meanwhile is claimed again)."""
     with ctx.in_flight_lock:
+        if key in ctx.cancelled:
+            return True
         if key not in ctx.withdrawn:
             return False
         ctx.withdrawn.discard(key)
@@ -1146,7 +1151,7 @@ def _withdrawn(ctx: BookingContext, key: str) -> bool:
         status,
     )
     with ctx.in_flight_lock:
-        ctx.withdrawn.add(key)  # stays withdrawn for every later look
+        ctx.cancelled.add(key)
     return True
 
 

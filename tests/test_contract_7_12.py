@@ -568,6 +568,8 @@ def test_an_entry_disabled_or_removed_while_its_flow_prepares_is_never_booked(
     )
     assert club.paths() == ["/login"]
     assert process.stop() == 0
+    said = f"booking {key}: cancelled by a reload before its trigger (cancelled); nothing more is"
+    assert process.output().count(said) == 1
 
 
 def test_an_entry_disabled_and_enabled_again_while_its_flow_prepares_is_booked_once(
