@@ -649,3 +649,28 @@ def test_a_template_url_with_a_password_is_an_error_that_does_not_quote_it(tmp_p
         "credentials go in tokens.json, and a step sends them as {token} or {secret.<field>}"
     ) in checked.stderr.splitlines()
     assert "pw-S3cret" not in checked.stdout + checked.stderr
+
+
+# --------------------------------------------------------------------------- status
+
+
+def test_a_reason_quoting_a_club_keeps_each_status_row_on_one_line_and_codes_escaped(
+    club: Club, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    club.routes["/book"] = lambda seen: (400, [], {"error": "bad\ncourt \x1b[2J"})
+    data, env = scratch(tmp_path, BOOKING_API_URL=club.url("/book"))
+    write(data / "tokens.json", {"default": TOKEN})
+    when = desired_for_trigger_in(-60)  # the window is open: books at once
+    write(data / "schedules.json", [{"id": "esc", "type": "one-off", "desired_time": iso_z(when)}])
+    process = start(data, env, tmp_path, daemons)
+    assert settled(env, f"esc@{iso_z(when)}")["status"] == "failed"
+    assert process.stop() == 0
+
+    shown = cli(env, "status")
+
+    assert shown.returncode == 0
+    assert "\x1b" not in shown.stdout
+    (row,) = [line for line in shown.stdout.splitlines() if line.startswith("esc ")]
+    assert row.endswith(
+        "the club refused the request (HTTP 400: bad\\ncourt \\x1b[2J): check the entry and the URL"
+    )
