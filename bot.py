@@ -44,6 +44,7 @@ import utils
 import wire
 from models import (
     BOOKED,
+    BOOKING,
     EXPIRED,
     FAILED,
     PENDING,
@@ -60,6 +61,7 @@ from template import (
     Reply,
     Slot,
     Step,
+    UnsendableHeader,
     as_text,
     default_flow,
     extract_values,
@@ -875,6 +877,8 @@ def _plain_try(client: ClubClient, run: FlowRun, step: Step, court: str | None) 
     except MissingValue as exc:
         why = run.missing.get(exc.ref, "no step gave it a value")
         return report(None, f"{{{exc.ref}}} has no value ({why})", final=True)
+    except UnsendableHeader as exc:
+        return report(None, str(exc), final=True)
     try:
         answer, reply = _exchange(client, run, step, prepared)
     except (BookingError, StepFailure) as exc:
@@ -948,6 +952,8 @@ def _prepare(ctx: BookingContext, run: FlowRun, row: Instance) -> str | bool | N
     tries = 0
     last: dict[tuple[str, str | None], StepReport] = {}
     while True:
+        if _withdrawn(ctx, row.key):
+            return None
         if not ctx.may_send.is_set():
             instances.release(ctx.factory, row.key)
             logger.warning("booking %s: %s; its booking request was not sent", row.key, NOT_ACTIVE)
@@ -1073,6 +1079,11 @@ class BookingContext:
     burst: wire.BurstGate = field(init=False, repr=False)
     in_flight: set[str] = field(default_factory=set)
     in_flight_lock: threading.Lock = field(default_factory=threading.Lock)
+    #: Bookings under way that a reload touched (``withdraw``): each looks at its instance
+    #: before its trigger, and stops when the reload cancelled it.
+    withdrawn: set[str] = field(default_factory=set)
+    #: Those of them that the reload did cancel: they stop where they are.
+    cancelled: set[str] = field(default_factory=set)
     #: How often an early answer is retried, and for how long after the trigger (section 6).
     early_retry_ms: float = 100.0
     early_retry_seconds: float = 20.0
@@ -1099,6 +1110,12 @@ class BookingContext:
         return self._default[1]
 
     _default: tuple[str, Flow] | None = field(default=None, init=False, repr=False)
+
+    def withdraw(self, keys: Iterable[str]) -> None:
+        """A reload changed these instances: those whose booking is under way here look at
+        their instance before their trigger (a cancelled one stops, sending nothing more)."""
+        with self.in_flight_lock:
+            self.withdrawn.update(key for key in keys if key in self.in_flight)
 
 
 def book_slot(key: str, ctx: BookingContext) -> str | None:
@@ -1129,7 +1146,32 @@ def book_slot(key: str, ctx: BookingContext) -> str | None:
         _booking.secrets = None
         with ctx.in_flight_lock:
             ctx.in_flight.discard(key)
+            ctx.withdrawn.discard(key)
+            ctx.cancelled.discard(key)
             ctx.first_sent.pop(key, None)
+
+
+def _withdrawn(ctx: BookingContext, key: str) -> bool:
+    """Whether a reload cancelled the instance ``key`` while its booking prepared or waited for
+    its trigger (its entry removed or disabled): then nothing more is sent for it. An instance
+    the reload only touched goes on (one revived meanwhile is claimed again)."""
+    with ctx.in_flight_lock:
+        if key in ctx.cancelled:
+            return True
+        if key not in ctx.withdrawn:
+            return False
+        ctx.withdrawn.discard(key)
+    status = instances.status_of(ctx.factory, key)
+    if status == BOOKING or (status == PENDING and _claim(ctx, key, _now(ctx))):
+        return False
+    logger.info(
+        "booking %s: cancelled by a reload before its trigger (%s); nothing more is sent for it",
+        key,
+        status,
+    )
+    with ctx.in_flight_lock:
+        ctx.cancelled.add(key)
+    return True
 
 
 def _now(ctx: BookingContext) -> datetime:
@@ -1173,20 +1215,24 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     # Everything is built before the trigger: only the send is left for the moment itself.
     ahead = _first_requests(ctx.client, run)
     trigger = row.trigger_time.timestamp()
-    first_key, first = next(iter(ahead.items()))
-    ready = _on_wire(ctx, first, trigger)
+    first_key, first = next(iter(ahead.items()), (None, None))
+    ready = _on_wire(ctx, first, trigger) if first is not None else None
     wired: dict[tuple[str, str | None], wire.Sent] = {}
     try:
         if ready is not None:
-            sent = _at_instant(ctx, trigger, *ready)
+            sent = _at_instant(ctx, trigger, *ready, key=key)
             started = sent is not None
-            if sent is not None:
+            if sent is not None and first_key is not None:
                 wired[first_key] = sent
                 if sent.error is None:
                     ctx.first_sent[key] = sent.sent_clock
         else:
-            started = ctx.gate.wait(ctx, trigger)
+            started = _wait_until(
+                ctx, trigger - 2 * wire.REFRESH_SECONDS, key=key
+            ) and ctx.gate.wait(ctx, trigger)
         if not started:
+            if _withdrawn(ctx, key):
+                return None
             instances.release(ctx.factory, key)
             if ctx.may_send.is_set():
                 logger.info("booking %s: shutting down before its trigger; left pending", key)
@@ -1221,14 +1267,15 @@ def _on_wire(
 
 
 def _at_instant(
-    ctx: BookingContext, trigger: float, conn: wire.Connection, data: bytes
+    ctx: BookingContext, trigger: float, conn: wire.Connection, data: bytes, *, key: str
 ) -> wire.Sent | None:
     """Write ``data`` on ``conn`` at ``trigger``, with every first request of that instant, from
-    one thread (``ctx.burst``); None on a stop before the trigger (nothing sent)."""
+    one thread (``ctx.burst``); None on a stop before the trigger, or when a reload cancelled
+    the instance ``key`` meanwhile (nothing sent)."""
     # Short naps up to the gate's last stretch (it naps in one go): a wall clock stepped
     # meanwhile is noticed as ``_wait_until`` notices it.
     sent = None
-    if _wait_until(ctx, trigger - 2 * wire.REFRESH_SECONDS):
+    if _wait_until(ctx, trigger - 2 * wire.REFRESH_SECONDS, key=key):
         sent = ctx.burst.send(trigger, conn, data, stop=ctx.stop)
     if sent is None:
         conn.close()
@@ -1298,20 +1345,30 @@ def _first_requests(
     """The requests that leave at the trigger, built ahead: the first ``at_trigger`` step's
     (first court), else the booking step's for every court."""
     at_trigger = run.flow.phase("at_trigger")
-    if at_trigger:
-        court = run.courts[0]
-        return {(at_trigger[0].name, court): _prepared(client, run, at_trigger[0], court)}
-    step = run.flow.booking_step
-    return {(step.name, court): _prepared(client, run, step, court) for court in run.courts}
+    wanted = (
+        [(at_trigger[0], run.courts[0])]
+        if at_trigger
+        else [(run.flow.booking_step, court) for court in run.courts]
+    )
+    ahead: dict[tuple[str, str | None], requests.PreparedRequest] = {}
+    for step, court in wanted:
+        try:
+            ahead[(step.name, court)] = _prepared(client, run, step, court)
+        except UnsendableHeader:
+            continue  # built again at the trigger, where it fails the step with the reason
+    return ahead
 
 
-def _wait_until(ctx: BookingContext, target: float) -> bool:
-    """Sleep until ``target`` (epoch seconds), never returning early; False if asked to stop.
+def _wait_until(ctx: BookingContext, target: float, *, key: str | None = None) -> bool:
+    """Sleep until ``target`` (epoch seconds), never returning early; False if asked to stop,
+    or (with ``key``) when a reload cancelled that instance meanwhile.
 
     Sleeps until just before, then spins: the request must leave as close after the trigger as
     the machine allows, and never before it.
     """
     while True:
+        if key is not None and _withdrawn(ctx, key):
+            return False
         remaining = target - ctx.clock()
         if remaining <= 0:
             return True
@@ -1499,6 +1556,9 @@ def _send_step(
             except MissingValue as exc:
                 why = run.missing.get(exc.ref, "no step gave it a value")
                 return _Result("failed", f"{send.prefix}: {{{exc.ref}}} has no value ({why})")
+            except UnsendableHeader as exc:
+                where = send.prefix if not step.booking else f"{send.prefix}: step {step.name!r}"
+                return _Result("failed", f"{where}: {exc}; nothing was sent for it")
         kind, wait, result = _send_once(ctx, run, row, send, request, sent=sent)
         sent = None
         if result is not None:
@@ -1677,7 +1737,12 @@ def _after_booking(
     ctx: BookingContext, run: FlowRun, row: Instance, court: str | None, ref: str | None
 ) -> str:
     """Run the finishing steps for the booked court; the booking step is never sent again."""
-    for step in run.flow.phase("finish"):
+    finishing = run.flow.phase("finish")
+    if finishing:
+        # Written before they run: whatever becomes of them (a failure, a crash), the instance
+        # is never booked again.
+        instances.club_took(ctx.factory, row.key, booking_ref=safe_ref(ref), court=court)
+    for step in finishing:
         problem = _finish_step(ctx, run, step, court)
         if problem is not None:
             shown = safe_ref(ref)

@@ -567,6 +567,7 @@ class Daemon:
                     config.digest[str(self.settings.tokens_path)] = written
             unchanged = self._unchanged_entries(config) if not first else frozenset()
             changes = instances.reconcile(self.factory, config, now=now, unchanged=unchanged)
+            self.ctx.withdraw(changes.keys)  # a booking preparing for one it cancelled stops
             whole_ok = config.schedules.file_error is None
             if whole_ok or self.config is None:
                 self.config = config
@@ -816,6 +817,8 @@ class Daemon:
             changes = instances.reconcile(
                 self.factory, self.config, now=datetime.now(UTC), only=ids
             )
+            if self.ctx is not None:
+                self.ctx.withdraw(changes.keys)
             if not changes.empty:
                 self._sync(changes.keys)
                 logger.info("top-up of %s: %s", ", ".join(ids), changes.summary())
@@ -1653,6 +1656,28 @@ def load_template(settings: Settings) -> config_loader.FlowFile | None:
         raise StartError(str(exc)) from None
 
 
+def shown_api_url(url: str) -> str:
+    """BOOKING_API_URL fit for output: a user and password in it masked, the rest as given."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return utils.mask_url_secrets(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+
+
+def check_api_url(settings: Settings) -> None:
+    """BOOKING_API_URL, when set, is a URL section 6's request can be sent to; StartError
+    otherwise, one line with its user and password masked."""
+    if settings.api_url is None:
+        return
+    try:
+        config_loader.check_api_url(settings.api_url)
+    except SettingsError as exc:
+        raise StartError(str(exc)) from None
+
+
 def require_api_url(settings: Settings, fernet: MultiFernet) -> None:
     """Without BOOKING_API_URL (and no template with a url), ``run`` starts only when club
     files give every entry its request: DATA_DIR/clubs/ holds some, and every entry of
@@ -1685,6 +1710,7 @@ def cmd_run(env: dict[str, str]) -> int:
     try:
         settings = load_settings(env)
         fernet = load_fernet(settings)
+        check_api_url(settings)
         template = load_template(settings)
         if settings.api_url is None and (template is None or not template.flow.has_url):
             require_api_url(settings, fernet)
@@ -1730,7 +1756,7 @@ def _request_of(entry: config_loader.Entry, config: Config, settings: Settings) 
         return f"request: {config.template.label}"
     if settings.api_url is None:
         return "request: none: BOOKING_API_URL is not set (`run` will not start without it)"
-    return f"request: BOOKING_API_URL ({settings.api_url})"
+    return f"request: BOOKING_API_URL ({shown_api_url(settings.api_url)})"
 
 
 def _flow_of(entry: config_loader.Entry, config: Config, settings: Settings) -> Flow | None:
@@ -1825,6 +1851,7 @@ def _settings_and_key(env: dict[str, str], command: str) -> tuple[Settings, Mult
     (1 for bad settings, 2 without a usable key)."""
     try:
         settings = load_settings(env)
+        check_api_url(settings)
     except StartError as exc:
         print(f"courtbot {command}: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -2111,7 +2138,9 @@ def cmd_retry(env: dict[str, str], target: str) -> int:
                 file=sys.stderr,
             )
             return EXIT_INVALID
-        keys = instances.retry(factory, target, datetime.now(UTC))
+        now = datetime.now(UTC)
+        keys = instances.retry(factory, target, now)
+        left = instances.taken_by_club(factory, target, now)
     except models.DatabaseConnectError as exc:
         print(f"courtbot retry: {exc}", file=sys.stderr)
         return EXIT_INVALID
@@ -2120,11 +2149,20 @@ def cmd_retry(env: dict[str, str], target: str) -> int:
             f"courtbot retry: {models.connect_error(settings.database_url, exc)}", file=sys.stderr
         )
         return EXIT_INVALID
-    if not keys:
+    for row in left:
+        ref = f" (ref {row.booking_ref})" if row.booking_ref else ""
         print(
-            f"courtbot retry: no failed instance with a start still ahead matches {target!r}",
+            f"courtbot retry: {row.key}: left failed: the club took this booking{ref} but a "
+            "step after it did not complete; check it with the club (booking it again would "
+            "book twice)",
             file=sys.stderr,
         )
+    if not keys:
+        if not left:
+            print(
+                f"courtbot retry: no failed instance with a start still ahead matches {target!r}",
+                file=sys.stderr,
+            )
         return EXIT_INVALID
     for key in keys:
         print(f"pending again: {key}")

@@ -157,8 +157,6 @@ class Settings:
                 "URL (e.g. https://hc-ping.com/<uuid>)"
             )
         api_url = env.get("BOOKING_API_URL") or None
-        if api_url is not None:
-            _check_api_url(api_url)
         return cls(
             fernet_keys=env.get("FERNET_KEY") or None,
             api_url=api_url,
@@ -179,9 +177,10 @@ class Settings:
         )
 
 
-def _check_api_url(url: str) -> None:
+def check_api_url(url: str) -> None:
     """SettingsError unless BOOKING_API_URL is a URL the request of CONTRACT section 6 can be
-    sent to: the same test a booking makes, made at start rather than at the trigger."""
+    sent to: the same test a booking makes, made at start rather than at the trigger (by the
+    commands that book or show the request; ``status`` and ``retry`` need no URL)."""
     try:
         default_flow(url)
     except TemplateError as exc:
@@ -536,6 +535,10 @@ def read_config(
         cache=cache,
     )
     tokens.warnings.extend(token_expiry_warnings(schedules.entries, tokens, fernet, now=now))
+    if tokens.file_error is None:
+        schedules.errors.extend(
+            token_field_problems(schedules.entries, tokens, schedules.clubs, template)
+        )
     return Config(
         schedules=schedules,
         tokens=tokens,
@@ -543,6 +546,47 @@ def read_config(
         template=template,
         template_error=template_error,
     )
+
+
+def token_field_problems(
+    entries: Iterable[Entry],
+    tokens: TokensResult,
+    clubs: Mapping[str, FlowFile],
+    template: FlowFile | None,
+) -> list[str]:
+    """One error per entry whose token lacks a field its flow sends (``{secret.<field>}``, or
+    ``{token}`` from an object token without a ``token`` field): its bookings would fail at
+    their trigger, so ``check`` says it now. The entry still loads (it books once the token
+    is completed, without a restart)."""
+    problems: list[str] = []
+    for entry in entries:
+        token = tokens.tokens.get(entry.token)
+        if token is None or token.error is not None:
+            continue
+        source = clubs.get(entry.club) if entry.club is not None else template
+        if source is None:
+            continue  # section 6's request: {token} alone, which every token gives
+        flow = source.flow
+        fields = set(token.fields) if token.fields is not None else {"token"}
+        where = f"{_where(SCHEDULES_FILE, entry.id, entry.position)}: token"
+        missing = sorted(flow.secret_fields - fields)
+        if missing:
+            wanted = ", ".join(sorted(flow.secret_fields))
+            fix = (
+                f"add it to the token's object in tokens.json (the flow uses {wanted})"
+                if token.fields is not None
+                else f"write the token in tokens.json as an object with the fields {wanted}"
+            )
+            problems.append(
+                f"{where}: {entry.token!r} has no field {missing[0]!r}, which {source.label} "
+                f"sends as {{secret.{missing[0]}}}: {fix}"
+            )
+        elif flow.uses_token and "token" not in fields:
+            problems.append(
+                f"{where}: {entry.token!r} has no 'token' field, which {source.label} sends as "
+                "{token}: add it to the token's object in tokens.json"
+            )
+    return problems
 
 
 def token_expiry_warnings(

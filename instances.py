@@ -179,7 +179,7 @@ def reconcile(
                 rows = rows_by_schedule.get(schedule_id, {})
                 if schedule_id in removable:
                     for row in rows.values():
-                        if row.status == PENDING:
+                        if row.status == PENDING or preparing(row, now):
                             _cancel(row, changes, "entry removed from schedules.json")
                 else:
                     changes.merge(_reconcile_entry(session, entries[schedule_id], rows, now))
@@ -188,8 +188,21 @@ def reconcile(
     return changes
 
 
+def preparing(row: Instance, now: datetime) -> bool:
+    """A claimed instance whose booking has sent nothing but its flow's preparation steps (its
+    trigger is ahead: no booking request leaves before it). A reload cancels it as it cancels a
+    pending one, and the booking under way stops before its trigger (``bot._withdrawn``)."""
+    return (
+        row.status == BOOKING
+        and row.attempts == 0
+        and row.first_sent_at is None
+        and utils.as_utc(row.trigger_time) > utils.as_utc(now)
+    )
+
+
 def _cancel(row: Instance, changes: Changes, why: str) -> None:
     row.status = CANCELLED
+    row.owner = None
     row.last_error = why
     changes.cancelled += 1
     changes.keys.add(row.key)
@@ -243,11 +256,14 @@ def _reconcile_entry(
             row.late_cause = LATE_LOADED if item.trigger <= now else None
             changes.revived += 1
             changes.keys.add(row.key)
-        if row.status != PENDING:
+        under_way = preparing(row, now)
+        if row.status != PENDING and not under_way:
             continue
         if not entry.enabled:
             _cancel(row, changes, "entry disabled in schedules.json")
             continue
+        if under_way:
+            continue  # its booking goes on with the court, token and trigger it was claimed with
         moved = row.trigger_time != item.trigger
         if moved or any(getattr(row, name) != value for name, value in fields.items()):
             for name, value in fields.items():
@@ -259,7 +275,7 @@ def _reconcile_entry(
             changes.updated += 1
             changes.keys.add(row.key)
     for key, row in rows.items():
-        if key in wanted or row.status != PENDING:
+        if key in wanted or (row.status != PENDING and not preparing(row, now)):
             continue
         if row.desired_time > now:
             local_date = row.desired_time.astimezone(entry.zone).date()
@@ -360,7 +376,18 @@ def recover_in_flight(
     with transaction(factory) as session:
         for row in session.scalars(query):
             row.owner = None
-            if row.attempts == 0 and row.trigger_time > now:
+            if row.club_took:
+                # Its finishing steps were under way: the club has the booking, and the values
+                # those steps need (a session, the booking's id) died with the daemon.
+                row.status = FAILED
+                row.last_error = (
+                    f"the club took the booking ({_took(row)}) but courtbot stopped before the "
+                    "steps after it completed; check it with the club (it is not booked again)"
+                )
+                row.finished_at = now
+                row.interrupted = False
+                failed.append(row)
+            elif row.attempts == 0 and row.trigger_time > now:
                 row.status = PENDING
             elif row.desired_time > now:
                 row.status = PENDING
@@ -579,6 +606,12 @@ def claim(
     return claimed == 1
 
 
+def status_of(factory: sessionmaker[Session], key: str) -> str | None:
+    """The instance's status as committed (None when it is gone)."""
+    with factory() as session:
+        return session.scalar(select(Instance.status).where(Instance.key == key))
+
+
 def claimed(factory: sessionmaker[Session], key: str) -> tuple[Instance, Token | None]:
     """A claimed instance and the row of its token (None when tokens.json lacks it)."""
     with factory() as session:
@@ -628,6 +661,25 @@ def release(factory: sessionmaker[Session], key: str, *, sent: bool = False) -> 
         )
 
 
+def club_took(
+    factory: sessionmaker[Session], key: str, *, booking_ref: str | None, court: str | None
+) -> None:
+    """The club took the booking and finishing steps are still to run (CONTRACT section 12):
+    from now on the instance is never booked again, whatever happens to those steps."""
+    with transaction(factory) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.key == key)
+            .values(club_took=True, booking_ref=booking_ref, booked_court=court)
+        )
+
+
+def _took(row: Instance) -> str:
+    """What the club took, for a reason: ``court 3, ref BK-1``."""
+    court = row.booked_court if row.booked_court is not None else "any"
+    return f"court {court}" + (f", ref {row.booking_ref}" if row.booking_ref else "")
+
+
 def record_attempt(
     factory: sessionmaker[Session], key: str, attempts: int, first_sent_at: datetime | None = None
 ) -> None:
@@ -669,7 +721,7 @@ def finish(
         row.status = status
         row.last_error = reason
         row.booking_ref = booking_ref
-        if status == BOOKED:
+        if status == BOOKED or row.club_took:
             row.booked_court = court
         row.finished_at = now
         row.interrupted = False
@@ -713,6 +765,7 @@ def outcome_of(row: Instance, *, retry_helps: bool = True) -> Outcome:
         timing=timing_of(row),
         retry_helps=retry_helps,
         location=row.club,
+        club_took=bool(row.club_took) and row.status != BOOKED,
     )
 
 
@@ -721,7 +774,8 @@ def outcome_of(row: Instance, *, retry_helps: bool = True) -> Outcome:
 
 def retry(factory: sessionmaker[Session], target: str, now: datetime) -> list[str]:
     """failed -> pending for the instances of ``target`` (a key or a schedule id) whose start is
-    still ahead, attempts and last error cleared. Returns their keys."""
+    still ahead, attempts and last error cleared; never one the club took (``club_took``: a
+    finishing step failed after the booking was made). Returns their keys."""
     with transaction(factory) as session:
         keys = list(
             session.scalars(
@@ -729,6 +783,7 @@ def retry(factory: sessionmaker[Session], target: str, now: datetime) -> list[st
                     (Instance.key == target) | (Instance.schedule_id == target),
                     Instance.status == FAILED,
                     Instance.desired_time > now,
+                    Instance.club_took.is_not(True),
                 )
             )
         )
@@ -757,6 +812,24 @@ def retry(factory: sessionmaker[Session], target: str, now: datetime) -> list[st
     return keys
 
 
+def taken_by_club(factory: sessionmaker[Session], target: str, now: datetime) -> list[Instance]:
+    """The ``failed`` instances of ``target`` still ahead that ``retry`` leaves alone: the club
+    took their booking, a step after it did not complete."""
+    with factory() as session:
+        return list(
+            session.scalars(
+                select(Instance)
+                .where(
+                    (Instance.key == target) | (Instance.schedule_id == target),
+                    Instance.status == FAILED,
+                    Instance.desired_time > now,
+                    Instance.club_took.is_(True),
+                )
+                .order_by(Instance.desired_time)
+            )
+        )
+
+
 def wakeups(factory: sessionmaker[Session]) -> list[tuple[int, str]]:
     """The (id, instance key) rows ``retry`` left for the daemon, oldest first (usually none:
     one read of an empty table)."""
@@ -773,7 +846,7 @@ def clear_wakeups(factory: sessionmaker[Session], up_to: int) -> None:
 
 #: Columns added since the first release: a reader (``status``) never changes the schema, so on
 #: an older database they are left out of its queries and read as NULL.
-_ADDED_COLUMNS = ("interrupted", "owner", "club", "first_sent_at", "late_cause")
+_ADDED_COLUMNS = ("interrupted", "owner", "club", "first_sent_at", "late_cause", "club_took")
 
 
 def _reader_query(session: Session) -> Any:

@@ -160,6 +160,10 @@ class Instance(Base):
     #: Why a first request may leave after the trigger, noted when it became due late (a code of
     #: ``instances.LATE_CAUSES``; NULL: nothing known, on time).
     late_cause: Mapped[str | None] = mapped_column(String(16), default=None)
+    #: The club took the booking (its booking step answered booked) and finishing steps were
+    #: still to run (CONTRACT section 12): set before they run. Such an instance is never booked
+    #: again: not by ``retry``, not after a crash; if a finishing step fails it stays ``failed``.
+    club_took: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     __table_args__ = (Index("ix_schedules_status_trigger", "status", "trigger_time"),)
 

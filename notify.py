@@ -25,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid, parseaddr
 from typing import Any
+from urllib.parse import unquote
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ class Outcome:
     #: Where the court is (the club's name or host), for the calendar entry; None: the
     #: notifier's own ``location``.
     location: str | None = None
+    #: Failed after the club took the booking (a finishing step did not complete): it is never
+    #: booked again, so the advice is to check it with the club, not to retry.
+    club_took: bool = False
 
 
 @dataclass(frozen=True)
@@ -227,6 +231,31 @@ def split_notify_urls(value: str) -> list[str]:
     return urls
 
 
+def _apprise() -> Any:
+    """The apprise module, its own logging kept out of ours: it logs an invalid URL in full
+    ("Unparseable Telegram URL tgram://<bot token>/") and a failed delivery in its words, while
+    every channel event here is one line of ours with the URL masked (CONTRACT section 8).
+    Raises ImportError when it is not installed."""
+    import apprise  # noqa: PLC0415 -- optional and slow: loaded only when URLs are in use
+
+    logging.getLogger("apprise").propagate = False
+    return apprise
+
+
+def url_secrets(url: str) -> set[str]:
+    """The pieces of an Apprise URL that its masked form hides (a user, a password, a bot token,
+    a path or query value), as written and percent-decoded: what no log line may show."""
+    match = _SCHEME_RE.match(url)
+    rest = url[match.end() :] if match is not None else url
+    shown = mask_url(url)
+    found: set[str] = set()
+    for piece in re.split(r"[/:@?&=#,;]", rest):
+        for form in (piece, unquote(piece)):
+            if len(form) >= 4 and form not in shown:
+                found.add(form)
+    return found
+
+
 def mask_url(url: str) -> str:
     """Return `url` fit for a log line or an error message: its secrets masked.
 
@@ -235,7 +264,7 @@ def mask_url(url: str) -> str:
     `scheme://host` and masks the rest.
     """
     try:
-        import apprise  # noqa: PLC0415 -- optional and slow: loaded only when URLs are in use
+        apprise = _apprise()
     except ImportError:
         return _fallback_mask(url)
     plugin = apprise.Apprise.instantiate(url)
@@ -292,7 +321,7 @@ def validate_notify_urls(urls: Sequence[str]) -> list[str]:
     if not urls:
         return []
     try:
-        import apprise  # noqa: PLC0415 -- optional and slow: loaded only when URLs are in use
+        apprise = _apprise()
     except ImportError:
         return [f"{_fallback_mask(url)!r} cannot be used: apprise is not installed" for url in urls]
     errors: list[str] = []
@@ -405,6 +434,12 @@ def _sentence(text: str) -> str:
 def _advice(outcome: Outcome, now: datetime, count: int = 1) -> list[str]:
     if outcome.status == BOOKED:
         return ["A calendar entry is attached (booking.ics)."]
+    if outcome.status == FAILED and outcome.club_took:
+        return [
+            "What to do: the club took this booking, but a step after it did not complete.",
+            "Check the booking with the club (confirm or pay there if it asks). courtbot does",
+            "not book it again, and `retry` leaves it alone: it would book a second time.",
+        ]
     if outcome.status == FAILED and not outcome.retry_helps:
         return [
             "What to do: every court tried was taken, so a retry would be taken too. Book",
@@ -461,7 +496,7 @@ def _channel_line(outcome: Outcome) -> str:
     """One outcome in one line (a batch of missed bookings has a line each)."""
     line = (
         f"{outcome.schedule_id}: {_court_phrase(outcome.court)}, {_when(outcome)} "
-        f"({outcome.timezone})."
+        f"({outcome.timezone}). Instance {outcome.key}."
     )
     reason = _clean(outcome.reason)
     if outcome.status == BOOKED:
@@ -470,11 +505,13 @@ def _channel_line(outcome: Outcome) -> str:
 
 
 def _channel_body(outcome: Outcome, now: datetime) -> str:
-    """A channel's message for one outcome: the email's headline, its timing and reason, and
-    what to do, each on a line of its own as in the email."""
+    """A channel's message for one outcome: the email's headline, its timing, the instance and
+    its attempts, the reason, and what to do, each on a line of its own as in the email (CONTRACT
+    section 8: the channel messages say what the log line says)."""
     lines = [_headline(outcome)]
     if outcome.timing:
         lines.append(_sentence(outcome.timing))
+    lines.append(f"Instance {outcome.key}, attempts {outcome.attempts}.")
     reason = _clean(outcome.reason)
     if outcome.status == BOOKED:
         if outcome.booking_ref:
@@ -482,7 +519,9 @@ def _channel_body(outcome: Outcome, now: datetime) -> str:
         return "\n".join(lines)
     if reason:
         lines.append(f"Reason: {reason}")
-    if outcome.status == FAILED and not outcome.retry_helps:
+    if outcome.status == FAILED and outcome.club_took:
+        lines.append("The club took the booking: check it with the club (not booked again).")
+    elif outcome.status == FAILED and not outcome.retry_helps:
         lines.append("Every court tried was taken: book another, or list more courts.")
     elif outcome.status == FAILED and _aware(outcome.desired_start) > _aware(now):
         lines.append(f"Retry: python main.py retry {outcome.key}")
@@ -667,6 +706,8 @@ class Notifier:
         self._closed = False
         self._deadline: float | None = None
         self._channels: list[_Channel] = []
+        #: What the channels' URLs hide when masked: scrubbed from Apprise's words in our lines.
+        self._url_secrets: set[str] = set()
 
     @property
     def _has_targets(self) -> bool:
@@ -808,14 +849,14 @@ class Notifier:
         if not self._settings.urls:
             return
         try:
-            import apprise  # noqa: PLC0415 -- optional and slow: loaded only when URLs are set
+            apprise = _apprise()
         except ImportError:
             logger.warning("NOTIFY_URLS is set but apprise is not installed: channels are off")
             return
-        # One log line per delivery is ours (masked); Apprise's own INFO lines would repeat it,
-        # some with the URL in full.
+        # One log line per delivery is ours (masked); Apprise's words come in it, scrubbed.
         logging.getLogger("apprise").setLevel(logging.WARNING)
         for url in self._settings.urls:
+            self._url_secrets |= url_secrets(url)
             plugin = apprise.Apprise.instantiate(url)
             if plugin is None:
                 logger.warning(
@@ -828,6 +869,11 @@ class Notifier:
             sender = apprise.Apprise()
             sender.add(plugin)
             self._channels.append(_Channel(str(plugin.service_name), _private_url(plugin), sender))
+
+    def _scrub_url_secrets(self, text: str) -> str:
+        for secret in sorted(self._url_secrets, key=len, reverse=True):
+            text = text.replace(secret, "****")
+        return text
 
     @property
     def _timeout(self) -> float:
@@ -857,7 +903,11 @@ class Notifier:
                     "channel %s %s: sent for %s", channel.name, channel.masked, report.label
                 )
                 continue
-            detail = [entry.message for entry in result.logs() if entry.level != "DEBUG"]
+            detail = [
+                self._scrub_url_secrets(entry.message)
+                for entry in result.logs()
+                if entry.level != "DEBUG"
+            ]
             logger.warning(
                 "channel %s %s: not sent for %s (%s)%s",
                 channel.name,

@@ -192,7 +192,7 @@ def outcome_lines(
         lines.append(f"  {row['schedule']:<{width}}  {_when(row, now)}, {_court(row)}: {detail}")
         if row["status"] == "failed" and row["last_error"]:
             # Why, on a line of its own under the date (the rows below have it whole).
-            reason = row["last_error"]
+            reason = _one_line(row["last_error"])
             if len(reason) > REASON_SHOWN:
                 reason = reason[: REASON_SHOWN - 3] + "..."
             lines.append(f"  {'':<{width}}  {reason}")
@@ -202,6 +202,13 @@ def outcome_lines(
 
 
 _FINAL = ("booked", "failed", "expired")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its control characters escaped (``\\n``, ``\\x1b``): a reason may quote
+    a club, and what a club writes must neither break a row nor reach the terminal as a code."""
+    return utils.CONTROL_RE.sub(lambda match: repr(match.group())[1:-1], text)
+
 
 _COLUMNS = (
     ("SCHEDULE", "schedule"),
@@ -226,7 +233,8 @@ def table_lines(rows: Sequence[Mapping[str, Any]], palette: Palette = Palette())
         shown["desired"] = utils.format_local(_local(row, "desired_time"), zone)
         shown["trigger_local"] = utils.format_local(_local(row, "trigger_time"), zone)
         shown["court"] = _courts(row)
-        cells.append([str(shown[name]) if shown[name] is not None else "-" for _, name in _COLUMNS])
+        values = [shown[name] for _, name in _COLUMNS]
+        cells.append([_one_line(str(value)) if value is not None else "-" for value in values])
     widths = [max(len(head), *(len(r[i]) for r in cells)) for i, (head, _) in enumerate(_COLUMNS)]
     widths[-1] = 0  # the last column is not padded
     status_at = [name for _, name in _COLUMNS].index("status")

@@ -92,7 +92,7 @@ _REF_RE = re.compile(
 _STEP_NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
 _VALUE_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _HEADER_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_HOST_ENTRY_RE = re.compile(r"(?P<host>[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?")
+_HOST_ENTRY_RE = re.compile(r"(?P<host>[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>\d{1,5}))?")
 _FORMAT_PROBE = datetime(2001, 2, 3, 4, 5, 6, tzinfo=UTC)
 
 
@@ -107,6 +107,34 @@ class MissingValue(LookupError):
     def __init__(self, ref: str) -> None:
         super().__init__(ref)
         self.ref = ref
+
+
+class UnsendableHeader(ValueError):
+    """A header whose rendered value no HTTP request can carry: a value put in it holds a line
+    break or another control character, starts with a space, or goes beyond Latin-1. The
+    message names the header and the placeholders in it, never a value."""
+
+    def __init__(self, header: str, refs: Iterable[Ref]) -> None:
+        names = ", ".join(dict.fromkeys(str(ref) for ref in refs)) or "its text"
+        super().__init__(
+            f"header {header!r} cannot carry the value of {names}: it holds a line break or "
+            "another control character, starts with a space or goes beyond Latin-1"
+        )
+        self.header = header
+
+
+def header_value_problem(value: str) -> str | None:
+    """Why ``value`` cannot be sent as a header value (None when it can): what requests and
+    http.client refuse, or what would let a value start a header line of its own."""
+    if re.search(r"[\x00-\x08\x0a-\x1f\x7f]", value):
+        return "holds a line break or another control character"
+    if value[:1].isspace():
+        return "starts with a space"
+    try:
+        value.encode("latin-1")
+    except UnicodeEncodeError:
+        return "holds a character beyond Latin-1 (write it percent-encoded, or in the body)"
+    return None
 
 
 class ExtractError(ValueError):
@@ -689,9 +717,13 @@ class Step:
     def render(self, values: Mapping[str, Any], idempotency: str | None = None) -> RenderedRequest:
         """The request with ``values`` (from ``placeholder_values`` plus extracted values, keyed
         ``<step>.<value>``); the booking step also carries ``idempotency`` in its idempotency
-        header. Raises ``MissingValue`` for a placeholder with no value."""
+        header. Raises ``MissingValue`` for a placeholder with no value, ``UnsendableHeader``
+        for a header that a value made unsendable (a line break in an extracted value)."""
         url = render_text(self.url, values, encode=True)
         headers = {name: render_text(value, values) for name, value in self.headers}
+        for name, value in self.headers:
+            if header_value_problem(headers[name]) is not None:
+                raise UnsendableHeader(name, value.refs)
         body: bytes | None = None
         if self.body_kind == "json":
             body = json.dumps(render_value(self.body, values)).encode()
@@ -1025,7 +1057,13 @@ def _url(data: dict[str, Any], where: str, api_url: str | None, scope: Scope) ->
             f"{where}url: a placeholder may not stand in the scheme or host ({url!r}): the "
             "token must only ever go to fixed hosts"
         )
-    if "@" in parts.netloc or not re.fullmatch(r"[A-Za-z0-9.:-]+", parts.hostname or "-"):
+    if "@" in parts.netloc:
+        shown = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+        raise TemplateError(
+            f"{where}url: {shown!r} holds a user or password (user:password@host): credentials "
+            "go in tokens.json, and a step sends them as {token} or {secret.<field>}"
+        )
+    if not re.fullmatch(r"[A-Za-z0-9._:-]+", parts.hostname or "-"):
         raise TemplateError(f"{where}url: {url!r} does not name a plain host")
     try:
         parts.port  # noqa: B018 (validates the port)
@@ -1048,6 +1086,15 @@ def _request_parts(data: dict[str, Any], where: str, scope: Scope) -> dict[str, 
         raise TemplateError(
             f'{where}headers: expected an object of strings, e.g. {{"Accept": "application/json"}}'
         )
+    for header, value in headers.items():
+        if not _HEADER_RE.fullmatch(header):
+            raise TemplateError(
+                f"{where}headers: {header!r} is not a header name (letters, digits and "
+                "!#$%&'*+-.^_`|~; no spaces, no placeholders)"
+            )
+        problem = header_value_problem(value)
+        if problem is not None:
+            raise TemplateError(f"{where}headers.{header}: {value!r} {problem}")
     compiled_headers = tuple(
         (header, compile_text(value, f"{where}headers.{header}", scope))
         for header, value in headers.items()
@@ -1179,9 +1226,27 @@ def _about(value: Any, where: str) -> str | None:
     return value
 
 
+def _no_repeats(value: Any, where: str, path: str = "", *, skip: str | None = None) -> None:
+    """Refuse a key given more than once in an object of the file (the JSON reader keeps the
+    last silently, and a key written twice is an edit gone wrong), naming it with its path."""
+    if isinstance(value, dict):
+        for key, count in getattr(value, "repeated", {}).items():
+            times = "twice" if count == 2 else f"{count} times"
+            raise TemplateError(
+                f"{where}{path}{key}: given {times}; JSON would keep only the last, write it once"
+            )
+        for key, item in value.items():
+            if key != skip:
+                _no_repeats(item, where, f"{path}{key}.")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _no_repeats(item, where, f"{path.removesuffix('.')}[{index}].")
+
+
 def _single(data: dict[str, Any], api_url: str | None, name: str) -> Flow:
     """A single-request template (section 11): a flow of its one booking step."""
     where = f"{name}: "
+    _no_repeats(data, where)
     for key in data:
         if key not in TEMPLATE_KEYS:
             raise TemplateError(
@@ -1229,6 +1294,7 @@ def _step(
     where = f"{ctx.name}: {label}: "
     if not isinstance(data, dict):
         raise TemplateError(f"{where}expected an object with name, method, url, ...")
+    _no_repeats(data, where)
     booking = _bool(data, "booking", where)
     at_trigger = _bool(data, "at_trigger", where)
     allowed = STEP_KEYS + (BOOKING_KEYS if booking else AT_TRIGGER_MATCHERS if at_trigger else ())
@@ -1365,6 +1431,7 @@ def _prepare_seconds(value: Any, name: str) -> float:
 
 def _multi(data: dict[str, Any], api_url: str | None, name: str) -> Flow:
     """A flow of several steps (section 12)."""
+    _no_repeats(data, f"{name}: ", skip="steps")
     for key in data:
         if key not in FLOW_KEYS:
             raise TemplateError(

@@ -49,7 +49,11 @@ def write_schedules(env: dict[str, str], entries: object) -> None:
         ("ftp://club.example/book", "is not an http(s) URL"),
         ("club.example/book", "is not an http(s) URL"),
         # Before: started, then every booking failed at its trigger on this URL.
-        ("https://me:pw@club.example/book", "does not name a plain host"),
+        (
+            "https://me:pw@club.example/book",
+            "holds a user or password (user:password@host): credentials go in tokens.json, and "
+            "a step sends them as {token} or {secret.<field>}",
+        ),
     ],
 )
 def test_run_refuses_a_booking_api_url_that_is_no_http_url_with_exit_2(
@@ -58,8 +62,10 @@ def test_run_refuses_a_booking_api_url_that_is_no_http_url_with_exit_2(
     write_schedules(user_env, [])
     done = cli({**user_env, "BOOKING_API_URL": url}, "run")
     assert done.returncode == 2, done.stderr
+    shown = url.replace("me:pw@", "***@")
+    assert "pw@" not in done.stderr
     assert done.stderr == (
-        f"courtbot: cannot start: BOOKING_API_URL: {url!r} {reason}; set it to the club's "
+        f"courtbot: cannot start: BOOKING_API_URL: {shown!r} {reason}; set it to the club's "
         "booking endpoint (e.g. https://club.example/api/bookings)\n"
     )
 

@@ -1206,17 +1206,19 @@ def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
     engine = models.make_engine(url)  # as the daemon opens it at start
 
     try:
-        assert columns(tmp_path / "db.sqlite")[-5:] == [
+        assert columns(tmp_path / "db.sqlite")[-6:] == [
             "interrupted",
             "owner",
             "club",
             "first_sent_at",
             "late_cause",
+            "club_took",
         ]
         factory = models.session_factory(engine)
         (row,) = rows(factory).values()
         assert (row.key, row.status, row.interrupted) == ("old@2030-01-01T10:00:00Z", FAILED, False)
         assert row.club is None
+        assert row.club_took is False
         assert row.last_error == "court 3: taken (HTTP 409)"
         assert models.add_missing_columns(engine) == []  # once only
         assert instances.retry(factory, "old", NOW) == ["old@2030-01-01T10:00:00Z"]

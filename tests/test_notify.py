@@ -1131,6 +1131,7 @@ def test_channels_get_title_and_body(
     assert posted["message"] == (
         "Booked for wed-evening: court 3 on Wed 2026-12-02 17:00 (Europe/London).\n"
         "Sent 0.8 ms after the window opened.\n"
+        f"Instance {KEY}, attempts 1.\n"
         "Ref bk-7."
     )
     assert posted["type"] == "success"
@@ -1172,6 +1173,7 @@ def test_channel_message_for_a_failure_names_the_reason(
     assert posted["message"].split("\n") == [
         "Booking failed for wed-evening: court 3 on Wed 2026-12-02 17:00 (Europe/London).",
         "Sent 1.2 ms after the window opened.",
+        f"Instance {KEY}, attempts 3.",
         "Reason: court 3 taken (409)",
         f"Retry: python main.py retry {KEY}",
     ]
@@ -1191,7 +1193,11 @@ def test_missed_bookings_are_one_channel_message(
     assert len(requests) == 1
     posted = json.loads(requests[0]["body"])
     assert posted["title"] == "Booking missed: 2 bookings (wed-evening, sat-morning)"
-    assert posted["message"].count("\n") == 1
+    assert posted["message"].split("\n") == [
+        f"wed-evening: court 3, Wed 2026-12-02 17:00 (Europe/London). Instance {KEY}. Reason: down",
+        "sat-morning: court 3, Wed 2026-12-02 17:00 (Europe/London). Instance sat-morning@x. "
+        "Reason: down",
+    ]
 
 
 def test_dead_channel_is_logged_masked_and_others_still_get_it(

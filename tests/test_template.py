@@ -271,7 +271,10 @@ def test_an_extracted_value_keeps_its_json_type_in_a_whole_string_and_is_text_el
             {"url": "ftp://club.example/"},
             "t.json: url: 'ftp://club.example/' is not an http(s) URL",
         ),
-        ({"url": "https://user:pw@club.example/"}, "t.json: url: 'https://user:pw@club.example/'"),
+        (
+            {"url": "https://user:pw@club.example/"},
+            "t.json: url: 'https://***@club.example/' holds a user",
+        ),
         ({"headers": {"X-A": 5}}, "t.json: headers: expected an object of strings"),
         (
             {"headers": {"Authorization": "Bearer {tokn}"}},
