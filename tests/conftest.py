@@ -45,6 +45,62 @@ def write_json(path: Path, value: Any) -> Path:
     return path
 
 
+#: The modules whose tests hold real processes to account on the real clock: a daemon
+#: subprocess against a trigger, a takeover within seconds, a deadline met to the millisecond.
+#: `make test` runs the suite on two workers (pytest-xdist, ``-n 2``): these run one after
+#: another on one of them, beside at most one other test, so that no two of them race for the
+#: machine's two cores (``pytest_xdist_make_scheduler`` below).
+SERIAL_MODULES = frozenset(
+    {
+        "test_attacks.py",
+        "test_e2e.py",
+        "test_e2e_flows.py",
+        "test_e2e_templates.py",
+        "test_e2e_watchdog.py",
+        "test_failover.py",
+        "test_leader.py",
+        "test_ready_flows.py",
+        "test_reliability.py",
+    }
+)
+#: Modules of end-to-end tests (marked ``slow``) that assert no timing: they may run beside the
+#: serial ones.
+UNTIMED_SLOW_MODULES = frozenset({"test_container.py", "test_demo.py"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test marked ``slow`` (a real daemon, real signals) in a module of neither list would
+    run beside the serial ones: say so at collection, before it can flake."""
+    stray = sorted(
+        {
+            item.path.name
+            for item in items
+            if item.get_closest_marker("slow")
+            and item.path.name not in SERIAL_MODULES | UNTIMED_SLOW_MODULES
+        }
+    )
+    if stray:
+        raise pytest.UsageError(
+            f"tests marked slow in {', '.join(stray)}: add the module to SERIAL_MODULES (or, "
+            "if its tests assert no timing, to UNTIMED_SLOW_MODULES) in tests/conftest.py"
+        )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist's scheduler by scope, each test its own scope but those of SERIAL_MODULES,
+    which make one (the largest, so it starts first). Not ``--dist loadgroup``: with pytest 9.2
+    its group marks are silently lost (pytest-xdist issue 1386)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SerialModulesScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+            return "serial modules" if module in SERIAL_MODULES else nodeid
+
+    return SerialModulesScheduling(config, log)
+
+
 @pytest.fixture
 def fernet_key() -> str:
     return Fernet.generate_key().decode()
