@@ -26,7 +26,7 @@ lint: $(STAMP)
 
 # pytest exits 5 when it collected no test: that fails here like any other error. Two workers
 # (pytest-xdist): the end-to-end tests run one at a time on one of them, the rest beside them
-# (tests/conftest.py, SERIAL_MODULES).
+# (tests/conftest.py, SERIAL).
 # PYTEST_ARGS: more options, e.g. `make test PYTEST_ARGS=--durations=40`.
 test: lint postgres-server faketime
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
