@@ -24,9 +24,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/hadolint --failure-threshold warning Dockerfile
 
-# pytest exits 5 when it collected no test: that fails here like any other error.
+# pytest exits 5 when it collected no test: that fails here like any other error. Two workers
+# (pytest-xdist): the end-to-end tests run one at a time on one of them, the rest beside them
+# (tests/conftest.py, SERIAL).
+# PYTEST_ARGS: more options, e.g. `make test PYTEST_ARGS=--durations=40`.
 test: lint postgres-server faketime
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 
 postgres-server:
 	@if ls $(PG_SERVER_GLOB) >/dev/null 2>&1; then :; \

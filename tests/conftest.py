@@ -45,6 +45,63 @@ def write_json(path: Path, value: Any) -> Path:
     return path
 
 
+#: The tests that hold real processes to account on the real clock: a daemon subprocess
+#: against a trigger, a takeover within seconds, a deadline met to the millisecond; a module
+#: name, or ``module::test`` for the tests whose name starts so. `make test` runs the suite on
+#: two workers (pytest-xdist, ``-n 2``): these run one after another on one of them, beside at
+#: most one other test, so that no two of them race for the machine's two cores
+#: (``pytest_xdist_make_scheduler`` below).
+SERIAL = (
+    "test_attacks.py",
+    "test_e2e.py",
+    "test_e2e_flows.py",
+    "test_e2e_templates.py",
+    "test_e2e_watchdog.py",
+    "test_failover.py",
+    "test_leader.py",
+    "test_reliability.py",
+    "test_ready_flows.py::test_the_daemon_runs_",
+)
+#: End-to-end tests (marked ``slow``) that assert no timing: they may run beside the serial ones.
+UNTIMED_SLOW = ("test_container.py", "test_demo.py", "test_ready_flows.py::test_dry_run_")
+
+
+def listed(nodeid: str, entries: tuple[str, ...]) -> bool:
+    """Whether the test ``nodeid`` is one of ``entries`` (see SERIAL)."""
+    path, _, name = nodeid.partition("::")
+    test = f"{path.rsplit('/', 1)[-1]}::{name}"
+    return any(test.startswith(entry if "::" in entry else f"{entry}::") for entry in entries)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test marked ``slow`` (a real daemon, real signals) in neither list would run beside the
+    serial ones: say so at collection, before it can flake."""
+    stray = sorted(
+        item.nodeid
+        for item in items
+        if item.get_closest_marker("slow") and not listed(item.nodeid, SERIAL + UNTIMED_SLOW)
+    )
+    if stray:
+        raise pytest.UsageError(
+            f"tests marked slow in no list: {', '.join(stray)}: add them to SERIAL (or, if they "
+            "assert no timing, to UNTIMED_SLOW) in tests/conftest.py"
+        )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist's scheduler by scope, each test its own scope but the SERIAL ones, which
+    make one (the largest, so it starts first). Not ``--dist loadgroup``: with pytest 9.2 its
+    group marks are silently lost (pytest-xdist issue 1386)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SerialScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "serial" if listed(nodeid, SERIAL) else nodeid
+
+    return SerialScheduling(config, log)
+
+
 @pytest.fixture
 def fernet_key() -> str:
     return Fernet.generate_key().decode()

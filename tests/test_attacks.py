@@ -129,11 +129,12 @@ def test_a_club_holding_the_answer_open_is_a_timeout_retried_then_failed(
     misbehave: Callable[[socket.socket, bytes, threading.Event], None],
 ) -> None:
     with evil_server(misbehave) as (port, arrivals):
-        env = make_env(tmp_path, f"http://127.0.0.1:{port}/bookings", timeout=1)
+        # The shape, not the length: 0.5 s is enough for headers dribbled every 0.2 s.
+        env = make_env(tmp_path, f"http://127.0.0.1:{port}/bookings", timeout=0.5)
         key = open_window_one_off(env, "held")
         daemon = spawn(env)
         daemon.wait_ready()
-        # Three requests of 1 s each and waits of 0.2 s and 0.4 s: under 4 s when bounded.
+        # Three requests of 0.5 s each and waits of 0.2 s and 0.4 s: 2.1 s when bounded.
         done = final(env, key, 10)
         record(misbehave.__name__, final_within_10s=done, requests=len(arrivals))
         assert done, f"still {rows(env)[key][0]!r}:\n{daemon.output()}"
@@ -141,7 +142,9 @@ def test_a_club_holding_the_answer_open_is_a_timeout_retried_then_failed(
     row = row_of(env, key)
     assert row["status"] == "failed"
     assert row["attempts"] == 3
-    assert row["last_error"] == "court 3: no booking after 3 attempts (last: no answer within 1 s)"
+    assert row["last_error"] == (
+        "court 3: no booking after 3 attempts (last: no answer within 0.5 s)"
+    )
     assert len(arrivals) == 3
 
 

@@ -49,10 +49,12 @@ TOKEN_FILES = sorted(p.name for p in (CORPUS / "tokens").glob("*.json"))
 COLUMNS = [c.key for c in Instance.__table__.columns]
 
 # An error line names the file; an entry's line names the entry (its id when it has one and
-# always its position) and then the key; a token's line names the token.
+# always its position) and then the key; a token's line names the token. A key is shown bare
+# when it is a Python identifier (``str.isidentifier``, as config_loader decides: ``A·`` is one,
+# though ``\w`` does not match ``·``), else quoted.
 SCHEDULES_LINE = re.compile(
     r"schedules\.json(: | entry (#\d+|'[A-Za-z0-9_.-]{1,64}' \(#\d+\)): "
-    r"(\w+: |'.*': |\".*\": |expected an object, got ))",
+    r"((?P<bare>[^\s:'\"]+): |'.*': |\".*\": |expected an object, got ))",
 )
 TOKENS_LINE = re.compile(r"tokens\.json(: | token ('.*'|\".*\"): )")
 
@@ -60,7 +62,10 @@ TOKENS_LINE = re.compile(r"tokens\.json(: | token ('.*'|\".*\"): )")
 def check_line(line: str) -> None:
     assert "\n" not in line.replace("\\n", ""), line
     pattern = TOKENS_LINE if line.startswith("tokens.json") else SCHEDULES_LINE
-    assert pattern.match(line), f"names no file, entry and key: {line!r}"
+    match = pattern.match(line)
+    assert match, f"names no file, entry and key: {line!r}"
+    bare = match.groupdict().get("bare")
+    assert bare is None or bare.isidentifier(), f"a key neither an identifier nor quoted: {line!r}"
 
 
 def check_messages(config: Config, expected: dict[str, list[str]]) -> None:

@@ -15,7 +15,16 @@ import psycopg
 import pytest
 from cryptography.fernet import Fernet
 
-from daemon_harness import DaemonProcess, cli, desired_for_trigger_in, iso_z, status, wait_until
+from daemon_harness import (
+    READY_SECONDS,
+    DaemonProcess,
+    cli,
+    desired_for_trigger_in,
+    iso_z,
+    status,
+    wait_until,
+)
+from scheduler import LEAD
 from tools.sandbox_club import SandboxClub
 
 pytestmark = pytest.mark.slow
@@ -101,11 +110,12 @@ def one_off(entry_id: str, desired: datetime, court: object = 3) -> dict[str, ob
 def test_books_at_the_trigger_exactly_once(
     e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
 ) -> None:
-    desired = desired_for_trigger_in(4)
+    # Ready, then read pending before its job claims it (LEAD before the trigger).
+    desired = desired_for_trigger_in(READY_SECONDS + LEAD.total_seconds())
     trigger = desired - timedelta(hours=168)
     schedules(e2e_env, [one_off("wed", desired)])
     daemon = spawn(e2e_env)
-    daemon.wait_ready()
+    daemon.wait_ready(before=(trigger - LEAD).timestamp())
     key = f"wed@{iso_z(desired)}"
     assert status_of(e2e_env, key) == "pending"
     assert wait_until(lambda: status_of(e2e_env, key) == "booked", 15), daemon.output()
@@ -141,11 +151,11 @@ def sent_figure(log: str, key: str) -> tuple[float, str]:
 def test_the_outcome_says_when_the_request_left_as_the_club_saw_it_arrive(
     e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
 ) -> None:
-    desired = desired_for_trigger_in(3)
+    desired = desired_for_trigger_in(READY_SECONDS)
     trigger = desired - timedelta(hours=168)
     schedules(e2e_env, [one_off("timed", desired)])
     daemon = spawn(e2e_env)
-    daemon.wait_ready()
+    daemon.wait_ready(before=trigger.timestamp())
     key = f"timed@{iso_z(desired)}"
     assert wait_until(lambda: status_of(e2e_env, key) == "booked", 15), daemon.output()
     assert daemon.stop() == 0
@@ -224,7 +234,7 @@ def test_changed_file_is_reloaded_without_a_signal(
     schedules(env, [])
     daemon = spawn(env)
     daemon.wait_ready()
-    desired = desired_for_trigger_in(3)
+    desired = desired_for_trigger_in(2)
     schedules(env, [one_off("late-add", desired)])
     key = f"late-add@{iso_z(desired)}"
     assert wait_until(lambda: status_of(env, key) is not None, 5), daemon.output()
@@ -289,13 +299,14 @@ def test_invalid_schedules_at_start_do_not_stop_the_daemon(
 def test_kill9_before_the_trigger_then_restart_books_once(
     e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
 ) -> None:
-    desired = desired_for_trigger_in(6)
+    # Two starts before the trigger.
+    desired = desired_for_trigger_in(2 * READY_SECONDS)
     schedules(e2e_env, [one_off("crash", desired)])
     first = spawn(e2e_env)
     first.wait_ready()
     first.kill9()
     restarted = spawn(e2e_env)
-    restarted.wait_ready()
+    restarted.wait_ready(before=(desired - timedelta(hours=168)).timestamp())
     key = f"crash@{iso_z(desired)}"
     assert wait_until(lambda: status_of(e2e_env, key) == "booked", 15), restarted.output()
     assert club.bookings_per_key() == {key: 1}
@@ -306,12 +317,12 @@ def test_kill9_before_the_trigger_then_restart_books_once(
 def test_down_across_the_trigger_books_at_restart(
     e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
 ) -> None:
-    desired = desired_for_trigger_in(3)
+    desired = desired_for_trigger_in(READY_SECONDS)
+    trigger = desired - timedelta(hours=168)
     schedules(e2e_env, [one_off("downtime", desired)])
     first = spawn(e2e_env)
-    first.wait_ready()
+    first.wait_ready(before=trigger.timestamp() - 0.5)  # and stopped before the trigger
     assert first.stop() == 0
-    trigger = desired - timedelta(hours=168)
     # Down for longer than a send may trail its trigger and still count as on time (1 s).
     assert wait_until(lambda: datetime.now(UTC) > trigger + timedelta(seconds=1.5), 10)
     restarted = spawn(e2e_env)
@@ -330,12 +341,13 @@ def test_down_across_the_trigger_books_at_restart(
 def test_down_past_the_start_is_expired(
     e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
 ) -> None:
-    # A window of 0.0015 h (5.4 s): the trigger is a few seconds ahead, the start just after.
-    env = dict(e2e_env, BOOKING_WINDOW="0.0015h")
-    desired = (datetime.now(UTC) + timedelta(seconds=8)).replace(microsecond=0)
+    # A window of 0.0005 h (1.8 s): the trigger a few seconds ahead, the start just after.
+    env = dict(e2e_env, BOOKING_WINDOW="0.0005h")
+    desired = desired_for_trigger_in(READY_SECONDS, window_hours=0.0005)
     schedules(env, [one_off("gone", desired)])
     first = spawn(env)
-    first.wait_ready()
+    # ready and stopped before the trigger
+    first.wait_ready(before=(desired - timedelta(hours=0.0005)).timestamp() - 0.5)
     key = f"gone@{iso_z(desired)}"
     assert first.stop() == 0
     assert status_of(env, key) == "pending"

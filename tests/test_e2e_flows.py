@@ -22,7 +22,15 @@ from zoneinfo import ZoneInfo
 import pytest
 from cryptography.fernet import Fernet
 
-from daemon_harness import DaemonProcess, by_key, cli, desired_for_trigger_in, iso_z, wait_until
+from daemon_harness import (
+    READY_SECONDS,
+    DaemonProcess,
+    by_key,
+    cli,
+    desired_for_trigger_in,
+    iso_z,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -244,7 +252,8 @@ def entry(name: str, start: datetime, courts: Any, token: str = "default") -> di
 def test_a_flow_logs_in_ahead_looks_the_slot_up_at_the_trigger_books_and_confirms(
     env: dict[str, str], club: FlowClub, daemon: list[DaemonProcess], tmp_path: Path
 ) -> None:
-    start = desired_for_trigger_in(9)
+    # `check` (about as long as a start), the start, then the logins prepare_seconds (3 s) ahead.
+    start = desired_for_trigger_in(2 * READY_SECONDS + 3)
     trigger = (start - WINDOW).timestamp()
     club.opens, club.start = trigger, start.astimezone(ZONE).strftime("%H:%M")
     club.taken.add(("5", club.start))
@@ -267,7 +276,7 @@ def test_a_flow_logs_in_ahead_looks_the_slot_up_at_the_trigger_books_and_confirm
 
     process = DaemonProcess(env, data, tmp_path / "out.txt").start()
     daemon.append(process)
-    process.wait_ready()
+    process.wait_ready(before=trigger - 2.5)  # the logins' lower bound below, with room
     keys = {e["id"]: f"{e['id']}@{iso_z(start)}" for e in entries}
 
     def settled() -> bool:

@@ -27,7 +27,14 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
-from daemon_harness import DaemonProcess, cli, desired_for_trigger_in, iso_z, wait_until
+from daemon_harness import (
+    READY_SECONDS,
+    DaemonProcess,
+    cli,
+    desired_for_trigger_in,
+    iso_z,
+    wait_until,
+)
 from mounts import fill, read_only, small_disk
 from reliability_helpers import db_rows
 from tools.sandbox_club import SandboxClub
@@ -220,13 +227,13 @@ def test_a_disk_that_fills_before_a_burst_is_noticed_at_once_and_every_booking_m
     ``remove_job`` kills its thread. Noticed within a second (an error, `health` 1), recovered
     within a second of the space coming back: all 10 booked once each, none early."""
     with SandboxClub(tokens=(TOKEN,)) as club, small_disk(tmp_path / "disk") as data:
-        desired = desired_for_trigger_in(6.0)
+        desired = desired_for_trigger_in(READY_SECONDS + 3.5)
         trigger = (desired - WINDOW).timestamp()
         keys = [f"burst-{n}@{iso_z(desired)}" for n in range(10)]
         config_files(data, [one_off(f"burst-{n}", desired, f"c{n}") for n in range(10)])
         env = base_env(data, club.url)
         daemon = spawn(env)
-        daemon.wait_ready()
+        daemon.wait_ready(before=trigger - 3.5)
         assert wait_until(lambda: time.time() >= trigger - 3.5, 10)
         filler = fill(data)
         with HealthPoller(env) as health:
@@ -290,9 +297,9 @@ def test_the_wall_clock_steps_forward_an_hour_then_back_five_seconds(
 ) -> None:
     """libfaketime moves the daemon's wall clock (its monotonic clock stays true, as an NTP step
     leaves it). The daemon starts an hour behind: APScheduler sleeps an hour toward the first
-    trigger. At T+11 s the clock steps forward: `ahead` (trigger T+8 s) is booked at once. At
-    T+13 s it steps back 5 s: `after` (trigger T+17 s) leaves at T+22 s, its trigger by the
-    clock at send time, and no earlier."""
+    trigger. Once it runs (T+R, R = READY_SECONDS) the clock steps forward: `ahead` (trigger
+    T+R-1 s) is booked at once. At T+R+2 s it steps back 5 s: `after` (trigger T+R+6 s) leaves
+    at T+R+11 s, its trigger by the clock at send time, and no earlier."""
     if not FAKETIME_LIBS:
         pytest.skip("libfaketime is not installed (`make faketime`, or apt-get install faketime)")
     offset = tmp_path / "faketime"
@@ -301,8 +308,9 @@ def test_the_wall_clock_steps_forward_an_hour_then_back_five_seconds(
         data = tmp_path / "data"
         data.mkdir()
         t0 = time.time()
-        ahead = (datetime.fromtimestamp(t0 + 8, UTC) + WINDOW).replace(microsecond=0)
-        after = (datetime.fromtimestamp(t0 + 17, UTC) + WINDOW).replace(microsecond=0)
+        step = t0 + READY_SECONDS  # the step forward
+        ahead = (datetime.fromtimestamp(step - 1, UTC) + WINDOW).replace(microsecond=0)
+        after = (datetime.fromtimestamp(step + 6, UTC) + WINDOW).replace(microsecond=0)
         config_files(data, [one_off("ahead", ahead, 1), one_off("after", after, 2)])
         env = base_env(data, club.url) | {
             "LOG_FILE": "-",
@@ -315,11 +323,11 @@ def test_the_wall_clock_steps_forward_an_hour_then_back_five_seconds(
             "FAKETIME_FORCE_MONOTONIC_FIX": "0",
         }
         daemon = spawn(env)
-        daemon.wait_ready()
-        assert wait_until(lambda: time.time() >= t0 + 11, 15)
+        daemon.wait_ready(before=step)
+        assert wait_until(lambda: time.time() >= step, 15)
         offset.write_text("+0\n")
         forward = time.time()
-        assert wait_until(lambda: time.time() >= t0 + 13, 5)
+        assert wait_until(lambda: time.time() >= step + 2, 5)
         offset.write_text("-5\n")
         backward = time.time()
         assert club.wait_for(lambda: len(club.received) >= 2, 20), daemon.output()

@@ -6,11 +6,13 @@ Each test parses the real flow file (its hosts pointed at the mock by ``flow_for
 ``template.parse_flow`` and books one instance with ``bot.book_slot``: a real SQLite database,
 the real club client, the real clock (the window opens about a second after the test starts).
 The token is an object of fields in the database, as the daemon stores what ``tokens.json``
-holds; ``test_the_daemon_books_with_a_ready_flow`` runs the daemon itself on each ready flow.
+holds; ``test_the_daemon_runs_a_ready_flow_from_tokens_json_and_its_club_file`` runs the
+daemon itself: one daemon, every ready flow at one trigger, each against its own mock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -308,37 +310,65 @@ def test_a_ready_flow_meets_a_refused_login(booking: Booking) -> None:
     assert not any(booking_url.endswith(path) for path in sent)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("system", sorted(CASES))
-def test_the_daemon_runs_a_ready_flow_from_tokens_json_and_its_club_file(
-    system: str, tmp_path: Path
-) -> None:
-    """The real daemon, the real flow file in DATA_DIR/clubs/, tokens.json objects: one entry
-    books (through early answers where the system has them: the club opens 300 ms late), one
-    whose password the club refuses fails at its login, before the window opens."""
-    data = tmp_path / "data"
-    with MOCKS[system](zone="Europe/Paris") as club:
-        case = CASES[system]
-        start = slot_start()
-        case.setup(club, start)
-        write_flow_for_mock(system, club.url, data / "clubs", prepare_seconds=2)
-        stale = club.tokens_entry() | {"password": "an-old-password"}
-        tokens = {"default": club.tokens_entry(), "stale": stale}
-        (data / "tokens.json").write_text(json.dumps(tokens))
-        trigger = datetime.now(UTC) + timedelta(seconds=6)
-        if case.never_open is not None:
-            club.opens_at = trigger.timestamp() + 0.3
-        window_hours = (start.astimezone(UTC) - trigger).total_seconds() / 3600
-        entry = {
-            "type": "one-off",
-            "desired_time": iso_z(start),
-            "timezone": "Europe/Paris",
-            "court_id": case.courts(club)[0],
-            "duration_minutes": case.minutes,
-            "club": system,
-            "window": f"{window_hours:.9f}h",
+@dataclass
+class DaemonRun:
+    """What one daemon did with every ready flow at once: per system, its mock (stopped, its
+    records kept) and the two rows; for all, the shared trigger, output and database."""
+
+    trigger: datetime
+    clubs: dict[str, ClubMock]
+    stale: dict[str, dict[str, str]]
+    rows: dict[str, tuple[dict[str, Any], dict[str, Any]]]
+    exit_code: int
+    output: str
+    database: bytes
+
+
+#: How far ahead the shared trigger is: the daemon is ready in about half a second, a loaded
+#: machine several times that, and the logins (prepare_seconds=2) leave 2 s before it.
+DAEMON_LEAD_SECONDS = 4.0
+
+
+@pytest.fixture(scope="module")
+def daemon_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonRun]:
+    """One real daemon runs every ready flow: for each system, its real flow file in
+    DATA_DIR/clubs/ (pointed at its own mock on 127.0.0.1), tokens.json objects, and two
+    entries at one shared trigger: one that books (through early answers where the system has
+    them: each club opens 300 ms late) and one whose password the club refuses."""
+    root = tmp_path_factory.mktemp("ready-daemon")
+    data = root / "data"
+    start = slot_start()
+    with contextlib.ExitStack() as stack:
+        clubs = {
+            system: stack.enter_context(MOCKS[system](zone="Europe/Paris")) for system in CASES
         }
-        entries = [entry | {"id": "mine"}, entry | {"id": "stale", "token": "stale"}]
+        trigger = datetime.now(UTC) + timedelta(seconds=DAEMON_LEAD_SECONDS)
+        window_hours = (start.astimezone(UTC) - trigger).total_seconds() / 3600
+        tokens: dict[str, dict[str, str]] = {}
+        stale: dict[str, dict[str, str]] = {}
+        entries: list[dict[str, Any]] = []
+        for system, club in clubs.items():
+            case = CASES[system]
+            case.setup(club, start)
+            write_flow_for_mock(system, club.url, data / "clubs", prepare_seconds=2)
+            stale[system] = club.tokens_entry() | {"password": f"an-old-password-{system}"}
+            tokens |= {system: club.tokens_entry(), f"{system}-stale": stale[system]}
+            if case.never_open is not None:
+                club.opens_at = trigger.timestamp() + 0.3
+            entry = {
+                "type": "one-off",
+                "desired_time": iso_z(start),
+                "timezone": "Europe/Paris",
+                "court_id": case.courts(club)[0],
+                "duration_minutes": case.minutes,
+                "club": system,
+                "window": f"{window_hours:.9f}h",
+            }
+            entries += [
+                entry | {"id": f"mine-{system}", "token": system},
+                entry | {"id": f"stale-{system}", "token": f"{system}-stale"},
+            ]
+        (data / "tokens.json").write_text(json.dumps(tokens))
         (data / "schedules.json").write_text(json.dumps(entries))
         env = {
             "PATH": "/usr/bin:/bin",
@@ -347,33 +377,64 @@ def test_the_daemon_runs_a_ready_flow_from_tokens_json_and_its_club_file(
             "LOG_FILE": "-",
             "RETRY_BASE_SECONDS": "0.05",
         }
-        process = DaemonProcess(env, data, tmp_path / "out.txt").start()
+        process = DaemonProcess(env, data, root / "out.txt").start()
         try:
             process.wait_ready()
-            mine, refused = (f"{name}@{iso_z(start)}" for name in ("mine", "stale"))
+            keys = {
+                system: tuple(f"{name}-{system}@{iso_z(start)}" for name in ("mine", "stale"))
+                for system in CASES
+            }
 
             def settled() -> bool:
                 rows = by_key(env)
-                return all(rows[k]["status"] in ("booked", "failed") for k in (mine, refused))
+                return all(
+                    rows[key]["status"] in ("booked", "failed")
+                    for pair in keys.values()
+                    for key in pair
+                )
 
             assert wait_until(settled, 25), process.output()
             rows = by_key(env)
-            assert rows[mine]["status"] == "booked", rows[mine]["last_error"]
-            assert rows[mine]["booking_ref"] == case.ref(club)
-            assert len(club.bookings) == 1
-            assert rows[refused]["status"] == "failed"
-            assert rows[refused]["last_error"].startswith(case.refused)
-            # The logins went ahead of the window; the booking step at it or after.
-            assert min(r.arrived for r in club.requests) < trigger.timestamp()
-            keyed = [r for r in club.requests if r.header("Idempotency-Key")]
-            # (1 ms: the window is written in hours, to 9 decimals)
-            assert keyed and min(r.arrived for r in keyed) >= trigger.timestamp() - 0.001
-            assert process.stop() == 0
-            for secret in (club.password, stale["password"]):
-                assert secret not in process.output()
-                assert secret.encode() not in (data / "db.sqlite").read_bytes()
+            exit_code = process.stop()
         finally:
             process.cleanup()
+    yield DaemonRun(
+        trigger=trigger,
+        clubs=clubs,
+        stale=stale,
+        rows={system: (rows[mine], rows[refused]) for system, (mine, refused) in keys.items()},
+        exit_code=exit_code,
+        output=process.output(),
+        database=(data / "db.sqlite").read_bytes(),
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("system", sorted(CASES))
+def test_the_daemon_runs_a_ready_flow_from_tokens_json_and_its_club_file(
+    system: str, daemon_run: DaemonRun
+) -> None:
+    """The real daemon, the real flow file in DATA_DIR/clubs/, tokens.json objects (one daemon
+    for every system, see ``daemon_run``): one entry books (through early answers where the
+    system has them: the club opens 300 ms late), one whose password the club refuses fails at
+    its login, before the window opens."""
+    club, case = daemon_run.clubs[system], CASES[system]
+    mine, refused = daemon_run.rows[system]
+    trigger = daemon_run.trigger
+    assert mine["status"] == "booked", mine["last_error"]
+    assert mine["booking_ref"] == case.ref(club)
+    assert len(club.bookings) == 1
+    assert refused["status"] == "failed"
+    assert refused["last_error"].startswith(case.refused)
+    # The logins went ahead of the window; the booking step at it or after.
+    assert min(r.arrived for r in club.requests) < trigger.timestamp()
+    keyed = [r for r in club.requests if r.header("Idempotency-Key")]
+    # (1 ms: the window is written in hours, to 9 decimals)
+    assert keyed and min(r.arrived for r in keyed) >= trigger.timestamp() - 0.001
+    assert daemon_run.exit_code == 0
+    for secret in (club.password, daemon_run.stale[system]["password"]):
+        assert secret not in daemon_run.output
+        assert secret.encode() not in daemon_run.database
 
 
 @pytest.mark.slow

@@ -34,6 +34,7 @@ import pytest
 from cryptography.fernet import Fernet, InvalidToken
 
 from daemon_harness import (
+    READY_SECONDS,
     DaemonProcess,
     cli,
     desired_for_trigger_in,
@@ -727,12 +728,12 @@ def test_full_cycle_leaks_no_token_anywhere(
             "NOTIFY_URLS": f"json://127.0.0.1:{hook_port}/hook",
         }
         data = Path(env["DATA_DIR"])
-        # Phase 1: window 0 h (trigger = start, 4-5 s ahead); the daemon stops before it.
-        missed = (datetime.now(UTC) + timedelta(seconds=5)).replace(microsecond=0)
+        # Phase 1: window 0 h (trigger = start, a few seconds ahead); the daemon stops before it.
+        missed = desired_for_trigger_in(READY_SECONDS, window_hours=0)
         missed_key = f"missed@{iso_z(missed)}"
         write_schedules(env, [one_off("missed", missed)])
         first = spawn(env | {"BOOKING_WINDOW": "0h"})
-        first.wait_ready()
+        first.wait_ready(before=missed.timestamp() - 0.5)
         assert first.stop() == 0
         assert rows(env)[missed_key][0] == "pending"
         stored = json.loads((data / "tokens.json").read_text())
