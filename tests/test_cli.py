@@ -1250,7 +1250,10 @@ def test_a_load_that_changed_something_gives_its_memory_back(
         gc.callbacks.remove(watch)
 
     assert full_collections == ["start", "stop"] * 2
-    assert daemon.engine.pool is not pool and pool.checkedin() == 0
+    # A new pool; the old one's idle connections closed. (One the daemon's own threads had
+    # borrowed at that instant, the watchdog's look or the scheduler's, goes back to the old
+    # pool and closes with it: on a busy machine that happens now and then.)
+    assert daemon.engine.pool is not pool and pool.checkedin() + pool.checkedout() <= 1
     assert re.fullmatch(line + rf"closed, heap {re.escape(heap)}", given_back()[1])
 
 
