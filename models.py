@@ -256,13 +256,13 @@ def url_problem(url: str) -> str | None:
     """Why DATABASE_URL cannot be read as a database URL, in one line with the password masked
     (None when it can): asked before anything opens it, so a typo is a line, not a traceback."""
     try:
-        engine_url(url)
+        backend = engine_url(url).get_backend_name()
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         return (
             f"{mask_url(url)!r} is not a database URL; expected sqlite:////path/to/db.sqlite or "
             "postgresql://user:password@host:5432/db"
         )
-    if engine_url(url).get_backend_name() == "sqlite" and sqlite_path(url) is None:
+    if backend == "sqlite" and sqlite_path(url) is None:
         return (
             f"{url!r} is a SQLite database in memory: every booking and its state "
             "would be lost at a restart; give a file, e.g. sqlite:////app/data/db.sqlite"

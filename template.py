@@ -1153,13 +1153,7 @@ def _extractions(value: Any, where: str, scope: Scope) -> tuple[Extraction, ...]
         at = f"{where}extract.{name}"
         if not _VALUE_NAME_RE.fullmatch(name):
             raise TemplateError(f"{at}: {name!r} is not a value name ([A-Za-z_][A-Za-z0-9_]*)")
-        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in EXTRACT_FORMS:
-            raise TemplateError(
-                f"{at}: expected one of "
-                + ", ".join(f'{{"{form}": ...}}' for form in EXTRACT_FORMS)
-            )
-        kind, source = next(iter(spec.items()))
-        found.append(_extraction(name, kind, source, f"{at}.{kind}", scope))
+        found.append(_extraction_spec(name, spec, at, scope, expected="one of "))
     return tuple(found)
 
 
@@ -1167,14 +1161,24 @@ def _booking_ref(value: Any, where: str, scope: Scope) -> Extraction:
     """``booking_ref``: a JSON path as section 11 has it, or one extraction of section 12
     (``{"regex": "Reservation #(\\d+)"}``, ``{"header": "Location"}``, ...)."""
     if isinstance(value, dict):
-        if len(value) != 1 or next(iter(value)) not in EXTRACT_FORMS:
-            raise TemplateError(
-                f"{where}: expected a JSON path, or one of "
-                + ", ".join(f'{{"{form}": ...}}' for form in EXTRACT_FORMS)
-            )
-        kind, source = next(iter(value.items()))
-        return _extraction("booking_ref", kind, source, f"{where}.{kind}", scope)
+        return _extraction_spec(
+            "booking_ref", value, where, scope, expected="a JSON path, or one of "
+        )
     return _extraction("booking_ref", "json", value, where, scope)
+
+
+def _extraction_spec(
+    name: str, spec: Any, where: str, scope: Scope, *, expected: str
+) -> Extraction:
+    """One extraction written ``{"<form>": source}``; TemplateError naming ``where`` and what
+    was ``expected`` otherwise."""
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in EXTRACT_FORMS:
+        raise TemplateError(
+            f"{where}: expected {expected}"
+            + ", ".join(f'{{"{form}": ...}}' for form in EXTRACT_FORMS)
+        )
+    kind, source = next(iter(spec.items()))
+    return _extraction(name, kind, source, f"{where}.{kind}", scope)
 
 
 def _extraction(name: str, kind: str, source: Any, where: str, scope: Scope) -> Extraction:
