@@ -414,7 +414,9 @@ def test_rrule_invalid_freq(data_dir: Path) -> None:
         ("RRULE:FREQ=DAILY\nRRULE:FREQ=WEEKLY", "must hold exactly one rule line"),
         ("DTSTART:20260230T170000\nRRULE:FREQ=WEEKLY", "is not a real date and time"),
         ("DTSTART:20261203T170000\nRRULE:FREQ=WEEKLY", "disagree; give the start once"),
-        ("every funday at 17:00", "is not an English rule I understand"),
+        ("every funday at 17:00", "'funday' is not a weekday (did you mean 'Sunday'?)"),
+        ("every day at noon", "'at noon' is not a time of day: write it as HH:MM"),
+        ("every sometimes at 17:00", "is not an English rule I understand"),
         ("every wednesday at 25:00", "25:00 in 'every wednesday at 25:00' is not a time of day"),
     ],
 )
