@@ -738,7 +738,10 @@ def _timing(
     status: str, trigger: datetime, first_sent: datetime | None, cause: str | None
 ) -> str | None:
     if first_sent is not None:
-        return utils.send_timing(trigger, first_sent, LATE_CAUSES.get(cause or ""))
+        timing = utils.send_timing(trigger, first_sent, LATE_CAUSES.get(cause or ""))
+        # On time is no comfort when it did not book (the club down, the court taken): say so
+        # in the same breath, so that the line does not read as a success.
+        return f"{timing}, but not booked: see the reason" if status == FAILED else timing
     if status == EXPIRED:
         return "not sent: courtbot was not running at the trigger"
     if status == FAILED:
