@@ -7,6 +7,8 @@ template are pure. An import that is not an arrow of ALLOWED fails here, naming 
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -106,3 +108,47 @@ def test_no_production_function_is_longer_than_80_lines() -> None:
                 if length > MAX_FUNCTION_LINES:
                     long.append(f"{module}.py:{node.lineno} {node.name}: {length} lines")
     assert long == []
+
+
+def _ignored(paths: list[str]) -> set[str]:
+    """Which of ``paths`` (relative to the repository) .gitignore ignores, tracked or not."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    done = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--stdin"],
+        cwd=ROOT,
+        input="\n".join(paths),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode in (0, 1), done.stderr
+    return set(done.stdout.split())
+
+
+def test_a_users_files_in_data_never_show_as_untracked_and_the_repositorys_stay_tracked() -> None:
+    """DATA_DIR defaults to data/, which also holds the examples and the ready flows: what the
+    user and the daemon write there is ignored, what the repository ships is not."""
+    yours = [
+        "data/schedules.json",
+        "data/tokens.json",
+        "data/db.sqlite",
+        "data/db.sqlite-wal",
+        "data/bot.log",
+        "data/bot.log.1",
+        "data/bot.pid",
+        "data/bot.lock",
+        "data/heartbeat",
+        "data/clubs/my-perfectgym.json",
+        "data/clubs/riverside.json",
+    ]
+    shipped = [
+        "data/schedules.example.json",
+        "data/tokens.example.json",
+        *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "data" / "templates").glob("*"))),
+        *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "data" / "clubs").glob("*.json"))),
+    ]
+    ignored = _ignored(yours + shipped)
+    assert sorted(set(yours) - ignored) == []
+    # A ready flow added to data/clubs/ needs its own "!/data/clubs/<name>.json" line.
+    assert sorted(set(shipped) & ignored) == []
