@@ -66,6 +66,7 @@ ENTRY_KEYS = (
     "skip",
     "club",
     "window",
+    "about",
 )
 ONE_OFF = "one-off"
 RECURRING = "recurring"
@@ -1505,6 +1506,12 @@ def _check_enabled(c: _EntryCheck) -> None:
         c.bad("enabled", f"{c.enabled!r} is not true or false")
 
 
+def _check_about(c: _EntryCheck) -> None:
+    # Free text for people (JSON has no comments), as a club file's ``about``: never read.
+    if "about" in c.raw and not isinstance(c.raw["about"], str):
+        c.bad("about", f"{c.raw['about']!r} is not a string (a note for people, ignored)")
+
+
 _SKIP_EXAMPLE = '["2026-12-24", "2026-12-31"]'
 
 
@@ -1589,6 +1596,7 @@ _ENTRY_CHECKERS: tuple[tuple[str, Callable[[_EntryCheck], None]], ...] = (
     ("skip", _check_skip),
     ("club", _check_club),
     ("window", _check_window),
+    ("about", _check_about),
 )
 
 

@@ -2241,3 +2241,18 @@ def test_the_caches_overlap_warnings_are_those_of_a_fresh_read_through_edits(
             entries += [random_entry(rng, rng.randrange(10**6, 10**7)) for _ in range(20)]
         else:  # time passes: some starts go by
             now += timedelta(days=rng.randrange(1, 4))
+
+
+def test_about_is_a_note_for_people_and_changes_nothing(data_dir: Path) -> None:
+    plain = schedules(data_dir, WED)
+    noted = schedules(data_dir, WED | {"about": "an example: disabled until it is yours"})
+    assert noted.errors == []
+    ignored = {"rule": None, "fingerprint": ""}
+    assert dataclasses.replace(noted.entries[0], **ignored) == dataclasses.replace(
+        plain.entries[0], **ignored
+    )
+    result = schedules(data_dir, WED | {"about": ["not", "text"]})
+    assert only_error(result) == (
+        "schedules.json entry 'wed-evening' (#1): about: ['not', 'text'] is not a string "
+        "(a note for people, ignored)"
+    )

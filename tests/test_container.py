@@ -342,3 +342,24 @@ def test_the_compose_file_for_postgresql_runs_two_replicas_each_with_its_own_dat
     # DATA_DIR is no shared volume: two replicas on one would hold each other's lock.
     assert all(not mount.endswith(":/app/data") for mount in courtbot["volumes"])
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+
+
+def test_one_default_zone_in_the_code_the_blueprints_the_env_example_and_the_readme() -> None:
+    """An entry without a zone must not move by an hour depending on where courtbot runs: the
+    examples carry the code's default (the contract's UTC), each saying to set the club's zone."""
+    import yaml
+
+    from config_loader import Settings
+
+    default = Settings.from_env({}).timezone
+    assert default == "UTC"
+    for blueprint in ("render.yaml", "render.postgres.yaml"):
+        (service,) = [
+            s for s in yaml.safe_load((REPO / blueprint).read_text())["services"] if "envVars" in s
+        ]
+        assert _env_keys(service)["BOOKING_TIMEZONE"]["value"] == default, blueprint
+        assert "Your club's zone" in (REPO / blueprint).read_text(), blueprint
+    example = (REPO / "courtbot.env.example").read_text()
+    assert f"\nBOOKING_TIMEZONE={default}\n" in example
+    assert "your club's zone" in example
+    assert f"| `BOOKING_TIMEZONE` | `{default}` |" in (REPO / "README.md").read_text()

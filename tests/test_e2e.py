@@ -16,11 +16,13 @@ import pytest
 from cryptography.fernet import Fernet
 
 from daemon_harness import (
+    DEFAULT_READY_SECONDS,
     READY_SECONDS,
     DaemonProcess,
     cli,
     desired_for_trigger_in,
     iso_z,
+    ready_seconds,
     status,
     wait_until,
 )
@@ -444,3 +446,36 @@ def test_sighup_with_nothing_changed_only_checks(
     assert wait_until(lambda: "config unchanged (SIGHUP)" in daemon.output(), 5), daemon.output()
     assert "config loaded (SIGHUP)" not in daemon.output()
     assert daemon.stop() == 0
+
+
+# --- The first hour (issue 25) -------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_a_daemon_started_on_the_examples_as_copied_sends_nothing(
+    e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
+) -> None:
+    """README's "Running it yourself", literally: both examples copied as they are. `check`
+    passes, and the daemon books nothing (every example is disabled until it is yours)."""
+    data = Path(e2e_env["DATA_DIR"])
+    for name in ("schedules", "tokens"):
+        (data / f"{name}.json").write_text((REPO / "data" / f"{name}.example.json").read_text())
+    checked = cli(e2e_env, "check")
+    assert checked.returncode == 0, checked.stderr
+    daemon = spawn(e2e_env)
+    daemon.wait_ready()
+    # A reload too sends nothing (the loop gets a turn to book what is due).
+    daemon.signal(signal.SIGHUP)
+    assert wait_until(lambda: "(SIGHUP)" in daemon.output(), 10), daemon.output()
+    assert daemon.stop() == 0
+    assert club.received == []
+    assert {row["status"] for row in status(e2e_env)} <= {"cancelled"}
+
+
+def test_ready_seconds_can_be_raised_from_the_environment() -> None:
+    assert ready_seconds({}) == DEFAULT_READY_SECONDS
+    assert ready_seconds({"READY_SECONDS": "7.5"}) == 7.5
+    assert ready_seconds({"READY_SECONDS": "0.1"}) == DEFAULT_READY_SECONDS  # never lower
+    with pytest.raises(ValueError, match=r"READY_SECONDS: 'soon' is not a number of seconds"):
+        ready_seconds({"READY_SECONDS": "soon"})

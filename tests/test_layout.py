@@ -152,3 +152,18 @@ def test_a_users_files_in_data_never_show_as_untracked_and_the_repositorys_stay_
     assert sorted(set(yours) - ignored) == []
     # A ready flow added to data/clubs/ needs its own "!/data/clubs/<name>.json" line.
     assert sorted(set(shipped) & ignored) == []
+
+
+@pytest.mark.parametrize("target", ["postgres-server", "faketime"])
+def test_make_says_before_it_installs_a_system_package(target: str) -> None:
+    """`make test` may install Debian packages as root: each target says so first."""
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    done = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), target], capture_output=True, text=True, check=True
+    )
+    recipe = done.stdout
+    installs = [i for i in range(len(recipe)) if recipe.startswith("apt-get install", i)]
+    assert installs, recipe
+    said = recipe.find('echo "installing ')
+    assert 0 <= said < installs[0], recipe
