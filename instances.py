@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection, Iterator, Sequence
+import socket
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -35,8 +36,10 @@ from models import (
     FINAL,
     KIND_OBJECT,
     KIND_STRING,
+    LOADS_KEPT,
     PENDING,
     Instance,
+    Load,
     Notice,
     Token,
     Wakeup,
@@ -585,6 +588,92 @@ def remember_notice(factory: sessionmaker[Session], notice_id: str, now: datetim
             return False
         session.add(Notice(id=notice_id, sent_at=now))
     return True
+
+
+# --------------------------------------------------------------------------- loads
+
+
+@dataclass(frozen=True)
+class LoadRecord:
+    """One load's result, as ``reload`` prints it and ``status`` sums it up."""
+
+    id: int
+    at: datetime
+    reason: str
+    host: str
+    pid: int
+    summary: str
+    errors: list[str]
+    at_once: list[str]
+
+
+def record_load(
+    factory: sessionmaker[Session],
+    *,
+    at: datetime,
+    reason: str,
+    pid: int,
+    summary: str,
+    errors: Sequence[str],
+    at_once: Sequence[str] = (),
+) -> int:
+    """Keep a load's result (the latest ``LOADS_KEPT``); returns its id."""
+    with transaction(factory) as session:
+        row = Load(
+            at=at,
+            reason=reason,
+            host=socket.gethostname(),
+            pid=pid,
+            summary=summary,
+            errors=json.dumps(list(errors)),
+            at_once=json.dumps(list(at_once)),
+        )
+        session.add(row)
+        session.flush()
+        session.execute(delete(Load).where(Load.id <= row.id - LOADS_KEPT))
+        return int(row.id)
+
+
+def last_load(factory: sessionmaker[Session] | None, *, after: int = 0) -> LoadRecord | None:
+    """The latest load with an id above ``after`` (None when there is none, or the database
+    predates the ``loads`` table: a reader never changes the schema)."""
+    if factory is None:
+        return None
+    with factory() as session:
+        if not inspect(session.get_bind()).has_table(Load.__tablename__):
+            return None
+        row = session.scalar(select(Load).where(Load.id > after).order_by(Load.id.desc()).limit(1))
+        if row is None:
+            return None
+        return LoadRecord(
+            id=row.id,
+            at=row.at,
+            reason=row.reason,
+            host=row.host,
+            pid=row.pid,
+            summary=row.summary,
+            errors=list(json.loads(row.errors or "[]")),
+            at_once=list(json.loads(row.at_once or "[]")),
+        )
+
+
+def at_once(factory: sessionmaker[Session], keys: Iterable[str], now: datetime) -> list[str]:
+    """Of ``keys`` (what a load added or revived), the pending instances whose window is open
+    already, so that they book at once: one line each, soonest start first."""
+    lines = []
+    wanted = sorted(set(keys))
+    with factory() as session:
+        for start in range(0, len(wanted), PAGE):
+            query = select(Instance).where(
+                Instance.key.in_(wanted[start : start + PAGE]),
+                Instance.status == PENDING,
+                Instance.trigger_time <= now,
+            )
+            for row in session.scalars(query):
+                zone = utils.get_zone(row.timezone)
+                local = utils.format_local(row.desired_time, zone)
+                lines.append((row.desired_time, f"{row.key} ({local}): books at once when loaded"))
+    return [line for _, line in sorted(lines)]
 
 
 # --------------------------------------------------------------------------- a booking
