@@ -1958,6 +1958,48 @@ def load_template(settings: Settings) -> FlowFile | None:
     return load_flow_file(path, api_url=settings.api_url, label=f"BOOKING_REQUEST_TEMPLATE {path}")
 
 
+def unreadable_by_daemon(settings: Settings) -> list[str]:
+    """The config files that the daemon could not read, one line each saying why and the fix.
+
+    Only as root (``check`` in a container, as ``docker compose exec`` runs it): the daemon
+    runs as the owner of DATA_DIR (the image's uid 10001), and root reads everything, so a file
+    copied in as root with mode 0600 passes a root ``check`` while the daemon cannot read it.
+    Elsewhere reading the file is the test, and the load itself reports it."""
+    if os.geteuid() != 0:
+        return []
+    try:
+        owner = settings.data_dir.stat()
+    except OSError:
+        return []
+    if owner.st_uid == 0:
+        return []
+    paths = [settings.schedules_path, settings.tokens_path]
+    if settings.template_path is not None:
+        paths.append(settings.template_path)
+    with contextlib.suppress(OSError):
+        paths.extend(sorted(settings.clubs_dir.glob("*.json")))
+    problems = []
+    for path in paths:
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        readable = (
+            (info.st_uid == owner.st_uid and mode & stat.S_IRUSR)
+            or (info.st_gid == owner.st_gid and mode & stat.S_IRGRP)
+            or mode & stat.S_IROTH
+        )
+        if not readable:
+            problems.append(
+                f"{path}: the daemon (uid {owner.st_uid}, the owner of {settings.data_dir}) "
+                f"cannot read it (owner uid {info.st_uid}, mode {mode:04o}): run "
+                f"`chown {owner.st_uid}:{owner.st_gid} {path}`, or restart the container (its "
+                "entrypoint hands every file in DATA_DIR to the daemon)"
+            )
+    return problems
+
+
 def club_path(clubs_dir: Path, ready_dir: Path, name: str) -> Path:
     """Where the club file ``name`` is read from: DATA_DIR/clubs/<name>.json, else the ready
     flow of that name (used by name, without a copy), else DATA_DIR's path (missing)."""

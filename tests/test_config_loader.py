@@ -2256,3 +2256,25 @@ def test_about_is_a_note_for_people_and_changes_nothing(data_dir: Path) -> None:
         "schedules.json entry 'wed-evening' (#1): about: ['not', 'text'] is not a string "
         "(a note for people, ignored)"
     )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as `check` in a container runs")
+def test_a_file_the_daemon_cannot_read_is_named_when_check_runs_as_root(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    os.chown(data_dir, 10001, 10001)  # the daemon's DATA_DIR, as in the image
+    write_json(data_dir / "schedules.json", [])
+    write_json(data_dir / "tokens.json", {"default": "t"})
+    (data_dir / "schedules.json").chmod(0o644)  # root-owned but readable by all: fine
+    (data_dir / "tokens.json").chmod(0o600)  # root-owned, owner-only: not for uid 10001
+    club_file(data_dir, "mine", {"url": PADEL_URL})
+    os.chown(data_dir / "clubs" / "mine.json", 10001, 10001)
+    (data_dir / "clubs" / "mine.json").chmod(0o600)
+    settings = Settings.from_env(env)
+    assert config_loader.unreadable_by_daemon(settings) == [
+        f"{data_dir}/tokens.json: the daemon (uid 10001, the owner of {data_dir}) cannot read "
+        f"it (owner uid 0, mode 0600): run `chown 10001:10001 {data_dir}/tokens.json`, or "
+        "restart the container (its entrypoint hands every file in DATA_DIR to the daemon)"
+    ]
+    os.chown(data_dir, 0, 0)  # a DATA_DIR of root's: root runs the daemon, reads everything
+    assert config_loader.unreadable_by_daemon(settings) == []
