@@ -107,6 +107,26 @@ class LoadFacts:
     at: datetime
     reason: str
     errors: tuple[str, ...] = ()
+    #: The counts, as the log line has them.
+    summary: str = ""
+    #: The instances it made whose window was open already: they book at once.
+    at_once: tuple[str, ...] = ()
+
+
+def reload_lines(load: LoadFacts, pid: int) -> tuple[list[str], list[str]]:
+    """What ``reload`` prints of the load its signal made: (lines for stdout: the counts, then
+    each instance that books at once; lines for stderr: each error, one a line as the log has
+    it, then how many)."""
+    out = [f"courtbot (pid {pid}) loaded the config files ({load.reason}): {load.summary}"]
+    out += [f"  {_one_line(line)}" for line in load.at_once]
+    err = [f"error: {_one_line(line)}" for line in load.errors]
+    if load.errors:
+        count = len(load.errors)
+        err.append(
+            f"{count} error{'' if count == 1 else 's'}: what each names was not loaded (what it "
+            "had stays as it was); the daemon goes on with the rest"
+        )
+    return out, err
 
 
 def load_lines(load: LoadFacts | None, now: datetime, palette: Palette = Palette()) -> list[str]:

@@ -270,3 +270,27 @@ def test_the_last_load_with_its_time_and_its_first_error() -> None:
     ]
     shown = report.render(DaemonFacts(pid=None, heartbeat_age=None), [], [], [], now=NOW, load=one)
     assert shown.splitlines()[1].startswith("last load: ")
+
+
+def test_what_reload_prints_of_a_load() -> None:
+    clean = report.LoadFacts(
+        at=NOW,
+        reason="SIGHUP",
+        summary="2 schedule(s) (1 validated), 0 error(s); instances: 1 added",
+        at_once=("now@2026-11-30T09:00:00Z (Mon 2026-11-30 09:00 GMT): books at once when loaded",),
+    )
+    assert report.reload_lines(clean, 41) == (
+        [
+            "courtbot (pid 41) loaded the config files (SIGHUP): 2 schedule(s) (1 validated), "
+            "0 error(s); instances: 1 added",
+            "  now@2026-11-30T09:00:00Z (Mon 2026-11-30 09:00 GMT): books at once when loaded",
+        ],
+        [],
+    )
+    bad = report.LoadFacts(at=NOW, reason="SIGHUP", summary="s", errors=("a\x1b[2J", "b"))
+    assert report.reload_lines(bad, 41)[1] == [
+        "error: a\\x1b[2J",
+        "error: b",
+        "2 errors: what each names was not loaded (what it had stays as it was); the daemon "
+        "goes on with the rest",
+    ]
