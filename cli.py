@@ -26,7 +26,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -319,7 +319,7 @@ class Daemon:
         self.notifier: Notifier | None = None
         self.ctx: bot.BookingContext | None = None
         self.client = bot.ClubClient(timeout=settings.http_timeout)
-        self.roles = Roles(settings.database_url)
+        self.roles = leader.Roles(settings.database_url)
         self.config: Config | None = None
         self.stop = threading.Event()
         self._load_lock = threading.Lock()
@@ -575,7 +575,7 @@ class Daemon:
                 self.config = Config(self.config.schedules, config.tokens, config.digest)
             else:
                 self.config = Config(self.config.schedules, self.config.tokens, config.digest)
-            report = self._sync(None if full_sync else changes.keys)
+            report = self.sync(None if full_sync else changes.keys)
             elapsed = (time.perf_counter() - started) * 1000
             summary = self._load_summary(config, changes, report)
             ok = whole_ok and config.tokens.file_error is None
@@ -647,7 +647,7 @@ class Daemon:
         # Never dropped: instances kept as they were (a rejected entry's) still book with them.
         self.ctx.clubs = {**self.ctx.clubs, **loaded}
 
-    def _sync(self, keys: Collection[str] | None = None) -> scheduler.SyncReport:
+    def sync(self, keys: Collection[str] | None = None) -> scheduler.SyncReport:
         """Make the jobs follow the pending instances: those of ``keys`` (what a load or a
         `retry` changed), or with None every one, a page at a time (at start)."""
         assert self.factory is not None and self.scheduler is not None and self.ctx is not None
@@ -694,7 +694,7 @@ class Daemon:
             if not found:
                 return 0
             keys = {key for _, key in found}
-            report = self._sync(keys)
+            report = self.sync(keys)
             instances.clear_wakeups(self.factory, found[-1][0])
         logger.info(
             "retry: %d instance(s) back to pending picked up (%s); jobs: %d added, %d moved",
@@ -820,7 +820,7 @@ class Daemon:
             if self.ctx is not None:
                 self.ctx.withdraw(changes.keys)
             if not changes.empty:
-                self._sync(changes.keys)
+                self.sync(changes.keys)
                 logger.info("top-up of %s: %s", ", ".join(ids), changes.summary())
 
     def _booked(self, schedule_id: str) -> None:
@@ -1026,7 +1026,7 @@ class Daemon:
                 return None
             try:
                 self.scheduler.restart()
-                report = self._sync()
+                report = self.sync()
                 self.scheduler.start()
             except Exception as exc:  # noqa: BLE001 (as above)
                 self._report(f"the scheduler cannot restart ({models.error_text(exc)})")
@@ -1198,433 +1198,6 @@ def _malloc_trim() -> Any:
 
 def _record_signal(signum: int, frame: Any) -> None:
     """Nothing to do: ``set_wakeup_fd`` already queued the signal number for the loop."""
-
-
-# --------------------------------------------------------------------------- active and standbys
-
-#: How often a daemon on a shared database writes its row in ``daemons`` (a standby: its
-#: heartbeat file too), and the active one looks for claims of daemons that died.
-BEAT_SECONDS = 5.0
-#: How often the active daemon on a shared database looks for pending instances changed
-#: elsewhere (a booking handed back, a `retry` on another host): as often as the watchdog
-#: looks, so that their jobs exist before it would call them overdue.
-LOOK_SECONDS = watchdog.INTERVAL
-#: A stopped daemon's row in ``daemons`` is removed this long after its last heartbeat.
-FORGET_AFTER = timedelta(minutes=1)
-#: How long a claim's owner that seems gone is given to show it lives (a standby takes its
-#: presence lock again at its next try, every leader.POLL_SECONDS).
-PRESENCE_GRACE_SECONDS = 1.5 * leader.POLL_SECONDS
-
-
-class LeaderWatch:
-    """A thread that checks every ``leader.CHECK_SECONDS`` that the daemon still holds the
-    active role, and calls ``on_lost`` once, at once, when it does not."""
-
-    def __init__(
-        self, lead: leader.Leadership | leader.LocalLeadership, on_lost: Callable[[], None]
-    ) -> None:
-        self.lead = lead
-        self.on_lost = on_lost
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="courtbot-leader", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(leader.CHECK_SECONDS):
-            try:
-                held = self.lead.still_held()
-            except Exception:
-                logger.exception("leadership check failed")
-                held = False
-            if not held:
-                if not self._stop.is_set():
-                    self.on_lost()
-                return
-
-    def stop(self) -> None:
-        """Stop checking (and wait for a check under way, so nobody else uses the lock's
-        connection at the same time)."""
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(10)
-
-
-class Roles:
-    """This daemon's role on its database (CONTRACT section 10) and the loop's hooks for it.
-
-    On SQLite the file lock let only this daemon start: it is active at once and stays so. On
-    PostgreSQL it is active while it holds ``leader.Leadership``; otherwise a standby, which
-    tries for it every ``leader.POLL_SECONDS``, writes its heartbeat, ignores SIGHUP, and
-    sends and loads nothing. The active daemon checks the lock every ``leader.CHECK_SECONDS``
-    from a thread of its own and, once it is lost, stops booking at once (``may_send``
-    cleared: no request leaves, the job store is fenced) and goes back to standby with a
-    fresh scheduler when it wins the role again.
-    """
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-        self.ident = leader.new_daemon_id()
-        self.lead = leader.leadership_for(url, self.ident)
-        self.shared = isinstance(self.lead, leader.Leadership)
-        self.beat_seconds = BEAT_SECONDS
-        self.role = leader.STANDBY
-        self.started_at = datetime.now(UTC)
-        self.since = self.started_at
-        self._watch: LeaderWatch | None = None
-        self._lost = threading.Event()
-        self._next_try = 0.0
-        self._next_beat = 0.0
-        self._next_look = 0.0
-        self._outage: str | None = None
-        #: The context of the last period as the active daemon, while its bookings end.
-        self._leftover: bot.BookingContext | None = None
-        self._pending_mark: tuple[int, datetime | None] | None = None
-
-    @property
-    def is_active(self) -> bool:
-        return self.role == leader.ACTIVE
-
-    # -- hooks of the daemon and its loop ------------------------------------------------
-
-    def join(self, daemon: Daemon) -> None:
-        """At start: the active role if it is free (always on SQLite), else standby."""
-        try:
-            acquired = self.lead.try_acquire()
-        except models.DatabaseConnectError as exc:
-            self._report_outage(exc)
-            acquired = False
-        if acquired:
-            self._activate(daemon, "start")
-        else:
-            self._wait(daemon, rejoin=False)
-
-    def next_due(self) -> float:
-        """When (``time.monotonic``) the loop must call ``tick`` at the latest."""
-        if not self.shared:
-            return math.inf  # alone on its database: nothing to beat or try
-        if self.is_active:
-            return min(self._next_beat, self._next_look)
-        return min(self._next_try, self._next_beat)
-
-    def tick(self, daemon: Daemon, signals: set[int]) -> bool:
-        """One turn of the loop. True when the rest of the turn (reloads, the active
-        daemon's heartbeat) is not for this daemon now: it is a standby, or just became one."""
-        if self.is_active:
-            if self._lost.is_set():
-                self._step_down(daemon)
-                return True
-            now = time.monotonic()
-            if self.shared and now >= self._next_look:
-                self._next_look = now + LOOK_SECONDS
-                self._pick_up(daemon)
-            if self.shared and now >= self._next_beat:
-                self.beat(daemon)
-            return False
-        if signal.SIGHUP in signals:
-            logger.info(
-                "SIGHUP received: this daemon is a standby; it loads the files when it becomes "
-                "the active one"
-            )
-        now = time.monotonic()
-        if now >= self._next_try:
-            self._next_try = now + leader.POLL_SECONDS
-            if self._try_acquire():
-                self._activate(daemon, "became active")
-                return True
-        if now >= self._next_beat:
-            self._beat_standby(daemon)
-        return True
-
-    def before_sync(self, factory: models.SessionFactory) -> None:
-        """Note the pending instances as they are before the jobs follow them, so that a
-        change made elsewhere afterwards is seen (shared databases only)."""
-        if self.shared:
-            self._pending_mark = instances.pending_mark(factory)
-
-    def live_owners(self, factory: models.SessionFactory) -> frozenset[str]:
-        """The owners of ``booking`` claims whose daemon lives (this one included): their
-        claims are theirs, never taken over."""
-        owners = {owner for owner in instances.booking_owners(factory) if owner}
-        return frozenset(self._alive(owners - {self.ident}) | {self.ident})
-
-    def _alive(self, owners: set[str]) -> set[str]:
-        """Those of ``owners`` whose daemon lives. One that seems gone is looked at again
-        after PRESENCE_GRACE_SECONDS: a daemon whose connections were cut (not killed) takes
-        its presence again within a second, and its claims stay its own."""
-        if not owners:
-            return set()
-        alive = self.lead.alive_ids(owners)
-        if self.shared and owners - alive:
-            time.sleep(PRESENCE_GRACE_SECONDS)
-            alive |= self.lead.alive_ids(owners)
-        return alive
-
-    def hand_over(self, daemon: Daemon) -> None:
-        """At a clean stop, before waiting for bookings in flight: no request leaves any more
-        (a booking waiting for its trigger or a retry goes back to pending) and a standby may
-        take the role at once."""
-        if self._watch is not None:
-            self._watch.stop()
-            self._watch = None
-        if self.shared and daemon.ctx is not None:
-            daemon.ctx.may_send.clear()
-            daemon.ctx.stop.set()
-        self.lead.release()
-
-    def leave(self, daemon: Daemon) -> None:
-        """At exit, after the bookings in flight (those of an earlier period as the active
-        daemon too): this daemon's row goes, then its locks."""
-        leftover = self._leftover
-        if leftover is not None:
-            deadline = time.monotonic() + daemon.settings.http_timeout + 1.0
-            while leftover.in_flight and time.monotonic() < deadline:
-                time.sleep(0.05)
-        if daemon.engine is not None:
-            try:
-                leader.remove_daemon(daemon.engine, self.ident)
-            except Exception as exc:  # noqa: BLE001 (the row is forgotten later anyway)
-                logger.warning("could not remove this daemon's row: %s", self._one_line(exc))
-        self.lead.close()
-
-    # -- the active role -----------------------------------------------------------------
-
-    def _activate(self, daemon: Daemon, reason: str) -> None:
-        self.role = leader.ACTIVE
-        self.since = datetime.now(UTC)
-        self._lost.clear()
-        self._next_beat = time.monotonic() + self.beat_seconds
-        self._next_look = time.monotonic() + LOOK_SECONDS
-        if not self.shared:
-            daemon.become_active(reason)
-            return
-        logger.info(
-            "active: this daemon (%s pid %d) is the active one on %s",
-            socket.gethostname(),
-            os.getpid(),
-            models.mask_url(self.url),
-        )
-        # An active daemon whose connection was cut notices within CHECK_SECONDS and stops
-        # sending: give it that time before anything is sent from here.
-        time.sleep(leader.SETTLE_SECONDS)
-        self._watch = LeaderWatch(self.lead, lambda: self._on_lost(daemon))
-        self._watch.start()
-        try:
-            self._release_leftovers(daemon, self.since)
-            daemon.become_active(reason)
-        except Exception:
-            logger.exception("could not take up the active role; back to standby")
-            self._on_lost(daemon, quiet=True)
-            self._step_down(daemon)
-
-    def _on_lost(self, daemon: Daemon, *, quiet: bool = False) -> None:
-        """The role is gone (the lock's connection failed, or it was taken): stop booking now,
-        from whatever thread noticed; the loop steps down next."""
-        ctx = daemon.ctx
-        if ctx is not None:
-            ctx.may_send.clear()
-            ctx.stop.set()
-        self._lost.set()
-        if not quiet:
-            logger.error(
-                "lost the active role on %s (its database connection failed): stopped booking "
-                "at once; a booking in flight may finish; a standby takes over",
-                models.mask_url(self.url),
-            )
-        daemon.wake()
-
-    def beat(self, daemon: Daemon) -> None:
-        """The active daemon's beat on a shared database: its row in ``daemons``, the claims
-        of daemons that died, and pending instances changed elsewhere. (Alone on SQLite it
-        has nothing to say: ``status`` reads its pid file and heartbeat.)"""
-        if not self.shared:
-            return
-        assert daemon.engine is not None and daemon.factory is not None
-        self._next_beat = time.monotonic() + self.beat_seconds
-        now = datetime.now(UTC)
-        try:
-            self._write_row(daemon, now)
-            self._recover_dead_claims(daemon, now)
-            leader.forget_dead(daemon.engine, now=now, older_than=FORGET_AFTER)
-        except Exception as exc:  # noqa: BLE001 (the database is away: the watch acts on it)
-            self._report_outage(exc)
-            return
-        self._recovered()
-
-    def _pick_up(self, daemon: Daemon) -> None:
-        """Pending instances changed elsewhere (a booking handed back by a daemon that lost the
-        role, a `retry` run on another host): their jobs follow. A cheap look (a count and a
-        time on the status index) unless something changed."""
-        assert daemon.factory is not None
-        try:
-            if instances.pending_mark(daemon.factory) == self._pending_mark:
-                return
-            changed = daemon._sync()
-        except Exception as exc:  # noqa: BLE001 (the database is away: the watch acts on it)
-            self._report_outage(exc)
-            return
-        if changed.added or changed.moved or changed.removed:
-            logger.info(
-                "instances changed elsewhere: jobs %d added, %d moved, %d removed",
-                changed.added,
-                changed.moved,
-                changed.removed,
-            )
-
-    def _recover_dead_claims(self, daemon: Daemon, now: datetime) -> None:
-        """Claims of daemons that died since this one became active: as after a crash."""
-        assert daemon.factory is not None and daemon.notifier is not None
-        owners = instances.booking_owners(daemon.factory) - {self.ident}
-        if not owners:
-            return
-        live = self._alive({owner for owner in owners if owner}) | {self.ident}
-        if owners <= live:
-            return
-        retried, unknown = instances.recover_in_flight(
-            daemon.factory, now, live_owners=frozenset(live)
-        )
-        for row in unknown:
-            daemon.notifier.notify(instances.outcome_of(row))
-        if retried:
-            logger.warning(
-                "%d booking(s) of a daemon that stopped are retried now with the same "
-                "Idempotency-Key: %s",
-                len(retried),
-                ", ".join(retried),
-            )
-        daemon._sync()
-
-    def _step_down(self, daemon: Daemon) -> None:
-        """Back to standby after losing the role: the scheduler stops (its store is fenced
-        already), presence is taken again (this daemon's claims in flight stay its own)."""
-        if self._watch is not None:
-            self._watch.stop()
-            self._watch = None
-        self._lost.clear()
-        if daemon.scheduler is not None:
-            daemon.scheduler.shutdown(wait=False)
-        daemon.reset_watch()
-        self.lead.release()
-        try:
-            self.lead.ensure_present()
-        except Exception as exc:  # noqa: BLE001 (the database is away: logged, retried)
-            self._report_outage(exc)
-        self._leftover = daemon.ctx
-        self._wait(daemon, rejoin=True)
-
-    # -- the standby role ----------------------------------------------------------------
-
-    def _wait(self, daemon: Daemon, *, rejoin: bool) -> None:
-        """Become (or start as) a standby: ``bot.pid`` written, heartbeat, one log line."""
-        self.role = leader.STANDBY
-        self.since = datetime.now(UTC)
-        pause = leader.REJOIN_SECONDS if rejoin else leader.POLL_SECONDS
-        self._next_try = time.monotonic() + pause
-        self._beat_standby(daemon)
-        logger.info(
-            "standby: this daemon (%s pid %d) waits on %s%s; it sends nothing and takes over "
-            "within seconds when the active one ends",
-            socket.gethostname(),
-            os.getpid(),
-            models.mask_url(self.url),
-            self._active_one(daemon),
-        )
-        daemon.write_pid()
-
-    def _active_one(self, daemon: Daemon) -> str:
-        """`` while <host> pid <pid> is active`` when the database says so, else ``""``."""
-        if daemon.engine is None:
-            return ""
-        try:
-            states = leader.list_daemons(daemon.engine, now=datetime.now(UTC))
-        except Exception:  # noqa: BLE001 (a detail of a log line)
-            return ""
-        for state in states:
-            if state.alive and state.role == leader.ACTIVE and state.id != self.ident:
-                return f" while {state.host} pid {state.pid} is active"
-        return ""
-
-    def _try_acquire(self) -> bool:
-        try:
-            acquired = self.lead.try_acquire()
-        except Exception as exc:  # noqa: BLE001 (unreachable: logged once, tried again)
-            self._report_outage(exc)
-            return False
-        self._recovered()
-        return acquired
-
-    def _beat_standby(self, daemon: Daemon) -> None:
-        """A standby's row and heartbeat file (only while it reaches the database: one that
-        cannot would not take over, so ``health`` says 1), and the end of its own claims."""
-        self._next_beat = time.monotonic() + self.beat_seconds
-        now = datetime.now(UTC)
-        try:
-            self._write_row(daemon, now)
-            self._release_leftovers(daemon, now)
-        except Exception as exc:  # noqa: BLE001 (logged once, tried again)
-            self._report_outage(exc)
-            return
-        self._recovered()
-        daemon.heartbeat()
-
-    def _release_leftovers(self, daemon: Daemon, now: datetime) -> None:
-        """Claims of this daemon's last active period still in ``booking`` whose booking is
-        no longer under way (its end could not be written: the database was away) are put
-        back as after a crash, for whichever daemon is active. A booking still under way is
-        left to finish, and looked at again at the next beat."""
-        ctx = self._leftover
-        if ctx is None or daemon.factory is None:
-            return
-        with ctx.in_flight_lock:
-            busy = frozenset(ctx.in_flight)
-        retried, unknown = instances.recover_in_flight(
-            daemon.factory, now, owner=self.ident, keep=busy
-        )
-        if retried or unknown:
-            logger.warning(
-                "claims of this daemon whose end could not be written are put back: %s",
-                ", ".join(retried + [row.key for row in unknown]),
-            )
-        if daemon.notifier is not None:
-            for row in unknown:
-                daemon.notifier.notify(instances.outcome_of(row))
-        if not busy:
-            self._leftover = None
-
-    # -- both ------------------------------------------------------------------------------
-
-    def _write_row(self, daemon: Daemon, now: datetime) -> None:
-        assert daemon.engine is not None
-        leader.write_heartbeat(
-            daemon.engine,
-            ident=self.ident,
-            role=self.role,
-            started_at=self.started_at,
-            since=self.since,
-            now=now,
-        )
-
-    def _one_line(self, exc: BaseException) -> str:
-        if isinstance(exc, models.DatabaseConnectError):
-            return str(exc)
-        return str(models.connect_error(self.url, exc))
-
-    def _report_outage(self, exc: BaseException) -> None:
-        """Log a database error once per outage (the password masked)."""
-        if self._outage is None:
-            logger.error(
-                "%s: %s; trying again every %g s",
-                self.role,
-                self._one_line(exc),
-                leader.POLL_SECONDS if not self.is_active else self.beat_seconds,
-            )
-        self._outage = self._one_line(exc)
-
-    def _recovered(self) -> None:
-        if self._outage is not None:
-            logger.info("%s: the database answers again", self.role)
-            self._outage = None
 
 
 # --------------------------------------------------------------------------- commands
@@ -2168,7 +1741,7 @@ def cmd_retry(env: dict[str, str], target: str) -> int:
         print(f"pending again: {key}")
     if models.is_postgresql(settings.database_url):
         # The active daemon may run elsewhere: it notices the change itself.
-        print(f"the active daemon picks them up within {LOOK_SECONDS:g} s")
+        print(f"the active daemon picks them up within {leader.LOOK_SECONDS:g} s")
         return EXIT_OK
     pid = daemon_running(settings)
     if pid is not None:

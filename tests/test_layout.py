@@ -25,7 +25,8 @@ ALLOWED: dict[str, set[str]] = {
     "config_loader": {"utils", "template"},
     "instances": {"models", "utils", "config_loader", "template", "notify"},
     "bot": {"instances", "template", "utils", "notify", "models", "wire"},
-    "leader": {"models"},
+    # Roles: instances for the claims; the rest only as types of the daemon it serves (Host).
+    "leader": {"models", "instances", "watchdog", "bot", "config_loader", "notify", "scheduler"},
     "report": {"utils"},
     "heartbeat": {"utils"},
     "wire": set(),
