@@ -53,7 +53,7 @@ EXIT_NOT_WORKING = 3
 HEARTBEAT_SECONDS = 15.0
 HEARTBEAT_STALE_SECONDS = 4 * HEARTBEAT_SECONDS
 #: A load that adds or changes at least this many instances closes the idle database
-#: connections afterwards (see Daemon._give_back_memory).
+#: connections afterwards (see Loads._give_back_memory).
 CLOSE_CONNECTIONS_AFTER = 1000
 #: How often the daemon looks for instances a `retry` put back to pending (the CLI may run on
 #: another host, with PostgreSQL, where no signal reaches this daemon).
@@ -223,11 +223,47 @@ def overwrite_in_place(path: Path, text: str) -> None:
         os.close(fd)
 
 
+class DaemonLocks:
+    """The lock files a daemon holds for its life (``lock_paths``): all of them, or none."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._locks: list[DirLock] = []
+
+    def acquire(self) -> None:
+        for path in lock_paths(self.settings):
+            lock = DirLock(path)
+            try:
+                acquired = lock.acquire()
+            except OSError as exc:
+                self.release()
+                setting = "DATA_DIR" if path == self.settings.lock_path else "DATABASE_URL"
+                raise cannot_write(
+                    setting, path, exc, instead="a writable place (the lock file goes beside it)"
+                ) from None
+            if not acquired:
+                self.release()
+                raise StartError(
+                    f"another courtbot daemon already holds {path.parent} ({path.name}); stop it "
+                    "first (or give this one its own DATA_DIR and DATABASE_URL)"
+                )
+            self._locks.append(lock)
+
+    def release(self) -> None:
+        for lock in self._locks:
+            lock.release()
+        self._locks.clear()
+
+
 # --------------------------------------------------------------------------- the daemon
 
 
 class Daemon:
-    """The running worker: owns the database, the scheduler, the club client and the loop."""
+    """The running worker: owns the database, the scheduler, the club client and the loop.
+
+    Its loads and the jobs that follow them are ``Loads``; the watchdog's looks and recovery are
+    ``Recovery``; its role on the database is ``leader.Roles``; its lock files ``DaemonLocks``.
+    """
 
     def __init__(
         self, settings: Settings, fernet: MultiFernet, template: config_loader.FlowFile | None
@@ -245,8 +281,8 @@ class Daemon:
         self.roles = leader.Roles(settings.database_url)
         self.config: Config | None = None
         self.stop = threading.Event()
-        self._load_lock = threading.Lock()
-        self._locks: list[DirLock] = []
+        self.load_lock = threading.Lock()
+        self.locks = DaemonLocks(settings)
         self._signals_r: socket.socket | None = None
         self._signals_w: socket.socket | None = None
         self._running = False
@@ -257,50 +293,12 @@ class Daemon:
         self.exit_code = EXIT_OK
         self.pinger: heartbeat.Pinger | None = None
         self._last_beat: float | None = None  # time.monotonic() of the last heartbeat written
-        # CONTRACT section 9, never silently: looked at every second by the loop (``watch``).
-        self.clock = watchdog.ClockWatch()
-        self.watchdog = watchdog.Watchdog()
-        self.overdue = watchdog.Overdue()
-        # The earliest pending trigger as last read (see _late), and when (monotonic; None: to
-        # be read again, as after every change to the jobs): the instances are asked about only
-        # when a trigger is near or passed, not every second of a quiet week.
-        self._next_due: datetime | None = None
-        self._next_due_read: float | None = None
-        self._jobs_changed = 0
-        #: What the last look did to recover, until the next look finds all working again.
-        self._restarted: str | None = None
-        self._entry_cache = config_loader.EntryCache()
-        self._retries_failing = False
-        self._frozen = False  # see _give_back_memory
-        #: The database as pick_up_retries last read the wakeups (see _database_stamp).
-        self._retry_stamp: tuple[tuple[int, int] | None, ...] | None = None
-        self._retry_looked = -math.inf
+        #: The loads and the jobs that follow them (files, instances, retries, memory).
+        self.loads = Loads(self)
+        #: CONTRACT section 9, never silently: looked at every second by the loop.
+        self.recovery = Recovery(self)
 
     # -- start-up -----------------------------------------------------------------------
-
-    def acquire_locks(self) -> None:
-        for path in lock_paths(self.settings):
-            lock = DirLock(path)
-            try:
-                acquired = lock.acquire()
-            except OSError as exc:
-                self.release_locks()
-                setting = "DATA_DIR" if path == self.settings.lock_path else "DATABASE_URL"
-                raise cannot_write(
-                    setting, path, exc, instead="a writable place (the lock file goes beside it)"
-                ) from None
-            if not acquired:
-                self.release_locks()
-                raise StartError(
-                    f"another courtbot daemon already holds {path.parent} ({path.name}); stop it "
-                    "first (or give this one its own DATA_DIR and DATABASE_URL)"
-                )
-            self._locks.append(lock)
-
-    def release_locks(self) -> None:
-        for lock in self._locks:
-            lock.release()
-        self._locks.clear()
 
     def install_signals(self) -> None:
         """Handlers only record the signal: Python writes its number to a socket that the main
@@ -322,7 +320,7 @@ class Daemon:
         """Open everything, then take the active role, or wait as a standby (section 10)."""
         settings = self.settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        self.acquire_locks()
+        self.locks.acquire()
         self.install_signals()
         self.open_database()
         db_path = models.sqlite_path(settings.database_url)
@@ -382,7 +380,7 @@ class Daemon:
         self.ctx = self.booking_context()
         self.scheduler = scheduler.Scheduler(self.engine, allowed=self.ctx.may_send.is_set)
         scheduler.set_runtime(self)
-        self.reset_watch()
+        self.recovery.reset()
 
         now = datetime.now(UTC)
         retried, unknown = instances.recover_in_flight(
@@ -403,7 +401,7 @@ class Daemon:
         # What is still pending with its trigger passed is booked at once, late: say why.
         instances.note_late_triggers(self.factory, now)
         self.config = None  # a full load: the files may have changed while it waited
-        self.load(reason=reason)
+        self.loads.load(reason=reason)
         if not self.ctx.may_send.is_set():
             return  # lost the role meanwhile: the loop steps down
         self.scheduler.start()
@@ -446,273 +444,6 @@ class Daemon:
                 len(entries),
             )
 
-    # -- loading ------------------------------------------------------------------------
-
-    def load(self, *, reason: str) -> bool:
-        """Read, validate and reconcile the config files; jobs follow. Returns False when a
-        file was rejected whole (the last good state stays)."""
-        assert self.factory is not None and self.scheduler is not None and self.ctx is not None
-        with self._load_lock:
-            started = time.perf_counter()
-            now = datetime.now(UTC)
-            if reason != "start" and not self.config_changed():
-                # Same files: nothing to validate, reconcile or schedule, and no table is read
-                # (what a `retry` changes reaches the jobs through pick_up_retries).
-                logger.info(
-                    "config unchanged (%s), checked in %.1f ms",
-                    reason,
-                    (time.perf_counter() - started) * 1000,
-                )
-                return True
-            first = reason == "start" or self.config is None
-            known = instances.token_names(self.factory)
-            config = config_loader.read_config(
-                self.settings,
-                self.fernet,
-                now,
-                known_tokens=known,
-                last_template=self.template,
-                cache=self._entry_cache,
-            )
-            # At start every job gets a look, and when a flow's preparation time changed (its
-            # club's jobs move); otherwise only those of the instances the load changed.
-            full_sync = self._use_flows_and_leads(config) or first
-            for error in config.errors:
-                logger.error("%s", error)
-            for warning in config.warnings:
-                logger.warning("%s", warning)
-            if config.tokens.file_error is None and config.tokens.raw is not None:
-                config_loader.rewrite_tokens_file(self.settings.tokens_path, config.tokens)
-                config_loader.secure_file_mode(self.settings.tokens_path)
-                if config.tokens.written is not None:
-                    # Our own rewrite is no change for the file check to reload on.
-                    written = config_loader.content_digest(config.tokens.written)
-                    config.digest[str(self.settings.tokens_path)] = written
-            unchanged = self._unchanged_entries(config) if not first else frozenset()
-            changes = instances.reconcile(self.factory, config, now=now, unchanged=unchanged)
-            self.ctx.withdraw(changes.keys)  # a booking preparing for one it cancelled stops
-            whole_ok = config.schedules.file_error is None
-            if whole_ok or self.config is None:
-                self.config = config
-            elif config.tokens.file_error is None:
-                self.config = Config(self.config.schedules, config.tokens, config.digest)
-            else:
-                self.config = Config(self.config.schedules, self.config.tokens, config.digest)
-            report = self.sync(None if full_sync else changes.keys)
-            elapsed = (time.perf_counter() - started) * 1000
-            summary = self._load_summary(config, changes, report)
-            ok = whole_ok and config.tokens.file_error is None
-            touched = len(changes.keys)
-            del config, changes  # what the load made is garbage now: give it back
-            given_back = self._give_back_memory(start=first, touched=touched, full=full_sync)
-            logger.info(
-                "config loaded (%s) in %.1f ms (then %.1f ms giving memory back): %s",
-                reason,
-                elapsed,
-                given_back,
-                summary,
-            )
-            return ok
-
-    def _unchanged_entries(self, config: Config) -> frozenset[str]:
-        """Entries exactly as last time: they need no reconciling (their horizon is the
-        top-up's job). At start there are none, as the window setting may have changed."""
-        assert self.config is not None
-        before = {e.id: e.fingerprint for e in self.config.schedules.entries}
-        return frozenset(
-            e.id for e in config.schedules.entries if before.get(e.id) == e.fingerprint
-        )
-
-    def _load_summary(
-        self, config: Config, changes: instances.Changes, report: scheduler.SyncReport
-    ) -> str:
-        """What a load did, for its log line."""
-        assert self.config is not None
-        kept = ""
-        if config.schedules.file_error is not None or config.tokens.file_error:
-            kept = "; kept last good config"
-        if changes.entries_changed:
-            kept = f"; entries changed: {', '.join(sorted(changes.entries_changed))}" + kept
-        return (
-            f"{len(self.config.schedules.entries)} schedule(s) "
-            f"({self._entry_cache.validated} validated), {len(config.errors)} error(s); "
-            f"instances: {changes.summary()}; jobs: {report.added} added, {report.moved} "
-            f"moved, {report.removed} removed{kept}"
-        )
-
-    def _use_flows_and_leads(self, config: Config) -> bool:
-        """``_use_flows``; True when a flow's preparation time changed with it (the jobs of
-        its club start that much earlier or later now)."""
-        assert self.ctx is not None
-        clubs: set[str | None] = {None, *self.ctx.clubs}
-        leads = self._club_prepare_seconds(clubs)
-        self._use_flows(config)
-        clubs |= set(self.ctx.clubs)
-        return self._club_prepare_seconds(clubs) != {c: leads.get(c, 0.0) for c in clubs}
-
-    def _use_flows(self, config: Config) -> None:
-        """Put the loaded template and club files in the booking context. An invalid template
-        or club file keeps its last good version (its errors are logged with the rest)."""
-        assert self.ctx is not None
-        if config.template_error is not None:
-            config.template_error += "; the last good template stays"
-        elif self.template is not None and config.template != self.template:
-            logger.info("request template reloaded")
-        self.template = config.template
-        self.ctx.template = config.template.flow if config.template is not None else None
-        loaded = {name: club.flow for name, club in config.clubs.items()}
-        for name in sorted(config.schedules.club_errors):
-            if name in self.ctx.clubs:
-                logger.warning("club %r: its last good file stays in use", name)
-        changed = sorted(n for n, flow in loaded.items() if self.ctx.clubs.get(n) != flow)
-        if changed:
-            logger.info("club file(s) loaded: %s", ", ".join(changed))
-        # Never dropped: instances kept as they were (a rejected entry's) still book with them.
-        self.ctx.clubs = {**self.ctx.clubs, **loaded}
-
-    def sync(self, keys: Collection[str] | None = None) -> scheduler.SyncReport:
-        """Make the jobs follow the pending instances: those of ``keys`` (what a load or a
-        `retry` changed), or with None every one, a page at a time (at start)."""
-        assert self.factory is not None and self.scheduler is not None and self.ctx is not None
-        self.roles.before_sync(self.factory)
-        # The watchdog reads the earliest trigger again.
-        self._jobs_changed += 1
-        self._next_due_read = None
-        with self.ctx.in_flight_lock:
-            busy = frozenset(self.ctx.in_flight)
-        if keys is not None:
-            pending = instances.pending_triggers(self.factory, keys)
-            prepare = self._prepare_seconds(pending)
-            return self.scheduler.sync_keys(pending, keys, busy=busy, prepare=prepare)
-        # Everything: every wakeup recorded so far is covered (read before, cleared after).
-        handled = instances.wakeups(self.factory)
-        report = scheduler.SyncReport(0, 0, 0)
-        for page in instances.pending_trigger_pages(self.factory):
-            prepare = self._prepare_seconds(page)
-            report += self.scheduler.sync_keys(page, page.keys(), busy=busy, prepare=prepare)
-        after = ""
-        while ids := self.scheduler.job_ids(after=after):
-            still = instances.pending_triggers(self.factory, ids)
-            report += self.scheduler.sync_keys({}, [i for i in ids if i not in still], busy=busy)
-            after = ids[-1]
-        if handled:
-            instances.clear_wakeups(self.factory, handled[-1][0])
-        return report
-
-    def pick_up_retries(self) -> int:
-        """Schedule the instances that a `retry` (from this host or another) put back to
-        pending, and only those. Called about every second: when there are none it is one read
-        of an empty table. Returns how many were picked up."""
-        assert self.factory is not None
-        with self._load_lock:
-            stamp, now = self._database_stamp(), time.monotonic()
-            if (
-                stamp is not None
-                and stamp == self._retry_stamp
-                and now - self._retry_looked < RETRY_LOOK_AT_LEAST_SECONDS
-            ):
-                return 0  # the SQLite file is as it was at the last look: no new wakeup
-            found = instances.wakeups(self.factory)
-            self._retry_stamp, self._retry_looked = stamp, now
-            if not found:
-                return 0
-            keys = {key for _, key in found}
-            report = self.sync(keys)
-            instances.clear_wakeups(self.factory, found[-1][0])
-        logger.info(
-            "retry: %d instance(s) back to pending picked up (%s); jobs: %d added, %d moved",
-            len(keys),
-            ", ".join(sorted(keys)),
-            report.added,
-            report.moved,
-        )
-        return len(keys)
-
-    def _database_stamp(self) -> tuple[tuple[int, int] | None, ...] | None:
-        """The SQLite file's and its WAL's modification time and size (None for a database
-        server): every commit, another process's too, changes one of them."""
-        path = models.sqlite_path(self.settings.database_url)
-        if path is None:
-            return None
-        stamps: list[tuple[int, int] | None] = []
-        for name in (str(path), f"{path}-wal"):
-            try:
-                info = os.stat(name)
-            except OSError:
-                stamps.append(None)
-            else:
-                stamps.append((info.st_mtime_ns, info.st_size))
-        return tuple(stamps)
-
-    def safe_pick_up_retries(self) -> None:
-        try:
-            self.pick_up_retries()
-        except Exception:
-            if not self._retries_failing:
-                logger.exception("looking for retried instances failed; trying again each second")
-            self._retries_failing = True
-        else:
-            if self._retries_failing:
-                logger.info("looking for retried instances works again")
-            self._retries_failing = False
-
-    def _give_back_memory(
-        self, *, start: bool = False, touched: int = 0, full: bool = False
-    ) -> float:
-        """After a load: collect its garbage and hand the heap's free memory back to the
-        system, so that the daemon rests small whatever its loads have been; after the start, a
-        full job sync or a load that touched many instances, close the idle database
-        connections too (with what they cached). Returns the milliseconds it took.
-
-        After the process's first load (before any booking) everything then alive is moved out
-        of the collector's sight (``gc.freeze``): the libraries' tens of thousands of objects
-        live as long as the process, and the full collection after a reload then looks only at
-        what came after (well under a millisecond instead of about 15). Not again later: what a
-        booking under way holds would be frozen with it. A small reload keeps the connections:
-        closing SQLite's last one checkpoints its WAL (an fsync, about 10 ms) for a few KB."""
-        assert self.engine is not None
-        started = time.perf_counter()
-        collected = gc.collect()
-        if start and not self._frozen:
-            gc.freeze()
-            self._frozen = True
-        closed = start or full or touched >= CLOSE_CONNECTIONS_AFTER
-        if closed:
-            models.close_idle_connections(self.engine)
-        trimmed = trim_heap()
-        took = (time.perf_counter() - started) * 1000
-        logger.debug(
-            "memory given back in %.1f ms: %d object(s) collected, idle database connections %s, "
-            "heap %s",
-            took,
-            collected,
-            "closed" if closed else "kept (a small change)",
-            "trimmed" if trimmed else "not trimmable here (no glibc)",
-        )
-        return took
-
-    def _prepare_seconds(self, pending: dict[str, datetime]) -> dict[str, float]:
-        """How long before its trigger each of these pending instances' flow prepares (a
-        login): its job starts that much earlier. Instances without preparation are left out."""
-        assert self.factory is not None
-        clubs = instances.pending_clubs(self.factory, pending.keys())
-        by_club = self._club_prepare_seconds({None, *clubs.values()})
-        prepare = {key: by_club[clubs.get(key)] for key in pending}
-        return {key: value for key, value in prepare.items() if value}
-
-    def _club_prepare_seconds(self, clubs: Collection[str | None]) -> dict[str | None, float]:
-        """Each club's preparation time (None: the template's or section 6's request)."""
-        assert self.ctx is not None
-        ctx = self.ctx
-
-        def seconds(club: str | None) -> float:
-            try:
-                return ctx.flow_for(club).prepare_seconds
-            except KeyError:
-                return 0.0  # nothing to book with: the booking says so at its trigger
-
-        return {club: seconds(club) for club in clubs}
-
     def config_changed(self) -> bool:
         return self.config is None or config_loader.config_digest(self.settings) != (
             self.config.digest
@@ -728,41 +459,26 @@ class Daemon:
         bot.book_slot(key, ctx)
 
     def topup(self, schedule_ids: Sequence[str] | None = None) -> None:
-        """Keep recurring entries at their full count of future instances."""
-        assert self.factory is not None
-        with self._load_lock:
-            if self.config is None or self.stop.is_set() or not self.roles.is_active:
-                return
-            recurring = [e.id for e in self.config.schedules.entries if e.rule is not None]
-            ids = [i for i in (schedule_ids or recurring) if i in recurring]
-            if not ids:
-                return
-            changes = instances.reconcile(
-                self.factory, self.config, now=datetime.now(UTC), only=ids
-            )
-            if self.ctx is not None:
-                self.ctx.withdraw(changes.keys)
-            if not changes.empty:
-                self.sync(changes.keys)
-                logger.info("top-up of %s: %s", ", ".join(ids), changes.summary())
+        """Keep recurring entries at their full count of future instances (``Loads.topup``)."""
+        self.loads.topup(schedule_ids)
 
     def _booked(self, schedule_id: str) -> None:
         self.topup([schedule_id])
 
-    # -- the loop -----------------------------------------------------------------------
+    def sync(self, keys: Collection[str] | None = None) -> scheduler.SyncReport:
+        """The jobs follow the pending instances (``Loads.sync``; Roles calls it)."""
+        return self.loads.sync(keys)
 
     def reset_watch(self) -> None:
-        """Forget what the watchdog saw of a scheduler that is gone (a period as the active
-        daemon ended or begins): a standby has none, a new one gets its own looks."""
-        self.watchdog = watchdog.Watchdog(give_up_after=self.watchdog.give_up_after)
-        self.overdue = watchdog.Overdue()
-        self._restarted = None
-        self._next_due_read = None
+        """The watchdog forgets the scheduler that is gone (``Recovery.reset``; Roles too)."""
+        self.recovery.reset()
+
+    # -- the loop -----------------------------------------------------------------------
 
     def heartbeat(self) -> None:
         """The beat `health` reads, with the watchdog's state. On a full disk the file is
         rewritten in place (always the same length: no new block needed)."""
-        text = watchdog.heartbeat_text(time.time(), self.watchdog.health())
+        text = watchdog.heartbeat_text(time.time(), self.recovery.watchdog.health())
         try:
             write_private(self.settings.heartbeat_path, text)
         except OSError:
@@ -780,34 +496,14 @@ class Daemon:
             and self.roles.is_active  # a standby vouches for nothing
             and beat is not None
             and time.monotonic() - beat < HEARTBEAT_STALE_SECONDS
-            and self.watchdog.health() is None
+            and self.recovery.watchdog.health() is None
         )
 
     # -- tokens that expire before a booking ----------------------------------------------
 
-    def warn_expiring_tokens(self, now: datetime) -> list[str]:
-        """Report, once per token and expiry, a JWT that expires before the trigger of a pending
-        booking, when that trigger is within TOKEN_NOTICE_AHEAD (an email and a channel
-        message, days before it would fail with a 401). Returns the tokens reported now."""
-        assert self.factory is not None and self.notifier is not None
-        reported = []
-        for name, expires in sorted(instances.token_expiries(self.factory, self.fernet).items()):
-            count, first = instances.pending_from(self.factory, name, expires)
-            if first is None or first.trigger_time - now > TOKEN_NOTICE_AHEAD:
-                continue
-            if not instances.remember_notice(
-                self.factory, f"token-expiry:{name}:{expires.timestamp():.0f}", now
-            ):
-                continue
-            self.notifier.notify_warning(
-                f"token {name!r}", *_token_expiry_message(name, expires, count, first, now)
-            )
-            reported.append(name)
-        return reported
-
     def safe_warn_expiring_tokens(self) -> None:
         try:
-            self.warn_expiring_tokens(datetime.now(UTC))
+            warn_expiring_tokens(self, datetime.now(UTC))
         except Exception:
             logger.exception("could not check the tokens' expiry")
 
@@ -858,7 +554,7 @@ class Daemon:
             now = time.monotonic()
             if now >= next_watch:
                 next_watch = now + watchdog.INTERVAL
-                self.watch()
+                self.recovery.watch()
             if now >= next_check:
                 next_check = now + self.settings.reload_interval
                 if self.config_changed():
@@ -870,126 +566,11 @@ class Daemon:
                 self.heartbeat()
             if now >= next_retries:
                 next_retries = now + RETRY_CHECK_SECONDS
-                self.safe_pick_up_retries()
-
-    # -- the watchdog (CONTRACT section 9: never silently) -------------------------------
-
-    def watch(self) -> None:
-        """Once a second: notice a wall-clock jump (the scheduler is woken), and whether the
-        scheduler can fire and its triggers are not overdue. When not, it is logged at once,
-        `health` says so, and it is recovered (restarted and re-synced from the instances, so
-        overdue bookings go at once) as soon as the database takes writes again, which the next
-        look confirms; after a minute of failing, the daemon stops with EXIT_NOT_WORKING for its
-        supervisor to restart it."""
-        jump = self.clock.check()
-        if jump is not None:
-            self._clock_jumped(jump)
-        if self.watchdog.problem is None or self._restarted is not None:
-            problem = self._find_problem()
-            if problem is None:
-                if self._restarted is not None:
-                    # Restarted at the last look, and working since: recovered.
-                    self.watchdog.recovered(self._restarted)
-                    self._restarted = None
-                    self.heartbeat()
-                return
-            if not self._report(problem):
-                return
-        self._restarted = self._recover()
-
-    def _find_problem(self) -> str | None:
-        """What keeps the daemon from booking now (None: nothing)."""
-        assert self.scheduler is not None and self.factory is not None and self.ctx is not None
-        problem = self.scheduler.problem()
-        if problem is not None:
-            return problem
-        try:
-            late = self._late()
-        except models.DatabaseError as exc:
-            return f"the database cannot be read ({models.error_text(exc)})"
-        with self.ctx.in_flight_lock:
-            busy = set(self.ctx.in_flight)
-        overdue = self.overdue.check(key for key in late if key not in busy)
-        return watchdog.describe_overdue(overdue) if overdue else None
-
-    def _late(self) -> list[str]:
-        """The pending instances whose job should have started LATE_AFTER ago (a job starts LEAD
-        before its trigger). The instances are asked only once the earliest pending trigger, as
-        last read, is that close; it is read again after each change to the jobs, and at least
-        every NEXT_DUE_REFRESH seconds whatever happens."""
-        assert self.factory is not None
-        before = datetime.now(UTC) + scheduler.LEAD - timedelta(seconds=watchdog.LATE_AFTER)
-        read = self._next_due_read
-        if (
-            read is not None
-            and time.monotonic() - read < watchdog.NEXT_DUE_REFRESH
-            and (self._next_due is None or self._next_due >= before)
-        ):
-            return []
-        changes = self._jobs_changed
-        late = instances.overdue(self.factory, before)
-        self._next_due_read = None
-        if not late:
-            next_due = instances.next_trigger(self.factory)
-            if changes == self._jobs_changed:  # no sync meanwhile (a top-up's, in its thread)
-                self._next_due, self._next_due_read = next_due, time.monotonic()
-        return late
-
-    def _recover(self) -> str | None:
-        """Restart the scheduler and re-sync its jobs from the instances, once the database takes
-        writes. Returns what was done, or None (the watchdog told why) while it cannot be.
-        Recovered is what the next look says: an overdue booking still not started is still a
-        problem (and the time toward giving up runs on)."""
-        assert self.scheduler is not None
-        with self._load_lock:
-            try:
-                self.scheduler.probe_write()
-            except Exception as exc:  # noqa: BLE001 (whatever the driver says, try again)
-                self._report(f"the database cannot be written ({models.error_text(exc)})")
-                return None
-            try:
-                self.scheduler.restart()
-                report = self.sync()
-                self.scheduler.start()
-            except Exception as exc:  # noqa: BLE001 (as above)
-                self._report(f"the scheduler cannot restart ({models.error_text(exc)})")
-                return None
-        return (
-            f"restarted and re-synced from the instances (jobs: {report.added} added, "
-            f"{report.moved} moved, {report.removed} removed); overdue bookings go now"
-        )
-
-    def _report(self, problem: str) -> bool:
-        """Tell the watchdog what is wrong (it logs) and `health` (the heartbeat, at once).
-        False when it is time to give up: the loop then stops, with EXIT_NOT_WORKING."""
-        going_on = self.watchdog.report(problem)
-        if not going_on:
-            self.exit_code = EXIT_NOT_WORKING
-            self.stop.set()
-        self.heartbeat()
-        return going_on
-
-    def _clock_jumped(self, jump: float) -> None:
-        """APScheduler sleeps on a wait computed from the wall clock: wake it to look again."""
-        if jump > 0:
-            logger.warning(
-                "the wall clock jumped forward by %.1f s (an NTP step, a resumed VM?): scheduler "
-                "woken; triggers it passed are booked now",
-                jump,
-            )
-        else:
-            logger.warning(
-                "the wall clock jumped backward by %.1f s: scheduler woken; no request leaves "
-                "before its trigger by the clock",
-                -jump,
-            )
-        assert self.scheduler is not None
-        self.scheduler.wakeup()
-        self.overdue.forget()
+                self.loads.safe_pick_up_retries()
 
     def safe_load(self, reason: str) -> None:
         try:
-            self.load(reason=reason)
+            self.loads.load(reason=reason)
         except Exception:
             logger.exception("reload (%s) failed; the last good state stays", reason)
 
@@ -1018,10 +599,10 @@ class Daemon:
             self.notifier.close(timeout=10.0)
         if self.engine is not None:
             self.engine.dispose()
-        gc.unfreeze()  # what the start froze is the collector's again (see _give_back_memory)
+        gc.unfreeze()  # what the start froze is the collector's again (see Loads._give_back_memory)
         self._close_guard()
         self._remove_pid_file()
-        self.release_locks()
+        self.locks.release()
         if self._running:
             logger.info("courtbot stopped")
 
@@ -1057,6 +638,471 @@ class Daemon:
                 self.settings.pid_path.unlink()
 
 
+class Loads:
+    """A daemon's loads and the jobs that follow them: the files read, validated and reconciled
+    (at start, SIGHUP, a changed file), the top-ups, the retries picked up, and the memory given
+    back after each."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._entry_cache = config_loader.EntryCache()
+        self._retries_failing = False
+        self._frozen = False  # see _give_back_memory
+        #: The database as pick_up_retries last read the wakeups (see _database_stamp).
+        self._retry_stamp: tuple[tuple[int, int] | None, ...] | None = None
+        self._retry_looked = -math.inf
+
+    def load(self, *, reason: str) -> bool:
+        """Read, validate and reconcile the config files; jobs follow. Returns False when a
+        file was rejected whole (the last good state stays)."""
+        daemon = self.daemon
+        assert (
+            daemon.factory is not None and daemon.scheduler is not None and daemon.ctx is not None
+        )
+        with daemon.load_lock:
+            started = time.perf_counter()
+            now = datetime.now(UTC)
+            if reason != "start" and not daemon.config_changed():
+                # Same files: nothing to validate, reconcile or schedule, and no table is read
+                # (what a `retry` changes reaches the jobs through pick_up_retries).
+                logger.info(
+                    "config unchanged (%s), checked in %.1f ms",
+                    reason,
+                    (time.perf_counter() - started) * 1000,
+                )
+                return True
+            first = reason == "start" or daemon.config is None
+            known = instances.token_names(daemon.factory)
+            config = config_loader.read_config(
+                daemon.settings,
+                daemon.fernet,
+                now,
+                known_tokens=known,
+                last_template=daemon.template,
+                cache=self._entry_cache,
+            )
+            # At start every job gets a look, and when a flow's preparation time changed (its
+            # club's jobs move); otherwise only those of the instances the load changed.
+            full_sync = self._use_flows_and_leads(config) or first
+            for error in config.errors:
+                logger.error("%s", error)
+            for warning in config.warnings:
+                logger.warning("%s", warning)
+            if config.tokens.file_error is None and config.tokens.raw is not None:
+                config_loader.rewrite_tokens_file(daemon.settings.tokens_path, config.tokens)
+                config_loader.secure_file_mode(daemon.settings.tokens_path)
+                if config.tokens.written is not None:
+                    # Our own rewrite is no change for the file check to reload on.
+                    written = config_loader.content_digest(config.tokens.written)
+                    config.digest[str(daemon.settings.tokens_path)] = written
+            unchanged = self._unchanged_entries(config) if not first else frozenset()
+            changes = instances.reconcile(daemon.factory, config, now=now, unchanged=unchanged)
+            daemon.ctx.withdraw(changes.keys)  # a booking preparing for one it cancelled stops
+            whole_ok = config.schedules.file_error is None
+            if whole_ok or daemon.config is None:
+                daemon.config = config
+            elif config.tokens.file_error is None:
+                daemon.config = Config(daemon.config.schedules, config.tokens, config.digest)
+            else:
+                daemon.config = Config(daemon.config.schedules, daemon.config.tokens, config.digest)
+            report = self.sync(None if full_sync else changes.keys)
+            elapsed = (time.perf_counter() - started) * 1000
+            summary = self._load_summary(config, changes, report)
+            ok = whole_ok and config.tokens.file_error is None
+            touched = len(changes.keys)
+            del config, changes  # what the load made is garbage now: give it back
+            given_back = self._give_back_memory(start=first, touched=touched, full=full_sync)
+            logger.info(
+                "config loaded (%s) in %.1f ms (then %.1f ms giving memory back): %s",
+                reason,
+                elapsed,
+                given_back,
+                summary,
+            )
+            return ok
+
+    def _unchanged_entries(self, config: Config) -> frozenset[str]:
+        """Entries exactly as last time: they need no reconciling (their horizon is the
+        top-up's job). At start there are none, as the window setting may have changed."""
+        daemon = self.daemon
+        assert daemon.config is not None
+        before = {e.id: e.fingerprint for e in daemon.config.schedules.entries}
+        return frozenset(
+            e.id for e in config.schedules.entries if before.get(e.id) == e.fingerprint
+        )
+
+    def _load_summary(
+        self, config: Config, changes: instances.Changes, report: scheduler.SyncReport
+    ) -> str:
+        """What a load did, for its log line."""
+        daemon = self.daemon
+        assert daemon.config is not None
+        kept = ""
+        if config.schedules.file_error is not None or config.tokens.file_error:
+            kept = "; kept last good config"
+        if changes.entries_changed:
+            kept = f"; entries changed: {', '.join(sorted(changes.entries_changed))}" + kept
+        return (
+            f"{len(daemon.config.schedules.entries)} schedule(s) "
+            f"({self._entry_cache.validated} validated), {len(config.errors)} error(s); "
+            f"instances: {changes.summary()}; jobs: {report.added} added, {report.moved} "
+            f"moved, {report.removed} removed{kept}"
+        )
+
+    def _use_flows_and_leads(self, config: Config) -> bool:
+        """``_use_flows``; True when a flow's preparation time changed with it (the jobs of
+        its club start that much earlier or later now)."""
+        daemon = self.daemon
+        assert daemon.ctx is not None
+        clubs: set[str | None] = {None, *daemon.ctx.clubs}
+        leads = self._club_prepare_seconds(clubs)
+        self._use_flows(config)
+        clubs |= set(daemon.ctx.clubs)
+        return self._club_prepare_seconds(clubs) != {c: leads.get(c, 0.0) for c in clubs}
+
+    def _use_flows(self, config: Config) -> None:
+        """Put the loaded template and club files in the booking context. An invalid template
+        or club file keeps its last good version (its errors are logged with the rest)."""
+        daemon = self.daemon
+        assert daemon.ctx is not None
+        if config.template_error is not None:
+            config.template_error += "; the last good template stays"
+        elif daemon.template is not None and config.template != daemon.template:
+            logger.info("request template reloaded")
+        daemon.template = config.template
+        daemon.ctx.template = config.template.flow if config.template is not None else None
+        loaded = {name: club.flow for name, club in config.clubs.items()}
+        for name in sorted(config.schedules.club_errors):
+            if name in daemon.ctx.clubs:
+                logger.warning("club %r: its last good file stays in use", name)
+        changed = sorted(n for n, flow in loaded.items() if daemon.ctx.clubs.get(n) != flow)
+        if changed:
+            logger.info("club file(s) loaded: %s", ", ".join(changed))
+        # Never dropped: instances kept as they were (a rejected entry's) still book with them.
+        daemon.ctx.clubs = {**daemon.ctx.clubs, **loaded}
+
+    def sync(self, keys: Collection[str] | None = None) -> scheduler.SyncReport:
+        """Make the jobs follow the pending instances: those of ``keys`` (what a load or a
+        `retry` changed), or with None every one, a page at a time (at start)."""
+        daemon = self.daemon
+        assert (
+            daemon.factory is not None and daemon.scheduler is not None and daemon.ctx is not None
+        )
+        daemon.roles.before_sync(daemon.factory)
+        daemon.recovery.jobs_changed()  # the watchdog reads the earliest trigger again
+        with daemon.ctx.in_flight_lock:
+            busy = frozenset(daemon.ctx.in_flight)
+        if keys is not None:
+            pending = instances.pending_triggers(daemon.factory, keys)
+            prepare = self._prepare_seconds(pending)
+            return daemon.scheduler.sync_keys(pending, keys, busy=busy, prepare=prepare)
+        # Everything: every wakeup recorded so far is covered (read before, cleared after).
+        handled = instances.wakeups(daemon.factory)
+        report = scheduler.SyncReport(0, 0, 0)
+        for page in instances.pending_trigger_pages(daemon.factory):
+            prepare = self._prepare_seconds(page)
+            report += daemon.scheduler.sync_keys(page, page.keys(), busy=busy, prepare=prepare)
+        after = ""
+        while ids := daemon.scheduler.job_ids(after=after):
+            still = instances.pending_triggers(daemon.factory, ids)
+            report += daemon.scheduler.sync_keys({}, [i for i in ids if i not in still], busy=busy)
+            after = ids[-1]
+        if handled:
+            instances.clear_wakeups(daemon.factory, handled[-1][0])
+        return report
+
+    def pick_up_retries(self) -> int:
+        """Schedule the instances that a `retry` (from this host or another) put back to
+        pending, and only those. Called about every second: when there are none it is one read
+        of an empty table. Returns how many were picked up."""
+        daemon = self.daemon
+        assert daemon.factory is not None
+        with daemon.load_lock:
+            stamp, now = self._database_stamp(), time.monotonic()
+            if (
+                stamp is not None
+                and stamp == self._retry_stamp
+                and now - self._retry_looked < RETRY_LOOK_AT_LEAST_SECONDS
+            ):
+                return 0  # the SQLite file is as it was at the last look: no new wakeup
+            found = instances.wakeups(daemon.factory)
+            self._retry_stamp, self._retry_looked = stamp, now
+            if not found:
+                return 0
+            keys = {key for _, key in found}
+            report = self.sync(keys)
+            instances.clear_wakeups(daemon.factory, found[-1][0])
+        logger.info(
+            "retry: %d instance(s) back to pending picked up (%s); jobs: %d added, %d moved",
+            len(keys),
+            ", ".join(sorted(keys)),
+            report.added,
+            report.moved,
+        )
+        return len(keys)
+
+    def _database_stamp(self) -> tuple[tuple[int, int] | None, ...] | None:
+        """The SQLite file's and its WAL's modification time and size (None for a database
+        server): every commit, another process's too, changes one of them."""
+        path = models.sqlite_path(self.daemon.settings.database_url)
+        if path is None:
+            return None
+        stamps: list[tuple[int, int] | None] = []
+        for name in (str(path), f"{path}-wal"):
+            try:
+                info = os.stat(name)
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((info.st_mtime_ns, info.st_size))
+        return tuple(stamps)
+
+    def safe_pick_up_retries(self) -> None:
+        try:
+            self.pick_up_retries()
+        except Exception:
+            if not self._retries_failing:
+                logger.exception("looking for retried instances failed; trying again each second")
+            self._retries_failing = True
+        else:
+            if self._retries_failing:
+                logger.info("looking for retried instances works again")
+            self._retries_failing = False
+
+    def _give_back_memory(
+        self, *, start: bool = False, touched: int = 0, full: bool = False
+    ) -> float:
+        """After a load: collect its garbage and hand the heap's free memory back to the
+        system, so that the daemon rests small whatever its loads have been; after the start, a
+        full job sync or a load that touched many instances, close the idle database
+        connections too (with what they cached). Returns the milliseconds it took.
+
+        After the process's first load (before any booking) everything then alive is moved out
+        of the collector's sight (``gc.freeze``): the libraries' tens of thousands of objects
+        live as long as the process, and the full collection after a reload then looks only at
+        what came after (well under a millisecond instead of about 15). Not again later: what a
+        booking under way holds would be frozen with it. A small reload keeps the connections:
+        closing SQLite's last one checkpoints its WAL (an fsync, about 10 ms) for a few KB."""
+        daemon = self.daemon
+        assert daemon.engine is not None
+        started = time.perf_counter()
+        collected = gc.collect()
+        if start and not self._frozen:
+            gc.freeze()
+            self._frozen = True
+        closed = start or full or touched >= CLOSE_CONNECTIONS_AFTER
+        if closed:
+            models.close_idle_connections(daemon.engine)
+        trimmed = trim_heap()
+        took = (time.perf_counter() - started) * 1000
+        logger.debug(
+            "memory given back in %.1f ms: %d object(s) collected, idle database connections %s, "
+            "heap %s",
+            took,
+            collected,
+            "closed" if closed else "kept (a small change)",
+            "trimmed" if trimmed else "not trimmable here (no glibc)",
+        )
+        return took
+
+    def _prepare_seconds(self, pending: dict[str, datetime]) -> dict[str, float]:
+        """How long before its trigger each of these pending instances' flow prepares (a
+        login): its job starts that much earlier. Instances without preparation are left out."""
+        daemon = self.daemon
+        assert daemon.factory is not None
+        clubs = instances.pending_clubs(daemon.factory, pending.keys())
+        by_club = self._club_prepare_seconds({None, *clubs.values()})
+        prepare = {key: by_club[clubs.get(key)] for key in pending}
+        return {key: value for key, value in prepare.items() if value}
+
+    def _club_prepare_seconds(self, clubs: Collection[str | None]) -> dict[str | None, float]:
+        """Each club's preparation time (None: the template's or section 6's request)."""
+        daemon = self.daemon
+        assert daemon.ctx is not None
+        ctx = daemon.ctx
+
+        def seconds(club: str | None) -> float:
+            try:
+                return ctx.flow_for(club).prepare_seconds
+            except KeyError:
+                return 0.0  # nothing to book with: the booking says so at its trigger
+
+        return {club: seconds(club) for club in clubs}
+
+    def topup(self, schedule_ids: Sequence[str] | None = None) -> None:
+        """Keep recurring entries at their full count of future instances."""
+        daemon = self.daemon
+        assert daemon.factory is not None
+        with daemon.load_lock:
+            if daemon.config is None or daemon.stop.is_set() or not daemon.roles.is_active:
+                return
+            recurring = [e.id for e in daemon.config.schedules.entries if e.rule is not None]
+            ids = [i for i in (schedule_ids or recurring) if i in recurring]
+            if not ids:
+                return
+            changes = instances.reconcile(
+                daemon.factory, daemon.config, now=datetime.now(UTC), only=ids
+            )
+            if daemon.ctx is not None:
+                daemon.ctx.withdraw(changes.keys)
+            if not changes.empty:
+                self.sync(changes.keys)
+                logger.info("top-up of %s: %s", ", ".join(ids), changes.summary())
+
+
+class Recovery:
+    """The watchdog's side of a daemon (CONTRACT section 9, never silently): once a second it
+    notices a wall-clock jump, a scheduler that cannot fire or a trigger overdue, says so, and
+    restarts and re-syncs the scheduler; after a minute of failing the daemon stops."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.clock = watchdog.ClockWatch()
+        self.watchdog = watchdog.Watchdog()
+        self.overdue = watchdog.Overdue()
+        # The earliest pending trigger as last read (see _late), and when (monotonic; None: to
+        # be read again, as after every change to the jobs): the instances are asked about only
+        # when a trigger is near or passed, not every second of a quiet week.
+        self._next_due: datetime | None = None
+        self._next_due_read: float | None = None
+        self._jobs_changed = 0
+        #: What the last look did to recover, until the next look finds all working again.
+        self._restarted: str | None = None
+
+    def jobs_changed(self) -> None:
+        """The jobs changed (a sync): the earliest pending trigger is read again."""
+        self._jobs_changed += 1
+        self._next_due_read = None
+
+    def reset(self) -> None:
+        """Forget what the watchdog saw of a scheduler that is gone (a period as the active
+        daemon ended or begins): a standby has none, a new one gets its own looks."""
+        self.watchdog = watchdog.Watchdog(give_up_after=self.watchdog.give_up_after)
+        self.overdue = watchdog.Overdue()
+        self._restarted = None
+        self._next_due_read = None
+
+    def watch(self) -> None:
+        """Once a second: notice a wall-clock jump (the scheduler is woken), and whether the
+        scheduler can fire and its triggers are not overdue. When not, it is logged at once,
+        `health` says so, and it is recovered (restarted and re-synced from the instances, so
+        overdue bookings go at once) as soon as the database takes writes again, which the next
+        look confirms; after a minute of failing, the daemon stops with EXIT_NOT_WORKING for its
+        supervisor to restart it."""
+        jump = self.clock.check()
+        if jump is not None:
+            self._clock_jumped(jump)
+        if self.watchdog.problem is None or self._restarted is not None:
+            problem = self._find_problem()
+            if problem is None:
+                if self._restarted is not None:
+                    # Restarted at the last look, and working since: recovered.
+                    self.watchdog.recovered(self._restarted)
+                    self._restarted = None
+                    self.daemon.heartbeat()
+                return
+            if not self._report(problem):
+                return
+        self._restarted = self._recover()
+
+    def _find_problem(self) -> str | None:
+        """What keeps the daemon from booking now (None: nothing)."""
+        daemon = self.daemon
+        assert (
+            daemon.scheduler is not None and daemon.factory is not None and daemon.ctx is not None
+        )
+        problem = daemon.scheduler.problem()
+        if problem is not None:
+            return problem
+        try:
+            late = self._late()
+        except models.DatabaseError as exc:
+            return f"the database cannot be read ({models.error_text(exc)})"
+        with daemon.ctx.in_flight_lock:
+            busy = set(daemon.ctx.in_flight)
+        overdue = self.overdue.check(key for key in late if key not in busy)
+        return watchdog.describe_overdue(overdue) if overdue else None
+
+    def _late(self) -> list[str]:
+        """The pending instances whose job should have started LATE_AFTER ago (a job starts LEAD
+        before its trigger). The instances are asked only once the earliest pending trigger, as
+        last read, is that close; it is read again after each change to the jobs, and at least
+        every NEXT_DUE_REFRESH seconds whatever happens."""
+        daemon = self.daemon
+        assert daemon.factory is not None
+        before = datetime.now(UTC) + scheduler.LEAD - timedelta(seconds=watchdog.LATE_AFTER)
+        read = self._next_due_read
+        if (
+            read is not None
+            and time.monotonic() - read < watchdog.NEXT_DUE_REFRESH
+            and (self._next_due is None or self._next_due >= before)
+        ):
+            return []
+        changes = self._jobs_changed
+        late = instances.overdue(daemon.factory, before)
+        self._next_due_read = None
+        if not late:
+            next_due = instances.next_trigger(daemon.factory)
+            if changes == self._jobs_changed:  # no sync meanwhile (a top-up's, in its thread)
+                self._next_due, self._next_due_read = next_due, time.monotonic()
+        return late
+
+    def _recover(self) -> str | None:
+        """Restart the scheduler and re-sync its jobs from the instances, once the database takes
+        writes. Returns what was done, or None (the watchdog told why) while it cannot be.
+        Recovered is what the next look says: an overdue booking still not started is still a
+        problem (and the time toward giving up runs on)."""
+        daemon = self.daemon
+        assert daemon.scheduler is not None
+        with daemon.load_lock:
+            try:
+                daemon.scheduler.probe_write()
+            except Exception as exc:  # noqa: BLE001 (whatever the driver says, try again)
+                self._report(f"the database cannot be written ({models.error_text(exc)})")
+                return None
+            try:
+                daemon.scheduler.restart()
+                report = daemon.loads.sync()
+                daemon.scheduler.start()
+            except Exception as exc:  # noqa: BLE001 (as above)
+                self._report(f"the scheduler cannot restart ({models.error_text(exc)})")
+                return None
+        return (
+            f"restarted and re-synced from the instances (jobs: {report.added} added, "
+            f"{report.moved} moved, {report.removed} removed); overdue bookings go now"
+        )
+
+    def _report(self, problem: str) -> bool:
+        """Tell the watchdog what is wrong (it logs) and `health` (the heartbeat, at once).
+        False when it is time to give up: the loop then stops, with EXIT_NOT_WORKING."""
+        daemon = self.daemon
+        going_on = self.watchdog.report(problem)
+        if not going_on:
+            daemon.exit_code = EXIT_NOT_WORKING
+            daemon.stop.set()
+        daemon.heartbeat()
+        return going_on
+
+    def _clock_jumped(self, jump: float) -> None:
+        """APScheduler sleeps on a wait computed from the wall clock: wake it to look again."""
+        daemon = self.daemon
+        if jump > 0:
+            logger.warning(
+                "the wall clock jumped forward by %.1f s (an NTP step, a resumed VM?): scheduler "
+                "woken; triggers it passed are booked now",
+                jump,
+            )
+        else:
+            logger.warning(
+                "the wall clock jumped backward by %.1f s: scheduler woken; no request leaves "
+                "before its trigger by the clock",
+                -jump,
+            )
+        assert daemon.scheduler is not None
+        daemon.scheduler.wakeup()
+        self.overdue.forget()
+
+
 def club_location(settings: Settings, template: Flow | None) -> str | None:
     """Where the courts are, for calendar entries: the booking URL's host (the template's
     booking step's, else BOOKING_API_URL's), without user, password or port."""
@@ -1069,6 +1115,27 @@ def club_location(settings: Settings, template: Flow | None) -> str | None:
         return urlsplit(url).hostname if url else None
     except ValueError:
         return None
+
+
+def warn_expiring_tokens(daemon: Daemon, now: datetime) -> list[str]:
+    """Report, once per token and expiry, a JWT that expires before the trigger of a pending
+    booking, when that trigger is within TOKEN_NOTICE_AHEAD (an email and a channel
+    message, days before it would fail with a 401). Returns the tokens reported now."""
+    assert daemon.factory is not None and daemon.notifier is not None
+    reported = []
+    for name, expires in sorted(instances.token_expiries(daemon.factory, daemon.fernet).items()):
+        count, first = instances.pending_from(daemon.factory, name, expires)
+        if first is None or first.trigger_time - now > TOKEN_NOTICE_AHEAD:
+            continue
+        if not instances.remember_notice(
+            daemon.factory, f"token-expiry:{name}:{expires.timestamp():.0f}", now
+        ):
+            continue
+        daemon.notifier.notify_warning(
+            f"token {name!r}", *_token_expiry_message(name, expires, count, first, now)
+        )
+        reported.append(name)
+    return reported
 
 
 def _token_expiry_message(

@@ -44,6 +44,7 @@ from daemon import (
     _token_expiry_message,
     club_location,
     trim_heap,
+    warn_expiring_tokens,
 )
 from models import Instance
 from mounts import fill, small_disk
@@ -231,7 +232,7 @@ def test_a_reload_with_no_file_changed_sends_no_sql(
     caplog.set_level(logging.INFO)
     assert daemon.engine is not None
     with statements_of_this_thread(daemon.engine) as seen:
-        assert daemon.load(reason="SIGHUP") is True
+        assert daemon.loads.load(reason="SIGHUP") is True
     assert seen == []
     (line,) = [m for m in caplog.messages if m.startswith("config unchanged")]
     assert re.fullmatch(r"config unchanged \(SIGHUP\), checked in \d+\.\d ms", line)
@@ -239,7 +240,7 @@ def test_a_reload_with_no_file_changed_sends_no_sql(
     # The same listener does see the statements of a load that has something to do.
     write_json(data_dir / "schedules.json", [one_off("a"), one_off("b")])
     with statements_of_this_thread(daemon.engine) as seen:
-        assert daemon.load(reason="SIGHUP") is True
+        assert daemon.loads.load(reason="SIGHUP") is True
     assert any(statement.startswith("INSERT INTO schedules") for statement in seen)
 
 
@@ -253,7 +254,7 @@ def test_a_retry_reaches_the_scheduler_by_its_keys_without_a_full_sync(
 ) -> None:
     assert daemon.engine is not None and daemon.factory is not None
     write_json(data_dir / "schedules.json", [one_off("a"), one_off("b")])
-    daemon.load(reason="file change")
+    daemon.loads.load(reason="file change")
     (b_key,) = [k for k in jobs(daemon.engine) if k.startswith("b@")]
     (a_key,) = [k for k in jobs(daemon.engine) if k.startswith("a@")]
     trigger_b = jobs(daemon.engine)[b_key]
@@ -273,7 +274,7 @@ def test_a_retry_reaches_the_scheduler_by_its_keys_without_a_full_sync(
     logging.getLogger().addHandler(caplog.handler)  # the CLI set up its own logging
     caplog.set_level(logging.INFO)
     with statements_of_this_thread(daemon.engine) as seen:
-        assert daemon.pick_up_retries() == 1
+        assert daemon.loads.pick_up_retries() == 1
 
     assert jobs(daemon.engine) == {b_key: trigger_b}
     assert instances.wakeups(daemon.factory) == []
@@ -284,11 +285,11 @@ def test_a_retry_reaches_the_scheduler_by_its_keys_without_a_full_sync(
     )
     # Its own writes changed the file: one more look, which finds nothing.
     with statements_of_this_thread(daemon.engine) as seen:
-        assert daemon.pick_up_retries() == 0
+        assert daemon.loads.pick_up_retries() == 0
     assert len(seen) == 1 and "FROM wakeups" in seen[0]
     # The file as it was at that look: no query at all (two stats instead, each second).
     with statements_of_this_thread(daemon.engine) as seen:
-        assert daemon.pick_up_retries() == 0
+        assert daemon.loads.pick_up_retries() == 0
     assert seen == []
 
 
@@ -324,7 +325,7 @@ def test_an_edited_reload_validates_and_reconciles_only_the_entry_that_changed(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     write_json(data_dir / "schedules.json", [one_off("a"), one_off("b"), one_off("c")])
-    daemon.load(reason="file change")
+    daemon.loads.load(reason="file change")
     validated: list[str] = []
     real = config_loader._validate_entry
 
@@ -338,7 +339,7 @@ def test_an_edited_reload_validates_and_reconciles_only_the_entry_that_changed(
         data_dir / "schedules.json", [one_off("a"), one_off("b") | {"court_id": 4}, one_off("c")]
     )
 
-    daemon.load(reason="file change")
+    daemon.loads.load(reason="file change")
 
     assert validated == ["b"]
     (line,) = [m for m in caplog.messages if m.startswith("config loaded (file change)")]
@@ -379,12 +380,12 @@ def test_a_load_that_changed_something_gives_its_memory_back(
     line = r"memory given back in \d+\.\d ms: \d+ object\(s\) collected, idle database connections "
     gc.callbacks.append(watch)
     try:
-        daemon.load(reason="SIGHUP")  # nothing changed: nothing to give back
+        daemon.loads.load(reason="SIGHUP")  # nothing changed: nothing to give back
         assert (full_collections, given_back()) == ([], [])
 
         # A small change: its garbage collected, the heap trimmed; the connections kept.
         write_json(data_dir / "schedules.json", [one_off("a"), one_off("b")])
-        daemon.load(reason="SIGHUP")
+        daemon.loads.load(reason="SIGHUP")
         assert full_collections == ["start", "stop"]
         # The same pool, its connection still open (idle, or lent to the daemon's own threads
         # at this instant: the watchdog's look or the scheduler may hold it for a moment).
@@ -394,7 +395,7 @@ def test_a_load_that_changed_something_gives_its_memory_back(
 
         # 20 weekly entries: 1,040 instances; the idle connections are closed too.
         write_json(data_dir / "schedules.json", [weekly(f"w{i}") for i in range(20)])
-        daemon.load(reason="SIGHUP")
+        daemon.loads.load(reason="SIGHUP")
     finally:
         gc.callbacks.remove(watch)
 
@@ -419,7 +420,7 @@ def test_the_start_freezes_what_lives_on_and_the_stop_unfreezes_it(
     assert gc.get_freeze_count() == 0
     with started_daemon(env):
         # The libraries' objects are out of the collector's sight: a reload's collection is
-        # short (Daemon._give_back_memory).
+        # short (Loads._give_back_memory).
         assert gc.get_freeze_count() > 10_000
     assert gc.get_freeze_count() == 0
 
@@ -700,11 +701,11 @@ def test_a_token_expiring_before_a_near_trigger_is_reported_once(
     write_json(data_dir / "schedules.json", entries)
 
     with started_daemon(env) as daemon:
-        assert daemon.warn_expiring_tokens(datetime.now(UTC)) == []  # sent at start already
+        assert warn_expiring_tokens(daemon, datetime.now(UTC)) == []  # sent at start already
         daemon.safe_load("SIGHUP")
-        assert daemon.warn_expiring_tokens(datetime.now(UTC)) == []
+        assert warn_expiring_tokens(daemon, datetime.now(UTC)) == []
     with started_daemon(env) as again:  # remembered across restarts too
-        assert again.warn_expiring_tokens(datetime.now(UTC)) == []
+        assert warn_expiring_tokens(again, datetime.now(UTC)) == []
 
     sent = [m for m in caplog.messages if m.startswith("token 'default': ")]
     assert sent == [
@@ -768,15 +769,15 @@ def test_a_stopped_scheduler_is_an_error_at_the_next_look_and_is_restarted(
     daemon: Daemon, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    daemon.watch()
+    daemon.recovery.watch()
     assert watchdog_lines(caplog) == []
     assert daemon.scheduler is not None
     daemon.scheduler.shutdown(wait=True)
 
-    daemon.watch()  # noticed, restarted
+    daemon.recovery.watch()  # noticed, restarted
     assert daemon.scheduler.problem() is None
-    assert daemon.watchdog.health() is not None
-    daemon.watch()  # and working since: recovered
+    assert daemon.recovery.watchdog.health() is not None
+    daemon.recovery.watch()  # and working since: recovered
 
     (error, (level, text)) = watchdog_lines(caplog)
     assert error == (
@@ -792,7 +793,7 @@ def test_a_stopped_scheduler_is_an_error_at_the_next_look_and_is_restarted(
         text,
     ), text
     assert daemon.scheduler.problem() is None
-    assert daemon.watchdog.health() is None
+    assert daemon.recovery.watchdog.health() is None
 
 
 def test_a_trigger_the_scheduler_missed_is_overdue_at_the_second_look_then_run(
@@ -809,11 +810,11 @@ def test_a_trigger_the_scheduler_missed_is_overdue_at_the_second_look_then_run(
         row = session.scalars(select(Instance).where(Instance.key == key)).one()
         row.desired_time, row.trigger_time = past, past - timedelta(hours=168)
 
-    daemon.watch()
+    daemon.recovery.watch()
     assert watchdog_lines(caplog) == []
-    daemon.watch()
+    daemon.recovery.watch()
     wait_for(lambda: instances.status_rows(daemon.factory)[0]["status"] == "expired")
-    daemon.watch()
+    daemon.recovery.watch()
 
     (error, recovered) = watchdog_lines(caplog)
     assert error == (
@@ -839,13 +840,13 @@ def test_a_restart_that_does_not_get_the_overdue_booking_going_is_no_recovery(
         row.trigger_time = datetime.now(UTC) - timedelta(minutes=1)
 
     for _ in range(2):  # late, then overdue: restarted
-        daemon.watch()
+        daemon.recovery.watch()
     wait_for(lambda: ran == [key])
-    daemon.watch()  # still pending: not recovered, restarted again
+    daemon.recovery.watch()  # still pending: not recovered, restarted again
 
     assert [level for level, _ in watchdog_lines(caplog)] == [logging.ERROR]
-    assert daemon.watchdog.problem is not None
-    assert daemon.watchdog.problem.startswith("1 booking(s) overdue")
+    assert daemon.recovery.watchdog.problem is not None
+    assert daemon.recovery.watchdog.problem.startswith("1 booking(s) overdue")
     wait_for(lambda: ran == [key, key])
 
 
@@ -861,18 +862,18 @@ def test_the_instances_are_asked_about_only_when_a_trigger_is_near_or_the_jobs_c
 
     monkeypatch.setattr(instances, "overdue", counting)
     for _ in range(4):  # the only trigger is days ahead: read once, then nothing to ask
-        daemon.watch()
+        daemon.recovery.watch()
     assert len(asked) == 1
     daemon.safe_load("SIGHUP")  # nothing changed: no job either
-    daemon.watch()
+    daemon.recovery.watch()
     assert len(asked) == 1
     write_json(data_dir / "schedules.json", [one_off("a"), one_off("b")])
     daemon.safe_load("SIGHUP")  # jobs synced: the earliest trigger may have changed
-    daemon.watch()
-    daemon.watch()
+    daemon.recovery.watch()
+    daemon.recovery.watch()
     assert len(asked) == 2
     monkeypatch.setattr(watchdog, "NEXT_DUE_REFRESH", 0.0)  # and read again now and then anyway
-    daemon.watch()
+    daemon.recovery.watch()
     assert len(asked) == 3
 
 
@@ -882,16 +883,16 @@ def test_a_clock_jump_is_logged_and_wakes_the_scheduler(
     caplog.set_level(logging.INFO)
     wall = [1_800_000_000.0]
     mono = [100.0]
-    daemon.clock = watchdog.ClockWatch(wall=lambda: wall[0], monotonic=lambda: mono[0])
+    daemon.recovery.clock = watchdog.ClockWatch(wall=lambda: wall[0], monotonic=lambda: mono[0])
     woken: list[bool] = []
     monkeypatch.setattr(daemon.scheduler, "wakeup", lambda: woken.append(True))
 
     wall[0] += 3601.0
     mono[0] += 1.0
-    daemon.watch()
+    daemon.recovery.watch()
     wall[0] += 1.0 - 42.5
     mono[0] += 1.0
-    daemon.watch()
+    daemon.recovery.watch()
 
     assert [m for m in caplog.messages if "wall clock" in m] == [
         "the wall clock jumped forward by 3600.0 s (an NTP step, a resumed VM?): scheduler "
@@ -934,14 +935,14 @@ def test_not_recovering_for_the_give_up_time_stops_the_loop_with_exit_3_health_1
     (60 s; 2 s here) the loop ends and the process would exit 3 for its supervisor."""
     daemon, env, disk = disk_daemon
     caplog.set_level(logging.INFO)
-    daemon.watchdog.give_up_after = 2.0
+    daemon.recovery.watchdog.give_up_after = 2.0
     fill(disk)
     assert daemon.scheduler is not None
     daemon.scheduler.shutdown(wait=True)
     seen: list[tuple[int, str]] = []
 
     def health_meanwhile() -> None:
-        wait_for(lambda: daemon.watchdog.problem is not None)
+        wait_for(lambda: daemon.recovery.watchdog.problem is not None)
         assert cli.cmd_health(env) == 1
         seen.append((1, capsys.readouterr().err))
 

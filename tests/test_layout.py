@@ -64,6 +64,11 @@ ALLOWED: dict[str, set[str]] = {
 MODULES = sorted(p.stem for p in ROOT.glob("*.py"))
 #: Longest production function, in lines (ruff's PLR0915 and C901 hold statements and branches).
 MAX_FUNCTION_LINES = 80
+#: Longest production class, in lines; cli.py, the commands, holds only small ones.
+MAX_CLASS_LINES = 400
+MAX_CLI_CLASS_LINES = 60
+#: cli.py is the commands only: argument parsing, printing, exit codes.
+MAX_CLI_LINES = 900
 
 
 def project_imports(path: Path) -> list[tuple[str, int]]:
@@ -137,3 +142,40 @@ def test_no_production_function_is_longer_than_80_lines() -> None:
                 if length > MAX_FUNCTION_LINES:
                     long.append(f"{module}.py:{node.lineno} {node.name}: {length} lines")
     assert long == []
+
+
+def class_lengths(path: Path) -> list[tuple[str, int, int]]:
+    """(class, first line, length in lines) of every class in ``path``, nested ones too."""
+    tree = ast.parse(path.read_text())
+    return [
+        (node.name, node.lineno, (node.end_lineno or node.lineno) - node.lineno + 1)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef)
+    ]
+
+
+def test_no_production_class_is_longer_than_400_lines() -> None:
+    long = [
+        f"{module}.py:{line} {name}: {length} lines"
+        for module in MODULES
+        for name, line, length in class_lengths(ROOT / f"{module}.py")
+        if length > MAX_CLASS_LINES
+    ]
+    assert long == []
+
+
+def test_cli_py_is_the_commands_only_short_with_small_classes() -> None:
+    lines = len((ROOT / "cli.py").read_text().splitlines())
+    assert lines <= MAX_CLI_LINES, f"cli.py: {lines} lines"
+    long = [
+        f"cli.py:{line} {name}: {length} lines"
+        for name, line, length in class_lengths(ROOT / "cli.py")
+        if length > MAX_CLI_CLASS_LINES
+    ]
+    assert long == []
+
+
+def test_the_class_sizes_count_every_line_of_nested_classes_too(tmp_path: Path) -> None:
+    source = tmp_path / "sample.py"
+    source.write_text("class Big:\n    class Small:\n        x = 1\n" + "    y = 2\n" * 399)
+    assert class_lengths(source) == [("Big", 1, 402), ("Small", 2, 2)]
