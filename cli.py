@@ -48,7 +48,7 @@ EXIT_INVALID = 1
 EXIT_CANNOT_START = 2
 CHECK_INSTANCES = 5
 
-# --------------------------------------------------------------------------- commands
+# --------------------------------------------------------------------------- settings
 
 
 def load_settings(env: dict[str, str]) -> Settings:
@@ -113,6 +113,9 @@ def require_api_url(settings: Settings, fernet: MultiFernet) -> None:
     needing = config.schedules.without_request
     if needing:
         raise StartError(f"{message}, or name a club file in {', '.join(needing)}")
+
+
+# --------------------------------------------------------------------------- commands
 
 
 def cmd_run(env: dict[str, str]) -> int:

@@ -638,6 +638,9 @@ class Daemon:
                 self.settings.pid_path.unlink()
 
 
+# --------------------------------------------------------------------------- loads and jobs
+
+
 class Loads:
     """A daemon's loads and the jobs that follow them: the files read, validated and reconciled
     (at start, SIGHUP, a changed file), the top-ups, the retries picked up, and the memory given
@@ -950,6 +953,9 @@ class Loads:
                 logger.info("top-up of %s: %s", ", ".join(ids), changes.summary())
 
 
+# --------------------------------------------------------------------------- the watchdog
+
+
 class Recovery:
     """The watchdog's side of a daemon (CONTRACT section 9, never silently): once a second it
     notices a wall-clock jump, a scheduler that cannot fire or a trigger overdue, says so, and
@@ -1101,6 +1107,9 @@ class Recovery:
         assert daemon.scheduler is not None
         daemon.scheduler.wakeup()
         self.overdue.forget()
+
+
+# --------------------------------------------------------------------------- helpers
 
 
 def club_location(settings: Settings, template: Flow | None) -> str | None:
