@@ -967,54 +967,6 @@ class Notifier:
         )
         return why
 
-    def send_test(self) -> list[tuple[str, str | None]]:
-        """Send one test message (subject ``Test:``) through every configured channel now, in
-        this thread, each tried once: email (when on), then each NOTIFY_URLS channel. Returns,
-        per channel, its name (secrets masked) and None when it was sent, else why not; an
-        empty list when none is configured (``notify-test``)."""
-        settings = self._settings
-        now = self._clock()
-        body = (
-            f"This is a test message from courtbot on {_hostname()} (python main.py "
-            f"notify-test), sent {_utc(now)}.\nIt arrived: booking outcomes will arrive here "
-            "too.\n"
-        )
-        report = _Report(
-            label="notify-test",
-            subject=f"Test: courtbot notifications from {_hostname()}",
-            body=body,
-            ics=None,
-            channel_body=body.strip(),
-            notify_type="info",
-        )
-        results: list[tuple[str, str | None]] = []
-        if settings.email_enabled:
-            name = (
-                f"email to {', '.join(settings.recipients)} via "
-                f"{settings.smtp_host}:{settings.smtp_port}"
-            )
-            results.append((name, self._try_email(report)))
-        self._load_channels()
-        results.extend(self._skipped)
-        for channel in self._channels:
-            results.append(
-                (f"{channel.name} {channel.masked}", self._send_channel(channel, report))
-            )
-        return results
-
-    def _try_email(self, report: _Report) -> str | None:
-        """One try at sending the report's email: None when the server took it for every
-        recipient, else why not."""
-        try:
-            refused = self._smtp_send(self._build_email(report))
-        except (smtplib.SMTPException, OSError) as exc:
-            return self._describe(exc)
-        if refused:
-            return "refused for " + "; ".join(
-                f"{address} ({code} {_decode(reply)})" for address, (code, reply) in refused.items()
-            )
-        return None
-
     def _send_email(self, report: _Report) -> bool:
         """Send the report's email, retrying transient errors. True when the server took it."""
         message = self._build_email(report)
@@ -1142,3 +1094,56 @@ class Notifier:
 
 def _notify_type(status: str) -> str:
     return {BOOKED: "success", FAILED: "failure"}.get(status, "warning")
+
+
+# --- notify-test --------------------------------------------------------------------------------
+
+
+def send_test(notifier: Notifier) -> list[tuple[str, str | None]]:
+    """Send one test message (subject ``Test:``) through every configured channel now, in
+    this thread, each tried once: email (when on), then each NOTIFY_URLS channel. Returns,
+    per channel, its name (secrets masked) and None when it was sent, else why not; an
+    empty list when none is configured (``notify-test``)."""
+    settings = notifier._settings
+    now = notifier._clock()
+    body = (
+        f"This is a test message from courtbot on {_hostname()} (python main.py "
+        f"notify-test), sent {_utc(now)}.\nIt arrived: booking outcomes will arrive here "
+        "too.\n"
+    )
+    report = _Report(
+        label="notify-test",
+        subject=f"Test: courtbot notifications from {_hostname()}",
+        body=body,
+        ics=None,
+        channel_body=body.strip(),
+        notify_type="info",
+    )
+    results: list[tuple[str, str | None]] = []
+    if settings.email_enabled:
+        name = (
+            f"email to {', '.join(settings.recipients)} via "
+            f"{settings.smtp_host}:{settings.smtp_port}"
+        )
+        results.append((name, _try_email(notifier, report)))
+    notifier._load_channels()
+    results.extend(notifier._skipped)
+    for channel in notifier._channels:
+        results.append(
+            (f"{channel.name} {channel.masked}", notifier._send_channel(channel, report))
+        )
+    return results
+
+
+def _try_email(notifier: Notifier, report: _Report) -> str | None:
+    """One try at sending the report's email: None when the server took it for every
+    recipient, else why not."""
+    try:
+        refused = notifier._smtp_send(notifier._build_email(report))
+    except (smtplib.SMTPException, OSError) as exc:
+        return notifier._describe(exc)
+    if refused:
+        return "refused for " + "; ".join(
+            f"{address} ({code} {_decode(reply)})" for address, (code, reply) in refused.items()
+        )
+    return None

@@ -1326,7 +1326,7 @@ def test_send_test_sends_one_test_message_through_every_channel(
         settings = replace(
             email_settings(smtp_port), urls=(f"json://user:s3cretpw@127.0.0.1:{port}/hook",)
         )
-        results = Notifier(settings, clock=lambda: BEFORE_START).send_test()
+        results = notify.send_test(Notifier(settings, clock=lambda: BEFORE_START))
 
     assert results == [
         (f"email to alice@example.org via 127.0.0.1:{smtp_port}", None),
@@ -1347,7 +1347,7 @@ def test_send_test_says_why_a_channel_failed() -> None:
         urls=(f"json://127.0.0.1:{closed}/hook", "nosuch://s3cretpw@host.example.org/x"),
         timeout=2.0,
     )
-    results = dict(Notifier(settings, clock=lambda: BEFORE_START).send_test())
+    results = dict(notify.send_test(Notifier(settings, clock=lambda: BEFORE_START)))
 
     assert results[f"email to alice@example.org via 127.0.0.1:{closed}"] == (
         f"none 127.0.0.1:{closed}: connection refused"
@@ -1358,4 +1358,4 @@ def test_send_test_says_why_a_channel_failed() -> None:
 
 
 def test_send_test_with_nothing_configured_sends_nothing() -> None:
-    assert Notifier(make_settings(), clock=lambda: BEFORE_START).send_test() == []
+    assert notify.send_test(Notifier(make_settings(), clock=lambda: BEFORE_START)) == []
