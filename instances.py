@@ -676,6 +676,19 @@ def at_once(factory: sessionmaker[Session], keys: Iterable[str], now: datetime) 
     return [line for _, line in sorted(lines)]
 
 
+def open_window_statuses(factory: sessionmaker[Session], now: datetime) -> dict[str, str]:
+    """The status of each instance whose window is open and whose start is ahead, by key:
+    what ``check`` needs to tell a booking that a load would send at once from one already
+    made."""
+    with factory() as session:
+        rows = session.execute(
+            select(Instance.key, Instance.status).where(
+                Instance.trigger_time <= now, Instance.desired_time > now
+            )
+        )
+        return {key: status for key, status in rows}
+
+
 # --------------------------------------------------------------------------- a booking
 
 

@@ -1484,3 +1484,11 @@ def test_no_load_is_read_from_a_database_of_the_previous_release(tmp_path: Path)
         assert instances.last_load(models.session_factory(reader)) is None
     finally:
         reader.dispose()
+
+
+def test_the_statuses_of_instances_whose_window_is_open(factory: sessionmaker[Session]) -> None:
+    add_row(factory, "open@1", NOW + timedelta(hours=2), PENDING)
+    add_row(factory, "done@1", NOW + timedelta(hours=3), BOOKED)
+    add_row(factory, "ahead@1", NOW + timedelta(days=9), PENDING)  # window not open yet
+    add_row(factory, "past@1", NOW - timedelta(hours=1), BOOKED)  # start passed
+    assert instances.open_window_statuses(factory, NOW) == {"open@1": PENDING, "done@1": BOOKED}
