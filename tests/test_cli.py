@@ -1016,3 +1016,29 @@ def test_notify_test_prints_each_channel_sent_or_why_not(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_dry_run_on_a_ready_flow_with_its_placeholder_left_in_says_what_to_put_there(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    """Before: `dry-run` tried yourclub.perfectgym.com and said "check BOOKING_API_URL", a
+    variable the flow does not use."""
+    when = f"{future(20):%Y-%m-%d %H:%M}"
+    entry = {"id": "gym", "type": "one-off", "desired_time": when, "club": "perfectgym"}
+    write_json(data_dir / "schedules.json", [entry])
+    secrets = {"email": "me@example.com", "password": "pw", "club_id": "1"}
+    write_json(data_dir / "tokens.json", {"default": secrets})
+    assert run(monkeypatch, env, "dry-run", "gym") == 1
+    err = capsys.readouterr().err
+    assert "BOOKING_API_URL" not in err
+    assert "perfectgym.json: hosts[0]: 'yourclub.perfectgym.com' still holds the placeholder" in err
+    assert '{"use": "perfectgym", "yourclub": "<your club\'s subdomain>"}' in err
+    # With a club file that gives the label, the entry loads (dry-run would now reach the club).
+    (data_dir / "clubs").mkdir()
+    write_json(data_dir / "clubs" / "gym.json", {"use": "perfectgym", "yourclub": "riverside"})
+    write_json(data_dir / "schedules.json", [entry | {"club": "gym"}])
+    assert run(monkeypatch, env, "check") == 0, capsys.readouterr().err
+    assert "https://riverside.perfectgym.com/" in capsys.readouterr().out
