@@ -7,6 +7,8 @@ on what it should (a broken link, a page left out of nav), so the guard in CI is
 
 from __future__ import annotations
 
+import argparse
+import ast
 import re
 import shutil
 import subprocess
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import pytest
 from markdown.extensions.toc import slugify
+
+import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -106,3 +110,69 @@ def test_the_site_builds_strictly_and_fails_on_a_broken_link_anchor_or_page(tmp_
     assert broken.returncode != 0
     for warned in ("missing.md", "no-such-heading", "stray.md"):
         assert warned in broken.stderr, warned
+
+
+# -- the reference pages say what the code does ------------------------------------------------
+
+ENV_NAME = re.compile(r"^[A-Z][A-Z0-9]*(_[A-Z0-9]+)+$|^[A-Z]{3,}$")
+
+
+def _env_reader(node: ast.Call) -> bool:
+    """``env.get(...)``, ``os.environ.get(...)``, a local ``get(...)`` over the environment, or a
+    helper handed ``env`` (``_number(env, "NAME", ...)``)."""
+    func = node.func
+    if isinstance(func, ast.Name):
+        return func.id == "get" or any(
+            isinstance(arg, ast.Name) and arg.id in {"env", "environ"} for arg in node.args
+        )
+    if isinstance(func, ast.Attribute) and func.attr in {"get", "getenv"}:
+        receiver = func.value
+        return (isinstance(receiver, ast.Name) and receiver.id in {"env", "environ", "os"}) or (
+            isinstance(receiver, ast.Attribute) and receiver.attr == "environ"
+        )
+    return False
+
+
+def variables_read_by_the_code() -> set[str]:
+    found = set()
+    for path in ROOT.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and _env_reader(node):
+                found |= {
+                    arg.value
+                    for arg in node.args
+                    if isinstance(arg, ast.Constant)
+                    and isinstance(arg.value, str)
+                    and ENV_NAME.match(arg.value)
+                }
+    entrypoint = (ROOT / "docker-entrypoint.sh").read_text()
+    return found | set(re.findall(r"\$\{([A-Z][A-Z0-9_]+)", entrypoint))
+
+
+def documented_variables() -> set[str]:
+    rows = re.findall(
+        r"^\| (`[A-Z].*?) \|", (DOCS / "reference" / "environment.md").read_text(), re.M
+    )
+    return {name for row in rows for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", row)}
+
+
+def test_the_environment_page_names_every_variable_the_code_reads() -> None:
+    read = variables_read_by_the_code()
+    assert {"FERNET_KEY", "SMTP_HOST", "RETRY_BASE_SECONDS", "READY_CLUBS_DIR"} <= read
+    commands = (DOCS / "reference" / "commands.md").read_text()
+    conventions = {name for name in ("NO_COLOR", "TERM") if f"`{name}" in commands}
+    assert read - documented_variables() - conventions == set()
+
+
+def test_every_variable_on_the_environment_page_is_read_by_the_code() -> None:
+    assert documented_variables() - variables_read_by_the_code() == set()
+
+
+def test_the_commands_pages_name_every_command_of_the_parser() -> None:
+    parser = cli.build_parser()
+    (commands,) = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    reference = (DOCS / "reference" / "commands.md").read_text()
+    rows = re.findall(r"^\| `python main\.py(?: ([a-z][\w-]*))?[^`]*`", reference, re.M)
+    assert {row or "run" for row in rows} == set(commands)
+    glance = re.findall(r"^\| `([a-z][\w-]*)", README.read_text(), re.M)
+    assert set(glance) == set(commands)
