@@ -168,11 +168,17 @@ def test_every_variable_on_the_environment_page_is_read_by_the_code() -> None:
     assert documented_variables() - variables_read_by_the_code() == set()
 
 
-def test_the_commands_pages_name_every_command_of_the_parser() -> None:
+def parser_commands() -> set[str]:
+    """The subcommands of courtbot's command line, as its parser knows them."""
     parser = cli.build_parser()
-    (commands,) = [a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return set(sub.choices)
+
+
+def test_the_commands_pages_name_every_command_of_the_parser() -> None:
+    commands = parser_commands()
     reference = (DOCS / "reference" / "commands.md").read_text()
     rows = re.findall(r"^\| `python main\.py(?: ([a-z][\w-]*))?[^`]*`", reference, re.M)
-    assert {row or "run" for row in rows} == set(commands)
+    assert {row or "run" for row in rows} == commands
     glance = re.findall(r"^\| `([a-z][\w-]*)", README.read_text(), re.M)
-    assert set(glance) == set(commands)
+    assert set(glance) == commands

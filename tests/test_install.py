@@ -22,23 +22,13 @@ from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
+from test_docs import parser_commands
 from test_layout import MODULES
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 #: This environment's pip, offline and quiet.
 PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
-COMMANDS = (
-    "run",
-    "check",
-    "status",
-    "retry",
-    "reload",
-    "health",
-    "generate-key",
-    "encrypt-token",
-    "dry-run",
-)
 
 
 def pins(lines: list[str]) -> set[str]:
@@ -121,9 +111,9 @@ def test_the_installed_courtbot_command_runs(wheel: Path, tmp_path: Path) -> Non
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "FERNET", "DATA"))}
     env["DATA_DIR"] = str(tmp_path / "data")
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
+    def run(*argv: str | Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [str(courtbot), *args],
+            [str(arg) for arg in argv],
             cwd=tmp_path,
             env=env,
             capture_output=True,
@@ -132,25 +122,19 @@ def test_the_installed_courtbot_command_runs(wheel: Path, tmp_path: Path) -> Non
             check=False,
         )
 
-    where = subprocess.run(
-        [str(python), "-c", "import cli, watchdog; print(cli.__file__, watchdog.__file__)"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert all(Path(path).is_relative_to(Path(site)) for path in where), where
+    where = run(python, "-c", "import cli, watchdog; print(cli.__file__, watchdog.__file__)")
+    assert where.returncode == 0, where.stderr
+    assert all(Path(path).is_relative_to(Path(site)) for path in where.stdout.split()), where
 
-    helped = run("--help")
+    helped = run(courtbot, "--help")
     assert helped.returncode == 0, helped.stderr
-    for command in COMMANDS:
+    for command in parser_commands():
         assert re.search(rf"^\s+{command}\s", helped.stdout, re.M), (command, helped.stdout)
 
-    key = run("generate-key")
+    key = run(courtbot, "generate-key")
     assert key.returncode == 0, key.stderr
     Fernet(key.stdout.strip())  # a valid key: this raises otherwise
 
-    missing = run("check")
+    missing = run(courtbot, "check")
     assert missing.returncode == 2, missing.stdout + missing.stderr
     assert "FERNET_KEY" in missing.stderr
