@@ -61,7 +61,12 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_every_production_module_is_a_py_module() -> None:
-    assert sorted(PYPROJECT["tool"]["setuptools"]["py-modules"]) == MODULES
+    listed = set(PYPROJECT["tool"]["setuptools"]["py-modules"])
+    missing, stale = set(MODULES) - listed, listed - set(MODULES)
+    assert not missing, f"pyproject.toml [tool.setuptools] py-modules lacks {sorted(missing)}"
+    assert not stale, (
+        f"pyproject.toml [tool.setuptools] py-modules names no module: {sorted(stale)}"
+    )
 
 
 def test_the_project_pins_exactly_the_runtime_requirements() -> None:
@@ -128,6 +133,7 @@ def test_the_installed_courtbot_command_runs(wheel: Path, tmp_path: Path) -> Non
 
     helped = run(courtbot, "--help")
     assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage: courtbot "), helped.stdout
     for command in parser_commands():
         assert re.search(rf"^\s+{command}\s", helped.stdout, re.M), (command, helped.stdout)
 
