@@ -713,9 +713,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def program_name(argv0: str) -> str:
+    """How the user called courtbot, for its usage lines: the installed ``courtbot`` command
+    (pip or pipx, pyproject.toml's console script), else ``python main.py``."""
+    return "courtbot" if os.path.basename(argv0) == "courtbot" else "python main.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python main.py",
+        prog=program_name(sys.argv[0]),
         description="courtbot: books tennis courts the instant the booking window opens.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

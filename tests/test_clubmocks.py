@@ -1130,20 +1130,8 @@ def test_ready_flow_meets_a_refused_login(system: str, club: ClubMock) -> None:
 
 # -- the user documentation -------------------------------------------------------------------
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-class _Section:
-    """README's "Real clubs" section, up to the next section of its level."""
-
-    def read_text(self) -> str:
-        text = README.read_text()
-        start = text.index("\n## Real clubs\n")
-        end = text.index("\n## ", start + 1)
-        return text[start:end]
-
-
-DOC = _Section()
+# The page of the docs site that lists the ready flows and shows how to use one.
+DOC = Path(__file__).resolve().parent.parent / "docs" / "clubs" / "index.md"
 
 
 def test_the_docs_table_names_each_ready_flow_and_its_tokens_fields() -> None:
@@ -1160,3 +1148,22 @@ def test_the_docs_examples_are_valid() -> None:
     assert set(tokens["padel"]) == set(PlaytomicMock().tokens_entry())
     assert entry["club"] == "playtomic" and entry["token"] == "padel"
     assert flow_problems(flow, "example") == []
+
+
+@pytest.mark.parametrize("system", sorted(MOCKS))
+def test_each_ready_flow_has_a_page_whose_tokens_example_fits_its_flow(system: str) -> None:
+    page = DOC.parent / f"{system}.md"
+    text = page.read_text()
+    assert f"`data/clubs/{system}.json`" in text, page
+    start = text.index("\n## What to put in `tokens.json`\n")
+    section = text[start : text.index("\n## ", start + 1)]
+    (token,) = json.loads(re.findall(r"```json\n(.*?)```", section, re.DOTALL)[0]).values()
+    used = {f for name, f, _ in placeholders(load_flow(system)["steps"]) if name == "secret"}
+    assert set(token) == used, page
+    explained = set(re.findall(r"`(\w+)`", section.split("```")[-1]))
+    assert used <= explained, (page, used - explained)
+    flow = load_flow(system)
+    repositories = re.findall(r"github\.com/[\w.-]+/[\w.-]+", " ".join(flow["sources"]))
+    assert repositories, system
+    assert [repo for repo in repositories if repo not in text] == [], page
+    assert f"checked {flow['checked']}" in " ".join(text.split()), page

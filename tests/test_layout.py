@@ -1,4 +1,4 @@
-"""Who may import whom (README "How the code is laid out"), read from the sources with ``ast``.
+"""Who may import whom (docs/development.md, "How the code is laid out"), read with ``ast``.
 
 Data flows one way: files -> config_loader -> instances -> models, and at a trigger bot; utils and
 template are pure. An import that is not an arrow of ALLOWED fails here, naming the file and line.
