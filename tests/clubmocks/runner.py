@@ -304,6 +304,9 @@ def run_flow(
             phase = "after"
         else:
             ok = step.get("ok") or {"status": list(range(200, 300))}
+            if _matches(step.get("rejected"), response):
+                result.outcome = "rejected"
+                return FlowRun("credentials", results, booked_ref)
             if not _matches(ok, response):
                 result.outcome = "failed"
                 if phase == "before" and response.status_code in (401, 403):
