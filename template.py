@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 from zoneinfo import ZoneInfo
 
 import utils
@@ -83,6 +83,9 @@ PLAIN_MATCHERS = ("rejected",)
 #: A club file ``checked`` longer ago than this is a warning at ``check`` (CONTRACT section 12).
 STALE_AFTER_DAYS = 180
 EXTRACT_FORMS = ("json", "header", "cookie", "regex", "url")
+#: How a text value may be decoded once taken (``{"regex": "token=([^&']+)", "decode": "url"}``:
+#: a value the club percent-encoded in a link, sent on as itself).
+EXTRACT_DECODINGS = ("url",)
 TEMPLATE_METHODS = ("POST", "PUT", "PATCH", "GET", "DELETE")
 #: Matchers in the order they are tried (CONTRACT section 11: taken, rejected, booked; then early).
 MATCHER_ORDER = ("taken", "rejected", "booked", "early")
@@ -583,14 +586,18 @@ class Extraction:
     source: str
     path: JsonPath | None = None
     pattern: re.Pattern[str] | None = None
+    #: One of EXTRACT_DECODINGS, applied to a text value once taken (None: as found).
+    decode: str | None = None
 
     def describe(self) -> str:
-        return f"{self.name} ({self.kind} {self.source})"
+        decoded = f", {self.decode}-decoded" if self.decode else ""
+        return f"{self.name} ({self.kind} {self.source}{decoded})"
 
     def take(self, reply: Reply, values: Mapping[str, Any]) -> Any:
         """The value, or ``ExtractError`` saying what was missing."""
         try:
-            return self._take(reply, values)
+            found = self._take(reply, values)
+            return unquote(found) if self.decode == "url" else found
         except ExtractError as exc:
             raise ExtractError(
                 f"value {self.name!r} ({self.kind} {self.source!r}): {exc}"
@@ -1183,13 +1190,23 @@ def _extraction_spec(
 ) -> Extraction:
     """One extraction written ``{"<form>": source}``; TemplateError naming ``where`` and what
     was ``expected`` otherwise."""
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in EXTRACT_FORMS:
+    forms = [key for key in spec if key in EXTRACT_FORMS] if isinstance(spec, dict) else []
+    if not isinstance(spec, dict) or len(forms) != 1 or set(spec) - {forms[0], "decode"}:
         raise TemplateError(
             f"{where}: expected {expected}"
             + ", ".join(f'{{"{form}": ...}}' for form in EXTRACT_FORMS)
+            + ' (a text form may add "decode": "url")'
         )
-    kind, source = next(iter(spec.items()))
-    return _extraction(name, kind, source, f"{where}.{kind}", scope)
+    kind = forms[0]
+    extraction = _extraction(name, kind, spec[kind], f"{where}.{kind}", scope)
+    if "decode" not in spec:
+        return extraction
+    if spec["decode"] not in EXTRACT_DECODINGS or kind == "json":
+        raise TemplateError(
+            f'{where}.decode: expected "url" (percent-decoding) on a header, cookie, regex or '
+            f"url value, got {spec['decode']!r}"
+        )
+    return dataclasses.replace(extraction, decode=spec["decode"])
 
 
 def _extraction(name: str, kind: str, source: Any, where: str, scope: Scope) -> Extraction:

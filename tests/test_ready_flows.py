@@ -96,17 +96,19 @@ CASES: dict[str, Case] = {
         booked_court=lambda c: "76014",
         minutes=60,
         status="Booked",
-        ref=lambda c: "76014",
+        ref=lambda c: None,  # the class id is an extracted value: never stored
         setup=lambda club, start: club.add_class(76014, start),
-        refused="the club rejected the credentials at step 'login' (HTTP 40",
+        # A wrong password is a 499 (the flow's rejected matcher at its login step).
+        refused="the club rejected the credentials at step 'login' (HTTP 499",
     ),
     "courtreserve": Case(
-        courts=lambda c: ["Court #2"],
+        courts=lambda c: ["40002"],
         booked_court=lambda c: "40002",
         minutes=60,
         status="CONFIRMED",
         ref=lambda c: None,
-        refused="preparation did not succeed before the window opened",
+        # A 200 with IsValid false (the flow's rejected matcher at its login step).
+        refused="the club rejected the credentials at step 'login' (HTTP 200",
     ),
     "skedda": Case(
         courts=lambda c: [c.spaces[0]],

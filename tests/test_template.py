@@ -823,6 +823,23 @@ def test_header_cookie_regex_and_url_extractions() -> None:
     assert take(ex({"url": "booking=([A-Z0-9-]+)"}), answer) == "B-17"
 
 
+def test_a_text_value_may_be_url_decoded_once_taken() -> None:
+    answer = reply(b"fixUrl('https://x.example/form?a=1&amp;requestData=ab%2Bc%2Fd%3D%3D')")
+    spec = {"regex": "requestData=([^&']+)"}
+    assert take(ex(spec), answer) == "ab%2Bc%2Fd%3D%3D"
+    assert take(ex({**spec, "decode": "url"}), answer) == "ab+c/d=="
+    error = error_of(
+        {"steps": [step("b", booking=True, extract={"v": {"json": "id", "decode": "url"}})]}
+    )
+    assert error.startswith("club.json: step 'b': extract.v.decode: expected \"url\"")
+    error = error_of(
+        {"steps": [step("b", booking=True, extract={"v": {**spec, "decode": "base64"}})]}
+    )
+    assert "got 'base64'" in error
+    error = error_of({"steps": [step("b", booking=True, extract={"v": {**spec, "x": 1}})]})
+    assert error.startswith("club.json: step 'b': extract.v: expected one of")
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
