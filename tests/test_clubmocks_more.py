@@ -56,8 +56,8 @@ def _skedda_login(club: SkeddaMock, password: str | None = None) -> tuple[reques
 
 
 def _skedda_venue(club: SkeddaMock, session: requests.Session) -> dict[str, str]:
-    page = session.get(f"{club.url}/booking", allow_redirects=False, timeout=TIMEOUT)
-    assert page.status_code == 200
+    page = session.get(f"{club.url}/", timeout=TIMEOUT)
+    assert page.status_code == 200 and [r.status_code for r in page.history] == [302, 302]
     return {TOKEN_HEADER: _token(page.text)}
 
 
@@ -94,9 +94,11 @@ def test_skedda_sign_in_needs_the_antiforgery_token_and_a_right_password(
 
 
 def test_skedda_venue_wants_its_own_token_and_a_session(skedda: SkeddaMock) -> None:
-    anonymous = requests.get(f"{skedda.url}/booking", allow_redirects=False, timeout=TIMEOUT)
+    anonymous = requests.get(f"{skedda.url}/", allow_redirects=False, timeout=TIMEOUT)
     assert anonymous.status_code == 302
     session, _ = _skedda_login(skedda)
+    # Signed in, but the venue's own session comes only from its redirect chain.
+    assert session.get(f"{skedda.url}/webs", timeout=TIMEOUT).status_code == 400
     sign_in_token = _token(session.get(f"{skedda.url}/account/login", timeout=TIMEOUT).text)
     # The sign-in host's token is not accepted by the venue.
     refused = session.get(

@@ -8,7 +8,8 @@ Sources (read, not copied):
   input; ``POST /logins`` (JSON ``{"login": {"username", "password", "rememberMe",
   "redirectUrl", "arbitraryerrors"}}``) with the token in ``X-Skedda-RequestVerificationToken``
   signs in, and a wrong password comes back as a 422 with an ``errors`` envelope; the venue
-  host issues its own token in its pages (the sign-in host's is not accepted there); ``GET
+  host is reached through a redirect chain the client follows, and issues its own token in its
+  pages (the sign-in host's is not accepted there); ``GET
   /webs`` gives ``venue[0].id``, ``venueusers[0].id`` and ``assets`` (the spaces) and answers 422
   while the venue session has not taken effect; ``POST /bookings`` with ``{"booking": {"spaces":
   [string ids], "start", "end" (naive venue-local ``YYYY-MM-DDTHH:MM:SS``), "venue",
@@ -24,7 +25,8 @@ Sources (read, not copied):
   the conflict texts the same way.
 
 Not shown by public code (the mock's own): the answer to a request without the antiforgery token
-(400, as ASP.NET Core's antiforgery filter answers), the auth cookie's name, the exact wording
+(400, as ASP.NET Core's antiforgery filter answers), the auth cookie's name, the steps of the
+venue's redirect chain (one hop through ``/account/venuelogin``), the exact wording
 around the quoted phrases, and the booking answer's envelope (``{"booking": {...}}``; the
 integration accepts it with or without one).
 """
@@ -74,7 +76,9 @@ class SkeddaMock(ClubMock):
     routes: ClassVar[tuple[tuple[str, str, str], ...]] = (
         ("GET", r"/account/login", "login_page"),
         ("POST", r"/logins", "login"),
+        ("GET", r"/", "venue_page"),
         ("GET", r"/booking", "venue_page"),
+        ("GET", r"/account/venuelogin", "venue_login"),
         ("GET", r"/webs", "webs"),
         ("POST", r"/bookings", "book"),
         ("DELETE", r"/bookings/(?P<booking>[^/]+)", "cancel"),
@@ -132,12 +136,23 @@ class SkeddaMock(ClubMock):
 
     def venue_page(self, request: Recorded) -> Answer:
         state, session = self._session(request)
-        if state != "ok":
-            return redirect("/account/login?returnUrl=%2Fbooking")
+        if state != "ok" or session is None:
+            return redirect("/account/login?returnUrl=%2F")
+        if not session.data.get("venue"):
+            # The venue is reached through a redirect chain that starts its own session.
+            return redirect(f"/account/venuelogin?returnUrl={request.path.replace('/', '%2F')}")
         return self._page(request, "Booking - Skedda", session)
 
+    def venue_login(self, request: Recorded) -> Answer:
+        state, session = self._session(request)
+        if state != "ok" or session is None:
+            return redirect("/account/login")
+        session.data["venue"] = True
+        return redirect(request.arg("returnUrl") or "/")
+
     def _venue_token_ok(self, request: Recorded, session: Session) -> bool:
-        return request.header(TOKEN_HEADER) in session.data.get("venue_tokens", set())
+        tokens = session.data.get("venue_tokens", set())
+        return bool(session.data.get("venue")) and request.header(TOKEN_HEADER) in tokens
 
     def webs(self, request: Recorded) -> Answer:
         state, session = self._session(request)
