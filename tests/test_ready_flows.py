@@ -30,7 +30,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import bot
 import utils
-from clubmocks import MOCKS, ClubMock, flow_for_mock, write_flow_for_mock
+from clubmocks import (
+    MOCKS,
+    ClubMock,
+    PlaytomicMock,
+    flow_for_mock,
+    load_flow,
+    write_flow_for_mock,
+)
 from daemon_harness import DaemonProcess, by_key, cli, iso_z, wait_until
 from models import BOOKED, FAILED, KIND_OBJECT, PENDING, Instance, Token, transaction
 from notify import Outcome
@@ -362,6 +369,45 @@ def test_a_ready_flow_meets_a_refused_login(booking: Booking) -> None:
     # Nothing but the preparation went to the club (only the booking step carries the key; some
     # systems book at the same URL as they log in).
     assert [r for r in booking.club.requests if r.header("Idempotency-Key")] == []
+
+
+def _playtomic_as_it_was() -> dict[str, Any]:
+    """The Playtomic flow as it stood before July 2026: the old host, no requested roles."""
+    flow = load_flow("playtomic")
+    flow["hosts"] = ["api.playtomic.io"]
+    for step in flow["steps"]:
+        step["url"] = step["url"].replace("api.app.playtomic.io", "api.playtomic.io")
+    del flow["steps"][0]["json"]["requested_user_roles"]
+    return flow
+
+
+@pytest.mark.parametrize("where", ["old host", "data centre"])
+def test_playtomics_cloudfront_block_page_fails_the_login_before_the_window(
+    where: str, factory: sessionmaker[Session], fernet: MultiFernet
+) -> None:
+    """The old host answers CloudFront's 403 page to everything (what the flow of before July
+    2026 met), and the new host answers it to data-centre addresses: the login fails, before the
+    window, with the club's status; nothing is booked."""
+    with MOCKS["playtomic"](zone="Europe/Paris") as club:
+        assert isinstance(club, PlaytomicMock)
+        if where == "old host":
+            flow = flow_for_mock(_playtomic_as_it_was(), club.old_url)
+        else:
+            club.data_centre = True
+            flow = flow_for_mock("playtomic", club.url)
+        made = Booking("playtomic", club, factory, parse_flow(flow, api_url=None, name="p"), fernet)
+        made.add()
+
+        assert made.book() == FAILED
+
+        reason = made.row().last_error or ""
+        assert "step 'login'" in reason and "HTTP 403" in reason, reason
+        blocked = club.old_host.requests if where == "old host" else club.requests
+        assert blocked and {(r.path, r.status) for r in blocked} == {("/v3/auth/login", 403)}
+        assert all(r.arrived < made.row().trigger_time.timestamp() for r in blocked)
+        if where == "old host":
+            assert club.requests == []
+        assert club.bookings == []
 
 
 @dataclass

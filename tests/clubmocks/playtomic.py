@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import secrets
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
 from typing import Any, ClassVar
 
 from clubmocks.base import (
@@ -147,17 +146,6 @@ class PlaytomicMock(ClubMock):
     def stop(self) -> None:
         self.old_host.stop()
         super().stop()
-
-    def __enter__(self) -> PlaytomicMock:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def old_url(self) -> str:
