@@ -29,6 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import bot
+import club_client
 import utils
 from clubmocks import MOCKS, ClubMock, flow_for_mock, write_flow_for_mock
 from daemon_harness import DaemonProcess, by_key, cli, iso_z, wait_until
@@ -163,7 +164,7 @@ class Booking:
         return bot.BookingContext(
             factory=self.factory,
             fernet=self.fernet,
-            client=bot.ClubClient(timeout=5),
+            client=club_client.ClubClient(timeout=5),
             api_url=None,
             retry_base=0.05,
             stop=threading.Event(),
