@@ -57,6 +57,7 @@ from models import (
     DatabaseError,
     Instance,
     SessionFactory,
+    Token,
     error_text,
 )
 from notify import Outcome
@@ -620,17 +621,7 @@ def _book(key: str, ctx: BookingContext) -> str | None:
         flow = ctx.flow_for(row.club)
     except KeyError:
         return _finish(ctx, key, FAILED, _club_missing(row.club))
-    secrets, problem = instances.token_secrets(token_row, ctx.fernet, name=row.token_name)
-    for value in secrets.values():
-        remember_secret(value)
-    if problem is None:
-        problem = _secrets_problem(flow, secrets, row.token_name)
-    if problem is None and any(utils.CONTROL_RE.search(v) for v in secrets.values()):
-        # A header cannot carry it (and requests' error would quote it): never sent.
-        problem = (
-            f"token {row.token_name!r} holds a control character (a line break, tab, ...): put "
-            "the token in tokens.json as one line and reload"
-        )
+    secrets, problem = _token(ctx, flow, row, token_row)
     if problem is not None:
         return _finish(ctx, key, FAILED, problem)
     run = FlowRun(flow, _slot(row), secrets, row.token_name, label=key, total=row.attempts)
@@ -645,17 +636,7 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     ready = _on_wire(ctx, first, trigger) if first is not None else None
     wired: dict[tuple[str, str | None], wire.Sent] = {}
     try:
-        if ready is not None:
-            sent = _at_instant(ctx, trigger, *ready, key=key)
-            started = sent is not None
-            if sent is not None and first_key is not None:
-                wired[first_key] = sent
-                if sent.error is None:
-                    ctx.first_sent[key] = sent.sent_clock
-        else:
-            started = _wait_until(
-                ctx, trigger - 2 * wire.REFRESH_SECONDS, key=key
-            ) and ctx.gate.wait(ctx, trigger)
+        started = _reach_trigger(ctx, key, trigger, ready, first_key=first_key, wired=wired)
         if not started:
             if _withdrawn(ctx, key):
                 return None
@@ -670,6 +651,48 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     finally:
         for unread in wired.values():
             unread.connection.close()
+
+
+def _token(
+    ctx: BookingContext, flow: Flow, row: Instance, token_row: Token | None
+) -> tuple[dict[str, str], str | None]:
+    """The booking's token fields (each remembered as a secret), and the problem that keeps
+    them from being sent (None when there is none)."""
+    secrets, problem = instances.token_secrets(token_row, ctx.fernet, name=row.token_name)
+    for value in secrets.values():
+        remember_secret(value)
+    if problem is None:
+        problem = _secrets_problem(flow, secrets, row.token_name)
+    if problem is None and any(utils.CONTROL_RE.search(v) for v in secrets.values()):
+        # A header cannot carry it (and requests' error would quote it): never sent.
+        problem = (
+            f"token {row.token_name!r} holds a control character (a line break, tab, ...): put "
+            "the token in tokens.json as one line and reload"
+        )
+    return secrets, problem
+
+
+def _reach_trigger(
+    ctx: BookingContext,
+    key: str,
+    trigger: float,
+    ready: tuple[wire.Connection, bytes] | None,
+    *,
+    first_key: tuple[str, str | None] | None,
+    wired: dict[tuple[str, str | None], wire.Sent],
+) -> bool:
+    """Wait for the trigger: with ``ready``, write the first request at the instant (kept in
+    ``wired`` under ``first_key``), else wait behind the gate. False on a stop."""
+    if ready is None:
+        return _wait_until(ctx, trigger - 2 * wire.REFRESH_SECONDS, key=key) and ctx.gate.wait(
+            ctx, trigger
+        )
+    sent = _at_instant(ctx, trigger, *ready, key=key)
+    if sent is not None and first_key is not None:
+        wired[first_key] = sent
+        if sent.error is None:
+            ctx.first_sent[key] = sent.sent_clock
+    return sent is not None
 
 
 def _on_wire(
