@@ -133,7 +133,7 @@ class TriggerGate:
         return _wait_until(ctx, target)
 
 
-# --------------------------------------------------------------------------- deadlines
+# --------------------------------------------------------------------------- answers
 
 
 def classify(answer: Answer, step: Step) -> Verdict:

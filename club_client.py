@@ -480,7 +480,7 @@ def _maybe_sent(exc: Exception) -> bool:
     return not ("Connection refused" in text or "Name or service not known" in text)
 
 
-# --------------------------------------------------------------------------- answers
+# --------------------------------------------------------------------------- one booking's secrets
 
 
 class Scrubber:
