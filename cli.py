@@ -53,7 +53,14 @@ from notify import (
     mask_url,
     validate_notify_urls,
 )
-from template import Flow, TemplateError, default_flow, describe_booking, describe_flow
+from template import (
+    Flow,
+    TemplateError,
+    default_flow,
+    describe_booking,
+    describe_flow,
+    stale_warning,
+)
 
 logger = logging.getLogger("courtbot")
 
@@ -1815,6 +1822,25 @@ def _print_check(config: Config, settings: Settings, now: datetime) -> None:
             print("    " + described.replace("\n", "\n    "))
 
 
+def _print_provenance(config: Config, now: datetime) -> None:
+    """Each club file the entries use (a club's file, the request template): where its calls
+    were read and when it was last checked (CONTRACT section 12, Provenance); a ``checked``
+    older than 180 days is a warning on stderr."""
+    used: dict[str, Flow] = {}
+    for entry in config.schedules.entries:
+        source = config.clubs.get(entry.club) if entry.club is not None else config.template
+        if source is not None:
+            used.setdefault(source.label, source.flow)
+    for label, flow in used.items():
+        checked = f"checked {flow.checked.isoformat()}" if flow.checked else "no checked date"
+        print(f"\n{label}: {checked}, {len(flow.sources)} source(s)")
+        for source in flow.sources:
+            print(f"  source: {source}")
+        warning = stale_warning(flow, now)
+        if warning is not None:
+            print(f"warning: {warning}", file=sys.stderr)
+
+
 def _print_tokens(tokens: config_loader.TokensResult) -> None:
     """Each token of tokens.json by name, and how the file holds it (never a value)."""
     if tokens.file_error is not None or tokens.missing:
@@ -1886,6 +1912,7 @@ def cmd_check(env: dict[str, str]) -> int:
         invalid = True
     _print_tokens(config.tokens)
     _print_check(config, settings, now)
+    _print_provenance(config, now)
     if config.errors or invalid:
         count = len(config.errors) + int(invalid)
         print(f"\ninvalid: {count} problem(s); see the errors above", file=sys.stderr)

@@ -282,6 +282,55 @@ def test_check_prints_each_entrys_request_source_window_and_request(
     assert (data_dir / "tokens.json").read_bytes() == before
 
 
+def test_check_prints_each_club_files_sources_and_checked_and_warns_when_stale(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    today = datetime.now(UTC).date()
+    stale, fresh = today - timedelta(days=181), today - timedelta(days=180)
+    (data_dir / "clubs").mkdir()
+    write_json(
+        data_dir / "clubs" / "padel.json",
+        {"url": "https://padel.example/b", "checked": stale.isoformat(),
+         "sources": ["github.com/someone/padel-client: client/book.py", "https://padel.example/api"]},
+    )  # fmt: skip
+    write_json(
+        data_dir / "clubs" / "tennis.json",
+        {"url": "https://tennis.example/b", "checked": fresh.isoformat()},
+    )
+    write_json(
+        data_dir / "clubs" / "unused.json", {"url": "https://x.example/b", "checked": "2001-01-01"}
+    )
+    write_json(data_dir / "tokens.json", {"default": "tok-1"})
+    start = future(20).replace(hour=17, minute=0)
+    write_json(
+        data_dir / "schedules.json",
+        [
+            {"id": club, "type": "one-off", "desired_time": f"{start:%Y-%m-%d %H:%M}", "club": club}
+            for club in ("padel", "tennis")
+        ]
+        + [{"id": "plain", "type": "one-off", "desired_time": f"{start:%Y-%m-%d %H:%M}"}],
+    )
+
+    assert run(monkeypatch, env, "check") == 0
+
+    out, err = capsys.readouterr()
+    padel, tennis = data_dir / "clubs" / "padel.json", data_dir / "clubs" / "tennis.json"
+    assert (
+        f"\n{padel}: checked {stale.isoformat()}, 2 source(s)\n"
+        "  source: github.com/someone/padel-client: client/book.py\n"
+        "  source: https://padel.example/api\n"
+    ) in out
+    assert f"\n{tennis}: checked {fresh.isoformat()}, 0 source(s)\n" in out
+    assert "unused.json" not in out + err
+    assert err.splitlines() == [
+        f"warning: {padel}: checked {stale.isoformat()}, 181 days ago (more than 180): systems "
+        "change: run dry-run"
+    ]
+
+
 def test_check_exit_1_on_an_invalid_club_file_naming_the_file_and_key(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
