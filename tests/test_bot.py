@@ -949,7 +949,7 @@ NOT_ACTIVE_LINE = (
 
 
 def lose_the_role(ctx: BookingContext) -> None:
-    """What cli.Roles does, from its watch thread, when the daemon's lock is lost."""
+    """What leader.Roles does, from its watch thread, when the daemon's lock is lost."""
     ctx.may_send.clear()
     ctx.stop.set()
 
