@@ -1042,3 +1042,23 @@ def test_dry_run_on_a_ready_flow_with_its_placeholder_left_in_says_what_to_put_t
     write_json(data_dir / "schedules.json", [entry | {"club": "gym"}])
     assert run(monkeypatch, env, "check") == 0, capsys.readouterr().err
     assert "https://riverside.perfectgym.com/" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv0", "name"),
+    [
+        ("main.py", "python main.py"),
+        ("/app/main.py", "python main.py"),
+        ("courtbot", "courtbot"),
+        ("/home/me/.local/bin/courtbot", "courtbot"),
+        ("/opt/courtbot-src/main.py", "python main.py"),
+    ],
+)
+def test_usage_lines_name_the_command_as_the_user_called_it(argv0: str, name: str) -> None:
+    assert cli.program_name(argv0) == name
+
+
+def test_python_main_py_help_says_python_main_py(env: dict[str, str]) -> None:
+    helped = run_cli(env, "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage: python main.py "), helped.stdout

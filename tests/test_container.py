@@ -362,4 +362,5 @@ def test_one_default_zone_in_the_code_the_blueprints_the_env_example_and_the_rea
     example = (REPO / "courtbot.env.example").read_text()
     assert f"\nBOOKING_TIMEZONE={default}\n" in example
     assert "your club's zone" in example
-    assert f"| `BOOKING_TIMEZONE` | `{default}` |" in (REPO / "README.md").read_text()
+    table = (REPO / "docs" / "reference" / "environment.md").read_text()
+    assert f"| `BOOKING_TIMEZONE` | `{default}` |" in table
