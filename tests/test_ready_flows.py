@@ -161,6 +161,22 @@ CASES: dict[str, Case] = {
         taken_answer="HTTP 200: EVENT_IS_FULL, which none of the step's answers",
         refused="the club rejected the credentials at step 'login' (HTTP 200",
     ),
+    "clubspark": Case(
+        courts=lambda c: [c.courts[0]],
+        booked_court=lambda c: c.courts[0],
+        minutes=60,
+        status="CONFIRMED",
+        ref=lambda c: None,
+        # OAuth2's invalid_grant (the flow's rejected matcher at its login step).
+        refused="the club rejected the credentials at step 'login' (HTTP 400",
+    ),
+    "better": Case(
+        courts=lambda c: ["tennis-court-outdoor"],
+        booked_court=lambda c: "tennis-court-outdoor",
+        minutes=60,
+        status="CONFIRMED",
+        ref=lambda c: None,
+    ),
 }
 
 
