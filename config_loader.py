@@ -1017,9 +1017,10 @@ def overlap_summary(entries: list[tuple[Entry, Iterable[float]]], file_name: str
         examples.append(
             f"{one.label} and {two.label} ({_span(a0, a1, one.zone)} and {_span(b0, b1, two.zone)})"
         )
+    shown = "; ".join(examples)
     return (
         f"{file_name}: {len(overlapping)} entries would book overlapping times with another "
-        f"entry at the same club (more than {MAX_OVERLAP_PAIRS} pairs), e.g. {'; '.join(examples)}; "
+        f"entry at the same club (more than {MAX_OVERLAP_PAIRS} pairs), e.g. {shown}; "
         "that is two courts booked and paid for each time: if one is enough, keep one entry (a "
         "list in court_id tries several courts in order)"
     )
