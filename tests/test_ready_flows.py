@@ -434,6 +434,31 @@ def test_playtomics_cloudfront_block_page_fails_the_login_before_the_window(
         assert club.bookings == []
 
 
+@pytest.mark.parametrize("system", ["clubspark", "better"])
+def test_a_paid_court_is_not_booked_and_the_reason_says_what_the_club_answered(
+    system: str, factory: sessionmaker[Session], fernet: MultiFernet
+) -> None:
+    """ClubSpark and Better book free and members' courts only: a paid court needs a card
+    payment (Stripe, Opayo 3-D Secure) that the flows do not make. ClubSpark refuses the request
+    (a negative Result); Better holds the session in the basket and its checkout fails."""
+    with MOCKS[system](zone="Europe/Paris") as club:
+        flow = parse_flow(flow_for_mock(system, club.url), api_url=None, name=f"{system}.json")
+        made = Booking(system, club, factory, flow, fernet)
+        made.add()
+        club.paid.add(str(made.case.courts(club)[0]))  # type: ignore[attr-defined]
+
+        assert made.book() == FAILED
+
+        reason = made.row().last_error or ""
+        if system == "clubspark":
+            assert club.bookings == []
+            assert "HTTP 200" in reason and "none of the step's answers" in reason, reason
+        else:
+            assert [b.status for b in club.bookings] == ["PENDING"]
+            assert reason.startswith("the club took the booking (court tennis-court-outdoor)")
+            assert "step 'checkout' did not complete" in reason and "HTTP 422" in reason, reason
+
+
 @dataclass
 class DaemonRun:
     """What one daemon did with every ready flow at once: per system, its mock (stopped, its
