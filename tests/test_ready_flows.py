@@ -474,8 +474,10 @@ class DaemonRun:
 
 
 #: How far ahead the shared trigger is: the daemon is ready in about half a second, a loaded
-#: machine several times that, and the logins (prepare_seconds=2) leave 2 s before it.
-DAEMON_LEAD_SECONDS = 4.0
+#: machine several times that, and the logins (DAEMON_PREPARE_SECONDS) leave 3 s before it:
+#: eleven systems, two entries each, log in on a loaded machine within them.
+DAEMON_LEAD_SECONDS = 5.0
+DAEMON_PREPARE_SECONDS = 3
 
 
 @pytest.fixture(scope="module")
@@ -499,7 +501,9 @@ def daemon_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonRun]:
         for system, club in clubs.items():
             case = CASES[system]
             case.setup(club, start)
-            write_flow_for_mock(system, club.url, data / "clubs", prepare_seconds=2)
+            write_flow_for_mock(
+                system, club.url, data / "clubs", prepare_seconds=DAEMON_PREPARE_SECONDS
+            )
             stale[system] = club.tokens_entry() | {"password": f"an-old-password-{system}"}
             tokens |= {system: club.tokens_entry(), f"{system}-stale": stale[system]}
             if case.never_open is not None:
