@@ -1314,6 +1314,11 @@ def main(argv: list[str] | None = None) -> int:
         from bench_scale import main as scale
 
         return scale()
+    if argv[:1] == ["clock"]:
+        # Booking by the club's clock, beside JCbook's method: tools/bench_clock.py.
+        from bench_clock import main as clock
+
+        return clock()
     parser = argparse.ArgumentParser(description="courtbot's benchmark (make bench)")
     parser.add_argument(
         "--only", action="append", choices=CASES, help="run only these cases (repeatable)"
