@@ -17,7 +17,7 @@ import json
 import logging
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.fernet import MultiFernet
@@ -729,16 +729,75 @@ def finish(
         return outcome_of(row, retry_helps=retry_helps)
 
 
+def record_clock(
+    factory: sessionmaker[Session],
+    key: str,
+    *,
+    offset_ms: float | None = None,
+    uncertainty_ms: float | None = None,
+    error: str | None = None,
+) -> None:
+    """Note how the booking of ``key`` is timed: by the club's clock as measured (offset and
+    uncertainty in ms), or by ours because the measurement failed (``error``)."""
+    with transaction(factory) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.key == key)
+            .values(
+                clock_offset_ms=offset_ms,
+                clock_uncertainty_ms=uncertainty_ms,
+                clock_error=error[:300] if error else None,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class _Clock:
+    """Which clock a booking was sent by (``record_clock``)."""
+
+    offset_ms: float | None = None
+    uncertainty_ms: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, row: Instance) -> _Clock:
+        return cls(
+            _optional(row, "clock_offset_ms"),
+            _optional(row, "clock_uncertainty_ms"),
+            _optional(row, "clock_error"),
+        )
+
+    @property
+    def label(self) -> str:
+        """`` by the club's clock (+412 ms ± 6 ms)``, `` by our clock (...)`` or nothing."""
+        if self.offset_ms is not None:
+            return (
+                f" by the club's clock ({self.offset_ms:+.0f} ms ± "
+                f"{max(self.uncertainty_ms or 0.0, 1.0):.0f} ms)"
+            )
+        if self.error is not None:
+            return " by our clock (the club's clock could not be measured)"
+        return ""
+
+
 def timing_of(row: Instance) -> str | None:
     """When the instance's first request left, for a person (None while nothing is final)."""
-    return _timing(row.status, row.trigger_time, row.first_sent_at, row.late_cause)
+    return _timing(row.status, row.trigger_time, row.first_sent_at, row.late_cause, _Clock.of(row))
 
 
 def _timing(
-    status: str, trigger: datetime, first_sent: datetime | None, cause: str | None
+    status: str,
+    trigger: datetime,
+    first_sent: datetime | None,
+    cause: str | None,
+    clock: _Clock | None = None,
 ) -> str | None:
     if first_sent is not None:
-        return utils.send_timing(trigger, first_sent, LATE_CAUSES.get(cause or ""))
+        clock = clock or _Clock()
+        if clock.offset_ms is not None:
+            # The window opened at the trigger by the club's clock: our trigger - offset.
+            trigger -= timedelta(milliseconds=clock.offset_ms)
+        return utils.send_timing(trigger, first_sent, LATE_CAUSES.get(cause or "")) + clock.label
     if status == EXPIRED:
         return "not sent: courtbot was not running at the trigger"
     if status == FAILED:
@@ -846,7 +905,17 @@ def clear_wakeups(factory: sessionmaker[Session], up_to: int) -> None:
 
 #: Columns added since the first release: a reader (``status``) never changes the schema, so on
 #: an older database they are left out of its queries and read as NULL.
-_ADDED_COLUMNS = ("interrupted", "owner", "club", "first_sent_at", "late_cause", "club_took")
+_ADDED_COLUMNS = (
+    "interrupted",
+    "owner",
+    "club",
+    "first_sent_at",
+    "late_cause",
+    "club_took",
+    "clock_offset_ms",
+    "clock_uncertainty_ms",
+    "clock_error",
+)
 
 
 def _reader_query(session: Session) -> Any:
@@ -957,4 +1026,10 @@ def _timing_text(row: Instance) -> str | None:
     """``timing_of`` for a row read by ``status``; None on a database too old to know."""
     if row.status not in FINAL or "first_sent_at" in inspect(row).unloaded:
         return None
-    return _timing(row.status, row.trigger_time, row.first_sent_at, _optional(row, "late_cause"))
+    return _timing(
+        row.status,
+        row.trigger_time,
+        row.first_sent_at,
+        _optional(row, "late_cause"),
+        _Clock.of(row),
+    )

@@ -1206,13 +1206,16 @@ def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
     engine = models.make_engine(url)  # as the daemon opens it at start
 
     try:
-        assert columns(tmp_path / "db.sqlite")[-6:] == [
+        assert columns(tmp_path / "db.sqlite")[-9:] == [
             "interrupted",
             "owner",
             "club",
             "first_sent_at",
             "late_cause",
             "club_took",
+            "clock_offset_ms",
+            "clock_uncertainty_ms",
+            "clock_error",
         ]
         factory = models.session_factory(engine)
         (row,) = rows(factory).values()
@@ -1293,6 +1296,48 @@ def test_finish_records_the_first_send_and_reports_its_timing(
     # b's first request left at ``sent``, on time, whatever its cause column says.
     assert failed.timing == "sent 0.8 ms after the window opened"
     assert rows(factory)["b@1"].first_sent_at == sent
+
+
+def test_the_timing_says_which_clock_the_booking_was_sent_by(
+    factory: sessionmaker[Session],
+) -> None:
+    for key in ("ahead@1", "behind@1", "failed@1"):
+        add_row(factory, key, NOW + timedelta(hours=2), BOOKING)
+    # The club runs 412 ms ahead: its window opened at our trigger - 412 ms; the request left
+    # 406 ms before our trigger, 6 ms after the club's opening.
+    instances.record_clock(factory, "ahead@1", offset_ms=412.0, uncertainty_ms=6.0)
+    ahead = instances.finish(
+        factory,
+        "ahead@1",
+        BOOKED,
+        None,
+        now=NOW,
+        first_sent_at=TRIGGER_OF_AHEAD - timedelta(milliseconds=406),
+    )
+    assert (
+        ahead.timing == "sent 6.0 ms after the window opened by the club's clock (+412 ms ± 6 ms)"
+    )
+    instances.record_clock(factory, "behind@1", offset_ms=-450.0, uncertainty_ms=0.4)
+    behind = instances.finish(
+        factory,
+        "behind@1",
+        BOOKED,
+        None,
+        now=NOW,
+        first_sent_at=TRIGGER_OF_AHEAD + timedelta(milliseconds=451),
+    )
+    assert (
+        behind.timing == "sent 1.0 ms after the window opened by the club's clock (-450 ms ± 1 ms)"
+    )
+    instances.record_clock(factory, "failed@1", error="the club's answer has no Date header")
+    failed = instances.finish(
+        factory, "failed@1", BOOKED, None, now=NOW, first_sent_at=TRIGGER_OF_AHEAD
+    )
+    assert failed.timing == (
+        "sent 0.0 ms after the window opened by our clock (the club's clock could not be measured)"
+    )
+    shown = {row["key"]: row["sent"] for row in instances.status_rows(factory)}
+    assert shown["ahead@1"] == ahead.timing
 
 
 def test_a_late_first_request_says_how_late_and_why(factory: sessionmaker[Session]) -> None:
