@@ -25,7 +25,7 @@ from sqlalchemy import delete, func, insert, inspect, select, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
 import utils
-from config_loader import SCHEDULES_FILE, Config, Entry, TokensResult
+from config_loader import SCHEDULES_FILE, Config, Entry, Planned, TokensResult
 from models import (
     BOOKED,
     BOOKING,
@@ -186,6 +186,67 @@ def reconcile(
             session.flush()
             session.expunge_all()
     return changes
+
+
+def due_by(
+    factory: sessionmaker[Session], config: Config, *, now: datetime, until: datetime
+) -> dict[str, datetime]:
+    """The first part of a load, soonest first: the instances of the valid, enabled entries
+    whose trigger comes by ``until`` are added when missing (with their token), so that their
+    jobs can be scheduled before the rest of the load. Returns every pending instance due by
+    then (key -> trigger), new or stored. Nothing else is touched: the full ``reconcile`` that
+    follows finds these as it left them."""
+    planned: list[tuple[Entry, Planned]] = []
+    if config.schedules.file_error is None:
+        for entry in config.schedules.entries:
+            if entry.enabled:
+                planned += _planned_by(entry, now, until)
+    with transaction(factory) as session:
+        store_tokens(session, config.tokens)
+        keys = [item.key for _, item in planned]
+        stored: set[str] = set()
+        for start in range(0, len(keys), PAGE):
+            page = keys[start : start + PAGE]
+            stored.update(session.scalars(select(Instance.key).where(Instance.key.in_(page))))
+        stamp = utils.as_utc(now)
+        rows = [
+            dict(
+                key=item.key,
+                schedule_id=entry.id,
+                desired_time=item.desired,
+                trigger_time=item.trigger,
+                status=PENDING,
+                attempts=0,
+                late_cause=LATE_LOADED if item.trigger <= now else None,
+                created_at=stamp,
+                updated_at=stamp,
+                **_entry_fields(entry),
+            )
+            for entry, item in planned
+            if item.key not in stored
+        ]
+        if rows:
+            session.execute(insert(Instance), rows)
+        query = select(Instance.key, Instance.trigger_time).where(
+            Instance.status == PENDING, Instance.trigger_time <= until
+        )
+        return {key: trigger for key, trigger in session.execute(query)}
+
+
+def _planned_by(entry: Entry, now: datetime, until: datetime) -> list[tuple[Entry, Planned]]:
+    """``entry.plan(now)`` up to the first trigger after ``until`` (starts come in order, and
+    so do their triggers): the few instances due soon, without planning the rest."""
+    found = []
+    zone, window = entry.zone, entry.window
+    for start in entry.starts(now):
+        if start <= now:
+            continue
+        trigger = utils.trigger_time(start, zone, window)
+        if trigger > until:
+            break
+        item = Planned(utils.instance_key(entry.id, start), utils.as_utc(start), trigger)
+        found.append((entry, item))
+    return found
 
 
 def preparing(row: Instance, now: datetime) -> bool:

@@ -1474,3 +1474,40 @@ def test_an_outcome_is_located_at_its_club(factory: sessionmaker[Session]) -> No
     update(factory, "a@1", club="riverside")
     assert instances.finish(factory, "a@1", BOOKED, None, now=NOW).location == "riverside"
     assert instances.finish(factory, "b@1", BOOKED, None, now=NOW).location is None
+
+
+# --------------------------------------------------------------------------- soonest first
+
+
+def test_due_by_adds_only_what_comes_soon_and_the_full_load_finds_it_as_left(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    def one_off(entry_id: str, trigger_in: timedelta) -> dict[str, str]:
+        desired = NOW + timedelta(hours=168) + trigger_in
+        return {"id": entry_id, "type": "one-off", "desired_time": desired.isoformat()}
+
+    soon = one_off("soon", timedelta(seconds=30))
+    later = one_off("later", timedelta(hours=1))
+    off = {**one_off("off", timedelta(seconds=10)), "enabled": False}
+    write(data_dir, [WED, soon, later, off])
+    add_row(factory, "stored@1", NOW + timedelta(hours=168, seconds=40), PENDING)
+    config = load(factory, settings, fernet)
+
+    due = instances.due_by(factory, config, now=NOW, until=NOW + timedelta(seconds=60))
+
+    soon_key = utils.instance_key("soon", NOW + timedelta(hours=168, seconds=30))
+    assert due == {
+        soon_key: NOW + timedelta(seconds=30),
+        "stored@1": NOW + timedelta(seconds=40),
+    }
+    assert set(rows(factory)) == {soon_key, "stored@1"}
+    assert db_token_names(factory) == {"default", "alice"}  # the booking finds its token
+    changes = reconcile(factory, config, now=NOW)
+    assert soon_key not in changes.keys
+    assert changes.added == 1 + 52  # later, and the weekly entry's instances
+    assert rows(factory)[soon_key].status == PENDING
+
+
+def db_token_names(factory: sessionmaker[Session]) -> set[str]:
+    with factory() as session:
+        return set(session.scalars(select(Token.id)))
