@@ -51,6 +51,8 @@ logger = logging.getLogger(__name__)
 PAGE = 200
 #: Schedule entries reconciled together: their rows are read in one query, then let go.
 ENTRIES_PER_PASS = 4
+#: A batched ``reconcile`` commits this many entries' instances at a time.
+ENTRIES_PER_COMMIT = 40
 
 
 #: Why an instance's first request may leave after its trigger (``Instance.late_cause``), noted
@@ -134,6 +136,7 @@ def reconcile(
     now: datetime,
     only: Sequence[str] | None = None,
     unchanged: frozenset[str] = frozenset(),
+    batched: bool = False,
 ) -> Changes:
     """Apply a validated config to the database as a diff (CONTRACT section 5). Each entry's
     triggers follow the window that applies to it (``Entry.window``).
@@ -141,7 +144,9 @@ def reconcile(
     ``only`` limits the work to these schedule ids (the recurring top-up). ``unchanged`` names
     entries identical to the last load's, whose rows need no look (the daily top-up keeps their
     horizon). Booked instances are never touched; instances of rejected entries are kept as
-    they were.
+    they were. ``batched`` (a load at start, while bookings due soon already run): committed
+    ``ENTRIES_PER_COMMIT`` entries at a time, so that no booking waits for the whole load to
+    write its own claim.
     """
     changes = Changes()
     entries = {e.id: e for e in config.schedules.entries}
@@ -164,28 +169,50 @@ def reconcile(
                     SCHEDULES_FILE,
                 )
                 removable = set()
-        # A few entries at a time: their rows are read in one query, reconciled, flushed and
-        # let go, so that a load of thousands of instances never holds them all as objects.
         work = sorted(ids | removable)
-        for start in range(0, len(work), ENTRIES_PER_PASS):
-            chunk = work[start : start + ENTRIES_PER_PASS]
-            rows_by_schedule: dict[str, dict[str, Instance]] = {}
-            stored_chunk = [i for i in chunk if i in stored_ids]
-            if stored_chunk:
-                query = select(Instance).where(Instance.schedule_id.in_(stored_chunk))
-                for row in session.scalars(query):
-                    rows_by_schedule.setdefault(row.schedule_id, {})[row.key] = row
-            for schedule_id in chunk:
-                rows = rows_by_schedule.get(schedule_id, {})
-                if schedule_id in removable:
-                    for row in rows.values():
-                        if row.status == PENDING or preparing(row, now):
-                            _cancel(row, changes, "entry removed from schedules.json")
-                else:
-                    changes.merge(_reconcile_entry(session, entries[schedule_id], rows, now))
-            session.flush()
-            session.expunge_all()
+        pass_ = _Pass(entries, stored_ids, removable, now, changes)
+        if not batched:
+            for start in range(0, len(work), ENTRIES_PER_PASS):
+                pass_.run(session, work[start : start + ENTRIES_PER_PASS])
+            return changes
+    for first in range(0, len(work), ENTRIES_PER_COMMIT):
+        batch = work[first : first + ENTRIES_PER_COMMIT]
+        with transaction(factory) as session:
+            for start in range(0, len(batch), ENTRIES_PER_PASS):
+                pass_.run(session, batch[start : start + ENTRIES_PER_PASS])
     return changes
+
+
+@dataclass
+class _Pass:
+    """What ``reconcile`` does for a few entries at a time: their rows are read in one query,
+    reconciled, flushed and let go, so that a load of thousands of instances never holds them
+    all as objects."""
+
+    entries: dict[str, Entry]
+    stored_ids: set[str]
+    removable: set[str]
+    now: datetime
+    changes: Changes
+
+    def run(self, session: Session, chunk: list[str]) -> None:
+        rows_by_schedule: dict[str, dict[str, Instance]] = {}
+        stored_chunk = [i for i in chunk if i in self.stored_ids]
+        if stored_chunk:
+            query = select(Instance).where(Instance.schedule_id.in_(stored_chunk))
+            for row in session.scalars(query):
+                rows_by_schedule.setdefault(row.schedule_id, {})[row.key] = row
+        for schedule_id in chunk:
+            rows = rows_by_schedule.get(schedule_id, {})
+            if schedule_id in self.removable:
+                for row in rows.values():
+                    if row.status == PENDING or preparing(row, self.now):
+                        _cancel(row, self.changes, "entry removed from schedules.json")
+            else:
+                entry = self.entries[schedule_id]
+                self.changes.merge(_reconcile_entry(session, entry, rows, self.now))
+        session.flush()
+        session.expunge_all()
 
 
 def due_by(

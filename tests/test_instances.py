@@ -1511,3 +1511,29 @@ def test_due_by_adds_only_what_comes_soon_and_the_full_load_finds_it_as_left(
 def db_token_names(factory: sessionmaker[Session]) -> set[str]:
     with factory() as session:
         return set(session.scalars(select(Token.id)))
+
+
+def test_a_batched_reconcile_commits_as_it_goes_with_the_same_result(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sqlalchemy import event
+
+    entries = [{**WED, "id": f"w{i}"} for i in range(3)] + [MATCH]
+    write(data_dir, entries)
+    config = load(factory, settings, fernet)
+    engine = factory.kw["bind"]
+    commits: list[int] = []
+    event.listen(engine, "commit", lambda conn: commits.append(1))
+    monkeypatch.setattr(instances, "ENTRIES_PER_COMMIT", 1)
+
+    batched = reconcile(factory, config, now=NOW, batched=True)
+
+    assert len(commits) >= 1 + len(entries)  # the tokens, then one entry at a time
+    assert (batched.added, len(batched.keys)) == (3 * 52 + 1, 3 * 52 + 1)
+    again = reconcile(factory, config, now=NOW, batched=True)
+    assert again.empty
+    assert len(rows(factory)) == 3 * 52 + 1
