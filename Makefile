@@ -51,6 +51,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python tools/bench.py
 	$(BIN)/python tools/bench.py clock
+	$(BIN)/python tools/bench.py load-trigger
 	$(BIN)/python tools/bench.py reload
 	$(BIN)/python tools/bench.py memory
 
