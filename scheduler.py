@@ -219,6 +219,10 @@ class Scheduler:
         )
         return store, background
 
+    @property
+    def running(self) -> bool:
+        return bool(self._scheduler.running)
+
     def start(self) -> None:
         """Start firing jobs (their store is synced first by the caller)."""
         self._scheduler.start()
