@@ -29,6 +29,7 @@ import models
 import report
 import utils
 import watchdog
+from clubclock import ClockError
 from config_loader import Config, Entry, Settings, SettingsError
 from daemon import (
     EXIT_OK,
@@ -675,6 +676,44 @@ def cmd_health(env: dict[str, str]) -> int:
     return EXIT_OK
 
 
+def cmd_clock(env: dict[str, str], club: str, out: IO[str]) -> int:
+    """Measure the club's clock against ours now and print ``offset +412 ms ± 6 ms``."""
+    try:
+        settings = load_settings(env)
+    except StartError as exc:
+        print(f"courtbot clock: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    if utils.SCHEDULE_ID_RE.fullmatch(club) is None:
+        print(
+            f"club {club!r}: not a club name (its file is DATA_DIR/clubs/<club>.json)",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    path = settings.clubs_dir / f"{club}.json"
+    try:
+        flow = config_loader.load_flow_file(path, api_url=settings.api_url, label=str(path)).flow
+    except TemplateError as exc:
+        print(f"club {club!r}: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if flow.clock_url is None:
+        print(
+            f'club {club!r}: its file ({path}) has no "clock": add "clock": '
+            '{"url": "<a harmless GET on its hosts>"}',
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    client = bot.ClubClient(timeout=settings.http_timeout)
+    try:
+        measured = bot.measure_club_clock(client, flow.clock_url)
+    except ClockError as exc:
+        print(f"club {club!r}: the club's clock could not be measured: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    finally:
+        client.close()
+    out.write(measured.text + "\n")
+    return EXIT_OK
+
+
 def cmd_generate_key() -> int:
     print(Fernet.generate_key().decode())
     return EXIT_OK
@@ -755,6 +794,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dry-run", help="run the next instance's preparation steps (a login) against the club now"
     )
     dry.add_argument("schedule_id", metavar="SCHEDULE_ID")
+    clock = sub.add_parser("clock", help="measure the club's clock against ours now")
+    clock.add_argument("club", metavar="CLUB")
     return parser
 
 
@@ -792,6 +833,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return cmd_generate_key()
     if command == "dry-run":
         return cmd_dry_run(env, args.schedule_id, sys.stdout)
+    if command == "clock":
+        return cmd_clock(env, args.club, sys.stdout)
     return cmd_encrypt_token(env)
 
 

@@ -25,7 +25,8 @@ ALLOWED: dict[str, set[str]] = {
     "watchdog": set(),
     "config_loader": {"utils", "template"},
     "instances": {"models", "utils", "config_loader", "template", "notify"},
-    "bot": {"instances", "template", "utils", "notify", "models", "wire"},
+    "bot": {"instances", "template", "utils", "notify", "models", "wire", "clubclock"},
+    "clubclock": set(),
     # Roles: instances for the claims; the rest only as types of the daemon it serves (Host).
     "leader": {"models", "instances", "watchdog", "bot", "config_loader", "notify", "scheduler"},
     "report": {"utils"},
@@ -47,6 +48,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "cli": {
         "bot",
+        "clubclock",
         "config_loader",
         "daemon",
         "instances",
