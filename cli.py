@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from cryptography.fernet import Fernet, MultiFernet
 
 import bot
+import club_client
 import config_loader
 import instances
 import leader
@@ -385,7 +386,7 @@ def cmd_dry_run(env: dict[str, str], schedule_id: str, out: IO[str]) -> int:
     if not prepare:
         out.write("no preparation step: nothing is sent before the trigger\n")
     else:
-        client = bot.ClubClient(timeout=settings.http_timeout)
+        client = club_client.ClubClient(timeout=settings.http_timeout)
         try:
             reports, problem = bot.dry_run(client, flow, slot, secrets, entry.token)
         finally:
@@ -702,9 +703,9 @@ def cmd_clock(env: dict[str, str], club: str, out: IO[str]) -> int:
             file=sys.stderr,
         )
         return EXIT_INVALID
-    client = bot.ClubClient(timeout=settings.http_timeout)
+    client = club_client.ClubClient(timeout=settings.http_timeout)
     try:
-        measured = bot.measure_club_clock(client, flow.clock_url)
+        measured = club_client.measure_club_clock(client, flow.clock_url)
     except ClockError as exc:
         print(f"club {club!r}: the club's clock could not be measured: {exc}", file=sys.stderr)
         return EXIT_INVALID
