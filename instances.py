@@ -237,18 +237,11 @@ def due_by(
             stored.update(session.scalars(select(Instance.key).where(Instance.key.in_(page))))
         stamp = utils.as_utc(now)
         rows = [
-            dict(
-                key=item.key,
-                schedule_id=entry.id,
-                desired_time=item.desired,
-                trigger_time=item.trigger,
-                status=PENDING,
-                attempts=0,
-                late_cause=LATE_LOADED if item.trigger <= now else None,
-                created_at=stamp,
-                updated_at=stamp,
-                **_entry_fields(entry),
-            )
+            _new_row(entry.id, item, now, _entry_fields(entry))
+            | {
+                "created_at": stamp,
+                "updated_at": stamp,
+            }
             for entry, item in planned
             if item.key not in stored
         ]
@@ -258,6 +251,22 @@ def due_by(
             Instance.status == PENDING, Instance.trigger_time <= until
         )
         return {key: trigger for key, trigger in session.execute(query)}
+
+
+def _new_row(
+    schedule_id: str, item: Planned, now: datetime, fields: dict[str, Any]
+) -> dict[str, Any]:
+    """A new pending instance's columns, for a multi-row INSERT (no ORM object)."""
+    return dict(
+        key=item.key,
+        schedule_id=schedule_id,
+        desired_time=item.desired,
+        trigger_time=item.trigger,
+        status=PENDING,
+        attempts=0,
+        late_cause=LATE_LOADED if item.trigger <= now else None,
+        **fields,
+    )
 
 
 def _planned_by(entry: Entry, now: datetime, until: datetime) -> list[tuple[Entry, Planned]]:
@@ -324,18 +333,7 @@ def _reconcile_entry(
         row = rows.get(item.key)
         if row is None:
             if entry.enabled:
-                new_rows.append(
-                    dict(
-                        key=item.key,
-                        schedule_id=entry.id,
-                        desired_time=item.desired,
-                        trigger_time=item.trigger,
-                        status=PENDING,
-                        attempts=0,
-                        late_cause=LATE_LOADED if item.trigger <= now else None,
-                        **fields,
-                    )
-                )
+                new_rows.append(_new_row(entry.id, item, now, fields))
             continue
         _reconcile_planned(row, item.trigger, entry, fields, changes=changes, now=now)
     _cancel_unplanned(entry, rows, wanted, changes, now)
