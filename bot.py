@@ -667,7 +667,11 @@ def _send_instant(ctx: BookingContext, flow: Flow, row: Instance) -> float:
     """When the booking's first request leaves (our clock, epoch seconds): its trigger, or with
     ``clock`` the trigger by the club's clock, as measured just before."""
     trigger = row.trigger_time.timestamp()
-    measured = _club_clock(ctx, flow, row) if flow.clock_url is not None else None
+    if flow.clock_url is None:
+        if row.clock_offset_ms is not None or row.clock_error is not None:
+            instances.record_clock(ctx.factory, row.key)  # an earlier try's, with an old file
+        return trigger
+    measured = _club_clock(ctx, flow, row)
     return trigger if measured is None else measured.send_at(trigger)
 
 

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import bot
 import club_client
+import instances
 import template
 import utils
 from bot import TAKEN_ADVICE, BookingContext, ClubClient, book_slot
@@ -548,6 +549,18 @@ def test_the_first_requests_send_time_is_recorded_and_reported(h: Harness) -> No
     assert row.first_sent_at == TRIGGER + timedelta(microseconds=800)
     assert h.outcomes[0].timing == "sent 0.8 ms after the window opened"
     assert h.ctx.first_sent == {}
+
+
+def test_a_clock_noted_by_an_earlier_try_is_cleared_when_the_flow_has_none(h: Harness) -> None:
+    h.add()
+    instances.record_clock(h.factory, KEY, offset_ms=412.0, uncertainty_ms=6.0)
+    h.clock.set(TRIGGER + timedelta(microseconds=800))
+    queue(h.club, answer(201, {"id": 5}))
+
+    assert h.book() == BOOKED
+
+    assert (h.row().clock_offset_ms, h.row().clock_error) == (None, None)
+    assert h.outcomes[0].timing == "sent 0.8 ms after the window opened"
 
 
 def test_the_first_send_is_kept_when_a_stop_comes_between_retries(h: Harness) -> None:
