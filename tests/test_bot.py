@@ -2545,3 +2545,59 @@ def test_a_permanent_error_at_a_preparation_step_fails_at_once_naming_the_step(
         "retried: check the host in the booking URL, or ask the club to fix its certificate"
     )
     assert fh.stop.waits == []
+
+
+# ---------------------------------------------------------------- the club's clock
+
+
+def test_the_clock_is_read_only_within_the_preparation_time_and_moves_the_send(
+    h: Harness,
+) -> None:
+    """The club runs 2.5 s ahead: its Date is read only from prepare_seconds before the trigger
+    (never before) and ends before it; the booking leaves at the club's opening by its clock."""
+    from email.utils import formatdate
+
+    h.add()
+    set_club(h, "ahead")
+    h.ctx.clubs = {
+        "ahead": parse_flow(
+            {
+                "prepare_seconds": 20,
+                "clock": {"url": "http://padel.test/ping"},
+                "steps": [{"name": "book", "booking": True, "url": PADEL}],
+            },
+            api_url=URL,
+            name="clubs/ahead.json",
+        )
+    }
+    trigger = TRIGGER.timestamp()
+    h.clock.now = trigger - 100.0  # the job started long before its preparation time
+    h.clock.tick = 0.0001  # each read moves it on: the spin before the send ends
+    h.ctx.stop = FakeStop(h.clock)
+    reads: list[float] = []
+
+    def date(_request: Any) -> tuple[int, dict[str, str], str]:
+        reads.append(h.clock.now)
+        h.clock.advance(0.002)  # the round trip
+        return 200, {"Date": formatdate(h.clock.now - 0.001 + 2.5, usegmt=True)}, ""
+
+    h.club.add_callback(responses.GET, "http://padel.test/ping", callback=date)
+    sent: list[float] = []
+
+    def book(_request: Any) -> tuple[int, dict[str, str], str]:
+        sent.append(h.clock.now)
+        return 201, {}, json.dumps({"id": "a-1"})
+
+    h.club.add_callback(responses.POST, PADEL, callback=book)
+
+    assert h.book() == BOOKED
+
+    assert 3 <= len(reads) <= 20
+    assert trigger - 20.0 <= min(reads) and max(reads) < trigger
+    row = h.row()
+    assert row.clock_offset_ms is not None and row.clock_uncertainty_ms is not None
+    assert abs(row.clock_offset_ms - 2500.0) <= row.clock_uncertainty_ms
+    # Sent by the club's clock: never before its opening (our trigger - 2.5 s), and well
+    # before our own trigger.
+    assert trigger - 2.5 <= sent[0] < trigger - 2.4
+    assert "by the club's clock (+2500 ms" in (h.outcomes[0].timing or "")
