@@ -60,9 +60,12 @@ postgres-server:
 demo: $(STAMP)
 	$(BIN)/python tools/demo.py
 
-# The precision, burst and rivals' cases, then reload cost and memory at 5,200 and 52,000 pending.
+# The precision, burst and rivals' cases, the club's clock, then reload cost and memory at 5,200
+# and 52,000 pending.
 bench: $(STAMP)
 	$(BIN)/python tools/bench.py
+	$(BIN)/python tools/bench.py clock
+	$(BIN)/python tools/bench.py load-trigger
 	$(BIN)/python tools/bench.py reload
 	$(BIN)/python tools/bench.py memory
 

@@ -43,11 +43,13 @@ from club_client import (
     add_cookies,
     end_secrets,
     exchange,
+    measure_club_clock,
     remember_secret,
     safe_ref,
     scrubbed_traceback,
     start_secrets,
 )
+from clubclock import ClockError, Measurement
 from models import (
     BOOKED,
     BOOKING,
@@ -83,6 +85,12 @@ SPIN_SECONDS = 0.003
 MAX_NAP_SECONDS = 0.5
 #: Preparation retries wait base, 2 x base, 4 x base, ... but never longer than this.
 MAX_PREPARE_WAIT_SECONDS = 30.0
+#: The club's clock (CONTRACT section 6) is measured from at most this long before the trigger
+#: (within the flow's preparation time), done this long before it (the first request is built
+#: and its connection opened meanwhile), and not at all with less than the last figure left.
+CLOCK_START_SECONDS = 30.0
+CLOCK_DONE_BEFORE_SECONDS = 1.0
+CLOCK_MIN_SECONDS = 2.0
 #: A booking whose first request left this long after its trigger began late (loaded with its
 #: window open, back after downtime): its early answers are counted from that request.
 LATE_START_SECONDS = 1.0
@@ -631,9 +639,9 @@ def _book(key: str, ctx: BookingContext) -> str | None:
         ready = _prepare(ctx, run, row)
         if ready is not True:
             return ready or None
+    trigger = _send_instant(ctx, flow, row)
     # Everything is built before the trigger: only the send is left for the moment itself.
     ahead = _first_requests(ctx.client, run)
-    trigger = row.trigger_time.timestamp()
     first_key, first = next(iter(ahead.items()), (None, None))
     ready = _on_wire(ctx, first, trigger) if first is not None else None
     wired: dict[tuple[str, str | None], wire.Sent] = {}
@@ -653,6 +661,69 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     finally:
         for unread in wired.values():
             unread.connection.close()
+
+
+def _send_instant(ctx: BookingContext, flow: Flow, row: Instance) -> float:
+    """When the booking's first request leaves (our clock, epoch seconds): its trigger, or with
+    ``clock`` the trigger by the club's clock, as measured just before."""
+    trigger = row.trigger_time.timestamp()
+    if flow.clock_url is None:
+        if row.clock_offset_ms is not None or row.clock_error is not None:
+            instances.record_clock(ctx.factory, row.key)  # an earlier try's, with an old file
+        return trigger
+    measured = _club_clock(ctx, flow, row)
+    return trigger if measured is None else measured.send_at(trigger)
+
+
+def _club_clock(ctx: BookingContext, flow: Flow, row: Instance) -> Measurement | None:
+    """The club's clock, measured within the preparation time before the trigger (CONTRACT
+    section 6, "The club's clock"), and noted on the instance; None when the booking goes by
+    our clock (the measurement failed, was refused, or there was no time left: logged)."""
+    assert flow.clock_url is not None
+    key, trigger = row.key, row.trigger_time.timestamp()
+    done_by = trigger - CLOCK_DONE_BEFORE_SECONDS
+    if ctx.clock() >= done_by - CLOCK_MIN_SECONDS:
+        # A booking that starts late (loaded with its window open, back after downtime).
+        logger.info("booking %s: no time to measure the club's clock; by our clock", key)
+        instances.record_clock(ctx.factory, key, error="no time left before the trigger")
+        return None
+    begin = max(trigger - flow.prepare_seconds, trigger - CLOCK_START_SECONDS)
+    if ctx.clock() < begin and ctx.stop.wait(begin - ctx.clock()):
+        return None  # stopping: the wait for the trigger says so
+
+    def nap(seconds: float) -> None:
+        if ctx.stop.wait(seconds):
+            raise ClockError("the daemon is stopping")
+
+    try:
+        measured = measure_club_clock(
+            ctx.client, flow.clock_url, clock=ctx.clock, sleep=nap, deadline=done_by
+        )
+    except ClockError as exc:
+        logger.warning(
+            "booking %s: the club's clock could not be measured (GET %s): %s; the trigger "
+            "stays ours",
+            key,
+            flow.clock_url,
+            exc,
+        )
+        instances.record_clock(ctx.factory, key, error=str(exc))
+        return None
+    logger.info(
+        "booking %s: the club's clock: %s (%d requests); sending %.1f ms %s our trigger",
+        key,
+        measured.text,
+        measured.requests,
+        abs(measured.lead) * 1000,
+        "before" if measured.lead >= 0 else "after",
+    )
+    instances.record_clock(
+        ctx.factory,
+        key,
+        offset_ms=measured.offset * 1000,
+        uncertainty_ms=measured.uncertainty * 1000,
+    )
+    return measured
 
 
 def _token(

@@ -30,6 +30,7 @@ import models
 import report
 import utils
 import watchdog
+from clubclock import ClockError
 from config_loader import Config, Entry, Settings, SettingsError
 from daemon import (
     EXIT_OK,
@@ -46,7 +47,6 @@ from notify import (
     Notifier,
     NotifyConfigError,
     NotifySettings,
-    mask_url,
     send_test,
     validate_notify_urls,
 )
@@ -269,37 +269,6 @@ def _print_provenance(config: Config, now: datetime) -> None:
             print(f"warning: {warning}", file=sys.stderr)
 
 
-def _print_tokens(tokens: config_loader.TokensResult) -> None:
-    """Each token of tokens.json by name, and how the file holds it (never a value)."""
-    if tokens.file_error is not None or tokens.missing:
-        return
-    print(f"{config_loader.TOKENS_FILE}: {len(tokens.tokens)} token(s)")
-    for name, token in tokens.tokens.items():
-        kind = f"object of {', '.join(token.fields)}, " if token.fields is not None else ""
-        if token.error is not None:
-            held = "unusable (see the error above)"
-        elif token.plaintext:
-            held = "plaintext (the daemon encrypts it in the file when it loads it)"
-        elif token.rewrite:
-            held = "encrypted under an older key (the daemon re-encrypts it under the first)"
-        else:
-            held = "encrypted"
-        print(f"  {name!r}: {kind}{held}")
-
-
-def _print_notifications(settings: NotifySettings) -> None:
-    """Where outcomes will be reported: email and each channel, secrets masked."""
-    if settings.email_enabled:
-        print(
-            f"notifications: email to {', '.join(settings.recipients)} via {settings.smtp_host}:"
-            f"{settings.smtp_port} ({settings.smtp_security})"
-        )
-    else:
-        print("notifications: email off (set SMTP_HOST and NOTIFY_EMAIL)")
-    for url in settings.urls:
-        print(f"notifications: channel {mask_url(url)}")
-
-
 def _settings_and_key(env: dict[str, str], command: str) -> tuple[Settings, MultiFernet] | int:
     """The settings and FERNET_KEY a command needs, or its exit code after one line on stderr
     (1 for bad settings, 2 without a usable key)."""
@@ -329,12 +298,14 @@ def cmd_check(env: dict[str, str]) -> int:
     try:
         notify_settings = NotifySettings.from_env(settings.env)
         errors += [f"NOTIFY_URLS: {p}" for p in validate_notify_urls(notify_settings.urls)]
-        _print_notifications(notify_settings)
+        for line in notify_settings.describe():
+            print(line)
     except NotifyConfigError as exc:
         errors.append(str(exc))
     for error in errors:
         print(f"error: {error}", file=sys.stderr)
-    _print_tokens(config.tokens)
+    for line in config.tokens.describe():
+        print(line)
     _print_check(config, settings, now, _open_window_statuses(settings, now))
     _print_provenance(config, now)
     if errors:
@@ -752,6 +723,38 @@ def cmd_health(env: dict[str, str]) -> int:
     return EXIT_OK
 
 
+def cmd_clock(env: dict[str, str], club: str, out: IO[str]) -> int:
+    """Measure the club's clock against ours now and print ``offset +412 ms ± 6 ms``."""
+    try:
+        settings = load_settings(env)
+    except StartError as exc:
+        print(f"courtbot clock: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    try:
+        found = config_loader.club_file(settings, club)
+    except TemplateError as exc:
+        print(str(exc), file=sys.stderr)
+        return EXIT_INVALID
+    flow, path = found.flow, found.label
+    if flow.clock_url is None:
+        print(
+            f'club {club!r}: its file ({path}) has no "clock": add "clock": '
+            '{"url": "<a harmless GET on its hosts>"}',
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    client = club_client.ClubClient(timeout=settings.http_timeout)
+    try:
+        measured = club_client.measure_club_clock(client, flow.clock_url)
+    except ClockError as exc:
+        print(f"club {club!r}: the club's clock could not be measured: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    finally:
+        client.close()
+    out.write(measured.text + "\n")
+    return EXIT_OK
+
+
 def cmd_generate_key() -> int:
     print(Fernet.generate_key().decode())
     return EXIT_OK
@@ -833,6 +836,8 @@ def build_parser() -> argparse.ArgumentParser:
         "dry-run", help="run the next instance's preparation steps (a login) against the club now"
     )
     dry.add_argument("schedule_id", metavar="SCHEDULE_ID")
+    clock = sub.add_parser("clock", help="measure the club's clock against ours now")
+    clock.add_argument("club", metavar="CLUB")
     return parser
 
 
@@ -872,6 +877,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return cmd_generate_key()
     if command == "dry-run":
         return cmd_dry_run(env, args.schedule_id, sys.stdout)
+    if command == "clock":
+        return cmd_clock(env, args.club, sys.stdout)
     return cmd_encrypt_token(env)
 
 

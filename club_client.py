@@ -20,7 +20,7 @@ import ssl
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, quote_plus, urljoin, urlsplit
@@ -31,6 +31,7 @@ from requests.cookies import MockRequest, MockResponse, RequestsCookieJar, get_c
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
+import clubclock
 import utils
 import wire
 from template import Flow, RenderedRequest, Reply, Step, as_text
@@ -647,3 +648,27 @@ def _redirected(
     following = client.prepare(RequestSpec(method, target, headers, raw))
     add_cookies(run.jar, following)
     return following
+
+
+def measure_club_clock(
+    client: ClubClient,
+    url: str,
+    *,
+    clock: Callable[[], float] = time.time,
+    sleep: Callable[[float], object] = time.sleep,
+    deadline: float | None = None,
+) -> clubclock.Measurement:
+    """The club's clock against ours (CONTRACT section 6, "The club's clock"), read off the
+    ``Date`` of plain ``GET``s on ``url`` (no token, no cookie). Raises ``ClockError`` saying
+    why it cannot be used (no answer, no ``Date``, a jump, too slow, implausible)."""
+    prepared = client.prepare(
+        RequestSpec("GET", url, {"User-Agent": USER_AGENT, "Cache-Control": "no-cache"}, None)
+    )
+
+    def fetch_date() -> str | None:
+        try:
+            return client.send(prepared).header("Date")
+        except BookingError as exc:
+            raise clubclock.ClockError(f"no answer from the club: {exc}") from None
+
+    return clubclock.measure(fetch_date, clock=clock, sleep=sleep, deadline=deadline)

@@ -387,6 +387,25 @@ class TokensResult:
     #: A name given twice: the file is not rewritten (that would keep one value silently).
     repeated: bool = False
 
+    def describe(self) -> list[str]:
+        """For ``check``: each token of tokens.json by name, and how the file holds it (never a
+        value); nothing when the file is missing or was rejected."""
+        if self.file_error is not None or self.missing:
+            return []
+        lines = [f"{TOKENS_FILE}: {len(self.tokens)} token(s)"]
+        for name, token in self.tokens.items():
+            kind = f"object of {', '.join(token.fields)}, " if token.fields is not None else ""
+            if token.error is not None:
+                held = "unusable (see the error above)"
+            elif token.plaintext:
+                held = "plaintext (the daemon encrypts it in the file when it loads it)"
+            elif token.rewrite:
+                held = "encrypted under an older key (the daemon re-encrypts it under the first)"
+            else:
+                held = "encrypted"
+            lines.append(f"  {name!r}: {kind}{held}")
+        return lines
+
 
 @dataclass
 class Config:
@@ -2105,6 +2124,23 @@ def club_path(clubs_dir: Path, ready_dir: Path, name: str) -> Path:
         if not path.exists() and ready.is_file():
             return ready
     return path
+
+
+def club_file(settings: Settings, name: str) -> FlowFile:
+    """The club file ``name`` as an entry naming it gets it: DATA_DIR/clubs/<name>.json (a
+    ``use`` file included), else the ready flow of that name. Raises TemplateError naming the
+    file and what is wrong (a missing one too)."""
+    if utils.SCHEDULE_ID_RE.fullmatch(name) is None:
+        raise TemplateError(
+            f"club {name!r}: not a club name (its file is DATA_DIR/clubs/<club>.json)"
+        )
+    sources = RequestSources(
+        api_url=settings.api_url, clubs_dir=settings.clubs_dir, ready_dir=settings.ready_clubs_dir
+    )
+    found = sources.club(name)
+    if found is None:
+        raise TemplateError(f"club {name!r}: {sources.club_errors[name]}")
+    return found
 
 
 def has_club_files(settings: Settings) -> bool:

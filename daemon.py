@@ -66,6 +66,9 @@ RETRY_LOOK_AT_LEAST_SECONDS = 60.0
 TOKEN_NOTICE_AHEAD = timedelta(days=3)
 #: What the daemon's loop handles: reload, stop, stop.
 DAEMON_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)
+#: A load at start schedules first, and starts firing, what is due within this time (plus its
+#: flow's preparation time), before it reconciles and schedules the rest.
+SOONEST_FIRST = timedelta(minutes=3)
 
 
 class StartError(Exception):
@@ -405,7 +408,8 @@ class Daemon:
         self.loads.load(reason=reason)
         if not self.ctx.may_send.is_set():
             return  # lost the role meanwhile: the loop steps down
-        self.scheduler.start()
+        if not self.scheduler.running:  # a load that stopped short of its soonest-first part
+            self.scheduler.start()
         self.roles.beat(self)
         self.write_pid()
         self.heartbeat()
@@ -704,7 +708,12 @@ class Loads:
                     written = config_loader.content_digest(config.tokens.written)
                     config.digest[str(daemon.settings.tokens_path)] = written
             unchanged = self._unchanged_entries(config) if not first else frozenset()
-            changes = instances.reconcile(daemon.factory, config, now=now, unchanged=unchanged)
+            early = first and not daemon.scheduler.running
+            if early:
+                self._soonest_first(config, now)
+            changes = instances.reconcile(
+                daemon.factory, config, now=now, unchanged=unchanged, batched=early
+            )
             daemon.ctx.withdraw(changes.keys)  # a booking preparing for one it cancelled stops
             # Read before the jobs follow: once they do, these are claimed and under way.
             at_once = instances.at_once(daemon.factory, changes.keys, now)
@@ -753,6 +762,25 @@ class Loads:
             )
         except Exception:
             logger.exception("the load's result could not be kept for `reload` and `status`")
+
+    def _soonest_first(self, config: Config, now: datetime) -> None:
+        """The first part of a load at start: what is due soon (or overdue) gets its job and
+        the scheduler starts, so that a trigger during the rest of the load (52,000 instances
+        take seconds) is met on time, and one that passed is booked at once."""
+        daemon = self.daemon
+        assert daemon.factory is not None and daemon.scheduler is not None
+        assert daemon.ctx is not None
+        leads = self._club_prepare_seconds({None, *daemon.ctx.clubs})
+        until = now + SOONEST_FIRST + timedelta(seconds=max(leads.values(), default=0.0))
+        due = instances.due_by(daemon.factory, config, now=now, until=until)
+        if due:
+            self.sync(set(due))
+        daemon.scheduler.start()
+        logger.info(
+            "soonest first: %d instance(s) due by %s scheduled before the rest of the load",
+            len(due),
+            utils.format_utc(until),
+        )
 
     def _unchanged_entries(self, config: Config) -> frozenset[str]:
         """Entries exactly as last time: they need no reconciling (their horizon is the

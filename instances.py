@@ -18,7 +18,7 @@ import logging
 import socket
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.fernet import MultiFernet
@@ -26,7 +26,7 @@ from sqlalchemy import delete, func, insert, inspect, select, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
 import utils
-from config_loader import SCHEDULES_FILE, Config, Entry, TokensResult
+from config_loader import SCHEDULES_FILE, Config, Entry, Planned, TokensResult
 from models import (
     BOOKED,
     BOOKING,
@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 PAGE = 200
 #: Schedule entries reconciled together: their rows are read in one query, then let go.
 ENTRIES_PER_PASS = 4
+#: A batched ``reconcile`` commits this many entries' instances at a time.
+ENTRIES_PER_COMMIT = 40
 
 
 #: Why an instance's first request may leave after its trigger (``Instance.late_cause``), noted
@@ -137,6 +139,7 @@ def reconcile(
     now: datetime,
     only: Sequence[str] | None = None,
     unchanged: frozenset[str] = frozenset(),
+    batched: bool = False,
 ) -> Changes:
     """Apply a validated config to the database as a diff (CONTRACT section 5). Each entry's
     triggers follow the window that applies to it (``Entry.window``).
@@ -144,7 +147,9 @@ def reconcile(
     ``only`` limits the work to these schedule ids (the recurring top-up). ``unchanged`` names
     entries identical to the last load's, whose rows need no look (the daily top-up keeps their
     horizon). Booked instances are never touched; instances of rejected entries are kept as
-    they were.
+    they were. ``batched`` (a load at start, while bookings due soon already run): committed
+    ``ENTRIES_PER_COMMIT`` entries at a time, so that no booking waits for the whole load to
+    write its own claim.
     """
     changes = Changes()
     entries = {e.id: e for e in config.schedules.entries}
@@ -167,28 +172,120 @@ def reconcile(
                     SCHEDULES_FILE,
                 )
                 removable = set()
-        # A few entries at a time: their rows are read in one query, reconciled, flushed and
-        # let go, so that a load of thousands of instances never holds them all as objects.
         work = sorted(ids | removable)
-        for start in range(0, len(work), ENTRIES_PER_PASS):
-            chunk = work[start : start + ENTRIES_PER_PASS]
-            rows_by_schedule: dict[str, dict[str, Instance]] = {}
-            stored_chunk = [i for i in chunk if i in stored_ids]
-            if stored_chunk:
-                query = select(Instance).where(Instance.schedule_id.in_(stored_chunk))
-                for row in session.scalars(query):
-                    rows_by_schedule.setdefault(row.schedule_id, {})[row.key] = row
-            for schedule_id in chunk:
-                rows = rows_by_schedule.get(schedule_id, {})
-                if schedule_id in removable:
-                    for row in rows.values():
-                        if row.status == PENDING or preparing(row, now):
-                            _cancel(row, changes, "entry removed from schedules.json")
-                else:
-                    changes.merge(_reconcile_entry(session, entries[schedule_id], rows, now))
-            session.flush()
-            session.expunge_all()
+        pass_ = _Pass(entries, stored_ids, removable, now, changes)
+        if not batched:
+            for start in range(0, len(work), ENTRIES_PER_PASS):
+                pass_.run(session, work[start : start + ENTRIES_PER_PASS])
+            return changes
+    for first in range(0, len(work), ENTRIES_PER_COMMIT):
+        batch = work[first : first + ENTRIES_PER_COMMIT]
+        with transaction(factory) as session:
+            for start in range(0, len(batch), ENTRIES_PER_PASS):
+                pass_.run(session, batch[start : start + ENTRIES_PER_PASS])
     return changes
+
+
+@dataclass
+class _Pass:
+    """What ``reconcile`` does for a few entries at a time: their rows are read in one query,
+    reconciled, flushed and let go, so that a load of thousands of instances never holds them
+    all as objects."""
+
+    entries: dict[str, Entry]
+    stored_ids: set[str]
+    removable: set[str]
+    now: datetime
+    changes: Changes
+
+    def run(self, session: Session, chunk: list[str]) -> None:
+        rows_by_schedule: dict[str, dict[str, Instance]] = {}
+        stored_chunk = [i for i in chunk if i in self.stored_ids]
+        if stored_chunk:
+            query = select(Instance).where(Instance.schedule_id.in_(stored_chunk))
+            for row in session.scalars(query):
+                rows_by_schedule.setdefault(row.schedule_id, {})[row.key] = row
+        for schedule_id in chunk:
+            rows = rows_by_schedule.get(schedule_id, {})
+            if schedule_id in self.removable:
+                for row in rows.values():
+                    if row.status == PENDING or preparing(row, self.now):
+                        _cancel(row, self.changes, "entry removed from schedules.json")
+            else:
+                entry = self.entries[schedule_id]
+                self.changes.merge(_reconcile_entry(session, entry, rows, self.now))
+        session.flush()
+        session.expunge_all()
+
+
+def due_by(
+    factory: sessionmaker[Session], config: Config, *, now: datetime, until: datetime
+) -> dict[str, datetime]:
+    """The first part of a load, soonest first: the instances of the valid, enabled entries
+    whose trigger comes by ``until`` are added when missing (with their token), so that their
+    jobs can be scheduled before the rest of the load. Returns every pending instance due by
+    then (key -> trigger), new or stored. Nothing else is touched: the full ``reconcile`` that
+    follows finds these as it left them."""
+    planned: list[tuple[Entry, Planned]] = []
+    if config.schedules.file_error is None:
+        for entry in config.schedules.entries:
+            if entry.enabled:
+                planned += _planned_by(entry, now, until)
+    with transaction(factory) as session:
+        store_tokens(session, config.tokens)
+        keys = [item.key for _, item in planned]
+        stored: set[str] = set()
+        for start in range(0, len(keys), PAGE):
+            page = keys[start : start + PAGE]
+            stored.update(session.scalars(select(Instance.key).where(Instance.key.in_(page))))
+        stamp = utils.as_utc(now)
+        rows = [
+            _new_row(entry.id, item, now, _entry_fields(entry))
+            | {
+                "created_at": stamp,
+                "updated_at": stamp,
+            }
+            for entry, item in planned
+            if item.key not in stored
+        ]
+        if rows:
+            session.execute(insert(Instance), rows)
+        query = select(Instance.key, Instance.trigger_time).where(
+            Instance.status == PENDING, Instance.trigger_time <= until
+        )
+        return {key: trigger for key, trigger in session.execute(query)}
+
+
+def _new_row(
+    schedule_id: str, item: Planned, now: datetime, fields: dict[str, Any]
+) -> dict[str, Any]:
+    """A new pending instance's columns, for a multi-row INSERT (no ORM object)."""
+    return dict(
+        key=item.key,
+        schedule_id=schedule_id,
+        desired_time=item.desired,
+        trigger_time=item.trigger,
+        status=PENDING,
+        attempts=0,
+        late_cause=LATE_LOADED if item.trigger <= now else None,
+        **fields,
+    )
+
+
+def _planned_by(entry: Entry, now: datetime, until: datetime) -> list[tuple[Entry, Planned]]:
+    """``entry.plan(now)`` up to the first trigger after ``until`` (starts come in order, and
+    so do their triggers): the few instances due soon, without planning the rest."""
+    found = []
+    zone, window = entry.zone, entry.window
+    for start in entry.starts(now):
+        if start <= now:
+            continue
+        trigger = utils.trigger_time(start, zone, window)
+        if trigger > until:
+            break
+        item = Planned(utils.instance_key(entry.id, start), utils.as_utc(start), trigger)
+        found.append((entry, item))
+    return found
 
 
 def preparing(row: Instance, now: datetime) -> bool:
@@ -239,18 +336,7 @@ def _reconcile_entry(
         row = rows.get(item.key)
         if row is None:
             if entry.enabled:
-                new_rows.append(
-                    dict(
-                        key=item.key,
-                        schedule_id=entry.id,
-                        desired_time=item.desired,
-                        trigger_time=item.trigger,
-                        status=PENDING,
-                        attempts=0,
-                        late_cause=LATE_LOADED if item.trigger <= now else None,
-                        **fields,
-                    )
-                )
+                new_rows.append(_new_row(entry.id, item, now, fields))
             continue
         _reconcile_planned(row, item.trigger, entry, fields, changes=changes, now=now)
     _cancel_unplanned(entry, rows, wanted, changes, now)
@@ -866,16 +952,75 @@ def finish(
         return outcome_of(row, retry_helps=retry_helps)
 
 
+def record_clock(
+    factory: sessionmaker[Session],
+    key: str,
+    *,
+    offset_ms: float | None = None,
+    uncertainty_ms: float | None = None,
+    error: str | None = None,
+) -> None:
+    """Note how the booking of ``key`` is timed: by the club's clock as measured (offset and
+    uncertainty in ms), or by ours because the measurement failed (``error``)."""
+    with transaction(factory) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.key == key)
+            .values(
+                clock_offset_ms=offset_ms,
+                clock_uncertainty_ms=uncertainty_ms,
+                clock_error=error[:300] if error else None,
+            )
+        )
+
+
+@dataclass(frozen=True)
+class _Clock:
+    """Which clock a booking was sent by (``record_clock``)."""
+
+    offset_ms: float | None = None
+    uncertainty_ms: float | None = None
+    error: str | None = None
+
+    @classmethod
+    def of(cls, row: Instance) -> _Clock:
+        return cls(
+            _optional(row, "clock_offset_ms"),
+            _optional(row, "clock_uncertainty_ms"),
+            _optional(row, "clock_error"),
+        )
+
+    @property
+    def label(self) -> str:
+        """`` by the club's clock (+412 ms ± 6 ms)``, `` by our clock (...)`` or nothing."""
+        if self.offset_ms is not None:
+            return (
+                f" by the club's clock ({self.offset_ms:+.0f} ms ± "
+                f"{max(self.uncertainty_ms or 0.0, 1.0):.0f} ms)"
+            )
+        if self.error is not None:
+            return " by our clock (the club's clock could not be measured)"
+        return ""
+
+
 def timing_of(row: Instance) -> str | None:
     """When the instance's first request left, for a person (None while nothing is final)."""
-    return _timing(row.status, row.trigger_time, row.first_sent_at, row.late_cause)
+    return _timing(row.status, row.trigger_time, row.first_sent_at, row.late_cause, _Clock.of(row))
 
 
 def _timing(
-    status: str, trigger: datetime, first_sent: datetime | None, cause: str | None
+    status: str,
+    trigger: datetime,
+    first_sent: datetime | None,
+    cause: str | None,
+    clock: _Clock | None = None,
 ) -> str | None:
     if first_sent is not None:
-        timing = utils.send_timing(trigger, first_sent, LATE_CAUSES.get(cause or ""))
+        clock = clock or _Clock()
+        if clock.offset_ms is not None:
+            # The window opened at the trigger by the club's clock: our trigger - offset.
+            trigger -= timedelta(milliseconds=clock.offset_ms)
+        timing = utils.send_timing(trigger, first_sent, LATE_CAUSES.get(cause or "")) + clock.label
         # On time is no comfort when it did not book (the club down, the court taken): say so
         # in the same breath, so that the line does not read as a success.
         return f"{timing}, but not booked: see the reason" if status == FAILED else timing
@@ -986,7 +1131,17 @@ def clear_wakeups(factory: sessionmaker[Session], up_to: int) -> None:
 
 #: Columns added since the first release: a reader (``status``) never changes the schema, so on
 #: an older database they are left out of its queries and read as NULL.
-_ADDED_COLUMNS = ("interrupted", "owner", "club", "first_sent_at", "late_cause", "club_took")
+_ADDED_COLUMNS = (
+    "interrupted",
+    "owner",
+    "club",
+    "first_sent_at",
+    "late_cause",
+    "club_took",
+    "clock_offset_ms",
+    "clock_uncertainty_ms",
+    "clock_error",
+)
 
 
 def _reader_query(session: Session) -> Any:
@@ -1097,4 +1252,10 @@ def _timing_text(row: Instance) -> str | None:
     """``timing_of`` for a row read by ``status``; None on a database too old to know."""
     if row.status not in FINAL or "first_sent_at" in inspect(row).unloaded:
         return None
-    return _timing(row.status, row.trigger_time, row.first_sent_at, _optional(row, "late_cause"))
+    return _timing(
+        row.status,
+        row.trigger_time,
+        row.first_sent_at,
+        _optional(row, "late_cause"),
+        _Clock.of(row),
+    )

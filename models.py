@@ -23,6 +23,7 @@ from sqlalchemy import (
     Connection,
     DateTime,
     Engine,
+    Float,
     Index,
     Integer,
     String,
@@ -164,6 +165,12 @@ class Instance(Base):
     #: still to run (CONTRACT section 12): set before they run. Such an instance is never booked
     #: again: not by ``retry``, not after a crash; if a finishing step fails it stays ``failed``.
     club_took: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    #: The club's clock as measured before the trigger (CONTRACT section 6, "The club's clock"):
+    #: its offset from ours and the uncertainty, in ms; NULL: sent by our clock.
+    clock_offset_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    clock_uncertainty_ms: Mapped[float | None] = mapped_column(Float, default=None)
+    #: Why the club's clock could not be measured (its file names one): the trigger stayed ours.
+    clock_error: Mapped[str | None] = mapped_column(String(300), default=None)
 
     __table_args__ = (Index("ix_schedules_status_trigger", "status", "trigger_time"),)
 

@@ -167,6 +167,18 @@ class NotifySettings:
             urls=tuple(split_notify_urls(env.get("NOTIFY_URLS") or "")),
         )
 
+    def describe(self) -> list[str]:
+        """For ``check``: where outcomes will be reported, email and each channel, secrets
+        masked."""
+        if self.email_enabled:
+            lines = [
+                f"notifications: email to {', '.join(self.recipients)} via {self.smtp_host}:"
+                f"{self.smtp_port} ({self.smtp_security})"
+            ]
+        else:
+            lines = ["notifications: email off (set SMTP_HOST and NOTIFY_EMAIL)"]
+        return lines + [f"notifications: channel {mask_url(url)}" for url in self.urls]
+
 
 def _smtp_port(raw_port: str | None, security: str) -> int:
     """SMTP_PORT as a number (the security mode's own port when unset); raises

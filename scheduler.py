@@ -197,6 +197,8 @@ class Scheduler:
         self._store.jobs_t.create(engine, checkfirst=True)
         self._lock = threading.Lock()
         self._write_failure: str | None = None
+        #: A booking job's state as APScheduler stores it (``_rows``), built once.
+        self._job_state: dict[str, Any] | None = None
         for name in ("apscheduler.scheduler", "apscheduler.executors.default"):
             logging.getLogger(name).setLevel(logging.WARNING)
 
@@ -216,6 +218,10 @@ class Scheduler:
             timezone=UTC,
         )
         return store, background
+
+    @property
+    def running(self) -> bool:
+        return bool(self._scheduler.running)
 
     def start(self) -> None:
         """Start firing jobs (their store is synced first by the caller)."""
@@ -402,23 +408,43 @@ class Scheduler:
             self._scheduler.wakeup()
 
     def _rows(self, upserts: list[tuple[str, datetime]]) -> list[dict[str, object]]:
-        """The job store's rows for booking jobs, as APScheduler itself would store them."""
-        rows: list[dict[str, object]] = []
-        for key, run_at in upserts:
+        """The job store's rows for booking jobs, as APScheduler itself would store them. One
+        ``Job`` is built (and its callable checked) once; each row is its state with the key and
+        the time put in, so a cold load of thousands of jobs builds no ``Job`` per row."""
+        if self._job_state is None:
+            first = upserts[0][1] if upserts else datetime.now(UTC)
             job = Job(
                 self._scheduler,
-                id=key,
+                id="template",
                 func=run_booking,
-                trigger=DateTrigger(run_at, timezone=UTC),
+                trigger=DateTrigger(first, timezone=UTC),
                 executor="default",
-                args=(key,),
+                args=("template",),
                 kwargs={},
-                name=f"book {key}",
+                name="book template",
                 misfire_grace_time=None,
                 coalesce=True,
                 max_instances=1,
+                next_run_time=first,
+            )
+            self._job_state = job.__getstate__()
+        base = self._job_state
+        protocol = self._store.pickle_protocol
+        rows: list[dict[str, object]] = []
+        for key, run_at in upserts:
+            state = dict(base)
+            state.update(
+                id=key,
+                trigger=DateTrigger(run_at, timezone=UTC),
+                args=(key,),
+                name=f"book {key}",
                 next_run_time=run_at,
             )
-            state = pickle.dumps(job.__getstate__(), self._store.pickle_protocol)
-            rows.append({"id": key, "next_run_time": run_at.timestamp(), "job_state": state})
+            rows.append(
+                {
+                    "id": key,
+                    "next_run_time": run_at.timestamp(),
+                    "job_state": pickle.dumps(state, protocol),
+                }
+            )
         return rows

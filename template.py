@@ -58,11 +58,14 @@ TEMPLATE_KEYS = (
     "booking_ref",
     "idempotency_header",
     "window",
+    "clock",
     "about",
     "sources",
     "checked",
 )
-FLOW_KEYS = ("hosts", "window", "prepare_seconds", "steps", "about", "sources", "checked")
+FLOW_KEYS = ("hosts", "window", "prepare_seconds", "clock", "steps", "about", "sources", "checked")
+#: The keys of ``clock`` (CONTRACT section 6, "The club's clock").
+CLOCK_KEYS = ("url",)
 STEP_KEYS = (
     "name",
     "method",
@@ -805,6 +808,9 @@ class Flow:
     about: str | None = None
     #: Every step names its URL (BOOKING_API_URL is not needed for it).
     has_url: bool = True
+    #: ``clock.url``: a harmless GET on ``hosts`` whose answer's ``Date`` is the club's clock,
+    #: measured within ``prepare_seconds`` before each trigger; None: our clock is used.
+    clock_url: str | None = None
     #: Where the flow's calls were read (public client code, API documentation).
     sources: tuple[str, ...] = ()
     #: When the flow was last checked against the live system or its sources.
@@ -1033,9 +1039,17 @@ def describe_flow(flow: Flow, slot: Slot) -> str:
     one-step flow is its one request; a flow lists every step with its phase and values."""
     court = slot.courts[0]
     values = masked_values(flow, slot, court)
+    clock = (
+        [
+            f"clock: GET {flow.clock_url} within {flow.prepare_seconds:g} s before the trigger "
+            "(the booking is sent by the club's clock)"
+        ]
+        if flow.clock_url is not None
+        else []
+    )
     if flow.single:
         step = flow.booking_step
-        return "\n".join(describe_request(step.render(values, slot.idempotency(court))))
+        return "\n".join(describe_request(step.render(values, slot.idempotency(court))) + clock)
     lines = [
         f"hosts: {', '.join(flow.hosts)}"
         + (f"; window {flow.window}" if flow.window else "")
@@ -1043,7 +1057,8 @@ def describe_flow(flow: Flow, slot: Slot) -> str:
             f"; prepares {flow.prepare_seconds:g} s before the trigger"
             if flow.phase("prepare")
             else ""
-        )
+        ),
+        *clock,
     ]
     for step in flow.steps:
         phase = _PHASE_WORDS[step.phase].format(seconds=flow.prepare_seconds)
@@ -1284,6 +1299,40 @@ def _window(value: Any, where: str) -> str | None:
     return value
 
 
+def _clock(value: Any, where: str, hosts: tuple[str, ...]) -> str | None:
+    """``clock`` (CONTRACT section 6): its URL, a GET on ``hosts``; None when not given."""
+    if value is None:
+        return None
+    example = '{"url": "https://club.example/api/ping"}'
+    if not isinstance(value, dict):
+        raise TemplateError(f"{where}clock: expected an object like {example}")
+    for key in value:
+        if key not in CLOCK_KEYS:
+            raise TemplateError(
+                f"{where}clock.{key}: unknown key; expected one of {', '.join(CLOCK_KEYS)}"
+            )
+    url = value.get("url")
+    if not isinstance(url, str) or not url.strip():
+        raise TemplateError(
+            f"{where}clock.url: expected the URL of a harmless GET whose answer carries a Date "
+            f"header, e.g. {example}, got {url!r}"
+        )
+    if "{" in url or "}" in url:
+        raise TemplateError(
+            f"{where}clock.url: {url!r} holds a placeholder; the clock request is a plain GET "
+            "that carries no token or value"
+        )
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise TemplateError(f"{where}clock.url: {url!r} is not an http(s) URL")
+    if not host_allowed(hosts, url):
+        raise TemplateError(
+            f"{where}clock.url: host {parts.netloc!r} is not on hosts ({', '.join(hosts)}); "
+            "the clock request only goes to the club's hosts"
+        )
+    return url
+
+
 def _about(value: Any, where: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise TemplateError(f"{where}about: expected a string (free text for people)")
@@ -1368,13 +1417,17 @@ def _single(data: dict[str, Any], api_url: str | None, name: str) -> Flow:
     )
     step = _with_court(step, set())
     url = render_text(step.url, _MaskAll())
+    hosts = (urlsplit(url).netloc.lower(),)
+    clock = _clock(data.get("clock"), where, hosts)
     return Flow(
         name=name,
-        hosts=(urlsplit(url).netloc.lower(),),
+        hosts=hosts,
         steps=(step,),
         window=_window(data.get("window"), where),
         about=_about(data.get("about"), where),
         has_url="url" in data,
+        clock_url=clock,
+        prepare_seconds=DEFAULT_PREPARE_SECONDS if clock else 0.0,
         sources=_sources(data.get("sources"), where),
         checked=_checked(data.get("checked"), where),
     )
@@ -1568,14 +1621,18 @@ def _multi(data: dict[str, Any], api_url: str | None, name: str) -> Flow:
         steps.append(step)
     compiled = tuple(steps)
     prepare = _prepare_seconds(data.get("prepare_seconds"), name)
+    hosts = _hosts(data.get("hosts"), compiled, name)
+    clock = _clock(data.get("clock"), f"{name}: ", hosts)
+    prepares = clock is not None or any(s.phase == "prepare" for s in compiled)
     return Flow(
         name=name,
-        hosts=_hosts(data.get("hosts"), compiled, name),
+        hosts=hosts,
         steps=compiled,
         window=_window(data.get("window"), f"{name}: "),
-        prepare_seconds=prepare if any(s.phase == "prepare" for s in compiled) else 0.0,
+        prepare_seconds=prepare if prepares else 0.0,
         about=_about(data.get("about"), f"{name}: "),
         has_url=all("url" in raw for raw in raw_steps),
+        clock_url=clock,
         sources=_sources(data.get("sources"), f"{name}: "),
         checked=_checked(data.get("checked"), f"{name}: "),
     )

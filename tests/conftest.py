@@ -57,6 +57,8 @@ SERIAL = (
     "test_attacks.py",
     "test_contract_7_12.py",
     "test_e2e.py",
+    "test_e2e_clock.py",
+    "test_e2e_soonest.py",
     "test_e2e_flows.py",
     "test_e2e_templates.py",
     "test_e2e_watchdog.py",

@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import bot
 import club_client
+import instances
 import template
 import utils
 from bot import TAKEN_ADVICE, BookingContext, ClubClient, book_slot
@@ -548,6 +549,18 @@ def test_the_first_requests_send_time_is_recorded_and_reported(h: Harness) -> No
     assert row.first_sent_at == TRIGGER + timedelta(microseconds=800)
     assert h.outcomes[0].timing == "sent 0.8 ms after the window opened"
     assert h.ctx.first_sent == {}
+
+
+def test_a_clock_noted_by_an_earlier_try_is_cleared_when_the_flow_has_none(h: Harness) -> None:
+    h.add()
+    instances.record_clock(h.factory, KEY, offset_ms=412.0, uncertainty_ms=6.0)
+    h.clock.set(TRIGGER + timedelta(microseconds=800))
+    queue(h.club, answer(201, {"id": 5}))
+
+    assert h.book() == BOOKED
+
+    assert (h.row().clock_offset_ms, h.row().clock_error) == (None, None)
+    assert h.outcomes[0].timing == "sent 0.8 ms after the window opened"
 
 
 def test_the_first_send_is_kept_when_a_stop_comes_between_retries(h: Harness) -> None:
@@ -2532,3 +2545,59 @@ def test_a_permanent_error_at_a_preparation_step_fails_at_once_naming_the_step(
         "retried: check the host in the booking URL, or ask the club to fix its certificate"
     )
     assert fh.stop.waits == []
+
+
+# ---------------------------------------------------------------- the club's clock
+
+
+def test_the_clock_is_read_only_within_the_preparation_time_and_moves_the_send(
+    h: Harness,
+) -> None:
+    """The club runs 2.5 s ahead: its Date is read only from prepare_seconds before the trigger
+    (never before) and ends before it; the booking leaves at the club's opening by its clock."""
+    from email.utils import formatdate
+
+    h.add()
+    set_club(h, "ahead")
+    h.ctx.clubs = {
+        "ahead": parse_flow(
+            {
+                "prepare_seconds": 20,
+                "clock": {"url": "http://padel.test/ping"},
+                "steps": [{"name": "book", "booking": True, "url": PADEL}],
+            },
+            api_url=URL,
+            name="clubs/ahead.json",
+        )
+    }
+    trigger = TRIGGER.timestamp()
+    h.clock.now = trigger - 100.0  # the job started long before its preparation time
+    h.clock.tick = 0.0001  # each read moves it on: the spin before the send ends
+    h.ctx.stop = FakeStop(h.clock)
+    reads: list[float] = []
+
+    def date(_request: Any) -> tuple[int, dict[str, str], str]:
+        reads.append(h.clock.now)
+        h.clock.advance(0.002)  # the round trip
+        return 200, {"Date": formatdate(h.clock.now - 0.001 + 2.5, usegmt=True)}, ""
+
+    h.club.add_callback(responses.GET, "http://padel.test/ping", callback=date)
+    sent: list[float] = []
+
+    def book(_request: Any) -> tuple[int, dict[str, str], str]:
+        sent.append(h.clock.now)
+        return 201, {}, json.dumps({"id": "a-1"})
+
+    h.club.add_callback(responses.POST, PADEL, callback=book)
+
+    assert h.book() == BOOKED
+
+    assert 3 <= len(reads) <= 20
+    assert trigger - 20.0 <= min(reads) and max(reads) < trigger
+    row = h.row()
+    assert row.clock_offset_ms is not None and row.clock_uncertainty_ms is not None
+    assert abs(row.clock_offset_ms - 2500.0) <= row.clock_uncertainty_ms
+    # Sent by the club's clock: never before its opening (our trigger - 2.5 s), and well
+    # before our own trigger.
+    assert trigger - 2.5 <= sent[0] < trigger - 2.4
+    assert "by the club's clock (+2500 ms" in (h.outcomes[0].timing or "")

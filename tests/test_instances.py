@@ -1206,13 +1206,16 @@ def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
     engine = models.make_engine(url)  # as the daemon opens it at start
 
     try:
-        assert columns(tmp_path / "db.sqlite")[-6:] == [
+        assert columns(tmp_path / "db.sqlite")[-9:] == [
             "interrupted",
             "owner",
             "club",
             "first_sent_at",
             "late_cause",
             "club_took",
+            "clock_offset_ms",
+            "clock_uncertainty_ms",
+            "clock_error",
         ]
         factory = models.session_factory(engine)
         (row,) = rows(factory).values()
@@ -1293,6 +1296,48 @@ def test_finish_records_the_first_send_and_reports_its_timing(
     # b's first request left at ``sent``, on time, whatever its cause column says.
     assert failed.timing == "sent 0.8 ms after the window opened, but not booked: see the reason"
     assert rows(factory)["b@1"].first_sent_at == sent
+
+
+def test_the_timing_says_which_clock_the_booking_was_sent_by(
+    factory: sessionmaker[Session],
+) -> None:
+    for key in ("ahead@1", "behind@1", "failed@1"):
+        add_row(factory, key, NOW + timedelta(hours=2), BOOKING)
+    # The club runs 412 ms ahead: its window opened at our trigger - 412 ms; the request left
+    # 406 ms before our trigger, 6 ms after the club's opening.
+    instances.record_clock(factory, "ahead@1", offset_ms=412.0, uncertainty_ms=6.0)
+    ahead = instances.finish(
+        factory,
+        "ahead@1",
+        BOOKED,
+        None,
+        now=NOW,
+        first_sent_at=TRIGGER_OF_AHEAD - timedelta(milliseconds=406),
+    )
+    assert (
+        ahead.timing == "sent 6.0 ms after the window opened by the club's clock (+412 ms ± 6 ms)"
+    )
+    instances.record_clock(factory, "behind@1", offset_ms=-450.0, uncertainty_ms=0.4)
+    behind = instances.finish(
+        factory,
+        "behind@1",
+        BOOKED,
+        None,
+        now=NOW,
+        first_sent_at=TRIGGER_OF_AHEAD + timedelta(milliseconds=451),
+    )
+    assert (
+        behind.timing == "sent 1.0 ms after the window opened by the club's clock (-450 ms ± 1 ms)"
+    )
+    instances.record_clock(factory, "failed@1", error="the club's answer has no Date header")
+    failed = instances.finish(
+        factory, "failed@1", BOOKED, None, now=NOW, first_sent_at=TRIGGER_OF_AHEAD
+    )
+    assert failed.timing == (
+        "sent 0.0 ms after the window opened by our clock (the club's clock could not be measured)"
+    )
+    shown = {row["key"]: row["sent"] for row in instances.status_rows(factory)}
+    assert shown["ahead@1"] == ahead.timing
 
 
 def test_a_late_first_request_says_how_late_and_why(factory: sessionmaker[Session]) -> None:
@@ -1492,3 +1537,66 @@ def test_the_statuses_of_instances_whose_window_is_open(factory: sessionmaker[Se
     add_row(factory, "ahead@1", NOW + timedelta(days=9), PENDING)  # window not open yet
     add_row(factory, "past@1", NOW - timedelta(hours=1), BOOKED)  # start passed
     assert instances.open_window_statuses(factory, NOW) == {"open@1": PENDING, "done@1": BOOKED}
+
+
+# --------------------------------------------------------------------------- soonest first
+
+
+def test_due_by_adds_only_what_comes_soon_and_the_full_load_finds_it_as_left(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    def one_off(entry_id: str, trigger_in: timedelta) -> dict[str, str]:
+        desired = NOW + timedelta(hours=168) + trigger_in
+        return {"id": entry_id, "type": "one-off", "desired_time": desired.isoformat()}
+
+    soon = one_off("soon", timedelta(seconds=30))
+    later = one_off("later", timedelta(hours=1))
+    off = {**one_off("off", timedelta(seconds=10)), "enabled": False}
+    write(data_dir, [WED, soon, later, off])
+    add_row(factory, "stored@1", NOW + timedelta(hours=168, seconds=40), PENDING)
+    config = load(factory, settings, fernet)
+
+    due = instances.due_by(factory, config, now=NOW, until=NOW + timedelta(seconds=60))
+
+    soon_key = utils.instance_key("soon", NOW + timedelta(hours=168, seconds=30))
+    assert due == {
+        soon_key: NOW + timedelta(seconds=30),
+        "stored@1": NOW + timedelta(seconds=40),
+    }
+    assert set(rows(factory)) == {soon_key, "stored@1"}
+    assert db_token_names(factory) == {"default", "alice"}  # the booking finds its token
+    changes = reconcile(factory, config, now=NOW)
+    assert soon_key not in changes.keys
+    assert changes.added == 1 + 52  # later, and the weekly entry's instances
+    assert rows(factory)[soon_key].status == PENDING
+
+
+def db_token_names(factory: sessionmaker[Session]) -> set[str]:
+    with factory() as session:
+        return set(session.scalars(select(Token.id)))
+
+
+def test_a_batched_reconcile_commits_as_it_goes_with_the_same_result(
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from sqlalchemy import event
+
+    entries = [{**WED, "id": f"w{i}"} for i in range(3)] + [MATCH]
+    write(data_dir, entries)
+    config = load(factory, settings, fernet)
+    engine = factory.kw["bind"]
+    commits: list[int] = []
+    event.listen(engine, "commit", lambda conn: commits.append(1))
+    monkeypatch.setattr(instances, "ENTRIES_PER_COMMIT", 1)
+
+    batched = reconcile(factory, config, now=NOW, batched=True)
+
+    assert len(commits) >= 1 + len(entries)  # the tokens, then one entry at a time
+    assert (batched.added, len(batched.keys)) == (3 * 52 + 1, 3 * 52 + 1)
+    again = reconcile(factory, config, now=NOW, batched=True)
+    assert again.empty
+    assert len(rows(factory)) == 3 * 52 + 1

@@ -29,8 +29,18 @@ ALLOWED: dict[str, set[str]] = {
     "watchdog": set(),
     "config_loader": {"utils", "template"},
     "instances": {"models", "utils", "config_loader", "template", "notify"},
-    "bot": {"instances", "template", "utils", "notify", "models", "wire", "club_client"},
-    "club_client": {"template", "utils", "wire"},
+    "bot": {
+        "instances",
+        "template",
+        "utils",
+        "notify",
+        "models",
+        "wire",
+        "club_client",
+        "clubclock",
+    },
+    "club_client": {"template", "utils", "wire", "clubclock"},
+    "clubclock": set(),
     # Roles: instances for the claims; the rest only as types of the daemon it serves (Host).
     "leader": {"models", "instances", "watchdog", "bot", "config_loader", "notify", "scheduler"},
     "report": {"utils"},
@@ -54,6 +64,7 @@ ALLOWED: dict[str, set[str]] = {
     "cli": {
         "bot",
         "club_client",
+        "clubclock",
         "config_loader",
         "daemon",
         "instances",

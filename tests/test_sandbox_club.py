@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
 import logging
@@ -202,6 +203,16 @@ def test_window_is_judged_by_the_clubs_own_clock(club: SandboxClub) -> None:
     later = open_start(seconds_open=-5)
     assert post(club, payload(later), key="inst@2").status_code == 201
     assert club.received[-1].club_time == pytest.approx(club.received[-1].arrived + 10)
+
+
+@pytest.mark.parametrize("offset", [-7200.0, 3600.0])
+def test_date_header_is_the_clubs_own_clock(club: SandboxClub, offset: float) -> None:
+    club.clock_offset = offset
+    before = time.time()
+    answer = requests.get(club.base_url + "/ping", timeout=5)
+    after = time.time()
+    date = email.utils.parsedate_to_datetime(answer.headers["Date"]).timestamp()
+    assert int(before + offset) <= date <= after + offset
 
 
 def test_taken_slot_is_409(club: SandboxClub) -> None:

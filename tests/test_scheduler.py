@@ -5,6 +5,7 @@ really runs where a job must fire (its trigger is already due, so nothing waits 
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 import time
 from collections.abc import Iterator
@@ -65,6 +66,38 @@ def test_sync_keeps_one_job_per_pending_instance_at_its_trigger_minus_the_lead(
 
     assert stored(engine) == {"a@1": T0 - LEAD, "b@1": T0 + timedelta(days=7) - LEAD}
     assert sched.sync(pending) == SyncReport(added=0, moved=0, removed=0)
+
+
+def test_each_stored_job_is_the_state_apscheduler_itself_would_store(
+    engine: Engine, sched: Scheduler
+) -> None:
+    from apscheduler.job import Job
+    from apscheduler.triggers.date import DateTrigger
+
+    sched.sync({"a@1": T0, "b@1": T0 + timedelta(days=7)})
+    with engine.connect() as conn:
+        states = {
+            job_id: pickle.loads(state)  # noqa: S301 (our own job store, written by the test)
+            for job_id, state in conn.exec_driver_sql("SELECT id, job_state FROM apscheduler_jobs")
+        }
+    for key, run_at in (("a@1", T0 - LEAD), ("b@1", T0 + timedelta(days=7) - LEAD)):
+        own = Job(
+            sched._scheduler,
+            id=key,
+            func=scheduler.run_booking,
+            trigger=DateTrigger(run_at, timezone=UTC),
+            executor="default",
+            args=(key,),
+            kwargs={},
+            name=f"book {key}",
+            misfire_grace_time=None,
+            coalesce=True,
+            max_instances=1,
+            next_run_time=run_at,
+        ).__getstate__()
+        ours = states[key]
+        assert ours.pop("trigger").run_date == own.pop("trigger").run_date == run_at
+        assert ours == own
 
 
 def test_sync_moves_changed_triggers_and_removes_what_is_no_longer_pending(

@@ -100,3 +100,19 @@ def test_a_new_tls_connection_pays_the_cost_and_a_request_goes_through(tmp_path:
     assert (answer.status, answer.body) == (201, b'{"id": "t-1"}')
     assert record["key"] == "t-1"
     assert record["arrived"] - record["accepted"] >= 0.2
+
+
+def test_the_date_header_is_the_clubs_clock_and_offset_can_change() -> None:
+    from email.utils import parsedate_to_datetime
+
+    with club("--offset", "-3600") as running:
+        url = f"http://127.0.0.1:{running.ready['port']}/ping"
+        before = time.time()
+        date = parsedate_to_datetime(requests.get(url, timeout=5).headers["Date"]).timestamp()
+        assert int(before - 3600) <= date <= time.time() - 3600
+        running.inp.write("offset 7200\n")
+        running.inp.flush()
+        time.sleep(0.05)
+        before = time.time()
+        date = parsedate_to_datetime(requests.get(url, timeout=5).headers["Date"]).timestamp()
+        assert int(before + 7200) <= date <= time.time() + 7200

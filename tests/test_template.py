@@ -552,8 +552,8 @@ def test_invalid_steps_name_the_file_the_step_and_the_key(steps: list[Any], mess
 
 def test_unknown_flow_keys_and_values_name_the_key() -> None:
     assert error_of({"steps": [step("b", booking=True)], "host": []}).startswith(
-        "club.json: host: unknown key; expected one of hosts, window, prepare_seconds, steps, "
-        "about, sources, checked"
+        "club.json: host: unknown key; expected one of hosts, window, prepare_seconds, clock, "
+        "steps, about, sources, checked"
     )
     assert "club.json: window: '6 days' is not a window" in error_of(
         {"steps": [step("b", booking=True)], "window": "6 days"}
@@ -1114,4 +1114,76 @@ def test_describe_flow_masks_secrets_and_shows_extracted_values_by_name() -> Non
     ]
     assert describe_booking(parsed, slot, "4").splitlines()[0] == (
         "POST https://api.club.example/book/<slot.id>"
+    )
+
+
+# --------------------------------------------------------------------------- clock
+
+
+def test_clock_url_on_hosts_is_kept_and_gives_the_measurement_a_preparation_time() -> None:
+    parsed = flow(step("book"), clock={"url": "https://api.club.example/ping"})
+    assert parsed.clock_url == "https://api.club.example/ping"
+    assert parsed.prepare_seconds == 60
+    assert flow(step("book"), clock={"url": "https://api.club.example/p"}, prepare_seconds=20)
+    assert flow(step("book")).clock_url is None
+    assert flow(step("book")).prepare_seconds == 0
+    timed = flow(step("book"), clock={"url": "https://api.club.example/p"}, prepare_seconds=20)
+    assert timed.prepare_seconds == 20
+
+
+def test_clock_in_a_single_request_template() -> None:
+    parsed = parse_flow(
+        {
+            "method": "POST",
+            "url": "https://club.example:8443/book",
+            "json": {"court": "{court_id}"},
+            "clock": {"url": "https://club.example:8443/api/ping"},
+        },
+        api_url=None,
+        name="tpl.json",
+    )
+    assert parsed.clock_url == "https://club.example:8443/api/ping"
+    assert parsed.prepare_seconds == 60
+    described = describe_flow(parsed, Slot(KEY, START, 90, BERLIN, ("3",)))
+    assert described.endswith(
+        "clock: GET https://club.example:8443/api/ping within 60 s before the trigger "
+        "(the booking is sent by the club's clock)"
+    )
+
+
+def test_clock_url_off_hosts_is_an_error_naming_the_key() -> None:
+    message = error_of(
+        {"steps": [step("b", booking=True)], "clock": {"url": "https://time.example/ping"}}
+    )
+    assert message == (
+        "club.json: clock.url: host 'time.example' is not on hosts (api.club.example); "
+        "the clock request only goes to the club's hosts"
+    )
+    single = error_of(
+        {"url": "https://club.example/book", "clock": {"url": "https://clock.example/p"}},
+        name="tpl.json",
+    )
+    assert single.startswith("tpl.json: clock.url: host 'clock.example' is not on hosts")
+
+
+@pytest.mark.parametrize(
+    ("clock", "message"),
+    [
+        ("https://api.club.example/p", 'clock: expected an object like {"url": '),
+        ({"url": "https://api.club.example/p", "every": 3}, "clock.every: unknown key; expected"),
+        ({}, "clock.url: expected the URL of a harmless GET whose answer carries a Date header"),
+        ({"url": 5}, "clock.url: expected the URL of a harmless GET"),
+        (
+            {"url": "https://api.club.example/{token}"},
+            "clock.url: 'https://api.club.example/{token}' holds a placeholder",
+        ),
+        (
+            {"url": "ftp://api.club.example/p"},
+            "clock.url: 'ftp://api.club.example/p' is not an http(s) URL",
+        ),
+    ],
+)
+def test_invalid_clock(clock: Any, message: str) -> None:
+    assert error_of({"steps": [step("b", booking=True)], "clock": clock}).startswith(
+        "club.json: " + message
     )

@@ -1315,6 +1315,16 @@ def main(argv: list[str] | None = None) -> int:
         from bench_scale import main as scale
 
         return scale()
+    if argv[:1] == ["load-trigger"]:
+        # A trigger 3 s into a cold load of 52,000 instances: tools/bench_scale.py.
+        from bench_scale import main_load_trigger
+
+        return main_load_trigger()
+    if argv[:1] == ["clock"]:
+        # Booking by the club's clock, beside JCbook's method: tools/bench_clock.py.
+        from bench_clock import main as clock
+
+        return clock()
     if argv[:1] == ["wire-read"]:
         # wire.read_answer beside h11, over loopback: tools/bench_wire_read.py.
         from bench_wire_read import main as wire_read

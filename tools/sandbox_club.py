@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import email.utils
 import json
 import logging
 import re
@@ -445,6 +446,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.club._serve(self)
 
     do_GET = do_PUT = do_PATCH = do_DELETE = do_POST
+
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """Every answer's ``Date``, by the club's clock (``clock_offset`` from ours)."""
+        if timestamp is None:
+            timestamp = self.server.club.now()
+        return email.utils.formatdate(timestamp, usegmt=True)
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         """The club logs each request itself, once it knows court, start and key."""

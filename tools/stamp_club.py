@@ -14,12 +14,14 @@ writing a burst on the same core (a club on another machine would not either).
 
 It speaks HTTP/1.1 over plain TCP, or TLS (``--cert``/``--key``; done through memory BIOs so
 that the raw socket, and its stamps, stay in hand). Each request is answered ``201`` with
-``{"id": "<Idempotency-Key>"}`` after ``delay`` seconds. ``cost`` seconds are added to every
-new TLS connection before its handshake goes on (the round trips to a distant club that a
-connection opened at the trigger pays and one opened ahead does not).
+``{"id": "<Idempotency-Key>"}`` after ``delay`` seconds, its ``Date`` header read off the
+club's own clock: ours plus ``offset`` seconds (a club whose clock runs ahead or behind).
+``cost`` seconds are added to every new TLS connection before its handshake goes on (the
+round trips to a distant club that a connection opened at the trigger pays and one opened
+ahead does not).
 
-Control on stdin, one command a line: ``delay S``, ``cost S``, ``dump`` (every request recorded
-since the last dump as JSON lines, then ``end``), ``quit``. Stdout's first line is
+Control on stdin, one command a line: ``delay S``, ``cost S``, ``offset S``, ``dump`` (every
+request recorded since the last dump as JSON lines, then ``end``), ``quit``. Stdout's first line is
 ``ready {"port": N, "stamps": "kernel"|"user"}``.
 
 Standard library only; Linux for the kernel stamps.
@@ -40,6 +42,7 @@ import struct
 import sys
 import time
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35 if sys.platform.startswith("linux") else 0)
@@ -69,9 +72,16 @@ class Conn:
 
 class Club:
     def __init__(
-        self, *, delay: float, cost: float, tls: ssl.SSLContext | None, tick: float = 0.005
+        self,
+        *,
+        delay: float,
+        cost: float,
+        tls: ssl.SSLContext | None,
+        tick: float = 0.005,
+        offset: float = 0.0,
     ) -> None:
         self.tick = tick
+        self.offset = offset
         self.delay = delay
         self.cost = cost
         self.context = tls
@@ -134,6 +144,8 @@ class Club:
             self.delay = float(words[1])
         elif words[0] == "cost":
             self.cost = float(words[1])
+        elif words[0] == "offset":
+            self.offset = float(words[1])
         elif words[0] == "dump":
             records, self.records = self.records, []
             for record in records:
@@ -301,6 +313,9 @@ class Club:
     def answer(self, conn: Conn, answer: bytes) -> None:
         if conn.closed:
             return
+        # The club's clock when it writes the answer, as a server stamps its Date.
+        date = formatdate(time.time() + self.offset, usegmt=True).encode()
+        answer = answer.replace(b"\r\n", b"\r\nDate: " + date + b"\r\n", 1)
         if conn.tls is None:
             self.write(conn, answer)
             return
@@ -318,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost", type=float, default=0.0, help="seconds added per TLS handshake")
     parser.add_argument("--cert", help="TLS certificate (PEM); plain TCP without it")
     parser.add_argument("--key", help="TLS private key (PEM)")
+    parser.add_argument("--offset", type=float, default=0.0, help="the club's clock minus ours")
     parser.add_argument("--tick", type=float, default=0.005, help="seconds between looks")
     args = parser.parse_args(argv)
     context = None
@@ -325,7 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(args.cert, args.key)
     with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
-        Club(delay=args.delay, cost=args.cost, tls=context, tick=args.tick).run()
+        Club(
+            delay=args.delay, cost=args.cost, tls=context, tick=args.tick, offset=args.offset
+        ).run()
     with contextlib.suppress(OSError):
         os.close(1)
     return 0
