@@ -96,6 +96,25 @@ TCP_USER_TIMEOUT_MS = 2000
 KEEPALIVE_IDLE_SECONDS = 1
 KEEPALIVE_INTERVAL_SECONDS = 1
 KEEPALIVE_COUNT = 2
+#: The lease (CONTRACT section 10): what decides who is active. It lasts LEASE_SECONDS by the
+#: database's clock from each renewal; the active daemon renews it every RENEW_SECONDS, and a
+#: renewal that does not answer within RENEW_DEADLINE_SECONDS costs the role. A standby takes
+#: it once it has expired (or at once when the holder's session is gone), so within about
+#: LEASE_SECONDS + POLL_SECONDS + SETTLE_SECONDS (4 s) after the last renewal.
+LEASE_NAME = "active"
+LEASE_SECONDS = 2.5
+RENEW_SECONDS = 1.0
+RENEW_DEADLINE_SECONDS = 1.0
+#: The holder believes its lease for LEASE_SECONDS - PROOF_MARGIN_SECONDS from the moment it
+#: *sent* the renewal that succeeded (the database's now() is later than that moment), so it
+#: stops sending strictly before a standby may take the lease.
+PROOF_MARGIN_SECONDS = 0.5
+#: A trigger instant's burst is sent only if the lease is proven for this long after the check
+#: (every request of the burst leaves within it).
+BURST_PROOF_SECONDS = 0.2
+#: A claim the former active daemon may have sent is held back this much longer than
+#: HTTP_TIMEOUT_SECONDS after that daemon's lease ended (clocks of hosts differ a little).
+HOLD_MARGIN_SECONDS = 1.0
 #: The server's side, set per session: it frees the lock of a client it cannot reach after
 #: about idle + interval x count = 5 s, later than the holder notices (about 2 s).
 SERVER_KEEPALIVE_IDLE_SECONDS = 3
@@ -128,6 +147,39 @@ WHERE locktype = 'advisory' AND objsubid = 1 AND granted
 _HOLD_CHECK = (
     _HELD_KEYS + " AND pid = pg_backend_pid() AND (classid::int8 << 32) | objid::int8 = %s"
 )
+# The leases table as models.Lease declares it (a Leadership may come before make_engine).
+_LEASE_TABLE = """
+CREATE TABLE IF NOT EXISTS leases (
+    name VARCHAR(32) NOT NULL PRIMARY KEY, holder VARCHAR(64), epoch BIGINT,
+    expires_at TIMESTAMP WITHOUT TIME ZONE, previous_expires_at TIMESTAMP WITHOUT TIME ZONE,
+    backend_pid INTEGER)
+"""
+# Take the lease when it is free, expired (by the database's clock), or its holder's session is
+# gone: a new epoch, this session recorded, and when the former lease ended.
+_TAKE_LEASE = """
+WITH old AS (SELECT holder, epoch, expires_at, backend_pid FROM leases
+             WHERE name = %(name)s FOR UPDATE)
+UPDATE leases AS l SET holder = %(me)s, epoch = COALESCE(old.epoch, 0) + 1,
+    backend_pid = pg_backend_pid(),
+    expires_at = timezone('UTC', now()) + make_interval(secs => %(ttl)s),
+    previous_expires_at = COALESCE(old.expires_at, timezone('UTC', now()))
+FROM old
+WHERE l.name = %(name)s AND (old.holder IS NULL OR old.expires_at IS NULL
+    OR old.expires_at <= timezone('UTC', now())
+    OR old.backend_pid IS NULL
+    OR NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = old.backend_pid))
+RETURNING l.epoch, old.holder, old.backend_pid
+"""
+_RENEW_LEASE = """
+UPDATE leases SET expires_at = timezone('UTC', now()) + make_interval(secs => %(ttl)s)
+WHERE name = %(name)s AND holder = %(me)s AND epoch = %(epoch)s
+    AND expires_at > timezone('UTC', now())
+RETURNING epoch
+"""
+_RELEASE_LEASE = """
+UPDATE leases SET holder = NULL, backend_pid = NULL, expires_at = timezone('UTC', now())
+WHERE name = %(name)s AND holder = %(me)s AND epoch = %(epoch)s
+"""
 
 
 def _conninfo(url: str) -> str:
@@ -150,6 +202,15 @@ class Leadership:
         self._lock_conn: psycopg.Connection[Any] | None = None
         self._presence_conn: psycopg.Connection[Any] | None = None
         self._held = False
+        #: Whether the advisory lock is held too (the lease decides; the lock is the fast path).
+        self._locked = False
+        #: The lease's epoch while this daemon holds it (the fencing token of its claims).
+        self.epoch: int | None = None
+        #: Until when (time.monotonic) this daemon may send: its last renewal's send time plus
+        #: LEASE_SECONDS - PROOF_MARGIN_SECONDS.
+        self._valid_until = 0.0
+        self._next_renew = 0.0
+        self._lease_ready = False
 
     def __repr__(self) -> str:
         return f"<Leadership {self.ident} on {models.mask_url(self.url)} active={self._held}>"
@@ -164,6 +225,11 @@ class Leadership:
         """The server process of the lock's connection (what pg_terminate_backend takes)."""
         conn = self._lock_conn
         return None if conn is None or conn.closed else conn.info.backend_pid
+
+    def proves(self, ahead: float = 0.0) -> bool:
+        """Whether this daemon's lease is proven valid for ``ahead`` seconds more, by its last
+        renewal (no round trip: a monotonic clock read). False once it cannot prove it."""
+        return self._held and time.monotonic() + ahead < self._valid_until
 
     def _connect(self, purpose: str) -> psycopg.Connection[Any]:
         try:
@@ -209,33 +275,115 @@ class Leadership:
         self._presence_conn = conn
 
     def try_acquire(self) -> bool:
-        """Try once, without waiting, to become the active daemon. True when this daemon
-        holds leadership now (also when it already did). Raises DatabaseConnectError when the
-        server cannot be reached (the caller logs it and tries again later)."""
+        """Try once, without waiting, to become the active daemon: take the lease when it is
+        free, expired, or its holder's session is gone (ending that session's lock if it must).
+        True when this daemon holds the lease now (also when it already did). Raises
+        DatabaseConnectError when the server cannot be reached (the caller logs it and tries
+        again later)."""
         if self._held and self.still_held():
             return True
         self.ensure_present()
         conn = self._lock_conn
         if conn is None or conn.closed or conn.broken:
             self._lock_conn = conn = self._connect("leader")
+            self._locked = False
         try:
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+            self._lease_table(conn)
+            if not self._locked:
+                row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+                self._locked = bool(row and row[0])
+            took = self._take_lease(conn)
+            if took and not self._locked:
+                self._locked = self._lock_after_takeover(conn)
+            elif not took and self._locked:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+                self._locked = False
         except psycopg.Error as exc:
             self._drop_lock_conn()
             raise models.connect_error(self.url, exc) from None
-        self._held = bool(row and row[0])
-        return self._held
+        self._held = took
+        return took
+
+    def _lease_table(self, conn: psycopg.Connection[Any]) -> None:
+        """The leases table and its row (once per connection's life: cheap after)."""
+        if self._lease_ready:
+            return
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (models.SCHEMA_LOCK_KEY,))
+            conn.execute(_LEASE_TABLE)
+            conn.execute(
+                "INSERT INTO leases (name, epoch) VALUES (%s, 0) ON CONFLICT (name) DO NOTHING",
+                (LEASE_NAME,),
+            )
+        self._lease_ready = True
+
+    def _take_lease(self, conn: psycopg.Connection[Any]) -> bool:
+        sent = time.monotonic()
+        row = conn.execute(
+            _TAKE_LEASE, {"name": LEASE_NAME, "me": self.ident, "ttl": LEASE_SECONDS}
+        ).fetchone()
+        if row is None:
+            return False
+        epoch, holder, old_pid = row
+        self.epoch = int(epoch)
+        self._valid_until = sent + LEASE_SECONDS - PROOF_MARGIN_SECONDS
+        self._next_renew = sent + RENEW_SECONDS
+        if holder is not None and old_pid is not None and old_pid != conn.info.backend_pid:
+            ended = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s",
+                (old_pid,),
+            ).fetchone()
+            if ended and ended[0]:
+                daemon_logger.warning(
+                    "leadership: the lease of daemon %s had expired; ended its database "
+                    "session (server pid %d) and its lock",
+                    holder,
+                    old_pid,
+                )
+        return True
+
+    def _lock_after_takeover(self, conn: psycopg.Connection[Any]) -> bool:
+        """The advisory lock, once the former holder's session has ended (briefly retried)."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+            if row and row[0]:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
     def still_held(self) -> bool:
-        """A cheap check (one query on the lock's connection, bounded by the statement timeout
-        and the TCP user timeout) that the server still shows this daemon holding the lock.
-        False, and no longer ``active``, when it does not or the connection failed."""
+        """A cheap check that this daemon still holds the lease: the local proof, and every
+        RENEW_SECONDS a renewal (otherwise the lock's presence), one round trip that must
+        answer within RENEW_DEADLINE_SECONDS. False, and no longer ``active``, when the lease
+        is gone or cannot be proven, or the connection failed."""
         conn = self._lock_conn
         if not self._held or conn is None or conn.closed:
             self._held = False
             return False
+        now = time.monotonic()
+        if now >= self._valid_until:
+            daemon_logger.error(
+                "leadership: this daemon's lease on %s ran out before it could renew it (the "
+                "process was paused, or the database did not answer); it sends nothing more",
+                models.mask_url(self.url),
+            )
+            self._abandon_lock_conn()
+            return False
+        renew = now >= self._next_renew
         try:
-            held = conn.execute(_HOLD_CHECK, (self.key,)).fetchone() is not None
+            held = _with_deadline(lambda: self._check(conn, renew), RENEW_DEADLINE_SECONDS)
+        except TimeoutError:
+            daemon_logger.error(
+                "leadership: the database at %s did not answer within %g s (a network that "
+                "drops packets, or a stalled server): this daemon can no longer prove its lease "
+                "and stops booking",
+                models.mask_url(self.url),
+                RENEW_DEADLINE_SECONDS,
+            )
+            self._abandon_lock_conn()
+            return False
         except psycopg.Error as exc:
             logger.warning(
                 "leadership: lost the lock's connection to %s: %s",
@@ -244,21 +392,54 @@ class Leadership:
             )
             self._drop_lock_conn()
             return False
-        self._held = held
-        return held
+        self._held = bool(held)
+        return self._held
+
+    def _check(self, conn: psycopg.Connection[Any], renew: bool) -> bool:
+        if not renew:
+            if not self._locked:
+                return True  # the lease alone: renewed every RENEW_SECONDS
+            return conn.execute(_HOLD_CHECK, (self.key,)).fetchone() is not None
+        sent = time.monotonic()
+        row = conn.execute(
+            _RENEW_LEASE,
+            {"name": LEASE_NAME, "me": self.ident, "epoch": self.epoch, "ttl": LEASE_SECONDS},
+        ).fetchone()
+        if row is None:
+            daemon_logger.error(
+                "leadership: this daemon's lease on %s was taken over or had expired; it sends "
+                "nothing more",
+                models.mask_url(self.url),
+            )
+            return False
+        self._valid_until = sent + LEASE_SECONDS - PROOF_MARGIN_SECONDS
+        self._next_renew = sent + RENEW_SECONDS
+        return True
 
     def release(self) -> None:
         """Give leadership up (a standby may take it at once); stay connected and present."""
         if not self._held:
             return
         self._held = False
+        self._valid_until = 0.0
         conn = self._lock_conn
         if conn is None or conn.closed:
             return
+
+        def give_up() -> None:
+            conn.execute(
+                _RELEASE_LEASE, {"name": LEASE_NAME, "me": self.ident, "epoch": self.epoch}
+            )
+            if self._locked:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+                self._locked = False
+
         try:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+            _with_deadline(give_up, RENEW_DEADLINE_SECONDS)
+        except TimeoutError:
+            self._abandon_lock_conn()  # the lease expires by itself
         except psycopg.Error:
-            self._drop_lock_conn()  # closing the session releases it all the same
+            self._drop_lock_conn()  # closing the session releases the lock; the lease expires
 
     def alive_ids(self, idents: Iterable[str]) -> set[str]:
         """Those of ``idents`` whose daemon is alive (holds its presence lock), this one
@@ -283,9 +464,40 @@ class Leadership:
 
     def _drop_lock_conn(self) -> None:
         self._held = False
+        self._locked = False
+        self._valid_until = 0.0
         conn, self._lock_conn = self._lock_conn, None
         if conn is not None:
             conn.close()
+
+    def _abandon_lock_conn(self) -> None:
+        """Leave the lock's connection to the thread stuck on it (closing it here could wait
+        as long): that thread, or the process's end, closes it."""
+        self._held = False
+        self._locked = False
+        self._valid_until = 0.0
+        self._lock_conn = None
+
+
+def _with_deadline(func: Callable[[], bool | None], seconds: float) -> bool | None:
+    """``func()`` in a thread of its own; TimeoutError when it has not returned within
+    ``seconds`` (the thread is left to finish whenever it can)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = func()
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller)
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="courtbot-lease", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
 
 
 class LocalLeadership:
@@ -300,9 +512,15 @@ class LocalLeadership:
     def active(self) -> bool:
         return self._held
 
+    #: No lease on SQLite: the file lock is the fence.
+    epoch: int | None = None
+
     @property
     def backend_pid(self) -> int | None:
         return None
+
+    def proves(self, ahead: float = 0.0) -> bool:
+        return self._held
 
     def ensure_present(self) -> None:
         return None
