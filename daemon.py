@@ -368,6 +368,8 @@ class Daemon:
             clubs=dict(self.ctx.clubs) if self.ctx is not None else {},
             on_booked=self._booked,
             owner=self.roles.ident,
+            fence=self.roles.fence(),
+            proves=self.roles.lead.proves,
         )
 
     def become_active(self, reason: str) -> None:
@@ -383,8 +385,14 @@ class Daemon:
         self.recovery.reset()
 
         now = datetime.now(UTC)
-        retried, unknown = instances.recover_in_flight(
-            self.factory, now, live_owners=self.roles.live_owners(self.factory)
+        # On a shared database the claims of a former active daemon were taken over by the
+        # lease's rules already (Roles); alone, what a crash left in ``booking`` is recovered.
+        retried, unknown = (
+            ([], [])
+            if self.roles.shared
+            else instances.recover_in_flight(
+                self.factory, now, live_owners=self.roles.live_owners(self.factory)
+            )
         )
         for row in unknown:
             self.notifier.notify(instances.outcome_of(row))

@@ -101,7 +101,7 @@ KEEPALIVE_COUNT = 2
 #: renewal that does not answer within RENEW_DEADLINE_SECONDS costs the role. A standby takes
 #: it once it has expired (or at once when the holder's session is gone), so within about
 #: LEASE_SECONDS + POLL_SECONDS + SETTLE_SECONDS (4 s) after the last renewal.
-LEASE_NAME = "active"
+LEASE_NAME = models.LEASE_ACTIVE
 LEASE_SECONDS = 2.5
 RENEW_SECONDS = 1.0
 RENEW_DEADLINE_SECONDS = 1.0
@@ -741,10 +741,19 @@ class Roles:
         #: The context of the last period as the active daemon, while its bookings end.
         self._leftover: bot.BookingContext | None = None
         self._pending_mark: tuple[int, datetime | None] | None = None
+        #: Claims of a former active daemon held back until its requests could have ended.
+        self._held_claims: list[tuple[str, datetime]] = []
 
     @property
     def is_active(self) -> bool:
         return self.role == ACTIVE
+
+    def fence(self) -> instances.Fence | None:
+        """The fencing token of this daemon's lease, for its booking context (None alone)."""
+        epoch = self.lead.epoch
+        if not self.shared or epoch is None:
+            return None
+        return instances.Fence(self.ident, epoch)
 
     # -- hooks of the daemon and its loop ------------------------------------------------
 
@@ -825,12 +834,18 @@ class Roles:
         """At a clean stop, before waiting for bookings in flight: no request leaves any more
         (a booking waiting for its trigger or a retry goes back to pending) and a standby may
         take the role at once."""
-        if self._watch is not None:
-            self._watch.stop()
-            self._watch = None
         if self.shared and daemon.ctx is not None:
             daemon.ctx.may_send.clear()
             daemon.ctx.stop.set()
+            with daemon.ctx.in_flight_lock:
+                busy = bool(daemon.ctx.in_flight)
+            if busy and self.is_active:
+                # Its outcome is written under this lease: kept (renewed) until it ends (leave).
+                self._leftover = daemon.ctx
+                return
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         self.lead.release()
 
     def leave(self, daemon: Host) -> None:
@@ -841,6 +856,10 @@ class Roles:
             deadline = time.monotonic() + daemon.settings.http_timeout + 1.0
             while leftover.in_flight and time.monotonic() < deadline:
                 time.sleep(0.05)
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        self.lead.release()
         if daemon.engine is not None:
             try:
                 remove_daemon(daemon.engine, self.ident)
@@ -871,7 +890,7 @@ class Roles:
         self._watch = LeaderWatch(self.lead, lambda: self._on_lost(daemon))
         self._watch.start()
         try:
-            self._release_leftovers(daemon, self.since)
+            self._take_over(daemon, sync=False)  # become_active loads and schedules it all
             daemon.become_active(reason)
         except Exception:
             daemon_logger.exception("could not take up the active role; back to standby")
@@ -905,7 +924,7 @@ class Roles:
         now = datetime.now(UTC)
         try:
             self._write_row(daemon, now)
-            self._recover_dead_claims(daemon, now)
+            self._take_over(daemon)
             forget_dead(daemon.engine, now=now, older_than=FORGET_AFTER)
         except Exception as exc:  # noqa: BLE001 (the database is away: the watch acts on it)
             self._report_outage(exc)
@@ -918,6 +937,8 @@ class Roles:
         time on the status index) unless something changed."""
         assert daemon.factory is not None
         try:
+            if self._held_claims:
+                self._take_over(daemon)
             if instances.pending_mark(daemon.factory) == self._pending_mark:
                 return
             changed = daemon.sync()
@@ -932,28 +953,50 @@ class Roles:
                 changed.removed,
             )
 
-    def _recover_dead_claims(self, daemon: Host, now: datetime) -> None:
-        """Claims of daemons that died since this one became active: as after a crash."""
-        assert daemon.factory is not None and daemon.notifier is not None
-        owners = instances.booking_owners(daemon.factory) - {self.ident}
-        if not owners:
+    def _take_over(self, daemon: Host, *, sync: bool = True) -> None:
+        """Claims of former active daemons (an older lease), by the lease's rules: never sent
+        ones pending at once, maybe sent ones held until HTTP_TIMEOUT_SECONDS after that
+        daemon's lease ended, then retried with the same Idempotency-Key (CONTRACT section 10)."""
+        fence = self.fence()
+        if fence is None or daemon.factory is None:
             return
-        live = self._alive({owner for owner in owners if owner}) | {self.ident}
-        if owners <= live:
-            return
-        retried, unknown = instances.recover_in_flight(
-            daemon.factory, now, live_owners=frozenset(live)
+        done = instances.take_over_claims(
+            daemon.factory,
+            fence,
+            datetime.now(UTC),
+            hold_seconds=daemon.settings.http_timeout + HOLD_MARGIN_SECONDS,
+            margin_seconds=HOLD_MARGIN_SECONDS,
         )
-        for row in unknown:
-            daemon.notifier.notify(instances.outcome_of(row))
-        if retried:
+        new_holds = [key for key, _ in done.held if key not in dict(self._held_claims)]
+        self._held_claims = done.held
+        if new_holds:
             daemon_logger.warning(
-                "%d booking(s) of a daemon that stopped are retried now with the same "
+                "%d booking(s) of the former active daemon may have been sent by it: held until "
+                "%s (HTTP_TIMEOUT_SECONDS after its lease ended), then sent again with the same "
                 "Idempotency-Key: %s",
-                len(retried),
-                ", ".join(retried),
+                len(new_holds),
+                max(until for _, until in done.held).isoformat(timespec="seconds"),
+                ", ".join(new_holds),
             )
-        daemon.sync()
+        if done.released:
+            daemon_logger.info(
+                "%d booking(s) claimed by the former active daemon were never sent (their "
+                "trigger is after its lease ended): booked here: %s",
+                len(done.released),
+                ", ".join(done.released),
+            )
+        if done.retried:
+            daemon_logger.warning(
+                "%d booking(s) were interrupted by a stop; retried now with the same "
+                "Idempotency-Key: %s",
+                len(done.retried),
+                ", ".join(done.retried),
+            )
+        if daemon.notifier is not None:
+            for row in done.failed:
+                daemon.notifier.notify(instances.outcome_of(row))
+        if sync and (done.released or done.retried or done.failed):
+            daemon.sync()
 
     def _step_down(self, daemon: Host) -> None:
         """Back to standby after losing the role: the scheduler stops (its store is fenced
@@ -1038,6 +1081,11 @@ class Roles:
             return
         with ctx.in_flight_lock:
             busy = frozenset(ctx.in_flight)
+        if self.shared:
+            # A standby writes nothing of a booking: the active daemon takes its claims over.
+            if not busy:
+                self._leftover = None
+            return
         retried, unknown = instances.recover_in_flight(
             daemon.factory, now, owner=self.ident, keep=busy
         )

@@ -208,6 +208,10 @@ class Daemon(Base):
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+#: The one row of ``leases``: the active daemon's lease.
+LEASE_ACTIVE = "active"
+
+
 class Lease(Base):
     """Who is the active daemon on a shared PostgreSQL database (CONTRACT section 10): one row,
     ``name`` "active". ``expires_at`` is by the database's clock (``now()``), never a daemon's;
