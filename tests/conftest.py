@@ -62,6 +62,7 @@ SERIAL = (
     "test_e2e_watchdog.py",
     "test_failover.py",
     "test_leader.py",
+    "test_lease.py",
     "test_reliability.py",
     "test_ready_flows.py::test_the_daemon_runs_",
 )
