@@ -483,10 +483,11 @@ class Daemon:
 
     # -- the loop -----------------------------------------------------------------------
 
-    def heartbeat(self) -> None:
-        """The beat `health` reads, with the watchdog's state. On a full disk the file is
-        rewritten in place (always the same length: no new block needed)."""
-        text = watchdog.heartbeat_text(time.time(), self.recovery.watchdog.health())
+    def heartbeat(self, state: str | None = None) -> None:
+        """The beat `health` reads, with the watchdog's state (or ``state``: what keeps this
+        daemon from booking, e.g. a lost lease). On a full disk the file is rewritten in place
+        (always the same length: no new block needed)."""
+        text = watchdog.heartbeat_text(time.time(), state or self.recovery.watchdog.health())
         try:
             write_private(self.settings.heartbeat_path, text)
         except OSError:

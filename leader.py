@@ -24,6 +24,7 @@ is always active.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -658,7 +659,7 @@ class Host(Protocol):
 
     def become_active(self, reason: str) -> None: ...
     def write_pid(self) -> None: ...
-    def heartbeat(self) -> None: ...
+    def heartbeat(self, state: str | None = None) -> None: ...
     def reset_watch(self) -> None: ...
     def wake(self) -> None: ...
     def sync(self) -> scheduler.SyncReport: ...
@@ -911,6 +912,13 @@ class Roles:
                 "at once; a booking in flight may finish; a standby takes over",
                 models.mask_url(self.url),
             )
+            # `health` says 1 at once, until this daemon reaches the database again (its beat
+            # as a standby): the loop may be held up by a database that does not answer.
+            with contextlib.suppress(OSError):
+                daemon.heartbeat(
+                    f"lost the active role on {models.mask_url(self.url)}: the database "
+                    "connection failed or did not answer"
+                )
         daemon.wake()
 
     def beat(self, daemon: Host) -> None:

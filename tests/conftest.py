@@ -63,6 +63,7 @@ SERIAL = (
     "test_failover.py",
     "test_leader.py",
     "test_lease.py",
+    "test_partition.py",
     "test_reliability.py",
     "test_ready_flows.py::test_the_daemon_runs_",
 )
