@@ -1221,7 +1221,13 @@ def _after_booking(
         # Written before they run: whatever becomes of them (a failure, a crash), the instance
         # is never booked again.
         instances.club_took(
-            ctx.factory, row.key, booking_ref=safe_ref(ref), court=court, fence=ctx.fence
+            ctx.factory,
+            row.key,
+            booking_ref=safe_ref(ref),
+            court=court,
+            attempts=run.total,
+            first_sent_at=_first_sent(ctx, row.key),
+            fence=ctx.fence,
         )
     for step in finishing:
         problem = _finish_step(ctx, run, step, court)

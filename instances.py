@@ -794,15 +794,27 @@ def club_took(
     *,
     booking_ref: str | None,
     court: str | None,
+    attempts: int,
+    first_sent_at: datetime | None,
     fence: Fence | None = None,
 ) -> None:
     """The club took the booking and finishing steps are still to run (CONTRACT section 12):
-    from now on the instance is never booked again, whatever happens to those steps."""
-    query = update(Instance).where(Instance.key == key)
-    if fence is not None:
-        query = query.where(fence.mine())
+    from now on the instance is never booked again, whatever happens to those steps. The
+    requests answered so far and when the first left are written too, so that an outcome
+    written after a crash in those steps says when the booking request went. With ``fence``:
+    only this daemon's claim while its lease is current."""
+    mine = Instance.key == key if fence is None else (Instance.key == key) & fence.mine()
     with transaction(factory) as session:
-        session.execute(query.values(club_took=True, booking_ref=booking_ref, booked_court=court))
+        session.execute(
+            update(Instance)
+            .where(mine)
+            .values(club_took=True, booking_ref=booking_ref, booked_court=court, attempts=attempts)
+        )
+        session.execute(
+            update(Instance)
+            .where(mine, Instance.first_sent_at.is_(None))
+            .values(first_sent_at=first_sent_at)
+        )
 
 
 def _took(row: Instance) -> str:
