@@ -679,6 +679,53 @@ FORGET_AFTER = timedelta(minutes=1)
 PRESENCE_GRACE_SECONDS = 1.5 * POLL_SECONDS
 
 
+def take_over(
+    daemon: Host, fence: instances.Fence, held: list[tuple[str, datetime]], *, sync: bool
+) -> list[tuple[str, datetime]]:
+    """The claims of former active daemons (an older lease), taken over by the active one
+    holding ``fence`` (CONTRACT section 10): never sent ones pending at once, maybe sent ones
+    held until HTTP_TIMEOUT_SECONDS after that daemon's lease ended, then sent again with the
+    same Idempotency-Key. ``held``: those held at the last look; returns those held now."""
+    assert daemon.factory is not None
+    done = instances.take_over_claims(
+        daemon.factory,
+        fence,
+        datetime.now(UTC),
+        hold_seconds=daemon.settings.http_timeout + HOLD_MARGIN_SECONDS,
+        margin_seconds=HOLD_MARGIN_SECONDS,
+    )
+    new_holds = [key for key, _ in done.held if key not in dict(held)]
+    if new_holds:
+        daemon_logger.warning(
+            "%d booking(s) of the former active daemon may have been sent by it: held until "
+            "%s (HTTP_TIMEOUT_SECONDS after its lease ended), then sent again with the same "
+            "Idempotency-Key: %s",
+            len(new_holds),
+            max(until for _, until in done.held).isoformat(timespec="seconds"),
+            ", ".join(new_holds),
+        )
+    if done.released:
+        daemon_logger.info(
+            "%d booking(s) claimed by the former active daemon were never sent (their trigger "
+            "is after its lease ended): booked here: %s",
+            len(done.released),
+            ", ".join(done.released),
+        )
+    if done.retried:
+        daemon_logger.warning(
+            "%d booking(s) were interrupted by a stop; retried now with the same "
+            "Idempotency-Key: %s",
+            len(done.retried),
+            ", ".join(done.retried),
+        )
+    if daemon.notifier is not None:
+        for row in done.failed:
+            daemon.notifier.notify(instances.outcome_of(row))
+    if sync and (done.released or done.retried or done.failed):
+        daemon.sync()
+    return done.held
+
+
 class LeaderWatch:
     """A thread that checks every ``CHECK_SECONDS`` that the daemon still holds the
     active role, and calls ``on_lost`` once, at once, when it does not."""
@@ -962,49 +1009,10 @@ class Roles:
             )
 
     def _take_over(self, daemon: Host, *, sync: bool = True) -> None:
-        """Claims of former active daemons (an older lease), by the lease's rules: never sent
-        ones pending at once, maybe sent ones held until HTTP_TIMEOUT_SECONDS after that
-        daemon's lease ended, then retried with the same Idempotency-Key (CONTRACT section 10)."""
+        """Claims of former active daemons, by the lease's rules (``take_over``)."""
         fence = self.fence()
-        if fence is None or daemon.factory is None:
-            return
-        done = instances.take_over_claims(
-            daemon.factory,
-            fence,
-            datetime.now(UTC),
-            hold_seconds=daemon.settings.http_timeout + HOLD_MARGIN_SECONDS,
-            margin_seconds=HOLD_MARGIN_SECONDS,
-        )
-        new_holds = [key for key, _ in done.held if key not in dict(self._held_claims)]
-        self._held_claims = done.held
-        if new_holds:
-            daemon_logger.warning(
-                "%d booking(s) of the former active daemon may have been sent by it: held until "
-                "%s (HTTP_TIMEOUT_SECONDS after its lease ended), then sent again with the same "
-                "Idempotency-Key: %s",
-                len(new_holds),
-                max(until for _, until in done.held).isoformat(timespec="seconds"),
-                ", ".join(new_holds),
-            )
-        if done.released:
-            daemon_logger.info(
-                "%d booking(s) claimed by the former active daemon were never sent (their "
-                "trigger is after its lease ended): booked here: %s",
-                len(done.released),
-                ", ".join(done.released),
-            )
-        if done.retried:
-            daemon_logger.warning(
-                "%d booking(s) were interrupted by a stop; retried now with the same "
-                "Idempotency-Key: %s",
-                len(done.retried),
-                ", ".join(done.retried),
-            )
-        if daemon.notifier is not None:
-            for row in done.failed:
-                daemon.notifier.notify(instances.outcome_of(row))
-        if sync and (done.released or done.retried or done.failed):
-            daemon.sync()
+        if fence is not None and daemon.factory is not None:
+            self._held_claims = take_over(daemon, fence, self._held_claims, sync=sync)
 
     def _step_down(self, daemon: Host) -> None:
         """Back to standby after losing the role: the scheduler stops (its store is fenced
