@@ -13,6 +13,7 @@ import pytest
 from pg_server import PgServer
 from sqlalchemy import select
 from tcp_proxy import TcpProxy
+from test_instances import add_row
 
 import instances
 import leader
@@ -151,20 +152,6 @@ def test_a_reset_holders_lease_is_taken_at_once_its_session_being_gone(
         b.close()
 
 
-def add_instance(factory: models.SessionFactory, key: str, trigger: datetime) -> None:
-    with models.transaction(factory) as session:
-        session.add(
-            Instance(
-                key=key,
-                schedule_id=key.split("@", maxsplit=1)[0],
-                type="one-off",
-                desired_time=trigger + timedelta(days=7),
-                trigger_time=trigger,
-                timezone="UTC",
-            )
-        )
-
-
 def row_of(factory: models.SessionFactory, key: str) -> Instance:
     with factory() as session:
         row = session.scalar(select(Instance).where(Instance.key == key))
@@ -181,9 +168,10 @@ def test_claims_and_outcomes_are_fenced_by_the_lease_epoch_and_taken_over_by_its
     b = leader.Leadership(pg_url, "b")
     now = datetime.now(UTC)
     try:
-        add_instance(factory, "sent@1", now - timedelta(seconds=1))  # a may have sent it
-        add_instance(factory, "later@1", now + timedelta(hours=1))  # after a's lease: unsent
-        add_instance(factory, "free@1", now - timedelta(seconds=1))
+        window = timedelta(hours=168)  # add_row's trigger: a week before the start
+        add_row(factory, "sent@1", now - timedelta(seconds=1) + window, PENDING)  # maybe sent
+        add_row(factory, "later@1", now + timedelta(hours=1) + window, PENDING)  # never sent
+        add_row(factory, "free@1", now - timedelta(seconds=1) + window, PENDING)
         assert a.try_acquire() is True
         fence_a = instances.Fence("a", a.epoch or 0)
         assert instances.claim(factory, "sent@1", now, owner="a", fence=fence_a)
