@@ -209,3 +209,32 @@ def test_a_frozen_active_daemon_is_replaced_on_time_and_after_sigcont_sends_and_
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
         },
     )
+
+
+def test_a_deploy_with_a_booking_in_flight_keeps_the_lease_until_its_answer_is_written(
+    cluster: Cluster, club: SandboxClub
+) -> None:
+    cluster.schedules([])
+    a = cluster.start("a")
+    a.wait_ready()
+    b = cluster.start("b")
+    b.wait_ready()
+    club.fault("hang", seconds=3, book=True)  # the club books, then answers 3 s later
+    desired = desired_for_trigger_in(-5)  # its window already open: booked at once
+    key = f"x@{iso_z(desired)}"
+    cluster.schedules([one_off("x", desired)])
+    a.signal(signal.SIGHUP)
+    assert wait_until(lambda: len(club.received) == 1, 10), a.output()
+    stopped = time.time()
+    a.signal(signal.SIGTERM)
+    assert a.wait(20) == 0
+    # A wrote its own outcome under its lease, then handed over: nothing sent again
+    assert outcomes(cluster, [key])[key][0] == BOOKED, a.output()
+    assert "is not recorded" not in a.output()
+    assert wait_until(lambda: cluster.active() is b, 10), b.output()
+    took = logged_at(b, "active: this daemon (", after=stopped)
+    written = logged_at(a, "booked ", after=stopped)
+    assert took is not None and written is not None and written <= took, a.output()
+    time.sleep(2)
+    assert {k: len(sent_at(club, k)) for k in [key]} == {key: 1}
+    assert club.bookings_per_key() == {key: 1}
