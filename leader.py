@@ -1,17 +1,22 @@
 """Which daemon books: on PostgreSQL one *active* daemon and any number of *standbys*.
 
-Leadership is a PostgreSQL session advisory lock held on a dedicated connection (autocommit,
-not from the pool). The server releases it the moment the holder's process dies or its
-connection drops, so a standby that tries for it about every second takes over within
-seconds, kill -9 included. The active daemon checks the lock's connection every fraction of a
-second (``still_held``) and stops booking as soon as it fails; TCP keepalives and a TCP user
-timeout on that connection make the holder notice a cut network before the server frees the
-lock (see KEEPALIVE_* and SERVER_KEEPALIVE_*).
+Being active is a *lease* in the ``leases`` table (CONTRACT section 10): holder, epoch, and an
+expiry by the database's clock (``now()``, never a host's). The active daemon renews it every
+RENEW_SECONDS, each renewal bounded by RENEW_DEADLINE_SECONDS; it knows from its last renewal
+how long it may send (``proves``: a clock read, checked before every request to the club) and
+stops strictly before a standby may take the lease. A standby takes it once it has expired or
+its holder's session is gone, ending that session (``pg_terminate_backend``) if it must; each
+takeover raises the epoch, the fencing token that claims carry and outcome writes are
+conditional on (``instances.Fence``), and the new daemon takes the former one's claims over by
+the lease's rules (``take_over``).
 
-Each daemon also holds a *presence* lock keyed on its own id, on a second dedicated connection:
-a claim (``schedules.owner``) whose owner is no longer present belongs to a dead daemon and is
-recovered as after a crash; one whose owner is present (say, an active daemon that lost only
-its leadership connection and is finishing a request in flight) is left to it.
+A PostgreSQL session advisory lock on a dedicated connection (autocommit, not from the pool)
+is kept beside the lease as the fast path: the server releases it the moment the holder's
+process dies or its connection drops. TCP keepalives and a TCP user timeout on that connection
+make the holder notice a cut network quickly (see KEEPALIVE_* and SERVER_KEEPALIVE_*).
+
+Each daemon also holds a *presence* lock keyed on its own id, on a second dedicated connection
+(SQLite's claims of a live daemon are its own; ``status`` shows who is alive).
 
 The ``daemons`` table lists the daemons with their role and heartbeat, for ``status``.
 
