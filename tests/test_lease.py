@@ -209,3 +209,18 @@ def test_claims_and_outcomes_are_fenced_by_the_lease_epoch_and_taken_over_by_its
         a.close()
         b.close()
         engine.dispose()
+
+
+def test_the_pools_connections_notice_a_dead_link_in_seconds_and_bound_statements(
+    pg_url: str,
+) -> None:
+    engine = models.make_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            info = conn.connection.dbapi_connection.info  # type: ignore[union-attr]
+            params = info.get_parameters()
+            assert params["tcp_user_timeout"] == str(models.TCP_USER_TIMEOUT_MS)
+            assert params["keepalives_idle"] == "1"
+            assert conn.exec_driver_sql("SHOW statement_timeout").scalar() == "15s"
+    finally:
+        engine.dispose()
