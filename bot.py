@@ -94,6 +94,9 @@ CLOCK_MIN_SECONDS = 2.0
 #: A booking whose first request left this long after its trigger began late (loaded with its
 #: window open, back after downtime): its early answers are counted from that request.
 LATE_START_SECONDS = 1.0
+#: A trigger instant's burst leaves only while the lease is proven for this long after the
+#: check (leader.BURST_PROOF_SECONDS): one check covers every request of the burst.
+BURST_PROOF_SECONDS = 0.2
 #: Ends the reason of a booking that failed because every court tried was taken.
 TAKEN_ADVICE = (
     "every court tried was taken, so a retry would be too: book another court with the club, "
@@ -383,7 +386,7 @@ def _prepare(ctx: BookingContext, run: FlowRun, row: Instance) -> str | bool | N
     trigger = row.trigger_time.timestamp()
     begin = trigger - run.flow.prepare_seconds
     if ctx.clock() < begin and ctx.stop.wait(begin - ctx.clock()):
-        instances.release(ctx.factory, row.key)
+        instances.release(ctx.factory, row.key, fence=ctx.fence)
         logger.info("booking %s: shutting down before its preparation; left pending", row.key)
         return None
     tries = 0
@@ -391,8 +394,8 @@ def _prepare(ctx: BookingContext, run: FlowRun, row: Instance) -> str | bool | N
     while True:
         if _withdrawn(ctx, row.key):
             return None
-        if not ctx.may_send.is_set():
-            instances.release(ctx.factory, row.key)
+        if not ctx.sendable():
+            instances.release(ctx.factory, row.key, fence=ctx.fence)
             logger.warning("booking %s: %s; its booking request was not sent", row.key, NOT_ACTIVE)
             return None
         tries += 1
@@ -415,7 +418,7 @@ def _prepare(ctx: BookingContext, run: FlowRun, row: Instance) -> str | bool | N
         if ctx.clock() + delay >= trigger:
             break
         if ctx.stop.wait(delay):
-            instances.release(ctx.factory, row.key)
+            instances.release(ctx.factory, row.key, fence=ctx.fence)
             logger.info("booking %s: shutting down while preparing; left pending", row.key)
             return None
     return _unprepared(ctx, run, row, last, tries)
@@ -528,9 +531,28 @@ class BookingContext:
     first_sent: dict[str, float] = field(default_factory=dict)
     owner: str | None = None
     may_send: threading.Event = field(default_factory=_set_event)
+    #: This daemon's lease on a shared PostgreSQL database (None alone on SQLite): every write
+    #: of a booking is conditional on it (CONTRACT section 10).
+    fence: instances.Fence | None = None
+    #: Whether the lease is proven valid for the given seconds more (a local check, no round
+    #: trip); always True alone on SQLite.
+    proves: Callable[[float], bool] = lambda _ahead: True
 
     def __post_init__(self) -> None:
         self.burst = wire.BurstGate(timeout=self.client.timeout, clock=self.clock)
+
+    def sendable(self, ahead: float = 0.0) -> bool:
+        """Whether a request may leave now (and for ``ahead`` seconds more): this daemon is
+        still the active one and proves its lease. Once it cannot, nothing more leaves: the
+        booking stops as after a loss of the role."""
+        if not self.may_send.is_set():
+            return False
+        if self.proves(ahead):
+            return True
+        logger.error("%s: its lease could not be proven; no request leaves", NOT_ACTIVE_SHORT)
+        self.may_send.clear()
+        self.stop.set()
+        return False
 
     def flow_for(self, club: str | None) -> Flow:
         """The flow an instance of ``club`` books with: its club file, or for None the template
@@ -624,7 +646,7 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     if row is None or row.status != PENDING:
         logger.debug("booking %s: nothing to do (%s)", key, row.status if row else "gone")
         return None
-    if not ctx.may_send.is_set() or not _claim(ctx, key, now):
+    if not ctx.sendable() or not _claim(ctx, key, now):
         return None
     row, token_row = instances.claimed(ctx.factory, key)
     try:
@@ -650,7 +672,7 @@ def _book(key: str, ctx: BookingContext) -> str | None:
         if not started:
             if _withdrawn(ctx, key):
                 return None
-            instances.release(ctx.factory, key)
+            instances.release(ctx.factory, key, fence=ctx.fence)
             if ctx.may_send.is_set():
                 logger.info("booking %s: shutting down before its trigger; left pending", key)
             else:
@@ -798,7 +820,9 @@ def _at_instant(
     # meanwhile is noticed as ``_wait_until`` notices it.
     sent = None
     if _wait_until(ctx, trigger - 2 * wire.REFRESH_SECONDS, key=key):
-        sent = ctx.burst.send(trigger, conn, data, stop=ctx.stop)
+        sent = ctx.burst.send(
+            trigger, conn, data, stop=ctx.stop, allowed=lambda: ctx.sendable(BURST_PROOF_SECONDS)
+        )
     if sent is None:
         conn.close()
     return sent
@@ -840,7 +864,7 @@ def _claim(ctx: BookingContext, key: str, now: datetime) -> bool:
     written (a full disk): nothing was sent, it stays pending, and the daemon's watchdog has it
     booked once writes work again."""
     try:
-        return instances.claim(ctx.factory, key, now, owner=ctx.owner)
+        return instances.claim(ctx.factory, key, now, owner=ctx.owner, fence=ctx.fence)
     except DatabaseError as exc:
         logger.error(
             "booking %s: not started, the database cannot be written (%s); it stays pending",
@@ -999,6 +1023,8 @@ def _run_courts(
     return _finish(ctx, row.key, FAILED, reason, attempts=run.total, retry_helps=not taken)
 
 
+#: The same, short, for a log line.
+NOT_ACTIVE_SHORT = "this daemon is no longer the active one"
 #: Why a booking stops short when its daemon lost the active role (CONTRACT section 10).
 NOT_ACTIVE = (
     "this daemon is no longer the active one; back to pending for the active daemon, with the "
@@ -1009,8 +1035,8 @@ NOT_ACTIVE = (
 def _hand_over(ctx: BookingContext, key: str, attempts: int, *, sent: bool) -> None:
     """A booking whose daemon lost the active role before its next request: back to pending,
     its requests so far counted, marked ``interrupted`` when one may have reached the club."""
-    instances.record_attempt(ctx.factory, key, attempts)
-    instances.release(ctx.factory, key, sent=sent)
+    instances.record_attempt(ctx.factory, key, attempts, fence=ctx.fence)
+    instances.release(ctx.factory, key, sent=sent, fence=ctx.fence)
     logger.warning("booking %s: %s", key, NOT_ACTIVE)
 
 
@@ -1026,7 +1052,7 @@ def _stopped(ctx: BookingContext, run: FlowRun, row: Instance, *, lost: bool) ->
     active one (then ``lost``: a request may have reached the club unanswered)."""
     if not ctx.may_send.is_set():
         return _hand_over(ctx, row.key, run.total, sent=lost or row.interrupted)
-    instances.release(ctx.factory, row.key)
+    instances.release(ctx.factory, row.key, fence=ctx.fence)
     logger.info("booking %s: shutting down between retries; back to pending", row.key)
     return None
 
@@ -1068,7 +1094,7 @@ def _send_step(
     send = _Send(step, court)
     delays = utils.backoff_delays(ctx.retry_base, MAX_ATTEMPTS_PER_COURT)
     while True:
-        if sent is None and not ctx.may_send.is_set():
+        if sent is None and not ctx.sendable():
             # No longer the active daemon: nothing more leaves (a request already written at
             # the trigger is in flight: its answer is read); the active one goes on.
             return _Result("stopped", ours=send.lost)
@@ -1096,7 +1122,9 @@ def _send_step(
         if _now(ctx) + timedelta(seconds=wait) >= row.desired_time:
             return _Result("failed", f"{send.prefix}: {send.last}; the start came first")
         if kind == "retry" and step.booking:
-            instances.record_attempt(ctx.factory, row.key, run.total, _first_sent(ctx, row.key))
+            instances.record_attempt(
+                ctx.factory, row.key, run.total, _first_sent(ctx, row.key), fence=ctx.fence
+            )
         # An early answer is sent again at once, without even a look at the stop event.
         if (kind == "retry" or wait > 0) and ctx.stop.wait(wait):
             return _Result("stopped", ours=send.lost)
@@ -1257,7 +1285,7 @@ def _refusal(run: FlowRun, row: Instance, send: _Send, verdict: str, answer: Ans
 
 def _after_booking(
     ctx: BookingContext, run: FlowRun, row: Instance, court: str | None, ref: str | None
-) -> str:
+) -> str | None:
     """Run the finishing steps for the booked court; the booking step is never sent again."""
     finishing = run.flow.phase("finish")
     if finishing:
@@ -1270,6 +1298,7 @@ def _after_booking(
             court=court,
             attempts=run.total,
             first_sent_at=_first_sent(ctx, row.key),
+            fence=ctx.fence,
         )
     for step in finishing:
         problem = _finish_step(ctx, run, step, court)
@@ -1291,6 +1320,8 @@ def _finish_step(ctx: BookingContext, run: FlowRun, step: Step, court: str | Non
     rejected: at once). None when it succeeded, else what went wrong."""
     delays = utils.backoff_delays(ctx.retry_base, MAX_ATTEMPTS_PER_COURT)
     for attempt in range(1, MAX_ATTEMPTS_PER_COURT + 1):
+        if not ctx.sendable():
+            return f"{NOT_ACTIVE_SHORT}, so it was not sent"
         report = _plain_try(ctx.client, run, step, court)
         if report.problem is None:
             return None
@@ -1322,7 +1353,9 @@ def _finish(
     court: str | None = None,
     attempts: int | None = None,
     retry_helps: bool = True,
-) -> str:
+) -> str | None:
+    """Write the booking's outcome and report it; None when this daemon may no longer write it
+    (no longer the active one: the active daemon settles the booking)."""
     outcome = instances.finish(
         ctx.factory,
         key,
@@ -1334,7 +1367,17 @@ def _finish(
         attempts=attempts,
         first_sent_at=_first_sent(ctx, key),
         retry_helps=retry_helps,
+        fence=ctx.fence,
     )
+    if outcome is None:
+        logger.warning(
+            "booking %s: its outcome (%s) is not recorded: %s; the active daemon settles it "
+            "(sent again with the same Idempotency-Key once this request could have ended)",
+            key,
+            status,
+            NOT_ACTIVE_SHORT,
+        )
+        return None
     ctx.notify(outcome)
     if status == BOOKED and ctx.on_booked is not None:
         ctx.on_booked(outcome.schedule_id)

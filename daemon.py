@@ -372,6 +372,8 @@ class Daemon:
             clubs=dict(self.ctx.clubs) if self.ctx is not None else {},
             on_booked=self._booked,
             owner=self.roles.ident,
+            fence=self.roles.fence(),
+            proves=self.roles.lead.proves,
         )
 
     def become_active(self, reason: str) -> None:
@@ -387,8 +389,14 @@ class Daemon:
         self.recovery.reset()
 
         now = datetime.now(UTC)
-        retried, unknown = instances.recover_in_flight(
-            self.factory, now, live_owners=self.roles.live_owners(self.factory)
+        # On a shared database the claims of a former active daemon were taken over by the
+        # lease's rules already (Roles); alone, what a crash left in ``booking`` is recovered.
+        retried, unknown = (
+            ([], [])
+            if self.roles.shared
+            else instances.recover_in_flight(
+                self.factory, now, live_owners=self.roles.live_owners(self.factory)
+            )
         )
         for row in unknown:
             self.notifier.notify(instances.outcome_of(row))
@@ -480,10 +488,11 @@ class Daemon:
 
     # -- the loop -----------------------------------------------------------------------
 
-    def heartbeat(self) -> None:
-        """The beat `health` reads, with the watchdog's state. On a full disk the file is
-        rewritten in place (always the same length: no new block needed)."""
-        text = watchdog.heartbeat_text(time.time(), self.recovery.watchdog.health())
+    def heartbeat(self, state: str | None = None) -> None:
+        """The beat `health` reads, with the watchdog's state (or ``state``: what keeps this
+        daemon from booking, e.g. a lost lease). On a full disk the file is rewritten in place
+        (always the same length: no new block needed)."""
+        text = watchdog.heartbeat_text(time.time(), state or self.recovery.watchdog.health())
         try:
             write_private(self.settings.heartbeat_path, text)
         except OSError:

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.fernet import MultiFernet
-from sqlalchemy import delete, func, insert, inspect, select, update
+from sqlalchemy import delete, exists, func, insert, inspect, select, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
 import utils
@@ -36,9 +36,11 @@ from models import (
     FINAL,
     KIND_OBJECT,
     KIND_STRING,
+    LEASE_ACTIVE,
     LOADS_KEPT,
     PENDING,
     Instance,
+    Lease,
     Load,
     Notice,
     Token,
@@ -463,6 +465,7 @@ def recover_in_flight(
     live_owners: frozenset[str] = frozenset(),
     owner: str | None = None,
     keep: frozenset[str] = frozenset(),
+    only: Collection[str] | None = None,
 ) -> tuple[list[str], list[Instance]]:
     """Instances left in ``booking`` by a crash: those whose owner is not among
     ``live_owners`` (a live daemon's claim is its own, whatever its role now); with ``owner``,
@@ -484,9 +487,12 @@ def recover_in_flight(
         query = query.where(Instance.owner == owner)
     if keep:
         query = query.where(Instance.key.not_in(keep))
+    if only is not None:
+        query = query.where(Instance.key.in_(only))
     with transaction(factory) as session:
         for row in session.scalars(query):
             row.owner = None
+            row.claim_epoch = None
             if row.club_took:
                 # Its finishing steps were under way: the club has the booking, and the values
                 # those steps need (a session, the booking's id) died with the daemon.
@@ -519,6 +525,67 @@ def recover_in_flight(
                 row.interrupted = False
                 failed.append(row)
     return retried, failed
+
+
+@dataclass
+class Takeover:
+    """What the new active daemon did with the claims of former ones (``take_over_claims``)."""
+
+    #: Never sent (their trigger came after the former lease ended): pending, booked on time.
+    released: list[str] = field(default_factory=list)
+    #: Maybe sent, and the hold is over: retried with the same Idempotency-Key.
+    retried: list[str] = field(default_factory=list)
+    #: Maybe sent, the start passed, or the club took it before its finishing steps: failed.
+    failed: list[Instance] = field(default_factory=list)
+    #: Maybe sent and still held: (key, until when by the database's clock).
+    held: list[tuple[str, datetime]] = field(default_factory=list)
+
+
+def take_over_claims(
+    factory: sessionmaker[Session],
+    fence: Fence,
+    now: datetime,
+    *,
+    hold_seconds: float,
+    margin_seconds: float,
+) -> Takeover:
+    """The claims of former active daemons (``booking`` under an older lease), taken over by the
+    one holding ``fence`` (CONTRACT section 10). The former daemon sent nothing after its lease
+    ended (``leases.previous_expires_at``): a claim whose trigger is later than that (plus
+    ``margin_seconds`` for the hosts' clocks) was never sent and is pending again at once. One
+    it may have sent is held until ``hold_seconds`` (HTTP_TIMEOUT_SECONDS and the margin) after
+    that end, by the database's clock, so that its request has ended; then it is recovered as
+    after a crash (retried with the same Idempotency-Key, its 409 "maybe ours")."""
+    done = Takeover()
+    stale = (Instance.status == BOOKING) & (
+        Instance.owner.is_(None)
+        | (Instance.owner != fence.owner)
+        | Instance.claim_epoch.is_(None)
+        | (Instance.claim_epoch != fence.epoch)
+    )
+    due: list[str] = []
+    with transaction(factory) as session:
+        lease = session.execute(
+            select(Lease.previous_expires_at, func.timezone("UTC", func.now())).where(
+                Lease.name == LEASE_ACTIVE, Lease.holder == fence.owner, Lease.epoch == fence.epoch
+            )
+        ).one_or_none()
+        if lease is None:
+            return done  # no longer the active daemon: nothing is written
+        ended = lease[0] or now
+        db_now = lease[1].replace(tzinfo=UTC)
+        hold = timedelta(seconds=hold_seconds)
+        for row in session.scalars(select(Instance).where(stale).with_for_update()):
+            if not row.club_took and row.trigger_time >= ended + timedelta(seconds=margin_seconds):
+                row.status, row.owner, row.claim_epoch = PENDING, None, None
+                done.released.append(row.key)
+            elif db_now >= ended + hold:
+                due.append(row.key)
+            else:
+                done.held.append((row.key, ended + hold))
+    if due:
+        done.retried, done.failed = recover_in_flight(factory, now, only=due)
+    return done
 
 
 def note_late_triggers(factory: sessionmaker[Session], now: datetime) -> int:
@@ -800,19 +867,53 @@ def open_window_statuses(factory: sessionmaker[Session], now: datetime) -> dict[
 # --------------------------------------------------------------------------- a booking
 
 
+@dataclass(frozen=True)
+class Fence:
+    """The active daemon ``owner`` under the lease ``epoch`` (its fencing token) on a shared
+    PostgreSQL database: a booking's writes (claim, attempts, release, outcome) happen only
+    while that lease is still the current one, so a former active daemon writes nothing over
+    the new one's (CONTRACT section 10)."""
+
+    owner: str
+    epoch: int
+
+    def current(self) -> Any:
+        """The condition: the lease is still this daemon's, under this epoch."""
+        return exists(
+            select(Lease.name).where(
+                Lease.name == LEASE_ACTIVE, Lease.holder == self.owner, Lease.epoch == self.epoch
+            )
+        )
+
+    def mine(self) -> Any:
+        """The condition on an instance: still claimed by this daemon under this lease."""
+        return (
+            (Instance.status == BOOKING)
+            & (Instance.owner == self.owner)
+            & (Instance.claim_epoch == self.epoch)
+            & self.current()
+        )
+
+
 def claim(
-    factory: sessionmaker[Session], key: str, now: datetime, *, owner: str | None = None
+    factory: sessionmaker[Session],
+    key: str,
+    now: datetime,
+    *,
+    owner: str | None = None,
+    fence: Fence | None = None,
 ) -> bool:
     """pending -> booking by the daemon ``owner``, committed before any request leaves. One
     conditional update sets both, so two claimants can never both send, and a claim always
     names its owner (whose live claims no other daemon takes over): True for the one that got
-    it."""
+    it. With ``fence``, only while its lease is current, and the claim carries its epoch."""
+    query = update(Instance).where(Instance.key == key, Instance.status == PENDING)
+    values: dict[str, Any] = {"status": BOOKING, "owner": owner, "updated_at": now}
+    if fence is not None:
+        query = query.where(fence.current())
+        values["claim_epoch"] = fence.epoch
     with transaction(factory) as session:
-        claimed = session.execute(
-            update(Instance)
-            .where(Instance.key == key, Instance.status == PENDING)
-            .values(status=BOOKING, owner=owner, updated_at=now)
-        ).rowcount
+        claimed = session.execute(query.values(**values)).rowcount
     return claimed == 1
 
 
@@ -858,17 +959,21 @@ def token_secrets(
     return ({}, undecryptable) if secrets is None else (secrets, None)
 
 
-def release(factory: sessionmaker[Session], key: str, *, sent: bool = False) -> None:
+def release(
+    factory: sessionmaker[Session], key: str, *, sent: bool = False, fence: Fence | None = None
+) -> None:
     """booking -> pending: a shutdown before the trigger or between retries, or a daemon that
     is no longer the active one. ``sent``: a request may have reached the club, so the active
-    daemon's retry is marked ``interrupted`` (its 409 may be our own)."""
+    daemon's retry is marked ``interrupted`` (its 409 may be our own). With ``fence``: only
+    this daemon's claim while its lease is current."""
     values: dict[str, Any] = {"status": PENDING, "owner": None}
     if sent:
         values["interrupted"] = True
+    query = update(Instance).where(Instance.key == key, Instance.status == BOOKING)
+    if fence is not None:
+        query = query.where(fence.mine())
     with transaction(factory) as session:
-        session.execute(
-            update(Instance).where(Instance.key == key, Instance.status == BOOKING).values(**values)
-        )
+        session.execute(query.values(**values))
 
 
 def club_took(
@@ -879,20 +984,23 @@ def club_took(
     court: str | None,
     attempts: int,
     first_sent_at: datetime | None,
+    fence: Fence | None = None,
 ) -> None:
     """The club took the booking and finishing steps are still to run (CONTRACT section 12):
     from now on the instance is never booked again, whatever happens to those steps. The
     requests answered so far and when the first left are written too, so that an outcome
-    written after a crash in those steps says when the booking request went."""
+    written after a crash in those steps says when the booking request went. With ``fence``:
+    only this daemon's claim while its lease is current."""
+    mine = Instance.key == key if fence is None else (Instance.key == key) & fence.mine()
     with transaction(factory) as session:
         session.execute(
             update(Instance)
-            .where(Instance.key == key)
+            .where(mine)
             .values(club_took=True, booking_ref=booking_ref, booked_court=court, attempts=attempts)
         )
         session.execute(
             update(Instance)
-            .where(Instance.key == key, Instance.first_sent_at.is_(None))
+            .where(mine, Instance.first_sent_at.is_(None))
             .values(first_sent_at=first_sent_at)
         )
 
@@ -904,16 +1012,22 @@ def _took(row: Instance) -> str:
 
 
 def record_attempt(
-    factory: sessionmaker[Session], key: str, attempts: int, first_sent_at: datetime | None = None
+    factory: sessionmaker[Session],
+    key: str,
+    attempts: int,
+    first_sent_at: datetime | None = None,
+    *,
+    fence: Fence | None = None,
 ) -> None:
     """The number of requests answered (or lost) so far, before a wait between retries, and
     when the first of them left (kept if one is already recorded)."""
+    mine = Instance.key == key if fence is None else (Instance.key == key) & fence.mine()
     with transaction(factory) as session:
-        session.execute(update(Instance).where(Instance.key == key).values(attempts=attempts))
+        session.execute(update(Instance).where(mine).values(attempts=attempts))
         if first_sent_at is not None:
             session.execute(
                 update(Instance)
-                .where(Instance.key == key, Instance.first_sent_at.is_(None))
+                .where(mine, Instance.first_sent_at.is_(None))
                 .values(first_sent_at=first_sent_at)
             )
 
@@ -930,12 +1044,21 @@ def finish(
     attempts: int | None = None,
     first_sent_at: datetime | None = None,
     retry_helps: bool = True,
-) -> Outcome:
+    fence: Fence | None = None,
+) -> Outcome | None:
     """booking -> booked or failed, with the reason a person reads; returns the outcome to
     report. ``first_sent_at``: when the first request left (an earlier one recorded stays);
-    ``retry_helps`` False when a ``retry`` would meet the same answer (every court taken)."""
+    ``retry_helps`` False when a ``retry`` would meet the same answer (every court taken).
+    With ``fence``: only while the instance is this daemon's claim under its current lease;
+    None (nothing written, nothing to report) when it is not (CONTRACT section 10: only the
+    active daemon writes an outcome)."""
+    query = select(Instance).where(Instance.key == key)
+    if fence is not None:
+        query = query.where(fence.mine()).with_for_update()
     with transaction(factory) as session:
-        row = session.scalar(select(Instance).where(Instance.key == key))
+        row = session.scalar(query)
+        if row is None and fence is not None:
+            return None
         assert row is not None
         if attempts is not None:
             row.attempts = attempts
@@ -1141,6 +1264,7 @@ _ADDED_COLUMNS = (
     "clock_offset_ms",
     "clock_uncertainty_ms",
     "clock_error",
+    "claim_epoch",
 )
 
 

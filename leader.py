@@ -1,17 +1,22 @@
 """Which daemon books: on PostgreSQL one *active* daemon and any number of *standbys*.
 
-Leadership is a PostgreSQL session advisory lock held on a dedicated connection (autocommit,
-not from the pool). The server releases it the moment the holder's process dies or its
-connection drops, so a standby that tries for it about every second takes over within
-seconds, kill -9 included. The active daemon checks the lock's connection every fraction of a
-second (``still_held``) and stops booking as soon as it fails; TCP keepalives and a TCP user
-timeout on that connection make the holder notice a cut network before the server frees the
-lock (see KEEPALIVE_* and SERVER_KEEPALIVE_*).
+Being active is a *lease* in the ``leases`` table (CONTRACT section 10): holder, epoch, and an
+expiry by the database's clock (``now()``, never a host's). The active daemon renews it every
+RENEW_SECONDS, each renewal bounded by RENEW_DEADLINE_SECONDS; it knows from its last renewal
+how long it may send (``proves``: a clock read, checked before every request to the club) and
+stops strictly before a standby may take the lease. A standby takes it once it has expired or
+its holder's session is gone, ending that session (``pg_terminate_backend``) if it must; each
+takeover raises the epoch, the fencing token that claims carry and outcome writes are
+conditional on (``instances.Fence``), and the new daemon takes the former one's claims over by
+the lease's rules (``take_over``).
 
-Each daemon also holds a *presence* lock keyed on its own id, on a second dedicated connection:
-a claim (``schedules.owner``) whose owner is no longer present belongs to a dead daemon and is
-recovered as after a crash; one whose owner is present (say, an active daemon that lost only
-its leadership connection and is finishing a request in flight) is left to it.
+A PostgreSQL session advisory lock on a dedicated connection (autocommit, not from the pool)
+is kept beside the lease as the fast path: the server releases it the moment the holder's
+process dies or its connection drops. TCP keepalives and a TCP user timeout on that connection
+make the holder notice a cut network quickly (see KEEPALIVE_* and SERVER_KEEPALIVE_*).
+
+Each daemon also holds a *presence* lock keyed on its own id, on a second dedicated connection
+(SQLite's claims of a live daemon are its own; ``status`` shows who is alive).
 
 The ``daemons`` table lists the daemons with their role and heartbeat, for ``status``.
 
@@ -24,6 +29,7 @@ is always active.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -96,6 +102,25 @@ TCP_USER_TIMEOUT_MS = 2000
 KEEPALIVE_IDLE_SECONDS = 1
 KEEPALIVE_INTERVAL_SECONDS = 1
 KEEPALIVE_COUNT = 2
+#: The lease (CONTRACT section 10): what decides who is active. It lasts LEASE_SECONDS by the
+#: database's clock from each renewal; the active daemon renews it every RENEW_SECONDS, and a
+#: renewal that does not answer within RENEW_DEADLINE_SECONDS costs the role. A standby takes
+#: it once it has expired (or at once when the holder's session is gone), so within about
+#: LEASE_SECONDS + POLL_SECONDS + SETTLE_SECONDS (4 s) after the last renewal.
+LEASE_NAME = models.LEASE_ACTIVE
+LEASE_SECONDS = 2.5
+RENEW_SECONDS = 1.0
+RENEW_DEADLINE_SECONDS = 1.0
+#: The holder believes its lease for LEASE_SECONDS - PROOF_MARGIN_SECONDS from the moment it
+#: *sent* the renewal that succeeded (the database's now() is later than that moment), so it
+#: stops sending strictly before a standby may take the lease.
+PROOF_MARGIN_SECONDS = 0.5
+#: A trigger instant's burst is sent only if the lease is proven for this long after the check
+#: (every request of the burst leaves within it).
+BURST_PROOF_SECONDS = 0.2
+#: A claim the former active daemon may have sent is held back this much longer than
+#: HTTP_TIMEOUT_SECONDS after that daemon's lease ended (clocks of hosts differ a little).
+HOLD_MARGIN_SECONDS = 1.0
 #: The server's side, set per session: it frees the lock of a client it cannot reach after
 #: about idle + interval x count = 5 s, later than the holder notices (about 2 s).
 SERVER_KEEPALIVE_IDLE_SECONDS = 3
@@ -128,6 +153,39 @@ WHERE locktype = 'advisory' AND objsubid = 1 AND granted
 _HOLD_CHECK = (
     _HELD_KEYS + " AND pid = pg_backend_pid() AND (classid::int8 << 32) | objid::int8 = %s"
 )
+# The leases table as models.Lease declares it (a Leadership may come before make_engine).
+_LEASE_TABLE = """
+CREATE TABLE IF NOT EXISTS leases (
+    name VARCHAR(32) NOT NULL PRIMARY KEY, holder VARCHAR(64), epoch BIGINT,
+    expires_at TIMESTAMP WITHOUT TIME ZONE, previous_expires_at TIMESTAMP WITHOUT TIME ZONE,
+    backend_pid INTEGER)
+"""
+# Take the lease when it is free, expired (by the database's clock), or its holder's session is
+# gone: a new epoch, this session recorded, and when the former lease ended.
+_TAKE_LEASE = """
+WITH old AS (SELECT holder, epoch, expires_at, backend_pid FROM leases
+             WHERE name = %(name)s FOR UPDATE)
+UPDATE leases AS l SET holder = %(me)s, epoch = COALESCE(old.epoch, 0) + 1,
+    backend_pid = pg_backend_pid(),
+    expires_at = timezone('UTC', now()) + make_interval(secs => %(ttl)s),
+    previous_expires_at = COALESCE(old.expires_at, timezone('UTC', now()))
+FROM old
+WHERE l.name = %(name)s AND (old.holder IS NULL OR old.expires_at IS NULL
+    OR old.expires_at <= timezone('UTC', now())
+    OR old.backend_pid IS NULL
+    OR NOT EXISTS (SELECT 1 FROM pg_stat_activity WHERE pid = old.backend_pid))
+RETURNING l.epoch, old.holder, old.backend_pid
+"""
+_RENEW_LEASE = """
+UPDATE leases SET expires_at = timezone('UTC', now()) + make_interval(secs => %(ttl)s)
+WHERE name = %(name)s AND holder = %(me)s AND epoch = %(epoch)s
+    AND expires_at > timezone('UTC', now())
+RETURNING epoch
+"""
+_RELEASE_LEASE = """
+UPDATE leases SET holder = NULL, backend_pid = NULL, expires_at = timezone('UTC', now())
+WHERE name = %(name)s AND holder = %(me)s AND epoch = %(epoch)s
+"""
 
 
 def _conninfo(url: str) -> str:
@@ -150,6 +208,15 @@ class Leadership:
         self._lock_conn: psycopg.Connection[Any] | None = None
         self._presence_conn: psycopg.Connection[Any] | None = None
         self._held = False
+        #: Whether the advisory lock is held too (the lease decides; the lock is the fast path).
+        self._locked = False
+        #: The lease's epoch while this daemon holds it (the fencing token of its claims).
+        self.epoch: int | None = None
+        #: Until when (time.monotonic) this daemon may send: its last renewal's send time plus
+        #: LEASE_SECONDS - PROOF_MARGIN_SECONDS.
+        self._valid_until = 0.0
+        self._next_renew = 0.0
+        self._lease_ready = False
 
     def __repr__(self) -> str:
         return f"<Leadership {self.ident} on {models.mask_url(self.url)} active={self._held}>"
@@ -164,6 +231,11 @@ class Leadership:
         """The server process of the lock's connection (what pg_terminate_backend takes)."""
         conn = self._lock_conn
         return None if conn is None or conn.closed else conn.info.backend_pid
+
+    def proves(self, ahead: float = 0.0) -> bool:
+        """Whether this daemon's lease is proven valid for ``ahead`` seconds more, by its last
+        renewal (no round trip: a monotonic clock read). False once it cannot prove it."""
+        return self._held and time.monotonic() + ahead < self._valid_until
 
     def _connect(self, purpose: str) -> psycopg.Connection[Any]:
         try:
@@ -209,33 +281,115 @@ class Leadership:
         self._presence_conn = conn
 
     def try_acquire(self) -> bool:
-        """Try once, without waiting, to become the active daemon. True when this daemon
-        holds leadership now (also when it already did). Raises DatabaseConnectError when the
-        server cannot be reached (the caller logs it and tries again later)."""
+        """Try once, without waiting, to become the active daemon: take the lease when it is
+        free, expired, or its holder's session is gone (ending that session's lock if it must).
+        True when this daemon holds the lease now (also when it already did). Raises
+        DatabaseConnectError when the server cannot be reached (the caller logs it and tries
+        again later)."""
         if self._held and self.still_held():
             return True
         self.ensure_present()
         conn = self._lock_conn
         if conn is None or conn.closed or conn.broken:
             self._lock_conn = conn = self._connect("leader")
+            self._locked = False
         try:
-            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+            self._lease_table(conn)
+            if not self._locked:
+                row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+                self._locked = bool(row and row[0])
+            took = self._take_lease(conn)
+            if took and not self._locked:
+                self._locked = self._lock_after_takeover(conn)
+            elif not took and self._locked:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+                self._locked = False
         except psycopg.Error as exc:
             self._drop_lock_conn()
             raise models.connect_error(self.url, exc) from None
-        self._held = bool(row and row[0])
-        return self._held
+        self._held = took
+        return took
+
+    def _lease_table(self, conn: psycopg.Connection[Any]) -> None:
+        """The leases table and its row (once per connection's life: cheap after)."""
+        if self._lease_ready:
+            return
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (models.SCHEMA_LOCK_KEY,))
+            conn.execute(_LEASE_TABLE)
+            conn.execute(
+                "INSERT INTO leases (name, epoch) VALUES (%s, 0) ON CONFLICT (name) DO NOTHING",
+                (LEASE_NAME,),
+            )
+        self._lease_ready = True
+
+    def _take_lease(self, conn: psycopg.Connection[Any]) -> bool:
+        sent = time.monotonic()
+        row = conn.execute(
+            _TAKE_LEASE, {"name": LEASE_NAME, "me": self.ident, "ttl": LEASE_SECONDS}
+        ).fetchone()
+        if row is None:
+            return False
+        epoch, holder, old_pid = row
+        self.epoch = int(epoch)
+        self._valid_until = sent + LEASE_SECONDS - PROOF_MARGIN_SECONDS
+        self._next_renew = sent + RENEW_SECONDS
+        if holder is not None and old_pid is not None and old_pid != conn.info.backend_pid:
+            ended = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid = %s",
+                (old_pid,),
+            ).fetchone()
+            if ended and ended[0]:
+                daemon_logger.warning(
+                    "leadership: the lease of daemon %s had expired; ended its database "
+                    "session (server pid %d) and its lock",
+                    holder,
+                    old_pid,
+                )
+        return True
+
+    def _lock_after_takeover(self, conn: psycopg.Connection[Any]) -> bool:
+        """The advisory lock, once the former holder's session has ended (briefly retried)."""
+        deadline = time.monotonic() + 1.0
+        while True:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (self.key,)).fetchone()
+            if row and row[0]:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
 
     def still_held(self) -> bool:
-        """A cheap check (one query on the lock's connection, bounded by the statement timeout
-        and the TCP user timeout) that the server still shows this daemon holding the lock.
-        False, and no longer ``active``, when it does not or the connection failed."""
+        """A cheap check that this daemon still holds the lease: the local proof, and every
+        RENEW_SECONDS a renewal (otherwise the lock's presence), one round trip that must
+        answer within RENEW_DEADLINE_SECONDS. False, and no longer ``active``, when the lease
+        is gone or cannot be proven, or the connection failed."""
         conn = self._lock_conn
         if not self._held or conn is None or conn.closed:
             self._held = False
             return False
+        now = time.monotonic()
+        if now >= self._valid_until:
+            daemon_logger.error(
+                "leadership: this daemon's lease on %s ran out before it could renew it (the "
+                "process was paused, or the database did not answer); it sends nothing more",
+                models.mask_url(self.url),
+            )
+            self._abandon_lock_conn()
+            return False
+        renew = now >= self._next_renew
         try:
-            held = conn.execute(_HOLD_CHECK, (self.key,)).fetchone() is not None
+            held = _with_deadline(lambda: self._check(conn, renew), RENEW_DEADLINE_SECONDS)
+        except TimeoutError:
+            daemon_logger.error(
+                "leadership: the database at %s did not answer within %g s (a network that "
+                "drops packets, or a stalled server): this daemon can no longer prove its lease "
+                "and stops booking",
+                models.mask_url(self.url),
+                RENEW_DEADLINE_SECONDS,
+            )
+            self._abandon_lock_conn()
+            return False
         except psycopg.Error as exc:
             logger.warning(
                 "leadership: lost the lock's connection to %s: %s",
@@ -244,21 +398,54 @@ class Leadership:
             )
             self._drop_lock_conn()
             return False
-        self._held = held
-        return held
+        self._held = bool(held)
+        return self._held
+
+    def _check(self, conn: psycopg.Connection[Any], renew: bool) -> bool:
+        if not renew:
+            if not self._locked:
+                return True  # the lease alone: renewed every RENEW_SECONDS
+            return conn.execute(_HOLD_CHECK, (self.key,)).fetchone() is not None
+        sent = time.monotonic()
+        row = conn.execute(
+            _RENEW_LEASE,
+            {"name": LEASE_NAME, "me": self.ident, "epoch": self.epoch, "ttl": LEASE_SECONDS},
+        ).fetchone()
+        if row is None:
+            daemon_logger.error(
+                "leadership: this daemon's lease on %s was taken over or had expired; it sends "
+                "nothing more",
+                models.mask_url(self.url),
+            )
+            return False
+        self._valid_until = sent + LEASE_SECONDS - PROOF_MARGIN_SECONDS
+        self._next_renew = sent + RENEW_SECONDS
+        return True
 
     def release(self) -> None:
         """Give leadership up (a standby may take it at once); stay connected and present."""
         if not self._held:
             return
         self._held = False
+        self._valid_until = 0.0
         conn = self._lock_conn
         if conn is None or conn.closed:
             return
+
+        def give_up() -> None:
+            conn.execute(
+                _RELEASE_LEASE, {"name": LEASE_NAME, "me": self.ident, "epoch": self.epoch}
+            )
+            if self._locked:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+                self._locked = False
+
         try:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (self.key,))
+            _with_deadline(give_up, RENEW_DEADLINE_SECONDS)
+        except TimeoutError:
+            self._abandon_lock_conn()  # the lease expires by itself
         except psycopg.Error:
-            self._drop_lock_conn()  # closing the session releases it all the same
+            self._drop_lock_conn()  # closing the session releases the lock; the lease expires
 
     def alive_ids(self, idents: Iterable[str]) -> set[str]:
         """Those of ``idents`` whose daemon is alive (holds its presence lock), this one
@@ -283,9 +470,40 @@ class Leadership:
 
     def _drop_lock_conn(self) -> None:
         self._held = False
+        self._locked = False
+        self._valid_until = 0.0
         conn, self._lock_conn = self._lock_conn, None
         if conn is not None:
             conn.close()
+
+    def _abandon_lock_conn(self) -> None:
+        """Leave the lock's connection to the thread stuck on it (closing it here could wait
+        as long): that thread, or the process's end, closes it."""
+        self._held = False
+        self._locked = False
+        self._valid_until = 0.0
+        self._lock_conn = None
+
+
+def _with_deadline(func: Callable[[], bool | None], seconds: float) -> bool | None:
+    """``func()`` in a thread of its own; TimeoutError when it has not returned within
+    ``seconds`` (the thread is left to finish whenever it can)."""
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["result"] = func()
+        except BaseException as exc:  # noqa: BLE001 (handed to the caller)
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, name="courtbot-lease", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer within {seconds:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
 
 
 class LocalLeadership:
@@ -300,9 +518,15 @@ class LocalLeadership:
     def active(self) -> bool:
         return self._held
 
+    #: No lease on SQLite: the file lock is the fence.
+    epoch: int | None = None
+
     @property
     def backend_pid(self) -> int | None:
         return None
+
+    def proves(self, ahead: float = 0.0) -> bool:
+        return self._held
 
     def ensure_present(self) -> None:
         return None
@@ -440,7 +664,7 @@ class Host(Protocol):
 
     def become_active(self, reason: str) -> None: ...
     def write_pid(self) -> None: ...
-    def heartbeat(self) -> None: ...
+    def heartbeat(self, state: str | None = None) -> None: ...
     def reset_watch(self) -> None: ...
     def wake(self) -> None: ...
     def sync(self) -> scheduler.SyncReport: ...
@@ -458,6 +682,53 @@ FORGET_AFTER = timedelta(minutes=1)
 #: How long a claim's owner that seems gone is given to show it lives (a standby takes its
 #: presence lock again at its next try, every POLL_SECONDS).
 PRESENCE_GRACE_SECONDS = 1.5 * POLL_SECONDS
+
+
+def take_over(
+    daemon: Host, fence: instances.Fence, held: list[tuple[str, datetime]], *, sync: bool
+) -> list[tuple[str, datetime]]:
+    """The claims of former active daemons (an older lease), taken over by the active one
+    holding ``fence`` (CONTRACT section 10): never sent ones pending at once, maybe sent ones
+    held until HTTP_TIMEOUT_SECONDS after that daemon's lease ended, then sent again with the
+    same Idempotency-Key. ``held``: those held at the last look; returns those held now."""
+    assert daemon.factory is not None
+    done = instances.take_over_claims(
+        daemon.factory,
+        fence,
+        datetime.now(UTC),
+        hold_seconds=daemon.settings.http_timeout + HOLD_MARGIN_SECONDS,
+        margin_seconds=HOLD_MARGIN_SECONDS,
+    )
+    new_holds = [key for key, _ in done.held if key not in dict(held)]
+    if new_holds:
+        daemon_logger.warning(
+            "%d booking(s) of the former active daemon may have been sent by it: held until "
+            "%s (HTTP_TIMEOUT_SECONDS after its lease ended), then sent again with the same "
+            "Idempotency-Key: %s",
+            len(new_holds),
+            max(until for _, until in done.held).isoformat(timespec="seconds"),
+            ", ".join(new_holds),
+        )
+    if done.released:
+        daemon_logger.info(
+            "%d booking(s) claimed by the former active daemon were never sent (their trigger "
+            "is after its lease ended): booked here: %s",
+            len(done.released),
+            ", ".join(done.released),
+        )
+    if done.retried:
+        daemon_logger.warning(
+            "%d booking(s) were interrupted by a stop; retried now with the same "
+            "Idempotency-Key: %s",
+            len(done.retried),
+            ", ".join(done.retried),
+        )
+    if daemon.notifier is not None:
+        for row in done.failed:
+            daemon.notifier.notify(instances.outcome_of(row))
+    if sync and (done.released or done.retried or done.failed):
+        daemon.sync()
+    return done.held
 
 
 class LeaderWatch:
@@ -523,10 +794,19 @@ class Roles:
         #: The context of the last period as the active daemon, while its bookings end.
         self._leftover: bot.BookingContext | None = None
         self._pending_mark: tuple[int, datetime | None] | None = None
+        #: Claims of a former active daemon held back until its requests could have ended.
+        self._held_claims: list[tuple[str, datetime]] = []
 
     @property
     def is_active(self) -> bool:
         return self.role == ACTIVE
+
+    def fence(self) -> instances.Fence | None:
+        """The fencing token of this daemon's lease, for its booking context (None alone)."""
+        epoch = self.lead.epoch
+        if not self.shared or epoch is None:
+            return None
+        return instances.Fence(self.ident, epoch)
 
     # -- hooks of the daemon and its loop ------------------------------------------------
 
@@ -607,12 +887,18 @@ class Roles:
         """At a clean stop, before waiting for bookings in flight: no request leaves any more
         (a booking waiting for its trigger or a retry goes back to pending) and a standby may
         take the role at once."""
-        if self._watch is not None:
-            self._watch.stop()
-            self._watch = None
         if self.shared and daemon.ctx is not None:
             daemon.ctx.may_send.clear()
             daemon.ctx.stop.set()
+            with daemon.ctx.in_flight_lock:
+                busy = bool(daemon.ctx.in_flight)
+            if busy and self.is_active:
+                # Its outcome is written under this lease: kept (renewed) until it ends (leave).
+                self._leftover = daemon.ctx
+                return
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
         self.lead.release()
 
     def leave(self, daemon: Host) -> None:
@@ -623,6 +909,10 @@ class Roles:
             deadline = time.monotonic() + daemon.settings.http_timeout + 1.0
             while leftover.in_flight and time.monotonic() < deadline:
                 time.sleep(0.05)
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        self.lead.release()
         if daemon.engine is not None:
             try:
                 remove_daemon(daemon.engine, self.ident)
@@ -653,7 +943,7 @@ class Roles:
         self._watch = LeaderWatch(self.lead, lambda: self._on_lost(daemon))
         self._watch.start()
         try:
-            self._release_leftovers(daemon, self.since)
+            self._take_over(daemon, sync=False)  # become_active loads and schedules it all
             daemon.become_active(reason)
         except Exception:
             daemon_logger.exception("could not take up the active role; back to standby")
@@ -674,6 +964,13 @@ class Roles:
                 "at once; a booking in flight may finish; a standby takes over",
                 models.mask_url(self.url),
             )
+            # `health` says 1 at once, until this daemon reaches the database again (its beat
+            # as a standby): the loop may be held up by a database that does not answer.
+            with contextlib.suppress(OSError):
+                daemon.heartbeat(
+                    f"lost the active role on {models.mask_url(self.url)}: the database "
+                    "connection failed or did not answer"
+                )
         daemon.wake()
 
     def beat(self, daemon: Host) -> None:
@@ -687,7 +984,7 @@ class Roles:
         now = datetime.now(UTC)
         try:
             self._write_row(daemon, now)
-            self._recover_dead_claims(daemon, now)
+            self._take_over(daemon)
             forget_dead(daemon.engine, now=now, older_than=FORGET_AFTER)
         except Exception as exc:  # noqa: BLE001 (the database is away: the watch acts on it)
             self._report_outage(exc)
@@ -700,6 +997,8 @@ class Roles:
         time on the status index) unless something changed."""
         assert daemon.factory is not None
         try:
+            if self._held_claims:
+                self._take_over(daemon)
             if instances.pending_mark(daemon.factory) == self._pending_mark:
                 return
             changed = daemon.sync()
@@ -714,28 +1013,11 @@ class Roles:
                 changed.removed,
             )
 
-    def _recover_dead_claims(self, daemon: Host, now: datetime) -> None:
-        """Claims of daemons that died since this one became active: as after a crash."""
-        assert daemon.factory is not None and daemon.notifier is not None
-        owners = instances.booking_owners(daemon.factory) - {self.ident}
-        if not owners:
-            return
-        live = self._alive({owner for owner in owners if owner}) | {self.ident}
-        if owners <= live:
-            return
-        retried, unknown = instances.recover_in_flight(
-            daemon.factory, now, live_owners=frozenset(live)
-        )
-        for row in unknown:
-            daemon.notifier.notify(instances.outcome_of(row))
-        if retried:
-            daemon_logger.warning(
-                "%d booking(s) of a daemon that stopped are retried now with the same "
-                "Idempotency-Key: %s",
-                len(retried),
-                ", ".join(retried),
-            )
-        daemon.sync()
+    def _take_over(self, daemon: Host, *, sync: bool = True) -> None:
+        """Claims of former active daemons, by the lease's rules (``take_over``)."""
+        fence = self.fence()
+        if fence is not None and daemon.factory is not None:
+            self._held_claims = take_over(daemon, fence, self._held_claims, sync=sync)
 
     def _step_down(self, daemon: Host) -> None:
         """Back to standby after losing the role: the scheduler stops (its store is fenced
@@ -820,6 +1102,11 @@ class Roles:
             return
         with ctx.in_flight_lock:
             busy = frozenset(ctx.in_flight)
+        if self.shared:
+            # A standby writes nothing of a booking: the active daemon takes its claims over.
+            if not busy:
+                self._leftover = None
+            return
         retried, unknown = instances.recover_in_flight(
             daemon.factory, now, owner=self.ident, keep=busy
         )

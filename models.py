@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Connection,
     DateTime,
@@ -171,6 +172,10 @@ class Instance(Base):
     clock_uncertainty_ms: Mapped[float | None] = mapped_column(Float, default=None)
     #: Why the club's clock could not be measured (its file names one): the trigger stayed ours.
     clock_error: Mapped[str | None] = mapped_column(String(300), default=None)
+    #: The lease epoch (``leases.epoch``, a fencing token) under which ``owner`` claimed it, on
+    #: a shared PostgreSQL database; NULL on SQLite. A claim of an older epoch is the former
+    #: active daemon's: the new one holds it back until that daemon's request could have ended.
+    claim_epoch: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
     __table_args__ = (Index("ix_schedules_status_trigger", "status", "trigger_time"),)
 
@@ -208,6 +213,29 @@ class Daemon(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     since: Mapped[datetime] = mapped_column(UTCDateTime())  # when it took its current role
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+#: The one row of ``leases``: the active daemon's lease.
+LEASE_ACTIVE = "active"
+
+
+class Lease(Base):
+    """Who is the active daemon on a shared PostgreSQL database (CONTRACT section 10): one row,
+    ``name`` "active". ``expires_at`` is by the database's clock (``now()``), never a daemon's;
+    ``epoch`` grows by one at each takeover and fences the claims and outcome writes of the
+    daemon that held it before. ``backend_pid``: the server process of the holder's lock
+    connection (what a taking-over daemon ends with pg_terminate_backend).
+    ``previous_expires_at``: when the lease before this epoch ended (or was to end): the former
+    holder sent nothing after it."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(String(64))
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    previous_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    backend_pid: Mapped[int | None] = mapped_column(Integer)
 
 
 class Wakeup(Base):
@@ -422,16 +450,30 @@ def _connect_timeout(url: str) -> int:
         return CONNECT_TIMEOUT_SECONDS
 
 
+#: Every PostgreSQL connection (the pool's and the leadership's): an idle one is probed after a
+#: second (keepalives), unacknowledged data fails it after TCP_USER_TIMEOUT_MS, and the server
+#: ends a statement after STATEMENT_TIMEOUT_MS. A network that drops packets is noticed within
+#: seconds, not when TCP gives up (about 15 minutes).
+KEEPALIVE_IDLE_SECONDS = 1
+KEEPALIVE_INTERVAL_SECONDS = 1
+KEEPALIVE_COUNT = 2
+TCP_USER_TIMEOUT_MS = 3000
+STATEMENT_TIMEOUT_MS = 15_000
+
+
 def postgresql_connect_args(url: str) -> dict[str, Any]:
     """libpq options for every PostgreSQL connection: a bounded connect (the URL's own
-    ``connect_timeout`` wins), TCP keepalives so a dead server or network is noticed in
-    seconds, and a name in pg_stat_activity."""
+    ``connect_timeout`` wins), TCP keepalives and a TCP user timeout so that a dead server or a
+    network that drops packets is noticed in seconds, a statement timeout, and a name in
+    pg_stat_activity."""
     return {
         "connect_timeout": _connect_timeout(url),
         "keepalives": 1,
-        "keepalives_idle": 5,
-        "keepalives_interval": 2,
-        "keepalives_count": 3,
+        "keepalives_idle": KEEPALIVE_IDLE_SECONDS,
+        "keepalives_interval": KEEPALIVE_INTERVAL_SECONDS,
+        "keepalives_count": KEEPALIVE_COUNT,
+        "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
+        "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
         "application_name": "courtbot",
     }
 
@@ -553,6 +595,8 @@ def make_engine(url: str, *, create: bool = True) -> Engine:
 _SCHEMA_LOCK_KEY = int.from_bytes(
     hashlib.sha256(b"courtbot:schema").digest()[:8], "big", signed=True
 )
+#: The same, for leader.Leadership (which may create the leases table before make_engine).
+SCHEMA_LOCK_KEY = _SCHEMA_LOCK_KEY
 
 
 def add_missing_columns(bind: Engine | Connection) -> list[str]:

@@ -986,10 +986,12 @@ class BurstGate:
         data: bytes,
         *,
         stop: threading.Event | None = None,
+        allowed: Callable[[], bool] | None = None,
     ) -> Sent | None:
         """Send ``data`` on ``conn`` at ``trigger`` with every other booking of that instant;
-        returns its Sent, or None when the instant's sender saw ``stop`` set before the trigger
-        (the first booking's ``stop`` governs the instant: the daemon's is one event)."""
+        returns its Sent, or None when the instant's sender saw ``stop`` set before the trigger,
+        or ``allowed()`` false at the instant, just before the first write (the first
+        booking's ``stop`` and ``allowed`` govern the instant: the daemon's are one)."""
         with self._lock:
             batch = self._batches.get(trigger)
             leader = batch is None
@@ -998,14 +1000,19 @@ class BurstGate:
             index = len(batch.items)
             batch.items.append((conn, data))
         if leader:
-            self._lead(batch, stop)
+            self._lead(batch, stop, allowed)
         else:
             batch.done.wait()
         if batch.results is None:
             return None
         return batch.results[index]
 
-    def _lead(self, batch: _Batch, stop: threading.Event | None) -> None:
+    def _lead(
+        self,
+        batch: _Batch,
+        stop: threading.Event | None,
+        allowed: Callable[[], bool] | None = None,
+    ) -> None:
         clock = self.clock
         trigger = batch.trigger
         try:
@@ -1022,6 +1029,8 @@ class BurstGate:
                 # From here on, a booking of this instant starts a batch of its own.
                 self._batches.pop(trigger, None)
                 items = refreshed + batch.items[len(early) :]
+            if allowed is not None and not allowed():
+                return  # each booking closes its connection
             batch.results = _write_all(items, trigger, self.timeout, clock)
         finally:
             with self._lock:

@@ -64,6 +64,8 @@ SERIAL = (
     "test_e2e_watchdog.py",
     "test_failover.py",
     "test_leader.py",
+    "test_lease.py",
+    "test_partition.py",
     "test_reliability.py",
     "test_ready_flows.py::test_the_daemon_runs_",
 )

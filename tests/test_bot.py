@@ -997,6 +997,41 @@ def test_a_daemon_no_longer_active_claims_nothing(h: Harness) -> None:
 
 
 @pytest.mark.both_databases
+def test_a_lease_that_cannot_be_proven_claims_and_sends_nothing(h: Harness) -> None:
+    h.add()
+    queue(h.club, answer(201, {"id": 1}))
+    h.ctx.proves = lambda _ahead: False  # the last renewal is too old (CONTRACT section 10)
+
+    assert h.book() is None
+
+    assert h.calls == []
+    assert (h.row().status, h.row().owner) == (PENDING, None)
+    assert not h.ctx.may_send.is_set()  # stopped as after a loss of the role
+
+
+@pytest.mark.both_databases
+def test_a_lease_proven_at_the_claim_but_not_at_the_send_sends_nothing(
+    h: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    h.add()
+    queue(h.club, answer(201, {"id": 1}))
+    proofs: list[float] = []
+
+    def proves(ahead: float) -> bool:
+        proofs.append(ahead)
+        return len(proofs) == 1  # the claim's check only
+
+    h.ctx.proves = proves
+
+    assert h.book() is None
+
+    assert h.calls == []
+    assert len(proofs) == 2
+    assert h.row().status == PENDING
+    assert "its lease could not be proven; no request leaves" in caplog.text
+
+
+@pytest.mark.both_databases
 def test_losing_the_role_before_the_trigger_sends_nothing(
     h: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -313,10 +313,15 @@ def test_cut_from_the_database_the_active_daemon_stops_and_another_takes_over(
     assert noticed is not None and took is not None, a.output()
     assert noticed < took + leader.SETTLE_SECONDS  # stopped before the other may send
     assert took - cut < TAKEOVER_LIMIT_SECONDS
-    # x was a live daemon's booking in flight: it finishes there, the new one leaves it be
-    assert wait_until(lambda: cluster.status_of(x) == "booked", 10), a.output()
+    # x was in flight at the old active daemon: only the active one writes an outcome, so the
+    # new one holds it until HTTP_TIMEOUT_SECONDS after the old lease ended, then sends it again
+    # with the same Idempotency-Key (the club replays its answer): booked, once at the club.
     assert wait_until(lambda: cluster.status_of(y) == "booked", 15), b.output()
-    assert cluster.requests_per_key() == {x: 1, y: 1}
+    assert wait_until(lambda: cluster.status_of(x) == "booked", 25), b.output()
+    assert f"booking {x}: its outcome (booked) is not recorded" in a.output()
+    resent = [r.arrived for r in club.received if r.idempotency_key == x]
+    assert len(resent) == 2 and resent[1] - cut >= 10.0  # HTTP_TIMEOUT_SECONDS
+    assert cluster.requests_per_key() == {x: 2, y: 1}
     assert club.bookings_per_key() == {x: 1, y: 1}
     assert f"attempt {y} court=3 #1: HTTP 201" in b.output()
     assert f"attempt {y} " not in a.output()

@@ -1206,7 +1206,7 @@ def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
     engine = models.make_engine(url)  # as the daemon opens it at start
 
     try:
-        assert columns(tmp_path / "db.sqlite")[-9:] == [
+        assert columns(tmp_path / "db.sqlite")[-10:] == [
             "interrupted",
             "owner",
             "club",
@@ -1216,6 +1216,7 @@ def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
             "clock_offset_ms",
             "clock_uncertainty_ms",
             "clock_error",
+            "claim_epoch",
         ]
         factory = models.session_factory(engine)
         (row,) = rows(factory).values()
