@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from cryptography.fernet import Fernet, MultiFernet
 
 import bot
+import club_client
 import config_loader
 import instances
 import leader
@@ -384,7 +385,7 @@ def cmd_dry_run(env: dict[str, str], schedule_id: str, out: IO[str]) -> int:
     if not prepare:
         out.write("no preparation step: nothing is sent before the trigger\n")
     else:
-        client = bot.ClubClient(timeout=settings.http_timeout)
+        client = club_client.ClubClient(timeout=settings.http_timeout)
         try:
             reports, problem = bot.dry_run(client, flow, slot, secrets, entry.token)
         finally:
