@@ -69,6 +69,8 @@ class Answer:
     url: str = ""
     #: Each ``Set-Cookie`` header of the answer, as sent (one cookie each).
     set_cookies: tuple[str, ...] = ()
+    #: The body went past MAX_BODY_BYTES and was cut there (the rest was not read).
+    cut: bool = False
 
     def header(self, name: str) -> str | None:
         wanted = name.lower()
@@ -79,7 +81,7 @@ class Answer:
 
     def json(self) -> Any:
         try:
-            return json.loads(self.body.decode("utf-8"))
+            return utils.load_json(self.body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             return None
 
@@ -387,7 +389,7 @@ class ClubClient:
                 if deadline.expired:
                     # Cut while its headers came: http.client reads the EOF as their end.
                     raise self._timed_out()
-                body = self._read_body(response, deadline=started + self.timeout)
+                body, cut = self._read_body(response, deadline=started + self.timeout)
             finally:
                 response.close()
         latency = (time.perf_counter() - started) * 1000
@@ -398,18 +400,19 @@ class ClubClient:
             latency,
             url=prepared.url or "",
             set_cookies=tuple(response.raw.headers.getlist("Set-Cookie")),
+            cut=cut,
         )
 
     def _timed_out(self) -> BookingError:
         return BookingError(f"no answer within {self.timeout:g} s", lost=True)
 
     @staticmethod
-    def _read_body(response: requests.Response, *, deadline: float) -> bytes:
+    def _read_body(response: requests.Response, *, deadline: float) -> tuple[bytes, bool]:
         """At most 1 MiB of the answer's body, read until ``deadline`` (perf_counter; the
         request's deadline also shuts a read blocked past it down): the timeout bounds the
         whole answer, not each read, so a club dribbling bytes cannot hold a booking (or a
         shutdown) for longer. A body cut short is kept as far as it came: the status line
-        arrived, so the club did answer."""
+        arrived, so the club did answer. The flag: the body went on past 1 MiB (cut there)."""
         chunks: list[bytes] = []
         size = 0
         try:
@@ -421,7 +424,9 @@ class ClubClient:
                 size += len(chunk)
         except Exception as exc:  # noqa: BLE001 (urllib3 raises several kinds mid-body)
             logger.debug("answer body broke off: %s", exc.__class__.__name__)
-        return b"".join(chunks)
+        # At the cap: cut unless the club's framing says nothing is left.
+        cut = size >= MAX_BODY_BYTES and response.raw.length_remaining != 0
+        return b"".join(chunks), cut
 
     def close(self) -> None:
         self.session.close()
@@ -573,7 +578,8 @@ def exchange(
         cookies.update(_store_cookies(run, prepared, answer))
         location = answer.header("Location")
         if not (step.follow_redirects and answer.status in (301, 302, 303, 307, 308) and location):
-            reply = Reply(answer.status, answer.headers, answer.body, prepared.url or "", cookies)
+            url = prepared.url or ""
+            reply = Reply(answer.status, answer.headers, answer.body, url, cookies, answer.cut)
             return answer, reply
         target = urljoin(prepared.url or "", location)
         if not run.flow.allows(target):
@@ -618,6 +624,7 @@ def _wire_answer(client: ClubClient, prepared: requests.PreparedRequest, sent: w
         got.elapsed_ms,
         url=prepared.url or "",
         set_cookies=tuple(got.headers.get_all("Set-Cookie")),
+        cut=got.truncated,
     )
 
 

@@ -562,6 +562,8 @@ class Reply:
     body: bytes
     url: str
     cookies: Mapping[str, str] = field(default_factory=dict)
+    #: The body went past the cap on what is read of an answer and was cut there.
+    cut: bool = False
 
     def header(self, name: str) -> str | None:
         wanted = name.lower()
@@ -572,9 +574,12 @@ class Reply:
 
     def json(self) -> Any:
         try:
-            return json.loads(self.body.decode("utf-8"))
+            return utils.load_json(self.body.decode("utf-8"))
+        except utils.JsonTooDeep as exc:
+            raise ExtractError(f"the answer is not JSON that can be read ({exc})") from None
         except (UnicodeDecodeError, ValueError):
-            raise ExtractError("the answer is not JSON") from None
+            cut = " (its body was cut at 1 MiB, the most courtbot reads)" if self.cut else ""
+            raise ExtractError(f"the answer is not JSON{cut}") from None
 
 
 @dataclass(frozen=True)

@@ -1083,6 +1083,33 @@ def secrets_expiry(secrets: Mapping[str, str]) -> datetime | None:
     return min(expiries, default=None)
 
 
+#: How deep a club's JSON answer may nest (arrays and objects): deeper is no JSON to courtbot.
+MAX_JSON_DEPTH = 64
+
+
+class JsonTooDeep(ValueError):
+    """JSON nested deeper than ``MAX_JSON_DEPTH``."""
+
+
+def load_json(text: str | bytes) -> Any:
+    """``text`` as JSON, nested at most ``MAX_JSON_DEPTH`` deep. Raises ValueError for text that
+    is not JSON, JsonTooDeep (a ValueError) for JSON nested deeper: a few thousand ``[`` would
+    otherwise exhaust Python's recursion limit in the parser, or in whatever walks the value."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise JsonTooDeep(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    level: list[tuple[Any, int]] = [(value, 1)]
+    while level:
+        node, depth = level.pop()
+        if isinstance(node, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise JsonTooDeep(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            children = node.values() if isinstance(node, dict) else node
+            level.extend((child, depth + 1) for child in children)
+    return value
+
+
 def mask_url_secrets(url: str) -> str:
     """``url`` fit for a log line: its scheme, host and port only, the rest ``/****`` (a ping
     URL's path or query is its secret), e.g. ``https://hc-ping.com/****``."""

