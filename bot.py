@@ -1096,8 +1096,9 @@ def _send_once(
         send.tries += 1
         return "retry", None, None
     except StepFailure as exc:
-        _log_send(run, send, str(exc))
-        return "failed", None, _Result("failed", f"{send.prefix}: {exc}")
+        text = run.scrub(str(exc))
+        _log_send(run, send, text)
+        return "failed", None, _Result("failed", f"{send.prefix}: {text}")
     verdict = classify(answer, step).kind
     _log_send(run, send, f"HTTP {answer.status} in {answer.latency_ms:.0f} ms -> {verdict}")
     says = _club_says(answer, run.scrub, step.matched_words(verdict, answer.body))

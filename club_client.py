@@ -15,12 +15,13 @@ import http.cookiejar
 import itertools
 import json
 import logging
+import re
 import socket
 import ssl
 import threading
 import time
 import traceback
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, quote_plus, urljoin, urlsplit
@@ -30,10 +31,12 @@ from requests.adapters import HTTPAdapter
 from requests.cookies import MockRequest, MockResponse, RequestsCookieJar, get_cookie_header
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 import utils
 import wire
-from template import Flow, RenderedRequest, Reply, Step, as_text
+from template import Flow, RenderedRequest, Reply, Step, as_text, split_host
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +308,7 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
     forms = {form for secret in (*known, *secrets) if secret for form in _secret_forms(secret)}
     for form in sorted(forms, key=len, reverse=True):
         text = text.replace(form, "***")
-    return text
+    return utils.mask_userinfo(text)
 
 
 def safe_ref(ref: str | None) -> str | None:
@@ -581,18 +584,63 @@ def exchange(
             url = prepared.url or ""
             reply = Reply(answer.status, answer.headers, answer.body, url, cookies, answer.cut)
             return answer, reply
-        target = urljoin(prepared.url or "", location)
-        if not run.flow.allows(target):
-            raise StepFailure(
-                f"{step.name!r} was redirected to {urlsplit(target).netloc or target!r}, which "
-                f"is not on the flow's hosts ({', '.join(run.flow.hosts)}): not followed, so the "
-                "token and cookies stay on hosts; add that host to hosts if it is the club's"
-            )
+        target = redirect_target(step.name, run.flow.hosts, prepared.url or "", location)
         prepared = _redirected(client, run, prepared, answer.status, target)
     raise StepFailure(
         f"{step.name!r} was redirected more than {MAX_REDIRECTS} times (a redirect loop?): "
         "check the step's URL"
     )
+
+
+#: What makes an address read differently to different URL parsers: a backslash (WHATWG reads
+#: it as ``/``, RFC 3986 parsers as a character of the authority), white space, controls.
+_AMBIGUOUS_URL_RE = re.compile(r"[\\\s\x00-\x1f\x7f]")
+
+
+def redirect_target(step: str, hosts: Sequence[str], base: str, location: str) -> str:
+    """The URL a redirect's ``location`` (relative to ``base``) asks for, as the request will be
+    sent: read once, by urllib3's parser (the one requests sends with), and that reading both
+    checked against ``hosts`` and returned. Raises StepFailure, quoting no part of the address
+    that could hold a secret, for an address that parsers could read differently (a backslash,
+    white space, a control), one with a user name or password, one that leaves https for plain
+    http, or one off ``hosts``."""
+    if _AMBIGUOUS_URL_RE.search(location):
+        raise StepFailure(
+            f"{step!r} was redirected to an address that URL parsers read differently (it holds "
+            "a backslash, a space or a control character): not followed, so the token and "
+            "cookies stay on hosts"
+        )
+    try:
+        parsed = parse_url(urljoin(base, location))
+    except LocationParseError:
+        raise StepFailure(f"{step!r} was redirected to an address that is no URL") from None
+    if parsed.auth is not None:
+        raise StepFailure(
+            f"{step!r} was redirected to an address with a user name or password in it (not "
+            "repeated here: it may hold a secret): not followed"
+        )
+    scheme = (parsed.scheme or "").lower()
+    if scheme not in ("http", "https") or not parsed.host:
+        raise StepFailure(
+            f"{step!r} was redirected to an address that is not http(s): not followed"
+        )
+    if scheme == "http" and urlsplit(base).scheme.lower() == "https":
+        raise StepFailure(
+            f"{step!r} (https) was redirected to plain http: not followed, so the token and "
+            "cookies are never sent unencrypted; use the https address in the step"
+        )
+    host = parsed.host.strip("[]").lower()
+    port = parsed.port or (443 if scheme == "https" else 80)
+    if not any(
+        (split := split_host(entry)) is not None and split[0] == host and split[1] in (None, port)
+        for entry in hosts
+    ):
+        raise StepFailure(
+            f"{step!r} was redirected to {parsed.netloc!r}, which is not on the flow's hosts "
+            f"({', '.join(hosts)}): not followed, so the token and cookies stay on hosts; add "
+            "that host to hosts if it is the club's"
+        )
+    return parsed.url
 
 
 def _wire_answer(client: ClubClient, prepared: requests.PreparedRequest, sent: wire.Sent) -> Answer:

@@ -1110,6 +1110,16 @@ def load_json(text: str | bytes) -> Any:
     return value
 
 
+#: A URL's userinfo (``scheme://user:password@``), wherever a URL stands in a text.
+_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@]*@")
+
+
+def mask_userinfo(text: str) -> str:
+    """``text`` with the userinfo of every URL in it (``http://<token>@host/``) as ``***``: a
+    club can put a secret there, and a reason that quotes an address must not carry it."""
+    return _USERINFO_RE.sub(r"\1***@", text)
+
+
 def mask_url_secrets(url: str) -> str:
     """``url`` fit for a log line: its scheme, host and port only, the rest ``/****`` (a ping
     URL's path or query is its secret), e.g. ``https://hc-ping.com/****``."""

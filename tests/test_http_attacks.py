@@ -8,6 +8,7 @@ forms, and a body cut at 1 MiB. ``record`` prints the figures docs/reliability.m
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 import threading
@@ -18,12 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import test_wire
 from test_wire import DESIRED, Behaviour, Bookings, Received, bookings, club
 
 import bot
 import club_client
 import utils
 from models import BOOKED, FAILED, PENDING, Instance, transaction
+from template import parse_flow
+from tools.local_ca import make_ca
 
 MIB = 1024 * 1024
 
@@ -139,3 +143,118 @@ def test_a_body_of_exactly_1_mib_is_not_said_to_be_cut() -> None:
         got = client.send(club_client.RequestSpec("GET", server.url("/a"), {}, None))
         client.close()
     assert (len(got.body), got.cut) == (MIB, False)
+
+
+# --------------------------------------------------------------------------- redirects
+
+TOKEN = test_wire.BOOK_TOKEN
+SESSION = "s3ss10n-9f8e7d6c5b"
+
+
+def login_flow(url: str, hosts: list[str]) -> Any:
+    """A flow whose login follows redirects and sends the token in its header and body."""
+    return parse_flow(
+        {
+            "hosts": hosts,
+            "steps": [
+                {
+                    "name": "login",
+                    "url": url,
+                    "follow_redirects": True,
+                    "headers": {"Authorization": "Bearer {token}"},
+                    "json": {"token": "{token}"},
+                    "extract": {"jwt": {"json": "jwt"}},
+                },
+                {"name": "book", "booking": True, "url": url, "json": {"c": "{court_id}"}},
+            ],
+        },
+        api_url=None,
+        name="club.json",
+    )
+
+
+def dry_run(flow: Any, *, verify: bool | str = True) -> tuple[list[Any], str | None]:
+    client = club_client.ClubClient(timeout=5)
+    client.session.verify = verify
+    try:
+        return bot.dry_run(client, flow, SLOT, {"token": TOKEN}, "default")
+    finally:
+        client.close()
+
+
+SLOT = bot.Slot("k@2030", DESIRED, 60, utils.get_zone("Europe/Berlin"), ("3",))
+
+
+@pytest.mark.parametrize(
+    ("location", "why"),
+    [
+        pytest.param("http://localhost:{evil}\\@127.0.0.1:{own}/x", "backslash", id="backslash"),
+        pytest.param("http://127.0.0.1:{own}@localhost:{evil}/x", "user name", id="userinfo"),
+        pytest.param("http://{token}@localhost:{evil}/x", "user name", id="token-userinfo"),
+        pytest.param("http://localhost:{evil}/x", "not on the flow's hosts", id="off-hosts"),
+    ],
+)
+def test_a_redirect_that_would_carry_the_secret_off_hosts_is_not_followed_in_dry_run(
+    location: str, why: str
+) -> None:
+    with club(scripted(lambda r, n: http(200, b'{"jwt": "j"}'))) as evil:
+        where = location.format(evil=evil.port, own="{own}", token=TOKEN)
+        with club(
+            scripted(lambda r, n: http(302, b"", f"Location: {where.format(own=own[0])}"))
+        ) as allowed:
+            own = [allowed.port]
+            reports, problem = dry_run(login_flow(allowed.url("/login"), ["127.0.0.1"]))
+            assert len(allowed.received) == 1
+        assert evil.received == []  # nothing, not even a connection's request, reached it
+    assert problem is not None and why in problem
+    assert TOKEN not in problem and TOKEN not in repr(reports)
+
+
+def test_an_https_step_never_follows_a_redirect_to_plain_http(tmp_path: Path) -> None:
+    files = make_ca(tmp_path)
+    with club(scripted(lambda r, n: http(200, b'{"jwt": "j"}'))) as plain:
+        target = f"http://localhost:{plain.port}/x"
+        with club(
+            scripted(lambda r, n: http(302, b"", f"Location: {target}")),
+            tls=files.server_context(),
+        ) as secure:
+            flow = login_flow(secure.url("/login", host="localhost"), ["localhost"])
+            _, problem = dry_run(flow, verify=str(files.ca))
+            assert len(secure.received) == 1
+        assert plain.received == []
+    assert problem is not None and "(https) was redirected to plain http" in problem
+
+
+@pytest.mark.parametrize("secret", [TOKEN, SESSION], ids=["known-token", "unknown-session"])
+def test_a_redirects_userinfo_is_never_quoted_in_any_output(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, secret: str
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    outcomes: list[Any] = []
+    with club(scripted(lambda r, n: http(200, b"{}"))) as evil:
+        where = f"Location: http://{secret}@localhost:{evil.port}/done"
+        with club(scripted(lambda r, n: http(302, b"", where))) as server:
+            url = server.url()
+            flow = {
+                "hosts": ["127.0.0.1"],
+                "steps": [
+                    {
+                        "name": "book",
+                        "booking": True,
+                        "url": url,
+                        "follow_redirects": True,
+                        "headers": {"Authorization": "Bearer {token}"},
+                        "json": {"c": "{court_id}"},
+                    }
+                ],
+            }
+            made = bookings(tmp_path / "db.sqlite", url, flow=flow)
+            made.ctx.notify = outcomes.append
+            key = add(made, "redir", time.time() - 1, ["3"])
+            assert bot.book_slot(key, made.ctx) == FAILED
+        assert evil.received == []
+    row = made.row(key)
+    assert "user name or password" in (row.last_error or "")
+    told = [row.last_error or "", caplog.text, repr(outcomes)]
+    assert [secret in text for text in told] == [False, False, False]
+    assert utils.mask_userinfo(f"see http://{secret}@h/x") == "see http://***@h/x"
