@@ -581,8 +581,7 @@ def exchange(
         cookies.update(_store_cookies(run, prepared, answer))
         location = answer.header("Location")
         if not (step.follow_redirects and answer.status in (301, 302, 303, 307, 308) and location):
-            url = prepared.url or ""
-            reply = Reply(answer.status, answer.headers, answer.body, url, cookies, answer.cut)
+            reply = Reply(answer.status, answer.headers, answer.body, prepared.url or "", cookies)
             return answer, reply
         target = redirect_target(step.name, run.flow.hosts, prepared.url or "", location)
         prepared = _redirected(client, run, prepared, answer.status, target)

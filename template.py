@@ -562,8 +562,6 @@ class Reply:
     body: bytes
     url: str
     cookies: Mapping[str, str] = field(default_factory=dict)
-    #: The body went past the cap on what is read of an answer and was cut there.
-    cut: bool = False
 
     def header(self, name: str) -> str | None:
         wanted = name.lower()
@@ -578,8 +576,7 @@ class Reply:
         except utils.JsonTooDeep as exc:
             raise ExtractError(f"the answer is not JSON that can be read ({exc})") from None
         except (UnicodeDecodeError, ValueError):
-            cut = " (its body was cut at 1 MiB, the most courtbot reads)" if self.cut else ""
-            raise ExtractError(f"the answer is not JSON{cut}") from None
+            raise ExtractError("the answer is not JSON") from None
 
 
 @dataclass(frozen=True)
