@@ -8,12 +8,13 @@ first request of an instant is written by ``wire`` from pre-built bytes.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import functools
 import heapq
 import http.client
 import http.cookiejar
 import itertools
-import json
 import logging
 import re
 import socket
@@ -24,7 +25,7 @@ import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import quote, quote_plus, urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -290,24 +291,64 @@ def remember_secret(value: str) -> None:
         secrets.add(value)
 
 
-def _secret_forms(secret: str) -> set[str]:
-    """How a secret shows in text: as is, escaped as Python and JSON write it (an exception
-    quoting a header value uses repr), percent-encoded."""
-    return {
-        secret,
-        repr(secret)[1:-1],
-        json.dumps(secret)[1:-1],
-        quote(secret, safe=""),
-        quote_plus(secret),
-    } - {""}
+#: A base64 piece of a secret is masked from this many characters on: shorter ones would
+#: mask text that only happens to hold the same few characters.
+MIN_BASE64_CHARS = 8
+
+
+def _char_forms(char: str) -> str:
+    """A pattern for one character of a secret as a club may echo it: as is, percent-encoded
+    (either case of hex), JSON ``\\u`` escaped (either case), ``\\/`` for ``/``, ``+`` for a
+    space (form encoding)."""
+
+    def either(hexa: str) -> str:
+        return "".join(f"[{d.lower()}{d.upper()}]" if d.isalpha() else d for d in hexa)
+
+    forms = [re.escape(char), "".join("%" + either(f"{b:02X}") for b in char.encode())]
+    if ord(char) < 0x10000:
+        forms.append(r"\\u" + either(f"{ord(char):04X}"))
+    if char == "/":
+        forms.append(r"\\/")
+    if char == " ":
+        forms.append(r"\+")
+    return "(?:" + "|".join(forms) + ")"
+
+
+def _base64_forms(secret: str) -> set[str]:
+    """The secret in base64 and base64url, padded or not, alone or inside a longer base64
+    string: at each of the three byte alignments, the characters that only the secret's bytes
+    decide (a character or two at each end also holds a neighbour's bits, and stays)."""
+    data = secret.encode()
+    whole = base64.b64encode(data).decode()
+    forms = {whole, whole.rstrip("=")}
+    for shift in range(3):
+        encoded = base64.b64encode(bytes(shift) + data).decode()
+        core = encoded[-(-8 * shift // 6) : 8 * (shift + len(data)) // 6]
+        if len(core) >= MIN_BASE64_CHARS:
+            forms.add(core)
+    return forms | {form.translate(_URLSAFE) for form in forms}
+
+
+_URLSAFE = str.maketrans("+/", "-_")
+
+
+@functools.lru_cache(maxsize=1024)
+def _secret_pattern(secret: str) -> re.Pattern[str]:
+    """One pattern for every form of ``secret`` in text: as is, escaped as Python writes it (an
+    exception quoting a header value uses repr), each character as is or percent-encoded or
+    JSON-escaped (mixed as a club may mix them), base64 and base64url (see ``_base64_forms``).
+    Longest forms first, so that a form is masked whole."""
+    forms = ["".join(_char_forms(char) for char in secret), re.escape(repr(secret)[1:-1])]
+    forms += [re.escape(form) for form in sorted(_base64_forms(secret), key=len, reverse=True)]
+    return re.compile("|".join(forms))
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with every form of ``secrets`` and of the current booking's secrets as ``***``."""
+    """``text`` with every form of ``secrets`` and of the current booking's secrets as ``***``,
+    and the userinfo of every URL in it masked."""
     known: set[str] = set(getattr(_booking, "secrets", None) or ())
-    forms = {form for secret in (*known, *secrets) if secret for form in _secret_forms(secret)}
-    for form in sorted(forms, key=len, reverse=True):
-        text = text.replace(form, "***")
+    for secret in sorted({*known, *secrets} - {""}, key=len, reverse=True):
+        text = _secret_pattern(secret).sub("***", text)
     return utils.mask_userinfo(text)
 
 

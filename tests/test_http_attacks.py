@@ -7,6 +7,7 @@ forms, and a body cut at 1 MiB. ``record`` prints the figures docs/reliability.m
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import pytest
 import test_wire
@@ -258,3 +260,86 @@ def test_a_redirects_userinfo_is_never_quoted_in_any_output(
     told = [row.last_error or "", caplog.text, repr(outcomes)]
     assert [secret in text for text in told] == [False, False, False]
     assert utils.mask_userinfo(f"see http://{secret}@h/x") == "see http://***@h/x"
+
+
+# --------------------------------------------------------------------------- encoded secrets
+
+ODD_TOKEN = "tok-Sc/ub+Me=x&51d0c2e9b7?"
+
+
+def encoded_forms(secret: str) -> dict[str, str]:
+    """Every form in which a club may echo ``secret`` that courtbot scrubs."""
+    data = secret.encode()
+    upper = quote(secret, safe="")
+    return {
+        "plain": secret,
+        "percent-upper": upper,
+        "percent-lower": re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), upper),
+        "form-encoded": quote_plus(secret),
+        "base64": base64.b64encode(data).decode(),
+        "base64-unpadded": base64.b64encode(data).decode().rstrip("="),
+        "base64url": base64.urlsafe_b64encode(data).decode(),
+        "base64url-unpadded": base64.urlsafe_b64encode(data).decode().rstrip("="),
+        "json-escaped": json.dumps(secret).replace("/", "\\/")[1:-1],
+        "json-unicode": "".join(f"\\u{ord(c):04x}" for c in secret),
+    }
+
+
+def embedded_cores(secret: str) -> dict[str, str]:
+    """What the scrubbing promises of a secret inside a longer base64 string (``user:secret``
+    as HTTP Basic sends it), at each of the three alignments: the characters that only the
+    secret's bytes decide."""
+    data = secret.encode()
+    out = {}
+    for prefix in (b"", b"u", b"us"):
+        encoded = base64.b64encode(prefix + data + b"!!").decode()
+        start = -(-8 * len(prefix) // 6)
+        out[f"inside-base64-{len(prefix)}"] = encoded[start : 8 * (len(prefix) + len(data)) // 6]
+    return out
+
+
+def test_every_encoded_form_of_the_token_is_scrubbed_from_reasons_logs_and_outcomes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setattr(test_wire, "BOOK_TOKEN", ODD_TOKEN)
+    forms = {**encoded_forms(ODD_TOKEN), **embedded_cores(ODD_TOKEN)}
+    # Each form alone, and the token inside HTTP Basic credentials at each alignment.
+    basic = {
+        f"basic-{n}": base64.b64encode(b"u" * n + b":" + ODD_TOKEN.encode()).decode()
+        for n in (0, 1, 2)
+    }
+    hidden = {**encoded_forms(ODD_TOKEN), **basic}
+    courts = [str(n) for n in range(1, len(hidden) + 1)]
+    echoes = dict(zip(courts, hidden.values(), strict=True))
+    outcomes: list[Any] = []
+
+    def taken(request: Received, n: int) -> bytes:
+        body = json.dumps({"error": f"slot held by {echoes[court_of(request)]} already"})
+        return http(409, body.encode())
+
+    with club(scripted(taken)) as server:
+        made = bookings(tmp_path / "db.sqlite", server.url())
+        made.ctx.notify = outcomes.append
+        key = add(made, "echo", time.time() - 1, courts)
+        assert bot.book_slot(key, made.ctx) == FAILED
+    reason = made.row(key).last_error or ""
+    assert reason.count("slot held by ") == len(courts)
+    told = {"db": reason, "log": caplog.text, "outcome": repr(outcomes)}
+    leaks = [
+        (where, name)
+        for where, text in told.items()
+        for name, form in forms.items()
+        if form in text
+    ]
+    assert leaks == []
+
+
+def test_dry_run_scrubs_the_encoded_token_a_login_echoes() -> None:
+    forms = encoded_forms(TOKEN)
+    said = json.dumps({"error": "bad token " + " ".join(forms.values())}).encode()
+    with club(scripted(lambda r, n: http(401, said))) as server:
+        reports, problem = dry_run(login_flow(server.url("/login"), ["127.0.0.1"]))
+    printed = f"{problem} {reports!r}"
+    assert [name for name, form in forms.items() if form in printed] == []
+    assert "HTTP 401: bad token ***" in printed
