@@ -250,11 +250,25 @@ class _WatchedHTTPSConnection(_WatchedConnection, HTTPSConnection):
     pass
 
 
-class _WatchedPool(HTTPConnectionPool):
+class _OneRequestPool:
+    """A pool whose connections each carry one request: a connection handed back is closed
+    (the pool opens a new one for the next request). An answer the club sends unasked (a
+    second answer to a request, a timeout notice) can then never be read as the answer to
+    the next request: on a reused connection an answer arriving after our write cannot be
+    told apart from ours. It costs a handshake per request; the request of the trigger
+    instant goes on a connection opened ahead (``wire``), never through this pool."""
+
+    def _put_conn(self, conn: Any) -> None:
+        if conn is not None:
+            conn.close()
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class _WatchedPool(_OneRequestPool, HTTPConnectionPool):
     ConnectionCls = _WatchedConnection
 
 
-class _WatchedHTTPSPool(HTTPSConnectionPool):
+class _WatchedHTTPSPool(_OneRequestPool, HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
 
 

@@ -8,6 +8,7 @@ forms, and a body cut at 1 MiB. ``record`` prints the figures docs/reliability.m
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -343,3 +344,39 @@ def test_dry_run_scrubs_the_encoded_token_a_login_echoes() -> None:
     printed = f"{problem} {reports!r}"
     assert [name for name, form in forms.items() if form in printed] == []
     assert "HTTP 401: bad token ***" in printed
+
+
+# --------------------------------------------------------------------------- pooled connections
+
+
+def test_an_extra_answer_on_a_pooled_connection_is_never_read_as_the_next_answer() -> None:
+    """The club answers the first request twice, the second copy a moment later; the next
+    request (a confirm) must get its own answer, sent once."""
+
+    def extra(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # our side may have closed it already
+            sock.sendall(http(503, b'{"extra": true}'))
+
+    def behave(sock: socket.socket, request: Received, stop: threading.Event) -> bool:
+        if b" /first " in request.raw:
+            sock.sendall(http(200, b'{"step": "first"}'))
+            threading.Timer(0.05, extra, [sock]).start()
+        else:
+            time.sleep(0.2)  # the extra answer is on the wire before this one
+            sock.sendall(http(201, b'{"step": "confirm"}'))
+        return True
+
+    with club(behave) as server:
+        client = club_client.ClubClient(timeout=5)
+        try:
+            first = client.send(club_client.RequestSpec("POST", server.url("/first"), {}, b"{}"))
+            time.sleep(0.02)  # the extra answer is not there yet when the confirm leaves
+            confirm = client.send(
+                club_client.RequestSpec("POST", server.url("/confirm"), {}, b"{}")
+            )
+        finally:
+            client.close()
+        paths = [r.raw.split(b" ")[1] for r in server.received]
+    assert (first.status, first.json()) == (200, {"step": "first"})
+    assert (confirm.status, confirm.json()) == (201, {"step": "confirm"})
+    assert paths == [b"/first", b"/confirm"]  # the confirm was sent once

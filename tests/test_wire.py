@@ -28,6 +28,7 @@ import requests
 from cryptography.fernet import Fernet, MultiFernet
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from urllib3.connectionpool import HTTPConnectionPool
 
 import bot
 import club_client
@@ -285,7 +286,8 @@ def test_request_bytes_leave_out_the_default_port_as_urllib3_does() -> None:
         pool = client.session.get_adapter(url).get_connection_with_tls_context(request, True)
         conn = pool._get_conn()
         conn.sock = socket.create_connection(("127.0.0.1", server.port))
-        pool._put_conn(conn)
+        # Past the pool's own _put_conn, which closes what it is handed (one request each).
+        HTTPConnectionPool._put_conn(pool, conn)
         client.send(request)
         client.close()
         (captured,) = server.received
