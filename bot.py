@@ -690,7 +690,7 @@ def _reach_trigger(
     """Wait for the trigger: with ``ready``, write the first request at the instant (kept in
     ``wired`` under ``first_key``), else wait behind the gate. False on a stop."""
     if ready is None:
-        return _wait_until(ctx, trigger - 2 * wire.REFRESH_SECONDS, key=key) and ctx.gate.wait(
+        return _wait_until(ctx, trigger - wire.HAND_OVER_SECONDS, key=key) and ctx.gate.wait(
             ctx, trigger
         )
     sent = _at_instant(ctx, trigger, *ready, key=key)
@@ -730,7 +730,7 @@ def _at_instant(
     # Short naps up to the gate's last stretch (it naps in one go): a wall clock stepped
     # meanwhile is noticed as ``_wait_until`` notices it.
     sent = None
-    if _wait_until(ctx, trigger - 2 * wire.REFRESH_SECONDS, key=key):
+    if _wait_until(ctx, trigger - wire.HAND_OVER_SECONDS, key=key):
         sent = ctx.burst.send(trigger, conn, data, stop=ctx.stop)
     if sent is None:
         conn.close()
@@ -1087,6 +1087,7 @@ def _send_once(
     try:
         answer, reply = exchange(ctx.client, run, step, request, sent=sent)
     except BookingError as exc:
+        _resent(ctx, row, sent)
         send.lost = send.lost or exc.lost
         send.last = run.scrub(str(exc))
         _log_send(run, send, send.last)
@@ -1096,9 +1097,11 @@ def _send_once(
         send.tries += 1
         return "retry", None, None
     except StepFailure as exc:
+        _resent(ctx, row, sent)
         text = run.scrub(str(exc))
         _log_send(run, send, text)
         return "failed", None, _Result("failed", f"{send.prefix}: {text}")
+    _resent(ctx, row, sent)
     verdict = classify(answer, step).kind
     _log_send(run, send, f"HTTP {answer.status} in {answer.latency_ms:.0f} ms -> {verdict}")
     says = _club_says(answer, run.scrub, step.matched_words(verdict, answer.body))
@@ -1111,6 +1114,13 @@ def _send_once(
         send.tries += 1
         return "retry", utils.parse_retry_after(answer.header("Retry-After"), _now(ctx)), None
     return verdict, None, _refusal(run, row, send, verdict, answer)
+
+
+def _resent(ctx: BookingContext, row: Instance, sent: wire.Sent | None) -> None:
+    """The request written at the trigger went again on a new connection (the one opened ahead
+    was spent): the lateness of the booking is that of the request the club could answer."""
+    if sent is not None and sent.resent:
+        ctx.first_sent[row.key] = sent.sent_clock
 
 
 def _log_send(run: FlowRun, send: _Send, what: str) -> None:

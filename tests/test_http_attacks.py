@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -23,11 +24,12 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 import test_wire
-from test_wire import DESIRED, Behaviour, Bookings, Received, bookings, club
+from test_wire import DESIRED, Behaviour, Bookings, Club, Received, bookings, club
 
 import bot
 import club_client
 import utils
+import wire
 from models import BOOKED, FAILED, PENDING, Instance, transaction
 from template import parse_flow
 from tools.local_ca import make_ca
@@ -380,3 +382,121 @@ def test_an_extra_answer_on_a_pooled_connection_is_never_read_as_the_next_answer
     assert (first.status, first.json()) == (200, {"step": "first"})
     assert (confirm.status, confirm.json()) == (201, {"step": "confirm"})
     assert paths == [b"/first", b"/confirm"]  # the confirm was sent once
+
+
+# --------------------------------------------------------------------------- the connection ahead
+
+REQUEST_TIMEOUT = http(408, b"", "Connection: close")
+
+
+def on_connection(first: Callable[[socket.socket], bytes | None], then: bytes) -> Behaviour:
+    """The first connection's request gets ``first(sock)`` (None: it was dealt with, close),
+    every other request ``then``."""
+
+    def behave(sock: socket.socket, request: Received, stop: threading.Event) -> bool:
+        if request.connection == 1:
+            answer = first(sock)
+            if answer is None:
+                return False
+            sock.sendall(answer)
+            return False
+        sock.sendall(then)
+        return True
+
+    return behave
+
+
+def at(seconds: float, action: Callable[[], None]) -> threading.Timer:
+    timer = threading.Timer(seconds, action)
+    timer.start()
+    return timer
+
+
+def burst_one(server: Club, trigger: float) -> tuple[wire.Connection, wire.Sent]:
+    url = server.url()
+    conn = wire.connect(url, timeout=5)
+    (sent,) = wire.send_burst([(conn, test_wire.prepared(url))], trigger, timeout=5) or []
+    return conn, sent
+
+
+def reset(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+@pytest.mark.parametrize(
+    "spend",
+    [
+        pytest.param(
+            lambda s: (s.sendall(REQUEST_TIMEOUT), s.shutdown(socket.SHUT_RDWR)), id="408"
+        ),
+        pytest.param(lambda s: s.sendall(test_wire.CREATED), id="unsolicited-201"),
+        pytest.param(lambda s: s.shutdown(socket.SHUT_WR), id="fin"),
+    ],
+)
+def test_a_connection_spent_before_the_trigger_is_replaced_before_it(
+    spend: Callable[[socket.socket], Any],
+) -> None:
+    """0.1 s before the trigger the club spends the idle connection opened ahead: the request
+    goes on a new one, on time, and what came on the old one is never read as its answer."""
+    taken = http(409, b'{"error": "taken"}')
+    with club(on_connection(lambda s: None, taken)) as server:
+        trigger = time.time() + 0.8
+        at(0.7, lambda: spend(server.sockets[0]))
+        conn, sent = burst_one(server, trigger)
+        answer = sent.answer()
+        connections = [r.connection for r in server.received]
+    assert answer.status == 409  # the club's answer to our request, not what came unasked
+    assert connections == [2]  # nothing was written on the spent connection
+    assert sent.resent is False  # replaced before the trigger, not after the write
+    assert sent.connection is not conn and conn.closed
+    late_ms = (sent.sent_clock - trigger) * 1000
+    assert 0 <= late_ms < 20
+    record("spent-ahead", late_ms=f"{late_ms:.2f}", requests=len(connections))
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        pytest.param(lambda s: REQUEST_TIMEOUT, id="408-on-our-request"),
+        pytest.param(reset, id="reset-before-any-answer"),
+        pytest.param(lambda s: s.shutdown(socket.SHUT_RDWR), id="closed-before-any-answer"),
+    ],
+)
+def test_a_408_or_a_reset_with_nothing_answered_is_sent_again_at_once_on_a_new_connection(
+    first: Callable[[socket.socket], bytes | None],
+) -> None:
+    with club(on_connection(first, test_wire.CREATED)) as server:
+        trigger = time.time() + 0.3
+        _, sent = burst_one(server, trigger)
+        started = time.monotonic()
+        answer = sent.answer()
+        took = time.monotonic() - started
+        connections = [r.connection for r in server.received]
+    assert (answer.status, sent.resent) == (201, True)
+    assert connections == [1, 2]
+    assert took < 0.2  # at once, no backoff
+    record("resent", ms=f"{took * 1000:.1f}", requests=len(connections))
+
+
+def test_the_lateness_told_is_that_of_the_request_the_club_answered(tmp_path: Path) -> None:
+    """The club holds the first request 0.3 s, then says 408 and closes: the booking is
+    booked on the new connection, one attempt, and its lateness is about 300 ms, not 0."""
+
+    def slow_timeout(sock: socket.socket) -> bytes:
+        time.sleep(0.3)
+        return REQUEST_TIMEOUT
+
+    with club(on_connection(slow_timeout, test_wire.CREATED)) as server:
+        made = bookings(tmp_path / "db.sqlite", server.url())
+        trigger = time.time() + 1.6
+        key = add(made, "late", trigger, ["3"])
+        assert bot.book_slot(key, made.ctx) == BOOKED
+        connections = [r.connection for r in server.received]
+    row = made.row(key)
+    assert connections == [1, 2]
+    assert row.attempts == 1
+    assert row.first_sent_at is not None
+    late = utils.as_utc(row.first_sent_at).timestamp() - trigger
+    assert 0.28 < late < 0.6
+    assert len(made.gate.record) == 1 and made.gate.record[0].resent
