@@ -17,20 +17,19 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, quote_plus
 
 import pytest
 import test_wire
-from test_wire import DESIRED, Behaviour, Bookings, Club, Received, bookings, club
+from test_wire import DESIRED, Behaviour, Club, Received, bookings, club
 
 import bot
 import club_client
 import utils
 import wire
-from models import BOOKED, FAILED, PENDING, Instance, transaction
+from models import BOOKED, FAILED
 from template import parse_flow
 from tools.local_ca import make_ca
 
@@ -45,30 +44,6 @@ def http(status: int, body: bytes = b"", *extra: str) -> bytes:
     reason = {200: "OK", 201: "Created", 302: "Found", 408: "Request Timeout"}.get(status, "X")
     head = [f"HTTP/1.1 {status} {reason}", f"Content-Length: {len(body)}", *extra]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
-
-
-def add(made: Bookings, schedule: str, trigger: float, courts: list[str]) -> str:
-    """A pending instance for ``courts`` (tried in order) whose trigger is ``trigger``."""
-    key = utils.instance_key(schedule, DESIRED)
-    with transaction(made.factory) as session:
-        session.add(
-            Instance(
-                key=key,
-                schedule_id=schedule,
-                type="one-off",
-                desired_time=DESIRED,
-                trigger_time=datetime.fromtimestamp(trigger, UTC),
-                timezone="Europe/Berlin",
-                rrule=None,
-                court_id=courts[0] if len(courts) == 1 else ",".join(courts),
-                courts=json.dumps(courts),
-                token_name="default",
-                duration_minutes=60,
-                status=PENDING,
-                attempts=0,
-            )
-        )
-    return key
 
 
 def court_of(request: Received) -> str:
@@ -119,7 +94,7 @@ def test_deeply_nested_json_is_an_unreadable_body_and_the_status_still_decides(
 ) -> None:
     with club(scripted(script)) as server:
         made = bookings(tmp_path / "db.sqlite", server.url())
-        key = add(made, "deep", time.time() - 1, ["3", "4"])
+        key = made.add("deep", time.time() - 1, courts=["3", "4"])
         assert bot.book_slot(key, made.ctx) == BOOKED
         sent = len(server.received)
     row = made.row(key)
@@ -135,7 +110,7 @@ def test_a_body_cut_at_1_mib_says_so_in_the_reason(tmp_path: Path) -> None:
     big = b'{"error": "' + b"x" * (2 * MIB) + b'"}'
     with club(scripted(lambda r, n: http(422, big))) as server:
         made = bookings(tmp_path / "db.sqlite", server.url())
-        key = add(made, "cut", time.time() - 1, ["3"])
+        key = made.add("cut", time.time() - 1, courts=["3"])
         assert bot.book_slot(key, made.ctx) == FAILED
     reason = made.row(key).last_error or ""
     assert "HTTP 422 (its body was cut at 1 MiB, the most courtbot reads)" in reason
@@ -255,7 +230,7 @@ def test_a_redirects_userinfo_is_never_quoted_in_any_output(
             }
             made = bookings(tmp_path / "db.sqlite", url, flow=flow)
             made.ctx.notify = outcomes.append
-            key = add(made, "redir", time.time() - 1, ["3"])
+            key = made.add("redir", time.time() - 1, courts=["3"])
             assert bot.book_slot(key, made.ctx) == FAILED
         assert evil.received == []
     row = made.row(key)
@@ -324,7 +299,7 @@ def test_every_encoded_form_of_the_token_is_scrubbed_from_reasons_logs_and_outco
     with club(scripted(taken)) as server:
         made = bookings(tmp_path / "db.sqlite", server.url())
         made.ctx.notify = outcomes.append
-        key = add(made, "echo", time.time() - 1, courts)
+        key = made.add("echo", time.time() - 1, courts=courts)
         assert bot.book_slot(key, made.ctx) == FAILED
     reason = made.row(key).last_error or ""
     assert reason.count("slot held by ") == len(courts)
@@ -490,7 +465,7 @@ def test_the_lateness_told_is_that_of_the_request_the_club_answered(tmp_path: Pa
     with club(on_connection(slow_timeout, test_wire.CREATED)) as server:
         made = bookings(tmp_path / "db.sqlite", server.url())
         trigger = time.time() + 1.6
-        key = add(made, "late", trigger, ["3"])
+        key = made.add("late", trigger, courts=["3"])
         assert bot.book_slot(key, made.ctx) == BOOKED
         connections = [r.connection for r in server.received]
     row = made.row(key)

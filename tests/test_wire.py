@@ -793,7 +793,11 @@ class Bookings:
     ctx: bot.BookingContext
     gate: RecordingGate
 
-    def add(self, schedule: str, trigger: float, *, court: str = "3") -> str:
+    def add(
+        self, schedule: str, trigger: float, *, court: str = "3", courts: list[str] | None = None
+    ) -> str:
+        """A pending instance for ``court`` (or ``courts``, tried in order)."""
+        courts = courts or [court]
         key = utils.instance_key(schedule, DESIRED)
         with transaction(self.factory) as session:
             session.add(
@@ -805,8 +809,8 @@ class Bookings:
                     trigger_time=datetime.fromtimestamp(trigger, UTC),
                     timezone="Europe/Berlin",
                     rrule=None,
-                    court_id=court,
-                    courts=json.dumps([court]),
+                    court_id=",".join(courts),
+                    courts=json.dumps(courts),
                     token_name="default",
                     duration_minutes=60,
                     status=PENDING,
