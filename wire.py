@@ -1001,7 +1001,9 @@ def watch(
 def _write_all(
     items: Sequence[BurstItem], trigger: float, timeout: float, clock: Callable[[], float]
 ) -> list[Sent]:
-    """The sendall loop: nothing here but the clock check and the write."""
+    """The sendall loop: one look at every connection (a single ``poll``), then nothing but the
+    clock check and the write for each; a connection spent meanwhile is replaced and its
+    request written after the others'."""
     writer = threading.get_ident()
     sent: list[Sent | None] = []
     cpu = time.thread_time()
