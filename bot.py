@@ -183,7 +183,7 @@ def _club_says(answer: Answer, scrubber: Scrubber, words: str | None = None) -> 
         for name in ("error", "message", "detail", "reason"):
             value = body.get(name)
             if isinstance(value, str) and value.strip():
-                text = f"HTTP {answer.status}: {scrubber(value.strip())[:200]}"
+                text = f"HTTP {answer.status}: {scrubber.cut(value.strip(), 200)}"
                 break
     if answer.cut:
         text += f" (its body was cut at {MAX_BODY_BYTES // 2**20} MiB, the most courtbot reads)"

@@ -15,6 +15,7 @@ import heapq
 import http.client
 import http.cookiejar
 import itertools
+import json
 import logging
 import re
 import socket
@@ -25,7 +26,7 @@ import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, quote_plus, urljoin, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -347,14 +348,38 @@ _URLSAFE = str.maketrans("+/", "-_")
 
 
 @functools.lru_cache(maxsize=1024)
-def _secret_pattern(secret: str) -> re.Pattern[str]:
-    """One pattern for every form of ``secret`` in text: as is, escaped as Python writes it (an
-    exception quoting a header value uses repr), each character as is or percent-encoded or
-    JSON-escaped (mixed as a club may mix them), base64 and base64url (see ``_base64_forms``).
-    Longest forms first, so that a form is masked whole."""
-    forms = ["".join(_char_forms(char) for char in secret), re.escape(repr(secret)[1:-1])]
-    forms += [re.escape(form) for form in sorted(_base64_forms(secret), key=len, reverse=True)]
-    return re.compile("|".join(forms))
+def _literal_forms(secret: str) -> tuple[str, ...]:
+    """The forms of ``secret`` that are one string each, longest first: as is, escaped as
+    Python writes it (an exception quoting a header value uses repr) and as JSON does,
+    percent- and form-encoded in either case of hex, ``\\u``-escaped whole, base64 and
+    base64url (see ``_base64_forms``)."""
+    upper, plus = quote(secret, safe=""), quote_plus(secret)
+    escaped = "".join(f"\\u{ord(char):04x}" for char in secret if ord(char) < 0x10000)
+    forms = {
+        secret,
+        repr(secret)[1:-1],
+        json.dumps(secret)[1:-1],
+        json.dumps(secret)[1:-1].replace("/", "\\/"),
+        upper,
+        _PERCENT_RE.sub(lambda m: m.group().lower(), upper),
+        plus,
+        _PERCENT_RE.sub(lambda m: m.group().lower(), plus),
+        escaped,
+        escaped.upper().replace("\\U", "\\u"),
+        *_base64_forms(secret),
+    }
+    return tuple(sorted(forms - {""}, key=len, reverse=True))
+
+
+_PERCENT_RE = re.compile(r"%[0-9A-F]{2}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _mixed_pattern(secret: str) -> re.Pattern[str]:
+    """``secret`` with each character as is, percent-encoded or JSON-escaped, mixed as a club
+    may mix them (slower than the literal forms: only run on text that has a ``%`` or a
+    backslash, which every such form holds)."""
+    return re.compile("".join(_char_forms(char) for char in secret))
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
@@ -362,8 +387,20 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
     and the userinfo of every URL in it masked."""
     known: set[str] = set(getattr(_booking, "secrets", None) or ())
     for secret in sorted({*known, *secrets} - {""}, key=len, reverse=True):
-        text = _secret_pattern(secret).sub("***", text)
+        for form in _literal_forms(secret):
+            text = text.replace(form, "***")
+        if "%" in text or "\\" in text:
+            text = _mixed_pattern(secret).sub("***", text)
     return utils.mask_userinfo(text)
+
+
+def scrub_cut(text: str, limit: int, secrets: Iterable[str] = ()) -> str:
+    """``scrub(text)`` cut to ``limit`` characters, without scrubbing the whole of a long text:
+    only as much as a secret starting before ``limit`` can reach (each character of it takes
+    at most 12 in the longest form, ``%XX`` for each of 4 UTF-8 bytes)."""
+    known: set[str] = set(getattr(_booking, "secrets", None) or ())
+    reach = 12 * max((len(s) for s in (*known, *secrets)), default=0) + 4
+    return scrub(text[: limit + reach], secrets)[:limit]
 
 
 def safe_ref(ref: str | None) -> str | None:
@@ -372,7 +409,7 @@ def safe_ref(ref: str | None) -> str | None:
     most ``MAX_REF_CHARS`` characters. None when nothing is left."""
     if ref is None:
         return None
-    cleaned = scrub(utils.CONTROL_RE.sub("", scrub(ref))).strip()
+    cleaned = scrub(utils.CONTROL_RE.sub("", scrub_cut(ref, 4 * MAX_REF_CHARS))).strip()
     return cleaned[:MAX_REF_CHARS] or None
 
 
@@ -575,6 +612,10 @@ class Scrubber:
     def __call__(self, text: str) -> str:
         """``text`` with every form of every secret replaced by ``***``, longest first."""
         return scrub(text, self._values)
+
+    def cut(self, text: str, limit: int) -> str:
+        """``self(text)`` cut to ``limit`` characters (see ``scrub_cut``)."""
+        return scrub_cut(text, limit, self._values)
 
 
 # --------------------------------------------------------------------------- cookies and redirects
