@@ -475,3 +475,16 @@ def test_the_lateness_told_is_that_of_the_request_the_club_answered(tmp_path: Pa
     late = utils.as_utc(row.first_sent_at).timestamp() - trigger
     assert 0.28 < late < 0.6
     assert len(made.gate.record) == 1 and made.gate.record[0].resent
+
+
+def test_a_reason_cut_through_an_encoded_secret_keeps_none_of_it() -> None:
+    """The club's words are cut at 200 characters after scrubbing, and only as much as a
+    secret starting before the cut can reach is scrubbed (a 1 MiB message costs no more)."""
+    secret = ODD_TOKEN
+    for form in encoded_forms(secret).values():
+        text = "x" * 190 + form + "y" * MIB
+        started = time.perf_counter()
+        cut = club_client.scrub_cut(text, 200, [secret])
+        took = time.perf_counter() - started
+        assert cut == "x" * 190 + "***" + "y" * 7
+        assert took < 0.05
