@@ -33,6 +33,7 @@ import instances
 import utils
 import wire
 from club_client import (
+    MAX_BODY_BYTES,
     USER_AGENT,
     Answer,
     BookingError,
@@ -193,7 +194,10 @@ def _club_says(answer: Answer, scrubber: Scrubber, words: str | None = None) -> 
         for name in ("error", "message", "detail", "reason"):
             value = body.get(name)
             if isinstance(value, str) and value.strip():
-                return f"HTTP {answer.status}: {scrubber(value.strip())[:200]}"
+                text = f"HTTP {answer.status}: {scrubber.cut(value.strip(), 200)}"
+                break
+    if answer.cut:
+        text += f" (its body was cut at {MAX_BODY_BYTES // 2**20} MiB, the most courtbot reads)"
     return text
 
 
@@ -779,7 +783,7 @@ def _reach_trigger(
     """Wait for the trigger: with ``ready``, write the first request at the instant (kept in
     ``wired`` under ``first_key``), else wait behind the gate. False on a stop."""
     if ready is None:
-        return _wait_until(ctx, trigger - 2 * wire.REFRESH_SECONDS, key=key) and ctx.gate.wait(
+        return _wait_until(ctx, trigger - wire.HAND_OVER_SECONDS, key=key) and ctx.gate.wait(
             ctx, trigger
         )
     sent = _at_instant(ctx, trigger, *ready, key=key)
@@ -819,7 +823,7 @@ def _at_instant(
     # Short naps up to the gate's last stretch (it naps in one go): a wall clock stepped
     # meanwhile is noticed as ``_wait_until`` notices it.
     sent = None
-    if _wait_until(ctx, trigger - 2 * wire.REFRESH_SECONDS, key=key):
+    if _wait_until(ctx, trigger - wire.HAND_OVER_SECONDS, key=key):
         sent = ctx.burst.send(
             trigger, conn, data, stop=ctx.stop, allowed=lambda: ctx.sendable(BURST_PROOF_SECONDS)
         )
@@ -1182,6 +1186,7 @@ def _send_once(
     try:
         answer, reply = exchange(ctx.client, run, step, request, sent=sent)
     except BookingError as exc:
+        _resent(ctx, row, sent)
         send.lost = send.lost or exc.lost
         send.last = run.scrub(str(exc))
         _log_send(run, send, send.last)
@@ -1191,8 +1196,11 @@ def _send_once(
         send.tries += 1
         return "retry", None, None
     except StepFailure as exc:
-        _log_send(run, send, str(exc))
-        return "failed", None, _Result("failed", f"{send.prefix}: {exc}")
+        _resent(ctx, row, sent)
+        text = run.scrub(str(exc))
+        _log_send(run, send, text)
+        return "failed", None, _Result("failed", f"{send.prefix}: {text}")
+    _resent(ctx, row, sent)
     verdict = classify(answer, step).kind
     _log_send(run, send, f"HTTP {answer.status} in {answer.latency_ms:.0f} ms -> {verdict}")
     says = _club_says(answer, run.scrub, step.matched_words(verdict, answer.body))
@@ -1205,6 +1213,13 @@ def _send_once(
         send.tries += 1
         return "retry", utils.parse_retry_after(answer.header("Retry-After"), _now(ctx)), None
     return verdict, None, _refusal(run, row, send, verdict, answer)
+
+
+def _resent(ctx: BookingContext, row: Instance, sent: wire.Sent | None) -> None:
+    """The request written at the trigger went again on a new connection (the one opened ahead
+    was spent): the lateness of the booking is that of the request the club could answer."""
+    if sent is not None and sent.resent:
+        ctx.first_sent[row.key] = sent.sent_clock
 
 
 def _log_send(run: FlowRun, send: _Send, what: str) -> None:

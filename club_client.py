@@ -8,19 +8,22 @@ first request of an instant is written by ``wire`` from pre-built bytes.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import functools
 import heapq
 import http.client
 import http.cookiejar
 import itertools
 import json
 import logging
+import re
 import socket
 import ssl
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote, quote_plus, urljoin, urlsplit
@@ -30,11 +33,13 @@ from requests.adapters import HTTPAdapter
 from requests.cookies import MockRequest, MockResponse, RequestsCookieJar, get_cookie_header
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 import clubclock
 import utils
 import wire
-from template import Flow, RenderedRequest, Reply, Step, as_text
+from template import Flow, RenderedRequest, Reply, Step, as_text, split_host
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,8 @@ class Answer:
     url: str = ""
     #: Each ``Set-Cookie`` header of the answer, as sent (one cookie each).
     set_cookies: tuple[str, ...] = ()
+    #: The body went past MAX_BODY_BYTES and was cut there (the rest was not read).
+    cut: bool = False
 
     def header(self, name: str) -> str | None:
         wanted = name.lower()
@@ -80,7 +87,7 @@ class Answer:
 
     def json(self) -> Any:
         try:
-            return json.loads(self.body.decode("utf-8"))
+            return utils.load_json(self.body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError):
             return None
 
@@ -245,11 +252,25 @@ class _WatchedHTTPSConnection(_WatchedConnection, HTTPSConnection):
     pass
 
 
-class _WatchedPool(HTTPConnectionPool):
+class _OneRequestPool:
+    """A pool whose connections each carry one request: a connection handed back is closed
+    (the pool opens a new one for the next request). An answer the club sends unasked (a
+    second answer to a request, a timeout notice) can then never be read as the answer to
+    the next request: on a reused connection an answer arriving after our write cannot be
+    told apart from ours. It costs a handshake per request; the request of the trigger
+    instant goes on a connection opened ahead (``wire``), never through this pool."""
+
+    def _put_conn(self, conn: Any) -> None:
+        if conn is not None:
+            conn.close()
+        super()._put_conn(conn)  # type: ignore[misc]
+
+
+class _WatchedPool(_OneRequestPool, HTTPConnectionPool):
     ConnectionCls = _WatchedConnection
 
 
-class _WatchedHTTPSPool(HTTPSConnectionPool):
+class _WatchedHTTPSPool(_OneRequestPool, HTTPSConnectionPool):
     ConnectionCls = _WatchedHTTPSConnection
 
 
@@ -286,25 +307,101 @@ def remember_secret(value: str) -> None:
         secrets.add(value)
 
 
-def _secret_forms(secret: str) -> set[str]:
-    """How a secret shows in text: as is, escaped as Python and JSON write it (an exception
-    quoting a header value uses repr), percent-encoded."""
-    return {
+#: A base64 piece of a secret is masked from this many characters on: shorter ones would
+#: mask text that only happens to hold the same few characters.
+MIN_BASE64_CHARS = 8
+
+
+def _char_forms(char: str) -> str:
+    """A pattern for one character of a secret as a club may echo it: as is, percent-encoded
+    (either case of hex), JSON ``\\u`` escaped (either case), ``\\/`` for ``/``, ``+`` for a
+    space (form encoding)."""
+
+    def either(hexa: str) -> str:
+        return "".join(f"[{d.lower()}{d.upper()}]" if d.isalpha() else d for d in hexa)
+
+    forms = [re.escape(char), "".join("%" + either(f"{b:02X}") for b in char.encode())]
+    if ord(char) < 0x10000:
+        forms.append(r"\\u" + either(f"{ord(char):04X}"))
+    if char == "/":
+        forms.append(r"\\/")
+    if char == " ":
+        forms.append(r"\+")
+    return "(?:" + "|".join(forms) + ")"
+
+
+def _base64_forms(secret: str) -> set[str]:
+    """The secret in base64 and base64url, padded or not, alone or inside a longer base64
+    string: at each of the three byte alignments, the characters that only the secret's bytes
+    decide (a character or two at each end also holds a neighbour's bits, and stays)."""
+    data = secret.encode()
+    whole = base64.b64encode(data).decode()
+    forms = {whole, whole.rstrip("=")}
+    for shift in range(3):
+        encoded = base64.b64encode(bytes(shift) + data).decode()
+        core = encoded[-(-8 * shift // 6) : 8 * (shift + len(data)) // 6]
+        if len(core) >= MIN_BASE64_CHARS:
+            forms.add(core)
+    return forms | {form.translate(_URLSAFE) for form in forms}
+
+
+_URLSAFE = str.maketrans("+/", "-_")
+
+
+@functools.lru_cache(maxsize=1024)
+def _literal_forms(secret: str) -> tuple[str, ...]:
+    """The forms of ``secret`` that are one string each, longest first: as is, escaped as
+    Python writes it (an exception quoting a header value uses repr) and as JSON does,
+    percent- and form-encoded in either case of hex, ``\\u``-escaped whole, base64 and
+    base64url (see ``_base64_forms``)."""
+    upper, plus = quote(secret, safe=""), quote_plus(secret)
+    escaped = "".join(f"\\u{ord(char):04x}" for char in secret if ord(char) < 0x10000)
+    forms = {
         secret,
         repr(secret)[1:-1],
         json.dumps(secret)[1:-1],
-        quote(secret, safe=""),
-        quote_plus(secret),
-    } - {""}
+        json.dumps(secret)[1:-1].replace("/", "\\/"),
+        upper,
+        _PERCENT_RE.sub(lambda m: m.group().lower(), upper),
+        plus,
+        _PERCENT_RE.sub(lambda m: m.group().lower(), plus),
+        escaped,
+        escaped.upper().replace("\\U", "\\u"),
+        *_base64_forms(secret),
+    }
+    return tuple(sorted(forms - {""}, key=len, reverse=True))
+
+
+_PERCENT_RE = re.compile(r"%[0-9A-F]{2}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _mixed_pattern(secret: str) -> re.Pattern[str]:
+    """``secret`` with each character as is, percent-encoded or JSON-escaped, mixed as a club
+    may mix them (slower than the literal forms: only run on text that has a ``%`` or a
+    backslash, which every such form holds)."""
+    return re.compile("".join(_char_forms(char) for char in secret))
 
 
 def scrub(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with every form of ``secrets`` and of the current booking's secrets as ``***``."""
+    """``text`` with every form of ``secrets`` and of the current booking's secrets as ``***``,
+    and the userinfo of every URL in it masked."""
     known: set[str] = set(getattr(_booking, "secrets", None) or ())
-    forms = {form for secret in (*known, *secrets) if secret for form in _secret_forms(secret)}
-    for form in sorted(forms, key=len, reverse=True):
-        text = text.replace(form, "***")
-    return text
+    for secret in sorted({*known, *secrets} - {""}, key=len, reverse=True):
+        for form in _literal_forms(secret):
+            text = text.replace(form, "***")
+        if "%" in text or "\\" in text:
+            text = _mixed_pattern(secret).sub("***", text)
+    return utils.mask_userinfo(text)
+
+
+def scrub_cut(text: str, limit: int, secrets: Iterable[str] = ()) -> str:
+    """``scrub(text)`` cut to ``limit`` characters, without scrubbing the whole of a long text:
+    only as much as a secret starting before ``limit`` can reach (each character of it takes
+    at most 12 in the longest form, ``%XX`` for each of 4 UTF-8 bytes)."""
+    known: set[str] = set(getattr(_booking, "secrets", None) or ())
+    reach = 12 * max((len(s) for s in (*known, *secrets)), default=0) + 4
+    return scrub(text[: limit + reach], secrets)[:limit]
 
 
 def safe_ref(ref: str | None) -> str | None:
@@ -313,7 +410,7 @@ def safe_ref(ref: str | None) -> str | None:
     most ``MAX_REF_CHARS`` characters. None when nothing is left."""
     if ref is None:
         return None
-    cleaned = scrub(utils.CONTROL_RE.sub("", scrub(ref))).strip()
+    cleaned = scrub(utils.CONTROL_RE.sub("", scrub_cut(ref, 4 * MAX_REF_CHARS))).strip()
     return cleaned[:MAX_REF_CHARS] or None
 
 
@@ -388,7 +485,7 @@ class ClubClient:
                 if deadline.expired:
                     # Cut while its headers came: http.client reads the EOF as their end.
                     raise self._timed_out()
-                body = self._read_body(response, deadline=started + self.timeout)
+                body, cut = self._read_body(response, deadline=started + self.timeout)
             finally:
                 response.close()
         latency = (time.perf_counter() - started) * 1000
@@ -399,18 +496,19 @@ class ClubClient:
             latency,
             url=prepared.url or "",
             set_cookies=tuple(response.raw.headers.getlist("Set-Cookie")),
+            cut=cut,
         )
 
     def _timed_out(self) -> BookingError:
         return BookingError(f"no answer within {self.timeout:g} s", lost=True)
 
     @staticmethod
-    def _read_body(response: requests.Response, *, deadline: float) -> bytes:
+    def _read_body(response: requests.Response, *, deadline: float) -> tuple[bytes, bool]:
         """At most 1 MiB of the answer's body, read until ``deadline`` (perf_counter; the
         request's deadline also shuts a read blocked past it down): the timeout bounds the
         whole answer, not each read, so a club dribbling bytes cannot hold a booking (or a
         shutdown) for longer. A body cut short is kept as far as it came: the status line
-        arrived, so the club did answer."""
+        arrived, so the club did answer. The flag: the body went on past 1 MiB (cut there)."""
         chunks: list[bytes] = []
         size = 0
         try:
@@ -422,7 +520,9 @@ class ClubClient:
                 size += len(chunk)
         except Exception as exc:  # noqa: BLE001 (urllib3 raises several kinds mid-body)
             logger.debug("answer body broke off: %s", exc.__class__.__name__)
-        return b"".join(chunks)
+        # At the cap: cut unless the club's framing says nothing is left.
+        cut = size >= MAX_BODY_BYTES and response.raw.length_remaining != 0
+        return b"".join(chunks), cut
 
     def close(self) -> None:
         self.session.close()
@@ -521,6 +621,10 @@ class Scrubber:
         """``text`` with every form of every secret replaced by ``***``, longest first."""
         return scrub(text, self._values)
 
+    def cut(self, text: str, limit: int) -> str:
+        """``self(text)`` cut to ``limit`` characters (see ``scrub_cut``)."""
+        return scrub_cut(text, limit, self._values)
+
 
 # --------------------------------------------------------------------------- cookies and redirects
 
@@ -583,18 +687,63 @@ def exchange(
         if not (step.follow_redirects and answer.status in (301, 302, 303, 307, 308) and location):
             reply = Reply(answer.status, answer.headers, answer.body, prepared.url or "", cookies)
             return answer, reply
-        target = urljoin(prepared.url or "", location)
-        if not run.flow.allows(target):
-            raise StepFailure(
-                f"{step.name!r} was redirected to {urlsplit(target).netloc or target!r}, which "
-                f"is not on the flow's hosts ({', '.join(run.flow.hosts)}): not followed, so the "
-                "token and cookies stay on hosts; add that host to hosts if it is the club's"
-            )
+        target = redirect_target(step.name, run.flow.hosts, prepared.url or "", location)
         prepared = _redirected(client, run, prepared, answer.status, target)
     raise StepFailure(
         f"{step.name!r} was redirected more than {MAX_REDIRECTS} times (a redirect loop?): "
         "check the step's URL"
     )
+
+
+#: What makes an address read differently to different URL parsers: a backslash (WHATWG reads
+#: it as ``/``, RFC 3986 parsers as a character of the authority), white space, controls.
+_AMBIGUOUS_URL_RE = re.compile(r"[\\\s\x00-\x1f\x7f]")
+
+
+def redirect_target(step: str, hosts: Sequence[str], base: str, location: str) -> str:
+    """The URL a redirect's ``location`` (relative to ``base``) asks for, as the request will be
+    sent: read once, by urllib3's parser (the one requests sends with), and that reading both
+    checked against ``hosts`` and returned. Raises StepFailure, quoting no part of the address
+    that could hold a secret, for an address that parsers could read differently (a backslash,
+    white space, a control), one with a user name or password, one that leaves https for plain
+    http, or one off ``hosts``."""
+    if _AMBIGUOUS_URL_RE.search(location):
+        raise StepFailure(
+            f"{step!r} was redirected to an address that URL parsers read differently (it holds "
+            "a backslash, a space or a control character): not followed, so the token and "
+            "cookies stay on hosts"
+        )
+    try:
+        parsed = parse_url(urljoin(base, location))
+    except LocationParseError:
+        raise StepFailure(f"{step!r} was redirected to an address that is no URL") from None
+    if parsed.auth is not None:
+        raise StepFailure(
+            f"{step!r} was redirected to an address with a user name or password in it (not "
+            "repeated here: it may hold a secret): not followed"
+        )
+    scheme = (parsed.scheme or "").lower()
+    if scheme not in ("http", "https") or not parsed.host:
+        raise StepFailure(
+            f"{step!r} was redirected to an address that is not http(s): not followed"
+        )
+    if scheme == "http" and urlsplit(base).scheme.lower() == "https":
+        raise StepFailure(
+            f"{step!r} (https) was redirected to plain http: not followed, so the token and "
+            "cookies are never sent unencrypted; use the https address in the step"
+        )
+    host = parsed.host.strip("[]").lower()
+    port = parsed.port or (443 if scheme == "https" else 80)
+    if not any(
+        (split := split_host(entry)) is not None and split[0] == host and split[1] in (None, port)
+        for entry in hosts
+    ):
+        raise StepFailure(
+            f"{step!r} was redirected to {parsed.netloc!r}, which is not on the flow's hosts "
+            f"({', '.join(hosts)}): not followed, so the token and cookies stay on hosts; add "
+            "that host to hosts if it is the club's"
+        )
+    return parsed.url
 
 
 def _wire_answer(client: ClubClient, prepared: requests.PreparedRequest, sent: wire.Sent) -> Answer:
@@ -626,6 +775,7 @@ def _wire_answer(client: ClubClient, prepared: requests.PreparedRequest, sent: w
         got.elapsed_ms,
         url=prepared.url or "",
         set_cookies=tuple(got.headers.get_all("Set-Cookie")),
+        cut=got.truncated,
     )
 
 

@@ -1065,7 +1065,8 @@ def finish(
         if row.first_sent_at is None:
             row.first_sent_at = first_sent_at
         row.status = status
-        row.last_error = reason
+        # No URL's userinfo in a stored reason: it may be a secret (a club's redirect).
+        row.last_error = utils.mask_userinfo(reason) if reason else reason
         row.booking_ref = booking_ref
         if status == BOOKED or row.club_took:
             row.booked_court = court

@@ -592,7 +592,9 @@ class Reply:
 
     def json(self) -> Any:
         try:
-            return json.loads(self.body.decode("utf-8"))
+            return utils.load_json(self.body.decode("utf-8"))
+        except utils.JsonTooDeep as exc:
+            raise ExtractError(f"the answer is not JSON that can be read ({exc})") from None
         except (UnicodeDecodeError, ValueError):
             raise ExtractError("the answer is not JSON") from None
 

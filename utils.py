@@ -1115,6 +1115,43 @@ def secrets_expiry(secrets: Mapping[str, str]) -> datetime | None:
     return min(expiries, default=None)
 
 
+#: How deep a club's JSON answer may nest (arrays and objects): deeper is no JSON to courtbot.
+MAX_JSON_DEPTH = 64
+
+
+class JsonTooDeep(ValueError):
+    """JSON nested deeper than ``MAX_JSON_DEPTH``."""
+
+
+def load_json(text: str | bytes) -> Any:
+    """``text`` as JSON, nested at most ``MAX_JSON_DEPTH`` deep. Raises ValueError for text that
+    is not JSON, JsonTooDeep (a ValueError) for JSON nested deeper: a few thousand ``[`` would
+    otherwise exhaust Python's recursion limit in the parser, or in whatever walks the value."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise JsonTooDeep(f"nested deeper than {MAX_JSON_DEPTH} levels") from None
+    level: list[tuple[Any, int]] = [(value, 1)]
+    while level:
+        node, depth = level.pop()
+        if isinstance(node, dict | list):
+            if depth > MAX_JSON_DEPTH:
+                raise JsonTooDeep(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            children = node.values() if isinstance(node, dict) else node
+            level.extend((child, depth + 1) for child in children)
+    return value
+
+
+#: A URL's userinfo (``scheme://user:password@``), wherever a URL stands in a text.
+_USERINFO_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@]*@")
+
+
+def mask_userinfo(text: str) -> str:
+    """``text`` with the userinfo of every URL in it (``http://<token>@host/``) as ``***``: a
+    club can put a secret there, and a reason that quotes an address must not carry it."""
+    return _USERINFO_RE.sub(r"\1***@", text)
+
+
 def mask_url_secrets(url: str) -> str:
     """``url`` fit for a log line: its scheme, host and port only, the rest ``/****`` (a ping
     URL's path or query is its secret), e.g. ``https://hc-ping.com/****``."""

@@ -47,8 +47,15 @@ from urllib3.util.ssl_ import create_urllib3_context
 MAX_BODY_BYTES = 1024 * 1024
 #: Wake this long before the trigger and spin on the clock for the rest.
 SPIN_SECONDS = 0.003
-#: This long before the trigger, held connections the club closed meanwhile are opened again.
-REFRESH_SECONDS = 0.25
+#: From this long before the trigger until just before it, every connection held for it is
+#: watched: one the club closes (a FIN, a reset) or sends anything on (``408 Request Timeout``
+#: before it closes an idle connection, an answer nobody asked for) is replaced at once.
+WATCH_SECONDS = 1.0
+#: The longest nap between two looks at the watched connections (a clock step is seen then).
+_WATCH_NAP = 0.05
+#: A booking hands its request and connection to its instant's sender this long before the
+#: trigger, so that the sender watches them from WATCH_SECONDS on.
+HAND_OVER_SECONDS = WATCH_SECONDS + 0.25
 #: http.client's limits: one line of an answer's head, and header lines in one head.
 MAX_LINE = 65536
 MAX_HEADERS = 100
@@ -74,10 +81,19 @@ class WireError(Exception):
     status and headers, the body so far), or None when no status line came.
     """
 
-    def __init__(self, message: str, *, lost: bool, partial: WireAnswer | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        lost: bool,
+        partial: WireAnswer | None = None,
+        silent: bool = False,
+    ) -> None:
         super().__init__(message)
         self.lost = lost
         self.partial = partial
+        #: The club closed (or reset) the connection before a single byte of an answer.
+        self.silent = silent
 
 
 class WireTimeout(WireError):
@@ -457,6 +473,8 @@ class _Reader:
         self.conn = conn
         self.deadline = deadline
         self.buffer = conn._buffer
+        #: Bytes read so far (none: the club said nothing yet).
+        self.received = len(self.buffer)
 
     def fill(self) -> bool:
         """Read once more into the buffer; False at the end of the stream."""
@@ -478,6 +496,7 @@ class _Reader:
         if not chunk:
             return False
         self.buffer += chunk
+        self.received += len(chunk)
         return True
 
     def line(self) -> bytes | None:
@@ -741,7 +760,8 @@ def read_answer(
     except _Closed as exc:
         conn.close()
         message = _closed_message(status if head_done else None, reset=exc.reset)
-        raise WireError(message, lost=True, partial=partial()) from None
+        silent = reader.received == 0
+        raise WireError(message, lost=True, partial=partial(), silent=silent) from None
     except _Malformed as exc:
         conn.close()
         raise WireError(str(exc), lost=True, partial=partial()) from None
@@ -792,15 +812,43 @@ class Sent:
     #: (the difference is time the writer spent off the CPU).
     burst_wall: float = 0.0
     burst_cpu: float = 0.0
+    #: Its bytes, and the clock that stamped ``sent_clock`` (for a send again on a new
+    #: connection, ``resend``).
+    data: bytes = b""
+    clock: Callable[[], float] = time.time
+    #: The request was written again on a new connection: the connection opened ahead was
+    #: spent (``408`` or closed with nothing of ours answered). ``sent_at``, ``sent_clock``
+    #: and ``connection`` are then those of the request the club answered.
+    resent: bool = False
 
     @property
     def deadline(self) -> float:
         return self.sent_at + self.timeout
 
     def answer(self, *, max_body: int = MAX_BODY_BYTES) -> WireAnswer:
-        """The club's answer (see ``read_answer``); raises WireError for a failed write too."""
+        """The club's answer (see ``read_answer``); raises WireError for a failed write too.
+
+        The connection was opened ahead and carried nothing before this request, so an answer
+        of ``408 Request Timeout``, or a close before any byte of an answer, is the club
+        closing the idle connection (RFC 9112 section 9.5), not an answer to this request:
+        it is written again at once on a new connection (once, within the same deadline) and
+        that answer read."""
         if self.error is not None:
             raise self.error
+        try:
+            got = self._read(max_body)
+        except WireError as exc:
+            if self.resent or not exc.silent or not self.data:
+                raise
+            got = None
+        if got is not None and (got.status != 408 or self.resent or not self.data):
+            return got
+        self.resend()
+        if self.error is not None:
+            raise self.error
+        return self._read(max_body)
+
+    def _read(self, max_body: int) -> WireAnswer:
         return read_answer(
             self.connection,
             deadline=self.deadline,
@@ -809,6 +857,28 @@ class Sent:
             method=self.method,
             max_body=max_body,
         )
+
+    def resend(self) -> None:
+        """Write the request again now on a new connection to the same origin, within what is
+        left of its deadline (``error`` set when that cannot be done)."""
+        self.resent = True
+        old = self.connection
+        old.close()
+        left = self.deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise WireTimeout(f"no answer within {self.timeout:g} s", lost=True)
+            self.connection = reopen(old, timeout=left)
+        except WireTimeout as exc:
+            self.error = exc
+            return
+        except WireError as exc:
+            # The first write may have reached the club: what follows is not "unsent".
+            self.error = WireError(str(exc), lost=True)
+            return
+        (again,) = _write_all([(self.connection, self.data)], 0.0, left, self.clock)
+        self.sent_at, self.sent_clock, self.timeout = again.sent_at, again.sent_clock, left
+        self.error = None if again.error is None else WireError(str(again.error), lost=True)
 
 
 def _method_of(data: bytes) -> str:
@@ -840,6 +910,15 @@ def wait_until(
         return True
 
 
+def reopen(conn: Connection, *, timeout: float) -> Connection:
+    """A new connection to ``conn``'s origin, verified as ``conn`` was (WireError if none)."""
+    return connect(
+        f"{conn.origin.scheme}://{conn.origin.host_header}/",
+        timeout=min(conn.timeout, timeout),
+        verify=conn.verify,
+    )
+
+
 def refresh(
     items: Sequence[BurstItem], *, until: float, clock: Callable[[], float] = time.time
 ) -> list[BurstItem]:
@@ -860,11 +939,7 @@ def refresh(
             left = until - clock()
             if left > 0:
                 with contextlib.suppress(WireError):
-                    fresh = connect(
-                        f"{conn.origin.scheme}://{conn.origin.host_header}/",
-                        timeout=min(conn.timeout, left),
-                        verify=conn.verify,
-                    )
+                    fresh = reopen(conn, timeout=left)
         out.append((fresh, data))
     return out
 
@@ -875,58 +950,137 @@ def _ahead(
     clock: Callable[[], float],
     stop: threading.Event | None,
 ) -> list[BurstItem] | None:
-    """Wait until REFRESH_SECONDS before the trigger, then re-open dropped connections while
-    time is left; None when ``stop`` was set."""
-    if clock() < trigger - REFRESH_SECONDS and not wait_until(
-        trigger - REFRESH_SECONDS, clock=clock, stop=stop
+    """Wait until WATCH_SECONDS before the trigger, then watch the connections until just
+    before it (``watch``); None when ``stop`` was set."""
+    if clock() < trigger - WATCH_SECONDS and not wait_until(
+        trigger - WATCH_SECONDS, clock=clock, stop=stop
     ):
         return None
-    if clock() < trigger - 2 * SPIN_SECONDS:
-        return refresh(items, until=trigger - SPIN_SECONDS, clock=clock)
-    return list(items)
+    held = list(items)
+
+    def replace(fresh: list[BurstItem]) -> None:
+        held[:] = fresh
+
+    if not watch(lambda: held, replace, trigger, clock=clock, stop=stop):
+        return None
+    return held
+
+
+def watch(
+    current: Callable[[], Sequence[BurstItem]],
+    replace: Callable[[list[BurstItem]], None],
+    trigger: float,
+    *,
+    clock: Callable[[], float] = time.time,
+    stop: threading.Event | None = None,
+) -> bool:
+    """Until 2 SPIN_SECONDS before ``trigger`` (by ``clock``), wait on every connection of
+    ``current()`` at once; the moment one turns readable (the club closed it, half or whole,
+    or wrote on it unasked) it is looked at, and replaced (``replace`` gets the new items)
+    if it is spent (``refresh``). False when ``stop`` was set first."""
+    end = trigger - 2 * SPIN_SECONDS
+    while True:
+        left = end - clock()
+        if left <= 0:
+            return True
+        if stop is not None and stop.is_set():
+            return False
+        items = list(current())
+        poller = select.poll()
+        for conn, _ in items:
+            if not conn.closed:
+                poller.register(conn.sock, select.POLLIN)
+        ready = poller.poll(min(left, _WATCH_NAP) * 1000)
+        if ready or any(conn.closed for conn, _ in items):
+            fresh = refresh(items, until=trigger - SPIN_SECONDS, clock=clock)
+            replace(fresh)
+            if all(a is b for (a, _), (b, _) in zip(items, fresh, strict=True)):
+                time.sleep(0.002)  # only TLS housekeeping was waiting: no busy loop on it
 
 
 def _write_all(
     items: Sequence[BurstItem], trigger: float, timeout: float, clock: Callable[[], float]
 ) -> list[Sent]:
-    """The sendall loop: nothing here but the clock check and the write."""
+    """The sendall loop: one look at every connection (a single ``poll``), then nothing but the
+    clock check and the write for each; a connection spent meanwhile is replaced and its
+    request written after the others'."""
     writer = threading.get_ident()
-    monotonic = time.monotonic
-    sent: list[Sent] = []
+    sent: list[Sent | None] = []
     cpu = time.thread_time()
-    for conn, data in items:
+    # One look at every connection as the instant comes: one the club spent meanwhile (a
+    # 408 and a close, bytes nobody asked for, a FIN) is replaced and written after the rest.
+    suspects = _readable(items)
+    later: list[int] = []
+    for index, (conn, data) in enumerate(items):
+        if conn.sock.fileno() in suspects and not conn.closed and conn.dropped():
+            later.append(index)
+            sent.append(None)  # written below
+            continue
+        sent.append(
+            _write_one(conn, data, trigger=trigger, timeout=timeout, clock=clock, writer=writer)
+        )
+    for index in later:
+        conn, data = items[index]
+        conn.close()
+        with contextlib.suppress(WireError):
+            conn = reopen(conn, timeout=timeout)
+        sent[index] = _write_one(
+            conn, data, trigger=trigger, timeout=timeout, clock=clock, writer=writer
+        )
+    done = [one for one in sent if one is not None]
+    if done:
+        wall = time.monotonic() - min(one.sent_at for one in done)
+        cpu = time.thread_time() - cpu
+        for one in done:
+            one.burst_wall, one.burst_cpu = wall, cpu
+    return done
+
+
+def _readable(items: Sequence[BurstItem]) -> set[int]:
+    """The descriptors of ``items``' open connections that have something to read now."""
+    poller = select.poll()
+    for conn, _ in items:
+        if not conn.closed:
+            poller.register(conn.sock, select.POLLIN)
+    return {fd for fd, _ in poller.poll(0)}
+
+
+def _write_one(
+    conn: Connection,
+    data: bytes,
+    *,
+    trigger: float,
+    timeout: float,
+    clock: Callable[[], float],
+    writer: int,
+) -> Sent:
+    """Write one request, never before ``trigger`` by ``clock`` read just before the write."""
+    now = clock()
+    while now < trigger:
         now = clock()
-        while now < trigger:
-            now = clock()
-        started = monotonic()
-        error: WireError | None = None
-        if conn.closed:
+    started = time.monotonic()
+    error: WireError | None = None
+    if conn.closed:
+        error = WireError(
+            "the connection opened ahead was closed by the club and could not be opened "
+            "again before the trigger",
+            lost=False,
+        )
+    else:
+        try:
+            conn.sock.sendall(data)
+        except TimeoutError:
+            error = WireTimeout(f"the request could not be written within {timeout:g} s", lost=True)
+        except (OSError, ValueError) as exc:
             error = WireError(
-                "the connection opened ahead was closed by the club and could not be opened "
-                "again before the trigger",
+                "the connection to the club broke before the request was written "
+                f"({_os_reason(exc)})",
                 lost=False,
             )
-        else:
-            try:
-                conn.sock.sendall(data)
-            except TimeoutError:
-                error = WireTimeout(
-                    f"the request could not be written within {timeout:g} s", lost=True
-                )
-            except (OSError, ValueError) as exc:
-                error = WireError(
-                    "the connection to the club broke before the request was written "
-                    f"({_os_reason(exc)})",
-                    lost=False,
-                )
-            if error is not None:
-                conn.close()
-        sent.append(Sent(conn, started, now, timeout, _method_of(data), writer, error))
-    if sent:
-        wall, cpu = monotonic() - sent[0].sent_at, time.thread_time() - cpu
-        for one in sent:
-            one.burst_wall, one.burst_cpu = wall, cpu
-    return sent
+        if error is not None:
+            conn.close()
+    method = _method_of(data)
+    return Sent(conn, started, now, timeout, method, writer, error, data=data, clock=clock)
 
 
 def send_burst(
@@ -941,7 +1095,8 @@ def send_burst(
     ``trigger`` (epoch seconds by ``clock``) and none before it: the clock is read again just
     before each write (a clock stepped back mid-burst makes the rest wait again).
 
-    Connections the club closed meanwhile are opened again REFRESH_SECONDS before the trigger.
+    From WATCH_SECONDS before the trigger, a connection the club closes or writes on is
+    replaced at once (``watch``), and at the instant once more (``_write_all``).
     Returns one Sent per item (a failed write is a Sent whose ``error`` is set; the others are
     not held up by it), or None when ``stop`` was set before the trigger (nothing was sent).
     ``timeout`` bounds each request from its write to the last byte of its answer."""
@@ -1015,20 +1170,28 @@ class BurstGate:
     ) -> None:
         clock = self.clock
         trigger = batch.trigger
+
+        def current() -> list[BurstItem]:
+            with self._lock:
+                return list(batch.items)
+
+        def replace(fresh: list[BurstItem]) -> None:
+            with self._lock:  # bookings only join (append): the first len(fresh) are these
+                batch.items[: len(fresh)] = fresh
+
         try:
-            if clock() < trigger - REFRESH_SECONDS and not wait_until(
-                trigger - REFRESH_SECONDS, clock=clock, stop=stop
+            if clock() < trigger - WATCH_SECONDS and not wait_until(
+                trigger - WATCH_SECONDS, clock=clock, stop=stop
             ):
                 return
-            with self._lock:
-                early = list(batch.items)
-            refreshed = _ahead(early, trigger, clock, stop)
-            if refreshed is None or not wait_until(trigger, clock=clock, stop=stop):
+            if not watch(current, replace, trigger, clock=clock, stop=stop):
+                return
+            if not wait_until(trigger, clock=clock, stop=stop):
                 return
             with self._lock:
                 # From here on, a booking of this instant starts a batch of its own.
                 self._batches.pop(trigger, None)
-                items = refreshed + batch.items[len(early) :]
+                items = list(batch.items)
             if allowed is not None and not allowed():
                 return  # each booking closes its connection
             batch.results = _write_all(items, trigger, self.timeout, clock)

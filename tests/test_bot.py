@@ -2510,8 +2510,8 @@ def test_a_huge_or_non_json_answer_fails_the_step_with_a_reason(fh: Harness) -> 
     assert fh.book() == FAILED
     assert fh.row().last_error == (
         "preparation did not succeed before the window opened (2 tries): step 'login': HTTP "
-        "200, but value 'jwt' (json 'jwt'): the answer is not JSON; value 'user' (json "
-        "'user.id'): the answer is not JSON"
+        "200 (its body was cut at 1 MiB, the most courtbot reads), but value 'jwt' (json "
+        "'jwt'): the answer is not JSON; value 'user' (json 'user.id'): the answer is not JSON"
     )
 
 

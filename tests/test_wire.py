@@ -28,6 +28,7 @@ import requests
 from cryptography.fernet import Fernet, MultiFernet
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from urllib3.connectionpool import HTTPConnectionPool
 
 import bot
 import club_client
@@ -285,7 +286,8 @@ def test_request_bytes_leave_out_the_default_port_as_urllib3_does() -> None:
         pool = client.session.get_adapter(url).get_connection_with_tls_context(request, True)
         conn = pool._get_conn()
         conn.sock = socket.create_connection(("127.0.0.1", server.port))
-        pool._put_conn(conn)
+        # Past the pool's own _put_conn, which closes what it is handed (one request each).
+        HTTPConnectionPool._put_conn(pool, conn)
         client.send(request)
         client.close()
         (captured,) = server.received
@@ -791,7 +793,11 @@ class Bookings:
     ctx: bot.BookingContext
     gate: RecordingGate
 
-    def add(self, schedule: str, trigger: float, *, court: str = "3") -> str:
+    def add(
+        self, schedule: str, trigger: float, *, court: str = "3", courts: list[str] | None = None
+    ) -> str:
+        """A pending instance for ``court`` (or ``courts``, tried in order)."""
+        courts = courts or [court]
         key = utils.instance_key(schedule, DESIRED)
         with transaction(self.factory) as session:
             session.add(
@@ -803,8 +809,8 @@ class Bookings:
                     trigger_time=datetime.fromtimestamp(trigger, UTC),
                     timezone="Europe/Berlin",
                     rrule=None,
-                    court_id=court,
-                    courts=json.dumps([court]),
+                    court_id=",".join(courts),
+                    courts=json.dumps(courts),
                     token_name="default",
                     duration_minutes=60,
                     status=PENDING,
