@@ -6,6 +6,9 @@ One function per transition (CONTRACT section 7), one wording per reason:
     pending -> expired (expire_missed at start, expire_if_passed at the trigger)
     pending -> cancelled -> pending (reconcile); failed -> pending (retry)
     booking left by a crash -> pending (interrupted) or failed (recover_in_flight)
+    booking -> pending at a fallback time (fall_back); booking -> watching (watch) ->
+    booking (claim_watch) -> watching (watch_again); watching -> failed (end_watch) or
+    cancelled (reconcile); booked -> cancelled (cancelled_at_club)
 
 ``reconcile`` applies a validated config (``config_loader``) as a diff. A state is a column,
 never a prefix of a message: a booking cut off by a crash is ``Instance.interrupted``.
@@ -36,6 +39,7 @@ from models import (
     KIND_OBJECT,
     KIND_STRING,
     PENDING,
+    WATCHING,
     Instance,
     Notice,
     Token,
@@ -59,7 +63,9 @@ LATE_DOWN = "down"
 LATE_LOADED = "loaded"
 LATE_RETRY = "retry"
 LATE_INTERRUPTED = "interrupted"
+LATE_FALLBACK = "fallback"
 LATE_CAUSES = {
+    LATE_FALLBACK: "a fallback time, whose window was open when the first choice was taken",
     LATE_DOWN: "courtbot was not running at the trigger",
     LATE_LOADED: "the window was already open when the entry was loaded",
     LATE_RETRY: "put back to pending with `retry` after the window opened",
@@ -179,7 +185,7 @@ def reconcile(
                 rows = rows_by_schedule.get(schedule_id, {})
                 if schedule_id in removable:
                     for row in rows.values():
-                        if row.status == PENDING or preparing(row, now):
+                        if row.status in (PENDING, WATCHING) or preparing(row, now):
                             _cancel(row, changes, "entry removed from schedules.json")
                 else:
                     changes.merge(_reconcile_entry(session, entries[schedule_id], rows, now))
@@ -201,8 +207,11 @@ def preparing(row: Instance, now: datetime) -> bool:
 
 
 def _cancel(row: Instance, changes: Changes, why: str) -> None:
+    if row.status == WATCHING:
+        why = f"watch ended: {why}"
     row.status = CANCELLED
     row.owner = None
+    row.next_try_at = None
     row.last_error = why
     changes.cancelled += 1
     changes.keys.add(row.key)
@@ -221,7 +230,57 @@ def _entry_fields(entry: Entry) -> dict[str, Any]:
         "timezone": entry.timezone,
         "type": entry.type,
         "club": entry.club,
+        "players": json.dumps(list(entry.players)) if entry.players else None,
     }
+
+
+def _instance_fields(entry: Entry, desired: datetime) -> dict[str, Any]:
+    """What one instance copies from its entry for its own date (CONTRACT section 13): its
+    times as JSON ``[[HH:MM, start UTC, trigger UTC], ...]``, the desired time first and then
+    each fallback time (NULL without fallbacks), and when its watch ends."""
+    fallbacks = entry.fallbacks(desired) if entry.fallback_times else []
+    times = None
+    if fallbacks:
+        first = (
+            utils.as_utc(desired).astimezone(entry.zone).strftime("%H:%M"),
+            desired,
+            utils.trigger_time(desired, entry.zone, entry.window),
+        )
+        times = json.dumps(
+            [
+                [text, utils.format_utc(start), utils.format_utc(trigger)]
+                for text, start, trigger in [first, *fallbacks]
+            ]
+        )
+    return {"fallbacks": times, "watch_until": entry.watch_end(desired)}
+
+
+def _times_of(row: Instance) -> list[tuple[str, datetime, datetime]]:
+    """The instance's times: (HH:MM, start, trigger), the desired one first, then each fallback
+    time (just the desired one without fallbacks)."""
+    if not row.fallbacks:
+        zone = utils.get_zone(row.timezone)
+        hhmm = row.desired_time.astimezone(zone).strftime("%H:%M")
+        return [(hhmm, row.desired_time, row.trigger_time)]
+    return [
+        (text, _utc(start), _utc(trigger)) for text, start, trigger in json.loads(row.fallbacks)
+    ]
+
+
+def _utc(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def _fresh(row: Instance) -> None:
+    """A revived or retried instance starts again at its desired time, with no watch."""
+    if row.fallback_step and row.fallbacks:
+        row.trigger_time = _times_of(row)[0][2]
+    row.fallback_step = 0
+    row.slot_time = None
+    row.tried = None
+    row.next_try_at = None
+    row.watch_tries = 0
+    row.booked_time = None
 
 
 def _reconcile_entry(
@@ -234,6 +293,7 @@ def _reconcile_entry(
     new_rows: list[dict[str, Any]] = []
     for item in planned:
         row = rows.get(item.key)
+        own = fields | _instance_fields(entry, item.desired)
         if row is None:
             if entry.enabled:
                 new_rows.append(
@@ -245,28 +305,35 @@ def _reconcile_entry(
                         status=PENDING,
                         attempts=0,
                         late_cause=LATE_LOADED if item.trigger <= now else None,
-                        **fields,
+                        **own,
                     )
                 )
             continue
-        if row.status == CANCELLED and entry.enabled:
+        # An instance cancelled at the club by `cancel` stays cancelled (CONTRACT 13).
+        if row.status == CANCELLED and entry.enabled and not row.cancelled_booking:
             row.status = PENDING
             row.last_error = None
             row.attempts = 0
             row.late_cause = LATE_LOADED if item.trigger <= now else None
+            _fresh(row)
             changes.revived += 1
             changes.keys.add(row.key)
+        if row.status == WATCHING and not entry.enabled:
+            _cancel(row, changes, "entry disabled in schedules.json")
+            continue
         under_way = preparing(row, now)
         if row.status != PENDING and not under_way:
             continue
         if not entry.enabled:
             _cancel(row, changes, "entry disabled in schedules.json")
             continue
-        if under_way:
-            continue  # its booking goes on with the court, token and trigger it was claimed with
+        if under_way or row.fallback_step:
+            # Its booking goes on with the court, token and trigger it was claimed with; one at
+            # a fallback time keeps that time's trigger.
+            continue
         moved = row.trigger_time != item.trigger
-        if moved or any(getattr(row, name) != value for name, value in fields.items()):
-            for name, value in fields.items():
+        if moved or any(getattr(row, name) != value for name, value in own.items()):
+            for name, value in own.items():
                 setattr(row, name, value)
             if moved:
                 # A window that changed under a pending instance may have opened it already.
@@ -275,7 +342,7 @@ def _reconcile_entry(
             changes.updated += 1
             changes.keys.add(row.key)
     for key, row in rows.items():
-        if key in wanted or (row.status != PENDING and not preparing(row, now)):
+        if key in wanted or (row.status not in (PENDING, WATCHING) and not preparing(row, now)):
             continue
         if row.desired_time > now:
             local_date = row.desired_time.astimezone(entry.zone).date()
@@ -304,7 +371,10 @@ def expire_missed(factory: sessionmaker[Session], now: datetime) -> list[Instanc
     with transaction(factory) as session:
         rows = list(
             session.scalars(
-                select(Instance).where(Instance.status == PENDING, Instance.desired_time <= now)
+                select(Instance).where(
+                    Instance.status == PENDING,
+                    func.coalesce(Instance.slot_time, Instance.desired_time) <= now,
+                )
             )
         )
         for row in rows:
@@ -331,7 +401,7 @@ def expire_if_passed(
     outcome to report."""
     with transaction(factory) as session:
         row = session.scalar(select(Instance).where(Instance.key == key))
-        if row is None or row.status != PENDING or row.desired_time > now:
+        if row is None or row.status != PENDING or (row.slot_time or row.desired_time) > now:
             return row, None
         _expire(row, now)
         return row, outcome_of(row)
@@ -387,9 +457,12 @@ def recover_in_flight(
                 row.finished_at = now
                 row.interrupted = False
                 failed.append(row)
+            elif row.next_try_at is not None and row.watch_until and row.watch_until > now:
+                # A try of a watch (CONTRACT 13): the watch goes on, its next try at once.
+                row.status = WATCHING
             elif row.attempts == 0 and row.trigger_time > now:
                 row.status = PENDING
-            elif row.desired_time > now:
+            elif (row.slot_time or row.desired_time) > now:
                 row.status = PENDING
                 row.interrupted = True
                 row.late_cause = LATE_INTERRUPTED
@@ -707,6 +780,7 @@ def finish(
     attempts: int | None = None,
     first_sent_at: datetime | None = None,
     retry_helps: bool = True,
+    booked_time: str | None = None,
 ) -> Outcome:
     """booking -> booked or failed, with the reason a person reads; returns the outcome to
     report. ``first_sent_at``: when the first request left (an earlier one recorded stays);
@@ -723,10 +797,181 @@ def finish(
         row.booking_ref = booking_ref
         if status == BOOKED or row.club_took:
             row.booked_court = court
+            row.booked_time = booked_time
+        row.next_try_at = None
         row.finished_at = now
         row.interrupted = False
         row.owner = None
         return outcome_of(row, retry_helps=retry_helps)
+
+
+# --------------------------------------------------------------------------- section 13
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What a booking of an instance is for (CONTRACT section 13): the time tried (``HH:MM``
+    local), its start, whether it is a fallback time, and the players."""
+
+    time: str
+    start: datetime
+    fallback: bool
+    players: tuple[str, ...]
+
+
+def attempt_of(row: Instance) -> Attempt:
+    """The slot a claimed instance books now: its desired time, or the fallback time reached."""
+    times = _times_of(row)
+    step = min(row.fallback_step or 0, len(times) - 1)
+    text, start, _trigger = times[step]
+    players = tuple(json.loads(row.players)) if row.players else ()
+    return Attempt(text, start if step else row.desired_time, step > 0, players)
+
+
+def fall_back(
+    factory: sessionmaker[Session], key: str, *, tried: str, now: datetime
+) -> tuple[str, datetime, datetime] | None:
+    """booking -> pending at the next fallback time whose start is still ahead (one equal to
+    the desired time is not among them), at that time's own trigger; ``tried`` is what each
+    time tried so far met. Returns (HH:MM, start, trigger) of that time, None when no time is
+    left (the caller ends the instance: failed, or watching)."""
+    with transaction(factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None
+        row.tried = tried
+        times = _times_of(row)
+        for step in range((row.fallback_step or 0) + 1, len(times)):
+            text, start, trigger = times[step]
+            if start <= now:
+                continue
+            row.status = PENDING
+            row.owner = None
+            row.interrupted = False
+            row.fallback_step = step
+            row.slot_time = start
+            row.trigger_time = trigger
+            row.late_cause = LATE_FALLBACK if trigger <= now else None
+            return text, start, trigger
+        return None
+
+
+def watch(
+    factory: sessionmaker[Session], key: str, *, tried: str, next_try: datetime
+) -> Instance | None:
+    """booking -> watching (every court and time taken, the entry watches): tried again at
+    ``next_try``. Returns the instance (for the ``Watching:`` message), None when it has no
+    watch or its watch would end before ``next_try`` (the caller ends it as failed)."""
+    with transaction(factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None
+        if row.watch_until is None or next_try >= row.watch_until:
+            return None
+        row.status = WATCHING
+        row.owner = None
+        row.tried = tried
+        row.next_try_at = next_try
+        row.watch_tries = 0
+        row.last_error = f"{tried}; watching until {_watch_end_text(row)}"
+        session.flush()
+        session.expunge(row)
+        return row
+
+
+def _watch_end_text(row: Instance) -> str:
+    assert row.watch_until is not None
+    return utils.format_local(row.watch_until, utils.get_zone(row.timezone))
+
+
+def claim_watch(
+    factory: sessionmaker[Session], key: str, now: datetime, *, owner: str | None = None
+) -> bool:
+    """watching -> booking for one try of the watch, once its time has come: True for the one
+    that got it (as ``claim``)."""
+    with transaction(factory) as session:
+        claimed = session.execute(
+            update(Instance)
+            .where(Instance.key == key, Instance.status == WATCHING, Instance.next_try_at <= now)
+            .values(status=BOOKING, owner=owner, updated_at=now)
+        ).rowcount
+    return claimed == 1
+
+
+def watch_again(factory: sessionmaker[Session], key: str, *, next_try: datetime, said: str) -> bool:
+    """booking -> watching after a try that found every court still taken (``said``: what the
+    club answered): one more try counted, the next at ``next_try``. False when the watch ends
+    before then (the caller ends it with ``end_watch``)."""
+    with transaction(factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None
+        row.watch_tries = (row.watch_tries or 0) + 1
+        if row.watch_until is None or next_try >= row.watch_until:
+            return False
+        row.status = WATCHING
+        row.owner = None
+        row.next_try_at = next_try
+        row.last_error = (
+            f"{row.tried}; watching until {_watch_end_text(row)}, {_tries(row.watch_tries)} "
+            f"so far (last: {said})"
+        )
+        return True
+
+
+def _tries(count: int) -> str:
+    return f"{count} {'try' if count == 1 else 'tries'}"
+
+
+def watch_end_reason(row: Instance) -> str:
+    """The reason of a watch that ended with every court still taken (CONTRACT section 13)."""
+    return f"taken; watched until {_watch_end_text(row)}, {_tries(row.watch_tries or 0)}"
+
+
+def end_watch(factory: sessionmaker[Session], key: str, now: datetime) -> Outcome:
+    """booking or watching -> failed: the watch ended with every court still taken."""
+    with transaction(factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None
+        reason = watch_end_reason(row)
+        if row.tried:
+            reason += f" ({row.tried})"
+    return finish(factory, key, FAILED, reason, now=now, retry_helps=False)
+
+
+def due_watches(factory: sessionmaker[Session]) -> dict[str, datetime]:
+    """The ``watching`` instances and when each tries next."""
+    query = select(Instance.key, Instance.next_try_at).where(Instance.status == WATCHING)
+    with factory() as session:
+        return {key: utils.as_utc(at) for key, at in session.execute(query) if at is not None}
+
+
+def cancel_problem(factory: sessionmaker[Session], key: str) -> str | None:
+    """Why ``cancel KEY`` can send nothing (None when it can): no such instance, not booked, or
+    booked without a reference to cancel it by."""
+    with factory() as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+    if row is None:
+        return f"no instance {key!r} (see `status` for the keys)"
+    if row.status != BOOKED:
+        return f"{key} is {row.status}, not booked: only a booked instance can be cancelled"
+    if not row.booking_ref:
+        return (
+            f"{key} is booked without a booking reference (the club's answer gave none): "
+            "cancel it with the club"
+        )
+    return None
+
+
+def cancelled_at_club(factory: sessionmaker[Session], key: str, now: datetime) -> Instance:
+    """booked -> cancelled: the club confirmed ``cancel``. Never revived by a reload."""
+    with transaction(factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None and row.status == BOOKED
+        row.status = CANCELLED
+        row.cancelled_booking = True
+        row.last_error = f"cancelled at the club with `cancel` (was {_took(row)})"
+        row.finished_at = now
+        session.flush()
+        session.expunge(row)
+        return row
 
 
 def timing_of(row: Instance) -> str | None:
@@ -788,6 +1033,17 @@ def retry(factory: sessionmaker[Session], target: str, now: datetime) -> list[st
             )
         )
         if keys:
+            # One that went on to a fallback time or a watch starts again at its desired time.
+            for row in session.scalars(
+                select(Instance).where(
+                    Instance.key.in_(keys),
+                    (Instance.fallback_step > 0)
+                    | Instance.tried.is_not(None)
+                    | (Instance.watch_tries > 0),
+                )
+            ):
+                _fresh(row)
+            session.flush()
             cleared = dict(
                 status=PENDING,
                 attempts=0,
@@ -846,7 +1102,24 @@ def clear_wakeups(factory: sessionmaker[Session], up_to: int) -> None:
 
 #: Columns added since the first release: a reader (``status``) never changes the schema, so on
 #: an older database they are left out of its queries and read as NULL.
-_ADDED_COLUMNS = ("interrupted", "owner", "club", "first_sent_at", "late_cause", "club_took")
+_ADDED_COLUMNS = (
+    "interrupted",
+    "owner",
+    "club",
+    "first_sent_at",
+    "late_cause",
+    "club_took",
+    "fallbacks",
+    "players",
+    "watch_until",
+    "fallback_step",
+    "slot_time",
+    "tried",
+    "booked_time",
+    "next_try_at",
+    "watch_tries",
+    "cancelled_booking",
+)
 
 
 def _reader_query(session: Session) -> Any:
@@ -943,7 +1216,15 @@ def _status_row(row: Instance) -> dict[str, Any]:
         "finished_at": utils.format_utc(row.finished_at) if row.finished_at else None,
         "first_sent_at": _utc_us(_optional(row, "first_sent_at")),
         "sent": _timing_text(row),
+        "booked_time": _optional(row, "booked_time"),
+        "watch_until": _utc_or_none(_optional(row, "watch_until")),
+        "next_try": _utc_or_none(_optional(row, "next_try_at")) if row.status == WATCHING else None,
+        "watch_tries": _optional(row, "watch_tries") or 0,
     }
+
+
+def _utc_or_none(moment: datetime | None) -> str | None:
+    return utils.format_utc(moment) if moment is not None else None
 
 
 def _utc_us(moment: datetime | None) -> str | None:

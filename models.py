@@ -52,7 +52,9 @@ BOOKED = "booked"
 FAILED = "failed"
 EXPIRED = "expired"
 CANCELLED = "cancelled"
-STATUSES = (PENDING, BOOKING, BOOKED, FAILED, EXPIRED, CANCELLED)
+#: Every court and time was taken; tried again every WATCH_INTERVAL_SECONDS (CONTRACT 13).
+WATCHING = "watching"
+STATUSES = (PENDING, BOOKING, WATCHING, BOOKED, FAILED, EXPIRED, CANCELLED)
 FINAL = (BOOKED, FAILED, EXPIRED)
 #: Token.kind
 KIND_STRING = "string"
@@ -164,6 +166,26 @@ class Instance(Base):
     #: still to run (CONTRACT section 12): set before they run. Such an instance is never booked
     #: again: not by ``retry``, not after a crash; if a finishing step fails it stays ``failed``.
     club_took: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+
+    # CONTRACT section 13. What the entry asks for, copied like its courts: its fallback times
+    # as JSON ``[["18:00", start UTC, trigger UTC], ...]``, its players as a JSON list, and when
+    # the instance's watch ends (NULL: no watch).
+    fallbacks: Mapped[str | None] = mapped_column(Text, default=None)
+    players: Mapped[str | None] = mapped_column(Text, default=None)
+    watch_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    #: The fallback reached (0: the desired time; N: the Nth fallback time), and its start
+    #: while it is tried (NULL: the desired time). ``trigger_time`` is then the fallback's.
+    fallback_step: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    slot_time: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    #: Each time tried so far with what the club said (``18:00: taken (...)``), for the reason.
+    tried: Mapped[str | None] = mapped_column(Text, default=None)
+    #: The local ``HH:MM`` that was booked (NULL until booked).
+    booked_time: Mapped[str | None] = mapped_column(String(5), default=None)
+    #: While ``watching``: when the next try leaves, and how many tries the watch has made.
+    next_try_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    watch_tries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Cancelled at the club by ``cancel`` (booked -> cancelled): never revived by a reload.
+    cancelled_booking: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     __table_args__ = (Index("ix_schedules_status_trigger", "status", "trigger_time"),)
 
