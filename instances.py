@@ -781,6 +781,7 @@ def finish(
     first_sent_at: datetime | None = None,
     retry_helps: bool = True,
     booked_time: str | None = None,
+    from_watch: bool = False,
 ) -> Outcome:
     """booking -> booked or failed, with the reason a person reads; returns the outcome to
     report. ``first_sent_at``: when the first request left (an earlier one recorded stays);
@@ -802,7 +803,7 @@ def finish(
         row.finished_at = now
         row.interrupted = False
         row.owner = None
-        return outcome_of(row, retry_helps=retry_helps)
+        return outcome_of(row, retry_helps=retry_helps, from_watch=from_watch)
 
 
 # --------------------------------------------------------------------------- section 13
@@ -991,16 +992,22 @@ def _timing(
     return None
 
 
-def outcome_of(row: Instance, *, retry_helps: bool = True) -> Outcome:
-    """The report of an instance's final status, for notify."""
+def outcome_of(row: Instance, *, retry_helps: bool = True, from_watch: bool = False) -> Outcome:
+    """The report of an instance's final status (or of a watch that starts, a booking
+    cancelled), for notify. Booked at a fallback time, its start is that time's."""
     zone = utils.get_zone(row.timezone)
-    court = row.booked_court if row.status == BOOKED else row.court_id
+    court = row.booked_court if row.status in (BOOKED, CANCELLED) else row.court_id
+    start = row.desired_time
+    first_choice = None
+    if row.status == BOOKED and row.fallback_step and row.slot_time is not None:
+        start = row.slot_time
+        first_choice = row.desired_time.astimezone(zone).strftime("%H:%M")
     return Outcome(
         status=row.status,
         key=row.key,
         schedule_id=row.schedule_id,
         court=court,
-        desired_start=row.desired_time.astimezone(zone),
+        desired_start=start.astimezone(zone),
         trigger_time=row.trigger_time,
         duration_minutes=row.duration_minutes,
         attempts=row.attempts,
@@ -1011,6 +1018,9 @@ def outcome_of(row: Instance, *, retry_helps: bool = True) -> Outcome:
         retry_helps=retry_helps,
         location=row.club,
         club_took=bool(row.club_took) and row.status != BOOKED,
+        first_choice=first_choice,
+        from_watch=from_watch,
+        watch_until=row.watch_until if row.status == WATCHING else None,
     )
 
 

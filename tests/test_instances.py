@@ -1683,3 +1683,20 @@ def test_a_cancelled_booking_is_not_booked_again_by_a_reload(
     write(data_dir, [WED])
     assert apply(factory, settings, fernet, NOW + timedelta(minutes=3)).revived == 51
     assert instances.status_of(factory, FIRST_WED) == CANCELLED
+
+
+def test_the_outcome_of_a_fallback_booking_is_at_the_time_booked(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WISHES])
+    apply(factory, settings, fernet)
+    _claim(factory)
+    instances.fall_back(factory, MATCH_KEY, tried="18:00: taken", now=T0)
+    _claim(factory, now=T0 + timedelta(hours=1))
+    outcome = instances.finish(
+        factory, MATCH_KEY, BOOKED, None, now=T0, court="5", booked_time="19:00", from_watch=True
+    )
+    assert outcome.desired_start == datetime(2026, 12, 10, 19, 0, tzinfo=UTC)
+    assert (outcome.first_choice, outcome.from_watch, outcome.key) == ("18:00", True, MATCH_KEY)
+    (shown,) = instances.status_rows(factory)
+    assert (shown["booked_time"], shown["desired_time"]) == ("19:00", "2026-12-10T18:00:00Z")
