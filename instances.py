@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from cryptography.fernet import MultiFernet
-from sqlalchemy import delete, func, insert, inspect, select, update
+from sqlalchemy import case, delete, func, insert, inspect, select, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
 import utils
@@ -498,23 +498,35 @@ def note_late_triggers(factory: sessionmaker[Session], now: datetime) -> int:
         ).rowcount
 
 
+#: The statuses that have a job: pending (at its trigger) and watching (at its next try).
+SCHEDULED = (PENDING, WATCHING)
+#: When an instance's job is due: its trigger, or while watching its next try (CONTRACT 13).
+_DUE = case(
+    (Instance.status == WATCHING, func.coalesce(Instance.next_try_at, Instance.trigger_time)),
+    else_=Instance.trigger_time,
+)
+
+
 def pending_triggers(
     factory: sessionmaker[Session], keys: Collection[str] | None = None
 ) -> dict[str, datetime]:
-    """Every pending instance's key and trigger (aware UTC); with ``keys``, those among them."""
+    """Every pending instance's key and trigger (aware UTC), and every watching one's next try;
+    with ``keys``, those among them."""
     if keys is None:
-        query = select(Instance.key, Instance.trigger_time).where(Instance.status == PENDING)
+        query = select(Instance.key, _DUE).where(Instance.status.in_(SCHEDULED))
         with factory() as session:
-            return {key: trigger for key, trigger in session.execute(query)}
+            return {key: utils.as_utc(due) for key, due in session.execute(query)}
     # Looked up by key alone, the status read along: a planner without statistics (SQLite)
     # would rather scan every pending row through the status index for each page of keys.
-    query = select(Instance.key, Instance.trigger_time, Instance.status)
+    query = select(Instance.key, _DUE, Instance.status)
     wanted = sorted(keys)
     found: dict[str, datetime] = {}
     with factory() as session:
         for start in range(0, len(wanted), PAGE):
             rows = session.execute(query.where(Instance.key.in_(wanted[start : start + PAGE])))
-            found.update((key, trigger) for key, trigger, status in rows if status == PENDING)
+            found.update(
+                (key, utils.as_utc(due)) for key, due, status in rows if status in SCHEDULED
+            )
     return found
 
 
@@ -526,7 +538,7 @@ def pending_trigger_pages(
     after = ""
     while True:
         query = (
-            select(Instance.key, Instance.trigger_time, Instance.status)
+            select(Instance.key, _DUE, Instance.status)
             .where(Instance.key > after)
             .order_by(Instance.key)
             .limit(size)
@@ -535,7 +547,7 @@ def pending_trigger_pages(
             rows = list(session.execute(query))
         if not rows:
             return
-        page = {key: trigger for key, trigger, status in rows if status == PENDING}
+        page = {key: utils.as_utc(due) for key, due, status in rows if status in SCHEDULED}
         if page:
             yield page
         after = rows[-1][0]
@@ -547,7 +559,9 @@ def pending_mark(factory: sessionmaker[Session]) -> tuple[int, datetime | None]:
     ``retry`` ran on another host)."""
     with factory() as session:
         count, latest = session.execute(
-            select(func.count(), func.max(Instance.updated_at)).where(Instance.status == PENDING)
+            select(func.count(), func.max(Instance.updated_at)).where(
+                Instance.status.in_(SCHEDULED)
+            )
         ).one()
     return int(count or 0), latest
 
@@ -576,25 +590,40 @@ def pending_clubs(
 
 
 def overdue(factory: sessionmaker[Session], before: datetime, *, limit: int = 20) -> list[str]:
-    """Keys of the pending instances whose trigger is earlier than ``before``, soonest first (at
-    most ``limit``). With the scheduler working, each has its job running or about to run."""
+    """Keys of the pending instances whose trigger is earlier than ``before`` (and the watching
+    ones whose next try is), soonest first (at most ``limit``). With the scheduler working,
+    each has its job running or about to run."""
     query = (
-        select(Instance.key)
+        select(Instance.key, Instance.trigger_time)
         .where(Instance.status == PENDING, Instance.trigger_time < before)
         .order_by(Instance.trigger_time, Instance.key)
         .limit(limit)
     )
+    # The few watching instances apart, so that the pending ones keep their index.
+    watching = (
+        select(Instance.key, Instance.next_try_at)
+        .where(Instance.status == WATCHING, Instance.next_try_at < before)
+        .order_by(Instance.next_try_at, Instance.key)
+        .limit(limit)
+    )
     # Asked every second: on the session's connection, without the ORM's work (a quarter of it).
     with factory() as session:
-        return list(session.connection().execute(query).scalars())
+        conn = session.connection()
+        found = [(utils.as_utc(at), key) for key, at in conn.execute(query)]
+        found += [(utils.as_utc(at), key) for key, at in conn.execute(watching)]
+    return [key for _, key in sorted(found)[:limit]]
 
 
 def next_trigger(factory: sessionmaker[Session]) -> datetime | None:
-    """The earliest trigger of a pending instance (None when none is pending)."""
+    """The earliest trigger of a pending instance, or next try of a watching one (None when
+    there is neither)."""
     query = select(func.min(Instance.trigger_time)).where(Instance.status == PENDING)
+    watching = select(func.min(Instance.next_try_at)).where(Instance.status == WATCHING)
     with factory() as session:
-        found: datetime | None = session.connection().execute(query).scalar()
-    return found
+        conn = session.connection()
+        found = [conn.execute(query).scalar(), conn.execute(watching).scalar()]
+    known = [utils.as_utc(at) for at in found if at is not None]
+    return min(known) if known else None
 
 
 def pending_summary(factory: sessionmaker[Session]) -> tuple[int, Instance | None]:

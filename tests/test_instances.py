@@ -1700,3 +1700,32 @@ def test_the_outcome_of_a_fallback_booking_is_at_the_time_booked(
     assert (outcome.first_choice, outcome.from_watch, outcome.key) == ("18:00", True, MATCH_KEY)
     (shown,) = instances.status_rows(factory)
     assert (shown["booked_time"], shown["desired_time"]) == ("19:00", "2026-12-10T18:00:00Z")
+
+
+def test_a_watching_instance_is_due_at_its_next_try(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WISHES, WED])
+    apply(factory, settings, fernet)
+    _claim(factory)
+    next_try = T0 + timedelta(minutes=5)
+    instances.watch(factory, MATCH_KEY, tried="18:00: taken", next_try=next_try)
+    assert pending_triggers(factory)[MATCH_KEY] == next_try
+    assert pending_triggers(factory, [MATCH_KEY, FIRST_WED]) == {
+        MATCH_KEY: next_try,
+        FIRST_WED: datetime(2026, 11, 25, 17, 0, tzinfo=UTC),
+    }
+    paged = {k: v for page in instances.pending_trigger_pages(factory) for k, v in page.items()}
+    assert paged[MATCH_KEY] == next_try and len(paged) == 53
+    second_wed = FIRST_WED.replace("12-02", "12-09")  # its trigger: Wed 2 Dec 17:00
+    assert instances.overdue(factory, next_try) == [FIRST_WED, second_wed]
+    assert instances.overdue(factory, next_try + timedelta(seconds=1)) == [
+        FIRST_WED,
+        second_wed,
+        MATCH_KEY,
+    ]
+    assert instances.next_trigger(factory) == datetime(2026, 11, 25, 17, 0, tzinfo=UTC)
+    update(factory, FIRST_WED, status=CANCELLED)
+    assert instances.next_trigger(factory) == min(
+        next_try, rows(factory, "wed-evening")[second_wed].trigger_time
+    )
