@@ -1805,6 +1805,9 @@ def _print_check(config: Config, settings: Settings, now: datetime) -> None:
             note = utils.describe_wall_clock_issue(wall, zone)
             if note:
                 print(f"    warning: {note}")
+        if pairs:
+            for line in _wishes_lines(entry, pairs[0][1]):
+                print(f"  {line}")
         flow = _flow_of(entry, config, settings)
         if flow is not None and pairs:
             described = describe_flow(flow, entry.slot(pairs[0][1]))
@@ -1813,6 +1816,30 @@ def _print_check(config: Config, settings: Settings, now: datetime) -> None:
             else:
                 print("  flow (next instance, secrets masked, extracted values as <step.value>):")
             print("    " + described.replace("\n", "\n    "))
+
+
+def _wishes_lines(entry: Entry, start: datetime) -> list[str]:
+    """What ``check`` says of the entry's fallback times, watch and players (CONTRACT 13), for
+    its next instance at ``start``."""
+    zone, lines = entry.zone, []
+    if entry.fallback_times:
+        kept = {text: trigger for text, _, trigger in entry.fallbacks(start)}
+        shown = [
+            f"{text} (trigger {utils.format_utc(kept[text])})"
+            if text in kept
+            else f"{text} (skipped: the desired time)"
+            for text in entry.fallback_times
+        ]
+        lines.append("fallback times (next instance): " + ", ".join(shown))
+    end = entry.watch_end(start)
+    if end is not None:
+        lines.append(
+            f"watch: until {utils.format_local(end, zone)} (next instance), tried again every "
+            "WATCH_INTERVAL_SECONDS"
+        )
+    if entry.players:
+        lines.append("players: " + ", ".join(entry.players))
+    return lines
 
 
 def _print_tokens(tokens: config_loader.TokensResult) -> None:

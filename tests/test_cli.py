@@ -1896,3 +1896,52 @@ def test_a_log_file_that_cannot_be_written_is_said_once_and_the_console_keeps_ev
     ]
     assert all(f"line {n} " in err for n in range(3))
     assert "before" in text and "after" in text
+
+
+# --------------------------------------------------------------------------- section 13
+
+
+def test_check_shows_fallback_times_watch_and_players_and_a_missing_player_is_exit_1(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    write_json(data_dir / "tokens.json", {"default": "t"})
+    (data_dir / "clubs").mkdir()
+    club = write_json(
+        data_dir / "clubs" / "duo.json",
+        {"url": "https://club.example/book", "json": {"with": "{players[1]}"}},
+    )
+    start = future()
+    entry = {
+        "id": "match",
+        "type": "one-off",
+        "desired_time": f"{start:%Y-%m-%d} 18:00",
+        "club": "duo",
+        "fallback_times": ["19:30", "18:00"],
+        "watch": "2h",
+        "players": ["ana@example.com", "Ben"],
+    }
+    write_json(data_dir / "schedules.json", [entry])
+    assert run(monkeypatch, env, "check") == 0
+    captured = capsys.readouterr()
+    day = f"{start:%Y-%m-%d}"
+    before = (start - timedelta(days=7)).strftime("%Y-%m-%d")
+    assert (
+        f"  fallback times (next instance): 19:30 (trigger {before}T19:30:00Z), 18:00 "
+        "(skipped: the desired time)"
+    ) in captured.out
+    assert f"  watch: until {start:%a} {day} 16:00 UTC (next instance)" in captured.out
+    assert "  players: ana@example.com, Ben" in captured.out
+    assert '"with": "Ben"' in captured.out  # the request check prints
+    assert (
+        "warning: schedules.json entry 'match' (#1): fallback_times: '18:00' is the desired "
+        "time itself; it is skipped (list only other times)"
+    ) in captured.err
+    write_json(data_dir / "schedules.json", [entry | {"players": ["ana@example.com"]}])
+    assert run(monkeypatch, env, "check") == 1
+    assert (
+        f"error: schedules.json entry 'match' (#1): players: {club} names {{players[1]}}, and "
+        'this entry has 1 player; give at least 2 (e.g. ["ana@example.com", "Ben"])'
+    ) in capsys.readouterr().err
