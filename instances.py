@@ -255,7 +255,7 @@ def _instance_fields(entry: Entry, desired: datetime) -> dict[str, Any]:
     return {"fallbacks": times, "watch_until": entry.watch_end(desired)}
 
 
-def _times_of(row: Instance) -> list[tuple[str, datetime, datetime]]:
+def times_of(row: Instance) -> list[tuple[str, datetime, datetime]]:
     """The instance's times: (HH:MM, start, trigger), the desired one first, then each fallback
     time (just the desired one without fallbacks)."""
     if not row.fallbacks:
@@ -274,7 +274,7 @@ def _utc(text: str) -> datetime:
 def _fresh(row: Instance) -> None:
     """A revived or retried instance starts again at its desired time, with no watch."""
     if row.fallback_step and row.fallbacks:
-        row.trigger_time = _times_of(row)[0][2]
+        row.trigger_time = times_of(row)[0][2]
     row.fallback_step = 0
     row.slot_time = None
     row.tried = None
@@ -751,16 +751,22 @@ def token_secrets(
 
 
 def release(factory: sessionmaker[Session], key: str, *, sent: bool = False) -> None:
-    """booking -> pending: a shutdown before the trigger or between retries, or a daemon that
-    is no longer the active one. ``sent``: a request may have reached the club, so the active
-    daemon's retry is marked ``interrupted`` (its 409 may be our own)."""
+    """booking -> pending (a try of a watch: watching): a shutdown before the trigger or
+    between retries, or a daemon that is no longer the active one. ``sent``: a request may
+    have reached the club, so the active daemon's retry is marked ``interrupted`` (its 409 may
+    be our own)."""
     values: dict[str, Any] = {"status": PENDING, "owner": None}
     if sent:
         values["interrupted"] = True
+    claimed = (Instance.key == key, Instance.status == BOOKING)
     with transaction(factory) as session:
+        # A try of a watch goes back to watching, its next try as it was (CONTRACT 13).
         session.execute(
-            update(Instance).where(Instance.key == key, Instance.status == BOOKING).values(**values)
+            update(Instance)
+            .where(*claimed, Instance.next_try_at.is_not(None))
+            .values(status=WATCHING, owner=None)
         )
+        session.execute(update(Instance).where(*claimed).values(**values))
 
 
 def club_took(
@@ -851,7 +857,7 @@ class Attempt:
 
 def attempt_of(row: Instance) -> Attempt:
     """The slot a claimed instance books now: its desired time, or the fallback time reached."""
-    times = _times_of(row)
+    times = times_of(row)
     step = min(row.fallback_step or 0, len(times) - 1)
     text, start, _trigger = times[step]
     players = tuple(json.loads(row.players)) if row.players else ()
@@ -869,7 +875,7 @@ def fall_back(
         row = session.scalar(select(Instance).where(Instance.key == key))
         assert row is not None
         row.tried = tried
-        times = _times_of(row)
+        times = times_of(row)
         for step in range((row.fallback_step or 0) + 1, len(times)):
             text, start, trigger = times[step]
             if start <= now:

@@ -976,6 +976,10 @@ class Slot:
     courts: tuple[str | None, ...]
     #: The entry's ``players`` (CONTRACT section 13).
     players: tuple[str, ...] = ()
+    #: The Idempotency-Key's base when it is not the instance key: a fallback time's
+    #: (``<key>@HH:MM``) or a watch's try (``<key>~watch<N>``), so that a club that remembers
+    #: keys answers anew.
+    idempotency_base: str | None = None
 
     def values(self, secrets: Mapping[str, str], court: str | None) -> dict[str, Any]:
         """``placeholder_values`` for this instance and ``court``."""
@@ -990,7 +994,8 @@ class Slot:
         )
 
     def idempotency(self, court: str | None) -> str:
-        return idempotency_key(self.key, court, len(self.courts) > 1)
+        base = self.idempotency_base if self.idempotency_base is not None else self.key
+        return idempotency_key(base, court, len(self.courts) > 1)
 
 
 # --------------------------------------------------------------------------- describing

@@ -47,6 +47,7 @@ from models import (
     EXPIRED,
     FAILED,
     PENDING,
+    WATCHING,
     Instance,
     Token,
     transaction,
@@ -2751,3 +2752,165 @@ def test_a_permanent_error_at_a_preparation_step_fails_at_once_naming_the_step(
         "retried: check the host in the booking URL, or ask the club to fix its certificate"
     )
     assert fh.stop.waits == []
+
+
+# --------------------------------------------------------------------------- CONTRACT 13
+
+#: Fallback times of the Berlin instance at 18:00: 19:00 (trigger an hour after TRIGGER) and
+#: 17:00 (trigger an hour before it: open at once).
+AT_19 = datetime(2026, 11, 30, 18, 0, tzinfo=UTC)
+AT_17 = datetime(2026, 11, 30, 16, 0, tzinfo=UTC)
+
+
+def wishes(h: Harness, *, times: tuple[datetime, ...] = (), watch: timedelta | None = None) -> None:
+    """Give the instance KEY fallback times (as reconcile writes them) and a watch."""
+    listed = [(DESIRED, "18:00"), *((t, f"{t.astimezone(BERLIN):%H:%M}") for t in times)]
+    fallbacks = [
+        [text, utils.format_utc(t), utils.format_utc(t - timedelta(hours=168))]
+        for t, text in listed
+    ]
+    with transaction(h.factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == KEY))
+        assert row is not None
+        row.fallbacks = json.dumps(fallbacks) if times else None
+        row.watch_until = DESIRED - watch if watch is not None else None
+
+
+def test_every_court_taken_goes_on_with_the_fallback_time_at_its_own_trigger(h: Harness) -> None:
+    h.add(courts=("3", "4"))
+    wishes(h, times=(AT_19,))
+    queue(h.club, answer(409, "Court 3 is already booked"), answer(409, "taken"))
+    assert h.book() == PENDING
+    row = h.row()
+    assert (row.status, row.fallback_step, row.trigger_time) == (
+        PENDING,
+        1,
+        AT_19 - timedelta(hours=168),
+    )
+    assert len(h.calls) == 2 and h.outcomes == []
+    h.clock.set(AT_19 - timedelta(hours=168))
+    queue(h.club, answer(201, {"id": "bk-19"}))
+    assert h.book() == BOOKED
+    assert h.sent_keys() == [f"{KEY}#3", f"{KEY}#4", f"{KEY}@19:00#3"]
+    assert h.sent_bodies()[-1]["start"] == "2026-11-30T19:00:00+01:00"
+    row = h.row()
+    assert (row.key, row.booked_time, row.booking_ref) == (KEY, "19:00", "bk-19")
+    (outcome,) = h.outcomes
+    assert (outcome.status, outcome.first_choice) == (BOOKED, "18:00")
+    assert outcome.desired_start == AT_19
+
+
+def test_a_fallback_time_whose_window_is_open_is_tried_at_once_and_at_most_one_books(
+    h: Harness,
+) -> None:
+    h.add()
+    wishes(h, times=(AT_17, AT_19))
+    queue(h.club, answer(409), answer(201, {"id": "bk-17"}))
+    assert h.book() == BOOKED
+    assert [b["start"] for b in h.sent_bodies()] == [
+        "2026-11-30T18:00:00+01:00",
+        "2026-11-30T17:00:00+01:00",
+    ]
+    assert h.row().booked_time == "17:00" and h.row().fallback_step == 1
+    assert len(h.outcomes) == 1
+
+
+def test_the_reason_lists_each_time_tried_with_what_the_club_said(h: Harness) -> None:
+    h.add()
+    wishes(h, times=(AT_17,))
+    queue(h.club, answer(409, "full"), answer(409, "gone"))
+    assert h.book() == FAILED
+    assert h.row().last_error == (
+        f"18:00: court 3: taken (HTTP 409); 17:00: court 3: taken (HTTP 409); {TAKEN_ADVICE}"
+    )
+    assert h.outcomes[0].retry_helps is False
+
+
+@pytest.mark.parametrize("status", [401, 400])
+def test_a_failure_other_than_taken_tries_no_fallback(h: Harness, status: int) -> None:
+    h.add()
+    wishes(h, times=(AT_17,), watch=timedelta(hours=1))
+    queue(h.club, answer(status))
+    assert h.book() == FAILED
+    assert len(h.calls) == 1 and h.row().fallback_step == 0
+
+
+def test_a_watch_tries_again_each_interval_until_booked(h: Harness) -> None:
+    h.ctx.jitter = lambda: 1.0  # +10 %
+    h.add(courts=("3", "4"))
+    wishes(h, watch=timedelta(hours=2))
+    queue(h.club, answer(409), answer(409))
+    assert h.book() == WATCHING
+    row = h.row()
+    assert (row.status, row.next_try_at) == (WATCHING, TRIGGER + timedelta(seconds=330))
+    (watching,) = h.outcomes
+    assert watching.status == WATCHING
+    assert watching.watch_until == DESIRED - timedelta(hours=2)
+    # The first try: one request, court 3 (the courts take turns), still taken.
+    h.clock.set(row.next_try_at)
+    queue(h.club, answer(409, "still taken"))
+    assert h.book() == WATCHING
+    assert len(h.calls) == 3 and h.sent_keys()[-1] == f"{KEY}~watch1"
+    row = h.row()
+    assert (row.watch_tries, row.next_try_at) == (1, TRIGGER + timedelta(seconds=660))
+    # A 429 asks for 20 minutes: no sooner than that, and the watch goes on.
+    h.clock.set(row.next_try_at)
+    queue(h.club, answer(429, "", {"Retry-After": "1200"}))
+    assert h.book() == WATCHING
+    assert h.sent_keys()[-1] == f"{KEY}~watch2"
+    assert h.sent_bodies()[-1]["court_id"] == "4"
+    assert h.row().next_try_at == TRIGGER + timedelta(seconds=660 + 1200)
+    h.clock.set(h.row().next_try_at)
+    queue(h.club, answer(201, {"id": "bk-w"}))
+    assert h.book() == BOOKED
+    assert len(h.calls) == 5
+    row = h.row()
+    assert (row.status, row.booking_ref, row.booked_court) == (BOOKED, "bk-w", "3")
+    final = h.outcomes[-1]
+    assert (final.status, final.from_watch) == (BOOKED, True)
+    assert len(h.outcomes) == 2  # one Watching:, one final outcome
+
+
+def test_a_watch_ends_failed_when_it_runs_out(h: Harness) -> None:
+    h.ctx.jitter = lambda: 0.0  # -10 %
+    h.ctx.watch_interval = 60.0
+    h.add()
+    wishes(h, watch=timedelta(hours=168) - timedelta(seconds=100))
+    queue(h.club, answer(409), answer(409))
+    assert h.book() == WATCHING
+    # 60 s at least, whatever the jitter.
+    assert h.row().next_try_at == TRIGGER + timedelta(seconds=60)
+    h.clock.set(h.row().next_try_at)
+    assert h.book() == FAILED
+    row = h.row()
+    assert row.last_error == (
+        "taken; watched until Mon 2026-11-23 18:01 CET, 1 try (18:00: court 3: taken (HTTP 409))"
+    )
+    assert (row.next_try_at, h.outcomes[-1].status) == (None, FAILED)
+    assert len(h.calls) == 2
+
+
+def test_a_watch_try_answered_neither_taken_nor_booked_fails_it(h: Harness) -> None:
+    h.add()
+    wishes(h, watch=timedelta(hours=1))
+    queue(h.club, answer(409))
+    assert h.book() == WATCHING
+    h.clock.set(h.row().next_try_at)
+    queue(h.club, answer(400, "bad request"))
+    assert h.book() == FAILED
+    assert h.row().last_error == (
+        "watch, try 1: the club refused the request (HTTP 400): check the entry and the URL"
+    )
+
+
+def test_a_watch_try_waits_for_its_time_and_a_reload_may_have_ended_it(h: Harness) -> None:
+    h.add()
+    wishes(h, watch=timedelta(hours=1))
+    queue(h.club, answer(409))
+    assert h.book() == WATCHING
+    with transaction(h.factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == KEY))
+        assert row is not None
+        row.status = CANCELLED
+    h.clock.set(DESIRED - timedelta(hours=3))
+    assert h.book() is None and len(h.calls) == 1
