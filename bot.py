@@ -15,6 +15,7 @@ to the flow's hosts, and its own secrets, scrubbed from every reason and log lin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import heapq
 import http.client
 import http.cookiejar
@@ -2014,3 +2015,34 @@ def _watch_on(ctx: BookingContext, row: Instance, said: str, wait: float | None)
         return WATCHING
     ctx.notify(instances.end_watch(ctx.factory, row.key, _now(ctx)))
     return FAILED
+
+
+def cancel_booking(
+    client: ClubClient,
+    flow: Flow,
+    row: Instance,
+    secrets: Mapping[str, str],
+) -> str | None:
+    """Run the flow's ``cancel`` steps for the booked instance ``row`` (CONTRACT 13), in order,
+    each once: ``{booking_ref}`` is its reference, its secrets, court, times and players are
+    there as for booking. None when the last step succeeded, else what went wrong (secret-free,
+    naming the step)."""
+    for value in secrets.values():
+        remember_secret(value)
+    slot = _slot(row)
+    court = row.booked_court if row.booked_court is not None else slot.courts[0]
+    cancel = dataclasses.replace(flow, steps=flow.cancel)
+    run = FlowRun(
+        cancel, dataclasses.replace(slot, courts=(court,)), secrets, row.token_name, label=row.key
+    )
+    run.extra["booking_ref"] = row.booking_ref
+    for step in flow.cancel:
+        report = _plain_try(client, run, step, court)
+        if report.problem is not None:
+            if report.auth:
+                return (
+                    f"the club rejected the credentials at step {step.name!r} ({report.problem}): "
+                    f"check token {row.token_name!r} in tokens.json"
+                )
+            return f"step {step.name!r}: {report.problem}"
+    return None

@@ -2156,6 +2156,78 @@ def _status_daemons(
     return EXIT_OK
 
 
+def _cancel_flow(settings: Settings, club: str | None) -> tuple[Flow | None, str]:
+    """The flow an instance of ``club`` cancels with (None when there is none), and how to name
+    it: its club file, else the request template, else section 6's request."""
+    try:
+        if club is not None:
+            path = settings.clubs_dir / f"{club}.json"
+            loaded = config_loader.load_flow_file(path, api_url=settings.api_url, label=str(path))
+            return loaded.flow, f"club file {path}"
+        template = config_loader.load_template(settings)
+    except TemplateError as exc:
+        return None, str(exc)
+    if template is not None:
+        return template.flow, template.label
+    if settings.api_url is None:
+        return None, "no BOOKING_API_URL"
+    return default_flow(settings.api_url), "BOOKING_API_URL"
+
+
+def cmd_cancel(env: dict[str, str], key: str) -> int:
+    """Cancel a booked instance at the club (CONTRACT 13): exit 0 when the club confirmed,
+    1 with one line otherwise (nothing changed; nothing sent when it cannot be cancelled)."""
+    loaded = _settings_and_key(env, "cancel")
+    if isinstance(loaded, int):
+        return loaded
+    settings, fernet = loaded
+    try:
+        factory = _open_existing_db(settings, upgrade=True)
+        if factory is None:
+            problem: str | None = f"no database at {models.mask_url(settings.database_url)}"
+        else:
+            problem = instances.cancel_problem(factory, key)
+    except models.DatabaseConnectError as exc:
+        problem = str(exc)
+    if problem is not None or factory is None:
+        print(f"courtbot cancel: {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    row, token_row = instances.claimed(factory, key)
+    flow, name = _cancel_flow(settings, row.club)
+    if flow is None or not flow.cancel:
+        why = f'{name} has no "cancel" steps' if flow is not None else name
+        print(
+            f"courtbot cancel: {key}: {why}; nothing was sent: cancel it with the club",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    secrets, problem = instances.token_secrets(token_row, fernet, name=row.token_name)
+    if problem is None:
+        client = bot.ClubClient(timeout=settings.http_timeout)
+        try:
+            problem = bot.cancel_booking(client, flow, row, secrets)
+        finally:
+            client.close()
+    if problem is not None:
+        print(f"courtbot cancel: {key}: {problem}; it stays booked", file=sys.stderr)
+        return EXIT_INVALID
+    cancelled = instances.cancelled_at_club(factory, key, datetime.now(UTC))
+    notifier = Notifier(_notify_settings(settings))
+    notifier.start()
+    notifier.notify(instances.outcome_of(cancelled))
+    notifier.close()
+    print(f"cancelled at the club: {key} (ref {row.booking_ref})")
+    return EXIT_OK
+
+
+def _notify_settings(settings: Settings) -> NotifySettings:
+    try:
+        return NotifySettings.from_env(settings.env)
+    except NotifyConfigError as exc:
+        print(f"courtbot: notifications: {exc}; none sent", file=sys.stderr)
+        return NotifySettings.from_env({})
+
+
 def cmd_retry(env: dict[str, str], target: str) -> int:
     try:
         settings = load_settings(env)
@@ -2334,6 +2406,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retry = sub.add_parser("retry", help="put failed instances still ahead back to pending")
     retry.add_argument("target", metavar="KEY_OR_SCHEDULE_ID")
+    cancel = sub.add_parser("cancel", help="cancel a booked instance at the club")
+    cancel.add_argument("key", metavar="KEY")
     sub.add_parser("reload", help="send SIGHUP to the running daemon")
     sub.add_parser("health", help="exit 0 while the running daemon's heartbeat is fresh")
     sub.add_parser("generate-key", help="print a new Fernet key")
@@ -2371,6 +2445,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return cmd_status(env, args, sys.stdout)
     if command == "retry":
         return cmd_retry(env, args.target)
+    if command == "cancel":
+        return cmd_cancel(env, args.key)
     if command == "reload":
         return cmd_reload(env)
     if command == "health":

@@ -1945,3 +1945,179 @@ def test_check_shows_fallback_times_watch_and_players_and_a_missing_player_is_ex
         f"error: schedules.json entry 'match' (#1): players: {club} names {{players[1]}}, and "
         'this entry has 1 player; give at least 2 (e.g. ["ana@example.com", "Ben"])'
     ) in capsys.readouterr().err
+
+
+CANCEL_TOKEN = "tok-cancel-9d1e"
+
+
+def _booked_row(
+    factory: sessionmaker[Session],
+    fernet: Any,
+    key: str,
+    *,
+    ref: str | None,
+    status: str = models.BOOKED,
+    club: str | None = None,
+) -> None:
+    with models.transaction(factory) as session:
+        if session.get(models.Token, "default") is None:
+            encrypted = fernet.encrypt(CANCEL_TOKEN.encode()).decode()
+            session.add(models.Token(id="default", encrypted_token=encrypted))
+        desired = future()
+        session.add(
+            Instance(
+                key=key,
+                schedule_id=key.split("@", maxsplit=1)[0],
+                type="one-off",
+                desired_time=desired,
+                trigger_time=desired - timedelta(hours=168),
+                timezone="UTC",
+                court_id="3",
+                courts='["3"]',
+                booked_court="3",
+                status=status,
+                booking_ref=ref,
+                club=club,
+            )
+        )
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Any]:
+    from tools.sandbox_club import SandboxClub
+
+    with SandboxClub(tokens=(CANCEL_TOKEN,)) as club:
+        yield club
+
+
+def test_cancel_deletes_the_booking_at_the_club_and_marks_it_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    factory: sessionmaker[Session],
+    fernet: Any,
+    sandbox: Any,
+) -> None:
+    import requests
+
+    start = future(days=2)  # its window is open at the club
+    made = requests.post(
+        sandbox.url,
+        json={
+            "court_id": "3",
+            "start": start.isoformat(),
+            "end": (start + timedelta(hours=1)).isoformat(),
+            "duration_minutes": 60,
+        },
+        headers={"Authorization": f"Bearer {CANCEL_TOKEN}"},
+        timeout=5,
+    ).json()
+    _booked_row(factory, fernet, "m@1", ref=made["id"])
+    env = env | {"BOOKING_API_URL": sandbox.url}
+    assert run(monkeypatch, env, "cancel", "m@1") == 0
+    assert capsys.readouterr().out == f"cancelled at the club: m@1 (ref {made['id']})\n"
+    (delete,) = [r for r in sandbox.received if r.method == "DELETE"]
+    assert delete.path == f"/bookings/{made['id']}"
+    assert delete.headers["Authorization"] == f"Bearer {CANCEL_TOKEN}"
+    assert sandbox.cancelled == [made["id"]] and sandbox.bookings == []
+    assert instances.status_of(factory, "m@1") == models.CANCELLED
+    # Cancelled already: exit 1, nothing sent.
+    assert run(monkeypatch, env, "cancel", "m@1") == 1
+    assert capsys.readouterr().err == (
+        "courtbot cancel: m@1 is cancelled, not booked: only a booked instance can be cancelled\n"
+    )
+    assert len([r for r in sandbox.received if r.method == "DELETE"]) == 1
+
+
+def test_cancel_of_a_booking_the_club_no_longer_has_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    factory: sessionmaker[Session],
+    fernet: Any,
+    sandbox: Any,
+) -> None:
+    _booked_row(factory, fernet, "m@2", ref="bk-gone")
+    assert run(monkeypatch, env | {"BOOKING_API_URL": sandbox.url}, "cancel", "m@2") == 0
+    assert instances.status_of(factory, "m@2") == models.CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("status", "ref", "club", "message"),
+    [
+        (
+            models.PENDING,
+            "bk-1",
+            None,
+            "m@3 is pending, not booked: only a booked instance can be cancelled",
+        ),
+        (
+            models.BOOKED,
+            None,
+            None,
+            "m@3 is booked without a booking reference (the club's answer gave none): cancel "
+            "it with the club",
+        ),
+        (
+            models.BOOKED,
+            "bk-1",
+            "plain",
+            'm@3: club file {clubs}/plain.json has no "cancel" steps; nothing was sent: '
+            "cancel it with the club",
+        ),
+    ],
+)
+def test_cancel_is_exit_1_with_one_line_and_sends_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+    factory: sessionmaker[Session],
+    fernet: Any,
+    sandbox: Any,
+    status: str,
+    ref: str | None,
+    club: str | None,
+    message: str,
+) -> None:
+    (data_dir / "clubs").mkdir()
+    write_json(data_dir / "clubs" / "plain.json", {"url": sandbox.url})
+    _booked_row(factory, fernet, "m@3", ref=ref, status=status, club=club)
+    assert run(monkeypatch, env | {"BOOKING_API_URL": sandbox.url}, "cancel", "m@3") == 1
+    err = capsys.readouterr().err
+    assert err == f"courtbot cancel: {message.format(clubs=data_dir / 'clubs')}\n"
+    assert sandbox.received == []
+    assert instances.status_of(factory, "m@3") == status
+
+
+def test_cancel_with_a_club_files_cancel_steps_and_a_refusal_keeps_it_booked(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+    factory: sessionmaker[Session],
+    fernet: Any,
+    sandbox: Any,
+) -> None:
+    (data_dir / "clubs").mkdir()
+    write_json(
+        data_dir / "clubs" / "own.json",
+        {
+            "url": sandbox.url,
+            "cancel": [
+                {
+                    "name": "drop",
+                    "method": "DELETE",
+                    "url": sandbox.url + "/{booking_ref}",
+                    "headers": {"Authorization": "Bearer {token}"},
+                    "ok": {"status": [204]},
+                }
+            ],
+        },
+    )
+    _booked_row(factory, fernet, "m@4", ref="bk-404", club="own")
+    assert run(monkeypatch, env, "cancel", "m@4") == 1
+    assert capsys.readouterr().err == (
+        "courtbot cancel: m@4: step 'drop': HTTP 404: no such booking (not its ok answer); it "
+        "stays booked\n"
+    )
+    assert instances.status_of(factory, "m@4") == models.BOOKED
