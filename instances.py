@@ -1208,13 +1208,14 @@ def upcoming(
     schedule: str | None = None,
     limit: int = 5,
 ) -> list[dict[str, Any]]:
-    """The next ``limit`` bookings ahead of ``now`` (pending, under way or booked), soonest
-    start first, as ``status_rows`` gives them."""
+    """The next ``limit`` bookings ahead of ``now`` (pending, under way, watching or booked),
+    soonest start first, as ``status_rows`` gives them."""
     if factory is None:
         return []
     with factory() as session:
         query = _reader_query(session).where(
-            Instance.desired_time > now, Instance.status.in_([PENDING, BOOKING, BOOKED])
+            Instance.desired_time > now,
+            Instance.status.in_([PENDING, BOOKING, WATCHING, BOOKED]),
         )
         if schedule is not None:
             query = query.where(Instance.schedule_id == schedule)
