@@ -571,12 +571,14 @@ def classify(answer: Answer, step: Step) -> Verdict:
     The booking step: its matchers (taken, rejected, booked, early), then CONTRACT section 6's
     table; with ``booked`` given, a 2xx that none of them matches is ``unmatched``. An
     ``at_trigger`` step: its matchers, then ``ok`` (default any 2xx), then the table. Any other
-    step: ``ok``, else ``auth`` for a 401 or 403, else ``failed``.
+    step: its ``rejected`` (refused credentials: ``auth``), ``ok``, else ``auth`` for a 401 or
+    403, else ``failed``.
     """
     status = answer.status
     matched = step.match(status, answer.body)
     if matched is not None:
-        return Verdict(matched)
+        plain = not step.booking and not step.at_trigger
+        return Verdict("auth" if plain and matched == "rejected" else matched)
     if step.booking:
         if 200 <= status < 300:
             return Verdict("unmatched" if step.has_matcher("booked") else "booked")

@@ -17,26 +17,43 @@ The ``daemons`` table lists the daemons with their role and heartbeat, for ``sta
 
 On SQLite the file lock beside the database already allows only one daemon: LocalLeadership
 is always active.
+
+``Roles`` is a daemon's role on its database and the loop's hooks for it (CONTRACT section 10);
+``LeaderWatch`` is the thread that notices a lost role at once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import secrets
+import signal
 import socket
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Connection, Engine, delete, select, text, update
 
+import instances
 import models
+import watchdog
 from models import Daemon
 
+if TYPE_CHECKING:
+    import bot
+    import config_loader
+    import notify
+    import scheduler
+
 logger = logging.getLogger(__name__)
+#: What Roles says goes to the daemon's log, under the daemon's name (as it did in cli.py).
+daemon_logger = logging.getLogger("courtbot")
 
 
 class _OnFirstUse:
@@ -406,3 +423,447 @@ def forget_dead(engine: Engine, *, now: datetime, older_than: timedelta) -> list
         with engine.begin() as conn:
             conn.execute(delete(Daemon).where(Daemon.id.in_(dead)))
     return dead
+
+
+# --------------------------------------------------------------------------- active and standbys
+
+
+class Host(Protocol):
+    """What Roles needs of the daemon it serves (``daemon.Daemon``)."""
+
+    settings: config_loader.Settings
+    engine: models.Engine | None
+    factory: models.SessionFactory | None
+    scheduler: scheduler.Scheduler | None
+    notifier: notify.Notifier | None
+    ctx: bot.BookingContext | None
+
+    def become_active(self, reason: str) -> None: ...
+    def write_pid(self) -> None: ...
+    def heartbeat(self) -> None: ...
+    def reset_watch(self) -> None: ...
+    def wake(self) -> None: ...
+    def sync(self) -> scheduler.SyncReport: ...
+
+
+#: How often a daemon on a shared database writes its row in ``daemons`` (a standby: its
+#: heartbeat file too), and the active one looks for claims of daemons that died.
+BEAT_SECONDS = 5.0
+#: How often the active daemon on a shared database looks for pending instances changed
+#: elsewhere (a booking handed back, a `retry` on another host): as often as the watchdog
+#: looks, so that their jobs exist before it would call them overdue.
+LOOK_SECONDS = watchdog.INTERVAL
+#: A stopped daemon's row in ``daemons`` is removed this long after its last heartbeat.
+FORGET_AFTER = timedelta(minutes=1)
+#: How long a claim's owner that seems gone is given to show it lives (a standby takes its
+#: presence lock again at its next try, every POLL_SECONDS).
+PRESENCE_GRACE_SECONDS = 1.5 * POLL_SECONDS
+
+
+class LeaderWatch:
+    """A thread that checks every ``CHECK_SECONDS`` that the daemon still holds the
+    active role, and calls ``on_lost`` once, at once, when it does not."""
+
+    def __init__(self, lead: Leadership | LocalLeadership, on_lost: Callable[[], None]) -> None:
+        self.lead = lead
+        self.on_lost = on_lost
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="courtbot-leader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(CHECK_SECONDS):
+            try:
+                held = self.lead.still_held()
+            except Exception:
+                daemon_logger.exception("leadership check failed")
+                held = False
+            if not held:
+                if not self._stop.is_set():
+                    self.on_lost()
+                return
+
+    def stop(self) -> None:
+        """Stop checking (and wait for a check under way, so nobody else uses the lock's
+        connection at the same time)."""
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(10)
+
+
+class Roles:
+    """This daemon's role on its database (CONTRACT section 10) and the loop's hooks for it.
+
+    On SQLite the file lock let only this daemon start: it is active at once and stays so. On
+    PostgreSQL it is active while it holds ``Leadership``; otherwise a standby, which
+    tries for it every ``POLL_SECONDS``, writes its heartbeat, ignores SIGHUP, and
+    sends and loads nothing. The active daemon checks the lock every ``CHECK_SECONDS``
+    from a thread of its own and, once it is lost, stops booking at once (``may_send``
+    cleared: no request leaves, the job store is fenced) and goes back to standby with a
+    fresh scheduler when it wins the role again.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.ident = new_daemon_id()
+        self.lead = leadership_for(url, self.ident)
+        self.shared = isinstance(self.lead, Leadership)
+        self.beat_seconds = BEAT_SECONDS
+        self.role = STANDBY
+        self.started_at = datetime.now(UTC)
+        self.since = self.started_at
+        self._watch: LeaderWatch | None = None
+        self._lost = threading.Event()
+        self._next_try = 0.0
+        self._next_beat = 0.0
+        self._next_look = 0.0
+        self._outage: str | None = None
+        #: The context of the last period as the active daemon, while its bookings end.
+        self._leftover: bot.BookingContext | None = None
+        self._pending_mark: tuple[int, datetime | None] | None = None
+
+    @property
+    def is_active(self) -> bool:
+        return self.role == ACTIVE
+
+    # -- hooks of the daemon and its loop ------------------------------------------------
+
+    def join(self, daemon: Host) -> None:
+        """At start: the active role if it is free (always on SQLite), else standby."""
+        try:
+            acquired = self.lead.try_acquire()
+        except models.DatabaseConnectError as exc:
+            self._report_outage(exc)
+            acquired = False
+        if acquired:
+            self._activate(daemon, "start")
+        else:
+            self._wait(daemon, rejoin=False)
+
+    def next_due(self) -> float:
+        """When (``time.monotonic``) the loop must call ``tick`` at the latest."""
+        if not self.shared:
+            return math.inf  # alone on its database: nothing to beat or try
+        if self.is_active:
+            return min(self._next_beat, self._next_look)
+        return min(self._next_try, self._next_beat)
+
+    def tick(self, daemon: Host, signals: set[int]) -> bool:
+        """One turn of the loop. True when the rest of the turn (reloads, the active
+        daemon's heartbeat) is not for this daemon now: it is a standby, or just became one."""
+        if self.is_active:
+            if self._lost.is_set():
+                self._step_down(daemon)
+                return True
+            now = time.monotonic()
+            if self.shared and now >= self._next_look:
+                self._next_look = now + LOOK_SECONDS
+                self._pick_up(daemon)
+            if self.shared and now >= self._next_beat:
+                self.beat(daemon)
+            return False
+        if signal.SIGHUP in signals:
+            daemon_logger.info(
+                "SIGHUP received: this daemon is a standby; it loads the files when it becomes "
+                "the active one"
+            )
+        now = time.monotonic()
+        if now >= self._next_try:
+            self._next_try = now + POLL_SECONDS
+            if self._try_acquire():
+                self._activate(daemon, "became active")
+                return True
+        if now >= self._next_beat:
+            self._beat_standby(daemon)
+        return True
+
+    def before_sync(self, factory: models.SessionFactory) -> None:
+        """Note the pending instances as they are before the jobs follow them, so that a
+        change made elsewhere afterwards is seen (shared databases only)."""
+        if self.shared:
+            self._pending_mark = instances.pending_mark(factory)
+
+    def live_owners(self, factory: models.SessionFactory) -> frozenset[str]:
+        """The owners of ``booking`` claims whose daemon lives (this one included): their
+        claims are theirs, never taken over."""
+        owners = {owner for owner in instances.booking_owners(factory) if owner}
+        return frozenset(self._alive(owners - {self.ident}) | {self.ident})
+
+    def _alive(self, owners: set[str]) -> set[str]:
+        """Those of ``owners`` whose daemon lives. One that seems gone is looked at again
+        after PRESENCE_GRACE_SECONDS: a daemon whose connections were cut (not killed) takes
+        its presence again within a second, and its claims stay its own."""
+        if not owners:
+            return set()
+        alive = self.lead.alive_ids(owners)
+        if self.shared and owners - alive:
+            time.sleep(PRESENCE_GRACE_SECONDS)
+            alive |= self.lead.alive_ids(owners)
+        return alive
+
+    def hand_over(self, daemon: Host) -> None:
+        """At a clean stop, before waiting for bookings in flight: no request leaves any more
+        (a booking waiting for its trigger or a retry goes back to pending) and a standby may
+        take the role at once."""
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        if self.shared and daemon.ctx is not None:
+            daemon.ctx.may_send.clear()
+            daemon.ctx.stop.set()
+        self.lead.release()
+
+    def leave(self, daemon: Host) -> None:
+        """At exit, after the bookings in flight (those of an earlier period as the active
+        daemon too): this daemon's row goes, then its locks."""
+        leftover = self._leftover
+        if leftover is not None:
+            deadline = time.monotonic() + daemon.settings.http_timeout + 1.0
+            while leftover.in_flight and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if daemon.engine is not None:
+            try:
+                remove_daemon(daemon.engine, self.ident)
+            except Exception as exc:  # noqa: BLE001 (the row is forgotten later anyway)
+                daemon_logger.warning("could not remove this daemon's row: %s", self._one_line(exc))
+        self.lead.close()
+
+    # -- the active role -----------------------------------------------------------------
+
+    def _activate(self, daemon: Host, reason: str) -> None:
+        self.role = ACTIVE
+        self.since = datetime.now(UTC)
+        self._lost.clear()
+        self._next_beat = time.monotonic() + self.beat_seconds
+        self._next_look = time.monotonic() + LOOK_SECONDS
+        if not self.shared:
+            daemon.become_active(reason)
+            return
+        daemon_logger.info(
+            "active: this daemon (%s pid %d) is the active one on %s",
+            socket.gethostname(),
+            os.getpid(),
+            models.mask_url(self.url),
+        )
+        # An active daemon whose connection was cut notices within CHECK_SECONDS and stops
+        # sending: give it that time before anything is sent from here.
+        time.sleep(SETTLE_SECONDS)
+        self._watch = LeaderWatch(self.lead, lambda: self._on_lost(daemon))
+        self._watch.start()
+        try:
+            self._release_leftovers(daemon, self.since)
+            daemon.become_active(reason)
+        except Exception:
+            daemon_logger.exception("could not take up the active role; back to standby")
+            self._on_lost(daemon, quiet=True)
+            self._step_down(daemon)
+
+    def _on_lost(self, daemon: Host, *, quiet: bool = False) -> None:
+        """The role is gone (the lock's connection failed, or it was taken): stop booking now,
+        from whatever thread noticed; the loop steps down next."""
+        ctx = daemon.ctx
+        if ctx is not None:
+            ctx.may_send.clear()
+            ctx.stop.set()
+        self._lost.set()
+        if not quiet:
+            daemon_logger.error(
+                "lost the active role on %s (its database connection failed): stopped booking "
+                "at once; a booking in flight may finish; a standby takes over",
+                models.mask_url(self.url),
+            )
+        daemon.wake()
+
+    def beat(self, daemon: Host) -> None:
+        """The active daemon's beat on a shared database: its row in ``daemons``, the claims
+        of daemons that died, and pending instances changed elsewhere. (Alone on SQLite it
+        has nothing to say: ``status`` reads its pid file and heartbeat.)"""
+        if not self.shared:
+            return
+        assert daemon.engine is not None and daemon.factory is not None
+        self._next_beat = time.monotonic() + self.beat_seconds
+        now = datetime.now(UTC)
+        try:
+            self._write_row(daemon, now)
+            self._recover_dead_claims(daemon, now)
+            forget_dead(daemon.engine, now=now, older_than=FORGET_AFTER)
+        except Exception as exc:  # noqa: BLE001 (the database is away: the watch acts on it)
+            self._report_outage(exc)
+            return
+        self._recovered()
+
+    def _pick_up(self, daemon: Host) -> None:
+        """Pending instances changed elsewhere (a booking handed back by a daemon that lost the
+        role, a `retry` run on another host): their jobs follow. A cheap look (a count and a
+        time on the status index) unless something changed."""
+        assert daemon.factory is not None
+        try:
+            if instances.pending_mark(daemon.factory) == self._pending_mark:
+                return
+            changed = daemon.sync()
+        except Exception as exc:  # noqa: BLE001 (the database is away: the watch acts on it)
+            self._report_outage(exc)
+            return
+        if changed.added or changed.moved or changed.removed:
+            daemon_logger.info(
+                "instances changed elsewhere: jobs %d added, %d moved, %d removed",
+                changed.added,
+                changed.moved,
+                changed.removed,
+            )
+
+    def _recover_dead_claims(self, daemon: Host, now: datetime) -> None:
+        """Claims of daemons that died since this one became active: as after a crash."""
+        assert daemon.factory is not None and daemon.notifier is not None
+        owners = instances.booking_owners(daemon.factory) - {self.ident}
+        if not owners:
+            return
+        live = self._alive({owner for owner in owners if owner}) | {self.ident}
+        if owners <= live:
+            return
+        retried, unknown = instances.recover_in_flight(
+            daemon.factory, now, live_owners=frozenset(live)
+        )
+        for row in unknown:
+            daemon.notifier.notify(instances.outcome_of(row))
+        if retried:
+            daemon_logger.warning(
+                "%d booking(s) of a daemon that stopped are retried now with the same "
+                "Idempotency-Key: %s",
+                len(retried),
+                ", ".join(retried),
+            )
+        daemon.sync()
+
+    def _step_down(self, daemon: Host) -> None:
+        """Back to standby after losing the role: the scheduler stops (its store is fenced
+        already), presence is taken again (this daemon's claims in flight stay its own)."""
+        if self._watch is not None:
+            self._watch.stop()
+            self._watch = None
+        self._lost.clear()
+        if daemon.scheduler is not None:
+            daemon.scheduler.shutdown(wait=False)
+        daemon.reset_watch()
+        self.lead.release()
+        try:
+            self.lead.ensure_present()
+        except Exception as exc:  # noqa: BLE001 (the database is away: logged, retried)
+            self._report_outage(exc)
+        self._leftover = daemon.ctx
+        self._wait(daemon, rejoin=True)
+
+    # -- the standby role ----------------------------------------------------------------
+
+    def _wait(self, daemon: Host, *, rejoin: bool) -> None:
+        """Become (or start as) a standby: ``bot.pid`` written, heartbeat, one log line."""
+        self.role = STANDBY
+        self.since = datetime.now(UTC)
+        pause = REJOIN_SECONDS if rejoin else POLL_SECONDS
+        self._next_try = time.monotonic() + pause
+        self._beat_standby(daemon)
+        daemon_logger.info(
+            "standby: this daemon (%s pid %d) waits on %s%s; it sends nothing and takes over "
+            "within seconds when the active one ends",
+            socket.gethostname(),
+            os.getpid(),
+            models.mask_url(self.url),
+            self._active_one(daemon),
+        )
+        daemon.write_pid()
+
+    def _active_one(self, daemon: Host) -> str:
+        """`` while <host> pid <pid> is active`` when the database says so, else ``""``."""
+        if daemon.engine is None:
+            return ""
+        try:
+            states = list_daemons(daemon.engine, now=datetime.now(UTC))
+        except Exception:  # noqa: BLE001 (a detail of a log line)
+            return ""
+        for state in states:
+            if state.alive and state.role == ACTIVE and state.id != self.ident:
+                return f" while {state.host} pid {state.pid} is active"
+        return ""
+
+    def _try_acquire(self) -> bool:
+        try:
+            acquired = self.lead.try_acquire()
+        except Exception as exc:  # noqa: BLE001 (unreachable: logged once, tried again)
+            self._report_outage(exc)
+            return False
+        self._recovered()
+        return acquired
+
+    def _beat_standby(self, daemon: Host) -> None:
+        """A standby's row and heartbeat file (only while it reaches the database: one that
+        cannot would not take over, so ``health`` says 1), and the end of its own claims."""
+        self._next_beat = time.monotonic() + self.beat_seconds
+        now = datetime.now(UTC)
+        try:
+            self._write_row(daemon, now)
+            self._release_leftovers(daemon, now)
+        except Exception as exc:  # noqa: BLE001 (logged once, tried again)
+            self._report_outage(exc)
+            return
+        self._recovered()
+        daemon.heartbeat()
+
+    def _release_leftovers(self, daemon: Host, now: datetime) -> None:
+        """Claims of this daemon's last active period still in ``booking`` whose booking is
+        no longer under way (its end could not be written: the database was away) are put
+        back as after a crash, for whichever daemon is active. A booking still under way is
+        left to finish, and looked at again at the next beat."""
+        ctx = self._leftover
+        if ctx is None or daemon.factory is None:
+            return
+        with ctx.in_flight_lock:
+            busy = frozenset(ctx.in_flight)
+        retried, unknown = instances.recover_in_flight(
+            daemon.factory, now, owner=self.ident, keep=busy
+        )
+        if retried or unknown:
+            daemon_logger.warning(
+                "claims of this daemon whose end could not be written are put back: %s",
+                ", ".join(retried + [row.key for row in unknown]),
+            )
+        if daemon.notifier is not None:
+            for row in unknown:
+                daemon.notifier.notify(instances.outcome_of(row))
+        if not busy:
+            self._leftover = None
+
+    # -- both ------------------------------------------------------------------------------
+
+    def _write_row(self, daemon: Host, now: datetime) -> None:
+        assert daemon.engine is not None
+        write_heartbeat(
+            daemon.engine,
+            ident=self.ident,
+            role=self.role,
+            started_at=self.started_at,
+            since=self.since,
+            now=now,
+        )
+
+    def _one_line(self, exc: BaseException) -> str:
+        if isinstance(exc, models.DatabaseConnectError):
+            return str(exc)
+        return str(models.connect_error(self.url, exc))
+
+    def _report_outage(self, exc: BaseException) -> None:
+        """Log a database error once per outage (the password masked)."""
+        if self._outage is None:
+            daemon_logger.error(
+                "%s: %s; trying again every %g s",
+                self.role,
+                self._one_line(exc),
+                POLL_SECONDS if not self.is_active else self.beat_seconds,
+            )
+        self._outage = self._one_line(exc)
+
+    def _recovered(self) -> None:
+        if self._outage is not None:
+            daemon_logger.info("%s: the database answers again", self.role)
+            self._outage = None

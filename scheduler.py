@@ -2,7 +2,7 @@
 
 Nobody else imports APScheduler. Jobs are module-level functions taking only the instance key
 (persistent stores pickle the callable's reference and its arguments); they hand the key to the
-runtime that ``cli`` registers. The instance table is the truth: ``sync`` makes the job store
+runtime that ``daemon`` registers. The instance table is the truth: ``sync`` makes the job store
 match the pending instances, cheaply, at start and after every load.
 
 APScheduler 3 retries a failed *read* of due jobs, but a failed *write* in its loop (``remove_job``
@@ -52,7 +52,7 @@ PROBE_JOB_ID = "courtbot:write-probe"
 
 
 class Runtime(Protocol):
-    """What the jobs call into (the daemon in cli.py)."""
+    """What the jobs call into (the daemon, daemon.Daemon)."""
 
     def book(self, key: str) -> None: ...
 

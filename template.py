@@ -16,9 +16,9 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 from zoneinfo import ZoneInfo
 
 import utils
@@ -60,9 +60,11 @@ TEMPLATE_KEYS = (
     "idempotency_header",
     "window",
     "about",
+    "sources",
+    "checked",
     "cancel",
 )
-FLOW_KEYS = ("hosts", "window", "prepare_seconds", "steps", "about", "cancel")
+FLOW_KEYS = ("hosts", "window", "prepare_seconds", "steps", "about", "sources", "checked", "cancel")
 STEP_KEYS = (
     "name",
     "method",
@@ -80,7 +82,15 @@ BOOKING_KEYS = ("booked", "taken", "rejected", "early", "booking_ref", "idempote
 #: An ``at_trigger`` step's answers are read as the booking step's: it may say which are taken,
 #: rejected or early, as the booking step does.
 AT_TRIGGER_MATCHERS = ("taken", "rejected", "early")
+#: Any other step may say which answers mean refused credentials (a club that answers a wrong
+#: password with its own status, e.g. Perfect Gym's 499): matched, the booking fails at once.
+PLAIN_MATCHERS = ("rejected",)
+#: A club file ``checked`` longer ago than this is a warning at ``check`` (CONTRACT section 12).
+STALE_AFTER_DAYS = 180
 EXTRACT_FORMS = ("json", "header", "cookie", "regex", "url")
+#: How a text value may be decoded once taken (``{"regex": "token=([^&']+)", "decode": "url"}``:
+#: a value the club percent-encoded in a link, sent on as itself).
+EXTRACT_DECODINGS = ("url",)
 TEMPLATE_METHODS = ("POST", "PUT", "PATCH", "GET", "DELETE")
 #: Matchers in the order they are tried (CONTRACT section 11: taken, rejected, booked; then early).
 MATCHER_ORDER = ("taken", "rejected", "booked", "early")
@@ -611,14 +621,18 @@ class Extraction:
     source: str
     path: JsonPath | None = None
     pattern: re.Pattern[str] | None = None
+    #: One of EXTRACT_DECODINGS, applied to a text value once taken (None: as found).
+    decode: str | None = None
 
     def describe(self) -> str:
-        return f"{self.name} ({self.kind} {self.source})"
+        decoded = f", {self.decode}-decoded" if self.decode else ""
+        return f"{self.name} ({self.kind} {self.source}{decoded})"
 
     def take(self, reply: Reply, values: Mapping[str, Any]) -> Any:
         """The value, or ``ExtractError`` saying what was missing."""
         try:
-            return self._take(reply, values)
+            found = self._take(reply, values)
+            return unquote(found) if self.decode == "url" else found
         except ExtractError as exc:
             raise ExtractError(
                 f"value {self.name!r} ({self.kind} {self.source!r}): {exc}"
@@ -809,6 +823,10 @@ class Flow:
     about: str | None = None
     #: Every step names its URL (BOOKING_API_URL is not needed for it).
     has_url: bool = True
+    #: Where the flow's calls were read (public client code, API documentation).
+    sources: tuple[str, ...] = ()
+    #: When the flow was last checked against the live system or its sources.
+    checked: date | None = None
     #: The steps that cancel a booking (CONTRACT section 13), in order; () when the file has
     #: no ``cancel``.
     cancel: tuple[Step, ...] = ()
@@ -1238,13 +1256,23 @@ def _extraction_spec(
 ) -> Extraction:
     """One extraction written ``{"<form>": source}``; TemplateError naming ``where`` and what
     was ``expected`` otherwise."""
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in EXTRACT_FORMS:
+    forms = [key for key in spec if key in EXTRACT_FORMS] if isinstance(spec, dict) else []
+    if not isinstance(spec, dict) or len(forms) != 1 or set(spec) - {forms[0], "decode"}:
         raise TemplateError(
             f"{where}: expected {expected}"
             + ", ".join(f'{{"{form}": ...}}' for form in EXTRACT_FORMS)
+            + ' (a text form may add "decode": "url")'
         )
-    kind, source = next(iter(spec.items()))
-    return _extraction(name, kind, source, f"{where}.{kind}", scope)
+    kind = forms[0]
+    extraction = _extraction(name, kind, spec[kind], f"{where}.{kind}", scope)
+    if "decode" not in spec:
+        return extraction
+    if spec["decode"] not in EXTRACT_DECODINGS or kind == "json":
+        raise TemplateError(
+            f'{where}.decode: expected "url" (percent-decoding) on a header, cookie, regex or '
+            f"url value, got {spec['decode']!r}"
+        )
+    return dataclasses.replace(extraction, decode=spec["decode"])
 
 
 def _extraction(name: str, kind: str, source: Any, where: str, scope: Scope) -> Extraction:
@@ -1294,6 +1322,47 @@ def _about(value: Any, where: str) -> str | None:
     if value is not None and not isinstance(value, str):
         raise TemplateError(f"{where}about: expected a string (free text for people)")
     return value
+
+
+def _sources(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if (
+        not isinstance(value, list)
+        or not value
+        or not all(isinstance(item, str) and item.strip() for item in value)
+    ):
+        raise TemplateError(
+            f"{where}sources: expected a non-empty list of non-empty strings (where the flow's "
+            "calls were read: a repository and path, or a documentation URL)"
+        )
+    return tuple(item.strip() for item in value)
+
+
+def _checked(value: Any, where: str) -> date | None:
+    if value is None:
+        return None
+    problem = f"{where}checked: expected a date YYYY-MM-DD (when the flow was last checked)"
+    if not isinstance(value, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        raise TemplateError(f"{problem}, got {value!r}")
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise TemplateError(f"{problem}, got {value!r} (no such day)") from None
+
+
+def stale_warning(flow: Flow, now: datetime) -> str | None:
+    """The warning ``check`` gives when the file's ``checked`` is more than STALE_AFTER_DAYS
+    before ``now`` (UTC); None when it is recent or not given."""
+    if flow.checked is None:
+        return None
+    days = (now.astimezone(UTC).date() - flow.checked).days
+    if days <= STALE_AFTER_DAYS:
+        return None
+    return (
+        f"{flow.name}: checked {flow.checked.isoformat()}, {days} days ago (more than "
+        f"{STALE_AFTER_DAYS}): systems change: run dry-run"
+    )
 
 
 def _no_repeats(value: Any, where: str, path: str = "", *, skip: str | None = None) -> None:
@@ -1351,6 +1420,8 @@ def _single(data: dict[str, Any], api_url: str | None, name: str) -> Flow:
         window=_window(data.get("window"), where),
         about=_about(data.get("about"), where),
         has_url="url" in data,
+        sources=_sources(data.get("sources"), where),
+        checked=_checked(data.get("checked"), where),
     )
 
 
@@ -1378,7 +1449,7 @@ def _step(
     _no_repeats(data, where)
     booking = _bool(data, "booking", where)
     at_trigger = _bool(data, "at_trigger", where)
-    allowed = STEP_KEYS + (BOOKING_KEYS if booking else AT_TRIGGER_MATCHERS if at_trigger else ())
+    allowed = STEP_KEYS + _step_matchers(booking, at_trigger)
     for key in data:
         if key not in allowed:
             raise TemplateError(f"{where}{key}: {_unknown_step_key(key, booking, at_trigger)}")
@@ -1403,7 +1474,7 @@ def _step(
     parts = (
         _booking_parts(data, where, scope)
         if booking
-        else {"matchers": _named_matchers(data, where, AT_TRIGGER_MATCHERS)}
+        else {"matchers": _named_matchers(data, where, _step_matchers(False, at_trigger))}
     )
     return Step(
         name=names[position],
@@ -1419,6 +1490,13 @@ def _step(
     )
 
 
+def _step_matchers(booking: bool, at_trigger: bool) -> tuple[str, ...]:
+    """The answer keys a step takes besides STEP_KEYS."""
+    if booking:
+        return BOOKING_KEYS
+    return AT_TRIGGER_MATCHERS if at_trigger else PLAIN_MATCHERS
+
+
 def _unknown_step_key(key: str, booking: bool, at_trigger: bool) -> str:
     if key in BOOKING_KEYS:
         return 'only the booking step (the one with "booking": true) takes it' + (
@@ -1427,7 +1505,7 @@ def _unknown_step_key(key: str, booking: bool, at_trigger: bool) -> str:
             else ""
         )
     return "unknown key; expected one of " + ", ".join(
-        STEP_KEYS + (BOOKING_KEYS if booking else AT_TRIGGER_MATCHERS if at_trigger else ())
+        STEP_KEYS + _step_matchers(booking, at_trigger)
     )
 
 
@@ -1580,6 +1658,8 @@ def _multi(data: dict[str, Any], api_url: str | None, name: str) -> Flow:
         prepare_seconds=prepare if any(s.phase == "prepare" for s in compiled) else 0.0,
         about=_about(data.get("about"), f"{name}: "),
         has_url=all("url" in raw for raw in raw_steps),
+        sources=_sources(data.get("sources"), f"{name}: "),
+        checked=_checked(data.get("checked"), f"{name}: "),
     )
 
 

@@ -5,7 +5,8 @@ comparing how far it moved with how far the monotonic clock moved. ``Overdue`` t
 the scheduler missed from one it has not had the time to pick up. ``Watchdog`` turns what the
 daemon finds wrong (its scheduler stopped, the job store cannot be written, a trigger overdue)
 into log lines, the health state of the heartbeat file, and the moment to give up. The daemon
-(``cli``) does the looking and the recovering. Pure: clocks are injected; no database, no files.
+(``daemon.py``) does the looking and the recovering. Pure: clocks are injected; no database,
+no files.
 """
 
 from __future__ import annotations

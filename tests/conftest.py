@@ -6,11 +6,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import models
 from config_loader import Settings
+from models import Instance
 
 #: A fixed "now" for tests that do not need the real clock (a Monday).
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -299,3 +301,57 @@ def ping_server() -> Iterator[PingServer]:
     server = PingServer()
     yield server
     server.close()
+
+
+# ---------------------------------------------------------------- the CLI and the daemon in process
+
+
+@pytest.fixture
+def keep_root_logging() -> Iterator[None]:
+    """cli.main() sets up logging for its process; in this one, give pytest's handlers back."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+
+
+def main_in_process(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], *argv: str) -> int:
+    """``python main.py *argv`` in this process, on ``env`` only (the variables it reads)."""
+    for name in list(os.environ):
+        if name.startswith(("BOOKING_", "FERNET_", "DATA_", "DATABASE_", "LOG_", "SMTP_")):
+            monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    import cli
+
+    return cli.main(list(argv))
+
+
+def future(days: float = 20) -> datetime:
+    """A whole minute ``days`` ahead."""
+    return (datetime.now(UTC) + timedelta(days=days)).replace(second=0, microsecond=0)
+
+
+def add_instance(factory: sessionmaker[Session], key: str, **fields: Any) -> None:
+    """A one-off instance ``key@<desired>`` (20 days ahead unless ``desired`` is given)."""
+    desired = fields.pop("desired", future())
+    with models.transaction(factory) as session:
+        session.add(
+            Instance(
+                key=f"{key}@{desired:%Y-%m-%dT%H:%M:%SZ}",
+                schedule_id=key,
+                type="one-off",
+                desired_time=desired,
+                trigger_time=desired - timedelta(hours=168),
+                timezone="Europe/London",
+                court_id="3",
+                courts='["3"]',
+                **fields,
+            )
+        )

@@ -54,7 +54,7 @@ from models import (
 )
 from notify import Outcome
 from reliability_helpers import evil_server, self_signed_context
-from template import Flow, Reply, parse_flow
+from template import Flow, Reply, Step, parse_flow
 
 URL = "http://club.test/bookings"
 TOKEN = "tok-S3cret-7c41d0b8e2f9a6"
@@ -954,7 +954,7 @@ NOT_ACTIVE_LINE = (
 
 
 def lose_the_role(ctx: BookingContext) -> None:
-    """What cli.Roles does, from its watch thread, when the daemon's lock is lost."""
+    """What leader.Roles does, from its watch thread, when the daemon's lock is lost."""
     ctx.may_send.clear()
     ctx.stop.set()
 
@@ -1713,6 +1713,31 @@ def test_matchers_are_tried_taken_rejected_booked_then_the_table() -> None:
     assert verdict(425, {}) == "early"
     # With booked given, a 2xx none of the matchers knows is no booking.
     assert verdict(201, {"id": "x"}) == "unmatched"
+
+
+def test_a_rejected_matcher_on_a_preparation_or_finishing_step_is_refused_credentials() -> None:
+    flow = parse_flow(
+        {
+            "steps": [
+                {"name": "login", "url": "https://club.example/l", "rejected": {"status": [499]}},
+                {"name": "b", "url": "https://club.example/b", "booking": True},
+                {"name": "after", "url": "https://club.example/a",
+                 "rejected": {"status": [200], "body_contains": "log in again"}},
+            ]
+        },
+        api_url=None,
+        name="club.json",
+    )  # fmt: skip
+    login, _, after = flow.steps
+
+    def verdict(step: Step, status: int, raw: bytes = b"{}") -> str:
+        return bot.classify(bot.Answer(status, {}, raw, 1.0), step).kind
+
+    assert verdict(login, 499) == "auth"
+    assert verdict(login, 498) == "failed"
+    assert verdict(login, 200) == "ok"
+    assert verdict(after, 200, b"please log in again") == "auth"
+    assert verdict(after, 200) == "ok"
 
 
 # --------------------------------------------------------------------------- early answers

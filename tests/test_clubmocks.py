@@ -8,6 +8,7 @@ refused exactly where the system says so.
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import time
@@ -36,6 +37,7 @@ from clubmocks import (
 )
 from clubmocks.flows import flow_problems, placeholders
 from clubmocks.runner import FlowRun, Instance, _Context, json_path, run_flow
+from template import parse_flow
 
 ZONE = ZoneInfo("Europe/Paris")
 TIMEOUT = 5
@@ -70,7 +72,10 @@ def test_a_mock_for_every_ready_flow_and_at_least_five() -> None:
 def test_ready_flow_is_section_12_data(path: Path) -> None:
     flow = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
     assert flow_problems(flow, path.name) == []
-    assert set(flow) >= {"about", "hosts", "steps"}
+    assert set(flow) >= {"about", "hosts", "steps", "sources", "checked"}
+    # CONTRACT section 12, Provenance: public sources named precisely, and a checked date.
+    parsed = parse_flow(flow, api_url=None, name=path.name)
+    assert len(parsed.sources) >= 2 and parsed.checked is not None
     assert [s.get("booking") for s in flow["steps"]].count(True) == 1
 
 
@@ -209,9 +214,13 @@ def test_at_trigger_after_the_booking_step_is_a_problem() -> None:
 def test_flow_for_mock_points_every_url_and_the_hosts_at_the_mock(tmp_path: Path) -> None:
     flow = flow_for_mock("courtreserve", "http://127.0.0.1:8123")
     assert flow["hosts"] == ["127.0.0.1:8123"]
-    assert flow["steps"][0]["url"] == ("http://127.0.0.1:8123/Online/Account/Login/{secret.org_id}")
+    assert flow["steps"][0]["url"] == ("http://127.0.0.1:8123/Online/Account/LogIn/{secret.org_id}")
+    # Both of its hosts, app. and reservations., go to the one mock.
     assert all(s["url"].startswith("http://127.0.0.1:8123/") for s in flow["steps"])
-    assert load_flow("courtreserve")["hosts"] == ["app.courtreserve.com"]  # the file is unchanged
+    assert load_flow("courtreserve")["hosts"] == [  # the file is unchanged
+        "app.courtreserve.com",
+        "reservations.courtreserve.com",
+    ]
     written = write_flow_for_mock("courtreserve", "http://127.0.0.1:8123", tmp_path / "clubs", "cr")
     assert written == tmp_path / "clubs" / "cr.json"
     assert json.loads(written.read_text()) == flow
@@ -276,7 +285,7 @@ def test_the_mock_records_each_request_whole(playtomic: PlaytomicMock) -> None:
     assert first.header("X-Probe") == "1"
     assert first.cookies == {"a": "1", "b": "two"}
     assert first.status == 400
-    assert (second.method, second.body, second.status) == ("POST", b'{"email": 1}', 401)
+    assert (second.method, second.body, second.status) == ("POST", b'{"email": 1}', 400)
     assert before <= first.arrived <= second.arrived <= time.time()
     assert playtomic.requests_to("POST", r"/v3/auth/.*") == [second]
 
@@ -300,10 +309,13 @@ def test_a_stopped_mock_refuses_connections() -> None:
 # -- Playtomic by hand ------------------------------------------------------------------------
 
 
+ROLES = {"requested_user_roles": ["ROLE_CUSTOMER"]}
+
+
 def _playtomic_login(club: PlaytomicMock) -> dict[str, Any]:
     answer = requests.post(
         f"{club.url}/v3/auth/login",
-        json={"email": club.email, "password": club.password},
+        json={"email": club.email, "password": club.password, **ROLES},
         timeout=TIMEOUT,
     )
     assert answer.status_code == 200
@@ -336,13 +348,45 @@ def test_playtomic_login_answers_as_the_go_client_reads_it(playtomic: PlaytomicM
     expires = datetime.strptime(body["access_token_expiration"], "%Y-%m-%dT%H:%M:%S")
     assert abs(expires.replace(tzinfo=UTC).timestamp() - (time.time() + 3600)) < 5
     assert body["refresh_token"] != body["access_token"]
+    no_roles = requests.post(
+        f"{playtomic.url}/v3/auth/login",
+        json={"email": playtomic.email, "password": playtomic.password},
+        timeout=TIMEOUT,
+    )
+    assert no_roles.status_code == 400
     playtomic.password = "changed"
     refused = requests.post(
         f"{playtomic.url}/v3/auth/login",
-        json={"email": playtomic.email, "password": "correct-horse-42"},
+        json={"email": playtomic.email, "password": "correct-horse-42", **ROLES},
         timeout=TIMEOUT,
     )
     assert (refused.status_code, set(refused.json())) == (401, {"status", "localized_message"})
+
+
+def test_playtomic_old_host_and_data_centres_get_cloudfronts_block_page(
+    playtomic: PlaytomicMock,
+) -> None:
+    old = requests.post(
+        f"{playtomic.old_url}/v3/auth/login",
+        json={"email": playtomic.email, "password": playtomic.password, **ROLES},
+        timeout=TIMEOUT,
+    )
+    assert old.status_code == 403
+    assert old.headers["Content-Type"] == "text/html"
+    assert (old.headers["Server"], old.headers["X-Cache"]) == (
+        "CloudFront",
+        "Error from cloudfront",
+    )
+    assert "<TITLE>ERROR: The request could not be satisfied</TITLE>" in old.text
+    assert requests.get(f"{playtomic.old_url}/v1/tenants", timeout=TIMEOUT).status_code == 403
+    assert _playtomic_login(playtomic)["user_id"] == playtomic.user_id
+    playtomic.data_centre = True
+    blocked = requests.post(
+        f"{playtomic.url}/v3/auth/login",
+        json={"email": playtomic.email, "password": playtomic.password, **ROLES},
+        timeout=TIMEOUT,
+    )
+    assert (blocked.status_code, blocked.text.count("Request blocked.")) == (403, 1)
 
 
 def test_playtomic_availability_lists_free_slots_in_utc(playtomic: PlaytomicMock) -> None:
@@ -736,13 +780,22 @@ def test_perfectgym_login_gives_the_jwt_in_a_header(perfectgym: PerfectGymMock) 
     (item,) = [c for day in days for c in day]
     assert (item["Id"], item["Status"]) == (76014, "Bookable")
     assert item["StartTime"] == f"{slot():%Y-%m-%dT%H:%M:%S}"
+    details = requests.get(
+        f"{perfectgym.url}/clientportal2/Classes/ClassCalendar/Details",
+        params={"classId": "76014"},
+        headers=auth,
+        timeout=TIMEOUT,
+    ).json()
+    assert (details["Id"], details["Status"]) == (76014, "Bookable")
     perfectgym.password = "changed"
     refused = requests.post(
         f"{perfectgym.url}/clientportal2/Auth/Login",
         json={"RememberMe": False, "Login": perfectgym.email, "Password": "correct-horse-42"},
         timeout=TIMEOUT,
     )
-    assert refused.status_code == 401
+    # As ha-perfectgym reads a refused login: 499 and Errors[0].Message.
+    assert refused.status_code == 499
+    assert refused.json()["Errors"][0]["Message"] == "Invalid login or password."
 
 
 def test_perfectgym_book_class_answers_as_gym_sniper_reads_them(
@@ -753,7 +806,9 @@ def test_perfectgym_book_class_answers_as_gym_sniper_reads_them(
     early = _pg_book(perfectgym, auth)
     assert (early.status_code, early.text) == (400, "TooSoonToBook")
     perfectgym.opens_at = None
-    booked = _pg_book(perfectgym, auth, "76014")  # a numeric string binds as well
+    # Every client sends classId as a number; the mock refuses a string.
+    assert _pg_book(perfectgym, auth, "76014").text == "ClassNotFound"
+    booked = _pg_book(perfectgym, auth)
     assert booked.json() == {
         "Tickets": [
             {"Name": "Padel Clinic", "StartTime": f"{slot():%Y-%m-%dT%H:%M:%S}", "Trainer": None}
@@ -780,109 +835,137 @@ def courtreserve() -> Iterator[CourtReserveMock]:
         yield club
 
 
-def _cr_token(html: str, form_id: str) -> str:
-    found = re.search(
-        form_id + r'"[\s\S]*?name="__RequestVerificationToken"[^>]*value="([^"]+)"', html
-    )
-    assert found is not None
-    return found.group(1)
+XHR = {"X-Requested-With": "XMLHttpRequest"}
+_CR_SLOT = "%m/%d/%Y %I:%M:%S %p"
 
 
-def _cr_login(club: CourtReserveMock) -> tuple[requests.Session, str]:
+def _cr_login(club: CourtReserveMock) -> requests.Session:
     session = requests.Session()
-    url = f"{club.url}/Online/Account/Login/{club.org_id}"
-    token = _cr_token(session.get(url, timeout=TIMEOUT).text, 'id="loginForm')
+    session.get(f"{club.url}/Online/Account/LogIn/{club.org_id}", timeout=TIMEOUT)
     answer = session.post(
-        url,
-        data={"UserNameOrEmail": club.email, "Password": club.password,
-              "__RequestVerificationToken": token},
+        f"{club.url}/Online/Account/Login",
+        params={"id": club.org_id},
+        json={"IsApiCall": True, "UserNameOrEmail": club.email, "Password": club.password},
+        headers={"reactsubmit": "true"},
         timeout=TIMEOUT,
-    )  # fmt: skip
-    # As the adapter checks it: the login redirected away from Account/Login.
-    assert "Account/Login" not in answer.url
-    return session, token
+    )
+    assert answer.json()["IsValid"] is True
+    assert ".AspNet.ApplicationCookie" in session.cookies
+    return session
 
 
-def _cr_form(club: CourtReserveMock, session: requests.Session, start: datetime, label: str):
-    js = "%a %b %d %Y %H:%M:%S GMT%z"
-    page = session.get(
-        f"{club.url}/Online/Reservations/CreateReservationCourtsview/{club.org_id}",
-        params={
-            "start": start.strftime(js) + " (Central European Time)",
-            "end": (start + timedelta(hours=1)).strftime(js),
-            "courtLabel": label,
-            "customSchedulerId": club.scheduler_id,
-        },
-        headers={"X-Requested-With": "XMLHttpRequest"},
-        timeout=TIMEOUT,
-    ).text
-    values = dict(re.findall(r'id="(CourtId|MemberId|MembershipId)" [^>]*value="([^"]*)"', page))
+def _cr_when(club: CourtReserveMock, start: datetime) -> dict[str, str]:
     return {
-        "__RequestVerificationToken": _cr_token(page, 'id="createReservation-Form'),
-        "OrgId": club.org_id,
-        "MemberId": values["MemberId"],
-        "MembershipId": values["MembershipId"],
-        "CourtId": values["CourtId"],
-        "Date": f"{start:%m/%d/%Y} 12:00:00 AM",
-        "StartTime": f"{start:%H:%M:%S}",
-        "Duration": "60",
-        "ReservationTypeId": club.reservation_type_id,
-        "CustomSchedulerId": club.scheduler_id,
+        "start": start.strftime(_CR_SLOT),
+        "end": (start + timedelta(hours=1)).strftime(_CR_SLOT),
+        "customSchedulerId": club.scheduler_id,
     }
 
 
-def _cr_book(club: CourtReserveMock, session: requests.Session, form: dict) -> requests.Response:
+def _cr_form(club: CourtReserveMock, session: requests.Session, start: datetime) -> dict:
+    """What a member's browser does: the courts view's link, then the form behind it."""
+    view = session.get(
+        f"{club.url}/Online/Reservations/CreateReservationCourtsView/{club.org_id}",
+        params=_cr_when(club, start),
+        headers=XHR,
+        timeout=TIMEOUT,
+    ).text
+    link = re.search(r"fixUrl\('([^']+)'\)", view)
+    assert link is not None and "__RequestVerificationToken" not in view
+    url = html.unescape(link.group(1)).replace("https://reservations.courtreserve.com", club.url)
+    page = session.get(url, timeout=TIMEOUT).text
+    hidden = dict(re.findall(r'name="([^"]+)" type="hidden" value="([^"]*)"', page))
+    return {
+        **hidden,
+        "RequestData": html.unescape(hidden["RequestData"]),
+        "IsConsolidatedScheduler": "True",
+        "StartTime": f"{start:%H:%M:%S}",
+        "Duration": "60",
+        "CourtId": "40002",
+        "ReservationTypeId": club.reservation_type_id,
+        "DisclosureAgree": "true",
+    }
+
+
+def _cr_book(
+    club: CourtReserveMock,
+    session: requests.Session,
+    form: dict,
+    headers: dict[str, str] = XHR,
+    culture: str = "en-US",
+) -> requests.Response:
     return session.post(
-        f"{club.url}/Online/Reservations/CreateReservation/{club.org_id}",
+        f"{club.url}/Online/ReservationsApi/CreateReservation/{club.org_id}",
+        params={"uiCulture": culture},
         data=form,
-        headers={"X-Requested-With": "XMLHttpRequest"},
+        headers=headers,
         allow_redirects=False,
         timeout=TIMEOUT,
     )
 
 
-def test_courtreserve_login_is_an_aspnet_antiforgery_form(courtreserve: CourtReserveMock) -> None:
-    url = f"{courtreserve.url}/Online/Account/Login/{courtreserve.org_id}"
-    creds = {"UserNameOrEmail": courtreserve.email, "Password": courtreserve.password}
-    no_cookie = requests.post(
-        url, data={**creds, "__RequestVerificationToken": "x"}, timeout=TIMEOUT
-    )
-    assert no_cookie.status_code == 500
-    assert 'The required anti-forgery cookie "__RequestVerificationToken" is not present.' in (
-        no_cookie.text
-    )
-    first, second = requests.Session(), requests.Session()
-    token = _cr_token(first.get(url, timeout=TIMEOUT).text, 'id="loginForm')
-    second.get(url, timeout=TIMEOUT)
-    crossed = second.post(url, data={**creds, "__RequestVerificationToken": token}, timeout=TIMEOUT)
-    assert "The anti-forgery cookie token and form field token do not match." in crossed.text
-    wrong = first.post(
-        url,
-        data={**creds, "Password": "nope", "__RequestVerificationToken": token},
-        allow_redirects=False,
+def test_courtreserve_login_is_json_with_isvalid(courtreserve: CourtReserveMock) -> None:
+    url = f"{courtreserve.url}/Online/Account/Login"
+    creds = {"IsApiCall": True, "UserNameOrEmail": courtreserve.email,
+             "Password": courtreserve.password}  # fmt: skip
+    # Without the login page's session cookie first, the login is refused.
+    cold = requests.post(url, params={"id": courtreserve.org_id}, json=creds, timeout=TIMEOUT)
+    assert cold.json()["IsValid"] is False
+    session = requests.Session()
+    page = session.get(f"{courtreserve.url}/Online/Account/LogIn/{courtreserve.org_id}")
+    assert page.status_code == 200 and "ASP.NET_SessionId" in session.cookies
+    wrong = session.post(
+        url, params={"id": courtreserve.org_id}, json={**creds, "Password": "nope"},
         timeout=TIMEOUT,
-    )
+    )  # fmt: skip
     assert wrong.status_code == 200
-    assert "The user name or password provided is incorrect." in wrong.text
-    session, _ = _cr_login(courtreserve)
-    assert ".ASPXAUTH" in session.cookies
-    portal = session.get(f"{courtreserve.url}/Online/Portal/Index/{courtreserve.org_id}")
-    assert f"sId={courtreserve.scheduler_id}" in portal.text
+    assert wrong.text == ('{"IsValid":false,"Message":"Invalid email/username or password."}')
+    good = session.post(url, params={"id": courtreserve.org_id}, json=creds, timeout=TIMEOUT)
+    assert good.text.startswith('{"IsValid":true,')
+    assert good.json()["Data"]["RequestData"]
 
 
-def test_courtreserve_form_and_reservation(courtreserve: CourtReserveMock) -> None:
+def test_courtreserve_courts_view_links_the_form_which_carries_the_tokens(
+    courtreserve: CourtReserveMock,
+) -> None:
     start = slot()
-    anonymous = requests.get(
-        f"{courtreserve.url}/Online/Reservations/CreateReservationCourtsview/{courtreserve.org_id}",
-        headers={"X-Requested-With": "XMLHttpRequest"},
+    view_url = (
+        f"{courtreserve.url}/Online/Reservations/CreateReservationCourtsView/{courtreserve.org_id}"
+    )
+    when = _cr_when(courtreserve, start)
+    assert requests.get(view_url, params=when, headers=XHR, timeout=TIMEOUT).status_code == 401
+    session = _cr_login(courtreserve)
+    assert session.get(view_url, params=when, timeout=TIMEOUT).status_code == 400  # not XHR
+    view = session.get(view_url, params=when, headers=XHR, timeout=TIMEOUT).text
+    # The token in the link is percent-encoded (base64's + / =).
+    token = re.search(r"requestData=([^'&]+)'", view)
+    assert token is not None and token.group(1).endswith("%3D")
+    form = _cr_form(courtreserve, session, start)
+    assert form["__RequestVerificationToken"] and form["MemberId"] == courtreserve.member_id
+    assert form["Date"] == f"{start.month}/{start.day}/{start.year} 12:00:00 AM"
+    # The form asked for with a request-data token it did not issue has no form in it.
+    forged = session.get(
+        f"{courtreserve.url}/Online/ReservationsApi/CreateReservation",
+        params={"id": courtreserve.org_id, **when, "requestData": "forged"},
         timeout=TIMEOUT,
     )
-    assert anonymous.status_code == 401
-    session, login_token = _cr_login(courtreserve)
-    form = _cr_form(courtreserve, session, start, "Court #2")
-    assert form["CourtId"] == "40002"
-    stale = _cr_book(courtreserve, session, {**form, "__RequestVerificationToken": login_token})
-    assert "meant for a different claims-based user" in stale.text
+    assert forged.status_code == 200 and "__RequestVerificationToken" not in forged.text
+
+
+def test_courtreserve_reservation_checks_what_the_portal_checks(
+    courtreserve: CourtReserveMock,
+) -> None:
+    start = slot()
+    session = _cr_login(courtreserve)
+    form = _cr_form(courtreserve, session, start)
+    missing = {k: v for k, v in form.items() if k != "__RequestVerificationToken"}
+    no_token = _cr_book(courtreserve, session, missing)
+    assert no_token.status_code == 500
+    assert 'anti-forgery form field "__RequestVerificationToken" is not present' in no_token.text
+    assert _cr_book(courtreserve, session, form, headers={}).status_code == 400
+    assert _cr_book(courtreserve, session, {**form, "RequestData": "x"}).json()["isValid"] is False
+    iso = _cr_book(courtreserve, session, {**form, "Date": f"{start:%Y-%m-%d} 12:00:00 AM"})
+    assert iso.json() == {"isValid": False, "message": "The Date field is invalid."}
     assert _cr_book(courtreserve, session, {**form, "Duration": "75"}).json() == {
         "isValid": False,
         "message": "The Duration field is invalid.",
@@ -893,7 +976,9 @@ def test_courtreserve_form_and_reservation(courtreserve: CourtReserveMock) -> No
     )
     courtreserve.opens_at = None
     assert _cr_book(courtreserve, session, form).json()["isValid"] is True
-    assert "no longer available" in _cr_book(courtreserve, session, form).json()["message"]
+    assert _cr_book(courtreserve, session, form).json()["message"] == (
+        "Sorry, no available courts for the time requested."
+    )
     courtreserve.expire_sessions()
     assert _cr_book(courtreserve, session, form).status_code == 401
     assert [(b.court, b.start, b.minutes) for b in courtreserve.bookings] == [
@@ -949,16 +1034,16 @@ CASES = {
         booked_court=lambda c: "76014",
         minutes=60,
         status="Booked",
-        ref=lambda c: 76014,
+        ref=lambda c: None,
         setup=lambda club, start: club.add_class(76014, start),
     ),
     "courtreserve": Case(
-        court=lambda c: "Court #2",
+        court=lambda c: "40002",
         booked_court=lambda c: "40002",
         minutes=60,
         status="CONFIRMED",
         ref=lambda c: None,
-        refused_login="failed:login",  # the login page again (200), not the 302
+        refused_login="credentials",  # a 200 with IsValid false: the login step's rejected
     ),
 }
 

@@ -36,6 +36,8 @@ pytestmark = pytest.mark.slow
 
 GOOD = "key-e2e-flow-6a1f0c"
 EXPIRED = "key-e2e-expired-93bd"
+#: A key this club refuses with its own status (as Perfect Gym answers a wrong password: 499).
+REFUSED = "key-e2e-refused-4c27"
 ZONE = ZoneInfo("Europe/Paris")
 WINDOW = timedelta(hours=168)
 
@@ -167,6 +169,8 @@ class FlowClub:
         path = urlsplit(seen.path).path
         if path == "/login":
             key = json.loads(seen.body or b"{}").get("key")
+            if key == REFUSED:
+                return 499, [], {"error": "invalid credentials"}
             if key != GOOD:
                 return 401, [], {"error": "session expired, log in again"}
             sid, jwt = secrets.token_hex(8), f"jwt-{secrets.token_hex(8)}"
@@ -357,6 +361,34 @@ def test_dry_run_runs_the_preparation_steps_now_and_sends_nothing_else(
     missing = cli(env, "dry-run", "nope")
     assert missing.returncode == 1
     assert "courtbot dry-run: no valid entry 'nope'" in missing.stderr
+
+
+def test_a_preparation_steps_rejected_matcher_is_refused_credentials_at_once(
+    env: dict[str, str], club: FlowClub
+) -> None:
+    data = Path(env["DATA_DIR"])
+    (data / "tokens.json").write_text(json.dumps({"default": REFUSED}))
+    start = datetime.now(UTC) + timedelta(days=3)
+    (data / "schedules.json").write_text(json.dumps([entry("mine", start, 3)]))
+
+    # Without the matcher a 499 is a failed step (retried until the trigger), not credentials.
+    plain = cli(env, "dry-run", "mine")
+    assert plain.returncode == 1
+    assert "courtbot dry-run: step 'login' failed: HTTP 499" in plain.stderr
+
+    flow = club.flow()
+    flow["steps"][0]["rejected"] = {"status": [499]}
+    (data / "club.json").write_text(json.dumps(flow))
+    refused = cli(env, "dry-run", "mine")
+
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        "courtbot dry-run: the club rejected the credentials at step 'login' (HTTP 499: "
+        "invalid credentials): check token 'default' in tokens.json, reload, then `python main.py "
+        "retry` this booking"
+    )
+    assert [s.path for s in club.seen] == ["/login", "/login"]
+    assert REFUSED not in refused.stdout + refused.stderr
 
 
 def test_an_invalid_flow_names_the_step_and_the_key_in_check_and_stops_run(

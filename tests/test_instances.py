@@ -205,7 +205,7 @@ def test_changes_name_the_instances_touched_and_no_other(
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
-    # Only these instances' jobs get a look after a load (cli.Daemon._sync with keys).
+    # Only these instances' jobs get a look after a load (daemon.Loads.sync with keys).
     assert apply(factory, settings, fernet).keys == set()
 
     write(data_dir, [WED, MATCH | {"court_id": 6}])

@@ -30,7 +30,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import bot
 import utils
-from clubmocks import MOCKS, ClubMock, flow_for_mock, write_flow_for_mock
+from clubmocks import (
+    MOCKS,
+    ClubMock,
+    PlaytomicMock,
+    flow_for_mock,
+    load_flow,
+    write_flow_for_mock,
+)
 from daemon_harness import DaemonProcess, by_key, cli, iso_z, wait_until
 from models import BOOKED, FAILED, KIND_OBJECT, PENDING, Instance, Token, transaction
 from notify import Outcome
@@ -91,17 +98,19 @@ CASES: dict[str, Case] = {
         booked_court=lambda c: "76014",
         minutes=60,
         status="Booked",
-        ref=lambda c: "76014",
+        ref=lambda c: None,  # the class id is an extracted value: never stored
         setup=lambda club, start: club.add_class(76014, start),
-        refused="the club rejected the credentials at step 'login' (HTTP 40",
+        # A wrong password is a 499 (the flow's rejected matcher at its login step).
+        refused="the club rejected the credentials at step 'login' (HTTP 499",
     ),
     "courtreserve": Case(
-        courts=lambda c: ["Court #2"],
+        courts=lambda c: ["40002"],
         booked_court=lambda c: "40002",
         minutes=60,
         status="CONFIRMED",
         ref=lambda c: None,
-        refused="preparation did not succeed before the window opened",
+        # A 200 with IsValid false (the flow's rejected matcher at its login step).
+        refused="the club rejected the credentials at step 'login' (HTTP 200",
     ),
 }
 
@@ -308,6 +317,45 @@ def test_a_ready_flow_meets_a_refused_login(booking: Booking) -> None:
     sent = {r.path for r in booking.club.requests}
     booking_url = booking.flow.booking_step.url.source()
     assert not any(booking_url.endswith(path) for path in sent)
+
+
+def _playtomic_as_it_was() -> dict[str, Any]:
+    """The Playtomic flow as it stood before July 2026: the old host, no requested roles."""
+    flow = load_flow("playtomic")
+    flow["hosts"] = ["api.playtomic.io"]
+    for step in flow["steps"]:
+        step["url"] = step["url"].replace("api.app.playtomic.io", "api.playtomic.io")
+    del flow["steps"][0]["json"]["requested_user_roles"]
+    return flow
+
+
+@pytest.mark.parametrize("where", ["old host", "data centre"])
+def test_playtomics_cloudfront_block_page_fails_the_login_before_the_window(
+    where: str, factory: sessionmaker[Session], fernet: MultiFernet
+) -> None:
+    """The old host answers CloudFront's 403 page to everything (what the flow of before July
+    2026 met), and the new host answers it to data-centre addresses: the login fails, before the
+    window, with the club's status; nothing is booked."""
+    with MOCKS["playtomic"](zone="Europe/Paris") as club:
+        assert isinstance(club, PlaytomicMock)
+        if where == "old host":
+            flow = flow_for_mock(_playtomic_as_it_was(), club.old_url)
+        else:
+            club.data_centre = True
+            flow = flow_for_mock("playtomic", club.url)
+        made = Booking("playtomic", club, factory, parse_flow(flow, api_url=None, name="p"), fernet)
+        made.add()
+
+        assert made.book() == FAILED
+
+        reason = made.row().last_error or ""
+        assert "step 'login'" in reason and "HTTP 403" in reason, reason
+        blocked = club.old_host.requests if where == "old host" else club.requests
+        assert blocked and {(r.path, r.status) for r in blocked} == {("/v3/auth/login", 403)}
+        assert all(r.arrived < made.row().trigger_time.timestamp() for r in blocked)
+        if where == "old host":
+            assert club.requests == []
+        assert club.bookings == []
 
 
 @dataclass

@@ -5,7 +5,7 @@ and its errors (file, step, key), placeholders, rendering, answer matching, extr
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -29,6 +29,7 @@ from template import (
     idempotency_key,
     parse_flow,
     placeholder_values,
+    stale_warning,
 )
 
 START = datetime(2025, 8, 10, 12, 0, tzinfo=UTC)  # 14:00 in Berlin (CEST, +02:00)
@@ -513,7 +514,8 @@ def test_invalid_steps_name_the_file_the_step_and_the_key(steps: list[Any], mess
 
 def test_unknown_flow_keys_and_values_name_the_key() -> None:
     assert error_of({"steps": [step("b", booking=True)], "host": []}).startswith(
-        "club.json: host: unknown key; expected one of hosts, window, prepare_seconds, steps, about"
+        "club.json: host: unknown key; expected one of hosts, window, prepare_seconds, steps, "
+        "about, sources, checked"
     )
     assert "club.json: window: '6 days' is not a window" in error_of(
         {"steps": [step("b", booking=True)], "window": "6 days"}
@@ -526,6 +528,73 @@ def test_unknown_flow_keys_and_values_name_the_key() -> None:
 def test_about_is_kept_and_ignored_by_everything_else() -> None:
     parsed = flow(step("b"), about="Log in with {secret.email}: not a placeholder here")
     assert parsed.about is not None and parsed.secret_fields == frozenset()
+
+
+# --------------------------------------------------------------------------- provenance
+
+SOURCES = ["github.com/someone/client: api/login.go", "https://docs.club.example/api"]
+
+
+def test_sources_and_checked_are_kept_by_flows_and_single_templates() -> None:
+    parsed = flow(step("b"), sources=SOURCES, checked="2026-12-06")
+    assert parsed.sources == tuple(SOURCES) and parsed.checked == date(2026, 12, 6)
+    single = parse({"url": "https://club.example/b", "sources": SOURCES, "checked": "2026-01-31"})
+    assert single.sources == tuple(SOURCES) and single.checked == date(2026, 1, 31)
+    bare = flow(step("b"))
+    assert bare.sources == () and bare.checked is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("github.com/x", "club.json: sources: expected a non-empty list of non-empty strings"),
+        ([], "club.json: sources: expected a non-empty list of non-empty strings"),
+        (["ok", " "], "club.json: sources: expected a non-empty list of non-empty strings"),
+        (["ok", 3], "club.json: sources: expected a non-empty list of non-empty strings"),
+    ],
+)
+def test_invalid_sources_name_the_file_and_key(value: Any, message: str) -> None:
+    assert error_of({"steps": [step("b", booking=True)], "sources": value}).startswith(message)
+    assert error_of({"url": "https://club.example/b", "sources": value}, name="t.json").startswith(
+        message.replace("club.json", "t.json")
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            "06/12/2026",
+            "club.json: checked: expected a date YYYY-MM-DD (when the flow was last "
+            "checked), got '06/12/2026'",
+        ),
+        (
+            "2026-13-01",
+            "club.json: checked: expected a date YYYY-MM-DD (when the flow was last "
+            "checked), got '2026-13-01' (no such day)",
+        ),
+        (
+            20261206,
+            "club.json: checked: expected a date YYYY-MM-DD (when the flow was last "
+            "checked), got 20261206",
+        ),
+        ("2026-12-06T10:00", "club.json: checked: expected a date YYYY-MM-DD"),
+    ],
+)
+def test_invalid_checked_names_the_file_and_key(value: Any, message: str) -> None:
+    assert error_of({"steps": [step("b", booking=True)], "checked": value}).startswith(message)
+    assert error_of({"url": "https://club.example/b", "checked": value}, name="t.json").startswith(
+        message.replace("club.json", "t.json")
+    )
+
+
+def test_a_checked_older_than_180_days_is_a_warning_with_the_fix() -> None:
+    parsed = flow(step("b"), checked="2026-06-01")
+    assert stale_warning(parsed, datetime(2026, 11, 28, 23, 0, tzinfo=UTC)) is None  # 180 days
+    assert stale_warning(parsed, datetime(2026, 11, 29, 0, 0, tzinfo=UTC)) == (
+        "club.json: checked 2026-06-01, 181 days ago (more than 180): systems change: run dry-run"
+    )
+    assert stale_warning(flow(step("b")), datetime(2030, 1, 1, tzinfo=UTC)) is None
 
 
 # --------------------------------------------------------------------------- hosts
@@ -755,6 +824,23 @@ def test_header_cookie_regex_and_url_extractions() -> None:
     assert take(ex({"url": "booking=([A-Z0-9-]+)"}), answer) == "B-17"
 
 
+def test_a_text_value_may_be_url_decoded_once_taken() -> None:
+    answer = reply(b"fixUrl('https://x.example/form?a=1&amp;requestData=ab%2Bc%2Fd%3D%3D')")
+    spec = {"regex": "requestData=([^&']+)"}
+    assert take(ex(spec), answer) == "ab%2Bc%2Fd%3D%3D"
+    assert take(ex({**spec, "decode": "url"}), answer) == "ab+c/d=="
+    error = error_of(
+        {"steps": [step("b", booking=True, extract={"v": {"json": "id", "decode": "url"}})]}
+    )
+    assert error.startswith("club.json: step 'b': extract.v.decode: expected \"url\"")
+    error = error_of(
+        {"steps": [step("b", booking=True, extract={"v": {**spec, "decode": "base64"}})]}
+    )
+    assert "got 'base64'" in error
+    error = error_of({"steps": [step("b", booking=True, extract={"v": {**spec, "x": 1}})]})
+    assert error.startswith("club.json: step 'b': extract.v: expected one of")
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -896,6 +982,23 @@ def test_an_at_trigger_step_may_name_its_taken_rejected_and_early_answers() -> N
                 step("b", booking=True),
             ]
         }
+    )
+
+
+def test_any_step_may_say_which_answers_mean_refused_credentials() -> None:
+    parsed = flow(
+        step("login", rejected={"status": [499]}),
+        step("b"),
+        step("after", rejected={"status": [200], "body_contains": "session expired"}),
+    )
+    login, _, after = parsed.steps
+    assert login.match(499, b"") == "rejected" and login.match(200, b"") is None
+    assert after.match(200, b"your session expired") == "rejected"
+    assert "club.json: step 'login': rejected.status" in error_of(
+        {"steps": [step("login", rejected={"status": "499"}), step("b", booking=True)]}
+    )
+    assert "club.json: step 'login': early: only the booking step" in error_of(
+        {"steps": [step("login", early={"status": [425]}), step("b", booking=True)]}
     )
 
 

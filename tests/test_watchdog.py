@@ -1,6 +1,6 @@
 """watchdog.py: noticing clock jumps, telling an overdue trigger from one about to be picked up,
 and what is logged and reported while the daemon cannot book (CONTRACT section 9). Pure: the
-clocks are injected; the daemon that uses it is tested in test_cli.py and test_e2e_watchdog.py.
+clocks are injected; the daemon that uses it is tested in test_daemon.py and test_e2e_watchdog.py.
 """
 
 from __future__ import annotations

@@ -1012,7 +1012,7 @@ def test_a_request_written_at_the_trigger_is_read_when_the_active_role_goes_righ
 
         def send_then_lose(*args: Any, **kwargs: Any) -> wire.Sent | None:
             sent = real_send(*args, **kwargs)
-            made.ctx.may_send.clear()  # what cli.Roles does when the lock is lost
+            made.ctx.may_send.clear()  # what leader.Roles does when the lock is lost
             made.ctx.stop.set()
             return sent
 

@@ -147,6 +147,9 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the mock records every request itself."""
 
+    def version_string(self) -> str:
+        return f"{self.server_version} {self.sys_version}".strip()
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
@@ -379,9 +382,14 @@ class ClubMock:
             self._requests.append(recorded)
             answer = self._dispatch(recorded)
             recorded.status = answer.status
+        # An answer may name its own server (a CDN's block page says "CloudFront").
+        server = next((v for n, v in answer.headers if n.lower() == "server"), None)
+        if server is not None:
+            handler.server_version, handler.sys_version = server, ""
         handler.send_response(answer.status)
         for name, value in answer.headers:
-            handler.send_header(name, value)
+            if name.lower() != "server":
+                handler.send_header(name, value)
         if answer.content_type:
             handler.send_header("Content-Type", answer.content_type)
         handler.send_header("Content-Length", str(len(answer.body)))

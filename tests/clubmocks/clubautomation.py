@@ -1,10 +1,14 @@
 """ClubAutomation (``<club>.clubautomation.com``), as its public clients drive it.
 
 Sources (read, not copied): three court-booking scripts for ``mit.``, ``lt.`` and ``ctm.``
-``clubautomation.com`` found in the code corpus (the MIT one ships a README explaining
-``user_id`` and ``event_member_token_reserve_court``), and a Node client's
-``src/services/authService.js`` that scrapes ``#event_member_token_reserve_court`` from
-``/event/reserve-court-new``. Together they show:
+``clubautomation.com`` found by searching GitHub code for
+``clubautomation.com/event/reserve-court-new-do`` (the MIT one explains ``user_id`` and
+``event_member_token_reserve_court``, and notes Cloudflare's ``__cf_bm`` cookie), a Node client
+that scrapes ``#event_member_token_reserve_court`` from ``/event/reserve-court-new``, and two
+2026 browser scripts, ``arthurzengg/mit-tennis-notifier`` ``src/config.py``/``src/browser.py``
+(the ``/event/reserve-court-new`` page, its ``MM/DD/YYYY`` date field) and
+``darrmurr-dev/vtc-rez`` ``reserve_court.py`` (the login page's hidden ``login_token``).
+Together they show:
 
 - ``GET /`` sets ``PHPSESSID`` and carries a hidden ``login_token`` input;
 - ``POST /login/login`` (form ``email``, ``password``, ``login_token``; ``X-Requested-With``)

@@ -1,14 +1,20 @@
 """Doinsport (api-v3.doinsport.club), as its public clients drive it.
 
-Sources (read, not copied): several padel booking scripts in the code corpus that log in at
-``/client_login_check``, read ``/me``, look a slot up in
-``/clubs/playgrounds/plannings/{YYYY-MM-DD}`` and ``POST /clubs/bookings`` then
-``PUT /clubs/bookings/{id}`` with ``"confirmed": true``; ``vuongDang/viva-padel``
-``crates/testcases/data/legarden_server/*.json`` (recorded planning answers: a hydra collection of
-playgrounds, each with ``activities[].slots[]`` whose ``startAt`` is local ``HH:MM`` and whose
-``prices[]`` carry ``id``, ``duration`` in seconds, ``pricePerParticipant`` in cents and
-``bookable``, false once taken). The booking's ``startAt``/``endAt`` are sent as UTC
-``YYYY-MM-DD HH:MM:SS`` (one client subtracts the Paris offset before sending).
+Sources (read, not copied):
+- ``ataaki/sdlv-booker`` ``src/api/auth.js`` and ``src/api/doinsport.js`` (2026-02-13, the most
+  recent): ``POST /client_login_check`` answering ``{"token": <JWT>}``; the planning
+  ``GET /clubs/playgrounds/plannings/{YYYY-MM-DD}?club.id=&from=&to=&activities.id=&bookingType=
+  unique`` (a hydra collection of playgrounds, each with ``activities[].slots[]`` whose ``startAt``
+  is local ``HH:MM`` and whose ``prices[]`` carry ``id``, ``duration`` in seconds, ``bookable``,
+  ``pricePerParticipant`` in cents); ``POST /clubs/bookings`` whose ``startAt``/``endAt`` are the
+  club's local time converted to UTC, written ``YYYY-MM-DD HH:MM:SS`` (summer time included);
+- ``vuongDang/viva-padel`` ``crates/testcases/data/legarden_server/*.json`` (recorded planning
+  answers; ``bookable`` false once taken);
+- padel scripts found by searching GitHub code for ``api-v3.doinsport.club/clubs/bookings``
+  (``book_slot``/``book_slot_2``): ``/me`` (``id``, ``lastName``), the booking body, then
+  ``PUT /clubs/bookings/{id}`` with ``"confirmed": true``. They disagree on ``startAt``: one sends
+  the local time minus a fixed hour in the POST and the local time in the PUT; another sends local
+  ISO times. The mock follows the most recent: UTC in both, and refuses anything else.
 
 The login answer ``{"token": ...}`` and the 401 bodies ``{"code": 401, "message": "Invalid
 credentials."}`` / ``"Expired JWT Token"`` / ``"JWT Token not found"`` are those of the Symfony
@@ -309,5 +315,8 @@ class DoinsportMock(ClubMock):
             return _hydra_error(400, "Syntax error")
         if not isinstance(body, dict) or body.get("confirmed") is not True:
             return _violation("confirmed", "This value should be true.")
+        for key, moment in (("startAt", booking.start), ("endAt", booking.end)):
+            if key in body and body[key] != moment.strftime(_UTC_SPACE):
+                return _violation(key, "This value is not valid.")
         booking.status = "CONFIRMED"
         return json_answer(200, self._booking_json(booking))

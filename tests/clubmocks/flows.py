@@ -43,7 +43,7 @@ BUILTINS = frozenset(
     }
 )
 TIME_PLACEHOLDERS = frozenset({"start", "end", "start_utc", "end_utc"})
-TOP_KEYS = frozenset({"about", "hosts", "window", "prepare_seconds", "steps"})
+TOP_KEYS = frozenset({"about", "hosts", "window", "prepare_seconds", "steps", "sources", "checked"})
 STEP_KEYS = frozenset(
     {
         "name",
@@ -173,7 +173,9 @@ def flow_problems(flow: Any, source: str = "flow") -> list[str]:
         elif name in defined or name in BUILTINS:
             problems.append(f"{where}: name: used twice")
         is_booking = step.get("booking") is True
-        allowed = STEP_KEYS | (BOOKING_KEYS if is_booking else frozenset())
+        allowed = STEP_KEYS | (BOOKING_KEYS if is_booking else frozenset({"rejected"}))
+        if step.get("at_trigger") and not is_booking:
+            allowed |= {"taken", "early"}
         problems += [f"{where}: unknown key {key!r}" for key in sorted(set(step) - allowed)]
         if is_booking:
             bookings += 1
@@ -197,7 +199,8 @@ def flow_problems(flow: Any, source: str = "flow") -> list[str]:
             problems.append(f"{where}: extract: expected an object")
             extract = {}
         for value_name, spec in extract.items():
-            if not isinstance(spec, dict) or len(spec) != 1 or set(spec) - EXTRACT_FORMS:
+            forms = set(spec) & EXTRACT_FORMS if isinstance(spec, dict) else set()
+            if len(forms) != 1 or set(spec) - forms - {"decode"}:
                 problems.append(f"{where}: extract.{value_name}: expected one of {EXTRACT_FORMS}")
             elif "json" in spec:
                 sent.append(spec["json"])

@@ -1,21 +1,30 @@
-"""Perfect Gym client portal (``<club>.perfectgym.com/clientportal2``), as gym_sniper drives it.
+"""Perfect Gym client portal (``<club>.perfectgym.com/clientportal2``), as gym_sniper,
+ha-perfectgym and perfectgym-scheduler drive it.
 
-Sources (read, not copied): ``amcindoe/gym_sniper`` ``src/api.rs`` (``POST /Auth/Login`` with
-``{"RememberMe", "Login", "Password"}``, the JWT in the ``jwt-token`` answer header, the member in
-``User.Member``; ``POST /Classes/ClassCalendar/WeeklyClasses`` with ``clubId``, ``categoryId``,
-``daysInWeek`` answering ``CalendarData[].ClassesPerHour[].ClassesPerDay[][]``;
-``POST /Classes/ClassCalendar/BookClass`` with ``{"classId": <number>, "clubId": "<string>"}``
-and ``Authorization: Bearer`` answering ``{"Tickets": [...], "ClassId": ...}``;
-``GET /Classes/ClassCalendar/Details?classId=``), ``src/snipe.rs`` (the error texts it tells
-apart: ``TooSoonToBook`` = window not open yet, retried; ``Full``/``Awaitable`` = class full;
-``DailyBookingLimitReached``), ``tests/api_integration.rs`` (a refused login is a 401; a
-refused booking is a 400 whose body is the code, e.g. ``TooSoonToBook``) and ``README.md``
-(the window is typically 7 days and 2 hours before the class; statuses ``Bookable``,
-``Awaitable``, ``Awaiting``, ``Booked``, ``Unavailable``).
+Sources (read, not copied):
+- ``amcindoe/gym_sniper`` ``src/api.rs`` (2026-02-17): ``POST /Auth/Login`` with
+  ``{"RememberMe", "Login", "Password"}``, the JWT in the ``jwt-token`` answer header, the member in
+  ``User.Member``; ``POST /Classes/ClassCalendar/WeeklyClasses`` with ``clubId``, ``categoryId``,
+  ``daysInWeek`` answering ``CalendarData[].ClassesPerHour[].ClassesPerDay[][]``;
+  ``GET /Classes/ClassCalendar/Details?classId=`` answering ``Id`` (a number), ``Name``,
+  ``Status``, ``StartTime``; ``POST /Classes/ClassCalendar/BookClass`` with
+  ``{"classId": <number>, "clubId": "<string>"}`` and ``Authorization: Bearer`` answering
+  ``{"Tickets": [...], "ClassId": ...}``; ``src/snipe.rs`` (the error texts it tells apart:
+  ``TooSoonToBook`` = window not open yet, retried; ``Full``/``Awaitable`` = class full;
+  ``DailyBookingLimitReached``), ``tests/api_integration.rs`` (a refused booking is a 400 whose
+  body is the code) and ``README.md`` (the window is typically 7 days and 2 hours before the
+  class; statuses ``Bookable``, ``Awaitable``, ``Awaiting``, ``Booked``, ``Unavailable``);
+- ``codyc1515/ha-perfectgym`` ``custom_components/perfectgym/api.py`` (2026-08-19): a login is
+  refused with 401, 403, 498 or 499 and a JSON body ``{"Errors": [{"Message": ...}]}``; an expired
+  token is 401, 403 or 498; the headers ``CP-LANG``, ``CP-MODE``, ``X-Requested-With``;
+- ``dekelpilli/perfectgym-scheduler`` ``src/perfectgym_scheduler/core.bb`` (2026-03-16):
+  ``BookClass`` with ``clubId`` a string and ``classId`` a number; ``Details`` ``Status``.
 
-Not shown by public code (the mock's own): the exact code for a full class (the mock says
-``ClassIsFull``, which gym_sniper's "Full" test matches), the status of a class whose window is
-not open yet (``NotBookableYet``) and the 401 of an expired token (empty body).
+The mock refuses a wrong password with 499 (the portal's answer the issue reported; gym_sniper's
+tests mock 401). Not shown by public code (the mock's own): the message of the 499, the exact code
+for a full class (``ClassIsFull``, which gym_sniper's "Full" test matches), the status of a class
+whose window is not open yet (``NotBookableYet``), the 401 of an expired token (empty body), and
+that a ``classId`` sent as a string is refused (400 ``ClassNotFound``): every client sends a number.
 """
 
 from __future__ import annotations
@@ -72,7 +81,11 @@ class PerfectGymMock(ClubMock):
         if not isinstance(body, dict) or not self.credentials_ok(
             body.get("Login"), body.get("Password")
         ):
-            return text_answer(401, "", None)
+            return json_answer(
+                499,
+                {"Errors": [{"Code": "InvalidCredentials",
+                             "Message": "Invalid login or password."}]},
+            )  # fmt: skip
         token = self.new_session(str(self.member_id), ttl=self.token_ttl)
         return json_answer(
             200,
@@ -147,9 +160,9 @@ class PerfectGymMock(ClubMock):
         except ValueError:
             return text_answer(400, "", None)
         raw_class = body.get("classId") if isinstance(body, dict) else None
-        if isinstance(raw_class, bool) or not str(raw_class).isdigit():
+        if isinstance(raw_class, bool) or not isinstance(raw_class, int):
             return _code("ClassNotFound")
-        class_id = int(str(raw_class))
+        class_id = raw_class
         if str(body.get("clubId")) != self.club_id or class_id not in self.classes:
             return _code("ClassNotFound")
         klass = self.classes[class_id]

@@ -1,26 +1,37 @@
-"""Playtomic (api.playtomic.io), as its public clients drive it.
+"""Playtomic (api.app.playtomic.io; the old api.playtomic.io now only answers CloudFront's 403
+block page), as its public clients drive it.
 
 Sources (read, not copied):
-- ``tsologub/go-playtomic-api`` ``client/auth.go`` (login/token answer: ``access_token``,
-  ``access_token_expiration`` as ``YYYY-MM-DDTHH:MM:SS`` UTC, ``refresh_token``, ``user_id``),
-  ``client/errors.go`` (error bodies ``{"status": ..., "localized_message": ...}``),
-  ``models/availability.go`` (``/v1/availability``: ``resource_id``, ``start_date``, ``slots`` with
-  ``start_time`` ``HH:MM:SS`` UTC, ``duration`` minutes, ``price``);
-- ``cryptX-trading/Playtomic_booker`` ``api/playtomic_client.py`` (availability query);
-- public bots posting ``/v1/payment_intents`` (a ``CUSTOMER_MATCH`` cart: ``tenant_id``,
-  ``resource_id``, ``start`` UTC ``YYYY-MM-DDTHH:MM:SS``, ``duration`` minutes,
-  ``match_registrations``), then ``PATCH /v1/payment_intents/{id}`` with
-  ``selected_payment_method_id`` from ``available_payment_methods``, then
-  ``POST /v1/payment_intents/{id}/confirmation`` whose answer's ``status`` is ``SUCCEEDED``; one
-  of them keeps a sample intent answer (``cart.item.cart_item_id`` = the match id). Those bots
-  read a 409 on the payment intent as "not available" and retry it around the drop time: before
-  the club opens the slot, Playtomic answers 409 exactly as for a taken slot.
+- ``tsologub/go-playtomic-api`` ``client/client.go`` and ``client/auth.go`` (2026-07-18): the
+  host is ``api.app.playtomic.io``; the token requests name ``requested_user_roles``
+  (``["ROLE_CUSTOMER"]``); the answer carries ``access_token``, ``access_token_expiration`` as
+  ``YYYY-MM-DDTHH:MM:SS`` UTC, ``refresh_token``, ``user_id``; ``client/errors.go`` (error bodies
+  ``{"status": ..., "localized_message": ...}`` behind the new host);
+  ``models/availability.go`` (``/v1/availability``: ``resource_id``, ``start_date``, ``slots``
+  with ``start_time`` ``HH:MM:SS`` UTC, ``duration`` minutes, ``price``). The project's changelog
+  (0.3.1, 2026-07-25) says the old host "is behind a CloudFront rule that 403s every request";
+- a Python client of the new host in GitHub code search (``BASE = "https://api.app.playtomic.io"``,
+  ``POST /v3/auth/login`` with ``email``, ``password``, ``requested_user_roles``): a 401 is a
+  refused password; CloudFront's WAF answers its raw 403 HTML page to data-centre addresses;
+- ``ypk46/playtomic-scheduler`` ``playtomic_scheduler/helpers/playtomic.py`` (2024-09):
+  ``POST /v1/payment_intents`` (a ``CUSTOMER_MATCH`` cart: ``tenant_id``, ``resource_id``,
+  ``start`` UTC ``YYYY-MM-DDTHH:MM:SS``, ``duration`` minutes, ``match_registrations``), then
+  ``PATCH /v1/payment_intents/{id}`` with ``selected_payment_method_id`` from
+  ``available_payment_methods``, then ``POST /v1/payment_intents/{id}/confirmation``;
+- ``biserasavoska/playtomic-bookings`` ``src/playtomic_client.py`` (2026-01): the same calls;
+  a 2022 Ruby script in code search keeps a sample intent answer (``status``
+  ``REQUIRES_PAYMENT_METHOD``, ``cart.item.cart_item_id`` = the match id, ``duration`` 60) and
+  reads a 409 as booked by someone else. Bots retry the 409 around the drop time: before the club
+  opens the slot, Playtomic answers 409 exactly as for a taken slot.
 
-Not shown by public code (the mock's own): the texts of the 401 and 409 bodies.
+CloudFront's block page is its standard "The request could not be satisfied" 403 page. Not shown
+by public code (the mock's own): the texts of the 401 and 409 bodies, and that a login without
+``requested_user_roles`` is refused (400).
 """
 
 from __future__ import annotations
 
+import secrets
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
@@ -31,6 +42,7 @@ from clubmocks.base import (
     iter_half_hours,
     json_answer,
     new_id,
+    text_answer,
 )
 
 TENANT_ID = "4f3a1c2e-8b7d-4e21-9a55-0c1d2e3f4a5b"
@@ -40,16 +52,74 @@ DURATIONS = (60, 90, 120)
 _UTC_SECONDS = "%Y-%m-%dT%H:%M:%S"
 
 
+#: CloudFront's own 403 page, as it answers a request its rules refuse.
+BLOCK_PAGE = """<!DOCTYPE HTML PUBLIC "-//W3C//DTD HTML 4.01 Transitional//EN" \
+"http://www.w3.org/TR/html4/loose.dtd">
+<HTML><HEAD><META HTTP-EQUIV="Content-Type" CONTENT="text/html; charset=iso-8859-1">
+<TITLE>ERROR: The request could not be satisfied</TITLE>
+</HEAD><BODY>
+<H1>403 ERROR</H1>
+<H2>The request could not be satisfied.</H2>
+<HR noshade size="1px">
+Request blocked.
+We can't connect to the server for this app or website at this time. There might be too much \
+traffic or a configuration error. Try again later, or contact the app or website owner.
+<BR clear="all">
+If you provide content to customers through CloudFront, you can find steps to troubleshoot and \
+help prevent this error by reviewing the CloudFront documentation.
+<BR clear="all">
+<HR noshade size="1px">
+<PRE>
+Generated by cloudfront (CloudFront)
+Request ID: {request_id}
+</PRE>
+<ADDRESS>
+</ADDRESS>
+</BODY></HTML>"""
+
+
 def _error(status: int, code: str, message: str) -> Answer:
     return json_answer(status, {"status": code, "localized_message": message})
 
 
+def cloudfront_block() -> Answer:
+    """CloudFront's 403: its HTML page and headers, whatever was asked."""
+    request_id = secrets.token_urlsafe(42)[:56]
+    return text_answer(
+        403,
+        BLOCK_PAGE.format(request_id=request_id),
+        "text/html",
+        [
+            ("Server", "CloudFront"),
+            ("X-Cache", "Error from cloudfront"),
+            ("Via", "1.1 0f6d3a4c1b2e.cloudfront.net (CloudFront)"),
+            ("X-Amz-Cf-Pop", "MAD53-P1"),
+            ("X-Amz-Cf-Id", request_id),
+        ],
+    )
+
+
+class PlaytomicOldHost(ClubMock):
+    """``api.playtomic.io`` since July 2026: CloudFront answers every request with its 403."""
+
+    system = "playtomic-old-host"
+    hosts = ("api.playtomic.io",)
+    routes: ClassVar[tuple[tuple[str, str, str], ...]] = tuple(
+        (method, r"/.*", "blocked") for method in ("GET", "POST", "PUT", "PATCH", "DELETE")
+    )
+
+    def blocked(self, request: Recorded) -> Answer:
+        return cloudfront_block()
+
+
 class PlaytomicMock(ClubMock):
     """Playtomic. Courts are the tenant's ``resource_id``s (``COURTS``); the user's payment
-    methods are ``CASH`` (pay at the club) and a card; ``token_ttl`` is the access token's life."""
+    methods are ``CASH`` (pay at the club) and a card; ``token_ttl`` is the access token's life.
+    ``old_url`` serves the old host (CloudFront's 403 to everything); ``data_centre = True``
+    makes the new host answer that same 403, as its WAF does to data-centre addresses."""
 
     system = "playtomic"
-    hosts = ("api.playtomic.io",)
+    hosts = ("api.app.playtomic.io",)
     routes: ClassVar[tuple[tuple[str, str, str], ...]] = (
         ("POST", r"/v3/auth/login", "login"),
         ("GET", r"/v1/availability", "availability"),
@@ -64,7 +134,28 @@ class PlaytomicMock(ClubMock):
         self.courts = COURTS
         self.user_id = USER_ID
         self.token_ttl = token_ttl
+        self.data_centre = False
         self._intents: dict[str, dict[str, Any]] = {}
+        self.old_host = PlaytomicOldHost()
+
+    def start(self) -> PlaytomicMock:
+        super().start()
+        self.old_host.start()
+        return self
+
+    def stop(self) -> None:
+        self.old_host.stop()
+        super().stop()
+
+    @property
+    def old_url(self) -> str:
+        """``http://127.0.0.1:PORT`` of the old host, ``api.playtomic.io``."""
+        return self.old_host.url
+
+    def _dispatch(self, request: Recorded) -> Answer:
+        if self.data_centre:
+            return cloudfront_block()
+        return super()._dispatch(request)
 
     def tokens_entry(self) -> dict[str, str]:
         return {
@@ -81,9 +172,9 @@ class PlaytomicMock(ClubMock):
             body = request.json()
         except ValueError:
             return _error(400, "BAD_REQUEST", "Malformed request body")
-        if not isinstance(body, dict) or not self.credentials_ok(
-            body.get("email"), body.get("password")
-        ):
+        if not isinstance(body, dict) or body.get("requested_user_roles") != ["ROLE_CUSTOMER"]:
+            return _error(400, "BAD_REQUEST", "requested_user_roles is required")
+        if not self.credentials_ok(body.get("email"), body.get("password")):
             return _error(401, "UNAUTHORIZED", "Invalid email or password")
         token = self.new_session(self.user_id, ttl=self.token_ttl)
         expires = datetime.fromtimestamp(self.now() + self.token_ttl, UTC)

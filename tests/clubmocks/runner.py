@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import requests
 
@@ -69,8 +69,9 @@ class StepResult:
 @dataclass
 class FlowRun:
     """``outcome``: ``booked``, ``taken``, ``early``, ``rejected``, ``credentials``
-    (401/403), ``retry`` (429/5xx), ``unmatched`` (a 2xx no matcher knows), ``failed:<step>``
-    (a step before the booking) or ``finishing:<step>`` (booked, a later step failed)."""
+    (401/403, or another step's own ``rejected``), ``retry`` (429/5xx), ``unmatched`` (a 2xx
+    no matcher knows), ``failed:<step>`` (a step before the booking) or ``finishing:<step>``
+    (booked, a later step failed)."""
 
     outcome: str
     steps: list[StepResult]
@@ -223,7 +224,8 @@ def _booking_outcome(step: dict[str, Any], response: requests.Response) -> str:
 
 
 def _extract(spec: dict[str, str], response: requests.Response, context: _Context) -> Any:
-    kind, expression = next(iter(spec.items()))
+    kind = next(key for key in spec if key != "decode")
+    expression = spec[kind]
     if kind == "json":
         try:
             document = response.json()
@@ -240,7 +242,7 @@ def _extract(spec: dict[str, str], response: requests.Response, context: _Contex
         value = match.group(1) if match else None
     if value is None:
         raise FlowError(f"{kind} {expression!r}: not found")
-    return value
+    return unquote(value) if spec.get("decode") == "url" else value
 
 
 def _send(
@@ -303,6 +305,9 @@ def run_flow(
                 booked_ref = json_path(response.json(), step["booking_ref"], context)
             phase = "after"
         else:
+            if _matches(step.get("rejected"), response):
+                result.outcome = "rejected"
+                return FlowRun("credentials", results, booked_ref)
             ok = step.get("ok") or {"status": list(range(200, 300))}
             if not _matches(ok, response):
                 result.outcome = "failed"
