@@ -20,7 +20,7 @@ import json
 import logging
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.fernet import MultiFernet
@@ -185,7 +185,7 @@ def reconcile(
                 rows = rows_by_schedule.get(schedule_id, {})
                 if schedule_id in removable:
                     for row in rows.values():
-                        if row.status in (PENDING, WATCHING) or preparing(row, now):
+                        if row.status == PENDING or _watching(row) or preparing(row, now):
                             _cancel(row, changes, "entry removed from schedules.json")
                 else:
                     changes.merge(_reconcile_entry(session, entries[schedule_id], rows, now))
@@ -206,8 +206,13 @@ def preparing(row: Instance, now: datetime) -> bool:
     )
 
 
+def _watching(row: Instance) -> bool:
+    """Watching, or in a try of its watch (claimed from watching: its next try is set)."""
+    return row.status == WATCHING or (row.status == BOOKING and row.next_try_at is not None)
+
+
 def _cancel(row: Instance, changes: Changes, why: str) -> None:
-    if row.status == WATCHING:
+    if _watching(row):
         why = f"watch ended: {why}"
     row.status = CANCELLED
     row.owner = None
@@ -318,7 +323,7 @@ def _reconcile_entry(
             _fresh(row)
             changes.revived += 1
             changes.keys.add(row.key)
-        if row.status == WATCHING and not entry.enabled:
+        if _watching(row) and not entry.enabled:
             _cancel(row, changes, "entry disabled in schedules.json")
             continue
         under_way = preparing(row, now)
@@ -342,7 +347,9 @@ def _reconcile_entry(
             changes.updated += 1
             changes.keys.add(row.key)
     for key, row in rows.items():
-        if key in wanted or (row.status not in (PENDING, WATCHING) and not preparing(row, now)):
+        if key in wanted or (
+            row.status != PENDING and not _watching(row) and not preparing(row, now)
+        ):
             continue
         if row.desired_time > now:
             local_date = row.desired_time.astimezone(entry.zone).date()
@@ -918,15 +925,24 @@ def _watch_end_text(row: Instance) -> str:
     return utils.format_local(row.watch_until, utils.get_zone(row.timezone))
 
 
+#: How long before its time a try of a watch may be claimed (its job's lead is 2 s).
+WATCH_CLAIM_AHEAD = timedelta(seconds=30)
+
+
 def claim_watch(
     factory: sessionmaker[Session], key: str, now: datetime, *, owner: str | None = None
 ) -> bool:
-    """watching -> booking for one try of the watch, once its time has come: True for the one
-    that got it (as ``claim``)."""
+    """watching -> booking for one try of the watch, from ``WATCH_CLAIM_AHEAD`` before its time
+    (its job starts a little early, as a booking's does; the try waits for its time): True for
+    the one that got it (as ``claim``)."""
     with transaction(factory) as session:
         claimed = session.execute(
             update(Instance)
-            .where(Instance.key == key, Instance.status == WATCHING, Instance.next_try_at <= now)
+            .where(
+                Instance.key == key,
+                Instance.status == WATCHING,
+                Instance.next_try_at <= now + WATCH_CLAIM_AHEAD,
+            )
             .values(status=BOOKING, owner=owner, updated_at=now)
         ).rowcount
     return claimed == 1
@@ -939,6 +955,8 @@ def watch_again(factory: sessionmaker[Session], key: str, *, next_try: datetime,
     with transaction(factory) as session:
         row = session.scalar(select(Instance).where(Instance.key == key))
         assert row is not None
+        if row.status != BOOKING:
+            return True  # a reload ended the watch meanwhile (cancelled): nothing more
         row.watch_tries = (row.watch_tries or 0) + 1
         if row.watch_until is None or next_try >= row.watch_until:
             return False

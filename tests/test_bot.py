@@ -2939,3 +2939,57 @@ def test_a_watch_try_waits_for_its_time_and_a_reload_may_have_ended_it(h: Harnes
         row.status = CANCELLED
     h.clock.set(DESIRED - timedelta(hours=3))
     assert h.book() is None and len(h.calls) == 1
+
+
+def test_a_watch_try_claimed_early_waits_for_its_time_then_sends_once(h: Harness) -> None:
+    h.ctx.jitter = lambda: 0.5
+    h.add()
+    wishes(h, watch=timedelta(hours=1))
+    queue(h.club, answer(409))
+    assert h.book() == WATCHING
+    next_try = h.row().next_try_at
+    assert next_try is not None
+    h.stop.clock = h.clock  # a wait moves the clock, as a real sleep would
+    h.clock.tick = 0.001  # and so does the last spin
+    h.clock.set(next_try - timedelta(seconds=2))  # the job's lead
+    queue(h.club, answer(409))
+    assert h.book() == WATCHING
+    assert len(h.calls) == 2
+    assert 1.9 <= sum(w or 0 for w in h.stop.waits) <= 2.0  # it waited for its time
+
+
+def test_one_try_of_a_watch_in_flight_per_club_and_token(h: Harness) -> None:
+    h.add()
+    wishes(h, watch=timedelta(hours=1))
+    queue(h.club, answer(409))
+    assert h.book() == WATCHING
+    h.clock.set(h.row().next_try_at)
+    lock = h.ctx.watch_locks.setdefault((None, "default"), threading.Lock())
+    lock.acquire()
+    queue(h.club, answer(201, {"id": "bk-1"}))
+    outcome: list[str | None] = []
+    worker = threading.Thread(target=lambda: outcome.append(h.book()))
+    worker.start()
+    worker.join(0.5)
+    # Another try of this club and token is under way: this one waits, nothing sent yet.
+    assert worker.is_alive() and len(h.calls) == 1
+    lock.release()
+    worker.join(5)
+    assert outcome == [BOOKED] and len(h.calls) == 2
+
+
+def test_the_players_go_into_the_request(h: Harness) -> None:
+    h.ctx.template = parse_flow(
+        {"url": URL, "json": {"players": "{players}", "partner": "{players[1]}"}},
+        api_url=URL,
+        name="t.json",
+    )
+    h.add()
+    with transaction(h.factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == KEY))
+        assert row is not None
+        row.players = json.dumps(["ana@example.com", "Ben"])
+    queue(h.club, answer(201, {"id": "bk-p"}))
+    assert h.book() == BOOKED
+    assert h.sent_bodies() == [{"players": ["ana@example.com", "Ben"], "partner": "Ben"}]
+    assert h.sent_keys() == [KEY]  # players change no key

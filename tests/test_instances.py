@@ -1572,8 +1572,8 @@ def test_a_watch_tries_again_until_it_ends(
     )
     assert shown["last_error"] == "18:00: taken; watching until Thu 2026-12-10 16:00 GMT"
     assert instances.due_watches(factory) == {MATCH_KEY: first}
-    # Not before its time; then one claim only.
-    assert not instances.claim_watch(factory, MATCH_KEY, first - timedelta(seconds=1))
+    # Not before its time (but for the job's little lead); then one claim only.
+    assert not instances.claim_watch(factory, MATCH_KEY, first - timedelta(seconds=31))
     assert instances.claim_watch(factory, MATCH_KEY, first)
     assert not instances.claim_watch(factory, MATCH_KEY, first)
     assert instances.status_of(factory, MATCH_KEY) == BOOKING
@@ -1729,3 +1729,22 @@ def test_a_watching_instance_is_due_at_its_next_try(
     assert instances.next_trigger(factory) == min(
         next_try, rows(factory, "wed-evening")[second_wed].trigger_time
     )
+
+
+def test_disabling_the_entry_during_a_try_of_its_watch_ends_it(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WISHES])
+    apply(factory, settings, fernet)
+    _claim(factory)
+    first = T0 + timedelta(minutes=5)
+    instances.watch(factory, MATCH_KEY, tried="18:00: taken", next_try=first)
+    assert instances.claim_watch(factory, MATCH_KEY, first)
+    write(data_dir, [WISHES | {"enabled": False}])
+    assert apply(factory, settings, fernet, first).cancelled == 1
+    # The try in flight comes back taken: the watch stays ended.
+    assert instances.watch_again(
+        factory, MATCH_KEY, next_try=first + timedelta(minutes=5), said="taken"
+    )
+    assert instances.status_of(factory, MATCH_KEY) == CANCELLED
+    assert instances.due_watches(factory) == {}
