@@ -2993,3 +2993,38 @@ def test_the_players_go_into_the_request(h: Harness) -> None:
     assert h.book() == BOOKED
     assert h.sent_bodies() == [{"players": ["ana@example.com", "Ben"], "partner": "Ben"}]
     assert h.sent_keys() == [KEY]  # players change no key
+
+
+def test_a_try_of_a_watch_runs_the_flows_preparation_then_its_booking_step(fh: Harness) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()]})
+    fh.clock.tick = 0.001
+    fh.add()
+    wishes(fh, watch=timedelta(hours=1))
+    queue(fh.club, ok_login(), at("/book", 409, {"message": "taken"}))
+    fh.clock.set(TRIGGER - timedelta(seconds=62))
+    assert fh.book() == WATCHING
+    fh.clock.set(fh.row().next_try_at)
+    queue(fh.club, ok_login(), at("/book", 201, {"id": "bk-f"}))
+    assert fh.book() == BOOKED
+    assert paths(fh) == ["/login", "/book", "/login", "/book"]
+    assert fh.calls[-1].request.headers["Authorization"] == f"Bearer {JWT}"
+
+
+def test_a_try_of_a_watch_whose_login_the_club_is_too_busy_for_waits_as_it_asks(
+    fh: Harness,
+) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()]})
+    fh.clock.tick = 0.001
+    fh.add()
+    wishes(fh, watch=timedelta(hours=1))
+    queue(fh.club, ok_login(), at("/book", 409))
+    fh.clock.set(TRIGGER - timedelta(seconds=62))
+    assert fh.book() == WATCHING
+    first = fh.row().next_try_at
+    assert first is not None
+    fh.clock.set(first)
+    queue(fh.club, at("/login", 503, "", headers={"Retry-After": "900"}))
+    assert fh.book() == WATCHING
+    assert paths(fh)[-1] == "/login" and len(fh.calls) == 3
+    then = fh.row().next_try_at
+    assert then is not None and then >= first + timedelta(seconds=900)

@@ -1145,3 +1145,60 @@ def test_cancel_with_a_club_files_cancel_steps_and_a_refusal_keeps_it_booked(
         "stays booked\n"
     )
     assert instances.status_of(factory, "m@4") == models.BOOKED
+
+
+def test_cancel_runs_a_club_files_cancel_steps_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    data_dir: Path,
+    factory: sessionmaker[Session],
+    fernet: Any,
+    sandbox: Any,
+) -> None:
+    import requests
+
+    start = future(days=2)
+    made = requests.post(
+        sandbox.url,
+        json={
+            "court_id": "3",
+            "start": start.isoformat(),
+            "end": (start + timedelta(hours=1)).isoformat(),
+            "duration_minutes": 60,
+        },
+        headers={"Authorization": f"Bearer {CANCEL_TOKEN}"},
+        timeout=5,
+    ).json()
+    (data_dir / "clubs").mkdir()
+    auth = {"Authorization": "Bearer {token}"}
+    write_json(
+        data_dir / "clubs" / "own.json",
+        {
+            "url": sandbox.url,
+            "cancel": [
+                # A look first (the club answers 405 to a GET: its ok says so), then the delete.
+                {
+                    "name": "look",
+                    "method": "GET",
+                    "url": sandbox.url,
+                    "headers": auth,
+                    "ok": {"status": [405]},
+                },
+                {
+                    "name": "drop",
+                    "method": "DELETE",
+                    "url": sandbox.url + "/{booking_ref}",
+                    "headers": auth,
+                    "ok": {"status": [204]},
+                },
+            ],
+        },
+    )
+    _booked_row(factory, fernet, "m@5", ref=made["id"], club="own")
+    assert run(monkeypatch, env, "cancel", "m@5") == 0
+    assert [(r.method, r.path) for r in sandbox.received][1:] == [
+        ("GET", "/bookings"),
+        ("DELETE", f"/bookings/{made['id']}"),
+    ]
+    assert sandbox.cancelled == [made["id"]]
+    assert instances.status_of(factory, "m@5") == models.CANCELLED
