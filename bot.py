@@ -54,6 +54,7 @@ from models import (
     DatabaseError,
     Instance,
     SessionFactory,
+    Token,
     error_text,
 )
 from notify import Outcome
@@ -1213,17 +1214,7 @@ def _book(key: str, ctx: BookingContext) -> str | None:
         flow = ctx.flow_for(row.club)
     except KeyError:
         return _finish(ctx, key, FAILED, _club_missing(row.club))
-    secrets, problem = instances.token_secrets(token_row, ctx.fernet, name=row.token_name)
-    for value in secrets.values():
-        remember_secret(value)
-    if problem is None:
-        problem = _secrets_problem(flow, secrets, row.token_name)
-    if problem is None and any(utils.CONTROL_RE.search(v) for v in secrets.values()):
-        # A header cannot carry it (and requests' error would quote it): never sent.
-        problem = (
-            f"token {row.token_name!r} holds a control character (a line break, tab, ...): put "
-            "the token in tokens.json as one line and reload"
-        )
+    secrets, problem = _token(ctx, flow, row, token_row)
     if problem is not None:
         return _finish(ctx, key, FAILED, problem)
     run = FlowRun(flow, _slot(row), secrets, row.token_name, label=key, total=row.attempts)
@@ -1263,6 +1254,25 @@ def _book(key: str, ctx: BookingContext) -> str | None:
     finally:
         for unread in wired.values():
             unread.connection.close()
+
+
+def _token(
+    ctx: BookingContext, flow: Flow, row: Instance, token_row: Token | None
+) -> tuple[dict[str, str], str | None]:
+    """The booking's token fields (each remembered as a secret), and the problem that keeps
+    them from being sent (None when there is none)."""
+    secrets, problem = instances.token_secrets(token_row, ctx.fernet, name=row.token_name)
+    for value in secrets.values():
+        remember_secret(value)
+    if problem is None:
+        problem = _secrets_problem(flow, secrets, row.token_name)
+    if problem is None and any(utils.CONTROL_RE.search(v) for v in secrets.values()):
+        # A header cannot carry it (and requests' error would quote it): never sent.
+        problem = (
+            f"token {row.token_name!r} holds a control character (a line break, tab, ...): put "
+            "the token in tokens.json as one line and reload"
+        )
+    return secrets, problem
 
 
 def _on_wire(
@@ -1939,10 +1949,7 @@ def _watch_try(ctx: BookingContext, key: str) -> str | None:
         flow = ctx.flow_for(row.club)
     except KeyError:
         return _finish(ctx, key, FAILED, _club_missing(row.club))
-    secrets, problem = instances.token_secrets(token_row, ctx.fernet, name=row.token_name)
-    for value in secrets.values():
-        remember_secret(value)
-    problem = problem or _secrets_problem(flow, secrets, row.token_name)
+    secrets, problem = _token(ctx, flow, row, token_row)
     if problem is not None:
         return _finish(ctx, key, FAILED, problem)
     with ctx.in_flight_lock:

@@ -982,28 +982,34 @@ def _booked_row(
     ref: str | None,
     status: str = models.BOOKED,
     club: str | None = None,
-) -> None:
+) -> str:
+    """A booked instance of schedule ``key`` (its token stored); returns its instance key."""
     with models.transaction(factory) as session:
         if session.get(models.Token, "default") is None:
             encrypted = fernet.encrypt(CANCEL_TOKEN.encode()).decode()
             session.add(models.Token(id="default", encrypted_token=encrypted))
-        desired = future()
-        session.add(
-            Instance(
-                key=key,
-                schedule_id=key.split("@", maxsplit=1)[0],
-                type="one-off",
-                desired_time=desired,
-                trigger_time=desired - timedelta(hours=168),
-                timezone="UTC",
-                court_id="3",
-                courts='["3"]',
-                booked_court="3",
-                status=status,
-                booking_ref=ref,
-                club=club,
-            )
-        )
+    desired = future()
+    add(factory, key, desired=desired, booked_court="3", status=status, booking_ref=ref, club=club)
+    return f"{key}@{desired:%Y-%m-%dT%H:%M:%SZ}"
+
+
+def _club_booking(sandbox: Any) -> str:
+    """A booking made at the sandbox club (court 3, two days ahead); returns its id."""
+    import requests
+
+    start = future(days=2)  # its window is open at the club
+    made = requests.post(
+        sandbox.url,
+        json={
+            "court_id": "3",
+            "start": start.isoformat(),
+            "end": (start + timedelta(hours=1)).isoformat(),
+            "duration_minutes": 60,
+        },
+        headers={"Authorization": f"Bearer {CANCEL_TOKEN}"},
+        timeout=5,
+    ).json()
+    return str(made["id"])
 
 
 @pytest.fixture
@@ -1022,33 +1028,21 @@ def test_cancel_deletes_the_booking_at_the_club_and_marks_it_cancelled(
     fernet: Any,
     sandbox: Any,
 ) -> None:
-    import requests
-
-    start = future(days=2)  # its window is open at the club
-    made = requests.post(
-        sandbox.url,
-        json={
-            "court_id": "3",
-            "start": start.isoformat(),
-            "end": (start + timedelta(hours=1)).isoformat(),
-            "duration_minutes": 60,
-        },
-        headers={"Authorization": f"Bearer {CANCEL_TOKEN}"},
-        timeout=5,
-    ).json()
-    _booked_row(factory, fernet, "m@1", ref=made["id"])
+    booking = _club_booking(sandbox)
+    key = _booked_row(factory, fernet, "m1", ref=booking)
     env = env | {"BOOKING_API_URL": sandbox.url}
-    assert run(monkeypatch, env, "cancel", "m@1") == 0
-    assert capsys.readouterr().out == f"cancelled at the club: m@1 (ref {made['id']})\n"
+    assert run(monkeypatch, env, "cancel", key) == 0
+    assert capsys.readouterr().out == f"cancelled at the club: {key} (ref {booking})\n"
     (delete,) = [r for r in sandbox.received if r.method == "DELETE"]
-    assert delete.path == f"/bookings/{made['id']}"
+    assert delete.path == f"/bookings/{booking}"
     assert delete.headers["Authorization"] == f"Bearer {CANCEL_TOKEN}"
-    assert sandbox.cancelled == [made["id"]] and sandbox.bookings == []
-    assert instances.status_of(factory, "m@1") == models.CANCELLED
+    assert sandbox.cancelled == [booking] and sandbox.bookings == []
+    assert instances.status_of(factory, key) == models.CANCELLED
     # Cancelled already: exit 1, nothing sent.
-    assert run(monkeypatch, env, "cancel", "m@1") == 1
+    assert run(monkeypatch, env, "cancel", key) == 1
     assert capsys.readouterr().err == (
-        "courtbot cancel: m@1 is cancelled, not booked: only a booked instance can be cancelled\n"
+        f"courtbot cancel: {key} is cancelled, not booked: only a booked instance can be "
+        "cancelled\n"
     )
     assert len([r for r in sandbox.received if r.method == "DELETE"]) == 1
 
@@ -1060,9 +1054,9 @@ def test_cancel_of_a_booking_the_club_no_longer_has_is_done(
     fernet: Any,
     sandbox: Any,
 ) -> None:
-    _booked_row(factory, fernet, "m@2", ref="bk-gone")
-    assert run(monkeypatch, env | {"BOOKING_API_URL": sandbox.url}, "cancel", "m@2") == 0
-    assert instances.status_of(factory, "m@2") == models.CANCELLED
+    key = _booked_row(factory, fernet, "m2", ref="bk-gone")
+    assert run(monkeypatch, env | {"BOOKING_API_URL": sandbox.url}, "cancel", key) == 0
+    assert instances.status_of(factory, key) == models.CANCELLED
 
 
 @pytest.mark.parametrize(
@@ -1072,20 +1066,20 @@ def test_cancel_of_a_booking_the_club_no_longer_has_is_done(
             models.PENDING,
             "bk-1",
             None,
-            "m@3 is pending, not booked: only a booked instance can be cancelled",
+            "{key} is pending, not booked: only a booked instance can be cancelled",
         ),
         (
             models.BOOKED,
             None,
             None,
-            "m@3 is booked without a booking reference (the club's answer gave none): cancel "
+            "{key} is booked without a booking reference (the club's answer gave none): cancel "
             "it with the club",
         ),
         (
             models.BOOKED,
             "bk-1",
             "plain",
-            'm@3: club file {clubs}/plain.json has no "cancel" steps; nothing was sent: '
+            '{key}: club file {clubs}/plain.json has no "cancel" steps; nothing was sent: '
             "cancel it with the club",
         ),
     ],
@@ -1105,12 +1099,12 @@ def test_cancel_is_exit_1_with_one_line_and_sends_nothing(
 ) -> None:
     (data_dir / "clubs").mkdir()
     write_json(data_dir / "clubs" / "plain.json", {"url": sandbox.url})
-    _booked_row(factory, fernet, "m@3", ref=ref, status=status, club=club)
-    assert run(monkeypatch, env | {"BOOKING_API_URL": sandbox.url}, "cancel", "m@3") == 1
+    key = _booked_row(factory, fernet, "m3", ref=ref, status=status, club=club)
+    assert run(monkeypatch, env | {"BOOKING_API_URL": sandbox.url}, "cancel", key) == 1
     err = capsys.readouterr().err
-    assert err == f"courtbot cancel: {message.format(clubs=data_dir / 'clubs')}\n"
+    assert err == f"courtbot cancel: {message.format(clubs=data_dir / 'clubs', key=key)}\n"
     assert sandbox.received == []
-    assert instances.status_of(factory, "m@3") == status
+    assert instances.status_of(factory, key) == status
 
 
 def test_cancel_with_a_club_files_cancel_steps_and_a_refusal_keeps_it_booked(
@@ -1138,13 +1132,13 @@ def test_cancel_with_a_club_files_cancel_steps_and_a_refusal_keeps_it_booked(
             ],
         },
     )
-    _booked_row(factory, fernet, "m@4", ref="bk-404", club="own")
-    assert run(monkeypatch, env, "cancel", "m@4") == 1
+    key = _booked_row(factory, fernet, "m4", ref="bk-404", club="own")
+    assert run(monkeypatch, env, "cancel", key) == 1
     assert capsys.readouterr().err == (
-        "courtbot cancel: m@4: step 'drop': HTTP 404: no such booking (not its ok answer); it "
+        f"courtbot cancel: {key}: step 'drop': HTTP 404: no such booking (not its ok answer); it "
         "stays booked\n"
     )
-    assert instances.status_of(factory, "m@4") == models.BOOKED
+    assert instances.status_of(factory, key) == models.BOOKED
 
 
 def test_cancel_runs_a_club_files_cancel_steps_in_order(
@@ -1155,20 +1149,7 @@ def test_cancel_runs_a_club_files_cancel_steps_in_order(
     fernet: Any,
     sandbox: Any,
 ) -> None:
-    import requests
-
-    start = future(days=2)
-    made = requests.post(
-        sandbox.url,
-        json={
-            "court_id": "3",
-            "start": start.isoformat(),
-            "end": (start + timedelta(hours=1)).isoformat(),
-            "duration_minutes": 60,
-        },
-        headers={"Authorization": f"Bearer {CANCEL_TOKEN}"},
-        timeout=5,
-    ).json()
+    booking = _club_booking(sandbox)
     (data_dir / "clubs").mkdir()
     auth = {"Authorization": "Bearer {token}"}
     write_json(
@@ -1194,11 +1175,11 @@ def test_cancel_runs_a_club_files_cancel_steps_in_order(
             ],
         },
     )
-    _booked_row(factory, fernet, "m@5", ref=made["id"], club="own")
-    assert run(monkeypatch, env, "cancel", "m@5") == 0
+    key = _booked_row(factory, fernet, "m5", ref=booking, club="own")
+    assert run(monkeypatch, env, "cancel", key) == 0
     assert [(r.method, r.path) for r in sandbox.received][1:] == [
         ("GET", "/bookings"),
-        ("DELETE", f"/bookings/{made['id']}"),
+        ("DELETE", f"/bookings/{booking}"),
     ]
-    assert sandbox.cancelled == [made["id"]]
-    assert instances.status_of(factory, "m@5") == models.CANCELLED
+    assert sandbox.cancelled == [booking]
+    assert instances.status_of(factory, key) == models.CANCELLED
