@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from cryptography.fernet import MultiFernet
 
 import bot
+import club_client
 import config_loader
 import heartbeat
 import instances
@@ -277,7 +278,7 @@ class Daemon:
         self.scheduler: scheduler.Scheduler | None = None
         self.notifier: Notifier | None = None
         self.ctx: bot.BookingContext | None = None
-        self.client = bot.ClubClient(timeout=settings.http_timeout)
+        self.client = club_client.ClubClient(timeout=settings.http_timeout)
         self.roles = leader.Roles(settings.database_url)
         self.config: Config | None = None
         self.stop = threading.Event()

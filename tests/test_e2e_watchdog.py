@@ -10,7 +10,7 @@ sandbox club, on disks that misbehave and under a wall clock that jumps.
 
 Disks are a small tmpfs and a read-only bind mount (tests/mounts.py: root only, else skipped);
 the clock is libfaketime (Debian's `faketime`, installed by `make faketime`; else skipped).
-Each test prints its figures (``pytest -rA``); README's Reliability section quotes them.
+Each test prints its figures (``pytest -rA``); docs/reliability.md quotes them.
 """
 
 from __future__ import annotations

@@ -24,9 +24,13 @@ from clubmocks.base import Booking, ClubMock, Recorded
 from clubmocks.clubautomation import ClubAutomationMock
 from clubmocks.courtreserve import CourtReserveMock
 from clubmocks.doinsport import DoinsportMock
+from clubmocks.eversports import EversportsMock
 from clubmocks.flows import CLUBS_DIR, flow_for_mock, load_flow, write_flow_for_mock
+from clubmocks.glofox import GlofoxMock
+from clubmocks.nubapp import NubappMock
 from clubmocks.perfectgym import PerfectGymMock
 from clubmocks.playtomic import PlaytomicMock
+from clubmocks.skedda import SkeddaMock
 
 #: Every mock by the name of its flow file in ``data/clubs/``.
 MOCKS: dict[str, type[ClubMock]] = {
@@ -37,6 +41,10 @@ MOCKS: dict[str, type[ClubMock]] = {
         DoinsportMock,
         PerfectGymMock,
         CourtReserveMock,
+        SkeddaMock,
+        EversportsMock,
+        NubappMock,
+        GlofoxMock,
     )
 }
 
@@ -48,9 +56,13 @@ __all__ = [
     "ClubMock",
     "CourtReserveMock",
     "DoinsportMock",
+    "EversportsMock",
+    "GlofoxMock",
+    "NubappMock",
     "PerfectGymMock",
     "PlaytomicMock",
     "Recorded",
+    "SkeddaMock",
     "flow_for_mock",
     "load_flow",
     "write_flow_for_mock",
