@@ -226,7 +226,7 @@ def _print_check(config: Config, settings: Settings, now: datetime) -> None:
             if note:
                 print(f"    warning: {note}")
         if pairs:
-            for line in _wishes_lines(entry, pairs[0][1]):
+            for line in entry.describe_wishes(pairs[0][1]):
                 print(f"  {line}")
         flow = _flow_of(entry, config, settings)
         if flow is not None and pairs:
@@ -236,30 +236,6 @@ def _print_check(config: Config, settings: Settings, now: datetime) -> None:
             else:
                 print("  flow (next instance, secrets masked, extracted values as <step.value>):")
             print("    " + described.replace("\n", "\n    "))
-
-
-def _wishes_lines(entry: Entry, start: datetime) -> list[str]:
-    """What ``check`` says of the entry's fallback times, watch and players (CONTRACT 13), for
-    its next instance at ``start``."""
-    zone, lines = entry.zone, []
-    if entry.fallback_times:
-        kept = {text: trigger for text, _, trigger in entry.fallbacks(start)}
-        shown = [
-            f"{text} (trigger {utils.format_utc(kept[text])})"
-            if text in kept
-            else f"{text} (skipped: the desired time)"
-            for text in entry.fallback_times
-        ]
-        lines.append("fallback times (next instance): " + ", ".join(shown))
-    end = entry.watch_end(start)
-    if end is not None:
-        lines.append(
-            f"watch: until {utils.format_local(end, zone)} (next instance), tried again every "
-            "WATCH_INTERVAL_SECONDS"
-        )
-    if entry.players:
-        lines.append("players: " + ", ".join(entry.players))
-    return lines
 
 
 def _print_provenance(config: Config, now: datetime) -> None:
@@ -591,24 +567,6 @@ def _status_daemons(
     return EXIT_OK
 
 
-def _cancel_flow(settings: Settings, club: str | None) -> tuple[Flow | None, str]:
-    """The flow an instance of ``club`` cancels with (None when there is none), and how to name
-    it: its club file, else the request template, else section 6's request."""
-    try:
-        if club is not None:
-            path = settings.clubs_dir / f"{club}.json"
-            loaded = config_loader.load_flow_file(path, api_url=settings.api_url, label=str(path))
-            return loaded.flow, f"club file {path}"
-        template = config_loader.load_template(settings)
-    except TemplateError as exc:
-        return None, str(exc)
-    if template is not None:
-        return template.flow, template.label
-    if settings.api_url is None:
-        return None, "no BOOKING_API_URL"
-    return default_flow(settings.api_url), "BOOKING_API_URL"
-
-
 def cmd_cancel(env: dict[str, str], key: str) -> int:
     """Cancel a booked instance at the club (CONTRACT 13): exit 0 when the club confirmed,
     1 with one line otherwise (nothing changed; nothing sent when it cannot be cancelled)."""
@@ -628,7 +586,7 @@ def cmd_cancel(env: dict[str, str], key: str) -> int:
         print(f"courtbot cancel: {problem}", file=sys.stderr)
         return EXIT_INVALID
     row, token_row = instances.claimed(factory, key)
-    flow, name = _cancel_flow(settings, row.club)
+    flow, name = config_loader.cancel_flow(settings, row.club)
     if flow is None or not flow.cancel:
         why = f'{name} has no "cancel" steps' if flow is not None else name
         print(

@@ -334,6 +334,29 @@ class Entry:
                 found.append((text, moment, utils.trigger_time(moment, zone, self.window)))
         return found
 
+    def describe_wishes(self, start: datetime) -> list[str]:
+        """What ``check`` says of the fallback times, watch and players (CONTRACT 13) of the
+        instance at ``start``."""
+        lines = []
+        if self.fallback_times:
+            kept = {text: trigger for text, _, trigger in self.fallbacks(start)}
+            shown = [
+                f"{text} (trigger {utils.format_utc(kept[text])})"
+                if text in kept
+                else f"{text} (skipped: the desired time)"
+                for text in self.fallback_times
+            ]
+            lines.append("fallback times (next instance): " + ", ".join(shown))
+        end = self.watch_end(start)
+        if end is not None:
+            lines.append(
+                f"watch: until {utils.format_local(end, self.zone)} (next instance), tried again "
+                "every WATCH_INTERVAL_SECONDS"
+            )
+        if self.players:
+            lines.append("players: " + ", ".join(self.players))
+        return lines
+
     def watch_end(self, start: datetime) -> datetime | None:
         """When the watch of the instance at ``start`` ends (UTC); None without a watch."""
         if self.watch_minutes is None:
@@ -1983,6 +2006,25 @@ def load_flow_file(path: Path, *, api_url: str | None, label: str) -> FlowFile:
     # parse_flow validated the window; here it becomes the one the club's entries follow.
     window = utils.parse_window(flow.window) if flow.window is not None else None
     return FlowFile(label=label, flow=flow, window=window, digest=content_digest(data))
+
+
+def cancel_flow(settings: Settings, club: str | None) -> tuple[Flow | None, str]:
+    """The flow an instance of ``club`` cancels with (CONTRACT 13; None when there is none)
+    and how to name it: its club file, else the request template, else section 6's request."""
+    try:
+        if club is not None:
+            path = settings.clubs_dir / f"{club}.json"
+            return load_flow_file(path, api_url=settings.api_url, label=str(path)).flow, (
+                f"club file {path}"
+            )
+        template = load_template(settings)
+    except TemplateError as exc:
+        return None, str(exc)
+    if template is not None:
+        return template.flow, template.label
+    if settings.api_url is None:
+        return None, "no BOOKING_API_URL"
+    return default_flow(settings.api_url), "BOOKING_API_URL"
 
 
 def load_template(settings: Settings) -> FlowFile | None:
