@@ -62,8 +62,9 @@ from models import (
     SessionFactory,
     Token,
     error_text,
+    mask_url,
 )
-from notify import Outcome
+from notify import Notifier, NotifyConfigError, NotifySettings, Outcome
 from template import (
     Flow,
     MissingValue,
@@ -1222,7 +1223,14 @@ def _after_booking(
     if finishing:
         # Written before they run: whatever becomes of them (a failure, a crash), the instance
         # is never booked again.
-        instances.club_took(ctx.factory, row.key, booking_ref=safe_ref(ref), court=court)
+        instances.club_took(
+            ctx.factory,
+            row.key,
+            booking_ref=safe_ref(ref),
+            court=court,
+            attempts=run.total,
+            first_sent_at=_first_sent(ctx, row.key),
+        )
     for step in finishing:
         problem = _finish_step(ctx, run, step, court)
         if problem is not None:
@@ -1463,6 +1471,52 @@ def _watch_on(ctx: BookingContext, row: Instance, said: str, wait: float | None)
         return WATCHING
     ctx.notify(instances.end_watch(ctx.factory, row.key, _now(ctx)))
     return FAILED
+
+
+def cancel_instance(
+    factory: SessionFactory | None,
+    fernet: MultiFernet,
+    key: str,
+    settings: Any,
+    flow_of: Callable[[Any, str | None], tuple[Flow | None, str]],
+) -> tuple[bool, str]:
+    """``cancel KEY`` (CONTRACT 13): the instance's club cancels its booking, then it is
+    ``cancelled`` and a ``Cancelled:`` message is sent. ``settings`` (the command's) give the
+    database's URL, HTTP_TIMEOUT_SECONDS and the notifications; ``flow_of(settings, club)`` the
+    flow a club cancels with and its name. Returns whether it was cancelled, and the line to
+    print: what was done, or why not (then nothing changed, and nothing was sent when the
+    instance cannot be cancelled)."""
+    problem = (
+        instances.cancel_problem(factory, key)
+        if factory is not None
+        else f"no database at {mask_url(settings.database_url)}"
+    )
+    if problem is not None or factory is None:
+        return False, str(problem)
+    row, token_row = instances.claimed(factory, key)
+    flow, name = flow_of(settings, row.club)
+    if flow is None or not flow.cancel:
+        why = f'{name} has no "cancel" steps' if flow is not None else name
+        return False, f"{key}: {why}; nothing was sent: cancel it with the club"
+    secrets, problem = instances.token_secrets(token_row, fernet, name=row.token_name)
+    if problem is None:
+        client = ClubClient(timeout=settings.http_timeout)
+        try:
+            problem = cancel_booking(client, flow, row, secrets)
+        finally:
+            client.close()
+    if problem is not None:
+        return False, f"{key}: {problem}; it stays booked"
+    cancelled = instances.cancelled_at_club(factory, key, datetime.now(UTC))
+    try:
+        notifier = Notifier(NotifySettings.from_env(settings.env))
+    except NotifyConfigError as exc:
+        logger.error("notifications: %s; the Cancelled: message is not sent", exc)
+        notifier = Notifier(NotifySettings.from_env({}))
+    notifier.start()
+    notifier.notify(instances.outcome_of(cancelled))
+    notifier.close()
+    return True, f"cancelled at the club: {key} (ref {row.booking_ref})"
 
 
 def cancel_booking(

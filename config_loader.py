@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from cryptography.fernet import MultiFernet
@@ -40,6 +41,15 @@ logger = logging.getLogger(__name__)
 SCHEDULES_FILE = "schedules.json"
 TOKENS_FILE = "tokens.json"
 CLUBS_DIR = "clubs"
+#: The ready flows of the repository (data/clubs/); READY_CLUBS_DIR says where they are when
+#: the code runs from elsewhere (the image: /app/clubs).
+READY_CLUBS_DIR = Path(__file__).resolve().parent / "data" / "clubs"
+#: The label a ready flow holds where each club has its own host (``yourclub.perfectgym.com``).
+PLACEHOLDER = "yourclub"
+_PLACEHOLDER_RE = re.compile(rf"\b{PLACEHOLDER}\b", re.IGNORECASE)
+_DNS_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+#: The keys of a club file that uses a ready flow as it is (``{"use": "perfectgym", ...}``).
+USE_KEYS = ("use", PLACEHOLDER, "about")
 TOKEN_FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 DEFAULT_WINDOW = "168h"
 MAX_CONFIG_BYTES = 10 * 1024 * 1024
@@ -59,6 +69,7 @@ ENTRY_KEYS = (
     "fallback_times",
     "watch",
     "players",
+    "about",
 )
 ONE_OFF = "one-off"
 RECURRING = "recurring"
@@ -106,6 +117,8 @@ class Settings:
     heartbeat_url: str | None = field(repr=False, default=None)
     #: WATCH_INTERVAL_SECONDS: how often a watched instance is tried again (CONTRACT 13).
     watch_interval: float = DEFAULT_WATCH_INTERVAL
+    #: READY_CLUBS_DIR: the ready flows, used by name when DATA_DIR/clubs/ has no such file.
+    ready_clubs_dir: Path = READY_CLUBS_DIR
 
     @property
     def schedules_path(self) -> Path:
@@ -189,6 +202,7 @@ class Settings:
             watch_interval=_number(
                 env, "WATCH_INTERVAL_SECONDS", DEFAULT_WATCH_INTERVAL, minimum=MIN_WATCH_INTERVAL
             ),
+            ready_clubs_dir=Path(env.get("READY_CLUBS_DIR") or READY_CLUBS_DIR),
         )
 
 
@@ -978,36 +992,133 @@ def _club_of(entry: Entry) -> str | None:
     return entry.club
 
 
+#: Beyond this many pairs of entries that overlap, one warning sums them up instead of a line a
+#: pair: 5,000 entries at one time are 12.5 million pairs, which no one reads (and finding every
+#: pair is quadratic work at each load).
+MAX_OVERLAP_PAIRS = 20
+#: How many pairs that summary names.
+OVERLAP_EXAMPLES = 3
+
+
+class _TooMany(Exception):
+    """More than ``MAX_OVERLAP_PAIRS`` pairs of entries overlap: the sweep stops."""
+
+
+#: A slot as a sweep reads it: start, end (Unix seconds) and its owner (a position or a key).
+_Slot = tuple[float, float, Any]
+
+
+def _sweep(slots: list[_Slot], record: Callable[[_Slot, _Slot], None]) -> None:
+    """Call ``record(earlier, later)`` for every two slots of different owners that overlap,
+    ``slots`` being one club's, sorted by (start, owner). ``record`` may raise ``_TooMany``,
+    which ends the sweep: the work is then linear in the slots, not in the pairs."""
+    active: list[_Slot] = []
+    for slot in slots:
+        active = [other for other in active if other[1] > slot[0]]
+        for other in active:
+            if other[2] != slot[2]:
+                record(other, slot)
+        active.append(slot)
+
+
+def _unix_starts(entry: Entry, now: datetime) -> list[float]:
+    """The starts of ``entry`` still ahead, as Unix seconds (real minutes, not wall-clock ones)."""
+    return [utils.as_utc(s).timestamp() for s in entry.starts(now) if s > now]
+
+
 def overlap_warnings(entries: Iterable[Entry], now: datetime, file_name: str) -> list[str]:
     """One warning per pair of enabled entries that would book overlapping times (``[start,
     end)``) at the same club among their next instances: two courts paid for one game, unless
-    that is meant. Names the first overlap and how many more there are."""
-    slots: list[tuple[datetime, datetime, int, Entry]] = []
-    for entry in entries:
-        if entry.enabled:
-            length = timedelta(minutes=entry.duration_minutes)
-            for start in entry.starts(now):
-                if start > now:
-                    moment = utils.as_utc(start)  # real minutes, not wall-clock ones (DST)
-                    slots.append((moment, moment + length, entry.position, entry))
-    slots.sort(key=lambda slot: (slot[0], slot[2]))
-    found: dict[tuple[int, int], list[tuple[datetime, datetime, datetime, datetime]]] = {}
-    active: list[tuple[datetime, datetime, int, Entry]] = []
-    for slot in slots:
-        start, end, position, entry = slot
-        active = [other for other in active if other[1] > start]
-        for other_start, other_end, other_position, other in active:
-            if other_position != position and _club_of(other) == _club_of(entry):
-                pair = (min(position, other_position), max(position, other_position))
-                first = (other_start, other_end) if other_position < position else (start, end)
-                second = (start, end) if other_position < position else (other_start, other_end)
-                found.setdefault(pair, []).append((*first, *second))
-        active.append(slot)
-    by_position = {entry.position: entry for entry in entries}
+    that is meant. Names the first overlap and how many more there are. More than
+    ``MAX_OVERLAP_PAIRS`` pairs are summed up in one warning (``overlap_summary``)."""
+    enabled = [entry for entry in entries if entry.enabled]
+    starts = {entry.position: _unix_starts(entry, now) for entry in enabled}
+    by_club: dict[str | None, list[_Slot]] = {}
+    for entry in enabled:
+        length = 60.0 * entry.duration_minutes
+        by_club.setdefault(_club_of(entry), []).extend(
+            (start, start + length, entry.position) for start in starts[entry.position]
+        )
+    found: dict[tuple[int, int], list[_Overlap]] = {}
+
+    def record(earlier: _Slot, later: _Slot) -> None:
+        first, second = sorted((earlier, later), key=lambda slot: slot[2])
+        pair = (first[2], second[2])
+        if pair not in found and len(found) == MAX_OVERLAP_PAIRS:
+            raise _TooMany
+        found.setdefault(pair, []).append((first[0], first[1], second[0], second[1]))
+
+    by_position = {entry.position: entry for entry in enabled}
+    try:
+        for slots in by_club.values():
+            _sweep(sorted(slots, key=lambda slot: (slot[0], slot[2])), record)
+    except _TooMany:
+        return [overlap_summary([(e, starts[e.position]) for e in enabled], file_name)]
     return [
-        _overlap_text(file_name, by_position[a], by_position[b], overlaps[0], len(overlaps))
+        _overlap_text(
+            file_name,
+            by_position[a],
+            by_position[b],
+            tuple(datetime.fromtimestamp(t, UTC) for t in overlaps[0]),  # type: ignore[arg-type]
+            len(overlaps),
+        )
         for (a, b), overlaps in sorted(found.items())
     ]
+
+
+def overlap_summary(entries: list[tuple[Entry, Iterable[float]]], file_name: str) -> str:
+    """The one warning for many overlapping entries (``entries``: the enabled ones with their
+    starts ahead, Unix seconds): how many entries overlap another at the same club, and the
+    first few of them by position with one partner each. Linear in the slots (each counted
+    with two binary searches), however many pairs there are."""
+    by_club: dict[str | None, list[tuple[float, float, Entry]]] = {}
+    for entry, starts in entries:
+        length = 60.0 * entry.duration_minutes
+        by_club.setdefault(_club_of(entry), []).extend((s, s + length, entry) for s in starts)
+    #: Per entry (by position) that overlaps another, its first such slot and its club's slots.
+    overlapping: dict[int, tuple[_Slot, list[tuple[float, float, Entry]], list[float]]] = {}
+    for slots in by_club.values():
+        slots.sort(key=lambda slot: (slot[0], slot[2].position))
+        club_starts = [slot[0] for slot in slots]
+        club_ends = sorted(slot[1] for slot in slots)
+        for slot in slots:
+            start, end, entry = slot
+            # Slots overlapping [start, end): those starting before its end, less those that
+            # ended by its start; one of them is this slot itself.
+            count = bisect.bisect_left(club_starts, end) - bisect.bisect_right(club_ends, start)
+            if count > 1 and entry.position not in overlapping:
+                overlapping[entry.position] = (slot, slots, club_starts)
+    examples = []
+    for position in sorted(overlapping)[:OVERLAP_EXAMPLES]:
+        (start, end, one), slots, club_starts = overlapping[position]
+        two_start, two_end, two = _partner(slots, club_starts, start, end, one)
+        a0, a1, b0, b1 = (datetime.fromtimestamp(t, UTC) for t in (start, end, two_start, two_end))
+        examples.append(
+            f"{one.label} and {two.label} ({_span(a0, a1, one.zone)} and {_span(b0, b1, two.zone)})"
+        )
+    shown = "; ".join(examples)
+    return (
+        f"{file_name}: {len(overlapping)} entries would book overlapping times with another "
+        f"entry at the same club (more than {MAX_OVERLAP_PAIRS} pairs), e.g. {shown}; "
+        "that is two courts booked and paid for each time: if one is enough, keep one entry (a "
+        "list in court_id tries several courts in order)"
+    )
+
+
+def _partner(
+    slots: list[tuple[float, float, Entry]],
+    club_starts: list[float],
+    start: float,
+    end: float,
+    entry: Entry,
+) -> tuple[float, float, Entry]:
+    """A slot of another entry that overlaps [start, end) (one is known to): the latest
+    starting before ``end``."""
+    for i in range(bisect.bisect_left(club_starts, end) - 1, -1, -1):
+        other = slots[i]
+        if other[2] is not entry and other[1] > start:
+            return other
+    raise AssertionError("counted an overlap that is not there")  # pragma: no cover
 
 
 def _overlap_text(
@@ -1113,13 +1224,17 @@ class _OverlapIndex:
             if key in self._slots and self._slots[key][1] is not starts:
                 self._remove(key)  # validated again: its starts moved on
         added = [key for key in current if key not in self._slots]
-        if len(added) > max(16, len(current) // 8):
-            self._rebuild(current)
-        else:
-            longest = max((60.0 * e.duration_minutes for e, _s in current.values()), default=0.0)
-            for key in added:
-                entry, starts = current[key]
-                self._add(key, entry.club, starts, 60.0 * entry.duration_minutes, longest)
+        try:
+            if len(added) > max(16, len(current) // 8):
+                self._rebuild(current)
+            else:
+                longest = max((60.0 * e.duration_minutes for e, _s in current.values()), default=0)
+                for key in added:
+                    entry, starts = current[key]
+                    self._add(key, entry.club, starts, 60.0 * entry.duration_minutes, longest)
+        except _TooMany:
+            self._clear()  # built afresh at the next read (stopped again at once while too many)
+            return [overlap_summary(list(current.values()), file_name)]
         return self._render(current, file_name)
 
     def _record(
@@ -1129,6 +1244,8 @@ class _OverlapIndex:
             one, two, one_slot, two_slot = two, one, two_slot, one_slot
         pair = self._pairs.get((one, two))
         if pair is None:
+            if len(self._pairs) == MAX_OVERLAP_PAIRS:
+                raise _TooMany
             pair = self._pairs[one, two] = _Pair()
         pair.add((*one_slot, *two_slot))
         self._partners.setdefault(one, set()).add(two)
@@ -1174,14 +1291,7 @@ class _OverlapIndex:
             by_club.setdefault(entry.club, []).extend((s, s + length, key) for s in starts)
         for club, slots in by_club.items():
             slots.sort()
-            active: list[tuple[float, float, bytes]] = []
-            for slot in slots:
-                start, end, key = slot
-                active = [other for other in active if other[1] > start]
-                for other_start, other_end, other_key in active:
-                    if other_key != key:
-                        self._record(other_key, key, (other_start, other_end), (start, end))
-                active.append(slot)
+            _sweep(slots, lambda a, b: self._record(a[2], b[2], a[:2], b[:2]))
             self._clubs[club] = (
                 array("d", (slot[0] for slot in slots)),
                 array("d", (slot[1] for slot in slots)),
@@ -1563,6 +1673,12 @@ def _check_enabled(c: _EntryCheck) -> None:
         c.bad("enabled", f"{c.enabled!r} is not true or false")
 
 
+def _check_about(c: _EntryCheck) -> None:
+    # Free text for people (JSON has no comments), as a club file's ``about``: never read.
+    if "about" in c.raw and not isinstance(c.raw["about"], str):
+        c.bad("about", f"{c.raw['about']!r} is not a string (a note for people, ignored)")
+
+
 _SKIP_EXAMPLE = '["2026-12-24", "2026-12-31"]'
 
 
@@ -1722,6 +1838,7 @@ _ENTRY_CHECKERS: tuple[tuple[str, Callable[[_EntryCheck], None]], ...] = (
     ("fallback_times", _check_fallback_times),
     ("watch", _check_watch),
     ("players", _check_players),
+    ("about", _check_about),
 )
 
 
@@ -1990,9 +2107,8 @@ class FlowFile:
     digest: str
 
 
-def load_flow_file(path: Path, *, api_url: str | None, label: str) -> FlowFile:
-    """Read and validate a request template or flow file. Raises ``TemplateError`` naming the
-    file (``label``), the step and the key."""
+def _read_json_file(path: Path, label: str) -> tuple[Any, bytes]:
+    """A JSON file's value and bytes; ``TemplateError`` naming ``label`` when it cannot be."""
     try:
         data = _read_bytes(path)
     except OSError as exc:
@@ -2002,6 +2118,27 @@ def load_flow_file(path: Path, *, api_url: str | None, label: str) -> FlowFile:
     parsed, error = _decode_json(data, label)
     if error is not None:
         raise TemplateError(error.split(";")[0])
+    return parsed, data
+
+
+def load_flow_file(
+    path: Path, *, api_url: str | None, label: str, ready_dir: Path | None = None
+) -> FlowFile:
+    """Read and validate a request template or flow file. Raises ``TemplateError`` naming the
+    file (``label``), the step and the key. With ``ready_dir`` (a club file), a file
+    ``{"use": "<ready flow>", "yourclub": "<label>"}`` is that ready flow with its placeholder
+    host label replaced (CONTRACT section 12)."""
+    parsed, data = _read_json_file(path, label)
+    if ready_dir is not None and isinstance(parsed, dict) and "use" in parsed:
+        parsed, ready_data = _use_ready_flow(parsed, ready_dir, label)
+        data += ready_data
+    left = _placeholder_left(parsed)
+    if left is not None:
+        key, value = left
+        raise TemplateError(
+            f"{label}: {key}: {value!r} still holds the placeholder {PLACEHOLDER!r}: put your "
+            f"club's own host there (in hosts and every url), or {_use_advice(path)}"
+        )
     flow = parse_flow(parsed, api_url=api_url, name=label)
     # parse_flow validated the window; here it becomes the one the club's entries follow.
     window = utils.parse_window(flow.window) if flow.window is not None else None
@@ -2027,6 +2164,95 @@ def cancel_flow(settings: Settings, club: str | None) -> tuple[Flow | None, str]
     return default_flow(settings.api_url), "BOOKING_API_URL"
 
 
+def _use_advice(path: Path) -> str:
+    """How to use a ready flow with a host per club without editing it."""
+    ready = path.stem
+    return (
+        f"leave the ready flow as it is and write a club file of your own, e.g. "
+        f'clubs/my-{ready}.json holding {{"use": "{ready}", "{PLACEHOLDER}": "<your club\'s '
+        f'subdomain>"}}, and name it in the entry ("club": "my-{ready}")'
+    )
+
+
+def _placeholder_left(parsed: Any, where: str = "") -> tuple[str, str] | None:
+    """The first ``hosts`` item or ``url`` (at any depth: steps, clock, cancel) that still holds
+    the ``yourclub`` placeholder, as (key path, value); None when none does."""
+    if isinstance(parsed, dict):
+        for key, value in parsed.items():
+            path = f"{where}.{key}" if where else str(key)
+            if key == "url" and isinstance(value, str) and _PLACEHOLDER_RE.search(value):
+                return path, value
+            if key == "hosts" and isinstance(value, list):
+                for index, host in enumerate(value):
+                    if isinstance(host, str) and _PLACEHOLDER_RE.search(host):
+                        return f"{path}[{index}]", host
+            if key != "about":
+                found = _placeholder_left(value, path)
+                if found is not None:
+                    return found
+    elif isinstance(parsed, list):
+        for index, value in enumerate(parsed):
+            name = value.get("name") if isinstance(value, dict) else None
+            label = f"{where}[{index}]" + (f" {name!r}" if isinstance(name, str) else "")
+            found = _placeholder_left(value, label)
+            if found is not None:
+                return found
+    return None
+
+
+def _use_ready_flow(use: dict[str, Any], ready_dir: Path, label: str) -> tuple[Any, bytes]:
+    """A ready flow named by a club file's ``use``, with its placeholder host label replaced by
+    the file's ``yourclub``: the flow's JSON and the ready file's bytes."""
+    unknown = [key for key in use if key not in USE_KEYS]
+    if unknown:
+        raise TemplateError(
+            f'{label}: {unknown[0]}: unknown key; a club file with "use" takes only '
+            f"{', '.join(USE_KEYS)}"
+        )
+    name = use["use"]
+    ready_path = ready_dir / f"{name}.json"
+    if not _id_ok(name) or not ready_path.is_file():
+        known = sorted(p.stem for p in ready_dir.glob("*.json")) if ready_dir.is_dir() else []
+        raise TemplateError(
+            f"{label}: use: {name!r} is not a ready flow (expected one of "
+            f"{', '.join(known) or 'none: ' + str(ready_dir) + ' holds none'})"
+        )
+    flow, data = _read_json_file(ready_path, str(ready_path))
+    left = _placeholder_left(flow)
+    value = use.get(PLACEHOLDER)
+    if left is None:
+        if value is not None:
+            raise TemplateError(
+                f"{label}: {PLACEHOLDER}: the ready flow {name!r} has no {PLACEHOLDER!r} host "
+                "to replace; remove the key"
+            )
+        return flow, data
+    host = (urlsplit(left[1]).hostname or left[1]) if "://" in left[1] else left[1]
+    example = f'e.g. "riverside" for {_PLACEHOLDER_RE.sub("riverside", host)}'
+    if value is None:
+        raise TemplateError(
+            f"{label}: {PLACEHOLDER}: missing; the ready flow {name!r} has a host per club "
+            f"({host}): give your club's subdomain, {example}"
+        )
+    if not isinstance(value, str) or not _DNS_LABEL_RE.fullmatch(value.lower()):
+        raise TemplateError(
+            f"{label}: {PLACEHOLDER}: {value!r} is not a host name label (letters, digits and "
+            f"hyphens, at most 63; {example})"
+        )
+    return _replace_placeholder(flow, value.lower()), data
+
+
+def _replace_placeholder(value: Any, label: str) -> Any:
+    """``value`` with the placeholder label replaced by ``label`` in every string."""
+    if isinstance(value, str):
+        return _PLACEHOLDER_RE.sub(label, value)
+    if isinstance(value, list):
+        return [_replace_placeholder(item, label) for item in value]
+    if isinstance(value, dict):
+        return {key: _replace_placeholder(item, label) for key, item in value.items()}
+    return value
+
+
 def load_template(settings: Settings) -> FlowFile | None:
     """Read and validate BOOKING_REQUEST_TEMPLATE (None when unset).
 
@@ -2038,12 +2264,72 @@ def load_template(settings: Settings) -> FlowFile | None:
     return load_flow_file(path, api_url=settings.api_url, label=f"BOOKING_REQUEST_TEMPLATE {path}")
 
 
-def has_club_files(settings: Settings) -> bool:
-    """Whether DATA_DIR/clubs/ holds any club file."""
+def unreadable_by_daemon(settings: Settings) -> list[str]:
+    """The config files that the daemon could not read, one line each saying why and the fix.
+
+    Only as root (``check`` in a container, as ``docker compose exec`` runs it): the daemon
+    runs as the owner of DATA_DIR (the image's uid 10001), and root reads everything, so a file
+    copied in as root with mode 0600 passes a root ``check`` while the daemon cannot read it.
+    Elsewhere reading the file is the test, and the load itself reports it."""
+    if os.geteuid() != 0:
+        return []
     try:
-        return any(settings.clubs_dir.glob("*.json"))
+        owner = settings.data_dir.stat()
+    except OSError:
+        return []
+    if owner.st_uid == 0:
+        return []
+    paths = [settings.schedules_path, settings.tokens_path]
+    if settings.template_path is not None:
+        paths.append(settings.template_path)
+    with contextlib.suppress(OSError):
+        paths.extend(sorted(settings.clubs_dir.glob("*.json")))
+    problems = []
+    for path in paths:
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        readable = (
+            (info.st_uid == owner.st_uid and mode & stat.S_IRUSR)
+            or (info.st_gid == owner.st_gid and mode & stat.S_IRGRP)
+            or mode & stat.S_IROTH
+        )
+        if not readable:
+            problems.append(
+                f"{path}: the daemon (uid {owner.st_uid}, the owner of {settings.data_dir}) "
+                f"cannot read it (owner uid {info.st_uid}, mode {mode:04o}): run "
+                f"`chown {owner.st_uid}:{owner.st_gid} {path}`, or restart the container (its "
+                "entrypoint hands every file in DATA_DIR to the daemon)"
+            )
+    return problems
+
+
+def club_path(clubs_dir: Path, ready_dir: Path, name: str) -> Path:
+    """Where the club file ``name`` is read from: DATA_DIR/clubs/<name>.json, else the ready
+    flow of that name (used by name, without a copy), else DATA_DIR's path (missing)."""
+    path = clubs_dir / f"{name}.json"
+    ready = ready_dir / f"{name}.json"
+    with contextlib.suppress(OSError):
+        if not path.exists() and ready.is_file():
+            return ready
+    return path
+
+
+def has_club_files(settings: Settings) -> bool:
+    """Whether DATA_DIR/clubs/ holds any club file, or schedules.json names a club (a ready
+    flow is used by name)."""
+    try:
+        if any(settings.clubs_dir.glob("*.json")):
+            return True
+        data = _read_bytes(settings.schedules_path)
     except OSError:
         return False
+    parsed = _decode_json(data, SCHEDULES_FILE)[0] if data is not None else None
+    return isinstance(parsed, list) and any(
+        isinstance(raw, dict) and "club" in raw for raw in parsed
+    )
 
 
 @dataclass
@@ -2059,6 +2345,8 @@ class RequestSources:
     clubs_only: bool = False
     api_url: str | None = None
     clubs_dir: Path | None = None
+    #: The ready flows, used by name when ``clubs_dir`` has no file of that name.
+    ready_dir: Path = READY_CLUBS_DIR
     clubs: dict[str, FlowFile] = field(default_factory=dict)
     club_errors: dict[str, str] = field(default_factory=dict)
 
@@ -2072,6 +2360,7 @@ class RequestSources:
             and has_club_files(settings),
             api_url=settings.api_url,
             clubs_dir=settings.clubs_dir,
+            ready_dir=settings.ready_clubs_dir,
         )
 
     def club(self, name: str) -> FlowFile | None:
@@ -2082,9 +2371,11 @@ class RequestSources:
         if name in self.club_errors:
             return None
         clubs_dir = self.clubs_dir if self.clubs_dir is not None else Path(CLUBS_DIR)
-        path = clubs_dir / f"{name}.json"
+        path = club_path(clubs_dir, self.ready_dir, name)
         try:
-            self.clubs[name] = load_flow_file(path, api_url=self.api_url, label=str(path))
+            self.clubs[name] = load_flow_file(
+                path, api_url=self.api_url, label=str(path), ready_dir=self.ready_dir
+            )
         except TemplateError as exc:
             self.club_errors[name] = str(exc)
             return None

@@ -1091,6 +1091,24 @@ CASES = {
         early="unmatched",  # success false, whatever the reason
         taken="unmatched",
     ),
+    "clubspark": Case(
+        court=lambda c: c.courts[0],
+        booked_court=lambda c: c.courts[0],
+        minutes=60,
+        status="CONFIRMED",
+        ref=lambda c: None,
+        # A taken court, or a date not open yet, is not in the availability: its value is
+        # missing (the engine looks again until it shows up).
+        early="failed:availability",
+        taken="failed:availability",
+    ),
+    "better": Case(
+        court=lambda c: "tennis-court-outdoor",
+        booked_court=lambda c: "tennis-court-outdoor",
+        minutes=60,
+        status="CONFIRMED",
+        ref=lambda c: None,
+    ),
 }
 
 

@@ -1,8 +1,8 @@
-"""The mocks of Skedda, Eversports, Nubapp and Glofox, driven by hand with ``requests`` as their
-public clients drive them: each answers as its sources show, and refuses what the real system
-refuses (a missing antiforgery token or Bearer header, a date in the wrong format, a wrong
-password, an expired session). The ready flows against these mocks are in test_clubmocks.py
-(in-process) and test_ready_flows.py (the engine and the daemon)."""
+"""The mocks of Skedda, Eversports, Nubapp, Glofox, ClubSpark and Better, driven by hand with
+``requests`` as their public clients drive them: each answers as its sources show, and refuses
+what the real system refuses (a missing antiforgery token or Bearer header, a date or start in
+the wrong format, a wrong password, an expired session). The ready flows against these mocks are
+in test_clubmocks.py (in-process) and test_ready_flows.py (the engine and the daemon)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from zoneinfo import ZoneInfo
 import pytest
 import requests
 
-from clubmocks import EversportsMock, GlofoxMock, NubappMock, SkeddaMock
+from clubmocks import BetterMock, ClubSparkMock, EversportsMock, GlofoxMock, NubappMock, SkeddaMock
+from clubmocks.clubspark import app_auth
 from clubmocks.skedda import TOKEN_HEADER
 
 ZONE = ZoneInfo("Europe/Paris")
@@ -364,3 +365,199 @@ def test_glofox_login_timetable_and_booking(glofox: GlofoxMock) -> None:
     glofox.expire_sessions()
     assert book(full_id).status_code == 401
     assert [(b.id, b.status) for b in glofox.bookings] == [(event_id, "BOOKED")]
+
+
+# -- ClubSpark --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clubspark() -> Iterator[ClubSparkMock]:
+    with ClubSparkMock(zone="Europe/Paris") as club:
+        yield club
+
+
+def _cs_token(club: ClubSparkMock, basic: str | None = None, **over: str) -> requests.Response:
+    body = {
+        "username": club.email,
+        "password": club.password,
+        "scope": "https://api.clubspark.uk/token/",
+        "grant_type": "password",
+    } | over
+    headers = {"Authorization": f"Basic {basic or app_auth()}"}
+    return requests.post(f"{club.url}/issue/oauth2/token", json=body, headers=headers, timeout=5)
+
+
+def test_clubspark_token_availability_and_request_session(clubspark: ClubSparkMock) -> None:
+    club, start = clubspark, slot()
+    assert _cs_token(club, basic="bm9wZTpub3Bl").json() == {"error": "invalid_client"}
+    refused = _cs_token(club, password="nope")
+    assert (refused.status_code, refused.json()) == (400, {"error": "invalid_grant"})
+    assert _cs_token(club, grant_type="client_credentials").status_code == 400
+    token = _cs_token(club).json()["access_token"]
+    auth = {"Authorization": f"Lta-Auth {token}"}
+    venue = club.tokens_entry()["venue"]
+    url = f"{club.url}/v1/VenueBooking/{venue}/GetAvailabilityTimes"
+    params = {"Duration": 60, "Date": f"{start:%Y-%m-%d}", "resourceCategory": 1}
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert requests.get(url, params=params, headers=bearer, timeout=TIMEOUT).status_code == 401
+    bad = params | {"Date": f"{start:%d/%m/%Y}"}
+    assert requests.get(url, params=bad, headers=auth, timeout=TIMEOUT).status_code == 400
+    club.take(club.courts[1], start)
+    times = requests.get(url, params=params, headers=auth, timeout=TIMEOUT).json()["Times"]
+    (at_six,) = [t for t in times if t["Time"] == 18 * 60]
+    assert [r["ID"] for r in at_six["Resources"]] == [club.courts[0]]
+    session = at_six["Resources"][0]["SessionID"]
+    book_url = f"{club.url}/v0/VenueBooking/{venue}/RequestSession"
+
+    def book(**over: Any) -> requests.Response:
+        body = {
+            "ResourceID": club.courts[0],
+            "SessionID": session,
+            "Date": f"{start:%Y-%m-%d}",
+            "StartTime": 1080,
+            "Duration": 60,
+            "Source": "Android",
+        } | over
+        return requests.post(book_url, json=body, headers=auth, timeout=TIMEOUT)
+
+    assert book(StartTime="18:00").status_code == 400
+    assert book(Date=f"{start:%d/%m/%Y}").status_code == 400
+    club.opens_at = time.time() + 60
+    assert requests.get(url, params=params, headers=auth, timeout=TIMEOUT).json()["Times"] == []
+    assert book().json()["Result"] < 0
+    club.opens_at = None
+    club.paid.add(club.courts[0])
+    assert book().json()["Result"] < 0
+    club.paid.clear()
+    done = book().json()
+    assert done["Result"] == 0 and done["TransactionID"]
+    assert book().json()["Result"] < 0  # taken now
+    club.expire_sessions()
+    assert book().status_code == 401
+    assert [(b.court, b.start, b.status) for b in club.bookings] == [
+        (club.courts[0], start.astimezone(UTC), "CONFIRMED")
+    ]
+
+
+# -- Better -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def better() -> Iterator[BetterMock]:
+    with BetterMock(zone="Europe/Paris") as club:
+        yield club
+
+
+def test_better_login_times_basket_and_checkout(better: BetterMock) -> None:
+    club, start = better, slot()
+    login = f"{club.url}/api/auth/customer/login"
+    wrong = requests.post(login, json={"username": club.email, "password": "x"}, timeout=5)
+    assert wrong.status_code == 401
+    body = {"username": club.email, "password": club.password}
+    token = requests.post(login, json=body, timeout=TIMEOUT).json()["token"]
+    auth = {"Authorization": f"Bearer {token}"}
+    assert requests.get(f"{club.url}/api/auth/user", timeout=TIMEOUT).status_code == 401
+    user = requests.get(f"{club.url}/api/auth/user", headers=auth, timeout=TIMEOUT).json()
+    member = user["data"]["membership_user"]["id"]
+    venue = club.tokens_entry()["venue"]
+    url = f"{club.url}/api/activities/venue/{venue}/activity/tennis-court-outdoor/v2/times"
+    assert (
+        requests.get(url, params={"date": f"{start:%d/%m/%Y}"}, headers=auth, timeout=5).status_code
+        == 400
+    )
+    club.unreleased.add(start.date())
+    assert (
+        requests.get(url, params={"date": f"{start:%Y-%m-%d}"}, headers=auth, timeout=5).status_code
+        == 422
+    )
+    club.unreleased.clear()
+    club.opens_at = time.time() + 60
+
+    def times() -> dict[str, Any]:
+        data = requests.get(url, params={"date": f"{start:%Y-%m-%d}"}, headers=auth, timeout=5)
+        return next(t for t in data.json()["data"] if t["starts_at"]["format_24_hour"] == "18:00")
+
+    listed = times()
+    assert listed["action_to_show"]["status"] is None  # listed before its release, same id
+    occurrence = requests.get(
+        f"{club.url}/api/v1/activities/occurrences/{listed['id']}", headers=auth, timeout=5
+    ).json()["data"]["tickets"][0]
+
+    def add(**over: Any) -> requests.Response:
+        item = {
+            "id": listed["id"],
+            "type": "purchasableOccurrence",
+            "purchased_for_user_id": None,
+            "pricing_option_id": occurrence["pricing_option"]["id"],
+            "ticket_id": occurrence["id"],
+            "activity_restriction_ids": [],
+        } | over
+        payload = {"items": [item], "membership_user_id": member, "selected_user_id": None}
+        return requests.post(
+            f"{club.url}/api/activities/cart/add", json=payload, headers=auth, timeout=5
+        )
+
+    early = add()
+    assert early.status_code == 409 and "try again" in early.json()["message"]
+    club.opens_at = None
+    assert times()["action_to_show"]["status"] == "BOOK"
+    assert add(type="activity").status_code == 422
+    item_hash = add().json()["itemHash"]
+
+    def complete(**over: Any) -> requests.Response:
+        payload = {
+            "completed_waivers": [],
+            "payments": [],
+            "terms": [1],
+            "transaction_uuid": None,
+            "source": "activity-booking",
+            "item_hash": item_hash,
+        } | over
+        return requests.post(
+            f"{club.url}/api/checkout/complete", json=payload, headers=auth, timeout=5
+        )
+
+    assert complete(item_hash="stale").status_code == 422
+    assert complete().status_code == 200
+    assert times()["action_to_show"]["status"] == "FULL"
+    full = add()
+    assert full.status_code == 409 and "full" in full.json()["message"]
+    club.expire_sessions()
+    assert add().status_code == 401
+    assert [(b.court, b.start, b.status) for b in club.bookings] == [
+        ("tennis-court-outdoor", start.astimezone(UTC), "CONFIRMED")
+    ]
+
+
+def test_better_paid_session_stays_in_the_basket_without_a_payment(better: BetterMock) -> None:
+    club, start = better, slot()
+    club.paid.add("tennis-court-outdoor")
+    body = {"username": club.email, "password": club.password}
+    token = requests.post(f"{club.url}/api/auth/customer/login", json=body, timeout=5).json()[
+        "token"
+    ]
+    auth = {"Authorization": f"Bearer {token}"}
+    venue = club.tokens_entry()["venue"]
+    url = f"{club.url}/api/activities/venue/{venue}/activity/tennis-court-outdoor/v2/times"
+    data = requests.get(url, params={"date": f"{start:%Y-%m-%d}"}, headers=auth, timeout=5).json()
+    slot_id = next(t["id"] for t in data["data"] if t["starts_at"]["format_24_hour"] == "18:00")
+    ticket = {"id": slot_id * 3, "pricing_option": {"id": slot_id * 7}}
+    item = {
+        "id": slot_id,
+        "type": "purchasableOccurrence",
+        "pricing_option_id": ticket["pricing_option"]["id"],
+        "ticket_id": ticket["id"],
+    }
+    cart = requests.post(
+        f"{club.url}/api/activities/cart/add",
+        json={"items": [item], "membership_user_id": 4410027, "selected_user_id": None},
+        headers=auth,
+        timeout=5,
+    ).json()
+    assert cart["total"] > 0
+    payload = {"payments": [], "terms": [1], "item_hash": cart["itemHash"]}
+    answer = requests.post(
+        f"{club.url}/api/checkout/complete", json=payload, headers=auth, timeout=5
+    )
+    assert answer.status_code == 422 and "payment" in answer.json()["message"]
+    assert [b.status for b in club.bookings] == ["PENDING"]

@@ -226,14 +226,18 @@ def statements_of_this_thread(engine: Engine) -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", record)
 
 
-def test_a_reload_with_no_file_changed_sends_no_sql(
+def test_a_reload_with_no_file_changed_sends_no_sql_but_its_result(
     daemon: Daemon, data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     assert daemon.engine is not None
     with statements_of_this_thread(daemon.engine) as seen:
         assert daemon.loads.load(reason="SIGHUP") is True
-    assert seen == []
+    # No instance, job or token is read or written: only the load's result, kept for `reload`.
+    assert [s.split(" (")[0].split(" WHERE")[0] for s in seen] == [
+        "INSERT INTO loads",
+        "DELETE FROM loads",
+    ]
     (line,) = [m for m in caplog.messages if m.startswith("config unchanged")]
     assert re.fullmatch(r"config unchanged \(SIGHUP\), checked in \d+\.\d ms", line)
 
@@ -794,6 +798,33 @@ def test_a_stopped_scheduler_is_an_error_at_the_next_look_and_is_restarted(
     ), text
     assert daemon.scheduler.problem() is None
     assert daemon.recovery.watchdog.health() is None
+
+
+def test_a_recovery_reopens_the_connections_a_read_only_outage_left_read_only(
+    daemon: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SQLite connection opened while the database file could not be written stays read-only
+    for its life, however writable the file is again; left in the pool, the recovery's write
+    probe (and every booking's claim) would fail on it until the daemon gave up (exit 3). Here a
+    pooled connection is made read-only (``PRAGMA query_only``, which SQLite keeps per
+    connection): the recovery disposes of the pool and writes on fresh connections."""
+    caplog.set_level(logging.INFO)
+    assert daemon.engine is not None and daemon.scheduler is not None
+    models.close_idle_connections(daemon.engine)
+    with daemon.engine.connect() as conn:  # the pool's only idle connection from now on
+        conn.exec_driver_sql("PRAGMA query_only = ON")
+    daemon.scheduler.shutdown(wait=True)
+
+    daemon.recovery.watch()  # noticed, restarted on fresh connections
+    daemon.recovery.watch()  # and working since: recovered
+
+    texts = [text for _, text in watchdog_lines(caplog)]
+    assert texts[0].startswith("scheduler not working: the scheduler is not running;"), texts
+    assert texts[-1].startswith("scheduler working again after "), texts
+    assert not any("readonly" in text for text in texts), texts
+    assert daemon.recovery.watchdog.health() is None
+    with daemon.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA query_only").scalar() == 0
 
 
 def test_a_trigger_the_scheduler_missed_is_overdue_at_the_second_look_then_run(

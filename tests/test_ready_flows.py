@@ -161,6 +161,22 @@ CASES: dict[str, Case] = {
         taken_answer="HTTP 200: EVENT_IS_FULL, which none of the step's answers",
         refused="the club rejected the credentials at step 'login' (HTTP 200",
     ),
+    "clubspark": Case(
+        courts=lambda c: [c.courts[0]],
+        booked_court=lambda c: c.courts[0],
+        minutes=60,
+        status="CONFIRMED",
+        ref=lambda c: None,
+        # OAuth2's invalid_grant (the flow's rejected matcher at its login step).
+        refused="the club rejected the credentials at step 'login' (HTTP 400",
+    ),
+    "better": Case(
+        courts=lambda c: ["tennis-court-outdoor"],
+        booked_court=lambda c: "tennis-court-outdoor",
+        minutes=60,
+        status="CONFIRMED",
+        ref=lambda c: None,
+    ),
 }
 
 
@@ -418,6 +434,31 @@ def test_playtomics_cloudfront_block_page_fails_the_login_before_the_window(
         assert club.bookings == []
 
 
+@pytest.mark.parametrize("system", ["clubspark", "better"])
+def test_a_paid_court_is_not_booked_and_the_reason_says_what_the_club_answered(
+    system: str, factory: sessionmaker[Session], fernet: MultiFernet
+) -> None:
+    """ClubSpark and Better book free and members' courts only: a paid court needs a card
+    payment (Stripe, Opayo 3-D Secure) that the flows do not make. ClubSpark refuses the request
+    (a negative Result); Better holds the session in the basket and its checkout fails."""
+    with MOCKS[system](zone="Europe/Paris") as club:
+        flow = parse_flow(flow_for_mock(system, club.url), api_url=None, name=f"{system}.json")
+        made = Booking(system, club, factory, flow, fernet)
+        made.add()
+        club.paid.add(str(made.case.courts(club)[0]))  # type: ignore[attr-defined]
+
+        assert made.book() == FAILED
+
+        reason = made.row().last_error or ""
+        if system == "clubspark":
+            assert club.bookings == []
+            assert "HTTP 200" in reason and "none of the step's answers" in reason, reason
+        else:
+            assert [b.status for b in club.bookings] == ["PENDING"]
+            assert reason.startswith("the club took the booking (court tennis-court-outdoor)")
+            assert "step 'checkout' did not complete" in reason and "HTTP 422" in reason, reason
+
+
 @dataclass
 class DaemonRun:
     """What one daemon did with every ready flow at once: per system, its mock (stopped, its
@@ -433,8 +474,10 @@ class DaemonRun:
 
 
 #: How far ahead the shared trigger is: the daemon is ready in about half a second, a loaded
-#: machine several times that, and the logins (prepare_seconds=2) leave 2 s before it.
-DAEMON_LEAD_SECONDS = 4.0
+#: machine several times that, and the logins (DAEMON_PREPARE_SECONDS) leave 3 s before it:
+#: eleven systems, two entries each, log in on a loaded machine within them.
+DAEMON_LEAD_SECONDS = 5.0
+DAEMON_PREPARE_SECONDS = 3
 
 
 @pytest.fixture(scope="module")
@@ -458,7 +501,9 @@ def daemon_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonRun]:
         for system, club in clubs.items():
             case = CASES[system]
             case.setup(club, start)
-            write_flow_for_mock(system, club.url, data / "clubs", prepare_seconds=2)
+            write_flow_for_mock(
+                system, club.url, data / "clubs", prepare_seconds=DAEMON_PREPARE_SECONDS
+            )
             stale[system] = club.tokens_entry() | {"password": f"an-old-password-{system}"}
             tokens |= {system: club.tokens_entry(), f"{system}-stale": stale[system]}
             if case.never_open is not None:

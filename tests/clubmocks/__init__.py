@@ -21,7 +21,9 @@ The knobs every mock has are documented on ``clubmocks.base.ClubMock``.
 from __future__ import annotations
 
 from clubmocks.base import Booking, ClubMock, Recorded
+from clubmocks.better import BetterMock
 from clubmocks.clubautomation import ClubAutomationMock
+from clubmocks.clubspark import ClubSparkMock
 from clubmocks.courtreserve import CourtReserveMock
 from clubmocks.doinsport import DoinsportMock
 from clubmocks.eversports import EversportsMock
@@ -45,15 +47,19 @@ MOCKS: dict[str, type[ClubMock]] = {
         EversportsMock,
         NubappMock,
         GlofoxMock,
+        ClubSparkMock,
+        BetterMock,
     )
 }
 
 __all__ = [
     "CLUBS_DIR",
     "MOCKS",
+    "BetterMock",
     "Booking",
     "ClubAutomationMock",
     "ClubMock",
+    "ClubSparkMock",
     "CourtReserveMock",
     "DoinsportMock",
     "EversportsMock",

@@ -40,6 +40,9 @@ BUILTINS = frozenset(
         "key",
         "epoch_ms",
         "epoch_s",
+        "start_minutes",
+        "end_minutes",
+        "start_seconds_of_day",
     }
 )
 TIME_PLACEHOLDERS = frozenset({"start", "end", "start_utc", "end_utc"})
