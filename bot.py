@@ -15,8 +15,10 @@ to the flow's hosts, and its own secrets, scrubbed from every reason and log lin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -57,13 +59,15 @@ from models import (
     EXPIRED,
     FAILED,
     PENDING,
+    WATCHING,
     DatabaseError,
     Instance,
     SessionFactory,
     Token,
     error_text,
+    mask_url,
 )
-from notify import Outcome
+from notify import Notifier, NotifyConfigError, NotifySettings, Outcome
 from template import (
     Flow,
     MissingValue,
@@ -229,6 +233,11 @@ class FlowRun:
     #: are retried until EARLY_RETRY_SECONDS after it.
     opened: float = 0.0
     reports: list[StepReport] | None = None
+    #: A try of a watch (CONTRACT 13): one request per try, never a burst; an answer to wait
+    #: on (429, 5xx, early, no answer) ends the try instead of being sent again.
+    watching: bool = False
+    #: Values of this run beyond the slot's (``booking_ref`` for the cancel steps).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for value in self.secrets.values():
@@ -242,6 +251,7 @@ class FlowRun:
     def values(self, court: str | None) -> dict[str, Any]:
         """Every placeholder's value for a step sent for ``court``."""
         values = self.slot.values(self.secrets, court)
+        values.update(self.extra)
         values.update(self.shared)
         values.update(self.by_court.get(court, {}))
         return values
@@ -343,7 +353,8 @@ def _plain_try(client: ClubClient, run: FlowRun, step: Step, court: str | None) 
     if verdict == "auth":
         return report(answer.status, says, auth=True)
     if verdict != "ok":
-        wait = utils.parse_retry_after(answer.header("Retry-After"), datetime.now(UTC))
+        cap = WATCH_RETRY_AFTER_CAP if run.watching else utils.RETRY_AFTER_CAP_SECONDS
+        wait = utils.parse_retry_after(answer.header("Retry-After"), datetime.now(UTC), cap)
         expected = "its ok answer" if step.ok is not None else "a 2xx answer"
         return report(answer.status, f"{says} (not {expected})", wait=wait)
     found, problems = extract_values(step, reply, run.values(court))
@@ -541,6 +552,11 @@ class BookingContext:
     #: Whether the lease is proven valid for the given seconds more (a local check, no round
     #: trip); always True alone on SQLite.
     proves: Callable[[float], bool] = lambda _ahead: True
+    #: WATCH_INTERVAL_SECONDS, and the jitter's source (a number in [0, 1)): CONTRACT 13.
+    watch_interval: float = 300.0
+    jitter: Callable[[], float] = random.random
+    #: One try of a watch in flight per club and token (its lock, by (club, token name)).
+    watch_locks: dict[tuple[str | None, str], threading.Lock] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.burst = wire.BurstGate(timeout=self.client.timeout, clock=self.clock)
@@ -590,6 +606,8 @@ def book_slot(key: str, ctx: BookingContext) -> str | None:
         ctx.in_flight.add(key)
     start_secrets()
     try:
+        if instances.status_of(ctx.factory, key) == WATCHING:
+            return _watch_try(ctx, key)
         return _book(key, ctx)
     except Exception as exc:  # noqa: BLE001 (logged, scrubbed, and the instance marked)
         # Not logger.exception: the traceback's exception texts may quote a secret.
@@ -879,13 +897,17 @@ def _claim(ctx: BookingContext, key: str, now: datetime) -> bool:
 
 
 def _slot(row: Instance) -> Slot:
-    """What the instance's requests are rendered from."""
+    """What the instance's requests are rendered from: its desired time, or the fallback time
+    it has reached (CONTRACT 13), whose requests carry their own Idempotency-Key."""
+    attempt = instances.attempt_of(row)
     return Slot(
         key=row.key,
-        start=row.desired_time,
+        start=attempt.start,
         duration_minutes=row.duration_minutes,
         zone=utils.get_zone(row.timezone),
         courts=tuple(json.loads(row.courts)),
+        players=attempt.players,
+        idempotency_base=f"{row.key}@{attempt.time}" if attempt.fallback else None,
     )
 
 
@@ -945,6 +967,8 @@ class _Result:
     ref: str | None = None
     #: A taken court that may be taken by our own earlier attempt (its answer was lost).
     ours: bool = False
+    #: ``busy`` (a try of a watch the club asked to wait): the wait it asked for (Retry-After).
+    wait: float | None = None
 
 
 @dataclass
@@ -1013,7 +1037,7 @@ def _run_courts(
                 for why in missing.values()
             ]
             break
-        if _now(ctx) + timedelta(seconds=wait) >= row.desired_time:
+        if _now(ctx) + timedelta(seconds=wait) >= run.slot.start:
             reasons += [f"{why}; the start came first" for why in missing.values()]
             break
         if wait > 0 and ctx.stop.wait(wait):
@@ -1021,8 +1045,9 @@ def _run_courts(
         courts = list(missing)
     taken = bool(reasons) and all_taken
     if taken and not maybe_ours:
-        # A retry would be taken too: the advice is another court, not another try.
-        reasons.append(TAKEN_ADVICE)
+        # Fallback times, then a watch (CONTRACT 13); else a retry would be taken too: the
+        # advice is another court, not another try.
+        return _all_taken(ctx, run, row, reasons)
     reason = "; ".join(reasons) or "no court could be booked"
     return _finish(ctx, row.key, FAILED, reason, attempts=run.total, retry_helps=not taken)
 
@@ -1115,6 +1140,9 @@ def _send_step(
         sent = None
         if result is not None:
             return result
+        if run.watching:
+            # One request per try of a watch: the next try comes after the interval.
+            return _Result("busy", f"{send.prefix}: {send.last}", wait=wait)
         if kind == "early":
             wait = _early_wait(ctx, run, send)
             if wait is None:
@@ -1123,7 +1151,7 @@ def _send_step(
             if send.tries >= MAX_ATTEMPTS_PER_COURT:
                 return _Result("spent", _spent(send))
             wait = wait if wait is not None else delays[send.tries - 1]
-        if _now(ctx) + timedelta(seconds=wait) >= row.desired_time:
+        if _now(ctx) + timedelta(seconds=wait) >= run.slot.start:
             return _Result("failed", f"{send.prefix}: {send.last}; the start came first")
         if kind == "retry" and step.booking:
             instances.record_attempt(
@@ -1211,7 +1239,10 @@ def _send_once(
         return "early", None, None
     if verdict == "retry":
         send.tries += 1
-        return "retry", utils.parse_retry_after(answer.header("Retry-After"), _now(ctx)), None
+        # A watch waits as long as the club asks (CONTRACT 13), within a day.
+        cap = WATCH_RETRY_AFTER_CAP if run.watching else utils.RETRY_AFTER_CAP_SECONDS
+        wait = utils.parse_retry_after(answer.header("Retry-After"), _now(ctx), cap)
+        return "retry", wait, None
     return verdict, None, _refusal(run, row, send, verdict, answer)
 
 
@@ -1327,7 +1358,22 @@ def _after_booking(
             return _finish(
                 ctx, row.key, FAILED, reason, booking_ref=ref, court=court, attempts=run.total
             )
-    return _finish(ctx, row.key, BOOKED, None, booking_ref=ref, court=court, attempts=run.total)
+    return _finish(
+        ctx,
+        row.key,
+        BOOKED,
+        None,
+        booking_ref=ref,
+        court=court,
+        attempts=run.total,
+        booked_time=_local_time(run.slot),
+        from_watch=run.watching,
+    )
+
+
+def _local_time(slot: Slot) -> str:
+    """The local ``HH:MM`` of the slot's start (what ``booked_time`` records)."""
+    return utils.as_utc(slot.start).astimezone(slot.zone).strftime("%H:%M")
 
 
 def _finish_step(ctx: BookingContext, run: FlowRun, step: Step, court: str | None) -> str | None:
@@ -1368,6 +1414,8 @@ def _finish(
     court: str | None = None,
     attempts: int | None = None,
     retry_helps: bool = True,
+    booked_time: str | None = None,
+    from_watch: bool = False,
 ) -> str | None:
     """Write the booking's outcome and report it; None when this daemon may no longer write it
     (no longer the active one: the active daemon settles the booking)."""
@@ -1383,6 +1431,8 @@ def _finish(
         first_sent_at=_first_sent(ctx, key),
         retry_helps=retry_helps,
         fence=ctx.fence,
+        booked_time=booked_time,
+        from_watch=from_watch,
     )
     if outcome is None:
         logger.warning(
@@ -1397,3 +1447,233 @@ def _finish(
     if status == BOOKED and ctx.on_booked is not None:
         ctx.on_booked(outcome.schedule_id)
     return status
+
+
+# --------------------------------------------------------------------------- CONTRACT 13
+
+
+def _tried(row: Instance, run: FlowRun, reasons: list[str]) -> str:
+    """What each time tried so far met: the earlier times' and this one's
+    (``18:00: court 3: taken (HTTP 409); 19:00: ...``)."""
+    this = f"{_local_time(run.slot)}: " + "; ".join(reasons)
+    return f"{row.tried}; {this}" if row.tried else this
+
+
+def _all_taken(ctx: BookingContext, run: FlowRun, row: Instance, reasons: list[str]) -> str:
+    """Every court of this time was taken: the next fallback time (at its own trigger, at once
+    when that has passed), else a watch, else ``failed`` (a retry would be taken too)."""
+    if not row.fallbacks and not row.watch_until:
+        reason = "; ".join([*reasons, TAKEN_ADVICE])
+        return _finish(ctx, row.key, FAILED, reason, attempts=run.total, retry_helps=False)
+    tried = _tried(row, run, reasons)
+    instances.record_attempt(ctx.factory, row.key, run.total, _first_sent(ctx, row.key))
+    following = instances.fall_back(ctx.factory, row.key, tried=tried, now=_now(ctx))
+    if following is not None:
+        text, _start, trigger = following
+        logger.info(
+            "booking %s: every court at %s taken; going on with the fallback time %s (window "
+            "opens %s)",
+            row.key,
+            _local_time(run.slot),
+            text,
+            utils.format_utc(trigger),
+        )
+        if trigger <= _now(ctx):
+            return _book(row.key, ctx) or PENDING
+        return PENDING
+    watched = instances.watch(ctx.factory, row.key, tried=tried, next_try=_next_try(ctx, None))
+    if watched is not None:
+        ctx.notify(instances.outcome_of(watched))
+        return WATCHING
+    reason = f"{tried}; {TAKEN_ADVICE}"
+    return _finish(ctx, row.key, FAILED, reason, attempts=run.total, retry_helps=False)
+
+
+def _next_try(ctx: BookingContext, wait: float | None) -> datetime:
+    """When a watch tries next: WATCH_INTERVAL_SECONDS with ±10 % jitter, never sooner than
+    60 s, nor than the club's Retry-After (``wait``)."""
+    interval = ctx.watch_interval * (0.9 + 0.2 * ctx.jitter())
+    seconds = max(interval, MIN_WATCH_SECONDS, wait or 0.0)
+    return _now(ctx) + timedelta(seconds=seconds)
+
+
+#: The least a watch waits between tries (CONTRACT 13: never faster than 60 s), and the most a
+#: club's Retry-After can put its next try off.
+MIN_WATCH_SECONDS = 60.0
+WATCH_RETRY_AFTER_CAP = 86400.0
+
+
+def _watch_try(ctx: BookingContext, key: str) -> str | None:
+    """One try of a watch (CONTRACT 13): at its time, one (time, court) of the instance in
+    turn, its flow's preparation then the booking step, one request each. Booked ends it; every
+    court still taken (or a club asking to wait) tries again after the interval; the end of the
+    watch, or any other answer, ends it as ``failed``."""
+    now = _now(ctx)
+    if not ctx.may_send.is_set() or not instances.claim_watch(
+        ctx.factory, key, now, owner=ctx.owner
+    ):
+        return None
+    row, token_row = instances.claimed(ctx.factory, key)
+    assert row.next_try_at is not None and row.watch_until is not None
+    if not _wait_until(ctx, row.next_try_at.timestamp(), key=key):
+        instances.release(ctx.factory, key)
+        return None
+    if _now(ctx) >= row.watch_until:
+        ctx.notify(instances.end_watch(ctx.factory, key, _now(ctx)))
+        return FAILED
+    try:
+        flow = ctx.flow_for(row.club)
+    except KeyError:
+        return _finish(ctx, key, FAILED, _club_missing(row.club))
+    secrets, problem = _token(ctx, flow, row, token_row)
+    if problem is not None:
+        return _finish(ctx, key, FAILED, problem)
+    with ctx.in_flight_lock:
+        lock = ctx.watch_locks.setdefault((row.club, row.token_name), threading.Lock())
+    with lock:
+        return _watch_send(ctx, row, flow, secrets)
+
+
+def _watch_slot(row: Instance, now: datetime) -> Slot | None:
+    """The (time, court) this try of the watch books: the times still ahead and the courts in
+    turn, one per try (None when no time is ahead any more)."""
+    zone = utils.get_zone(row.timezone)
+    courts = tuple(json.loads(row.courts))
+    times = [(text, start) for text, start, _ in instances.times_of(row) if start > now]
+    if not times:
+        return None
+    pairs = [(text, start, court) for text, start in times for court in courts]
+    _text, start, court = pairs[(row.watch_tries or 0) % len(pairs)]
+    attempt = instances.attempt_of(row)
+    return Slot(
+        key=row.key,
+        start=start,
+        duration_minutes=row.duration_minutes,
+        zone=zone,
+        courts=(court,),
+        players=attempt.players,
+        idempotency_base=f"{row.key}~watch{(row.watch_tries or 0) + 1}",
+    )
+
+
+def _watch_send(
+    ctx: BookingContext, row: Instance, flow: Flow, secrets: Mapping[str, str]
+) -> str | None:
+    key = row.key
+    slot = _watch_slot(row, _now(ctx))
+    if slot is None:
+        ctx.notify(instances.end_watch(ctx.factory, key, _now(ctx)))
+        return FAILED
+    run = FlowRun(flow, slot, secrets, row.token_name, label=key, total=row.attempts)
+    run.watching = True
+    court = slot.courts[0]
+    number = (row.watch_tries or 0) + 1
+    for report in prepare_round(ctx.client, run).values():
+        step = next(s for s in flow.steps if s.name == report.step)
+        where = f"{_where(step, report.court)}: {report.problem}"
+        busy = report.status is None or report.status == 429 or report.status >= 500
+        if report.auth:
+            reason = _credentials_reason(run, step, report.court, report.problem or "")
+        elif report.final or not busy:
+            reason = where
+        else:
+            return _watch_on(ctx, row, where, report.wait)
+        return _finish(ctx, key, FAILED, f"watch, try {number}: {reason}", attempts=run.total)
+    run.opened = ctx.clock()
+    result = _one_court(ctx, run, row, court, {}, wired={})
+    instances.record_attempt(ctx.factory, key, run.total)
+    if result.kind == "booked":
+        return _after_booking(ctx, run, row, court, result.ref)
+    if result.kind == "stopped":
+        instances.release(ctx.factory, key)
+        return None
+    if result.kind in ("taken", "missing", "busy", "spent"):
+        return _watch_on(ctx, row, f"{_local_time(slot)}: {result.reason}", result.wait)
+    reason = f"watch, try {number}: {result.reason}"
+    return _finish(ctx, key, FAILED, reason, attempts=run.total)
+
+
+def _watch_on(ctx: BookingContext, row: Instance, said: str, wait: float | None) -> str:
+    """Another try after the interval (not sooner than ``wait``), or the end of the watch."""
+    if instances.watch_again(ctx.factory, row.key, next_try=_next_try(ctx, wait), said=said):
+        logger.info("watch %s: %s; tried again later", row.key, said)
+        return WATCHING
+    ctx.notify(instances.end_watch(ctx.factory, row.key, _now(ctx)))
+    return FAILED
+
+
+def cancel_instance(
+    factory: SessionFactory | None,
+    fernet: MultiFernet,
+    key: str,
+    settings: Any,
+    flow_of: Callable[[Any, str | None], tuple[Flow | None, str]],
+) -> tuple[bool, str]:
+    """``cancel KEY`` (CONTRACT 13): the instance's club cancels its booking, then it is
+    ``cancelled`` and a ``Cancelled:`` message is sent. ``settings`` (the command's) give the
+    database's URL, HTTP_TIMEOUT_SECONDS and the notifications; ``flow_of(settings, club)`` the
+    flow a club cancels with and its name. Returns whether it was cancelled, and the line to
+    print: what was done, or why not (then nothing changed, and nothing was sent when the
+    instance cannot be cancelled)."""
+    problem = (
+        instances.cancel_problem(factory, key)
+        if factory is not None
+        else f"no database at {mask_url(settings.database_url)}"
+    )
+    if problem is not None or factory is None:
+        return False, str(problem)
+    row, token_row = instances.claimed(factory, key)
+    flow, name = flow_of(settings, row.club)
+    if flow is None or not flow.cancel:
+        why = f'{name} has no "cancel" steps' if flow is not None else name
+        return False, f"{key}: {why}; nothing was sent: cancel it with the club"
+    secrets, problem = instances.token_secrets(token_row, fernet, name=row.token_name)
+    if problem is None:
+        client = ClubClient(timeout=settings.http_timeout)
+        try:
+            problem = cancel_booking(client, flow, row, secrets)
+        finally:
+            client.close()
+    if problem is not None:
+        return False, f"{key}: {problem}; it stays booked"
+    cancelled = instances.cancelled_at_club(factory, key, datetime.now(UTC))
+    try:
+        notifier = Notifier(NotifySettings.from_env(settings.env))
+    except NotifyConfigError as exc:
+        logger.error("notifications: %s; the Cancelled: message is not sent", exc)
+        notifier = Notifier(NotifySettings.from_env({}))
+    notifier.start()
+    notifier.notify(instances.outcome_of(cancelled))
+    notifier.close()
+    return True, f"cancelled at the club: {key} (ref {row.booking_ref})"
+
+
+def cancel_booking(
+    client: ClubClient,
+    flow: Flow,
+    row: Instance,
+    secrets: Mapping[str, str],
+) -> str | None:
+    """Run the flow's ``cancel`` steps for the booked instance ``row`` (CONTRACT 13), in order,
+    each once: ``{booking_ref}`` is its reference, its secrets, court, times and players are
+    there as for booking. None when the last step succeeded, else what went wrong (secret-free,
+    naming the step)."""
+    for value in secrets.values():
+        remember_secret(value)
+    slot = _slot(row)
+    court = row.booked_court if row.booked_court is not None else slot.courts[0]
+    cancel = dataclasses.replace(flow, steps=flow.cancel)
+    run = FlowRun(
+        cancel, dataclasses.replace(slot, courts=(court,)), secrets, row.token_name, label=row.key
+    )
+    run.extra["booking_ref"] = row.booking_ref
+    for step in flow.cancel:
+        report = _plain_try(client, run, step, court)
+        if report.problem is not None:
+            if report.auth:
+                return (
+                    f"the club rejected the credentials at step {step.name!r} ({report.problem}): "
+                    f"check token {row.token_name!r} in tokens.json"
+                )
+            return f"step {step.name!r}: {report.problem}"
+    return None

@@ -240,6 +240,9 @@ def _print_check(
             note = utils.describe_wall_clock_issue(wall, zone)
             if note:
                 print(f"    warning: {note}")
+        if pairs:
+            for line in entry.describe_wishes(pairs[0][1]):
+                print(f"  {line}")
         flow = _flow_of(entry, config, settings)
         if flow is not None and pairs:
             described = describe_flow(flow, entry.slot(pairs[0][1]))
@@ -568,6 +571,21 @@ def _status_daemons(
     return EXIT_OK
 
 
+def cmd_cancel(env: dict[str, str], key: str) -> int:
+    """Cancel a booked instance at the club (CONTRACT 13): exit 0 when the club confirmed."""
+    loaded = _settings_and_key(env, "cancel")
+    if isinstance(loaded, int):
+        return loaded
+    settings, fernet = loaded
+    try:
+        factory = _open_existing_db(settings, upgrade=True)
+        done, line = bot.cancel_instance(factory, fernet, key, settings, config_loader.cancel_flow)
+    except models.DatabaseConnectError as exc:
+        done, line = False, str(exc)
+    print(line if done else f"courtbot cancel: {line}", file=sys.stdout if done else sys.stderr)
+    return EXIT_OK if done else EXIT_INVALID
+
+
 def cmd_retry(env: dict[str, str], target: str) -> int:
     try:
         settings = load_settings(env)
@@ -827,6 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retry = sub.add_parser("retry", help="put failed instances still ahead back to pending")
     retry.add_argument("target", metavar="KEY_OR_SCHEDULE_ID")
+    sub.add_parser("cancel", help="cancel a booked instance at the club").add_argument("key")
     sub.add_parser("reload", help="make the running daemon load the files; print the result")
     sub.add_parser("notify-test", help="send a test message through every channel")
     sub.add_parser("health", help="exit 0 while the running daemon's heartbeat is fresh")
@@ -867,6 +886,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return cmd_status(env, args, sys.stdout)
     if command == "retry":
         return cmd_retry(env, args.target)
+    if command == "cancel":
+        return cmd_cancel(env, args.key)
     if command == "reload":
         return cmd_reload(env)
     if command == "notify-test":

@@ -25,7 +25,7 @@ import tempfile
 from array import array
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -66,6 +66,9 @@ ENTRY_KEYS = (
     "skip",
     "club",
     "window",
+    "fallback_times",
+    "watch",
+    "players",
     "about",
 )
 ONE_OFF = "one-off"
@@ -75,6 +78,13 @@ OUT_OF_RANGE = "holds a date out of range (years 1 to 9999 in UTC and in the ent
 
 #: The largest value of a setting in seconds (EARLY_RETRY_MS: a thousand times that): a day.
 SETTING_MAX_SECONDS = 86400.0
+#: WATCH_INTERVAL_SECONDS: its default, and the least a watch waits between tries (CONTRACT 13).
+DEFAULT_WATCH_INTERVAL = 300.0
+MIN_WATCH_INTERVAL = 60.0
+_LOCAL_TIME_RE = re.compile(r"([01][0-9]|2[0-3]):([0-5][0-9])")
+_WATCH_RE = re.compile(r"([0-9]{1,5})([hm])")
+_FALLBACK_EXAMPLE = '["18:00", "16:30"]'
+_PLAYERS_EXAMPLE = '["ana@example.com", "Ben"]'
 
 
 class SettingsError(ValueError):
@@ -105,6 +115,8 @@ class Settings:
     env: Mapping[str, str] = field(repr=False, default_factory=dict)
     #: HEARTBEAT_URL: the dead-man's switch the active daemon pings (None: off).
     heartbeat_url: str | None = field(repr=False, default=None)
+    #: WATCH_INTERVAL_SECONDS: how often a watched instance is tried again (CONTRACT 13).
+    watch_interval: float = DEFAULT_WATCH_INTERVAL
     #: READY_CLUBS_DIR: the ready flows, used by name when DATA_DIR/clubs/ has no such file.
     ready_clubs_dir: Path = READY_CLUBS_DIR
 
@@ -187,6 +199,9 @@ class Settings:
             template_path=template_path,
             env=dict(env),
             heartbeat_url=heartbeat_url,
+            watch_interval=_number(
+                env, "WATCH_INTERVAL_SECONDS", DEFAULT_WATCH_INTERVAL, minimum=MIN_WATCH_INTERVAL
+            ),
             ready_clubs_dir=Path(env.get("READY_CLUBS_DIR") or READY_CLUBS_DIR),
         )
 
@@ -270,6 +285,12 @@ class Entry:
     expansion: tuple[datetime, tuple[tuple[datetime, datetime], ...]] | None = field(
         default=None, repr=False, compare=False
     )
+    #: CONTRACT section 13: local times ``HH:MM`` tried in order on the instance's own date when
+    #: every court of the desired time was taken; how long before the start a watch goes on
+    #: (None: no watch); the players a flow names as ``{players}``.
+    fallback_times: tuple[str, ...] = ()
+    watch_minutes: int | None = None
+    players: tuple[str, ...] = ()
 
     @property
     def zone(self) -> ZoneInfo:
@@ -310,7 +331,51 @@ class Entry:
             duration_minutes=self.duration_minutes,
             zone=self.zone,
             courts=self.courts,
+            players=self.players,
         )
+
+    def fallbacks(self, start: datetime) -> list[tuple[str, datetime, datetime]]:
+        """The fallback times of the instance at ``start``: (``HH:MM``, start, trigger), both
+        UTC, in list order, on the start's local date; a time equal to the desired one is left
+        out. A time in a DST gap or overlap resolves as a desired time does (section 3)."""
+        zone = self.zone
+        day = utils.as_utc(start).astimezone(zone).date()
+        found = []
+        for text in self.fallback_times:
+            hour, minute = (int(part) for part in text.split(":"))
+            moment = utils.as_utc(utils.localize(datetime.combine(day, time(hour, minute)), zone))
+            if moment != utils.as_utc(start):
+                found.append((text, moment, utils.trigger_time(moment, zone, self.window)))
+        return found
+
+    def describe_wishes(self, start: datetime) -> list[str]:
+        """What ``check`` says of the fallback times, watch and players (CONTRACT 13) of the
+        instance at ``start``."""
+        lines = []
+        if self.fallback_times:
+            kept = {text: trigger for text, _, trigger in self.fallbacks(start)}
+            shown = [
+                f"{text} (trigger {utils.format_utc(kept[text])})"
+                if text in kept
+                else f"{text} (skipped: the desired time)"
+                for text in self.fallback_times
+            ]
+            lines.append("fallback times (next instance): " + ", ".join(shown))
+        end = self.watch_end(start)
+        if end is not None:
+            lines.append(
+                f"watch: until {utils.format_local(end, self.zone)} (next instance), tried again "
+                "every WATCH_INTERVAL_SECONDS"
+            )
+        if self.players:
+            lines.append("players: " + ", ".join(self.players))
+        return lines
+
+    def watch_end(self, start: datetime) -> datetime | None:
+        """When the watch of the instance at ``start`` ends (UTC); None without a watch."""
+        if self.watch_minutes is None:
+            return None
+        return utils.as_utc(start) - timedelta(minutes=self.watch_minutes)
 
     def plan(self, now: datetime, window: utils.Window | None = None) -> list[Planned]:
         """The instances this entry wants now: future starts only, with their triggers under
@@ -1405,10 +1470,13 @@ def _sources_context(raw: dict[str, Any], sources: RequestSources) -> tuple[Any,
         name = raw["club"]
         club = sources.club(name) if _id_ok(name) else None
         club_window = None if club is None else str(club.window)
-        return ("club", repr(name), club_window, str(sources.window))
+        # How many players the club's flow names: a new {players[N]} may make the entry wrong.
+        needed = None if club is None else club.flow.players_needed
+        return ("club", repr(name), club_window, str(sources.window), needed)
     template = sources.template
     template_window = None if template is None else str(template.window)
-    return ("no club", sources.clubs_only, template_window, str(sources.window))
+    needed = None if template is None else template.flow.players_needed
+    return ("no club", sources.clubs_only, template_window, str(sources.window), needed)
 
 
 def _fresh_until(entry: Entry, now: datetime) -> datetime | None:
@@ -1452,6 +1520,9 @@ class _EntryCheck:
     club: str | None = None
     window: utils.Window | None = None
     window_from: str = "BOOKING_WINDOW"
+    fallback_times: tuple[str, ...] = ()
+    watch_minutes: int | None = None
+    players: tuple[str, ...] = ()
 
     def bad(self, key: str, message: str) -> None:
         self.errors.append(f"{self.where}: {key}: {message}")
@@ -1696,6 +1767,78 @@ def _check_window(c: _EntryCheck) -> None:
     c.window, c.window_from = sources.window, "BOOKING_WINDOW"
 
 
+def _check_fallback_times(c: _EntryCheck) -> None:
+    if "fallback_times" not in c.raw:
+        return
+    value = c.raw["fallback_times"]
+    if not isinstance(value, list):
+        c.bad(
+            "fallback_times",
+            f"{value!r} is not a list of local times; expected e.g. {_FALLBACK_EXAMPLE}",
+        )
+        return
+    for item in value:
+        if not isinstance(item, str) or not _LOCAL_TIME_RE.fullmatch(item):
+            c.bad(
+                "fallback_times",
+                f"{item!r} is not a local time 'HH:MM'; expected e.g. {_FALLBACK_EXAMPLE}",
+            )
+            return
+    if len(set(value)) != len(value):
+        twice = next(item for item in value if value.count(item) > 1)
+        c.bad("fallback_times", f"{value!r} lists {twice!r} twice")
+        return
+    c.fallback_times = tuple(value)
+
+
+def _check_watch(c: _EntryCheck) -> None:
+    value = c.raw.get("watch", False)
+    if value is False:
+        return
+    match = _WATCH_RE.fullmatch(value) if isinstance(value, str) else None
+    if match is None or int(match[1]) == 0:
+        c.bad(
+            "watch",
+            f'{value!r} is not a watch; expected "<N>h" or "<N>m" (how long before the start '
+            'the watch ends, N at least 1, e.g. "2h" or "90m") or false',
+        )
+        return
+    c.watch_minutes = int(match[1]) * (60 if match[2] == "h" else 1)
+
+
+def _check_players(c: _EntryCheck) -> None:
+    """A list of strings; as many as the highest ``{players[N]}`` the entry's flow names."""
+    value = c.raw.get("players", [])
+    if not isinstance(value, list) or not all(
+        isinstance(item, str) and item.strip() and not utils.CONTROL_RE.search(item)
+        for item in value
+    ):
+        c.bad(
+            "players",
+            f"{value!r} is not a list of names (non-empty strings on one line); expected e.g. "
+            f"{_PLAYERS_EXAMPLE}",
+        )
+        return
+    c.players = tuple(value)
+    source = _flow_file_of(c)
+    if source is not None and source.flow.players_needed > len(value):
+        needed = source.flow.players_needed
+        c.bad(
+            "players",
+            f"{source.label} names {{players[{needed - 1}]}}, and this entry has "
+            f"{len(value)} player{'' if len(value) == 1 else 's'}; give at least {needed} "
+            f"(e.g. {_PLAYERS_EXAMPLE})",
+        )
+
+
+def _flow_file_of(c: _EntryCheck) -> FlowFile | None:
+    """The club file or template the entry's bookings use (None: section 6's request, or a
+    club that is not valid, which is its own error)."""
+    if "club" in c.raw:
+        return c.sources.clubs.get(c.club) if c.club is not None else None
+    return c.sources.template
+
+
 #: One checker per key, in the order their errors are reported (unknown keys come first).
 #: Not ENTRY_KEYS' order: a checker may read what an earlier one parsed.
 _ENTRY_CHECKERS: tuple[tuple[str, Callable[[_EntryCheck], None]], ...] = (
@@ -1711,6 +1854,9 @@ _ENTRY_CHECKERS: tuple[tuple[str, Callable[[_EntryCheck], None]], ...] = (
     ("skip", _check_skip),
     ("club", _check_club),
     ("window", _check_window),
+    ("fallback_times", _check_fallback_times),
+    ("watch", _check_watch),
+    ("players", _check_players),
     ("about", _check_about),
 )
 
@@ -1799,6 +1945,9 @@ def _build_entry(
         club=c.club,
         window=c.window,
         window_from=c.window_from,
+        fallback_times=c.fallback_times,
+        watch_minutes=c.watch_minutes,
+        players=c.players,
     )
     if c.rule is None:
         assert desired_moment is not None
@@ -1827,7 +1976,49 @@ def _build_entry(
     late = _window_opens_late(entry, c.now)
     if late is not None:
         return None, f"{where}: window: {late}", warnings
+    too_long = _watch_too_long(entry, c.now, c.raw.get("watch"))
+    if too_long is not None:
+        return None, f"{where}: watch: {too_long}", warnings
+    warnings += _fallback_warnings(entry, c.now, where)
     return entry, None, warnings
+
+
+def _next_start(entry: Entry, now: datetime) -> datetime | None:
+    """The entry's first start ahead of ``now`` (a one-off's start also when it has passed)."""
+    starts = entry.starts(now)
+    if entry.rule is None:
+        return starts[0] if starts else None
+    return next((start for start in starts if start > now), None)
+
+
+def _watch_too_long(entry: Entry, now: datetime, raw: Any) -> str | None:
+    """Why the entry's watch cannot be: it would end before its window opens."""
+    start = _next_start(entry, now)
+    end = entry.watch_end(start) if start is not None else None
+    if start is None or end is None:
+        return None
+    trigger = utils.trigger_time(start, entry.zone, entry.window)
+    if end > trigger:
+        return None
+    opens = (utils.as_utc(start) - trigger).total_seconds() / 3600
+    return (
+        f"{raw!r} is longer than the entry's window ({str(entry.window)!r}, {opens:g}h before "
+        "the start): the watch would end before the window opens; give a shorter watch"
+    )
+
+
+def _fallback_warnings(entry: Entry, now: datetime, where: str) -> list[str]:
+    """A fallback time equal to the desired time (of the next instance): it is skipped."""
+    start = _next_start(entry, now)
+    if start is None or not entry.fallback_times:
+        return []
+    local = utils.as_utc(start).astimezone(entry.zone).strftime("%H:%M")
+    if local not in entry.fallback_times:
+        return []
+    return [
+        f"{where}: fallback_times: {local!r} is the desired time itself; it is skipped "
+        "(list only other times)"
+    ]
 
 
 def _ends_in_range(starts: Iterable[datetime], minutes: int, zone: ZoneInfo) -> bool:
@@ -1971,6 +2162,25 @@ def load_flow_file(
     # parse_flow validated the window; here it becomes the one the club's entries follow.
     window = utils.parse_window(flow.window) if flow.window is not None else None
     return FlowFile(label=label, flow=flow, window=window, digest=content_digest(data))
+
+
+def cancel_flow(settings: Settings, club: str | None) -> tuple[Flow | None, str]:
+    """The flow an instance of ``club`` cancels with (CONTRACT 13; None when there is none)
+    and how to name it: its club file, else the request template, else section 6's request."""
+    try:
+        if club is not None:
+            path = settings.clubs_dir / f"{club}.json"
+            return load_flow_file(path, api_url=settings.api_url, label=str(path)).flow, (
+                f"club file {path}"
+            )
+        template = load_template(settings)
+    except TemplateError as exc:
+        return None, str(exc)
+    if template is not None:
+        return template.flow, template.label
+    if settings.api_url is None:
+        return None, "no BOOKING_API_URL"
+    return default_flow(settings.api_url), "BOOKING_API_URL"
 
 
 def _use_advice(path: Path) -> str:

@@ -374,6 +374,7 @@ class Daemon:
             owner=self.roles.ident,
             fence=self.roles.fence(),
             proves=self.roles.lead.proves,
+            watch_interval=self.settings.watch_interval,
         )
 
     def become_active(self, reason: str) -> None:
@@ -469,7 +470,11 @@ class Daemon:
         assert ctx is not None
         if self.stop.is_set() or not ctx.may_send.is_set():
             return
-        bot.book_slot(key, ctx)
+        status = bot.book_slot(key, ctx)
+        if status in (models.PENDING, models.WATCHING) and not self.stop.is_set():
+            # At a fallback time's trigger, or a watch's next try (CONTRACT 13): its new job.
+            with self.load_lock:
+                self.sync({key})
 
     def topup(self, schedule_ids: Sequence[str] | None = None) -> None:
         """Keep recurring entries at their full count of future instances (``Loads.topup``)."""

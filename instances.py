@@ -6,6 +6,9 @@ One function per transition (CONTRACT section 7), one wording per reason:
     pending -> expired (expire_missed at start, expire_if_passed at the trigger)
     pending -> cancelled -> pending (reconcile); failed -> pending (retry)
     booking left by a crash -> pending (interrupted) or failed (recover_in_flight)
+    booking -> pending at a fallback time (fall_back); booking -> watching (watch) ->
+    booking (claim_watch) -> watching (watch_again); watching -> failed (end_watch) or
+    cancelled (reconcile); booked -> cancelled (cancelled_at_club)
 
 ``reconcile`` applies a validated config (``config_loader``) as a diff. A state is a column,
 never a prefix of a message: a booking cut off by a crash is ``Instance.interrupted``.
@@ -22,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography.fernet import MultiFernet
-from sqlalchemy import delete, exists, func, insert, inspect, select, update
+from sqlalchemy import case, delete, exists, func, insert, inspect, select, update
 from sqlalchemy.orm import Session, defer, sessionmaker
 
 import utils
@@ -39,6 +42,7 @@ from models import (
     LEASE_ACTIVE,
     LOADS_KEPT,
     PENDING,
+    WATCHING,
     Instance,
     Lease,
     Load,
@@ -66,7 +70,9 @@ LATE_DOWN = "down"
 LATE_LOADED = "loaded"
 LATE_RETRY = "retry"
 LATE_INTERRUPTED = "interrupted"
+LATE_FALLBACK = "fallback"
 LATE_CAUSES = {
+    LATE_FALLBACK: "a fallback time, whose window was open when the first choice was taken",
     LATE_DOWN: "courtbot was not running at the trigger",
     LATE_LOADED: "the window was already open when the entry was loaded",
     LATE_RETRY: "put back to pending with `retry` after the window opened",
@@ -211,7 +217,7 @@ class _Pass:
             rows = rows_by_schedule.get(schedule_id, {})
             if schedule_id in self.removable:
                 for row in rows.values():
-                    if row.status == PENDING or preparing(row, self.now):
+                    if row.status == PENDING or _watching(row) or preparing(row, self.now):
                         _cancel(row, self.changes, "entry removed from schedules.json")
             else:
                 entry = self.entries[schedule_id]
@@ -242,7 +248,9 @@ def due_by(
             stored.update(session.scalars(select(Instance.key).where(Instance.key.in_(page))))
         stamp = utils.as_utc(now)
         rows = [
-            _new_row(entry.id, item, now, _entry_fields(entry))
+            _new_row(
+                entry.id, item, now, _entry_fields(entry) | _instance_fields(entry, item.desired)
+            )
             | {
                 "created_at": stamp,
                 "updated_at": stamp,
@@ -302,9 +310,17 @@ def preparing(row: Instance, now: datetime) -> bool:
     )
 
 
+def _watching(row: Instance) -> bool:
+    """Watching, or in a try of its watch (claimed from watching: its next try is set)."""
+    return row.status == WATCHING or (row.status == BOOKING and row.next_try_at is not None)
+
+
 def _cancel(row: Instance, changes: Changes, why: str) -> None:
+    if _watching(row):
+        why = f"watch ended: {why}"
     row.status = CANCELLED
     row.owner = None
+    row.next_try_at = None
     row.last_error = why
     changes.cancelled += 1
     changes.keys.add(row.key)
@@ -323,7 +339,57 @@ def _entry_fields(entry: Entry) -> dict[str, Any]:
         "timezone": entry.timezone,
         "type": entry.type,
         "club": entry.club,
+        "players": json.dumps(list(entry.players)) if entry.players else None,
     }
+
+
+def _instance_fields(entry: Entry, desired: datetime) -> dict[str, Any]:
+    """What one instance copies from its entry for its own date (CONTRACT section 13): its
+    times as JSON ``[[HH:MM, start UTC, trigger UTC], ...]``, the desired time first and then
+    each fallback time (NULL without fallbacks), and when its watch ends."""
+    fallbacks = entry.fallbacks(desired) if entry.fallback_times else []
+    times = None
+    if fallbacks:
+        first = (
+            utils.as_utc(desired).astimezone(entry.zone).strftime("%H:%M"),
+            desired,
+            utils.trigger_time(desired, entry.zone, entry.window),
+        )
+        times = json.dumps(
+            [
+                [text, utils.format_utc(start), utils.format_utc(trigger)]
+                for text, start, trigger in [first, *fallbacks]
+            ]
+        )
+    return {"fallbacks": times, "watch_until": entry.watch_end(desired)}
+
+
+def times_of(row: Instance) -> list[tuple[str, datetime, datetime]]:
+    """The instance's times: (HH:MM, start, trigger), the desired one first, then each fallback
+    time (just the desired one without fallbacks)."""
+    if not row.fallbacks:
+        zone = utils.get_zone(row.timezone)
+        hhmm = row.desired_time.astimezone(zone).strftime("%H:%M")
+        return [(hhmm, row.desired_time, row.trigger_time)]
+    return [
+        (text, _utc(start), _utc(trigger)) for text, start, trigger in json.loads(row.fallbacks)
+    ]
+
+
+def _utc(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def _fresh(row: Instance) -> None:
+    """A revived or retried instance starts again at its desired time, with no watch."""
+    if row.fallback_step and row.fallbacks:
+        row.trigger_time = times_of(row)[0][2]
+    row.fallback_step = 0
+    row.slot_time = None
+    row.tried = None
+    row.next_try_at = None
+    row.watch_tries = 0
+    row.booked_time = None
 
 
 def _reconcile_entry(
@@ -336,11 +402,12 @@ def _reconcile_entry(
     new_rows: list[dict[str, Any]] = []
     for item in planned:
         row = rows.get(item.key)
+        own = fields | _instance_fields(entry, item.desired)
         if row is None:
             if entry.enabled:
-                new_rows.append(_new_row(entry.id, item, now, fields))
+                new_rows.append(_new_row(entry.id, item, now, own))
             continue
-        _reconcile_planned(row, item.trigger, entry, fields, changes=changes, now=now)
+        _reconcile_planned(row, item.trigger, entry, own, changes=changes, now=now)
     _cancel_unplanned(entry, rows, wanted, changes, now)
     if new_rows:
         # One multi-row INSERT: thousands of instances on a cold load, without ORM objects.
@@ -367,21 +434,28 @@ def _reconcile_planned(
     """An instance the entry still plans (its trigger now ``trigger``): revived when it was
     cancelled and the entry is enabled, cancelled when the entry is disabled, else brought up
     to the entry's fields unless its booking is under way."""
-    if row.status == CANCELLED and entry.enabled:
+    # An instance cancelled at the club by `cancel` stays cancelled (CONTRACT 13).
+    if row.status == CANCELLED and entry.enabled and not row.cancelled_booking:
         row.status = PENDING
         row.last_error = None
         row.attempts = 0
         row.late_cause = LATE_LOADED if trigger <= now else None
+        _fresh(row)
         changes.revived += 1
         changes.keys.add(row.key)
+    if _watching(row) and not entry.enabled:
+        _cancel(row, changes, "entry disabled in schedules.json")
+        return
     under_way = preparing(row, now)
     if row.status != PENDING and not under_way:
         return
     if not entry.enabled:
         _cancel(row, changes, "entry disabled in schedules.json")
         return
-    if under_way:
-        return  # its booking goes on with the court, token and trigger it was claimed with
+    if under_way or row.fallback_step:
+        # Its booking goes on with the court, token and trigger it was claimed with; one at a
+        # fallback time keeps that time's trigger.
+        return
     moved = row.trigger_time != trigger
     if moved or any(getattr(row, name) != value for name, value in fields.items()):
         for name, value in fields.items():
@@ -399,7 +473,9 @@ def _cancel_unplanned(
 ) -> None:
     """Cancel the entry's future instances that it no longer plans, saying why."""
     for key, row in rows.items():
-        if key in wanted or (row.status != PENDING and not preparing(row, now)):
+        if key in wanted or (
+            row.status != PENDING and not _watching(row) and not preparing(row, now)
+        ):
             continue
         if row.desired_time > now:
             local_date = row.desired_time.astimezone(entry.zone).date()
@@ -417,7 +493,10 @@ def expire_missed(factory: sessionmaker[Session], now: datetime) -> list[Instanc
     with transaction(factory) as session:
         rows = list(
             session.scalars(
-                select(Instance).where(Instance.status == PENDING, Instance.desired_time <= now)
+                select(Instance).where(
+                    Instance.status == PENDING,
+                    func.coalesce(Instance.slot_time, Instance.desired_time) <= now,
+                )
             )
         )
         for row in rows:
@@ -444,7 +523,7 @@ def expire_if_passed(
     outcome to report."""
     with transaction(factory) as session:
         row = session.scalar(select(Instance).where(Instance.key == key))
-        if row is None or row.status != PENDING or row.desired_time > now:
+        if row is None or row.status != PENDING or (row.slot_time or row.desired_time) > now:
             return row, None
         _expire(row, now)
         return row, outcome_of(row)
@@ -504,9 +583,12 @@ def recover_in_flight(
                 row.finished_at = now
                 row.interrupted = False
                 failed.append(row)
+            elif row.next_try_at is not None and row.watch_until and row.watch_until > now:
+                # A try of a watch (CONTRACT 13): the watch goes on, its next try at once.
+                row.status = WATCHING
             elif row.attempts == 0 and row.trigger_time > now:
                 row.status = PENDING
-            elif row.desired_time > now:
+            elif (row.slot_time or row.desired_time) > now:
                 row.status = PENDING
                 row.interrupted = True
                 row.late_cause = LATE_INTERRUPTED
@@ -603,23 +685,35 @@ def note_late_triggers(factory: sessionmaker[Session], now: datetime) -> int:
         ).rowcount
 
 
+#: The statuses that have a job: pending (at its trigger) and watching (at its next try).
+SCHEDULED = (PENDING, WATCHING)
+#: When an instance's job is due: its trigger, or while watching its next try (CONTRACT 13).
+_DUE = case(
+    (Instance.status == WATCHING, func.coalesce(Instance.next_try_at, Instance.trigger_time)),
+    else_=Instance.trigger_time,
+)
+
+
 def pending_triggers(
     factory: sessionmaker[Session], keys: Collection[str] | None = None
 ) -> dict[str, datetime]:
-    """Every pending instance's key and trigger (aware UTC); with ``keys``, those among them."""
+    """Every pending instance's key and trigger (aware UTC), and every watching one's next try;
+    with ``keys``, those among them."""
     if keys is None:
-        query = select(Instance.key, Instance.trigger_time).where(Instance.status == PENDING)
+        query = select(Instance.key, _DUE).where(Instance.status.in_(SCHEDULED))
         with factory() as session:
-            return {key: trigger for key, trigger in session.execute(query)}
+            return {key: utils.as_utc(due) for key, due in session.execute(query)}
     # Looked up by key alone, the status read along: a planner without statistics (SQLite)
     # would rather scan every pending row through the status index for each page of keys.
-    query = select(Instance.key, Instance.trigger_time, Instance.status)
+    query = select(Instance.key, _DUE, Instance.status)
     wanted = sorted(keys)
     found: dict[str, datetime] = {}
     with factory() as session:
         for start in range(0, len(wanted), PAGE):
             rows = session.execute(query.where(Instance.key.in_(wanted[start : start + PAGE])))
-            found.update((key, trigger) for key, trigger, status in rows if status == PENDING)
+            found.update(
+                (key, utils.as_utc(due)) for key, due, status in rows if status in SCHEDULED
+            )
     return found
 
 
@@ -631,7 +725,7 @@ def pending_trigger_pages(
     after = ""
     while True:
         query = (
-            select(Instance.key, Instance.trigger_time, Instance.status)
+            select(Instance.key, _DUE, Instance.status)
             .where(Instance.key > after)
             .order_by(Instance.key)
             .limit(size)
@@ -640,7 +734,7 @@ def pending_trigger_pages(
             rows = list(session.execute(query))
         if not rows:
             return
-        page = {key: trigger for key, trigger, status in rows if status == PENDING}
+        page = {key: utils.as_utc(due) for key, due, status in rows if status in SCHEDULED}
         if page:
             yield page
         after = rows[-1][0]
@@ -652,7 +746,9 @@ def pending_mark(factory: sessionmaker[Session]) -> tuple[int, datetime | None]:
     ``retry`` ran on another host)."""
     with factory() as session:
         count, latest = session.execute(
-            select(func.count(), func.max(Instance.updated_at)).where(Instance.status == PENDING)
+            select(func.count(), func.max(Instance.updated_at)).where(
+                Instance.status.in_(SCHEDULED)
+            )
         ).one()
     return int(count or 0), latest
 
@@ -681,25 +777,40 @@ def pending_clubs(
 
 
 def overdue(factory: sessionmaker[Session], before: datetime, *, limit: int = 20) -> list[str]:
-    """Keys of the pending instances whose trigger is earlier than ``before``, soonest first (at
-    most ``limit``). With the scheduler working, each has its job running or about to run."""
+    """Keys of the pending instances whose trigger is earlier than ``before`` (and the watching
+    ones whose next try is), soonest first (at most ``limit``). With the scheduler working,
+    each has its job running or about to run."""
     query = (
-        select(Instance.key)
+        select(Instance.key, Instance.trigger_time)
         .where(Instance.status == PENDING, Instance.trigger_time < before)
         .order_by(Instance.trigger_time, Instance.key)
         .limit(limit)
     )
+    # The few watching instances apart, so that the pending ones keep their index.
+    watching = (
+        select(Instance.key, Instance.next_try_at)
+        .where(Instance.status == WATCHING, Instance.next_try_at < before)
+        .order_by(Instance.next_try_at, Instance.key)
+        .limit(limit)
+    )
     # Asked every second: on the session's connection, without the ORM's work (a quarter of it).
     with factory() as session:
-        return list(session.connection().execute(query).scalars())
+        conn = session.connection()
+        found = [(utils.as_utc(at), key) for key, at in conn.execute(query)]
+        found += [(utils.as_utc(at), key) for key, at in conn.execute(watching)]
+    return [key for _, key in sorted(found)[:limit]]
 
 
 def next_trigger(factory: sessionmaker[Session]) -> datetime | None:
-    """The earliest trigger of a pending instance (None when none is pending)."""
+    """The earliest trigger of a pending instance, or next try of a watching one (None when
+    there is neither)."""
     query = select(func.min(Instance.trigger_time)).where(Instance.status == PENDING)
+    watching = select(func.min(Instance.next_try_at)).where(Instance.status == WATCHING)
     with factory() as session:
-        found: datetime | None = session.connection().execute(query).scalar()
-    return found
+        conn = session.connection()
+        found = [conn.execute(query).scalar(), conn.execute(watching).scalar()]
+    known = [utils.as_utc(at) for at in found if at is not None]
+    return min(known) if known else None
 
 
 def pending_summary(factory: sessionmaker[Session]) -> tuple[int, Instance | None]:
@@ -962,18 +1073,24 @@ def token_secrets(
 def release(
     factory: sessionmaker[Session], key: str, *, sent: bool = False, fence: Fence | None = None
 ) -> None:
-    """booking -> pending: a shutdown before the trigger or between retries, or a daemon that
-    is no longer the active one. ``sent``: a request may have reached the club, so the active
-    daemon's retry is marked ``interrupted`` (its 409 may be our own). With ``fence``: only
-    this daemon's claim while its lease is current."""
+    """booking -> pending (a try of a watch: watching): a shutdown before the trigger or
+    between retries, or a daemon that is no longer the active one. ``sent``: a request may
+    have reached the club, so the active daemon's retry is marked ``interrupted`` (its 409 may
+    be our own). With ``fence``: only this daemon's claim while its lease is current."""
     values: dict[str, Any] = {"status": PENDING, "owner": None}
     if sent:
         values["interrupted"] = True
-    query = update(Instance).where(Instance.key == key, Instance.status == BOOKING)
+    claimed = [Instance.key == key, Instance.status == BOOKING]
     if fence is not None:
-        query = query.where(fence.mine())
+        claimed.append(fence.mine())
     with transaction(factory) as session:
-        session.execute(query.values(**values))
+        # A try of a watch goes back to watching, its next try as it was (CONTRACT 13).
+        session.execute(
+            update(Instance)
+            .where(*claimed, Instance.next_try_at.is_not(None))
+            .values(status=WATCHING, owner=None)
+        )
+        session.execute(update(Instance).where(*claimed).values(**values))
 
 
 def club_took(
@@ -1045,6 +1162,8 @@ def finish(
     first_sent_at: datetime | None = None,
     retry_helps: bool = True,
     fence: Fence | None = None,
+    booked_time: str | None = None,
+    from_watch: bool = False,
 ) -> Outcome | None:
     """booking -> booked or failed, with the reason a person reads; returns the outcome to
     report. ``first_sent_at``: when the first request left (an earlier one recorded stays);
@@ -1070,10 +1189,192 @@ def finish(
         row.booking_ref = booking_ref
         if status == BOOKED or row.club_took:
             row.booked_court = court
+            row.booked_time = booked_time
+        row.next_try_at = None
         row.finished_at = now
         row.interrupted = False
         row.owner = None
-        return outcome_of(row, retry_helps=retry_helps)
+        return outcome_of(row, retry_helps=retry_helps, from_watch=from_watch)
+
+
+# --------------------------------------------------------------------------- section 13
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What a booking of an instance is for (CONTRACT section 13): the time tried (``HH:MM``
+    local), its start, whether it is a fallback time, and the players."""
+
+    time: str
+    start: datetime
+    fallback: bool
+    players: tuple[str, ...]
+
+
+def attempt_of(row: Instance) -> Attempt:
+    """The slot a claimed instance books now: its desired time, or the fallback time reached."""
+    times = times_of(row)
+    step = min(row.fallback_step or 0, len(times) - 1)
+    text, start, _trigger = times[step]
+    players = tuple(json.loads(row.players)) if row.players else ()
+    return Attempt(text, start if step else row.desired_time, step > 0, players)
+
+
+def fall_back(
+    factory: sessionmaker[Session], key: str, *, tried: str, now: datetime
+) -> tuple[str, datetime, datetime] | None:
+    """booking -> pending at the next fallback time whose start is still ahead (one equal to
+    the desired time is not among them), at that time's own trigger; ``tried`` is what each
+    time tried so far met. Returns (HH:MM, start, trigger) of that time, None when no time is
+    left (the caller ends the instance: failed, or watching)."""
+    with transaction(factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None
+        row.tried = tried
+        times = times_of(row)
+        for step in range((row.fallback_step or 0) + 1, len(times)):
+            text, start, trigger = times[step]
+            if start <= now:
+                continue
+            row.status = PENDING
+            row.owner = None
+            row.interrupted = False
+            row.fallback_step = step
+            row.slot_time = start
+            row.trigger_time = trigger
+            row.late_cause = LATE_FALLBACK if trigger <= now else None
+            return text, start, trigger
+        return None
+
+
+def watch(
+    factory: sessionmaker[Session], key: str, *, tried: str, next_try: datetime
+) -> Instance | None:
+    """booking -> watching (every court and time taken, the entry watches): tried again at
+    ``next_try``. Returns the instance (for the ``Watching:`` message), None when it has no
+    watch or its watch would end before ``next_try`` (the caller ends it as failed)."""
+    with transaction(factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None
+        if row.watch_until is None or next_try >= row.watch_until:
+            return None
+        row.status = WATCHING
+        row.owner = None
+        row.tried = tried
+        row.next_try_at = next_try
+        row.watch_tries = 0
+        row.last_error = f"{tried}; watching until {_watch_end_text(row)}"
+        session.flush()
+        session.expunge(row)
+        return row
+
+
+def _watch_end_text(row: Instance) -> str:
+    assert row.watch_until is not None
+    return utils.format_local(row.watch_until, utils.get_zone(row.timezone))
+
+
+#: How long before its time a try of a watch may be claimed (its job's lead is 2 s).
+WATCH_CLAIM_AHEAD = timedelta(seconds=30)
+
+
+def claim_watch(
+    factory: sessionmaker[Session], key: str, now: datetime, *, owner: str | None = None
+) -> bool:
+    """watching -> booking for one try of the watch, from ``WATCH_CLAIM_AHEAD`` before its time
+    (its job starts a little early, as a booking's does; the try waits for its time): True for
+    the one that got it (as ``claim``)."""
+    with transaction(factory) as session:
+        claimed = session.execute(
+            update(Instance)
+            .where(
+                Instance.key == key,
+                Instance.status == WATCHING,
+                Instance.next_try_at <= now + WATCH_CLAIM_AHEAD,
+            )
+            .values(status=BOOKING, owner=owner, updated_at=now)
+        ).rowcount
+    return claimed == 1
+
+
+def watch_again(factory: sessionmaker[Session], key: str, *, next_try: datetime, said: str) -> bool:
+    """booking -> watching after a try that found every court still taken (``said``: what the
+    club answered): one more try counted, the next at ``next_try``. False when the watch ends
+    before then (the caller ends it with ``end_watch``)."""
+    with transaction(factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None
+        if row.status != BOOKING:
+            return True  # a reload ended the watch meanwhile (cancelled): nothing more
+        row.watch_tries = (row.watch_tries or 0) + 1
+        if row.watch_until is None or next_try >= row.watch_until:
+            return False
+        row.status = WATCHING
+        row.owner = None
+        row.next_try_at = next_try
+        row.last_error = (
+            f"{row.tried}; watching until {_watch_end_text(row)}, {_tries(row.watch_tries)} "
+            f"so far (last: {said})"
+        )
+        return True
+
+
+def _tries(count: int) -> str:
+    return f"{count} {'try' if count == 1 else 'tries'}"
+
+
+def watch_end_reason(row: Instance) -> str:
+    """The reason of a watch that ended with every court still taken (CONTRACT section 13)."""
+    return f"taken; watched until {_watch_end_text(row)}, {_tries(row.watch_tries or 0)}"
+
+
+def end_watch(factory: sessionmaker[Session], key: str, now: datetime) -> Outcome:
+    """booking or watching -> failed: the watch ended with every court still taken."""
+    with transaction(factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None
+        reason = watch_end_reason(row)
+        if row.tried:
+            reason += f" ({row.tried})"
+    return finish(factory, key, FAILED, reason, now=now, retry_helps=False)
+
+
+def due_watches(factory: sessionmaker[Session]) -> dict[str, datetime]:
+    """The ``watching`` instances and when each tries next."""
+    query = select(Instance.key, Instance.next_try_at).where(Instance.status == WATCHING)
+    with factory() as session:
+        return {key: utils.as_utc(at) for key, at in session.execute(query) if at is not None}
+
+
+def cancel_problem(factory: sessionmaker[Session], key: str) -> str | None:
+    """Why ``cancel KEY`` can send nothing (None when it can): no such instance, not booked, or
+    booked without a reference to cancel it by."""
+    with factory() as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+    if row is None:
+        return f"no instance {key!r} (see `status` for the keys)"
+    if row.status != BOOKED:
+        return f"{key} is {row.status}, not booked: only a booked instance can be cancelled"
+    if not row.booking_ref:
+        return (
+            f"{key} is booked without a booking reference (the club's answer gave none): "
+            "cancel it with the club"
+        )
+    return None
+
+
+def cancelled_at_club(factory: sessionmaker[Session], key: str, now: datetime) -> Instance:
+    """booked -> cancelled: the club confirmed ``cancel``. Never revived by a reload."""
+    with transaction(factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == key))
+        assert row is not None and row.status == BOOKED
+        row.status = CANCELLED
+        row.cancelled_booking = True
+        row.last_error = f"cancelled at the club with `cancel` (was {_took(row)})"
+        row.finished_at = now
+        session.flush()
+        session.expunge(row)
+        return row
 
 
 def record_clock(
@@ -1155,16 +1456,22 @@ def _timing(
     return None
 
 
-def outcome_of(row: Instance, *, retry_helps: bool = True) -> Outcome:
-    """The report of an instance's final status, for notify."""
+def outcome_of(row: Instance, *, retry_helps: bool = True, from_watch: bool = False) -> Outcome:
+    """The report of an instance's final status (or of a watch that starts, a booking
+    cancelled), for notify. Booked at a fallback time, its start is that time's."""
     zone = utils.get_zone(row.timezone)
-    court = row.booked_court if row.status == BOOKED else row.court_id
+    court = row.booked_court if row.status in (BOOKED, CANCELLED) else row.court_id
+    start = row.desired_time
+    first_choice = None
+    if row.status == BOOKED and row.fallback_step and row.slot_time is not None:
+        start = row.slot_time
+        first_choice = row.desired_time.astimezone(zone).strftime("%H:%M")
     return Outcome(
         status=row.status,
         key=row.key,
         schedule_id=row.schedule_id,
         court=court,
-        desired_start=row.desired_time.astimezone(zone),
+        desired_start=start.astimezone(zone),
         trigger_time=row.trigger_time,
         duration_minutes=row.duration_minutes,
         attempts=row.attempts,
@@ -1175,6 +1482,9 @@ def outcome_of(row: Instance, *, retry_helps: bool = True) -> Outcome:
         retry_helps=retry_helps,
         location=row.club,
         club_took=bool(row.club_took) and row.status != BOOKED,
+        first_choice=first_choice,
+        from_watch=from_watch,
+        watch_until=row.watch_until if row.status == WATCHING else None,
     )
 
 
@@ -1197,6 +1507,17 @@ def retry(factory: sessionmaker[Session], target: str, now: datetime) -> list[st
             )
         )
         if keys:
+            # One that went on to a fallback time or a watch starts again at its desired time.
+            for row in session.scalars(
+                select(Instance).where(
+                    Instance.key.in_(keys),
+                    (Instance.fallback_step > 0)
+                    | Instance.tried.is_not(None)
+                    | (Instance.watch_tries > 0),
+                )
+            ):
+                _fresh(row)
+            session.flush()
             cleared = dict(
                 status=PENDING,
                 attempts=0,
@@ -1266,6 +1587,16 @@ _ADDED_COLUMNS = (
     "clock_uncertainty_ms",
     "clock_error",
     "claim_epoch",
+    "fallbacks",
+    "players",
+    "watch_until",
+    "fallback_step",
+    "slot_time",
+    "tried",
+    "booked_time",
+    "next_try_at",
+    "watch_tries",
+    "cancelled_booking",
 )
 
 
@@ -1310,13 +1641,14 @@ def upcoming(
     schedule: str | None = None,
     limit: int = 5,
 ) -> list[dict[str, Any]]:
-    """The next ``limit`` bookings ahead of ``now`` (pending, under way or booked), soonest
-    start first, as ``status_rows`` gives them."""
+    """The next ``limit`` bookings ahead of ``now`` (pending, under way, watching or booked),
+    soonest start first, as ``status_rows`` gives them."""
     if factory is None:
         return []
     with factory() as session:
         query = _reader_query(session).where(
-            Instance.desired_time > now, Instance.status.in_([PENDING, BOOKING, BOOKED])
+            Instance.desired_time > now,
+            Instance.status.in_([PENDING, BOOKING, WATCHING, BOOKED]),
         )
         if schedule is not None:
             query = query.where(Instance.schedule_id == schedule)
@@ -1363,7 +1695,15 @@ def _status_row(row: Instance) -> dict[str, Any]:
         "finished_at": utils.format_utc(row.finished_at) if row.finished_at else None,
         "first_sent_at": _utc_us(_optional(row, "first_sent_at")),
         "sent": _timing_text(row),
+        "booked_time": _optional(row, "booked_time"),
+        "watch_until": _utc_or_none(_optional(row, "watch_until")),
+        "next_try": _utc_or_none(_optional(row, "next_try_at")) if row.status == WATCHING else None,
+        "watch_tries": _optional(row, "watch_tries") or 0,
     }
+
+
+def _utc_or_none(moment: datetime | None) -> str | None:
+    return utils.format_utc(moment) if moment is not None else None
 
 
 def _utc_us(moment: datetime | None) -> str | None:

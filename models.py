@@ -54,7 +54,9 @@ BOOKED = "booked"
 FAILED = "failed"
 EXPIRED = "expired"
 CANCELLED = "cancelled"
-STATUSES = (PENDING, BOOKING, BOOKED, FAILED, EXPIRED, CANCELLED)
+#: Every court and time was taken; tried again every WATCH_INTERVAL_SECONDS (CONTRACT 13).
+WATCHING = "watching"
+STATUSES = (PENDING, BOOKING, WATCHING, BOOKED, FAILED, EXPIRED, CANCELLED)
 FINAL = (BOOKED, FAILED, EXPIRED)
 #: Token.kind
 KIND_STRING = "string"
@@ -176,6 +178,26 @@ class Instance(Base):
     #: a shared PostgreSQL database; NULL on SQLite. A claim of an older epoch is the former
     #: active daemon's: the new one holds it back until that daemon's request could have ended.
     claim_epoch: Mapped[int | None] = mapped_column(BigInteger, default=None)
+
+    # CONTRACT section 13. What the entry asks for, copied like its courts: its fallback times
+    # as JSON ``[["18:00", start UTC, trigger UTC], ...]``, its players as a JSON list, and when
+    # the instance's watch ends (NULL: no watch).
+    fallbacks: Mapped[str | None] = mapped_column(Text, default=None)
+    players: Mapped[str | None] = mapped_column(Text, default=None)
+    watch_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    #: The fallback reached (0: the desired time; N: the Nth fallback time), and its start
+    #: while it is tried (NULL: the desired time). ``trigger_time`` is then the fallback's.
+    fallback_step: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    slot_time: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    #: Each time tried so far with what the club said (``18:00: taken (...)``), for the reason.
+    tried: Mapped[str | None] = mapped_column(Text, default=None)
+    #: The local ``HH:MM`` that was booked (NULL until booked).
+    booked_time: Mapped[str | None] = mapped_column(String(5), default=None)
+    #: While ``watching``: when the next try leaves, and how many tries the watch has made.
+    next_try_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    watch_tries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    #: Cancelled at the club by ``cancel`` (booked -> cancelled): never revived by a reload.
+    cancelled_booking: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     __table_args__ = (Index("ix_schedules_status_trigger", "status", "trigger_time"),)
 

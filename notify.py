@@ -9,6 +9,7 @@ thread, so a slow or dead mail server or channel never delays or changes a booki
 
 from __future__ import annotations
 
+import dataclasses
 import email.policy
 import ipaddress
 import logging
@@ -33,6 +34,10 @@ logger = logging.getLogger(__name__)
 BOOKED = "booked"
 FAILED = "failed"
 EXPIRED = "expired"
+#: Not final outcomes, but told as one (CONTRACT section 13): a watch that starts, a booking
+#: cancelled with ``cancel``.
+WATCHING = "watching"
+CANCELLED = "cancelled"
 
 SECURITY_MODES = ("starttls", "ssl", "none")
 _DEFAULT_PORTS = {"starttls": 587, "ssl": 465, "none": 25}
@@ -89,6 +94,12 @@ class Outcome:
     #: Failed after the club took the booking (a finishing step did not complete): it is never
     #: booked again, so the advice is to check it with the club, not to retry.
     club_took: bool = False
+    #: CONTRACT section 13. Booked at a fallback time: the first choice's local ``HH:MM``, which
+    #: was taken (``desired_start`` is then the time booked).
+    first_choice: str | None = None
+    #: Booked by a try of a watch; for ``watching``: until when it watches (aware).
+    from_watch: bool = False
+    watch_until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -423,13 +434,24 @@ def subject_for(outcome: Outcome) -> str:
     Returns e.g. `Booked: wed-evening court 3 Wed 2026-12-02 17:00 (Europe/London)`; a failed
     outcome starts with `Booking failed:`, an expired one with `Booking missed:`.
     """
-    prefix = {BOOKED: "Booked", FAILED: "Booking failed", EXPIRED: "Booking missed"}.get(
-        outcome.status, f"Booking {outcome.status}"
-    )
+    prefix = {
+        BOOKED: "Booked",
+        FAILED: "Booking failed",
+        EXPIRED: "Booking missed",
+        WATCHING: "Watching",
+        CANCELLED: "Cancelled",
+    }.get(outcome.status, f"Booking {outcome.status}")
     # A header line: a line break in a value would make the email library refuse the message.
+    tail = ""
+    if outcome.status == BOOKED and outcome.first_choice is not None:
+        tail += f", first choice {outcome.first_choice} taken"
+    if outcome.status == BOOKED and outcome.from_watch:
+        tail += ", from the watch"
+    if outcome.status == WATCHING and outcome.watch_until is not None:
+        tail += f" until {_until(outcome)}"
     return escape_controls(
         f"{prefix}: {outcome.schedule_id} {_court_phrase(outcome.court)} "
-        f"{_when(outcome)} ({outcome.timezone})"
+        f"{_when(outcome)} ({outcome.timezone}){tail}"
     )
 
 
@@ -516,10 +538,32 @@ def _advice(outcome: Outcome, now: datetime, count: int = 1) -> list[str]:
     ]
 
 
+def _until(outcome: Outcome) -> str:
+    """When a watch ends, in the entry's local time: ``Thu 2026-12-10 16:00``."""
+    assert outcome.watch_until is not None
+    return _when(dataclasses.replace(outcome, desired_start=outcome.watch_until))
+
+
 def _headline(outcome: Outcome) -> str:
     where = f"{_court_phrase(outcome.court)} on {_when(outcome)} ({outcome.timezone})"
     if outcome.status == BOOKED:
-        return f"Booked for {outcome.schedule_id}: {where}."
+        line = f"Booked for {outcome.schedule_id}: {where}."
+        if outcome.first_choice is not None:
+            local = _local_start(outcome)
+            line += (
+                f"\nBooked at {local:%H:%M}, a fallback time: the first choice, "
+                f"{outcome.first_choice}, was taken."
+            )
+        if outcome.from_watch:
+            line += "\nBooked from the watch: a court became free after the window opened."
+        return line
+    if outcome.status == WATCHING and outcome.watch_until is not None:
+        return (
+            f"Watching for {outcome.schedule_id}: {where}.\nEvery court was taken; courtbot "
+            f"tries again until {_until(outcome)} ({outcome.timezone})."
+        )
+    if outcome.status == CANCELLED:
+        return f"Cancelled for {outcome.schedule_id}: {where}, at the club."
     if outcome.status == FAILED:
         return f"Booking failed for {outcome.schedule_id}: {where}."
     if outcome.status == EXPIRED:
@@ -586,8 +630,14 @@ def _channel_body(outcome: Outcome, now: datetime) -> str:
 
 
 def _log_outcome(outcome: Outcome) -> None:
-    level = logging.INFO if outcome.status == BOOKED else logging.WARNING
+    level = logging.INFO if outcome.status in (BOOKED, WATCHING, CANCELLED) else logging.WARNING
     tail = f" ({outcome.timing})" if outcome.timing else ""
+    if outcome.first_choice is not None:
+        tail += f" fallback_time (first choice {outcome.first_choice} taken)"
+    if outcome.from_watch:
+        tail += " from_watch"
+    if outcome.watch_until is not None and outcome.status == WATCHING:
+        tail += f" until={_until(outcome)}"
     if outcome.booking_ref:
         tail += f" ref={outcome.booking_ref}"
     reason = _clean(outcome.reason)
@@ -1116,7 +1166,9 @@ class Notifier:
 
 
 def _notify_type(status: str) -> str:
-    return {BOOKED: "success", FAILED: "failure"}.get(status, "warning")
+    return {BOOKED: "success", FAILED: "failure", WATCHING: "info", CANCELLED: "info"}.get(
+        status, "warning"
+    )
 
 
 # --- notify-test --------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ _COLOURS = {
     "failed": "31",
     "expired": "33",
     "booking": "35",
+    "watching": "36",
     "cancelled": "2",
     "running": "32",
     "not running": "31",
@@ -202,6 +203,9 @@ def next_lines(
         state = palette.paint(row["status"], row["status"])
         if row["status"] == "booked" and row["booking_ref"]:
             state += f", ref {row['booking_ref']}"
+            state += _fallback_note(row)
+        elif row["status"] == "watching":
+            state += _watch_note(row, now)
         elif row["status"] == "pending":
             trigger = _local(row, "trigger_time")
             if trigger > now:
@@ -213,6 +217,26 @@ def next_lines(
             f"{utils.format_ahead(start, now)}: {state}"
         )
     return lines
+
+
+def _watch_note(row: Mapping[str, Any], now: datetime) -> str:
+    """A watching instance's next try and the watch's end (CONTRACT 13)."""
+    note = ""
+    if row.get("next_try"):
+        note += f", next try {utils.format_ahead(_local(row, 'next_try'), now)}"
+    if row.get("watch_until"):
+        until = _local(row, "watch_until").astimezone(utils.get_zone(row["timezone"]))
+        note += f", watched until {until:%H:%M %Z}"
+    return note
+
+
+def _fallback_note(row: Mapping[str, Any]) -> str:
+    """``, at 19:00 (first choice taken)`` for a booking made at a fallback time."""
+    booked = row.get("booked_time")
+    desired = _local(row, "desired_time").astimezone(utils.get_zone(row["timezone"]))
+    if booked and booked != f"{desired:%H:%M}":
+        return f", at {booked} (first choice taken)"
+    return ""
 
 
 def outcome_lines(
@@ -280,15 +304,18 @@ def table_lines(rows: Sequence[Mapping[str, Any]], palette: Palette = Palette())
         shown["desired"] = utils.format_local(_local(row, "desired_time"), zone)
         shown["trigger_local"] = utils.format_local(_local(row, "trigger_time"), zone)
         shown["court"] = _courts(row)
+        if row["status"] == "watching" and row.get("next_try"):
+            next_try = _local(row, "next_try").astimezone(zone)
+            shown["status"] = f"watching (next try {next_try:%H:%M:%S %Z})"
         values = [shown[name] for _, name in _COLUMNS]
         cells.append([_one_line(str(value)) if value is not None else "-" for value in values])
     widths = [max(len(head), *(len(r[i]) for r in cells)) for i, (head, _) in enumerate(_COLUMNS)]
     widths[-1] = 0  # the last column is not padded
     status_at = [name for _, name in _COLUMNS].index("status")
     lines = ["  ".join(h.ljust(w) for (h, _), w in zip(_COLUMNS, widths, strict=True)).rstrip()]
-    for row_cells in cells:
+    for row, row_cells in zip(rows, cells, strict=True):
         padded = [cell.ljust(width) for cell, width in zip(row_cells, widths, strict=True)]
-        padded[status_at] = palette.paint(padded[status_at], row_cells[status_at])
+        padded[status_at] = palette.paint(padded[status_at], row["status"])
         lines.append("  ".join(padded).rstrip())
     return lines
 

@@ -38,10 +38,14 @@ PLACEHOLDERS = (
     "key",
     "epoch_ms",
     "epoch_s",
+    "players",
     "start_minutes",
     "end_minutes",
     "start_seconds_of_day",
 )
+#: A placeholder only the ``cancel`` steps have (CONTRACT section 13): the instance's booking
+#: reference.
+CANCEL_PLACEHOLDERS = ("booking_ref",)
 #: Time placeholders that take a ``strftime`` format (``{start:%m/%d/%Y}``): local time for
 #: start and end, UTC for the ``_utc`` ones.
 TIME_PLACEHOLDERS = ("start", "end", "start_utc", "end_utc")
@@ -62,8 +66,19 @@ TEMPLATE_KEYS = (
     "about",
     "sources",
     "checked",
+    "cancel",
 )
-FLOW_KEYS = ("hosts", "window", "prepare_seconds", "clock", "steps", "about", "sources", "checked")
+FLOW_KEYS = (
+    "hosts",
+    "window",
+    "prepare_seconds",
+    "clock",
+    "steps",
+    "about",
+    "sources",
+    "checked",
+    "cancel",
+)
 #: The keys of ``clock`` (CONTRACT section 6, "The club's clock").
 CLOCK_KEYS = ("url",)
 STEP_KEYS = (
@@ -102,7 +117,7 @@ SINGLE_STEP_NAME = "book"
 
 _PIECE_RE = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 _REF_RE = re.compile(
-    r"(?P<name>[a-z_][a-z0-9_]*)(?:\.(?P<field>[A-Za-z_][A-Za-z0-9_]*))?(?::(?P<fmt>.+))?",
+    r"(?P<name>[a-z_][a-z0-9_]*)(?:\[(?P<index>[0-9]{1,4})\])?(?:\.(?P<field>[A-Za-z_][A-Za-z0-9_]*))?(?::(?P<fmt>.+))?",
     re.DOTALL,
 )
 _STEP_NAME_RE = re.compile(r"[a-z][a-z0-9_]*")
@@ -163,15 +178,20 @@ class ExtractError(ValueError):
 
 @dataclass(frozen=True)
 class Ref:
-    """One placeholder: ``{name}``, ``{name:format}``, ``{secret.field}`` or ``{step.value}``."""
+    """One placeholder: ``{name}``, ``{name:format}``, ``{secret.field}``, ``{step.value}`` or
+    ``{players[N]}`` (``index``: one player of the entry's list)."""
 
     name: str
     field: str | None = None
     fmt: str | None = None
+    index: int | None = None
 
     @property
     def key(self) -> str:
-        """Its key among the values of a rendering (``start``, ``secret.pin``, ``login.jwt``)."""
+        """Its key among the values of a rendering (``start``, ``secret.pin``, ``login.jwt``;
+        ``players[1]`` reads the list ``players``)."""
+        if self.index is not None:
+            return f"{self.name}[{self.index}]"
         return self.name if self.field is None else f"{self.name}.{self.field}"
 
     def __str__(self) -> str:
@@ -211,8 +231,15 @@ class Scope:
 
     earlier: Mapping[str, frozenset[str]] = field(default_factory=dict)
     later: frozenset[str] = frozenset()
+    #: Built-ins of this kind of step only (``booking_ref`` in a ``cancel`` step).
+    extra: frozenset[str] = frozenset()
 
     def check(self, ref: Ref, text: str, where: str) -> None:
+        if ref.index is not None and (ref.name != "players" or ref.field or ref.fmt):
+            raise TemplateError(
+                f"{where}: {ref} in {text!r}: only {{players[N]}} takes an index (a player of "
+                "the entry's players list, from 0)"
+            )
         if ref.field is None:
             self._check_builtin(ref, text, where)
             return
@@ -251,7 +278,12 @@ class Scope:
                 f"{where}: {ref} in {text!r}: name a value of step {ref.name!r}, e.g. "
                 f"{{{ref.name}.id}}"
             )
-        if ref.name not in PLACEHOLDERS:
+        if ref.name in CANCEL_PLACEHOLDERS and ref.name not in self.extra:
+            raise TemplateError(
+                f'{where}: {ref} in {text!r}: only the steps of "cancel" know the booking '
+                "reference; a booking step names it with booking_ref"
+            )
+        if ref.name not in PLACEHOLDERS and ref.name not in self.extra:
             raise TemplateError(
                 f"{where}: unknown placeholder {ref} in {text!r}; known: "
                 + ", ".join("{" + p + "}" for p in PLACEHOLDERS)
@@ -292,7 +324,8 @@ def compile_text(text: str, where: str, scope: Scope) -> Text:
                     + ", ".join("{" + p + "}" for p in PLACEHOLDERS)
                     + ", {secret.<field>}, {<step>.<value>}"
                 )
-            ref = Ref(parsed["name"], parsed["field"], parsed["fmt"])
+            index = int(parsed["index"]) if parsed["index"] is not None else None
+            ref = Ref(parsed["name"], parsed["field"], parsed["fmt"], index)
             scope.check(ref, text, where)
             pieces.append(ref)
         position = match.end()
@@ -356,6 +389,13 @@ def as_text(value: Any) -> str:
 
 
 def _ref_value(ref: Ref, values: Mapping[str, Any]) -> Any:
+    if ref.index is not None:
+        players = values.get(ref.name)
+        if isinstance(players, Masked):
+            return players
+        if not isinstance(players, list | tuple) or ref.index >= len(players):
+            raise MissingValue(ref.key)
+        return players[ref.index]
     if ref.fmt is not None:
         moment = values.get(f"{ref.name}:")
         if isinstance(moment, Masked) or moment is None:
@@ -375,7 +415,11 @@ def render_text(text: Text, values: Mapping[str, Any], *, encode: bool = False) 
             out.append(piece)
             continue
         value = _ref_value(piece, values)
-        shown = as_text(value)
+        # The players inside a longer string: their names, not a JSON list (CONTRACT 13).
+        if piece.name == "players" and piece.index is None and isinstance(value, list | tuple):
+            shown = ", ".join(as_text(item) for item in value)
+        else:
+            shown = as_text(value)
         out.append(quote(shown, safe="") if encode and not isinstance(value, Masked) else shown)
     return "".join(out)
 
@@ -386,7 +430,8 @@ def render_value(value: Any, values: Mapping[str, Any]) -> Any:
     if isinstance(value, Text):
         single = value.single
         if single is not None and single.fmt is None:
-            return _ref_value(single, values)
+            value = _ref_value(single, values)
+            return list(value) if isinstance(value, tuple) else value
         return render_text(value, values)
     if isinstance(value, list):
         return [render_value(item, values) for item in value]
@@ -817,6 +862,9 @@ class Flow:
     sources: tuple[str, ...] = ()
     #: When the flow was last checked against the live system or its sources.
     checked: date | None = None
+    #: The steps that cancel a booking (CONTRACT section 13), in order; () when the file has
+    #: no ``cancel``.
+    cancel: tuple[Step, ...] = ()
 
     @property
     def booking_step(self) -> Step:
@@ -845,6 +893,20 @@ class Flow:
     def uses_token(self) -> bool:
         return any(ref.key == "token" for step in self.steps for ref in step.all_refs())
 
+    @property
+    def players_needed(self) -> int:
+        """How many players an entry needs for the highest ``{players[N]}`` any step (booking
+        or cancel) names: N + 1, 0 when none is named."""
+        return max(
+            (
+                ref.index + 1
+                for step in self.steps + self.cancel
+                for ref in step.all_refs()
+                if ref.index is not None
+            ),
+            default=0,
+        )
+
     def allows(self, url: str) -> bool:
         """Whether ``url``'s host is on ``hosts`` (a host without a port matches any port)."""
         return host_allowed(self.hosts, url)
@@ -855,6 +917,9 @@ class _MaskAll(dict[str, Any]):
 
     def __missing__(self, key: str) -> Masked:
         return Masked("x")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key]
 
     def __contains__(self, key: object) -> bool:
         return True
@@ -900,6 +965,7 @@ def placeholder_values(
     duration_minutes: int,
     zone: ZoneInfo,
     key: str,
+    players: Iterable[str] = (),
 ) -> dict[str, Any]:
     """The values of every built-in placeholder for one instance and court, and of its secrets:
     ``{token}`` and ``{secret.<field>}`` from ``secrets`` (a string token is ``{"token": value}``;
@@ -925,6 +991,7 @@ def placeholder_values(
         "key": key,
         "epoch_ms": int(utils.as_utc(start).timestamp() * 1000),
         "epoch_s": int(utils.as_utc(start).timestamp()),
+        "players": list(players),
         **_day_offsets(local_start, local_end),
         "start:": local_start,
         "end:": local_end,
@@ -975,6 +1042,12 @@ class Slot:
     duration_minutes: int
     zone: ZoneInfo
     courts: tuple[str | None, ...]
+    #: The entry's ``players`` (CONTRACT section 13).
+    players: tuple[str, ...] = ()
+    #: The Idempotency-Key's base when it is not the instance key: a fallback time's
+    #: (``<key>@HH:MM``) or a watch's try (``<key>~watch<N>``), so that a club that remembers
+    #: keys answers anew.
+    idempotency_base: str | None = None
 
     def values(self, secrets: Mapping[str, str], court: str | None) -> dict[str, Any]:
         """``placeholder_values`` for this instance and ``court``."""
@@ -985,10 +1058,12 @@ class Slot:
             duration_minutes=self.duration_minutes,
             zone=self.zone,
             key=self.key,
+            players=self.players,
         )
 
     def idempotency(self, court: str | None) -> str:
-        return idempotency_key(self.key, court, len(self.courts) > 1)
+        base = self.idempotency_base if self.idempotency_base is not None else self.key
+        return idempotency_key(base, court, len(self.courts) > 1)
 
 
 # --------------------------------------------------------------------------- describing
@@ -1032,6 +1107,7 @@ _PHASE_WORDS = {
     "at_trigger": "at the trigger",
     "booking": "the booking, at the trigger",
     "finish": "after the booking",
+    "cancel": "on `cancel KEY`",
 }
 
 
@@ -1421,10 +1497,20 @@ def _single(data: dict[str, Any], api_url: str | None, name: str) -> Flow:
     url = render_text(step.url, _MaskAll())
     hosts = (urlsplit(url).netloc.lower(),)
     clock = _clock(data.get("clock"), where, hosts)
+    cancel = _cancel_steps(data.get("cancel"), api_url, name)
+    for cancel_step in cancel:
+        cancel_url = render_text(cancel_step.url, _MaskAll())
+        if not host_allowed(hosts, cancel_url):
+            raise TemplateError(
+                f"{name}: cancel step {cancel_step.name!r}: url: host "
+                f"{urlsplit(cancel_url).netloc!r} is not the booking's host ({hosts[0]}); the "
+                "token only ever goes to that host"
+            )
     return Flow(
         name=name,
         hosts=hosts,
         steps=(step,),
+        cancel=cancel,
         window=_window(data.get("window"), where),
         about=_about(data.get("about"), where),
         has_url="url" in data,
@@ -1463,8 +1549,9 @@ def _step(
     for key in data:
         if key not in allowed:
             raise TemplateError(f"{where}{key}: {_unknown_step_key(key, booking, at_trigger)}")
-    scope = Scope(dict(earlier), frozenset(names[position:]))
-    phase = "finish" if ctx.booked else "prepare"
+    extra = frozenset(CANCEL_PLACEHOLDERS) if ctx.cancel else frozenset()
+    scope = Scope(dict(earlier), frozenset(names[position:]), extra)
+    phase = "cancel" if ctx.cancel else "finish" if ctx.booked else "prepare"
     if booking or at_trigger:
         phase = "booking" if booking else "at_trigger"
     if at_trigger and ctx.booked:
@@ -1523,19 +1610,22 @@ class _FlowParse:
     name: str
     api_url: str | None
     booked: bool = False
+    #: Parsing the ``cancel`` steps: no booking step, ``{booking_ref}`` known.
+    cancel: bool = False
 
 
-def _step_names(steps: list[Any], name: str) -> list[str]:
+def _step_names(steps: list[Any], name: str, *, cancel: bool = False) -> list[str]:
     names: list[str] = []
     for position, data in enumerate(steps):
         step_name = data.get("name") if isinstance(data, dict) else None
-        where = f"{name}: step #{position + 1}: name"
+        where = f"{name}: {'cancel ' if cancel else ''}step #{position + 1}: name"
         if not isinstance(step_name, str):
             raise TemplateError(f"{where}: missing; every step needs a name like 'login'")
         if (
             not _STEP_NAME_RE.fullmatch(step_name)
             or step_name == "secret"
             or step_name in PLACEHOLDERS
+            or step_name in CANCEL_PLACEHOLDERS
         ):
             raise TemplateError(
                 f"{where}: {step_name!r} is not a step name: [a-z][a-z0-9_]*, not 'secret' or a "
@@ -1549,6 +1639,15 @@ def _step_names(steps: list[Any], name: str) -> list[str]:
         if not isinstance(data.get("booking", False), bool):
             raise TemplateError(f"{name}: step {step_name!r}: booking: expected true or false")
         names.append(step_name)
+    if cancel:
+        for step_name, data in zip(names, steps, strict=True):
+            for key in ("booking", "at_trigger"):
+                if key in data:
+                    raise TemplateError(
+                        f"{name}: cancel step {step_name!r}: {key}: a cancel step books nothing "
+                        "and runs when `cancel` is called; drop it"
+                    )
+        return names
     bookings = [n for n, d in zip(names, steps, strict=True) if d.get("booking") is True]
     if len(bookings) != 1:
         found = f"found {len(bookings)}" + (f" ({', '.join(bookings)})" if bookings else "")
@@ -1598,6 +1697,28 @@ def _prepare_seconds(value: Any, name: str) -> float:
     return float(value)
 
 
+def _cancel_steps(value: Any, api_url: str | None, name: str) -> tuple[Step, ...]:
+    """A file's ``cancel`` (CONTRACT section 13): steps as in section 12, none of them a booking
+    step, run in order by ``cancel KEY``; ``{booking_ref}`` is the instance's reference."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise TemplateError(
+            f"{name}: cancel: expected a non-empty list of steps, e.g. "
+            '[{"name": "cancel", "method": "DELETE", "url": "https://club.example/bookings/'
+            '{booking_ref}"}]'
+        )
+    names = _step_names(value, name, cancel=True)
+    ctx = _FlowParse(name, api_url, cancel=True)
+    earlier: dict[str, frozenset[str]] = {}
+    steps: list[Step] = []
+    for position, raw in enumerate(value):
+        step = _with_court(_step(raw, position, names, earlier, ctx), set())
+        earlier[step.name] = frozenset(e.name for e in step.extract)
+        steps.append(step)
+    return tuple(steps)
+
+
 def _multi(data: dict[str, Any], api_url: str | None, name: str) -> Flow:
     """A flow of several steps (section 12)."""
     _no_repeats(data, f"{name}: ", skip="steps")
@@ -1623,13 +1744,15 @@ def _multi(data: dict[str, Any], api_url: str | None, name: str) -> Flow:
         steps.append(step)
     compiled = tuple(steps)
     prepare = _prepare_seconds(data.get("prepare_seconds"), name)
-    hosts = _hosts(data.get("hosts"), compiled, name)
+    cancel = _cancel_steps(data.get("cancel"), api_url, name)
+    hosts = _hosts(data.get("hosts"), compiled + cancel, name)
     clock = _clock(data.get("clock"), f"{name}: ", hosts)
     prepares = clock is not None or any(s.phase == "prepare" for s in compiled)
     return Flow(
         name=name,
         hosts=hosts,
         steps=compiled,
+        cancel=cancel,
         window=_window(data.get("window"), f"{name}: "),
         prepare_seconds=prepare if prepares else 0.0,
         about=_about(data.get("about"), f"{name}: "),
@@ -1665,6 +1788,18 @@ def default_flow(api_url: str) -> Flow:
                 "end": "{end}",
                 "duration_minutes": "{duration_minutes}",
             },
+            # CONTRACT section 13: DELETE $BOOKING_API_URL/<booking_ref>; 2xx or 404 (already
+            # gone) is cancelled.
+            "cancel": [
+                {
+                    "name": "cancel",
+                    "method": "DELETE",
+                    "url": api_url.rstrip("/").replace("{", "{{").replace("}", "}}")
+                    + "/{booking_ref}",
+                    "headers": {"Authorization": "Bearer {token}"},
+                    "ok": {"status": [*range(200, 300), 404]},
+                }
+            ],
         },
         api_url=api_url,
         name="BOOKING_API_URL",

@@ -1002,9 +1002,12 @@ def backoff_delays(base: float, attempts: int = 3) -> list[float]:
     return [base * (2**i) for i in range(max(attempts - 1, 0))]
 
 
-def parse_retry_after(value: str | None, now: datetime) -> float | None:
+def parse_retry_after(
+    value: str | None, now: datetime, cap: float = RETRY_AFTER_CAP_SECONDS
+) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date), capped at
-    30 s; None when absent or unreadable."""
+    ``cap`` (30 s: RETRY_AFTER_CAP_SECONDS; a watch's next try takes it up to a day); None when
+    absent or unreadable."""
     if value is None:
         return None
     value = value.strip()
@@ -1018,7 +1021,7 @@ def parse_retry_after(value: str | None, now: datetime) -> float | None:
         if when is None:
             return None
         seconds = (as_utc(when) - as_utc(now)).total_seconds()
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP_SECONDS)
+    return min(max(seconds, 0.0), cap)
 
 
 # --------------------------------------------------------------------------- Fernet

@@ -62,6 +62,7 @@ SERIAL = (
     "test_e2e_flows.py",
     "test_e2e_templates.py",
     "test_e2e_watchdog.py",
+    "test_e2e_wishes.py",
     "test_failover.py",
     "test_leader.py",
     "test_lease.py",

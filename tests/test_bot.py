@@ -45,6 +45,7 @@ from models import (
     EXPIRED,
     FAILED,
     PENDING,
+    WATCHING,
     Instance,
     Token,
     transaction,
@@ -2636,3 +2637,254 @@ def test_the_clock_is_read_only_within_the_preparation_time_and_moves_the_send(
     # before our own trigger.
     assert trigger - 2.5 <= sent[0] < trigger - 2.4
     assert "by the club's clock (+2500 ms" in (h.outcomes[0].timing or "")
+
+
+# --------------------------------------------------------------------------- CONTRACT 13
+
+#: Fallback times of the Berlin instance at 18:00: 19:00 (trigger an hour after TRIGGER) and
+#: 17:00 (trigger an hour before it: open at once).
+AT_19 = datetime(2026, 11, 30, 18, 0, tzinfo=UTC)
+AT_17 = datetime(2026, 11, 30, 16, 0, tzinfo=UTC)
+
+
+def wishes(h: Harness, *, times: tuple[datetime, ...] = (), watch: timedelta | None = None) -> None:
+    """Give the instance KEY fallback times (as reconcile writes them) and a watch."""
+    listed = [(DESIRED, "18:00"), *((t, f"{t.astimezone(BERLIN):%H:%M}") for t in times)]
+    fallbacks = [
+        [text, utils.format_utc(t), utils.format_utc(t - timedelta(hours=168))]
+        for t, text in listed
+    ]
+    with transaction(h.factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == KEY))
+        assert row is not None
+        row.fallbacks = json.dumps(fallbacks) if times else None
+        row.watch_until = DESIRED - watch if watch is not None else None
+
+
+def test_every_court_taken_goes_on_with_the_fallback_time_at_its_own_trigger(h: Harness) -> None:
+    h.add(courts=("3", "4"))
+    wishes(h, times=(AT_19,))
+    queue(h.club, answer(409, "Court 3 is already booked"), answer(409, "taken"))
+    assert h.book() == PENDING
+    row = h.row()
+    assert (row.status, row.fallback_step, row.trigger_time) == (
+        PENDING,
+        1,
+        AT_19 - timedelta(hours=168),
+    )
+    assert len(h.calls) == 2 and h.outcomes == []
+    h.clock.set(AT_19 - timedelta(hours=168))
+    queue(h.club, answer(201, {"id": "bk-19"}))
+    assert h.book() == BOOKED
+    assert h.sent_keys() == [f"{KEY}#3", f"{KEY}#4", f"{KEY}@19:00#3"]
+    assert h.sent_bodies()[-1]["start"] == "2026-11-30T19:00:00+01:00"
+    row = h.row()
+    assert (row.key, row.booked_time, row.booking_ref) == (KEY, "19:00", "bk-19")
+    (outcome,) = h.outcomes
+    assert (outcome.status, outcome.first_choice) == (BOOKED, "18:00")
+    assert outcome.desired_start == AT_19
+
+
+def test_a_fallback_time_whose_window_is_open_is_tried_at_once_and_at_most_one_books(
+    h: Harness,
+) -> None:
+    h.add()
+    wishes(h, times=(AT_17, AT_19))
+    queue(h.club, answer(409), answer(201, {"id": "bk-17"}))
+    assert h.book() == BOOKED
+    assert [b["start"] for b in h.sent_bodies()] == [
+        "2026-11-30T18:00:00+01:00",
+        "2026-11-30T17:00:00+01:00",
+    ]
+    assert h.row().booked_time == "17:00" and h.row().fallback_step == 1
+    assert len(h.outcomes) == 1
+
+
+def test_the_reason_lists_each_time_tried_with_what_the_club_said(h: Harness) -> None:
+    h.add()
+    wishes(h, times=(AT_17,))
+    queue(h.club, answer(409, "full"), answer(409, "gone"))
+    assert h.book() == FAILED
+    assert h.row().last_error == (
+        f"18:00: court 3: taken (HTTP 409); 17:00: court 3: taken (HTTP 409); {TAKEN_ADVICE}"
+    )
+    assert h.outcomes[0].retry_helps is False
+
+
+@pytest.mark.parametrize("status", [401, 400])
+def test_a_failure_other_than_taken_tries_no_fallback(h: Harness, status: int) -> None:
+    h.add()
+    wishes(h, times=(AT_17,), watch=timedelta(hours=1))
+    queue(h.club, answer(status))
+    assert h.book() == FAILED
+    assert len(h.calls) == 1 and h.row().fallback_step == 0
+
+
+def test_a_watch_tries_again_each_interval_until_booked(h: Harness) -> None:
+    h.ctx.jitter = lambda: 1.0  # +10 %
+    h.add(courts=("3", "4"))
+    wishes(h, watch=timedelta(hours=2))
+    queue(h.club, answer(409), answer(409))
+    assert h.book() == WATCHING
+    row = h.row()
+    assert (row.status, row.next_try_at) == (WATCHING, TRIGGER + timedelta(seconds=330))
+    (watching,) = h.outcomes
+    assert watching.status == WATCHING
+    assert watching.watch_until == DESIRED - timedelta(hours=2)
+    # The first try: one request, court 3 (the courts take turns), still taken.
+    h.clock.set(row.next_try_at)
+    queue(h.club, answer(409, "still taken"))
+    assert h.book() == WATCHING
+    assert len(h.calls) == 3 and h.sent_keys()[-1] == f"{KEY}~watch1"
+    row = h.row()
+    assert (row.watch_tries, row.next_try_at) == (1, TRIGGER + timedelta(seconds=660))
+    # A 429 asks for 20 minutes: no sooner than that, and the watch goes on.
+    h.clock.set(row.next_try_at)
+    queue(h.club, answer(429, "", {"Retry-After": "1200"}))
+    assert h.book() == WATCHING
+    assert h.sent_keys()[-1] == f"{KEY}~watch2"
+    assert h.sent_bodies()[-1]["court_id"] == "4"
+    assert h.row().next_try_at == TRIGGER + timedelta(seconds=660 + 1200)
+    h.clock.set(h.row().next_try_at)
+    queue(h.club, answer(201, {"id": "bk-w"}))
+    assert h.book() == BOOKED
+    assert len(h.calls) == 5
+    row = h.row()
+    assert (row.status, row.booking_ref, row.booked_court) == (BOOKED, "bk-w", "3")
+    final = h.outcomes[-1]
+    assert (final.status, final.from_watch) == (BOOKED, True)
+    assert len(h.outcomes) == 2  # one Watching:, one final outcome
+
+
+def test_a_watch_ends_failed_when_it_runs_out(h: Harness) -> None:
+    h.ctx.jitter = lambda: 0.0  # -10 %
+    h.ctx.watch_interval = 60.0
+    h.add()
+    wishes(h, watch=timedelta(hours=168) - timedelta(seconds=100))
+    queue(h.club, answer(409), answer(409))
+    assert h.book() == WATCHING
+    # 60 s at least, whatever the jitter.
+    assert h.row().next_try_at == TRIGGER + timedelta(seconds=60)
+    h.clock.set(h.row().next_try_at)
+    assert h.book() == FAILED
+    row = h.row()
+    assert row.last_error == (
+        "taken; watched until Mon 2026-11-23 18:01 CET, 1 try (18:00: court 3: taken (HTTP 409))"
+    )
+    assert (row.next_try_at, h.outcomes[-1].status) == (None, FAILED)
+    assert len(h.calls) == 2
+
+
+def test_a_watch_try_answered_neither_taken_nor_booked_fails_it(h: Harness) -> None:
+    h.add()
+    wishes(h, watch=timedelta(hours=1))
+    queue(h.club, answer(409))
+    assert h.book() == WATCHING
+    h.clock.set(h.row().next_try_at)
+    queue(h.club, answer(400, "bad request"))
+    assert h.book() == FAILED
+    assert h.row().last_error == (
+        "watch, try 1: the club refused the request (HTTP 400): check the entry and the URL"
+    )
+
+
+def test_a_watch_try_waits_for_its_time_and_a_reload_may_have_ended_it(h: Harness) -> None:
+    h.add()
+    wishes(h, watch=timedelta(hours=1))
+    queue(h.club, answer(409))
+    assert h.book() == WATCHING
+    with transaction(h.factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == KEY))
+        assert row is not None
+        row.status = CANCELLED
+    h.clock.set(DESIRED - timedelta(hours=3))
+    assert h.book() is None and len(h.calls) == 1
+
+
+def test_a_watch_try_claimed_early_waits_for_its_time_then_sends_once(h: Harness) -> None:
+    h.ctx.jitter = lambda: 0.5
+    h.add()
+    wishes(h, watch=timedelta(hours=1))
+    queue(h.club, answer(409))
+    assert h.book() == WATCHING
+    next_try = h.row().next_try_at
+    assert next_try is not None
+    h.stop.clock = h.clock  # a wait moves the clock, as a real sleep would
+    h.clock.tick = 0.001  # and so does the last spin
+    h.clock.set(next_try - timedelta(seconds=2))  # the job's lead
+    queue(h.club, answer(409))
+    assert h.book() == WATCHING
+    assert len(h.calls) == 2
+    assert 1.9 <= sum(w or 0 for w in h.stop.waits) <= 2.0  # it waited for its time
+
+
+def test_one_try_of_a_watch_in_flight_per_club_and_token(h: Harness) -> None:
+    h.add()
+    wishes(h, watch=timedelta(hours=1))
+    queue(h.club, answer(409))
+    assert h.book() == WATCHING
+    h.clock.set(h.row().next_try_at)
+    lock = h.ctx.watch_locks.setdefault((None, "default"), threading.Lock())
+    lock.acquire()
+    queue(h.club, answer(201, {"id": "bk-1"}))
+    outcome: list[str | None] = []
+    worker = threading.Thread(target=lambda: outcome.append(h.book()))
+    worker.start()
+    worker.join(0.5)
+    # Another try of this club and token is under way: this one waits, nothing sent yet.
+    assert worker.is_alive() and len(h.calls) == 1
+    lock.release()
+    worker.join(5)
+    assert outcome == [BOOKED] and len(h.calls) == 2
+
+
+def test_the_players_go_into_the_request(h: Harness) -> None:
+    h.ctx.template = parse_flow(
+        {"url": URL, "json": {"players": "{players}", "partner": "{players[1]}"}},
+        api_url=URL,
+        name="t.json",
+    )
+    h.add()
+    with transaction(h.factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == KEY))
+        assert row is not None
+        row.players = json.dumps(["ana@example.com", "Ben"])
+    queue(h.club, answer(201, {"id": "bk-p"}))
+    assert h.book() == BOOKED
+    assert h.sent_bodies() == [{"players": ["ana@example.com", "Ben"], "partner": "Ben"}]
+    assert h.sent_keys() == [KEY]  # players change no key
+
+
+def test_a_try_of_a_watch_runs_the_flows_preparation_then_its_booking_step(fh: Harness) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()]})
+    fh.clock.tick = 0.001
+    fh.add()
+    wishes(fh, watch=timedelta(hours=1))
+    queue(fh.club, ok_login(), at("/book", 409, {"message": "taken"}))
+    fh.clock.set(TRIGGER - timedelta(seconds=62))
+    assert fh.book() == WATCHING
+    fh.clock.set(fh.row().next_try_at)
+    queue(fh.club, ok_login(), at("/book", 201, {"id": "bk-f"}))
+    assert fh.book() == BOOKED
+    assert paths(fh) == ["/login", "/book", "/login", "/book"]
+    assert fh.calls[-1].request.headers["Authorization"] == f"Bearer {JWT}"
+
+
+def test_a_try_of_a_watch_whose_login_the_club_is_too_busy_for_waits_as_it_asks(
+    fh: Harness,
+) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()]})
+    fh.clock.tick = 0.001
+    fh.add()
+    wishes(fh, watch=timedelta(hours=1))
+    queue(fh.club, ok_login(), at("/book", 409))
+    fh.clock.set(TRIGGER - timedelta(seconds=62))
+    assert fh.book() == WATCHING
+    first = fh.row().next_try_at
+    assert first is not None
+    fh.clock.set(first)
+    queue(fh.club, at("/login", 503, "", headers={"Retry-After": "900"}))
+    assert fh.book() == WATCHING
+    assert paths(fh)[-1] == "/login" and len(fh.calls) == 3
+    then = fh.row().next_try_at
+    assert then is not None and then >= first + timedelta(seconds=900)

@@ -12,8 +12,10 @@ import pty
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -21,6 +23,7 @@ from cryptography.fernet import Fernet
 from sqlalchemy.orm import Session, sessionmaker
 
 import cli
+import instances
 import leader
 import models
 import utils
@@ -1062,3 +1065,266 @@ def test_python_main_py_help_says_python_main_py(env: dict[str, str]) -> None:
     helped = run_cli(env, "--help")
     assert helped.returncode == 0, helped.stderr
     assert helped.stdout.startswith("usage: python main.py "), helped.stdout
+
+
+# --------------------------------------------------------------------------- section 13
+
+
+def test_check_shows_fallback_times_watch_and_players_and_a_missing_player_is_exit_1(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    write_json(data_dir / "tokens.json", {"default": "t"})
+    (data_dir / "clubs").mkdir()
+    club = write_json(
+        data_dir / "clubs" / "duo.json",
+        {"url": "https://club.example/book", "json": {"with": "{players[1]}"}},
+    )
+    start = future()
+    entry = {
+        "id": "match",
+        "type": "one-off",
+        "desired_time": f"{start:%Y-%m-%d} 18:00",
+        "club": "duo",
+        "fallback_times": ["19:30", "18:00"],
+        "watch": "2h",
+        "players": ["ana@example.com", "Ben"],
+    }
+    write_json(data_dir / "schedules.json", [entry])
+    assert run(monkeypatch, env, "check") == 0
+    captured = capsys.readouterr()
+    day = f"{start:%Y-%m-%d}"
+    before = (start - timedelta(days=7)).strftime("%Y-%m-%d")
+    assert (
+        f"  fallback times (next instance): 19:30 (trigger {before}T19:30:00Z), 18:00 "
+        "(skipped: the desired time)"
+    ) in captured.out
+    assert f"  watch: until {start:%a} {day} 16:00 UTC (next instance)" in captured.out
+    assert "  players: ana@example.com, Ben" in captured.out
+    assert '"with": "Ben"' in captured.out  # the request check prints
+    assert (
+        "warning: schedules.json entry 'match' (#1): fallback_times: '18:00' is the desired "
+        "time itself; it is skipped (list only other times)"
+    ) in captured.err
+    write_json(data_dir / "schedules.json", [entry | {"players": ["ana@example.com"]}])
+    assert run(monkeypatch, env, "check") == 1
+    assert (
+        f"error: schedules.json entry 'match' (#1): players: {club} names {{players[1]}}, and "
+        'this entry has 1 player; give at least 2 (e.g. ["ana@example.com", "Ben"])'
+    ) in capsys.readouterr().err
+
+
+CANCEL_TOKEN = "tok-cancel-9d1e"
+
+
+def _booked_row(
+    factory: sessionmaker[Session],
+    fernet: Any,
+    key: str,
+    *,
+    ref: str | None,
+    status: str = models.BOOKED,
+    club: str | None = None,
+) -> str:
+    """A booked instance of schedule ``key`` (its token stored); returns its instance key."""
+    with models.transaction(factory) as session:
+        if session.get(models.Token, "default") is None:
+            encrypted = fernet.encrypt(CANCEL_TOKEN.encode()).decode()
+            session.add(models.Token(id="default", encrypted_token=encrypted))
+    desired = future()
+    add(factory, key, desired=desired, booked_court="3", status=status, booking_ref=ref, club=club)
+    return f"{key}@{desired:%Y-%m-%dT%H:%M:%SZ}"
+
+
+def _club_booking(sandbox: Any) -> str:
+    """A booking made at the sandbox club (court 3, two days ahead); returns its id."""
+    import requests
+
+    start = future(days=2)  # its window is open at the club
+    made = requests.post(
+        sandbox.url,
+        json={
+            "court_id": "3",
+            "start": start.isoformat(),
+            "end": (start + timedelta(hours=1)).isoformat(),
+            "duration_minutes": 60,
+        },
+        headers={"Authorization": f"Bearer {CANCEL_TOKEN}"},
+        timeout=5,
+    ).json()
+    return str(made["id"])
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Any]:
+    from tools.sandbox_club import SandboxClub
+
+    with SandboxClub(tokens=(CANCEL_TOKEN,)) as club:
+        yield club
+
+
+def test_cancel_deletes_the_booking_at_the_club_and_marks_it_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    factory: sessionmaker[Session],
+    fernet: Any,
+    sandbox: Any,
+) -> None:
+    booking = _club_booking(sandbox)
+    key = _booked_row(factory, fernet, "m1", ref=booking)
+    env = env | {"BOOKING_API_URL": sandbox.url}
+    assert run(monkeypatch, env, "cancel", key) == 0
+    assert capsys.readouterr().out == f"cancelled at the club: {key} (ref {booking})\n"
+    (delete,) = [r for r in sandbox.received if r.method == "DELETE"]
+    assert delete.path == f"/bookings/{booking}"
+    assert delete.headers["Authorization"] == f"Bearer {CANCEL_TOKEN}"
+    assert sandbox.cancelled == [booking] and sandbox.bookings == []
+    assert instances.status_of(factory, key) == models.CANCELLED
+    # Cancelled already: exit 1, nothing sent.
+    assert run(monkeypatch, env, "cancel", key) == 1
+    assert capsys.readouterr().err == (
+        f"courtbot cancel: {key} is cancelled, not booked: only a booked instance can be "
+        "cancelled\n"
+    )
+    assert len([r for r in sandbox.received if r.method == "DELETE"]) == 1
+
+
+def test_cancel_of_a_booking_the_club_no_longer_has_is_done(
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    factory: sessionmaker[Session],
+    fernet: Any,
+    sandbox: Any,
+) -> None:
+    key = _booked_row(factory, fernet, "m2", ref="bk-gone")
+    assert run(monkeypatch, env | {"BOOKING_API_URL": sandbox.url}, "cancel", key) == 0
+    assert instances.status_of(factory, key) == models.CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("status", "ref", "club", "message"),
+    [
+        (
+            models.PENDING,
+            "bk-1",
+            None,
+            "{key} is pending, not booked: only a booked instance can be cancelled",
+        ),
+        (
+            models.BOOKED,
+            None,
+            None,
+            "{key} is booked without a booking reference (the club's answer gave none): cancel "
+            "it with the club",
+        ),
+        (
+            models.BOOKED,
+            "bk-1",
+            "plain",
+            '{key}: club file {clubs}/plain.json has no "cancel" steps; nothing was sent: '
+            "cancel it with the club",
+        ),
+    ],
+)
+def test_cancel_is_exit_1_with_one_line_and_sends_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+    factory: sessionmaker[Session],
+    fernet: Any,
+    sandbox: Any,
+    status: str,
+    ref: str | None,
+    club: str | None,
+    message: str,
+) -> None:
+    (data_dir / "clubs").mkdir()
+    write_json(data_dir / "clubs" / "plain.json", {"url": sandbox.url})
+    key = _booked_row(factory, fernet, "m3", ref=ref, status=status, club=club)
+    assert run(monkeypatch, env | {"BOOKING_API_URL": sandbox.url}, "cancel", key) == 1
+    err = capsys.readouterr().err
+    assert err == f"courtbot cancel: {message.format(clubs=data_dir / 'clubs', key=key)}\n"
+    assert sandbox.received == []
+    assert instances.status_of(factory, key) == status
+
+
+def test_cancel_with_a_club_files_cancel_steps_and_a_refusal_keeps_it_booked(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+    factory: sessionmaker[Session],
+    fernet: Any,
+    sandbox: Any,
+) -> None:
+    (data_dir / "clubs").mkdir()
+    write_json(
+        data_dir / "clubs" / "own.json",
+        {
+            "url": sandbox.url,
+            "cancel": [
+                {
+                    "name": "drop",
+                    "method": "DELETE",
+                    "url": sandbox.url + "/{booking_ref}",
+                    "headers": {"Authorization": "Bearer {token}"},
+                    "ok": {"status": [204]},
+                }
+            ],
+        },
+    )
+    key = _booked_row(factory, fernet, "m4", ref="bk-404", club="own")
+    assert run(monkeypatch, env, "cancel", key) == 1
+    assert capsys.readouterr().err == (
+        f"courtbot cancel: {key}: step 'drop': HTTP 404: no such booking (not its ok answer); it "
+        "stays booked\n"
+    )
+    assert instances.status_of(factory, key) == models.BOOKED
+
+
+def test_cancel_runs_a_club_files_cancel_steps_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    data_dir: Path,
+    factory: sessionmaker[Session],
+    fernet: Any,
+    sandbox: Any,
+) -> None:
+    booking = _club_booking(sandbox)
+    (data_dir / "clubs").mkdir()
+    auth = {"Authorization": "Bearer {token}"}
+    write_json(
+        data_dir / "clubs" / "own.json",
+        {
+            "url": sandbox.url,
+            "cancel": [
+                # A look first (the club answers 405 to a GET: its ok says so), then the delete.
+                {
+                    "name": "look",
+                    "method": "GET",
+                    "url": sandbox.url,
+                    "headers": auth,
+                    "ok": {"status": [405]},
+                },
+                {
+                    "name": "drop",
+                    "method": "DELETE",
+                    "url": sandbox.url + "/{booking_ref}",
+                    "headers": auth,
+                    "ok": {"status": [204]},
+                },
+            ],
+        },
+    )
+    key = _booked_row(factory, fernet, "m5", ref=booking, club="own")
+    assert run(monkeypatch, env, "cancel", key) == 0
+    assert [(r.method, r.path) for r in sandbox.received][1:] == [
+        ("GET", "/bookings"),
+        ("DELETE", f"/bookings/{booking}"),
+    ]
+    assert sandbox.cancelled == [booking]
+    assert instances.status_of(factory, key) == models.CANCELLED

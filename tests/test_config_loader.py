@@ -2290,6 +2290,184 @@ def test_the_caches_overlap_warnings_are_those_of_a_fresh_read_through_edits(
             now += timedelta(days=rng.randrange(1, 4))
 
 
+# --------------------------------------------------------------------------- section 13
+
+
+def test_watch_interval_defaults_to_300_and_is_at_least_60() -> None:
+    assert Settings.from_env({}).watch_interval == 300.0
+    assert Settings.from_env({"WATCH_INTERVAL_SECONDS": "60"}).watch_interval == 60.0
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"WATCH_INTERVAL_SECONDS": "59"})
+    assert str(raised.value) == "WATCH_INTERVAL_SECONDS: '59' must be a finite number >= 60"
+
+
+def test_fallback_times_watch_and_players_make_the_entry(data_dir: Path) -> None:
+    result = schedules(
+        data_dir,
+        MATCH | {"fallback_times": ["19:00", "16:30"], "watch": "2h", "players": ["ana", "Ben"]},
+        WED | {"watch": "90m"},
+        NO_ID | {"watch": False},
+    )
+    assert result.errors == [] and result.warnings == []
+    match, wed, no_id = result.entries
+    assert (match.fallback_times, match.watch_minutes, match.players) == (
+        ("19:00", "16:30"),
+        120,
+        ("ana", "Ben"),
+    )
+    assert (wed.fallback_times, wed.watch_minutes, wed.players) == ((), 90, ())
+    assert no_id.watch_minutes is None
+    start = datetime(2026, 12, 10, 18, 0, tzinfo=UTC)
+    assert match.watch_end(start) == datetime(2026, 12, 10, 16, 0, tzinfo=UTC)
+    assert match.slot(start).players == ("ana", "Ben")
+    # Each fallback time on the same local date, with its own trigger (168 h before it).
+    assert match.fallbacks(start) == [
+        (
+            "19:00",
+            datetime(2026, 12, 10, 19, 0, tzinfo=UTC),
+            datetime(2026, 12, 3, 19, 0, tzinfo=UTC),
+        ),
+        (
+            "16:30",
+            datetime(2026, 12, 10, 16, 30, tzinfo=UTC),
+            datetime(2026, 12, 3, 16, 30, tzinfo=UTC),
+        ),
+    ]
+
+
+def test_fallback_times_are_on_the_local_date_of_the_entrys_zone(data_dir: Path) -> None:
+    (wed,) = schedules(data_dir, WED | {"fallback_times": ["23:30", "17:00"]}).entries
+    # Wed 2026-12-02 17:00 in London (GMT); 17:00 itself is left out of the fallbacks.
+    start = datetime(2026, 12, 2, 17, 0, tzinfo=UTC)
+    assert [(t, s) for t, s, _ in wed.fallbacks(start)] == [
+        ("23:30", datetime(2026, 12, 2, 23, 30, tzinfo=UTC))
+    ]
+    berlin_zone = utils.get_zone("Europe/Berlin")
+    (berlin,) = schedules(
+        data_dir,
+        MATCH
+        | {
+            "timezone": "Europe/Berlin",
+            "desired_time": "2026-12-10 00:30",
+            "fallback_times": ["23:00"],
+        },
+    ).entries
+    assert berlin.fallbacks(berlin.desired_moment)[0][1] == datetime(
+        2026, 12, 10, 23, 0, tzinfo=berlin_zone
+    )
+
+
+def test_a_fallback_time_equal_to_the_desired_time_is_a_warning(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH | {"fallback_times": ["18:00", "19:00"]})
+    assert result.errors == []
+    assert result.warnings == [
+        "schedules.json entry 'match' (#1): fallback_times: '18:00' is the desired time itself; "
+        "it is skipped (list only other times)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("18:00", '\'18:00\' is not a list of local times; expected e.g. ["18:00", "16:30"]'),
+        (
+            ["18:00", "7:30"],
+            "'7:30' is not a local time 'HH:MM'; expected e.g. [\"18:00\", \"16:30\"]",
+        ),
+        (["24:00"], "'24:00' is not a local time 'HH:MM'; expected e.g. [\"18:00\", \"16:30\"]"),
+        ([1800], '1800 is not a local time \'HH:MM\'; expected e.g. ["18:00", "16:30"]'),
+        (["19:00", "19:00"], "['19:00', '19:00'] lists '19:00' twice"),
+    ],
+)
+def test_fallback_times_must_be_a_list_of_local_times(
+    data_dir: Path, value: Any, message: str
+) -> None:
+    result = schedules(data_dir, MATCH | {"fallback_times": value}, WED)
+    assert only_error(result) == f"schedules.json entry 'match' (#1): fallback_times: {message}"
+    rejected_alone(result, "wed-evening")
+
+
+@pytest.mark.parametrize("value", ["2", "2 h", "0h", "2d", True, 2, None, "h"])
+def test_watch_must_be_hours_or_minutes_or_false(data_dir: Path, value: Any) -> None:
+    result = schedules(data_dir, NO_ID | {"watch": value})
+    assert only_error(result) == (
+        f'schedules.json entry #1: watch: {value!r} is not a watch; expected "<N>h" or '
+        '"<N>m" (how long before the start the watch ends, N at least 1, e.g. "2h" or "90m") '
+        "or false"
+    )
+
+
+def test_a_watch_longer_than_the_window_is_an_error(data_dir: Path) -> None:
+    result = schedules(data_dir, MATCH | {"watch": "168h"}, WED | {"watch": "167h", "window": "7d"})
+    assert only_error(result) == (
+        "schedules.json entry 'match' (#1): watch: '168h' is longer than the entry's window "
+        "('168h', 168h before the start): the watch would end before the window opens; give a "
+        "shorter watch"
+    )
+    rejected_alone(result, "wed-evening")
+
+
+@pytest.mark.parametrize("value", ["ana", [1, "Ben"], [""], ["a\nb"], {"a": "b"}])
+def test_players_must_be_a_list_of_strings(data_dir: Path, value: Any) -> None:
+    result = schedules(data_dir, MATCH | {"players": value})
+    assert only_error(result) == (
+        f"schedules.json entry 'match' (#1): players: {value!r} is not a list of names "
+        '(non-empty strings on one line); expected e.g. ["ana@example.com", "Ben"]'
+    )
+
+
+def test_a_player_the_entry_lacks_is_an_error_of_the_entry(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    path = club_file(
+        data_dir, "duo", {"url": PADEL_URL, "json": {"with": "{players[1]}", "all": "{players}"}}
+    )
+    config = load_all(
+        data_dir,
+        env,
+        MATCH | {"club": "duo", "players": ["ana"]},
+        WED | {"club": "duo", "players": ["ana", "Ben"]},
+        NO_ID | {"club": "duo"},
+    )
+    assert config.errors == [
+        f"schedules.json entry 'match' (#1): players: {path} names {{players[1]}}, and this "
+        'entry has 1 player; give at least 2 (e.g. ["ana@example.com", "Ben"])',
+        f"schedules.json entry #3: players: {path} names {{players[1]}}, and this entry has 0 "
+        'players; give at least 2 (e.g. ["ana@example.com", "Ben"])',
+    ]
+    assert [e.id for e in config.schedules.entries] == ["wed-evening"]
+
+
+def test_a_template_naming_a_player_checks_the_entries_without_a_club(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    write_json(data_dir / "template.json", {"json": {"p": "{players[0]}"}})
+    config = load_all(data_dir, env, MATCH, BOOKING_REQUEST_TEMPLATE="template.json")
+    assert config.errors == [
+        f"schedules.json entry 'match' (#1): players: BOOKING_REQUEST_TEMPLATE "
+        f"{data_dir}/template.json names {{players[0]}}, and this entry has 0 players; give at "
+        'least 1 (e.g. ["ana@example.com", "Ben"])'
+    ]
+
+
+def test_a_club_file_that_comes_to_name_a_player_revalidates_cached_entries(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    club_file(data_dir, "duo", {"url": PADEL_URL, "json": {"p": "{players}"}})
+    write_json(data_dir / "schedules.json", [MATCH | {"club": "duo", "players": ["ana"]}])
+    write_json(data_dir / "tokens.json", {"default": "tok-d"})
+    settings = Settings.from_env(env)
+    cache = config_loader.EntryCache()
+    assert read_config(settings, settings.fernet(), NOW, cache=cache).errors == []
+    club_file(data_dir, "duo", {"url": PADEL_URL, "json": {"p": "{players[1]}"}})
+    errors = read_config(settings, settings.fernet(), NOW, cache=cache).errors
+    assert len(errors) == 1 and "names {players[1]}, and this entry has 1 player" in errors[0]
+
+
+def test_the_new_keys_are_known_keys() -> None:
+    assert {"fallback_times", "watch", "players"} <= set(ENTRY_KEYS)
+
+
 def test_about_is_a_note_for_people_and_changes_nothing(data_dir: Path) -> None:
     plain = schedules(data_dir, WED)
     noted = schedules(data_dir, WED | {"about": "an example: disabled until it is yours"})

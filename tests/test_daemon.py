@@ -618,20 +618,23 @@ def test_the_active_daemon_takes_over_dead_daemons_claims_and_changes_made_elsew
         daemon.roles._next_beat = daemon.roles._next_look = 0.0
         assert daemon.roles.tick(daemon, set()) is False  # active: the loop goes on
 
+        # Claims under no current lease are the former active daemons' (CONTRACT section 10):
+        # whether their daemon lives or not, one whose trigger comes after that lease ended was
+        # never sent (a daemon proves its lease before each send), so it is pending again and
+        # booked here; a retry elsewhere is picked up too.
         rows = {r["schedule"]: r for r in instances.status_rows(daemon.factory)}
         assert (rows["live"]["status"], rows["dead"]["status"], rows["again"]["status"]) == (
-            "booking",
+            "pending",
             "pending",
             "pending",
         )
         assert daemon.scheduler is not None
         jobs = set(daemon.scheduler._stored())
-        assert {rows["dead"]["key"], rows["again"]["key"]} <= jobs
-        assert rows["live"]["key"] not in jobs
-        assert (
-            "1 booking(s) of a daemon that stopped are retried now with the same "
-            f"Idempotency-Key: {rows['dead']['key']}"
-        ) in caplog.messages
+        assert {rows["live"]["key"], rows["dead"]["key"], rows["again"]["key"]} <= jobs
+        assert any(
+            m.startswith("2 booking(s) claimed by the former active daemon were never sent")
+            for m in caplog.messages
+        ), caplog.messages
     finally:
         live.close()
 

@@ -1206,7 +1206,7 @@ def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
     engine = models.make_engine(url)  # as the daemon opens it at start
 
     try:
-        assert columns(tmp_path / "db.sqlite")[-10:] == [
+        assert columns(tmp_path / "db.sqlite")[-20:] == [
             "interrupted",
             "owner",
             "club",
@@ -1217,12 +1217,25 @@ def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
             "clock_uncertainty_ms",
             "clock_error",
             "claim_epoch",
+            # CONTRACT section 13
+            "fallbacks",
+            "players",
+            "watch_until",
+            "fallback_step",
+            "slot_time",
+            "tried",
+            "booked_time",
+            "next_try_at",
+            "watch_tries",
+            "cancelled_booking",
         ]
         factory = models.session_factory(engine)
         (row,) = rows(factory).values()
         assert (row.key, row.status, row.interrupted) == ("old@2030-01-01T10:00:00Z", FAILED, False)
         assert row.club is None
         assert row.club_took is False
+        assert (row.fallback_step, row.watch_tries, row.cancelled_booking) == (0, 0, False)
+        assert (row.booked_time, row.fallbacks, row.watch_until) == (None, None, None)
         assert row.last_error == "court 3: taken (HTTP 409)"
         assert models.add_missing_columns(engine) == []  # once only
         assert instances.retry(factory, "old", NOW) == ["old@2030-01-01T10:00:00Z"]
@@ -1475,6 +1488,312 @@ def test_an_outcome_is_located_at_its_club(factory: sessionmaker[Session]) -> No
     update(factory, "a@1", club="riverside")
     assert instances.finish(factory, "a@1", BOOKED, None, now=NOW).location == "riverside"
     assert instances.finish(factory, "b@1", BOOKED, None, now=NOW).location is None
+
+
+# --------------------------------------------------------------------------- section 13
+
+WISHES = MATCH | {"fallback_times": ["19:00", "16:30"], "watch": "2h", "players": ["ana", "Ben"]}
+T0 = datetime(2026, 12, 3, 18, 0, tzinfo=UTC)  # MATCH's trigger: 168 h before 18:00 GMT
+
+
+def _claim(factory: sessionmaker[Session], key: str = MATCH_KEY, now: datetime = T0) -> None:
+    assert instances.claim(factory, key, now)
+
+
+def test_an_instance_copies_its_fallback_times_players_and_watch_end(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WISHES])
+    apply(factory, settings, fernet)
+    row = rows(factory)[MATCH_KEY]
+    assert json.loads(row.fallbacks or "") == [
+        ["18:00", "2026-12-10T18:00:00Z", "2026-12-03T18:00:00Z"],
+        ["19:00", "2026-12-10T19:00:00Z", "2026-12-03T19:00:00Z"],
+        ["16:30", "2026-12-10T16:30:00Z", "2026-12-03T16:30:00Z"],
+    ]
+    assert json.loads(row.players or "") == ["ana", "Ben"]
+    assert row.watch_until == datetime(2026, 12, 10, 16, 0, tzinfo=UTC)
+    attempt = instances.attempt_of(row)
+    assert (attempt.time, attempt.start, attempt.fallback, attempt.players) == (
+        "18:00",
+        datetime(2026, 12, 10, 18, 0, tzinfo=UTC),
+        False,
+        ("ana", "Ben"),
+    )
+    # Taken out of the entry, they leave its pending instance too.
+    write(data_dir, [MATCH])
+    assert apply(factory, settings, fernet).updated == 1
+    row = rows(factory)[MATCH_KEY]
+    assert (row.fallbacks, row.players, row.watch_until) == (None, None, None)
+
+
+def test_fall_back_goes_on_at_each_time_in_order_at_its_own_trigger(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WISHES])
+    apply(factory, settings, fernet)
+    _claim(factory)
+    got = instances.fall_back(factory, MATCH_KEY, tried="18:00: taken", now=T0)
+    nineteen = datetime(2026, 12, 10, 19, 0, tzinfo=UTC)
+    assert got == ("19:00", nineteen, datetime(2026, 12, 3, 19, 0, tzinfo=UTC))
+    row = rows(factory)[MATCH_KEY]
+    assert (row.status, row.fallback_step, row.slot_time, row.tried) == (
+        PENDING,
+        1,
+        nineteen,
+        "18:00: taken",
+    )
+    assert row.trigger_time == datetime(2026, 12, 3, 19, 0, tzinfo=UTC)
+    assert row.late_cause is None  # its trigger is ahead
+    assert instances.attempt_of(row).time == "19:00" and instances.attempt_of(row).fallback
+    # A reload keeps it at the fallback's trigger, with its key.
+    assert apply(factory, settings, fernet, T0).empty
+    assert pending_triggers(factory) == {MATCH_KEY: datetime(2026, 12, 3, 19, 0, tzinfo=UTC)}
+    # 16:30's trigger has passed when 19:00 is taken: at once, noted as late.
+    later = datetime(2026, 12, 3, 19, 0, tzinfo=UTC)
+    _claim(factory, now=later)
+    got = instances.fall_back(factory, MATCH_KEY, tried="18:00: taken; 19:00: taken", now=later)
+    assert got is not None and got[0] == "16:30"
+    assert rows(factory)[MATCH_KEY].late_cause == instances.LATE_FALLBACK
+    _claim(factory, now=later)
+    assert instances.fall_back(factory, MATCH_KEY, tried="all taken", now=later) is None
+    row = rows(factory)[MATCH_KEY]
+    assert (row.status, row.tried) == (BOOKING, "all taken")  # the caller ends it
+
+
+def test_a_fallback_time_whose_start_has_passed_is_skipped(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WISHES | {"fallback_times": ["16:30", "19:00"]}])
+    apply(factory, settings, fernet)
+    _claim(factory)
+    at = datetime(2026, 12, 10, 17, 0, tzinfo=UTC)  # 16:30 has started
+    got = instances.fall_back(factory, MATCH_KEY, tried="18:00: taken", now=at)
+    assert got is not None and got[0] == "19:00"
+
+
+def test_a_pending_fallback_is_not_expired_while_its_own_start_is_ahead(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WISHES])
+    apply(factory, settings, fernet)
+    _claim(factory)
+    instances.fall_back(factory, MATCH_KEY, tried="18:00: taken", now=T0)
+    between = datetime(2026, 12, 10, 18, 30, tzinfo=UTC)
+    assert expire_missed(factory, between) == []
+    assert [r.key for r in expire_missed(factory, datetime(2026, 12, 10, 19, 0, tzinfo=UTC))] == [
+        MATCH_KEY
+    ]
+
+
+def test_retry_after_a_fallback_starts_again_at_the_desired_time(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WISHES])
+    apply(factory, settings, fernet)
+    _claim(factory)
+    instances.fall_back(factory, MATCH_KEY, tried="18:00: taken", now=T0)
+    _claim(factory, now=T0 + timedelta(hours=1))
+    instances.finish(factory, MATCH_KEY, FAILED, "blocked", now=T0 + timedelta(hours=1))
+    assert instances.retry(factory, MATCH_KEY, T0 + timedelta(hours=2)) == [MATCH_KEY]
+    row = rows(factory)[MATCH_KEY]
+    assert (row.fallback_step, row.slot_time, row.tried, row.trigger_time) == (0, None, None, T0)
+
+
+def test_a_watch_tries_again_until_it_ends(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WISHES])
+    apply(factory, settings, fernet)
+    _claim(factory)
+    first = T0 + timedelta(minutes=5)
+    watched = instances.watch(factory, MATCH_KEY, tried="18:00: taken", next_try=first)
+    assert watched is not None and watched.status == models.WATCHING
+    (shown,) = instances.status_rows(factory)
+    assert (shown["status"], shown["next_try"], shown["watch_until"], shown["watch_tries"]) == (
+        "watching",
+        "2026-12-03T18:05:00Z",
+        "2026-12-10T16:00:00Z",
+        0,
+    )
+    assert shown["last_error"] == "18:00: taken; watching until Thu 2026-12-10 16:00 GMT"
+    assert instances.due_watches(factory) == {MATCH_KEY: first}
+    # Not before its time (but for the job's little lead); then one claim only.
+    assert not instances.claim_watch(factory, MATCH_KEY, first - timedelta(seconds=31))
+    assert instances.claim_watch(factory, MATCH_KEY, first)
+    assert not instances.claim_watch(factory, MATCH_KEY, first)
+    assert instances.status_of(factory, MATCH_KEY) == BOOKING
+    assert instances.watch_again(
+        factory, MATCH_KEY, next_try=first + timedelta(minutes=5), said="court 5: taken"
+    )
+    row = rows(factory)[MATCH_KEY]
+    assert (row.status, row.watch_tries) == (models.WATCHING, 1)
+    assert row.last_error == (
+        "18:00: taken; watching until Thu 2026-12-10 16:00 GMT, 1 try so far (last: court 5: taken)"
+    )
+    assert instances.claim_watch(factory, MATCH_KEY, first + timedelta(minutes=5))
+    end = datetime(2026, 12, 10, 16, 0, tzinfo=UTC)
+    assert not instances.watch_again(factory, MATCH_KEY, next_try=end, said="court 5: taken")
+    outcome = instances.end_watch(factory, MATCH_KEY, end)
+    assert outcome.status == FAILED
+    assert outcome.reason == (
+        "taken; watched until Thu 2026-12-10 16:00 GMT, 2 tries (18:00: taken)"
+    )
+    assert rows(factory)[MATCH_KEY].next_try_at is None
+
+
+def test_no_watch_without_the_key_or_past_its_end(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [MATCH])
+    apply(factory, settings, fernet)
+    _claim(factory)
+    assert instances.watch(factory, MATCH_KEY, tried="t", next_try=T0) is None
+    write(data_dir, [WISHES])
+    apply(factory, settings, fernet)
+    end = datetime(2026, 12, 10, 16, 0, tzinfo=UTC)
+    assert instances.watch(factory, MATCH_KEY, tried="t", next_try=end) is None
+    assert instances.status_of(factory, MATCH_KEY) == BOOKING
+
+
+@pytest.mark.parametrize("how", ["disabled", "removed"])
+def test_disabling_or_removing_the_entry_ends_its_watch(
+    how: str,
+    data_dir: Path,
+    settings: Settings,
+    fernet: MultiFernet,
+    factory: sessionmaker[Session],
+) -> None:
+    write(data_dir, [WISHES, WED])
+    apply(factory, settings, fernet)
+    _claim(factory)
+    instances.watch(factory, MATCH_KEY, tried="18:00: taken", next_try=T0 + timedelta(minutes=5))
+    # A reload with the entry as it was leaves the watch alone.
+    assert apply(factory, settings, fernet, T0).cancelled == 0
+    assert instances.status_of(factory, MATCH_KEY) == models.WATCHING
+    write(data_dir, [WISHES | {"enabled": False}, WED] if how == "disabled" else [WED])
+    changes = apply(factory, settings, fernet, T0)
+    assert changes.cancelled == 1 and MATCH_KEY in changes.keys
+    row = rows(factory)[MATCH_KEY]
+    assert (row.status, row.next_try_at) == (CANCELLED, None)
+    assert row.last_error is not None and row.last_error.startswith("watch ended: entry ")
+
+
+def test_a_crash_during_a_watch_try_goes_back_to_watching(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WISHES])
+    apply(factory, settings, fernet)
+    _claim(factory)
+    instances.watch(factory, MATCH_KEY, tried="18:00: taken", next_try=T0 + timedelta(minutes=5))
+    assert instances.claim_watch(factory, MATCH_KEY, T0 + timedelta(minutes=5))
+    instances.record_attempt(factory, MATCH_KEY, 2)
+    retried, failed = recover_in_flight(factory, T0 + timedelta(minutes=6))
+    assert (retried, failed) == ([], [])
+    assert instances.status_of(factory, MATCH_KEY) == models.WATCHING
+
+
+def test_a_cancelled_booking_is_not_booked_again_by_a_reload(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WED])
+    apply(factory, settings, fernet)
+    _claim(factory, FIRST_WED)
+    assert instances.cancel_problem(factory, FIRST_WED) == (
+        f"{FIRST_WED} is booking, not booked: only a booked instance can be cancelled"
+    )
+    instances.finish(factory, FIRST_WED, BOOKED, None, now=NOW, court="3", booked_time="17:00")
+    assert instances.cancel_problem(factory, FIRST_WED) == (
+        f"{FIRST_WED} is booked without a booking reference (the club's answer gave none): "
+        "cancel it with the club"
+    )
+    update(factory, FIRST_WED, booking_ref="BK-1")
+    assert instances.cancel_problem(factory, FIRST_WED) is None
+    assert instances.cancel_problem(factory, "nope@x") == (
+        "no instance 'nope@x' (see `status` for the keys)"
+    )
+    (shown,) = [r for r in instances.status_rows(factory) if r["key"] == FIRST_WED]
+    assert shown["booked_time"] == "17:00"
+    row = instances.cancelled_at_club(factory, FIRST_WED, NOW)
+    assert (row.status, row.last_error) == (
+        CANCELLED,
+        "cancelled at the club with `cancel` (was court 3, ref BK-1)",
+    )
+    # The entry is still there: a reload revives cancelled instances, but not this one.
+    changes = apply(factory, settings, fernet, NOW + timedelta(minutes=1))
+    assert changes.revived == 0
+    assert instances.status_of(factory, FIRST_WED) == CANCELLED
+    # Others of the entry cancelled by disabling it come back as before.
+    write(data_dir, [WED | {"enabled": False}])
+    apply(factory, settings, fernet, NOW + timedelta(minutes=2))
+    write(data_dir, [WED])
+    assert apply(factory, settings, fernet, NOW + timedelta(minutes=3)).revived == 51
+    assert instances.status_of(factory, FIRST_WED) == CANCELLED
+
+
+def test_the_outcome_of_a_fallback_booking_is_at_the_time_booked(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WISHES])
+    apply(factory, settings, fernet)
+    _claim(factory)
+    instances.fall_back(factory, MATCH_KEY, tried="18:00: taken", now=T0)
+    _claim(factory, now=T0 + timedelta(hours=1))
+    outcome = instances.finish(
+        factory, MATCH_KEY, BOOKED, None, now=T0, court="5", booked_time="19:00", from_watch=True
+    )
+    assert outcome.desired_start == datetime(2026, 12, 10, 19, 0, tzinfo=UTC)
+    assert (outcome.first_choice, outcome.from_watch, outcome.key) == ("18:00", True, MATCH_KEY)
+    (shown,) = instances.status_rows(factory)
+    assert (shown["booked_time"], shown["desired_time"]) == ("19:00", "2026-12-10T18:00:00Z")
+
+
+def test_a_watching_instance_is_due_at_its_next_try(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WISHES, WED])
+    apply(factory, settings, fernet)
+    _claim(factory)
+    next_try = T0 + timedelta(minutes=5)
+    instances.watch(factory, MATCH_KEY, tried="18:00: taken", next_try=next_try)
+    assert pending_triggers(factory)[MATCH_KEY] == next_try
+    assert pending_triggers(factory, [MATCH_KEY, FIRST_WED]) == {
+        MATCH_KEY: next_try,
+        FIRST_WED: datetime(2026, 11, 25, 17, 0, tzinfo=UTC),
+    }
+    paged = {k: v for page in instances.pending_trigger_pages(factory) for k, v in page.items()}
+    assert paged[MATCH_KEY] == next_try and len(paged) == 53
+    second_wed = FIRST_WED.replace("12-02", "12-09")  # its trigger: Wed 2 Dec 17:00
+    assert instances.overdue(factory, next_try) == [FIRST_WED, second_wed]
+    assert instances.overdue(factory, next_try + timedelta(seconds=1)) == [
+        FIRST_WED,
+        second_wed,
+        MATCH_KEY,
+    ]
+    assert instances.next_trigger(factory) == datetime(2026, 11, 25, 17, 0, tzinfo=UTC)
+    update(factory, FIRST_WED, status=CANCELLED)
+    assert instances.next_trigger(factory) == min(
+        next_try, rows(factory, "wed-evening")[second_wed].trigger_time
+    )
+
+
+def test_disabling_the_entry_during_a_try_of_its_watch_ends_it(
+    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+) -> None:
+    write(data_dir, [WISHES])
+    apply(factory, settings, fernet)
+    _claim(factory)
+    first = T0 + timedelta(minutes=5)
+    instances.watch(factory, MATCH_KEY, tried="18:00: taken", next_try=first)
+    assert instances.claim_watch(factory, MATCH_KEY, first)
+    write(data_dir, [WISHES | {"enabled": False}])
+    assert apply(factory, settings, fernet, first).cancelled == 1
+    # The try in flight comes back taken: the watch stays ended.
+    assert instances.watch_again(
+        factory, MATCH_KEY, next_try=first + timedelta(minutes=5), said="taken"
+    )
+    assert instances.status_of(factory, MATCH_KEY) == CANCELLED
+    assert instances.due_watches(factory) == {}
 
 
 # --------------------------------------------------------------------------- loads (reload, status)

@@ -1282,6 +1282,50 @@ def test_apprise_is_not_imported_without_urls() -> None:
     assert done.stdout.strip() == "False"
 
 
+# --------------------------------------------------------------------------- section 13
+
+
+def test_booked_at_a_fallback_time_names_the_time_and_that_the_first_choice_was_taken() -> None:
+    outcome = make_outcome(
+        desired_start=datetime(2026, 12, 2, 19, 0, tzinfo=LONDON), first_choice="17:00"
+    )
+    assert notify.subject_for(outcome) == (
+        "Booked: wed-evening court 3 Wed 2026-12-02 19:00 (Europe/London), first choice 17:00 taken"
+    )
+    body = notify._email_body([outcome], BEFORE_START)
+    assert "Booked at 19:00, a fallback time: the first choice, 17:00, was taken." in body
+    assert "the first choice, 17:00, was taken" in notify._channel_body(outcome, BEFORE_START)
+    plain = make_outcome()
+    assert "first choice" not in notify.subject_for(plain) + notify._email_body(
+        [plain], BEFORE_START
+    )
+
+
+def test_booked_from_the_watch_says_so() -> None:
+    outcome = make_outcome(from_watch=True)
+    assert notify.subject_for(outcome).endswith(", from the watch")
+    assert "Booked from the watch" in notify._channel_body(outcome, BEFORE_START)
+
+
+def test_watching_and_cancelled_have_their_own_subjects() -> None:
+    watching = make_outcome(
+        "watching",
+        reason="17:00: court 3: taken (HTTP 409); watching until Wed 2026-12-02 15:00 GMT",
+        watch_until=datetime(2026, 12, 2, 15, 0, tzinfo=UTC),
+        timing=None,
+    )
+    assert notify.subject_for(watching) == (
+        "Watching: wed-evening court 3 Wed 2026-12-02 17:00 (Europe/London) until "
+        "Wed 2026-12-02 15:00"
+    )
+    assert "tries again until Wed 2026-12-02 15:00 (Europe/London)" in notify._email_body(
+        [watching], BEFORE_START
+    )
+    cancelled = make_outcome("cancelled", reason="cancelled at the club", timing=None)
+    assert notify.subject_for(cancelled).startswith("Cancelled: wed-evening court 3 ")
+    assert notify._notify_type("watching") == notify._notify_type("cancelled") == "info"
+
+
 # --- What the first hour needs (issue 25) -------------------------------------------------------
 
 

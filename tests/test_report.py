@@ -249,6 +249,38 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(
     assert report.colour_wanted(terminal, env) is wanted
 
 
+# --------------------------------------------------------------------------- CONTRACT 13
+
+
+def test_status_shows_when_a_watch_tries_next_and_a_booking_at_a_fallback_time() -> None:
+    watching = row(
+        "thu",
+        datetime(2026, 12, 3, 18, 0, tzinfo=UTC),
+        "watching",
+        next_try="2026-11-27T12:05:00Z",
+        watch_until="2026-12-03T16:00:00Z",
+    )
+    fallback = row(
+        "fri",
+        datetime(2026, 12, 4, 18, 0, tzinfo=UTC),
+        "booked",
+        booked_court="3",
+        booking_ref="bk-9",
+        booked_time="19:30",
+    )
+    assert report.next_lines([watching, fallback], NOW) == [
+        "Next bookings:",
+        "  thu  Thu 3 Dec 18:00 GMT, court 3, in 6 d 6 h: watching, next try in 5 min, watched "
+        "until 16:00 GMT",
+        "  fri  Fri 4 Dec 18:00 GMT, court 3, in 7 d 6 h: booked, ref bk-9, at 19:30 (first "
+        "choice taken)",
+    ]
+    table = report.table_lines([watching])
+    assert "watching (next try 12:05:00 GMT)" in table[1]
+    painted = report.table_lines([watching], Palette(enabled=True))
+    assert "\033[36mwatching (next try 12:05:00 GMT)" in painted[1]
+
+
 def test_the_last_load_with_its_time_and_its_first_error() -> None:
     assert report.load_lines(None, NOW) == []
     clean = report.LoadFacts(at=NOW - timedelta(minutes=3), reason="SIGHUP")

@@ -105,6 +105,7 @@ def test_every_placeholder_has_its_value() -> None:
         "key": KEY,
         "epoch_ms": 1754827200000,
         "epoch_s": 1754827200,
+        "players": [],
         "start_minutes": 840,
         "end_minutes": 930,
         "start_seconds_of_day": 50400,
@@ -1187,3 +1188,146 @@ def test_invalid_clock(clock: Any, message: str) -> None:
     assert error_of({"steps": [step("b", booking=True)], "clock": clock}).startswith(
         "club.json: " + message
     )
+
+
+# --------------------------------------------------------------------------- section 13
+
+
+def test_players_are_a_json_list_alone_and_joined_inside_text() -> None:
+    book = parse(
+        {
+            "json": {"players": "{players}", "note": "with {players}", "first": "{players[1]}"},
+            "headers": {"X-Partner": "{players[0]}"},
+        }
+    )
+    got = placeholder_values(
+        secrets={"token": "t"},
+        court_id="3",
+        start=START,
+        duration_minutes=60,
+        zone=BERLIN,
+        key=KEY,
+        players=["ana@example.com", "Ben"],
+    )
+    rendered = book.booking_step.render(got)
+    assert json.loads(rendered.body or b"") == {
+        "players": ["ana@example.com", "Ben"],
+        "note": "with ana@example.com, Ben",
+        "first": "Ben",
+    }
+    assert rendered.headers["X-Partner"] == "ana@example.com"
+    assert book.players_needed == 2
+    form = parse({"form": {"p": "{players}"}}).booking_step.render(got)
+    assert parse_qs((form.body or b"").decode()) == {"p": ["ana@example.com, Ben"]}
+
+
+def test_a_slot_renders_its_players_and_a_missing_one_is_a_missing_value() -> None:
+    book = parse({"json": {"p": "{players[2]}"}}).booking_step
+    slot = Slot(KEY, START, 60, BERLIN, ("3",), players=("a", "b"))
+    with pytest.raises(MissingValue) as raised:
+        book.render(slot.values({"token": "t"}, "3"))
+    assert raised.value.ref == "players[2]"
+    assert parse({"json": {"p": "{players}"}}).players_needed == 0
+
+
+def test_only_players_takes_an_index() -> None:
+    assert "only {players[N]} takes an index" in error_of(
+        {"url": "https://c.example/{court_id[0]}"}, name="t.json"
+    )
+    assert "only {players[N]} takes an index" in error_of(
+        {"url": "https://c.example/x", "json": {"a": "{players[0]:%H}"}}
+    )
+
+
+def test_cancel_steps_know_booking_ref_and_the_booking_steps_do_not() -> None:
+    parsed = flow(
+        step("book", booking=True, json={"p": "{players[0]}"}),
+        cancel=[
+            step(
+                "lookup",
+                url="https://api.club.example/b/{booking_ref}",
+                extract={"v": {"json": "v"}},
+            ),
+            step("drop", method="DELETE", url="https://api.club.example/b/{lookup.v}/{players[3]}"),
+        ],
+    )
+    assert [s.name for s in parsed.cancel] == ["lookup", "drop"]
+    assert {s.phase for s in parsed.cancel} == {"cancel"}
+    assert parsed.players_needed == 4
+    url = parsed.cancel[0].render(values() | {"booking_ref": "B 1"}).url
+    assert url == "https://api.club.example/b/B%201"
+    message = error_of({"steps": [step("book", booking=True, json={"r": "{booking_ref}"})]})
+    assert message == (
+        "club.json: step 'book': json.r: {booking_ref} in '{booking_ref}': only the steps of "
+        '"cancel" know the booking reference; a booking step names it with booking_ref'
+    )
+
+
+@pytest.mark.parametrize(
+    ("cancel", "expected"),
+    [
+        ([], "club.json: cancel: expected a non-empty list of steps"),
+        (
+            [{"name": "c", "url": "https://api.club.example/x", "booking": True}],
+            "club.json: cancel step 'c': booking: a cancel step books nothing",
+        ),
+        (
+            [{"name": "c", "url": "https://api.club.example/x", "at_trigger": True}],
+            "club.json: cancel step 'c': at_trigger: a cancel step books nothing",
+        ),
+        (
+            [{"name": "c", "url": "https://elsewhere.example/x"}],
+            "club.json: step 'c': url: host 'elsewhere.example' is not on hosts",
+        ),
+        (
+            [{"name": "c", "url": "https://api.club.example/{nope}"}],
+            "club.json: step 'c': url: unknown placeholder {nope}",
+        ),
+    ],
+)
+def test_bad_cancel_steps_are_errors_naming_the_step_and_key(cancel: Any, expected: str) -> None:
+    data = {
+        "hosts": ["api.club.example"],
+        "steps": [step("book", booking=True)],
+        "cancel": cancel,
+    }
+    assert error_of(data).startswith(expected)
+
+
+def test_a_single_template_cancels_on_its_own_host_only() -> None:
+    template = parse(
+        {
+            "url": "https://api.club.example/book",
+            "cancel": [
+                {"name": "c", "method": "DELETE", "url": "https://api.club.example/b/{booking_ref}"}
+            ],
+        }
+    )
+    assert template.cancel[0].method == "DELETE"
+    message = error_of(
+        {
+            "url": "https://api.club.example/book",
+            "cancel": [{"name": "c", "url": "https://other.example/b/{booking_ref}"}],
+        },
+        name="t.json",
+    )
+    assert message.startswith("t.json: cancel step 'c': url: host 'other.example' is not")
+    assert parse({"url": "https://api.club.example/book"}).cancel == ()
+
+
+def test_section_6_cancels_with_delete_on_the_booking_url_and_2xx_or_404_is_done() -> None:
+    cancel = default_flow("http://club.test/bookings/").cancel
+    assert len(cancel) == 1
+    rendered = cancel[0].render(values() | {"booking_ref": "BK/7"})
+    assert (rendered.method, rendered.url, rendered.body) == (
+        "DELETE",
+        "http://club.test/bookings/BK%2F7",
+        None,
+    )
+    assert rendered.headers["Authorization"] == "Bearer tok-1"
+    assert [s for s in (200, 204, 299, 404, 300, 400, 401, 500) if cancel[0].is_ok(s, b"")] == [
+        200,
+        204,
+        299,
+        404,
+    ]

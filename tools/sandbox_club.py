@@ -555,6 +555,8 @@ class SandboxClub:
         self._taken: dict[tuple[str, datetime], str | None] = {}
         self._stored: dict[tuple[str, str], _Stored] = {}
         self._next_booking = 1
+        #: The ids of the bookings cancelled through ``DELETE /bookings/<id>``.
+        self.cancelled: list[str] = []
         self._connections: dict[int, _Connection] = {}
         self._next_connection = 1
         self._stopping = threading.Event()
@@ -721,6 +723,12 @@ class SandboxClub:
             raise ValueError("start: expected an aware datetime")
         with self._cond:
             self._taken[(str(court_id), moment.astimezone(UTC))] = None
+
+    def free(self, court_id: str | int, start: str | datetime) -> None:
+        """The slot ``court_id`` at ``start`` becomes free again (someone else cancelled it)."""
+        moment = _aware(start, "start") if isinstance(start, str) else start
+        with self._cond:
+            self._taken.pop((str(court_id), moment.astimezone(UTC)), None)
 
     def fault(self, kind: str, count: int = 1, **kw: Any) -> None:
         """Queue a fault for the next ``count`` booking requests (FIFO after earlier faults).
@@ -892,6 +900,8 @@ class SandboxClub:
         if error is not None and error.status == 413:
             return _json(413, {"error": error.message})
         if match is None:
+            if record.method == "DELETE" and shape.name == "default":
+                return self._cancel(record)
             return _json(404, {"error": "not found"})
         if record.method != "POST":
             return _json(405, {"error": "method not allowed"}, headers=[("Allow", "POST")])
@@ -941,6 +951,22 @@ class SandboxClub:
                 self._stored[(record.token, key)] = _Stored(slot.court_id, slot.start_at, answer)
             self._cond.notify_all()
             return answer
+
+    def _cancel(self, record: ReceivedRequest) -> _Answer:
+        """``DELETE /bookings/<id>`` (section 13's cancel of section 6's request): the booking
+        is gone and its slot free (204); an unknown id is 404."""
+        if record.token is None or record.token not in self.tokens:
+            return _json(401, {"error": "missing or unknown token"})
+        booking_id = record.path.split("?", 1)[0].removeprefix(self._shape.endpoint + "/")
+        with self._cond:
+            booking = next((b for b in self._bookings if b.id == booking_id), None)
+            if booking is None:
+                return _json(404, {"error": "no such booking"})
+            self._bookings.remove(booking)
+            self._taken.pop((booking.court_id, booking.start_at), None)
+            self.cancelled.append(booking.id)
+            self._cond.notify_all()
+        return _Answer(204, content_type=None)
 
     def _misbehave(
         self,
