@@ -249,42 +249,8 @@ def _reconcile_entry(
                     )
                 )
             continue
-        if row.status == CANCELLED and entry.enabled:
-            row.status = PENDING
-            row.last_error = None
-            row.attempts = 0
-            row.late_cause = LATE_LOADED if item.trigger <= now else None
-            changes.revived += 1
-            changes.keys.add(row.key)
-        under_way = preparing(row, now)
-        if row.status != PENDING and not under_way:
-            continue
-        if not entry.enabled:
-            _cancel(row, changes, "entry disabled in schedules.json")
-            continue
-        if under_way:
-            continue  # its booking goes on with the court, token and trigger it was claimed with
-        moved = row.trigger_time != item.trigger
-        if moved or any(getattr(row, name) != value for name, value in fields.items()):
-            for name, value in fields.items():
-                setattr(row, name, value)
-            if moved:
-                # A window that changed under a pending instance may have opened it already.
-                row.late_cause = LATE_LOADED if item.trigger <= now else None
-            row.trigger_time = item.trigger
-            changes.updated += 1
-            changes.keys.add(row.key)
-    for key, row in rows.items():
-        if key in wanted or (row.status != PENDING and not preparing(row, now)):
-            continue
-        if row.desired_time > now:
-            local_date = row.desired_time.astimezone(entry.zone).date()
-            if local_date in entry.skip:
-                _cancel(row, changes, "its date is in the entry's skip list")
-            elif entry.rule is not None and local_date in entry.rule.skip_dates:
-                _cancel(row, changes, "its date is excluded by the entry's rule (except, EXDATE)")
-            else:
-                _cancel(row, changes, "no longer produced by the entry's rule or time")
+        _reconcile_planned(row, item.trigger, entry, fields, changes=changes, now=now)
+    _cancel_unplanned(entry, rows, wanted, changes, now)
     if new_rows:
         # One multi-row INSERT: thousands of instances on a cold load, without ORM objects.
         stamp = utils.as_utc(now)
@@ -296,6 +262,62 @@ def _reconcile_entry(
     if not changes.empty:
         changes.entries_changed.append(entry.id)
     return changes
+
+
+def _reconcile_planned(
+    row: Instance,
+    trigger: datetime,
+    entry: Entry,
+    fields: dict[str, Any],
+    *,
+    changes: Changes,
+    now: datetime,
+) -> None:
+    """An instance the entry still plans (its trigger now ``trigger``): revived when it was
+    cancelled and the entry is enabled, cancelled when the entry is disabled, else brought up
+    to the entry's fields unless its booking is under way."""
+    if row.status == CANCELLED and entry.enabled:
+        row.status = PENDING
+        row.last_error = None
+        row.attempts = 0
+        row.late_cause = LATE_LOADED if trigger <= now else None
+        changes.revived += 1
+        changes.keys.add(row.key)
+    under_way = preparing(row, now)
+    if row.status != PENDING and not under_way:
+        return
+    if not entry.enabled:
+        _cancel(row, changes, "entry disabled in schedules.json")
+        return
+    if under_way:
+        return  # its booking goes on with the court, token and trigger it was claimed with
+    moved = row.trigger_time != trigger
+    if moved or any(getattr(row, name) != value for name, value in fields.items()):
+        for name, value in fields.items():
+            setattr(row, name, value)
+        if moved:
+            # A window that changed under a pending instance may have opened it already.
+            row.late_cause = LATE_LOADED if trigger <= now else None
+        row.trigger_time = trigger
+        changes.updated += 1
+        changes.keys.add(row.key)
+
+
+def _cancel_unplanned(
+    entry: Entry, rows: dict[str, Instance], wanted: set[str], changes: Changes, now: datetime
+) -> None:
+    """Cancel the entry's future instances that it no longer plans, saying why."""
+    for key, row in rows.items():
+        if key in wanted or (row.status != PENDING and not preparing(row, now)):
+            continue
+        if row.desired_time > now:
+            local_date = row.desired_time.astimezone(entry.zone).date()
+            if local_date in entry.skip:
+                _cancel(row, changes, "its date is in the entry's skip list")
+            elif entry.rule is not None and local_date in entry.rule.skip_dates:
+                _cancel(row, changes, "its date is excluded by the entry's rule (except, EXDATE)")
+            else:
+                _cancel(row, changes, "no longer produced by the entry's rule or time")
 
 
 def expire_missed(factory: sessionmaker[Session], now: datetime) -> list[Instance]:

@@ -136,16 +136,7 @@ class NotifySettings:
                 f"SMTP_SECURITY: {raw_security!r} is not one of {', '.join(SECURITY_MODES)}"
             )
 
-        raw_port = get("SMTP_PORT")
-        if raw_port is None:
-            port = _DEFAULT_PORTS[security]
-        else:
-            try:
-                port = int(raw_port)
-            except ValueError:
-                port = 0
-            if not 1 <= port <= 65535:
-                raise NotifyConfigError(f"SMTP_PORT: {raw_port!r} is not a port number (1-65535)")
+        port = _smtp_port(get("SMTP_PORT"), security)
 
         user = get("SMTP_USER")
         # A password is taken as given: leading or trailing spaces may be part of it.
@@ -164,16 +155,7 @@ class NotifySettings:
         if not _is_address(sender):
             raise NotifyConfigError(f"SMTP_FROM: {sender!r} is not an email address")
 
-        recipients: list[str] = []
-        for part in (env.get("NOTIFY_EMAIL") or "").split(","):
-            address = part.strip()
-            if not address:
-                continue
-            if not _is_address(address):
-                raise NotifyConfigError(f"NOTIFY_EMAIL: {address!r} is not an email address")
-            if address not in recipients:
-                recipients.append(address)
-
+        recipients = _recipients(env.get("NOTIFY_EMAIL") or "")
         return cls(
             smtp_host=host,
             smtp_port=port,
@@ -181,9 +163,38 @@ class NotifySettings:
             smtp_password=password,
             smtp_from=sender,
             smtp_security=security,
-            recipients=tuple(recipients),
+            recipients=recipients,
             urls=tuple(split_notify_urls(env.get("NOTIFY_URLS") or "")),
         )
+
+
+def _smtp_port(raw_port: str | None, security: str) -> int:
+    """SMTP_PORT as a number (the security mode's own port when unset); raises
+    NotifyConfigError for anything that is not a port."""
+    if raw_port is None:
+        return _DEFAULT_PORTS[security]
+    try:
+        port = int(raw_port)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise NotifyConfigError(f"SMTP_PORT: {raw_port!r} is not a port number (1-65535)")
+    return port
+
+
+def _recipients(raw: str) -> tuple[str, ...]:
+    """NOTIFY_EMAIL's addresses, in order, each once; raises NotifyConfigError for one that is
+    not an address."""
+    recipients: list[str] = []
+    for part in raw.split(","):
+        address = part.strip()
+        if not address:
+            continue
+        if not _is_address(address):
+            raise NotifyConfigError(f"NOTIFY_EMAIL: {address!r} is not an email address")
+        if address not in recipients:
+            recipients.append(address)
+    return tuple(recipients)
 
 
 def _hostname() -> str:

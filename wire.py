@@ -419,7 +419,7 @@ class Headers(Mapping[str, str]):
 
 @dataclass(frozen=True)
 class WireAnswer:
-    """The club's final answer to one request (bot.Answer takes status, headers, body and
+    """The club's final answer to one request (club_client.Answer takes status, headers, body and
     ``elapsed_ms`` as its latency).
 
     ``truncated``: the body went past the cap and was cut there (the rest was not read).

@@ -13,15 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-import socket
 import ssl
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,10 +32,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import bot
+import club_client
 import template
 import utils
-import wire
-from bot import TAKEN_ADVICE, BookingContext, ClubClient, RequestSpec, book_slot
+from bot import TAKEN_ADVICE, BookingContext, ClubClient, book_slot
 from instances import recover_in_flight
 from models import (
     BOOKED,
@@ -52,7 +49,6 @@ from models import (
     transaction,
 )
 from notify import Outcome
-from reliability_helpers import evil_server, self_signed_context
 from template import Flow, Reply, Step, parse_flow
 
 URL = "http://club.test/bookings"
@@ -1379,246 +1375,6 @@ def test_a_clock_jump_during_the_wait_sends_at_the_trigger_by_the_clock_at_send_
         assert sum(w for w in stop.waits if w is not None) > 10 - jump - 1
 
 
-# --------------------------------------------------------------------------- ClubClient
-
-
-class _ClubHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    timeout = 5
-    server: _LocalClub
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        self.rfile.read(length)
-        self.server.requests.append((self.path, self.client_address[1]))
-        if self.path == "/huge":
-            size = 20 * MIB
-            self.send_response(200)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(size))
-            self.end_headers()
-            chunk = b"x" * 65536
-            try:
-                for _ in range(size // len(chunk)):
-                    self.wfile.write(chunk)
-            except OSError:
-                self.close_connection = True
-            return
-        payload = json.dumps({"id": "local-1"}).encode()
-        self.send_response(201)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class _LocalClub(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _ClubHandler)
-        self.accepted = 0
-        self.requests: list[tuple[str, int]] = []
-
-    def get_request(self) -> Any:
-        pair = super().get_request()
-        self.accepted += 1
-        return pair
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}{path}"
-
-
-@pytest.fixture
-def local_club() -> Iterator[_LocalClub]:
-    server = _LocalClub()
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01})
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-def _until(condition: Callable[[], bool], seconds: float = 2.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.002)
-    return True
-
-
-def _spec(url: str) -> RequestSpec:
-    return RequestSpec("POST", url, {"Content-Type": "application/json"}, b"{}")
-
-
-def test_send_reads_at_most_1_mib_of_a_huge_streamed_body(local_club: _LocalClub) -> None:
-    client = ClubClient(timeout=5)
-    try:
-        started = time.perf_counter()
-        got = client.send(_spec(local_club.url("/huge")))
-        elapsed = time.perf_counter() - started
-    finally:
-        client.close()
-    assert got.status == 200
-    assert len(got.body) <= bot.MAX_BODY_BYTES == MIB
-    assert len(got.body) == MIB
-    assert elapsed < 2
-
-
-def test_send_caps_a_large_mocked_body(club: responses.RequestsMock) -> None:
-    club.add(responses.POST, URL, body=b"{" + b" " * (3 * MIB) + b"}", status=200)
-    client = ClubClient(timeout=TIMEOUT)
-    got = client.send(_spec(URL))
-    assert len(got.body) == MIB
-    assert got.json() is None  # a cut JSON body is no JSON
-    assert club.calls[0].request.req_kwargs["timeout"] == TIMEOUT
-
-
-def test_warm_opens_a_connection_that_the_first_request_goes_on(local_club: _LocalClub) -> None:
-    client = ClubClient(timeout=2)
-    url = local_club.url("/bookings")
-    try:
-        held = client.warm(url)
-        assert isinstance(held, wire.Connection)
-        assert _until(lambda: local_club.accepted == 1)
-        time.sleep(0.02)
-        # Warming sends the club nothing.
-        assert local_club.requests == []
-
-        data = wire.request_bytes(client.prepare(_spec(url)))
-        got = wire.exchange(held, data, timeout=2)
-    finally:
-        client.close()
-    assert got.status == 201
-    assert json.loads(got.body) == {"id": "local-1"}
-    assert local_club.accepted == 1
-    assert [path for path, _port in local_club.requests] == ["/bookings"]
-
-
-def test_each_warm_holds_its_own_connection_for_a_burst(local_club: _LocalClub) -> None:
-    client = ClubClient(timeout=2)
-    url = local_club.url("/bookings")
-    try:
-        held = [client.warm(url) for _ in range(3)]
-        assert _until(lambda: local_club.accepted == 3)
-        data = wire.request_bytes(client.prepare(_spec(url)))
-        answers = [wire.exchange(one, data, timeout=2) for one in held if one is not None]
-    finally:
-        client.close()
-    assert [a.status for a in answers] == [201, 201, 201]
-    assert local_club.accepted == 3  # no request opened a connection of its own
-
-
-def test_warm_against_a_closed_port_reports_false(local_club: _LocalClub) -> None:
-    url = local_club.url("/bookings")
-    local_club.shutdown()
-    local_club.server_close()
-    client = ClubClient(timeout=1)
-    try:
-        assert client.warm(url) is None
-        with pytest.raises(bot.BookingError) as raised:
-            client.send(_spec(url))
-    finally:
-        client.close()
-    assert str(raised.value) == "connection refused by the club's server"
-    assert raised.value.lost is False
-
-
-# --------------------------------------------------------------------- the whole-request bound
-
-#: How long an evil club below keeps misbehaving before it gives a proper answer: far past the
-#: client's 0.5 s timeout, so a client bounded only per read ends with that answer instead.
-EVIL_FOR = 4.0
-
-
-def _slow_headers(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
-    """A status line, then one header line every 0.1 s; the rest after EVIL_FOR."""
-    client.sendall(b"HTTP/1.1 201 Created\r\n")
-    ends = time.monotonic() + EVIL_FOR
-    line = 0
-    while time.monotonic() < ends:
-        if stop.wait(0.1):
-            return
-        line += 1
-        client.sendall(f"X-Slow-{line}: {line}\r\n".encode())
-    client.sendall(b'Content-Type: application/json\r\nContent-Length: 13\r\n\r\n{"id": "bk1"}')
-
-
-def _endless_continue(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
-    """``100 Continue`` every 0.05 s; a 201 after EVIL_FOR."""
-    ends = time.monotonic() + EVIL_FOR
-    while time.monotonic() < ends:
-        client.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
-        if stop.wait(0.05):
-            return
-    client.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
-
-
-@pytest.mark.parametrize("misbehave", [_slow_headers, _endless_continue])
-def test_send_bounds_the_whole_request_not_each_read(
-    misbehave: Callable[[socket.socket, bytes, threading.Event], None],
-) -> None:
-    with evil_server(misbehave) as (port, arrivals):
-        client = ClubClient(timeout=0.5)
-        try:
-            with pytest.raises(bot.BookingError) as raised:
-                client.send(_spec(f"http://127.0.0.1:{port}/bookings"))
-        finally:
-            client.close()
-    assert len(arrivals) == 1
-    assert str(raised.value) == "no answer within 0.5 s"
-    assert raised.value.lost is True
-    assert raised.value.permanent is False
-
-
-def test_send_cuts_a_body_still_coming_at_the_deadline() -> None:
-    # Timeout 1 s. The status and headers at once, byte "a" at 0.5 s, "b" at 1.3 s: a client
-    # bounded per read (1 s) is still waiting when "b" comes; bounded whole, it stopped at 1 s.
-    def dribble(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
-        client.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n")
-        if not stop.wait(0.5):
-            client.sendall(b"a")
-        if not stop.wait(0.8):
-            client.sendall(b"b")
-        stop.wait(2)
-
-    with evil_server(dribble) as (port, _arrivals):
-        client = ClubClient(timeout=1.0)
-        try:
-            got = client.send(_spec(f"http://127.0.0.1:{port}/bookings"))
-        finally:
-            client.close()
-    assert got.status == 201
-    assert got.body == b"a"
-
-
-def test_an_untrusted_certificate_is_permanent_and_named(tmp_path: Path) -> None:
-    def booked(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
-        client.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
-
-    with evil_server(booked, tls=self_signed_context(tmp_path)) as (port, arrivals):
-        client = ClubClient(timeout=2)
-        try:
-            with pytest.raises(bot.BookingError) as raised:
-                client.send(_spec(f"https://127.0.0.1:{port}/bookings"))
-        finally:
-            client.close()
-    assert arrivals == []  # the request never left
-    assert str(raised.value) == (
-        "the club's certificate is not trusted (self-signed certificate); not retried: check "
-        "the host in the booking URL, or ask the club to fix its certificate"
-    )
-    assert raised.value.permanent is True
-    assert raised.value.lost is False
-
-
 # --------------------------------------------------------------------------- secrets in errors
 
 
@@ -1630,7 +1386,7 @@ def test_a_club_echoing_the_token_as_its_id_gets_a_scrubbed_bounded_one_line_ref
     queue(h.club, answer(201, {"id": echoed}))
     assert h.book() == BOOKED
     kept = "Bearer ***2026-11-23T12:00:00.000Z INFO bot: forged[2J"
-    expected = kept + "x" * (bot.MAX_REF_CHARS - len(kept))
+    expected = kept + "x" * (club_client.MAX_REF_CHARS - len(kept))
     assert h.row().booking_ref == expected
     assert h.outcomes[0].booking_ref == expected
 
@@ -1697,7 +1453,7 @@ def test_matchers_are_tried_taken_rejected_booked_then_the_table() -> None:
 
     def verdict(status: int, body: Any) -> str:
         raw = json.dumps(body).encode()
-        return bot.classify(bot.Answer(status, {}, raw, 1.0), step).kind
+        return bot.classify(club_client.Answer(status, {}, raw, 1.0), step).kind
 
     assert verdict(200, {"ok": False, "error": "court not available"}) == "taken"
     assert verdict(200, {"ok": False, "error": "bad date"}) == "rejected"
@@ -1730,7 +1486,7 @@ def test_a_rejected_matcher_on_a_preparation_or_finishing_step_is_refused_creden
     login, _, after = flow.steps
 
     def verdict(step: Step, status: int, raw: bytes = b"{}") -> str:
-        return bot.classify(bot.Answer(status, {}, raw, 1.0), step).kind
+        return bot.classify(club_client.Answer(status, {}, raw, 1.0), step).kind
 
     assert verdict(login, 499) == "auth"
     assert verdict(login, 498) == "failed"

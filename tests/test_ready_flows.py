@@ -29,6 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import bot
+import club_client
 import utils
 from clubmocks import (
     MOCKS,
@@ -172,7 +173,7 @@ class Booking:
         return bot.BookingContext(
             factory=self.factory,
             fernet=self.fernet,
-            client=bot.ClubClient(timeout=5),
+            client=club_client.ClubClient(timeout=5),
             api_url=None,
             retry_base=0.05,
             stop=threading.Event(),

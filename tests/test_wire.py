@@ -30,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import bot
+import club_client
 import models
 import utils
 import wire
@@ -196,14 +197,14 @@ def dribble(head: bytes, piece: bytes, interval: float) -> Behaviour:
 
 def prepared(url: str, key: str = "k1", body: bytes | None = b'{"court_id": "3"}') -> bytes:
     """The request bot prepares for ``url``, as wire bytes."""
-    client = bot.ClubClient(timeout=TIMEOUT)
+    client = club_client.ClubClient(timeout=TIMEOUT)
     headers = {
-        "User-Agent": bot.USER_AGENT,
+        "User-Agent": club_client.USER_AGENT,
         "Authorization": "Bearer t0k",
         "Content-Type": "application/json",
         "Idempotency-Key": key,
     }
-    return wire.request_bytes(client.prepare(bot.RequestSpec("POST", url, headers, body)))
+    return wire.request_bytes(client.prepare(club_client.RequestSpec("POST", url, headers, body)))
 
 
 def one(url: str, *, timeout: float = TIMEOUT, verify: bool | str = True) -> wire.WireAnswer:
@@ -259,7 +260,7 @@ def test_request_bytes_are_the_bytes_requests_puts_on_the_wire(
     method: str, path: str, headers: dict[str, str], body: bytes | str | None
 ) -> None:
     with club(answers(CREATED)) as server:
-        client = bot.ClubClient(timeout=TIMEOUT)
+        client = club_client.ClubClient(timeout=TIMEOUT)
         url = server.url(path, host="LocalHost")  # urllib3 writes the host lowercased
         request = client.session.prepare_request(
             requests.Request(method, url, headers=headers, data=body)
@@ -278,9 +279,9 @@ def test_request_bytes_leave_out_the_default_port_as_urllib3_does() -> None:
     # A connection to the test club slipped into urllib3's pool for http://club.example
     # (port 80): requests writes its request there, Host and all, with no name lookup.
     with club(answers(CREATED)) as server:
-        client = bot.ClubClient(timeout=TIMEOUT)
+        client = club_client.ClubClient(timeout=TIMEOUT)
         url = "http://Club.Example/api/bookings?x=1"
-        request = client.prepare(bot.RequestSpec("POST", url, {"X-A": "1"}, b"{}"))
+        request = client.prepare(club_client.RequestSpec("POST", url, {"X-A": "1"}, b"{}"))
         pool = client.session.get_adapter(url).get_connection_with_tls_context(request, True)
         conn = pool._get_conn()
         conn.sock = socket.create_connection(("127.0.0.1", server.port))
@@ -530,7 +531,7 @@ def test_a_huge_body_is_cut_at_the_cap() -> None:
         answer = wire.exchange(conn, prepared(url), timeout=5)
     assert answer.status == 200
     assert answer.truncated is True
-    assert len(answer.body) == wire.MAX_BODY_BYTES == bot.MAX_BODY_BYTES
+    assert len(answer.body) == wire.MAX_BODY_BYTES == club_client.MAX_BODY_BYTES
     assert conn.closed  # the rest is not read
 
 
@@ -837,7 +838,7 @@ def bookings(
     ctx = bot.BookingContext(
         factory=factory,
         fernet=fernet,
-        client=bot.ClubClient(timeout=timeout),
+        client=club_client.ClubClient(timeout=timeout),
         api_url=url,
         retry_base=0.01,
         stop=threading.Event(),

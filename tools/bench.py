@@ -2,7 +2,8 @@
 club's socket, beside the ways a user could do it instead.
 
 Runs from the repository root as ``.venv/bin/python tools/bench.py`` (``tools/bench.py scale``:
-many schedules on SQLite and PostgreSQL, see tools/bench_scale.py). Everything stays on
+many schedules on SQLite and PostgreSQL, see tools/bench_scale.py; ``tools/bench.py wire-read``:
+wire's HTTP reader beside h11, see tools/bench_wire_read.py). Everything stays on
 127.0.0.1. The club is a process of its own (``tools/stamp_club.py``): each request's arrival is
 the kernel's receive stamp at the club's socket (``SO_TIMESTAMPNS``), so neither the club's own
 Python nor this process can make a request look late or early. Each figure is given as
@@ -1314,6 +1315,11 @@ def main(argv: list[str] | None = None) -> int:
         from bench_scale import main as scale
 
         return scale()
+    if argv[:1] == ["wire-read"]:
+        # wire.read_answer beside h11, over loopback: tools/bench_wire_read.py.
+        from bench_wire_read import main as wire_read
+
+        return wire_read()
     parser = argparse.ArgumentParser(description="courtbot's benchmark (make bench)")
     parser.add_argument(
         "--only", action="append", choices=CASES, help="run only these cases (repeatable)"

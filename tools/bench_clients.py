@@ -273,9 +273,10 @@ def _release(held: Any) -> None:
 
 def run_bot(plan: dict[str, Any], results: Results) -> None:
     import bot
+    import club_client
 
     sys.setswitchinterval(0.0005)  # as main.py sets it for the daemon
-    client = bot.ClubClient(timeout=plan["timeout"])
+    client = club_client.ClubClient(timeout=plan["timeout"])
     if plan["url"].startswith("https") and plan["verify"] is not True:
         _trust_ca_in_bot(plan["verify"])
         client.session.verify = plan["verify"]
@@ -283,7 +284,7 @@ def run_bot(plan: dict[str, Any], results: Results) -> None:
     ctx: Any = SimpleNamespace(clock=time.time, stop=threading.Event())
 
     def booking(shot: dict[str, Any]) -> None:
-        spec = bot.RequestSpec(
+        spec = club_client.RequestSpec(
             "POST", plan["url"], headers_of(plan, shot), json.dumps(body_of(shot)).encode()
         )
         prepared = client.prepare(spec)
@@ -295,7 +296,7 @@ def run_bot(plan: dict[str, Any], results: Results) -> None:
             _release(held)
         try:
             results.add(shot["key"], client.send(prepared).status)
-        except bot.BookingError as exc:
+        except club_client.BookingError as exc:
             results.add(shot["key"], error=str(exc))
 
     for thread in start_threads_ahead(plan, booking):
@@ -304,16 +305,16 @@ def run_bot(plan: dict[str, Any], results: Results) -> None:
 
 
 def run_wire(plan: dict[str, Any], results: Results) -> None:
-    import bot
+    import club_client
     import wire
 
     sys.setswitchinterval(0.0005)
-    client = bot.ClubClient(timeout=plan["timeout"])
+    client = club_client.ClubClient(timeout=plan["timeout"])
     gate = wire.BurstGate(timeout=plan["timeout"])
     verify = plan["verify"]
 
     def booking(shot: dict[str, Any]) -> None:
-        spec = bot.RequestSpec(
+        spec = club_client.RequestSpec(
             "POST", plan["url"], headers_of(plan, shot), json.dumps(body_of(shot)).encode()
         )
         data = wire.request_bytes(client.prepare(spec))
