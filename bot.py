@@ -550,6 +550,19 @@ def dry_run(
     return run.reports, f"{_where(step, first.court)} failed: {first.problem}: {fix}"
 
 
+def rehearse(ctx: BookingContext, key: str) -> str | None:
+    """Rehearse the instance ``key`` (CONTRACT section 12): its flow's preparation steps, once,
+    now, exactly as ``dry_run`` sends them; nothing else, and its status is never touched.
+    None when every step succeeded, else the problem with its fix."""
+    row, token_row = instances.claimed(ctx.factory, key)
+    flow = ctx.flow_for(row.club)
+    secrets, problem = _token(ctx, flow, row, token_row)
+    if problem is not None:
+        return problem
+    _, problem = dry_run(ctx.client, flow, _slot(row), secrets, row.token_name)
+    return problem
+
+
 # --------------------------------------------------------------------------- the booking
 
 

@@ -94,6 +94,9 @@ class Settings:
     env: Mapping[str, str] = field(repr=False, default_factory=dict)
     #: HEARTBEAT_URL: the dead-man's switch the active daemon pings (None: off).
     heartbeat_url: str | None = field(repr=False, default=None)
+    #: REHEARSE_HOURS: how long before each trigger a flow's preparation steps are rehearsed
+    #: (CONTRACT section 12); 0: never.
+    rehearse_hours: float = 24.0
 
     @property
     def schedules_path(self) -> Path:
@@ -174,6 +177,7 @@ class Settings:
             template_path=template_path,
             env=dict(env),
             heartbeat_url=heartbeat_url,
+            rehearse_hours=_hours(env, "REHEARSE_HOURS", 24.0),
         )
 
 
@@ -210,6 +214,23 @@ def _number(
     if value > maximum:
         raise SettingsError(
             f"{name}: {raw!r} is more than a day ({maximum:g} {unit}); expected at most that"
+        )
+    return value
+
+
+def _hours(env: Mapping[str, str], name: str, default: float) -> float:
+    """A number of hours from 0 to the longest window (utils.MAX_WINDOW_HOURS)."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: {raw!r} is not a number of hours (e.g. 24; 0: off)") from None
+    if not (0 <= value <= utils.MAX_WINDOW_HOURS):
+        raise SettingsError(
+            f"{name}: {raw!r} must be a number of hours from 0 (off) to "
+            f"{utils.MAX_WINDOW_HOURS} (the longest window)"
         )
     return value
 

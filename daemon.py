@@ -35,6 +35,7 @@ import heartbeat
 import instances
 import leader
 import models
+import rehearsal
 import scheduler
 import utils
 import watchdog
@@ -287,6 +288,8 @@ class Daemon:
         self._signals_w: socket.socket | None = None
         self._running = False
         self._pid_written = False
+        #: A reload asked for failed rehearsals to run again at the next look.
+        self._rehearse_again = False
         #: Watches a SQLite file for its deletion under us; saves what it held at exit.
         self.guard: models.SqliteGuard | None = None
         self.database_lost: str | None = None
@@ -462,6 +465,14 @@ class Daemon:
         """Keep recurring entries at their full count of future instances (``Loads.topup``)."""
         self.loads.topup(schedule_ids)
 
+    def rehearse(self, *, again: bool = False) -> None:
+        """Run the rehearsals due now (``rehearsal.run``; ``again``: after a reload)."""
+        ctx = self.ctx
+        if ctx is None or self.stop.is_set() or not ctx.may_send.is_set():
+            return
+        again, self._rehearse_again = again or self._rehearse_again, False
+        rehearsal.run(ctx, self.notifier, self.settings.rehearse_hours, again=again)
+
     def _booked(self, schedule_id: str) -> None:
         self.topup([schedule_id])
 
@@ -551,6 +562,10 @@ class Daemon:
             if signal.SIGHUP in signals:
                 logger.info("SIGHUP received: reloading")
                 self.safe_load("SIGHUP")
+                # A user who fixed something sees failed rehearsals run again at once.
+                self._rehearse_again = True
+                if self.scheduler is not None:
+                    self.scheduler.rehearse_soon()
             now = time.monotonic()
             if now >= next_watch:
                 next_watch = now + watchdog.INTERVAL

@@ -868,7 +868,16 @@ def clear_wakeups(factory: sessionmaker[Session], up_to: int) -> None:
 
 #: Columns added since the first release: a reader (``status``) never changes the schema, so on
 #: an older database they are left out of its queries and read as NULL.
-_ADDED_COLUMNS = ("interrupted", "owner", "club", "first_sent_at", "late_cause", "club_took")
+_ADDED_COLUMNS = (
+    "interrupted",
+    "owner",
+    "club",
+    "first_sent_at",
+    "late_cause",
+    "club_took",
+    "rehearsal",
+    "rehearsed_at",
+)
 
 
 def _reader_query(session: Session) -> Any:
@@ -965,6 +974,7 @@ def _status_row(row: Instance) -> dict[str, Any]:
         "finished_at": utils.format_utc(row.finished_at) if row.finished_at else None,
         "first_sent_at": _utc_us(_optional(row, "first_sent_at")),
         "sent": _timing_text(row),
+        "rehearsal": _optional(row, "rehearsal"),
     }
 
 
@@ -980,3 +990,42 @@ def _timing_text(row: Instance) -> str | None:
     if row.status not in FINAL or "first_sent_at" in inspect(row).unloaded:
         return None
     return _timing(row.status, row.trigger_time, row.first_sent_at, _optional(row, "late_cause"))
+
+
+# --------------------------------------------------------------------------- rehearsals
+
+
+def rehearsal_candidates(
+    factory: sessionmaker[Session], now: datetime, until: datetime
+) -> list[Instance]:
+    """The pending instances whose trigger is after ``now`` and no later than ``until``, soonest
+    first (detached: read, never written through)."""
+    with factory() as session:
+        query = (
+            select(Instance)
+            .where(
+                Instance.status == PENDING,
+                Instance.trigger_time > now,
+                Instance.trigger_time <= until,
+            )
+            .order_by(Instance.trigger_time, Instance.key)
+        )
+        rows = list(session.scalars(query))
+        session.expunge_all()
+        return rows
+
+
+def record_rehearsal(
+    factory: sessionmaker[Session], keys: Sequence[str], now: datetime, problem: str | None
+) -> None:
+    """Write a rehearsal's result to the instances ``keys`` that are still pending; their status
+    never changes (CONTRACT section 12)."""
+    stamp = utils.format_utc(now)
+    text = f"ok {stamp}" if problem is None else f"failed {stamp}: {problem}"
+    with transaction(factory) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.key.in_(list(keys)), Instance.status == PENDING)
+            .values(rehearsal=text, rehearsed_at=now)
+            .execution_options(synchronize_session=False)
+        )

@@ -42,6 +42,9 @@ LEAD = timedelta(seconds=2)
 JOBS_TABLE = "apscheduler_jobs"
 TOPUP_JOB_ID = "courtbot:topup"
 TOPUP_INTERVAL = timedelta(hours=24)
+REHEARSE_JOB_ID = "courtbot:rehearse"
+#: How often the due rehearsals are looked for (each is due at its own time, within this).
+REHEARSE_INTERVAL = timedelta(minutes=1)
 #: Enough workers that a burst of bookings with one trigger never queues.
 DEFAULT_WORKERS = 128
 #: Jobs read, built and written this many at a time: a cold load of 52,000 instances never
@@ -57,6 +60,8 @@ class Runtime(Protocol):
     def book(self, key: str) -> None: ...
 
     def topup(self) -> None: ...
+
+    def rehearse(self) -> None: ...
 
 
 _runtime: Runtime | None = None
@@ -84,6 +89,14 @@ def run_topup() -> None:
     runtime = _runtime
     if runtime is not None:
         runtime.topup()
+
+
+def run_rehearsals() -> None:
+    """Job: run the rehearsals that are due (CONTRACT section 12), recomputed each time from
+    the instances."""
+    runtime = _runtime
+    if runtime is not None:
+        runtime.rehearse()
 
 
 def job_lead(prepare_seconds: float) -> timedelta:
@@ -227,6 +240,15 @@ class Scheduler:
             id=TOPUP_JOB_ID,
             replace_existing=True,
         )
+        # A first look at once (an instance loaded late rehearses at once), then every minute.
+        self._scheduler.add_job(
+            run_rehearsals,
+            "interval",
+            seconds=REHEARSE_INTERVAL.total_seconds(),
+            id=REHEARSE_JOB_ID,
+            replace_existing=True,
+            next_run_time=datetime.now(UTC),
+        )
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:
         """Stop taking triggers; with ``wait``, let running jobs finish first, for at most
@@ -246,6 +268,13 @@ class Scheduler:
         stopping.start()
         stopping.join(timeout)
         return not stopping.is_alive()
+
+    def rehearse_soon(self) -> None:
+        """Look for due rehearsals now rather than at the next minute."""
+        try:
+            self._scheduler.modify_job(REHEARSE_JOB_ID, next_run_time=datetime.now(UTC))
+        except Exception as exc:  # noqa: BLE001 (not running, no such job: the minute comes)
+            logger.debug("rehearsals looked for at the next minute: %s", error_text(exc))
 
     # -- the watchdog's handles ---------------------------------------------------------
 

@@ -63,6 +63,7 @@ SERIAL = (
     "test_failover.py",
     "test_leader.py",
     "test_reliability.py",
+    "test_rehearsal_e2e.py",
     "test_ready_flows.py::test_the_daemon_runs_",
 )
 #: End-to-end tests (marked ``slow``) that assert no timing: they may run beside the serial ones.

@@ -31,6 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "club_client": {"template", "utils", "wire"},
     # Roles: instances for the claims; the rest only as types of the daemon it serves (Host).
     "leader": {"models", "instances", "watchdog", "bot", "config_loader", "notify", "scheduler"},
+    "rehearsal": {"bot", "instances", "utils", "models", "notify"},
     "report": {"utils"},
     "heartbeat": {"utils"},
     "wire": set(),
@@ -43,6 +44,7 @@ ALLOWED: dict[str, set[str]] = {
         "leader",
         "models",
         "notify",
+        "rehearsal",
         "scheduler",
         "template",
         "utils",
