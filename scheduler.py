@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
+from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
@@ -43,6 +44,8 @@ JOBS_TABLE = "apscheduler_jobs"
 TOPUP_JOB_ID = "courtbot:topup"
 TOPUP_INTERVAL = timedelta(hours=24)
 REHEARSE_JOB_ID = "courtbot:rehearse"
+#: The job store of the jobs that keep no state (the rehearsals' look).
+MEMORY = "memory"
 #: How often the due rehearsals are looked for (each is due at its own time, within this).
 REHEARSE_INTERVAL = timedelta(minutes=1)
 #: Enough workers that a burst of bookings with one trigger never queues.
@@ -216,7 +219,9 @@ class Scheduler:
     def _build(self) -> tuple[_Store, _Background]:
         store = _Store(allowed=self._allowed, engine=self._engine, tablename=JOBS_TABLE)
         background = _Background(
-            jobstores={"default": store},
+            # The rehearsals' job lives in memory: it holds no state (what is due is read from
+            # the instances each time), and a look every minute must not write to the database.
+            jobstores={"default": store, MEMORY: MemoryJobStore()},
             executors={"default": ThreadPoolExecutor(max_workers=self._workers)},
             job_defaults={
                 # Run a job however late it is: the booking itself decides between "book at
@@ -246,6 +251,7 @@ class Scheduler:
             "interval",
             seconds=REHEARSE_INTERVAL.total_seconds(),
             id=REHEARSE_JOB_ID,
+            jobstore=MEMORY,
             replace_existing=True,
             next_run_time=datetime.now(UTC),
         )
@@ -272,7 +278,9 @@ class Scheduler:
     def rehearse_soon(self) -> None:
         """Look for due rehearsals now rather than at the next minute."""
         try:
-            self._scheduler.modify_job(REHEARSE_JOB_ID, next_run_time=datetime.now(UTC))
+            self._scheduler.modify_job(
+                REHEARSE_JOB_ID, jobstore=MEMORY, next_run_time=datetime.now(UTC)
+            )
         except Exception as exc:  # noqa: BLE001 (not running, no such job: the minute comes)
             logger.debug("rehearsals looked for at the next minute: %s", error_text(exc))
 

@@ -1206,13 +1206,15 @@ def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
     engine = models.make_engine(url)  # as the daemon opens it at start
 
     try:
-        assert columns(tmp_path / "db.sqlite")[-6:] == [
+        assert columns(tmp_path / "db.sqlite")[-8:] == [
             "interrupted",
             "owner",
             "club",
             "first_sent_at",
             "late_cause",
             "club_took",
+            "rehearsal",
+            "rehearsed_at",
         ]
         factory = models.session_factory(engine)
         (row,) = rows(factory).values()
