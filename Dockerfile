@@ -25,7 +25,7 @@ RUN groupadd --system --gid 10001 courtbot \
 # The ready flows (data/clubs/ in the repository), outside the DATA_DIR volume: the entrypoint
 # copies them into DATA_DIR/clubs/ at each start, never over a file of yours.
 COPY data/clubs/ /app/clubs/
-COPY docker-entrypoint.sh main.py cli.py daemon.py logs.py models.py scheduler.py bot.py config_loader.py instances.py template.py utils.py notify.py leader.py wire.py report.py heartbeat.py watchdog.py ./
+COPY docker-entrypoint.sh main.py cli.py daemon.py logs.py models.py scheduler.py bot.py club_client.py config_loader.py instances.py template.py utils.py notify.py leader.py wire.py report.py heartbeat.py watchdog.py ./
 # Bytecode made once here (PYTHONDONTWRITEBYTECODE stops only writing it): the daemon's start and
 # every `health` check would otherwise compile the modules afresh.
 RUN python -m compileall -q /app

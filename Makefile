@@ -1,10 +1,11 @@
-# courtbot: `make demo` books a court against the bundled sandbox club; `make test` runs the whole suite.
+# courtbot: `make demo` books a court against the bundled sandbox club; `make test` runs the whole suite;
+# `make docs` serves the documentation on http://127.0.0.1:8000.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test lint demo bench bench-scale clean postgres-server faketime
+.PHONY: venv test lint docs docs-build demo bench bench-scale clean postgres-server faketime
 
 # The suite also runs on a throwaway PostgreSQL server (tests/pg_server.py) made from Debian's
 # server binaries. Where they are missing and we are root (CI, a fresh machine), install
@@ -28,8 +29,21 @@ lint: $(STAMP)
 # (pytest-xdist): the end-to-end tests run one at a time on one of them, the rest beside them
 # (tests/conftest.py, SERIAL).
 # PYTEST_ARGS: more options, e.g. `make test PYTEST_ARGS=--durations=40`.
-test: lint postgres-server faketime
+test: lint docs-build postgres-server faketime
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
+
+# The docs site (mkdocs.yml, docs/). Built with --strict before the tests, so a broken link, a
+# missing anchor or a page left out of nav fails `make test` (and CI); `make docs` serves it.
+# Not --quiet: it hides the warnings that --strict counts, and a broken link would pass.
+# The mkdocs script, not `python -m mkdocs`: from this directory the latter would import our
+# watchdog.py in place of the watchdog package mkdocs needs.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
+
+docs-build: $(STAMP)
+	$(MKDOCS) build --strict --site-dir site
+
+docs: $(STAMP)
+	$(MKDOCS) serve --strict --dev-addr 127.0.0.1:8000
 
 postgres-server:
 	@if ls $(PG_SERVER_GLOB) >/dev/null 2>&1; then :; \
@@ -52,12 +66,12 @@ bench: $(STAMP)
 	$(BIN)/python tools/bench.py reload
 	$(BIN)/python tools/bench.py memory
 
-# 100 and 1,000 schedules on SQLite and on PostgreSQL (README, Performance).
+# 100 and 1,000 schedules on SQLite and on PostgreSQL (docs/performance.md).
 bench-scale: $(STAMP) postgres-server
 	$(BIN)/python tools/bench.py scale
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo-data
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis demo-data site
 
 # libfaketime, for the wall-clock jump test (tests/test_e2e_watchdog.py): Debian's `faketime`,
 # installed when missing if we are root with apt-get; otherwise that one test is skipped and

@@ -1300,7 +1300,14 @@ def _after_booking(
     if finishing:
         # Written before they run: whatever becomes of them (a failure, a crash), the instance
         # is never booked again.
-        instances.club_took(ctx.factory, row.key, booking_ref=safe_ref(ref), court=court)
+        instances.club_took(
+            ctx.factory,
+            row.key,
+            booking_ref=safe_ref(ref),
+            court=court,
+            attempts=run.total,
+            first_sent_at=_first_sent(ctx, row.key),
+        )
     for step in finishing:
         problem = _finish_step(ctx, run, step, court)
         if problem is not None:

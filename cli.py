@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 from cryptography.fernet import Fernet, MultiFernet
 
 import bot
+import club_client
 import config_loader
 import instances
 import leader
@@ -384,7 +385,7 @@ def cmd_dry_run(env: dict[str, str], schedule_id: str, out: IO[str]) -> int:
     if not prepare:
         out.write("no preparation step: nothing is sent before the trigger\n")
     else:
-        client = bot.ClubClient(timeout=settings.http_timeout)
+        client = club_client.ClubClient(timeout=settings.http_timeout)
         try:
             reports, problem = bot.dry_run(client, flow, slot, secrets, entry.token)
         finally:
@@ -713,9 +714,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def program_name(argv0: str) -> str:
+    """How the user called courtbot, for its usage lines: the installed ``courtbot`` command
+    (pip or pipx, pyproject.toml's console script), else ``python main.py``."""
+    return "courtbot" if os.path.basename(argv0) == "courtbot" else "python main.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python main.py",
+        prog=program_name(sys.argv[0]),
         description="courtbot: books tennis courts the instant the booking window opens.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -934,36 +934,133 @@ def _club_of(entry: Entry) -> str | None:
     return entry.club
 
 
+#: Beyond this many pairs of entries that overlap, one warning sums them up instead of a line a
+#: pair: 5,000 entries at one time are 12.5 million pairs, which no one reads (and finding every
+#: pair is quadratic work at each load).
+MAX_OVERLAP_PAIRS = 20
+#: How many pairs that summary names.
+OVERLAP_EXAMPLES = 3
+
+
+class _TooMany(Exception):
+    """More than ``MAX_OVERLAP_PAIRS`` pairs of entries overlap: the sweep stops."""
+
+
+#: A slot as a sweep reads it: start, end (Unix seconds) and its owner (a position or a key).
+_Slot = tuple[float, float, Any]
+
+
+def _sweep(slots: list[_Slot], record: Callable[[_Slot, _Slot], None]) -> None:
+    """Call ``record(earlier, later)`` for every two slots of different owners that overlap,
+    ``slots`` being one club's, sorted by (start, owner). ``record`` may raise ``_TooMany``,
+    which ends the sweep: the work is then linear in the slots, not in the pairs."""
+    active: list[_Slot] = []
+    for slot in slots:
+        active = [other for other in active if other[1] > slot[0]]
+        for other in active:
+            if other[2] != slot[2]:
+                record(other, slot)
+        active.append(slot)
+
+
+def _unix_starts(entry: Entry, now: datetime) -> list[float]:
+    """The starts of ``entry`` still ahead, as Unix seconds (real minutes, not wall-clock ones)."""
+    return [utils.as_utc(s).timestamp() for s in entry.starts(now) if s > now]
+
+
 def overlap_warnings(entries: Iterable[Entry], now: datetime, file_name: str) -> list[str]:
     """One warning per pair of enabled entries that would book overlapping times (``[start,
     end)``) at the same club among their next instances: two courts paid for one game, unless
-    that is meant. Names the first overlap and how many more there are."""
-    slots: list[tuple[datetime, datetime, int, Entry]] = []
-    for entry in entries:
-        if entry.enabled:
-            length = timedelta(minutes=entry.duration_minutes)
-            for start in entry.starts(now):
-                if start > now:
-                    moment = utils.as_utc(start)  # real minutes, not wall-clock ones (DST)
-                    slots.append((moment, moment + length, entry.position, entry))
-    slots.sort(key=lambda slot: (slot[0], slot[2]))
-    found: dict[tuple[int, int], list[tuple[datetime, datetime, datetime, datetime]]] = {}
-    active: list[tuple[datetime, datetime, int, Entry]] = []
-    for slot in slots:
-        start, end, position, entry = slot
-        active = [other for other in active if other[1] > start]
-        for other_start, other_end, other_position, other in active:
-            if other_position != position and _club_of(other) == _club_of(entry):
-                pair = (min(position, other_position), max(position, other_position))
-                first = (other_start, other_end) if other_position < position else (start, end)
-                second = (start, end) if other_position < position else (other_start, other_end)
-                found.setdefault(pair, []).append((*first, *second))
-        active.append(slot)
-    by_position = {entry.position: entry for entry in entries}
+    that is meant. Names the first overlap and how many more there are. More than
+    ``MAX_OVERLAP_PAIRS`` pairs are summed up in one warning (``overlap_summary``)."""
+    enabled = [entry for entry in entries if entry.enabled]
+    starts = {entry.position: _unix_starts(entry, now) for entry in enabled}
+    by_club: dict[str | None, list[_Slot]] = {}
+    for entry in enabled:
+        length = 60.0 * entry.duration_minutes
+        by_club.setdefault(_club_of(entry), []).extend(
+            (start, start + length, entry.position) for start in starts[entry.position]
+        )
+    found: dict[tuple[int, int], list[_Overlap]] = {}
+
+    def record(earlier: _Slot, later: _Slot) -> None:
+        first, second = sorted((earlier, later), key=lambda slot: slot[2])
+        pair = (first[2], second[2])
+        if pair not in found and len(found) == MAX_OVERLAP_PAIRS:
+            raise _TooMany
+        found.setdefault(pair, []).append((first[0], first[1], second[0], second[1]))
+
+    by_position = {entry.position: entry for entry in enabled}
+    try:
+        for slots in by_club.values():
+            _sweep(sorted(slots, key=lambda slot: (slot[0], slot[2])), record)
+    except _TooMany:
+        return [overlap_summary([(e, starts[e.position]) for e in enabled], file_name)]
     return [
-        _overlap_text(file_name, by_position[a], by_position[b], overlaps[0], len(overlaps))
+        _overlap_text(
+            file_name,
+            by_position[a],
+            by_position[b],
+            tuple(datetime.fromtimestamp(t, UTC) for t in overlaps[0]),  # type: ignore[arg-type]
+            len(overlaps),
+        )
         for (a, b), overlaps in sorted(found.items())
     ]
+
+
+def overlap_summary(entries: list[tuple[Entry, Iterable[float]]], file_name: str) -> str:
+    """The one warning for many overlapping entries (``entries``: the enabled ones with their
+    starts ahead, Unix seconds): how many entries overlap another at the same club, and the
+    first few of them by position with one partner each. Linear in the slots (each counted
+    with two binary searches), however many pairs there are."""
+    by_club: dict[str | None, list[tuple[float, float, Entry]]] = {}
+    for entry, starts in entries:
+        length = 60.0 * entry.duration_minutes
+        by_club.setdefault(_club_of(entry), []).extend((s, s + length, entry) for s in starts)
+    #: Per entry (by position) that overlaps another, its first such slot and its club's slots.
+    overlapping: dict[int, tuple[_Slot, list[tuple[float, float, Entry]], list[float]]] = {}
+    for slots in by_club.values():
+        slots.sort(key=lambda slot: (slot[0], slot[2].position))
+        club_starts = [slot[0] for slot in slots]
+        club_ends = sorted(slot[1] for slot in slots)
+        for slot in slots:
+            start, end, entry = slot
+            # Slots overlapping [start, end): those starting before its end, less those that
+            # ended by its start; one of them is this slot itself.
+            count = bisect.bisect_left(club_starts, end) - bisect.bisect_right(club_ends, start)
+            if count > 1 and entry.position not in overlapping:
+                overlapping[entry.position] = (slot, slots, club_starts)
+    examples = []
+    for position in sorted(overlapping)[:OVERLAP_EXAMPLES]:
+        (start, end, one), slots, club_starts = overlapping[position]
+        two_start, two_end, two = _partner(slots, club_starts, start, end, one)
+        a0, a1, b0, b1 = (datetime.fromtimestamp(t, UTC) for t in (start, end, two_start, two_end))
+        examples.append(
+            f"{one.label} and {two.label} ({_span(a0, a1, one.zone)} and {_span(b0, b1, two.zone)})"
+        )
+    shown = "; ".join(examples)
+    return (
+        f"{file_name}: {len(overlapping)} entries would book overlapping times with another "
+        f"entry at the same club (more than {MAX_OVERLAP_PAIRS} pairs), e.g. {shown}; "
+        "that is two courts booked and paid for each time: if one is enough, keep one entry (a "
+        "list in court_id tries several courts in order)"
+    )
+
+
+def _partner(
+    slots: list[tuple[float, float, Entry]],
+    club_starts: list[float],
+    start: float,
+    end: float,
+    entry: Entry,
+) -> tuple[float, float, Entry]:
+    """A slot of another entry that overlaps [start, end) (one is known to): the latest
+    starting before ``end``."""
+    for i in range(bisect.bisect_left(club_starts, end) - 1, -1, -1):
+        other = slots[i]
+        if other[2] is not entry and other[1] > start:
+            return other
+    raise AssertionError("counted an overlap that is not there")  # pragma: no cover
 
 
 def _overlap_text(
@@ -1069,13 +1166,17 @@ class _OverlapIndex:
             if key in self._slots and self._slots[key][1] is not starts:
                 self._remove(key)  # validated again: its starts moved on
         added = [key for key in current if key not in self._slots]
-        if len(added) > max(16, len(current) // 8):
-            self._rebuild(current)
-        else:
-            longest = max((60.0 * e.duration_minutes for e, _s in current.values()), default=0.0)
-            for key in added:
-                entry, starts = current[key]
-                self._add(key, entry.club, starts, 60.0 * entry.duration_minutes, longest)
+        try:
+            if len(added) > max(16, len(current) // 8):
+                self._rebuild(current)
+            else:
+                longest = max((60.0 * e.duration_minutes for e, _s in current.values()), default=0)
+                for key in added:
+                    entry, starts = current[key]
+                    self._add(key, entry.club, starts, 60.0 * entry.duration_minutes, longest)
+        except _TooMany:
+            self._clear()  # built afresh at the next read (stopped again at once while too many)
+            return [overlap_summary(list(current.values()), file_name)]
         return self._render(current, file_name)
 
     def _record(
@@ -1085,6 +1186,8 @@ class _OverlapIndex:
             one, two, one_slot, two_slot = two, one, two_slot, one_slot
         pair = self._pairs.get((one, two))
         if pair is None:
+            if len(self._pairs) == MAX_OVERLAP_PAIRS:
+                raise _TooMany
             pair = self._pairs[one, two] = _Pair()
         pair.add((*one_slot, *two_slot))
         self._partners.setdefault(one, set()).add(two)
@@ -1130,14 +1233,7 @@ class _OverlapIndex:
             by_club.setdefault(entry.club, []).extend((s, s + length, key) for s in starts)
         for club, slots in by_club.items():
             slots.sort()
-            active: list[tuple[float, float, bytes]] = []
-            for slot in slots:
-                start, end, key = slot
-                active = [other for other in active if other[1] > start]
-                for other_start, other_end, other_key in active:
-                    if other_key != key:
-                        self._record(other_key, key, (other_start, other_end), (start, end))
-                active.append(slot)
+            _sweep(slots, lambda a, b: self._record(a[2], b[2], a[:2], b[:2]))
             self._clubs[club] = (
                 array("d", (slot[0] for slot in slots)),
                 array("d", (slot[1] for slot in slots)),

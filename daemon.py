@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from cryptography.fernet import MultiFernet
 
 import bot
+import club_client
 import config_loader
 import heartbeat
 import instances
@@ -278,7 +279,7 @@ class Daemon:
         self.scheduler: scheduler.Scheduler | None = None
         self.notifier: Notifier | None = None
         self.ctx: bot.BookingContext | None = None
-        self.client = bot.ClubClient(timeout=settings.http_timeout)
+        self.client = club_client.ClubClient(timeout=settings.http_timeout)
         self.roles = leader.Roles(settings.database_url)
         self.config: Config | None = None
         self.stop = threading.Event()
@@ -1074,8 +1075,12 @@ class Recovery:
         Recovered is what the next look says: an overdue booking still not started is still a
         problem (and the time toward giving up runs on)."""
         daemon = self.daemon
-        assert daemon.scheduler is not None
+        assert daemon.scheduler is not None and daemon.engine is not None
         with daemon.load_lock:
+            # Fresh connections for the probe and all after it: a SQLite connection opened while
+            # the file could not be written stays read-only for its life (and one to PostgreSQL
+            # may be dead), however healthy the database is again.
+            models.close_idle_connections(daemon.engine)
             try:
                 daemon.scheduler.probe_write()
             except Exception as exc:  # noqa: BLE001 (whatever the driver says, try again)

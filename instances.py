@@ -684,15 +684,28 @@ def release(factory: sessionmaker[Session], key: str, *, sent: bool = False) -> 
 
 
 def club_took(
-    factory: sessionmaker[Session], key: str, *, booking_ref: str | None, court: str | None
+    factory: sessionmaker[Session],
+    key: str,
+    *,
+    booking_ref: str | None,
+    court: str | None,
+    attempts: int,
+    first_sent_at: datetime | None,
 ) -> None:
     """The club took the booking and finishing steps are still to run (CONTRACT section 12):
-    from now on the instance is never booked again, whatever happens to those steps."""
+    from now on the instance is never booked again, whatever happens to those steps. The
+    requests answered so far and when the first left are written too, so that an outcome
+    written after a crash in those steps says when the booking request went."""
     with transaction(factory) as session:
         session.execute(
             update(Instance)
             .where(Instance.key == key)
-            .values(club_took=True, booking_ref=booking_ref, booked_court=court)
+            .values(club_took=True, booking_ref=booking_ref, booked_court=court, attempts=attempts)
+        )
+        session.execute(
+            update(Instance)
+            .where(Instance.key == key, Instance.first_sent_at.is_(None))
+            .values(first_sent_at=first_sent_at)
         )
 
 

@@ -38,6 +38,9 @@ PLACEHOLDERS = (
     "key",
     "epoch_ms",
     "epoch_s",
+    "start_minutes",
+    "end_minutes",
+    "start_seconds_of_day",
 )
 #: Time placeholders that take a ``strftime`` format (``{start:%m/%d/%Y}``): local time for
 #: start and end, UTC for the ``_utc`` ones.
@@ -443,11 +446,20 @@ def _step_into(node: Any, part: PathPart, values: Mapping[str, Any], walked: str
         raise ExtractError(f"{walked} has no element [{part.index}] (it has {len(node)})")
     wanted = [(name, render_text(value, values)) for name, value in part.conditions]
     for item in node:
-        if isinstance(item, dict) and all(
-            name in item and as_text(item[name]) == text for name, text in wanted
-        ):
+        if all(_field_text(item, name) == text for name, text in wanted):
             return item
     raise ExtractError(f"no element of {walked} matches {part.source()}")
+
+
+def _field_text(item: Any, name: str) -> str | None:
+    """The text of a list element's field for a filter; ``name`` may be a dotted path into the
+    element (``starts_at.format_24_hour``). None when the element has no such field."""
+    node = item
+    for key in name.split("."):
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return as_text(node)
 
 
 def _split_path(text: str, where: str) -> list[str]:
@@ -527,6 +539,11 @@ def _bracket_part(inner: str, text: str, where: str, scope: Scope) -> PathPart:
     if not equals or not name or not re.fullmatch(r"[^\s{}=]+", name):
         raise TemplateError(
             f"{where}: {text!r}: [{inner}] is neither an index [N] nor a filter [field=value]"
+        )
+    if "" in name.split("."):
+        raise TemplateError(
+            f"{where}: {text!r}: [{inner}]: the field {name!r} has an empty part; a filter's "
+            "field is a key or a dotted path into the element (starts_at.format_24_hour)"
         )
     return PathPart("filter", conditions=((name, compile_text(value, where, scope)),))
 
@@ -905,6 +922,7 @@ def placeholder_values(
         "key": key,
         "epoch_ms": int(utils.as_utc(start).timestamp() * 1000),
         "epoch_s": int(utils.as_utc(start).timestamp()),
+        **_day_offsets(local_start, local_end),
         "start:": local_start,
         "end:": local_end,
         "start_utc:": utils.as_utc(start),
@@ -915,6 +933,20 @@ def placeholder_values(
     for name, value in secrets.items():
         values[f"secret.{name}"] = value
     return values
+
+
+def _day_offsets(local_start: datetime, local_end: datetime) -> dict[str, int]:
+    """``{start_minutes}``, ``{end_minutes}`` and ``{start_seconds_of_day}``: the wall-clock
+    time after local midnight of the start's local date (an end on the next day counts on past
+    1440, as clubs that count a booking's end in minutes do)."""
+    days = (local_end.date() - local_start.date()).days
+    return {
+        "start_minutes": local_start.hour * 60 + local_start.minute,
+        "end_minutes": days * 1440 + local_end.hour * 60 + local_end.minute,
+        "start_seconds_of_day": local_start.hour * 3600
+        + local_start.minute * 60
+        + local_start.second,
+    }
 
 
 def idempotency_key(key: str, court: str | None, several: bool) -> str:

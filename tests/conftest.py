@@ -67,7 +67,12 @@ SERIAL = (
     "test_ready_flows.py::test_the_daemon_runs_",
 )
 #: End-to-end tests (marked ``slow``) that assert no timing: they may run beside the serial ones.
-UNTIMED_SLOW = ("test_container.py", "test_demo.py", "test_ready_flows.py::test_dry_run_")
+UNTIMED_SLOW = (
+    "test_container.py",
+    "test_demo.py",
+    "test_ready_flows.py::test_dry_run_",
+    "test_install.py::test_the_installed_",
+)
 
 
 def listed(nodeid: str, entries: tuple[str, ...]) -> bool:

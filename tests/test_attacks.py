@@ -5,7 +5,7 @@ Each test is an attack that once broke the daemon and the guarantee that now hol
 holds a request open with slow headers or endless ``100 Continue``, an untrusted certificate, a
 club echoing the token as its booking id, ``tokens.json`` as a symlink, a refused second ``run``,
 ``health`` after a stop, the database deleted under the daemon. ``record`` prints the figures
-(``pytest -rA``) that README's Reliability table quotes.
+(``pytest -rA``) that the Reliability page (docs/reliability.md) quotes.
 """
 
 from __future__ import annotations

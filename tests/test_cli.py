@@ -917,3 +917,23 @@ def test_an_invalid_heartbeat_url_stops_run_and_fails_check_without_its_secret(
     err = capsys.readouterr().err
     assert err == f"courtbot: cannot start: {message}\n"
     assert "secret" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv0", "name"),
+    [
+        ("main.py", "python main.py"),
+        ("/app/main.py", "python main.py"),
+        ("courtbot", "courtbot"),
+        ("/home/me/.local/bin/courtbot", "courtbot"),
+        ("/opt/courtbot-src/main.py", "python main.py"),
+    ],
+)
+def test_usage_lines_name_the_command_as_the_user_called_it(argv0: str, name: str) -> None:
+    assert cli.program_name(argv0) == name
+
+
+def test_python_main_py_help_says_python_main_py(env: dict[str, str]) -> None:
+    helped = run_cli(env, "--help")
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage: python main.py "), helped.stdout

@@ -75,7 +75,9 @@ def test_ready_flow_is_section_12_data(path: Path) -> None:
     assert set(flow) >= {"about", "hosts", "steps", "sources", "checked"}
     # CONTRACT section 12, Provenance: public sources named precisely, and a checked date.
     parsed = parse_flow(flow, api_url=None, name=path.name)
-    assert len(parsed.sources) >= 2 and parsed.checked is not None
+    # Two independent sources where they exist (issue 20); a flow read from one says so.
+    assert parsed.checked is not None
+    assert len(parsed.sources) >= 2 or "the only public client" in flow["about"], path.name
     assert [s.get("booking") for s in flow["steps"]].count(True) == 1
 
 
@@ -187,6 +189,11 @@ BROKEN_FLOWS = [
         "flow: step 'book' (#2): taken.status: expected a non-empty list of integers, got '409'",
     ),
     ("steps/1/name", "login", "flow: step 'login' (#2): name: used twice"),
+    (
+        "steps/1/json",
+        {"query": "mutation { book }"},
+        "flow: step 'book' (#2): 'mutation { book }'...: a lone brace (write {{ or }})",
+    ),
 ]
 
 
@@ -1002,6 +1009,8 @@ class Case:
     expired: str = "credentials"
     refused_login: str = "credentials"
     setup: Callable[[Any, datetime], None] = lambda club, start: None
+    #: What a taken court ends in ("unmatched": the system's answer is not told apart).
+    taken: str = "taken"
 
 
 CASES = {
@@ -1044,6 +1053,61 @@ CASES = {
         status="CONFIRMED",
         ref=lambda c: None,
         refused_login="credentials",  # a 200 with IsValid false: the login step's rejected
+    ),
+    "skedda": Case(
+        court=lambda c: c.spaces[0],
+        booked_court=lambda c: c.spaces[0],
+        minutes=60,
+        status="CONFIRMED",
+        ref=lambda c: c.bookings[0].id,
+        # a wrong password is a 422 that the login's rejected matcher reads
+    ),
+    "eversports": Case(
+        court=lambda c: "ebi-5501",
+        booked_court=lambda c: "ebi-5501",
+        minutes=60,
+        status="CONFIRMED",
+        ref=lambda c: next(iter(c.carts)),
+        setup=lambda club, start: club.add_item("ebi-5501", start),
+        early="unmatched",  # its "not possible yet" is not told apart by public clients
+        expired="rejected",  # a 200 whose GraphQL error says UNAUTHENTICATED
+    ),
+    "nubapp": Case(
+        court=lambda c: 101,
+        booked_court=lambda c: "101",
+        minutes=60,
+        status="CONFIRMED",
+        ref=lambda c: None,
+        setup=lambda club, start: club.add_activity(101, start),
+        early="unmatched",  # the code of a session not open yet is not shown publicly
+    ),
+    "glofox": Case(
+        court=lambda c: "Padel Social",
+        booked_court=lambda c: "Padel Social",
+        minutes=60,
+        status="BOOKED",
+        ref=lambda c: None,
+        setup=lambda club, start: club.add_event("Padel Social", start),
+        early="unmatched",  # success false, whatever the reason
+        taken="unmatched",
+    ),
+    "clubspark": Case(
+        court=lambda c: c.courts[0],
+        booked_court=lambda c: c.courts[0],
+        minutes=60,
+        status="CONFIRMED",
+        ref=lambda c: None,
+        # A taken court, or a date not open yet, is not in the availability: its value is
+        # missing (the engine looks again until it shows up).
+        early="failed:availability",
+        taken="failed:availability",
+    ),
+    "better": Case(
+        court=lambda c: "tennis-court-outdoor",
+        booked_court=lambda c: "tennis-court-outdoor",
+        minutes=60,
+        status="CONFIRMED",
+        ref=lambda c: None,
     ),
 }
 
@@ -1088,7 +1152,7 @@ def test_ready_flow_meets_a_taken_court(system: str, club: ClubMock) -> None:
     for court in courts:
         club.take(court, start, case.minutes)
     run = _run(system, club, start)
-    assert run.outcome == "taken"
+    assert run.outcome == CASES[system].taken
     assert club.bookings == []
 
 
@@ -1130,20 +1194,8 @@ def test_ready_flow_meets_a_refused_login(system: str, club: ClubMock) -> None:
 
 # -- the user documentation -------------------------------------------------------------------
 
-README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-class _Section:
-    """README's "Real clubs" section, up to the next section of its level."""
-
-    def read_text(self) -> str:
-        text = README.read_text()
-        start = text.index("\n## Real clubs\n")
-        end = text.index("\n## ", start + 1)
-        return text[start:end]
-
-
-DOC = _Section()
+# The page of the docs site that lists the ready flows and shows how to use one.
+DOC = Path(__file__).resolve().parent.parent / "docs" / "clubs" / "index.md"
 
 
 def test_the_docs_table_names_each_ready_flow_and_its_tokens_fields() -> None:
@@ -1160,3 +1212,22 @@ def test_the_docs_examples_are_valid() -> None:
     assert set(tokens["padel"]) == set(PlaytomicMock().tokens_entry())
     assert entry["club"] == "playtomic" and entry["token"] == "padel"
     assert flow_problems(flow, "example") == []
+
+
+@pytest.mark.parametrize("system", sorted(MOCKS))
+def test_each_ready_flow_has_a_page_whose_tokens_example_fits_its_flow(system: str) -> None:
+    page = DOC.parent / f"{system}.md"
+    text = page.read_text()
+    assert f"`data/clubs/{system}.json`" in text, page
+    start = text.index("\n## What to put in `tokens.json`\n")
+    section = text[start : text.index("\n## ", start + 1)]
+    (token,) = json.loads(re.findall(r"```json\n(.*?)```", section, re.DOTALL)[0]).values()
+    used = {f for name, f, _ in placeholders(load_flow(system)["steps"]) if name == "secret"}
+    assert set(token) == used, page
+    explained = set(re.findall(r"`(\w+)`", section.split("```")[-1]))
+    assert used <= explained, (page, used - explained)
+    flow = load_flow(system)
+    repositories = re.findall(r"github\.com/[\w.-]+/[\w.-]+", " ".join(flow["sources"]))
+    assert repositories, system
+    assert [repo for repo in repositories if repo not in text] == [], page
+    assert f"checked {flow['checked']}" in " ".join(text.split()), page

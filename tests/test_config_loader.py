@@ -684,6 +684,53 @@ def test_disabled_or_past_entries_do_not_overlap(data_dir: Path) -> None:
     assert [w for w in result.warnings if "overlapping" in w] == []
 
 
+def test_more_overlapping_pairs_than_a_person_reads_are_one_summary(data_dir: Path) -> None:
+    """Seven entries at one time are 21 pairs, one more than are listed: one warning names how
+    many entries overlap and the first three with a partner each."""
+    many = [MATCH | {"id": f"m{i}"} for i in range(7)]
+    result = schedules(data_dir, *many)
+    assert result.warnings == [
+        "schedules.json: 7 entries would book overlapping times with another entry at the same "
+        "club (more than 20 pairs), e.g. 'm0' (#1) and 'm6' (#7) (Thu 2026-12-10 18:00-19:00 "
+        "UTC and Thu 2026-12-10 18:00-19:00 UTC); 'm1' (#2) and 'm6' (#7) (Thu 2026-12-10 "
+        "18:00-19:00 UTC and Thu 2026-12-10 18:00-19:00 UTC); 'm2' (#3) and 'm6' (#7) (Thu "
+        "2026-12-10 18:00-19:00 UTC and Thu 2026-12-10 18:00-19:00 UTC); that is two courts "
+        "booked and paid for each time: if one is enough, keep one entry (a list in court_id "
+        "tries several courts in order)"
+    ]
+    assert len(schedules(data_dir, *many[:6]).warnings) == 15  # 15 pairs: a line each
+
+
+def test_thousands_of_overlapping_entries_cost_work_linear_in_their_slots(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """2,000 weekly entries at one time (104,000 slots, 2 million pairs): the sweep stops at the
+    21st pair, the summary counts with binary searches, and the cache's index does the same."""
+    recorded: list[int] = []
+    sweep = config_loader._sweep
+
+    def counting(slots: list[Any], record: Any) -> None:
+        def counted(a: Any, b: Any) -> None:
+            recorded.append(1)
+            record(a, b)
+
+        sweep(slots, counted)
+
+    monkeypatch.setattr(config_loader, "_sweep", counting)
+    many = [WED | {"id": f"w{i}"} for i in range(2000)]
+    fresh = schedules(data_dir, *many)
+    assert len(fresh.warnings) == 1
+    assert fresh.warnings[0].startswith(
+        "schedules.json: 2000 entries would book overlapping times with another entry"
+    )
+    most = config_loader.MAX_OVERLAP_PAIRS + 1  # a sweep's records before it stops
+    assert len(recorded) <= most  # not 2 million
+    cache = config_loader.EntryCache()
+    for _ in range(2):  # the first read fills the cache, the second uses its index
+        assert cached(data_dir, cache, *many).warnings == fresh.warnings
+    assert len(recorded) <= 3 * most  # the first cached read sweeps afresh, the next the index
+
+
 # --------------------------------------------------------------------------- token expiry
 
 

@@ -279,6 +279,10 @@ def test_a_crash_during_a_finishing_step_fails_it_at_restart_without_booking_aga
         "the club took the booking (court 3, ref BK-7) but courtbot stopped before the steps "
         "after it completed; check it with the club (it is not booked again)"
     )
+    # The outcome (and so its email) says when the booking request went, never "no booking
+    # request was sent" for a booking the club holds.
+    assert row["attempts"] == 1
+    assert row["sent"].startswith("sent ") and "after the window opened" in row["sent"], row
     time.sleep(1)
     assert club.paths().count("/book") == 1
     assert second.stop() == 0

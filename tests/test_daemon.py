@@ -796,6 +796,33 @@ def test_a_stopped_scheduler_is_an_error_at_the_next_look_and_is_restarted(
     assert daemon.recovery.watchdog.health() is None
 
 
+def test_a_recovery_reopens_the_connections_a_read_only_outage_left_read_only(
+    daemon: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A SQLite connection opened while the database file could not be written stays read-only
+    for its life, however writable the file is again; left in the pool, the recovery's write
+    probe (and every booking's claim) would fail on it until the daemon gave up (exit 3). Here a
+    pooled connection is made read-only (``PRAGMA query_only``, which SQLite keeps per
+    connection): the recovery disposes of the pool and writes on fresh connections."""
+    caplog.set_level(logging.INFO)
+    assert daemon.engine is not None and daemon.scheduler is not None
+    models.close_idle_connections(daemon.engine)
+    with daemon.engine.connect() as conn:  # the pool's only idle connection from now on
+        conn.exec_driver_sql("PRAGMA query_only = ON")
+    daemon.scheduler.shutdown(wait=True)
+
+    daemon.recovery.watch()  # noticed, restarted on fresh connections
+    daemon.recovery.watch()  # and working since: recovered
+
+    texts = [text for _, text in watchdog_lines(caplog)]
+    assert texts[0].startswith("scheduler not working: the scheduler is not running;"), texts
+    assert texts[-1].startswith("scheduler working again after "), texts
+    assert not any("readonly" in text for text in texts), texts
+    assert daemon.recovery.watchdog.health() is None
+    with daemon.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA query_only").scalar() == 0
+
+
 def test_a_trigger_the_scheduler_missed_is_overdue_at_the_second_look_then_run(
     daemon: Daemon, caplog: pytest.LogCaptureFixture
 ) -> None:

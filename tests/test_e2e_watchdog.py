@@ -10,13 +10,16 @@ sandbox club, on disks that misbehave and under a wall clock that jumps.
 
 Disks are a small tmpfs and a read-only bind mount (tests/mounts.py: root only, else skipped);
 the clock is libfaketime (Debian's `faketime`, installed by `make faketime`; else skipped).
-Each test prints its figures (``pytest -rA``); README's Reliability section quotes them.
+Each test prints its figures (``pytest -rA``); docs/reliability.md quotes them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -356,4 +359,88 @@ def test_the_wall_clock_steps_forward_an_hour_then_back_five_seconds(
     assert arrived["after"] - 5 - after_trigger < 0.5
     assert log_time(step_up) - forward < 2.0
     assert log_time(step_back) + 5 - backward < 2.0
+    assert "Traceback" not in out
+
+
+# --------------------------------------------------------------------------- 4. the database back
+
+
+@contextlib.contextmanager
+def immutable(paths: list[Path]) -> Iterator[Callable[[], None]]:
+    """``chattr +i`` on ``paths`` (root on ext4 and the like: not even root can write them, and
+    SQLite opens them read-only); yields the function that lifts it, lifted at the end anyway."""
+    done: list[bool] = []
+
+    def lift() -> None:
+        if not done:
+            subprocess.run(["chattr", "-i", *map(str, paths)], check=True)
+            done.append(True)
+
+    attempt = subprocess.run(
+        ["chattr", "+i", *map(str, paths)], check=False, capture_output=True, text=True
+    )
+    if attempt.returncode != 0:
+        pytest.skip(f"chattr +i is not possible here: {attempt.stderr.strip()}")
+    try:
+        yield lift
+    finally:
+        lift()
+
+
+def test_a_database_made_unwritable_then_writable_again_is_recovered_within_seconds(
+    tmp_path: Path, spawn: Callable[..., DaemonProcess]
+) -> None:
+    """db.sqlite and its -wal and -shm made immutable 3 s before 5 bookings share a trigger, and
+    writable again 3 s after it: the daemon notices at once (`health` 1), and once writes succeed
+    again reopens its connections (a SQLite connection opened meanwhile stays read-only for
+    good), re-syncs the scheduler and books all 20 within seconds; `health` is 0 again and the
+    daemon never gives up (exit 3)."""
+    if shutil.which("chattr") is None:
+        pytest.skip("chattr is not installed")
+    with SandboxClub(tokens=(TOKEN,)) as club:
+        data = tmp_path / "data"
+        data.mkdir()
+        desired = desired_for_trigger_in(READY_SECONDS + 3.0)
+        trigger = (desired - WINDOW).timestamp()
+        keys = [f"ro-{n}@{iso_z(desired)}" for n in range(20)]
+        config_files(data, [one_off(f"ro-{n}", desired, f"c{n}") for n in range(20)])
+        env = base_env(data, club.url)
+        daemon = spawn(env)
+        daemon.wait_ready(before=trigger - 3.0)
+        assert wait_until(lambda: time.time() >= trigger - 3.0, 10)
+        files = [p for p in data.glob("db.sqlite*") if not p.name.endswith(".lock")]
+        with immutable(files) as lift, HealthPoller(env) as health:
+            made = time.time()
+            assert wait_until(lambda: time.time() >= trigger + 3.0, 10)
+            sent_while_immutable = len(club.received)
+            lift()
+            back = time.time()
+            booked = wait_until(
+                lambda: all(db_rows(data / "db.sqlite").get(k, ("",))[0] == "booked" for k in keys),
+                30,
+            )
+            all_booked = time.time()
+            assert booked, daemon.output()
+            assert wait_until(lambda: health.between(all_booked, time.time()), 15)
+            during = health.between(made, back)  # a call takes a second or more
+            later = health.between(all_booked, float("inf"))
+        assert daemon.proc is not None and daemon.proc.poll() is None, daemon.output()
+        assert daemon.stop() == 0
+        out = daemon.output()
+
+    per_key = club.bookings_per_key()
+    arrivals = sorted(r.arrived for r in club.received)
+    record(
+        "immutable_database",
+        bookings=len(keys),
+        sent_while_immutable=sent_while_immutable,
+        health_1_while_immutable=f"{sum(1 for c in during if c[2] == 1)}/{len(during)}",
+        first_booking_after_writable_s=round(arrivals[0] - back, 2),
+        all_booked_after_writable_s=round(all_booked - back, 2),
+    )
+    assert during and all(call[2] == 1 for call in during), health.seen
+    assert later and all(call[2] == 0 for call in later), health.seen
+    assert dict(per_key) == dict.fromkeys(keys, 1)
+    assert arrivals[0] >= trigger
+    assert all_booked - back < 5.0, out
     assert "Traceback" not in out

@@ -105,7 +105,46 @@ def test_every_placeholder_has_its_value() -> None:
         "key": KEY,
         "epoch_ms": 1754827200000,
         "epoch_s": 1754827200,
+        "start_minutes": 840,
+        "end_minutes": 930,
+        "start_seconds_of_day": 50400,
     }
+
+
+def test_minutes_after_midnight_count_from_the_starts_local_date() -> None:
+    # 23:30 in Berlin for 90 minutes ends at 01:00 the next day: 1440 + 60 after the start's
+    # midnight; a summer-time change inside the booking moves the end's wall clock, not the start.
+    late = placeholder_values(
+        secrets={},
+        court_id=None,
+        start=datetime(2025, 8, 10, 21, 30, 15, tzinfo=UTC),
+        duration_minutes=90,
+        zone=BERLIN,
+        key=KEY,
+    )
+    assert (late["start_minutes"], late["end_minutes"]) == (1410, 1500)
+    assert late["start_seconds_of_day"] == 1410 * 60 + 15
+    over_the_change = placeholder_values(
+        secrets={},
+        court_id=None,
+        start=datetime(2025, 10, 26, 0, 0, tzinfo=UTC),  # 02:00 CEST, the hour before the change
+        duration_minutes=120,
+        zone=BERLIN,
+        key=KEY,
+    )
+    assert (over_the_change["start_minutes"], over_the_change["end_minutes"]) == (120, 180)
+    book = parse(
+        {
+            "json": {
+                "StartTime": "{start_minutes}",
+                "End": "{end_minutes}",
+                "s": "{start_seconds_of_day}",
+                "t": "at {start_minutes}",
+            }
+        }
+    ).booking_step
+    body = json.loads(book.render(values()).body or b"")
+    assert body == {"StartTime": 840, "End": 930, "s": 50400, "t": "at 840"}
 
 
 def test_an_object_token_without_a_token_field_has_no_token_value() -> None:
@@ -776,6 +815,22 @@ def test_json_paths_keys_indexes_and_filters() -> None:
     assert take(secret_filter, reply(doc), **{"secret.slot": "c"}) == 4
 
 
+def test_a_filters_field_may_be_a_dotted_path_into_the_element() -> None:
+    doc = {
+        "data": [
+            {"id": 1, "starts_at": {"format_24_hour": "13:00"}, "action": {"status": "BOOK"}},
+            {"id": 2, "starts_at": {"format_24_hour": "14:00"}, "action": {"status": "FULL"}},
+            {"id": 3, "starts_at": {"format_24_hour": "14:00"}, "action": {"status": "BOOK"}},
+            {"id": 4, "starts_at": "14:00"},
+        ]
+    }
+    path = "data[starts_at.format_24_hour={time}][action.status=BOOK].id"
+    assert take(ex({"json": path}), reply(doc)) == 3
+    assert take(ex({"json": "data[starts_at.format_24_hour={time}].id"}), reply(doc)) == 2
+    with pytest.raises(ExtractError, match=r"no element of data matches \[starts_at.f"):
+        take(ex({"json": "data[starts_at.format_12_hour=2pm].id"}), reply(doc))
+
+
 def test_a_filter_can_use_an_earlier_steps_value() -> None:
     parsed = ex(
         {"json": "methods[type={login.kind}].id"},
@@ -883,6 +938,15 @@ def test_missing_header_cookie_regex_url_values(spec: dict[str, str], message: s
         ),
         ({"v": {"json": "a[x]"}}, "club.json: step 'book': extract.v.json: 'a[x]': [x] is neither"),
         ({"v": {"json": "a[0"}}, "club.json: step 'book': extract.v.json: unbalanced '['"),
+        (
+            {"v": {"json": "a[starts_at..h=1].id"}},
+            "club.json: step 'book': extract.v.json: 'a[starts_at..h=1].id': [starts_at..h=1]: "
+            "the field 'starts_at..h' has an empty part",
+        ),
+        (
+            {"v": {"json": "a[.h=1].id"}},
+            "club.json: step 'book': extract.v.json: 'a[.h=1].id': [.h=1]: the field '.h' has",
+        ),
         (
             {"v": {"json": "a[id={nope}]"}},
             "club.json: step 'book': extract.v.json: unknown placeholder {nope}",

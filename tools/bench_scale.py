@@ -8,8 +8,8 @@ load as the daemon logs it, a no-op SIGHUP reload, a SIGHUP after one entry's ti
 as the daemon logs them), and its RSS after those. PostgreSQL is the suite's throwaway server
 (tests/pg_server.py: Debian's server binaries), a fresh database for each run, on 127.0.0.1.
 
-Progress goes to stderr; the figures go to stdout as a table (Markdown, for README's Performance
-section). Exit status 0 unless PostgreSQL cannot start (then its rows say why).
+Progress goes to stderr; the figures go to stdout as a table (Markdown, for the Performance
+page, docs/performance.md). Exit status 0 unless PostgreSQL cannot start (then its rows say why).
 """
 
 from __future__ import annotations

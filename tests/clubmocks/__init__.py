@@ -21,12 +21,18 @@ The knobs every mock has are documented on ``clubmocks.base.ClubMock``.
 from __future__ import annotations
 
 from clubmocks.base import Booking, ClubMock, Recorded
+from clubmocks.better import BetterMock
 from clubmocks.clubautomation import ClubAutomationMock
+from clubmocks.clubspark import ClubSparkMock
 from clubmocks.courtreserve import CourtReserveMock
 from clubmocks.doinsport import DoinsportMock
+from clubmocks.eversports import EversportsMock
 from clubmocks.flows import CLUBS_DIR, flow_for_mock, load_flow, write_flow_for_mock
+from clubmocks.glofox import GlofoxMock
+from clubmocks.nubapp import NubappMock
 from clubmocks.perfectgym import PerfectGymMock
 from clubmocks.playtomic import PlaytomicMock
+from clubmocks.skedda import SkeddaMock
 
 #: Every mock by the name of its flow file in ``data/clubs/``.
 MOCKS: dict[str, type[ClubMock]] = {
@@ -37,20 +43,32 @@ MOCKS: dict[str, type[ClubMock]] = {
         DoinsportMock,
         PerfectGymMock,
         CourtReserveMock,
+        SkeddaMock,
+        EversportsMock,
+        NubappMock,
+        GlofoxMock,
+        ClubSparkMock,
+        BetterMock,
     )
 }
 
 __all__ = [
     "CLUBS_DIR",
     "MOCKS",
+    "BetterMock",
     "Booking",
     "ClubAutomationMock",
     "ClubMock",
+    "ClubSparkMock",
     "CourtReserveMock",
     "DoinsportMock",
+    "EversportsMock",
+    "GlofoxMock",
+    "NubappMock",
     "PerfectGymMock",
     "PlaytomicMock",
     "Recorded",
+    "SkeddaMock",
     "flow_for_mock",
     "load_flow",
     "write_flow_for_mock",

@@ -40,6 +40,9 @@ BUILTINS = frozenset(
         "key",
         "epoch_ms",
         "epoch_s",
+        "start_minutes",
+        "end_minutes",
+        "start_seconds_of_day",
     }
 )
 TIME_PLACEHOLDERS = frozenset({"start", "end", "start_utc", "end_utc"})
@@ -126,6 +129,23 @@ def placeholders(value: Any) -> list[tuple[str, str | None, str | None]]:
     return found
 
 
+def _strings(value: Any) -> list[str]:
+    """Every string in ``value`` (any JSON)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in _strings(item)]
+    if isinstance(value, list):
+        return [text for item in value for text in _strings(item)]
+    return []
+
+
+def lone_braces(value: Any) -> list[str]:
+    """The strings of ``value`` with a ``{`` or ``}`` that is neither a placeholder nor doubled
+    (a literal brace is written ``{{`` or ``}}``, as CONTRACT section 11 says)."""
+    return [text for text in _strings(value) if re.search(r"[{}]", PLACEHOLDER.sub("", text))]
+
+
 def _matcher_problems(where: str, matcher: Any) -> list[str]:
     if not isinstance(matcher, dict) or set(matcher) - {"status", "body_contains"}:
         return [f"{where}: expected {{'status': [...], 'body_contains': ...}}, got {matcher!r}"]
@@ -210,6 +230,8 @@ def flow_problems(flow: Any, source: str = "flow") -> list[str]:
                         problems.append(f"{where}: extract.{value_name}: regex has no group")
                 except re.error as exc:
                     problems.append(f"{where}: extract.{value_name}: bad regex ({exc})")
+        for text in lone_braces(sent[:4]):
+            problems.append(f"{where}: {text[:40]!r}...: a lone brace (write {{{{ or }}}})")
         for ph_name, ph_field, ph_fmt in placeholders(sent):
             text = ph_name + (f".{ph_field}" if ph_field else "")
             if ph_fmt is not None and (ph_field or ph_name not in TIME_PLACEHOLDERS):

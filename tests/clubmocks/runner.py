@@ -55,6 +55,11 @@ class Instance:
             "key": self.key,
             "epoch_ms": int(epoch * 1000),
             "epoch_s": int(epoch),
+            "start_minutes": self.start.hour * 60 + self.start.minute,
+            "end_minutes": (end.date() - self.start.date()).days * 1440
+            + end.hour * 60
+            + end.minute,
+            "start_seconds_of_day": self.start.hour * 3600 + self.start.minute * 60,
         }
 
 
@@ -158,6 +163,15 @@ def _segments(path: str) -> list[str]:
     return parts
 
 
+def _dig(item: Any, dotted: str) -> Any:
+    """A filter's field, a key or a dotted path into the element (``starts_at.format_24_hour``)."""
+    for key in dotted.split("."):
+        if not isinstance(item, dict):
+            return None
+        item = item.get(key)
+    return item
+
+
 def json_path(document: Any, path: str, context: _Context) -> Any:
     """Section 12's dotted path with ``[N]`` and ``[field=value]`` filters (consecutive filters
     all apply to the same list)."""
@@ -178,12 +192,7 @@ def json_path(document: Any, path: str, context: _Context) -> Any:
                 if not isinstance(node, list):
                     raise FlowError(f"json {path!r}: a filter on something not a list")
                 node = next(
-                    (
-                        item
-                        for item in node
-                        if isinstance(item, dict)
-                        and all(_text(item.get(k)) == v for k, v in filters)
-                    ),
+                    (item for item in node if all(_text(_dig(item, k)) == v for k, v in filters)),
                     None,
                 )
                 if node is None:
@@ -305,6 +314,10 @@ def run_flow(
                 booked_ref = json_path(response.json(), step["booking_ref"], context)
             phase = "after"
         else:
+            for outcome in ("taken", "early"):  # an at_trigger step's own answers
+                if _matches(step.get(outcome), response):
+                    result.outcome = outcome
+                    return FlowRun(outcome, results)
             if _matches(step.get("rejected"), response):
                 result.outcome = "rejected"
                 return FlowRun("credentials", results, booked_ref)
