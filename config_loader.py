@@ -199,13 +199,9 @@ def check_api_url(url: str) -> None:
 def _number(
     env: Mapping[str, str], name: str, default: float, *, minimum: float, unit: str = "seconds"
 ) -> float:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
+    raw, value = _read_number(env, name, f"is not a number of {unit}")
+    if value is None:
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}: {raw!r} is not a number of {unit}") from None
     if not (minimum <= value < float("inf")):
         raise SettingsError(f"{name}: {raw!r} must be a finite number >= {minimum:g}")
     # Beyond a day no wait or timeout makes sense, and past about 10^9 s the clocks, sockets
@@ -218,15 +214,23 @@ def _number(
     return value
 
 
+def _read_number(env: Mapping[str, str], name: str, wrong: str) -> tuple[str, float | None]:
+    """The variable's text and its number (None when unset or empty); SettingsError saying
+    ``wrong`` when it is not a number."""
+    raw = env.get(name) or ""
+    if raw.strip() == "":
+        return raw, None
+    try:
+        return raw, float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: {raw!r} {wrong}") from None
+
+
 def _hours(env: Mapping[str, str], name: str, default: float) -> float:
     """A number of hours from 0 to the longest window (utils.MAX_WINDOW_HOURS)."""
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
+    raw, value = _read_number(env, name, "is not a number of hours (e.g. 24; 0: off)")
+    if value is None:
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}: {raw!r} is not a number of hours (e.g. 24; 0: off)") from None
     if not (0 <= value <= utils.MAX_WINDOW_HOURS):
         raise SettingsError(
             f"{name}: {raw!r} must be a number of hours from 0 (off) to "
