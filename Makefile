@@ -77,7 +77,12 @@ clean:
 # installed when missing if we are root with apt-get; otherwise that one test is skipped and
 # says why. `make test` asks for it.
 faketime:
-	@command -v faketime >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-		{ apt-get install -y --no-install-recommends faketime >/dev/null 2>&1 || \
-		  { apt-get update >/dev/null && apt-get install -y --no-install-recommends faketime >/dev/null; }; }; } || \
-		echo "faketime is not installed (needs root and apt-get): the clock-jump test will be skipped"
+	@if command -v faketime >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's faketime package (libfaketime, for the clock-jump test)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends faketime >/dev/null 2>&1 || \
+	  { DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends faketime >/dev/null; }; \
+	else \
+	  echo "note: faketime is not installed (needs root and apt-get): the clock-jump test will be skipped; install it with: sudo apt-get install faketime"; \
+	fi

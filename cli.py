@@ -42,7 +42,14 @@ from daemon import (
     start_failure,
 )
 from logs import setup_logging
-from notify import NotifyConfigError, NotifySettings, mask_url, validate_notify_urls
+from notify import (
+    Notifier,
+    NotifyConfigError,
+    NotifySettings,
+    mask_url,
+    send_test,
+    validate_notify_urls,
+)
 from template import (
     Flow,
     TemplateError,
@@ -55,6 +62,8 @@ from template import (
 EXIT_INVALID = 1
 EXIT_CANNOT_START = 2
 CHECK_INSTANCES = 5
+#: How long ``reload`` waits for the load its signal asked for (CONTRACT section 1).
+RELOAD_WAIT_SECONDS = 30
 
 # --------------------------------------------------------------------------- settings
 
@@ -188,7 +197,11 @@ def _flow_of(entry: config_loader.Entry, config: Config, settings: Settings) -> 
     return default_flow(settings.api_url) if settings.api_url else None
 
 
-def _print_check(config: Config, settings: Settings, now: datetime) -> None:
+def _print_check(
+    config: Config, settings: Settings, now: datetime, statuses: dict[str, str]
+) -> None:
+    """Each entry, its next instances and its request. ``statuses``: the database's status of
+    instances whose window is open (one already booked is not booked again)."""
     entries = config.schedules.entries
     print(
         f"{settings.schedules_path}: {len(entries)} valid entr{'y' if len(entries) == 1 else 'ies'}"
@@ -219,8 +232,10 @@ def _print_check(config: Config, settings: Settings, now: datetime) -> None:
                 f"  {utils.format_local(start, zone)}  = {utils.format_utc(start)}  "
                 f"trigger {utils.format_utc(trigger)}"
             )
-            if trigger <= now:
-                line += " (window already open: books at once)"
+            if trigger <= now and entry.enabled:
+                status = statuses.get(entry.slot(start).key, models.PENDING)
+                at_once = status in (models.PENDING, models.CANCELLED)
+                line += f" (window open: {'books at once when loaded' if at_once else status})"
             print(line)
             note = utils.describe_wall_clock_issue(wall, zone)
             if note:
@@ -306,32 +321,49 @@ def cmd_check(env: dict[str, str]) -> int:
     if isinstance(loaded, int):
         return loaded
     settings, fernet = loaded
-    invalid = False
     now = datetime.now(UTC)
     config = config_loader.read_config(settings, fernet, now)
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    for error in config.errors:
-        print(f"error: {error}", file=sys.stderr)
+    errors = [*config.errors, *config_loader.unreadable_by_daemon(settings)]
     try:
         notify_settings = NotifySettings.from_env(settings.env)
-        problems = validate_notify_urls(notify_settings.urls)
-        for problem in problems:
-            print(f"error: NOTIFY_URLS: {problem}", file=sys.stderr)
-        invalid = invalid or bool(problems)
+        errors += [f"NOTIFY_URLS: {p}" for p in validate_notify_urls(notify_settings.urls)]
         _print_notifications(notify_settings)
     except NotifyConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        invalid = True
+        errors.append(str(exc))
+    for error in errors:
+        print(f"error: {error}", file=sys.stderr)
     _print_tokens(config.tokens)
-    _print_check(config, settings, now)
+    _print_check(config, settings, now, _open_window_statuses(settings, now))
     _print_provenance(config, now)
-    if config.errors or invalid:
-        count = len(config.errors) + int(invalid)
-        print(f"\ninvalid: {count} problem(s); see the errors above", file=sys.stderr)
+    if errors:
+        many = len(errors) > 1
+        print(
+            f"\ninvalid: {len(errors)} problem{'s' if many else ''}; see the error"
+            f"{'s' if many else ''} above",
+            file=sys.stderr,
+        )
         return EXIT_INVALID
     print("\nOK")
     return EXIT_OK
+
+
+def _open_window_statuses(settings: Settings, now: datetime) -> dict[str, str]:
+    """The database's status of instances whose window is open; {} without a database (check
+    needs none, and never creates or changes it)."""
+    try:
+        engine = _open_existing_engine(settings)
+    except models.DatabaseConnectError:
+        return {}
+    if engine is None:
+        return {}
+    try:
+        return instances.open_window_statuses(models.session_factory(engine), now)
+    except models.DBAPIError:
+        return {}
+    finally:
+        engine.dispose()
 
 
 def _dry_run_setup(
@@ -541,6 +573,7 @@ def _status(
             now=now,
             palette=report.Palette(report.colour_wanted(out.isatty(), env)),
             empty="no instance matches" if filtered else "no instances yet",
+            load=_load_facts(load) if (load := instances.last_load(factory)) else None,
         )
     )
     return EXIT_OK
@@ -621,23 +654,66 @@ def cmd_retry(env: dict[str, str], target: str) -> int:
     return EXIT_OK
 
 
+def _load_facts(record: instances.LoadRecord) -> report.LoadFacts:
+    return report.LoadFacts(
+        record.at, record.reason, tuple(record.errors), record.summary, tuple(record.at_once)
+    )
+
+
 def cmd_reload(env: dict[str, str]) -> int:
+    """SIGHUP to the daemon, then its load's result: the counts, what books at once and every
+    error; exit 1 with errors, or when no load is seen within RELOAD_WAIT_SECONDS."""
     try:
         settings = load_settings(env)
-    except StartError as exc:
+        factory = _open_existing_db(settings)
+    except (StartError, models.DatabaseConnectError) as exc:
         print(f"courtbot reload: {exc}", file=sys.stderr)
         return EXIT_INVALID
     pid = daemon_running(settings)
-    if pid is None:
+    if pid is None or factory is None:
         print(f"courtbot reload: no daemon runs on {settings.data_dir}", file=sys.stderr)
         return EXIT_INVALID
+    before = instances.last_load(factory)
     try:
         os.kill(pid, signal.SIGHUP)
     except (ProcessLookupError, PermissionError) as exc:
         print(f"courtbot reload: cannot signal pid {pid}: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    print(f"sent SIGHUP to courtbot (pid {pid})")
-    return EXIT_OK
+    deadline = time.monotonic() + RELOAD_WAIT_SECONDS
+    while (load := instances.last_load(factory, after=before.id if before else 0)) is None:
+        if time.monotonic() > deadline or daemon_running(settings) != pid:
+            print(
+                f"courtbot reload: sent SIGHUP to pid {pid}, but no load finished within "
+                f"{RELOAD_WAIT_SECONDS} s (a standby loads nothing until it is active): see the "
+                "log",
+                file=sys.stderr,
+            )
+            return EXIT_INVALID
+        time.sleep(0.05)
+    out, err = report.reload_lines(_load_facts(load), pid)
+    print("\n".join(out))
+    for line in err:
+        print(line, file=sys.stderr)
+    return EXIT_INVALID if load.errors else EXIT_OK
+
+
+def cmd_notify_test(env: dict[str, str]) -> int:
+    """One test message through every configured channel; each one's result."""
+    try:
+        results = send_test(Notifier(NotifySettings.from_env(env)))
+    except NotifyConfigError as exc:
+        print(f"courtbot notify-test: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    if not results:
+        print(
+            "courtbot notify-test: no channel is configured: set SMTP_HOST and NOTIFY_EMAIL, "
+            "or NOTIFY_URLS",
+            file=sys.stderr,
+        )
+        return EXIT_INVALID
+    for name, error in results:
+        print(f"{name}: " + ("sent" if error is None else f"NOT sent: {error}"))
+    return EXIT_OK if all(error is None for _, error in results) else EXIT_INVALID
 
 
 def cmd_health(env: dict[str, str]) -> int:
@@ -748,7 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retry = sub.add_parser("retry", help="put failed instances still ahead back to pending")
     retry.add_argument("target", metavar="KEY_OR_SCHEDULE_ID")
-    sub.add_parser("reload", help="send SIGHUP to the running daemon")
+    sub.add_parser("reload", help="make the running daemon load the files; print the result")
+    sub.add_parser("notify-test", help="send a test message through every channel")
     sub.add_parser("health", help="exit 0 while the running daemon's heartbeat is fresh")
     sub.add_parser("generate-key", help="print a new Fernet key")
     sub.add_parser("encrypt-token", help="encrypt a token read on stdin for tokens.json")
@@ -787,6 +864,8 @@ def _main(argv: Sequence[str] | None) -> int:
         return cmd_retry(env, args.target)
     if command == "reload":
         return cmd_reload(env)
+    if command == "notify-test":
+        return cmd_notify_test(env)
     if command == "health":
         return cmd_health(env)
     if command == "generate-key":

@@ -445,7 +445,9 @@ def _connection_error(exc: requests.ConnectionError) -> BookingError:
             "the booking URL, or ask the club to fix its certificate",
             permanent=True,
         )
-    return BookingError(_connection_reason(exc), lost=_maybe_sent(exc))
+    url = exc.request.url if exc.request is not None else None
+    host = (urlsplit(url).hostname or "") if url else ""
+    return BookingError(_connection_reason(exc, host), lost=_maybe_sent(exc))
 
 
 def _certificate_problem(exc: BaseException) -> str | None:
@@ -464,14 +466,19 @@ def _certificate_problem(exc: BaseException) -> str | None:
     return None
 
 
-def _connection_reason(exc: Exception) -> str:
+def _connection_reason(exc: Exception, host: str = "") -> str:
     text = str(exc)
     if "Connection refused" in text or "ECONNREFUSED" in text:
         return "connection refused by the club's server"
     if "reset" in text.lower() or "RemoteDisconnected" in text or "aborted" in text.lower():
         return "the club's server closed the connection without a full answer"
     if "Name or service not known" in text or "nodename nor servname" in text:
-        return "the club's host name could not be resolved (check BOOKING_API_URL)"
+        # The URL may be BOOKING_API_URL's, a template's or a club file's: name the host.
+        named = f" {host!r}" if host else ""
+        return (
+            f"the club's host name{named} could not be resolved: check the host in the booking "
+            "URL (BOOKING_API_URL, or the url in the request template or club file)"
+        )
     return f"connection error ({exc.__class__.__name__})"
 
 

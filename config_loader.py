@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 from cryptography.fernet import MultiFernet
@@ -40,6 +41,15 @@ logger = logging.getLogger(__name__)
 SCHEDULES_FILE = "schedules.json"
 TOKENS_FILE = "tokens.json"
 CLUBS_DIR = "clubs"
+#: The ready flows of the repository (data/clubs/); READY_CLUBS_DIR says where they are when
+#: the code runs from elsewhere (the image: /app/clubs).
+READY_CLUBS_DIR = Path(__file__).resolve().parent / "data" / "clubs"
+#: The label a ready flow holds where each club has its own host (``yourclub.perfectgym.com``).
+PLACEHOLDER = "yourclub"
+_PLACEHOLDER_RE = re.compile(rf"\b{PLACEHOLDER}\b", re.IGNORECASE)
+_DNS_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+#: The keys of a club file that uses a ready flow as it is (``{"use": "perfectgym", ...}``).
+USE_KEYS = ("use", PLACEHOLDER, "about")
 TOKEN_FIELD_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 DEFAULT_WINDOW = "168h"
 MAX_CONFIG_BYTES = 10 * 1024 * 1024
@@ -56,6 +66,7 @@ ENTRY_KEYS = (
     "skip",
     "club",
     "window",
+    "about",
 )
 ONE_OFF = "one-off"
 RECURRING = "recurring"
@@ -97,6 +108,8 @@ class Settings:
     #: REHEARSE_HOURS: how long before each trigger a flow's preparation steps are rehearsed
     #: (CONTRACT section 12); 0: never.
     rehearse_hours: float = 24.0
+    #: READY_CLUBS_DIR: the ready flows, used by name when DATA_DIR/clubs/ has no such file.
+    ready_clubs_dir: Path = READY_CLUBS_DIR
 
     @property
     def schedules_path(self) -> Path:
@@ -178,6 +191,7 @@ class Settings:
             env=dict(env),
             heartbeat_url=heartbeat_url,
             rehearse_hours=_hours(env, "REHEARSE_HOURS", 24.0),
+            ready_clubs_dir=Path(env.get("READY_CLUBS_DIR") or READY_CLUBS_DIR),
         )
 
 
@@ -1613,6 +1627,12 @@ def _check_enabled(c: _EntryCheck) -> None:
         c.bad("enabled", f"{c.enabled!r} is not true or false")
 
 
+def _check_about(c: _EntryCheck) -> None:
+    # Free text for people (JSON has no comments), as a club file's ``about``: never read.
+    if "about" in c.raw and not isinstance(c.raw["about"], str):
+        c.bad("about", f"{c.raw['about']!r} is not a string (a note for people, ignored)")
+
+
 _SKIP_EXAMPLE = '["2026-12-24", "2026-12-31"]'
 
 
@@ -1697,6 +1717,7 @@ _ENTRY_CHECKERS: tuple[tuple[str, Callable[[_EntryCheck], None]], ...] = (
     ("skip", _check_skip),
     ("club", _check_club),
     ("window", _check_window),
+    ("about", _check_about),
 )
 
 
@@ -1920,9 +1941,8 @@ class FlowFile:
     digest: str
 
 
-def load_flow_file(path: Path, *, api_url: str | None, label: str) -> FlowFile:
-    """Read and validate a request template or flow file. Raises ``TemplateError`` naming the
-    file (``label``), the step and the key."""
+def _read_json_file(path: Path, label: str) -> tuple[Any, bytes]:
+    """A JSON file's value and bytes; ``TemplateError`` naming ``label`` when it cannot be."""
     try:
         data = _read_bytes(path)
     except OSError as exc:
@@ -1932,10 +1952,120 @@ def load_flow_file(path: Path, *, api_url: str | None, label: str) -> FlowFile:
     parsed, error = _decode_json(data, label)
     if error is not None:
         raise TemplateError(error.split(";")[0])
+    return parsed, data
+
+
+def load_flow_file(
+    path: Path, *, api_url: str | None, label: str, ready_dir: Path | None = None
+) -> FlowFile:
+    """Read and validate a request template or flow file. Raises ``TemplateError`` naming the
+    file (``label``), the step and the key. With ``ready_dir`` (a club file), a file
+    ``{"use": "<ready flow>", "yourclub": "<label>"}`` is that ready flow with its placeholder
+    host label replaced (CONTRACT section 12)."""
+    parsed, data = _read_json_file(path, label)
+    if ready_dir is not None and isinstance(parsed, dict) and "use" in parsed:
+        parsed, ready_data = _use_ready_flow(parsed, ready_dir, label)
+        data += ready_data
+    left = _placeholder_left(parsed)
+    if left is not None:
+        key, value = left
+        raise TemplateError(
+            f"{label}: {key}: {value!r} still holds the placeholder {PLACEHOLDER!r}: put your "
+            f"club's own host there (in hosts and every url), or {_use_advice(path)}"
+        )
     flow = parse_flow(parsed, api_url=api_url, name=label)
     # parse_flow validated the window; here it becomes the one the club's entries follow.
     window = utils.parse_window(flow.window) if flow.window is not None else None
     return FlowFile(label=label, flow=flow, window=window, digest=content_digest(data))
+
+
+def _use_advice(path: Path) -> str:
+    """How to use a ready flow with a host per club without editing it."""
+    ready = path.stem
+    return (
+        f"leave the ready flow as it is and write a club file of your own, e.g. "
+        f'clubs/my-{ready}.json holding {{"use": "{ready}", "{PLACEHOLDER}": "<your club\'s '
+        f'subdomain>"}}, and name it in the entry ("club": "my-{ready}")'
+    )
+
+
+def _placeholder_left(parsed: Any, where: str = "") -> tuple[str, str] | None:
+    """The first ``hosts`` item or ``url`` (at any depth: steps, clock, cancel) that still holds
+    the ``yourclub`` placeholder, as (key path, value); None when none does."""
+    if isinstance(parsed, dict):
+        for key, value in parsed.items():
+            path = f"{where}.{key}" if where else str(key)
+            if key == "url" and isinstance(value, str) and _PLACEHOLDER_RE.search(value):
+                return path, value
+            if key == "hosts" and isinstance(value, list):
+                for index, host in enumerate(value):
+                    if isinstance(host, str) and _PLACEHOLDER_RE.search(host):
+                        return f"{path}[{index}]", host
+            if key != "about":
+                found = _placeholder_left(value, path)
+                if found is not None:
+                    return found
+    elif isinstance(parsed, list):
+        for index, value in enumerate(parsed):
+            name = value.get("name") if isinstance(value, dict) else None
+            label = f"{where}[{index}]" + (f" {name!r}" if isinstance(name, str) else "")
+            found = _placeholder_left(value, label)
+            if found is not None:
+                return found
+    return None
+
+
+def _use_ready_flow(use: dict[str, Any], ready_dir: Path, label: str) -> tuple[Any, bytes]:
+    """A ready flow named by a club file's ``use``, with its placeholder host label replaced by
+    the file's ``yourclub``: the flow's JSON and the ready file's bytes."""
+    unknown = [key for key in use if key not in USE_KEYS]
+    if unknown:
+        raise TemplateError(
+            f'{label}: {unknown[0]}: unknown key; a club file with "use" takes only '
+            f"{', '.join(USE_KEYS)}"
+        )
+    name = use["use"]
+    ready_path = ready_dir / f"{name}.json"
+    if not _id_ok(name) or not ready_path.is_file():
+        known = sorted(p.stem for p in ready_dir.glob("*.json")) if ready_dir.is_dir() else []
+        raise TemplateError(
+            f"{label}: use: {name!r} is not a ready flow (expected one of "
+            f"{', '.join(known) or 'none: ' + str(ready_dir) + ' holds none'})"
+        )
+    flow, data = _read_json_file(ready_path, str(ready_path))
+    left = _placeholder_left(flow)
+    value = use.get(PLACEHOLDER)
+    if left is None:
+        if value is not None:
+            raise TemplateError(
+                f"{label}: {PLACEHOLDER}: the ready flow {name!r} has no {PLACEHOLDER!r} host "
+                "to replace; remove the key"
+            )
+        return flow, data
+    host = (urlsplit(left[1]).hostname or left[1]) if "://" in left[1] else left[1]
+    example = f'e.g. "riverside" for {_PLACEHOLDER_RE.sub("riverside", host)}'
+    if value is None:
+        raise TemplateError(
+            f"{label}: {PLACEHOLDER}: missing; the ready flow {name!r} has a host per club "
+            f"({host}): give your club's subdomain, {example}"
+        )
+    if not isinstance(value, str) or not _DNS_LABEL_RE.fullmatch(value.lower()):
+        raise TemplateError(
+            f"{label}: {PLACEHOLDER}: {value!r} is not a host name label (letters, digits and "
+            f"hyphens, at most 63; {example})"
+        )
+    return _replace_placeholder(flow, value.lower()), data
+
+
+def _replace_placeholder(value: Any, label: str) -> Any:
+    """``value`` with the placeholder label replaced by ``label`` in every string."""
+    if isinstance(value, str):
+        return _PLACEHOLDER_RE.sub(label, value)
+    if isinstance(value, list):
+        return [_replace_placeholder(item, label) for item in value]
+    if isinstance(value, dict):
+        return {key: _replace_placeholder(item, label) for key, item in value.items()}
+    return value
 
 
 def load_template(settings: Settings) -> FlowFile | None:
@@ -1949,12 +2079,72 @@ def load_template(settings: Settings) -> FlowFile | None:
     return load_flow_file(path, api_url=settings.api_url, label=f"BOOKING_REQUEST_TEMPLATE {path}")
 
 
-def has_club_files(settings: Settings) -> bool:
-    """Whether DATA_DIR/clubs/ holds any club file."""
+def unreadable_by_daemon(settings: Settings) -> list[str]:
+    """The config files that the daemon could not read, one line each saying why and the fix.
+
+    Only as root (``check`` in a container, as ``docker compose exec`` runs it): the daemon
+    runs as the owner of DATA_DIR (the image's uid 10001), and root reads everything, so a file
+    copied in as root with mode 0600 passes a root ``check`` while the daemon cannot read it.
+    Elsewhere reading the file is the test, and the load itself reports it."""
+    if os.geteuid() != 0:
+        return []
     try:
-        return any(settings.clubs_dir.glob("*.json"))
+        owner = settings.data_dir.stat()
+    except OSError:
+        return []
+    if owner.st_uid == 0:
+        return []
+    paths = [settings.schedules_path, settings.tokens_path]
+    if settings.template_path is not None:
+        paths.append(settings.template_path)
+    with contextlib.suppress(OSError):
+        paths.extend(sorted(settings.clubs_dir.glob("*.json")))
+    problems = []
+    for path in paths:
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        mode = stat.S_IMODE(info.st_mode)
+        readable = (
+            (info.st_uid == owner.st_uid and mode & stat.S_IRUSR)
+            or (info.st_gid == owner.st_gid and mode & stat.S_IRGRP)
+            or mode & stat.S_IROTH
+        )
+        if not readable:
+            problems.append(
+                f"{path}: the daemon (uid {owner.st_uid}, the owner of {settings.data_dir}) "
+                f"cannot read it (owner uid {info.st_uid}, mode {mode:04o}): run "
+                f"`chown {owner.st_uid}:{owner.st_gid} {path}`, or restart the container (its "
+                "entrypoint hands every file in DATA_DIR to the daemon)"
+            )
+    return problems
+
+
+def club_path(clubs_dir: Path, ready_dir: Path, name: str) -> Path:
+    """Where the club file ``name`` is read from: DATA_DIR/clubs/<name>.json, else the ready
+    flow of that name (used by name, without a copy), else DATA_DIR's path (missing)."""
+    path = clubs_dir / f"{name}.json"
+    ready = ready_dir / f"{name}.json"
+    with contextlib.suppress(OSError):
+        if not path.exists() and ready.is_file():
+            return ready
+    return path
+
+
+def has_club_files(settings: Settings) -> bool:
+    """Whether DATA_DIR/clubs/ holds any club file, or schedules.json names a club (a ready
+    flow is used by name)."""
+    try:
+        if any(settings.clubs_dir.glob("*.json")):
+            return True
+        data = _read_bytes(settings.schedules_path)
     except OSError:
         return False
+    parsed = _decode_json(data, SCHEDULES_FILE)[0] if data is not None else None
+    return isinstance(parsed, list) and any(
+        isinstance(raw, dict) and "club" in raw for raw in parsed
+    )
 
 
 @dataclass
@@ -1970,6 +2160,8 @@ class RequestSources:
     clubs_only: bool = False
     api_url: str | None = None
     clubs_dir: Path | None = None
+    #: The ready flows, used by name when ``clubs_dir`` has no file of that name.
+    ready_dir: Path = READY_CLUBS_DIR
     clubs: dict[str, FlowFile] = field(default_factory=dict)
     club_errors: dict[str, str] = field(default_factory=dict)
 
@@ -1983,6 +2175,7 @@ class RequestSources:
             and has_club_files(settings),
             api_url=settings.api_url,
             clubs_dir=settings.clubs_dir,
+            ready_dir=settings.ready_clubs_dir,
         )
 
     def club(self, name: str) -> FlowFile | None:
@@ -1993,9 +2186,11 @@ class RequestSources:
         if name in self.club_errors:
             return None
         clubs_dir = self.clubs_dir if self.clubs_dir is not None else Path(CLUBS_DIR)
-        path = clubs_dir / f"{name}.json"
+        path = club_path(clubs_dir, self.ready_dir, name)
         try:
-            self.clubs[name] = load_flow_file(path, api_url=self.api_url, label=str(path))
+            self.clubs[name] = load_flow_file(
+                path, api_url=self.api_url, label=str(path), ready_dir=self.ready_dir
+            )
         except TemplateError as exc:
             self.club_errors[name] = str(exc)
             return None

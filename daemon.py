@@ -587,8 +587,10 @@ class Daemon:
     def safe_load(self, reason: str) -> None:
         try:
             self.loads.load(reason=reason)
-        except Exception:
+        except Exception as exc:
             logger.exception("reload (%s) failed; the last good state stays", reason)
+            failed = f"reload ({reason}) failed ({type(exc).__name__}): the last good state stays"
+            self.loads.record(reason, "not loaded", [f"{failed}; the log has the traceback"])
 
     def shutdown(self) -> None:
         """Stop taking triggers, hand the active role over, let a booking in flight finish,
@@ -670,6 +672,7 @@ class Loads:
         #: The database as pick_up_retries last read the wakeups (see _database_stamp).
         self._retry_stamp: tuple[tuple[int, int] | None, ...] | None = None
         self._retry_looked = -math.inf
+        self._last_errors: list[str] = []  # the last load's, for a reload that changes nothing
 
     def load(self, *, reason: str) -> bool:
         """Read, validate and reconcile the config files; jobs follow. Returns False when a
@@ -689,6 +692,7 @@ class Loads:
                     reason,
                     (time.perf_counter() - started) * 1000,
                 )
+                self.record(reason, "config unchanged since the last load", self._last_errors)
                 return True
             first = reason == "start" or daemon.config is None
             known = instances.token_names(daemon.factory)
@@ -717,6 +721,8 @@ class Loads:
             unchanged = self._unchanged_entries(config) if not first else frozenset()
             changes = instances.reconcile(daemon.factory, config, now=now, unchanged=unchanged)
             daemon.ctx.withdraw(changes.keys)  # a booking preparing for one it cancelled stops
+            # Read before the jobs follow: once they do, these are claimed and under way.
+            at_once = instances.at_once(daemon.factory, changes.keys, now)
             whole_ok = config.schedules.file_error is None
             if whole_ok or daemon.config is None:
                 daemon.config = config
@@ -728,7 +734,7 @@ class Loads:
             elapsed = (time.perf_counter() - started) * 1000
             summary = self._load_summary(config, changes, report)
             ok = whole_ok and config.tokens.file_error is None
-            touched = len(changes.keys)
+            touched, errors = len(changes.keys), config.errors
             del config, changes  # what the load made is garbage now: give it back
             given_back = self._give_back_memory(start=first, touched=touched, full=full_sync)
             logger.info(
@@ -738,7 +744,30 @@ class Loads:
                 given_back,
                 summary,
             )
+            for line in at_once:
+                logger.info("%s", line)
+            self.record(reason, summary, errors, at_once)
             return ok
+
+    def record(
+        self, reason: str, summary: str, errors: Sequence[str], at_once: Sequence[str] = ()
+    ) -> None:
+        """Keep a load's result for `reload` and `status` (CONTRACT section 1). A failure to
+        is logged; the load stands."""
+        self._last_errors = list(errors)
+        try:
+            assert self.daemon.factory is not None
+            instances.record_load(
+                self.daemon.factory,
+                at=datetime.now(UTC),
+                reason=reason,
+                pid=os.getpid(),
+                summary=summary,
+                errors=errors,
+                at_once=at_once,
+            )
+        except Exception:
+            logger.exception("the load's result could not be kept for `reload` and `status`")
 
     def _unchanged_entries(self, config: Config) -> frozenset[str]:
         """Entries exactly as last time: they need no reconciling (their horizon is the

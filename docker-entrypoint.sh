@@ -10,38 +10,30 @@
 # files are flat), from files named clubs.<club>.json.
 #
 # READY_CLUBS_DIR (the image sets /app/clubs): the ready flows of data/clubs/ in the repository.
-# Each start copies one into DATA_DIR/clubs/ unless a file of that name is there that is not an
-# unchanged earlier copy (its checksum is kept in clubs/.<name>.ready): your own or edited file
-# stays, and an unedited copy follows the image's version.
+# courtbot reads one from there by name when DATA_DIR/clubs/ has no file of that name, so nothing
+# is copied. Earlier images copied them into DATA_DIR/clubs/ with a checksum in
+# clubs/.<name>.ready: a copy still as it was copied is removed here, so that the image's own
+# version is used again; a copy you edited stays yours (its checksum file goes).
 set -eu
 data_dir="${DATA_DIR:-/app/data}"
 config_dir="${CONFIG_DIR:-}"
-ready_dir="${READY_CLUBS_DIR:-}"
-copied=""
 
 # put SOURCE TARGET: an owner-only copy of SOURCE at TARGET, replaced in one step.
 put() {
     cp "$1" "$2.tmp"
     chmod 0600 "$2.tmp"
     mv -f "$2.tmp" "$2"
-    copied="$copied $2"
 }
 
-if [ -n "$ready_dir" ] && [ -d "$ready_dir" ]; then
-    mkdir -p "$data_dir/clubs"
-    copied="$copied $data_dir/clubs"
-    for ready in "$ready_dir"/*.json; do
-        [ -f "$ready" ] || continue
-        name=$(basename "$ready")
-        target="$data_dir/clubs/$name"
-        mark="$data_dir/clubs/.$name.ready"
-        if [ ! -e "$target" ] || { [ -f "$mark" ] && [ "$(sha256sum < "$target")" = "$(cat "$mark")" ]; }; then
-            put "$ready" "$target"
-            sha256sum < "$target" > "$mark"
-            copied="$copied $mark"
-        fi
-    done
-fi
+for mark in "$data_dir"/clubs/.*.ready; do
+    [ -f "$mark" ] || continue
+    name=$(basename "$mark" .ready)
+    target="$data_dir/clubs/${name#.}"
+    if [ -f "$target" ] && [ "$(sha256sum < "$target")" = "$(cat "$mark")" ]; then
+        rm -f "$target"
+    fi
+    rm -f "$mark"
+done
 if [ -n "$config_dir" ]; then
     mkdir -p "$data_dir"
     for name in schedules.json tokens.json; do
@@ -54,19 +46,15 @@ if [ -n "$config_dir" ]; then
         name=$(basename "$club")
         name=${name#clubs.}
         mkdir -p "$data_dir/clubs"
-        copied="$copied $data_dir/clubs"
         put "$club" "$data_dir/clubs/$name"
-        rm -f "$data_dir/clubs/.$name.ready"  # yours now: never replaced by a ready flow
     done
 fi
 if [ "$(id -u)" = "0" ]; then
     mkdir -p "$data_dir"
-    if [ "$(stat -c %u "$data_dir")" != "10001" ]; then
-        chown -R 10001:10001 "$data_dir"
-    fi
-    for path in $copied; do
-        if [ -e "$path" ]; then chown 10001:10001 "$path"; fi
-    done
+    # Every file the daemon reads or writes is its own: a file put there as root (docker compose
+    # cp, a shell on the host) would otherwise be unreadable to it, while `check`, run as root
+    # in the container, reads it fine.
+    find "$data_dir" -maxdepth 2 ! -user 10001 -exec chown 10001:10001 {} +
     chmod 0700 "$data_dir"
     exec setpriv --reuid=10001 --regid=10001 --clear-groups -- "$@"
 fi

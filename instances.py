@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection, Iterator, Sequence
+import socket
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -35,8 +36,10 @@ from models import (
     FINAL,
     KIND_OBJECT,
     KIND_STRING,
+    LOADS_KEPT,
     PENDING,
     Instance,
+    Load,
     Notice,
     Token,
     Wakeup,
@@ -609,6 +612,105 @@ def remember_notice(factory: sessionmaker[Session], notice_id: str, now: datetim
     return True
 
 
+# --------------------------------------------------------------------------- loads
+
+
+@dataclass(frozen=True)
+class LoadRecord:
+    """One load's result, as ``reload`` prints it and ``status`` sums it up."""
+
+    id: int
+    at: datetime
+    reason: str
+    host: str
+    pid: int
+    summary: str
+    errors: list[str]
+    at_once: list[str]
+
+
+def record_load(
+    factory: sessionmaker[Session],
+    *,
+    at: datetime,
+    reason: str,
+    pid: int,
+    summary: str,
+    errors: Sequence[str],
+    at_once: Sequence[str] = (),
+) -> int:
+    """Keep a load's result (the latest ``LOADS_KEPT``); returns its id."""
+    with transaction(factory) as session:
+        row = Load(
+            at=at,
+            reason=reason,
+            host=socket.gethostname(),
+            pid=pid,
+            summary=summary,
+            errors=json.dumps(list(errors)),
+            at_once=json.dumps(list(at_once)),
+        )
+        session.add(row)
+        session.flush()
+        session.execute(delete(Load).where(Load.id <= row.id - LOADS_KEPT))
+        return int(row.id)
+
+
+def last_load(factory: sessionmaker[Session] | None, *, after: int = 0) -> LoadRecord | None:
+    """The latest load with an id above ``after`` (None when there is none, or the database
+    predates the ``loads`` table: a reader never changes the schema)."""
+    if factory is None:
+        return None
+    with factory() as session:
+        if not inspect(session.get_bind()).has_table(Load.__tablename__):
+            return None
+        row = session.scalar(select(Load).where(Load.id > after).order_by(Load.id.desc()).limit(1))
+        if row is None:
+            return None
+        return LoadRecord(
+            id=row.id,
+            at=row.at,
+            reason=row.reason,
+            host=row.host,
+            pid=row.pid,
+            summary=row.summary,
+            errors=list(json.loads(row.errors or "[]")),
+            at_once=list(json.loads(row.at_once or "[]")),
+        )
+
+
+def at_once(factory: sessionmaker[Session], keys: Iterable[str], now: datetime) -> list[str]:
+    """Of ``keys`` (what a load added or revived), the pending instances whose window is open
+    already, so that they book at once: one line each, soonest start first."""
+    lines = []
+    wanted = sorted(set(keys))
+    with factory() as session:
+        for start in range(0, len(wanted), PAGE):
+            query = select(Instance).where(
+                Instance.key.in_(wanted[start : start + PAGE]),
+                Instance.status == PENDING,
+                Instance.trigger_time <= now,
+            )
+            for row in session.scalars(query):
+                zone = utils.get_zone(row.timezone)
+                local = utils.format_local(row.desired_time, zone)
+                lines.append((row.desired_time, f"{row.key} ({local}): books at once when loaded"))
+    return [line for _, line in sorted(lines)]
+
+
+def open_window_statuses(factory: sessionmaker[Session], now: datetime) -> dict[str, str]:
+    """The status of each instance whose window is open and whose start is ahead, by key:
+    what ``check`` needs to tell a booking that a load would send at once from one already
+    made."""
+    with factory() as session:
+        rows = session.execute(
+            select(Instance.key, Instance.status).where(
+                Instance.trigger_time <= now, Instance.desired_time > now
+            )
+        )
+        return {key: status for key, status in rows}
+
+
 # --------------------------------------------------------------------------- a booking
 
 
@@ -773,7 +875,10 @@ def _timing(
     status: str, trigger: datetime, first_sent: datetime | None, cause: str | None
 ) -> str | None:
     if first_sent is not None:
-        return utils.send_timing(trigger, first_sent, LATE_CAUSES.get(cause or ""))
+        timing = utils.send_timing(trigger, first_sent, LATE_CAUSES.get(cause or ""))
+        # On time is no comfort when it did not book (the club down, the court taken): say so
+        # in the same breath, so that the line does not read as a success.
+        return f"{timing}, but not booked: see the reason" if status == FAILED else timing
     if status == EXPIRED:
         return "not sent: courtbot was not running at the trigger"
     if status == FAILED:

@@ -231,6 +231,26 @@ class Notice(Base):
     sent_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class Load(Base):
+    """One load of the config files by the active daemon (at start, on SIGHUP, on a change):
+    what ``reload`` prints and ``status`` sums up. Only the last ``LOADS_KEPT`` are kept."""
+
+    __tablename__ = "loads"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime())  # when it finished
+    reason: Mapped[str] = mapped_column(String(32))  # "start", "SIGHUP", "file change"
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    summary: Mapped[str] = mapped_column(Text)  # the counts, as the log line has them
+    errors: Mapped[str] = mapped_column(Text, default="[]")  # JSON list of the error lines
+    at_once: Mapped[str] = mapped_column(Text, default="[]")  # JSON list: what books at once
+
+
+#: How many loads the ``loads`` table keeps (the latest).
+LOADS_KEPT = 20
+
+
 class DatabaseConnectError(Exception):
     """The database server cannot be reached, refuses us, or does not let us make our tables.
 

@@ -292,7 +292,7 @@ def _private_url(plugin: Any) -> str:
 def _fallback_mask(url: str) -> str:
     match = _SCHEME_RE.match(url)
     if match is None:
-        return "****"
+        return _mask_pieces(url)
     netloc = re.split(r"[/?#]", url[match.end() :], maxsplit=1)[0]
     host = netloc.rpartition("@")[2]  # drop user:password@
     if host.startswith("[") and "]" in host:
@@ -302,6 +302,17 @@ def _fallback_mask(url: str) -> str:
     shown = host if not host or _looks_like_host(host) else "****"
     masked_rest = netloc != host or url[match.end() + len(netloc) :].strip("/") != ""
     return f"{match.group(1)}://{shown}" + ("/****" if masked_rest else "")
+
+
+def _mask_pieces(text: str) -> str:
+    """Text that is no URL, its secret parts masked: a leading host name or plain word stays
+    (``ntfy.sh/****``, ``tgram/****:****``, ``oops``), every later piece is ``****``."""
+    pieces = re.split(r"([/:@?&=#,;\s]+)", text)
+    first = pieces[0]
+    shown = first if _looks_like_host(first) or re.fullmatch(r"[A-Za-z]{1,12}", first) else "****"
+    # After the first piece, separators (odd places) alternate with pieces (even places).
+    masked = [p if i % 2 else ("****" if p else "") for i, p in enumerate(pieces[1:], start=1)]
+    return shown + "".join(masked)
 
 
 def _looks_like_host(text: str) -> bool:
@@ -442,6 +453,16 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:] + ("" if text.endswith(".") else ".")
 
 
+#: How bot.py's reasons say the club refused a token or a flow's credentials (401, 403).
+_REFUSED_RE = re.compile(r"rejected (?:token|the credentials)|credentials were rejected")
+
+
+def refused_credentials(reason: str | None) -> bool:
+    """Whether a failure's reason is the club refusing the token or credentials: a retry
+    helps only once they are fixed."""
+    return reason is not None and _REFUSED_RE.search(reason) is not None
+
+
 def _advice(outcome: Outcome, now: datetime, count: int = 1) -> list[str]:
     if outcome.status == BOOKED:
         return ["A calendar entry is attached (booking.ics)."]
@@ -456,6 +477,15 @@ def _advice(outcome: Outcome, now: datetime, count: int = 1) -> list[str]:
             "What to do: every court tried was taken, so a retry would be taken too. Book",
             "another court with the club, and give the entry a list of courts to try in order",
             '("court_id": ["3", "4"]) so that courtbot goes on to the next one.',
+        ]
+    if outcome.status == FAILED and refused_credentials(outcome.reason):
+        ahead = _aware(outcome.desired_start) > _aware(now)
+        return [
+            "What to do: the club refused the credentials, so a retry as things are would be",
+            "refused too. Fix the token first: put a valid one in tokens.json (python main.py",
+            "check shows whether it loads)"
+            + (", then let courtbot try again:" if ahead else "; this start has passed."),
+            *(["", f"    python main.py retry {outcome.key}"] if ahead else []),
         ]
     if outcome.status == FAILED and _aware(outcome.desired_start) > _aware(now):
         return [
@@ -534,6 +564,10 @@ def _channel_body(outcome: Outcome, now: datetime) -> str:
         lines.append("The club took the booking: check it with the club (not booked again).")
     elif outcome.status == FAILED and not outcome.retry_helps:
         lines.append("Every court tried was taken: book another, or list more courts.")
+    elif outcome.status == FAILED and refused_credentials(outcome.reason):
+        lines.append("Fix the token in tokens.json first, then retry.")
+        if _aware(outcome.desired_start) > _aware(now):
+            lines.append(f"Retry: python main.py retry {outcome.key}")
     elif outcome.status == FAILED and _aware(outcome.desired_start) > _aware(now):
         lines.append(f"Retry: python main.py retry {outcome.key}")
     return "\n".join(lines)
@@ -614,8 +648,14 @@ def calendar_entry(outcome: Outcome, now: datetime, location: str | None = None)
         f"Schedule: {outcome.schedule_id}\nInstance: {outcome.key}\n"
         f"Booked by courtbot after {outcome.attempts} attempt(s)."
     )
-    summary = "Tennis: " + _court_phrase(outcome.court)
-    place = outcome.location or location
+    # The entry's own name says what is played (the user chose it); the club file's name, when
+    # there is one, says where.
+    summary = f"{outcome.schedule_id}: {_court_phrase(outcome.court)}" + (
+        f" ({outcome.location})" if outcome.location else ""
+    )
+    where = outcome.location or location
+    court = _court_phrase(outcome.court)
+    place = court[:1].upper() + court[1:] + (f", {where}" if where else "")
     lines = [
         "BEGIN:VCALENDAR",
         "VERSION:2.0",
@@ -628,7 +668,7 @@ def calendar_entry(outcome: Outcome, now: datetime, location: str | None = None)
         f"DTSTART:{_ics_stamp(start)}",
         f"DTEND:{_ics_stamp(end)}",
         f"SUMMARY:{_ics_text(summary)}",
-        *([f"LOCATION:{_ics_text(place)}"] if place else []),
+        f"LOCATION:{_ics_text(place)}",
         f"DESCRIPTION:{_ics_text(description)}",
         "STATUS:CONFIRMED",
         "BEGIN:VALARM",
@@ -717,6 +757,8 @@ class Notifier:
         self._closed = False
         self._deadline: float | None = None
         self._channels: list[_Channel] = []
+        #: NOTIFY_URLS channels that could not be set up: masked URL, why.
+        self._skipped: list[tuple[str, str | None]] = []
         #: What the channels' URLs hide when masked: scrubbed from Apprise's words in our lines.
         self._url_secrets: set[str] = set()
 
@@ -857,22 +899,25 @@ class Notifier:
                 logger.exception("could not deliver the report for %s", report.label)
 
     def _load_channels(self) -> None:
-        if not self._settings.urls:
+        urls = self._settings.urls
+        if not urls:
             return
         try:
             apprise = _apprise()
         except ImportError:
             logger.warning("NOTIFY_URLS is set but apprise is not installed: channels are off")
+            self._skipped = [(_fallback_mask(u), "apprise is not installed") for u in urls]
             return
         # One log line per delivery is ours (masked); Apprise's words come in it, scrubbed.
         logging.getLogger("apprise").setLevel(logging.WARNING)
-        for url in self._settings.urls:
+        for url in urls:
             self._url_secrets |= url_secrets(url)
             plugin = apprise.Apprise.instantiate(url)
             if plugin is None:
                 logger.warning(
                     "NOTIFY_URLS: %s is not a valid Apprise URL; skipped", _fallback_mask(url)
                 )
+                self._skipped.append((_fallback_mask(url), "not a valid Apprise URL: see check"))
                 continue
             # Bound each request; apprise's call timeout below bounds the whole send.
             plugin.socket_connect_timeout = min(plugin.socket_connect_timeout, self._timeout)
@@ -892,41 +937,46 @@ class Notifier:
 
     def _send_channels(self, report: _Report) -> None:
         for channel in self._channels:
-            try:
-                result = channel.sender.notify(
-                    body=report.channel_body,
-                    title=report.subject,
-                    notify_type=report.notify_type,
-                    body_format="text",
-                    timeout=self._timeout,
-                )
-            except Exception as exc:  # noqa: BLE001 -- third-party plugin code; its message may hold a URL
-                logger.warning(
-                    "channel %s %s: not sent for %s: %s",
-                    channel.name,
-                    channel.masked,
-                    report.label,
-                    type(exc).__name__,
-                )
-                continue
-            if result:
-                logger.info(
-                    "channel %s %s: sent for %s", channel.name, channel.masked, report.label
-                )
-                continue
-            detail = [
-                self._scrub_url_secrets(entry.message)
-                for entry in result.logs()
-                if entry.level != "DEBUG"
-            ]
+            self._send_channel(channel, report)
+
+    def _send_channel(self, channel: _Channel, report: _Report) -> str | None:
+        """Send one channel its message and log how it went. None when it was sent, else why
+        not (the URL's secrets masked)."""
+        try:
+            result = channel.sender.notify(
+                body=report.channel_body,
+                title=report.subject,
+                notify_type=report.notify_type,
+                body_format="text",
+                timeout=self._timeout,
+            )
+        except Exception as exc:  # noqa: BLE001 -- third-party plugin code; its message may hold a URL
             logger.warning(
-                "channel %s %s: not sent for %s (%s)%s",
+                "channel %s %s: not sent for %s: %s",
                 channel.name,
                 channel.masked,
                 report.label,
-                result.status.name.lower(),
-                f": {detail[-1]}" if detail else "",
+                type(exc).__name__,
             )
+            return type(exc).__name__
+        if result:
+            logger.info("channel %s %s: sent for %s", channel.name, channel.masked, report.label)
+            return None
+        detail = [
+            self._scrub_url_secrets(entry.message)
+            for entry in result.logs()
+            if entry.level != "DEBUG"
+        ]
+        why = result.status.name.lower() + (f": {detail[-1]}" if detail else "")
+        logger.warning(
+            "channel %s %s: not sent for %s (%s)%s",
+            channel.name,
+            channel.masked,
+            report.label,
+            result.status.name.lower(),
+            f": {detail[-1]}" if detail else "",
+        )
+        return why
 
     def _send_email(self, report: _Report) -> bool:
         """Send the report's email, retrying transient errors. True when the server took it."""
@@ -1055,3 +1105,56 @@ class Notifier:
 
 def _notify_type(status: str) -> str:
     return {BOOKED: "success", FAILED: "failure"}.get(status, "warning")
+
+
+# --- notify-test --------------------------------------------------------------------------------
+
+
+def send_test(notifier: Notifier) -> list[tuple[str, str | None]]:
+    """Send one test message (subject ``Test:``) through every configured channel now, in
+    this thread, each tried once: email (when on), then each NOTIFY_URLS channel. Returns,
+    per channel, its name (secrets masked) and None when it was sent, else why not; an
+    empty list when none is configured (``notify-test``)."""
+    settings = notifier._settings
+    now = notifier._clock()
+    body = (
+        f"This is a test message from courtbot on {_hostname()} (python main.py "
+        f"notify-test), sent {_utc(now)}.\nIt arrived: booking outcomes will arrive here "
+        "too.\n"
+    )
+    report = _Report(
+        label="notify-test",
+        subject=f"Test: courtbot notifications from {_hostname()}",
+        body=body,
+        ics=None,
+        channel_body=body.strip(),
+        notify_type="info",
+    )
+    results: list[tuple[str, str | None]] = []
+    if settings.email_enabled:
+        name = (
+            f"email to {', '.join(settings.recipients)} via "
+            f"{settings.smtp_host}:{settings.smtp_port}"
+        )
+        results.append((name, _try_email(notifier, report)))
+    notifier._load_channels()
+    results.extend(notifier._skipped)
+    for channel in notifier._channels:
+        results.append(
+            (f"{channel.name} {channel.masked}", notifier._send_channel(channel, report))
+        )
+    return results
+
+
+def _try_email(notifier: Notifier, report: _Report) -> str | None:
+    """One try at sending the report's email: None when the server took it for every
+    recipient, else why not."""
+    try:
+        refused = notifier._smtp_send(notifier._build_email(report))
+    except (smtplib.SMTPException, OSError) as exc:
+        return notifier._describe(exc)
+    if refused:
+        return "refused for " + "; ".join(
+            f"{address} ({code} {_decode(reply)})" for address, (code, reply) in refused.items()
+        )
+    return None

@@ -99,6 +99,53 @@ def daemon_lines(facts: DaemonFacts, palette: Palette = Palette()) -> list[str]:
     return [line]
 
 
+@dataclass(frozen=True)
+class LoadFacts:
+    """The daemon's last load of the config files: when it finished, why it ran (``start``,
+    ``SIGHUP``, ``file change``) and its errors, as the log has them."""
+
+    at: datetime
+    reason: str
+    errors: tuple[str, ...] = ()
+    #: The counts, as the log line has them.
+    summary: str = ""
+    #: The instances it made whose window was open already: they book at once.
+    at_once: tuple[str, ...] = ()
+
+
+def reload_lines(load: LoadFacts, pid: int) -> tuple[list[str], list[str]]:
+    """What ``reload`` prints of the load its signal made: (lines for stdout: the counts, then
+    each instance that books at once; lines for stderr: each error, one a line as the log has
+    it, then how many)."""
+    out = [f"courtbot (pid {pid}) loaded the config files ({load.reason}): {load.summary}"]
+    out += [f"  {_one_line(line)}" for line in load.at_once]
+    err = [f"error: {_one_line(line)}" for line in load.errors]
+    if load.errors:
+        count = len(load.errors)
+        err.append(
+            f"{count} error{'' if count == 1 else 's'}: what each names was not loaded (what it "
+            "had stays as it was); the daemon goes on with the rest"
+        )
+    return out, err
+
+
+def load_lines(load: LoadFacts | None, now: datetime, palette: Palette = Palette()) -> list[str]:
+    """The summary's line on the last load: its time and, with errors, how many and the first
+    (the rest are in the log and in ``reload``'s output)."""
+    if load is None:
+        return []
+    ago = max((now - load.at).total_seconds(), 0.0)
+    line = f"last load: {utils.format_utc(load.at)} ({load.reason}, {utils.format_span(ago)} ago)"
+    if not load.errors:
+        return [line + ", no error"]
+    count = len(load.errors)
+    errors = palette.paint(f"{count} error{'' if count == 1 else 's'}", "failed")
+    first = _one_line(load.errors[0])
+    if len(first) > REASON_SHOWN * 2:
+        first = first[: REASON_SHOWN * 2 - 3] + "..."
+    return [f"{line}, {errors}; the first: {first}"]
+
+
 def _heartbeat(age: float | None, stale_after: float, palette: Palette) -> str:
     if age is None:
         return "no heartbeat yet"
@@ -257,11 +304,13 @@ def render(
     now: datetime,
     palette: Palette = Palette(),
     empty: str = "no instance matches",
+    load: LoadFacts | None = None,
 ) -> str:
     """The whole of ``status`` for a person: the summary, a blank line, the rows (``empty``
     when there are none)."""
     lines = [
         *daemon_lines(facts, palette),
+        *load_lines(load, now, palette),
         *next_lines(upcoming, now, palette),
         *outcome_lines(recent, now, palette),
         "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import calendar
+import difflib
 import email.utils
 import hashlib
 import html
@@ -396,7 +397,38 @@ def _weekday_code(word: str) -> str:
         return _DAYS[_LONGER_DAYS[singular]]
     if singular in _DAYS:
         return _DAYS[singular]
-    raise RuleError(f"{word!r} is not a weekday; {_ENGLISH_EXAMPLE}")
+    raise RuleError(f"{word!r} is not a weekday{_did_you_mean_day(word)}; {_ENGLISH_EXAMPLE}")
+
+
+def _did_you_mean_day(word: str) -> str:
+    """`` (did you mean 'Wednesday'?)`` for a misspelt weekday, else the empty string."""
+    close = difflib.get_close_matches(word.lower(), list(_FULL_DAYS), n=1, cutoff=0.7)
+    return f" (did you mean {close[0].capitalize()!r}?)" if close else ""
+
+
+_KNOWN_DAY_WORDS = frozenset(
+    {"day", "weekday", "weekdays", "weekend", "weekends", *_DAYS, *_LONGER_DAYS}
+    | {*_FULL_DAYS, *(f"{day}s" for day in _FULL_DAYS)}
+)
+
+
+def _why_not_english(text: str) -> str:
+    """Why a sentence is no English rule, as precisely as it can be told: a time that is not
+    ``HH:MM``, a misspelt weekday, else the general form with examples."""
+    at = re.search(r"\bat\s+(\S+)", text, re.IGNORECASE)
+    if at is not None and not re.match(r"\d{1,2}:\d{2}", at[1]):
+        return (
+            f"{text!r}: 'at {at[1]}' is not a time of day: write it as HH:MM on the 24-hour "
+            "clock (e.g. 'at 19:00', 'at 07:30')"
+        )
+    days = re.match(r"every\s+(?:other\s+)?(.+?)\s+at\b", text, re.IGNORECASE)
+    if days is not None:
+        for word in re.split(_LIST_SEP, days[1], flags=re.IGNORECASE):
+            if word and " " not in word and word.lower() not in _KNOWN_DAY_WORDS:
+                hint = _did_you_mean_day(word)
+                if hint:
+                    return f"{word!r} is not a weekday{hint}; {_ENGLISH_EXAMPLE}"
+    return f"{text!r} is not an English rule I understand; {_ENGLISH_EXAMPLE}"
 
 
 def _iso_date(text: str, what: str) -> date:
@@ -415,7 +447,7 @@ def parse_english_rule(text: str, *, start: date | None, today: date) -> ParsedR
     """
     match = _ENGLISH_RE.fullmatch(" ".join(text.split()))
     if not match:
-        raise RuleError(f"{text!r} is not an English rule I understand; {_ENGLISH_EXAMPLE}")
+        raise RuleError(_why_not_english(" ".join(text.split())))
     hour, minute = int(match["h"]), int(match["m"])
     if hour > 23 or minute > 59:
         raise RuleError(f"{match['h']}:{match['m']} in {text!r} is not a time of day (00:00-23:59)")
@@ -441,7 +473,7 @@ def parse_english_rule(text: str, *, start: date | None, today: date) -> ParsedR
     elif match["days"].lower() == "day":
         codes = None
     else:
-        words = re.split(_LIST_SEP, match["days"].lower())
+        words = re.split(_LIST_SEP, match["days"], flags=re.IGNORECASE)
         codes = sorted({_weekday_code(w) for w in words if w}, key=_DAY_INDEX.__getitem__)
     parts = {"FREQ": "DAILY" if codes is None else "WEEKLY"}
     if other:

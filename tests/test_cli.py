@@ -919,6 +919,131 @@ def test_an_invalid_heartbeat_url_stops_run_and_fails_check_without_its_secret(
     assert "secret" not in err
 
 
+# ---------------------------------------------------------------- the first hour (issue 25)
+
+
+def test_check_says_what_books_at_once_when_loaded_but_not_what_is_booked_or_disabled(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+    factory: sessionmaker[Session],
+) -> None:
+    soon, done, off, far = future(3), future(3.5), future(4), future(20)
+
+    def entry(entry_id: str, desired: datetime, **more: object) -> dict[str, object]:
+        when = f"{desired:%Y-%m-%d %H:%M}"
+        return {"id": entry_id, "type": "one-off", "desired_time": when, "timezone": "UTC"} | more
+
+    entries = [entry("soon", soon), entry("done", done), entry("off", off, enabled=False)]
+    write_json(data_dir / "schedules.json", [*entries, entry("far", far)])
+    write_json(data_dir / "tokens.json", {"default": "t"})
+    add(factory, "done", desired=done, status=models.BOOKED)
+    assert run(monkeypatch, env, "check") == 0
+    lines = {
+        line.split("  = ")[1][:20]: line
+        for line in capsys.readouterr().out.splitlines()
+        if "  = " in line
+    }
+    assert lines[utils.format_utc(soon)].endswith("(window open: books at once when loaded)")
+    assert lines[utils.format_utc(done)].endswith("(window open: booked)")
+    assert lines[utils.format_utc(off)].endswith(
+        f"trigger {utils.format_utc(off - timedelta(hours=168))}"
+    )
+    assert lines[utils.format_utc(far)].endswith(
+        f"trigger {utils.format_utc(far - timedelta(hours=168))}"
+    )
+
+
+def test_check_counts_each_problem_once_in_good_english(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: dict[str, str]
+) -> None:
+    write_json(Path(env["DATA_DIR"]) / "schedules.json", [])
+    write_json(Path(env["DATA_DIR"]) / "tokens.json", {"default": "t"})
+    two = env | {"NOTIFY_URLS": "oops nosuch://host.example.org/x"}
+    assert run(monkeypatch, two, "check") == 1
+    err = capsys.readouterr().err
+    assert err.count("error: NOTIFY_URLS: ") == 2
+    assert err.endswith("\ninvalid: 2 problems; see the errors above\n")
+    assert "'oops' is not a URL" in err
+
+
+def test_notify_test_with_nothing_configured_exits_1(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: dict[str, str]
+) -> None:
+    assert run(monkeypatch, env, "notify-test") == 1
+    assert capsys.readouterr().err == (
+        "courtbot notify-test: no channel is configured: set SMTP_HOST and NOTIFY_EMAIL, or "
+        "NOTIFY_URLS\n"
+    )
+
+
+def test_notify_test_prints_each_channel_sent_or_why_not(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: dict[str, str]
+) -> None:
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    posted: list[dict[str, object]] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            posted.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        urls = f"json://127.0.0.1:{port}/hook json://127.0.0.1:{closed}/gone"
+        assert run(monkeypatch, env | {"NOTIFY_URLS": urls}, "notify-test") == 1
+        out = capsys.readouterr().out.splitlines()
+        assert out[0] == f"JSON json://127.0.0.1:{port}/hook: sent"
+        assert out[1].startswith(f"JSON json://127.0.0.1:{closed}/gone: NOT sent: ")
+        assert len(posted) == 1 and str(posted[0]["title"]).startswith("Test: ")
+        assert (
+            run(monkeypatch, env | {"NOTIFY_URLS": urls.split(maxsplit=1)[0]}, "notify-test") == 0
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_dry_run_on_a_ready_flow_with_its_placeholder_left_in_says_what_to_put_there(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    data_dir: Path,
+) -> None:
+    """Before: `dry-run` tried yourclub.perfectgym.com and said "check BOOKING_API_URL", a
+    variable the flow does not use."""
+    when = f"{future(20):%Y-%m-%d %H:%M}"
+    entry = {"id": "gym", "type": "one-off", "desired_time": when, "club": "perfectgym"}
+    write_json(data_dir / "schedules.json", [entry])
+    secrets = {"email": "me@example.com", "password": "pw", "club_id": "1"}
+    write_json(data_dir / "tokens.json", {"default": secrets})
+    assert run(monkeypatch, env, "dry-run", "gym") == 1
+    err = capsys.readouterr().err
+    assert "BOOKING_API_URL" not in err
+    assert "perfectgym.json: hosts[0]: 'yourclub.perfectgym.com' still holds the placeholder" in err
+    assert '{"use": "perfectgym", "yourclub": "<your club\'s subdomain>"}' in err
+    # With a club file that gives the label, the entry loads (dry-run would now reach the club).
+    (data_dir / "clubs").mkdir()
+    write_json(data_dir / "clubs" / "gym.json", {"use": "perfectgym", "yourclub": "riverside"})
+    write_json(data_dir / "schedules.json", [entry | {"club": "gym"}])
+    assert run(monkeypatch, env, "check") == 0, capsys.readouterr().err
+    assert "https://riverside.perfectgym.com/" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     ("argv0", "name"),
     [

@@ -271,3 +271,18 @@ def test_an_untrusted_certificate_is_permanent_and_named(tmp_path: Path) -> None
     )
     assert raised.value.permanent is True
     assert raised.value.lost is False
+
+
+def test_a_host_that_does_not_resolve_is_named_without_blaming_booking_api_url() -> None:
+    """A flow's url (a club file's) is no BOOKING_API_URL: the reason names the host and where
+    a URL may come from. (``.invalid`` never resolves, RFC 6761; no network is needed.)"""
+    client = ClubClient(timeout=5)
+    try:
+        with pytest.raises(club_client.BookingError) as raised:
+            client.send(_spec("https://yourclub.courtbot.invalid/book"))
+    finally:
+        client.close()
+    assert str(raised.value) == (
+        "the club's host name 'yourclub.courtbot.invalid' could not be resolved: check the host in "
+        "the booking URL (BOOKING_API_URL, or the url in the request template or club file)"
+    )

@@ -414,7 +414,9 @@ def test_rrule_invalid_freq(data_dir: Path) -> None:
         ("RRULE:FREQ=DAILY\nRRULE:FREQ=WEEKLY", "must hold exactly one rule line"),
         ("DTSTART:20260230T170000\nRRULE:FREQ=WEEKLY", "is not a real date and time"),
         ("DTSTART:20261203T170000\nRRULE:FREQ=WEEKLY", "disagree; give the start once"),
-        ("every funday at 17:00", "is not an English rule I understand"),
+        ("every funday at 17:00", "'funday' is not a weekday (did you mean 'Sunday'?)"),
+        ("every day at noon", "'at noon' is not a time of day: write it as HH:MM"),
+        ("every sometimes at 17:00", "is not an English rule I understand"),
         ("every wednesday at 25:00", "25:00 in 'every wednesday at 25:00' is not a time of day"),
     ],
 )
@@ -1914,6 +1916,154 @@ def test_a_club_file_that_is_not_json_names_the_file(data_dir: Path, env: dict[s
     ]
 
 
+# --------------------------------------------------------------------------- ready flows by name
+
+HOSTED = {
+    "about": "a ready flow with a host per club: replace yourclub",
+    "hosts": ["yourclub.gym.example"],
+    "window": "170h",
+    "steps": [
+        {"name": "login", "url": "https://yourclub.gym.example/login", "ok": {"status": [200]}},
+        {"name": "book", "booking": True, "url": "https://yourclub.gym.example/book"},
+    ],
+}
+
+
+@pytest.fixture
+def ready(tmp_path: Path, env: dict[str, str]) -> Path:
+    """A READY_CLUBS_DIR of its own: ``hosted`` (a host per club) and ``shared`` (one host)."""
+    folder = tmp_path / "ready"
+    folder.mkdir()
+    write_json(folder / "hosted.json", HOSTED)
+    write_json(folder / "shared.json", {"url": PADEL_URL, "window": "6d@08:00"})
+    env["READY_CLUBS_DIR"] = str(folder)
+    return folder
+
+
+def test_a_ready_flow_is_used_by_name_without_a_copy(
+    data_dir: Path, env: dict[str, str], ready: Path
+) -> None:
+    config = load_all(data_dir, env, MATCH | {"club": "shared"})
+    assert config.errors == []
+    assert config.clubs["shared"].label == str(ready / "shared.json")
+    assert by_id(config)["match"].club == "shared"
+    # A file of that name in DATA_DIR/clubs/ is the user's and wins.
+    club_file(data_dir, "shared", {"url": "https://own.example/book"})
+    config = load_all(data_dir, env, MATCH | {"club": "shared"})
+    assert config.clubs["shared"].flow.booking_step.url.source() == "https://own.example/book"
+
+
+def test_the_repositorys_ready_flows_are_found_by_name(data_dir: Path, env: dict[str, str]) -> None:
+    settings = Settings.from_env(env)
+    assert settings.ready_clubs_dir == Path(config_loader.__file__).parent / "data" / "clubs"
+    config = load_all(data_dir, env, MATCH | {"club": "playtomic"})
+    assert config.clubs["playtomic"].label == str(settings.ready_clubs_dir / "playtomic.json")
+
+
+def test_a_ready_flow_with_its_placeholder_left_in_is_an_error_naming_file_key_and_fix(
+    data_dir: Path, env: dict[str, str], ready: Path
+) -> None:
+    config = load_all(data_dir, env, MATCH | {"club": "hosted"}, WED)
+    assert config.errors == [
+        f"schedules.json entry 'match' (#1): club: 'hosted': {ready}/hosted.json: hosts[0]: "
+        "'yourclub.gym.example' still holds the placeholder 'yourclub': put your club's own "
+        "host there (in hosts and every url), or leave the ready flow as it is and write a club "
+        'file of your own, e.g. clubs/my-hosted.json holding {"use": "hosted", "yourclub": '
+        '"<your club\'s subdomain>"}, and name it in the entry ("club": "my-hosted")'
+    ]
+    assert [e.id for e in config.schedules.entries] == ["wed-evening"]
+    # Copied unedited, or with the hosts edited but one url forgotten: the same, naming it.
+    copied = dict(HOSTED, hosts=["riverside.gym.example"])
+    path = club_file(data_dir, "gym", copied)
+    config = load_all(data_dir, env, MATCH | {"club": "gym"})
+    assert config.errors[0].startswith(
+        f"schedules.json entry 'match' (#1): club: 'gym': {path}: steps[0] 'login'.url: "
+        "'https://yourclub.gym.example/login' still holds the placeholder 'yourclub'"
+    )
+
+
+def test_use_gives_the_ready_flow_with_the_clubs_own_host(
+    data_dir: Path, env: dict[str, str], ready: Path
+) -> None:
+    club_file(data_dir, "riverside", {"use": "hosted", "yourclub": "Riverside-2"})
+    config = load_all(data_dir, env, MATCH | {"club": "riverside"})
+    assert config.errors == []
+    flow = config.clubs["riverside"].flow
+    assert flow.booking_step.url.source() == "https://riverside-2.gym.example/book"
+    assert "riverside-2.gym.example" in str(flow.hosts)
+    assert str(config.clubs["riverside"].window) == "170h"
+    # The ready flow was not edited.
+    assert json.loads((ready / "hosted.json").read_text()) == HOSTED
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            {"use": "hosted"},
+            "yourclub: missing; the ready flow 'hosted' has a host per club "
+            '(yourclub.gym.example): give your club\'s subdomain, e.g. "riverside" for '
+            "riverside.gym.example",
+        ),
+        (
+            {"use": "hosted", "yourclub": "my.club"},
+            "yourclub: 'my.club' is not a host name label (letters, digits and hyphens, at most "
+            '63; e.g. "riverside" for riverside.gym.example)',
+        ),
+        ({"use": "hosted", "yourclub": 7}, "yourclub: 7 is not a host name label"),
+        ({"use": "hosted", "yourclub": "-x"}, "yourclub: '-x' is not a host name label"),
+        (
+            {"use": "shared", "yourclub": "riverside"},
+            "yourclub: the ready flow 'shared' has no 'yourclub' host to replace; remove the key",
+        ),
+        (
+            {"use": "nosuch", "yourclub": "riverside"},
+            "use: 'nosuch' is not a ready flow (expected one of hosted, shared)",
+        ),
+        ({"use": "../hosted"}, "use: '../hosted' is not a ready flow"),
+        (
+            {"use": "hosted", "yourclub": "riverside", "window": "7d"},
+            'window: unknown key; a club file with "use" takes only use, yourclub, about',
+        ),
+    ],
+)
+def test_use_errors_name_the_file_and_the_key(
+    data_dir: Path, env: dict[str, str], ready: Path, value: Any, message: str
+) -> None:
+    path = club_file(data_dir, "mine", value)
+    config = load_all(data_dir, env, MATCH | {"club": "mine"})
+    (error,) = config.errors
+    assert error.startswith(f"schedules.json entry 'match' (#1): club: 'mine': {path}: {message}")
+
+
+def test_every_ready_flow_with_a_host_per_club_works_through_use(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    hosted = [
+        path.stem
+        for path in Settings.from_env(env).ready_clubs_dir.glob("*.json")
+        if "yourclub" in json.dumps(json.loads(path.read_text()).get("hosts", []))
+    ]
+    assert hosted  # ClubAutomation and Perfect Gym, at least
+    for name in hosted:
+        club_file(data_dir, f"my-{name}", {"use": name, "yourclub": "riverside"})
+    config = load_all(data_dir, env, *[MATCH | {"id": n, "club": f"my-{n}"} for n in hosted])
+    # (Their tokens are the default string here: those errors are the token's, not the club's.)
+    assert [e for e in config.errors if ": club: " in e] == []
+    for name in hosted:
+        assert "yourclub" not in config.clubs[f"my-{name}"].flow.booking_step.url.source()
+
+
+def test_a_club_named_only_in_schedules_counts_as_club_files(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    settings = Settings.from_env(env)
+    write_json(data_dir / "schedules.json", [MATCH])
+    assert not config_loader.has_club_files(settings)
+    write_json(data_dir / "schedules.json", [MATCH | {"club": "playtomic"}])
+    assert config_loader.has_club_files(settings)
+
+
 def test_a_club_file_no_entry_names_is_not_read(data_dir: Path, env: dict[str, str]) -> None:
     club_file(data_dir, "unused", {"method": "BREW"})
     config = load_all(data_dir, env, MATCH)
@@ -2138,3 +2288,40 @@ def test_the_caches_overlap_warnings_are_those_of_a_fresh_read_through_edits(
             entries += [random_entry(rng, rng.randrange(10**6, 10**7)) for _ in range(20)]
         else:  # time passes: some starts go by
             now += timedelta(days=rng.randrange(1, 4))
+
+
+def test_about_is_a_note_for_people_and_changes_nothing(data_dir: Path) -> None:
+    plain = schedules(data_dir, WED)
+    noted = schedules(data_dir, WED | {"about": "an example: disabled until it is yours"})
+    assert noted.errors == []
+    ignored = {"rule": None, "fingerprint": ""}
+    assert dataclasses.replace(noted.entries[0], **ignored) == dataclasses.replace(
+        plain.entries[0], **ignored
+    )
+    result = schedules(data_dir, WED | {"about": ["not", "text"]})
+    assert only_error(result) == (
+        "schedules.json entry 'wed-evening' (#1): about: ['not', 'text'] is not a string "
+        "(a note for people, ignored)"
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, as `check` in a container runs")
+def test_a_file_the_daemon_cannot_read_is_named_when_check_runs_as_root(
+    data_dir: Path, env: dict[str, str]
+) -> None:
+    os.chown(data_dir, 10001, 10001)  # the daemon's DATA_DIR, as in the image
+    write_json(data_dir / "schedules.json", [])
+    write_json(data_dir / "tokens.json", {"default": "t"})
+    (data_dir / "schedules.json").chmod(0o644)  # root-owned but readable by all: fine
+    (data_dir / "tokens.json").chmod(0o600)  # root-owned, owner-only: not for uid 10001
+    club_file(data_dir, "mine", {"url": PADEL_URL})
+    os.chown(data_dir / "clubs" / "mine.json", 10001, 10001)
+    (data_dir / "clubs" / "mine.json").chmod(0o600)
+    settings = Settings.from_env(env)
+    assert config_loader.unreadable_by_daemon(settings) == [
+        f"{data_dir}/tokens.json: the daemon (uid 10001, the owner of {data_dir}) cannot read "
+        f"it (owner uid 0, mode 0600): run `chown 10001:10001 {data_dir}/tokens.json`, or "
+        "restart the container (its entrypoint hands every file in DATA_DIR to the daemon)"
+    ]
+    os.chown(data_dir, 0, 0)  # a DATA_DIR of root's: root runs the daemon, reads everything
+    assert config_loader.unreadable_by_daemon(settings) == []

@@ -228,38 +228,49 @@ def test_the_image_carries_the_ready_flows_outside_the_data_volume() -> None:
 
 
 @needs_root
-def test_entrypoint_puts_the_ready_flows_in_data_dir_and_never_over_a_file_of_yours(
+def test_entrypoint_copies_no_ready_flow_and_removes_an_earlier_unedited_copy(
     root: Path,
 ) -> None:
-    ready = root / "ready"  # the image's /app/clubs, root-owned and read-only
-    shutil.copytree(REPO / "data" / "clubs", ready)
+    """The ready flows are read from READY_CLUBS_DIR by name (config_loader.club_path): the
+    entrypoint copies none. A copy an earlier image made and nobody edited is removed, so the
+    image's version is used again; an edited one stays, no longer marked."""
     data = root / "data"
-    env = {"DATA_DIR": str(data), "READY_CLUBS_DIR": str(ready)}
-    done = _entrypoint(env, "ls $DATA_DIR/clubs")
-    assert (done.returncode, done.stdout.split()) == (
-        0,
-        sorted(p.name for p in ready.glob("*.json")),
-    ), done.stderr
     clubs = data / "clubs"
-    for path in ready.glob("*.json"):
-        copied = clubs / path.name
-        assert copied.read_bytes() == path.read_bytes()
-        assert (copied.stat().st_uid, stat.S_IMODE(copied.stat().st_mode)) == (10001, 0o600)
-    assert clubs.stat().st_uid == 10001
-
-    # A new image: an unedited copy follows it; an edited one, and one deleted then
-    # written by you, stay as they are.
-    (ready / "playtomic.json").write_text('{"about": "new version"}')
-    (ready / "doinsport.json").write_text('{"about": "new version"}')
+    clubs.mkdir(parents=True)
+    unedited = '{"about": "as an earlier image copied it"}'
+    (clubs / "playtomic.json").write_text(unedited)
+    (clubs / ".playtomic.json.ready").write_text(
+        subprocess.run(
+            ["sha256sum"], input=unedited, capture_output=True, text=True, check=True
+        ).stdout
+    )
     (clubs / "doinsport.json").write_text('{"about": "edited by you"}')
-    (ready / "newclub.json").write_text('{"about": "a flow added to the image"}')
-    assert _entrypoint(env, "true").returncode == 0
-    assert (clubs / "playtomic.json").read_text() == '{"about": "new version"}'
+    (clubs / ".doinsport.json.ready").write_text("0" * 64 + "  -\n")
+    (clubs / "mine.json").write_text('{"about": "yours"}')
+    env = {"DATA_DIR": str(data), "READY_CLUBS_DIR": str(REPO / "data" / "clubs")}
+    done = _entrypoint(env, "ls -A $DATA_DIR/clubs")
+    assert (done.returncode, done.stdout.split()) == (0, ["doinsport.json", "mine.json"]), (
+        done.stderr
+    )
     assert (clubs / "doinsport.json").read_text() == '{"about": "edited by you"}'
-    assert (clubs / "newclub.json").read_text() == '{"about": "a flow added to the image"}'
-    (ready / "doinsport.json").write_text('{"about": "newer still"}')
-    assert _entrypoint(env, "true").returncode == 0
-    assert (clubs / "doinsport.json").read_text() == '{"about": "edited by you"}'
+    assert all(p.stat().st_uid == 10001 for p in clubs.iterdir())
+
+
+@needs_root
+def test_entrypoint_makes_files_put_there_as_root_readable_by_the_daemon(root: Path) -> None:
+    """``docker compose cp`` leaves a root-owned file with the host's mode (0600 after a local
+    run): the daemon, uid 10001, could not read it. At start the entrypoint makes it its own."""
+    data = root / "data"
+    data.mkdir()
+    os.chown(data, 10001, 10001)  # the volume was the daemon's already
+    for name in ("schedules.json", "tokens.json"):
+        (data / name).write_text("{}")
+        (data / name).chmod(0o600)
+    (data / "clubs").mkdir()
+    (data / "clubs" / "mine.json").write_text("{}")
+    (data / "clubs" / "mine.json").chmod(0o600)
+    done = _entrypoint({"DATA_DIR": str(data)}, "cat $DATA_DIR/tokens.json $DATA_DIR/clubs/*")
+    assert (done.returncode, done.stdout) == (0, "{}{}"), done.stderr
 
 
 @needs_root
@@ -275,7 +286,7 @@ def test_entrypoint_copies_club_files_from_config_dir_over_the_ready_flows(root:
     (secrets_dir / "clubs.json").write_text("{}")  # no club name: not a club file
     data = root / "data"
     env = {"DATA_DIR": str(data), "CONFIG_DIR": str(secrets_dir), "READY_CLUBS_DIR": str(ready)}
-    for _ in range(2):  # the ready flow never comes back over the file from CONFIG_DIR
+    for _ in range(2):  # the file from CONFIG_DIR is used, never the ready flow of its name
         done = _entrypoint(env, "ls $DATA_DIR/clubs")
         assert (done.returncode, done.stdout.split()) == (
             0,
@@ -331,3 +342,25 @@ def test_the_compose_file_for_postgresql_runs_two_replicas_each_with_its_own_dat
     # DATA_DIR is no shared volume: two replicas on one would hold each other's lock.
     assert all(not mount.endswith(":/app/data") for mount in courtbot["volumes"])
     assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
+
+
+def test_one_default_zone_in_the_code_the_blueprints_the_env_example_and_the_readme() -> None:
+    """An entry without a zone must not move by an hour depending on where courtbot runs: the
+    examples carry the code's default (the contract's UTC), each saying to set the club's zone."""
+    import yaml
+
+    from config_loader import Settings
+
+    default = Settings.from_env({}).timezone
+    assert default == "UTC"
+    for blueprint in ("render.yaml", "render.postgres.yaml"):
+        (service,) = [
+            s for s in yaml.safe_load((REPO / blueprint).read_text())["services"] if "envVars" in s
+        ]
+        assert _env_keys(service)["BOOKING_TIMEZONE"]["value"] == default, blueprint
+        assert "Your club's zone" in (REPO / blueprint).read_text(), blueprint
+    example = (REPO / "courtbot.env.example").read_text()
+    assert f"\nBOOKING_TIMEZONE={default}\n" in example
+    assert "your club's zone" in example
+    table = (REPO / "docs" / "reference" / "environment.md").read_text()
+    assert f"| `BOOKING_TIMEZONE` | `{default}` |" in table

@@ -180,7 +180,7 @@ def test_check_an_instance_ending_after_year_9999_is_an_error_for_its_entry_alon
     assert done.returncode == 1, done.stderr
     assert done.stderr == (
         "".join(f"error: {line}\n" for line in FAR_ERRORS)
-        + "\ninvalid: 2 problem(s); see the errors above\n"
+        + "\ninvalid: 2 problems; see the errors above\n"
     )
     assert "  Fri 9999-12-31 22:30 UTC  = 9999-12-31T22:30:00Z  trigger 9999-12-24T22:30:00Z\n" in (
         done.stdout
@@ -234,7 +234,7 @@ def test_a_fernet_shaped_value_cut_short_is_an_error_for_its_token_not_a_plainte
         "error: tokens.json token 'partner': the value is encrypted but no key in FERNET_KEY "
         "decrypts it (was it encrypted with another key?); re-encrypt it with `python main.py "
         "encrypt-token` or put the plaintext token in the file\n"
-        "\ninvalid: 1 problem(s); see the errors above\n"
+        "\ninvalid: 1 problem; see the error above\n"
     )
     assert "  'partner': unusable (see the error above)\n" in done.stdout
     assert tokens.read_text() == written  # check never rewrites
@@ -442,7 +442,7 @@ def test_a_token_no_header_can_carry_is_an_error_at_check_not_at_the_trigger(
         "error: tokens.json token 'default': the token holds a character no HTTP header can "
         "carry (beyond Latin-1, e.g. a zero-width space or a typographic quote a paste brought "
         "along); put the token in as the club gave it\n"
-        "\ninvalid: 1 problem(s); see the errors above\n"
+        "\ninvalid: 1 problem; see the error above\n"
     )
     # A login's fields go in a body: a password may hold any character.
     assert "  'login': object of password, plaintext" in done.stdout

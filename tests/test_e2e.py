@@ -16,11 +16,13 @@ import pytest
 from cryptography.fernet import Fernet
 
 from daemon_harness import (
+    DEFAULT_READY_SECONDS,
     READY_SECONDS,
     DaemonProcess,
     cli,
     desired_for_trigger_in,
     iso_z,
+    ready_seconds,
     status,
     wait_until,
 )
@@ -444,3 +446,91 @@ def test_sighup_with_nothing_changed_only_checks(
     assert wait_until(lambda: "config unchanged (SIGHUP)" in daemon.output(), 5), daemon.output()
     assert "config loaded (SIGHUP)" not in daemon.output()
     assert daemon.stop() == 0
+
+
+# --- The first hour (issue 25) -------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_a_daemon_started_on_the_examples_as_copied_sends_nothing(
+    e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
+) -> None:
+    """README's "Running it yourself", literally: both examples copied as they are. `check`
+    passes, and the daemon books nothing (every example is disabled until it is yours)."""
+    data = Path(e2e_env["DATA_DIR"])
+    for name in ("schedules", "tokens"):
+        (data / f"{name}.json").write_text((REPO / "data" / f"{name}.example.json").read_text())
+    checked = cli(e2e_env, "check")
+    assert checked.returncode == 0, checked.stderr
+    assert "books at once" not in checked.stdout
+    daemon = spawn(e2e_env)
+    daemon.wait_ready()
+    # A reload too sends nothing (the loop gets a turn to book what is due).
+    daemon.signal(signal.SIGHUP)
+    assert wait_until(lambda: "(SIGHUP)" in daemon.output(), 10), daemon.output()
+    assert daemon.stop() == 0
+    assert club.received == []
+    assert {row["status"] for row in status(e2e_env)} <= {"cancelled"}
+
+
+def test_ready_seconds_can_be_raised_from_the_environment() -> None:
+    assert ready_seconds({}) == DEFAULT_READY_SECONDS
+    assert ready_seconds({"READY_SECONDS": "7.5"}) == 7.5
+    assert ready_seconds({"READY_SECONDS": "0.1"}) == DEFAULT_READY_SECONDS  # never lower
+    with pytest.raises(ValueError, match=r"READY_SECONDS: 'soon' is not a number of seconds"):
+        ready_seconds({"READY_SECONDS": "soon"})
+
+
+@pytest.mark.both_databases
+def test_reload_prints_the_loads_result_and_exits_1_on_its_errors(
+    e2e_env: dict[str, str], club: SandboxClub, spawn: Callable[..., DaemonProcess]
+) -> None:
+    far = desired_for_trigger_in(3600)
+    schedules(e2e_env, [one_off("a", far)])
+    daemon = spawn(e2e_env)
+    daemon.wait_ready()
+
+    # A new entry whose window is open already: reload says it books at once.
+    soon = (datetime.now(UTC) + timedelta(hours=100)).replace(microsecond=0)
+    schedules(e2e_env, [one_off("a", far), one_off("now", soon)])
+    done = cli(e2e_env, "reload")
+    assert done.returncode == 0, done.stderr
+    first, *rest = done.stdout.splitlines()
+    assert first.startswith(
+        f"courtbot (pid {daemon.pid}) loaded the config files (SIGHUP): 2 schedule(s) "
+    ), done.stdout
+    assert "0 error(s)" in first
+    key = f"now@{iso_z(soon)}"
+    assert next(line for line in rest if key in line).endswith("): books at once when loaded")
+    assert wait_until(lambda: status_of(e2e_env, key) == "booked", 10), daemon.output()
+
+    # Two bad entries: each error on a line of its own, as the log has it; exit 1, the daemon
+    # goes on.
+    bad = [one_off("a", far), {"id": "b1", "type": "one-off"}, {"id": "b2", "type": "weekly"}]
+    schedules(e2e_env, bad)
+    done = cli(e2e_env, "reload")
+    assert done.returncode == 1, done.stdout
+    errors = [line.removeprefix("error: ") for line in done.stderr.splitlines()[:-1]]
+    assert [e.split(":")[0] for e in errors] == [
+        "schedules.json entry 'b1' (#2)",
+        "schedules.json entry 'b2' (#3)",
+    ]
+    assert all(
+        f"ERROR config_loader: {e}" in daemon.output() or e in daemon.output() for e in errors
+    )
+    assert done.stderr.splitlines()[-1].startswith("2 errors: ")
+    assert daemon.proc is not None and daemon.proc.poll() is None
+
+    # Nothing changed since: the same errors, still exit 1.
+    again = cli(e2e_env, "reload")
+    assert again.returncode == 1
+    assert "config unchanged since the last load" in again.stdout
+    assert again.stderr == done.stderr
+
+    # status sums the last load up.
+    summary = cli(e2e_env, "status").stdout
+    assert "last load: " in summary and "(SIGHUP, " in summary
+    assert f"2 errors; the first: {errors[0]}" in summary
+    assert daemon.stop() == 0
+    assert cli(e2e_env, "reload").returncode == 1  # none runs

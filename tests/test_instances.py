@@ -1293,7 +1293,7 @@ def test_finish_records_the_first_send_and_reports_its_timing(
     assert booked.timing == "sent 0.8 ms after the window opened"
     assert rows(factory)["a@1"].first_sent_at == sent
     # b's first request left at ``sent``, on time, whatever its cause column says.
-    assert failed.timing == "sent 0.8 ms after the window opened"
+    assert failed.timing == "sent 0.8 ms after the window opened, but not booked: see the reason"
     assert rows(factory)["b@1"].first_sent_at == sent
 
 
@@ -1431,3 +1431,66 @@ def test_an_outcome_is_located_at_its_club(factory: sessionmaker[Session]) -> No
     update(factory, "a@1", club="riverside")
     assert instances.finish(factory, "a@1", BOOKED, None, now=NOW).location == "riverside"
     assert instances.finish(factory, "b@1", BOOKED, None, now=NOW).location is None
+
+
+# --------------------------------------------------------------------------- loads (reload, status)
+
+
+def test_a_load_is_recorded_and_read_back_the_latest_first(factory: sessionmaker[Session]) -> None:
+    assert instances.last_load(factory) is None
+    first = instances.record_load(
+        factory, at=NOW, reason="start", pid=41, summary="2 schedule(s), 0 error(s)", errors=[]
+    )
+    second = instances.record_load(
+        factory,
+        at=NOW + timedelta(seconds=5),
+        reason="SIGHUP",
+        pid=41,
+        summary="1 schedule(s), 2 error(s)",
+        errors=["schedules.json entry #2: type: missing", "schedules.json entry #3: id: bad"],
+        at_once=["a@x (Wed 2026-12-02 17:00 GMT): books at once when loaded"],
+    )
+    record = instances.last_load(factory)
+    assert record is not None and record.id == second > first
+    assert (record.reason, record.pid, record.at) == ("SIGHUP", 41, NOW + timedelta(seconds=5))
+    assert record.errors[1] == "schedules.json entry #3: id: bad"
+    assert record.at_once == ["a@x (Wed 2026-12-02 17:00 GMT): books at once when loaded"]
+    # `reload` waits for a load after the one it saw before its signal.
+    assert instances.last_load(factory, after=second) is None
+    assert instances.last_load(factory, after=first) == record
+
+
+def test_only_the_latest_loads_are_kept(factory: sessionmaker[Session]) -> None:
+    ids = [
+        instances.record_load(factory, at=NOW, reason="file change", pid=1, summary="", errors=[])
+        for _ in range(models.LOADS_KEPT + 3)
+    ]
+    with factory() as session:
+        kept = sorted(session.scalars(select(models.Load.id)))
+    assert kept == ids[-models.LOADS_KEPT :]
+
+
+def test_what_a_load_books_at_once(factory: sessionmaker[Session]) -> None:
+    add_row(factory, "open@1", NOW + timedelta(hours=2), PENDING)  # trigger 166 h ago
+    add_row(factory, "ahead@1", NOW + timedelta(days=9), PENDING)  # trigger in 2 days
+    add_row(factory, "done@1", NOW + timedelta(hours=3), BOOKED)  # already booked: not again
+    lines = instances.at_once(factory, ["open@1", "ahead@1", "done@1", "gone@1"], NOW)
+    start = utils.format_local(NOW + timedelta(hours=2), utils.get_zone("UTC"))
+    assert lines == [f"open@1 ({start}): books at once when loaded"]
+
+
+def test_no_load_is_read_from_a_database_of_the_previous_release(tmp_path: Path) -> None:
+    url = previous_release_database(tmp_path / "db.sqlite")
+    reader = models.make_engine(url, create=False)
+    try:
+        assert instances.last_load(models.session_factory(reader)) is None
+    finally:
+        reader.dispose()
+
+
+def test_the_statuses_of_instances_whose_window_is_open(factory: sessionmaker[Session]) -> None:
+    add_row(factory, "open@1", NOW + timedelta(hours=2), PENDING)
+    add_row(factory, "done@1", NOW + timedelta(hours=3), BOOKED)
+    add_row(factory, "ahead@1", NOW + timedelta(days=9), PENDING)  # window not open yet
+    add_row(factory, "past@1", NOW - timedelta(hours=1), BOOKED)  # start passed
+    assert instances.open_window_statuses(factory, NOW) == {"open@1": PENDING, "done@1": BOOKED}

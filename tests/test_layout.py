@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ast
 import fnmatch
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -210,3 +212,62 @@ def test_the_class_sizes_count_every_line_of_nested_classes_too(tmp_path: Path) 
     source = tmp_path / "sample.py"
     source.write_text("class Big:\n    class Small:\n        x = 1\n" + "    y = 2\n" * 399)
     assert class_lengths(source) == [("Big", 1, 402), ("Small", 2, 2)]
+
+
+def _ignored(paths: list[str]) -> set[str]:
+    """Which of ``paths`` (relative to the repository) .gitignore ignores, tracked or not."""
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    done = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--stdin"],
+        cwd=ROOT,
+        input="\n".join(paths),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode in (0, 1), done.stderr
+    return set(done.stdout.split())
+
+
+def test_a_users_files_in_data_never_show_as_untracked_and_the_repositorys_stay_tracked() -> None:
+    """DATA_DIR defaults to data/, which also holds the examples and the ready flows: what the
+    user and the daemon write there is ignored, what the repository ships is not."""
+    yours = [
+        "data/schedules.json",
+        "data/tokens.json",
+        "data/db.sqlite",
+        "data/db.sqlite-wal",
+        "data/bot.log",
+        "data/bot.log.1",
+        "data/bot.pid",
+        "data/bot.lock",
+        "data/heartbeat",
+        "data/clubs/my-perfectgym.json",
+        "data/clubs/riverside.json",
+    ]
+    shipped = [
+        "data/schedules.example.json",
+        "data/tokens.example.json",
+        *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "data" / "templates").glob("*"))),
+        *(str(p.relative_to(ROOT)) for p in sorted((ROOT / "data" / "clubs").glob("*.json"))),
+    ]
+    ignored = _ignored(yours + shipped)
+    assert sorted(set(yours) - ignored) == []
+    # A ready flow added to data/clubs/ needs its own "!/data/clubs/<name>.json" line.
+    assert sorted(set(shipped) & ignored) == []
+
+
+@pytest.mark.parametrize("target", ["postgres-server", "faketime"])
+def test_make_says_before_it_installs_a_system_package(target: str) -> None:
+    """`make test` may install Debian packages as root: each target says so first."""
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    done = subprocess.run(
+        ["make", "-n", "-C", str(ROOT), target], capture_output=True, text=True, check=True
+    )
+    recipe = done.stdout
+    installs = [i for i in range(len(recipe)) if recipe.startswith("apt-get install", i)]
+    assert installs, recipe
+    said = recipe.find('echo "installing ')
+    assert 0 <= said < installs[0], recipe

@@ -293,7 +293,7 @@ def test_booked_email_has_subject_facts_and_calendar_entry() -> None:
     # 17:00 in London in December is 17:00 UTC; one hour long.
     assert "DTSTART:20261202T170000Z" in unfolded
     assert "DTEND:20261202T180000Z" in unfolded
-    assert "SUMMARY:Tennis: court 3" in unfolded
+    assert "SUMMARY:wed-evening: court 3" in unfolded
     description = next(line for line in unfolded if line.startswith("DESCRIPTION:"))
     assert "Booking reference: bk-7" in description
 
@@ -321,7 +321,7 @@ def test_calendar_text_never_holds_a_bare_cr_or_another_control() -> None:
     assert b"\n" not in ics.replace(b"\r\n", b"")
     unfolded = ics.decode().replace("\r\n ", "").split("\r\n")
     assert not any(line.startswith("X-INJECTED") for line in unfolded)
-    assert "SUMMARY:Tennis: court 3\\n4" in unfolded
+    assert "SUMMARY:wed-evening: court 3\\n4" in unfolded
     description = next(line for line in unfolded if line.startswith("DESCRIPTION:"))
     assert description.startswith("DESCRIPTION:Booking reference: bk-1\\nX-INJECTED:evil\\n")
 
@@ -492,24 +492,25 @@ def test_calendar_entry_has_a_reminder_and_the_club_as_location() -> None:
         return ics.decode().replace("\r\n ", "").split("\r\n")
 
     lines = unfolded(notify.calendar_entry(make_outcome(), BEFORE_START, "club.example"))
-    assert "LOCATION:club.example" in lines
+    # The court and where it is, not a bare host name.
+    assert "LOCATION:Court 3\\, club.example" in lines
+    assert "SUMMARY:wed-evening: court 3" in lines
     alarm = lines[lines.index("BEGIN:VALARM") : lines.index("END:VALARM") + 1]
     assert alarm == [
         "BEGIN:VALARM",
         "ACTION:DISPLAY",
-        "DESCRIPTION:Tennis: court 3",
+        "DESCRIPTION:wed-evening: court 3",
         "TRIGGER:-PT60M",
         "END:VALARM",
     ]
     assert lines.index("END:VALARM") < lines.index("END:VEVENT")
-    named = make_outcome(location="Riverside LTC, Court Lane")
-    assert "LOCATION:Riverside LTC\\, Court Lane" in unfolded(
-        notify.calendar_entry(named, BEFORE_START, "club.example")
+    # An entry booked through a club file names it, in the summary and the location.
+    named = unfolded(
+        notify.calendar_entry(make_outcome(location="playtomic"), BEFORE_START, "club.example")
     )
-    assert not any(
-        line.startswith("LOCATION:")
-        for line in unfolded(notify.calendar_entry(make_outcome(), BEFORE_START))
-    )
+    assert "SUMMARY:wed-evening: court 3 (playtomic)" in named
+    assert "LOCATION:Court 3\\, playtomic" in named
+    assert "LOCATION:Court 3" in unfolded(notify.calendar_entry(make_outcome(), BEFORE_START))
 
 
 def test_the_notifier_puts_its_location_in_the_attached_entry() -> None:
@@ -525,7 +526,7 @@ def test_the_notifier_puts_its_location_in_the_attached_entry() -> None:
     (attachment,) = only_message(mailbox).iter_attachments()
     ics = attachment.get_payload(decode=True)
     assert isinstance(ics, bytes)
-    assert b"\r\nLOCATION:club.example\r\n" in ics
+    assert b"\r\nLOCATION:Court 3\\, club.example\r\n" in ics
 
 
 def test_a_warning_goes_by_email_and_channel_with_its_lines(
@@ -1048,7 +1049,9 @@ def test_mask_url_drops_custom_headers() -> None:
         ("nosuch://123456:s3cretpw/x", "nosuch://****/****"),
         ("nosuch://s3cretpw", "nosuch://****"),
         ("nosuch://localhost", "nosuch://localhost"),
-        ("not a url s3cretpw", "****"),
+        ("not a url s3cretpw", "not **** **** ****"),
+        ("ntfy.sh/my-secret-topic", "ntfy.sh/****"),
+        ("123456789:ABCdefSecret/4242", "****:****/****"),
     ],
 )
 def test_mask_url_without_a_parse_keeps_only_the_host(url: str, expected: str) -> None:
@@ -1068,7 +1071,7 @@ def test_validate_notify_urls_reports_each_bad_url() -> None:
     assert errors == [
         "'json://' is not a valid json:// URL (see Apprise's documentation for this service)",
         "'nosuch://host.example.org/****': nosuch:// is not an Apprise service",
-        "'****' is not a URL (expected scheme://...)",
+        "'oops' is not a URL (expected scheme://...)",
     ]
 
 
@@ -1277,3 +1280,82 @@ def test_apprise_is_not_imported_without_urls() -> None:
         check=True,
     )
     assert done.stdout.strip() == "False"
+
+
+# --- What the first hour needs (issue 25) -------------------------------------------------------
+
+
+def test_a_refused_token_says_fix_the_token_first_then_retry(
+    http_recorder: tuple[int, list[dict[str, Any]]],
+) -> None:
+    port, requests = http_recorder
+    reason = (
+        "the club rejected token 'default' (HTTP 401): put a valid token in tokens.json, "
+        "reload, then `python main.py retry` this booking"
+    )
+    mailbox = Mailbox()
+    settings = replace(email_settings(0), urls=(f"json://127.0.0.1:{port}/hook",))
+    with smtp_server(mailbox) as smtp_port:
+        notifier = Notifier(replace(settings, smtp_port=smtp_port), clock=lambda: BEFORE_START)
+        notifier.start()
+        notifier.notify(make_outcome("failed", reason=reason))
+        notifier.close(timeout=10)
+
+    body = body_text(only_message(mailbox))
+    advice = body[body.index("What to do:") :]
+    assert advice.index("Fix the token first") < advice.index(f"python main.py retry {KEY}")
+    assert "Book by hand" not in advice
+    message = json.loads(requests[0]["body"])["message"]
+    assert message.index("Fix the token in tokens.json first") < message.index("Retry:")
+
+
+def test_a_failure_of_another_kind_is_no_token_problem() -> None:
+    assert not notify.refused_credentials("courts 3, 4 taken (409)")
+    assert not notify.refused_credentials(None)
+    assert notify.refused_credentials(
+        "the club rejected the credentials at step 'login' (HTTP 403): check token 'padel'"
+    )
+
+
+def test_send_test_sends_one_test_message_through_every_channel(
+    http_recorder: tuple[int, list[dict[str, Any]]],
+) -> None:
+    port, requests = http_recorder
+    mailbox = Mailbox()
+    with smtp_server(mailbox) as smtp_port:
+        settings = replace(
+            email_settings(smtp_port), urls=(f"json://user:s3cretpw@127.0.0.1:{port}/hook",)
+        )
+        results = notify.send_test(Notifier(settings, clock=lambda: BEFORE_START))
+
+    assert results == [
+        (f"email to alice@example.org via 127.0.0.1:{smtp_port}", None),
+        (f"JSON json://user:****@127.0.0.1:{port}/hook", None),
+    ]
+    assert subject(only_message(mailbox)).startswith("Test: ")
+    posted = json.loads(requests[0]["body"])
+    assert posted["title"].startswith("Test: ")
+    assert "notify-test" in posted["message"]
+
+
+def test_send_test_says_why_a_channel_failed() -> None:
+    closed = free_port()
+    settings = make_settings(
+        smtp_host="127.0.0.1",
+        smtp_port=closed,
+        recipients=("alice@example.org",),
+        urls=(f"json://127.0.0.1:{closed}/hook", "nosuch://s3cretpw@host.example.org/x"),
+        timeout=2.0,
+    )
+    results = dict(notify.send_test(Notifier(settings, clock=lambda: BEFORE_START)))
+
+    assert results[f"email to alice@example.org via 127.0.0.1:{closed}"] == (
+        f"none 127.0.0.1:{closed}: connection refused"
+    )
+    assert results[f"JSON json://127.0.0.1:{closed}/hook"] is not None
+    assert results["nosuch://host.example.org/****"] == "not a valid Apprise URL: see check"
+    assert "s3cretpw" not in repr(results)
+
+
+def test_send_test_with_nothing_configured_sends_nothing() -> None:
+    assert notify.send_test(Notifier(make_settings(), clock=lambda: BEFORE_START)) == []

@@ -247,3 +247,50 @@ def test_colour_only_on_a_terminal_and_never_with_no_color(
     terminal: bool, env: dict[str, str], wanted: bool
 ) -> None:
     assert report.colour_wanted(terminal, env) is wanted
+
+
+def test_the_last_load_with_its_time_and_its_first_error() -> None:
+    assert report.load_lines(None, NOW) == []
+    clean = report.LoadFacts(at=NOW - timedelta(minutes=3), reason="SIGHUP")
+    assert report.load_lines(clean, NOW) == [
+        "last load: 2026-11-27T11:57:00Z (SIGHUP, 3 min ago), no error"
+    ]
+    errors = (
+        "schedules.json entry 'wed' (#1): rrule: 'every Wendesday at 17:00' ...",
+        "schedules.json entry #2: type: missing",
+    )
+    failed = report.LoadFacts(at=NOW - timedelta(seconds=5), reason="file change", errors=errors)
+    assert report.load_lines(failed, NOW) == [
+        "last load: 2026-11-27T11:59:55Z (file change, 5 s ago), 2 errors; the first: "
+        "schedules.json entry 'wed' (#1): rrule: 'every Wendesday at 17:00' ..."
+    ]
+    one = report.LoadFacts(at=NOW, reason="start", errors=("line\nbreak",))
+    assert report.load_lines(one, NOW) == [
+        "last load: 2026-11-27T12:00:00Z (start, 0 s ago), 1 error; the first: line\\nbreak"
+    ]
+    shown = report.render(DaemonFacts(pid=None, heartbeat_age=None), [], [], [], now=NOW, load=one)
+    assert shown.splitlines()[1].startswith("last load: ")
+
+
+def test_what_reload_prints_of_a_load() -> None:
+    clean = report.LoadFacts(
+        at=NOW,
+        reason="SIGHUP",
+        summary="2 schedule(s) (1 validated), 0 error(s); instances: 1 added",
+        at_once=("now@2026-11-30T09:00:00Z (Mon 2026-11-30 09:00 GMT): books at once when loaded",),
+    )
+    assert report.reload_lines(clean, 41) == (
+        [
+            "courtbot (pid 41) loaded the config files (SIGHUP): 2 schedule(s) (1 validated), "
+            "0 error(s); instances: 1 added",
+            "  now@2026-11-30T09:00:00Z (Mon 2026-11-30 09:00 GMT): books at once when loaded",
+        ],
+        [],
+    )
+    bad = report.LoadFacts(at=NOW, reason="SIGHUP", summary="s", errors=("a\x1b[2J", "b"))
+    assert report.reload_lines(bad, 41)[1] == [
+        "error: a\\x1b[2J",
+        "error: b",
+        "2 errors: what each names was not loaded (what it had stays as it was); the daemon "
+        "goes on with the rest",
+    ]

@@ -1105,7 +1105,7 @@ def test_every_other_without_a_start_is_an_error() -> None:
         ),
         (
             "every Tuesday and Thursdy at 10:00",
-            f"'thursdy' is not a weekday; {ENGLISH_EXAMPLE}",
+            f"'Thursdy' is not a weekday (did you mean 'Thursday'?); {ENGLISH_EXAMPLE}",
         ),
         (
             "every Friday at 24:00",
@@ -1129,7 +1129,21 @@ def test_every_other_without_a_start_is_an_error() -> None:
         ),
         (
             "every Friday at 10",
-            f"'every Friday at 10' is not an English rule I understand; {ENGLISH_EXAMPLE}",
+            "'every Friday at 10': 'at 10' is not a time of day: write it as HH:MM on the "
+            "24-hour clock (e.g. 'at 19:00', 'at 07:30')",
+        ),
+        (
+            "every Friday at 7pm",
+            "'every Friday at 7pm': 'at 7pm' is not a time of day: write it as HH:MM on the "
+            "24-hour clock (e.g. 'at 19:00', 'at 07:30')",
+        ),
+        (
+            "every Wendesday at 17:00",
+            f"'Wendesday' is not a weekday (did you mean 'Wednesday'?); {ENGLISH_EXAMPLE}",
+        ),
+        (
+            "every other Mondya and Friday at 17:00 starting 2026-01-01",
+            f"'Mondya' is not a weekday (did you mean 'Monday'?); {ENGLISH_EXAMPLE}",
         ),
         (
             "every Wednesday at 17:00.",
@@ -2463,7 +2477,7 @@ def test_longer_forms_mix_with_the_others() -> None:
     rule = english("every Tues, Thurs and Sat at 18:00", today=date(2026, 6, 1))
     assert rule.rfc == "DTSTART:20260602T180000\nRRULE:FREQ=WEEKLY;BYDAY=TU,TH,SA"
     assert rule_error(english, "every Thursd at 18:00") == (
-        f"'thursd' is not a weekday; {ENGLISH_EXAMPLE}"
+        f"'Thursd' is not a weekday (did you mean 'Thursday'?); {ENGLISH_EXAMPLE}"
     )
 
 
