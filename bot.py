@@ -107,14 +107,28 @@ TAKEN_ADVICE = (
     "every court tried was taken, so a retry would be too: book another court with the club, "
     'and give the entry a list of courts to try in order (e.g. "court_id": ["3", "4"])'
 )
+#: What to do when a club's web firewall or CDN answered with its block page: no token helps.
+BLOCKED_FIX = (
+    "the club's CDN or web firewall refuses this request (many refuse data-centre addresses, "
+    "some ask for a captcha): run courtbot from another network (e.g. a home connection) or "
+    "ask the club to let it through"
+)
+#: What to do when a club served an HTML page where a step expected JSON.
+HTML_FOR_JSON_FIX = (
+    "the club served a web page where the step expected JSON (often its login page: the "
+    "session or the credentials were not accepted, or the URL is not the API's): check the "
+    "step's URL and the token's fields, then run `python main.py dry-run`"
+)
 
 
 @dataclass(frozen=True)
 class Verdict:
     """How an answer reads: ``booked``, ``ok`` (a step other than the booking step succeeded),
-    ``taken``, ``early``, ``retry``, ``auth`` (credentials rejected), ``rejected``, ``unmatched``
-    (a 2xx that none of the booking step's matchers knows), or ``failed`` (a preparation or
-    finishing step's answer that is not ``ok``)."""
+    ``taken``, ``early``, ``retry``, ``auth`` (credentials rejected), ``blocked`` (a web
+    firewall's page, never credentials), ``forbidden`` (a 403 to a preparation or finishing
+    step: refused credentials, or a login limit's or firewall's passing refusal),
+    ``rejected``, ``unmatched`` (a 2xx that none of the booking step's matchers knows), or
+    ``failed`` (a preparation or finishing step's answer that is not ``ok``)."""
 
     kind: str
 
@@ -158,8 +172,9 @@ def classify(answer: Answer, step: Step) -> Verdict:
     The booking step: its matchers (taken, rejected, booked, early), then CONTRACT section 6's
     table; with ``booked`` given, a 2xx that none of them matches is ``unmatched``. An
     ``at_trigger`` step: its matchers, then ``ok`` (default any 2xx), then the table. Any other
-    step: its ``rejected`` (refused credentials: ``auth``), ``ok``, else ``auth`` for a 401 or
-    403, else ``failed``.
+    step: its ``rejected`` (refused credentials: ``auth``), ``ok``, else ``auth`` for a 401 and
+    ``forbidden`` for a 403, else ``failed``. On every step, a 403, 406 or 429 without
+    ``Retry-After`` whose body is an HTML page that no matcher knows is ``blocked``.
     """
     status = answer.status
     matched = step.match(status, answer.body)
@@ -171,9 +186,11 @@ def classify(answer: Answer, step: Step) -> Verdict:
             return Verdict("unmatched" if step.has_matcher("booked") else "booked")
     elif step.is_ok(status, answer.body):
         return Verdict("ok")
-    elif not step.at_trigger:
-        return Verdict("auth" if status in (401, 403) else "failed")
-    elif 200 <= status < 300:
+    if blocked_page(answer) is not None:
+        return Verdict("blocked")
+    if not step.booking and not step.at_trigger:
+        return Verdict({401: "auth", 403: "forbidden"}.get(status, "failed"))
+    if not step.booking and 200 <= status < 300:
         return Verdict("unmatched")
     if status == 409:
         return Verdict("taken")
@@ -186,10 +203,45 @@ def classify(answer: Answer, step: Step) -> Verdict:
     return Verdict("rejected")
 
 
+def blocked_page(answer: Answer) -> str | None:
+    """The page's title (``""`` without one) when ``answer`` is a web firewall's or CDN's
+    refusal: a 403, 406, or 429 without ``Retry-After``, whose body is an HTML page (a block
+    page, a captcha, CloudFront's "The request could not be satisfied"); else None."""
+    status = answer.status
+    if status in (403, 406) or (status == 429 and answer.header("Retry-After") is None):
+        return utils.html_page(answer.body, answer.header("Content-Type"))
+    return None
+
+
+def _page(answer: Answer, scrubber: Scrubber) -> str | None:
+    """How an HTML answer is named in a reason (``page "<title>"``), None for any other body."""
+    title = utils.html_page(answer.body, answer.header("Content-Type"))
+    if title is None:
+        return None
+    return f'page "{scrubber(title)}"' if title else "an HTML page without a title"
+
+
+def _blocked(answer: Answer, scrubber: Scrubber) -> str:
+    return (
+        f"blocked by the club's web firewall (HTTP {answer.status}, "
+        f"{_page(answer, scrubber)}): not a credentials problem"
+    )
+
+
+def _status_meaning(status: int) -> str | None:
+    """What a status tells a person beyond its number (CONTRACT section 12: refusals told
+    apart), for the answers that are neither a success nor refused credentials."""
+    if status == 429:
+        return "rate limited by the club"
+    if 500 <= status < 600:
+        return "the club is down or failing"
+    return None
+
+
 def _club_says(answer: Answer, scrubber: Scrubber, words: str | None = None) -> str:
     """A short, secret-free reading of an answer for a person: its status, and the club's own
     message when a JSON body has one (scrubbed before it is cut: a cut through a secret would let
-    its start through), else the flow's words that the body matched."""
+    its start through), else the flow's words that the body matched, else an HTML page's title."""
     text = f"HTTP {answer.status}"
     if words is not None:
         text += f" saying {words!r}"
@@ -200,6 +252,9 @@ def _club_says(answer: Answer, scrubber: Scrubber, words: str | None = None) -> 
             if isinstance(value, str) and value.strip():
                 text = f"HTTP {answer.status}: {scrubber.cut(value.strip(), 200)}"
                 break
+    else:
+        page = _page(answer, scrubber) if words is None else None
+        text = text if page is None else f"{text}, {page}"
     if answer.cut:
         text += f" (its body was cut at {MAX_BODY_BYTES // 2**20} MiB, the most courtbot reads)"
     return text
@@ -312,6 +367,11 @@ class StepReport:
     wait: float | None = None
     #: Sending it again cannot help (a value it needs is missing, an untrusted certificate).
     final: bool = False
+    #: The club's web firewall answered (its block page): ``problem`` says so; never credentials.
+    blocked: bool = False
+    #: A 403 that is not a block page: refused credentials, or a login limit's or a firewall's
+    #: passing refusal. A preparation step is tried again; a finishing step is not.
+    forbidden: bool = False
 
 
 def _plain_try(client: ClubClient, run: FlowRun, step: Step, court: str | None) -> StepReport:
@@ -352,13 +412,22 @@ def _plain_try(client: ClubClient, run: FlowRun, step: Step, court: str | None) 
     says = _club_says(answer, run.scrub)
     if verdict == "auth":
         return report(answer.status, says, auth=True)
+    if verdict == "blocked":
+        return report(answer.status, _blocked(answer, run.scrub), final=True, blocked=True)
     if verdict != "ok":
         cap = WATCH_RETRY_AFTER_CAP if run.watching else utils.RETRY_AFTER_CAP_SECONDS
         wait = utils.parse_retry_after(answer.header("Retry-After"), datetime.now(UTC), cap)
         expected = "its ok answer" if step.ok is not None else "a 2xx answer"
-        return report(answer.status, f"{says} (not {expected})", wait=wait)
+        if verdict == "forbidden":
+            expected += ": refused, by the credentials, a login limit or a firewall's challenge"
+        elif (meaning := _status_meaning(answer.status)) is not None:
+            expected += f": {meaning}"
+        forbidden = verdict == "forbidden"
+        return report(answer.status, f"{says} (not {expected})", wait=wait, forbidden=forbidden)
     found, problems = extract_values(step, reply, run.values(court))
     if problems:
+        if _page(answer, run.scrub) is not None and step.wants_json:
+            return report(answer.status, f"{says}: {HTML_FOR_JSON_FIX}")
         return report(answer.status, f"{says}, but " + "; ".join(problems))
     run.keep(step, court, found)
     return report(answer.status)
@@ -384,6 +453,17 @@ def prepare_round(client: ClubClient, run: FlowRun) -> dict[tuple[str, str | Non
                 return problems
             failed_courts.add(court)
     return problems
+
+
+#: How a reason ends whose fix is the user's: the booking is tried again by ``retry``.
+RETRY_HINT = "`python main.py retry` this booking"
+
+
+def _blocked_reason(step: Step, court: str | None, problem: str, *, retry: bool) -> str:
+    """A preparation step answered by the club's web firewall: what, and what to do."""
+    return f"{_where(step, court)}: {problem}: {BLOCKED_FIX}" + (
+        f", then {RETRY_HINT}" if retry else ""
+    )
 
 
 def _credentials_reason(run: FlowRun, step: Step, court: str | None, problem: str) -> str:
@@ -419,11 +499,12 @@ def _prepare(ctx: BookingContext, run: FlowRun, row: Instance) -> str | bool | N
         fatal = next((p for p in problems.values() if p.auth or p.final), None)
         if fatal is not None:
             step = next(s for s in run.flow.steps if s.name == fatal.step)
-            reason = (
-                _credentials_reason(run, step, fatal.court, fatal.problem or "")
-                if fatal.auth
-                else f"{_where(step, fatal.court)}: {fatal.problem}"
-            )
+            if fatal.auth:
+                reason = _credentials_reason(run, step, fatal.court, fatal.problem or "")
+            elif fatal.blocked:
+                reason = _blocked_reason(step, fatal.court, fatal.problem or "", retry=True)
+            else:
+                reason = f"{_where(step, fatal.court)}: {fatal.problem}"
             return _finish(ctx, row.key, FAILED, reason)
         if not problems:
             return True
@@ -488,11 +569,26 @@ def dry_run(
     step = next(s for s in flow.steps if s.name == first.step)
     if first.auth:
         return run.reports, _credentials_reason(run, step, first.court, first.problem or "")
+    if first.blocked:
+        return run.reports, _blocked_reason(step, first.court, first.problem or "", retry=False)
     fix = (
         "check the step's URL, the token's fields and the ids in tokens.json and schedules.json; "
         "for a missing value, compare the extract path with the club's answer"
     )
     return run.reports, f"{_where(step, first.court)} failed: {first.problem}: {fix}"
+
+
+def rehearse(ctx: BookingContext, key: str) -> str | None:
+    """Rehearse the instance ``key`` (CONTRACT section 12): its flow's preparation steps, once,
+    now, exactly as ``dry_run`` sends them; nothing else, and its status is never touched.
+    None when every step succeeded, else the problem with its fix."""
+    row, token_row = instances.claimed(ctx.factory, key)
+    flow = ctx.flow_for(row.club)
+    secrets, problem = _token(ctx, flow, row, token_row)
+    if problem is not None:
+        return problem
+    _, problem = dry_run(ctx.client, flow, _slot(row), secrets, row.token_name)
+    return problem
 
 
 # --------------------------------------------------------------------------- the booking
@@ -871,7 +967,7 @@ def _secrets_problem(flow: Flow, secrets: Mapping[str, str], name: str) -> str |
         return (
             f"token {name!r} has no field {missing[0]!r}, which the club's flow uses as "
             f"{{secret.{missing[0]}}}: write token {name!r} in tokens.json as an object with "
-            f"the fields {wanted}, reload, then `python main.py retry` this booking"
+            f"the fields {wanted}, reload, then {RETRY_HINT}"
         )
     if flow.uses_token and "token" not in secrets:
         return (
@@ -982,6 +1078,8 @@ class _Send:
     early: int = 0
     lost: bool = False
     last: str = ""
+    #: The status of the last answer (None: none came, or the last try got no answer).
+    status: int | None = None
 
     @property
     def prefix(self) -> str:
@@ -1188,7 +1286,9 @@ def _early_span(ctx: BookingContext, run: FlowRun, row: Instance) -> str:
 
 def _spent(send: _Send) -> str:
     what = "no booking" if send.step.booking else "no answer to use"
-    return f"{send.prefix}: {what} after {send.tries} attempts (last: {send.last})"
+    meaning = _status_meaning(send.status) if send.status is not None else None
+    last = send.last + (f"; {meaning}" if meaning else "")
+    return f"{send.prefix}: {what} after {send.tries} attempts (last: {last})"
 
 
 def _send_once(
@@ -1216,6 +1316,7 @@ def _send_once(
     except BookingError as exc:
         _resent(ctx, row, sent)
         send.lost = send.lost or exc.lost
+        send.status = None
         send.last = run.scrub(str(exc))
         _log_send(run, send, send.last)
         if exc.permanent:
@@ -1232,7 +1333,7 @@ def _send_once(
     verdict = classify(answer, step).kind
     _log_send(run, send, f"HTTP {answer.status} in {answer.latency_ms:.0f} ms -> {verdict}")
     says = _club_says(answer, run.scrub, step.matched_words(verdict, answer.body))
-    send.last = says
+    send.last, send.status = says, answer.status
     if verdict in ("booked", "ok"):
         return _settled(run, send, answer, reply)
     if verdict == "early":
@@ -1283,6 +1384,12 @@ def _settled(
         # Stored scrubbed of the booking's secrets (safe_ref, in _finish).
         return "booked", None, _Result("booked", ref=ref)
     if problems:
+        if step.wants_json and _page(answer, run.scrub) is not None:
+            return (
+                "failed",
+                None,
+                _Result("failed", f"{send.prefix}: {send.last}: {HTML_FOR_JSON_FIX}"),
+            )
         reason = f"{send.prefix}: {send.last}, but " + "; ".join(problems)
         return "missing", None, _Result("missing", reason)
     run.keep(step, court, found)
@@ -1308,6 +1415,9 @@ def _refusal(run: FlowRun, row: Instance, send: _Send, verdict: str, answer: Ans
         )
     elif verdict == "auth":
         reason = _credentials_reason(run, send.step, send.court, says)
+    elif verdict == "blocked":
+        where = "" if run.flow.single else f"{_where(send.step, send.court)}: "
+        reason = f"{where}{_blocked(answer, run.scrub)}: {BLOCKED_FIX}, then {RETRY_HINT}"
     elif verdict == "unmatched":
         matchers = ", ".join(kind for kind, _ in send.step.matchers) or "ok"
         reason = (
@@ -1388,6 +1498,9 @@ def _finish_step(ctx: BookingContext, run: FlowRun, step: Step, court: str | Non
             return None
         if report.auth:
             return f"{report.problem}: the credentials were rejected"
+        if report.forbidden:
+            # After the booking, a refusal is not waited out: the club holds the booking.
+            return report.problem
         if report.final:
             return report.problem
         if attempt == MAX_ATTEMPTS_PER_COURT:

@@ -56,7 +56,6 @@ from template import (
     default_flow,
     describe_booking,
     describe_flow,
-    stale_warning,
 )
 
 EXIT_INVALID = 1
@@ -253,25 +252,6 @@ def _print_check(
             print("    " + described.replace("\n", "\n    "))
 
 
-def _print_provenance(config: Config, now: datetime) -> None:
-    """Each club file the entries use (a club's file, the request template): where its calls
-    were read and when it was last checked (CONTRACT section 12, Provenance); a ``checked``
-    older than 180 days is a warning on stderr."""
-    used: dict[str, Flow] = {}
-    for entry in config.schedules.entries:
-        source = config.clubs.get(entry.club) if entry.club is not None else config.template
-        if source is not None:
-            used.setdefault(source.label, source.flow)
-    for label, flow in used.items():
-        checked = f"checked {flow.checked.isoformat()}" if flow.checked else "no checked date"
-        print(f"\n{label}: {checked}, {len(flow.sources)} source(s)")
-        for source in flow.sources:
-            print(f"  source: {source}")
-        warning = stale_warning(flow, now)
-        if warning is not None:
-            print(f"warning: {warning}", file=sys.stderr)
-
-
 def _settings_and_key(env: dict[str, str], command: str) -> tuple[Settings, MultiFernet] | int:
     """The settings and FERNET_KEY a command needs, or its exit code after one line on stderr
     (1 for bad settings, 2 without a usable key)."""
@@ -310,7 +290,11 @@ def cmd_check(env: dict[str, str]) -> int:
     for line in config.tokens.describe():
         print(line)
     _print_check(config, settings, now, _open_window_statuses(settings, now))
-    _print_provenance(config, now)
+    lines, warnings = config.provenance(now)
+    for line in lines:
+        print(line)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if errors:
         many = len(errors) > 1
         print(

@@ -34,7 +34,7 @@ from zoneinfo import ZoneInfo
 from cryptography.fernet import MultiFernet
 
 import utils
-from template import Flow, Slot, TemplateError, default_flow, parse_flow
+from template import Flow, Slot, TemplateError, default_flow, parse_flow, stale_warning
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,9 @@ class Settings:
     heartbeat_url: str | None = field(repr=False, default=None)
     #: WATCH_INTERVAL_SECONDS: how often a watched instance is tried again (CONTRACT 13).
     watch_interval: float = DEFAULT_WATCH_INTERVAL
+    #: REHEARSE_HOURS: how long before each trigger a flow's preparation steps are rehearsed
+    #: (CONTRACT section 12); 0: never.
+    rehearse_hours: float = 24.0
     #: READY_CLUBS_DIR: the ready flows, used by name when DATA_DIR/clubs/ has no such file.
     ready_clubs_dir: Path = READY_CLUBS_DIR
 
@@ -202,6 +205,7 @@ class Settings:
             watch_interval=_number(
                 env, "WATCH_INTERVAL_SECONDS", DEFAULT_WATCH_INTERVAL, minimum=MIN_WATCH_INTERVAL
             ),
+            rehearse_hours=_hours(env, "REHEARSE_HOURS", 24.0),
             ready_clubs_dir=Path(env.get("READY_CLUBS_DIR") or READY_CLUBS_DIR),
         )
 
@@ -224,13 +228,9 @@ def check_api_url(url: str) -> None:
 def _number(
     env: Mapping[str, str], name: str, default: float, *, minimum: float, unit: str = "seconds"
 ) -> float:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
+    raw, value = _read_number(env, name, f"is not a number of {unit}")
+    if value is None:
         return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise SettingsError(f"{name}: {raw!r} is not a number of {unit}") from None
     if not (minimum <= value < float("inf")):
         raise SettingsError(f"{name}: {raw!r} must be a finite number >= {minimum:g}")
     # Beyond a day no wait or timeout makes sense, and past about 10^9 s the clocks, sockets
@@ -239,6 +239,31 @@ def _number(
     if value > maximum:
         raise SettingsError(
             f"{name}: {raw!r} is more than a day ({maximum:g} {unit}); expected at most that"
+        )
+    return value
+
+
+def _read_number(env: Mapping[str, str], name: str, wrong: str) -> tuple[str, float | None]:
+    """The variable's text and its number (None when unset or empty); SettingsError saying
+    ``wrong`` when it is not a number."""
+    raw = env.get(name) or ""
+    if raw.strip() == "":
+        return raw, None
+    try:
+        return raw, float(raw)
+    except ValueError:
+        raise SettingsError(f"{name}: {raw!r} {wrong}") from None
+
+
+def _hours(env: Mapping[str, str], name: str, default: float) -> float:
+    """A number of hours from 0 to the longest window (utils.MAX_WINDOW_HOURS)."""
+    raw, value = _read_number(env, name, "is not a number of hours (e.g. 24; 0: off)")
+    if value is None:
+        return default
+    if not (0 <= value <= utils.MAX_WINDOW_HOURS):
+        raise SettingsError(
+            f"{name}: {raw!r} must be a number of hours from 0 (off) to "
+            f"{utils.MAX_WINDOW_HOURS} (the longest window)"
         )
     return value
 
@@ -503,6 +528,26 @@ class Config:
     @property
     def warnings(self) -> list[str]:
         return self.tokens.warnings + self.schedules.warnings
+
+    def provenance(self, now: datetime) -> tuple[list[str], list[str]]:
+        """For ``check``: each club file the entries use (a club's file, the request template),
+        where its calls were read and when it was last checked (CONTRACT section 12,
+        Provenance); and a warning for each ``checked`` older than 180 days."""
+        used: dict[str, Flow] = {}
+        for entry in self.schedules.entries:
+            source = self.clubs.get(entry.club) if entry.club is not None else self.template
+            if source is not None:
+                used.setdefault(source.label, source.flow)
+        lines: list[str] = []
+        warnings: list[str] = []
+        for label, flow in used.items():
+            checked = f"checked {flow.checked.isoformat()}" if flow.checked else "no checked date"
+            lines += [f"\n{label}: {checked}, {len(flow.sources)} source(s)"]
+            lines += [f"  source: {source}" for source in flow.sources]
+            warning = stale_warning(flow, now)
+            if warning is not None:
+                warnings.append(warning)
+        return lines, warnings
 
 
 def _read_bytes(path: Path) -> bytes | None:

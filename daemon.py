@@ -36,6 +36,7 @@ import heartbeat
 import instances
 import leader
 import models
+import rehearsal
 import scheduler
 import utils
 import watchdog
@@ -227,6 +228,32 @@ def overwrite_in_place(path: Path, text: str) -> None:
         os.close(fd)
 
 
+def log_summary(factory: models.SessionFactory, config: Config | None) -> None:
+    """The line a start (or a takeover) ends with: the schedules, the pending instances and the
+    next trigger."""
+    entries = config.schedules.entries if config else []
+    count, row = instances.pending_summary(factory)
+    if row is not None:
+        zone = utils.get_zone(row.timezone)
+        logger.info(
+            "courtbot running (pid %d): %d schedule(s), %d pending instance(s); next "
+            "trigger %s (%s) for %s at %s",
+            os.getpid(),
+            len(entries),
+            count,
+            utils.format_utc(row.trigger_time),
+            utils.format_local(row.trigger_time, zone),
+            row.key,
+            utils.format_local(row.desired_time, zone),
+        )
+    else:
+        logger.info(
+            "courtbot running (pid %d): %d schedule(s), no pending instance",
+            os.getpid(),
+            len(entries),
+        )
+
+
 class DaemonLocks:
     """The lock files a daemon holds for its life (``lock_paths``): all of them, or none."""
 
@@ -291,6 +318,8 @@ class Daemon:
         self._signals_w: socket.socket | None = None
         self._running = False
         self._pid_written = False
+        #: A reload asked for failed rehearsals to run again at the next look.
+        self._rehearse_again = False
         #: Watches a SQLite file for its deletion under us; saves what it held at exit.
         self.guard: models.SqliteGuard | None = None
         self.database_lost: str | None = None
@@ -422,7 +451,8 @@ class Daemon:
         self.roles.beat(self)
         self.write_pid()
         self.heartbeat()
-        self.log_summary()
+        assert self.factory is not None
+        log_summary(self.factory, self.config)
         self.safe_warn_expiring_tokens()
         if settings.heartbeat_url is not None and self.pinger is None:
             self.pinger = heartbeat.Pinger(settings.heartbeat_url, healthy=self.is_healthy)
@@ -433,30 +463,6 @@ class Daemon:
         write_private(self.settings.pid_path, f"{os.getpid()}\n")
         self._pid_written = True
         self._running = True
-
-    def log_summary(self) -> None:
-        assert self.factory is not None and self.scheduler is not None
-        entries = self.config.schedules.entries if self.config else []
-        count, row = instances.pending_summary(self.factory)
-        if row is not None:
-            zone = utils.get_zone(row.timezone)
-            logger.info(
-                "courtbot running (pid %d): %d schedule(s), %d pending instance(s); next "
-                "trigger %s (%s) for %s at %s",
-                os.getpid(),
-                len(entries),
-                count,
-                utils.format_utc(row.trigger_time),
-                utils.format_local(row.trigger_time, zone),
-                row.key,
-                utils.format_local(row.desired_time, zone),
-            )
-        else:
-            logger.info(
-                "courtbot running (pid %d): %d schedule(s), no pending instance",
-                os.getpid(),
-                len(entries),
-            )
 
     def config_changed(self) -> bool:
         return self.config is None or config_loader.config_digest(self.settings) != (
@@ -479,6 +485,14 @@ class Daemon:
     def topup(self, schedule_ids: Sequence[str] | None = None) -> None:
         """Keep recurring entries at their full count of future instances (``Loads.topup``)."""
         self.loads.topup(schedule_ids)
+
+    def rehearse(self, *, again: bool = False) -> None:
+        """Run the rehearsals due now (``rehearsal.run``; ``again``: after a reload)."""
+        ctx = self.ctx
+        if ctx is None or self.stop.is_set() or not ctx.may_send.is_set():
+            return
+        again, self._rehearse_again = again or self._rehearse_again, False
+        rehearsal.run(ctx, self.notifier, self.settings.rehearse_hours, again=again)
 
     def _booked(self, schedule_id: str) -> None:
         self.topup([schedule_id])
@@ -570,6 +584,10 @@ class Daemon:
             if signal.SIGHUP in signals:
                 logger.info("SIGHUP received: reloading")
                 self.safe_load("SIGHUP")
+                # A user who fixed something sees failed rehearsals run again at once.
+                self._rehearse_again = True
+                if self.scheduler is not None:
+                    self.scheduler.rehearse_soon()
             now = time.monotonic()
             if now >= next_watch:
                 next_watch = now + watchdog.INTERVAL

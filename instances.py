@@ -1597,6 +1597,8 @@ _ADDED_COLUMNS = (
     "next_try_at",
     "watch_tries",
     "cancelled_booking",
+    "rehearsal",
+    "rehearsed_at",
 )
 
 
@@ -1699,6 +1701,7 @@ def _status_row(row: Instance) -> dict[str, Any]:
         "watch_until": _utc_or_none(_optional(row, "watch_until")),
         "next_try": _utc_or_none(_optional(row, "next_try_at")) if row.status == WATCHING else None,
         "watch_tries": _optional(row, "watch_tries") or 0,
+        "rehearsal": _optional(row, "rehearsal"),
     }
 
 
@@ -1724,3 +1727,42 @@ def _timing_text(row: Instance) -> str | None:
         _optional(row, "late_cause"),
         _Clock.of(row),
     )
+
+
+# --------------------------------------------------------------------------- rehearsals
+
+
+def rehearsal_candidates(
+    factory: sessionmaker[Session], now: datetime, until: datetime
+) -> list[Instance]:
+    """The pending instances whose trigger is after ``now`` and no later than ``until``, soonest
+    first (detached: read, never written through)."""
+    with factory() as session:
+        query = (
+            select(Instance)
+            .where(
+                Instance.status == PENDING,
+                Instance.trigger_time > now,
+                Instance.trigger_time <= until,
+            )
+            .order_by(Instance.trigger_time, Instance.key)
+        )
+        rows = list(session.scalars(query))
+        session.expunge_all()
+        return rows
+
+
+def record_rehearsal(
+    factory: sessionmaker[Session], keys: Sequence[str], now: datetime, problem: str | None
+) -> None:
+    """Write a rehearsal's result to the instances ``keys`` that are still pending; their status
+    never changes (CONTRACT section 12)."""
+    stamp = utils.format_utc(now)
+    text = f"ok {stamp}" if problem is None else f"failed {stamp}: {problem}"
+    with transaction(factory) as session:
+        session.execute(
+            update(Instance)
+            .where(Instance.key.in_(list(keys)), Instance.status == PENDING)
+            .values(rehearsal=text, rehearsed_at=now)
+            .execution_options(synchronize_session=False)
+        )

@@ -199,6 +199,12 @@ class Instance(Base):
     #: Cancelled at the club by ``cancel`` (booked -> cancelled): never revived by a reload.
     cancelled_booking: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
+    #: The last rehearsal of its flow's preparation steps (CONTRACT section 12), as ``status``
+    #: shows it: ``ok <UTC time>`` or ``failed <UTC time>: <reason>``; NULL: none yet.
+    rehearsal: Mapped[str | None] = mapped_column(Text, default=None)
+    #: When that rehearsal ran (the next one is due an hour after a failed one).
+    rehearsed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+
     __table_args__ = (Index("ix_schedules_status_trigger", "status", "trigger_time"),)
 
     def __repr__(self) -> str:

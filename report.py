@@ -212,6 +212,8 @@ def next_lines(
                 state += f", window opens {utils.format_ahead(trigger, now)}"
             else:
                 state += f", window opened {utils.format_span((now - trigger).total_seconds())} ago"
+            if row.get("rehearsal"):
+                state += f"; rehearsal {_one_line(row['rehearsal'])}"
         lines.append(
             f"  {row['schedule']:<{width}}  {_when(row, now)}, {_court(row)}, "
             f"{utils.format_ahead(start, now)}: {state}"

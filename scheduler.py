@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.job import Job
+from apscheduler.jobstores.memory import MemoryJobStore
 from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
@@ -42,6 +43,11 @@ LEAD = timedelta(seconds=2)
 JOBS_TABLE = "apscheduler_jobs"
 TOPUP_JOB_ID = "courtbot:topup"
 TOPUP_INTERVAL = timedelta(hours=24)
+REHEARSE_JOB_ID = "courtbot:rehearse"
+#: The job store of the jobs that keep no state (the rehearsals' look).
+MEMORY = "memory"
+#: How often the due rehearsals are looked for (each is due at its own time, within this).
+REHEARSE_INTERVAL = timedelta(minutes=1)
 #: Enough workers that a burst of bookings with one trigger never queues.
 DEFAULT_WORKERS = 128
 #: Jobs read, built and written this many at a time: a cold load of 52,000 instances never
@@ -57,6 +63,8 @@ class Runtime(Protocol):
     def book(self, key: str) -> None: ...
 
     def topup(self) -> None: ...
+
+    def rehearse(self) -> None: ...
 
 
 _runtime: Runtime | None = None
@@ -84,6 +92,14 @@ def run_topup() -> None:
     runtime = _runtime
     if runtime is not None:
         runtime.topup()
+
+
+def run_rehearsals() -> None:
+    """Job: run the rehearsals that are due (CONTRACT section 12), recomputed each time from
+    the instances."""
+    runtime = _runtime
+    if runtime is not None:
+        runtime.rehearse()
 
 
 def job_lead(prepare_seconds: float) -> timedelta:
@@ -205,7 +221,9 @@ class Scheduler:
     def _build(self) -> tuple[_Store, _Background]:
         store = _Store(allowed=self._allowed, engine=self._engine, tablename=JOBS_TABLE)
         background = _Background(
-            jobstores={"default": store},
+            # The rehearsals' job lives in memory: it holds no state (what is due is read from
+            # the instances each time), and a look every minute must not write to the database.
+            jobstores={"default": store, MEMORY: MemoryJobStore()},
             executors={"default": ThreadPoolExecutor(max_workers=self._workers)},
             job_defaults={
                 # Run a job however late it is: the booking itself decides between "book at
@@ -233,6 +251,16 @@ class Scheduler:
             id=TOPUP_JOB_ID,
             replace_existing=True,
         )
+        # A first look at once (an instance loaded late rehearses at once), then every minute.
+        self._scheduler.add_job(
+            run_rehearsals,
+            "interval",
+            seconds=REHEARSE_INTERVAL.total_seconds(),
+            id=REHEARSE_JOB_ID,
+            jobstore=MEMORY,
+            replace_existing=True,
+            next_run_time=datetime.now(UTC),
+        )
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:
         """Stop taking triggers; with ``wait``, let running jobs finish first, for at most
@@ -252,6 +280,15 @@ class Scheduler:
         stopping.start()
         stopping.join(timeout)
         return not stopping.is_alive()
+
+    def rehearse_soon(self) -> None:
+        """Look for due rehearsals now rather than at the next minute."""
+        try:
+            self._scheduler.modify_job(
+                REHEARSE_JOB_ID, jobstore=MEMORY, next_run_time=datetime.now(UTC)
+            )
+        except Exception as exc:  # noqa: BLE001 (not running, no such job: the minute comes)
+            logger.debug("rehearsals looked for at the next minute: %s", error_text(exc))
 
     # -- the watchdog's handles ---------------------------------------------------------
 

@@ -790,6 +790,11 @@ class Step:
     def has_matcher(self, name: str) -> bool:
         return any(kind == name for kind, _ in self.matchers)
 
+    @property
+    def wants_json(self) -> bool:
+        """Whether it reads its answer as JSON (a ``json`` extraction)."""
+        return any(extraction.kind == "json" for extraction in self.extract)
+
     def matched_words(self, name: str, body: bytes) -> str | None:
         """The ``body_contains`` words by which matcher ``name`` (or ``ok``) read the body."""
         matcher = self.ok if name == "ok" else dict(self.matchers).get(name)

@@ -12,6 +12,7 @@ import calendar
 import difflib
 import email.utils
 import hashlib
+import html
 import json
 import re
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -1022,6 +1023,40 @@ def parse_retry_after(
             return None
         seconds = (as_utc(when) - as_utc(now)).total_seconds()
     return min(max(seconds, 0.0), cap)
+
+
+# --------------------------------------------------------------------------- HTML pages
+
+#: The start of a body that is an HTML page (after a byte order mark and white space).
+_HTML_START_RE = re.compile(
+    rb"\A(?:\xef\xbb\xbf)?\s*(?:<!--.*?-->\s*)*<(?:!doctype\s+html|html\b)", re.I | re.S
+)
+_HTML_TAG_RE = re.compile(rb"<(?:html|head|body|title)\b", re.I)
+_TITLE_RE = re.compile(rb"<title\b[^>]*>(.*?)</title\s*>", re.I | re.S)
+#: A page title quoted in a reason is cut to this many characters.
+PAGE_TITLE_CHARS = 80
+
+
+def html_page(body: bytes, content_type: str | None) -> str | None:
+    """The title of an HTML page (``""`` when it has none), or None when ``body`` is not one:
+    a body that starts as HTML does, or any body with HTML tags served as ``text/html``. The
+    title is unescaped, its white space and control characters folded, its double quotes made
+    single, and cut to PAGE_TITLE_CHARS (``...`` marks the cut)."""
+    head = body[:65536]
+    served_html = (content_type or "").split(";", 1)[0].strip().lower() in (
+        "text/html",
+        "application/xhtml+xml",
+    )
+    if not _HTML_START_RE.match(head) and not (served_html and _HTML_TAG_RE.search(head)):
+        return None
+    found = _TITLE_RE.search(head)
+    if found is None:
+        return ""
+    text = html.unescape(found.group(1).decode("utf-8", "replace"))
+    text = " ".join(CONTROL_RE.sub(" ", text).split()).replace('"', "'")
+    if len(text) > PAGE_TITLE_CHARS:
+        text = text[: PAGE_TITLE_CHARS - 3].rstrip() + "..."
+    return text
 
 
 # --------------------------------------------------------------------------- Fernet

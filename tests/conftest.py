@@ -68,6 +68,7 @@ SERIAL = (
     "test_lease.py",
     "test_partition.py",
     "test_reliability.py",
+    "test_rehearsal_e2e.py",
     "test_ready_flows.py::test_the_daemon_runs_",
 )
 #: End-to-end tests (marked ``slow``) that assert no timing: they may run beside the serial ones.

@@ -725,9 +725,9 @@ def test_retryable_answers_get_three_requests_with_base_then_double_waits(
     assert (row.status, row.attempts, row.booking_ref) == (FAILED, 3, None)
     what = {
         "425": "HTTP 425",
-        "429": "HTTP 429",
-        "500": "HTTP 500",
-        "503": "HTTP 503",
+        "429": "HTTP 429; rate limited by the club",
+        "500": "HTTP 500; the club is down or failing",
+        "503": "HTTP 503; the club is down or failing",
         "timeout": "no answer within 4 s",
         "connection": "the club's server closed the connection without a full answer",
     }[kind]
@@ -811,7 +811,7 @@ def test_every_court_spent_fails_with_each_courts_story(h: Harness) -> None:
     row = h.row()
     assert row.attempts == 6
     assert row.last_error == (
-        "court 3: no booking after 3 attempts (last: HTTP 503); "
+        "court 3: no booking after 3 attempts (last: HTTP 503; the club is down or failing); "
         "court 4: no booking after 3 attempts (last: no answer within 4 s)"
     )
 
@@ -1835,7 +1835,7 @@ def test_preparation_that_never_succeeds_fails_naming_the_step_status_and_what_w
     assert fh.row().attempts == 0
 
 
-@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.parametrize("status", [401])
 def test_rejected_credentials_at_a_preparation_step_fail_at_once(fh: Harness, status: int) -> None:
     use_flow(fh, {"steps": [login_step(), book_step()]})
     fh.add()
@@ -2187,7 +2187,8 @@ def test_a_finishing_step_that_fails_keeps_the_ref_and_never_resends_the_booking
     assert (row.status, row.booking_ref) == (FAILED, "B-9")
     assert row.last_error == (
         "the club took the booking (court 3, ref B-9) but step 'confirm' did not complete: "
-        "HTTP 503 (not a 2xx answer), after 3 tries; check it with the club"
+        "HTTP 503 (not a 2xx answer: the club is down or failing), after 3 tries; check it with "
+        "the club"
     )
     assert fh.outcomes[-1].booking_ref == "B-9"
 
@@ -2211,9 +2212,14 @@ def test_a_finishing_step_with_rejected_credentials_fails_at_once(fh: Harness, s
     assert fh.book() == FAILED
 
     assert paths(fh) == ["/login", "/book", "/book/B-9"]
+    refused = {
+        401: "HTTP 401: the credentials were rejected",
+        403: "HTTP 403 (not a 2xx answer: refused, by the credentials, a login limit or a "
+        "firewall's challenge)",
+    }[status]
     assert fh.row().last_error == (
-        f"the club took the booking (court 3, ref B-9) but step 'confirm' did not complete: "
-        f"HTTP {status}: the credentials were rejected; check it with the club"
+        "the club took the booking (court 3, ref B-9) but step 'confirm' did not complete: "
+        f"{refused}; check it with the club"
     )
 
 
@@ -2888,3 +2894,240 @@ def test_a_try_of_a_watch_whose_login_the_club_is_too_busy_for_waits_as_it_asks(
     assert paths(fh)[-1] == "/login" and len(fh.calls) == 3
     then = fh.row().next_try_at
     assert then is not None and then >= first + timedelta(seconds=900)
+
+
+# --------------------------------------------------------------------------- refusals told apart
+
+#: The shape of CloudFront's refusal (an HTML 4 page titled "ERROR: The request could not be
+#: satisfied"), written here for the test.
+CLOUDFRONT_PAGE = (
+    '<!DOCTYPE HTML PUBLIC "-//W3C//DTD HTML 4.01 Transitional//EN">\n'
+    '<HTML><HEAD><META HTTP-EQUIV="Content-Type" CONTENT="text/html; charset=iso-8859-1">\n'
+    "<TITLE>ERROR: The request could not be satisfied</TITLE>\n</HEAD><BODY>\n"
+    "<H1>403 ERROR</H1>\n<H2>The request could not be satisfied.</H2>\n</BODY></HTML>\n"
+)
+CAPTCHA_PAGE = (
+    "<!doctype html><html lang=en><head><title>Just a moment...</title></head>"
+    "<body><div class=challenge>Verify you are human</div></body></html>"
+)
+WAF_PAGE = "<html><head><title>Request Rejected</title></head><body>Support ID: 77</body></html>"
+LOGIN_PAGE = (
+    "<!DOCTYPE html>\n<html><head><meta charset=utf-8><title>Sign in | Club Portal</title>"
+    '</head><body><form action="/login"></form></body></html>'
+)
+HTML = {"Content-Type": "text/html; charset=utf-8"}
+BLOCKED_FIX = bot.BLOCKED_FIX
+
+
+def html_at(url: str, status: int, page: str, **headers: str) -> responses.Response:
+    return responses.Response(
+        responses.POST, f"{CLUB}{url}", body=page, status=status, headers={**HTML, **headers}
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "page", "headers", "kind"),
+    [
+        (403, CLOUDFRONT_PAGE, {}, "blocked"),
+        (403, CAPTCHA_PAGE, {}, "blocked"),
+        (406, WAF_PAGE, {}, "blocked"),
+        (429, WAF_PAGE, {}, "blocked"),
+        (429, WAF_PAGE, {"Retry-After": "2"}, "retry"),
+        (429, '{"error": "slow down"}', {"Content-Type": "application/json"}, "retry"),
+        (403, '{"error": "forbidden"}', {"Content-Type": "application/json"}, "auth"),
+        (401, LOGIN_PAGE, {}, "auth"),
+        (406, '{"error": "no"}', {"Content-Type": "application/json"}, "rejected"),
+        (503, WAF_PAGE, {}, "retry"),
+    ],
+)
+def test_the_booking_step_tells_a_firewall_page_from_refused_credentials(
+    status: int, page: str, headers: dict[str, str], kind: str
+) -> None:
+    step = parse_flow({}, api_url=URL, name="t.json").booking_step
+    answer = club_client.Answer(status, {**HTML, **headers}, page.encode(), 1.0)
+    assert bot.classify(answer, step).kind == kind
+
+
+@pytest.mark.parametrize(
+    ("status", "page", "kind"),
+    [
+        (403, CLOUDFRONT_PAGE, "blocked"),
+        (403, '{"error": "too many login attempts, try again in 2 s"}', "forbidden"),
+        (401, '{"error": "bad password"}', "auth"),
+        (499, "{}", "auth"),
+        (503, WAF_PAGE, "failed"),
+    ],
+)
+def test_a_preparation_step_tells_blocked_forbidden_and_refused_credentials_apart(
+    status: int, page: str, kind: str
+) -> None:
+    flow = parse_flow(
+        {"steps": [login_step(rejected={"status": [499]}), book_step()]},
+        api_url=None,
+        name="club.json",
+    )
+    answer = club_client.Answer(status, HTML, page.encode(), 1.0)
+    assert bot.classify(answer, flow.steps[0]).kind == kind
+
+
+@pytest.mark.parametrize(
+    ("status", "page", "title"),
+    [
+        (403, CLOUDFRONT_PAGE, "ERROR: The request could not be satisfied"),
+        (403, CAPTCHA_PAGE, "Just a moment..."),
+        (406, WAF_PAGE, "Request Rejected"),
+        (429, WAF_PAGE, "Request Rejected"),
+    ],
+)
+def test_a_block_page_at_a_preparation_step_fails_at_once_as_blocked_never_credentials(
+    fh: Harness, status: int, page: str, title: str
+) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()]})
+    fh.add()
+    fh.clock.set(TRIGGER - timedelta(seconds=60))
+    fh.club.add(html_at("/login", status, page))
+
+    assert fh.book() == FAILED
+
+    assert paths(fh) == ["/login"]
+    reason = fh.row().last_error
+    assert reason == (
+        f"step 'login': blocked by the club's web firewall (HTTP {status}, page \"{title}\"): "
+        f"not a credentials problem: {BLOCKED_FIX}, then `python main.py retry` this booking"
+    )
+    assert "credentials were" not in reason and "check token" not in reason
+    assert fh.outcomes[0].reason == reason
+
+
+def test_a_block_page_at_the_booking_step_is_blocked_not_a_rejected_token(h: Harness) -> None:
+    h.add_token("club-main")
+    h.add(courts=("3", "4"), token_name="club-main")
+    queue(h.club, answer(403, CLOUDFRONT_PAGE, HTML), answer(201, {"id": 1}))
+
+    assert h.book() == FAILED
+
+    assert len(h.calls) == 1
+    assert h.row().last_error == (
+        "blocked by the club's web firewall (HTTP 403, page \"ERROR: The request could not be "
+        f'satisfied"): not a credentials problem: {BLOCKED_FIX}, then `python main.py retry` '
+        "this booking"
+    )
+
+
+def test_a_json_403_at_a_preparation_step_is_tried_again_until_it_passes(fh: Harness) -> None:
+    """Issue 23: "too many login attempts, try again in 2 s" is not refused credentials."""
+    use_flow(fh, {"steps": [login_step(), book_step()]})
+    fh.add()
+    fh.clock.set(TRIGGER - timedelta(seconds=60))
+    busy = {"error": "too many login attempts, try again in 2 s"}
+    queue(fh.club, at("/login", 403, busy), at("/login", 403, busy), ok_login())
+    fh.club.add(at("/book", 201, {"booking": {"id": "B-1"}}))
+
+    assert fh.book() == BOOKED
+
+    assert paths(fh) == ["/login", "/login", "/login", "/book"]
+
+
+def test_a_json_403_at_a_preparation_step_that_never_passes_says_what_it_may_mean(
+    fh: Harness,
+) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()], "prepare_seconds": 2})
+    fh.add()
+    fh.clock.set(TRIGGER - timedelta(seconds=2))
+    fh.club.add(at("/login", 403, {"error": "forbidden"}))
+
+    assert fh.book() == FAILED
+
+    assert paths(fh) == ["/login"] * 3
+    assert fh.row().last_error == (
+        "preparation did not succeed before the window opened (3 tries): step 'login': HTTP "
+        "403: forbidden (not a 2xx answer: refused, by the credentials, a login limit or a "
+        "firewall's challenge)"
+    )
+
+
+def test_a_rejected_matcher_499_at_a_preparation_step_is_refused_credentials(
+    fh: Harness,
+) -> None:
+    use_flow(fh, {"steps": [login_step(rejected={"status": [499]}), book_step()]})
+    fh.add()
+    fh.clock.set(TRIGGER - timedelta(seconds=60))
+    fh.club.add(at("/login", 499, {"message": "Invalid credentials"}))
+
+    assert fh.book() == FAILED
+
+    assert paths(fh) == ["/login"]
+    assert fh.row().last_error == (
+        "the club rejected the credentials at step 'login' (HTTP 499: Invalid credentials): "
+        "check token 'default' in tokens.json, reload, then `python main.py retry` this booking"
+    )
+
+
+def test_a_login_page_served_where_json_was_expected_names_the_page_and_the_fix(
+    fh: Harness,
+) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()], "prepare_seconds": 2})
+    fh.add()
+    fh.clock.set(TRIGGER - timedelta(seconds=2))
+    fh.club.add(html_at("/login", 200, LOGIN_PAGE))
+
+    assert fh.book() == FAILED
+
+    assert fh.row().last_error == (
+        "preparation did not succeed before the window opened (3 tries): step 'login': "
+        f'HTTP 200, page "Sign in | Club Portal": {bot.HTML_FOR_JSON_FIX}'
+    )
+
+
+def test_an_html_error_page_at_a_preparation_step_names_its_title_and_the_club_down(
+    fh: Harness,
+) -> None:
+    use_flow(fh, {"steps": [login_step(), book_step()], "prepare_seconds": 2})
+    fh.add()
+    fh.clock.set(TRIGGER - timedelta(seconds=2))
+    page = "<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>"
+    fh.club.add(html_at("/login", 502, page))
+
+    assert fh.book() == FAILED
+
+    assert fh.row().last_error == (
+        "preparation did not succeed before the window opened (3 tries): step 'login': "
+        'HTTP 502, page "502 Bad Gateway" (not a 2xx answer: the club is down or failing)'
+    )
+
+
+def test_an_html_page_at_an_at_trigger_step_that_wanted_json_fails_naming_it(
+    fh: Harness,
+) -> None:
+    use_flow(fh, {"steps": [login_step(), slot_step(), book_step()]})
+    fh.add(courts=("3",))
+    queue(
+        fh.club,
+        ok_login(),
+        responses.Response(
+            responses.GET, f"{CLUB}/plan/30-11-2026", body=LOGIN_PAGE, status=200, headers=HTML
+        ),
+    )
+
+    assert fh.book() == FAILED
+
+    assert paths(fh) == ["/login", "/plan/30-11-2026"]
+    assert fh.row().last_error == (
+        f"court 3: step 'slot': HTTP 200, page \"Sign in | Club Portal\": {bot.HTML_FOR_JSON_FIX}"
+    )
+
+
+def test_dry_run_says_blocked_with_the_fix_never_credentials(club: responses.RequestsMock) -> None:
+    flow = parse_flow({"steps": [login_step(), book_step()]}, api_url=None, name="club.json")
+    slot = bot.Slot(KEY, DESIRED, 60, BERLIN, ("3",))
+    club.add(html_at("/login", 403, CLOUDFRONT_PAGE))
+    client = ClubClient(timeout=TIMEOUT)
+    try:
+        reports, problem = bot.dry_run(client, flow, slot, {"token": TOKEN}, "default")
+    finally:
+        client.close()
+    assert [(r.step, r.status, r.blocked) for r in reports] == [("login", 403, True)]
+    assert problem == (
+        "step 'login': blocked by the club's web firewall (HTTP 403, page \"ERROR: The request "
+        f'could not be satisfied"): not a credentials problem: {BLOCKED_FIX}'
+    )

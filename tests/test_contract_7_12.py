@@ -227,7 +227,8 @@ def test_a_failed_finishing_step_keeps_the_booking_and_retry_never_books_it_agai
         assert (row["status"], row["booking_ref"], row["booked_court"]) == ("failed", "BK-7", "3")
         assert row["last_error"] == (
             "the club took the booking (court 3, ref BK-7) but step 'confirm' did not complete: "
-            "HTTP 500: down (not a 2xx answer), after 3 tries; check it with the club"
+            "HTTP 500: down (not a 2xx answer: the club is down or failing), after 3 tries; "
+            "check it with the club"
         )
         assert wait_until(lambda: len(mailbox.raw) == 1, 10)
         message, body = text_of(mailbox.raw[0])

@@ -1206,7 +1206,7 @@ def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
     engine = models.make_engine(url)  # as the daemon opens it at start
 
     try:
-        assert columns(tmp_path / "db.sqlite")[-20:] == [
+        assert columns(tmp_path / "db.sqlite")[-22:] == [
             "interrupted",
             "owner",
             "club",
@@ -1228,6 +1228,8 @@ def test_a_database_of_the_previous_release_gets_the_new_column_at_start(
             "next_try_at",
             "watch_tries",
             "cancelled_booking",
+            "rehearsal",
+            "rehearsed_at",
         ]
         factory = models.session_factory(engine)
         (row,) = rows(factory).values()

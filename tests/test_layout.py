@@ -43,6 +43,7 @@ ALLOWED: dict[str, set[str]] = {
     "clubclock": set(),
     # Roles: instances for the claims; the rest only as types of the daemon it serves (Host).
     "leader": {"models", "instances", "watchdog", "bot", "config_loader", "notify", "scheduler"},
+    "rehearsal": {"bot", "instances", "utils", "models", "notify"},
     "report": {"utils"},
     "heartbeat": {"utils"},
     "wire": set(),
@@ -56,6 +57,7 @@ ALLOWED: dict[str, set[str]] = {
         "leader",
         "models",
         "notify",
+        "rehearsal",
         "scheduler",
         "template",
         "utils",

@@ -32,6 +32,7 @@ class Recorder:
     def __init__(self) -> None:
         self.booked: list[str] = []
         self.topups = 0
+        self.rehearsals = 0
         self.event = threading.Event()
 
     def book(self, key: str) -> None:
@@ -40,6 +41,9 @@ class Recorder:
 
     def topup(self) -> None:
         self.topups += 1
+
+    def rehearse(self) -> None:
+        self.rehearsals += 1
 
 
 @pytest.fixture
@@ -195,6 +199,9 @@ def test_a_due_job_hands_its_key_to_the_runtime_and_the_topup_job_is_kept_apart(
     assert TOPUP_JOB_ID in stored(engine)
     assert sched.sync({}) == SyncReport(added=0, moved=0, removed=0)
     assert TOPUP_JOB_ID in stored(engine)
+    # The rehearsals' job (in memory: it writes nothing to the database) looks at once.
+    assert wait_until(lambda: runtime.rehearsals >= 1, 10)
+    assert scheduler.REHEARSE_JOB_ID not in stored(engine)
 
 
 def test_jobs_without_a_runtime_log_and_do_nothing(caplog: pytest.LogCaptureFixture) -> None:
@@ -215,9 +222,10 @@ def test_jobs_call_the_registered_runtime() -> None:
     try:
         scheduler.run_booking("k@1")
         scheduler.run_topup()
+        scheduler.run_rehearsals()
     finally:
         scheduler.set_runtime(None)
-    assert (runtime.booked, runtime.topups) == (["k@1"], 1)
+    assert (runtime.booked, runtime.topups, runtime.rehearsals) == (["k@1"], 1, 1)
 
 
 def test_a_daemon_no_longer_active_neither_fires_nor_changes_the_shared_jobs(

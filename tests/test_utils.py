@@ -2801,3 +2801,38 @@ def test_sentences_with_except_skip_those_days(case: dict[str, Any]) -> None:
     again = utils.parse_rfc_rule(rule.rfc, start=None, zone=zone)
     assert [utils.as_utc(m) for m in utils.expand_rule(again, zone, now)] == got
     assert ("\nEXDATE:" in rule.rfc) == bool(case["skipped"])
+
+
+# --------------------------------------------------------------------------- HTML pages
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "title"),
+    [
+        (
+            b'<!DOCTYPE HTML PUBLIC "-//W3C//DTD HTML 4.01 Transitional//EN">\n<HTML><HEAD>'
+            b"<TITLE>ERROR: The request could not be satisfied</TITLE></HEAD></HTML>",
+            "text/html",
+            "ERROR: The request could not be satisfied",
+        ),
+        (b'\xef\xbb\xbf  <!-- waf -->\n<html><title>A &amp; "B"\n\t c</title>', None, "A & 'B' c"),
+        (b"<html><body>blocked</body></html>", "application/octet-stream", ""),
+        (b"Blocked. <b>Support ID</b>: <title>x</title>", "text/html; charset=utf-8", "x"),
+        (b'{"error": "<b>no</b>"}', "application/json", None),
+        (b'{"error": "<title>no</title>"}', "text/html", "no"),
+        (b"plain text", "text/html", None),
+        (b"", "text/html", None),
+    ],
+)
+def test_html_page_tells_an_html_page_and_reads_its_title(
+    body: bytes, content_type: str | None, title: str | None
+) -> None:
+    assert utils.html_page(body, content_type) == title
+
+
+def test_html_page_cuts_a_long_title_and_folds_control_characters() -> None:
+    body = b"<html><title>" + b"\x1b[31m" + b"w" * 200 + b"</title></html>"
+    title = utils.html_page(body, None)
+    assert title is not None
+    assert len(title) == utils.PAGE_TITLE_CHARS and title.endswith("...")
+    assert "\x1b" not in title
