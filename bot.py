@@ -1565,6 +1565,14 @@ def _finish(
 # --------------------------------------------------------------------------- CONTRACT 13
 
 
+def _end_watch(ctx: BookingContext, key: str) -> None:
+    """End a watch whose time ran out (failed, every court still taken), reported unless this
+    daemon may no longer write it."""
+    outcome = instances.end_watch(ctx.factory, key, _now(ctx), fence=ctx.fence)
+    if outcome is not None:
+        ctx.notify(outcome)
+
+
 def _tried(row: Instance, run: FlowRun, reasons: list[str]) -> str:
     """What each time tried so far met: the earlier times' and this one's
     (``18:00: court 3: taken (HTTP 409); 19:00: ...``)."""
@@ -1580,7 +1588,9 @@ def _all_taken(ctx: BookingContext, run: FlowRun, row: Instance, reasons: list[s
         return _finish(ctx, row.key, FAILED, reason, attempts=run.total, retry_helps=False)
     tried = _tried(row, run, reasons)
     instances.record_attempt(ctx.factory, row.key, run.total, _first_sent(ctx, row.key))
-    following = instances.fall_back(ctx.factory, row.key, tried=tried, now=_now(ctx))
+    following = instances.fall_back(
+        ctx.factory, row.key, tried=tried, now=_now(ctx), fence=ctx.fence
+    )
     if following is not None:
         text, _start, trigger = following
         logger.info(
@@ -1594,7 +1604,9 @@ def _all_taken(ctx: BookingContext, run: FlowRun, row: Instance, reasons: list[s
         if trigger <= _now(ctx):
             return _book(row.key, ctx) or PENDING
         return PENDING
-    watched = instances.watch(ctx.factory, row.key, tried=tried, next_try=_next_try(ctx, None))
+    watched = instances.watch(
+        ctx.factory, row.key, tried=tried, next_try=_next_try(ctx, None), fence=ctx.fence
+    )
     if watched is not None:
         ctx.notify(instances.outcome_of(watched))
         return WATCHING
@@ -1623,7 +1635,7 @@ def _watch_try(ctx: BookingContext, key: str) -> str | None:
     watch, or any other answer, ends it as ``failed``."""
     now = _now(ctx)
     if not ctx.may_send.is_set() or not instances.claim_watch(
-        ctx.factory, key, now, owner=ctx.owner
+        ctx.factory, key, now, owner=ctx.owner, fence=ctx.fence
     ):
         return None
     row, token_row = instances.claimed(ctx.factory, key)
@@ -1632,7 +1644,7 @@ def _watch_try(ctx: BookingContext, key: str) -> str | None:
         instances.release(ctx.factory, key)
         return None
     if _now(ctx) >= row.watch_until:
-        ctx.notify(instances.end_watch(ctx.factory, key, _now(ctx)))
+        _end_watch(ctx, key)
         return FAILED
     try:
         flow = ctx.flow_for(row.club)
@@ -1675,7 +1687,7 @@ def _watch_send(
     key = row.key
     slot = _watch_slot(row, _now(ctx))
     if slot is None:
-        ctx.notify(instances.end_watch(ctx.factory, key, _now(ctx)))
+        _end_watch(ctx, key)
         return FAILED
     run = FlowRun(flow, slot, secrets, row.token_name, label=key, total=row.attempts)
     run.watching = True
@@ -1708,10 +1720,12 @@ def _watch_send(
 
 def _watch_on(ctx: BookingContext, row: Instance, said: str, wait: float | None) -> str:
     """Another try after the interval (not sooner than ``wait``), or the end of the watch."""
-    if instances.watch_again(ctx.factory, row.key, next_try=_next_try(ctx, wait), said=said):
+    if instances.watch_again(
+        ctx.factory, row.key, next_try=_next_try(ctx, wait), said=said, fence=ctx.fence
+    ):
         logger.info("watch %s: %s; tried again later", row.key, said)
         return WATCHING
-    ctx.notify(instances.end_watch(ctx.factory, row.key, _now(ctx)))
+    _end_watch(ctx, row.key)
     return FAILED
 
 

@@ -1220,16 +1220,30 @@ def attempt_of(row: Instance) -> Attempt:
     return Attempt(text, start if step else row.desired_time, step > 0, players)
 
 
+def _claimed_row(key: str, fence: Fence | None) -> Any:
+    """The query of the instance ``key``; with ``fence`` only while it is this daemon's claim
+    under its current lease (CONTRACT section 10: only the active daemon writes)."""
+    query = select(Instance).where(Instance.key == key)
+    return query if fence is None else query.where(fence.mine()).with_for_update()
+
+
 def fall_back(
-    factory: sessionmaker[Session], key: str, *, tried: str, now: datetime
+    factory: sessionmaker[Session],
+    key: str,
+    *,
+    tried: str,
+    now: datetime,
+    fence: Fence | None = None,
 ) -> tuple[str, datetime, datetime] | None:
     """booking -> pending at the next fallback time whose start is still ahead (one equal to
     the desired time is not among them), at that time's own trigger; ``tried`` is what each
     time tried so far met. Returns (HH:MM, start, trigger) of that time, None when no time is
-    left (the caller ends the instance: failed, or watching)."""
+    left (the caller ends the instance: failed, or watching). With ``fence``: only this
+    daemon's claim under its current lease (else nothing is written, and None)."""
     with transaction(factory) as session:
-        row = session.scalar(select(Instance).where(Instance.key == key))
-        assert row is not None
+        row = session.scalar(_claimed_row(key, fence))
+        if row is None:
+            return None
         row.tried = tried
         times = times_of(row)
         for step in range((row.fallback_step or 0) + 1, len(times)):
@@ -1248,15 +1262,20 @@ def fall_back(
 
 
 def watch(
-    factory: sessionmaker[Session], key: str, *, tried: str, next_try: datetime
+    factory: sessionmaker[Session],
+    key: str,
+    *,
+    tried: str,
+    next_try: datetime,
+    fence: Fence | None = None,
 ) -> Instance | None:
     """booking -> watching (every court and time taken, the entry watches): tried again at
     ``next_try``. Returns the instance (for the ``Watching:`` message), None when it has no
-    watch or its watch would end before ``next_try`` (the caller ends it as failed)."""
+    watch or its watch would end before ``next_try`` (the caller ends it as failed), or with
+    ``fence`` when it is no longer this daemon's claim under its current lease."""
     with transaction(factory) as session:
-        row = session.scalar(select(Instance).where(Instance.key == key))
-        assert row is not None
-        if row.watch_until is None or next_try >= row.watch_until:
+        row = session.scalar(_claimed_row(key, fence))
+        if row is None or row.watch_until is None or next_try >= row.watch_until:
             return None
         row.status = WATCHING
         row.owner = None
@@ -1279,33 +1298,47 @@ WATCH_CLAIM_AHEAD = timedelta(seconds=30)
 
 
 def claim_watch(
-    factory: sessionmaker[Session], key: str, now: datetime, *, owner: str | None = None
+    factory: sessionmaker[Session],
+    key: str,
+    now: datetime,
+    *,
+    owner: str | None = None,
+    fence: Fence | None = None,
 ) -> bool:
     """watching -> booking for one try of the watch, from ``WATCH_CLAIM_AHEAD`` before its time
     (its job starts a little early, as a booking's does; the try waits for its time): True for
-    the one that got it (as ``claim``)."""
+    the one that got it (as ``claim``; with ``fence`` too)."""
+    query = update(Instance).where(
+        Instance.key == key,
+        Instance.status == WATCHING,
+        Instance.next_try_at <= now + WATCH_CLAIM_AHEAD,
+    )
+    values: dict[str, Any] = {"status": BOOKING, "owner": owner, "updated_at": now}
+    if fence is not None:
+        query = query.where(fence.current())
+        values["claim_epoch"] = fence.epoch
     with transaction(factory) as session:
-        claimed = session.execute(
-            update(Instance)
-            .where(
-                Instance.key == key,
-                Instance.status == WATCHING,
-                Instance.next_try_at <= now + WATCH_CLAIM_AHEAD,
-            )
-            .values(status=BOOKING, owner=owner, updated_at=now)
-        ).rowcount
+        claimed = session.execute(query.values(**values)).rowcount
     return claimed == 1
 
 
-def watch_again(factory: sessionmaker[Session], key: str, *, next_try: datetime, said: str) -> bool:
+def watch_again(
+    factory: sessionmaker[Session],
+    key: str,
+    *,
+    next_try: datetime,
+    said: str,
+    fence: Fence | None = None,
+) -> bool:
     """booking -> watching after a try that found every court still taken (``said``: what the
     club answered): one more try counted, the next at ``next_try``. False when the watch ends
     before then (the caller ends it with ``end_watch``)."""
     with transaction(factory) as session:
-        row = session.scalar(select(Instance).where(Instance.key == key))
-        assert row is not None
-        if row.status != BOOKING:
-            return True  # a reload ended the watch meanwhile (cancelled): nothing more
+        row = session.scalar(_claimed_row(key, fence))
+        if row is None or row.status != BOOKING:
+            # A reload ended the watch meanwhile (cancelled), or this daemon is no longer the
+            # active one (the active one settles it): nothing more.
+            return True
         row.watch_tries = (row.watch_tries or 0) + 1
         if row.watch_until is None or next_try >= row.watch_until:
             return False
@@ -1328,7 +1361,9 @@ def watch_end_reason(row: Instance) -> str:
     return f"taken; watched until {_watch_end_text(row)}, {_tries(row.watch_tries or 0)}"
 
 
-def end_watch(factory: sessionmaker[Session], key: str, now: datetime) -> Outcome:
+def end_watch(
+    factory: sessionmaker[Session], key: str, now: datetime, *, fence: Fence | None = None
+) -> Outcome | None:
     """booking or watching -> failed: the watch ended with every court still taken."""
     with transaction(factory) as session:
         row = session.scalar(select(Instance).where(Instance.key == key))
@@ -1336,7 +1371,7 @@ def end_watch(factory: sessionmaker[Session], key: str, now: datetime) -> Outcom
         reason = watch_end_reason(row)
         if row.tried:
             reason += f" ({row.tried})"
-    return finish(factory, key, FAILED, reason, now=now, retry_helps=False)
+    return finish(factory, key, FAILED, reason, now=now, retry_helps=False, fence=fence)
 
 
 def due_watches(factory: sessionmaker[Session]) -> dict[str, datetime]:

@@ -211,6 +211,54 @@ def test_claims_and_outcomes_are_fenced_by_the_lease_epoch_and_taken_over_by_its
         engine.dispose()
 
 
+def test_a_former_active_daemon_writes_no_step_of_a_watch_or_a_fallback(pg_url: str) -> None:
+    """Section 13's transitions are a booking's writes too: a daemon whose lease has passed to
+    another claims no try of a watch, and moves no claim of its own to a fallback time, to
+    watching or to its end (CONTRACT section 10: only the active daemon writes)."""
+    engine = models.make_engine(pg_url)
+    factory = models.session_factory(engine)
+    a = leader.Leadership(pg_url, "a")
+    b = leader.Leadership(pg_url, "b")
+    now = datetime.now(UTC)
+    try:
+        window = timedelta(hours=168)
+        add_row(factory, "mine@1", now + timedelta(hours=3) + window, PENDING)
+        add_row(factory, "watched@1", now + timedelta(hours=3) + window, PENDING)
+        with models.transaction(factory) as session:
+            row = session.scalar(select(Instance).where(Instance.key == "watched@1"))
+            assert row is not None
+            row.status, row.next_try_at = models.WATCHING, now
+            row.watch_until = now + timedelta(hours=2)
+            mine = session.scalar(select(Instance).where(Instance.key == "mine@1"))
+            assert mine is not None
+            mine.watch_until = now + timedelta(hours=2)
+        assert a.try_acquire() is True
+        fence_a = instances.Fence("a", a.epoch or 0)
+        assert instances.claim(factory, "mine@1", now, owner="a", fence=fence_a)
+        a.close()
+        assert b.try_acquire() is True
+        later = now + timedelta(minutes=5)
+        assert not instances.claim_watch(factory, "watched@1", now, owner="a", fence=fence_a)
+        assert (
+            instances.fall_back(factory, "mine@1", tried="18:00: taken", now=now, fence=fence_a)
+            is None
+        )
+        assert (
+            instances.watch(factory, "mine@1", tried="taken", next_try=later, fence=fence_a) is None
+        )
+        assert instances.watch_again(
+            factory, "mine@1", next_try=later, said="taken", fence=fence_a
+        )  # nothing more for it to do
+        assert instances.end_watch(factory, "mine@1", now, fence=fence_a) is None
+        row = row_of(factory, "mine@1")
+        assert (row.status, row.owner, row.tried, row.watch_tries) == (BOOKING, "a", None, 0)
+        assert row_of(factory, "watched@1").status == models.WATCHING
+    finally:
+        a.close()
+        b.close()
+        engine.dispose()
+
+
 def test_the_pools_connections_notice_a_dead_link_in_seconds_and_bound_statements(
     pg_url: str,
 ) -> None:
