@@ -1558,7 +1558,10 @@ def _finish(
         return None
     ctx.notify(outcome)
     if status == BOOKED and ctx.on_booked is not None:
-        ctx.on_booked(outcome.schedule_id)
+        try:
+            ctx.on_booked(outcome.schedule_id)  # the top-up: the booking stands whatever it does
+        except Exception:
+            logger.exception("booking %s: booked; the top-up after it failed", key)
     return status
 
 
@@ -1587,7 +1590,12 @@ def _all_taken(ctx: BookingContext, run: FlowRun, row: Instance, reasons: list[s
         reason = "; ".join([*reasons, TAKEN_ADVICE])
         return _finish(ctx, row.key, FAILED, reason, attempts=run.total, retry_helps=False)
     tried = _tried(row, run, reasons)
-    instances.record_attempt(ctx.factory, row.key, run.total, _first_sent(ctx, row.key))
+    instances.record_attempt(
+        ctx.factory, row.key, run.total, _first_sent(ctx, row.key), fence=ctx.fence
+    )
+    # The next time is a booking of its own: when its request leaves is counted from its own
+    # trigger, not from this one's (CONTRACT 8).
+    ctx.first_sent.pop(row.key, None)
     following = instances.fall_back(
         ctx.factory, row.key, tried=tried, now=_now(ctx), fence=ctx.fence
     )
@@ -1641,7 +1649,7 @@ def _watch_try(ctx: BookingContext, key: str) -> str | None:
     row, token_row = instances.claimed(ctx.factory, key)
     assert row.next_try_at is not None and row.watch_until is not None
     if not _wait_until(ctx, row.next_try_at.timestamp(), key=key):
-        instances.release(ctx.factory, key)
+        instances.release(ctx.factory, key, fence=ctx.fence)
         return None
     if _now(ctx) >= row.watch_until:
         _end_watch(ctx, key)
@@ -1693,6 +1701,9 @@ def _watch_send(
     run.watching = True
     court = slot.courts[0]
     number = (row.watch_tries or 0) + 1
+    if not ctx.sendable():
+        instances.release(ctx.factory, key, fence=ctx.fence)
+        return None
     for report in prepare_round(ctx.client, run).values():
         step = next(s for s in flow.steps if s.name == report.step)
         where = f"{_where(step, report.court)}: {report.problem}"
@@ -1706,11 +1717,11 @@ def _watch_send(
         return _finish(ctx, key, FAILED, f"watch, try {number}: {reason}", attempts=run.total)
     run.opened = ctx.clock()
     result = _one_court(ctx, run, row, court, {}, wired={})
-    instances.record_attempt(ctx.factory, key, run.total)
+    instances.record_attempt(ctx.factory, key, run.total, fence=ctx.fence)
     if result.kind == "booked":
         return _after_booking(ctx, run, row, court, result.ref)
     if result.kind == "stopped":
-        instances.release(ctx.factory, key)
+        instances.release(ctx.factory, key, fence=ctx.fence)
         return None
     if result.kind in ("taken", "missing", "busy", "spent"):
         return _watch_on(ctx, row, f"{_local_time(slot)}: {result.reason}", result.wait)

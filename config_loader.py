@@ -2214,10 +2214,8 @@ def cancel_flow(settings: Settings, club: str | None) -> tuple[Flow | None, str]
     and how to name it: its club file, else the request template, else section 6's request."""
     try:
         if club is not None:
-            path = settings.clubs_dir / f"{club}.json"
-            return load_flow_file(path, api_url=settings.api_url, label=str(path)).flow, (
-                f"club file {path}"
-            )
+            found = club_file(settings, club)  # a use file or a ready flow by name too
+            return found.flow, f"club file {found.label}"
         template = load_template(settings)
     except TemplateError as exc:
         return None, str(exc)

@@ -134,7 +134,7 @@ def database_problem(settings: Settings, exc: BaseException, *, doing: str) -> s
         fix = f"make {db.parent} writable (or set DATABASE_URL elsewhere)"
     else:
         fix = f"check DATABASE_URL and that {db.parent} exists and is writable"
-    return f"cannot {doing} the database {models.display_url(settings.database_url)}: {text}; {fix}"
+    return f"cannot {doing} the database {models.mask_url(settings.database_url)}: {text}; {fix}"
 
 
 def start_failure(settings: Settings, exc: Exception) -> str:

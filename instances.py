@@ -1179,6 +1179,16 @@ def finish(
         if row is None and fence is not None:
             return None
         assert row is not None
+        if row.status != BOOKING:
+            # Already settled (a second outcome for one booking: an error after it was booked)
+            # or no longer claimed: what was written stands, and nothing is reported twice.
+            logger.warning(
+                "booking %s: a second outcome (%s) for an instance already %s was not written",
+                key,
+                status,
+                row.status,
+            )
+            return None
         if attempts is not None:
             row.attempts = attempts
         if row.first_sent_at is None:
@@ -1190,6 +1200,7 @@ def finish(
         if status == BOOKED or row.club_took:
             row.booked_court = court
             row.booked_time = booked_time
+            _point_at(row, booked_time)
         row.next_try_at = None
         row.finished_at = now
         row.interrupted = False
@@ -1220,6 +1231,17 @@ def attempt_of(row: Instance) -> Attempt:
     return Attempt(text, start if step else row.desired_time, step > 0, players)
 
 
+def _point_at(row: Instance, booked_time: str | None) -> None:
+    """The instance's slot is the time that was booked (a watch takes the times in turn, so
+    the last one tried need not be it): the outcome's start and a ``cancel`` follow it."""
+    if booked_time is None or not row.fallbacks:
+        return
+    for step, (text, start, _trigger) in enumerate(times_of(row)):
+        if text == booked_time:
+            row.fallback_step, row.slot_time = step, (start if step else None)
+            return
+
+
 def _claimed_row(key: str, fence: Fence | None) -> Any:
     """The query of the instance ``key``; with ``fence`` only while it is this daemon's claim
     under its current lease (CONTRACT section 10: only the active daemon writes)."""
@@ -1245,6 +1267,9 @@ def fall_back(
         if row is None:
             return None
         row.tried = tried
+        # The next time's request is its own: "sent ... after the window opened" counts from
+        # its trigger, not from the first time's (CONTRACT 8).
+        row.first_sent_at = None
         times = times_of(row)
         for step in range((row.fallback_step or 0) + 1, len(times)):
             text, start, trigger = times[step]

@@ -83,14 +83,6 @@ def error_text(exc: BaseException) -> str:
     return f"{shown.__class__.__name__}: {lines[0]}" if lines else shown.__class__.__name__
 
 
-def display_url(url: str) -> str:
-    """A database URL fit for a message: its password masked."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 (an unparsable URL: say so without echoing it)
-        return "(an invalid DATABASE_URL)"
-
-
 class UTCDateTime(TypeDecorator[datetime]):
     """Aware datetimes in, aware UTC datetimes out; stored naive in UTC."""
 

@@ -2691,6 +2691,41 @@ def test_every_court_taken_goes_on_with_the_fallback_time_at_its_own_trigger(h: 
     assert outcome.desired_start == AT_19
 
 
+def test_a_booked_fallback_time_says_when_its_own_request_left(h: Harness) -> None:
+    """The fallback's request is counted from the fallback's own trigger: 3 ms after it, not an
+    hour "before the window opened" (the first time's send, an hour before that trigger)."""
+    h.add(courts=("3", "4"))
+    wishes(h, times=(AT_19,))
+    queue(h.club, answer(409, "Court 3 is already booked"), answer(409, "taken"))
+    assert h.book() == PENDING
+    assert h.row().first_sent_at is None
+    h.clock.set(AT_19 - timedelta(hours=168) + timedelta(milliseconds=3))
+    queue(h.club, answer(201, {"id": "bk-19"}))
+    assert h.book() == BOOKED
+    timing = h.outcomes[-1].timing or ""
+    assert timing.startswith("sent ") and "after the window opened" in timing, timing
+    assert "before" not in timing, timing
+
+
+def test_a_watch_that_books_the_first_choice_names_it_not_the_last_fallback_tried(
+    h: Harness,
+) -> None:
+    """18:00 and its fallback 17:00 taken, then the watch takes the times in turn and books
+    18:00: the outcome's start (the message, the calendar entry, a later cancel) is 18:00."""
+    h.ctx.jitter = lambda: 0.5
+    h.add()
+    wishes(h, times=(AT_17,), watch=timedelta(hours=2))
+    queue(h.club, answer(409), answer(409))
+    assert h.book() == WATCHING
+    h.clock.set(h.row().next_try_at)
+    queue(h.club, answer(201, {"id": "bk-w"}))
+    assert h.book() == BOOKED
+    row = h.row()
+    assert (row.booked_time, row.fallback_step) == ("18:00", 0)
+    final = h.outcomes[-1]
+    assert final.desired_start == DESIRED and final.first_choice is None
+
+
 def test_a_fallback_time_whose_window_is_open_is_tried_at_once_and_at_most_one_books(
     h: Harness,
 ) -> None:

@@ -1386,8 +1386,13 @@ def test_outcomes_without_a_request_say_so(factory: sessionmaker[Session]) -> No
         "not sent: courtbot was not running at the trigger"
     )
     assert failed.retry_helps is True
-    taken = instances.finish(factory, "token@1", FAILED, "taken", now=NOW, retry_helps=False)
-    assert taken.retry_helps is False
+    add_row(factory, "taken@1", NOW + timedelta(hours=2), BOOKING)
+    taken = instances.finish(factory, "taken@1", FAILED, "taken", now=NOW, retry_helps=False)
+    assert taken is not None and taken.retry_helps is False
+    # A second outcome for a booking already settled is not written, nor reported again: an
+    # error after the booking was made once rewrote it `failed`, and a retry booked it twice.
+    assert instances.finish(factory, "taken@1", BOOKED, None, now=NOW, booking_ref="X") is None
+    assert rows(factory)["taken@1"].status == FAILED
 
 
 def test_retry_clears_the_first_send_and_notes_a_window_already_open(
