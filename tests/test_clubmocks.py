@@ -85,7 +85,7 @@ def test_ready_flow_is_section_12_data(path: Path) -> None:
 def test_ready_flow_hosts_are_the_systems_real_hosts(system: str) -> None:
     flow = load_flow(system)
     assert tuple(flow["hosts"]) == MOCKS[system].hosts
-    assert all(step["url"].startswith("https://") for step in flow["steps"])
+    assert all(s["url"].startswith("https://") for s in [*flow["steps"], *flow.get("cancel", [])])
 
 
 @pytest.mark.parametrize("system", sorted(MOCKS))
@@ -1231,3 +1231,27 @@ def test_each_ready_flow_has_a_page_whose_tokens_example_fits_its_flow(system: s
     assert repositories, system
     assert [repo for repo in repositories if repo not in text] == [], page
     assert f"checked {flow['checked']}" in " ".join(text.split()), page
+
+
+def test_skedda_cancel_is_a_delete_with_the_venue_token_and_refuses_the_rest() -> None:
+    """``DELETE /bookings/{id}`` with the venue's antiforgery token cancels (204, no body), as
+    ha-skedda-integration's ``cancel_booking`` sends it; no sign-in is 401, no token 400, an id
+    the venue does not hold (or holds cancelled) 404."""
+    with MOCKS["skedda"](zone="Europe/Paris") as club:
+        session = requests.Session()
+        run = _run("skedda", club, slot(), session=session)
+        assert run.outcome == "booked", run.steps
+        url = f"{club.url}/bookings/{run.booking_ref}"
+        token = {"X-Skedda-RequestVerificationToken": run.step("venue_page").values["token"]}
+
+        assert requests.delete(url, headers=token, timeout=TIMEOUT).status_code == 401
+        assert session.delete(url, timeout=TIMEOUT).status_code == 400
+        wrong = session.delete(f"{club.url}/bookings/1", headers=token, timeout=TIMEOUT)
+        assert wrong.status_code == 404
+        assert club.bookings[0].status == "CONFIRMED"
+
+        done = session.delete(url, headers=token, timeout=TIMEOUT)
+        assert (done.status_code, done.content) == (204, b"")
+        assert club.bookings[0].status == "CANCELED"
+        again = session.delete(url, headers=token, timeout=TIMEOUT)
+        assert again.status_code == 404
