@@ -1255,3 +1255,28 @@ def test_skedda_cancel_is_a_delete_with_the_venue_token_and_refuses_the_rest() -
         assert club.bookings[0].status == "CANCELED"
         again = session.delete(url, headers=token, timeout=TIMEOUT)
         assert again.status_code == 404
+
+
+def test_doinsport_cancel_is_a_put_of_canceled_true_and_refuses_the_rest(
+    doinsport: DoinsportMock,
+) -> None:
+    """``PUT /clubs/bookings/{id}`` with ``{"canceled": true}`` and the bearer token cancels and
+    answers the booking (sdlv-booker's ``cancelBooking``); no token is 401, an id the user does
+    not hold 404."""
+    run = _run("doinsport", doinsport, slot())
+    assert run.outcome == "booked", run.steps
+    url = f"{doinsport.url}/clubs/bookings/{run.booking_ref}"
+    auth = _ds_login(doinsport)
+    body = {"canceled": True}
+
+    assert requests.put(url, json=body, timeout=TIMEOUT).status_code == 401
+    wrong = requests.put(
+        f"{doinsport.url}/clubs/bookings/no-such-booking", json=body, headers=auth, timeout=TIMEOUT
+    )
+    assert wrong.status_code == 404
+    assert doinsport.bookings[0].status == "CONFIRMED"
+
+    done = requests.put(url, json=body, headers=auth, timeout=TIMEOUT)
+    assert done.status_code == 200 and done.json()["canceled"] is True
+    assert doinsport.bookings[0].status == "CANCELED"
+    assert doinsport.is_free(doinsport.bookings[0].court, slot(), 60)
