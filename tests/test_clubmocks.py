@@ -1208,7 +1208,8 @@ def test_the_docs_table_names_each_ready_flow_and_its_tokens_fields() -> None:
 
 def test_the_docs_examples_are_valid() -> None:
     blocks = re.findall(r"```json\n(.*?)```", DOC.read_text(), re.DOTALL)
-    tokens, entry, flow = (json.loads(block) for block in blocks)
+    use, tokens, entry, flow = (json.loads(block) for block in blocks)
+    assert use == {"use": "perfectgym", "yourclub": "riverside"}
     assert set(tokens["padel"]) == set(PlaytomicMock().tokens_entry())
     assert entry["club"] == "playtomic" and entry["token"] == "padel"
     assert flow_problems(flow, "example") == []
@@ -1280,3 +1281,17 @@ def test_doinsport_cancel_is_a_put_of_canceled_true_and_refuses_the_rest(
     assert done.status_code == 200 and done.json()["canceled"] is True
     assert doinsport.bookings[0].status == "CANCELED"
     assert doinsport.is_free(doinsport.bookings[0].court, slot(), 60)
+
+
+@pytest.mark.parametrize("system", sorted(MOCKS))
+def test_each_flow_page_says_whether_cancel_works_as_its_flow_does(system: str) -> None:
+    """A flow with ``cancel`` steps: its page says cancel works, and the overview links it in
+    its "Cancelling" paragraph; a flow without: its page says it does not, and why."""
+    has_cancel = "cancel" in load_flow(system)
+    text = (DOC.parent / f"{system}.md").read_text()
+    start = text.index("\n## Cancelling\n")
+    section = " ".join(text[start : text.index("\n## ", start + 1)].split())
+    verdict = "does not work for" if not has_cancel else "works for"
+    assert f"`python main.py cancel KEY` {verdict}" in section, system
+    overview = DOC.read_text().split("**Cancelling.**", 1)[1].split("\n\n", 1)[0]
+    assert (f"({system}.md#cancelling)" in overview) == has_cancel, system
