@@ -76,6 +76,7 @@ UNTIMED_SLOW = (
     "test_container.py",
     "test_demo.py",
     "test_ready_flows.py::test_dry_run_",
+    "test_ready_flows.py::test_cancel_runs_",
     "test_install.py::test_the_installed_",
 )
 

@@ -85,7 +85,7 @@ def test_ready_flow_is_section_12_data(path: Path) -> None:
 def test_ready_flow_hosts_are_the_systems_real_hosts(system: str) -> None:
     flow = load_flow(system)
     assert tuple(flow["hosts"]) == MOCKS[system].hosts
-    assert all(step["url"].startswith("https://") for step in flow["steps"])
+    assert all(s["url"].startswith("https://") for s in [*flow["steps"], *flow.get("cancel", [])])
 
 
 @pytest.mark.parametrize("system", sorted(MOCKS))
@@ -1208,7 +1208,8 @@ def test_the_docs_table_names_each_ready_flow_and_its_tokens_fields() -> None:
 
 def test_the_docs_examples_are_valid() -> None:
     blocks = re.findall(r"```json\n(.*?)```", DOC.read_text(), re.DOTALL)
-    tokens, entry, flow = (json.loads(block) for block in blocks)
+    use, tokens, entry, flow = (json.loads(block) for block in blocks)
+    assert use == {"use": "perfectgym", "yourclub": "riverside"}
     assert set(tokens["padel"]) == set(PlaytomicMock().tokens_entry())
     assert entry["club"] == "playtomic" and entry["token"] == "padel"
     assert flow_problems(flow, "example") == []
@@ -1231,3 +1232,66 @@ def test_each_ready_flow_has_a_page_whose_tokens_example_fits_its_flow(system: s
     assert repositories, system
     assert [repo for repo in repositories if repo not in text] == [], page
     assert f"checked {flow['checked']}" in " ".join(text.split()), page
+
+
+def test_skedda_cancel_is_a_delete_with_the_venue_token_and_refuses_the_rest() -> None:
+    """``DELETE /bookings/{id}`` with the venue's antiforgery token cancels (204, no body), as
+    ha-skedda-integration's ``cancel_booking`` sends it; no sign-in is 401, no token 400, an id
+    the venue does not hold (or holds cancelled) 404."""
+    with MOCKS["skedda"](zone="Europe/Paris") as club:
+        session = requests.Session()
+        run = _run("skedda", club, slot(), session=session)
+        assert run.outcome == "booked", run.steps
+        url = f"{club.url}/bookings/{run.booking_ref}"
+        token = {"X-Skedda-RequestVerificationToken": run.step("venue_page").values["token"]}
+
+        assert requests.delete(url, headers=token, timeout=TIMEOUT).status_code == 401
+        assert session.delete(url, timeout=TIMEOUT).status_code == 400
+        wrong = session.delete(f"{club.url}/bookings/1", headers=token, timeout=TIMEOUT)
+        assert wrong.status_code == 404
+        assert club.bookings[0].status == "CONFIRMED"
+
+        done = session.delete(url, headers=token, timeout=TIMEOUT)
+        assert (done.status_code, done.content) == (204, b"")
+        assert club.bookings[0].status == "CANCELED"
+        again = session.delete(url, headers=token, timeout=TIMEOUT)
+        assert again.status_code == 404
+
+
+def test_doinsport_cancel_is_a_put_of_canceled_true_and_refuses_the_rest(
+    doinsport: DoinsportMock,
+) -> None:
+    """``PUT /clubs/bookings/{id}`` with ``{"canceled": true}`` and the bearer token cancels and
+    answers the booking (sdlv-booker's ``cancelBooking``); no token is 401, an id the user does
+    not hold 404."""
+    run = _run("doinsport", doinsport, slot())
+    assert run.outcome == "booked", run.steps
+    url = f"{doinsport.url}/clubs/bookings/{run.booking_ref}"
+    auth = _ds_login(doinsport)
+    body = {"canceled": True}
+
+    assert requests.put(url, json=body, timeout=TIMEOUT).status_code == 401
+    wrong = requests.put(
+        f"{doinsport.url}/clubs/bookings/no-such-booking", json=body, headers=auth, timeout=TIMEOUT
+    )
+    assert wrong.status_code == 404
+    assert doinsport.bookings[0].status == "CONFIRMED"
+
+    done = requests.put(url, json=body, headers=auth, timeout=TIMEOUT)
+    assert done.status_code == 200 and done.json()["canceled"] is True
+    assert doinsport.bookings[0].status == "CANCELED"
+    assert doinsport.is_free(doinsport.bookings[0].court, slot(), 60)
+
+
+@pytest.mark.parametrize("system", sorted(MOCKS))
+def test_each_flow_page_says_whether_cancel_works_as_its_flow_does(system: str) -> None:
+    """A flow with ``cancel`` steps: its page says cancel works, and the overview links it in
+    its "Cancelling" paragraph; a flow without: its page says it does not, and why."""
+    has_cancel = "cancel" in load_flow(system)
+    text = (DOC.parent / f"{system}.md").read_text()
+    start = text.index("\n## Cancelling\n")
+    section = " ".join(text[start : text.index("\n## ", start + 1)].split())
+    verdict = "does not work for" if not has_cancel else "works for"
+    assert f"`python main.py cancel KEY` {verdict}" in section, system
+    overview = DOC.read_text().split("**Cancelling.**", 1)[1].split("\n\n", 1)[0]
+    assert (f"({system}.md#cancelling)" in overview) == has_cancel, system

@@ -40,7 +40,16 @@ from clubmocks import (
     write_flow_for_mock,
 )
 from daemon_harness import DaemonProcess, by_key, cli, iso_z, wait_until
-from models import BOOKED, FAILED, KIND_OBJECT, PENDING, Instance, Token, transaction
+from models import (
+    BOOKED,
+    CANCELLED,
+    FAILED,
+    KIND_OBJECT,
+    PENDING,
+    Instance,
+    Token,
+    transaction,
+)
 from notify import Outcome
 from template import Flow, parse_flow
 
@@ -393,6 +402,63 @@ def test_a_ready_flow_meets_a_refused_login(booking: Booking) -> None:
     # Nothing but the preparation went to the club (only the booking step carries the key; some
     # systems book at the same URL as they log in).
     assert [r for r in booking.club.requests if r.header("Idempotency-Key")] == []
+
+
+#: The ready flows whose public sources show a cancel call: their files have "cancel" steps.
+CANCELS = sorted(system for system in CASES if "cancel" in load_flow(system))
+
+
+def test_some_ready_flows_cancel() -> None:
+    assert {"skedda", "doinsport"} <= set(CANCELS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("booking", CANCELS, indirect=True)
+def test_cancel_runs_a_ready_flows_cancel_steps_at_its_mock(
+    booking: Booking, env: dict[str, str], data_dir: Path
+) -> None:
+    """Booked by the real engine, then ``python main.py cancel KEY`` (the real command, the flow
+    file in DATA_DIR/clubs/): a reference the club does not hold is refused (exit 1, one line,
+    it stays booked and the club keeps the booking); the right one cancels: the club no longer
+    holds the booking, the instance is cancelled."""
+    club = booking.club
+    write_flow_for_mock(booking.system, club.url, data_dir / "clubs")
+    env = env | {"PATH": "/usr/bin:/bin"}
+    booking.add()
+    assert booking.book() == BOOKED, booking.row().last_error
+    (made,) = club.bookings
+    held = made.status
+    ref = booking.row().booking_ref
+    assert ref is not None
+
+    def set_row(**values: Any) -> None:
+        with transaction(booking.factory) as session:
+            row = session.get(Instance, booking.row().id)
+            assert row is not None
+            for name, value in values.items():
+                setattr(row, name, value)
+
+    set_row(club=booking.system, booking_ref="404404")
+    refused = cli(env, "cancel", booking.key)
+
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    (line,) = refused.stderr.splitlines()
+    assert line.startswith(f"courtbot cancel: {booking.key}: step "), line
+    assert line.endswith("; it stays booked"), line
+    assert booking.row().status == BOOKED
+    assert made.status == held != "CANCELED"
+    assert not club.is_free(made.court, booking.start, booking.case.minutes)
+
+    set_row(booking_ref=ref)
+    done = cli(env, "cancel", booking.key)
+
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout == f"cancelled at the club: {booking.key} (ref {ref})\n"
+    assert made.status == "CANCELED"
+    assert club.is_free(made.court, booking.start, booking.case.minutes)
+    assert booking.row().status == CANCELLED
+    for text in (refused.stdout, refused.stderr, done.stdout, done.stderr):
+        assert club.password not in text
 
 
 def _playtomic_as_it_was() -> dict[str, Any]:

@@ -8,6 +8,8 @@ Sources (read, not copied):
   is local ``HH:MM`` and whose ``prices[]`` carry ``id``, ``duration`` in seconds, ``bookable``,
   ``pricePerParticipant`` in cents); ``POST /clubs/bookings`` whose ``startAt``/``endAt`` are the
   club's local time converted to UTC, written ``YYYY-MM-DD HH:MM:SS`` (summer time included);
+  ``cancelBooking``: ``PUT /clubs/bookings/{id}`` with ``{"canceled": true}`` and the bearer
+  token cancels (the updated booking comes back);
 - ``vuongDang/viva-padel`` ``crates/testcases/data/legarden_server/*.json`` (recorded planning
   answers; ``bookable`` false once taken);
 - padel scripts found by searching GitHub code for ``api-v3.doinsport.club/clubs/bookings``
@@ -87,7 +89,7 @@ class DoinsportMock(ClubMock):
         ("GET", r"/me", "me"),
         ("GET", r"/clubs/playgrounds/plannings/(?P<day>\d{4}-\d{2}-\d{2})", "planning"),
         ("POST", r"/clubs/bookings", "book"),
-        ("PUT", r"/clubs/bookings/(?P<booking_id>[^/]+)", "confirm"),
+        ("PUT", r"/clubs/bookings/(?P<booking_id>[^/]+)", "update"),
     )
 
     def __init__(self, *, token_ttl: float = 3600.0, **kwargs: Any) -> None:
@@ -295,14 +297,16 @@ class DoinsportMock(ClubMock):
             "@type": "Booking",
             "id": booking.id,
             "confirmed": booking.status == "CONFIRMED",
-            "canceled": False,
+            "canceled": booking.status == "CANCELED",
             "startAt": booking.start.isoformat(),
             "endAt": booking.end.isoformat(),
             "playgrounds": [f"/clubs/playgrounds/{booking.court}"],
             "club": f"/clubs/{self.club_id}",
         }
 
-    def confirm(self, request: Recorded, booking_id: str) -> Answer:
+    def update(self, request: Recorded, booking_id: str) -> Answer:
+        """``PUT /clubs/bookings/{id}``: ``{"confirmed": true, ...}`` confirms the booking,
+        ``{"canceled": true}`` cancels it (sdlv-booker's ``cancelBooking``)."""
         user = self._user(request)
         if isinstance(user, Answer):
             return user
@@ -313,6 +317,9 @@ class DoinsportMock(ClubMock):
             body = request.json()
         except ValueError:
             return _hydra_error(400, "Syntax error")
+        if isinstance(body, dict) and body.get("canceled") is True:
+            booking.status = "CANCELED"
+            return json_answer(200, self._booking_json(booking))
         if not isinstance(body, dict) or body.get("confirmed") is not True:
             return _violation("confirmed", "This value should be true.")
         for key, moment in (("startAt", booking.start), ("endAt", booking.end)):

@@ -46,7 +46,9 @@ BUILTINS = frozenset(
     }
 )
 TIME_PLACEHOLDERS = frozenset({"start", "end", "start_utc", "end_utc"})
-TOP_KEYS = frozenset({"about", "hosts", "window", "prepare_seconds", "steps", "sources", "checked"})
+TOP_KEYS = frozenset(
+    {"about", "hosts", "window", "prepare_seconds", "steps", "cancel", "sources", "checked"}
+)
 STEP_KEYS = frozenset(
     {
         "name",
@@ -81,7 +83,7 @@ def flow_for_mock(system_or_flow: str | dict[str, Any], base_url: str) -> dict[s
         load_flow(system_or_flow) if isinstance(system_or_flow, str) else system_or_flow
     )
     base = base_url.rstrip("/")
-    for step in flow["steps"]:
+    for step in [*flow["steps"], *flow.get("cancel", [])]:
         for host in flow["hosts"]:
             prefix = f"https://{host}"
             url = step["url"]

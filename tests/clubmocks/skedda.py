@@ -17,7 +17,8 @@ Sources (read, not copied):
   HTML: a conflict says "conflicts with one already scheduled" / "conflicting bookings are not
   allowed", a booking beyond the window carries ``data-var="duration-days"``, the weekly quota
   ``period-start``/``period-end``/``time-value``; 401 is an expired sign-in;
-  ``DELETE /bookings/{id}`` cancels (204).
+  ``DELETE /bookings/{id}`` cancels (204, no body), sent as every venue request with the
+  venue's antiforgery token (``client.py`` ``cancel_booking``).
 - ``ayushsinghvi/skedda-booker`` ``booker.py`` (2026-07): the same ``/logins`` body and header,
   then ``POST /account/applogin`` (a form, 302) to set the auth cookies, the token scraped from
   the venue's ``/booking`` page, ``/webs``, and the same booking body with ``"price": 0``,
@@ -28,7 +29,8 @@ Not shown by public code (the mock's own): the answer to a request without the a
 (400, as ASP.NET Core's antiforgery filter answers), the auth cookie's name, the steps of the
 venue's redirect chain (one hop through ``/account/venuelogin``), the exact wording
 around the quoted phrases, and the booking answer's envelope (``{"booking": {...}}``; the
-integration accepts it with or without one).
+integration accepts it with or without one), and the answer to a cancel of an id the venue does
+not hold (404, as ASP.NET Core answers an unknown resource).
 """
 
 from __future__ import annotations
@@ -223,11 +225,13 @@ class SkeddaMock(ClubMock):
         return None
 
     def cancel(self, request: Recorded, booking: str) -> Answer:
-        state, _ = self._session(request)
-        if state != "ok":
+        state, session = self._session(request)
+        if state != "ok" or session is None:
             return json_answer(401, {"errors": [{"detail": "Please sign in again."}]})
+        if not self._venue_token_ok(request, session):
+            return text_answer(400, "", None)
         found = self.find_booking(booking)
-        if found is None:
+        if found is None or found.status == "CANCELED":
             return json_answer(404, {"errors": [{"detail": "Not found."}]})
         found.status = "CANCELED"
         return Answer(204, b"", None)
