@@ -366,6 +366,11 @@ plausible = {
     "club": st.sampled_from(["padel", "../etc/passwd", "", "a" * 65]) | json_values,
     "window": st.sampled_from(["6d@08:00", "0d@20:00", "0d@00:00", "7 days", "6d@24:00", "0h"])
     | json_values,
+    "fallback_times": st.sampled_from([["18:00", "16:30"], ["7pm"], [], "18:00", ["25:00"]])
+    | json_values,
+    "watch": st.sampled_from(["2h", "90m", False, True, "2 hours", "0h", "999h"]) | json_values,
+    "players": st.sampled_from([["ana@example.com", "Ben"], [], "Ben", [1, 2]]) | json_values,
+    "about": st.sampled_from(["disabled until the club opens", ""]) | json_values,
     "cour_id": json_values,
 }
 entries = st.lists(
