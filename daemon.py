@@ -757,6 +757,10 @@ class Loads:
             else:
                 daemon.config = Config(daemon.config.schedules, daemon.config.tokens, config.digest)
             report = self.sync(None if full_sync else changes.keys)
+            if early:
+                # The scheduler started before the rest of the load, and its first look for
+                # due rehearsals with it: look again now that every instance is there.
+                daemon.scheduler.rehearse_soon()
             elapsed = (time.perf_counter() - started) * 1000
             summary = self._load_summary(config, changes, report)
             ok = whole_ok and config.tokens.file_error is None

@@ -57,18 +57,17 @@ SERIAL = (
     "test_attacks.py",
     "test_contract_7_12.py",
     "test_e2e.py",
-    "test_e2e_clock.py",
+    "test_e2e_clock.py::test_booking_",
+    "test_e2e_clock.py::test_clock_command_",
     "test_e2e_soonest.py",
     "test_e2e_flows.py",
     "test_e2e_templates.py",
     "test_e2e_watchdog.py",
-    "test_e2e_wishes.py",
     "test_failover.py",
     "test_leader.py",
     "test_lease.py",
     "test_partition.py",
     "test_reliability.py",
-    "test_rehearsal_e2e.py",
     "test_ready_flows.py::test_the_daemon_runs_",
 )
 #: End-to-end tests (marked ``slow``) that assert no timing: they may run beside the serial ones.
@@ -78,6 +77,11 @@ UNTIMED_SLOW = (
     "test_ready_flows.py::test_dry_run_",
     "test_ready_flows.py::test_cancel_runs_",
     "test_install.py::test_the_installed_",
+    # Bounds from below only (a try not before its time, a send not before the trigger) and
+    # waits of tens of seconds: they run beside the serial ones.
+    "test_e2e_wishes.py",
+    "test_rehearsal_e2e.py",
+    "test_e2e_clock.py::test_a_failed_measurement_",
 )
 
 
