@@ -1018,7 +1018,22 @@ def claim(
     conditional update sets both, so two claimants can never both send, and a claim always
     names its owner (whose live claims no other daemon takes over): True for the one that got
     it. With ``fence``, only while its lease is current, and the claim carries its epoch."""
-    query = update(Instance).where(Instance.key == key, Instance.status == PENDING)
+    return _claim_where(
+        factory, (Instance.key == key, Instance.status == PENDING), now, owner=owner, fence=fence
+    )
+
+
+def _claim_where(
+    factory: sessionmaker[Session],
+    conditions: tuple[Any, ...],
+    now: datetime,
+    *,
+    owner: str | None,
+    fence: Fence | None,
+) -> bool:
+    """-> booking by ``owner`` for the one instance meeting ``conditions``, in one conditional
+    update (``claim``, ``claim_watch``); with ``fence`` only under its current lease."""
+    query = update(Instance).where(*conditions)
     values: dict[str, Any] = {"status": BOOKING, "owner": owner, "updated_at": now}
     if fence is not None:
         query = query.where(fence.current())
@@ -1333,18 +1348,12 @@ def claim_watch(
     """watching -> booking for one try of the watch, from ``WATCH_CLAIM_AHEAD`` before its time
     (its job starts a little early, as a booking's does; the try waits for its time): True for
     the one that got it (as ``claim``; with ``fence`` too)."""
-    query = update(Instance).where(
+    due = (
         Instance.key == key,
         Instance.status == WATCHING,
         Instance.next_try_at <= now + WATCH_CLAIM_AHEAD,
     )
-    values: dict[str, Any] = {"status": BOOKING, "owner": owner, "updated_at": now}
-    if fence is not None:
-        query = query.where(fence.current())
-        values["claim_epoch"] = fence.epoch
-    with transaction(factory) as session:
-        claimed = session.execute(query.values(**values)).rowcount
-    return claimed == 1
+    return _claim_where(factory, due, now, owner=owner, fence=fence)
 
 
 def watch_again(
