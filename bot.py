@@ -581,14 +581,23 @@ def dry_run(
 def rehearse(ctx: BookingContext, key: str) -> str | None:
     """Rehearse the instance ``key`` (CONTRACT section 12): its flow's preparation steps, once,
     now, exactly as ``dry_run`` sends them; nothing else, and its status is never touched.
-    None when every step succeeded, else the problem with its fix."""
-    row, token_row = instances.claimed(ctx.factory, key)
-    flow = ctx.flow_for(row.club)
-    secrets, problem = _token(ctx, flow, row, token_row)
-    if problem is not None:
+    None when every step succeeded, else the problem with its fix. An unexpected error is
+    logged as a booking's is, its traceback scrubbed of the rehearsal's secrets."""
+    start_secrets()
+    try:
+        row, token_row = instances.claimed(ctx.factory, key)
+        flow = ctx.flow_for(row.club)
+        secrets, problem = _token(ctx, flow, row, token_row)
+        if problem is not None:
+            return problem
+        _, problem = dry_run(ctx.client, flow, _slot(row), secrets, row.token_name)
         return problem
-    _, problem = dry_run(ctx.client, flow, _slot(row), secrets, row.token_name)
-    return problem
+    except Exception as exc:  # noqa: BLE001 (logged scrubbed; the rehearsal reports it)
+        # Not logger.exception: the traceback's exception texts may quote a secret.
+        logger.error("rehearsal %s: unexpected error: %s", key, scrubbed_traceback(exc))
+        return f"internal error while rehearsing ({type(exc).__name__}): see the log"
+    finally:
+        end_secrets()
 
 
 # --------------------------------------------------------------------------- the booking

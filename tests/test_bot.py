@@ -1746,6 +1746,24 @@ def fh(h: Harness) -> Harness:
     return h
 
 
+def test_a_rehearsals_unexpected_error_is_logged_scrubbed_and_reported_not_raised(
+    fh: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error nobody planned for (here the HTTP layer raising with the token in its text)
+    ends the rehearsal with a reason, and its log line is scrubbed as a booking's is."""
+    use_flow(fh, {"steps": [login_step(), book_step()], "prepare_seconds": 60})
+    fh.add(at_trigger=False)
+    fh.club.add(responses.POST, f"{CLUB}/login", body=RuntimeError(f"boom near {TOKEN}"))
+    caplog.set_level(logging.ERROR)
+
+    problem = bot.rehearse(fh.ctx, KEY)
+
+    assert problem == "internal error while rehearsing (RuntimeError): see the log"
+    assert "rehearsal" in caplog.text and "boom near" in caplog.text
+    assert TOKEN not in caplog.text
+    assert fh.row().status == PENDING
+
+
 def test_a_flow_logs_in_ahead_then_books_with_the_extracted_values(fh: Harness) -> None:
     use_flow(fh, {"steps": [login_step(), book_step()], "prepare_seconds": 60})
     fh.add(at_trigger=False)
