@@ -732,13 +732,7 @@ class Loads:
                 logger.error("%s", error)
             for warning in config.warnings:
                 logger.warning("%s", warning)
-            if config.tokens.file_error is None and config.tokens.raw is not None:
-                config_loader.rewrite_tokens_file(daemon.settings.tokens_path, config.tokens)
-                config_loader.secure_file_mode(daemon.settings.tokens_path)
-                if config.tokens.written is not None:
-                    # Our own rewrite is no change for the file check to reload on.
-                    written = config_loader.content_digest(config.tokens.written)
-                    config.digest[str(daemon.settings.tokens_path)] = written
+            self._write_back_tokens(config)
             unchanged = self._unchanged_entries(config) if not first else frozenset()
             early = first and not daemon.scheduler.running
             if early:
@@ -798,6 +792,17 @@ class Loads:
             )
         except Exception:
             logger.exception("the load's result could not be kept for `reload` and `status`")
+
+    def _write_back_tokens(self, config: Config) -> None:
+        """Plaintext tokens encrypted in tokens.json, in place (CONTRACT section 5)."""
+        settings = self.daemon.settings
+        if config.tokens.file_error is None and config.tokens.raw is not None:
+            config_loader.rewrite_tokens_file(settings.tokens_path, config.tokens)
+            config_loader.secure_file_mode(settings.tokens_path)
+            if config.tokens.written is not None:
+                # Our own rewrite is no change for the file check to reload on.
+                written = config_loader.content_digest(config.tokens.written)
+                config.digest[str(settings.tokens_path)] = written
 
     def _soonest_first(self, config: Config, now: datetime) -> None:
         """The first part of a load at start: what is due soon (or overdue) gets its job and

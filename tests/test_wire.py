@@ -980,7 +980,7 @@ def test_a_booking_whose_connection_cannot_be_opened_ahead_goes_through_requests
     monkeypatch.setattr(wire, "connect", refused)
     with club(answers(CREATED)) as server:
         made = bookings(tmp_path / "db.sqlite", server.url())
-        key = made.add("mon", time.time() + 0.5)
+        key = made.add("mon", time.time() + wire.HAND_OVER_SECONDS + 0.75)
         assert bot.book_slot(key, made.ctx) == BOOKED
         arrivals = list(server.received)
     assert made.gate.record == []
@@ -995,7 +995,7 @@ def test_a_slow_header_club_times_out_at_the_http_timeout_on_the_burst_path(
     caplog.set_level(logging.INFO, logger="bot")
     with club(dribble(b"HTTP/1.1 200 OK\r\n", b"X-Wait: 1\r\n", 0.2)) as server:
         made = bookings(tmp_path / "db.sqlite", server.url(), timeout=1.0)
-        key = made.add("mon", time.time() + 0.5)
+        key = made.add("mon", time.time() + wire.HAND_OVER_SECONDS + 0.75)
         assert bot.book_slot(key, made.ctx) == FAILED
         arrivals = list(server.received)
     (sent,) = made.gate.record
@@ -1024,7 +1024,7 @@ def test_a_request_written_at_the_trigger_is_read_when_the_active_role_goes_righ
             return sent
 
         made.gate.send = send_then_lose  # type: ignore[method-assign]
-        key = made.add("mon", time.time() + 0.5)
+        key = made.add("mon", time.time() + wire.HAND_OVER_SECONDS + 0.75)
         assert bot.book_slot(key, made.ctx) == BOOKED
         arrivals = list(server.received)
     assert len(made.gate.record) == 1
