@@ -586,7 +586,7 @@ def recover_in_flight(
             elif row.next_try_at is not None and row.watch_until and row.watch_until > now:
                 # A try of a watch (CONTRACT 13): the watch goes on, its next try at once.
                 row.status = WATCHING
-            elif row.attempts == 0 and row.trigger_time > now:
+            elif row.attempts == 0 and _first_send(row) > now:
                 row.status = PENDING
             elif (row.slot_time or row.desired_time) > now:
                 row.status = PENDING
@@ -621,6 +621,14 @@ class Takeover:
     failed: list[Instance] = field(default_factory=list)
     #: Maybe sent and still held: (key, until when by the database's clock).
     held: list[tuple[str, datetime]] = field(default_factory=list)
+
+
+def _first_send(row: Instance) -> datetime:
+    """The earliest instant a booking request of ``row`` may have left: its trigger, or by the
+    club's clock as measured before it, up to the offset less its uncertainty sooner (CONTRACT
+    section 6). Before this nothing was sent; after it a request may have been."""
+    ahead = (row.clock_offset_ms or 0.0) - (row.clock_uncertainty_ms or 0.0)
+    return row.trigger_time - timedelta(milliseconds=max(0.0, ahead))
 
 
 def take_over_claims(
@@ -658,7 +666,7 @@ def take_over_claims(
         db_now = lease[1].replace(tzinfo=UTC)
         hold = timedelta(seconds=hold_seconds)
         for row in session.scalars(select(Instance).where(stale).with_for_update()):
-            if not row.club_took and row.trigger_time >= ended + timedelta(seconds=margin_seconds):
+            if not row.club_took and _first_send(row) >= ended + timedelta(seconds=margin_seconds):
                 row.status, row.owner, row.claim_epoch = PENDING, None, None
                 done.released.append(row.key)
             elif db_now >= ended + hold:

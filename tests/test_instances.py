@@ -960,6 +960,25 @@ def test_recover_in_flight(factory: sessionmaker[Session]) -> None:
     assert recover_in_flight(factory, NOW) == ([], [])
 
 
+def test_recover_in_flight_counts_a_send_by_the_clubs_clock_as_maybe_sent(
+    factory: sessionmaker[Session],
+) -> None:
+    """A club whose clock runs 3 s ahead: its booking left 3 s (less the uncertainty) before our
+    trigger. A crash in between is no "nothing sent yet": retried with the same key and marked
+    interrupted (its 409 may be our own), never put back as if untouched."""
+    trigger_in = timedelta(seconds=2)
+    add_row(factory, "early@1", NOW + timedelta(hours=168) + trigger_in, BOOKING)
+    update(factory, "early@1", clock_offset_ms=3000.0, clock_uncertainty_ms=5.0)
+    add_row(factory, "ours@1", NOW + timedelta(hours=168) + trigger_in, BOOKING)
+
+    retried, failed = recover_in_flight(factory, NOW)
+
+    assert (retried, failed) == (["early@1"], [])
+    after = rows(factory)
+    assert (after["early@1"].status, after["early@1"].interrupted) == (PENDING, True)
+    assert (after["ours@1"].status, after["ours@1"].interrupted) == (PENDING, False)
+
+
 def test_recover_in_flight_marks_the_retried_booking_interrupted(
     factory: sessionmaker[Session],
 ) -> None:

@@ -211,6 +211,40 @@ def test_claims_and_outcomes_are_fenced_by_the_lease_epoch_and_taken_over_by_its
         engine.dispose()
 
 
+def test_a_claim_sent_early_by_the_clubs_clock_is_held_not_released_at_a_takeover(
+    pg_url: str,
+) -> None:
+    """A's booking runs by a club clock 9 s ahead: it may have left 9 s before its trigger. Its
+    trigger comes well after A's lease ended, so by the trigger alone it "was never sent"; by
+    the club's clock it may have been: held, then sent again with the same key."""
+    engine = models.make_engine(pg_url)
+    factory = models.session_factory(engine)
+    a = leader.Leadership(pg_url, "a")
+    b = leader.Leadership(pg_url, "b")
+    now = datetime.now(UTC)
+    try:
+        window = timedelta(hours=168)
+        add_row(factory, "early@1", now + timedelta(seconds=10) + window, PENDING)
+        add_row(factory, "plain@1", now + timedelta(seconds=10) + window, PENDING)
+        assert a.try_acquire() is True
+        fence_a = instances.Fence("a", a.epoch or 0)
+        for key in ("early@1", "plain@1"):
+            assert instances.claim(factory, key, now, owner="a", fence=fence_a)
+        instances.record_clock(factory, "early@1", offset_ms=9000.0, uncertainty_ms=5.0)
+        a.close()
+        assert b.try_acquire() is True
+        fence_b = instances.Fence("b", b.epoch or 0)
+        done = instances.take_over_claims(
+            factory, fence_b, now, hold_seconds=10 + leader.HOLD_MARGIN_SECONDS, margin_seconds=1
+        )
+        assert done.released == ["plain@1"]
+        assert [key for key, _ in done.held] == ["early@1"]
+    finally:
+        a.close()
+        b.close()
+        engine.dispose()
+
+
 def test_a_former_active_daemon_writes_no_step_of_a_watch_or_a_fallback(pg_url: str) -> None:
     """Section 13's transitions are a booking's writes too: a daemon whose lease has passed to
     another claims no try of a watch, and moves no claim of its own to a fallback time, to
