@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from pg_server import PgServer
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 from tcp_proxy import TcpProxy
 from test_instances import add_row
 
@@ -159,138 +161,136 @@ def row_of(factory: models.SessionFactory, key: str) -> Instance:
         return row
 
 
-def test_claims_and_outcomes_are_fenced_by_the_lease_epoch_and_taken_over_by_its_rules(
-    pg_url: str,
-) -> None:
+@dataclass
+class Pair:
+    """Two daemons' leaderships, "a" and "b", on the suite's PostgreSQL database, its sessions,
+    and when the test began."""
+
+    factory: sessionmaker[Session]
+    a: leader.Leadership
+    b: leader.Leadership
+    now: datetime
+
+
+@pytest.fixture
+def pair(pg_url: str) -> Iterator[Pair]:
     engine = models.make_engine(pg_url)
-    factory = models.session_factory(engine)
-    a = leader.Leadership(pg_url, "a")
-    b = leader.Leadership(pg_url, "b")
-    now = datetime.now(UTC)
+    made = Pair(
+        models.session_factory(engine),
+        leader.Leadership(pg_url, "a"),
+        leader.Leadership(pg_url, "b"),
+        datetime.now(UTC),
+    )
     try:
-        window = timedelta(hours=168)  # add_row's trigger: a week before the start
-        add_row(factory, "sent@1", now - timedelta(seconds=1) + window, PENDING)  # maybe sent
-        add_row(factory, "later@1", now + timedelta(hours=1) + window, PENDING)  # never sent
-        add_row(factory, "free@1", now - timedelta(seconds=1) + window, PENDING)
-        assert a.try_acquire() is True
-        fence_a = instances.Fence("a", a.epoch or 0)
-        assert instances.claim(factory, "sent@1", now, owner="a", fence=fence_a)
-        assert instances.claim(factory, "later@1", now, owner="a", fence=fence_a)
-        a.close()  # its session gone: b takes the lease at once
-        assert b.try_acquire() is True
-        fence_b = instances.Fence("b", b.epoch or 0)
-        assert fence_b.epoch == fence_a.epoch + 1
-        # a, no longer active, claims nothing and writes no outcome
-        assert not instances.claim(factory, "free@1", now, owner="a", fence=fence_a)
-        assert instances.finish(factory, "sent@1", BOOKED, None, now=now, fence=fence_a) is None
-        assert row_of(factory, "sent@1").status == BOOKING
-        # b: the unsent claim is pending at once, the maybe-sent one held
-        done = instances.take_over_claims(
-            factory, fence_b, now, hold_seconds=10 + leader.HOLD_MARGIN_SECONDS, margin_seconds=1
-        )
-        assert done.released == ["later@1"]
-        assert [key for key, _ in done.held] == ["sent@1"]
-        assert (done.retried, done.failed) == ([], [])
-        assert row_of(factory, "later@1").status == PENDING
-        assert row_of(factory, "sent@1").status == BOOKING
-        # once the hold is over (as if HTTP_TIMEOUT_SECONDS had passed since the lease ended):
-        # pending again, marked interrupted (its 409 may be our own)
-        done = instances.take_over_claims(factory, fence_b, now, hold_seconds=-60, margin_seconds=1)
-        assert done.retried == ["sent@1"]
-        row = row_of(factory, "sent@1")
-        assert (row.status, row.interrupted, row.owner) == (PENDING, True, None)
-        # b's own claim under its lease is its own: claimed, finished
-        assert instances.claim(factory, "sent@1", now, owner="b", fence=fence_b)
-        assert row_of(factory, "sent@1").claim_epoch == fence_b.epoch
-        outcome = instances.finish(factory, "sent@1", BOOKED, None, now=now, fence=fence_b)
-        assert outcome is not None
-        assert row_of(factory, "sent@1").status == BOOKED
+        yield made
     finally:
-        a.close()
-        b.close()
+        made.a.close()
+        made.b.close()
         engine.dispose()
 
 
+def test_claims_and_outcomes_are_fenced_by_the_lease_epoch_and_taken_over_by_its_rules(
+    pair: Pair,
+) -> None:
+    factory, a, b, now = pair.factory, pair.a, pair.b, pair.now
+    window = timedelta(hours=168)  # add_row's trigger: a week before the start
+    add_row(factory, "sent@1", now - timedelta(seconds=1) + window, PENDING)  # maybe sent
+    add_row(factory, "later@1", now + timedelta(hours=1) + window, PENDING)  # never sent
+    add_row(factory, "free@1", now - timedelta(seconds=1) + window, PENDING)
+    assert a.try_acquire() is True
+    fence_a = instances.Fence("a", a.epoch or 0)
+    assert instances.claim(factory, "sent@1", now, owner="a", fence=fence_a)
+    assert instances.claim(factory, "later@1", now, owner="a", fence=fence_a)
+    a.close()  # its session gone: b takes the lease at once
+    assert b.try_acquire() is True
+    fence_b = instances.Fence("b", b.epoch or 0)
+    assert fence_b.epoch == fence_a.epoch + 1
+    # a, no longer active, claims nothing and writes no outcome
+    assert not instances.claim(factory, "free@1", now, owner="a", fence=fence_a)
+    assert instances.finish(factory, "sent@1", BOOKED, None, now=now, fence=fence_a) is None
+    assert row_of(factory, "sent@1").status == BOOKING
+    # b: the unsent claim is pending at once, the maybe-sent one held
+    done = instances.take_over_claims(
+        factory, fence_b, now, hold_seconds=10 + leader.HOLD_MARGIN_SECONDS, margin_seconds=1
+    )
+    assert done.released == ["later@1"]
+    assert [key for key, _ in done.held] == ["sent@1"]
+    assert (done.retried, done.failed) == ([], [])
+    assert row_of(factory, "later@1").status == PENDING
+    assert row_of(factory, "sent@1").status == BOOKING
+    # once the hold is over (as if HTTP_TIMEOUT_SECONDS had passed since the lease ended):
+    # pending again, marked interrupted (its 409 may be our own)
+    done = instances.take_over_claims(factory, fence_b, now, hold_seconds=-60, margin_seconds=1)
+    assert done.retried == ["sent@1"]
+    row = row_of(factory, "sent@1")
+    assert (row.status, row.interrupted, row.owner) == (PENDING, True, None)
+    # b's own claim under its lease is its own: claimed, finished
+    assert instances.claim(factory, "sent@1", now, owner="b", fence=fence_b)
+    assert row_of(factory, "sent@1").claim_epoch == fence_b.epoch
+    outcome = instances.finish(factory, "sent@1", BOOKED, None, now=now, fence=fence_b)
+    assert outcome is not None
+    assert row_of(factory, "sent@1").status == BOOKED
+
+
 def test_a_claim_sent_early_by_the_clubs_clock_is_held_not_released_at_a_takeover(
-    pg_url: str,
+    pair: Pair,
 ) -> None:
     """A's booking runs by a club clock 9 s ahead: it may have left 9 s before its trigger. Its
     trigger comes well after A's lease ended, so by the trigger alone it "was never sent"; by
     the club's clock it may have been: held, then sent again with the same key."""
-    engine = models.make_engine(pg_url)
-    factory = models.session_factory(engine)
-    a = leader.Leadership(pg_url, "a")
-    b = leader.Leadership(pg_url, "b")
-    now = datetime.now(UTC)
-    try:
-        window = timedelta(hours=168)
-        add_row(factory, "early@1", now + timedelta(seconds=10) + window, PENDING)
-        add_row(factory, "plain@1", now + timedelta(seconds=10) + window, PENDING)
-        assert a.try_acquire() is True
-        fence_a = instances.Fence("a", a.epoch or 0)
-        for key in ("early@1", "plain@1"):
-            assert instances.claim(factory, key, now, owner="a", fence=fence_a)
-        instances.record_clock(factory, "early@1", offset_ms=9000.0, uncertainty_ms=5.0)
-        a.close()
-        assert b.try_acquire() is True
-        fence_b = instances.Fence("b", b.epoch or 0)
-        done = instances.take_over_claims(
-            factory, fence_b, now, hold_seconds=10 + leader.HOLD_MARGIN_SECONDS, margin_seconds=1
-        )
-        assert done.released == ["plain@1"]
-        assert [key for key, _ in done.held] == ["early@1"]
-    finally:
-        a.close()
-        b.close()
-        engine.dispose()
+    factory, a, b, now = pair.factory, pair.a, pair.b, pair.now
+    window = timedelta(hours=168)
+    add_row(factory, "early@1", now + timedelta(seconds=10) + window, PENDING)
+    add_row(factory, "plain@1", now + timedelta(seconds=10) + window, PENDING)
+    assert a.try_acquire() is True
+    fence_a = instances.Fence("a", a.epoch or 0)
+    for key in ("early@1", "plain@1"):
+        assert instances.claim(factory, key, now, owner="a", fence=fence_a)
+    instances.record_clock(factory, "early@1", offset_ms=9000.0, uncertainty_ms=5.0)
+    a.close()
+    assert b.try_acquire() is True
+    fence_b = instances.Fence("b", b.epoch or 0)
+    done = instances.take_over_claims(
+        factory, fence_b, now, hold_seconds=10 + leader.HOLD_MARGIN_SECONDS, margin_seconds=1
+    )
+    assert done.released == ["plain@1"]
+    assert [key for key, _ in done.held] == ["early@1"]
 
 
-def test_a_former_active_daemon_writes_no_step_of_a_watch_or_a_fallback(pg_url: str) -> None:
+def test_a_former_active_daemon_writes_no_step_of_a_watch_or_a_fallback(pair: Pair) -> None:
     """Section 13's transitions are a booking's writes too: a daemon whose lease has passed to
     another claims no try of a watch, and moves no claim of its own to a fallback time, to
     watching or to its end (CONTRACT section 10: only the active daemon writes)."""
-    engine = models.make_engine(pg_url)
-    factory = models.session_factory(engine)
-    a = leader.Leadership(pg_url, "a")
-    b = leader.Leadership(pg_url, "b")
-    now = datetime.now(UTC)
-    try:
-        window = timedelta(hours=168)
-        add_row(factory, "mine@1", now + timedelta(hours=3) + window, PENDING)
-        add_row(factory, "watched@1", now + timedelta(hours=3) + window, PENDING)
-        with models.transaction(factory) as session:
-            row = session.scalar(select(Instance).where(Instance.key == "watched@1"))
-            assert row is not None
-            row.status, row.next_try_at = models.WATCHING, now
-            row.watch_until = now + timedelta(hours=2)
-            mine = session.scalar(select(Instance).where(Instance.key == "mine@1"))
-            assert mine is not None
-            mine.watch_until = now + timedelta(hours=2)
-        assert a.try_acquire() is True
-        fence_a = instances.Fence("a", a.epoch or 0)
-        assert instances.claim(factory, "mine@1", now, owner="a", fence=fence_a)
-        a.close()
-        assert b.try_acquire() is True
-        later = now + timedelta(minutes=5)
-        assert not instances.claim_watch(factory, "watched@1", now, owner="a", fence=fence_a)
-        assert (
-            instances.fall_back(factory, "mine@1", tried="18:00: taken", now=now, fence=fence_a)
-            is None
-        )
-        assert (
-            instances.watch(factory, "mine@1", tried="taken", next_try=later, fence=fence_a) is None
-        )
-        assert instances.watch_again(
-            factory, "mine@1", next_try=later, said="taken", fence=fence_a
-        )  # nothing more for it to do
-        assert instances.end_watch(factory, "mine@1", now, fence=fence_a) is None
-        row = row_of(factory, "mine@1")
-        assert (row.status, row.owner, row.tried, row.watch_tries) == (BOOKING, "a", None, 0)
-        assert row_of(factory, "watched@1").status == models.WATCHING
-    finally:
-        a.close()
-        b.close()
-        engine.dispose()
+    factory, a, b, now = pair.factory, pair.a, pair.b, pair.now
+    window = timedelta(hours=168)
+    add_row(factory, "mine@1", now + timedelta(hours=3) + window, PENDING)
+    add_row(factory, "watched@1", now + timedelta(hours=3) + window, PENDING)
+    with models.transaction(factory) as session:
+        row = session.scalar(select(Instance).where(Instance.key == "watched@1"))
+        assert row is not None
+        row.status, row.next_try_at = models.WATCHING, now
+        row.watch_until = now + timedelta(hours=2)
+        mine = session.scalar(select(Instance).where(Instance.key == "mine@1"))
+        assert mine is not None
+        mine.watch_until = now + timedelta(hours=2)
+    assert a.try_acquire() is True
+    fence_a = instances.Fence("a", a.epoch or 0)
+    assert instances.claim(factory, "mine@1", now, owner="a", fence=fence_a)
+    a.close()
+    assert b.try_acquire() is True
+    later = now + timedelta(minutes=5)
+    assert not instances.claim_watch(factory, "watched@1", now, owner="a", fence=fence_a)
+    assert (
+        instances.fall_back(factory, "mine@1", tried="18:00: taken", now=now, fence=fence_a) is None
+    )
+    assert instances.watch(factory, "mine@1", tried="taken", next_try=later, fence=fence_a) is None
+    assert instances.watch_again(
+        factory, "mine@1", next_try=later, said="taken", fence=fence_a
+    )  # nothing more for it to do
+    assert instances.end_watch(factory, "mine@1", now, fence=fence_a) is None
+    row = row_of(factory, "mine@1")
+    assert (row.status, row.owner, row.tried, row.watch_tries) == (BOOKING, "a", None, 0)
+    assert row_of(factory, "watched@1").status == models.WATCHING
 
 
 def test_the_pools_connections_notice_a_dead_link_in_seconds_and_bound_statements(
