@@ -442,6 +442,13 @@ class SchedulesResult:
     #: start with them.
     without_request: list[str] = field(default_factory=list)
 
+    def forget_expansions(self) -> None:
+        """Let go of the expansions validation made (the load has planned from them)."""
+        self.entries = [
+            e if e.expansion is None else dataclasses.replace(e, expansion=None)
+            for e in self.entries
+        ]
+
 
 @dataclass(frozen=True)
 class TokenValue:
@@ -1407,10 +1414,11 @@ class EntryCache:
     tokens.json and no start it had ahead has passed; at another position it takes the new
     one. ``validated`` and ``reused`` count the entries of the last read.
 
-    Entries come out of it without their expansion: kept until the load plans them, 52 instants
-    an entry would lie scattered among what the daemon keeps, and the heap could not give that
-    memory back (7 MB more at rest with 52,000 instances). Planning expands again (about half a
-    millisecond an entry)."""
+    An entry validated afresh comes out with its expansion, which the load plans from (a rule
+    is expanded once a load); the cache keeps it without, and so does the daemon once the load
+    is done (``SchedulesResult.forget_expansions``): 52 instants an entry would lie scattered
+    among what the daemon keeps, and the heap could not give that memory back (7 MB more at rest
+    with 52,000 instances). A reused entry is expanded again when it is planned."""
 
     _entries: dict[bytes, _Validated] = field(default_factory=dict)
     _seen: dict[bytes, _Validated] = field(default_factory=dict)
@@ -1492,12 +1500,11 @@ class EntryCache:
             return entry, errors, warnings, entry_id
         fresh_until = _fresh_until(entry, now)
         starts = array("d", (start.timestamp() for start in entry.starts(now) if start > now))
-        entry = dataclasses.replace(entry, expansion=None)
         explicit = "id" in raw
         where = _where(file_name, entry.id if explicit else None, position)
         if key is not None and not errors and all(w.startswith(where) for w in warnings):
             self._seen[key] = _Validated(
-                entry=entry,
+                entry=dataclasses.replace(entry, expansion=None),
                 notes=tuple(w[len(where) :] for w in warnings),
                 explicit_id=explicit,
                 fresh_until=fresh_until,
