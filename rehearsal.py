@@ -11,7 +11,8 @@ after a failure is notified too.
 A rehearsal never runs while another booking of the same club file, or with the same token, is
 near its trigger or under way (``_busy``): its login would compete with that booking at its
 most important instant, or end that booking's session at a club that allows one per account. It
-waits for that booking to end, which keeps it far ahead of its own trigger.
+waits for that booking to end: minutes, so it stays about ``REHEARSE_HOURS`` ahead of its own
+trigger (one kept waiting until its own preparation is near does not run, as ``_reachable``).
 
 What is due is recomputed from the database at every look (``scheduler.run_rehearsals``, about
 every minute), so nothing is lost at a restart. ``plan`` is pure: clocks are passed in.
