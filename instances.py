@@ -1846,18 +1846,16 @@ def _timing_text(row: Instance) -> str | None:
 # --------------------------------------------------------------------------- rehearsals
 
 
-def rehearsal_candidates(
-    factory: sessionmaker[Session], now: datetime, until: datetime
-) -> list[Instance]:
-    """The pending instances whose trigger is after ``now`` and no later than ``until``, soonest
-    first (detached: read, never written through)."""
+def rehearsal_candidates(factory: sessionmaker[Session], until: datetime) -> list[Instance]:
+    """The pending instances whose trigger is no later than ``until`` (those already due too:
+    booked at once), and the instances whose booking is under way, soonest trigger first
+    (detached: read, never written through). A rehearsal waits for those near their trigger."""
     with factory() as session:
         query = (
             select(Instance)
             .where(
-                Instance.status == PENDING,
-                Instance.trigger_time > now,
-                Instance.trigger_time <= until,
+                ((Instance.status == PENDING) & (Instance.trigger_time <= until))
+                | (Instance.status == BOOKING)
             )
             .order_by(Instance.trigger_time, Instance.key)
         )
