@@ -505,10 +505,13 @@ class Scheduler:
         protocol = self._store.pickle_protocol
         rows: list[dict[str, object]] = []
         for key, run_at in upserts:
+            # DateTrigger(run_at, timezone=UTC) without its checks: run_at is aware, in UTC.
+            trigger = DateTrigger.__new__(DateTrigger)
+            trigger.run_date = run_at.astimezone(UTC)
             state = dict(base)
             state.update(
                 id=key,
-                trigger=DateTrigger(run_at, timezone=UTC),
+                trigger=trigger,
                 args=(key,),
                 name=f"book {key}",
                 next_run_time=run_at,
