@@ -751,9 +751,6 @@ class Loads:
             else:
                 daemon.config = Config(daemon.config.schedules, daemon.config.tokens, config.digest)
             report = self.sync(None if full_sync else changes.keys)
-            # Planned from: let go (an entry reused at the next load is expanded afresh).
-            config.schedules.forget_expansions()
-            daemon.config.schedules.forget_expansions()
             if early:
                 # The scheduler started before the rest of the load, and its first look for
                 # due rehearsals with it: look again now that every instance is there.

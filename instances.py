@@ -60,11 +60,11 @@ logger = logging.getLogger(__name__)
 #: of 52,000 instances never holds them all at once (what a load leaves behind stays in the heap).
 PAGE = 200
 #: Instances read at a time by a full job sync (one query a page, and a job store write).
-SYNC_PAGE = 2000
+SYNC_PAGE = 500
 #: Schedule entries reconciled together: their rows are read in one query, then let go.
 ENTRIES_PER_PASS = 4
 #: New instances written in one INSERT by reconcile (a cold load writes thousands).
-INSERT_ROWS = 2000
+INSERT_ROWS = 500
 #: A batched ``reconcile`` commits this many entries' instances at a time.
 ENTRIES_PER_COMMIT = 40
 

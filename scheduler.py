@@ -54,7 +54,7 @@ DEFAULT_WORKERS = 128
 #: holds more than a page of Job objects and pickles (what it leaves behind stays in the heap).
 PAGE = 200
 #: Jobs written in one INSERT (a cold load writes thousands).
-WRITE_ROWS = 2000
+WRITE_ROWS = 500
 #: The job store's row written and deleted to learn whether the database takes writes again.
 PROBE_JOB_ID = "courtbot:write-probe"
 
