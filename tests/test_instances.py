@@ -128,14 +128,44 @@ def tokens_table(factory: sessionmaker[Session]) -> dict[str, Token]:
         return {t.id: t for t in session.scalars(select(Token))}
 
 
+class Reload:
+    """A load as the daemon's: ``entries`` (if given) written, then reconciled at ``now``."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        settings: Settings,
+        fernet: MultiFernet,
+        factory: sessionmaker[Session],
+    ) -> None:
+        self.data_dir, self.settings, self.fernet, self.factory = (
+            data_dir,
+            settings,
+            fernet,
+            factory,
+        )
+
+    def write(self, entries: Any, tokens: Any = TOKENS) -> None:
+        """schedules.json (and tokens.json unless ``tokens`` is None), not loaded yet."""
+        write(self.data_dir, entries, tokens)
+
+    def __call__(self, entries: Any = None, now: datetime = NOW, tokens: Any = TOKENS) -> Changes:
+        if entries is not None:
+            self.write(entries, tokens)
+        return apply(self.factory, self.settings, self.fernet, now)
+
+
 @pytest.fixture
-def loaded(
+def reload(
     data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
-) -> dict[str, tuple]:
+) -> Reload:
+    return Reload(data_dir, settings, fernet, factory)
+
+
+@pytest.fixture
+def loaded(reload: Reload, factory: sessionmaker[Session]) -> dict[str, tuple]:
     """WED and MATCH loaded at NOW; returns the snapshot."""
-    write(data_dir, [WED, MATCH])
-    changes = apply(factory, settings, fernet)
-    assert changes.added == 53
+    assert reload([WED, MATCH]).added == 53
     return snapshot(factory)
 
 
@@ -143,10 +173,9 @@ def loaded(
 
 
 def test_new_entries_become_pending_each_with_its_own_trigger(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [WED, MATCH])
-    changes = apply(factory, settings, fernet)
+    changes = reload([WED, MATCH])
 
     assert (changes.added, changes.updated, changes.cancelled, changes.revived) == (53, 0, 0, 0)
     assert sorted(changes.entries_changed) == ["match", "wed-evening"]
@@ -173,9 +202,9 @@ def test_new_entries_become_pending_each_with_its_own_trigger(
 
 
 def test_one_off_in_the_past_gets_no_instance(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    settings: Settings, fernet: MultiFernet, reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [MATCH | {"desired_time": "2026-11-01 10:00"}])
+    reload.write([MATCH | {"desired_time": "2026-11-01 10:00"}])
     config = load(factory, settings, fernet)
     assert config.errors == [] and len(config.warnings) == 1
     assert reconcile(factory, config, now=NOW).empty
@@ -183,48 +212,38 @@ def test_one_off_in_the_past_gets_no_instance(
 
 
 def test_reload_with_the_same_config_changes_nothing(
-    settings: Settings,
-    fernet: MultiFernet,
-    factory: sessionmaker[Session],
-    loaded: dict[str, tuple],
+    reload: Reload, factory: sessionmaker[Session], loaded: dict[str, tuple]
 ) -> None:
     triggers = pending_triggers(factory)
-    changes = apply(factory, settings, fernet)
+    changes = reload()
     assert changes.empty and changes.entries_changed == []
     assert snapshot(factory) == loaded
     assert pending_triggers(factory) == triggers
     # An hour later nothing churns either: no instance has passed.
-    assert apply(factory, settings, fernet, NOW + timedelta(hours=1)).empty
+    assert reload(now=NOW + timedelta(hours=1)).empty
     assert snapshot(factory) == loaded
 
 
 def test_changes_name_the_instances_touched_and_no_other(
-    data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
     # Only these instances' jobs get a look after a load (daemon.Loads.sync with keys).
-    assert apply(factory, settings, fernet).keys == set()
+    assert reload().keys == set()
 
-    write(data_dir, [WED, MATCH | {"court_id": 6}])
-    assert apply(factory, settings, fernet).keys == {MATCH_KEY}
+    assert reload([WED, MATCH | {"court_id": 6}]).keys == {MATCH_KEY}
 
-    write(data_dir, [WED | {"enabled": False}, MATCH | {"court_id": 6}])
-    cancelled = apply(factory, settings, fernet)
+    cancelled = reload([WED | {"enabled": False}, MATCH | {"court_id": 6}])
     assert cancelled.keys == set(statuses(factory, "wed-evening"))
     assert len(cancelled.keys) == cancelled.cancelled == 52
 
-    write(data_dir, [MATCH | {"court_id": 6, "desired_time": "2026-12-10 19:00"}])
-    moved = apply(factory, settings, fernet)
+    moved = reload([MATCH | {"court_id": 6, "desired_time": "2026-12-10 19:00"}])
     assert moved.keys == {MATCH_KEY, "match@2026-12-10T19:00:00Z"}
 
 
 def test_reconcile_works_a_few_entries_at_a_time_with_the_same_result(
-    data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
     monkeypatch: pytest.MonkeyPatch,
@@ -233,9 +252,9 @@ def test_reconcile_works_a_few_entries_at_a_time_with_the_same_result(
     # passes of one transaction, each pass's rows let go before the next.
     monkeypatch.setattr(instances, "ENTRIES_PER_PASS", 1)
     other = WED | {"id": "thu", "rrule": "FREQ=WEEKLY;BYDAY=TH"}
-    write(data_dir, [other, MATCH | {"court_id": 6}])
+    reload.write([other, MATCH | {"court_id": 6}])
 
-    changes = apply(factory, settings, fernet)
+    changes = reload()
 
     assert (changes.added, changes.updated, changes.cancelled) == (52, 1, 52)
     assert set(statuses(factory, "wed-evening").values()) == {CANCELLED}
@@ -263,9 +282,7 @@ def test_pending_triggers_a_page_at_a_time_or_for_some_keys(
 
 
 def test_removed_entry_cancels_pending_and_keeps_history(
-    data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
@@ -275,8 +292,7 @@ def test_removed_entry_cancels_pending_and_keeps_history(
     update(factory, keys[2], status=BOOKING, attempts=1)  # a request under way
     before = snapshot(factory)
 
-    write(data_dir, [MATCH])
-    changes = apply(factory, settings, fernet)
+    changes = reload([MATCH])
 
     assert (changes.cancelled, changes.added, changes.updated) == (49, 0, 0)
     after = rows(factory, "wed-evening")
@@ -292,19 +308,15 @@ def test_removed_entry_cancels_pending_and_keeps_history(
 
 
 def test_entry_back_revives_its_cancelled_instances_still_ahead(
-    data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
     ids = {key: row.id for key, row in rows(factory).items()}
-    write(data_dir, [MATCH])
-    apply(factory, settings, fernet)
+    reload([MATCH])
 
     later = NOW + timedelta(days=10)  # two Wednesdays (Dec 2 at 17:00 is the first) have passed
-    write(data_dir, [WED, MATCH])
-    changes = apply(factory, settings, fernet, later)
+    changes = reload([WED, MATCH], later)
 
     weds = rows(factory, "wed-evening")
     passed = [k for k, r in weds.items() if r.desired_time <= later]
@@ -322,17 +334,14 @@ def test_entry_back_revives_its_cancelled_instances_still_ahead(
 
 
 def test_disabled_entry_cancels_pending_and_enabling_revives(
-    data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
     first = next(iter(rows(factory, "wed-evening")))
     update(factory, first, status=BOOKED, booking_ref="R-1")
 
-    write(data_dir, [WED | {"enabled": False}, MATCH])
-    changes = apply(factory, settings, fernet)
+    changes = reload([WED | {"enabled": False}, MATCH])
     assert (changes.cancelled, changes.added, changes.updated) == (51, 0, 0)
     weds = rows(factory, "wed-evening")
     assert weds[first].status == BOOKED
@@ -340,20 +349,16 @@ def test_disabled_entry_cancels_pending_and_enabling_revives(
     assert all(r.status == CANCELLED for r in others)
     assert {r.last_error for r in others} == {"entry disabled in schedules.json"}
     # Reloading the disabled entry changes nothing more.
-    assert apply(factory, settings, fernet).empty
+    assert reload().empty
 
-    write(data_dir, [WED, MATCH])
-    changes = apply(factory, settings, fernet)
+    changes = reload([WED, MATCH])
     assert (changes.revived, changes.added, changes.cancelled) == (51, 0, 0)
     assert snapshot(factory, "match") == {MATCH_KEY: loaded[MATCH_KEY]}
     assert all(r.status == PENDING for k, r in rows(factory, "wed-evening").items() if k != first)
 
 
-def test_disabled_new_entry_adds_nothing(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
-) -> None:
-    write(data_dir, [WED | {"enabled": False}])
-    assert apply(factory, settings, fernet).empty
+def test_disabled_new_entry_adds_nothing(reload: Reload, factory: sessionmaker[Session]) -> None:
+    assert reload([WED | {"enabled": False}]).empty
     assert rows(factory) == {}
 
 
@@ -361,16 +366,13 @@ def test_disabled_new_entry_adds_nothing(
 
 
 def test_court_token_and_duration_edits_update_pending_rows_in_place(
-    data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
     before = rows(factory)
     edited = WED | {"court_id": ["7", 8], "token": "alice", "duration_minutes": 90}
-    write(data_dir, [edited, MATCH | {"court_id": None}])
-    changes = apply(factory, settings, fernet)
+    changes = reload([edited, MATCH | {"court_id": None}])
 
     assert (changes.updated, changes.added, changes.cancelled, changes.revived) == (53, 0, 0, 0)
     after = rows(factory)
@@ -385,21 +387,18 @@ def test_court_token_and_duration_edits_update_pending_rows_in_place(
         assert (row.token_name, row.duration_minutes) == ("alice", 90)
     match = after[MATCH_KEY]
     assert (match.court_id, json.loads(match.courts)) == (None, [None])
-    assert apply(factory, settings, fernet).empty
+    assert reload().empty
 
 
 def test_zone_change_that_keeps_the_instants_updates_the_rows(
-    data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
     # Lisbon keeps London's offsets all year: same instants, same keys, but the rows must not
     # go on claiming London (status and notifications show the row's zone).
     before = rows(factory, "wed-evening")
-    write(data_dir, [WED | {"timezone": "Europe/Lisbon"}, MATCH])
-    changes = apply(factory, settings, fernet)
+    changes = reload([WED | {"timezone": "Europe/Lisbon"}, MATCH])
     assert (changes.updated, changes.added, changes.cancelled) == (52, 0, 0)
     after = rows(factory, "wed-evening")
     assert list(after) == list(before)
@@ -408,16 +407,13 @@ def test_zone_change_that_keeps_the_instants_updates_the_rows(
 
 
 def test_type_change_that_keeps_the_instant_updates_the_row(
-    data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
     # The one-off becomes weekly from the same start: its instance is kept, as a recurring one.
     weekly = MATCH | {"type": "recurring", "rrule": "FREQ=WEEKLY"}
-    write(data_dir, [WED, weekly])
-    changes = apply(factory, settings, fernet)
+    changes = reload([WED, weekly])
     assert (changes.updated, changes.added, changes.cancelled) == (1, 51, 0)
     row = rows(factory, "match")[MATCH_KEY]
     assert row.id == loaded[MATCH_KEY][COLUMNS.index("id")]
@@ -426,15 +422,12 @@ def test_type_change_that_keeps_the_instant_updates_the_row(
 
 
 def test_rule_change_cancels_vanished_adds_new_and_keeps_the_rest(
-    data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
     before = rows(factory, "wed-evening")
-    write(data_dir, [WED | {"rrule": "FREQ=WEEKLY;BYDAY=WE,FR"}, MATCH])
-    changes = apply(factory, settings, fernet)
+    changes = reload([WED | {"rrule": "FREQ=WEEKLY;BYDAY=WE,FR"}, MATCH])
 
     # The next 52 are now 26 Wednesdays and 26 Fridays.
     assert (changes.added, changes.cancelled, changes.revived) == (26, 26, 0)
@@ -457,14 +450,11 @@ def test_rule_change_cancels_vanished_adds_new_and_keeps_the_rest(
 
 
 def test_one_off_moved_cancels_the_old_instance_and_adds_the_new(
-    data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
-    write(data_dir, [WED, MATCH | {"desired_time": "2026-12-11 18:00"}])
-    changes = apply(factory, settings, fernet)
+    changes = reload([WED, MATCH | {"desired_time": "2026-12-11 18:00"}])
     assert (changes.added, changes.cancelled) == (1, 1)
     assert statuses(factory, "match") == {
         MATCH_KEY: CANCELLED,
@@ -473,9 +463,7 @@ def test_one_off_moved_cancels_the_old_instance_and_adds_the_new(
 
 
 def test_booked_instance_is_never_changed(
-    data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
@@ -496,24 +484,20 @@ def test_booked_instance_is_never_changed(
         [WED, MATCH],
     ]  # fmt: skip
     for entries in edits:
-        write(data_dir, entries)
-        apply(factory, settings, fernet)
+        reload(entries)
         now = snapshot(factory)
         assert {k: now[k] for k in booked} == booked, entries
 
 
 def test_failed_and_expired_instances_are_left_alone(
-    data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
     update(factory, MATCH_KEY, status=FAILED, last_error="token rejected (401)")
     update(factory, FIRST_WED, status=EXPIRED, last_error="missed")
     kept = {k: v for k, v in snapshot(factory).items() if k in (MATCH_KEY, FIRST_WED)}
-    write(data_dir, [WED | {"court_id": "9"}, MATCH | {"court_id": "1"}])
-    apply(factory, settings, fernet)
+    reload([WED | {"court_id": "9"}, MATCH | {"court_id": "1"}])
     now = snapshot(factory)
     assert {k: now[k] for k in kept} == kept
 
@@ -528,36 +512,32 @@ def club(data_dir: Path, name: str, value: dict[str, Any]) -> None:
 
 def test_the_club_is_stored_on_each_instance_and_follows_edits(
     data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
     assert {row.club for row in rows(factory).values()} == {None}
     club(data_dir, "padel", {"url": "https://padel.example/book"})
-    write(data_dir, [WED | {"club": "padel"}, MATCH])
-    changes = apply(factory, settings, fernet)
+    changes = reload([WED | {"club": "padel"}, MATCH])
     assert (changes.updated, changes.added, changes.cancelled) == (52, 0, 0)
     assert {row.club for row in rows(factory, "wed-evening").values()} == {"padel"}
     assert rows(factory)[MATCH_KEY].club is None
-    assert apply(factory, settings, fernet).empty
+    assert reload().empty
 
 
 def test_a_new_club_window_moves_pending_triggers_and_keeps_keys(
     data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
 ) -> None:
     club(data_dir, "padel", {"url": "https://padel.example/book"})
-    write(data_dir, [WED | {"club": "padel"}, MATCH | {"club": "padel"}])
-    apply(factory, settings, fernet)
+    reload([WED | {"club": "padel"}, MATCH | {"club": "padel"}])
     before = rows(factory)
     assert before[FIRST_WED].trigger_time == before[FIRST_WED].desired_time - timedelta(hours=168)
     update(factory, MATCH_KEY, status=BOOKED)
 
     club(data_dir, "padel", {"url": "https://padel.example/book", "window": "6d@08:00"})
-    changes = apply(factory, settings, fernet)
+    changes = reload()
 
     after = rows(factory)
     assert list(after) == list(before)  # same keys, same rows
@@ -571,8 +551,7 @@ def test_a_new_club_window_moves_pending_triggers_and_keeps_keys(
     assert after[MATCH_KEY].trigger_time == before[MATCH_KEY].trigger_time  # booked: untouched
 
     # The entry's own window wins over the club's.
-    write(data_dir, [WED | {"club": "padel", "window": "7d"}, MATCH | {"club": "padel"}])
-    apply(factory, settings, fernet)
+    reload([WED | {"club": "padel", "window": "7d"}, MATCH | {"club": "padel"}])
     first = rows(factory)[FIRST_WED]
     assert first.trigger_time == datetime(2026, 11, 25, 17, 0, tzinfo=UTC)
 
@@ -581,14 +560,14 @@ def test_a_new_club_window_moves_pending_triggers_and_keeps_keys(
 
 
 def test_rejected_entry_keeps_its_instances_exactly(
-    data_dir: Path,
     settings: Settings,
     fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
     # The invalid entry also asks for a court change: none of it applies.
-    write(data_dir, [WED | {"court_id": "9", "duration_minutes": 0}, MATCH | {"court_id": "2"}])
+    reload.write([WED | {"court_id": "9", "duration_minutes": 0}, MATCH | {"court_id": "2"}])
     config = load(factory, settings, fernet)
     assert config.errors == [
         "schedules.json entry 'wed-evening' (#1): duration_minutes: 0 is not a positive whole "
@@ -603,15 +582,14 @@ def test_rejected_entry_keeps_its_instances_exactly(
 
 
 def test_rejected_entry_without_id_keeps_its_instances(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    settings: Settings, fernet: MultiFernet, reload: Reload, factory: sessionmaker[Session]
 ) -> None:
     no_id = {k: v for k, v in MATCH.items() if k != "id"}
-    write(data_dir, [no_id])
-    apply(factory, settings, fernet)
+    reload([no_id])
     before = snapshot(factory)
     assert len(before) == 1 and next(iter(before)).startswith("auto-")
     # A bad court does not change what the derived id is made of: the entry is still told.
-    write(data_dir, [no_id | {"court_id": []}])
+    reload.write([no_id | {"court_id": []}])
     config = load(factory, settings, fernet)
     assert config.errors == [
         "schedules.json entry #1: court_id: an empty list; give one or more courts, or null for "
@@ -641,16 +619,16 @@ def test_rejected_entry_without_id_keeps_its_instances(
     ],
 )
 def test_entry_whose_id_cannot_be_told_puts_off_all_removals(
-    data_dir: Path,
     settings: Settings,
     fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
     unknown: Any,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # wed-evening is gone from the file, but the rejected entry may be it (edited): keep it.
-    write(data_dir, [MATCH, unknown])
+    reload.write([MATCH, unknown])
     config = load(factory, settings, fernet)
     assert len(config.errors) == 1 and config.errors[0].startswith("schedules.json entry #2: ")
     assert config.schedules.unknown_rejects == 1
@@ -664,6 +642,7 @@ def test_whole_file_error_changes_nothing(
     data_dir: Path,
     settings: Settings,
     fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
@@ -674,7 +653,7 @@ def test_whole_file_error_changes_nothing(
         assert reconcile(factory, config, now=NOW).empty
         assert snapshot(factory) == loaded
     # The same for tokens.json: its table keeps the last good tokens.
-    write(data_dir, [WED, MATCH], tokens=None)
+    reload.write([WED, MATCH], tokens=None)
     tokens_before = {t.id: (t.encrypted_token, t.error) for t in tokens_table(factory).values()}
     (data_dir / "tokens.json").write_text('{"default": ')
     config = load(factory, settings, fernet)
@@ -707,12 +686,12 @@ def test_missing_schedules_file_means_no_schedules(
 
 
 def test_recurring_top_up_keeps_52_future_instances(
-    data_dir: Path,
     settings: Settings,
     fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
 ) -> None:
-    write(data_dir, [WED, MATCH])
+    reload.write([WED, MATCH])
     config = load(factory, settings, fernet)
     reconcile(factory, config, now=NOW)
     ids = {key: row.id for key, row in rows(factory).items()}
@@ -736,13 +715,13 @@ def test_recurring_top_up_keeps_52_future_instances(
 
 
 def test_top_up_touches_only_the_named_entries(
-    data_dir: Path,
     settings: Settings,
     fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
-    write(data_dir, [WED, MATCH | {"court_id": "1"}], tokens={"default": "t"})
+    reload.write([WED, MATCH | {"court_id": "1"}], tokens={"default": "t"})
     config = load(factory, settings, fernet)
     reconcile(factory, config, now=NOW, only=["wed-evening"])
     assert snapshot(factory) == loaded
@@ -765,13 +744,12 @@ def _database_bytes(data_dir: Path, engine: Engine) -> bytes:
 
 def test_tokens_are_stored_encrypted_only(
     data_dir: Path,
-    settings: Settings,
     fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     engine: Engine,
 ) -> None:
-    write(data_dir, [WED, MATCH])
-    apply(factory, settings, fernet)
+    reload([WED, MATCH])
     table = tokens_table(factory)
     assert set(table) == {"default", "alice"}
     for name, plaintext in TOKENS.items():
@@ -787,26 +765,23 @@ def test_tokens_are_stored_encrypted_only(
 
 
 def test_token_removed_from_tokens_json_is_deleted(
-    data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
-    write(data_dir, [WED], tokens={"default": "tok-default-secret"})
-    apply(factory, settings, fernet)
+    reload([WED], tokens={"default": "tok-default-secret"})
     assert set(tokens_table(factory)) == {"default"}
 
 
 def test_bad_token_gets_its_error_set(
-    data_dir: Path,
     settings: Settings,
     fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
     foreign = Fernet(Fernet.generate_key()).encrypt(b"tok-x").decode()
-    write(data_dir, [WED, MATCH], tokens={"default": "tok-default-secret", "alice": foreign})
+    reload.write([WED, MATCH], tokens={"default": "tok-default-secret", "alice": foreign})
     config = load(factory, settings, fernet)
     assert config.errors == [
         "tokens.json token 'alice': the value is encrypted but no key in FERNET_KEY decrypts it "
@@ -822,17 +797,15 @@ def test_bad_token_gets_its_error_set(
     assert snapshot(factory) == loaded
 
     # Fixed: the error goes.
-    write(data_dir, [WED, MATCH], tokens={"default": "t1", "alice": fernet.encrypt(b"t2").decode()})
-    apply(factory, settings, fernet)
+    reload([WED, MATCH], tokens={"default": "t1", "alice": fernet.encrypt(b"t2").decode()})
     assert tokens_table(factory)["alice"].error is None
     assert fernet.decrypt(tokens_table(factory)["alice"].encrypted_token.encode()) == b"t2"
 
 
 def test_new_token_that_is_not_a_string_is_stored_with_its_error(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [MATCH], tokens={"default": "t", "alice": 42})
-    apply(factory, settings, fernet)
+    reload([MATCH], tokens={"default": "t", "alice": 42})
     row = tokens_table(factory)["alice"]
     assert row.encrypted_token is None and row.error
     assert "42" not in row.error
@@ -840,14 +813,13 @@ def test_new_token_that_is_not_a_string_is_stored_with_its_error(
 
 def test_object_tokens_are_stored_field_by_field_encrypted_only(
     data_dir: Path,
-    settings: Settings,
     fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     engine: Any,
 ) -> None:
     secrets = {"email": "me@padel.example", "password": "pw-object-secret"}
-    write(data_dir, [MATCH], tokens={"default": "t", "alice": secrets})
-    apply(factory, settings, fernet)
+    reload([MATCH], tokens={"default": "t", "alice": secrets})
     row = tokens_table(factory)["alice"]
     assert (row.kind, row.error) == (models.KIND_OBJECT, None)
     stored = json.loads(row.encrypted_token)
@@ -861,8 +833,7 @@ def test_object_tokens_are_stored_field_by_field_encrypted_only(
         assert plaintext.encode() not in data
 
     # Back to a string token: the row follows.
-    write(data_dir, [MATCH], tokens={"default": "t", "alice": "tok-again"})
-    apply(factory, settings, fernet)
+    reload([MATCH], tokens={"default": "t", "alice": "tok-again"})
     row = tokens_table(factory)["alice"]
     assert row.kind == models.KIND_STRING
     assert instances.token_secrets(row, fernet, name="alice") == ({"token": "tok-again"}, None)
@@ -1271,11 +1242,10 @@ TRIGGER_OF_AHEAD = NOW + timedelta(hours=2) - timedelta(hours=168)
 
 
 def test_instances_loaded_with_their_window_open_note_why_they_will_be_late(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
     soon = {"id": "soon", "type": "one-off", "desired_time": "2026-11-25 18:00"}
-    write(data_dir, [WED, soon])
-    apply(factory, settings, fernet)
+    reload([WED, soon])
     found = rows(factory)
     assert found["soon@2026-11-25T18:00:00Z"].late_cause == instances.LATE_LOADED
     assert found[FIRST_WED].late_cause is None  # its trigger, 2026-11-25 17:00, is ahead
@@ -1439,12 +1409,10 @@ def test_retry_clears_the_first_send_and_notes_a_window_already_open(
 
 
 def test_a_pending_instance_on_a_date_added_to_skip_is_cancelled(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [WED])
-    apply(factory, settings, fernet)
-    write(data_dir, [WED | {"skip": ["2026-12-09"]}])
-    changes = apply(factory, settings, fernet)
+    reload([WED])
+    changes = reload([WED | {"skip": ["2026-12-09"]}])
 
     assert (changes.added, changes.cancelled) == (1, 1)  # the rule keeps its 52 ahead
     skipped = rows(factory)["wed-evening@2026-12-09T17:00:00Z"]
@@ -1452,12 +1420,10 @@ def test_a_pending_instance_on_a_date_added_to_skip_is_cancelled(
         CANCELLED,
         "its date is in the entry's skip list",
     )
-    write(data_dir, [WED])
-    assert apply(factory, settings, fernet).revived == 1
+    assert reload([WED]).revived == 1
     english = {k: v for k, v in WED.items() if k != "desired_time"}
     english["rrule"] = "every Wednesday at 17:00 except 2026-12-16"
-    write(data_dir, [english])
-    apply(factory, settings, fernet)
+    reload([english])
     assert rows(factory)["wed-evening@2026-12-16T17:00:00Z"].last_error == (
         "its date is excluded by the entry's rule (except, EXDATE)"
     )
@@ -1467,10 +1433,9 @@ def test_a_pending_instance_on_a_date_added_to_skip_is_cancelled(
 
 
 def test_status_rows_filter_by_schedule_status_and_limit(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [WED, MATCH])
-    apply(factory, settings, fernet)
+    reload([WED, MATCH])
     update(factory, FIRST_WED, status=BOOKED, finished_at=NOW)
 
     everything = instances.status_rows(factory)
@@ -1527,11 +1492,16 @@ def _claim(factory: sessionmaker[Session], key: str = MATCH_KEY, now: datetime =
     assert instances.claim(factory, key, now)
 
 
+def _claimed(reload: Reload, factory: sessionmaker[Session], *entries: Any) -> None:
+    """``entries`` (WISHES alone by default) loaded, and the match claimed at T0."""
+    reload(list(entries or [WISHES]))
+    _claim(factory)
+
+
 def test_an_instance_copies_its_fallback_times_players_and_watch_end(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [WISHES])
-    apply(factory, settings, fernet)
+    reload([WISHES])
     row = rows(factory)[MATCH_KEY]
     assert json.loads(row.fallbacks or "") == [
         ["18:00", "2026-12-10T18:00:00Z", "2026-12-03T18:00:00Z"],
@@ -1548,18 +1518,15 @@ def test_an_instance_copies_its_fallback_times_players_and_watch_end(
         ("ana", "Ben"),
     )
     # Taken out of the entry, they leave its pending instance too.
-    write(data_dir, [MATCH])
-    assert apply(factory, settings, fernet).updated == 1
+    assert reload([MATCH]).updated == 1
     row = rows(factory)[MATCH_KEY]
     assert (row.fallbacks, row.players, row.watch_until) == (None, None, None)
 
 
 def test_fall_back_goes_on_at_each_time_in_order_at_its_own_trigger(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [WISHES])
-    apply(factory, settings, fernet)
-    _claim(factory)
+    _claimed(reload, factory)
     got = instances.fall_back(factory, MATCH_KEY, tried="18:00: taken", now=T0)
     nineteen = datetime(2026, 12, 10, 19, 0, tzinfo=UTC)
     assert got == ("19:00", nineteen, datetime(2026, 12, 3, 19, 0, tzinfo=UTC))
@@ -1574,7 +1541,7 @@ def test_fall_back_goes_on_at_each_time_in_order_at_its_own_trigger(
     assert row.late_cause is None  # its trigger is ahead
     assert instances.attempt_of(row).time == "19:00" and instances.attempt_of(row).fallback
     # A reload keeps it at the fallback's trigger, with its key.
-    assert apply(factory, settings, fernet, T0).empty
+    assert reload(now=T0).empty
     assert pending_triggers(factory) == {MATCH_KEY: datetime(2026, 12, 3, 19, 0, tzinfo=UTC)}
     # 16:30's trigger has passed when 19:00 is taken: at once, noted as late.
     later = datetime(2026, 12, 3, 19, 0, tzinfo=UTC)
@@ -1589,22 +1556,18 @@ def test_fall_back_goes_on_at_each_time_in_order_at_its_own_trigger(
 
 
 def test_a_fallback_time_whose_start_has_passed_is_skipped(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [WISHES | {"fallback_times": ["16:30", "19:00"]}])
-    apply(factory, settings, fernet)
-    _claim(factory)
+    _claimed(reload, factory, WISHES | {"fallback_times": ["16:30", "19:00"]})
     at = datetime(2026, 12, 10, 17, 0, tzinfo=UTC)  # 16:30 has started
     got = instances.fall_back(factory, MATCH_KEY, tried="18:00: taken", now=at)
     assert got is not None and got[0] == "19:00"
 
 
 def test_a_pending_fallback_is_not_expired_while_its_own_start_is_ahead(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [WISHES])
-    apply(factory, settings, fernet)
-    _claim(factory)
+    _claimed(reload, factory)
     instances.fall_back(factory, MATCH_KEY, tried="18:00: taken", now=T0)
     between = datetime(2026, 12, 10, 18, 30, tzinfo=UTC)
     assert expire_missed(factory, between) == []
@@ -1614,11 +1577,9 @@ def test_a_pending_fallback_is_not_expired_while_its_own_start_is_ahead(
 
 
 def test_retry_after_a_fallback_starts_again_at_the_desired_time(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [WISHES])
-    apply(factory, settings, fernet)
-    _claim(factory)
+    _claimed(reload, factory)
     instances.fall_back(factory, MATCH_KEY, tried="18:00: taken", now=T0)
     _claim(factory, now=T0 + timedelta(hours=1))
     instances.finish(factory, MATCH_KEY, FAILED, "blocked", now=T0 + timedelta(hours=1))
@@ -1627,12 +1588,8 @@ def test_retry_after_a_fallback_starts_again_at_the_desired_time(
     assert (row.fallback_step, row.slot_time, row.tried, row.trigger_time) == (0, None, None, T0)
 
 
-def test_a_watch_tries_again_until_it_ends(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
-) -> None:
-    write(data_dir, [WISHES])
-    apply(factory, settings, fernet)
-    _claim(factory)
+def test_a_watch_tries_again_until_it_ends(reload: Reload, factory: sessionmaker[Session]) -> None:
+    _claimed(reload, factory)
     first = T0 + timedelta(minutes=5)
     watched = instances.watch(factory, MATCH_KEY, tried="18:00: taken", next_try=first)
     assert watched is not None and watched.status == models.WATCHING
@@ -1670,14 +1627,12 @@ def test_a_watch_tries_again_until_it_ends(
 
 
 def test_no_watch_without_the_key_or_past_its_end(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [MATCH])
-    apply(factory, settings, fernet)
+    reload([MATCH])
     _claim(factory)
     assert instances.watch(factory, MATCH_KEY, tried="t", next_try=T0) is None
-    write(data_dir, [WISHES])
-    apply(factory, settings, fernet)
+    reload([WISHES])
     end = datetime(2026, 12, 10, 16, 0, tzinfo=UTC)
     assert instances.watch(factory, MATCH_KEY, tried="t", next_try=end) is None
     assert instances.status_of(factory, MATCH_KEY) == BOOKING
@@ -1686,20 +1641,15 @@ def test_no_watch_without_the_key_or_past_its_end(
 @pytest.mark.parametrize("how", ["disabled", "removed"])
 def test_disabling_or_removing_the_entry_ends_its_watch(
     how: str,
-    data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
 ) -> None:
-    write(data_dir, [WISHES, WED])
-    apply(factory, settings, fernet)
-    _claim(factory)
+    _claimed(reload, factory, WISHES, WED)
     instances.watch(factory, MATCH_KEY, tried="18:00: taken", next_try=T0 + timedelta(minutes=5))
     # A reload with the entry as it was leaves the watch alone.
-    assert apply(factory, settings, fernet, T0).cancelled == 0
+    assert reload(now=T0).cancelled == 0
     assert instances.status_of(factory, MATCH_KEY) == models.WATCHING
-    write(data_dir, [WISHES | {"enabled": False}, WED] if how == "disabled" else [WED])
-    changes = apply(factory, settings, fernet, T0)
+    changes = reload([WISHES | {"enabled": False}, WED] if how == "disabled" else [WED], T0)
     assert changes.cancelled == 1 and MATCH_KEY in changes.keys
     row = rows(factory)[MATCH_KEY]
     assert (row.status, row.next_try_at) == (CANCELLED, None)
@@ -1707,11 +1657,9 @@ def test_disabling_or_removing_the_entry_ends_its_watch(
 
 
 def test_a_crash_during_a_watch_try_goes_back_to_watching(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [WISHES])
-    apply(factory, settings, fernet)
-    _claim(factory)
+    _claimed(reload, factory)
     instances.watch(factory, MATCH_KEY, tried="18:00: taken", next_try=T0 + timedelta(minutes=5))
     assert instances.claim_watch(factory, MATCH_KEY, T0 + timedelta(minutes=5))
     instances.record_attempt(factory, MATCH_KEY, 2)
@@ -1721,10 +1669,9 @@ def test_a_crash_during_a_watch_try_goes_back_to_watching(
 
 
 def test_a_cancelled_booking_is_not_booked_again_by_a_reload(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [WED])
-    apply(factory, settings, fernet)
+    reload([WED])
     _claim(factory, FIRST_WED)
     assert instances.cancel_problem(factory, FIRST_WED) == (
         f"{FIRST_WED} is booking, not booked: only a booked instance can be cancelled"
@@ -1747,23 +1694,19 @@ def test_a_cancelled_booking_is_not_booked_again_by_a_reload(
         "cancelled at the club with `cancel` (was court 3, ref BK-1)",
     )
     # The entry is still there: a reload revives cancelled instances, but not this one.
-    changes = apply(factory, settings, fernet, NOW + timedelta(minutes=1))
+    changes = reload(now=NOW + timedelta(minutes=1))
     assert changes.revived == 0
     assert instances.status_of(factory, FIRST_WED) == CANCELLED
     # Others of the entry cancelled by disabling it come back as before.
-    write(data_dir, [WED | {"enabled": False}])
-    apply(factory, settings, fernet, NOW + timedelta(minutes=2))
-    write(data_dir, [WED])
-    assert apply(factory, settings, fernet, NOW + timedelta(minutes=3)).revived == 51
+    reload([WED | {"enabled": False}], NOW + timedelta(minutes=2))
+    assert reload([WED], NOW + timedelta(minutes=3)).revived == 51
     assert instances.status_of(factory, FIRST_WED) == CANCELLED
 
 
 def test_the_outcome_of_a_fallback_booking_is_at_the_time_booked(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [WISHES])
-    apply(factory, settings, fernet)
-    _claim(factory)
+    _claimed(reload, factory)
     instances.fall_back(factory, MATCH_KEY, tried="18:00: taken", now=T0)
     _claim(factory, now=T0 + timedelta(hours=1))
     outcome = instances.finish(
@@ -1776,11 +1719,9 @@ def test_the_outcome_of_a_fallback_booking_is_at_the_time_booked(
 
 
 def test_a_watching_instance_is_due_at_its_next_try(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [WISHES, WED])
-    apply(factory, settings, fernet)
-    _claim(factory)
+    _claimed(reload, factory, WISHES, WED)
     next_try = T0 + timedelta(minutes=5)
     instances.watch(factory, MATCH_KEY, tried="18:00: taken", next_try=next_try)
     assert pending_triggers(factory)[MATCH_KEY] == next_try
@@ -1805,16 +1746,13 @@ def test_a_watching_instance_is_due_at_its_next_try(
 
 
 def test_disabling_the_entry_during_a_try_of_its_watch_ends_it(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    write(data_dir, [WISHES])
-    apply(factory, settings, fernet)
-    _claim(factory)
+    _claimed(reload, factory)
     first = T0 + timedelta(minutes=5)
     instances.watch(factory, MATCH_KEY, tried="18:00: taken", next_try=first)
     assert instances.claim_watch(factory, MATCH_KEY, first)
-    write(data_dir, [WISHES | {"enabled": False}])
-    assert apply(factory, settings, fernet, first).cancelled == 1
+    assert reload([WISHES | {"enabled": False}], first).cancelled == 1
     # The try in flight comes back taken: the watch stays ended.
     assert instances.watch_again(
         factory, MATCH_KEY, next_try=first + timedelta(minutes=5), said="taken"
@@ -1890,7 +1828,7 @@ def test_the_statuses_of_instances_whose_window_is_open(factory: sessionmaker[Se
 
 
 def test_due_by_adds_only_what_comes_soon_and_the_full_load_finds_it_as_left(
-    data_dir: Path, settings: Settings, fernet: MultiFernet, factory: sessionmaker[Session]
+    settings: Settings, fernet: MultiFernet, reload: Reload, factory: sessionmaker[Session]
 ) -> None:
     def one_off(entry_id: str, trigger_in: timedelta) -> dict[str, str]:
         desired = NOW + timedelta(hours=168) + trigger_in
@@ -1899,7 +1837,7 @@ def test_due_by_adds_only_what_comes_soon_and_the_full_load_finds_it_as_left(
     soon = one_off("soon", timedelta(seconds=30))
     later = one_off("later", timedelta(hours=1))
     off = {**one_off("off", timedelta(seconds=10)), "enabled": False}
-    write(data_dir, [WED, soon, later, off])
+    reload.write([WED, soon, later, off])
     add_row(factory, "stored@1", NOW + timedelta(hours=168, seconds=40), PENDING)
     config = load(factory, settings, fernet)
 
@@ -1924,16 +1862,16 @@ def db_token_names(factory: sessionmaker[Session]) -> set[str]:
 
 
 def test_a_batched_reconcile_commits_as_it_goes_with_the_same_result(
-    data_dir: Path,
     settings: Settings,
     fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from sqlalchemy import event
 
     entries = [{**WED, "id": f"w{i}"} for i in range(3)] + [MATCH]
-    write(data_dir, entries)
+    reload.write(entries)
     config = load(factory, settings, fernet)
     engine = factory.kw["bind"]
     commits: list[int] = []
@@ -1950,10 +1888,8 @@ def test_a_batched_reconcile_commits_as_it_goes_with_the_same_result(
 
 
 def test_a_load_of_many_instances_refreshes_postgresqls_statistics(
+    reload: Reload,
     factory: sessionmaker[Session],
-    settings: Settings,
-    fernet: MultiFernet,
-    data_dir: Path,
     database: str,
 ) -> None:
     def analyzed() -> object:
@@ -1967,11 +1903,9 @@ def test_a_load_of_many_instances_refreshes_postgresqls_statistics(
             return session.execute(sql_text(query)).scalar() or None
 
     entries = [WED | {"id": f"wed-{i}", "court_id": str(i)} for i in range(30)]
-    write(data_dir, entries[:10])
-    assert apply(factory, settings, fernet).added == 520
+    assert reload(entries[:10]).added == 520
     assert analyzed() is None  # a few hundred: the planner's guess does no harm
 
-    write(data_dir, entries)
-    assert apply(factory, settings, fernet).added == 1040
+    assert reload(entries).added == 1040
 
     assert (analyzed() is not None) == (database == "postgresql")
