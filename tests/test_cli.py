@@ -39,18 +39,58 @@ LONDON = ZoneInfo("Europe/London")
 pytestmark = pytest.mark.usefixtures("keep_root_logging")
 
 
-# ---------------------------------------------------------------- check
+class Cli:
+    """``main.py`` run in this process on ``env``, its files in DATA_DIR, its output in capsys."""
+
+    def __init__(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+        env: dict[str, str],
+        data_dir: Path,
+    ) -> None:
+        self.monkeypatch, self.capsys, self.env, self.data_dir = monkeypatch, capsys, env, data_dir
+
+    def __call__(self, *argv: str) -> int:
+        """The exit code of ``main.py *argv`` on the test's environment."""
+        return run(self.monkeypatch, self.env, *argv)
+
+    def on(self, env: dict[str, str], *argv: str) -> int:
+        """The exit code of ``main.py *argv`` on ``env`` instead."""
+        return run(self.monkeypatch, env, *argv)
+
+    def files(self, schedules: Any = None, tokens: Any = None) -> None:
+        """tokens.json (one token ``default: t`` unless given) and schedules.json if given."""
+        write_json(self.data_dir / "tokens.json", {"default": "t"} if tokens is None else tokens)
+        if schedules is not None:
+            write_json(self.data_dir / "schedules.json", schedules)
+
+    def read(self) -> pytest.CaptureResult[str]:
+        """What was printed since the last read."""
+        return self.capsys.readouterr()
+
+    def lines(self) -> list[str]:
+        """The lines printed on stdout since the last read."""
+        return self.read().out.splitlines()
 
 
-def test_check_prints_each_schedule_with_its_next_five_instances(
+@pytest.fixture
+def courtbot(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     env: dict[str, str],
     data_dir: Path,
+) -> Cli:
+    return Cli(monkeypatch, capsys, env, data_dir)
+
+
+# ---------------------------------------------------------------- check
+
+
+def test_check_prints_each_schedule_with_its_next_five_instances(
+    courtbot: Cli, data_dir: Path
 ) -> None:
-    write_json(data_dir / "tokens.json", {"default": "plain-token-xyz"})
-    write_json(
-        data_dir / "schedules.json",
+    courtbot.files(
         [
             {
                 "id": "wed-evening",
@@ -61,10 +101,11 @@ def test_check_prints_each_schedule_with_its_next_five_instances(
             },
             {"id": "once", "type": "one-off", "desired_time": f"{future():%Y-%m-%d %H:%M}"},
         ],
+        tokens={"default": "plain-token-xyz"},
     )
     before = (data_dir / "tokens.json").read_bytes()
-    assert run(monkeypatch, env, "check") == 0
-    out = capsys.readouterr().out
+    assert courtbot("check") == 0
+    out = courtbot.read().out
     assert "wed-evening (#1): recurring, Europe/London, court 3" in out
     assert "rule: DTSTART:" in out and "RRULE:FREQ=WEEKLY;BYDAY=WE" in out
     block = out.split("wed-evening (#1)")[1].split("once (#2)")[0]
@@ -79,47 +120,29 @@ def test_check_prints_each_schedule_with_its_next_five_instances(
     assert not (data_dir / "db.sqlite").exists()
 
 
-def test_check_exit_1_on_an_invalid_entry_with_the_message(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
-) -> None:
-    write_json(data_dir / "tokens.json", {"default": "t"})
-    write_json(
-        data_dir / "schedules.json",
+def test_check_exit_1_on_an_invalid_entry_with_the_message(courtbot: Cli) -> None:
+    courtbot.files(
         [
             {"id": "ok", "type": "one-off", "desired_time": f"{future():%Y-%m-%d %H:%M}"},
             {"id": "wed-evening", "type": "recurring", "rrule": "FREQ=WEEKY"},
-        ],
+        ]
     )
-    assert run(monkeypatch, env, "check") == 1
-    err = capsys.readouterr().err
+    assert courtbot("check") == 1
+    err = courtbot.read().err
     assert (
         "schedules.json entry 'wed-evening' (#2): rrule: 'FREQ=WEEKY' is not a valid rule "
         "('FREQ=WEEKY': FREQ must be one of DAILY, WEEKLY, MONTHLY, YEARLY)"
     ) in err
 
 
-def test_check_exit_2_without_a_usable_fernet_key(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-) -> None:
-    assert run(monkeypatch, {k: v for k, v in env.items() if k != "FERNET_KEY"}, "check") == 2
-    assert "FERNET_KEY is not set" in capsys.readouterr().err
-    assert run(monkeypatch, env | {"FERNET_KEY": "short"}, "check") == 2
+def test_check_exit_2_without_a_usable_fernet_key(courtbot: Cli, env: dict[str, str]) -> None:
+    assert courtbot.on({k: v for k, v in env.items() if k != "FERNET_KEY"}, "check") == 2
+    assert "FERNET_KEY is not set" in courtbot.read().err
+    assert courtbot.on(env | {"FERNET_KEY": "short"}, "check") == 2
 
 
-def test_check_warnings_do_not_change_the_exit_code(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
-) -> None:
-    write_json(data_dir / "tokens.json", {"default": "t"})
-    write_json(
-        data_dir / "schedules.json",
+def test_check_warnings_do_not_change_the_exit_code(courtbot: Cli) -> None:
+    courtbot.files(
         [
             {"id": "past", "type": "one-off", "desired_time": "2020-01-01 10:00"},
             {
@@ -129,22 +152,17 @@ def test_check_warnings_do_not_change_the_exit_code(
                 "desired_time": "2026-01-01 01:30",
                 "timezone": "Europe/London",
             },
-        ],
+        ]
     )
-    assert run(monkeypatch, env, "check") == 0
-    captured = capsys.readouterr()
+    assert courtbot("check") == 0
+    captured = courtbot.read()
     assert "'2020-01-01 10:00' is in the past; skipped, never booked" in captured.err
     assert "does not exist in Europe/London (DST gap)" in captured.out
 
 
-def test_check_warns_before_money_is_spent_and_still_exits_0(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
-) -> None:
+def test_check_warns_before_money_is_spent_and_still_exits_0(courtbot: Cli, data_dir: Path) -> None:
     expires = (datetime.now(UTC) + timedelta(days=1)).replace(microsecond=0)
-    write_json(data_dir / "tokens.json", {"default": make_jwt({"exp": int(expires.timestamp())})})
+    courtbot.files(tokens={"default": make_jwt({"exp": int(expires.timestamp())})})
     start = future(20)
     write_json(
         data_dir / "schedules.json",
@@ -157,8 +175,8 @@ def test_check_warns_before_money_is_spent_and_still_exits_0(
             },
         ],
     )
-    assert run(monkeypatch, env, "check") == 0
-    err = capsys.readouterr().err.splitlines()
+    assert courtbot("check") == 0
+    err = courtbot.read().err.splitlines()
     assert (
         "warning: schedules.json: entries 'fri-a' (#1) and 'fri-b' (#2) would book overlapping "
         f"times: {start:%a %Y-%m-%d %H:%M}-{start + timedelta(hours=1):%H:%M} UTC and "
@@ -175,31 +193,22 @@ def test_check_warns_before_money_is_spent_and_still_exits_0(
     ) in err
 
 
-def test_check_missing_schedules_is_a_warning(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
-) -> None:
-    write_json(data_dir / "tokens.json", {"default": "t"})
-    assert run(monkeypatch, env, "check") == 0
-    assert "schedules.json: no such file" in capsys.readouterr().err
+def test_check_missing_schedules_is_a_warning(courtbot: Cli) -> None:
+    courtbot.files()
+    assert courtbot("check") == 0
+    assert "schedules.json: no such file" in courtbot.read().err
 
 
 def test_check_prints_each_entrys_request_source_window_and_request(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
+    courtbot: Cli, env: dict[str, str], data_dir: Path
 ) -> None:
     fernet_value = Fernet(env["FERNET_KEY"].encode()).encrypt(b"tok-enc-5521").decode()
-    write_json(
-        data_dir / "tokens.json",
-        {
+    courtbot.files(
+        tokens={
             "default": fernet_value,
             "partner": "tok-plain-8812",
             "padel": {"token": "tok-obj-4410", "password": "pw-obj-3301"},
-        },
+        }
     )
     (data_dir / "clubs").mkdir()
     write_json(
@@ -220,9 +229,9 @@ def test_check_prints_each_entrys_request_source_window_and_request(
     write_json(data_dir / "schedules.json", entries)
     before = (data_dir / "tokens.json").read_bytes()
 
-    assert run(monkeypatch, env, "check") == 0
+    assert courtbot("check") == 0
 
-    out = capsys.readouterr().out
+    out = courtbot.read().out
     assert "tokens.json: 3 token(s)\n" in out
     assert "  'default': encrypted\n" in out
     assert "  'partner': plaintext (the daemon encrypts it in the file when it loads it)\n" in out
@@ -247,10 +256,7 @@ def test_check_prints_each_entrys_request_source_window_and_request(
 
 
 def test_check_prints_each_club_files_sources_and_checked_and_warns_when_stale(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
+    courtbot: Cli, data_dir: Path
 ) -> None:
     today = datetime.now(UTC).date()
     stale, fresh = today - timedelta(days=181), today - timedelta(days=180)
@@ -267,7 +273,7 @@ def test_check_prints_each_club_files_sources_and_checked_and_warns_when_stale(
     write_json(
         data_dir / "clubs" / "unused.json", {"url": "https://x.example/b", "checked": "2001-01-01"}
     )
-    write_json(data_dir / "tokens.json", {"default": "tok-1"})
+    courtbot.files(tokens={"default": "tok-1"})
     start = future(20).replace(hour=17, minute=0)
     write_json(
         data_dir / "schedules.json",
@@ -278,9 +284,9 @@ def test_check_prints_each_club_files_sources_and_checked_and_warns_when_stale(
         + [{"id": "plain", "type": "one-off", "desired_time": f"{start:%Y-%m-%d %H:%M}"}],
     )
 
-    assert run(monkeypatch, env, "check") == 0
+    assert courtbot("check") == 0
 
-    out, err = capsys.readouterr()
+    out, err = courtbot.read()
     padel, tennis = data_dir / "clubs" / "padel.json", data_dir / "clubs" / "tennis.json"
     assert (
         f"\n{padel}: checked {stale.isoformat()}, 2 source(s)\n"
@@ -296,12 +302,9 @@ def test_check_prints_each_club_files_sources_and_checked_and_warns_when_stale(
 
 
 def test_check_exit_1_on_an_invalid_club_file_naming_the_file_and_key(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
+    courtbot: Cli, data_dir: Path
 ) -> None:
-    write_json(data_dir / "tokens.json", {"default": "t"})
+    courtbot.files()
     (data_dir / "clubs").mkdir()
     write_json(data_dir / "clubs" / "padel.json", {"url": "https://padel.example/b", "json": 1,
                                                    "form": {}})  # fmt: skip
@@ -313,8 +316,8 @@ def test_check_exit_1_on_an_invalid_club_file_naming_the_file_and_key(
             {"id": "ok", "type": "one-off", "desired_time": desired},
         ],
     )
-    assert run(monkeypatch, env, "check") == 1
-    captured = capsys.readouterr()
+    assert courtbot("check") == 1
+    captured = courtbot.read()
     assert (
         f"error: schedules.json entry 'p' (#1): club: 'padel': {data_dir}/clubs/padel.json: "
         "json, form: give one body, not both\n"
@@ -358,12 +361,7 @@ def test_run_without_booking_api_url_needs_every_entry_to_name_a_club(
 
 
 @pytest.mark.both_databases
-def test_status_json_and_table(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    factory: sessionmaker[Session],
-) -> None:
+def test_status_json_and_table(courtbot: Cli, factory: sessionmaker[Session]) -> None:
     add(factory, "late", desired=future(30), status="pending")
     add(
         factory,
@@ -374,8 +372,8 @@ def test_status_json_and_table(
         booking_ref="bk-9",
         booked_court="3",
     )
-    assert run(monkeypatch, env, "status", "--json") == 0
-    rows = json.loads(capsys.readouterr().out)
+    assert courtbot("status", "--json") == 0
+    rows = json.loads(courtbot.read().out)
     assert [r["schedule"] for r in rows] == ["early", "late"]  # soonest trigger first
     first = rows[0]
     for name in (
@@ -395,34 +393,22 @@ def test_status_json_and_table(
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", first["desired_time"])
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", first["trigger_time"])
     assert (first["status"], first["booking_ref"], first["court_id"]) == ("booked", "bk-9", "3")
-    assert run(monkeypatch, env, "status") == 0
-    out = capsys.readouterr().out.splitlines()
+    assert courtbot("status") == 0
+    out = courtbot.read().out.splitlines()
     table = out[out.index("") + 1 :]
     assert table[0].split()[:3] == ["SCHEDULE", "KEY", "DESIRED"]
     assert "booked" in table[1] and "bk-9" in table[1]
 
 
 @pytest.mark.both_databases
-def test_status_without_a_database(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
-) -> None:
-    assert run(monkeypatch, env, "status", "--json") == 0
-    assert json.loads(capsys.readouterr().out) == []
+def test_status_without_a_database(courtbot: Cli, data_dir: Path) -> None:
+    assert courtbot("status", "--json") == 0
+    assert json.loads(courtbot.read().out) == []
     assert not (data_dir / "db.sqlite").exists()
 
 
-def lines_of(capsys: pytest.CaptureFixture[str]) -> list[str]:
-    return capsys.readouterr().out.splitlines()
-
-
 def test_status_for_a_person_starts_with_a_summary(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    factory: sessionmaker[Session],
+    courtbot: Cli, factory: sessionmaker[Session]
 ) -> None:
     now = datetime.now(UTC)
     soon = (now + timedelta(days=5, hours=4, minutes=30)).replace(second=0, microsecond=0)
@@ -454,12 +440,12 @@ def test_status_for_a_person_starts_with_a_summary(
         finished_at=now - timedelta(days=1),
     )
 
-    assert run(monkeypatch, env, "status") == 0
+    assert courtbot("status") == 0
 
     def when(moment: datetime) -> str:
         return utils.format_local_short(moment, LONDON, now)
 
-    lines = lines_of(capsys)
+    lines = courtbot.lines()
     assert lines[: lines.index("")] == [
         "courtbot: not running",
         "Next bookings:",
@@ -486,10 +472,7 @@ def test_status_for_a_person_starts_with_a_summary(
 
 
 def test_status_shows_the_active_daemon_and_the_standbys_of_the_daemons_table(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    engine: models.Engine,
+    courtbot: Cli, engine: models.Engine
 ) -> None:
     now = datetime.now(UTC)
     for ident, role, host, pid in (("a", "active", "host-a", 101), ("b", "standby", "host-b", 102)):
@@ -506,8 +489,8 @@ def test_status_shows_the_active_daemon_and_the_standbys_of_the_daemons_table(
         host="host-c",
         pid=103,
     )
-    assert run(monkeypatch, env, "status") == 0
-    lines = lines_of(capsys)
+    assert courtbot("status") == 0
+    lines = courtbot.lines()
     assert lines[0] == "courtbot: running"
     since = now.strftime("%Y-%m-%dT%H:%M:%SZ")
     assert re.fullmatch(
@@ -541,20 +524,18 @@ def various(factory: sessionmaker[Session]) -> None:
     ],
 )
 def test_status_filters_apply_to_both_forms(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
+    courtbot: Cli,
     various: None,
     args: tuple[str, ...],
     expected: list[str],
 ) -> None:
-    assert run(monkeypatch, env, "status", "--json", *args) == 0
-    rows = json.loads(capsys.readouterr().out)
+    assert courtbot("status", "--json", *args) == 0
+    rows = json.loads(courtbot.read().out)
     assert [r["schedule"] for r in rows] == expected
     statuses = [r["status"] for r in rows]
 
-    assert run(monkeypatch, env, "status", *args) == 0
-    lines = lines_of(capsys)
+    assert courtbot("status", *args) == 0
+    lines = courtbot.lines()
     table = lines[lines.index("") + 1 :]
     if expected:
         assert [line.split()[0] for line in table[1:]] == expected
@@ -564,14 +545,9 @@ def test_status_filters_apply_to_both_forms(
         assert table == ["no instance matches"]
 
 
-def test_status_summary_follows_the_schedule_filter(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    various: None,
-) -> None:
-    assert run(monkeypatch, env, "status", "--schedule", "b", "--status", "cancelled") == 0
-    lines = lines_of(capsys)
+def test_status_summary_follows_the_schedule_filter(courtbot: Cli, various: None) -> None:
+    assert courtbot("status", "--schedule", "b", "--status", "cancelled") == 0
+    lines = courtbot.lines()
     summary = lines[: lines.index("")]
     assert [line.split()[0] for line in summary[2:-1]] == ["b"]  # the next booking is b's
     assert [line.split()[0] for line in lines[lines.index("") + 2 :]] == ["b"]
@@ -586,26 +562,18 @@ def test_status_summary_follows_the_schedule_filter(
         (("--limit", "x"), "'x' is not a whole number of at least 1"),
     ],
 )
-def test_status_refuses_bad_filters(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    args: tuple[str, ...],
-    message: str,
-) -> None:
+def test_status_refuses_bad_filters(courtbot: Cli, args: tuple[str, ...], message: str) -> None:
     with pytest.raises(SystemExit) as exited:
-        run(monkeypatch, env, "status", *args)
+        courtbot("status", *args)
     assert exited.value.code == 2
-    assert message in capsys.readouterr().err
+    assert message in courtbot.read().err
 
 
 def test_status_on_an_empty_database_says_no_instances_yet(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
+    courtbot: Cli,
 ) -> None:
-    assert run(monkeypatch, env, "status") == 0
-    assert lines_of(capsys) == [
+    assert courtbot("status") == 0
+    assert courtbot.lines() == [
         "courtbot: not running",
         "Next bookings: none ahead",
         "Last 7 days: no outcome",
@@ -722,10 +690,7 @@ def test_check_into_a_closed_pipe_ends_quietly(env: dict[str, str], data_dir: Pa
 
 @pytest.mark.both_databases
 def test_retry_puts_failed_instances_still_ahead_back_to_pending(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    factory: sessionmaker[Session],
+    courtbot: Cli, factory: sessionmaker[Session]
 ) -> None:
     add(factory, "a", status="failed", attempts=3, last_error="club down")
     add(factory, "a", desired=future(40), status="booked")
@@ -735,43 +700,38 @@ def test_retry_puts_failed_instances_still_ahead_back_to_pending(
         desired=datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1),
         status="failed",
     )
-    assert run(monkeypatch, env, "retry", "a") == 0
-    out = capsys.readouterr().out
+    assert courtbot("retry", "a") == 0
+    out = courtbot.read().out
     assert "pending again: a@" in out
     with factory() as session:
         states = sorted((r.status, r.attempts, r.last_error) for r in session.query(Instance))
     assert states == [("booked", 0, None), ("failed", 0, None), ("pending", 0, None)]
-    assert run(monkeypatch, env, "retry", "a") == 1
-    assert "no failed instance" in capsys.readouterr().err
+    assert courtbot("retry", "a") == 1
+    assert "no failed instance" in courtbot.read().err
 
 
 def test_status_and_retry_work_on_a_database_of_the_previous_release(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
+    courtbot: Cli, data_dir: Path
 ) -> None:
     previous_release_database(data_dir / "db.sqlite")
-    assert run(monkeypatch, env, "status", "--json") == 0
-    (row,) = json.loads(capsys.readouterr().out)
+    assert courtbot("status", "--json") == 0
+    (row,) = json.loads(courtbot.read().out)
     assert (row["key"], row["status"]) == ("old@2030-01-01T10:00:00Z", "failed")
 
-    assert run(monkeypatch, env, "retry", "old") == 0
+    assert courtbot("retry", "old") == 0
 
-    assert "pending again: old@2030-01-01T10:00:00Z" in capsys.readouterr().out
-    assert run(monkeypatch, env, "status", "--json") == 0
-    (row,) = json.loads(capsys.readouterr().out)
+    assert "pending again: old@2030-01-01T10:00:00Z" in courtbot.read().out
+    assert courtbot("status", "--json") == 0
+    (row,) = json.loads(courtbot.read().out)
     assert (row["status"], row["attempts"], row["last_error"]) == ("pending", 0, None)
 
 
 # ---------------------------------------------------------------- keys and tokens
 
 
-def test_generate_key_prints_a_fernet_key(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: dict[str, str]
-) -> None:
-    assert run(monkeypatch, env, "generate-key") == 0
-    key = capsys.readouterr().out.strip()
+def test_generate_key_prints_a_fernet_key(courtbot: Cli) -> None:
+    assert courtbot("generate-key") == 0
+    key = courtbot.read().out.strip()
     Fernet(key.encode())  # raises if it is not one
 
 
@@ -789,73 +749,61 @@ def test_encrypt_token_reads_stdin(env: dict[str, str]) -> None:
 
 
 def test_health_needs_a_daemon_holding_data_dir_and_a_fresh_heartbeat(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
+    courtbot: Cli, data_dir: Path
 ) -> None:
-    assert run(monkeypatch, env, "health") == 1
-    capsys.readouterr()
+    assert courtbot("health") == 1
+    courtbot.read()
     (data_dir / "heartbeat").write_text(f"{datetime.now(UTC).timestamp():.0f}\n")
     # A fresh heartbeat alone is a daemon that stopped (or was killed) a moment ago.
-    assert run(monkeypatch, env, "health") == 1
-    assert capsys.readouterr().err == f"courtbot health: no daemon runs on {data_dir}\n"
+    assert courtbot("health") == 1
+    assert courtbot.read().err == f"courtbot health: no daemon runs on {data_dir}\n"
     lock = DirLock(data_dir / "bot.lock")
     assert lock.acquire()
     try:
         (data_dir / "bot.pid").write_text(f"{os.getpid()}\n")
-        assert run(monkeypatch, env, "health") == 0
+        assert courtbot("health") == 0
         gone = 2**22 + 1  # above Linux's pid_max: no such process
         (data_dir / "bot.pid").write_text(f"{gone}\n")
-        capsys.readouterr()
-        assert run(monkeypatch, env, "health") == 1
-        assert capsys.readouterr().err == (
+        courtbot.read()
+        assert courtbot("health") == 1
+        assert courtbot.read().err == (
             f"courtbot health: the daemon of bot.pid (pid {gone}) is gone\n"
         )
     finally:
         lock.release()
-    assert run(monkeypatch, env, "health") == 1
+    assert courtbot("health") == 1
 
 
-def test_the_bundled_examples_pass_check(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
-) -> None:
+def test_the_bundled_examples_pass_check(courtbot: Cli, data_dir: Path) -> None:
     examples = Path(__file__).resolve().parent.parent / "data"
     (data_dir / "schedules.json").write_text((examples / "schedules.example.json").read_text())
     (data_dir / "tokens.json").write_text((examples / "tokens.example.json").read_text())
-    assert run(monkeypatch, env, "check") == 0, capsys.readouterr().err
-    out = capsys.readouterr().out
+    assert courtbot("check") == 0, courtbot.read().err
+    out = courtbot.read().out
     for entry_id in ("wed-evening", "weekend-mornings", "fortnightly-friday", "club-night"):
         assert f"{entry_id} (#" in out
     assert "\n  skip: 2026-12-23, 2026-12-30\n" in out
 
 
 def test_check_lists_notification_channels_with_secrets_masked(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
+    courtbot: Cli, env: dict[str, str]
 ) -> None:
-    write_json(data_dir / "tokens.json", {"default": "t"})
-    write_json(data_dir / "schedules.json", [])
+    courtbot.files([])
     secret = "123456789:AAsecretBotTokenValue"
     channels = env | {
         "SMTP_HOST": "smtp.example.com",
         "NOTIFY_EMAIL": "me@example.com",
         "NOTIFY_URLS": f"tgram://{secret}/987654 ntfys://courtbot-topic",
     }
-    assert run(monkeypatch, channels, "check") == 0
-    out = capsys.readouterr().out
+    assert courtbot.on(channels, "check") == 0
+    out = courtbot.read().out
     assert "notifications: email to me@example.com via smtp.example.com:587 (starttls)" in out
     assert out.count("notifications: channel ") == 2
     assert "tgram://" in out and "ntfys://" in out
     assert secret not in out
     bad = env | {"NOTIFY_URLS": "notascheme://whatever"}
-    assert run(monkeypatch, bad, "check") == 1
-    assert "NOTIFY_URLS:" in capsys.readouterr().err
+    assert courtbot.on(bad, "check") == 1
+    assert "NOTIFY_URLS:" in courtbot.read().err
 
 
 # ------------------------------------------------------- unreachable database; HEARTBEAT_URL
@@ -863,17 +811,14 @@ def test_check_lists_notification_channels_with_secrets_masked(
 
 @pytest.mark.parametrize("command", [("status",), ("status", "--json"), ("retry", "x")])
 def test_status_and_retry_on_an_unreachable_database_say_so_in_one_line(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    command: tuple[str, ...],
+    courtbot: Cli, env: dict[str, str], command: tuple[str, ...]
 ) -> None:
     from pg_server import free_port
 
     port = free_port()
     url = f"postgresql://courtbot:pw-S3cret@127.0.0.1:{port}/courtbot"
-    assert run(monkeypatch, env | {"DATABASE_URL": url}, *command) == 1
-    captured = capsys.readouterr()
+    assert courtbot.on(env | {"DATABASE_URL": url}, *command) == 1
+    captured = courtbot.read()
     assert captured.out == ""
     assert captured.err == (
         f"courtbot {command[0]}: cannot open the database "
@@ -903,21 +848,18 @@ def test_run_on_an_unreachable_database_exits_2_with_one_line(
 
 
 def test_an_invalid_heartbeat_url_stops_run_and_fails_check_without_its_secret(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
+    courtbot: Cli, env: dict[str, str]
 ) -> None:
-    write_json(data_dir / "tokens.json", {"default": "t"})
+    courtbot.files()
     bad = env | {"HEARTBEAT_URL": "ftp://hc-ping.example/5e3c-secret-uuid"}
     message = (
         "HEARTBEAT_URL: 'ftp://hc-ping.example/****' is not an http(s) URL (e.g. "
         "https://hc-ping.com/<uuid>)"
     )
-    assert run(monkeypatch, bad, "check") == 1
-    assert capsys.readouterr().err == f"courtbot check: {message}\n"
-    assert run(monkeypatch, bad, "run") == 2
-    err = capsys.readouterr().err
+    assert courtbot.on(bad, "check") == 1
+    assert courtbot.read().err == f"courtbot check: {message}\n"
+    assert courtbot.on(bad, "run") == 2
+    err = courtbot.read().err
     assert err == f"courtbot: cannot start: {message}\n"
     assert "secret" not in err
 
@@ -926,11 +868,7 @@ def test_an_invalid_heartbeat_url_stops_run_and_fails_check_without_its_secret(
 
 
 def test_check_says_what_books_at_once_when_loaded_but_not_what_is_booked_or_disabled(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
-    factory: sessionmaker[Session],
+    courtbot: Cli, data_dir: Path, factory: sessionmaker[Session]
 ) -> None:
     soon, done, off, far = future(3), future(3.5), future(4), future(20)
 
@@ -940,12 +878,12 @@ def test_check_says_what_books_at_once_when_loaded_but_not_what_is_booked_or_dis
 
     entries = [entry("soon", soon), entry("done", done), entry("off", off, enabled=False)]
     write_json(data_dir / "schedules.json", [*entries, entry("far", far)])
-    write_json(data_dir / "tokens.json", {"default": "t"})
+    courtbot.files()
     add(factory, "done", desired=done, status=models.BOOKED)
-    assert run(monkeypatch, env, "check") == 0
+    assert courtbot("check") == 0
     lines = {
         line.split("  = ")[1][:20]: line
-        for line in capsys.readouterr().out.splitlines()
+        for line in courtbot.read().out.splitlines()
         if "  = " in line
     }
     assert lines[utils.format_utc(soon)].endswith("(window open: books at once when loaded)")
@@ -958,31 +896,27 @@ def test_check_says_what_books_at_once_when_loaded_but_not_what_is_booked_or_dis
     )
 
 
-def test_check_counts_each_problem_once_in_good_english(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: dict[str, str]
-) -> None:
+def test_check_counts_each_problem_once_in_good_english(courtbot: Cli, env: dict[str, str]) -> None:
     write_json(Path(env["DATA_DIR"]) / "schedules.json", [])
     write_json(Path(env["DATA_DIR"]) / "tokens.json", {"default": "t"})
     two = env | {"NOTIFY_URLS": "oops nosuch://host.example.org/x"}
-    assert run(monkeypatch, two, "check") == 1
-    err = capsys.readouterr().err
+    assert courtbot.on(two, "check") == 1
+    err = courtbot.read().err
     assert err.count("error: NOTIFY_URLS: ") == 2
     assert err.endswith("\ninvalid: 2 problems; see the errors above\n")
     assert "'oops' is not a URL" in err
 
 
-def test_notify_test_with_nothing_configured_exits_1(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: dict[str, str]
-) -> None:
-    assert run(monkeypatch, env, "notify-test") == 1
-    assert capsys.readouterr().err == (
+def test_notify_test_with_nothing_configured_exits_1(courtbot: Cli) -> None:
+    assert courtbot("notify-test") == 1
+    assert courtbot.read().err == (
         "courtbot notify-test: no channel is configured: set SMTP_HOST and NOTIFY_EMAIL, or "
         "NOTIFY_URLS\n"
     )
 
 
 def test_notify_test_prints_each_channel_sent_or_why_not(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], env: dict[str, str]
+    courtbot: Cli, env: dict[str, str]
 ) -> None:
     import socket
     import threading
@@ -1008,24 +942,19 @@ def test_notify_test_prints_each_channel_sent_or_why_not(
     try:
         port = server.server_address[1]
         urls = f"json://127.0.0.1:{port}/hook json://127.0.0.1:{closed}/gone"
-        assert run(monkeypatch, env | {"NOTIFY_URLS": urls}, "notify-test") == 1
-        out = capsys.readouterr().out.splitlines()
+        assert courtbot.on(env | {"NOTIFY_URLS": urls}, "notify-test") == 1
+        out = courtbot.read().out.splitlines()
         assert out[0] == f"JSON json://127.0.0.1:{port}/hook: sent"
         assert out[1].startswith(f"JSON json://127.0.0.1:{closed}/gone: NOT sent: ")
         assert len(posted) == 1 and str(posted[0]["title"]).startswith("Test: ")
-        assert (
-            run(monkeypatch, env | {"NOTIFY_URLS": urls.split(maxsplit=1)[0]}, "notify-test") == 0
-        )
+        assert courtbot.on(env | {"NOTIFY_URLS": urls.split(maxsplit=1)[0]}, "notify-test") == 0
     finally:
         server.shutdown()
         server.server_close()
 
 
 def test_dry_run_on_a_ready_flow_with_its_placeholder_left_in_says_what_to_put_there(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
+    courtbot: Cli, data_dir: Path
 ) -> None:
     """Before: `dry-run` tried yourclub.perfectgym.com and said "check BOOKING_API_URL", a
     variable the flow does not use."""
@@ -1033,9 +962,9 @@ def test_dry_run_on_a_ready_flow_with_its_placeholder_left_in_says_what_to_put_t
     entry = {"id": "gym", "type": "one-off", "desired_time": when, "club": "perfectgym"}
     write_json(data_dir / "schedules.json", [entry])
     secrets = {"email": "me@example.com", "password": "pw", "club_id": "1"}
-    write_json(data_dir / "tokens.json", {"default": secrets})
-    assert run(monkeypatch, env, "dry-run", "gym") == 1
-    err = capsys.readouterr().err
+    courtbot.files(tokens={"default": secrets})
+    assert courtbot("dry-run", "gym") == 1
+    err = courtbot.read().err
     assert "BOOKING_API_URL" not in err
     assert "perfectgym.json: hosts[0]: 'yourclub.perfectgym.com' still holds the placeholder" in err
     assert '{"use": "perfectgym", "yourclub": "<your club\'s subdomain>"}' in err
@@ -1043,8 +972,8 @@ def test_dry_run_on_a_ready_flow_with_its_placeholder_left_in_says_what_to_put_t
     (data_dir / "clubs").mkdir()
     write_json(data_dir / "clubs" / "gym.json", {"use": "perfectgym", "yourclub": "riverside"})
     write_json(data_dir / "schedules.json", [entry | {"club": "gym"}])
-    assert run(monkeypatch, env, "check") == 0, capsys.readouterr().err
-    assert "https://riverside.perfectgym.com/" in capsys.readouterr().out
+    assert courtbot("check") == 0, courtbot.read().err
+    assert "https://riverside.perfectgym.com/" in courtbot.read().out
 
 
 @pytest.mark.parametrize(
@@ -1071,12 +1000,9 @@ def test_python_main_py_help_says_python_main_py(env: dict[str, str]) -> None:
 
 
 def test_check_shows_fallback_times_watch_and_players_and_a_missing_player_is_exit_1(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
+    courtbot: Cli, data_dir: Path
 ) -> None:
-    write_json(data_dir / "tokens.json", {"default": "t"})
+    courtbot.files()
     (data_dir / "clubs").mkdir()
     club = write_json(
         data_dir / "clubs" / "duo.json",
@@ -1093,8 +1019,8 @@ def test_check_shows_fallback_times_watch_and_players_and_a_missing_player_is_ex
         "players": ["ana@example.com", "Ben"],
     }
     write_json(data_dir / "schedules.json", [entry])
-    assert run(monkeypatch, env, "check") == 0
-    captured = capsys.readouterr()
+    assert courtbot("check") == 0
+    captured = courtbot.read()
     day = f"{start:%Y-%m-%d}"
     before = (start - timedelta(days=7)).strftime("%Y-%m-%d")
     assert (
@@ -1109,11 +1035,11 @@ def test_check_shows_fallback_times_watch_and_players_and_a_missing_player_is_ex
         "time itself; it is skipped (list only other times)"
     ) in captured.err
     write_json(data_dir / "schedules.json", [entry | {"players": ["ana@example.com"]}])
-    assert run(monkeypatch, env, "check") == 1
+    assert courtbot("check") == 1
     assert (
         f"error: schedules.json entry 'match' (#1): players: {club} names {{players[1]}}, and "
         'this entry has 1 player; give at least 2 (e.g. ["ana@example.com", "Ben"])'
-    ) in capsys.readouterr().err
+    ) in courtbot.read().err
 
 
 CANCEL_TOKEN = "tok-cancel-9d1e"
@@ -1166,26 +1092,21 @@ def sandbox() -> Iterator[Any]:
 
 
 def test_cancel_deletes_the_booking_at_the_club_and_marks_it_cancelled(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    factory: sessionmaker[Session],
-    fernet: Any,
-    sandbox: Any,
+    courtbot: Cli, factory: sessionmaker[Session], fernet: Any, sandbox: Any
 ) -> None:
     booking = _club_booking(sandbox)
     key = _booked_row(factory, fernet, "m1", ref=booking)
-    env = env | {"BOOKING_API_URL": sandbox.url}
-    assert run(monkeypatch, env, "cancel", key) == 0
-    assert capsys.readouterr().out == f"cancelled at the club: {key} (ref {booking})\n"
+    courtbot.env = courtbot.env | {"BOOKING_API_URL": sandbox.url}
+    assert courtbot("cancel", key) == 0
+    assert courtbot.read().out == f"cancelled at the club: {key} (ref {booking})\n"
     (delete,) = [r for r in sandbox.received if r.method == "DELETE"]
     assert delete.path == f"/bookings/{booking}"
     assert delete.headers["Authorization"] == f"Bearer {CANCEL_TOKEN}"
     assert sandbox.cancelled == [booking] and sandbox.bookings == []
     assert instances.status_of(factory, key) == models.CANCELLED
     # Cancelled already: exit 1, nothing sent.
-    assert run(monkeypatch, env, "cancel", key) == 1
-    assert capsys.readouterr().err == (
+    assert courtbot("cancel", key) == 1
+    assert courtbot.read().err == (
         f"courtbot cancel: {key} is cancelled, not booked: only a booked instance can be "
         "cancelled\n"
     )
@@ -1193,14 +1114,10 @@ def test_cancel_deletes_the_booking_at_the_club_and_marks_it_cancelled(
 
 
 def test_cancel_of_a_booking_the_club_no_longer_has_is_done(
-    monkeypatch: pytest.MonkeyPatch,
-    env: dict[str, str],
-    factory: sessionmaker[Session],
-    fernet: Any,
-    sandbox: Any,
+    courtbot: Cli, env: dict[str, str], factory: sessionmaker[Session], fernet: Any, sandbox: Any
 ) -> None:
     key = _booked_row(factory, fernet, "m2", ref="bk-gone")
-    assert run(monkeypatch, env | {"BOOKING_API_URL": sandbox.url}, "cancel", key) == 0
+    assert courtbot.on(env | {"BOOKING_API_URL": sandbox.url}, "cancel", key) == 0
     assert instances.status_of(factory, key) == models.CANCELLED
 
 
@@ -1230,8 +1147,7 @@ def test_cancel_of_a_booking_the_club_no_longer_has_is_done(
     ],
 )
 def test_cancel_is_exit_1_with_one_line_and_sends_nothing(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
+    courtbot: Cli,
     env: dict[str, str],
     data_dir: Path,
     factory: sessionmaker[Session],
@@ -1245,21 +1161,15 @@ def test_cancel_is_exit_1_with_one_line_and_sends_nothing(
     (data_dir / "clubs").mkdir()
     write_json(data_dir / "clubs" / "plain.json", {"url": sandbox.url})
     key = _booked_row(factory, fernet, "m3", ref=ref, status=status, club=club)
-    assert run(monkeypatch, env | {"BOOKING_API_URL": sandbox.url}, "cancel", key) == 1
-    err = capsys.readouterr().err
+    assert courtbot.on(env | {"BOOKING_API_URL": sandbox.url}, "cancel", key) == 1
+    err = courtbot.read().err
     assert err == f"courtbot cancel: {message.format(clubs=data_dir / 'clubs', key=key)}\n"
     assert sandbox.received == []
     assert instances.status_of(factory, key) == status
 
 
 def test_cancel_with_a_club_files_cancel_steps_and_a_refusal_keeps_it_booked(
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    env: dict[str, str],
-    data_dir: Path,
-    factory: sessionmaker[Session],
-    fernet: Any,
-    sandbox: Any,
+    courtbot: Cli, data_dir: Path, factory: sessionmaker[Session], fernet: Any, sandbox: Any
 ) -> None:
     (data_dir / "clubs").mkdir()
     write_json(
@@ -1278,8 +1188,8 @@ def test_cancel_with_a_club_files_cancel_steps_and_a_refusal_keeps_it_booked(
         },
     )
     key = _booked_row(factory, fernet, "m4", ref="bk-404", club="own")
-    assert run(monkeypatch, env, "cancel", key) == 1
-    assert capsys.readouterr().err == (
+    assert courtbot("cancel", key) == 1
+    assert courtbot.read().err == (
         f"courtbot cancel: {key}: step 'drop': HTTP 404: no such booking (not its ok answer); it "
         "stays booked\n"
     )
@@ -1287,12 +1197,7 @@ def test_cancel_with_a_club_files_cancel_steps_and_a_refusal_keeps_it_booked(
 
 
 def test_cancel_runs_a_club_files_cancel_steps_in_order(
-    monkeypatch: pytest.MonkeyPatch,
-    env: dict[str, str],
-    data_dir: Path,
-    factory: sessionmaker[Session],
-    fernet: Any,
-    sandbox: Any,
+    courtbot: Cli, data_dir: Path, factory: sessionmaker[Session], fernet: Any, sandbox: Any
 ) -> None:
     booking = _club_booking(sandbox)
     (data_dir / "clubs").mkdir()
@@ -1321,7 +1226,7 @@ def test_cancel_runs_a_club_files_cancel_steps_in_order(
         },
     )
     key = _booked_row(factory, fernet, "m5", ref=booking, club="own")
-    assert run(monkeypatch, env, "cancel", key) == 0
+    assert courtbot("cancel", key) == 0
     assert [(r.method, r.path) for r in sandbox.received][1:] == [
         ("GET", "/bookings"),
         ("DELETE", f"/bookings/{booking}"),
