@@ -279,6 +279,16 @@ def queue(club: responses.RequestsMock, *items: responses.Response) -> None:
         club.add(item)
 
 
+def failed_at_once(h: Harness) -> Instance:
+    """Books ``h``'s instance, asserting it failed after one request and no wait; its row."""
+    assert h.book() == FAILED
+    assert len(h.calls) == 1
+    assert h.stop.waits == []
+    row = h.row()
+    assert (row.status, row.attempts) == (FAILED, 1)
+    return row
+
+
 # --------------------------------------------------------------------------- the request
 
 
@@ -451,12 +461,8 @@ def test_409_on_the_only_court_fails_without_retry(h: Harness) -> None:
     h.add()
     queue(h.club, answer(409, {"error": "Court 3 is already booked"}), answer(201, {"id": 1}))
 
-    assert h.book() == FAILED
-
-    assert len(h.calls) == 1
-    assert h.stop.waits == []
-    row = h.row()
-    assert (row.status, row.attempts, row.booking_ref, row.booked_court) == (FAILED, 1, None, None)
+    row = failed_at_once(h)
+    assert (row.booking_ref, row.booked_court) == (None, None)
     assert row.last_error == (
         f"court 3: taken (HTTP 409: Court 3 is already booked); {TAKEN_ADVICE}"
     )
@@ -595,13 +601,7 @@ def test_rejected_token_fails_at_once_naming_the_token_not_its_value(
     h.add(courts=("3", "4"), token_name="club-main")
     queue(h.club, answer(status, {"error": f"invalid token {TOKEN}"}), answer(201, {"id": 1}))
 
-    assert h.book() == FAILED
-
-    assert len(h.calls) == 1
-    assert h.stop.waits == []
-    row = h.row()
-    assert (row.status, row.attempts) == (FAILED, 1)
-    reason = row.last_error
+    reason = failed_at_once(h).last_error
     assert reason is not None
     assert "'club-main'" in reason
     assert f"HTTP {status}" in reason
@@ -822,12 +822,7 @@ def test_no_retry_wait_runs_past_the_desired_start(h: Harness) -> None:
     h.clock.set(DESIRED - timedelta(seconds=10))
     queue(h.club, answer(429, headers={"Retry-After": "30"}), answer(201, {"id": 1}))
 
-    assert h.book() == FAILED
-
-    assert len(h.calls) == 1
-    assert h.stop.waits == []
-    reason = h.row().last_error
-    assert reason == "court 3: HTTP 429; the start came first"
+    assert failed_at_once(h).last_error == "court 3: HTTP 429; the start came first"
 
 
 # --------------------------------------------------------------------------- 3xx, other 4xx
@@ -841,15 +836,9 @@ def test_a_redirect_fails_and_is_never_followed(h: Harness, status: int) -> None
     trap = h.club.add(responses.Response(responses.GET, elsewhere, status=200))
     trap_post = h.club.add(responses.Response(responses.POST, elsewhere, status=201))
 
-    assert h.book() == FAILED
-
-    assert len(h.calls) == 1
+    reason = failed_at_once(h).last_error
     assert trap.call_count == 0
     assert trap_post.call_count == 0
-    assert h.stop.waits == []
-    row = h.row()
-    assert (row.status, row.attempts) == (FAILED, 1)
-    reason = row.last_error
     assert reason is not None
     assert "redirect" in reason
     assert f"HTTP {status}" in reason
@@ -1331,6 +1320,25 @@ def test_an_interrupted_booking_is_read_from_its_column_not_its_last_error(h: Ha
     assert (mine.interrupted, other.interrupted) == (False, False)
 
 
+def sent_at_the_trigger(
+    h: Harness, clock: FakeClock, stop: FakeStop, seconds: float
+) -> list[float]:
+    """``h`` on ``clock`` and ``stop``, ``seconds`` before the trigger; returns the list the club
+    (answering 201) fills with the clock's reading at each booking request."""
+    h.clock = h.ctx.clock = clock
+    h.ctx.stop = h.stop = stop
+    h.add(at_trigger=False)
+    clock.set(TRIGGER - timedelta(seconds=seconds))
+    sent_at: list[float] = []
+
+    def club_side(request: Any) -> tuple[int, dict[str, str], str]:
+        sent_at.append(clock.now)
+        return 201, {}, json.dumps({"id": "on-time"})
+
+    h.club.add_callback(responses.POST, URL, callback=club_side)
+    return sent_at
+
+
 @pytest.mark.both_databases
 @pytest.mark.parametrize(
     ("tick", "oversleep"),
@@ -1343,17 +1351,7 @@ def test_the_request_never_leaves_before_the_trigger(
     # The clock moves only when the stop event is waited on (and, in the first case, by 0.1 ms
     # per read, which the last few milliseconds' busy wait needs to end).
     clock = FakeClock(0, tick=tick)
-    h.clock = h.ctx.clock = clock
-    h.ctx.stop = h.stop = FakeStop(clock, oversleep=oversleep)
-    h.add(at_trigger=False)
-    clock.set(TRIGGER - timedelta(seconds=45))
-    sent_at: list[float] = []
-
-    def club_side(request: Any) -> tuple[int, dict[str, str], str]:
-        sent_at.append(clock.now)
-        return 201, {}, json.dumps({"id": "on-time"})
-
-    h.club.add_callback(responses.POST, URL, callback=club_side)
+    sent_at = sent_at_the_trigger(h, clock, FakeStop(clock, oversleep=oversleep), 45)
 
     assert h.book() == BOOKED
 
@@ -1397,18 +1395,8 @@ def test_a_clock_jump_during_the_wait_sends_at_the_trigger_by_the_clock_at_send_
     as it reads when sending; forward past the trigger, it leaves at the next look at the clock
     (at most MAX_NAP_SECONDS later), not at the end of the wait computed before the jump."""
     clock = FakeClock(0, tick=0.0001)
-    h.clock = h.ctx.clock = clock
     stop = JumpingStop(clock, jump_at=4, jump=jump)
-    h.ctx.stop = h.stop = stop
-    h.add(at_trigger=False)
-    clock.set(TRIGGER - timedelta(seconds=10))
-    sent_at: list[float] = []
-
-    def club_side(request: Any) -> tuple[int, dict[str, str], str]:
-        sent_at.append(clock.now)
-        return 201, {}, json.dumps({"id": "on-time"})
-
-    h.club.add_callback(responses.POST, URL, callback=club_side)
+    sent_at = sent_at_the_trigger(h, clock, stop, 10)
 
     assert h.book() == BOOKED
 
@@ -2152,9 +2140,10 @@ def confirm_step(**extra: Any) -> dict[str, Any]:
     }
 
 
-def test_finishing_steps_run_after_the_booking_with_its_values(fh: Harness) -> None:
+def use_confirm_flow(h: Harness) -> None:
+    """The flow: log in, book (its answer's ``booking.id`` kept as ``bid``), confirm with a PUT."""
     use_flow(
-        fh,
+        h,
         {
             "steps": [
                 login_step(),
@@ -2163,6 +2152,10 @@ def test_finishing_steps_run_after_the_booking_with_its_values(fh: Harness) -> N
             ]
         },
     )
+
+
+def test_finishing_steps_run_after_the_booking_with_its_values(fh: Harness) -> None:
+    use_confirm_flow(fh)
     fh.add()
     queue(
         fh.club,
@@ -2183,16 +2176,7 @@ def test_finishing_steps_run_after_the_booking_with_its_values(fh: Harness) -> N
 def test_a_finishing_step_that_fails_keeps_the_ref_and_never_resends_the_booking(
     fh: Harness,
 ) -> None:
-    use_flow(
-        fh,
-        {
-            "steps": [
-                login_step(),
-                book_step(extract={"bid": {"json": "booking.id"}}),
-                confirm_step(),
-            ]
-        },
-    )
+    use_confirm_flow(fh)
     fh.add(courts=("3", "4"))
     queue(fh.club, ok_login(), at("/book", 200, {"booking": {"id": "B-9"}}))
     fh.club.add(at("/book/B-9", 503, method="PUT"))
@@ -2213,16 +2197,7 @@ def test_a_finishing_step_that_fails_keeps_the_ref_and_never_resends_the_booking
 
 @pytest.mark.parametrize("status", [401, 403])
 def test_a_finishing_step_with_rejected_credentials_fails_at_once(fh: Harness, status: int) -> None:
-    use_flow(
-        fh,
-        {
-            "steps": [
-                login_step(),
-                book_step(extract={"bid": {"json": "booking.id"}}),
-                confirm_step(),
-            ]
-        },
-    )
+    use_confirm_flow(fh)
     fh.add()
     queue(fh.club, ok_login(), at("/book", 200, {"booking": {"id": "B-9"}}))
     fh.club.add(at("/book/B-9", status, method="PUT"))
@@ -2244,16 +2219,7 @@ def test_a_finishing_step_with_rejected_credentials_fails_at_once(fh: Harness, s
 def test_a_finishing_step_needing_a_value_the_booking_answer_lacked_fails_with_why(
     fh: Harness,
 ) -> None:
-    use_flow(
-        fh,
-        {
-            "steps": [
-                login_step(),
-                book_step(extract={"bid": {"json": "booking.id"}}),
-                confirm_step(),
-            ]
-        },
-    )
+    use_confirm_flow(fh)
     fh.add()
     queue(fh.club, ok_login(), at("/book", 201, "<html>booked!</html>"))
 
