@@ -28,6 +28,7 @@ from config_loader import (
     SchedulesResult,
     Settings,
     SettingsError,
+    TokensResult,
     read_config,
     read_schedules,
     read_tokens,
@@ -66,6 +67,23 @@ def schedules(
     return read_schedules(path, default_zone=zone, token_names=set(tokens), now=now)
 
 
+def schedules_raw(data_dir: Path, content: str | bytes) -> SchedulesResult:
+    """Write ``content`` as schedules.json byte for byte (no JSON encoding) and validate it."""
+    path = data_dir / "schedules.json"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+
+
+def tokens_raw(data_dir: Path, fernet: MultiFernet, content: str) -> TokensResult:
+    """Write ``content`` as tokens.json as it is and read it."""
+    path = data_dir / "tokens.json"
+    path.write_text(content)
+    return read_tokens(path, fernet)
+
+
 def only_error(result: SchedulesResult) -> str:
     assert len(result.errors) == 1, result.errors
     return result.errors[0]
@@ -90,10 +108,8 @@ def test_schedules_not_an_array_rejects_the_whole_file(data_dir: Path) -> None:
 
 
 def test_schedules_not_json_rejects_the_whole_file(data_dir: Path) -> None:
-    path = data_dir / "schedules.json"
     text = '[\n  {"id": "wed-evening",}\n]\n'
-    path.write_text(text)
-    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+    result = schedules_raw(data_dir, text)
     # The position and wording are the json module's (Python 3.13 words this one differently).
     with pytest.raises(json.JSONDecodeError) as parsed:
         json.loads(text)
@@ -104,19 +120,15 @@ def test_schedules_not_json_rejects_the_whole_file(data_dir: Path) -> None:
 
 
 def test_schedules_not_utf8_rejects_the_whole_file(data_dir: Path) -> None:
-    path = data_dir / "schedules.json"
-    path.write_bytes(b'[{"id": "caf\xe9"}]')
-    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+    result = schedules_raw(data_dir, b'[{"id": "caf\xe9"}]')
     assert result.file_error == (
         f"schedules.json: not UTF-8 text (byte 12: b'\\xe9'); {NOTHING_LOADED}"
     )
 
 
 def test_schedules_too_large_rejects_the_whole_file(data_dir: Path) -> None:
-    path = data_dir / "schedules.json"
     # Valid JSON, only too big: the size alone is the reason.
-    path.write_bytes(b"[" + b" " * config_loader.MAX_CONFIG_BYTES + b"]")
-    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+    result = schedules_raw(data_dir, b"[" + b" " * config_loader.MAX_CONFIG_BYTES + b"]")
     assert result.file_error == (
         f"schedules.json: the file is larger than 10 MiB; {NOTHING_LOADED}"
     )
@@ -125,9 +137,7 @@ def test_schedules_too_large_rejects_the_whole_file(data_dir: Path) -> None:
 def test_schedules_huge_number_rejects_the_whole_file(data_dir: Path) -> None:
     # Python refuses to turn more than 4300 digits into an int (a ValueError, not a
     # JSONDecodeError): it must be a file error, not an exception.
-    path = data_dir / "schedules.json"
-    path.write_text('[{"id": "x", "duration_minutes": ' + "9" * 5000 + "}]")
-    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+    result = schedules_raw(data_dir, '[{"id": "x", "duration_minutes": ' + "9" * 5000 + "}]")
     assert result.file_error == (
         f"schedules.json: not valid JSON (a number in it has too many digits); {NOTHING_LOADED}"
     )
@@ -141,9 +151,7 @@ def test_schedules_missing_is_a_warning_and_no_schedules(data_dir: Path) -> None
 
 
 def test_schedules_utf8_bom_is_accepted(data_dir: Path) -> None:
-    path = data_dir / "schedules.json"
-    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([WED]).encode())
-    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+    result = schedules_raw(data_dir, b"\xef\xbb\xbf" + json.dumps([WED]).encode())
     assert result.errors == [] and result.file_error is None
     assert [e.id for e in result.entries] == ["wed-evening"]
 
@@ -206,11 +214,10 @@ def test_unknown_key_is_quoted_unless_a_plain_name(
 
 
 def test_a_key_given_twice_in_an_entry_rejects_that_entry_alone(data_dir: Path) -> None:
-    path = data_dir / "schedules.json"
     match = json.dumps(MATCH)
-    path.write_text(f'[{match}, {json.dumps(WED)[:-1]}, "court_id": 1, "court_id": 2}}]')
-
-    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+    result = schedules_raw(
+        data_dir, f'[{match}, {json.dumps(WED)[:-1]}, "court_id": 1, "court_id": 2}}]'
+    )
 
     assert only_error(result) == (
         "schedules.json entry 'wed-evening' (#2): court_id: given twice in this entry; keep one "
@@ -221,11 +228,10 @@ def test_a_key_given_twice_in_an_entry_rejects_that_entry_alone(data_dir: Path) 
 
 
 def test_an_id_given_twice_is_no_id(data_dir: Path) -> None:
-    path = data_dir / "schedules.json"
     rest = json.dumps({k: v for k, v in MATCH.items() if k != "id"})[1:]
-    path.write_text(f'[{json.dumps(WED)}, {{"id": "match", "id": "b", "id": "c", {rest}]')
-
-    result = read_schedules(path, default_zone="UTC", token_names=TOKENS, now=NOW)
+    result = schedules_raw(
+        data_dir, f'[{json.dumps(WED)}, {{"id": "match", "id": "b", "id": "c", {rest}]'
+    )
 
     assert only_error(result) == (
         "schedules.json entry #2: id: given 3 times in this entry; keep one (JSON would silently "
@@ -959,9 +965,7 @@ def test_tokens_not_an_object_never_echoes_the_value(data_dir: Path, fernet: Mul
 
 
 def test_tokens_not_json_rejects_the_whole_file(data_dir: Path, fernet: MultiFernet) -> None:
-    path = data_dir / "tokens.json"
-    path.write_text("{'default': 'tok'}")
-    result = read_tokens(path, fernet)
+    result = tokens_raw(data_dir, fernet, "{'default': 'tok'}")
     assert result.file_error == (
         "tokens.json: not valid JSON (line 1 column 2: Expecting property name enclosed in double "
         f"quotes); {NOTHING_LOADED}"
@@ -1015,9 +1019,7 @@ def test_token_that_is_not_text_is_an_error_for_that_token(
     data_dir: Path, fernet: MultiFernet
 ) -> None:
     # JSON can spell an unpaired UTF-16 surrogate; such a string cannot be encrypted or stored.
-    path = data_dir / "tokens.json"
-    path.write_text('{"default": "tok\\ud800", "alice": "tok-a"}')
-    result = read_tokens(path, fernet)
+    result = tokens_raw(data_dir, fernet, '{"default": "tok\\ud800", "alice": "tok-a"}')
     assert result.errors == [
         "tokens.json token 'default': the value is not valid text (it holds an unpaired "
         "surrogate such as \\ud800); put the token in as it is"
@@ -1027,9 +1029,7 @@ def test_token_that_is_not_text_is_an_error_for_that_token(
 
 
 def test_token_name_that_is_not_text_is_an_error(data_dir: Path, fernet: MultiFernet) -> None:
-    path = data_dir / "tokens.json"
-    path.write_text('{"de\\udc80fault": "tok", "alice": "tok-a"}')
-    result = read_tokens(path, fernet)
+    result = tokens_raw(data_dir, fernet, '{"de\\udc80fault": "tok", "alice": "tok-a"}')
     assert result.errors == [
         "tokens.json token 'de\\udc80fault': a token name must be 1 to 128 characters of text"
     ]
