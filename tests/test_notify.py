@@ -210,6 +210,13 @@ def server_context(certificate: tuple[Path, Path]) -> Any:
     return context
 
 
+@pytest.fixture
+def trusted(certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """``certificate``, trusted through SSL_CERT_FILE (the default context trusts it only so)."""
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+    return certificate
+
+
 @contextmanager
 def smtp_server(mailbox: Mailbox, **smtp_options: Any) -> Iterator[int]:
     """Runs aiosmtpd on 127.0.0.1 (a free port); yields the port."""
@@ -232,6 +239,21 @@ def email_settings(port: int, **changes: Any) -> NotifySettings:
     return make_settings(**values)
 
 
+def mailed(
+    *outcomes: Outcome, mailbox: Mailbox | None = None, now: datetime = BEFORE_START, **changes: Any
+) -> Mailbox:
+    """``outcomes`` notified by email (``email_settings(port, **changes)``) to a loopback SMTP
+    server, the notifier closed; the mailbox they went to."""
+    mailbox = mailbox or Mailbox()
+    with (
+        smtp_server(mailbox) as port,
+        notifier_for(email_settings(port, **changes), now) as notifier,
+    ):
+        for outcome in outcomes:
+            notifier.notify(outcome)
+    return mailbox
+
+
 def subject(message: EmailMessage) -> str:
     return str(message["Subject"])
 
@@ -251,9 +273,7 @@ def body_text(message: EmailMessage) -> str:
 
 
 def test_booked_email_has_subject_facts_and_calendar_entry() -> None:
-    mailbox = Mailbox()
-    with smtp_server(mailbox) as port, notifier_for(email_settings(port)) as notifier:
-        notifier.notify(make_outcome("booked"))
+    mailbox = mailed(make_outcome("booked"))
 
     message = only_message(mailbox)
     assert subject(message) == "Booked: wed-evening court 3 Wed 2026-12-02 17:00 (Europe/London)"
@@ -329,9 +349,7 @@ def test_calendar_text_never_holds_a_bare_cr_or_another_control() -> None:
 def test_a_court_with_a_line_break_still_gets_its_email() -> None:
     # Validation rejects such a court; one stored before it must not lose the email (the email
     # library refuses a header holding a line break).
-    mailbox = Mailbox()
-    with smtp_server(mailbox) as port, notifier_for(email_settings(port)) as notifier:
-        notifier.notify(make_outcome(court="3\r\nBcc: someone@else.example"))
+    mailbox = mailed(make_outcome(court="3\r\nBcc: someone@else.example"))
     message = only_message(mailbox)
     assert subject(message) == (
         "Booked: wed-evening court 3\\r\\nBcc: someone@else.example Wed 2026-12-02 17:00 "
@@ -341,9 +359,7 @@ def test_a_court_with_a_line_break_still_gets_its_email() -> None:
 
 
 def test_failed_email_says_why_and_how_to_retry() -> None:
-    mailbox = Mailbox()
-    with smtp_server(mailbox) as port, notifier_for(email_settings(port)) as notifier:
-        notifier.notify(make_outcome("failed", court="3, 4", reason="courts 3, 4 taken (409)"))
+    mailbox = mailed(make_outcome("failed", court="3, 4", reason="courts 3, 4 taken (409)"))
 
     message = only_message(mailbox)
     assert subject(message) == (
@@ -358,12 +374,8 @@ def test_failed_email_says_why_and_how_to_retry() -> None:
 
 
 def test_failed_email_after_the_start_offers_no_retry() -> None:
-    mailbox = Mailbox()
-    with (
-        smtp_server(mailbox) as port,
-        notifier_for(email_settings(port), now=AFTER_START) as notifier,
-    ):
-        notifier.notify(make_outcome("failed", reason="outcome unknown: check with the club"))
+    outcome = make_outcome("failed", reason="outcome unknown: check with the club")
+    mailbox = mailed(outcome, now=AFTER_START)
 
     body = body_text(only_message(mailbox))
     assert "outcome unknown: check with the club" in body
@@ -372,14 +384,8 @@ def test_failed_email_after_the_start_offers_no_retry() -> None:
 
 
 def test_expired_email_is_a_missed_booking() -> None:
-    mailbox = Mailbox()
-    with (
-        smtp_server(mailbox) as port,
-        notifier_for(email_settings(port), now=AFTER_START) as notifier,
-    ):
-        notifier.notify(
-            make_outcome("expired", court=None, attempts=0, reason="daemon down at trigger")
-        )
+    outcome = make_outcome("expired", court=None, attempts=0, reason="daemon down at trigger")
+    mailbox = mailed(outcome, now=AFTER_START)
 
     message = only_message(mailbox)
     assert subject(message) == (
@@ -442,18 +448,14 @@ def test_a_subject_that_fits_a_line_of_its_own_is_not_moved_onto_the_next() -> N
     # readers show with a leading space.
     outcome = make_outcome(schedule_id="a", timezone="America/Argentina/Buenos_Aires")
     expected = "Booked: a court 3 Wed 2026-12-02 14:00 (America/Argentina/Buenos_Aires)"
-    mailbox = Mailbox()
-    with smtp_server(mailbox) as port, notifier_for(email_settings(port)) as notifier:
-        notifier.notify(outcome)
+    mailbox = mailed(outcome)
     assert str(only_message(mailbox)["Subject"]) == expected
     assert f"Subject: {expected}\r\n".encode() in mailbox.raw[0].splitlines(keepends=True)
 
 
 def test_an_email_for_a_booking_made_late_says_how_late_and_why() -> None:
     late = "sent 2 d 3 h late: courtbot was not running at the trigger"
-    mailbox = Mailbox()
-    with smtp_server(mailbox) as port, notifier_for(email_settings(port)) as notifier:
-        notifier.notify(make_outcome("booked", timing=late))
+    mailbox = mailed(make_outcome("booked", timing=late))
     body = body_text(only_message(mailbox))
     lines = body.splitlines()
     assert "Window opened: 2026-11-25 17:00:00 UTC" in lines
@@ -466,13 +468,7 @@ def test_a_taken_failure_advises_a_court_list_not_a_retry(
 ) -> None:
     outcome = make_outcome("failed", reason="court 3: taken (HTTP 409)", retry_helps=False)
     port, requests = http_recorder
-    mailbox = Mailbox()
-    urls = (f"json://127.0.0.1:{port}/hook",)
-    with (
-        smtp_server(mailbox) as smtp_port,
-        notifier_for(email_settings(smtp_port, urls=urls)) as notifier,
-    ):
-        notifier.notify(outcome)
+    mailbox = mailed(outcome, urls=(f"json://127.0.0.1:{port}/hook",))
     body = body_text(only_message(mailbox))
     assert "python main.py retry" not in body
     assert (
@@ -555,11 +551,7 @@ def test_a_warning_goes_by_email_and_channel_with_its_lines(
 
 
 def test_several_recipients_get_one_message() -> None:
-    mailbox = Mailbox()
-    recipients = ("alice@example.org", "Bob <bob@example.org>")
-    settings = email_settings(0, recipients=recipients)
-    with smtp_server(mailbox) as port, notifier_for(replace(settings, smtp_port=port)) as notifier:
-        notifier.notify(make_outcome())
+    mailbox = mailed(make_outcome(), recipients=("alice@example.org", "Bob <bob@example.org>"))
 
     message = only_message(mailbox)
     assert mailbox.envelopes == [
@@ -569,19 +561,19 @@ def test_several_recipients_get_one_message() -> None:
 
 
 def test_a_refused_recipient_does_not_stop_the_others(caplog: pytest.LogCaptureFixture) -> None:
-    mailbox = Mailbox(refuse={"bob@example.org"})
-    settings = email_settings(0, recipients=("alice@example.org", "bob@example.org"))
-    with smtp_server(mailbox) as port, notifier_for(replace(settings, smtp_port=port)) as notifier:
-        notifier.notify(make_outcome())
+    mailbox = mailed(
+        make_outcome(),
+        mailbox=Mailbox(refuse={"bob@example.org"}),
+        recipients=("alice@example.org", "bob@example.org"),
+    )
     assert mailbox.envelopes == [("courtbot@club.example", ["alice@example.org"])]
     assert "refused for bob@example.org (550 5.1.1 no such user)" in caplog.text
 
 
 def test_close_delivers_everything_queued() -> None:
-    mailbox = Mailbox()
-    with smtp_server(mailbox) as port, notifier_for(email_settings(port)) as notifier:
-        for day in range(5):
-            notifier.notify(make_outcome(key=f"wed-evening@2026-12-0{day + 1}T17:00:00Z"))
+    mailbox = mailed(
+        *(make_outcome(key=f"wed-evening@2026-12-0{day}T17:00:00Z") for day in range(1, 6))
+    )
     assert len(mailbox.messages) == 5
 
 
@@ -589,16 +581,13 @@ def test_close_delivers_everything_queued() -> None:
 
 
 def test_starttls_with_login(
-    certificate: tuple[Path, Path],
-    monkeypatch: pytest.MonkeyPatch,
+    trusted: tuple[Path, Path],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    # The default context trusts our self-signed certificate through SSL_CERT_FILE only.
-    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
     mailbox = Mailbox()
     options = {
-        "tls_context": server_context(certificate),
+        "tls_context": server_context(trusted),
         "require_starttls": True,
         "auth_require_tls": True,
         "authenticator": mailbox.authenticate,
@@ -622,12 +611,11 @@ def test_starttls_with_login(
 
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
 def test_implicit_ssl_with_login(
-    certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+    trusted: tuple[Path, Path],
 ) -> None:
-    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
     mailbox = Mailbox()
     options = {
-        "ssl_context": server_context(certificate),
+        "ssl_context": server_context(trusted),
         # aiosmtpd only counts STARTTLS as TLS; this connection is TLS from the first byte.
         "auth_require_tls": False,
         "authenticator": mailbox.authenticate,
@@ -667,28 +655,21 @@ def test_untrusted_certificate_is_refused_and_not_retried(
 
 
 def test_starttls_refused_by_server_is_not_sent_in_clear(caplog: pytest.LogCaptureFixture) -> None:
-    mailbox = Mailbox()
-    with (
-        smtp_server(mailbox) as port,
-        notifier_for(email_settings(port, smtp_security="starttls")) as notifier,
-    ):
-        notifier.notify(make_outcome())
+    mailbox = mailed(make_outcome(), smtp_security="starttls")
     assert mailbox.messages == []
     assert "STARTTLS" in caplog.text
 
 
 @pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS:UserWarning")
 def test_wrong_password_is_not_retried_and_never_logged(
-    certificate: tuple[Path, Path],
-    monkeypatch: pytest.MonkeyPatch,
+    trusted: tuple[Path, Path],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
     mailbox = Mailbox()
     wrong = "wrong-" + PASSWORD
     waits = Waits()
-    options = {"ssl_context": server_context(certificate), "auth_require_tls": False}
+    options = {"ssl_context": server_context(trusted), "auth_require_tls": False}
     with smtp_server(mailbox, authenticator=mailbox.authenticate, **options) as port:
         settings = email_settings(port, smtp_security="ssl", smtp_user=USER, smtp_password=wrong)
         with notifier_for(settings, waits=waits) as notifier:
