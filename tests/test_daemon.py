@@ -56,6 +56,12 @@ pytestmark = pytest.mark.usefixtures("keep_root_logging")
 # ---------------------------------------------------------------- the daemon's loop, in process
 
 
+def write_files(data_dir: Path, entries: list[dict[str, Any]]) -> None:
+    """tokens.json with the one token ``default`` and schedules.json with ``entries``."""
+    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
+    write_json(data_dir / "schedules.json", entries)
+
+
 @contextlib.contextmanager
 def started_daemon(env: dict[str, str]) -> Iterator[Daemon]:
     """A daemon started in this process on ``env`` (its handlers and wakeup fd restored after)."""
@@ -75,8 +81,7 @@ def started_daemon(env: dict[str, str]) -> Iterator[Daemon]:
 @pytest.fixture
 def daemon(env: dict[str, str], data_dir: Path) -> Iterator[Daemon]:
     """A started daemon in this process, with one entry."""
-    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
-    write_json(data_dir / "schedules.json", [one_off("a")])
+    write_files(data_dir, [one_off("a")])
     with started_daemon(env) as made:
         yield made
 
@@ -419,8 +424,7 @@ def test_trim_heap_trims_with_glibc_and_does_nothing_elsewhere() -> None:
 def test_the_start_freezes_what_lives_on_and_the_stop_unfreezes_it(
     env: dict[str, str], data_dir: Path
 ) -> None:
-    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
-    write_json(data_dir / "schedules.json", [one_off("a")])
+    write_files(data_dir, [one_off("a")])
     assert gc.get_freeze_count() == 0
     with started_daemon(env):
         # The libraries' objects are out of the collector's sight: a reload's collection is
@@ -453,8 +457,7 @@ def test_status_names_the_active_daemon_on_a_shared_database(
     env: dict[str, str],
     data_dir: Path,
 ) -> None:
-    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
-    write_json(data_dir / "schedules.json", [])
+    write_files(data_dir, [])
     daemon = unstarted(DATABASE_URL=pg_url)
     daemon.start()
     shared = env | {"DATABASE_URL": pg_url}
@@ -521,8 +524,7 @@ def test_a_standby_waits_then_takes_over_and_steps_down_when_its_lock_goes(
     caplog.set_level(logging.INFO)
     other = leader.Leadership(pg_url, "other-daemon")
     assert other.try_acquire()
-    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
-    write_json(data_dir / "schedules.json", [one_off("a")])
+    write_files(data_dir, [one_off("a")])
     tokens_before = (data_dir / "tokens.json").read_text()
     daemon = unstarted(DATABASE_URL=pg_url)
     seen: dict[str, Any] = {}
@@ -592,8 +594,7 @@ def test_the_active_daemon_takes_over_dead_daemons_claims_and_changes_made_elsew
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
-    write_json(data_dir / "tokens.json", {"default": "tok-secret"})
-    write_json(data_dir / "schedules.json", [])
+    write_files(data_dir, [])
     daemon = unstarted(DATABASE_URL=pg_url)
     daemon.start()
     assert daemon.roles.is_active and daemon.factory is not None and daemon.engine is not None

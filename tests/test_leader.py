@@ -3,6 +3,7 @@ kill -9 and after the holder's connection is cut, presence of claim owners, the 
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import random
@@ -332,37 +333,13 @@ def test_heartbeats_and_the_list_for_status(db_url: str) -> None:
     try:
         live.try_acquire()
         started = NOW - timedelta(minutes=10)
-        leader.write_heartbeat(
-            engine,
-            ident="active-one",
-            role=leader.ACTIVE,
-            started_at=started,
-            since=NOW - timedelta(minutes=5),
-            now=NOW,
-            host="h1",
-            pid=11,
-        )
-        leader.write_heartbeat(
-            engine,
-            ident="gone",
-            role=leader.STANDBY,
-            started_at=started,
-            since=started,
-            now=NOW - timedelta(hours=2),
-            host="h2",
-            pid=22,
-        )
+        beat = functools.partial(leader.write_heartbeat, engine, started_at=started)
+        active = {"ident": "active-one", "role": leader.ACTIVE, "host": "h1", "pid": 11}
+        beat(**active, since=NOW - timedelta(minutes=5), now=NOW)
+        gone = {"ident": "gone", "role": leader.STANDBY, "host": "h2", "pid": 22}
+        beat(**gone, since=started, now=NOW - timedelta(hours=2))
         # a second beat updates the row
-        leader.write_heartbeat(
-            engine,
-            ident="active-one",
-            role=leader.ACTIVE,
-            started_at=started,
-            since=NOW - timedelta(minutes=5),
-            now=NOW + timedelta(seconds=5),
-            host="h1",
-            pid=11,
-        )
+        beat(**active, since=NOW - timedelta(minutes=5), now=NOW + timedelta(seconds=5))
         states = leader.list_daemons(engine, now=NOW + timedelta(seconds=6))
         assert [(s.id, s.host, s.pid, s.role, s.alive) for s in states] == [
             ("active-one", "h1", 11, "active", True),
