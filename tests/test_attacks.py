@@ -86,6 +86,16 @@ def open_window_one_off(env: dict[str, str], entry_id: str, hours: float = 100) 
     return f"{entry_id}@{iso_z(desired)}"
 
 
+def ready_with_one_booking(
+    spawn: Callable[..., DaemonProcess], env: dict[str, str], entry_id: str
+) -> tuple[str, DaemonProcess]:
+    """An open-window one-off ``entry_id`` and a daemon spawned on ``env``, ready; (key, daemon)."""
+    key = open_window_one_off(env, entry_id)
+    daemon = spawn(env)
+    daemon.wait_ready()
+    return key, daemon
+
+
 def rows(env: dict[str, str]) -> dict[str, tuple[str, int]]:
     return db_rows(Path(env["DATA_DIR"]) / "db.sqlite")
 
@@ -131,9 +141,7 @@ def test_a_club_holding_the_answer_open_is_a_timeout_retried_then_failed(
     with evil_server(misbehave) as (port, arrivals):
         # The shape, not the length: 0.5 s is enough for headers dribbled every 0.2 s.
         env = make_env(tmp_path, f"http://127.0.0.1:{port}/bookings", timeout=0.5)
-        key = open_window_one_off(env, "held")
-        daemon = spawn(env)
-        daemon.wait_ready()
+        key, daemon = ready_with_one_booking(spawn, env, "held")
         # Three requests of 0.5 s each and waits of 0.2 s and 0.4 s: 2.1 s when bounded.
         done = final(env, key, 10)
         record(misbehave.__name__, final_within_10s=done, requests=len(arrivals))
@@ -153,9 +161,7 @@ def test_sigterm_with_a_request_held_by_the_club_stops_within_the_timeout(
 ) -> None:
     with evil_server(slow_headers) as (port, arrivals):
         env = make_env(tmp_path, f"http://127.0.0.1:{port}/bookings", timeout=2)
-        key = open_window_one_off(env, "held")
-        daemon = spawn(env)
-        daemon.wait_ready()
+        key, daemon = ready_with_one_booking(spawn, env, "held")
         assert wait_until(lambda: len(arrivals) == 1, 10), daemon.output()
         daemon.signal(signal.SIGTERM)
         asked = time.monotonic()
@@ -176,9 +182,7 @@ def test_an_untrusted_certificate_fails_at_once_saying_so(
 
     with evil_server(booked, tls=self_signed_context(tmp_path)) as (port, arrivals):
         env = make_env(tmp_path, f"https://127.0.0.1:{port}/bookings", timeout=2)
-        key = open_window_one_off(env, "self-signed")
-        daemon = spawn(env)
-        daemon.wait_ready()
+        key, daemon = ready_with_one_booking(spawn, env, "self-signed")
         assert final(env, key, 10), daemon.output()
         assert daemon.stop() == 0
     row = row_of(env, key)
@@ -208,9 +212,7 @@ def test_a_club_echoing_the_token_as_its_booking_id_leaks_nothing_and_forges_no_
 
     with evil_server(echo) as (port, _arrivals):
         env = make_env(tmp_path, f"http://127.0.0.1:{port}/bookings")
-        key = open_window_one_off(env, "echo")
-        daemon = spawn(env)
-        daemon.wait_ready()
+        key, daemon = ready_with_one_booking(spawn, env, "echo")
         assert final(env, key, 10), daemon.output()
         assert daemon.stop() == 0
     row = row_of(env, key)
@@ -243,9 +245,7 @@ def test_tokens_json_as_a_symlink_is_left_alone_and_the_log_says_so(
     (data / "tokens.json").symlink_to(target)
     with SandboxClub(tokens=(TOKEN,)) as club:
         env = make_env(tmp_path, club.url)
-        key = open_window_one_off(env, "linked")
-        daemon = spawn(env)
-        daemon.wait_ready()
+        key, daemon = ready_with_one_booking(spawn, env, "linked")
         assert final(env, key, 10), daemon.output()
         assert daemon.stop() == 0
     # The token was read and used (kept encrypted in the database only)...
@@ -322,9 +322,7 @@ def test_the_database_deleted_under_the_daemon_stops_it_and_nothing_is_booked_tw
     with SandboxClub(tokens=(TOKEN,)) as club:
         env = make_env(tmp_path, club.url)
         database = Path(env["DATA_DIR"]) / "db.sqlite"
-        key = open_window_one_off(env, "booked-once")
-        daemon = spawn(env)
-        daemon.wait_ready()
+        key, daemon = ready_with_one_booking(spawn, env, "booked-once")
         assert final(env, key, 10), daemon.output()
         database.unlink()
         daemon.signal(signal.SIGHUP)  # any wake-up of the loop looks (the heartbeat's too)
