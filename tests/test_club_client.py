@@ -19,7 +19,7 @@ import responses
 
 import club_client
 import wire
-from club_client import ClubClient, RequestSpec
+from club_client import Answer, ClubClient, RequestSpec
 from reliability_helpers import evil_server, self_signed_context
 
 URL = "http://club.test/bookings"
@@ -110,6 +110,15 @@ def _until(condition: Callable[[], bool], seconds: float = 2.0) -> bool:
 
 def _spec(url: str) -> RequestSpec:
     return RequestSpec("POST", url, {"Content-Type": "application/json"}, b"{}")
+
+
+def _send_once(url: str, timeout: float) -> Answer:
+    """One POST of ``_spec(url)`` by a client of its own, closed after."""
+    client = ClubClient(timeout=timeout)
+    try:
+        return client.send(_spec(url))
+    finally:
+        client.close()
 
 
 def test_send_reads_at_most_1_mib_of_a_huge_streamed_body(local_club: _LocalClub) -> None:
@@ -219,13 +228,11 @@ def _endless_continue(client: socket.socket, _head: bytes, stop: threading.Event
 def test_send_bounds_the_whole_request_not_each_read(
     misbehave: Callable[[socket.socket, bytes, threading.Event], None],
 ) -> None:
-    with evil_server(misbehave) as (port, arrivals):
-        client = ClubClient(timeout=0.5)
-        try:
-            with pytest.raises(club_client.BookingError) as raised:
-                client.send(_spec(f"http://127.0.0.1:{port}/bookings"))
-        finally:
-            client.close()
+    with (
+        evil_server(misbehave) as (port, arrivals),
+        pytest.raises(club_client.BookingError) as raised,
+    ):
+        _send_once(f"http://127.0.0.1:{port}/bookings", timeout=0.5)
     assert len(arrivals) == 1
     assert str(raised.value) == "no answer within 0.5 s"
     assert raised.value.lost is True
@@ -244,11 +251,7 @@ def test_send_cuts_a_body_still_coming_at_the_deadline() -> None:
         stop.wait(2)
 
     with evil_server(dribble) as (port, _arrivals):
-        client = ClubClient(timeout=1.0)
-        try:
-            got = client.send(_spec(f"http://127.0.0.1:{port}/bookings"))
-        finally:
-            client.close()
+        got = _send_once(f"http://127.0.0.1:{port}/bookings", timeout=1.0)
     assert got.status == 201
     assert got.body == b"a"
 
@@ -257,13 +260,11 @@ def test_an_untrusted_certificate_is_permanent_and_named(tmp_path: Path) -> None
     def booked(client: socket.socket, _head: bytes, stop: threading.Event) -> None:
         client.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
 
-    with evil_server(booked, tls=self_signed_context(tmp_path)) as (port, arrivals):
-        client = ClubClient(timeout=2)
-        try:
-            with pytest.raises(club_client.BookingError) as raised:
-                client.send(_spec(f"https://127.0.0.1:{port}/bookings"))
-        finally:
-            client.close()
+    with (
+        evil_server(booked, tls=self_signed_context(tmp_path)) as (port, arrivals),
+        pytest.raises(club_client.BookingError) as raised,
+    ):
+        _send_once(f"https://127.0.0.1:{port}/bookings", timeout=2)
     assert arrivals == []  # the request never left
     assert str(raised.value) == (
         "the club's certificate is not trusted (self-signed certificate); not retried: check "
@@ -276,12 +277,8 @@ def test_an_untrusted_certificate_is_permanent_and_named(tmp_path: Path) -> None
 def test_a_host_that_does_not_resolve_is_named_without_blaming_booking_api_url() -> None:
     """A flow's url (a club file's) is no BOOKING_API_URL: the reason names the host and where
     a URL may come from. (``.invalid`` never resolves, RFC 6761; no network is needed.)"""
-    client = ClubClient(timeout=5)
-    try:
-        with pytest.raises(club_client.BookingError) as raised:
-            client.send(_spec("https://yourclub.courtbot.invalid/book"))
-    finally:
-        client.close()
+    with pytest.raises(club_client.BookingError) as raised:
+        _send_once("https://yourclub.courtbot.invalid/book", timeout=5)
     assert str(raised.value) == (
         "the club's host name 'yourclub.courtbot.invalid' could not be resolved: check the host in "
         "the booking URL (BOOKING_API_URL, or the url in the request template or club file)"
