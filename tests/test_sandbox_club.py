@@ -766,25 +766,24 @@ def test_path_form_reads_local_times_in_the_clubs_zone() -> None:
     assert bad.status_code == 400
 
 
-def test_json_local_invalid_body_is_a_422_that_is_not_taken() -> None:
-    with SandboxClub(tokens=(TOKEN,), shape="json-local") as club:
+@pytest.mark.parametrize(
+    ("shape", "bad", "status"),
+    [
+        ("json-local", {"duration_minutes": "sixty"}, 422),  # an error status, not 409
+        ("taken-200", {"start_utc": "tomorrow"}, 200),  # a 200 that its template rejects
+    ],
+    ids=["json-local-422", "taken-200-200"],
+)
+def test_an_invalid_body_is_rejected_not_taken(
+    shape: str, bad: dict[str, str], status: int
+) -> None:
+    with SandboxClub(tokens=(TOKEN,), shape=shape) as club:
         template = club.template()
-        values = {**_values(_local_start("UTC", 30), "3", "k"), "duration_minutes": "sixty"}
+        values = {**_values(_local_start("UTC", 30), "3", "k"), **bad}
 
         answer = _send(template, values)
 
-    assert answer.status_code == 422
-    assert _outcome(template, answer) == "rejected"
-
-
-def test_taken_200_invalid_body_is_a_200_that_is_rejected() -> None:
-    with SandboxClub(tokens=(TOKEN,), shape="taken-200") as club:
-        template = club.template()
-        values = {**_values(_local_start("UTC", 30), "3", "k"), "start_utc": "tomorrow"}
-
-        answer = _send(template, values)
-
-    assert answer.status_code == 200
+    assert answer.status_code == status
     assert _outcome(template, answer) == "rejected"
 
 
