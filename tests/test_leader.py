@@ -83,11 +83,17 @@ class Child:
 
 
 @pytest.fixture
-def children() -> Iterator[list[Child]]:
+def child(pg_url: str) -> Iterator[Callable[[str], Child]]:
+    """Starts a child process ``name`` contending on the test's database; all stopped after."""
     started: list[Child] = []
-    yield started
-    for child in started:
-        child.stop()
+
+    def start(name: str) -> Child:
+        started.append(Child(pg_url, name))
+        return started[-1]
+
+    yield start
+    for one in started:
+        one.stop()
 
 
 def holders(url: str, key: int) -> list[int]:
@@ -234,30 +240,24 @@ def test_local_leadership_is_always_active() -> None:
 # --------------------------------------------------------------------------- real processes
 
 
-def test_two_processes_one_active(pg_url: str, children: list[Child]) -> None:
-    a = Child(pg_url, "a")
-    children.append(a)
+def test_two_processes_one_active(pg_url: str, child: Callable[[str], Child]) -> None:
+    a = child("a")
     active_pid = int(a.wait_for("active")[2])
-    b = Child(pg_url, "b")
-    children.append(b)
+    b = child("b")
     b.wait_for("standby")
     # b has tried (and failed); the server shows a's connection as the only holder
     assert holders(pg_url, leader.advisory_key(leader.LEADER_LOCK_NAME)) == [active_pid]
     assert "active" not in " ".join(b.seen)
 
 
-def test_kill_9_of_the_active_one_and_the_standby_takes_over(
-    pg_url: str, children: list[Child]
-) -> None:
+def test_kill_9_of_the_active_one_and_the_standby_takes_over(child: Callable[[str], Child]) -> None:
     rounds = 5
     phases = random.Random(13)
-    current = Child(pg_url, "d0")
-    children.append(current)
+    current = child("d0")
     current.wait_for("active")
     figures = []
     for n in range(1, rounds + 1):
-        standby = Child(pg_url, f"d{n}")
-        children.append(standby)
+        standby = child(f"d{n}")
         standby.wait_for("standby")
         # the death falls anywhere in the standby's polling period, as it would in real life
         time.sleep(phases.uniform(0, leader.POLL_SECONDS))
@@ -273,13 +273,11 @@ def test_kill_9_of_the_active_one_and_the_standby_takes_over(
 
 
 def test_a_cut_lock_connection_stops_the_holder_and_the_standby_takes_over(
-    pg_server: PgServer, pg_url: str, children: list[Child]
+    pg_server: PgServer, child: Callable[[str], Child]
 ) -> None:
-    a = Child(pg_url, "a")
-    children.append(a)
+    a = child("a")
     backend_pid = int(a.wait_for("active")[2])
-    b = Child(pg_url, "b")
-    children.append(b)
+    b = child("b")
     b.wait_for("standby")
     cut_at = time.monotonic()
     terminate(pg_server, backend_pid)
@@ -296,21 +294,18 @@ def test_a_cut_lock_connection_stops_the_holder_and_the_standby_takes_over(
     assert lost_at < took_at + leader.SETTLE_SECONDS
 
 
-def test_sigterm_releases_for_the_standby(pg_url: str, children: list[Child]) -> None:
-    a = Child(pg_url, "a")
-    children.append(a)
+def test_sigterm_releases_for_the_standby(child: Callable[[str], Child]) -> None:
+    a = child("a")
     a.wait_for("active")
-    b = Child(pg_url, "b")
-    children.append(b)
+    b = child("b")
     b.wait_for("standby")
     a.process.send_signal(signal.SIGTERM)
     assert a.process.wait(10) == 0
     b.wait_for("active")
 
 
-def test_a_killed_daemon_is_no_longer_present(pg_url: str, children: list[Child]) -> None:
-    a = Child(pg_url, "a")
-    children.append(a)
+def test_a_killed_daemon_is_no_longer_present(pg_url: str, child: Callable[[str], Child]) -> None:
+    a = child("a")
     a.wait_for("active")
     me = leader.Leadership(pg_url, "me")
     try:
