@@ -71,16 +71,6 @@ def load(
     return read_config(settings, fernet, now, known_tokens=known)
 
 
-def apply(
-    factory: sessionmaker[Session],
-    settings: Settings,
-    fernet: MultiFernet,
-    now: datetime = NOW,
-) -> Changes:
-    config = load(factory, settings, fernet, now)
-    return reconcile(factory, config, now=now)
-
-
 def rows(factory: sessionmaker[Session], schedule_id: str | None = None) -> dict[str, Instance]:
     with factory() as session:
         query = select(Instance).order_by(Instance.desired_time)
@@ -149,10 +139,14 @@ class Reload:
         """schedules.json (and tokens.json unless ``tokens`` is None), not loaded yet."""
         write(self.data_dir, entries, tokens)
 
-    def __call__(self, entries: Any = None, now: datetime = NOW, tokens: Any = TOKENS) -> Changes:
+    def read(self, entries: Any = None, tokens: Any = TOKENS, now: datetime = NOW) -> Config:
+        """The files (``entries`` written first if given) read as a load reads them, not applied."""
         if entries is not None:
             self.write(entries, tokens)
-        return apply(self.factory, self.settings, self.fernet, now)
+        return load(self.factory, self.settings, self.fernet, now)
+
+    def __call__(self, entries: Any = None, now: datetime = NOW, tokens: Any = TOKENS) -> Changes:
+        return reconcile(self.factory, self.read(entries, tokens, now), now=now)
 
 
 @pytest.fixture
@@ -202,10 +196,9 @@ def test_new_entries_become_pending_each_with_its_own_trigger(
 
 
 def test_one_off_in_the_past_gets_no_instance(
-    settings: Settings, fernet: MultiFernet, reload: Reload, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
-    reload.write([MATCH | {"desired_time": "2026-11-01 10:00"}])
-    config = load(factory, settings, fernet)
+    config = reload.read([MATCH | {"desired_time": "2026-11-01 10:00"}])
     assert config.errors == [] and len(config.warnings) == 1
     assert reconcile(factory, config, now=NOW).empty
     assert rows(factory) == {}
@@ -560,15 +553,14 @@ def test_a_new_club_window_moves_pending_triggers_and_keeps_keys(
 
 
 def test_rejected_entry_keeps_its_instances_exactly(
-    settings: Settings,
-    fernet: MultiFernet,
     reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
     # The invalid entry also asks for a court change: none of it applies.
-    reload.write([WED | {"court_id": "9", "duration_minutes": 0}, MATCH | {"court_id": "2"}])
-    config = load(factory, settings, fernet)
+    config = reload.read(
+        [WED | {"court_id": "9", "duration_minutes": 0}, MATCH | {"court_id": "2"}]
+    )
     assert config.errors == [
         "schedules.json entry 'wed-evening' (#1): duration_minutes: 0 is not a positive whole "
         "number of minutes"
@@ -582,15 +574,14 @@ def test_rejected_entry_keeps_its_instances_exactly(
 
 
 def test_rejected_entry_without_id_keeps_its_instances(
-    settings: Settings, fernet: MultiFernet, reload: Reload, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
     no_id = {k: v for k, v in MATCH.items() if k != "id"}
     reload([no_id])
     before = snapshot(factory)
     assert len(before) == 1 and next(iter(before)).startswith("auto-")
     # A bad court does not change what the derived id is made of: the entry is still told.
-    reload.write([no_id | {"court_id": []}])
-    config = load(factory, settings, fernet)
+    config = reload.read([no_id | {"court_id": []}])
     assert config.errors == [
         "schedules.json entry #1: court_id: an empty list; give one or more courts, or null for "
         "any court"
@@ -619,8 +610,6 @@ def test_rejected_entry_without_id_keeps_its_instances(
     ],
 )
 def test_entry_whose_id_cannot_be_told_puts_off_all_removals(
-    settings: Settings,
-    fernet: MultiFernet,
     reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
@@ -628,8 +617,7 @@ def test_entry_whose_id_cannot_be_told_puts_off_all_removals(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # wed-evening is gone from the file, but the rejected entry may be it (edited): keep it.
-    reload.write([MATCH, unknown])
-    config = load(factory, settings, fernet)
+    config = reload.read([MATCH, unknown])
     assert len(config.errors) == 1 and config.errors[0].startswith("schedules.json entry #2: ")
     assert config.schedules.unknown_rejects == 1
     changes = reconcile(factory, config, now=NOW)
@@ -640,15 +628,13 @@ def test_entry_whose_id_cannot_be_told_puts_off_all_removals(
 
 def test_whole_file_error_changes_nothing(
     data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
     reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
     for text in ['[{"id": "wed-evening",', "{}", "null", ""]:
         (data_dir / "schedules.json").write_text(text)
-        config = load(factory, settings, fernet)
+        config = reload.read()
         assert config.schedules.file_error is not None
         assert reconcile(factory, config, now=NOW).empty
         assert snapshot(factory) == loaded
@@ -656,7 +642,7 @@ def test_whole_file_error_changes_nothing(
     reload.write([WED, MATCH], tokens=None)
     tokens_before = {t.id: (t.encrypted_token, t.error) for t in tokens_table(factory).values()}
     (data_dir / "tokens.json").write_text('{"default": ')
-    config = load(factory, settings, fernet)
+    config = reload.read()
     assert config.tokens.file_error is not None and config.schedules.errors == []
     assert reconcile(factory, config, now=NOW).empty
     assert snapshot(factory) == loaded
@@ -666,8 +652,7 @@ def test_whole_file_error_changes_nothing(
 
 def test_missing_schedules_file_means_no_schedules(
     data_dir: Path,
-    settings: Settings,
-    fernet: MultiFernet,
+    reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
@@ -675,7 +660,7 @@ def test_missing_schedules_file_means_no_schedules(
     # ones stay.
     update(factory, MATCH_KEY, status=BOOKED, booking_ref="R-1")
     (data_dir / "schedules.json").unlink()
-    config = load(factory, settings, fernet)
+    config = reload.read()
     assert config.schedules.missing and config.errors == []
     changes = reconcile(factory, config, now=NOW)
     assert changes.cancelled == 52
@@ -686,13 +671,10 @@ def test_missing_schedules_file_means_no_schedules(
 
 
 def test_recurring_top_up_keeps_52_future_instances(
-    settings: Settings,
-    fernet: MultiFernet,
     reload: Reload,
     factory: sessionmaker[Session],
 ) -> None:
-    reload.write([WED, MATCH])
-    config = load(factory, settings, fernet)
+    config = reload.read([WED, MATCH])
     reconcile(factory, config, now=NOW)
     ids = {key: row.id for key, row in rows(factory).items()}
 
@@ -715,14 +697,11 @@ def test_recurring_top_up_keeps_52_future_instances(
 
 
 def test_top_up_touches_only_the_named_entries(
-    settings: Settings,
-    fernet: MultiFernet,
     reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
-    reload.write([WED, MATCH | {"court_id": "1"}], tokens={"default": "t"})
-    config = load(factory, settings, fernet)
+    config = reload.read([WED, MATCH | {"court_id": "1"}], tokens={"default": "t"})
     reconcile(factory, config, now=NOW, only=["wed-evening"])
     assert snapshot(factory) == loaded
     assert set(tokens_table(factory)) == {"default", "alice"}  # tokens left alone too
@@ -774,15 +753,13 @@ def test_token_removed_from_tokens_json_is_deleted(
 
 
 def test_bad_token_gets_its_error_set(
-    settings: Settings,
     fernet: MultiFernet,
     reload: Reload,
     factory: sessionmaker[Session],
     loaded: dict[str, tuple],
 ) -> None:
     foreign = Fernet(Fernet.generate_key()).encrypt(b"tok-x").decode()
-    reload.write([WED, MATCH], tokens={"default": "tok-default-secret", "alice": foreign})
-    config = load(factory, settings, fernet)
+    config = reload.read([WED, MATCH], tokens={"default": "tok-default-secret", "alice": foreign})
     assert config.errors == [
         "tokens.json token 'alice': the value is encrypted but no key in FERNET_KEY decrypts it "
         "(was it encrypted with another key?); re-encrypt it with `python main.py encrypt-token` "
@@ -1828,7 +1805,7 @@ def test_the_statuses_of_instances_whose_window_is_open(factory: sessionmaker[Se
 
 
 def test_due_by_adds_only_what_comes_soon_and_the_full_load_finds_it_as_left(
-    settings: Settings, fernet: MultiFernet, reload: Reload, factory: sessionmaker[Session]
+    reload: Reload, factory: sessionmaker[Session]
 ) -> None:
     def one_off(entry_id: str, trigger_in: timedelta) -> dict[str, str]:
         desired = NOW + timedelta(hours=168) + trigger_in
@@ -1839,7 +1816,7 @@ def test_due_by_adds_only_what_comes_soon_and_the_full_load_finds_it_as_left(
     off = {**one_off("off", timedelta(seconds=10)), "enabled": False}
     reload.write([WED, soon, later, off])
     add_row(factory, "stored@1", NOW + timedelta(hours=168, seconds=40), PENDING)
-    config = load(factory, settings, fernet)
+    config = reload.read()
 
     due = instances.due_by(factory, config, now=NOW, until=NOW + timedelta(seconds=60))
 
@@ -1862,8 +1839,6 @@ def db_token_names(factory: sessionmaker[Session]) -> set[str]:
 
 
 def test_a_batched_reconcile_commits_as_it_goes_with_the_same_result(
-    settings: Settings,
-    fernet: MultiFernet,
     reload: Reload,
     factory: sessionmaker[Session],
     monkeypatch: pytest.MonkeyPatch,
@@ -1871,8 +1846,7 @@ def test_a_batched_reconcile_commits_as_it_goes_with_the_same_result(
     from sqlalchemy import event
 
     entries = [{**WED, "id": f"w{i}"} for i in range(3)] + [MATCH]
-    reload.write(entries)
-    config = load(factory, settings, fernet)
+    config = reload.read(entries)
     engine = factory.kw["bind"]
     commits: list[int] = []
     event.listen(engine, "commit", lambda conn: commits.append(1))
