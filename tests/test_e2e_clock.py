@@ -20,7 +20,17 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
-from daemon_harness import DaemonProcess, by_key, cli, desired_for_trigger_in, iso_z, wait_until
+import bot
+from daemon_harness import (
+    READY_SECONDS,
+    DaemonProcess,
+    by_key,
+    cli,
+    db_status,
+    desired_for_trigger_in,
+    iso_z,
+    wait_until,
+)
 from tools.sandbox_club import SandboxClub
 
 pytestmark = pytest.mark.slow
@@ -28,6 +38,8 @@ pytestmark = pytest.mark.slow
 TOKEN = "tok-clock-5d1e"
 #: The measurement takes about ten seconds of requests timed to the club's second boundaries.
 TRIGGER_IN = 16.0
+#: A booking job tries to measure when at least this long is left before its trigger.
+CLOCK_LEFT = bot.CLOCK_DONE_BEFORE_SECONDS + bot.CLOCK_MIN_SECONDS
 WINDOW_HOURS = 168
 
 
@@ -85,18 +97,20 @@ def daemon(tmp_path: Path) -> Iterator[list[DaemonProcess]]:
 
 
 def run_one(
-    tmp_path: Path, daemon: list[DaemonProcess], club: SandboxClub, club_file: dict[str, Any]
+    tmp_path: Path,
+    daemon: list[DaemonProcess],
+    club: SandboxClub,
+    club_file: dict[str, Any],
+    trigger_in: float = TRIGGER_IN,
 ) -> tuple[dict[str, Any], float, DaemonProcess]:
     env = setup(tmp_path, club_file)
-    desired = desired_for_trigger_in(TRIGGER_IN)
+    desired = desired_for_trigger_in(trigger_in)
+    trigger = desired.timestamp() - WINDOW_HOURS * 3600
     key = one_off(env, desired)
     process = DaemonProcess(env, Path(env["DATA_DIR"]), tmp_path / "out.txt").start()
     daemon.append(process)
-    process.wait_ready()
-    assert wait_until(lambda: by_key(env)[key]["status"] == "booked", TRIGGER_IN + 20, 0.5), (
-        process.output()
-    )
-    trigger = desired.timestamp() - WINDOW_HOURS * 3600
+    process.wait_ready(before=trigger - CLOCK_LEFT)  # else no measurement is even tried
+    assert wait_until(lambda: db_status(env, key) == "booked", trigger_in + 20), process.output()
     return by_key(env)[key], trigger, process
 
 
@@ -144,7 +158,10 @@ def test_a_failed_measurement_is_logged_and_the_trigger_stays_ours(
             "clock": {"url": f"http://127.0.0.1:{dead_port}/ping"},
             "steps": [{"name": "book", "booking": True, **request(club, None)}],
         }
-        row, trigger, process = run_one(tmp_path, daemon, club, flow)
+        # The measurement fails at once: no need to leave it the time of a whole one.
+        row, trigger, process = run_one(
+            tmp_path, daemon, club, flow, trigger_in=READY_SECONDS + CLOCK_LEFT + 1.0
+        )
         posts = [r for r in club.received if r.method == "POST"]
     assert posts and posts[0].arrived >= trigger
     log = process.output()

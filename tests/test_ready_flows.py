@@ -39,7 +39,7 @@ from clubmocks import (
     load_flow,
     write_flow_for_mock,
 )
-from daemon_harness import DaemonProcess, by_key, cli, iso_z, wait_until
+from daemon_harness import DaemonProcess, by_key, cli, db_status, iso_z, wait_until
 from models import (
     BOOKED,
     CANCELLED,
@@ -605,9 +605,8 @@ def daemon_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonRun]:
             }
 
             def settled() -> bool:
-                rows = by_key(env)
                 return all(
-                    rows[key]["status"] in ("booked", "failed")
+                    db_status(env, key) in ("booked", "failed")
                     for pair in keys.values()
                     for key in pair
                 )
