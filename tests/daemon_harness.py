@@ -181,13 +181,13 @@ def by_key(env: dict[str, str]) -> dict[str, dict[str, Any]]:
     return {row["key"]: row for row in status(env)}
 
 
-def db_status(env: dict[str, str], key: str) -> str | None:
-    """The status of the instance ``key`` read straight from the daemon's database (None while
-    it is not there): what a test polls for while it waits. ``status`` is a whole
-    ``python main.py`` per look (about a second of a core), which a poll every 0.05 s turns
-    into a core kept busy beside the daemon under test."""
+def db_status(env: dict[str, str], key: str, column: str = "status") -> str | None:
+    """The status (or another ``column``) of the instance ``key`` read straight from the
+    daemon's database (None while it is not there): what a test polls for while it waits.
+    ``status`` is a whole ``python main.py`` per look (about a second of a core), which a poll
+    every 0.05 s turns into a core kept busy beside the daemon under test."""
     url = env.get("DATABASE_URL") or f"sqlite:///{Path(env['DATA_DIR']) / 'db.sqlite'}"
-    query = "SELECT status FROM schedules WHERE key = %s"
+    query = f"SELECT {column} FROM schedules WHERE key = %s"  # noqa: S608 (the tests' names)
     if url.startswith("sqlite:///"):
         path = Path(url.removeprefix("sqlite:///").partition("?")[0])
         if not path.exists():
@@ -204,4 +204,4 @@ def db_status(env: dict[str, str], key: str) -> str | None:
                 row = conn.execute(query, (key,)).fetchone()
             except psycopg.errors.UndefinedTable:
                 return None
-    return str(row[0]) if row else None
+    return None if row is None or row[0] is None else str(row[0])

@@ -559,7 +559,7 @@ def preparing_setup(
     process = start(data, env, tmp_path, daemons)
     key = f"prep@{iso_z(when)}"
     assert wait_until(lambda: "/login" in club.paths(), 15), process.output()
-    assert by_key(env)[key]["status"] == "booking"
+    assert db_status(env, key) == "booking"
     return data, env, entry, key, process
 
 

@@ -2,7 +2,8 @@
 on 127.0.0.1, on the real clock. Every court of the desired time and of the fallback time is
 taken at the trigger; the instance watches at the shortest interval a user may set
 (WATCH_INTERVAL_SECONDS=60), survives a restart while it watches, and is booked from the watch
-once the club frees the slot. Slow (about 80 s): it is in SERIAL (tests/conftest.py)."""
+once the club frees the slot. Slow (about 70 s): it runs beside the serial tests (UNTIMED_SLOW in
+tests/conftest.py)."""
 
 from __future__ import annotations
 
