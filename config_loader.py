@@ -310,6 +310,11 @@ class Entry:
     expansion: tuple[datetime, tuple[tuple[datetime, datetime], ...]] | None = field(
         default=None, repr=False, compare=False
     )
+    #: The starts of that expansion as the cache keeps them (Unix seconds, one small array an
+    #: entry, the same one ``EntryCache`` holds), with their ``now``: what the load plans from.
+    start_stamps: tuple[datetime, array[float]] | None = field(
+        default=None, repr=False, compare=False
+    )
     #: CONTRACT section 13: local times ``HH:MM`` tried in order on the instance's own date when
     #: every court of the desired time was taken; how long before the start a watch goes on
     #: (None: no watch); the players a flow names as ``{players}``.
@@ -346,6 +351,9 @@ class Entry:
 
     def starts(self, now: datetime, limit: int = utils.INSTANCES_PER_RULE) -> list[datetime]:
         """The aware starts of ``occurrences``."""
+        if self.rule is not None and self.start_stamps is not None and self.start_stamps[0] == now:
+            zone = self.zone
+            return [datetime.fromtimestamp(t, zone) for t in self.start_stamps[1][:limit]]
         return [moment for _, moment in self.occurrences(now, limit)]
 
     def slot(self, start: datetime) -> Slot:
@@ -1407,10 +1415,11 @@ class EntryCache:
     tokens.json and no start it had ahead has passed; at another position it takes the new
     one. ``validated`` and ``reused`` count the entries of the last read.
 
-    Entries come out of it without their expansion: kept until the load plans them, 52 instants
-    an entry would lie scattered among what the daemon keeps, and the heap could not give that
-    memory back (7 MB more at rest with 52,000 instances). Planning expands again (about half a
-    millisecond an entry)."""
+    Entries come out of it without their expansion: 52 instants an entry would lie scattered
+    among what the daemon keeps, and the heap could not give that memory back (7 MB more at rest
+    with 52,000 instances). An entry validated afresh keeps its starts instead, as the small
+    array the cache holds for the overlap check (``Entry.start_stamps``): the load plans from
+    them, so a rule is expanded once a load. A reused entry is expanded again when planned."""
 
     _entries: dict[bytes, _Validated] = field(default_factory=dict)
     _seen: dict[bytes, _Validated] = field(default_factory=dict)
@@ -1492,9 +1501,9 @@ class EntryCache:
             return entry, errors, warnings, entry_id
         fresh_until = _fresh_until(entry, now)
         starts = array("d", (start.timestamp() for start in entry.starts(now) if start > now))
-        entry = dataclasses.replace(entry, expansion=None)
         explicit = "id" in raw
         where = _where(file_name, entry.id if explicit else None, position)
+        entry = dataclasses.replace(entry, expansion=None, start_stamps=(now, starts))
         if key is not None and not errors and all(w.startswith(where) for w in warnings):
             self._seen[key] = _Validated(
                 entry=entry,

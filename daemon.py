@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -901,14 +901,15 @@ class Loads:
         # Everything: every wakeup recorded so far is covered (read before, cleared after).
         handled = instances.wakeups(daemon.factory)
         report = scheduler.SyncReport(0, 0, 0)
-        for page in instances.pending_trigger_pages(daemon.factory):
-            prepare = self._prepare_seconds(page)
-            report += daemon.scheduler.sync_keys(page, page.keys(), busy=busy, prepare=prepare)
         after = ""
-        while ids := daemon.scheduler.job_ids(after=after):
-            still = instances.pending_triggers(daemon.factory, ids)
-            report += daemon.scheduler.sync_keys({}, [i for i in ids if i not in still], busy=busy)
-            after = ids[-1]
+        for page in instances.schedule_pages(daemon.factory):
+            prepare = self._prepare_seconds(page.due, page.clubs)
+            report += daemon.scheduler.sync_range(
+                page.due, after, page.upto, busy=busy, prepare=prepare
+            )
+            after = page.upto
+        # Jobs past the last instance (or every job, without any) have none to follow.
+        report += daemon.scheduler.sync_range({}, after, None, busy=busy)
         if handled:
             instances.clear_wakeups(daemon.factory, handled[-1][0])
         return report
@@ -1007,12 +1008,16 @@ class Loads:
         )
         return took
 
-    def _prepare_seconds(self, pending: dict[str, datetime]) -> dict[str, float]:
-        """How long before its trigger each of these pending instances' flow prepares (a
-        login): its job starts that much earlier. Instances without preparation are left out."""
+    def _prepare_seconds(
+        self, pending: Mapping[str, datetime], clubs: Mapping[str, str] | None = None
+    ) -> dict[str, float]:
+        """How long before its trigger each of these scheduled instances' flow prepares (a
+        login): its job starts that much earlier. ``clubs``: their clubs when already read.
+        Instances without preparation are left out."""
         daemon = self.daemon
         assert daemon.factory is not None
-        clubs = instances.pending_clubs(daemon.factory, pending.keys())
+        if clubs is None:
+            clubs = instances.pending_clubs(daemon.factory, pending.keys())
         by_club = self._club_prepare_seconds({None, *clubs.values()})
         prepare = {key: by_club[clubs.get(key)] for key in pending}
         return {key: value for key, value in prepare.items() if value}

@@ -49,6 +49,7 @@ from models import (
     Notice,
     Token,
     Wakeup,
+    insert_many,
     transaction,
 )
 from notify import Outcome
@@ -58,8 +59,12 @@ logger = logging.getLogger(__name__)
 #: Rows read (and ORM objects held) at a time by reconcile and the pending-trigger pages: a load
 #: of 52,000 instances never holds them all at once (what a load leaves behind stays in the heap).
 PAGE = 200
+#: Instances read at a time by a full job sync (one query a page, and a job store write).
+SYNC_PAGE = 500
 #: Schedule entries reconciled together: their rows are read in one query, then let go.
 ENTRIES_PER_PASS = 4
+#: New instances written in one INSERT by reconcile (a cold load writes thousands).
+INSERT_ROWS = 500
 #: A batched ``reconcile`` commits this many entries' instances at a time.
 ENTRIES_PER_COMMIT = 40
 
@@ -185,12 +190,14 @@ def reconcile(
         if not batched:
             for start in range(0, len(work), ENTRIES_PER_PASS):
                 pass_.run(session, work[start : start + ENTRIES_PER_PASS])
+            pass_.write(session)
             return changes
     for first in range(0, len(work), ENTRIES_PER_COMMIT):
         batch = work[first : first + ENTRIES_PER_COMMIT]
         with transaction(factory) as session:
             for start in range(0, len(batch), ENTRIES_PER_PASS):
                 pass_.run(session, batch[start : start + ENTRIES_PER_PASS])
+            pass_.write(session)
     return changes
 
 
@@ -205,6 +212,9 @@ class _Pass:
     removable: set[str]
     now: datetime
     changes: Changes
+
+    #: New instances' rows not yet written: one multi-row INSERT for many entries.
+    new_rows: list[dict[str, Any]] = field(default_factory=list)
 
     def run(self, session: Session, chunk: list[str]) -> None:
         rows_by_schedule: dict[str, dict[str, Instance]] = {}
@@ -221,9 +231,29 @@ class _Pass:
                         _cancel(row, self.changes, "entry removed from schedules.json")
             else:
                 entry = self.entries[schedule_id]
-                self.changes.merge(_reconcile_entry(session, entry, rows, self.now))
-        session.flush()
-        session.expunge_all()
+                changes = _reconcile_entry(entry, rows, self.now, self.new_rows)
+                self.changes.merge(changes)
+        if rows_by_schedule:
+            session.flush()
+            session.expunge_all()
+        if len(self.new_rows) >= INSERT_ROWS:
+            self.write(session)
+
+    def write(self, session: Session) -> None:
+        """The new instances so far, in one statement (end of a pass's transaction)."""
+        insert_rows(session, self.new_rows, self.now)
+        self.new_rows = []
+
+
+def insert_rows(session: Session, rows: list[dict[str, Any]], now: datetime) -> None:
+    """New pending instances (``_new_row``'s) in one multi-row INSERT, stamped ``now``: a cold
+    load of thousands, without ORM objects or the ORM's bulk bookkeeping."""
+    if not rows:
+        return
+    stamp = utils.as_utc(now)
+    for values in rows:
+        values["created_at"] = values["updated_at"] = stamp
+    insert_many(session.connection(), Instance.__table__, rows)
 
 
 def due_by(
@@ -246,20 +276,14 @@ def due_by(
         for start in range(0, len(keys), PAGE):
             page = keys[start : start + PAGE]
             stored.update(session.scalars(select(Instance.key).where(Instance.key.in_(page))))
-        stamp = utils.as_utc(now)
         rows = [
             _new_row(
                 entry.id, item, now, _entry_fields(entry) | _instance_fields(entry, item.desired)
             )
-            | {
-                "created_at": stamp,
-                "updated_at": stamp,
-            }
             for entry, item in planned
             if item.key not in stored
         ]
-        if rows:
-            session.execute(insert(Instance), rows)
+        insert_rows(session, rows, now)
         query = select(Instance.key, Instance.trigger_time).where(
             Instance.status == PENDING, Instance.trigger_time <= until
         )
@@ -393,30 +417,25 @@ def _fresh(row: Instance) -> None:
 
 
 def _reconcile_entry(
-    session: Session, entry: Entry, rows: dict[str, Instance], now: datetime
+    entry: Entry, rows: dict[str, Instance], now: datetime, new_rows: list[dict[str, Any]]
 ) -> Changes:
+    """One entry's stored ``rows`` brought up to what it plans now; the instances it plans that
+    are not stored yet go to ``new_rows`` (written by the pass, many entries in one INSERT)."""
     changes = Changes()
     planned = entry.plan(now)
     fields = _entry_fields(entry)
     wanted = {p.key for p in planned}
-    new_rows: list[dict[str, Any]] = []
     for item in planned:
         row = rows.get(item.key)
         own = fields | _instance_fields(entry, item.desired)
         if row is None:
             if entry.enabled:
                 new_rows.append(_new_row(entry.id, item, now, own))
+                changes.added += 1
+                changes.keys.add(item.key)
             continue
         _reconcile_planned(row, item.trigger, entry, own, changes=changes, now=now)
     _cancel_unplanned(entry, rows, wanted, changes, now)
-    if new_rows:
-        # One multi-row INSERT: thousands of instances on a cold load, without ORM objects.
-        stamp = utils.as_utc(now)
-        for row_values in new_rows:
-            row_values.update(created_at=stamp, updated_at=stamp)
-        session.execute(insert(Instance), new_rows)
-        changes.added += len(new_rows)
-        changes.keys.update(row_values["key"] for row_values in new_rows)
     if not changes.empty:
         changes.entries_changed.append(entry.id)
     return changes
@@ -725,27 +744,42 @@ def pending_triggers(
     return found
 
 
-def pending_trigger_pages(
-    factory: sessionmaker[Session], size: int = PAGE
-) -> Iterator[dict[str, datetime]]:
-    """``pending_triggers`` a page at a time, in key order (a full job sync in little memory).
-    Pages walk the key index over every instance and keep the pending ones (see above)."""
+@dataclass
+class SchedulePage:
+    """A page of the key index for a full job sync: the scheduled instances on it (key -> when
+    their job is due, and the club of those that name one) and the last key read (any status):
+    the jobs with ids up to it are this page's to keep or remove."""
+
+    due: dict[str, datetime]
+    clubs: dict[str, str]
+    upto: str
+
+
+def schedule_pages(
+    factory: sessionmaker[Session], size: int | None = None
+) -> Iterator[SchedulePage]:
+    """``pending_triggers`` and ``pending_clubs`` a page at a time, in key order (a full job
+    sync in little memory). Pages walk the key index over every instance and keep the
+    scheduled ones (see above); one query a page."""
     after = ""
     while True:
         query = (
-            select(Instance.key, _DUE, Instance.status)
+            select(Instance.key, _DUE, Instance.status, Instance.club)
             .where(Instance.key > after)
             .order_by(Instance.key)
-            .limit(size)
+            .limit(size or SYNC_PAGE)
         )
         with factory() as session:
             rows = list(session.execute(query))
         if not rows:
             return
-        page = {key: utils.as_utc(due) for key, due, status in rows if status in SCHEDULED}
-        if page:
-            yield page
         after = rows[-1][0]
+        scheduled = [row for row in rows if row[2] in SCHEDULED]
+        yield SchedulePage(
+            due={key: utils.as_utc(due) for key, due, _, _ in scheduled},
+            clubs={key: club for key, _, _, club in scheduled if club is not None},
+            upto=after,
+        )
 
 
 def pending_mark(factory: sessionmaker[Session]) -> tuple[int, datetime | None]:
@@ -764,11 +798,12 @@ def pending_mark(factory: sessionmaker[Session]) -> tuple[int, datetime | None]:
 def pending_clubs(
     factory: sessionmaker[Session], keys: Collection[str] | None = None
 ) -> dict[str, str]:
-    """The club of every pending instance that names one (the others book with the template or
-    section 6's request); with ``keys``, of those among them (looked up by key, as above)."""
+    """The club of every scheduled (pending or watching) instance that names one (the others
+    book with the template or section 6's request); with ``keys``, of those among them (looked
+    up by key, as above)."""
     if keys is None:
         query = select(Instance.key, Instance.club).where(
-            Instance.status == PENDING, Instance.club.is_not(None)
+            Instance.status.in_(SCHEDULED), Instance.club.is_not(None)
         )
         with factory() as session:
             return {key: club for key, club in session.execute(query) if club is not None}
@@ -779,7 +814,9 @@ def pending_clubs(
         for start in range(0, len(wanted), PAGE):
             rows = session.execute(by_key.where(Instance.key.in_(wanted[start : start + PAGE])))
             found.update(
-                (key, club) for key, club, status in rows if status == PENDING and club is not None
+                (key, club)
+                for key, club, status in rows
+                if status in SCHEDULED and club is not None
             )
     return found
 
@@ -955,15 +992,15 @@ def at_once(factory: sessionmaker[Session], keys: Iterable[str], now: datetime) 
     """Of ``keys`` (what a load added or revived), the pending instances whose window is open
     already, so that they book at once: one line each, soonest start first."""
     lines = []
-    wanted = sorted(set(keys))
+    wanted = set(keys)
+    if not wanted:
+        return []
+    # The instances whose window is open are few (the status index finds them); the keys of a
+    # cold load are 52,000.
+    query = select(Instance).where(Instance.status == PENDING, Instance.trigger_time <= now)
     with factory() as session:
-        for start in range(0, len(wanted), PAGE):
-            query = select(Instance).where(
-                Instance.key.in_(wanted[start : start + PAGE]),
-                Instance.status == PENDING,
-                Instance.trigger_time <= now,
-            )
-            for row in session.scalars(query):
+        for row in session.scalars(query):
+            if row.key in wanted:
                 zone = utils.get_zone(row.timezone)
                 local = utils.format_local(row.desired_time, zone)
                 lines.append((row.desired_time, f"{row.key} ({local}): books at once when loaded"))
@@ -1809,18 +1846,16 @@ def _timing_text(row: Instance) -> str | None:
 # --------------------------------------------------------------------------- rehearsals
 
 
-def rehearsal_candidates(
-    factory: sessionmaker[Session], now: datetime, until: datetime
-) -> list[Instance]:
-    """The pending instances whose trigger is after ``now`` and no later than ``until``, soonest
-    first (detached: read, never written through)."""
+def rehearsal_candidates(factory: sessionmaker[Session], until: datetime) -> list[Instance]:
+    """The pending instances whose trigger is no later than ``until`` (those already due too:
+    booked at once), and the instances whose booking is under way, soonest trigger first
+    (detached: read, never written through). A rehearsal waits for those near their trigger."""
     with factory() as session:
         query = (
             select(Instance)
             .where(
-                Instance.status == PENDING,
-                Instance.trigger_time > now,
-                Instance.trigger_time <= until,
+                ((Instance.status == PENDING) & (Instance.trigger_time <= until))
+                | (Instance.status == BOOKING)
             )
             .order_by(Instance.trigger_time, Instance.key)
         )

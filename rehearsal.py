@@ -8,6 +8,12 @@ file and one token whose rehearsals fall within the same hour share one. A faile
 logged as an error, notified once, and tried again every hour until the trigger; the first pass
 after a failure is notified too.
 
+A rehearsal never runs while another booking of the same club file, or with the same token, is
+near its trigger or under way (``_busy``): its login would compete with that booking at its
+most important instant, or end that booking's session at a club that allows one per account. It
+waits for that booking to end: minutes, so it stays about ``REHEARSE_HOURS`` ahead of its own
+trigger (one kept waiting until its own preparation is near does not run, as ``_reachable``).
+
 What is due is recomputed from the database at every look (``scheduler.run_rehearsals``, about
 every minute), so nothing is lost at a restart. ``plan`` is pure: clocks are passed in.
 """
@@ -22,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 import bot
 import instances
 import utils
-from models import Instance
+from models import BOOKING, Instance
 from notify import Notifier
 
 logger = logging.getLogger(__name__)
@@ -49,16 +55,40 @@ class Candidate:
     prepare_seconds: float | None
     rehearsal: str | None = None
     rehearsed_at: datetime | None = None
+    #: Claimed: its booking is under way (preparation, the trigger, early answers and retries,
+    #: fallback times, finishing, or a watch's try); never rehearsed, it keeps others waiting.
+    booking: bool = False
 
     @property
     def failed(self) -> bool:
         return self.rehearsal is not None and self.rehearsal.startswith("failed")
 
 
+def _busy(candidate: Candidate, now: datetime) -> bool:
+    """Whether its booking is under way, or about to start: its trigger (passed: booked at once)
+    nearer than its flow's ``prepare_seconds`` plus MARGIN, the guard a rehearsal keeps from its
+    own trigger."""
+    if candidate.booking:
+        return True
+    return candidate.trigger - now < timedelta(seconds=candidate.prepare_seconds or 0.0) + MARGIN
+
+
+def _clear(candidate: Candidate, busy: Sequence[Candidate]) -> bool:
+    """Whether no busy booking shares its club file or its token. The token alone: one account
+    may book at several club files of one system (two venues on one API). The club file alone:
+    two token names may hold one account, and a club counts and limits requests by address, so
+    a login at its window's opening instant competes with any booking there."""
+    return not any(
+        other.key != candidate.key
+        and (other.club == candidate.club or other.token == candidate.token)
+        for other in busy
+    )
+
+
 def _reachable(candidate: Candidate, now: datetime, hours: float) -> bool:
     """Whether a rehearsal may run for it now: a flow with preparation steps, its rehearsal
     time (the trigger less ``hours``) reached or within the hour, the trigger far enough."""
-    if candidate.prepare_seconds is None or hours <= 0:
+    if candidate.prepare_seconds is None or candidate.booking or hours <= 0:
         return False
     if candidate.trigger - now < timedelta(seconds=candidate.prepare_seconds) + MARGIN:
         return False
@@ -92,12 +122,14 @@ def plan(
 ) -> list[list[Candidate]]:
     """The rehearsals to run now, each a group of instances (soonest trigger first) of one club
     file and one token: those due, and those of the same club and token whose rehearsal falls
-    within the hour. ``hours`` 0: none."""
+    within the hour; none whose club file or token has a booking near its trigger or under way
+    (``candidates`` holds those too: they wait until it ends). ``hours`` 0: none."""
     if hours <= 0:
         return []
+    busy = [candidate for candidate in candidates if _busy(candidate, now)]
     groups: dict[tuple[str | None, str], list[Candidate]] = {}
     for candidate in sorted(candidates, key=lambda c: (c.trigger, c.key)):
-        if _due(candidate, now, hours, again=again):
+        if _due(candidate, now, hours, again=again) and _clear(candidate, busy):
             groups.setdefault((candidate.club, candidate.token), []).append(candidate)
     for candidate in sorted(candidates, key=lambda c: (c.trigger, c.key)):
         group = groups.get((candidate.club, candidate.token))
@@ -122,6 +154,7 @@ def candidates_of(
             prepare_seconds=prepare_seconds(row.club),
             rehearsal=row.rehearsal,
             rehearsed_at=row.rehearsed_at,
+            booking=row.status == BOOKING,
         )
         for row in rows
     ]
@@ -152,7 +185,7 @@ def run(
         return 0
     now = now or datetime.now(UTC)
     until = now + timedelta(hours=hours) + HOUR
-    rows = instances.rehearsal_candidates(ctx.factory, now, until)
+    rows = instances.rehearsal_candidates(ctx.factory, until)
     ran = 0
     for group in plan(candidates_of(rows, _prepare_seconds(ctx)), now, hours, again=again):
         if ctx.stop.is_set() or not ctx.may_send.is_set():

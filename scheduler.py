@@ -32,7 +32,7 @@ from apscheduler.schedulers.base import STATE_RUNNING
 from apscheduler.triggers.date import DateTrigger
 from sqlalchemy import Engine, select
 
-from models import error_text
+from models import error_text, insert_many
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ DEFAULT_WORKERS = 128
 #: Jobs read, built and written this many at a time: a cold load of 52,000 instances never
 #: holds more than a page of Job objects and pickles (what it leaves behind stays in the heap).
 PAGE = 200
+#: Jobs written in one INSERT (a cold load writes thousands).
+WRITE_ROWS = 500
 #: The job store's row written and deleted to learn whether the database takes writes again.
 PROBE_JOB_ID = "courtbot:write-probe"
 
@@ -349,6 +351,19 @@ class Scheduler:
             job_id: run_at for job_id, run_at in rows if job_id not in (TOPUP_JOB_ID, PROBE_JOB_ID)
         }
 
+    def _stored_range(self, after: str, upto: str | None) -> dict[str, float | None]:
+        """The stored booking jobs' run times by id, for ids after ``after`` up to ``upto``
+        (None: to the end)."""
+        table = self._store.jobs_t
+        query = select(table.c.id, table.c.next_run_time).where(table.c.id > after)
+        if upto is not None:
+            query = query.where(table.c.id <= upto)
+        with self._store.engine.connect() as conn:
+            rows = list(conn.execute(query))
+        return {
+            job_id: run_at for job_id, run_at in rows if job_id not in (TOPUP_JOB_ID, PROBE_JOB_ID)
+        }
+
     def job_ids(self, *, after: str = "", limit: int = PAGE) -> list[str]:
         """The next ``limit`` booking job ids after ``after``, in the database's order (to walk
         the whole store a page at a time)."""
@@ -391,6 +406,23 @@ class Scheduler:
         with self._lock:
             return self._apply(pending, keys, self._stored(keys), busy, prepare)
 
+    def sync_range(
+        self,
+        pending: Mapping[str, datetime],
+        after: str,
+        upto: str | None,
+        *,
+        busy: frozenset[str] = frozenset(),
+        prepare: Mapping[str, float] | None = None,
+    ) -> SyncReport:
+        """``sync`` for the ids after ``after`` up to ``upto`` (None: to the end): ``pending``
+        holds every pending instance among them. A full sync walks the instances' key index in
+        such ranges, a page at a time, the job store read by the same ranges alongside: one
+        walk, and a job whose instance is gone falls in the range it would sort into."""
+        with self._lock:
+            stored = self._stored_range(after, upto)
+            return self._apply(pending, stored.keys() | pending.keys(), stored, busy, prepare)
+
     def _apply(
         self,
         pending: Mapping[str, datetime],
@@ -416,26 +448,30 @@ class Scheduler:
                 continue
             upserts.append((key, run_at))
             moved += key in stored
-        self._write(upserts, removals)
+        self._write(upserts, removals, replaced=moved > 0)
         report = SyncReport(added=len(upserts) - moved, moved=moved, removed=len(removals))
         if upserts or removals:
             logger.debug("jobs: %d added, %d moved, %d removed", *astuple(report))
         return report
 
-    def _write(self, upserts: list[tuple[str, datetime]], removals: list[str]) -> None:
+    def _write(
+        self, upserts: list[tuple[str, datetime]], removals: list[str], *, replaced: bool = True
+    ) -> None:
+        """Remove the ``removals`` and write the ``upserts`` in one transaction; the old rows of
+        upserts are deleted first unless none is ``replaced`` (all new: a cold load)."""
         if not upserts and not removals:
             return
         if not self._allowed():
             logger.warning("jobs not written: this daemon is no longer the active one")
             return
         table = self._store.jobs_t
-        gone = removals + [key for key, _ in upserts]
+        gone = removals + ([key for key, _ in upserts] if replaced else [])
         try:
             with self._store.engine.begin() as conn:
                 for start in range(0, len(gone), PAGE):
                     conn.execute(table.delete().where(table.c.id.in_(gone[start : start + PAGE])))
-                for start in range(0, len(upserts), PAGE):
-                    conn.execute(table.insert(), self._rows(upserts[start : start + PAGE]))
+                for start in range(0, len(upserts), WRITE_ROWS):
+                    insert_many(conn, table, self._rows(upserts[start : start + WRITE_ROWS]))
         except Exception as exc:
             # The jobs no longer match the instances: the watchdog re-syncs once writes work.
             self._write_failure = error_text(exc)
@@ -469,10 +505,13 @@ class Scheduler:
         protocol = self._store.pickle_protocol
         rows: list[dict[str, object]] = []
         for key, run_at in upserts:
+            # DateTrigger(run_at, timezone=UTC) without its checks: run_at is aware, in UTC.
+            trigger = DateTrigger.__new__(DateTrigger)
+            trigger.run_date = run_at.astimezone(UTC)
             state = dict(base)
             state.update(
                 id=key,
-                trigger=DateTrigger(run_at, timezone=UTC),
+                trigger=trigger,
                 args=(key,),
                 name=f"book {key}",
                 next_run_time=run_at,

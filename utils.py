@@ -346,6 +346,9 @@ class ParsedRule:
     skip_instants: frozenset[datetime] = frozenset()  # aware UTC instants that are no instance
     period: timedelta = timedelta(days=1)  # the longest one period of the rule can last
     count: int | None = None  # COUNT
+    #: A rule that steps a day at a time (see ``_stepping_days``): its weekdays (Monday 0),
+    #: expanded without dateutil; None for any other rule.
+    weekdays: tuple[int, ...] | None = None
 
 
 _DAYS = {
@@ -838,7 +841,30 @@ def _build_rule(
         skip_instants=skip_instants,
         period=timedelta(days=min(days, _MAX_SEARCH_DAYS)),
         count=int(parts["COUNT"]) if "COUNT" in parts else None,  # dateutil has read it
+        weekdays=_stepping_days(parts, dtstart),
     )
+
+
+def _stepping_days(parts: dict[str, str], dtstart: datetime) -> tuple[int, ...] | None:
+    """The weekdays of a rule whose instances are whole days apart at the start's time of day:
+    FREQ=DAILY or WEEKLY, INTERVAL 1, at most a BYDAY of plain days, COUNT, UNTIL and WKST
+    (which changes nothing at INTERVAL 1). Such a rule, the common weekly booking, is expanded
+    by stepping from day to day instead of through dateutil (several times faster, the same
+    instances: tests/test_rules.py compares them). None for any other rule."""
+    freq = parts["FREQ"].upper()
+    if freq not in ("DAILY", "WEEKLY") or not set(parts) <= _STEPPING_PARTS:
+        return None
+    if parts.get("INTERVAL", "1").strip() not in ("1", "01"):
+        return None
+    if "BYDAY" not in parts:
+        return tuple(range(7)) if freq == "DAILY" else (dtstart.weekday(),)
+    days = {_DAY_INDEX.get(day.strip().upper()) for day in parts["BYDAY"].split(",")}
+    if None in days:
+        return None
+    return tuple(sorted(d for d in days if d is not None))
+
+
+_STEPPING_PARTS = frozenset({"FREQ", "INTERVAL", "BYDAY", "COUNT", "UNTIL", "WKST"})
 
 
 def is_english_rule(text: str) -> bool:
@@ -897,6 +923,9 @@ def _rule_walls(rule: ParsedRule, horizon: datetime) -> Iterator[datetime]:
     """The rule's wall clocks from its start to ``horizon``, in order, in bounded time."""
     if horizon < rule.start:
         return
+    if rule.weekdays is not None:
+        yield from _stepping_walls(rule.start, rule.weekdays, rule.count, horizon)
+        return
     # The years dateutil reads while expanding: the one before (ISO weeks) and the one after.
     shift = _calendar_shift(rule.start.year - 1, horizon.year + 1)
     probe = rule.rule
@@ -910,6 +939,28 @@ def _rule_walls(rule: ParsedRule, horizon: datetime) -> Iterator[datetime]:
             yield wall.replace(year=wall.year - shift) if shift else wall
     except (ValueError, OverflowError):
         return  # dateutil reached the end of year 9999, past the horizon
+
+
+def _stepping_walls(
+    start: datetime, weekdays: tuple[int, ...], count: int | None, horizon: datetime
+) -> Iterator[datetime]:
+    """A stepping rule's wall clocks (``_stepping_days``): from ``start`` (to the second, as
+    dateutil reads it), each of ``weekdays`` at its time of day, at most ``count``, up to
+    ``horizon``."""
+    wall = start.replace(microsecond=0)
+    # Days from each weekday to the rule's next one.
+    gaps = {day: min((other - day - 1) % 7 + 1 for other in weekdays) for day in range(7)}
+    if wall.weekday() not in weekdays:
+        wall += timedelta(days=gaps[wall.weekday()])
+    left = count
+    try:
+        while wall <= horizon and left != 0:
+            yield wall
+            if left is not None:
+                left -= 1
+            wall += timedelta(days=gaps[wall.weekday()])
+    except OverflowError:
+        return  # past year 9999, past the horizon
 
 
 def expand_rule_walls(

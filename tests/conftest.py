@@ -70,6 +70,7 @@ SERIAL = (
     "test_partition.py",
     "test_reliability.py",
     "test_ready_flows.py::test_the_daemon_runs_",
+    "test_ready_flows.py::test_a_ready_flow_books_by_the_clubs_clock",
 )
 #: End-to-end tests (marked ``slow``) that assert no timing: they may run beside the serial ones.
 UNTIMED_SLOW = (

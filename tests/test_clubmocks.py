@@ -1295,3 +1295,23 @@ def test_each_flow_page_says_whether_cancel_works_as_its_flow_does(system: str) 
     assert f"`python main.py cancel KEY` {verdict}" in section, system
     overview = DOC.read_text().split("**Cancelling.**", 1)[1].split("\n\n", 1)[0]
     assert (f"({system}.md#cancelling)" in overview) == has_cancel, system
+
+
+@pytest.mark.parametrize("system", sorted(MOCKS))
+def test_each_flow_page_says_whether_the_clubs_clock_is_measured_as_its_flow_does(
+    system: str,
+) -> None:
+    """A flow with ``clock``: its page names the URL, and the overview links it in its "The
+    club's clock" paragraph; a flow without: its page says it is not set, and why."""
+    clock = load_flow(system).get("clock")
+    text = (DOC.parent / f"{system}.md").read_text()
+    start = text.index("\n## The club's clock\n")
+    section = " ".join(text[start : text.index("\n## ", start + 1)].split())
+    if clock is None:
+        assert "`clock` is not set for " in section and ": " in section, system
+    else:
+        assert "`clock` is set for " in section, system
+        assert f"`GET {clock['url']}`" in section, system
+        assert "at most 20 requests" in section
+    overview = DOC.read_text().split("**The club's clock.**", 1)[1].split("\n\n", 1)[0]
+    assert (f"({system}.md#the-clubs-clock)" in overview) == (clock is not None), system

@@ -1728,8 +1728,10 @@ def cached(
 
 
 def shape(entry: config_loader.Entry) -> tuple[Any, ...]:
-    """Every field of an entry but its expansion, the rule as its RFC text."""
-    names = [f.name for f in dataclasses.fields(entry) if f.name != "expansion"]
+    """Every field of an entry but its expansion (the dates, or their stamps), the rule as its
+    RFC text."""
+    derived = ("expansion", "start_stamps")
+    names = [f.name for f in dataclasses.fields(entry) if f.name not in derived]
     rule = entry.rule.rfc if entry.rule else None
     return tuple(rule if name == "rule" else getattr(entry, name) for name in names)
 
@@ -1762,6 +1764,9 @@ def test_the_cache_validates_only_the_entries_that_changed_with_the_same_result(
     assert (cache.validated, cache.reused) == (1, 3)
     plain = schedules(data_dir, WED, edited, PAST, NO_ID)  # the same file, validated afresh
     assert [shape(e) for e in again.entries] == [shape(e) for e in plain.entries]
+    # Planned from the stamps the cache keeps, the starts are the ones a fresh read finds.
+    assert all(e.rule is None or e.start_stamps is not None for e in again.entries)
+    assert [e.starts(NOW) for e in again.entries] == [e.starts(NOW) for e in plain.entries]
     assert again.warnings == plain.warnings
     assert again.warnings == [past_warning("entry 'old' (#3)", "2026-01-01 10:00")]
     assert all(entry.expansion is None for entry in again.entries)

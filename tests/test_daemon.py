@@ -639,14 +639,20 @@ def test_the_active_daemon_takes_over_dead_daemons_claims_and_changes_made_elsew
         live.close()
 
 
+def padel_club(data_dir: Path, prepare_seconds: int) -> None:
+    """``clubs/padel.json``: a flow that logs in ``prepare_seconds`` before the trigger."""
+    clubs = data_dir / "clubs"
+    clubs.mkdir(exist_ok=True)
+    login = {"name": "login", "url": "https://padel.example/login", "ok": {"status": [200]}}
+    book = {"name": "book", "booking": True, "url": "https://padel.example/book"}
+    flow = {"prepare_seconds": prepare_seconds, "steps": [login, book]}
+    write_json(clubs / "padel.json", flow)
+
+
 def test_jobs_of_a_club_whose_flow_prepares_start_that_much_before_the_trigger(
     daemon: Daemon, data_dir: Path
 ) -> None:
-    clubs = data_dir / "clubs"
-    clubs.mkdir()
-    login = {"name": "login", "url": "https://padel.example/login", "ok": {"status": [200]}}
-    book = {"name": "book", "booking": True, "url": "https://padel.example/book"}
-    write_json(clubs / "padel.json", {"prepare_seconds": 90, "steps": [login, book]})
+    padel_club(data_dir, 90)
     write_json(data_dir / "schedules.json", [one_off("a"), one_off("p") | {"club": "padel"}])
     daemon.safe_load("file change")
     assert daemon.engine is not None
@@ -665,7 +671,7 @@ def test_jobs_of_a_club_whose_flow_prepares_start_that_much_before_the_trigger(
 
     # Only the club file changes: its instances' jobs move with its preparation time (the
     # reload's other jobs are looked at only when their instances change).
-    write_json(clubs / "padel.json", {"prepare_seconds": 30, "steps": [login, book]})
+    padel_club(data_dir, 30)
     daemon.safe_load("file change")
     p_key = next(row["key"] for row in rows if row["schedule"] == "p")
     trigger = next(row["trigger_time"] for row in rows if row["schedule"] == "p")
@@ -673,6 +679,85 @@ def test_jobs_of_a_club_whose_flow_prepares_start_that_much_before_the_trigger(
         datetime.fromisoformat(trigger.replace("Z", "+00:00")).timestamp() - jobs_of(daemon)[p_key]
     )
     assert lead == pytest.approx(32)
+
+
+def test_a_watched_instance_of_a_club_that_prepares_gets_its_clubs_lead(
+    daemon: Daemon, data_dir: Path
+) -> None:
+    padel_club(data_dir, 90)
+    write_json(data_dir / "schedules.json", [one_off("p") | {"club": "padel"}])
+    daemon.safe_load("file change")
+    assert daemon.factory is not None
+    (key,) = [r["key"] for r in instances.status_rows(daemon.factory) if r["schedule"] == "p"]
+    next_try = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=1)
+    with models.transaction(daemon.factory) as session:
+        session.execute(
+            text("UPDATE schedules SET status = 'watching', next_try_at = :t WHERE key = :k"),
+            {"t": next_try.replace(tzinfo=None), "k": key},
+        )
+
+    # Whether its job is looked at by key (a retry, a reload) or in a full sync (at start).
+    daemon.loads.sync([key])
+    assert next_try.timestamp() - jobs_of(daemon)[key] == pytest.approx(92)
+    with daemon.engine.begin() as conn:  # type: ignore[union-attr]
+        conn.execute(text("DELETE FROM apscheduler_jobs WHERE id = :k"), {"k": key})
+    daemon.loads.sync()
+    assert next_try.timestamp() - jobs_of(daemon)[key] == pytest.approx(92)
+
+
+def test_a_full_sync_walks_instances_and_jobs_page_by_page_and_drops_strays(
+    daemon: Daemon, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert daemon.engine is not None and daemon.factory is not None and daemon.scheduler
+    write_json(data_dir / "schedules.json", [one_off(name) for name in "abcde"])
+    daemon.safe_load("file change")
+    keys = sorted(jobs(daemon.engine))
+    assert [k[0] for k in keys] == list("abcde")
+    when = datetime.now(UTC) + timedelta(days=3)
+    # Jobs whose instances are gone: before the first instance, between two pages (b, c), on
+    # a page, and after the last; and one instance whose job went missing.
+    strays = ["0-gone@x", keys[1] + "-gone", "c-gone@x", "zz-gone@x"]
+    daemon.scheduler.sync_keys(dict.fromkeys(strays, when), strays)
+    with daemon.engine.begin() as conn:
+        conn.execute(text("DELETE FROM apscheduler_jobs WHERE id = :k"), {"k": keys[3]})
+    monkeypatch.setattr(instances, "SYNC_PAGE", 2)
+
+    report = daemon.loads.sync()
+
+    assert sorted(jobs(daemon.engine)) == keys
+    assert (report.added, report.moved, report.removed) == (1, 0, 4)
+    assert daemon.loads.sync() == scheduler.SyncReport(0, 0, 0)
+
+
+def test_a_load_expands_each_rule_once_and_lets_the_expansion_go(
+    daemon: Daemon, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weekly = [
+        {
+            "id": f"w{day}",
+            "type": "recurring",
+            "desired_time": f"{future():%Y-%m-%d} 17:00",
+            "rrule": f"FREQ=WEEKLY;BYDAY={day}",
+        }
+        for day in ("MO", "TU", "WE")
+    ]
+    write_json(data_dir / "schedules.json", [one_off("a"), *weekly])
+    expanded: list[str] = []
+    expand = utils.expand_rule_walls
+
+    def counted(rule: utils.ParsedRule, *args: Any, **kwargs: Any) -> Any:
+        expanded.append(rule.rfc)
+        return expand(rule, *args, **kwargs)
+
+    monkeypatch.setattr(utils, "expand_rule_walls", counted)
+
+    daemon.safe_load("file change")
+
+    # Validated, planned due soon, reconciled: one expansion a rule.
+    assert len(expanded) == 3 and len(set(expanded)) == 3
+    assert len(pending(daemon)) == 1 + 3 * utils.INSTANCES_PER_RULE
+    assert daemon.config is not None
+    assert [e.expansion for e in daemon.config.schedules.entries] == [None] * 4
 
 
 def jobs_of(daemon: Daemon) -> dict[str, float]:

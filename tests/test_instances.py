@@ -248,11 +248,12 @@ def test_pending_triggers_a_page_at_a_time_or_for_some_keys(
 ) -> None:
     every = pending_triggers(factory)
 
-    pages = list(instances.pending_trigger_pages(factory, size=10))
+    pages = list(instances.schedule_pages(factory, size=10))
 
-    assert [len(page) for page in pages] == [10, 10, 10, 10, 10, 3]
-    walked = {key: trigger for page in pages for key, trigger in page.items()}
+    assert [len(page.due) for page in pages] == [10, 10, 10, 10, 10, 3]
+    walked = {key: trigger for page in pages for key, trigger in page.due.items()}
     assert walked == every
+    assert [page.upto for page in pages] == [max(page.due) for page in pages]
     assert list(walked) == sorted(every)
     some = pending_triggers(factory, [MATCH_KEY, FIRST_WED, "gone@2026-12-01T00:00:00Z"])
     assert some == {MATCH_KEY: every[MATCH_KEY], FIRST_WED: every[FIRST_WED]}
@@ -1787,7 +1788,7 @@ def test_a_watching_instance_is_due_at_its_next_try(
         MATCH_KEY: next_try,
         FIRST_WED: datetime(2026, 11, 25, 17, 0, tzinfo=UTC),
     }
-    paged = {k: v for page in instances.pending_trigger_pages(factory) for k, v in page.items()}
+    paged = {k: v for page in instances.schedule_pages(factory) for k, v in page.due.items()}
     assert paged[MATCH_KEY] == next_try and len(paged) == 53
     second_wed = FIRST_WED.replace("12-02", "12-09")  # its trigger: Wed 2 Dec 17:00
     assert instances.overdue(factory, next_try) == [FIRST_WED, second_wed]

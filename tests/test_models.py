@@ -7,9 +7,11 @@ import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import insert, select
 
 import models
 
@@ -81,6 +83,79 @@ def test_utc_columns_store_instants(tmp_path: Path) -> None:
     assert column.process_result_value(stored, None) == datetime(2026, 8, 10, 12, 0, tzinfo=UTC)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="naive datetime"):
         column.process_bind_param(datetime(2026, 8, 10, 12, 0), None)  # type: ignore[arg-type]
+
+
+def instance_rows() -> list[dict[str, Any]]:
+    """Rows as reconcile writes them: aware times in UTC and in another zone, microseconds,
+    NULLs, and columns left to their defaults (``interrupted``, ``attempts`` ...)."""
+    london = ZoneInfo("Europe/London")
+    stamp = datetime(2026, 12, 7, 1, 2, 3, 456789, tzinfo=UTC)
+    rows = []
+    for i, desired in enumerate(
+        [
+            datetime(2026, 12, 9, 17, 0, tzinfo=UTC),
+            datetime(2026, 7, 1, 18, 30, 0, 5, tzinfo=london),
+            datetime(999, 1, 2, 3, 4, 5, tzinfo=UTC),
+        ]
+    ):
+        rows.append(
+            {
+                "key": f"s{i}@x",
+                "schedule_id": f"s{i}",
+                "type": "recurring",
+                "desired_time": desired,
+                "trigger_time": desired - timedelta(hours=168),
+                "timezone": "Europe/London",
+                "rrule": None if i else "FREQ=WEEKLY",
+                "court_id": "3",
+                "status": "pending",
+                "club": None,
+                "watch_until": desired - timedelta(minutes=30) if i == 1 else None,
+                "created_at": stamp,
+                "updated_at": stamp,
+            }
+        )
+    return rows
+
+
+def test_insert_many_writes_what_sqlalchemys_insert_writes(tmp_path: Path) -> None:
+    stored = []
+    for name, write in (
+        ("sqlalchemy", lambda conn, rows: conn.execute(insert(models.Instance), rows)),
+        (
+            "insert_many",
+            lambda conn, rows: models.insert_many(conn, models.Instance.__table__, rows),
+        ),
+    ):
+        path = tmp_path / f"{name}.sqlite"
+        engine = models.make_engine(f"sqlite:///{path}")
+        with engine.begin() as conn:
+            write(conn, instance_rows())
+        engine.dispose()
+        with sqlite3.connect(path) as raw:  # the text as SQLite holds it, not as read back
+            stored.append(raw.execute("SELECT * FROM schedules ORDER BY id").fetchall())
+
+    assert stored[0] == stored[1]
+    assert stored[0][0][4] == "2026-12-09 17:00:00.000000"  # desired_time, as compared
+    factory = models.session_factory(
+        models.make_engine(f"sqlite:///{tmp_path / 'insert_many.sqlite'}")
+    )
+    with factory() as session:
+        (first,) = session.scalars(select(models.Instance).where(models.Instance.key == "s1@x"))
+    assert first.desired_time == datetime(2026, 7, 1, 17, 30, 0, 5, tzinfo=UTC)
+    assert (first.attempts, first.interrupted, first.courts) == (0, False, "[null]")
+
+
+def test_insert_many_refuses_a_naive_time_and_a_missing_stamp(tmp_path: Path) -> None:
+    engine = models.make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    table = models.Instance.__table__
+    naive = instance_rows()[:1]
+    naive[0]["desired_time"] = datetime(2026, 12, 9, 17, 0)
+    with engine.begin() as conn, pytest.raises(ValueError, match="naive datetime"):
+        models.insert_many(conn, table, naive)  # type: ignore[arg-type]
+    unstamped = [{k: v for k, v in instance_rows()[0].items() if k != "created_at"}]
+    with engine.begin() as conn, pytest.raises(ValueError, match="created_at needs a value"):
+        models.insert_many(conn, table, unstamped)  # type: ignore[arg-type]
 
 
 def test_closing_idle_connections_leaves_a_session_under_way_alone(tmp_path: Path) -> None:

@@ -21,15 +21,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo
 
 import pytest
+import requests
 from cryptography.fernet import Fernet, MultiFernet
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 import bot
 import club_client
+import clubclock
+import instances
+import models
 import utils
 from clubmocks import (
     MOCKS,
@@ -207,6 +212,8 @@ class Booking:
     start: datetime = field(default_factory=slot_start)
     outcomes: list[Outcome] = field(default_factory=list)
     key: str = ""
+    #: How far ahead of ``add`` the window opens.
+    lead: float = LEAD_SECONDS
     #: EARLY_RETRY_SECONDS: long enough for a window that opens 0.3 s after the trigger.
     early_retry_seconds: float = 1.5
 
@@ -232,7 +239,7 @@ class Booking:
                     schedule_id=self.system,
                     type="one-off",
                     desired_time=self.start.astimezone(UTC),
-                    trigger_time=datetime.now(UTC) + timedelta(seconds=LEAD_SECONDS),
+                    trigger_time=datetime.now(UTC) + timedelta(seconds=self.lead),
                     timezone="Europe/Paris",
                     rrule=None,
                     court_id=utils.courts_text(text),
@@ -526,6 +533,122 @@ def test_a_paid_court_is_not_booked_and_the_reason_says_what_the_club_answered(
             assert [b.status for b in club.bookings] == ["PENDING"]
             assert reason.startswith("the club took the booking (court tennis-court-outdoor)")
             assert "step 'checkout' did not complete" in reason and "HTTP 422" in reason, reason
+
+
+# -- the club's clock (CONTRACT section 6) ------------------------------------------------------
+
+#: The ready flows whose systems have a harmless GET (a public page or list that the flow or
+#: the system's public clients already fetch, needing no secret): their files have ``clock``.
+#: The others' pages say why not.
+CLOCKS = sorted(system for system in CASES if "clock" in load_flow(system))
+#: How far each club's clock runs from ours (ahead, behind: every other flow).
+CLOCK_OFFSETS = {system: (0.7, -0.45)[index % 2] for index, system in enumerate(CLOCKS)}
+#: The measurement sends about a request a second (each timed to the club's second turning),
+#: within the 30 s before the trigger and done 1 s before it.
+CLOCK_LEAD_SECONDS = 17.0
+
+
+def test_the_ready_flows_with_a_harmless_endpoint_measure_the_clubs_clock() -> None:
+    assert CLOCKS == ["better", "clubautomation", "eversports", "perfectgym", "skedda"]
+    for system in CLOCKS:
+        flow = load_flow(system)
+        clock = parse_flow(flow, api_url=None, name=system).clock_url
+        assert clock == flow["clock"]["url"] and urlsplit(clock).hostname in flow["hosts"]
+        # The same GET that the mock answers with its Date, at the same path as the real host.
+        with MOCKS[system](zone="Europe/Paris", clock=lambda: time.time() + 3600) as club:
+            mocked = parse_flow(flow_for_mock(system, club.url), api_url=None, name=system)
+            assert mocked.clock_url is not None
+            answer = requests.get(mocked.clock_url, timeout=5, allow_redirects=False)
+            assert answer.status_code == 200, (system, answer.status_code)
+            # by the club's clock (an hour ahead of ours here)
+            moment = clubclock.parse_date(answer.headers.get("Date"))
+            assert abs(moment - (time.time() + 3600)) < 2
+            assert [(r.method, r.path) for r in club.requests] == [("GET", urlsplit(clock).path)]
+
+
+@dataclass
+class ClockRun:
+    """A ready flow booked by the real engine at its mock, whose clock runs ``offset`` s from
+    ours: the club opens its window at the trigger by its own clock."""
+
+    booking: Booking
+    offset: float
+    status: str | None
+
+
+@pytest.fixture(scope="module")
+def clock_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ClockRun]]:
+    """Every ready flow with ``clock``, booked at once (one thread each, its own database),
+    each at a mock whose clock runs ahead of ours or behind it."""
+    root = tmp_path_factory.mktemp("ready-clock")
+    fernet = MultiFernet([Fernet(Fernet.generate_key())])
+    statuses: dict[str, str | None] = {}
+    with contextlib.ExitStack() as stack:
+        bookings: dict[str, Booking] = {}
+        for system in CLOCKS:
+            offset = CLOCK_OFFSETS[system]
+            club = stack.enter_context(
+                MOCKS[system](zone="Europe/Paris", clock=lambda o=offset: time.time() + o)
+            )
+            engine = models.make_engine(f"sqlite:///{root / system}.sqlite")
+            stack.callback(engine.dispose)
+            flow = parse_flow(flow_for_mock(system, club.url), api_url=None, name=system)
+            made = Booking(system, club, models.session_factory(engine), flow, fernet)
+            made.lead = CLOCK_LEAD_SECONDS
+            made.add()
+            club.opens_at = made.row().trigger_time.timestamp()  # by the club's own clock
+            bookings[system] = made
+
+        def book(system: str) -> None:
+            statuses[system] = bookings[system].book()
+
+        threads = [threading.Thread(target=book, args=(system,)) for system in CLOCKS]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(CLOCK_LEAD_SECONDS + 30)
+        yield {
+            system: ClockRun(made, CLOCK_OFFSETS[system], statuses.get(system))
+            for system, made in bookings.items()
+        }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("system", CLOCKS)
+def test_a_ready_flow_books_by_the_clubs_clock(
+    system: str, clock_runs: dict[str, ClockRun]
+) -> None:
+    """The flow's ``clock`` is measured at its mock before the trigger (at most 20 plain GETs,
+    no cookie, no token), the offset is noted on the instance and said in the outcome, and the
+    booking step reaches the club once it has opened by its own clock: ahead of our trigger
+    when the club's clock is ahead, after it when behind, never early."""
+    run = clock_runs[system]
+    club, row = run.booking.club, run.booking.row()
+    assert run.status == BOOKED, row.last_error
+    assert len(club.bookings) == 1
+    assert row.clock_error is None
+    assert row.clock_offset_ms is not None
+    assert abs(row.clock_offset_ms - run.offset * 1000) <= 50, row.clock_offset_ms
+    assert (row.clock_uncertainty_ms or 0) <= 100
+    timing = instances.timing_of(row) or ""
+    assert " by the club's clock (" in timing, timing
+
+    keyed = [r for r in club.requests if r.header("Idempotency-Key")]
+    assert len(keyed) == 1  # no early answer: the club had opened by its own clock
+    trigger = row.trigger_time.timestamp()
+    assert keyed[0].arrived + run.offset >= trigger  # the club's opening instant, or after
+    if run.offset > 0:
+        assert keyed[0].arrived < trigger - run.offset / 2  # ahead of our own trigger
+    else:
+        assert keyed[0].arrived > trigger - run.offset / 2  # held back for the club's clock
+
+    path = urlsplit(load_flow(system)["clock"]["url"]).path
+    probes = [r for r in club.requests if r.header("Cache-Control") == "no-cache"]
+    assert 3 <= len(probes) <= 20
+    assert {(r.method, r.path) for r in probes} == {("GET", path)}
+    assert all(r.arrived < keyed[0].arrived for r in probes)
+    assert all(not r.cookies and r.header("Authorization") is None for r in probes)
+    assert all(r.status == 200 for r in probes)
 
 
 @dataclass

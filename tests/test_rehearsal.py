@@ -23,6 +23,7 @@ def candidate(
     prepare_seconds: float | None = 60.0,
     rehearsal: str | None = None,
     rehearsed_ago: timedelta | None = None,
+    booking: bool = False,
 ) -> Candidate:
     trigger = NOW + trigger_in
     return Candidate(
@@ -36,6 +37,7 @@ def candidate(
         prepare_seconds=prepare_seconds,
         rehearsal=rehearsal,
         rehearsed_at=None if rehearsed_ago is None else NOW - rehearsed_ago,
+        booking=booking,
     )
 
 
@@ -51,8 +53,8 @@ def test_a_rehearsal_is_due_rehearse_hours_before_the_trigger_not_earlier() -> N
 
 def test_an_instance_loaded_later_rehearses_at_once_unless_its_preparation_is_near() -> None:
     later = candidate("a@1", timedelta(hours=3))
-    near = candidate("b@1", timedelta(seconds=60 + 299), club="near")
-    just_far = candidate("c@1", timedelta(seconds=60 + 300), club="far")
+    near = candidate("b@1", timedelta(seconds=60 + 299), club="near", token="bob")
+    just_far = candidate("c@1", timedelta(seconds=60 + 300), club="far", token="cy")
     assert keys(plan([later, near, just_far], NOW, 24)) == [["c@1"], ["a@1"]]
 
 
@@ -97,6 +99,62 @@ def test_instances_of_one_club_and_token_within_the_hour_share_one_rehearsal() -
 def test_an_old_rehearsal_from_before_the_window_counts_for_nothing() -> None:
     old = candidate("a@1", timedelta(hours=24), rehearsal="ok", rehearsed_ago=timedelta(days=3))
     assert keys(plan([old], NOW, 24)) == [["a@1"]]
+
+
+def test_a_rehearsal_due_at_another_bookings_trigger_waits_until_that_booking_ended() -> None:
+    # A daily schedule: tomorrow's rehearsal (24 h ahead) falls at today's trigger.
+    tomorrow = candidate("daily@2", timedelta(hours=24))
+    today = candidate("daily@1", timedelta(0))
+    assert plan([tomorrow, today], NOW, 24) == []
+    # Today's booking claimed (its early answers retried 10 s past its trigger): still waiting.
+    claimed = candidate("daily@1", -timedelta(seconds=10), booking=True)
+    assert plan([tomorrow, claimed], NOW, 24) == []
+    # Today's booking ended (booked or failed: no longer a candidate): tomorrow's runs, far ahead.
+    later = NOW + timedelta(minutes=1)
+    assert keys(plan([candidate("daily@2", timedelta(hours=24))], later, 24)) == [["daily@2"]]
+
+
+def test_another_booking_keeps_rehearsals_away_for_its_preparation_plus_five_minutes() -> None:
+    due = candidate("a@1", timedelta(hours=3))  # loaded late: rehearses at once
+    inside = candidate("b@1", timedelta(seconds=60 + 299))
+    outside = candidate("b@1", timedelta(seconds=60 + 300))
+    assert plan([due, inside], NOW, 24) == []
+    # Just outside, it is not busy (and rehearses itself, with the other: loaded late too).
+    assert keys(plan([due, outside], NOW, 24)) == [["b@1", "a@1"]]
+    # Its own flow's preparation time counts: an hour's preparation keeps it away an hour more.
+    long_prepare = candidate("b@1", timedelta(minutes=64), prepare_seconds=3600)
+    assert plan([due, long_prepare], NOW, 24) == []
+    # A booking already due (its trigger passed, booked at once) keeps it away too.
+    overdue = candidate("b@1", -timedelta(minutes=3))
+    assert plan([due, overdue], NOW, 24) == []
+
+
+def test_a_booking_of_the_same_club_or_the_same_token_keeps_a_rehearsal_waiting() -> None:
+    due = candidate("a@1", timedelta(hours=3), club="padel", token="ana")
+    for other, waits in (
+        (candidate("b@1", timedelta(minutes=1), club="padel", token="ana"), True),
+        (candidate("b@1", timedelta(minutes=1), club="padel", token="ben"), True),
+        (candidate("b@1", timedelta(minutes=1), club="padel-north", token="ana"), True),
+        (candidate("b@1", timedelta(minutes=1), club="tennis", token="ben"), False),
+        (candidate("b@1", timedelta(minutes=1), club="tennis", token="ben", booking=True), False),
+    ):
+        assert plan([due, other], NOW, 24) == ([] if waits else [[due]]), other
+
+
+def test_a_failed_rehearsals_hourly_try_and_a_reloads_wait_for_another_booking_too() -> None:
+    failed = candidate(
+        "a@1", timedelta(hours=5), rehearsal="failed x", rehearsed_ago=timedelta(hours=1)
+    )
+    claimed = candidate("b@1", -timedelta(seconds=3), booking=True)
+    assert plan([failed, claimed], NOW, 24) == []
+    assert plan([failed, claimed], NOW, 24, again=True) == []
+    assert keys(plan([failed], NOW, 24, again=True)) == [["a@1"]]
+
+
+def test_a_booking_under_way_is_never_rehearsed_itself() -> None:
+    # A watch's try, claimed, whose next trigger is far: no rehearsal of it, none of its club.
+    trying = candidate("a@1", timedelta(hours=3), booking=True)
+    assert plan([trying], NOW, 24) == []
 
 
 @pytest.mark.parametrize(

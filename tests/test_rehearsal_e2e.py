@@ -33,10 +33,13 @@ BLOCK_PAGE = (
 
 @dataclass
 class Club:
-    """A login (blocked by a CDN's page until ``healed``), and a booking that nothing may send."""
+    """A login (blocked by a CDN's page until ``healed``) that ends the session of the login
+    before it (one per account), and a booking that only the latest session may send."""
 
     healed: bool = False
     seen: list[str] = field(default_factory=list)
+    #: Logins so far: each issues a new session and ends the one before (one per account).
+    logins: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     server: ThreadingHTTPServer | None = None
 
@@ -51,12 +54,18 @@ class Club:
                 with club.lock:
                     club.seen.append(f"{self.command} {self.path}")
                     healed = club.healed
+                    if self.path == "/login" and healed:
+                        club.logins += 1
+                    session = f"Bearer j-{club.logins}"
                 if self.path == "/login" and healed:
-                    status, kind, raw = 200, "application/json", b'{"jwt": "j-77"}'
+                    status, kind = 200, "application/json"
+                    raw = json.dumps({"jwt": session.removeprefix("Bearer ")}).encode()
                 elif self.path == "/login":
                     status, kind, raw = 403, "text/html", BLOCK_PAGE.encode()
+                elif self.headers.get("Authorization") != session:
+                    status, kind, raw = 401, "application/json", b'{"error": "session ended"}'
                 else:
-                    status, kind, raw = 201, "application/json", b'{"id": "never"}'
+                    status, kind, raw = 201, "application/json", b'{"id": "b-1"}'
                 self.send_response(status)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(raw)))
@@ -132,24 +141,33 @@ def daemons() -> Iterator[list[DaemonProcess]]:
         process.cleanup()
 
 
-def setup(club: Club, tmp_path: Path, **extra: str) -> tuple[Path, dict[str, str], list[str]]:
-    """Three entries on the flow (triggers in 2 h and 2 h 30: one shared rehearsal; in 30 h:
-    not yet) and one on a club file without preparation steps."""
+#: Three entries on the flow (triggers in 2 h and 2 h 30: one shared rehearsal; in 30 h: not
+#: yet) and one on a club file without preparation steps.
+ENTRIES = (
+    ("mon", timedelta(hours=2), "cdn"),
+    ("tue", timedelta(hours=2, minutes=30), "cdn"),
+    ("later", timedelta(hours=30), "cdn"),
+    ("plain", timedelta(hours=2), "plain"),
+)
+
+
+def setup(
+    club: Club,
+    tmp_path: Path,
+    entries: tuple[tuple[str, timedelta, str], ...] = ENTRIES,
+    **extra: str,
+) -> tuple[Path, dict[str, str], list[str]]:
+    """``entries`` (id, its trigger from now, its club file) in schedules.json."""
     data = tmp_path / "data"
     (data / "clubs").mkdir(parents=True)
     (data / "clubs" / "cdn.json").write_text(json.dumps(club.flow()))
     (data / "clubs" / "plain.json").write_text(json.dumps(club.plain()))
     (data / "tokens.json").write_text(json.dumps({"default": TOKEN}))
     now = datetime.now(UTC).replace(microsecond=0)
-    entries = []
-    for name, ahead, club_name in (
-        ("mon", timedelta(hours=2), "cdn"),
-        ("tue", timedelta(hours=2, minutes=30), "cdn"),
-        ("later", timedelta(hours=30), "cdn"),
-        ("plain", timedelta(hours=2), "plain"),
-    ):
+    schedule = []
+    for name, ahead, club_name in entries:
         desired = now + WINDOW + ahead
-        entries.append(
+        schedule.append(
             {
                 "id": name,
                 "type": "one-off",
@@ -158,7 +176,7 @@ def setup(club: Club, tmp_path: Path, **extra: str) -> tuple[Path, dict[str, str
                 "club": club_name,
             }
         )
-    (data / "schedules.json").write_text(json.dumps(entries))
+    (data / "schedules.json").write_text(json.dumps(schedule))
     env = {
         "PATH": "/usr/bin:/bin",
         "FERNET_KEY": Fernet.generate_key().decode(),
@@ -169,7 +187,7 @@ def setup(club: Club, tmp_path: Path, **extra: str) -> tuple[Path, dict[str, str
         "HTTP_TIMEOUT_SECONDS": "2",
         **extra,
     }
-    return data, env, [f"{e['id']}@{e['desired_time']}" for e in entries]
+    return data, env, [f"{e['id']}@{e['desired_time']}" for e in schedule]
 
 
 def mail(raw: bytes) -> tuple[str, str]:
@@ -254,4 +272,33 @@ def test_rehearse_hours_zero_sends_nothing(
     time.sleep(3)
     assert club.requests() == []
     assert {row["rehearsal"] for row in by_key(env).values()} == {None}
+    assert process.stop() == 0
+
+
+def test_a_rehearsal_waits_for_a_booking_of_the_same_club_and_token_to_end(
+    club: Club, tmp_path: Path, daemons: list[DaemonProcess]
+) -> None:
+    """Loaded late, ``later`` would rehearse at once: at the instant ``now`` (same club file,
+    same token) prepares and books. Its login would end ``now``'s session (one per account):
+    it waits until ``now`` is booked, then runs, far ahead of its own trigger."""
+    club.healed = True
+    entries = (("now", timedelta(seconds=8), "cdn"), ("later", timedelta(hours=3), "cdn"))
+    data, env, (now, later) = setup(club, tmp_path, entries)
+    process = DaemonProcess(env, data, tmp_path / "out.txt").start()
+    daemons.append(process)
+    process.wait_ready()
+
+    assert wait_until(lambda: db_status(env, now) == "booked", 30), process.output()
+    time.sleep(1)  # the looks so far (at the start, after the load) rehearsed nothing
+    assert club.requests() == ["POST /login", "GET /slots", "POST /bookings"], process.output()
+    rows = by_key(env)
+    assert rows[now]["booking_ref"] == "b-1"
+    assert rows[later]["rehearsal"] is None
+
+    assert cli(env, "reload").returncode == 0  # a look at once rather than at the next minute
+    assert wait_until(lambda: (db_status(env, later, "rehearsal") or "").startswith("ok "), 20), (
+        process.output()
+    )
+    assert club.requests() == ["POST /login", "GET /slots", "POST /bookings", "POST /login"]
+    assert by_key(env)[later]["status"] == "pending"
     assert process.stop() == 0

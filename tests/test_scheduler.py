@@ -100,7 +100,9 @@ def test_each_stored_job_is_the_state_apscheduler_itself_would_store(
             next_run_time=run_at,
         ).__getstate__()
         ours = states[key]
-        assert ours.pop("trigger").run_date == own.pop("trigger").run_date == run_at
+        trigger, own_trigger = ours.pop("trigger"), own.pop("trigger")
+        assert trigger.__getstate__() == own_trigger.__getstate__()
+        assert trigger.run_date == run_at and trigger.run_date.tzinfo is UTC
         assert ours == own
 
 

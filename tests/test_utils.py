@@ -8,6 +8,7 @@ and RFC 5545 agree (a zoned start, its plain expansion)."""
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import functools
 import itertools
@@ -2836,3 +2837,51 @@ def test_html_page_cuts_a_long_title_and_folds_control_characters() -> None:
     assert title is not None
     assert len(title) == utils.PAGE_TITLE_CHARS and title.endswith("...")
     assert "\x1b" not in title
+
+
+@st.composite
+def stepping_rules(draw: st.DrawFn) -> tuple[str, datetime, datetime]:
+    """A rule ``_stepping_days`` takes (daily or weekly, interval 1, plain days), its start and
+    a horizon."""
+    parts = [draw(st.sampled_from(["FREQ=DAILY", "FREQ=WEEKLY"]))]
+    if draw(st.booleans()):
+        parts.append("INTERVAL=1")
+    days = draw(st.sets(st.sampled_from(DAY_CODES), max_size=7))
+    if days:
+        parts.append("BYDAY=" + ",".join(sorted(days, key=DAY_CODES.index)))
+    if draw(st.booleans()):
+        parts.append(f"COUNT={draw(st.integers(1, 60))}")
+    if draw(st.booleans()):
+        parts.append(f"WKST={draw(st.sampled_from(DAY_CODES))}")
+    start = draw(st.datetimes(datetime(2020, 1, 1), datetime(2030, 12, 31)))
+    horizon = start + timedelta(days=draw(st.integers(0, 800)), seconds=draw(st.integers(0, 86399)))
+    return ";".join(parts), start, horizon
+
+
+@settings(max_examples=300, deadline=None)
+@given(stepping_rules())
+def test_stepping_rules_expand_as_dateutil_does(case: tuple[str, datetime, datetime]) -> None:
+    text, start, horizon = case
+    rule = utils.parse_rfc_rule("RRULE:" + text, start=start, zone=LONDON)
+    assert rule.weekdays is not None, text  # taken by the stepping path
+
+    stepped = list(utils._rule_walls(rule, horizon))
+
+    by_dateutil = list(utils._rule_walls(dataclasses.replace(rule, weekdays=None), horizon))
+    assert stepped == by_dateutil
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "FREQ=WEEKLY;INTERVAL=2;BYDAY=MO",
+        "FREQ=MONTHLY;BYDAY=1MO",
+        "FREQ=WEEKLY;BYDAY=MO;BYHOUR=9,17",
+        "FREQ=DAILY;BYMONTH=6",
+        "FREQ=WEEKLY;BYDAY=MO;BYSETPOS=1",
+    ],
+)
+def test_other_rules_expand_through_dateutil(text: str) -> None:
+    rule = utils.parse_rfc_rule("RRULE:" + text, start=datetime(2026, 1, 5, 17), zone=LONDON)
+    assert rule.weekdays is None
+    assert utils.expand_rule(rule, LONDON, datetime(2026, 1, 1, tzinfo=UTC), 3)

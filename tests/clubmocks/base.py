@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, ClassVar
@@ -150,6 +151,13 @@ class _Handler(BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return f"{self.server_version} {self.sys_version}".strip()
 
+    def date_time_string(self, timestamp: float | None = None) -> str:
+        """Every answer's ``Date`` (``send_response`` adds it), by the club's own clock: a mock
+        made with ``clock`` running ahead of ours or behind it says so in its ``Date``, as a real
+        club's server does (CONTRACT section 6, "The club's clock")."""
+        moment = self.server.mock.now() if timestamp is None else timestamp
+        return formatdate(moment, usegmt=True)
+
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
@@ -189,7 +197,10 @@ class ClubMock:
       request with one gets the system's expired-login answer;
     - ``bookings``: what was booked (and its status), ``requests``: every request received.
 
-    ``zone`` is the club's zone, for the local dates and times its API speaks.
+    ``zone`` is the club's zone, for the local dates and times its API speaks. ``clock`` is the
+    club's own clock (default ours): ``opens_at`` is read by it and every answer's ``Date``
+    header says it, so ``clock=lambda: time.time() + 0.7`` is a club whose clock runs 0.7 s
+    ahead of ours.
     """
 
     system: ClassVar[str]

@@ -2,8 +2,10 @@
 
 Sources (read, not copied):
 - ``shubhamwagh/better-booking-bot`` (August 2026) ``src/better_bot/api.py``, ``bot.py``,
-  ``checkout.py``: ``POST /api/auth/customer/login`` with JSON ``username``, ``password``
-  answering ``token`` (then ``Authorization: Bearer``, ``Origin: https://bookings.better.org.uk``);
+  ``checkout.py``: ``GET /api/activities/venues`` without a token ("no auth required") answering
+  ``data[]`` of ``slug`` and ``name`` (the ready flow's ``clock``);
+  ``POST /api/auth/customer/login`` with JSON ``username``, ``password`` answering ``token``
+  (then ``Authorization: Bearer``, ``Origin: https://bookings.better.org.uk``);
   ``GET /api/auth/user`` answering ``data.membership_user.id``;
   ``GET /api/activities/venue/<venue>/activity/<activity>/v2/times?date=YYYY-MM-DD`` answering
   ``data[]`` of ``id``, ``starts_at.format_24_hour``, ``action_to_show.status`` (``BOOK``,
@@ -53,6 +55,7 @@ class BetterMock(ClubMock):
     system = "better"
     hosts = ("better-admin.org.uk",)
     routes: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        ("GET", r"/api/activities/venues", "venues"),
         ("POST", r"/api/auth/customer/login", "login"),
         ("GET", r"/api/auth/user", "user"),
         (
@@ -76,6 +79,10 @@ class BetterMock(ClubMock):
 
     def tokens_entry(self) -> dict[str, str]:
         return {"email": self.email, "password": self.password, "venue": VENUE}
+
+    def venues(self, request: Recorded) -> Answer:
+        """The venues' list, public (no token): the ready flow's ``clock`` reads its ``Date``."""
+        return json_answer(200, {"data": [{"slug": VENUE, "name": "Yourclub Leisure Centre"}]})
 
     def login(self, request: Recorded) -> Answer:
         try:

@@ -22,6 +22,7 @@ Together they show:
   available Court" or "reservation at this time is no longer available" (taken); "you don't
   have permission to reserve" (session gone).
 
+The home page, ``GET /``, is also the ready flow's ``clock`` (its ``Date``).
 Not shown by public code (the mock's own): the wording around those phrases, the answer to a
 wrong password (``isValid: false`` with a message), and the redirect of a page asked for without
 a login.

@@ -17,6 +17,7 @@ of GraphQL itself come as a top-level ``errors`` list, which the client answers 
 again. A second public client (``mbreckner/eversports_booking``) drives a browser and shows no
 HTTP call.
 
+The home page, ``GET /``, is also the ready flow's ``clock`` (its ``Date``).
 Not shown by public code (the mock's own): the cookie names, the texts of a wrong password and
 of a session not open for booking yet ("Booking is not possible yet"), and the ``UNAUTHENTICATED``
 code of an expired session.

@@ -47,7 +47,17 @@ BUILTINS = frozenset(
 )
 TIME_PLACEHOLDERS = frozenset({"start", "end", "start_utc", "end_utc"})
 TOP_KEYS = frozenset(
-    {"about", "hosts", "window", "prepare_seconds", "steps", "cancel", "sources", "checked"}
+    {
+        "about",
+        "hosts",
+        "window",
+        "prepare_seconds",
+        "steps",
+        "cancel",
+        "sources",
+        "checked",
+        "clock",
+    }
 )
 STEP_KEYS = frozenset(
     {
@@ -78,20 +88,24 @@ def load_flow(system: str) -> dict[str, Any]:
 
 
 def flow_for_mock(system_or_flow: str | dict[str, Any], base_url: str) -> dict[str, Any]:
-    """The flow with its hosts' ``https://`` URLs pointed at ``base_url`` (``http://host:port``)."""
+    """The flow with its hosts' ``https://`` URLs (its steps', its cancel's and its ``clock``'s)
+    pointed at ``base_url`` (``http://host:port``)."""
     flow = copy.deepcopy(
         load_flow(system_or_flow) if isinstance(system_or_flow, str) else system_or_flow
     )
     base = base_url.rstrip("/")
-    for step in [*flow["steps"], *flow.get("cancel", [])]:
+    named = [(f"step {s['name']!r}", s) for s in [*flow["steps"], *flow.get("cancel", [])]]
+    if isinstance(flow.get("clock"), dict):
+        named.append(("clock", flow["clock"]))
+    for name, holder in named:
         for host in flow["hosts"]:
             prefix = f"https://{host}"
-            url = step["url"]
+            url = holder["url"]
             if url == prefix or url.startswith((prefix + "/", prefix + "?")):
-                step["url"] = base + url[len(prefix) :]
+                holder["url"] = base + url[len(prefix) :]
                 break
         else:
-            raise ValueError(f"step {step['name']!r}: {step['url']!r} is on none of the hosts")
+            raise ValueError(f"{name}: {holder['url']!r} is on none of the hosts")
     flow["hosts"] = [urlsplit(base).netloc]
     return flow
 
@@ -164,6 +178,21 @@ def _matcher_problems(where: str, matcher: Any) -> list[str]:
     return problems
 
 
+def _clock_problems(clock: Any, hosts: list[str], source: str) -> list[str]:
+    """CONTRACT section 6, "The club's clock": ``{"url": ...}``, a plain https GET on ``hosts``
+    that carries no placeholder (no token, no value)."""
+    if clock is None:
+        return []
+    if not isinstance(clock, dict) or set(clock) != {"url"} or not isinstance(clock["url"], str):
+        return [f"{source}: clock: expected {{'url': '<a harmless GET on hosts>'}}, got {clock!r}"]
+    split = urlsplit(clock["url"])
+    if split.scheme != "https" or split.netloc not in hosts:
+        return [f"{source}: clock.url: {clock['url']!r} is not https on one of hosts {hosts}"]
+    if re.search(r"[{}]", clock["url"]):
+        return [f"{source}: clock.url: {clock['url']!r} holds a placeholder"]
+    return []
+
+
 def flow_problems(flow: Any, source: str = "flow") -> list[str]:
     """What breaks section 12 in ``flow``, one message per problem (empty: none found)."""
     if not isinstance(flow, dict):
@@ -177,6 +206,7 @@ def flow_problems(flow: Any, source: str = "flow") -> list[str]:
     prepare = flow.get("prepare_seconds", 60)
     if isinstance(prepare, bool) or not isinstance(prepare, int) or not 0 < prepare <= 3600:
         problems.append(f"{source}: prepare_seconds: expected 1..3600, got {prepare!r}")
+    problems += _clock_problems(flow.get("clock"), hosts, source)
     steps = flow.get("steps")
     if not isinstance(steps, list) or not steps:
         return [*problems, f"{source}: steps: expected a non-empty list"]

@@ -20,6 +20,9 @@ Sources (read, not copied):
 - ``dekelpilli/perfectgym-scheduler`` ``src/perfectgym_scheduler/core.bb`` (2026-03-16):
   ``BookClass`` with ``clubId`` a string and ``classId`` a number; ``Details`` ``Status``.
 
+The portal's page, ``GET /clientportal2/`` (gym_sniper's ``base_url``, the ``Referer`` of every
+client's request), is what a browser opens; the ready flow's ``clock`` reads its ``Date``. Its
+body is the mock's own (a page shell).
 The mock refuses a wrong password with 499 (the portal's answer the issue reported; gym_sniper's
 tests mock 401). Not shown by public code (the mock's own): the message of the 499, the exact code
 for a full class (``ClassIsFull``, which gym_sniper's "Full" test matches), the status of a class
@@ -37,6 +40,11 @@ from clubmocks.base import Answer, ClubMock, Recorded, json_answer, text_answer
 CLUB_ID = "2"
 MEMBER_ID = 4242
 PREFIX = "/clientportal2"
+#: The portal's page (a single-page app's shell; the API calls are made from it).
+PORTAL_PAGE = (
+    "<!DOCTYPE html><html><head><title>Client Portal</title></head>"
+    "<body><div ng-view></div></body></html>"
+)
 
 
 def _code(code: str) -> Answer:
@@ -50,6 +58,7 @@ class PerfectGymMock(ClubMock):
     system = "perfectgym"
     hosts = ("yourclub.perfectgym.com",)
     routes: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        ("GET", PREFIX + r"/", "portal"),
         ("POST", PREFIX + r"/Auth/Login", "login"),
         ("POST", PREFIX + r"/Classes/ClassCalendar/WeeklyClasses", "weekly"),
         ("GET", PREFIX + r"/Classes/ClassCalendar/Details", "details"),
@@ -72,6 +81,11 @@ class PerfectGymMock(ClubMock):
         """A class at ``start`` (aware) that the user may book."""
         with self._lock:
             self.classes[class_id] = {"name": name, "start": start, "minutes": minutes}
+
+    def portal(self, request: Recorded) -> Answer:
+        """The client portal's page, public: what a browser opens (the ready flow's ``clock``
+        reads its ``Date``)."""
+        return text_answer(200, PORTAL_PAGE)
 
     def login(self, request: Recorded) -> Answer:
         try:

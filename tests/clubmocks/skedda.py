@@ -25,6 +25,7 @@ Sources (read, not copied):
   ``"type": 1``, ``"lockInMargin": 12``, string ``spaces``, ``venue`` and ``venueuser``; it reads
   the conflict texts the same way.
 
+The sign-in page, ``GET /account/login``, is also the ready flow's ``clock`` (its ``Date``).
 Not shown by public code (the mock's own): the answer to a request without the antiforgery token
 (400, as ASP.NET Core's antiforgery filter answers), the auth cookie's name, the steps of the
 venue's redirect chain (one hop through ``/account/venuelogin``), the exact wording
