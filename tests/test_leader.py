@@ -248,7 +248,7 @@ def test_two_processes_one_active(pg_url: str, children: list[Child]) -> None:
 def test_kill_9_of_the_active_one_and_the_standby_takes_over(
     pg_url: str, children: list[Child]
 ) -> None:
-    rounds = 5
+    rounds = 3
     phases = random.Random(13)
     current = Child(pg_url, "d0")
     children.append(current)
