@@ -50,6 +50,7 @@ from models import (
     Token,
     Wakeup,
     insert_many,
+    refresh_statistics,
     transaction,
 )
 from notify import Outcome
@@ -191,6 +192,7 @@ def reconcile(
             for start in range(0, len(work), ENTRIES_PER_PASS):
                 pass_.run(session, work[start : start + ENTRIES_PER_PASS])
             pass_.write(session)
+            refresh_statistics(session.connection(), Instance.__table__, changes.added)
             return changes
     for first in range(0, len(work), ENTRIES_PER_COMMIT):
         batch = work[first : first + ENTRIES_PER_COMMIT]
@@ -198,6 +200,8 @@ def reconcile(
             for start in range(0, len(batch), ENTRIES_PER_PASS):
                 pass_.run(session, batch[start : start + ENTRIES_PER_PASS])
             pass_.write(session)
+    with transaction(factory) as session:
+        refresh_statistics(session.connection(), Instance.__table__, changes.added)
     return changes
 
 

@@ -92,11 +92,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
-        return value.astimezone(UTC).replace(tzinfo=None)
+        return _utc_naive(value)
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return None if value is None else value.replace(tzinfo=UTC)
@@ -109,35 +105,32 @@ def sqlite_datetime(value: datetime) -> str:
 
 
 def insert_many(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert ``rows`` (dicts with the same keys) into ``table`` in one statement.
+    """Insert ``rows`` (dicts with the same keys) into ``table``, in the connection's
+    transaction.
 
-    On SQLite the values are converted here, as the column types would convert them, and
-    handed to the driver's ``executemany`` directly: SQLAlchemy's per-value processing is most
-    of the cost of writing the 104,000 rows of a cold load of 1,000 weekly schedules (instances
-    and jobs). Elsewhere (PostgreSQL) SQLAlchemy's own multi-row INSERT is used as it is.
-    Columns the rows leave out take their scalar default, as SQLAlchemy's INSERT gives them
-    (``tests/test_models.py`` holds the two paths to the same rows)."""
+    The values are converted here, as the column types would convert them, and handed to the
+    driver in bulk: on SQLite its ``executemany``, on PostgreSQL ``COPY ... FROM STDIN``.
+    SQLAlchemy's per-value processing (SQLite) and one statement a row (psycopg's pipelined
+    ``executemany``, PostgreSQL) were most of the cost of writing the 104,000 rows of a cold load
+    of 1,000 weekly schedules (instances and jobs). Columns the rows leave out take their scalar
+    default, as SQLAlchemy's INSERT gives them (``tests/test_models.py`` holds the two ways to
+    the same rows on both databases)."""
     if not rows:
         return
-    if conn.dialect.name != "sqlite":
+    dialect = conn.dialect
+    if dialect.name not in ("sqlite", "postgresql"):
         conn.execute(insert(table), list(rows))
         return
     given = list(rows[0])
     # The columns SQLAlchemy would fill in from their Python-side default; a callable one
     # (a time stamp) must be given.
     filled = [c for c in table.columns if c.key not in rows[0] and c.default is not None]
-    dialect = conn.dialect
     tail = tuple(_bind_converter(c, dialect)(_scalar_default(table, c)) for c in filled)
     converters = [
         (i, convert)
         for i, name in enumerate(given)
         if (convert := _bind_converter(table.c[name], dialect)) is not _same
     ]
-    preparer = dialect.identifier_preparer
-    names = ", ".join(preparer.quote(name) for name in [*given, *(c.key for c in filled)])
-    marks = ", ".join("?" * (len(given) + len(filled)))
-    # Our own table's quoted identifiers; every value is bound.
-    sql = f"INSERT INTO {preparer.format_table(table)} ({names}) VALUES ({marks})"  # noqa: S608
     values = itemgetter(*given)
     params = []
     for row in rows:
@@ -145,7 +138,37 @@ def insert_many(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) 
         for i, convert in converters:
             one[i] = convert(one[i])
         params.append((*one, *tail))
-    conn.exec_driver_sql(sql, params)
+    preparer = dialect.identifier_preparer
+    target = preparer.format_table(table)
+    names = ", ".join(preparer.quote(name) for name in [*given, *(c.key for c in filled)])
+    # Below: our own table's quoted identifiers; every value is bound or copied as data.
+    if dialect.name == "sqlite":
+        marks = ", ".join("?" * (len(given) + len(filled)))
+        conn.exec_driver_sql(f"INSERT INTO {target} ({names}) VALUES ({marks})", params)  # noqa: S608
+        return
+    with (
+        conn.connection.dbapi_connection.cursor() as cursor,  # type: ignore[union-attr]
+        cursor.copy(f"COPY {target} ({names}) FROM STDIN") as copy,
+    ):
+        for one in params:
+            copy.write_row(one)
+
+
+#: Rows written by one load from which a PostgreSQL table's planner statistics are refreshed.
+ANALYZE_AFTER_ROWS = 1000
+
+
+def refresh_statistics(conn: Connection, table: Table | str, rows: int) -> None:
+    """After ``rows`` were written to ``table`` by one load: on PostgreSQL, once they are many,
+    ``ANALYZE`` it. Without, the planner takes a table that a cold load has just filled for
+    the empty one it last counted, and walks all of it for each page of 500 instances that the
+    job sync reads (4 s for 52,000; autovacuum would count them only later). SQLite plans by
+    its indexes without statistics."""
+    if conn.dialect.name != "postgresql" or rows < ANALYZE_AFTER_ROWS:
+        return
+    preparer = conn.dialect.identifier_preparer
+    name = preparer.quote(table) if isinstance(table, str) else preparer.format_table(table)
+    conn.exec_driver_sql(f"ANALYZE {name}")
 
 
 def _scalar_default(table: Table, column: Any) -> Any:
@@ -160,20 +183,26 @@ def _scalar_default(table: Table, column: Any) -> Any:
 def _bind_converter(column: Any, dialect: Dialect) -> Callable[[Any], Any]:
     """What the column's type does to a value before the driver gets it."""
     if isinstance(column.type, UTCDateTime):
-        return _utc_text
+        return _utc_text if dialect.name == "sqlite" else _utc_naive
     process = column.type.dialect_impl(dialect).bind_processor(dialect)
     return _same if process is None else process  # type: ignore[no-any-return]
 
 
 def _utc_text(value: datetime | None) -> str | None:
     """``UTCDateTime``'s value as SQLite holds it (see ``sqlite_datetime``)."""
+    if value is not None and value.tzinfo is UTC:
+        return value.isoformat(" ", "microseconds")[:-6]  # less "+00:00"
+    naive = _utc_naive(value)
+    return None if naive is None else sqlite_datetime(naive)
+
+
+def _utc_naive(value: datetime | None) -> datetime | None:
+    """``UTCDateTime``'s value as a driver takes it: naive, in UTC."""
     if value is None:
         return None
-    if value.tzinfo is not UTC:
-        if value.tzinfo is None:
-            raise ValueError("naive datetime given to a UTC column")
-        value = value.astimezone(UTC)
-    return value.isoformat(" ", "microseconds")[:-6]  # less "+00:00"
+    if value.tzinfo is None:
+        raise ValueError("naive datetime given to a UTC column")
+    return value.astimezone(UTC).replace(tzinfo=None)
 
 
 def _same(value: Any) -> Any:

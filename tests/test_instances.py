@@ -1947,3 +1947,31 @@ def test_a_batched_reconcile_commits_as_it_goes_with_the_same_result(
     again = reconcile(factory, config, now=NOW, batched=True)
     assert again.empty
     assert len(rows(factory)) == 3 * 52 + 1
+
+
+def test_a_load_of_many_instances_refreshes_postgresqls_statistics(
+    factory: sessionmaker[Session],
+    settings: Settings,
+    fernet: MultiFernet,
+    data_dir: Path,
+    database: str,
+) -> None:
+    def analyzed() -> object:
+        query = (
+            "SELECT last_analyze FROM pg_stat_user_tables WHERE relname = 'schedules'"
+            if database == "postgresql"
+            # SQLite plans by its indexes: no statistics are made (they would change its plans).
+            else "SELECT count(*) FROM sqlite_master WHERE name = 'sqlite_stat1'"
+        )
+        with factory() as session:
+            return session.execute(sql_text(query)).scalar() or None
+
+    entries = [WED | {"id": f"wed-{i}", "court_id": str(i)} for i in range(30)]
+    write(data_dir, entries[:10])
+    assert apply(factory, settings, fernet).added == 520
+    assert analyzed() is None  # a few hundred: the planner's guess does no harm
+
+    write(data_dir, entries)
+    assert apply(factory, settings, fernet).added == 1040
+
+    assert (analyzed() is not None) == (database == "postgresql")

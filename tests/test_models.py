@@ -11,7 +11,18 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Float,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    insert,
+    select,
+    text,
+)
 
 import models
 
@@ -144,6 +155,56 @@ def test_insert_many_writes_what_sqlalchemys_insert_writes(tmp_path: Path) -> No
         (first,) = session.scalars(select(models.Instance).where(models.Instance.key == "s1@x"))
     assert first.desired_time == datetime(2026, 7, 1, 17, 30, 0, 5, tzinfo=UTC)
     assert (first.attempts, first.interrupted, first.courts) == (0, False, "[null]")
+
+
+def test_insert_many_on_each_database_stores_what_sqlalchemy_stores(db_url: str) -> None:
+    """Instances, and a table with the other kinds of column a job row has (bytes, a float,
+    a flag left to its default), written both ways into one database and read back raw."""
+    metadata = MetaData()
+    jobs = Table(
+        "bulk_jobs",
+        metadata,
+        Column("id", String(191), primary_key=True),
+        Column("next_run_time", Float, index=True),
+        Column("job_state", LargeBinary, nullable=False),
+        Column("paused", Boolean, default=False),
+    )
+    engine = models.make_engine(db_url)
+    metadata.create_all(engine)
+    states = [b"\x80\x05state\x00\xff", b""]
+    job_rows = [
+        {"id": f"j{i}", "next_run_time": 1796230800.25 + i, "job_state": state}
+        for i, state in enumerate(states)
+    ]
+    raw = []
+    for way, write in (
+        ("sa", lambda conn, table, rows: conn.execute(insert(table), rows)),
+        ("bulk", models.insert_many),
+    ):
+        with engine.begin() as conn:
+            rows = [r | {"key": f"{way}-{r['key']}"} for r in instance_rows()]
+            write(conn, models.Instance.__table__, rows)
+            write(conn, jobs, [r | {"id": f"{way}-{r['id']}"} for r in job_rows])
+        with engine.connect() as conn:
+            mine = {"mine": f"{way}-%"}
+            instances = conn.execute(
+                text("SELECT * FROM schedules WHERE key LIKE :mine ORDER BY key"), mine
+            ).all()
+            job_table = conn.execute(
+                text("SELECT * FROM bulk_jobs WHERE id LIKE :mine ORDER BY id"), mine
+            ).all()
+        # Neither the surrogate id nor the key's prefix: every other column as stored.
+        raw.append(
+            (
+                [tuple(row)[2:] for row in instances],
+                [(tuple(row)[1:], bytes(row[2])) for row in job_table],
+            )
+        )
+    engine.dispose()
+
+    assert raw[0] == raw[1]
+    assert [state for _, state in raw[1][1]] == states
+    assert len(raw[1][0]) == 3
 
 
 def test_insert_many_refuses_a_naive_time_and_a_missing_stamp(tmp_path: Path) -> None:

@@ -203,10 +203,19 @@ LOAD_TRIGGER_REPEATS = 3
 TARGET_LOAD_TRIGGER_MS = 50.0
 
 
-def trigger_during_load(root: Path, count: int = 1000) -> list[tuple[float, float]]:
+def soonest_first_at(output: str) -> float:
+    """When (epoch seconds) the daemon logged its soonest-first part done; nan without."""
+    for line in output.splitlines():
+        if "soonest first:" in line:
+            stamp = line.split(" ", 1)[0].replace("Z", "+00:00")
+            return datetime.fromisoformat(stamp).timestamp()
+    return math.nan
+
+
+def trigger_during_load(root: Path, count: int = 1000) -> list[tuple[float, float, float]]:
     """A cold load of ``count`` weekly schedules on SQLite with one one-off whose trigger comes
     ``TRIGGER_INTO_LOAD`` s after the launch: (its lateness at the club in ms, start to ready
-    in s), per repeat."""
+    in s, the soonest-first part done in s after the launch), per repeat."""
     from bench import WINDOW_SECONDS, ClubProcess, iso_z, wait_for_keys
 
     figures = []
@@ -230,15 +239,22 @@ def trigger_during_load(root: Path, count: int = 1000) -> list[tuple[float, floa
             if key not in seen:
                 raise BenchError("the booking due during the load never reached the club")
             late = (seen[key]["arrived"] - trigger) * 1000
+            soonest = soonest_first_at(daemon.output()) - launched
             progress(
                 f"trigger {trigger - launched:.1f} s after launch: sent {late:.1f} ms after it; "
-                f"ready {ready:.1f} s after launch"
+                f"soonest first done {soonest:.1f} s after launch; ready {ready:.1f} s after launch"
             )
-            figures.append((late, ready))
+            figures.append((late, ready, soonest))
         finally:
             club.stop()
             kill_children()
     return figures
+
+
+def seconds(values: list[float]) -> str:
+    """min / median / max, in seconds."""
+    ordered = sorted(values)
+    return f"{ordered[0]:.1f} / {ordered[len(ordered) // 2]:.1f} / {ordered[-1]:.1f} s"
 
 
 def main_load_trigger() -> int:
@@ -249,12 +265,12 @@ def main_load_trigger() -> int:
     with tempfile.TemporaryDirectory(prefix="courtbot-load-trigger-") as scratch:
         figures = trigger_during_load(Path(scratch))
     late = Spread.of([f[0] for f in figures])
-    ready = [f[1] for f in figures]
     verdict = "MET" if late.values and late.max <= TARGET_LOAD_TRIGGER_MS else "MISSED"
     print(
         f"trigger {TRIGGER_INTO_LOAD:g} s into a cold load of 1,000 schedules (52,000 "
         f"instances), SQLite: sent {late.text()} after it (target <= "
-        f"{TARGET_LOAD_TRIGGER_MS:g} ms: {verdict}); start to ready "
-        f"{min(ready):.1f} / {sorted(ready)[len(ready) // 2]:.1f} / {max(ready):.1f} s"
+        f"{TARGET_LOAD_TRIGGER_MS:g} ms: {verdict}); soonest first done "
+        f"{seconds([f[2] for f in figures])} after launch; start to ready "
+        f"{seconds([f[1] for f in figures])}"
     )
     return 0
