@@ -16,7 +16,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from cryptography.fernet import Fernet
 
-from daemon_harness import DaemonProcess, by_key, cli, iso_z, status, wait_until
+from daemon_harness import DaemonProcess, by_key, cli, db_status, iso_z, status, wait_until
 from tools.sandbox_club import SandboxClub
 
 
@@ -258,7 +258,7 @@ def test_a_read_only_tokens_file_is_left_as_it_is_with_a_warning_and_the_token_s
         try:
             daemon.wait_ready()
             key = f"soon@{iso_z(desired)}"
-            assert wait_until(lambda: by_key(env)[key]["status"] == "booked", 15), daemon.output()
+            assert wait_until(lambda: db_status(env, key) == "booked", 15), daemon.output()
             assert daemon.stop() == 0
         finally:
             daemon.cleanup()
@@ -390,7 +390,7 @@ def test_the_end_is_the_start_plus_real_minutes_written_with_the_offset_then(
         try:
             daemon.wait_ready()
             key = f"dst@{iso_z(start)}"
-            assert wait_until(lambda: by_key(env)[key]["status"] == "booked", 15), daemon.output()
+            assert wait_until(lambda: db_status(env, key) == "booked", 15), daemon.output()
             assert daemon.stop() == 0
         finally:
             daemon.cleanup()
@@ -417,7 +417,7 @@ def test_several_courts_named_in_any_script_book_with_an_ascii_idempotency_key(
         daemon = DaemonProcess(env, Path(env["DATA_DIR"]), tmp_path / "daemon.out").start()
         try:
             daemon.wait_ready()
-            assert wait_until(lambda: by_key(env)[key]["status"] == "booked", 15), daemon.output()
+            assert wait_until(lambda: db_status(env, key) == "booked", 15), daemon.output()
             assert daemon.stop() == 0
         finally:
             daemon.cleanup()
@@ -466,7 +466,7 @@ def test_early_answers_to_a_late_booking_count_from_its_first_request_and_say_so
         daemon = DaemonProcess(env, Path(env["DATA_DIR"]), tmp_path / "daemon.out").start()
         try:
             daemon.wait_ready()
-            assert wait_until(lambda: by_key(env)[key]["status"] == "failed", 15), daemon.output()
+            assert wait_until(lambda: db_status(env, key) == "failed", 15), daemon.output()
             assert daemon.stop() == 0
         finally:
             daemon.cleanup()
@@ -538,7 +538,7 @@ def test_an_interim_1xx_answer_is_skipped_and_the_final_2xx_books(
     daemon = DaemonProcess(env, Path(env["DATA_DIR"]), tmp_path / "daemon.out").start()
     try:
         daemon.wait_ready()
-        assert wait_until(lambda: by_key(env)[key]["status"] != "pending", 15), daemon.output()
+        assert wait_until(lambda: db_status(env, key) not in (None, "pending"), 15), daemon.output()
         assert daemon.stop() == 0
     finally:
         daemon.cleanup()

@@ -20,7 +20,15 @@ from urllib.parse import urlsplit
 import pytest
 from cryptography.fernet import Fernet
 
-from daemon_harness import DaemonProcess, by_key, cli, desired_for_trigger_in, iso_z, wait_until
+from daemon_harness import (
+    DaemonProcess,
+    by_key,
+    cli,
+    db_status,
+    desired_for_trigger_in,
+    iso_z,
+    wait_until,
+)
 from notify import url_secrets
 from reliability_helpers import smtp_server
 
@@ -151,7 +159,7 @@ def start(data: Path, env: dict[str, str], tmp_path: Path, started: list[DaemonP
 
 def settled(env: dict[str, str], key: str, timeout: float = 20) -> dict[str, Any]:
     final = ("booked", "failed", "expired")
-    assert wait_until(lambda: by_key(env).get(key, {}).get("status") in final, timeout)
+    assert wait_until(lambda: db_status(env, key) in final, timeout)
     return by_key(env)[key]
 
 
@@ -551,7 +559,7 @@ def preparing_setup(
     process = start(data, env, tmp_path, daemons)
     key = f"prep@{iso_z(when)}"
     assert wait_until(lambda: "/login" in club.paths(), 15), process.output()
-    assert by_key(env)[key]["status"] == "booking"
+    assert db_status(env, key) == "booking"
     return data, env, entry, key, process
 
 
@@ -564,7 +572,7 @@ def test_an_entry_disabled_or_removed_while_its_flow_prepares_is_never_booked(
     write(data / "schedules.json", [{**entry, "enabled": False}] if edit == "disabled" else [])
     assert cli(env, "reload").returncode == 0
 
-    assert wait_until(lambda: by_key(env)[key]["status"] == "cancelled", 5)
+    assert wait_until(lambda: db_status(env, key) == "cancelled", 5)
     time.sleep(5)  # past the trigger
     row = by_key(env)[key]
     assert (row["status"], row["last_error"]) == (
@@ -584,7 +592,7 @@ def test_an_entry_disabled_and_enabled_again_while_its_flow_prepares_is_booked_o
 
     write(data / "schedules.json", [{**entry, "enabled": False}])
     assert cli(env, "reload").returncode == 0
-    assert wait_until(lambda: by_key(env)[key]["status"] == "cancelled", 5)
+    assert wait_until(lambda: db_status(env, key) == "cancelled", 5)
     write(data / "schedules.json", [entry])
     assert cli(env, "reload").returncode == 0
 

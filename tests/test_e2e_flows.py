@@ -27,6 +27,7 @@ from daemon_harness import (
     DaemonProcess,
     by_key,
     cli,
+    db_status,
     desired_for_trigger_in,
     iso_z,
     wait_until,
@@ -284,8 +285,7 @@ def test_a_flow_logs_in_ahead_looks_the_slot_up_at_the_trigger_books_and_confirm
     keys = {e["id"]: f"{e['id']}@{iso_z(start)}" for e in entries}
 
     def settled() -> bool:
-        rows = by_key(env)
-        return all(rows[key]["status"] in ("booked", "failed") for key in keys.values())
+        return all(db_status(env, key) in ("booked", "failed") for key in keys.values())
 
     assert wait_until(settled, 30), process.output()
     rows = by_key(env)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.fernet import Fernet
 
-from daemon_harness import DaemonProcess, by_key, iso_z, wait_until
+from daemon_harness import DaemonProcess, db_status, iso_z, wait_until
 from tools.sandbox_club import SandboxClub
 
 pytestmark = pytest.mark.slow
@@ -67,7 +67,7 @@ def test_an_instance_due_at_start_is_booked_before_the_load_finishes(tmp_path: P
         try:
             process.wait_ready(timeout=240)
             key = f"due@{iso_z(desired)}"
-            assert wait_until(lambda: by_key(env)[key]["status"] == "booked", 30, 0.5)
+            assert wait_until(lambda: db_status(env, key) == "booked", 30)
             posts = [r for r in club.received if r.method == "POST"]
         finally:
             process.cleanup()

@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from cryptography.fernet import Fernet
 
-from daemon_harness import DaemonProcess, by_key, cli, iso_z, wait_until
+from daemon_harness import DaemonProcess, by_key, cli, db_status, iso_z, wait_until
 from tools.sandbox_club import SandboxClub
 
 pytestmark = pytest.mark.slow
@@ -78,8 +78,7 @@ def test_template_books_and_detects_taken(
         gone = f"gone@{iso_z(taken_start)}"
 
         def done() -> bool:
-            rows = by_key(env)
-            return rows[mine]["status"] == "booked" and rows[gone]["status"] == "failed"
+            return db_status(env, mine) == "booked" and db_status(env, gone) == "failed"
 
         assert wait_until(done, 15), process.output()
         rows = by_key(env)
@@ -125,9 +124,7 @@ def test_broken_template_on_reload_keeps_the_last_good_one(
         (Path(env["DATA_DIR"]) / "schedules.json").write_text(json.dumps([entry]))
         process.signal(signal.SIGHUP)
         key = f"after@{iso_z(start)}"
-        assert wait_until(lambda: by_key(env).get(key, {}).get("status") == "booked", 10), (
-            process.output()
-        )
+        assert wait_until(lambda: db_status(env, key) == "booked", 10), process.output()
         assert process.stop() == 0
 
 
@@ -183,7 +180,7 @@ def test_club_files_decide_the_url_and_the_window(
         process.wait_ready()
         soon_key, own_key = f"soon@{iso_z(soon)}", f"own@{iso_z(later)}"
         plain_key = f"plain@{iso_z(later)}"
-        assert wait_until(lambda: by_key(env)[soon_key]["status"] == "booked", 10), process.output()
+        assert wait_until(lambda: db_status(env, soon_key) == "booked", 10), process.output()
         rows = by_key(env)
         assert [b.court_id for b in club.bookings] == ["3"]
         assert rows[soon_key]["booking_ref"] == club.bookings[0].id

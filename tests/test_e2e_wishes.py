@@ -2,7 +2,8 @@
 on 127.0.0.1, on the real clock. Every court of the desired time and of the fallback time is
 taken at the trigger; the instance watches at the shortest interval a user may set
 (WATCH_INTERVAL_SECONDS=60), survives a restart while it watches, and is booked from the watch
-once the club frees the slot. Slow (about 80 s): it is in SERIAL (tests/conftest.py)."""
+once the club frees the slot. Slow (about 70 s): it runs beside the serial tests (UNTIMED_SLOW in
+tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from cryptography.fernet import Fernet
 from daemon_harness import (
     READY_SECONDS,
     DaemonProcess,
+    db_status,
     desired_for_trigger_in,
     iso_z,
     status,
@@ -97,7 +99,7 @@ def test_taken_everywhere_watches_through_a_restart_and_books_when_a_court_frees
     daemon = spawn(env)
     daemon.wait_ready()
 
-    assert wait_until(lambda: row_of(env, key)["status"] == "watching", 30), daemon.output()
+    assert wait_until(lambda: db_status(env, key) == "watching", 30), daemon.output()
     sent = [r for r in club.received if r.method == "POST"]
     assert [(r.idempotency_key, r.start_at) for r in sent] == [
         (key, desired),
@@ -121,7 +123,7 @@ def test_taken_everywhere_watches_through_a_restart_and_books_when_a_court_frees
     assert row_of(env, key)["status"] == "watching"
     club.free("3", desired)
 
-    assert wait_until(lambda: row_of(env, key)["status"] == "booked", 90), daemon.output()
+    assert wait_until(lambda: db_status(env, key) == "booked", 90), daemon.output()
     tries = [r for r in club.received if r.method == "POST"][2:]
     assert [r.idempotency_key for r in tries] == [f"{key}~watch1"]
     # One request per interval: the try left at its time, not before.

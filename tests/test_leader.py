@@ -251,7 +251,7 @@ def test_two_processes_one_active(pg_url: str, child: Callable[[str], Child]) ->
 
 
 def test_kill_9_of_the_active_one_and_the_standby_takes_over(child: Callable[[str], Child]) -> None:
-    rounds = 5
+    rounds = 3
     phases = random.Random(13)
     current = child("d0")
     current.wait_for("active")

@@ -29,16 +29,33 @@ from test_failover import (
     sleep_until,
 )
 
-from daemon_harness import DaemonProcess, cli, desired_for_trigger_in, iso_z, wait_until
+from daemon_harness import (
+    READY_SECONDS,
+    DaemonProcess,
+    cli,
+    desired_for_trigger_in,
+    iso_z,
+    wait_until,
+)
 from models import BOOKED, Instance
+from scheduler import LEAD
 from tools.sandbox_club import SandboxClub
 
 __all__ = ["club", "cluster"]  # the fixtures, shared with test_failover
 
 pytestmark = pytest.mark.slow
 
-HTTP_TIMEOUT = 10.0  # Cluster's HTTP_TIMEOUT_SECONDS
+#: HTTP_TIMEOUT_SECONDS of these daemons: a standby holds a former active daemon's claims this
+#: long (plus leader.HOLD_MARGIN_SECONDS) after its lease ended. Lower than Cluster's 10 s, as the
+#: club's held answers (2 to 3 s) still come well within it, and each test waits it out.
+HTTP_TIMEOUT = 5.0
 COURTS = ("1", "2", "3", "4")
+
+
+def trigger_after_start(before: float) -> float:
+    """How far ahead of the daemons' start to put the trigger: A ready and active, then B
+    ready (each within READY_SECONDS, a second to spare), ``before`` seconds ahead of it."""
+    return 2 * READY_SECONDS + 1.0 + before
 
 
 @pytest.fixture
@@ -55,16 +72,21 @@ def several(cluster: Cluster, seconds: float) -> tuple[list[str], float]:
     return [f"c{court}@{iso_z(desired)}" for court in COURTS], (desired - WINDOW).timestamp()
 
 
+def start(cluster: Cluster, name: str, **extra: str) -> DaemonProcess:
+    return cluster.start(name, HTTP_TIMEOUT_SECONDS=f"{HTTP_TIMEOUT:g}", **extra)
+
+
 def start_pair(
-    cluster: Cluster, proxy: TcpProxy, pg_server: PgServer, pg_url: str
+    cluster: Cluster, proxy: TcpProxy, pg_server: PgServer, pg_url: str, *, before: float
 ) -> tuple[DaemonProcess, DaemonProcess]:
-    """A active through the proxy, then B standby directly."""
+    """A active through the proxy, then B standby directly, both ready by ``before`` (epoch
+    seconds)."""
     proxied = pg_url.replace(f":{pg_server.port}/", f":{proxy.port}/")
-    a = cluster.start("a", DATABASE_URL=proxied)
-    a.wait_ready()
+    a = start(cluster, "a", DATABASE_URL=proxied)
+    a.wait_ready(before=before)
     assert wait_until(lambda: cluster.active() is a, 10), a.output()
-    b = cluster.start("b")
-    b.wait_ready()
+    b = start(cluster, "b")
+    b.wait_ready(before=before)
     assert "standby: this daemon (" in b.output()
     return a, b
 
@@ -88,8 +110,9 @@ def attempts_in(daemon: DaemonProcess, keys: list[str]) -> int:
 def test_a_reset_link_just_before_a_trigger_sends_each_booking_once_and_records_what_the_club_took(
     cluster: Cluster, club: SandboxClub, proxy: TcpProxy, pg_server: PgServer, pg_url: str
 ) -> None:
-    keys, trigger = several(cluster, 20)
-    a, b = start_pair(cluster, proxy, pg_server, pg_url)
+    keys, trigger = several(cluster, trigger_after_start(LEAD.total_seconds()))
+    # Both ready before A's booking job claims the bookings (LEAD before the trigger).
+    a, b = start_pair(cluster, proxy, pg_server, pg_url, before=trigger - LEAD.total_seconds())
     # The club books A's requests but answers them 2 s later, after B took over.
     club.fault("hang", count=len(keys), seconds=2.0, book=True)
     sleep_until(trigger - 0.03)
@@ -134,8 +157,8 @@ def test_a_reset_link_just_before_a_trigger_sends_each_booking_once_and_records_
 def test_a_blackholed_link_b_takes_over_within_5_s_and_a_sends_nothing(
     cluster: Cluster, club: SandboxClub, proxy: TcpProxy, pg_server: PgServer, pg_url: str
 ) -> None:
-    keys, trigger = several(cluster, 24)
-    a, b = start_pair(cluster, proxy, pg_server, pg_url)
+    keys, trigger = several(cluster, trigger_after_start(6))
+    a, b = start_pair(cluster, proxy, pg_server, pg_url, before=trigger - 6)
     sleep_until(trigger - 6)
     cut = time.time()
     assert trigger - cut > 5.5, "the daemons took too long to start"
@@ -173,11 +196,11 @@ def test_a_blackholed_link_b_takes_over_within_5_s_and_a_sends_nothing(
 def test_a_frozen_active_daemon_is_replaced_on_time_and_after_sigcont_sends_and_writes_nothing(
     cluster: Cluster, club: SandboxClub, pg_url: str
 ) -> None:
-    keys, trigger = several(cluster, 24)
-    a = cluster.start("a")
-    a.wait_ready()
-    b = cluster.start("b")
-    b.wait_ready()
+    keys, trigger = several(cluster, trigger_after_start(6))
+    a = start(cluster, "a")
+    a.wait_ready(before=trigger - 6)
+    b = start(cluster, "b")
+    b.wait_ready(before=trigger - 6)
     sleep_until(trigger - 6)
     frozen = time.time()
     assert trigger - frozen > 5.5, "the daemons took too long to start"

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from cryptography.fernet import Fernet
 
-from daemon_harness import DaemonProcess, by_key, cli, iso_z, wait_until
+from daemon_harness import DaemonProcess, by_key, cli, db_status, iso_z, wait_until
 from reliability_helpers import smtp_server
 
 pytestmark = pytest.mark.slow
@@ -190,11 +190,6 @@ def setup(
     return data, env, [f"{e['id']}@{e['desired_time']}" for e in schedule]
 
 
-def rehearsal_of(env: dict[str, str], key: str) -> str | None:
-    value: str | None = by_key(env)[key]["rehearsal"]
-    return value
-
-
 def mail(raw: bytes) -> tuple[str, str]:
     message = message_from_bytes(raw)
     part = next(p for p in message.walk() if p.get_content_type() == "text/plain")
@@ -220,9 +215,9 @@ def test_a_rehearsal_that_fails_is_notified_once_shown_and_passes_after_the_club
         daemons.append(process)
         process.wait_ready()
 
-        assert wait_until(lambda: (rehearsal_of(env, tue) or "").startswith("failed"), 20), (
-            process.output()
-        )
+        assert wait_until(
+            lambda: (db_status(env, tue, "rehearsal") or "").startswith("failed"), 20
+        ), process.output()
         rows = by_key(env)
         reason = rows[mon]["rehearsal"]
         assert reason == rows[tue]["rehearsal"]  # one rehearsal, shared
@@ -247,7 +242,7 @@ def test_a_rehearsal_that_fails_is_notified_once_shown_and_passes_after_the_club
 
         club.healed = True
         assert cli(env, "reload").returncode == 0  # a reload tries failed rehearsals at once
-        assert wait_until(lambda: (rehearsal_of(env, mon) or "").startswith("ok "), 20), (
+        assert wait_until(lambda: (db_status(env, mon, "rehearsal") or "").startswith("ok "), 20), (
             process.output()
         )
         assert wait_until(lambda: len(mailbox.raw) == 2, 10), process.output()
@@ -293,7 +288,7 @@ def test_a_rehearsal_waits_for_a_booking_of_the_same_club_and_token_to_end(
     daemons.append(process)
     process.wait_ready()
 
-    assert wait_until(lambda: by_key(env)[now]["status"] == "booked", 30), process.output()
+    assert wait_until(lambda: db_status(env, now) == "booked", 30), process.output()
     time.sleep(1)  # the looks so far (at the start, after the load) rehearsed nothing
     assert club.requests() == ["POST /login", "GET /slots", "POST /bookings"], process.output()
     rows = by_key(env)
@@ -301,7 +296,7 @@ def test_a_rehearsal_waits_for_a_booking_of_the_same_club_and_token_to_end(
     assert rows[later]["rehearsal"] is None
 
     assert cli(env, "reload").returncode == 0  # a look at once rather than at the next minute
-    assert wait_until(lambda: (rehearsal_of(env, later) or "").startswith("ok "), 20), (
+    assert wait_until(lambda: (db_status(env, later, "rehearsal") or "").startswith("ok "), 20), (
         process.output()
     )
     assert club.requests() == ["POST /login", "GET /slots", "POST /bookings", "POST /login"]
