@@ -10,7 +10,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import models
 from config_loader import Settings
+from daemon_harness import DaemonProcess
 from models import Instance
 
 #: A fixed "now" for tests that do not need the real clock (a Monday).
@@ -389,3 +390,23 @@ def add_instance(factory: sessionmaker[Session], key: str, **fields: Any) -> Non
                 **fields,
             )
         )
+
+
+# --------------------------------------------------------------------------- daemons in processes
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start real daemons (``python main.py run`` on ``env``, with any more arguments), their
+    output in ``tmp_path``; every one still running when the test ends is killed."""
+    started: list[DaemonProcess] = []
+
+    def make(env: dict[str, str], *args: str) -> DaemonProcess:
+        out = tmp_path / f"daemon{len(started)}.out"
+        daemon = DaemonProcess(env, Path(env["DATA_DIR"]), out)
+        started.append(daemon.start(*args))
+        return daemon
+
+    yield make
+    for daemon in started:
+        daemon.cleanup()

@@ -18,7 +18,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,22 +42,6 @@ LOG_LINE = re.compile(
 
 def record(test: str, **figures: Any) -> None:
     print(f"FIGURES {test}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    """Start daemons; every one still running when the test ends is killed."""
-    started: list[DaemonProcess] = []
-
-    def make(env: dict[str, str], *args: str) -> DaemonProcess:
-        out = tmp_path / f"daemon{len(started)}.out"
-        daemon = DaemonProcess(env, Path(env["DATA_DIR"]), out)
-        started.append(daemon.start(*args))
-        return daemon
-
-    yield make
-    for daemon in started:
-        daemon.cleanup()
 
 
 def make_env(tmp_path: Path, api_url: str, *, timeout: float = 1.0) -> dict[str, str]:

@@ -62,20 +62,6 @@ def e2e_env(
     return env
 
 
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    started: list[DaemonProcess] = []
-
-    def make(env: dict[str, str], *args: str) -> DaemonProcess:
-        daemon = DaemonProcess(env, Path(env["DATA_DIR"]), tmp_path / f"daemon{len(started)}.out")
-        started.append(daemon.start(*args))
-        return daemon
-
-    yield make
-    for daemon in started:
-        daemon.cleanup()
-
-
 def schedules(env: dict[str, str], entries: list[dict[str, object]]) -> None:
     (Path(env["DATA_DIR"]) / "schedules.json").write_text(json.dumps(entries))
 

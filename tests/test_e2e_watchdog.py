@@ -55,21 +55,6 @@ def record(test: str, **figures: Any) -> None:
     print(f"FIGURES {test}: " + ", ".join(f"{k}={v}" for k, v in figures.items()))
 
 
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    started: list[DaemonProcess] = []
-
-    def make(env: dict[str, str]) -> DaemonProcess:
-        out = tmp_path / f"daemon{len(started)}.out"
-        daemon = DaemonProcess(env, Path(env["DATA_DIR"]), out)
-        started.append(daemon.start())
-        return daemon
-
-    yield make
-    for daemon in started:
-        daemon.cleanup()
-
-
 def base_env(data: Path, api_url: str = "http://127.0.0.1:9/bookings") -> dict[str, str]:
     return {
         "PATH": "/usr/bin:/bin",

@@ -56,20 +56,6 @@ def env(tmp_path: Path, club: SandboxClub) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], DaemonProcess]]:
-    started: list[DaemonProcess] = []
-
-    def make(env: dict[str, str]) -> DaemonProcess:
-        daemon = DaemonProcess(env, Path(env["DATA_DIR"]), tmp_path / f"daemon{len(started)}.out")
-        started.append(daemon.start())
-        return daemon
-
-    yield make
-    for daemon in started:
-        daemon.cleanup()
-
-
 def row_of(env: dict[str, str], key: str) -> dict[str, object]:
     return next(r for r in status(env) if r["key"] == key)
 

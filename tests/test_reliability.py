@@ -80,22 +80,6 @@ def _summary() -> Iterator[None]:
 # --------------------------------------------------------------------------- plumbing
 
 
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., DaemonProcess]]:
-    """Start daemons; every one still running when the test ends is killed."""
-    started: list[DaemonProcess] = []
-
-    def make(env: dict[str, str], *args: str) -> DaemonProcess:
-        out = tmp_path / f"daemon{len(started)}.out"
-        daemon = DaemonProcess(env, Path(env["DATA_DIR"]), out)
-        started.append(daemon.start(*args))
-        return daemon
-
-    yield make
-    for daemon in started:
-        daemon.cleanup()
-
-
 def make_env(tmp_path: Path, api_url: str, tokens: dict[str, str] | None = None) -> dict[str, str]:
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
