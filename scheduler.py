@@ -30,7 +30,7 @@ from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_RUNNING
 from apscheduler.triggers.date import DateTrigger
-from sqlalchemy import Engine, select
+from sqlalchemy import ColumnElement, Engine, select
 
 from models import error_text, insert_many
 
@@ -337,45 +337,31 @@ class Scheduler:
     def _stored(self, keys: Collection[str] | None = None) -> dict[str, float | None]:
         """The stored booking jobs' run times by id: all of them, or those among ``keys``."""
         table = self._store.jobs_t
-        query = select(table.c.id, table.c.next_run_time)
-        with self._store.engine.connect() as conn:
-            if keys is None:
-                rows = list(conn.execute(query))
-            else:
-                wanted = sorted(keys)
-                rows = []
-                for start in range(0, len(wanted), PAGE):
-                    page = wanted[start : start + PAGE]
-                    rows.extend(conn.execute(query.where(table.c.id.in_(page))))
-        return {
-            job_id: run_at for job_id, run_at in rows if job_id not in (TOPUP_JOB_ID, PROBE_JOB_ID)
-        }
+        if keys is None:
+            return self._booking_jobs([table.c.id.is_not(None)])
+        wanted = sorted(keys)
+        pages = [wanted[start : start + PAGE] for start in range(0, len(wanted), PAGE)]
+        return self._booking_jobs([table.c.id.in_(page) for page in pages])
 
     def _stored_range(self, after: str, upto: str | None) -> dict[str, float | None]:
         """The stored booking jobs' run times by id, for ids after ``after`` up to ``upto``
         (None: to the end)."""
         table = self._store.jobs_t
-        query = select(table.c.id, table.c.next_run_time).where(table.c.id > after)
+        within = table.c.id > after
         if upto is not None:
-            query = query.where(table.c.id <= upto)
+            within = within & (table.c.id <= upto)
+        return self._booking_jobs([within])
+
+    def _booking_jobs(self, conditions: list[ColumnElement[bool]]) -> dict[str, float | None]:
+        """The run times by id of the stored jobs each condition selects, but the top-up's and
+        the probe's."""
+        table = self._store.jobs_t
+        query = select(table.c.id, table.c.next_run_time)
         with self._store.engine.connect() as conn:
-            rows = list(conn.execute(query))
+            rows = [row for where in conditions for row in conn.execute(query.where(where))]
         return {
             job_id: run_at for job_id, run_at in rows if job_id not in (TOPUP_JOB_ID, PROBE_JOB_ID)
         }
-
-    def job_ids(self, *, after: str = "", limit: int = PAGE) -> list[str]:
-        """The next ``limit`` booking job ids after ``after``, in the database's order (to walk
-        the whole store a page at a time)."""
-        table = self._store.jobs_t
-        query = (
-            select(table.c.id)
-            .where(table.c.id > after, table.c.id.not_in((TOPUP_JOB_ID, PROBE_JOB_ID)))
-            .order_by(table.c.id)
-            .limit(limit)
-        )
-        with self._store.engine.connect() as conn:
-            return list(conn.scalars(query))
 
     def sync(
         self,

@@ -168,21 +168,27 @@ def test_sync_keys_looks_at_the_keys_given_and_nothing_else(
     assert sched.sync_keys({"a@1": T0 + timedelta(hours=1)}, ["a@1"]) == SyncReport(0, 0, 0)
 
 
-def test_job_ids_walk_the_store_a_page_at_a_time_without_the_topup_job(
+def test_sync_by_key_ranges_keeps_and_drops_only_the_jobs_of_its_range(
     engine: Engine, sched: Scheduler
 ) -> None:
     keys = [f"k{i:02d}@1" for i in range(7)]
     sched.sync(dict.fromkeys(keys, T0))
     sched.start()  # adds the top-up job to the same table
 
-    pages = []
-    after = ""
-    while page := sched.job_ids(after=after, limit=3):
-        pages.append(page)
-        after = page[-1]
+    # As a full sync walks it: the pending ones of each range of ids, then the rest to the end.
+    kept = {keys[1]: T0, keys[4]: T0 + timedelta(hours=1)}
+    reports = [
+        sched.sync_range({k: t for k, t in kept.items() if after < k <= upto}, after, upto)
+        for after, upto in (("", keys[2]), (keys[2], keys[5]))
+    ]
+    reports.append(sched.sync_range({}, keys[5], None))
 
-    assert pages == [keys[0:3], keys[3:6], keys[6:]]
-    assert TOPUP_JOB_ID in stored(engine)
+    assert reports == [SyncReport(0, 0, 2), SyncReport(0, 1, 2), SyncReport(0, 0, 1)]
+    assert stored(engine) == {
+        keys[1]: T0 - LEAD,
+        keys[4]: T0 + timedelta(hours=1) - LEAD,
+        TOPUP_JOB_ID: stored(engine)[TOPUP_JOB_ID],
+    }
 
 
 def test_a_due_job_hands_its_key_to_the_runtime_and_the_topup_job_is_kept_apart(
