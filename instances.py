@@ -200,8 +200,8 @@ def reconcile(
             for start in range(0, len(batch), ENTRIES_PER_PASS):
                 pass_.run(session, batch[start : start + ENTRIES_PER_PASS])
             pass_.write(session)
-    with transaction(factory) as session:
-        refresh_statistics(session.connection(), Instance.__table__, changes.added)
+            if first + ENTRIES_PER_COMMIT >= len(work):  # the last batch
+                refresh_statistics(session.connection(), Instance.__table__, changes.added)
     return changes
 
 
