@@ -8,6 +8,7 @@ kept small (see there why).
 from __future__ import annotations
 
 import argparse
+import gc
 import getpass
 import json
 import os
@@ -845,6 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    gc.enable()  # main.py keeps it off while the modules are imported
     try:
         code = _main(argv)
         sys.stdout.flush()

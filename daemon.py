@@ -21,7 +21,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -494,6 +494,11 @@ class Daemon:
         again, self._rehearse_again = again or self._rehearse_again, False
         rehearsal.run(ctx, self.notifier, self.settings.rehearse_hours, again=again)
 
+    def extend(self) -> None:
+        """The jobs' horizon moves on (``Loads.extend``)."""
+        if not self.stop.is_set() and self.roles.is_active:
+            self.loads.extend()
+
     def _booked(self, schedule_id: str) -> None:
         self.topup([schedule_id])
 
@@ -702,7 +707,7 @@ class Loads:
         assert (
             daemon.factory is not None and daemon.scheduler is not None and daemon.ctx is not None
         )
-        with daemon.load_lock:
+        with daemon.load_lock, collector_paused():
             started = time.perf_counter()
             now = datetime.now(UTC)
             if reason != "start" and not daemon.config_changed():
@@ -884,8 +889,9 @@ class Loads:
         daemon.ctx.clubs = {**daemon.ctx.clubs, **loaded}
 
     def sync(self, keys: Collection[str] | None = None) -> scheduler.SyncReport:
-        """Make the jobs follow the pending instances: those of ``keys`` (what a load or a
-        `retry` changed), or with None every one, a page at a time (at start)."""
+        """Make the jobs follow the pending instances due within the horizon
+        (``scheduler.HORIZON``): those of ``keys`` (what a load or a `retry` changed), or with
+        None every one (at start, and at each look of the horizon as it moves on)."""
         daemon = self.daemon
         assert (
             daemon.factory is not None and daemon.scheduler is not None and daemon.ctx is not None
@@ -894,25 +900,40 @@ class Loads:
         daemon.recovery.jobs_changed()  # the watchdog reads the earliest trigger again
         with daemon.ctx.in_flight_lock:
             busy = frozenset(daemon.ctx.in_flight)
+        horizon = scheduler.horizon_end()
         if keys is not None:
-            pending = instances.pending_triggers(daemon.factory, keys)
+            pending = instances.pending_triggers(daemon.factory, keys, until=horizon)
             prepare = self._prepare_seconds(pending)
             return daemon.scheduler.sync_keys(pending, keys, busy=busy, prepare=prepare)
         # Everything: every wakeup recorded so far is covered (read before, cleared after).
         handled = instances.wakeups(daemon.factory)
-        report = scheduler.SyncReport(0, 0, 0)
-        after = ""
-        for page in instances.schedule_pages(daemon.factory):
-            prepare = self._prepare_seconds(page.due, page.clubs)
-            report += daemon.scheduler.sync_range(
-                page.due, after, page.upto, busy=busy, prepare=prepare
-            )
-            after = page.upto
-        # Jobs past the last instance (or every job, without any) have none to follow.
-        report += daemon.scheduler.sync_range({}, after, None, busy=busy)
+        pending = instances.pending_triggers(daemon.factory, until=horizon)
+        prepare = self._prepare_seconds(pending)
+        report = daemon.scheduler.sync(pending, busy=busy, prepare=prepare)
         if handled:
             instances.clear_wakeups(daemon.factory, handled[-1][0])
         return report
+
+    def extend(self) -> None:
+        """The horizon moves on: the pending instances that came within it get their jobs (a
+        full sync, which also puts right any job that strayed from its instance)."""
+        try:
+            with self.daemon.load_lock:
+                report = self.sync()
+        except Exception as exc:  # noqa: BLE001 (the next look, or the watchdog, tries again)
+            logger.warning(
+                "jobs for the triggers coming within %s could not be added (%s): tried again in %s",
+                utils.format_span(scheduler.HORIZON.total_seconds()),
+                models.error_text(exc),
+                utils.format_span(scheduler.HORIZON_INTERVAL.total_seconds()),
+            )
+            return
+        logger.debug(
+            "horizon moved on: jobs %d added, %d moved, %d removed",
+            report.added,
+            report.moved,
+            report.removed,
+        )
 
     def pick_up_retries(self) -> int:
         """Schedule the instances that a `retry` (from this host or another) put back to
@@ -1214,6 +1235,8 @@ class Recovery:
             )
         assert daemon.scheduler is not None
         daemon.scheduler.wakeup()
+        if jump > 0:
+            daemon.scheduler.extend_soon()  # triggers it brought within the horizon, or passed
         self.overdue.forget()
 
 
@@ -1277,6 +1300,20 @@ def _token_expiry_message(
         ]
     )
     return subject, body
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """No automatic garbage collection meanwhile: a load of 52,000 instances makes millions of
+    objects, and the collector's passes over those still alive took a twentieth of its time.
+    The load ends by collecting once (``Loads._give_back_memory``)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def trim_heap() -> bool:

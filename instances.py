@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -57,11 +57,9 @@ from notify import Outcome
 
 logger = logging.getLogger(__name__)
 
-#: Rows read (and ORM objects held) at a time by reconcile and the pending-trigger pages: a load
-#: of 52,000 instances never holds them all at once (what a load leaves behind stays in the heap).
+#: Rows read (and ORM objects held) at a time by reconcile and the lookups by key: a load of
+#: 52,000 instances never holds them all at once (what a load leaves behind stays in the heap).
 PAGE = 200
-#: Instances read at a time by a full job sync (one query a page, and a job store write).
-SYNC_PAGE = 500
 #: Schedule entries reconciled together: their rows are read in one query, then let go.
 ENTRIES_PER_PASS = 4
 #: New instances written in one INSERT by reconcile (a cold load writes thousands).
@@ -429,9 +427,13 @@ def _reconcile_entry(
     planned = entry.plan(now)
     fields = _entry_fields(entry)
     wanted = {p.key for p in planned}
+    # Without fallback times or a watch, every instance copies the same (the common case).
+    same = None
+    if not entry.fallback_times and entry.watch_minutes is None:
+        same = fields | {"fallbacks": None, "watch_until": None}
     for item in planned:
         row = rows.get(item.key)
-        own = fields | _instance_fields(entry, item.desired)
+        own = same if same is not None else fields | _instance_fields(entry, item.desired)
         if row is None:
             if entry.enabled:
                 new_rows.append(_new_row(entry.id, item, now, own))
@@ -726,14 +728,15 @@ _DUE = case(
 
 
 def pending_triggers(
-    factory: sessionmaker[Session], keys: Collection[str] | None = None
+    factory: sessionmaker[Session],
+    keys: Collection[str] | None = None,
+    *,
+    until: datetime | None = None,
 ) -> dict[str, datetime]:
     """Every pending instance's key and trigger (aware UTC), and every watching one's next try;
-    with ``keys``, those among them."""
+    with ``keys``, those among them; with ``until``, those due by then (the jobs' horizon)."""
     if keys is None:
-        query = select(Instance.key, _DUE).where(Instance.status.in_(SCHEDULED))
-        with factory() as session:
-            return {key: utils.as_utc(due) for key, due in session.execute(query)}
+        return _due_by(factory, until)
     # Looked up by key alone, the status read along: a planner without statistics (SQLite)
     # would rather scan every pending row through the status index for each page of keys.
     query = select(Instance.key, _DUE, Instance.status)
@@ -745,45 +748,25 @@ def pending_triggers(
             found.update(
                 (key, utils.as_utc(due)) for key, due, status in rows if status in SCHEDULED
             )
+    if until is not None:
+        found = {key: due for key, due in found.items() if due <= until}
     return found
 
 
-@dataclass
-class SchedulePage:
-    """A page of the key index for a full job sync: the scheduled instances on it (key -> when
-    their job is due, and the club of those that name one) and the last key read (any status):
-    the jobs with ids up to it are this page's to keep or remove."""
-
-    due: dict[str, datetime]
-    clubs: dict[str, str]
-    upto: str
-
-
-def schedule_pages(
-    factory: sessionmaker[Session], size: int | None = None
-) -> Iterator[SchedulePage]:
-    """``pending_triggers`` and ``pending_clubs`` a page at a time, in key order (a full job
-    sync in little memory). Pages walk the key index over every instance and keep the
-    scheduled ones (see above); one query a page."""
-    after = ""
-    while True:
-        query = (
-            select(Instance.key, _DUE, Instance.status, Instance.club)
-            .where(Instance.key > after)
-            .order_by(Instance.key)
-            .limit(size or SYNC_PAGE)
-        )
-        with factory() as session:
-            rows = list(session.execute(query))
-        if not rows:
-            return
-        after = rows[-1][0]
-        scheduled = [row for row in rows if row[2] in SCHEDULED]
-        yield SchedulePage(
-            due={key: utils.as_utc(due) for key, due, _, _ in scheduled},
-            clubs={key: club for key, _, _, club in scheduled if club is not None},
-            upto=after,
-        )
+def _due_by(factory: sessionmaker[Session], until: datetime | None) -> dict[str, datetime]:
+    """``pending_triggers`` of every instance (by ``until`` when given): the pending ones
+    through the status and trigger index, the few watching ones apart."""
+    pending = select(Instance.key, Instance.trigger_time).where(Instance.status == PENDING)
+    watching = select(Instance.key, _DUE).where(Instance.status == WATCHING)
+    if until is not None:
+        pending = pending.where(Instance.trigger_time <= until)
+    with factory() as session:
+        conn = session.connection()
+        found = {key: utils.as_utc(due) for key, due in conn.execute(pending)}
+        found.update((key, utils.as_utc(due)) for key, due in conn.execute(watching))
+    if until is not None:
+        found = {key: due for key, due in found.items() if due <= until}
+    return found
 
 
 def pending_mark(factory: sessionmaker[Session]) -> tuple[int, datetime | None]:

@@ -133,10 +133,18 @@ def insert_many(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) 
     ]
     values = itemgetter(*given)
     params = []
+    # A value that is the same object as the row before's is converted once (a load's time
+    # stamp in every row's created_at and updated_at).
+    last: list[tuple[Any, Any]] = [(_UNSET, None)] * len(converters)
     for row in rows:
         one = list(values(row)) if len(given) > 1 else [row[given[0]]]
-        for i, convert in converters:
-            one[i] = convert(one[i])
+        for n, (i, convert) in enumerate(converters):
+            value = one[i]
+            before, converted = last[n]
+            if value is not before:
+                converted = convert(value)
+                last[n] = (value, converted)
+            one[i] = converted
         params.append((*one, *tail))
     preparer = dialect.identifier_preparer
     target = preparer.format_table(table)
@@ -169,6 +177,10 @@ def refresh_statistics(conn: Connection, table: Table | str, rows: int) -> None:
     preparer = conn.dialect.identifier_preparer
     name = preparer.quote(table) if isinstance(table, str) else preparer.format_table(table)
     conn.exec_driver_sql(f"ANALYZE {name}")
+
+
+#: No value yet (see insert_many).
+_UNSET = object()
 
 
 def _scalar_default(table: Table, column: Any) -> Any:

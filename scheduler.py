@@ -1,9 +1,13 @@
-"""APScheduler 3 wiring: one date job per pending instance, in the same database.
+"""APScheduler 3 wiring: one date job per pending instance due within the horizon, in the same
+database.
 
 Nobody else imports APScheduler. Jobs are module-level functions taking only the instance key
 (persistent stores pickle the callable's reference and its arguments); they hand the key to the
 runtime that ``daemon`` registers. The instance table is the truth: ``sync`` makes the job store
-match the pending instances, cheaply, at start and after every load.
+match the pending instances, cheaply, at start and after every load. Only the instances whose
+trigger comes within ``HORIZON`` have a job: a cold load of 52,000 instances (1,000 weekly
+schedules) writes about 300 jobs, not 52,000, and the horizon's look (every
+``HORIZON_INTERVAL``, in memory) gives the next ones theirs, days before their trigger.
 
 APScheduler 3 retries a failed *read* of due jobs, but a failed *write* in its loop (``remove_job``
 after a date job ran, ``update_job``) escapes ``_main_loop``: its thread dies while ``state`` still
@@ -48,6 +52,12 @@ REHEARSE_JOB_ID = "courtbot:rehearse"
 MEMORY = "memory"
 #: How often the due rehearsals are looked for (each is due at its own time, within this).
 REHEARSE_INTERVAL = timedelta(minutes=1)
+#: Jobs are kept for the pending instances whose trigger (a watching one's next try) comes
+#: within this much of now; the others get theirs as the horizon moves on.
+HORIZON = timedelta(days=2)
+#: How often the horizon's look gives the instances that came within it their jobs.
+HORIZON_INTERVAL = timedelta(minutes=10)
+HORIZON_JOB_ID = "courtbot:horizon"
 #: Enough workers that a burst of bookings with one trigger never queues.
 DEFAULT_WORKERS = 128
 #: Jobs read, built and written this many at a time: a cold load of 52,000 instances never
@@ -67,6 +77,8 @@ class Runtime(Protocol):
     def topup(self) -> None: ...
 
     def rehearse(self) -> None: ...
+
+    def extend(self) -> None: ...
 
 
 _runtime: Runtime | None = None
@@ -102,6 +114,18 @@ def run_rehearsals() -> None:
     runtime = _runtime
     if runtime is not None:
         runtime.rehearse()
+
+
+def run_horizon() -> None:
+    """Job: the pending instances that came within the horizon get their jobs."""
+    runtime = _runtime
+    if runtime is not None:
+        runtime.extend()
+
+
+def horizon_end(now: datetime | None = None) -> datetime:
+    """The latest trigger that has a job now."""
+    return (now or datetime.now(UTC)) + HORIZON
 
 
 def job_lead(prepare_seconds: float) -> timedelta:
@@ -253,16 +277,24 @@ class Scheduler:
             id=TOPUP_JOB_ID,
             replace_existing=True,
         )
-        # A first look at once (an instance loaded late rehearses at once), then every minute.
-        self._scheduler.add_job(
-            run_rehearsals,
-            "interval",
-            seconds=REHEARSE_INTERVAL.total_seconds(),
-            id=REHEARSE_JOB_ID,
-            jobstore=MEMORY,
-            replace_existing=True,
-            next_run_time=datetime.now(UTC),
-        )
+        # The looks that keep no state, in memory: the rehearsals' at once (an instance loaded
+        # late rehearses at once), then every minute; the horizon's an interval on (the sync
+        # before the start covered it).
+        now = datetime.now(UTC)
+        looks: list[tuple[Callable[[], None], str, timedelta, datetime]] = [
+            (run_rehearsals, REHEARSE_JOB_ID, REHEARSE_INTERVAL, now),
+            (run_horizon, HORIZON_JOB_ID, HORIZON_INTERVAL, now + HORIZON_INTERVAL),
+        ]
+        for func, job_id, every, first in looks:
+            self._scheduler.add_job(
+                func,
+                "interval",
+                seconds=every.total_seconds(),
+                id=job_id,
+                jobstore=MEMORY,
+                replace_existing=True,
+                next_run_time=first,
+            )
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:
         """Stop taking triggers; with ``wait``, let running jobs finish first, for at most
@@ -285,12 +317,18 @@ class Scheduler:
 
     def rehearse_soon(self) -> None:
         """Look for due rehearsals now rather than at the next minute."""
+        self._look_now(REHEARSE_JOB_ID, "rehearsals")
+
+    def extend_soon(self) -> None:
+        """Move the horizon on now rather than at its next look (the wall clock jumped ahead:
+        triggers that came within it, or passed, need their jobs)."""
+        self._look_now(HORIZON_JOB_ID, "the horizon")
+
+    def _look_now(self, job_id: str, what: str) -> None:
         try:
-            self._scheduler.modify_job(
-                REHEARSE_JOB_ID, jobstore=MEMORY, next_run_time=datetime.now(UTC)
-            )
-        except Exception as exc:  # noqa: BLE001 (not running, no such job: the minute comes)
-            logger.debug("rehearsals looked for at the next minute: %s", error_text(exc))
+            self._scheduler.modify_job(job_id, jobstore=MEMORY, next_run_time=datetime.now(UTC))
+        except Exception as exc:  # noqa: BLE001 (not running, no such job: its interval comes)
+            logger.debug("%s looked at at the next interval: %s", what, error_text(exc))
 
     # -- the watchdog's handles ---------------------------------------------------------
 
@@ -343,15 +381,6 @@ class Scheduler:
         pages = [wanted[start : start + PAGE] for start in range(0, len(wanted), PAGE)]
         return self._booking_jobs([table.c.id.in_(page) for page in pages])
 
-    def _stored_range(self, after: str, upto: str | None) -> dict[str, float | None]:
-        """The stored booking jobs' run times by id, for ids after ``after`` up to ``upto``
-        (None: to the end)."""
-        table = self._store.jobs_t
-        within = table.c.id > after
-        if upto is not None:
-            within = within & (table.c.id <= upto)
-        return self._booking_jobs([within])
-
     def _booking_jobs(self, conditions: list[ColumnElement[bool]]) -> dict[str, float | None]:
         """The run times by id of the stored jobs each condition selects, but the top-up's and
         the probe's."""
@@ -370,10 +399,10 @@ class Scheduler:
         busy: frozenset[str] = frozenset(),
         prepare: Mapping[str, float] | None = None,
     ) -> SyncReport:
-        """Make the job store hold exactly one job per pending instance, at its trigger minus
-        ``job_lead`` of its preparation time (``prepare`` by key; none: 0). ``busy`` keys (a
-        booking under way in this process) are left alone. All changes are written in one
-        transaction: a cold load of thousands of instances is one commit, not one per job."""
+        """Make the job store hold exactly one job per instance of ``pending`` (key -> trigger:
+        those within the horizon), at its trigger minus ``job_lead`` of its preparation time
+        (``prepare`` by key; none: 0), and no other booking job. ``busy`` keys (a booking under
+        way in this process) are left alone. All changes are written in one transaction."""
         with self._lock:
             stored = self._stored()
             return self._apply(pending, stored.keys() | pending.keys(), stored, busy, prepare)
@@ -391,23 +420,6 @@ class Scheduler:
         nor touched, so the cost follows the change."""
         with self._lock:
             return self._apply(pending, keys, self._stored(keys), busy, prepare)
-
-    def sync_range(
-        self,
-        pending: Mapping[str, datetime],
-        after: str,
-        upto: str | None,
-        *,
-        busy: frozenset[str] = frozenset(),
-        prepare: Mapping[str, float] | None = None,
-    ) -> SyncReport:
-        """``sync`` for the ids after ``after`` up to ``upto`` (None: to the end): ``pending``
-        holds every pending instance among them. A full sync walks the instances' key index in
-        such ranges, a page at a time, the job store read by the same ranges alongside: one
-        walk, and a job whose instance is gone falls in the range it would sort into."""
-        with self._lock:
-            stored = self._stored_range(after, upto)
-            return self._apply(pending, stored.keys() | pending.keys(), stored, busy, prepare)
 
     def _apply(
         self,

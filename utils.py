@@ -139,7 +139,7 @@ def parse_desired_time(text: Any, zone: ZoneInfo) -> DesiredTime:
 
 def format_utc(moment: datetime) -> str:
     """``YYYY-MM-DDTHH:MM:SSZ`` for an aware datetime."""
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f"{moment.astimezone(UTC).isoformat(timespec='seconds')[:19]}Z"
 
 
 def format_offset(moment: datetime, zone: ZoneInfo) -> str:
@@ -995,13 +995,13 @@ def expand_rule_walls(
             break
         if wall < since or wall.date() in skipped:
             continue
-        moment = localize(wall, zone)
-        instant = moment.astimezone(UTC)
+        # ``localize`` in two steps: the instant first, the wall clock shown only if kept.
+        instant = wall.replace(tzinfo=zone, fold=0).astimezone(UTC)
         if instant <= after_utc or instant in found or instant in rule.skip_instants:
             continue
         if until_instant is not None and instant > until_instant:
             continue
-        found[instant] = (wall, moment)
+        found[instant] = (wall, instant.astimezone(zone))
         if len(found) == limit:
             # A wall clock more than two days later is a later instant than any found so far.
             enough = wall + timedelta(days=2)

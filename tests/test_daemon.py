@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import Engine, event, select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 import cli
@@ -86,8 +87,14 @@ def daemon(env: dict[str, str], data_dir: Path) -> Iterator[Daemon]:
         yield made
 
 
-def one_off(schedule_id: str) -> dict[str, Any]:
-    return {"id": schedule_id, "type": "one-off", "desired_time": f"{future():%Y-%m-%d %H:%M}"}
+#: Days ahead of a test's one-off: its trigger (168 hours before) a day ahead, within the
+#: jobs' horizon (scheduler.HORIZON), so that it has its job.
+SOON = 8
+
+
+def one_off(schedule_id: str, days: float = SOON) -> dict[str, Any]:
+    desired = future(days)
+    return {"id": schedule_id, "type": "one-off", "desired_time": f"{desired:%Y-%m-%d %H:%M}"}
 
 
 def pending(daemon: Daemon) -> list[str]:
@@ -309,7 +316,7 @@ def test_retries_recorded_while_no_daemon_ran_are_scheduled_at_start(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    desired = future()
+    desired = future(SOON)
     write_json(data_dir / "tokens.json", {"default": "tok-secret"})
     entry = {"id": "r", "type": "one-off", "desired_time": f"{desired:%Y-%m-%d %H:%M}"}
     write_json(data_dir / "schedules.json", [entry])
@@ -604,9 +611,9 @@ def test_the_active_daemon_takes_over_dead_daemons_claims_and_changes_made_elsew
         # Claims made after this daemon took over: one of a daemon that lives (an old active
         # one finishing its request), one of a daemon that died since; and a failed instance
         # that a `retry` on another host puts back.
-        add(daemon.factory, "live", status="pending")
-        add(daemon.factory, "dead", status="pending")
-        add(daemon.factory, "again", status="failed")
+        add(daemon.factory, "live", status="pending", desired=future(SOON))
+        add(daemon.factory, "dead", status="pending", desired=future(SOON))
+        add(daemon.factory, "again", status="failed", desired=future(SOON))
         for schedule, owner in (("live", "live-daemon"), ("dead", "dead-daemon")):
             (key,) = [
                 r["key"] for r in instances.status_rows(daemon.factory) if r["schedule"] == schedule
@@ -706,28 +713,95 @@ def test_a_watched_instance_of_a_club_that_prepares_gets_its_clubs_lead(
     assert next_try.timestamp() - jobs_of(daemon)[key] == pytest.approx(92)
 
 
-def test_a_full_sync_walks_instances_and_jobs_page_by_page_and_drops_strays(
-    daemon: Daemon, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+def test_jobs_are_kept_for_the_triggers_within_the_horizon_and_strays_are_dropped(
+    daemon: Daemon, data_dir: Path
 ) -> None:
     assert daemon.engine is not None and daemon.factory is not None and daemon.scheduler
-    write_json(data_dir / "schedules.json", [one_off(name) for name in "abcde"])
+    # Triggers 1 day ahead (within the two days' horizon), then 3 and 13 days ahead.
+    entries = [one_off("b"), one_off("c"), one_off("far", days=10), one_off("farther", days=20)]
+    write_json(data_dir / "schedules.json", entries)
     daemon.safe_load("file change")
+    assert pending(daemon) == ["b", "c", "far", "farther"]
     keys = sorted(jobs(daemon.engine))
-    assert [k[0] for k in keys] == list("abcde")
-    when = datetime.now(UTC) + timedelta(days=3)
-    # Jobs whose instances are gone: before the first instance, between two pages (b, c), on
-    # a page, and after the last; and one instance whose job went missing.
-    strays = ["0-gone@x", keys[1] + "-gone", "c-gone@x", "zz-gone@x"]
+    assert [k.split("@")[0] for k in keys] == ["b", "c"]
+    # Jobs whose instances are gone, and one instance whose job went missing.
+    when = datetime.now(UTC) + timedelta(days=1)
+    strays = ["0-gone@x", "c-gone@x", "zz-gone@x"]
     daemon.scheduler.sync_keys(dict.fromkeys(strays, when), strays)
     with daemon.engine.begin() as conn:
-        conn.execute(text("DELETE FROM apscheduler_jobs WHERE id = :k"), {"k": keys[3]})
-    monkeypatch.setattr(instances, "SYNC_PAGE", 2)
+        conn.execute(text("DELETE FROM apscheduler_jobs WHERE id = :k"), {"k": keys[0]})
 
     report = daemon.loads.sync()
 
     assert sorted(jobs(daemon.engine)) == keys
-    assert (report.added, report.moved, report.removed) == (1, 0, 4)
+    assert (report.added, report.moved, report.removed) == (1, 0, 3)
     assert daemon.loads.sync() == scheduler.SyncReport(0, 0, 0)
+
+
+def test_the_horizons_look_gives_instances_their_jobs_as_their_triggers_come_within_it(
+    daemon: Daemon, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert daemon.engine is not None and daemon.factory is not None
+    write_json(data_dir / "schedules.json", [one_off("far", days=10)])
+    daemon.safe_load("file change")
+    (far,) = [r["key"] for r in instances.status_rows(daemon.factory) if r["schedule"] == "far"]
+    assert far not in jobs(daemon.engine)  # its trigger is 3 days ahead
+
+    # A day on (the horizon reaches 4 days ahead): the look gives it its job.
+    monkeypatch.setattr(scheduler, "HORIZON", scheduler.HORIZON + timedelta(days=2))
+    daemon.extend()
+    assert far in jobs(daemon.engine)
+    # A job beyond the horizon is taken away at the next look (as after a reload that moved
+    # its trigger further ahead).
+    monkeypatch.setattr(scheduler, "HORIZON", timedelta(days=2))
+    daemon.extend()
+    assert far not in jobs(daemon.engine)
+
+
+def test_the_horizons_look_runs_in_the_scheduler_and_again_at_once_after_a_jump_forward(
+    daemon: Daemon, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert daemon.scheduler is not None
+    looked = threading.Event()
+    monkeypatch.setattr(daemon, "extend", looked.set)
+    # Its first look comes an interval after the start (the load covered the horizon).
+    assert not looked.wait(0.5)
+    daemon.recovery._clock_jumped(3600.0)
+    assert looked.wait(5.0)
+    looked.clear()
+    daemon.recovery._clock_jumped(-3600.0)  # backward: nothing new came within it
+    assert not looked.wait(0.5)
+
+
+def test_a_horizon_look_that_fails_says_why_and_when_it_tries_again(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(keys: Any = None) -> scheduler.SyncReport:
+        raise OperationalError("SELECT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(daemon.loads, "sync", broken)
+    daemon.extend()
+    (line,) = [m for m in caplog.messages if m.startswith("jobs for the triggers")]
+    assert line.startswith("jobs for the triggers coming within 2 d could not be added (")
+    assert "database is locked" in line and line.endswith("): tried again in 10 min")
+
+
+def test_a_load_runs_without_the_garbage_collectors_passes_and_turns_it_back_on(
+    daemon: Daemon, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[bool] = []
+    reconcile = instances.reconcile
+
+    def watched(*args: Any, **kwargs: Any) -> instances.Changes:
+        seen.append(gc.isenabled())
+        return reconcile(*args, **kwargs)
+
+    monkeypatch.setattr(instances, "reconcile", watched)
+    write_json(data_dir / "schedules.json", [one_off("a"), one_off("b")])
+    assert gc.isenabled()
+    daemon.safe_load("file change")
+    assert seen == [False]
+    assert gc.isenabled()
 
 
 def test_a_load_expands_each_rule_once_and_lets_the_expansion_go(

@@ -255,20 +255,23 @@ def test_reconcile_works_a_few_entries_at_a_time_with_the_same_result(
     assert rows(factory, "match")[MATCH_KEY].court_id == "6"
 
 
-def test_pending_triggers_a_page_at_a_time_or_for_some_keys(
+def test_pending_triggers_by_the_horizon_or_for_some_keys(
     factory: sessionmaker[Session], loaded: dict[str, tuple]
 ) -> None:
     every = pending_triggers(factory)
+    assert len(every) == 53
+    cut = sorted(every.values())[10]
 
-    pages = list(instances.schedule_pages(factory, size=10))
+    within = pending_triggers(factory, until=cut)
 
-    assert [len(page.due) for page in pages] == [10, 10, 10, 10, 10, 3]
-    walked = {key: trigger for page in pages for key, trigger in page.due.items()}
-    assert walked == every
-    assert [page.upto for page in pages] == [max(page.due) for page in pages]
-    assert list(walked) == sorted(every)
+    assert within == {key: due for key, due in every.items() if due <= cut}
+    assert len(within) == 11
     some = pending_triggers(factory, [MATCH_KEY, FIRST_WED, "gone@2026-12-01T00:00:00Z"])
     assert some == {MATCH_KEY: every[MATCH_KEY], FIRST_WED: every[FIRST_WED]}
+    early = min(every[MATCH_KEY], every[FIRST_WED])
+    assert pending_triggers(factory, [MATCH_KEY, FIRST_WED], until=early) == {
+        key: due for key, due in some.items() if due == early
+    }
 
 
 # --------------------------------------------------------------------------- removed, back
@@ -1706,8 +1709,10 @@ def test_a_watching_instance_is_due_at_its_next_try(
         MATCH_KEY: next_try,
         FIRST_WED: datetime(2026, 11, 25, 17, 0, tzinfo=UTC),
     }
-    paged = {k: v for page in instances.schedule_pages(factory) for k, v in page.due.items()}
-    assert paged[MATCH_KEY] == next_try and len(paged) == 53
+    every = pending_triggers(factory)
+    assert every[MATCH_KEY] == next_try and len(every) == 53
+    assert MATCH_KEY in pending_triggers(factory, until=next_try)
+    assert MATCH_KEY not in pending_triggers(factory, until=next_try - timedelta(seconds=1))
     second_wed = FIRST_WED.replace("12-02", "12-09")  # its trigger: Wed 2 Dec 17:00
     assert instances.overdue(factory, next_try) == [FIRST_WED, second_wed]
     assert instances.overdue(factory, next_try + timedelta(seconds=1)) == [

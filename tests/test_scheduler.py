@@ -168,22 +168,17 @@ def test_sync_keys_looks_at_the_keys_given_and_nothing_else(
     assert sched.sync_keys({"a@1": T0 + timedelta(hours=1)}, ["a@1"]) == SyncReport(0, 0, 0)
 
 
-def test_sync_by_key_ranges_keeps_and_drops_only_the_jobs_of_its_range(
+def test_a_full_sync_keeps_the_given_jobs_and_the_topup_job_and_drops_the_rest(
     engine: Engine, sched: Scheduler
 ) -> None:
     keys = [f"k{i:02d}@1" for i in range(7)]
     sched.sync(dict.fromkeys(keys, T0))
     sched.start()  # adds the top-up job to the same table
 
-    # As a full sync walks it: the pending ones of each range of ids, then the rest to the end.
+    # The instances within the horizon now: one kept as it was, one moved; the rest went
+    # beyond it (or are no longer pending).
     kept = {keys[1]: T0, keys[4]: T0 + timedelta(hours=1)}
-    reports = [
-        sched.sync_range({k: t for k, t in kept.items() if after < k <= upto}, after, upto)
-        for after, upto in (("", keys[2]), (keys[2], keys[5]))
-    ]
-    reports.append(sched.sync_range({}, keys[5], None))
-
-    assert reports == [SyncReport(0, 0, 2), SyncReport(0, 1, 2), SyncReport(0, 0, 1)]
+    assert sched.sync(kept) == SyncReport(added=0, moved=1, removed=5)
     assert stored(engine) == {
         keys[1]: T0 - LEAD,
         keys[4]: T0 + timedelta(hours=1) - LEAD,

@@ -3,10 +3,11 @@ on SQLite and on PostgreSQL.
 
 For 100 and 1,000 weekly schedules (5,200 and 52,000 instances) on each database, the real daemon
 (``python main.py run``, its own scratch DATA_DIR) starts from an empty database: seconds from
-launch to its pid file (ready: every instance in the database, every job in the store), the cold
-load as the daemon logs it, a no-op SIGHUP reload, a SIGHUP after one entry's time is edited (both
-as the daemon logs them), and its RSS after those. PostgreSQL is the suite's throwaway server
-(tests/pg_server.py: Debian's server binaries), a fresh database for each run, on 127.0.0.1.
+launch to its pid file (ready: every instance in the database, and a job in the store for each
+due within the jobs' horizon), the cold load as the daemon logs it, a no-op SIGHUP reload, a
+SIGHUP after one entry's time is edited (both as the daemon logs them), and its RSS after those.
+PostgreSQL is the suite's throwaway server (tests/pg_server.py: Debian's server binaries), a
+fresh database for each run, on 127.0.0.1.
 
 Progress goes to stderr; the figures go to stdout as a table (Markdown, for the Performance
 page, docs/performance.md). Exit status 0 unless PostgreSQL cannot start (then its rows say why).
