@@ -55,7 +55,7 @@ EXIT_NOT_WORKING = 3
 HEARTBEAT_SECONDS = 15.0
 HEARTBEAT_STALE_SECONDS = 4 * HEARTBEAT_SECONDS
 #: A load that adds or changes at least this many instances closes the idle database
-#: connections afterwards (see Loads._give_back_memory).
+#: connections afterwards (see Memory.give_back).
 CLOSE_CONNECTIONS_AFTER = 1000
 #: How often the daemon looks for instances a `retry` put back to pending (the CLI may run on
 #: another host, with PostgreSQL, where no signal reaches this daemon).
@@ -328,6 +328,7 @@ class Daemon:
         self._last_beat: float | None = None  # time.monotonic() of the last heartbeat written
         #: The loads and the jobs that follow them (files, instances, retries, memory).
         self.loads = Loads(self)
+        self.memory = Memory(self)
         #: CONTRACT section 9, never silently: looked at every second by the loop.
         self.recovery = Recovery(self)
 
@@ -597,6 +598,7 @@ class Daemon:
             if now >= next_watch:
                 next_watch = now + watchdog.INTERVAL
                 self.recovery.watch()
+                self.memory.collect_owed()
             if now >= next_check:
                 next_check = now + self.settings.reload_interval
                 if self.config_changed():
@@ -643,7 +645,7 @@ class Daemon:
             self.notifier.close(timeout=10.0)
         if self.engine is not None:
             self.engine.dispose()
-        gc.unfreeze()  # what the start froze is the collector's again (see Loads._give_back_memory)
+        gc.unfreeze()  # what the start froze is the collector's again (see Memory.give_back)
         self._close_guard()
         self._remove_pid_file()
         self.locks.release()
@@ -694,7 +696,6 @@ class Loads:
         self.daemon = daemon
         self._entry_cache = config_loader.EntryCache()
         self._retries_failing = False
-        self._frozen = False  # see _give_back_memory
         #: The database as pick_up_retries last read the wakeups (see _database_stamp).
         self._retry_stamp: tuple[tuple[int, int] | None, ...] | None = None
         self._retry_looked = -math.inf
@@ -707,7 +708,7 @@ class Loads:
         assert (
             daemon.factory is not None and daemon.scheduler is not None and daemon.ctx is not None
         )
-        with daemon.load_lock, collector_paused():
+        with daemon.load_lock, daemon.memory.paused():
             started = time.perf_counter()
             now = datetime.now(UTC)
             if reason != "start" and not daemon.config_changed():
@@ -765,7 +766,7 @@ class Loads:
             ok = whole_ok and config.tokens.file_error is None
             touched, errors = len(changes.keys), config.errors
             del config, changes  # what the load made is garbage now: give it back
-            given_back = self._give_back_memory(start=first, touched=touched, full=full_sync)
+            given_back = daemon.memory.give_back(start=first, touched=touched, full=full_sync)
             logger.info(
                 "config loaded (%s) in %.1f ms (then %.1f ms giving memory back): %s",
                 reason,
@@ -993,42 +994,6 @@ class Loads:
                 logger.info("looking for retried instances works again")
             self._retries_failing = False
 
-    def _give_back_memory(
-        self, *, start: bool = False, touched: int = 0, full: bool = False
-    ) -> float:
-        """After a load: collect its garbage and hand the heap's free memory back to the
-        system, so that the daemon rests small whatever its loads have been; after the start, a
-        full job sync or a load that touched many instances, close the idle database
-        connections too (with what they cached). Returns the milliseconds it took.
-
-        After the process's first load (before any booking) everything then alive is moved out
-        of the collector's sight (``gc.freeze``): the libraries' tens of thousands of objects
-        live as long as the process, and the full collection after a reload then looks only at
-        what came after (well under a millisecond instead of about 15). Not again later: what a
-        booking under way holds would be frozen with it. A small reload keeps the connections:
-        closing SQLite's last one checkpoints its WAL (an fsync, about 10 ms) for a few KB."""
-        daemon = self.daemon
-        assert daemon.engine is not None
-        started = time.perf_counter()
-        collected = gc.collect()
-        if start and not self._frozen:
-            gc.freeze()
-            self._frozen = True
-        closed = start or full or touched >= CLOSE_CONNECTIONS_AFTER
-        if closed:
-            models.close_idle_connections(daemon.engine)
-        trimmed = trim_heap()
-        took = (time.perf_counter() - started) * 1000
-        logger.debug(
-            "memory given back in %.1f ms: %d object(s) collected, idle database connections %s, "
-            "heap %s",
-            took,
-            collected,
-            "closed" if closed else "kept (a small change)",
-            "trimmed" if trimmed else "not trimmable here (no glibc)",
-        )
-        return took
-
     def _prepare_seconds(
         self, pending: Mapping[str, datetime], clubs: Mapping[str, str] | None = None
     ) -> dict[str, float]:
@@ -1076,6 +1041,104 @@ class Loads:
             if not changes.empty:
                 self.sync(changes.keys)
                 logger.info("top-up of %s: %s", ", ".join(ids), changes.summary())
+
+
+# --------------------------------------------------------------------------- memory
+
+
+class Memory:
+    """What a daemon's loads leave behind, given back to the system (see ``give_back``)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self._frozen = False
+        #: A load's collection left for the loop (a booking was under way), and whether it is
+        #: the start's (which freezes what lives on).
+        self._owed: bool | None = None
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No automatic garbage collection meanwhile (a load): a load of 52,000 instances makes
+        millions of objects, and the collector's passes over those still alive took a
+        twentieth of its time. It comes back on after, or when a collection left for later
+        (``give_back``) is done: until then one of its passes could fall at a trigger too."""
+        gc.disable()
+        try:
+            yield
+        finally:
+            if self._owed is None:
+                gc.enable()
+
+    def give_back(self, *, start: bool = False, touched: int = 0, full: bool = False) -> float:
+        """After a load: collect its garbage and hand the heap's free memory back to the
+        system, so that the daemon rests small whatever its loads have been; after the start, a
+        full job sync or a load that touched many instances, close the idle database
+        connections too (with what they cached). Returns the milliseconds it took.
+
+        After the process's first load everything then alive is moved out of the collector's
+        sight (``gc.freeze``): the libraries' tens of thousands of objects live as long as the
+        process, and the full collection after a reload then looks only at what came after
+        (well under a millisecond instead of about 15). Not again later: what a booking under
+        way holds would be frozen with it. A small reload keeps the connections: closing
+        SQLite's last one checkpoints its WAL (an fsync, about 10 ms) for a few KB.
+
+        The collection holds the interpreter for up to a tenth of a second after a large load:
+        while a booking is under way (waiting for its trigger, sending) it is left to the loop,
+        which does it once none is (``collect_owed``)."""
+        daemon = self.daemon
+        assert daemon.engine is not None
+        started = time.perf_counter()
+        closed = start or full or touched >= CLOSE_CONNECTIONS_AFTER
+        if closed:
+            models.close_idle_connections(daemon.engine)
+        connections = "closed" if closed else "kept (a small change)"
+        if self._bookings_under_way():
+            self._owed = bool(self._owed) or start
+            took = (time.perf_counter() - started) * 1000
+            logger.debug(
+                "memory given back in %.1f ms: idle database connections %s; the collection "
+                "waits until no booking is under way",
+                took,
+                connections,
+            )
+            return took
+        collected, heap = self._collect(freeze=start or bool(self._owed))
+        took = (time.perf_counter() - started) * 1000
+        logger.debug(
+            "memory given back in %.1f ms: %d object(s) collected, idle database connections %s, "
+            "heap %s",
+            took,
+            collected,
+            connections,
+            heap,
+        )
+        return took
+
+    def collect_owed(self) -> None:
+        """The loop, every second: the collection a load left, once no booking is under way."""
+        if self._owed is not None and not self._bookings_under_way():
+            collected, heap = self._collect(freeze=self._owed)
+            logger.debug(
+                "memory given back after the load: %d object(s) collected, heap %s", collected, heap
+            )
+
+    def _collect(self, *, freeze: bool) -> tuple[int, str]:
+        """The full collection (and the freeze after the start), then the heap's trim."""
+        collected = gc.collect()
+        if freeze and not self._frozen:
+            gc.freeze()
+            self._frozen = True
+        self._owed = None
+        gc.enable()
+        trimmed = trim_heap()
+        return collected, "trimmed" if trimmed else "not trimmable here (no glibc)"
+
+    def _bookings_under_way(self) -> bool:
+        ctx = self.daemon.ctx
+        if ctx is None:
+            return False
+        with ctx.in_flight_lock:
+            return bool(ctx.in_flight)
 
 
 # --------------------------------------------------------------------------- the watchdog
@@ -1300,20 +1363,6 @@ def _token_expiry_message(
         ]
     )
     return subject, body
-
-
-@contextlib.contextmanager
-def collector_paused() -> Iterator[None]:
-    """No automatic garbage collection meanwhile: a load of 52,000 instances makes millions of
-    objects, and the collector's passes over those still alive took a twentieth of its time.
-    The load ends by collecting once (``Loads._give_back_memory``)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def trim_heap() -> bool:

@@ -435,9 +435,34 @@ def test_the_start_freezes_what_lives_on_and_the_stop_unfreezes_it(
     assert gc.get_freeze_count() == 0
     with started_daemon(env):
         # The libraries' objects are out of the collector's sight: a reload's collection is
-        # short (Loads._give_back_memory).
+        # short (Memory.give_back).
         assert gc.get_freeze_count() > 10_000
     assert gc.get_freeze_count() == 0
+
+
+def test_a_loads_collection_waits_while_a_booking_is_under_way_then_the_loop_does_it(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full collection holds the interpreter (a tenth of a second after a large load): not
+    while a booking waits for its trigger or sends."""
+    assert daemon.ctx is not None
+    collections: list[int] = []
+    real = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(1) or real(*a))
+    daemon.ctx.in_flight.add("a@2026-12-09T17:00:00Z")
+
+    with daemon.memory.paused():  # as a load does
+        daemon.memory.give_back(touched=5)
+    daemon.memory.collect_owed()  # the loop's look: still under way
+    assert collections == [] and not gc.isenabled()  # no automatic pass meanwhile either
+
+    daemon.ctx.in_flight.clear()
+    daemon.memory.collect_owed()
+    assert collections == [1] and gc.isenabled()
+    daemon.memory.collect_owed()  # nothing owed any more
+    assert collections == [1]
+    daemon.memory.give_back(touched=5)  # no booking under way: at once
+    assert collections == [1, 1]
 
 
 # ---------------------------------------------------------------- daemons (section 10)
