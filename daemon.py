@@ -54,6 +54,8 @@ EXIT_DATABASE_LOST = 1
 EXIT_NOT_WORKING = 3
 HEARTBEAT_SECONDS = 15.0
 HEARTBEAT_STALE_SECONDS = 4 * HEARTBEAT_SECONDS
+#: A load's collection waits at most this long for a moment with no booking under way (s).
+OWED_AT_MOST = 300.0
 #: A load that adds or changes at least this many instances closes the idle database
 #: connections afterwards (see Memory.give_back).
 CLOSE_CONNECTIONS_AFTER = 1000
@@ -329,6 +331,7 @@ class Daemon:
         #: The loads and the jobs that follow them (files, instances, retries, memory).
         self.loads = Loads(self)
         self.memory = Memory(self)
+        self.horizon = Horizon(self)
         #: CONTRACT section 9, never silently: looked at every second by the loop.
         self.recovery = Recovery(self)
 
@@ -496,9 +499,9 @@ class Daemon:
         rehearsal.run(ctx, self.notifier, self.settings.rehearse_hours, again=again)
 
     def extend(self) -> None:
-        """The jobs' horizon moves on (``Loads.extend``)."""
+        """The jobs' horizon moves on (``Horizon.extend``)."""
         if not self.stop.is_set() and self.roles.is_active:
-            self.loads.extend()
+            self.horizon.extend()
 
     def _booked(self, schedule_id: str) -> None:
         self.topup([schedule_id])
@@ -585,6 +588,7 @@ class Daemon:
                 name = "SIGTERM" if signal.SIGTERM in signals else "SIGINT"
                 logger.info("%s received: stopping (a booking under way may finish)", name)
                 break
+            self.memory.collect_owed()  # a load's collection left for later (standby too)
             if self.roles.tick(self, signals):
                 continue  # a standby: no reload, no heartbeat of an active daemon
             if signal.SIGHUP in signals:
@@ -598,7 +602,6 @@ class Daemon:
             if now >= next_watch:
                 next_watch = now + watchdog.INTERVAL
                 self.recovery.watch()
-                self.memory.collect_owed()
             if now >= next_check:
                 next_check = now + self.settings.reload_interval
                 if self.config_changed():
@@ -700,6 +703,7 @@ class Loads:
         self._retry_stamp: tuple[tuple[int, int] | None, ...] | None = None
         self._retry_looked = -math.inf
         self._last_errors: list[str] = []  # the last load's, for a reload that changes nothing
+        self._sync_lock = threading.RLock()
 
     def load(self, *, reason: str) -> bool:
         """Read, validate and reconcile the config files; jobs follow. Returns False when a
@@ -892,49 +896,32 @@ class Loads:
     def sync(self, keys: Collection[str] | None = None) -> scheduler.SyncReport:
         """Make the jobs follow the pending instances due within the horizon
         (``scheduler.HORIZON``): those of ``keys`` (what a load or a `retry` changed), or with
-        None every one (at start, and at each look of the horizon as it moves on)."""
+        None every one (at start, and at each look of the horizon as it moves on). One sync at
+        a time, what it read and what it writes together: the horizon's look runs in the
+        scheduler's thread, the active role's look for changes made elsewhere in the loop's."""
         daemon = self.daemon
         assert (
             daemon.factory is not None and daemon.scheduler is not None and daemon.ctx is not None
         )
-        daemon.roles.before_sync(daemon.factory)
-        daemon.recovery.jobs_changed()  # the watchdog reads the earliest trigger again
-        with daemon.ctx.in_flight_lock:
-            busy = frozenset(daemon.ctx.in_flight)
-        horizon = scheduler.horizon_end()
-        if keys is not None:
-            pending = instances.pending_triggers(daemon.factory, keys, until=horizon)
+        with self._sync_lock:
+            daemon.roles.before_sync(daemon.factory)
+            daemon.recovery.jobs_changed()  # the watchdog reads the earliest trigger again
+            with daemon.ctx.in_flight_lock:
+                busy = frozenset(daemon.ctx.in_flight)
+            horizon = scheduler.horizon_end()
+            if keys is not None:
+                pending = instances.pending_triggers(daemon.factory, keys, until=horizon)
+                prepare = self._prepare_seconds(pending)
+                return daemon.scheduler.sync_keys(pending, keys, busy=busy, prepare=prepare)
+            # Everything: every wakeup recorded so far is covered (read before, cleared after).
+            handled = instances.wakeups(daemon.factory)
+            pending = instances.pending_triggers(daemon.factory, until=horizon)
             prepare = self._prepare_seconds(pending)
-            return daemon.scheduler.sync_keys(pending, keys, busy=busy, prepare=prepare)
-        # Everything: every wakeup recorded so far is covered (read before, cleared after).
-        handled = instances.wakeups(daemon.factory)
-        pending = instances.pending_triggers(daemon.factory, until=horizon)
-        prepare = self._prepare_seconds(pending)
-        report = daemon.scheduler.sync(pending, busy=busy, prepare=prepare)
-        if handled:
-            instances.clear_wakeups(daemon.factory, handled[-1][0])
-        return report
-
-    def extend(self) -> None:
-        """The horizon moves on: the pending instances that came within it get their jobs (a
-        full sync, which also puts right any job that strayed from its instance)."""
-        try:
-            with self.daemon.load_lock:
-                report = self.sync()
-        except Exception as exc:  # noqa: BLE001 (the next look, or the watchdog, tries again)
-            logger.warning(
-                "jobs for the triggers coming within %s could not be added (%s): tried again in %s",
-                utils.format_span(scheduler.HORIZON.total_seconds()),
-                models.error_text(exc),
-                utils.format_span(scheduler.HORIZON_INTERVAL.total_seconds()),
-            )
-            return
-        logger.debug(
-            "horizon moved on: jobs %d added, %d moved, %d removed",
-            report.added,
-            report.moved,
-            report.removed,
-        )
+            report = daemon.scheduler.sync(pending, busy=busy, prepare=prepare)
+            if handled:
+                instances.clear_wakeups(daemon.factory, handled[-1][0])
+            daemon.horizon.covered_until = horizon
+            return report
 
     def pick_up_retries(self) -> int:
         """Schedule the instances that a `retry` (from this host or another) put back to
@@ -1043,6 +1030,59 @@ class Loads:
                 logger.info("top-up of %s: %s", ", ".join(ids), changes.summary())
 
 
+# --------------------------------------------------------------------------- the jobs' horizon
+
+
+class Horizon:
+    """The jobs' horizon (``scheduler.HORIZON``): its look every ``HORIZON_INTERVAL``, and how
+    far ahead the jobs were last made whole, for the watchdog: a look that keeps failing is a
+    problem long before the triggers it should have covered come."""
+
+    #: Looks failing this long make the watchdog report it (and recover, or give up).
+    FAILING_AT_MOST = timedelta(hours=1)
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        #: The horizon's end at the last full sync (None: none yet in this active period).
+        self.covered_until: datetime | None = None
+        self._error: str | None = None
+
+    def extend(self) -> None:
+        """The horizon moves on: the pending instances that came within it get their jobs (a
+        full sync, which also puts right any job that strayed from its instance)."""
+        try:
+            with self.daemon.load_lock:
+                report = self.daemon.loads.sync()
+        except Exception as exc:  # noqa: BLE001 (the next look, or the watchdog, tries again)
+            self._error = models.error_text(exc)
+            logger.warning(
+                "jobs for the triggers coming within %s could not be added (%s): tried again in %s",
+                utils.format_span(scheduler.HORIZON.total_seconds()),
+                self._error,
+                utils.format_span(scheduler.HORIZON_INTERVAL.total_seconds()),
+            )
+            return
+        self._error = None
+        logger.debug(
+            "horizon moved on: jobs %d added, %d moved, %d removed",
+            report.added,
+            report.moved,
+            report.removed,
+        )
+
+    def problem(self, now: datetime) -> str | None:
+        """Why the jobs no longer reach as far ahead as they should, or None."""
+        covered = self.covered_until
+        if covered is None or covered - now >= scheduler.HORIZON - self.FAILING_AT_MOST:
+            return None
+        why = f": {self._error}" if self._error else ""
+        last = utils.format_ahead(covered - scheduler.HORIZON, now)
+        return (
+            f"the jobs of the triggers ahead were last added {last} (up to "
+            f"{utils.format_utc(covered)}){why}"
+        )
+
+
 # --------------------------------------------------------------------------- memory
 
 
@@ -1053,8 +1093,9 @@ class Memory:
         self.daemon = daemon
         self._frozen = False
         #: A load's collection left for the loop (a booking was under way), and whether it is
-        #: the start's (which freezes what lives on).
+        #: the start's (which freezes what lives on); since when (monotonic).
         self._owed: bool | None = None
+        self._owed_since = 0.0
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -1093,6 +1134,8 @@ class Memory:
             models.close_idle_connections(daemon.engine)
         connections = "closed" if closed else "kept (a small change)"
         if self._bookings_under_way():
+            if self._owed is None:
+                self._owed_since = time.monotonic()
             self._owed = bool(self._owed) or start
             took = (time.perf_counter() - started) * 1000
             logger.debug(
@@ -1115,9 +1158,15 @@ class Memory:
         return took
 
     def collect_owed(self) -> None:
-        """The loop, every second: the collection a load left, once no booking is under way."""
-        if self._owed is not None and not self._bookings_under_way():
-            collected, heap = self._collect(freeze=self._owed)
+        """The loop, every second: the collection a load left, once no booking is under way,
+        or after ``OWED_AT_MOST`` whatever happens (a daemon with many bookings, or flows
+        that prepare for long, may seldom have none)."""
+        if self._owed is None:
+            return
+        quiet = not self._bookings_under_way()
+        if quiet or time.monotonic() - self._owed_since > OWED_AT_MOST:
+            # Never freezing what a booking under way holds (it would never be collected).
+            collected, heap = self._collect(freeze=self._owed and quiet)
             logger.debug(
                 "memory given back after the load: %d object(s) collected, heap %s", collected, heap
             )
@@ -1175,6 +1224,7 @@ class Recovery:
         self.overdue = watchdog.Overdue()
         self._restarted = None
         self._next_due_read = None
+        self.daemon.horizon.covered_until = None  # the new period's first load covers it
 
     def watch(self) -> None:
         """Once a second: notice a wall-clock jump (the scheduler is woken), and whether the
@@ -1205,7 +1255,7 @@ class Recovery:
         assert (
             daemon.scheduler is not None and daemon.factory is not None and daemon.ctx is not None
         )
-        problem = daemon.scheduler.problem()
+        problem = daemon.scheduler.problem() or daemon.horizon.problem(datetime.now(UTC))
         if problem is not None:
             return problem
         try:

@@ -294,6 +294,9 @@ class Scheduler:
                 jobstore=MEMORY,
                 replace_existing=True,
                 next_run_time=first,
+                # A look asked for now (``_look_now``) while one runs is not dropped: it comes
+                # after it (the daemon runs them one at a time), with the clock as it is then.
+                max_instances=2,
             )
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:

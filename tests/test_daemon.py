@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import cli
 import config_loader
+import daemon as daemon_module
 import instances
 import leader
 import models
@@ -459,10 +460,18 @@ def test_a_loads_collection_waits_while_a_booking_is_under_way_then_the_loop_doe
     daemon.ctx.in_flight.clear()
     daemon.memory.collect_owed()
     assert collections == [1] and gc.isenabled()
+    # A daemon that seldom has no booking under way collects after OWED_AT_MOST all the same.
+    daemon.ctx.in_flight.add("a@2026-12-09T17:00:00Z")
+    with daemon.memory.paused():
+        daemon.memory.give_back(touched=5)
+    monkeypatch.setattr(daemon_module, "OWED_AT_MOST", 0.0)
+    daemon.memory.collect_owed()
+    assert collections == [1, 1] and gc.isenabled()
+    daemon.ctx.in_flight.clear()
     daemon.memory.collect_owed()  # nothing owed any more
-    assert collections == [1]
-    daemon.memory.give_back(touched=5)  # no booking under way: at once
     assert collections == [1, 1]
+    daemon.memory.give_back(touched=5)  # no booking under way: at once
+    assert collections == [1, 1, 1]
 
 
 # ---------------------------------------------------------------- daemons (section 10)
@@ -783,19 +792,77 @@ def test_the_horizons_look_gives_instances_their_jobs_as_their_triggers_come_wit
     assert far not in jobs(daemon.engine)
 
 
-def test_the_horizons_look_runs_in_the_scheduler_and_again_at_once_after_a_jump_forward(
+def test_a_jump_forward_moves_the_horizon_on_at_once_in_the_schedulers_thread(
     daemon: Daemon, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert daemon.scheduler is not None
-    looked = threading.Event()
-    monkeypatch.setattr(daemon, "extend", looked.set)
-    # Its first look comes an interval after the start (the load covered the horizon).
-    assert not looked.wait(0.5)
-    daemon.recovery._clock_jumped(3600.0)
-    assert looked.wait(5.0)
-    looked.clear()
-    daemon.recovery._clock_jumped(-3600.0)  # backward: nothing new came within it
-    assert not looked.wait(0.5)
+    assert daemon.engine is not None and daemon.factory is not None
+    write_json(data_dir / "schedules.json", [one_off("far", days=10)])
+    daemon.safe_load("file change")
+    (far,) = [r["key"] for r in instances.status_rows(daemon.factory) if r["schedule"] == "far"]
+    # As if the clock had jumped two days ahead: the trigger is within the horizon now.
+    monkeypatch.setattr(scheduler, "HORIZON", scheduler.HORIZON + timedelta(days=2))
+    time.sleep(0.3)
+    assert far not in jobs(daemon.engine)  # the look comes 10 minutes after the start
+
+    daemon.recovery._clock_jumped(2 * 86400.0)
+
+    wait_for(lambda: far in jobs(daemon.engine), timeout=5.0)
+
+
+def test_syncs_run_one_at_a_time_from_reading_the_instances_to_writing_the_jobs(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The horizon's look (the scheduler's thread) and the active role's look for changes
+    made elsewhere (the loop's) must not write what each read before the other wrote."""
+    read = instances.pending_triggers
+    inside, release = threading.Event(), threading.Event()
+    done: list[str] = []
+
+    def slow(*args: Any, **kwargs: Any) -> dict[str, datetime]:
+        found = read(*args, **kwargs)
+        if len(args) == 1:  # the full sync's read
+            inside.set()
+            release.wait(5.0)
+        return found
+
+    monkeypatch.setattr(instances, "pending_triggers", slow)
+    full = threading.Thread(target=lambda: (daemon.loads.sync(), done.append("full")))
+    full.start()
+    assert inside.wait(5.0)
+    by_keys = threading.Thread(target=lambda: (daemon.loads.sync(["x@1"]), done.append("keys")))
+    by_keys.start()
+    by_keys.join(0.3)
+    assert by_keys.is_alive()  # waits for the full sync to have written
+    release.set()
+    full.join(5.0)
+    by_keys.join(5.0)
+    assert done == ["full", "keys"]
+
+
+def test_a_horizon_not_moved_on_for_an_hour_is_a_problem_the_watchdog_recovers(
+    daemon: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    now = datetime.now(UTC)
+    daemon.horizon.covered_until = now + scheduler.HORIZON - timedelta(minutes=50)
+    daemon.recovery.watch()
+    assert watchdog_lines(caplog) == []  # 50 minutes of failing looks: not yet
+
+    daemon.horizon.covered_until = now + scheduler.HORIZON - timedelta(hours=2)
+    daemon.horizon._error = "OperationalError: database is locked"
+    daemon.recovery.watch()  # reported, and recovered by a full sync
+    daemon.recovery.watch()  # the next look confirms it
+
+    (error, recovered) = watchdog_lines(caplog)
+    assert error[1].startswith(
+        "scheduler not working: the jobs of the triggers ahead were last added 2 h ago (up to "
+    )
+    assert error[1].endswith(
+        "Z): OperationalError: database is locked; recovering (`health` reports it until then)"
+    )
+    assert recovered[1].startswith("scheduler working again")
+    assert daemon.horizon.covered_until is not None
+    assert daemon.horizon.covered_until > now + scheduler.HORIZON
 
 
 def test_a_horizon_look_that_fails_says_why_and_when_it_tries_again(
