@@ -125,6 +125,43 @@ def measure(root: Path, run: Run, url: str | None) -> None:
     )
 
 
+#: Start to ready for 1,000 schedules on SQLite (issue 24's target, judged on the median).
+TARGET_READY_S = 3.0
+READY_REPEATS = 5
+
+
+def cold_starts(root: Path, count: int, repeats: int) -> list[float]:
+    """Start to ready (seconds) of ``repeats`` cold starts with ``count`` schedules on SQLite,
+    each on an empty database of its own: only that is measured (no reload)."""
+    found = []
+    for repeat in range(repeats):
+        daemon = Daemon(root, f"ready-{count}-{repeat}", CLUB_URL, LOG_LEVEL="INFO")
+        start_day = datetime.now(UTC) + timedelta(days=LOAD_DAYS_AHEAD)
+        daemon.write_schedules(scale_entries(count, start_day))
+        with daemons([daemon]):
+            daemon.start()
+            found.append(daemon.wait_ready(timeout=SCALE_TIMEOUT))
+            daemon.signal(signal.SIGTERM)
+        progress(f"cold start {repeat + 1}/{repeats}, {count} schedules: {found[-1]:.2f} s")
+    return found
+
+
+def ready_verdict(seconds: list[float]) -> str:
+    """The target's line: start to ready min / median / max and whether the median meets it."""
+    from bench import Spread
+
+    spread = Spread.of(seconds)
+    verdict = "MET" if seconds and spread.median <= TARGET_READY_S else "MISSED"
+    return (
+        f"start to ready, 1,000 schedules (52,000 instances) on SQLite, {len(seconds)} cold "
+        f"starts: {_seconds(spread)} (target <= {TARGET_READY_S:g} s on the median: {verdict})"
+    )
+
+
+def _seconds(spread: Any) -> str:
+    return " / ".join(f"{value:.2f} s" for value in (spread.min, spread.median, spread.max))
+
+
 def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
@@ -159,6 +196,7 @@ def main() -> int:
     import pg_server
 
     runs: list[Run] = []
+    ready: list[float] = []
     server = None
     try:
         with tempfile.TemporaryDirectory(prefix="courtbot-scale-") as scratch:
@@ -184,11 +222,13 @@ def main() -> int:
                         progress(f"{database} {count}: {run.error}")
                     finally:
                         kill_children()
+            ready = cold_starts(root, SCHEDULE_COUNTS[-1], READY_REPEATS)
     finally:
         kill_children()
         if server is not None:
             server.stop()
     print(render(runs), flush=True)
+    print(f"\n{ready_verdict(ready)}", flush=True)
     return 0
 
 
