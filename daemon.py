@@ -455,6 +455,7 @@ class Daemon:
         self.roles.beat(self)
         self.write_pid()
         self.heartbeat()
+        self.memory.collect_owed()  # the load's collection, now that the daemon is ready
         assert self.factory is not None
         log_summary(self.factory, self.config)
         self.safe_warn_expiring_tokens()
@@ -1125,7 +1126,8 @@ class Memory:
 
         The collection holds the interpreter for up to a tenth of a second after a large load:
         while a booking is under way (waiting for its trigger, sending) it is left to the loop,
-        which does it once none is (``collect_owed``)."""
+        which does it once none is (``collect_owed``). The start's waits too, for the pid file:
+        the daemon is ready without it."""
         daemon = self.daemon
         assert daemon.engine is not None
         started = time.perf_counter()
@@ -1133,14 +1135,14 @@ class Memory:
         if closed:
             models.close_idle_connections(daemon.engine)
         connections = "closed" if closed else "kept (a small change)"
-        if self._bookings_under_way():
+        if start or self._bookings_under_way():
             if self._owed is None:
                 self._owed_since = time.monotonic()
             self._owed = bool(self._owed) or start
             took = (time.perf_counter() - started) * 1000
             logger.debug(
                 "memory given back in %.1f ms: idle database connections %s; the collection "
-                "waits until no booking is under way",
+                "waits until the daemon is ready and no booking is under way",
                 took,
                 connections,
             )

@@ -49,7 +49,7 @@ from models import (
     Notice,
     Token,
     Wakeup,
-    insert_many,
+    insert_tuples,
     refresh_statistics,
     transaction,
 )
@@ -215,8 +215,8 @@ class _Pass:
     now: datetime
     changes: Changes
 
-    #: New instances' rows not yet written: one multi-row INSERT for many entries.
-    new_rows: list[dict[str, Any]] = field(default_factory=list)
+    #: New instances' rows not yet written (``_new_row``'s): one INSERT for many entries.
+    new_rows: list[tuple[Any, ...]] = field(default_factory=list)
 
     def run(self, session: Session, chunk: list[str]) -> None:
         rows_by_schedule: dict[str, dict[str, Instance]] = {}
@@ -243,19 +243,14 @@ class _Pass:
 
     def write(self, session: Session) -> None:
         """The new instances so far, in one statement (end of a pass's transaction)."""
-        insert_rows(session, self.new_rows, self.now)
+        insert_rows(session, self.new_rows)
         self.new_rows = []
 
 
-def insert_rows(session: Session, rows: list[dict[str, Any]], now: datetime) -> None:
-    """New pending instances (``_new_row``'s) in one multi-row INSERT, stamped ``now``: a cold
-    load of thousands, without ORM objects or the ORM's bulk bookkeeping."""
-    if not rows:
-        return
-    stamp = utils.as_utc(now)
-    for values in rows:
-        values["created_at"] = values["updated_at"] = stamp
-    insert_many(session.connection(), Instance.__table__, rows)
+def insert_rows(session: Session, rows: list[tuple[Any, ...]]) -> None:
+    """New pending instances (``_new_row``'s) in one multi-row INSERT: a cold load of
+    thousands, without ORM objects or the ORM's bulk bookkeeping, nor a dict each."""
+    insert_tuples(session.connection(), Instance.__table__, NEW_COLUMNS, rows)
 
 
 def due_by(
@@ -279,33 +274,50 @@ def due_by(
             page = keys[start : start + PAGE]
             stored.update(session.scalars(select(Instance.key).where(Instance.key.in_(page))))
         rows = [
-            _new_row(
-                entry.id, item, now, _entry_fields(entry) | _instance_fields(entry, item.desired)
-            )
+            _new_row(entry.id, item, now, _own_fields(entry, item.desired))
             for entry, item in planned
             if item.key not in stored
         ]
-        insert_rows(session, rows, now)
+        insert_rows(session, rows)
         query = select(Instance.key, Instance.trigger_time).where(
             Instance.status == PENDING, Instance.trigger_time <= until
         )
         return {key: trigger for key, trigger in session.execute(query)}
 
 
+#: A new instance's columns as ``_new_row`` gives them: its own, then ``_own_fields``'.
+NEW_COLUMNS = (
+    "key",
+    "schedule_id",
+    "desired_time",
+    "trigger_time",
+    "status",
+    "attempts",
+    "late_cause",
+    "created_at",
+    "updated_at",
+    "court_id",
+    "courts",
+    "token_name",
+    "duration_minutes",
+    "rrule",
+    "timezone",
+    "type",
+    "club",
+    "players",
+    "fallbacks",
+    "watch_until",
+)
+
+
 def _new_row(
     schedule_id: str, item: Planned, now: datetime, fields: dict[str, Any]
-) -> dict[str, Any]:
-    """A new pending instance's columns, for a multi-row INSERT (no ORM object)."""
-    return dict(
-        key=item.key,
-        schedule_id=schedule_id,
-        desired_time=item.desired,
-        trigger_time=item.trigger,
-        status=PENDING,
-        attempts=0,
-        late_cause=LATE_LOADED if item.trigger <= now else None,
-        **fields,
-    )
+) -> tuple[Any, ...]:
+    """A new pending instance's values in ``NEW_COLUMNS``' order, stamped ``now`` (aware,
+    UTC); ``fields`` is ``_own_fields``'."""
+    late = LATE_LOADED if item.trigger <= now else None
+    head = (item.key, schedule_id, item.desired, item.trigger, PENDING, 0, late, now, now)
+    return (*head, *fields.values())
 
 
 def _planned_by(entry: Entry, now: datetime, until: datetime) -> list[tuple[Entry, Planned]]:
@@ -369,6 +381,14 @@ def _entry_fields(entry: Entry) -> dict[str, Any]:
     }
 
 
+def _own_fields(entry: Entry, desired: datetime | None) -> dict[str, Any]:
+    """What an instance at ``desired`` copies from its entry, in ``NEW_COLUMNS``' order (None:
+    an entry without fallback times or a watch, whose instances all copy the same)."""
+    if desired is None:
+        return _entry_fields(entry) | {"fallbacks": None, "watch_until": None}
+    return _entry_fields(entry) | _instance_fields(entry, desired)
+
+
 def _instance_fields(entry: Entry, desired: datetime) -> dict[str, Any]:
     """What one instance copies from its entry for its own date (CONTRACT section 13): its
     times as JSON ``[[HH:MM, start UTC, trigger UTC], ...]``, the desired time first and then
@@ -419,24 +439,24 @@ def _fresh(row: Instance) -> None:
 
 
 def _reconcile_entry(
-    entry: Entry, rows: dict[str, Instance], now: datetime, new_rows: list[dict[str, Any]]
+    entry: Entry, rows: dict[str, Instance], now: datetime, new_rows: list[tuple[Any, ...]]
 ) -> Changes:
     """One entry's stored ``rows`` brought up to what it plans now; the instances it plans that
     are not stored yet go to ``new_rows`` (written by the pass, many entries in one INSERT)."""
     changes = Changes()
     planned = entry.plan(now)
-    fields = _entry_fields(entry)
     wanted = {p.key for p in planned}
     # Without fallback times or a watch, every instance copies the same (the common case).
     same = None
     if not entry.fallback_times and entry.watch_minutes is None:
-        same = fields | {"fallbacks": None, "watch_until": None}
+        same = _own_fields(entry, None)
+    stamp = utils.as_utc(now)
     for item in planned:
         row = rows.get(item.key)
-        own = same if same is not None else fields | _instance_fields(entry, item.desired)
+        own = same if same is not None else _own_fields(entry, item.desired)
         if row is None:
             if entry.enabled:
-                new_rows.append(_new_row(entry.id, item, now, own))
+                new_rows.append(_new_row(entry.id, item, stamp, own))
                 changes.added += 1
                 changes.keys.add(item.key)
             continue

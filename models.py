@@ -106,38 +106,52 @@ def sqlite_datetime(value: datetime) -> str:
 
 def insert_many(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) -> None:
     """Insert ``rows`` (dicts with the same keys) into ``table``, in the connection's
-    transaction.
+    transaction (``insert_tuples``)."""
+    if not rows:
+        return
+    columns = list(rows[0])
+    values = itemgetter(*columns)
+    if len(columns) == 1:
+        insert_tuples(conn, table, columns, [(row[columns[0]],) for row in rows])
+    else:
+        insert_tuples(conn, table, columns, [values(row) for row in rows])
+
+
+def insert_tuples(
+    conn: Connection, table: Table, columns: Sequence[str], rows: Sequence[Sequence[Any]]
+) -> None:
+    """Insert ``rows`` (each the values of ``columns``, in that order) into ``table``, in the
+    connection's transaction.
 
     The values are converted here, as the column types would convert them, and handed to the
     driver in bulk: on SQLite its ``executemany``, on PostgreSQL ``COPY ... FROM STDIN``.
     SQLAlchemy's per-value processing (SQLite) and one statement a row (psycopg's pipelined
-    ``executemany``, PostgreSQL) were most of the cost of writing the 104,000 rows of a cold load
-    of 1,000 weekly schedules (instances and jobs). Columns the rows leave out take their scalar
-    default, as SQLAlchemy's INSERT gives them (``tests/test_models.py`` holds the two ways to
-    the same rows on both databases)."""
+    ``executemany``, PostgreSQL) were most of the cost of writing the 52,000 rows of a cold load
+    of 1,000 weekly schedules. Columns the rows leave out take their scalar default, as
+    SQLAlchemy's INSERT gives them (``tests/test_models.py`` holds the two ways to the same rows
+    on both databases)."""
     if not rows:
         return
     dialect = conn.dialect
+    given = list(columns)
     if dialect.name not in ("sqlite", "postgresql"):
-        conn.execute(insert(table), list(rows))
+        conn.execute(insert(table), [dict(zip(given, row, strict=True)) for row in rows])
         return
-    given = list(rows[0])
     # The columns SQLAlchemy would fill in from their Python-side default; a callable one
     # (a time stamp) must be given.
-    filled = [c for c in table.columns if c.key not in rows[0] and c.default is not None]
+    filled = [c for c in table.columns if c.key not in given and c.default is not None]
     tail = tuple(_bind_converter(c, dialect)(_scalar_default(table, c)) for c in filled)
     converters = [
         (i, convert)
         for i, name in enumerate(given)
         if (convert := _bind_converter(table.c[name], dialect)) is not _same
     ]
-    values = itemgetter(*given)
     params = []
     # A value that is the same object as the row before's is converted once (a load's time
     # stamp in every row's created_at and updated_at).
     last: list[tuple[Any, Any]] = [(_UNSET, None)] * len(converters)
     for row in rows:
-        one = list(values(row)) if len(given) > 1 else [row[given[0]]]
+        one = list(row)
         for n, (i, convert) in enumerate(converters):
             value = one[i]
             before, converted = last[n]
