@@ -865,6 +865,24 @@ def test_a_horizon_not_moved_on_for_an_hour_is_a_problem_the_watchdog_recovers(
     assert daemon.horizon.covered_until > now + scheduler.HORIZON
 
 
+def test_the_horizons_look_does_nothing_on_a_standby_nor_once_stopping(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[object] = []
+    monkeypatch.setattr(
+        daemon.loads, "sync", lambda keys=None: synced.append(keys) or scheduler.SyncReport(0, 0, 0)
+    )
+    monkeypatch.setattr(daemon.roles, "role", leader.STANDBY)
+    daemon.extend()
+    monkeypatch.setattr(daemon.roles, "role", leader.ACTIVE)
+    daemon.stop.set()
+    daemon.extend()
+    daemon.stop.clear()
+    assert synced == []
+    daemon.extend()
+    assert synced == [None]
+
+
 def test_a_horizon_look_that_fails_says_why_and_when_it_tries_again(
     daemon: Daemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
