@@ -278,14 +278,16 @@ class Scheduler:
             replace_existing=True,
         )
         # The looks that keep no state, in memory: the rehearsals' at once (an instance loaded
-        # late rehearses at once), then every minute; the horizon's an interval on (the sync
-        # before the start covered it).
+        # late rehearses at once), then every minute, one at a time (two would rehearse the same
+        # instances); the horizon's an interval on (the sync before the start covered it), and
+        # one asked for now (``_look_now``) while one runs comes after it (the daemon runs them
+        # one at a time), with the clock as it is then.
         now = datetime.now(UTC)
-        looks: list[tuple[Callable[[], None], str, timedelta, datetime]] = [
-            (run_rehearsals, REHEARSE_JOB_ID, REHEARSE_INTERVAL, now),
-            (run_horizon, HORIZON_JOB_ID, HORIZON_INTERVAL, now + HORIZON_INTERVAL),
+        looks: list[tuple[Callable[[], None], str, timedelta, datetime, int]] = [
+            (run_rehearsals, REHEARSE_JOB_ID, REHEARSE_INTERVAL, now, 1),
+            (run_horizon, HORIZON_JOB_ID, HORIZON_INTERVAL, now + HORIZON_INTERVAL, 2),
         ]
-        for func, job_id, every, first in looks:
+        for func, job_id, every, first, at_once in looks:
             self._scheduler.add_job(
                 func,
                 "interval",
@@ -294,9 +296,7 @@ class Scheduler:
                 jobstore=MEMORY,
                 replace_existing=True,
                 next_run_time=first,
-                # A look asked for now (``_look_now``) while one runs is not dropped: it comes
-                # after it (the daemon runs them one at a time), with the clock as it is then.
-                max_instances=2,
+                max_instances=at_once,
             )
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:

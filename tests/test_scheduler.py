@@ -205,6 +205,12 @@ def test_a_due_job_hands_its_key_to_the_runtime_and_the_topup_job_is_kept_apart(
     # The rehearsals' job (in memory: it writes nothing to the database) looks at once.
     assert wait_until(lambda: runtime.rehearsals >= 1, 10)
     assert scheduler.REHEARSE_JOB_ID not in stored(engine)
+    # Two looks for rehearsals at once would rehearse (and notify) the same instances twice; a
+    # look at the horizon asked for while one runs comes after it instead of being dropped.
+    looks = {
+        job.id: job.max_instances for job in sched._scheduler.get_jobs(jobstore=scheduler.MEMORY)
+    }
+    assert looks == {scheduler.REHEARSE_JOB_ID: 1, scheduler.HORIZON_JOB_ID: 2}
 
 
 def test_jobs_without_a_runtime_log_and_do_nothing(caplog: pytest.LogCaptureFixture) -> None:
