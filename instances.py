@@ -756,7 +756,7 @@ def pending_triggers(
     """Every pending instance's key and trigger (aware UTC), and every watching one's next try;
     with ``keys``, those among them; with ``until``, those due by then (the jobs' horizon)."""
     if keys is None:
-        return _due_by(factory, until)
+        return _scheduled_by(factory, until)
     # Looked up by key alone, the status read along: a planner without statistics (SQLite)
     # would rather scan every pending row through the status index for each page of keys.
     query = select(Instance.key, _DUE, Instance.status)
@@ -773,7 +773,7 @@ def pending_triggers(
     return found
 
 
-def _due_by(factory: sessionmaker[Session], until: datetime | None) -> dict[str, datetime]:
+def _scheduled_by(factory: sessionmaker[Session], until: datetime | None) -> dict[str, datetime]:
     """``pending_triggers`` of every instance (by ``until`` when given): the pending ones
     through the status and trigger index, the few watching ones apart."""
     pending = select(Instance.key, Instance.trigger_time).where(Instance.status == PENDING)
