@@ -802,18 +802,9 @@ def pending_mark(factory: sessionmaker[Session]) -> tuple[int, datetime | None]:
     return int(count or 0), latest
 
 
-def pending_clubs(
-    factory: sessionmaker[Session], keys: Collection[str] | None = None
-) -> dict[str, str]:
-    """The club of every scheduled (pending or watching) instance that names one (the others
-    book with the template or section 6's request); with ``keys``, of those among them (looked
-    up by key, as above)."""
-    if keys is None:
-        query = select(Instance.key, Instance.club).where(
-            Instance.status.in_(SCHEDULED), Instance.club.is_not(None)
-        )
-        with factory() as session:
-            return {key: club for key, club in session.execute(query) if club is not None}
+def pending_clubs(factory: sessionmaker[Session], keys: Collection[str]) -> dict[str, str]:
+    """The club of each scheduled (pending or watching) instance among ``keys`` that names one
+    (the others book with the template or section 6's request), looked up by key as above."""
     by_key = select(Instance.key, Instance.club, Instance.status)
     wanted = sorted(keys)
     found: dict[str, str] = {}
