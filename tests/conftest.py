@@ -85,12 +85,6 @@ UNTIMED_SLOW = (
     "test_e2e_wishes.py",
     "test_rehearsal_e2e.py",
     "test_e2e_clock.py::test_a_failed_measurement_",
-    # Mostly waiting, with bounds of tens of milliseconds or seconds: a `clock` measurement
-    # (its offset within 50 ms; the probes sleep between whole seconds), and a reload that
-    # disables an entry, then enables it again, during its flow's preparation (booked once,
-    # however late).
-    "test_e2e_clock.py::test_clock_command_",
-    "test_contract_7_12.py::test_an_entry_disabled_and_enabled_again_",
     # Exits at start-up and checks, whose modules are SERIAL: no trigger, no clock.
     "test_contract_7_12.py::test_the_secrets_of_",
     "test_contract_7_12.py::test_a_header_no_request_",
