@@ -1147,7 +1147,7 @@ class Memory:
                 connections,
             )
             return took
-        collected, heap = self._collect(freeze=start or bool(self._owed))
+        collected, heap = self._collect(freeze=bool(self._owed))  # a start's waits (above)
         took = (time.perf_counter() - started) * 1000
         logger.debug(
             "memory given back in %.1f ms: %d object(s) collected, idle database connections %s, "

@@ -783,9 +783,8 @@ def _scheduled_by(factory: sessionmaker[Session], until: datetime | None) -> dic
     with factory() as session:
         conn = session.connection()
         found = {key: utils.as_utc(due) for key, due in conn.execute(pending)}
-        found.update((key, utils.as_utc(due)) for key, due in conn.execute(watching))
-    if until is not None:
-        found = {key: due for key, due in found.items() if due <= until}
+        tries = [(key, utils.as_utc(due)) for key, due in conn.execute(watching)]
+    found.update((key, due) for key, due in tries if until is None or due <= until)
     return found
 
 

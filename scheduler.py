@@ -123,9 +123,9 @@ def run_horizon() -> None:
         runtime.extend()
 
 
-def horizon_end(now: datetime | None = None) -> datetime:
+def horizon_end() -> datetime:
     """The latest trigger that has a job now."""
-    return (now or datetime.now(UTC)) + HORIZON
+    return datetime.now(UTC) + HORIZON
 
 
 def job_lead(prepare_seconds: float) -> timedelta:

@@ -772,13 +772,19 @@ def test_jobs_are_kept_for_the_triggers_within_the_horizon_and_strays_are_droppe
     assert daemon.loads.sync() == scheduler.SyncReport(0, 0, 0)
 
 
-def test_the_horizons_look_gives_instances_their_jobs_as_their_triggers_come_within_it(
-    daemon: Daemon, data_dir: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    assert daemon.engine is not None and daemon.factory is not None
+def load_far_one_off(daemon: Daemon, data_dir: Path) -> str:
+    """Load a one-off whose trigger is 3 days ahead (beyond the jobs' horizon); its key."""
     write_json(data_dir / "schedules.json", [one_off("far", days=10)])
     daemon.safe_load("file change")
     (far,) = [r["key"] for r in instances.status_rows(daemon.factory) if r["schedule"] == "far"]
+    return far
+
+
+def test_the_horizons_look_gives_instances_their_jobs_as_their_triggers_come_within_it(
+    daemon: Daemon, data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert daemon.engine is not None
+    far = load_far_one_off(daemon, data_dir)
     assert far not in jobs(daemon.engine)  # its trigger is 3 days ahead
 
     # A day on (the horizon reaches 4 days ahead): the look gives it its job.
@@ -795,10 +801,8 @@ def test_the_horizons_look_gives_instances_their_jobs_as_their_triggers_come_wit
 def test_a_jump_forward_moves_the_horizon_on_at_once_in_the_schedulers_thread(
     daemon: Daemon, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert daemon.engine is not None and daemon.factory is not None
-    write_json(data_dir / "schedules.json", [one_off("far", days=10)])
-    daemon.safe_load("file change")
-    (far,) = [r["key"] for r in instances.status_rows(daemon.factory) if r["schedule"] == "far"]
+    assert daemon.engine is not None
+    far = load_far_one_off(daemon, data_dir)
     # As if the clock had jumped two days ahead: the trigger is within the horizon now.
     monkeypatch.setattr(scheduler, "HORIZON", scheduler.HORIZON + timedelta(days=2))
     time.sleep(0.3)
