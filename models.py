@@ -15,7 +15,6 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -110,11 +109,7 @@ def insert_many(conn: Connection, table: Table, rows: Sequence[dict[str, Any]]) 
     if not rows:
         return
     columns = list(rows[0])
-    values = itemgetter(*columns)
-    if len(columns) == 1:
-        insert_tuples(conn, table, columns, [(row[columns[0]],) for row in rows])
-    else:
-        insert_tuples(conn, table, columns, [values(row) for row in rows])
+    insert_tuples(conn, table, columns, [tuple(row[name] for name in columns) for row in rows])
 
 
 def insert_tuples(
@@ -193,7 +188,7 @@ def refresh_statistics(conn: Connection, table: Table | str, rows: int) -> None:
     conn.exec_driver_sql(f"ANALYZE {name}")
 
 
-#: No value yet (see insert_many).
+#: No value yet (see insert_tuples).
 _UNSET = object()
 
 

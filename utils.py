@@ -59,7 +59,12 @@ def localize(wall: datetime, zone: ZoneInfo) -> datetime:
     # The round trip through UTC turns a gap's nonexistent wall clock into the one shown on the
     # clock at that instant (01:30 -> 02:30 BST): astimezone(zone) on a value already in ``zone``
     # returns it unchanged, and same-zone comparisons look at the wall clock only.
-    return wall.replace(tzinfo=zone, fold=0).astimezone(UTC).astimezone(zone)
+    return localized_instant(wall, zone).astimezone(zone)
+
+
+def localized_instant(wall: datetime, zone: ZoneInfo) -> datetime:
+    """The instant (aware, UTC) that ``localize`` gives ``wall`` in ``zone``."""
+    return wall.replace(tzinfo=zone, fold=0).astimezone(UTC)
 
 
 def wall_clock_issue(wall: datetime, zone: ZoneInfo) -> str | None:
@@ -996,7 +1001,7 @@ def expand_rule_walls(
         if wall < since or wall.date() in skipped:
             continue
         # ``localize`` in two steps: the instant first, the wall clock shown only if kept.
-        instant = wall.replace(tzinfo=zone, fold=0).astimezone(UTC)
+        instant = localized_instant(wall, zone)
         if instant <= after_utc or instant in found or instant in rule.skip_instants:
             continue
         if until_instant is not None and instant > until_instant:
