@@ -20,6 +20,7 @@ import json
 import logging
 import socket
 from collections.abc import Collection, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -42,6 +43,7 @@ from models import (
     LEASE_ACTIVE,
     LOADS_KEPT,
     PENDING,
+    STATUS_TRIGGER_INDEX,
     WATCHING,
     Instance,
     Lease,
@@ -49,6 +51,7 @@ from models import (
     Notice,
     Token,
     Wakeup,
+    index_built_after,
     insert_tuples,
     refresh_statistics,
     transaction,
@@ -66,6 +69,10 @@ ENTRIES_PER_PASS = 4
 INSERT_ROWS = 500
 #: A batched ``reconcile`` commits this many entries' instances at a time.
 ENTRIES_PER_COMMIT = 40
+#: A batched ``reconcile`` of at least ``ENTRIES_PER_COMMIT`` entries into a table of at most
+#: this many rows (a cold start: empty, or only what was due soon) builds the (status, trigger)
+#: index after writing its rows (SQLite; ``models.index_built_after``).
+INDEX_AFTER_ROWS_AT_MOST = 1000
 
 
 #: Why an instance's first request may leave after its trigger (``Instance.late_cause``), noted
@@ -192,14 +199,18 @@ def reconcile(
             pass_.write(session)
             refresh_statistics(session.connection(), Instance.__table__, changes.added)
             return changes
-    for first in range(0, len(work), ENTRIES_PER_COMMIT):
-        batch = work[first : first + ENTRIES_PER_COMMIT]
-        with transaction(factory) as session:
-            for start in range(0, len(batch), ENTRIES_PER_PASS):
-                pass_.run(session, batch[start : start + ENTRIES_PER_PASS])
-            pass_.write(session)
-            if first + ENTRIES_PER_COMMIT >= len(work):  # the last batch
-                refresh_statistics(session.connection(), Instance.__table__, changes.added)
+        index_after = len(work) >= ENTRIES_PER_COMMIT and (
+            session.scalar(select(func.count()).select_from(Instance)) <= INDEX_AFTER_ROWS_AT_MOST
+        )
+    with index_built_after(factory, STATUS_TRIGGER_INDEX) if index_after else nullcontext():
+        for first in range(0, len(work), ENTRIES_PER_COMMIT):
+            batch = work[first : first + ENTRIES_PER_COMMIT]
+            with transaction(factory) as session:
+                for start in range(0, len(batch), ENTRIES_PER_PASS):
+                    pass_.run(session, batch[start : start + ENTRIES_PER_PASS])
+                pass_.write(session)
+    with transaction(factory) as session:
+        refresh_statistics(session.connection(), Instance.__table__, changes.added)
     return changes
 
 

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from cryptography.fernet import Fernet, MultiFernet
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 from sqlalchemy import text as sql_text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -1864,6 +1864,103 @@ def test_a_batched_reconcile_commits_as_it_goes_with_the_same_result(
     again = reconcile(factory, config, now=NOW, batched=True)
     assert again.empty
     assert len(rows(factory)) == 3 * 52 + 1
+
+
+STATUS_TRIGGER = "ix_schedules_status_trigger"
+
+
+def index_names(session: Session) -> set[str]:
+    """The schedules table's indexes as the database has them now (in the session's transaction)."""
+    from sqlalchemy import inspect
+
+    return {index["name"] for index in inspect(session.connection()).get_indexes("schedules")}
+
+
+class IndexSpy:
+    """Notes the schedules table's indexes each time a reconcile writes new rows; raises at the
+    ``fail_at``-th write (1-based) when given."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, fail_at: int | None = None) -> None:
+        self.seen: list[set[str]] = []
+        self.fail_at = fail_at
+        self._real = instances.insert_rows
+        monkeypatch.setattr(instances, "insert_rows", self)
+        monkeypatch.setattr(instances, "ENTRIES_PER_COMMIT", 2)
+
+    def __call__(self, session: Session, rows: list[Any]) -> None:
+        if not rows:
+            return
+        self.seen.append(index_names(session))
+        if len(self.seen) == self.fail_at:
+            raise RuntimeError("the disk is full")
+        self._real(session, rows)
+
+
+def test_a_start_into_an_empty_sqlite_table_builds_the_trigger_index_after_the_rows(
+    reload: Reload,
+    factory: sessionmaker[Session],
+    database: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = reload.read([{**WED, "id": f"w{i}"} for i in range(3)] + [MATCH])
+    spy = IndexSpy(monkeypatch)
+
+    assert reconcile(factory, config, now=NOW, batched=True).added == 3 * 52 + 1
+
+    assert len(spy.seen) >= 2  # a write per two entries
+    # Inserting the rows into it one by one, in no order of its keys, was a third of the
+    # write. PostgreSQL keeps it: its DROP INDEX would lock the table against every reader.
+    assert all((STATUS_TRIGGER in seen) == (database == "postgresql") for seen in spy.seen)
+    with factory() as session:
+        assert STATUS_TRIGGER in index_names(session)
+        # ... and finds the pending instances by it, as before.
+        plan = session.execute(
+            sql_text(
+                "EXPLAIN QUERY PLAN SELECT key FROM schedules "
+                "WHERE status = 'pending' AND trigger_time <= '2027-01-01'"
+            )
+            if database == "sqlite"
+            else sql_text("SELECT 1")
+        ).all()
+    assert database != "sqlite" or STATUS_TRIGGER in str(plan)
+    assert len(pending_triggers(factory, None, until=NOW + timedelta(days=400))) == 3 * 52 + 1
+
+
+def test_a_load_into_a_filled_table_or_a_reload_keeps_the_trigger_index(
+    reload: Reload,
+    factory: sessionmaker[Session],
+    database: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spy = IndexSpy(monkeypatch)
+    monkeypatch.setattr(instances, "INDEX_AFTER_ROWS_AT_MOST", 52)
+    assert reload([{**WED, "id": "w0"}]).added == 52  # a reload: one transaction
+    entries = [{**WED, "id": f"w{i}"} for i in range(4)]
+    assert reconcile(factory, reload.read(entries), now=NOW, batched=True).added == 3 * 52
+
+    monkeypatch.setattr(instances, "INDEX_AFTER_ROWS_AT_MOST", 51)
+    entries.append({**WED, "id": "w4"})
+    entries.append({**WED, "id": "w5"})
+    assert reconcile(factory, reload.read(entries), now=NOW, batched=True).added == 2 * 52
+
+    # The reload kept it, and so did the start into a table of 208 rows; the start into 52
+    # rows built it after them (on SQLite).
+    sqlite = database == "sqlite"
+    assert [STATUS_TRIGGER in seen for seen in spy.seen] == [True, not sqlite, not sqlite, True]
+
+
+def test_a_start_that_fails_midway_builds_the_trigger_index_again(
+    reload: Reload, factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = reload.read([{**WED, "id": f"w{i}"} for i in range(4)])
+    IndexSpy(monkeypatch, fail_at=2)
+
+    with pytest.raises(RuntimeError, match="the disk is full"):
+        reconcile(factory, config, now=NOW, batched=True)
+
+    with factory() as session:
+        assert STATUS_TRIGGER in index_names(session)
+        assert session.scalar(select(func.count()).select_from(Instance)) == 2 * 52
 
 
 @pytest.mark.parametrize("batched", [False, True], ids=["reload", "start"])

@@ -219,6 +219,25 @@ def test_insert_many_refuses_a_naive_time_and_a_missing_stamp(tmp_path: Path) ->
         models.insert_many(conn, table, unstamped)  # type: ignore[arg-type]
 
 
+def test_a_start_puts_back_an_index_a_load_left_unbuilt(tmp_path: Path) -> None:
+    """A daemon killed while its cold load built the (status, trigger) index after the rows
+    (instances.reconcile) left the table without it: the next start builds it."""
+    path = tmp_path / "db.sqlite"
+    models.make_engine(f"sqlite:///{path}").dispose()
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        raw.execute("DROP INDEX ix_schedules_status_trigger")
+        raw.commit()
+
+    engine = models.make_engine(f"sqlite:///{path}")
+    engine.dispose()
+
+    with contextlib.closing(sqlite3.connect(path)) as raw:
+        (sql,) = raw.execute(
+            "SELECT sql FROM sqlite_master WHERE name = 'ix_schedules_status_trigger'"
+        ).fetchone()
+    assert sql == "CREATE INDEX ix_schedules_status_trigger ON schedules (status, trigger_time)"
+
+
 def test_closing_idle_connections_leaves_a_session_under_way_alone(tmp_path: Path) -> None:
     engine = models.make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
     factory = models.session_factory(engine)
