@@ -32,7 +32,12 @@ MAX_UNCERTAINTY_SECONDS = 0.1
 TARGET_UNCERTAINTY_SECONDS = 0.001
 #: A request is never planned closer than this to now (the time to wake and send it).
 PLAN_MARGIN_SECONDS = 0.005
-#: The search stops after this many requests in a row that narrowed the window by less than
+#: At most this many requests in one second of the club's clock (a round of the search), as
+#: the round trip leaves room for: a binary search takes a second per halving, about seven
+#: seconds for the whole measurement on loopback; five a second cut the window to a sixth, and
+#: the measurement takes about five.
+_PER_SECOND = 5
+#: The search stops after this many rounds in a row that narrowed the window by less than
 #: ``_STALL_RATIO`` (the round trip is the floor: more requests would not help).
 _STALLS = 3
 _STALL_RATIO = 0.9
@@ -154,10 +159,11 @@ def measure(
     while (
         window.requests < max_requests - len(_CHECK_PHASES)
         and window.width / 2 > TARGET_UNCERTAINTY_SECONDS
+        and window.width > statistics.median(window.trips)
         and stalls < _STALLS
     ):
         before = window.width
-        if not _probe_at(window, 0.0, how):
+        if not _round(window, how, max_requests - len(_CHECK_PHASES) - window.requests):
             break
         stalls = stalls + 1 if window.width > before * _STALL_RATIO else 0
     # A Date that jumped during the search can leave readings that still agree (each one
@@ -191,13 +197,30 @@ class _Requests:
     deadline: float | None
 
 
-def _probe_at(window: _Window, phase: float, how: _Requests) -> bool:
-    """One request timed so that the club writes its answer when its clock (by the best guess
-    so far) is ``phase`` past a whole second, then the window cut by its reading. False, and
-    nothing sent, when it would end after ``deadline``."""
+def _round(window: _Window, how: _Requests, budget: int) -> bool:
+    """Up to ``_PER_SECOND`` requests (and ``budget``) in one second of the club's clock: each
+    at the instant its second would turn if its offset were one of the points that divide the
+    window evenly, the largest offset first (its instant comes first), as many as leave a round
+    trip between them. Each reading cuts the window; a point that an earlier cut left outside
+    it is not asked. One request is the binary search's. False as ``_probe_at``."""
+    gap = statistics.median(window.trips) + PLAN_MARGIN_SECONDS
+    count = max(1, min(_PER_SECOND, budget, int(window.width / gap) - 1))
+    low, width = window.low, window.width
+    for point in range(count, 0, -1):
+        offset = low + width * point / (count + 1)
+        if window.low < offset < window.high and not _probe_at(window, 0.0, how, offset):
+            return False
+    return True
+
+
+def _probe_at(window: _Window, phase: float, how: _Requests, offset: float | None = None) -> bool:
+    """One request timed so that the club writes its answer when its clock is ``phase`` past a
+    whole second if it is ``offset`` from ours (default: the best guess so far), then the
+    window cut by its reading. False, and nothing sent, when it would end after ``deadline``."""
     half_trip = statistics.median(window.trips) / 2
     now = how.clock()
-    leave = _next_instant(now + PLAN_MARGIN_SECONDS + half_trip, window.middle, phase) - half_trip
+    guess = window.middle if offset is None else offset
+    leave = _next_instant(now + PLAN_MARGIN_SECONDS + half_trip, guess, phase) - half_trip
     if how.deadline is not None and leave + 2 * half_trip > how.deadline:
         window.out_of_time = True
         return False

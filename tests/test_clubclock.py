@@ -78,6 +78,20 @@ def test_jitter_and_unknown_stamp_position_never_break_the_bracket() -> None:
         assert found.send_at(trigger) + offset >= trigger
 
 
+@pytest.mark.parametrize("offset", [0.7, -0.45, 0.0, 1.9995, -2.0, 0.3337])
+def test_several_requests_a_second_take_about_five_seconds_on_a_fast_link(offset: float) -> None:
+    """While the window is wide, a round sends up to five requests in one second of the
+    club's clock, each at another guess of its offset: a binary search takes a second per
+    halving (about seven seconds on loopback)."""
+    club = SimClub(offset, trip=lambda: 0.0003)
+    found = club.measure()
+    assert found.offset - found.uncertainty <= offset <= found.offset + found.uncertainty
+    assert found.uncertainty <= clubclock.TARGET_UNCERTAINTY_SECONDS
+    assert club.now - START < 6.0
+    # A binary search sends at most two in a second (its closing two, half a second apart).
+    assert max(sum(1 for t in club.sent if s <= t < s + 1.0) for s in club.sent) >= 3
+
+
 def test_at_most_twenty_requests_even_when_every_one_narrows() -> None:
     club = SimClub(0.3, trip=lambda: 0.0)
     club.measure()

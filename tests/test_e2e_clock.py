@@ -37,8 +37,8 @@ from tools.sandbox_club import ReceivedRequest, SandboxClub
 pytestmark = pytest.mark.slow
 
 TOKEN = "tok-clock-5d1e"
-#: The measurement takes about ten seconds of requests timed to the club's second boundaries.
-TRIGGER_IN = 16.0
+#: The measurement takes about five seconds of requests timed to the club's second boundaries.
+TRIGGER_IN = 12.0
 #: A booking job tries to measure when at least this long is left before its trigger.
 CLOCK_LEFT = bot.CLOCK_DONE_BEFORE_SECONDS + bot.CLOCK_MIN_SECONDS
 WINDOW_HOURS = 168
@@ -121,7 +121,7 @@ def run_one(
 
 
 #: The clubs' clocks against ours: one runs ahead, the other behind. Both share one trigger in
-#: one daemon, each booking measuring its own club's clock (two measurements of about ten
+#: one daemon, each booking measuring its own club's clock (two measurements of about five
 #: seconds each, at once rather than one daemon after the other).
 OFFSETS = {"ahead": 0.7, "behind": -0.45}
 
