@@ -25,7 +25,7 @@ RUN groupadd --system --gid 10001 courtbot \
 # The ready flows (data/clubs/ in the repository), outside the DATA_DIR volume: an entry's club
 # that DATA_DIR/clubs/ has no file for is read from READY_CLUBS_DIR by name, with no copy.
 COPY data/clubs/ /app/clubs/
-COPY docker-entrypoint.sh main.py cli.py daemon.py logs.py models.py scheduler.py bot.py club_client.py clubclock.py config_loader.py instances.py template.py utils.py notify.py leader.py wire.py report.py rehearsal.py heartbeat.py watchdog.py ./
+COPY docker-entrypoint.sh main.py cli.py daemon.py datadir.py logs.py models.py scheduler.py bot.py club_client.py clubclock.py config_loader.py instances.py template.py utils.py notify.py leader.py wire.py report.py rehearsal.py heartbeat.py watchdog.py ./
 # Bytecode made once here (PYTHONDONTWRITEBYTECODE stops only writing it): the daemon's start and
 # every `health` check would otherwise compile the modules afresh.
 RUN python -m compileall -q /app

@@ -36,6 +36,10 @@ REMIND_EVERY = 10.0
 #: The heartbeat file's length, always: on a full disk it is rewritten in place, which needs no
 #: new block as long as it does not grow.
 HEARTBEAT_BYTES = 512
+#: How often the daemon writes its heartbeat file (seconds), and the age at which ``health``
+#: and ``status`` take it for a daemon that no longer works.
+HEARTBEAT_SECONDS = 15.0
+HEARTBEAT_STALE_SECONDS = 4 * HEARTBEAT_SECONDS
 
 
 class ClockWatch:

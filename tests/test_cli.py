@@ -30,9 +30,9 @@ import utils
 from conftest import add_instance as add
 from conftest import future, make_jwt, previous_release_database, write_json
 from conftest import main_in_process as run
-from daemon import DirLock, StartError
 from daemon_harness import MAIN
 from daemon_harness import cli as run_cli
+from datadir import DirLock, StartError
 from models import Instance
 
 LONDON = ZoneInfo("Europe/London")

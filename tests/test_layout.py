@@ -10,6 +10,7 @@ import ast
 import fnmatch
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -48,10 +49,12 @@ ALLOWED: dict[str, set[str]] = {
     "heartbeat": {"utils"},
     "wire": set(),
     "logs": {"config_loader", "notify"},
+    "datadir": {"models", "config_loader"},
     "daemon": {
         "bot",
         "club_client",
         "config_loader",
+        "datadir",
         "heartbeat",
         "instances",
         "leader",
@@ -69,6 +72,7 @@ ALLOWED: dict[str, set[str]] = {
         "clubclock",
         "config_loader",
         "daemon",
+        "datadir",
         "instances",
         "leader",
         "logs",
@@ -143,6 +147,20 @@ def test_the_commands_the_daemon_and_config_loader_do_not_import_sqlalchemy(modu
         if isinstance(node, ast.ImportFrom) and node.module
     }
     assert "sqlalchemy" not in imported
+
+
+def test_the_commands_load_the_daemon_and_the_http_stack_only_when_they_use_them() -> None:
+    """`status`, `check`, `health`, `reload`, `retry` start without the daemon's scheduler, the
+    booking code and requests: they were a third of those commands' start."""
+    probe = (
+        "import sys, cli; print(' '.join(sorted(m for m in ('daemon', 'bot', 'club_client', "
+        "'scheduler', 'rehearsal', 'heartbeat', 'wire', 'apscheduler', 'requests', 'urllib3') "
+        "if m in sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == ""
 
 
 def test_the_script_main_py_defines_nothing_and_only_calls_the_cli() -> None:
