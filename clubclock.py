@@ -4,10 +4,13 @@ A ``Date`` header has one-second resolution. Each answer still pins the club's c
 club wrote ``Date: D`` at some instant between our send ``s`` and our receipt ``r`` of that
 request, and its clock then read a time in ``[D, D + 1)``, so its offset (club minus ours) lies
 in ``[D - r, D + 1 - s)``. The first answer gives a window a second wide; each later request is
-timed so that the club writes its answer at our best guess of the instant its ``Date`` turns to
-the next second, and whichever side of it the answer falls cuts the window about in half (a
-binary search over the boundary, each request bracketed by its own send and receipt). The
-search stops when the window is as narrow as the round trip allows, or after ``MAX_REQUESTS``.
+timed so that the club writes its answer at the instant its ``Date`` would turn to the next
+second if the offset were one guess inside the window, and whichever side of it the answer
+falls cuts the window there (each request bracketed by its own send and receipt). A second of
+the club's clock takes up to five such requests, at guesses dividing the window evenly and as
+far apart as the round trip allows, which cut it to a sixth (one request a second, a binary
+search, halves it). The search stops when the window is as narrow as the round trip allows, or
+after ``MAX_REQUESTS``.
 
 Pure but for the two functions it is given: ``fetch_date`` (one request; returns the answer's
 ``Date`` value or None, raises ``ClockError`` when no answer came) and ``sleep``; ``clock``
@@ -203,7 +206,8 @@ def _round(window: _Window, how: _Requests, budget: int) -> bool:
     window evenly, the largest offset first (its instant comes first), as many as leave a round
     trip between them. Each reading cuts the window; a point that an earlier cut left outside
     it is not asked. One request is the binary search's. False as ``_probe_at``."""
-    gap = statistics.median(window.trips) + PLAN_MARGIN_SECONDS
+    # (A wall clock stepped back during a request can make a round trip negative.)
+    gap = max(statistics.median(window.trips), 0.0) + PLAN_MARGIN_SECONDS
     count = max(1, min(_PER_SECOND, budget, int(window.width / gap) - 1))
     low, width = window.low, window.width
     for point in range(count, 0, -1):

@@ -199,8 +199,11 @@ def reconcile(
             pass_.write(session)
             refresh_statistics(session.connection(), Instance.__table__, changes.added)
             return changes
-        index_after = len(work) >= ENTRIES_PER_COMMIT and (
-            session.scalar(select(func.count()).select_from(Instance)) <= INDEX_AFTER_ROWS_AT_MOST
+        index_after = (
+            len(work) >= ENTRIES_PER_COMMIT
+            and session.get_bind().dialect.name == "sqlite"
+            and session.scalar(select(func.count()).select_from(Instance))
+            <= INDEX_AFTER_ROWS_AT_MOST
         )
     with index_built_after(factory, STATUS_TRIGGER_INDEX) if index_after else nullcontext():
         for first in range(0, len(work), ENTRIES_PER_COMMIT):

@@ -219,6 +219,50 @@ def test_insert_many_refuses_a_naive_time_and_a_missing_stamp(tmp_path: Path) ->
         models.insert_many(conn, table, unstamped)  # type: ignore[arg-type]
 
 
+def test_insert_many_converts_two_instants_that_compare_equal_each_as_itself(
+    tmp_path: Path,
+) -> None:
+    """01:30 on the night the clocks go back, once in summer time and once in winter time:
+    Python compares the two as equal (same zone, fold ignored), yet they are an hour apart."""
+    london = ZoneInfo("Europe/London")
+    first = datetime(2027, 10, 31, 1, 30, tzinfo=london)
+    second = first.replace(fold=1)
+    assert first == second
+    rows = instance_rows()[:2]
+    rows[0]["desired_time"], rows[1]["desired_time"] = first, second
+    rows[1]["key"] = "s2@fold"
+    engine = models.make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with engine.begin() as conn:
+        models.insert_many(conn, models.Instance.__table__, rows)
+        stored = conn.execute(text("SELECT desired_time FROM schedules ORDER BY id")).scalars()
+        assert list(stored) == ["2027-10-31 00:30:00.000000", "2027-10-31 01:30:00.000000"]
+    engine.dispose()
+
+
+def test_a_block_that_fails_reports_its_own_error_not_the_index_build_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    engine = models.make_engine(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    factory = models.session_factory(engine)
+    index = models.STATUS_TRIGGER_INDEX
+
+    def full(*_: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(models, "_create_index", full)
+    with (
+        pytest.raises(RuntimeError, match="the batch failed"),
+        models.index_built_after(factory, index),
+    ):
+        raise RuntimeError("the batch failed")
+    assert "ix_schedules_status_trigger could not be built again" in caplog.text
+    assert "the next start builds it" in caplog.text
+    # A block that succeeded: the build's error is the one.
+    with pytest.raises(OSError, match="No space left"), models.index_built_after(factory, index):
+        pass
+    engine.dispose()
+
+
 def test_a_start_puts_back_an_index_a_load_left_unbuilt(tmp_path: Path) -> None:
     """A daemon killed while its cold load built the (status, trigger) index after the rows
     (instances.reconcile) left the table without it: the next start builds it."""

@@ -48,7 +48,7 @@ SWEEP = (-2.0, -1.0, -0.2, 0.3, 1.0, 2.0)
 REPEATS = 5
 SWEEP_REPEATS = 2
 #: Seconds between two bookings of one daemon, and before its first trigger (start, load,
-#: then the measurement: about ten seconds of requests).
+#: then the measurement: about five seconds of requests).
 SPACING = 3.0
 FIRST_AFTER = 30.0
 #: JCbook's read of the Date comes this long before its trigger.
