@@ -238,8 +238,10 @@ if __name__ == "__main__":
 
 # ---------------------------------------------------------------- a trigger during a load
 
-#: The trigger of the one-off that falls during the cold load, seconds after the launch.
-TRIGGER_INTO_LOAD = 3.0
+#: Where the one-off's trigger falls, seconds after the launch: the issue's 3 s, and a point
+#: inside this release's load on a quiet machine (its soonest-first part is done at about 1.2 s,
+#: the load at about 2.2 s; at 3 s the load is over).
+TRIGGERS_INTO_LOAD = (3.0, 1.7)
 LOAD_TRIGGER_REPEATS = 3
 TARGET_LOAD_TRIGGER_MS = 50.0
 
@@ -253,29 +255,35 @@ def soonest_first_at(output: str) -> float:
     return math.nan
 
 
-def trigger_during_load(root: Path, count: int = 1000) -> list[tuple[float, float, float]]:
+def trigger_during_load(
+    root: Path, into: float, count: int = 1000
+) -> list[tuple[float, float, float, float]]:
     """A cold load of ``count`` weekly schedules on SQLite with one one-off whose trigger comes
-    ``TRIGGER_INTO_LOAD`` s after the launch: (its lateness at the club in ms, start to ready
-    in s, the soonest-first part done in s after the launch), per repeat."""
+    ``into`` s after the launch (the launch waits for the instant that puts it there: a desired
+    time is whole seconds): (its lateness at the club in ms, start to ready in s, the
+    soonest-first part done in s, the trigger in s; all after the launch), per repeat."""
     from bench import WINDOW_SECONDS, ClubProcess, iso_z, wait_for_keys
 
     figures = []
     for repeat in range(LOAD_TRIGGER_REPEATS):
         club = ClubProcess(tls=None)
         try:
-            daemon = Daemon(root, f"load-trigger{repeat}", club.url(), LOG_LEVEL="INFO")
+            daemon = Daemon(root, f"load-trigger{into:g}-{repeat}", club.url(), LOG_LEVEL="INFO")
             start_day = datetime.now(UTC) + timedelta(days=LOAD_DAYS_AHEAD)
-            trigger = time.time() + TRIGGER_INTO_LOAD
-            desired = math.ceil(trigger + WINDOW_SECONDS)
+            # A second ahead for writing the files.
+            desired = math.ceil(time.time() + 1.0 + into + WINDOW_SECONDS)
             trigger = desired - WINDOW_SECONDS
             entry = {"id": "soon", "type": "one-off", "desired_time": iso_z(desired)}
             daemon.write_schedules([*scale_entries(count, start_day), entry])
             key = f"soon@{iso_z(desired)}"
+            time.sleep(max(0.0, trigger - into - time.time()))
             with daemons([daemon]):
                 daemon.start()
                 launched = time.time()
-                seen = wait_for_keys(club, {key}, time.monotonic() + SCALE_TIMEOUT)
+                # Ready first: the club keeps every arrival for the dump, and a pid file looked
+                # for only once the booking had come would read as ready at the trigger.
                 ready = daemon.wait_ready(timeout=SCALE_TIMEOUT)
+                seen = wait_for_keys(club, {key}, time.monotonic() + SCALE_TIMEOUT)
                 daemon.signal(signal.SIGTERM)
             if key not in seen:
                 raise BenchError("the booking due during the load never reached the club")
@@ -285,7 +293,7 @@ def trigger_during_load(root: Path, count: int = 1000) -> list[tuple[float, floa
                 f"trigger {trigger - launched:.1f} s after launch: sent {late:.1f} ms after it; "
                 f"soonest first done {soonest:.1f} s after launch; ready {ready:.1f} s after launch"
             )
-            figures.append((late, ready, soonest))
+            figures.append((late, ready, soonest, trigger - launched))
         finally:
             club.stop()
             kill_children()
@@ -300,18 +308,21 @@ def seconds(values: list[float]) -> str:
 
 def main_load_trigger() -> int:
     """``python tools/bench.py load-trigger``: print the lateness of a trigger during a cold
-    load of 52,000 instances, min / median / max over the repeats."""
+    load of 52,000 instances, min / median / max over the repeats, for each of
+    ``TRIGGERS_INTO_LOAD``, and whether the trigger fell before the load was done."""
     from bench import Spread
 
-    with tempfile.TemporaryDirectory(prefix="courtbot-load-trigger-") as scratch:
-        figures = trigger_during_load(Path(scratch))
-    late = Spread.of([f[0] for f in figures])
-    verdict = "MET" if late.values and late.max <= TARGET_LOAD_TRIGGER_MS else "MISSED"
-    print(
-        f"trigger {TRIGGER_INTO_LOAD:g} s into a cold load of 1,000 schedules (52,000 "
-        f"instances), SQLite: sent {late.text()} after it (target <= "
-        f"{TARGET_LOAD_TRIGGER_MS:g} ms: {verdict}); soonest first done "
-        f"{seconds([f[2] for f in figures])} after launch; start to ready "
-        f"{seconds([f[1] for f in figures])}"
-    )
+    for into in TRIGGERS_INTO_LOAD:
+        with tempfile.TemporaryDirectory(prefix="courtbot-load-trigger-") as scratch:
+            figures = trigger_during_load(Path(scratch), into)
+        late = Spread.of([f[0] for f in figures])
+        verdict = "MET" if late.values and late.max <= TARGET_LOAD_TRIGGER_MS else "MISSED"
+        during = sum(1 for f in figures if f[3] < f[1])
+        print(
+            f"trigger {into:g} s into a cold load of 1,000 schedules (52,000 instances), "
+            f"SQLite: sent {late.text()} after it (target <= {TARGET_LOAD_TRIGGER_MS:g} ms: "
+            f"{verdict}); soonest first done {seconds([f[2] for f in figures])} after launch; "
+            f"start to ready {seconds([f[1] for f in figures])}; the trigger fell before ready "
+            f"in {during} of {len(figures)}"
+        )
     return 0
