@@ -48,10 +48,8 @@ from template import (
     describe_flow,
 )
 
-# The daemon (daemon.py), the booking code (bot.py) and the HTTP client (club_client.py) are
-# imported inside the commands that use them (run, dry-run, cancel, clock): with their
-# scheduler and HTTP stack they were a third of the start of every other command (`status`,
-# `check`: 0.72 s, now 0.53 s).
+# daemon, bot and club_client are imported in the commands that use them (run, dry-run, cancel,
+# clock): with the scheduler and HTTP stack they were a third of every other command's start.
 if TYPE_CHECKING:
     import bot
 
@@ -160,8 +158,10 @@ def cmd_run(env: dict[str, str]) -> int:
     # A booking thread that wakes at its trigger must get the GIL at once, not after another
     # thread's 5 ms default slice (the daemon is idle otherwise, so switching costs nothing).
     sys.setswitchinterval(0.0005)
+    gc.disable()  # as main.py imports the rest: its passes over these took 40 ms
     from daemon import Daemon  # noqa: PLC0415 (only the commands that use it pay for it)
 
+    gc.enable()
     daemon = Daemon(settings, fernet, template)
     try:
         daemon.start()
