@@ -270,34 +270,42 @@ class Scheduler:
     def start(self) -> None:
         """Start firing jobs (their store is synced first by the caller)."""
         self._scheduler.start()
-        self._scheduler.add_job(
-            run_topup,
-            "interval",
-            seconds=TOPUP_INTERVAL.total_seconds(),
-            id=TOPUP_JOB_ID,
-            replace_existing=True,
-        )
+        self._every(run_topup, TOPUP_JOB_ID, TOPUP_INTERVAL)
         # The looks that keep no state, in memory: the rehearsals' at once (an instance loaded
         # late rehearses at once), then every minute, one at a time (two would rehearse the same
         # instances); the horizon's an interval on (the sync before the start covered it), and
         # one asked for now (``_look_now``) while one runs comes after it (the daemon runs them
         # one at a time), with the clock as it is then.
         now = datetime.now(UTC)
-        looks: list[tuple[Callable[[], None], str, timedelta, datetime, int]] = [
-            (run_rehearsals, REHEARSE_JOB_ID, REHEARSE_INTERVAL, now, 1),
-            (run_horizon, HORIZON_JOB_ID, HORIZON_INTERVAL, now + HORIZON_INTERVAL, 2),
-        ]
-        for func, job_id, every, first, at_once in looks:
-            self._scheduler.add_job(
-                func,
-                "interval",
-                seconds=every.total_seconds(),
-                id=job_id,
-                jobstore=MEMORY,
-                replace_existing=True,
-                next_run_time=first,
-                max_instances=at_once,
-            )
+        self._every(
+            run_rehearsals,
+            REHEARSE_JOB_ID,
+            REHEARSE_INTERVAL,
+            jobstore=MEMORY,
+            next_run_time=now,
+            max_instances=1,
+        )
+        self._every(
+            run_horizon,
+            HORIZON_JOB_ID,
+            HORIZON_INTERVAL,
+            jobstore=MEMORY,
+            next_run_time=now + HORIZON_INTERVAL,
+            max_instances=2,
+        )
+
+    def _every(
+        self, func: Callable[[], None], job_id: str, every: timedelta, **options: Any
+    ) -> None:
+        """The job ``job_id`` running ``func`` every ``every``, in place of any before it."""
+        self._scheduler.add_job(
+            func,
+            "interval",
+            seconds=every.total_seconds(),
+            id=job_id,
+            replace_existing=True,
+            **options,
+        )
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:
         """Stop taking triggers; with ``wait``, let running jobs finish first, for at most
