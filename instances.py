@@ -395,11 +395,8 @@ def _entry_fields(entry: Entry) -> dict[str, Any]:
     }
 
 
-def _own_fields(entry: Entry, desired: datetime | None) -> dict[str, Any]:
-    """What an instance at ``desired`` copies from its entry, in ``NEW_COLUMNS``' order (None:
-    an entry without fallback times or a watch, whose instances all copy the same)."""
-    if desired is None:
-        return _entry_fields(entry) | {"fallbacks": None, "watch_until": None}
+def _own_fields(entry: Entry, desired: datetime) -> dict[str, Any]:
+    """What an instance at ``desired`` copies from its entry, in ``NEW_COLUMNS``' order."""
     return _entry_fields(entry) | _instance_fields(entry, desired)
 
 
@@ -460,10 +457,11 @@ def _reconcile_entry(
     changes = Changes()
     planned = entry.plan(now)
     wanted = {p.key for p in planned}
-    # Without fallback times or a watch, every instance copies the same (the common case).
+    # Without fallback times or a watch, every instance copies what the first does (the
+    # common case).
     same = None
-    if not entry.fallback_times and entry.watch_minutes is None:
-        same = _own_fields(entry, None)
+    if planned and not entry.fallback_times and entry.watch_minutes is None:
+        same = _own_fields(entry, planned[0].desired)
     stamp = utils.as_utc(now)
     for item in planned:
         row = rows.get(item.key)
