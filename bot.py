@@ -695,6 +695,11 @@ class BookingContext:
 
     _default: tuple[str, Flow] | None = field(default=None, init=False, repr=False)
 
+    def under_way(self) -> frozenset[str]:
+        """The keys whose booking is under way in this process now (a snapshot)."""
+        with self.in_flight_lock:
+            return frozenset(self.in_flight)
+
     def withdraw(self, keys: Iterable[str]) -> None:
         """A reload changed these instances: those whose booking is under way here look at
         their instance before their trigger (a cancelled one stops, sending nothing more)."""

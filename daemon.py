@@ -722,8 +722,7 @@ class Loads:
         with self._sync_lock:
             daemon.roles.before_sync(daemon.factory)
             daemon.recovery.jobs_changed()  # the watchdog reads the earliest trigger again
-            with daemon.ctx.in_flight_lock:
-                busy = frozenset(daemon.ctx.in_flight)
+            busy = daemon.ctx.under_way()
             horizon = scheduler.horizon_end()
             if keys is not None:
                 pending = instances.pending_triggers(daemon.factory, keys, until=horizon)
@@ -1001,10 +1000,7 @@ class Memory:
 
     def _bookings_under_way(self) -> bool:
         ctx = self.daemon.ctx
-        if ctx is None:
-            return False
-        with ctx.in_flight_lock:
-            return bool(ctx.in_flight)
+        return ctx is not None and bool(ctx.under_way())
 
 
 # --------------------------------------------------------------------------- the watchdog
@@ -1079,8 +1075,7 @@ class Recovery:
             late = self._late()
         except models.DatabaseError as exc:
             return f"the database cannot be read ({models.error_text(exc)})"
-        with daemon.ctx.in_flight_lock:
-            busy = set(daemon.ctx.in_flight)
+        busy = daemon.ctx.under_way()
         overdue = self.overdue.check(key for key in late if key not in busy)
         return watchdog.describe_overdue(overdue) if overdue else None
 

@@ -890,8 +890,7 @@ class Roles:
         if self.shared and daemon.ctx is not None:
             daemon.ctx.may_send.clear()
             daemon.ctx.stop.set()
-            with daemon.ctx.in_flight_lock:
-                busy = bool(daemon.ctx.in_flight)
+            busy = bool(daemon.ctx.under_way())
             if busy and self.is_active:
                 # Its outcome is written under this lease: kept (renewed) until it ends (leave).
                 self._leftover = daemon.ctx
@@ -1100,8 +1099,7 @@ class Roles:
         ctx = self._leftover
         if ctx is None or daemon.factory is None:
             return
-        with ctx.in_flight_lock:
-            busy = frozenset(ctx.in_flight)
+        busy = ctx.under_way()
         if self.shared:
             # A standby writes nothing of a booking: the active daemon takes its claims over.
             if not busy:
